@@ -1,0 +1,579 @@
+//! What a checkpoint records: the epoch manifest and each rank's part.
+//!
+//! A manifest is small metadata; the bulk data lives in chunks it names by
+//! hash. Every value read from disk goes through [`Manifest::validate`] or
+//! [`RankRecord::validate`] before use, so a hostile file cannot smuggle in
+//! duplicate ranks, overlapping chunks or paths with `..`.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::chunk::{ChunkHash, MAX_CHUNK_SIZE};
+use crate::names::{check_job_name, check_region_name, NameError};
+
+/// Kind of an open file descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdKind {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A pipe or FIFO.
+    Pipe,
+    /// A socket.
+    Socket,
+    /// A character device (terminals, `/dev/null`).
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// An anonymous inode (eventfd, epoll, memfd…).
+    AnonInode,
+    /// A file deleted while open.
+    Deleted,
+    /// Anything else.
+    Other,
+}
+
+/// Whether an fd is brought back on restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FdRestore {
+    /// Re-opened at the same number, flags and offset.
+    Restore,
+    /// Not restored, and why.
+    NotRestored(String),
+}
+
+/// One open file descriptor of a rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdRecord {
+    /// The descriptor number.
+    pub fd: i32,
+    /// What it refers to.
+    pub kind: FdKind,
+    /// Path (for files) or the `/proc/<pid>/fd` link text.
+    pub path: String,
+    /// `open(2)` flags from fdinfo.
+    pub flags: i32,
+    /// File offset from fdinfo.
+    pub offset: u64,
+    /// The file's size at checkpoint (regular files).
+    pub size_at_checkpoint: u64,
+    /// Restore decision.
+    pub restore: FdRestore,
+}
+
+/// What backs a mapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backing {
+    /// Anonymous memory.
+    Anonymous,
+    /// A file, from this offset.
+    File {
+        /// Absolute path of the file.
+        path: String,
+        /// Offset into the file.
+        offset: u64,
+    },
+}
+
+/// One memory mapping of a rank, as seen in `/proc/<pid>/maps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingRecord {
+    /// Start address.
+    pub start: u64,
+    /// End address (exclusive).
+    pub end: u64,
+    /// `PROT_*` bits.
+    pub prot: u32,
+    /// `MAP_SHARED` or `MAP_PRIVATE`.
+    pub shared: bool,
+    /// What backs it.
+    pub backing: Backing,
+    /// The cryo region this mapping belongs to, if any.
+    pub region: Option<String>,
+}
+
+/// How a region's memory is provided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RegionKind {
+    /// Anonymous memory mapped by cryo; contents saved.
+    Anonymous,
+    /// A shared file mapping; the file holds the contents, which are also
+    /// saved so a lost file can be detected.
+    FileShared {
+        /// Absolute path of the backing file.
+        path: String,
+        /// Offset into the file.
+        offset: u64,
+    },
+    /// A private file mapping; contents saved (they may differ from the file).
+    FilePrivate {
+        /// Absolute path of the backing file.
+        path: String,
+        /// Offset into the file.
+        offset: u64,
+    },
+    /// A buffer owned by the application, registered with `protect`.
+    Protected,
+}
+
+/// A reference from a region to one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    /// Offset within the region.
+    pub offset: u64,
+    /// Raw length.
+    pub len: u32,
+    /// Stored length (header plus payload), for accounting.
+    pub stored_len: u32,
+    /// Content hash, the chunk's name.
+    pub hash: ChunkHash,
+}
+
+/// One named region of a rank and the chunks that hold its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRecord {
+    /// Region name, unique within the rank.
+    pub name: String,
+    /// Virtual address in the rank.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// How the memory is provided.
+    pub kind: RegionKind,
+    /// Chunks in offset order, covering `0..len` exactly.
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// Byte counts for one rank's or one epoch's write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteStats {
+    /// Raw bytes presented for storage.
+    pub raw_bytes: u64,
+    /// Chunks presented.
+    pub chunks: u64,
+    /// Chunks that were new and written.
+    pub new_chunks: u64,
+    /// Stored bytes written for new chunks.
+    pub new_stored_bytes: u64,
+    /// Raw bytes of new chunks.
+    pub new_raw_bytes: u64,
+}
+
+impl WriteStats {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &WriteStats) {
+        self.raw_bytes += other.raw_bytes;
+        self.chunks += other.chunks;
+        self.new_chunks += other.new_chunks;
+        self.new_stored_bytes += other.new_stored_bytes;
+        self.new_raw_bytes += other.new_raw_bytes;
+    }
+}
+
+/// Everything saved about one rank at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRecord {
+    /// MPI rank.
+    pub rank: u32,
+    /// Node the rank ran on.
+    pub node: String,
+    /// Its pid there.
+    pub pid: u32,
+    /// Open file descriptors.
+    pub fds: Vec<FdRecord>,
+    /// Memory mappings.
+    pub mappings: Vec<MappingRecord>,
+    /// Saved regions.
+    pub regions: Vec<RegionRecord>,
+    /// What writing this rank cost.
+    pub stats: WriteStats,
+}
+
+/// The committed record of one epoch of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Job name.
+    pub job: String,
+    /// Epoch number, increasing per job.
+    pub epoch: u64,
+    /// Commit time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Number of ranks (MPI world size).
+    pub world_size: u32,
+    /// Chunk size used for this epoch.
+    pub chunk_size: u32,
+    /// Ranks `0..world_size`, in order.
+    pub ranks: Vec<RankRecord>,
+}
+
+/// A manifest or rank record is inconsistent.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// A bad job or region name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The manifest's job is not the one asked for.
+    #[error("manifest belongs to job {found:?}, expected {expected:?}")]
+    WrongJob {
+        /// Expected job.
+        expected: String,
+        /// Job in the file.
+        found: String,
+    },
+    /// The epoch inside disagrees with the file name.
+    #[error("manifest says epoch {found}, its file name says {expected}")]
+    WrongEpoch {
+        /// From the file name.
+        expected: u64,
+        /// From the content.
+        found: u64,
+    },
+    /// Rank list does not match the world size.
+    #[error("manifest has {found} ranks, world size is {world_size}")]
+    RankCount {
+        /// Declared world size.
+        world_size: u32,
+        /// Ranks present.
+        found: usize,
+    },
+    /// A rank appears out of order, twice, or out of range.
+    #[error("rank entry {index} is rank {rank}, expected {index}")]
+    RankOrder {
+        /// Position in the list.
+        index: usize,
+        /// Rank found there.
+        rank: u32,
+    },
+    /// A zero world size.
+    #[error("world size is zero")]
+    EmptyWorld,
+    /// A bad chunk size.
+    #[error("chunk size {0} is outside {min}..={max}", min = crate::chunk::MIN_CHUNK_SIZE, max = MAX_CHUNK_SIZE)]
+    ChunkSize(u32),
+    /// A region name appears twice in a rank.
+    #[error("rank {rank}: region {name:?} appears twice")]
+    DuplicateRegion {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+    },
+    /// Chunks do not tile the region.
+    #[error("rank {rank} region {name:?}: {problem}")]
+    ChunkLayout {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A path that is not absolute and normal.
+    #[error("rank {rank}: path {path:?} is not an absolute path without `..`")]
+    BadPath {
+        /// The rank.
+        rank: u32,
+        /// The path.
+        path: String,
+    },
+    /// An fd number appears twice.
+    #[error("rank {rank}: fd {fd} appears twice")]
+    DuplicateFd {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+    },
+    /// A mapping with `end <= start`.
+    #[error("rank {rank}: mapping {start:#x}-{end:#x} is empty or inverted")]
+    BadMapping {
+        /// The rank.
+        rank: u32,
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+}
+
+/// Whether `path` is absolute, has no `..` or `.` component and no NUL.
+pub fn is_clean_absolute_path(path: &str) -> bool {
+    path.starts_with('/')
+        && !path.contains('\0')
+        && path
+            .split('/')
+            .skip(1)
+            .all(|part| !part.is_empty() && part != "." && part != "..")
+}
+
+impl RankRecord {
+    /// Checks internal consistency: names, chunk tiling, paths.
+    pub fn validate(&self, chunk_size: u32) -> Result<(), ManifestError> {
+        let rank = self.rank;
+        let mut names = HashSet::new();
+        for region in &self.regions {
+            check_region_name(&region.name)?;
+            if !names.insert(region.name.as_str()) {
+                return Err(ManifestError::DuplicateRegion {
+                    rank,
+                    name: region.name.clone(),
+                });
+            }
+            let layout = |problem: String| ManifestError::ChunkLayout {
+                rank,
+                name: region.name.clone(),
+                problem,
+            };
+            let mut next = 0u64;
+            for chunk in &region.chunks {
+                if chunk.offset != next {
+                    return Err(layout(format!(
+                        "chunk at offset {} where {} was expected",
+                        chunk.offset, next
+                    )));
+                }
+                if chunk.len == 0 || chunk.len > chunk_size {
+                    return Err(layout(format!(
+                        "chunk length {} outside 1..={chunk_size}",
+                        chunk.len
+                    )));
+                }
+                next = next
+                    .checked_add(u64::from(chunk.len))
+                    .ok_or_else(|| layout("chunk offsets overflow".into()))?;
+            }
+            if next != region.len {
+                return Err(layout(format!(
+                    "chunks cover {next} bytes, region is {} bytes",
+                    region.len
+                )));
+            }
+            region
+                .addr
+                .checked_add(region.len)
+                .ok_or_else(|| layout("address range overflows".into()))?;
+            match &region.kind {
+                RegionKind::FileShared { path, .. } | RegionKind::FilePrivate { path, .. }
+                    if !is_clean_absolute_path(path) =>
+                {
+                    return Err(ManifestError::BadPath {
+                        rank,
+                        path: path.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let mut fds = HashSet::new();
+        for fd in &self.fds {
+            if !fds.insert(fd.fd) {
+                return Err(ManifestError::DuplicateFd { rank, fd: fd.fd });
+            }
+            if fd.restore == FdRestore::Restore && !is_clean_absolute_path(&fd.path) {
+                return Err(ManifestError::BadPath {
+                    rank,
+                    path: fd.path.clone(),
+                });
+            }
+        }
+        for mapping in &self.mappings {
+            if mapping.end <= mapping.start {
+                return Err(ManifestError::BadMapping {
+                    rank,
+                    start: mapping.start,
+                    end: mapping.end,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw bytes across all regions.
+    pub fn region_bytes(&self) -> u64 {
+        self.regions.iter().map(|region| region.len).sum()
+    }
+}
+
+impl Manifest {
+    /// Checks the manifest against the job and epoch it was loaded for.
+    pub fn validate(&self, job: &str, epoch: u64) -> Result<(), ManifestError> {
+        check_job_name(&self.job)?;
+        if self.job != job {
+            return Err(ManifestError::WrongJob {
+                expected: job.to_owned(),
+                found: self.job.clone(),
+            });
+        }
+        if self.epoch != epoch {
+            return Err(ManifestError::WrongEpoch {
+                expected: epoch,
+                found: self.epoch,
+            });
+        }
+        self.validate_shape()
+    }
+
+    /// Checks rank list, chunk size and every rank.
+    pub fn validate_shape(&self) -> Result<(), ManifestError> {
+        if self.world_size == 0 {
+            return Err(ManifestError::EmptyWorld);
+        }
+        let chunk_size = self.chunk_size as usize;
+        if !(crate::chunk::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+            return Err(ManifestError::ChunkSize(self.chunk_size));
+        }
+        if self.ranks.len() != self.world_size as usize {
+            return Err(ManifestError::RankCount {
+                world_size: self.world_size,
+                found: self.ranks.len(),
+            });
+        }
+        for (index, rank) in self.ranks.iter().enumerate() {
+            if rank.rank as usize != index {
+                return Err(ManifestError::RankOrder {
+                    index,
+                    rank: rank.rank,
+                });
+            }
+            rank.validate(self.chunk_size)?;
+        }
+        Ok(())
+    }
+
+    /// Write statistics summed over ranks.
+    pub fn stats(&self) -> WriteStats {
+        let mut total = WriteStats::default();
+        for rank in &self.ranks {
+            total.add(&rank.stats);
+        }
+        total
+    }
+
+    /// Iterates over every chunk reference with its rank and region.
+    pub fn chunk_refs(&self) -> impl Iterator<Item = (u32, &RegionRecord, &ChunkRef)> {
+        self.ranks.iter().flat_map(|rank| {
+            rank.regions
+                .iter()
+                .flat_map(move |region| region.chunks.iter().map(move |c| (rank.rank, region, c)))
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample_rank(rank: u32) -> RankRecord {
+        RankRecord {
+            rank,
+            node: "n1".into(),
+            pid: 100 + rank,
+            fds: vec![FdRecord {
+                fd: 3,
+                kind: FdKind::Regular,
+                path: "/tmp/log".into(),
+                flags: 1,
+                offset: 10,
+                size_at_checkpoint: 10,
+                restore: FdRestore::Restore,
+            }],
+            mappings: vec![],
+            regions: vec![RegionRecord {
+                name: "grid".into(),
+                addr: 0x7000_0000_0000,
+                len: 10,
+                kind: RegionKind::Anonymous,
+                chunks: vec![ChunkRef {
+                    offset: 0,
+                    len: 10,
+                    stored_len: 74,
+                    hash: ChunkHash([1; 32]),
+                }],
+            }],
+            stats: WriteStats::default(),
+        }
+    }
+
+    pub(crate) fn sample(world: u32) -> Manifest {
+        Manifest {
+            job: "job1".into(),
+            epoch: 3,
+            created_unix_ms: 1,
+            world_size: world,
+            chunk_size: 1 << 20,
+            ranks: (0..world).map(sample_rank).collect(),
+        }
+    }
+
+    #[test]
+    fn valid_manifest_passes() {
+        sample(3).validate("job1", 3).expect("valid");
+    }
+
+    #[test]
+    fn rejections() {
+        let mut m = sample(2);
+        m.ranks[1].rank = 0;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::RankOrder { .. })));
+
+        let m = sample(2);
+        assert!(matches!(m.validate("job2", 3), Err(ManifestError::WrongJob { .. })));
+        assert!(matches!(m.validate("job1", 4), Err(ManifestError::WrongEpoch { .. })));
+
+        let mut m = sample(2);
+        m.world_size = 3;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::RankCount { .. })));
+
+        let mut m = sample(1);
+        m.world_size = 0;
+        m.ranks.clear();
+        assert_eq!(m.validate("job1", 3), Err(ManifestError::EmptyWorld));
+
+        let mut m = sample(1);
+        let dup = m.ranks[0].regions[0].clone();
+        m.ranks[0].regions.push(dup);
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::DuplicateRegion { .. })));
+
+        let mut m = sample(1);
+        m.ranks[0].regions[0].len = 11;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+
+        let mut m = sample(1);
+        m.ranks[0].regions[0].chunks[0].offset = 1;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+
+        let mut m = sample(1);
+        m.ranks[0].regions[0].name = "../x".into();
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::Name(_))));
+
+        let mut m = sample(1);
+        m.ranks[0].fds[0].path = "/tmp/../etc/passwd".into();
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::BadPath { .. })));
+
+        let mut m = sample(1);
+        let dup = m.ranks[0].fds[0].clone();
+        m.ranks[0].fds.push(dup);
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::DuplicateFd { .. })));
+
+        let mut m = sample(1);
+        m.chunk_size = 1;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkSize(1))));
+
+        let mut m = sample(1);
+        m.ranks[0].regions[0].chunks[0].len = u32::MAX;
+        m.chunk_size = MAX_CHUNK_SIZE as u32;
+        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+    }
+
+    #[test]
+    fn clean_paths() {
+        assert!(is_clean_absolute_path("/a/b"));
+        assert!(!is_clean_absolute_path("a/b"));
+        assert!(!is_clean_absolute_path("/a/../b"));
+        assert!(!is_clean_absolute_path("/a/./b"));
+        assert!(!is_clean_absolute_path("/a//b"));
+    }
+}

@@ -1,0 +1,301 @@
+//! Writing an epoch: chunks in parallel, then each rank's part.
+//!
+//! An [`EpochWriter`] holds the job lock shared for as long as it lives, so
+//! GC never sweeps chunks that the epoch is about to reference. Each rank is
+//! written through a [`RankWriter`]; its part is written only after its
+//! chunks and their directory entries are durable, and the epoch is
+//! committed by [`JobStore::commit_epoch`] once every rank's part exists.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rayon::prelude::*;
+use thiserror::Error;
+
+use crate::chunk::{
+    ChunkCodec, ChunkEncodeError, ChunkHash, EncodedChunk, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+use crate::durable::{self, sync_dir, IoStepError};
+use crate::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
+use crate::names::{check_region_name, NameError};
+use crate::store::{CommitError, JobLock, JobStore};
+
+/// How an epoch's chunks are cut and encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// Chunk size in bytes.
+    pub chunk_size: usize,
+    /// Chunk encoding.
+    pub codec: ChunkCodec,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            chunk_size: crate::chunk::DEFAULT_CHUNK_SIZE,
+            codec: ChunkCodec::default(),
+        }
+    }
+}
+
+/// An epoch could not be started.
+#[derive(Debug, Error)]
+pub enum BeginError {
+    /// The chunk size is out of range.
+    #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}")]
+    ChunkSize(usize),
+    /// The epoch is not newer than the newest committed one.
+    #[error("job {job:?}: epoch {epoch} is not newer than committed epoch {latest}")]
+    NotNewer {
+        /// The job.
+        job: String,
+        /// Requested epoch.
+        epoch: u64,
+        /// Newest committed epoch.
+        latest: u64,
+    },
+    /// An I/O step failed.
+    #[error(transparent)]
+    Io(#[from] IoStepError),
+}
+
+/// Writing chunks or a part failed.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// Encoding failed.
+    #[error("rank {rank}: {source}")]
+    Encode {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        source: ChunkEncodeError,
+    },
+    /// Writing a chunk failed (disk full, I/O error).
+    #[error("rank {rank}: writing chunk failed: {source}{}", if source.is_disk_full() { " (the store is full)" } else { "" })]
+    Chunk {
+        /// The rank.
+        rank: u32,
+        /// The I/O error.
+        source: IoStepError,
+    },
+    /// A bad region name.
+    #[error("rank {rank}: {source}")]
+    Name {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        source: NameError,
+    },
+    /// Writing the rank's part failed.
+    #[error("rank {rank}: writing its part failed: {source}")]
+    Part {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        source: CommitError,
+    },
+}
+
+/// An epoch being written. Dropping it releases the job lock.
+#[derive(Debug)]
+pub struct EpochWriter {
+    job: JobStore,
+    epoch: u64,
+    config: WriterConfig,
+    _lock: JobLock,
+}
+
+impl JobStore {
+    /// Starts writing `epoch`, which must be newer than every committed one.
+    pub fn begin_epoch(&self, epoch: u64, config: WriterConfig) -> Result<EpochWriter, BeginError> {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&config.chunk_size) {
+            return Err(BeginError::ChunkSize(config.chunk_size));
+        }
+        self.ensure_layout()?;
+        let lock = self.lock_shared()?;
+        if let Some(latest) = self.latest_committed()? {
+            if epoch <= latest {
+                return Err(BeginError::NotNewer {
+                    job: self.name().to_owned(),
+                    epoch,
+                    latest,
+                });
+            }
+        }
+        durable::create_dir_all(&self.pending_epoch_dir(epoch))?;
+        sync_dir(&self.pending_dir())?;
+        tracing::debug!(job = %self.name(), epoch, "epoch.begin");
+        Ok(EpochWriter {
+            job: self.clone(),
+            epoch,
+            config,
+            _lock: lock,
+        })
+    }
+}
+
+impl EpochWriter {
+    /// The epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The job's store.
+    pub fn job(&self) -> &JobStore {
+        &self.job
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> WriterConfig {
+        self.config
+    }
+
+    /// A writer for one rank's data. Several may run in parallel.
+    pub fn rank(&self, rank: u32) -> RankWriter<'_> {
+        RankWriter {
+            epoch: self,
+            rank,
+            dirty: Mutex::new([false; 256]),
+            raw_bytes: AtomicU64::new(0),
+            chunks: AtomicU64::new(0),
+            new_chunks: AtomicU64::new(0),
+            new_stored_bytes: AtomicU64::new(0),
+            new_raw_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Writes one rank's chunks and, at the end, its part.
+#[derive(Debug)]
+pub struct RankWriter<'a> {
+    epoch: &'a EpochWriter,
+    rank: u32,
+    dirty: Mutex<[bool; 256]>,
+    raw_bytes: AtomicU64,
+    chunks: AtomicU64,
+    new_chunks: AtomicU64,
+    new_stored_bytes: AtomicU64,
+    new_raw_bytes: AtomicU64,
+}
+
+impl RankWriter<'_> {
+    /// The rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Encodes `raw` (one chunk) and stores it if the store lacks it.
+    pub fn store_chunk(&self, offset: u64, raw: &[u8]) -> Result<ChunkRef, WriteError> {
+        let encoded = self
+            .epoch
+            .config
+            .codec
+            .encode(raw)
+            .map_err(|source| WriteError::Encode {
+                rank: self.rank,
+                source,
+            })?;
+        self.put_encoded(offset, &encoded)
+    }
+
+    /// Stores an already encoded chunk if the store lacks it.
+    pub fn put_encoded(&self, offset: u64, encoded: &EncodedChunk) -> Result<ChunkRef, WriteError> {
+        let path = self.epoch.job.chunk_path(&encoded.hash);
+        self.raw_bytes
+            .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        if !path.exists() {
+            durable::write_replace(&path, &[&encoded.file]).map_err(|source| {
+                WriteError::Chunk {
+                    rank: self.rank,
+                    source,
+                }
+            })?;
+            self.mark_dirty(&encoded.hash);
+            self.new_chunks.fetch_add(1, Ordering::Relaxed);
+            self.new_stored_bytes
+                .fetch_add(encoded.file.len() as u64, Ordering::Relaxed);
+            self.new_raw_bytes
+                .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
+        }
+        Ok(ChunkRef {
+            offset,
+            len: encoded.raw_len,
+            stored_len: u32::try_from(encoded.file.len()).unwrap_or(u32::MAX),
+            hash: encoded.hash,
+        })
+    }
+
+    fn mark_dirty(&self, hash: &ChunkHash) {
+        if let Ok(mut dirty) = self.dirty.lock() {
+            dirty[usize::from(hash.0[0])] = true;
+        }
+    }
+
+    /// Stores a whole region held in memory, chunks in parallel.
+    pub fn store_region(
+        &self,
+        name: &str,
+        addr: u64,
+        kind: RegionKind,
+        data: &[u8],
+    ) -> Result<RegionRecord, WriteError> {
+        check_region_name(name).map_err(|source| WriteError::Name {
+            rank: self.rank,
+            source,
+        })?;
+        let chunk_size = self.epoch.config.chunk_size;
+        let chunks = data
+            .par_chunks(chunk_size)
+            .enumerate()
+            .map(|(index, raw)| self.store_chunk((index * chunk_size) as u64, raw))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RegionRecord {
+            name: name.to_owned(),
+            addr,
+            len: data.len() as u64,
+            kind,
+            chunks,
+        })
+    }
+
+    /// What this rank has written so far.
+    pub fn stats(&self) -> WriteStats {
+        WriteStats {
+            raw_bytes: self.raw_bytes.load(Ordering::Relaxed),
+            chunks: self.chunks.load(Ordering::Relaxed),
+            new_chunks: self.new_chunks.load(Ordering::Relaxed),
+            new_stored_bytes: self.new_stored_bytes.load(Ordering::Relaxed),
+            new_raw_bytes: self.new_raw_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Makes this rank's chunks durable and writes its part. `record.rank`
+    /// is set to this writer's rank and `record.stats` to what it wrote.
+    pub fn finish(&self, mut record: RankRecord) -> Result<WriteStats, WriteError> {
+        let part_err = |source: CommitError| WriteError::Part {
+            rank: self.rank,
+            source,
+        };
+        let dirty: Vec<PathBuf> = {
+            let dirty = self.dirty.lock().map(|d| *d).unwrap_or([true; 256]);
+            (0..256usize)
+                .filter(|i| dirty[*i])
+                .map(|i| self.epoch.job.chunks_dir().join(format!("{i:02x}")))
+                .collect()
+        };
+        dirty
+            .par_iter()
+            .try_for_each(|dir| sync_dir(dir))
+            .map_err(|err| part_err(err.into()))?;
+        record.rank = self.rank;
+        record.stats = self.stats();
+        self.epoch
+            .job
+            .write_part(self.epoch.epoch, &record)
+            .map_err(part_err)?;
+        tracing::debug!(job = %self.epoch.job.name(), epoch = self.epoch.epoch, rank = self.rank, "rank.durable");
+        Ok(record.stats)
+    }
+}
