@@ -1,0 +1,384 @@
+//! Store behaviour on a real filesystem: round trips, incremental epochs,
+//! crashes before commit, corruption, retention and GC.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::fs;
+use std::path::Path;
+
+use cryo_core::chunk::ChunkCodec;
+use cryo_core::manifest::{FdKind, FdRecord, FdRestore, RankRecord, RegionKind, WriteStats};
+use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProblem, Store};
+use cryo_core::writer::{BeginError, WriterConfig};
+use cryo_core::Manifest;
+
+const CHUNK: usize = 64 << 10;
+
+fn config() -> WriterConfig {
+    WriterConfig {
+        chunk_size: CHUNK,
+        codec: ChunkCodec::default(),
+    }
+}
+
+/// Smooth doubles plus noise: what rank state usually looks like.
+fn state(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let mut rng = seed | 1;
+    let mut i = 0u64;
+    while out.len() < len {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let value = (i as f64 * 1e-3).sin() + (rng >> 40) as f64 * 1e-12;
+        out.extend_from_slice(&value.to_le_bytes());
+        i += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn empty_record() -> RankRecord {
+    RankRecord {
+        rank: 0,
+        node: "node-a".into(),
+        pid: 42,
+        fds: vec![FdRecord {
+            fd: 5,
+            kind: FdKind::Regular,
+            path: "/tmp/out.log".into(),
+            flags: 0o2001,
+            offset: 77,
+            size_at_checkpoint: 77,
+            restore: FdRestore::Restore,
+        }],
+        mappings: vec![],
+        regions: vec![],
+        stats: WriteStats::default(),
+    }
+}
+
+/// Writes and commits one epoch where rank r holds `regions[r]`.
+fn write_epoch(job: &JobStore, epoch: u64, ranks: &[Vec<(&str, Vec<u8>)>]) -> Manifest {
+    let writer = job.begin_epoch(epoch, config()).unwrap();
+    for (rank, regions) in ranks.iter().enumerate() {
+        let rank_writer = writer.rank(rank as u32);
+        let mut record = empty_record();
+        for (index, (name, data)) in regions.iter().enumerate() {
+            let addr = 0x7f00_0000_0000 + (index as u64) * (1 << 32);
+            record
+                .regions
+                .push(rank_writer.store_region(name, addr, RegionKind::Anonymous, data).unwrap());
+        }
+        rank_writer.finish(record).unwrap();
+    }
+    drop(writer);
+    job.commit_epoch(epoch, ranks.len() as u32, CHUNK as u32).unwrap()
+}
+
+fn restore(job: &JobStore, manifest: &Manifest, rank: usize, region: usize) -> Vec<u8> {
+    let record = &manifest.ranks[rank].regions[region];
+    let mut out = vec![0u8; record.len as usize];
+    job.restore_region(record, &mut out).unwrap();
+    out
+}
+
+fn setup() -> (tempfile::TempDir, Store, JobStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let job = store.job("heat").unwrap();
+    (dir, store, job)
+}
+
+fn chunk_files(job: &JobStore) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for fanout in fs::read_dir(job.chunks_dir()).unwrap() {
+        for entry in fs::read_dir(fanout.unwrap().path()).unwrap() {
+            out.push(entry.unwrap().path());
+        }
+    }
+    out
+}
+
+#[test]
+fn round_trip_two_ranks() {
+    let (_dir, store, job) = setup();
+    let a = state(1_000_000, 1);
+    let b = state(333_333, 2);
+    let c = state(CHUNK * 3, 3);
+    let manifest = write_epoch(&job, 1, &[vec![("grid", a.clone()), ("aux", b.clone())], vec![("grid", c.clone())]]);
+    assert_eq!(store.jobs().unwrap(), vec!["heat".to_string()]);
+    let loaded = job.load_manifest(1).unwrap();
+    assert_eq!(loaded, manifest);
+    assert_eq!(loaded.ranks[0].fds[0].offset, 77);
+    assert_eq!(restore(&job, &loaded, 0, 0), a);
+    assert_eq!(restore(&job, &loaded, 0, 1), b);
+    assert_eq!(restore(&job, &loaded, 1, 0), c);
+    assert!(job.verify_manifest(&loaded).is_ok());
+    // smooth doubles compress well with the shuffle filter
+    let summary = EpochSummary::of(&loaded);
+    assert!(summary.compression_ratio() > 1.2, "{}", summary.compression_ratio());
+}
+
+#[test]
+fn streamed_restore_matches() {
+    let (_dir, _store, job) = setup();
+    let a = state(CHUNK * 10 + 17, 9);
+    let manifest = write_epoch(&job, 1, &[vec![("grid", a.clone())]]);
+    let mut out = Vec::new();
+    job.stream_region::<()>(&manifest.ranks[0].regions[0], CHUNK * 3, |offset, bytes| {
+        assert_eq!(offset as usize, out.len());
+        assert!(bytes.len() <= CHUNK * 3);
+        out.extend_from_slice(bytes);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(out, a);
+}
+
+#[test]
+fn identical_data_is_stored_once_and_second_epoch_is_incremental() {
+    let (_dir, _store, job) = setup();
+    let data = state(CHUNK * 40, 5);
+    // two ranks with the same data: stored once
+    let first = write_epoch(&job, 1, &[vec![("grid", data.clone())], vec![("grid", data.clone())]]);
+    let stats = first.stats();
+    assert_eq!(stats.chunks, 80);
+    assert_eq!(stats.new_chunks, 40);
+    assert!(EpochSummary::of(&first).dedup_savings() > 0.49);
+
+    // change 2 of 40 chunks (5%) in rank 0
+    let mut changed = data.clone();
+    for chunk in [3usize, 17] {
+        changed[chunk * CHUNK + 100] ^= 0xff;
+    }
+    let second = write_epoch(&job, 2, &[vec![("grid", changed.clone())], vec![("grid", data.clone())]]);
+    let stats2 = second.stats();
+    assert_eq!(stats2.new_chunks, 2);
+    assert!(stats2.new_stored_bytes * 10 <= stats.new_stored_bytes);
+    assert_eq!(restore(&job, &second, 0, 0), changed);
+    assert_eq!(restore(&job, &first, 0, 0), data);
+}
+
+#[test]
+fn crash_before_commit_leaves_previous_epoch_intact() {
+    let (_dir, _store, job) = setup();
+    let data = state(CHUNK * 4, 7);
+    write_epoch(&job, 1, &[vec![("grid", data.clone())], vec![("grid", data.clone())]]);
+
+    // Epoch 2: only rank 0 reaches durability, then the writer "dies".
+    {
+        let writer = job.begin_epoch(2, config()).unwrap();
+        let rank0 = writer.rank(0);
+        let mut record = empty_record();
+        record
+            .regions
+            .push(rank0.store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 4, 8)).unwrap());
+        rank0.finish(record).unwrap();
+    }
+    let err = job.commit_epoch(2, 2, CHUNK as u32).unwrap_err();
+    assert!(matches!(err, CommitError::MissingRank { rank: 1, epoch: 2, .. }), "{err}");
+    assert_eq!(job.latest_committed().unwrap(), Some(1));
+    assert_eq!(job.epochs().unwrap().get(&2), Some(&EpochState::Partial { parts: 1 }));
+    let manifest = job.load_manifest(1).unwrap();
+    assert_eq!(restore(&job, &manifest, 1, 0), data);
+
+    // GC removes the abandoned epoch and its chunks, keeps epoch 1's.
+    let report = job.gc(None).unwrap();
+    assert_eq!(report.removed_partial_epochs, vec![2]);
+    assert_eq!(report.removed_chunks, 4);
+    assert!(job.verify_manifest(&manifest).is_ok());
+    assert!(job.epochs().unwrap().get(&2).is_none());
+}
+
+#[test]
+fn epochs_must_increase_and_commit_once() {
+    let (_dir, _store, job) = setup();
+    write_epoch(&job, 5, &[vec![("grid", state(100, 1))]]);
+    assert!(matches!(
+        job.begin_epoch(5, config()),
+        Err(BeginError::NotNewer { epoch: 5, latest: 5, .. })
+    ));
+    assert!(matches!(
+        job.begin_epoch(3, config()),
+        Err(BeginError::NotNewer { .. })
+    ));
+    assert!(matches!(
+        job.commit_epoch(5, 1, CHUNK as u32),
+        Err(CommitError::AlreadyCommitted { epoch: 5, .. })
+    ));
+}
+
+fn corrupt_one_chunk(job: &JobStore, manifest: &Manifest) -> cryo_core::ChunkHash {
+    let hash = manifest.ranks[0].regions[0].chunks[1].hash;
+    let path = job.chunk_path(&hash);
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x01;
+    fs::write(&path, bytes).unwrap();
+    hash
+}
+
+#[test]
+fn corrupt_chunk_is_detected_by_verify_and_restore() {
+    let (_dir, _store, job) = setup();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 4, 1))], vec![("other", state(CHUNK * 2, 2))]]);
+    let hash = corrupt_one_chunk(&job, &manifest);
+    let report = job.verify_manifest(&manifest);
+    assert_eq!(report.bad.len(), 1);
+    assert_eq!(report.bad[0].rank, 0);
+    assert_eq!(report.bad[0].region, "grid");
+    assert_eq!(report.bad[0].offset, CHUNK as u64);
+    assert_eq!(report.bad[0].hash, hash);
+    assert!(report.bad[0].problem.contains("corrupt"), "{}", report.bad[0].problem);
+
+    let record = &manifest.ranks[0].regions[0];
+    let mut out = vec![0u8; record.len as usize];
+    let err = job.restore_region(record, &mut out).unwrap_err();
+    assert_eq!(err.offset, CHUNK as u64);
+    assert!(err.to_string().contains("grid"), "{err}");
+}
+
+#[test]
+fn missing_chunk_is_reported() {
+    let (_dir, _store, job) = setup();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 1))]]);
+    fs::remove_file(job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)).unwrap();
+    let report = job.verify_manifest(&manifest);
+    assert_eq!(report.bad.len(), 1);
+    assert!(report.bad[0].problem.contains("missing"), "{}", report.bad[0].problem);
+}
+
+fn load_problem(job: &JobStore, epoch: u64) -> (String, LoadProblem) {
+    let err = job.load_manifest(epoch).unwrap_err();
+    let text = err.to_string();
+    (text, err.problem)
+}
+
+#[test]
+fn damaged_manifests_are_refused_naming_the_file() {
+    let (_dir, _store, job) = setup();
+    write_epoch(&job, 1, &[vec![("grid", state(1000, 1))]]);
+    let path = job.manifest_path(1);
+    let good = fs::read(&path).unwrap();
+    let writable = |bytes: &[u8]| {
+        let _ = fs::remove_file(&path);
+        fs::write(&path, bytes).unwrap();
+    };
+
+    writable(&good[..good.len() - 5]);
+    let (text, problem) = load_problem(&job, 1);
+    assert!(matches!(problem, LoadProblem::Length { .. }), "{text}");
+    assert!(text.contains(&path.display().to_string()), "{text}");
+
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x80;
+    writable(&flipped);
+    assert!(matches!(load_problem(&job, 1).1, LoadProblem::Checksum));
+
+    writable(&good[..30]);
+    assert!(matches!(load_problem(&job, 1).1, LoadProblem::Header(_)));
+
+    writable(b"");
+    assert!(matches!(load_problem(&job, 1).1, LoadProblem::Header(_)));
+
+    writable(&good);
+    job.load_manifest(1).unwrap();
+
+    fs::remove_file(&path).unwrap();
+    assert!(matches!(load_problem(&job, 1).1, LoadProblem::Read(_)));
+}
+
+#[test]
+fn manifest_under_another_epoch_name_is_refused() {
+    let (_dir, _store, job) = setup();
+    write_epoch(&job, 1, &[vec![("grid", state(1000, 1))]]);
+    fs::copy(job.manifest_path(1), job.manifest_path(7)).unwrap();
+    let (text, problem) = load_problem(&job, 7);
+    assert!(matches!(problem, LoadProblem::Invalid(_)), "{text}");
+    assert!(text.contains("epoch 1"), "{text}");
+}
+
+#[test]
+fn retention_and_gc_free_only_unreferenced_chunks() {
+    let (_dir, _store, job) = setup();
+    let base = state(CHUNK * 8, 1);
+    let mut epochs = Vec::new();
+    for epoch in 1..=4u64 {
+        let mut data = base.clone();
+        data[(epoch as usize) * CHUNK] ^= epoch as u8; // one chunk differs per epoch
+        epochs.push(data.clone());
+        write_epoch(&job, epoch, &[vec![("grid", data)]]);
+    }
+    assert_eq!(chunk_files(&job).len(), 8 + 4);
+    let report = job.gc(Some(2)).unwrap();
+    assert_eq!(report.removed_epochs, vec![1, 2]);
+    assert_eq!(job.committed_epochs().unwrap(), vec![3, 4]);
+    // epoch 1 and 2's private chunks go, plus chunk 3 and 4 of the base
+    // that epochs 3 and 4 replaced are kept only where referenced.
+    let remaining = chunk_files(&job).len() as u64;
+    assert_eq!(remaining, report.live_chunks);
+    for epoch in [3u64, 4] {
+        let manifest = job.load_manifest(epoch).unwrap();
+        assert!(job.verify_manifest(&manifest).is_ok());
+        assert_eq!(restore(&job, &manifest, 0, 0), epochs[(epoch - 1) as usize]);
+    }
+    assert!(report.removed_chunks >= 2, "{report:?}");
+}
+
+#[test]
+fn gc_never_sweeps_while_an_epoch_is_being_written() {
+    let (_dir, _store, job) = setup();
+    write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 1))]]);
+    let writer = job.begin_epoch(2, config()).unwrap();
+    let rank = writer.rank(0);
+    let region = rank.store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 2, 99)).unwrap();
+    let before = chunk_files(&job).len();
+    let report = job.gc(None).unwrap();
+    assert!(report.skipped.is_some());
+    assert_eq!(chunk_files(&job).len(), before);
+    let mut record = empty_record();
+    record.regions.push(region);
+    rank.finish(record).unwrap();
+    drop(writer);
+    let manifest = job.commit_epoch(2, 1, CHUNK as u32).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+}
+
+#[test]
+fn gc_refuses_to_sweep_when_a_manifest_is_unreadable() {
+    let (_dir, _store, job) = setup();
+    write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 1))]]);
+    write_epoch(&job, 2, &[vec![("grid", state(CHUNK * 2, 2))]]);
+    let path = job.manifest_path(1);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, bytes).unwrap();
+    let before = chunk_files(&job).len();
+    let err = job.gc(None).unwrap_err();
+    assert!(err.to_string().contains("refusing"), "{err}");
+    assert_eq!(chunk_files(&job).len(), before);
+}
+
+#[test]
+fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, store, job) = setup();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", state(1000, 1))]]);
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(store.root()), 0o700);
+    assert_eq!(mode(job.dir()), 0o700);
+    assert_eq!(mode(&job.manifest_path(1)), 0o600);
+    assert_eq!(mode(&job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)), 0o600);
+}
+
+#[test]
+fn hostile_job_names_are_refused() {
+    let (_dir, store, _job) = setup();
+    for name in ["..", "../x", "a/b", ".hidden", ""] {
+        assert!(store.job(name).is_err(), "{name:?}");
+    }
+    assert!(store.existing_job("nosuchjob").is_err());
+}
