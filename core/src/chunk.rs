@@ -238,11 +238,20 @@ pub fn unshuffle8(src: &[u8], dst: &mut [u8]) {
 impl ChunkCodec {
     /// Hashes and encodes `raw` into a chunk file image.
     pub fn encode(&self, raw: &[u8]) -> Result<EncodedChunk, ChunkEncodeError> {
+        self.encode_hashed(raw, ChunkHash::of(raw))
+    }
+
+    /// Encodes `raw`, whose hash the caller has computed already (to skip
+    /// compressing chunks the store has).
+    pub fn encode_hashed(
+        &self,
+        raw: &[u8],
+        hash: ChunkHash,
+    ) -> Result<EncodedChunk, ChunkEncodeError> {
         let raw_len = match u32::try_from(raw.len()) {
             Ok(len) if raw.len() <= MAX_CHUNK_SIZE => len,
             _ => return Err(ChunkEncodeError::TooLarge(raw.len())),
         };
-        let hash = ChunkHash::of(raw);
         if self.level == 0 {
             return Ok(EncodedChunk {
                 hash,

@@ -17,6 +17,7 @@ pub mod durable;
 pub mod header;
 pub mod manifest;
 pub mod names;
+pub mod protocol;
 pub mod reader;
 pub mod store;
 pub mod writer;

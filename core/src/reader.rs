@@ -184,9 +184,24 @@ impl JobStore {
     /// Re-reads and re-hashes every chunk of `manifest`, each distinct chunk
     /// once, in parallel. Reports every bad chunk by rank and region.
     pub fn verify_manifest(&self, manifest: &Manifest) -> VerifyReport {
+        self.verify_manifests(std::slice::from_ref(manifest))
+            .pop()
+            .unwrap_or_else(|| VerifyReport {
+                epoch: manifest.epoch,
+                chunks_checked: 0,
+                bytes_checked: 0,
+                bad: Vec::new(),
+            })
+    }
+
+    /// Verifies several epochs, checking each distinct chunk only once
+    /// across all of them (epochs share most chunks).
+    pub fn verify_manifests(&self, manifests: &[Manifest]) -> Vec<VerifyReport> {
         let mut unique: HashMap<ChunkHash, u32> = HashMap::new();
-        for (_, _, chunk) in manifest.chunk_refs() {
-            unique.insert(chunk.hash, chunk.len);
+        for manifest in manifests {
+            for (_, _, chunk) in manifest.chunk_refs() {
+                unique.insert(chunk.hash, chunk.len);
+            }
         }
         let unique: Vec<(ChunkHash, u32)> = unique.into_iter().collect();
         let failures: HashMap<ChunkHash, String> = unique
@@ -201,24 +216,31 @@ impl JobStore {
                 })
             })
             .collect();
-        let mut bad = Vec::new();
-        for (rank, region, chunk) in manifest.chunk_refs() {
-            if let Some(problem) = failures.get(&chunk.hash) {
-                bad.push(BadChunk {
-                    rank,
-                    region: region.name.clone(),
-                    offset: chunk.offset,
-                    hash: chunk.hash,
-                    problem: problem.clone(),
-                });
-            }
-        }
-        VerifyReport {
-            epoch: manifest.epoch,
-            chunks_checked: unique.len() as u64,
-            bytes_checked: unique.iter().map(|(_, len)| u64::from(*len)).sum(),
-            bad,
-        }
+        manifests
+            .iter()
+            .map(|manifest| {
+                let mut seen: HashMap<ChunkHash, u32> = HashMap::new();
+                let mut bad = Vec::new();
+                for (rank, region, chunk) in manifest.chunk_refs() {
+                    seen.insert(chunk.hash, chunk.len);
+                    if let Some(problem) = failures.get(&chunk.hash) {
+                        bad.push(BadChunk {
+                            rank,
+                            region: region.name.clone(),
+                            offset: chunk.offset,
+                            hash: chunk.hash,
+                            problem: problem.clone(),
+                        });
+                    }
+                }
+                VerifyReport {
+                    epoch: manifest.epoch,
+                    chunks_checked: seen.len() as u64,
+                    bytes_checked: seen.values().map(|len| u64::from(*len)).sum(),
+                    bad,
+                }
+            })
+            .collect()
     }
 }
 

@@ -185,13 +185,18 @@ impl RankWriter<'_> {
         self.rank
     }
 
-    /// Encodes `raw` (one chunk) and stores it if the store lacks it.
+    /// Stores `raw` (one chunk) if the store lacks it. The hash is computed
+    /// first, so a chunk the store already has is never compressed.
     pub fn store_chunk(&self, offset: u64, raw: &[u8]) -> Result<ChunkRef, WriteError> {
+        let hash = ChunkHash::of(raw);
+        if let Some(existing) = self.existing(offset, &hash, raw.len()) {
+            return Ok(existing);
+        }
         let encoded = self
             .epoch
             .config
             .codec
-            .encode(raw)
+            .encode_hashed(raw, hash)
             .map_err(|source| WriteError::Encode {
                 rank: self.rank,
                 source,
@@ -199,26 +204,39 @@ impl RankWriter<'_> {
         self.put_encoded(offset, &encoded)
     }
 
+    /// A reference to the stored chunk `hash`, if the store has it.
+    fn existing(&self, offset: u64, hash: &ChunkHash, raw_len: usize) -> Option<ChunkRef> {
+        let meta = std::fs::metadata(self.epoch.job.chunk_path(hash)).ok()?;
+        let len = u32::try_from(raw_len).ok()?;
+        self.raw_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        Some(ChunkRef {
+            offset,
+            len,
+            stored_len: u32::try_from(meta.len()).unwrap_or(u32::MAX),
+            hash: *hash,
+        })
+    }
+
     /// Stores an already encoded chunk if the store lacks it.
     pub fn put_encoded(&self, offset: u64, encoded: &EncodedChunk) -> Result<ChunkRef, WriteError> {
+        if let Some(existing) = self.existing(offset, &encoded.hash, encoded.raw_len as usize) {
+            return Ok(existing);
+        }
         let path = self.epoch.job.chunk_path(&encoded.hash);
         self.raw_bytes
             .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
         self.chunks.fetch_add(1, Ordering::Relaxed);
-        if !path.exists() {
-            durable::write_replace(&path, &[&encoded.file]).map_err(|source| {
-                WriteError::Chunk {
-                    rank: self.rank,
-                    source,
-                }
-            })?;
-            self.mark_dirty(&encoded.hash);
-            self.new_chunks.fetch_add(1, Ordering::Relaxed);
-            self.new_stored_bytes
-                .fetch_add(encoded.file.len() as u64, Ordering::Relaxed);
-            self.new_raw_bytes
-                .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
-        }
+        durable::write_replace(&path, &[&encoded.file]).map_err(|source| WriteError::Chunk {
+            rank: self.rank,
+            source,
+        })?;
+        self.mark_dirty(&encoded.hash);
+        self.new_chunks.fetch_add(1, Ordering::Relaxed);
+        self.new_stored_bytes
+            .fetch_add(encoded.file.len() as u64, Ordering::Relaxed);
+        self.new_raw_bytes
+            .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
         Ok(ChunkRef {
             offset,
             len: encoded.raw_len,

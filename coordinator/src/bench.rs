@@ -1,0 +1,356 @@
+//! `cryo bench store`: store throughput against the `zstd` CLI and a raw
+//! write, on the same bytes in the same run. It prints figures and ratios;
+//! it is a measurement, not a test, and never fails on a missed target.
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use cryo_core::chunk::{ChunkCodec, Filter};
+use cryo_core::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::store::Store;
+use cryo_core::writer::WriterConfig;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::human;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct StoreBenchOptions {
+    /// Bytes of synthetic state.
+    pub size: u64,
+    /// Scratch directory (the store and baseline files go there).
+    pub dir: PathBuf,
+    /// Store chunk size.
+    pub chunk_size: usize,
+    /// zstd level.
+    pub level: i32,
+    /// Pre-compression filter.
+    pub filter: Filter,
+    /// Fraction of chunks changed for the incremental epoch.
+    pub changed_fraction: f64,
+    /// Keep the store afterwards (for `cryo ls` / `verify` / `describe`).
+    pub keep: bool,
+}
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// Seconds.
+    pub seconds: f64,
+    /// Bytes processed (input bytes).
+    pub bytes: u64,
+    /// Bytes written to storage.
+    pub written: u64,
+}
+
+impl Figure {
+    fn gbps(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreBenchReport {
+    /// Bytes of state.
+    pub size: u64,
+    /// Every figure.
+    pub figures: Vec<Figure>,
+    /// Store throughput over `zstd -1 -T0` throughput (target ≥ 0.9).
+    pub store_vs_zstd: f64,
+    /// Bytes written by the 5% epoch over the first (target ≤ 0.10).
+    pub incremental_bytes_ratio: f64,
+    /// Time of the 5% epoch over the first.
+    pub incremental_time_ratio: f64,
+    /// Compression ratio reached by the store.
+    pub store_ratio: f64,
+    /// Compression ratio reached by the zstd CLI.
+    pub zstd_ratio: f64,
+    /// Where the store is, if kept.
+    pub store_dir: Option<PathBuf>,
+}
+
+/// Fills `out` with smooth doubles plus noise, like a solver's fields: the
+/// sign, exponent and high mantissa bytes vary slowly, the low mantissa bytes
+/// are noise. `seed` varies the noise.
+pub fn synthetic_state(out: &mut [u8], seed: u64) {
+    out.par_chunks_mut(1 << 20)
+        .enumerate()
+        .for_each(|(block, bytes)| {
+            let mut rng = seed ^ (block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let base = (block as u64) << 17;
+            for (i, word) in bytes.chunks_mut(8).enumerate() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let x = (base + i as u64) as f64;
+                let smooth = 300.0 + 50.0 * (x * 1e-5).sin() * (x * 3e-8).cos();
+                let noise = ((rng >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 1e-7;
+                let value = (smooth + noise).to_le_bytes();
+                let n = word.len();
+                word.copy_from_slice(&value[..n]);
+            }
+        });
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let start = Instant::now();
+    let value = f()?;
+    Ok((value, start.elapsed().as_secs_f64()))
+}
+
+fn zstd_cli() -> Option<PathBuf> {
+    let output = Command::new("zstd").arg("--version").output().ok()?;
+    output.status.success().then(|| PathBuf::from("zstd"))
+}
+
+fn fsync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("fsync {}", path.display()))
+}
+
+/// Runs the store benchmark.
+pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
+    let size = usize::try_from(opts.size).context("size does not fit in memory")?;
+    if size == 0 {
+        bail!("benchmark size must be positive");
+    }
+    fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    let work = opts.dir.join(format!("cryo-bench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+
+    eprintln!("generating {} of smooth doubles plus noise…", human::bytes(opts.size));
+    let mut data = vec![0u8; size];
+    synthetic_state(&mut data, 1);
+    let mut figures = Vec::new();
+
+    // Baseline 1: a raw write + fsync of the same bytes.
+    let raw_path = work.join("state.raw");
+    let ((), secs) = timed(|| {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&raw_path)
+            .with_context(|| format!("creating {}", raw_path.display()))?;
+        file.write_all(&data).context("raw write")?;
+        file.sync_all().context("raw fsync")?;
+        Ok(())
+    })?;
+    figures.push(Figure {
+        name: "raw write + fsync".into(),
+        seconds: secs,
+        bytes: opts.size,
+        written: opts.size,
+    });
+
+    // Baseline 2: the zstd CLI on the same bytes (from the page cache).
+    let zst_path = work.join("state.raw.zst");
+    let mut zstd_secs = None;
+    let mut zstd_ratio = 0.0;
+    if let Some(zstd) = zstd_cli() {
+        let level = format!("-{}", opts.level.max(1));
+        let ((), secs) = timed(|| {
+            let status = Command::new(&zstd)
+                .args([level.as_str(), "-T0", "-q", "-f"])
+                .arg(&raw_path)
+                .arg("-o")
+                .arg(&zst_path)
+                .status()
+                .context("running zstd")?;
+            if !status.success() {
+                bail!("zstd exited with {status}");
+            }
+            Ok(())
+        })?;
+        let ((), sync_secs) = timed(|| fsync_file(&zst_path))?;
+        let written = fs::metadata(&zst_path).map(|m| m.len()).unwrap_or(0);
+        zstd_ratio = opts.size as f64 / written.max(1) as f64;
+        figures.push(Figure {
+            name: format!("zstd {level} -T0 (CLI)"),
+            seconds: secs,
+            bytes: opts.size,
+            written,
+        });
+        figures.push(Figure {
+            name: format!("zstd {level} -T0 (CLI) + fsync"),
+            seconds: secs + sync_secs,
+            bytes: opts.size,
+            written,
+        });
+        let out_path = work.join("state.unzst");
+        let ((), secs) = timed(|| {
+            let status = Command::new(&zstd)
+                .args(["-d", "-T0", "-q", "-f"])
+                .arg(&zst_path)
+                .arg("-o")
+                .arg(&out_path)
+                .status()
+                .context("running zstd -d")?;
+            if !status.success() {
+                bail!("zstd -d exited with {status}");
+            }
+            Ok(())
+        })?;
+        figures.push(Figure {
+            name: "zstd -d -T0 (CLI)".into(),
+            seconds: secs,
+            bytes: opts.size,
+            written: opts.size,
+        });
+        zstd_secs = Some(figures[1].seconds);
+        let _ = fs::remove_file(&out_path);
+    } else {
+        eprintln!("warning: no zstd command found; install the zstd package for the baseline");
+    }
+    let _ = fs::remove_file(&raw_path);
+    let _ = fs::remove_file(&zst_path);
+
+    // The store: epoch 1 (full), then epoch 2 with a fraction of chunks changed.
+    let store = Store::create(work.join("store"))?;
+    let job = store.job("bench")?;
+    let config = WriterConfig {
+        chunk_size: opts.chunk_size,
+        codec: ChunkCodec {
+            level: opts.level,
+            filter: opts.filter,
+        },
+    };
+    let write_epoch = |epoch: u64, data: &[u8]| -> Result<WriteStats> {
+        let writer = job.begin_epoch(epoch, config)?;
+        let rank = writer.rank(0);
+        let region = rank.store_region("state", 0x5a00_0000_0000, RegionKind::Anonymous, data)?;
+        let record = RankRecord {
+            rank: 0,
+            node: "bench".into(),
+            pid: std::process::id(),
+            fds: Vec::new(),
+            mappings: Vec::new(),
+            regions: vec![region],
+            stats: WriteStats::default(),
+        };
+        let stats = rank.finish(record)?;
+        drop(writer);
+        job.commit_epoch(epoch, 1, u32::try_from(opts.chunk_size)?)?;
+        Ok(stats)
+    };
+    let (first, first_secs) = timed(|| write_epoch(1, &data))?;
+    figures.push(Figure {
+        name: "cryo store, full epoch".into(),
+        seconds: first_secs,
+        bytes: opts.size,
+        written: first.new_stored_bytes,
+    });
+
+    let chunks = size.div_ceil(opts.chunk_size);
+    let every = (1.0 / opts.changed_fraction.clamp(1e-6, 1.0)).round().max(1.0);
+    // Rounded positive stride; truncation is intended.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let every = every as usize;
+    let mut changed = 0;
+    for chunk in (0..chunks).step_by(every) {
+        let at = chunk * opts.chunk_size;
+        data[at] ^= 0x5a;
+        changed += 1;
+    }
+    let (second, second_secs) = timed(|| write_epoch(2, &data))?;
+    figures.push(Figure {
+        name: format!("cryo store, {changed}/{chunks} chunks changed"),
+        seconds: second_secs,
+        bytes: opts.size,
+        written: second.new_stored_bytes,
+    });
+
+    // Restore into a pre-faulted buffer, as the rank runtime does.
+    let manifest = job.load_manifest(2)?;
+    let mut restored = vec![0u8; size];
+    restored.par_chunks_mut(4096).for_each(|page| page[0] = 1);
+    let ((), secs) = timed(|| {
+        job.restore_region(&manifest.ranks[0].regions[0], &mut restored)?;
+        Ok(())
+    })?;
+    if restored != data {
+        bail!("restored bytes differ from what was stored");
+    }
+    figures.push(Figure {
+        name: "cryo restore (decode + verify)".into(),
+        seconds: secs,
+        bytes: opts.size,
+        written: 0,
+    });
+
+    let store_vs_zstd = zstd_secs.map_or(0.0, |z| z / first_secs);
+    let report = StoreBenchReport {
+        size: opts.size,
+        store_vs_zstd,
+        incremental_bytes_ratio: second.new_stored_bytes as f64 / first.new_stored_bytes.max(1) as f64,
+        incremental_time_ratio: second_secs / first_secs,
+        store_ratio: opts.size as f64 / first.new_stored_bytes.max(1) as f64,
+        zstd_ratio,
+        figures,
+        store_dir: opts.keep.then(|| store.root().to_owned()),
+    };
+    if !opts.keep {
+        let _ = fs::remove_dir_all(&work);
+    }
+    Ok(report)
+}
+
+/// Renders the report as a table with ratios against targets.
+pub fn render_store_bench(report: &StoreBenchReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "state: {} of smooth doubles plus noise", human::bytes(report.size));
+    let _ = writeln!(out, "{:<40} {:>9} {:>11} {:>12}", "figure", "seconds", "throughput", "written");
+    for figure in &report.figures {
+        let _ = writeln!(
+            out,
+            "{:<40} {:>9.3} {:>6.2} GB/s {:>12}",
+            figure.name,
+            figure.seconds,
+            figure.gbps(),
+            human::bytes(figure.written)
+        );
+    }
+    let verdict = |ok: bool| if ok { "meets target" } else { "MISSES target" };
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "store / zstd CLI throughput     {:>6.2}x  (target >= 0.90x: {})",
+        report.store_vs_zstd,
+        verdict(report.store_vs_zstd >= 0.9)
+    );
+    let _ = writeln!(
+        out,
+        "incremental bytes written       {:>6.2}%  (target <= 10%: {})",
+        report.incremental_bytes_ratio * 100.0,
+        verdict(report.incremental_bytes_ratio <= 0.10)
+    );
+    let _ = writeln!(
+        out,
+        "incremental time                {:>6.2}%  of the full epoch",
+        report.incremental_time_ratio * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "compression ratio               {:>6.2}x  (zstd CLI: {:.2}x)",
+        report.store_ratio, report.zstd_ratio
+    );
+    if let Some(dir) = &report.store_dir {
+        let _ = writeln!(out, "store kept at {}", dir.display());
+    }
+    out
+}

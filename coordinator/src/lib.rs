@@ -1,0 +1,10 @@
+//! cryo-coordinator: the `cryo` command and the per-job coordinator.
+//!
+//! The binary (`src/main.rs`) only parses arguments and calls [`cli::run`].
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod cli;
+pub mod human;
+pub mod inspect;
+pub mod logging;
