@@ -133,7 +133,10 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-    eprintln!("generating {} of smooth doubles plus noise…", human::bytes(opts.size));
+    eprintln!(
+        "generating {} of smooth doubles plus noise…",
+        human::bytes(opts.size)
+    );
     let mut data = vec![0u8; size];
     synthetic_state(&mut data, 1);
     let mut figures = Vec::new();
@@ -257,7 +260,9 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
     });
 
     let chunks = size.div_ceil(opts.chunk_size);
-    let every = (1.0 / opts.changed_fraction.clamp(1e-6, 1.0)).round().max(1.0);
+    let every = (1.0 / opts.changed_fraction.clamp(1e-6, 1.0))
+        .round()
+        .max(1.0);
     // Rounded positive stride; truncation is intended.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let every = every as usize;
@@ -297,7 +302,8 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
     let report = StoreBenchReport {
         size: opts.size,
         store_vs_zstd,
-        incremental_bytes_ratio: second.new_stored_bytes as f64 / first.new_stored_bytes.max(1) as f64,
+        incremental_bytes_ratio: second.new_stored_bytes as f64
+            / first.new_stored_bytes.max(1) as f64,
         incremental_time_ratio: second_secs / first_secs,
         store_ratio: opts.size as f64 / first.new_stored_bytes.max(1) as f64,
         zstd_ratio,
@@ -313,8 +319,16 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
 /// Renders the report as a table with ratios against targets.
 pub fn render_store_bench(report: &StoreBenchReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "state: {} of smooth doubles plus noise", human::bytes(report.size));
-    let _ = writeln!(out, "{:<40} {:>9} {:>11} {:>12}", "figure", "seconds", "throughput", "written");
+    let _ = writeln!(
+        out,
+        "state: {} of smooth doubles plus noise",
+        human::bytes(report.size)
+    );
+    let _ = writeln!(
+        out,
+        "{:<40} {:>9} {:>11} {:>12}",
+        "figure", "seconds", "throughput", "written"
+    );
     for figure in &report.figures {
         let _ = writeln!(
             out,

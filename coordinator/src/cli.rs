@@ -168,7 +168,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 dir,
                 chunk_size: usize::try_from(chunk_size).context("chunk size too large")?,
                 level,
-                filter: if no_shuffle { Filter::None } else { Filter::Shuffle8 },
+                filter: if no_shuffle {
+                    Filter::None
+                } else {
+                    Filter::Shuffle8
+                },
                 changed_fraction: 0.05,
                 keep,
             };

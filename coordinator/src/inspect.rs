@@ -112,7 +112,16 @@ pub fn render_list(rows: &[EpochListing]) -> String {
     let _ = writeln!(
         out,
         "{:<20} {:>6} {:<10} {:>5} {:>11} {:>11} {:>11} {:>6} {:>6} {:>7}  COMMITTED",
-        "JOB", "EPOCH", "STATE", "RANKS", "LOGICAL", "STORED", "WRITTEN", "RATIO", "DEDUP", "REUSED"
+        "JOB",
+        "EPOCH",
+        "STATE",
+        "RANKS",
+        "LOGICAL",
+        "STORED",
+        "WRITTEN",
+        "RATIO",
+        "DEDUP",
+        "REUSED"
     );
     for row in rows {
         if row.state == "committed" {
@@ -181,8 +190,17 @@ pub fn describe(path: &Path) -> Result<String> {
     let _ = writeln!(out, "{}: cryo {}", path.display(), header.kind);
     let _ = writeln!(out, "  format version  {}", header.version);
     let _ = writeln!(out, "  codec           {codec} (id {})", header.codec);
-    let _ = writeln!(out, "  flags           {:#x}{}", header.flags, chunk_flags(&header));
-    let _ = writeln!(out, "  payload         {} bytes stored, {} decoded", header.payload_len, header.raw_len);
+    let _ = writeln!(
+        out,
+        "  flags           {:#x}{}",
+        header.flags,
+        chunk_flags(&header)
+    );
+    let _ = writeln!(
+        out,
+        "  payload         {} bytes stored, {} decoded",
+        header.payload_len, header.raw_len
+    );
     let _ = writeln!(out, "  file length     {len} bytes");
     if let Err(err) = header.check_loadable() {
         let _ = writeln!(out, "  loadable        no: {err}");
@@ -196,7 +214,8 @@ pub fn describe(path: &Path) -> Result<String> {
         );
         return Ok(out);
     }
-    let bytes = cryo_core::durable::read_capped(path, HEADER_LEN as u64 + header.kind.max_payload())?;
+    let bytes =
+        cryo_core::durable::read_capped(path, HEADER_LEN as u64 + header.kind.max_payload())?;
     match header.kind {
         FileKind::Manifest => match decode_meta_file::<Manifest>(header.kind, &bytes) {
             Ok(manifest) => {
@@ -245,7 +264,8 @@ pub fn describe(path: &Path) -> Result<String> {
                     let mut raw = vec![0u8; usize::try_from(header.raw_len).unwrap_or(0)];
                     match cryo_core::chunk::decode_into(&bytes, &hash, &mut raw) {
                         Ok(()) => {
-                            let _ = writeln!(out, "  loadable        yes, content matches its name");
+                            let _ =
+                                writeln!(out, "  loadable        yes, content matches its name");
                         }
                         Err(err) => {
                             let _ = writeln!(out, "  loadable        no: {err}");
@@ -352,7 +372,10 @@ pub fn gc(store: &Store, job: Option<&str>, keep: Option<usize>) -> Result<Vec<G
     let mut reports = Vec::new();
     for name in jobs {
         let job = store.existing_job(&name)?;
-        reports.push(job.gc(keep).with_context(|| format!("collecting garbage of job {name:?}"))?);
+        reports.push(
+            job.gc(keep)
+                .with_context(|| format!("collecting garbage of job {name:?}"))?,
+        );
     }
     Ok(reports)
 }

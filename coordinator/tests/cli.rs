@@ -30,7 +30,9 @@ fn text(output: &Output) -> String {
 }
 
 fn data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i / 7) as u8).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| ((i / 7) as u8).wrapping_add(seed))
+        .collect()
 }
 
 fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
@@ -42,7 +44,12 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
     for rank in 0..ranks {
         let rank_writer = writer.rank(rank);
         let region = rank_writer
-            .store_region("grid", 0x5a00_0000_0000, RegionKind::Anonymous, &data(CHUNK * 3, seed + rank as u8))
+            .store_region(
+                "grid",
+                0x5a00_0000_0000,
+                RegionKind::Anonymous,
+                &data(CHUNK * 3, seed + rank as u8),
+            )
             .unwrap();
         rank_writer
             .finish(RankRecord {
@@ -91,7 +98,13 @@ fn ls_lists_committed_and_partial_epochs() {
     {
         let writer = f
             .job
-            .begin_epoch(3, WriterConfig { chunk_size: CHUNK, ..WriterConfig::default() })
+            .begin_epoch(
+                3,
+                WriterConfig {
+                    chunk_size: CHUNK,
+                    ..WriterConfig::default()
+                },
+            )
             .unwrap();
         let rank = writer.rank(0);
         rank.finish(RankRecord {
@@ -109,9 +122,15 @@ fn ls_lists_committed_and_partial_epochs() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     let lines: Vec<&str> = t.lines().collect();
-    assert!(lines[1].starts_with("heat2d") && lines[1].contains("committed"), "{t}");
+    assert!(
+        lines[1].starts_with("heat2d") && lines[1].contains("committed"),
+        "{t}"
+    );
     assert!(lines[2].contains("committed"), "{t}");
-    assert!(lines[3].contains("partial") && lines[3].contains("1 part(s)"), "{t}");
+    assert!(
+        lines[3].contains("partial") && lines[3].contains("1 part(s)"),
+        "{t}"
+    );
 
     let out = cryo(&["ls", s(&f.root), "--json"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -124,7 +143,11 @@ fn ls_lists_committed_and_partial_epochs() {
 fn ls_on_a_missing_store_names_it() {
     let out = cryo(&["ls", "/nonexistent/cryo-store"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("/nonexistent/cryo-store does not exist"), "{}", text(&out));
+    assert!(
+        text(&out).contains("/nonexistent/cryo-store does not exist"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -157,7 +180,11 @@ fn verify_reports_a_missing_manifest_and_unknown_job() {
     assert!(text(&out).contains("is missing"), "{}", text(&out));
     let out = cryo(&["verify", s(&f.root), "nosuchjob"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out).contains("\"nosuchjob\" has no checkpoints"), "{}", text(&out));
+    assert!(
+        text(&out).contains("\"nosuchjob\" has no checkpoints"),
+        "{}",
+        text(&out)
+    );
     let out = cryo(&["verify", s(&f.root), "../etc"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("invalid job name"), "{}", text(&out));
@@ -170,13 +197,19 @@ fn describe_tells_each_kind() {
     let out = cryo(&["describe", s(&manifest)]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("cryo epoch manifest") && t.contains("format version  1.0.0"), "{t}");
+    assert!(
+        t.contains("cryo epoch manifest") && t.contains("format version  1.0.0"),
+        "{t}"
+    );
     assert!(t.contains("job \"heat2d\" epoch 2: 2 ranks"), "{t}");
 
     let hash = f.job.load_manifest(2).unwrap().ranks[0].regions[0].chunks[0].hash;
     let out = cryo(&["describe", s(&f.job.chunk_path(&hash))]);
     let t = text(&out);
-    assert!(t.contains("cryo chunk") && t.contains("content matches its name"), "{t}");
+    assert!(
+        t.contains("cryo chunk") && t.contains("content matches its name"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -192,11 +225,21 @@ fn describe_reads_future_versions_it_cannot_load() {
     let out = cryo(&["describe", s(&future)]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
-    assert!(t.contains("cryo epoch manifest") && t.contains("format version  7.3.0"), "{t}");
-    assert!(t.contains("loadable        no") && t.contains("major version 7"), "{t}");
+    assert!(
+        t.contains("cryo epoch manifest") && t.contains("format version  7.3.0"),
+        "{t}"
+    );
+    assert!(
+        t.contains("loadable        no") && t.contains("major version 7"),
+        "{t}"
+    );
 
     let junk = f.root.join("junk");
-    fs::write(&junk, b"#!/bin/sh\necho hello, this is not a manifest at all....................").unwrap();
+    fs::write(
+        &junk,
+        b"#!/bin/sh\necho hello, this is not a manifest at all....................",
+    )
+    .unwrap();
     let out = cryo(&["describe", s(&junk)]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains("not a cryo file"), "{}", text(&out));
@@ -214,7 +257,11 @@ fn crc32c(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82F6_3B78 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -274,9 +274,10 @@ impl ChunkCodec {
                     Some(zstd::bulk::Compressor::new(self.level).map_err(ChunkEncodeError::Zstd)?);
                 scratch.level = self.level;
             }
-            let compressor = scratch.compressor.as_mut().ok_or_else(|| {
-                ChunkEncodeError::Zstd(std::io::Error::other("no zstd context"))
-            })?;
+            let compressor = scratch
+                .compressor
+                .as_mut()
+                .ok_or_else(|| ChunkEncodeError::Zstd(std::io::Error::other("no zstd context")))?;
             let bound = zstd::zstd_safe::compress_bound(input.len());
             let mut file = vec![0u8; HEADER_LEN + bound];
             let written = compressor
@@ -361,9 +362,10 @@ pub fn decode_into(
                 scratch.decompressor =
                     Some(zstd::bulk::Decompressor::new().map_err(ChunkDecodeError::Zstd)?);
             }
-            let decompressor = scratch.decompressor.as_mut().ok_or_else(|| {
-                ChunkDecodeError::Zstd(std::io::Error::other("no zstd context"))
-            })?;
+            let decompressor = scratch
+                .decompressor
+                .as_mut()
+                .ok_or_else(|| ChunkDecodeError::Zstd(std::io::Error::other("no zstd context")))?;
             let shuffled = header.flags & FLAG_SHUFFLE8 != 0;
             let target: &mut [u8] = if shuffled {
                 if dest.len() % 8 != 0 {
@@ -456,7 +458,9 @@ mod tests {
         let mut data = vec![0u8; 65536];
         let mut state = 1u64;
         for byte in &mut data {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             *byte = (state >> 56) as u8;
         }
         let encoded = ChunkCodec::default().encode(&data).expect("encodes");
@@ -477,7 +481,11 @@ mod tests {
             Err(ChunkDecodeError::PayloadChecksum)
         ));
         assert!(matches!(
-            decode_into(&encoded.file[..encoded.file.len() - 3], &encoded.hash, &mut out),
+            decode_into(
+                &encoded.file[..encoded.file.len() - 3],
+                &encoded.hash,
+                &mut out
+            ),
             Err(ChunkDecodeError::LengthMismatch { .. })
         ));
         let other = ChunkHash::of(b"other");
@@ -502,7 +510,13 @@ mod tests {
         let mid = payload.len() / 2;
         payload[mid] ^= 0x55;
         let old = Header::decode(&encoded.file, FileKind::Chunk).expect("header");
-        let header = Header::new(FileKind::Chunk, CodecId::Raw, old.flags, &payload, old.raw_len);
+        let header = Header::new(
+            FileKind::Chunk,
+            CodecId::Raw,
+            old.flags,
+            &payload,
+            old.raw_len,
+        );
         let mut file = header.encode().to_vec();
         file.extend_from_slice(&payload);
         let mut out = vec![0; data.len()];

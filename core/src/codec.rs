@@ -6,7 +6,7 @@
 //! every file carries [`CodecId::Bincode2FixintLe`](crate::header::CodecId),
 //! so this codec can be replaced by adding a new id.
 
-use bincode::config::{Configuration, Fixint, LittleEndian, Limit};
+use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
@@ -76,7 +76,10 @@ mod tests {
     fn trailing_bytes_are_refused() {
         let mut bytes = encode(&7u32).expect("encodes");
         bytes.push(0);
-        assert!(matches!(decode::<u32>(&bytes), Err(CodecError::TrailingBytes(1))));
+        assert!(matches!(
+            decode::<u32>(&bytes),
+            Err(CodecError::TrailingBytes(1))
+        ));
     }
 
     #[test]

@@ -42,7 +42,10 @@ impl IoStepError {
 
     /// Whether the error is "no space left on device" or "quota exceeded".
     pub fn is_disk_full(&self) -> bool {
-        matches!(self.source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        matches!(
+            self.source.raw_os_error(),
+            Some(libc::ENOSPC) | Some(libc::EDQUOT)
+        )
     }
 }
 
@@ -115,9 +118,11 @@ fn write_temp(path: &Path, parts: &[&[u8]]) -> Result<PathBuf, IoStepError> {
 /// is not synced: call [`sync_dir`] once after a batch.
 pub fn write_replace(path: &Path, parts: &[&[u8]]) -> Result<(), IoStepError> {
     let temp = write_temp(path, parts)?;
-    fs::rename(&temp, path).step("rename", path).inspect_err(|_| {
-        let _ = fs::remove_file(&temp);
-    })
+    fs::rename(&temp, path)
+        .step("rename", path)
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&temp);
+        })
 }
 
 /// Outcome of [`write_new`].
@@ -218,7 +223,10 @@ mod tests {
     fn write_new_refuses_to_replace() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m");
-        assert_eq!(write_new(&path, &[b"one"]).expect("write"), Published::Created);
+        assert_eq!(
+            write_new(&path, &[b"one"]).expect("write"),
+            Published::Created
+        );
         assert_eq!(
             write_new(&path, &[b"two"]).expect("write"),
             Published::AlreadyExists

@@ -189,7 +189,9 @@ pub enum HeaderError {
         found: FormatVersion,
     },
     /// Written by a newer minor version that may hold fields we would drop.
-    #[error("{kind} format {found} is newer than this cryo ({FORMAT_VERSION}); upgrade cryo to read it")]
+    #[error(
+        "{kind} format {found} is newer than this cryo ({FORMAT_VERSION}); upgrade cryo to read it"
+    )]
     NewerMinor {
         /// The file kind.
         kind: FileKind,
@@ -376,7 +378,14 @@ mod tests {
     use super::*;
 
     fn sample() -> [u8; HEADER_LEN] {
-        Header::new(FileKind::Manifest, CodecId::Bincode2FixintLe, 0, b"hello", 5).encode()
+        Header::new(
+            FileKind::Manifest,
+            CodecId::Bincode2FixintLe,
+            0,
+            b"hello",
+            5,
+        )
+        .encode()
     }
 
     fn recrc(bytes: &mut [u8; HEADER_LEN]) {
@@ -470,14 +479,20 @@ mod tests {
         recrc(&mut bytes);
         assert!(matches!(
             Header::decode(&bytes, FileKind::Manifest),
-            Err(HeaderError::LengthTooLarge { field: "payload length", .. })
+            Err(HeaderError::LengthTooLarge {
+                field: "payload length",
+                ..
+            })
         ));
         let mut bytes = sample();
         bytes[32..40].copy_from_slice(&(1u64 << 60).to_le_bytes());
         recrc(&mut bytes);
         assert!(matches!(
             Header::decode(&bytes, FileKind::Manifest),
-            Err(HeaderError::LengthTooLarge { field: "decoded length", .. })
+            Err(HeaderError::LengthTooLarge {
+                field: "decoded length",
+                ..
+            })
         ));
     }
 

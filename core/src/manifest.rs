@@ -517,15 +517,27 @@ pub(crate) mod tests {
     fn rejections() {
         let mut m = sample(2);
         m.ranks[1].rank = 0;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::RankOrder { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::RankOrder { .. })
+        ));
 
         let m = sample(2);
-        assert!(matches!(m.validate("job2", 3), Err(ManifestError::WrongJob { .. })));
-        assert!(matches!(m.validate("job1", 4), Err(ManifestError::WrongEpoch { .. })));
+        assert!(matches!(
+            m.validate("job2", 3),
+            Err(ManifestError::WrongJob { .. })
+        ));
+        assert!(matches!(
+            m.validate("job1", 4),
+            Err(ManifestError::WrongEpoch { .. })
+        ));
 
         let mut m = sample(2);
         m.world_size = 3;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::RankCount { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::RankCount { .. })
+        ));
 
         let mut m = sample(1);
         m.world_size = 0;
@@ -535,15 +547,24 @@ pub(crate) mod tests {
         let mut m = sample(1);
         let dup = m.ranks[0].regions[0].clone();
         m.ranks[0].regions.push(dup);
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::DuplicateRegion { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::DuplicateRegion { .. })
+        ));
 
         let mut m = sample(1);
         m.ranks[0].regions[0].len = 11;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::ChunkLayout { .. })
+        ));
 
         let mut m = sample(1);
         m.ranks[0].regions[0].chunks[0].offset = 1;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::ChunkLayout { .. })
+        ));
 
         let mut m = sample(1);
         m.ranks[0].regions[0].name = "../x".into();
@@ -551,21 +572,33 @@ pub(crate) mod tests {
 
         let mut m = sample(1);
         m.ranks[0].fds[0].path = "/tmp/../etc/passwd".into();
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::BadPath { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::BadPath { .. })
+        ));
 
         let mut m = sample(1);
         let dup = m.ranks[0].fds[0].clone();
         m.ranks[0].fds.push(dup);
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::DuplicateFd { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::DuplicateFd { .. })
+        ));
 
         let mut m = sample(1);
         m.chunk_size = 1;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkSize(1))));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::ChunkSize(1))
+        ));
 
         let mut m = sample(1);
         m.ranks[0].regions[0].chunks[0].len = u32::MAX;
         m.chunk_size = MAX_CHUNK_SIZE as u32;
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::ChunkLayout { .. })));
+        assert!(matches!(
+            m.validate("job1", 3),
+            Err(ManifestError::ChunkLayout { .. })
+        ));
     }
 
     #[test]

@@ -65,7 +65,11 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// The oldest protocol version this build accepts (current and previous).
-pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 { PROTOCOL_VERSION - 1 } else { 1 };
+pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
+    PROTOCOL_VERSION - 1
+} else {
+    1
+};
 /// Length of the fixed frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest accepted payload (16 MiB). Checked before allocating.
@@ -189,7 +193,9 @@ impl FrameError {
             FrameError::Closed | FrameError::Truncated { .. } => true,
             FrameError::Io { source, .. } => matches!(
                 source.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
             ),
             _ => false,
         }
@@ -244,7 +250,9 @@ impl FrameHeader {
         }
         let len = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
         if len > MAX_PAYLOAD {
-            return Err(FrameError::Oversized { len: u64::from(len) });
+            return Err(FrameError::Oversized {
+                len: u64::from(len),
+            });
         }
         Ok(FrameHeader {
             version,
@@ -315,7 +323,8 @@ pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
 /// Writes `msg` as one frame.
 pub fn write_message<M: Message>(w: &mut impl Write, msg: &M) -> Result<(), FrameError> {
     let frame = encode_frame(msg)?;
-    w.write_all(&frame).map_err(|e| FrameError::io("send frame", e))?;
+    w.write_all(&frame)
+        .map_err(|e| FrameError::io("send frame", e))?;
     w.flush().map_err(|e| FrameError::io("flush frame", e))
 }
 
@@ -375,7 +384,13 @@ pub fn send_message_with_fd<M: Message>(
     let fds = [fd.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let mut sent = loop {
-        match sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&frame)], &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&frame)],
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
             Ok(n) => break n,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(errno) => return Err(FrameError::io("sendmsg frame with fd", errno.into())),
@@ -852,7 +867,10 @@ mod tests {
         for command in [0u16, 6, u16::MAX] {
             let bytes = header_bytes(PROTOCOL_VERSION, command, 0, 0);
             let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
-            assert!(matches!(err, FrameError::InvalidCommand(c) if c == command), "{err}");
+            assert!(
+                matches!(err, FrameError::InvalidCommand(c) if c == command),
+                "{err}"
+            );
         }
     }
 
@@ -861,7 +879,10 @@ mod tests {
         for version in [0u16, PROTOCOL_VERSION + 1] {
             let bytes = header_bytes(version, 1, 0, 0);
             let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
-            assert!(matches!(err, FrameError::UnsupportedVersion { .. }), "{err}");
+            assert!(
+                matches!(err, FrameError::UnsupportedVersion { .. }),
+                "{err}"
+            );
         }
         let mut old = hello();
         old.version = PROTOCOL_VERSION + 1;
@@ -882,7 +903,10 @@ mod tests {
         // truncation instead.
         let bytes = header_bytes(PROTOCOL_VERSION, 1, 0, u32::MAX);
         let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
-        assert!(matches!(err, FrameError::Oversized { len } if len == u64::from(u32::MAX)), "{err}");
+        assert!(
+            matches!(err, FrameError::Oversized { len } if len == u64::from(u32::MAX)),
+            "{err}"
+        );
         let bytes = header_bytes(PROTOCOL_VERSION, 1, 0, MAX_PAYLOAD + 1);
         assert!(matches!(
             read_frame(&mut Cursor::new(bytes)),
@@ -895,10 +919,16 @@ mod tests {
         let bytes = encode_frame(&hello()).unwrap();
         for cut in [1, FRAME_HEADER_LEN - 1, FRAME_HEADER_LEN, bytes.len() - 1] {
             let err = read_frame(&mut Cursor::new(bytes[..cut].to_vec())).unwrap_err();
-            assert!(matches!(err, FrameError::Truncated { .. }), "cut {cut}: {err}");
+            assert!(
+                matches!(err, FrameError::Truncated { .. }),
+                "cut {cut}: {err}"
+            );
             assert!(err.is_disconnect());
         }
-        assert!(matches!(read_frame(&mut Cursor::new(Vec::new())), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame(&mut Cursor::new(Vec::new())),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
@@ -906,7 +936,13 @@ mod tests {
         let bytes = encode_frame(&hello()).unwrap();
         let err = read_message::<ControlRequest>(&mut Cursor::new(bytes)).unwrap_err();
         assert!(
-            matches!(err, FrameError::UnexpectedCommand { expected: Command::ControlRequest, found: Command::Hello }),
+            matches!(
+                err,
+                FrameError::UnexpectedCommand {
+                    expected: Command::ControlRequest,
+                    found: Command::Hello
+                }
+            ),
             "{err}"
         );
     }
@@ -946,12 +982,18 @@ mod tests {
         let (msg, fd) = recv_message_with_fd::<Hello>(&b).unwrap();
         assert_eq!(msg, hello());
         assert!(fd.is_some());
-        assert_eq!(read_message::<RankToAgent>(&mut &b).unwrap(), RankToAgent::Goodbye);
+        assert_eq!(
+            read_message::<RankToAgent>(&mut &b).unwrap(),
+            RankToAgent::Goodbye
+        );
         // no fd on a plain frame
         write_message(&mut &a, &hello()).unwrap();
         let (_, fd) = recv_message_with_fd::<Hello>(&b).unwrap();
         assert!(fd.is_none());
         drop(a);
-        assert!(matches!(recv_message_with_fd::<Hello>(&b), Err(FrameError::Closed)));
+        assert!(matches!(
+            recv_message_with_fd::<Hello>(&b),
+            Err(FrameError::Closed)
+        ));
     }
 }

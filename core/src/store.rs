@@ -121,7 +121,13 @@ pub enum LoadProblem {
 /// Encodes a metadata value into a complete file image.
 pub fn encode_meta_file<T: Serialize>(kind: FileKind, value: &T) -> Result<Vec<u8>, CodecError> {
     let payload = codec::encode(value)?;
-    let header = Header::new(kind, CodecId::Bincode2FixintLe, 0, &payload, payload.len() as u64);
+    let header = Header::new(
+        kind,
+        CodecId::Bincode2FixintLe,
+        0,
+        &payload,
+        payload.len() as u64,
+    );
     let mut file = Vec::with_capacity(HEADER_LEN + payload.len());
     file.extend_from_slice(&header.encode());
     file.extend_from_slice(&payload);
@@ -351,7 +357,8 @@ impl JobStore {
 
     /// Path of a rank's part of a pending epoch.
     pub fn part_path(&self, epoch: u64, rank: u32) -> PathBuf {
-        self.pending_epoch_dir(epoch).join(format!("rank-{rank:06}.part"))
+        self.pending_epoch_dir(epoch)
+            .join(format!("rank-{rank:06}.part"))
     }
 
     /// Path of a chunk.
@@ -408,12 +415,9 @@ impl JobStore {
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Busy {
                 job: self.name.clone(),
             }),
-            Err((_, errno)) => Err(IoStepError::new(
-                "flock exclusive",
-                self.dir.join("lock"),
-                errno.into(),
-            )
-            .into()),
+            Err((_, errno)) => {
+                Err(IoStepError::new("flock exclusive", self.dir.join("lock"), errno.into()).into())
+            }
         }
     }
 
@@ -426,7 +430,10 @@ impl JobStore {
         };
         for entry in entries {
             let entry = entry.step("list", dir)?;
-            if let Some(epoch) = entry.file_name().to_str().and_then(|n| parse_epoch_name(n, suffix))
+            if let Some(epoch) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| parse_epoch_name(n, suffix))
             {
                 epochs.push(epoch);
             }

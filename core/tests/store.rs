@@ -65,14 +65,17 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: &[Vec<(&str, Vec<u8>)>]) -> Ma
         let mut record = empty_record();
         for (index, (name, data)) in regions.iter().enumerate() {
             let addr = 0x7f00_0000_0000 + (index as u64) * (1 << 32);
-            record
-                .regions
-                .push(rank_writer.store_region(name, addr, RegionKind::Anonymous, data).unwrap());
+            record.regions.push(
+                rank_writer
+                    .store_region(name, addr, RegionKind::Anonymous, data)
+                    .unwrap(),
+            );
         }
         rank_writer.finish(record).unwrap();
     }
     drop(writer);
-    job.commit_epoch(epoch, ranks.len() as u32, CHUNK as u32).unwrap()
+    job.commit_epoch(epoch, ranks.len() as u32, CHUNK as u32)
+        .unwrap()
 }
 
 fn restore(job: &JobStore, manifest: &Manifest, rank: usize, region: usize) -> Vec<u8> {
@@ -105,7 +108,14 @@ fn round_trip_two_ranks() {
     let a = state(1_000_000, 1);
     let b = state(333_333, 2);
     let c = state(CHUNK * 3, 3);
-    let manifest = write_epoch(&job, 1, &[vec![("grid", a.clone()), ("aux", b.clone())], vec![("grid", c.clone())]]);
+    let manifest = write_epoch(
+        &job,
+        1,
+        &[
+            vec![("grid", a.clone()), ("aux", b.clone())],
+            vec![("grid", c.clone())],
+        ],
+    );
     assert_eq!(store.jobs().unwrap(), vec!["heat".to_string()]);
     let loaded = job.load_manifest(1).unwrap();
     assert_eq!(loaded, manifest);
@@ -116,7 +126,11 @@ fn round_trip_two_ranks() {
     assert!(job.verify_manifest(&loaded).is_ok());
     // smooth doubles compress well with the shuffle filter
     let summary = EpochSummary::of(&loaded);
-    assert!(summary.compression_ratio() > 1.2, "{}", summary.compression_ratio());
+    assert!(
+        summary.compression_ratio() > 1.2,
+        "{}",
+        summary.compression_ratio()
+    );
 }
 
 #[test]
@@ -140,7 +154,11 @@ fn identical_data_is_stored_once_and_second_epoch_is_incremental() {
     let (_dir, _store, job) = setup();
     let data = state(CHUNK * 40, 5);
     // two ranks with the same data: stored once
-    let first = write_epoch(&job, 1, &[vec![("grid", data.clone())], vec![("grid", data.clone())]]);
+    let first = write_epoch(
+        &job,
+        1,
+        &[vec![("grid", data.clone())], vec![("grid", data.clone())]],
+    );
     let stats = first.stats();
     assert_eq!(stats.chunks, 80);
     assert_eq!(stats.new_chunks, 40);
@@ -151,7 +169,14 @@ fn identical_data_is_stored_once_and_second_epoch_is_incremental() {
     for chunk in [3usize, 17] {
         changed[chunk * CHUNK + 100] ^= 0xff;
     }
-    let second = write_epoch(&job, 2, &[vec![("grid", changed.clone())], vec![("grid", data.clone())]]);
+    let second = write_epoch(
+        &job,
+        2,
+        &[
+            vec![("grid", changed.clone())],
+            vec![("grid", data.clone())],
+        ],
+    );
     let stats2 = second.stats();
     assert_eq!(stats2.new_chunks, 2);
     assert!(stats2.new_stored_bytes * 10 <= stats.new_stored_bytes);
@@ -163,22 +188,41 @@ fn identical_data_is_stored_once_and_second_epoch_is_incremental() {
 fn crash_before_commit_leaves_previous_epoch_intact() {
     let (_dir, _store, job) = setup();
     let data = state(CHUNK * 4, 7);
-    write_epoch(&job, 1, &[vec![("grid", data.clone())], vec![("grid", data.clone())]]);
+    write_epoch(
+        &job,
+        1,
+        &[vec![("grid", data.clone())], vec![("grid", data.clone())]],
+    );
 
     // Epoch 2: only rank 0 reaches durability, then the writer "dies".
     {
         let writer = job.begin_epoch(2, config()).unwrap();
         let rank0 = writer.rank(0);
         let mut record = empty_record();
-        record
-            .regions
-            .push(rank0.store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 4, 8)).unwrap());
+        record.regions.push(
+            rank0
+                .store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 4, 8))
+                .unwrap(),
+        );
         rank0.finish(record).unwrap();
     }
     let err = job.commit_epoch(2, 2, CHUNK as u32).unwrap_err();
-    assert!(matches!(err, CommitError::MissingRank { rank: 1, epoch: 2, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            CommitError::MissingRank {
+                rank: 1,
+                epoch: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(job.latest_committed().unwrap(), Some(1));
-    assert_eq!(job.epochs().unwrap().get(&2), Some(&EpochState::Partial { parts: 1 }));
+    assert_eq!(
+        job.epochs().unwrap().get(&2),
+        Some(&EpochState::Partial { parts: 1 })
+    );
     let manifest = job.load_manifest(1).unwrap();
     assert_eq!(restore(&job, &manifest, 1, 0), data);
 
@@ -196,7 +240,11 @@ fn epochs_must_increase_and_commit_once() {
     write_epoch(&job, 5, &[vec![("grid", state(100, 1))]]);
     assert!(matches!(
         job.begin_epoch(5, config()),
-        Err(BeginError::NotNewer { epoch: 5, latest: 5, .. })
+        Err(BeginError::NotNewer {
+            epoch: 5,
+            latest: 5,
+            ..
+        })
     ));
     assert!(matches!(
         job.begin_epoch(3, config()),
@@ -221,7 +269,14 @@ fn corrupt_one_chunk(job: &JobStore, manifest: &Manifest) -> cryo_core::ChunkHas
 #[test]
 fn corrupt_chunk_is_detected_by_verify_and_restore() {
     let (_dir, _store, job) = setup();
-    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 4, 1))], vec![("other", state(CHUNK * 2, 2))]]);
+    let manifest = write_epoch(
+        &job,
+        1,
+        &[
+            vec![("grid", state(CHUNK * 4, 1))],
+            vec![("other", state(CHUNK * 2, 2))],
+        ],
+    );
     let hash = corrupt_one_chunk(&job, &manifest);
     let report = job.verify_manifest(&manifest);
     assert_eq!(report.bad.len(), 1);
@@ -229,7 +284,11 @@ fn corrupt_chunk_is_detected_by_verify_and_restore() {
     assert_eq!(report.bad[0].region, "grid");
     assert_eq!(report.bad[0].offset, CHUNK as u64);
     assert_eq!(report.bad[0].hash, hash);
-    assert!(report.bad[0].problem.contains("corrupt"), "{}", report.bad[0].problem);
+    assert!(
+        report.bad[0].problem.contains("corrupt"),
+        "{}",
+        report.bad[0].problem
+    );
 
     let record = &manifest.ranks[0].regions[0];
     let mut out = vec![0u8; record.len as usize];
@@ -245,7 +304,11 @@ fn missing_chunk_is_reported() {
     fs::remove_file(job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)).unwrap();
     let report = job.verify_manifest(&manifest);
     assert_eq!(report.bad.len(), 1);
-    assert!(report.bad[0].problem.contains("missing"), "{}", report.bad[0].problem);
+    assert!(
+        report.bad[0].problem.contains("missing"),
+        "{}",
+        report.bad[0].problem
+    );
 }
 
 fn load_problem(job: &JobStore, epoch: u64) -> (String, LoadProblem) {
@@ -332,7 +395,9 @@ fn gc_never_sweeps_while_an_epoch_is_being_written() {
     write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 1))]]);
     let writer = job.begin_epoch(2, config()).unwrap();
     let rank = writer.rank(0);
-    let region = rank.store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 2, 99)).unwrap();
+    let region = rank
+        .store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 2, 99))
+        .unwrap();
     let before = chunk_files(&job).len();
     let report = job.gc(None).unwrap();
     assert!(report.skipped.is_some());
@@ -371,7 +436,10 @@ fn store_files_are_private() {
     assert_eq!(mode(store.root()), 0o700);
     assert_eq!(mode(job.dir()), 0o700);
     assert_eq!(mode(&job.manifest_path(1)), 0o600);
-    assert_eq!(mode(&job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)), 0o600);
+    assert_eq!(
+        mode(&job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)),
+        0o600
+    );
 }
 
 #[test]
