@@ -450,3 +450,110 @@ fn hostile_job_names_are_refused() {
     }
     assert!(store.existing_job("nosuchjob").is_err());
 }
+
+/// A tmpfs of `bytes`, unmounted on drop; `None` (with a loud message) where
+/// mounting is not permitted.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(bytes: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status();
+        match status {
+            Ok(status) if status.success() => Some(SmallFs { dir }),
+            _ => {
+                eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root); full-disk behaviour untested");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn full_disk_aborts_the_epoch_and_keeps_the_previous_one() {
+    let Some(small) = SmallFs::mount(3 << 20) else {
+        return;
+    };
+    let store = Store::create(small.dir.path().join("store")).unwrap();
+    let job = store.job("heat").unwrap();
+    let first = state(CHUNK * 8, 1);
+    write_epoch(&job, 1, &[vec![("grid", first.clone())]]);
+
+    // Incompressible data larger than the free space.
+    let mut noise = vec![0u8; 4 << 20];
+    let mut rng = 0x1234_5678_9abc_def1u64;
+    for byte in &mut noise {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        *byte = (rng >> 24) as u8;
+    }
+    let writer = job.begin_epoch(2, config()).unwrap();
+    let rank = writer.rank(0);
+    let err = rank
+        .store_region("grid", 1, RegionKind::Anonymous, &noise)
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("the store is full"), "{text}");
+    drop(writer);
+    job.discard_pending(2).unwrap();
+
+    assert_eq!(job.committed_epochs().unwrap(), vec![1]);
+    let manifest = job.load_manifest(1).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+    assert_eq!(restore(&job, &manifest, 0, 0), first);
+    // GC clears what the failed epoch left, and nothing of epoch 1.
+    job.gc(None).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+    drop(job);
+    drop(store);
+}
+
+/// Deterministic content of the golden store's single region. Never change
+/// it: the committed golden images hold exactly these bytes.
+fn golden_region() -> Vec<u8> {
+    (0..CHUNK * 2 + 1000)
+        .map(|i| ((i as f64 * 0.01).sin() * 100.0) as i8 as u8)
+        .collect()
+}
+
+fn golden_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.0.0")
+}
+
+/// Images written by format 1.0.0 must stay readable by every later build.
+#[test]
+fn golden_v1_0_0_store_still_loads() {
+    let store = Store::open(golden_dir()).unwrap();
+    let job = store.existing_job("golden").unwrap();
+    let manifest = job.load_manifest(1).unwrap();
+    assert_eq!(manifest.world_size, 1);
+    assert_eq!(manifest.ranks[0].fds[0].path, "/tmp/out.log");
+    assert_eq!(restore(&job, &manifest, 0, 0), golden_region());
+    assert!(job.verify_manifest(&manifest).is_ok());
+}
+
+/// Regenerates the golden store; run by hand only when adding a new
+/// format version's golden images (never overwrite an old one).
+#[test]
+#[ignore = "writes the golden images"]
+fn write_golden_store() {
+    let dir = golden_dir();
+    assert!(!dir.exists(), "golden images for this version already exist");
+    let store = Store::create(&dir).unwrap();
+    let job = store.job("golden").unwrap();
+    write_epoch(&job, 1, &[vec![("grid", golden_region())]]);
+    let _ = fs::remove_file(job.dir().join("lock"));
+}
