@@ -12,5 +12,10 @@ cargo fmt --all -- --check 2>/dev/null
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test"
-cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/cryo-test.log
+log="$(mktemp /tmp/cryo-test.XXXXXX)"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 bash "$ROOT/scripts/fuzz-smoke.sh"
+
+# One closing line over every cargo test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;/) p += $(i-1); if ($i ~ /^failed;/) f += $(i-1) } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
