@@ -7,4 +7,5 @@ pub mod bench;
 pub mod cli;
 pub mod human;
 pub mod inspect;
+pub mod launch;
 pub mod logging;

@@ -1,0 +1,357 @@
+//! Placing ranks on nodes and building the MPI launcher's command line.
+//!
+//! `--nodes a:2,b:2` names the nodes and their slots. On one machine the
+//! nodes are emulated: every node gets its own agent, socket and scratch
+//! directory, and the launcher is given one MPMD block per node, so ranks
+//! `0..2` talk to agent `a` and ranks `2..4` to agent `b`. On a cluster every
+//! node has its own agent at the same node-local socket path, so one block
+//! with one environment serves every rank.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+/// One node and how many ranks it takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Node name (also the agent's name).
+    pub name: String,
+    /// Ranks it takes; `None` means "share the rest evenly".
+    pub slots: Option<u32>,
+}
+
+/// A bad `--nodes` value or placement.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PlacementError {
+    /// Empty spec.
+    #[error("--nodes is empty")]
+    Empty,
+    /// A node name that is not a plain word.
+    #[error("node name {0:?} must be 1-64 characters of letters, digits, '.', '_' or '-'")]
+    BadName(String),
+    /// A slot count that is not a positive number.
+    #[error("node {node:?}: slot count {text:?} is not a positive number")]
+    BadSlots {
+        /// The node.
+        node: String,
+        /// The text.
+        text: String,
+    },
+    /// A node named twice.
+    #[error("node {0:?} is named twice")]
+    Duplicate(String),
+    /// More ranks than slots.
+    #[error("{ranks} ranks do not fit on {slots} slots ({spec})")]
+    TooFewSlots {
+        /// Ranks asked for.
+        ranks: u32,
+        /// Slots available.
+        slots: u32,
+        /// The nodes.
+        spec: String,
+    },
+    /// Zero ranks.
+    #[error("the job needs at least one rank")]
+    NoRanks,
+}
+
+/// Parses `a:2,b:2` (or `a,b` for an even split).
+pub fn parse_nodes(spec: &str) -> Result<Vec<NodeSpec>, PlacementError> {
+    let mut nodes: Vec<NodeSpec> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, slots) = match part.split_once(':') {
+            Some((name, slots)) => {
+                let count = slots.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    PlacementError::BadSlots {
+                        node: name.to_owned(),
+                        text: slots.to_owned(),
+                    }
+                })?;
+                (name, Some(count))
+            }
+            None => (part, None),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            && !name.starts_with('.');
+        if !valid {
+            return Err(PlacementError::BadName(name.to_owned()));
+        }
+        if nodes.iter().any(|n| n.name == name) {
+            return Err(PlacementError::Duplicate(name.to_owned()));
+        }
+        nodes.push(NodeSpec {
+            name: name.to_owned(),
+            slots,
+        });
+    }
+    if nodes.is_empty() {
+        return Err(PlacementError::Empty);
+    }
+    Ok(nodes)
+}
+
+/// The ranks one node runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePlacement {
+    /// Node name.
+    pub node: String,
+    /// Consecutive ranks on it.
+    pub ranks: Range<u32>,
+}
+
+/// Places `ranks` ranks in blocks: nodes with a slot count take up to that
+/// many in order; nodes without one share what is left evenly. Nodes left
+/// with no rank are dropped.
+pub fn place(nodes: &[NodeSpec], ranks: u32) -> Result<Vec<NodePlacement>, PlacementError> {
+    if ranks == 0 {
+        return Err(PlacementError::NoRanks);
+    }
+    let fixed: u32 = nodes.iter().filter_map(|n| n.slots).sum();
+    let flexible = u32::try_from(nodes.iter().filter(|n| n.slots.is_none()).count()).unwrap_or(u32::MAX);
+    if flexible == 0 && fixed < ranks {
+        return Err(PlacementError::TooFewSlots {
+            ranks,
+            slots: fixed,
+            spec: render_nodes(nodes),
+        });
+    }
+    let rest = ranks.saturating_sub(fixed);
+    let mut flexible_seen = 0;
+    let mut next = 0u32;
+    let mut out = Vec::new();
+    for node in nodes {
+        let want = match node.slots {
+            Some(slots) => slots,
+            None => {
+                // Even split of the remainder, earlier nodes taking the extra.
+                let share = rest / flexible + u32::from(flexible_seen < rest % flexible);
+                flexible_seen += 1;
+                share
+            }
+        };
+        let take = want.min(ranks - next);
+        if take > 0 {
+            out.push(NodePlacement {
+                node: node.name.clone(),
+                ranks: next..next + take,
+            });
+            next += take;
+        }
+    }
+    Ok(out)
+}
+
+/// Renders a node list back to `a:2,b:2` form.
+pub fn render_nodes(nodes: &[NodeSpec]) -> String {
+    nodes
+        .iter()
+        .map(|n| match n.slots {
+            Some(slots) => format!("{}:{slots}", n.name),
+            None => n.name.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The MPI launcher family, which decides the MPMD syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launcher {
+    /// MPICH's Hydra `mpiexec`.
+    Hydra(PathBuf),
+    /// Open MPI's `mpirun`.
+    OpenMpi(PathBuf),
+}
+
+impl fmt::Display for Launcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Launcher::Hydra(path) => write!(f, "MPICH Hydra ({})", path.display()),
+            Launcher::OpenMpi(path) => write!(f, "Open MPI ({})", path.display()),
+        }
+    }
+}
+
+/// No usable launcher.
+#[derive(Debug, Error)]
+pub enum LauncherError {
+    /// Nothing found.
+    #[error("no MPI launcher found: install MPICH (mpiexec) or Open MPI (mpirun), or pass --launcher PATH")]
+    NotFound,
+    /// A launcher of an unknown family.
+    #[error("{} is neither MPICH Hydra nor Open MPI (its --version says: {first_line})", path.display())]
+    Unknown {
+        /// The program.
+        path: PathBuf,
+        /// What it said.
+        first_line: String,
+    },
+}
+
+/// Tells the family of a launcher from its `--version` text.
+pub fn classify(path: &Path, version_text: &str) -> Result<Launcher, LauncherError> {
+    if version_text.contains("HYDRA") || version_text.contains("Hydra") {
+        Ok(Launcher::Hydra(path.to_owned()))
+    } else if version_text.contains("Open MPI") || version_text.contains("OpenRTE") || version_text.contains("open-mpi") {
+        Ok(Launcher::OpenMpi(path.to_owned()))
+    } else {
+        Err(LauncherError::Unknown {
+            path: path.to_owned(),
+            first_line: version_text.lines().next().unwrap_or("").to_owned(),
+        })
+    }
+}
+
+/// Finds the installed launcher: `preferred` if given, else MPICH's
+/// `mpiexec.hydra`/`mpiexec.mpich`/`mpiexec`, then Open MPI's `mpirun`.
+pub fn detect(preferred: Option<&Path>) -> Result<Launcher, LauncherError> {
+    let candidates: Vec<PathBuf> = match preferred {
+        Some(path) => vec![path.to_owned()],
+        None => ["mpiexec.hydra", "mpiexec.mpich", "mpiexec", "mpirun.openmpi", "mpirun"]
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
+    };
+    let mut unknown = None;
+    for candidate in candidates {
+        let Ok(output) = Command::new(&candidate).arg("--version").output() else {
+            continue;
+        };
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        match classify(&candidate, &text) {
+            Ok(launcher) => return Ok(launcher),
+            Err(err) => unknown = Some(err),
+        }
+    }
+    Err(unknown.unwrap_or(LauncherError::NotFound))
+}
+
+/// One MPMD block: consecutive ranks sharing an environment.
+#[derive(Debug, Clone)]
+pub struct LaunchBlock {
+    /// How many ranks.
+    pub ranks: u32,
+    /// Extra environment for them.
+    pub env: Vec<(String, String)>,
+}
+
+/// Builds the launcher's command line for `blocks` of `program args`.
+pub fn build_command(
+    launcher: &Launcher,
+    blocks: &[LaunchBlock],
+    program: &OsString,
+    args: &[OsString],
+) -> Command {
+    match launcher {
+        Launcher::Hydra(path) => {
+            let mut command = Command::new(path);
+            for (index, block) in blocks.iter().enumerate() {
+                if index > 0 {
+                    command.arg(":");
+                }
+                command.arg("-n").arg(block.ranks.to_string());
+                for (key, value) in &block.env {
+                    command.arg("-env").arg(key).arg(value);
+                }
+                command.arg(program).args(args);
+            }
+            command
+        }
+        Launcher::OpenMpi(path) => {
+            let mut command = Command::new(path);
+            command.arg("--oversubscribe");
+            if nix::unistd::geteuid().is_root() {
+                command.arg("--allow-run-as-root");
+            }
+            for (index, block) in blocks.iter().enumerate() {
+                if index > 0 {
+                    command.arg(":");
+                }
+                command.arg("-np").arg(block.ranks.to_string());
+                for (key, value) in &block.env {
+                    command.arg("-x").arg(format!("{key}={value}"));
+                }
+                command.arg(program).args(args);
+            }
+            command
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(spec: &str) -> Vec<NodeSpec> {
+        parse_nodes(spec).expect("parses")
+    }
+
+    #[test]
+    fn parses_and_refuses() {
+        assert_eq!(
+            nodes("a:2, b:2"),
+            vec![
+                NodeSpec { name: "a".into(), slots: Some(2) },
+                NodeSpec { name: "b".into(), slots: Some(2) }
+            ]
+        );
+        assert_eq!(parse_nodes(""), Err(PlacementError::Empty));
+        assert!(matches!(parse_nodes("a:0"), Err(PlacementError::BadSlots { .. })));
+        assert!(matches!(parse_nodes("a:x"), Err(PlacementError::BadSlots { .. })));
+        assert!(matches!(parse_nodes("../a:1"), Err(PlacementError::BadName(_))));
+        assert!(matches!(parse_nodes("a,a"), Err(PlacementError::Duplicate(_))));
+    }
+
+    #[test]
+    fn places_blocks() {
+        let placed = place(&nodes("a:2,b:2"), 4).expect("fits");
+        assert_eq!(placed[0], NodePlacement { node: "a".into(), ranks: 0..2 });
+        assert_eq!(placed[1], NodePlacement { node: "b".into(), ranks: 2..4 });
+        let placed = place(&nodes("a,b,c"), 4).expect("fits");
+        let sizes: Vec<u32> = placed.iter().map(|p| p.ranks.len() as u32).collect();
+        assert_eq!(sizes, vec![2, 1, 1]);
+        let placed = place(&nodes("a:4,b:4"), 4).expect("fits");
+        assert_eq!(placed.len(), 1);
+        assert!(matches!(place(&nodes("a:1,b:1"), 4), Err(PlacementError::TooFewSlots { ranks: 4, slots: 2, .. })));
+        assert_eq!(place(&nodes("a"), 0), Err(PlacementError::NoRanks));
+    }
+
+    #[test]
+    fn classifies_launchers() {
+        let hydra = "HYDRA build details:\n    Version: 4.0.2";
+        assert!(matches!(classify(Path::new("mpiexec"), hydra), Ok(Launcher::Hydra(_))));
+        let ompi = "mpirun (Open MPI) 4.1.4";
+        assert!(matches!(classify(Path::new("mpirun"), ompi), Ok(Launcher::OpenMpi(_))));
+        assert!(classify(Path::new("srun"), "slurm 22.05.8").is_err());
+    }
+
+    #[test]
+    fn hydra_mpmd_blocks() {
+        let blocks = [
+            LaunchBlock { ranks: 2, env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())] },
+            LaunchBlock { ranks: 2, env: vec![("CRYO_AGENT_SOCKET".into(), "/s/b".into())] },
+        ];
+        let command = build_command(
+            &Launcher::Hydra("mpiexec".into()),
+            &blocks,
+            &OsString::from("heat2d"),
+            &[OsString::from("--iters"), OsString::from("100")],
+        );
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args.join(" "),
+            "-n 2 -env CRYO_AGENT_SOCKET /s/a heat2d --iters 100 : -n 2 -env CRYO_AGENT_SOCKET /s/b heat2d --iters 100"
+        );
+    }
+}
