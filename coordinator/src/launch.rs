@@ -65,12 +65,14 @@ pub fn parse_nodes(spec: &str) -> Result<Vec<NodeSpec>, PlacementError> {
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (name, slots) = match part.split_once(':') {
             Some((name, slots)) => {
-                let count = slots.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    PlacementError::BadSlots {
+                let count = slots
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| PlacementError::BadSlots {
                         node: name.to_owned(),
                         text: slots.to_owned(),
-                    }
-                })?;
+                    })?;
                 (name, Some(count))
             }
             None => (part, None),
@@ -115,7 +117,8 @@ pub fn place(nodes: &[NodeSpec], ranks: u32) -> Result<Vec<NodePlacement>, Place
         return Err(PlacementError::NoRanks);
     }
     let fixed: u32 = nodes.iter().filter_map(|n| n.slots).sum();
-    let flexible = u32::try_from(nodes.iter().filter(|n| n.slots.is_none()).count()).unwrap_or(u32::MAX);
+    let flexible =
+        u32::try_from(nodes.iter().filter(|n| n.slots.is_none()).count()).unwrap_or(u32::MAX);
     if flexible == 0 && fixed < ranks {
         return Err(PlacementError::TooFewSlots {
             ranks,
@@ -199,7 +202,10 @@ pub enum LauncherError {
 pub fn classify(path: &Path, version_text: &str) -> Result<Launcher, LauncherError> {
     if version_text.contains("HYDRA") || version_text.contains("Hydra") {
         Ok(Launcher::Hydra(path.to_owned()))
-    } else if version_text.contains("Open MPI") || version_text.contains("OpenRTE") || version_text.contains("open-mpi") {
+    } else if version_text.contains("Open MPI")
+        || version_text.contains("OpenRTE")
+        || version_text.contains("open-mpi")
+    {
         Ok(Launcher::OpenMpi(path.to_owned()))
     } else {
         Err(LauncherError::Unknown {
@@ -214,10 +220,16 @@ pub fn classify(path: &Path, version_text: &str) -> Result<Launcher, LauncherErr
 pub fn detect(preferred: Option<&Path>) -> Result<Launcher, LauncherError> {
     let candidates: Vec<PathBuf> = match preferred {
         Some(path) => vec![path.to_owned()],
-        None => ["mpiexec.hydra", "mpiexec.mpich", "mpiexec", "mpirun.openmpi", "mpirun"]
-            .iter()
-            .map(PathBuf::from)
-            .collect(),
+        None => [
+            "mpiexec.hydra",
+            "mpiexec.mpich",
+            "mpiexec",
+            "mpirun.openmpi",
+            "mpirun",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect(),
     };
     let mut unknown = None;
     for candidate in candidates {
@@ -302,45 +314,94 @@ mod tests {
         assert_eq!(
             nodes("a:2, b:2"),
             vec![
-                NodeSpec { name: "a".into(), slots: Some(2) },
-                NodeSpec { name: "b".into(), slots: Some(2) }
+                NodeSpec {
+                    name: "a".into(),
+                    slots: Some(2)
+                },
+                NodeSpec {
+                    name: "b".into(),
+                    slots: Some(2)
+                }
             ]
         );
         assert_eq!(parse_nodes(""), Err(PlacementError::Empty));
-        assert!(matches!(parse_nodes("a:0"), Err(PlacementError::BadSlots { .. })));
-        assert!(matches!(parse_nodes("a:x"), Err(PlacementError::BadSlots { .. })));
-        assert!(matches!(parse_nodes("../a:1"), Err(PlacementError::BadName(_))));
-        assert!(matches!(parse_nodes("a,a"), Err(PlacementError::Duplicate(_))));
+        assert!(matches!(
+            parse_nodes("a:0"),
+            Err(PlacementError::BadSlots { .. })
+        ));
+        assert!(matches!(
+            parse_nodes("a:x"),
+            Err(PlacementError::BadSlots { .. })
+        ));
+        assert!(matches!(
+            parse_nodes("../a:1"),
+            Err(PlacementError::BadName(_))
+        ));
+        assert!(matches!(
+            parse_nodes("a,a"),
+            Err(PlacementError::Duplicate(_))
+        ));
     }
 
     #[test]
     fn places_blocks() {
         let placed = place(&nodes("a:2,b:2"), 4).expect("fits");
-        assert_eq!(placed[0], NodePlacement { node: "a".into(), ranks: 0..2 });
-        assert_eq!(placed[1], NodePlacement { node: "b".into(), ranks: 2..4 });
+        assert_eq!(
+            placed[0],
+            NodePlacement {
+                node: "a".into(),
+                ranks: 0..2
+            }
+        );
+        assert_eq!(
+            placed[1],
+            NodePlacement {
+                node: "b".into(),
+                ranks: 2..4
+            }
+        );
         let placed = place(&nodes("a,b,c"), 4).expect("fits");
         let sizes: Vec<u32> = placed.iter().map(|p| p.ranks.len() as u32).collect();
         assert_eq!(sizes, vec![2, 1, 1]);
         let placed = place(&nodes("a:4,b:4"), 4).expect("fits");
         assert_eq!(placed.len(), 1);
-        assert!(matches!(place(&nodes("a:1,b:1"), 4), Err(PlacementError::TooFewSlots { ranks: 4, slots: 2, .. })));
+        assert!(matches!(
+            place(&nodes("a:1,b:1"), 4),
+            Err(PlacementError::TooFewSlots {
+                ranks: 4,
+                slots: 2,
+                ..
+            })
+        ));
         assert_eq!(place(&nodes("a"), 0), Err(PlacementError::NoRanks));
     }
 
     #[test]
     fn classifies_launchers() {
         let hydra = "HYDRA build details:\n    Version: 4.0.2";
-        assert!(matches!(classify(Path::new("mpiexec"), hydra), Ok(Launcher::Hydra(_))));
+        assert!(matches!(
+            classify(Path::new("mpiexec"), hydra),
+            Ok(Launcher::Hydra(_))
+        ));
         let ompi = "mpirun (Open MPI) 4.1.4";
-        assert!(matches!(classify(Path::new("mpirun"), ompi), Ok(Launcher::OpenMpi(_))));
+        assert!(matches!(
+            classify(Path::new("mpirun"), ompi),
+            Ok(Launcher::OpenMpi(_))
+        ));
         assert!(classify(Path::new("srun"), "slurm 22.05.8").is_err());
     }
 
     #[test]
     fn hydra_mpmd_blocks() {
         let blocks = [
-            LaunchBlock { ranks: 2, env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())] },
-            LaunchBlock { ranks: 2, env: vec![("CRYO_AGENT_SOCKET".into(), "/s/b".into())] },
+            LaunchBlock {
+                ranks: 2,
+                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())],
+            },
+            LaunchBlock {
+                ranks: 2,
+                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/b".into())],
+            },
         ];
         let command = build_command(
             &Launcher::Hydra("mpiexec".into()),
@@ -348,7 +409,10 @@ mod tests {
             &OsString::from("heat2d"),
             &[OsString::from("--iters"), OsString::from("100")],
         );
-        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(
             args.join(" "),
             "-n 2 -env CRYO_AGENT_SOCKET /s/a heat2d --iters 100 : -n 2 -env CRYO_AGENT_SOCKET /s/b heat2d --iters 100"
