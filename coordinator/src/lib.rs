@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+pub mod epoch;
 pub mod cli;
 pub mod human;
 pub mod inspect;
