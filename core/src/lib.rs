@@ -20,6 +20,7 @@ pub mod names;
 pub mod protocol;
 pub mod reader;
 pub mod store;
+pub mod token;
 pub mod writer;
 
 pub use chunk::{ChunkCodec, ChunkHash, Filter};
