@@ -361,7 +361,7 @@ mod tests {
             }
         );
         let placed = place(&nodes("a,b,c"), 4).expect("fits");
-        let sizes: Vec<u32> = placed.iter().map(|p| p.ranks.len() as u32).collect();
+        let sizes: Vec<u32> = placed.iter().map(|p| p.ranks.end - p.ranks.start).collect();
         assert_eq!(sizes, vec![2, 1, 1]);
         let placed = place(&nodes("a:4,b:4"), 4).expect("fits");
         assert_eq!(placed.len(), 1);

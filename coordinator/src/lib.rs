@@ -4,8 +4,8 @@
 #![deny(missing_docs)]
 
 pub mod bench;
-pub mod epoch;
 pub mod cli;
+pub mod epoch;
 pub mod human;
 pub mod inspect;
 pub mod launch;

@@ -724,6 +724,9 @@ pub struct AgentStatus {
     pub armed_restart: Option<u64>,
     /// The copy budget, in bytes.
     pub copy_budget: u64,
+    /// Bytes of the copy budget already pre-faulted (ready for a pause
+    /// bounded by memory bandwidth).
+    pub copy_budget_warm: u64,
     /// The agent's peak RSS, in bytes.
     pub peak_rss_bytes: u64,
 }
@@ -971,6 +974,48 @@ mod tests {
             len: 1234,
         };
         assert_eq!(FrameHeader::decode(&header.encode()).unwrap(), header);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = read_frame(&mut Cursor::new(bytes.clone()));
+            let _ = read_message::<Hello>(&mut Cursor::new(bytes.clone()));
+            let _ = read_message::<ControlResponse>(&mut Cursor::new(bytes));
+        }
+
+        #[test]
+        fn valid_header_with_arbitrary_payload_never_panics(
+            command in 1u16..=5,
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let mut bytes = header_bytes(PROTOCOL_VERSION, command, 0, payload.len() as u32);
+            bytes.extend_from_slice(&payload);
+            let frame = read_frame(&mut Cursor::new(bytes)).unwrap();
+            let _ = frame.decode::<Hello>();
+            let _ = frame.decode::<RankToAgent>();
+            let _ = frame.decode::<AgentToRank>();
+            let _ = frame.decode::<ControlRequest>();
+            let _ = frame.decode::<ControlResponse>();
+        }
+
+        #[test]
+        fn parked_round_trips(
+            epoch in 1u64..,
+            names in proptest::collection::vec("[a-z]{1,12}", 0..8),
+            addr in proptest::num::u64::ANY,
+        ) {
+            let msg = RankToAgent::Parked {
+                epoch,
+                regions: names
+                    .iter()
+                    .map(|name| RegionInfo { name: name.clone(), addr, len: 4096, kind: RegionKind::Protected })
+                    .collect(),
+                runtime_fds: vec![1000, 1001],
+            };
+            let bytes = encode_frame(&msg).unwrap();
+            proptest::prop_assert_eq!(read_message::<RankToAgent>(&mut Cursor::new(bytes)).unwrap(), msg);
+        }
     }
 
     #[test]

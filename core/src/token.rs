@@ -51,10 +51,12 @@ impl JobToken {
 
     /// Reads a token from a file.
     pub fn read(path: &Path) -> Result<JobToken, TokenError> {
-        let bytes = durable::read_capped(path, 1024).map_err(|err| {
-            TokenError::Malformed(format!("{} ({err})", path.display()))
-        })?;
-        JobToken::parse(&String::from_utf8_lossy(&bytes), &path.display().to_string())
+        let bytes = durable::read_capped(path, 1024)
+            .map_err(|err| TokenError::Malformed(format!("{} ({err})", path.display())))?;
+        JobToken::parse(
+            &String::from_utf8_lossy(&bytes),
+            &path.display().to_string(),
+        )
     }
 
     /// Writes the token durably to a 0600 file.

@@ -1,6 +1,11 @@
 //! Store behaviour on a real filesystem: round trips, incremental epochs,
 //! crashes before commit, corruption, retention and GC.
-#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
 
 use std::fs;
 use std::path::Path;
@@ -477,7 +482,9 @@ impl SmallFs {
 
 impl Drop for SmallFs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -551,7 +558,10 @@ fn golden_v1_0_0_store_still_loads() {
 #[ignore = "writes the golden images"]
 fn write_golden_store() {
     let dir = golden_dir();
-    assert!(!dir.exists(), "golden images for this version already exist");
+    assert!(
+        !dir.exists(),
+        "golden images for this version already exist"
+    );
     let store = Store::create(&dir).unwrap();
     let job = store.job("golden").unwrap();
     write_epoch(&job, 1, &[vec![("grid", golden_region())]]);

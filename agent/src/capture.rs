@@ -1,0 +1,431 @@
+//! Capturing one parked rank: its fd table, its mappings and its region
+//! memory, then (after it resumes) hashing, compressing and storing chunks.
+//!
+//! Two paths, one memory bound:
+//! * buffered: when the copy pool has a free slot for every chunk of the
+//!   rank, all chunks are copied (in parallel, `process_vm_readv`), the rank
+//!   is resumed at once, and the slots drain through zstd and the store in
+//!   the background;
+//! * streamed: otherwise, the rank stays parked while its chunks go through
+//!   the pool batch by batch (copy, then store), and is resumed at the end.
+//!
+//! Either way the agent never holds more than the copy budget of rank data.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use cryo_core::manifest::{
+    ChunkRef, FdRestore, MappingRecord, RankRecord, RegionRecord, WriteStats,
+};
+use cryo_core::names::check_region_name;
+use cryo_core::protocol::{RankCaptureReport, RegionInfo};
+use cryo_core::writer::{RankWriter, WriteError};
+use rayon::prelude::*;
+use thiserror::Error;
+
+use crate::pool::{BufferPool, Slot};
+use crate::procfs::{
+    parse_maps, read_fd_table, FdTableError, MapsParseError, MemoryError, ProcessAccess,
+};
+
+/// Capturing a rank failed.
+#[derive(Debug, Error)]
+pub enum CaptureError {
+    /// A procfs read failed.
+    #[error("rank {rank} (pid {pid}): reading /proc/{pid}/maps: {source}")]
+    Maps {
+        /// The rank.
+        rank: u32,
+        /// The pid.
+        pid: u32,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The maps did not parse.
+    #[error("rank {rank}: {source}")]
+    MapsParse {
+        /// The rank.
+        rank: u32,
+        /// The error.
+        source: MapsParseError,
+    },
+    /// The fd table could not be read.
+    #[error("rank {rank}: {source}")]
+    Fds {
+        /// The rank.
+        rank: u32,
+        /// The error.
+        source: FdTableError,
+    },
+    /// The rank sent a region that is not in its address space.
+    #[error("rank {rank}: region {name:?} ({addr:#x}, {len} bytes) is not mapped in the process")]
+    BadRegion {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// A bad region name.
+    #[error("rank {rank}: {source}")]
+    RegionName {
+        /// The rank.
+        rank: u32,
+        /// The error.
+        source: cryo_core::names::NameError,
+    },
+    /// Copying memory failed.
+    #[error("rank {rank}: copying region {region:?}: {source}")]
+    Memory {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        region: String,
+        /// The error.
+        source: MemoryError,
+    },
+    /// Storing chunks failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Resuming the rank failed.
+    #[error("rank {rank}: resuming: {reason}")]
+    Resume {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A rank parked at a safe point.
+#[derive(Debug, Clone)]
+pub struct Parked {
+    /// The rank.
+    pub rank: u32,
+    /// Its pid.
+    pub pid: u32,
+    /// The epoch.
+    pub epoch: u64,
+    /// Its regions.
+    pub regions: Vec<RegionInfo>,
+    /// The runtime's own fds.
+    pub runtime_fds: Vec<i32>,
+    /// When `Parked` arrived.
+    pub since: Instant,
+}
+
+/// What the capture needs from the agent.
+pub struct CaptureContext<'a> {
+    /// Process access.
+    pub access: &'a dyn ProcessAccess,
+    /// The copy pool.
+    pub pool: &'a BufferPool,
+    /// Threads for copying (kept apart from the compression threads so a
+    /// copy never queues behind zstd).
+    pub copy_threads: &'a rayon::ThreadPool,
+    /// Orders copies and compression between ranks parked together.
+    pub gate: &'a CopyGate,
+    /// Threads hashing, compressing and writing chunks. More than the
+    /// cores: every chunk is fsynced, and those waits should overlap.
+    pub store_threads: &'a rayon::ThreadPool,
+    /// The node name.
+    pub node: &'a str,
+}
+
+impl std::fmt::Debug for CaptureContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureContext")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+/// Ranks parked together copy in turns, each at the node's full memory
+/// bandwidth, so the first resume early rather than all late; and no rank's
+/// chunks are compressed while another buffered rank is still copying, so
+/// compression never slows a pause down.
+#[derive(Debug, Default)]
+pub struct CopyGate {
+    turn: std::sync::Mutex<()>,
+    copying: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl CopyGate {
+    fn enter(&self) {
+        *self.copying.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    fn leave(&self) {
+        let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
+        *copying = copying.saturating_sub(1);
+        drop(copying);
+        self.idle.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
+        while *copying > 0 {
+            copying = self.idle.wait(copying).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    region: usize,
+    offset: u64,
+    len: usize,
+}
+
+/// Checks that every region lies inside the process's mappings, so that a
+/// confused or hostile region table cannot make the agent plan a copy of
+/// terabytes.
+fn check_regions(
+    rank: u32,
+    regions: &[RegionInfo],
+    maps: &[MappingRecord],
+) -> Result<(), CaptureError> {
+    for region in regions {
+        check_region_name(&region.name)
+            .map_err(|source| CaptureError::RegionName { rank, source })?;
+        let bad = || CaptureError::BadRegion {
+            rank,
+            name: region.name.clone(),
+            addr: region.addr,
+            len: region.len,
+        };
+        let end = region.addr.checked_add(region.len).ok_or_else(bad)?;
+        let mut at = region.addr;
+        while at < end {
+            let next = maps
+                .iter()
+                .find(|m| m.start <= at && at < m.end)
+                .map(|m| m.end)
+                .ok_or_else(bad)?;
+            at = next;
+        }
+    }
+    Ok(())
+}
+
+fn plan(regions: &[RegionInfo], chunk: usize) -> Vec<Piece> {
+    let mut out = Vec::new();
+    for (index, region) in regions.iter().enumerate() {
+        let mut offset = 0u64;
+        while offset < region.len {
+            let len = usize::try_from((region.len - offset).min(chunk as u64)).unwrap_or(chunk);
+            out.push(Piece {
+                region: index,
+                offset,
+                len,
+            });
+            offset += len as u64;
+        }
+    }
+    out
+}
+
+fn copy(
+    ctx: &CaptureContext<'_>,
+    parked: &Parked,
+    pieces: &[Piece],
+    slots: &mut [Slot],
+) -> Result<(), CaptureError> {
+    let _turn = ctx.gate.turn.lock().unwrap_or_else(|p| p.into_inner());
+    ctx.copy_threads.install(|| {
+        pieces
+            .par_iter()
+            .zip(slots.par_iter_mut())
+            .try_for_each(|(piece, slot)| {
+                let region = &parked.regions[piece.region];
+                ctx.access
+                    .read_memory(
+                        parked.pid,
+                        region.addr + piece.offset,
+                        &mut slot.bytes()[..piece.len],
+                    )
+                    .map_err(|source| CaptureError::Memory {
+                        rank: parked.rank,
+                        region: region.name.clone(),
+                        source,
+                    })
+            })
+    })
+}
+
+fn store(
+    ctx: &CaptureContext<'_>,
+    writer: &RankWriter<'_>,
+    pieces: Vec<Piece>,
+    slots: Vec<Slot>,
+) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
+    ctx.store_threads
+        .install(|| store_in_pool(writer, pieces, slots))
+}
+
+fn store_in_pool(
+    writer: &RankWriter<'_>,
+    pieces: Vec<Piece>,
+    slots: Vec<Slot>,
+) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
+    pieces
+        .into_par_iter()
+        .zip(slots.into_par_iter())
+        .map(|(piece, slot)| {
+            let chunk = writer.store_chunk(piece.offset, &slot.as_slice()[..piece.len]);
+            // The slot goes back to the pool as soon as its chunk is stored.
+            drop(slot);
+            Ok((piece.region, chunk?))
+        })
+        .collect()
+}
+
+/// Captures a parked rank. `resume` is called exactly once, with the
+/// rank's report, when the rank may run again; if this returns an error
+/// before that, the caller must abort the rank. Returns the report and the
+/// rank's record (not yet written: the caller finishes it).
+pub fn capture_rank(
+    ctx: &CaptureContext<'_>,
+    writer: &RankWriter<'_>,
+    parked: &Parked,
+    resume: &mut dyn FnMut(&RankCaptureReport) -> Result<(), String>,
+) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
+    let rank = parked.rank;
+    let pid = parked.pid;
+    let maps_text =
+        ctx.access
+            .maps(pid)
+            .map_err(|source| CaptureError::Maps { rank, pid, source })?;
+    let mappings = parse_maps(&maps_text, &parked.regions)
+        .map_err(|source| CaptureError::MapsParse { rank, source })?;
+    check_regions(rank, &parked.regions, &mappings)?;
+    let fds = read_fd_table(ctx.access, pid, &parked.runtime_fds)
+        .map_err(|source| CaptureError::Fds { rank, source })?;
+
+    let pieces = plan(&parked.regions, ctx.pool.slot_size());
+    let fds_restored = fds
+        .iter()
+        .filter(|f| f.restore == FdRestore::Restore)
+        .count();
+    let mut report = RankCaptureReport {
+        rank,
+        pid,
+        bytes: parked.regions.iter().map(|r| r.len).sum(),
+        pause_ns: 0,
+        copy_ns: 0,
+        streamed: false,
+        fds_restored: u32::try_from(fds_restored).unwrap_or(u32::MAX),
+        fds_not_restored: u32::try_from(fds.len() - fds_restored).unwrap_or(u32::MAX),
+    };
+    let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(pieces.len());
+    if let Some(mut slots) = ctx.pool.try_take(pieces.len()) {
+        ctx.gate.enter();
+        let t = Instant::now();
+        let copied = copy(ctx, parked, &pieces, &mut slots);
+        ctx.gate.leave();
+        copied?;
+        report.copy_ns = nanos(t);
+        report.pause_ns = nanos(parked.since);
+        resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
+        ctx.gate.wait_idle();
+        chunks = store(ctx, writer, pieces, slots)?;
+    } else {
+        report.streamed = true;
+        let mut rest = &pieces[..];
+        while !rest.is_empty() {
+            let mut slots = ctx.pool.take_some(rest.len());
+            let (batch, tail) = rest.split_at(slots.len());
+            let t = Instant::now();
+            copy(ctx, parked, batch, &mut slots)?;
+            report.copy_ns += nanos(t);
+            chunks.extend(store(ctx, writer, batch.to_vec(), slots)?);
+            rest = tail;
+        }
+        report.pause_ns = nanos(parked.since);
+        resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
+    }
+
+    let mut by_region: BTreeMap<usize, Vec<ChunkRef>> = BTreeMap::new();
+    for (region, chunk) in chunks {
+        by_region.entry(region).or_default().push(chunk);
+    }
+    let regions = parked
+        .regions
+        .iter()
+        .enumerate()
+        .map(|(index, info)| {
+            let mut chunks = by_region.remove(&index).unwrap_or_default();
+            chunks.sort_by_key(|c| c.offset);
+            RegionRecord {
+                name: info.name.clone(),
+                addr: info.addr,
+                len: info.len,
+                kind: info.kind.clone(),
+                chunks,
+            }
+        })
+        .collect();
+    let record = RankRecord {
+        rank,
+        node: ctx.node.to_owned(),
+        pid,
+        fds,
+        mappings,
+        regions,
+        stats: WriteStats::default(),
+    };
+    Ok((report, record))
+}
+
+/// Nanoseconds since `t`, saturating.
+pub fn nanos(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use cryo_core::manifest::{Backing, RegionKind};
+
+    use super::*;
+
+    fn region(name: &str, addr: u64, len: u64) -> RegionInfo {
+        RegionInfo {
+            name: name.into(),
+            addr,
+            len,
+            kind: RegionKind::Anonymous,
+        }
+    }
+
+    fn mapping(start: u64, end: u64) -> MappingRecord {
+        MappingRecord {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            backing: Backing::Anonymous,
+            region: None,
+        }
+    }
+
+    #[test]
+    fn plan_cuts_regions_into_chunks() {
+        let pieces = plan(&[region("a", 0, 10), region("b", 100, 4)], 4);
+        let got: Vec<(usize, u64, usize)> =
+            pieces.iter().map(|p| (p.region, p.offset, p.len)).collect();
+        assert_eq!(got, vec![(0, 0, 4), (0, 4, 4), (0, 8, 2), (1, 0, 4)]);
+    }
+
+    #[test]
+    fn regions_must_be_mapped() {
+        let maps = vec![mapping(0x1000, 0x3000), mapping(0x3000, 0x4000)];
+        check_regions(0, &[region("a", 0x1000, 0x3000)], &maps).unwrap();
+        assert!(check_regions(0, &[region("a", 0x1000, 0x3001)], &maps).is_err());
+        assert!(check_regions(0, &[region("a", u64::MAX - 1, 10)], &maps).is_err());
+        assert!(check_regions(0, &[region("../a", 0x1000, 1)], &maps).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! cryo-agent: the node agent. One daemon per node captures the local ranks
+//! at a checkpoint (fd table, mappings, region memory copied with
+//! `process_vm_readv` into a pre-faulted buffer pool, then hashed, compressed
+//! and stored in the background) and hands restart information to ranks that
+//! register after a restart was armed.
+//!
+//! * [`server`]: the daemon (registration, control, checkpoint epochs).
+//! * [`capture`]: capturing one parked rank within the copy budget.
+//! * [`pool`]: the copy budget as pre-faulted, reused slots.
+//! * [`procfs`]: `/proc` parsing and process access behind a trait.
+//! * [`client`]: the control client used by the CLI, tests and benchmark.
+//! * [`units`]: byte sizes on the command line.
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
+
+pub mod bench;
+pub mod capture;
+pub mod client;
+pub mod pool;
+pub mod procfs;
+pub mod server;
+pub mod units;

@@ -1,0 +1,295 @@
+//! `cryo-agent`: the node agent daemon and its command-line client.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use cryo_agent::client;
+use cryo_agent::server::{default_copy_budget, Agent, AgentConfig, RestartFrom};
+use cryo_agent::units::{format_bytes, parse_bytes};
+use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cryo-agent",
+    version,
+    about = "cryo node agent: checkpoint and restart the ranks of one node"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Until {
+    /// Answer when every rank has resumed (data still draining).
+    Resumed,
+    /// Answer when the epoch is committed.
+    Committed,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent daemon.
+    Serve {
+        /// Unix socket for ranks and control clients.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Checkpoint store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Job name.
+        #[arg(long)]
+        job: String,
+        /// Node name (default: the host name).
+        #[arg(long)]
+        node: Option<String>,
+        /// Copy budget, e.g. 2GiB (default: an eighth of the node's RAM).
+        #[arg(long, value_parser = parse_bytes)]
+        copy_budget: Option<u64>,
+        /// Number of local ranks (default: those registered).
+        #[arg(long)]
+        ranks: Option<u32>,
+        /// Restart registering ranks from this epoch (a number or `latest`).
+        #[arg(long)]
+        restart_from: Option<String>,
+        /// Seconds to wait for every rank to reach a safe point.
+        #[arg(long, default_value_t = 60.0)]
+        park_timeout: f64,
+        /// Chunk size.
+        #[arg(long, value_parser = parse_bytes, default_value = "1MiB")]
+        chunk_size: u64,
+        /// zstd level (0 stores chunks uncompressed).
+        #[arg(long, default_value_t = cryo_core::chunk::DEFAULT_ZSTD_LEVEL)]
+        zstd_level: i32,
+        /// Threads copying rank memory (default: all cores).
+        #[arg(long)]
+        copy_threads: Option<usize>,
+        /// Threads hashing, compressing and writing chunks (default: four
+        /// per core, so that per-chunk fsyncs overlap).
+        #[arg(long)]
+        store_threads: Option<usize>,
+    },
+    /// Checkpoint every rank registered with an agent.
+    Checkpoint {
+        /// The agent's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Epoch number (default: one past the newest).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// If a checkpoint is still draining, wait for it instead of
+        /// failing.
+        #[arg(long)]
+        wait: bool,
+        /// When to return.
+        #[arg(long, value_enum, default_value_t = Until::Committed)]
+        until: Until,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make ranks that register from now on restart from an epoch.
+    Restart {
+        /// The agent's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Epoch (default: the newest committed).
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// Show the agent's state.
+    Status {
+        /// The agent's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure checkpoint and restart of example ranks (see ARCHITECTURE-agent.md).
+    Bench(cryo_agent::bench::BenchArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Serve {
+            socket,
+            store,
+            job,
+            node,
+            copy_budget,
+            ranks,
+            restart_from,
+            park_timeout,
+            chunk_size,
+            zstd_level,
+            copy_threads,
+            store_threads,
+        } => {
+            let restart_from = match restart_from.as_deref() {
+                None => None,
+                Some("latest") => Some(RestartFrom::Latest),
+                Some(n) => Some(RestartFrom::Epoch(n.parse().with_context(|| {
+                    format!("--restart-from {n:?}: expected an epoch number or `latest`")
+                })?)),
+            };
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let config = AgentConfig {
+                socket,
+                store,
+                node: node.unwrap_or_else(hostname),
+                copy_budget: copy_budget.unwrap_or_else(default_copy_budget),
+                ranks,
+                restart_from,
+                park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),
+                chunk_size: usize::try_from(chunk_size).context("--chunk-size")?,
+                zstd_level,
+                copy_threads: copy_threads.unwrap_or(cores),
+                store_threads: store_threads.unwrap_or(cores * 4),
+                job: job.clone(),
+            };
+            let agent =
+                Agent::bind(config).with_context(|| format!("starting the agent of job {job}"))?;
+            agent.serve().context("serving")?;
+            Ok(())
+        }
+        Command::Checkpoint {
+            socket,
+            epoch,
+            wait,
+            until,
+            json,
+        } => {
+            let request = ControlRequest::Checkpoint {
+                epoch,
+                if_busy: if wait {
+                    BusyPolicy::Wait
+                } else {
+                    BusyPolicy::Refuse
+                },
+                until: match until {
+                    Until::Resumed => Completion::Resumed,
+                    Until::Committed => Completion::Committed,
+                },
+            };
+            match client::request(&socket, &request)? {
+                ControlResponse::Checkpoint(report) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        println!(
+                            "epoch {} of job {} on {}: {}",
+                            report.epoch,
+                            report.job,
+                            report.node,
+                            if report.committed {
+                                "committed"
+                            } else {
+                                "all ranks resumed, draining"
+                            }
+                        );
+                        for rank in &report.ranks {
+                            println!(
+                                "  rank {} (pid {}): {} paused {:.3} ms (copy {:.3} ms){}; fds: {} restored, {} not",
+                                rank.rank,
+                                rank.pid,
+                                format_bytes(rank.bytes),
+                                rank.pause_ns as f64 / 1e6,
+                                rank.copy_ns as f64 / 1e6,
+                                if rank.streamed { ", streamed over the copy budget" } else { "" },
+                                rank.fds_restored,
+                                rank.fds_not_restored,
+                            );
+                        }
+                        println!(
+                            "  resumed after {:.1} ms, total {:.1} ms; wrote {} new chunks ({}) of {}; agent peak RSS {} (copy budget {})",
+                            report.resumed_ns as f64 / 1e6,
+                            report.total_ns as f64 / 1e6,
+                            report.stats.new_chunks,
+                            format_bytes(report.stats.new_stored_bytes),
+                            report.stats.chunks,
+                            format_bytes(report.peak_rss_bytes),
+                            format_bytes(report.copy_budget),
+                        );
+                    }
+                    Ok(())
+                }
+                ControlResponse::Busy { reason, .. } => bail!("checkpoint refused: {reason}"),
+                ControlResponse::Failed { reason, .. } => bail!("checkpoint failed: {reason}"),
+                ControlResponse::Refused { reason } => bail!("refused: {reason}"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        Command::Restart { socket, epoch } => {
+            match client::request(&socket, &ControlRequest::ArmRestart { epoch })? {
+                ControlResponse::RestartArmed { epoch, ranks } => {
+                    println!("ranks that register now restart from epoch {epoch} ({ranks} ranks)");
+                    Ok(())
+                }
+                ControlResponse::Refused { reason } => bail!("restart refused: {reason}"),
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        Command::Status { socket, json } => {
+            match client::request(&socket, &ControlRequest::Status)? {
+                ControlResponse::Status(status) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&status)?);
+                    } else {
+                        println!(
+                            "job {} on node {} (store {})",
+                            status.job, status.node, status.store
+                        );
+                        println!("ranks: {:?}", status.ranks);
+                        println!(
+                            "busy: {:?}; last committed: {:?}; armed restart: {:?}",
+                            status.busy, status.last_committed, status.armed_restart
+                        );
+                        println!(
+                            "peak RSS {} (copy budget {})",
+                            format_bytes(status.peak_rss_bytes),
+                            format_bytes(status.copy_budget)
+                        );
+                    }
+                    Ok(())
+                }
+                other => bail!("unexpected answer: {other:?}"),
+            }
+        }
+        Command::Bench(args) => cryo_agent::bench::run(&args),
+    }
+}

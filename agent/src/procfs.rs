@@ -1,0 +1,641 @@
+//! What the agent reads about a rank process, behind [`ProcessAccess`] so
+//! that the parsing and classification logic can be tested on fixed text
+//! without a live process (as youki does with its `Syscall` trait).
+
+use std::fs;
+use std::io::{self, IoSliceMut};
+use std::os::unix::fs::FileTypeExt;
+
+use cryo_core::manifest::{
+    is_clean_absolute_path, Backing, FdKind, FdRecord, FdRestore, MappingRecord,
+};
+use cryo_core::protocol::RegionInfo;
+use nix::errno::Errno;
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+use thiserror::Error;
+
+/// The file type behind an fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    /// A regular file.
+    Regular,
+    /// A directory.
+    Directory,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// A FIFO.
+    Fifo,
+    /// A socket.
+    Socket,
+    /// Something else (anonymous inodes).
+    Other,
+}
+
+/// What `stat` says about an open fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStat {
+    /// Its type.
+    pub file_type: FileType,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Reading another process's memory failed.
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    /// Permission denied by the kernel.
+    #[error("process_vm_readv on pid {pid} denied ({errno}): the agent must run as the rank's user or as root, and kernel.yama.ptrace_scope must allow it (ptrace access mode PTRACE_MODE_ATTACH_REALCREDS)")]
+    Denied {
+        /// The pid.
+        pid: u32,
+        /// EPERM or EACCES.
+        errno: Errno,
+    },
+    /// The process is gone.
+    #[error("process {pid} exited during the capture")]
+    Gone {
+        /// The pid.
+        pid: u32,
+    },
+    /// The range is not (or no longer) mapped in full.
+    #[error("pid {pid}: read {got} of {want} bytes at {addr:#x}: the range is not mapped")]
+    Short {
+        /// The pid.
+        pid: u32,
+        /// The address.
+        addr: u64,
+        /// Bytes read.
+        got: usize,
+        /// Bytes wanted.
+        want: usize,
+    },
+    /// Another error.
+    #[error("process_vm_readv on pid {pid} at {addr:#x}: {errno}")]
+    Other {
+        /// The pid.
+        pid: u32,
+        /// The address.
+        addr: u64,
+        /// The error.
+        errno: Errno,
+    },
+}
+
+/// Access to a process: its procfs entries and its memory.
+pub trait ProcessAccess: Send + Sync {
+    /// The text of `/proc/<pid>/maps`.
+    fn maps(&self, pid: u32) -> io::Result<String>;
+    /// The entries of `/proc/<pid>/fd`: fd number and link text.
+    fn fds(&self, pid: u32) -> io::Result<Vec<(i32, String)>>;
+    /// The text of `/proc/<pid>/fdinfo/<fd>`.
+    fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String>;
+    /// `stat` of the open file behind the fd.
+    fn fd_stat(&self, pid: u32, fd: i32) -> io::Result<FileStat>;
+    /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
+    fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;
+}
+
+/// The real thing: procfs and `process_vm_readv`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxProcess;
+
+impl ProcessAccess for LinuxProcess {
+    fn maps(&self, pid: u32) -> io::Result<String> {
+        fs::read_to_string(format!("/proc/{pid}/maps"))
+    }
+
+    fn fds(&self, pid: u32) -> io::Result<Vec<(i32, String)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
+            let entry = entry?;
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // An fd closed between readdir and readlink is simply skipped.
+            if let Ok(link) = fs::read_link(entry.path()) {
+                out.push((fd, link.to_string_lossy().into_owned()));
+            }
+        }
+        out.sort_by_key(|(fd, _)| *fd);
+        Ok(out)
+    }
+
+    fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String> {
+        fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+    }
+
+    fn fd_stat(&self, pid: u32, fd: i32) -> io::Result<FileStat> {
+        let meta = fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
+        let ft = meta.file_type();
+        let file_type = if ft.is_file() {
+            FileType::Regular
+        } else if ft.is_dir() {
+            FileType::Directory
+        } else if ft.is_char_device() {
+            FileType::CharDevice
+        } else if ft.is_block_device() {
+            FileType::BlockDevice
+        } else if ft.is_fifo() {
+            FileType::Fifo
+        } else if ft.is_socket() {
+            FileType::Socket
+        } else {
+            FileType::Other
+        };
+        Ok(FileStat {
+            file_type,
+            size: meta.len(),
+        })
+    }
+
+    fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError> {
+        let want = dest.len();
+        let raw_pid = i32::try_from(pid).map_err(|_| MemoryError::Gone { pid })?;
+        let base = usize::try_from(addr).map_err(|_| MemoryError::Other {
+            pid,
+            addr,
+            errno: Errno::EFAULT,
+        })?;
+        let mut done = 0usize;
+        while done < want {
+            let remote = [RemoteIoVec {
+                base: base + done,
+                len: want - done,
+            }];
+            let mut local = [IoSliceMut::new(&mut dest[done..])];
+            match process_vm_readv(Pid::from_raw(raw_pid), &mut local, &remote) {
+                Ok(0) => {
+                    return Err(MemoryError::Short {
+                        pid,
+                        addr,
+                        got: done,
+                        want,
+                    })
+                }
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(errno @ (Errno::EPERM | Errno::EACCES)) => {
+                    return Err(MemoryError::Denied { pid, errno })
+                }
+                Err(Errno::ESRCH) => return Err(MemoryError::Gone { pid }),
+                Err(Errno::EFAULT) => {
+                    return Err(MemoryError::Short {
+                        pid,
+                        addr,
+                        got: done,
+                        want,
+                    })
+                }
+                Err(errno) => return Err(MemoryError::Other { pid, addr, errno }),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A line of `/proc/<pid>/maps` does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("bad /proc/<pid>/maps line {line:?}")]
+pub struct MapsParseError {
+    /// The line.
+    pub line: String,
+}
+
+/// Parses `/proc/<pid>/maps`. Regions are attached to mappings they
+/// overlap.
+pub fn parse_maps(
+    text: &str,
+    regions: &[RegionInfo],
+) -> Result<Vec<MappingRecord>, MapsParseError> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let bad = || MapsParseError {
+            line: line.to_owned(),
+        };
+        // start-end perms offset dev inode [path, which may contain spaces]
+        let mut fields = line.splitn(6, ' ');
+        let range = fields.next().ok_or_else(bad)?;
+        let perms = fields.next().ok_or_else(bad)?.as_bytes();
+        let offset = fields.next().ok_or_else(bad)?;
+        let _dev = fields.next().ok_or_else(bad)?;
+        let inode = fields.next().ok_or_else(bad)?;
+        let path = fields.next().unwrap_or("").trim_start();
+        let (start, end) = range.split_once('-').ok_or_else(bad)?;
+        let start = u64::from_str_radix(start, 16).map_err(|_| bad())?;
+        let end = u64::from_str_radix(end, 16).map_err(|_| bad())?;
+        let offset = u64::from_str_radix(offset, 16).map_err(|_| bad())?;
+        let inode: u64 = inode.parse().map_err(|_| bad())?;
+        if perms.len() != 4 || end <= start {
+            return Err(bad());
+        }
+        let mut prot = 0u32;
+        if perms[0] == b'r' {
+            prot |= 1; // PROT_READ
+        }
+        if perms[1] == b'w' {
+            prot |= 2; // PROT_WRITE
+        }
+        if perms[2] == b'x' {
+            prot |= 4; // PROT_EXEC
+        }
+        let shared = perms[3] == b's';
+        let backing = if inode != 0 && path.starts_with('/') {
+            Backing::File {
+                path: path.to_owned(),
+                offset,
+            }
+        } else {
+            Backing::Anonymous
+        };
+        let region = regions
+            .iter()
+            .find(|r| r.addr < end && r.addr.saturating_add(r.len) > start)
+            .map(|r| r.name.clone());
+        out.push(MappingRecord {
+            start,
+            end,
+            prot,
+            shared,
+            backing,
+            region,
+        });
+    }
+    Ok(out)
+}
+
+/// Offset and flags from `/proc/<pid>/fdinfo/<fd>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FdInfo {
+    /// `pos:` (decimal).
+    pub pos: u64,
+    /// `flags:` (octal).
+    pub flags: i32,
+}
+
+/// `fdinfo` text does not parse.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("bad fdinfo: {0}")]
+pub struct FdInfoParseError(pub String);
+
+/// Parses `pos:` and `flags:` from fdinfo text.
+pub fn parse_fdinfo(text: &str) -> Result<FdInfo, FdInfoParseError> {
+    let mut pos = None;
+    let mut flags = None;
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("pos:") {
+            pos = Some(
+                value
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| FdInfoParseError(format!("pos {value:?}")))?,
+            );
+        } else if let Some(value) = line.strip_prefix("flags:") {
+            let raw = u32::from_str_radix(value.trim(), 8)
+                .map_err(|_| FdInfoParseError(format!("flags {value:?}")))?;
+            flags = Some(i32::from_ne_bytes(raw.to_ne_bytes()));
+        }
+    }
+    Ok(FdInfo {
+        pos: pos.ok_or_else(|| FdInfoParseError("no pos: line".into()))?,
+        flags: flags.ok_or_else(|| FdInfoParseError("no flags: line".into()))?,
+    })
+}
+
+/// Decides what an fd is and whether it can be restored.
+pub fn classify_fd(
+    fd: i32,
+    link: &str,
+    stat: Option<FileStat>,
+    runtime_fds: &[i32],
+) -> (FdKind, FdRestore) {
+    let no = |why: &str| FdRestore::NotRestored(why.to_owned());
+    let kind = if link.starts_with("pipe:") {
+        FdKind::Pipe
+    } else if link.starts_with("socket:") {
+        FdKind::Socket
+    } else if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
+        FdKind::AnonInode
+    } else if link.ends_with(" (deleted)") {
+        FdKind::Deleted
+    } else {
+        match stat.map(|s| s.file_type) {
+            Some(FileType::Regular) => FdKind::Regular,
+            Some(FileType::Directory) => FdKind::Directory,
+            Some(FileType::CharDevice) => FdKind::CharDevice,
+            Some(FileType::BlockDevice) => FdKind::BlockDevice,
+            Some(FileType::Fifo) => FdKind::Pipe,
+            Some(FileType::Socket) => FdKind::Socket,
+            Some(FileType::Other) | None => FdKind::Other,
+        }
+    };
+    let restore = if runtime_fds.contains(&fd) {
+        no("cryo runtime")
+    } else if (0..=2).contains(&fd) {
+        no("standard stream, inherited from the launcher")
+    } else {
+        match kind {
+            FdKind::Pipe => no("pipe"),
+            FdKind::Socket => no("socket"),
+            FdKind::AnonInode => no("anonymous inode (eventfd, epoll, memfd…)"),
+            FdKind::Deleted => no("file deleted while open"),
+            FdKind::CharDevice | FdKind::BlockDevice => no("device"),
+            FdKind::Directory => no("directory"),
+            FdKind::Other => no("unknown file type"),
+            FdKind::Regular if link.starts_with("/dev/shm/") => {
+                no("shared memory segment (MPI library or another process)")
+            }
+            FdKind::Regular
+                if link.starts_with("/dev/")
+                    || link.starts_with("/proc/")
+                    || link.starts_with("/sys/") =>
+            {
+                no("pseudo-file")
+            }
+            FdKind::Regular if !is_clean_absolute_path(link) => {
+                no("path is not absolute and clean")
+            }
+            FdKind::Regular => FdRestore::Restore,
+        }
+    };
+    (kind, restore)
+}
+
+/// A rank's fd table could not be read.
+#[derive(Debug, Error)]
+pub enum FdTableError {
+    /// A procfs read failed.
+    #[error("pid {pid}: reading {what}: {source}")]
+    Io {
+        /// The pid.
+        pid: u32,
+        /// What was read.
+        what: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// fdinfo did not parse.
+    #[error("pid {pid} fd {fd}: {source}")]
+    FdInfo {
+        /// The pid.
+        pid: u32,
+        /// The fd.
+        fd: i32,
+        /// The error.
+        source: FdInfoParseError,
+    },
+}
+
+/// Reads and classifies every fd of `pid`.
+pub fn read_fd_table(
+    access: &dyn ProcessAccess,
+    pid: u32,
+    runtime_fds: &[i32],
+) -> Result<Vec<FdRecord>, FdTableError> {
+    let io_err = |what: String| move |source| FdTableError::Io { pid, what, source };
+    let mut out = Vec::new();
+    for (fd, link) in access.fds(pid).map_err(io_err(format!("/proc/{pid}/fd")))? {
+        let info = match access.fdinfo(pid, fd) {
+            Ok(text) => {
+                parse_fdinfo(&text).map_err(|source| FdTableError::FdInfo { pid, fd, source })?
+            }
+            // Closed since the listing (impossible while parked, but harmless).
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(io_err(format!("/proc/{pid}/fdinfo/{fd}"))(err)),
+        };
+        let stat = access.fd_stat(pid, fd).ok();
+        let (kind, restore) = classify_fd(fd, &link, stat, runtime_fds);
+        out.push(FdRecord {
+            fd,
+            kind,
+            path: link,
+            flags: info.flags,
+            offset: info.pos,
+            size_at_checkpoint: if kind == FdKind::Regular {
+                stat.map_or(0, |s| s.size)
+            } else {
+                0
+            },
+            restore,
+        });
+    }
+    Ok(out)
+}
+
+/// The agent's own peak resident set size (`VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    status_kib("VmHWM:").map_or(0, |kib| kib * 1024)
+}
+
+fn status_kib(key: &str) -> Option<u64> {
+    let text = fs::read_to_string("/proc/self/status").ok()?;
+    parse_kib_line(&text, key)
+}
+
+fn parse_kib_line(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The node's RAM (`MemTotal`), in bytes.
+pub fn mem_total_bytes() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    parse_kib_line(&text, "MemTotal:").map(|kib| kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use cryo_core::manifest::RegionKind;
+
+    use super::*;
+
+    const MAPS: &str = "\
+55d1c8a00000-55d1c8a02000 r--p 00000000 fd:01 1234                       /usr/bin/counter
+5a0000000000-5a0000100000 rw-p 00000000 00:00 0 
+5a0000101000-5a0000102000 rw-s 00000000 fd:01 99                         /tmp/in put.dat
+7f0000000000-7f0000001000 rw-s 00000000 00:01 2048                       /memfd:cryo-control (deleted)
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    fn regions() -> Vec<RegionInfo> {
+        vec![
+            RegionInfo {
+                name: "state".into(),
+                addr: 0x5a00_0000_0000,
+                len: 0x100000,
+                kind: RegionKind::Anonymous,
+            },
+            RegionInfo {
+                name: "input".into(),
+                addr: 0x5a00_0010_1000,
+                len: 100,
+                kind: RegionKind::FileShared {
+                    path: "/tmp/in put.dat".into(),
+                    offset: 0,
+                },
+            },
+        ]
+    }
+
+    #[test]
+    fn maps_parse_with_regions_and_spaces_in_paths() {
+        let maps = parse_maps(MAPS, &regions()).unwrap();
+        assert_eq!(maps.len(), 5);
+        assert_eq!(maps[0].prot, 1);
+        assert!(
+            matches!(&maps[0].backing, Backing::File { path, .. } if path == "/usr/bin/counter")
+        );
+        assert_eq!(maps[1].region.as_deref(), Some("state"));
+        assert_eq!(maps[1].prot, 3);
+        assert!(!maps[1].shared);
+        assert!(maps[2].shared);
+        assert!(
+            matches!(&maps[2].backing, Backing::File { path, .. } if path == "/tmp/in put.dat")
+        );
+        assert_eq!(maps[2].region.as_deref(), Some("input"));
+        assert_eq!(maps[4].backing, Backing::Anonymous);
+        assert_eq!(maps[4].region, None);
+    }
+
+    #[test]
+    fn bad_maps_lines_are_errors() {
+        assert!(parse_maps("zzzz-1000 rw-p 0 0:0 0\n", &[]).is_err());
+        assert!(parse_maps("2000-1000 rw-p 0 0:0 0\n", &[]).is_err());
+        assert!(parse_maps("1000-2000 rw-p\n", &[]).is_err());
+    }
+
+    #[test]
+    fn fdinfo_parses_octal_flags() {
+        let info = parse_fdinfo("pos:\t1234\nflags:\t02102001\nmnt_id:\t25\nino:\t77\n").unwrap();
+        assert_eq!(info.pos, 1234);
+        assert_eq!(info.flags, 0o2102001);
+        assert_eq!(info.flags & libc::O_ACCMODE, libc::O_WRONLY);
+        assert!(info.flags & libc::O_APPEND != 0);
+        assert!(parse_fdinfo("pos: 1\n").is_err());
+        assert!(parse_fdinfo("pos: x\nflags: 0\n").is_err());
+        assert!(parse_fdinfo("pos: 1\nflags: 9\n").is_err());
+    }
+
+    fn regular(size: u64) -> Option<FileStat> {
+        Some(FileStat {
+            file_type: FileType::Regular,
+            size,
+        })
+    }
+
+    #[test]
+    fn classification() {
+        let restore = |fd, link: &str, stat| classify_fd(fd, link, stat, &[1000, 1001]);
+        assert_eq!(
+            restore(3, "/tmp/log", regular(5)),
+            (FdKind::Regular, FdRestore::Restore)
+        );
+        assert!(
+            matches!(restore(1, "/tmp/log", regular(5)).1, FdRestore::NotRestored(w) if w.contains("standard"))
+        );
+        assert!(
+            matches!(restore(1000, "socket:[1]", None), (FdKind::Socket, FdRestore::NotRestored(w)) if w == "cryo runtime")
+        );
+        assert!(matches!(
+            restore(4, "pipe:[77]", None),
+            (FdKind::Pipe, FdRestore::NotRestored(_))
+        ));
+        assert!(matches!(
+            restore(4, "socket:[77]", None),
+            (FdKind::Socket, FdRestore::NotRestored(_))
+        ));
+        assert!(matches!(
+            restore(4, "anon_inode:[eventfd]", None),
+            (FdKind::AnonInode, FdRestore::NotRestored(_))
+        ));
+        assert!(matches!(
+            restore(4, "/tmp/x (deleted)", regular(1)),
+            (FdKind::Deleted, FdRestore::NotRestored(_))
+        ));
+        let dev = Some(FileStat {
+            file_type: FileType::CharDevice,
+            size: 0,
+        });
+        assert!(matches!(
+            restore(4, "/dev/null", dev),
+            (FdKind::CharDevice, FdRestore::NotRestored(_))
+        ));
+        assert!(
+            matches!(restore(4, "/dev/shm/mpich_seg", regular(1)), (FdKind::Regular, FdRestore::NotRestored(w)) if w.contains("shared memory"))
+        );
+        assert!(matches!(
+            restore(4, "/memfd:cryo-control (deleted)", regular(4096)),
+            (FdKind::AnonInode, FdRestore::NotRestored(_))
+        ));
+    }
+
+    struct Fake;
+
+    impl ProcessAccess for Fake {
+        fn maps(&self, _: u32) -> io::Result<String> {
+            Ok(MAPS.into())
+        }
+        fn fds(&self, _: u32) -> io::Result<Vec<(i32, String)>> {
+            Ok(vec![
+                (0, "/dev/pts/0".into()),
+                (3, "/tmp/log".into()),
+                (1000, "socket:[5]".into()),
+            ])
+        }
+        fn fdinfo(&self, _: u32, fd: i32) -> io::Result<String> {
+            Ok(format!("pos:\t{}\nflags:\t02102001\n", fd * 10))
+        }
+        fn fd_stat(&self, _: u32, fd: i32) -> io::Result<FileStat> {
+            Ok(FileStat {
+                file_type: if fd == 3 {
+                    FileType::Regular
+                } else {
+                    FileType::CharDevice
+                },
+                size: 30,
+            })
+        }
+        fn read_memory(&self, pid: u32, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
+            Err(MemoryError::Denied {
+                pid,
+                errno: Errno::EPERM,
+            })
+        }
+    }
+
+    #[test]
+    fn fd_table_from_a_fake_process() {
+        let table = read_fd_table(&Fake, 42, &[1000]).unwrap();
+        assert_eq!(table.len(), 3);
+        assert_eq!(table[1].fd, 3);
+        assert_eq!(table[1].offset, 30);
+        assert_eq!(table[1].size_at_checkpoint, 30);
+        assert_eq!(table[1].restore, FdRestore::Restore);
+        assert!(matches!(&table[2].restore, FdRestore::NotRestored(w) if w == "cryo runtime"));
+        let err = Fake.read_memory(42, 0, &mut [0u8; 4]).unwrap_err();
+        assert!(
+            err.to_string().contains("EPERM") && err.to_string().contains("ptrace"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kib_lines() {
+        assert_eq!(
+            parse_kib_line("VmPeak:\t 100 kB\nVmHWM:\t  2048 kB\n", "VmHWM:"),
+            Some(2048)
+        );
+        assert!(peak_rss_bytes() > 0);
+    }
+}

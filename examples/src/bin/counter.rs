@@ -1,0 +1,208 @@
+//! `cryo-counter`: a small rank that exercises everything cryo restores.
+//!
+//! Each step it reads its input through a shared file mapping (region
+//! `input`), updates one 256 KiB block of its state (region `state`, whose
+//! first page is a header holding the step and the log's fd number), keeps
+//! running sums in a buffer it owns (registered with `protect`), appends one
+//! line to its log through a raw fd, and reaches a safe point. At the end it
+//! writes its final state to a file and prints a hash of it.
+//!
+//! A restarted run picks up from the step saved in the header, writing to
+//! the same fd number, which cryo re-opened at the saved offset; so its log
+//! and final state are byte-identical to an uninterrupted run.
+
+use std::os::fd::{BorrowedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use cryo_rank::{Backing, SafePoint};
+use nix::fcntl::{open, OFlag};
+use nix::sys::stat::Mode;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "cryo example rank: a deterministic counter with a log, an input mapping and state regions"
+)]
+struct Args {
+    /// Number of steps.
+    #[arg(long, default_value_t = 100)]
+    steps: u64,
+    /// Log file, one line per step.
+    #[arg(long)]
+    log: PathBuf,
+    /// Input file, mapped shared.
+    #[arg(long)]
+    input: PathBuf,
+    /// State size in MiB.
+    #[arg(long, default_value_t = 8)]
+    state_mb: u64,
+    /// Where to write the final state.
+    #[arg(long)]
+    r#final: PathBuf,
+    /// Milliseconds to sleep per step (default: $CRYO_EXAMPLE_STEP_MS or 0).
+    #[arg(long)]
+    step_ms: Option<u64>,
+}
+
+const MAGIC: u64 = u64::from_le_bytes(*b"CNTRv001");
+const HEADER: usize = 4096;
+const BLOCK: usize = 256 << 10;
+
+fn words(bytes: &mut [u8]) -> &mut [u64] {
+    // The regions are page-aligned and their lengths multiples of 8 here.
+    let (head, body, tail) = {
+        // SAFETY: u64 has no invalid bit patterns, and align_to_mut only
+        // yields the correctly aligned middle part.
+        unsafe { bytes.align_to_mut::<u64>() }
+    };
+    assert!(
+        head.is_empty() && tail.is_empty(),
+        "region not aligned for u64"
+    );
+    body
+}
+
+fn write_all(fd: RawFd, mut bytes: &[u8]) -> Result<()> {
+    // SAFETY: the fd is the log, open for the life of the process (opened
+    // by us on a fresh start, re-opened by cryo on a restart).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(err) => bail!("writing the log: {err}"),
+        }
+    }
+    Ok(())
+}
+
+fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x100_0000_01b3);
+    }
+    hash
+}
+
+fn run(args: &Args) -> Result<()> {
+    let info = cryo_rank::init().context("cryo init")?;
+    let step_ms = args.step_ms.unwrap_or_else(|| {
+        std::env::var("CRYO_EXAMPLE_STEP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    let data_len = usize::try_from(args.state_mb << 20).context("state size")?;
+    let state = cryo_rank::region("state", HEADER + data_len, Backing::Anonymous)?;
+    let input = cryo_rank::region(
+        "input",
+        0,
+        Backing::File {
+            path: &args.input,
+            offset: 0,
+            shared: true,
+        },
+    )?;
+    let meta: &'static mut [u64; 4] = Box::leak(Box::new([0u64; 4]));
+    // SAFETY: `meta` is leaked, so valid for the life of the process, and
+    // only this thread touches it.
+    unsafe {
+        cryo_rank::protect(
+            "meta",
+            meta.as_mut_ptr().cast(),
+            std::mem::size_of_val(meta),
+        )?
+    };
+
+    let (header, data) = state.split_at_mut(HEADER);
+    let header = words(header);
+    let data = words(data);
+    let log_fd: RawFd = match info.restored_epoch {
+        None => {
+            let fd = open(
+                &args.log,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_TRUNC
+                    | OFlag::O_APPEND
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o644),
+            )
+            .with_context(|| format!("opening {}", args.log.display()))?;
+            for (i, w) in data.iter_mut().enumerate() {
+                *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            }
+            header[0] = MAGIC;
+            header[1] = 0;
+            header[2] = u64::try_from(fd).context("fd")?;
+            fd
+        }
+        Some(epoch) => {
+            if header[0] != MAGIC {
+                bail!("restored state from epoch {epoch} has no counter header");
+            }
+            eprintln!(
+                "cryo-counter rank {}: restarted from epoch {epoch} at step {}",
+                info.rank, header[1]
+            );
+            RawFd::try_from(header[2]).context("saved fd")?
+        }
+    };
+    let block_words = BLOCK / 8;
+    let nblocks = (data.len() / block_words).max(1);
+    while header[1] < args.steps {
+        let step = header[1];
+        let block = usize::try_from(step).unwrap_or(0) % nblocks;
+        let lo = block * block_words;
+        let hi = (lo + block_words).min(data.len());
+        let mut sum = 0u64;
+        for (i, w) in data[lo..hi].iter_mut().enumerate() {
+            let byte =
+                u64::from(input[(usize::try_from(step).unwrap_or(0) * 31 + i) % input.len()]);
+            *w = w.rotate_left(5) ^ byte ^ step;
+            sum = sum.wrapping_add(*w);
+        }
+        meta[0] = meta[0].wrapping_add(sum);
+        meta[1] = step;
+        let line = format!(
+            "rank {} step {step} block {block} sum {sum:016x} total {:016x}\n",
+            info.rank, meta[0]
+        );
+        write_all(log_fd, line.as_bytes())?;
+        header[1] = step + 1;
+        match cryo_rank::checkpoint_point()? {
+            SafePoint::Continue => {}
+            SafePoint::Checkpointed(epoch) => eprintln!(
+                "cryo-counter rank {}: checkpointed epoch {epoch} after step {step}",
+                info.rank
+            ),
+            SafePoint::Aborted(epoch) => eprintln!(
+                "cryo-counter rank {}: checkpoint {epoch} aborted",
+                info.rank
+            ),
+        }
+        if step_ms > 0 {
+            std::thread::sleep(Duration::from_millis(step_ms));
+        }
+    }
+    let mut out = Vec::with_capacity(state.len() + 32);
+    out.extend_from_slice(state);
+    for w in meta.iter() {
+        out.extend_from_slice(&w.to_le_bytes());
+    }
+    std::fs::write(&args.r#final, &out)
+        .with_context(|| format!("writing {}", args.r#final.display()))?;
+    println!("final {:016x}", fnv(&out, 0xcbf2_9ce4_8422_2325));
+    cryo_rank::finalize();
+    Ok(())
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(err) = run(&args) {
+        eprintln!("cryo-counter: error: {err:#}");
+        std::process::exit(2);
+    }
+}

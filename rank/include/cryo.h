@@ -1,0 +1,80 @@
+/*
+ * cryo.h: the C API of cryo's rank runtime (libcryo_rank).
+ *
+ * Link with -lcryo_rank (shared or static; the static library also needs
+ * -lpthread -ldl -lm). Every function returns a cryo_status code and never
+ * lets a Rust panic unwind into C. cryo_strerror(code) gives the message of
+ * the last error of that code on the calling thread.
+ *
+ * Environment: CRYO_AGENT_SOCKET (the node agent; unset = run alone, no
+ * checkpoints), CRYO_JOB, CRYO_RANK (or PMI_RANK, OMPI_COMM_WORLD_RANK,
+ * SLURM_PROCID), CRYO_TOKEN, CRYO_REGION_BASE (hex address of the region
+ * reservation), CRYO_FILE_POLICY (truncate | keep).
+ */
+#ifndef CRYO_H
+#define CRYO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum cryo_status {
+    CRYO_OK = 0,
+    CRYO_ERR_INVALID_ARGUMENT = 1,
+    CRYO_ERR_NOT_INITIALIZED = 2,
+    CRYO_ERR_ALREADY_INITIALIZED = 3,
+    CRYO_ERR_AGENT = 4,
+    CRYO_ERR_REGION = 5,
+    CRYO_ERR_RESTORE = 6,
+    CRYO_ERR_CHECKPOINT = 7,
+    CRYO_ERR_PANIC = 8,
+    CRYO_ERR_CONFIG = 9
+} cryo_status;
+
+/* Results of cryo_checkpoint_point (>= 0); errors are negative statuses. */
+#define CRYO_CONTINUE 0
+#define CRYO_CHECKPOINTED 1
+#define CRYO_ABORTED 2
+
+/* Connects to the node agent and registers this rank. On a restart, the
+ * rank's regular files are re-opened at their saved fd numbers and offsets
+ * before this returns. */
+int cryo_init(void);
+
+/* An anonymous region of len bytes at a deterministic address, stored in
+ * *out. On a restart, a region of the same name gets its saved contents. */
+int cryo_region(const char *name, size_t len, void **out);
+
+/* A region backed by the file path from offset (a multiple of 4096);
+ * len == 0 maps the rest of the file. shared != 0: MAP_SHARED, re-mapped
+ * from the file on restart; shared == 0: MAP_PRIVATE, contents saved.
+ * *out_len (if not NULL) receives the length. */
+int cryo_region_file(const char *name, const char *path, uint64_t offset, size_t len,
+                     int shared, void **out, size_t *out_len);
+
+/* Registers an application-owned buffer; its saved contents are copied back
+ * on a restart. ptr must stay valid for the life of the process. */
+int cryo_protect(const char *name, void *ptr, size_t len);
+
+/* The safe point: call where the state is consistent. Costs one load when
+ * no checkpoint is pending. Returns CRYO_CONTINUE, CRYO_CHECKPOINTED or
+ * CRYO_ABORTED, or -CRYO_ERR_CHECKPOINT on error. */
+int cryo_checkpoint_point(void);
+
+/* The epoch this process restarted from, or 0 on a fresh start. */
+uint64_t cryo_restored_epoch(void);
+
+/* Says goodbye to the agent; regions stay mapped. */
+int cryo_finalize(void);
+
+/* The message for a status code (negative codes accepted). */
+const char *cryo_strerror(int code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* CRYO_H */

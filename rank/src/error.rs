@@ -1,0 +1,286 @@
+//! One error enum per operation, each message naming the rank, the region,
+//! the file or the epoch concerned.
+
+use std::io;
+use std::path::PathBuf;
+
+use cryo_core::names::NameError;
+use cryo_core::protocol::FrameError;
+use cryo_core::reader::RegionReadError;
+use cryo_core::store::{LoadError, StoreError};
+use nix::errno::Errno;
+use thiserror::Error;
+
+/// `init` failed.
+#[derive(Debug, Error)]
+pub enum InitError {
+    /// `init` was already called in this process.
+    #[error("cryo is already initialized in this process")]
+    AlreadyInitialized,
+    /// An environment variable has a bad value.
+    #[error("environment variable {var}={value:?}: {why}")]
+    BadEnv {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The region reservation could not be made.
+    #[error("cannot reserve {len:#x} bytes for regions at {base:#x}: {source}; the range is taken by {occupant} (set CRYO_REGION_BASE to another address)")]
+    Reserve {
+        /// Base address.
+        base: u64,
+        /// Length.
+        len: u64,
+        /// What already lives there, from /proc/self/maps.
+        occupant: String,
+        /// The OS error.
+        source: Errno,
+    },
+    /// The node agent's socket could not be reached.
+    #[error("rank {rank}: cannot connect to the cryo agent at {}: {source}", path.display())]
+    Connect {
+        /// The rank.
+        rank: u32,
+        /// The socket path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Setting up the control page failed.
+    #[error("rank {rank}: control page: {step}: {source}")]
+    ControlPage {
+        /// The rank.
+        rank: u32,
+        /// The step (`memfd_create`, `ftruncate`, `mmap`, `fcntl`).
+        step: &'static str,
+        /// The OS error.
+        source: Errno,
+    },
+    /// Talking to the agent failed.
+    #[error("rank {rank}: registering with the cryo agent: {source}")]
+    Protocol {
+        /// The rank.
+        rank: u32,
+        /// What went wrong.
+        source: FrameError,
+    },
+    /// The agent refused the registration.
+    #[error("rank {rank}: the cryo agent refused registration: {reason}")]
+    Refused {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The agent answered something unexpected.
+    #[error("rank {rank}: unexpected answer from the cryo agent: {what}")]
+    Unexpected {
+        /// The rank.
+        rank: u32,
+        /// What arrived.
+        what: String,
+    },
+    /// Restoring from a checkpoint failed.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+}
+
+/// Restoring a rank's files or loading its record failed.
+#[derive(Debug, Error)]
+pub enum RestoreError {
+    /// The store could not be opened.
+    #[error("rank {rank}: restart from epoch {epoch}: {source}")]
+    Store {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        source: StoreError,
+    },
+    /// The manifest could not be loaded.
+    #[error("rank {rank}: restart from epoch {epoch}: {source}")]
+    Manifest {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        source: LoadError,
+    },
+    /// The epoch has no record of this rank.
+    #[error("rank {rank}: epoch {epoch} of job {job:?} has no record of this rank (world size {world_size})")]
+    RankMissing {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// The job.
+        job: String,
+        /// The epoch's world size.
+        world_size: u32,
+    },
+    /// A file open at checkpoint no longer exists.
+    #[error("rank {rank}: cannot restore fd {fd}: file {path} vanished since the checkpoint")]
+    FileVanished {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The file.
+        path: String,
+    },
+    /// A file is now shorter than the saved offset.
+    #[error("rank {rank}: cannot restore fd {fd}: file {path} shrank to {size} bytes, below the saved offset {offset}")]
+    FileShrank {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The file.
+        path: String,
+        /// Its size now.
+        size: u64,
+        /// The saved offset.
+        offset: u64,
+    },
+    /// A system call on a file failed.
+    #[error("rank {rank}: restoring fd {fd} ({path}): {step}: {source}")]
+    FileIo {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The file.
+        path: String,
+        /// The step (`open`, `dup2`, `lseek`, `ftruncate`).
+        step: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// Creating, registering or restoring a region failed.
+#[derive(Debug, Error)]
+pub enum RegionError {
+    /// `init` has not been called.
+    #[error("cryo is not initialized: call init first")]
+    NotInitialized,
+    /// A bad region name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The name is already used.
+    #[error("rank {rank}: region {name:?} already exists")]
+    Duplicate {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+    },
+    /// A zero length.
+    #[error("rank {rank}: region {name:?} has zero length")]
+    ZeroLength {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+    },
+    /// The reservation has no room left.
+    #[error("rank {rank}: region {name:?} of {len} bytes does not fit: {left} bytes of the region reservation are left")]
+    ReservationFull {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// Requested length.
+        len: u64,
+        /// Room left.
+        left: u64,
+    },
+    /// A mapping failed.
+    #[error("rank {rank}: region {name:?}: {step}: {source}")]
+    Map {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// The step.
+        step: &'static str,
+        /// The OS error.
+        source: Errno,
+    },
+    /// The backing file could not be used.
+    #[error("rank {rank}: region {name:?}: {step} {}: {source}", path.display())]
+    File {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// The file.
+        path: PathBuf,
+        /// The step.
+        step: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The backing file is too small or the offset is bad.
+    #[error("rank {rank}: region {name:?}: {problem}")]
+    BadFile {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The region does not match the one saved in the checkpoint.
+    #[error("rank {rank}: region {name:?} does not match epoch {epoch}: {problem}")]
+    Mismatch {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// The epoch.
+        epoch: u64,
+        /// What differs.
+        problem: String,
+    },
+    /// The saved contents could not be read back.
+    #[error("rank {rank}: restoring region from epoch {epoch}: {source}")]
+    Restore {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// Why (names the region, the chunk and what is wrong with it).
+        source: RegionReadError,
+    },
+}
+
+/// A safe point failed.
+#[derive(Debug, Error)]
+pub enum CheckpointError {
+    /// Talking to the agent failed while parked.
+    #[error("rank {rank}: checkpoint of epoch {epoch}: lost the cryo agent: {source}")]
+    Agent {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// What went wrong.
+        source: FrameError,
+    },
+    /// The agent answered something unexpected.
+    #[error("rank {rank}: checkpoint of epoch {epoch}: unexpected answer from the agent: {what}")]
+    Unexpected {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// What arrived.
+        what: String,
+    },
+}

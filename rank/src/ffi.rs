@@ -1,0 +1,358 @@
+//! The C API declared in `include/cryo.h`.
+//!
+//! Every function returns a `cryo_status` code and never unwinds: a panic is
+//! caught and reported as `CRYO_ERR_PANIC`. The last error's full message is
+//! kept per thread and returned by [`cryo_strerror`] for that code.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+
+use crate::{runtime, Backing, CheckpointError, InitError, RegionError, SafePoint};
+
+/// Success.
+pub const CRYO_OK: c_int = 0;
+/// A null pointer, bad UTF-8 or another bad argument.
+pub const CRYO_ERR_INVALID_ARGUMENT: c_int = 1;
+/// `cryo_init` has not been called.
+pub const CRYO_ERR_NOT_INITIALIZED: c_int = 2;
+/// `cryo_init` was already called.
+pub const CRYO_ERR_ALREADY_INITIALIZED: c_int = 3;
+/// The node agent could not be reached or refused us.
+pub const CRYO_ERR_AGENT: c_int = 4;
+/// A region could not be created or registered.
+pub const CRYO_ERR_REGION: c_int = 5;
+/// Restoring from a checkpoint failed.
+pub const CRYO_ERR_RESTORE: c_int = 6;
+/// A safe point failed.
+pub const CRYO_ERR_CHECKPOINT: c_int = 7;
+/// A bug: the runtime panicked.
+pub const CRYO_ERR_PANIC: c_int = 8;
+/// A bad environment variable or configuration.
+pub const CRYO_ERR_CONFIG: c_int = 9;
+
+/// `cryo_checkpoint_point`: no checkpoint was pending.
+pub const CRYO_CONTINUE: c_int = 0;
+/// `cryo_checkpoint_point`: the rank was checkpointed and resumed.
+pub const CRYO_CHECKPOINTED: c_int = 1;
+/// `cryo_checkpoint_point`: the agent abandoned the checkpoint.
+pub const CRYO_ABORTED: c_int = 2;
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<(c_int, CString)>> = const { RefCell::new(None) };
+}
+
+fn generic(code: c_int) -> &'static CStr {
+    match code {
+        CRYO_OK => c"success",
+        CRYO_ERR_INVALID_ARGUMENT => c"invalid argument",
+        CRYO_ERR_NOT_INITIALIZED => c"cryo is not initialized: call cryo_init first",
+        CRYO_ERR_ALREADY_INITIALIZED => c"cryo is already initialized",
+        CRYO_ERR_AGENT => c"the cryo agent could not be reached or refused the rank",
+        CRYO_ERR_REGION => c"a region could not be created",
+        CRYO_ERR_RESTORE => c"restoring from a checkpoint failed",
+        CRYO_ERR_CHECKPOINT => c"a checkpoint failed",
+        CRYO_ERR_PANIC => c"internal error (panic) in the cryo runtime",
+        CRYO_ERR_CONFIG => c"bad cryo configuration",
+        _ => c"unknown cryo status code",
+    }
+}
+
+fn set_error(code: c_int, message: String) -> c_int {
+    let message =
+        CString::new(message.replace('\0', " ")).unwrap_or_else(|_| generic(code).to_owned());
+    LAST_ERROR.with(|last| *last.borrow_mut() = Some((code, message)));
+    code
+}
+
+fn init_code(err: &InitError) -> c_int {
+    match err {
+        InitError::AlreadyInitialized => CRYO_ERR_ALREADY_INITIALIZED,
+        InitError::BadEnv { .. } | InitError::Reserve { .. } => CRYO_ERR_CONFIG,
+        InitError::Restore(_) => CRYO_ERR_RESTORE,
+        _ => CRYO_ERR_AGENT,
+    }
+}
+
+fn region_code(err: &RegionError) -> c_int {
+    match err {
+        RegionError::NotInitialized => CRYO_ERR_NOT_INITIALIZED,
+        RegionError::Restore { .. } | RegionError::Mismatch { .. } => CRYO_ERR_RESTORE,
+        _ => CRYO_ERR_REGION,
+    }
+}
+
+/// Runs `body`, turning a panic into `CRYO_ERR_PANIC`.
+fn guard(body: impl FnOnce() -> c_int) -> c_int {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(code) => code,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(
+                CRYO_ERR_PANIC,
+                format!("internal error in the cryo runtime: {what}"),
+            )
+        }
+    }
+}
+
+/// Reads a C string argument.
+///
+/// # Safety
+///
+/// `ptr` is null or points to a NUL-terminated string.
+unsafe fn c_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, c_int> {
+    if ptr.is_null() {
+        return Err(set_error(
+            CRYO_ERR_INVALID_ARGUMENT,
+            format!("{what} is NULL"),
+        ));
+    }
+    // SAFETY: non-null, and the caller guarantees NUL termination.
+    unsafe { CStr::from_ptr(ptr) }
+        .to_str()
+        .map_err(|_| set_error(CRYO_ERR_INVALID_ARGUMENT, format!("{what} is not UTF-8")))
+}
+
+/// Initializes cryo from the environment; on a restart, re-opens the rank's
+/// files before returning.
+///
+/// # Safety
+///
+/// Safe to call from any thread; call it once, before other cryo functions.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_init() -> c_int {
+    guard(|| match runtime::init() {
+        Ok(_) => CRYO_OK,
+        Err(err) => set_error(init_code(&err), err.to_string()),
+    })
+}
+
+/// Creates an anonymous region of `len` bytes and stores its address in
+/// `*out`.
+///
+/// # Safety
+///
+/// `name` is a NUL-terminated string; `out` points to writable storage for
+/// one pointer.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_region(
+    name: *const c_char,
+    len: usize,
+    out: *mut *mut c_void,
+) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        unsafe { region_impl(name, len, None, 0, false, out, std::ptr::null_mut()) }
+    })
+}
+
+/// Creates a region backed by the file `path` from `offset` (a multiple of
+/// 4096). `len == 0` maps the rest of the file. `shared != 0` maps it
+/// `MAP_SHARED` (re-mapped from the file on restart), otherwise
+/// `MAP_PRIVATE` (contents saved). The address goes to `*out` and the
+/// length to `*out_len` if it is not NULL.
+///
+/// # Safety
+///
+/// `name` and `path` are NUL-terminated strings; `out` points to writable
+/// storage for one pointer; `out_len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_region_file(
+    name: *const c_char,
+    path: *const c_char,
+    offset: u64,
+    len: usize,
+    shared: c_int,
+    out: *mut *mut c_void,
+    out_len: *mut usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let path = match unsafe { c_str(path, "path") } {
+            Ok(path) => path,
+            Err(code) => return code,
+        };
+        // SAFETY: forwarded caller contract.
+        unsafe {
+            region_impl(
+                name,
+                len,
+                Some(Path::new(path)),
+                offset,
+                shared != 0,
+                out,
+                out_len,
+            )
+        }
+    })
+}
+
+/// # Safety
+///
+/// As for [`cryo_region_file`].
+unsafe fn region_impl(
+    name: *const c_char,
+    len: usize,
+    path: Option<&Path>,
+    offset: u64,
+    shared: bool,
+    out: *mut *mut c_void,
+    out_len: *mut usize,
+) -> c_int {
+    // SAFETY: forwarded caller contract.
+    let name = match unsafe { c_str(name, "name") } {
+        Ok(name) => name,
+        Err(code) => return code,
+    };
+    if out.is_null() {
+        return set_error(CRYO_ERR_INVALID_ARGUMENT, "out is NULL".into());
+    }
+    let backing = match path {
+        None => Backing::Anonymous,
+        Some(path) => Backing::File {
+            path,
+            offset,
+            shared,
+        },
+    };
+    match runtime::region(name, len, backing) {
+        Ok(slice) => {
+            // SAFETY: `out` is non-null and writable per the contract.
+            unsafe { *out = slice.as_mut_ptr().cast() };
+            if !out_len.is_null() {
+                // SAFETY: non-null and writable per the contract.
+                unsafe { *out_len = slice.len() };
+            }
+            CRYO_OK
+        }
+        Err(err) => set_error(region_code(&err), err.to_string()),
+    }
+}
+
+/// Registers the application buffer `ptr[0..len)` under `name`; on a
+/// restart its saved contents are copied back into it.
+///
+/// # Safety
+///
+/// `name` is a NUL-terminated string; `ptr` is valid for reads and writes of
+/// `len` bytes for the rest of the process's life.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_protect(name: *const c_char, ptr: *mut c_void, len: usize) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let name = match unsafe { c_str(name, "name") } {
+            Ok(name) => name,
+            Err(code) => return code,
+        };
+        // SAFETY: forwarded caller contract.
+        match unsafe { runtime::protect(name, ptr.cast(), len) } {
+            Ok(()) => CRYO_OK,
+            Err(err) => set_error(region_code(&err), err.to_string()),
+        }
+    })
+}
+
+/// The safe point. Returns `CRYO_CONTINUE` (0) when no checkpoint was
+/// pending, `CRYO_CHECKPOINTED` or `CRYO_ABORTED` after a checkpoint, and
+/// a negative status (`-CRYO_ERR_CHECKPOINT`) on error.
+///
+/// # Safety
+///
+/// Safe to call from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_checkpoint_point() -> c_int {
+    guard(|| match crate::checkpoint_point() {
+        Ok(SafePoint::Continue) => CRYO_CONTINUE,
+        Ok(SafePoint::Checkpointed(_)) => CRYO_CHECKPOINTED,
+        Ok(SafePoint::Aborted(_)) => CRYO_ABORTED,
+        Err(err @ (CheckpointError::Agent { .. } | CheckpointError::Unexpected { .. })) => {
+            -set_error(CRYO_ERR_CHECKPOINT, err.to_string())
+        }
+    })
+}
+
+/// The epoch this process restarted from, or 0 on a fresh start.
+///
+/// # Safety
+///
+/// Safe to call from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_restored_epoch() -> u64 {
+    catch_unwind(runtime::restored_epoch)
+        .ok()
+        .flatten()
+        .unwrap_or(0)
+}
+
+/// Says goodbye to the agent. Regions stay mapped.
+///
+/// # Safety
+///
+/// Safe to call from any thread; no cryo call may follow except
+/// `cryo_strerror` and `cryo_restored_epoch`.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_finalize() -> c_int {
+    guard(|| {
+        runtime::finalize();
+        CRYO_OK
+    })
+}
+
+/// The message for `code`: the full text of this thread's last error if it
+/// had that code, else a generic description. Accepts negative codes as
+/// returned by `cryo_checkpoint_point`. The string stays valid until the
+/// next failing cryo call on this thread.
+///
+/// # Safety
+///
+/// Safe to call from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_strerror(code: c_int) -> *const c_char {
+    let code = code.checked_abs().unwrap_or(code);
+    catch_unwind(|| {
+        LAST_ERROR.with(|last| match &*last.borrow() {
+            Some((last_code, message)) if *last_code == code => message.as_ptr(),
+            _ => generic(code).as_ptr(),
+        })
+    })
+    .unwrap_or_else(|_| generic(CRYO_ERR_PANIC).as_ptr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_are_codes_and_messages() {
+        // SAFETY: null pointers are allowed and must be refused.
+        let code = unsafe { cryo_region(std::ptr::null(), 10, std::ptr::null_mut()) };
+        assert_eq!(code, CRYO_ERR_INVALID_ARGUMENT);
+        // SAFETY: plain call.
+        let text = unsafe { CStr::from_ptr(cryo_strerror(code)) }
+            .to_str()
+            .unwrap();
+        assert!(text.contains("name is NULL"), "{text}");
+        // SAFETY: plain call.
+        let text = unsafe { CStr::from_ptr(cryo_strerror(999)) }
+            .to_str()
+            .unwrap();
+        assert!(text.contains("unknown"), "{text}");
+    }
+
+    #[test]
+    fn panics_become_codes() {
+        let code = guard(|| panic!("boom"));
+        assert_eq!(code, CRYO_ERR_PANIC);
+        // SAFETY: plain call.
+        let text = unsafe { CStr::from_ptr(cryo_strerror(CRYO_ERR_PANIC)) }
+            .to_str()
+            .unwrap();
+        assert!(text.contains("boom"), "{text}");
+    }
+}

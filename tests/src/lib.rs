@@ -1,0 +1,477 @@
+//! Harness for cryo's end-to-end tests: starts the real `cryo-agent` and
+//! real example ranks (Rust and C), waits with [`wait_until`], kills with
+//! SIGKILL, and cleans every child up in `Drop`.
+//!
+//! The binaries come from the workspace's target directory: run
+//! `cargo test --workspace` (or `cargo build --workspace` first), which
+//! builds `cryo-agent`, `cryo-counter` and `libcryo_rank` before any test
+//! runs.
+#![deny(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cryo_agent::client;
+use cryo_core::protocol::{
+    BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
+};
+
+/// The directory holding the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/<test binary>
+    exe.parent().and_then(Path::parent).unwrap().to_owned()
+}
+
+/// Builds the binaries the tests run (`cryo-agent`, `cryo-counter`,
+/// `libcryo_rank`), once per test process. `cargo test` builds the test
+/// harnesses of other packages' binaries, not the binaries themselves, so
+/// without this a test could run a stale `cryo-agent`.
+fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "-p",
+            "cryo-agent",
+            "-p",
+            "cryo-examples",
+            "-p",
+            "cryo-rank",
+        ]);
+        if bin_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building the binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
+/// A built binary; panics with a clear message when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    ensure_built();
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test --workspace` or `cargo build --workspace` first",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` every 10 ms until it holds; panics after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Number of lines in a file (0 if it does not exist).
+pub fn lines(path: &Path) -> usize {
+    fs::read(path)
+        .map(|b| b.iter().filter(|c| **c == b'\n').count())
+        .unwrap_or(0)
+}
+
+/// A running `cryo-agent serve`.
+#[derive(Debug)]
+pub struct Agent {
+    child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Its store.
+    pub store: PathBuf,
+    /// Its job.
+    pub job: String,
+    /// Its log (stderr).
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts an agent for `job` in `dir` with extra arguments.
+    pub fn start(dir: &Path, job: &str, extra: &[&str]) -> Agent {
+        let socket = dir.join(format!("{job}.sock"));
+        let store = dir.join("store");
+        let log = dir.join(format!("agent-{job}.log"));
+        let child = Command::new(bin("cryo-agent"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--store")
+            .arg(&store)
+            .arg("--job")
+            .arg(job)
+            .arg("--node")
+            .arg("test-node")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child,
+            socket,
+            store,
+            job: job.into(),
+            log,
+        };
+        let socket = agent.socket.clone();
+        wait_until("the agent's socket", Duration::from_secs(20), || {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "agent exited with {status}: {}",
+                    fs::read_to_string(&agent.log).unwrap_or_default()
+                );
+            }
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        agent
+    }
+
+    /// Sends a control request.
+    pub fn request(&self, request: &ControlRequest) -> ControlResponse {
+        client::request(&self.socket, request).unwrap()
+    }
+
+    /// Checkpoints and waits for the commit; panics on failure.
+    pub fn checkpoint(&self) -> CheckpointReport {
+        match self.request(&ControlRequest::Checkpoint {
+            epoch: None,
+            if_busy: BusyPolicy::Wait,
+            until: Completion::Committed,
+        }) {
+            ControlResponse::Checkpoint(report) => {
+                assert!(report.committed);
+                report
+            }
+            other => panic!(
+                "checkpoint failed: {other:?}\nagent log:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    /// Makes ranks that register next restart from the newest epoch.
+    pub fn arm_restart(&self) -> u64 {
+        match self.request(&ControlRequest::ArmRestart { epoch: None }) {
+            ControlResponse::RestartArmed { epoch, .. } => epoch,
+            other => panic!("arming restart failed: {other:?}"),
+        }
+    }
+
+    /// Waits until `n` ranks are registered.
+    pub fn wait_ranks(&self, n: usize) {
+        wait_until(
+            &format!("{n} registered ranks"),
+            Duration::from_secs(20),
+            || matches!(self.request(&ControlRequest::Status), ControlResponse::Status(s) if s.ranks.len() == n),
+        );
+    }
+
+    /// The agent's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The job's store.
+    pub fn job_store(&self) -> cryo_core::JobStore {
+        cryo_core::Store::open(&self.store)
+            .unwrap()
+            .existing_job(&self.job)
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which example program.
+#[derive(Debug, Clone)]
+pub enum Program {
+    /// The Rust `cryo-counter`.
+    Rust,
+    /// The C counter, at this path.
+    C(PathBuf),
+}
+
+impl Program {
+    fn path(&self) -> PathBuf {
+        match self {
+            Program::Rust => bin("cryo-counter"),
+            Program::C(path) => path.clone(),
+        }
+    }
+}
+
+/// The files of one example rank.
+#[derive(Debug, Clone)]
+pub struct RankFiles {
+    /// Log.
+    pub log: PathBuf,
+    /// Input.
+    pub input: PathBuf,
+    /// Final state.
+    pub final_state: PathBuf,
+    /// stdout.
+    pub stdout: PathBuf,
+    /// stderr.
+    pub stderr: PathBuf,
+}
+
+impl RankFiles {
+    /// Files under `dir` named after `tag`, sharing `input`.
+    pub fn new(dir: &Path, tag: &str, input: &Path) -> RankFiles {
+        RankFiles {
+            log: dir.join(format!("{tag}.log")),
+            input: input.to_owned(),
+            final_state: dir.join(format!("{tag}.final")),
+            stdout: dir.join(format!("{tag}.out")),
+            stderr: dir.join(format!("{tag}.err")),
+        }
+    }
+}
+
+/// A running example rank.
+#[derive(Debug)]
+pub struct Rank {
+    child: Option<Child>,
+    /// Its files.
+    pub files: RankFiles,
+}
+
+/// How to run an example rank.
+#[derive(Debug, Clone)]
+pub struct RankSpec<'a> {
+    /// The program.
+    pub program: &'a Program,
+    /// The rank number.
+    pub rank: u32,
+    /// The agent (None: run alone).
+    pub agent: Option<&'a Agent>,
+    /// Steps.
+    pub steps: u64,
+    /// State size in MiB.
+    pub state_mb: u64,
+    /// Milliseconds per step.
+    pub step_ms: u64,
+}
+
+impl Rank {
+    /// Starts a rank.
+    pub fn start(spec: &RankSpec<'_>, files: &RankFiles) -> Rank {
+        let mut cmd = Command::new(spec.program.path());
+        cmd.arg("--steps")
+            .arg(spec.steps.to_string())
+            .arg("--log")
+            .arg(&files.log)
+            .arg("--input")
+            .arg(&files.input)
+            .arg("--state-mb")
+            .arg(spec.state_mb.to_string())
+            .arg("--final")
+            .arg(&files.final_state)
+            .arg("--step-ms")
+            .arg(spec.step_ms.to_string())
+            .env_remove("CRYO_AGENT_SOCKET")
+            .env_remove("CRYO_JOB")
+            .env_remove("CRYO_REGION_BASE")
+            .env_remove("CRYO_FILE_POLICY")
+            .env("CRYO_RANK", spec.rank.to_string())
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&files.stdout).unwrap())
+            .stderr(fs::File::create(&files.stderr).unwrap());
+        if let Some(agent) = spec.agent {
+            cmd.env("CRYO_AGENT_SOCKET", &agent.socket)
+                .env("CRYO_JOB", &agent.job);
+        }
+        Rank {
+            child: Some(cmd.spawn().unwrap()),
+            files: files.clone(),
+        }
+    }
+
+    /// Runs a rank to completion and returns its exit status.
+    pub fn run(spec: &RankSpec<'_>, files: &RankFiles) -> ExitStatus {
+        Rank::start(spec, files).wait()
+    }
+
+    /// Waits until its log has at least `n` lines.
+    pub fn wait_lines(&mut self, n: usize) {
+        let log = self.files.log.clone();
+        let stderr = self.files.stderr.clone();
+        let child = self.child.as_mut().unwrap();
+        wait_until(
+            &format!("{n} log lines in {}", log.display()),
+            Duration::from_secs(60),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "rank exited early with {status}: {}",
+                        fs::read_to_string(&stderr).unwrap_or_default()
+                    );
+                }
+                lines(&log) >= n
+            },
+        );
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("rank did not finish within 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(files: &RankFiles) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = fs::File::open(&files.stderr) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+}
+
+impl Drop for Rank {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A deterministic input file of `len` bytes.
+pub fn write_input(path: &Path, len: usize) {
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    fs::write(path, bytes).unwrap();
+}
+
+/// Asserts two files are byte-identical, naming them otherwise.
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let left = fs::read(a).unwrap_or_else(|e| panic!("reading {}: {e}", a.display()));
+    let right = fs::read(b).unwrap_or_else(|e| panic!("reading {}: {e}", b.display()));
+    if left != right {
+        let first = left
+            .iter()
+            .zip(&right)
+            .position(|(x, y)| x != y)
+            .unwrap_or(left.len().min(right.len()));
+        panic!(
+            "{} ({} bytes) and {} ({} bytes) differ from byte {first}",
+            a.display(),
+            left.len(),
+            b.display(),
+            right.len()
+        );
+    }
+}
+
+/// Builds the C example with `cc` against `cryo.h` and `libcryo_rank.so`,
+/// once per test process. `None` (with a loud message) when no C compiler
+/// is available.
+pub fn c_counter() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT.get_or_init(|| build_c_counter(false)).clone()
+}
+
+/// Like [`c_counter`], linked against the static `libcryo_rank.a`.
+pub fn c_counter_static() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT.get_or_init(|| build_c_counter(true)).clone()
+}
+
+fn build_c_counter(static_lib: bool) -> Option<PathBuf> {
+    {
+        {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .to_owned();
+            ensure_built();
+            let lib_dir = bin_dir();
+            assert!(
+                lib_dir.join("libcryo_rank.so").exists(),
+                "libcryo_rank.so is missing from {}: run `cargo build --workspace` first",
+                lib_dir.display()
+            );
+            let kind = if static_lib { "static" } else { "shared" };
+            let out =
+                std::env::temp_dir().join(format!("cryo-c-counter-{kind}-{}", std::process::id()));
+            let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+            cc.arg("-O2")
+                .arg("-Wall")
+                .arg("-Werror")
+                .arg("-o")
+                .arg(&out)
+                .arg(root.join("examples/c/counter.c"))
+                .arg("-I")
+                .arg(root.join("rank/include"));
+            if static_lib {
+                cc.arg(lib_dir.join("libcryo_rank.a"))
+                    .args(["-lpthread", "-ldl", "-lm"]);
+            } else {
+                cc.arg("-L")
+                    .arg(&lib_dir)
+                    .arg("-lcryo_rank")
+                    .arg(format!("-Wl,-rpath,{}", lib_dir.display()));
+            }
+            let status = cc.status();
+            match status {
+                Ok(s) if s.success() => Some(out),
+                Ok(s) => panic!("compiling examples/c/counter.c failed: {s}"),
+                Err(err) => {
+                    eprintln!("\n!!!!! SKIPPING C EXAMPLE TESTS: no C compiler ({err}) !!!!!\n");
+                    None
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! End to end on one node: real `cryo-agent`, real example ranks (Rust and
+//! C), real files. Each checkpointed run must end byte-identical (log and
+//! final state) to an uninterrupted run of the same program.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use cryo_core::manifest::{FdRestore, RegionKind};
+use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
+use cryo_tests::{
+    assert_same_file, c_counter, c_counter_static, lines, wait_until, write_input, Agent, Program,
+    Rank, RankFiles, RankSpec,
+};
+
+const STEPS: u64 = 100;
+const STEP_MS: u64 = 15;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    input: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    Setup { dir, input }
+}
+
+/// An uninterrupted run without an agent.
+fn reference(setup: &Setup, program: &Program, rank: u32, state_mb: u64) -> RankFiles {
+    let files = RankFiles::new(setup.dir.path(), &format!("ref-{rank}"), &setup.input);
+    let spec = RankSpec {
+        program,
+        rank,
+        agent: None,
+        steps: STEPS,
+        state_mb,
+        step_ms: 0,
+    };
+    let status = Rank::run(&spec, &files);
+    assert!(
+        status.success(),
+        "reference run failed: {}",
+        Rank::stderr(&files)
+    );
+    files
+}
+
+fn spec<'a>(program: &'a Program, rank: u32, agent: &'a Agent, state_mb: u64) -> RankSpec<'a> {
+    RankSpec {
+        program,
+        rank,
+        agent: Some(agent),
+        steps: STEPS,
+        state_mb,
+        step_ms: STEP_MS,
+    }
+}
+
+/// Runs `program` as rank 0 with a checkpoint → kill -9 → restart cycle at
+/// each of `at` log lines, then to the end; compares with a reference.
+fn cycles(program: &Program, at: &[usize], state_mb: u64, agent_args: &[&str]) -> (Setup, Agent) {
+    let setup = setup();
+    let reference = reference(&setup, program, 0, state_mb);
+    let agent = Agent::start(setup.dir.path(), "job1", agent_args);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = spec(program, 0, &agent, state_mb);
+    let mut rank = Rank::start(&spec, &files);
+    for (cycle, &lines_at) in at.iter().enumerate() {
+        rank.wait_lines(lines_at);
+        let report = agent.checkpoint();
+        assert_eq!(report.ranks.len(), 1);
+        let saved_lines = lines(&files.log);
+        // Let the rank run past the checkpoint, so the restart has output
+        // to cut back.
+        rank.wait_lines(saved_lines + 3);
+        rank.kill9();
+        let epoch = agent.arm_restart();
+        assert_eq!(epoch, report.epoch, "cycle {cycle}");
+        rank = Rank::start(&spec, &files);
+        wait_until(
+            "the restarted rank to register",
+            Duration::from_secs(20),
+            || Rank::stderr(&files).contains("restarted from epoch"),
+        );
+    }
+    let status = rank.wait();
+    assert!(
+        status.success(),
+        "final run failed: {}",
+        Rank::stderr(&files)
+    );
+    assert_eq!(lines(&files.log), STEPS as usize);
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+    (setup, agent)
+}
+
+#[test]
+fn rust_checkpoint_kill_restart_is_byte_identical() {
+    let (_setup, agent) = cycles(&Program::Rust, &[50], 8, &["--copy-budget", "64MiB"]);
+    // What the manifest says about the rank's fds, mappings and regions.
+    let job = agent.job_store();
+    let manifest = job.load_manifest(1).unwrap();
+    let rank = &manifest.ranks[0];
+    let log = rank
+        .fds
+        .iter()
+        .find(|f| f.path.ends_with("run-0.log"))
+        .expect("log fd recorded");
+    assert_eq!(log.restore, FdRestore::Restore);
+    assert_eq!(log.offset, log.size_at_checkpoint);
+    for fd in 0..=2 {
+        let std = rank
+            .fds
+            .iter()
+            .find(|f| f.fd == fd)
+            .expect("standard stream recorded");
+        assert!(
+            matches!(&std.restore, FdRestore::NotRestored(why) if why.contains("standard")),
+            "{std:?}"
+        );
+    }
+    let runtime: Vec<_> = rank
+        .fds
+        .iter()
+        .filter(|f| matches!(&f.restore, FdRestore::NotRestored(why) if why == "cryo runtime"))
+        .collect();
+    assert_eq!(runtime.len(), 2, "socket and control page: {:?}", rank.fds);
+    let kinds: Vec<(&str, &RegionKind)> = rank
+        .regions
+        .iter()
+        .map(|r| (r.name.as_str(), &r.kind))
+        .collect();
+    assert!(matches!(kinds[0], ("state", RegionKind::Anonymous)));
+    assert!(matches!(kinds[1], ("input", RegionKind::FileShared { .. })));
+    assert!(matches!(kinds[2], ("meta", RegionKind::Protected)));
+    assert!(rank
+        .mappings
+        .iter()
+        .any(|m| m.region.as_deref() == Some("state")));
+    assert!(agent.log_text().contains("restart.done"));
+}
+
+#[test]
+fn three_checkpoint_kill_restart_cycles_in_one_run() {
+    cycles(
+        &Program::Rust,
+        &[25, 50, 75],
+        8,
+        &["--copy-budget", "64MiB"],
+    );
+}
+
+#[test]
+fn c_example_checkpoint_kill_restart_is_byte_identical() {
+    let Some(path) = c_counter() else { return };
+    cycles(&Program::C(path), &[50], 8, &["--copy-budget", "64MiB"]);
+}
+
+#[test]
+fn c_example_linked_statically_is_restartable() {
+    let Some(path) = c_counter_static() else {
+        return;
+    };
+    cycles(&Program::C(path), &[30], 2, &["--copy-budget", "16MiB"]);
+}
+
+#[test]
+fn state_over_the_copy_budget_is_streamed_with_bounded_memory() {
+    let (_setup, agent) = cycles(&Program::Rust, &[50], 96, &["--copy-budget", "8MiB"]);
+    match agent.request(&ControlRequest::Status) {
+        ControlResponse::Status(status) => {
+            assert_eq!(status.copy_budget, 8 << 20);
+            assert!(
+                status.peak_rss_bytes < 80 << 20,
+                "agent peak RSS {} for 96 MiB of state with an 8 MiB budget",
+                status.peak_rss_bytes
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        agent.log_text().contains("streamed=true"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn four_ranks_checkpointed_in_parallel() {
+    let setup = setup();
+    let program = Program::Rust;
+    let refs: Vec<RankFiles> = (0..4).map(|r| reference(&setup, &program, r, 8)).collect();
+    let agent = Agent::start(
+        setup.dir.path(),
+        "job4",
+        &["--copy-budget", "128MiB", "--ranks", "4"],
+    );
+    let files: Vec<RankFiles> = (0..4)
+        .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
+        .collect();
+    let specs: Vec<RankSpec<'_>> = (0..4).map(|r| spec(&program, r, &agent, 8)).collect();
+    let mut ranks: Vec<Rank> = (0..4).map(|r| Rank::start(&specs[r], &files[r])).collect();
+    for rank in &mut ranks {
+        rank.wait_lines(40);
+    }
+    agent.wait_ranks(4);
+    let report = agent.checkpoint();
+    assert_eq!(
+        report.ranks.iter().map(|r| r.rank).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    for (rank, f) in ranks.iter_mut().zip(&files) {
+        rank.wait_lines(lines(&f.log) + 2);
+    }
+    for rank in ranks {
+        rank.kill9();
+    }
+    agent.arm_restart();
+    let restarted: Vec<Rank> = (0..4).map(|r| Rank::start(&specs[r], &files[r])).collect();
+    for (r, rank) in restarted.into_iter().enumerate() {
+        let status = rank.wait();
+        assert!(status.success(), "rank {r}: {}", Rank::stderr(&files[r]));
+        assert!(Rank::stderr(&files[r]).contains("restarted from epoch"));
+        assert_same_file(&files[r].log, &refs[r].log);
+        assert_same_file(&files[r].final_state, &refs[r].final_state);
+    }
+}
+
+#[test]
+fn second_checkpoint_writes_only_changed_chunks() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "inc", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    // Slow steps, so that few steps pass between the two checkpoints.
+    let spec = RankSpec {
+        step_ms: 100,
+        ..spec(&program, 0, &agent, 32)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(5);
+    let before_first = lines(&files.log);
+    let first = agent.checkpoint();
+    rank.wait_lines(lines(&files.log) + 2);
+    let second = agent.checkpoint();
+    let after_second = lines(&files.log);
+    rank.kill9();
+    // 32 MiB + a header page = 33 chunks, the input 1, the protected buffer 1.
+    assert_eq!(first.stats.chunks, 35);
+    assert_eq!(first.stats.new_chunks, 35, "{:?}", first.stats);
+    // Each step rewrites one 256 KiB block (a quarter of a chunk; blocks
+    // start after the header page, so a run of them may straddle one more
+    // chunk), plus the header chunk and the protected buffer.
+    let steps = (after_second - before_first) as u64;
+    assert_eq!(second.stats.chunks, 35);
+    assert!(
+        second.stats.new_chunks <= steps / 4 + 4,
+        "second checkpoint wrote {} new chunks after at most {steps} steps",
+        second.stats.new_chunks
+    );
+    assert!(
+        second.stats.new_raw_bytes * 2 < first.stats.new_raw_bytes,
+        "{:?} vs {:?}",
+        second.stats,
+        first.stats
+    );
+}
+
+#[test]
+fn restart_is_refused_clearly_when_a_file_vanished() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "gone", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let spec = spec(&program, 0, &agent, 8);
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(20);
+    agent.checkpoint();
+    rank.kill9();
+    fs::remove_file(&files.log).unwrap();
+    agent.arm_restart();
+    let status = Rank::run(&spec, &files);
+    assert!(!status.success());
+    let err = Rank::stderr(&files);
+    assert!(
+        err.contains("vanished")
+            && err.contains(&files.log.display().to_string())
+            && err.contains("rank 0"),
+        "{err}"
+    );
+    assert!(
+        !files.log.exists(),
+        "a refused restart must not re-create the file"
+    );
+    wait_until(
+        "restart.failed in the agent log",
+        Duration::from_secs(10),
+        || agent.log_text().contains("restart.failed"),
+    );
+}
+
+#[test]
+fn restart_is_refused_when_a_file_shrank_below_its_offset() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "shrunk", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let spec = spec(&program, 0, &agent, 8);
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(20);
+    agent.checkpoint();
+    rank.kill9();
+    fs::write(&files.log, b"short\n").unwrap();
+    agent.arm_restart();
+    assert!(!Rank::run(&spec, &files).success());
+    let err = Rank::stderr(&files);
+    assert!(err.contains("shrank") && err.contains("run-0.log"), "{err}");
+}
+
+fn corrupt_state_chunk(store: &cryo_core::JobStore, epoch: u64) {
+    let manifest = store.load_manifest(epoch).unwrap();
+    let state = manifest.ranks[0]
+        .regions
+        .iter()
+        .find(|r| r.name == "state")
+        .unwrap();
+    let path = store.chunk_path(&state.chunks[1].hash);
+    let mut bytes = fs::read(&path).unwrap();
+    let at = bytes.len() - 7;
+    bytes[at] ^= 0x5a;
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn corrupt_chunk_is_detected_at_restart() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "bad", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let spec = spec(&program, 0, &agent, 8);
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(20);
+    let report = agent.checkpoint();
+    rank.kill9();
+    corrupt_state_chunk(&agent.job_store(), report.epoch);
+    agent.arm_restart();
+    assert!(!Rank::run(&spec, &files).success());
+    let err = Rank::stderr(&files);
+    assert!(
+        err.contains("corrupt") && err.contains("\"state\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn busy_checkpoint_is_refused_with_a_clear_message_or_waits() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "busy", &["--copy-budget", "256MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let spec = RankSpec {
+        step_ms: 30,
+        steps: 100_000,
+        ..spec(&program, 0, &agent, 192)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(3);
+    let first = match agent.request(&ControlRequest::Checkpoint {
+        epoch: None,
+        if_busy: BusyPolicy::Refuse,
+        until: Completion::Resumed,
+    }) {
+        ControlResponse::Checkpoint(report) => report,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        !first.committed,
+        "answered at resume, before the data drained"
+    );
+    // 192 MiB are still being hashed, compressed and written.
+    match agent.request(&ControlRequest::Checkpoint {
+        epoch: None,
+        if_busy: BusyPolicy::Refuse,
+        until: Completion::Committed,
+    }) {
+        ControlResponse::Busy { epoch, reason } => {
+            assert_eq!(epoch, first.epoch);
+            assert!(reason.contains("still in progress"), "{reason}");
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    let second = agent.checkpoint(); // waits for the first to commit
+    assert_eq!(second.epoch, first.epoch + 1);
+    let job = agent.job_store();
+    assert_eq!(
+        job.committed_epochs().unwrap(),
+        vec![first.epoch, second.epoch]
+    );
+    for epoch in [first.epoch, second.epoch] {
+        assert!(job
+            .verify_manifest(&job.load_manifest(epoch).unwrap())
+            .is_ok());
+    }
+    rank.kill9();
+}
+
+#[test]
+fn rank_that_never_reaches_a_safe_point_aborts_the_epoch_cleanly() {
+    let setup = setup();
+    let agent = Agent::start(
+        setup.dir.path(),
+        "slow",
+        &["--copy-budget", "64MiB", "--park-timeout", "0.3"],
+    );
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let spec = RankSpec {
+        step_ms: 1500,
+        steps: 4,
+        ..spec(&program, 0, &agent, 1)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(1);
+    agent.wait_ranks(1);
+    match agent.request(&ControlRequest::Checkpoint {
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    }) {
+        ControlResponse::Failed { reason, .. } => {
+            assert!(reason.contains("safe point"), "{reason}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(
+        agent.job_store().committed_epochs().unwrap(),
+        Vec::<u64>::new()
+    );
+    // The rank was never parked: it runs to the end.
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    assert_eq!(lines(&files.log), 4);
+}
+
+#[test]
+fn command_line_checkpoint_restart_and_status() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "cli", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let program = Program::Rust;
+    let mut rank = Rank::start(&spec(&program, 0, &agent, 4), &files);
+    rank.wait_lines(5);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(cryo_tests::bin("cryo-agent"))
+            .args(args)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(&["checkpoint"]);
+    assert!(
+        text.contains("epoch 1 of job cli")
+            && text.contains("committed")
+            && text.contains("peak RSS"),
+        "{text}"
+    );
+    let json = run(&["checkpoint", "--json"]);
+    assert!(
+        json.contains("\"epoch\":2") && json.contains("\"committed\":true"),
+        "{json}"
+    );
+    let status = run(&["status"]);
+    assert!(status.contains("last committed: Some(2)"), "{status}");
+    let armed = run(&["restart", "--epoch", "1"]);
+    assert!(armed.contains("epoch 1"), "{armed}");
+    rank.kill9();
+    assert!(Path::new(&agent.socket).exists());
+}
