@@ -115,6 +115,11 @@ enum RankEvent {
         at: Instant,
     },
     Gone(String),
+    /// The rank refused to park for the epoch (MPI: message in flight).
+    Refused {
+        epoch: u64,
+        reason: String,
+    },
 }
 
 /// The control page of a rank, mapped in the agent.
@@ -485,6 +490,10 @@ impl Shared {
                 }
                 Ok(RankToAgent::RestoreFailed { epoch, error }) => {
                     tracing::error!(job = %job, rank, pid, epoch, error = %error, "restart.failed");
+                }
+                Ok(RankToAgent::Refused { epoch, reason }) => {
+                    tracing::warn!(job = %job, rank, pid, epoch, reason = %reason, "rank.refused");
+                    let _ = tx.send(RankEvent::Refused { epoch, reason });
                 }
                 Ok(RankToAgent::Goodbye) => break "finalized".to_owned(),
                 Err(err) if err.is_disconnect() => break "disconnected".to_owned(),
@@ -896,6 +905,10 @@ impl Shared {
                 Ok(RankEvent::Gone(why)) => {
                     return Err(format!("{who} left before reaching a safe point ({why})"))
                 }
+                Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
+                    return Err(format!("{who} refused to park: {reason}"))
+                }
+                Ok(RankEvent::Refused { .. }) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(format!("{who} disconnected")),
                 Err(RecvTimeoutError::Timeout) if withdrawn => {
                     return Err(format!(

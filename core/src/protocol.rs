@@ -576,6 +576,14 @@ pub enum RankToAgent {
     },
     /// The rank is finalizing.
     Goodbye,
+    /// The ranks agreed on `epoch` but refused to park (MPI mode: a message
+    /// was in flight at the safe point); the rank carries on.
+    Refused {
+        /// The epoch.
+        epoch: u64,
+        /// Why, naming the rank and the message.
+        reason: String,
+    },
 }
 
 impl Message for RankToAgent {

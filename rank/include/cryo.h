@@ -44,6 +44,16 @@ typedef enum cryo_status {
  * before this returns. */
 int cryo_init(void);
 
+/* For MPI programs (include <mpi.h> before cryo.h): like cryo_init, and
+ * attaches cryo's quiesce protocol to a duplicate of comm, so that all ranks
+ * checkpoint at the same safe point with no message in flight. The program
+ * owns MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize, and
+ * call cryo_checkpoint_point the same number of times on every rank.
+ * Built against MPICH. */
+#if defined(MPI_VERSION)
+int cryo_init_mpi(MPI_Comm comm);
+#endif
+
 /* An anonymous region of len bytes at a deterministic address, stored in
  * *out. On a restart, a region of the same name gets its saved contents. */
 int cryo_region(const char *name, size_t len, void **out);

@@ -86,6 +86,9 @@ pub enum InitError {
     /// Restoring from a checkpoint failed.
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    /// MPI is not usable for the quiesce protocol.
+    #[error("MPI: {0}")]
+    Mpi(String),
 }
 
 /// Restoring a rank's files or loading its record failed.
@@ -282,5 +285,13 @@ pub enum CheckpointError {
         epoch: u64,
         /// What arrived.
         what: String,
+    },
+    /// An MPI call of the quiesce protocol failed.
+    #[error("rank {rank}: MPI quiesce failed: {detail}")]
+    Mpi {
+        /// The rank.
+        rank: u32,
+        /// Which call and its error.
+        detail: String,
     },
 }

@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
-use crate::{runtime, Backing, CheckpointError, InitError, RegionError, SafePoint};
+use crate::{runtime, Backing, InitError, RegionError, SafePoint};
 
 /// Success.
 pub const CRYO_OK: c_int = 0;
@@ -130,6 +130,27 @@ pub unsafe extern "C" fn cryo_init() -> c_int {
     guard(|| match runtime::init() {
         Ok(_) => CRYO_OK,
         Err(err) => set_error(init_code(&err), err.to_string()),
+    })
+}
+
+/// Like [`cryo_init`], for an MPI rank: also attaches the quiesce protocol to
+/// a duplicate of `comm`, so every rank checkpoints at the same safe point.
+/// The application owns `MPI_Init`/`MPI_Finalize` and calls
+/// `cryo_finalize` before `MPI_Finalize`.
+///
+/// # Safety
+///
+/// `comm` is a valid communicator of an initialised MPI library (MPICH's
+/// `MPI_Comm`), used by the calling thread.
+#[cfg(feature = "mpi")]
+#[no_mangle]
+pub unsafe extern "C" fn cryo_init_mpi(comm: mpi::ffi::MPI_Comm) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        match unsafe { crate::quiesce::init_mpi_raw(comm) } {
+            Ok(_) => CRYO_OK,
+            Err(err) => set_error(init_code(&err), err.to_string()),
+        }
     })
 }
 
@@ -271,9 +292,7 @@ pub unsafe extern "C" fn cryo_checkpoint_point() -> c_int {
         Ok(SafePoint::Continue) => CRYO_CONTINUE,
         Ok(SafePoint::Checkpointed(_)) => CRYO_CHECKPOINTED,
         Ok(SafePoint::Aborted(_)) => CRYO_ABORTED,
-        Err(err @ (CheckpointError::Agent { .. } | CheckpointError::Unexpected { .. })) => {
-            -set_error(CRYO_ERR_CHECKPOINT, err.to_string())
-        }
+        Err(err) => -set_error(CRYO_ERR_CHECKPOINT, err.to_string()),
     })
 }
 

@@ -21,12 +21,16 @@
 pub mod error;
 pub mod ffi;
 pub mod files;
+#[cfg(feature = "mpi")]
+pub mod quiesce;
 mod runtime;
 
 use std::sync::atomic::Ordering;
 
 pub use error::{CheckpointError, InitError, RegionError, RestoreError};
 pub use files::FilePolicy;
+#[cfg(feature = "mpi")]
+pub use quiesce::{init_mpi, init_mpi_raw};
 pub use runtime::{
     finalize, init, init_with, protect, region, restored_epoch, Backing, Config, InitInfo,
     SafePoint, DEFAULT_REGION_BASE, DEFAULT_REGION_RESERVE, RUNTIME_FD_FLOOR,
@@ -39,6 +43,10 @@ pub use runtime::{
 /// has copied its memory.
 #[inline]
 pub fn checkpoint_point() -> Result<SafePoint, CheckpointError> {
+    #[cfg(feature = "mpi")]
+    if quiesce::MPI_MODE.load(Ordering::Relaxed) {
+        return quiesce::mpi_safe_point();
+    }
     let flag = runtime::FLAG.load(Ordering::Relaxed);
     // SAFETY: FLAG always points at a live AtomicU64: the static IDLE word
     // or the control page's request word, which is never unmapped.

@@ -816,7 +816,6 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
     let Some(conn) = runtime.conn.as_ref() else {
         return Ok(SafePoint::Continue);
     };
-    let rank = runtime.config.rank;
     let page = conn.page();
     // Clear the request first so that the next safe point does not park
     // again for the same epoch; a newer request overwrites it later.
@@ -833,6 +832,71 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
             newer
         }
     };
+    park_epoch(runtime, conn, epoch)
+}
+
+/// The epoch this rank's agent has requested (0 for none).
+pub(crate) fn requested_epoch() -> u64 {
+    let flag = FLAG.load(Ordering::Relaxed);
+    // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
+    unsafe { &*flag }.load(Ordering::Acquire)
+}
+
+/// Parks for `epoch`, which all ranks agreed on (MPI mode). The local
+/// request may not have been raised yet, or already withdrawn: the rank
+/// parks all the same, and its agent answers `Resume` or `Abort`.
+pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
+    let guard = lock();
+    let Some((runtime, conn)) = guard
+        .as_ref()
+        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
+    else {
+        return Ok(SafePoint::Continue);
+    };
+    let _ = conn.page().checkpoint_requested.compare_exchange(
+        epoch,
+        0,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    park_epoch(runtime, conn, epoch)
+}
+
+/// Tells the agent that this rank refuses `epoch` and why (MPI mode: a
+/// message was in flight at the agreed safe point).
+pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, CheckpointError> {
+    let guard = lock();
+    let Some((runtime, conn)) = guard
+        .as_ref()
+        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
+    else {
+        return Ok(SafePoint::Aborted(epoch));
+    };
+    let rank = runtime.config.rank;
+    let _ = conn.page().checkpoint_requested.compare_exchange(
+        epoch,
+        0,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.quiesce_refused");
+    write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason }).map_err(|source| {
+        CheckpointError::Agent {
+            rank,
+            epoch,
+            source,
+        }
+    })?;
+    Ok(SafePoint::Aborted(epoch))
+}
+
+fn park_epoch(
+    runtime: &Runtime,
+    conn: &Connection,
+    epoch: u64,
+) -> Result<SafePoint, CheckpointError> {
+    let rank = runtime.config.rank;
+    let page = conn.page();
     page.parked_epoch.store(epoch, Ordering::Release);
     let parked = RankToAgent::Parked {
         epoch,
@@ -879,6 +943,8 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
 
 /// Says goodbye to the agent and stops checkpointing. Regions stay mapped.
 pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    crate::quiesce::detach();
     let mut guard = lock();
     FLAG.store(
         &IDLE as *const AtomicU64 as *mut AtomicU64,

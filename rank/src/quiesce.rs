@@ -1,0 +1,286 @@
+//! MPI-aware quiesce: every rank checkpoints at the same safe point, with no
+//! message in flight.
+//!
+//! The agents of different nodes raise their ranks' request flags at
+//! slightly different moments, so a rank cannot act on its own flag. Instead
+//! the ranks agree, with a non-blocking `MPI_Iallreduce(MAX)` of their flags
+//! on a private duplicate of the application's communicator:
+//!
+//! * safe points are numbered `1, 2, 3, …` on every rank (the application
+//!   calls the safe point the same number of times on every rank: an SPMD
+//!   loop);
+//! * at every index that is a multiple of `L` (the interval), each rank
+//!   completes the round started `L` safe points earlier (`MPI_Wait`, which
+//!   normally finds it complete) and then starts the next round with its
+//!   current flag;
+//! * between those indices a safe point only loads the flag and calls
+//!   `MPI_Test` to drive progress: a flag check plus an MPI request test;
+//! * a round's result is acted on only at the index where it is completed,
+//!   which is the same on every rank, so if any rank's flag was raised, every
+//!   rank learns it at the same safe-point index. They then enter a barrier
+//!   and park.
+//!
+//! **Why no message is in flight.** All ranks are inside the same safe point
+//! (the barrier proves it), and the application promises that its state is
+//! consistent there: every message it sent before the safe point was received
+//! before it. The runtime checks what it can see: after the barrier each
+//! rank probes the application's communicator (`MPI_Iprobe`, any source, any
+//! tag); a message waiting there was sent before the safe point and not yet
+//! received. The ranks agree on the result (`MPI_Allreduce`), and if any rank
+//! saw one, every rank refuses the checkpoint, naming the sender and tag, and
+//! carries on. The runtime's own rounds never cross a checkpoint: the round
+//! that decided it is complete, and no new round starts until all have
+//! resumed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use mpi::ffi;
+use mpi::topology::Communicator;
+
+use crate::error::{CheckpointError, InitError};
+use crate::runtime::{self, InitInfo, SafePoint};
+
+/// Environment variable: safe points between agreement rounds (default 1).
+pub const ENV_QUIESCE_INTERVAL: &str = "CRYO_QUIESCE_INTERVAL";
+
+/// Set once `init_mpi` has attached a communicator.
+pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
+static STATE: Mutex<Option<Quiesce>> = Mutex::new(None);
+
+struct Round {
+    request: ffi::MPI_Request,
+    // Boxed so their addresses stay fixed while MPI owns them.
+    send: Box<u64>,
+    recv: Box<u64>,
+}
+
+struct Quiesce {
+    /// Private duplicate: our rounds never match the application's messages.
+    comm: ffi::MPI_Comm,
+    /// The application's communicator, probed for messages in flight.
+    app_comm: ffi::MPI_Comm,
+    rank: i32,
+    interval: u64,
+    counter: u64,
+    round: Option<Round>,
+}
+
+// SAFETY: MPI handles are plain integers in MPICH; they are only used by the
+// thread that calls the safe point, one call at a time (the Mutex).
+unsafe impl Send for Quiesce {}
+
+fn mpi_check(code: std::os::raw::c_int, call: &'static str) -> Result<(), String> {
+    if i64::from(code) == i64::from(ffi::MPI_SUCCESS) {
+        Ok(())
+    } else {
+        Err(format!("{call} failed with MPI error {code}"))
+    }
+}
+
+/// Initialises the runtime for an MPI rank whose application owns
+/// `MPI_Init`: registers with the agent (see [`runtime::init`]) and attaches
+/// the quiesce protocol to a duplicate of `comm`.
+pub fn init_mpi<C: Communicator>(comm: &C) -> Result<InitInfo, InitError> {
+    // SAFETY: `comm` is a live communicator owned by the caller.
+    unsafe { init_mpi_raw(comm.as_raw()) }
+}
+
+/// [`init_mpi`] from a raw communicator handle (the C API).
+///
+/// # Safety
+/// `comm` must be a valid communicator of an initialised MPI library, used
+/// by this thread.
+pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
+    let mut initialised = 0;
+    // SAFETY: MPI_Initialized may be called at any time.
+    unsafe { ffi::MPI_Initialized(&mut initialised) };
+    if initialised == 0 {
+        return Err(InitError::Mpi(
+            "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
+        ));
+    }
+    let interval = match std::env::var(ENV_QUIESCE_INTERVAL) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| InitError::BadEnv {
+                var: ENV_QUIESCE_INTERVAL,
+                value: text.clone(),
+                why: "not a positive number of safe points".into(),
+            })?,
+        Err(_) => 1,
+    };
+    let mut dup: ffi::MPI_Comm = comm;
+    let mut rank = 0;
+    // SAFETY: `comm` is valid per the contract; `dup` and `rank` are
+    // out-parameters that live across the calls.
+    unsafe {
+        mpi_check(ffi::MPI_Comm_dup(comm, &mut dup), "MPI_Comm_dup").map_err(InitError::Mpi)?;
+        mpi_check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank").map_err(InitError::Mpi)?;
+    }
+    let info = runtime::init()?;
+    if i64::from(rank) != i64::from(info.rank) {
+        return Err(InitError::Mpi(format!(
+            "the agent registered this process as rank {}, but it is rank {rank} of the communicator",
+            info.rank
+        )));
+    }
+    *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Quiesce {
+        comm: dup,
+        app_comm: comm,
+        rank,
+        interval,
+        counter: 0,
+        round: None,
+    });
+    MPI_MODE.store(true, Ordering::Release);
+    Ok(info)
+}
+
+/// The safe point in MPI mode.
+#[cold]
+pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(q) = guard.as_mut() else {
+        return Ok(SafePoint::Continue);
+    };
+    q.counter += 1;
+    let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
+    let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
+    if q.counter % q.interval != 0 {
+        if let Some(round) = q.round.as_mut() {
+            let mut done = 0;
+            // SAFETY: the request is live (owned by this round) and `done`
+            // is a valid out-parameter.
+            let code =
+                unsafe { ffi::MPI_Test(&mut round.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+            mpi_check(code, "MPI_Test").map_err(mpi_err)?;
+        }
+        return Ok(SafePoint::Continue);
+    }
+    // A round boundary: the same index on every rank.
+    let decided = match q.round.take() {
+        Some(mut round) => {
+            // SAFETY: the request is live; MPI_Wait also accepts a request
+            // that MPI_Test already completed (it is then MPI_REQUEST_NULL).
+            let code = unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
+            mpi_check(code, "MPI_Wait").map_err(mpi_err)?;
+            *round.recv
+        }
+        None => 0,
+    };
+    if decided != 0 {
+        let result = checkpoint(q);
+        drop(guard);
+        return result.and_then(|outcome| match outcome {
+            Outcome::Park => runtime::park_decided(decided),
+            Outcome::Refused(reason) => runtime::refuse(decided, reason),
+        });
+    }
+    start_round(q).map_err(mpi_err)?;
+    Ok(SafePoint::Continue)
+}
+
+fn start_round(q: &mut Quiesce) -> Result<(), String> {
+    let mut round = Round {
+        // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial value.
+        request: unsafe { ffi::RSMPI_REQUEST_NULL },
+        send: Box::new(runtime::requested_epoch()),
+        recv: Box::new(0),
+    };
+    // SAFETY: the buffers are boxed and owned by the round, which outlives
+    // the request (it is waited on before being dropped); the communicator
+    // is our private duplicate.
+    let code = unsafe {
+        ffi::MPI_Iallreduce(
+            (&*round.send as *const u64).cast(),
+            (&mut *round.recv as *mut u64).cast(),
+            1,
+            ffi::RSMPI_UINT64_T,
+            ffi::RSMPI_MAX,
+            q.comm,
+            &mut round.request,
+        )
+    };
+    mpi_check(code, "MPI_Iallreduce")?;
+    q.round = Some(round);
+    Ok(())
+}
+
+enum Outcome {
+    Park,
+    Refused(String),
+}
+
+/// All ranks are at the same safe point and have decided to checkpoint:
+/// barrier, then check for messages in flight.
+fn checkpoint(q: &mut Quiesce) -> Result<Outcome, CheckpointError> {
+    let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
+    let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
+    // SAFETY: our private communicator; no buffers.
+    mpi_check(unsafe { ffi::MPI_Barrier(q.comm) }, "MPI_Barrier").map_err(mpi_err)?;
+    let mut pending = 0;
+    // SAFETY: a zeroed MPI_Status is a valid out-parameter.
+    let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+    // SAFETY: the application's communicator is live; out-parameters valid.
+    let code = unsafe {
+        ffi::MPI_Iprobe(
+            ffi::RSMPI_ANY_SOURCE,
+            ffi::RSMPI_ANY_TAG,
+            q.app_comm,
+            &mut pending,
+            &mut status,
+        )
+    };
+    mpi_check(code, "MPI_Iprobe").map_err(mpi_err)?;
+    let local: u64 = u64::from(pending != 0);
+    let mut any: u64 = 0;
+    // SAFETY: stack buffers that live across the blocking call.
+    let code = unsafe {
+        ffi::MPI_Allreduce(
+            (&local as *const u64).cast(),
+            (&mut any as *mut u64).cast(),
+            1,
+            ffi::RSMPI_UINT64_T,
+            ffi::RSMPI_MAX,
+            q.comm,
+        )
+    };
+    mpi_check(code, "MPI_Allreduce").map_err(mpi_err)?;
+    if any == 0 {
+        return Ok(Outcome::Park);
+    }
+    Ok(Outcome::Refused(if pending != 0 {
+        format!(
+            "rank {rank}: a message from rank {} (tag {}) was still in flight at the safe point; \
+             complete all communication before calling the safe point",
+            status.MPI_SOURCE, status.MPI_TAG
+        )
+    } else {
+        "another rank had a message in flight at the safe point".to_owned()
+    }))
+}
+
+/// Completes an outstanding round and frees the private communicator. Call
+/// before `MPI_Finalize` (every rank has the same round outstanding).
+pub(crate) fn detach() {
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(mut q) = guard.take() {
+        MPI_MODE.store(false, Ordering::Release);
+        let mut finalized = 0;
+        // SAFETY: may be called at any time.
+        unsafe { ffi::MPI_Finalized(&mut finalized) };
+        if finalized != 0 {
+            return;
+        }
+        if let Some(mut round) = q.round.take() {
+            // SAFETY: live request with boxed buffers still owned here.
+            unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
+        }
+        // SAFETY: our own duplicate, no longer used.
+        unsafe { ffi::MPI_Comm_free(&mut q.comm) };
+    }
+}
