@@ -2,18 +2,24 @@
 //!
 //! Exit codes: 0 success, 1 error, 2 `verify` found bad chunks or manifests.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use cryo_core::chunk::{Filter, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
+use cryo_core::protocol::{JobRequest, JobResponse, JobStatus};
 use cryo_core::store::Store;
 
 use crate::bench::{render_store_bench, run_store_bench, StoreBenchOptions};
 use crate::human::parse_size;
 use crate::inspect;
 use crate::logging::{self, LogFormat};
+use crate::registry::{JobCommand, Registry};
+use crate::session::{self, RunOptions};
+use crate::{human, launch};
 
 /// Exit code when `cryo verify` finds damage.
 pub const EXIT_VERIFY_FAILED: u8 = 2;
@@ -72,9 +78,105 @@ pub enum Command {
         #[arg(long)]
         job: Option<String>,
     },
+    /// Run an MPI job under cryo: `cryo run -n 4 -- ./app args`.
+    Run {
+        /// Job name (default: `slurm-$SLURM_JOB_ID` under Slurm, else the
+        /// program's name).
+        #[arg(long)]
+        job: Option<String>,
+        /// Launch options.
+        #[command(flatten)]
+        launch: LaunchArgs,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+        command: Vec<OsString>,
+    },
+    /// Relaunch a job from its newest committed epoch that verifies.
+    Restart {
+        /// The job.
+        job: String,
+        /// Restart from this epoch (default: the newest that verifies).
+        #[arg(long)]
+        epoch: Option<u64>,
+        /// Launch options.
+        #[command(flatten)]
+        launch: LaunchArgs,
+    },
+    /// Checkpoint a running job now; it keeps running.
+    Checkpoint {
+        /// The job.
+        job: String,
+        /// The store.
+        #[arg(long, env = "CRYO_STORE")]
+        store: PathBuf,
+    },
+    /// Checkpoint a running job, then stop it (exit code 75 for `cryo run`).
+    Preempt {
+        /// The job, or a Slurm job id (then the job is `slurm-<id>`).
+        job: String,
+        /// The store.
+        #[arg(long, env = "CRYO_STORE")]
+        store: PathBuf,
+    },
+    /// Show a running job: ranks, nodes, last epoch, checkpoint progress.
+    Status {
+        /// The job (default: every job with a live coordinator).
+        job: Option<String>,
+        /// The store.
+        #[arg(long, env = "CRYO_STORE")]
+        store: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Benchmarks (figures and ratios, not pass/fail).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Options shared by `run` and `restart`.
+#[derive(Debug, clap::Args)]
+pub struct LaunchArgs {
+    /// The checkpoint store (a shared directory).
+    #[arg(long, env = "CRYO_STORE")]
+    pub store: PathBuf,
+    /// MPI world size (for `restart`: must equal the checkpoint's).
+    #[arg(short = 'n', long = "ranks")]
+    pub ranks: Option<u32>,
+    /// Nodes and their ranks, e.g. `a:2,b:2` (emulated on this machine);
+    /// default: this host.
+    #[arg(long)]
+    pub nodes: Option<String>,
+    /// Checkpoint every SECS seconds.
+    #[arg(long, value_name = "SECS")]
+    pub interval: Option<f64>,
+    /// Committed epochs to keep.
+    #[arg(long, default_value_t = 3)]
+    pub keep: usize,
+    /// The MPI launcher (default: MPICH's mpiexec, else Open MPI's mpirun).
+    #[arg(long)]
+    pub launcher: Option<PathBuf>,
+    /// The cryo-agent binary (default: next to `cryo`).
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// Chunk size.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Copy budget per agent, e.g. `2GiB` (default: an eighth of RAM).
+    #[arg(long)]
+    pub copy_budget: Option<String>,
+    /// Abort a checkpoint not committed within SECS.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    pub checkpoint_timeout: f64,
+    /// How long agents wait for ranks to reach a safe point.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    pub park_timeout: f64,
+    /// Address the coordinator listens on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Node-local scratch for agent sockets and logs.
+    #[arg(long)]
+    pub scratch: Option<PathBuf>,
 }
 
 /// `cryo bench` subcommands.
@@ -154,6 +256,90 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", inspect::render_gc(&reports));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run {
+            job,
+            launch,
+            command,
+        } => {
+            let job = job.unwrap_or_else(|| default_job_name(&command[0]));
+            let ranks = launch.ranks.unwrap_or(1);
+            let cwd = std::env::current_dir().context("reading the working directory")?;
+            let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks);
+            session::run(run_options(job, ranks, launch, job_command, None)?)
+        }
+        Command::Restart { job, epoch, launch } => {
+            let store = Store::open(&launch.store)?;
+            let job_store = store.existing_job(&job)?;
+            let command = Registry::of(&job_store).command()?;
+            if let Some(ranks) = launch.ranks {
+                if ranks != command.world_size {
+                    bail!(
+                        "job {job:?} was checkpointed with {} ranks; a restart keeps the world size, so use -n {} (the ranks may land on any nodes)",
+                        command.world_size,
+                        command.world_size
+                    );
+                }
+            }
+            let epoch = session::choose_restart_epoch(&job_store, epoch)?;
+            let manifest = job_store.load_manifest(epoch)?;
+            if manifest.world_size != command.world_size {
+                bail!(
+                    "epoch {epoch} has {} ranks but the job's command says {}",
+                    manifest.world_size,
+                    command.world_size
+                );
+            }
+            eprintln!("cryo: restarting job {job:?} from epoch {epoch}");
+            let ranks = command.world_size;
+            session::run(run_options(job, ranks, launch, command, Some(epoch))?)
+        }
+        Command::Checkpoint { job, store } => {
+            let response = session::request(&store, &job, JobRequest::Checkpoint)?;
+            report_checkpoint(&job, &response)
+        }
+        Command::Preempt { job, store } => {
+            let job = if job.bytes().all(|b| b.is_ascii_digit()) {
+                format!("slurm-{job}")
+            } else {
+                job
+            };
+            let response = session::request(&store, &job, JobRequest::Preempt)?;
+            let code = report_checkpoint(&job, &response)?;
+            println!("job {job}: stopping");
+            Ok(code)
+        }
+        Command::Status { job, store, json } => {
+            let jobs = match job {
+                Some(job) => vec![job],
+                None => {
+                    let store_handle = Store::open(&store)?;
+                    store_handle
+                        .jobs()?
+                        .into_iter()
+                        .filter(|name| {
+                            store_handle
+                                .existing_job(name)
+                                .map(|j| Registry::of(&j).coordinator(name).is_ok())
+                                .unwrap_or(false)
+                        })
+                        .collect()
+                }
+            };
+            if jobs.is_empty() {
+                println!("no running jobs in {}", store.display());
+            }
+            for job in jobs {
+                match session::request(&store, &job, JobRequest::Status)? {
+                    JobResponse::Status(status) if json => {
+                        println!("{}", serde_json::to_string_pretty(&status)?)
+                    }
+                    JobResponse::Status(status) => print!("{}", render_status(&status)),
+                    JobResponse::Refused { reason } => bail!("job {job:?}: {reason}"),
+                    other => bail!("job {job:?}: unexpected answer {other:?}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Store {
             size,
             dir,
@@ -184,4 +370,178 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn default_job_name(program: &OsString) -> String {
+    if let Ok(id) = std::env::var("SLURM_JOB_ID") {
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+            return format!("slurm-{id}");
+        }
+    }
+    let base = PathBuf::from(program)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cleaned: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.').to_owned();
+    if cleaned.is_empty() {
+        "job".into()
+    } else {
+        cleaned
+    }
+}
+
+fn seconds(value: f64, what: &str) -> Result<Duration> {
+    if !value.is_finite() || value <= 0.0 {
+        bail!("{what} must be a positive number of seconds, not {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn run_options(
+    job: String,
+    ranks: u32,
+    launch: LaunchArgs,
+    command: JobCommand,
+    restart_from: Option<u64>,
+) -> Result<RunOptions> {
+    cryo_core::names::check_job_name(&job)?;
+    let nodes = match &launch.nodes {
+        Some(spec) => launch::parse_nodes(spec)?,
+        None => vec![launch::NodeSpec {
+            name: crate::registry::hostname(),
+            slots: None,
+        }],
+    };
+    let placement = launch::place(&nodes, ranks)?;
+    let scratch = launch
+        .scratch
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("cryo-{job}-{}", std::process::id())));
+    Ok(RunOptions {
+        store: launch.store,
+        job,
+        ranks,
+        placement,
+        interval: launch
+            .interval
+            .map(|s| seconds(s, "--interval"))
+            .transpose()?,
+        keep: launch.keep.max(1),
+        launcher: launch.launcher,
+        agent_bin: launch.agent,
+        chunk_size: usize::try_from(launch.chunk_size).context("chunk size too large")?,
+        copy_budget: launch.copy_budget,
+        checkpoint_timeout: seconds(launch.checkpoint_timeout, "--checkpoint-timeout")?,
+        park_timeout: seconds(launch.park_timeout, "--park-timeout")?,
+        listen: launch.listen,
+        restart_from,
+        command,
+        scratch,
+    })
+}
+
+fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {
+    match response {
+        JobResponse::Committed {
+            epoch,
+            max_pause_us,
+            bytes,
+            written,
+            elapsed_ms,
+        } => {
+            println!(
+                "job {job}: epoch {epoch} committed: {} copied, longest rank pause {:.1} ms, {} written, {:.2} s",
+                human::bytes(*bytes),
+                *max_pause_us as f64 / 1000.0,
+                human::bytes(*written),
+                *elapsed_ms as f64 / 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        JobResponse::Aborted { epoch, reason } => {
+            eprintln!(
+                "job {job}: epoch {epoch} aborted: {reason}; the previous committed epoch stands"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        JobResponse::Refused { reason } => {
+            eprintln!("job {job}: checkpoint refused: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        JobResponse::Status(_) => bail!("unexpected answer from the coordinator"),
+    }
+}
+
+/// Renders `cryo status` with a progress bar for a checkpoint in flight.
+pub fn render_status(status: &JobStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "job {}: {} ranks", status.job, status.world_size);
+    for node in &status.nodes {
+        let ranks: std::collections::BTreeSet<u32> = node.ranks.iter().copied().collect();
+        let _ = writeln!(
+            out,
+            "  node {:<16} ranks {:<12} {}",
+            node.node,
+            crate::epoch::render_ranks(&ranks),
+            if node.connected {
+                "agent connected"
+            } else {
+                "AGENT LOST"
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  last committed epoch: {}{}",
+        status
+            .last_committed
+            .map_or("none".into(), |e| e.to_string()),
+        status
+            .restarted_from
+            .map(|e| format!(" (restarted from epoch {e})"))
+            .unwrap_or_default()
+    );
+    match &status.in_progress {
+        None => {
+            let _ = writeln!(out, "  no checkpoint in progress");
+        }
+        Some(p) => {
+            let world = status.world_size.max(1);
+            let done = if p.ranks_copied < world {
+                p.ranks_copied
+            } else {
+                p.ranks_durable
+            };
+            let width = 30u32;
+            let filled = (done * width / world).min(width) as usize;
+            let secs = p.elapsed_ms as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "  epoch {} {}: [{}{}] {}/{} ranks copied, {}/{} durable, {} copied, {} written, {}",
+                p.epoch,
+                p.phase,
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                p.ranks_copied,
+                status.world_size,
+                p.ranks_durable,
+                status.world_size,
+                human::bytes(p.bytes_copied),
+                human::bytes(p.bytes_written),
+                human::rate(p.bytes_copied, secs)
+            );
+        }
+    }
+    out
 }

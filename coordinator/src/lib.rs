@@ -10,3 +10,5 @@ pub mod human;
 pub mod inspect;
 pub mod launch;
 pub mod logging;
+pub mod registry;
+pub mod session;

@@ -104,6 +104,14 @@ pub enum Command {
     ControlRequest = 4,
     /// A [`ControlResponse`].
     ControlResponse = 5,
+    /// A [`CoordinatorToAgent`] message.
+    CoordinatorToAgent = 6,
+    /// An [`AgentToCoordinator`] message.
+    AgentToCoordinator = 7,
+    /// A [`JobRequest`] from a `cryo` client to a job's coordinator.
+    JobRequest = 8,
+    /// A [`JobResponse`] from a coordinator.
+    JobResponse = 9,
 }
 
 impl Command {
@@ -115,6 +123,10 @@ impl Command {
             3 => Command::AgentToRank,
             4 => Command::ControlRequest,
             5 => Command::ControlResponse,
+            6 => Command::CoordinatorToAgent,
+            7 => Command::AgentToCoordinator,
+            8 => Command::JobRequest,
+            9 => Command::JobResponse,
             other => return Err(FrameError::InvalidCommand(other)),
         })
     }
@@ -807,6 +819,207 @@ pub struct ControlPage {
 }
 
 const _: () = assert!(std::mem::size_of::<ControlPage>() <= CONTROL_PAGE_LEN);
+
+/// Messages from a job's coordinator to a node agent (TCP, after a
+/// [`Hello`] with [`Peer::Agent`] and the job token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinatorToAgent {
+    /// Accepted: the job and its world size.
+    Welcome {
+        /// The job.
+        job: String,
+        /// Ranks in the whole job.
+        world_size: u32,
+    },
+    /// Refused (bad token, unknown job, duplicate node).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Capture every local rank for `epoch` and make its part durable; do
+    /// not commit (the coordinator does, once every rank of every node is
+    /// durable).
+    Checkpoint {
+        /// The epoch.
+        epoch: u64,
+        /// Milliseconds the agent may wait for its ranks to park.
+        park_timeout_ms: u64,
+    },
+    /// Give up `epoch`: resume parked ranks, discard local parts.
+    Abort {
+        /// The epoch.
+        epoch: u64,
+        /// Why (logged by the agent).
+        reason: String,
+    },
+    /// The epoch was committed (for the agent's log and status).
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Ranks registering from now on restart from `epoch`.
+    ArmRestart {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The job is over: exit.
+    Shutdown,
+}
+
+impl Message for CoordinatorToAgent {
+    const COMMAND: Command = Command::CoordinatorToAgent;
+}
+
+/// Messages from a node agent to its job's coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToCoordinator {
+    /// A rank registered with this agent.
+    RankRegistered {
+        /// The rank.
+        rank: u32,
+        /// Its pid.
+        pid: u32,
+        /// Restarted from this epoch, if any.
+        restored_epoch: Option<u64>,
+    },
+    /// A rank left (exited, killed or finalized).
+    RankLeft {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        why: String,
+    },
+    /// A rank's memory was copied and it resumed.
+    Copied {
+        /// The epoch.
+        epoch: u64,
+        /// The rank.
+        rank: u32,
+        /// Bytes copied.
+        bytes: u64,
+        /// How long it was paused, in microseconds.
+        pause_us: u64,
+    },
+    /// A rank's chunks and part are durable in the store.
+    Durable {
+        /// The epoch.
+        epoch: u64,
+        /// The rank.
+        rank: u32,
+        /// Stored bytes newly written.
+        written: u64,
+    },
+    /// The agent could not complete `epoch`.
+    Failed {
+        /// The epoch.
+        epoch: u64,
+        /// Why, naming the rank or file.
+        reason: String,
+    },
+}
+
+impl Message for AgentToCoordinator {
+    const COMMAND: Command = Command::AgentToCoordinator;
+}
+
+/// Requests from a `cryo` client (`checkpoint`, `preempt`, `status`) to a
+/// job's coordinator (after a [`Hello`] with [`Peer::Control`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobRequest {
+    /// Checkpoint now and keep running; answer when committed or aborted.
+    Checkpoint,
+    /// Checkpoint, then stop the job.
+    Preempt,
+    /// Describe the job.
+    Status,
+}
+
+impl Message for JobRequest {
+    const COMMAND: Command = Command::JobRequest;
+}
+
+/// A node's view in [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// Ranks registered there.
+    pub ranks: Vec<u32>,
+    /// Whether its agent is connected.
+    pub connected: bool,
+}
+
+/// A checkpoint in progress, in [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// The epoch.
+    pub epoch: u64,
+    /// Phase name.
+    pub phase: String,
+    /// Ranks copied.
+    pub ranks_copied: u32,
+    /// Ranks durable.
+    pub ranks_durable: u32,
+    /// Bytes copied.
+    pub bytes_copied: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Milliseconds since it was requested.
+    pub elapsed_ms: u64,
+}
+
+/// What `cryo status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job: String,
+    /// World size.
+    pub world_size: u32,
+    /// Nodes and their ranks.
+    pub nodes: Vec<NodeStatus>,
+    /// Newest committed epoch.
+    pub last_committed: Option<u64>,
+    /// The checkpoint in progress.
+    pub in_progress: Option<EpochProgress>,
+    /// The epoch the job restarted from.
+    pub restarted_from: Option<u64>,
+}
+
+/// Answers from a coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobResponse {
+    /// Refused (bad token, busy).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The checkpoint committed.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+        /// Longest pause of any rank, microseconds.
+        max_pause_us: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// Stored bytes written.
+        written: u64,
+        /// From request to commit, milliseconds.
+        elapsed_ms: u64,
+    },
+    /// The checkpoint aborted; the previous epoch stands.
+    Aborted {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The job's status.
+    Status(JobStatus),
+}
+
+impl Message for JobResponse {
+    const COMMAND: Command = Command::JobResponse;
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,181 @@
+//! Where a running job's coordinator can be found, and what it ran.
+//!
+//! ```text
+//! STORE/<job>/run/token          the job's secret token (0600)
+//! STORE/<job>/run/coordinator    address and pid of the live coordinator
+//! STORE/<job>/run/command.json   program, arguments, world size: for restart
+//! ```
+//!
+//! The store is the one place every node and every later allocation shares,
+//! so `cryo checkpoint JOB` on a login node and `cryo restart JOB` in the
+//! next Slurm allocation both find what they need there.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cryo_core::durable::{self, create_dir_all, read_capped};
+use cryo_core::store::JobStore;
+use cryo_core::token::JobToken;
+use serde::{Deserialize, Serialize};
+
+/// What `cryo run` launched, kept for `cryo restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCommand {
+    /// The program, as bytes (paths need not be UTF-8).
+    pub program: Vec<u8>,
+    /// Its arguments.
+    pub args: Vec<Vec<u8>>,
+    /// The working directory.
+    pub cwd: Vec<u8>,
+    /// MPI world size.
+    pub world_size: u32,
+}
+
+impl JobCommand {
+    /// Captures a command.
+    pub fn new(program: &OsString, args: &[OsString], cwd: &Path, world_size: u32) -> JobCommand {
+        JobCommand {
+            program: program.as_bytes().to_vec(),
+            args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            cwd: cwd.as_os_str().as_bytes().to_vec(),
+            world_size,
+        }
+    }
+
+    /// The program.
+    pub fn program(&self) -> OsString {
+        OsString::from_vec(self.program.clone())
+    }
+
+    /// The arguments.
+    pub fn args(&self) -> Vec<OsString> {
+        self.args
+            .iter()
+            .map(|a| OsString::from_vec(a.clone()))
+            .collect()
+    }
+
+    /// The working directory.
+    pub fn cwd(&self) -> PathBuf {
+        PathBuf::from(OsString::from_vec(self.cwd.clone()))
+    }
+}
+
+/// The live coordinator's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorAddr {
+    /// `host:port`.
+    pub addr: String,
+    /// Its pid.
+    pub pid: u32,
+    /// Its host.
+    pub host: String,
+}
+
+/// The `run/` directory of a job.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    /// The registry of `job`.
+    pub fn of(job: &JobStore) -> Registry {
+        Registry {
+            dir: job.dir().join("run"),
+        }
+    }
+
+    /// Path of the token file.
+    pub fn token_path(&self) -> PathBuf {
+        self.dir.join("token")
+    }
+
+    /// Creates the directory and a fresh token.
+    pub fn create_token(&self) -> Result<JobToken> {
+        create_dir_all(&self.dir)?;
+        let token = JobToken::generate()?;
+        token.write(&self.token_path())?;
+        durable::sync_dir(&self.dir)?;
+        Ok(token)
+    }
+
+    /// Reads the token.
+    pub fn token(&self) -> Result<JobToken> {
+        JobToken::read(&self.token_path()).with_context(|| {
+            format!(
+                "no usable job token in {} (is the job running, and are you its owner?)",
+                self.token_path().display()
+            )
+        })
+    }
+
+    fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        create_dir_all(&self.dir)?;
+        let text = serde_json::to_vec_pretty(value)?;
+        durable::write_replace(&self.dir.join(name), &[&text])?;
+        durable::sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<T> {
+        let path = self.dir.join(name);
+        let bytes =
+            read_capped(&path, 1 << 20).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is malformed", path.display()))
+    }
+
+    /// Records the command for restarts.
+    pub fn write_command(&self, command: &JobCommand) -> Result<()> {
+        self.write_json("command.json", command)
+    }
+
+    /// The command the job ran.
+    pub fn command(&self) -> Result<JobCommand> {
+        self.read_json("command.json")
+            .context("this job was not started by `cryo run`, so its command is unknown")
+    }
+
+    /// Publishes the coordinator's address.
+    pub fn write_coordinator(&self, addr: &CoordinatorAddr) -> Result<()> {
+        self.write_json("coordinator", addr)
+    }
+
+    /// The coordinator's address, if one is registered and its process is
+    /// alive (when it runs on this host).
+    pub fn coordinator(&self, job: &str) -> Result<CoordinatorAddr> {
+        let addr: CoordinatorAddr = self
+            .read_json("coordinator")
+            .with_context(|| format!("job {job:?} has no running coordinator"))?;
+        if addr.host == hostname() && !pid_alive(addr.pid) {
+            bail!(
+                "job {job:?} is not running (its coordinator, pid {} on {}, has exited)",
+                addr.pid,
+                addr.host
+            );
+        }
+        Ok(addr)
+    }
+
+    /// Removes the coordinator's address (the job ended).
+    pub fn clear_coordinator(&self) {
+        let _ = std::fs::remove_file(self.dir.join("coordinator"));
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
