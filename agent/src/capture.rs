@@ -12,6 +12,7 @@
 //! Either way the agent never holds more than the copy budget of rank data.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use cryo_core::manifest::{
@@ -90,6 +91,12 @@ pub enum CaptureError {
     /// Storing chunks failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// The epoch was aborted while the rank's chunks were being stored.
+    #[error("rank {rank}: the epoch was aborted while its chunks were being stored")]
+    Aborted {
+        /// The rank.
+        rank: u32,
+    },
     /// Resuming the rank failed.
     #[error("rank {rank}: resuming: {reason}")]
     Resume {
@@ -133,6 +140,8 @@ pub struct CaptureContext<'a> {
     pub store_threads: &'a rayon::ThreadPool,
     /// The node name.
     pub node: &'a str,
+    /// Set when the epoch is aborted: chunks not yet stored are dropped.
+    pub cancelled: &'a AtomicBool,
 }
 
 impl std::fmt::Debug for CaptureContext<'_> {
@@ -264,18 +273,24 @@ fn store(
     slots: Vec<Slot>,
 ) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
     ctx.store_threads
-        .install(|| store_in_pool(writer, pieces, slots))
+        .install(|| store_in_pool(writer, pieces, slots, ctx.cancelled))
 }
 
 fn store_in_pool(
     writer: &RankWriter<'_>,
     pieces: Vec<Piece>,
     slots: Vec<Slot>,
+    cancelled: &AtomicBool,
 ) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
     pieces
         .into_par_iter()
         .zip(slots.into_par_iter())
         .map(|(piece, slot)| {
+            if cancelled.load(Ordering::Acquire) {
+                return Err(CaptureError::Aborted {
+                    rank: writer.rank(),
+                });
+            }
             let chunk = writer.store_chunk(piece.offset, &slot.as_slice()[..piece.len]);
             // The slot goes back to the pool as soon as its chunk is stored.
             drop(slot);

@@ -9,6 +9,7 @@
 //! * [`pool`]: the copy budget as pre-faulted, reused slots.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
 //! * [`client`]: the control client used by the CLI, tests and benchmark.
+//! * [`link`]: coordinated mode's TCP link to the job's coordinator.
 //! * [`units`]: byte sizes on the command line.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
@@ -16,6 +17,7 @@
 pub mod bench;
 pub mod capture;
 pub mod client;
+pub mod link;
 pub mod pool;
 pub mod procfs;
 pub mod server;

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cryo_agent::client;
 use cryo_agent::server::{default_copy_budget, Agent, AgentConfig, RestartFrom};
 use cryo_agent::units::{format_bytes, parse_bytes};
-use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
+use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse, ENV_TOKEN};
+use cryo_core::token::JobToken;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -79,6 +80,17 @@ enum Command {
         /// per core, so that per-chunk fsyncs overlap).
         #[arg(long)]
         store_threads: Option<usize>,
+        /// Coordinated mode: the job's coordinator, HOST:PORT. The agent
+        /// reports to it and leaves commits to it.
+        #[arg(long, value_name = "HOST:PORT")]
+        coordinator: Option<String>,
+        /// File holding the job token (default: the CRYO_TOKEN environment
+        /// variable). When given, ranks must present the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Seconds to keep trying to reach the coordinator at start.
+        #[arg(long, default_value_t = 10.0)]
+        coordinator_wait: f64,
     },
     /// Checkpoint every rank registered with an agent.
     Checkpoint {
@@ -122,7 +134,9 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    // CRYO_LOG (set by `cryo run` for its agents), else RUST_LOG, else info.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CRYO_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -159,7 +173,27 @@ fn main() -> Result<()> {
             zstd_level,
             copy_threads,
             store_threads,
+            coordinator,
+            token_file,
+            coordinator_wait,
         } => {
+            let token = match &token_file {
+                Some(path) => {
+                    Some(JobToken::read(path).with_context(|| {
+                        format!("reading the job token from {}", path.display())
+                    })?)
+                }
+                None => match std::env::var(ENV_TOKEN) {
+                    Ok(text) if !text.trim().is_empty() => Some(
+                        JobToken::parse(&text, &format!("the {ENV_TOKEN} environment variable"))
+                            .context("reading the job token")?,
+                    ),
+                    _ => None,
+                },
+            };
+            if coordinator.is_some() && token.is_none() {
+                bail!("--coordinator needs the job token: pass --token-file or set {ENV_TOKEN}");
+            }
             let restart_from = match restart_from.as_deref() {
                 None => None,
                 Some("latest") => Some(RestartFrom::Latest),
@@ -181,6 +215,9 @@ fn main() -> Result<()> {
                 copy_threads: copy_threads.unwrap_or(cores),
                 store_threads: store_threads.unwrap_or(cores * 4),
                 job: job.clone(),
+                coordinator,
+                coordinator_wait: Duration::from_secs_f64(coordinator_wait.clamp(0.0, 3600.0)),
+                token,
             };
             let agent =
                 Agent::bind(config).with_context(|| format!("starting the agent of job {job}"))?;

@@ -128,6 +128,7 @@ enum Event {
 fn serve_connections(
     listener: TcpListener,
     job: String,
+    world_size: u32,
     token: JobToken,
     expected: BTreeSet<String>,
     events: Sender<Event>,
@@ -136,7 +137,7 @@ fn serve_connections(
         let Ok(stream) = stream else { continue };
         let (job, token, expected, events) =
             (job.clone(), token.clone(), expected.clone(), events.clone());
-        thread::spawn(move || serve_peer(stream, &job, &token, &expected, &events));
+        thread::spawn(move || serve_peer(stream, &job, world_size, &token, &expected, &events));
     }
 }
 
@@ -147,6 +148,7 @@ fn refuse<M: Message>(stream: &TcpStream, msg: &M) {
 fn serve_peer(
     stream: TcpStream,
     job: &str,
+    world_size: u32,
     token: &JobToken,
     expected: &BTreeSet<String>,
     events: &Sender<Event>,
@@ -185,6 +187,13 @@ fn serve_peer(
             if let Some(reason) = problem {
                 tracing::warn!(job, peer = %peer_addr, node = %node, reason = %reason, "peer.rejected");
                 refuse(&stream, &CoordinatorToAgent::Refused { reason });
+                return;
+            }
+            let welcome = CoordinatorToAgent::Welcome {
+                job: job.to_owned(),
+                world_size,
+            };
+            if write_message(&mut &stream, &welcome).is_err() {
                 return;
             }
             let Ok(writer) = stream.try_clone() else {
@@ -705,8 +714,14 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     let (tx, rx) = mpsc::channel();
     let nodes: BTreeSet<String> = opts.placement.iter().map(|p| p.node.clone()).collect();
     {
-        let (job, token, nodes, tx) = (opts.job.clone(), token.clone(), nodes.clone(), tx.clone());
-        thread::spawn(move || serve_connections(listener, job, token, nodes, tx));
+        let (job, world, token, nodes, tx) = (
+            opts.job.clone(),
+            opts.ranks,
+            token.clone(),
+            nodes.clone(),
+            tx.clone(),
+        );
+        thread::spawn(move || serve_connections(listener, job, world, token, nodes, tx));
     }
     let summary: Vec<String> = opts
         .placement

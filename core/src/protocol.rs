@@ -1088,7 +1088,7 @@ mod tests {
 
     #[test]
     fn command_zero_and_unknown_commands_are_refused() {
-        for command in [0u16, 6, u16::MAX] {
+        for command in [0u16, 10, u16::MAX] {
             let bytes = header_bytes(PROTOCOL_VERSION, command, 0, 0);
             let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
             assert!(

@@ -832,7 +832,39 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
             newer
         }
     };
-    park_epoch(runtime, conn, epoch)
+    let result = park_epoch(runtime, conn, epoch);
+    detach_on_agent_loss(guard, result)
+}
+
+/// A rank whose agent vanished while it was parked carries on without
+/// checkpoints rather than failing the application: the epoch is lost (the
+/// coordinator aborts it), the job is not.
+fn detach_on_agent_loss(
+    mut guard: MutexGuard<'_, Option<Runtime>>,
+    result: Result<SafePoint, CheckpointError>,
+) -> Result<SafePoint, CheckpointError> {
+    match result {
+        Err(CheckpointError::Agent {
+            rank,
+            epoch,
+            source,
+        }) => {
+            eprintln!(
+                "cryo: rank {rank}: lost the node agent during the checkpoint of epoch {epoch} \
+                 ({source}); the epoch is abandoned and this rank continues without checkpoints"
+            );
+            FLAG.store(
+                &IDLE as *const AtomicU64 as *mut AtomicU64,
+                Ordering::Release,
+            );
+            if let Some(runtime) = guard.as_mut() {
+                // The control page stays mapped (see `finalize`).
+                runtime.conn = None;
+            }
+            Ok(SafePoint::Aborted(epoch))
+        }
+        other => other,
+    }
 }
 
 /// The epoch this rank's agent has requested (0 for none).
@@ -859,7 +891,8 @@ pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
         Ordering::AcqRel,
         Ordering::Acquire,
     );
-    park_epoch(runtime, conn, epoch)
+    let result = park_epoch(runtime, conn, epoch);
+    detach_on_agent_loss(guard, result)
 }
 
 /// Tells the agent that this rank refuses `epoch` and why (MPI mode: a

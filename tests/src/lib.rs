@@ -107,10 +107,38 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent for `job` in `dir` with extra arguments.
     pub fn start(dir: &Path, job: &str, extra: &[&str]) -> Agent {
+        Agent::start_with_env(dir, job, extra, &[])
+    }
+
+    /// Starts an agent with extra arguments and environment variables, and
+    /// waits until it serves on its socket.
+    pub fn start_with_env(dir: &Path, job: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut agent = Agent::spawn(dir, job, extra, env);
+        agent.wait_ready();
+        agent
+    }
+
+    /// Spawns an agent without waiting for it (it may exit at once).
+    pub fn spawn(dir: &Path, job: &str, extra: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::spawn_node(dir, &dir.join("store"), job, "test-node", extra, env)
+    }
+
+    /// Spawns the agent of node `node`, its socket and log in `dir`, its
+    /// store at `store` (shared by the agents of several emulated nodes).
+    pub fn spawn_node(
+        dir: &Path,
+        store: &Path,
+        job: &str,
+        node: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let socket = dir.join(format!("{job}.sock"));
-        let store = dir.join("store");
+        let store = store.to_owned();
         let log = dir.join(format!("agent-{job}.log"));
         let child = Command::new(bin("cryo-agent"))
+            .env_remove("CRYO_TOKEN")
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -119,31 +147,52 @@ impl Agent {
             .arg("--job")
             .arg(job)
             .arg("--node")
-            .arg("test-node")
+            .arg(node)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut agent = Agent {
+        Agent {
             child,
             socket,
             store,
             job: job.into(),
             log,
-        };
-        let socket = agent.socket.clone();
+        }
+    }
+
+    /// Waits until the agent serves on its socket; panics if it exits.
+    pub fn wait_ready(&mut self) {
+        let socket = self.socket.clone();
+        let log = self.log.clone();
+        let child = &mut self.child;
         wait_until("the agent's socket", Duration::from_secs(20), || {
-            if let Ok(Some(status)) = agent.child.try_wait() {
+            if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "agent exited with {status}: {}",
-                    fs::read_to_string(&agent.log).unwrap_or_default()
+                    fs::read_to_string(&log).unwrap_or_default()
                 );
             }
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         });
-        agent
+    }
+
+    /// Waits for the agent to exit; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut status = None;
+        let child = &mut self.child;
+        wait_until("the agent to exit", timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+
+    /// Whether the agent is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends a control request.
@@ -281,6 +330,11 @@ pub struct RankSpec<'a> {
 impl Rank {
     /// Starts a rank.
     pub fn start(spec: &RankSpec<'_>, files: &RankFiles) -> Rank {
+        Rank::start_with_env(spec, files, &[])
+    }
+
+    /// Starts a rank with extra environment variables (say, `CRYO_TOKEN`).
+    pub fn start_with_env(spec: &RankSpec<'_>, files: &RankFiles, env: &[(&str, &str)]) -> Rank {
         let mut cmd = Command::new(spec.program.path());
         cmd.arg("--steps")
             .arg(spec.steps.to_string())
@@ -298,6 +352,7 @@ impl Rank {
             .env_remove("CRYO_JOB")
             .env_remove("CRYO_REGION_BASE")
             .env_remove("CRYO_FILE_POLICY")
+            .env_remove("CRYO_TOKEN")
             .env("CRYO_RANK", spec.rank.to_string())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&files.stdout).unwrap())
@@ -306,6 +361,7 @@ impl Rank {
             cmd.env("CRYO_AGENT_SOCKET", &agent.socket)
                 .env("CRYO_JOB", &agent.job);
         }
+        cmd.envs(env.iter().copied());
         Rank {
             child: Some(cmd.spawn().unwrap()),
             files: files.clone(),
@@ -455,8 +511,9 @@ fn build_c_counter(static_lib: bool) -> Option<PathBuf> {
                 .arg("-I")
                 .arg(root.join("rank/include"));
             if static_lib {
+                // The static runtime carries the MPI quiesce code: link MPI.
                 cc.arg(lib_dir.join("libcryo_rank.a"))
-                    .args(["-lpthread", "-ldl", "-lm"]);
+                    .args(["-lmpi", "-lpthread", "-ldl", "-lm"]);
             } else {
                 cc.arg("-L")
                     .arg(&lib_dir)

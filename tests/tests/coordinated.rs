@@ -1,0 +1,1100 @@
+//! Coordinated mode end to end: the real `cryo-agent` with `--coordinator`,
+//! real example ranks, and a small fake coordinator in the test (a TCP
+//! listener speaking the protocol) standing in for `cryo run`. The test
+//! itself commits epochs with `JobStore::commit_epoch`, as the coordinator
+//! would once every rank is durable.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::collections::VecDeque;
+use std::fs;
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cryo_core::protocol::{
+    read_message, send_message_with_fd, write_message, AgentToCoordinator, AgentToRank,
+    ControlRequest, ControlResponse, CoordinatorToAgent, Hello, Peer, RankToAgent,
+    CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, PROTOCOL_VERSION,
+};
+use cryo_core::token::JobToken;
+use cryo_tests::{
+    assert_same_file, lines, wait_until, write_input, Agent, Program, Rank, RankFiles, RankSpec,
+};
+
+const CHUNK: u32 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    input: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    Setup { dir, input }
+}
+
+/// An uninterrupted run of `spec` (without its agent and pauses).
+fn reference(setup: &Setup, spec: &RankSpec<'_>) -> RankFiles {
+    let files = RankFiles::new(
+        setup.dir.path(),
+        &format!("ref-{}", spec.rank),
+        &setup.input,
+    );
+    let spec = RankSpec {
+        agent: None,
+        step_ms: 0,
+        ..spec.clone()
+    };
+    let status = Rank::run(&spec, &files);
+    assert!(
+        status.success(),
+        "reference run failed: {}",
+        Rank::stderr(&files)
+    );
+    files
+}
+
+/// A fake coordinator: accepts agents on 127.0.0.1 and checks their token.
+struct FakeCoordinator {
+    listener: TcpListener,
+    addr: String,
+    job: String,
+    token: JobToken,
+}
+
+impl FakeCoordinator {
+    fn new(job: &str) -> FakeCoordinator {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        FakeCoordinator {
+            listener,
+            addr,
+            job: job.into(),
+            token: JobToken::generate().unwrap(),
+        }
+    }
+
+    /// Writes the job token to a 0600 file.
+    fn token_file(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("token");
+        self.token.write(&path).unwrap();
+        path
+    }
+
+    /// Accepts one agent in the background and answers its hello:
+    /// `Welcome` if the token matches, else `Refused`.
+    fn accept(&self) -> JoinHandle<Link> {
+        let listener = self.listener.try_clone().unwrap();
+        let job = self.job.clone();
+        let token = self.token.clone();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let hello: Hello = read_message(&mut &stream).unwrap();
+            let ok = hello.job == job && token.matches(&hello.token);
+            let answer = if ok {
+                CoordinatorToAgent::Welcome { job, world_size: 2 }
+            } else {
+                CoordinatorToAgent::Refused {
+                    reason: "wrong job token".into(),
+                }
+            };
+            write_message(&mut &stream, &answer).unwrap();
+            stream.set_read_timeout(None).unwrap();
+            Link::new(stream, hello)
+        })
+    }
+}
+
+/// The coordinator's end of one agent's connection.
+struct Link {
+    stream: TcpStream,
+    hello: Hello,
+    rx: Receiver<AgentToCoordinator>,
+    /// Received but not yet expected.
+    pending: VecDeque<AgentToCoordinator>,
+    /// Everything received, in order.
+    seen: Vec<AgentToCoordinator>,
+}
+
+impl Link {
+    fn new(stream: TcpStream, hello: Hello) -> Link {
+        let (tx, rx) = mpsc::channel();
+        let reader = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            while let Ok(msg) = read_message::<AgentToCoordinator>(&mut &reader) {
+                if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        Link {
+            stream,
+            hello,
+            rx,
+            pending: VecDeque::new(),
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&self, msg: &CoordinatorToAgent) {
+        write_message(&mut &self.stream, msg).unwrap();
+    }
+
+    fn receive(&mut self, timeout: Duration) -> Option<AgentToCoordinator> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(msg) => {
+                self.seen.push(msg.clone());
+                Some(msg)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Waits for a message matching `pred`; others stay pending.
+    fn expect(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&AgentToCoordinator) -> bool,
+    ) -> AgentToCoordinator {
+        if let Some(at) = self.pending.iter().position(&pred) {
+            return self.pending.remove(at).unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(msg) = self.receive(left) else {
+                panic!(
+                    "no {what} from the agent within {WAIT:?}; got {:?}",
+                    self.seen
+                );
+            };
+            if pred(&msg) {
+                return msg;
+            }
+            self.pending.push_back(msg);
+        }
+    }
+
+    /// Takes whatever has arrived by now.
+    fn drain(&mut self) {
+        while let Some(msg) = self.receive(Duration::from_millis(1)) {
+            self.pending.push_back(msg);
+        }
+    }
+
+    fn position(&self, pred: impl Fn(&AgentToCoordinator) -> bool) -> Option<usize> {
+        self.seen.iter().position(pred)
+    }
+
+    /// Drops the connection as a crashed coordinator would.
+    fn cut(self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// Starts a coordinated agent for `coord`'s job.
+fn coordinated_agent(setup: &Setup, coord: &FakeCoordinator, extra: &[&str]) -> (Agent, Link) {
+    let token_file = coord.token_file(setup.dir.path());
+    let pending = coord.accept();
+    let mut args = vec![
+        "--coordinator",
+        coord.addr.as_str(),
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(setup.dir.path(), &coord.job, &args);
+    let link = pending.join().unwrap();
+    assert_eq!(
+        link.hello.peer,
+        Peer::Agent {
+            node: "test-node".into()
+        }
+    );
+    assert_eq!(link.hello.version, PROTOCOL_VERSION);
+    (agent, link)
+}
+
+fn is_registered(rank: u32, restored: Option<u64>) -> impl Fn(&AgentToCoordinator) -> bool {
+    move |m| {
+        matches!(m, AgentToCoordinator::RankRegistered { rank: r, restored_epoch, .. }
+            if *r == rank && *restored_epoch == restored)
+    }
+}
+
+fn is_copied(epoch: u64, rank: u32) -> impl Fn(&AgentToCoordinator) -> bool {
+    move |m| matches!(m, AgentToCoordinator::Copied { epoch: e, rank: r, .. } if *e == epoch && *r == rank)
+}
+
+fn is_durable(epoch: u64, rank: u32) -> impl Fn(&AgentToCoordinator) -> bool {
+    move |m| matches!(m, AgentToCoordinator::Durable { epoch: e, rank: r, .. } if *e == epoch && *r == rank)
+}
+
+/// Whether the agent's log has a line with all of `parts`.
+fn logged(agent: &Agent, parts: &[&str]) -> bool {
+    agent
+        .log_text()
+        .lines()
+        .any(|line| parts.iter().all(|p| line.contains(p)))
+}
+
+fn wait_logged(agent: &Agent, parts: &[&str]) {
+    wait_until(&format!("{parts:?} in the agent log"), WAIT, || {
+        logged(agent, parts)
+    });
+}
+
+fn wait_idle(agent: &Agent) {
+    wait_until("the agent to be idle", WAIT, || {
+        matches!(agent.request(&ControlRequest::Status),
+            ControlResponse::Status(s) if s.busy.is_none())
+    });
+}
+
+/// Captures every rank for `epoch` and waits for each rank's `Copied`, then
+/// `Durable` (in that order per rank).
+fn checkpoint(link: &mut Link, epoch: u64, ranks: &[u32]) {
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch,
+        park_timeout_ms: 30_000,
+    });
+    for &rank in ranks {
+        match link.expect("Copied", is_copied(epoch, rank)) {
+            AgentToCoordinator::Copied {
+                bytes, pause_us, ..
+            } => {
+                assert!(bytes > 0);
+                assert!(pause_us > 0);
+            }
+            other => unreachable!("{other:?}"),
+        }
+    }
+    let mut written_total = 0;
+    for &rank in ranks {
+        match link.expect("Durable", is_durable(epoch, rank)) {
+            // Ranks share chunks (deduplication): one may write nothing new.
+            AgentToCoordinator::Durable { written, .. } => written_total += written,
+            other => unreachable!("{other:?}"),
+        }
+        let copied = link.position(is_copied(epoch, rank)).unwrap();
+        let durable = link.position(is_durable(epoch, rank)).unwrap();
+        assert!(copied < durable, "rank {rank}: {:?}", link.seen);
+    }
+    assert!(written_total > 0, "{:?}", link.seen);
+}
+
+#[test]
+fn coordinated_checkpoint_then_restart_is_byte_identical() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("cjob");
+    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "64MiB"]);
+    let program = Program::Rust;
+    let specs: Vec<RankSpec<'_>> = (0..2)
+        .map(|rank| RankSpec {
+            program: &program,
+            rank,
+            agent: Some(&agent),
+            steps: 100,
+            state_mb: 8,
+            step_ms: 15,
+        })
+        .collect();
+    let refs: Vec<RankFiles> = specs.iter().map(|s| reference(&setup, s)).collect();
+    let files: Vec<RankFiles> = (0..2)
+        .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
+        .collect();
+    let env = [("CRYO_TOKEN", coord.token.expose())];
+    let mut ranks: Vec<Rank> = (0..2)
+        .map(|r| Rank::start_with_env(&specs[r], &files[r], &env))
+        .collect();
+    for rank in 0..2 {
+        link.expect("RankRegistered", is_registered(rank, None));
+    }
+    for rank in &mut ranks {
+        rank.wait_lines(30);
+    }
+
+    checkpoint(&mut link, 1, &[0, 1]);
+    let job = agent.job_store();
+    assert_eq!(
+        job.committed_epochs().unwrap(),
+        Vec::<u64>::new(),
+        "a coordinated agent must not commit"
+    );
+    let manifest = job.commit_epoch(1, 2, CHUNK).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+    link.send(&CoordinatorToAgent::Committed { epoch: 1 });
+    wait_logged(&agent, &["epoch.committed", "epoch=1"]);
+
+    // Run past the checkpoint, then lose both ranks.
+    for (rank, f) in ranks.iter_mut().zip(&files) {
+        rank.wait_lines(lines(&f.log) + 3);
+    }
+    for rank in ranks {
+        rank.kill9();
+    }
+    for rank in 0..2 {
+        link.expect(
+            "RankLeft",
+            move |m| matches!(m, AgentToCoordinator::RankLeft { rank: r, .. } if *r == rank),
+        );
+    }
+    link.send(&CoordinatorToAgent::ArmRestart { epoch: 1 });
+    wait_logged(&agent, &["restart.armed", "epoch=1"]);
+    let restarted: Vec<Rank> = (0..2)
+        .map(|r| Rank::start_with_env(&specs[r], &files[r], &env))
+        .collect();
+    for rank in 0..2 {
+        link.expect("RankRegistered after restart", is_registered(rank, Some(1)));
+    }
+    for (r, rank) in restarted.into_iter().enumerate() {
+        let status = rank.wait();
+        assert!(status.success(), "rank {r}: {}", Rank::stderr(&files[r]));
+        assert!(Rank::stderr(&files[r]).contains("restarted from epoch 1"));
+        assert_same_file(&files[r].log, &refs[r].log);
+        assert_same_file(&files[r].final_state, &refs[r].final_state);
+    }
+}
+
+#[test]
+fn abort_mid_epoch_resumes_ranks_and_keeps_the_committed_epoch() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("abort");
+    // A small copy budget: rank 0's 96 MiB stream through it while the rank
+    // stays parked, which leaves time to abort the epoch mid-way.
+    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "4MiB"]);
+    let program = Program::Rust;
+    let specs = [
+        RankSpec {
+            program: &program,
+            rank: 0,
+            agent: Some(&agent),
+            steps: 200,
+            state_mb: 96,
+            step_ms: 30,
+        },
+        // Slow steps: rank 1 is usually still computing when the abort
+        // comes.
+        RankSpec {
+            program: &program,
+            rank: 1,
+            agent: Some(&agent),
+            steps: 40,
+            state_mb: 1,
+            step_ms: 300,
+        },
+    ];
+    let refs: Vec<RankFiles> = specs.iter().map(|s| reference(&setup, s)).collect();
+    let files: Vec<RankFiles> = (0..2)
+        .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
+        .collect();
+    let env = [("CRYO_TOKEN", coord.token.expose())];
+    let mut ranks: Vec<Rank> = (0..2)
+        .map(|r| Rank::start_with_env(&specs[r], &files[r], &env))
+        .collect();
+    for rank in 0..2 {
+        link.expect("RankRegistered", is_registered(rank, None));
+    }
+    ranks[0].wait_lines(5);
+    ranks[1].wait_lines(2);
+
+    checkpoint(&mut link, 1, &[0, 1]);
+    let job = agent.job_store();
+    job.commit_epoch(1, 2, CHUNK).unwrap();
+    wait_idle(&agent);
+
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 2,
+        park_timeout_ms: 30_000,
+    });
+    wait_logged(&agent, &["rank.quiesced", "rank=0", "epoch=2"]);
+    link.send(&CoordinatorToAgent::Abort {
+        epoch: 2,
+        reason: "node other failed".into(),
+    });
+    // Rank 0 was parked, streaming: it gets Abort and runs on.
+    wait_until("rank 0 to hear of the abort", WAIT, || {
+        Rank::stderr(&files[0]).contains("checkpoint 2 aborted")
+    });
+    wait_idle(&agent);
+    wait_logged(&agent, &["checkpoint.aborted", "epoch=2"]);
+    link.drain();
+    assert!(
+        link.position(is_durable(2, 0)).is_none(),
+        "rank 0 was aborted mid-stream: {:?}",
+        link.seen
+    );
+    assert!(
+        link.position(|m| matches!(m, AgentToCoordinator::Failed { .. }))
+            .is_none(),
+        "an abort asked for is not a failure: {:?}",
+        link.seen
+    );
+    // This agent's parts of epoch 2 are gone; epoch 1 is intact.
+    for rank in 0..2 {
+        assert!(
+            !job.part_path(2, rank).exists(),
+            "{}",
+            job.part_path(2, rank).display()
+        );
+    }
+    assert_eq!(job.committed_epochs().unwrap(), vec![1]);
+    assert!(job.verify_manifest(&job.load_manifest(1).unwrap()).is_ok());
+
+    // A late park for the aborted epoch would be answered at once, and the
+    // next epoch works.
+    checkpoint(&mut link, 3, &[0, 1]);
+    job.commit_epoch(3, 2, CHUNK).unwrap();
+    assert!(job.verify_manifest(&job.load_manifest(3).unwrap()).is_ok());
+
+    for (r, rank) in ranks.into_iter().enumerate() {
+        let status = rank.wait();
+        assert!(status.success(), "rank {r}: {}", Rank::stderr(&files[r]));
+        assert_same_file(&files[r].log, &refs[r].log);
+        assert_same_file(&files[r].final_state, &refs[r].final_state);
+    }
+}
+
+#[test]
+fn tokens_are_checked_for_agents_and_ranks() {
+    let setup = setup();
+    let dir = setup.dir.path();
+
+    // The agent presents a wrong token: the coordinator refuses it.
+    let coord = FakeCoordinator::new("tok");
+    let wrong = JobToken::generate().unwrap();
+    let wrong_file = dir.join("wrong-token");
+    wrong.write(&wrong_file).unwrap();
+    let pending = coord.accept();
+    let mut refused = Agent::spawn(
+        dir,
+        "tok",
+        &[
+            "--coordinator",
+            &coord.addr,
+            "--token-file",
+            wrong_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let status = refused.wait_exit(WAIT);
+    assert!(!status.success());
+    let log = refused.log_text();
+    assert!(
+        log.contains(&format!(
+            "the coordinator at {} refused this agent: wrong job token",
+            coord.addr
+        )),
+        "{log}"
+    );
+    assert!(!refused.socket.exists(), "a refused agent leaves no socket");
+    drop(pending.join().unwrap());
+
+    // Nothing listens: a clear error after a short retry.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut unreachable = Agent::spawn(
+        dir,
+        "tok2",
+        &[
+            "--coordinator",
+            &addr,
+            "--coordinator-wait",
+            "0.5",
+            "--token-file",
+            wrong_file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!unreachable.wait_exit(WAIT).success());
+    let log = unreachable.log_text();
+    assert!(
+        log.contains(&format!("cannot reach the coordinator at {addr}")),
+        "{log}"
+    );
+
+    // Coordinated mode without any token.
+    let mut tokenless = Agent::spawn(dir, "tok3", &["--coordinator", &addr], &[]);
+    assert!(!tokenless.wait_exit(WAIT).success());
+    assert!(
+        tokenless.log_text().contains("needs the job token"),
+        "{}",
+        tokenless.log_text()
+    );
+
+    // A coordinated agent refuses ranks with a wrong or missing token.
+    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "16MiB"]);
+    let program = Program::Rust;
+    let spec = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: Some(&agent),
+        steps: 5,
+        state_mb: 1,
+        step_ms: 0,
+    };
+    let files = RankFiles::new(dir, "bad-token", &setup.input);
+    let status = Rank::start_with_env(&spec, &files, &[("CRYO_TOKEN", wrong.expose())]).wait();
+    assert!(!status.success());
+    let err = Rank::stderr(&files);
+    assert!(
+        err.contains("refused registration") && err.contains("wrong job token"),
+        "{err}"
+    );
+    let files = RankFiles::new(dir, "no-token", &setup.input);
+    let status = Rank::start_with_env(&spec, &files, &[]).wait();
+    assert!(!status.success());
+    let err = Rank::stderr(&files);
+    assert!(err.contains("no job token"), "{err}");
+    wait_logged(&agent, &["peer.rejected", "rank=0"]);
+    // The right token is accepted, and only that rank was reported.
+    let files = RankFiles::new(dir, "good-token", &setup.input);
+    let env = [("CRYO_TOKEN", coord.token.expose())];
+    let status = Rank::start_with_env(&spec, &files, &env).wait();
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    link.expect("RankRegistered", is_registered(0, None));
+    assert!(
+        matches!(link.seen[0], AgentToCoordinator::RankRegistered { .. }),
+        "{:?}",
+        link.seen
+    );
+    assert_eq!(lines(&files.log), 5);
+
+    // A standalone agent given a token checks it too.
+    let token_file = dir.join("token");
+    let standalone = Agent::start(
+        dir,
+        "solo",
+        &[
+            "--copy-budget",
+            "16MiB",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let spec = RankSpec {
+        agent: Some(&standalone),
+        ..spec
+    };
+    let files = RankFiles::new(dir, "solo-bad", &setup.input);
+    let status = Rank::start_with_env(&spec, &files, &[("CRYO_TOKEN", wrong.expose())]).wait();
+    assert!(!status.success());
+    assert!(Rank::stderr(&files).contains("wrong job token"));
+    let files = RankFiles::new(dir, "solo-good", &setup.input);
+    assert!(Rank::start_with_env(&spec, &files, &env).wait().success());
+}
+
+#[test]
+fn lost_coordinator_aborts_the_epoch_and_the_job_computes_on() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("lost");
+    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "4MiB"]);
+    let program = Program::Rust;
+    let spec = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: Some(&agent),
+        steps: 200,
+        state_mb: 96,
+        step_ms: 30,
+    };
+    let reference = reference(&setup, &spec);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let env = [("CRYO_TOKEN", coord.token.expose())];
+    let mut rank = Rank::start_with_env(&spec, &files, &env);
+    link.expect("RankRegistered", is_registered(0, None));
+    rank.wait_lines(5);
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 1,
+        park_timeout_ms: 30_000,
+    });
+    wait_logged(&agent, &["rank.quiesced", "rank=0", "epoch=1"]);
+    link.cut();
+    wait_logged(&agent, &["coordinator.lost", &coord.addr]);
+    wait_until("the rank to hear of the abort", WAIT, || {
+        Rank::stderr(&files).contains("checkpoint 1 aborted")
+    });
+    wait_idle(&agent);
+    let job = agent.job_store();
+    assert_eq!(job.committed_epochs().unwrap(), Vec::<u64>::new());
+    assert!(!job.part_path(1, 0).exists());
+    // The agent still serves: the rank computes on, and the control socket
+    // can still checkpoint (standalone-style, committed by the agent).
+    rank.wait_lines(lines(&files.log) + 2);
+    let report = agent.checkpoint();
+    assert_eq!(report.epoch, 2);
+    assert!(job.verify_manifest(&job.load_manifest(2).unwrap()).is_ok());
+    let status = rank.wait();
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+}
+
+#[test]
+fn shutdown_exits_cleanly_and_removes_the_socket() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("bye");
+    let (mut agent, link) = coordinated_agent(&setup, &coord, &["--copy-budget", "16MiB"]);
+    assert!(agent.socket.exists());
+    link.send(&CoordinatorToAgent::Shutdown);
+    let status = agent.wait_exit(WAIT);
+    assert!(status.success(), "{status}: {}", agent.log_text());
+    assert!(!agent.socket.exists());
+    assert!(agent.log_text().contains("agent.shutdown"));
+}
+
+/// A hand-driven rank: registers over the agent's socket with a real
+/// control page and parks whenever the test says, as an MPI rank does when
+/// its peers agreed on an epoch before this node's agent heard of it.
+struct FakeRank {
+    sock: UnixStream,
+}
+
+impl FakeRank {
+    fn register(agent: &Agent, token: &JobToken) -> FakeRank {
+        let memfd = nix::sys::memfd::memfd_create(
+            c"fake-rank-page",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+                | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        let mut page = fs::File::from(memfd);
+        page.set_len(CONTROL_PAGE_LEN as u64).unwrap();
+        page.write_all(&CONTROL_PAGE_MAGIC.to_ne_bytes()).unwrap();
+        nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&page),
+            nix::fcntl::FcntlArg::F_ADD_SEALS(
+                nix::fcntl::SealFlag::F_SEAL_SHRINK
+                    | nix::fcntl::SealFlag::F_SEAL_GROW
+                    | nix::fcntl::SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .unwrap();
+        let sock = UnixStream::connect(&agent.socket).unwrap();
+        sock.set_read_timeout(Some(WAIT)).unwrap();
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            job: agent.job.clone(),
+            token: token.expose().to_owned(),
+            peer: Peer::Rank {
+                rank: 0,
+                pid: std::process::id(),
+            },
+        };
+        send_message_with_fd(&sock, &hello, page.as_fd()).unwrap();
+        match read_message::<AgentToRank>(&mut &sock).unwrap() {
+            AgentToRank::Welcome { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        FakeRank { sock }
+    }
+
+    fn park(&self, epoch: u64) {
+        write_message(
+            &mut &self.sock,
+            &RankToAgent::Parked {
+                epoch,
+                regions: Vec::new(),
+                runtime_fds: Vec::new(),
+            },
+        )
+        .unwrap();
+    }
+
+    /// The agent's answer to a park, and how long it took.
+    fn answer(&self) -> (AgentToRank, Duration) {
+        let t = Instant::now();
+        let msg = read_message::<AgentToRank>(&mut &self.sock).unwrap();
+        (msg, t.elapsed())
+    }
+}
+
+#[test]
+fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("early");
+    let (agent, mut link) = coordinated_agent(
+        &setup,
+        &coord,
+        &["--copy-budget", "16MiB", "--park-timeout", "1"],
+    );
+    let rank = FakeRank::register(&agent, &coord.token);
+    link.expect("RankRegistered", is_registered(0, None));
+
+    // Parked for epoch 5 before Checkpoint{5} reached this agent: held,
+    // then captured when the request comes.
+    rank.park(5);
+    wait_logged(&agent, &["rank.parked_early", "epoch=5"]);
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 5,
+        park_timeout_ms: 10_000,
+    });
+    let (answer, _) = rank.answer();
+    assert_eq!(answer, AgentToRank::Resume { epoch: 5 });
+    link.expect("Copied", is_copied(5, 0));
+    link.expect("Durable", is_durable(5, 0));
+    wait_idle(&agent);
+
+    // Parked for epoch 7 and no Checkpoint{7} comes: Abort after the park
+    // timeout, and a late Checkpoint{7} fails.
+    rank.park(7);
+    let (answer, took) = rank.answer();
+    assert!(
+        matches!(&answer, AgentToRank::Abort { epoch: 7, reason } if reason.contains("no checkpoint request")),
+        "{answer:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(500),
+        "answered after {took:?}"
+    );
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 7,
+        park_timeout_ms: 10_000,
+    });
+    match link.expect("Failed", |m| {
+        matches!(m, AgentToCoordinator::Failed { epoch: 7, .. })
+    }) {
+        AgentToCoordinator::Failed { reason, .. } => {
+            assert!(reason.contains("not newer"), "{reason}")
+        }
+        other => unreachable!("{other:?}"),
+    }
+
+    // An epoch that is not new: Abort at once.
+    rank.park(6);
+    let (answer, took) = rank.answer();
+    assert!(
+        matches!(answer, AgentToRank::Abort { epoch: 6, .. }),
+        "{answer:?}"
+    );
+    assert!(took < Duration::from_millis(500), "answered after {took:?}");
+
+    // Parked early, then the coordinator aborts that epoch: Abort.
+    rank.park(9);
+    wait_logged(&agent, &["rank.parked_early", "epoch=9"]);
+    link.send(&CoordinatorToAgent::Abort {
+        epoch: 9,
+        reason: "another node failed".into(),
+    });
+    let (answer, _) = rank.answer();
+    assert!(
+        matches!(answer, AgentToRank::Abort { epoch: 9, .. }),
+        "{answer:?}"
+    );
+    // And a park for an epoch the coordinator already aborted: at once.
+    rank.park(9);
+    let (answer, took) = rank.answer();
+    assert!(
+        matches!(answer, AgentToRank::Abort { epoch: 9, .. }),
+        "{answer:?}"
+    );
+    assert!(took < Duration::from_millis(500), "answered after {took:?}");
+
+    // The rank never reaches a safe point: Failed, naming it.
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 10,
+        park_timeout_ms: 300,
+    });
+    match link.expect("Failed", |m| {
+        matches!(m, AgentToCoordinator::Failed { epoch: 10, .. })
+    }) {
+        AgentToCoordinator::Failed { reason, .. } => assert!(
+            reason.contains("rank 0") && reason.contains("safe point"),
+            "{reason}"
+        ),
+        other => unreachable!("{other:?}"),
+    }
+    wait_idle(&agent);
+
+    // Another agent committed a newer epoch meanwhile: the store refuses
+    // to begin an older one, and the agent reports it.
+    let job = agent.job_store();
+    let record = job.load_part(5, 0).unwrap();
+    job.write_part(50, &record).unwrap();
+    job.commit_epoch(50, 1, CHUNK).unwrap();
+    link.send(&CoordinatorToAgent::Checkpoint {
+        epoch: 20,
+        park_timeout_ms: 10_000,
+    });
+    match link.expect("Failed", |m| {
+        matches!(m, AgentToCoordinator::Failed { epoch: 20, .. })
+    }) {
+        AgentToCoordinator::Failed { reason, .. } => assert!(
+            reason.contains("not newer than committed epoch 50"),
+            "{reason}"
+        ),
+        other => unreachable!("{other:?}"),
+    }
+    assert_eq!(job.committed_epochs().unwrap(), vec![50]);
+}
+
+/// Whether MPICH's `mpiexec` is here; says so loudly when not.
+fn mpiexec_available() -> bool {
+    let ok = std::process::Command::new("mpiexec")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("\n!!!!! SKIPPING THE MPI COORDINATED TEST: no mpiexec (install mpich) !!!!!\n");
+    }
+    ok
+}
+
+/// The Rust heat2d example (rsmpi), built once.
+fn heat2d() -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.current_dir(root).args(["build", "-p", "cryo-heat2d"]);
+        if cryo_tests::bin_dir()
+            .file_name()
+            .is_some_and(|n| n == "release")
+        {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building heat2d failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    cryo_tests::bin_dir().join("heat2d")
+}
+
+/// An MPI job under `mpiexec`, in its own process group; SIGKILLed (with
+/// every process whose command line names `marker`) on drop.
+struct MpiJob {
+    child: Option<std::process::Child>,
+    marker: String,
+}
+
+impl MpiJob {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Ranks and proxies that left the group.
+        let me = std::process::id().to_string();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(pid) = name.parse::<i32>() else {
+                continue;
+            };
+            if name == me {
+                continue;
+            }
+            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains(&self.marker) && cmdline.contains("heat2d") {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
+    fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let mut status = None;
+        wait_until("the MPI job to finish", Duration::from_secs(120), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for MpiJob {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[test]
+fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
+    use std::os::unix::process::CommandExt;
+    if !mpiexec_available() {
+        return;
+    }
+    let program = heat2d();
+    let setup = setup();
+    let dir = setup.dir.path();
+    let marker = dir.display().to_string();
+    let input = dir.join("grid.bin");
+    assert!(std::process::Command::new(&program)
+        .arg("--make-input")
+        .arg(&input)
+        .args(["--n", "96"])
+        .status()
+        .unwrap()
+        .success());
+    let app = |tag: &str, step_ms: &str| -> Vec<String> {
+        vec![
+            "--n".into(),
+            "96".into(),
+            "--iters".into(),
+            "100".into(),
+            "--step-ms".into(),
+            step_ms.into(),
+            "--input".into(),
+            input.display().to_string(),
+            "--log".into(),
+            dir.join(format!("{tag}.log")).display().to_string(),
+            "--output".into(),
+            dir.join(format!("{tag}.out")).display().to_string(),
+        ]
+    };
+    let reference = std::process::Command::new("mpiexec")
+        .args(["-n", "4"])
+        .arg(&program)
+        .args(app("ref", "0"))
+        .output()
+        .unwrap();
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
+
+    // Two emulated nodes, one agent each, one shared store.
+    let coord = FakeCoordinator::new("heat");
+    let token_file = coord.token_file(dir);
+    let store = dir.join("store");
+    let mut agents = Vec::new();
+    let mut links = Vec::new();
+    for node in ["a", "b"] {
+        let node_dir = dir.join(node);
+        fs::create_dir_all(&node_dir).unwrap();
+        let pending = coord.accept();
+        let mut agent = Agent::spawn_node(
+            &node_dir,
+            &store,
+            "heat",
+            node,
+            &[
+                "--coordinator",
+                &coord.addr,
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--copy-budget",
+                "32MiB",
+            ],
+            &[],
+        );
+        agent.wait_ready();
+        links.push(pending.join().unwrap());
+        agents.push(agent);
+    }
+    let launch = |tag: &str| {
+        let mut cmd = std::process::Command::new("mpiexec");
+        cmd.args(["-genv", "CRYO_JOB", "heat"])
+            .args(["-genv", "CRYO_TOKEN", coord.token.expose()]);
+        for (i, agent) in agents.iter().enumerate() {
+            if i > 0 {
+                cmd.arg(":");
+            }
+            cmd.args(["-n", "2", "-env", "CRYO_AGENT_SOCKET"])
+                .arg(&agent.socket)
+                .arg(&program)
+                .args(app(tag, "40"));
+        }
+        cmd.stdout(fs::File::create(dir.join(format!("{tag}.stdout"))).unwrap())
+            .stderr(fs::File::create(dir.join(format!("{tag}.stderr"))).unwrap())
+            .process_group(0);
+        MpiJob {
+            child: Some(cmd.spawn().unwrap()),
+            marker: marker.clone(),
+        }
+    };
+    let mut job = launch("run");
+    for (link, ranks) in links.iter_mut().zip([[0, 1], [2, 3]]) {
+        for rank in ranks {
+            link.expect("RankRegistered", is_registered(rank, None));
+        }
+    }
+    wait_until("iteration 30", WAIT, || lines(&dir.join("run.log")) >= 30);
+
+    // Only node a hears of epoch 1. The ranks agree on it among themselves,
+    // so node b's ranks park for it before their agent is asked.
+    links[0].send(&CoordinatorToAgent::Checkpoint {
+        epoch: 1,
+        park_timeout_ms: 30_000,
+    });
+    wait_logged(&agents[1], &["rank.parked_early", "epoch=1"]);
+    links[1].send(&CoordinatorToAgent::Checkpoint {
+        epoch: 1,
+        park_timeout_ms: 30_000,
+    });
+    for (link, ranks) in links.iter_mut().zip([[0, 1], [2, 3]]) {
+        for rank in ranks {
+            link.expect("Copied", is_copied(1, rank));
+            link.expect("Durable", is_durable(1, rank));
+        }
+    }
+    let job_store = agents[0].job_store();
+    assert!(job_store
+        .verify_manifest(&job_store.commit_epoch(1, 4, CHUNK).unwrap())
+        .is_ok());
+    for link in &links {
+        link.send(&CoordinatorToAgent::Committed { epoch: 1 });
+    }
+    let at = lines(&dir.join("run.log"));
+    wait_until("the job to run past the checkpoint", WAIT, || {
+        lines(&dir.join("run.log")) >= at + 3
+    });
+    assert!(lines(&dir.join("run.log")) < 100, "finished too early");
+    job.kill();
+    for (link, ranks) in links.iter_mut().zip([[0, 1], [2, 3]]) {
+        for rank in ranks {
+            link.expect(
+                "RankLeft",
+                move |m| matches!(m, AgentToCoordinator::RankLeft { rank: r, .. } if *r == rank),
+            );
+        }
+        link.send(&CoordinatorToAgent::ArmRestart { epoch: 1 });
+    }
+    for agent in &agents {
+        wait_logged(agent, &["restart.armed", "epoch=1"]);
+    }
+    let status = launch("run").wait();
+    assert!(
+        status.success(),
+        "restarted job failed: {}",
+        fs::read_to_string(dir.join("run.stderr")).unwrap_or_default()
+    );
+    for (link, ranks) in links.iter_mut().zip([[0, 1], [2, 3]]) {
+        for rank in ranks {
+            link.expect("RankRegistered after restart", is_registered(rank, Some(1)));
+        }
+    }
+    assert_same_file(&dir.join("run.out"), &dir.join("ref.out"));
+    assert_same_file(&dir.join("run.log"), &dir.join("ref.log"));
+}

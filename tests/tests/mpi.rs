@@ -1,0 +1,480 @@
+//! End-to-end MPI tests: the heat2d example (Rust and C) under `cryo run`
+//! with real MPICH, real agents on emulated nodes, `kill -9` of every
+//! process, and restarts on other node sets. The final grid and the residual
+//! log must be byte-identical to an uninterrupted run.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cryo_tests::{assert_same_file, bin_dir, lines, wait_until};
+
+const N: &str = "96";
+const ITERS: usize = 100;
+
+fn mpiexec() -> Option<PathBuf> {
+    let ok = Command::new("mpiexec")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED: no mpiexec (install mpich); the MPI end-to-end tests did not run");
+    }
+    ok.then(|| PathBuf::from("mpiexec"))
+}
+
+/// Builds `cryo`, `cryo-agent`, `heat2d` and `libcryo_rank` once.
+fn built() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "-p",
+            "cryo-coordinator",
+            "-p",
+            "cryo-agent",
+            "-p",
+            "cryo-heat2d",
+            "-p",
+            "cryo-rank",
+        ]);
+        if bin_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    bin_dir()
+}
+
+/// The C heat2d, built with mpicc against libcryo_rank.
+fn c_heat2d() -> Option<PathBuf> {
+    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let bins = built();
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let out = std::env::temp_dir().join(format!("cryo-heat2d-c-{}", std::process::id()));
+            let status = Command::new("mpicc")
+                .args(["-O2", "-Wall", "-Werror", "-o"])
+                .arg(&out)
+                .arg(root.join("examples/c/heat2d.c"))
+                .arg("-I")
+                .arg(root.join("rank/include"))
+                .arg("-L")
+                .arg(&bins)
+                .arg("-lcryo_rank")
+                .arg("-lm")
+                .arg(format!("-Wl,-rpath,{}", bins.display()))
+                .status();
+            match status {
+                Ok(s) if s.success() => Some(out),
+                Ok(s) => panic!("compiling examples/c/heat2d.c failed: {s}"),
+                Err(_) => {
+                    eprintln!("SKIPPED: no mpicc; the C heat2d test did not run");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+    program: PathBuf,
+}
+
+impl Case {
+    fn new(program: PathBuf) -> Case {
+        let dir = tempfile::Builder::new()
+            .prefix("cryo-mpi-")
+            .tempdir()
+            .unwrap();
+        let input = dir.path().join("input.bin");
+        let heat2d = built().join("heat2d");
+        let status = Command::new(heat2d)
+            .args(["--make-input"])
+            .arg(&input)
+            .args(["--n", N])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        Case { dir, program }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
+        vec![
+            "--n".into(),
+            N.into(),
+            "--iters".into(),
+            ITERS.to_string(),
+            "--step-ms".into(),
+            step_ms.to_string(),
+            "--input".into(),
+            self.path("input.bin").display().to_string(),
+            "--log".into(),
+            self.path(&format!("{tag}.log")).display().to_string(),
+            "--output".into(),
+            self.path(&format!("{tag}.out")).display().to_string(),
+        ]
+    }
+
+    /// The uninterrupted reference run, without cryo.
+    fn reference(&self, ranks: u32) {
+        let out = Command::new("mpiexec")
+            .args(["-n", &ranks.to_string()])
+            .arg(&self.program)
+            .args(self.app_args("reference", 0))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "reference run failed: {}", text(&out));
+    }
+
+    fn cryo(&self) -> Command {
+        let mut cmd = Command::new(built().join("cryo"));
+        cmd.env("CRYO_STORE", self.store())
+            .env("CRYO_LOG", "info")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// `cryo run` in the background.
+    fn start(&self, job: &str, nodes: &str, ranks: u32, extra: &[&str], step_ms: u32) -> Job {
+        let log = self.path(&format!("cryo-run-{job}.log"));
+        let child = self
+            .cryo()
+            .args([
+                "run",
+                "--job",
+                job,
+                "--nodes",
+                nodes,
+                "-n",
+                &ranks.to_string(),
+            ])
+            .arg("--scratch")
+            .arg(self.path(&format!("scratch-{job}")))
+            .args(extra)
+            .arg("--")
+            .arg(&self.program)
+            .args(self.app_args("run", step_ms))
+            .stdout(fs::File::create(self.path("run.stdout")).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Job {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn restart(&self, job: &str, nodes: &str, extra: &[&str]) -> Output {
+        self.cryo()
+            .args(["restart", job, "--nodes", nodes])
+            .arg("--scratch")
+            .arg(self.path(&format!("scratch-{job}-restart")))
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn committed(&self, job: &str) -> Vec<u64> {
+        cryo_core::Store::open(self.store())
+            .and_then(|s| s.job(job))
+            .ok()
+            .and_then(|j| j.committed_epochs().ok())
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs every process whose command line mentions this case's
+    /// directory: `cryo run`, the agents, mpiexec, its proxies and the ranks.
+    fn kill_everything(&self) {
+        let marker = self.dir.path().display().to_string();
+        for _ in 0..3 {
+            for entry in fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                if u32::try_from(pid).ok() == Some(std::process::id()) {
+                    continue;
+                }
+                let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn assert_matches_reference(&self) {
+        assert_same_file(&self.path("reference.out"), &self.path("run.out"));
+        assert_same_file(&self.path("reference.log"), &self.path("run.log"));
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        self.kill_everything();
+    }
+}
+
+struct Job {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Job {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_child(&mut child, Duration::from_secs(120), &self.log)
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until("the job to finish", timeout, || {
+        status = child.try_wait().unwrap();
+        if status.is_none() && log.exists() {
+            // keep polling
+        }
+        status.is_some()
+    });
+    status.unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn checkpoint(case: &Case, job: &str) -> Output {
+    case.cryo().args(["checkpoint", job]).output().unwrap()
+}
+
+/// Checkpoint at about iteration 50 of 100 on 2 emulated nodes, kill -9
+/// everything, restart on 4 nodes, then again on 1 node: both byte-identical.
+fn checkpoint_kill_restart_elsewhere(program: PathBuf) {
+    let case = Case::new(program);
+    case.reference(4);
+    let job = case.start("heat", "a:2,b:2", 4, &[], 40);
+    wait_until("iteration 45", Duration::from_secs(60), || {
+        lines(&case.path("run.log")) >= 45
+    });
+    let out = checkpoint(&case, "heat");
+    assert!(
+        out.status.success(),
+        "cryo checkpoint failed: {}\n{}",
+        text(&out),
+        job.log_text()
+    );
+    assert!(text(&out).contains("epoch 1 committed"), "{}", text(&out));
+    let at = lines(&case.path("run.log"));
+    assert!(at < ITERS, "the job finished before it was killed");
+    case.kill_everything();
+    drop(job);
+
+    let out = case.restart("heat", "c:1,d:1,e:1,f:1", &[]);
+    assert!(
+        out.status.success(),
+        "restart on 4 nodes failed: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("restarting job \"heat\" from epoch 1"),
+        "{}",
+        text(&out)
+    );
+    case.assert_matches_reference();
+
+    let out = case.restart("heat", "solo", &["--epoch", "1"]);
+    assert!(
+        out.status.success(),
+        "restart on 1 node failed: {}",
+        text(&out)
+    );
+    case.assert_matches_reference();
+}
+
+#[test]
+fn rust_heat2d_checkpoint_kill_restart_on_other_nodes() {
+    if mpiexec().is_none() {
+        return;
+    }
+    checkpoint_kill_restart_elsewhere(built().join("heat2d"));
+}
+
+#[test]
+fn c_heat2d_checkpoint_kill_restart_on_other_nodes() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let Some(program) = c_heat2d() else { return };
+    checkpoint_kill_restart_elsewhere(program);
+}
+
+#[test]
+fn interval_checkpoints_then_restart_from_the_last() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("heat2d"));
+    case.reference(3);
+    let job = case.start(
+        "interval",
+        "a:2,b:1",
+        3,
+        &["--interval", "0.4", "--keep", "2"],
+        40,
+    );
+    wait_until("three committed epochs", Duration::from_secs(60), || {
+        case.committed("interval").last().copied().unwrap_or(0) >= 3
+    });
+    assert!(
+        lines(&case.path("run.log")) < ITERS,
+        "the job finished too early"
+    );
+    case.kill_everything();
+    drop(job);
+    let committed = case.committed("interval");
+    let last = *committed.last().unwrap();
+    assert!(
+        committed.len() <= 3,
+        "retention keeps 2 (+1 racing): {committed:?}"
+    );
+    let out = case.restart("interval", "z:3", &[]);
+    assert!(out.status.success(), "restart failed: {}", text(&out));
+    assert!(
+        text(&out).contains(&format!("from epoch {last}")),
+        "restart should use the newest epoch {last}: {}",
+        text(&out)
+    );
+    case.assert_matches_reference();
+}
+
+#[test]
+fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("heat2d"));
+    case.reference(4);
+    let mut job = case.start("fault", "a:2,b:2", 4, &["--park-timeout", "5"], 60);
+    wait_until("iteration 20", Duration::from_secs(60), || {
+        lines(&case.path("run.log")) >= 20
+    });
+    let out = checkpoint(&case, "fault");
+    assert!(text(&out).contains("epoch 1 committed"), "{}", text(&out));
+
+    // Kill node b's agent as soon as it starts capturing epoch 2.
+    let agent_log = case.path("scratch-fault/b/agent.log");
+    let mut checkpoint2 = case
+        .cryo()
+        .args(["checkpoint", "fault"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("agent b to start epoch 2", Duration::from_secs(30), || {
+        fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("checkpoint.requested") && l.contains("\"epoch\":2"))
+    });
+    let agent_pid = agent_pid(&case, "b");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let status = wait_child(&mut checkpoint2, Duration::from_secs(60), &agent_log);
+    let mut answer = String::new();
+    use std::io::Read;
+    checkpoint2
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut answer)
+        .unwrap();
+    assert!(!status.success(), "epoch 2 must not commit without node b");
+    assert!(answer.contains("epoch 2 aborted"), "{answer}");
+    assert_eq!(case.committed("fault"), vec![1]);
+
+    // The job keeps running (or stops cleanly); epoch 1 still verifies.
+    let status = job.wait();
+    assert!(
+        status.success(),
+        "the job should finish: {}",
+        job.log_text()
+    );
+    let verify = case
+        .cryo()
+        .args(["verify"])
+        .arg(case.store())
+        .arg("fault")
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+    // Restart from epoch 1 reproduces the reference.
+    let out = case.restart("fault", "a:2,b:2", &[]);
+    assert!(out.status.success(), "restart failed: {}", text(&out));
+    assert!(text(&out).contains("from epoch 1"), "{}", text(&out));
+    case.assert_matches_reference();
+}
+
+fn agent_pid(case: &Case, node: &str) -> i32 {
+    let socket = case
+        .path(&format!("scratch-fault/{node}/agent.sock"))
+        .display()
+        .to_string();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("cryo-agent") && cmdline.contains(&socket) {
+            return pid;
+        }
+    }
+    panic!("no agent for node {node}");
+}
