@@ -455,12 +455,14 @@ fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {
         JobResponse::Committed {
             epoch,
             max_pause_us,
+            quiesce_us,
             bytes,
             written,
             elapsed_ms,
         } => {
             println!(
-                "job {job}: epoch {epoch} committed: {} copied, longest rank pause {:.1} ms, {} written, {:.2} s",
+                "job {job}: epoch {epoch} committed: quiesced in {:.1} ms, {} copied, longest rank pause {:.1} ms, {} written, {:.2} s",
+                *quiesce_us as f64 / 1000.0,
                 human::bytes(*bytes),
                 *max_pause_us as f64 / 1000.0,
                 human::bytes(*written),

@@ -304,6 +304,7 @@ struct Coordinator {
     pids: BTreeMap<u32, u32>,
     epoch: Option<Epoch>,
     max_pause_us: u64,
+    last_parked: Option<Instant>,
     waiters: Vec<Waiter>,
     last_attempted: u64,
     preempting: bool,
@@ -389,6 +390,7 @@ impl Coordinator {
         let _ = self.job.discard_pending(epoch);
         self.last_attempted = epoch;
         self.max_pause_us = 0;
+        self.last_parked = None;
         self.epoch = Some(Epoch::new(
             epoch,
             self.opts.ranks,
@@ -443,6 +445,10 @@ impl Coordinator {
             } => {
                 if let Some(current) = self.epoch.as_mut().filter(|e| e.epoch == epoch) {
                     self.max_pause_us = self.max_pause_us.max(pause_us);
+                    let parked = now
+                        .checked_sub(Duration::from_micros(pause_us))
+                        .unwrap_or(now);
+                    self.last_parked = Some(self.last_parked.map_or(parked, |t| t.max(parked)));
                     current.apply(EpochEvent::Copied { rank, bytes }, now);
                     tracing::info!(job = %self.opts.job, node, rank, epoch, pause_us, "rank.resumed");
                 }
@@ -529,6 +535,10 @@ impl Coordinator {
                 let response = JobResponse::Committed {
                     epoch: epoch.epoch,
                     max_pause_us: self.max_pause_us,
+                    quiesce_us: self.last_parked.map_or(0, |t| {
+                        u64::try_from(t.saturating_duration_since(epoch.started).as_micros())
+                            .unwrap_or(u64::MAX)
+                    }),
                     bytes: epoch.bytes_copied(),
                     written: epoch.bytes_written(),
                     elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
@@ -751,6 +761,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         pids: BTreeMap::new(),
         epoch: None,
         max_pause_us: 0,
+        last_parked: None,
         waiters: Vec::new(),
         last_attempted: 0,
         preempting: false,

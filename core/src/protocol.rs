@@ -999,6 +999,8 @@ pub enum JobResponse {
         epoch: u64,
         /// Longest pause of any rank, microseconds.
         max_pause_us: u64,
+        /// From the request to the last rank parked, microseconds.
+        quiesce_us: u64,
         /// Bytes copied.
         bytes: u64,
         /// Stored bytes written.

@@ -478,3 +478,121 @@ fn agent_pid(case: &Case, node: &str) -> i32 {
     }
     panic!("no agent for node {node}");
 }
+
+#[test]
+fn signals_status_and_preempt_then_restart() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("heat2d"));
+    case.reference(2);
+    let mut job = case.start("signals", "a:1,b:1", 2, &[], 50);
+    wait_until("iteration 15", Duration::from_secs(60), || {
+        lines(&case.path("run.log")) >= 15
+    });
+    // SIGUSR1 to `cryo run`: checkpoint and continue.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(job.child.as_ref().unwrap().id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    wait_until("epoch 1 from SIGUSR1", Duration::from_secs(60), || {
+        case.committed("signals") == vec![1]
+    });
+    let status = case.cryo().args(["status", "signals"]).output().unwrap();
+    let shown = text(&status);
+    assert!(status.status.success(), "{shown}");
+    assert!(shown.contains("job signals: 2 ranks"), "{shown}");
+    assert!(shown.contains("last committed epoch: 1"), "{shown}");
+    assert!(
+        shown.contains("node a") && shown.contains("agent connected"),
+        "{shown}"
+    );
+
+    // A wrong token is refused.
+    let token_file = case.store().join("signals/run/token");
+    let good = fs::read(&token_file).unwrap();
+    fs::write(&token_file, "0".repeat(64)).unwrap();
+    let refused = case
+        .cryo()
+        .args(["checkpoint", "signals"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused).contains("wrong or missing job token"),
+        "{}",
+        text(&refused)
+    );
+    fs::write(&token_file, good).unwrap();
+
+    // cryo preempt: checkpoint, then stop with exit code 75.
+    let out = case.cryo().args(["preempt", "signals"]).output().unwrap();
+    assert!(text(&out).contains("epoch 2 committed"), "{}", text(&out));
+    let status = job.wait();
+    assert_eq!(status.code(), Some(75), "{}", job.log_text());
+    assert!(lines(&case.path("run.log")) < ITERS);
+
+    let out = case.restart("signals", "c:2", &[]);
+    assert!(out.status.success(), "restart failed: {}", text(&out));
+    assert!(text(&out).contains("from epoch 2"), "{}", text(&out));
+    case.assert_matches_reference();
+
+    // The world size is fixed.
+    let out = case.restart("signals", "c:2", &["-n", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("keeps the world size"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("heat2d"));
+    case.reference(2);
+    let mut job = case.start("term", "a:2", 2, &["--interval", "0.3"], 50);
+    wait_until("two committed epochs", Duration::from_secs(60), || {
+        case.committed("term").len() >= 2
+    });
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(job.child.as_ref().unwrap().id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = job.wait();
+    assert!(
+        matches!(status.code(), Some(75 | 76)),
+        "{status:?}: {}",
+        job.log_text()
+    );
+    let committed = case.committed("term");
+    let newest = *committed.last().unwrap();
+    // Corrupt a chunk used only by the newest epoch's grid.
+    let store = cryo_core::Store::open(case.store()).unwrap();
+    let job_store = store.job("term").unwrap();
+    let newest_manifest = job_store.load_manifest(newest).unwrap();
+    let older = job_store
+        .load_manifest(committed[committed.len() - 2])
+        .unwrap();
+    let older_hashes: std::collections::HashSet<_> =
+        older.chunk_refs().map(|(_, _, c)| c.hash).collect();
+    let victim = newest_manifest
+        .chunk_refs()
+        .map(|(_, _, c)| c.hash)
+        .find(|h| !older_hashes.contains(h))
+        .expect("the newest epoch has a chunk of its own");
+    let path = job_store.chunk_path(&victim);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+
+    let out = case.restart("term", "b:2", &[]);
+    let said = text(&out);
+    assert!(out.status.success(), "restart failed: {said}");
+    assert!(
+        said.contains(&format!("epoch {newest} fails verification")),
+        "{said}"
+    );
+    assert!(said.contains("falling back"), "{said}");
+    case.assert_matches_reference();
+}
