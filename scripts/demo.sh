@@ -28,7 +28,8 @@ echo "==> 2. cryo run: the same job under cryo, 4 ranks on emulated nodes a and 
 "$CRYO" run --job heat --nodes a:2,b:2 -n 4 --scratch "$DEMO/scratch" -- \
   "$BIN/heat2d" "${ARGS[@]}" --step-ms 50 --log "$DEMO/run.log" --output "$DEMO/run.out" \
   > "$DEMO/run.stdout" 2> "$DEMO/run.stderr" &
-until [ "$(wc -l < "$DEMO/run.log" 2>/dev/null || echo 0)" -ge 50 ]; do sleep 0.1; done
+disown
+until [ "$(cat "$DEMO/run.log" 2>/dev/null | wc -l)" -ge 50 ]; do sleep 0.1; done
 "$CRYO" status heat
 
 echo
