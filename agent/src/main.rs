@@ -41,34 +41,37 @@ enum Until {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the agent daemon.
+    /// Run the agent daemon. Every option also reads a `CRYO_*`
+    /// environment variable, which is how `cryo run` hands its settings to
+    /// agents that Slurm's plugin starts on each node.
     Serve {
-        /// Unix socket for ranks and control clients.
-        #[arg(long)]
+        /// Unix socket for ranks and control clients (its folder is
+        /// created, 0700, if missing).
+        #[arg(long, env = "CRYO_AGENT_SOCKET")]
         socket: PathBuf,
         /// Checkpoint store directory.
-        #[arg(long)]
+        #[arg(long, env = "CRYO_STORE")]
         store: PathBuf,
         /// Job name.
-        #[arg(long)]
+        #[arg(long, env = "CRYO_JOB")]
         job: String,
         /// Node name (default: the host name).
-        #[arg(long)]
+        #[arg(long, env = "CRYO_NODE")]
         node: Option<String>,
         /// Copy budget, e.g. 2GiB (default: an eighth of the node's RAM).
-        #[arg(long, value_parser = parse_bytes)]
+        #[arg(long, value_parser = parse_bytes, env = "CRYO_COPY_BUDGET")]
         copy_budget: Option<u64>,
         /// Number of local ranks (default: those registered).
         #[arg(long)]
         ranks: Option<u32>,
         /// Restart registering ranks from this epoch (a number or `latest`).
-        #[arg(long)]
+        #[arg(long, env = "CRYO_RESTART_FROM")]
         restart_from: Option<String>,
         /// Seconds to wait for every rank to reach a safe point.
-        #[arg(long, default_value_t = 60.0)]
+        #[arg(long, default_value_t = 60.0, env = "CRYO_PARK_TIMEOUT")]
         park_timeout: f64,
         /// Chunk size.
-        #[arg(long, value_parser = parse_bytes, default_value = "1MiB")]
+        #[arg(long, value_parser = parse_bytes, default_value = "1MiB", env = "CRYO_CHUNK_SIZE")]
         chunk_size: u64,
         /// zstd level (0 stores chunks uncompressed).
         #[arg(long, default_value_t = cryo_core::chunk::DEFAULT_ZSTD_LEVEL)]
@@ -82,7 +85,7 @@ enum Command {
         store_threads: Option<usize>,
         /// Coordinated mode: the job's coordinator, HOST:PORT. The agent
         /// reports to it and leaves commits to it.
-        #[arg(long, value_name = "HOST:PORT")]
+        #[arg(long, value_name = "HOST:PORT", env = "CRYO_COORDINATOR")]
         coordinator: Option<String>,
         /// File holding the job token (default: the CRYO_TOKEN environment
         /// variable). When given, ranks must present the token.

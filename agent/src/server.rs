@@ -23,6 +23,7 @@ use std::net::TcpStream;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -383,6 +384,17 @@ impl Agent {
             .thread_name(|i| format!("cryo-store-{i}"))
             .build()
             .map_err(|e| ServeError::Threads(e.to_string()))?;
+        if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Node-local and private: only the job's user reaches its agent.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| ServeError::Bind {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
         if config.socket.exists() {
             if UnixStream::connect(&config.socket).is_ok() {
                 return Err(ServeError::InUse(config.socket.clone()));

@@ -18,7 +18,7 @@ use crate::human::parse_size;
 use crate::inspect;
 use crate::logging::{self, LogFormat};
 use crate::registry::{JobCommand, Registry};
-use crate::session::{self, RunOptions};
+use crate::session::{self, AgentMode, RunOptions};
 use crate::{human, launch};
 
 /// Exit code when `cryo verify` finds damage.
@@ -140,7 +140,8 @@ pub struct LaunchArgs {
     /// The checkpoint store (a shared directory).
     #[arg(long, env = "CRYO_STORE")]
     pub store: PathBuf,
-    /// MPI world size (for `restart`: must equal the checkpoint's).
+    /// MPI world size (for `restart`: must equal the checkpoint's;
+    /// default under Slurm: `$SLURM_NTASKS`).
     #[arg(short = 'n', long = "ranks")]
     pub ranks: Option<u32>,
     /// Nodes and their ranks, e.g. `a:2,b:2` (emulated on this machine);
@@ -148,14 +149,34 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub nodes: Option<String>,
     /// Checkpoint every SECS seconds.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", env = "CRYO_INTERVAL")]
     pub interval: Option<f64>,
     /// Committed epochs to keep.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, env = "CRYO_KEEP")]
     pub keep: usize,
-    /// The MPI launcher (default: MPICH's mpiexec, else Open MPI's mpirun).
+    /// The launcher: `srun`, or an MPI launcher (default: `srun` inside a
+    /// Slurm allocation, else MPICH's mpiexec, else Open MPI's mpirun).
     #[arg(long)]
     pub launcher: Option<PathBuf>,
+    /// Who starts the node agents: `spawn` (cryo run, one per `--nodes`
+    /// entry, on this machine) or `external` (one per node, started by
+    /// Slurm's spank_cryo plugin or by hand, at a node-local socket).
+    /// Default: `external` inside a Slurm allocation without `--nodes`.
+    #[arg(long, value_enum)]
+    pub agents: Option<AgentsArg>,
+    /// Host name or address that agents on other nodes dial (external
+    /// agents; default: this host's name).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// If the job already has a committed checkpoint, continue from it
+    /// instead of starting over. Implied when Slurm restarts a requeued
+    /// job (`SLURM_RESTART_COUNT` > 0).
+    #[arg(long)]
+    pub resume: bool,
+    /// Slurm: on SIGUSR1 (`--signal=B:USR1@GRACE`) or SIGTERM, checkpoint,
+    /// stop the job and requeue it with `scontrol requeue`.
+    #[arg(long)]
+    pub requeue: bool,
     /// The cryo-agent binary (default: next to `cryo`).
     #[arg(long)]
     pub agent: Option<PathBuf>,
@@ -171,12 +192,22 @@ pub struct LaunchArgs {
     /// How long agents wait for ranks to reach a safe point.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     pub park_timeout: f64,
-    /// Address the coordinator listens on.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
+    /// Address the coordinator listens on (default: loopback, or every
+    /// interface with external agents).
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Node-local scratch for agent sockets and logs.
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+}
+
+/// Who starts the node agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AgentsArg {
+    /// `cryo run` starts them on this machine.
+    Spawn,
+    /// They start on each node by other means (Slurm's plugin).
+    External,
 }
 
 /// `cryo bench` subcommands.
@@ -262,10 +293,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             command,
         } => {
             let job = job.unwrap_or_else(|| default_job_name(&command[0]));
-            let ranks = launch.ranks.unwrap_or(1);
+            let ranks = launch.ranks.or_else(slurm_ntasks).unwrap_or(1);
             let cwd = std::env::current_dir().context("reading the working directory")?;
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks);
-            session::run(run_options(job, ranks, launch, job_command, None)?)
+            let resume_from = if launch.resume || slurm_restart_count() > 0 {
+                resume_epoch(&launch.store, &job, ranks)?
+            } else {
+                None
+            };
+            session::run(run_options(job, ranks, launch, job_command, resume_from)?)
         }
         Command::Restart { job, epoch, launch } => {
             let store = Store::open(&launch.store)?;
@@ -372,6 +408,44 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `SLURM_NTASKS` inside an allocation.
+fn slurm_ntasks() -> Option<u32> {
+    std::env::var("SLURM_NTASKS").ok()?.parse().ok()
+}
+
+/// How often Slurm has restarted this (requeued) job.
+fn slurm_restart_count() -> u32 {
+    std::env::var("SLURM_RESTART_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The epoch `cryo run --resume` continues from: the newest committed one
+/// that verifies, or none for a job that never committed one.
+fn resume_epoch(store: &std::path::Path, job: &str, ranks: u32) -> Result<Option<u64>> {
+    let Ok(store) = Store::open(store) else {
+        return Ok(None);
+    };
+    let Ok(job_store) = store.existing_job(job) else {
+        return Ok(None);
+    };
+    if job_store.latest_committed()?.is_none() {
+        eprintln!("cryo: job {job:?} has no committed checkpoint yet; starting from the beginning");
+        return Ok(None);
+    }
+    let epoch = session::choose_restart_epoch(&job_store, None)?;
+    let manifest = job_store.load_manifest(epoch)?;
+    if manifest.world_size != ranks {
+        bail!(
+            "job {job:?} was checkpointed with {} ranks, but this run asks for {ranks}; a restart keeps the world size",
+            manifest.world_size
+        );
+    }
+    eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
+    Ok(Some(epoch))
+}
+
 fn default_job_name(program: &OsString) -> String {
     if let Ok(id) = std::env::var("SLURM_JOB_ID") {
         if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
@@ -415,6 +489,31 @@ fn run_options(
     restart_from: Option<u64>,
 ) -> Result<RunOptions> {
     cryo_core::names::check_job_name(&job)?;
+    let in_slurm = std::env::var_os("SLURM_JOB_ID").is_some();
+    let agents = match launch.agents {
+        Some(agents) => agents,
+        None if in_slurm && launch.nodes.is_none() => AgentsArg::External,
+        None => AgentsArg::Spawn,
+    };
+    let agent_mode = match agents {
+        AgentsArg::Spawn => AgentMode::Spawn,
+        AgentsArg::External => {
+            if launch.nodes.is_some() {
+                bail!("--nodes emulates nodes on this machine; with external agents the nodes are those the launcher uses (leave out --nodes, or pass --agents spawn)");
+            }
+            AgentMode::External {
+                socket: session::node_local_socket(&job),
+                advertise: launch.advertise.clone(),
+            }
+        }
+    };
+    let external = matches!(agent_mode, AgentMode::External { .. });
+    let launcher = launch
+        .launcher
+        .or_else(|| (in_slurm && external).then(|| PathBuf::from("srun")));
+    let listen = launch.listen.unwrap_or_else(|| {
+        if external { "0.0.0.0:0" } else { "127.0.0.1:0" }.to_owned()
+    });
     let nodes = match &launch.nodes {
         Some(spec) => launch::parse_nodes(spec)?,
         None => vec![launch::NodeSpec {
@@ -437,13 +536,15 @@ fn run_options(
             .map(|s| seconds(s, "--interval"))
             .transpose()?,
         keep: launch.keep.max(1),
-        launcher: launch.launcher,
+        launcher,
+        agents: agent_mode,
+        requeue: launch.requeue,
         agent_bin: launch.agent,
         chunk_size: usize::try_from(launch.chunk_size).context("chunk size too large")?,
         copy_budget: launch.copy_budget,
         checkpoint_timeout: seconds(launch.checkpoint_timeout, "--checkpoint-timeout")?,
         park_timeout: seconds(launch.park_timeout, "--park-timeout")?,
-        listen: launch.listen,
+        listen,
         restart_from,
         command,
         scratch,

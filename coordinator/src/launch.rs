@@ -171,6 +171,8 @@ pub enum Launcher {
     Hydra(PathBuf),
     /// Open MPI's `mpirun`.
     OpenMpi(PathBuf),
+    /// Slurm's `srun` (ranks are the step's tasks; MPI wires up over PMI).
+    Srun(PathBuf),
 }
 
 impl fmt::Display for Launcher {
@@ -178,6 +180,7 @@ impl fmt::Display for Launcher {
         match self {
             Launcher::Hydra(path) => write!(f, "MPICH Hydra ({})", path.display()),
             Launcher::OpenMpi(path) => write!(f, "Open MPI ({})", path.display()),
+            Launcher::Srun(path) => write!(f, "Slurm srun ({})", path.display()),
         }
     }
 }
@@ -202,6 +205,8 @@ pub enum LauncherError {
 pub fn classify(path: &Path, version_text: &str) -> Result<Launcher, LauncherError> {
     if version_text.contains("HYDRA") || version_text.contains("Hydra") {
         Ok(Launcher::Hydra(path.to_owned()))
+    } else if version_text.starts_with("slurm ") || version_text.starts_with("slurm-wlm ") {
+        Ok(Launcher::Srun(path.to_owned()))
     } else if version_text.contains("Open MPI")
         || version_text.contains("OpenRTE")
         || version_text.contains("open-mpi")
@@ -278,6 +283,27 @@ pub fn build_command(
                 }
                 command.arg(program).args(args);
             }
+            command
+        }
+        Launcher::Srun(path) => {
+            // srun gives every task one environment, so blocks (used on a
+            // cluster, where every node's agent sits at the same path) are
+            // merged: their sizes add up and their variables are exported.
+            let mut command = Command::new(path);
+            let ranks: u32 = blocks.iter().map(|b| b.ranks).sum();
+            command
+                .arg(format!("--ntasks={ranks}"))
+                .arg("--kill-on-bad-exit=1");
+            // MPICH and Open MPI both speak PMI-2; a site default wins.
+            if std::env::var_os("SLURM_MPI_TYPE").is_none() {
+                command.arg("--mpi=pmi2");
+            }
+            for block in blocks {
+                for (key, value) in &block.env {
+                    command.env(key, value);
+                }
+            }
+            command.arg(program).args(args);
             command
         }
         Launcher::OpenMpi(path) => {
@@ -388,7 +414,43 @@ mod tests {
             classify(Path::new("mpirun"), ompi),
             Ok(Launcher::OpenMpi(_))
         ));
-        assert!(classify(Path::new("srun"), "slurm 22.05.8").is_err());
+        for srun in ["slurm 22.05.8", "slurm-wlm 22.05.8"] {
+            assert!(matches!(
+                classify(Path::new("srun"), srun),
+                Ok(Launcher::Srun(_))
+            ));
+        }
+        assert!(classify(Path::new("mystery"), "mystery 1.0").is_err());
+    }
+
+    #[test]
+    fn srun_merges_blocks_into_one_step() {
+        let blocks = [
+            LaunchBlock {
+                ranks: 3,
+                env: vec![("CRYO_AGENT_SOCKET".into(), "/tmp/cryo-1/j/agent.sock".into())],
+            },
+            LaunchBlock {
+                ranks: 1,
+                env: vec![],
+            },
+        ];
+        let command = build_command(
+            &Launcher::Srun("srun".into()),
+            &blocks,
+            &"app".into(),
+            &["--x".into()],
+        );
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(args[0], "--ntasks=4");
+        assert!(args.contains(&"--kill-on-bad-exit=1".to_owned()));
+        assert_eq!(&args[args.len() - 2..], ["app", "--x"]);
+        let env: Vec<_> = command.get_envs().collect();
+        assert!(env.iter().any(|(k, v)| *k == "CRYO_AGENT_SOCKET"
+            && v.is_some_and(|v| v == "/tmp/cryo-1/j/agent.sock")));
     }
 
     #[test]

@@ -156,6 +156,16 @@ impl Registry {
                 addr.host
             );
         }
+        // A coordinator killed with its allocation on another node leaves a
+        // stale entry there: only one that still answers counts.
+        if addr.host != hostname() && !answers(&addr.addr) {
+            bail!(
+                "job {job:?} is not running (its coordinator at {}, pid {} on {}, does not answer)",
+                addr.addr,
+                addr.pid,
+                addr.host
+            );
+        }
         Ok(addr)
     }
 
@@ -163,6 +173,16 @@ impl Registry {
     pub fn clear_coordinator(&self) {
         let _ = std::fs::remove_file(self.dir.join("coordinator"));
     }
+}
+
+fn answers(addr: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let Ok(addrs) = addr.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|a| TcpStream::connect_timeout(&a, std::time::Duration::from_secs(2)).is_ok())
 }
 
 fn pid_alive(pid: u32) -> bool {

@@ -56,6 +56,10 @@ pub struct RunOptions {
     pub keep: usize,
     /// The MPI launcher to use.
     pub launcher: Option<PathBuf>,
+    /// Who starts the node agents.
+    pub agents: AgentMode,
+    /// Slurm: on SIGUSR1 or SIGTERM, checkpoint, stop and requeue the job.
+    pub requeue: bool,
     /// The agent binary.
     pub agent_bin: Option<PathBuf>,
     /// Chunk size for the store.
@@ -75,6 +79,32 @@ pub struct RunOptions {
     /// Node-local scratch (agent sockets and logs).
     pub scratch: PathBuf,
 }
+
+/// Who starts the node agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMode {
+    /// `cryo run` starts one agent per `--nodes` entry on this machine
+    /// (emulated nodes), each with its own socket.
+    Spawn,
+    /// One agent per node is started by someone else (Slurm's spank_cryo
+    /// plugin) from the `CRYO_*` variables the launcher carries, at the same
+    /// node-local socket on every node. They dial the coordinator.
+    External {
+        /// The node-local socket path.
+        socket: PathBuf,
+        /// The host agents dial (default: this host's name).
+        advertise: Option<String>,
+    },
+}
+
+/// Where the agent of `job` listens on every node when agents are external:
+/// node-local and per user, so jobs and users never share one.
+pub fn node_local_socket(job: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/cryo-{}/{job}/agent.sock", nix::unistd::getuid()))
+}
+
+/// Environment variable naming the coordinator, for external agents.
+pub const ENV_COORDINATOR: &str = "CRYO_COORDINATOR";
 
 static GOT_USR1: AtomicBool = AtomicBool::new(false);
 static GOT_TERM: AtomicBool = AtomicBool::new(false);
@@ -130,7 +160,7 @@ fn serve_connections(
     job: String,
     world_size: u32,
     token: JobToken,
-    expected: BTreeSet<String>,
+    expected: Option<BTreeSet<String>>,
     events: Sender<Event>,
 ) {
     for stream in listener.incoming() {
@@ -150,7 +180,7 @@ fn serve_peer(
     job: &str,
     world_size: u32,
     token: &JobToken,
-    expected: &BTreeSet<String>,
+    expected: &Option<BTreeSet<String>>,
     events: &Sender<Event>,
 ) {
     let peer_addr = stream
@@ -160,6 +190,11 @@ fn serve_peer(
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let hello: Hello = match read_message(&mut &stream) {
         Ok(hello) => hello,
+        Err(cryo_core::protocol::FrameError::Closed) => {
+            // A liveness probe (`cryo run` checking for a stale entry).
+            tracing::debug!(job, peer = %peer_addr, "peer.closed_before_hello");
+            return;
+        }
         Err(err) => {
             tracing::warn!(job, peer = %peer_addr, error = %err, "peer.rejected");
             return;
@@ -181,7 +216,9 @@ fn serve_peer(
     match hello.peer {
         Peer::Agent { node } => {
             let problem = problem.or_else(|| {
-                (!expected.contains(&node))
+                expected
+                    .as_ref()
+                    .is_some_and(|nodes| !nodes.contains(&node))
                     .then(|| format!("node {node:?} is not part of this job"))
             });
             if let Some(reason) = problem {
@@ -348,6 +385,36 @@ impl Coordinator {
         }
     }
 
+    /// An agent said hello: a spawned one is expected, an external one
+    /// joins the job (any node the launcher used).
+    fn on_agent_connected(&mut self, node: String, writer: TcpStream) {
+        let external = matches!(self.opts.agents, AgentMode::External { .. });
+        match self.agents.get_mut(&node) {
+            Some(agent) => {
+                if external {
+                    // A restarted agent on the same node: its ranks register
+                    // with it again.
+                    agent.ranks.clear();
+                }
+                agent.writer = Some(writer);
+            }
+            None if external => {
+                tracing::info!(job = %self.opts.job, node = %node, "agent.joined");
+                eprintln!("cryo: agent on node {node} joined");
+                self.agents.insert(
+                    node,
+                    AgentHandle {
+                        writer: Some(writer),
+                        ranks: BTreeSet::new(),
+                        child: None,
+                        log: PathBuf::new(),
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
     fn registered(&self) -> usize {
         self.agents.values().map(|a| a.ranks.len()).sum()
     }
@@ -478,7 +545,13 @@ impl Coordinator {
     }
 
     fn on_agent_lost(&mut self, node: &str, why: &str) {
-        tracing::error!(job = %self.opts.job, node, why, "agent.lost");
+        if self.epoch.is_some() {
+            tracing::error!(job = %self.opts.job, node, why, "agent.lost");
+        } else {
+            // Between checkpoints it matters only for the next one, and at
+            // the end of a Slurm step it is expected.
+            tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
+        }
         eprintln!("cryo: lost the agent on node {node} ({why})");
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;
@@ -715,14 +788,26 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
 
     let listener =
         TcpListener::bind(&opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
-    let addr = listener.local_addr()?;
+    let bound = listener.local_addr()?;
+    // Peers on other nodes need a name they can resolve, not 0.0.0.0.
+    let addr = match &opts.agents {
+        AgentMode::External { advertise, .. } if bound.ip().is_unspecified() => format!(
+            "{}:{}",
+            advertise.clone().unwrap_or_else(hostname),
+            bound.port()
+        ),
+        _ => bound.to_string(),
+    };
     registry.write_coordinator(&CoordinatorAddr {
-        addr: addr.to_string(),
+        addr: addr.clone(),
         pid: std::process::id(),
         host: hostname(),
     })?;
     let (tx, rx) = mpsc::channel();
-    let nodes: BTreeSet<String> = opts.placement.iter().map(|p| p.node.clone()).collect();
+    let nodes: Option<BTreeSet<String>> = match opts.agents {
+        AgentMode::Spawn => Some(opts.placement.iter().map(|p| p.node.clone()).collect()),
+        AgentMode::External { .. } => None,
+    };
     {
         let (job, world, token, nodes, tx) = (
             opts.job.clone(),
@@ -733,17 +818,23 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         );
         thread::spawn(move || serve_connections(listener, job, world, token, nodes, tx));
     }
-    let summary: Vec<String> = opts
-        .placement
-        .iter()
-        .map(|p| {
-            format!(
-                "{} ranks {}",
-                p.node,
-                render_ranks(&p.ranks.clone().collect())
-            )
-        })
-        .collect();
+    let summary: Vec<String> = match &opts.agents {
+        AgentMode::Spawn => opts
+            .placement
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} ranks {}",
+                    p.node,
+                    render_ranks(&p.ranks.clone().collect())
+                )
+            })
+            .collect(),
+        AgentMode::External { socket, .. } => vec![format!(
+            "the launcher's nodes, agents at {}",
+            socket.display()
+        )],
+    };
     eprintln!(
         "cryo: job {} ({} ranks on {}) with {launcher}; store {}; coordinator {addr}{}",
         opts.job,
@@ -768,11 +859,33 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         preempt_result: None,
         opts: opts.clone(),
     };
-    let result = drive(&mut coordinator, &launcher, &addr.to_string(), &token, &rx);
+    let result = drive(&mut coordinator, &launcher, &addr, &token, &rx);
     coordinator.shutdown_agents();
     registry.clear_coordinator();
     drop(tx);
+    if coordinator.opts.requeue && coordinator.preempting {
+        requeue_slurm_job();
+    }
     result
+}
+
+/// Puts this Slurm job back in the queue after a preemption checkpoint;
+/// when it starts again, `cryo run` resumes from the newest checkpoint.
+fn requeue_slurm_job() {
+    let Ok(id) = std::env::var("SLURM_JOB_ID") else {
+        eprintln!("cryo: --requeue: not inside a Slurm job (no SLURM_JOB_ID); not requeued");
+        return;
+    };
+    eprintln!("cryo: requeueing Slurm job {id}");
+    match Command::new("scontrol").arg("requeue").arg(&id).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "cryo: scontrol requeue {id} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(err) => eprintln!("cryo: cannot run scontrol requeue {id}: {err}"),
+    }
 }
 
 fn spawn_agent(
@@ -818,6 +931,10 @@ fn spawn_agent(
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
+        // Settings meant for external agents must not leak into these.
+        .env_remove("CRYO_RESTART_FROM")
+        .env_remove("CRYO_COPY_BUDGET")
+        .env_remove("CRYO_NODE")
         .env(
             "CRYO_LOG",
             std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
@@ -831,13 +948,46 @@ fn spawn_agent(
     Ok((child, socket, log))
 }
 
-fn drive(
+/// How long `cryo run` waits for a first external agent before it warns.
+const NO_AGENT_WARNING: Duration = Duration::from_secs(60);
+
+/// What external agents need to start: `cryo-agent serve` reads every
+/// setting from these variables, which the launcher carries to each node
+/// and Slurm's plugin finds in the step's environment.
+fn external_agent_env(opts: &RunOptions, socket: &Path, addr: &str) -> Vec<(String, String)> {
+    let store = std::path::absolute(&opts.store).unwrap_or_else(|_| opts.store.clone());
+    let mut env = vec![
+        (ENV_COORDINATOR.to_owned(), addr.to_owned()),
+        (ENV_AGENT_SOCKET.to_owned(), socket.to_string_lossy().into_owned()),
+        ("CRYO_STORE".to_owned(), store.to_string_lossy().into_owned()),
+        ("CRYO_CHUNK_SIZE".to_owned(), opts.chunk_size.to_string()),
+        (
+            "CRYO_PARK_TIMEOUT".to_owned(),
+            opts.park_timeout.as_secs_f64().to_string(),
+        ),
+        (
+            "CRYO_AGENT_BIN".to_owned(),
+            agent_binary(opts.agent_bin.as_deref())
+                .to_string_lossy()
+                .into_owned(),
+        ),
+    ];
+    if let Some(budget) = &opts.copy_budget {
+        env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
+    }
+    if let Some(epoch) = opts.restart_from {
+        env.push(("CRYO_RESTART_FROM".to_owned(), epoch.to_string()));
+    }
+    env
+}
+
+/// Starts one agent per emulated node and waits until each has said hello;
+/// returns the launcher blocks that point each node's ranks at its agent.
+fn spawn_agents_and_wait(
     c: &mut Coordinator,
-    launcher: &Launcher,
     addr: &str,
-    token: &JobToken,
     rx: &Receiver<Event>,
-) -> Result<ExitCode> {
+) -> Result<Vec<LaunchBlock>> {
     let token_file = Registry::of(&c.job).token_path();
     let mut sockets = BTreeMap::new();
     for placement in c.opts.placement.clone() {
@@ -889,7 +1039,7 @@ fn drive(
         }
     }
     // Launch the job: one MPMD block per node, each naming its agent.
-    let blocks: Vec<LaunchBlock> = c
+    Ok(c
         .opts
         .placement
         .iter()
@@ -900,7 +1050,23 @@ fn drive(
                 sockets[&p.node].to_string_lossy().into_owned(),
             )],
         })
-        .collect();
+        .collect())
+}
+
+fn drive(
+    c: &mut Coordinator,
+    launcher: &Launcher,
+    addr: &str,
+    token: &JobToken,
+    rx: &Receiver<Event>,
+) -> Result<ExitCode> {
+    let blocks = match c.opts.agents.clone() {
+        AgentMode::Spawn => spawn_agents_and_wait(c, addr, rx)?,
+        AgentMode::External { socket, .. } => vec![LaunchBlock {
+            ranks: c.opts.ranks,
+            env: external_agent_env(&c.opts, &socket, addr),
+        }],
+    };
     let mut command = launch::build_command(
         launcher,
         &blocks,
@@ -916,10 +1082,20 @@ fn drive(
         .spawn()
         .with_context(|| format!("starting {launcher}"))?;
     tracing::info!(job = %c.opts.job, pid = job_child.id(), "job.started");
+    let started = Instant::now();
+    let mut warned_no_agents = false;
 
     let mut next_interval = c.opts.interval.map(|i| Instant::now() + i);
     let exit = loop {
+        if !warned_no_agents && c.agents.is_empty() && started.elapsed() > NO_AGENT_WARNING {
+            warned_no_agents = true;
+            eprintln!(
+                "cryo: WARNING: no node agent has connected after {} s, so this job cannot be checkpointed. Under Slurm, spank_cryo.so must be in plugstack.conf and the job submitted with --cryo (see README).",
+                NO_AGENT_WARNING.as_secs()
+            );
+        }
         if let Ok(Some(status)) = job_child.try_wait() {
+
             if let Some(epoch) = c.epoch.as_mut() {
                 epoch.apply(
                     EpochEvent::Failed {
@@ -941,14 +1117,25 @@ fn drive(
             stop_process_group(&mut job_child, Duration::from_secs(5));
             break ExitCode::from(130);
         }
+        let mut preempt_signal = None;
         if GOT_USR1.swap(false, Ordering::AcqRel) {
-            if let Err(reason) = c.start_checkpoint("SIGUSR1") {
+            if c.opts.requeue {
+                // Slurm's warning before the time limit or a preemption.
+                preempt_signal = Some("SIGUSR1: checkpoint and requeue");
+            } else if let Err(reason) = c.start_checkpoint("SIGUSR1") {
                 eprintln!("cryo: SIGUSR1: no checkpoint: {reason}");
             }
         }
-        if GOT_TERM.swap(false, Ordering::AcqRel) && !c.preempting {
+        if GOT_TERM.swap(false, Ordering::AcqRel) {
+            preempt_signal = Some(if c.opts.requeue {
+                "SIGTERM: checkpoint and requeue"
+            } else {
+                "SIGTERM: preempt"
+            });
+        }
+        if let Some(why) = preempt_signal.filter(|_| !c.preempting) {
             c.preempting = true;
-            if let Err(reason) = c.start_checkpoint("SIGTERM: preempt") {
+            if let Err(reason) = c.start_checkpoint(why) {
                 if c.epoch.is_none() {
                     eprintln!("cryo: SIGTERM: stopping without a new checkpoint: {reason}");
                     c.preempt_result = Some(false);
@@ -970,11 +1157,7 @@ fn drive(
             break preempt_exit(c);
         }
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::AgentConnected { node, writer }) => {
-                if let Some(agent) = c.agents.get_mut(&node) {
-                    agent.writer = Some(writer);
-                }
-            }
+            Ok(Event::AgentConnected { node, writer }) => c.on_agent_connected(node, writer),
             Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
             Ok(Event::AgentLost { node, why }) => c.on_agent_lost(&node, &why),
             Ok(Event::Request { request, reply }) => c.on_request(request, reply),

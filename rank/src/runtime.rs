@@ -277,10 +277,31 @@ fn move_high(fd: OwnedFd) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// Connects to the agent, waiting up to 10 s for its socket to appear: on a
+/// cluster the node's agent is started by the batch system next to the
+/// ranks, and may still be binding when the first rank gets here.
+fn connect_patiently(path: &Path) -> std::io::Result<UnixStream> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(sock) => return Ok(sock),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
 fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, String), InitError> {
     let rank = config.rank;
     let page_err = |step| move |source| InitError::ControlPage { rank, step, source };
-    let sock = UnixStream::connect(path).map_err(|source| InitError::Connect {
+    let sock = connect_patiently(path).map_err(|source| InitError::Connect {
         rank,
         path: path.to_owned(),
         source,

@@ -1,0 +1,267 @@
+//! The plugin's command-line options and plugstack.conf arguments.
+//!
+//! The options are registered from `slurm_spank_init` (sbatch and salloc
+//! ignore a static `spank_options` table). `--cryo[=STORE]` takes an
+//! *optional* value (SPANK's `has_arg` 2). Slurm calls [`option_callback`]
+//! for each option it sees, in every context (on the submit host and,
+//! forwarded, on the nodes).
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use slurm_spank::spank_sys::spank_option;
+
+/// What the user asked for with `--cryo*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOptions {
+    /// `--cryo` was given.
+    pub enabled: bool,
+    /// Its value, if any.
+    pub store: Option<String>,
+    /// `--cryo-interval`.
+    pub interval: Option<String>,
+    /// `--cryo-keep`.
+    pub keep: Option<String>,
+}
+
+/// plugstack.conf arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginArgs {
+    /// `store=DIR`: the store of a bare `--cryo`.
+    pub store: Option<PathBuf>,
+    /// `agent=PATH`: the `cryo-agent` binary.
+    pub agent: Option<PathBuf>,
+}
+
+/// Parses `store=DIR agent=PATH`.
+pub fn parse_plugin_args(argv: &[&str]) -> Result<PluginArgs, String> {
+    let mut args = PluginArgs::default();
+    for arg in argv {
+        match arg.split_once('=') {
+            Some(("store", dir)) if Path::new(dir).is_absolute() => {
+                args.store = Some(dir.into());
+            }
+            Some(("agent", path)) if Path::new(path).is_absolute() => {
+                args.agent = Some(path.into());
+            }
+            Some(("store" | "agent", value)) => {
+                return Err(format!("{arg:?}: {value:?} must be an absolute path"))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown argument {arg:?} (spank_cryo.so takes store=DIR and agent=PATH)"
+                ))
+            }
+        }
+    }
+    Ok(args)
+}
+
+impl StepOptions {
+    /// The store the job uses.
+    pub fn store(&self, args: &PluginArgs) -> Result<PathBuf, String> {
+        match (&self.store, &args.store) {
+            (Some(dir), _) if Path::new(dir).is_absolute() => Ok(dir.into()),
+            (Some(dir), _) => Err(format!(
+                "--cryo={dir}: the store must be an absolute path on storage every node shares"
+            )),
+            (None, Some(dir)) => Ok(dir.clone()),
+            (None, None) => Err(
+                "--cryo needs a store: give --cryo=/shared/dir, or set store=DIR for spank_cryo.so in plugstack.conf".into(),
+            ),
+        }
+    }
+
+    /// Checks the numeric options.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(interval) = &self.interval {
+            match interval.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs > 0.0 => {}
+                _ => {
+                    return Err(format!(
+                        "--cryo-interval={interval}: expected a positive number of seconds"
+                    ))
+                }
+            }
+        }
+        if let Some(keep) = &self.keep {
+            match keep.parse::<u32>() {
+                Ok(n) if n > 0 => {}
+                _ => return Err(format!("--cryo-keep={keep}: expected a positive whole number")),
+            }
+        }
+        Ok(())
+    }
+}
+
+static OPTIONS: Mutex<StepOptions> = Mutex::new(StepOptions {
+    enabled: false,
+    store: None,
+    interval: None,
+    keep: None,
+});
+
+/// The options seen so far in this process.
+pub fn current() -> StepOptions {
+    OPTIONS.lock().map(|o| o.clone()).unwrap_or_default()
+}
+
+const OPT_CRYO: c_int = 1;
+const OPT_INTERVAL: c_int = 2;
+const OPT_KEEP: c_int = 3;
+
+/// Records one option; Slurm calls it from C.
+extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
+    let value = if optarg.is_null() {
+        None
+    } else {
+        // SAFETY: Slurm passes a NUL-terminated string that lives for the
+        // duration of the call; it is copied before returning.
+        Some(unsafe { CStr::from_ptr(optarg) }.to_string_lossy().into_owned())
+    };
+    let recorded = std::panic::catch_unwind(|| {
+        let Ok(mut options) = OPTIONS.lock() else {
+            return false;
+        };
+        match val {
+            OPT_CRYO => {
+                options.enabled = true;
+                options.store = value.filter(|v| !v.is_empty());
+            }
+            OPT_INTERVAL => options.interval = value,
+            OPT_KEEP => options.keep = value,
+            _ => return false,
+        }
+        true
+    });
+    match recorded {
+        Ok(true) => 0,
+        _ => -1,
+    }
+}
+
+/// The plugin's options. Slurm keeps pointers to the entries, so they live
+/// in a static.
+#[repr(transparent)]
+#[derive(Debug)]
+pub struct OptionTable([spank_option; 3]);
+
+// SAFETY: the table only holds pointers to 'static C string literals and a
+// function pointer; nothing ever writes through them.
+unsafe impl Sync for OptionTable {}
+
+const fn entry(
+    name: &'static CStr,
+    arginfo: &'static CStr,
+    usage: &'static CStr,
+    has_arg: c_int,
+    val: c_int,
+) -> spank_option {
+    spank_option {
+        name: name.as_ptr(),
+        arginfo: arginfo.as_ptr(),
+        usage: usage.as_ptr(),
+        has_arg,
+        val,
+        cb: Some(option_callback),
+    }
+}
+
+/// The entries to register, one pointer each.
+pub fn table() -> impl Iterator<Item = *const spank_option> {
+    CRYO_OPTIONS.0.iter().map(std::ptr::from_ref)
+}
+
+static CRYO_OPTIONS: OptionTable = OptionTable([
+    entry(
+        c"cryo",
+        c"STORE",
+        c"Checkpoint this job with cryo, to the shared directory STORE (default: the site's store). Run the program with `cryo run -- PROGRAM`.",
+        2,
+        OPT_CRYO,
+    ),
+    entry(
+        c"cryo-interval",
+        c"SECS",
+        c"With --cryo: checkpoint every SECS seconds.",
+        1,
+        OPT_INTERVAL,
+    ),
+    entry(
+        c"cryo-keep",
+        c"N",
+        c"With --cryo: keep the newest N checkpoints (default 3).",
+        1,
+        OPT_KEEP,
+    ),
+]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_args() {
+        assert_eq!(
+            parse_plugin_args(&["store=/shared/cryo", "agent=/opt/cryo/bin/cryo-agent"]).unwrap(),
+            PluginArgs {
+                store: Some("/shared/cryo".into()),
+                agent: Some("/opt/cryo/bin/cryo-agent".into()),
+            }
+        );
+        assert!(parse_plugin_args(&["store=relative"])
+            .unwrap_err()
+            .contains("absolute"));
+        assert!(parse_plugin_args(&["colour=blue"])
+            .unwrap_err()
+            .contains("unknown argument"));
+    }
+
+    #[test]
+    fn store_choice() {
+        let site = PluginArgs {
+            store: Some("/site".into()),
+            agent: None,
+        };
+        let mut options = StepOptions {
+            enabled: true,
+            ..StepOptions::default()
+        };
+        assert_eq!(options.store(&site).unwrap(), PathBuf::from("/site"));
+        assert!(options
+            .store(&PluginArgs::default())
+            .unwrap_err()
+            .contains("needs a store"));
+        options.store = Some("/mine".into());
+        assert_eq!(options.store(&site).unwrap(), PathBuf::from("/mine"));
+        options.store = Some("mine".into());
+        assert!(options.store(&site).unwrap_err().contains("absolute"));
+    }
+
+    #[test]
+    fn option_values() {
+        let mut options = StepOptions {
+            interval: Some("30".into()),
+            keep: Some("2".into()),
+            ..StepOptions::default()
+        };
+        options.validate().unwrap();
+        options.interval = Some("soon".into());
+        assert!(options.validate().unwrap_err().contains("--cryo-interval"));
+        options.interval = None;
+        options.keep = Some("0".into());
+        assert!(options.validate().unwrap_err().contains("--cryo-keep"));
+    }
+
+    #[test]
+    fn callback_records_and_refuses() {
+        assert_eq!(option_callback(OPT_KEEP, c"4".as_ptr(), 0), 0);
+        assert_eq!(current().keep.as_deref(), Some("4"));
+        assert_eq!(option_callback(99, std::ptr::null(), 0), -1);
+        assert_eq!(option_callback(OPT_CRYO, std::ptr::null(), 0), 0);
+        assert!(current().enabled);
+        assert_eq!(current().store, None);
+    }
+}
