@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what cryo needs on Debian/Ubuntu, non-interactively and
 # idempotently: a C toolchain, MPICH, libclang (for rsmpi's bindgen), zstd,
-# and a Rust toolchain if none is present. Safe to run again and again.
+# Slurm with munge and libslurm-dev (for the SPANK plugin and the Slurm
+# tests), and a Rust toolchain if none is present. Safe to run again and
+# again.
 set -euo pipefail
 
-packages=(build-essential pkg-config ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps)
-if [ -n "${CRYO_WITH_SLURM:-}" ]; then
-  packages+=(slurm-wlm munge libslurm-dev)
-fi
+packages=(build-essential pkg-config ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3
+  slurm-wlm munge libslurm-dev)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

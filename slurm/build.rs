@@ -25,9 +25,6 @@ fn main() {
         })
         .unwrap_or_else(|| panic!("no SLURM_VERSION_NUMBER in {}", header.display()));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
-    std::fs::write(
-        out.join("slurm_version.rs"),
-        format!("{version}\n"),
-    )
-    .expect("writing slurm_version.rs");
+    std::fs::write(out.join("slurm_version.rs"), format!("{version}\n"))
+        .expect("writing slurm_version.rs");
 }

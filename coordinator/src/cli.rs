@@ -511,9 +511,9 @@ fn run_options(
     let launcher = launch
         .launcher
         .or_else(|| (in_slurm && external).then(|| PathBuf::from("srun")));
-    let listen = launch.listen.unwrap_or_else(|| {
-        if external { "0.0.0.0:0" } else { "127.0.0.1:0" }.to_owned()
-    });
+    let listen = launch
+        .listen
+        .unwrap_or_else(|| if external { "0.0.0.0:0" } else { "127.0.0.1:0" }.to_owned());
     let nodes = match &launch.nodes {
         Some(spec) => launch::parse_nodes(spec)?,
         None => vec![launch::NodeSpec {

@@ -428,7 +428,10 @@ mod tests {
         let blocks = [
             LaunchBlock {
                 ranks: 3,
-                env: vec![("CRYO_AGENT_SOCKET".into(), "/tmp/cryo-1/j/agent.sock".into())],
+                env: vec![(
+                    "CRYO_AGENT_SOCKET".into(),
+                    "/tmp/cryo-1/j/agent.sock".into(),
+                )],
             },
             LaunchBlock {
                 ranks: 1,

@@ -100,7 +100,10 @@ pub enum AgentMode {
 /// Where the agent of `job` listens on every node when agents are external:
 /// node-local and per user, so jobs and users never share one.
 pub fn node_local_socket(job: &str) -> PathBuf {
-    PathBuf::from(format!("/tmp/cryo-{}/{job}/agent.sock", nix::unistd::getuid()))
+    PathBuf::from(format!(
+        "/tmp/cryo-{}/{job}/agent.sock",
+        nix::unistd::getuid()
+    ))
 }
 
 /// Environment variable naming the coordinator, for external agents.
@@ -958,8 +961,14 @@ fn external_agent_env(opts: &RunOptions, socket: &Path, addr: &str) -> Vec<(Stri
     let store = std::path::absolute(&opts.store).unwrap_or_else(|_| opts.store.clone());
     let mut env = vec![
         (ENV_COORDINATOR.to_owned(), addr.to_owned()),
-        (ENV_AGENT_SOCKET.to_owned(), socket.to_string_lossy().into_owned()),
-        ("CRYO_STORE".to_owned(), store.to_string_lossy().into_owned()),
+        (
+            ENV_AGENT_SOCKET.to_owned(),
+            socket.to_string_lossy().into_owned(),
+        ),
+        (
+            "CRYO_STORE".to_owned(),
+            store.to_string_lossy().into_owned(),
+        ),
         ("CRYO_CHUNK_SIZE".to_owned(), opts.chunk_size.to_string()),
         (
             "CRYO_PARK_TIMEOUT".to_owned(),
@@ -1039,8 +1048,7 @@ fn spawn_agents_and_wait(
         }
     }
     // Launch the job: one MPMD block per node, each naming its agent.
-    Ok(c
-        .opts
+    Ok(c.opts
         .placement
         .iter()
         .map(|p| LaunchBlock {
@@ -1095,7 +1103,6 @@ fn drive(
             );
         }
         if let Ok(Some(status)) = job_child.try_wait() {
-
             if let Some(epoch) = c.epoch.as_mut() {
                 epoch.apply(
                     EpochEvent::Failed {

@@ -238,7 +238,10 @@ fn private_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), StartError> {
             } else if !meta.is_dir() {
                 Some("not a folder".to_owned())
             } else if meta.uid() != uid {
-                Some(format!("owned by uid {}, not the job's uid {uid}", meta.uid()))
+                Some(format!(
+                    "owned by uid {}, not the job's uid {uid}",
+                    meta.uid()
+                ))
             } else if meta.mode() & 0o077 != 0 {
                 Some(format!("open to others (mode {:o})", meta.mode() & 0o7777))
             } else {
@@ -391,7 +394,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("exited"), "{err}");
-        assert!(err.contains("serve"), "the log tail names the problem: {err}");
+        assert!(
+            err.contains("serve"),
+            "the log tail names the problem: {err}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! `slurm_spank_init`, which that macro cannot express. Every hook catches
 //! panics: none crosses into Slurm.
 #![allow(clippy::missing_errors_doc)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod agent;
 mod options;
@@ -70,12 +71,13 @@ fn hook(
     spank: spank_t,
     argc: c_int,
     argv: *mut *mut c_char,
-    body: impl FnOnce(&mut SpankHandle) -> HookResult,
+    body: impl FnOnce(&mut SpankHandle, &PluginArgs) -> HookResult,
 ) -> c_int {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let args = plugin_args(argc, argv)?;
         let mut cache = OptionCache::default();
         let mut handle = init_spank_handle(spank, argc, argv.cast_const().cast(), &mut cache);
-        body(&mut handle)
+        body(&mut handle, &args)
     }));
     match outcome {
         Ok(Ok(())) => 0,
@@ -98,22 +100,49 @@ fn hook(
     }
 }
 
-fn plugin_args(spank: &SpankHandle) -> Result<PluginArgs, String> {
-    parse_plugin_args(&spank.plugin_argv().unwrap_or_default())
-        .map_err(|e| format!("cryo: plugstack.conf: {e}"))
+/// The plugstack.conf arguments. Read here rather than through
+/// `SpankHandle::plugin_argv`, which must not be given Slurm's NULL `argv`
+/// for a plugin without arguments.
+fn plugin_args(argc: c_int, argv: *mut *mut c_char) -> Result<PluginArgs, String> {
+    let count = usize::try_from(argc).unwrap_or(0);
+    let mut words = Vec::with_capacity(count);
+    if !argv.is_null() {
+        for index in 0..count {
+            // SAFETY: Slurm passes `argc` valid entries in a non-NULL
+            // `argv`, each a NUL-terminated string alive for this call.
+            let word = unsafe { *argv.add(index) };
+            if !word.is_null() {
+                // SAFETY: as above.
+                let word = unsafe { std::ffi::CStr::from_ptr(word) };
+                words.push(word.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    parse_plugin_args(&words).map_err(|e| format!("cryo: plugstack.conf: {e}"))
 }
 
 /// Registers the options (every context, so sbatch and salloc see them).
+///
+/// # Safety
+/// Slurm calls it with the handle of the current hook and the plugin's
+/// plugstack.conf arguments (`argc` entries at `argv`, or none).
 #[no_mangle]
-pub extern "C" fn slurm_spank_init(spank: spank_t, argc: c_int, argv: *mut *mut c_char) -> c_int {
-    hook("init", spank, argc, argv, |_| {
+pub unsafe extern "C" fn slurm_spank_init(
+    spank: spank_t,
+    argc: c_int,
+    argv: *mut *mut c_char,
+) -> c_int {
+    hook("init", spank, argc, argv, |_, _| {
         for option in options::table() {
             // SAFETY: `option` points into a 'static table that Slurm
             // only reads (it keeps the pointer); `spank` is the handle
             // Slurm passed to this hook.
             let rc = unsafe { spank_sys::spank_option_register(spank, option.cast_mut()) };
             if rc != spank_sys::ESPANK_SUCCESS {
-                return Err(format!("cryo: registering the plugin's options failed (SPANK error {rc})"));
+                return Err(format!(
+                    "cryo: registering the plugin's options failed (SPANK error {rc})"
+                ));
             }
         }
         Ok(())
@@ -122,46 +151,51 @@ pub extern "C" fn slurm_spank_init(spank: spank_t, argc: c_int, argv: *mut *mut 
 
 /// Checks the options where the user typed them, and starts the node agent
 /// in the steps of `cryo run`.
+///
+/// # Safety
+/// Slurm calls it with the handle of the current hook and the plugin's
+/// plugstack.conf arguments (`argc` entries at `argv`, or none).
 #[no_mangle]
-pub extern "C" fn slurm_spank_init_post_opt(
+pub unsafe extern "C" fn slurm_spank_init_post_opt(
     spank: spank_t,
     argc: c_int,
     argv: *mut *mut c_char,
 ) -> c_int {
-    hook("init_post_opt", spank, argc, argv, |handle| {
-        let args = plugin_args(handle)?;
+    hook("init_post_opt", spank, argc, argv, |handle, args| {
         let options = options::current();
         match handle.context().map_err(|e| e.to_string())? {
             Context::Local | Context::Allocator => {
                 // Check now, at submission, rather than on the nodes after
                 // the job has waited in the queue.
                 if options.enabled {
-                    options.store(&args).map_err(|e| format!("cryo: {e}"))?;
+                    options.store(args).map_err(|e| format!("cryo: {e}"))?;
                     options.validate().map_err(|e| format!("cryo: {e}"))?;
                 }
                 Ok(())
             }
-            Context::Remote => start_agent_if_cryo_step(handle, &args),
+            Context::Remote => start_agent_if_cryo_step(spank, handle, args),
             _ => Ok(()),
         }
     })
 }
 
 /// Gives every task of a `--cryo` job (the batch script too) its settings.
+///
+/// # Safety
+/// Slurm calls it with the handle of the current hook and the plugin's
+/// plugstack.conf arguments (`argc` entries at `argv`, or none).
 #[no_mangle]
-pub extern "C" fn slurm_spank_task_init(
+pub unsafe extern "C" fn slurm_spank_task_init(
     spank: spank_t,
     argc: c_int,
     argv: *mut *mut c_char,
 ) -> c_int {
-    hook("task_init", spank, argc, argv, |handle| {
+    hook("task_init", spank, argc, argv, |handle, args| {
         let options = options::current();
         if !options.enabled {
             return Ok(());
         }
-        let store = options
-            .store(&plugin_args(handle)?)
-            .map_err(|e| format!("cryo: {e}"))?;
+        let store = options.store(args).map_err(|e| format!("cryo: {e}"))?;
         let set = |name: &str, value: &std::ffi::OsStr, overwrite: bool| {
             if !overwrite && handle.getenv_os(name).ok().flatten().is_some() {
                 return Ok(());
@@ -183,9 +217,17 @@ pub extern "C" fn slurm_spank_task_init(
 }
 
 /// Stops the node agent at the end of the step.
+///
+/// # Safety
+/// Slurm calls it with the handle of the current hook and the plugin's
+/// plugstack.conf arguments (`argc` entries at `argv`, or none).
 #[no_mangle]
-pub extern "C" fn slurm_spank_exit(spank: spank_t, argc: c_int, argv: *mut *mut c_char) -> c_int {
-    hook("exit", spank, argc, argv, |_| {
+pub unsafe extern "C" fn slurm_spank_exit(
+    spank: spank_t,
+    argc: c_int,
+    argv: *mut *mut c_char,
+) -> c_int {
+    hook("exit", spank, argc, argv, |_, _| {
         let agent = AGENT.lock().ok().and_then(|mut a| a.take());
         if let Some(agent) = agent {
             spank_log(LogLevel::Verbose, &agent.stop());
@@ -194,7 +236,32 @@ pub extern "C" fn slurm_spank_exit(spank: spank_t, argc: c_int, argv: *mut *mut 
     })
 }
 
-fn start_agent_if_cryo_step(spank: &SpankHandle, args: &PluginArgs) -> HookResult {
+/// The job's supplementary groups. Read here rather than through
+/// `SpankHandle::job_supplementary_gids`, which must not be given the NULL
+/// list Slurm returns for a user without supplementary groups.
+fn supplementary_gids(spank: spank_t) -> Vec<u32> {
+    let mut count: c_int = 0;
+    let mut list: *const libc::gid_t = std::ptr::null();
+    // SAFETY: S_JOB_SUPPLEMENTARY_GIDS takes (gid_t **, int *), which is
+    // what is passed; `spank` is the handle of the running hook.
+    let rc = unsafe {
+        spank_sys::spank_get_item(
+            spank,
+            spank_sys::spank_item_S_JOB_SUPPLEMENTARY_GIDS,
+            &raw mut list,
+            &raw mut count,
+        )
+    };
+    let count = usize::try_from(count).unwrap_or(0);
+    if rc != spank_sys::ESPANK_SUCCESS || list.is_null() || count == 0 {
+        return Vec::new();
+    }
+    // SAFETY: Slurm returned `count` gids at a non-NULL `list`, alive for
+    // the duration of the hook; they are copied at once.
+    unsafe { std::slice::from_raw_parts(list, count) }.to_vec()
+}
+
+fn start_agent_if_cryo_step(raw: spank_t, spank: &SpankHandle, args: &PluginArgs) -> HookResult {
     let env: Vec<(OsString, OsString)> = spank
         .job_env_os()
         .map_err(|e| format!("cryo: reading the step's environment: {e}"))?
@@ -218,7 +285,9 @@ fn start_agent_if_cryo_step(spank: &SpankHandle, args: &PluginArgs) -> HookResul
         return Ok(()); // not a step of `cryo run`
     };
     let step = spank.job_stepid().unwrap_or(u32::MAX);
-    let mut running = AGENT.lock().map_err(|_| "cryo: plugin state poisoned".to_owned())?;
+    let mut running = AGENT
+        .lock()
+        .map_err(|_| "cryo: plugin state poisoned".to_owned())?;
     if step >= FIRST_SPECIAL_STEP || running.is_some() {
         return Ok(());
     }
@@ -239,7 +308,7 @@ fn start_agent_if_cryo_step(spank: &SpankHandle, args: &PluginArgs) -> HookResul
         env,
         uid: spank.job_uid().map_err(|e| e.to_string())?,
         gid: spank.job_gid().map_err(|e| e.to_string())?,
-        groups: spank.job_supplementary_gids().unwrap_or_default(),
+        groups: supplementary_gids(raw),
     };
     let agent = AgentProcess::start(&spec)
         .map_err(|err| format!("cryo: the node agent could not start on {host}: {err}"))?;

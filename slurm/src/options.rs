@@ -89,7 +89,11 @@ impl StepOptions {
         if let Some(keep) = &self.keep {
             match keep.parse::<u32>() {
                 Ok(n) if n > 0 => {}
-                _ => return Err(format!("--cryo-keep={keep}: expected a positive whole number")),
+                _ => {
+                    return Err(format!(
+                        "--cryo-keep={keep}: expected a positive whole number"
+                    ))
+                }
             }
         }
         Ok(())
@@ -119,7 +123,11 @@ extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int)
     } else {
         // SAFETY: Slurm passes a NUL-terminated string that lives for the
         // duration of the call; it is copied before returning.
-        Some(unsafe { CStr::from_ptr(optarg) }.to_string_lossy().into_owned())
+        Some(
+            unsafe { CStr::from_ptr(optarg) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     };
     let recorded = std::panic::catch_unwind(|| {
         let Ok(mut options) = OPTIONS.lock() else {

@@ -532,3 +532,39 @@ fn build_c_counter(static_lib: bool) -> Option<PathBuf> {
         }
     }
 }
+
+/// Builds workspace packages (binaries and libraries), once per package
+/// per test process, and returns the directory holding what they built.
+/// `cargo test` builds other packages' test harnesses, not their binaries,
+/// so a test that runs a binary must build it first.
+pub fn build_packages(packages: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !built.iter().any(|b| b == p))
+        .collect();
+    if !missing.is_empty() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).arg("build");
+        for package in &missing {
+            cmd.args(["-p", package]);
+        }
+        if bin_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building {missing:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        built.extend(missing.iter().map(|p| (*p).to_owned()));
+    }
+    bin_dir()
+}

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cryo_tests::{assert_same_file, bin_dir, lines, wait_until};
+use cryo_tests::{assert_same_file, build_packages, lines, wait_until};
 
 const N: &str = "96";
 const ITERS: usize = 100;
@@ -30,33 +30,7 @@ fn mpiexec() -> Option<PathBuf> {
 
 /// Builds `cryo`, `cryo-agent`, `heat2d` and `libcryo_rank` once.
 fn built() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).args([
-            "build",
-            "-p",
-            "cryo-coordinator",
-            "-p",
-            "cryo-agent",
-            "-p",
-            "cryo-heat2d",
-            "-p",
-            "cryo-rank",
-        ]);
-        if bin_dir().file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    bin_dir()
+    build_packages(&["cryo-coordinator", "cryo-agent", "cryo-heat2d", "cryo-rank"])
 }
 
 /// The C heat2d, built with mpicc against libcryo_rank.

@@ -1,0 +1,401 @@
+//! End-to-end tests on a real Slurm: slurmctld, slurmd and munged from
+//! Debian's packages, on this machine, with a private `slurm.conf` on free
+//! ports (tests/slurm/slurm-up.sh), and cryo's SPANK plugin in the plugin
+//! stack. Each test submits the heat2d example with the shipped template
+//! `slurm/cryo.sbatch`, interrupts it the way Slurm users meet it, lets
+//! Slurm start it again, and requires the final grid and the residual log
+//! to be byte-identical to an uninterrupted run.
+//!
+//! Without Slurm these tests fail, loudly: set `CRYO_SKIP_SLURM=1` to skip
+//! them on a machine that cannot run it (they then print SKIPPED).
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cryo_tests::{assert_same_file, build_packages, lines};
+
+const N: &str = "96";
+const ITERS: usize = 100;
+const RANKS: u32 = 4;
+
+/// One Slurm at a time: the jobs share the machine's two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn built() -> PathBuf {
+    build_packages(&[
+        "cryo-coordinator",
+        "cryo-agent",
+        "cryo-heat2d",
+        "cryo-rank",
+        "cryo-slurm",
+    ])
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Whether Slurm can run here; `false` only when skipping was asked for.
+fn slurm_available() -> bool {
+    let missing: Vec<&str> = ["slurmctld", "slurmd", "munged", "sbatch"]
+        .into_iter()
+        .filter(|cmd| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .stdout(Stdio::null())
+                .status()
+                .map_or(true, |s| !s.success())
+        })
+        .collect();
+    let problem = if !missing.is_empty() {
+        Some(format!(
+            "Slurm is not installed ({} missing); scripts/install-deps.sh installs slurm-wlm and munge",
+            missing.join(", ")
+        ))
+    } else if !nix::unistd::geteuid().is_root() {
+        Some("slurmd must run as root and these tests are not root".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(problem) if std::env::var_os("CRYO_SKIP_SLURM").is_some() => {
+            eprintln!("\n*** SKIPPED: the Slurm tests did not run: {problem} ***\n");
+            false
+        }
+        Some(problem) => panic!(
+            "the Slurm tests cannot run: {problem}. Set CRYO_SKIP_SLURM=1 to skip them knowingly."
+        ),
+    }
+}
+
+/// A private single-node Slurm, stopped on drop.
+struct Slurm {
+    dir: tempfile::TempDir,
+}
+
+impl Slurm {
+    fn up(plugin: &Path) -> Slurm {
+        let dir = tempfile::Builder::new()
+            .prefix("cryo-slurm-")
+            .tempdir()
+            .unwrap();
+        let plugstack = dir.path().join("plugstack.conf");
+        fs::write(&plugstack, format!("required {}\n", plugin.display())).unwrap();
+        let out = Command::new("bash")
+            .arg(root().join("tests/slurm/slurm-up.sh"))
+            .arg(dir.path().join("cluster"))
+            .arg(&plugstack)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "slurm-up.sh failed:\n{}", text(&out));
+        Slurm { dir }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("cluster/slurm.conf")
+    }
+
+    fn cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.env("SLURM_CONF", self.conf());
+        cmd
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> String {
+        let out = self.cmd(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `JobState` and `Restarts` from `scontrol show job`.
+    fn job_state(&self, id: &str) -> (String, u32) {
+        let out = self.run("scontrol", &["show", "job", id]);
+        let field = |name: &str| {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                .unwrap_or("")
+                .to_owned()
+        };
+        (field("JobState"), field("Restarts").parse().unwrap_or(0))
+    }
+
+    /// Whether a slurmstepd of the job's previous start is still cleaning
+    /// up: the next start reuses its step ids, so it must be gone first.
+    fn steps_alive(&self, id: &str) -> bool {
+        Command::new("pgrep")
+            .args(["-f", &format!("slurmstepd: \\[{id}\\.")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Waits for the job to end, letting each requeued start go as soon as
+    /// the previous one has been cleaned up, instead of after Slurm's fixed
+    /// hold for requeued jobs (about two minutes). Returns how often it was
+    /// restarted.
+    fn wait_done(&self, id: &str, timeout: Duration, job_out: &Path) -> u32 {
+        let start = Instant::now();
+        loop {
+            let (state, restarts) = self.job_state(id);
+            match state.as_str() {
+                "COMPLETED" => return restarts,
+                "PENDING" if restarts > 0 && !self.steps_alive(id) => {
+                    let _ = self
+                        .cmd("scontrol")
+                        .args(["update", &format!("JobId={id}"), "StartTime=now"])
+                        .output();
+                }
+                "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" => {
+                    // A job requeued while its script ends passes through
+                    // an end state on its way back to PENDING.
+                    std::thread::sleep(Duration::from_secs(3));
+                    let (again, restarts_again) = self.job_state(id);
+                    assert!(
+                        again != state || restarts_again != restarts,
+                        "job {id} ended {state}; its output:\n{}",
+                        fs::read_to_string(job_out).unwrap_or_default()
+                    );
+                }
+                _ => {}
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "job {id} not done after {timeout:?} (state {state}); its output:\n{}",
+                fs::read_to_string(job_out).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let cluster = self.dir.path().join("cluster");
+        let _ = Command::new("bash")
+            .arg(root().join("tests/slurm/slurm-down.sh"))
+            .arg(&cluster)
+            .output();
+        if std::thread::panicking() {
+            // Keep the daemons' logs of a failed test.
+            let kept = self.dir.path().with_extension("kept");
+            if fs::rename(self.dir.path(), &kept).is_ok() {
+                eprintln!("Slurm's logs are in {}", kept.join("cluster/log").display());
+            }
+        }
+    }
+}
+
+/// The heat2d job's files.
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Case {
+        let dir = tempfile::Builder::new()
+            .prefix("cryo-slurm-job-")
+            .tempdir()
+            .unwrap();
+        let status = Command::new(built().join("heat2d"))
+            .arg("--make-input")
+            .arg(dir.path().join("input.bin"))
+            .args(["--n", N])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let case = Case { dir };
+        // The uninterrupted reference, without cryo or Slurm.
+        let out = Command::new("mpiexec")
+            .args(["-n", &RANKS.to_string()])
+            .arg(built().join("heat2d"))
+            .args(case.app_args("reference", 0))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "reference run failed: {}", text(&out));
+        case
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
+        vec![
+            "--n".into(),
+            N.into(),
+            "--iters".into(),
+            ITERS.to_string(),
+            "--step-ms".into(),
+            step_ms.to_string(),
+            "--input".into(),
+            self.path("input.bin").display().to_string(),
+            "--log".into(),
+            self.path(&format!("{tag}.log")).display().to_string(),
+            "--output".into(),
+            self.path(&format!("{tag}.out")).display().to_string(),
+        ]
+    }
+
+    /// Submits heat2d with slurm/cryo.sbatch; the command line's options
+    /// override the template's `#SBATCH` lines where a test needs it.
+    fn submit(&self, slurm: &Slurm, options: &[&str], step_ms: u32) -> String {
+        let path = format!(
+            "{}:{}",
+            built().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = slurm
+            .cmd("sbatch")
+            .env("PATH", path)
+            .env("CRYO_LOG", "info")
+            .arg("--parsable")
+            .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
+            .arg(format!("--cryo={}", self.path("store").display()))
+            .arg(format!("--output={}", self.path("job.out").display()))
+            .arg(format!("--chdir={}", self.dir.path().display()))
+            .args(options)
+            .arg(root().join("slurm/cryo.sbatch"))
+            .arg(built().join("heat2d"))
+            .args(self.app_args("run", step_ms))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sbatch failed:\n{}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn job_out(&self) -> String {
+        fs::read_to_string(self.path("job.out")).unwrap_or_default()
+    }
+
+    fn wait_for_iterations(&self, count: usize) {
+        let start = Instant::now();
+        while lines(&self.path("run.log")) < count {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "the job did not reach iteration {count}; its output:\n{}",
+                self.job_out()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn assert_identical(&self) {
+        assert_same_file(&self.path("reference.out"), &self.path("run.out"));
+        assert_same_file(&self.path("reference.log"), &self.path("run.log"));
+    }
+}
+
+fn setup() -> Option<(std::sync::MutexGuard<'static, ()>, Slurm, Case)> {
+    if !slurm_available() {
+        return None;
+    }
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let plugin = built().join("libspank_cryo.so");
+    let case = Case::new();
+    Some((guard, Slurm::up(&plugin), case))
+}
+
+/// `scancel --signal=USR1 --batch` (what Slurm sends before the time limit
+/// or at a preemption): the job checkpoints, requeues itself, and the next
+/// start resumes from the checkpoint.
+#[test]
+fn usr1_checkpoints_requeues_and_resumes_identically() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit(&slurm, &[], 300);
+    case.wait_for_iterations(20);
+    slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
+    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let out = case.job_out();
+    assert!(restarts >= 1, "the job was not requeued:\n{out}");
+    assert!(
+        out.contains("requested (SIGUSR1: checkpoint and requeue)"),
+        "{out}"
+    );
+    assert!(out.contains("requeueing Slurm job"), "{out}");
+    assert!(out.contains("resuming job"), "{out}");
+    assert!(out.contains("heat2d: restarted from epoch"), "{out}");
+    case.assert_identical();
+    // The agents stopped with their steps: no stray daemon, no socket.
+    let leftover = Command::new("pgrep")
+        .args(["-f", &format!("cryo-agent serve.*slurm-{id}")])
+        .output()
+        .unwrap();
+    assert!(
+        !leftover.status.success(),
+        "a cryo-agent outlived its step: {}",
+        text(&leftover)
+    );
+}
+
+/// An admin's `scontrol requeue` kills the running job outright; the next
+/// start resumes from the newest periodic checkpoint (`--cryo-interval`).
+#[test]
+fn scontrol_requeue_resumes_from_the_last_interval_checkpoint() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit(&slurm, &["--cryo-interval=2"], 300);
+    let start = Instant::now();
+    while !case.job_out().contains("committed") {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no interval checkpoint committed:\n{}",
+            case.job_out()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    case.wait_for_iterations(30);
+    slurm.run("scontrol", &["requeue", &id]);
+    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let out = case.job_out();
+    assert!(restarts >= 1, "the job was not requeued:\n{out}");
+    assert!(out.contains("resuming job"), "{out}");
+    case.assert_identical();
+}
+
+/// The time-limit path: `--time=1` with `--signal=B:USR1@50`: Slurm warns
+/// the job before its minute is up, the job checkpoints and requeues, and
+/// it finishes in a later allocation.
+#[test]
+fn time_limit_job_finishes_across_allocations() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    // 100 iterations of 700 ms cannot fit in one minute.
+    let id = case.submit(&slurm, &["--time=1", "--signal=B:USR1@50"], 700);
+    let restarts = slurm.wait_done(&id, Duration::from_secs(420), &case.path("job.out"));
+    let out = case.job_out();
+    assert!(restarts >= 1, "the job finished without a requeue:\n{out}");
+    assert!(out.contains("checkpoint and requeue"), "{out}");
+    assert!(out.contains("resuming job"), "{out}");
+    case.assert_identical();
+}
