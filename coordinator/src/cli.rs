@@ -178,7 +178,7 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub requeue: bool,
     /// The cryo-agent binary (default: next to `cryo`).
-    #[arg(long)]
+    #[arg(long, env = "CRYO_AGENT_BIN")]
     pub agent: Option<PathBuf>,
     /// Chunk size.
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]

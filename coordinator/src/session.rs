@@ -1117,6 +1117,13 @@ fn drive(
                 break preempt_exit(c);
             }
             eprintln!("cryo: job {} finished ({status})", c.opts.job);
+            if c.pids.len() < c.opts.ranks as usize {
+                eprintln!(
+                    "cryo: WARNING: only {} of {} ranks ever registered with a cryo agent, so the job could not be checkpointed (is the program linked with the cryo runtime, and did its agents start?)",
+                    c.pids.len(),
+                    c.opts.ranks
+                );
+            }
             break exit_code_of(status);
         }
         if GOT_INT.swap(false, Ordering::AcqRel) {

@@ -62,6 +62,11 @@ const FIRST_SPECIAL_STEP: u32 = 0xffff_fff0;
 /// The node agent this slurmstepd started, if any.
 static AGENT: Mutex<Option<AgentProcess>> = Mutex::new(None);
 
+/// Why the agent did not start. slurmstepd's own errors before the tasks
+/// exist reach only slurmd's log, so the failure is reported from the
+/// tasks (whose stderr is the job's output), which then refuse to run.
+static START_ERROR: Mutex<Option<String>> = Mutex::new(None);
+
 type HookResult = Result<(), String>;
 
 /// Runs one hook: builds the handle, catches panics, reports errors in
@@ -82,7 +87,9 @@ fn hook(
     match outcome {
         Ok(Ok(())) => 0,
         Ok(Err(message)) => {
-            spank_log(LogLevel::Error, &message);
+            if !message.is_empty() {
+                spank_log(LogLevel::Error, &message);
+            }
             -1
         }
         Err(panic) => {
@@ -173,7 +180,15 @@ pub unsafe extern "C" fn slurm_spank_init_post_opt(
                 }
                 Ok(())
             }
-            Context::Remote => start_agent_if_cryo_step(spank, handle, args),
+            Context::Remote => {
+                if let Err(reason) = start_agent_if_cryo_step(spank, handle, args) {
+                    spank_log(LogLevel::Error, &reason);
+                    if let Ok(mut slot) = START_ERROR.lock() {
+                        *slot = Some(reason);
+                    }
+                }
+                Ok(())
+            }
             _ => Ok(()),
         }
     })
@@ -191,6 +206,14 @@ pub unsafe extern "C" fn slurm_spank_task_init(
     argv: *mut *mut c_char,
 ) -> c_int {
     hook("task_init", spank, argc, argv, |handle, args| {
+        let start_error = START_ERROR.lock().ok().and_then(|e| e.clone());
+        if let Some(reason) = start_error {
+            // Once per node, then every task refuses to run without it.
+            if handle.task_id().unwrap_or(0) == 0 {
+                return Err(reason);
+            }
+            return Err(String::new());
+        }
         let options = options::current();
         if !options.enabled {
             return Ok(());

@@ -259,6 +259,16 @@ impl Case {
     /// Submits heat2d with slurm/cryo.sbatch; the command line's options
     /// override the template's `#SBATCH` lines where a test needs it.
     fn submit(&self, slurm: &Slurm, options: &[&str], step_ms: u32) -> String {
+        self.submit_with_env(slurm, options, step_ms, &[])
+    }
+
+    fn submit_with_env(
+        &self,
+        slurm: &Slurm,
+        options: &[&str],
+        step_ms: u32,
+        env: &[(&str, &str)],
+    ) -> String {
         let path = format!(
             "{}:{}",
             built().display(),
@@ -268,6 +278,7 @@ impl Case {
             .cmd("sbatch")
             .env("PATH", path)
             .env("CRYO_LOG", "info")
+            .envs(env.iter().copied())
             .arg("--parsable")
             .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
             .arg(format!("--cryo={}", self.path("store").display()))
@@ -398,4 +409,37 @@ fn time_limit_job_finishes_across_allocations() {
     assert!(out.contains("checkpoint and requeue"), "{out}");
     assert!(out.contains("resuming job"), "{out}");
     case.assert_identical();
+}
+
+/// An agent that cannot start fails the step, and the plugin says why in
+/// the job's output, in plain words.
+#[test]
+fn an_agent_that_cannot_start_fails_the_step_with_its_reason() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit_with_env(&slurm, &[], 0, &[("CRYO_AGENT_BIN", "/bin/false")]);
+    let start = Instant::now();
+    loop {
+        let (state, _) = slurm.job_state(&id);
+        if matches!(state.as_str(), "COMPLETED" | "FAILED" | "CANCELLED") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "job {id} still {state}:\n{}",
+            case.job_out()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = case.job_out();
+    assert!(
+        out.contains("cryo: the node agent could not start on"),
+        "{out}"
+    );
+    assert!(out.contains("before listening"), "{out}");
+    assert!(
+        !case.path("run.out").exists(),
+        "the ranks must not have run"
+    );
 }
