@@ -34,8 +34,10 @@ pub struct JobCommand {
 }
 
 impl JobCommand {
-    /// Captures a command.
+    /// Captures a command. The program is recorded by its absolute path, so
+    /// that `cryo restart` runs the same binary whatever its `PATH`.
     pub fn new(program: &OsString, args: &[OsString], cwd: &Path, world_size: u32) -> JobCommand {
+        let program = resolve_program(program, cwd);
         JobCommand {
             program: program.as_bytes().to_vec(),
             args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
@@ -61,6 +63,28 @@ impl JobCommand {
     pub fn cwd(&self) -> PathBuf {
         PathBuf::from(OsString::from_vec(self.cwd.clone()))
     }
+}
+
+/// `prog` through `PATH`, `./prog` against `cwd`; left as it is when it
+/// cannot be found (the launcher will say so).
+fn resolve_program(program: &OsString, cwd: &Path) -> OsString {
+    use std::os::unix::fs::PermissionsExt;
+    let path = Path::new(program);
+    if path.is_absolute() {
+        return program.clone();
+    }
+    if program.as_bytes().contains(&b'/') {
+        return cwd.join(path).into_os_string();
+    }
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(path))
+        .find(|candidate| candidate.is_absolute() && executable(candidate))
+        .map_or_else(|| program.clone(), PathBuf::into_os_string)
 }
 
 /// The live coordinator's address.
@@ -198,4 +222,24 @@ pub fn hostname() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_recorded_by_absolute_path() {
+        let cwd = Path::new("/work/job");
+        let command = JobCommand::new(&"./app".into(), &[], cwd, 1);
+        assert_eq!(command.program(), OsString::from("/work/job/./app"));
+        let command = JobCommand::new(&"sh".into(), &[], cwd, 1);
+        assert!(
+            Path::new(&command.program()).is_absolute(),
+            "{:?}",
+            command.program()
+        );
+        let command = JobCommand::new(&"no-such-program-here".into(), &[], cwd, 1);
+        assert_eq!(command.program(), OsString::from("no-such-program-here"));
+    }
 }
