@@ -443,3 +443,33 @@ fn an_agent_that_cannot_start_fails_the_step_with_its_reason() {
         "the ranks must not have run"
     );
 }
+
+/// An admin's `cryo preempt <slurm job id>` from outside the job: the job
+/// checkpoints, stops, requeues itself (`--requeue`) and resumes exactly.
+#[test]
+fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit(&slurm, &[], 300);
+    case.wait_for_iterations(20);
+    let out = Command::new(built().join("cryo"))
+        .arg("preempt")
+        .arg(&id)
+        .arg("--store")
+        .arg(case.path("store"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cryo preempt {id}: {}", text(&out));
+    assert!(
+        text(&out).contains(&format!("job slurm-{id}: epoch 1 committed")),
+        "{}",
+        text(&out)
+    );
+    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let log = case.job_out();
+    assert!(restarts >= 1, "the job was not requeued:\n{log}");
+    assert!(log.contains("requested (cryo preempt)"), "{log}");
+    assert!(log.contains("resuming job"), "{log}");
+    case.assert_identical();
+}
