@@ -30,6 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cryo_core::chunk::ChunkCodec;
+use cryo_core::fault;
 use cryo_core::manifest::WriteStats;
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentStatus, AgentToCoordinator,
@@ -1512,9 +1513,11 @@ impl Shared {
                             None => self.wait_parked(conn, run, deadline)?,
                         };
                         tracing::info!(job = %job, node = %node, rank = conn.rank, epoch, "rank.quiesced");
+                        fault::pause_at(fault::Phase::Quiesce, epoch, job);
                         let rank_writer = writer.rank(conn.rank);
                         let mut did_resume = false;
                         let mut resume = |report: &RankCaptureReport| {
+                            fault::pause_at(fault::Phase::Copy, epoch, job);
                             if run.cancel.is_set() {
                                 return Err(aborted());
                             }
@@ -1566,6 +1569,7 @@ impl Shared {
                                 });
                             }
                         };
+                        fault::pause_at(fault::Phase::Drain, epoch, job);
                         if run.cancel.is_set() {
                             return Err(format!("rank {}: {}", conn.rank, aborted()));
                         }

@@ -502,6 +502,11 @@ impl Coordinator {
         };
         epoch.tick(Instant::now());
         if epoch.phase == Phase::Committing {
+            cryo_core::fault::pause_at(
+                cryo_core::fault::Phase::Commit,
+                epoch.epoch,
+                &self.opts.job,
+            );
             let result = self
                 .job
                 .commit_epoch(

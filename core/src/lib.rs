@@ -14,6 +14,7 @@
 pub mod chunk;
 pub mod codec;
 pub mod durable;
+pub mod fault;
 pub mod header;
 pub mod manifest;
 pub mod names;

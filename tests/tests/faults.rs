@@ -1,0 +1,565 @@
+//! Fault injection end to end: `cryo run` with the real coordinator, the
+//! real agent and the `cryo-counter` example under `mpiexec`. Each fault is
+//! placed at one point of an epoch with the `CRYO_FAULT` hook (see
+//! `core/src/fault.rs`): the agent or the coordinator holds there, the test
+//! kills a process (or lets a deadline pass), and then checks that
+//!
+//! * the previous committed epoch still verifies,
+//! * no epoch is committed unless every rank of it is durable (every
+//!   committed manifest verifies, and epochs that must abort did),
+//! * a restart from the newest committed epoch reproduces an uninterrupted
+//!   run byte for byte.
+//!
+//! The suite prints a summary: faults injected, epochs aborted as they must
+//! be, checkpoints lost and wrong restarts (both must be 0).
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cryo_tests::{assert_same_file, bin_dir, lines, wait_until, write_input};
+
+/// Steps of the example job: far more than a case lets it run, so a killed
+/// job is always killed mid-way.
+const STEPS: u64 = 120;
+/// Milliseconds per step while a fault is being injected.
+const STEP_MS: &str = "25";
+const STATE_MB: &str = "2";
+const WAIT: Duration = Duration::from_secs(60);
+
+fn mpiexec_available() -> bool {
+    let ok = Command::new("mpiexec")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("\n!!!!! SKIPPING THE FAULT SUITE: no mpiexec (install mpich) !!!!!\n");
+    }
+    ok
+}
+
+/// Builds `cryo`, `cryo-agent`, `cryo-counter` and `libcryo_rank` once.
+fn built() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root).args([
+            "build",
+            "-p",
+            "cryo-coordinator",
+            "-p",
+            "cryo-agent",
+            "-p",
+            "cryo-examples",
+            "-p",
+            "cryo-rank",
+        ]);
+        if bin_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    bin_dir()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One job in its own directory: store, scratch, input, logs.
+struct Case {
+    dir: tempfile::TempDir,
+    job: String,
+}
+
+impl Case {
+    fn new(job: &str) -> Case {
+        let dir = tempfile::Builder::new()
+            .prefix("cryo-faults-")
+            .tempdir()
+            .unwrap();
+        write_input(&dir.path().join("input.dat"), 100_000);
+        let case = Case {
+            dir,
+            job: job.into(),
+        };
+        case.reference();
+        case
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn store(&self) -> PathBuf {
+        self.path("store")
+    }
+
+    fn app_args(&self, tag: &str) -> Vec<String> {
+        vec![
+            "--steps".into(),
+            STEPS.to_string(),
+            "--log".into(),
+            self.path(&format!("{tag}.log")).display().to_string(),
+            "--input".into(),
+            self.path("input.dat").display().to_string(),
+            "--state-mb".into(),
+            STATE_MB.into(),
+            "--final".into(),
+            self.path(&format!("{tag}.final")).display().to_string(),
+        ]
+    }
+
+    /// The uninterrupted run, without cryo, under `mpiexec` as `cryo run`
+    /// starts it (the launcher's own fds decide the log's fd number, which
+    /// the final state records).
+    fn reference(&self) {
+        let out = Command::new("mpiexec")
+            .args(["-n", "1"])
+            .arg(built().join("cryo-counter"))
+            .args(self.app_args("reference"))
+            .env_remove("CRYO_AGENT_SOCKET")
+            .env_remove("CRYO_JOB")
+            .env_remove("CRYO_TOKEN")
+            .env("CRYO_EXAMPLE_STEP_MS", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "reference run failed: {}", text(&out));
+    }
+
+    fn cryo(&self) -> Command {
+        let mut cmd = Command::new(built().join("cryo"));
+        cmd.env("CRYO_STORE", self.store())
+            .env("CRYO_LOG", "info")
+            .env_remove("CRYO_FAULT")
+            .env("CRYO_EXAMPLE_STEP_MS", "0")
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// `cryo run` of one rank on node `a`, in the background.
+    fn start(&self, fault: Option<&str>, extra: &[&str]) -> Job {
+        let log = self.path("cryo-run.log");
+        let mut cmd = self.cryo();
+        cmd.args(["run", "--job", &self.job, "--nodes", "a:1", "-n", "1"])
+            .arg("--scratch")
+            .arg(self.path("scratch"))
+            .args(extra)
+            .arg("--")
+            .arg(built().join("cryo-counter"))
+            .args(self.app_args("run"))
+            .env("CRYO_EXAMPLE_STEP_MS", STEP_MS)
+            .stdout(fs::File::create(self.path("run.stdout")).unwrap())
+            .stderr(fs::File::create(&log).unwrap());
+        if let Some(fault) = fault {
+            cmd.env("CRYO_FAULT", fault);
+        }
+        Job {
+            child: Some(cmd.spawn().unwrap()),
+            log,
+        }
+    }
+
+    fn agent_log(&self) -> PathBuf {
+        self.path("scratch/a/agent.log")
+    }
+
+    fn checkpoint(&self) -> Output {
+        self.cryo()
+            .args(["checkpoint", &self.job])
+            .output()
+            .unwrap()
+    }
+
+    fn restart(&self) -> Output {
+        self.cryo()
+            .args(["restart", &self.job])
+            .arg("--scratch")
+            .arg(self.path("scratch-restart"))
+            .output()
+            .unwrap()
+    }
+
+    fn job_store(&self) -> cryo_core::JobStore {
+        cryo_core::Store::open(self.store())
+            .unwrap()
+            .existing_job(&self.job)
+            .unwrap()
+    }
+
+    fn committed(&self) -> Vec<u64> {
+        self.job_store().committed_epochs().unwrap()
+    }
+
+    /// Pids of live processes whose command line holds `all` of `parts`.
+    fn pids(&self, parts: &[&str]) -> Vec<i32> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if u32::try_from(pid).ok() == Some(std::process::id()) {
+                continue;
+            }
+            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if parts.iter().all(|p| cmdline.contains(p)) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    /// SIGKILLs every process of this case (its directory is on their
+    /// command lines).
+    fn kill_everything(&self) {
+        let marker = self.dir.path().display().to_string();
+        for _ in 0..3 {
+            for pid in self.pids(&[&marker]) {
+                kill9(pid);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn assert_matches_reference(&self) {
+        assert_same_file(&self.path("reference.final"), &self.path("run.final"));
+        assert_same_file(&self.path("reference.log"), &self.path("run.log"));
+    }
+
+    /// How the run's results differ from the reference, if they do.
+    fn difference(&self) -> Option<String> {
+        for (a, b) in [
+            ("reference.final", "run.final"),
+            ("reference.log", "run.log"),
+        ] {
+            let (left, right) = (fs::read(self.path(a)), fs::read(self.path(b)));
+            match (left, right) {
+                (Ok(left), Ok(right)) if left == right => {}
+                (Ok(left), Ok(right)) => {
+                    let at = left
+                        .iter()
+                        .zip(&right)
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(left.len().min(right.len()));
+                    return Some(format!(
+                        "{b} ({} bytes) differs from {a} ({} bytes) at byte {at}",
+                        right.len(),
+                        left.len()
+                    ));
+                }
+                (left, right) => {
+                    return Some(format!("{a}: {:?}, {b}: {:?}", left.err(), right.err()))
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Case {
+    fn drop(&mut self) {
+        self.kill_everything();
+    }
+}
+
+fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// A running `cryo run`.
+struct Job {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Job {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().unwrap().id()).unwrap()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let mut status = None;
+        wait_until("cryo run to finish", timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for a child with a deadline, returning its output.
+fn output_within(mut child: Child, timeout: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("hung for {timeout:?}: {}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Which process is killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    Agent,
+    Rank,
+    Coordinator,
+}
+
+/// What the suite saw.
+#[derive(Debug, Default)]
+struct Summary {
+    faults: usize,
+    aborted_correctly: usize,
+    committed_despite_fault: usize,
+    lost: usize,
+    wrong_restarts: usize,
+    problems: Vec<String>,
+}
+
+impl Summary {
+    fn print(&self, title: &str) {
+        // Straight to the process's stderr, past the test harness's capture,
+        // so that CI logs always show it.
+        let mut out = String::new();
+        let _ = writeln!(out, "\n==== {title} ====");
+        let _ = writeln!(out, "faults injected:            {}", self.faults);
+        let _ = writeln!(
+            out,
+            "epochs aborted correctly:   {}",
+            self.aborted_correctly
+        );
+        let _ = writeln!(
+            out,
+            "epochs committed complete:  {} (fault after the data was safe)",
+            self.committed_despite_fault
+        );
+        let _ = writeln!(out, "checkpoints lost:           {} (must be 0)", self.lost);
+        let _ = writeln!(
+            out,
+            "restarts that were wrong:   {} (must be 0)",
+            self.wrong_restarts
+        );
+        for problem in &self.problems {
+            let _ = writeln!(out, "  PROBLEM: {problem}");
+        }
+        let _ = std::io::stderr().write_all(out.as_bytes());
+    }
+
+    fn assert_clean(&self) {
+        assert!(
+            self.lost == 0 && self.wrong_restarts == 0 && self.problems.is_empty(),
+            "{self:#?}"
+        );
+    }
+}
+
+/// Whether the epoch must abort when `victim` dies at `phase`: before every
+/// rank of the node is durable nothing can be committed, and only the
+/// coordinator commits.
+fn must_abort(victim: Victim, phase: &str) -> bool {
+    match victim {
+        Victim::Coordinator => true,
+        Victim::Agent => phase != "commit",
+        Victim::Rank => phase == "quiesce" || phase == "copy",
+    }
+}
+
+/// Epoch 1 committed; epoch 2 held at `phase` while `victim` is killed;
+/// then the store is checked and the job restarted from what is committed.
+fn kill_at(victim: Victim, phase: &str, summary: &mut Summary) {
+    let name = format!("{victim:?} killed at {phase}");
+    let case = Case::new("kill");
+    let fault = format!("pause-at:{phase}:2:4000");
+    let mut job = case.start(Some(&fault), &["--park-timeout", "5"]);
+    wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
+    let first = case.checkpoint();
+    assert!(
+        text(&first).contains("epoch 1 committed"),
+        "{name}: {}\n{}",
+        text(&first),
+        job.log_text()
+    );
+    let second = case
+        .cryo()
+        .args(["checkpoint", &case.job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let held_in = if phase == "commit" {
+        job.log.clone()
+    } else {
+        case.agent_log()
+    };
+    wait_until(&format!("{name}: the fault to hold"), WAIT, || {
+        fs::read_to_string(&held_in)
+            .unwrap_or_default()
+            .contains("fault.paused")
+    });
+    let victims = match victim {
+        Victim::Coordinator => vec![job.pid()],
+        Victim::Agent => case.pids(&["cryo-agent", &case.path("scratch").display().to_string()]),
+        Victim::Rank => case.pids(&["cryo-counter", &case.path("run.log").display().to_string()]),
+    };
+    assert!(!victims.is_empty(), "{name}: nothing to kill");
+    for pid in victims {
+        kill9(pid);
+    }
+    summary.faults += 1;
+    let answer = output_within(second, WAIT);
+    // The job may run on (the rank survives a lost agent or coordinator):
+    // stop everything, as a crashed node would.
+    if victim != Victim::Coordinator {
+        // Let the coordinator finish the epoch (commit or abort).
+        let _ = job.wait(WAIT);
+    }
+    case.kill_everything();
+    drop(job);
+
+    let committed = case.committed();
+    let epoch2 = committed.contains(&2);
+    if !committed.contains(&1) {
+        summary.lost += 1;
+        summary
+            .problems
+            .push(format!("{name}: epoch 1 is gone: {committed:?}"));
+    }
+    if must_abort(victim, phase) && epoch2 {
+        summary.problems.push(format!(
+            "{name}: epoch 2 committed although it could not be complete"
+        ));
+    } else if epoch2 {
+        summary.committed_despite_fault += 1;
+    } else {
+        summary.aborted_correctly += 1;
+        if text(&answer).contains("epoch 2 committed") {
+            summary.problems.push(format!(
+                "{name}: cryo checkpoint said committed, the store says not: {}",
+                text(&answer)
+            ));
+        }
+    }
+    let job_store = case.job_store();
+    for epoch in &committed {
+        let ok = job_store
+            .load_manifest(*epoch)
+            .is_ok_and(|m| job_store.verify_manifest(&m).is_ok());
+        if !ok {
+            summary.lost += 1;
+            summary
+                .problems
+                .push(format!("{name}: committed epoch {epoch} does not verify"));
+        }
+    }
+    let newest = committed.last().copied().unwrap_or(0);
+    let restarted = case.restart();
+    let said = text(&restarted);
+    let difference = case.difference();
+    if !restarted.status.success()
+        || !said.contains(&format!("from epoch {newest}"))
+        || difference.is_some()
+    {
+        summary.wrong_restarts += 1;
+        summary.problems.push(format!(
+            "{name}: restart from epoch {newest} is wrong ({difference:?}): {said}"
+        ));
+    }
+}
+
+#[test]
+fn kill_9_at_every_phase_loses_nothing() {
+    if !mpiexec_available() {
+        return;
+    }
+    let mut summary = Summary::default();
+    for victim in [Victim::Agent, Victim::Rank, Victim::Coordinator] {
+        for phase in ["quiesce", "copy", "drain", "commit"] {
+            kill_at(victim, phase, &mut summary);
+        }
+    }
+    summary.print("kill -9 at every phase");
+    assert_eq!(summary.faults, 12);
+    summary.assert_clean();
+}
+
+/// A store that stalls in the drain: the epoch deadline aborts the epoch,
+/// the job is not held, and it finishes with the right result.
+#[test]
+fn stalled_store_hits_the_deadline_and_the_job_finishes() {
+    if !mpiexec_available() {
+        return;
+    }
+    let case = Case::new("stall");
+    let mut job = case.start(
+        Some("pause-at:drain:2:6000"),
+        &["--checkpoint-timeout", "1.5"],
+    );
+    wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
+    assert!(text(&case.checkpoint()).contains("epoch 1 committed"));
+    let started = Instant::now();
+    let second = case.checkpoint();
+    let said = text(&second);
+    assert!(!second.status.success(), "{said}");
+    assert!(said.contains("epoch 2 aborted"), "{said}");
+    assert!(
+        said.contains("deadline") || said.contains("timed out") || said.contains("within"),
+        "{said}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline took {:?}",
+        started.elapsed()
+    );
+    let status = job.wait(WAIT);
+    assert!(status.success(), "{}", job.log_text());
+    case.assert_matches_reference();
+    assert_eq!(case.committed(), vec![1]);
+    let restarted = case.restart();
+    assert!(restarted.status.success(), "{}", text(&restarted));
+    assert!(
+        text(&restarted).contains("from epoch 1"),
+        "{}",
+        text(&restarted)
+    );
+    case.assert_matches_reference();
+}
