@@ -29,6 +29,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cryo_core::auth;
 use cryo_core::chunk::ChunkCodec;
 use cryo_core::fault;
 use cryo_core::manifest::WriteStats;
@@ -50,6 +51,10 @@ use crate::capture::{capture_rank, nanos, CaptureContext, CopyGate, Parked};
 use crate::link::{self, CoordinatorLink, LinkError};
 use crate::pool::{BufferPool, PoolError};
 use crate::procfs::{mem_total_bytes, peak_rss_bytes, LinuxProcess, ProcessAccess};
+
+/// How long a connecting peer has for each step of the hello and
+/// challenge-response.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which epoch to restart from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -514,13 +519,24 @@ impl Agent {
 
 impl Shared {
     fn handle(self: Arc<Self>, sock: UnixStream) {
+        // A peer that stalls in the handshake only holds its own thread,
+        // and not for long.
+        let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let (hello, fd) = match recv_message_with_fd::<Hello>(&sock) {
             Ok(x) => x,
             Err(err) => {
-                tracing::warn!(error = %err, "bad hello");
+                tracing::warn!(job = %self.config.job, node = %self.config.node, error = %err, "peer.rejected");
                 return;
             }
         };
+        let (nonce, proof) = match auth::challenge(&mut &sock) {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(job = %self.config.job, node = %self.config.node, role = %hello.peer.role(), error = %err, "peer.rejected");
+                return;
+            }
+        };
+        let _ = sock.set_read_timeout(None);
         let refuse = |reason: String| {
             tracing::warn!(reason = %reason, "connection refused");
             match hello.peer {
@@ -544,8 +560,8 @@ impl Shared {
         match hello.peer.clone() {
             Peer::Rank { rank, pid } => {
                 if let Some(token) = &self.config.token {
-                    if !token.matches(&hello.token) {
-                        let reason = if hello.token.is_empty() {
+                    if let Err(problem) = auth::verify(token, &nonce, &hello, &proof) {
+                        let reason = if problem == auth::AuthError::Missing {
                             format!(
                                 "rank {rank} (pid {pid}) presented no job token; set {} to the token of job {:?}",
                                 cryo_core::protocol::ENV_TOKEN,
@@ -553,7 +569,7 @@ impl Shared {
                             )
                         } else {
                             format!(
-                                "rank {rank} (pid {pid}) presented a wrong job token for job {:?}",
+                                "rank {rank} (pid {pid}) presented a wrong job token for job {:?} ({problem})",
                                 self.config.job
                             )
                         };

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
+pub mod auth;
 pub mod chunk;
 pub mod codec;
 pub mod durable;

@@ -11,6 +11,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use cryo_core::auth;
 use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{
@@ -19,6 +20,7 @@ use cryo_core::protocol::{
     ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN, PROTOCOL_VERSION,
 };
 use cryo_core::store::{JobStore, Store};
+use cryo_core::token::JobToken;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -334,7 +336,6 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: config.job.clone(),
-        token: config.token.clone(),
         peer: Peer::Rank {
             rank,
             pid: std::process::id(),
@@ -342,6 +343,9 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     };
     let proto = |source| InitError::Protocol { rank, source };
     send_message_with_fd(&conn.sock, &hello, conn.memfd.as_fd()).map_err(proto)?;
+    // A malformed token proves nothing; the agent then names the problem.
+    let token = JobToken::parse(&config.token, ENV_TOKEN).ok();
+    auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
     match read_message::<AgentToRank>(&mut &conn.sock).map_err(proto)? {
         AgentToRank::Welcome { start, node } => Ok((conn, start, node)),
         AgentToRank::Refused { reason } => Err(InitError::Refused { rank, reason }),
