@@ -246,7 +246,11 @@ fn serve_peer(
             loop {
                 let request = match read_message::<JobRequest>(&mut &stream) {
                     Ok(request) => request,
-                    Err(_) => return,
+                    Err(err) if err.is_disconnect() => return,
+                    Err(err) => {
+                        tracing::warn!(job, peer = %peer_addr, client = %client, error = %err, "request.rejected");
+                        return;
+                    }
                 };
                 let (tx, rx) = mpsc::channel();
                 if events.send(Event::Request { request, reply: tx }).is_err() {

@@ -563,3 +563,290 @@ fn stalled_store_hits_the_deadline_and_the_job_finishes() {
     );
     case.assert_matches_reference();
 }
+
+// ---------------------------------------------------------------------------
+// Security: every channel refuses and logs peers that cannot prove the token.
+
+mod security {
+    use std::io::Write as _;
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use cryo_core::auth;
+    use cryo_core::protocol::{
+        encode_frame, read_message, write_message, Challenge, Command, ControlRequest,
+        ControlResponse, CoordinatorToAgent, FrameHeader, Hello, JobRequest, JobResponse, Peer,
+        Proof, MAX_PAYLOAD, PROTOCOL_VERSION,
+    };
+    use cryo_core::token::JobToken;
+    use cryo_tests::{lines, wait_until, Agent};
+
+    use super::{Case, WAIT};
+
+    fn coordinator_addr(case: &Case) -> String {
+        let text = std::fs::read_to_string(case.store().join("kill/run/coordinator")).unwrap();
+        let at = text.find("\"addr\"").unwrap();
+        let rest = &text[at + 6..];
+        let start = rest.find('"').unwrap() + 1;
+        let end = start + rest[start..].find('"').unwrap();
+        rest[start..end].to_owned()
+    }
+
+    fn connect(addr: &str) -> TcpStream {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+    }
+
+    fn control_hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            job: "kill".into(),
+            peer: Peer::Control {
+                client: "security test".into(),
+            },
+        }
+    }
+
+    /// Says hello, then answers the challenge with `mac(nonce)`; returns
+    /// the coordinator's verdict.
+    fn handshake(
+        addr: &str,
+        hello: &Hello,
+        mac: impl FnOnce(&[u8; 32]) -> Option<[u8; 32]>,
+    ) -> TcpStream {
+        let stream = connect(addr);
+        write_message(&mut &stream, hello).unwrap();
+        let Challenge { nonce } = read_message(&mut &stream).unwrap();
+        write_message(&mut &stream, &Proof { mac: mac(&nonce) }).unwrap();
+        stream
+    }
+
+    fn refused_control(stream: &TcpStream, want: &str) {
+        write_message(&mut &*stream, &JobRequest::Status).unwrap_or(());
+        match read_message::<JobResponse>(&mut &*stream) {
+            Ok(JobResponse::Refused { reason }) => {
+                assert!(reason.contains(want), "{reason}");
+            }
+            other => panic!("expected a refusal naming {want:?}, got {other:?}"),
+        }
+    }
+
+    /// A raw frame header (for frames the encoder would never produce).
+    fn raw_header(command: u16, len: u32) -> Vec<u8> {
+        let mut bytes = FrameHeader {
+            version: PROTOCOL_VERSION,
+            command: Command::Hello,
+            flags: 0,
+            len: 0,
+        }
+        .encode()
+        .to_vec();
+        bytes[6..8].copy_from_slice(&command.to_le_bytes());
+        bytes[12..16].copy_from_slice(&len.to_le_bytes());
+        bytes
+    }
+
+    /// Sends `bytes` as the first thing on a connection; the server must
+    /// close it without answering.
+    fn closed_after(addr: &str, bytes: &[u8]) {
+        let mut stream = connect(addr);
+        stream.write_all(bytes).unwrap();
+        let got = read_message::<Challenge>(&mut &stream);
+        assert!(got.is_err(), "answered a bad frame with {got:?}");
+    }
+
+    #[test]
+    fn the_coordinator_refuses_and_logs_unproven_replayed_unknown_and_malformed_peers() {
+        if !super::mpiexec_available() {
+            return;
+        }
+        let case = Case::new("kill");
+        let job = case.start(None, &[]);
+        wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 3);
+        let addr = coordinator_addr(&case);
+        let token = JobToken::read(&case.store().join("kill/run/token")).unwrap();
+        let hello = control_hello();
+
+        // The right token works, and its proof is recorded...
+        let mut recorded = None;
+        let good = handshake(&addr, &hello, |nonce| {
+            let mac = auth::prove(&token, nonce, &hello.peer, "kill");
+            recorded = Some(mac);
+            Some(mac)
+        });
+        write_message(&mut &good, &JobRequest::Status).unwrap();
+        assert!(matches!(
+            read_message::<JobResponse>(&mut &good).unwrap(),
+            JobResponse::Status(_)
+        ));
+        // ...but replayed on a new connection (another nonce) it is refused.
+        let replay = handshake(&addr, &hello, |_| recorded);
+        refused_control(&replay, "wrong or missing job token");
+        // A wrong token, and none.
+        let wrong = JobToken::generate().unwrap();
+        let forged = handshake(&addr, &hello, |nonce| {
+            Some(auth::prove(&wrong, nonce, &hello.peer, "kill"))
+        });
+        refused_control(&forged, "wrong job token");
+        let bare = handshake(&addr, &hello, |_| None);
+        refused_control(&bare, "presented no job token");
+        // A proof made for another role does not vouch for an agent.
+        let intruder = Hello {
+            peer: Peer::Agent { node: "a".into() },
+            ..hello.clone()
+        };
+        let stolen = handshake(&addr, &intruder, |nonce| {
+            Some(auth::prove(&token, nonce, &hello.peer, "kill"))
+        });
+        assert!(matches!(
+            read_message::<CoordinatorToAgent>(&mut &stolen).unwrap(),
+            CoordinatorToAgent::Refused { reason } if reason.contains("wrong job token")
+        ));
+        // An agent of a node that is not part of the job, even with the token.
+        let unknown = Hello {
+            peer: Peer::Agent {
+                node: "elsewhere".into(),
+            },
+            ..hello.clone()
+        };
+        let stranger = handshake(&addr, &unknown, |nonce| {
+            Some(auth::prove(&token, nonce, &unknown.peer, "kill"))
+        });
+        assert!(matches!(
+            read_message::<CoordinatorToAgent>(&mut &stranger).unwrap(),
+            CoordinatorToAgent::Refused { reason } if reason.contains("not part of this job")
+        ));
+        // A version-1 hello (it carried the token itself).
+        let old = Hello {
+            version: 1,
+            ..hello.clone()
+        };
+        let v1 = handshake(&addr, &old, |nonce| {
+            Some(auth::prove(&token, nonce, &old.peer, "kill"))
+        });
+        refused_control(&v1, "challenge-response");
+        // Frames that are not a hello at all.
+        closed_after(&addr, &raw_header(Command::Hello as u16, MAX_PAYLOAD + 1));
+        closed_after(&addr, &raw_header(99, 0));
+        closed_after(&addr, &encode_frame(&JobRequest::Status).unwrap());
+        closed_after(&addr, b"GET / HTTP/1.0\r\n\r\n");
+        // After the handshake: an unknown command and an oversized frame end
+        // the connection, logged.
+        for bad in [raw_header(99, 0), raw_header(8, MAX_PAYLOAD + 1)] {
+            let stream = handshake(&addr, &hello, |nonce| {
+                Some(auth::prove(&token, nonce, &hello.peer, "kill"))
+            });
+            (&stream).write_all(&bad).unwrap();
+            assert!(read_message::<JobResponse>(&mut &stream).is_err());
+        }
+
+        // Every rejection is logged with its reason.
+        let log = job.log_text();
+        for reason in [
+            "wrong or missing job token: wrong job token",
+            "wrong or missing job token: presented no job token",
+            "not part of this job",
+            "challenge-response",
+            "exceeds the",
+            "invalid frame command 99",
+            "expected a Hello frame, got JobRequest",
+            "bad frame magic",
+        ] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("peer.rejected") && l.contains(reason)),
+                "no peer.rejected line with {reason:?} in:\n{log}"
+            );
+        }
+        assert!(
+            log.lines()
+                .filter(|l| l.contains("request.rejected"))
+                .count()
+                >= 2,
+            "{log}"
+        );
+        // And the job and its coordinator carry on.
+        let out = case.checkpoint();
+        assert!(
+            super::text(&out).contains("epoch 1 committed"),
+            "{}",
+            super::text(&out)
+        );
+    }
+
+    #[test]
+    fn an_agent_refuses_and_logs_ranks_without_a_fresh_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = JobToken::generate().unwrap();
+        let token_file = dir.path().join("token");
+        token.write(&token_file).unwrap();
+        let agent = Agent::start(
+            dir.path(),
+            "sec",
+            &["--token-file", token_file.to_str().unwrap()],
+        );
+        let rank = Hello {
+            version: PROTOCOL_VERSION,
+            job: "sec".into(),
+            peer: Peer::Rank {
+                rank: 0,
+                pid: std::process::id(),
+            },
+        };
+        let say = |mac: &dyn Fn(&[u8; 32]) -> Option<[u8; 32]>| -> String {
+            let sock = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            write_message(&mut &sock, &rank).unwrap();
+            let Challenge { nonce } = read_message(&mut &sock).unwrap();
+            write_message(&mut &sock, &Proof { mac: mac(&nonce) }).unwrap();
+            match read_message::<cryo_core::protocol::AgentToRank>(&mut &sock) {
+                Ok(cryo_core::protocol::AgentToRank::Refused { reason }) => reason,
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        };
+        // A proof for the right token but without the control page fd gets
+        // past authentication and is refused for the missing fd; recorded.
+        let recorded = std::cell::Cell::new(None);
+        let reason = say(&|nonce| {
+            let mac = auth::prove(&token, nonce, &rank.peer, "sec");
+            recorded.set(Some(mac));
+            Some(mac)
+        });
+        assert!(reason.contains("control page fd"), "{reason}");
+        // The recorded proof replayed.
+        let reason = say(&|_| recorded.get());
+        assert!(reason.contains("wrong job token"), "{reason}");
+        let reason = say(&|_| None);
+        assert!(reason.contains("presented no job token"), "{reason}");
+        // Malformed first frames.
+        for bad in [raw_header(1, MAX_PAYLOAD + 1), raw_header(77, 0)] {
+            let mut sock = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            sock.write_all(&bad).unwrap();
+            assert!(read_message::<Challenge>(&mut sock).is_err());
+        }
+        // Still serving.
+        assert!(matches!(
+            agent.request(&ControlRequest::Status),
+            ControlResponse::Status(_)
+        ));
+        let log = agent.log_text();
+        for reason in [
+            "wrong job token",
+            "presented no job token",
+            "exceeds the",
+            "invalid frame command 77",
+        ] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("peer.rejected") && l.contains(reason)),
+                "no peer.rejected line with {reason:?} in:\n{log}"
+            );
+        }
+    }
+}
