@@ -564,6 +564,132 @@ fn stalled_store_hits_the_deadline_and_the_job_finishes() {
     case.assert_matches_reference();
 }
 
+/// Damaged chunks and manifests: `cryo verify` names every bad chunk and
+/// manifest, and `cryo restart` falls back past each damaged epoch, saying
+/// why, to the newest good one, with byte-identical results.
+#[test]
+fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
+    if !mpiexec_available() {
+        return;
+    }
+    let case = Case::new("damage");
+    let job = case.start(None, &["--interval", "0.15", "--keep", "10"]);
+    wait_until("five committed epochs", WAIT, || {
+        cryo_core::Store::open(case.store())
+            .and_then(|s| s.existing_job("damage"))
+            .ok()
+            .and_then(|j| j.committed_epochs().ok())
+            .is_some_and(|e| e.len() >= 5)
+    });
+    case.kill_everything();
+    drop(job);
+    let store = case.job_store();
+    let committed = store.committed_epochs().unwrap();
+    let (first, newest) = (committed[0], committed[committed.len() - 1]);
+    let epochs: Vec<u64> = committed[committed.len() - 4..].to_vec();
+    let [e2, e3, e4, e5] = [epochs[0], epochs[1], epochs[2], epochs[3]];
+    assert!(e2 > first, "{committed:?}");
+    let hashes = |epoch: u64| -> std::collections::BTreeSet<cryo_core::ChunkHash> {
+        store
+            .load_manifest(epoch)
+            .unwrap()
+            .chunk_refs()
+            .map(|(_, _, c)| c.hash)
+            .collect()
+    };
+    let older: std::collections::BTreeSet<_> = committed
+        .iter()
+        .filter(|e| **e < e2)
+        .flat_map(|e| hashes(*e))
+        .collect();
+    // Chunks of e4 that no epoch before e2 uses.
+    let own: Vec<_> = hashes(e4).difference(&older).copied().collect();
+    assert!(
+        own.len() >= 3,
+        "epoch {e4} has {} chunks of its own",
+        own.len()
+    );
+    let (flipped, truncated, missing) = (own[0], own[1], own[2]);
+    let path = store.chunk_path(&flipped);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    fs::write(&path, bytes).unwrap();
+    let path = store.chunk_path(&truncated);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    fs::remove_file(store.chunk_path(&missing)).unwrap();
+    // e5: its manifest is gone (never published); e3: truncated; e2: one
+    // byte flipped in the middle.
+    fs::remove_file(store.manifest_path(e5)).unwrap();
+    let path = store.manifest_path(e3);
+    let len = fs::metadata(&path).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let path = store.manifest_path(e2);
+    let mut bytes = fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&path, bytes).unwrap();
+
+    let verify = case
+        .cryo()
+        .arg("verify")
+        .arg(case.store())
+        .arg("damage")
+        .output()
+        .unwrap();
+    let said = text(&verify);
+    assert!(!verify.status.success(), "{said}");
+    for hash in [flipped, truncated, missing] {
+        assert!(
+            said.contains(&hash.to_string()),
+            "{hash} not named:\n{said}"
+        );
+    }
+    assert!(said.contains("is missing"), "{said}");
+    assert!(said.contains(&format!("epoch {e4}: BAD")), "{said}");
+    assert!(
+        said.contains(&format!("epoch {e3}: BAD manifest")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("epoch {e2}: BAD manifest")),
+        "{said}"
+    );
+    assert!(said.contains(&format!("epoch {first}: ok")), "{said}");
+    assert!(!said.contains(&format!("epoch {e5}")), "{said}");
+
+    let restarted = case.restart();
+    let said = text(&restarted);
+    assert!(restarted.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("epoch {e4} fails verification")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("epoch {e3} is unreadable")),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("epoch {e2} is unreadable")),
+        "{said}"
+    );
+    let fallback = committed.iter().copied().filter(|e| *e < e2).max().unwrap();
+    assert!(said.contains(&format!("from epoch {fallback}")), "{said}");
+    assert!(newest == e5);
+    case.assert_matches_reference();
+}
+
 // ---------------------------------------------------------------------------
 // Security: every channel refuses and logs peers that cannot prove the token.
 
