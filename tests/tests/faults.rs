@@ -209,23 +209,8 @@ impl Case {
         self.job_store().committed_epochs().unwrap()
     }
 
-    /// Pids of live processes whose command line holds `all` of `parts`.
     fn pids(&self, parts: &[&str]) -> Vec<i32> {
-        let mut found = Vec::new();
-        for entry in fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            if u32::try_from(pid).ok() == Some(std::process::id()) {
-                continue;
-            }
-            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if parts.iter().all(|p| cmdline.contains(p)) {
-                found.push(pid);
-            }
-        }
-        found
+        pids_matching(parts)
     }
 
     /// SIGKILLs every process of this case (its directory is on their
@@ -279,6 +264,25 @@ impl Drop for Case {
     fn drop(&mut self) {
         self.kill_everything();
     }
+}
+
+/// Pids of live processes whose command line holds all of `parts`.
+fn pids_matching(parts: &[&str]) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if u32::try_from(pid).ok() == Some(std::process::id()) {
+            continue;
+        }
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if parts.iter().all(|p| cmdline.contains(p)) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 fn kill9(pid: i32) {
@@ -688,6 +692,268 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
     assert!(said.contains(&format!("from epoch {fallback}")), "{said}");
     assert!(newest == e5);
     case.assert_matches_reference();
+}
+
+/// A small xorshift generator: the soak test's kill points are random but
+/// reproducible from the printed seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// How a soak cycle ends.
+#[derive(Debug, Clone, Copy)]
+enum SoakKill {
+    /// The rank, after a committed checkpoint.
+    RankAfterCommit,
+    /// The rank, at a random moment of a checkpoint.
+    RankDuringCheckpoint,
+    /// The agent, at a random moment of a checkpoint (then the rank).
+    AgentDuringCheckpoint,
+    /// The rank, with no checkpoint in this cycle.
+    RankWithoutCheckpoint,
+}
+
+/// 200 checkpoint/restart cycles of one rank under a standalone agent,
+/// each ending in `kill -9` at a random point. After every cycle the newest
+/// committed epoch is no older than before (nothing lost) and verifies, and
+/// the rank's log is a prefix of the uninterrupted run's (every restart
+/// resumed exactly); whenever the job reaches its end its results are
+/// byte-identical to the reference. `CRYO_SOAK_SEED` and
+/// `CRYO_SOAK_CYCLES` reproduce or lengthen a run.
+#[test]
+fn soak_random_kills_lose_nothing_and_restart_exactly() {
+    use cryo_agent::client;
+    use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
+    use cryo_tests::{Agent, Program, Rank, RankFiles, RankSpec};
+
+    const SOAK_STEPS: u64 = 3000;
+    let seed = std::env::var("CRYO_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
+                | 1
+        });
+    let cycles: u64 = std::env::var("CRYO_SOAK_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let _ = writeln!(
+        std::io::stderr(),
+        "soak: seed {seed} (CRYO_SOAK_SEED={seed} reproduces it), {cycles} cycles"
+    );
+    let mut rng = Rng(seed);
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-soak-")
+        .tempdir()
+        .unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let reference = RankFiles::new(dir.path(), "reference", &input);
+    fn spec<'a>(program: &'a Program, agent: Option<&'a Agent>, step_ms: u64) -> RankSpec<'a> {
+        RankSpec {
+            program,
+            rank: 0,
+            agent,
+            steps: SOAK_STEPS,
+            state_mb: 1,
+            step_ms,
+        }
+    }
+    assert!(Rank::run(&spec(&program, None, 0), &reference).success());
+    let reference_log = fs::read(&reference.log).unwrap();
+
+    let agent_args = ["--copy-budget", "16MiB", "--park-timeout", "5"];
+    let mut generation = 0;
+    let job_name = |g: u32| format!("soak{g}");
+    let mut agent = Agent::start(dir.path(), &job_name(generation), &agent_args);
+    let files = RankFiles::new(dir.path(), "run", &input);
+    let mut newest: Option<u64> = None;
+    let mut summary = Summary::default();
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        let armed = newest.map(|_| agent.arm_restart());
+        let mut rank = Rank::start(&spec(&program, Some(&agent), 1), &files);
+        agent.wait_ranks(1);
+        if let Some(epoch) = armed {
+            // Files are cut back to the checkpoint before the rank runs on.
+            wait_until("the rank to restart", WAIT, || {
+                Rank::stderr(&files).contains("restarted from epoch")
+            });
+            let said = Rank::stderr(&files);
+            if !said.contains(&format!("restarted from epoch {epoch} ")) {
+                summary.wrong_restarts += 1;
+                summary.problems.push(format!(
+                    "cycle {cycle}: not restarted from epoch {epoch}: {said}"
+                ));
+            }
+        }
+        rank.wait_lines(lines(&files.log) + 1 + usize::try_from(rng.below(8)).unwrap());
+        let kill = match rng.below(4) {
+            0 => SoakKill::RankAfterCommit,
+            1 => SoakKill::RankDuringCheckpoint,
+            2 => SoakKill::AgentDuringCheckpoint,
+            _ => SoakKill::RankWithoutCheckpoint,
+        };
+        let delay = Duration::from_micros(rng.below(60_000));
+        let checkpoint = ControlRequest::Checkpoint {
+            epoch: None,
+            if_busy: BusyPolicy::Wait,
+            until: Completion::Committed,
+        };
+        let mut committed_now = None;
+        match kill {
+            SoakKill::RankAfterCommit => {
+                match client::request(&agent.socket, &checkpoint) {
+                    Ok(ControlResponse::Checkpoint(report)) if report.committed => {
+                        committed_now = Some(report.epoch);
+                    }
+                    other => summary
+                        .problems
+                        .push(format!("cycle {cycle}: checkpoint failed: {other:?}")),
+                }
+                rank.kill9();
+            }
+            SoakKill::RankDuringCheckpoint | SoakKill::AgentDuringCheckpoint => {
+                summary.faults += 1;
+                let socket = agent.socket.clone();
+                let answer = std::thread::scope(|scope| {
+                    let asked = scope.spawn(|| client::request(&socket, &checkpoint));
+                    std::thread::sleep(delay);
+                    if matches!(kill, SoakKill::AgentDuringCheckpoint) {
+                        let socket = socket.display().to_string();
+                        for pid in pids_matching(&["cryo-agent", &socket]) {
+                            kill9(pid);
+                        }
+                    }
+                    rank.kill9();
+                    asked.join().unwrap()
+                });
+                if let Ok(ControlResponse::Checkpoint(report)) = &answer {
+                    if report.committed {
+                        committed_now = Some(report.epoch);
+                    }
+                }
+                if matches!(kill, SoakKill::AgentDuringCheckpoint) {
+                    drop(agent);
+                    agent = Agent::start(dir.path(), &job_name(generation), &agent_args);
+                }
+            }
+            SoakKill::RankWithoutCheckpoint => {
+                summary.faults += 1;
+                rank.kill9();
+            }
+        }
+        wait_until(
+            "the killed rank to leave",
+            WAIT,
+            || matches!(agent.request(&ControlRequest::Status), ControlResponse::Status(s) if s.ranks.is_empty()),
+        );
+
+        // Nothing lost: the newest committed epoch only moves forward, and
+        // it verifies.
+        let job = agent.job_store();
+        let now = job.committed_epochs().unwrap().last().copied();
+        if now < newest || (committed_now.is_some() && now < committed_now) {
+            summary.lost += 1;
+            summary.problems.push(format!(
+                "cycle {cycle} ({kill:?}): newest committed epoch went from {newest:?} to {now:?} (reported {committed_now:?})"
+            ));
+        }
+        if matches!(
+            kill,
+            SoakKill::RankDuringCheckpoint | SoakKill::AgentDuringCheckpoint
+        ) {
+            if now > newest {
+                summary.committed_despite_fault += 1;
+            } else {
+                summary.aborted_correctly += 1;
+            }
+        }
+        if let Some(epoch) = now {
+            let ok = job
+                .load_manifest(epoch)
+                .is_ok_and(|m| job.verify_manifest(&m).is_ok());
+            if !ok {
+                summary.lost += 1;
+                summary
+                    .problems
+                    .push(format!("cycle {cycle}: epoch {epoch} does not verify"));
+            }
+        }
+        newest = now;
+        // Exact: what the rank logged is what the uninterrupted run logged.
+        let log = fs::read(&files.log).unwrap_or_default();
+        if !reference_log.starts_with(&log) {
+            summary.wrong_restarts += 1;
+            summary.problems.push(format!(
+                "cycle {cycle} ({kill:?}): the log is not a prefix of the reference's"
+            ));
+        }
+        if !summary.problems.is_empty() {
+            break;
+        }
+        // Near the end of the job: finish it, compare it, start a new one.
+        if u64::try_from(lines(&files.log)).unwrap() > SOAK_STEPS - 200 {
+            if newest.is_some() {
+                agent.arm_restart();
+            }
+            let status = Rank::run(&spec(&program, Some(&agent), 0), &files);
+            if !status.success()
+                || fs::read(&files.final_state).ok() != fs::read(&reference.final_state).ok()
+                || fs::read(&files.log).ok() != Some(reference_log.clone())
+            {
+                summary.wrong_restarts += 1;
+                summary.problems.push(format!(
+                    "cycle {cycle}: the finished job differs from the reference"
+                ));
+                break;
+            }
+            generation += 1;
+            agent = Agent::start(dir.path(), &job_name(generation), &agent_args);
+            let _ = fs::remove_file(&files.log);
+            newest = None;
+        }
+    }
+    // Run the job of the last cycles to its end from its newest epoch: the
+    // results are the uninterrupted run's.
+    if summary.problems.is_empty() {
+        if newest.is_some() {
+            agent.arm_restart();
+        }
+        let status = Rank::run(&spec(&program, Some(&agent), 0), &files);
+        if !status.success()
+            || fs::read(&files.final_state).ok() != fs::read(&reference.final_state).ok()
+            || fs::read(&files.log).ok() != Some(reference_log.clone())
+        {
+            summary.wrong_restarts += 1;
+            summary.problems.push(format!(
+                "the last job, finished from epoch {newest:?}, differs from the reference: {}",
+                Rank::stderr(&files)
+            ));
+        }
+        generation += 1;
+    }
+    summary.print(&format!(
+        "soak: {cycles} cycles, seed {seed}, {} jobs run to the end, {:.1} s",
+        generation,
+        started.elapsed().as_secs_f64()
+    ));
+    summary.assert_clean();
 }
 
 // ---------------------------------------------------------------------------
