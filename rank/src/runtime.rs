@@ -364,6 +364,13 @@ fn load_restore(rank: u32, epoch: u64, store: &str, job: &str) -> Result<Restore
             epoch,
             source,
         })?;
+    // Another user's job (or a job directory swapped for a link) is refused
+    // before anything of it is read.
+    cryo_core::durable::check_private_dir(store.dir()).map_err(|source| RestoreError::Store {
+        rank,
+        epoch,
+        source: source.into(),
+    })?;
     let manifest = store
         .load_manifest(epoch)
         .map_err(|source| RestoreError::Manifest {
@@ -418,13 +425,23 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         job: store_job,
     } = &start
     {
-        job = store_job.clone();
         let reserved: Vec<RawFd> = conn
             .iter()
             .flat_map(|c| [c.sock.as_raw_fd(), c.memfd.as_raw_fd()])
             .collect();
-        let result = load_restore(rank, *epoch, store, store_job)
-            .and_then(|r| restore_files(&r.record, config.file_policy, &reserved).map(|f| (r, f)));
+        // An image of another job must never be poured into this process.
+        let result = if !job.is_empty() && job != *store_job {
+            Err(RestoreError::OtherJob {
+                rank,
+                epoch: *epoch,
+                offered: store_job.clone(),
+                ours: job.clone(),
+            })
+        } else {
+            job = store_job.clone();
+            load_restore(rank, *epoch, store, store_job)
+        }
+        .and_then(|r| restore_files(&r.record, config.file_policy, &reserved).map(|f| (r, f)));
         match result {
             Ok((r, f)) => {
                 restored = Some(r);

@@ -956,6 +956,124 @@ fn soak_random_kills_lose_nothing_and_restart_exactly() {
     summary.assert_clean();
 }
 
+/// A tmpfs of `bytes`, unmounted on drop; `None` (with a loud message) where
+/// mounting is not permitted.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(bytes: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if mounted {
+            Some(SmallFs { dir })
+        } else {
+            eprintln!("\n!!!!! SKIPPED the full-disk fault: cannot mount a small tmpfs (needs root) !!!!!\n");
+            None
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// The store on a small tmpfs that fills up while epoch 2 drains: the
+/// epoch aborts with an error that says the store is full, epoch 1 stays
+/// intact, and once space is freed the job checkpoints and restarts exactly.
+#[test]
+fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
+    use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
+    use cryo_tests::{Agent, Program, Rank, RankFiles, RankSpec};
+
+    let Some(small) = SmallFs::mount(16 << 20) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let spec = |agent| RankSpec {
+        program: &program,
+        rank: 0,
+        agent,
+        steps: 400,
+        state_mb: 4,
+        step_ms: 0,
+    };
+    let reference = RankFiles::new(dir.path(), "reference", &input);
+    assert!(Rank::run(&spec(None), &reference).success());
+    let store = small.dir.path().join("store");
+    let agent = Agent::spawn_node(
+        dir.path(),
+        &store,
+        "full",
+        "test-node",
+        &["--copy-budget", "16MiB"],
+        &[],
+    );
+    let mut agent = agent;
+    agent.wait_ready();
+    let files = RankFiles::new(dir.path(), "run", &input);
+    let running = RankSpec {
+        step_ms: 5,
+        ..spec(Some(&agent))
+    };
+    let mut rank = Rank::start(&running, &files);
+    agent.wait_ranks(1);
+    rank.wait_lines(3);
+    agent.checkpoint();
+    // Leave less room than epoch 2's new chunks need.
+    let free = nix::sys::statvfs::statvfs(small.dir.path()).unwrap();
+    let avail = free.blocks_available() * free.fragment_size();
+    let filler = small.dir.path().join("filler");
+    fs::write(
+        &filler,
+        vec![0x5au8; usize::try_from(avail).unwrap().saturating_sub(64 << 10)],
+    )
+    .unwrap_or(());
+    rank.wait_lines(lines(&files.log) + 20);
+    let answer = agent.request(&ControlRequest::Checkpoint {
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    });
+    match &answer {
+        ControlResponse::Failed { reason, .. } => assert!(
+            reason.contains("the store is full") || reason.contains("No space left"),
+            "{reason}"
+        ),
+        other => panic!("epoch 2 must fail on a full store: {other:?}"),
+    }
+    let job = agent.job_store();
+    assert_eq!(job.committed_epochs().unwrap(), vec![1]);
+    assert!(job.verify_manifest(&job.load_manifest(1).unwrap()).is_ok());
+    // Space again: the next epoch commits, and a restart from it is exact.
+    fs::remove_file(&filler).unwrap();
+    let report = agent.checkpoint();
+    assert!(report.epoch >= 2);
+    rank.kill9();
+    assert_eq!(agent.arm_restart(), report.epoch);
+    let status = Rank::run(
+        &RankSpec {
+            step_ms: 0,
+            ..running.clone()
+        },
+        &files,
+    );
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    assert_same_file(&reference.final_state, &files.final_state);
+    assert_same_file(&reference.log, &files.log);
+}
+
 // ---------------------------------------------------------------------------
 // Security: every channel refuses and logs peers that cannot prove the token.
 
@@ -1239,6 +1357,229 @@ mod security {
                     .any(|l| l.contains("peer.rejected") && l.contains(reason)),
                 "no peer.rejected line with {reason:?} in:\n{log}"
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The store is private, and nothing is written or restored through a link
+// out of it or from another job or user.
+
+mod private_store {
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use cryo_core::auth;
+    use cryo_core::protocol::{
+        recv_message_with_fd, write_message, AgentToRank, BusyPolicy, Completion, ControlRequest,
+        ControlResponse, Hello, RankToAgent, StartMode,
+    };
+    use cryo_tests::{write_input, Agent, Program, Rank, RankFiles, RankSpec};
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    /// Every directory under `dir` is 0700 and every file 0600; no links.
+    fn assert_private(dir: &Path) {
+        let meta = fs::symlink_metadata(dir).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o700, "{}", dir.display());
+        for entry in fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            assert!(!meta.file_type().is_symlink(), "{}", path.display());
+            if meta.is_dir() {
+                assert_private(&path);
+            } else {
+                assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
+            }
+        }
+    }
+
+    fn checkpoint(agent: &Agent) -> Result<u64, String> {
+        match agent.request(&ControlRequest::Checkpoint {
+            epoch: None,
+            if_busy: BusyPolicy::Wait,
+            until: Completion::Committed,
+        }) {
+            ControlResponse::Checkpoint(report) if report.committed => Ok(report.epoch),
+            ControlResponse::Failed { reason, .. } => Err(reason),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    /// A running rank of job `job` under a standalone agent in `dir`.
+    fn job_with_rank(dir: &Path, job: &str) -> (Agent, Rank) {
+        let input = dir.join("input.dat");
+        write_input(&input, 100_000);
+        let agent = Agent::start(dir, job, &["--copy-budget", "16MiB"]);
+        let files = RankFiles::new(dir, job, &input);
+        let program = Program::Rust;
+        let spec = RankSpec {
+            program: &program,
+            rank: 0,
+            agent: Some(&agent),
+            steps: 100_000,
+            state_mb: 1,
+            step_ms: 5,
+        };
+        let mut rank = Rank::start(&spec, &files);
+        agent.wait_ranks(1);
+        rank.wait_lines(3);
+        (agent, rank)
+    }
+
+    #[test]
+    fn the_store_is_private_and_links_out_of_it_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, rank) = job_with_rank(dir.path(), "priv");
+        assert_eq!(checkpoint(&agent), Ok(1));
+        let job_dir = dir.path().join("store/priv");
+        assert_private(&dir.path().join("store"));
+
+        // A fan-out opened to others is narrowed back to 0700.
+        let fanout = job_dir.join("chunks/3c");
+        fs::set_permissions(&fanout, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(checkpoint(&agent), Ok(2));
+        assert_eq!(fs::metadata(&fanout).unwrap().mode() & 0o777, 0o700);
+
+        // A fan-out swapped for a link out of the store: refused, nothing
+        // written through it, and GC will not sweep through it either.
+        let linked = job_dir.join("chunks/ab");
+        let outside = dir.path().join("outside");
+        fs::rename(&linked, &outside).unwrap();
+        std::os::unix::fs::symlink(&outside, &linked).unwrap();
+        let before = fs::read_dir(&outside).unwrap().count();
+        let reason = checkpoint(&agent).unwrap_err();
+        assert!(
+            reason.contains("chunks/ab") && reason.contains("symbolic link"),
+            "{reason}"
+        );
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), before);
+        let job = agent.job_store();
+        let err = job.gc(Some(1)).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(job.committed_epochs().unwrap(), vec![1, 2]);
+        fs::remove_file(&linked).unwrap();
+        fs::rename(&outside, &linked).unwrap();
+
+        // A fan-out of another user (needs root to arrange).
+        if is_root() {
+            let foreign = job_dir.join("chunks/12");
+            nix::unistd::chown(&foreign, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            let reason = checkpoint(&agent).unwrap_err();
+            assert!(
+                reason.contains("chunks/12") && reason.contains("owned by uid 4242"),
+                "{reason}"
+            );
+            nix::unistd::chown(&foreign, Some(nix::unistd::geteuid()), None).unwrap();
+        } else {
+            eprintln!("\n!!!!! SKIPPED the foreign-owner store check: needs root to chown !!!!!\n");
+        }
+        let next = checkpoint(&agent).unwrap();
+        assert!(next >= 3, "{next}");
+        let job = agent.job_store();
+        for epoch in job.committed_epochs().unwrap() {
+            assert!(job
+                .verify_manifest(&job.load_manifest(epoch).unwrap())
+                .is_ok());
+        }
+        assert_private(&dir.path().join("store"));
+        rank.kill9();
+    }
+
+    /// A scripted agent that welcomes one rank with `start` and returns what
+    /// the rank answers.
+    fn offer(dir: &Path, job: &str, start: StartMode) -> (RankToAgent, String) {
+        let socket = dir.join("scripted.sock");
+        let _ = fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket).unwrap();
+        let input = dir.join("input.dat");
+        let files = RankFiles::new(dir, "offered", &input);
+        let program = Program::Rust;
+        let spec = RankSpec {
+            program: &program,
+            rank: 0,
+            agent: None,
+            steps: 10,
+            state_mb: 1,
+            step_ms: 0,
+        };
+        let rank = Rank::start_with_env(
+            &spec,
+            &files,
+            &[
+                ("CRYO_AGENT_SOCKET", socket.to_str().unwrap()),
+                ("CRYO_JOB", job),
+            ],
+        );
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let (_hello, _fd) = recv_message_with_fd::<Hello>(&sock).unwrap();
+        auth::challenge(&mut &sock).unwrap();
+        write_message(
+            &mut &sock,
+            &AgentToRank::Welcome {
+                start,
+                node: "scripted".into(),
+            },
+        )
+        .unwrap();
+        let answer = cryo_core::protocol::read_message::<RankToAgent>(&mut &sock).unwrap();
+        let status = rank.wait();
+        assert!(!status.success(), "the rank must refuse and exit");
+        (answer, Rank::stderr(&files))
+    }
+
+    #[test]
+    fn a_rank_refuses_an_image_of_another_job_or_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, rank) = job_with_rank(dir.path(), "mine");
+        assert_eq!(checkpoint(&agent), Ok(1));
+        rank.kill9();
+        drop(agent);
+        let store = dir.path().join("store").display().to_string();
+
+        let (answer, said) = offer(
+            dir.path(),
+            "mine",
+            StartMode::Restart {
+                epoch: 1,
+                store: store.clone(),
+                job: "theirs".into(),
+            },
+        );
+        let want =
+            "refusing to restore epoch 1 of job \"theirs\": this rank belongs to job \"mine\"";
+        assert!(
+            matches!(&answer, RankToAgent::RestoreFailed { error, .. } if error.contains(want)),
+            "{answer:?}"
+        );
+        assert!(said.contains(want), "{said}");
+
+        if is_root() {
+            let job_dir = dir.path().join("store/mine");
+            nix::unistd::chown(&job_dir, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
+            let (answer, said) = offer(
+                dir.path(),
+                "mine",
+                StartMode::Restart {
+                    epoch: 1,
+                    store,
+                    job: "mine".into(),
+                },
+            );
+            assert!(
+                matches!(&answer, RankToAgent::RestoreFailed { error, .. } if error.contains("owned by uid 4242")),
+                "{answer:?}"
+            );
+            assert!(said.contains("owned by uid 4242"), "{said}");
+        } else {
+            eprintln!("\n!!!!! SKIPPED the other-user restore check: needs root to chown !!!!!\n");
         }
     }
 }
