@@ -193,13 +193,28 @@ pub fn write_new(path: &Path, parts: &[&[u8]]) -> Result<Published, IoStepError>
 /// allocating.
 pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadCappedError> {
     use std::io::Read;
-    let file = File::open(path).map_err(|err| {
-        if err.kind() == io::ErrorKind::NotFound {
-            ReadCappedError::Missing(path.to_owned())
-        } else {
-            ReadCappedError::Io(IoStepError::new("open", path, err))
-        }
-    })?;
+    // A metadata file that is a symbolic link would be read from outside
+    // the store: refused (ELOOP).
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|err| {
+            if err.kind() == io::ErrorKind::NotFound {
+                ReadCappedError::Missing(path.to_owned())
+            } else if err.raw_os_error() == Some(libc::ELOOP) {
+                ReadCappedError::Io(IoStepError::new(
+                    "open",
+                    path,
+                    io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "is a symbolic link; refused, the store never follows links out of itself",
+                    ),
+                ))
+            } else {
+                ReadCappedError::Io(IoStepError::new("open", path, err))
+            }
+        })?;
     let len = file
         .metadata()
         .step("stat", path)

@@ -416,6 +416,7 @@ impl JobStore {
             .create(true)
             .truncate(false)
             .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .step("open lock", &path)
     }

@@ -956,6 +956,85 @@ fn soak_random_kills_lose_nothing_and_restart_exactly() {
     summary.assert_clean();
 }
 
+/// A network partition between the coordinator and the agent while epoch 2
+/// drains: the agent's TCP connection is destroyed (`ss -K`, both ends see
+/// it reset). The epoch aborts, the job computes on to the right result, and
+/// epoch 1 restarts exactly.
+#[test]
+fn a_partition_between_coordinator_and_agent_aborts_the_epoch_and_the_job_goes_on() {
+    if !mpiexec_available() {
+        return;
+    }
+    let case = Case::new("split");
+    let mut job = case.start(Some("pause-at:drain:2:3000"), &[]);
+    wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
+    assert!(text(&case.checkpoint()).contains("epoch 1 committed"));
+    let second = case
+        .cryo()
+        .args(["checkpoint", &case.job])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("epoch 2 to hold in the drain", WAIT, || {
+        fs::read_to_string(case.agent_log())
+            .unwrap_or_default()
+            .contains("fault.paused")
+    });
+    let addr = security::coordinator_addr(&case);
+    let port = addr.rsplit(':').next().unwrap().to_owned();
+    // Every connection to the coordinator's port: the agent's link (and
+    // the waiting `cryo checkpoint`, which then fails either way; the
+    // coordinator's log below is what shows the agent was lost).
+    let cut = Command::new("ss")
+        .args([
+            "-K",
+            "-t",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output();
+    let cut_ok = cut.as_ref().is_ok_and(|o| o.status.success());
+    if !cut_ok {
+        let mut second = second;
+        let _ = second.kill();
+        let _ = second.wait();
+        eprintln!(
+            "\n!!!!! SKIPPED the partition fault: `ss -K` cannot destroy sockets here ({:?}) !!!!!\n",
+            cut.map(|o| text(&o))
+        );
+        return;
+    }
+    let answer = output_within(second, WAIT);
+    let said = text(&answer);
+    if said.contains("epoch 2 committed") {
+        // Only an intact link lets the agent's Durable through.
+        eprintln!("\n!!!!! SKIPPED the partition fault: `ss -K` did not cut the link here !!!!!\n");
+        return;
+    }
+    assert!(!answer.status.success(), "{said}");
+    let status = job.wait(WAIT);
+    let log = job.log_text();
+    assert!(
+        log.contains("agent.lost") && log.contains("epoch 2 aborted"),
+        "the coordinator must see the agent lost and abort epoch 2:\n{log}"
+    );
+    assert!(status.success(), "the job must finish: {log}");
+    case.assert_matches_reference();
+    assert_eq!(case.committed(), vec![1]);
+    let restarted = case.restart();
+    assert!(restarted.status.success(), "{}", text(&restarted));
+    assert!(
+        text(&restarted).contains("from epoch 1"),
+        "{}",
+        text(&restarted)
+    );
+    case.assert_matches_reference();
+}
+
 /// A tmpfs of `bytes`, unmounted on drop; `None` (with a loud message) where
 /// mounting is not permitted.
 struct SmallFs {
@@ -1093,8 +1172,9 @@ mod security {
 
     use super::{Case, WAIT};
 
-    fn coordinator_addr(case: &Case) -> String {
-        let text = std::fs::read_to_string(case.store().join("kill/run/coordinator")).unwrap();
+    pub(super) fn coordinator_addr(case: &Case) -> String {
+        let text =
+            std::fs::read_to_string(case.store().join(&case.job).join("run/coordinator")).unwrap();
         let at = text.find("\"addr\"").unwrap();
         let rest = &text[at + 6..];
         let start = rest.find('"').unwrap() + 1;
@@ -1481,6 +1561,18 @@ mod private_store {
         }
         let next = checkpoint(&agent).unwrap();
         assert!(next >= 3, "{next}");
+        // A manifest swapped for a link to a copy outside: not read.
+        let job = agent.job_store();
+        let manifest = job.manifest_path(1);
+        let copy = dir.path().join("outside.manifest");
+        fs::copy(&manifest, &copy).unwrap();
+        fs::remove_file(&manifest).unwrap();
+        std::os::unix::fs::symlink(&copy, &manifest).unwrap();
+        let err = job.load_manifest(1).unwrap_err().to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        fs::remove_file(&manifest).unwrap();
+        fs::copy(&copy, &manifest).unwrap();
+        fs::set_permissions(&manifest, fs::Permissions::from_mode(0o600)).unwrap();
         let job = agent.job_store();
         for epoch in job.committed_epochs().unwrap() {
             assert!(job
