@@ -285,6 +285,15 @@ fn pids_matching(parts: &[&str]) -> Vec<i32> {
     found
 }
 
+/// Those of `pids` that run `program` (by `/proc/<pid>/comm`).
+fn program_pids(program: &str, pids: Vec<i32>) -> Vec<i32> {
+    pids.into_iter()
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == program)
+        })
+        .collect()
+}
+
 fn kill9(pid: i32) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -442,8 +451,15 @@ fn kill_at(victim: Victim, phase: &str, summary: &mut Summary) {
     });
     let victims = match victim {
         Victim::Coordinator => vec![job.pid()],
-        Victim::Agent => case.pids(&["cryo-agent", &case.path("scratch").display().to_string()]),
-        Victim::Rank => case.pids(&["cryo-counter", &case.path("run.log").display().to_string()]),
+        // The process itself, not the launcher whose command line names it.
+        Victim::Agent => program_pids(
+            "cryo-agent",
+            case.pids(&[&case.path("scratch").display().to_string()]),
+        ),
+        Victim::Rank => program_pids(
+            "cryo-counter",
+            case.pids(&[&case.path("run.log").display().to_string()]),
+        ),
     };
     assert!(!victims.is_empty(), "{name}: nothing to kill");
     for pid in victims {
