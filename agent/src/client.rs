@@ -4,10 +4,12 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use cryo_core::auth;
 use cryo_core::protocol::{
     read_message, write_message, ControlRequest, ControlResponse, FrameError, Hello, Peer,
     PROTOCOL_VERSION,
 };
+use cryo_core::token::JobToken;
 use thiserror::Error;
 
 /// A control request failed to get an answer.
@@ -60,12 +62,16 @@ impl ControlClient {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             job: job.to_owned(),
-            token: std::env::var(cryo_core::protocol::ENV_TOKEN).unwrap_or_default(),
             peer: Peer::Control {
                 client: format!("cryo-agent-cli/{}", std::process::id()),
             },
         };
+        let token = std::env::var(cryo_core::protocol::ENV_TOKEN)
+            .ok()
+            .and_then(|text| JobToken::parse(&text, cryo_core::protocol::ENV_TOKEN).ok());
         write_message(&mut client.sock, &hello).map_err(|source| client.proto(source))?;
+        auth::answer(&mut client.sock, &hello, token.as_ref())
+            .map_err(|source| client.proto(source))?;
         match read_message::<ControlResponse>(&mut client.sock)
             .map_err(|source| client.proto(source))?
         {

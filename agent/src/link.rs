@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use cryo_core::auth;
 use cryo_core::protocol::{
     read_message, write_message, AgentToCoordinator, CoordinatorToAgent, FrameError, Hello, Peer,
     PROTOCOL_VERSION,
@@ -221,13 +222,11 @@ fn connect_with(
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: job.to_owned(),
-        token: token.expose().to_owned(),
         peer: Peer::Agent {
             node: node.to_owned(),
         },
     };
-    write_message(&mut &stream, &hello).map_err(proto)?;
-    let answer = read_message::<CoordinatorToAgent>(&mut &stream).map_err(|source| {
+    let no_answer = |source: FrameError| {
         if source.is_timeout() {
             LinkError::NoAnswer {
                 addr: addr.to_owned(),
@@ -236,7 +235,10 @@ fn connect_with(
         } else {
             proto(source)
         }
-    })?;
+    };
+    write_message(&mut &stream, &hello).map_err(proto)?;
+    auth::answer(&mut &stream, &hello, Some(token)).map_err(no_answer)?;
+    let answer = read_message::<CoordinatorToAgent>(&mut &stream).map_err(no_answer)?;
     let world_size = match answer {
         CoordinatorToAgent::Welcome {
             job: theirs,
@@ -285,15 +287,18 @@ mod tests {
 
     use super::*;
 
-    /// A one-shot coordinator answering the hello with `answer`.
-    fn coordinator(answer: CoordinatorToAgent) -> (String, std::thread::JoinHandle<Hello>) {
+    /// A one-shot coordinator answering the hello with `answer`; returns
+    /// the hello and whether its proof held the right token.
+    fn coordinator(answer: CoordinatorToAgent) -> (String, std::thread::JoinHandle<(Hello, bool)>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let handle = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let hello: Hello = read_message(&mut &stream).unwrap();
+            let (nonce, proof) = auth::challenge(&mut &stream).unwrap();
+            let proven = auth::verify(&token(), &nonce, &hello, &proof).is_ok();
             write_message(&mut &stream, &answer).unwrap();
-            hello
+            (hello, proven)
         });
         (addr, handle)
     }
@@ -303,7 +308,7 @@ mod tests {
     }
 
     #[test]
-    fn welcome_gives_a_link_and_the_hello_carries_node_and_token() {
+    fn welcome_gives_a_link_and_the_hello_carries_node_and_proves_the_token() {
         let (addr, handle) = coordinator(CoordinatorToAgent::Welcome {
             job: "j".into(),
             world_size: 4,
@@ -311,9 +316,9 @@ mod tests {
         let (link, _reader) = connect(&addr, "j", "n1", &token(), Duration::from_secs(5)).unwrap();
         assert_eq!(link.world_size(), 4);
         assert!(link.is_connected());
-        let hello = handle.join().unwrap();
+        let (hello, proven) = handle.join().unwrap();
         assert_eq!(hello.peer, Peer::Agent { node: "n1".into() });
-        assert_eq!(hello.token, token().expose());
+        assert!(proven, "the agent's proof must hold the job token");
         assert_eq!(hello.version, PROTOCOL_VERSION);
         link.lost();
         assert!(!link.is_connected());

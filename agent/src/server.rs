@@ -30,7 +30,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use cryo_core::auth;
 use cryo_core::chunk::ChunkCodec;
+use cryo_core::fault;
 use cryo_core::manifest::WriteStats;
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentStatus, AgentToCoordinator,
@@ -50,6 +52,10 @@ use crate::capture::{capture_rank, nanos, CaptureContext, CopyGate, Parked};
 use crate::link::{self, CoordinatorLink, LinkError};
 use crate::pool::{BufferPool, PoolError};
 use crate::procfs::{mem_total_bytes, peak_rss_bytes, LinuxProcess, ProcessAccess};
+
+/// How long a connecting peer has for each step of the hello and
+/// challenge-response.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which epoch to restart from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -525,13 +531,24 @@ impl Agent {
 
 impl Shared {
     fn handle(self: Arc<Self>, sock: UnixStream) {
+        // A peer that stalls in the handshake only holds its own thread,
+        // and not for long.
+        let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         let (hello, fd) = match recv_message_with_fd::<Hello>(&sock) {
             Ok(x) => x,
             Err(err) => {
-                tracing::warn!(error = %err, "bad hello");
+                tracing::warn!(job = %self.config.job, node = %self.config.node, error = %err, "peer.rejected");
                 return;
             }
         };
+        let (nonce, proof) = match auth::challenge(&mut &sock) {
+            Ok(x) => x,
+            Err(err) => {
+                tracing::warn!(job = %self.config.job, node = %self.config.node, role = %hello.peer.role(), error = %err, "peer.rejected");
+                return;
+            }
+        };
+        let _ = sock.set_read_timeout(None);
         let refuse = |reason: String| {
             tracing::warn!(reason = %reason, "connection refused");
             match hello.peer {
@@ -555,8 +572,8 @@ impl Shared {
         match hello.peer.clone() {
             Peer::Rank { rank, pid } => {
                 if let Some(token) = &self.config.token {
-                    if !token.matches(&hello.token) {
-                        let reason = if hello.token.is_empty() {
+                    if let Err(problem) = auth::verify(token, &nonce, &hello, &proof) {
+                        let reason = if problem == auth::AuthError::Missing {
                             format!(
                                 "rank {rank} (pid {pid}) presented no job token; set {} to the token of job {:?}",
                                 cryo_core::protocol::ENV_TOKEN,
@@ -564,7 +581,7 @@ impl Shared {
                             )
                         } else {
                             format!(
-                                "rank {rank} (pid {pid}) presented a wrong job token for job {:?}",
+                                "rank {rank} (pid {pid}) presented a wrong job token for job {:?} ({problem})",
                                 self.config.job
                             )
                         };
@@ -1524,9 +1541,11 @@ impl Shared {
                             None => self.wait_parked(conn, run, deadline)?,
                         };
                         tracing::info!(job = %job, node = %node, rank = conn.rank, epoch, "rank.quiesced");
+                        fault::pause_at(fault::Phase::Quiesce, epoch, job);
                         let rank_writer = writer.rank(conn.rank);
                         let mut did_resume = false;
                         let mut resume = |report: &RankCaptureReport| {
+                            fault::pause_at(fault::Phase::Copy, epoch, job);
                             if run.cancel.is_set() {
                                 return Err(aborted());
                             }
@@ -1578,6 +1597,7 @@ impl Shared {
                                 });
                             }
                         };
+                        fault::pause_at(fault::Phase::Drain, epoch, job);
                         if run.cancel.is_set() {
                             return Err(format!("rank {}: {}", conn.rank, aborted()));
                         }

@@ -18,6 +18,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use cryo_core::auth;
 use cryo_core::protocol::{
     read_message, write_message, AgentToCoordinator, CoordinatorToAgent, EpochProgress, Hello,
     JobRequest, JobResponse, JobStatus, Message, NodeStatus, Peer, ENV_AGENT_SOCKET, ENV_JOB,
@@ -203,6 +204,15 @@ fn serve_peer(
             return;
         }
     };
+    // The client proves it holds the token without sending it; the answer
+    // is bound to this connection's nonce, so a recorded one is worthless.
+    let (nonce, proof) = match auth::challenge(&mut &stream) {
+        Ok(x) => x,
+        Err(err) => {
+            tracing::warn!(job, peer = %peer_addr, role = %hello.peer.role(), error = %err, "peer.rejected");
+            return;
+        }
+    };
     let _ = stream.set_read_timeout(None);
     let problem = if let Err(err) = hello.check_version() {
         Some(err.to_string())
@@ -211,8 +221,8 @@ fn serve_peer(
             "this coordinator runs job {job:?}, not {:?}",
             hello.job
         ))
-    } else if !token.matches(&hello.token) {
-        Some("wrong or missing job token".to_owned())
+    } else if let Err(err) = auth::verify(token, &nonce, &hello, &proof) {
+        Some(format!("wrong or missing job token: {err}"))
     } else {
         None
     };
@@ -276,7 +286,11 @@ fn serve_peer(
             loop {
                 let request = match read_message::<JobRequest>(&mut &stream) {
                     Ok(request) => request,
-                    Err(_) => return,
+                    Err(err) if err.is_disconnect() => return,
+                    Err(err) => {
+                        tracing::warn!(job, peer = %peer_addr, client = %client, error = %err, "request.rejected");
+                        return;
+                    }
                 };
                 let (tx, rx) = mpsc::channel();
                 if events.send(Event::Request { request, reply: tx }).is_err() {
@@ -316,12 +330,13 @@ pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobRespon
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: job.to_owned(),
-        token: token.expose().to_owned(),
         peer: Peer::Control {
             client: format!("cryo on {}", hostname()),
         },
     };
     write_message(&mut &stream, &hello)?;
+    auth::answer(&mut &stream, &hello, Some(&token))
+        .context("answering the coordinator's challenge")?;
     write_message(&mut &stream, &request)?;
     read_message::<JobResponse>(&mut &stream).context("reading the coordinator's answer")
 }
@@ -578,6 +593,11 @@ impl Coordinator {
         };
         epoch.tick(Instant::now());
         if epoch.phase == Phase::Committing {
+            cryo_core::fault::pause_at(
+                cryo_core::fault::Phase::Commit,
+                epoch.epoch,
+                &self.opts.job,
+            );
             let result = self
                 .job
                 .commit_epoch(

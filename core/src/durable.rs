@@ -70,6 +70,41 @@ pub fn create_dir_all(path: &Path) -> Result<(), IoStepError> {
         .step("create directory", path)
 }
 
+/// Checks that `path` is a real directory of this user's: not a symbolic
+/// link (which would lead chunk writes, or GC's deletions, out of the store)
+/// and not owned by another user. A directory that others may enter is
+/// narrowed to 0700 rather than refused: it is ours, only too open.
+pub fn check_private_dir(path: &Path) -> Result<(), IoStepError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let refuse = |why: String| {
+        IoStepError::new(
+            "check store directory",
+            path,
+            io::Error::new(io::ErrorKind::PermissionDenied, why),
+        )
+    };
+    let meta = fs::symlink_metadata(path).step("lstat", path)?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse(
+            "is a symbolic link; refused, the store never follows links out of itself".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "is owned by uid {}, not by this user (uid {me}); refused",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(DIR_MODE)).step("chmod 0700", path)?;
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so that entries created or renamed in it persist.
 pub fn sync_dir(path: &Path) -> Result<(), IoStepError> {
     let dir = File::open(path).step("open directory", path)?;
@@ -158,13 +193,28 @@ pub fn write_new(path: &Path, parts: &[&[u8]]) -> Result<Published, IoStepError>
 /// allocating.
 pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadCappedError> {
     use std::io::Read;
-    let file = File::open(path).map_err(|err| {
-        if err.kind() == io::ErrorKind::NotFound {
-            ReadCappedError::Missing(path.to_owned())
-        } else {
-            ReadCappedError::Io(IoStepError::new("open", path, err))
-        }
-    })?;
+    // A metadata file that is a symbolic link would be read from outside
+    // the store: refused (ELOOP).
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|err| {
+            if err.kind() == io::ErrorKind::NotFound {
+                ReadCappedError::Missing(path.to_owned())
+            } else if err.raw_os_error() == Some(libc::ELOOP) {
+                ReadCappedError::Io(IoStepError::new(
+                    "open",
+                    path,
+                    io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "is a symbolic link; refused, the store never follows links out of itself",
+                    ),
+                ))
+            } else {
+                ReadCappedError::Io(IoStepError::new("open", path, err))
+            }
+        })?;
     let len = file
         .metadata()
         .step("stat", path)

@@ -11,9 +11,11 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
+pub mod auth;
 pub mod chunk;
 pub mod codec;
 pub mod durable;
+pub mod fault;
 pub mod header;
 pub mod manifest;
 pub mod names;

@@ -19,9 +19,13 @@
 //! wrong kind of message gets a typed error, never a panic.
 //!
 //! The first frame on every connection is a [`Hello`], which carries the
-//! protocol version, the job name and the job token, and says who is calling
-//! ([`Peer`]). A rank's hello also carries its control-page memfd as
-//! `SCM_RIGHTS` ancillary data (see [`send_message_with_fd`]).
+//! protocol version and the job name, and says who is calling ([`Peer`]). A
+//! rank's hello also carries its control-page memfd as `SCM_RIGHTS` ancillary
+//! data (see [`send_message_with_fd`]). The server answers with a
+//! [`Challenge`] holding a fresh random nonce, and the client proves it holds
+//! the job token with a [`Proof`] bound to that nonce, its role and the job
+//! (see [`crate::auth`]); the token itself never crosses the wire, so a
+//! recorded handshake cannot be replayed.
 //!
 //! # The control page
 //!
@@ -62,8 +66,9 @@ use crate::manifest::{RegionKind, WriteStats};
 
 /// Frame magic: the ASCII bytes `CRYP`.
 pub const MAGIC: [u8; 4] = *b"CRYP";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 replaced the token in
+/// the hello with challenge-response ([`Challenge`], [`Proof`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build accepts (current and previous).
 pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
     PROTOCOL_VERSION - 1
@@ -112,6 +117,10 @@ pub enum Command {
     JobRequest = 8,
     /// A [`JobResponse`] from a coordinator.
     JobResponse = 9,
+    /// A [`Challenge`] from the server, answering a hello.
+    Challenge = 10,
+    /// A [`Proof`] from the client, answering a challenge.
+    Proof = 11,
 }
 
 impl Command {
@@ -127,6 +136,8 @@ impl Command {
             7 => Command::AgentToCoordinator,
             8 => Command::JobRequest,
             9 => Command::JobResponse,
+            10 => Command::Challenge,
+            11 => Command::Proof,
             other => return Err(FrameError::InvalidCommand(other)),
         })
     }
@@ -162,6 +173,12 @@ pub enum FrameError {
     #[error("protocol version {found} is not supported (this build accepts {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})")]
     UnsupportedVersion {
         /// The version in the frame.
+        found: u16,
+    },
+    /// A hello of a protocol version that sent the job token itself.
+    #[error("protocol version {found} sends the job token in its hello, which a recorded hello could replay; this build needs version {MIN_HELLO_VERSION} or newer (challenge-response)")]
+    UnauthenticatedHello {
+        /// The version in the hello.
         found: u16,
     },
     /// Command `0` or an unknown command.
@@ -503,6 +520,18 @@ pub enum Peer {
     },
 }
 
+impl Peer {
+    /// The peer's identity as the authentication proof binds it: a proof
+    /// made for one rank, node or client does not vouch for another.
+    pub fn role(&self) -> String {
+        match self {
+            Peer::Rank { rank, pid } => format!("rank {rank} pid {pid}"),
+            Peer::Control { client } => format!("control {client}"),
+            Peer::Agent { node } => format!("agent {node}"),
+        }
+    }
+}
+
 /// The first message on every connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
@@ -510,8 +539,6 @@ pub struct Hello {
     pub version: u16,
     /// The job.
     pub job: String,
-    /// The job's token (checked by the coordinator).
-    pub token: String,
     /// Who is calling.
     pub peer: Peer,
 }
@@ -520,17 +547,49 @@ impl Message for Hello {
     const COMMAND: Command = Command::Hello;
 }
 
+/// The first protocol version whose hello is authenticated by
+/// challenge-response. Version 1 sent the token itself, which anyone who saw
+/// one hello could replay, so it is refused even though its frames parse.
+pub const MIN_HELLO_VERSION: u16 = 2;
+
 impl Hello {
     /// Checks the version carried in the hello.
     pub fn check_version(&self) -> Result<(), FrameError> {
-        if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&self.version) {
+        if (MIN_HELLO_VERSION..=PROTOCOL_VERSION).contains(&self.version) {
             Ok(())
+        } else if self.version < MIN_HELLO_VERSION {
+            Err(FrameError::UnauthenticatedHello {
+                found: self.version,
+            })
         } else {
             Err(FrameError::UnsupportedVersion {
                 found: self.version,
             })
         }
     }
+}
+
+/// The server's answer to a hello: prove you hold the job token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// 32 random bytes, fresh for this connection.
+    pub nonce: [u8; 32],
+}
+
+impl Message for Challenge {
+    const COMMAND: Command = Command::Challenge;
+}
+
+/// The client's answer to a [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    /// `blake3::keyed_hash(key derived from the token, nonce || role || job)`,
+    /// or `None` when the client has no token.
+    pub mac: Option<[u8; 32]>,
+}
+
+impl Message for Proof {
+    const COMMAND: Command = Command::Proof;
 }
 
 /// How a rank starts.
@@ -1034,7 +1093,6 @@ mod tests {
         Hello {
             version: PROTOCOL_VERSION,
             job: "heat".into(),
-            token: "secret".into(),
             peer: Peer::Rank { rank: 3, pid: 77 },
         }
     }
@@ -1090,7 +1148,7 @@ mod tests {
 
     #[test]
     fn command_zero_and_unknown_commands_are_refused() {
-        for command in [0u16, 10, u16::MAX] {
+        for command in [0u16, 12, u16::MAX] {
             let bytes = header_bytes(PROTOCOL_VERSION, command, 0, 0);
             let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
             assert!(
@@ -1110,10 +1168,22 @@ mod tests {
                 "{err}"
             );
         }
-        let mut old = hello();
-        old.version = PROTOCOL_VERSION + 1;
-        assert!(old.check_version().is_err());
+        let mut newer = hello();
+        newer.version = PROTOCOL_VERSION + 1;
+        assert!(matches!(
+            newer.check_version(),
+            Err(FrameError::UnsupportedVersion { .. })
+        ));
         assert!(hello().check_version().is_ok());
+        // Version 1 hellos carried the token itself: refused, and said why.
+        let mut v1 = hello();
+        v1.version = 1;
+        let err = v1.check_version().unwrap_err();
+        assert!(
+            matches!(err, FrameError::UnauthenticatedHello { found: 1 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("challenge-response"), "{err}");
     }
 
     #[test]

@@ -369,9 +369,14 @@ impl JobStore {
 
     /// Creates the job's directories (mode 0700) and all 256 chunk fan-out
     /// directories, so that chunk writes never create directories.
+    ///
+    /// Every call also checks that the job's directories are real, private
+    /// directories of this user ([`durable::check_private_dir`]), so that a
+    /// directory replaced by a symbolic link or handed to another user is
+    /// refused before anything is written through it.
     pub fn ensure_layout(&self) -> Result<(), IoStepError> {
         if self.chunks_dir().join("ff").is_dir() && self.pending_dir().is_dir() {
-            return Ok(());
+            return self.check_layout();
         }
         create_dir_all(&self.epochs_dir())?;
         create_dir_all(&self.pending_dir())?;
@@ -382,6 +387,23 @@ impl JobStore {
         sync_dir(&self.dir)?;
         if let Some(parent) = self.dir.parent() {
             sync_dir(parent)?;
+        }
+        self.check_layout()
+    }
+
+    /// Checks the job's directories and the 256 chunk fan-outs (one `lstat`
+    /// each).
+    pub fn check_layout(&self) -> Result<(), IoStepError> {
+        for dir in [
+            self.dir.clone(),
+            self.epochs_dir(),
+            self.pending_dir(),
+            self.chunks_dir(),
+        ] {
+            durable::check_private_dir(&dir)?;
+        }
+        for byte in 0..=255u8 {
+            durable::check_private_dir(&self.chunks_dir().join(format!("{byte:02x}")))?;
         }
         Ok(())
     }
@@ -394,6 +416,7 @@ impl JobStore {
             .create(true)
             .truncate(false)
             .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .step("open lock", &path)
     }
@@ -620,6 +643,11 @@ impl JobStore {
             job: self.name.clone(),
             ..GcReport::default()
         };
+        // Retention and the sweep delete: never through a link out of the
+        // store.
+        if self.chunks_dir().exists() {
+            self.check_layout()?;
+        }
         if let Some(keep) = keep {
             report.removed_epochs = self.apply_retention(keep)?;
         }

@@ -114,6 +114,18 @@ pub enum RestoreError {
         /// Why.
         source: LoadError,
     },
+    /// The agent offered an image of another job.
+    #[error("rank {rank}: refusing to restore epoch {epoch} of job {offered:?}: this rank belongs to job {ours:?}")]
+    OtherJob {
+        /// The rank.
+        rank: u32,
+        /// The epoch.
+        epoch: u64,
+        /// The job the image belongs to.
+        offered: String,
+        /// The rank's own job (`CRYO_JOB`).
+        ours: String,
+    },
     /// The epoch has no record of this rank.
     #[error("rank {rank}: epoch {epoch} of job {job:?} has no record of this rank (world size {world_size})")]
     RankMissing {

@@ -11,6 +11,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use cryo_core::auth;
 use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{
@@ -19,6 +20,7 @@ use cryo_core::protocol::{
     ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN, PROTOCOL_VERSION,
 };
 use cryo_core::store::{JobStore, Store};
+use cryo_core::token::JobToken;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -355,7 +357,6 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: config.job.clone(),
-        token: config.token.clone(),
         peer: Peer::Rank {
             rank,
             pid: std::process::id(),
@@ -363,6 +364,9 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     };
     let proto = |source| InitError::Protocol { rank, source };
     send_message_with_fd(&conn.sock, &hello, conn.memfd.as_fd()).map_err(proto)?;
+    // A malformed token proves nothing; the agent then names the problem.
+    let token = JobToken::parse(&config.token, ENV_TOKEN).ok();
+    auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
     match read_message::<AgentToRank>(&mut &conn.sock).map_err(proto)? {
         AgentToRank::Welcome { start, node } => Ok((conn, start, node)),
         AgentToRank::Refused { reason } => Err(InitError::Refused { rank, reason }),
@@ -381,6 +385,13 @@ fn load_restore(rank: u32, epoch: u64, store: &str, job: &str) -> Result<Restore
             epoch,
             source,
         })?;
+    // Another user's job (or a job directory swapped for a link) is refused
+    // before anything of it is read.
+    cryo_core::durable::check_private_dir(store.dir()).map_err(|source| RestoreError::Store {
+        rank,
+        epoch,
+        source: source.into(),
+    })?;
     let manifest = store
         .load_manifest(epoch)
         .map_err(|source| RestoreError::Manifest {
@@ -435,13 +446,23 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         job: store_job,
     } = &start
     {
-        job = store_job.clone();
         let reserved: Vec<RawFd> = conn
             .iter()
             .flat_map(|c| [c.sock.as_raw_fd(), c.memfd.as_raw_fd()])
             .collect();
-        let result = load_restore(rank, *epoch, store, store_job)
-            .and_then(|r| restore_files(&r.record, config.file_policy, &reserved).map(|f| (r, f)));
+        // An image of another job must never be poured into this process.
+        let result = if !job.is_empty() && job != *store_job {
+            Err(RestoreError::OtherJob {
+                rank,
+                epoch: *epoch,
+                offered: store_job.clone(),
+                ours: job.clone(),
+            })
+        } else {
+            job = store_job.clone();
+            load_restore(rank, *epoch, store, store_job)
+        }
+        .and_then(|r| restore_files(&r.record, config.file_policy, &reserved).map(|f| (r, f)));
         match result {
             Ok((r, f)) => {
                 restored = Some(r);

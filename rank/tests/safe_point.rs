@@ -27,6 +27,9 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         let (sock, _) = listener.accept().unwrap();
         let (hello, fd) = recv_message_with_fd::<Hello>(&sock).unwrap();
         assert!(matches!(hello.peer, Peer::Rank { rank: 7, .. }));
+        // No token configured: the rank answers the challenge without one.
+        let (_, proof) = cryo_core::auth::challenge(&mut &sock).unwrap();
+        assert_eq!(proof.mac, None);
         let fd = fd.expect("control page fd");
         // SAFETY: a fresh shared mapping of the rank's 4 KiB memfd.
         let page = unsafe {

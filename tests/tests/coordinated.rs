@@ -16,6 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use cryo_core::auth;
 use cryo_core::protocol::{
     read_message, send_message_with_fd, write_message, AgentToCoordinator, AgentToRank,
     ControlRequest, ControlResponse, CoordinatorToAgent, Hello, Peer, RankToAgent,
@@ -101,7 +102,8 @@ impl FakeCoordinator {
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .unwrap();
             let hello: Hello = read_message(&mut &stream).unwrap();
-            let ok = hello.job == job && token.matches(&hello.token);
+            let (nonce, proof) = auth::challenge(&mut &stream).unwrap();
+            let ok = hello.job == job && auth::verify(&token, &nonce, &hello, &proof).is_ok();
             let answer = if ok {
                 CoordinatorToAgent::Welcome { job, world_size: 2 }
             } else {
@@ -690,13 +692,13 @@ impl FakeRank {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             job: agent.job.clone(),
-            token: token.expose().to_owned(),
             peer: Peer::Rank {
                 rank: 0,
                 pid: std::process::id(),
             },
         };
         send_message_with_fd(&sock, &hello, page.as_fd()).unwrap();
+        auth::answer(&mut &sock, &hello, Some(token)).unwrap();
         match read_message::<AgentToRank>(&mut &sock).unwrap() {
             AgentToRank::Welcome { .. } => {}
             other => panic!("{other:?}"),

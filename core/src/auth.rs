@@ -1,0 +1,188 @@
+//! Challenge-response authentication of a connection to an agent or a
+//! coordinator.
+//!
+//! ```text
+//! client                                   server
+//!   | Hello { version, job, peer } --------->|
+//!   |<--------------- Challenge { nonce }    |  32 fresh random bytes
+//!   | Proof { mac } ------------------------>|  mac = keyed_hash(K, nonce || role || job)
+//!   |<------------ Welcome / Refused{reason} |
+//! ```
+//!
+//! `K = blake3::derive_key(CONTEXT, token)`: the token never crosses the
+//! wire, and a proof is only good for the nonce it answers, so a recorded
+//! handshake cannot be replayed on another connection. The role (the peer's
+//! identity, [`Peer::role`]) and the job are inside the MAC, so a proof made
+//! for one rank or node does not vouch for another. Comparison is constant
+//! time (`blake3::Hash`'s `PartialEq`).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::durable::{IoStep, IoStepError};
+use crate::protocol::{read_message, write_message, Challenge, FrameError, Hello, Peer, Proof};
+use crate::token::JobToken;
+
+/// Key-derivation context: binds keys to this use of the token.
+const CONTEXT: &str = "cryo 2026-11 job token connection authentication v2";
+
+/// Why a proof was not accepted.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// The client answered without a MAC (it has no token).
+    #[error("presented no job token")]
+    Missing,
+    /// The MAC does not match this connection's challenge, role and job: a
+    /// wrong token, or a proof recorded from another connection.
+    #[error("wrong job token (its proof does not answer this connection's challenge)")]
+    Wrong,
+}
+
+/// A fresh 32-byte nonce from the kernel.
+pub fn fresh_nonce() -> Result<[u8; 32], IoStepError> {
+    let path = Path::new("/dev/urandom");
+    let mut nonce = [0u8; 32];
+    File::open(path)
+        .step("open", path)?
+        .read_exact(&mut nonce)
+        .step("read", path)?;
+    Ok(nonce)
+}
+
+/// The MAC a holder of `token` sends to answer `nonce` as `peer` of `job`.
+pub fn prove(token: &JobToken, nonce: &[u8; 32], peer: &Peer, job: &str) -> [u8; 32] {
+    let key = blake3::derive_key(CONTEXT, token.expose().as_bytes());
+    let role = peer.role();
+    let mut hasher = blake3::Hasher::new_keyed(&key);
+    hasher.update(nonce);
+    // Length prefixes keep (role, job) pairs from running into each other.
+    hasher.update(&(role.len() as u64).to_le_bytes());
+    hasher.update(role.as_bytes());
+    hasher.update(&(job.len() as u64).to_le_bytes());
+    hasher.update(job.as_bytes());
+    *hasher.finalize().as_bytes()
+}
+
+/// Checks a proof against the challenge this server sent for `hello`.
+pub fn verify(
+    token: &JobToken,
+    nonce: &[u8; 32],
+    hello: &Hello,
+    proof: &Proof,
+) -> Result<(), AuthError> {
+    let Some(mac) = proof.mac else {
+        return Err(AuthError::Missing);
+    };
+    let expected = blake3::Hash::from(prove(token, nonce, &hello.peer, &hello.job));
+    if expected == blake3::Hash::from(mac) {
+        Ok(())
+    } else {
+        Err(AuthError::Wrong)
+    }
+}
+
+/// The server's half after reading a hello: sends a challenge with a fresh
+/// nonce and reads the answer. Returns the nonce and the proof to check.
+pub fn challenge<S>(stream: &mut S) -> Result<([u8; 32], Proof), FrameError>
+where
+    S: Read + Write,
+{
+    let nonce = fresh_nonce().map_err(|err| FrameError::Io {
+        step: "draw a challenge nonce",
+        source: std::io::Error::other(err.to_string()),
+    })?;
+    write_message(stream, &Challenge { nonce })?;
+    let proof: Proof = read_message(stream)?;
+    Ok((nonce, proof))
+}
+
+/// The client's half after sending `hello`: reads the challenge and answers
+/// it with a proof (none when there is no token).
+pub fn answer<S>(stream: &mut S, hello: &Hello, token: Option<&JobToken>) -> Result<(), FrameError>
+where
+    S: Read + Write,
+{
+    let Challenge { nonce } = read_message(stream)?;
+    let mac = token.map(|token| prove(token, &nonce, &hello.peer, &hello.job));
+    write_message(stream, &Proof { mac })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PROTOCOL_VERSION;
+
+    fn hello(peer: Peer, job: &str) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            job: job.into(),
+            peer,
+        }
+    }
+
+    #[test]
+    fn a_proof_answers_only_its_own_challenge_role_and_job() {
+        let token = JobToken::generate().unwrap();
+        let other = JobToken::generate().unwrap();
+        let rank = Peer::Rank { rank: 1, pid: 10 };
+        let nonce = fresh_nonce().unwrap();
+        let good = Proof {
+            mac: Some(prove(&token, &nonce, &rank, "heat")),
+        };
+        assert_eq!(
+            verify(&token, &nonce, &hello(rank.clone(), "heat"), &good),
+            Ok(())
+        );
+        // Replayed on a connection with another nonce.
+        let next = fresh_nonce().unwrap();
+        assert_ne!(nonce, next);
+        assert_eq!(
+            verify(&token, &next, &hello(rank.clone(), "heat"), &good),
+            Err(AuthError::Wrong)
+        );
+        // Reused for another rank, node or job.
+        let two = Peer::Rank { rank: 2, pid: 10 };
+        assert_eq!(
+            verify(&token, &nonce, &hello(two, "heat"), &good),
+            Err(AuthError::Wrong)
+        );
+        let agent = Peer::Agent { node: "a".into() };
+        assert_eq!(
+            verify(&token, &nonce, &hello(agent, "heat"), &good),
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            verify(&token, &nonce, &hello(rank.clone(), "heat2"), &good),
+            Err(AuthError::Wrong)
+        );
+        // Another token, or none.
+        let forged = Proof {
+            mac: Some(prove(&other, &nonce, &rank, "heat")),
+        };
+        assert_eq!(
+            verify(&token, &nonce, &hello(rank.clone(), "heat"), &forged),
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            verify(&token, &nonce, &hello(rank, "heat"), &Proof { mac: None }),
+            Err(AuthError::Missing)
+        );
+    }
+
+    #[test]
+    fn handshake_over_a_socket_pair() {
+        use std::os::unix::net::UnixStream;
+        let token = JobToken::generate().unwrap();
+        let (mut client, mut server) = UnixStream::pair().unwrap();
+        let hi = hello(Peer::Agent { node: "n".into() }, "j");
+        let client_token = token.clone();
+        let sent = hi.clone();
+        let t = std::thread::spawn(move || answer(&mut client, &sent, Some(&client_token)));
+        let (nonce, proof) = challenge(&mut server).unwrap();
+        t.join().unwrap().unwrap();
+        assert_eq!(verify(&token, &nonce, &hi, &proof), Ok(()));
+    }
+}
