@@ -417,6 +417,16 @@ impl Agent {
             path: config.socket.clone(),
             source,
         })?;
+        // Connecting needs write permission on the socket: only the job's
+        // user may reach its ranks' agent, whatever the folder's mode.
+        fs::set_permissions(
+            &config.socket,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|source| ServeError::Bind {
+            path: config.socket.clone(),
+            source,
+        })?;
         let (link, link_reader) = match (&config.coordinator, &config.token) {
             (Some(addr), Some(token)) => {
                 let (link, reader) = link::connect(

@@ -902,6 +902,9 @@ fn requeue_slurm_job() {
     eprintln!("cryo: requeueing Slurm job {id}");
     match Command::new("scontrol").arg("requeue").arg(&id).output() {
         Ok(out) if out.status.success() => {}
+        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("pending") => {
+            eprintln!("cryo: Slurm job {id} is already back in the queue");
+        }
         Ok(out) => eprintln!(
             "cryo: scontrol requeue {id} failed ({}): {}",
             out.status,

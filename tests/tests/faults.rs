@@ -19,10 +19,9 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use cryo_tests::{assert_same_file, bin_dir, lines, wait_until, write_input};
+use cryo_tests::{assert_same_file, build_packages, lines, output_text, wait_until, write_input};
 
 /// Steps of the example job: far more than a case lets it run, so a killed
 /// job is always killed mid-way.
@@ -47,41 +46,12 @@ fn mpiexec_available() -> bool {
 
 /// Builds `cryo`, `cryo-agent`, `cryo-counter` and `libcryo_rank` once.
 fn built() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(root).args([
-            "build",
-            "-p",
-            "cryo-coordinator",
-            "-p",
-            "cryo-agent",
-            "-p",
-            "cryo-examples",
-            "-p",
-            "cryo-rank",
-        ]);
-        if bin_dir().file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
-    bin_dir()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    build_packages(&[
+        "cryo-coordinator",
+        "cryo-agent",
+        "cryo-examples",
+        "cryo-rank",
+    ])
 }
 
 /// One job in its own directory: store, scratch, input, logs.
@@ -142,7 +112,11 @@ impl Case {
             .env("CRYO_EXAMPLE_STEP_MS", "0")
             .output()
             .unwrap();
-        assert!(out.status.success(), "reference run failed: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "reference run failed: {}",
+            output_text(&out)
+        );
     }
 
     fn cryo(&self) -> Command {
@@ -343,7 +317,7 @@ fn output_within(mut child: Child, timeout: Duration) -> Output {
         if start.elapsed() > timeout {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!("hung for {timeout:?}: {}", text(&out));
+            panic!("hung for {timeout:?}: {}", output_text(&out));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -427,9 +401,9 @@ fn kill_at(victim: Victim, phase: &str, summary: &mut Summary) {
     wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
     let first = case.checkpoint();
     assert!(
-        text(&first).contains("epoch 1 committed"),
+        output_text(&first).contains("epoch 1 committed"),
         "{name}: {}\n{}",
-        text(&first),
+        output_text(&first),
         job.log_text()
     );
     let second = case
@@ -492,10 +466,10 @@ fn kill_at(victim: Victim, phase: &str, summary: &mut Summary) {
         summary.committed_despite_fault += 1;
     } else {
         summary.aborted_correctly += 1;
-        if text(&answer).contains("epoch 2 committed") {
+        if output_text(&answer).contains("epoch 2 committed") {
             summary.problems.push(format!(
                 "{name}: cryo checkpoint said committed, the store says not: {}",
-                text(&answer)
+                output_text(&answer)
             ));
         }
     }
@@ -513,7 +487,7 @@ fn kill_at(victim: Victim, phase: &str, summary: &mut Summary) {
     }
     let newest = committed.last().copied().unwrap_or(0);
     let restarted = case.restart();
-    let said = text(&restarted);
+    let said = output_text(&restarted);
     let difference = case.difference();
     if !restarted.status.success()
         || !said.contains(&format!("from epoch {newest}"))
@@ -555,10 +529,10 @@ fn stalled_store_hits_the_deadline_and_the_job_finishes() {
         &["--checkpoint-timeout", "1.5"],
     );
     wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
-    assert!(text(&case.checkpoint()).contains("epoch 1 committed"));
+    assert!(output_text(&case.checkpoint()).contains("epoch 1 committed"));
     let started = Instant::now();
     let second = case.checkpoint();
-    let said = text(&second);
+    let said = output_text(&second);
     assert!(!second.status.success(), "{said}");
     assert!(said.contains("epoch 2 aborted"), "{said}");
     assert!(
@@ -575,11 +549,11 @@ fn stalled_store_hits_the_deadline_and_the_job_finishes() {
     case.assert_matches_reference();
     assert_eq!(case.committed(), vec![1]);
     let restarted = case.restart();
-    assert!(restarted.status.success(), "{}", text(&restarted));
+    assert!(restarted.status.success(), "{}", output_text(&restarted));
     assert!(
-        text(&restarted).contains("from epoch 1"),
+        output_text(&restarted).contains("from epoch 1"),
         "{}",
-        text(&restarted)
+        output_text(&restarted)
     );
     case.assert_matches_reference();
 }
@@ -668,7 +642,7 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
         .arg("damage")
         .output()
         .unwrap();
-    let said = text(&verify);
+    let said = output_text(&verify);
     assert!(!verify.status.success(), "{said}");
     for hash in [flipped, truncated, missing] {
         assert!(
@@ -690,7 +664,7 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
     assert!(!said.contains(&format!("epoch {e5}")), "{said}");
 
     let restarted = case.restart();
-    let said = text(&restarted);
+    let said = output_text(&restarted);
     assert!(restarted.status.success(), "{said}");
     assert!(
         said.contains(&format!("epoch {e4} fails verification")),
@@ -984,7 +958,7 @@ fn a_partition_between_coordinator_and_agent_aborts_the_epoch_and_the_job_goes_o
     let case = Case::new("split");
     let mut job = case.start(Some("pause-at:drain:2:3000"), &[]);
     wait_until("the job to run", WAIT, || lines(&case.path("run.log")) >= 5);
-    assert!(text(&case.checkpoint()).contains("epoch 1 committed"));
+    assert!(output_text(&case.checkpoint()).contains("epoch 1 committed"));
     let second = case
         .cryo()
         .args(["checkpoint", &case.job])
@@ -1020,12 +994,12 @@ fn a_partition_between_coordinator_and_agent_aborts_the_epoch_and_the_job_goes_o
         let _ = second.wait();
         eprintln!(
             "\n!!!!! SKIPPED the partition fault: `ss -K` cannot destroy sockets here ({:?}) !!!!!\n",
-            cut.map(|o| text(&o))
+            cut.map(|o| output_text(&o))
         );
         return;
     }
     let answer = output_within(second, WAIT);
-    let said = text(&answer);
+    let said = output_text(&answer);
     if said.contains("epoch 2 committed") {
         // Only an intact link lets the agent's Durable through.
         eprintln!("\n!!!!! SKIPPED the partition fault: `ss -K` did not cut the link here !!!!!\n");
@@ -1042,11 +1016,11 @@ fn a_partition_between_coordinator_and_agent_aborts_the_epoch_and_the_job_goes_o
     case.assert_matches_reference();
     assert_eq!(case.committed(), vec![1]);
     let restarted = case.restart();
-    assert!(restarted.status.success(), "{}", text(&restarted));
+    assert!(restarted.status.success(), "{}", output_text(&restarted));
     assert!(
-        text(&restarted).contains("from epoch 1"),
+        output_text(&restarted).contains("from epoch 1"),
         "{}",
-        text(&restarted)
+        output_text(&restarted)
     );
     case.assert_matches_reference();
 }
@@ -1377,9 +1351,9 @@ mod security {
         // And the job and its coordinator carry on.
         let out = case.checkpoint();
         assert!(
-            super::text(&out).contains("epoch 1 committed"),
+            super::output_text(&out).contains("epoch 1 committed"),
             "{}",
-            super::text(&out)
+            super::output_text(&out)
         );
     }
 

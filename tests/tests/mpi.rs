@@ -10,10 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use cryo_tests::{assert_same_file, build_packages, lines, wait_until};
+use cryo_tests::{build_packages, lines, output_text, wait_until, Heat2dFiles};
 
-const N: &str = "96";
-const ITERS: usize = 100;
+const ITERS: usize = Heat2dFiles::ITERS;
 
 fn mpiexec() -> Option<PathBuf> {
     let ok = Command::new("mpiexec")
@@ -66,30 +65,18 @@ fn c_heat2d() -> Option<PathBuf> {
 }
 
 struct Case {
-    dir: tempfile::TempDir,
+    files: Heat2dFiles,
     program: PathBuf,
 }
 
 impl Case {
     fn new(program: PathBuf) -> Case {
-        let dir = tempfile::Builder::new()
-            .prefix("cryo-mpi-")
-            .tempdir()
-            .unwrap();
-        let input = dir.path().join("input.bin");
-        let heat2d = built().join("heat2d");
-        let status = Command::new(heat2d)
-            .args(["--make-input"])
-            .arg(&input)
-            .args(["--n", N])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        Case { dir, program }
+        let files = Heat2dFiles::new("cryo-mpi-", &built().join("heat2d"));
+        Case { files, program }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.files.path(name)
     }
 
     fn store(&self) -> PathBuf {
@@ -97,38 +84,19 @@ impl Case {
     }
 
     fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
-        vec![
-            "--n".into(),
-            N.into(),
-            "--iters".into(),
-            ITERS.to_string(),
-            "--step-ms".into(),
-            step_ms.to_string(),
-            "--input".into(),
-            self.path("input.bin").display().to_string(),
-            "--log".into(),
-            self.path(&format!("{tag}.log")).display().to_string(),
-            "--output".into(),
-            self.path(&format!("{tag}.out")).display().to_string(),
-        ]
+        self.files.app_args(tag, step_ms)
     }
 
     /// The uninterrupted reference run, without cryo.
     fn reference(&self, ranks: u32) {
-        let out = Command::new("mpiexec")
-            .args(["-n", &ranks.to_string()])
-            .arg(&self.program)
-            .args(self.app_args("reference", 0))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "reference run failed: {}", text(&out));
+        self.files.reference(&self.program, ranks);
     }
 
     fn cryo(&self) -> Command {
         let mut cmd = Command::new(built().join("cryo"));
         cmd.env("CRYO_STORE", self.store())
             .env("CRYO_LOG", "info")
-            .current_dir(self.dir.path());
+            .current_dir(self.files.dir());
         cmd
     }
 
@@ -183,7 +151,7 @@ impl Case {
     /// SIGKILLs every process whose command line mentions this case's
     /// directory: `cryo run`, the agents, mpiexec, its proxies and the ranks.
     fn kill_everything(&self) {
-        let marker = self.dir.path().display().to_string();
+        let marker = self.files.dir().display().to_string();
         for _ in 0..3 {
             for entry in fs::read_dir("/proc").unwrap().flatten() {
                 let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -205,8 +173,7 @@ impl Case {
     }
 
     fn assert_matches_reference(&self) {
-        assert_same_file(&self.path("reference.out"), &self.path("run.out"));
-        assert_same_file(&self.path("reference.log"), &self.path("run.log"));
+        self.files.assert_matches_reference("run");
     }
 }
 
@@ -253,14 +220,6 @@ fn wait_child(child: &mut Child, timeout: Duration, log: &Path) -> std::process:
     status.unwrap()
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn checkpoint(case: &Case, job: &str) -> Output {
     case.cryo().args(["checkpoint", job]).output().unwrap()
 }
@@ -278,10 +237,14 @@ fn checkpoint_kill_restart_elsewhere(program: PathBuf) {
     assert!(
         out.status.success(),
         "cryo checkpoint failed: {}\n{}",
-        text(&out),
+        output_text(&out),
         job.log_text()
     );
-    assert!(text(&out).contains("epoch 1 committed"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("epoch 1 committed"),
+        "{}",
+        output_text(&out)
+    );
     let at = lines(&case.path("run.log"));
     assert!(at < ITERS, "the job finished before it was killed");
     case.kill_everything();
@@ -291,12 +254,12 @@ fn checkpoint_kill_restart_elsewhere(program: PathBuf) {
     assert!(
         out.status.success(),
         "restart on 4 nodes failed: {}",
-        text(&out)
+        output_text(&out)
     );
     assert!(
-        text(&out).contains("restarting job \"heat\" from epoch 1"),
+        output_text(&out).contains("restarting job \"heat\" from epoch 1"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     case.assert_matches_reference();
 
@@ -304,7 +267,7 @@ fn checkpoint_kill_restart_elsewhere(program: PathBuf) {
     assert!(
         out.status.success(),
         "restart on 1 node failed: {}",
-        text(&out)
+        output_text(&out)
     );
     case.assert_matches_reference();
 }
@@ -356,11 +319,15 @@ fn interval_checkpoints_then_restart_from_the_last() {
         "retention keeps 2 (+1 racing): {committed:?}"
     );
     let out = case.restart("interval", "z:3", &[]);
-    assert!(out.status.success(), "restart failed: {}", text(&out));
     assert!(
-        text(&out).contains(&format!("from epoch {last}")),
+        out.status.success(),
+        "restart failed: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains(&format!("from epoch {last}")),
         "restart should use the newest epoch {last}: {}",
-        text(&out)
+        output_text(&out)
     );
     case.assert_matches_reference();
 }
@@ -377,7 +344,11 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
         lines(&case.path("run.log")) >= 20
     });
     let out = checkpoint(&case, "fault");
-    assert!(text(&out).contains("epoch 1 committed"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("epoch 1 committed"),
+        "{}",
+        output_text(&out)
+    );
 
     // Kill node b's agent as soon as it starts capturing epoch 2.
     let agent_log = case.path("scratch-fault/b/agent.log");
@@ -427,11 +398,19 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
         .arg("fault")
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{}", text(&verify));
+    assert!(verify.status.success(), "{}", output_text(&verify));
     // Restart from epoch 1 reproduces the reference.
     let out = case.restart("fault", "a:2,b:2", &[]);
-    assert!(out.status.success(), "restart failed: {}", text(&out));
-    assert!(text(&out).contains("from epoch 1"), "{}", text(&out));
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("from epoch 1"),
+        "{}",
+        output_text(&out)
+    );
     case.assert_matches_reference();
 }
 
@@ -471,7 +450,7 @@ fn signals_status_and_preempt_then_restart() {
         case.committed("signals") == vec![1]
     });
     let status = case.cryo().args(["status", "signals"]).output().unwrap();
-    let shown = text(&status);
+    let shown = output_text(&status);
     assert!(status.status.success(), "{shown}");
     assert!(shown.contains("job signals: 2 ranks"), "{shown}");
     assert!(shown.contains("last committed epoch: 1"), "{shown}");
@@ -491,31 +470,43 @@ fn signals_status_and_preempt_then_restart() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(
-        text(&refused).contains("wrong or missing job token"),
+        output_text(&refused).contains("wrong or missing job token"),
         "{}",
-        text(&refused)
+        output_text(&refused)
     );
     fs::write(&token_file, good).unwrap();
 
     // cryo preempt: checkpoint, then stop with exit code 75.
     let out = case.cryo().args(["preempt", "signals"]).output().unwrap();
-    assert!(text(&out).contains("epoch 2 committed"), "{}", text(&out));
+    assert!(
+        output_text(&out).contains("epoch 2 committed"),
+        "{}",
+        output_text(&out)
+    );
     let status = job.wait();
     assert_eq!(status.code(), Some(75), "{}", job.log_text());
     assert!(lines(&case.path("run.log")) < ITERS);
 
     let out = case.restart("signals", "c:2", &[]);
-    assert!(out.status.success(), "restart failed: {}", text(&out));
-    assert!(text(&out).contains("from epoch 2"), "{}", text(&out));
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("from epoch 2"),
+        "{}",
+        output_text(&out)
+    );
     case.assert_matches_reference();
 
     // The world size is fixed.
     let out = case.restart("signals", "c:2", &["-n", "3"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("keeps the world size"),
+        output_text(&out).contains("keeps the world size"),
         "{}",
-        text(&out)
+        output_text(&out)
     );
 }
 
@@ -561,7 +552,7 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
     fs::write(&path, bytes).unwrap();
 
     let out = case.restart("term", "b:2", &[]);
-    let said = text(&out);
+    let said = output_text(&out);
     assert!(out.status.success(), "restart failed: {said}");
     assert!(
         said.contains(&format!("epoch {newest} fails verification")),

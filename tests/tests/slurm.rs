@@ -12,14 +12,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryo_tests::{assert_same_file, build_packages, lines};
+use cryo_tests::{build_packages, lines, output_text, Heat2dFiles};
 
-const N: &str = "96";
-const ITERS: usize = 100;
 const RANKS: u32 = 4;
 
 /// One Slurm at a time: the jobs share the machine's two cores.
@@ -40,14 +38,6 @@ fn built() -> PathBuf {
         "cryo-rank",
         "cryo-slurm",
     ])
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Whether Slurm can run here; `false` only when skipping was asked for.
@@ -103,7 +93,11 @@ impl Slurm {
             .arg(&plugstack)
             .output()
             .unwrap();
-        assert!(out.status.success(), "slurm-up.sh failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "slurm-up.sh failed:\n{}",
+            output_text(&out)
+        );
         Slurm { dir }
     }
 
@@ -122,7 +116,7 @@ impl Slurm {
         assert!(
             out.status.success(),
             "{program} {args:?} failed:\n{}",
-            text(&out)
+            output_text(&out)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -155,11 +149,19 @@ impl Slurm {
     /// restarted.
     fn wait_done(&self, id: &str, timeout: Duration, job_out: &Path) -> u32 {
         let start = Instant::now();
+        let mut pending_since: Option<(u32, Instant)> = None;
         loop {
             let (state, restarts) = self.job_state(id);
+            if state == "PENDING" && pending_since.is_none_or(|(seen, _)| seen != restarts) {
+                pending_since = Some((restarts, Instant::now()));
+            }
+            // slurmd refuses a start within the second its previous
+            // credential was revoked ("Job credential revoked"): give it a
+            // few seconds, and the previous steps time to go.
+            let settled = pending_since.is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(5));
             match state.as_str() {
                 "COMPLETED" => return restarts,
-                "PENDING" if restarts > 0 && !self.steps_alive(id) => {
+                "PENDING" if restarts > 0 && settled && !self.steps_alive(id) => {
                     let _ = self
                         .cmd("scontrol")
                         .args(["update", &format!("JobId={id}"), "StartTime=now"])
@@ -207,53 +209,24 @@ impl Drop for Slurm {
 
 /// The heat2d job's files.
 struct Case {
-    dir: tempfile::TempDir,
+    files: Heat2dFiles,
 }
 
 impl Case {
     fn new() -> Case {
-        let dir = tempfile::Builder::new()
-            .prefix("cryo-slurm-job-")
-            .tempdir()
-            .unwrap();
-        let status = Command::new(built().join("heat2d"))
-            .arg("--make-input")
-            .arg(dir.path().join("input.bin"))
-            .args(["--n", N])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let case = Case { dir };
+        let heat2d = built().join("heat2d");
+        let files = Heat2dFiles::new("cryo-slurm-job-", &heat2d);
         // The uninterrupted reference, without cryo or Slurm.
-        let out = Command::new("mpiexec")
-            .args(["-n", &RANKS.to_string()])
-            .arg(built().join("heat2d"))
-            .args(case.app_args("reference", 0))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "reference run failed: {}", text(&out));
-        case
+        files.reference(&heat2d, RANKS);
+        Case { files }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.files.path(name)
     }
 
     fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
-        vec![
-            "--n".into(),
-            N.into(),
-            "--iters".into(),
-            ITERS.to_string(),
-            "--step-ms".into(),
-            step_ms.to_string(),
-            "--input".into(),
-            self.path("input.bin").display().to_string(),
-            "--log".into(),
-            self.path(&format!("{tag}.log")).display().to_string(),
-            "--output".into(),
-            self.path(&format!("{tag}.out")).display().to_string(),
-        ]
+        self.files.app_args(tag, step_ms)
     }
 
     /// Submits heat2d with slurm/cryo.sbatch; the command line's options
@@ -283,14 +256,18 @@ impl Case {
             .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
             .arg(format!("--cryo={}", self.path("store").display()))
             .arg(format!("--output={}", self.path("job.out").display()))
-            .arg(format!("--chdir={}", self.dir.path().display()))
+            .arg(format!("--chdir={}", self.files.dir().display()))
             .args(options)
             .arg(root().join("slurm/cryo.sbatch"))
             .arg(built().join("heat2d"))
             .args(self.app_args("run", step_ms))
             .output()
             .unwrap();
-        assert!(out.status.success(), "sbatch failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "sbatch failed:\n{}",
+            output_text(&out)
+        );
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .split(';')
@@ -316,8 +293,7 @@ impl Case {
     }
 
     fn assert_identical(&self) {
-        assert_same_file(&self.path("reference.out"), &self.path("run.out"));
-        assert_same_file(&self.path("reference.log"), &self.path("run.log"));
+        self.files.assert_matches_reference("run");
     }
 }
 
@@ -363,7 +339,7 @@ fn usr1_checkpoints_requeues_and_resumes_identically() {
     assert!(
         !leftover.status.success(),
         "a cryo-agent outlived its step: {}",
-        text(&leftover)
+        output_text(&leftover)
     );
 }
 
@@ -460,11 +436,15 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
         .arg(case.path("store"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "cryo preempt {id}: {}", text(&out));
     assert!(
-        text(&out).contains(&format!("job slurm-{id}: epoch 1 committed")),
+        out.status.success(),
+        "cryo preempt {id}: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains(&format!("job slurm-{id}: epoch 1 committed")),
         "{}",
-        text(&out)
+        output_text(&out)
     );
     let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
