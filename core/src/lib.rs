@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod names;
 pub mod protocol;
 pub mod reader;
+pub mod shuffle;
 pub mod store;
 pub mod token;
 pub mod writer;
