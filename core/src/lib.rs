@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod reader;
 pub mod shuffle;
 pub mod store;
+pub mod synth;
 pub mod token;
 pub mod writer;
 
