@@ -66,6 +66,10 @@ pub struct SuiteArgs {
     /// Skip the MPI quiesce figures.
     #[arg(long)]
     pub no_quiesce: bool,
+    /// `CRYO_QUIESCE_INTERVAL` for the MPI quiesce figures: an agreement
+    /// round every L safe points (1 = every safe point).
+    #[arg(long, default_value_t = 1)]
+    pub quiesce_interval: u32,
 }
 
 /// One configuration of `cryo-agent bench` (its `--json` output).
@@ -192,6 +196,9 @@ pub struct SuiteReport {
     pub ranks: Vec<AgentRun>,
     /// Store-level incremental checkpoint per state size.
     pub incremental: Vec<StoreBenchReport>,
+    /// `CRYO_QUIESCE_INTERVAL` of the MPI figures.
+    #[serde(default)]
+    pub quiesce_interval: u32,
     /// Safe point cost per rank count.
     pub safe_point: Vec<SafePointRun>,
     /// Quiesce latency per rank count.
@@ -351,7 +358,7 @@ fn agent_bench(
     runs.pop().context("agent bench wrote no figures")
 }
 
-fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32) -> Result<SafePointRun> {
+fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: u32) -> Result<SafePointRun> {
     let quiet = Quiet::take(lock)?;
     let output = Command::new("mpiexec")
         .arg("-n")
@@ -367,6 +374,7 @@ fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32) -> Result<SafePointRu
             "--json",
         ])
         .env_remove("CRYO_AGENT_SOCKET")
+        .env("CRYO_QUIESCE_INTERVAL", interval.to_string())
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
         .output()
@@ -390,7 +398,13 @@ fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32) -> Result<SafePointRu
 
 /// Runs `quiesce-bench` under `cryo run` on two emulated nodes and takes
 /// three checkpoints.
-fn quiesce(bin: &Path, scratch: &Path, lock: Option<&Path>, ranks: u32) -> Result<QuiesceRun> {
+fn quiesce(
+    bin: &Path,
+    scratch: &Path,
+    lock: Option<&Path>,
+    ranks: u32,
+    interval: u32,
+) -> Result<QuiesceRun> {
     let state_bytes = 32 * MIB;
     let work = scratch.join(format!("quiesce-{ranks}"));
     let _ = fs::remove_dir_all(&work);
@@ -402,6 +416,7 @@ fn quiesce(bin: &Path, scratch: &Path, lock: Option<&Path>, ranks: u32) -> Resul
     let _quiet = Quiet::take(lock)?;
     let mut run = Command::new(&cryo)
         .env("CRYO_STORE", &store)
+        .env("CRYO_QUIESCE_INTERVAL", interval.to_string())
         .args(["run", "--job", &job, "--nodes"])
         .arg(format!("a:{half},b:{}", ranks - half))
         .arg("-n")
@@ -544,6 +559,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
         sizes: Vec::new(),
         ranks: Vec::new(),
         incremental: Vec::new(),
+        quiesce_interval: args.quiesce_interval,
         safe_point: Vec::new(),
         quiesce: Vec::new(),
         fits: Vec::new(),
@@ -596,13 +612,13 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
     } else {
         for &ranks in &plan.quiesce_ranks {
             eprintln!("== MPI quiesce: {ranks} ranks ==");
-            match safe_point(&bin, lock, ranks) {
+            match safe_point(&bin, lock, ranks, args.quiesce_interval) {
                 Ok(run) => report.safe_point.push(run),
                 Err(err) => report
                     .skipped
                     .push(format!("safe point at {ranks} ranks: {err:#}")),
             }
-            match quiesce(&bin, &scratch, lock, ranks) {
+            match quiesce(&bin, &scratch, lock, ranks, args.quiesce_interval) {
                 Ok(run) => report.quiesce.push(run),
                 Err(err) => report
                     .skipped
@@ -847,7 +863,11 @@ pub fn render(report: &SuiteReport) -> String {
         );
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms iteration):");
+    let _ = writeln!(
+        out,
+        "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms iteration; CRYO_QUIESCE_INTERVAL={}):",
+        report.quiesce_interval
+    );
     for r in &report.safe_point {
         let _ = writeln!(
             out,
@@ -1021,6 +1041,7 @@ mod tests {
             sizes: vec![run(1, 64 * MIB), run(1, 256 * MIB)],
             ranks: vec![run(1, 64 * MIB), run(2, 64 * MIB)],
             incremental: Vec::new(),
+            quiesce_interval: 1,
             safe_point: vec![SafePointRun {
                 ranks: 2,
                 iter_ns: 1e6,
