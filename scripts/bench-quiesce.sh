@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MPI quiesce benchmark (figures, not pass/fail), oversubscribed on this
 # machine: for 2, 4, 8 and 16 ranks,
-#  - the safe point's cost with nothing pending, against a 1 ms iteration;
+#  - the safe point's cost with nothing pending, against a 1 ms iteration
+#    (interleaved trials with and without it, minimum of each side);
 #  - under `cryo run` on two emulated nodes, three checkpoints: quiesce
 #    latency (request to the last rank parked), the longest rank pause, and
 #    the time a plain memcpy of the same state takes in the same run.
@@ -16,7 +17,7 @@ trap 'pkill -9 -f "$work" 2>/dev/null || true; rm -rf "$work"' EXIT
 state=$((32 << 20))
 echo "state per rank: $((state >> 20)) MiB; iteration: 1 ms of work"
 for n in ${ranks[*]}; do
-  mpiexec -n "$n" "$BIN/quiesce-bench" --iters 1000 --state-bytes 4096
+  mpiexec -n "$n" "$BIN/quiesce-bench" --iters 200 --trials 15 --state-bytes 4096
   half=$(( n / 2 )); rest=$(( n - half ))
   CRYO_STORE="$work/store" "$BIN/cryo" run --job "q$n" --nodes "a:$half,b:$rest" -n "$n" \
     --scratch "$work/scratch-$n" -- "$BIN/quiesce-bench" --iters 10 --run-secs 30 \

@@ -61,6 +61,55 @@ pub struct BenchArgs {
     /// The example rank binary (default: `cryo-counter` next to this one).
     #[arg(long)]
     pub counter: Option<PathBuf>,
+    /// What the ranks' state holds: `mixed` (smooth doubles plus noise,
+    /// index arrays, zeros: like a solver's memory) or `counter` (a pattern
+    /// that compresses ~23x).
+    #[arg(long, default_value = "mixed")]
+    pub state_kind: String,
+    /// Also write every configuration's figures as a JSON array to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The figures of one configuration, all measured in the same run.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentBenchResult {
+    /// Ranks on the node.
+    pub procs: u32,
+    /// State bytes per rank (the region; the counter adds a 4 KiB header).
+    pub size: u64,
+    /// The agent's copy budget.
+    pub copy_budget: u64,
+    /// Bytes captured per rank.
+    pub rank_bytes: Vec<u64>,
+    /// Each rank's job-visible pause.
+    pub pause_ns: Vec<u64>,
+    /// Each rank's copy time inside its pause.
+    pub copy_ns: Vec<u64>,
+    /// Whether each rank streamed (over the copy budget).
+    pub streamed: Vec<bool>,
+    /// Single-threaded memcpy of one rank's bytes into warm memory.
+    pub memcpy_ns: u64,
+    /// memcpy of all ranks' bytes (scaled from at most 1 GiB).
+    pub node_memcpy_ns: u64,
+    /// Request to commit.
+    pub checkpoint_ns: u64,
+    /// Request to every rank resumed.
+    pub resumed_ns: u64,
+    /// `zstd -1 -T0` on the same bytes (from tmpfs, written beside the store).
+    pub zstd_ns: Option<u64>,
+    /// `zstd -d -T0` of that output (to tmpfs).
+    pub zstd_d_ns: Option<u64>,
+    /// Process start to every region restored.
+    pub restart_ns: u64,
+    /// Agent CPU seconds during the checkpoint.
+    pub agent_cpu_s: f64,
+    /// Raw bytes checkpointed.
+    pub raw_bytes: u64,
+    /// Bytes written to the store.
+    pub stored_bytes: u64,
+    /// Agent peak RSS.
+    pub peak_rss_bytes: u64,
 }
 
 struct Kill(Vec<Child>);
@@ -110,6 +159,7 @@ struct Config<'a> {
     copy_threads: Option<usize>,
     store_threads: Option<usize>,
     chunk_size: Option<&'a str>,
+    state_kind: &'a str,
 }
 
 fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
@@ -118,6 +168,8 @@ fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
         .args(["--steps", "100000000", "--step-ms", "1"])
         .arg("--state-mb")
         .arg((cfg.size >> 20).to_string())
+        .arg("--state-kind")
+        .arg(cfg.state_kind)
         .arg("--log")
         .arg(cfg.dir.join(format!("{tag}.log")))
         .arg("--input")
@@ -158,7 +210,7 @@ fn status(socket: &Path) -> Result<cryo_core::protocol::AgentStatus> {
     }
 }
 
-fn one(cfg: &Config<'_>) -> Result<()> {
+fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
     let run_dir = cfg.dir.join(format!("p{}-s{}", cfg.procs, cfg.size >> 20));
     fs::create_dir_all(&run_dir)?;
     let socket = run_dir.join("agent.sock");
@@ -255,19 +307,27 @@ fn one(cfg: &Config<'_>) -> Result<()> {
         }
         out.flush()?;
     }
-    let t = Instant::now();
-    let zstd = Command::new("zstd")
-        .args(["-1", "-T0", "-q", "-f"])
-        .arg(&raw)
-        .arg("-o")
-        .arg(run_dir.join("state.raw.zst"))
-        .status();
-    let zstd_ns = match zstd {
-        Ok(s) if s.success() => Some(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-        _ => None,
-    };
+    let zst = run_dir.join("state.raw.zst");
+    let zstd_ns = timed_command(
+        Command::new("zstd")
+            .args(["-1", "-T0", "-q", "-f"])
+            .arg(&raw)
+            .arg("-o")
+            .arg(&zst),
+    );
     let _ = fs::remove_file(&raw);
-    let _ = fs::remove_file(run_dir.join("state.raw.zst"));
+    // Restart's baseline: decompress the same bytes back into memory (tmpfs).
+    let zstd_d_ns = zstd_ns.and_then(|_| {
+        timed_command(
+            Command::new("zstd")
+                .args(["-d", "-T0", "-q", "-f"])
+                .arg(&zst)
+                .arg("-o")
+                .arg(&raw),
+        )
+    });
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_file(&zst);
 
     // Restart: kill -9, arm, start again, time until every rank restored.
     for child in children.0.iter_mut().skip(1) {
@@ -307,90 +367,133 @@ fn one(cfg: &Config<'_>) -> Result<()> {
     let restart_ns = t.elapsed().as_nanos();
     drop(children);
 
+    let node_copy_ns = if report.ranks.len() > 1 {
+        // Ranks on a node share its memory bandwidth: the node's pause is
+        // bounded by copying all of their bytes.
+        let total: u64 = report.ranks.iter().map(|r| r.bytes).sum();
+        let sample = total.min(1 << 30);
+        u64::try_from(
+            (u128::from(memcpy_ns(usize::try_from(sample)?)) * u128::from(total))
+                / u128::from(sample.max(1)),
+        )?
+    } else {
+        copy_ns
+    };
+    let result = AgentBenchResult {
+        procs: cfg.procs,
+        size: cfg.size,
+        copy_budget: report.copy_budget,
+        rank_bytes: report.ranks.iter().map(|r| r.bytes).collect(),
+        pause_ns: report.ranks.iter().map(|r| r.pause_ns).collect(),
+        copy_ns: report.ranks.iter().map(|r| r.copy_ns).collect(),
+        streamed: report.ranks.iter().map(|r| r.streamed).collect(),
+        memcpy_ns: copy_ns,
+        node_memcpy_ns: node_copy_ns,
+        checkpoint_ns: report.total_ns,
+        resumed_ns: report.resumed_ns,
+        zstd_ns,
+        zstd_d_ns,
+        restart_ns: u64::try_from(restart_ns).unwrap_or(u64::MAX),
+        agent_cpu_s: agent_cpu,
+        raw_bytes: report.stats.raw_bytes,
+        stored_bytes: report.stats.new_stored_bytes,
+        peak_rss_bytes: report.peak_rss_bytes,
+    };
+    print_result(&result);
+    Ok(result)
+}
+
+fn timed_command(command: &mut Command) -> Option<u64> {
+    let t = Instant::now();
+    match command.status() {
+        Ok(s) if s.success() => Some(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX)),
+        _ => None,
+    }
+}
+
+fn print_result(r: &AgentBenchResult) {
     let ms = |ns: u64| ns as f64 / 1e6;
     println!(
         "== {} process(es) x {} of state (copy budget {}) ==",
-        cfg.procs,
-        format_bytes(cfg.size),
-        format_bytes(cfg.budget)
+        r.procs,
+        format_bytes(r.size),
+        format_bytes(r.copy_budget)
     );
     println!(
         "  memcpy of {} (1 thread, warm): {:.1} ms",
-        format_bytes(report.ranks[0].bytes),
-        ms(copy_ns)
+        format_bytes(r.rank_bytes.first().copied().unwrap_or(0)),
+        ms(r.memcpy_ns)
     );
-    for rank in &report.ranks {
+    for (rank, pause) in r.pause_ns.iter().enumerate() {
         println!(
-            "  rank {}: pause {:.1} ms (copy {:.1} ms) = {:.2}x memcpy (target <= 1.5x){}",
-            rank.rank,
-            ms(rank.pause_ns),
-            ms(rank.copy_ns),
-            rank.pause_ns as f64 / copy_ns as f64,
-            if rank.streamed {
+            "  rank {rank}: pause {:.1} ms (copy {:.1} ms) = {:.2}x memcpy (target <= 1.5x){}",
+            ms(*pause),
+            ms(r.copy_ns.get(rank).copied().unwrap_or(0)),
+            *pause as f64 / r.memcpy_ns.max(1) as f64,
+            if r.streamed.get(rank).copied().unwrap_or(false) {
                 " [streamed: over the copy budget]"
             } else {
                 ""
             }
         );
     }
-    if report.ranks.len() > 1 {
-        // Ranks on a node share its memory bandwidth: the node's pause is
-        // bounded by copying all of their bytes.
-        let total: u64 = report.ranks.iter().map(|r| r.bytes).sum();
-        let sample = total.min(1 << 30);
-        let node_copy_ns = u64::try_from(
-            (u128::from(memcpy_ns(usize::try_from(sample)?)) * u128::from(total))
-                / u128::from(sample.max(1)),
-        )?;
-        let worst = report.ranks.iter().map(|r| r.pause_ns).max().unwrap_or(0);
-        let mean = report.ranks.iter().map(|r| r.pause_ns).sum::<u64>() / report.ranks.len() as u64;
+    if r.pause_ns.len() > 1 {
+        let worst = r.pause_ns.iter().max().copied().unwrap_or(0);
+        let mean = r.pause_ns.iter().sum::<u64>() / r.pause_ns.len() as u64;
         println!(
             "  node: worst pause {:.1} ms, mean {:.1} ms; memcpy of all {} ranks' {}: {:.1} ms; worst = {:.2}x (target <= 1.5x)",
             ms(worst),
             ms(mean),
-            report.ranks.len(),
-            format_bytes(total),
-            ms(node_copy_ns),
-            worst as f64 / node_copy_ns as f64
+            r.pause_ns.len(),
+            format_bytes(r.rank_bytes.iter().sum()),
+            ms(r.node_memcpy_ns),
+            worst as f64 / r.node_memcpy_ns.max(1) as f64
         );
     }
-    match zstd_ns {
+    match r.zstd_ns {
         Some(z) => println!(
             "  checkpoint end to end {:.1} ms (all ranks resumed at {:.1} ms); zstd -1 -T0 on the same {}: {:.1} ms; ratio {:.2}x (target <= 1.1x)",
-            ms(report.total_ns),
-            ms(report.resumed_ns),
-            format_bytes(report.stats.raw_bytes),
+            ms(r.checkpoint_ns),
+            ms(r.resumed_ns),
+            format_bytes(r.raw_bytes),
             ms(z),
-            report.total_ns as f64 / z as f64
+            r.checkpoint_ns as f64 / z.max(1) as f64
         ),
         None => println!(
             "  checkpoint end to end {:.1} ms (all ranks resumed at {:.1} ms); zstd not available for the baseline",
-            ms(report.total_ns),
-            ms(report.resumed_ns)
+            ms(r.checkpoint_ns),
+            ms(r.resumed_ns)
         ),
     }
     println!(
         "  agent CPU during the checkpoint: {:.2} s = {:.2} cores busy on average",
-        agent_cpu,
-        agent_cpu / (report.total_ns as f64 / 1e9)
+        r.agent_cpu_s,
+        r.agent_cpu_s / (r.checkpoint_ns.max(1) as f64 / 1e9)
     );
     println!(
         "  stored {} for {} raw ({:.2}x)",
-        format_bytes(report.stats.new_stored_bytes),
-        format_bytes(report.stats.raw_bytes),
-        report.stats.raw_bytes as f64 / report.stats.new_stored_bytes.max(1) as f64
+        format_bytes(r.stored_bytes),
+        format_bytes(r.raw_bytes),
+        r.raw_bytes as f64 / r.stored_bytes.max(1) as f64
     );
+    match r.zstd_d_ns {
+        Some(z) => println!(
+            "  restart (process start to all regions restored): {:.1} ms; zstd -d -T0 of the same bytes: {:.1} ms; ratio {:.2}x (target <= 1.2x)",
+            ms(r.restart_ns),
+            ms(z),
+            r.restart_ns as f64 / z.max(1) as f64
+        ),
+        None => println!(
+            "  restart (process start to all regions restored): {:.1} ms",
+            ms(r.restart_ns)
+        ),
+    }
     println!(
-        "  restart (process start to all regions restored): {:.1} ms",
-        restart_ns as f64 / 1e6
+        "  agent peak RSS {} against a copy budget of {} ({:.2}x; target <= budget + 64 MiB)",
+        format_bytes(r.peak_rss_bytes),
+        format_bytes(r.copy_budget),
+        r.peak_rss_bytes as f64 / r.copy_budget.max(1) as f64
     );
-    println!(
-        "  agent peak RSS {} against a copy budget of {} ({:.2}x)",
-        format_bytes(report.peak_rss_bytes),
-        format_bytes(report.copy_budget),
-        report.peak_rss_bytes as f64 / report.copy_budget as f64
-    );
-    Ok(())
 }
 
 /// Single-thread throughput of each stage of storing chunks.
@@ -428,7 +531,13 @@ fn stages(dir: &Path) -> Result<()> {
         shuffle8(c, &mut out[..c.len()]);
         std::hint::black_box(&out);
     }
-    rate("shuffle8 filter", t);
+    rate("shuffle8 filter (SIMD where available)", t);
+    let t = Instant::now();
+    for c in &chunks {
+        cryo_core::shuffle::shuffle8_scalar(c, &mut out[..c.len()]);
+        std::hint::black_box(&out);
+    }
+    rate("shuffle8 filter (scalar reference)", t);
     for (label, codec) in [
         (
             "encode: hash + zstd -1 (no filter)",
@@ -510,9 +619,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let largest = args.procs.iter().max().copied().unwrap_or(1) as u64
         * args.sizes.iter().max().copied().unwrap_or(0);
     let budget = args.copy_budget.unwrap_or(largest + (64 << 20));
+    let mut results = Vec::new();
     for &procs in &args.procs {
         for &size in &args.sizes {
-            one(&Config {
+            let result = one(&Config {
                 dir: &dir,
                 exe: &exe,
                 counter: &counter,
@@ -522,8 +632,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 copy_threads: args.copy_threads,
                 store_threads: args.store_threads,
                 chunk_size: args.chunk_size.as_deref(),
+                state_kind: &args.state_kind,
             })
             .with_context(|| format!("{procs} process(es) x {}", format_bytes(size)))?;
+            results.push(result);
+            // Written after each configuration, so a long run that fails
+            // later still leaves its figures.
+            if let Some(path) = &args.json {
+                fs::write(path, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
         }
     }
     Ok(())

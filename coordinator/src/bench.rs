@@ -39,7 +39,7 @@ pub struct StoreBenchOptions {
 }
 
 /// One measured figure.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Figure {
     /// What was measured.
     pub name: String,
@@ -62,7 +62,7 @@ impl Figure {
 }
 
 /// The whole run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StoreBenchReport {
     /// Bytes of state.
     pub size: u64,

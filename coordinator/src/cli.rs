@@ -129,9 +129,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmarks (figures and ratios, not pass/fail).
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// Benchmarks (figures and ratios, not pass/fail): with no subcommand,
+    /// the whole suite (`--quick` for a short run).
+    Bench(BenchCli),
 }
 
 /// Options shared by `run` and `restart`.
@@ -208,6 +208,18 @@ pub enum AgentsArg {
     Spawn,
     /// They start on each node by other means (Slurm's plugin).
     External,
+}
+
+/// `cryo bench`: the whole suite, or one benchmark.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchCli {
+    /// One benchmark only.
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    /// Options of the whole suite.
+    #[command(flatten)]
+    pub suite: crate::suite::SuiteArgs,
 }
 
 /// `cryo bench` subcommands.
@@ -376,14 +388,30 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Store {
-            size,
-            dir,
-            chunk_size,
-            level,
-            no_shuffle,
-            keep,
-            json,
+        Command::Bench(BenchCli {
+            command: None,
+            suite,
+        }) => {
+            let report = crate::suite::run_suite(&suite)?;
+            print!("{}", crate::suite::render(&report));
+            println!(
+                "report: {0}/report.txt, {0}/report.json, plot: {0}/bench.svg",
+                suite.out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCli {
+            command:
+                Some(BenchCommand::Store {
+                    size,
+                    dir,
+                    chunk_size,
+                    level,
+                    no_shuffle,
+                    keep,
+                    json,
+                }),
+            ..
         }) => {
             let options = StoreBenchOptions {
                 size,

@@ -10,5 +10,7 @@ pub mod human;
 pub mod inspect;
 pub mod launch;
 pub mod logging;
+pub mod plot;
 pub mod registry;
 pub mod session;
+pub mod suite;

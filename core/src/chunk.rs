@@ -209,31 +209,7 @@ thread_local! {
     }) };
 }
 
-/// Transposes 8-byte words into 8 byte planes. `dst.len() == src.len()`, a
-/// multiple of 8.
-pub fn shuffle8(src: &[u8], dst: &mut [u8]) {
-    debug_assert_eq!(src.len(), dst.len());
-    let words = src.len() / 8;
-    let (planes, _) = dst.split_at_mut(words * 8);
-    let mut plane_slices: Vec<&mut [u8]> = planes.chunks_mut(words.max(1)).collect();
-    for (i, word) in src.chunks_exact(8).enumerate() {
-        for (byte, plane) in word.iter().zip(plane_slices.iter_mut()) {
-            plane[i] = *byte;
-        }
-    }
-}
-
-/// Inverse of [`shuffle8`].
-pub fn unshuffle8(src: &[u8], dst: &mut [u8]) {
-    debug_assert_eq!(src.len(), dst.len());
-    let words = src.len() / 8;
-    let planes: Vec<&[u8]> = src[..words * 8].chunks(words.max(1)).collect();
-    for (i, word) in dst.chunks_exact_mut(8).enumerate() {
-        for (byte, plane) in word.iter_mut().zip(planes.iter()) {
-            *byte = plane[i];
-        }
-    }
-}
+pub use crate::shuffle::{shuffle8, unshuffle8};
 
 impl ChunkCodec {
     /// Hashes and encodes `raw` into a chunk file image.

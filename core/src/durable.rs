@@ -149,6 +149,61 @@ fn write_temp(path: &Path, parts: &[&[u8]]) -> Result<PathBuf, IoStepError> {
     }
 }
 
+/// Writes `parts` to a new temp file beside `path` without syncing it, and
+/// returns the temp path. For batches: the caller makes the data durable for
+/// the whole batch at once ([`sync_filesystem`]) and only then publishes each
+/// file with [`publish_replace`], so a final name never points to bytes that
+/// are not on stable storage.
+pub fn write_temp_unsynced(path: &Path, parts: &[&[u8]]) -> Result<PathBuf, IoStepError> {
+    let temp = temp_path_for(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .open(&temp)
+            .step("create", &temp)?;
+        for part in parts {
+            file.write_all(part).step("write", &temp)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(temp),
+        Err(err) => {
+            let _ = fs::remove_file(&temp);
+            Err(err)
+        }
+    }
+}
+
+/// Renames a synced temp file onto `path`, replacing any file there. The
+/// directory is not synced: call [`sync_dir`] once after a batch.
+pub fn publish_replace(temp: &Path, path: &Path) -> Result<(), IoStepError> {
+    fs::rename(temp, path)
+        .step("rename", path)
+        .inspect_err(|_| {
+            let _ = fs::remove_file(temp);
+        })
+}
+
+/// Flushes every dirty page and inode of the filesystem holding `anchor`
+/// (an open file or directory there) with one `syncfs(2)`: one journal
+/// commit for a whole batch instead of one per file. Since Linux 5.8 it
+/// reports writeback errors that happened since `anchor` was opened, so open
+/// it before writing the batch.
+pub fn sync_filesystem(anchor: &File, path: &Path) -> Result<(), IoStepError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs only reads the descriptor number; `anchor` is an open
+    // file that outlives the call.
+    let rc = unsafe { libc::syncfs(anchor.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(IoStepError::new("syncfs", path, io::Error::last_os_error()))
+    }
+}
+
 /// Durably writes `parts` to `path`, replacing any file there. The directory
 /// is not synced: call [`sync_dir`] once after a batch.
 pub fn write_replace(path: &Path, parts: &[&[u8]]) -> Result<(), IoStepError> {

@@ -21,7 +21,9 @@ pub mod manifest;
 pub mod names;
 pub mod protocol;
 pub mod reader;
+pub mod shuffle;
 pub mod store;
+pub mod synth;
 pub mod token;
 pub mod writer;
 

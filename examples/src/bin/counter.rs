@@ -44,6 +44,18 @@ struct Args {
     /// Milliseconds to sleep per step (default: $CRYO_EXAMPLE_STEP_MS or 0).
     #[arg(long)]
     step_ms: Option<u64>,
+    /// What the state holds: `counter` (a pattern the steps scramble) or
+    /// `mixed` (smooth doubles plus noise, index arrays and zeros, as a
+    /// solver's memory; each step changes one word of its block), for
+    /// benchmarks.
+    #[arg(long, value_enum, default_value_t = StateKind::Counter)]
+    state_kind: StateKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StateKind {
+    Counter,
+    Mixed,
 }
 
 const MAGIC: u64 = u64::from_le_bytes(*b"CNTRv001");
@@ -116,6 +128,9 @@ fn run(args: &Args) -> Result<()> {
         )?
     };
 
+    if info.restored_epoch.is_none() && args.state_kind == StateKind::Mixed {
+        cryo_core::synth::mixed_state(&mut state[HEADER..], u64::from(info.rank) + 1);
+    }
     let (header, data) = state.split_at_mut(HEADER);
     let header = words(header);
     let data = words(data);
@@ -131,8 +146,14 @@ fn run(args: &Args) -> Result<()> {
                 Mode::from_bits_truncate(0o644),
             )
             .with_context(|| format!("opening {}", args.log.display()))?;
-            for (i, w) in data.iter_mut().enumerate() {
-                *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            match args.state_kind {
+                StateKind::Counter => {
+                    for (i, w) in data.iter_mut().enumerate() {
+                        *w = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                    }
+                }
+                // Filled as bytes before the split above.
+                StateKind::Mixed => {}
             }
             header[0] = MAGIC;
             header[1] = 0;
@@ -158,7 +179,12 @@ fn run(args: &Args) -> Result<()> {
         let lo = block * block_words;
         let hi = (lo + block_words).min(data.len());
         let mut sum = 0u64;
-        for (i, w) in data[lo..hi].iter_mut().enumerate() {
+        let touched = match args.state_kind {
+            StateKind::Counter => hi,
+            // Keep the state's shape: change one word per step.
+            StateKind::Mixed => (lo + 1).min(hi),
+        };
+        for (i, w) in data[lo..touched].iter_mut().enumerate() {
             let byte =
                 u64::from(input[(usize::try_from(step).unwrap_or(0) * 31 + i) % input.len()]);
             *w = w.rotate_left(5) ^ byte ^ step;
