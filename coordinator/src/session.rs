@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -921,7 +922,12 @@ fn spawn_agent(
     token_file: &Path,
 ) -> Result<(Child, PathBuf, PathBuf)> {
     let dir = opts.scratch.join(node);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Private: the agent's socket and log are the job's user's alone.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let socket = dir.join("agent.sock");
     let log = dir.join("agent.log");
     let _ = fs::remove_file(&socket);

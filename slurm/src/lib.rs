@@ -175,8 +175,19 @@ pub unsafe extern "C" fn slurm_spank_init_post_opt(
                 // Check now, at submission, rather than on the nodes after
                 // the job has waited in the queue.
                 if options.enabled {
-                    options.store(args).map_err(|e| format!("cryo: {e}"))?;
+                    let store = options.store(args).map_err(|e| format!("cryo: {e}"))?;
                     options.validate().map_err(|e| format!("cryo: {e}"))?;
+                    // salloc's shell is no Slurm task, so task_init never
+                    // reaches it: it inherits this process's environment
+                    // (as sbatch's job and srun's tasks do by default).
+                    let mut settings = vec![("CRYO_STORE", store.into_os_string())];
+                    settings.extend(options.interval.map(|v| ("CRYO_INTERVAL", v.into())));
+                    settings.extend(options.keep.map(|v| ("CRYO_KEEP", v.into())));
+                    for (name, value) in settings {
+                        if std::env::var_os(name).is_none() {
+                            std::env::set_var(name, value);
+                        }
+                    }
                 }
                 Ok(())
             }
