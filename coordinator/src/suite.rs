@@ -66,10 +66,11 @@ pub struct SuiteArgs {
     /// Skip the MPI quiesce figures.
     #[arg(long)]
     pub no_quiesce: bool,
-    /// `CRYO_QUIESCE_INTERVAL` for the MPI quiesce figures: an agreement
-    /// round every L safe points (1 = every safe point).
-    #[arg(long, default_value_t = 1)]
-    pub quiesce_interval: u32,
+    /// `CRYO_QUIESCE_INTERVAL` for the MPI quiesce figures: `auto` (the
+    /// runtime's default: a round about every 10 ms) or a round every L
+    /// safe points (1 = every safe point).
+    #[arg(long, default_value = "auto")]
+    pub quiesce_interval: String,
 }
 
 /// One configuration of `cryo-agent bench` (its `--json` output).
@@ -197,8 +198,8 @@ pub struct SuiteReport {
     /// Store-level incremental checkpoint per state size.
     pub incremental: Vec<StoreBenchReport>,
     /// `CRYO_QUIESCE_INTERVAL` of the MPI figures.
-    #[serde(default)]
-    pub quiesce_interval: u32,
+    #[serde(default, deserialize_with = "interval_text")]
+    pub quiesce_interval: String,
     /// Safe point cost per rank count.
     pub safe_point: Vec<SafePointRun>,
     /// Quiesce latency per rank count.
@@ -358,7 +359,15 @@ fn agent_bench(
     runs.pop().context("agent bench wrote no figures")
 }
 
-fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: u32) -> Result<SafePointRun> {
+/// Reads `quiesce_interval` from reports written when it was a number.
+fn interval_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(text) => text,
+        other => other.to_string(),
+    })
+}
+
+fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: &str) -> Result<SafePointRun> {
     let quiet = Quiet::take(lock)?;
     let output = Command::new("mpiexec")
         .arg("-n")
@@ -374,7 +383,7 @@ fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: u32) -> Res
             "--json",
         ])
         .env_remove("CRYO_AGENT_SOCKET")
-        .env("CRYO_QUIESCE_INTERVAL", interval.to_string())
+        .env("CRYO_QUIESCE_INTERVAL", interval)
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
         .output()
@@ -403,7 +412,7 @@ fn quiesce(
     scratch: &Path,
     lock: Option<&Path>,
     ranks: u32,
-    interval: u32,
+    interval: &str,
 ) -> Result<QuiesceRun> {
     let state_bytes = 32 * MIB;
     let work = scratch.join(format!("quiesce-{ranks}"));
@@ -416,7 +425,7 @@ fn quiesce(
     let _quiet = Quiet::take(lock)?;
     let mut run = Command::new(&cryo)
         .env("CRYO_STORE", &store)
-        .env("CRYO_QUIESCE_INTERVAL", interval.to_string())
+        .env("CRYO_QUIESCE_INTERVAL", interval)
         .args(["run", "--job", &job, "--nodes"])
         .arg(format!("a:{half},b:{}", ranks - half))
         .arg("-n")
@@ -559,7 +568,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
         sizes: Vec::new(),
         ranks: Vec::new(),
         incremental: Vec::new(),
-        quiesce_interval: args.quiesce_interval,
+        quiesce_interval: args.quiesce_interval.clone(),
         safe_point: Vec::new(),
         quiesce: Vec::new(),
         fits: Vec::new(),
@@ -612,13 +621,13 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
     } else {
         for &ranks in &plan.quiesce_ranks {
             eprintln!("== MPI quiesce: {ranks} ranks ==");
-            match safe_point(&bin, lock, ranks, args.quiesce_interval) {
+            match safe_point(&bin, lock, ranks, &args.quiesce_interval) {
                 Ok(run) => report.safe_point.push(run),
                 Err(err) => report
                     .skipped
                     .push(format!("safe point at {ranks} ranks: {err:#}")),
             }
-            match quiesce(&bin, &scratch, lock, ranks, args.quiesce_interval) {
+            match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_interval) {
                 Ok(run) => report.quiesce.push(run),
                 Err(err) => report
                     .skipped
@@ -1041,7 +1050,7 @@ mod tests {
             sizes: vec![run(1, 64 * MIB), run(1, 256 * MIB)],
             ranks: vec![run(1, 64 * MIB), run(2, 64 * MIB)],
             incremental: Vec::new(),
-            quiesce_interval: 1,
+            quiesce_interval: "1".into(),
             safe_point: vec![SafePointRun {
                 ranks: 2,
                 iter_ns: 1e6,

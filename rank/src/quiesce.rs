@@ -9,10 +9,16 @@
 //! * safe points are numbered `1, 2, 3, …` on every rank (the application
 //!   calls the safe point the same number of times on every rank: an SPMD
 //!   loop);
-//! * at every index that is a multiple of `L` (the interval), each rank
-//!   completes the round started `L` safe points earlier (`MPI_Wait`, which
-//!   normally finds it complete) and then starts the next round with its
-//!   current flag;
+//! * at every round boundary, each rank completes the round started at the
+//!   previous boundary (`MPI_Wait`, which normally finds it complete) and
+//!   then starts the next round with its current flag;
+//! * boundaries are `L` safe points apart. `L` adapts so that a round spans
+//!   about [`ROUND_PERIOD`]: each round also carries the rank's time per
+//!   safe point, and every rank derives the next `L` from the round's MAX,
+//!   which is the same number on every rank, so the boundaries stay the same
+//!   indices everywhere. Short iterations then pay the round's cost once per
+//!   many safe points; long ones get a round at every safe point. A fixed
+//!   `L` can be set with `CRYO_QUIESCE_INTERVAL`;
 //! * between those indices a safe point only loads the flag and calls
 //!   `MPI_Test` to drive progress: a flag check plus an MPI request test;
 //! * a round's result is acted on only at the index where it is completed,
@@ -41,8 +47,24 @@ use mpi::topology::Communicator;
 use crate::error::{CheckpointError, InitError};
 use crate::runtime::{self, InitInfo, SafePoint};
 
-/// Environment variable: safe points between agreement rounds (default 1).
+/// Environment variable: safe points between agreement rounds, fixed
+/// (default: adaptive, see [`ROUND_PERIOD`]).
 pub const ENV_QUIESCE_INTERVAL: &str = "CRYO_QUIESCE_INTERVAL";
+
+/// The time an adaptive round aims to span: it bounds what the agreement
+/// adds to the quiesce latency, while its cost is spread over the safe
+/// points inside it.
+pub const ROUND_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// The longest adaptive interval, in safe points.
+const MAX_INTERVAL: u64 = 1024;
+
+/// The next adaptive interval, from the slowest rank's time per safe point
+/// (every rank computes it from the same allreduced number).
+pub fn next_interval(slowest_ns_per_safe_point: u64) -> u64 {
+    let period = u64::try_from(ROUND_PERIOD.as_nanos()).unwrap_or(u64::MAX);
+    (period / slowest_ns_per_safe_point.max(1)).clamp(1, MAX_INTERVAL)
+}
 
 /// Set once `init_mpi` has attached a communicator.
 pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
@@ -50,9 +72,10 @@ static STATE: Mutex<Option<Quiesce>> = Mutex::new(None);
 
 struct Round {
     request: ffi::MPI_Request,
-    // Boxed so their addresses stay fixed while MPI owns them.
-    send: Box<u64>,
-    recv: Box<u64>,
+    // Boxed so their addresses stay fixed while MPI owns them:
+    // [requested epoch, ns per safe point over the previous round].
+    send: Box<[u64; 2]>,
+    recv: Box<[u64; 2]>,
 }
 
 struct Quiesce {
@@ -61,8 +84,14 @@ struct Quiesce {
     /// The application's communicator, probed for messages in flight.
     app_comm: ffi::MPI_Comm,
     rank: i32,
+    /// Safe points to the next boundary.
     interval: u64,
+    /// `CRYO_QUIESCE_INTERVAL` was given: never adapt.
+    fixed: bool,
     counter: u64,
+    next_boundary: u64,
+    /// When the current round started, for the next round's timing.
+    round_started: Option<std::time::Instant>,
     round: Option<Round>,
 }
 
@@ -100,18 +129,20 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
             "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
         ));
     }
-    let interval = match std::env::var(ENV_QUIESCE_INTERVAL) {
-        Ok(text) => text
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| InitError::BadEnv {
-                var: ENV_QUIESCE_INTERVAL,
-                value: text.clone(),
-                why: "not a positive number of safe points".into(),
-            })?,
-        Err(_) => 1,
+    let fixed = match std::env::var(ENV_QUIESCE_INTERVAL) {
+        Ok(text) if text.trim() == "auto" => None,
+        Ok(text) => Some(
+            text.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| InitError::BadEnv {
+                    var: ENV_QUIESCE_INTERVAL,
+                    value: text.clone(),
+                    why: "not a positive number of safe points, nor `auto`".into(),
+                })?,
+        ),
+        Err(_) => None,
     };
     let mut dup: ffi::MPI_Comm = comm;
     let mut rank = 0;
@@ -132,8 +163,11 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         comm: dup,
         app_comm: comm,
         rank,
-        interval,
+        interval: fixed.unwrap_or(1),
+        fixed: fixed.is_some(),
         counter: 0,
+        next_boundary: fixed.unwrap_or(1),
+        round_started: None,
         round: None,
     });
     MPI_MODE.store(true, Ordering::Release);
@@ -150,7 +184,7 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     q.counter += 1;
     let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
     let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
-    if q.counter % q.interval != 0 {
+    if q.counter != q.next_boundary {
         if let Some(round) = q.round.as_mut() {
             let mut done = 0;
             // SAFETY: the request is live (owned by this round) and `done`
@@ -168,10 +202,15 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
             // that MPI_Test already completed (it is then MPI_REQUEST_NULL).
             let code = unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
             mpi_check(code, "MPI_Wait").map_err(mpi_err)?;
-            *round.recv
+            // The same MAX on every rank, so the same next interval.
+            if !q.fixed && round.recv[1] > 0 {
+                q.interval = next_interval(round.recv[1]);
+            }
+            round.recv[0]
         }
         None => 0,
     };
+    q.next_boundary = q.counter + q.interval;
     if decided != 0 {
         let result = checkpoint(q);
         drop(guard);
@@ -185,20 +224,28 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
 }
 
 fn start_round(q: &mut Quiesce) -> Result<(), String> {
+    let now = std::time::Instant::now();
+    // This rank's time per safe point since the previous round started (0
+    // for the first round: nothing measured yet).
+    let per_safe_point = q.round_started.map_or(0, |started| {
+        u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX)
+            / q.interval.max(1)
+    });
+    q.round_started = Some(now);
     let mut round = Round {
         // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial value.
         request: unsafe { ffi::RSMPI_REQUEST_NULL },
-        send: Box::new(runtime::requested_epoch()),
-        recv: Box::new(0),
+        send: Box::new([runtime::requested_epoch(), per_safe_point]),
+        recv: Box::new([0, 0]),
     };
     // SAFETY: the buffers are boxed and owned by the round, which outlives
     // the request (it is waited on before being dropped); the communicator
     // is our private duplicate.
     let code = unsafe {
         ffi::MPI_Iallreduce(
-            (&*round.send as *const u64).cast(),
-            (&mut *round.recv as *mut u64).cast(),
-            1,
+            round.send.as_ptr().cast(),
+            round.recv.as_mut_ptr().cast(),
+            2,
             ffi::RSMPI_UINT64_T,
             ffi::RSMPI_MAX,
             q.comm,
@@ -282,5 +329,21 @@ pub(crate) fn detach() {
         }
         // SAFETY: our own duplicate, no longer used.
         unsafe { ffi::MPI_Comm_free(&mut q.comm) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_spans_about_one_round_period() {
+        // 1 ms iterations: a round every 10 safe points.
+        assert_eq!(next_interval(1_000_000), 10);
+        // Iterations longer than the period: a round at every safe point.
+        assert_eq!(next_interval(50_000_000), 1);
+        // Very short ones are capped, and nothing divides by zero.
+        assert_eq!(next_interval(1_000), MAX_INTERVAL);
+        assert_eq!(next_interval(0), MAX_INTERVAL);
     }
 }

@@ -561,3 +561,57 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
     assert!(said.contains("falling back"), "{said}");
     case.assert_matches_reference();
 }
+
+/// Short iterations make the runtime space its agreement rounds (an
+/// adaptive interval of about 10 ms): every rank must still derive the same
+/// round boundaries, or the ranks would park at different safe points and
+/// the checkpoint would hang or fail. Two checkpoints of a 1 ms-per-iteration
+/// job on two nodes must both commit.
+#[test]
+fn adaptive_rounds_keep_every_rank_on_the_same_safe_point() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("quiesce-bench"));
+    let log = case.path("cryo-run-adaptive.log");
+    let mut child = case
+        .cryo()
+        .env_remove("CRYO_QUIESCE_INTERVAL")
+        .args(["run", "--job", "adaptive", "--nodes", "a:1,b:1", "-n", "2"])
+        .arg("--scratch")
+        .arg(case.path("scratch-adaptive"))
+        .arg("--")
+        .arg(&case.program)
+        .args([
+            "--iters",
+            "10",
+            "--run-secs",
+            "20",
+            "--state-bytes",
+            "1048576",
+        ])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("both ranks registered", Duration::from_secs(30), || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("rank.registered")
+            .count()
+            >= 2
+    });
+    // Let a few rounds adapt the interval before asking.
+    std::thread::sleep(Duration::from_millis(500));
+    for epoch in 1..=2 {
+        let out = checkpoint(&case, "adaptive");
+        assert!(
+            out.status.success() && output_text(&out).contains(&format!("epoch {epoch} committed")),
+            "checkpoint {epoch}: {}\n{}",
+            output_text(&out),
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
