@@ -18,7 +18,7 @@ use crate::human::parse_size;
 use crate::inspect;
 use crate::logging::{self, LogFormat};
 use crate::registry::{JobCommand, Registry};
-use crate::session::{self, AgentMode, RunOptions};
+use crate::session::{self, AgentMode, AgentStarter, RunOptions};
 use crate::{human, launch};
 
 /// Exit code when `cryo verify` finds damage.
@@ -159,9 +159,11 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub launcher: Option<PathBuf>,
     /// Who starts the node agents: `spawn` (cryo run, one per `--nodes`
-    /// entry, on this machine) or `external` (one per node, started by
-    /// Slurm's spank_cryo plugin or by hand, at a node-local socket).
-    /// Default: `external` inside a Slurm allocation without `--nodes`.
+    /// entry, on this machine), `external` (one per node, started by
+    /// Slurm's spank_cryo plugin or by hand, at a node-local socket) or
+    /// `srun` (cryo run, as a Slurm step of one agent per node). Default
+    /// inside a Slurm allocation without `--nodes`: `external` when the job
+    /// was submitted with `--cryo`, else `srun`.
     #[arg(long, value_enum)]
     pub agents: Option<AgentsArg>,
     /// Host name or address that agents on other nodes dial (external
@@ -208,6 +210,9 @@ pub enum AgentsArg {
     Spawn,
     /// They start on each node by other means (Slurm's plugin).
     External,
+    /// `cryo run` starts them as a Slurm step of one agent per node of the
+    /// allocation: no plugin needed.
+    Srun,
 }
 
 /// `cryo bench`: the whole suite, or one benchmark.
@@ -518,20 +523,29 @@ fn run_options(
 ) -> Result<RunOptions> {
     cryo_core::names::check_job_name(&job)?;
     let in_slurm = std::env::var_os("SLURM_JOB_ID").is_some();
+    // Inside Slurm the plugin starts the agents when the job asked for it
+    // (--cryo sets CRYO_SPANK); otherwise cryo run starts them itself.
+    let plugin_active = std::env::var_os("CRYO_SPANK").is_some();
     let agents = match launch.agents {
         Some(agents) => agents,
-        None if in_slurm && launch.nodes.is_none() => AgentsArg::External,
+        None if in_slurm && launch.nodes.is_none() && plugin_active => AgentsArg::External,
+        None if in_slurm && launch.nodes.is_none() => AgentsArg::Srun,
         None => AgentsArg::Spawn,
     };
     let agent_mode = match agents {
         AgentsArg::Spawn => AgentMode::Spawn,
-        AgentsArg::External => {
+        AgentsArg::External | AgentsArg::Srun => {
             if launch.nodes.is_some() {
-                bail!("--nodes emulates nodes on this machine; with external agents the nodes are those the launcher uses (leave out --nodes, or pass --agents spawn)");
+                bail!("--nodes emulates nodes on this machine; with agents on the real nodes the nodes are those the launcher uses (leave out --nodes, or pass --agents spawn)");
             }
             AgentMode::External {
                 socket: session::node_local_socket(&job),
                 advertise: launch.advertise.clone(),
+                starter: if agents == AgentsArg::Srun {
+                    AgentStarter::SrunStep
+                } else {
+                    AgentStarter::Plugin
+                },
             }
         }
     };

@@ -88,15 +88,39 @@ pub enum AgentMode {
     /// `cryo run` starts one agent per `--nodes` entry on this machine
     /// (emulated nodes), each with its own socket.
     Spawn,
-    /// One agent per node is started by someone else (Slurm's spank_cryo
-    /// plugin) from the `CRYO_*` variables the launcher carries, at the same
-    /// node-local socket on every node. They dial the coordinator.
+    /// One agent per node, started outside `cryo run`'s process from the
+    /// `CRYO_*` variables the launcher carries, at the same node-local
+    /// socket on every node. They dial the coordinator.
     External {
         /// The node-local socket path.
         socket: PathBuf,
         /// The host agents dial (default: this host's name).
         advertise: Option<String>,
+        /// Who starts them.
+        starter: AgentStarter,
     },
+}
+
+/// Who starts external agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentStarter {
+    /// Slurm's spank_cryo plugin, in each step `cryo run` launches (or an
+    /// administrator, by hand).
+    Plugin,
+    /// `cryo run` itself, as a Slurm step of one agent per node of the
+    /// allocation (`srun --overlap`): no plugin needed.
+    SrunStep,
+}
+
+impl AgentStarter {
+    /// Its name in `CRYO_AGENT_STARTER`, which tells the plugin whether a
+    /// step's agents are its to start.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStarter::Plugin => "plugin",
+            AgentStarter::SrunStep => "srun",
+        }
+    }
 }
 
 /// Where the agent of `job` listens on every node when agents are external:
@@ -365,6 +389,8 @@ struct Coordinator {
     last_attempted: u64,
     preempting: bool,
     preempt_result: Option<bool>,
+    /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
+    agent_step: Option<Child>,
 }
 
 fn agent_binary(explicit: Option<&Path>) -> PathBuf {
@@ -751,6 +777,14 @@ impl Coordinator {
 
     fn shutdown_agents(&mut self) {
         self.broadcast(&CoordinatorToAgent::Shutdown);
+        if let Some(mut step) = self.agent_step.take() {
+            // The agents exit on Shutdown, which ends their step.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(step.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            stop_process_group(&mut step, Duration::from_secs(5));
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         for agent in self.agents.values_mut() {
             if let Some(child) = agent.child.as_mut() {
@@ -881,6 +915,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         last_attempted: 0,
         preempting: false,
         preempt_result: None,
+        agent_step: None,
         opts: opts.clone(),
     };
     let result = drive(&mut coordinator, &launcher, &addr, &token, &rx);
@@ -1041,41 +1076,8 @@ fn spawn_agents_and_wait(
             },
         );
     }
-    // Wait for every agent to connect.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.agents.values().any(|a| a.writer.is_none()) {
-        for (node, agent) in &mut c.agents {
-            if let Some(child) = agent.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    bail!(
-                        "the agent for node {node} exited ({status}) before connecting:\n{}",
-                        tail(&agent.log, 15)
-                    );
-                }
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("agents did not connect within 30 s");
-        }
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(Event::AgentConnected { node, writer }) => {
-                if let Some(agent) = c.agents.get_mut(&node) {
-                    agent.writer = Some(writer);
-                }
-            }
-            Ok(Event::AgentLost { node, why }) => {
-                bail!("the agent on node {node} disconnected while starting ({why})")
-            }
-            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
-            Ok(Event::Request { reply, .. }) => {
-                let _ = reply.send(JobResponse::Refused {
-                    reason: "the job is still starting".into(),
-                });
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => bail!("the coordinator's listener stopped"),
-        }
-    }
+    let expected = c.agents.len();
+    wait_for_agents(c, rx, expected, None)?;
     // Launch the job: one MPMD block per node, each naming its agent.
     Ok(c.opts
         .placement
@@ -1090,6 +1092,113 @@ fn spawn_agents_and_wait(
         .collect())
 }
 
+/// Waits until `expected` agents have said hello, failing early when one of
+/// the processes that should run them exits first.
+fn wait_for_agents(
+    c: &mut Coordinator,
+    rx: &Receiver<Event>,
+    expected: usize,
+    step_log: Option<&Path>,
+) -> Result<()> {
+    let timeout = Duration::from_secs(60);
+    let deadline = Instant::now() + timeout;
+    while c.agents.values().filter(|a| a.writer.is_some()).count() < expected {
+        for (node, agent) in &mut c.agents {
+            if let Some(child) = agent.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!(
+                        "the agent for node {node} exited ({status}) before connecting:\n{}",
+                        tail(&agent.log, 15)
+                    );
+                }
+            }
+        }
+        if let (Some(step), Some(log)) = (c.agent_step.as_mut(), step_log) {
+            if let Ok(Some(status)) = step.try_wait() {
+                bail!(
+                    "the agents' Slurm step ended ({status}) before every agent connected:\n{}",
+                    tail(log, 15)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {expected} agents connected within {} s",
+                c.agents.values().filter(|a| a.writer.is_some()).count(),
+                timeout.as_secs()
+            );
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::AgentConnected { node, writer }) => c.on_agent_connected(node, writer),
+            Ok(Event::AgentLost { node, why }) => {
+                bail!("the agent on node {node} disconnected while starting ({why})")
+            }
+            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
+            Ok(Event::Request { reply, .. }) => {
+                let _ = reply.send(JobResponse::Refused {
+                    reason: "the job is still starting".into(),
+                });
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => bail!("the coordinator's listener stopped"),
+        }
+    }
+    Ok(())
+}
+
+/// Starts one agent on every node of the Slurm allocation as a step of its
+/// own (`srun --overlap`, so it takes no CPUs from the ranks' step), and
+/// waits for all of them to say hello.
+fn start_agent_step(
+    c: &mut Coordinator,
+    rx: &Receiver<Event>,
+    env: &[(String, String)],
+    token: &JobToken,
+) -> Result<()> {
+    let nodes: usize = ["SLURM_JOB_NUM_NODES", "SLURM_NNODES"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .context("--agents srun needs a Slurm allocation (no SLURM_JOB_NUM_NODES)")?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&c.opts.scratch)
+        .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
+    let log = c.opts.scratch.join("agents-step.log");
+    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut command = Command::new("srun");
+    command
+        .arg("--overlap")
+        .arg(format!("--nodes={nodes}"))
+        .arg(format!("--ntasks={nodes}"))
+        .arg("--ntasks-per-node=1")
+        .arg("--kill-on-bad-exit=0")
+        .arg("--mpi=none")
+        .arg("--job-name=cryo-agents")
+        .arg(agent_binary(c.opts.agent_bin.as_deref()))
+        .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(ENV_JOB, &c.opts.job)
+        .env(ENV_TOKEN, token.expose())
+        .env(
+            "CRYO_LOG",
+            std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0);
+    let step = command
+        .spawn()
+        .context("starting the agents' Slurm step (srun)")?;
+    eprintln!(
+        "cryo: starting {nodes} agent(s) as Slurm step (srun pid {})",
+        step.id()
+    );
+    c.agent_step = Some(step);
+    wait_for_agents(c, rx, nodes, Some(&log))
+}
+
 fn drive(
     c: &mut Coordinator,
     launcher: &Launcher,
@@ -1099,10 +1208,19 @@ fn drive(
 ) -> Result<ExitCode> {
     let blocks = match c.opts.agents.clone() {
         AgentMode::Spawn => spawn_agents_and_wait(c, addr, rx)?,
-        AgentMode::External { socket, .. } => vec![LaunchBlock {
-            ranks: c.opts.ranks,
-            env: external_agent_env(&c.opts, &socket, addr),
-        }],
+        AgentMode::External {
+            socket, starter, ..
+        } => {
+            let mut env = external_agent_env(&c.opts, &socket, addr);
+            env.push(("CRYO_AGENT_STARTER".to_owned(), starter.as_str().to_owned()));
+            if starter == AgentStarter::SrunStep {
+                start_agent_step(c, rx, &env, token)?;
+            }
+            vec![LaunchBlock {
+                ranks: c.opts.ranks,
+                env,
+            }]
+        }
     };
     let mut command = launch::build_command(
         launcher,
@@ -1127,7 +1245,7 @@ fn drive(
         if !warned_no_agents && c.agents.is_empty() && started.elapsed() > NO_AGENT_WARNING {
             warned_no_agents = true;
             eprintln!(
-                "cryo: WARNING: no node agent has connected after {} s, so this job cannot be checkpointed. Under Slurm, spank_cryo.so must be in plugstack.conf and the job submitted with --cryo (see README).",
+                "cryo: WARNING: no node agent has connected after {} s, so this job cannot be checkpointed. With --agents external, something must start them: under Slurm, spank_cryo.so in plugstack.conf with the job submitted with --cryo, or use --agents srun (see README).",
                 NO_AGENT_WARNING.as_secs()
             );
         }

@@ -318,6 +318,9 @@ fn start_agent_if_cryo_step(raw: spank_t, spank: &SpankHandle, args: &PluginArgs
     let Some(coordinator) = lookup("CRYO_COORDINATOR") else {
         return Ok(()); // not a step of `cryo run`
     };
+    if lookup("CRYO_AGENT_STARTER").is_some_and(|s| s != "plugin") {
+        return Ok(()); // `cryo run --agents srun` starts its own
+    }
     let step = spank.job_stepid().unwrap_or(u32::MAX);
     let mut running = AGENT
         .lock()

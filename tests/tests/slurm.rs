@@ -80,19 +80,21 @@ struct Slurm {
 }
 
 impl Slurm {
-    fn up(plugin: &Path) -> Slurm {
+    /// A Slurm with `plugin` in its plugin stack, or none.
+    fn up(plugin: Option<&Path>) -> Slurm {
         let dir = tempfile::Builder::new()
             .prefix("cryo-slurm-")
             .tempdir()
             .unwrap();
-        let plugstack = dir.path().join("plugstack.conf");
-        fs::write(&plugstack, format!("required {}\n", plugin.display())).unwrap();
-        let out = Command::new("bash")
-            .arg(root().join("tests/slurm/slurm-up.sh"))
-            .arg(dir.path().join("cluster"))
-            .arg(&plugstack)
-            .output()
-            .unwrap();
+        let mut up = Command::new("bash");
+        up.arg(root().join("tests/slurm/slurm-up.sh"))
+            .arg(dir.path().join("cluster"));
+        if let Some(plugin) = plugin {
+            let plugstack = dir.path().join("plugstack.conf");
+            fs::write(&plugstack, format!("required {}\n", plugin.display())).unwrap();
+            up.arg(&plugstack);
+        }
+        let out = up.output().unwrap();
         assert!(
             out.status.success(),
             "slurm-up.sh failed:\n{}",
@@ -298,15 +300,20 @@ impl Case {
 }
 
 fn setup() -> Option<(std::sync::MutexGuard<'static, ()>, Slurm, Case)> {
+    setup_with(true)
+}
+
+/// A Slurm with cryo's plugin (or without any), and a heat2d case.
+fn setup_with(plugin: bool) -> Option<(std::sync::MutexGuard<'static, ()>, Slurm, Case)> {
     if !slurm_available() {
         return None;
     }
     let guard = ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let plugin = built().join("libspank_cryo.so");
+    let plugin = plugin.then(|| built().join("libspank_cryo.so"));
     let case = Case::new();
-    Some((guard, Slurm::up(&plugin), case))
+    Some((guard, Slurm::up(plugin.as_deref()), case))
 }
 
 /// `scancel --signal=USR1 --batch` (what Slurm sends before the time limit
@@ -331,9 +338,14 @@ fn usr1_checkpoints_requeues_and_resumes_identically() {
     assert!(out.contains("resuming job"), "{out}");
     assert!(out.contains("heat2d: restarted from epoch"), "{out}");
     case.assert_identical();
-    // The agents stopped with their steps: no stray daemon, no socket.
+    assert_no_stray_agent();
+}
+
+/// The agents stopped with their steps: no stray daemon. (The agents' own
+/// command lines are `cryo-agent serve` with settings in the environment.)
+fn assert_no_stray_agent() {
     let leftover = Command::new("pgrep")
-        .args(["-f", &format!("cryo-agent serve.*slurm-{id}")])
+        .args(["-af", "cryo-agent serve$"])
         .output()
         .unwrap();
     assert!(
@@ -452,4 +464,57 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
     assert!(log.contains("requested (cryo preempt)"), "{log}");
     assert!(log.contains("resuming job"), "{log}");
     case.assert_identical();
+}
+
+/// Without the plugin (a site that has not installed it), `cryo run`
+/// starts one agent per node as a Slurm step of its own, and the
+/// preemption flow works the same.
+#[test]
+fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
+    let Some((_guard, slurm, case)) = setup_with(false) else {
+        return;
+    };
+    let path = format!(
+        "{}:{}",
+        built().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = format!(
+        "exec cryo run --requeue -- {} {}",
+        built().join("heat2d").display(),
+        case.app_args("run", 300).join(" ")
+    );
+    let out = slurm
+        .cmd("sbatch")
+        .env("PATH", path)
+        .env("CRYO_STORE", case.path("store"))
+        .arg("--parsable")
+        .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
+        .args(["--requeue", "--open-mode=append"])
+        .arg(format!("--output={}", case.path("job.out").display()))
+        .arg(format!("--chdir={}", case.files.dir().display()))
+        .arg("--wrap")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sbatch failed:\n{}",
+        output_text(&out)
+    );
+    let id = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    case.wait_for_iterations(20);
+    slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
+    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let log = case.job_out();
+    assert!(restarts >= 1, "the job was not requeued:\n{log}");
+    assert!(log.contains("agent(s) as Slurm step"), "{log}");
+    assert!(log.contains("resuming job"), "{log}");
+    case.assert_identical();
+    assert_no_stray_agent();
 }
