@@ -272,6 +272,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
     let report: CheckpointReport = match client::request(
         &socket,
         &ControlRequest::Checkpoint {
+            full: false,
             epoch: None,
             if_busy: BusyPolicy::Wait,
             until: Completion::Committed,

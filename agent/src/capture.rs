@@ -238,6 +238,93 @@ fn plan(regions: &[RegionInfo], chunk: usize) -> Vec<Piece> {
     out
 }
 
+/// What a capture copies, and what it takes unchanged from the previous
+/// epoch.
+#[derive(Debug, Default)]
+struct Selection {
+    copy: Vec<Piece>,
+    reuse: Vec<(usize, ChunkRef)>,
+}
+
+/// The previous epoch's chunks of `region`, if they describe it exactly as
+/// `plan` would cut it now.
+fn matching_baseline<'a>(
+    baseline: &'a [RegionRecord],
+    region: &RegionInfo,
+    pieces: &[Piece],
+) -> Option<&'a [ChunkRef]> {
+    let base = baseline
+        .iter()
+        .find(|b| b.name == region.name && b.addr == region.addr && b.len == region.len)?;
+    let same_cut = base.chunks.len() == pieces.len()
+        && base
+            .chunks
+            .iter()
+            .zip(pieces)
+            .all(|(c, p)| c.offset == p.offset && c.len as usize == p.len);
+    same_cut.then_some(&base.chunks[..])
+}
+
+/// Chooses the chunks to copy. Every tracked region is scanned for pages
+/// written since the previous capture and protected again in the same
+/// walk (the rank is parked, so nothing writes meanwhile). A chunk with no
+/// written page keeps the previous epoch's chunk, if that epoch stored
+/// this rank (`baseline`); everything else is copied.
+fn select(
+    ctx: &CaptureContext<'_>,
+    parked: &Parked,
+    baseline: Option<&[RegionRecord]>,
+    chunk: usize,
+) -> Selection {
+    let mut out = Selection::default();
+    let pieces = plan(&parked.regions, chunk);
+    for (index, region) in parked.regions.iter().enumerate() {
+        let mine: Vec<Piece> = pieces
+            .iter()
+            .filter(|p| p.region == index)
+            .copied()
+            .collect();
+        let scan_len = region.len.div_ceil(PAGE) * PAGE;
+        let written = match ctx
+            .access
+            .written_pages(parked.pid, region.addr, scan_len, true)
+        {
+            Ok(written) => written,
+            Err(err) => {
+                tracing::debug!(rank = parked.rank, epoch = parked.epoch, region = %region.name, error = %err, "region.untracked");
+                out.copy.extend(mine);
+                continue;
+            }
+        };
+        let Some(base) = baseline.and_then(|b| matching_baseline(b, region, &mine)) else {
+            out.copy.extend(mine);
+            continue;
+        };
+        let mut dirty = vec![false; mine.len()];
+        for (start, end) in written {
+            let from = start.saturating_sub(region.addr) / chunk as u64;
+            let to = end.saturating_sub(region.addr).div_ceil(chunk as u64);
+            for flag in dirty
+                .iter_mut()
+                .take(usize::try_from(to).unwrap_or(usize::MAX))
+                .skip(usize::try_from(from).unwrap_or(usize::MAX))
+            {
+                *flag = true;
+            }
+        }
+        for ((piece, chunk_ref), dirty) in mine.into_iter().zip(base).zip(dirty) {
+            if dirty {
+                out.copy.push(piece);
+            } else {
+                out.reuse.push((index, *chunk_ref));
+            }
+        }
+    }
+    out
+}
+
+const PAGE: u64 = 4096;
+
 fn copy(
     ctx: &CaptureContext<'_>,
     parked: &Parked,
@@ -276,6 +363,21 @@ fn store(
         .install(|| store_in_pool(writer, pieces, slots, ctx.cancelled))
 }
 
+/// Checks that every reused chunk is still stored (see
+/// `RankWriter::reuse_chunk`).
+fn reuse(
+    ctx: &CaptureContext<'_>,
+    writer: &RankWriter<'_>,
+    reused: Vec<(usize, ChunkRef)>,
+) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
+    ctx.store_threads.install(|| {
+        reused
+            .into_par_iter()
+            .map(|(region, chunk)| Ok((region, writer.reuse_chunk(&chunk)?)))
+            .collect()
+    })
+}
+
 fn store_in_pool(
     writer: &RankWriter<'_>,
     pieces: Vec<Piece>,
@@ -299,14 +401,18 @@ fn store_in_pool(
         .collect()
 }
 
-/// Captures a parked rank. `resume` is called exactly once, with the
-/// rank's report, when the rank may run again; if this returns an error
-/// before that, the caller must abort the rank. Returns the report and the
-/// rank's record (not yet written: the caller finishes it).
+/// Captures a parked rank. `baseline` is this rank's regions as the
+/// previous capture of the same process stored them, if it was stored;
+/// chunks whose memory was not written since are taken from it. `resume`
+/// is called exactly once, with the rank's report, when the rank may run
+/// again; if this returns an error before that, the caller must abort the
+/// rank. Returns the report and the rank's record (not yet written: the
+/// caller finishes it).
 pub fn capture_rank(
     ctx: &CaptureContext<'_>,
     writer: &RankWriter<'_>,
     parked: &Parked,
+    baseline: Option<&[RegionRecord]>,
     resume: &mut dyn FnMut(&RankCaptureReport) -> Result<(), String>,
 ) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
     let rank = parked.rank;
@@ -321,7 +427,10 @@ pub fn capture_rank(
     let fds = read_fd_table(ctx.access, pid, &parked.runtime_fds)
         .map_err(|source| CaptureError::Fds { rank, source })?;
 
-    let pieces = plan(&parked.regions, ctx.pool.slot_size());
+    let Selection {
+        copy: pieces,
+        reuse: reused,
+    } = select(ctx, parked, baseline, ctx.pool.slot_size());
     let fds_restored = fds
         .iter()
         .filter(|f| f.restore == FdRestore::Restore)
@@ -330,6 +439,7 @@ pub fn capture_rank(
         rank,
         pid,
         bytes: parked.regions.iter().map(|r| r.len).sum(),
+        copied_bytes: pieces.iter().map(|p| p.len as u64).sum(),
         pause_ns: 0,
         copy_ns: 0,
         streamed: false,
@@ -363,6 +473,7 @@ pub fn capture_rank(
         report.pause_ns = nanos(parked.since);
         resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
     }
+    chunks.extend(reuse(ctx, writer, reused)?);
 
     let mut by_region: BTreeMap<usize, Vec<ChunkRef>> = BTreeMap::new();
     for (region, chunk) in chunks {

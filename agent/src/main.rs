@@ -113,6 +113,10 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Copy every chunk, even memory write tracking reports unchanged
+        /// since the previous checkpoint.
+        #[arg(long)]
+        full: bool,
     },
     /// Make ranks that register from now on restart from an epoch.
     Restart {
@@ -233,8 +237,10 @@ fn main() -> Result<()> {
             wait,
             until,
             json,
+            full,
         } => {
             let request = ControlRequest::Checkpoint {
+                full,
                 epoch,
                 if_busy: if wait {
                     BusyPolicy::Wait
@@ -264,10 +270,11 @@ fn main() -> Result<()> {
                         );
                         for rank in &report.ranks {
                             println!(
-                                "  rank {} (pid {}): {} paused {:.3} ms (copy {:.3} ms){}; fds: {} restored, {} not",
+                                "  rank {} (pid {}): {} ({} copied, the rest unchanged) paused {:.3} ms (copy {:.3} ms){}; fds: {} restored, {} not",
                                 rank.rank,
                                 rank.pid,
                                 format_bytes(rank.bytes),
+                                format_bytes(rank.copied_bytes),
                                 rank.pause_ns as f64 / 1e6,
                                 rank.copy_ns as f64 / 1e6,
                                 if rank.streamed { ", streamed over the copy budget" } else { "" },

@@ -6,6 +6,7 @@ use std::fs;
 use std::io::{self, IoSliceMut};
 use std::os::unix::fs::FileTypeExt;
 
+use cryo_core::dirty::{Pagemap, WrittenRanges};
 use cryo_core::manifest::{
     is_clean_absolute_path, Backing, FdKind, FdRecord, FdRestore, MappingRecord,
 };
@@ -96,6 +97,16 @@ pub trait ProcessAccess: Send + Sync {
     fn fd_stat(&self, pid: u32, fd: i32) -> io::Result<FileStat>;
     /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;
+    /// The pages of `addr..addr+len` written since the last scan, then
+    /// protected again when `rearm` (see `cryo_core::dirty`). An error
+    /// means the range is not tracked: every chunk must be copied.
+    fn written_pages(
+        &self,
+        pid: u32,
+        addr: u64,
+        len: u64,
+        rearm: bool,
+    ) -> io::Result<WrittenRanges>;
 }
 
 /// The real thing: procfs and `process_vm_readv`.
@@ -103,6 +114,16 @@ pub trait ProcessAccess: Send + Sync {
 pub struct LinuxProcess;
 
 impl ProcessAccess for LinuxProcess {
+    fn written_pages(
+        &self,
+        pid: u32,
+        addr: u64,
+        len: u64,
+        rearm: bool,
+    ) -> io::Result<WrittenRanges> {
+        Pagemap::open(pid)?.written(addr, len, rearm)
+    }
+
     fn maps(&self, pid: u32) -> io::Result<String> {
         fs::read_to_string(format!("/proc/{pid}/maps"))
     }
@@ -605,6 +626,9 @@ mod tests {
                 },
                 size: 30,
             })
+        }
+        fn written_pages(&self, _: u32, _: u64, _: u64, _: bool) -> io::Result<WrittenRanges> {
+            Err(io::Error::from_raw_os_error(libc::EPERM))
         }
         fn read_memory(&self, pid: u32, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
             Err(MemoryError::Denied {

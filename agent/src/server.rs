@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use cryo_core::auth;
 use cryo_core::chunk::ChunkCodec;
 use cryo_core::fault;
-use cryo_core::manifest::WriteStats;
+use cryo_core::manifest::{RegionRecord, WriteStats};
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentStatus, AgentToCoordinator,
     AgentToRank, BusyPolicy, CheckpointReport, Completion, ControlPage, ControlRequest,
@@ -227,6 +227,11 @@ struct RankConn {
     /// Coordinated mode: the rank parked for an epoch this agent has not
     /// started yet (MPI ranks agree on the epoch among themselves).
     early: Mutex<Option<Parked>>,
+    /// The regions as this process's last capture stored them, when that
+    /// capture's part is durable: unwritten chunks are reused from it.
+    /// Taken by each capture and put back only once its part is durable,
+    /// since the write-tracking scan of a failed capture is lost.
+    baseline: Mutex<Option<Vec<RegionRecord>>>,
 }
 
 impl RankConn {
@@ -312,6 +317,8 @@ struct EpochRun {
     written: Mutex<Vec<u32>>,
     /// Coordinated: the first rank failure, which stops the others.
     failed: Mutex<Option<String>>,
+    /// Copy every chunk, ignoring write tracking.
+    full: bool,
 }
 
 impl EpochRun {
@@ -680,6 +687,7 @@ impl Shared {
             events: Mutex::new(rx),
             alive: AtomicBool::new(true),
             early: Mutex::new(None),
+            baseline: Mutex::new(None),
         });
         if let Some(old) = lock(&self.ranks).insert(rank, Arc::clone(&conn)) {
             old.alive.store(false, Ordering::Release);
@@ -864,7 +872,8 @@ impl Shared {
                     epoch,
                     if_busy,
                     until,
-                } => self.checkpoint(epoch, if_busy, until),
+                    full,
+                } => self.checkpoint(epoch, if_busy, until, full),
                 ControlRequest::ArmRestart { epoch } => self.arm_restart(epoch),
                 ControlRequest::Status => ControlResponse::Status(self.status()),
             };
@@ -933,8 +942,9 @@ impl Shared {
         epoch: Option<u64>,
         if_busy: BusyPolicy,
         until: Completion,
+        full: bool,
     ) -> ControlResponse {
-        let run = {
+        let mut run = {
             let mut state = lock(&self.state);
             while let Some(busy) = state.busy {
                 if if_busy == BusyPolicy::Refuse {
@@ -959,6 +969,7 @@ impl Shared {
             let epoch = epoch.unwrap_or(latest.max(state.last_epoch) + 1);
             self.begin_busy(&mut state, epoch, self.config.park_timeout, false)
         };
+        run.full = full;
         let epoch = run.epoch;
         let (tx, rx) = mpsc::channel::<Result<CheckpointReport, String>>();
         let shared = Arc::clone(self);
@@ -1040,6 +1051,7 @@ impl Shared {
             early,
             written: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
+            full: false,
         }
     }
 
@@ -1591,7 +1603,8 @@ impl Shared {
                             }
                             Ok(())
                         };
-                        let captured = capture_rank(ctx, &rank_writer, &parked, &mut resume);
+                        let baseline = lock(&conn.baseline).take().filter(|_| !run.full);
+                        let captured = capture_rank(ctx, &rank_writer, &parked, baseline.as_deref(), &mut resume);
                         let (report, record) = match captured {
                             Ok(x) => x,
                             Err(err) => {
@@ -1611,7 +1624,9 @@ impl Shared {
                         if run.cancel.is_set() {
                             return Err(format!("rank {}: {}", conn.rank, aborted()));
                         }
+                        let regions = record.regions.clone();
                         let stats = rank_writer.finish(record).map_err(|e| e.to_string())?;
+                        *lock(&conn.baseline) = Some(regions);
                         lock(&run.written).push(conn.rank);
                         tracing::info!(job = %job, node = %node, rank = conn.rank, epoch, new_chunks = stats.new_chunks, "rank.durable");
                         if let Some(link) = link {

@@ -14,6 +14,7 @@
 pub mod auth;
 pub mod chunk;
 pub mod codec;
+pub mod dirty;
 pub mod durable;
 pub mod fault;
 pub mod header;

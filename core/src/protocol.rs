@@ -67,14 +67,13 @@ use crate::manifest::{RegionKind, WriteStats};
 /// Frame magic: the ASCII bytes `CRYP`.
 pub const MAGIC: [u8; 4] = *b"CRYP";
 /// The protocol version this build speaks. Version 2 replaced the token in
-/// the hello with challenge-response ([`Challenge`], [`Proof`]).
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build accepts (current and previous).
-pub const MIN_PROTOCOL_VERSION: u16 = if PROTOCOL_VERSION > 1 {
-    PROTOCOL_VERSION - 1
-} else {
-    1
-};
+/// the hello with challenge-response ([`Challenge`], [`Proof`]); version 3
+/// added write tracking (`copied_bytes`, `full`).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build accepts. Version 3 changed the
+/// layout of capture reports and checkpoint requests, so a version 2 peer
+/// is refused by name rather than misread.
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
 /// Length of the fixed frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest accepted payload (16 MiB). Checked before allocating.
@@ -94,6 +93,9 @@ pub const ENV_REGION_BASE: &str = "CRYO_REGION_BASE";
 /// Environment variable: `truncate` (default) or `keep` for files opened for
 /// writing on restart.
 pub const ENV_FILE_POLICY: &str = "CRYO_FILE_POLICY";
+/// Environment variable: `auto` (default), `on` or `off`; whether a rank
+/// tracks writes to its regions (see [`crate::dirty`]).
+pub const ENV_DIRTY_TRACKING: &str = "CRYO_DIRTY_TRACKING";
 
 /// What a frame carries. `0` is reserved and never valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -723,6 +725,8 @@ pub enum ControlRequest {
         if_busy: BusyPolicy,
         /// When to answer.
         until: Completion,
+        /// Copy every chunk, even those write tracking reports unchanged.
+        full: bool,
     },
     /// Make ranks that register from now on restart from an epoch.
     ArmRestart {
@@ -746,6 +750,9 @@ pub struct RankCaptureReport {
     pub pid: u32,
     /// Region bytes captured.
     pub bytes: u64,
+    /// Of those, the bytes copied; the rest were not written since the
+    /// previous epoch, whose chunks were reused.
+    pub copied_bytes: u64,
     /// From `Parked` received to `Resume` sent, in nanoseconds.
     pub pause_ns: u64,
     /// Time spent copying memory (`process_vm_readv`), in nanoseconds.
@@ -1115,6 +1122,7 @@ mod tests {
         let resume = AgentToRank::Resume { epoch: 4 };
         write_message(&mut buf, &resume).unwrap();
         let request = ControlRequest::Checkpoint {
+            full: false,
             epoch: None,
             if_busy: BusyPolicy::Wait,
             until: Completion::Committed,

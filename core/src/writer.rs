@@ -97,6 +97,15 @@ pub enum WriteError {
         /// Why.
         source: NameError,
     },
+    /// A chunk the previous epoch stored, which this epoch reuses because
+    /// its memory was not written since, is no longer in the store.
+    #[error("rank {rank}: chunk {hash} of an earlier epoch, reused for unchanged memory, is missing from the store (was it collected?); this epoch is abandoned and the next copies everything")]
+    ReusedChunkMissing {
+        /// The rank.
+        rank: u32,
+        /// The chunk.
+        hash: ChunkHash,
+    },
     /// Writing the rank's part failed.
     #[error("rank {rank}: writing its part failed: {source}")]
     Part {
@@ -225,6 +234,18 @@ impl RankWriter<'_> {
                 source,
             })?;
         self.put_encoded(offset, &encoded)
+    }
+
+    /// References a chunk an earlier epoch stored, for memory that was not
+    /// written since (write tracking): nothing is hashed or written, but
+    /// the chunk must still be in the store. The job lock this epoch holds
+    /// keeps GC from removing it from here on.
+    pub fn reuse_chunk(&self, chunk: &ChunkRef) -> Result<ChunkRef, WriteError> {
+        self.existing(chunk.offset, &chunk.hash, chunk.len as usize)
+            .ok_or(WriteError::ReusedChunkMissing {
+                rank: self.rank,
+                hash: chunk.hash,
+            })
     }
 
     /// A reference to the stored chunk `hash`, if the store has it.

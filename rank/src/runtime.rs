@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cryo_core::auth;
+use cryo_core::dirty::{TrackingMode, WriteTracker};
 use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{
     read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
     RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, ENV_AGENT_SOCKET,
-    ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN, PROTOCOL_VERSION,
+    ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN,
+    PROTOCOL_VERSION,
 };
 use cryo_core::store::{JobStore, Store};
 use cryo_core::token::JobToken;
@@ -95,6 +97,9 @@ pub struct Config {
     pub region_reserve: u64,
     /// Policy for files opened for writing.
     pub file_policy: FilePolicy,
+    /// Whether region writes are tracked, so that a checkpoint copies only
+    /// the chunks written since the previous one (`CRYO_DIRTY_TRACKING`).
+    pub dirty_tracking: TrackingMode,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -156,7 +161,16 @@ impl Config {
             })?,
             None => FilePolicy::Truncate,
         };
+        let dirty_tracking = match env_var(ENV_DIRTY_TRACKING) {
+            Some(text) => TrackingMode::parse(&text).ok_or_else(|| InitError::BadEnv {
+                var: ENV_DIRTY_TRACKING,
+                value: text.clone(),
+                why: "expected `auto`, `on` or `off`".into(),
+            })?,
+            None => TrackingMode::Auto,
+        };
         Ok(Config {
+            dirty_tracking,
             socket: env_var(ENV_AGENT_SOCKET).map(PathBuf::from),
             job: env_var(ENV_JOB).unwrap_or_default(),
             rank,
@@ -204,6 +218,10 @@ struct Runtime {
     next: u64,
     regions: Vec<Region>,
     names: HashMap<String, usize>,
+    /// Tracks writes to regions; opened with the first region, `None`
+    /// where tracking is off or the kernel cannot do it.
+    tracker: Option<WriteTracker>,
+    tracker_tried: bool,
 }
 
 fn lock() -> MutexGuard<'static, Option<Runtime>> {
@@ -509,6 +527,8 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         next: 0,
         regions: Vec::new(),
         names: HashMap::new(),
+        tracker: None,
+        tracker_tried: false,
     });
     Ok(info)
 }
@@ -635,6 +655,34 @@ impl Runtime {
         // One PROT_NONE guard page after each region catches overruns.
         self.next = (self.next + map_len + PAGE).min(self.config.region_reserve);
         Ok(addr)
+    }
+
+    /// Registers a region for write tracking; any failure only means that
+    /// every checkpoint copies the whole region.
+    fn track(&mut self, name: &str, addr: u64, len: u64) {
+        let rank = self.config.rank;
+        if !self.tracker_tried {
+            self.tracker_tried = true;
+            self.tracker = match self.config.dirty_tracking.resolve().and_then(|()| {
+                WriteTracker::new()
+                    .map_err(|e| format!("userfaultfd: {e} (needs Linux 6.7+)"))
+                    .and_then(|t| {
+                        t.relocate(move_high)
+                            .map_err(|e| format!("moving the userfaultfd: {e}"))
+                    })
+            }) {
+                Ok(tracker) => Some(tracker),
+                Err(why) => {
+                    tracing::info!(job = %self.job, rank, why = %why, "regions.untracked");
+                    None
+                }
+            };
+        }
+        if let Some(tracker) = &self.tracker {
+            if let Err(err) = tracker.register(addr, len) {
+                tracing::info!(job = %self.job, rank, region = name, error = %err, "region.untracked");
+            }
+        }
     }
 
     fn push(&mut self, info: RegionInfo) {
@@ -788,6 +836,9 @@ impl Runtime {
             kind,
         };
         self.fill(&info, slice)?;
+        // Registered after the restore's fill: its pages count as written
+        // until the first checkpoint, which therefore copies them all.
+        self.track(name, addr, map_len.get() as u64);
         tracing::debug!(job = %self.job, rank, region = name, addr, len, "region.created");
         self.push(info);
         Ok(slice)
@@ -976,7 +1027,10 @@ fn park_epoch(
     let parked = RankToAgent::Parked {
         epoch,
         regions: runtime.regions.iter().map(|r| r.info.clone()).collect(),
-        runtime_fds: vec![conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()],
+        runtime_fds: [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
+            .into_iter()
+            .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
+            .collect(),
     };
     tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
     let agent = |source| CheckpointError::Agent {

@@ -29,6 +29,7 @@ fn taken_reservation_names_the_occupant() {
         region_base: base,
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
+        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
     })
     .unwrap_err();
     assert!(matches!(err, InitError::Reserve { .. }), "{err}");
@@ -46,6 +47,7 @@ fn taken_reservation_names_the_occupant() {
         region_base: base + (2 << 30),
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
+        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
     })
     .unwrap();
     assert_eq!(info.node, None);

@@ -74,6 +74,7 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         region_base: 0x5b00_0000_0000,
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
+        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
     })
     .unwrap();
     assert_eq!(info.restored_epoch, None);

@@ -203,6 +203,7 @@ impl Agent {
     /// Checkpoints and waits for the commit; panics on failure.
     pub fn checkpoint(&self) -> CheckpointReport {
         match self.request(&ControlRequest::Checkpoint {
+            full: false,
             epoch: None,
             if_busy: BusyPolicy::Wait,
             until: Completion::Committed,

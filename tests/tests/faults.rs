@@ -801,6 +801,7 @@ fn soak_random_kills_lose_nothing_and_restart_exactly() {
         };
         let delay = Duration::from_micros(rng.below(60_000));
         let checkpoint = ControlRequest::Checkpoint {
+            full: false,
             epoch: None,
             if_busy: BusyPolicy::Wait,
             until: Completion::Committed,
@@ -1111,6 +1112,7 @@ fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
     .unwrap_or(());
     rank.wait_lines(lines(&files.log) + 20);
     let answer = agent.request(&ControlRequest::Checkpoint {
+        full: false,
         epoch: None,
         if_busy: BusyPolicy::Wait,
         until: Completion::Committed,
@@ -1471,6 +1473,7 @@ mod private_store {
 
     fn checkpoint(agent: &Agent) -> Result<u64, String> {
         match agent.request(&ControlRequest::Checkpoint {
+            full: false,
             epoch: None,
             if_busy: BusyPolicy::Wait,
             until: Completion::Committed,

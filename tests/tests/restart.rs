@@ -129,7 +129,16 @@ fn rust_checkpoint_kill_restart_is_byte_identical() {
         .iter()
         .filter(|f| matches!(&f.restore, FdRestore::NotRestored(why) if why == "cryo runtime"))
         .collect();
-    assert_eq!(runtime.len(), 2, "socket and control page: {:?}", rank.fds);
+    assert_eq!(
+        runtime.len(),
+        3,
+        "socket, control page and write tracker: {:?}",
+        rank.fds
+    );
+    assert!(
+        runtime.iter().any(|f| f.path.contains("userfaultfd")),
+        "{runtime:?}"
+    );
     let kinds: Vec<(&str, &RegionKind)> = rank
         .regions
         .iter()
@@ -271,6 +280,90 @@ fn second_checkpoint_writes_only_changed_chunks() {
     );
 }
 
+/// Write tracking: after the first capture (and a forced full one), each
+/// checkpoint copies only the chunks the rank wrote since the previous one;
+/// a restart from the last of a chain of such checkpoints must still end
+/// byte-identical. Missing a single written page would change the final
+/// state.
+#[test]
+fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
+    let setup = setup();
+    let state_mb = 32;
+    let program = Program::Rust;
+    let reference = reference(&setup, &program, 0, state_mb);
+    let agent = Agent::start(setup.dir.path(), "dirty", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = RankSpec {
+        steps: STEPS,
+        ..spec(&program, 0, &agent, state_mb)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    let checkpoint = |full: bool| match agent.request(&ControlRequest::Checkpoint {
+        full,
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    }) {
+        ControlResponse::Checkpoint(report) => report,
+        other => panic!("{other:?}"),
+    };
+    rank.wait_lines(10);
+    let first = checkpoint(false);
+    rank.wait_lines(lines(&files.log) + 5);
+    let forced = checkpoint(true);
+    let all = first.ranks[0].bytes;
+    assert_eq!(
+        first.ranks[0].copied_bytes, all,
+        "the first capture copies everything"
+    );
+    assert_eq!(
+        forced.ranks[0].copied_bytes, all,
+        "a full capture copies everything"
+    );
+    let mut copied = Vec::new();
+    for _ in 0..2 {
+        let before = lines(&files.log);
+        rank.wait_lines(before + 5);
+        let report = checkpoint(false);
+        let steps = (lines(&files.log) - before) as u64;
+        let r = &report.ranks[0];
+        // Each step writes one 256 KiB block of the state (and its header
+        // page); the 4 KiB input mapping and protected buffer are untracked
+        // and copied whole.
+        let bound = (steps / 4 + 4) << 20;
+        assert!(
+            r.copied_bytes <= bound && r.copied_bytes < all / 3,
+            "copied {} of {all} bytes after about {steps} steps (bound {bound})",
+            r.copied_bytes
+        );
+        assert_eq!(
+            report.stats.raw_bytes, first.stats.raw_bytes,
+            "every chunk is in the manifest"
+        );
+        copied.push(r.copied_bytes);
+    }
+    let saved = lines(&files.log);
+    rank.wait_lines(saved + 3);
+    rank.kill9();
+    let epoch = agent.arm_restart();
+    assert_eq!(epoch, 4);
+    let job = agent.job_store();
+    assert!(job
+        .verify_manifest(&job.load_manifest(epoch).unwrap())
+        .is_ok());
+    let rank = Rank::start(&spec, &files);
+    let status = rank.wait();
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    assert!(Rank::stderr(&files).contains("restarted from epoch 4"));
+    assert_eq!(lines(&files.log), STEPS as usize);
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+    assert!(
+        copied.iter().all(|c| *c > 0),
+        "the state changed: {copied:?}"
+    );
+}
+
 #[test]
 fn restart_is_refused_clearly_when_a_file_vanished() {
     let setup = setup();
@@ -372,6 +465,7 @@ fn busy_checkpoint_is_refused_with_a_clear_message_or_waits() {
     let mut rank = Rank::start(&spec, &files);
     rank.wait_lines(3);
     let first = match agent.request(&ControlRequest::Checkpoint {
+        full: false,
         epoch: None,
         if_busy: BusyPolicy::Refuse,
         until: Completion::Resumed,
@@ -385,6 +479,7 @@ fn busy_checkpoint_is_refused_with_a_clear_message_or_waits() {
     );
     // 192 MiB are still being hashed, compressed and written.
     match agent.request(&ControlRequest::Checkpoint {
+        full: false,
         epoch: None,
         if_busy: BusyPolicy::Refuse,
         until: Completion::Committed,
@@ -429,6 +524,7 @@ fn rank_that_never_reaches_a_safe_point_aborts_the_epoch_cleanly() {
     rank.wait_lines(1);
     agent.wait_ranks(1);
     match agent.request(&ControlRequest::Checkpoint {
+        full: false,
         epoch: None,
         if_busy: BusyPolicy::Wait,
         until: Completion::Committed,
