@@ -82,8 +82,9 @@ pub struct BenchArgs {
 /// An incremental checkpoint after the ranks changed part of their state.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IncrementalResult {
-    /// Steps rank 0 took between the two checkpoints (each changes one
-    /// 256 KiB block, so four steps change one 1 MiB chunk).
+    /// Steps rank 0 had taken since the previous checkpoint when the
+    /// incremental one was requested (each changes one 256 KiB block, so
+    /// four steps change one 1 MiB chunk).
     pub steps: u64,
     /// Region bytes of all ranks.
     pub bytes: u64,
@@ -395,10 +396,11 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
             Duration::from_secs(600),
             || Ok(count_lines(log) >= start + steps),
         )?;
+        let steps = count_lines(log).saturating_sub(start);
         let inc = checkpoint(false)?;
         restart_epoch = inc.epoch;
         Some(IncrementalResult {
-            steps: count_lines(log).saturating_sub(start),
+            steps,
             bytes: inc.ranks.iter().map(|r| r.bytes).sum(),
             copied_bytes: inc.ranks.iter().map(|r| r.copied_bytes).sum(),
             pause_ns: worst_pause(&inc),

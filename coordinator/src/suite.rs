@@ -1053,6 +1053,13 @@ pub fn render(report: &SuiteReport) -> String {
     );
     line(
         &mut out,
+        "incremental (5%) bytes / full, store level",
+        inc(&|r| r.incremental_bytes_ratio * 100.0),
+        10.0,
+        "%",
+    );
+    line(
+        &mut out,
         "incremental (5%) time / full, store level",
         inc(&|r| r.incremental_time_ratio * 100.0),
         20.0,
