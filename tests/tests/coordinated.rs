@@ -401,7 +401,12 @@ fn abort_mid_epoch_resumes_ranks_and_keeps_the_committed_epoch() {
     let files: Vec<RankFiles> = (0..2)
         .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
         .collect();
-    let env = [("CRYO_TOKEN", coord.token.expose())];
+    // Without write tracking epoch 2 copies all 96 MiB again; an incremental
+    // epoch would copy a few chunks and resume rank 0 before the abort.
+    let env = [
+        ("CRYO_TOKEN", coord.token.expose()),
+        ("CRYO_DIRTY_TRACKING", "off"),
+    ];
     let mut ranks: Vec<Rank> = (0..2)
         .map(|r| Rank::start_with_env(&specs[r], &files[r], &env))
         .collect();
@@ -923,14 +928,69 @@ impl MpiJob {
         }
     }
 
-    fn wait(mut self) -> std::process::ExitStatus {
+    /// Waits for the job; on a hang, panics with what each of its processes
+    /// is blocked in, the job's stderr and the agents' logs.
+    fn wait(mut self, stderr: &Path, agents: &[Agent]) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
-        let mut status = None;
-        wait_until("the MPI job to finish", Duration::from_secs(120), || {
-            status = child.try_wait().unwrap();
-            status.is_some()
-        });
-        status.unwrap()
+        let timeout = Duration::from_secs(120);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > timeout {
+                let report = self.blocked_in();
+                self.child = Some(child);
+                self.kill();
+                let logs: Vec<String> = agents
+                    .iter()
+                    .map(|a| fs::read_to_string(&a.log).unwrap_or_default())
+                    .collect();
+                panic!(
+                    "timed out after {timeout:?} waiting for the MPI job to finish\n\
+                     processes:\n{report}\nstderr:\n{}\nagent logs:\n{}",
+                    fs::read_to_string(stderr).unwrap_or_default(),
+                    logs.join("\n----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Each of the job's threads: state, kernel wait channel and stack.
+    fn blocked_in(&self) -> String {
+        let mut out = String::new();
+        for entry in fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if !cmdline.contains(&self.marker) || !cmdline.contains("heat2d") {
+                continue;
+            }
+            out.push_str(&format!(
+                "{}: {cmdline}\n",
+                entry.file_name().to_string_lossy()
+            ));
+            for task in fs::read_dir(entry.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let read = |f: &str| fs::read_to_string(task.path().join(f)).unwrap_or_default();
+                let stat = read("stat");
+                let state = stat
+                    .rsplit_once(')')
+                    .map_or("", |(_, r)| r.trim())
+                    .get(..1)
+                    .unwrap_or("");
+                out.push_str(&format!(
+                    "  task {} state {state} wchan {}\n{}",
+                    task.file_name().to_string_lossy(),
+                    read("wchan"),
+                    read("stack")
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -1086,7 +1146,7 @@ fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
     for agent in &agents {
         wait_logged(agent, &["restart.armed", "epoch=1"]);
     }
-    let status = launch("run").wait();
+    let status = launch("run").wait(&dir.join("run.stderr"), &agents);
     assert!(
         status.success(),
         "restarted job failed: {}",
