@@ -23,10 +23,14 @@ use anyhow::{bail, Context, Result};
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
+use cryo_core::chunk::DEFAULT_CHUNK_SIZE;
 use cryo_core::store::Store;
 
 use crate::client;
 use crate::units::{format_bytes, parse_bytes};
+
+/// The block `cryo-counter` changes per step.
+const COUNTER_BLOCK: u64 = 256 << 10;
 
 /// Benchmark options.
 #[derive(Debug, Clone, clap::Args)]
@@ -83,8 +87,8 @@ pub struct BenchArgs {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct IncrementalResult {
     /// Steps rank 0 had taken since the previous checkpoint when the
-    /// incremental one was requested (each changes one 256 KiB block, so
-    /// four steps change one 1 MiB chunk).
+    /// incremental one was requested (each changes one 256 KiB block of the
+    /// changing chunks, in turn).
     pub steps: u64,
     /// Region bytes of all ranks.
     pub bytes: u64,
@@ -198,9 +202,28 @@ struct Config<'a> {
     changed: f64,
 }
 
+/// The chunk size the agent runs with.
+fn chunk_bytes(cfg: &Config<'_>) -> Result<u64> {
+    cfg.chunk_size.map_or(Ok(DEFAULT_CHUNK_SIZE as u64), |s| {
+        parse_bytes(s).map_err(|e| anyhow::anyhow!("--chunk-size: {e}"))
+    })
+}
+
 fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
     let tag = format!("p{}-s{}-r{rank}", cfg.procs, cfg.size >> 20);
-    Command::new(cfg.counter)
+    let mut command = Command::new(cfg.counter);
+    // The ranks change only `changed` of their chunks, spread evenly over the
+    // state, however many steps they take between two checkpoints: they run
+    // on while the previous epoch drains, so a share set by counting steps
+    // would grow with the drain time.
+    if cfg.changed > 0.0 {
+        command
+            .arg("--changing-share")
+            .arg(cfg.changed.min(1.0).to_string())
+            .arg("--change-unit-kib")
+            .arg((chunk_bytes(cfg)? >> 10).to_string());
+    }
+    command
         .args(["--steps", "100000000", "--step-ms", "1"])
         .arg("--state-mb")
         .arg((cfg.size >> 20).to_string())
@@ -381,14 +404,16 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
         }
         pause_samples_ns.push(worst);
     }
-    // Incremental: the ranks change `changed` of their chunks (four steps
-    // per 1 MiB chunk), then an ordinary checkpoint.
+    // Incremental: the ranks cycle through the blocks of `changed` of their
+    // chunks; once rank 0 has been through every one, an ordinary checkpoint.
     let mut restart_epoch = report.epoch;
     let incremental = if cfg.changed > 0.0 {
-        let chunks = (cfg.size >> 20).max(1) as f64;
-        // Non-negative and at most four steps per chunk: the cast is exact.
+        let chunk = chunk_bytes(cfg)?;
+        let chunks = cfg.size.div_ceil(chunk).max(1) as f64;
+        let blocks_per_chunk = (chunk / COUNTER_BLOCK).max(1);
+        // A share of a chunk count that fits in memory: the cast is exact.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let steps = (cfg.changed.clamp(0.0, 1.0) * chunks * 4.0).ceil() as u64;
+        let steps = (cfg.changed.clamp(0.0, 1.0) * chunks).ceil() as u64 * blocks_per_chunk;
         let log = &logs[0];
         let start = count_lines(log);
         wait_until(
@@ -611,7 +636,7 @@ fn print_result(r: &AgentBenchResult) {
 
 /// Single-thread throughput of each stage of storing chunks.
 fn stages(dir: &Path) -> Result<()> {
-    use cryo_core::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter, DEFAULT_CHUNK_SIZE};
+    use cryo_core::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter};
     let total = 64usize << 20;
     // Like the counter's state: a smooth pattern with some noise.
     let mut data = vec![0u8; total];

@@ -50,6 +50,15 @@ struct Args {
     /// benchmarks.
     #[arg(long, value_enum, default_value_t = StateKind::Counter)]
     state_kind: StateKind,
+    /// Share of the state the steps change, for benchmarks of incremental
+    /// checkpoints: the steps cycle through that share of the state's
+    /// `--change-unit-kib` units, spread evenly over it. 1 changes every
+    /// block in turn.
+    #[arg(long, default_value_t = 1.0)]
+    changing_share: f64,
+    /// The unit `--changing-share` counts in (the agent's chunk size).
+    #[arg(long, default_value_t = 1024)]
+    change_unit_kib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,6 +105,52 @@ fn fnv(bytes: &[u8], mut hash: u64) -> u64 {
         hash = hash.wrapping_mul(0x100_0000_01b3);
     }
     hash
+}
+
+/// Which block each step changes: every block in turn, or only those in a
+/// share of the state's units spread evenly over it.
+struct ChangingBlocks {
+    nblocks: u64,
+    /// Blocks per unit.
+    per_unit: u64,
+    /// Units, and how many of them change.
+    units: u64,
+    changing_units: u64,
+}
+
+impl ChangingBlocks {
+    fn new(args: &Args, nblocks: usize) -> Result<ChangingBlocks> {
+        let share = args.changing_share;
+        if !(share > 0.0 && share <= 1.0) {
+            bail!("--changing-share must be in (0, 1], not {share}");
+        }
+        let unit = args.change_unit_kib << 10;
+        if unit == 0 || unit % BLOCK as u64 != 0 {
+            bail!("--change-unit-kib must be a multiple of {} KiB", BLOCK >> 10);
+        }
+        let nblocks = nblocks as u64;
+        let per_unit = unit / BLOCK as u64;
+        let units = nblocks.div_ceil(per_unit);
+        // A share of a unit count; the result is at most `units`.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let changing_units = ((share * units as f64).ceil() as u64).clamp(1, units);
+        Ok(ChangingBlocks {
+            nblocks,
+            per_unit,
+            units,
+            changing_units,
+        })
+    }
+
+    fn block(&self, step: u64) -> usize {
+        if self.changing_units == self.units {
+            return usize::try_from(step % self.nblocks).unwrap_or(0);
+        }
+        let cycle = step % (self.changing_units * self.per_unit);
+        let unit = cycle / self.per_unit * self.units / self.changing_units;
+        let block = (unit * self.per_unit + cycle % self.per_unit) % self.nblocks;
+        usize::try_from(block).unwrap_or(0)
+    }
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -173,9 +228,10 @@ fn run(args: &Args) -> Result<()> {
     };
     let block_words = BLOCK / 8;
     let nblocks = (data.len() / block_words).max(1);
+    let changing = ChangingBlocks::new(args, nblocks)?;
     while header[1] < args.steps {
         let step = header[1];
-        let block = usize::try_from(step).unwrap_or(0) % nblocks;
+        let block = changing.block(step);
         let lo = block * block_words;
         let hi = (lo + block_words).min(data.len());
         let mut sum = 0u64;
@@ -230,5 +286,52 @@ fn main() {
     if let Err(err) = run(&args) {
         eprintln!("cryo-counter: error: {err:#}");
         std::process::exit(2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(share: f64) -> Args {
+        Args::parse_from([
+            "cryo-counter",
+            "--log",
+            "l",
+            "--input",
+            "i",
+            "--final",
+            "f",
+            "--changing-share",
+            &share.to_string(),
+        ])
+    }
+
+    #[test]
+    fn every_block_changes_in_turn_by_default() {
+        let blocks = ChangingBlocks::new(&args(1.0), 10).unwrap();
+        let seen: Vec<usize> = (0..12).map(|s| blocks.block(s)).collect();
+        assert_eq!(seen, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+    }
+
+    #[test]
+    fn a_share_changes_that_many_units_spread_over_the_state() {
+        // 128 units of four blocks; 5% is 7 units.
+        let blocks = ChangingBlocks::new(&args(0.05), 512).unwrap();
+        let mut units: Vec<usize> = (0..10_000).map(|s| blocks.block(s) / 4).collect();
+        units.sort_unstable();
+        units.dedup();
+        assert_eq!(units, [0, 18, 36, 54, 73, 91, 109]);
+        // One cycle touches every block of those units once.
+        let mut cycle: Vec<usize> = (0..28).map(|s| blocks.block(s)).collect();
+        cycle.sort_unstable();
+        cycle.dedup();
+        assert_eq!(cycle.len(), 28);
+    }
+
+    #[test]
+    fn a_bad_share_is_refused() {
+        assert!(ChangingBlocks::new(&args(0.0), 8).is_err());
+        assert!(ChangingBlocks::new(&args(1.5), 8).is_err());
     }
 }
