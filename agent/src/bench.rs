@@ -20,10 +20,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cryo_core::chunk::DEFAULT_CHUNK_SIZE;
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
-use cryo_core::chunk::DEFAULT_CHUNK_SIZE;
 use cryo_core::store::Store;
 
 use crate::client;

@@ -126,7 +126,10 @@ impl ChangingBlocks {
         }
         let unit = args.change_unit_kib << 10;
         if unit == 0 || unit % BLOCK as u64 != 0 {
-            bail!("--change-unit-kib must be a multiple of {} KiB", BLOCK >> 10);
+            bail!(
+                "--change-unit-kib must be a multiple of {} KiB",
+                BLOCK >> 10
+            );
         }
         let nblocks = nblocks as u64;
         let per_unit = unit / BLOCK as u64;
@@ -290,6 +293,7 @@ fn main() {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
