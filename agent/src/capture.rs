@@ -11,7 +11,7 @@
 //!
 //! Either way the agent never holds more than the copy budget of rank data.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -265,25 +265,89 @@ fn matching_baseline<'a>(
     same_cut.then_some(&base.chunks[..])
 }
 
+/// Share of a region's chunks written between two captures from which on it
+/// counts as hot: re-protecting it would cost a write fault (about 1.4 µs)
+/// per page for almost no chunk saved.
+pub const HOT_SHARE: f64 = 0.95;
+
+/// Captures a hot region is copied whole without being scanned or
+/// protected again, before it is probed once more.
+pub const HOT_CAPTURES: u32 = 8;
+
+/// How a region's writes looked at the previous captures of its process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Heat {
+    /// Not scanned yet, or the last scan followed a time without
+    /// protection: what this scan reports says nothing about the region.
+    #[default]
+    Unmeasured,
+    /// The last scan protected the region again: this scan reports what
+    /// was written between the two captures.
+    Tracked,
+    /// (Nearly) every chunk was written between two captures: the region
+    /// is copied whole, unscanned and unprotected (so the application takes
+    /// no write faults), for `left` more captures; then it is scanned and
+    /// protected again, and measured at the capture after.
+    Hot {
+        /// Captures left before the region is scanned again.
+        left: u32,
+    },
+}
+
+impl Heat {
+    /// Whether this capture scans (and protects again) the region.
+    pub fn scans(self) -> bool {
+        !matches!(self, Heat::Hot { left } if left > 1)
+    }
+
+    /// The state after this capture, given the share of the region's chunks
+    /// its scan found written (`None`: not scanned, or the scan failed).
+    pub fn next(self, dirty_share: Option<f64>) -> Heat {
+        match (self, dirty_share) {
+            (Heat::Hot { left }, _) if left > 1 => Heat::Hot { left: left - 1 },
+            (Heat::Tracked, Some(share)) if share >= HOT_SHARE => Heat::Hot { left: HOT_CAPTURES },
+            (_, Some(_)) => Heat::Tracked,
+            (_, None) => Heat::Unmeasured,
+        }
+    }
+}
+
+/// Each region's [`Heat`], by name and address, for one rank process.
+pub type RegionHeat = HashMap<(String, u64), Heat>;
+
 /// Chooses the chunks to copy. Every tracked region is scanned for pages
 /// written since the previous capture and protected again in the same
 /// walk (the rank is parked, so nothing writes meanwhile). A chunk with no
 /// written page keeps the previous epoch's chunk, if that epoch stored
-/// this rank (`baseline`); everything else is copied.
+/// this rank (`baseline`); everything else is copied. Hot regions (see
+/// [`Heat`]) are copied whole without a scan.
 fn select(
     ctx: &CaptureContext<'_>,
     parked: &Parked,
     baseline: Option<&[RegionRecord]>,
+    heat: &mut RegionHeat,
     chunk: usize,
 ) -> Selection {
     let mut out = Selection::default();
     let pieces = plan(&parked.regions, chunk);
+    heat.retain(|(name, addr), _| {
+        parked
+            .regions
+            .iter()
+            .any(|r| &r.name == name && r.addr == *addr)
+    });
     for (index, region) in parked.regions.iter().enumerate() {
         let mine: Vec<Piece> = pieces
             .iter()
             .filter(|p| p.region == index)
             .copied()
             .collect();
+        let state = heat.entry((region.name.clone(), region.addr)).or_default();
+        if !state.scans() {
+            *state = state.next(None);
+            out.copy.extend(mine);
+            continue;
+        }
         let scan_len = region.len.div_ceil(PAGE) * PAGE;
         let written = match ctx
             .access
@@ -292,13 +356,10 @@ fn select(
             Ok(written) => written,
             Err(err) => {
                 tracing::debug!(rank = parked.rank, epoch = parked.epoch, region = %region.name, error = %err, "region.untracked");
+                *state = state.next(None);
                 out.copy.extend(mine);
                 continue;
             }
-        };
-        let Some(base) = baseline.and_then(|b| matching_baseline(b, region, &mine)) else {
-            out.copy.extend(mine);
-            continue;
         };
         let mut dirty = vec![false; mine.len()];
         for (start, end) in written {
@@ -312,6 +373,16 @@ fn select(
                 *flag = true;
             }
         }
+        let share = dirty.iter().filter(|d| **d).count() as f64 / dirty.len().max(1) as f64;
+        let before = *state;
+        *state = state.next(Some(share));
+        if matches!(*state, Heat::Hot { .. }) && !matches!(before, Heat::Hot { .. }) {
+            tracing::info!(rank = parked.rank, epoch = parked.epoch, region = %region.name, written_share = share, "region.hot");
+        }
+        let Some(base) = baseline.and_then(|b| matching_baseline(b, region, &mine)) else {
+            out.copy.extend(mine);
+            continue;
+        };
         for ((piece, chunk_ref), dirty) in mine.into_iter().zip(base).zip(dirty) {
             if dirty {
                 out.copy.push(piece);
@@ -413,6 +484,7 @@ pub fn capture_rank(
     writer: &RankWriter<'_>,
     parked: &Parked,
     baseline: Option<&[RegionRecord]>,
+    heat: &mut RegionHeat,
     resume: &mut dyn FnMut(&RankCaptureReport) -> Result<(), String>,
 ) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
     let rank = parked.rank;
@@ -430,7 +502,7 @@ pub fn capture_rank(
     let Selection {
         copy: pieces,
         reuse: reused,
-    } = select(ctx, parked, baseline, ctx.pool.slot_size());
+    } = select(ctx, parked, baseline, heat, ctx.pool.slot_size());
     let fds_restored = fds
         .iter()
         .filter(|f| f.restore == FdRestore::Restore)
@@ -544,6 +616,36 @@ mod tests {
         let got: Vec<(usize, u64, usize)> =
             pieces.iter().map(|p| (p.region, p.offset, p.len)).collect();
         assert_eq!(got, vec![(0, 0, 4), (0, 4, 4), (0, 8, 2), (1, 0, 4)]);
+    }
+
+    #[test]
+    fn a_region_written_whole_goes_hot_and_is_probed_again() {
+        // The first scan says nothing (the region was just filled).
+        let heat = Heat::default().next(Some(1.0));
+        assert_eq!(heat, Heat::Tracked);
+        assert!(heat.scans());
+        // Written whole between two captures: hot, copied unscanned.
+        let mut heat = heat.next(Some(0.99));
+        assert_eq!(heat, Heat::Hot { left: HOT_CAPTURES });
+        let mut unscanned = 0;
+        while !heat.scans() {
+            heat = heat.next(None);
+            unscanned += 1;
+        }
+        assert_eq!(unscanned, HOT_CAPTURES - 1);
+        // The probe scans and protects again; what it reports is not a
+        // measurement (the region was unprotected), the next scan's is.
+        let heat = heat.next(Some(1.0));
+        assert_eq!(heat, Heat::Tracked);
+        assert_eq!(heat.next(Some(0.05)), Heat::Tracked);
+        assert!(matches!(heat.next(Some(1.0)), Heat::Hot { .. }));
+    }
+
+    #[test]
+    fn partly_written_and_untracked_regions_are_never_hot() {
+        assert_eq!(Heat::Tracked.next(Some(0.9)), Heat::Tracked);
+        assert_eq!(Heat::Tracked.next(None), Heat::Unmeasured);
+        assert_eq!(Heat::Unmeasured.next(Some(1.0)), Heat::Tracked);
     }
 
     #[test]

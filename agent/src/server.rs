@@ -232,6 +232,9 @@ struct RankConn {
     /// Taken by each capture and put back only once its part is durable,
     /// since the write-tracking scan of a failed capture is lost.
     baseline: Mutex<Option<Vec<RegionRecord>>>,
+    /// Which of this process's regions are hot (rewritten whole between
+    /// captures) and so copied without being scanned and protected again.
+    heat: Mutex<crate::capture::RegionHeat>,
 }
 
 impl RankConn {
@@ -688,6 +691,7 @@ impl Shared {
             alive: AtomicBool::new(true),
             early: Mutex::new(None),
             baseline: Mutex::new(None),
+            heat: Mutex::new(crate::capture::RegionHeat::new()),
         });
         if let Some(old) = lock(&self.ranks).insert(rank, Arc::clone(&conn)) {
             old.alive.store(false, Ordering::Release);
@@ -1604,7 +1608,9 @@ impl Shared {
                             Ok(())
                         };
                         let baseline = lock(&conn.baseline).take().filter(|_| !run.full);
-                        let captured = capture_rank(ctx, &rank_writer, &parked, baseline.as_deref(), &mut resume);
+                        let mut heat = lock(&conn.heat);
+                        let captured = capture_rank(ctx, &rank_writer, &parked, baseline.as_deref(), &mut heat, &mut resume);
+                        drop(heat);
                         let (report, record) = match captured {
                             Ok(x) => x,
                             Err(err) => {

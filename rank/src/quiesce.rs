@@ -9,13 +9,9 @@
 //! * safe points are numbered `1, 2, 3, …` on every rank (the application
 //!   calls the safe point the same number of times on every rank: an SPMD
 //!   loop);
-//! * at every round boundary, each rank completes the round started
-//!   [`ROUNDS_IN_FLIGHT`] boundaries earlier (`MPI_Wait`, which normally
-//!   finds it complete) and then starts the next round with its current
-//!   flag. Several rounds in flight let a round complete while the ranks
-//!   compute, even when one of them was descheduled for a while (an
-//!   oversubscribed node): a rank never waits on a round its peers have not
-//!   had time to progress;
+//! * at every round boundary, each rank completes the round started at the
+//!   previous boundary (`MPI_Wait`, which normally finds it complete) and
+//!   then starts the next round with its current flag;
 //! * boundaries are `L` safe points apart. `L` adapts so that a round spans
 //!   about [`ROUND_PERIOD`]: each round also carries the rank's time per
 //!   safe point, and every rank derives the next `L` from the round's MAX,
@@ -42,7 +38,6 @@
 //! that decided it is complete, and no new round starts until all have
 //! resumed.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -63,11 +58,6 @@ pub const ROUND_PERIOD: std::time::Duration = std::time::Duration::from_millis(1
 
 /// The longest adaptive interval, in safe points.
 const MAX_INTERVAL: u64 = 1024;
-
-/// Rounds each rank keeps in flight: a round's result is acted on this many
-/// boundaries after it started, so the quiesce latency is about this many
-/// round periods.
-pub const ROUNDS_IN_FLIGHT: usize = 3;
 
 /// The next adaptive interval, from the slowest rank's time per safe point
 /// (every rank computes it from the same allreduced number).
@@ -100,10 +90,9 @@ struct Quiesce {
     fixed: bool,
     counter: u64,
     next_boundary: u64,
-    /// When the newest round started, for the next round's timing.
+    /// When the current round started, for the next round's timing.
     round_started: Option<std::time::Instant>,
-    /// Rounds in flight, oldest first.
-    rounds: VecDeque<Round>,
+    round: Option<Round>,
 }
 
 // SAFETY: MPI handles are plain integers in MPICH; they are only used by the
@@ -179,7 +168,7 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         counter: 0,
         next_boundary: fixed.unwrap_or(1),
         round_started: None,
-        rounds: VecDeque::with_capacity(ROUNDS_IN_FLIGHT),
+        round: None,
     });
     MPI_MODE.store(true, Ordering::Release);
     Ok(info)
@@ -196,9 +185,7 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
     let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
     if q.counter != q.next_boundary {
-        // Drives MPI's progress for every round in flight (the oldest
-        // completes first).
-        if let Some(round) = q.rounds.front_mut() {
+        if let Some(round) = q.round.as_mut() {
             let mut done = 0;
             // SAFETY: the request is live (owned by this round) and `done`
             // is a valid out-parameter.
@@ -208,32 +195,23 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
         }
         return Ok(SafePoint::Continue);
     }
-    // A round boundary: the same index on every rank, with the same rounds
-    // in flight.
-    let decided = if q.rounds.len() < ROUNDS_IN_FLIGHT {
-        0
-    } else {
-        match q.rounds.pop_front() {
-            Some(mut round) => {
-                wait(&mut round).map_err(mpi_err)?;
-                // The same MAX on every rank, so the same next interval.
-                if !q.fixed && round.recv[1] > 0 {
-                    q.interval = next_interval(round.recv[1]);
-                }
-                round.recv[0]
+    // A round boundary: the same index on every rank.
+    let decided = match q.round.take() {
+        Some(mut round) => {
+            // SAFETY: the request is live; MPI_Wait also accepts a request
+            // that MPI_Test already completed (it is then MPI_REQUEST_NULL).
+            let code = unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
+            mpi_check(code, "MPI_Wait").map_err(mpi_err)?;
+            // The same MAX on every rank, so the same next interval.
+            if !q.fixed && round.recv[1] > 0 {
+                q.interval = next_interval(round.recv[1]);
             }
-            None => 0,
+            round.recv[0]
         }
+        None => 0,
     };
     q.next_boundary = q.counter + q.interval;
     if decided != 0 {
-        // The younger rounds never cross the checkpoint: every rank
-        // completes the same ones here. A request they carry is still
-        // raised after it and is seen by the next rounds.
-        while let Some(mut round) = q.rounds.pop_front() {
-            wait(&mut round).map_err(mpi_err)?;
-        }
-        q.round_started = None;
         let result = checkpoint(q);
         drop(guard);
         return result.and_then(|outcome| match outcome {
@@ -243,13 +221,6 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     }
     start_round(q).map_err(mpi_err)?;
     Ok(SafePoint::Continue)
-}
-
-fn wait(round: &mut Round) -> Result<(), String> {
-    // SAFETY: the request is live; MPI_Wait also accepts a request that
-    // MPI_Test already completed (it is then MPI_REQUEST_NULL).
-    let code = unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
-    mpi_check(code, "MPI_Wait")
 }
 
 fn start_round(q: &mut Quiesce) -> Result<(), String> {
@@ -282,7 +253,7 @@ fn start_round(q: &mut Quiesce) -> Result<(), String> {
         )
     };
     mpi_check(code, "MPI_Iallreduce")?;
-    q.rounds.push_back(round);
+    q.round = Some(round);
     Ok(())
 }
 
@@ -340,8 +311,8 @@ fn checkpoint(q: &mut Quiesce) -> Result<Outcome, CheckpointError> {
     }))
 }
 
-/// Completes the rounds in flight and frees the private communicator. Call
-/// before `MPI_Finalize` (every rank has the same rounds in flight).
+/// Completes an outstanding round and frees the private communicator. Call
+/// before `MPI_Finalize` (every rank has the same round outstanding).
 pub(crate) fn detach() {
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(mut q) = guard.take() {
@@ -352,8 +323,9 @@ pub(crate) fn detach() {
         if finalized != 0 {
             return;
         }
-        while let Some(mut round) = q.rounds.pop_front() {
-            let _ = wait(&mut round);
+        if let Some(mut round) = q.round.take() {
+            // SAFETY: live request with boxed buffers still owned here.
+            unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
         }
         // SAFETY: our own duplicate, no longer used.
         unsafe { ffi::MPI_Comm_free(&mut q.comm) };

@@ -584,3 +584,87 @@ fn command_line_checkpoint_restart_and_status() {
     rank.kill9();
     assert!(Path::new(&agent.socket).exists());
 }
+
+/// Whether any page of `[addr, addr + len)` in `pid` is write-protected for
+/// tracking (`PM_UFFD_WP`, bit 57 of `/proc/<pid>/pagemap`).
+fn any_page_write_protected(pid: u32, addr: u64, len: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let pagemap = fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
+    let pages = usize::try_from(len.div_ceil(4096)).unwrap();
+    let mut entries = vec![0u8; pages * 8];
+    pagemap
+        .read_exact_at(&mut entries, addr / 4096 * 8)
+        .unwrap();
+    entries
+        .chunks_exact(8)
+        .any(|e| u64::from_le_bytes(e.try_into().unwrap()) & (1 << 57) != 0)
+}
+
+/// A region the rank rewrites whole between checkpoints goes hot: it is
+/// copied whole without being protected again, so the rank takes no write
+/// faults for it; every few captures it is probed; and a restart from a hot
+/// epoch is still exact.
+#[test]
+fn a_region_rewritten_whole_is_copied_without_write_protection() {
+    let setup = setup();
+    // 1 MiB: four 256 KiB blocks, so four steps rewrite the whole state.
+    let state_mb = 1;
+    let program = Program::Rust;
+    let agent = Agent::start(setup.dir.path(), "hot", &["--copy-budget", "16MiB"]);
+    let spec = RankSpec {
+        steps: 120,
+        step_ms: 40,
+        ..spec(&program, 0, &agent, state_mb)
+    };
+    let reference = RankFiles::new(setup.dir.path(), "ref-0", &setup.input);
+    let alone = RankSpec {
+        agent: None,
+        step_ms: 0,
+        ..spec.clone()
+    };
+    assert!(Rank::run(&alone, &reference).success());
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(3);
+    let job = agent.job_store();
+    let mut protected_after = Vec::new();
+    let mut copied_whole = Vec::new();
+    for _ in 0..4 {
+        rank.wait_lines(lines(&files.log) + 6);
+        let report = agent.checkpoint();
+        let r = &report.ranks[0];
+        let manifest = job.load_manifest(report.epoch).unwrap();
+        let state = manifest.ranks[0]
+            .regions
+            .iter()
+            .find(|g| g.name == "state")
+            .unwrap();
+        // Right after the capture the rank has rewritten at most a block or
+        // two: a region protected again still has protected pages.
+        protected_after.push(any_page_write_protected(r.pid, state.addr, state.len));
+        // The state is copied whole every time (the read-only input
+        // mapping is not written, so its chunk is reused).
+        copied_whole.push(r.copied_bytes >= state.len);
+    }
+    // Epoch 1: first scan; epoch 2: measured whole, goes hot (protected
+    // once more by that scan); epochs 3 and 4: hot, neither scanned nor
+    // protected.
+    assert_eq!(
+        protected_after,
+        [true, true, false, false],
+        "{}",
+        agent.log_text()
+    );
+    assert_eq!(copied_whole, [true, true, true, true]);
+    assert!(agent.log_text().contains("region.hot"));
+    let saved = lines(&files.log);
+    rank.wait_lines(saved + 2);
+    rank.kill9();
+    assert_eq!(agent.arm_restart(), 4);
+    let rank = Rank::start(&spec, &files);
+    let status = rank.wait();
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    assert!(Rank::stderr(&files).contains("restarted from epoch 4"));
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+}
