@@ -67,7 +67,7 @@ pub struct SuiteArgs {
     #[arg(long)]
     pub no_quiesce: bool,
     /// `CRYO_QUIESCE_INTERVAL` for the MPI quiesce figures: `auto` (the
-    /// runtime's default: a round about every 10 ms) or a round every L
+    /// runtime's default: a round about every 50 ms) or a round every L
     /// safe points (1 = every safe point).
     #[arg(long, default_value = "auto")]
     pub quiesce_interval: String,
@@ -171,6 +171,10 @@ impl AgentRun {
 pub struct SafePointRun {
     /// Ranks.
     pub ranks: u32,
+    /// What an iteration's work counts: `cpu` (the rank's CPU time) or
+    /// `clock` (wall clock; reports written before `cpu` existed).
+    #[serde(default = "clock_work")]
+    pub work: String,
     /// One iteration's work.
     pub iter_ns: f64,
     /// Fastest block without safe points, per iteration.
@@ -183,6 +187,19 @@ pub struct SafePointRun {
     pub safe_point_median_ns: f64,
     /// Spread of the two fastest plain blocks.
     pub noise_floor_ns: f64,
+}
+
+fn clock_work() -> String {
+    "clock".into()
+}
+
+impl SafePointRun {
+    /// The safe point's cost as a share of the iteration as it ran without
+    /// safe points: with more ranks than cores a CPU-time iteration takes
+    /// longer than its work, and this is what the application slows down by.
+    pub fn share_percent(&self) -> f64 {
+        self.safe_point_ns / self.plain_min_ns.max(self.iter_ns) * 100.0
+    }
 }
 
 /// Quiesce latency under `cryo run` at one rank count.
@@ -956,16 +973,17 @@ pub fn render(report: &SuiteReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms iteration; CRYO_QUIESCE_INTERVAL={}):",
+        "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms of work per iteration, share of the iteration as it ran; CRYO_QUIESCE_INTERVAL={}):",
         report.quiesce_interval
     );
     for r in &report.safe_point {
         let _ = writeln!(
             out,
-            "  {:>3} ranks: {:.0} ns = {:.4}% of an iteration (median {:.0} ns, noise floor {:.0} ns)",
+            "  {:>3} ranks: {:.0} ns = {:.4}% of a {:.0} us iteration (median {:.0} ns, noise floor {:.0} ns)",
             r.ranks,
             r.safe_point_ns,
-            r.safe_point_ns / r.iter_ns * 100.0,
+            r.share_percent(),
+            r.plain_min_ns.max(r.iter_ns) / 1e3,
             r.safe_point_median_ns,
             r.noise_floor_ns
         );
@@ -1071,7 +1089,7 @@ pub fn render(report: &SuiteReport) -> String {
         report
             .safe_point
             .iter()
-            .map(|r| r.safe_point_ns / r.iter_ns * 100.0)
+            .map(SafePointRun::share_percent)
             .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
         0.1,
         "%",
@@ -1158,6 +1176,7 @@ mod tests {
             quiesce_interval: "1".into(),
             safe_point: vec![SafePointRun {
                 ranks: 2,
+                work: "cpu".into(),
                 iter_ns: 1e6,
                 plain_min_ns: 1e6,
                 with_min_ns: 1e6 + 50.0,

@@ -10,13 +10,17 @@
 //!   calls the safe point the same number of times on every rank: an SPMD
 //!   loop);
 //! * at every round boundary, each rank completes the round started at the
-//!   previous boundary (`MPI_Wait`, which normally finds it complete) and
-//!   then starts the next round with its current flag;
+//!   previous boundary (normally it finds it complete; if not, it polls and
+//!   yields its core between polls, see [`wait_yielding`]) and then starts
+//!   the next round with its current flag;
 //! * boundaries are `L` safe points apart. `L` adapts so that a round spans
 //!   about [`ROUND_PERIOD`]: each round also carries the rank's time per
-//!   safe point, and every rank derives the next `L` from the round's MAX,
+//!   safe point (measured up to its arrival at the boundary, not counting
+//!   the wait there), and every rank derives the next `L` from the round's MAX,
 //!   which is the same number on every rank, so the boundaries stay the same
-//!   indices everywhere. Short iterations then pay the round's cost once per
+//!   indices everywhere. `L` is also at least one more than the safe points
+//!   the slowest rank needed to see the previous round complete, so that a
+//!   boundary normally finds its round done (see [`next_interval`]). Short iterations then pay the round's cost once per
 //!   many safe points; long ones get a round at every safe point. A fixed
 //!   `L` can be set with `CRYO_QUIESCE_INTERVAL`;
 //! * between those indices a safe point only loads the flag and calls
@@ -53,17 +57,42 @@ pub const ENV_QUIESCE_INTERVAL: &str = "CRYO_QUIESCE_INTERVAL";
 
 /// The time an adaptive round aims to span: it bounds what the agreement
 /// adds to the quiesce latency, while its cost is spread over the safe
-/// points inside it.
-pub const ROUND_PERIOD: std::time::Duration = std::time::Duration::from_millis(10);
+/// points inside it. A round costs about 20 µs of a rank's time here
+/// (MPICH over UCX, 2 ranks), so rounds 50 ms apart cost 0.04%.
+pub const ROUND_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The longest adaptive interval, in safe points.
 const MAX_INTERVAL: u64 = 1024;
 
 /// The next adaptive interval, from the slowest rank's time per safe point
-/// (every rank computes it from the same allreduced number).
-pub fn next_interval(slowest_ns_per_safe_point: u64) -> u64 {
+/// and the completion floor (every rank computes both from the same
+/// allreduced numbers). The floor may stretch a round to at most twice the
+/// period: with iterations that long, a wait at the boundary costs little
+/// next to them, and the quiesce latency stays bounded.
+pub fn next_interval(slowest_ns_per_safe_point: u64, completion_floor: u64) -> u64 {
     let period = u64::try_from(ROUND_PERIOD.as_nanos()).unwrap_or(u64::MAX);
-    (period / slowest_ns_per_safe_point.max(1)).clamp(1, MAX_INTERVAL)
+    let per_safe_point = slowest_ns_per_safe_point.max(1);
+    let by_time = period / per_safe_point;
+    let floor_cap = (period.saturating_mul(2) / per_safe_point).max(1);
+    by_time
+        .max(completion_floor.min(floor_cap))
+        .clamp(1, MAX_INTERVAL)
+}
+
+/// The fewest safe points an interval may have, from the previous floor and
+/// the most safe points any rank needed to see the last round complete.
+///
+/// A round completes only as fast as the ranks drive it, one `MPI_Test` per
+/// safe point, and MPICH's `MPI_Iallreduce` takes several such steps (three
+/// at 2 ranks here, up to eleven with 8 ranks on 2 cores, where each step
+/// also waits for peers to be scheduled). An interval shorter than that makes
+/// every boundary wait, so the floor leaves half as much again, and falls by
+/// only an eighth per round, since the need varies from round to round.
+pub fn next_completion_floor(previous: u64, most_safe_points_needed: u64) -> u64 {
+    let needed = most_safe_points_needed.min(MAX_INTERVAL);
+    (needed + needed / 2 + 1)
+        .max(previous - previous / 8)
+        .min(MAX_INTERVAL)
 }
 
 /// Set once `init_mpi` has attached a communicator.
@@ -72,10 +101,31 @@ static STATE: Mutex<Option<Quiesce>> = Mutex::new(None);
 
 struct Round {
     request: ffi::MPI_Request,
-    // Boxed so their addresses stay fixed while MPI owns them:
-    // [requested epoch, ns per safe point over the previous round].
-    send: Box<[u64; 2]>,
-    recv: Box<[u64; 2]>,
+    // Boxed so their addresses stay fixed while MPI owns them: [requested
+    // epoch, ns per safe point over the previous round, safe points the
+    // previous round needed to complete on this rank].
+    send: Box<[u64; 3]>,
+    recv: Box<[u64; 3]>,
+    /// Safe points since the round started.
+    safe_points: u64,
+    /// The safe point at which this rank first saw the round complete.
+    completed_at: Option<u64>,
+}
+
+impl Round {
+    /// Drives the round (one `MPI_Test`) and notes when it completed.
+    fn test(&mut self) -> Result<(), String> {
+        self.safe_points += 1;
+        let mut done = 0;
+        // SAFETY: the request is live (owned by this round) and `done` is a
+        // valid out-parameter.
+        let code = unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+        mpi_check(code, "MPI_Test")?;
+        if done != 0 && self.completed_at.is_none() {
+            self.completed_at = Some(self.safe_points);
+        }
+        Ok(())
+    }
 }
 
 struct Quiesce {
@@ -92,7 +142,21 @@ struct Quiesce {
     next_boundary: u64,
     /// When the current round started, for the next round's timing.
     round_started: Option<std::time::Instant>,
+    /// Safe points the last completed round needed on this rank.
+    last_needed: u64,
+    /// See [`next_completion_floor`].
+    completion_floor: u64,
+    stats: RoundStats,
     round: Option<Round>,
+}
+
+/// What the rounds cost this rank, logged when it detaches.
+#[derive(Debug, Default)]
+struct RoundStats {
+    rounds: u64,
+    /// Boundaries whose round was not complete on arrival.
+    boundary_waits: u64,
+    boundary_wait: std::time::Duration,
 }
 
 // SAFETY: MPI handles are plain integers in MPICH; they are only used by the
@@ -168,6 +232,9 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         counter: 0,
         next_boundary: fixed.unwrap_or(1),
         round_started: None,
+        last_needed: 0,
+        completion_floor: 1,
+        stats: RoundStats::default(),
         round: None,
     });
     MPI_MODE.store(true, Ordering::Release);
@@ -186,25 +253,36 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
     if q.counter != q.next_boundary {
         if let Some(round) = q.round.as_mut() {
-            let mut done = 0;
-            // SAFETY: the request is live (owned by this round) and `done`
-            // is a valid out-parameter.
-            let code =
-                unsafe { ffi::MPI_Test(&mut round.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
-            mpi_check(code, "MPI_Test").map_err(mpi_err)?;
+            round.test().map_err(mpi_err)?;
         }
         return Ok(SafePoint::Continue);
     }
-    // A round boundary: the same index on every rank.
+    // A round boundary: the same index on every rank. The application's own
+    // time per safe point ends here, before any wait for peers: counting the
+    // wait would shorten the interval when peers lag, which adds rounds and
+    // so more waits. It covers the interval that ends here, not the next.
+    let arrived = std::time::Instant::now();
+    let per_safe_point = q.round_started.map_or(0, |started| {
+        u64::try_from(arrived.saturating_duration_since(started).as_nanos()).unwrap_or(u64::MAX)
+            / q.interval.max(1)
+    });
     let decided = match q.round.take() {
         Some(mut round) => {
-            // SAFETY: the request is live; MPI_Wait also accepts a request
-            // that MPI_Test already completed (it is then MPI_REQUEST_NULL).
-            let code = unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
-            mpi_check(code, "MPI_Wait").map_err(mpi_err)?;
-            // The same MAX on every rank, so the same next interval.
+            round.test().map_err(mpi_err)?;
+            q.last_needed = match round.completed_at {
+                Some(at) => at,
+                None => {
+                    wait_yielding(&mut round.request).map_err(mpi_err)?;
+                    q.stats.boundary_waits += 1;
+                    q.stats.boundary_wait += arrived.elapsed();
+                    // It needed more than it had.
+                    round.safe_points + 1
+                }
+            };
+            // The same MAXima on every rank, so the same next interval.
             if !q.fixed && round.recv[1] > 0 {
-                q.interval = next_interval(round.recv[1]);
+                q.completion_floor = next_completion_floor(q.completion_floor, round.recv[2]);
+                q.interval = next_interval(round.recv[1], q.completion_floor);
             }
             round.recv[0]
         }
@@ -219,24 +297,52 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
             Outcome::Refused(reason) => runtime::refuse(decided, reason),
         });
     }
-    start_round(q).map_err(mpi_err)?;
+    start_round(q, per_safe_point).map_err(mpi_err)?;
     Ok(SafePoint::Continue)
 }
 
-fn start_round(q: &mut Quiesce) -> Result<(), String> {
-    let now = std::time::Instant::now();
-    // This rank's time per safe point since the previous round started (0
-    // for the first round: nothing measured yet).
-    let per_safe_point = q.round_started.map_or(0, |started| {
-        u64::try_from(now.duration_since(started).as_nanos()).unwrap_or(u64::MAX)
-            / q.interval.max(1)
-    });
-    q.round_started = Some(now);
+/// Polls before a waiting rank starts giving its core away: a round that
+/// is about to complete is taken without a system call.
+const SPINS_BEFORE_YIELD: u32 = 64;
+
+/// Completes a round. A round still incomplete at its boundary means that
+/// some peer has not reached the boundary yet, and with more ranks than
+/// cores that peer may be waiting for this very core: so after a short spin
+/// the rank yields between polls instead of spinning in `MPI_Wait`, which
+/// would hold the core until the scheduler took it away.
+fn wait_yielding(request: &mut ffi::MPI_Request) -> Result<(), String> {
+    let mut polls: u32 = 0;
+    loop {
+        let mut done = 0;
+        // SAFETY: the request is live or already MPI_REQUEST_NULL (then
+        // MPI_Test reports it complete); `done` is a valid out-parameter.
+        let code = unsafe { ffi::MPI_Test(request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+        mpi_check(code, "MPI_Test")?;
+        if done != 0 {
+            return Ok(());
+        }
+        polls = polls.saturating_add(1);
+        if polls > SPINS_BEFORE_YIELD {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Starts a round carrying this rank's flag, its time per safe point over
+/// the interval that just ended (0 for the first round: nothing measured
+/// yet) and the safe points its previous round needed.
+fn start_round(q: &mut Quiesce, per_safe_point: u64) -> Result<(), String> {
+    q.round_started = Some(std::time::Instant::now());
+    q.stats.rounds += 1;
     let mut round = Round {
         // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial value.
         request: unsafe { ffi::RSMPI_REQUEST_NULL },
-        send: Box::new([runtime::requested_epoch(), per_safe_point]),
-        recv: Box::new([0, 0]),
+        send: Box::new([runtime::requested_epoch(), per_safe_point, q.last_needed]),
+        recv: Box::new([0, 0, 0]),
+        safe_points: 0,
+        completed_at: None,
     };
     // SAFETY: the buffers are boxed and owned by the round, which outlives
     // the request (it is waited on before being dropped); the communicator
@@ -245,7 +351,7 @@ fn start_round(q: &mut Quiesce) -> Result<(), String> {
         ffi::MPI_Iallreduce(
             round.send.as_ptr().cast(),
             round.recv.as_mut_ptr().cast(),
-            2,
+            3,
             ffi::RSMPI_UINT64_T,
             ffi::RSMPI_MAX,
             q.comm,
@@ -316,6 +422,15 @@ fn checkpoint(q: &mut Quiesce) -> Result<Outcome, CheckpointError> {
 pub(crate) fn detach() {
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(mut q) = guard.take() {
+        tracing::debug!(
+            rank = q.rank,
+            safe_points = q.counter,
+            rounds = q.stats.rounds,
+            interval = q.interval,
+            boundary_waits = q.stats.boundary_waits,
+            boundary_wait_ms = q.stats.boundary_wait.as_secs_f64() * 1e3,
+            "quiesce.summary"
+        );
         MPI_MODE.store(false, Ordering::Release);
         let mut finalized = 0;
         // SAFETY: may be called at any time.
@@ -338,12 +453,33 @@ mod tests {
 
     #[test]
     fn the_interval_spans_about_one_round_period() {
-        // 1 ms iterations: a round every 10 safe points.
-        assert_eq!(next_interval(1_000_000), 10);
+        // 1 ms iterations: a round every 50 safe points.
+        assert_eq!(next_interval(1_000_000, 1), 50);
         // Iterations longer than the period: a round at every safe point.
-        assert_eq!(next_interval(50_000_000), 1);
+        assert_eq!(next_interval(100_000_000, 0), 1);
         // Very short ones are capped, and nothing divides by zero.
-        assert_eq!(next_interval(1_000), MAX_INTERVAL);
-        assert_eq!(next_interval(0), MAX_INTERVAL);
+        assert_eq!(next_interval(1_000, 1), MAX_INTERVAL);
+        assert_eq!(next_interval(0, 0), MAX_INTERVAL);
+    }
+
+    #[test]
+    fn the_interval_leaves_a_round_the_safe_points_it_needs() {
+        // 10 ms iterations (5 per period), but the slowest rank saw the last
+        // round complete only at its fourth safe point: half as much again,
+        // plus one.
+        let floor = next_completion_floor(1, 4);
+        assert_eq!(floor, 7);
+        assert_eq!(next_interval(10_000_000, floor), 7);
+        // Not past twice the period, however long the iterations.
+        assert_eq!(next_interval(40_000_000, floor), 2);
+        assert_eq!(next_interval(100_000_000, floor), 1);
+        // Short iterations already leave more than enough.
+        assert_eq!(next_interval(1_000_000, floor), 50);
+        // The floor falls slowly when rounds need less.
+        assert_eq!(next_completion_floor(16, 1), 14);
+        assert_eq!(next_completion_floor(14, 1), 13);
+        // A round that never completes cannot stretch it without bound.
+        assert_eq!(next_completion_floor(1, u64::MAX), MAX_INTERVAL);
+        assert_eq!(next_interval(1_000, MAX_INTERVAL), MAX_INTERVAL);
     }
 }
