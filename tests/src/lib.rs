@@ -394,6 +394,11 @@ impl Rank {
         );
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Kills it with SIGKILL and reaps it.
     pub fn kill9(mut self) {
         if let Some(mut child) = self.child.take() {

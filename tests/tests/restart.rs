@@ -585,6 +585,41 @@ fn command_line_checkpoint_restart_and_status() {
     assert!(Path::new(&agent.socket).exists());
 }
 
+/// A rank stopped with SIGSTOP; `thaw` continues it.
+struct Frozen(nix::unistd::Pid);
+
+impl Frozen {
+    fn thaw(self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// Watches the rank's stderr for its report of `epoch`'s capture and stops
+/// it then (it reports right after it resumes, then sleeps for its step).
+fn freeze_when_checkpointed(
+    pid: u32,
+    stderr: std::path::PathBuf,
+    epoch: u64,
+) -> std::thread::JoinHandle<Frozen> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+    let needle = format!("checkpointed epoch {epoch} after");
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !fs::read_to_string(&stderr)
+            .unwrap_or_default()
+            .contains(&needle)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rank did not report epoch {epoch}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Frozen(pid)
+    })
+}
+
 /// Whether any page of `[addr, addr + len)` in `pid` is write-protected for
 /// tracking (`PM_UFFD_WP`, bit 57 of `/proc/<pid>/pagemap`).
 fn any_page_write_protected(pid: u32, addr: u64, len: u64) -> bool {
@@ -629,9 +664,13 @@ fn a_region_rewritten_whole_is_copied_without_write_protection() {
     let job = agent.job_store();
     let mut protected_after = Vec::new();
     let mut copied_whole = Vec::new();
-    for _ in 0..4 {
+    for epoch in 1..=4 {
         rank.wait_lines(lines(&files.log) + 6);
+        // Stop the rank as soon as it reports the capture, so the pages are
+        // seen as the capture left them, however long the commit takes.
+        let freezer = freeze_when_checkpointed(rank.pid(), files.stderr.clone(), epoch);
         let report = agent.checkpoint();
+        let frozen = freezer.join().unwrap();
         let r = &report.ranks[0];
         let manifest = job.load_manifest(report.epoch).unwrap();
         let state = manifest.ranks[0]
@@ -639,9 +678,10 @@ fn a_region_rewritten_whole_is_copied_without_write_protection() {
             .iter()
             .find(|g| g.name == "state")
             .unwrap();
-        // Right after the capture the rank has rewritten at most a block or
-        // two: a region protected again still has protected pages.
+        // Right after the capture, a region protected again has protected
+        // pages.
         protected_after.push(any_page_write_protected(r.pid, state.addr, state.len));
+        frozen.thaw();
         // The state is copied whole every time (the read-only input
         // mapping is not written, so its chunk is reused).
         copied_whole.push(r.copied_bytes >= state.len);
