@@ -195,6 +195,7 @@ struct Scratch {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     decompressor: Option<zstd::bulk::Decompressor<'static>>,
     shuffled: Vec<u8>,
+    compressed: Vec<u8>,
 }
 
 thread_local! {
@@ -206,6 +207,7 @@ thread_local! {
         compressor: None,
         decompressor: None,
         shuffled: Vec::new(),
+        compressed: Vec::new(),
     }) };
 }
 
@@ -218,22 +220,47 @@ impl ChunkCodec {
     }
 
     /// Encodes `raw`, whose hash the caller has computed already (to skip
-    /// compressing chunks the store has).
+    /// compressing chunks the store has), into an owned file image.
     pub fn encode_hashed(
         &self,
         raw: &[u8],
         hash: ChunkHash,
     ) -> Result<EncodedChunk, ChunkEncodeError> {
+        self.encode_with(raw, hash, |parts| {
+            let mut file = Vec::with_capacity(parts.stored_len());
+            file.extend_from_slice(&parts.header);
+            file.extend_from_slice(parts.payload);
+            EncodedChunk {
+                hash: parts.hash,
+                raw_len: parts.raw_len,
+                file,
+            }
+        })
+    }
+
+    /// Encodes `raw` and hands the result to `use_parts` without copying
+    /// it: the payload is this thread's reused compression buffer, or `raw`
+    /// itself when it is stored uncompressed. The hot path of a checkpoint
+    /// thus allocates nothing per chunk and writes each byte once.
+    /// `use_parts` must not encode on this thread.
+    pub fn encode_with<R>(
+        &self,
+        raw: &[u8],
+        hash: ChunkHash,
+        use_parts: impl FnOnce(&EncodedParts<'_>) -> R,
+    ) -> Result<R, ChunkEncodeError> {
         let raw_len = match u32::try_from(raw.len()) {
             Ok(len) if raw.len() <= MAX_CHUNK_SIZE => len,
             _ => return Err(ChunkEncodeError::TooLarge(raw.len())),
         };
+        let stored_raw = || EncodedParts {
+            hash,
+            raw_len,
+            header: Header::new(FileKind::Chunk, CodecId::Raw, 0, raw, raw.len() as u64).encode(),
+            payload: raw,
+        };
         if self.level == 0 {
-            return Ok(EncodedChunk {
-                hash,
-                raw_len,
-                file: raw_file(raw),
-            });
+            return Ok(use_parts(&stored_raw()));
         }
         SCRATCH.with(|scratch| {
             let scratch = &mut *scratch.borrow_mut();
@@ -255,43 +282,55 @@ impl ChunkCodec {
                 .as_mut()
                 .ok_or_else(|| ChunkEncodeError::Zstd(std::io::Error::other("no zstd context")))?;
             let bound = zstd::zstd_safe::compress_bound(input.len());
-            let mut file = vec![0u8; HEADER_LEN + bound];
+            // Grown once per thread, then reused: no per-chunk page faults.
+            if scratch.compressed.len() < bound {
+                scratch.compressed.resize(bound, 0);
+            }
             let written = compressor
-                .compress_to_buffer(input, &mut file[HEADER_LEN..])
+                .compress_to_buffer(input, &mut scratch.compressed[..bound])
                 .map_err(ChunkEncodeError::Zstd)?;
             // Store raw when zstd saves less than 1/64: decoding costs more than it saves.
             if written + raw.len() / 64 >= raw.len() {
-                return Ok(EncodedChunk {
-                    hash,
-                    raw_len,
-                    file: raw_file(raw),
-                });
+                return Ok(use_parts(&stored_raw()));
             }
-            file.truncate(HEADER_LEN + written);
+            let payload = &scratch.compressed[..written];
             let flags = FLAG_ZSTD | if shuffle { FLAG_SHUFFLE8 } else { 0 };
             let header = Header::new(
                 FileKind::Chunk,
                 CodecId::Raw,
                 flags,
-                &file[HEADER_LEN..],
+                payload,
                 raw.len() as u64,
             );
-            file[..HEADER_LEN].copy_from_slice(&header.encode());
-            Ok(EncodedChunk {
+            Ok(use_parts(&EncodedParts {
                 hash,
                 raw_len,
-                file,
-            })
+                header: header.encode(),
+                payload,
+            }))
         })
     }
 }
 
-fn raw_file(raw: &[u8]) -> Vec<u8> {
-    let header = Header::new(FileKind::Chunk, CodecId::Raw, 0, raw, raw.len() as u64);
-    let mut file = Vec::with_capacity(HEADER_LEN + raw.len());
-    file.extend_from_slice(&header.encode());
-    file.extend_from_slice(raw);
-    file
+/// An encoded chunk borrowed from its encoder: header and payload, written
+/// one after the other.
+#[derive(Debug)]
+pub struct EncodedParts<'a> {
+    /// Content hash of the raw bytes.
+    pub hash: ChunkHash,
+    /// Length of the raw bytes.
+    pub raw_len: u32,
+    /// The file's header.
+    pub header: [u8; HEADER_LEN],
+    /// The file's payload.
+    pub payload: &'a [u8],
+}
+
+impl EncodedParts<'_> {
+    /// Bytes of the chunk file.
+    pub fn stored_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
 }
 
 /// Decodes a chunk file image into `dest`, whose length is the raw length

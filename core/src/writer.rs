@@ -23,9 +23,7 @@ use std::sync::{Mutex, OnceLock};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::chunk::{
-    ChunkCodec, ChunkEncodeError, ChunkHash, EncodedChunk, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
-};
+use crate::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::durable::{self, sync_dir, IoStep, IoStepError};
 use crate::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
 use crate::names::{check_region_name, NameError};
@@ -224,16 +222,21 @@ impl RankWriter<'_> {
         if let Some(existing) = self.existing(offset, &hash, raw.len()) {
             return Ok(existing);
         }
-        let encoded = self
-            .epoch
+        self.epoch
             .config
             .codec
-            .encode_hashed(raw, hash)
+            .encode_with(raw, hash, |parts| {
+                self.put_parts(
+                    offset,
+                    &parts.hash,
+                    parts.raw_len,
+                    &[&parts.header, parts.payload],
+                )
+            })
             .map_err(|source| WriteError::Encode {
                 rank: self.rank,
                 source,
-            })?;
-        self.put_encoded(offset, &encoded)
+            })?
     }
 
     /// References a chunk an earlier epoch stored, for memory that was not
@@ -274,16 +277,23 @@ impl RankWriter<'_> {
         })
     }
 
-    /// Stores an already encoded chunk if the store lacks it.
-    pub fn put_encoded(&self, offset: u64, encoded: &EncodedChunk) -> Result<ChunkRef, WriteError> {
-        if let Some(existing) = self.existing(offset, &encoded.hash, encoded.raw_len as usize) {
+    /// Stores a chunk file given as consecutive parts if the store lacks it.
+    fn put_parts(
+        &self,
+        offset: u64,
+        hash: &ChunkHash,
+        raw_len: u32,
+        parts: &[&[u8]],
+    ) -> Result<ChunkRef, WriteError> {
+        if let Some(existing) = self.existing(offset, hash, raw_len as usize) {
             return Ok(existing);
         }
         let chunk_err = |source| WriteError::Chunk {
             rank: self.rank,
             source,
         };
-        let stored_len = u32::try_from(encoded.file.len()).unwrap_or(u32::MAX);
+        let file_len: usize = parts.iter().map(|p| p.len()).sum();
+        let stored_len = u32::try_from(file_len).unwrap_or(u32::MAX);
         // Claim the chunk; a sibling that won the race has written it.
         {
             let mut staged = self.epoch.staged.lock().map_err(|_| {
@@ -293,33 +303,33 @@ impl RankWriter<'_> {
                     std::io::Error::other("a writer thread panicked"),
                 ))
             })?;
-            if staged.contains_key(&encoded.hash) {
+            if staged.contains_key(hash) {
                 drop(staged);
                 return self
-                    .existing(offset, &encoded.hash, encoded.raw_len as usize)
+                    .existing(offset, hash, raw_len as usize)
                     .ok_or_else(|| {
                         chunk_err(IoStepError::new(
                             "stage",
-                            self.epoch.job.chunk_path(&encoded.hash),
+                            self.epoch.job.chunk_path(hash),
                             std::io::Error::other("chunk length does not fit"),
                         ))
                     });
             }
-            staged.insert(encoded.hash, stored_len);
+            staged.insert(*hash, stored_len);
         }
-        let path = self.epoch.job.chunk_path(&encoded.hash);
+        let path = self.epoch.job.chunk_path(hash);
         self.raw_bytes
-            .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
+            .fetch_add(u64::from(raw_len), Ordering::Relaxed);
         self.chunks.fetch_add(1, Ordering::Relaxed);
         let written = self
             .anchor()
-            .and_then(|_| durable::write_temp_unsynced(&path, &[&encoded.file]));
+            .and_then(|_| durable::write_temp_unsynced(&path, parts));
         let temp = match written {
             Ok(temp) => temp,
             Err(source) => {
                 // Unclaim: this epoch fails, but keep the map truthful.
                 if let Ok(mut staged) = self.epoch.staged.lock() {
-                    staged.remove(&encoded.hash);
+                    staged.remove(hash);
                 }
                 return Err(chunk_err(source));
             }
@@ -327,17 +337,17 @@ impl RankWriter<'_> {
         if let Ok(mut temps) = self.temps.lock() {
             temps.0.push((temp, path));
         }
-        self.mark_dirty(&encoded.hash);
+        self.mark_dirty(hash);
         self.new_chunks.fetch_add(1, Ordering::Relaxed);
         self.new_stored_bytes
-            .fetch_add(encoded.file.len() as u64, Ordering::Relaxed);
+            .fetch_add(file_len as u64, Ordering::Relaxed);
         self.new_raw_bytes
-            .fetch_add(u64::from(encoded.raw_len), Ordering::Relaxed);
+            .fetch_add(u64::from(raw_len), Ordering::Relaxed);
         Ok(ChunkRef {
             offset,
-            len: encoded.raw_len,
+            len: raw_len,
             stored_len,
-            hash: encoded.hash,
+            hash: *hash,
         })
     }
 
