@@ -207,6 +207,15 @@ impl Link {
 
 /// Starts a coordinated agent for `coord`'s job.
 fn coordinated_agent(setup: &Setup, coord: &FakeCoordinator, extra: &[&str]) -> (Agent, Link) {
+    coordinated_agent_with_env(setup, coord, extra, &[])
+}
+
+fn coordinated_agent_with_env(
+    setup: &Setup,
+    coord: &FakeCoordinator,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Agent, Link) {
     let token_file = coord.token_file(setup.dir.path());
     let pending = coord.accept();
     let mut args = vec![
@@ -216,7 +225,7 @@ fn coordinated_agent(setup: &Setup, coord: &FakeCoordinator, extra: &[&str]) -> 
         token_file.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let agent = Agent::start(setup.dir.path(), &coord.job, &args);
+    let agent = Agent::start_with_env(setup.dir.path(), &coord.job, &args, env);
     let link = pending.join().unwrap();
     assert_eq!(
         link.hello.peer,
@@ -374,8 +383,15 @@ fn abort_mid_epoch_resumes_ranks_and_keeps_the_committed_epoch() {
     let setup = setup();
     let coord = FakeCoordinator::new("abort");
     // A small copy budget: rank 0's 96 MiB stream through it while the rank
-    // stays parked, which leaves time to abort the epoch mid-way.
-    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "4MiB"]);
+    // stays parked. The agent then holds every rank of epoch 2 parked for 3 s
+    // after its copy, so the abort always finds rank 0 parked, however fast
+    // the stream.
+    let (agent, mut link) = coordinated_agent_with_env(
+        &setup,
+        &coord,
+        &["--copy-budget", "4MiB"],
+        &[("CRYO_FAULT", "pause-at:copy:2:3000")],
+    );
     let program = Program::Rust;
     let specs = [
         RankSpec {
