@@ -83,6 +83,69 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Ranks stopped with SIGSTOP by [`checkpoint_frozen`]; they continue when
+/// this is dropped.
+#[derive(Debug)]
+#[must_use = "the ranks continue when this is dropped"]
+pub struct Frozen(Vec<nix::unistd::Pid>);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+/// What the example programs print on stderr after each capture.
+const CHECKPOINTED: &str = ": checkpointed ";
+
+/// Runs `checkpoint` (a request that returns once the epoch is committed)
+/// and stops each of `ranks` as soon as it reports its capture, so that no
+/// rank runs on while the epoch drains and commits, however long that
+/// takes: the steps between two checkpoints are then the ones the test
+/// waited for, and what a test reads right after the capture is what the
+/// capture left. A rank that does not report (the checkpoint failed) is not
+/// stopped.
+pub fn checkpoint_frozen<T>(ranks: &[&Rank], checkpoint: impl FnOnce() -> T) -> (T, Frozen) {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchers: Vec<_> = ranks
+        .iter()
+        .map(|rank| {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(rank.pid()).unwrap_or(0));
+            let stderr = rank.files.stderr.clone();
+            let reported = move || {
+                fs::read_to_string(&stderr)
+                    .unwrap_or_default()
+                    .matches(CHECKPOINTED)
+                    .count()
+            };
+            let before = reported();
+            let done = std::sync::Arc::clone(&done);
+            std::thread::spawn(move || loop {
+                // Checked before `done`: a report that came with the end of
+                // the checkpoint still stops the rank.
+                if reported() > before {
+                    return nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)
+                        .ok()
+                        .map(|()| pid);
+                }
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            })
+        })
+        .collect();
+    let result = checkpoint();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let stopped = watchers
+        .into_iter()
+        .filter_map(|w| w.join().unwrap())
+        .collect();
+    (result, Frozen(stopped))
+}
+
 /// Number of lines in a file (0 if it does not exist).
 pub fn lines(path: &Path) -> usize {
     fs::read(path)

@@ -10,8 +10,8 @@ use std::time::Duration;
 use cryo_core::manifest::{FdRestore, RegionKind};
 use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
 use cryo_tests::{
-    assert_same_file, c_counter, c_counter_static, lines, wait_until, write_input, Agent, Program,
-    Rank, RankFiles, RankSpec,
+    assert_same_file, c_counter, c_counter_static, checkpoint_frozen, lines, wait_until,
+    write_input, Agent, Program, Rank, RankFiles, RankSpec,
 };
 
 const STEPS: u64 = 100;
@@ -71,9 +71,10 @@ fn cycles(program: &Program, at: &[usize], state_mb: u64, agent_args: &[&str]) -
     let mut rank = Rank::start(&spec, &files);
     for (cycle, &lines_at) in at.iter().enumerate() {
         rank.wait_lines(lines_at);
-        let report = agent.checkpoint();
+        let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
         assert_eq!(report.ranks.len(), 1);
         let saved_lines = lines(&files.log);
+        drop(frozen);
         // Let the rank run past the checkpoint, so the restart has output
         // to cut back.
         rank.wait_lines(saved_lines + 3);
@@ -218,13 +219,16 @@ fn four_ranks_checkpointed_in_parallel() {
         rank.wait_lines(40);
     }
     agent.wait_ranks(4);
-    let report = agent.checkpoint();
+    let all: Vec<&Rank> = ranks.iter().collect();
+    let (report, frozen) = checkpoint_frozen(&all, || agent.checkpoint());
     assert_eq!(
         report.ranks.iter().map(|r| r.rank).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
     );
-    for (rank, f) in ranks.iter_mut().zip(&files) {
-        rank.wait_lines(lines(&f.log) + 2);
+    let saved: Vec<usize> = files.iter().map(|f| lines(&f.log)).collect();
+    drop(frozen);
+    for (rank, saved) in ranks.iter_mut().zip(saved) {
+        rank.wait_lines(saved + 2);
     }
     for rank in ranks {
         rank.kill9();
@@ -307,10 +311,17 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
         ControlResponse::Checkpoint(report) => report,
         other => panic!("{other:?}"),
     };
+    // Each checkpoint stops the rank when it reports the capture and the
+    // next lets it go, so the steps between two captures are the ones
+    // counted here, however long each commit takes.
     rank.wait_lines(10);
-    let first = checkpoint(false);
-    rank.wait_lines(lines(&files.log) + 5);
-    let forced = checkpoint(true);
+    let (first, frozen) = checkpoint_frozen(&[&rank], || checkpoint(false));
+    let mut before = lines(&files.log);
+    drop(frozen);
+    rank.wait_lines(before + 5);
+    let (forced, frozen) = checkpoint_frozen(&[&rank], || checkpoint(true));
+    before = lines(&files.log);
+    drop(frozen);
     let all = first.ranks[0].bytes;
     assert_eq!(
         first.ranks[0].copied_bytes, all,
@@ -322,10 +333,12 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
     );
     let mut copied = Vec::new();
     for _ in 0..2 {
-        let before = lines(&files.log);
         rank.wait_lines(before + 5);
-        let report = checkpoint(false);
-        let steps = (lines(&files.log) - before) as u64;
+        let (report, frozen) = checkpoint_frozen(&[&rank], || checkpoint(false));
+        let at = lines(&files.log);
+        drop(frozen);
+        let steps = (at - before) as u64;
+        before = at;
         let r = &report.ranks[0];
         // Each step writes one 256 KiB block of the state (and its header
         // page); the 4 KiB input mapping and protected buffer are untracked
@@ -342,8 +355,7 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
         );
         copied.push(r.copied_bytes);
     }
-    let saved = lines(&files.log);
-    rank.wait_lines(saved + 3);
+    rank.wait_lines(before + 3);
     rank.kill9();
     let epoch = agent.arm_restart();
     assert_eq!(epoch, 4);
@@ -585,41 +597,6 @@ fn command_line_checkpoint_restart_and_status() {
     assert!(Path::new(&agent.socket).exists());
 }
 
-/// A rank stopped with SIGSTOP; `thaw` continues it.
-struct Frozen(nix::unistd::Pid);
-
-impl Frozen {
-    fn thaw(self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
-    }
-}
-
-/// Watches the rank's stderr for its report of `epoch`'s capture and stops
-/// it then (it reports right after it resumes, then sleeps for its step).
-fn freeze_when_checkpointed(
-    pid: u32,
-    stderr: std::path::PathBuf,
-    epoch: u64,
-) -> std::thread::JoinHandle<Frozen> {
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
-    let needle = format!("checkpointed epoch {epoch} after");
-    std::thread::spawn(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !fs::read_to_string(&stderr)
-            .unwrap_or_default()
-            .contains(&needle)
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "rank did not report epoch {epoch}"
-            );
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-        Frozen(pid)
-    })
-}
-
 /// Whether any page of `[addr, addr + len)` in `pid` is write-protected for
 /// tracking (`PM_UFFD_WP`, bit 57 of `/proc/<pid>/pagemap`).
 fn any_page_write_protected(pid: u32, addr: u64, len: u64) -> bool {
@@ -666,11 +643,11 @@ fn a_region_rewritten_whole_is_copied_without_write_protection() {
     let mut copied_whole = Vec::new();
     for epoch in 1..=4 {
         rank.wait_lines(lines(&files.log) + 6);
-        // Stop the rank as soon as it reports the capture, so the pages are
-        // seen as the capture left them, however long the commit takes.
-        let freezer = freeze_when_checkpointed(rank.pid(), files.stderr.clone(), epoch);
-        let report = agent.checkpoint();
-        let frozen = freezer.join().unwrap();
+        // The rank is stopped as soon as it reports the capture, so its
+        // pages are seen as the capture left them, however long the commit
+        // takes.
+        let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+        assert_eq!(report.epoch, epoch);
         let r = &report.ranks[0];
         let manifest = job.load_manifest(report.epoch).unwrap();
         let state = manifest.ranks[0]
@@ -681,7 +658,7 @@ fn a_region_rewritten_whole_is_copied_without_write_protection() {
         // Right after the capture, a region protected again has protected
         // pages.
         protected_after.push(any_page_write_protected(r.pid, state.addr, state.len));
-        frozen.thaw();
+        drop(frozen);
         // The state is copied whole every time (the read-only input
         // mapping is not written, so its chunk is reused).
         copied_whole.push(r.copied_bytes >= state.len);
