@@ -24,7 +24,8 @@ use cryo_core::protocol::{
 };
 use cryo_core::token::JobToken;
 use cryo_tests::{
-    assert_same_file, lines, wait_until, write_input, Agent, Program, Rank, RankFiles, RankSpec,
+    assert_same_file, checkpoint_frozen, lines, wait_until, write_input, Agent, Program, Rank,
+    RankFiles, RankSpec,
 };
 
 const CHUNK: u32 = 1 << 20;
@@ -336,7 +337,10 @@ fn coordinated_checkpoint_then_restart_is_byte_identical() {
         rank.wait_lines(30);
     }
 
-    checkpoint(&mut link, 1, &[0, 1]);
+    // The ranks stop when they report the capture and go on once epoch 1 is
+    // committed, so they cannot finish while it drains.
+    let all: Vec<&Rank> = ranks.iter().collect();
+    let ((), frozen) = checkpoint_frozen(&all, || checkpoint(&mut link, 1, &[0, 1]));
     let job = agent.job_store();
     assert_eq!(
         job.committed_epochs().unwrap(),
@@ -347,10 +351,12 @@ fn coordinated_checkpoint_then_restart_is_byte_identical() {
     assert!(job.verify_manifest(&manifest).is_ok());
     link.send(&CoordinatorToAgent::Committed { epoch: 1 });
     wait_logged(&agent, &["epoch.committed", "epoch=1"]);
+    let saved: Vec<usize> = files.iter().map(|f| lines(&f.log)).collect();
+    drop(frozen);
 
     // Run past the checkpoint, then lose both ranks.
-    for (rank, f) in ranks.iter_mut().zip(&files) {
-        rank.wait_lines(lines(&f.log) + 3);
+    for (rank, saved) in ranks.iter_mut().zip(saved) {
+        rank.wait_lines(saved + 3);
     }
     for rank in ranks {
         rank.kill9();
@@ -626,7 +632,14 @@ fn tokens_are_checked_for_agents_and_ranks() {
 fn lost_coordinator_aborts_the_epoch_and_the_job_computes_on() {
     let setup = setup();
     let coord = FakeCoordinator::new("lost");
-    let (agent, mut link) = coordinated_agent(&setup, &coord, &["--copy-budget", "4MiB"]);
+    // The rank is held parked for 3 s after its copy, so the link is always
+    // cut while the epoch is in progress.
+    let (agent, mut link) = coordinated_agent_with_env(
+        &setup,
+        &coord,
+        &["--copy-budget", "4MiB"],
+        &[("CRYO_FAULT", "pause-at:copy:1:3000")],
+    );
     let program = Program::Rust;
     let spec = RankSpec {
         program: &program,

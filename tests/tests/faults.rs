@@ -131,6 +131,11 @@ impl Case {
 
     /// `cryo run` of one rank on node `a`, in the background.
     fn start(&self, fault: Option<&str>, extra: &[&str]) -> Job {
+        self.start_stepping(fault, extra, STEP_MS)
+    }
+
+    /// [`Case::start`] with `step_ms` milliseconds per step.
+    fn start_stepping(&self, fault: Option<&str>, extra: &[&str], step_ms: &str) -> Job {
         let log = self.path("cryo-run.log");
         let mut cmd = self.cryo();
         cmd.args(["run", "--job", &self.job, "--nodes", "a:1", "-n", "1"])
@@ -140,7 +145,7 @@ impl Case {
             .arg("--")
             .arg(built().join("cryo-counter"))
             .args(self.app_args("run"))
-            .env("CRYO_EXAMPLE_STEP_MS", STEP_MS)
+            .env("CRYO_EXAMPLE_STEP_MS", step_ms)
             .stdout(fs::File::create(self.path("run.stdout")).unwrap())
             .stderr(fs::File::create(&log).unwrap());
         if let Some(fault) = fault {
@@ -567,7 +572,9 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
         return;
     }
     let case = Case::new("damage");
-    let job = case.start(None, &["--interval", "0.15", "--keep", "10"]);
+    // Slow steps: five interval epochs (each one drains and commits before
+    // the next starts) fit in the run on a loaded machine too.
+    let job = case.start_stepping(None, &["--interval", "0.15", "--keep", "10"], "100");
     wait_until("five committed epochs", WAIT, || {
         cryo_core::Store::open(case.store())
             .and_then(|s| s.existing_job("damage"))

@@ -102,9 +102,24 @@ impl Case {
 
     /// `cryo run` in the background.
     fn start(&self, job: &str, nodes: &str, ranks: u32, extra: &[&str], step_ms: u32) -> Job {
+        self.start_with_env(job, nodes, ranks, extra, step_ms, &[])
+    }
+
+    /// [`Case::start`] with extra environment for `cryo run` and what it
+    /// starts (say, `CRYO_FAULT`).
+    fn start_with_env(
+        &self,
+        job: &str,
+        nodes: &str,
+        ranks: u32,
+        extra: &[&str],
+        step_ms: u32,
+        env: &[(&str, &str)],
+    ) -> Job {
         let log = self.path(&format!("cryo-run-{job}.log"));
         let child = self
             .cryo()
+            .envs(env.iter().copied())
             .args([
                 "run",
                 "--job",
@@ -301,7 +316,9 @@ fn interval_checkpoints_then_restart_from_the_last() {
         "a:2,b:1",
         3,
         &["--interval", "0.4", "--keep", "2"],
-        40,
+        // Slow enough that three interval epochs, each drained and
+        // committed before the next, fit well inside the run.
+        70,
     );
     wait_until("three committed epochs", Duration::from_secs(60), || {
         case.committed("interval").last().copied().unwrap_or(0) >= 3
@@ -339,7 +356,16 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
     }
     let case = Case::new(built().join("heat2d"));
     case.reference(4);
-    let mut job = case.start("fault", "a:2,b:2", 4, &["--park-timeout", "5"], 60);
+    // Every agent holds epoch 2's parked ranks for 3 s before copying them,
+    // so node b's agent is always killed in the middle of the epoch.
+    let mut job = case.start_with_env(
+        "fault",
+        "a:2,b:2",
+        4,
+        &["--park-timeout", "5"],
+        60,
+        &[("CRYO_FAULT", "pause-at:quiesce:2:3000")],
+    );
     wait_until("iteration 20", Duration::from_secs(60), || {
         lines(&case.path("run.log")) >= 20
     });
@@ -350,7 +376,7 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
         output_text(&out)
     );
 
-    // Kill node b's agent as soon as it starts capturing epoch 2.
+    // Kill node b's agent while it holds its parked ranks for epoch 2.
     let agent_log = case.path("scratch-fault/b/agent.log");
     let mut checkpoint2 = case
         .cryo()
@@ -359,11 +385,11 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("agent b to start epoch 2", Duration::from_secs(30), || {
+    wait_until("agent b to hold epoch 2", Duration::from_secs(30), || {
         fs::read_to_string(&agent_log)
             .unwrap_or_default()
             .lines()
-            .any(|l| l.contains("checkpoint.requested") && l.contains("\"epoch\":2"))
+            .any(|l| l.contains("fault.paused") && l.contains("\"epoch\":2"))
     });
     let agent_pid = agent_pid(&case, "b");
     nix::sys::signal::kill(

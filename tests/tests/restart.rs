@@ -561,7 +561,13 @@ fn command_line_checkpoint_restart_and_status() {
     let agent = Agent::start(setup.dir.path(), "cli", &["--copy-budget", "64MiB"]);
     let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
     let program = Program::Rust;
-    let mut rank = Rank::start(&spec(&program, 0, &agent, 4), &files);
+    // Killed at the end, never compared: enough steps to outlast the CLI
+    // calls on any machine.
+    let spec = RankSpec {
+        steps: 100_000,
+        ..spec(&program, 0, &agent, 4)
+    };
+    let mut rank = Rank::start(&spec, &files);
     rank.wait_lines(5);
     let run = |args: &[&str]| {
         let out = std::process::Command::new(cryo_tests::bin("cryo-agent"))
