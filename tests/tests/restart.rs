@@ -466,7 +466,14 @@ fn corrupt_chunk_is_detected_at_restart() {
 #[test]
 fn busy_checkpoint_is_refused_with_a_clear_message_or_waits() {
     let setup = setup();
-    let agent = Agent::start(setup.dir.path(), "busy", &["--copy-budget", "256MiB"]);
+    // Epoch 1 is held for 2 s before its part is made durable, so it is
+    // always still in progress when the second request lands.
+    let agent = Agent::start_with_env(
+        setup.dir.path(),
+        "busy",
+        &["--copy-budget", "256MiB"],
+        &[("CRYO_FAULT", "pause-at:drain:1:2000")],
+    );
     let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
     let program = Program::Rust;
     let spec = RankSpec {
@@ -489,7 +496,7 @@ fn busy_checkpoint_is_refused_with_a_clear_message_or_waits() {
         !first.committed,
         "answered at resume, before the data drained"
     );
-    // 192 MiB are still being hashed, compressed and written.
+    // 192 MiB are still being hashed, compressed and written (and held).
     match agent.request(&ControlRequest::Checkpoint {
         full: false,
         epoch: None,
@@ -535,6 +542,10 @@ fn rank_that_never_reaches_a_safe_point_aborts_the_epoch_cleanly() {
     let mut rank = Rank::start(&spec, &files);
     rank.wait_lines(1);
     agent.wait_ranks(1);
+    // The rank passes its safe point right after writing the line, then
+    // sleeps 1.5 s: give it time to get there even on a loaded machine, so
+    // the request finds it asleep and the 0.3 s park timeout expires first.
+    std::thread::sleep(Duration::from_millis(200));
     match agent.request(&ControlRequest::Checkpoint {
         full: false,
         epoch: None,
