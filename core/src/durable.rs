@@ -247,7 +247,16 @@ pub fn write_new(path: &Path, parts: &[&[u8]]) -> Result<Published, IoStepError>
 /// Reads a whole file of at most `max` bytes, refusing larger ones before
 /// allocating.
 pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadCappedError> {
+    let mut bytes = Vec::new();
+    read_capped_into(path, max, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_capped`] into `bytes` (cleared first), whose capacity is reused:
+/// reading many files through one buffer allocates once.
+pub fn read_capped_into(path: &Path, max: u64, bytes: &mut Vec<u8>) -> Result<(), ReadCappedError> {
     use std::io::Read;
+    bytes.clear();
     // A metadata file that is a symbolic link would be read from outside
     // the store: refused (ELOOP).
     let file = OpenOptions::new()
@@ -282,9 +291,9 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadCappedError> {
             max,
         });
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    bytes.reserve(usize::try_from(len).unwrap_or(0));
     file.take(max + 1)
-        .read_to_end(&mut bytes)
+        .read_to_end(bytes)
         .step("read", path)
         .map_err(ReadCappedError::Io)?;
     if bytes.len() as u64 > max {
@@ -294,7 +303,7 @@ pub fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>, ReadCappedError> {
             max,
         });
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// A capped read failed.
