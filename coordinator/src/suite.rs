@@ -66,11 +66,11 @@ pub struct SuiteArgs {
     /// Skip the MPI quiesce figures.
     #[arg(long)]
     pub no_quiesce: bool,
-    /// `CRYO_QUIESCE_INTERVAL` for the MPI quiesce figures: `auto` (the
-    /// runtime's default: a round about every 50 ms) or a round every L
-    /// safe points (1 = every safe point).
+    /// `CRYO_QUIESCE_SLACK` for the MPI quiesce figures: `auto` (the
+    /// runtime's default: 20 ms worth of safe points, at least 12) or a
+    /// fixed number of safe points a rank may run past joining an agreement.
     #[arg(long, default_value = "auto")]
-    pub quiesce_interval: String,
+    pub quiesce_slack: String,
 }
 
 /// One configuration of `cryo-agent bench` (its `--json` output).
@@ -251,9 +251,10 @@ pub struct SuiteReport {
     pub ranks: Vec<AgentRun>,
     /// Store-level incremental checkpoint per state size.
     pub incremental: Vec<StoreBenchReport>,
-    /// `CRYO_QUIESCE_INTERVAL` of the MPI figures.
-    #[serde(default, deserialize_with = "interval_text")]
-    pub quiesce_interval: String,
+    /// `CRYO_QUIESCE_SLACK` of the MPI figures (empty in reports made
+    /// before the agreement replaced periodic rounds).
+    #[serde(default)]
+    pub quiesce_slack: String,
     /// Safe point cost per rank count.
     pub safe_point: Vec<SafePointRun>,
     /// Quiesce latency per rank count.
@@ -413,15 +414,7 @@ fn agent_bench(
     runs.pop().context("agent bench wrote no figures")
 }
 
-/// Reads `quiesce_interval` from reports written when it was a number.
-fn interval_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(text) => text,
-        other => other.to_string(),
-    })
-}
-
-fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: &str) -> Result<SafePointRun> {
+fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, slack: &str) -> Result<SafePointRun> {
     let quiet = Quiet::take(lock)?;
     let output = Command::new("mpiexec")
         .arg("-n")
@@ -437,7 +430,7 @@ fn safe_point(bin: &Path, lock: Option<&Path>, ranks: u32, interval: &str) -> Re
             "--json",
         ])
         .env_remove("CRYO_AGENT_SOCKET")
-        .env("CRYO_QUIESCE_INTERVAL", interval)
+        .env("CRYO_QUIESCE_SLACK", slack)
         .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::null())
         .output()
@@ -466,7 +459,7 @@ fn quiesce(
     scratch: &Path,
     lock: Option<&Path>,
     ranks: u32,
-    interval: &str,
+    slack: &str,
 ) -> Result<QuiesceRun> {
     let state_bytes = 32 * MIB;
     let work = scratch.join(format!("quiesce-{ranks}"));
@@ -479,7 +472,7 @@ fn quiesce(
     let _quiet = Quiet::take(lock)?;
     let mut run = Command::new(&cryo)
         .env("CRYO_STORE", &store)
-        .env("CRYO_QUIESCE_INTERVAL", interval)
+        .env("CRYO_QUIESCE_SLACK", slack)
         .args(["run", "--job", &job, "--nodes"])
         .arg(format!("a:{half},b:{}", ranks - half))
         .arg("-n")
@@ -622,7 +615,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
         sizes: Vec::new(),
         ranks: Vec::new(),
         incremental: Vec::new(),
-        quiesce_interval: args.quiesce_interval.clone(),
+        quiesce_slack: args.quiesce_slack.clone(),
         safe_point: Vec::new(),
         quiesce: Vec::new(),
         fits: Vec::new(),
@@ -675,13 +668,13 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport> {
     } else {
         for &ranks in &plan.quiesce_ranks {
             eprintln!("== MPI quiesce: {ranks} ranks ==");
-            match safe_point(&bin, lock, ranks, &args.quiesce_interval) {
+            match safe_point(&bin, lock, ranks, &args.quiesce_slack) {
                 Ok(run) => report.safe_point.push(run),
                 Err(err) => report
                     .skipped
                     .push(format!("safe point at {ranks} ranks: {err:#}")),
             }
-            match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_interval) {
+            match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_slack) {
                 Ok(run) => report.quiesce.push(run),
                 Err(err) => report
                     .skipped
@@ -973,8 +966,8 @@ pub fn render(report: &SuiteReport) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms of work per iteration, share of the iteration as it ran; CRYO_QUIESCE_INTERVAL={}):",
-        report.quiesce_interval
+        "Safe point with nothing pending (interleaved trials, minimum of each side; 1 ms of work per iteration, share of the iteration as it ran; CRYO_QUIESCE_SLACK={}):",
+        report.quiesce_slack
     );
     for r in &report.safe_point {
         let _ = writeln!(
@@ -1173,7 +1166,7 @@ mod tests {
             sizes: vec![run(1, 64 * MIB), run(1, 256 * MIB)],
             ranks: vec![run(1, 64 * MIB), run(2, 64 * MIB)],
             incremental: Vec::new(),
-            quiesce_interval: "1".into(),
+            quiesce_slack: "auto".into(),
             safe_point: vec![SafePointRun {
                 ranks: 2,
                 work: "cpu".into(),

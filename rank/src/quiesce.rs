@@ -2,49 +2,71 @@
 //! message in flight.
 //!
 //! The agents of different nodes raise their ranks' request flags at
-//! slightly different moments, so a rank cannot act on its own flag. Instead
-//! the ranks agree, with a non-blocking `MPI_Iallreduce(MAX)` of their flags
-//! on a private duplicate of the application's communicator:
+//! slightly different moments, so a rank cannot act on its own flag alone:
+//! the ranks must agree on one safe point. They talk only when a checkpoint
+//! is requested. Until then a safe point makes no MPI call and never waits
+//! for a peer: any periodic agreement would make the ranks wait, round after
+//! round, for the last one to be scheduled, which with more ranks than cores
+//! costs far more than the messages.
 //!
-//! * safe points are numbered `1, 2, 3, …` on every rank (the application
-//!   calls the safe point the same number of times on every rank: an SPMD
-//!   loop);
-//! * at every round boundary, each rank completes the round started at the
-//!   previous boundary (normally it finds it complete; if not, it polls and
-//!   yields its core between polls, see [`wait_yielding`]) and then starts
-//!   the next round with its current flag;
-//! * boundaries are `L` safe points apart. `L` adapts so that a round spans
-//!   about [`ROUND_PERIOD`]: each round also carries the rank's time per
-//!   safe point (measured up to its arrival at the boundary, not counting
-//!   the wait there), and every rank derives the next `L` from the round's MAX,
-//!   which is the same number on every rank, so the boundaries stay the same
-//!   indices everywhere. `L` is also at least one more than the safe points
-//!   the slowest rank needed to see the previous round complete, so that a
-//!   boundary normally finds its round done (see [`next_interval`]). Short iterations then pay the round's cost once per
-//!   many safe points; long ones get a round at every safe point. A fixed
-//!   `L` can be set with `CRYO_QUIESCE_INTERVAL`;
-//! * between those indices a safe point calls `MPI_Test` to drive the
-//!   round until this rank sees it complete, and then nothing (at 2 ranks a
-//!   round completes within about three safe points of fifty);
-//! * a round's result is acted on only at the index where it is completed,
-//!   which is the same on every rank, so if any rank's flag was raised, every
-//!   rank learns it at the same safe-point index. They then enter a barrier
-//!   and park.
+//! Safe points are numbered `1, 2, 3, …` on every rank (the application
+//! calls the safe point the same number of times on every rank: an SPMD
+//! loop). A checkpoint takes one **agreement** of three non-blocking
+//! allreduces on a private duplicate of the application's communicator,
+//! which every rank starts exactly once and in the same order:
+//!
+//! 1. **join** `MAX[epoch, cap]`: a rank joins when its agent raises its
+//!    flag. Its cap is its current index plus [`JOIN_SLACK`] worth of safe
+//!    points (at least [`MIN_SLACK`] + log2(ranks)). It does not wait: it keeps computing
+//!    and drives the join with one `MPI_Test` per safe point. The result is
+//!    the epoch and the **target**, the largest cap: normally every rank
+//!    learns it before reaching it.
+//! 2. **arrive** `SUM[ranks not at the target]`: a rank starts it when it
+//!    reaches the target, and then waits there (yielding its core). A rank
+//!    that learns the target only after passing it starts it at once, saying
+//!    so, and carries on. Completion with a zero proves every rank is at the
+//!    target (the barrier).
+//! 3. **check** `SUM[ranks with a message in flight, ranks not at the
+//!    target, ranks that rang, ranks leaving]`: each rank at the target
+//!    probes the application's communicator first. Its result is the same
+//!    everywhere: park (all at the target, nothing in flight); refuse (a
+//!    message in flight: the application broke the safe-point contract; the
+//!    ranks that saw one refuse, naming it, and the others compute on); or
+//!    join again for the same epoch with four times the slack (a rank
+//!    passed the target), up to [`MAX_ATTEMPTS`].
+//!
+//! Waiting is only ever at the target, and never unbounded: a rank that has
+//! waited [`GIVE_UP`] there (a peer passed the target and is blocked in the
+//! application's communication with a rank that waits) leaves it, reports
+//! it, and finishes the agreement from its next safe points; the rest then
+//! retry or refuse.
+//!
+//! A rank whose agent is slow, stuck or dead would never join. So a rank
+//! whose join has not completed within [`RING_AFTER`] **rings** every other
+//! rank (an empty message on a second private communicator), and a rank
+//! outside an agreement looks for a ring every [`BELL_PERIOD`] (one
+//! `MPI_Test` on a receive it keeps posted) and joins on it as on its own
+//! flag. Once begun, an agreement completes with no agent's help as long as
+//! every rank keeps calling safe points. The check counts the rings, so each
+//! rank receives all those meant for it before the next agreement begins.
+//!
+//! When a rank leaves its loop (`finalize`) it finishes the agreement in
+//! progress, or starts one, with a cap no safe point reaches, so that every
+//! rank ends with the same collectives.
 //!
 //! **Why no message is in flight.** All ranks are inside the same safe point
-//! (the barrier proves it), and the application promises that its state is
-//! consistent there: every message it sent before the safe point was received
-//! before it. The runtime checks what it can see: after the barrier each
-//! rank probes the application's communicator (`MPI_Iprobe`, any source, any
-//! tag); a message waiting there was sent before the safe point and not yet
-//! received. The ranks agree on the result (`MPI_Allreduce`), and if any rank
-//! saw one, every rank refuses the checkpoint, naming the sender and tag, and
-//! carries on. The runtime's own rounds never cross a checkpoint: the round
-//! that decided it is complete, and no new round starts until all have
-//! resumed.
+//! (the arrive step proves it), and the application promises that its state
+//! is consistent there: every message it sent before the safe point was
+//! received before it. The runtime checks what it can see: a message waiting
+//! on the application's communicator (`MPI_Iprobe`, any source, any tag) was
+//! sent before the safe point and not yet received. If any rank sees one,
+//! every rank refuses the checkpoint, naming the sender and tag, and carries
+//! on.
 
+use std::os::raw::c_int;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use mpi::ffi;
 use mpi::topology::Communicator;
@@ -52,123 +74,333 @@ use mpi::topology::Communicator;
 use crate::error::{CheckpointError, InitError};
 use crate::runtime::{self, InitInfo, SafePoint};
 
-/// Environment variable: safe points between agreement rounds, fixed
-/// (default: adaptive, see [`ROUND_PERIOD`]).
-pub const ENV_QUIESCE_INTERVAL: &str = "CRYO_QUIESCE_INTERVAL";
+/// Environment variable: safe points of slack, fixed (default `auto`: see
+/// [`JOIN_SLACK`]). `0` makes every agreement miss and refuse, which is
+/// only useful to test that path.
+pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
 
-/// The time an adaptive round aims to span: it bounds what the agreement
-/// adds to the quiesce latency, while its cost is spread over the safe
-/// points inside it. A round costs about 20 µs of a rank's time here
-/// (MPICH over UCX, 2 ranks), so rounds 50 ms apart cost 0.04%.
-pub const ROUND_PERIOD: std::time::Duration = std::time::Duration::from_millis(50);
+/// How far past its join a rank may run before the agreement must have
+/// told it the target: it covers the spread between the agents raising
+/// their flags and the `MPI_Test`s the join needs to complete on every rank,
+/// and it is about what the agreement adds to the quiesce latency.
+pub const JOIN_SLACK: Duration = Duration::from_millis(20);
 
-/// The longest adaptive interval, in safe points.
-const MAX_INTERVAL: u64 = 1024;
+/// The fewest safe points of slack, plus `log2(ranks)`: MPICH's
+/// `MPI_Iallreduce` takes about that many steps, each needing an `MPI_Test`
+/// (or any other MPI call) on every rank. Iterations long enough to reach
+/// the floor are also long enough that the application's own MPI calls
+/// usually complete the join in one or two; a miss costs a retry.
+pub const MIN_SLACK: u64 = 2;
 
-/// The next adaptive interval, from the slowest rank's time per safe point
-/// and the completion floor (every rank computes both from the same
-/// allreduced numbers). The floor may stretch a round to at most twice the
-/// period: with iterations that long, a wait at the boundary costs little
-/// next to them, and the quiesce latency stays bounded.
-pub fn next_interval(slowest_ns_per_safe_point: u64, completion_floor: u64) -> u64 {
-    let period = u64::try_from(ROUND_PERIOD.as_nanos()).unwrap_or(u64::MAX);
-    let per_safe_point = slowest_ns_per_safe_point.max(1);
-    let by_time = period / per_safe_point;
-    let floor_cap = (period.saturating_mul(2) / per_safe_point).max(1);
-    by_time
-        .max(completion_floor.min(floor_cap))
-        .clamp(1, MAX_INTERVAL)
-}
+/// Attempts per epoch: after a rank passed the target, the ranks join again
+/// with four times the slack; after this many, they refuse the epoch.
+pub const MAX_ATTEMPTS: u32 = 3;
 
-/// The fewest safe points an interval may have, from the previous floor and
-/// the most safe points any rank needed to see the last round complete.
-///
-/// A round completes only as fast as the ranks drive it, one `MPI_Test` per
-/// safe point, and MPICH's `MPI_Iallreduce` takes several such steps (three
-/// at 2 ranks here, up to eleven with 8 ranks on 2 cores, where each step
-/// also waits for peers to be scheduled). An interval shorter than that makes
-/// every boundary wait, so the floor leaves half as much again, and falls by
-/// only an eighth per round, since the need varies from round to round.
-pub fn next_completion_floor(previous: u64, most_safe_points_needed: u64) -> u64 {
-    let needed = most_safe_points_needed.min(MAX_INTERVAL);
-    (needed + needed / 2 + 1)
-        .max(previous - previous / 8)
-        .min(MAX_INTERVAL)
-}
+/// How long a rank waits at the target before it leaves it (see the module
+/// documentation). Far above any normal arrival spread, well below an
+/// agent's park timeout.
+pub const GIVE_UP: Duration = Duration::from_secs(5);
+
+/// How often a rank outside an agreement looks for a peer's ring. It only
+/// bounds how late a rank whose agent failed to raise its flag joins. A look
+/// is one `MPI_Test`, which runs MPICH's progress engine and costs several
+/// µs here (looks every 5 ms cost 0.1–0.17% of 1 ms iterations at 2 ranks);
+/// every 100 ms they cost under 0.01%.
+pub const BELL_PERIOD: Duration = Duration::from_millis(100);
+
+/// How long a join may stay incomplete before the rank rings its peers.
+/// Agents that are merely slower than the others raise their flags within
+/// this time and no message is sent.
+pub const RING_AFTER: Duration = Duration::from_millis(50);
+
+/// The most safe points a rank lets pass between two looks for a ring.
+const MAX_SAFE_POINTS_PER_LOOK: u64 = 1 << 13;
+
+/// The most safe points of slack: a pace measured in a burst of very short
+/// iterations must not send every rank far ahead.
+const MAX_SLACK: u64 = 1 << 12;
+
+/// The tag of a ring on the bell communicator (the only tag used there).
+const TAG_RING: c_int = 7;
+
+/// A cap (and so a target) that no safe point reaches: a rank that has left
+/// its loop takes part in an agreement without ever parking in it.
+const NEVER: u64 = u64::MAX;
+
+/// Polls before a waiting rank starts giving its core away: a collective
+/// that is about to complete is taken without a system call.
+const SPINS_BEFORE_YIELD: u32 = 64;
 
 /// Set once `init_mpi` has attached a communicator.
 pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
 static STATE: Mutex<Option<Quiesce>> = Mutex::new(None);
 
-struct Round {
-    request: ffi::MPI_Request,
-    // Boxed so their addresses stay fixed while MPI owns them: [requested
-    // epoch, ns per safe point over the previous round, safe points the
-    // previous round needed to complete on this rank].
-    send: Box<[u64; 3]>,
-    recv: Box<[u64; 3]>,
-    /// Safe points since the round started.
-    safe_points: u64,
-    /// The safe point at which this rank first saw the round complete.
-    completed_at: Option<u64>,
-}
-
-impl Round {
-    /// Drives the round (one `MPI_Test`) and notes when it completed.
-    fn test(&mut self) -> Result<(), String> {
-        self.safe_points += 1;
-        if self.completed_at.is_some() {
-            // Nothing left to drive: MPI would only poll its progress engine.
-            return Ok(());
-        }
-        let mut done = 0;
-        // SAFETY: the request is live (owned by this round) and `done` is a
-        // valid out-parameter.
-        let code = unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
-        mpi_check(code, "MPI_Test")?;
-        if done != 0 && self.completed_at.is_none() {
-            self.completed_at = Some(self.safe_points);
-        }
-        Ok(())
-    }
-}
-
 struct Quiesce {
-    /// Private duplicate: our rounds never match the application's messages.
-    comm: ffi::MPI_Comm,
+    /// Private duplicate for agreements: they never match the
+    /// application's messages or collectives.
+    agree_comm: ffi::MPI_Comm,
+    /// Private duplicate for rings only.
+    bell_comm: ffi::MPI_Comm,
     /// The application's communicator, probed for messages in flight.
     app_comm: ffi::MPI_Comm,
     rank: i32,
-    /// Safe points to the next boundary.
-    interval: u64,
-    /// `CRYO_QUIESCE_INTERVAL` was given: never adapt.
-    fixed: bool,
+    size: i32,
+    /// Safe points so far.
     counter: u64,
-    next_boundary: u64,
-    /// When the current round started, for the next round's timing.
-    round_started: Option<std::time::Instant>,
-    /// Safe points the last completed round needed on this rank.
-    last_needed: u64,
-    /// See [`next_completion_floor`].
-    completion_floor: u64,
-    stats: RoundStats,
-    round: Option<Round>,
+    pace: Pace,
+    /// The receive kept posted for a peer's ring.
+    bell: Bell,
+    agreement: Option<Agreement>,
+    /// The newest epoch an agreement ended for: a flag still showing it (an
+    /// agent's late raise) is not a new request.
+    last_decided: u64,
+    /// `CRYO_QUIESCE_SLACK`, when set to a number.
+    fixed_slack: Option<u64>,
+    /// In `finalize`: no more safe points will come.
+    leaving: bool,
+    /// An agreement ended with a rank leaving: that rank takes part in no
+    /// further agreement, so none is started.
+    ended: bool,
+    stats: Stats,
 }
 
-/// What the rounds cost this rank, logged when it detaches.
+/// The rank's own time per safe point, measured at each look for a ring, so
+/// that periods can be turned into numbers of safe points without reading
+/// the clock at every safe point.
+struct Pace {
+    /// The safe point of the next look.
+    next_look: u64,
+    last_look: Instant,
+    last_look_at: u64,
+    /// Nanoseconds per safe point, 0 until measured.
+    per_safe_point_ns: u64,
+}
+
+impl Pace {
+    fn new() -> Self {
+        Pace {
+            next_look: 1,
+            last_look: Instant::now(),
+            last_look_at: 0,
+            per_safe_point_ns: 0,
+        }
+    }
+
+    /// Safe points in `period` at the measured pace, from `least` (also
+    /// before any measurement) to `most`.
+    fn safe_points_in(&self, period: Duration, least: u64, most: u64) -> u64 {
+        if self.per_safe_point_ns == 0 {
+            return least;
+        }
+        let period = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+        (period / self.per_safe_point_ns).clamp(least, most)
+    }
+
+    /// Measures the pace over the safe points since the last measurement
+    /// (none passed: the pace stands).
+    fn measure(&mut self, counter: u64) {
+        let passed = counter.saturating_sub(self.last_look_at);
+        if passed == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let ns = u64::try_from(now.saturating_duration_since(self.last_look).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.per_safe_point_ns = (ns / passed).max(1);
+        self.last_look = now;
+        self.last_look_at = counter;
+    }
+
+    /// Measures the pace at a look and schedules the next one.
+    fn looked(&mut self, counter: u64) {
+        self.measure(counter);
+        self.next_look =
+            counter.saturating_add(self.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK));
+    }
+
+    /// After an agreement: measure afresh, its waits are not the
+    /// application's pace.
+    fn restart(&mut self, counter: u64) {
+        self.last_look = Instant::now();
+        self.last_look_at = counter;
+        self.next_look = counter.saturating_add(1);
+    }
+}
+
+/// The receive a rank keeps posted for an empty ring message.
+struct Bell {
+    request: ffi::MPI_Request,
+    /// The posted receive matched a ring (consumed; reposted after the
+    /// agreement's check).
+    rung: bool,
+}
+
+impl Bell {
+    fn post(&mut self, comm: ffi::MPI_Comm) -> Result<(), String> {
+        self.rung = false;
+        // SAFETY: an empty receive: MPI never touches the (dangling, non-null)
+        // buffer; `request` is a valid out-parameter.
+        let code = unsafe {
+            ffi::MPI_Irecv(
+                std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+                0,
+                ffi::RSMPI_UINT64_T,
+                ffi::RSMPI_ANY_SOURCE,
+                TAG_RING,
+                comm,
+                &mut self.request,
+            )
+        };
+        mpi_check(code, "MPI_Irecv")
+    }
+
+    /// One `MPI_Test` of the posted receive: whether a ring came.
+    fn look(&mut self) -> Result<bool, String> {
+        if self.rung {
+            return Ok(false);
+        }
+        let mut done = 0;
+        // SAFETY: the request is live; `done` is a valid out-parameter.
+        let code = unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+        mpi_check(code, "MPI_Test")?;
+        self.rung = done != 0;
+        Ok(self.rung)
+    }
+}
+
+/// The reductions the agreement uses.
+#[derive(Clone, Copy)]
+enum Reduce {
+    Max,
+    Sum,
+}
+
+/// One non-blocking allreduce of `N` words.
+struct Collective<const N: usize> {
+    request: ffi::MPI_Request,
+    // Boxed so their addresses stay fixed while MPI owns them.
+    send: Box<[u64; N]>,
+    recv: Box<[u64; N]>,
+    done: bool,
+}
+
+impl<const N: usize> Collective<N> {
+    fn start(comm: ffi::MPI_Comm, words: [u64; N], reduce: Reduce) -> Result<Self, String> {
+        let mut collective = Collective {
+            // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial
+            // value.
+            request: unsafe { ffi::RSMPI_REQUEST_NULL },
+            send: Box::new(words),
+            recv: Box::new([0; N]),
+            done: false,
+        };
+        let count = c_int::try_from(N).unwrap_or(c_int::MAX);
+        // SAFETY: the buffers are boxed and owned by the collective, which
+        // is completed before it is dropped (every agreement runs to its
+        // end, in `finalize` at the latest); the communicator is private.
+        let code = unsafe {
+            ffi::MPI_Iallreduce(
+                collective.send.as_ptr().cast(),
+                collective.recv.as_mut_ptr().cast(),
+                count,
+                ffi::RSMPI_UINT64_T,
+                match reduce {
+                    Reduce::Max => ffi::RSMPI_MAX,
+                    Reduce::Sum => ffi::RSMPI_SUM,
+                },
+                comm,
+                &mut collective.request,
+            )
+        };
+        mpi_check(code, "MPI_Iallreduce")?;
+        Ok(collective)
+    }
+
+    /// One `MPI_Test`: whether it has completed.
+    fn test(&mut self) -> Result<bool, String> {
+        if !self.done {
+            let mut done = 0;
+            // SAFETY: the request is live (owned here); `done` is a valid
+            // out-parameter.
+            let code =
+                unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+            mpi_check(code, "MPI_Test")?;
+            self.done = done != 0;
+        }
+        Ok(self.done)
+    }
+
+    /// Waits for completion, yielding the core between polls (the peer it
+    /// waits for may need it), for at most `limit`: whether it completed.
+    fn wait(&mut self, limit: Option<Duration>) -> Result<bool, String> {
+        let started = Instant::now();
+        let mut polls: u32 = 0;
+        while !self.test()? {
+            if limit.is_some_and(|limit| started.elapsed() >= limit) {
+                return Ok(false);
+            }
+            polls = polls.saturating_add(1);
+            if polls > SPINS_BEFORE_YIELD {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Where a rank stands in an agreement.
+enum Step {
+    /// Join started: [epoch, target] to come.
+    Joining { join: Collective<2>, since: Instant },
+    /// The target is known and not reached yet.
+    Heading,
+    /// Arrive started: [ranks not at the target].
+    Arriving { arrive: Collective<1> },
+    /// Check started: [in flight, not at the target, rang, leaving].
+    Checking {
+        check: Collective<4>,
+        in_flight: Option<String>,
+    },
+}
+
+struct Agreement {
+    /// This rank's epoch until the join completes, then the agreed one.
+    epoch: u64,
+    target: u64,
+    /// 0 for the first agreement of an epoch.
+    attempt: u32,
+    /// Waiting at the target (it said so in the arrive step).
+    at_target: bool,
+    rang: bool,
+    step: Step,
+}
+
+/// What an agreement decided for this rank.
+enum Decision {
+    Park(u64),
+    Refuse(u64, String),
+    /// Compute on: a rank is leaving, or another rank refuses the epoch.
+    None,
+}
+
+/// What agreements cost this rank, logged when it detaches.
 #[derive(Debug, Default)]
-struct RoundStats {
-    rounds: u64,
-    /// Boundaries whose round was not complete on arrival.
-    boundary_waits: u64,
-    boundary_wait: std::time::Duration,
+struct Stats {
+    agreements: u64,
+    joined_by_ring: u64,
+    rings: u64,
+    retries: u64,
+    target_waits: u64,
+    target_wait: Duration,
 }
 
 // SAFETY: MPI handles are plain integers in MPICH; they are only used by the
 // thread that calls the safe point, one call at a time (the Mutex).
 unsafe impl Send for Quiesce {}
 
-fn mpi_check(code: std::os::raw::c_int, call: &'static str) -> Result<(), String> {
+fn mpi_check(code: c_int, call: &'static str) -> Result<(), String> {
     if i64::from(code) == i64::from(ffi::MPI_SUCCESS) {
         Ok(())
     } else {
@@ -178,7 +410,7 @@ fn mpi_check(code: std::os::raw::c_int, call: &'static str) -> Result<(), String
 
 /// Initialises the runtime for an MPI rank whose application owns
 /// `MPI_Init`: registers with the agent (see [`runtime::init`]) and attaches
-/// the quiesce protocol to a duplicate of `comm`.
+/// the quiesce protocol to duplicates of `comm`.
 pub fn init_mpi<C: Communicator>(comm: &C) -> Result<InitInfo, InitError> {
     // SAFETY: `comm` is a live communicator owned by the caller.
     unsafe { init_mpi_raw(comm.as_raw()) }
@@ -198,28 +430,34 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
             "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
         ));
     }
-    let fixed = match std::env::var(ENV_QUIESCE_INTERVAL) {
+    let fixed_slack = match std::env::var(ENV_QUIESCE_SLACK) {
         Ok(text) if text.trim() == "auto" => None,
         Ok(text) => Some(
             text.trim()
                 .parse::<u64>()
                 .ok()
-                .filter(|n| *n > 0)
+                .filter(|n| *n <= MAX_SLACK)
                 .ok_or_else(|| InitError::BadEnv {
-                    var: ENV_QUIESCE_INTERVAL,
+                    var: ENV_QUIESCE_SLACK,
                     value: text.clone(),
-                    why: "not a positive number of safe points, nor `auto`".into(),
+                    why: format!("not a number of safe points from 0 to {MAX_SLACK}, nor `auto`"),
                 })?,
         ),
         Err(_) => None,
     };
-    let mut dup: ffi::MPI_Comm = comm;
+    let mut agree_comm: ffi::MPI_Comm = comm;
+    let mut bell_comm: ffi::MPI_Comm = comm;
     let mut rank = 0;
-    // SAFETY: `comm` is valid per the contract; `dup` and `rank` are
+    let mut size = 0;
+    // SAFETY: `comm` is valid per the contract; the handles and integers are
     // out-parameters that live across the calls.
     unsafe {
-        mpi_check(ffi::MPI_Comm_dup(comm, &mut dup), "MPI_Comm_dup").map_err(InitError::Mpi)?;
+        mpi_check(ffi::MPI_Comm_dup(comm, &mut agree_comm), "MPI_Comm_dup")
+            .map_err(InitError::Mpi)?;
+        mpi_check(ffi::MPI_Comm_dup(comm, &mut bell_comm), "MPI_Comm_dup")
+            .map_err(InitError::Mpi)?;
         mpi_check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank").map_err(InitError::Mpi)?;
+        mpi_check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size").map_err(InitError::Mpi)?;
     }
     let info = runtime::init()?;
     if i64::from(rank) != i64::from(info.rank) {
@@ -228,19 +466,27 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
             info.rank
         )));
     }
+    let mut bell = Bell {
+        // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial value.
+        request: unsafe { ffi::RSMPI_REQUEST_NULL },
+        rung: false,
+    };
+    bell.post(bell_comm).map_err(InitError::Mpi)?;
     *STATE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Quiesce {
-        comm: dup,
+        agree_comm,
+        bell_comm,
         app_comm: comm,
         rank,
-        interval: fixed.unwrap_or(1),
-        fixed: fixed.is_some(),
+        size,
         counter: 0,
-        next_boundary: fixed.unwrap_or(1),
-        round_started: None,
-        last_needed: 0,
-        completion_floor: 1,
-        stats: RoundStats::default(),
-        round: None,
+        pace: Pace::new(),
+        bell,
+        agreement: None,
+        last_decided: 0,
+        fixed_slack,
+        leaving: false,
+        ended: false,
+        stats: Stats::default(),
     });
     MPI_MODE.store(true, Ordering::Release);
     Ok(info)
@@ -256,199 +502,408 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     q.counter += 1;
     let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
     let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
-    if q.counter != q.next_boundary {
-        if let Some(round) = q.round.as_mut() {
-            round.test().map_err(mpi_err)?;
-        }
+    if q.ended {
         return Ok(SafePoint::Continue);
     }
-    // A round boundary: the same index on every rank. The application's own
-    // time per safe point ends here, before any wait for peers: counting the
-    // wait would shorten the interval when peers lag, which adds rounds and
-    // so more waits. It covers the interval that ends here, not the next.
-    let arrived = std::time::Instant::now();
-    let per_safe_point = q.round_started.map_or(0, |started| {
-        u64::try_from(arrived.saturating_duration_since(started).as_nanos()).unwrap_or(u64::MAX)
-            / q.interval.max(1)
-    });
-    let decided = match q.round.take() {
-        Some(mut round) => {
-            round.test().map_err(mpi_err)?;
-            q.last_needed = match round.completed_at {
-                Some(at) => at,
-                None => {
-                    wait_yielding(&mut round.request).map_err(mpi_err)?;
-                    q.stats.boundary_waits += 1;
-                    q.stats.boundary_wait += arrived.elapsed();
-                    // It needed more than it had.
-                    round.safe_points + 1
-                }
-            };
-            // The same MAXima on every rank, so the same next interval.
-            if !q.fixed && round.recv[1] > 0 {
-                q.completion_floor = next_completion_floor(q.completion_floor, round.recv[2]);
-                q.interval = next_interval(round.recv[1], q.completion_floor);
+    if q.agreement.is_none() {
+        let requested = runtime::requested_epoch();
+        let epoch = if requested > q.last_decided {
+            requested
+        } else if q.counter >= q.pace.next_look {
+            q.pace.looked(q.counter);
+            if !q.bell.look().map_err(mpi_err)? {
+                return Ok(SafePoint::Continue);
             }
-            round.recv[0]
-        }
-        None => 0,
-    };
-    q.next_boundary = q.counter + q.interval;
-    if decided != 0 {
-        let result = checkpoint(q);
-        drop(guard);
-        return result.and_then(|outcome| match outcome {
-            Outcome::Park => runtime::park_decided(decided),
-            Outcome::Refused(reason) => runtime::refuse(decided, reason),
-        });
-    }
-    start_round(q, per_safe_point).map_err(mpi_err)?;
-    Ok(SafePoint::Continue)
-}
-
-/// Polls before a waiting rank starts giving its core away: a round that
-/// is about to complete is taken without a system call.
-const SPINS_BEFORE_YIELD: u32 = 64;
-
-/// Completes a round. A round still incomplete at its boundary means that
-/// some peer has not reached the boundary yet, and with more ranks than
-/// cores that peer may be waiting for this very core: so after a short spin
-/// the rank yields between polls instead of spinning in `MPI_Wait`, which
-/// would hold the core until the scheduler took it away.
-fn wait_yielding(request: &mut ffi::MPI_Request) -> Result<(), String> {
-    let mut polls: u32 = 0;
-    loop {
-        let mut done = 0;
-        // SAFETY: the request is live or already MPI_REQUEST_NULL (then
-        // MPI_Test reports it complete); `done` is a valid out-parameter.
-        let code = unsafe { ffi::MPI_Test(request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
-        mpi_check(code, "MPI_Test")?;
-        if done != 0 {
-            return Ok(());
-        }
-        polls = polls.saturating_add(1);
-        if polls > SPINS_BEFORE_YIELD {
-            std::thread::yield_now();
+            q.stats.joined_by_ring += 1;
+            // A ring carries no epoch: the join's MAX brings the ringer's.
+            0
         } else {
-            std::hint::spin_loop();
-        }
+            return Ok(SafePoint::Continue);
+        };
+        q.join(epoch, 0).map_err(mpi_err)?;
+    }
+    let decision = q.advance().map_err(mpi_err)?;
+    drop(guard);
+    match decision {
+        None | Some(Decision::None) => Ok(SafePoint::Continue),
+        Some(Decision::Park(epoch)) => runtime::park_decided(epoch),
+        Some(Decision::Refuse(epoch, reason)) => runtime::refuse(epoch, reason),
     }
 }
 
-/// Starts a round carrying this rank's flag, its time per safe point over
-/// the interval that just ended (0 for the first round: nothing measured
-/// yet) and the safe points its previous round needed.
-fn start_round(q: &mut Quiesce, per_safe_point: u64) -> Result<(), String> {
-    q.round_started = Some(std::time::Instant::now());
-    q.stats.rounds += 1;
-    let mut round = Round {
+impl Quiesce {
+    /// Starts this rank's part of an agreement: the epoch it knows of and
+    /// the safe point it can promise not to pass before learning the target.
+    fn join(&mut self, epoch: u64, attempt: u32) -> Result<(), String> {
+        let cap = if self.leaving {
+            NEVER
+        } else {
+            // The pace since the last look: fresh, even if the application
+            // has slowed down since it was last measured.
+            self.pace.measure(self.counter);
+            let floor = MIN_SLACK + u64::from(self.size.max(1).unsigned_abs().ilog2());
+            let slack = self
+                .fixed_slack
+                .unwrap_or_else(|| self.pace.safe_points_in(JOIN_SLACK, floor, MAX_SLACK));
+            self.counter.saturating_add(slack << (2 * attempt))
+        };
+        let join = Collective::start(self.agree_comm, [epoch, cap], Reduce::Max)?;
+        self.stats.agreements += 1;
+        tracing::debug!(
+            rank = self.rank,
+            epoch,
+            safe_point = self.counter,
+            cap,
+            attempt,
+            "quiesce.joined"
+        );
+        self.agreement = Some(Agreement {
+            epoch,
+            target: NEVER,
+            attempt,
+            at_target: false,
+            rang: false,
+            step: Step::Joining {
+                join,
+                since: Instant::now(),
+            },
+        });
+        Ok(())
+    }
+
+    /// Takes the agreement as far as it can go at this safe point: `None`
+    /// while it is still under way.
+    fn advance(&mut self) -> Result<Option<Decision>, String> {
+        loop {
+            let Some(agreement) = self.agreement.as_mut() else {
+                return Ok(None);
+            };
+            match &mut agreement.step {
+                Step::Joining { join, since } => {
+                    if !join.test()? {
+                        if !agreement.rang && since.elapsed() >= RING_AFTER {
+                            ring(self.bell_comm, self.rank, self.size)?;
+                            agreement.rang = true;
+                            self.stats.rings += 1;
+                            tracing::debug!(
+                                rank = self.rank,
+                                epoch = agreement.epoch,
+                                safe_point = self.counter,
+                                "quiesce.rang"
+                            );
+                        }
+                        return Ok(None);
+                    }
+                    agreement.epoch = join.recv[0];
+                    agreement.target = join.recv[1];
+                    agreement.step = Step::Heading;
+                }
+                Step::Heading => {
+                    let unreachable = self.leaving || agreement.target == NEVER;
+                    if !unreachable && self.counter < agreement.target {
+                        return Ok(None);
+                    }
+                    agreement.at_target = !unreachable && self.counter == agreement.target;
+                    if !agreement.at_target && !unreachable {
+                        tracing::debug!(
+                            rank = self.rank,
+                            epoch = agreement.epoch,
+                            target = agreement.target,
+                            safe_point = self.counter,
+                            "quiesce.passed_target"
+                        );
+                    }
+                    let arrive = Collective::start(
+                        self.agree_comm,
+                        [u64::from(!agreement.at_target)],
+                        Reduce::Sum,
+                    )?;
+                    agreement.step = Step::Arriving { arrive };
+                }
+                Step::Arriving { arrive } => {
+                    if !wait_or_test(arrive, agreement.at_target, self.leaving, &mut self.stats)? {
+                        leave_target(agreement, self.rank, self.counter);
+                        return Ok(None);
+                    }
+                    let everyone_there = arrive.recv[0] == 0 && agreement.at_target;
+                    let in_flight = if everyone_there {
+                        probe(self.app_comm, self.rank)?
+                    } else {
+                        None
+                    };
+                    let check = Collective::start(
+                        self.agree_comm,
+                        [
+                            u64::from(in_flight.is_some()),
+                            u64::from(!everyone_there),
+                            u64::from(agreement.rang),
+                            u64::from(self.leaving),
+                        ],
+                        Reduce::Sum,
+                    )?;
+                    agreement.step = Step::Checking { check, in_flight };
+                }
+                Step::Checking { check, in_flight } => {
+                    if !wait_or_test(check, agreement.at_target, self.leaving, &mut self.stats)? {
+                        leave_target(agreement, self.rank, self.counter);
+                        return Ok(None);
+                    }
+                    let [in_flight_ranks, missing, rang, leaving] = *check.recv;
+                    let in_flight = in_flight.take();
+                    let (epoch, attempt, at_target, own_ring) = (
+                        agreement.epoch,
+                        agreement.attempt,
+                        agreement.at_target,
+                        agreement.rang,
+                    );
+                    self.agreement = None;
+                    self.collect_rings(rang - u64::from(own_ring))?;
+                    self.pace.restart(self.counter);
+                    let decision = if leaving > 0 {
+                        self.ended = true;
+                        Decision::None
+                    } else if in_flight_ranks > 0 {
+                        // Only the ranks that saw a message refuse, naming
+                        // it: the first refusal aborts the epoch, so it must
+                        // be the one that says what was in flight. The others
+                        // compute on and their agents release nothing.
+                        match in_flight {
+                            Some(reason) => Decision::Refuse(epoch, reason),
+                            None => Decision::None,
+                        }
+                    } else if missing > 0 {
+                        if attempt + 1 < MAX_ATTEMPTS {
+                            // Every rank read the same sums: all join again.
+                            self.stats.retries += 1;
+                            self.join(epoch, attempt + 1)?;
+                            continue;
+                        }
+                        Decision::Refuse(
+                            epoch,
+                            format!(
+                                "the ranks did not all stop at the agreed safe point in \
+                                 {MAX_ATTEMPTS} attempts ({missing} missed the last)"
+                            ),
+                        )
+                    } else if at_target {
+                        Decision::Park(epoch)
+                    } else {
+                        // This rank left the target after the others were
+                        // all there; they park, and this refusal aborts the
+                        // epoch so that they are released at once.
+                        Decision::Refuse(
+                            epoch,
+                            format!(
+                                "rank {} left the agreed safe point after waiting {}s for the others",
+                                self.rank,
+                                GIVE_UP.as_secs()
+                            ),
+                        )
+                    };
+                    self.last_decided = self.last_decided.max(epoch);
+                    return Ok(Some(decision));
+                }
+            }
+        }
+    }
+
+    /// Receives the rings sent to this rank in the agreement that just
+    /// ended (every rank that rang sent one to each of the others), then
+    /// posts the bell again.
+    fn collect_rings(&mut self, mut rings: u64) -> Result<(), String> {
+        if rings > 0 && !self.bell.rung {
+            // SAFETY: the posted receive is live; it matches a ring.
+            let code = unsafe { ffi::MPI_Wait(&mut self.bell.request, ffi::RSMPI_STATUS_IGNORE) };
+            mpi_check(code, "MPI_Wait")?;
+            self.bell.rung = true;
+        }
+        if self.bell.rung {
+            rings = rings.saturating_sub(1);
+        }
+        for _ in 0..rings {
+            // SAFETY: an empty receive of a ring that was sent before its
+            // sender started the check.
+            let code = unsafe {
+                ffi::MPI_Recv(
+                    std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+                    0,
+                    ffi::RSMPI_UINT64_T,
+                    ffi::RSMPI_ANY_SOURCE,
+                    TAG_RING,
+                    self.bell_comm,
+                    ffi::RSMPI_STATUS_IGNORE,
+                )
+            };
+            mpi_check(code, "MPI_Recv")?;
+        }
+        if self.bell.rung {
+            self.bell.post(self.bell_comm)?;
+        }
+        Ok(())
+    }
+}
+
+/// Completes a step: a rank at the target waits (at most [`GIVE_UP`]), a
+/// leaving rank waits as long as it takes (no safe point will come again),
+/// any other rank tests once and goes on.
+fn wait_or_test<const N: usize>(
+    collective: &mut Collective<N>,
+    at_target: bool,
+    leaving: bool,
+    stats: &mut Stats,
+) -> Result<bool, String> {
+    if leaving {
+        return collective.wait(None);
+    }
+    if !at_target {
+        return collective.test();
+    }
+    let started = Instant::now();
+    let done = collective.wait(Some(GIVE_UP))?;
+    stats.target_waits += 1;
+    stats.target_wait += started.elapsed();
+    Ok(done)
+}
+
+/// A rank that has waited [`GIVE_UP`] at the target goes on computing: a
+/// peer that passed the target may be blocked on it.
+fn leave_target(agreement: &mut Agreement, rank: i32, counter: u64) {
+    if agreement.at_target {
+        agreement.at_target = false;
+        tracing::warn!(
+            rank,
+            epoch = agreement.epoch,
+            safe_point = counter,
+            waited_s = GIVE_UP.as_secs(),
+            "quiesce.left_target"
+        );
+    }
+}
+
+/// How long a rank at the target keeps looking for a message in flight.
+/// MPI does not promise that a message sent before the sender's arrival is
+/// visible to the receiver's `MPI_Iprobe` when the arrive step completes (it
+/// may travel another path); a short window catches those that were sent,
+/// at the cost of this much quiesce latency.
+pub const PROBE_WINDOW: Duration = Duration::from_millis(2);
+
+/// Looks for a message waiting on the application's communicator: one sent
+/// before the safe point and not received.
+fn probe(app_comm: ffi::MPI_Comm, rank: i32) -> Result<Option<String>, String> {
+    let started = Instant::now();
+    loop {
+        let mut pending = 0;
+        // SAFETY: a zeroed MPI_Status is a valid out-parameter.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: the application's communicator is live; out-parameters
+        // valid.
+        let code = unsafe {
+            ffi::MPI_Iprobe(
+                ffi::RSMPI_ANY_SOURCE,
+                ffi::RSMPI_ANY_TAG,
+                app_comm,
+                &mut pending,
+                &mut status,
+            )
+        };
+        mpi_check(code, "MPI_Iprobe")?;
+        if pending != 0 {
+            return Ok(Some(format!(
+                "rank {rank}: a message from rank {} (tag {}) was still in flight at the safe point; \
+                 complete all communication before calling the safe point",
+                status.MPI_SOURCE, status.MPI_TAG
+            )));
+        }
+        if started.elapsed() >= PROBE_WINDOW {
+            return Ok(None);
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Sends an empty ring to every other rank. The sends are freed at once: an
+/// empty message owns no buffer, and its receipt is counted by the check.
+fn ring(comm: ffi::MPI_Comm, rank: i32, size: i32) -> Result<(), String> {
+    for peer in (0..size).filter(|peer| *peer != rank) {
         // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial value.
-        request: unsafe { ffi::RSMPI_REQUEST_NULL },
-        send: Box::new([runtime::requested_epoch(), per_safe_point, q.last_needed]),
-        recv: Box::new([0, 0, 0]),
-        safe_points: 0,
-        completed_at: None,
-    };
-    // SAFETY: the buffers are boxed and owned by the round, which outlives
-    // the request (it is waited on before being dropped); the communicator
-    // is our private duplicate.
-    let code = unsafe {
-        ffi::MPI_Iallreduce(
-            round.send.as_ptr().cast(),
-            round.recv.as_mut_ptr().cast(),
-            3,
-            ffi::RSMPI_UINT64_T,
-            ffi::RSMPI_MAX,
-            q.comm,
-            &mut round.request,
-        )
-    };
-    mpi_check(code, "MPI_Iallreduce")?;
-    q.round = Some(round);
+        let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: an empty send: MPI never touches the (dangling, non-null)
+        // buffer; freeing the request lets the send complete on its own.
+        unsafe {
+            mpi_check(
+                ffi::MPI_Isend(
+                    std::ptr::NonNull::<u64>::dangling().as_ptr().cast(),
+                    0,
+                    ffi::RSMPI_UINT64_T,
+                    peer,
+                    TAG_RING,
+                    comm,
+                    &mut request,
+                ),
+                "MPI_Isend",
+            )?;
+            mpi_check(ffi::MPI_Request_free(&mut request), "MPI_Request_free")?;
+        }
+    }
     Ok(())
 }
 
-enum Outcome {
-    Park,
-    Refused(String),
-}
-
-/// All ranks are at the same safe point and have decided to checkpoint:
-/// barrier, then check for messages in flight.
-fn checkpoint(q: &mut Quiesce) -> Result<Outcome, CheckpointError> {
-    let rank = u32::try_from(q.rank).unwrap_or(u32::MAX);
-    let mpi_err = |detail: String| CheckpointError::Mpi { rank, detail };
-    // SAFETY: our private communicator; no buffers.
-    mpi_check(unsafe { ffi::MPI_Barrier(q.comm) }, "MPI_Barrier").map_err(mpi_err)?;
-    let mut pending = 0;
-    // SAFETY: a zeroed MPI_Status is a valid out-parameter.
-    let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-    // SAFETY: the application's communicator is live; out-parameters valid.
-    let code = unsafe {
-        ffi::MPI_Iprobe(
-            ffi::RSMPI_ANY_SOURCE,
-            ffi::RSMPI_ANY_TAG,
-            q.app_comm,
-            &mut pending,
-            &mut status,
-        )
-    };
-    mpi_check(code, "MPI_Iprobe").map_err(mpi_err)?;
-    let local: u64 = u64::from(pending != 0);
-    let mut any: u64 = 0;
-    // SAFETY: stack buffers that live across the blocking call.
-    let code = unsafe {
-        ffi::MPI_Allreduce(
-            (&local as *const u64).cast(),
-            (&mut any as *mut u64).cast(),
-            1,
-            ffi::RSMPI_UINT64_T,
-            ffi::RSMPI_MAX,
-            q.comm,
-        )
-    };
-    mpi_check(code, "MPI_Allreduce").map_err(mpi_err)?;
-    if any == 0 {
-        return Ok(Outcome::Park);
-    }
-    Ok(Outcome::Refused(if pending != 0 {
-        format!(
-            "rank {rank}: a message from rank {} (tag {}) was still in flight at the safe point; \
-             complete all communication before calling the safe point",
-            status.MPI_SOURCE, status.MPI_TAG
-        )
-    } else {
-        "another rank had a message in flight at the safe point".to_owned()
-    }))
-}
-
-/// Completes an outstanding round and frees the private communicator. Call
-/// before `MPI_Finalize` (every rank has the same round outstanding).
+/// Leaves the protocol before `MPI_Finalize`: takes part in the agreement in
+/// progress (or starts one) with a cap no safe point reaches, so that every
+/// rank ends with the same collectives, and frees the private communicators.
 pub(crate) fn detach() {
     let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(mut q) = guard.take() {
-        tracing::debug!(
-            rank = q.rank,
-            safe_points = q.counter,
-            rounds = q.stats.rounds,
-            interval = q.interval,
-            boundary_waits = q.stats.boundary_waits,
-            boundary_wait_ms = q.stats.boundary_wait.as_secs_f64() * 1e3,
-            "quiesce.summary"
-        );
-        MPI_MODE.store(false, Ordering::Release);
-        let mut finalized = 0;
-        // SAFETY: may be called at any time.
-        unsafe { ffi::MPI_Finalized(&mut finalized) };
-        if finalized != 0 {
-            return;
+    let Some(mut q) = guard.take() else {
+        return;
+    };
+    MPI_MODE.store(false, Ordering::Release);
+    let mut finalized = 0;
+    // SAFETY: may be called at any time.
+    unsafe { ffi::MPI_Finalized(&mut finalized) };
+    if finalized == 0 {
+        if let Err(err) = q.leave() {
+            eprintln!("cryo: rank {}: leaving the quiesce protocol: {err}", q.rank);
         }
-        if let Some(mut round) = q.round.take() {
-            // SAFETY: live request with boxed buffers still owned here.
-            unsafe { ffi::MPI_Wait(&mut round.request, ffi::RSMPI_STATUS_IGNORE) };
+    }
+    tracing::debug!(
+        rank = q.rank,
+        safe_points = q.counter,
+        agreements = q.stats.agreements,
+        joined_by_ring = q.stats.joined_by_ring,
+        rings = q.stats.rings,
+        retries = q.stats.retries,
+        target_waits = q.stats.target_waits,
+        target_wait_ms = q.stats.target_wait.as_secs_f64() * 1e3,
+        "quiesce.summary"
+    );
+}
+
+impl Quiesce {
+    fn leave(&mut self) -> Result<(), String> {
+        self.leaving = true;
+        if !self.ended {
+            if self.agreement.is_none() {
+                self.join(0, 0)?;
+            }
+            // Every step but the join now waits to completion; the other
+            // ranks complete them from their safe points (a ring reaches
+            // those whose agent raised nothing) or their own `finalize`.
+            while self.advance()?.is_none() {
+                std::thread::yield_now();
+            }
         }
-        // SAFETY: our own duplicate, no longer used.
-        unsafe { ffi::MPI_Comm_free(&mut q.comm) };
+        // SAFETY: the posted receive is live; cancelling and then completing
+        // it is how a receive that no message will match is retired.
+        unsafe {
+            ffi::MPI_Cancel(&mut self.bell.request);
+            ffi::MPI_Wait(&mut self.bell.request, ffi::RSMPI_STATUS_IGNORE);
+        }
+        // SAFETY: our own duplicates, no longer used.
+        unsafe {
+            ffi::MPI_Comm_free(&mut self.agree_comm);
+            ffi::MPI_Comm_free(&mut self.bell_comm);
+        }
+        Ok(())
     }
 }
 
@@ -457,34 +912,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_interval_spans_about_one_round_period() {
-        // 1 ms iterations: a round every 50 safe points.
-        assert_eq!(next_interval(1_000_000, 1), 50);
-        // Iterations longer than the period: a round at every safe point.
-        assert_eq!(next_interval(100_000_000, 0), 1);
-        // Very short ones are capped, and nothing divides by zero.
-        assert_eq!(next_interval(1_000, 1), MAX_INTERVAL);
-        assert_eq!(next_interval(0, 0), MAX_INTERVAL);
+    fn periods_become_safe_points_at_the_measured_pace() {
+        let mut pace = Pace::new();
+        // Unmeasured: the floor, never a guess.
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MIN_SLACK
+        );
+        // 1 ms iterations: 20 ms is twenty safe points.
+        pace.per_safe_point_ns = 1_000_000;
+        assert_eq!(pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK), 20);
+        // Long iterations: the floor.
+        pace.per_safe_point_ns = 50_000_000;
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MIN_SLACK
+        );
+        assert_eq!(
+            pace.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK),
+            2
+        );
+        // Very short ones are capped.
+        pace.per_safe_point_ns = 10;
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MAX_SLACK
+        );
+        assert_eq!(
+            pace.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK),
+            MAX_SAFE_POINTS_PER_LOOK
+        );
     }
 
     #[test]
-    fn the_interval_leaves_a_round_the_safe_points_it_needs() {
-        // 10 ms iterations (5 per period), but the slowest rank saw the last
-        // round complete only at its fourth safe point: half as much again,
-        // plus one.
-        let floor = next_completion_floor(1, 4);
-        assert_eq!(floor, 7);
-        assert_eq!(next_interval(10_000_000, floor), 7);
-        // Not past twice the period, however long the iterations.
-        assert_eq!(next_interval(40_000_000, floor), 2);
-        assert_eq!(next_interval(100_000_000, floor), 1);
-        // Short iterations already leave more than enough.
-        assert_eq!(next_interval(1_000_000, floor), 50);
-        // The floor falls slowly when rounds need less.
-        assert_eq!(next_completion_floor(16, 1), 14);
-        assert_eq!(next_completion_floor(14, 1), 13);
-        // A round that never completes cannot stretch it without bound.
-        assert_eq!(next_completion_floor(1, u64::MAX), MAX_INTERVAL);
-        assert_eq!(next_interval(1_000, MAX_INTERVAL), MAX_INTERVAL);
+    fn a_look_measures_the_pace_and_schedules_the_next() {
+        let mut pace = Pace::new();
+        pace.last_look = Instant::now() - Duration::from_millis(10);
+        pace.last_look_at = 0;
+        pace.looked(10);
+        // About 1 ms per safe point (the clock only adds): the next look
+        // within a hundred.
+        assert!(
+            pace.per_safe_point_ns >= 1_000_000,
+            "{}",
+            pace.per_safe_point_ns
+        );
+        assert!((11..=110).contains(&pace.next_look), "{}", pace.next_look);
     }
 }

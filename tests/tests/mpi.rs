@@ -588,24 +588,24 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
     case.assert_matches_reference();
 }
 
-/// Short iterations make the runtime space its agreement rounds (an
-/// adaptive interval of about 10 ms): every rank must still derive the same
-/// round boundaries, or the ranks would park at different safe points and
-/// the checkpoint would hang or fail. Two checkpoints of a 1 ms-per-iteration
-/// job on two nodes must both commit.
-#[test]
-fn adaptive_rounds_keep_every_rank_on_the_same_safe_point() {
-    if mpiexec().is_none() {
-        return;
-    }
-    let case = Case::new(built().join("quiesce-bench"));
-    let log = case.path("cryo-run-adaptive.log");
-    let mut child = case
+/// `quiesce-bench` (1 ms iterations, an allreduce after each safe point)
+/// under `cryo run` on two nodes of one rank each, with `env` for the ranks;
+/// returns once its short measurement is done and it iterates for 20 s.
+fn start_quiesce_bench(
+    case: &Case,
+    job: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Child, PathBuf) {
+    let log = case.path(&format!("cryo-run-{job}.log"));
+    let out = case.path(&format!("{job}.stdout"));
+    let child = case
         .cryo()
-        .env_remove("CRYO_QUIESCE_INTERVAL")
-        .args(["run", "--job", "adaptive", "--nodes", "a:1,b:1", "-n", "2"])
+        .env_remove("CRYO_QUIESCE_SLACK")
+        .envs(env.iter().copied())
+        .args(["run", "--job", job, "--nodes", "a:1,b:1", "-n", "2"])
         .arg("--scratch")
-        .arg(case.path("scratch-adaptive"))
+        .arg(case.path(&format!("scratch-{job}")))
         .arg("--")
         .arg(&case.program)
         .args([
@@ -616,21 +616,36 @@ fn adaptive_rounds_keep_every_rank_on_the_same_safe_point() {
             "--state-bytes",
             "1048576",
         ])
-        .stdout(Stdio::null())
+        .args(extra)
+        .stdout(fs::File::create(&out).unwrap())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_until("both ranks registered", Duration::from_secs(30), || {
-        fs::read_to_string(&log)
+    // Rank 0 prints its figures when the measurement ends and the long run
+    // (where `--in-flight` applies) begins.
+    wait_until("the measurement to end", Duration::from_secs(60), || {
+        fs::read_to_string(&out)
             .unwrap_or_default()
-            .matches("rank.registered")
-            .count()
-            >= 2
+            .contains("safe point")
     });
-    // Let a few rounds adapt the interval before asking.
-    std::thread::sleep(Duration::from_millis(500));
+    // Let the ranks measure their pace before asking.
+    std::thread::sleep(Duration::from_millis(300));
+    (child, log)
+}
+
+/// Short iterations (1 ms) give the ranks twenty safe points of slack in an
+/// agreement: every rank must still derive the same target, or the ranks
+/// would park at different safe points and the checkpoint would hang or
+/// fail. Two checkpoints of a job on two nodes must both commit.
+#[test]
+fn short_iterations_keep_every_rank_on_the_same_safe_point() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("quiesce-bench"));
+    let (mut child, log) = start_quiesce_bench(&case, "short", &[], &[]);
     for epoch in 1..=2 {
-        let out = checkpoint(&case, "adaptive");
+        let out = checkpoint(&case, "short");
         assert!(
             out.status.success() && output_text(&out).contains(&format!("epoch {epoch} committed")),
             "checkpoint {epoch}: {}\n{}",
@@ -638,6 +653,65 @@ fn adaptive_rounds_keep_every_rank_on_the_same_safe_point() {
             fs::read_to_string(&log).unwrap_or_default()
         );
     }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A message left in flight across the safe point (rank 0 sends before it,
+/// rank 1 receives after it) would be lost in a checkpoint: every rank must
+/// refuse the epoch, naming the sender and tag, and the job computes on.
+#[test]
+fn a_message_in_flight_at_the_safe_point_refuses_the_checkpoint() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("quiesce-bench"));
+    let (mut child, log) = start_quiesce_bench(&case, "inflight", &[], &["--in-flight"]);
+    let out = checkpoint(&case, "inflight");
+    let said = output_text(&out);
+    assert!(!out.status.success(), "must not commit: {said}");
+    assert!(
+        said.contains("epoch 1 aborted")
+            && said.contains("a message from rank 0 (tag 99) was still in flight"),
+        "{said}\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(case.committed("inflight").is_empty());
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job must compute on"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// With no slack (`CRYO_QUIESCE_SLACK=0`) a rank's cap is the safe point
+/// where it joins, and the agreement completes only safe points later: some
+/// rank always passes the target. The ranks must notice, retry, and after
+/// the last attempt refuse the epoch with a clear reason, not hang or park
+/// at different safe points; the job computes on.
+#[test]
+fn ranks_that_pass_the_target_retry_then_refuse() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::new(built().join("quiesce-bench"));
+    let (mut child, log) =
+        start_quiesce_bench(&case, "noslack", &[("CRYO_QUIESCE_SLACK", "0")], &[]);
+    let out = checkpoint(&case, "noslack");
+    let said = output_text(&out);
+    assert!(!out.status.success(), "must not commit: {said}");
+    assert!(
+        said.contains("epoch 1 aborted")
+            && said.contains("did not all stop at the agreed safe point in 3 attempts"),
+        "{said}\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(case.committed("noslack").is_empty());
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job must compute on"
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

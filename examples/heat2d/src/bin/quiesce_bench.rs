@@ -11,7 +11,10 @@
 //! (`--json` adds one JSON line for `cryo bench`). With
 //! `--run-secs S` it afterwards keeps iterating for S seconds with safe
 //! points, so `cryo checkpoint` can measure quiesce latency and pause
-//! against it (see `scripts/bench-quiesce.sh`).
+//! against it (see `scripts/bench-quiesce.sh`). With `--in-flight` those
+//! iterations break the safe-point contract on purpose: rank 0 sends rank 1
+//! a message just before each safe point, which rank 1 receives only after
+//! it, so every checkpoint must be refused.
 //!
 //! An iteration is `--iter-us` of the rank's own CPU time (`--work cpu`, the
 //! default), so the figure does not depend on the CPU's speed and, with more
@@ -53,7 +56,14 @@ struct Args {
     /// wall clock.
     #[arg(long, value_enum, default_value_t = Work::Cpu)]
     work: Work,
+    /// In the `--run-secs` iterations, leave a message from rank 0 to rank
+    /// 1 in flight across each safe point (tag [`IN_FLIGHT_TAG`]).
+    #[arg(long)]
+    in_flight: bool,
 }
+
+/// The tag of the message `--in-flight` leaves across the safe point.
+const IN_FLIGHT_TAG: i32 = 99;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Work {
@@ -192,9 +202,18 @@ fn main() -> Result<()> {
     }
     if args.run_secs > 0.0 {
         let until = Instant::now() + Duration::from_secs_f64(args.run_secs);
+        let in_flight = args.in_flight && world.size() > 1;
         loop {
             spin(args.work, args.iter_us);
+            if in_flight && world.rank() == 0 {
+                world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
+            }
             cryo_rank::checkpoint_point().context("safe point")?;
+            if in_flight && world.rank() == 1 {
+                let (_, _) = world
+                    .process_at_rank(0)
+                    .receive_with_tag::<u64>(IN_FLIGHT_TAG);
+            }
             // Agree on stopping, so every rank calls the safe point equally often.
             let local = u8::from(Instant::now() >= until);
             let mut all = 0u8;
