@@ -35,11 +35,14 @@
 //!    join again for the same epoch with four times the slack (a rank
 //!    passed the target), up to [`MAX_ATTEMPTS`].
 //!
-//! Waiting is only ever at the target, and never unbounded: a rank that has
-//! waited [`GIVE_UP`] there (a peer passed the target and is blocked in the
-//! application's communication with a rank that waits) leaves it, reports
-//! it, and finishes the agreement from its next safe points; the rest then
-//! retry or refuse.
+//! Waiting is only ever at the target, and never unbounded. A peer that
+//! passed the target is usually blocked in the application's communication
+//! with a rank that waits there, so a rank that has waited for the arrive
+//! step longer than the others can take to get there (see [`patience`])
+//! leaves the target, says so, and finishes the agreement from its next
+//! safe points; the ranks then retry. The check step, which every rank
+//! starts straight from the target, is waited for up to [`GIVE_UP`]; a rank
+//! that leaves then refuses the epoch, since the others may park.
 //!
 //! A rank whose agent is slow, stuck or dead would never join. So a rank
 //! whose join has not completed within [`RING_AFTER`] **rings** every other
@@ -96,10 +99,26 @@ pub const MIN_SLACK: u64 = 2;
 /// with four times the slack; after this many, they refuse the epoch.
 pub const MAX_ATTEMPTS: u32 = 3;
 
-/// How long a rank waits at the target before it leaves it (see the module
-/// documentation). Far above any normal arrival spread, well below an
-/// agent's park timeout.
+/// How long a rank waits for the check step before it leaves the target.
+/// Far above any normal completion time, well below an agent's park
+/// timeout.
 pub const GIVE_UP: Duration = Duration::from_secs(5);
+
+/// The least a rank waits for the others to arrive at the target.
+pub const MIN_PATIENCE: Duration = Duration::from_millis(250);
+
+/// How long a rank waits at the target for the others to arrive: far more
+/// than the spread of ranks that are all heading there (fifty of its safe
+/// points, at least [`MIN_PATIENCE`]), growing fourfold with each attempt,
+/// and at most [`GIVE_UP`]. Leaving too early costs a retry; too late, a
+/// stall of the whole job when a peer passed the target.
+pub fn patience(per_safe_point_ns: u64, attempt: u32) -> Duration {
+    let by_pace = Duration::from_nanos(per_safe_point_ns.saturating_mul(50));
+    by_pace
+        .max(MIN_PATIENCE)
+        .saturating_mul(1 << (2 * attempt.min(8)))
+        .min(GIVE_UP)
+}
 
 /// How often a rank outside an agreement looks for a peer's ring. It only
 /// bounds how late a rank whose agent failed to raise its flag joins. A look
@@ -621,7 +640,14 @@ impl Quiesce {
                     agreement.step = Step::Arriving { arrive };
                 }
                 Step::Arriving { arrive } => {
-                    if !wait_or_test(arrive, agreement.at_target, self.leaving, &mut self.stats)? {
+                    let limit = patience(self.pace.per_safe_point_ns, agreement.attempt);
+                    if !wait_or_test(
+                        arrive,
+                        agreement.at_target,
+                        self.leaving,
+                        limit,
+                        &mut self.stats,
+                    )? {
                         leave_target(agreement, self.rank, self.counter);
                         return Ok(None);
                     }
@@ -644,7 +670,13 @@ impl Quiesce {
                     agreement.step = Step::Checking { check, in_flight };
                 }
                 Step::Checking { check, in_flight } => {
-                    if !wait_or_test(check, agreement.at_target, self.leaving, &mut self.stats)? {
+                    if !wait_or_test(
+                        check,
+                        agreement.at_target,
+                        self.leaving,
+                        GIVE_UP,
+                        &mut self.stats,
+                    )? {
                         leave_target(agreement, self.rank, self.counter);
                         return Ok(None);
                     }
@@ -694,7 +726,8 @@ impl Quiesce {
                         Decision::Refuse(
                             epoch,
                             format!(
-                                "rank {} left the agreed safe point after waiting {}s for the others",
+                                "rank {} left the agreed safe point after waiting {}s for the \
+                                 others to check it",
                                 self.rank,
                                 GIVE_UP.as_secs()
                             ),
@@ -743,13 +776,14 @@ impl Quiesce {
     }
 }
 
-/// Completes a step: a rank at the target waits (at most [`GIVE_UP`]), a
+/// Completes a step: a rank at the target waits (at most `limit`), a
 /// leaving rank waits as long as it takes (no safe point will come again),
 /// any other rank tests once and goes on.
 fn wait_or_test<const N: usize>(
     collective: &mut Collective<N>,
     at_target: bool,
     leaving: bool,
+    limit: Duration,
     stats: &mut Stats,
 ) -> Result<bool, String> {
     if leaving {
@@ -759,22 +793,22 @@ fn wait_or_test<const N: usize>(
         return collective.test();
     }
     let started = Instant::now();
-    let done = collective.wait(Some(GIVE_UP))?;
+    let done = collective.wait(Some(limit))?;
     stats.target_waits += 1;
     stats.target_wait += started.elapsed();
     Ok(done)
 }
 
-/// A rank that has waited [`GIVE_UP`] at the target goes on computing: a
+/// A rank that has waited long enough at the target goes on computing: a
 /// peer that passed the target may be blocked on it.
 fn leave_target(agreement: &mut Agreement, rank: i32, counter: u64) {
     if agreement.at_target {
         agreement.at_target = false;
-        tracing::warn!(
+        tracing::info!(
             rank,
             epoch = agreement.epoch,
             safe_point = counter,
-            waited_s = GIVE_UP.as_secs(),
+            attempt = agreement.attempt,
             "quiesce.left_target"
         );
     }
@@ -942,6 +976,19 @@ mod tests {
             pace.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK),
             MAX_SAFE_POINTS_PER_LOOK
         );
+    }
+
+    #[test]
+    fn patience_grows_with_the_pace_and_the_attempt() {
+        // 1 ms iterations: the floor.
+        assert_eq!(patience(1_000_000, 0), MIN_PATIENCE);
+        // 20 ms iterations: fifty of them.
+        assert_eq!(patience(20_000_000, 0), Duration::from_secs(1));
+        // Fourfold per attempt, never past GIVE_UP.
+        assert_eq!(patience(1_000_000, 1), MIN_PATIENCE * 4);
+        assert_eq!(patience(1_000_000, 2), Duration::from_secs(4));
+        assert_eq!(patience(20_000_000, 2), GIVE_UP);
+        assert_eq!(patience(u64::MAX, 30), GIVE_UP);
     }
 
     #[test]
