@@ -45,11 +45,12 @@ typedef enum cryo_status {
 int cryo_init(void);
 
 /* For MPI programs (include <mpi.h> before cryo.h): like cryo_init, and
- * attaches cryo's quiesce protocol to a duplicate of comm, so that all ranks
- * checkpoint at the same safe point with no message in flight. The program
- * owns MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize, and
- * call cryo_checkpoint_point the same number of times on every rank.
- * Built against MPICH. */
+ * attaches cryo's quiesce protocol to two duplicates of comm, so that all
+ * ranks checkpoint at the same safe point with no message in flight. The
+ * ranks talk only when a checkpoint is requested. The program owns
+ * MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize (it is
+ * collective over comm), and call cryo_checkpoint_point the same number of
+ * times on every rank. Built against MPICH. */
 #if defined(MPI_VERSION)
 int cryo_init_mpi(MPI_Comm comm);
 #endif
@@ -70,7 +71,8 @@ int cryo_region_file(const char *name, const char *path, uint64_t offset, size_t
 int cryo_protect(const char *name, void *ptr, size_t len);
 
 /* The safe point: call where the state is consistent. Costs one load when
- * no checkpoint is pending. Returns CRYO_CONTINUE, CRYO_CHECKPOINTED or
+ * no checkpoint is pending (MPI programs: also a counter, and one MPI_Test
+ * every 100 ms). Returns CRYO_CONTINUE, CRYO_CHECKPOINTED or
  * CRYO_ABORTED, or -CRYO_ERR_CHECKPOINT on error. */
 int cryo_checkpoint_point(void);
 

@@ -134,7 +134,7 @@ pub unsafe extern "C" fn cryo_init() -> c_int {
 }
 
 /// Like [`cryo_init`], for an MPI rank: also attaches the quiesce protocol to
-/// a duplicate of `comm`, so every rank checkpoints at the same safe point.
+/// duplicates of `comm`, so every rank checkpoints at the same safe point.
 /// The application owns `MPI_Init`/`MPI_Finalize` and calls
 /// `cryo_finalize` before `MPI_Finalize`.
 ///

@@ -39,7 +39,8 @@ pub use runtime::{
 /// The safe point. Call it where the application's state is consistent.
 ///
 /// With no checkpoint pending this is two loads (the flag's address, then
-/// the flag) and a branch. With one pending, the rank parks until the agent
+/// the flag) and a branch; in MPI mode (the `quiesce` module) also a counter
+/// increment and, every 100 ms, one `MPI_Test`. With one pending, the rank parks until the agent
 /// has copied its memory.
 #[inline]
 pub fn checkpoint_point() -> Result<SafePoint, CheckpointError> {

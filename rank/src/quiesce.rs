@@ -88,32 +88,40 @@ pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
 /// and it is about what the agreement adds to the quiesce latency.
 pub const JOIN_SLACK: Duration = Duration::from_millis(20);
 
-/// The fewest safe points of slack, plus `log2(ranks)`: MPICH's
-/// `MPI_Iallreduce` takes about that many steps, each needing an `MPI_Test`
-/// (or any other MPI call) on every rank. Iterations long enough to reach
-/// the floor are also long enough that the application's own MPI calls
-/// usually complete the join in one or two; a miss costs a retry.
+/// The fewest safe points of slack. Before its first agreement a rank adds
+/// `log2(ranks)`: MPICH's `MPI_Iallreduce` takes about that many steps,
+/// each needing an `MPI_Test` (or any other MPI call) on every rank. Later
+/// the floor follows what the previous agreement needed (see
+/// [`slack_floor`]): with long iterations the application's own MPI calls
+/// usually complete the join within a safe point or two.
 pub const MIN_SLACK: u64 = 2;
+
+/// The slack floor from the most safe points any rank needed between its
+/// join and seeing the join complete in the previous agreement: half as
+/// much again, plus one.
+pub fn slack_floor(most_needed: u64) -> u64 {
+    let needed = most_needed.min(MAX_SLACK);
+    (needed + needed / 2 + 1).clamp(MIN_SLACK, MAX_SLACK)
+}
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
 /// with four times the slack; after this many, they refuse the epoch.
 pub const MAX_ATTEMPTS: u32 = 3;
 
-/// How long a rank waits for the check step before it leaves the target.
-/// Far above any normal completion time, well below an agent's park
-/// timeout.
+/// The longest a rank waits at the target for a step to complete: well
+/// below an agent's park timeout.
 pub const GIVE_UP: Duration = Duration::from_secs(5);
 
 /// The least a rank waits for the others to arrive at the target.
 pub const MIN_PATIENCE: Duration = Duration::from_millis(250);
 
-/// How long a rank waits at the target for the others to arrive: far more
-/// than the spread of ranks that are all heading there (fifty of its safe
+/// How long a rank waits at the target for a step to complete: far more
+/// than the spread of ranks that are all heading there (ten of its safe
 /// points, at least [`MIN_PATIENCE`]), growing fourfold with each attempt,
 /// and at most [`GIVE_UP`]. Leaving too early costs a retry; too late, a
 /// stall of the whole job when a peer passed the target.
 pub fn patience(per_safe_point_ns: u64, attempt: u32) -> Duration {
-    let by_pace = Duration::from_nanos(per_safe_point_ns.saturating_mul(50));
+    let by_pace = Duration::from_nanos(per_safe_point_ns.saturating_mul(10));
     by_pace
         .max(MIN_PATIENCE)
         .saturating_mul(1 << (2 * attempt.min(8)))
@@ -175,6 +183,11 @@ struct Quiesce {
     last_decided: u64,
     /// `CRYO_QUIESCE_SLACK`, when set to a number.
     fixed_slack: Option<u64>,
+    /// The fewest safe points of slack (see [`slack_floor`]).
+    slack_floor: u64,
+    /// Safe points between this rank's join and its seeing the join
+    /// complete, in the previous agreement.
+    last_needed: u64,
     /// In `finalize`: no more safe points will come.
     leaving: bool,
     /// An agreement ended with a rank leaving: that rank takes part in no
@@ -371,8 +384,9 @@ impl<const N: usize> Collective<N> {
 
 /// Where a rank stands in an agreement.
 enum Step {
-    /// Join started: [epoch, target] to come.
-    Joining { join: Collective<2>, since: Instant },
+    /// Join started: [epoch, target, most safe points the previous
+    /// agreement's join needed] to come.
+    Joining { join: Collective<3>, since: Instant },
     /// The target is known and not reached yet.
     Heading,
     /// Arrive started: [ranks not at the target].
@@ -387,6 +401,8 @@ enum Step {
 struct Agreement {
     /// This rank's epoch until the join completes, then the agreed one.
     epoch: u64,
+    /// The safe point where this rank joined.
+    joined_at: u64,
     target: u64,
     /// 0 for the first agreement of an epoch.
     attempt: u32,
@@ -503,6 +519,8 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         agreement: None,
         last_decided: 0,
         fixed_slack,
+        slack_floor: MIN_SLACK + u64::from(size.max(1).unsigned_abs().ilog2()),
+        last_needed: 0,
         leaving: false,
         ended: false,
         stats: Stats::default(),
@@ -560,13 +578,13 @@ impl Quiesce {
             // The pace since the last look: fresh, even if the application
             // has slowed down since it was last measured.
             self.pace.measure(self.counter);
-            let floor = MIN_SLACK + u64::from(self.size.max(1).unsigned_abs().ilog2());
-            let slack = self
-                .fixed_slack
-                .unwrap_or_else(|| self.pace.safe_points_in(JOIN_SLACK, floor, MAX_SLACK));
+            let slack = self.fixed_slack.unwrap_or_else(|| {
+                self.pace
+                    .safe_points_in(JOIN_SLACK, self.slack_floor, MAX_SLACK)
+            });
             self.counter.saturating_add(slack << (2 * attempt))
         };
-        let join = Collective::start(self.agree_comm, [epoch, cap], Reduce::Max)?;
+        let join = Collective::start(self.agree_comm, [epoch, cap, self.last_needed], Reduce::Max)?;
         self.stats.agreements += 1;
         tracing::debug!(
             rank = self.rank,
@@ -578,6 +596,7 @@ impl Quiesce {
         );
         self.agreement = Some(Agreement {
             epoch,
+            joined_at: self.counter,
             target: NEVER,
             attempt,
             at_target: false,
@@ -615,6 +634,11 @@ impl Quiesce {
                     }
                     agreement.epoch = join.recv[0];
                     agreement.target = join.recv[1];
+                    // The same MAX on every rank, so the same floor.
+                    if join.recv[2] > 0 {
+                        self.slack_floor = slack_floor(join.recv[2]);
+                    }
+                    self.last_needed = (self.counter - agreement.joined_at).max(1);
                     agreement.step = Step::Heading;
                 }
                 Step::Heading => {
@@ -670,11 +694,12 @@ impl Quiesce {
                     agreement.step = Step::Checking { check, in_flight };
                 }
                 Step::Checking { check, in_flight } => {
+                    let limit = patience(self.pace.per_safe_point_ns, agreement.attempt);
                     if !wait_or_test(
                         check,
                         agreement.at_target,
                         self.leaving,
-                        GIVE_UP,
+                        limit,
                         &mut self.stats,
                     )? {
                         leave_target(agreement, self.rank, self.counter);
@@ -726,10 +751,10 @@ impl Quiesce {
                         Decision::Refuse(
                             epoch,
                             format!(
-                                "rank {} left the agreed safe point after waiting {}s for the \
-                                 others to check it",
+                                "rank {} left the agreed safe point after waiting {} ms for \
+                                 the others to check it",
                                 self.rank,
-                                GIVE_UP.as_secs()
+                                patience(self.pace.per_safe_point_ns, attempt).as_millis()
                             ),
                         )
                     };
@@ -982,13 +1007,23 @@ mod tests {
     fn patience_grows_with_the_pace_and_the_attempt() {
         // 1 ms iterations: the floor.
         assert_eq!(patience(1_000_000, 0), MIN_PATIENCE);
-        // 20 ms iterations: fifty of them.
-        assert_eq!(patience(20_000_000, 0), Duration::from_secs(1));
+        // 100 ms iterations: ten of them.
+        assert_eq!(patience(100_000_000, 0), Duration::from_secs(1));
         // Fourfold per attempt, never past GIVE_UP.
         assert_eq!(patience(1_000_000, 1), MIN_PATIENCE * 4);
         assert_eq!(patience(1_000_000, 2), Duration::from_secs(4));
-        assert_eq!(patience(20_000_000, 2), GIVE_UP);
+        assert_eq!(patience(100_000_000, 2), GIVE_UP);
         assert_eq!(patience(u64::MAX, 30), GIVE_UP);
+    }
+
+    #[test]
+    fn the_slack_floor_follows_what_the_last_join_needed() {
+        // Joins seen complete one safe point after joining: the minimum.
+        assert_eq!(slack_floor(1), MIN_SLACK);
+        // Seven safe points: half as much again, plus one.
+        assert_eq!(slack_floor(7), 11);
+        // Never without bound.
+        assert_eq!(slack_floor(u64::MAX / 2), MAX_SLACK);
     }
 
     #[test]
