@@ -187,6 +187,14 @@ pub struct SafePointRun {
     pub safe_point_median_ns: f64,
     /// Spread of the two fastest plain blocks.
     pub noise_floor_ns: f64,
+    /// The A/A control: the difference of the minima of two sides that both
+    /// run without safe points (0 in reports made before it existed).
+    #[serde(default)]
+    pub control_ns: f64,
+    /// The safe point's own CPU time, most of any rank (0 in reports made
+    /// before it was measured).
+    #[serde(default)]
+    pub cpu_ns: f64,
 }
 
 fn clock_work() -> String {
@@ -198,7 +206,23 @@ impl SafePointRun {
     /// safe points: with more ranks than cores a CPU-time iteration takes
     /// longer than its work, and this is what the application slows down by.
     pub fn share_percent(&self) -> f64 {
-        self.safe_point_ns / self.plain_min_ns.max(self.iter_ns) * 100.0
+        self.share_of_iteration(self.safe_point_ns)
+    }
+
+    /// `ns` as a share of the iteration as it ran, in percent.
+    fn share_of_iteration(&self, ns: f64) -> f64 {
+        ns / self.plain_min_ns.max(self.iter_ns) * 100.0
+    }
+
+    /// What of the difference noise alone cannot explain: the part beyond
+    /// the A/A control's difference, as a share of the iteration.
+    pub fn beyond_noise_percent(&self) -> f64 {
+        self.share_of_iteration((self.safe_point_ns - self.control_ns.abs()).max(0.0))
+    }
+
+    /// The safe point's own CPU time as a share of the iteration.
+    pub fn cpu_percent(&self) -> f64 {
+        self.share_of_iteration(self.cpu_ns)
     }
 }
 
@@ -972,13 +996,17 @@ pub fn render(report: &SuiteReport) -> String {
     for r in &report.safe_point {
         let _ = writeln!(
             out,
-            "  {:>3} ranks: {:.0} ns = {:.4}% of a {:.0} us iteration (median {:.0} ns, noise floor {:.0} ns)",
+            "  {:>3} ranks: {:.0} ns = {:.4}% of a {:.0} us iteration (median {:.0} ns, noise floor {:.0} ns); A/A control {:.0} ns = {:.4}%; own CPU time {:.0} ns = {:.4}%",
             r.ranks,
             r.safe_point_ns,
             r.share_percent(),
             r.plain_min_ns.max(r.iter_ns) / 1e3,
             r.safe_point_median_ns,
-            r.noise_floor_ns
+            r.noise_floor_ns,
+            r.control_ns,
+            r.share_of_iteration(r.control_ns),
+            r.cpu_ns,
+            r.cpu_percent()
         );
     }
     let _ = writeln!(
@@ -1076,14 +1104,31 @@ pub fn render(report: &SuiteReport) -> String {
         20.0,
         "%",
     );
-    line(
-        &mut out,
-        "safe point / 1 ms iteration",
+    let safe_point_worst = |figure: fn(&SafePointRun) -> f64| {
         report
             .safe_point
             .iter()
-            .map(SafePointRun::share_percent)
-            .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v)))),
+            .map(figure)
+            .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))))
+    };
+    line(
+        &mut out,
+        "safe point / 1 ms iteration",
+        safe_point_worst(SafePointRun::share_percent),
+        0.1,
+        "%",
+    );
+    line(
+        &mut out,
+        "  the same, beyond the A/A control",
+        safe_point_worst(SafePointRun::beyond_noise_percent),
+        0.1,
+        "%",
+    );
+    line(
+        &mut out,
+        "  its own CPU time / 1 ms iteration",
+        safe_point_worst(SafePointRun::cpu_percent),
         0.1,
         "%",
     );
@@ -1176,6 +1221,8 @@ mod tests {
                 safe_point_ns: 50.0,
                 safe_point_median_ns: 80.0,
                 noise_floor_ns: 30.0,
+                control_ns: -20.0,
+                cpu_ns: 40.0,
             }],
             quiesce: Vec::new(),
             fits: Vec::new(),

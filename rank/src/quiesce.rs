@@ -15,12 +15,14 @@
 //! allreduces on a private duplicate of the application's communicator,
 //! which every rank starts exactly once and in the same order:
 //!
-//! 1. **join** `MAX[epoch, cap]`: a rank joins when its agent raises its
-//!    flag. Its cap is its current index plus [`JOIN_SLACK`] worth of safe
-//!    points (at least [`MIN_SLACK`] + log2(ranks)). It does not wait: it keeps computing
-//!    and drives the join with one `MPI_Test` per safe point. The result is
-//!    the epoch and the **target**, the largest cap: normally every rank
-//!    learns it before reaching it.
+//! 1. **join** `MAX[epoch, cap, needed]`: a rank joins when its agent
+//!    raises its flag. Its cap is its current index plus [`JOIN_SLACK`]
+//!    worth of safe points, at least a floor (see [`slack_floor`]; `needed`
+//!    is the safe points it took to see the previous join complete). It
+//!    does not wait: it keeps computing and drives the join with one
+//!    `MPI_Test` per safe point. The result is the epoch and the
+//!    **target**, the largest cap: normally every rank learns it before
+//!    reaching it.
 //! 2. **arrive** `SUM[ranks not at the target]`: a rank starts it when it
 //!    reaches the target, and then waits there (yielding its core). A rank
 //!    that learns the target only after passing it starts it at once, saying
@@ -37,12 +39,13 @@
 //!
 //! Waiting is only ever at the target, and never unbounded. A peer that
 //! passed the target is usually blocked in the application's communication
-//! with a rank that waits there, so a rank that has waited for the arrive
-//! step longer than the others can take to get there (see [`patience`])
-//! leaves the target, says so, and finishes the agreement from its next
-//! safe points; the ranks then retry. The check step, which every rank
-//! starts straight from the target, is waited for up to [`GIVE_UP`]; a rank
-//! that leaves then refuses the epoch, since the others may park.
+//! with a rank that waits there, so a rank that has waited for a step
+//! longer than the others can take to get there (see [`patience`]) leaves
+//! the target, says so, and finishes the agreement from its next safe
+//! points; the ranks then retry. A rank that leaves while waiting for the
+//! check has already said it was there: if the check finds every rank at
+//! the target, the others park and this rank refuses the epoch, which
+//! releases them.
 //!
 //! A rank whose agent is slow, stuck or dead would never join. So a rank
 //! whose join has not completed within [`RING_AFTER`] **rings** every other
@@ -89,12 +92,21 @@ pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
 pub const JOIN_SLACK: Duration = Duration::from_millis(20);
 
 /// The fewest safe points of slack. Before its first agreement a rank adds
-/// `log2(ranks)`: MPICH's `MPI_Iallreduce` takes about that many steps,
-/// each needing an `MPI_Test` (or any other MPI call) on every rank. Later
-/// the floor follows what the previous agreement needed (see
-/// [`slack_floor`]): with long iterations the application's own MPI calls
-/// usually complete the join within a safe point or two.
+/// four per doubling of the ranks (see [`first_slack_floor`]). Later the
+/// floor follows what the previous agreement needed (see [`slack_floor`]):
+/// with the application's own MPI calls driving it, a join is usually seen
+/// complete within a safe point or two.
 pub const MIN_SLACK: u64 = 2;
+
+/// The slack floor before any agreement: MPICH's `MPI_Iallreduce` takes
+/// about `log2(ranks)` steps, each needing an MPI call on every rank, and
+/// where the application makes none between safe points (ranks computing
+/// apart), with more ranks than cores a step may take a few safe points of
+/// each rank. 16 ranks on 2 cores, computing apart, missed with
+/// `2 + log2(ranks)`.
+pub fn first_slack_floor(ranks: u32) -> u64 {
+    MIN_SLACK + 4 * u64::from(ranks.max(1).ilog2())
+}
 
 /// The slack floor from the most safe points any rank needed between its
 /// join and seeing the join complete in the previous agreement: half as
@@ -519,7 +531,7 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         agreement: None,
         last_decided: 0,
         fixed_slack,
-        slack_floor: MIN_SLACK + u64::from(size.max(1).unsigned_abs().ilog2()),
+        slack_floor: first_slack_floor(size.unsigned_abs()),
         last_needed: 0,
         leaving: false,
         ended: false,
@@ -1014,6 +1026,14 @@ mod tests {
         assert_eq!(patience(1_000_000, 2), Duration::from_secs(4));
         assert_eq!(patience(100_000_000, 2), GIVE_UP);
         assert_eq!(patience(u64::MAX, 30), GIVE_UP);
+    }
+
+    #[test]
+    fn the_first_slack_floor_grows_with_the_ranks() {
+        assert_eq!(first_slack_floor(1), MIN_SLACK);
+        assert_eq!(first_slack_floor(2), 6);
+        assert_eq!(first_slack_floor(16), 18);
+        assert_eq!(first_slack_floor(0), MIN_SLACK);
     }
 
     #[test]

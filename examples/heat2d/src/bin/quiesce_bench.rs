@@ -1,14 +1,18 @@
 //! quiesce-bench: what cryo's MPI safe point costs an application.
 //!
-//! Every rank runs iterations of `--iter-us` of work, in `--trials` pairs of
-//! blocks of `--iters` iterations, one block without and one with a
-//! `checkpoint_point()` per iteration, interleaved so that drift hits both
-//! alike. On a busy or oversubscribed machine a block is only ever slowed
-//! down (descheduling adds time, nothing removes it), so each side's
-//! *minimum* over the trials is its best estimate, and the overhead is the
-//! difference of the minima. Rank 0 prints it per safe point and as a share
-//! of an iteration, with the spread of the plain blocks as the noise floor
-//! (`--json` adds one JSON line for `cryo bench`). With
+//! Every rank runs iterations of `--iter-us` of work, in `--trials` triples
+//! of blocks of `--iters` iterations: one block without, one with a
+//! `checkpoint_point()` per iteration, and one without again, interleaved
+//! (the order rotates) so that drift hits all alike. On a busy or
+//! oversubscribed machine a block is only ever slowed down (descheduling
+//! adds time, nothing removes it), so each side's *minimum* over the trials
+//! is its best estimate, and the overhead is the difference of the minima.
+//! The same difference between the two plain sides (the A/A control) shows
+//! how large a difference noise alone makes. A last block times each safe
+//! point's own CPU time (less the cost of reading the clock), which no
+//! scheduling noise inflates. Rank 0 prints the figures per safe point and
+//! as a share of an iteration (`--json` adds one JSON line for `cryo
+//! bench`). With
 //! `--run-secs S` it afterwards keeps iterating for S seconds with safe
 //! points, so `cryo checkpoint` can measure quiesce latency and pause
 //! against it (see `scripts/bench-quiesce.sh`). With `--in-flight` those
@@ -133,16 +137,35 @@ fn main() -> Result<()> {
     measure(true)?;
     let mut plain = Vec::new();
     let mut with = Vec::new();
+    let mut control = Vec::new();
     for trial in 0..args.trials.max(1) {
-        // Alternate which side goes first, so neither always follows the other.
-        if trial % 2 == 0 {
-            plain.push(measure(false)?);
-            with.push(measure(true)?);
-        } else {
-            with.push(measure(true)?);
-            plain.push(measure(false)?);
+        // Rotate the order, so no side always follows another.
+        for slot in 0..3 {
+            match (trial + slot) % 3 {
+                0 => plain.push(measure(false)?),
+                1 => with.push(measure(true)?),
+                _ => control.push(measure(false)?),
+            }
         }
     }
+    // The safe point's own CPU time, less that of the clock reads around it.
+    let cpu_ns = {
+        let mut timed = Duration::ZERO;
+        let mut empty = Duration::ZERO;
+        for _ in 0..args.iters {
+            spin(args.work, args.iter_us);
+            let before = thread_cpu_time();
+            let between = thread_cpu_time();
+            cryo_rank::checkpoint_point().context("safe point")?;
+            let after = thread_cpu_time();
+            empty += between.saturating_sub(before);
+            timed += after.saturating_sub(between);
+        }
+        let local = (timed.as_secs_f64() - empty.as_secs_f64()).max(0.0) * 1e9 / args.iters as f64;
+        let mut most = 0.0f64;
+        world.all_reduce_into(&local, &mut most, SystemOperation::max());
+        most
+    };
     if world.rank() == 0 {
         let per_iter = |blocks: &mut Vec<f64>| {
             blocks.sort_by(f64::total_cmp);
@@ -152,6 +175,8 @@ fn main() -> Result<()> {
         };
         let (plain_min, plain_median) = per_iter(&mut plain);
         let (with_min, with_median) = per_iter(&mut with);
+        let (control_min, _) = per_iter(&mut control);
+        let control_ns = (control_min - plain_min) * 1e9;
         let iter_ns = args.iter_us as f64 * 1e3;
         let per_point_ns = (with_min - plain_min) * 1e9;
         let median_ns = (with_median - plain_median) * 1e9;
@@ -167,7 +192,7 @@ fn main() -> Result<()> {
         // application is slowed down by.
         let ran_ns = (plain_min * 1e9).max(iter_ns);
         println!(
-            "ranks {:>3}  iteration {} us of {} ({:.0} us as it ran)  safe point {:>8.0} ns (min of {} trials; median {:.0} ns; noise floor {:.0} ns)  overhead {:>7.4} %  (target < 0.1 %)",
+            "ranks {:>3}  iteration {} us of {} ({:.0} us as it ran)  safe point {:>8.0} ns (min of {} trials; median {:.0} ns; noise floor {:.0} ns; A/A control {:.0} ns; own CPU {:.0} ns)  overhead {:>7.4} %  (target < 0.1 %)",
             world.size(),
             args.iter_us,
             match args.work {
@@ -179,11 +204,13 @@ fn main() -> Result<()> {
             args.trials.max(1),
             median_ns,
             noise_ns,
+            control_ns,
+            cpu_ns,
             per_point_ns / ran_ns * 100.0
         );
         if args.json {
             println!(
-                "{{\"ranks\":{},\"work\":\"{}\",\"iter_ns\":{},\"trials\":{},\"iters\":{},\"plain_min_ns\":{:.1},\"with_min_ns\":{:.1},\"safe_point_ns\":{:.1},\"safe_point_median_ns\":{:.1},\"noise_floor_ns\":{:.1}}}",
+                "{{\"ranks\":{},\"work\":\"{}\",\"iter_ns\":{},\"trials\":{},\"iters\":{},\"plain_min_ns\":{:.1},\"with_min_ns\":{:.1},\"safe_point_ns\":{:.1},\"safe_point_median_ns\":{:.1},\"noise_floor_ns\":{:.1},\"control_ns\":{:.1},\"cpu_ns\":{:.1}}}",
                 world.size(),
                 match args.work {
                     Work::Cpu => "cpu",
@@ -196,7 +223,9 @@ fn main() -> Result<()> {
                 with_min * 1e9,
                 per_point_ns,
                 median_ns,
-                noise_ns
+                noise_ns,
+                control_ns,
+                cpu_ns
             );
         }
     }
