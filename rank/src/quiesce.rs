@@ -628,6 +628,12 @@ impl Quiesce {
             let Some(agreement) = self.agreement.as_mut() else {
                 return Ok(None);
             };
+            let how = Settle {
+                leaving: self.leaving,
+                patience: patience(self.pace.per_safe_point_ns, agreement.attempt),
+                rank: self.rank,
+                safe_point: self.counter,
+            };
             match &mut agreement.step {
                 Step::Joining { join, since } => {
                     if !join.test()? {
@@ -676,15 +682,7 @@ impl Quiesce {
                     agreement.step = Step::Arriving { arrive };
                 }
                 Step::Arriving { arrive } => {
-                    let limit = patience(self.pace.per_safe_point_ns, agreement.attempt);
-                    if !wait_or_test(
-                        arrive,
-                        agreement.at_target,
-                        self.leaving,
-                        limit,
-                        &mut self.stats,
-                    )? {
-                        leave_target(agreement, self.rank, self.counter);
+                    if !settle(arrive, &mut agreement.at_target, &how, &mut self.stats)? {
                         return Ok(None);
                     }
                     let everyone_there = arrive.recv[0] == 0 && agreement.at_target;
@@ -706,15 +704,7 @@ impl Quiesce {
                     agreement.step = Step::Checking { check, in_flight };
                 }
                 Step::Checking { check, in_flight } => {
-                    let limit = patience(self.pace.per_safe_point_ns, agreement.attempt);
-                    if !wait_or_test(
-                        check,
-                        agreement.at_target,
-                        self.leaving,
-                        limit,
-                        &mut self.stats,
-                    )? {
-                        leave_target(agreement, self.rank, self.counter);
+                    if !settle(check, &mut agreement.at_target, &how, &mut self.stats)? {
                         return Ok(None);
                     }
                     let [in_flight_ranks, missing, rang, leaving] = *check.recv;
@@ -813,42 +803,46 @@ impl Quiesce {
     }
 }
 
-/// Completes a step: a rank at the target waits (at most `limit`), a
-/// leaving rank waits as long as it takes (no safe point will come again),
-/// any other rank tests once and goes on.
-fn wait_or_test<const N: usize>(
-    collective: &mut Collective<N>,
-    at_target: bool,
+/// How a rank completes a step at this safe point.
+struct Settle {
+    /// No safe point will come again: wait as long as it takes.
     leaving: bool,
-    limit: Duration,
+    /// How long a rank at the target waits.
+    patience: Duration,
+    rank: i32,
+    safe_point: u64,
+}
+
+/// Completes a step: a rank at the target waits (see [`patience`]), a
+/// leaving rank waits as long as it takes, any other rank tests once and
+/// goes on. A rank that has waited long enough at the target leaves it (a
+/// peer that passed the target may be blocked on it) and computes on.
+fn settle<const N: usize>(
+    collective: &mut Collective<N>,
+    at_target: &mut bool,
+    how: &Settle,
     stats: &mut Stats,
 ) -> Result<bool, String> {
-    if leaving {
+    if how.leaving {
         return collective.wait(None);
     }
-    if !at_target {
+    if !*at_target {
         return collective.test();
     }
     let started = Instant::now();
-    let done = collective.wait(Some(limit))?;
+    let done = collective.wait(Some(how.patience))?;
     stats.target_waits += 1;
     stats.target_wait += started.elapsed();
-    Ok(done)
-}
-
-/// A rank that has waited long enough at the target goes on computing: a
-/// peer that passed the target may be blocked on it.
-fn leave_target(agreement: &mut Agreement, rank: i32, counter: u64) {
-    if agreement.at_target {
-        agreement.at_target = false;
+    if !done {
+        *at_target = false;
         tracing::info!(
-            rank,
-            epoch = agreement.epoch,
-            safe_point = counter,
-            attempt = agreement.attempt,
+            rank = how.rank,
+            safe_point = how.safe_point,
+            waited_ms = how.patience.as_millis(),
             "quiesce.left_target"
         );
     }
+    Ok(done)
 }
 
 /// How long a rank at the target keeps looking for a message in flight.

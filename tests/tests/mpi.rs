@@ -657,32 +657,43 @@ fn short_iterations_keep_every_rank_on_the_same_safe_point() {
     let _ = child.wait();
 }
 
-/// A message left in flight across the safe point (rank 0 sends before it,
-/// rank 1 receives after it) would be lost in a checkpoint: every rank must
-/// refuse the epoch, naming the sender and tag, and the job computes on.
-#[test]
-fn a_message_in_flight_at_the_safe_point_refuses_the_checkpoint() {
-    if mpiexec().is_none() {
-        return;
-    }
+/// Runs `quiesce-bench` with `env` and `extra`, asks for a checkpoint, and
+/// asserts that epoch 1 is refused with `why` in the answer, nothing is
+/// committed, and the job computes on.
+fn assert_refused(job: &str, env: &[(&str, &str)], extra: &[&str], why: &str) {
     let case = Case::new(built().join("quiesce-bench"));
-    let (mut child, log) = start_quiesce_bench(&case, "inflight", &[], &["--in-flight"]);
-    let out = checkpoint(&case, "inflight");
+    let (mut child, log) = start_quiesce_bench(&case, job, env, extra);
+    let out = checkpoint(&case, job);
     let said = output_text(&out);
     assert!(!out.status.success(), "must not commit: {said}");
     assert!(
-        said.contains("epoch 1 aborted")
-            && said.contains("a message from rank 0 (tag 99) was still in flight"),
+        said.contains("epoch 1 aborted") && said.contains(why),
         "{said}\n{}",
         fs::read_to_string(&log).unwrap_or_default()
     );
-    assert!(case.committed("inflight").is_empty());
+    assert!(case.committed(job).is_empty());
     assert!(
         child.try_wait().unwrap().is_none(),
         "the job must compute on"
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A message left in flight across the safe point (rank 0 sends before it,
+/// rank 1 receives after it) would be lost in a checkpoint: the epoch must
+/// be refused, naming the sender and tag, and the job computes on.
+#[test]
+fn a_message_in_flight_at_the_safe_point_refuses_the_checkpoint() {
+    if mpiexec().is_none() {
+        return;
+    }
+    assert_refused(
+        "inflight",
+        &[],
+        &["--in-flight"],
+        "a message from rank 0 (tag 99) was still in flight",
+    );
 }
 
 /// With no slack (`CRYO_QUIESCE_SLACK=0`) a rank's cap is the safe point
@@ -695,23 +706,10 @@ fn ranks_that_pass_the_target_retry_then_refuse() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("quiesce-bench"));
-    let (mut child, log) =
-        start_quiesce_bench(&case, "noslack", &[("CRYO_QUIESCE_SLACK", "0")], &[]);
-    let out = checkpoint(&case, "noslack");
-    let said = output_text(&out);
-    assert!(!out.status.success(), "must not commit: {said}");
-    assert!(
-        said.contains("epoch 1 aborted")
-            && said.contains("did not all stop at the agreed safe point in 3 attempts"),
-        "{said}\n{}",
-        fs::read_to_string(&log).unwrap_or_default()
+    assert_refused(
+        "noslack",
+        &[("CRYO_QUIESCE_SLACK", "0")],
+        &[],
+        "did not all stop at the agreed safe point in 3 attempts",
     );
-    assert!(case.committed("noslack").is_empty());
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the job must compute on"
-    );
-    let _ = child.kill();
-    let _ = child.wait();
 }
