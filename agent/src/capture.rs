@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use cryo_core::manifest::{
-    ChunkRef, FdRestore, MappingRecord, RankRecord, RegionRecord, WriteStats,
+    ChunkRef, FdRestore, MappingRecord, RankRecord, RegionKind, RegionRecord, WriteStats,
 };
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{RankCaptureReport, RegionInfo};
@@ -24,10 +24,9 @@ use cryo_core::writer::{RankWriter, WriteError};
 use rayon::prelude::*;
 use thiserror::Error;
 
+use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 use crate::pool::{BufferPool, Slot};
-use crate::procfs::{
-    parse_maps, read_fd_table, FdTableError, MapsParseError, MemoryError, ProcessAccess,
-};
+use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 
 /// Capturing a rank failed.
 #[derive(Debug, Error)]
@@ -120,6 +119,8 @@ pub struct Parked {
     pub regions: Vec<RegionInfo>,
     /// The runtime's own fds.
     pub runtime_fds: Vec<i32>,
+    /// The MPI library's and the launcher's fds (open since `cryo_init`).
+    pub library_fds: Vec<i32>,
     /// When `Parked` arrived.
     pub since: Instant,
 }
@@ -496,8 +497,29 @@ pub fn capture_rank(
     let mappings = parse_maps(&maps_text, &parked.regions)
         .map_err(|source| CaptureError::MapsParse { rank, source })?;
     check_regions(rank, &parked.regions, &mappings)?;
-    let fds = read_fd_table(ctx.access, pid, &parked.runtime_fds)
+    let saved_unlinked: Vec<i32> = parked
+        .regions
+        .iter()
+        .filter_map(|r| match r.kind {
+            RegionKind::UnlinkedFile { fd } => Some(fd),
+            _ => None,
+        })
+        .collect();
+    let owners = FdOwners {
+        runtime: &parked.runtime_fds,
+        library: &parked.library_fds,
+        saved_unlinked: &saved_unlinked,
+    };
+    let FdTable { fds, warnings } = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
+    for fd in &fds {
+        if let FdRestore::NotRestored(why) = &fd.restore {
+            tracing::warn!(rank, epoch = parked.epoch, fd = fd.fd, path = %fd.path, why = %why, "rank.fd_not_restorable");
+        }
+    }
+    for warning in &warnings {
+        tracing::warn!(rank, epoch = parked.epoch, warning = %warning, "rank.not_restorable");
+    }
 
     let Selection {
         copy: pieces,
@@ -575,6 +597,7 @@ pub fn capture_rank(
         mappings,
         regions,
         stats: WriteStats::default(),
+        warnings,
     };
     Ok((report, record))
 }
@@ -586,7 +609,7 @@ pub fn nanos(t: Instant) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::manifest::{Backing, RegionKind};
+    use cryo_core::manifest::Backing;
 
     use super::*;
 

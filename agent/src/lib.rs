@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod capture;
 pub mod client;
+pub mod fds;
 pub mod link;
 pub mod pool;
 pub mod procfs;

@@ -4,12 +4,10 @@
 
 use std::fs;
 use std::io::{self, IoSliceMut};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use cryo_core::dirty::{Pagemap, WrittenRanges};
-use cryo_core::manifest::{
-    is_clean_absolute_path, Backing, FdKind, FdRecord, FdRestore, MappingRecord,
-};
+use cryo_core::manifest::{Backing, MappingRecord};
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
@@ -35,6 +33,9 @@ pub enum FileType {
     Other,
 }
 
+/// `kcmp` type comparing two fds' open file descriptions.
+const KCMP_FILE: libc::c_int = 0;
+
 /// What `stat` says about an open fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStat {
@@ -42,6 +43,12 @@ pub struct FileStat {
     pub file_type: FileType,
     /// Its size in bytes.
     pub size: u64,
+    /// Its link count (0: unlinked while open).
+    pub nlink: u64,
+    /// The device it lives on.
+    pub dev: u64,
+    /// Its inode number.
+    pub ino: u64,
 }
 
 /// Reading another process's memory failed.
@@ -95,6 +102,9 @@ pub trait ProcessAccess: Send + Sync {
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String>;
     /// `stat` of the open file behind the fd.
     fn fd_stat(&self, pid: u32, fd: i32) -> io::Result<FileStat>;
+    /// Whether fds `a` and `b` of the process share one open file
+    /// description (`kcmp(KCMP_FILE)`).
+    fn same_open_file(&self, pid: u32, a: i32, b: i32) -> io::Result<bool>;
     /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;
     /// The pages of `addr..addr+len` written since the last scan, then
@@ -173,7 +183,32 @@ impl ProcessAccess for LinuxProcess {
         Ok(FileStat {
             file_type,
             size: meta.len(),
+            nlink: meta.nlink(),
+            dev: meta.dev(),
+            ino: meta.ino(),
         })
+    }
+
+    fn same_open_file(&self, pid: u32, a: i32, b: i32) -> io::Result<bool> {
+        let pid =
+            libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+        // SAFETY: kcmp only compares kernel objects of the given process and
+        // fds; it reads and writes no memory of ours.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_kcmp,
+                pid,
+                pid,
+                KCMP_FILE,
+                libc::c_ulong::try_from(a).unwrap_or(libc::c_ulong::MAX),
+                libc::c_ulong::try_from(b).unwrap_or(libc::c_ulong::MAX),
+            )
+        };
+        match result {
+            0 => Ok(true),
+            r if r > 0 => Ok(false),
+            _ => Err(io::Error::last_os_error()),
+        }
     }
 
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError> {
@@ -298,6 +333,8 @@ pub struct FdInfo {
     pub pos: u64,
     /// `flags:` (octal).
     pub flags: i32,
+    /// `lock:` lines: file locks held through this open file.
+    pub locks: u32,
 }
 
 /// `fdinfo` text does not parse.
@@ -309,7 +346,12 @@ pub struct FdInfoParseError(pub String);
 pub fn parse_fdinfo(text: &str) -> Result<FdInfo, FdInfoParseError> {
     let mut pos = None;
     let mut flags = None;
+    let mut locks = 0;
     for line in text.lines() {
+        if line.starts_with("lock:") {
+            locks += 1;
+            continue;
+        }
         if let Some(value) = line.strip_prefix("pos:") {
             pos = Some(
                 value
@@ -326,127 +368,8 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo, FdInfoParseError> {
     Ok(FdInfo {
         pos: pos.ok_or_else(|| FdInfoParseError("no pos: line".into()))?,
         flags: flags.ok_or_else(|| FdInfoParseError("no flags: line".into()))?,
+        locks,
     })
-}
-
-/// Decides what an fd is and whether it can be restored.
-pub fn classify_fd(
-    fd: i32,
-    link: &str,
-    stat: Option<FileStat>,
-    runtime_fds: &[i32],
-) -> (FdKind, FdRestore) {
-    let no = |why: &str| FdRestore::NotRestored(why.to_owned());
-    let kind = if link.starts_with("pipe:") {
-        FdKind::Pipe
-    } else if link.starts_with("socket:") {
-        FdKind::Socket
-    } else if link.starts_with("anon_inode:") || link.starts_with("/memfd:") {
-        FdKind::AnonInode
-    } else if link.ends_with(" (deleted)") {
-        FdKind::Deleted
-    } else {
-        match stat.map(|s| s.file_type) {
-            Some(FileType::Regular) => FdKind::Regular,
-            Some(FileType::Directory) => FdKind::Directory,
-            Some(FileType::CharDevice) => FdKind::CharDevice,
-            Some(FileType::BlockDevice) => FdKind::BlockDevice,
-            Some(FileType::Fifo) => FdKind::Pipe,
-            Some(FileType::Socket) => FdKind::Socket,
-            Some(FileType::Other) | None => FdKind::Other,
-        }
-    };
-    let restore = if runtime_fds.contains(&fd) {
-        no("cryo runtime")
-    } else if (0..=2).contains(&fd) {
-        no("standard stream, inherited from the launcher")
-    } else {
-        match kind {
-            FdKind::Pipe => no("pipe"),
-            FdKind::Socket => no("socket"),
-            FdKind::AnonInode => no("anonymous inode (eventfd, epoll, memfd…)"),
-            FdKind::Deleted => no("file deleted while open"),
-            FdKind::CharDevice | FdKind::BlockDevice => no("device"),
-            FdKind::Directory => no("directory"),
-            FdKind::Other => no("unknown file type"),
-            FdKind::Regular if link.starts_with("/dev/shm/") => {
-                no("shared memory segment (MPI library or another process)")
-            }
-            FdKind::Regular
-                if link.starts_with("/dev/")
-                    || link.starts_with("/proc/")
-                    || link.starts_with("/sys/") =>
-            {
-                no("pseudo-file")
-            }
-            FdKind::Regular if !is_clean_absolute_path(link) => {
-                no("path is not absolute and clean")
-            }
-            FdKind::Regular => FdRestore::Restore,
-        }
-    };
-    (kind, restore)
-}
-
-/// A rank's fd table could not be read.
-#[derive(Debug, Error)]
-pub enum FdTableError {
-    /// A procfs read failed.
-    #[error("pid {pid}: reading {what}: {source}")]
-    Io {
-        /// The pid.
-        pid: u32,
-        /// What was read.
-        what: String,
-        /// The error.
-        source: io::Error,
-    },
-    /// fdinfo did not parse.
-    #[error("pid {pid} fd {fd}: {source}")]
-    FdInfo {
-        /// The pid.
-        pid: u32,
-        /// The fd.
-        fd: i32,
-        /// The error.
-        source: FdInfoParseError,
-    },
-}
-
-/// Reads and classifies every fd of `pid`.
-pub fn read_fd_table(
-    access: &dyn ProcessAccess,
-    pid: u32,
-    runtime_fds: &[i32],
-) -> Result<Vec<FdRecord>, FdTableError> {
-    let io_err = |what: String| move |source| FdTableError::Io { pid, what, source };
-    let mut out = Vec::new();
-    for (fd, link) in access.fds(pid).map_err(io_err(format!("/proc/{pid}/fd")))? {
-        let info = match access.fdinfo(pid, fd) {
-            Ok(text) => {
-                parse_fdinfo(&text).map_err(|source| FdTableError::FdInfo { pid, fd, source })?
-            }
-            // Closed since the listing (impossible while parked, but harmless).
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(err) => return Err(io_err(format!("/proc/{pid}/fdinfo/{fd}"))(err)),
-        };
-        let stat = access.fd_stat(pid, fd).ok();
-        let (kind, restore) = classify_fd(fd, &link, stat, runtime_fds);
-        out.push(FdRecord {
-            fd,
-            kind,
-            path: link,
-            flags: info.flags,
-            offset: info.pos,
-            size_at_checkpoint: if kind == FdKind::Regular {
-                stat.map_or(0, |s| s.size)
-            } else {
-                0
-            },
-            restore,
-        });
-    }
-    Ok(out)
 }
 
 /// The agent's own peak resident set size (`VmHWM`), in bytes.
@@ -543,115 +466,15 @@ mod tests {
         assert_eq!(info.flags, 0o2102001);
         assert_eq!(info.flags & libc::O_ACCMODE, libc::O_WRONLY);
         assert!(info.flags & libc::O_APPEND != 0);
+        assert_eq!(info.locks, 0);
+        let locked = parse_fdinfo(
+            "pos:\t0\nflags:\t02\nlock:\t1: POSIX  ADVISORY  WRITE 77 fd:01:9 0 EOF\n",
+        )
+        .unwrap();
+        assert_eq!(locked.locks, 1);
         assert!(parse_fdinfo("pos: 1\n").is_err());
         assert!(parse_fdinfo("pos: x\nflags: 0\n").is_err());
         assert!(parse_fdinfo("pos: 1\nflags: 9\n").is_err());
-    }
-
-    fn regular(size: u64) -> Option<FileStat> {
-        Some(FileStat {
-            file_type: FileType::Regular,
-            size,
-        })
-    }
-
-    #[test]
-    fn classification() {
-        let restore = |fd, link: &str, stat| classify_fd(fd, link, stat, &[1000, 1001]);
-        assert_eq!(
-            restore(3, "/tmp/log", regular(5)),
-            (FdKind::Regular, FdRestore::Restore)
-        );
-        assert!(
-            matches!(restore(1, "/tmp/log", regular(5)).1, FdRestore::NotRestored(w) if w.contains("standard"))
-        );
-        assert!(
-            matches!(restore(1000, "socket:[1]", None), (FdKind::Socket, FdRestore::NotRestored(w)) if w == "cryo runtime")
-        );
-        assert!(matches!(
-            restore(4, "pipe:[77]", None),
-            (FdKind::Pipe, FdRestore::NotRestored(_))
-        ));
-        assert!(matches!(
-            restore(4, "socket:[77]", None),
-            (FdKind::Socket, FdRestore::NotRestored(_))
-        ));
-        assert!(matches!(
-            restore(4, "anon_inode:[eventfd]", None),
-            (FdKind::AnonInode, FdRestore::NotRestored(_))
-        ));
-        assert!(matches!(
-            restore(4, "/tmp/x (deleted)", regular(1)),
-            (FdKind::Deleted, FdRestore::NotRestored(_))
-        ));
-        let dev = Some(FileStat {
-            file_type: FileType::CharDevice,
-            size: 0,
-        });
-        assert!(matches!(
-            restore(4, "/dev/null", dev),
-            (FdKind::CharDevice, FdRestore::NotRestored(_))
-        ));
-        assert!(
-            matches!(restore(4, "/dev/shm/mpich_seg", regular(1)), (FdKind::Regular, FdRestore::NotRestored(w)) if w.contains("shared memory"))
-        );
-        assert!(matches!(
-            restore(4, "/memfd:cryo-control (deleted)", regular(4096)),
-            (FdKind::AnonInode, FdRestore::NotRestored(_))
-        ));
-    }
-
-    struct Fake;
-
-    impl ProcessAccess for Fake {
-        fn maps(&self, _: u32) -> io::Result<String> {
-            Ok(MAPS.into())
-        }
-        fn fds(&self, _: u32) -> io::Result<Vec<(i32, String)>> {
-            Ok(vec![
-                (0, "/dev/pts/0".into()),
-                (3, "/tmp/log".into()),
-                (1000, "socket:[5]".into()),
-            ])
-        }
-        fn fdinfo(&self, _: u32, fd: i32) -> io::Result<String> {
-            Ok(format!("pos:\t{}\nflags:\t02102001\n", fd * 10))
-        }
-        fn fd_stat(&self, _: u32, fd: i32) -> io::Result<FileStat> {
-            Ok(FileStat {
-                file_type: if fd == 3 {
-                    FileType::Regular
-                } else {
-                    FileType::CharDevice
-                },
-                size: 30,
-            })
-        }
-        fn written_pages(&self, _: u32, _: u64, _: u64, _: bool) -> io::Result<WrittenRanges> {
-            Err(io::Error::from_raw_os_error(libc::EPERM))
-        }
-        fn read_memory(&self, pid: u32, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
-            Err(MemoryError::Denied {
-                pid,
-                errno: Errno::EPERM,
-            })
-        }
-    }
-
-    #[test]
-    fn fd_table_from_a_fake_process() {
-        let table = read_fd_table(&Fake, 42, &[1000]).unwrap();
-        assert_eq!(table.len(), 3);
-        assert_eq!(table[1].fd, 3);
-        assert_eq!(table[1].offset, 30);
-        assert_eq!(table[1].size_at_checkpoint, 30);
-        assert_eq!(table[1].restore, FdRestore::Restore);
-        assert!(matches!(&table[2].restore, FdRestore::NotRestored(w) if w == "cryo runtime"));
-        let err = Fake.read_memory(42, 0, &mut [0u8; 4]).unwrap_err();
-        assert!(
-            err.to_string().contains("EPERM") && err.to_string().contains("ptrace"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -147,6 +147,7 @@ enum RankEvent {
         epoch: u64,
         regions: Vec<RegionInfo>,
         runtime_fds: Vec<i32>,
+        library_fds: Vec<i32>,
         at: Instant,
     },
     Gone(String),
@@ -736,7 +737,8 @@ impl Shared {
                     epoch,
                     regions,
                     runtime_fds,
-                }) => self.rank_parked(conn, tx, epoch, regions, runtime_fds),
+                    library_fds,
+                }) => self.rank_parked(conn, tx, epoch, regions, [runtime_fds, library_fds]),
                 Ok(RankToAgent::Restored { epoch }) => {
                     tracing::info!(job = %job, rank, pid, epoch, "restart.done");
                 }
@@ -775,7 +777,7 @@ impl Shared {
         tx: &Sender<RankEvent>,
         epoch: u64,
         regions: Vec<RegionInfo>,
-        runtime_fds: Vec<i32>,
+        [runtime_fds, library_fds]: [Vec<i32>; 2],
     ) {
         let at = Instant::now();
         let mut state = lock(&self.state);
@@ -785,6 +787,7 @@ impl Shared {
                 epoch,
                 regions,
                 runtime_fds,
+                library_fds,
                 at,
             });
             return;
@@ -800,6 +803,7 @@ impl Shared {
                 epoch,
                 regions,
                 runtime_fds,
+                library_fds,
                 since: at,
             };
             let previous = lock(&conn.early).replace(parked);
@@ -1757,6 +1761,7 @@ impl Shared {
                     epoch: e,
                     regions,
                     runtime_fds,
+                    library_fds,
                     at,
                 }) if e == epoch => {
                     // With MPI a rank may park for the agreed epoch before
@@ -1775,6 +1780,7 @@ impl Shared {
                         epoch,
                         regions,
                         runtime_fds,
+                        library_fds,
                         since: at,
                     });
                 }

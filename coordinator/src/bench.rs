@@ -245,6 +245,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
             mappings: Vec::new(),
             regions: vec![region],
             stats: WriteStats::default(),
+            warnings: Vec::new(),
         };
         let stats = rank.finish(record)?;
         drop(writer);

@@ -60,6 +60,7 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
                 mappings: vec![],
                 regions: vec![region],
                 stats: WriteStats::default(),
+                warnings: Vec::new(),
             })
             .unwrap();
     }
@@ -115,6 +116,7 @@ fn ls_lists_committed_and_partial_epochs() {
             mappings: vec![],
             regions: vec![],
             stats: WriteStats::default(),
+            warnings: Vec::new(),
         })
         .unwrap();
     }

@@ -36,7 +36,7 @@ const HEADER_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 /// anything an older reader would misread.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion {
     major: 1,
-    minor: 0,
+    minor: 1,
     patch: 0,
 };
 

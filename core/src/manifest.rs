@@ -41,8 +41,13 @@ pub enum FdKind {
 pub enum FdRestore {
     /// Re-opened at the same number, flags and offset.
     Restore,
-    /// Not restored, and why.
+    /// Not restored, and why: something the application opened that a
+    /// restart cannot give back (a warning at checkpoint time).
     NotRestored(String),
+    /// Not restored because it is not the application's to restore: the
+    /// cryo runtime's own fds, and what the MPI library or the launcher
+    /// opened before `cryo_init` (format 1.1). No warning.
+    NotOurs(String),
 }
 
 /// One open file descriptor of a rank.
@@ -62,6 +67,11 @@ pub struct FdRecord {
     pub size_at_checkpoint: u64,
     /// Restore decision.
     pub restore: FdRestore,
+    /// The lower fd whose open file description this fd shares (it was
+    /// made by `dup`, `dup2`, `fcntl(F_DUPFD)` or inherited so): restored
+    /// with `dup2` from that fd, so both share one offset and status
+    /// flags again (format 1.1; `kcmp(KCMP_FILE)` at capture).
+    pub shares_with: Option<i32>,
 }
 
 /// What backs a mapping.
@@ -117,6 +127,29 @@ pub enum RegionKind {
     },
     /// A buffer owned by the application, registered with `protect`.
     Protected,
+    /// The contents of a regular file that was open at `fd` but had no
+    /// path left (unlinked while open); recreated as an unlinked file at
+    /// restart (format 1.1). Named `cryo:fd:<fd>`.
+    UnlinkedFile {
+        /// The fd that held the file.
+        fd: i32,
+    },
+    /// A file mapping the application made itself after `cryo_init`
+    /// (a plain `mmap`), re-established at the same address at restart
+    /// (format 1.1). Named `cryo:map:<start>`.
+    AppMapping {
+        /// Absolute path of the mapped file.
+        path: String,
+        /// Offset into the file.
+        offset: u64,
+        /// `MAP_SHARED` rather than `MAP_PRIVATE`.
+        shared: bool,
+        /// `PROT_*` bits.
+        prot: u32,
+        /// Length of the mapping; the region holds its first `len` bytes
+        /// (those within the file).
+        map_len: u64,
+    },
 }
 
 /// A reference from a region to one chunk.
@@ -190,6 +223,10 @@ pub struct RankRecord {
     pub regions: Vec<RegionRecord>,
     /// What writing this rank cost.
     pub stats: WriteStats,
+    /// What this rank held that a restart will not give back, beyond the
+    /// fds marked [`FdRestore::NotRestored`]: a held file lock, a mapping
+    /// that cannot be re-established (format 1.1).
+    pub warnings: Vec<String>,
 }
 
 /// The committed record of one epoch of one job.
@@ -287,6 +324,17 @@ pub enum ManifestError {
         /// The fd.
         fd: i32,
     },
+    /// An fd shares its open file with an fd that is not a lower fd of
+    /// the same rank, or an unlinked file's saved contents are missing.
+    #[error("rank {rank}: fd {fd}: {problem}")]
+    FdLink {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// What is wrong.
+        problem: String,
+    },
     /// A mapping with `end <= start`.
     #[error("rank {rank}: mapping {start:#x}-{end:#x} is empty or inverted")]
     BadMapping {
@@ -355,8 +403,18 @@ impl RankRecord {
                 .addr
                 .checked_add(region.len)
                 .ok_or_else(|| layout("address range overflows".into()))?;
+            if let RegionKind::AppMapping { map_len, .. } = &region.kind {
+                if region.len > *map_len {
+                    return Err(layout(format!(
+                        "saved {} bytes of a {map_len}-byte mapping",
+                        region.len
+                    )));
+                }
+            }
             match &region.kind {
-                RegionKind::FileShared { path, .. } | RegionKind::FilePrivate { path, .. }
+                RegionKind::FileShared { path, .. }
+                | RegionKind::FilePrivate { path, .. }
+                | RegionKind::AppMapping { path, .. }
                     if !is_clean_absolute_path(path) =>
                 {
                     return Err(ManifestError::BadPath {
@@ -372,13 +430,17 @@ impl RankRecord {
             if !fds.insert(fd.fd) {
                 return Err(ManifestError::DuplicateFd { rank, fd: fd.fd });
             }
-            if fd.restore == FdRestore::Restore && !is_clean_absolute_path(&fd.path) {
+            if fd.restore == FdRestore::Restore
+                && fd.shares_with.is_none()
+                && !is_clean_absolute_path(&fd.path)
+            {
                 return Err(ManifestError::BadPath {
                     rank,
                     path: fd.path.clone(),
                 });
             }
         }
+        crate::fds::check_fd_links(rank, &self.fds, &self.regions)?;
         for mapping in &self.mappings {
             if mapping.end <= mapping.start {
                 return Err(ManifestError::BadMapping {
@@ -479,6 +541,7 @@ pub(crate) mod tests {
                 offset: 10,
                 size_at_checkpoint: 10,
                 restore: FdRestore::Restore,
+                shares_with: None,
             }],
             mappings: vec![],
             regions: vec![RegionRecord {
@@ -494,6 +557,7 @@ pub(crate) mod tests {
                 }],
             }],
             stats: WriteStats::default(),
+            warnings: vec![],
         }
     }
 

@@ -68,12 +68,13 @@ use crate::manifest::{RegionKind, WriteStats};
 pub const MAGIC: [u8; 4] = *b"CRYP";
 /// The protocol version this build speaks. Version 2 replaced the token in
 /// the hello with challenge-response ([`Challenge`], [`Proof`]); version 3
-/// added write tracking (`copied_bytes`, `full`).
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest protocol version this build accepts. Version 3 changed the
-/// layout of capture reports and checkpoint requests, so a version 2 peer
-/// is refused by name rather than misread.
-pub const MIN_PROTOCOL_VERSION: u16 = 3;
+/// added write tracking (`copied_bytes`, `full`); version 4 added the
+/// MPI library's fds to `Parked` (`library_fds`).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this build accepts. Version 4 changed the
+/// layout of `Parked`, so a version 3 peer is refused by name rather than
+/// misread.
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Length of the fixed frame header.
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest accepted payload (16 MiB). Checked before allocating.
@@ -634,6 +635,11 @@ pub enum RankToAgent {
         regions: Vec<RegionInfo>,
         /// The runtime's own fds (socket, control page), never restored.
         runtime_fds: Vec<i32>,
+        /// Fds that were open when the runtime started (`cryo_init`, after
+        /// `MPI_Init`) and still refer to the same file: the MPI library's
+        /// and the launcher's, not restored and not warned about (protocol
+        /// version 4).
+        library_fds: Vec<i32>,
     },
     /// The rank finished restoring its files from `epoch`.
     Restored {
@@ -1117,6 +1123,7 @@ mod tests {
                 kind: RegionKind::Anonymous,
             }],
             runtime_fds: vec![1000, 1001],
+            library_fds: vec![0, 1, 2, 5],
         };
         write_message(&mut buf, &parked).unwrap();
         let resume = AgentToRank::Resume { epoch: 4 };
@@ -1313,6 +1320,7 @@ mod tests {
                     .map(|name| RegionInfo { name: name.clone(), addr, len: 4096, kind: RegionKind::Protected })
                     .collect(),
                 runtime_fds: vec![1000, 1001],
+                library_fds: vec![],
             };
             let bytes = encode_frame(&msg).unwrap();
             proptest::prop_assert_eq!(read_message::<RankToAgent>(&mut Cursor::new(bytes)).unwrap(), msg);

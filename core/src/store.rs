@@ -25,8 +25,8 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::legacy::MetaFile;
 use nix::fcntl::{Flock, FlockArg};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -135,10 +135,7 @@ pub fn encode_meta_file<T: Serialize>(kind: FileKind, value: &T) -> Result<Vec<u
 }
 
 /// Decodes a metadata file image of `kind`.
-pub fn decode_meta_file<T: DeserializeOwned>(
-    kind: FileKind,
-    bytes: &[u8],
-) -> Result<T, LoadProblem> {
+pub fn decode_meta_file<T: MetaFile>(kind: FileKind, bytes: &[u8]) -> Result<T, LoadProblem> {
     let header = Header::decode(bytes, kind)?;
     let actual = (bytes.len() - HEADER_LEN) as u64;
     if actual != header.payload_len {
@@ -151,10 +148,10 @@ pub fn decode_meta_file<T: DeserializeOwned>(
     if !header.payload_matches(payload) {
         return Err(LoadProblem::Checksum);
     }
-    Ok(codec::decode(payload)?)
+    Ok(T::decode_version(header.version, payload)?)
 }
 
-fn load_meta_file<T: DeserializeOwned>(kind: FileKind, path: &Path) -> Result<T, LoadError> {
+fn load_meta_file<T: MetaFile>(kind: FileKind, path: &Path) -> Result<T, LoadError> {
     let wrap = |problem: LoadProblem| LoadError {
         kind,
         path: path.to_owned(),

@@ -55,10 +55,12 @@ fn empty_record() -> RankRecord {
             offset: 77,
             size_at_checkpoint: 77,
             restore: FdRestore::Restore,
+            shares_with: None,
         }],
         mappings: vec![],
         regions: vec![],
         stats: WriteStats::default(),
+        warnings: Vec::new(),
     }
 }
 

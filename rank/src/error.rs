@@ -162,6 +162,59 @@ pub enum RestoreError {
         /// The saved offset.
         offset: u64,
     },
+    /// The fd number is held by something else in the new process (the
+    /// MPI library or the launcher opened it before `cryo_init`).
+    #[error("rank {rank}: cannot restore fd {fd} ({path}): the new process already uses fd {fd} for {occupant}; open fewer files before cryo_init, or restart with the same launcher")]
+    FdTaken {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The file to restore there.
+        path: String,
+        /// What holds the number now.
+        occupant: String,
+    },
+    /// A saved path is no longer what it was (a directory where a file
+    /// was, or the other way round).
+    #[error("rank {rank}: cannot restore fd {fd}: {path} is no longer a {expected}")]
+    FileChanged {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The path.
+        path: String,
+        /// What it was (`regular file`, `directory`).
+        expected: &'static str,
+    },
+    /// The saved contents of an unlinked file or of a file mapping could
+    /// not be read back.
+    #[error("rank {rank}: restoring {what}: {source}")]
+    Contents {
+        /// The rank.
+        rank: u32,
+        /// What was being restored.
+        what: String,
+        /// Why.
+        source: cryo_core::reader::RegionReadError,
+    },
+    /// An application file mapping could not be re-established.
+    #[error("rank {rank}: cannot restore the mapping of {path} at {addr:#x} ({len} bytes): {step}: {source}")]
+    Mapping {
+        /// The rank.
+        rank: u32,
+        /// The file.
+        path: String,
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// The step (`open`, `mmap`, `mprotect`).
+        step: &'static str,
+        /// Why.
+        source: io::Error,
+    },
     /// A system call on a file failed.
     #[error("rank {rank}: restoring fd {fd} ({path}): {step}: {source}")]
     FileIo {

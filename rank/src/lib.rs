@@ -21,6 +21,8 @@
 pub mod error;
 pub mod ffi;
 pub mod files;
+mod held;
+mod mappings;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
 mod runtime;

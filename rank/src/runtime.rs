@@ -31,6 +31,11 @@ use nix::unistd::ftruncate;
 
 use crate::error::{CheckpointError, InitError, RegionError, RestoreError};
 use crate::files::{restore_files, FilePolicy, FilesRestored};
+use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP};
+use crate::mappings::restore_mappings;
+
+/// Environment variable: the cap on unlinked-file bytes saved per rank.
+pub const ENV_UNLINKED_CAP: &str = "CRYO_UNLINKED_CAP";
 
 /// Default base of the region reservation. Above where PIE executables and
 /// their heap land with ASLR (0x55…–0x56…) and far below shared libraries
@@ -100,6 +105,9 @@ pub struct Config {
     /// Whether region writes are tracked, so that a checkpoint copies only
     /// the chunks written since the previous one (`CRYO_DIRTY_TRACKING`).
     pub dirty_tracking: TrackingMode,
+    /// Most bytes of unlinked files saved per checkpoint; beyond it the
+    /// rank refuses the epoch (`CRYO_UNLINKED_CAP`, default 1 GiB).
+    pub unlinked_cap: u64,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -169,7 +177,12 @@ impl Config {
             })?,
             None => TrackingMode::Auto,
         };
+        let unlinked_cap = match env_var(ENV_UNLINKED_CAP) {
+            Some(text) => parse_u64(ENV_UNLINKED_CAP, &text)?,
+            None => DEFAULT_UNLINKED_CAP,
+        };
         Ok(Config {
+            unlinked_cap,
             dirty_tracking,
             socket: env_var(ENV_AGENT_SOCKET).map(PathBuf::from),
             job: env_var(ENV_JOB).unwrap_or_default(),
@@ -222,6 +235,8 @@ struct Runtime {
     /// where tracking is off or the kernel cannot do it.
     tracker: Option<WriteTracker>,
     tracker_tried: bool,
+    /// What was open and mapped when the runtime started.
+    baseline: Baseline,
 }
 
 fn lock() -> MutexGuard<'static, Option<Runtime>> {
@@ -447,6 +462,8 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         return Err(InitError::AlreadyInitialized);
     }
     let rank = config.rank;
+    // Before anything of the runtime's or of a restore is opened or mapped.
+    let baseline = Baseline::take();
     reserve(config.region_base, config.region_reserve)?;
     let (conn, start, node) = match &config.socket {
         Some(path) => {
@@ -480,7 +497,11 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
             job = store_job.clone();
             load_restore(rank, *epoch, store, store_job)
         }
-        .and_then(|r| restore_files(&r.record, config.file_policy, &reserved).map(|f| (r, f)));
+        .and_then(|r| {
+            let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
+            restore_mappings(&r.record, &r.store, config.file_policy)?;
+            Ok((r, files))
+        });
         match result {
             Ok((r, f)) => {
                 restored = Some(r);
@@ -529,6 +550,7 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         names: HashMap::new(),
         tracker: None,
         tracker_tried: false,
+        baseline,
     });
     Ok(info)
 }
@@ -554,6 +576,12 @@ impl Runtime {
     fn check_new(&self, name: &str, len: u64) -> Result<(), RegionError> {
         let rank = self.config.rank;
         check_region_name(name)?;
+        if name.starts_with(cryo_core::fds::RESERVED_REGION_PREFIX) {
+            return Err(RegionError::Name(cryo_core::names::NameError::Region {
+                name: name.into(),
+                why: "names starting with 'cryo:' are the runtime's own",
+            }));
+        }
         if self.names.contains_key(name) {
             return Err(RegionError::Duplicate {
                 rank,
@@ -1023,21 +1051,49 @@ fn park_epoch(
 ) -> Result<SafePoint, CheckpointError> {
     let rank = runtime.config.rank;
     let page = conn.page();
-    page.parked_epoch.store(epoch, Ordering::Release);
-    let parked = RankToAgent::Parked {
-        epoch,
-        regions: runtime.regions.iter().map(|r| r.info.clone()).collect(),
-        runtime_fds: [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
-            .into_iter()
-            .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
-            .collect(),
-    };
-    tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
     let agent = |source| CheckpointError::Agent {
         rank,
         epoch,
         source,
     };
+    held::flush_streams();
+    let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
+        .into_iter()
+        .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
+        .collect();
+    let reservation = (runtime.config.region_base, runtime.config.region_reserve);
+    // Kept until the agent has copied what it maps.
+    let held = match held::gather(
+        rank,
+        &runtime.baseline,
+        &runtime_fds,
+        reservation,
+        runtime.config.unlinked_cap,
+    ) {
+        Ok(held) => held,
+        Err(reason) => {
+            tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
+            write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason })
+                .map_err(agent)?;
+            return Ok(SafePoint::Aborted(epoch));
+        }
+    };
+    for warning in &held.warnings {
+        tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
+    }
+    page.parked_epoch.store(epoch, Ordering::Release);
+    let parked = RankToAgent::Parked {
+        epoch,
+        regions: runtime
+            .regions
+            .iter()
+            .map(|r| r.info.clone())
+            .chain(held.regions.iter().cloned())
+            .collect(),
+        library_fds: runtime.baseline.library_fds(&runtime_fds),
+        runtime_fds,
+    };
+    tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
     write_message(&mut &conn.sock, &parked).map_err(agent)?;
     loop {
         match read_message::<AgentToRank>(&mut &conn.sock).map_err(agent)? {

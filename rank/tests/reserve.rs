@@ -30,6 +30,7 @@ fn taken_reservation_names_the_occupant() {
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
+        unlinked_cap: 1 << 30,
     })
     .unwrap_err();
     assert!(matches!(err, InitError::Reserve { .. }), "{err}");
@@ -48,6 +49,7 @@ fn taken_reservation_names_the_occupant() {
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
+        unlinked_cap: 1 << 30,
     })
     .unwrap();
     assert_eq!(info.node, None);

@@ -75,6 +75,7 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         region_reserve: 1 << 30,
         file_policy: FilePolicy::Truncate,
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
+        unlinked_cap: 1 << 30,
     })
     .unwrap();
     assert_eq!(info.restored_epoch, None);
@@ -120,6 +121,7 @@ fn safe_point_is_cheap_and_parks_when_asked() {
             epoch,
             regions,
             runtime_fds,
+            ..
         } => {
             assert_eq!(epoch, 5);
             assert_eq!(

@@ -747,6 +747,7 @@ impl FakeRank {
                 epoch,
                 regions: Vec::new(),
                 runtime_fds: Vec::new(),
+                library_fds: Vec::new(),
             },
         )
         .unwrap();

@@ -1,0 +1,125 @@
+//! Metadata layouts of earlier minor versions, decoded and converted to the
+//! current types so that every older image still restores.
+//!
+//! bincode is not self-describing: a field added in a minor version changes
+//! the layout, so each file is decoded with the layout of the version its
+//! header names ([`MetaFile::decode_version`]).
+//!
+//! * 1.0 → 1.1: `FdRecord::shares_with`, `RankRecord::warnings`, the
+//!   `FdRestore::NotOurs` and `RegionKind::{UnlinkedFile, AppMapping}`
+//!   variants (appended, so 1.0's variant indices are unchanged).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::header::FormatVersion;
+use crate::manifest::{
+    FdKind, FdRecord, FdRestore, Manifest, MappingRecord, RankRecord, RegionRecord, WriteStats,
+};
+
+/// A metadata file's value, decoded with the layout of its version.
+pub trait MetaFile: Serialize + DeserializeOwned {
+    /// Decodes a payload written with format `version` (same major, minor
+    /// not newer than this build's: the header check comes first).
+    fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
+        let _ = version;
+        codec::decode(payload)
+    }
+}
+
+impl MetaFile for Manifest {
+    fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
+        if version.minor == 0 {
+            Ok(codec::decode::<ManifestV1_0>(payload)?.into())
+        } else {
+            codec::decode(payload)
+        }
+    }
+}
+
+impl MetaFile for RankRecord {
+    fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
+        if version.minor == 0 {
+            Ok(codec::decode::<RankRecordV1_0>(payload)?.into())
+        } else {
+            codec::decode(payload)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct FdRecordV1_0 {
+    fd: i32,
+    kind: FdKind,
+    path: String,
+    flags: i32,
+    offset: u64,
+    size_at_checkpoint: u64,
+    restore: FdRestore,
+}
+
+#[derive(Deserialize)]
+struct RankRecordV1_0 {
+    rank: u32,
+    node: String,
+    pid: u32,
+    fds: Vec<FdRecordV1_0>,
+    mappings: Vec<MappingRecord>,
+    regions: Vec<RegionRecord>,
+    stats: WriteStats,
+}
+
+#[derive(Deserialize)]
+struct ManifestV1_0 {
+    job: String,
+    epoch: u64,
+    created_unix_ms: u64,
+    world_size: u32,
+    chunk_size: u32,
+    ranks: Vec<RankRecordV1_0>,
+}
+
+impl From<FdRecordV1_0> for FdRecord {
+    fn from(old: FdRecordV1_0) -> FdRecord {
+        FdRecord {
+            fd: old.fd,
+            kind: old.kind,
+            path: old.path,
+            flags: old.flags,
+            offset: old.offset,
+            size_at_checkpoint: old.size_at_checkpoint,
+            restore: old.restore,
+            // 1.0 opened every fd on its own.
+            shares_with: None,
+        }
+    }
+}
+
+impl From<RankRecordV1_0> for RankRecord {
+    fn from(old: RankRecordV1_0) -> RankRecord {
+        RankRecord {
+            rank: old.rank,
+            node: old.node,
+            pid: old.pid,
+            fds: old.fds.into_iter().map(FdRecord::from).collect(),
+            mappings: old.mappings,
+            regions: old.regions,
+            stats: old.stats,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+impl From<ManifestV1_0> for Manifest {
+    fn from(old: ManifestV1_0) -> Manifest {
+        Manifest {
+            job: old.job,
+            epoch: old.epoch,
+            created_unix_ms: old.created_unix_ms,
+            world_size: old.world_size,
+            chunk_size: old.chunk_size,
+            ranks: old.ranks.into_iter().map(RankRecord::from).collect(),
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! What a rank holds beyond its regions, gathered on the checkpoint path
+//! only (a safe point with nothing pending never comes here):
+//!
+//! * its buffered streams, flushed so that what the application wrote is in
+//!   its files before the agent records their sizes and offsets;
+//! * which fds were open at `cryo_init` and still are (the MPI library's and
+//!   the launcher's: left alone at restart, without a warning);
+//! * the contents of regular files it holds open but that have no path any
+//!   more (unlinked), and the file mappings it made itself after
+//!   `cryo_init`: both handed to the agent as extra regions
+//!   (`cryo:fd:<fd>`, `cryo:map:<start>`), so they are chunked, deduplicated
+//!   and verified like region data.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::ptr::NonNull;
+
+use cryo_core::fds::{mapping_region_name, unlinked_region_name};
+use cryo_core::manifest::RegionKind;
+use cryo_core::protocol::RegionInfo;
+use nix::fcntl::{open, OFlag};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+use nix::sys::stat::{fstat, Mode};
+
+/// Default cap on the unlinked-file bytes saved per rank and checkpoint.
+pub const DEFAULT_UNLINKED_CAP: u64 = 1 << 30;
+
+/// What was open and mapped when the runtime started.
+#[derive(Debug, Default)]
+pub(crate) struct Baseline {
+    /// Each fd open at `cryo_init` with its file's `(dev, ino)`.
+    fds: HashMap<RawFd, (u64, u64)>,
+    /// File mappings present at `cryo_init`: `(start, end, inode)`.
+    mappings: HashSet<(u64, u64, u64)>,
+}
+
+fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
+    let meta = fs::metadata(format!("/proc/self/fd/{fd}")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+fn open_fds() -> Vec<RawFd> {
+    let mut out: Vec<RawFd> = fs::read_dir("/proc/self/fd")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+impl Baseline {
+    /// Records what is open and mapped now.
+    pub(crate) fn take() -> Baseline {
+        let fds = open_fds()
+            .into_iter()
+            .filter_map(|fd| fd_identity(fd).map(|id| (fd, id)))
+            .collect();
+        let mappings = fs::read_to_string("/proc/self/maps")
+            .map(|text| {
+                parse_maps(&text)
+                    .into_iter()
+                    .map(|m| (m.start, m.end, m.inode))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Baseline { fds, mappings }
+    }
+
+    /// The fds open at `cryo_init` that still refer to the same file.
+    pub(crate) fn library_fds(&self, runtime: &[RawFd]) -> Vec<RawFd> {
+        let mut out: Vec<RawFd> = self
+            .fds
+            .iter()
+            .filter(|(fd, id)| !runtime.contains(fd) && fd_identity(**fd) == Some(**id))
+            .map(|(fd, _)| *fd)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+}
+
+/// Flushes the C library's output streams and, when the process uses
+/// gfortran's runtime, every Fortran unit, so that buffered output is in
+/// its files before they are recorded.
+pub(crate) fn flush_streams() {
+    // SAFETY: fflush(NULL) flushes every output stream; it takes each
+    // stream's own lock, so it is safe with other threads writing.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
+    // SAFETY: dlsym with RTLD_DEFAULT only looks the symbol up.
+    let flush = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_gfortran_flush_i4".as_ptr()) };
+    if !flush.is_null() {
+        // SAFETY: libgfortran's `flush_i4(GFC_INTEGER_4 *unit)` flushes every
+        // unit when `unit` is NULL (the FLUSH intrinsic without argument).
+        let flush: extern "C" fn(*const i32) = unsafe { std::mem::transmute(flush) };
+        flush(std::ptr::null());
+    }
+}
+
+/// One line of `/proc/self/maps` with a file behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileMap {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) prot: u32,
+    pub(crate) shared: bool,
+    pub(crate) offset: u64,
+    pub(crate) inode: u64,
+    pub(crate) path: String,
+}
+
+/// The file-backed lines of a maps text.
+pub(crate) fn parse_maps(text: &str) -> Vec<FileMap> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(6, ' ');
+        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            continue;
+        };
+        let path = parts.next().unwrap_or("").trim_start();
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
+            u64::from_str_radix(start, 16),
+            u64::from_str_radix(end, 16),
+            u64::from_str_radix(offset, 16),
+            inode.parse::<u64>(),
+        ) else {
+            continue;
+        };
+        if inode == 0 || !path.starts_with('/') {
+            continue;
+        }
+        let bytes = perms.as_bytes();
+        let bit = |i: usize, c: u8, v: u32| if bytes.get(i) == Some(&c) { v } else { 0 };
+        out.push(FileMap {
+            start,
+            end,
+            prot: bit(0, b'r', 1) | bit(1, b'w', 2) | bit(2, b'x', 4),
+            shared: bytes.get(3) == Some(&b's'),
+            offset,
+            inode,
+            path: path.to_owned(),
+        });
+    }
+    out
+}
+
+/// Paths whose mappings belong to the system, not the application.
+const SYSTEM_PREFIXES: [&str; 9] = [
+    "/usr/", "/lib/", "/lib32/", "/lib64/", "/etc/", "/proc/", "/sys/", "/dev/", "/memfd:",
+];
+
+/// The application's own file mappings: made after `cryo_init`, outside
+/// the region reservation, not of a shared object or executable (any file
+/// with an executable mapping) and not of a system path. Mappings of a
+/// deleted file are returned apart: they cannot be re-established.
+pub(crate) fn app_mappings(
+    maps: &[FileMap],
+    baseline: &Baseline,
+    reservation: (u64, u64),
+) -> (Vec<FileMap>, Vec<FileMap>) {
+    let code: HashSet<&str> = maps
+        .iter()
+        .filter(|m| m.prot & 4 != 0)
+        .map(|m| m.path.as_str())
+        .collect();
+    let mut keep = Vec::new();
+    let mut lost = Vec::new();
+    for map in maps {
+        let (base, len) = reservation;
+        let in_reservation = map.start >= base && map.end <= base.saturating_add(len);
+        if in_reservation
+            || baseline.mappings.contains(&(map.start, map.end, map.inode))
+            || code.contains(map.path.as_str())
+            || SYSTEM_PREFIXES.iter().any(|p| map.path.starts_with(p))
+        {
+            continue;
+        }
+        if map.path.ends_with(" (deleted)") {
+            lost.push(map.clone());
+        } else {
+            keep.push(map.clone());
+        }
+    }
+    (keep, lost)
+}
+
+/// The extra regions of one capture, and the temporary read-only mappings
+/// of unlinked files behind some of them (unmapped on drop, once the agent
+/// has copied them).
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    pub(crate) regions: Vec<RegionInfo>,
+    pub(crate) warnings: Vec<String>,
+    temporary: Vec<(NonNull<libc::c_void>, usize)>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (addr, len) in self.temporary.drain(..) {
+            // SAFETY: each entry is a mapping this Held made with mmap and
+            // nothing else refers to it once the agent has copied it.
+            let _ = unsafe { munmap(addr, len) };
+        }
+    }
+}
+
+/// Why a rank refuses an epoch before parking.
+pub(crate) type Refusal = String;
+
+/// Gathers the application's file mappings and unlinked files as regions.
+/// Refuses (with the rank, fd, path and size) when the unlinked files
+/// exceed `cap` bytes: such an epoch would otherwise commit a checkpoint
+/// that cannot restart.
+pub(crate) fn gather(
+    rank: u32,
+    baseline: &Baseline,
+    runtime_fds: &[RawFd],
+    reservation: (u64, u64),
+    cap: u64,
+) -> Result<Held, Refusal> {
+    let mut held = Held::default();
+    let maps = fs::read_to_string("/proc/self/maps")
+        .map(|text| parse_maps(&text))
+        .unwrap_or_default();
+    let (mine, lost) = app_mappings(&maps, baseline, reservation);
+    for map in lost {
+        held.warnings.push(format!(
+            "the mapping of {} at {:#x} ({} bytes) is of a deleted file; a restart does not re-establish it",
+            map.path,
+            map.start,
+            map.end - map.start
+        ));
+    }
+    for map in mine {
+        if map.prot & 1 == 0 {
+            held.warnings.push(format!(
+                "the mapping of {} at {:#x} is not readable; a restart does not re-establish it",
+                map.path, map.start
+            ));
+            continue;
+        }
+        // Bytes past the file's end cannot be read (SIGBUS): save up to it.
+        let size = fs::metadata(&map.path).map(|m| m.len()).unwrap_or(0);
+        let within = size.saturating_sub(map.offset).div_ceil(4096) * 4096;
+        let map_len = map.end - map.start;
+        held.regions.push(RegionInfo {
+            name: mapping_region_name(map.start),
+            addr: map.start,
+            len: within.min(map_len),
+            kind: RegionKind::AppMapping {
+                path: map.path,
+                offset: map.offset,
+                shared: map.shared,
+                prot: map.prot,
+                map_len,
+            },
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut total = 0u64;
+    for fd in open_fds() {
+        if runtime_fds.contains(&fd) {
+            continue;
+        }
+        let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        let Ok(meta) = fs::metadata(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        if !meta.is_file() || meta.nlink() != 0 || !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let path = link.to_string_lossy().into_owned();
+        total = total.saturating_add(meta.len());
+        if total > cap {
+            return Err(format!(
+                "rank {rank}: fd {fd} ({path}) is an unlinked file of {} bytes; unlinked files \
+                 over CRYO_UNLINKED_CAP ({cap} bytes per rank) are not saved, so this checkpoint \
+                 could not restart: the epoch is refused",
+                meta.len()
+            ));
+        }
+        match map_unlinked(fd, meta.len()) {
+            Ok((addr, len)) => {
+                if let Some(addr) = addr {
+                    held.temporary.push((addr, len));
+                }
+                held.regions.push(RegionInfo {
+                    name: unlinked_region_name(fd),
+                    addr: addr.map_or(0, |a| a.as_ptr() as u64),
+                    len: meta.len(),
+                    kind: RegionKind::UnlinkedFile { fd },
+                });
+            }
+            Err(err) => held.warnings.push(format!(
+                "fd {fd} ({path}) is an unlinked file that could not be read ({err}); a restart cannot give it back"
+            )),
+        }
+    }
+    Ok(held)
+}
+
+/// Maps an unlinked file read-only through a fresh open of its fd's link
+/// (the application's own fd may be write-only), so the agent can copy it
+/// like memory. An empty file needs no mapping.
+fn map_unlinked(fd: RawFd, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>, usize)> {
+    let Some(size) = usize::try_from(len).ok().and_then(NonZeroUsize::new) else {
+        return Ok((None, 0));
+    };
+    let raw = open(
+        format!("/proc/self/fd/{fd}").as_str(),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: open just returned this fd and nothing else owns it.
+    let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    let stat = fstat(raw)?;
+    if u64::try_from(stat.st_size).unwrap_or(0) < len {
+        return Err(nix::errno::Errno::EAGAIN);
+    }
+    // SAFETY: a new read-only shared mapping of a file we just opened, at
+    // an address the kernel chooses; it aliases no Rust object.
+    let addr = unsafe {
+        mmap(
+            None,
+            size,
+            ProtFlags::PROT_READ,
+            MapFlags::MAP_SHARED,
+            file.as_fd(),
+            0,
+        )
+    }?;
+    Ok((Some(addr), size.get()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d1c8a00000-55d1c8a02000 r--p 00000000 fd:01 1234                       /usr/bin/app
+55d1c8a02000-55d1c8a04000 r-xp 00002000 fd:01 1234                       /usr/bin/app
+7f0000000000-7f0000002000 rw-s 00000000 fd:01 99                         /work/out put.dat
+7f0000002000-7f0000003000 r--p 00001000 fd:01 98                         /work/in.dat
+7f0000003000-7f0000004000 r--p 00000000 fd:01 97                         /opt/mpi/lib/libmpi.so
+7f0000004000-7f0000005000 r-xp 00001000 fd:01 97                         /opt/mpi/lib/libmpi.so
+7f0000005000-7f0000006000 rw-s 00000000 00:05 96                         /dev/shm/seg
+7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
+5a0000000000-5a0000001000 rw-s 00000000 fd:01 94                         /work/region.dat
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+";
+
+    #[test]
+    fn the_applications_own_mappings_are_told_apart() {
+        let maps = parse_maps(MAPS);
+        let mut baseline = Baseline::default();
+        baseline
+            .mappings
+            .insert((0x7f00_0000_2000, 0x7f00_0000_3000, 98));
+        let (mine, lost) = app_mappings(&maps, &baseline, (0x5a00_0000_0000, 1 << 36));
+        let paths: Vec<&str> = mine.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths, vec!["/work/out put.dat"]);
+        assert!(mine[0].shared);
+        assert_eq!(mine[0].prot, 3);
+        assert_eq!(lost.len(), 1);
+        assert!(lost[0].path.starts_with("/work/gone"));
+        // Without the baseline, the input mapping counts as the application's.
+        let (mine, _) = app_mappings(&maps, &Baseline::default(), (0x5a00_0000_0000, 1 << 36));
+        assert_eq!(mine.len(), 2);
+        assert_eq!(mine[1].offset, 0x1000);
+    }
+}
