@@ -125,7 +125,13 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         } => {
             assert_eq!(epoch, 5);
             assert_eq!(
-                regions.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+                // The test process may hold unlinked files of its own
+                // (`cryo:fd:N`), which the runtime saves too.
+                regions
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .filter(|name| !name.starts_with("cryo:"))
+                    .collect::<Vec<_>>(),
                 vec!["grid", "second"]
             );
             assert!(
