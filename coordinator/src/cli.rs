@@ -348,7 +348,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Checkpoint { job, store } => {
             let response = session::request(&store, &job, JobRequest::Checkpoint)?;
-            report_checkpoint(&job, &response)
+            let code = report_checkpoint(&job, &response)?;
+            warn_unrestorable(&store, &job, &response);
+            Ok(code)
         }
         Command::Preempt { job, store } => {
             let job = if job.bytes().all(|b| b.is_ascii_digit()) {
@@ -358,6 +360,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&job, &response)?;
+            warn_unrestorable(&store, &job, &response);
             println!("job {job}: stopping");
             Ok(code)
         }
@@ -591,6 +594,27 @@ fn run_options(
         command,
         scratch,
     })
+}
+
+/// Names what a restart from the epoch just committed will not give back.
+fn warn_unrestorable(store: &std::path::Path, job: &str, response: &JobResponse) {
+    let JobResponse::Committed { epoch, .. } = response else {
+        return;
+    };
+    let manifest = cryo_core::Store::open(store)
+        .and_then(|s| s.existing_job(job))
+        .map_err(|e| e.to_string())
+        .and_then(|j| j.load_manifest(*epoch).map_err(|e| e.to_string()));
+    match manifest {
+        Ok(manifest) => {
+            for warning in crate::holdings::warnings(&manifest) {
+                eprintln!("job {job}: epoch {epoch}: warning: {warning}");
+            }
+        }
+        Err(err) => eprintln!(
+            "job {job}: epoch {epoch}: cannot read its manifest to list what a restart will not restore: {err}"
+        ),
+    }
 }
 
 fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {

@@ -234,6 +234,16 @@ pub fn describe(path: &Path) -> Result<String> {
                 if let Err(err) = manifest.validate_shape() {
                     let _ = writeln!(out, "  inconsistent: {err}");
                 }
+                for rank in &manifest.ranks {
+                    let _ = writeln!(
+                        out,
+                        "  rank {} on {} (pid {}): at restart",
+                        rank.rank, rank.node, rank.pid
+                    );
+                    for line in crate::holdings::rank_plan(rank) {
+                        let _ = writeln!(out, "    {line}");
+                    }
+                }
             }
             Err(err) => {
                 let _ = writeln!(out, "  loadable        no: {err}");
@@ -252,6 +262,9 @@ pub fn describe(path: &Path) -> Result<String> {
                     rank.fds.len(),
                     human::bytes(rank.region_bytes())
                 );
+                for line in crate::holdings::rank_plan(&rank) {
+                    let _ = writeln!(out, "    {line}");
+                }
             }
             Err(err) => {
                 let _ = writeln!(out, "  loadable        no: {err}");

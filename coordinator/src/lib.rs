@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod epoch;
+pub mod holdings;
 pub mod human;
 pub mod inspect;
 pub mod launch;

@@ -632,7 +632,13 @@ impl Coordinator {
                     self.opts.ranks,
                     u32::try_from(self.opts.chunk_size).unwrap_or(u32::MAX),
                 )
-                .map(|_| ())
+                .map(|manifest| {
+                    // Said when the checkpoint is taken, not found at restart.
+                    for warning in crate::holdings::warnings(&manifest) {
+                        tracing::warn!(job = %self.opts.job, epoch = epoch.epoch, warning = %warning, "epoch.not_restorable");
+                        eprintln!("cryo: epoch {}: {warning}", epoch.epoch);
+                    }
+                })
                 .map_err(|e| e.to_string());
             epoch.committed(result);
         }

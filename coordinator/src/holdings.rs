@@ -1,0 +1,175 @@
+//! What each rank held at a checkpoint (fds and file mappings) and what a
+//! restart will do with each, read from the manifest: for `cryo describe`,
+//! and for the warnings printed when a checkpoint commits.
+
+use cryo_core::manifest::{Backing, FdKind, FdRecord, FdRestore, Manifest, RankRecord, RegionKind};
+
+use crate::human;
+
+/// What a restart does with one fd.
+pub fn fd_plan(fd: &FdRecord) -> String {
+    let what = match fd.kind {
+        FdKind::Deleted => format!("unlinked file, was {}", fd.path),
+        _ => fd.path.clone(),
+    };
+    let action = match (&fd.restore, fd.shares_with) {
+        (FdRestore::Restore, Some(leader)) => {
+            format!("dup2 from fd {leader} (they share one open file: offset and flags)")
+        }
+        (FdRestore::Restore, None) => match fd.kind {
+            FdKind::Deleted => format!(
+                "recreated unlinked from its saved contents ({}), offset {}",
+                human::bytes(fd.size_at_checkpoint),
+                fd.offset
+            ),
+            FdKind::Directory => "reopened by path (directory)".into(),
+            FdKind::CharDevice => "reopened by path (device)".into(),
+            _ => format!(
+                "reopened by path, offset {}, cut back to {} bytes if written since",
+                fd.offset, fd.size_at_checkpoint
+            ),
+        },
+        (FdRestore::NotOurs(why), _) => format!("left alone: {why}"),
+        (FdRestore::NotRestored(why), _) => format!("NOT RESTORED: {why}"),
+    };
+    format!("fd {} ({what}): {action}", fd.fd)
+}
+
+/// One line per fd, application mapping and warning of a rank.
+pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
+    let mut out: Vec<String> = rank.fds.iter().map(fd_plan).collect();
+    for region in &rank.regions {
+        if let RegionKind::AppMapping {
+            path,
+            offset,
+            shared,
+            prot,
+            map_len,
+        } = &region.kind
+        {
+            let kind = if *shared { "shared" } else { "private" };
+            let contents = if *shared && prot & 2 == 0 {
+                "re-mapped from the file"
+            } else if *shared {
+                "re-mapped from the file, saved contents written back"
+            } else {
+                "re-mapped from the file, saved contents copied in"
+            };
+            out.push(format!(
+                "mapping {:#x}+{} ({path} at offset {offset}, {kind}, prot {prot}): {contents} at the same address",
+                region.addr,
+                human::bytes(*map_len)
+            ));
+        }
+    }
+    let others = rank
+        .mappings
+        .iter()
+        .filter(|m| m.region.is_none() && matches!(m.backing, Backing::File { .. }))
+        .count();
+    if others > 0 {
+        out.push(format!(
+            "{others} other file mappings (libraries, the MPI library's shared memory): left to the new process"
+        ));
+    }
+    out.extend(rank.warnings.iter().map(|w| format!("WARNING: {w}")));
+    out
+}
+
+/// What a restart from `manifest` will not give back, one line each,
+/// naming the rank.
+pub fn warnings(manifest: &Manifest) -> Vec<String> {
+    let mut out = Vec::new();
+    for rank in &manifest.ranks {
+        for fd in &rank.fds {
+            if let FdRestore::NotRestored(why) = &fd.restore {
+                out.push(format!(
+                    "rank {}: fd {} ({}) will not be restored: {why}",
+                    rank.rank, fd.fd, fd.path
+                ));
+            }
+        }
+        out.extend(
+            rank.warnings
+                .iter()
+                .map(|w| format!("rank {}: {w}", rank.rank)),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use cryo_core::manifest::WriteStats;
+
+    use super::*;
+
+    fn fd(fd: i32, kind: FdKind, restore: FdRestore, shares_with: Option<i32>) -> FdRecord {
+        FdRecord {
+            fd,
+            kind,
+            path: format!("/work/f{fd}"),
+            flags: 1,
+            offset: 7,
+            size_at_checkpoint: 9,
+            restore,
+            shares_with,
+        }
+    }
+
+    #[test]
+    fn plans_and_warnings_name_each_fd() {
+        let rank = RankRecord {
+            rank: 3,
+            node: "n".into(),
+            pid: 1,
+            fds: vec![
+                fd(
+                    1,
+                    FdKind::Pipe,
+                    FdRestore::NotOurs("standard stream".into()),
+                    None,
+                ),
+                fd(3, FdKind::Regular, FdRestore::Restore, None),
+                fd(4, FdKind::Regular, FdRestore::Restore, Some(3)),
+                fd(5, FdKind::Deleted, FdRestore::Restore, None),
+                fd(
+                    6,
+                    FdKind::Socket,
+                    FdRestore::NotRestored("socket".into()),
+                    None,
+                ),
+            ],
+            mappings: vec![],
+            regions: vec![],
+            stats: WriteStats::default(),
+            warnings: vec!["fd 3 (/work/f3) holds a file lock".into()],
+        };
+        let plan = rank_plan(&rank).join("\n");
+        assert!(plan.contains("fd 4 (/work/f4): dup2 from fd 3"), "{plan}");
+        assert!(
+            plan.contains("fd 5 (unlinked file, was /work/f5): recreated unlinked"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("fd 6 (/work/f6): NOT RESTORED: socket"),
+            "{plan}"
+        );
+        assert!(plan.contains("fd 1 (/work/f1): left alone"), "{plan}");
+        let manifest = Manifest {
+            job: "j".into(),
+            epoch: 1,
+            created_unix_ms: 0,
+            world_size: 1,
+            chunk_size: 1 << 20,
+            ranks: vec![rank],
+        };
+        assert_eq!(
+            warnings(&manifest),
+            vec![
+                "rank 3: fd 6 (/work/f6) will not be restored: socket".to_owned(),
+                "rank 3: fd 3 (/work/f3) holds a file lock".to_owned()
+            ]
+        );
+    }
+}
