@@ -121,14 +121,14 @@ fn rust_checkpoint_kill_restart_is_byte_identical() {
             .find(|f| f.fd == fd)
             .expect("standard stream recorded");
         assert!(
-            matches!(&std.restore, FdRestore::NotRestored(why) if why.contains("standard")),
+            matches!(&std.restore, FdRestore::NotOurs(why) if why.contains("standard")),
             "{std:?}"
         );
     }
     let runtime: Vec<_> = rank
         .fds
         .iter()
-        .filter(|f| matches!(&f.restore, FdRestore::NotRestored(why) if why == "cryo runtime"))
+        .filter(|f| matches!(&f.restore, FdRestore::NotOurs(why) if why == "cryo runtime"))
         .collect();
     assert_eq!(
         runtime.len(),
