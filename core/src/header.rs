@@ -451,7 +451,11 @@ mod tests {
         recrc(&mut bytes);
         let err = Header::decode(&bytes, FileKind::Manifest).unwrap_err();
         assert!(matches!(err, HeaderError::UnsupportedMajor { .. }));
-        assert!(err.to_string().contains(&format!("2.{}.0", FORMAT_VERSION.minor)), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("2.{}.0", FORMAT_VERSION.minor)),
+            "{err}"
+        );
         // describe still works
         let parsed = Header::parse(&bytes).expect("parse ignores version");
         assert_eq!(parsed.version.major, 2);
