@@ -569,3 +569,102 @@ fn write_golden_store() {
     write_epoch(&job, 1, &[vec![("grid", golden_region())]]);
     let _ = fs::remove_file(job.dir().join("lock"));
 }
+
+fn golden_v1_1_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.1.0")
+}
+
+/// The 1.1 rank record: a dup, an unlinked file and an application
+/// mapping, besides the region.
+fn golden_v1_1_epoch(job: &JobStore) {
+    let writer = job.begin_epoch(1, config()).unwrap();
+    let rank_writer = writer.rank(0);
+    let mut record = empty_record();
+    let mut dup = record.fds[0].clone();
+    dup.fd = 9;
+    dup.shares_with = Some(5);
+    let unlinked = FdRecord {
+        fd: 11,
+        kind: FdKind::Deleted,
+        path: "/tmp/scratch".into(),
+        flags: 0o2,
+        offset: 3,
+        size_at_checkpoint: 10,
+        restore: FdRestore::Restore,
+        shares_with: None,
+    };
+    record.fds.extend([dup, unlinked]);
+    record
+        .warnings
+        .push("fd 5 (/tmp/out.log) holds a file lock".into());
+    let grid = golden_region();
+    record.regions.push(
+        rank_writer
+            .store_region("grid", 0x7f00_0000_0000, RegionKind::Anonymous, &grid)
+            .unwrap(),
+    );
+    record.regions.push(
+        rank_writer
+            .store_region(
+                "cryo:fd:11",
+                0,
+                RegionKind::UnlinkedFile { fd: 11 },
+                b"0123456789",
+            )
+            .unwrap(),
+    );
+    record.regions.push(
+        rank_writer
+            .store_region(
+                "cryo:map:7f1000000000",
+                0x7f10_0000_0000,
+                RegionKind::AppMapping {
+                    path: "/tmp/map.dat".into(),
+                    offset: 4096,
+                    shared: true,
+                    prot: 3,
+                    map_len: 8192,
+                },
+                &grid[..4096],
+            )
+            .unwrap(),
+    );
+    rank_writer.finish(record).unwrap();
+    drop(writer);
+    job.commit_epoch(1, 1, CHUNK as u32).unwrap();
+}
+
+/// Images written by format 1.1.0 (shared fds, unlinked files,
+/// application mappings) must stay readable by every later build.
+#[test]
+fn golden_v1_1_0_store_still_loads() {
+    let store = Store::open(golden_v1_1_dir()).unwrap();
+    let job = store.existing_job("golden").unwrap();
+    let manifest = job.load_manifest(1).unwrap();
+    let rank = &manifest.ranks[0];
+    assert_eq!(rank.fds[1].shares_with, Some(5));
+    assert_eq!(rank.fds[2].kind, FdKind::Deleted);
+    assert_eq!(rank.warnings.len(), 1);
+    assert!(matches!(
+        rank.regions[2].kind,
+        RegionKind::AppMapping { map_len: 8192, .. }
+    ));
+    assert_eq!(restore(&job, &manifest, 0, 0), golden_region());
+    assert_eq!(restore(&job, &manifest, 0, 1), b"0123456789");
+    assert!(job.verify_manifest(&manifest).is_ok());
+}
+
+/// Regenerates the 1.1.0 golden store; by hand only (never overwrite).
+#[test]
+#[ignore = "writes the golden images"]
+fn write_golden_v1_1_store() {
+    let dir = golden_v1_1_dir();
+    assert!(
+        !dir.exists(),
+        "golden images for this version already exist"
+    );
+    let store = Store::create(&dir).unwrap();
+    let job = store.job("golden").unwrap();
+    golden_v1_1_epoch(&job);
+    let _ = fs::remove_file(job.dir().join("lock"));
+}
