@@ -39,6 +39,12 @@ pub fn fd_plan(fd: &FdRecord) -> String {
 pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
     let mut out: Vec<String> = rank.fds.iter().map(fd_plan).collect();
     for region in &rank.regions {
+        if let RegionKind::FileContents { fd } = region.kind {
+            out.push(format!(
+                "fd {fd}: open for writing in place; its saved contents ({}) are written back",
+                human::bytes(region.len)
+            ));
+        }
         if let RegionKind::AppMapping {
             path,
             offset,

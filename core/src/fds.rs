@@ -13,6 +13,12 @@ pub fn unlinked_region_name(fd: i32) -> String {
     format!("cryo:fd:{fd}")
 }
 
+/// The name of the region that holds the contents of the file open for
+/// writing in place at `fd`.
+pub fn contents_region_name(fd: i32) -> String {
+    format!("cryo:file:{fd}")
+}
+
 /// The name of the region that holds an application file mapping that
 /// starts at `start`.
 pub fn mapping_region_name(start: u64) -> String {

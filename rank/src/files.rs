@@ -110,8 +110,52 @@ pub fn restore_files(
             done.restored.push(fd.fd);
         }
     }
+    if policy == FilePolicy::Truncate {
+        restore_contents(record, store, &done.restored)?;
+    }
     done.restored.sort_unstable();
     Ok(done)
+}
+
+/// Writes back the saved contents of the files that were open for writing
+/// in place, through their restored fds, so that bytes overwritten after
+/// the checkpoint are undone.
+fn restore_contents(
+    record: &RankRecord,
+    store: &JobStore,
+    restored: &[RawFd],
+) -> Result<(), RestoreError> {
+    let rank = record.rank;
+    for region in &record.regions {
+        let RegionKind::FileContents { fd: owner } = region.kind else {
+            continue;
+        };
+        let Some(fd) = record.fds.iter().find(|f| f.fd == owner) else {
+            continue;
+        };
+        if !restored.contains(&owner) {
+            continue;
+        }
+        // SAFETY: `owner` was just restored and stays open; ManuallyDrop
+        // keeps this borrow from closing it.
+        let file = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(owner) });
+        store
+            .stream_region(region, 16 << 20, |offset, bytes| {
+                file.write_all_at(bytes, offset)
+            })
+            .map_err(|err| match err {
+                StreamError::Read(source) => RestoreError::Contents {
+                    rank,
+                    what: format!("the contents of fd {owner} ({})", fd.path),
+                    source,
+                },
+                StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
+            })?;
+        file.set_len(region.len)
+            .map_err(|err| file_io(rank, fd, "ftruncate", err))?;
+        tracing::debug!(rank, fd = owner, path = %fd.path, len = region.len, "fd.contents_restored");
+    }
+    Ok(())
 }
 
 fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> RestoreError {

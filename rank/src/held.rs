@@ -6,10 +6,12 @@
 //! * which fds were open at `cryo_init` and still are (the MPI library's and
 //!   the launcher's: left alone at restart, without a warning);
 //! * the contents of regular files it holds open but that have no path any
-//!   more (unlinked), and the file mappings it made itself after
-//!   `cryo_init`: both handed to the agent as extra regions
-//!   (`cryo:fd:<fd>`, `cryo:map:<start>`), so they are chunked, deduplicated
-//!   and verified like region data.
+//!   more (unlinked), of files it holds open for writing in place (not
+//!   `O_APPEND`: bytes it overwrites after the checkpoint must be put back),
+//!   and the file mappings it made itself after `cryo_init`: all handed to
+//!   the agent as extra regions (`cryo:fd:<fd>`, `cryo:file:<fd>`,
+//!   `cryo:map:<start>`), so they are chunked, deduplicated and verified
+//!   like region data.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -18,7 +20,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 
-use cryo_core::fds::{mapping_region_name, unlinked_region_name};
+use cryo_core::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
 use cryo_core::manifest::RegionKind;
 use cryo_core::protocol::RegionInfo;
 use nix::fcntl::{open, OFlag};
@@ -27,6 +29,9 @@ use nix::sys::stat::{fstat, Mode};
 
 /// Default cap on the unlinked-file bytes saved per rank and checkpoint.
 pub const DEFAULT_UNLINKED_CAP: u64 = 1 << 30;
+/// Default cap on the bytes of files open for writing in place saved per
+/// rank and checkpoint.
+pub const DEFAULT_WRITABLE_CAP: u64 = 1 << 30;
 
 /// What was open and mapped when the runtime started.
 #[derive(Debug, Default)]
@@ -220,18 +225,118 @@ impl Drop for Held {
 /// Why a rank refuses an epoch before parking.
 pub(crate) type Refusal = String;
 
-/// Gathers the application's file mappings and unlinked files as regions.
-/// Refuses (with the rank, fd, path and size) when the unlinked files
-/// exceed `cap` bytes: such an epoch would otherwise commit a checkpoint
-/// that cannot restart.
+/// How many file bytes a rank saves per checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caps {
+    /// Unlinked files: beyond it the epoch is refused (it could not
+    /// restart).
+    pub(crate) unlinked: u64,
+    /// Files open for writing in place: beyond it they are not saved, and
+    /// the checkpoint says that bytes overwritten after it stay.
+    pub(crate) writable: u64,
+}
+
+/// Gathers the application's file mappings, unlinked files and files open
+/// for writing in place as regions. `not_mine` are the runtime's and the
+/// MPI library's fds, never saved. Refuses (with the rank, fd, path and
+/// size) when the unlinked files exceed their cap: such an epoch would
+/// otherwise commit a checkpoint that cannot restart.
 pub(crate) fn gather(
     rank: u32,
     baseline: &Baseline,
-    runtime_fds: &[RawFd],
+    not_mine: &[RawFd],
     reservation: (u64, u64),
-    cap: u64,
+    caps: Caps,
 ) -> Result<Held, Refusal> {
     let mut held = Held::default();
+    gather_mappings(&mut held, baseline, reservation);
+    let mut seen = HashSet::new();
+    let (mut unlinked, mut writable) = (0u64, 0u64);
+    for fd in open_fds() {
+        if not_mine.contains(&fd) {
+            continue;
+        }
+        let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        let Ok(meta) = fs::metadata(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        let path = link.to_string_lossy().into_owned();
+        if !meta.is_file() || SYSTEM_PREFIXES.iter().any(|p| path.starts_with(p)) {
+            continue;
+        }
+        let kind = if meta.nlink() == 0 {
+            RegionKind::UnlinkedFile { fd }
+        } else if writes_in_place(fd) {
+            RegionKind::FileContents { fd }
+        } else {
+            continue;
+        };
+        // One copy per file, however many fds it is open through.
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let name = match kind {
+            RegionKind::UnlinkedFile { .. } => {
+                unlinked = unlinked.saturating_add(meta.len());
+                if unlinked > caps.unlinked {
+                    return Err(format!(
+                        "rank {rank}: fd {fd} ({path}) is an unlinked file of {} bytes; unlinked \
+                         files over CRYO_UNLINKED_CAP ({} bytes per rank) are not saved, so this \
+                         checkpoint could not restart: the epoch is refused",
+                        meta.len(),
+                        caps.unlinked
+                    ));
+                }
+                unlinked_region_name(fd)
+            }
+            _ => {
+                writable = writable.saturating_add(meta.len());
+                if writable > caps.writable {
+                    held.warnings.push(format!(
+                        "fd {fd} ({path}) is open for writing in place and is {} bytes, over \
+                         CRYO_WRITABLE_CAP ({} bytes per rank): a restart cuts it back to its size \
+                         at the checkpoint but cannot undo bytes overwritten after it",
+                        meta.len(),
+                        caps.writable
+                    ));
+                    continue;
+                }
+                contents_region_name(fd)
+            }
+        };
+        match map_file(fd, meta.len()) {
+            Ok((addr, len)) => {
+                if let Some(addr) = addr {
+                    held.temporary.push((addr, len));
+                }
+                held.regions.push(RegionInfo {
+                    name,
+                    addr: addr.map_or(0, |a| a.as_ptr() as u64),
+                    len: meta.len(),
+                    kind,
+                });
+            }
+            Err(err) => held.warnings.push(format!(
+                "fd {fd} ({path}) could not be read to save its contents ({err}); a restart cannot give them back"
+            )),
+        }
+    }
+    Ok(held)
+}
+
+/// Whether `fd` may write anywhere but the end of its file: open for
+/// writing, not `O_APPEND`. Writes of an append-only fd after the
+/// checkpoint are undone by cutting the file back to its size; in-place
+/// writes need the file's contents.
+fn writes_in_place(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL only reads the fd's status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_APPEND == 0
+}
+
+fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)) {
     let maps = fs::read_to_string("/proc/self/maps")
         .map(|text| parse_maps(&text))
         .unwrap_or_default();
@@ -269,55 +374,12 @@ pub(crate) fn gather(
             },
         });
     }
-    let mut seen = HashSet::new();
-    let mut total = 0u64;
-    for fd in open_fds() {
-        if runtime_fds.contains(&fd) {
-            continue;
-        }
-        let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
-            continue;
-        };
-        let Ok(meta) = fs::metadata(format!("/proc/self/fd/{fd}")) else {
-            continue;
-        };
-        if !meta.is_file() || meta.nlink() != 0 || !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        let path = link.to_string_lossy().into_owned();
-        total = total.saturating_add(meta.len());
-        if total > cap {
-            return Err(format!(
-                "rank {rank}: fd {fd} ({path}) is an unlinked file of {} bytes; unlinked files \
-                 over CRYO_UNLINKED_CAP ({cap} bytes per rank) are not saved, so this checkpoint \
-                 could not restart: the epoch is refused",
-                meta.len()
-            ));
-        }
-        match map_unlinked(fd, meta.len()) {
-            Ok((addr, len)) => {
-                if let Some(addr) = addr {
-                    held.temporary.push((addr, len));
-                }
-                held.regions.push(RegionInfo {
-                    name: unlinked_region_name(fd),
-                    addr: addr.map_or(0, |a| a.as_ptr() as u64),
-                    len: meta.len(),
-                    kind: RegionKind::UnlinkedFile { fd },
-                });
-            }
-            Err(err) => held.warnings.push(format!(
-                "fd {fd} ({path}) is an unlinked file that could not be read ({err}); a restart cannot give it back"
-            )),
-        }
-    }
-    Ok(held)
 }
 
-/// Maps an unlinked file read-only through a fresh open of its fd's link
-/// (the application's own fd may be write-only), so the agent can copy it
-/// like memory. An empty file needs no mapping.
-fn map_unlinked(fd: RawFd, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>, usize)> {
+/// Maps a file read-only through a fresh open of its fd's link (the
+/// application's own fd may be write-only, or the file unlinked), so the
+/// agent can copy it like memory. An empty file needs no mapping.
+fn map_file(fd: RawFd, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>, usize)> {
     let Some(size) = usize::try_from(len).ok().and_then(NonZeroUsize::new) else {
         return Ok((None, 0));
     };

@@ -31,11 +31,14 @@ use nix::unistd::ftruncate;
 
 use crate::error::{CheckpointError, InitError, RegionError, RestoreError};
 use crate::files::{restore_files, FilePolicy, FilesRestored};
-use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP};
+use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
 use crate::mappings::restore_mappings;
 
 /// Environment variable: the cap on unlinked-file bytes saved per rank.
 pub const ENV_UNLINKED_CAP: &str = "CRYO_UNLINKED_CAP";
+/// Environment variable: the cap on bytes of files open for writing in
+/// place saved per rank.
+pub const ENV_WRITABLE_CAP: &str = "CRYO_WRITABLE_CAP";
 
 /// Default base of the region reservation. Above where PIE executables and
 /// their heap land with ASLR (0x55…–0x56…) and far below shared libraries
@@ -108,6 +111,10 @@ pub struct Config {
     /// Most bytes of unlinked files saved per checkpoint; beyond it the
     /// rank refuses the epoch (`CRYO_UNLINKED_CAP`, default 1 GiB).
     pub unlinked_cap: u64,
+    /// Most bytes of files open for writing in place saved per checkpoint;
+    /// beyond it they are named in a warning (`CRYO_WRITABLE_CAP`, default
+    /// 1 GiB).
+    pub writable_cap: u64,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -181,8 +188,13 @@ impl Config {
             Some(text) => parse_u64(ENV_UNLINKED_CAP, &text)?,
             None => DEFAULT_UNLINKED_CAP,
         };
+        let writable_cap = match env_var(ENV_WRITABLE_CAP) {
+            Some(text) => parse_u64(ENV_WRITABLE_CAP, &text)?,
+            None => DEFAULT_WRITABLE_CAP,
+        };
         Ok(Config {
             unlinked_cap,
+            writable_cap,
             dirty_tracking,
             socket: env_var(ENV_AGENT_SOCKET).map(PathBuf::from),
             job: env_var(ENV_JOB).unwrap_or_default(),
@@ -1063,13 +1075,13 @@ fn park_epoch(
         .collect();
     let reservation = (runtime.config.region_base, runtime.config.region_reserve);
     // Kept until the agent has copied what it maps.
-    let held = match held::gather(
-        rank,
-        &runtime.baseline,
-        &runtime_fds,
-        reservation,
-        runtime.config.unlinked_cap,
-    ) {
+    let library_fds = runtime.baseline.library_fds(&runtime_fds);
+    let not_mine: Vec<RawFd> = runtime_fds.iter().chain(&library_fds).copied().collect();
+    let caps = held::Caps {
+        unlinked: runtime.config.unlinked_cap,
+        writable: runtime.config.writable_cap,
+    };
+    let held = match held::gather(rank, &runtime.baseline, &not_mine, reservation, caps) {
         Ok(held) => held,
         Err(reason) => {
             tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
@@ -1090,7 +1102,7 @@ fn park_epoch(
             .map(|r| r.info.clone())
             .chain(held.regions.iter().cloned())
             .collect(),
-        library_fds: runtime.baseline.library_fds(&runtime_fds),
+        library_fds,
         runtime_fds,
     };
     tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");

@@ -31,6 +31,7 @@ fn taken_reservation_names_the_occupant() {
         file_policy: FilePolicy::Truncate,
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
         unlinked_cap: 1 << 30,
+        writable_cap: 1 << 30,
     })
     .unwrap_err();
     assert!(matches!(err, InitError::Reserve { .. }), "{err}");
@@ -50,6 +51,7 @@ fn taken_reservation_names_the_occupant() {
         file_policy: FilePolicy::Truncate,
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
         unlinked_cap: 1 << 30,
+        writable_cap: 1 << 30,
     })
     .unwrap();
     assert_eq!(info.node, None);
