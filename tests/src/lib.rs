@@ -21,6 +21,8 @@ use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
 
+pub mod state;
+
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -69,6 +71,39 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The live processes, other than this one, whose command line (the
+/// arguments, each ended by a NUL) satisfies `keep`.
+pub fn pids_where(mut keep: impl FnMut(&[u8]) -> bool) -> Vec<nix::unistd::Pid> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if u32::try_from(pid).ok() == Some(std::process::id()) {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if keep(&cmdline) {
+            found.push(nix::unistd::Pid::from_raw(pid));
+        }
+    }
+    found
+}
+
+/// SIGKILLs every process whose command line mentions `marker` (a test's
+/// folder: `cryo run`, the agents, mpiexec, its proxies and the ranks),
+/// three times 100 ms apart to catch those started meanwhile.
+pub fn kill_every_process_mentioning(marker: &str) {
+    for _ in 0..3 {
+        for pid in pids_where(|cmdline| String::from_utf8_lossy(cmdline).contains(marker)) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Polls `cond` every 10 ms until it holds; panics after `timeout`.

@@ -54,6 +54,7 @@ struct header {
     uint64_t iters;  /* --iters at setup: a restart must agree */
     uint64_t size;   /* world size at setup */
     uint64_t mix;    /* running hash of every step's Allreduce result */
+    int32_t pipe_fd[2]; /* STATE_HOLD_PIPE=1: the held pipe (-1: none) */
 };
 
 static size_t align_up(size_t n) { return (n + SLICE_ALIGN - 1) / SLICE_ALIGN * SLICE_ALIGN; }
@@ -325,6 +326,29 @@ int state_mapping_at(const void *addr, char perms[5], uint64_t *inode) {
 
 /* --- main -------------------------------------------------------------- */
 
+/*
+ * STATE_HOLD_PIPE=1: on a fresh start, open a pipe and keep both ends open,
+ * unused, for the whole run: something a restart cannot give back, which a
+ * checkpoint must name (tests/tests/state_faults.rs). Its fds go in the
+ * header and on stderr ("state: rank R holds a pipe: fds A and B
+ * (pipe:[INODE])"). A restart leaves it alone: the pipe is not there any
+ * more, and nothing uses it. No output file changes.
+ */
+static void hold_pipe(const struct ctx *c, struct header *h) {
+    h->pipe_fd[0] = h->pipe_fd[1] = -1;
+    const char *want = getenv("STATE_HOLD_PIPE");
+    if (!want || strcmp(want, "1") != 0) return;
+    int fds[2];
+    if (pipe(fds) != 0) state_fail_errno(c, "harness", "pipe (STATE_HOLD_PIPE)");
+    struct stat sb;
+    if (fstat(fds[0], &sb) != 0) state_fail_errno(c, "harness", "fstat the held pipe");
+    h->pipe_fd[0] = fds[0];
+    h->pipe_fd[1] = fds[1];
+    fprintf(stderr, "state: rank %d holds a pipe: fds %d and %d (pipe:[%ju])\n", c->rank, fds[0], fds[1],
+            (uintmax_t)sb.st_ino);
+    fflush(stderr);
+}
+
 static void usage(void) {
     fprintf(stderr, "usage: %s --dir OUTDIR --iters K [--step-ms MS]\n", program);
     exit(2);
@@ -373,6 +397,7 @@ int main(int argc, char **argv) {
 
     if (c.epoch == 0) {
         if (h->magic != 0) state_fail(&c, "harness", "fresh start, but the state region is not zero");
+        hold_pipe(&c, h);
         if (mkdir(dir, 0755) != 0 && errno != EEXIST) state_fail_errno(&c, "harness", "mkdir %s", dir);
         h->iters = iters;
         h->size = (uint64_t)c.size;

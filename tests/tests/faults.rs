@@ -247,21 +247,13 @@ impl Drop for Case {
 
 /// Pids of live processes whose command line holds all of `parts`.
 fn pids_matching(parts: &[&str]) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if u32::try_from(pid).ok() == Some(std::process::id()) {
-            continue;
-        }
-        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if parts.iter().all(|p| cmdline.contains(p)) {
-            found.push(pid);
-        }
-    }
-    found
+    cryo_tests::pids_where(|cmdline| {
+        let cmdline = String::from_utf8_lossy(cmdline).replace('\0', " ");
+        parts.iter().all(|p| cmdline.contains(p))
+    })
+    .into_iter()
+    .map(nix::unistd::Pid::as_raw)
+    .collect()
 }
 
 /// Those of `pids` that run `program` (by `/proc/<pid>/comm`).

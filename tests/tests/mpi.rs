@@ -166,25 +166,7 @@ impl Case {
     /// SIGKILLs every process whose command line mentions this case's
     /// directory: `cryo run`, the agents, mpiexec, its proxies and the ranks.
     fn kill_everything(&self) {
-        let marker = self.files.dir().display().to_string();
-        for _ in 0..3 {
-            for entry in fs::read_dir("/proc").unwrap().flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if u32::try_from(pid).ok() == Some(std::process::id()) {
-                    continue;
-                }
-                let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&marker) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        cryo_tests::kill_every_process_mentioning(&self.files.dir().display().to_string());
     }
 
     fn assert_matches_reference(&self) {
