@@ -121,6 +121,8 @@ pub struct Parked {
     pub runtime_fds: Vec<i32>,
     /// The MPI library's and the launcher's fds (open since `cryo_init`).
     pub library_fds: Vec<i32>,
+    /// What the rank found it holds that a restart cannot give back.
+    pub warnings: Vec<String>,
     /// When `Parked` arrived.
     pub since: Instant,
 }
@@ -510,8 +512,9 @@ pub fn capture_rank(
         library: &parked.library_fds,
         saved_unlinked: &saved_unlinked,
     };
-    let FdTable { fds, warnings } = read_fd_table(ctx.access, pid, &owners)
+    let FdTable { fds, mut warnings } = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
+    warnings.extend(parked.warnings.iter().cloned());
     for fd in &fds {
         if let FdRestore::NotRestored(why) = &fd.restore {
             tracing::warn!(rank, epoch = parked.epoch, fd = fd.fd, path = %fd.path, why = %why, "rank.fd_not_restorable");

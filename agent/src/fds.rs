@@ -6,9 +6,12 @@
 //! * the cryo runtime's own fds (socket, control page, userfaultfd) are
 //!   never captured;
 //! * fds that were open when `cryo_init` ran and still refer to the same
-//!   file belong to the MPI library or the launcher (standard streams, the
-//!   PMI socket, shared-memory segments): the new process's own start opens
-//!   them again, so they are left alone, without a warning;
+//!   file, other than regular files and directories, belong to the MPI
+//!   library or the launcher (standard streams, the PMI socket, its own
+//!   `/dev/null`, unlinked shared-memory segments): the new process's own
+//!   start opens them again, so they are left alone, without a warning;
+//!   regular files and directories are the application's whenever it opened
+//!   them;
 //! * everything else is the application's: restored when a restart can
 //!   give it back (regular files, unlinked files whose contents the runtime
 //!   saved, directories, the memory-like character devices), and named in
@@ -124,7 +127,12 @@ pub fn classify_fd(fd: i32, kind: FdKind, path: &str, owners: &FdOwners<'_>) -> 
     if owners.runtime.contains(&fd) {
         return FdRestore::NotOurs("cryo runtime".into());
     }
-    if owners.library.contains(&fd) {
+    // Regular files and directories are the application's whenever it
+    // opened them (the MPI library's own files live under /dev/shm, /proc
+    // and /sys, which are never restored); what else was open at cryo_init
+    // is the library's or the launcher's.
+    let path_based = matches!(kind, FdKind::Regular | FdKind::Directory);
+    if owners.library.contains(&fd) && ((0..=2).contains(&fd) || !path_based) {
         return FdRestore::NotOurs(if (0..=2).contains(&fd) {
             "standard stream, inherited from the launcher".into()
         } else {
@@ -288,7 +296,7 @@ mod tests {
     fn classification() {
         let owners = FdOwners {
             runtime: &[1000],
-            library: &[0, 1, 2, 5],
+            library: &[0, 1, 2, 5, 12, 13],
             saved_unlinked: &[8],
         };
         let decide = |fd, link: &str, st| {
@@ -309,6 +317,17 @@ mod tests {
         assert!(matches!(
             decide(5, "socket:[1]", None),
             (FdKind::Socket, FdRestore::NotOurs(_))
+        ));
+        // A file the application opened before cryo_init is still its own;
+        // the MPI library's /dev/null is not.
+        assert_eq!(
+            decide(12, "/work/early.log", regular),
+            (FdKind::Regular, FdRestore::Restore)
+        );
+        let null = stat(FileType::CharDevice, 1, 3);
+        assert!(matches!(
+            decide(13, "/dev/null", null).1,
+            FdRestore::NotOurs(_)
         ));
         assert!(
             matches!(decide(1000, "socket:[1]", None).1, FdRestore::NotOurs(w) if w == "cryo runtime")

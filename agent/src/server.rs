@@ -148,6 +148,7 @@ enum RankEvent {
         regions: Vec<RegionInfo>,
         runtime_fds: Vec<i32>,
         library_fds: Vec<i32>,
+        warnings: Vec<String>,
         at: Instant,
     },
     Gone(String),
@@ -738,7 +739,15 @@ impl Shared {
                     regions,
                     runtime_fds,
                     library_fds,
-                }) => self.rank_parked(conn, tx, epoch, regions, [runtime_fds, library_fds]),
+                    warnings,
+                }) => self.rank_parked(
+                    conn,
+                    tx,
+                    epoch,
+                    regions,
+                    [runtime_fds, library_fds],
+                    warnings,
+                ),
                 Ok(RankToAgent::Restored { epoch }) => {
                     tracing::info!(job = %job, rank, pid, epoch, "restart.done");
                 }
@@ -778,6 +787,7 @@ impl Shared {
         epoch: u64,
         regions: Vec<RegionInfo>,
         [runtime_fds, library_fds]: [Vec<i32>; 2],
+        warnings: Vec<String>,
     ) {
         let at = Instant::now();
         let mut state = lock(&self.state);
@@ -788,6 +798,7 @@ impl Shared {
                 regions,
                 runtime_fds,
                 library_fds,
+                warnings,
                 at,
             });
             return;
@@ -804,6 +815,7 @@ impl Shared {
                 regions,
                 runtime_fds,
                 library_fds,
+                warnings,
                 since: at,
             };
             let previous = lock(&conn.early).replace(parked);
@@ -1762,6 +1774,7 @@ impl Shared {
                     regions,
                     runtime_fds,
                     library_fds,
+                    warnings,
                     at,
                 }) if e == epoch => {
                     // With MPI a rank may park for the agreed epoch before
@@ -1781,6 +1794,7 @@ impl Shared {
                         regions,
                         runtime_fds,
                         library_fds,
+                        warnings,
                         since: at,
                     });
                 }

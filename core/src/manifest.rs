@@ -134,13 +134,6 @@ pub enum RegionKind {
         /// The fd that held the file.
         fd: i32,
     },
-    /// The contents of a regular file open at `fd` for writing in place
-    /// (not `O_APPEND`), written back at restart so that bytes overwritten
-    /// after the checkpoint are undone (format 1.1). Named `cryo:file:<fd>`.
-    FileContents {
-        /// The fd (the lowest the file was open for writing through).
-        fd: i32,
-    },
     /// A file mapping the application made itself after `cryo_init`
     /// (a plain `mmap`), re-established at the same address at restart
     /// (format 1.1). Named `cryo:map:<start>`.
@@ -156,6 +149,13 @@ pub enum RegionKind {
         /// Length of the mapping; the region holds its first `len` bytes
         /// (those within the file).
         map_len: u64,
+    },
+    /// The contents of a regular file open at `fd` for writing in place
+    /// (not `O_APPEND`), written back at restart so that bytes overwritten
+    /// after the checkpoint are undone (format 1.1). Named `cryo:file:<fd>`.
+    FileContents {
+        /// The fd (the lowest the file was open for writing through).
+        fd: i32,
     },
 }
 

@@ -69,7 +69,8 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// The protocol version this build speaks. Version 2 replaced the token in
 /// the hello with challenge-response ([`Challenge`], [`Proof`]); version 3
 /// added write tracking (`copied_bytes`, `full`); version 4 added the
-/// MPI library's fds to `Parked` (`library_fds`).
+/// MPI library's fds and the rank's own warnings to `Parked`
+/// (`library_fds`, `warnings`).
 pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
@@ -640,6 +641,10 @@ pub enum RankToAgent {
         /// and the launcher's, not restored and not warned about (protocol
         /// version 4).
         library_fds: Vec<i32>,
+        /// What the rank found it holds that a restart cannot give back (a
+        /// mapping of a deleted file, a file written in place over its cap),
+        /// for the manifest (protocol version 4).
+        warnings: Vec<String>,
     },
     /// The rank finished restoring its files from `epoch`.
     Restored {
@@ -1124,6 +1129,7 @@ mod tests {
             }],
             runtime_fds: vec![1000, 1001],
             library_fds: vec![0, 1, 2, 5],
+            warnings: vec!["a mapping of a deleted file".into()],
         };
         write_message(&mut buf, &parked).unwrap();
         let resume = AgentToRank::Resume { epoch: 4 };
@@ -1321,6 +1327,7 @@ mod tests {
                     .collect(),
                 runtime_fds: vec![1000, 1001],
                 library_fds: vec![],
+                warnings: vec![],
             };
             let bytes = encode_frame(&msg).unwrap();
             proptest::prop_assert_eq!(read_message::<RankToAgent>(&mut Cursor::new(bytes)).unwrap(), msg);

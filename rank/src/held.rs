@@ -237,14 +237,16 @@ pub(crate) struct Caps {
 }
 
 /// Gathers the application's file mappings, unlinked files and files open
-/// for writing in place as regions. `not_mine` are the runtime's and the
-/// MPI library's fds, never saved. Refuses (with the rank, fd, path and
-/// size) when the unlinked files exceed their cap: such an epoch would
-/// otherwise commit a checkpoint that cannot restart.
+/// for writing in place as regions. The runtime's fds are never saved, nor
+/// the standard streams and the unlinked files that were open at
+/// `cryo_init` (`library`: the launcher's and the MPI library's); regular
+/// files open since then are the application's. Refuses (with the rank, fd,
+/// path and size) when the unlinked files exceed their cap: such an epoch
+/// would otherwise commit a checkpoint that cannot restart.
 pub(crate) fn gather(
     rank: u32,
     baseline: &Baseline,
-    not_mine: &[RawFd],
+    [runtime, library]: [&[RawFd]; 2],
     reservation: (u64, u64),
     caps: Caps,
 ) -> Result<Held, Refusal> {
@@ -253,7 +255,7 @@ pub(crate) fn gather(
     let mut seen = HashSet::new();
     let (mut unlinked, mut writable) = (0u64, 0u64);
     for fd in open_fds() {
-        if not_mine.contains(&fd) {
+        if runtime.contains(&fd) || (library.contains(&fd) && (0..=2).contains(&fd)) {
             continue;
         }
         let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {
@@ -267,6 +269,9 @@ pub(crate) fn gather(
             continue;
         }
         let kind = if meta.nlink() == 0 {
+            if library.contains(&fd) {
+                continue;
+            }
             RegionKind::UnlinkedFile { fd }
         } else if writes_in_place(fd) {
             RegionKind::FileContents { fd }

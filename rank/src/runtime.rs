@@ -1076,12 +1076,17 @@ fn park_epoch(
     let reservation = (runtime.config.region_base, runtime.config.region_reserve);
     // Kept until the agent has copied what it maps.
     let library_fds = runtime.baseline.library_fds(&runtime_fds);
-    let not_mine: Vec<RawFd> = runtime_fds.iter().chain(&library_fds).copied().collect();
     let caps = held::Caps {
         unlinked: runtime.config.unlinked_cap,
         writable: runtime.config.writable_cap,
     };
-    let held = match held::gather(rank, &runtime.baseline, &not_mine, reservation, caps) {
+    let held = match held::gather(
+        rank,
+        &runtime.baseline,
+        [&runtime_fds, &library_fds],
+        reservation,
+        caps,
+    ) {
         Ok(held) => held,
         Err(reason) => {
             tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
@@ -1104,6 +1109,7 @@ fn park_epoch(
             .collect(),
         library_fds,
         runtime_fds,
+        warnings: held.warnings.clone(),
     };
     tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
     write_message(&mut &conn.sock, &parked).map_err(agent)?;

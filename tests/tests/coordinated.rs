@@ -748,6 +748,7 @@ impl FakeRank {
                 regions: Vec::new(),
                 runtime_fds: Vec::new(),
                 library_fds: Vec::new(),
+                warnings: Vec::new(),
             },
         )
         .unwrap();
