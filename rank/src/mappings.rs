@@ -8,7 +8,6 @@
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
-use std::ptr::NonNull;
 
 use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::store::JobStore;
@@ -147,7 +146,7 @@ fn restore_one(
     }
     if prot != prot_flags(saved.prot) {
         // SAFETY: the range is the mapping made above.
-        unsafe { mprotect(NonNull::from(mapped), len.get(), prot_flags(saved.prot)) }
+        unsafe { mprotect(mapped, len.get(), prot_flags(saved.prot)) }
             .map_err(|errno| fail("mprotect", errno.into()))?;
     }
     tracing::debug!(rank, path = %saved.path, addr, len = saved.map_len, "mapping.restored");
