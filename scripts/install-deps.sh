@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what cryo needs on Debian/Ubuntu, non-interactively and
-# idempotently: a C toolchain, MPICH, libclang (for rsmpi's bindgen), zstd,
+# idempotently: a C and Fortran toolchain, MPICH, libclang (for rsmpi's bindgen), zstd,
 # Slurm with munge and libslurm-dev (for the SPANK plugin and the Slurm
 # tests), and a Rust toolchain if none is present. Safe to run again and
 # again.
 set -euo pipefail
 
-packages=(build-essential pkg-config ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3
+packages=(build-essential pkg-config ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3 gfortran
   slurm-wlm munge libslurm-dev)
 
 as_root() {

@@ -200,10 +200,15 @@ fn describe_tells_each_kind() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
-        t.contains("cryo epoch manifest") && t.contains("format version  1.0.0"),
+        t.contains("cryo epoch manifest")
+            && t.contains(&format!(
+                "format version  {}",
+                cryo_core::header::FORMAT_VERSION
+            )),
         "{t}"
     );
     assert!(t.contains("job \"heat2d\" epoch 2: 2 ranks"), "{t}");
+    assert!(t.contains("rank 1 on n0 (pid 1): at restart"), "{t}");
 
     let hash = f.job.load_manifest(2).unwrap().ranks[0].regions[0].chunks[0].hash;
     let out = cryo(&["describe", s(&f.job.chunk_path(&hash))]);

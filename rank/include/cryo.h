@@ -39,9 +39,16 @@ typedef enum cryo_status {
 #define CRYO_CHECKPOINTED 1
 #define CRYO_ABORTED 2
 
-/* Connects to the node agent and registers this rank. On a restart, the
- * rank's regular files are re-opened at their saved fd numbers and offsets
- * before this returns. */
+/* Connects to the node agent and registers this rank. Call it early (right
+ * after MPI_Init): what is open at this point other than regular files and
+ * directories is taken to be the MPI library's or the launcher's. On a
+ * restart, before this returns, the rank's files are back at their saved fd
+ * numbers, flags and offsets (dups sharing one offset again, unlinked files
+ * recreated from their saved contents, directories and /dev/null & co
+ * reopened), files written since the checkpoint are set back to their state
+ * at it, and the file mappings the program made itself are back at their
+ * addresses. Output buffered in FILE streams and Fortran units is flushed at
+ * each checkpoint; fdopen the restored fd again after a restart. */
 int cryo_init(void);
 
 /* For MPI programs (include <mpi.h> before cryo.h): like cryo_init, and

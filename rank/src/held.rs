@@ -99,12 +99,27 @@ pub(crate) fn flush_streams() {
     // SAFETY: dlsym with RTLD_DEFAULT only looks the symbol up.
     let flush = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_gfortran_flush_i4".as_ptr()) };
     if !flush.is_null() {
-        // SAFETY: libgfortran's `flush_i4(GFC_INTEGER_4 *unit)` flushes every
-        // unit when `unit` is NULL (the FLUSH intrinsic without argument).
+        // SAFETY: libgfortran's `flush_i4(GFC_INTEGER_4 *unit)` is the FLUSH
+        // intrinsic: it flushes the unit `*unit` if it is connected (looking
+        // it up, never creating it), or every unit numbered 0 and up when
+        // `unit` is NULL.
         let flush: extern "C" fn(*const i32) = unsafe { std::mem::transmute(flush) };
         flush(std::ptr::null());
+        // NEWUNIT= units are numbered -10, -11, … and flush(NULL) skips
+        // them. There cannot be more of them connected than open fds.
+        let bound = i32::try_from(open_fds().len())
+            .unwrap_or(i32::MAX)
+            .saturating_add(16);
+        for n in 0..bound {
+            let unit = FIRST_NEWUNIT - n;
+            flush(&unit);
+        }
     }
 }
+
+/// gfortran's first `NEWUNIT=` number (`GFC_FIRST_NEWUNIT`); later ones
+/// count down from it.
+const FIRST_NEWUNIT: i32 = -10;
 
 /// One line of `/proc/self/maps` with a file behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -105,11 +105,50 @@ pub fn repo_root() -> PathBuf {
         .to_owned()
 }
 
-/// Compiles `shape` (or `all`, every shape) with mpicc into `out`.
+/// The Fortran shape (`tests/state/fortran_unit.f90`, built with mpif90).
+pub const FORTRAN_SHAPE: &str = "fortran_unit";
+
+/// Whether MPICH's `mpif90` and gfortran are there; says loudly when not.
+pub fn have_fortran() -> bool {
+    let works = Command::new("mpif90")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!(
+            "\n!!!!! SKIPPED: no mpif90 (install gfortran); the Fortran state test did not run !!!!!\n"
+        );
+    }
+    works
+}
+
+/// Compiles `shape` (or `all`, every C shape; or the Fortran shape) with
+/// mpicc or mpif90 into `out`.
 pub fn compile(shape: &str, out: &Path) {
     let bins = built();
     let root = repo_root();
     let state = root.join("tests/state");
+    if shape == FORTRAN_SHAPE {
+        let output = Command::new("mpif90")
+            .args(["-O2", "-Wall", "-Werror", "-o"])
+            .arg(out)
+            .arg(state.join(format!("{shape}.f90")))
+            .arg("-L")
+            .arg(&bins)
+            .arg("-lcryo_rank")
+            .arg(format!("-Wl,-rpath,{}", bins.display()))
+            .current_dir(out.parent().unwrap_or(Path::new("/tmp")))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "compiling tests/state/{shape}.f90 failed:\n{}",
+            output_text(&output)
+        );
+        return;
+    }
     let mut cc = Command::new("mpicc");
     cc.args(["-std=c11", "-O2", "-Wall", "-Werror", "-o"])
         .arg(out)

@@ -86,3 +86,20 @@ fn state_suite_lists_every_shape() {
         );
     }
 }
+
+/// A Fortran program logging through a formatted unit, whose buffered lines
+/// the runtime flushes on the checkpoint path; the restarted run connects
+/// a unit to the restored fd again (`/proc/self/fd/N`, `position='append'`).
+#[test]
+fn state_fortran_unit_survives_kill_and_restart() {
+    if !cryo_tests::state::have_fortran() {
+        return;
+    }
+    survives_kill_and_restart(
+        cryo_tests::state::FORTRAN_SHAPE,
+        ITERS,
+        2,
+        ("a:1,b:1", "c:2"),
+        &[],
+    );
+}
