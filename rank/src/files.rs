@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cryo_core::manifest::{FdKind, FdRecord, FdRestore, RankRecord, RegionKind};
+use cryo_core::manifest::{FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord};
 use cryo_core::reader::StreamError;
 use cryo_core::store::JobStore;
 use nix::errno::Errno;
@@ -117,6 +117,32 @@ pub fn restore_files(
     Ok(done)
 }
 
+/// Streams a saved file's contents from the store into `file` and cuts it
+/// to their length.
+fn write_contents(
+    store: &JobStore,
+    rank: u32,
+    fd: &FdRecord,
+    region: &RegionRecord,
+    file: &fs::File,
+    what: &str,
+) -> Result<(), RestoreError> {
+    store
+        .stream_region(region, 16 << 20, |offset, bytes| {
+            file.write_all_at(bytes, offset)
+        })
+        .map_err(|err| match err {
+            StreamError::Read(source) => RestoreError::Contents {
+                rank,
+                what: format!("{what} {} ({})", fd.fd, fd.path),
+                source,
+            },
+            StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
+        })?;
+    file.set_len(region.len)
+        .map_err(|err| file_io(rank, fd, "ftruncate", err))
+}
+
 /// Writes back the saved contents of the files that were open for writing
 /// in place, through their restored fds, so that bytes overwritten after
 /// the checkpoint are undone.
@@ -139,20 +165,7 @@ fn restore_contents(
         // SAFETY: `owner` was just restored and stays open; ManuallyDrop
         // keeps this borrow from closing it.
         let file = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(owner) });
-        store
-            .stream_region(region, 16 << 20, |offset, bytes| {
-                file.write_all_at(bytes, offset)
-            })
-            .map_err(|err| match err {
-                StreamError::Read(source) => RestoreError::Contents {
-                    rank,
-                    what: format!("the contents of fd {owner} ({})", fd.path),
-                    source,
-                },
-                StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
-            })?;
-        file.set_len(region.len)
-            .map_err(|err| file_io(rank, fd, "ftruncate", err))?;
+        write_contents(store, rank, fd, region, &file, "the contents of fd")?;
         tracing::debug!(rank, fd = owner, path = %fd.path, len = region.len, "fd.contents_restored");
     }
     Ok(())
@@ -414,21 +427,7 @@ fn restore_unlinked(
     })?;
     // SAFETY: `unlinked_file` just returned this fd and nothing else owns it.
     let scratch = unsafe { fs::File::from_raw_fd(raw) };
-    store
-        .stream_region(region, 16 << 20, |offset, bytes| {
-            scratch.write_all_at(bytes, offset)
-        })
-        .map_err(|err| match err {
-            StreamError::Read(source) => RestoreError::Contents {
-                rank,
-                what: format!("the unlinked file at fd {} ({})", fd.fd, fd.path),
-                source,
-            },
-            StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
-        })?;
-    scratch
-        .set_len(region.len)
-        .map_err(|err| file_io(rank, fd, "ftruncate", err))?;
+    write_contents(store, rank, fd, region, &scratch, "the unlinked file at fd")?;
     // A new open file description with the saved access mode and flags.
     let temp = open(
         format!("/proc/self/fd/{}", scratch.as_raw_fd()).as_str(),
