@@ -528,7 +528,7 @@ fn run_options(
     let in_slurm = std::env::var_os("SLURM_JOB_ID").is_some();
     // Inside Slurm the plugin starts the agents when the job asked for it
     // (--cryo sets CRYO_SPANK); otherwise cryo run starts them itself.
-    let plugin_active = std::env::var_os("CRYO_SPANK").is_some();
+    let plugin_active = std::env::var_os(cryo_core::env::ENV_SPANK).is_some();
     let agents = match launch.agents {
         Some(agents) => agents,
         None if in_slurm && launch.nodes.is_none() && plugin_active => AgentsArg::External,

@@ -132,8 +132,7 @@ pub fn node_local_socket(job: &str) -> PathBuf {
     ))
 }
 
-/// Environment variable naming the coordinator, for external agents.
-pub const ENV_COORDINATOR: &str = "CRYO_COORDINATOR";
+pub use cryo_core::env::ENV_COORDINATOR;
 
 static GOT_USR1: AtomicBool = AtomicBool::new(false);
 static GOT_TERM: AtomicBool = AtomicBool::new(false);
@@ -1005,9 +1004,9 @@ fn spawn_agent(
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         // Settings meant for external agents must not leak into these.
-        .env_remove("CRYO_RESTART_FROM")
+        .env_remove(cryo_core::env::ENV_RESTART_FROM)
         .env_remove("CRYO_COPY_BUDGET")
-        .env_remove("CRYO_NODE")
+        .env_remove(cryo_core::env::ENV_NODE)
         .env(
             "CRYO_LOG",
             std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
@@ -1045,7 +1044,7 @@ fn external_agent_env(opts: &RunOptions, socket: &Path, addr: &str) -> Vec<(Stri
             opts.park_timeout.as_secs_f64().to_string(),
         ),
         (
-            "CRYO_AGENT_BIN".to_owned(),
+            cryo_core::env::ENV_AGENT_BIN.to_owned(),
             agent_binary(opts.agent_bin.as_deref())
                 .to_string_lossy()
                 .into_owned(),
@@ -1055,7 +1054,10 @@ fn external_agent_env(opts: &RunOptions, socket: &Path, addr: &str) -> Vec<(Stri
         env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
     }
     if let Some(epoch) = opts.restart_from {
-        env.push(("CRYO_RESTART_FROM".to_owned(), epoch.to_string()));
+        env.push((
+            cryo_core::env::ENV_RESTART_FROM.to_owned(),
+            epoch.to_string(),
+        ));
     }
     env
 }
@@ -1218,7 +1220,10 @@ fn drive(
             socket, starter, ..
         } => {
             let mut env = external_agent_env(&c.opts, &socket, addr);
-            env.push(("CRYO_AGENT_STARTER".to_owned(), starter.as_str().to_owned()));
+            env.push((
+                cryo_core::env::ENV_AGENT_STARTER.to_owned(),
+                starter.as_str().to_owned(),
+            ));
             if starter == AgentStarter::SrunStep {
                 start_agent_step(c, rx, &env, token)?;
             }

@@ -19,8 +19,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Environment variable holding the fault to inject.
-pub const ENV_FAULT: &str = "CRYO_FAULT";
+pub use crate::env::ENV_FAULT;
 
 /// A point of an epoch where a fault can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

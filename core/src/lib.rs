@@ -16,6 +16,7 @@ pub mod chunk;
 pub mod codec;
 pub mod dirty;
 pub mod durable;
+pub mod env;
 pub mod fault;
 pub mod fds;
 pub mod header;

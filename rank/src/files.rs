@@ -346,7 +346,7 @@ fn unlinked_home(path: &str) -> Vec<PathBuf> {
             out.push(dir.to_owned());
         }
     }
-    for var in ["CRYO_SCRATCH", "TMPDIR"] {
+    for var in [cryo_core::env::ENV_SCRATCH, "TMPDIR"] {
         if let Some(dir) = std::env::var_os(var).filter(|v| !v.is_empty()) {
             out.push(PathBuf::from(dir));
         }

@@ -34,11 +34,7 @@ use crate::files::{restore_files, FilePolicy, FilesRestored};
 use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
 use crate::mappings::restore_mappings;
 
-/// Environment variable: the cap on unlinked-file bytes saved per rank.
-pub const ENV_UNLINKED_CAP: &str = "CRYO_UNLINKED_CAP";
-/// Environment variable: the cap on bytes of files open for writing in
-/// place saved per rank.
-pub const ENV_WRITABLE_CAP: &str = "CRYO_WRITABLE_CAP";
+use cryo_core::env::{ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
 
 /// Default base of the region reservation. Above where PIE executables and
 /// their heap land with ASLR (0x55…–0x56…) and far below shared libraries
@@ -164,8 +160,8 @@ impl Config {
             }
             None => DEFAULT_REGION_BASE,
         };
-        let region_reserve = match env_var("CRYO_REGION_RESERVE") {
-            Some(text) => parse_u64("CRYO_REGION_RESERVE", &text)?.div_ceil(PAGE) * PAGE,
+        let region_reserve = match env_var(ENV_REGION_RESERVE) {
+            Some(text) => parse_u64(ENV_REGION_RESERVE, &text)?.div_ceil(PAGE) * PAGE,
             None => DEFAULT_REGION_RESERVE,
         };
         let file_policy = match env_var(ENV_FILE_POLICY) {

@@ -1,0 +1,105 @@
+//! Between a job's coordinator and its node agents.
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Message};
+/// Messages from a job's coordinator to a node agent (TCP, after a
+/// [`Hello`] with [`Peer::Agent`] and the job token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinatorToAgent {
+    /// Accepted: the job and its world size.
+    Welcome {
+        /// The job.
+        job: String,
+        /// Ranks in the whole job.
+        world_size: u32,
+    },
+    /// Refused (bad token, unknown job, duplicate node).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// Capture every local rank for `epoch` and make its part durable; do
+    /// not commit (the coordinator does, once every rank of every node is
+    /// durable).
+    Checkpoint {
+        /// The epoch.
+        epoch: u64,
+        /// Milliseconds the agent may wait for its ranks to park.
+        park_timeout_ms: u64,
+    },
+    /// Give up `epoch`: resume parked ranks, discard local parts.
+    Abort {
+        /// The epoch.
+        epoch: u64,
+        /// Why (logged by the agent).
+        reason: String,
+    },
+    /// The epoch was committed (for the agent's log and status).
+    Committed {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Ranks registering from now on restart from `epoch`.
+    ArmRestart {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The job is over: exit.
+    Shutdown,
+}
+
+impl Message for CoordinatorToAgent {
+    const COMMAND: Command = Command::CoordinatorToAgent;
+}
+
+/// Messages from a node agent to its job's coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToCoordinator {
+    /// A rank registered with this agent.
+    RankRegistered {
+        /// The rank.
+        rank: u32,
+        /// Its pid.
+        pid: u32,
+        /// Restarted from this epoch, if any.
+        restored_epoch: Option<u64>,
+    },
+    /// A rank left (exited, killed or finalized).
+    RankLeft {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        why: String,
+    },
+    /// A rank's memory was copied and it resumed.
+    Copied {
+        /// The epoch.
+        epoch: u64,
+        /// The rank.
+        rank: u32,
+        /// Bytes copied.
+        bytes: u64,
+        /// How long it was paused, in microseconds.
+        pause_us: u64,
+    },
+    /// A rank's chunks and part are durable in the store.
+    Durable {
+        /// The epoch.
+        epoch: u64,
+        /// The rank.
+        rank: u32,
+        /// Stored bytes newly written.
+        written: u64,
+    },
+    /// The agent could not complete `epoch`.
+    Failed {
+        /// The epoch.
+        epoch: u64,
+        /// Why, naming the rank or file.
+        reason: String,
+    },
+}
+
+impl Message for AgentToCoordinator {
+    const COMMAND: Command = Command::AgentToCoordinator;
+}

@@ -1,0 +1,105 @@
+//! Between a `cryo` client (`checkpoint`, `preempt`, `status`) and a job's
+//! coordinator.
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Message};
+/// Requests from a `cryo` client (`checkpoint`, `preempt`, `status`) to a
+/// job's coordinator (after a [`Hello`] with [`Peer::Control`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobRequest {
+    /// Checkpoint now and keep running; answer when committed or aborted.
+    Checkpoint,
+    /// Checkpoint, then stop the job.
+    Preempt,
+    /// Describe the job.
+    Status,
+}
+
+impl Message for JobRequest {
+    const COMMAND: Command = Command::JobRequest;
+}
+
+/// A node's view in [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// Node name.
+    pub node: String,
+    /// Ranks registered there.
+    pub ranks: Vec<u32>,
+    /// Whether its agent is connected.
+    pub connected: bool,
+}
+
+/// A checkpoint in progress, in [`JobStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    /// The epoch.
+    pub epoch: u64,
+    /// Phase name.
+    pub phase: String,
+    /// Ranks copied.
+    pub ranks_copied: u32,
+    /// Ranks durable.
+    pub ranks_durable: u32,
+    /// Bytes copied.
+    pub bytes_copied: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Milliseconds since it was requested.
+    pub elapsed_ms: u64,
+}
+
+/// What `cryo status` shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job.
+    pub job: String,
+    /// World size.
+    pub world_size: u32,
+    /// Nodes and their ranks.
+    pub nodes: Vec<NodeStatus>,
+    /// Newest committed epoch.
+    pub last_committed: Option<u64>,
+    /// The checkpoint in progress.
+    pub in_progress: Option<EpochProgress>,
+    /// The epoch the job restarted from.
+    pub restarted_from: Option<u64>,
+}
+
+/// Answers from a coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobResponse {
+    /// Refused (bad token, busy).
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The checkpoint committed.
+    Committed {
+        /// The epoch.
+        epoch: u64,
+        /// Longest pause of any rank, microseconds.
+        max_pause_us: u64,
+        /// From the request to the last rank parked, microseconds.
+        quiesce_us: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// Stored bytes written.
+        written: u64,
+        /// From request to commit, milliseconds.
+        elapsed_ms: u64,
+    },
+    /// The checkpoint aborted; the previous epoch stands.
+    Aborted {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The job's status.
+    Status(JobStatus),
+}
+
+impl Message for JobResponse {
+    const COMMAND: Command = Command::JobResponse;
+}

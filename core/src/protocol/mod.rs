@@ -1,0 +1,90 @@
+//! The wire protocol between ranks, node agents, control clients and (later)
+//! the coordinator.
+//!
+//! Every message travels in one frame over a stream socket:
+//!
+//! ```text
+//!  0       4       6       8              12             16
+//!  +-------+-------+-------+--------------+--------------+----------------+
+//!  | magic |version|command|    flags     | payload len  | payload ...    |
+//!  | CRYP  |  u16  |  u16  |     u32      |     u32      | (bincode)      |
+//!  +-------+-------+-------+--------------+--------------+----------------+
+//! ```
+//!
+//! All integers are little-endian. Command `0` is reserved as invalid, so a
+//! zeroed buffer never parses as a message. The payload length is checked
+//! against [`MAX_PAYLOAD`] before anything is allocated, and the payload is
+//! decoded by [`crate::codec`], which has its own limit. Each command carries
+//! exactly one message type ([`Message::COMMAND`]), so a peer that sends the
+//! wrong kind of message gets a typed error, never a panic.
+//!
+//! The first frame on every connection is a [`Hello`], which carries the
+//! protocol version and the job name, and says who is calling ([`Peer`]). A
+//! rank's hello also carries its control-page memfd as `SCM_RIGHTS` ancillary
+//! data (see [`send_message_with_fd`]). The server answers with a
+//! [`Challenge`] holding a fresh random nonce, and the client proves it holds
+//! the job token with a [`Proof`] bound to that nonce, its role and the job
+//! (see [`crate::auth`]); the token itself never crosses the wire, so a
+//! recorded handshake cannot be replayed.
+//!
+//! # The control page
+//!
+//! A rank shares one 4 KiB page ([`ControlPage`]) with its agent. To request
+//! a checkpoint the agent stores the epoch number into
+//! [`ControlPage::checkpoint_requested`]; the rank's safe point is a single
+//! load of that word, and only when it is non-zero does the rank talk to the
+//! agent.
+//!
+//! # A checkpoint epoch on one node
+//!
+//! ```text
+//! control client        agent                         rank (app thread)
+//!      | Checkpoint -------->|                               |
+//!      |                     | page.checkpoint_requested = E |
+//!      |                     |                    checkpoint_point(): load != 0
+//!      |                     |<------------ Parked{E, regions, runtime fds}
+//!      |                     | read /proc/pid/{maps,fd,fdinfo}               |
+//!      |                     | process_vm_readv regions -> buffer pool       |
+//!      |                     |-------------- Resume{E} ------------------->  |
+//!      |                     | hash + zstd + write chunks (background)   app runs
+//!      |                     | RankWriter::finish, commit_epoch              |
+//!      |<-- Checkpoint(report)|                                              |
+//! ```
+
+mod control;
+mod coordinator;
+mod frame;
+mod hello;
+mod job;
+mod rank;
+#[cfg(test)]
+mod tests;
+
+pub use control::*;
+pub use coordinator::*;
+pub use frame::*;
+pub use hello::*;
+pub use job::*;
+pub use rank::*;
+// The variables the runtime and the agent agree on, named in one place.
+pub use crate::env::{
+    ENV_AGENT_SOCKET, ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE,
+    ENV_TOKEN,
+};
+
+/// Frame magic: the ASCII bytes `CRYP`.
+pub const MAGIC: [u8; 4] = *b"CRYP";
+/// The protocol version this build speaks. Version 2 replaced the token in
+/// the hello with challenge-response ([`Challenge`], [`Proof`]); version 3
+/// added write tracking (`copied_bytes`, `full`); version 4 added the
+/// MPI library's fds and the rank's own warnings to `Parked`
+/// (`library_fds`, `warnings`).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this build accepts. Version 4 changed the
+/// layout of `Parked`, so a version 3 peer is refused by name rather than
+/// misread.
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
+/// Length of the fixed frame header.
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Largest accepted payload (16 MiB). Checked before allocating.
+pub const MAX_PAYLOAD: u32 = 16 << 20;

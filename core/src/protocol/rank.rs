@@ -1,0 +1,141 @@
+//! Between a rank and its node agent: how the rank starts, what it says when
+//! parked, the agent's answers, and the control page they share.
+use std::sync::atomic::AtomicU64;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Command, Message};
+use crate::manifest::RegionKind;
+/// How a rank starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartMode {
+    /// A fresh start: nothing to restore.
+    Fresh,
+    /// A restart from a committed epoch.
+    Restart {
+        /// The epoch.
+        epoch: u64,
+        /// The store root directory.
+        store: String,
+        /// The job in the store.
+        job: String,
+    },
+}
+
+/// A region as the rank describes it when parked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    /// Region name.
+    pub name: String,
+    /// Address in the rank.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// How its memory is provided.
+    pub kind: RegionKind,
+}
+
+/// Messages from a rank to its agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankToAgent {
+    /// The rank is parked at a safe point for `epoch`.
+    Parked {
+        /// The epoch requested in the control page.
+        epoch: u64,
+        /// The rank's regions.
+        regions: Vec<RegionInfo>,
+        /// The runtime's own fds (socket, control page), never restored.
+        runtime_fds: Vec<i32>,
+        /// Fds that were open when the runtime started (`cryo_init`, after
+        /// `MPI_Init`) and still refer to the same file: the MPI library's
+        /// and the launcher's, not restored and not warned about (protocol
+        /// version 4).
+        library_fds: Vec<i32>,
+        /// What the rank found it holds that a restart cannot give back (a
+        /// mapping of a deleted file, a file written in place over its cap),
+        /// for the manifest (protocol version 4).
+        warnings: Vec<String>,
+    },
+    /// The rank finished restoring its files from `epoch`.
+    Restored {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// Restoring failed; the rank will exit.
+    RestoreFailed {
+        /// The epoch.
+        epoch: u64,
+        /// What went wrong.
+        error: String,
+    },
+    /// The rank is finalizing.
+    Goodbye,
+    /// The ranks agreed on `epoch` but refused to park (MPI mode: a message
+    /// was in flight at the safe point); the rank carries on.
+    Refused {
+        /// The epoch.
+        epoch: u64,
+        /// Why, naming the rank and the message.
+        reason: String,
+    },
+}
+
+impl Message for RankToAgent {
+    const COMMAND: Command = Command::RankToAgent;
+}
+
+/// Messages from an agent to a rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentToRank {
+    /// Registration accepted.
+    Welcome {
+        /// Fresh start or restart.
+        start: StartMode,
+        /// The agent's node name.
+        node: String,
+    },
+    /// Registration refused.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The rank's memory is copied; it may run again.
+    Resume {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The checkpoint was abandoned; the rank may run again.
+    Abort {
+        /// The epoch.
+        epoch: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Message for AgentToRank {
+    const COMMAND: Command = Command::AgentToRank;
+}
+
+/// Length of the control page shared by a rank and its agent.
+pub const CONTROL_PAGE_LEN: usize = 4096;
+/// Magic in [`ControlPage::magic`]: `CRYOCTL1`.
+pub const CONTROL_PAGE_MAGIC: u64 = u64::from_le_bytes(*b"CRYOCTL1");
+
+/// The page a rank shares with its agent (a memfd mapped `MAP_SHARED` by
+/// both). Only atomics, so either side may touch it at any time.
+#[derive(Debug)]
+#[repr(C, align(64))]
+pub struct ControlPage {
+    /// [`CONTROL_PAGE_MAGIC`], written by the rank before sending the fd.
+    pub magic: AtomicU64,
+    /// Non-zero: the epoch the agent wants captured. The rank's safe point
+    /// loads this word and nothing else.
+    pub checkpoint_requested: AtomicU64,
+    /// The epoch the rank last parked for (written by the rank).
+    pub parked_epoch: AtomicU64,
+    /// The last epoch the agent resumed the rank from.
+    pub resumed_epoch: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<ControlPage>() <= CONTROL_PAGE_LEN);

@@ -1,0 +1,260 @@
+//! Round trips and every rejection path of the wire protocol.
+
+use std::io::Cursor;
+use std::os::fd::AsFd;
+
+use std::os::unix::net::UnixStream;
+
+use super::*;
+use crate::manifest::RegionKind;
+
+fn hello() -> Hello {
+    Hello {
+        version: PROTOCOL_VERSION,
+        job: "heat".into(),
+        peer: Peer::Rank { rank: 3, pid: 77 },
+    }
+}
+
+#[test]
+fn round_trip_all_messages() {
+    let mut buf = Vec::new();
+    write_message(&mut buf, &hello()).unwrap();
+    let parked = RankToAgent::Parked {
+        epoch: 4,
+        regions: vec![RegionInfo {
+            name: "grid".into(),
+            addr: 0x5a00_0000_0000,
+            len: 4096,
+            kind: RegionKind::Anonymous,
+        }],
+        runtime_fds: vec![1000, 1001],
+        library_fds: vec![0, 1, 2, 5],
+        warnings: vec!["a mapping of a deleted file".into()],
+    };
+    write_message(&mut buf, &parked).unwrap();
+    let resume = AgentToRank::Resume { epoch: 4 };
+    write_message(&mut buf, &resume).unwrap();
+    let request = ControlRequest::Checkpoint {
+        full: false,
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    };
+    write_message(&mut buf, &request).unwrap();
+    let mut r = Cursor::new(buf);
+    assert_eq!(read_message::<Hello>(&mut r).unwrap(), hello());
+    assert_eq!(read_message::<RankToAgent>(&mut r).unwrap(), parked);
+    assert_eq!(read_message::<AgentToRank>(&mut r).unwrap(), resume);
+    assert_eq!(read_message::<ControlRequest>(&mut r).unwrap(), request);
+    assert!(matches!(read_frame(&mut r), Err(FrameError::Closed)));
+}
+
+fn header_bytes(version: u16, command: u16, flags: u32, len: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&command.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+    out
+}
+
+#[test]
+fn bad_magic_is_refused() {
+    let mut bytes = encode_frame(&hello()).unwrap();
+    bytes[0] = b'X';
+    let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(matches!(err, FrameError::BadMagic(_)), "{err}");
+}
+
+#[test]
+fn command_zero_and_unknown_commands_are_refused() {
+    for command in [0u16, 12, u16::MAX] {
+        let bytes = header_bytes(PROTOCOL_VERSION, command, 0, 0);
+        let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
+        assert!(
+            matches!(err, FrameError::InvalidCommand(c) if c == command),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_versions_are_refused() {
+    for version in [0u16, PROTOCOL_VERSION + 1] {
+        let bytes = header_bytes(version, 1, 0, 0);
+        let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
+        assert!(
+            matches!(err, FrameError::UnsupportedVersion { .. }),
+            "{err}"
+        );
+    }
+    let mut newer = hello();
+    newer.version = PROTOCOL_VERSION + 1;
+    assert!(matches!(
+        newer.check_version(),
+        Err(FrameError::UnsupportedVersion { .. })
+    ));
+    assert!(hello().check_version().is_ok());
+    // Version 1 hellos carried the token itself: refused, and said why.
+    let mut v1 = hello();
+    v1.version = 1;
+    let err = v1.check_version().unwrap_err();
+    assert!(
+        matches!(err, FrameError::UnauthenticatedHello { found: 1 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("challenge-response"), "{err}");
+}
+
+#[test]
+fn unknown_flags_are_refused() {
+    let bytes = header_bytes(PROTOCOL_VERSION, 1, 4, 0);
+    let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(matches!(err, FrameError::UnknownFlags(4)), "{err}");
+}
+
+#[test]
+fn oversized_frame_is_refused_before_allocating() {
+    // No payload follows: a reader that allocated and read would report
+    // truncation instead.
+    let bytes = header_bytes(PROTOCOL_VERSION, 1, 0, u32::MAX);
+    let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(
+        matches!(err, FrameError::Oversized { len } if len == u64::from(u32::MAX)),
+        "{err}"
+    );
+    let bytes = header_bytes(PROTOCOL_VERSION, 1, 0, MAX_PAYLOAD + 1);
+    assert!(matches!(
+        read_frame(&mut Cursor::new(bytes)),
+        Err(FrameError::Oversized { .. })
+    ));
+}
+
+#[test]
+fn truncated_frames_are_refused() {
+    let bytes = encode_frame(&hello()).unwrap();
+    for cut in [1, FRAME_HEADER_LEN - 1, FRAME_HEADER_LEN, bytes.len() - 1] {
+        let err = read_frame(&mut Cursor::new(bytes[..cut].to_vec())).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Truncated { .. }),
+            "cut {cut}: {err}"
+        );
+        assert!(err.is_disconnect());
+    }
+    assert!(matches!(
+        read_frame(&mut Cursor::new(Vec::new())),
+        Err(FrameError::Closed)
+    ));
+}
+
+#[test]
+fn wrong_message_kind_is_refused() {
+    let bytes = encode_frame(&hello()).unwrap();
+    let err = read_message::<ControlRequest>(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            FrameError::UnexpectedCommand {
+                expected: Command::ControlRequest,
+                found: Command::Hello
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn garbage_payload_is_refused() {
+    let mut bytes = header_bytes(PROTOCOL_VERSION, Command::RankToAgent as u16, 0, 8);
+    bytes.extend_from_slice(&[0xff; 8]);
+    let err = read_message::<RankToAgent>(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(matches!(err, FrameError::Codec { .. }), "{err}");
+
+    // A payload whose string length prefix is hostile.
+    let mut bytes = header_bytes(PROTOCOL_VERSION, Command::Hello as u16, 0, 10);
+    bytes.extend_from_slice(&1u16.to_le_bytes());
+    bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    let err = read_message::<Hello>(&mut Cursor::new(bytes)).unwrap_err();
+    assert!(matches!(err, FrameError::Codec { .. }), "{err}");
+}
+
+#[test]
+fn header_round_trip() {
+    let header = FrameHeader {
+        version: PROTOCOL_VERSION,
+        command: Command::ControlResponse,
+        flags: 0,
+        len: 1234,
+    };
+    assert_eq!(FrameHeader::decode(&header.encode()).unwrap(), header);
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+        let _ = read_frame(&mut Cursor::new(bytes.clone()));
+        let _ = read_message::<Hello>(&mut Cursor::new(bytes.clone()));
+        let _ = read_message::<ControlResponse>(&mut Cursor::new(bytes));
+    }
+
+    #[test]
+    fn valid_header_with_arbitrary_payload_never_panics(
+        command in 1u16..=5,
+        payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+    ) {
+        let mut bytes = header_bytes(PROTOCOL_VERSION, command, 0, payload.len() as u32);
+        bytes.extend_from_slice(&payload);
+        let frame = read_frame(&mut Cursor::new(bytes)).unwrap();
+        let _ = frame.decode::<Hello>();
+        let _ = frame.decode::<RankToAgent>();
+        let _ = frame.decode::<AgentToRank>();
+        let _ = frame.decode::<ControlRequest>();
+        let _ = frame.decode::<ControlResponse>();
+    }
+
+    #[test]
+    fn parked_round_trips(
+        epoch in 1u64..,
+        names in proptest::collection::vec("[a-z]{1,12}", 0..8),
+        addr in proptest::num::u64::ANY,
+    ) {
+        let msg = RankToAgent::Parked {
+            epoch,
+            regions: names
+                .iter()
+                .map(|name| RegionInfo { name: name.clone(), addr, len: 4096, kind: RegionKind::Protected })
+                .collect(),
+            runtime_fds: vec![1000, 1001],
+            library_fds: vec![],
+            warnings: vec![],
+        };
+        let bytes = encode_frame(&msg).unwrap();
+        proptest::prop_assert_eq!(read_message::<RankToAgent>(&mut Cursor::new(bytes)).unwrap(), msg);
+    }
+}
+
+#[test]
+fn fd_passing_over_a_socket_pair() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let file = tempfile::tempfile().unwrap();
+    send_message_with_fd(&a, &hello(), file.as_fd()).unwrap();
+    write_message(&mut &a, &RankToAgent::Goodbye).unwrap();
+    let (msg, fd) = recv_message_with_fd::<Hello>(&b).unwrap();
+    assert_eq!(msg, hello());
+    assert!(fd.is_some());
+    assert_eq!(
+        read_message::<RankToAgent>(&mut &b).unwrap(),
+        RankToAgent::Goodbye
+    );
+    // no fd on a plain frame
+    write_message(&mut &a, &hello()).unwrap();
+    let (_, fd) = recv_message_with_fd::<Hello>(&b).unwrap();
+    assert!(fd.is_none());
+    drop(a);
+    assert!(matches!(
+        recv_message_with_fd::<Hello>(&b),
+        Err(FrameError::Closed)
+    ));
+}
