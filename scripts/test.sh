@@ -8,7 +8,7 @@ source "$ROOT/scripts/common.sh"
 cd "$ROOT"
 
 echo "==> cargo fmt --check"
-cargo fmt --all -- --check 2>/dev/null
+cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "==> cargo test"
