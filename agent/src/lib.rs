@@ -8,13 +8,12 @@
 //! * [`capture`]: capturing one parked rank within the copy budget.
 //! * [`pool`]: the copy budget as pre-faulted, reused slots.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
-//! * [`client`]: the control client used by the CLI, tests and benchmark.
+//! * [`client`]: the control client used by the CLI, tests and benchmarks.
 //! * [`link`]: coordinated mode's TCP link to the job's coordinator.
 //! * [`units`]: byte sizes on the command line.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
-pub mod bench;
 pub mod capture;
 pub mod client;
 pub mod fds;

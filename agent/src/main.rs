@@ -1,5 +1,6 @@
 //! `cryo-agent`: the node agent daemon and its command-line client.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ enum Until {
     Committed,
 }
 
+// Parsed once per process: `serve`'s many options cost nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent daemon. Every option also reads a `CRYO_*`
@@ -136,8 +139,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure checkpoint and restart of example ranks (see ARCHITECTURE-agent.md).
-    Bench(cryo_agent::bench::BenchArgs),
+    /// Measure checkpoint and restart of example ranks with this agent:
+    /// runs `cryo-bench agent` (built apart: cargo build --release -p
+    /// cryo-bench) with these arguments; `cryo-agent bench --help` lists
+    /// them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for `cryo-bench agent`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -337,6 +348,20 @@ fn main() -> Result<()> {
                 other => bail!("unexpected answer: {other:?}"),
             }
         }
-        Command::Bench(args) => cryo_agent::bench::run(&args),
+        Command::Bench { args } => {
+            let mut all: Vec<OsString> = vec!["agent".into()];
+            if !args
+                .iter()
+                .any(|a| a.to_string_lossy().starts_with("--agent"))
+            {
+                let agent = std::env::current_exe().context("finding this executable")?;
+                all.extend(["--agent".into(), agent.into_os_string()]);
+            }
+            all.extend(args);
+            let err = cryo_core::sibling::exec_sibling("cryo-bench", all);
+            Err(anyhow::Error::new(err).context(
+                "cryo-agent bench runs cryo-bench agent, built apart from cryo (cargo build --release -p cryo-bench)",
+            ))
+        }
     }
 }

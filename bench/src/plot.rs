@@ -2,18 +2,31 @@
 //! size, each with its same-run baseline, as one SVG (plotters, SVG backend
 //! only: no font or image dependencies).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Result};
 use plotters::prelude::*;
+use thiserror::Error;
 
 use crate::suite::SuiteReport;
 
 const MIB: f64 = (1u64 << 20) as f64;
 
+/// Drawing the plot failed.
+#[derive(Debug, Error)]
+#[error("plotting {}: {message}", path.display())]
+pub struct PlotError {
+    /// The SVG file.
+    pub path: PathBuf,
+    /// What plotters said (its error type is generic over the backend).
+    pub message: String,
+}
+
 /// Writes the two panels of `report` to `path`.
-pub fn write_svg(report: &SuiteReport, path: &Path) -> Result<()> {
-    let err = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+pub fn write_svg(report: &SuiteReport, path: &Path) -> Result<(), PlotError> {
+    let err = |e: &dyn std::fmt::Display| PlotError {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
     let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let (left, right) = root.split_horizontally(500);

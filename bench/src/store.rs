@@ -1,23 +1,127 @@
-//! `cryo bench store`: store throughput against the `zstd` CLI and a raw
-//! write, on the same bytes in the same run. It prints figures and ratios;
-//! it is a measurement, not a test, and never fails on a missed target.
+//! `cryo-bench store` (also `cryo bench store`): store throughput against
+//! the `zstd` CLI and a raw write, on the same bytes in the same run. It
+//! prints figures and ratios; it is a measurement, not a test, and never
+//! fails on a missed target.
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use cryo_core::chunk::{ChunkCodec, Filter};
+use cryo_coordinator::human::{self, parse_size};
+use cryo_core::chunk::{ChunkCodec, Filter, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
+use cryo_core::durable::{IoStep, IoStepError};
 use cryo_core::manifest::{RankRecord, RegionKind, WriteStats};
-use cryo_core::store::Store;
-use cryo_core::writer::WriterConfig;
+use cryo_core::reader::RegionReadError;
+use cryo_core::store::{CommitError, LoadError, Store, StoreError};
+use cryo_core::writer::{BeginError, WriteError, WriterConfig};
 use rayon::prelude::*;
 use serde::Serialize;
+use thiserror::Error;
 
-use crate::human;
+use crate::synth::smooth_doubles_parallel;
+
+/// `cryo-bench store` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Bytes of synthetic state (e.g. 512M, 2G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Scratch directory.
+    #[arg(long, default_value = "/tmp")]
+    pub dir: PathBuf,
+    /// Chunk size.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE as u64, value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// zstd level.
+    #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_hyphen_values = true)]
+    pub level: i32,
+    /// Disable the byte-shuffle filter.
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Keep the store for `cryo ls`/`verify`.
+    #[arg(long)]
+    pub keep: bool,
+    /// Also print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StoreArgs {
+    /// What the command line asks to measure (5% of the chunks change).
+    pub fn options(&self) -> Result<StoreBenchOptions, StoreBenchError> {
+        Ok(StoreBenchOptions {
+            size: self.size,
+            dir: self.dir.clone(),
+            chunk_size: usize::try_from(self.chunk_size)
+                .map_err(|_| StoreBenchError::ChunkSize(self.chunk_size))?,
+            level: self.level,
+            filter: if self.no_shuffle {
+                Filter::None
+            } else {
+                Filter::Shuffle8
+            },
+            changed_fraction: 0.05,
+            keep: self.keep,
+        })
+    }
+}
+
+/// The store benchmark failed.
+#[derive(Debug, Error)]
+pub enum StoreBenchError {
+    /// The state would not fit in memory.
+    #[error("size {0} does not fit in memory")]
+    TooLarge(u64),
+    /// A zero size.
+    #[error("benchmark size must be positive")]
+    Empty,
+    /// The chunk size does not fit the store's.
+    #[error("chunk size {0} too large")]
+    ChunkSize(u64),
+    /// A file step failed.
+    #[error(transparent)]
+    Io(#[from] IoStepError),
+    /// The `zstd` CLI could not be run.
+    #[error("running {command}: {source}")]
+    Run {
+        /// The command line.
+        command: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The `zstd` CLI failed.
+    #[error("{command} exited with {status}")]
+    Exit {
+        /// The command line.
+        command: &'static str,
+        /// Its exit status.
+        status: ExitStatus,
+    },
+    /// Opening the benchmark's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Starting an epoch failed.
+    #[error(transparent)]
+    Begin(#[from] BeginError),
+    /// Writing the state failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// Committing an epoch failed.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// Loading the manifest back failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Restoring the state failed.
+    #[error(transparent)]
+    Restore(#[from] RegionReadError),
+    /// The restore gave other bytes.
+    #[error("restored bytes differ from what was stored")]
+    Differs,
+}
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -82,30 +186,7 @@ pub struct StoreBenchReport {
     pub store_dir: Option<PathBuf>,
 }
 
-/// Fills `out` with smooth doubles plus noise, like a solver's fields: the
-/// sign, exponent and high mantissa bytes vary slowly, the low mantissa bytes
-/// are noise. `seed` varies the noise.
-pub fn synthetic_state(out: &mut [u8], seed: u64) {
-    out.par_chunks_mut(1 << 20)
-        .enumerate()
-        .for_each(|(block, bytes)| {
-            let mut rng = seed ^ (block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-            let base = (block as u64) << 17;
-            for (i, word) in bytes.chunks_mut(8).enumerate() {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                let x = (base + i as u64) as f64;
-                let smooth = 300.0 + 50.0 * (x * 1e-5).sin() * (x * 3e-8).cos();
-                let noise = ((rng >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 1e-7;
-                let value = (smooth + noise).to_le_bytes();
-                let n = word.len();
-                word.copy_from_slice(&value[..n]);
-            }
-        });
-}
-
-fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+fn timed<T>(f: impl FnOnce() -> Result<T, StoreBenchError>) -> Result<(T, f64), StoreBenchError> {
     let start = Instant::now();
     let value = f()?;
     Ok((value, start.elapsed().as_secs_f64()))
@@ -116,29 +197,30 @@ fn zstd_cli() -> Option<PathBuf> {
     output.status.success().then(|| PathBuf::from("zstd"))
 }
 
-fn fsync_file(path: &Path) -> Result<()> {
+fn fsync_file(path: &Path) -> Result<(), StoreBenchError> {
     File::open(path)
         .and_then(|f| f.sync_all())
-        .with_context(|| format!("fsync {}", path.display()))
+        .step("fsync", path)?;
+    Ok(())
 }
 
 /// Runs the store benchmark.
-pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
-    let size = usize::try_from(opts.size).context("size does not fit in memory")?;
+pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport, StoreBenchError> {
+    let size = usize::try_from(opts.size).map_err(|_| StoreBenchError::TooLarge(opts.size))?;
     if size == 0 {
-        bail!("benchmark size must be positive");
+        return Err(StoreBenchError::Empty);
     }
-    fs::create_dir_all(&opts.dir).with_context(|| format!("creating {}", opts.dir.display()))?;
+    fs::create_dir_all(&opts.dir).step("creating", &opts.dir)?;
     let work = opts.dir.join(format!("cryo-bench-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    fs::create_dir_all(&work).step("creating", &work)?;
 
     eprintln!(
         "generating {} of smooth doubles plus noise…",
         human::bytes(opts.size)
     );
     let mut data = vec![0u8; size];
-    synthetic_state(&mut data, 1);
+    smooth_doubles_parallel(&mut data, 1);
     let mut figures = Vec::new();
 
     // Baseline 1: a raw write + fsync of the same bytes.
@@ -149,9 +231,9 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
             .truncate(true)
             .write(true)
             .open(&raw_path)
-            .with_context(|| format!("creating {}", raw_path.display()))?;
-        file.write_all(&data).context("raw write")?;
-        file.sync_all().context("raw fsync")?;
+            .step("creating", &raw_path)?;
+        file.write_all(&data).step("raw write", &raw_path)?;
+        file.sync_all().step("raw fsync", &raw_path)?;
         Ok(())
     })?;
     figures.push(Figure {
@@ -174,9 +256,15 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
                 .arg("-o")
                 .arg(&zst_path)
                 .status()
-                .context("running zstd")?;
+                .map_err(|source| StoreBenchError::Run {
+                    command: "zstd",
+                    source,
+                })?;
             if !status.success() {
-                bail!("zstd exited with {status}");
+                return Err(StoreBenchError::Exit {
+                    command: "zstd",
+                    status,
+                });
             }
             Ok(())
         })?;
@@ -203,9 +291,15 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
                 .arg("-o")
                 .arg(&out_path)
                 .status()
-                .context("running zstd -d")?;
+                .map_err(|source| StoreBenchError::Run {
+                    command: "zstd -d",
+                    source,
+                })?;
             if !status.success() {
-                bail!("zstd -d exited with {status}");
+                return Err(StoreBenchError::Exit {
+                    command: "zstd -d",
+                    status,
+                });
             }
             Ok(())
         })?;
@@ -233,7 +327,9 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
             filter: opts.filter,
         },
     };
-    let write_epoch = |epoch: u64, data: &[u8]| -> Result<WriteStats> {
+    let chunk_size = u32::try_from(opts.chunk_size)
+        .map_err(|_| StoreBenchError::ChunkSize(opts.chunk_size as u64))?;
+    let write_epoch = |epoch: u64, data: &[u8]| -> Result<WriteStats, StoreBenchError> {
         let writer = job.begin_epoch(epoch, config)?;
         let rank = writer.rank(0);
         let region = rank.store_region("state", 0x5a00_0000_0000, RegionKind::Anonymous, data)?;
@@ -249,7 +345,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
         };
         let stats = rank.finish(record)?;
         drop(writer);
-        job.commit_epoch(epoch, 1, u32::try_from(opts.chunk_size)?)?;
+        job.commit_epoch(epoch, 1, chunk_size)?;
         Ok(stats)
     };
     let (first, first_secs) = timed(|| write_epoch(1, &data))?;
@@ -290,7 +386,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport> {
         Ok(())
     })?;
     if restored != data {
-        bail!("restored bytes differ from what was stored");
+        return Err(StoreBenchError::Differs);
     }
     figures.push(Figure {
         name: "cryo restore (decode + verify)".into(),

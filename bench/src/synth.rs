@@ -5,7 +5,10 @@
 //! whose low mantissa bytes are noise, plus integer index arrays (mesh
 //! connectivity, CSR column indices) and zero-filled parts (halos, unused
 //! capacity). [`mixed_state`] lays those out as 60% / 25% / 15% of the
-//! bytes, deterministic for a seed.
+//! bytes, deterministic for a seed. [`smooth_doubles_parallel`] fills
+//! gigabytes of smooth doubles alone on every core, for the store benchmark.
+
+use rayon::prelude::*;
 
 /// Share of the bytes that are smooth doubles plus noise.
 pub const DOUBLES_SHARE: f64 = 0.60;
@@ -34,12 +37,30 @@ pub fn mixed_state(out: &mut [u8], seed: u64) {
 /// Smooth doubles plus noise: the sign, exponent and high mantissa bytes vary
 /// slowly, the low mantissa bytes are noise.
 pub fn smooth_doubles(out: &mut [u8], seed: u64) {
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    smooth_doubles_from(out, 0, rng);
+}
+
+/// Smooth doubles plus noise, like [`smooth_doubles`], filled in parallel
+/// 1 MiB blocks: each block's noise has its own seed (derived from `seed`
+/// and the block's index), so the bytes do not depend on the thread count.
+pub fn smooth_doubles_parallel(out: &mut [u8], seed: u64) {
+    out.par_chunks_mut(1 << 20)
+        .enumerate()
+        .for_each(|(block, bytes)| {
+            let rng = seed ^ (block as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            smooth_doubles_from(bytes, (block as u64) << 17, rng);
+        });
+}
+
+/// Fills `out` with the smooth curve from word `first` on, plus noise drawn
+/// from the xorshift state `rng`.
+fn smooth_doubles_from(out: &mut [u8], first: u64, mut rng: u64) {
     for (i, word) in out.chunks_mut(8).enumerate() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let x = i as f64;
+        let x = (first + i as u64) as f64;
         let smooth = 300.0 + 50.0 * (x * 1e-5).sin() * (x * 3e-8).cos();
         let noise = ((rng >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 1e-7;
         let value = (smooth + noise).to_le_bytes();

@@ -9,11 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use cryo_core::chunk::{Filter, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
 use cryo_core::protocol::{JobRequest, JobResponse, JobStatus};
 use cryo_core::store::Store;
 
-use crate::bench::{render_store_bench, run_store_bench, StoreBenchOptions};
 use crate::human::parse_size;
 use crate::inspect;
 use crate::logging::{self, LogFormat};
@@ -130,8 +128,16 @@ pub enum Command {
         json: bool,
     },
     /// Benchmarks (figures and ratios, not pass/fail): with no subcommand,
-    /// the whole suite (`--quick` for a short run).
-    Bench(BenchCli),
+    /// the whole suite (`--quick` for a short run), `store` for the store
+    /// alone. Runs the `cryo-bench` binary (built apart: cargo build
+    /// --release -p cryo-bench) with these arguments; `cryo bench --help`
+    /// lists them.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments for `cryo-bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 /// Options shared by `run` and `restart`.
@@ -213,47 +219,6 @@ pub enum AgentsArg {
     /// `cryo run` starts them as a Slurm step of one agent per node of the
     /// allocation: no plugin needed.
     Srun,
-}
-
-/// `cryo bench`: the whole suite, or one benchmark.
-#[derive(Debug, clap::Args)]
-#[command(args_conflicts_with_subcommands = true)]
-pub struct BenchCli {
-    /// One benchmark only.
-    #[command(subcommand)]
-    pub command: Option<BenchCommand>,
-    /// Options of the whole suite.
-    #[command(flatten)]
-    pub suite: crate::suite::SuiteArgs,
-}
-
-/// `cryo bench` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Store throughput against `zstd -1 -T0` and a raw write + fsync.
-    Store {
-        /// Bytes of synthetic state (e.g. 512M, 2G).
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
-        size: u64,
-        /// Scratch directory.
-        #[arg(long, default_value = "/tmp")]
-        dir: PathBuf,
-        /// Chunk size.
-        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE as u64, value_parser = parse_size)]
-        chunk_size: u64,
-        /// zstd level.
-        #[arg(long, default_value_t = DEFAULT_ZSTD_LEVEL, allow_hyphen_values = true)]
-        level: i32,
-        /// Disable the byte-shuffle filter.
-        #[arg(long)]
-        no_shuffle: bool,
-        /// Keep the store for `cryo ls`/`verify`.
-        #[arg(long)]
-        keep: bool,
-        /// Also print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 /// Runs the command line; for `main`.
@@ -396,50 +361,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCli {
-            command: None,
-            suite,
-        }) => {
-            let report = crate::suite::run_suite(&suite)?;
-            print!("{}", crate::suite::render(&report));
-            println!(
-                "report: {0}/report.txt, {0}/report.json, plot: {0}/bench.svg",
-                suite.out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCli {
-            command:
-                Some(BenchCommand::Store {
-                    size,
-                    dir,
-                    chunk_size,
-                    level,
-                    no_shuffle,
-                    keep,
-                    json,
-                }),
-            ..
-        }) => {
-            let options = StoreBenchOptions {
-                size,
-                dir,
-                chunk_size: usize::try_from(chunk_size).context("chunk size too large")?,
-                level,
-                filter: if no_shuffle {
-                    Filter::None
-                } else {
-                    Filter::Shuffle8
-                },
-                changed_fraction: 0.05,
-                keep,
-            };
-            let report = run_store_bench(&options)?;
-            print!("{}", render_store_bench(&report));
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            }
-            Ok(ExitCode::SUCCESS)
+        Command::Bench { args } => {
+            let err = cryo_core::sibling::exec_sibling("cryo-bench", &args);
+            Err(anyhow::Error::new(err).context(
+                "cryo bench runs the cryo-bench binary, built apart from cryo (cargo build --release -p cryo-bench)",
+            ))
         }
     }
 }

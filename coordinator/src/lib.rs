@@ -3,7 +3,6 @@
 //! The binary (`src/main.rs`) only parses arguments and calls [`cli::run`].
 #![deny(missing_docs)]
 
-pub mod bench;
 pub mod cli;
 pub mod epoch;
 pub mod holdings;
@@ -11,7 +10,5 @@ pub mod human;
 pub mod inspect;
 pub mod launch;
 pub mod logging;
-pub mod plot;
 pub mod registry;
 pub mod session;
-pub mod suite;

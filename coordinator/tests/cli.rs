@@ -285,3 +285,52 @@ fn gc_keeps_the_newest_epochs() {
     let out = cryo(&["verify", s(&f.root), "heat2d"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// `cryo bench` hands its arguments to the `cryo-bench` beside it (a stand-in
+/// that prints them), and names `cryo-bench` when there is none. The files
+/// are written by child processes, so no fd of them is open in this one
+/// when they are executed (ETXTBSY).
+#[test]
+fn bench_hands_over_to_cryo_bench() {
+    let dir = tempfile::tempdir().unwrap();
+    let cryo = dir.path().join("cryo");
+    let bench = dir.path().join("cryo-bench");
+    let status = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_cryo"))
+        .arg(&cryo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run = |args: &[&str]| {
+        Command::new(&cryo)
+            .args(args)
+            .env("PATH", dir.path())
+            .output()
+            .unwrap()
+    };
+
+    let out = run(&["bench", "--quick"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("cryo-bench not found"),
+        "{}",
+        text(&out)
+    );
+
+    let script = "printf '#!/bin/sh\\necho \"$*\"\\nexit 3\\n' > \"$1\" && chmod 755 \"$1\"";
+    let status = Command::new("/bin/sh")
+        .args(["-c", script, "sh"])
+        .arg(&bench)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for args in [
+        &["--quick", "--lock", "F"][..],
+        &["store", "--size", "1G", "--dir", "D"],
+        &["--help"],
+    ] {
+        let out = run(&[&["bench"][..], args].concat());
+        assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+        assert_eq!(text(&out), format!("{}\n", args.join(" ")));
+    }
+}

@@ -26,8 +26,8 @@ pub mod names;
 pub mod protocol;
 pub mod reader;
 pub mod shuffle;
+pub mod sibling;
 pub mod store;
-pub mod synth;
 pub mod token;
 pub mod writer;
 

@@ -1,4 +1,5 @@
-//! `cryo-agent bench`: checkpoint and restart figures on real processes.
+//! `cryo-bench agent` (also `cryo-agent bench`): checkpoint and restart
+//! figures on real processes.
 //!
 //! For each process count and state size it starts a `cryo-agent serve`
 //! child and that many `cryo-counter` ranks, checkpoints them, and prints:
@@ -11,30 +12,44 @@
 //! * the agent's peak RSS against its copy budget.
 //!
 //! Build in release mode first: `cargo build --release`, then
-//! `target/release/cryo-agent bench`.
+//! `target/release/cryo-bench agent`.
+//!
+//! * `print`: the figures of one configuration as text.
+//! * `stages`: `--stages`, the single-thread cost of each stage of storing a
+//!   chunk.
 
 use std::fs;
+use std::num::TryFromIntError;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use cryo_core::chunk::DEFAULT_CHUNK_SIZE;
+use cryo_agent::client::{self, ClientError};
+use cryo_agent::units::{format_bytes, parse_bytes};
+use cryo_core::chunk::{ChunkEncodeError, DEFAULT_CHUNK_SIZE};
+use cryo_core::durable::{IoStep, IoStepError};
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
-use cryo_core::store::Store;
+use cryo_core::reader::StreamError;
+use cryo_core::store::{LoadError, Store, StoreError};
+use thiserror::Error;
 
-use crate::client;
-use crate::units::{format_bytes, parse_bytes};
+use crate::figures::{AgentRun, IncrementalRun};
+
+mod print;
+mod stages;
+
+use print::print_result;
+use stages::stages;
 
 /// The block `cryo-counter` changes per step.
 const COUNTER_BLOCK: u64 = 256 << 10;
 
-/// Benchmark options.
+/// `cryo-bench agent` options.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
+pub struct AgentBenchArgs {
     /// Work directory (store, sockets, logs); default: a new directory
     /// under /tmp, removed at the end.
     #[arg(long)]
@@ -62,7 +77,10 @@ pub struct BenchArgs {
     /// (hash, shuffle, zstd, write + fsync), to see where drain time goes.
     #[arg(long)]
     pub stages: bool,
-    /// The example rank binary (default: `cryo-counter` next to this one).
+    /// The agent binary (default: `cryo-agent` next to this one).
+    #[arg(long)]
+    pub agent: Option<PathBuf>,
+    /// The example rank binary (default: `cryo-counter` next to the agent).
     #[arg(long)]
     pub counter: Option<PathBuf>,
     /// What the ranks' state holds: `mixed` (smooth doubles plus noise,
@@ -83,71 +101,81 @@ pub struct BenchArgs {
     pub changed: f64,
 }
 
-/// An incremental checkpoint after the ranks changed part of their state.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct IncrementalResult {
-    /// Steps rank 0 had taken since the previous checkpoint when the
-    /// incremental one was requested (each changes one 256 KiB block of the
-    /// changing chunks, in turn).
-    pub steps: u64,
-    /// Region bytes of all ranks.
-    pub bytes: u64,
-    /// Of those, bytes copied (written since the previous checkpoint).
-    pub copied_bytes: u64,
-    /// Worst rank's pause.
-    pub pause_ns: u64,
-    /// Request to commit.
-    pub checkpoint_ns: u64,
-    /// Bytes written to the store.
-    pub stored_bytes: u64,
-}
-
-/// The figures of one configuration, all measured in the same run.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct AgentBenchResult {
-    /// Ranks on the node.
-    pub procs: u32,
-    /// State bytes per rank (the region; the counter adds a 4 KiB header).
-    pub size: u64,
-    /// The agent's copy budget.
-    pub copy_budget: u64,
-    /// Bytes captured per rank.
-    pub rank_bytes: Vec<u64>,
-    /// Each rank's job-visible pause.
-    pub pause_ns: Vec<u64>,
-    /// Each rank's copy time inside its pause.
-    pub copy_ns: Vec<u64>,
-    /// Whether each rank streamed (over the copy budget).
-    pub streamed: Vec<bool>,
-    /// Single-threaded memcpy of one rank's bytes into warm memory.
-    pub memcpy_ns: u64,
-    /// memcpy of all ranks' bytes (scaled from at most 1 GiB).
-    pub node_memcpy_ns: u64,
-    /// Request to commit.
-    pub checkpoint_ns: u64,
-    /// Request to every rank resumed.
-    pub resumed_ns: u64,
-    /// `zstd -1 -T0` on the same bytes (from tmpfs, written beside the store).
-    pub zstd_ns: Option<u64>,
-    /// `zstd -d -T0` of that output (to tmpfs).
-    pub zstd_d_ns: Option<u64>,
-    /// Process start to every region restored.
-    pub restart_ns: u64,
-    /// Agent CPU seconds during the checkpoint.
-    pub agent_cpu_s: f64,
-    /// Raw bytes checkpointed.
-    pub raw_bytes: u64,
-    /// Bytes written to the store.
-    pub stored_bytes: u64,
-    /// Agent peak RSS.
-    pub peak_rss_bytes: u64,
-    /// The worst rank's pause in each full checkpoint (`pause_ns` is the
-    /// sample with the smallest).
-    #[serde(default)]
-    pub pause_samples_ns: Vec<u64>,
-    /// The incremental checkpoint, if measured.
-    #[serde(default)]
-    pub incremental: Option<IncrementalResult>,
+/// The agent benchmark failed.
+#[derive(Debug, Error)]
+pub enum AgentBenchError {
+    /// This executable could not be found.
+    #[error("finding this executable: {0}")]
+    CurrentExe(std::io::Error),
+    /// A binary to run is missing.
+    #[error("{} not found: build it (cargo build --release) or pass --{option}", path.display())]
+    Missing {
+        /// Where it was looked for.
+        path: PathBuf,
+        /// The option that names it.
+        option: &'static str,
+    },
+    /// `--chunk-size` is not a size.
+    #[error("--chunk-size: {0}")]
+    ChunkSize(String),
+    /// A file step failed.
+    #[error(transparent)]
+    Io(#[from] IoStepError),
+    /// A process could not be started.
+    #[error("starting {what}: {source}")]
+    Start {
+        /// The process.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// How long.
+        timeout: Duration,
+    },
+    /// The agent could not be asked.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The agent answered something else than asked.
+    #[error("{what} failed: {answer}")]
+    Answer {
+        /// The request.
+        what: &'static str,
+        /// The answer.
+        answer: String,
+    },
+    /// The benchmark's store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The checkpoint's manifest could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The checkpointed bytes could not be read back for the baselines.
+    #[error(transparent)]
+    Stream(#[from] StreamError<std::io::Error>),
+    /// A chunk could not be encoded (`--stages`).
+    #[error(transparent)]
+    Encode(#[from] ChunkEncodeError),
+    /// A size does not fit.
+    #[error("size out of range: {0}")]
+    Range(#[from] TryFromIntError),
+    /// The figures could not be written as JSON.
+    #[error("figures as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// One configuration failed.
+    #[error("{procs} process(es) x {size}: {source}")]
+    Config {
+        /// Ranks.
+        procs: u32,
+        /// State per rank.
+        size: String,
+        /// What failed.
+        source: Box<AgentBenchError>,
+    },
 }
 
 struct Kill(Vec<Child>);
@@ -161,11 +189,15 @@ impl Drop for Kill {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
+fn wait_until(
+    what: &'static str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool, AgentBenchError>,
+) -> Result<(), AgentBenchError> {
     let start = Instant::now();
     while !cond()? {
         if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
+            return Err(AgentBenchError::Timeout { what, timeout });
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -189,7 +221,7 @@ fn memcpy_ns(bytes: usize) -> u64 {
 
 struct Config<'a> {
     dir: &'a Path,
-    exe: &'a Path,
+    agent: &'a Path,
     counter: &'a Path,
     procs: u32,
     size: u64,
@@ -203,13 +235,13 @@ struct Config<'a> {
 }
 
 /// The chunk size the agent runs with.
-fn chunk_bytes(cfg: &Config<'_>) -> Result<u64> {
+fn chunk_bytes(cfg: &Config<'_>) -> Result<u64, AgentBenchError> {
     cfg.chunk_size.map_or(Ok(DEFAULT_CHUNK_SIZE as u64), |s| {
-        parse_bytes(s).map_err(|e| anyhow::anyhow!("--chunk-size: {e}"))
+        parse_bytes(s).map_err(AgentBenchError::ChunkSize)
     })
 }
 
-fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
+fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child, AgentBenchError> {
     let tag = format!("p{}-s{}-r{rank}", cfg.procs, cfg.size >> 20);
     let mut command = Command::new(cfg.counter);
     // The ranks change only `changed` of their chunks, spread evenly over the
@@ -223,6 +255,7 @@ fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
             .arg("--change-unit-kib")
             .arg((chunk_bytes(cfg)? >> 10).to_string());
     }
+    let err = cfg.dir.join(format!("{tag}.err"));
     command
         .args(["--steps", "100000000", "--step-ms", "1"])
         .arg("--state-mb")
@@ -240,9 +273,12 @@ fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child> {
         .env("CRYO_RANK", rank.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(fs::File::create(cfg.dir.join(format!("{tag}.err")))?)
+        .stderr(fs::File::create(&err).step("creating", &err)?)
         .spawn()
-        .context("starting cryo-counter")
+        .map_err(|source| AgentBenchError::Start {
+            what: "cryo-counter",
+            source,
+        })
 }
 
 /// CPU time (user + system) a process has used, in seconds.
@@ -262,20 +298,24 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz.max(1) as f64
 }
 
-fn status(socket: &Path) -> Result<cryo_core::protocol::AgentStatus> {
+fn status(socket: &Path) -> Result<cryo_core::protocol::AgentStatus, AgentBenchError> {
     match client::request(socket, &ControlRequest::Status)? {
         ControlResponse::Status(s) => Ok(s),
-        other => bail!("unexpected {other:?}"),
+        other => Err(AgentBenchError::Answer {
+            what: "status",
+            answer: format!("unexpected {other:?}"),
+        }),
     }
 }
 
-fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
+fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
     let run_dir = cfg.dir.join(format!("p{}-s{}", cfg.procs, cfg.size >> 20));
-    fs::create_dir_all(&run_dir)?;
+    fs::create_dir_all(&run_dir).step("creating", &run_dir)?;
     let socket = run_dir.join("agent.sock");
     let store = run_dir.join("store");
+    let agent_log = run_dir.join("agent.log");
     let mut children = Kill(Vec::new());
-    let mut agent = Command::new(cfg.exe);
+    let mut agent = Command::new(cfg.agent);
     agent.arg("serve");
     if let Some(n) = cfg.copy_threads {
         agent.arg("--copy-threads").arg(n.to_string());
@@ -297,9 +337,12 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
             .arg(cfg.budget.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(run_dir.join("agent.log"))?)
+            .stderr(fs::File::create(&agent_log).step("creating", &agent_log)?)
             .spawn()
-            .context("starting the agent")?,
+            .map_err(|source| AgentBenchError::Start {
+                what: "the agent",
+                source,
+            })?,
     );
     wait_until("the agent", Duration::from_secs(30), || {
         Ok(UnixStream::connect(&socket).is_ok())
@@ -327,7 +370,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
             .all(|l| fs::metadata(l).map(|m| m.len() > 0).unwrap_or(false)))
     })?;
     let agent_pid = children.0[0].id();
-    let checkpoint = |full: bool| -> Result<CheckpointReport> {
+    let checkpoint = |full: bool| -> Result<CheckpointReport, AgentBenchError> {
         match client::request(
             &socket,
             &ControlRequest::Checkpoint {
@@ -338,7 +381,10 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
             },
         )? {
             ControlResponse::Checkpoint(r) => Ok(r),
-            other => bail!("checkpoint failed: {other:?}"),
+            other => Err(AgentBenchError::Answer {
+                what: "checkpoint",
+                answer: format!("{other:?}"),
+            }),
         }
     };
     let worst_pause = |r: &CheckpointReport| r.ranks.iter().map(|r| r.pause_ns).max().unwrap_or(0);
@@ -362,14 +408,13 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
     };
     {
         use std::io::Write;
-        let mut out = std::io::BufWriter::new(fs::File::create(&raw)?);
+        let mut out = std::io::BufWriter::new(fs::File::create(&raw).step("creating", &raw)?);
         for rank in &manifest.ranks {
             for region in &rank.regions {
-                job.stream_region(region, 64 << 20, |_, bytes| out.write_all(bytes))
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                job.stream_region(region, 64 << 20, |_, bytes| out.write_all(bytes))?;
             }
         }
-        out.flush()?;
+        out.flush().step("writing", &raw)?;
     }
     let zst = run_dir.join("state.raw.zst");
     let zstd_ns = timed_command(
@@ -424,7 +469,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
         let steps = count_lines(log).saturating_sub(start);
         let inc = checkpoint(false)?;
         restart_epoch = inc.epoch;
-        Some(IncrementalResult {
+        Some(IncrementalRun {
             steps,
             bytes: inc.ranks.iter().map(|r| r.bytes).sum(),
             copied_bytes: inc.ranks.iter().map(|r| r.copied_bytes).sum(),
@@ -452,7 +497,12 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
         },
     )? {
         ControlResponse::RestartArmed { .. } => {}
-        other => bail!("arming the restart failed: {other:?}"),
+        other => {
+            return Err(AgentBenchError::Answer {
+                what: "arming the restart",
+                answer: format!("{other:?}"),
+            })
+        }
     }
     let errs: Vec<PathBuf> = (0..cfg.procs)
         .map(|r| {
@@ -486,7 +536,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentBenchResult> {
     } else {
         copy_ns
     };
-    let result = AgentBenchResult {
+    let result = AgentRun {
         procs: cfg.procs,
         size: cfg.size,
         copy_budget: report.copy_budget,
@@ -526,215 +576,30 @@ fn timed_command(command: &mut Command) -> Option<u64> {
     }
 }
 
-fn print_result(r: &AgentBenchResult) {
-    let ms = |ns: u64| ns as f64 / 1e6;
-    println!(
-        "== {} process(es) x {} of state (copy budget {}) ==",
-        r.procs,
-        format_bytes(r.size),
-        format_bytes(r.copy_budget)
-    );
-    println!(
-        "  memcpy of {} (1 thread, warm): {:.1} ms",
-        format_bytes(r.rank_bytes.first().copied().unwrap_or(0)),
-        ms(r.memcpy_ns)
-    );
-    for (rank, pause) in r.pause_ns.iter().enumerate() {
-        println!(
-            "  rank {rank}: pause {:.1} ms (copy {:.1} ms) = {:.2}x memcpy (target <= 1.5x){}",
-            ms(*pause),
-            ms(r.copy_ns.get(rank).copied().unwrap_or(0)),
-            *pause as f64 / r.memcpy_ns.max(1) as f64,
-            if r.streamed.get(rank).copied().unwrap_or(false) {
-                " [streamed: over the copy budget]"
-            } else {
-                ""
-            }
-        );
-    }
-    if r.pause_ns.len() > 1 {
-        let worst = r.pause_ns.iter().max().copied().unwrap_or(0);
-        let mean = r.pause_ns.iter().sum::<u64>() / r.pause_ns.len() as u64;
-        println!(
-            "  node: worst pause {:.1} ms, mean {:.1} ms; memcpy of all {} ranks' {}: {:.1} ms; worst = {:.2}x (target <= 1.5x)",
-            ms(worst),
-            ms(mean),
-            r.pause_ns.len(),
-            format_bytes(r.rank_bytes.iter().sum()),
-            ms(r.node_memcpy_ns),
-            worst as f64 / r.node_memcpy_ns.max(1) as f64
-        );
-    }
-    match r.zstd_ns {
-        Some(z) => println!(
-            "  checkpoint end to end {:.1} ms (all ranks resumed at {:.1} ms); zstd -1 -T0 on the same {}: {:.1} ms; ratio {:.2}x (target <= 1.1x)",
-            ms(r.checkpoint_ns),
-            ms(r.resumed_ns),
-            format_bytes(r.raw_bytes),
-            ms(z),
-            r.checkpoint_ns as f64 / z.max(1) as f64
-        ),
-        None => println!(
-            "  checkpoint end to end {:.1} ms (all ranks resumed at {:.1} ms); zstd not available for the baseline",
-            ms(r.checkpoint_ns),
-            ms(r.resumed_ns)
-        ),
-    }
-    println!(
-        "  agent CPU during the checkpoint: {:.2} s = {:.2} cores busy on average",
-        r.agent_cpu_s,
-        r.agent_cpu_s / (r.checkpoint_ns.max(1) as f64 / 1e9)
-    );
-    println!(
-        "  stored {} for {} raw ({:.2}x)",
-        format_bytes(r.stored_bytes),
-        format_bytes(r.raw_bytes),
-        r.raw_bytes as f64 / r.stored_bytes.max(1) as f64
-    );
-    match r.zstd_d_ns {
-        Some(z) => println!(
-            "  restart (process start to all regions restored): {:.1} ms; zstd -d -T0 of the same bytes: {:.1} ms; ratio {:.2}x (target <= 1.2x)",
-            ms(r.restart_ns),
-            ms(z),
-            r.restart_ns as f64 / z.max(1) as f64
-        ),
-        None => println!(
-            "  restart (process start to all regions restored): {:.1} ms",
-            ms(r.restart_ns)
-        ),
-    }
-    if r.pause_samples_ns.len() > 1 {
-        println!(
-            "  pause samples (worst rank, full checkpoints): {:?} ms; the smallest is reported",
-            r.pause_samples_ns
-                .iter()
-                .map(|p| (ms(*p) * 10.0).round() / 10.0)
-                .collect::<Vec<_>>()
-        );
-    }
-    if let Some(inc) = &r.incremental {
-        println!(
-            "  incremental after {} steps: copied {} of {} ({:.1}%), wrote {} ({:.1}% of the full checkpoint's), pause {:.1} ms, checkpoint {:.1} ms = {:.1}% of the full one's (target <= 20%)",
-            inc.steps,
-            format_bytes(inc.copied_bytes),
-            format_bytes(inc.bytes),
-            inc.copied_bytes as f64 * 100.0 / inc.bytes.max(1) as f64,
-            format_bytes(inc.stored_bytes),
-            inc.stored_bytes as f64 * 100.0 / r.stored_bytes.max(1) as f64,
-            ms(inc.pause_ns),
-            ms(inc.checkpoint_ns),
-            inc.checkpoint_ns as f64 * 100.0 / r.checkpoint_ns.max(1) as f64
-        );
-    }
-    println!(
-        "  agent peak RSS {} against a copy budget of {} ({:.2}x; target <= budget + 64 MiB)",
-        format_bytes(r.peak_rss_bytes),
-        format_bytes(r.copy_budget),
-        r.peak_rss_bytes as f64 / r.copy_budget.max(1) as f64
-    );
-}
-
-/// Single-thread throughput of each stage of storing chunks.
-fn stages(dir: &Path) -> Result<()> {
-    use cryo_core::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter};
-    let total = 64usize << 20;
-    // Like the counter's state: a smooth pattern with some noise.
-    let mut data = vec![0u8; total];
-    let mut x = 1u64;
-    for (i, word) in data.chunks_exact_mut(8).enumerate() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let value =
-            (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ if i % 64 == 0 { x } else { 0 };
-        word.copy_from_slice(&value.to_le_bytes());
-    }
-    let chunks: Vec<&[u8]> = data.chunks(DEFAULT_CHUNK_SIZE).collect();
-    let rate = |label: &str, t: Instant| {
-        let secs = t.elapsed().as_secs_f64();
-        println!("  {label:<40} {:>8.0} MB/s", total as f64 / secs / 1e6);
-    };
-    println!(
-        "== stage costs, one thread, {} in 1 MiB chunks ==",
-        format_bytes(total as u64)
-    );
-    let t = Instant::now();
-    for c in &chunks {
-        std::hint::black_box(ChunkHash::of(c));
-    }
-    rate("blake3 hash", t);
-    let mut out = vec![0u8; DEFAULT_CHUNK_SIZE];
-    let t = Instant::now();
-    for c in &chunks {
-        shuffle8(c, &mut out[..c.len()]);
-        std::hint::black_box(&out);
-    }
-    rate("shuffle8 filter (SIMD where available)", t);
-    let t = Instant::now();
-    for c in &chunks {
-        cryo_core::shuffle::shuffle8_scalar(c, &mut out[..c.len()]);
-        std::hint::black_box(&out);
-    }
-    rate("shuffle8 filter (scalar reference)", t);
-    for (label, codec) in [
-        (
-            "encode: hash + zstd -1 (no filter)",
-            ChunkCodec {
-                level: 1,
-                filter: Filter::None,
-            },
-        ),
-        (
-            "encode: hash + shuffle8 + zstd -1 (default)",
-            ChunkCodec::default(),
-        ),
-    ] {
-        let t = Instant::now();
-        for c in &chunks {
-            std::hint::black_box(codec.encode(c)?);
-        }
-        rate(label, t);
-    }
-    let encoded: Vec<_> = chunks
-        .iter()
-        .map(|c| ChunkCodec::default().encode(c))
-        .collect::<Result<_, _>>()?;
-    let chunk_dir = dir.join("stage-chunks");
-    fs::create_dir_all(&chunk_dir)?;
-    let t = Instant::now();
-    for (i, e) in encoded.iter().enumerate() {
-        cryo_core::durable::write_replace(&chunk_dir.join(format!("{i}")), &[&e.file])?;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    println!(
-        "  {:<40} {:>8.2} ms per chunk ({} stored per chunk)",
-        "write + fsync (durable::write_replace)",
-        secs * 1e3 / encoded.len() as f64,
-        format_bytes(
-            encoded.iter().map(|e| e.file.len() as u64).sum::<u64>() / encoded.len() as u64
-        )
-    );
-    let _ = fs::remove_dir_all(&chunk_dir);
-    Ok(())
-}
-
 /// Runs the benchmark.
-pub fn run(args: &BenchArgs) -> Result<()> {
-    let exe = std::env::current_exe()?;
+pub fn run(args: &AgentBenchArgs) -> Result<(), AgentBenchError> {
+    let agent = match &args.agent {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(AgentBenchError::CurrentExe)?
+            .with_file_name("cryo-agent"),
+    };
     let counter = match &args.counter {
         Some(p) => p.clone(),
-        None => exe.with_file_name("cryo-counter"),
+        None => agent.with_file_name("cryo-counter"),
     };
-    if !counter.exists() {
-        bail!(
-            "{} not found: build it (cargo build --release) or pass --counter",
-            counter.display()
-        );
+    for (path, option) in [(&agent, "agent"), (&counter, "counter")] {
+        if !path.exists() {
+            return Err(AgentBenchError::Missing {
+                path: path.clone(),
+                option,
+            });
+        }
     }
     let temp;
     let dir = match &args.dir {
         Some(d) => {
-            fs::create_dir_all(d)?;
+            fs::create_dir_all(d).step("creating", d)?;
             d.clone()
         }
         None => {
@@ -753,7 +618,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         x ^= x << 17;
         *byte = x.to_le_bytes()[0];
     }
-    fs::write(dir.join("input.dat"), input)?;
+    let input_path = dir.join("input.dat");
+    fs::write(&input_path, input).step("writing", &input_path)?;
     let largest = args.procs.iter().max().copied().unwrap_or(1) as u64
         * args.sizes.iter().max().copied().unwrap_or(0);
     let budget = args.copy_budget.unwrap_or(largest + (64 << 20));
@@ -762,7 +628,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         for &size in &args.sizes {
             let result = one(&Config {
                 dir: &dir,
-                exe: &exe,
+                agent: &agent,
                 counter: &counter,
                 procs,
                 size,
@@ -774,13 +640,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 pause_samples: args.pause_samples.max(1),
                 changed: args.changed,
             })
-            .with_context(|| format!("{procs} process(es) x {}", format_bytes(size)))?;
+            .map_err(|source| AgentBenchError::Config {
+                procs,
+                size: format_bytes(size),
+                source: Box::new(source),
+            })?;
             results.push(result);
             // Written after each configuration, so a long run that fails
             // later still leaves its figures.
             if let Some(path) = &args.json {
-                fs::write(path, serde_json::to_vec_pretty(&results)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                fs::write(path, serde_json::to_vec_pretty(&results)?).step("writing", path)?;
             }
         }
     }
@@ -790,9 +659,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 struct TempDir(PathBuf);
 
 impl TempDir {
-    fn new() -> Result<TempDir> {
+    fn new() -> Result<TempDir, IoStepError> {
         let path = std::env::temp_dir().join(format!("cryo-bench-{}", std::process::id()));
-        fs::create_dir_all(&path)?;
+        fs::create_dir_all(&path).step("creating", &path)?;
         Ok(TempDir(path))
     }
 }

@@ -187,7 +187,7 @@ fn run(args: &Args) -> Result<()> {
     };
 
     if info.restored_epoch.is_none() && args.state_kind == StateKind::Mixed {
-        cryo_core::synth::mixed_state(&mut state[HEADER..], u64::from(info.rank) + 1);
+        cryo_bench::synth::mixed_state(&mut state[HEADER..], u64::from(info.rank) + 1);
     }
     let (header, data) = state.split_at_mut(HEADER);
     let header = words(header);

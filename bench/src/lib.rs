@@ -1,0 +1,24 @@
+//! cryo-bench: cryo's benchmarks, kept out of the shipped `cryo` and
+//! `cryo-agent` binaries (they hand `cryo bench` and `cryo-agent bench` over
+//! to the `cryo-bench` binary).
+//!
+//! * [`suite`]: the whole suite (`cryo-bench`), its report and fits.
+//! * [`store`]: store throughput against the `zstd` CLI (`cryo-bench store`).
+//! * [`agent`]: checkpoint and restart of real ranks by a real agent
+//!   (`cryo-bench agent`).
+//! * [`figures`]: one configuration's figures, as the agent driver writes
+//!   them and the suite reports them.
+//! * [`plot`]: the suite's SVG.
+//! * [`synth`]: synthetic rank state shaped like a solver's memory (also
+//!   `cryo-counter --state-kind mixed`).
+//!
+//! They measure, and never fail on a missed target.
+#![deny(missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
+
+pub mod agent;
+pub mod figures;
+pub mod plot;
+pub mod store;
+pub mod suite;
+pub mod synth;

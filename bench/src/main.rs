@@ -1,0 +1,66 @@
+//! `cryo-bench`: cryo's benchmarks (figures and ratios, not pass/fail).
+//! `cryo bench ARGS` and `cryo-agent bench ARGS` run this binary.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use cryo_bench::agent::{self, AgentBenchArgs};
+use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
+use cryo_bench::suite::{self, SuiteArgs};
+use cryo_coordinator::logging::{self, LogFormat};
+
+/// cryo's benchmarks (figures and ratios, not pass/fail): with no
+/// subcommand, the whole suite (`--quick` for a short run).
+#[derive(Debug, Parser)]
+#[command(name = "cryo-bench", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// One benchmark only.
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Options of the whole suite.
+    #[command(flatten)]
+    suite: SuiteArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Store throughput against `zstd -1 -T0` and a raw write + fsync.
+    Store(StoreArgs),
+    /// Checkpoint and restart of example ranks by a real agent.
+    Agent(Box<AgentBenchArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(LogFormat::Text, false);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cryo-bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        None => {
+            let report = suite::run_suite(&cli.suite).context("running the suite")?;
+            print!("{}", suite::render(&report));
+            println!(
+                "report: {0}/report.txt, {0}/report.json, plot: {0}/bench.svg",
+                cli.suite.out.display()
+            );
+        }
+        Some(Command::Store(args)) => {
+            let report = run_store_bench(&args.options()?).context("the store benchmark")?;
+            print!("{}", render_store_bench(&report));
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+        }
+        Some(Command::Agent(args)) => agent::run(&args).context("the agent benchmark")?,
+    }
+    Ok(())
+}

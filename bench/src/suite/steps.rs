@@ -1,0 +1,286 @@
+//! The suite's measurements that run as subprocesses: `cryo-bench agent`,
+//! `quiesce-bench` under `mpiexec` and under `cryo run`. Each one holds the
+//! `--lock` file while it measures.
+
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cryo_coordinator::human;
+use cryo_core::durable::{IoStep, IoStepError};
+
+use super::{QuiesceRun, SafePointRun, SuiteError, MIB};
+use crate::figures::AgentRun;
+
+/// An exclusive flock held while a measurement runs.
+pub(super) struct Quiet(Option<File>);
+
+impl Quiet {
+    pub(super) fn take(path: Option<&Path>) -> Result<Quiet, SuiteError> {
+        let Some(path) = path else {
+            return Ok(Quiet(None));
+        };
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .step("opening lock file", path)?;
+        // SAFETY: flock only reads the descriptor, which `file` keeps open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(IoStepError::new("flock", path, std::io::Error::last_os_error()).into());
+        }
+        Ok(Quiet(Some(file)))
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        if let Some(file) = &self.0 {
+            // SAFETY: as above; unlocking an fd we hold.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+}
+
+/// Runs `cryo-bench agent` (this executable, `exe`) with the agent and ranks
+/// in `bin` for one configuration.
+pub(super) fn agent_bench(
+    exe: &Path,
+    bin: &Path,
+    scratch: &Path,
+    lock: Option<&Path>,
+    procs: u32,
+    size: u64,
+) -> Result<AgentRun, SuiteError> {
+    let json = scratch.join(format!("agent-p{procs}-s{}.json", size / MIB));
+    let work = scratch.join(format!("agent-p{procs}-s{}", size / MIB));
+    let _ = fs::remove_dir_all(&work);
+    let quiet = Quiet::take(lock)?;
+    let output = Command::new(exe)
+        .arg("agent")
+        .arg("--agent")
+        .arg(bin.join("cryo-agent"))
+        .arg("--procs")
+        .arg(procs.to_string())
+        .arg("--sizes")
+        .arg(format!("{}MiB", size / MIB))
+        .args(["--state-kind", "mixed"])
+        .env("RUST_BACKTRACE", "0")
+        .arg("--dir")
+        .arg(&work)
+        .arg("--json")
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(run_err("cryo-bench agent"))?;
+    drop(quiet);
+    let _ = fs::remove_dir_all(&work);
+    if !output.status.success() {
+        return Err(SuiteError::Failed {
+            command: format!(
+                "cryo-bench agent --procs {procs} --sizes {}",
+                human::bytes(size)
+            ),
+            status: output.status,
+            stderr: tail(&output.stderr),
+        });
+    }
+    eprint!("{}", String::from_utf8_lossy(&output.stdout));
+    let text = fs::read(&json).step("reading", &json)?;
+    let _ = fs::remove_file(&json);
+    let mut runs: Vec<AgentRun> =
+        serde_json::from_slice(&text).map_err(|source| SuiteError::Json {
+            what: "agent bench JSON",
+            source,
+        })?;
+    runs.pop()
+        .ok_or(SuiteError::NoFigures("agent bench wrote no figures"))
+}
+
+/// Runs `quiesce-bench` under `mpiexec`: the safe point's cost.
+pub(super) fn safe_point(
+    bin: &Path,
+    lock: Option<&Path>,
+    ranks: u32,
+    slack: &str,
+) -> Result<SafePointRun, SuiteError> {
+    let quiet = Quiet::take(lock)?;
+    let output = Command::new("mpiexec")
+        .arg("-n")
+        .arg(ranks.to_string())
+        .arg(bin.join("quiesce-bench"))
+        .args([
+            "--iters",
+            "200",
+            "--trials",
+            "15",
+            "--state-bytes",
+            "4096",
+            "--json",
+        ])
+        .env_remove("CRYO_AGENT_SOCKET")
+        .env("CRYO_QUIESCE_SLACK", slack)
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(run_err("mpiexec quiesce-bench"))?;
+    drop(quiet);
+    if !output.status.success() {
+        return Err(SuiteError::Failed {
+            command: format!("quiesce-bench at {ranks} ranks"),
+            status: output.status,
+            stderr: tail(&output.stderr),
+        });
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    eprint!("{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .ok_or(SuiteError::NoFigures("quiesce-bench printed no JSON line"))?;
+    serde_json::from_str(line).map_err(|source| SuiteError::Json {
+        what: "quiesce-bench JSON",
+        source,
+    })
+}
+
+/// Runs `quiesce-bench` under `cryo run` on two emulated nodes and takes
+/// three checkpoints.
+pub(super) fn quiesce(
+    bin: &Path,
+    scratch: &Path,
+    lock: Option<&Path>,
+    ranks: u32,
+    slack: &str,
+) -> Result<QuiesceRun, SuiteError> {
+    let state_bytes = 32 * MIB;
+    let work = scratch.join(format!("quiesce-{ranks}"));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).step("creating", &work)?;
+    let store = work.join("store");
+    let job = format!("q{ranks}");
+    let half = ranks / 2;
+    let cryo = bin.join("cryo");
+    let (out, err) = (work.join("run.out"), work.join("run.err"));
+    let _quiet = Quiet::take(lock)?;
+    let mut run = Command::new(&cryo)
+        .env("CRYO_STORE", &store)
+        .env("CRYO_QUIESCE_SLACK", slack)
+        .args(["run", "--job", &job, "--nodes"])
+        .arg(format!("a:{half},b:{}", ranks - half))
+        .arg("-n")
+        .arg(ranks.to_string())
+        .arg("--scratch")
+        .arg(work.join("scratch"))
+        .arg("--")
+        .arg(bin.join("quiesce-bench"))
+        .args(["--iters", "10", "--trials", "1", "--run-secs", "40"])
+        .arg("--state-bytes")
+        .arg(state_bytes.to_string())
+        .stdin(Stdio::null())
+        .stdout(File::create(&out).step("creating", &out)?)
+        .stderr(File::create(&err).step("creating", &err)?)
+        .spawn()
+        .map_err(run_err("cryo run"))?;
+    let result = (|| -> Result<QuiesceRun, SuiteError> {
+        let start = Instant::now();
+        loop {
+            let status = Command::new(&cryo)
+                .env("CRYO_STORE", &store)
+                .args(["status", &job])
+                .stderr(Stdio::null())
+                .output()
+                .map_err(run_err("cryo status"))?;
+            if String::from_utf8_lossy(&status.stdout).contains("no checkpoint in progress") {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(SuiteError::NotStarted { job: job.clone() });
+            }
+            if let Some(status) = run.try_wait().map_err(run_err("cryo run"))? {
+                return Err(SuiteError::ExitedEarly(status));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let mut out = QuiesceRun {
+            ranks,
+            state_bytes,
+            quiesce_ms: Vec::new(),
+            pause_ms: Vec::new(),
+        };
+        for _ in 0..3 {
+            let output = Command::new(&cryo)
+                .env("CRYO_STORE", &store)
+                .args(["checkpoint", &job])
+                .output()
+                .map_err(run_err("cryo checkpoint"))?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            eprint!("ranks {ranks}: {text}");
+            let number_after = |key: &str| -> Option<f64> {
+                let rest = &text[text.find(key)? + key.len()..];
+                rest.split_whitespace().next()?.parse().ok()
+            };
+            match (
+                number_after("quiesced in "),
+                number_after("longest rank pause "),
+            ) {
+                (Some(q), Some(p)) => {
+                    out.quiesce_ms.push(q);
+                    out.pause_ms.push(p);
+                }
+                _ => {
+                    return Err(SuiteError::Output(format!(
+                        "{text}{}",
+                        String::from_utf8_lossy(&output.stderr)
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    })();
+    let _ = Command::new(&cryo)
+        .env("CRYO_STORE", &store)
+        .args(["preempt", &job])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.try_wait().map_err(run_err("cryo run"))?.is_none() {
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            let _ = run.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+/// Names the command that could not be run.
+fn run_err(command: &str) -> impl FnOnce(std::io::Error) -> SuiteError {
+    let command = command.to_owned();
+    move |source| SuiteError::Run { command, source }
+}
+
+/// The last lines of a child's stderr, for an error message.
+fn tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" / ")
+}
+
+/// Whether `program --version` runs.
+pub(super) fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
