@@ -53,10 +53,6 @@ use crate::link::{self, CoordinatorLink, LinkError};
 use crate::pool::{BufferPool, PoolError};
 use crate::procfs::{mem_total_bytes, peak_rss_bytes, LinuxProcess, ProcessAccess};
 
-/// How long a connecting peer has for each step of the hello and
-/// challenge-response.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Which epoch to restart from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartFrom {
@@ -553,24 +549,19 @@ impl Agent {
 
 impl Shared {
     fn handle(self: Arc<Self>, sock: UnixStream) {
-        // A peer that stalls in the handshake only holds its own thread,
-        // and not for long.
-        let _ = sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-        let (hello, fd) = match recv_message_with_fd::<Hello>(&sock) {
-            Ok(x) => x,
+        let greeting = match auth::accept(&sock, recv_message_with_fd::<Hello>) {
+            Ok(greeting) => greeting,
             Err(err) => {
                 tracing::warn!(job = %self.config.job, node = %self.config.node, error = %err, "peer.rejected");
                 return;
             }
         };
-        let (nonce, proof) = match auth::challenge(&mut &sock) {
-            Ok(x) => x,
-            Err(err) => {
-                tracing::warn!(job = %self.config.job, node = %self.config.node, role = %hello.peer.role(), error = %err, "peer.rejected");
-                return;
-            }
-        };
-        let _ = sock.set_read_timeout(None);
+        let auth::Greeting {
+            hello,
+            extra: fd,
+            nonce,
+            proof,
+        } = greeting;
         let refuse = |reason: String| {
             tracing::warn!(reason = %reason, "connection refused");
             match hello.peer {

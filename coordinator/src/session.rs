@@ -203,6 +203,10 @@ fn refuse<M: Message>(stream: &TcpStream, msg: &M) {
     let _ = write_message(&mut &*stream, msg);
 }
 
+/// How long the coordinator waits for one write to an agent before it
+/// takes that agent for lost.
+const AGENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 fn serve_peer(
     stream: TcpStream,
     job: &str,
@@ -215,10 +219,16 @@ fn serve_peer(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let hello: Hello = match read_message(&mut &stream) {
-        Ok(hello) => hello,
-        Err(cryo_core::protocol::FrameError::Closed) => {
+    // The client proves it holds the token without sending it; the answer
+    // is bound to this connection's nonce, so a recorded one is worthless.
+    let greeting = match auth::accept(&stream, |s| {
+        read_message::<Hello>(&mut &*s).map(|hello| (hello, ()))
+    }) {
+        Ok(greeting) => greeting,
+        Err(auth::Rejected {
+            role: None,
+            source: cryo_core::protocol::FrameError::Closed,
+        }) => {
             // A liveness probe (`cryo run` checking for a stale entry).
             tracing::debug!(job, peer = %peer_addr, "peer.closed_before_hello");
             return;
@@ -228,16 +238,12 @@ fn serve_peer(
             return;
         }
     };
-    // The client proves it holds the token without sending it; the answer
-    // is bound to this connection's nonce, so a recorded one is worthless.
-    let (nonce, proof) = match auth::challenge(&mut &stream) {
-        Ok(x) => x,
-        Err(err) => {
-            tracing::warn!(job, peer = %peer_addr, role = %hello.peer.role(), error = %err, "peer.rejected");
-            return;
-        }
-    };
-    let _ = stream.set_read_timeout(None);
+    let auth::Greeting {
+        hello,
+        nonce,
+        proof,
+        ..
+    } = greeting;
     let problem = if let Err(err) = hello.check_version() {
         Some(err.to_string())
     } else if hello.job != job {
@@ -273,6 +279,9 @@ fn serve_peer(
             let Ok(writer) = stream.try_clone() else {
                 return;
             };
+            // The event thread writes to every agent: one whose socket
+            // stopped draining costs it a bounded wait, then counts as lost.
+            let _ = writer.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
             if events
                 .send(Event::AgentConnected {
                     node: node.clone(),
@@ -415,7 +424,9 @@ impl Coordinator {
     fn send(&mut self, node: &str, msg: &CoordinatorToAgent) {
         if let Some(agent) = self.agents.get_mut(node) {
             if let Some(writer) = agent.writer.as_ref() {
-                if write_message(&mut &*writer, msg).is_err() {
+                if let Err(err) = write_message(&mut &*writer, msg) {
+                    // Its epoch part then misses its deadline and aborts.
+                    tracing::warn!(job = %self.opts.job, node, error = %err, "agent.write_failed");
                     agent.writer = None;
                 }
             }

@@ -18,7 +18,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -97,6 +100,79 @@ where
     write_message(stream, &Challenge { nonce })?;
     let proof: Proof = read_message(stream)?;
     Ok((nonce, proof))
+}
+
+/// How long a peer may take over the handshake's reads: one that stalls
+/// holds only its own thread, and not for long.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A socket whose reads can time out (the agent's Unix socket, the
+/// coordinator's TCP one).
+pub trait TimedStream {
+    /// `set_read_timeout` of the socket.
+    fn read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl TimedStream for UnixStream {
+    fn read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+impl TimedStream for TcpStream {
+    fn read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+/// What a server learned from a peer's handshake, for it to decide on.
+#[derive(Debug)]
+pub struct Greeting<X> {
+    /// The peer's hello.
+    pub hello: Hello,
+    /// What came with the hello (a rank's control-page fd).
+    pub extra: X,
+    /// The nonce this server sent.
+    pub nonce: [u8; 32],
+    /// The peer's answer, to [`verify`].
+    pub proof: Proof,
+}
+
+/// A handshake that did not get as far as a proof.
+#[derive(Debug, Error)]
+#[error("{}{source}", role.as_ref().map(|r| format!("{r}: ")).unwrap_or_default())]
+pub struct Rejected {
+    /// Who the peer said it was, if its hello arrived.
+    pub role: Option<String>,
+    /// What went wrong.
+    pub source: FrameError,
+}
+
+/// The server's side of every handshake: reads the hello with
+/// `read_hello` (which may take ancillary data), challenges the peer and
+/// reads its proof, all under [`HANDSHAKE_TIMEOUT`]. The caller checks the
+/// version, the job and the proof, which differ between servers.
+pub fn accept<S, X>(
+    stream: &S,
+    read_hello: impl FnOnce(&S) -> Result<(Hello, X), FrameError>,
+) -> Result<Greeting<X>, Rejected>
+where
+    S: TimedStream,
+    for<'a> &'a S: Read + Write,
+{
+    let _ = stream.read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let (hello, extra) = read_hello(stream).map_err(|source| Rejected { role: None, source })?;
+    let (nonce, proof) = challenge(&mut &*stream).map_err(|source| Rejected {
+        role: Some(hello.peer.role()),
+        source,
+    })?;
+    let _ = stream.read_timeout(None);
+    Ok(Greeting {
+        hello,
+        extra,
+        nonce,
+        proof,
+    })
 }
 
 /// The client's half after sending `hello`: reads the challenge and answers
