@@ -120,8 +120,7 @@ fn status_codes_match() {
             .unwrap_or_else(|| panic!("{name} is not in cryo.h"));
         let digits: String = line
             .split(|c: char| c == '=' || c.is_whitespace())
-            .filter(|w| !w.is_empty())
-            .next_back()
+            .rfind(|w| !w.is_empty())
             .unwrap()
             .trim_end_matches(',')
             .to_owned();
