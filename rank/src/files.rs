@@ -231,6 +231,11 @@ fn check_source(rank: u32, fd: &FdRecord) -> Result<Option<(u64, u64)>, RestoreE
 /// opened it again before `cryo_init`); anything else belongs to the MPI
 /// library or the launcher and must not be closed under it.
 fn check_free(rank: u32, fd: &FdRecord, identity: Option<(u64, u64)>) -> Result<(), RestoreError> {
+    // A standard stream the application had replaced (`freopen`, `dup2`)
+    // replaces the new launcher's again.
+    if (0..=2).contains(&fd.fd) {
+        return Ok(());
+    }
     let Ok(now) = fs::metadata(format!("/proc/self/fd/{}", fd.fd)) else {
         return Ok(());
     };
@@ -292,6 +297,10 @@ fn seek(rank: u32, fd: &FdRecord, target: &OwnedFd) -> Result<(), RestoreError> 
             io::Error::other("offset overflows off_t"),
         )
     })?;
+    // An O_PATH fd has no offset.
+    if OFlag::from_bits_truncate(fd.flags).contains(OFlag::O_PATH) {
+        return Ok(());
+    }
     match lseek(target.as_raw_fd(), offset, Whence::SeekSet) {
         Ok(_) => Ok(()),
         // Devices such as /dev/null accept any offset; the others have none.

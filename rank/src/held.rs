@@ -178,8 +178,8 @@ pub(crate) fn parse_maps(text: &str) -> Vec<FileMap> {
 }
 
 /// Paths whose mappings belong to the system, not the application.
-const SYSTEM_PREFIXES: [&str; 9] = [
-    "/usr/", "/lib/", "/lib32/", "/lib64/", "/etc/", "/proc/", "/sys/", "/dev/", "/memfd:",
+const SYSTEM_PREFIXES: [&str; 8] = [
+    "/usr/", "/lib/", "/lib32/", "/lib64/", "/etc/", "/proc/", "/sys/", "/dev/",
 ];
 
 /// The application's own file mappings: made after `cryo_init`, outside
@@ -208,7 +208,8 @@ pub(crate) fn app_mappings(
         {
             continue;
         }
-        if map.path.ends_with(" (deleted)") {
+        // A memfd has no path to map again; a deleted file neither.
+        if map.path.ends_with(" (deleted)") || map.path.starts_with("/memfd:") {
             lost.push(map.clone());
         } else {
             keep.push(map.clone());
@@ -280,7 +281,12 @@ pub(crate) fn gather(
             continue;
         };
         let path = link.to_string_lossy().into_owned();
-        if !meta.is_file() || SYSTEM_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        // A memfd is an anonymous inode to the agent, never restored by
+        // path; it is named there.
+        if !meta.is_file()
+            || path.starts_with("/memfd:")
+            || SYSTEM_PREFIXES.iter().any(|p| path.starts_with(p))
+        {
             continue;
         }
         let kind = if meta.nlink() == 0 {
@@ -363,7 +369,7 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
     let (mine, lost) = app_mappings(&maps, baseline, reservation);
     for map in lost {
         held.warnings.push(format!(
-            "the mapping of {} at {:#x} ({} bytes) is of a deleted file; a restart does not re-establish it",
+            "the mapping of {} at {:#x} ({} bytes) is of a deleted file or a memfd; a restart does not re-establish it",
             map.path,
             map.start,
             map.end - map.start
@@ -442,6 +448,7 @@ mod tests {
 7f0000004000-7f0000005000 r-xp 00001000 fd:01 97                         /opt/mpi/lib/libmpi.so
 7f0000005000-7f0000006000 rw-s 00000000 00:05 96                         /dev/shm/seg
 7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
+7f0000007000-7f0000008000 rw-s 00000000 00:01 93                         /memfd:app (deleted)
 5a0000000000-5a0000001000 rw-s 00000000 fd:01 94                         /work/region.dat
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 ";
@@ -458,8 +465,9 @@ mod tests {
         assert_eq!(paths, vec!["/work/out put.dat"]);
         assert!(mine[0].shared);
         assert_eq!(mine[0].prot, 3);
-        assert_eq!(lost.len(), 1);
+        assert_eq!(lost.len(), 2);
         assert!(lost[0].path.starts_with("/work/gone"));
+        assert!(lost[1].path.starts_with("/memfd:app"));
         // Without the baseline, the input mapping counts as the application's.
         let (mine, _) = app_mappings(&maps, &Baseline::default(), (0x5a00_0000_0000, 1 << 36));
         assert_eq!(mine.len(), 2);
