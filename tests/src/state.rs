@@ -57,6 +57,7 @@ pub const SHAPES: &[&str] = &[
     "renamed",
     "map_shared",
     "map_private",
+    "stdout_file",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

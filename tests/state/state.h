@@ -53,7 +53,8 @@
     X(stdio_line)       \
     X(renamed)          \
     X(map_shared)       \
-    X(map_private)
+    X(map_private)      \
+    X(stdout_file)
 
 /* What every shape function gets. */
 struct ctx {

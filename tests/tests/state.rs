@@ -47,6 +47,7 @@ shape_test!(state_stdio_line_survives_kill_and_restart, "stdio_line");
 shape_test!(state_renamed_survives_kill_and_restart, "renamed");
 shape_test!(state_map_shared_survives_kill_and_restart, "map_shared");
 shape_test!(state_map_private_survives_kill_and_restart, "map_private");
+shape_test!(state_stdout_file_survives_kill_and_restart, "stdout_file");
 
 /// Every shape in one job of 6 ranks on three nodes, restarted on six.
 #[test]
