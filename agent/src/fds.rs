@@ -229,6 +229,10 @@ pub fn read_fd_table(
     let mut table = FdTable::default();
     let mut identity = HashMap::new();
     for (fd, link) in access.fds(pid).map_err(io_err(format!("/proc/{pid}/fd")))? {
+        // The runtime's placeholders below its fd floor: not worth a record.
+        if owners.runtime.contains(&fd) && link == "/dev/null" {
+            continue;
+        }
         let info = match access.fdinfo(pid, fd) {
             Ok(text) => {
                 parse_fdinfo(&text).map_err(|source| FdTableError::FdInfo { pid, fd, source })?

@@ -32,6 +32,9 @@ pub const ENV_WRITABLE_CAP: &str = "CRYO_WRITABLE_CAP";
 /// Where a restart recreates an unlinked file whose old directory is gone
 /// (then `TMPDIR`, then `/tmp`).
 pub const ENV_SCRATCH: &str = "CRYO_SCRATCH";
+/// The lowest fd number the application's files get once the runtime is
+/// connected (default 64; see `rank/src/floor.rs`).
+pub const ENV_FD_FLOOR: &str = "CRYO_FD_FLOOR";
 /// Slack of the MPI quiesce agreement, in safe points.
 pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
 

@@ -27,6 +27,14 @@ pub enum InitError {
         /// What is wrong.
         why: String,
     },
+    /// The placeholder fds below the floor could not be made.
+    #[error("cannot keep fd numbers below {floor} free of the application's files ({source}); set CRYO_FD_FLOOR=0 to turn this off")]
+    FdFloor {
+        /// The floor.
+        floor: i32,
+        /// The OS error.
+        source: Errno,
+    },
     /// The region reservation could not be made.
     #[error("cannot reserve {len:#x} bytes for regions at {base:#x}: {source}; the range is taken by {occupant} (set CRYO_REGION_BASE to another address)")]
     Reserve {
@@ -164,7 +172,7 @@ pub enum RestoreError {
     },
     /// The fd number is held by something else in the new process (the
     /// MPI library or the launcher opened it before `cryo_init`).
-    #[error("rank {rank}: cannot restore fd {fd} ({path}): the new process already uses fd {fd} for {occupant}; open fewer files before cryo_init, or restart with the same launcher")]
+    #[error("rank {rank}: cannot restore fd {fd} ({path}): the new process already uses fd {fd} for {occupant}: its MPI library or launcher opened more fds before cryo_init than the checkpointed run's did, past CRYO_FD_FLOOR; start jobs with a higher CRYO_FD_FLOOR")]
     FdTaken {
         /// The rank.
         rank: u32,

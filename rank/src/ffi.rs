@@ -69,7 +69,9 @@ fn set_error(code: c_int, message: String) -> c_int {
 fn init_code(err: &InitError) -> c_int {
     match err {
         InitError::AlreadyInitialized => CRYO_ERR_ALREADY_INITIALIZED,
-        InitError::BadEnv { .. } | InitError::Reserve { .. } => CRYO_ERR_CONFIG,
+        InitError::BadEnv { .. } | InitError::Reserve { .. } | InitError::FdFloor { .. } => {
+            CRYO_ERR_CONFIG
+        }
         InitError::Restore(_) => CRYO_ERR_RESTORE,
         _ => CRYO_ERR_AGENT,
     }

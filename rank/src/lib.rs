@@ -21,6 +21,7 @@
 pub mod error;
 pub mod ffi;
 pub mod files;
+mod floor;
 mod held;
 mod mappings;
 #[cfg(feature = "mpi")]

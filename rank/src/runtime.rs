@@ -34,7 +34,7 @@ use crate::files::{restore_files, FilePolicy, FilesRestored};
 use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
 use crate::mappings::restore_mappings;
 
-use cryo_core::env::{ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
+use cryo_core::env::{ENV_FD_FLOOR, ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
 
 /// Default base of the region reservation. Above where PIE executables and
 /// their heap land with ASLR (0x55…–0x56…) and far below shared libraries
@@ -111,6 +111,9 @@ pub struct Config {
     /// beyond it they are named in a warning (`CRYO_WRITABLE_CAP`, default
     /// 1 GiB).
     pub writable_cap: u64,
+    /// The lowest fd number the application's files get once connected to
+    /// an agent (`CRYO_FD_FLOOR`, default 64; 0 turns it off).
+    pub fd_floor: RawFd,
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -188,9 +191,21 @@ impl Config {
             Some(text) => parse_u64(ENV_WRITABLE_CAP, &text)?,
             None => DEFAULT_WRITABLE_CAP,
         };
+        let fd_floor = match env_var(ENV_FD_FLOOR) {
+            Some(text) => RawFd::try_from(parse_u64(ENV_FD_FLOOR, &text)?)
+                .ok()
+                .filter(|floor| *floor < RUNTIME_FD_FLOOR)
+                .ok_or_else(|| InitError::BadEnv {
+                    var: ENV_FD_FLOOR,
+                    value: text.clone(),
+                    why: format!("must be below {RUNTIME_FD_FLOOR}"),
+                })?,
+            None => crate::floor::DEFAULT_FD_FLOOR,
+        };
         Ok(Config {
             unlinked_cap,
             writable_cap,
+            fd_floor,
             dirty_tracking,
             socket: env_var(ENV_AGENT_SOCKET).map(PathBuf::from),
             job: env_var(ENV_JOB).unwrap_or_default(),
@@ -245,6 +260,8 @@ struct Runtime {
     tracker_tried: bool,
     /// What was open and mapped when the runtime started.
     baseline: Baseline,
+    /// The fds that keep the application's above the floor.
+    placeholders: Vec<OwnedFd>,
 }
 
 fn lock() -> MutexGuard<'static, Option<Runtime>> {
@@ -535,6 +552,15 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         RESTORED_EPOCH.store(*epoch, Ordering::Release);
         tracing::info!(job = %job, rank, epoch, fds = files.restored.len(), "restart.files_restored");
     }
+    // After a restore, so that the application's fds are back first.
+    let placeholders = if conn.is_some() {
+        crate::floor::fill_below(config.fd_floor).map_err(|source| InitError::FdFloor {
+            floor: config.fd_floor,
+            source,
+        })?
+    } else {
+        Vec::new()
+    };
     if let Some(conn) = &conn {
         FLAG.store(
             &conn.page().checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
@@ -559,6 +585,7 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         tracker: None,
         tracker_tried: false,
         baseline,
+        placeholders,
     });
     Ok(info)
 }
@@ -1068,6 +1095,7 @@ fn park_epoch(
     let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
         .into_iter()
         .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
+        .chain(runtime.placeholders.iter().map(AsRawFd::as_raw_fd))
         .collect();
     let reservation = (runtime.config.region_base, runtime.config.region_reserve);
     // Kept until the agent has copied what it maps.

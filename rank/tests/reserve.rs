@@ -32,6 +32,7 @@ fn taken_reservation_names_the_occupant() {
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
         unlinked_cap: 1 << 30,
         writable_cap: 1 << 30,
+        fd_floor: 0,
     })
     .unwrap_err();
     assert!(matches!(err, InitError::Reserve { .. }), "{err}");
@@ -52,6 +53,7 @@ fn taken_reservation_names_the_occupant() {
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
         unlinked_cap: 1 << 30,
         writable_cap: 1 << 30,
+        fd_floor: 0,
     })
     .unwrap();
     assert_eq!(info.node, None);

@@ -77,6 +77,7 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
         unlinked_cap: 1 << 30,
         writable_cap: 1 << 30,
+        fd_floor: 0,
     })
     .unwrap();
     assert_eq!(info.restored_epoch, None);

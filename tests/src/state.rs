@@ -209,6 +209,8 @@ pub struct Case {
     pub program: PathBuf,
     /// `cryo checkpoint`s started so far, to name their output files.
     checkpoints: std::cell::Cell<u32>,
+    /// Extra environment for `cryo restart` (and so for the restarted ranks).
+    restart_env: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Case {
@@ -224,6 +226,7 @@ impl Case {
             dir,
             program,
             checkpoints: std::cell::Cell::new(0),
+            restart_env: std::cell::RefCell::new(Vec::new()),
         }
     }
 
@@ -313,12 +316,21 @@ impl Case {
     /// `cryo restart` of `job` on `nodes`, to the end.
     pub fn restart(&self, job: &str, nodes: &str) -> Output {
         self.cryo()
+            .envs(self.restart_env.borrow().iter().map(|(k, v)| (k, v)))
             .args(["restart", job, "--nodes", nodes])
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}-restart")))
             .stdin(Stdio::null())
             .output()
             .unwrap()
+    }
+
+    /// Sets extra environment for the next `cryo restart`.
+    pub fn set_restart_env(&self, env: &[(&str, &str)]) {
+        *self.restart_env.borrow_mut() = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
     }
 
     /// `cryo checkpoint` in the background, its output in
@@ -740,14 +752,27 @@ pub fn survives_kill_and_restart(
     shape: &str,
     iters: u64,
     ranks: u32,
-    (nodes, restart_nodes): (&str, &str),
+    nodes: (&str, &str),
     env: &[(&str, &str)],
+) -> Option<Survived> {
+    survives_with_restart_env(shape, iters, ranks, nodes, [env, &[]])
+}
+
+/// [`survives_kill_and_restart`] with extra environment for the restart
+/// too (`[run, restart]`).
+pub fn survives_with_restart_env(
+    shape: &str,
+    iters: u64,
+    ranks: u32,
+    (nodes, restart_nodes): (&str, &str),
+    [env, restart_env]: [&[(&str, &str)]; 2],
 ) -> Option<Survived> {
     if !have_mpi() {
         return None;
     }
     let case = Case::new(shape);
     case.reference(ranks, iters);
+    case.set_restart_env(restart_env);
     let job_name = job_name(shape);
 
     let mut job = case.start_with_env(&job_name, nodes, ranks, iters, env);

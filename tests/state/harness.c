@@ -377,6 +377,13 @@ int main(int argc, char **argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &c.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &c.size);
 
+    /* STATE_PRE_INIT_FDS=N: open N more fds before cryo_init, as an MPI
+     * library or launcher that opens more of them in one run than in
+     * another would (tests/tests/state_faults.rs). Never used, never closed. */
+    const char *pre = getenv("STATE_PRE_INIT_FDS");
+    for (long n = pre ? strtol(pre, NULL, 10) : 0; n > 0; n--)
+        if (open("/dev/null", O_RDONLY) < 0) state_fail_errno(&c, "harness", "open /dev/null (STATE_PRE_INIT_FDS)");
+
     int rc = cryo_init_mpi(MPI_COMM_WORLD);
     if (rc != CRYO_OK) state_fail(&c, "harness", "cryo_init_mpi: %s", cryo_strerror(rc));
     c.epoch = cryo_restored_epoch();

@@ -510,3 +510,39 @@ fn assert_run_said(job: &Job, line: &str) {
     }
     assert!(found, "cryo run did not say {line:?}:\n{}", job.describe());
 }
+
+/// The MPI library (or the launcher) of the restarted run opens more fds
+/// before `cryo_init` than the checkpointed one did, as another node layout
+/// or launcher may: the application's fds, kept above the runtime's fd
+/// floor, are still free for the restart.
+#[test]
+fn a_restart_whose_library_opens_more_fds_first_still_restores() {
+    let Some(survived) = cryo_tests::state::survives_with_restart_env(
+        "dup",
+        cryo_tests::state::ITERS,
+        2,
+        ("a:1,b:1", "c:2"),
+        [&[], &[("STATE_PRE_INIT_FDS", "16")]],
+    ) else {
+        return;
+    };
+    // The application's fds were at or above the floor (64).
+    let manifest = survived
+        .case
+        .job_store(&survived.job)
+        .load_manifest(1)
+        .unwrap();
+    for rank in &manifest.ranks {
+        let restored: Vec<i32> = rank
+            .fds
+            .iter()
+            .filter(|f| f.restore == cryo_core::manifest::FdRestore::Restore)
+            .map(|f| f.fd)
+            .collect();
+        assert!(
+            !restored.is_empty() && restored.iter().all(|fd| *fd >= 64),
+            "rank {}: the application's fds {restored:?} should be at or above the floor",
+            rank.rank
+        );
+    }
+}
