@@ -4,14 +4,15 @@
 //! MPI library and the launcher take before `cryo_init` can differ between
 //! the checkpointed run and the restarted one (another node layout, another
 //! rank per node, another launcher), and a library fd at a number the
-//! application used would make the restart fail. So, once connected to an
-//! agent, the runtime fills the free numbers below a floor
+//! application used would make the restart fail. So `cryo_init` fills the
+//! free numbers below a floor
 //! (`CRYO_FD_FLOOR`, default 64) with placeholders on `/dev/null`: the
 //! application's own files then get numbers at or above the floor in every
 //! run, and the library's stay below it as long as it opens fewer than that
-//! many fds before `cryo_init`. On a restart the placeholders are made after
-//! the application's fds are back. They are the runtime's own fds: never
-//! captured, never restored, close-on-exec.
+//! many fds before `cryo_init`. It does so with or without an agent, so the
+//! application's fds are numbered alike in every run. On a restart the
+//! placeholders are made after the application's fds are back. They are the
+//! runtime's own fds: never captured, never restored, close-on-exec.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 

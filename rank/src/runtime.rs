@@ -552,15 +552,14 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         RESTORED_EPOCH.store(*epoch, Ordering::Release);
         tracing::info!(job = %job, rank, epoch, fds = files.restored.len(), "restart.files_restored");
     }
-    // After a restore, so that the application's fds are back first.
-    let placeholders = if conn.is_some() {
+    // After a restore, so that the application's fds are back first; with
+    // or without an agent, so that the application's fds are numbered the
+    // same way in every run.
+    let placeholders =
         crate::floor::fill_below(config.fd_floor).map_err(|source| InitError::FdFloor {
             floor: config.fd_floor,
             source,
-        })?
-    } else {
-        Vec::new()
-    };
+        })?;
     if let Some(conn) = &conn {
         FLAG.store(
             &conn.page().checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
