@@ -40,7 +40,12 @@ pub(crate) fn fill_below(floor: RawFd) -> Result<Vec<OwnedFd>, Errno> {
     loop {
         // The lowest free number: a gap below the floor, or the first
         // number at or above it, which means there are no gaps left.
-        let next = fcntl(null.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(0))?;
+        let next = match fcntl(null.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(0)) {
+            Ok(next) => next,
+            // A low fd limit: keep what there is rather than fail the job.
+            Err(Errno::EMFILE | Errno::ENFILE) => break,
+            Err(errno) => return Err(errno),
+        };
         // SAFETY: fcntl just returned this fd and nothing else owns it.
         let next = unsafe { OwnedFd::from_raw_fd(next) };
         if next.as_raw_fd() >= floor {
