@@ -24,8 +24,10 @@ pub mod files;
 mod floor;
 mod held;
 mod mappings;
+mod park;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
+mod regions;
 mod runtime;
 
 use std::sync::atomic::Ordering;

@@ -2,19 +2,16 @@
 //! reservation, and what was restored.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
-use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
-use cryo_core::names::check_region_name;
+use cryo_core::manifest::RankRecord;
 use cryo_core::protocol::{
     read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
     RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, ENV_AGENT_SOCKET,
@@ -29,10 +26,11 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, mmap_anonymous, MapFlags, ProtFlags};
 use nix::unistd::ftruncate;
 
-use crate::error::{CheckpointError, InitError, RegionError, RestoreError};
+use crate::error::{InitError, RestoreError};
 use crate::files::{restore_files, FilePolicy, FilesRestored};
-use crate::held::{self, Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
+use crate::held::{Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
 use crate::mappings::restore_mappings;
+pub(crate) use crate::park::{park, park_decided, refuse, requested_epoch};
 
 use cryo_core::env::{ENV_FD_FLOOR, ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
 
@@ -46,14 +44,14 @@ pub const DEFAULT_REGION_RESERVE: u64 = 64 << 30;
 /// The runtime's own fds are moved at or above this number, out of the way
 /// of the application's fds, which a restart re-creates by number.
 pub const RUNTIME_FD_FLOOR: RawFd = 1000;
-const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 
 /// The safe-point flag: points at [`IDLE`] until a control page is mapped,
 /// then at its `checkpoint_requested` word. Never dangling: the control page
 /// is never unmapped.
 pub(crate) static FLAG: AtomicPtr<AtomicU64> =
     AtomicPtr::new(&IDLE as *const AtomicU64 as *mut AtomicU64);
-static IDLE: AtomicU64 = AtomicU64::new(0);
+pub(crate) static IDLE: AtomicU64 = AtomicU64::new(0);
 /// The epoch restored from, 0 for none.
 pub(crate) static RESTORED_EPOCH: AtomicU64 = AtomicU64::new(0);
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
@@ -218,15 +216,15 @@ impl Config {
     }
 }
 
-struct Connection {
-    sock: UnixStream,
-    memfd: OwnedFd,
+pub(crate) struct Connection {
+    pub(crate) sock: UnixStream,
+    pub(crate) memfd: OwnedFd,
     /// Address of the mapped control page (never unmapped).
-    page: usize,
+    pub(crate) page: usize,
 }
 
 impl Connection {
-    fn page(&self) -> &ControlPage {
+    pub(crate) fn page(&self) -> &ControlPage {
         // SAFETY: `page` is a live MAP_SHARED mapping of CONTROL_PAGE_LEN
         // bytes, page-aligned (so aligned for ControlPage), never unmapped,
         // and ControlPage holds only atomics, which tolerate concurrent
@@ -235,36 +233,36 @@ impl Connection {
     }
 }
 
-struct Restored {
-    epoch: u64,
-    store: JobStore,
-    record: RankRecord,
+pub(crate) struct Restored {
+    pub(crate) epoch: u64,
+    pub(crate) store: JobStore,
+    pub(crate) record: RankRecord,
 }
 
-struct Region {
-    info: RegionInfo,
+pub(crate) struct Region {
+    pub(crate) info: RegionInfo,
 }
 
-struct Runtime {
-    config: Config,
-    job: String,
-    conn: Option<Connection>,
-    restored: Option<Restored>,
+pub(crate) struct Runtime {
+    pub(crate) config: Config,
+    pub(crate) job: String,
+    pub(crate) conn: Option<Connection>,
+    pub(crate) restored: Option<Restored>,
     /// Next free offset in the reservation.
-    next: u64,
-    regions: Vec<Region>,
-    names: HashMap<String, usize>,
+    pub(crate) next: u64,
+    pub(crate) regions: Vec<Region>,
+    pub(crate) names: HashMap<String, usize>,
     /// Tracks writes to regions; opened with the first region, `None`
     /// where tracking is off or the kernel cannot do it.
-    tracker: Option<WriteTracker>,
-    tracker_tried: bool,
+    pub(crate) tracker: Option<WriteTracker>,
+    pub(crate) tracker_tried: bool,
     /// What was open and mapped when the runtime started.
-    baseline: Baseline,
+    pub(crate) baseline: Baseline,
     /// The fds that keep the application's above the floor.
-    placeholders: Vec<OwnedFd>,
+    pub(crate) placeholders: Vec<OwnedFd>,
 }
 
-fn lock() -> MutexGuard<'static, Option<Runtime>> {
+pub(crate) fn lock() -> MutexGuard<'static, Option<Runtime>> {
     // A panic while holding the lock (caught at the C boundary) leaves the
     // runtime usable: every field is consistent between statements.
     RUNTIME
@@ -330,7 +328,7 @@ fn reserve(base: u64, len: u64) -> Result<(), InitError> {
 }
 
 /// Moves `fd` to a number at or above [`RUNTIME_FD_FLOOR`], close-on-exec.
-fn move_high(fd: OwnedFd) -> Result<OwnedFd, Errno> {
+pub(crate) fn move_high(fd: OwnedFd) -> Result<OwnedFd, Errno> {
     let new = fcntl(fd.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(RUNTIME_FD_FLOOR))?;
     drop(fd);
     // SAFETY: fcntl just returned a new fd that nothing else owns.
@@ -589,581 +587,13 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
     Ok(info)
 }
 
-/// How a region's memory is provided.
-#[derive(Debug, Clone, Copy)]
-pub enum Backing<'a> {
-    /// Anonymous memory; contents saved and restored.
-    Anonymous,
-    /// A file mapping from `offset`. Shared: the file holds the contents
-    /// and is re-mapped on restart. Private: contents saved and restored.
-    File {
-        /// The file.
-        path: &'a Path,
-        /// Offset into the file, a multiple of 4096.
-        offset: u64,
-        /// `MAP_SHARED` rather than `MAP_PRIVATE`.
-        shared: bool,
-    },
-}
-
-impl Runtime {
-    fn check_new(&self, name: &str, len: u64) -> Result<(), RegionError> {
-        let rank = self.config.rank;
-        check_region_name(name)?;
-        if name.starts_with(cryo_core::fds::RESERVED_REGION_PREFIX) {
-            return Err(RegionError::Name(cryo_core::names::NameError::Region {
-                name: name.into(),
-                why: "names starting with 'cryo:' are the runtime's own",
-            }));
-        }
-        if self.names.contains_key(name) {
-            return Err(RegionError::Duplicate {
-                rank,
-                name: name.into(),
-            });
-        }
-        if len == 0 {
-            return Err(RegionError::ZeroLength {
-                rank,
-                name: name.into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn saved(&self, name: &str) -> Option<(&Restored, &RegionRecord)> {
-        let restored = self.restored.as_ref()?;
-        let record = restored.record.regions.iter().find(|r| r.name == name)?;
-        Some((restored, record))
-    }
-
-    fn check_saved(
-        &self,
-        info: &RegionInfo,
-    ) -> Result<Option<(&Restored, &RegionRecord)>, RegionError> {
-        let Some((restored, record)) = self.saved(&info.name) else {
-            return Ok(None);
-        };
-        let mismatch = |problem: String| RegionError::Mismatch {
-            rank: self.config.rank,
-            name: info.name.clone(),
-            epoch: restored.epoch,
-            problem,
-        };
-        if record.len != info.len {
-            return Err(mismatch(format!(
-                "{} bytes now, {} bytes saved",
-                info.len, record.len
-            )));
-        }
-        let protected = matches!(info.kind, RegionKind::Protected);
-        if !protected && record.addr != info.addr {
-            return Err(mismatch(format!(
-                "mapped at {:#x} now, {:#x} saved (regions must be created in the same order with the same CRYO_REGION_BASE)",
-                info.addr, record.addr
-            )));
-        }
-        let same_kind = match (&record.kind, &info.kind) {
-            (RegionKind::FileShared { path: a, .. }, RegionKind::FileShared { path: b, .. })
-            | (RegionKind::FilePrivate { path: a, .. }, RegionKind::FilePrivate { path: b, .. }) => {
-                if a != b {
-                    return Err(mismatch(format!("backed by {b} now, {a} saved")));
-                }
-                true
-            }
-            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
-        };
-        if !same_kind {
-            return Err(mismatch(format!(
-                "{:?} now, {:?} saved",
-                info.kind, record.kind
-            )));
-        }
-        Ok(Some((restored, record)))
-    }
-
-    fn fill(&self, info: &RegionInfo, dest: &mut [u8]) -> Result<(), RegionError> {
-        let Some((restored, record)) = self.check_saved(info)? else {
-            return Ok(());
-        };
-        if matches!(record.kind, RegionKind::FileShared { .. }) {
-            // The file holds the contents; the mapping already shows them.
-            return Ok(());
-        }
-        restored
-            .store
-            .restore_region(record, dest)
-            .map_err(|source| RegionError::Restore {
-                rank: self.config.rank,
-                epoch: restored.epoch,
-                source,
-            })?;
-        tracing::debug!(job = %self.job, rank = self.config.rank, epoch = restored.epoch, region = %info.name, "region.restored");
-        Ok(())
-    }
-
-    fn carve(&mut self, name: &str, len: u64) -> Result<u64, RegionError> {
-        let map_len = len.div_ceil(PAGE) * PAGE;
-        let left = self.config.region_reserve.saturating_sub(self.next);
-        if map_len > left {
-            return Err(RegionError::ReservationFull {
-                rank: self.config.rank,
-                name: name.into(),
-                len,
-                left,
-            });
-        }
-        let addr = self.config.region_base + self.next;
-        // One PROT_NONE guard page after each region catches overruns.
-        self.next = (self.next + map_len + PAGE).min(self.config.region_reserve);
-        Ok(addr)
-    }
-
-    /// Registers a region for write tracking; any failure only means that
-    /// every checkpoint copies the whole region.
-    fn track(&mut self, name: &str, addr: u64, len: u64) {
-        let rank = self.config.rank;
-        if !self.tracker_tried {
-            self.tracker_tried = true;
-            self.tracker = match self.config.dirty_tracking.resolve().and_then(|()| {
-                WriteTracker::new()
-                    .map_err(|e| format!("userfaultfd: {e} (needs Linux 6.7+)"))
-                    .and_then(|t| {
-                        t.relocate(move_high)
-                            .map_err(|e| format!("moving the userfaultfd: {e}"))
-                    })
-            }) {
-                Ok(tracker) => Some(tracker),
-                Err(why) => {
-                    tracing::info!(job = %self.job, rank, why = %why, "regions.untracked");
-                    None
-                }
-            };
-        }
-        if let Some(tracker) = &self.tracker {
-            if let Err(err) = tracker.register(addr, len) {
-                tracing::info!(job = %self.job, rank, region = name, error = %err, "region.untracked");
-            }
-        }
-    }
-
-    fn push(&mut self, info: RegionInfo) {
-        self.names.insert(info.name.clone(), self.regions.len());
-        self.regions.push(Region { info });
-    }
-
-    fn region(
-        &mut self,
-        name: &str,
-        len: u64,
-        backing: Backing<'_>,
-    ) -> Result<&'static mut [u8], RegionError> {
-        let rank = self.config.rank;
-        let map_err = |step| {
-            move |source| RegionError::Map {
-                rank,
-                name: name.to_owned(),
-                step,
-                source,
-            }
-        };
-        let (len, file, kind) = match backing {
-            Backing::Anonymous => (len, None, RegionKind::Anonymous),
-            Backing::File {
-                path,
-                offset,
-                shared,
-            } => {
-                let file_err = |step| {
-                    move |source| RegionError::File {
-                        rank,
-                        name: name.to_owned(),
-                        path: path.to_owned(),
-                        step,
-                        source,
-                    }
-                };
-                if offset % PAGE != 0 {
-                    return Err(RegionError::BadFile {
-                        rank,
-                        name: name.into(),
-                        problem: format!("offset {offset} is not a multiple of 4096"),
-                    });
-                }
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(shared)
-                    .open(path)
-                    .map_err(file_err("open"))?;
-                let size = file.metadata().map_err(file_err("stat"))?.len();
-                let len = if len == 0 {
-                    size.saturating_sub(offset)
-                } else {
-                    len
-                };
-                if offset.saturating_add(len) > size {
-                    return Err(RegionError::BadFile {
-                        rank,
-                        name: name.into(),
-                        problem: format!(
-                            "{} is {size} bytes, the region needs {len} bytes from offset {offset}",
-                            path.display()
-                        ),
-                    });
-                }
-                let abs = std::fs::canonicalize(path).map_err(file_err("canonicalize"))?;
-                let abs = abs.to_string_lossy().into_owned();
-                let kind = if shared {
-                    RegionKind::FileShared { path: abs, offset }
-                } else {
-                    RegionKind::FilePrivate { path: abs, offset }
-                };
-                (len, Some((file, offset, shared)), kind)
-            }
-        };
-        self.check_new(name, len)?;
-        let addr = self.carve(name, len)?;
-        let map_len = usize::try_from(len.div_ceil(PAGE) * PAGE)
-            .ok()
-            .and_then(NonZeroUsize::new)
-            .ok_or_else(|| RegionError::ZeroLength {
-                rank,
-                name: name.into(),
-            })?;
-        let at = usize::try_from(addr).ok().and_then(NonZeroUsize::new);
-        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
-        let ptr: NonNull<libc::c_void> = match &file {
-            None => {
-                // SAFETY: `addr..addr+map_len` lies inside our PROT_NONE
-                // reservation, which nothing else uses, so MAP_FIXED replaces
-                // only our own placeholder.
-                unsafe {
-                    mmap_anonymous(
-                        at,
-                        map_len,
-                        prot,
-                        MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
-                    )
-                }
-                .map_err(map_err("mmap anonymous"))?
-            }
-            Some((file, offset, shared)) => {
-                let share = if *shared {
-                    MapFlags::MAP_SHARED
-                } else {
-                    MapFlags::MAP_PRIVATE
-                };
-                let offset =
-                    i64::try_from(*offset).map_err(|_| map_err("mmap file")(Errno::EINVAL))?;
-                // SAFETY: as above, the range is our own reservation; the
-                // file is open and large enough for `len` bytes.
-                unsafe {
-                    mmap(
-                        at,
-                        map_len,
-                        prot,
-                        share | MapFlags::MAP_FIXED,
-                        file.as_fd(),
-                        offset,
-                    )
-                }
-                .map_err(map_err("mmap file"))?
-            }
-        };
-        if file.is_none() {
-            // Huge pages make the agent's process_vm_readv pin 512 times
-            // fewer pages; a kernel without THP refuses, which is harmless.
-            // SAFETY: advice on our own fresh mapping; it changes no contents.
-            let _ = unsafe {
-                nix::sys::mman::madvise(
-                    ptr,
-                    map_len.get(),
-                    nix::sys::mman::MmapAdvise::MADV_HUGEPAGE,
-                )
-            };
-        }
-        // The mapping keeps the file; the fd would only be noise in the
-        // next checkpoint's fd table.
-        drop(file);
-        let len_usize = usize::try_from(len).map_err(|_| map_err("mmap")(Errno::EOVERFLOW))?;
-        // SAFETY: the mapping is `map_len >= len` bytes, readable and
-        // writable, and is never unmapped while the process lives; region
-        // names are unique, so this is the only slice ever made over it.
-        let slice: &'static mut [u8] =
-            unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<u8>(), len_usize) };
-        let info = RegionInfo {
-            name: name.to_owned(),
-            addr,
-            len,
-            kind,
-        };
-        self.fill(&info, slice)?;
-        // Registered after the restore's fill: its pages count as written
-        // until the first checkpoint, which therefore copies them all.
-        self.track(name, addr, map_len.get() as u64);
-        tracing::debug!(job = %self.job, rank, region = name, addr, len, "region.created");
-        self.push(info);
-        Ok(slice)
-    }
-}
-
-/// Creates a region of `len` bytes at its deterministic address. On a
-/// restart, a region of the same name gets its saved contents back.
-pub fn region(
-    name: &str,
-    len: usize,
-    backing: Backing<'_>,
-) -> Result<&'static mut [u8], RegionError> {
-    let mut guard = lock();
-    let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
-    runtime.region(name, len as u64, backing)
-}
-
-/// Registers an application-owned buffer. On a restart its saved contents
-/// are copied back into it.
-///
-/// # Safety
-///
-/// `ptr` must be valid for reads and writes of `len` bytes for as long as
-/// the process lives (or until `finalize`), and nothing may access it while
-/// this call runs.
-pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), RegionError> {
-    let mut guard = lock();
-    let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
-    runtime.check_new(name, len as u64)?;
-    if ptr.is_null() {
-        return Err(RegionError::BadFile {
-            rank: runtime.config.rank,
-            name: name.into(),
-            problem: "null pointer".into(),
-        });
-    }
-    let info = RegionInfo {
-        name: name.to_owned(),
-        addr: ptr as u64,
-        len: len as u64,
-        kind: RegionKind::Protected,
-    };
-    // SAFETY: the caller guarantees `ptr` is valid for `len` bytes and not
-    // accessed concurrently.
-    let dest = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    runtime.fill(&info, dest)?;
-    runtime.push(info);
-    Ok(())
-}
+pub use crate::regions::{protect, region, Backing};
 
 /// The epoch this process restarted from, if any.
 pub fn restored_epoch() -> Option<u64> {
     match RESTORED_EPOCH.load(Ordering::Acquire) {
         0 => None,
         epoch => Some(epoch),
-    }
-}
-
-/// The safe point's slow path: a checkpoint is pending.
-#[cold]
-#[inline(never)]
-pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
-    let guard = lock();
-    let Some(runtime) = guard.as_ref() else {
-        return Ok(SafePoint::Continue);
-    };
-    let Some(conn) = runtime.conn.as_ref() else {
-        return Ok(SafePoint::Continue);
-    };
-    let page = conn.page();
-    // Clear the request first so that the next safe point does not park
-    // again for the same epoch; a newer request overwrites it later.
-    let epoch = match page.checkpoint_requested.compare_exchange(
-        requested,
-        0,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    ) {
-        Ok(epoch) => epoch,
-        Err(0) => return Ok(SafePoint::Continue),
-        Err(newer) => {
-            page.checkpoint_requested.store(0, Ordering::Release);
-            newer
-        }
-    };
-    let result = park_epoch(runtime, conn, epoch);
-    detach_on_agent_loss(guard, result)
-}
-
-/// A rank whose agent vanished while it was parked carries on without
-/// checkpoints rather than failing the application: the epoch is lost (the
-/// coordinator aborts it), the job is not.
-fn detach_on_agent_loss(
-    mut guard: MutexGuard<'_, Option<Runtime>>,
-    result: Result<SafePoint, CheckpointError>,
-) -> Result<SafePoint, CheckpointError> {
-    match result {
-        Err(CheckpointError::Agent {
-            rank,
-            epoch,
-            source,
-        }) => {
-            eprintln!(
-                "cryo: rank {rank}: lost the node agent during the checkpoint of epoch {epoch} \
-                 ({source}); the epoch is abandoned and this rank continues without checkpoints"
-            );
-            FLAG.store(
-                &IDLE as *const AtomicU64 as *mut AtomicU64,
-                Ordering::Release,
-            );
-            if let Some(runtime) = guard.as_mut() {
-                // The control page stays mapped (see `finalize`).
-                runtime.conn = None;
-            }
-            Ok(SafePoint::Aborted(epoch))
-        }
-        other => other,
-    }
-}
-
-/// The epoch this rank's agent has requested (0 for none).
-pub(crate) fn requested_epoch() -> u64 {
-    let flag = FLAG.load(Ordering::Relaxed);
-    // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
-    unsafe { &*flag }.load(Ordering::Acquire)
-}
-
-/// Parks for `epoch`, which all ranks agreed on (MPI mode). The local
-/// request may not have been raised yet, or already withdrawn: the rank
-/// parks all the same, and its agent answers `Resume` or `Abort`.
-pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
-    let guard = lock();
-    let Some((runtime, conn)) = guard
-        .as_ref()
-        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
-    else {
-        return Ok(SafePoint::Continue);
-    };
-    let _ = conn.page().checkpoint_requested.compare_exchange(
-        epoch,
-        0,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
-    let result = park_epoch(runtime, conn, epoch);
-    detach_on_agent_loss(guard, result)
-}
-
-/// Tells the agent that this rank refuses `epoch` and why (MPI mode: a
-/// message was in flight at the agreed safe point).
-pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, CheckpointError> {
-    let guard = lock();
-    let Some((runtime, conn)) = guard
-        .as_ref()
-        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
-    else {
-        return Ok(SafePoint::Aborted(epoch));
-    };
-    let rank = runtime.config.rank;
-    let _ = conn.page().checkpoint_requested.compare_exchange(
-        epoch,
-        0,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
-    tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.quiesce_refused");
-    write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason }).map_err(|source| {
-        CheckpointError::Agent {
-            rank,
-            epoch,
-            source,
-        }
-    })?;
-    Ok(SafePoint::Aborted(epoch))
-}
-
-fn park_epoch(
-    runtime: &Runtime,
-    conn: &Connection,
-    epoch: u64,
-) -> Result<SafePoint, CheckpointError> {
-    let rank = runtime.config.rank;
-    let page = conn.page();
-    let agent = |source| CheckpointError::Agent {
-        rank,
-        epoch,
-        source,
-    };
-    held::flush_streams();
-    let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
-        .into_iter()
-        .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
-        .chain(runtime.placeholders.iter().map(AsRawFd::as_raw_fd))
-        .collect();
-    let reservation = (runtime.config.region_base, runtime.config.region_reserve);
-    // Kept until the agent has copied what it maps.
-    let library_fds = runtime.baseline.library_fds(&runtime_fds);
-    let caps = held::Caps {
-        unlinked: runtime.config.unlinked_cap,
-        writable: runtime.config.writable_cap,
-    };
-    let held = match held::gather(
-        rank,
-        &runtime.baseline,
-        [&runtime_fds, &library_fds],
-        reservation,
-        caps,
-    ) {
-        Ok(held) => held,
-        Err(reason) => {
-            tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
-            write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason })
-                .map_err(agent)?;
-            return Ok(SafePoint::Aborted(epoch));
-        }
-    };
-    for warning in &held.warnings {
-        tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
-    }
-    page.parked_epoch.store(epoch, Ordering::Release);
-    let parked = RankToAgent::Parked {
-        epoch,
-        regions: runtime
-            .regions
-            .iter()
-            .map(|r| r.info.clone())
-            .chain(held.regions.iter().cloned())
-            .collect(),
-        library_fds,
-        runtime_fds,
-        warnings: held.warnings.clone(),
-    };
-    tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
-    write_message(&mut &conn.sock, &parked).map_err(agent)?;
-    loop {
-        match read_message::<AgentToRank>(&mut &conn.sock).map_err(agent)? {
-            AgentToRank::Resume { epoch: resumed } if resumed == epoch => {
-                page.resumed_epoch.store(epoch, Ordering::Release);
-                tracing::debug!(job = %runtime.job, rank, epoch, "rank.resumed");
-                return Ok(SafePoint::Checkpointed(epoch));
-            }
-            AgentToRank::Abort {
-                epoch: aborted,
-                reason,
-            } if aborted == epoch => {
-                tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_aborted");
-                return Ok(SafePoint::Aborted(epoch));
-            }
-            // An answer about an older epoch, left in the socket: skip it.
-            AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
-                if old < epoch =>
-            {
-                tracing::debug!(job = %runtime.job, rank, epoch, stale = old, "rank.stale_answer");
-            }
-            other => {
-                return Err(CheckpointError::Unexpected {
-                    rank,
-                    epoch,
-                    what: format!("{other:?}"),
-                })
-            }
-        }
     }
 }
 

@@ -1,0 +1,222 @@
+//! The checkpoint path of a rank: taking a pending request at a safe point,
+//! gathering what the rank holds beyond its regions, parking until the
+//! agent has copied it, and what happens when the agent is lost meanwhile.
+//! Only a safe point with a checkpoint pending comes here.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::MutexGuard;
+
+use cryo_core::dirty::WriteTracker;
+use cryo_core::protocol::{read_message, write_message, AgentToRank, RankToAgent};
+
+use crate::error::CheckpointError;
+use crate::held;
+use crate::runtime::{lock, Connection, Runtime, SafePoint, FLAG, IDLE};
+
+/// The safe point's slow path: a checkpoint is pending.
+#[cold]
+#[inline(never)]
+pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
+    let guard = lock();
+    let Some(runtime) = guard.as_ref() else {
+        return Ok(SafePoint::Continue);
+    };
+    let Some(conn) = runtime.conn.as_ref() else {
+        return Ok(SafePoint::Continue);
+    };
+    let page = conn.page();
+    // Clear the request first so that the next safe point does not park
+    // again for the same epoch; a newer request overwrites it later.
+    let epoch = match page.checkpoint_requested.compare_exchange(
+        requested,
+        0,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(epoch) => epoch,
+        Err(0) => return Ok(SafePoint::Continue),
+        Err(newer) => {
+            page.checkpoint_requested.store(0, Ordering::Release);
+            newer
+        }
+    };
+    let result = park_epoch(runtime, conn, epoch);
+    detach_on_agent_loss(guard, result)
+}
+
+/// A rank whose agent vanished while it was parked carries on without
+/// checkpoints rather than failing the application: the epoch is lost (the
+/// coordinator aborts it), the job is not.
+fn detach_on_agent_loss(
+    mut guard: MutexGuard<'_, Option<Runtime>>,
+    result: Result<SafePoint, CheckpointError>,
+) -> Result<SafePoint, CheckpointError> {
+    match result {
+        Err(CheckpointError::Agent {
+            rank,
+            epoch,
+            source,
+        }) => {
+            eprintln!(
+                "cryo: rank {rank}: lost the node agent during the checkpoint of epoch {epoch} \
+                 ({source}); the epoch is abandoned and this rank continues without checkpoints"
+            );
+            FLAG.store(
+                &IDLE as *const AtomicU64 as *mut AtomicU64,
+                Ordering::Release,
+            );
+            if let Some(runtime) = guard.as_mut() {
+                // The control page stays mapped (see `finalize`).
+                runtime.conn = None;
+            }
+            Ok(SafePoint::Aborted(epoch))
+        }
+        other => other,
+    }
+}
+
+/// The epoch this rank's agent has requested (0 for none).
+pub(crate) fn requested_epoch() -> u64 {
+    let flag = FLAG.load(Ordering::Relaxed);
+    // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
+    unsafe { &*flag }.load(Ordering::Acquire)
+}
+
+/// Parks for `epoch`, which all ranks agreed on (MPI mode). The local
+/// request may not have been raised yet, or already withdrawn: the rank
+/// parks all the same, and its agent answers `Resume` or `Abort`.
+pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
+    let guard = lock();
+    let Some((runtime, conn)) = guard
+        .as_ref()
+        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
+    else {
+        return Ok(SafePoint::Continue);
+    };
+    let _ = conn.page().checkpoint_requested.compare_exchange(
+        epoch,
+        0,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    let result = park_epoch(runtime, conn, epoch);
+    detach_on_agent_loss(guard, result)
+}
+
+/// Tells the agent that this rank refuses `epoch` and why (MPI mode: a
+/// message was in flight at the agreed safe point).
+pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, CheckpointError> {
+    let guard = lock();
+    let Some((runtime, conn)) = guard
+        .as_ref()
+        .and_then(|runtime| runtime.conn.as_ref().map(|conn| (runtime, conn)))
+    else {
+        return Ok(SafePoint::Aborted(epoch));
+    };
+    let rank = runtime.config.rank;
+    let _ = conn.page().checkpoint_requested.compare_exchange(
+        epoch,
+        0,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+    tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.quiesce_refused");
+    write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason }).map_err(|source| {
+        CheckpointError::Agent {
+            rank,
+            epoch,
+            source,
+        }
+    })?;
+    Ok(SafePoint::Aborted(epoch))
+}
+
+fn park_epoch(
+    runtime: &Runtime,
+    conn: &Connection,
+    epoch: u64,
+) -> Result<SafePoint, CheckpointError> {
+    let rank = runtime.config.rank;
+    let page = conn.page();
+    let agent = |source| CheckpointError::Agent {
+        rank,
+        epoch,
+        source,
+    };
+    held::flush_streams();
+    let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
+        .into_iter()
+        .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
+        .chain(runtime.placeholders.iter().map(AsRawFd::as_raw_fd))
+        .collect();
+    let reservation = (runtime.config.region_base, runtime.config.region_reserve);
+    // Kept until the agent has copied what it maps.
+    let library_fds = runtime.baseline.library_fds(&runtime_fds);
+    let caps = held::Caps {
+        unlinked: runtime.config.unlinked_cap,
+        writable: runtime.config.writable_cap,
+    };
+    let held = match held::gather(
+        rank,
+        &runtime.baseline,
+        [&runtime_fds, &library_fds],
+        reservation,
+        caps,
+    ) {
+        Ok(held) => held,
+        Err(reason) => {
+            tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
+            write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason })
+                .map_err(agent)?;
+            return Ok(SafePoint::Aborted(epoch));
+        }
+    };
+    for warning in &held.warnings {
+        tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
+    }
+    page.parked_epoch.store(epoch, Ordering::Release);
+    let parked = RankToAgent::Parked {
+        epoch,
+        regions: runtime
+            .regions
+            .iter()
+            .map(|r| r.info.clone())
+            .chain(held.regions.iter().cloned())
+            .collect(),
+        library_fds,
+        runtime_fds,
+        warnings: held.warnings.clone(),
+    };
+    tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
+    write_message(&mut &conn.sock, &parked).map_err(agent)?;
+    loop {
+        match read_message::<AgentToRank>(&mut &conn.sock).map_err(agent)? {
+            AgentToRank::Resume { epoch: resumed } if resumed == epoch => {
+                page.resumed_epoch.store(epoch, Ordering::Release);
+                tracing::debug!(job = %runtime.job, rank, epoch, "rank.resumed");
+                return Ok(SafePoint::Checkpointed(epoch));
+            }
+            AgentToRank::Abort {
+                epoch: aborted,
+                reason,
+            } if aborted == epoch => {
+                tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_aborted");
+                return Ok(SafePoint::Aborted(epoch));
+            }
+            // An answer about an older epoch, left in the socket: skip it.
+            AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
+                if old < epoch =>
+            {
+                tracing::debug!(job = %runtime.job, rank, epoch, stale = old, "rank.stale_answer");
+            }
+            other => {
+                return Err(CheckpointError::Unexpected {
+                    rank,
+                    epoch,
+                    what: format!("{other:?}"),
+                })
+            }
+        }
+    }
+}

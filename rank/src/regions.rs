@@ -1,0 +1,382 @@
+//! Regions: carving them from the reservation at deterministic addresses,
+//! registering application buffers (`protect`), write tracking, and filling
+//! them from the checkpoint on a restart.
+
+use std::fs::OpenOptions;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::ptr::NonNull;
+
+use cryo_core::dirty::WriteTracker;
+use cryo_core::manifest::{RegionKind, RegionRecord};
+use cryo_core::names::check_region_name;
+use cryo_core::protocol::RegionInfo;
+use nix::errno::Errno;
+use nix::sys::mman::{mmap, mmap_anonymous, MapFlags, ProtFlags};
+
+use crate::error::RegionError;
+use crate::runtime::{lock, move_high, Region, Restored, Runtime, PAGE};
+
+/// How a region's memory is provided.
+#[derive(Debug, Clone, Copy)]
+pub enum Backing<'a> {
+    /// Anonymous memory; contents saved and restored.
+    Anonymous,
+    /// A file mapping from `offset`. Shared: the file holds the contents
+    /// and is re-mapped on restart. Private: contents saved and restored.
+    File {
+        /// The file.
+        path: &'a Path,
+        /// Offset into the file, a multiple of 4096.
+        offset: u64,
+        /// `MAP_SHARED` rather than `MAP_PRIVATE`.
+        shared: bool,
+    },
+}
+
+impl Runtime {
+    fn check_new(&self, name: &str, len: u64) -> Result<(), RegionError> {
+        let rank = self.config.rank;
+        check_region_name(name)?;
+        if name.starts_with(cryo_core::fds::RESERVED_REGION_PREFIX) {
+            return Err(RegionError::Name(cryo_core::names::NameError::Region {
+                name: name.into(),
+                why: "names starting with 'cryo:' are the runtime's own",
+            }));
+        }
+        if self.names.contains_key(name) {
+            return Err(RegionError::Duplicate {
+                rank,
+                name: name.into(),
+            });
+        }
+        if len == 0 {
+            return Err(RegionError::ZeroLength {
+                rank,
+                name: name.into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn saved(&self, name: &str) -> Option<(&Restored, &RegionRecord)> {
+        let restored = self.restored.as_ref()?;
+        let record = restored.record.regions.iter().find(|r| r.name == name)?;
+        Some((restored, record))
+    }
+
+    fn check_saved(
+        &self,
+        info: &RegionInfo,
+    ) -> Result<Option<(&Restored, &RegionRecord)>, RegionError> {
+        let Some((restored, record)) = self.saved(&info.name) else {
+            return Ok(None);
+        };
+        let mismatch = |problem: String| RegionError::Mismatch {
+            rank: self.config.rank,
+            name: info.name.clone(),
+            epoch: restored.epoch,
+            problem,
+        };
+        if record.len != info.len {
+            return Err(mismatch(format!(
+                "{} bytes now, {} bytes saved",
+                info.len, record.len
+            )));
+        }
+        let protected = matches!(info.kind, RegionKind::Protected);
+        if !protected && record.addr != info.addr {
+            return Err(mismatch(format!(
+                "mapped at {:#x} now, {:#x} saved (regions must be created in the same order with the same CRYO_REGION_BASE)",
+                info.addr, record.addr
+            )));
+        }
+        let same_kind = match (&record.kind, &info.kind) {
+            (RegionKind::FileShared { path: a, .. }, RegionKind::FileShared { path: b, .. })
+            | (RegionKind::FilePrivate { path: a, .. }, RegionKind::FilePrivate { path: b, .. }) => {
+                if a != b {
+                    return Err(mismatch(format!("backed by {b} now, {a} saved")));
+                }
+                true
+            }
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        };
+        if !same_kind {
+            return Err(mismatch(format!(
+                "{:?} now, {:?} saved",
+                info.kind, record.kind
+            )));
+        }
+        Ok(Some((restored, record)))
+    }
+
+    fn fill(&self, info: &RegionInfo, dest: &mut [u8]) -> Result<(), RegionError> {
+        let Some((restored, record)) = self.check_saved(info)? else {
+            return Ok(());
+        };
+        if matches!(record.kind, RegionKind::FileShared { .. }) {
+            // The file holds the contents; the mapping already shows them.
+            return Ok(());
+        }
+        restored
+            .store
+            .restore_region(record, dest)
+            .map_err(|source| RegionError::Restore {
+                rank: self.config.rank,
+                epoch: restored.epoch,
+                source,
+            })?;
+        tracing::debug!(job = %self.job, rank = self.config.rank, epoch = restored.epoch, region = %info.name, "region.restored");
+        Ok(())
+    }
+
+    fn carve(&mut self, name: &str, len: u64) -> Result<u64, RegionError> {
+        let map_len = len.div_ceil(PAGE) * PAGE;
+        let left = self.config.region_reserve.saturating_sub(self.next);
+        if map_len > left {
+            return Err(RegionError::ReservationFull {
+                rank: self.config.rank,
+                name: name.into(),
+                len,
+                left,
+            });
+        }
+        let addr = self.config.region_base + self.next;
+        // One PROT_NONE guard page after each region catches overruns.
+        self.next = (self.next + map_len + PAGE).min(self.config.region_reserve);
+        Ok(addr)
+    }
+
+    /// Registers a region for write tracking; any failure only means that
+    /// every checkpoint copies the whole region.
+    fn track(&mut self, name: &str, addr: u64, len: u64) {
+        let rank = self.config.rank;
+        if !self.tracker_tried {
+            self.tracker_tried = true;
+            self.tracker = match self.config.dirty_tracking.resolve().and_then(|()| {
+                WriteTracker::new()
+                    .map_err(|e| format!("userfaultfd: {e} (needs Linux 6.7+)"))
+                    .and_then(|t| {
+                        t.relocate(move_high)
+                            .map_err(|e| format!("moving the userfaultfd: {e}"))
+                    })
+            }) {
+                Ok(tracker) => Some(tracker),
+                Err(why) => {
+                    tracing::info!(job = %self.job, rank, why = %why, "regions.untracked");
+                    None
+                }
+            };
+        }
+        if let Some(tracker) = &self.tracker {
+            if let Err(err) = tracker.register(addr, len) {
+                tracing::info!(job = %self.job, rank, region = name, error = %err, "region.untracked");
+            }
+        }
+    }
+
+    fn push(&mut self, info: RegionInfo) {
+        self.names.insert(info.name.clone(), self.regions.len());
+        self.regions.push(Region { info });
+    }
+
+    fn region(
+        &mut self,
+        name: &str,
+        len: u64,
+        backing: Backing<'_>,
+    ) -> Result<&'static mut [u8], RegionError> {
+        let rank = self.config.rank;
+        let map_err = |step| {
+            move |source| RegionError::Map {
+                rank,
+                name: name.to_owned(),
+                step,
+                source,
+            }
+        };
+        let (len, file, kind) = match backing {
+            Backing::Anonymous => (len, None, RegionKind::Anonymous),
+            Backing::File {
+                path,
+                offset,
+                shared,
+            } => {
+                let file_err = |step| {
+                    move |source| RegionError::File {
+                        rank,
+                        name: name.to_owned(),
+                        path: path.to_owned(),
+                        step,
+                        source,
+                    }
+                };
+                if offset % PAGE != 0 {
+                    return Err(RegionError::BadFile {
+                        rank,
+                        name: name.into(),
+                        problem: format!("offset {offset} is not a multiple of 4096"),
+                    });
+                }
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(shared)
+                    .open(path)
+                    .map_err(file_err("open"))?;
+                let size = file.metadata().map_err(file_err("stat"))?.len();
+                let len = if len == 0 {
+                    size.saturating_sub(offset)
+                } else {
+                    len
+                };
+                if offset.saturating_add(len) > size {
+                    return Err(RegionError::BadFile {
+                        rank,
+                        name: name.into(),
+                        problem: format!(
+                            "{} is {size} bytes, the region needs {len} bytes from offset {offset}",
+                            path.display()
+                        ),
+                    });
+                }
+                let abs = std::fs::canonicalize(path).map_err(file_err("canonicalize"))?;
+                let abs = abs.to_string_lossy().into_owned();
+                let kind = if shared {
+                    RegionKind::FileShared { path: abs, offset }
+                } else {
+                    RegionKind::FilePrivate { path: abs, offset }
+                };
+                (len, Some((file, offset, shared)), kind)
+            }
+        };
+        self.check_new(name, len)?;
+        let addr = self.carve(name, len)?;
+        let map_len = usize::try_from(len.div_ceil(PAGE) * PAGE)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| RegionError::ZeroLength {
+                rank,
+                name: name.into(),
+            })?;
+        let at = usize::try_from(addr).ok().and_then(NonZeroUsize::new);
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
+        let ptr: NonNull<libc::c_void> = match &file {
+            None => {
+                // SAFETY: `addr..addr+map_len` lies inside our PROT_NONE
+                // reservation, which nothing else uses, so MAP_FIXED replaces
+                // only our own placeholder.
+                unsafe {
+                    mmap_anonymous(
+                        at,
+                        map_len,
+                        prot,
+                        MapFlags::MAP_PRIVATE | MapFlags::MAP_FIXED,
+                    )
+                }
+                .map_err(map_err("mmap anonymous"))?
+            }
+            Some((file, offset, shared)) => {
+                let share = if *shared {
+                    MapFlags::MAP_SHARED
+                } else {
+                    MapFlags::MAP_PRIVATE
+                };
+                let offset =
+                    i64::try_from(*offset).map_err(|_| map_err("mmap file")(Errno::EINVAL))?;
+                // SAFETY: as above, the range is our own reservation; the
+                // file is open and large enough for `len` bytes.
+                unsafe {
+                    mmap(
+                        at,
+                        map_len,
+                        prot,
+                        share | MapFlags::MAP_FIXED,
+                        file.as_fd(),
+                        offset,
+                    )
+                }
+                .map_err(map_err("mmap file"))?
+            }
+        };
+        if file.is_none() {
+            // Huge pages make the agent's process_vm_readv pin 512 times
+            // fewer pages; a kernel without THP refuses, which is harmless.
+            // SAFETY: advice on our own fresh mapping; it changes no contents.
+            let _ = unsafe {
+                nix::sys::mman::madvise(
+                    ptr,
+                    map_len.get(),
+                    nix::sys::mman::MmapAdvise::MADV_HUGEPAGE,
+                )
+            };
+        }
+        // The mapping keeps the file; the fd would only be noise in the
+        // next checkpoint's fd table.
+        drop(file);
+        let len_usize = usize::try_from(len).map_err(|_| map_err("mmap")(Errno::EOVERFLOW))?;
+        // SAFETY: the mapping is `map_len >= len` bytes, readable and
+        // writable, and is never unmapped while the process lives; region
+        // names are unique, so this is the only slice ever made over it.
+        let slice: &'static mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr().cast::<u8>(), len_usize) };
+        let info = RegionInfo {
+            name: name.to_owned(),
+            addr,
+            len,
+            kind,
+        };
+        self.fill(&info, slice)?;
+        // Registered after the restore's fill: its pages count as written
+        // until the first checkpoint, which therefore copies them all.
+        self.track(name, addr, map_len.get() as u64);
+        tracing::debug!(job = %self.job, rank, region = name, addr, len, "region.created");
+        self.push(info);
+        Ok(slice)
+    }
+}
+
+/// Creates a region of `len` bytes at its deterministic address. On a
+/// restart, a region of the same name gets its saved contents back.
+pub fn region(
+    name: &str,
+    len: usize,
+    backing: Backing<'_>,
+) -> Result<&'static mut [u8], RegionError> {
+    let mut guard = lock();
+    let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
+    runtime.region(name, len as u64, backing)
+}
+
+/// Registers an application-owned buffer. On a restart its saved contents
+/// are copied back into it.
+///
+/// # Safety
+///
+/// `ptr` must be valid for reads and writes of `len` bytes for as long as
+/// the process lives (or until `finalize`), and nothing may access it while
+/// this call runs.
+pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), RegionError> {
+    let mut guard = lock();
+    let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
+    runtime.check_new(name, len as u64)?;
+    if ptr.is_null() {
+        return Err(RegionError::BadFile {
+            rank: runtime.config.rank,
+            name: name.into(),
+            problem: "null pointer".into(),
+        });
+    }
+    let info = RegionInfo {
+        name: name.to_owned(),
+        addr: ptr as u64,
+        len: len as u64,
+        kind: RegionKind::Protected,
+    };
+    // SAFETY: the caller guarantees `ptr` is valid for `len` bytes and not
+    // accessed concurrently.
+    let dest = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    runtime.fill(&info, dest)?;
+    runtime.push(info);
+    Ok(())
+}
