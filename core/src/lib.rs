@@ -19,6 +19,7 @@ pub mod durable;
 pub mod env;
 pub mod fault;
 pub mod fds;
+pub mod gc;
 pub mod header;
 pub mod legacy;
 pub mod manifest;

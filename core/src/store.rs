@@ -613,107 +613,6 @@ impl JobStore {
         }
     }
 
-    /// Deletes committed manifests beyond the newest `keep`. Chunks are freed
-    /// by the next [`JobStore::gc`]. Returns the epochs removed.
-    pub fn apply_retention(&self, keep: usize) -> Result<Vec<u64>, IoStepError> {
-        let epochs = self.committed_epochs()?;
-        let keep = keep.max(1);
-        if epochs.len() <= keep {
-            return Ok(Vec::new());
-        }
-        let doomed = epochs[..epochs.len() - keep].to_vec();
-        for epoch in &doomed {
-            let path = self.manifest_path(*epoch);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(IoStepError::new("remove manifest", path, err)),
-            }
-        }
-        sync_dir(&self.epochs_dir())?;
-        Ok(doomed)
-    }
-
-    /// Retention then mark-and-sweep of chunks. See [`GcReport`].
-    pub fn gc(&self, keep: Option<usize>) -> Result<GcReport, GcError> {
-        let mut report = GcReport {
-            job: self.name.clone(),
-            ..GcReport::default()
-        };
-        // Retention and the sweep delete: never through a link out of the
-        // store.
-        if self.chunks_dir().exists() {
-            self.check_layout()?;
-        }
-        if let Some(keep) = keep {
-            report.removed_epochs = self.apply_retention(keep)?;
-        }
-        let _lock = match self.try_lock_exclusive() {
-            Ok(lock) => lock,
-            Err(LockError::Busy { .. }) => {
-                report.skipped = Some("an epoch is being written; chunks were not swept".into());
-                return Ok(report);
-            }
-            Err(LockError::Io(err)) => return Err(err.into()),
-        };
-        // Mark: every chunk named by a committed manifest or a pending part.
-        let mut live: HashSet<ChunkHash> = HashSet::new();
-        for epoch in self.committed_epochs()? {
-            let manifest = self.load_manifest(epoch).map_err(GcError::Unreadable)?;
-            live.extend(manifest.chunk_refs().map(|(_, _, c)| c.hash));
-        }
-        // No writer holds the lock, so pending epochs are abandoned: their
-        // parts can never be committed by a live writer. Drop them.
-        for (epoch, _) in self.partial_epochs()? {
-            self.discard_pending(epoch)?;
-            report.removed_partial_epochs.push(epoch);
-        }
-        // Sweep.
-        let chunks_dir = self.chunks_dir();
-        let fanouts = match fs::read_dir(&chunks_dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(report),
-            Err(err) => return Err(IoStepError::new("list", chunks_dir, err).into()),
-        };
-        for fanout in fanouts {
-            let fanout = fanout.step("list", &chunks_dir)?.path();
-            if !fanout.is_dir() {
-                continue;
-            }
-            let mut changed = false;
-            for entry in fs::read_dir(&fanout).step("list", &fanout)? {
-                let entry = entry.step("list", &fanout)?;
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                let path = entry.path();
-                let remove = if name.starts_with(".tmp-") {
-                    report.removed_temp_files += 1;
-                    true
-                } else if let Ok(hash) = name.parse::<ChunkHash>() {
-                    !live.contains(&hash)
-                } else {
-                    false
-                };
-                if !remove {
-                    report.live_chunks += 1;
-                    continue;
-                }
-                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(&path).step("remove chunk", &path)?;
-                if !name.starts_with(".tmp-") {
-                    report.removed_chunks += 1;
-                }
-                report.freed_bytes += len;
-                changed = true;
-            }
-            if changed {
-                sync_dir(&fanout)?;
-            }
-        }
-        tracing::info!(job = %self.name, removed = report.removed_chunks, freed = report.freed_bytes, "gc.done");
-        Ok(report)
-    }
-
     /// Per-epoch sizes for listing; reads the manifest.
     pub fn summarize(&self, epoch: u64) -> Result<EpochSummary, LoadError> {
         let manifest = self.load_manifest(epoch)?;
@@ -721,45 +620,14 @@ impl JobStore {
     }
 }
 
+pub use crate::gc::{GcError, GcReport};
+
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-/// GC could not run.
-#[derive(Debug, Error)]
-pub enum GcError {
-    /// A committed manifest could not be read, so what it references is
-    /// unknown; no chunk is removed rather than risk removing a live one.
-    #[error("refusing to sweep chunks: {0}")]
-    Unreadable(LoadError),
-    /// An I/O step failed.
-    #[error(transparent)]
-    Io(#[from] IoStepError),
-}
-
-/// What a GC run did.
-#[derive(Debug, Default, Clone)]
-pub struct GcReport {
-    /// The job.
-    pub job: String,
-    /// Epochs removed by retention.
-    pub removed_epochs: Vec<u64>,
-    /// Abandoned pending epochs removed.
-    pub removed_partial_epochs: Vec<u64>,
-    /// Chunks removed.
-    pub removed_chunks: u64,
-    /// Stale temp files removed.
-    pub removed_temp_files: u64,
-    /// Bytes freed.
-    pub freed_bytes: u64,
-    /// Chunks kept.
-    pub live_chunks: u64,
-    /// Why the sweep was skipped, if it was.
-    pub skipped: Option<String>,
 }
 
 /// Sizes of one committed epoch.

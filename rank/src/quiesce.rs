@@ -507,6 +507,7 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         mpi_check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size").map_err(InitError::Mpi)?;
     }
     let info = runtime::init()?;
+    runtime::before_finalize(detach);
     if i64::from(rank) != i64::from(info.rank) {
         return Err(InitError::Mpi(format!(
             "the agent registered this process as rank {}, but it is rank {rank} of the communicator",

@@ -597,10 +597,20 @@ pub fn restored_epoch() -> Option<u64> {
     }
 }
 
+/// What `finalize` runs first: the MPI quiesce's final agreement, when
+/// `init_mpi` attached it (so the runtime does not depend on the quiesce).
+static BEFORE_FINALIZE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Has `finalize` run `hook` first (once; later calls are ignored).
+pub(crate) fn before_finalize(hook: fn()) {
+    let _ = BEFORE_FINALIZE.set(hook);
+}
+
 /// Says goodbye to the agent and stops checkpointing. Regions stay mapped.
 pub fn finalize() {
-    #[cfg(feature = "mpi")]
-    crate::quiesce::detach();
+    if let Some(hook) = BEFORE_FINALIZE.get() {
+        hook();
+    }
     let mut guard = lock();
     FLAG.store(
         &IDLE as *const AtomicU64 as *mut AtomicU64,
