@@ -28,4 +28,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = manifest.validate_shape();
         let _ = cryo_core::store::EpochSummary::of(&manifest);
     }
+    // The same bytes as a format 1.0 file: the legacy layouts.
+    let mut old = header;
+    old.version.minor = 0;
+    file[..HEADER_LEN].copy_from_slice(&old.encode());
+    if let Ok(manifest) = decode_meta_file::<Manifest>(FileKind::Manifest, &file) {
+        let _ = manifest.validate_shape();
+    }
+    let mut part = old;
+    part.kind = FileKind::RankPart;
+    file[..HEADER_LEN].copy_from_slice(&part.encode());
+    if let Ok(rank) = decode_meta_file::<RankRecord>(FileKind::RankPart, &file) {
+        let _ = rank.validate(1 << 20);
+    }
 });
