@@ -83,7 +83,7 @@ use crate::runtime::{self, InitInfo, SafePoint};
 /// Environment variable: safe points of slack, fixed (default `auto`: see
 /// [`JOIN_SLACK`]). `0` makes every agreement miss and refuse, which is
 /// only useful to test that path.
-pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
+pub use cryo_core::env::ENV_QUIESCE_SLACK;
 
 /// How far past its join a rank may run before the agreement must have
 /// told it the target: it covers the spread between the agents raising
