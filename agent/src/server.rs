@@ -37,8 +37,8 @@ use cryo_core::manifest::{RegionRecord, WriteStats};
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentStatus, AgentToCoordinator,
     AgentToRank, BusyPolicy, CheckpointReport, Completion, ControlPage, ControlRequest,
-    ControlResponse, CoordinatorToAgent, Hello, Peer, RankCaptureReport, RankToAgent, RegionInfo,
-    StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
+    ControlResponse, CoordinatorToAgent, Hello, Peer, RankCaptureReport, RankToAgent, StartMode,
+    CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
 };
 use cryo_core::store::{JobStore, Store, StoreError};
 use cryo_core::token::JobToken;
@@ -139,14 +139,7 @@ pub enum ServeError {
 }
 
 enum RankEvent {
-    Parked {
-        epoch: u64,
-        regions: Vec<RegionInfo>,
-        runtime_fds: Vec<i32>,
-        library_fds: Vec<i32>,
-        warnings: Vec<String>,
-        at: Instant,
-    },
+    Parked(Parked),
     Gone(String),
     /// The rank refused to park for the epoch (MPI: message in flight).
     Refused {
@@ -734,10 +727,16 @@ impl Shared {
                 }) => self.rank_parked(
                     conn,
                     tx,
-                    epoch,
-                    regions,
-                    [runtime_fds, library_fds],
-                    warnings,
+                    Parked {
+                        rank,
+                        pid,
+                        epoch,
+                        regions,
+                        runtime_fds,
+                        library_fds,
+                        warnings,
+                        since: Instant::now(),
+                    },
                 ),
                 Ok(RankToAgent::Restored { epoch }) => {
                     tracing::info!(job = %job, rank, pid, epoch, "restart.done");
@@ -771,27 +770,12 @@ impl Shared {
     /// epoch; held if it is for an epoch the coordinator has not asked this
     /// agent for yet (coordinated mode); otherwise answered `Abort` at once,
     /// so the rank is never left blocked.
-    fn rank_parked(
-        &self,
-        conn: &Arc<RankConn>,
-        tx: &Sender<RankEvent>,
-        epoch: u64,
-        regions: Vec<RegionInfo>,
-        [runtime_fds, library_fds]: [Vec<i32>; 2],
-        warnings: Vec<String>,
-    ) {
-        let at = Instant::now();
+    fn rank_parked(&self, conn: &Arc<RankConn>, tx: &Sender<RankEvent>, parked: Parked) {
+        let (epoch, at) = (parked.epoch, parked.since);
         let mut state = lock(&self.state);
         let open = state.busy == Some(epoch) && state.cancel.as_ref().is_some_and(|c| !c.is_set());
         if open {
-            let _ = tx.send(RankEvent::Parked {
-                epoch,
-                regions,
-                runtime_fds,
-                library_fds,
-                warnings,
-                at,
-            });
+            let _ = tx.send(RankEvent::Parked(parked));
             return;
         }
         let linked = self
@@ -799,16 +783,6 @@ impl Shared {
             .as_ref()
             .is_some_and(CoordinatorLink::is_connected);
         if linked && epoch > state.last_epoch && !self.shutdown.load(Ordering::Acquire) {
-            let parked = Parked {
-                rank: conn.rank,
-                pid: conn.pid,
-                epoch,
-                regions,
-                runtime_fds,
-                library_fds,
-                warnings,
-                since: at,
-            };
             let previous = lock(&conn.early).replace(parked);
             state
                 .early
@@ -1100,7 +1074,7 @@ impl Shared {
             );
             let events = lock(&conn.events);
             while let Ok(event) = events.try_recv() {
-                if let RankEvent::Parked { epoch: e, .. } = event {
+                if let RankEvent::Parked(Parked { epoch: e, .. }) = event {
                     let _ = conn.send(&AgentToRank::Abort {
                         epoch: e,
                         reason: format!("epoch {e} is over"),
@@ -1526,7 +1500,7 @@ impl Shared {
         for conn in &ranks {
             // Stale events from an abandoned epoch must not satisfy this one.
             while let Ok(event) = lock(&conn.events).try_recv() {
-                if let RankEvent::Parked { epoch: stale, .. } = event {
+                if let RankEvent::Parked(Parked { epoch: stale, .. }) = event {
                     let _ = conn.send(&AgentToRank::Abort {
                         epoch: stale,
                         reason: format!("epoch {stale} was abandoned"),
@@ -1760,14 +1734,7 @@ impl Shared {
             }
             let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
             match events.recv_timeout(wait) {
-                Ok(RankEvent::Parked {
-                    epoch: e,
-                    regions,
-                    runtime_fds,
-                    library_fds,
-                    warnings,
-                    at,
-                }) if e == epoch => {
+                Ok(RankEvent::Parked(parked)) if parked.epoch == epoch => {
                     // With MPI a rank may park for the agreed epoch before
                     // its own request was raised: clear the request so that
                     // it does not park again for this epoch once resumed.
@@ -1778,18 +1745,9 @@ impl Shared {
                         Ordering::Acquire,
                     );
                     // Parked, possibly just after the deadline: capture it.
-                    return Ok(Parked {
-                        rank: conn.rank,
-                        pid: conn.pid,
-                        epoch,
-                        regions,
-                        runtime_fds,
-                        library_fds,
-                        warnings,
-                        since: at,
-                    });
+                    return Ok(parked);
                 }
-                Ok(RankEvent::Parked { epoch: stale, .. }) => {
+                Ok(RankEvent::Parked(Parked { epoch: stale, .. })) => {
                     let _ = conn.send(&AgentToRank::Abort {
                         epoch: stale,
                         reason: "stale epoch".into(),
