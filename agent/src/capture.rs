@@ -106,6 +106,23 @@ pub enum CaptureError {
     },
 }
 
+impl CaptureError {
+    /// The rank whose capture failed.
+    pub fn rank(&self) -> u32 {
+        match self {
+            CaptureError::Maps { rank, .. }
+            | CaptureError::MapsParse { rank, .. }
+            | CaptureError::Fds { rank, .. }
+            | CaptureError::BadRegion { rank, .. }
+            | CaptureError::RegionName { rank, .. }
+            | CaptureError::Memory { rank, .. }
+            | CaptureError::Aborted { rank }
+            | CaptureError::Resume { rank, .. } => *rank,
+            CaptureError::Write(err) => err.rank(),
+        }
+    }
+}
+
 /// A rank parked at a safe point.
 #[derive(Debug, Clone)]
 pub struct Parked {

@@ -4,7 +4,12 @@
 //! and stored in the background) and hands restart information to ranks that
 //! register after a restart was armed.
 //!
-//! * [`server`]: the daemon (registration, control, checkpoint epochs).
+//! * [`server`]: the daemon's connections (ranks registering, the accept
+//!   loop); `control` answers control clients, `coordinated` follows the
+//!   coordinator.
+//! * [`epoch`]: one checkpoint epoch on this node: the slot, the per-rank
+//!   body, and where its progress goes (standalone or coordinated).
+//! * [`config`]: the agent's settings.
 //! * [`capture`]: capturing one parked rank within the copy budget.
 //! * [`pool`]: the copy budget as pre-faulted, reused slots.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
@@ -16,9 +21,14 @@
 
 pub mod capture;
 pub mod client;
+pub mod config;
+mod control;
+mod coordinated;
+pub mod epoch;
 pub mod fds;
 pub mod link;
 pub mod pool;
 pub mod procfs;
+mod ranks;
 pub mod server;
 pub mod units;

@@ -583,12 +583,11 @@ pub fn render_status(status: &JobStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "job {}: {} ranks", status.job, status.world_size);
     for node in &status.nodes {
-        let ranks: std::collections::BTreeSet<u32> = node.ranks.iter().copied().collect();
         let _ = writeln!(
             out,
             "  node {:<16} ranks {:<12} {}",
             node.node,
-            crate::epoch::render_ranks(&ranks),
+            cryo_core::protocol::render_ranks(&node.ranks),
             if node.connected {
                 "agent connected"
             } else {

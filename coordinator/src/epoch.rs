@@ -15,12 +15,17 @@
 //! ```
 //!
 //! Any failure (an agent lost, a rank lost, a write error, the deadline)
-//! aborts the epoch: the coordinator tells every agent `Abort{E}`, which
-//! resumes parked ranks and discards the pending parts. The previous
-//! committed epoch is never touched.
+//! aborts the epoch until every rank is durable: the coordinator tells every
+//! agent `Abort{E}`, which resumes parked ranks and discards the pending
+//! parts. The previous committed epoch is never touched. Once every rank is
+//! durable the commit alone decides: it runs off the event thread
+//! ([`crate::commit`]), and nothing else (a lost agent, the deadline, the
+//! job ending) can abort the epoch under it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+
+use cryo_core::protocol::{AbortReason, Stage};
 
 /// Phase of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +39,7 @@ pub enum Phase {
     /// Committed.
     Committed,
     /// Aborted, with the reason.
-    Aborted(String),
+    Aborted(AbortReason),
 }
 
 /// What happened to the epoch, as fed by the coordinator's event loop.
@@ -54,13 +59,8 @@ pub enum Event {
         /// Stored bytes it wrote.
         written: u64,
     },
-    /// An agent or rank reported a failure.
-    Failed {
-        /// Who (node or rank).
-        who: String,
-        /// Why.
-        reason: String,
-    },
+    /// An agent, a rank or the job failed the epoch.
+    Failed(AbortReason),
     /// An agent's connection was lost.
     AgentLost {
         /// The node.
@@ -109,15 +109,16 @@ impl Epoch {
         matches!(self.phase, Phase::Committed | Phase::Aborted(_))
     }
 
-    fn abort(&mut self, reason: String) {
+    fn abort(&mut self, reason: AbortReason) {
         if !self.is_finished() {
             self.phase = Phase::Aborted(reason);
         }
     }
 
-    /// Applies an event; returns the new phase.
+    /// Applies an event; returns the new phase. Once every rank is durable
+    /// only the commit's outcome changes the phase.
     pub fn apply(&mut self, event: Event, now: Instant) -> &Phase {
-        if self.is_finished() {
+        if self.is_finished() || self.phase == Phase::Committing {
             return &self.phase;
         }
         match event {
@@ -130,33 +131,31 @@ impl Epoch {
                 self.durable.insert(rank, written);
             }
             Event::Copied { rank, .. } | Event::Durable { rank, .. } => {
-                self.abort(format!(
-                    "rank {rank} reported, but the job has only {} ranks",
-                    self.world_size
-                ));
+                self.abort(AbortReason::UnknownRank {
+                    rank,
+                    world_size: self.world_size,
+                });
             }
-            Event::Failed { who, reason } => self.abort(format!("{who}: {reason}")),
-            Event::AgentLost { node } => {
-                self.abort(format!("lost the agent on node {node:?}"));
-            }
+            Event::Failed(reason) => self.abort(reason),
+            Event::AgentLost { node } => self.abort(AbortReason::AgentLost { node }),
         }
         self.advance(now);
         &self.phase
     }
 
-    /// Checks the deadline.
+    /// Checks the deadline (which a commit under way no longer has).
     pub fn tick(&mut self, now: Instant) -> &Phase {
-        if !self.is_finished() && now >= self.deadline {
-            let missing = self.missing();
+        let waiting = matches!(self.phase, Phase::Quiescing | Phase::Draining);
+        if waiting && now >= self.deadline {
             let stage = match self.phase {
-                Phase::Quiescing => "copied",
-                _ => "durable",
+                Phase::Quiescing => Stage::Copied,
+                _ => Stage::Durable,
             };
-            self.abort(format!(
-                "deadline passed after {:.1}s with ranks {} not {stage}",
-                (now - self.started).as_secs_f64(),
-                render_ranks(&missing)
-            ));
+            self.abort(AbortReason::Deadline {
+                stage,
+                elapsed_ms: u64::try_from((now - self.started).as_millis()).unwrap_or(u64::MAX),
+                missing: self.missing().into_iter().collect(),
+            });
         }
         &self.phase
     }
@@ -172,11 +171,17 @@ impl Epoch {
     }
 
     /// Records the outcome of the manifest commit.
-    pub fn committed(&mut self, result: Result<(), String>) {
+    pub fn committed(&mut self, result: Result<(), AbortReason>) {
         match result {
             Ok(()) if self.phase == Phase::Committing => self.phase = Phase::Committed,
-            Ok(()) => self.abort("commit attempted before every rank was durable".into()),
-            Err(reason) => self.abort(format!("commit failed: {reason}")),
+            Ok(()) => self.abort(AbortReason::Agent {
+                detail: "commit attempted before every rank was durable".into(),
+            }),
+            Err(reason) => {
+                // The commit decides even from Committing, which `abort`
+                // alone would also allow; said here for the reader.
+                self.phase = Phase::Aborted(reason);
+            }
         }
     }
 
@@ -199,29 +204,6 @@ impl Epoch {
     /// Stored bytes written so far.
     pub fn bytes_written(&self) -> u64 {
         self.durable.values().sum()
-    }
-}
-
-/// `0-3,5` style rendering of a rank set.
-pub fn render_ranks(ranks: &BTreeSet<u32>) -> String {
-    let mut parts = Vec::new();
-    let mut iter = ranks.iter().copied().peekable();
-    while let Some(start) = iter.next() {
-        let mut end = start;
-        while iter.peek() == Some(&(end + 1)) {
-            end += 1;
-            iter.next();
-        }
-        parts.push(if start == end {
-            start.to_string()
-        } else {
-            format!("{start}-{end}")
-        });
-    }
-    if parts.is_empty() {
-        "(none)".into()
-    } else {
-        parts.join(",")
     }
 }
 
@@ -281,7 +263,7 @@ mod tests {
         let (mut e, now) = epoch();
         e.apply(Event::Copied { rank: 0, bytes: 1 }, now);
         e.apply(Event::AgentLost { node: "b".into() }, now);
-        assert!(matches!(&e.phase, Phase::Aborted(r) if r.contains("\"b\"")));
+        assert!(matches!(&e.phase, Phase::Aborted(AbortReason::AgentLost { node }) if node == "b"));
         for rank in 0..3 {
             e.apply(Event::Durable { rank, written: 1 }, now);
         }
@@ -297,7 +279,7 @@ mod tests {
         assert_eq!(e.phase, Phase::Quiescing);
         e.tick(now + Duration::from_secs(11));
         assert!(
-            matches!(&e.phase, Phase::Aborted(r) if r.contains("ranks 0,2 not copied")),
+            matches!(&e.phase, Phase::Aborted(AbortReason::Deadline { stage: Stage::Copied, missing, .. }) if missing == &[0, 2]),
             "{:?}",
             e.phase
         );
@@ -306,14 +288,12 @@ mod tests {
     #[test]
     fn failures_and_unknown_ranks_abort() {
         let (mut e, now) = epoch();
-        e.apply(
-            Event::Failed {
-                who: "node a".into(),
-                reason: "disk full".into(),
-            },
-            now,
-        );
-        assert!(matches!(&e.phase, Phase::Aborted(r) if r.contains("disk full")));
+        let full = AbortReason::StoreFull {
+            detail: "writing chunks/ab".into(),
+        }
+        .on_node("a");
+        e.apply(Event::Failed(full.clone()), now);
+        assert_eq!(e.phase, Phase::Aborted(full));
         let (mut e, now) = epoch();
         e.apply(Event::Copied { rank: 9, bytes: 1 }, now);
         assert!(matches!(e.phase, Phase::Aborted(_)));
@@ -323,11 +303,23 @@ mod tests {
     }
 
     #[test]
-    fn renders_rank_ranges() {
+    fn once_every_rank_is_durable_only_the_commit_decides() {
+        let (mut e, now) = epoch();
+        for rank in 0..3 {
+            e.apply(Event::Durable { rank, written: 1 }, now);
+        }
+        assert_eq!(e.phase, Phase::Committing);
+        e.apply(Event::AgentLost { node: "a".into() }, now);
+        e.apply(Event::Failed(AbortReason::ShuttingDown), now);
+        e.tick(now + Duration::from_secs(60));
         assert_eq!(
-            render_ranks(&BTreeSet::from([0, 1, 2, 5, 7, 8])),
-            "0-2,5,7-8"
+            e.phase,
+            Phase::Committing,
+            "nothing aborts a commit under way"
         );
-        assert_eq!(render_ranks(&BTreeSet::new()), "(none)");
+        e.committed(Err(AbortReason::Store {
+            detail: "publishing the manifest: EIO".into(),
+        }));
+        assert!(matches!(e.phase, Phase::Aborted(AbortReason::Store { .. })));
     }
 }

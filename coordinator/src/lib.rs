@@ -1,14 +1,30 @@
 //! cryo-coordinator: the `cryo` command and the per-job coordinator.
 //!
 //! The binary (`src/main.rs`) only parses arguments and calls [`cli::run`].
+//!
+//! * [`session`]: `cryo run`: start the agents and the launcher, then the
+//!   event loop. `running` holds the job's state and reacts to each event;
+//!   `peers` accepts agents and clients; `agents` starts the agents;
+//!   `commit` publishes manifests off the event thread; `signals` turns
+//!   SIGUSR1/SIGTERM/SIGINT into checkpoints and preemptions.
+//! * [`epoch`]: one epoch's state machine, free of I/O.
+//! * [`cli`], [`inspect`], [`holdings`], [`human`]: the `cryo` commands and
+//!   what they print.
+//! * [`launch`], [`registry`], [`logging`]: launchers, the job's registry in
+//!   the store, logs.
 #![deny(missing_docs)]
 
+mod agents;
 pub mod cli;
+mod commit;
 pub mod epoch;
 pub mod holdings;
 pub mod human;
 pub mod inspect;
 pub mod launch;
 pub mod logging;
+mod peers;
 pub mod registry;
+mod running;
 pub mod session;
+mod signals;

@@ -26,7 +26,9 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::durable::{IoStep, IoStepError};
-use crate::protocol::{read_message, write_message, Challenge, FrameError, Hello, Peer, Proof};
+use crate::protocol::{
+    read_message, write_message, write_message_as, Challenge, FrameError, Hello, Peer, Proof,
+};
 use crate::token::JobToken;
 
 /// Key-derivation context: binds keys to this use of the token.
@@ -93,11 +95,19 @@ pub fn challenge<S>(stream: &mut S) -> Result<([u8; 32], Proof), FrameError>
 where
     S: Read + Write,
 {
+    challenge_as(stream, crate::protocol::PROTOCOL_VERSION)
+}
+
+/// [`challenge`] for a client that said it speaks protocol `version`.
+pub fn challenge_as<S>(stream: &mut S, version: u16) -> Result<([u8; 32], Proof), FrameError>
+where
+    S: Read + Write,
+{
     let nonce = fresh_nonce().map_err(|err| FrameError::Io {
         step: "draw a challenge nonce",
         source: std::io::Error::other(err.to_string()),
     })?;
-    write_message(stream, &Challenge { nonce })?;
+    write_message_as(stream, &Challenge { nonce }, version)?;
     let proof: Proof = read_message(stream)?;
     Ok((nonce, proof))
 }
@@ -162,7 +172,7 @@ where
 {
     let _ = stream.read_timeout(Some(HANDSHAKE_TIMEOUT));
     let (hello, extra) = read_hello(stream).map_err(|source| Rejected { role: None, source })?;
-    let (nonce, proof) = challenge(&mut &*stream).map_err(|source| Rejected {
+    let (nonce, proof) = challenge_as(&mut &*stream, hello.version).map_err(|source| Rejected {
         role: Some(hello.peer.role()),
         source,
     })?;

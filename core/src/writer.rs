@@ -114,6 +114,19 @@ pub enum WriteError {
     },
 }
 
+impl WriteError {
+    /// The rank whose write failed.
+    pub fn rank(&self) -> u32 {
+        match self {
+            WriteError::Encode { rank, .. }
+            | WriteError::Chunk { rank, .. }
+            | WriteError::Name { rank, .. }
+            | WriteError::ReusedChunkMissing { rank, .. }
+            | WriteError::Part { rank, .. } => *rank,
+        }
+    }
+}
+
 /// An epoch being written. Dropping it releases the job lock.
 #[derive(Debug)]
 pub struct EpochWriter {

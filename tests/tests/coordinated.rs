@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use cryo_core::auth;
 use cryo_core::protocol::{
-    read_message, send_message_with_fd, write_message, AgentToCoordinator, AgentToRank,
-    ControlRequest, ControlResponse, CoordinatorToAgent, Hello, Peer, RankToAgent,
+    read_message, send_message_with_fd, write_message, AbortReason, AgentToCoordinator,
+    AgentToRank, ControlRequest, ControlResponse, CoordinatorToAgent, Hello, Peer, RankToAgent,
     CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, PROTOCOL_VERSION,
 };
 use cryo_core::token::JobToken;
@@ -450,7 +450,9 @@ fn abort_mid_epoch_resumes_ranks_and_keeps_the_committed_epoch() {
     wait_logged(&agent, &["rank.quiesced", "rank=0", "epoch=2"]);
     link.send(&CoordinatorToAgent::Abort {
         epoch: 2,
-        reason: "node other failed".into(),
+        reason: AbortReason::AgentLost {
+            node: "other".into(),
+        },
     });
     // Rank 0 was parked, streaming: it gets Abort and runs on.
     wait_until("rank 0 to hear of the abort", WAIT, || {
@@ -808,7 +810,11 @@ fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {
         matches!(m, AgentToCoordinator::Failed { epoch: 7, .. })
     }) {
         AgentToCoordinator::Failed { reason, .. } => {
-            assert!(reason.contains("not newer"), "{reason}")
+            assert!(reason.node().is_some(), "{reason:?}");
+            assert!(
+                matches!(reason.root(), AbortReason::NotNewer { epoch: 7, .. }),
+                "{reason:?}"
+            );
         }
         other => unreachable!("{other:?}"),
     }
@@ -827,7 +833,9 @@ fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {
     wait_logged(&agent, &["rank.parked_early", "epoch=9"]);
     link.send(&CoordinatorToAgent::Abort {
         epoch: 9,
-        reason: "another node failed".into(),
+        reason: AbortReason::AgentLost {
+            node: "another".into(),
+        },
     });
     let (answer, _) = rank.answer();
     assert!(
@@ -852,8 +860,14 @@ fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {
         matches!(m, AgentToCoordinator::Failed { epoch: 10, .. })
     }) {
         AgentToCoordinator::Failed { reason, .. } => assert!(
-            reason.contains("rank 0") && reason.contains("safe point"),
-            "{reason}"
+            matches!(
+                reason.root(),
+                AbortReason::ParkTimeout {
+                    rank: 0,
+                    waited_ms: 300
+                }
+            ),
+            "{reason:?}"
         ),
         other => unreachable!("{other:?}"),
     }
@@ -873,8 +887,14 @@ fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {
         matches!(m, AgentToCoordinator::Failed { epoch: 20, .. })
     }) {
         AgentToCoordinator::Failed { reason, .. } => assert!(
-            reason.contains("not newer than committed epoch 50"),
-            "{reason}"
+            matches!(
+                reason.root(),
+                AbortReason::NotNewer {
+                    epoch: 20,
+                    newest: 50
+                }
+            ),
+            "{reason:?}"
         ),
         other => unreachable!("{other:?}"),
     }

@@ -142,3 +142,62 @@ fn lifecycle_events_are_json_lines() {
         }
     }
 }
+
+/// A control client of protocol version 4 (before typed reasons) is
+/// accepted, and answered in version 4's frames and layouts: its failure
+/// reason arrives as text it can read.
+#[test]
+fn a_version_4_client_is_answered_in_version_4() {
+    use cryo_core::protocol::{
+        read_frame, write_message_as, AbortReason, BusyPolicy, Challenge, Completion, Hello, Peer,
+        Proof,
+    };
+    const OLD: u16 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), "old", &["--copy-budget", "8MiB"]);
+    let mut sock = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    let hello = Hello {
+        version: OLD,
+        job: "old".into(),
+        peer: Peer::Control {
+            client: "a version 4 client".into(),
+        },
+    };
+    write_message_as(&mut sock, &hello, OLD).unwrap();
+    let challenge = read_frame(&mut sock).unwrap();
+    assert_eq!(challenge.header.version, OLD, "the challenge");
+    challenge.decode::<Challenge>().unwrap();
+    write_message_as(&mut sock, &Proof { mac: None }, OLD).unwrap();
+    let welcome = read_frame(&mut sock).unwrap();
+    assert_eq!(welcome.header.version, OLD, "the welcome");
+    assert!(matches!(
+        welcome.decode::<ControlResponse>().unwrap(),
+        ControlResponse::Welcome { .. }
+    ));
+    // No rank is registered, so the checkpoint fails: in version 4's
+    // layout, with text.
+    let request = ControlRequest::Checkpoint {
+        full: false,
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    };
+    write_message_as(&mut sock, &request, OLD).unwrap();
+    let answer = read_frame(&mut sock).unwrap();
+    assert_eq!(answer.header.version, OLD, "the answer");
+    match answer.decode::<ControlResponse>().unwrap() {
+        ControlResponse::Failed {
+            reason: AbortReason::Text(text),
+            ..
+        } => assert_eq!(text, "no rank is registered with this agent"),
+        other => panic!("expected a version 4 failure, got {other:?}"),
+    }
+    // This build's own client gets the typed reason.
+    match agent.request(&request) {
+        ControlResponse::Failed {
+            reason: AbortReason::NoRanks,
+            ..
+        } => {}
+        other => panic!("expected a typed failure, got {other:?}"),
+    }
+}

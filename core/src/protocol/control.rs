@@ -2,7 +2,8 @@
 //! and its node agent.
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Message};
+use super::{v4, AbortReason, Command, Message};
+use crate::codec::CodecError;
 use crate::manifest::WriteStats;
 /// What to do when a checkpoint is requested while one is still draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,7 +155,7 @@ pub enum ControlResponse {
         /// The epoch, if one was chosen.
         epoch: Option<u64>,
         /// Why.
-        reason: String,
+        reason: AbortReason,
     },
     /// Ranks that register from now on will restart from `epoch`.
     RestartArmed {
@@ -169,4 +170,12 @@ pub enum ControlResponse {
 
 impl Message for ControlResponse {
     const COMMAND: Command = Command::ControlResponse;
+
+    fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        v4::encode_as::<v4::ControlResponse, _>(self, version)
+    }
+
+    fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
+        v4::decode_as::<v4::ControlResponse, _>(version, payload)
+    }
 }

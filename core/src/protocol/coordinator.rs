@@ -1,7 +1,8 @@
 //! Between a job's coordinator and its node agents.
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Message};
+use super::{v4, AbortReason, Command, Message};
+use crate::codec::CodecError;
 /// Messages from a job's coordinator to a node agent (TCP, after a
 /// [`Hello`] with [`Peer::Agent`] and the job token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +32,8 @@ pub enum CoordinatorToAgent {
     Abort {
         /// The epoch.
         epoch: u64,
-        /// Why (logged by the agent).
-        reason: String,
+        /// Why (logged by the agent, told to its parked ranks).
+        reason: AbortReason,
     },
     /// The epoch was committed (for the agent's log and status).
     Committed {
@@ -50,6 +51,14 @@ pub enum CoordinatorToAgent {
 
 impl Message for CoordinatorToAgent {
     const COMMAND: Command = Command::CoordinatorToAgent;
+
+    fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        v4::encode_as::<v4::CoordinatorToAgent, _>(self, version)
+    }
+
+    fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
+        v4::decode_as::<v4::CoordinatorToAgent, _>(version, payload)
+    }
 }
 
 /// Messages from a node agent to its job's coordinator.
@@ -95,11 +104,19 @@ pub enum AgentToCoordinator {
     Failed {
         /// The epoch.
         epoch: u64,
-        /// Why, naming the rank or file.
-        reason: String,
+        /// Why, naming the node, and the rank or file.
+        reason: AbortReason,
     },
 }
 
 impl Message for AgentToCoordinator {
     const COMMAND: Command = Command::AgentToCoordinator;
+
+    fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        v4::encode_as::<v4::AgentToCoordinator, _>(self, version)
+    }
+
+    fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
+        v4::decode_as::<v4::AgentToCoordinator, _>(version, payload)
+    }
 }

@@ -228,7 +228,7 @@ impl Frame {
                 found: self.header.command,
             });
         }
-        codec::decode(&self.payload).map_err(|source| FrameError::Codec {
+        M::decode_from(self.header.version, &self.payload).map_err(|source| FrameError::Codec {
             command: M::COMMAND,
             source,
         })
@@ -239,14 +239,43 @@ impl Frame {
 pub trait Message: Serialize + DeserializeOwned {
     /// The command that frames this message.
     const COMMAND: Command;
+
+    /// Encodes the payload for a peer that speaks `version`. A message whose
+    /// layout changed overrides this to write the older layout for an older
+    /// peer (see `protocol::v4`).
+    fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        let _ = version;
+        codec::encode(self)
+    }
+
+    /// Decodes a payload a peer of `version` sent, converting an older
+    /// layout.
+    fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
+        let _ = version;
+        codec::decode(payload)
+    }
 }
 
-/// Encodes `msg` into a complete frame.
+/// The version to speak with a peer that said it speaks `peer`: the older
+/// of the two, so that a server answers an older client in its own layout.
+pub fn negotiated(peer: u16) -> u16 {
+    peer.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+}
+
+/// Encodes `msg` into a complete frame of this build's version.
 pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
-    let payload = codec::encode(msg).map_err(|source| FrameError::Codec {
-        command: M::COMMAND,
-        source,
-    })?;
+    encode_frame_as(msg, PROTOCOL_VERSION)
+}
+
+/// Encodes `msg` into a complete frame for a peer of `version`.
+pub fn encode_frame_as<M: Message>(msg: &M, version: u16) -> Result<Vec<u8>, FrameError> {
+    let version = negotiated(version);
+    let payload = msg
+        .encode_for(version)
+        .map_err(|source| FrameError::Codec {
+            command: M::COMMAND,
+            source,
+        })?;
     let len = match u32::try_from(payload.len()) {
         Ok(len) if len <= MAX_PAYLOAD => len,
         _ => {
@@ -256,7 +285,7 @@ pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
         }
     };
     let header = FrameHeader {
-        version: PROTOCOL_VERSION,
+        version,
         command: M::COMMAND,
         flags: 0,
         len,
@@ -269,7 +298,16 @@ pub fn encode_frame<M: Message>(msg: &M) -> Result<Vec<u8>, FrameError> {
 
 /// Writes `msg` as one frame.
 pub fn write_message<M: Message>(w: &mut impl Write, msg: &M) -> Result<(), FrameError> {
-    let frame = encode_frame(msg)?;
+    write_message_as(w, msg, PROTOCOL_VERSION)
+}
+
+/// Writes `msg` as one frame for a peer of `version`.
+pub fn write_message_as<M: Message>(
+    w: &mut impl Write,
+    msg: &M,
+    version: u16,
+) -> Result<(), FrameError> {
+    let frame = encode_frame_as(msg, version)?;
     w.write_all(&frame)
         .map_err(|e| FrameError::io("send frame", e))?;
     w.flush().map_err(|e| FrameError::io("flush frame", e))

@@ -2,7 +2,8 @@
 //! coordinator.
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Message};
+use super::{v4, AbortReason, Command, Message};
+use crate::codec::CodecError;
 /// Requests from a `cryo` client (`checkpoint`, `preempt`, `status`) to a
 /// job's coordinator (after a [`Hello`] with [`Peer::Control`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +95,7 @@ pub enum JobResponse {
         /// The epoch.
         epoch: u64,
         /// Why.
-        reason: String,
+        reason: AbortReason,
     },
     /// The job's status.
     Status(JobStatus),
@@ -102,4 +103,12 @@ pub enum JobResponse {
 
 impl Message for JobResponse {
     const COMMAND: Command = Command::JobResponse;
+
+    fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        v4::encode_as::<v4::JobResponse, _>(self, version)
+    }
+
+    fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
+        v4::decode_as::<v4::JobResponse, _>(version, payload)
+    }
 }

@@ -57,8 +57,10 @@ mod frame;
 mod hello;
 mod job;
 mod rank;
+mod reason;
 #[cfg(test)]
 mod tests;
+mod v4;
 
 pub use control::*;
 pub use coordinator::*;
@@ -66,6 +68,7 @@ pub use frame::*;
 pub use hello::*;
 pub use job::*;
 pub use rank::*;
+pub use reason::*;
 // The variables the runtime and the agent agree on, named in one place.
 pub use crate::env::{
     ENV_AGENT_SOCKET, ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE,
@@ -78,11 +81,14 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// the hello with challenge-response ([`Challenge`], [`Proof`]); version 3
 /// added write tracking (`copied_bytes`, `full`); version 4 added the
 /// MPI library's fds and the rank's own warnings to `Parked`
-/// (`library_fds`, `warnings`).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// (`library_fds`, `warnings`); version 5 made epoch failures typed
+/// ([`AbortReason`]).
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
-/// misread.
+/// misread. A version 4 peer is read, and answered, in its own layouts
+/// (`v4.rs`): a server answers every client at the client's version
+/// ([`negotiated`]).
 pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Length of the fixed frame header.
 pub const FRAME_HEADER_LEN: usize = 16;

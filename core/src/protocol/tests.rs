@@ -258,3 +258,138 @@ fn fd_passing_over_a_socket_pair() {
         Err(FrameError::Closed)
     ));
 }
+
+/// A version 4 peer's frame, written in its own layout.
+fn v4_frame<Old: serde::Serialize>(command: Command, old: &Old) -> Vec<u8> {
+    let payload = crate::codec::encode(old).unwrap();
+    let mut bytes = header_bytes(4, command as u16, 0, payload.len() as u32);
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+#[test]
+fn a_version_4_agents_text_reason_is_read_as_text() {
+    let bytes = v4_frame(
+        Command::AgentToCoordinator,
+        &v4::AgentToCoordinator::Failed {
+            epoch: 9,
+            reason: "node a: rank 3 did not reach a safe point".into(),
+        },
+    );
+    let msg = read_message::<AgentToCoordinator>(&mut Cursor::new(bytes)).unwrap();
+    assert_eq!(
+        msg,
+        AgentToCoordinator::Failed {
+            epoch: 9,
+            reason: AbortReason::Text("node a: rank 3 did not reach a safe point".into()),
+        }
+    );
+    // Variants that did not change read the same in both layouts.
+    let registered = AgentToCoordinator::RankRegistered {
+        rank: 2,
+        pid: 40,
+        restored_epoch: Some(3),
+    };
+    let old = v4_frame(
+        Command::AgentToCoordinator,
+        &v4::AgentToCoordinator::from(&registered),
+    );
+    assert_eq!(
+        read_message::<AgentToCoordinator>(&mut Cursor::new(old)).unwrap(),
+        registered
+    );
+}
+
+#[test]
+fn a_version_4_peer_is_answered_in_its_own_layout() {
+    let reason = AbortReason::ParkTimeout {
+        rank: 1,
+        waited_ms: 500,
+    }
+    .on_node("b");
+    let abort = CoordinatorToAgent::Abort {
+        epoch: 4,
+        reason: reason.clone(),
+    };
+    let frame = encode_frame_as(&abort, 4).unwrap();
+    let header = FrameHeader::decode(frame[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+    assert_eq!(
+        header.version, 4,
+        "the header must be one a v4 peer accepts"
+    );
+    let old: v4::CoordinatorToAgent = crate::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
+    match old {
+        v4::CoordinatorToAgent::Abort {
+            epoch: 4,
+            reason: text,
+        } => {
+            assert_eq!(text, reason.to_string());
+        }
+        other => panic!("{other:?}"),
+    }
+    // This build's own peers keep the variant.
+    let mut buf = Vec::new();
+    write_message(&mut buf, &abort).unwrap();
+    assert_eq!(
+        read_message::<CoordinatorToAgent>(&mut Cursor::new(buf)).unwrap(),
+        abort
+    );
+    // Every changed response type round-trips at both versions.
+    let responses = [
+        (
+            encode_frame_as(
+                &JobResponse::Aborted {
+                    epoch: 2,
+                    reason: reason.clone(),
+                },
+                4,
+            )
+            .unwrap(),
+            JobResponse::Aborted {
+                epoch: 2,
+                reason: AbortReason::Text(reason.to_string()),
+            },
+        ),
+        (
+            encode_frame_as(
+                &JobResponse::Aborted {
+                    epoch: 2,
+                    reason: reason.clone(),
+                },
+                PROTOCOL_VERSION,
+            )
+            .unwrap(),
+            JobResponse::Aborted {
+                epoch: 2,
+                reason: reason.clone(),
+            },
+        ),
+    ];
+    for (frame, expected) in responses {
+        assert_eq!(
+            read_message::<JobResponse>(&mut Cursor::new(frame)).unwrap(),
+            expected
+        );
+    }
+    let failed = ControlResponse::Failed {
+        epoch: Some(3),
+        reason: AbortReason::StoreFull {
+            detail: "writing chunks/ab".into(),
+        },
+    };
+    let old = encode_frame_as(&failed, 4).unwrap();
+    match read_message::<ControlResponse>(&mut Cursor::new(old)).unwrap() {
+        ControlResponse::Failed {
+            reason: AbortReason::Text(text),
+            ..
+        } => assert!(text.starts_with("the store is full"), "{text}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn versions_are_negotiated_down_never_up() {
+    assert_eq!(negotiated(4), 4);
+    assert_eq!(negotiated(PROTOCOL_VERSION), PROTOCOL_VERSION);
+    assert_eq!(negotiated(PROTOCOL_VERSION + 3), PROTOCOL_VERSION);
+}

@@ -1,0 +1,269 @@
+//! Coordinated mode: what the agent does for its job's coordinator.
+//!
+//! One thread reads the coordinator's requests ([`Shared::serve_coordinator`]);
+//! each `Checkpoint` runs on a thread of its own; a watchdog gives up on
+//! ranks that parked for an epoch the coordinator never asked for.
+
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cryo_core::protocol::{
+    read_message, AbortReason, AgentToCoordinator, ControlResponse, CoordinatorToAgent,
+};
+
+use crate::capture::Parked;
+use crate::epoch::{self, lock, Admission, Coordinated, EpochError};
+use crate::ranks::RankConn;
+use crate::server::Shared;
+
+impl Shared {
+    /// Reads the coordinator's requests until the link drops or it says
+    /// `Shutdown`.
+    pub(crate) fn serve_coordinator(self: Arc<Self>, reader: &TcpStream) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        let (job, node) = (&self.config.job, &self.config.node);
+        loop {
+            let msg = match read_message::<CoordinatorToAgent>(&mut &*reader) {
+                Ok(msg) => msg,
+                Err(err) => {
+                    let why = if err.is_disconnect() {
+                        "the connection was closed".to_owned()
+                    } else {
+                        err.to_string()
+                    };
+                    self.coordinator_lost(&why);
+                    return;
+                }
+            };
+            match msg {
+                CoordinatorToAgent::Checkpoint {
+                    epoch,
+                    park_timeout_ms,
+                } => {
+                    let shared = Arc::clone(&self);
+                    let park_timeout = Duration::from_millis(park_timeout_ms.max(1));
+                    let spawned = std::thread::Builder::new()
+                        .name(format!("cryo-epoch-{epoch}"))
+                        .spawn(move || shared.coordinated_checkpoint(epoch, park_timeout));
+                    if let Err(err) = spawned {
+                        link.send(&AgentToCoordinator::Failed {
+                            epoch,
+                            reason: EpochError::Spawn(err).reason().on_node(node),
+                        });
+                    }
+                }
+                CoordinatorToAgent::Abort { epoch, reason } => {
+                    self.coordinator_abort(epoch, AbortReason::Coordinator(Box::new(reason)));
+                }
+                CoordinatorToAgent::Committed { epoch } => {
+                    lock(&self.slot).committed(epoch);
+                    tracing::info!(job = %job, node = %node, epoch, "epoch.committed");
+                }
+                CoordinatorToAgent::ArmRestart { epoch } => match self.arm_restart(Some(epoch)) {
+                    ControlResponse::RestartArmed { .. } => {}
+                    ControlResponse::Refused { reason } => {
+                        tracing::error!(job = %job, node = %node, epoch, reason = %reason, "restart.refused");
+                    }
+                    other => {
+                        tracing::error!(job = %job, node = %node, epoch, answer = ?other, "restart.refused");
+                    }
+                },
+                CoordinatorToAgent::Shutdown => {
+                    self.begin_shutdown();
+                    return;
+                }
+                other @ (CoordinatorToAgent::Welcome { .. }
+                | CoordinatorToAgent::Refused { .. }) => {
+                    tracing::warn!(job = %job, node = %node, coordinator = %link.addr(), message = ?other, "coordinator.unexpected");
+                }
+            }
+        }
+    }
+
+    /// Runs `Checkpoint { epoch }` from the coordinator: capture every local
+    /// rank and make its part durable, reporting per rank; no commit.
+    fn coordinated_checkpoint(self: Arc<Self>, epoch: u64, park_timeout: Duration) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        let (job, node) = (&self.config.job, &self.config.node);
+        let fail = |reason: AbortReason| {
+            tracing::error!(job = %job, node = %node, epoch, reason = %reason, "checkpoint.failed");
+            link.send(&AgentToCoordinator::Failed {
+                epoch,
+                reason: reason.on_node(node),
+            });
+        };
+        let run = {
+            let mut slot = lock(&self.slot);
+            // An epoch still draining (say, one just aborted) gets the park
+            // timeout to finish.
+            let give_up = Instant::now() + park_timeout.max(Duration::from_secs(1));
+            loop {
+                if !link.is_connected() || self.shutdown.load(Ordering::Acquire) {
+                    tracing::warn!(job = %job, node = %node, epoch, "checkpoint.skipped_unlinked");
+                    return;
+                }
+                match slot.admit(epoch) {
+                    Admission::Go => break,
+                    Admission::Duplicate => {
+                        tracing::warn!(job = %job, node = %node, epoch, "checkpoint.duplicate");
+                        return;
+                    }
+                    Admission::Aborted => {
+                        tracing::info!(job = %job, node = %node, epoch, "checkpoint.skipped_aborted");
+                        return;
+                    }
+                    Admission::NotNewer { newest } => {
+                        drop(slot);
+                        return fail(AbortReason::NotNewer { epoch, newest });
+                    }
+                    Admission::Busy(busy) => {
+                        let now = Instant::now();
+                        if now >= give_up {
+                            drop(slot);
+                            return fail(AbortReason::Busy { busy });
+                        }
+                        slot = self
+                            .idle
+                            .wait_timeout(slot, give_up - now)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
+            }
+            self.begin_epoch(&mut slot, epoch, park_timeout, true)
+        };
+        let sink = Coordinated { link };
+        let result = epoch::run(&self.resources(), &self.rank_conns(), &run, &sink);
+        let written = run.written();
+        let cancelled = self.end_epoch(&run, result.is_ok().then(|| written.clone()));
+        match (result, cancelled) {
+            (_, Some(reason)) => {
+                self.remove_parts(epoch, &written);
+                tracing::warn!(job = %job, node = %node, epoch, reason = %reason, "checkpoint.aborted");
+            }
+            (Ok(report), None) => {
+                tracing::info!(
+                    job = %job, node = %node, epoch, ranks = report.ranks.len(),
+                    "epoch.durable"
+                );
+            }
+            (Err(err), None) => {
+                self.remove_parts(epoch, &written);
+                // The first rank's failure, not the ones it stopped.
+                fail(run.first_failure().unwrap_or_else(|| err.reason()));
+            }
+        }
+    }
+
+    /// `Abort { epoch }` from the coordinator.
+    fn coordinator_abort(&self, epoch: u64, reason: AbortReason) {
+        let (victims, parts) = {
+            let mut slot = lock(&self.slot);
+            let parts = slot.abort(epoch, &reason);
+            (self.take_early(|e| e <= epoch), parts)
+        };
+        self.abort_early(victims, &reason);
+        self.remove_parts(epoch, &parts);
+        tracing::warn!(job = %self.config.job, node = %self.config.node, epoch, reason = %reason, "checkpoint.abort_requested");
+    }
+
+    fn abort_early(&self, victims: Vec<(Arc<RankConn>, Parked)>, reason: &AbortReason) {
+        for (conn, parked) in victims {
+            tracing::info!(
+                job = %self.config.job, node = %self.config.node, rank = conn.rank,
+                epoch = parked.epoch, reason = %reason, "rank.aborted"
+            );
+            conn.abort(parked.epoch, reason);
+        }
+    }
+
+    /// Aborts the coordinated epoch in progress and every early park.
+    fn abort_coordinated(&self, reason: &AbortReason) {
+        let victims = {
+            let mut slot = lock(&self.slot);
+            slot.abandon_coordinated(reason);
+            self.take_early(|_| true)
+        };
+        self.abort_early(victims, reason);
+    }
+
+    /// The coordinator went away: abort what it asked for, keep serving the
+    /// ranks (the job computes on; only the control socket can checkpoint).
+    fn coordinator_lost(&self, why: &str) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        link.lost();
+        if self.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::error!(
+            job = %self.config.job,
+            node = %self.config.node,
+            coordinator = %link.addr(),
+            error = %why,
+            "coordinator.lost"
+        );
+        self.abort_coordinated(&AbortReason::CoordinatorLost {
+            addr: link.addr().to_string(),
+            detail: why.to_owned(),
+        });
+        self.early_cv.notify_all();
+    }
+
+    /// `Shutdown` from the coordinator: abort, stop accepting, let `serve`
+    /// return.
+    fn begin_shutdown(&self) {
+        tracing::info!(job = %self.config.job, node = %self.config.node, "agent.shutdown_requested");
+        self.shutdown.store(true, Ordering::Release);
+        self.abort_coordinated(&AbortReason::ShuttingDown);
+        self.early_cv.notify_all();
+        // Wake the accept loop.
+        let _ = UnixStream::connect(&self.config.socket);
+    }
+
+    /// Gives up on early parks whose `Checkpoint` never came.
+    pub(crate) fn watch_early_parks(self: Arc<Self>) {
+        let timeout = self.config.park_timeout;
+        let mut slot = lock(&self.slot);
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            let Some(newest) = slot.expire_early(now) else {
+                let wait = slot.next_give_up().map_or(Duration::from_secs(1), |at| {
+                    at.saturating_duration_since(now)
+                });
+                slot = self
+                    .early_cv
+                    .wait_timeout(slot, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                continue;
+            };
+            let victims = self.take_early(|e| e <= newest);
+            drop(slot);
+            for (conn, parked) in victims {
+                let reason = AbortReason::Unsolicited {
+                    epoch: parked.epoch,
+                    waited_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                }
+                .on_node(&self.config.node);
+                tracing::warn!(
+                    job = %self.config.job, node = %self.config.node, rank = conn.rank,
+                    epoch = parked.epoch, "checkpoint.unsolicited_timeout"
+                );
+                conn.abort(parked.epoch, &reason);
+            }
+            slot = lock(&self.slot);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! One checkpoint epoch on this node: who drives it and what it does.
+//!
+//! [`run`] is the whole epoch: it opens the epoch in the store, raises every
+//! local rank's request flag and runs [`rank::capture_one`] for each rank on
+//! its own scoped thread (wait for the park, copy, resume, write, make the
+//! part durable). What the epoch tells the world goes through an
+//! [`EpochSink`]: standalone mode answers its control client and commits;
+//! coordinated mode reports `Copied` and `Durable` per rank. The [`Slot`]
+//! says which epoch runs and how to cancel it.
+//!
+//! The server ([`crate::server`]) and the coordinator link
+//! ([`crate::coordinated`]) only decide when an epoch starts and how it
+//! ends.
+
+mod error;
+mod rank;
+mod sink;
+mod slot;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use cryo_core::manifest::WriteStats;
+use cryo_core::protocol::{AbortReason, CheckpointReport, RankCaptureReport};
+use cryo_core::store::JobStore;
+use cryo_core::writer::WriterConfig;
+
+pub use error::EpochError;
+pub(crate) use sink::{Coordinated, EpochSink, Standalone};
+pub(crate) use slot::{Admission, Cancel, Slot};
+
+use crate::capture::{nanos, CopyGate, Parked};
+use crate::pool::BufferPool;
+use crate::procfs::{peak_rss_bytes, ProcessAccess};
+use crate::ranks::RankConn;
+
+/// Locks a mutex, carrying on past a panicked holder (the data is plain
+/// bookkeeping, consistent at every unlock).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What an epoch uses of the agent.
+pub(crate) struct Resources<'a> {
+    pub(crate) job: &'a JobStore,
+    pub(crate) job_name: &'a str,
+    pub(crate) node: &'a str,
+    pub(crate) writer: WriterConfig,
+    pub(crate) access: &'a dyn ProcessAccess,
+    pub(crate) pool: &'a BufferPool,
+    pub(crate) copy_threads: &'a rayon::ThreadPool,
+    pub(crate) store_threads: &'a rayon::ThreadPool,
+    pub(crate) gate: &'a CopyGate,
+}
+
+/// One epoch to run.
+pub(crate) struct EpochRun {
+    pub(crate) epoch: u64,
+    pub(crate) park_timeout: Duration,
+    pub(crate) cancel: Arc<Cancel>,
+    /// Ranks already parked for this epoch (early parks).
+    pub(crate) early: BTreeMap<u32, Parked>,
+    /// Copy every chunk, ignoring write tracking.
+    pub(crate) full: bool,
+    /// Ranks whose part this run wrote.
+    written: Mutex<Vec<u32>>,
+    /// The first rank failure, which (coordinated) stops the others.
+    failed: Mutex<Option<AbortReason>>,
+}
+
+impl EpochRun {
+    pub(crate) fn new(
+        epoch: u64,
+        park_timeout: Duration,
+        cancel: Arc<Cancel>,
+        early: BTreeMap<u32, Parked>,
+    ) -> EpochRun {
+        EpochRun {
+            epoch,
+            park_timeout,
+            cancel,
+            early,
+            full: false,
+            written: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
+        }
+    }
+
+    /// The ranks whose parts this run made durable.
+    pub(crate) fn written(&self) -> Vec<u32> {
+        lock(&self.written).clone()
+    }
+
+    /// The first rank failure of this run.
+    pub(crate) fn first_failure(&self) -> Option<AbortReason> {
+        lock(&self.failed).clone()
+    }
+
+    /// One rank failed and the epoch is lost on every node: stop waiting
+    /// for the others and abort those parked.
+    fn fail(&self, reason: AbortReason) {
+        lock(&self.failed).get_or_insert(reason);
+        self.cancel.close();
+    }
+
+    /// Why the epoch stopped early: the cancel's reason, or the failure
+    /// that stopped it.
+    fn stop_reason(&self) -> AbortReason {
+        self.cancel
+            .reason()
+            .or_else(|| self.first_failure())
+            .unwrap_or(AbortReason::Agent {
+                detail: "the epoch stopped for no recorded reason".into(),
+            })
+    }
+
+    /// The error a rank returns when the epoch stopped under it.
+    fn cancelled(&self) -> EpochError {
+        EpochError::Cancelled {
+            epoch: self.epoch,
+            reason: self.stop_reason(),
+        }
+    }
+}
+
+/// Progress shared by the per-rank threads.
+struct Progress {
+    t0: Instant,
+    ranks: usize,
+    resumed: AtomicUsize,
+    resumed_ns: AtomicU64,
+    reports: Mutex<Vec<RankCaptureReport>>,
+}
+
+/// Runs one epoch over `ranks`. Returns the node's report: committed if
+/// the sink commits.
+pub(crate) fn run(
+    res: &Resources<'_>,
+    ranks: &[Arc<RankConn>],
+    run: &EpochRun,
+    sink: &dyn EpochSink,
+) -> Result<CheckpointReport, EpochError> {
+    let epoch = run.epoch;
+    let t0 = Instant::now();
+    let (job, node) = (res.job_name, res.node);
+    let registered: Vec<u32> = ranks.iter().map(|r| r.rank).collect();
+    let world_size = u32::try_from(ranks.len()).unwrap_or(u32::MAX);
+    let report = |ranks: Vec<RankCaptureReport>| CheckpointReport {
+        job: job.to_owned(),
+        node: node.to_owned(),
+        epoch,
+        committed: false,
+        ranks,
+        resumed_ns: 0,
+        total_ns: nanos(t0),
+        stats: WriteStats::default(),
+        peak_rss_bytes: peak_rss_bytes(),
+        copy_budget: res.pool.bytes(),
+    };
+    match sink.expected_ranks(world_size) {
+        None if ranks.is_empty() => {
+            tracing::warn!(job, node, epoch, "checkpoint.no_local_ranks");
+            return Ok(report(Vec::new()));
+        }
+        None => {}
+        Some(_) if ranks.is_empty() => return Err(EpochError::NoRanks),
+        Some(expected) if expected != registered => {
+            return Err(EpochError::RanksMissing {
+                registered,
+                expected,
+            })
+        }
+        Some(_) => {}
+    }
+    tracing::info!(job, node, epoch, ranks = world_size, "checkpoint.requested");
+    let writer = match res.job.begin_epoch(epoch, res.writer) {
+        Ok(writer) => writer,
+        Err(source) => {
+            let err = EpochError::Begin { epoch, source };
+            // Early-parked ranks must not stay blocked.
+            for conn in ranks.iter().filter(|c| run.early.contains_key(&c.rank)) {
+                conn.abort(epoch, &err);
+            }
+            return Err(err);
+        }
+    };
+    for conn in ranks {
+        rank::drop_stale_parks(conn);
+        // A rank already parked for this epoch must not find the request
+        // again once resumed.
+        if !run.early.contains_key(&conn.rank) {
+            conn.page
+                .page()
+                .checkpoint_requested
+                .store(epoch, Ordering::Release);
+        }
+    }
+    let progress = Progress {
+        t0,
+        ranks: ranks.len(),
+        resumed: AtomicUsize::new(0),
+        resumed_ns: AtomicU64::new(0),
+        reports: Mutex::new(Vec::new()),
+    };
+    let deadline = t0 + run.park_timeout;
+    let results: Vec<Result<(RankCaptureReport, WriteStats), EpochError>> =
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|conn| {
+                    let (writer, progress) = (&writer, &progress);
+                    let body = move || {
+                        let result = rank::capture_one(
+                            res, conn, run, writer, sink, progress, deadline, &report,
+                        );
+                        if let Err(err) = &result {
+                            if sink.fail_fast() && !run.cancel.is_set() {
+                                run.fail(err.reason());
+                            }
+                        }
+                        result
+                    };
+                    (conn.rank, scope.spawn(body))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(rank, h)| h.join().unwrap_or(Err(EpochError::Panicked { rank })))
+                .collect()
+        });
+    drop(writer);
+    let mut stats = WriteStats::default();
+    let mut reports = Vec::new();
+    let mut first: Option<EpochError> = None;
+    for result in results {
+        match result {
+            Ok((report, rank_stats)) => {
+                stats.add(&rank_stats);
+                reports.push(report);
+            }
+            Err(err) => {
+                tracing::warn!(job, node, epoch, error = %err, "rank.failed");
+                // The cause, not a rank that stopped because of it.
+                if first
+                    .as_ref()
+                    .is_none_or(|f| f.is_cancellation() && !err.is_cancellation())
+                {
+                    first = Some(err);
+                }
+            }
+        }
+    }
+    if let Some(err) = first {
+        sink.failed(epoch);
+        return Err(err);
+    }
+    reports.sort_by_key(|r| r.rank);
+    let committed = sink.finish(epoch, world_size)?;
+    let report = CheckpointReport {
+        committed: committed.is_some(),
+        resumed_ns: progress.resumed_ns.load(Ordering::Acquire),
+        total_ns: nanos(t0),
+        stats: committed.unwrap_or(stats),
+        ..report(reports)
+    };
+    if report.committed {
+        tracing::info!(
+            job,
+            node,
+            epoch,
+            total_ms = report.total_ns / 1_000_000,
+            new_chunks = report.stats.new_chunks,
+            peak_rss = report.peak_rss_bytes,
+            "epoch.committed"
+        );
+    }
+    Ok(report)
+}

@@ -1,0 +1,222 @@
+//! One rank's part of an epoch: wait for it to park, copy it, resume it,
+//! write its chunks and make its part durable.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use cryo_core::fault;
+use cryo_core::manifest::WriteStats;
+use cryo_core::protocol::{AgentToRank, CheckpointReport, RankCaptureReport};
+use cryo_core::writer::EpochWriter;
+
+use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources};
+use crate::capture::{capture_rank, nanos, CaptureContext, CaptureError, Parked};
+use crate::ranks::{RankConn, RankEvent};
+
+/// How often a wait checks whether the epoch was cancelled.
+const POLL: Duration = Duration::from_millis(20);
+
+/// How long a rank that took the request after the park deadline has to
+/// finish parking.
+const LATE_PARK_GRACE: Duration = Duration::from_secs(10);
+
+/// Answers parks left over from an abandoned epoch, so they cannot satisfy
+/// this one and their ranks are not left blocked.
+pub(super) fn drop_stale_parks(conn: &RankConn) {
+    while let Ok(event) = lock(&conn.events).try_recv() {
+        if let RankEvent::Parked(Parked { epoch: stale, .. }) = event {
+            conn.abort(stale, &format!("epoch {stale} was abandoned"));
+        }
+    }
+}
+
+/// Captures one rank for `run`: the body of its thread.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn capture_one(
+    res: &Resources<'_>,
+    conn: &RankConn,
+    run: &EpochRun,
+    writer: &EpochWriter,
+    sink: &dyn EpochSink,
+    progress: &Progress,
+    deadline: Instant,
+    unfinished: &dyn Fn(Vec<RankCaptureReport>) -> CheckpointReport,
+) -> Result<(RankCaptureReport, WriteStats), EpochError> {
+    let (epoch, rank) = (run.epoch, conn.rank);
+    let (job, node) = (res.job_name, res.node);
+    let parked = match run.early.get(&rank) {
+        Some(parked) => parked.clone(),
+        None => wait_parked(conn, run, deadline)?,
+    };
+    tracing::info!(job, node, rank, epoch, "rank.quiesced");
+    fault::pause_at(fault::Phase::Quiesce, epoch, job);
+    let rank_writer = writer.rank(rank);
+    let mut did_resume = false;
+    let mut resume = |report: &RankCaptureReport| {
+        fault::pause_at(fault::Phase::Copy, epoch, job);
+        if run.cancel.is_set() {
+            return Err(run.stop_reason().to_string());
+        }
+        conn.send(&AgentToRank::Resume { epoch })?;
+        conn.page
+            .page()
+            .resumed_epoch
+            .store(epoch, Ordering::Release);
+        did_resume = true;
+        tracing::info!(
+            job,
+            node,
+            rank,
+            epoch,
+            pause_us = report.pause_ns / 1000,
+            copy_us = report.copy_ns / 1000,
+            bytes = report.bytes,
+            streamed = report.streamed,
+            "rank.resumed"
+        );
+        sink.copied(epoch, report);
+        lock(&progress.reports).push(report.clone());
+        if progress.resumed.fetch_add(1, Ordering::AcqRel) + 1 == progress.ranks {
+            let resumed_ns = nanos(progress.t0);
+            progress.resumed_ns.store(resumed_ns, Ordering::Release);
+            let mut reports = lock(&progress.reports).clone();
+            reports.sort_by_key(|r| r.rank);
+            sink.all_resumed(CheckpointReport {
+                resumed_ns,
+                ..unfinished(reports)
+            });
+        }
+        Ok(())
+    };
+    let ctx = CaptureContext {
+        access: res.access,
+        pool: res.pool,
+        copy_threads: res.copy_threads,
+        store_threads: res.store_threads,
+        gate: res.gate,
+        node,
+        cancelled: run.cancel.flag(),
+    };
+    // A failed capture loses its write-tracking scan, so the baseline is
+    // put back only once this part is durable.
+    let baseline = lock(&conn.baseline).take().filter(|_| !run.full);
+    let captured = {
+        let mut heat = lock(&conn.heat);
+        capture_rank(
+            &ctx,
+            &rank_writer,
+            &parked,
+            baseline.as_deref(),
+            &mut heat,
+            &mut resume,
+        )
+    };
+    let (report, record) = match captured {
+        Ok(captured) => captured,
+        Err(err) => {
+            if !did_resume {
+                tracing::info!(job, node, rank, epoch, "rank.aborted");
+                conn.abort(epoch, &err);
+            }
+            return Err(match err {
+                CaptureError::Resume { .. } | CaptureError::Aborted { .. }
+                    if run.cancel.is_set() =>
+                {
+                    run.cancelled()
+                }
+                err => err.into(),
+            });
+        }
+    };
+    fault::pause_at(fault::Phase::Drain, epoch, job);
+    if run.cancel.is_set() {
+        return Err(run.cancelled());
+    }
+    let regions = record.regions.clone();
+    let stats = rank_writer.finish(record)?;
+    *lock(&conn.baseline) = Some(regions);
+    lock(&run.written).push(rank);
+    tracing::info!(
+        job,
+        node,
+        rank,
+        epoch,
+        new_chunks = stats.new_chunks,
+        "rank.durable"
+    );
+    if run.cancel.is_set() {
+        return Err(run.cancelled());
+    }
+    sink.durable(epoch, rank, &stats);
+    Ok((report, stats))
+}
+
+/// Waits for `conn` to park for `run`'s epoch, until `deadline`.
+fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Parked, EpochError> {
+    let (epoch, rank, pid) = (run.epoch, conn.rank, conn.pid);
+    let events = lock(&conn.events);
+    let mut deadline = deadline;
+    let mut withdrawn = false;
+    loop {
+        if run.cancel.is_set() {
+            // Withdraw the request; a rank that took it parks and gets
+            // Abort at once (the epoch is closed to parks).
+            conn.withdraw_request(epoch);
+            return Err(run.cancelled());
+        }
+        let wait = deadline.saturating_duration_since(Instant::now()).min(POLL);
+        match events.recv_timeout(wait) {
+            Ok(RankEvent::Parked(parked)) if parked.epoch == epoch => {
+                // With MPI a rank may park for the agreed epoch before its
+                // own request was raised: clear the request so that it does
+                // not park again for this epoch once resumed.
+                conn.withdraw_request(epoch);
+                // Parked, possibly just after the deadline: capture it.
+                return Ok(parked);
+            }
+            Ok(RankEvent::Parked(Parked { epoch: stale, .. })) => {
+                conn.abort(stale, &"stale epoch");
+            }
+            Ok(RankEvent::Gone(why)) => return Err(EpochError::Left { rank, pid, why }),
+            Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
+                return Err(EpochError::Refused {
+                    rank,
+                    pid,
+                    detail: reason,
+                })
+            }
+            Ok(RankEvent::Refused { .. }) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(EpochError::Left {
+                    rank,
+                    pid,
+                    why: "disconnected".into(),
+                })
+            }
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
+            Err(RecvTimeoutError::Timeout) if withdrawn => {
+                return Err(EpochError::NeverParked { rank, pid });
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                // Withdraw the request. If the rank already took it, it is
+                // parking right now: wait for it, then abort it.
+                let taken = conn
+                    .page
+                    .page()
+                    .checkpoint_requested
+                    .swap(0, Ordering::AcqRel)
+                    != epoch;
+                if !taken {
+                    return Err(EpochError::ParkTimeout {
+                        rank,
+                        pid,
+                        waited: run.park_timeout,
+                    });
+                }
+                withdrawn = true;
+                deadline = Instant::now() + LATE_PARK_GRACE;
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Starting the node agents: as children of `cryo run` (one per emulated
+//! node), or as a Slurm step on every node of the allocation; and waiting
+//! until each has said hello.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cryo_core::env::ENV_COORDINATOR;
+use cryo_core::protocol::{JobResponse, ENV_AGENT_SOCKET, ENV_JOB, ENV_TOKEN};
+use cryo_core::token::JobToken;
+
+use crate::launch::LaunchBlock;
+use crate::peers::Event;
+use crate::registry::Registry;
+use crate::running::{AgentHandle, Coordinator};
+use crate::session::RunOptions;
+
+pub(crate) fn agent_binary(explicit: Option<&Path>) -> PathBuf {
+    if let Some(path) = explicit {
+        return path.to_owned();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("cryo-agent");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("cryo-agent")
+}
+
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub(crate) fn spawn_agent(
+    opts: &RunOptions,
+    node: &str,
+    coordinator: &str,
+    token_file: &Path,
+) -> Result<(Child, PathBuf, PathBuf)> {
+    let dir = opts.scratch.join(node);
+    // Private: the agent's socket and log are the job's user's alone.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let socket = dir.join("agent.sock");
+    let log = dir.join("agent.log");
+    let _ = fs::remove_file(&socket);
+    let mut command = Command::new(agent_binary(opts.agent_bin.as_deref()));
+    command
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--store")
+        .arg(&opts.store)
+        .arg("--job")
+        .arg(&opts.job)
+        .arg("--node")
+        .arg(node)
+        .arg("--coordinator")
+        .arg(coordinator)
+        .arg("--token-file")
+        .arg(token_file)
+        .arg("--chunk-size")
+        .arg(opts.chunk_size.to_string())
+        .arg("--park-timeout")
+        .arg(opts.park_timeout.as_secs().max(1).to_string())
+        .arg("--log-format")
+        .arg("json");
+    if let Some(budget) = &opts.copy_budget {
+        command.arg("--copy-budget").arg(budget);
+    }
+    if let Some(epoch) = opts.restart_from {
+        command.arg("--restart-from").arg(epoch.to_string());
+    }
+    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        // Settings meant for external agents must not leak into these.
+        .env_remove(cryo_core::env::ENV_RESTART_FROM)
+        .env_remove("CRYO_COPY_BUDGET")
+        .env_remove(cryo_core::env::ENV_NODE)
+        .env(
+            "CRYO_LOG",
+            std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
+        );
+    let child = command.spawn().with_context(|| {
+        format!(
+            "starting the agent for node {node} ({})",
+            agent_binary(opts.agent_bin.as_deref()).display()
+        )
+    })?;
+    Ok((child, socket, log))
+}
+
+/// How long `cryo run` waits for a first external agent before it warns.
+pub(crate) const NO_AGENT_WARNING: Duration = Duration::from_secs(60);
+
+/// What external agents need to start: `cryo-agent serve` reads every
+/// setting from these variables, which the launcher carries to each node
+/// and Slurm's plugin finds in the step's environment.
+pub(crate) fn external_agent_env(
+    opts: &RunOptions,
+    socket: &Path,
+    addr: &str,
+) -> Vec<(String, String)> {
+    let store = std::path::absolute(&opts.store).unwrap_or_else(|_| opts.store.clone());
+    let mut env = vec![
+        (ENV_COORDINATOR.to_owned(), addr.to_owned()),
+        (
+            ENV_AGENT_SOCKET.to_owned(),
+            socket.to_string_lossy().into_owned(),
+        ),
+        (
+            "CRYO_STORE".to_owned(),
+            store.to_string_lossy().into_owned(),
+        ),
+        ("CRYO_CHUNK_SIZE".to_owned(), opts.chunk_size.to_string()),
+        (
+            "CRYO_PARK_TIMEOUT".to_owned(),
+            opts.park_timeout.as_secs_f64().to_string(),
+        ),
+        (
+            cryo_core::env::ENV_AGENT_BIN.to_owned(),
+            agent_binary(opts.agent_bin.as_deref())
+                .to_string_lossy()
+                .into_owned(),
+        ),
+    ];
+    if let Some(budget) = &opts.copy_budget {
+        env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
+    }
+    if let Some(epoch) = opts.restart_from {
+        env.push((
+            cryo_core::env::ENV_RESTART_FROM.to_owned(),
+            epoch.to_string(),
+        ));
+    }
+    env
+}
+
+/// Starts one agent per emulated node and waits until each has said hello;
+/// returns the launcher blocks that point each node's ranks at its agent.
+pub(crate) fn spawn_agents_and_wait(
+    c: &mut Coordinator,
+    addr: &str,
+    rx: &Receiver<Event>,
+) -> Result<Vec<LaunchBlock>> {
+    let token_file = Registry::of(&c.job).token_path();
+    let mut sockets = BTreeMap::new();
+    for placement in c.opts.placement.clone() {
+        let (child, socket, log) = spawn_agent(&c.opts, &placement.node, addr, &token_file)?;
+        sockets.insert(placement.node.clone(), socket);
+        c.agents.insert(
+            placement.node.clone(),
+            AgentHandle {
+                writer: None,
+                version: cryo_core::protocol::PROTOCOL_VERSION,
+                ranks: BTreeSet::new(),
+                child: Some(child),
+                log,
+            },
+        );
+    }
+    let expected = c.agents.len();
+    wait_for_agents(c, rx, expected, None)?;
+    // Launch the job: one MPMD block per node, each naming its agent.
+    Ok(c.opts
+        .placement
+        .iter()
+        .map(|p| LaunchBlock {
+            ranks: p.ranks.end - p.ranks.start,
+            env: vec![(
+                ENV_AGENT_SOCKET.to_owned(),
+                sockets[&p.node].to_string_lossy().into_owned(),
+            )],
+        })
+        .collect())
+}
+
+/// Waits until `expected` agents have said hello, failing early when one of
+/// the processes that should run them exits first.
+pub(crate) fn wait_for_agents(
+    c: &mut Coordinator,
+    rx: &Receiver<Event>,
+    expected: usize,
+    step_log: Option<&Path>,
+) -> Result<()> {
+    let timeout = Duration::from_secs(60);
+    let deadline = Instant::now() + timeout;
+    while c.agents.values().filter(|a| a.writer.is_some()).count() < expected {
+        for (node, agent) in &mut c.agents {
+            if let Some(child) = agent.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!(
+                        "the agent for node {node} exited ({status}) before connecting:\n{}",
+                        tail(&agent.log, 15)
+                    );
+                }
+            }
+        }
+        if let (Some(step), Some(log)) = (c.agent_step.as_mut(), step_log) {
+            if let Ok(Some(status)) = step.try_wait() {
+                bail!(
+                    "the agents' Slurm step ended ({status}) before every agent connected:\n{}",
+                    tail(log, 15)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {} of {expected} agents connected within {} s",
+                c.agents.values().filter(|a| a.writer.is_some()).count(),
+                timeout.as_secs()
+            );
+        }
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::AgentConnected {
+                node,
+                writer,
+                version,
+            }) => c.on_agent_connected(node, writer, version),
+            Ok(Event::AgentLost { node, why }) => {
+                bail!("the agent on node {node} disconnected while starting ({why})")
+            }
+            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
+            Ok(Event::Request { reply, .. }) => {
+                let _ = reply.send(JobResponse::Refused {
+                    reason: "the job is still starting".into(),
+                });
+            }
+            Ok(Event::Committed { epoch, result }) => c.on_committed(epoch, result),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => bail!("the coordinator's listener stopped"),
+        }
+    }
+    Ok(())
+}
+
+/// Starts one agent on every node of the Slurm allocation as a step of its
+/// own (`srun --overlap`, so it takes no CPUs from the ranks' step), and
+/// waits for all of them to say hello.
+pub(crate) fn start_agent_step(
+    c: &mut Coordinator,
+    rx: &Receiver<Event>,
+    env: &[(String, String)],
+    token: &JobToken,
+) -> Result<()> {
+    let nodes: usize = ["SLURM_JOB_NUM_NODES", "SLURM_NNODES"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .context("--agents srun needs a Slurm allocation (no SLURM_JOB_NUM_NODES)")?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&c.opts.scratch)
+        .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
+    let log = c.opts.scratch.join("agents-step.log");
+    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut command = Command::new("srun");
+    command
+        .arg("--overlap")
+        .arg(format!("--nodes={nodes}"))
+        .arg(format!("--ntasks={nodes}"))
+        .arg("--ntasks-per-node=1")
+        .arg("--kill-on-bad-exit=0")
+        .arg("--mpi=none")
+        .arg("--job-name=cryo-agents")
+        .arg(agent_binary(c.opts.agent_bin.as_deref()))
+        .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(ENV_JOB, &c.opts.job)
+        .env(ENV_TOKEN, token.expose())
+        .env(
+            "CRYO_LOG",
+            std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .process_group(0);
+    let step = command
+        .spawn()
+        .context("starting the agents' Slurm step (srun)")?;
+    eprintln!(
+        "cryo: starting {nodes} agent(s) as Slurm step (srun pid {})",
+        step.id()
+    );
+    c.agent_step = Some(step);
+    wait_for_agents(c, rx, nodes, Some(&log))
+}

@@ -1,0 +1,244 @@
+//! The coordinator's listener: agents and `cryo` clients connect over TCP,
+//! prove they hold the job token, and what they say becomes an [`Event`]
+//! for the event loop. Each peer is answered in its own protocol version.
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::mpsc::{self, Sender};
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cryo_core::auth;
+use cryo_core::protocol::{
+    read_message, write_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello,
+    JobRequest, JobResponse, Message, Peer, PROTOCOL_VERSION,
+};
+use cryo_core::store::Store;
+use cryo_core::token::JobToken;
+
+use crate::registry::{hostname, Registry};
+
+/// What the event loop hears.
+pub(crate) enum Event {
+    /// An agent said hello and was accepted.
+    AgentConnected {
+        node: String,
+        writer: TcpStream,
+        /// The protocol version it speaks.
+        version: u16,
+    },
+    Agent {
+        node: String,
+        msg: AgentToCoordinator,
+    },
+    AgentLost {
+        node: String,
+        why: String,
+    },
+    Request {
+        request: JobRequest,
+        reply: Sender<JobResponse>,
+    },
+    /// The commit thread finished an epoch ([`crate::commit`]).
+    Committed {
+        epoch: u64,
+        result: crate::commit::CommitResult,
+    },
+}
+
+/// Accepts connections and forwards what peers say to the event loop.
+pub(crate) fn serve_connections(
+    listener: TcpListener,
+    job: String,
+    world_size: u32,
+    token: JobToken,
+    expected: Option<BTreeSet<String>>,
+    events: Sender<Event>,
+) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let (job, token, expected, events) =
+            (job.clone(), token.clone(), expected.clone(), events.clone());
+        thread::spawn(move || serve_peer(stream, &job, world_size, &token, &expected, &events));
+    }
+}
+
+fn refuse<M: Message>(stream: &TcpStream, msg: &M, version: u16) {
+    let _ = write_message_as(&mut &*stream, msg, version);
+}
+
+/// How long the coordinator waits for one write to an agent before it
+/// takes that agent for lost.
+const AGENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn serve_peer(
+    stream: TcpStream,
+    job: &str,
+    world_size: u32,
+    token: &JobToken,
+    expected: &Option<BTreeSet<String>>,
+    events: &Sender<Event>,
+) {
+    let peer_addr = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    // The client proves it holds the token without sending it; the answer
+    // is bound to this connection's nonce, so a recorded one is worthless.
+    let greeting = match auth::accept(&stream, |s| {
+        read_message::<Hello>(&mut &*s).map(|hello| (hello, ()))
+    }) {
+        Ok(greeting) => greeting,
+        Err(auth::Rejected {
+            role: None,
+            source: cryo_core::protocol::FrameError::Closed,
+        }) => {
+            // A liveness probe (`cryo run` checking for a stale entry).
+            tracing::debug!(job, peer = %peer_addr, "peer.closed_before_hello");
+            return;
+        }
+        Err(err) => {
+            tracing::warn!(job, peer = %peer_addr, error = %err, "peer.rejected");
+            return;
+        }
+    };
+    let auth::Greeting {
+        hello,
+        nonce,
+        proof,
+        ..
+    } = greeting;
+    let version = hello.version;
+    let problem = if let Err(err) = hello.check_version() {
+        Some(err.to_string())
+    } else if hello.job != job {
+        Some(format!(
+            "this coordinator runs job {job:?}, not {:?}",
+            hello.job
+        ))
+    } else if let Err(err) = auth::verify(token, &nonce, &hello, &proof) {
+        Some(format!("wrong or missing job token: {err}"))
+    } else {
+        None
+    };
+    match hello.peer {
+        Peer::Agent { node } => {
+            let problem = problem.or_else(|| {
+                expected
+                    .as_ref()
+                    .is_some_and(|nodes| !nodes.contains(&node))
+                    .then(|| format!("node {node:?} is not part of this job"))
+            });
+            if let Some(reason) = problem {
+                tracing::warn!(job, peer = %peer_addr, node = %node, reason = %reason, "peer.rejected");
+                refuse(&stream, &CoordinatorToAgent::Refused { reason }, version);
+                return;
+            }
+            let welcome = CoordinatorToAgent::Welcome {
+                job: job.to_owned(),
+                world_size,
+            };
+            if write_message_as(&mut &stream, &welcome, version).is_err() {
+                return;
+            }
+            let Ok(writer) = stream.try_clone() else {
+                return;
+            };
+            // The event thread writes to every agent: one whose socket
+            // stopped draining costs it a bounded wait, then counts as lost.
+            let _ = writer.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
+            if events
+                .send(Event::AgentConnected {
+                    node: node.clone(),
+                    writer,
+                    version,
+                })
+                .is_err()
+            {
+                return;
+            }
+            let why = loop {
+                match read_message::<AgentToCoordinator>(&mut &stream) {
+                    Ok(msg) => {
+                        if events
+                            .send(Event::Agent {
+                                node: node.clone(),
+                                msg,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(err) if err.is_disconnect() => break "connection closed".to_owned(),
+                    Err(err) => break format!("protocol error: {err}"),
+                }
+            };
+            let _ = events.send(Event::AgentLost { node, why });
+        }
+        Peer::Control { client } => {
+            if let Some(reason) = problem {
+                tracing::warn!(job, peer = %peer_addr, client = %client, reason = %reason, "peer.rejected");
+                refuse(&stream, &JobResponse::Refused { reason }, version);
+                return;
+            }
+            loop {
+                let request = match read_message::<JobRequest>(&mut &stream) {
+                    Ok(request) => request,
+                    Err(err) if err.is_disconnect() => return,
+                    Err(err) => {
+                        tracing::warn!(job, peer = %peer_addr, client = %client, error = %err, "request.rejected");
+                        return;
+                    }
+                };
+                let (tx, rx) = mpsc::channel();
+                if events.send(Event::Request { request, reply: tx }).is_err() {
+                    return;
+                }
+                let Ok(response) = rx.recv() else { return };
+                if write_message_as(&mut &stream, &response, version).is_err() {
+                    return;
+                }
+            }
+        }
+        Peer::Rank { rank, .. } => {
+            tracing::warn!(job, peer = %peer_addr, rank, "peer.rejected");
+            refuse(
+                &stream,
+                &JobResponse::Refused {
+                    reason: "ranks talk to their node agent, not the coordinator".into(),
+                },
+                version,
+            );
+        }
+    }
+}
+
+/// Sends a request to a running job's coordinator and waits for the answer.
+pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobResponse> {
+    let store = Store::open(store)?;
+    let job_store = store.existing_job(job)?;
+    let registry = Registry::of(&job_store);
+    let addr = registry.coordinator(job)?;
+    let token = registry.token()?;
+    let stream = TcpStream::connect(&addr.addr).with_context(|| {
+        format!(
+            "connecting to job {job:?}'s coordinator at {} (pid {} on {})",
+            addr.addr, addr.pid, addr.host
+        )
+    })?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        job: job.to_owned(),
+        peer: Peer::Control {
+            client: format!("cryo on {}", hostname()),
+        },
+    };
+    write_message(&mut &stream, &hello)?;
+    auth::answer(&mut &stream, &hello, Some(&token))
+        .context("answering the coordinator's challenge")?;
+    write_message(&mut &stream, &request)?;
+    read_message::<JobResponse>(&mut &stream).context("reading the coordinator's answer")
+}

@@ -1,0 +1,484 @@
+//! The running job as the coordinator's event loop sees it: its agents,
+//! the epoch in flight, and the clients waiting for it. Owned by the main
+//! thread alone, so the epoch logic ([`crate::epoch`]) never needs a lock.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::mpsc::Sender;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use cryo_core::protocol::{
+    write_message_as, AbortReason, AgentToCoordinator, CoordinatorToAgent, EpochProgress,
+    JobRequest, JobResponse, JobStatus, NodeStatus,
+};
+use cryo_core::store::JobStore;
+
+use crate::commit::Committer;
+use crate::epoch::{Epoch, Event as EpochEvent, Phase};
+use crate::human;
+use crate::session::{stop_process_group, AgentMode, RunOptions};
+
+/// One node's agent.
+pub(crate) struct AgentHandle {
+    /// The writing half of its connection; `None` once lost.
+    pub(crate) writer: Option<TcpStream>,
+    /// The protocol version it speaks: it is answered in that version.
+    pub(crate) version: u16,
+    pub(crate) ranks: BTreeSet<u32>,
+    /// The agent process, when `cryo run` started it.
+    pub(crate) child: Option<Child>,
+    pub(crate) log: PathBuf,
+}
+
+/// A `cryo checkpoint` or `preempt` waiting for the epoch's outcome.
+pub(crate) struct Waiter {
+    pub(crate) reply: Sender<JobResponse>,
+}
+
+/// The job's state, owned by the event loop.
+pub(crate) struct Coordinator {
+    pub(crate) opts: RunOptions,
+    pub(crate) job: JobStore,
+    pub(crate) agents: BTreeMap<String, AgentHandle>,
+    pub(crate) pids: BTreeMap<u32, u32>,
+    pub(crate) epoch: Option<Epoch>,
+    max_pause_us: u64,
+    last_parked: Option<Instant>,
+    waiters: Vec<Waiter>,
+    last_attempted: u64,
+    pub(crate) preempting: bool,
+    pub(crate) preempt_result: Option<bool>,
+    /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
+    pub(crate) agent_step: Option<Child>,
+    committer: Committer,
+    /// The epoch whose commit is running.
+    committing: Option<u64>,
+}
+
+impl Coordinator {
+    /// A coordinator for `opts`' job, with no agent yet.
+    pub(crate) fn new(
+        opts: RunOptions,
+        job: JobStore,
+        events: Sender<crate::peers::Event>,
+    ) -> Self {
+        Coordinator {
+            committer: Committer::new(job.clone(), opts.ranks, opts.chunk_size, events),
+            job,
+            agents: BTreeMap::new(),
+            pids: BTreeMap::new(),
+            epoch: None,
+            max_pause_us: 0,
+            last_parked: None,
+            waiters: Vec::new(),
+            last_attempted: 0,
+            preempting: false,
+            preempt_result: None,
+            agent_step: None,
+            committing: None,
+            opts,
+        }
+    }
+
+    fn send(&mut self, node: &str, msg: &CoordinatorToAgent) {
+        if let Some(agent) = self.agents.get_mut(node) {
+            if let Some(writer) = agent.writer.as_ref() {
+                if let Err(err) = write_message_as(&mut &*writer, msg, agent.version) {
+                    // Its epoch part then misses its deadline and aborts.
+                    tracing::warn!(job = %self.opts.job, node, error = %err, "agent.write_failed");
+                    agent.writer = None;
+                }
+            }
+        }
+    }
+
+    fn broadcast(&mut self, msg: &CoordinatorToAgent) {
+        let nodes: Vec<String> = self.agents.keys().cloned().collect();
+        for node in nodes {
+            self.send(&node, msg);
+        }
+    }
+
+    /// An agent said hello: a spawned one is expected, an external one
+    /// joins the job (any node the launcher used).
+    pub(crate) fn on_agent_connected(&mut self, node: String, writer: TcpStream, version: u16) {
+        let external = matches!(self.opts.agents, AgentMode::External { .. });
+        match self.agents.get_mut(&node) {
+            Some(agent) => {
+                if external {
+                    // A restarted agent on the same node: its ranks register
+                    // with it again.
+                    agent.ranks.clear();
+                }
+                agent.writer = Some(writer);
+                agent.version = version;
+            }
+            None if external => {
+                tracing::info!(job = %self.opts.job, node = %node, "agent.joined");
+                eprintln!("cryo: agent on node {node} joined");
+                self.agents.insert(
+                    node,
+                    AgentHandle {
+                        writer: Some(writer),
+                        version,
+                        ranks: BTreeSet::new(),
+                        child: None,
+                        log: PathBuf::new(),
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    pub(crate) fn registered(&self) -> usize {
+        self.agents.values().map(|a| a.ranks.len()).sum()
+    }
+
+    fn next_epoch(&self) -> Result<u64> {
+        let committed = self.job.latest_committed()?.unwrap_or(0);
+        let partial = self
+            .job
+            .partial_epochs()?
+            .iter()
+            .map(|(e, _)| *e)
+            .max()
+            .unwrap_or(0);
+        Ok(committed.max(partial).max(self.last_attempted) + 1)
+    }
+
+    pub(crate) fn start_checkpoint(&mut self, why: &str) -> Result<u64, String> {
+        if let Some(epoch) = &self.epoch {
+            return Err(format!(
+                "checkpoint of epoch {} is still in progress",
+                epoch.epoch
+            ));
+        }
+        let registered = self.registered();
+        if registered < self.opts.ranks as usize {
+            return Err(format!(
+                "only {registered} of {} ranks have registered with their agents yet",
+                self.opts.ranks
+            ));
+        }
+        if let Some(lost) = self
+            .agents
+            .iter()
+            .find(|(_, a)| a.writer.is_none())
+            .map(|(n, _)| n.clone())
+        {
+            return Err(format!("the agent on node {lost:?} is not connected"));
+        }
+        let epoch = self.next_epoch().map_err(|e| e.to_string())?;
+        let _ = self.job.discard_pending(epoch);
+        self.last_attempted = epoch;
+        self.max_pause_us = 0;
+        self.last_parked = None;
+        self.epoch = Some(Epoch::new(
+            epoch,
+            self.opts.ranks,
+            self.opts.checkpoint_timeout,
+            Instant::now(),
+        ));
+        tracing::info!(job = %self.opts.job, epoch, why, "checkpoint.requested");
+        eprintln!("cryo: checkpoint of epoch {epoch} requested ({why})");
+        let park_timeout_ms = u64::try_from(self.opts.park_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.broadcast(&CoordinatorToAgent::Checkpoint {
+            epoch,
+            park_timeout_ms,
+        });
+        Ok(epoch)
+    }
+
+    pub(crate) fn on_agent_message(&mut self, node: &str, msg: AgentToCoordinator) {
+        let now = Instant::now();
+        match msg {
+            AgentToCoordinator::RankRegistered {
+                rank,
+                pid,
+                restored_epoch,
+            } => {
+                if let Some(agent) = self.agents.get_mut(node) {
+                    agent.ranks.insert(rank);
+                }
+                self.pids.insert(rank, pid);
+                tracing::info!(job = %self.opts.job, node, rank, pid, restored_epoch, "rank.registered");
+            }
+            AgentToCoordinator::RankLeft { rank, why } => {
+                if let Some(agent) = self.agents.get_mut(node) {
+                    agent.ranks.remove(&rank);
+                }
+                if let Some(epoch) = self.epoch.as_mut() {
+                    if epoch.phase == Phase::Quiescing && !epoch.copied.contains_key(&rank) {
+                        let reason = AbortReason::RankLeft { rank, why }.on_node(node);
+                        epoch.apply(EpochEvent::Failed(reason), now);
+                    }
+                }
+            }
+            AgentToCoordinator::Copied {
+                epoch,
+                rank,
+                bytes,
+                pause_us,
+            } => {
+                if let Some(current) = self.epoch.as_mut().filter(|e| e.epoch == epoch) {
+                    self.max_pause_us = self.max_pause_us.max(pause_us);
+                    let parked = now
+                        .checked_sub(Duration::from_micros(pause_us))
+                        .unwrap_or(now);
+                    self.last_parked = Some(self.last_parked.map_or(parked, |t| t.max(parked)));
+                    current.apply(EpochEvent::Copied { rank, bytes }, now);
+                    tracing::info!(job = %self.opts.job, node, rank, epoch, pause_us, "rank.resumed");
+                }
+            }
+            AgentToCoordinator::Durable {
+                epoch,
+                rank,
+                written,
+            } => {
+                if let Some(current) = self.epoch.as_mut().filter(|e| e.epoch == epoch) {
+                    current.apply(EpochEvent::Durable { rank, written }, now);
+                }
+            }
+            AgentToCoordinator::Failed { epoch, reason } => {
+                if let Some(current) = self.epoch.as_mut().filter(|e| e.epoch == epoch) {
+                    // A version 4 agent's text does not name its node.
+                    let reason = match reason {
+                        AbortReason::Text(text) => AbortReason::Text(text).on_node(node),
+                        typed => typed,
+                    };
+                    current.apply(EpochEvent::Failed(reason), now);
+                }
+            }
+        }
+        self.progress();
+    }
+
+    pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str) {
+        if self.epoch.is_some() {
+            tracing::error!(job = %self.opts.job, node, why, "agent.lost");
+        } else {
+            // Between checkpoints it matters only for the next one, and at
+            // the end of a Slurm step it is expected.
+            tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
+        }
+        eprintln!("cryo: lost the agent on node {node} ({why})");
+        if let Some(agent) = self.agents.get_mut(node) {
+            agent.writer = None;
+        }
+        if let Some(epoch) = self.epoch.as_mut() {
+            epoch.apply(
+                EpochEvent::AgentLost {
+                    node: node.to_owned(),
+                },
+                Instant::now(),
+            );
+        }
+        self.progress();
+    }
+
+    /// Moves the epoch forward: commit when every rank is durable, report
+    /// when it is over.
+    pub(crate) fn progress(&mut self) {
+        let Some(mut epoch) = self.epoch.take() else {
+            return;
+        };
+        epoch.tick(Instant::now());
+        if epoch.phase == Phase::Committing && self.committing.is_none() {
+            self.committing = Some(epoch.epoch);
+            self.committer.start(epoch.epoch);
+        }
+        match &epoch.phase {
+            Phase::Committed => {
+                let elapsed = epoch.started.elapsed();
+                let pause = epoch
+                    .all_copied_at
+                    .map(|t| t - epoch.started)
+                    .unwrap_or_default();
+                eprintln!(
+                    "cryo: epoch {} committed: {} ranks, {} copied ({} in {:.3} s to all ranks resumed, longest rank pause {:.1} ms), {} written, {:.2} s in all",
+                    epoch.epoch,
+                    epoch.world_size,
+                    human::bytes(epoch.bytes_copied()),
+                    human::rate(epoch.bytes_copied(), pause.as_secs_f64()),
+                    pause.as_secs_f64(),
+                    self.max_pause_us as f64 / 1000.0,
+                    human::bytes(epoch.bytes_written()),
+                    elapsed.as_secs_f64()
+                );
+                self.broadcast(&CoordinatorToAgent::Committed { epoch: epoch.epoch });
+                let response = JobResponse::Committed {
+                    epoch: epoch.epoch,
+                    max_pause_us: self.max_pause_us,
+                    quiesce_us: self.last_parked.map_or(0, |t| {
+                        u64::try_from(t.saturating_duration_since(epoch.started).as_micros())
+                            .unwrap_or(u64::MAX)
+                    }),
+                    bytes: epoch.bytes_copied(),
+                    written: epoch.bytes_written(),
+                    elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                };
+                for waiter in self.waiters.drain(..) {
+                    let _ = waiter.reply.send(response.clone());
+                }
+                if self.preempting {
+                    self.preempt_result = Some(true);
+                }
+                let (job, keep) = (self.job.clone(), self.opts.keep);
+                thread::spawn(move || {
+                    if let Err(err) = job.gc(Some(keep)) {
+                        tracing::warn!(job = %job.name(), error = %err, "gc.failed");
+                    }
+                });
+            }
+            Phase::Aborted(reason) => {
+                let reason = reason.clone();
+                tracing::warn!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
+                eprintln!(
+                    "cryo: epoch {} aborted: {reason}; the previous committed epoch stands",
+                    epoch.epoch
+                );
+                self.broadcast(&CoordinatorToAgent::Abort {
+                    epoch: epoch.epoch,
+                    reason: reason.clone(),
+                });
+                let _ = self.job.discard_pending(epoch.epoch);
+                let response = JobResponse::Aborted {
+                    epoch: epoch.epoch,
+                    reason,
+                };
+                for waiter in self.waiters.drain(..) {
+                    let _ = waiter.reply.send(response.clone());
+                }
+                if self.preempting {
+                    self.preempt_result = Some(false);
+                }
+            }
+            _ => self.epoch = Some(epoch),
+        }
+    }
+
+    /// The commit thread finished `epoch`.
+    pub(crate) fn on_committed(&mut self, epoch: u64, result: crate::commit::CommitResult) {
+        if self.committing != Some(epoch) {
+            return;
+        }
+        self.committing = None;
+        let Some(current) = self.epoch.as_mut().filter(|e| e.epoch == epoch) else {
+            return;
+        };
+        let result = result.map(|warnings| {
+            // Said when the checkpoint is taken, not found at restart.
+            for warning in warnings {
+                tracing::warn!(job = %self.opts.job, epoch, warning = %warning, "epoch.not_restorable");
+                eprintln!("cryo: epoch {epoch}: {warning}");
+            }
+        });
+        current.committed(result);
+        self.progress();
+    }
+
+    /// Whether a commit is running (its outcome must be waited for before
+    /// the coordinator exits).
+    pub(crate) fn is_committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    fn status(&self) -> JobStatus {
+        JobStatus {
+            job: self.opts.job.clone(),
+            world_size: self.opts.ranks,
+            nodes: self
+                .agents
+                .iter()
+                .map(|(node, agent)| NodeStatus {
+                    node: node.clone(),
+                    ranks: agent.ranks.iter().copied().collect(),
+                    connected: agent.writer.is_some(),
+                })
+                .collect(),
+            last_committed: self.job.latest_committed().ok().flatten(),
+            in_progress: self.epoch.as_ref().map(|e| EpochProgress {
+                epoch: e.epoch,
+                phase: match e.phase {
+                    Phase::Quiescing => "quiescing and copying".into(),
+                    Phase::Draining => "draining to the store".into(),
+                    Phase::Committing => "committing".into(),
+                    Phase::Committed => "committed".into(),
+                    Phase::Aborted(_) => "aborted".into(),
+                },
+                ranks_copied: u32::try_from(e.copied.len()).unwrap_or(u32::MAX),
+                ranks_durable: u32::try_from(e.durable.len()).unwrap_or(u32::MAX),
+                bytes_copied: e.bytes_copied(),
+                bytes_written: e.bytes_written(),
+                elapsed_ms: u64::try_from(e.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            restarted_from: self.opts.restart_from,
+        }
+    }
+
+    pub(crate) fn on_request(&mut self, request: JobRequest, reply: Sender<JobResponse>) {
+        match request {
+            JobRequest::Status => {
+                let _ = reply.send(JobResponse::Status(self.status()));
+            }
+            JobRequest::Checkpoint | JobRequest::Preempt => {
+                let preempt = request == JobRequest::Preempt;
+                let why = if preempt {
+                    "cryo preempt"
+                } else {
+                    "cryo checkpoint"
+                };
+                match self.start_checkpoint(why) {
+                    Ok(_) => self.waiters.push(Waiter { reply }),
+                    Err(reason) if preempt && self.epoch.is_some() => {
+                        // Preempt during a checkpoint: stop once it is over.
+                        tracing::info!(job = %self.opts.job, reason = %reason, "preempt.after_current_epoch");
+                        self.waiters.push(Waiter { reply });
+                    }
+                    Err(reason) => {
+                        let _ = reply.send(JobResponse::Refused {
+                            reason: reason.clone(),
+                        });
+                        if preempt {
+                            eprintln!("cryo: preempting without a new checkpoint: {reason}");
+                            self.preempt_result = Some(false);
+                        }
+                    }
+                }
+                if preempt {
+                    self.preempting = true;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn shutdown_agents(&mut self) {
+        self.broadcast(&CoordinatorToAgent::Shutdown);
+        if let Some(mut step) = self.agent_step.take() {
+            // The agents exit on Shutdown, which ends their step.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(step.try_wait(), Ok(None)) {
+                thread::sleep(Duration::from_millis(20));
+            }
+            stop_process_group(&mut step, Duration::from_secs(5));
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for agent in self.agents.values_mut() {
+            if let Some(child) = agent.child.as_mut() {
+                while Instant::now() < deadline {
+                    if matches!(child.try_wait(), Ok(Some(_))) {
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
