@@ -1,0 +1,634 @@
+//! The agreement as a state machine: what a rank starts at each safe point
+//! and what the sums it gets back mean. It calls no MPI: it drives a
+//! [`Collectives`], the MPI binding in `mpi.rs` or the simulated ranks of
+//! the unit tests.
+//!
+//! A rank's side of the protocol is a [`Quiesce`]. The driver calls
+//! [`Quiesce::safe_point`] at each safe point, and then [`Quiesce::poll`]
+//! for as long as the answer is [`Progress::Wait`] (the rank stays inside
+//! that safe point); [`Quiesce::leave`] when the rank leaves its loop.
+//! Waiting is the driver's: the machine never blocks.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use super::pace::{first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK};
+
+/// Attempts per epoch: after a rank passed the target, the ranks join again
+/// with four times the slack; after this many, they refuse the epoch.
+pub const MAX_ATTEMPTS: u32 = 3;
+
+/// How long a join may stay incomplete before the rank rings its peers.
+/// Agents that are merely slower than the others raise their flags within
+/// this time and no message is sent.
+pub const RING_AFTER: Duration = Duration::from_millis(50);
+
+/// A cap (and so a target) that no safe point reaches: a rank that has left
+/// its loop takes part in an agreement without ever parking in it.
+const NEVER: u64 = u64::MAX;
+
+/// The reductions the agreement uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reduce {
+    Max,
+    Sum,
+}
+
+/// An MPI call that failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CallError {
+    /// The MPI function, e.g. `MPI_Test`.
+    pub(crate) call: &'static str,
+    /// Its error code.
+    pub(crate) code: i32,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} failed with MPI error {}", self.call, self.code)
+    }
+}
+
+/// A message a rank at the target found waiting on the application's
+/// communicator: sent before the safe point and not received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct InFlight {
+    /// Its sender's rank.
+    pub(crate) source: i32,
+    /// Its tag.
+    pub(crate) tag: i32,
+}
+
+/// What the agreement needs from MPI, and nothing more: one non-blocking
+/// allreduce at a time on a private communicator, a probe of the
+/// application's communicator, the ring and its bell, and a clock.
+///
+/// Every rank calls `start` the same number of times, in the same order,
+/// with the same `reduce` and `N`: the agreement's decisions are all taken
+/// from results that are the same on every rank.
+pub(crate) trait Collectives {
+    /// A started allreduce of `N` words, completed by [`Collectives::test`].
+    type Pending<const N: usize>;
+
+    /// Starts a non-blocking allreduce of `words` over every rank.
+    fn start<const N: usize>(
+        &mut self,
+        reduce: Reduce,
+        words: [u64; N],
+    ) -> Result<Self::Pending<N>, CallError>;
+
+    /// Tests it once (driving its progress): its result once complete.
+    fn test<const N: usize>(
+        &mut self,
+        pending: &mut Self::Pending<N>,
+    ) -> Result<Option<[u64; N]>, CallError>;
+
+    /// Looks for a message waiting on the application's communicator, for
+    /// a short window (see `PROBE_WINDOW`).
+    fn probe(&mut self) -> Result<Option<InFlight>, CallError>;
+
+    /// Rings every other rank.
+    fn ring(&mut self) -> Result<(), CallError>;
+
+    /// Looks once for a ring: whether one came since the bell was last
+    /// listened to. A ring once taken is not reported again until
+    /// [`Collectives::collect_rings`].
+    fn bell_rang(&mut self) -> Result<bool, CallError>;
+
+    /// Receives the `rings` sent to this rank in the agreement that just
+    /// ended (counting one the bell took), then listens again.
+    fn collect_rings(&mut self, rings: u64) -> Result<(), CallError>;
+
+    /// The time, read only where a period is measured (never at a safe
+    /// point with nothing to do).
+    fn now(&self) -> Instant;
+}
+
+/// What the agreement asks of the rank after a call.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Compute on: nothing under way, or an agreement under way that needs
+    /// nothing more at this safe point.
+    Continue,
+    /// Stay inside this safe point and [`Quiesce::poll`] again: the rank is
+    /// at the target (or leaving) and a step has not completed.
+    Wait,
+    /// The agreement has ended for this rank.
+    Decided(Decision),
+}
+
+/// What an agreement decided for this rank.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// Park at this safe point for the epoch: every rank does.
+    Park(u64),
+    /// Refuse the epoch (it aborts), saying why.
+    Refuse(u64, Refusal),
+    /// Compute on: a rank is leaving, or another rank refuses the epoch.
+    ComputeOn,
+}
+
+/// Why a rank refuses an epoch. Rendered to text only where it is sent to
+/// the agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// `rank` saw a message in flight at the target.
+    InFlight { rank: i32, message: InFlight },
+    /// A rank passed the target in every attempt; `missed` ranks were not
+    /// at it in the last.
+    Missed { missed: u64 },
+    /// `rank` left the target after `waited` for the check, and every other
+    /// rank was there: they park, and this refusal releases them.
+    LeftTarget { rank: i32, waited: Duration },
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::InFlight { rank, message } => write!(
+                f,
+                "rank {rank}: a message from rank {} (tag {}) was still in flight at the safe \
+                 point; complete all communication before calling the safe point",
+                message.source, message.tag
+            ),
+            Refusal::Missed { missed } => write!(
+                f,
+                "the ranks did not all stop at the agreed safe point in {MAX_ATTEMPTS} attempts \
+                 ({missed} missed the last)"
+            ),
+            Refusal::LeftTarget { rank, waited } => write!(
+                f,
+                "rank {rank} left the agreed safe point after waiting {} ms for the others to \
+                 check it",
+                waited.as_millis()
+            ),
+        }
+    }
+}
+
+/// What agreements cost this rank, logged when it detaches.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) agreements: u64,
+    pub(crate) joined_by_ring: u64,
+    pub(crate) rings: u64,
+    pub(crate) retries: u64,
+    pub(crate) target_waits: u64,
+    pub(crate) target_wait: Duration,
+}
+
+/// Where a rank stands in an agreement.
+enum Step<C: Collectives> {
+    /// Join started: [epoch, target, most safe points the previous
+    /// agreement's join needed] to come.
+    Joining { join: C::Pending<3>, since: Instant },
+    /// The target is known and not reached yet.
+    Heading,
+    /// Arrive started: [ranks not at the target].
+    Arriving { arrive: C::Pending<1> },
+    /// Check started: [in flight, not at the target, rang, leaving].
+    Checking {
+        check: C::Pending<4>,
+        in_flight: Option<InFlight>,
+    },
+}
+
+/// One agreement in progress.
+struct Agreement<C: Collectives> {
+    /// This rank's epoch until the join completes, then the agreed one.
+    epoch: u64,
+    /// The safe point where this rank joined.
+    joined_at: u64,
+    target: u64,
+    /// 0 for the first agreement of an epoch.
+    attempt: u32,
+    /// Waiting at the target (it said so in the arrive step).
+    at_target: bool,
+    /// When the current wait at the target began.
+    waiting_since: Option<Instant>,
+    rang: bool,
+    step: Step<C>,
+}
+
+/// One rank's side of the quiesce protocol.
+pub(crate) struct Quiesce<C: Collectives> {
+    net: C,
+    rank: i32,
+    /// Safe points so far.
+    counter: u64,
+    pace: Pace,
+    agreement: Option<Agreement<C>>,
+    /// The newest epoch an agreement ended for: a flag still showing it (an
+    /// agent's late raise) is not a new request.
+    last_decided: u64,
+    /// `CRYO_QUIESCE_SLACK`, when set to a number.
+    fixed_slack: Option<u64>,
+    /// The fewest safe points of slack (see [`slack_floor`]).
+    slack_floor: u64,
+    /// Safe points between this rank's join and its seeing the join
+    /// complete, in the previous agreement.
+    last_needed: u64,
+    /// Leaving its loop: no more safe points will come.
+    leaving: bool,
+    /// An agreement ended with a rank leaving: that rank takes part in no
+    /// further agreement, so none is started.
+    ended: bool,
+    /// Collectives started so far (a new one is a new wait for the driver).
+    started: u64,
+    stats: Stats,
+}
+
+/// How a step completed, or did not, at this call.
+enum Settled<const N: usize> {
+    Done([u64; N]),
+    /// Not yet: compute on.
+    Pending,
+    /// Not yet: stay in the safe point.
+    Wait,
+}
+
+impl<C: Collectives> Quiesce<C> {
+    /// Rank `rank` of `size`, with `CRYO_QUIESCE_SLACK`'s number if set.
+    pub(crate) fn new(net: C, rank: i32, size: i32, fixed_slack: Option<u64>) -> Self {
+        let pace = Pace::new(net.now());
+        Quiesce {
+            net,
+            rank,
+            counter: 0,
+            pace,
+            agreement: None,
+            last_decided: 0,
+            fixed_slack,
+            slack_floor: first_slack_floor(size.unsigned_abs()),
+            last_needed: 0,
+            leaving: false,
+            ended: false,
+            started: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// This rank in the communicator.
+    pub(crate) fn rank(&self) -> i32 {
+        self.rank
+    }
+
+    /// Collectives started so far.
+    pub(crate) fn started(&self) -> u64 {
+        self.started
+    }
+
+    /// The binding, e.g. to close it once the rank has left.
+    pub(crate) fn net_mut(&mut self) -> &mut C {
+        &mut self.net
+    }
+
+    /// A safe point. `requested` is the epoch the rank's flag shows (0 for
+    /// none). With nothing requested and no ring to look for, this is a
+    /// counter increment and two comparisons.
+    pub(crate) fn safe_point(&mut self, requested: u64) -> Result<Progress, CallError> {
+        self.counter += 1;
+        if self.ended {
+            return Ok(Progress::Continue);
+        }
+        if self.agreement.is_none() {
+            let epoch = if requested > self.last_decided {
+                requested
+            } else if self.counter >= self.pace.next_look {
+                self.pace.looked(self.counter, self.net.now());
+                if !self.net.bell_rang()? {
+                    return Ok(Progress::Continue);
+                }
+                self.stats.joined_by_ring += 1;
+                // A ring carries no epoch: the join's MAX brings the ringer's.
+                0
+            } else {
+                return Ok(Progress::Continue);
+            };
+            self.join(epoch, 0)?;
+        }
+        self.poll()
+    }
+
+    /// Leaves the protocol: finishes the agreement in progress, or starts
+    /// one, with a cap no safe point reaches, so that every rank ends with
+    /// the same collectives. Poll on while the answer is
+    /// [`Progress::Wait`]: the other ranks complete the steps from their
+    /// safe points (a ring reaches those whose agent raised nothing) or
+    /// their own `leave`.
+    pub(crate) fn leave(&mut self) -> Result<Progress, CallError> {
+        self.leaving = true;
+        if self.ended {
+            return Ok(Progress::Continue);
+        }
+        if self.agreement.is_none() {
+            self.join(0, 0)?;
+        }
+        self.poll()
+    }
+
+    /// Starts this rank's part of an agreement: the epoch it knows of and
+    /// the safe point it can promise not to pass before learning the target.
+    fn join(&mut self, epoch: u64, attempt: u32) -> Result<(), CallError> {
+        let now = self.net.now();
+        let cap = if self.leaving {
+            NEVER
+        } else {
+            // The pace since the last look: fresh, even if the application
+            // has slowed down since it was last measured.
+            self.pace.measure(self.counter, now);
+            let slack = self.fixed_slack.unwrap_or_else(|| {
+                self.pace
+                    .safe_points_in(JOIN_SLACK, self.slack_floor, MAX_SLACK)
+            });
+            self.counter.saturating_add(slack << (2 * attempt))
+        };
+        let join = self
+            .net
+            .start(Reduce::Max, [epoch, cap, self.last_needed])?;
+        self.started += 1;
+        self.stats.agreements += 1;
+        tracing::debug!(
+            rank = self.rank,
+            epoch,
+            safe_point = self.counter,
+            cap,
+            attempt,
+            "quiesce.joined"
+        );
+        self.agreement = Some(Agreement {
+            epoch,
+            joined_at: self.counter,
+            target: NEVER,
+            attempt,
+            at_target: false,
+            waiting_since: None,
+            rang: false,
+            step: Step::Joining { join, since: now },
+        });
+        Ok(())
+    }
+
+    /// Takes the agreement as far as it can go at this safe point.
+    pub(crate) fn poll(&mut self) -> Result<Progress, CallError> {
+        // A leaving rank has no safe point to go back to: it waits for
+        // every step.
+        let not_yet = if self.leaving {
+            Progress::Wait
+        } else {
+            Progress::Continue
+        };
+        loop {
+            let Some(agreement) = self.agreement.as_mut() else {
+                return Ok(Progress::Continue);
+            };
+            let how = Settle {
+                leaving: self.leaving,
+                patience: patience(self.pace.per_safe_point_ns, agreement.attempt),
+                rank: self.rank,
+                safe_point: self.counter,
+            };
+            match &mut agreement.step {
+                Step::Joining { join, since } => {
+                    let Some([epoch, target, needed]) = self.net.test(join)? else {
+                        let since = *since;
+                        if !agreement.rang
+                            && self.net.now().saturating_duration_since(since) >= RING_AFTER
+                        {
+                            self.net.ring()?;
+                            agreement.rang = true;
+                            self.stats.rings += 1;
+                            tracing::debug!(
+                                rank = self.rank,
+                                epoch = agreement.epoch,
+                                safe_point = self.counter,
+                                "quiesce.rang"
+                            );
+                        }
+                        return Ok(not_yet);
+                    };
+                    agreement.epoch = epoch;
+                    agreement.target = target;
+                    // The same MAX on every rank, so the same floor.
+                    if needed > 0 {
+                        self.slack_floor = slack_floor(needed);
+                    }
+                    self.last_needed = (self.counter - agreement.joined_at).max(1);
+                    agreement.step = Step::Heading;
+                }
+                Step::Heading => {
+                    let unreachable = self.leaving || agreement.target == NEVER;
+                    if !unreachable && self.counter < agreement.target {
+                        return Ok(Progress::Continue);
+                    }
+                    agreement.at_target = !unreachable && self.counter == agreement.target;
+                    if !agreement.at_target && !unreachable {
+                        tracing::debug!(
+                            rank = self.rank,
+                            epoch = agreement.epoch,
+                            target = agreement.target,
+                            safe_point = self.counter,
+                            "quiesce.passed_target"
+                        );
+                    }
+                    let arrive = self
+                        .net
+                        .start(Reduce::Sum, [u64::from(!agreement.at_target)])?;
+                    self.started += 1;
+                    agreement.step = Step::Arriving { arrive };
+                }
+                Step::Arriving { arrive } => {
+                    let [missing] = match settle(
+                        &mut self.net,
+                        arrive,
+                        &mut agreement.at_target,
+                        &mut agreement.waiting_since,
+                        &how,
+                        &mut self.stats,
+                    )? {
+                        Settled::Done(words) => words,
+                        Settled::Pending => return Ok(Progress::Continue),
+                        Settled::Wait => return Ok(Progress::Wait),
+                    };
+                    let everyone_there = missing == 0 && agreement.at_target;
+                    let in_flight = if everyone_there {
+                        self.net.probe()?
+                    } else {
+                        None
+                    };
+                    let check = self.net.start(
+                        Reduce::Sum,
+                        [
+                            u64::from(in_flight.is_some()),
+                            u64::from(!everyone_there),
+                            u64::from(agreement.rang),
+                            u64::from(self.leaving),
+                        ],
+                    )?;
+                    self.started += 1;
+                    agreement.step = Step::Checking { check, in_flight };
+                }
+                Step::Checking { check, in_flight } => {
+                    let [in_flight_ranks, missing, rang, leaving] = match settle(
+                        &mut self.net,
+                        check,
+                        &mut agreement.at_target,
+                        &mut agreement.waiting_since,
+                        &how,
+                        &mut self.stats,
+                    )? {
+                        Settled::Done(words) => words,
+                        Settled::Pending => return Ok(Progress::Continue),
+                        Settled::Wait => return Ok(Progress::Wait),
+                    };
+                    let in_flight = in_flight.take();
+                    let (epoch, attempt, at_target, own_ring) = (
+                        agreement.epoch,
+                        agreement.attempt,
+                        agreement.at_target,
+                        agreement.rang,
+                    );
+                    self.agreement = None;
+                    self.net.collect_rings(rang - u64::from(own_ring))?;
+                    self.pace.restart(self.counter, self.net.now());
+                    let decision = if leaving > 0 {
+                        self.ended = true;
+                        Decision::ComputeOn
+                    } else if in_flight_ranks > 0 {
+                        // Only the ranks that saw a message refuse, naming
+                        // it: the first refusal aborts the epoch, so it must
+                        // be the one that says what was in flight. The others
+                        // compute on and their agents release nothing.
+                        match in_flight {
+                            Some(message) => Decision::Refuse(
+                                epoch,
+                                Refusal::InFlight {
+                                    rank: self.rank,
+                                    message,
+                                },
+                            ),
+                            None => Decision::ComputeOn,
+                        }
+                    } else if missing > 0 {
+                        if attempt + 1 < MAX_ATTEMPTS {
+                            // Every rank read the same sums: all join again.
+                            self.stats.retries += 1;
+                            self.join(epoch, attempt + 1)?;
+                            continue;
+                        }
+                        Decision::Refuse(epoch, Refusal::Missed { missed: missing })
+                    } else if at_target {
+                        Decision::Park(epoch)
+                    } else {
+                        // This rank left the target after the others were
+                        // all there; they park, and this refusal aborts the
+                        // epoch so that they are released at once.
+                        Decision::Refuse(
+                            epoch,
+                            Refusal::LeftTarget {
+                                rank: self.rank,
+                                waited: patience(self.pace.per_safe_point_ns, attempt),
+                            },
+                        )
+                    };
+                    self.last_decided = self.last_decided.max(epoch);
+                    return Ok(Progress::Decided(decision));
+                }
+            }
+        }
+    }
+
+    /// Logs what agreements cost this rank (`quiesce.summary`).
+    pub(crate) fn log_summary(&self) {
+        tracing::debug!(
+            rank = self.rank,
+            safe_points = self.counter,
+            agreements = self.stats.agreements,
+            joined_by_ring = self.stats.joined_by_ring,
+            rings = self.stats.rings,
+            retries = self.stats.retries,
+            target_waits = self.stats.target_waits,
+            target_wait_ms = self.stats.target_wait.as_secs_f64() * 1e3,
+            "quiesce.summary"
+        );
+    }
+
+    /// What agreements cost this rank so far.
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Safe points so far.
+    #[cfg(test)]
+    pub(crate) fn counter(&self) -> u64 {
+        self.counter
+    }
+
+    /// The agreed target, once this rank has seen the join complete.
+    #[cfg(test)]
+    pub(crate) fn target(&self) -> Option<u64> {
+        self.agreement
+            .as_ref()
+            .filter(|agreement| !matches!(agreement.step, Step::Joining { .. }))
+            .map(|agreement| agreement.target)
+    }
+}
+
+/// How a rank completes a step at this safe point.
+struct Settle {
+    /// No safe point will come again: wait as long as it takes.
+    leaving: bool,
+    /// How long a rank at the target waits.
+    patience: Duration,
+    rank: i32,
+    safe_point: u64,
+}
+
+/// Completes a step: a rank at the target waits (see [`patience`]), a
+/// leaving rank waits as long as it takes, any other rank tests once and
+/// goes on. A rank that has waited long enough at the target leaves it (a
+/// peer that passed the target may be blocked on it) and computes on.
+fn settle<C: Collectives, const N: usize>(
+    net: &mut C,
+    collective: &mut C::Pending<N>,
+    at_target: &mut bool,
+    waiting_since: &mut Option<Instant>,
+    how: &Settle,
+    stats: &mut Stats,
+) -> Result<Settled<N>, CallError> {
+    if how.leaving {
+        return Ok(match net.test(collective)? {
+            Some(words) => Settled::Done(words),
+            None => Settled::Wait,
+        });
+    }
+    if !*at_target {
+        return Ok(match net.test(collective)? {
+            Some(words) => Settled::Done(words),
+            None => Settled::Pending,
+        });
+    }
+    let started = *waiting_since.get_or_insert_with(|| net.now());
+    let done = net.test(collective)?;
+    let waited = net.now().saturating_duration_since(started);
+    if done.is_none() && waited < how.patience {
+        return Ok(Settled::Wait);
+    }
+    *waiting_since = None;
+    stats.target_waits += 1;
+    stats.target_wait += waited;
+    match done {
+        Some(words) => Ok(Settled::Done(words)),
+        None => {
+            *at_target = false;
+            tracing::info!(
+                rank = how.rank,
+                safe_point = how.safe_point,
+                waited_ms = how.patience.as_millis(),
+                "quiesce.left_target"
+            );
+            Ok(Settled::Pending)
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! MPI-aware quiesce: every rank checkpoints at the same safe point, with no
+//! message in flight.
+//!
+//! The agents of different nodes raise their ranks' request flags at
+//! slightly different moments, so a rank cannot act on its own flag alone:
+//! the ranks must agree on one safe point. They talk only when a checkpoint
+//! is requested. Until then a safe point makes no MPI call and never waits
+//! for a peer: any periodic agreement would make the ranks wait, round after
+//! round, for the last one to be scheduled, which with more ranks than cores
+//! costs far more than the messages.
+//!
+//! Safe points are numbered `1, 2, 3, …` on every rank (the application
+//! calls the safe point the same number of times on every rank: an SPMD
+//! loop). A checkpoint takes one **agreement** of three non-blocking
+//! allreduces on a private duplicate of the application's communicator,
+//! which every rank starts exactly once and in the same order:
+//!
+//! 1. **join** `MAX[epoch, cap, needed]`: a rank joins when its agent
+//!    raises its flag. Its cap is its current index plus [`JOIN_SLACK`]
+//!    worth of safe points, at least a floor (see [`slack_floor`]; `needed`
+//!    is the safe points it took to see the previous join complete). It
+//!    does not wait: it keeps computing and drives the join with one
+//!    `MPI_Test` per safe point. The result is the epoch and the
+//!    **target**, the largest cap: normally every rank learns it before
+//!    reaching it.
+//! 2. **arrive** `SUM[ranks not at the target]`: a rank starts it when it
+//!    reaches the target, and then waits there (yielding its core). A rank
+//!    that learns the target only after passing it starts it at once, saying
+//!    so, and carries on. Completion with a zero proves every rank is at the
+//!    target (the barrier).
+//! 3. **check** `SUM[ranks with a message in flight, ranks not at the
+//!    target, ranks that rang, ranks leaving]`: each rank at the target
+//!    probes the application's communicator first. Its result is the same
+//!    everywhere: park (all at the target, nothing in flight); refuse (a
+//!    message in flight: the application broke the safe-point contract; the
+//!    ranks that saw one refuse, naming it, and the others compute on); or
+//!    join again for the same epoch with four times the slack (a rank
+//!    passed the target), up to [`MAX_ATTEMPTS`].
+//!
+//! Waiting is only ever at the target, and never unbounded. A peer that
+//! passed the target is usually blocked in the application's communication
+//! with a rank that waits there, so a rank that has waited for a step
+//! longer than the others can take to get there (see [`patience`]) leaves
+//! the target, says so, and finishes the agreement from its next safe
+//! points; the ranks then retry. A rank that leaves while waiting for the
+//! check has already said it was there: if the check finds every rank at
+//! the target, the others park and this rank refuses the epoch, which
+//! releases them.
+//!
+//! A rank whose agent is slow, stuck or dead would never join. So a rank
+//! whose join has not completed within [`RING_AFTER`] **rings** every other
+//! rank (an empty message on a second private communicator), and a rank
+//! outside an agreement looks for a ring every [`BELL_PERIOD`] (one
+//! `MPI_Test` on a receive it keeps posted) and joins on it as on its own
+//! flag. Once begun, an agreement completes with no agent's help as long as
+//! every rank keeps calling safe points. The check counts the rings, so each
+//! rank receives all those meant for it before the next agreement begins.
+//!
+//! When a rank leaves its loop (`finalize`) it finishes the agreement in
+//! progress, or starts one, with a cap no safe point reaches, so that every
+//! rank ends with the same collectives.
+//!
+//! **Why no message is in flight.** All ranks are inside the same safe point
+//! (the arrive step proves it), and the application promises that its state
+//! is consistent there: every message it sent before the safe point was
+//! received before it. The runtime checks what it can see: a message waiting
+//! on the application's communicator (`MPI_Iprobe`, any source, any tag) was
+//! sent before the safe point and not yet received. If any rank sees one,
+//! the checkpoint is refused: the ranks that saw one refuse it, naming the
+//! sender and tag (which aborts the epoch), and every rank carries on.
+//!
+//! ## Files
+//!
+//! * `agreement.rs`: the agreement as a state machine (`Quiesce`): when to
+//!   join, arrive and check, and what the sums decide (park, refuse, join
+//!   again, leave the target, finish for a leaving rank). It calls no MPI:
+//!   it drives a small `Collectives` trait.
+//! * `pace.rs`: a rank's pace and what follows from it: the slack of a
+//!   join, the looks for a ring, the patience at the target.
+//! * `mpi.rs`: the MPI binding, `Collectives` over `mpi::ffi`: the private
+//!   communicators, the `MPI_Iallreduce`s, the probe, the ring and its bell.
+//! * `mod.rs` (this file): the rank's one `Quiesce` behind a lock, the
+//!   safe point's driver (it waits at the target while the machine says so),
+//!   `init_mpi` and the final agreement of `finalize`.
+//! * `sim.rs` and `tests.rs` (tests only): N simulated ranks sharing
+//!   in-memory allreduces, stepped in chosen interleavings, and the
+//!   agreement's schedules (a rank past the target, a retry, a ring, a
+//!   message in flight, a rank leaving the target or its loop).
+
+mod agreement;
+mod mpi;
+mod pace;
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use ::mpi::ffi;
+use ::mpi::topology::Communicator;
+
+use self::agreement::{CallError, Collectives, Decision, Progress, Quiesce};
+use self::mpi::Mpi;
+use crate::error::{CheckpointError, InitError};
+use crate::runtime::{self, InitInfo, SafePoint};
+
+pub use self::agreement::{MAX_ATTEMPTS, RING_AFTER};
+pub use self::mpi::PROBE_WINDOW;
+use self::pace::MAX_SLACK;
+pub use self::pace::{
+    first_slack_floor, patience, slack_floor, BELL_PERIOD, GIVE_UP, JOIN_SLACK, MIN_PATIENCE,
+    MIN_SLACK,
+};
+
+/// Environment variable: safe points of slack, fixed (default `auto`: see
+/// [`JOIN_SLACK`]). `0` makes every agreement miss and refuse, which is
+/// only useful to test that path.
+pub use cryo_core::env::ENV_QUIESCE_SLACK;
+
+/// Polls before a waiting rank starts giving its core away: a collective
+/// that is about to complete is taken without a system call.
+const SPINS_BEFORE_YIELD: u32 = 64;
+
+/// Set once `init_mpi` has attached a communicator.
+pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
+static STATE: Mutex<Option<Quiesce<Mpi>>> = Mutex::new(None);
+
+/// Initialises the runtime for an MPI rank whose application owns
+/// `MPI_Init`: registers with the agent (see [`runtime::init`]) and attaches
+/// the quiesce protocol to duplicates of `comm`.
+pub fn init_mpi<C: Communicator>(comm: &C) -> Result<InitInfo, InitError> {
+    // SAFETY: `comm` is a live communicator owned by the caller.
+    unsafe { init_mpi_raw(comm.as_raw()) }
+}
+
+/// [`init_mpi`] from a raw communicator handle (the C API).
+///
+/// # Safety
+/// `comm` must be a valid communicator of an initialised MPI library, used
+/// by this thread.
+pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
+    if !mpi::initialized() {
+        return Err(InitError::Mpi(
+            "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
+        ));
+    }
+    let fixed_slack = fixed_slack()?;
+    let mpi_err = |err: CallError| InitError::Mpi(err.to_string());
+    // SAFETY: `comm` is valid and used by this thread (the contract); the
+    // application keeps it until `MPI_Finalize`, after `finalize` detached.
+    let mut binding = unsafe { Mpi::attach(comm) }.map_err(mpi_err)?;
+    let info = runtime::init()?;
+    runtime::before_finalize(detach);
+    let rank = binding.rank();
+    if i64::from(rank) != i64::from(info.rank) {
+        return Err(InitError::Mpi(format!(
+            "the agent registered this process as rank {}, but it is rank {rank} of the communicator",
+            info.rank
+        )));
+    }
+    binding.listen().map_err(mpi_err)?;
+    let size = binding.size();
+    *STATE.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Quiesce::new(binding, rank, size, fixed_slack));
+    MPI_MODE.store(true, Ordering::Release);
+    Ok(info)
+}
+
+/// `CRYO_QUIESCE_SLACK`: a number of safe points, or `auto` (or unset) for
+/// none.
+fn fixed_slack() -> Result<Option<u64>, InitError> {
+    match std::env::var(ENV_QUIESCE_SLACK) {
+        Ok(text) if text.trim() == "auto" => Ok(None),
+        Ok(text) => Ok(Some(
+            text.trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n <= MAX_SLACK)
+                .ok_or_else(|| InitError::BadEnv {
+                    var: ENV_QUIESCE_SLACK,
+                    value: text.clone(),
+                    why: format!("not a number of safe points from 0 to {MAX_SLACK}, nor `auto`"),
+                })?,
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The safe point in MPI mode.
+#[cold]
+pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(q) = guard.as_mut() else {
+        return Ok(SafePoint::Continue);
+    };
+    let progress = q
+        .safe_point(runtime::requested_epoch())
+        .and_then(|progress| wait_out(q, progress))
+        .map_err(|err| CheckpointError::Mpi {
+            rank: u32::try_from(q.rank()).unwrap_or(u32::MAX),
+            detail: err.to_string(),
+        })?;
+    drop(guard);
+    match progress {
+        Progress::Continue | Progress::Wait | Progress::Decided(Decision::ComputeOn) => {
+            Ok(SafePoint::Continue)
+        }
+        Progress::Decided(Decision::Park(epoch)) => runtime::park_decided(epoch),
+        Progress::Decided(Decision::Refuse(epoch, refusal)) => {
+            runtime::refuse(epoch, refusal.to_string())
+        }
+    }
+}
+
+/// Polls `q` for as long as it keeps the rank inside the safe point,
+/// spinning for a few polls of each step and then yielding the core between
+/// polls (the peer it waits for may need it).
+fn wait_out<C: Collectives>(
+    q: &mut Quiesce<C>,
+    mut progress: Progress,
+) -> Result<Progress, CallError> {
+    let mut step = q.started();
+    let mut polls: u32 = 0;
+    while progress == Progress::Wait {
+        if q.started() != step {
+            step = q.started();
+            polls = 0;
+        }
+        polls = polls.saturating_add(1);
+        if polls > SPINS_BEFORE_YIELD {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+        progress = q.poll()?;
+    }
+    Ok(progress)
+}
+
+/// Leaves the protocol before `MPI_Finalize`: takes part in the agreement in
+/// progress (or starts one) with a cap no safe point reaches, so that every
+/// rank ends with the same collectives, and frees the private communicators.
+pub(crate) fn detach() {
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut q) = guard.take() else {
+        return;
+    };
+    MPI_MODE.store(false, Ordering::Release);
+    if !mpi::finalized() {
+        match q.leave().and_then(|progress| wait_out(&mut q, progress)) {
+            Ok(_) => q.net_mut().close(),
+            Err(err) => eprintln!(
+                "cryo: rank {}: leaving the quiesce protocol: {err}",
+                q.rank()
+            ),
+        }
+    }
+    q.log_summary();
+}

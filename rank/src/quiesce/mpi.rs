@@ -1,0 +1,402 @@
+//! The MPI binding: [`Collectives`] over `mpi::ffi`, on two private
+//! duplicates of the application's communicator (one for agreements, one
+//! for rings) and the application's own, probed for messages in flight.
+//! Every MPI call the quiesce makes is in this file.
+
+use std::mem::ManuallyDrop;
+use std::os::raw::c_int;
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use ::mpi::ffi;
+
+use super::agreement::{CallError, Collectives, InFlight, Reduce};
+
+/// How long a rank at the target keeps looking for a message in flight.
+/// MPI does not promise that a message sent before the sender's arrival is
+/// visible to the receiver's `MPI_Iprobe` when the arrive step completes (it
+/// may travel another path); a short window catches those that were sent,
+/// at the cost of this much quiesce latency.
+pub const PROBE_WINDOW: Duration = Duration::from_millis(2);
+
+/// The tag of a ring on the bell communicator (the only tag used there).
+const TAG_RING: c_int = 7;
+
+fn check(code: c_int, call: &'static str) -> Result<(), CallError> {
+    if i64::from(code) == i64::from(ffi::MPI_SUCCESS) {
+        Ok(())
+    } else {
+        Err(CallError { call, code })
+    }
+}
+
+/// Whether `MPI_Init` has been called.
+pub(crate) fn initialized() -> bool {
+    let mut initialised = 0;
+    // SAFETY: MPI_Initialized may be called at any time; the flag is a valid
+    // out-parameter.
+    unsafe { ffi::MPI_Initialized(&mut initialised) };
+    initialised != 0
+}
+
+/// Whether `MPI_Finalize` has been called: no MPI call may follow.
+pub(crate) fn finalized() -> bool {
+    let mut finalized = 0;
+    // SAFETY: MPI_Finalized may be called at any time, even after
+    // MPI_Finalize; the flag is a valid out-parameter.
+    unsafe { ffi::MPI_Finalized(&mut finalized) };
+    finalized != 0
+}
+
+/// The quiesce's MPI state: its communicators and the bell.
+pub(crate) struct Mpi {
+    /// Private duplicate for agreements: they never match the
+    /// application's messages or collectives.
+    agree_comm: ffi::MPI_Comm,
+    /// Private duplicate for rings only.
+    bell_comm: ffi::MPI_Comm,
+    /// The application's communicator, probed for messages in flight.
+    app_comm: ffi::MPI_Comm,
+    rank: i32,
+    size: i32,
+    /// The receive kept posted for a peer's ring.
+    bell: Bell,
+}
+
+// SAFETY: `Send` is needed only because the quiesce state lives in a static
+// `Mutex`. The fields are MPI handles (plain integers in MPICH; in Open MPI,
+// pointers to objects the library allocates for the whole process) and
+// plain integers. Rust never dereferences a handle: it only passes it back
+// to MPI, and neither library ties a handle to the thread that created it.
+// What MPI does restrict is which threads may call it, and when: every call
+// through these handles is made under that `Mutex` (one call at a time, as
+// `MPI_THREAD_SERIALIZED` asks), from the safe point or `finalize`, which
+// the application calls from the thread that makes its MPI calls (the
+// contract of `init_mpi_raw`, as `MPI_THREAD_FUNNELED` asks).
+unsafe impl Send for Mpi {}
+
+impl Mpi {
+    /// Duplicates `comm` twice for the runtime's private use.
+    ///
+    /// # Safety
+    /// `comm` must be a valid communicator of an initialised MPI library,
+    /// used by this thread, and it must outlive the returned value.
+    pub(crate) unsafe fn attach(comm: ffi::MPI_Comm) -> Result<Mpi, CallError> {
+        let mut agree_comm: ffi::MPI_Comm = comm;
+        let mut bell_comm: ffi::MPI_Comm = comm;
+        let mut rank = 0;
+        let mut size = 0;
+        // SAFETY: `comm` is valid per the contract; the handles and integers
+        // are out-parameters that live across the calls.
+        unsafe {
+            check(ffi::MPI_Comm_dup(comm, &mut agree_comm), "MPI_Comm_dup")?;
+            check(ffi::MPI_Comm_dup(comm, &mut bell_comm), "MPI_Comm_dup")?;
+            check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
+            check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
+        }
+        Ok(Mpi {
+            agree_comm,
+            bell_comm,
+            app_comm: comm,
+            rank,
+            size,
+            bell: Bell {
+                // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid
+                // initial value.
+                request: unsafe { ffi::RSMPI_REQUEST_NULL },
+                rung: false,
+            },
+        })
+    }
+
+    /// This rank in the communicator.
+    pub(crate) fn rank(&self) -> i32 {
+        self.rank
+    }
+
+    /// The ranks in the communicator.
+    pub(crate) fn size(&self) -> i32 {
+        self.size
+    }
+
+    /// Posts the bell: from now on a peer's ring is received.
+    pub(crate) fn listen(&mut self) -> Result<(), CallError> {
+        self.bell.post(self.bell_comm)
+    }
+
+    /// Retires the bell and frees the private communicators, after the
+    /// rank's last agreement (no ring is left to receive: the check counted
+    /// them all).
+    pub(crate) fn close(&mut self) {
+        if !self.bell.rung {
+            // SAFETY: the posted receive is live; cancelling and then
+            // completing it is how a receive that no message will match is
+            // retired.
+            unsafe {
+                ffi::MPI_Cancel(&mut self.bell.request);
+                ffi::MPI_Wait(&mut self.bell.request, ffi::RSMPI_STATUS_IGNORE);
+            }
+        }
+        // SAFETY: our own duplicates, no longer used.
+        unsafe {
+            ffi::MPI_Comm_free(&mut self.agree_comm);
+            ffi::MPI_Comm_free(&mut self.bell_comm);
+        }
+    }
+}
+
+/// The receive a rank keeps posted for an empty ring message.
+struct Bell {
+    request: ffi::MPI_Request,
+    /// The posted receive matched a ring (consumed; reposted after the
+    /// agreement's check).
+    rung: bool,
+}
+
+impl Bell {
+    fn post(&mut self, comm: ffi::MPI_Comm) -> Result<(), CallError> {
+        self.rung = false;
+        // SAFETY: an empty receive: MPI never touches the (dangling, non-null)
+        // buffer; `request` is a valid out-parameter.
+        let code = unsafe {
+            ffi::MPI_Irecv(
+                NonNull::<u64>::dangling().as_ptr().cast(),
+                0,
+                ffi::RSMPI_UINT64_T,
+                ffi::RSMPI_ANY_SOURCE,
+                TAG_RING,
+                comm,
+                &mut self.request,
+            )
+        };
+        check(code, "MPI_Irecv")
+    }
+
+    /// One `MPI_Test` of the posted receive: whether a ring came.
+    fn look(&mut self) -> Result<bool, CallError> {
+        if self.rung {
+            return Ok(false);
+        }
+        let mut done = 0;
+        // SAFETY: the request is live; `done` is a valid out-parameter.
+        let code = unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+        check(code, "MPI_Test")?;
+        self.rung = done != 0;
+        Ok(self.rung)
+    }
+}
+
+/// The buffers of one allreduce, at an address fixed while MPI owns them.
+struct Buffers<const N: usize> {
+    send: [u64; N],
+    recv: [u64; N],
+}
+
+/// One `MPI_Iallreduce` of `N` words in flight, with its request and the
+/// buffers MPI reads and writes until it completes.
+pub(crate) struct Collective<const N: usize> {
+    request: ffi::MPI_Request,
+    /// Freed by `Drop` only once MPI is done with them.
+    buffers: ManuallyDrop<Box<Buffers<N>>>,
+    done: bool,
+}
+
+// SAFETY: as for `Mpi` (the request is a handle, only passed back to MPI
+// under the quiesce's `Mutex`); the buffers are a plain heap allocation.
+unsafe impl<const N: usize> Send for Collective<N> {}
+
+impl<const N: usize> Collective<N> {
+    fn start(comm: ffi::MPI_Comm, words: [u64; N], reduce: Reduce) -> Result<Self, CallError> {
+        let mut collective = Collective {
+            // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial
+            // value.
+            request: unsafe { ffi::RSMPI_REQUEST_NULL },
+            buffers: ManuallyDrop::new(Box::new(Buffers {
+                send: words,
+                recv: [0; N],
+            })),
+            done: false,
+        };
+        let count = c_int::try_from(N).unwrap_or(c_int::MAX);
+        let buffers: &mut Buffers<N> = &mut collective.buffers;
+        // SAFETY: the buffers are boxed and owned by the collective, and
+        // `Drop` frees them only once the request has completed (see
+        // there); the communicator is private to the quiesce.
+        let code = unsafe {
+            ffi::MPI_Iallreduce(
+                buffers.send.as_ptr().cast(),
+                buffers.recv.as_mut_ptr().cast(),
+                count,
+                ffi::RSMPI_UINT64_T,
+                match reduce {
+                    Reduce::Max => ffi::RSMPI_MAX,
+                    Reduce::Sum => ffi::RSMPI_SUM,
+                },
+                comm,
+                &mut collective.request,
+            )
+        };
+        check(code, "MPI_Iallreduce")?;
+        Ok(collective)
+    }
+
+    /// One `MPI_Test`: whether it has completed.
+    fn test(&mut self) -> Result<bool, CallError> {
+        if !self.done {
+            let mut done = 0;
+            // SAFETY: the request is live (owned here; a completed request
+            // is never tested again); `done` is a valid out-parameter.
+            let code =
+                unsafe { ffi::MPI_Test(&mut self.request, &mut done, ffi::RSMPI_STATUS_IGNORE) };
+            check(code, "MPI_Test")?;
+            self.done = done != 0;
+        }
+        Ok(self.done)
+    }
+}
+
+impl<const N: usize> Drop for Collective<N> {
+    /// Every agreement runs to its end (in `finalize` at the latest), so a
+    /// collective is normally dropped complete. One dropped before (an MPI
+    /// call failed mid-agreement) is tested once more, unless MPI has been
+    /// finalized; if it is still in flight its buffers are leaked, never
+    /// freed: MPI may still write them. Not waiting, because a peer that
+    /// never starts the collective would hang this rank in a destructor;
+    /// not cancelling or freeing the request, because the MPI standard makes
+    /// `MPI_Cancel` and `MPI_Request_free` erroneous for a non-blocking
+    /// collective. The leak is two arrays of a few words, on a failure path.
+    fn drop(&mut self) {
+        let complete = self.done || (!finalized() && self.test().unwrap_or(false));
+        if complete {
+            // SAFETY: the request has completed, so MPI no longer refers to
+            // the buffers; they are dropped once, here, and not used after.
+            unsafe { ManuallyDrop::drop(&mut self.buffers) };
+        }
+    }
+}
+
+impl Collectives for Mpi {
+    type Pending<const N: usize> = Collective<N>;
+
+    fn start<const N: usize>(
+        &mut self,
+        reduce: Reduce,
+        words: [u64; N],
+    ) -> Result<Collective<N>, CallError> {
+        Collective::start(self.agree_comm, words, reduce)
+    }
+
+    fn test<const N: usize>(
+        &mut self,
+        pending: &mut Collective<N>,
+    ) -> Result<Option<[u64; N]>, CallError> {
+        Ok(pending.test()?.then(|| pending.buffers.recv))
+    }
+
+    /// `MPI_Iprobe` of the application's communicator, any source, any
+    /// tag, for up to [`PROBE_WINDOW`].
+    fn probe(&mut self) -> Result<Option<InFlight>, CallError> {
+        let started = Instant::now();
+        loop {
+            let mut pending = 0;
+            // SAFETY: a zeroed MPI_Status is a valid out-parameter.
+            let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+            // SAFETY: the application's communicator is live; out-parameters
+            // valid.
+            let code = unsafe {
+                ffi::MPI_Iprobe(
+                    ffi::RSMPI_ANY_SOURCE,
+                    ffi::RSMPI_ANY_TAG,
+                    self.app_comm,
+                    &mut pending,
+                    &mut status,
+                )
+            };
+            check(code, "MPI_Iprobe")?;
+            if pending != 0 {
+                return Ok(Some(InFlight {
+                    source: status.MPI_SOURCE,
+                    tag: status.MPI_TAG,
+                }));
+            }
+            if started.elapsed() >= PROBE_WINDOW {
+                return Ok(None);
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Sends an empty ring to every other rank. The sends are freed at
+    /// once: an empty message owns no buffer, and its receipt is counted by
+    /// the check.
+    fn ring(&mut self) -> Result<(), CallError> {
+        for peer in (0..self.size).filter(|peer| *peer != self.rank) {
+            // SAFETY: see RSMPI's docs: MPI_REQUEST_NULL is a valid initial
+            // value.
+            let mut request = unsafe { ffi::RSMPI_REQUEST_NULL };
+            // SAFETY: an empty send: MPI never touches the (dangling,
+            // non-null) buffer; freeing the request of a point-to-point send
+            // lets it complete on its own.
+            unsafe {
+                check(
+                    ffi::MPI_Isend(
+                        NonNull::<u64>::dangling().as_ptr().cast(),
+                        0,
+                        ffi::RSMPI_UINT64_T,
+                        peer,
+                        TAG_RING,
+                        self.bell_comm,
+                        &mut request,
+                    ),
+                    "MPI_Isend",
+                )?;
+                check(ffi::MPI_Request_free(&mut request), "MPI_Request_free")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn bell_rang(&mut self) -> Result<bool, CallError> {
+        self.bell.look()
+    }
+
+    /// Every rank that rang sent one ring to each of the others, before it
+    /// started the check: they have all been sent, and waiting for them
+    /// ends.
+    fn collect_rings(&mut self, mut rings: u64) -> Result<(), CallError> {
+        if rings > 0 && !self.bell.rung {
+            // SAFETY: the posted receive is live; it matches a ring.
+            let code = unsafe { ffi::MPI_Wait(&mut self.bell.request, ffi::RSMPI_STATUS_IGNORE) };
+            check(code, "MPI_Wait")?;
+            self.bell.rung = true;
+        }
+        if self.bell.rung {
+            rings = rings.saturating_sub(1);
+        }
+        for _ in 0..rings {
+            // SAFETY: an empty receive (MPI never touches the dangling,
+            // non-null buffer) of a ring that was sent before its sender
+            // started the check.
+            let code = unsafe {
+                ffi::MPI_Recv(
+                    NonNull::<u64>::dangling().as_ptr().cast(),
+                    0,
+                    ffi::RSMPI_UINT64_T,
+                    ffi::RSMPI_ANY_SOURCE,
+                    TAG_RING,
+                    self.bell_comm,
+                    ffi::RSMPI_STATUS_IGNORE,
+                )
+            };
+            check(code, "MPI_Recv")?;
+        }
+        if self.bell.rung {
+            self.bell.post(self.bell_comm)?;
+        }
+        Ok(())
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}

@@ -1,0 +1,217 @@
+//! A rank's pace and what follows from it: how many safe points of slack a
+//! rank promises at its join, how often it looks for a ring, how long it
+//! waits at the target. Pure arithmetic over times the caller reads.
+
+use std::time::{Duration, Instant};
+
+/// How far past its join a rank may run before the agreement must have
+/// told it the target: it covers the spread between the agents raising
+/// their flags and the `MPI_Test`s the join needs to complete on every rank,
+/// and it is about what the agreement adds to the quiesce latency.
+pub const JOIN_SLACK: Duration = Duration::from_millis(20);
+
+/// The fewest safe points of slack. Before its first agreement a rank adds
+/// four per doubling of the ranks (see [`first_slack_floor`]). Later the
+/// floor follows what the previous agreement needed (see [`slack_floor`]):
+/// with the application's own MPI calls driving it, a join is usually seen
+/// complete within a safe point or two.
+pub const MIN_SLACK: u64 = 2;
+
+/// The most safe points of slack: a pace measured in a burst of very short
+/// iterations must not send every rank far ahead.
+pub(crate) const MAX_SLACK: u64 = 1 << 12;
+
+/// The slack floor before any agreement: MPICH's `MPI_Iallreduce` takes
+/// about `log2(ranks)` steps, each needing an MPI call on every rank, and
+/// where the application makes none between safe points (ranks computing
+/// apart), with more ranks than cores a step may take a few safe points of
+/// each rank. 16 ranks on 2 cores, computing apart, missed with
+/// `2 + log2(ranks)`.
+pub fn first_slack_floor(ranks: u32) -> u64 {
+    MIN_SLACK + 4 * u64::from(ranks.max(1).ilog2())
+}
+
+/// The slack floor from the most safe points any rank needed between its
+/// join and seeing the join complete in the previous agreement: half as
+/// much again, plus one.
+pub fn slack_floor(most_needed: u64) -> u64 {
+    let needed = most_needed.min(MAX_SLACK);
+    (needed + needed / 2 + 1).clamp(MIN_SLACK, MAX_SLACK)
+}
+
+/// The longest a rank waits at the target for a step to complete: well
+/// below an agent's park timeout.
+pub const GIVE_UP: Duration = Duration::from_secs(5);
+
+/// The least a rank waits for the others to arrive at the target.
+pub const MIN_PATIENCE: Duration = Duration::from_millis(250);
+
+/// How long a rank waits at the target for a step to complete: far more
+/// than the spread of ranks that are all heading there (ten of its safe
+/// points, at least [`MIN_PATIENCE`]), growing fourfold with each attempt,
+/// and at most [`GIVE_UP`]. Leaving too early costs a retry; too late, a
+/// stall of the whole job when a peer passed the target.
+pub fn patience(per_safe_point_ns: u64, attempt: u32) -> Duration {
+    let by_pace = Duration::from_nanos(per_safe_point_ns.saturating_mul(10));
+    by_pace
+        .max(MIN_PATIENCE)
+        .saturating_mul(1 << (2 * attempt.min(8)))
+        .min(GIVE_UP)
+}
+
+/// How often a rank outside an agreement looks for a peer's ring. It only
+/// bounds how late a rank whose agent failed to raise its flag joins. A look
+/// is one `MPI_Test`, which runs MPICH's progress engine and costs several
+/// µs here (looks every 5 ms cost 0.1–0.17% of 1 ms iterations at 2 ranks);
+/// every 100 ms they cost under 0.01%.
+pub const BELL_PERIOD: Duration = Duration::from_millis(100);
+
+/// The most safe points a rank lets pass between two looks for a ring.
+const MAX_SAFE_POINTS_PER_LOOK: u64 = 1 << 13;
+
+/// The rank's own time per safe point, measured at each look for a ring, so
+/// that periods can be turned into numbers of safe points without reading
+/// the clock at every safe point.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    /// The safe point of the next look.
+    pub(crate) next_look: u64,
+    last_look: Instant,
+    last_look_at: u64,
+    /// Nanoseconds per safe point, 0 until measured.
+    pub(crate) per_safe_point_ns: u64,
+}
+
+impl Pace {
+    /// A pace not yet measured, counted from `now`.
+    pub(crate) fn new(now: Instant) -> Self {
+        Pace {
+            next_look: 1,
+            last_look: now,
+            last_look_at: 0,
+            per_safe_point_ns: 0,
+        }
+    }
+
+    /// Safe points in `period` at the measured pace, from `least` (also
+    /// before any measurement) to `most`.
+    pub(crate) fn safe_points_in(&self, period: Duration, least: u64, most: u64) -> u64 {
+        if self.per_safe_point_ns == 0 {
+            return least;
+        }
+        let period = u64::try_from(period.as_nanos()).unwrap_or(u64::MAX);
+        (period / self.per_safe_point_ns).clamp(least, most)
+    }
+
+    /// Measures the pace over the safe points since the last measurement,
+    /// at `counter` safe points and time `now` (none passed: the pace
+    /// stands).
+    pub(crate) fn measure(&mut self, counter: u64, now: Instant) {
+        let passed = counter.saturating_sub(self.last_look_at);
+        if passed == 0 {
+            return;
+        }
+        let ns = u64::try_from(now.saturating_duration_since(self.last_look).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.per_safe_point_ns = (ns / passed).max(1);
+        self.last_look = now;
+        self.last_look_at = counter;
+    }
+
+    /// Measures the pace at a look and schedules the next one.
+    pub(crate) fn looked(&mut self, counter: u64, now: Instant) {
+        self.measure(counter, now);
+        self.next_look =
+            counter.saturating_add(self.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK));
+    }
+
+    /// After an agreement: measure afresh, its waits are not the
+    /// application's pace.
+    pub(crate) fn restart(&mut self, counter: u64, now: Instant) {
+        self.last_look = now;
+        self.last_look_at = counter;
+        self.next_look = counter.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_become_safe_points_at_the_measured_pace() {
+        let mut pace = Pace::new(Instant::now());
+        // Unmeasured: the floor, never a guess.
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MIN_SLACK
+        );
+        // 1 ms iterations: 20 ms is twenty safe points.
+        pace.per_safe_point_ns = 1_000_000;
+        assert_eq!(pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK), 20);
+        // Long iterations: the floor.
+        pace.per_safe_point_ns = 50_000_000;
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MIN_SLACK
+        );
+        assert_eq!(
+            pace.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK),
+            2
+        );
+        // Very short ones are capped.
+        pace.per_safe_point_ns = 10;
+        assert_eq!(
+            pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK),
+            MAX_SLACK
+        );
+        assert_eq!(
+            pace.safe_points_in(BELL_PERIOD, 1, MAX_SAFE_POINTS_PER_LOOK),
+            MAX_SAFE_POINTS_PER_LOOK
+        );
+    }
+
+    #[test]
+    fn patience_grows_with_the_pace_and_the_attempt() {
+        // 1 ms iterations: the floor.
+        assert_eq!(patience(1_000_000, 0), MIN_PATIENCE);
+        // 100 ms iterations: ten of them.
+        assert_eq!(patience(100_000_000, 0), Duration::from_secs(1));
+        // Fourfold per attempt, never past GIVE_UP.
+        assert_eq!(patience(1_000_000, 1), MIN_PATIENCE * 4);
+        assert_eq!(patience(1_000_000, 2), Duration::from_secs(4));
+        assert_eq!(patience(100_000_000, 2), GIVE_UP);
+        assert_eq!(patience(u64::MAX, 30), GIVE_UP);
+    }
+
+    #[test]
+    fn the_first_slack_floor_grows_with_the_ranks() {
+        assert_eq!(first_slack_floor(1), MIN_SLACK);
+        assert_eq!(first_slack_floor(2), 6);
+        assert_eq!(first_slack_floor(16), 18);
+        assert_eq!(first_slack_floor(0), MIN_SLACK);
+    }
+
+    #[test]
+    fn the_slack_floor_follows_what_the_last_join_needed() {
+        // Joins seen complete one safe point after joining: the minimum.
+        assert_eq!(slack_floor(1), MIN_SLACK);
+        // Seven safe points: half as much again, plus one.
+        assert_eq!(slack_floor(7), 11);
+        // Never without bound.
+        assert_eq!(slack_floor(u64::MAX / 2), MAX_SLACK);
+    }
+
+    #[test]
+    fn a_look_measures_the_pace_and_schedules_the_next() {
+        let start = Instant::now();
+        let mut pace = Pace::new(start);
+        // Ten safe points in 10 ms: 1 ms each, the next look a hundred on.
+        pace.looked(10, start + Duration::from_millis(10));
+        assert_eq!(pace.per_safe_point_ns, 1_000_000);
+        assert_eq!(pace.next_look, 110);
+        // No safe point since: the pace stands, whatever the clock says.
+        pace.measure(10, start + Duration::from_secs(1));
+        assert_eq!(pace.per_safe_point_ns, 1_000_000);
+    }
+}
