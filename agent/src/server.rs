@@ -31,18 +31,18 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cryo_core::auth;
-use cryo_core::chunk::ChunkCodec;
 use cryo_core::fault;
-use cryo_core::manifest::{RegionRecord, WriteStats};
+use cryo_core::format::chunk::ChunkCodec;
+use cryo_core::format::manifest::{RegionRecord, WriteStats};
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentStatus, AgentToCoordinator,
     AgentToRank, BusyPolicy, CheckpointReport, Completion, ControlPage, ControlRequest,
     ControlResponse, CoordinatorToAgent, Hello, Peer, RankCaptureReport, RankToAgent, StartMode,
     CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
 };
+use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::{JobStore, Store, StoreError};
 use cryo_core::token::JobToken;
-use cryo_core::writer::WriterConfig;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::durable::{self, IoStep, IoStepError};
+use crate::store::durable::{self, IoStep, IoStepError};
 
 /// A job's secret token.
 #[derive(Clone, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{Command, Message};
-use crate::manifest::WriteStats;
+use crate::format::manifest::WriteStats;
 /// What to do when a checkpoint is requested while one is still draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BusyPolicy {

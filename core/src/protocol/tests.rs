@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use super::*;
-use crate::manifest::RegionKind;
+use crate::format::manifest::RegionKind;
 
 fn hello() -> Hello {
     Hello {

@@ -3,7 +3,7 @@
 //! Metadata (manifests, rank parts, protocol messages) is serde-serialised
 //! with bincode 2 in fixed-int little-endian form, with a decode limit so a
 //! hostile length prefix cannot make us allocate without bound. The header of
-//! every file carries [`CodecId::Bincode2FixintLe`](crate::header::CodecId),
+//! every file carries [`CodecId::Bincode2FixintLe`](crate::format::header::CodecId),
 //! so this codec can be replaced by adding a new id.
 
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};

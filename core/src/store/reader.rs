@@ -8,10 +8,10 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::chunk::{decode_into, ChunkDecodeError, ChunkHash, MAX_STORED_CHUNK_LEN};
-use crate::durable::{read_capped_into, IoStepError, ReadCappedError};
-use crate::header::HEADER_LEN;
-use crate::manifest::{Manifest, RegionRecord};
+use crate::format::chunk::{decode_into, ChunkDecodeError, ChunkHash, MAX_STORED_CHUNK_LEN};
+use crate::format::header::HEADER_LEN;
+use crate::format::manifest::{Manifest, RegionRecord};
+use crate::store::durable::{read_capped_into, IoStepError, ReadCappedError};
 use crate::store::JobStore;
 
 /// A chunk could not be read back.

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use crate::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
 
 /// Default chunk size: 1 MiB. Large enough that per-chunk costs (one file,
 /// one fsync, one zstd frame, one manifest entry) are small against the data,
@@ -211,7 +211,7 @@ thread_local! {
     }) };
 }
 
-pub use crate::shuffle::{shuffle8, unshuffle8};
+pub use crate::format::shuffle::{shuffle8, unshuffle8};
 
 impl ChunkCodec {
     /// Hashes and encodes `raw` into a chunk file image.

@@ -25,20 +25,25 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::legacy::MetaFile;
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::chunk::ChunkHash;
-use crate::codec::{self, CodecError, MAX_ENCODED_LEN};
-use crate::durable::{
-    self, create_dir_all, read_capped, sync_dir, IoStep, IoStepError, Published, ReadCappedError,
+use self::durable::{
+    create_dir_all, read_capped, sync_dir, IoStep, IoStepError, Published, ReadCappedError,
     FILE_MODE,
 };
-use crate::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
-use crate::manifest::{Manifest, ManifestError, RankRecord};
+use crate::format::chunk::ChunkHash;
+use crate::format::codec::{self, CodecError, MAX_ENCODED_LEN};
+use crate::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use crate::format::legacy::MetaFile;
+use crate::format::manifest::{Manifest, ManifestError, RankRecord};
 use crate::names::{check_job_name, NameError};
+
+pub mod durable;
+pub mod gc;
+pub mod reader;
+pub mod writer;
 
 /// A checkpoint store rooted at a directory.
 #[derive(Debug, Clone)]
@@ -620,7 +625,7 @@ impl JobStore {
     }
 }
 
-pub use crate::gc::{GcError, GcReport};
+pub use gc::{GcError, GcReport};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_unix_ms() -> u64 {

@@ -23,10 +23,12 @@ use std::sync::{Mutex, OnceLock};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use crate::durable::{self, sync_dir, IoStep, IoStepError};
-use crate::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
+use crate::format::chunk::{
+    ChunkCodec, ChunkEncodeError, ChunkHash, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+};
+use crate::format::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
 use crate::names::{check_region_name, NameError};
+use crate::store::durable::{self, sync_dir, IoStep, IoStepError};
 use crate::store::{CommitError, JobLock, JobStore};
 
 /// How an epoch's chunks are cut and encoded.
@@ -41,7 +43,7 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
-            chunk_size: crate::chunk::DEFAULT_CHUNK_SIZE,
+            chunk_size: crate::format::chunk::DEFAULT_CHUNK_SIZE,
             codec: ChunkCodec::default(),
         }
     }

@@ -9,8 +9,8 @@ use std::io;
 
 use thiserror::Error;
 
-use crate::chunk::ChunkHash;
-use crate::durable::{sync_dir, IoStep, IoStepError};
+use crate::format::chunk::ChunkHash;
+use crate::store::durable::{sync_dir, IoStep, IoStepError};
 use crate::store::{JobStore, LoadError, LockError};
 
 impl JobStore {

@@ -89,8 +89,8 @@ impl FileKind {
     /// Largest payload accepted for this kind, checked before allocating.
     pub const fn max_payload(self) -> u64 {
         match self {
-            FileKind::Manifest | FileKind::RankPart => crate::codec::MAX_ENCODED_LEN as u64,
-            FileKind::Chunk => crate::chunk::MAX_STORED_CHUNK_LEN as u64,
+            FileKind::Manifest | FileKind::RankPart => crate::format::codec::MAX_ENCODED_LEN as u64,
+            FileKind::Chunk => crate::format::chunk::MAX_STORED_CHUNK_LEN as u64,
         }
     }
 
@@ -117,7 +117,7 @@ impl fmt::Display for FileKind {
 pub enum CodecId {
     /// Raw bytes (chunks; compression is told by the flags).
     Raw = 0,
-    /// bincode 2, fixed-int little-endian encoding, see [`crate::codec`].
+    /// bincode 2, fixed-int little-endian encoding, see [`crate::format::codec`].
     Bincode2FixintLe = 1,
 }
 
@@ -352,7 +352,7 @@ impl Header {
             });
         }
         let max_raw = match kind {
-            FileKind::Chunk => crate::chunk::MAX_CHUNK_SIZE as u64,
+            FileKind::Chunk => crate::format::chunk::MAX_CHUNK_SIZE as u64,
             _ => max,
         };
         if self.raw_len > max_raw {
