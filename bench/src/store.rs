@@ -11,7 +11,8 @@ use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
 use cryo_coordinator::human::{self, parse_size};
-use cryo_core::format::chunk::{ChunkCodec, Filter, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
+use cryo_core::format::chunk::{ChunkCodec, Filter, DEFAULT_ZSTD_LEVEL};
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
 use cryo_core::store::durable::{IoStep, IoStepError};
 use cryo_core::store::reader::RegionReadError;

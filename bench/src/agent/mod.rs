@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use cryo_agent::client::{self, ClientError};
 use cryo_agent::units::{format_bytes, parse_bytes};
-use cryo_core::format::chunk::{ChunkEncodeError, DEFAULT_CHUNK_SIZE};
+use cryo_core::format::chunk::ChunkEncodeError;
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use cryo_agent::units::format_bytes;
-use cryo_core::format::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter, DEFAULT_CHUNK_SIZE};
+use cryo_core::format::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter};
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::store::durable::IoStep;
 
 use super::AgentBenchError;

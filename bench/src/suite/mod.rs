@@ -242,7 +242,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
         let store = run_store_bench(&StoreBenchOptions {
             size,
             dir: scratch.clone(),
-            chunk_size: cryo_core::format::chunk::DEFAULT_CHUNK_SIZE,
+            chunk_size: cryo_core::format::limits::DEFAULT_CHUNK_SIZE,
             level: cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL,
             filter: cryo_core::format::chunk::Filter::Shuffle8,
             changed_fraction: 0.05,

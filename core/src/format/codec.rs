@@ -11,8 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-/// Upper bound for any encoded metadata value (256 MiB).
-pub const MAX_ENCODED_LEN: usize = 256 << 20;
+use crate::format::limits::MAX_ENCODED_LEN;
 
 type Config = Configuration<LittleEndian, Fixint, Limit<MAX_ENCODED_LEN>>;
 

@@ -34,9 +34,10 @@ use self::durable::{
     FILE_MODE,
 };
 use crate::format::chunk::ChunkHash;
-use crate::format::codec::{self, CodecError, MAX_ENCODED_LEN};
+use crate::format::codec::{self, CodecError};
 use crate::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
 use crate::format::legacy::MetaFile;
+use crate::format::limits::MAX_ENCODED_LEN;
 use crate::format::manifest::{Manifest, ManifestError, RankRecord};
 use crate::names::{check_job_name, NameError};
 

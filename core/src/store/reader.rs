@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::format::chunk::{decode_into, ChunkDecodeError, ChunkHash, MAX_STORED_CHUNK_LEN};
+use crate::format::chunk::{decode_into, ChunkDecodeError, ChunkHash};
 use crate::format::header::HEADER_LEN;
+use crate::format::limits::MAX_STORED_CHUNK_LEN;
 use crate::format::manifest::{Manifest, RegionRecord};
 use crate::store::durable::{read_capped_into, IoStepError, ReadCappedError};
 use crate::store::JobStore;

@@ -23,9 +23,8 @@ use std::sync::{Mutex, OnceLock};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::format::chunk::{
-    ChunkCodec, ChunkEncodeError, ChunkHash, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
-};
+use crate::format::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash};
+use crate::format::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::format::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
 use crate::names::{check_region_name, NameError};
 use crate::store::durable::{self, sync_dir, IoStep, IoStepError};
@@ -43,7 +42,7 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
-            chunk_size: crate::format::chunk::DEFAULT_CHUNK_SIZE,
+            chunk_size: DEFAULT_CHUNK_SIZE,
             codec: ChunkCodec::default(),
         }
     }
