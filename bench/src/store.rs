@@ -14,7 +14,7 @@ use cryo_coordinator::human::{self, parse_size};
 use cryo_core::format::chunk::{ChunkCodec, Filter, DEFAULT_ZSTD_LEVEL};
 use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
-use cryo_core::store::durable::{IoStep, IoStepError};
+use cryo_core::store::fs::{IoStep, IoStepError};
 use cryo_core::store::reader::RegionReadError;
 use cryo_core::store::writer::{BeginError, WriteError, WriterConfig};
 use cryo_core::store::{CommitError, LoadError, Store, StoreError};

@@ -26,7 +26,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::protocol::{read_message, write_message, Challenge, FrameError, Hello, Peer, Proof};
-use crate::store::durable::{IoStep, IoStepError};
+use crate::store::fs::{IoStep, IoStepError};
 use crate::token::JobToken;
 
 /// Key-derivation context: binds keys to this use of the token.

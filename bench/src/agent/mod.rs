@@ -32,7 +32,7 @@ use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
-use cryo_core::store::durable::{IoStep, IoStepError};
+use cryo_core::store::fs::{IoStep, IoStepError};
 use cryo_core::store::reader::StreamError;
 use cryo_core::store::{LoadError, Store, StoreError};
 use thiserror::Error;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use cryo_agent::units::format_bytes;
 use cryo_core::format::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter};
 use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
-use cryo_core::store::durable::IoStep;
+use cryo_core::store::fs::IoStep;
 
 use super::AgentBenchError;
 

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 
 use cryo_coordinator::human;
-use cryo_core::store::durable::{IoStep, IoStepError};
+use cryo_core::store::fs::{IoStep, IoStepError};
 use thiserror::Error;
 
 use crate::plot::PlotError;
