@@ -53,6 +53,8 @@ use crate::names::{check_job_name, NameError};
 mod commit;
 pub mod durable;
 pub mod fault_fs;
+#[cfg(test)]
+mod fault_tests;
 pub mod fs;
 pub mod gc;
 mod meta;
