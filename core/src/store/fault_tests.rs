@@ -19,7 +19,7 @@ use super::writer::{WriteError, WriterConfig};
 use super::{CommitError, EpochState, JobStore, LoadProblem, Store};
 use crate::format::chunk::{ChunkCodec, ChunkHash};
 use crate::format::limits::MIN_CHUNK_SIZE;
-use crate::format::manifest::{RankRecord, RegionKind, WriteStats};
+use crate::format::manifest::{Manifest, RankRecord, RegionKind, WriteStats};
 
 const CHUNK: usize = MIN_CHUNK_SIZE;
 const JOB: &str = "heat";
@@ -102,19 +102,19 @@ impl Fixture {
         assert_eq!(job.latest_committed().unwrap(), Some(1));
         let manifest = job.load_manifest(1).unwrap();
         assert!(job.verify_manifest(&manifest).is_ok());
-        let region = &manifest.ranks[0].regions[0];
-        let mut restored = vec![0u8; region.len as usize];
-        job.restore_region(region, &mut restored).unwrap();
-        assert!(restored == self.epoch1, "epoch 1 restored other bytes");
+        assert!(
+            restore(&job, &manifest) == self.epoch1,
+            "epoch 1 restored other bytes"
+        );
         assert_eq!(temp_files(job.dir()), Vec::<PathBuf>::new());
 
         let epoch3 = state(3);
         write_epoch(&job, 3, &epoch3).unwrap();
         let manifest = job.commit_epoch(3, 1, CHUNK as u32).unwrap();
-        let region = &manifest.ranks[0].regions[0];
-        let mut restored = vec![0u8; region.len as usize];
-        job.restore_region(region, &mut restored).unwrap();
-        assert!(restored == epoch3, "epoch 3 restored other bytes");
+        assert!(
+            restore(&job, &manifest) == epoch3,
+            "epoch 3 restored other bytes"
+        );
     }
 }
 
@@ -130,6 +130,14 @@ fn write_epoch(job: &JobStore, epoch: u64, data: &[u8]) -> Result<(), WriteError
         data,
     )?);
     rank.finish(record).map(|_| ())
+}
+
+/// Rank 0's one region of `manifest`, restored.
+fn restore(job: &JobStore, manifest: &Manifest) -> Vec<u8> {
+    let region = &manifest.ranks[0].regions[0];
+    let mut restored = vec![0u8; region.len as usize];
+    job.restore_region(region, &mut restored).unwrap();
+    restored
 }
 
 /// Every `.tmp-` file under `dir`.
@@ -291,19 +299,22 @@ fn full_disk_while_publishing_the_manifest_keeps_epoch_1_and_the_parts() {
             Some(&EpochState::Partial { parts: 1 }),
             "{step}"
         );
+        let missing = job.load_manifest(2).unwrap_err();
         assert!(
-            matches!(job.load_manifest(2), Err(err) if matches!(err.problem, LoadProblem::Read(ReadCappedError::Missing(_))))
+            matches!(
+                missing.problem,
+                LoadProblem::Read(ReadCappedError::Missing(_))
+            ),
+            "{step}: {missing}"
         );
 
         // Once there is room again, the same parts commit.
-        let manifest = fixture.real_job().commit_epoch(2, 1, CHUNK as u32).unwrap();
-        let region = &manifest.ranks[0].regions[0];
-        let mut restored = vec![0u8; region.len as usize];
-        fixture
-            .real_job()
-            .restore_region(region, &mut restored)
-            .unwrap();
-        assert!(restored == epoch2, "{step}: epoch 2 restored other bytes");
+        let real = fixture.real_job();
+        let manifest = real.commit_epoch(2, 1, CHUNK as u32).unwrap();
+        assert!(
+            restore(&real, &manifest) == epoch2,
+            "{step}: epoch 2 restored other bytes"
+        );
 
         // Epoch 1 was never touched.
         let job = fixture.real_job();
