@@ -15,12 +15,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use cryo_core::manifest::{
+use cryo_core::format::manifest::{
     ChunkRef, FdRestore, MappingRecord, RankRecord, RegionKind, RegionRecord, WriteStats,
 };
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{RankCaptureReport, RegionInfo};
-use cryo_core::writer::{RankWriter, WriteError};
+use cryo_core::store::writer::{RankWriter, WriteError};
 use rayon::prelude::*;
 use thiserror::Error;
 
@@ -629,7 +629,7 @@ pub fn nanos(t: Instant) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::manifest::Backing;
+    use cryo_core::format::manifest::Backing;
 
     use super::*;
 

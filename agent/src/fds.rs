@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::io;
 
-use cryo_core::manifest::{is_clean_absolute_path, FdKind, FdRecord, FdRestore};
+use cryo_core::format::manifest::{is_clean_absolute_path, FdKind, FdRecord, FdRestore};
 use thiserror::Error;
 
 use crate::procfs::{parse_fdinfo, FdInfoParseError, FileStat, FileType, ProcessAccess};

@@ -77,7 +77,7 @@ enum Command {
         #[arg(long, value_parser = parse_bytes, default_value = "1MiB", env = "CRYO_CHUNK_SIZE")]
         chunk_size: u64,
         /// zstd level (0 stores chunks uncompressed).
-        #[arg(long, default_value_t = cryo_core::chunk::DEFAULT_ZSTD_LEVEL)]
+        #[arg(long, default_value_t = cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
         /// Threads copying rank memory (default: all cores).
         #[arg(long)]

@@ -7,7 +7,7 @@ use std::io::{self, IoSliceMut};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use cryo_core::dirty::{Pagemap, WrittenRanges};
-use cryo_core::manifest::{Backing, MappingRecord};
+use cryo_core::format::manifest::{Backing, MappingRecord};
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
@@ -400,7 +400,7 @@ pub fn mem_total_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::manifest::RegionKind;
+    use cryo_core::format::manifest::RegionKind;
 
     use super::*;
 

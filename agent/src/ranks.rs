@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 
-use cryo_core::manifest::RegionRecord;
+use cryo_core::format::manifest::RegionRecord;
 use cryo_core::protocol::{
     write_message_as, AgentToRank, ControlPage, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
 };

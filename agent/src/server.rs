@@ -31,13 +31,13 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use cryo_core::auth;
-use cryo_core::chunk::ChunkCodec;
+use cryo_core::format::chunk::ChunkCodec;
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message_as, AbortReason, AgentToCoordinator,
     AgentToRank, ControlResponse, Hello, Peer, RankToAgent, StartMode,
 };
+use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::{JobStore, Store, StoreError};
-use cryo_core::writer::WriterConfig;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use thiserror::Error;
 

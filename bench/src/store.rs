@@ -11,12 +11,13 @@ use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
 use cryo_coordinator::human::{self, parse_size};
-use cryo_core::chunk::{ChunkCodec, Filter, DEFAULT_CHUNK_SIZE, DEFAULT_ZSTD_LEVEL};
-use cryo_core::durable::{IoStep, IoStepError};
-use cryo_core::manifest::{RankRecord, RegionKind, WriteStats};
-use cryo_core::reader::RegionReadError;
+use cryo_core::format::chunk::{ChunkCodec, Filter, DEFAULT_ZSTD_LEVEL};
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
+use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::store::fs::{IoStep, IoStepError};
+use cryo_core::store::reader::RegionReadError;
+use cryo_core::store::writer::{BeginError, WriteError, WriterConfig};
 use cryo_core::store::{CommitError, LoadError, Store, StoreError};
-use cryo_core::writer::{BeginError, WriteError, WriterConfig};
 use rayon::prelude::*;
 use serde::Serialize;
 use thiserror::Error;

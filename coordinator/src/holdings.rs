@@ -2,7 +2,9 @@
 //! restart will do with each, read from the manifest: for `cryo describe`,
 //! and for the warnings printed when a checkpoint commits.
 
-use cryo_core::manifest::{Backing, FdKind, FdRecord, FdRestore, Manifest, RankRecord, RegionKind};
+use cryo_core::format::manifest::{
+    Backing, FdKind, FdRecord, FdRestore, Manifest, RankRecord, RegionKind,
+};
 
 use crate::human;
 
@@ -106,7 +108,7 @@ pub fn warnings(manifest: &Manifest) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::manifest::WriteStats;
+    use cryo_core::format::manifest::WriteStats;
 
     use super::*;
 

@@ -7,9 +7,9 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use cryo_core::chunk::{ChunkHash, FLAG_SHUFFLE8, FLAG_ZSTD};
-use cryo_core::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
-use cryo_core::manifest::{Manifest, RankRecord};
+use cryo_core::format::chunk::{ChunkHash, FLAG_SHUFFLE8, FLAG_ZSTD};
+use cryo_core::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use cryo_core::format::manifest::{Manifest, RankRecord};
 use cryo_core::store::{decode_meta_file, EpochState, EpochSummary, GcReport, JobStore, Store};
 use serde::Serialize;
 
@@ -214,8 +214,10 @@ pub fn describe(path: &Path) -> Result<String> {
         );
         return Ok(out);
     }
-    let bytes =
-        cryo_core::durable::read_capped(path, HEADER_LEN as u64 + header.kind.max_payload())?;
+    let bytes = cryo_core::store::durable::read_capped(
+        path,
+        HEADER_LEN as u64 + header.kind.max_payload(),
+    )?;
     match header.kind {
         FileKind::Manifest => match decode_meta_file::<Manifest>(header.kind, &bytes) {
             Ok(manifest) => {
@@ -275,7 +277,7 @@ pub fn describe(path: &Path) -> Result<String> {
             match name.parse::<ChunkHash>() {
                 Ok(hash) => {
                     let mut raw = vec![0u8; usize::try_from(header.raw_len).unwrap_or(0)];
-                    match cryo_core::chunk::decode_into(&bytes, &hash, &mut raw) {
+                    match cryo_core::format::chunk::decode_into(&bytes, &hash, &mut raw) {
                         Ok(()) => {
                             let _ =
                                 writeln!(out, "  loadable        yes, content matches its name");

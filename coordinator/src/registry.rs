@@ -15,7 +15,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use cryo_core::durable::{self, create_dir_all, read_capped};
+use cryo_core::store::durable::{self, create_dir_all, read_capped};
 use cryo_core::store::JobStore;
 use cryo_core::token::JobToken;
 use serde::{Deserialize, Serialize};

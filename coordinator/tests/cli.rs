@@ -5,11 +5,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use cryo_core::chunk::ChunkCodec;
-use cryo_core::header::HEADER_LEN;
-use cryo_core::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::format::chunk::ChunkCodec;
+use cryo_core::format::header::HEADER_LEN;
+use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::{JobStore, Store};
-use cryo_core::writer::WriterConfig;
 use cryo_core::Manifest;
 
 const CHUNK: usize = 64 << 10;
@@ -203,7 +203,7 @@ fn describe_tells_each_kind() {
         t.contains("cryo epoch manifest")
             && t.contains(&format!(
                 "format version  {}",
-                cryo_core::header::FORMAT_VERSION
+                cryo_core::format::header::FORMAT_VERSION
             )),
         "{t}"
     );

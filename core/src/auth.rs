@@ -25,10 +25,10 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::durable::{IoStep, IoStepError};
 use crate::protocol::{
     read_message, write_message, write_message_as, Challenge, FrameError, Hello, Peer, Proof,
 };
+use crate::store::fs::{IoStep, IoStepError};
 use crate::token::JobToken;
 
 /// Key-derivation context: binds keys to this use of the token.

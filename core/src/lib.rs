@@ -1,38 +1,45 @@
 //! cryo-core: the checkpoint store, its on-disk image format, and the wire
 //! protocol shared by the coordinator, the node agents and the rank runtime.
 //!
-//! * [`header`]: the fixed header that starts every file, readable without
-//!   the codec, so any file can be described even when it cannot be loaded.
-//! * [`codec`]: the single bincode module for metadata.
-//! * [`chunk`]: content-addressed, shuffled, zstd-compressed chunks.
-//! * [`manifest`]: what an epoch records about each rank.
-//! * [`store`], [`writer`], [`reader`]: the store layout, durable parallel
-//!   writes with atomic commit, retention and GC, and verified restore.
+//! * [`mod@format`]: the on-disk image format, with no filesystem access:
+//!   * [`format::header`]: the fixed header that starts every file, readable
+//!     without the codec, so any file can be described even when it cannot
+//!     be loaded;
+//!   * [`format::limits`]: every size limit of the format;
+//!   * [`format::codec`]: the single bincode module for metadata;
+//!   * [`format::chunk`], [`format::shuffle`]: content-addressed, shuffled,
+//!     zstd-compressed chunks;
+//!   * [`format::manifest`], [`format::fds`]: what an epoch records about
+//!     each rank, and its validation;
+//!   * [`format::legacy`]: the metadata layouts of earlier minor versions.
+//! * [`store`]: the store on a shared directory (layout, job lock, commit),
+//!   doing every file operation through [`store::fs::StoreFs`]:
+//!   * [`store::durable`]: the real filesystem and durable writes;
+//!   * [`store::fault_fs`]: a filesystem that fails chosen calls, for tests;
+//!   * [`store::writer`]: an epoch's chunks written in parallel;
+//!   * [`store::reader`]: verified restore;
+//!   * [`store::gc`]: retention and GC.
+//! * [`protocol`], [`auth`], [`token`]: the wire protocol, its handshake and
+//!   the job token.
+//! * [`dirty`]: write tracking of rank memory; [`mod@env`]: every `CRYO_*`
+//!   variable; [`fault`]: the test hook that holds an epoch at a phase;
+//!   [`names`]: job and region name checks; [`sibling`]: how one cryo binary
+//!   finds another.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod auth;
-pub mod chunk;
-pub mod codec;
 pub mod dirty;
-pub mod durable;
 pub mod env;
 pub mod fault;
-pub mod fds;
-pub mod gc;
-pub mod header;
-pub mod legacy;
-pub mod manifest;
+pub mod format;
 pub mod names;
 pub mod protocol;
-pub mod reader;
-pub mod shuffle;
 pub mod sibling;
 pub mod store;
 pub mod token;
-pub mod writer;
 
-pub use chunk::{ChunkCodec, ChunkHash, Filter};
-pub use manifest::{Manifest, RankRecord, RegionKind, RegionRecord};
+pub use format::chunk::{ChunkCodec, ChunkHash, Filter};
+pub use format::manifest::{Manifest, RankRecord, RegionKind, RegionRecord};
+pub use store::writer::{EpochWriter, RankWriter, WriterConfig};
 pub use store::{JobStore, Store};
-pub use writer::{EpochWriter, RankWriter, WriterConfig};

@@ -11,7 +11,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use crate::durable::{self, IoStep, IoStepError};
+use crate::store::durable;
+use crate::store::fs::{IoStep, IoStepError};
 
 /// A job's secret token.
 #[derive(Clone, PartialEq, Eq)]

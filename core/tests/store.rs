@@ -10,10 +10,12 @@
 use std::fs;
 use std::path::Path;
 
-use cryo_core::chunk::ChunkCodec;
-use cryo_core::manifest::{FdKind, FdRecord, FdRestore, RankRecord, RegionKind, WriteStats};
+use cryo_core::format::chunk::ChunkCodec;
+use cryo_core::format::manifest::{
+    FdKind, FdRecord, FdRestore, RankRecord, RegionKind, WriteStats,
+};
+use cryo_core::store::writer::{BeginError, WriterConfig};
 use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProblem, Store};
-use cryo_core::writer::{BeginError, WriterConfig};
 use cryo_core::Manifest;
 
 const CHUNK: usize = 64 << 10;

@@ -1,7 +1,7 @@
 //! Chunk files: decode into a fixed buffer and hash check.
 #![no_main]
 
-use cryo_core::chunk::{decode_into, ChunkHash};
+use cryo_core::format::chunk::{decode_into, ChunkHash};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

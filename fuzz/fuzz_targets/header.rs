@@ -1,7 +1,7 @@
 //! The fixed file header: parse and full decode of arbitrary bytes.
 #![no_main]
 
-use cryo_core::header::{FileKind, Header};
+use cryo_core::format::header::{FileKind, Header};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,8 +1,8 @@
 //! Manifest and rank-part files: header, checksum, codec and validation.
 #![no_main]
 
-use cryo_core::header::{FileKind, Header, HEADER_LEN};
-use cryo_core::manifest::{Manifest, RankRecord};
+use cryo_core::format::header::{FileKind, Header, HEADER_LEN};
+use cryo_core::format::manifest::{Manifest, RankRecord};
 use cryo_core::store::decode_meta_file;
 use libfuzzer_sys::fuzz_target;
 
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     // reaches the codec and the validation.
     let header = Header::new(
         FileKind::Manifest,
-        cryo_core::header::CodecId::Bincode2FixintLe,
+        cryo_core::format::header::CodecId::Bincode2FixintLe,
         0,
         data,
         data.len() as u64,

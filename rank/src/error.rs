@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use cryo_core::names::NameError;
 use cryo_core::protocol::FrameError;
-use cryo_core::reader::RegionReadError;
+use cryo_core::store::reader::RegionReadError;
 use cryo_core::store::{LoadError, StoreError};
 use nix::errno::Errno;
 use thiserror::Error;
@@ -205,7 +205,7 @@ pub enum RestoreError {
         /// What was being restored.
         what: String,
         /// Why.
-        source: cryo_core::reader::RegionReadError,
+        source: cryo_core::store::reader::RegionReadError,
     },
     /// An application file mapping could not be re-established.
     #[error("rank {rank}: cannot restore the mapping of {path} at {addr:#x} ({len} bytes): {step}: {source}")]

@@ -11,8 +11,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cryo_core::manifest::{FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord};
-use cryo_core::reader::StreamError;
+use cryo_core::format::manifest::{
+    FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord,
+};
+use cryo_core::store::reader::StreamError;
 use cryo_core::store::JobStore;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, FdFlag, OFlag};
@@ -457,7 +459,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use std::io::{Read, Seek, Write};
 
-    use cryo_core::manifest::{FdKind, WriteStats};
+    use cryo_core::format::manifest::{FdKind, WriteStats};
 
     use super::*;
 

@@ -20,8 +20,8 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 
-use cryo_core::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
-use cryo_core::manifest::RegionKind;
+use cryo_core::format::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
+use cryo_core::format::manifest::RegionKind;
 use cryo_core::protocol::RegionInfo;
 use nix::fcntl::{open, OFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};

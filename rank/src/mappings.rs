@@ -9,7 +9,7 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 
-use cryo_core::manifest::{RankRecord, RegionKind, RegionRecord};
+use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::store::JobStore;
 use nix::sys::mman::{mmap, mprotect, MapFlags, ProtFlags};
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use cryo_core::dirty::WriteTracker;
-use cryo_core::manifest::{RegionKind, RegionRecord};
+use cryo_core::format::manifest::{RegionKind, RegionRecord};
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
@@ -39,7 +39,7 @@ impl Runtime {
     fn check_new(&self, name: &str, len: u64) -> Result<(), RegionError> {
         let rank = self.config.rank;
         check_region_name(name)?;
-        if name.starts_with(cryo_core::fds::RESERVED_REGION_PREFIX) {
+        if name.starts_with(cryo_core::format::fds::RESERVED_REGION_PREFIX) {
             return Err(RegionError::Name(cryo_core::names::NameError::Region {
                 name: name.into(),
                 why: "names starting with 'cryo:' are the runtime's own",

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
-use cryo_core::manifest::RankRecord;
+use cryo_core::format::manifest::RankRecord;
 use cryo_core::protocol::{
     read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
     RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, ENV_AGENT_SOCKET,
@@ -443,10 +443,12 @@ fn load_restore(rank: u32, epoch: u64, store: &str, job: &str) -> Result<Restore
         })?;
     // Another user's job (or a job directory swapped for a link) is refused
     // before anything of it is read.
-    cryo_core::durable::check_private_dir(store.dir()).map_err(|source| RestoreError::Store {
-        rank,
-        epoch,
-        source: source.into(),
+    cryo_core::store::durable::check_private_dir(store.dir()).map_err(|source| {
+        RestoreError::Store {
+            rank,
+            epoch,
+            source: source.into(),
+        }
     })?;
     let manifest = store
         .load_manifest(epoch)

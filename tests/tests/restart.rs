@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use cryo_core::manifest::{FdRestore, RegionKind};
+use cryo_core::format::manifest::{FdRestore, RegionKind};
 use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
 use cryo_tests::{
     assert_same_file, c_counter, c_counter_static, checkpoint_frozen, lines, wait_until,

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cryo_core::header::HEADER_LEN;
+use cryo_core::format::header::HEADER_LEN;
 use cryo_core::RegionKind;
 use cryo_tests::output_text;
 use cryo_tests::state::{
@@ -536,7 +536,7 @@ fn a_restart_whose_library_opens_more_fds_first_still_restores() {
         let restored: Vec<i32> = rank
             .fds
             .iter()
-            .filter(|f| f.restore == cryo_core::manifest::FdRestore::Restore)
+            .filter(|f| f.restore == cryo_core::format::manifest::FdRestore::Restore)
             .map(|f| f.fd)
             .collect();
         assert!(

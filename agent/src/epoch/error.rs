@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use cryo_core::protocol::AbortReason;
+use cryo_core::store::writer::{BeginError, WriteError};
 use cryo_core::store::CommitError;
-use cryo_core::writer::{BeginError, WriteError};
 use thiserror::Error;
 
 use crate::capture::CaptureError;
@@ -163,7 +163,7 @@ impl EpochError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cryo_core::durable::IoStepError;
+    use cryo_core::store::fs::IoStepError;
 
     #[test]
     fn a_full_store_is_named_as_such() {

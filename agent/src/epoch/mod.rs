@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use cryo_core::manifest::WriteStats;
+use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{AbortReason, CheckpointReport, RankCaptureReport};
+use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::JobStore;
-use cryo_core::writer::WriterConfig;
 
 pub use error::EpochError;
 pub(crate) use sink::{Coordinated, EpochSink, Standalone};

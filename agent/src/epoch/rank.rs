@@ -6,9 +6,9 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use cryo_core::fault;
-use cryo_core::manifest::WriteStats;
+use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{AgentToRank, CheckpointReport, RankCaptureReport};
-use cryo_core::writer::EpochWriter;
+use cryo_core::store::writer::EpochWriter;
 
 use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources};
 use crate::capture::{capture_rank, nanos, CaptureContext, CaptureError, Parked};

@@ -7,7 +7,7 @@
 
 use std::sync::mpsc::Sender;
 
-use cryo_core::manifest::WriteStats;
+use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{AgentToCoordinator, CheckpointReport, RankCaptureReport};
 use cryo_core::store::JobStore;
 

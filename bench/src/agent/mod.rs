@@ -27,12 +27,13 @@ use std::time::{Duration, Instant};
 
 use cryo_agent::client::{self, ClientError};
 use cryo_agent::units::{format_bytes, parse_bytes};
-use cryo_core::chunk::{ChunkEncodeError, DEFAULT_CHUNK_SIZE};
-use cryo_core::durable::{IoStep, IoStepError};
+use cryo_core::format::chunk::ChunkEncodeError;
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
-use cryo_core::reader::StreamError;
+use cryo_core::store::fs::{IoStep, IoStepError};
+use cryo_core::store::reader::StreamError;
 use cryo_core::store::{LoadError, Store, StoreError};
 use thiserror::Error;
 

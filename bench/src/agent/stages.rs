@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use cryo_agent::units::format_bytes;
-use cryo_core::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter, DEFAULT_CHUNK_SIZE};
-use cryo_core::durable::IoStep;
+use cryo_core::format::chunk::{shuffle8, ChunkCodec, ChunkHash, Filter};
+use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
+use cryo_core::store::fs::IoStep;
 
 use super::AgentBenchError;
 
@@ -49,7 +50,7 @@ pub(super) fn stages(dir: &Path) -> Result<(), AgentBenchError> {
     rate("shuffle8 filter (SIMD where available)", t);
     let t = Instant::now();
     for c in &chunks {
-        cryo_core::shuffle::shuffle8_scalar(c, &mut out[..c.len()]);
+        cryo_core::format::shuffle::shuffle8_scalar(c, &mut out[..c.len()]);
         std::hint::black_box(&out);
     }
     rate("shuffle8 filter (scalar reference)", t);
@@ -80,7 +81,7 @@ pub(super) fn stages(dir: &Path) -> Result<(), AgentBenchError> {
     fs::create_dir_all(&chunk_dir).step("creating", &chunk_dir)?;
     let t = Instant::now();
     for (i, e) in encoded.iter().enumerate() {
-        cryo_core::durable::write_replace(&chunk_dir.join(format!("{i}")), &[&e.file])?;
+        cryo_core::store::durable::write_replace(&chunk_dir.join(format!("{i}")), &[&e.file])?;
     }
     let secs = t.elapsed().as_secs_f64();
     println!(

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitStatus;
 
 use cryo_coordinator::human;
-use cryo_core::durable::{IoStep, IoStepError};
+use cryo_core::store::fs::{IoStep, IoStepError};
 use thiserror::Error;
 
 use crate::plot::PlotError;
@@ -242,9 +242,9 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
         let store = run_store_bench(&StoreBenchOptions {
             size,
             dir: scratch.clone(),
-            chunk_size: cryo_core::chunk::DEFAULT_CHUNK_SIZE,
-            level: cryo_core::chunk::DEFAULT_ZSTD_LEVEL,
-            filter: cryo_core::chunk::Filter::Shuffle8,
+            chunk_size: cryo_core::format::limits::DEFAULT_CHUNK_SIZE,
+            level: cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL,
+            filter: cryo_core::format::chunk::Filter::Shuffle8,
             changed_fraction: 0.05,
             keep: false,
         });

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cryo_coordinator::human;
-use cryo_core::durable::{IoStep, IoStepError};
+use cryo_core::store::fs::{IoStep, IoStepError};
 
 use super::{QuiesceRun, SafePointRun, SuiteError, MIB};
 use crate::figures::AgentRun;

@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{v4, AbortReason, Command, Message};
-use crate::codec::CodecError;
-use crate::manifest::WriteStats;
+use crate::format::codec::CodecError;
+use crate::format::manifest::WriteStats;
 /// What to do when a checkpoint is requested while one is still draining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BusyPolicy {

@@ -2,7 +2,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{v4, AbortReason, Command, Message};
-use crate::codec::CodecError;
+use crate::format::codec::CodecError;
 /// Messages from a job's coordinator to a node agent (TCP, after a
 /// [`Hello`] with [`Peer::Agent`] and the job token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

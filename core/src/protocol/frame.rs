@@ -12,7 +12,7 @@ use thiserror::Error;
 use super::{
     FRAME_HEADER_LEN, MAGIC, MAX_PAYLOAD, MIN_HELLO_VERSION, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use crate::codec::{self, CodecError};
+use crate::format::codec::{self, CodecError};
 /// What a frame carries. `0` is reserved and never valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[repr(u16)]

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{v4, AbortReason, Command, Message};
-use crate::codec::CodecError;
+use crate::format::codec::CodecError;
 /// Requests from a `cryo` client (`checkpoint`, `preempt`, `status`) to a
 /// job's coordinator (after a [`Hello`] with [`Peer::Control`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -14,7 +14,7 @@
 //! All integers are little-endian. Command `0` is reserved as invalid, so a
 //! zeroed buffer never parses as a message. The payload length is checked
 //! against [`MAX_PAYLOAD`] before anything is allocated, and the payload is
-//! decoded by [`crate::codec`], which has its own limit. Each command carries
+//! decoded by [`crate::format::codec`], which has its own limit. Each command carries
 //! exactly one message type ([`Message::COMMAND`]), so a peer that sends the
 //! wrong kind of message gets a typed error, never a panic.
 //!

@@ -5,7 +5,7 @@ use std::sync::atomic::AtomicU64;
 use serde::{Deserialize, Serialize};
 
 use super::{Command, Message};
-use crate::manifest::RegionKind;
+use crate::format::manifest::RegionKind;
 /// How a rank starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StartMode {

@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn store_errors_tell_a_full_disk_apart() {
-        let full = crate::durable::IoStepError::new(
+        let full = crate::store::fs::IoStepError::new(
             "write chunk",
             "/s/chunks/ab",
             std::io::Error::from_raw_os_error(libc::ENOSPC),
@@ -310,7 +310,7 @@ mod tests {
             AbortReason::store(&full),
             AbortReason::StoreFull { .. }
         ));
-        let eio = crate::durable::IoStepError::new(
+        let eio = crate::store::fs::IoStepError::new(
             "write chunk",
             "/s/chunks/ab",
             std::io::Error::from_raw_os_error(libc::EIO),

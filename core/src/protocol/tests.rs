@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
 use super::*;
-use crate::manifest::RegionKind;
+use crate::format::manifest::RegionKind;
 
 fn hello() -> Hello {
     Hello {
@@ -261,7 +261,7 @@ fn fd_passing_over_a_socket_pair() {
 
 /// A version 4 peer's frame, written in its own layout.
 fn v4_frame<Old: serde::Serialize>(command: Command, old: &Old) -> Vec<u8> {
-    let payload = crate::codec::encode(old).unwrap();
+    let payload = crate::format::codec::encode(old).unwrap();
     let mut bytes = header_bytes(4, command as u16, 0, payload.len() as u32);
     bytes.extend_from_slice(&payload);
     bytes
@@ -317,7 +317,8 @@ fn a_version_4_peer_is_answered_in_its_own_layout() {
         header.version, 4,
         "the header must be one a v4 peer accepts"
     );
-    let old: v4::CoordinatorToAgent = crate::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
+    let old: v4::CoordinatorToAgent =
+        crate::format::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
     match old {
         v4::CoordinatorToAgent::Abort {
             epoch: 4,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{AbortReason, MIN_PROTOCOL_VERSION};
 use super::{AgentStatus, CheckpointReport, JobStatus};
-use crate::codec::{self, CodecError};
+use crate::format::codec::{self, CodecError};
 
 /// The first version with typed reasons.
 const TYPED_REASONS: u16 = 5;

@@ -10,7 +10,8 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::chunk::{ChunkHash, MAX_CHUNK_SIZE};
+use crate::format::chunk::ChunkHash;
+use crate::format::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::names::{check_job_name, check_region_name, NameError};
 
 /// Kind of an open file descriptor.
@@ -295,7 +296,7 @@ pub enum ManifestError {
     #[error("world size is zero")]
     EmptyWorld,
     /// A bad chunk size.
-    #[error("chunk size {0} is outside {min}..={max}", min = crate::chunk::MIN_CHUNK_SIZE, max = MAX_CHUNK_SIZE)]
+    #[error("chunk size {0} is outside {min}..={max}", min = MIN_CHUNK_SIZE, max = MAX_CHUNK_SIZE)]
     ChunkSize(u32),
     /// A region name appears twice in a rank.
     #[error("rank {rank}: region {name:?} appears twice")]
@@ -447,7 +448,7 @@ impl RankRecord {
                 });
             }
         }
-        crate::fds::check_fd_links(rank, &self.fds, &self.regions)?;
+        crate::format::fds::check_fd_links(rank, &self.fds, &self.regions)?;
         for mapping in &self.mappings {
             if mapping.end <= mapping.start {
                 return Err(ManifestError::BadMapping {
@@ -491,7 +492,7 @@ impl Manifest {
             return Err(ManifestError::EmptyWorld);
         }
         let chunk_size = self.chunk_size as usize;
-        if !(crate::chunk::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(ManifestError::ChunkSize(self.chunk_size));
         }
         if self.ranks.len() != self.world_size as usize {

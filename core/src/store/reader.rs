@@ -8,10 +8,11 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::chunk::{decode_into, ChunkDecodeError, ChunkHash, MAX_STORED_CHUNK_LEN};
-use crate::durable::{read_capped_into, IoStepError, ReadCappedError};
-use crate::header::HEADER_LEN;
-use crate::manifest::{Manifest, RegionRecord};
+use crate::format::chunk::{decode_into, ChunkDecodeError, ChunkHash};
+use crate::format::header::HEADER_LEN;
+use crate::format::limits::MAX_STORED_CHUNK_LEN;
+use crate::format::manifest::{Manifest, RegionRecord};
+use crate::store::fs::{IoStepError, ReadCappedError};
 use crate::store::JobStore;
 
 /// A chunk could not be read back.
@@ -82,8 +83,10 @@ impl JobStore {
         let path = self.chunk_path(hash);
         CHUNK_FILE_BUF.with(|file| {
             let file = &mut *file.borrow_mut();
-            read_capped_into(&path, (HEADER_LEN + MAX_STORED_CHUNK_LEN) as u64, file).map_err(
-                |err| match err {
+            let max = (HEADER_LEN + MAX_STORED_CHUNK_LEN) as u64;
+            self.fs
+                .read_capped_into(&path, max, file)
+                .map_err(|err| match err {
                     ReadCappedError::Missing(path) => ChunkReadError::Missing { hash: *hash, path },
                     ReadCappedError::TooLarge { path, len, .. } => ChunkReadError::Oversized {
                         hash: *hash,
@@ -91,8 +94,7 @@ impl JobStore {
                         len,
                     },
                     ReadCappedError::Io(err) => ChunkReadError::Io(err),
-                },
-            )?;
+                })?;
             decode_into(file, hash, dest).map_err(|source| ChunkReadError::Corrupt {
                 hash: *hash,
                 path,

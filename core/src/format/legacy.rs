@@ -12,9 +12,9 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, CodecError};
-use crate::header::FormatVersion;
-use crate::manifest::{
+use crate::format::codec::{self, CodecError};
+use crate::format::header::FormatVersion;
+use crate::format::manifest::{
     FdKind, FdRecord, FdRestore, Manifest, MappingRecord, RankRecord, RegionRecord, WriteStats,
 };
 

@@ -18,15 +18,17 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
-use crate::durable::{self, sync_dir, IoStep, IoStepError};
-use crate::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
+use crate::format::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash};
+use crate::format::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::format::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
 use crate::names::{check_region_name, NameError};
+use crate::store::durable::Durable;
+use crate::store::fs::{IoStep, IoStepError, StoreFs};
 use crate::store::{CommitError, JobLock, JobStore};
 
 /// How an epoch's chunks are cut and encoded.
@@ -41,7 +43,7 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> Self {
         WriterConfig {
-            chunk_size: crate::chunk::DEFAULT_CHUNK_SIZE,
+            chunk_size: DEFAULT_CHUNK_SIZE,
             codec: ChunkCodec::default(),
         }
     }
@@ -158,8 +160,8 @@ impl JobStore {
                 });
             }
         }
-        durable::create_dir_all(&self.pending_epoch_dir(epoch))?;
-        sync_dir(&self.pending_dir())?;
+        self.fs.create_dir_all(&self.pending_epoch_dir(epoch))?;
+        self.fs.sync_dir(&self.pending_dir())?;
         tracing::debug!(job = %self.name(), epoch, "epoch.begin");
         Ok(EpochWriter {
             job: self.clone(),
@@ -194,7 +196,10 @@ impl EpochWriter {
             rank,
             dirty: Mutex::new([false; 256]),
             anchor: OnceLock::new(),
-            temps: Mutex::new(StagedFiles::default()),
+            temps: Mutex::new(StagedFiles {
+                fs: Arc::clone(&self.job.fs),
+                files: Vec::new(),
+            }),
             raw_bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
@@ -275,8 +280,13 @@ impl RankWriter<'_> {
         let stored_len = match staged {
             Some(len) => len,
             None => {
-                let meta = std::fs::metadata(self.epoch.job.chunk_path(hash)).ok()?;
-                u32::try_from(meta.len()).unwrap_or(u32::MAX)
+                let stat = self
+                    .epoch
+                    .job
+                    .fs
+                    .stat(&self.epoch.job.chunk_path(hash))
+                    .ok()?;
+                u32::try_from(stat.len).unwrap_or(u32::MAX)
             }
         };
         let len = u32::try_from(raw_len).ok()?;
@@ -336,7 +346,7 @@ impl RankWriter<'_> {
         self.chunks.fetch_add(1, Ordering::Relaxed);
         let written = self
             .anchor()
-            .and_then(|_| durable::write_temp_unsynced(&path, parts));
+            .and_then(|_| self.epoch.job.fs.write_temp_unsynced(&path, parts));
         let temp = match written {
             Ok(temp) => temp,
             Err(source) => {
@@ -348,7 +358,7 @@ impl RankWriter<'_> {
             }
         };
         if let Ok(mut temps) = self.temps.lock() {
-            temps.0.push((temp, path));
+            temps.files.push((temp, path));
         }
         self.mark_dirty(hash);
         self.new_chunks.fetch_add(1, Ordering::Relaxed);
@@ -370,7 +380,12 @@ impl RankWriter<'_> {
             return Ok(file);
         }
         let dir = self.epoch.job.chunks_dir();
-        let file = File::open(&dir).step("open directory", &dir)?;
+        let file = self
+            .epoch
+            .job
+            .fs
+            .open_dir(&dir)
+            .step("open directory", &dir)?;
         Ok(self.anchor.get_or_init(|| file))
     }
 
@@ -378,7 +393,7 @@ impl RankWriter<'_> {
     /// final name.
     fn publish_batch(&self) -> Result<(), IoStepError> {
         let temps = match self.temps.lock() {
-            Ok(mut temps) => std::mem::take(&mut temps.0),
+            Ok(mut temps) => std::mem::take(&mut temps.files),
             Err(_) => {
                 return Err(IoStepError::new(
                     "publish",
@@ -390,17 +405,22 @@ impl RankWriter<'_> {
         if temps.is_empty() {
             return Ok(());
         }
+        let fs = &*self.epoch.job.fs;
+        let chunks_dir = self.epoch.job.chunks_dir();
         let published = self
             .anchor()
-            .and_then(|anchor| durable::sync_filesystem(anchor, &self.epoch.job.chunks_dir()))
+            .and_then(|anchor| {
+                fs.sync_filesystem(anchor, &chunks_dir)
+                    .step("syncfs", &chunks_dir)
+            })
             .and_then(|()| {
                 temps
                     .par_iter()
-                    .try_for_each(|(temp, path)| durable::publish_replace(temp, path))
+                    .try_for_each(|(temp, path)| fs.publish_replace(temp, path))
             });
         if published.is_err() {
             for (temp, _) in &temps {
-                let _ = std::fs::remove_file(temp);
+                let _ = fs.remove_file(temp);
             }
         }
         published
@@ -470,7 +490,7 @@ impl RankWriter<'_> {
         };
         dirty
             .par_iter()
-            .try_for_each(|dir| sync_dir(dir))
+            .try_for_each(|dir| self.epoch.job.fs.sync_dir(dir))
             .map_err(|err| part_err(err.into()))?;
         record.rank = self.rank;
         record.stats = self.stats();
@@ -487,13 +507,16 @@ impl RankWriter<'_> {
 /// `finish` (a failed epoch), it removes them; GC would too, but only once
 /// it runs. A field type of its own, so `RankWriter` keeps no drop glue that
 /// borrows the epoch.
-#[derive(Debug, Default)]
-struct StagedFiles(Vec<(PathBuf, PathBuf)>);
+#[derive(Debug)]
+struct StagedFiles {
+    fs: Arc<dyn StoreFs>,
+    files: Vec<(PathBuf, PathBuf)>,
+}
 
 impl Drop for StagedFiles {
     fn drop(&mut self) {
-        for (temp, _) in self.0.drain(..) {
-            let _ = std::fs::remove_file(temp);
+        for (temp, _) in self.files.drain(..) {
+            let _ = self.fs.remove_file(&temp);
         }
     }
 }

@@ -25,6 +25,8 @@ use std::fmt;
 use crc::{Crc, CRC_32_ISCSI};
 use thiserror::Error;
 
+use crate::format::limits::{MAX_CHUNK_SIZE, MAX_ENCODED_LEN, MAX_STORED_CHUNK_LEN};
+
 /// Size of the fixed header in bytes.
 pub const HEADER_LEN: usize = 64;
 const HEADER_LEN_U32: u32 = 64;
@@ -89,8 +91,8 @@ impl FileKind {
     /// Largest payload accepted for this kind, checked before allocating.
     pub const fn max_payload(self) -> u64 {
         match self {
-            FileKind::Manifest | FileKind::RankPart => crate::codec::MAX_ENCODED_LEN as u64,
-            FileKind::Chunk => crate::chunk::MAX_STORED_CHUNK_LEN as u64,
+            FileKind::Manifest | FileKind::RankPart => MAX_ENCODED_LEN as u64,
+            FileKind::Chunk => MAX_STORED_CHUNK_LEN as u64,
         }
     }
 
@@ -117,7 +119,7 @@ impl fmt::Display for FileKind {
 pub enum CodecId {
     /// Raw bytes (chunks; compression is told by the flags).
     Raw = 0,
-    /// bincode 2, fixed-int little-endian encoding, see [`crate::codec`].
+    /// bincode 2, fixed-int little-endian encoding, see [`crate::format::codec`].
     Bincode2FixintLe = 1,
 }
 
@@ -352,7 +354,7 @@ impl Header {
             });
         }
         let max_raw = match kind {
-            FileKind::Chunk => crate::chunk::MAX_CHUNK_SIZE as u64,
+            FileKind::Chunk => MAX_CHUNK_SIZE as u64,
             _ => max,
         };
         if self.raw_len > max_raw {

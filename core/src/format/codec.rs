@@ -3,7 +3,7 @@
 //! Metadata (manifests, rank parts, protocol messages) is serde-serialised
 //! with bincode 2 in fixed-int little-endian form, with a decode limit so a
 //! hostile length prefix cannot make us allocate without bound. The header of
-//! every file carries [`CodecId::Bincode2FixintLe`](crate::header::CodecId),
+//! every file carries [`CodecId::Bincode2FixintLe`](crate::format::header::CodecId),
 //! so this codec can be replaced by adding a new id.
 
 use bincode::config::{Configuration, Fixint, Limit, LittleEndian};
@@ -11,8 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use thiserror::Error;
 
-/// Upper bound for any encoded metadata value (256 MiB).
-pub const MAX_ENCODED_LEN: usize = 256 << 20;
+use crate::format::limits::MAX_ENCODED_LEN;
 
 type Config = Configuration<LittleEndian, Fixint, Limit<MAX_ENCODED_LEN>>;
 

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use crate::manifest::{FdKind, FdRecord, FdRestore, ManifestError, RegionKind, RegionRecord};
+use crate::format::manifest::{
+    FdKind, FdRecord, FdRestore, ManifestError, RegionKind, RegionRecord,
+};
 
 /// The name of the region that holds the contents of the unlinked file
 /// open at `fd`.
@@ -78,7 +80,7 @@ pub fn check_fd_links(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::tests::sample_rank;
+    use crate::format::manifest::tests::sample_rank;
 
     fn fd(fd: i32, shares_with: Option<i32>) -> FdRecord {
         FdRecord {

@@ -4,13 +4,12 @@
 //! an epoch is being written.
 
 use std::collections::HashSet;
-use std::fs;
 use std::io;
 
 use thiserror::Error;
 
-use crate::chunk::ChunkHash;
-use crate::durable::{sync_dir, IoStep, IoStepError};
+use crate::format::chunk::ChunkHash;
+use crate::store::fs::{IoStep, IoStepError};
 use crate::store::{JobStore, LoadError, LockError};
 
 impl JobStore {
@@ -25,13 +24,13 @@ impl JobStore {
         let doomed = epochs[..epochs.len() - keep].to_vec();
         for epoch in &doomed {
             let path = self.manifest_path(*epoch);
-            match fs::remove_file(&path) {
+            match self.fs.remove_file(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(IoStepError::new("remove manifest", path, err)),
             }
         }
-        sync_dir(&self.epochs_dir())?;
+        self.fs.sync_dir(&self.epochs_dir())?;
         Ok(doomed)
     }
 
@@ -43,7 +42,7 @@ impl JobStore {
         };
         // Retention and the sweep delete: never through a link out of the
         // store.
-        if self.chunks_dir().exists() {
+        if self.fs.exists(&self.chunks_dir()) {
             self.check_layout()?;
         }
         if let Some(keep) = keep {
@@ -71,22 +70,20 @@ impl JobStore {
         }
         // Sweep.
         let chunks_dir = self.chunks_dir();
-        let fanouts = match fs::read_dir(&chunks_dir) {
-            Ok(entries) => entries,
+        let fanouts = match self.fs.list_dir(&chunks_dir) {
+            Ok(names) => names,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(report),
             Err(err) => return Err(IoStepError::new("list", chunks_dir, err).into()),
         };
         for fanout in fanouts {
-            let fanout = fanout.step("list", &chunks_dir)?.path();
-            if !fanout.is_dir() {
+            let fanout = chunks_dir.join(fanout);
+            if !self.fs.is_dir(&fanout) {
                 continue;
             }
             let mut changed = false;
-            for entry in fs::read_dir(&fanout).step("list", &fanout)? {
-                let entry = entry.step("list", &fanout)?;
-                let name = entry.file_name();
+            for name in self.fs.list_dir(&fanout).step("list", &fanout)? {
+                let path = fanout.join(&name);
                 let name = name.to_string_lossy();
-                let path = entry.path();
                 let remove = if name.starts_with(".tmp-") {
                     report.removed_temp_files += 1;
                     true
@@ -99,8 +96,8 @@ impl JobStore {
                     report.live_chunks += 1;
                     continue;
                 }
-                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                fs::remove_file(&path).step("remove chunk", &path)?;
+                let len = self.fs.stat(&path).map(|stat| stat.len).unwrap_or(0);
+                self.fs.remove_file(&path).step("remove chunk", &path)?;
                 if !name.starts_with(".tmp-") {
                     report.removed_chunks += 1;
                 }
@@ -108,7 +105,7 @@ impl JobStore {
                 changed = true;
             }
             if changed {
-                sync_dir(&fanout)?;
+                self.fs.sync_dir(&fanout)?;
             }
         }
         tracing::info!(job = %self.name(), removed = report.removed_chunks, freed = report.freed_bytes, "gc.done");

@@ -19,20 +19,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use crate::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use crate::format::limits::MAX_CHUNK_SIZE;
 
-/// Default chunk size: 1 MiB. Large enough that per-chunk costs (one file,
-/// one fsync, one zstd frame, one manifest entry) are small against the data,
-/// and that zstd reaches its full ratio; small enough that a 5% change in a
-/// rank's state rewrites about 5% of the bytes, and that even a 64 MiB rank
-/// splits into enough chunks to keep every core busy.
-pub const DEFAULT_CHUNK_SIZE: usize = 1 << 20;
-/// Smallest configurable chunk size.
-pub const MIN_CHUNK_SIZE: usize = 4 << 10;
-/// Largest configurable chunk size.
-pub const MAX_CHUNK_SIZE: usize = 64 << 20;
-/// Largest stored chunk payload: raw size plus zstd's worst-case overhead.
-pub const MAX_STORED_CHUNK_LEN: usize = MAX_CHUNK_SIZE + (MAX_CHUNK_SIZE >> 7) + 4096;
 /// Default zstd level: 1 is the fastest level that still compresses
 /// smooth doubles well after the shuffle; negative levels lose too much ratio.
 pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
@@ -211,7 +200,7 @@ thread_local! {
     }) };
 }
 
-pub use crate::shuffle::{shuffle8, unshuffle8};
+pub use crate::format::shuffle::{shuffle8, unshuffle8};
 
 impl ChunkCodec {
     /// Hashes and encodes `raw` into a chunk file image.

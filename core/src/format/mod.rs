@@ -1,0 +1,29 @@
+//! The on-disk image format: everything that decides the bytes of a file in
+//! a store, and nothing that touches the filesystem.
+//!
+//! ```text
+//! limits    the size limits of every kind of file (no dependencies)
+//! header    the fixed 64-byte header, the version policy  -> limits
+//! codec     bincode, the one module that links it        -> limits
+//! shuffle   the byte-shuffle filter of chunks
+//! chunk     content-addressed chunks                      -> header, shuffle, limits
+//! manifest  the epoch manifest and each rank's part       -> chunk, fds, limits
+//! fds       the links between a rank's fd records         -> manifest
+//! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
+//! ```
+//!
+//! Each module uses only modules above it in this list, except that
+//! `manifest` and `fds` use each other: the fd links are part of a rank
+//! record's validation, kept in a file of their own. In particular `header`
+//! never uses `chunk` or `codec`: the limits it checks lengths against are
+//! in `limits`. The store (`crate::store`) builds on this module; nothing
+//! here touches the filesystem.
+
+pub mod chunk;
+pub mod codec;
+pub mod fds;
+pub mod header;
+pub mod legacy;
+pub mod limits;
+pub mod manifest;
+pub mod shuffle;

@@ -1,0 +1,388 @@
+//! The store on a filesystem that fails ([`FaultFs`]): a full disk while an
+//! epoch's chunks are written, while a rank's part is made durable and while
+//! the manifest is published, a failed `syncfs`, and a failing read at
+//! restore. Each failure must come back as a typed error that names the
+//! cause, the step and the path; nothing may panic; the failed epoch must not
+//! be committed; and the previous committed epoch must still verify and
+//! restore byte for byte, through a fresh store on the real filesystem (as
+//! a restarted job would open it). No root needed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use nix::errno::Errno;
+
+use super::fault_fs::{FaultFs, FsOp};
+use super::fs::{IoStepError, ReadCappedError};
+use super::reader::ChunkReadError;
+use super::writer::{WriteError, WriterConfig};
+use super::{CommitError, EpochState, JobStore, LoadProblem, Store};
+use crate::format::chunk::{ChunkCodec, ChunkHash};
+use crate::format::limits::MIN_CHUNK_SIZE;
+use crate::format::manifest::{Manifest, RankRecord, RegionKind, WriteStats};
+
+const CHUNK: usize = MIN_CHUNK_SIZE;
+const JOB: &str = "heat";
+const REGION: &str = "state";
+
+fn config() -> WriterConfig {
+    WriterConfig {
+        chunk_size: CHUNK,
+        codec: ChunkCodec::default(),
+    }
+}
+
+/// Eight chunks of bytes that differ from chunk to chunk and from seed to
+/// seed, so that no chunk of one epoch deduplicates against another.
+fn state(seed: u64) -> Vec<u8> {
+    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..CHUNK * 8)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 56) as u8
+        })
+        .collect()
+}
+
+fn record() -> RankRecord {
+    RankRecord {
+        rank: 0,
+        node: "node-a".into(),
+        pid: 42,
+        fds: Vec::new(),
+        mappings: Vec::new(),
+        regions: Vec::new(),
+        stats: WriteStats::default(),
+        warnings: Vec::new(),
+    }
+}
+
+/// A store with epoch 1 committed through the real filesystem.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    epoch1: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let epoch1 = state(1);
+        let job = Store::create(&root).unwrap().job(JOB).unwrap();
+        write_epoch(&job, 1, &epoch1).unwrap();
+        job.commit_epoch(1, 1, CHUNK as u32).unwrap();
+        Fixture {
+            _dir: dir,
+            root,
+            epoch1,
+        }
+    }
+
+    /// The job, every file operation going through `fs`.
+    fn job_on(&self, fs: &Arc<FaultFs>) -> JobStore {
+        Store::open_with_fs(&self.root, Arc::clone(fs) as _)
+            .unwrap()
+            .job(JOB)
+            .unwrap()
+    }
+
+    /// The job on the real filesystem, opened afresh.
+    fn real_job(&self) -> JobStore {
+        Store::open(&self.root).unwrap().job(JOB).unwrap()
+    }
+
+    /// Epoch 1 is the newest committed epoch, verifies, and restores
+    /// exactly; the failure left no temp file behind; and the store takes
+    /// a new epoch.
+    fn assert_epoch1_intact(&self) {
+        let job = self.real_job();
+        assert_eq!(job.latest_committed().unwrap(), Some(1));
+        let manifest = job.load_manifest(1).unwrap();
+        assert!(job.verify_manifest(&manifest).is_ok());
+        assert!(
+            restore(&job, &manifest) == self.epoch1,
+            "epoch 1 restored other bytes"
+        );
+        assert_eq!(temp_files(job.dir()), Vec::<PathBuf>::new());
+
+        let epoch3 = state(3);
+        write_epoch(&job, 3, &epoch3).unwrap();
+        let manifest = job.commit_epoch(3, 1, CHUNK as u32).unwrap();
+        assert!(
+            restore(&job, &manifest) == epoch3,
+            "epoch 3 restored other bytes"
+        );
+    }
+}
+
+/// Writes rank 0 of `epoch` holding `data`, up to its durable part.
+fn write_epoch(job: &JobStore, epoch: u64, data: &[u8]) -> Result<(), WriteError> {
+    let writer = job.begin_epoch(epoch, config()).unwrap();
+    let rank = writer.rank(0);
+    let mut record = record();
+    record.regions.push(rank.store_region(
+        REGION,
+        0x7f00_0000_0000,
+        RegionKind::Anonymous,
+        data,
+    )?);
+    rank.finish(record).map(|_| ())
+}
+
+/// Rank 0's one region of `manifest`, restored.
+fn restore(job: &JobStore, manifest: &Manifest) -> Vec<u8> {
+    let region = &manifest.ranks[0].regions[0];
+    let mut restored = vec![0u8; region.len as usize];
+    job.restore_region(region, &mut restored).unwrap();
+    restored
+}
+
+/// Every `.tmp-` file under `dir`.
+fn temp_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(temp_files(&path));
+        } else if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".tmp-")
+        {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Whether `path` is a temp file for a final name starting with `prefix`.
+fn is_temp_for(path: &Path, prefix: &str) -> bool {
+    path.file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with(&format!(".tmp-{prefix}"))
+}
+
+fn assert_disk_full(err: &IoStepError, step: &str) {
+    assert!(err.is_disk_full(), "{err}");
+    assert_eq!(err.step, step, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!("{step} {}", err.path.display())),
+        "{text}"
+    );
+    assert!(text.contains("No space left on device"), "{text}");
+}
+
+#[test]
+fn full_disk_while_writing_chunks_fails_the_rank_and_keeps_epoch_1() {
+    let fixture = Fixture::new();
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::Write, 3, Errno::ENOSPC));
+    let job = fixture.job_on(&fs);
+
+    let err = write_epoch(&job, 2, &state(2)).unwrap_err();
+    let WriteError::Chunk { rank: 0, source } = &err else {
+        panic!("expected a chunk write error, got {err:?}");
+    };
+    assert_disk_full(source, "write");
+    assert!(source.path.starts_with(job.chunks_dir()), "{err}");
+    assert!(err.to_string().contains("(the store is full)"), "{err}");
+    assert_eq!(fs.injected(), 1);
+
+    // The epoch cannot be committed: its rank has no part.
+    assert!(matches!(
+        job.commit_epoch(2, 1, CHUNK as u32),
+        Err(CommitError::MissingRank { rank: 0, .. })
+    ));
+    fixture.assert_epoch1_intact();
+}
+
+#[test]
+fn failed_syncfs_gives_no_chunk_its_final_name() {
+    let fixture = Fixture::new();
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::SyncFs, 1, Errno::EIO));
+    let job = fixture.job_on(&fs);
+    let epoch2 = state(2);
+
+    let err = write_epoch(&job, 2, &epoch2).unwrap_err();
+    let WriteError::Chunk { rank: 0, source } = &err else {
+        panic!("expected a chunk write error, got {err:?}");
+    };
+    assert_eq!(source.step, "syncfs", "{err}");
+    assert_eq!(source.path, job.chunks_dir(), "{err}");
+    assert_eq!(source.source.raw_os_error(), Some(libc::EIO), "{err}");
+
+    // A final chunk name means durable bytes, and other writers skip a
+    // chunk the store has: so none of this batch may have been published.
+    for raw in epoch2.chunks(CHUNK) {
+        let path = job.chunk_path(&ChunkHash::of(raw));
+        assert!(
+            !path.exists(),
+            "{} published without syncfs",
+            path.display()
+        );
+    }
+    fixture.assert_epoch1_intact();
+}
+
+#[test]
+fn full_disk_while_making_the_part_durable_fails_the_rank_and_keeps_epoch_1() {
+    let fixture = Fixture::new();
+    let fs = Arc::new(FaultFs::real().fail_matching(
+        FsOp::SyncFile,
+        |path| is_temp_for(path, "rank-000000.part"),
+        Errno::ENOSPC,
+    ));
+    let job = fixture.job_on(&fs);
+
+    let err = write_epoch(&job, 2, &state(2)).unwrap_err();
+    let WriteError::Part {
+        rank: 0,
+        source: CommitError::Io(source),
+    } = &err
+    else {
+        panic!("expected a part write error, got {err:?}");
+    };
+    assert_disk_full(source, "sync_all");
+    assert!(source.path.starts_with(job.pending_epoch_dir(2)), "{err}");
+    assert!(err
+        .to_string()
+        .starts_with("rank 0: writing its part failed: sync_all "));
+    assert_eq!(fs.injected(), 1);
+
+    assert!(!job.part_path(2, 0).exists());
+    assert_eq!(
+        job.epochs().unwrap().get(&2),
+        Some(&EpochState::Partial { parts: 0 })
+    );
+    assert!(matches!(
+        job.commit_epoch(2, 1, CHUNK as u32),
+        Err(CommitError::MissingRank { rank: 0, .. })
+    ));
+    fixture.assert_epoch1_intact();
+}
+
+#[test]
+fn full_disk_while_publishing_the_manifest_keeps_epoch_1_and_the_parts() {
+    // The manifest's temp file fails to be written, to be synced, or to be
+    // linked to its final name: each is the same failed commit.
+    for (op, step) in [
+        (FsOp::Write, "write"),
+        (FsOp::SyncFile, "sync_all"),
+        (FsOp::Link, "link"),
+    ] {
+        let fixture = Fixture::new();
+        let fs = Arc::new(FaultFs::real().fail_matching(
+            op,
+            |path| path.to_string_lossy().contains(".manifest"),
+            Errno::ENOSPC,
+        ));
+        let job = fixture.job_on(&fs);
+        let epoch2 = state(2);
+        write_epoch(&job, 2, &epoch2).unwrap();
+
+        let err = job.commit_epoch(2, 1, CHUNK as u32).unwrap_err();
+        let CommitError::Io(source) = &err else {
+            panic!("{step}: expected an I/O error, got {err:?}");
+        };
+        assert_disk_full(source, step);
+        assert!(source.path.starts_with(job.epochs_dir()), "{err}");
+        assert_eq!(fs.injected(), 1, "{step}");
+
+        assert!(!job.manifest_path(2).exists(), "{step}");
+        assert_eq!(
+            job.epochs().unwrap().get(&2),
+            Some(&EpochState::Partial { parts: 1 }),
+            "{step}"
+        );
+        let missing = job.load_manifest(2).unwrap_err();
+        assert!(
+            matches!(
+                missing.problem,
+                LoadProblem::Read(ReadCappedError::Missing(_))
+            ),
+            "{step}: {missing}"
+        );
+
+        // Once there is room again, the same parts commit.
+        let real = fixture.real_job();
+        let manifest = real.commit_epoch(2, 1, CHUNK as u32).unwrap();
+        assert!(
+            restore(&real, &manifest) == epoch2,
+            "{step}: epoch 2 restored other bytes"
+        );
+
+        // Epoch 1 was never touched.
+        let job = fixture.real_job();
+        let manifest = job.load_manifest(1).unwrap();
+        assert!(job.verify_manifest(&manifest).is_ok(), "{step}");
+        assert_eq!(temp_files(job.dir()), Vec::<PathBuf>::new(), "{step}");
+    }
+}
+
+#[test]
+fn failing_reads_at_restore_name_the_file_and_leave_the_epoch_restorable() {
+    let fixture = Fixture::new();
+    let manifest = fixture.real_job().load_manifest(1).unwrap();
+    let region = manifest.ranks[0].regions[0].clone();
+    let bad = region.chunks[2];
+    let bad_path = fixture.real_job().chunk_path(&bad.hash);
+    let manifest_path = fixture.real_job().manifest_path(1);
+
+    // The manifest cannot be read.
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::Read, 1, Errno::EIO));
+    let err = fixture.job_on(&fs).load_manifest(1).unwrap_err();
+    assert_eq!(err.path, manifest_path);
+    let LoadProblem::Read(ReadCappedError::Io(source)) = &err.problem else {
+        panic!("expected a read error, got {err:?}");
+    };
+    assert_eq!(source.step, "read");
+    assert_eq!(source.source.raw_os_error(), Some(libc::EIO));
+    assert!(err.to_string().contains("Input/output error"), "{err}");
+
+    // One chunk cannot be read: restore and streaming name its region,
+    // offset, step and path; verify reports it as the one bad chunk.
+    let fs = Arc::new(FaultFs::real().fail_matching(
+        FsOp::Read,
+        {
+            let bad_path = bad_path.clone();
+            move |path| path == bad_path
+        },
+        Errno::EIO,
+    ));
+    let job = fixture.job_on(&fs);
+    let mut dest = vec![0u8; region.len as usize];
+    let err = job.restore_region(&region, &mut dest).unwrap_err();
+    assert_eq!(err.region, REGION);
+    assert_eq!(err.offset, bad.offset);
+    let ChunkReadError::Io(source) = &err.source else {
+        panic!("expected a chunk I/O error, got {err:?}");
+    };
+    assert_eq!(source.step, "read");
+    assert_eq!(source.path, bad_path);
+    assert_eq!(source.source.raw_os_error(), Some(libc::EIO));
+    assert!(
+        err.to_string().starts_with(&format!(
+            "region \"{REGION}\" at offset {}: read ",
+            bad.offset
+        )),
+        "{err}"
+    );
+
+    let streamed = job.stream_region(&region, CHUNK * 2, |_, _| Ok::<(), ()>(()));
+    assert!(matches!(
+        streamed,
+        Err(super::reader::StreamError::Read(ref err)) if err.offset == bad.offset
+    ));
+
+    let report = job.verify_manifest(&manifest);
+    assert_eq!(report.bad.len(), 1, "{report:?}");
+    assert_eq!(report.bad[0].hash, bad.hash);
+    assert!(report.bad[0].problem.contains("Input/output error"));
+
+    fixture.assert_epoch1_intact();
+}
