@@ -5,7 +5,7 @@
 //! [`RankRecord::validate`] before use, so a hostile file cannot smuggle in
 //! duplicate ranks, overlapping chunks or paths with `..`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -365,6 +365,53 @@ pub fn is_clean_absolute_path(path: &str) -> bool {
             .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
+/// Checks `shares_with` and unlinked-file links of one rank's fds.
+fn check_fd_links(
+    rank: u32,
+    fds: &[FdRecord],
+    regions: &[RegionRecord],
+) -> Result<(), ManifestError> {
+    let by_fd: HashMap<i32, &FdRecord> = fds.iter().map(|fd| (fd.fd, fd)).collect();
+    let bad = |fd: i32, problem: String| ManifestError::FdLink { rank, fd, problem };
+    for fd in fds {
+        if let Some(leader) = fd.shares_with {
+            let Some(target) = by_fd.get(&leader) else {
+                return Err(bad(
+                    fd.fd,
+                    format!("shares its open file with fd {leader}, which is not recorded"),
+                ));
+            };
+            if leader >= fd.fd {
+                return Err(bad(
+                    fd.fd,
+                    format!("shares its open file with fd {leader}, which is not lower"),
+                ));
+            }
+            if target.shares_with.is_some() {
+                return Err(bad(
+                    fd.fd,
+                    format!("shares its open file with fd {leader}, which itself shares another's"),
+                ));
+            }
+        }
+        if fd.kind == FdKind::Deleted
+            && fd.restore == FdRestore::Restore
+            && fd.shares_with.is_none()
+        {
+            let has_contents = regions.iter().any(|region| {
+                matches!(region.kind, RegionKind::UnlinkedFile { fd: owner } if owner == fd.fd)
+            });
+            if !has_contents {
+                return Err(bad(
+                    fd.fd,
+                    "an unlinked file to restore without saved contents".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl RankRecord {
     /// Checks internal consistency: names, chunk tiling, paths.
     pub fn validate(&self, chunk_size: u32) -> Result<(), ManifestError> {
@@ -448,7 +495,7 @@ impl RankRecord {
                 });
             }
         }
-        crate::format::fds::check_fd_links(rank, &self.fds, &self.regions)?;
+        check_fd_links(rank, &self.fds, &self.regions)?;
         for mapping in &self.mappings {
             if mapping.end <= mapping.start {
                 return Err(ManifestError::BadMapping {
@@ -533,152 +580,5 @@ impl Manifest {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-
-    pub(crate) fn sample_rank(rank: u32) -> RankRecord {
-        RankRecord {
-            rank,
-            node: "n1".into(),
-            pid: 100 + rank,
-            fds: vec![FdRecord {
-                fd: 3,
-                kind: FdKind::Regular,
-                path: "/tmp/log".into(),
-                flags: 1,
-                offset: 10,
-                size_at_checkpoint: 10,
-                restore: FdRestore::Restore,
-                shares_with: None,
-            }],
-            mappings: vec![],
-            regions: vec![RegionRecord {
-                name: "grid".into(),
-                addr: 0x7000_0000_0000,
-                len: 10,
-                kind: RegionKind::Anonymous,
-                chunks: vec![ChunkRef {
-                    offset: 0,
-                    len: 10,
-                    stored_len: 74,
-                    hash: ChunkHash([1; 32]),
-                }],
-            }],
-            stats: WriteStats::default(),
-            warnings: vec![],
-        }
-    }
-
-    pub(crate) fn sample(world: u32) -> Manifest {
-        Manifest {
-            job: "job1".into(),
-            epoch: 3,
-            created_unix_ms: 1,
-            world_size: world,
-            chunk_size: 1 << 20,
-            ranks: (0..world).map(sample_rank).collect(),
-        }
-    }
-
-    #[test]
-    fn valid_manifest_passes() {
-        sample(3).validate("job1", 3).expect("valid");
-    }
-
-    #[test]
-    fn rejections() {
-        let mut m = sample(2);
-        m.ranks[1].rank = 0;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::RankOrder { .. })
-        ));
-
-        let m = sample(2);
-        assert!(matches!(
-            m.validate("job2", 3),
-            Err(ManifestError::WrongJob { .. })
-        ));
-        assert!(matches!(
-            m.validate("job1", 4),
-            Err(ManifestError::WrongEpoch { .. })
-        ));
-
-        let mut m = sample(2);
-        m.world_size = 3;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::RankCount { .. })
-        ));
-
-        let mut m = sample(1);
-        m.world_size = 0;
-        m.ranks.clear();
-        assert_eq!(m.validate("job1", 3), Err(ManifestError::EmptyWorld));
-
-        let mut m = sample(1);
-        let dup = m.ranks[0].regions[0].clone();
-        m.ranks[0].regions.push(dup);
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::DuplicateRegion { .. })
-        ));
-
-        let mut m = sample(1);
-        m.ranks[0].regions[0].len = 11;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::ChunkLayout { .. })
-        ));
-
-        let mut m = sample(1);
-        m.ranks[0].regions[0].chunks[0].offset = 1;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::ChunkLayout { .. })
-        ));
-
-        let mut m = sample(1);
-        m.ranks[0].regions[0].name = "../x".into();
-        assert!(matches!(m.validate("job1", 3), Err(ManifestError::Name(_))));
-
-        let mut m = sample(1);
-        m.ranks[0].fds[0].path = "/tmp/../etc/passwd".into();
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::BadPath { .. })
-        ));
-
-        let mut m = sample(1);
-        let dup = m.ranks[0].fds[0].clone();
-        m.ranks[0].fds.push(dup);
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::DuplicateFd { .. })
-        ));
-
-        let mut m = sample(1);
-        m.chunk_size = 1;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::ChunkSize(1))
-        ));
-
-        let mut m = sample(1);
-        m.ranks[0].regions[0].chunks[0].len = u32::MAX;
-        m.chunk_size = MAX_CHUNK_SIZE as u32;
-        assert!(matches!(
-            m.validate("job1", 3),
-            Err(ManifestError::ChunkLayout { .. })
-        ));
-    }
-
-    #[test]
-    fn clean_paths() {
-        assert!(is_clean_absolute_path("/a/b"));
-        assert!(!is_clean_absolute_path("a/b"));
-        assert!(!is_clean_absolute_path("/a/../b"));
-        assert!(!is_clean_absolute_path("/a/./b"));
-        assert!(!is_clean_absolute_path("/a//b"));
-    }
-}
+#[path = "manifest_tests.rs"]
+pub(crate) mod tests;

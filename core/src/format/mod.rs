@@ -6,15 +6,15 @@
 //! header    the fixed 64-byte header, the version policy  -> limits
 //! codec     bincode, the one module that links it        -> limits
 //! shuffle   the byte-shuffle filter of chunks
+//! fds       the names of the regions that carry held files
 //! chunk     content-addressed chunks                      -> header, shuffle, limits
-//! manifest  the epoch manifest and each rank's part       -> chunk, fds, limits
-//! fds       the links between a rank's fd records         -> manifest
+//! manifest  the epoch manifest and each rank's part       -> chunk, limits
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
 //!
-//! Each module uses only modules above it in this list, except that
-//! `manifest` and `fds` use each other: the fd links are part of a rank
-//! record's validation, kept in a file of their own. In particular `header`
+//! Each module uses only modules above it in this list: there is no cycle.
+//! A rank record's validation, the links between its fd records included,
+//! is in `manifest` (its tests in `manifest_tests.rs`). In particular `header`
 //! never uses `chunk` or `codec`: the limits it checks lengths against are
 //! in `limits`. The store (`crate::store`) builds on this module; nothing
 //! here touches the filesystem.
