@@ -1,10 +1,15 @@
-//! The agent's settings.
+//! The agent's settings, and why it could not start with them.
 
+use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cryo_core::store::StoreError;
 use cryo_core::token::JobToken;
+use thiserror::Error;
 
+use crate::link::LinkError;
+use crate::pool::PoolError;
 use crate::procfs::mem_total_bytes;
 
 /// Which epoch to restart from.
@@ -56,4 +61,38 @@ pub struct AgentConfig {
 /// Default copy budget: an eighth of the node's RAM.
 pub fn default_copy_budget() -> u64 {
     mem_total_bytes().map_or(1 << 30, |total| total / 8)
+}
+
+/// The agent could not start.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The buffer pool could not be created.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The socket could not be bound.
+    #[error("binding {}: {source}", path.display())]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Another agent is serving on the socket.
+    #[error("another agent is already serving on {}", .0.display())]
+    InUse(PathBuf),
+    /// Arming the restart failed.
+    #[error("cannot restart: {0}")]
+    Restart(String),
+    /// Thread pool creation failed.
+    #[error("creating copy threads: {0}")]
+    Threads(String),
+    /// Coordinated mode without a job token.
+    #[error("coordinated mode needs the job token: pass --token-file or set CRYO_TOKEN")]
+    NoToken,
+    /// The coordinator could not be reached or refused this agent.
+    #[error(transparent)]
+    Coordinator(#[from] LinkError),
 }

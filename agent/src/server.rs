@@ -24,7 +24,7 @@ use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -37,52 +37,17 @@ use cryo_core::protocol::{
     AgentToRank, ControlResponse, Hello, Peer, RankToAgent, StartMode,
 };
 use cryo_core::store::writer::WriterConfig;
-use cryo_core::store::{JobStore, Store, StoreError};
+use cryo_core::store::{JobStore, Store};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-use thiserror::Error;
 
-pub use crate::config::{default_copy_budget, AgentConfig, RestartFrom};
+pub use crate::config::{default_copy_budget, AgentConfig, RestartFrom, ServeError};
 
 use crate::capture::{CopyGate, Parked, RegionHeat};
 use crate::epoch::{lock, EpochRun, Resources, Slot};
-use crate::link::{self, CoordinatorLink, LinkError};
-use crate::pool::{BufferPool, PoolError};
+use crate::link::{self, CoordinatorLink};
+use crate::pool::BufferPool;
 use crate::procfs::{LinuxProcess, ProcessAccess};
 use crate::ranks::{PageMap, RankConn, RankEvent};
-
-/// The agent could not start.
-#[derive(Debug, Error)]
-pub enum ServeError {
-    /// The store could not be opened.
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    /// The buffer pool could not be created.
-    #[error(transparent)]
-    Pool(#[from] PoolError),
-    /// The socket could not be bound.
-    #[error("binding {}: {source}", path.display())]
-    Bind {
-        /// The socket path.
-        path: PathBuf,
-        /// The error.
-        source: io::Error,
-    },
-    /// Another agent is serving on the socket.
-    #[error("another agent is already serving on {}", .0.display())]
-    InUse(PathBuf),
-    /// Arming the restart failed.
-    #[error("cannot restart: {0}")]
-    Restart(String),
-    /// Thread pool creation failed.
-    #[error("creating copy threads: {0}")]
-    Threads(String),
-    /// Coordinated mode without a job token.
-    #[error("coordinated mode needs the job token: pass --token-file or set CRYO_TOKEN")]
-    NoToken,
-    /// The coordinator could not be reached or refused this agent.
-    #[error(transparent)]
-    Coordinator(#[from] LinkError),
-}
 
 /// A restart armed for the ranks that register next.
 pub(crate) struct Armed {
