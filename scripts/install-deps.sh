@@ -6,7 +6,7 @@
 # again.
 set -euo pipefail
 
-packages=(build-essential pkg-config ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3 gfortran
+packages=(build-essential pkg-config cmake ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3 gfortran
   slurm-wlm munge libslurm-dev)
 
 as_root() {

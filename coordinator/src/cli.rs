@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 use cryo_core::protocol::{JobRequest, JobResponse, JobStatus};
 use cryo_core::store::Store;
 
+use crate::store_dir::StoreDir;
+
 use crate::human::parse_size;
 use crate::inspect;
 use crate::logging::{self, LogFormat};
@@ -104,25 +106,25 @@ pub enum Command {
     Checkpoint {
         /// The job.
         job: String,
-        /// The store.
+        /// The store (default: `cryo-store` in the working directory).
         #[arg(long, env = "CRYO_STORE")]
-        store: PathBuf,
+        store: Option<PathBuf>,
     },
     /// Checkpoint a running job, then stop it (exit code 75 for `cryo run`).
     Preempt {
         /// The job, or a Slurm job id (then the job is `slurm-<id>`).
         job: String,
-        /// The store.
+        /// The store (default: `cryo-store` in the working directory).
         #[arg(long, env = "CRYO_STORE")]
-        store: PathBuf,
+        store: Option<PathBuf>,
     },
     /// Show a running job: ranks, nodes, last epoch, checkpoint progress.
     Status {
         /// The job (default: every job with a live coordinator).
         job: Option<String>,
-        /// The store.
+        /// The store (default: `cryo-store` in the working directory).
         #[arg(long, env = "CRYO_STORE")]
-        store: PathBuf,
+        store: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -143,9 +145,10 @@ pub enum Command {
 /// Options shared by `run` and `restart`.
 #[derive(Debug, clap::Args)]
 pub struct LaunchArgs {
-    /// The checkpoint store (a shared directory).
+    /// The checkpoint store, a directory every node sees (default:
+    /// `cryo-store` in the working directory).
     #[arg(long, env = "CRYO_STORE")]
-    pub store: PathBuf,
+    pub store: Option<PathBuf>,
     /// MPI world size (for `restart`: must equal the checkpoint's;
     /// default under Slurm: `$SLURM_NTASKS`).
     #[arg(short = 'n', long = "ranks")]
@@ -278,15 +281,24 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let ranks = launch.ranks.or_else(slurm_ntasks).unwrap_or(1);
             let cwd = std::env::current_dir().context("reading the working directory")?;
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks);
+            let store = announce_store(launch.store.clone())?;
             let resume_from = if launch.resume || slurm_restart_count() > 0 {
-                resume_epoch(&launch.store, &job, ranks)?
+                resume_epoch(&store.path, &job, ranks)?
             } else {
                 None
             };
-            session::run(run_options(job, ranks, launch, job_command, resume_from)?)
+            session::run(run_options(
+                job,
+                ranks,
+                store,
+                launch,
+                job_command,
+                resume_from,
+            )?)
         }
         Command::Restart { job, epoch, launch } => {
-            let store = Store::open(&launch.store)?;
+            let store_dir = announce_store(launch.store.clone())?;
+            let store = open_store(&store_dir)?;
             let job_store = store.existing_job(&job)?;
             let command = Registry::of(&job_store).command()?;
             if let Some(ranks) = launch.ranks {
@@ -309,9 +321,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             eprintln!("cryo: restarting job {job:?} from epoch {epoch}");
             let ranks = command.world_size;
-            session::run(run_options(job, ranks, launch, command, Some(epoch))?)
+            session::run(run_options(
+                job,
+                ranks,
+                store_dir,
+                launch,
+                command,
+                Some(epoch),
+            )?)
         }
         Command::Checkpoint { job, store } => {
+            let store = existing_store(store)?;
             let response = session::request(&store, &job, JobRequest::Checkpoint)?;
             let code = report_checkpoint(&job, &response)?;
             warn_unrestorable(&store, &job, &response);
@@ -323,6 +343,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 job
             };
+            let store = existing_store(store)?;
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&job, &response)?;
             warn_unrestorable(&store, &job, &response);
@@ -330,6 +351,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(code)
         }
         Command::Status { job, store, json } => {
+            let store = existing_store(store)?;
             let jobs = match job {
                 Some(job) => vec![job],
                 None => {
@@ -368,6 +390,39 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             ))
         }
     }
+}
+
+/// Resolves the store of `cryo run` or `restart` and says where it is.
+fn announce_store(given: Option<PathBuf>) -> Result<StoreDir> {
+    let store = StoreDir::resolve(given)?;
+    if store.is_default {
+        eprintln!("cryo: store {}", store.describe());
+    }
+    if let Some(warning) = store.node_local_warning() {
+        eprintln!("cryo: WARNING: {warning}");
+    }
+    Ok(store)
+}
+
+/// Opens an existing store, saying when it is the default that is missing.
+fn open_store(store: &StoreDir) -> Result<Store> {
+    Store::open(&store.path).with_context(|| {
+        if store.is_default {
+            format!(
+                "no store given, and none at the default {}",
+                store.describe()
+            )
+        } else {
+            format!("opening the store {}", store.path.display())
+        }
+    })
+}
+
+/// The store a command about a running job talks to: it must exist.
+fn existing_store(given: Option<PathBuf>) -> Result<PathBuf> {
+    let store = StoreDir::resolve(given)?;
+    open_store(&store)?;
+    Ok(store.path)
 }
 
 /// `SLURM_NTASKS` inside an allocation.
@@ -446,6 +501,7 @@ fn seconds(value: f64, what: &str) -> Result<Duration> {
 fn run_options(
     job: String,
     ranks: u32,
+    store: StoreDir,
     launch: LaunchArgs,
     command: JobCommand,
     restart_from: Option<u64>,
@@ -498,7 +554,7 @@ fn run_options(
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("cryo-{job}-{}", std::process::id())));
     Ok(RunOptions {
-        store: launch.store,
+        store: store.path,
         job,
         ranks,
         placement,

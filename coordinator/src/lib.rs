@@ -12,6 +12,7 @@
 //!   what they print.
 //! * [`launch`], [`registry`], [`logging`]: launchers, the job's registry in
 //!   the store, logs.
+//! * [`store_dir`]: where the store is when nobody says.
 #![deny(missing_docs)]
 
 mod agents;
@@ -28,3 +29,4 @@ pub mod registry;
 mod running;
 pub mod session;
 mod signals;
+pub mod store_dir;

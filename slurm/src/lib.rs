@@ -13,7 +13,8 @@
 //!   agent when the step ends. An agent that cannot start fails the step
 //!   with the agent's own words in the job's output.
 //!
-//! plugstack.conf arguments: `store=DIR` (the default for a bare `--cryo`)
+//! plugstack.conf arguments: `store=DIR` (the default for a bare `--cryo`;
+//! without it, `cryo-store` in the job's working directory, as `cryo run`)
 //! and `agent=PATH` (the `cryo-agent` binary when `cryo run` does not name
 //! one).
 //!

@@ -68,9 +68,11 @@ impl StepOptions {
                 "--cryo={dir}: the store must be an absolute path on storage every node shares"
             )),
             (None, Some(dir)) => Ok(dir.clone()),
-            (None, None) => Err(
-                "--cryo needs a store: give --cryo=/shared/dir, or set store=DIR for spank_cryo.so in plugstack.conf".into(),
-            ),
+            // As `cryo run`: `cryo-store` in the working directory, resolved
+            // at submission and carried to the job in CRYO_STORE.
+            (None, None) => std::env::current_dir()
+                .map(|cwd| cwd.join(DEFAULT_STORE_DIR))
+                .map_err(|e| format!("--cryo without a store: reading the working directory: {e}")),
         }
     }
 
@@ -111,6 +113,10 @@ static OPTIONS: Mutex<StepOptions> = Mutex::new(StepOptions {
 pub fn current() -> StepOptions {
     OPTIONS.lock().map(|o| o.clone()).unwrap_or_default()
 }
+
+/// The store's folder in the working directory when `--cryo` names none:
+/// the same default as `cryo run`'s (`cryo_coordinator::store_dir`).
+pub const DEFAULT_STORE_DIR: &str = "cryo-store";
 
 const OPT_CRYO: c_int = 1;
 const OPT_INTERVAL: c_int = 2;
@@ -238,10 +244,10 @@ mod tests {
             ..StepOptions::default()
         };
         assert_eq!(options.store(&site).unwrap(), PathBuf::from("/site"));
-        assert!(options
-            .store(&PluginArgs::default())
-            .unwrap_err()
-            .contains("needs a store"));
+        assert_eq!(
+            options.store(&PluginArgs::default()).unwrap(),
+            std::env::current_dir().unwrap().join("cryo-store")
+        );
         options.store = Some("/mine".into());
         assert_eq!(options.store(&site).unwrap(), PathBuf::from("/mine"));
         options.store = Some("mine".into());

@@ -1,0 +1,120 @@
+//! Where the store is when nobody says.
+//!
+//! `--store`, else `CRYO_STORE`, else `cryo-store` in the working
+//! directory. SCR keeps its checkpoints under the job's working directory
+//! for the same reason: on a cluster that is the shared filesystem every
+//! node of the job sees, and it is where a requeued job starts again. Every
+//! command (`run`, `restart`, `status`, `checkpoint`, `preempt`) finds the
+//! store the same way, so a `cryo checkpoint` from the job's directory
+//! reaches the job that `cryo run` started there.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// The store's folder name in the working directory, when none is given.
+pub const DEFAULT_STORE_DIR: &str = "cryo-store";
+
+/// A store directory and how it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreDir {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Whether it is the default (nobody named a store).
+    pub is_default: bool,
+}
+
+impl StoreDir {
+    /// The store named by `--store` or `CRYO_STORE` (`given`), or the
+    /// default under the working directory. Relative paths are made
+    /// absolute, since agents and ranks run elsewhere.
+    pub fn resolve(given: Option<PathBuf>) -> Result<StoreDir> {
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        Ok(Self::resolve_in(given, &cwd))
+    }
+
+    fn resolve_in(given: Option<PathBuf>, cwd: &Path) -> StoreDir {
+        match given {
+            Some(path) => StoreDir {
+                path: cwd.join(path),
+                is_default: false,
+            },
+            None => StoreDir {
+                path: cwd.join(DEFAULT_STORE_DIR),
+                is_default: true,
+            },
+        }
+    }
+
+    /// One line for people: where the store is, and why there.
+    pub fn describe(&self) -> String {
+        if self.is_default {
+            format!(
+                "{} (the default: {DEFAULT_STORE_DIR} in the working directory; choose another with --store or CRYO_STORE)",
+                self.path.display()
+            )
+        } else {
+            self.path.display().to_string()
+        }
+    }
+
+    /// Why the store cannot hold checkpoints that other nodes restart
+    /// from, if its filesystem says so.
+    pub fn node_local_warning(&self) -> Option<String> {
+        let probe = self
+            .path
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let fs = nix::sys::statfs::statfs(probe).ok()?;
+        // ramfs has no constant in nix; its magic is 0x858458f6.
+        let ramfs = nix::sys::statfs::FsType(0x8584_58f6);
+        let local = [nix::sys::statfs::TMPFS_MAGIC, ramfs];
+        local.contains(&fs.filesystem_type()).then(|| {
+            format!(
+                "the store {} is in memory on this node (tmpfs): other nodes cannot restart from it and it does not survive a reboot",
+                self.path.display()
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_given_store_wins_and_is_made_absolute() {
+        let cwd = Path::new("/jobs/run1");
+        let given = StoreDir::resolve_in(Some("ckpt".into()), cwd);
+        assert_eq!(given.path, PathBuf::from("/jobs/run1/ckpt"));
+        assert!(!given.is_default);
+        let absolute = StoreDir::resolve_in(Some("/shared/s".into()), cwd);
+        assert_eq!(absolute.path, PathBuf::from("/shared/s"));
+    }
+
+    #[test]
+    fn the_default_is_in_the_working_directory_and_says_so() {
+        let store = StoreDir::resolve_in(None, Path::new("/jobs/run1"));
+        assert_eq!(store.path, PathBuf::from("/jobs/run1/cryo-store"));
+        assert!(store.is_default);
+        assert!(
+            store.describe().contains("the default"),
+            "{}",
+            store.describe()
+        );
+    }
+
+    #[test]
+    fn a_tmpfs_store_is_called_node_local() {
+        assert!(Path::new("/dev/shm").exists(), "Linux mounts tmpfs here");
+        let shm = StoreDir::resolve_in(Some("/dev/shm/cryo-store-test".into()), Path::new("/"));
+        assert!(shm.node_local_warning().is_some());
+        let here = StoreDir::resolve_in(None, Path::new(env!("CARGO_MANIFEST_DIR")));
+        assert_eq!(
+            here.node_local_warning(),
+            None,
+            "the source tree is on disk"
+        );
+    }
+}

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Installs cryo under a prefix, so that applications' build systems find it:
+#
+#   PREFIX/bin/cryo, cryo-agent             the commands
+#   PREFIX/lib/libcryo_rank.so, .a          the rank runtime (MPICH)
+#   PREFIX/include/cryo.h                   its C API
+#   PREFIX/lib/cryo/spank_cryo.so           the Slurm plugin (plugstack.conf)
+#   PREFIX/lib/pkgconfig/cryo.pc            pkg-config --cflags --libs cryo
+#   PREFIX/lib/cmake/cryo/                  find_package(cryo): cryo::rank
+#
+# Usage: scripts/install.sh [--prefix DIR] [--profile release|debug] [--no-build]
+#   --prefix DIR   where to install (default /usr/local)
+#   --profile P    which build to install (default release)
+#   --no-build     install what is already built instead of building first
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+
+prefix=/usr/local
+profile=release
+build=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) prefix="${2:?--prefix needs a directory}"; shift 2 ;;
+    --profile) profile="${2:?--profile needs release or debug}"; shift 2 ;;
+    --no-build) build=0; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case "$profile" in
+  release|debug) ;;
+  *) echo "install.sh: --profile must be release or debug, not $profile" >&2; exit 2 ;;
+esac
+mkdir -p "$prefix"
+prefix="$(cd "$prefix" && pwd)"
+target="${CARGO_TARGET_DIR:-$ROOT/target}/$profile"
+
+if [ "$build" = 1 ]; then
+  flag=()
+  [ "$profile" = release ] && flag=(--release)
+  echo "==> building ($profile)"
+  (cd "$ROOT" && cargo build "${flag[@]}" -p cryo-coordinator -p cryo-agent -p cryo-rank -p cryo-slurm)
+fi
+
+need() {
+  if [ ! -e "$target/$1" ]; then
+    echo "install.sh: $target/$1 is missing: build first, or leave out --no-build" >&2
+    exit 1
+  fi
+}
+for file in cryo cryo-agent libcryo_rank.so libcryo_rank.a libspank_cryo.so; do need "$file"; done
+
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n 1)"
+echo "==> installing cryo $version into $prefix"
+install -d "$prefix/bin" "$prefix/lib/pkgconfig" "$prefix/lib/cmake/cryo" "$prefix/lib/cryo" "$prefix/include"
+install -m 0755 "$target/cryo" "$target/cryo-agent" "$prefix/bin/"
+if [ -e "$target/cryo-bench" ]; then install -m 0755 "$target/cryo-bench" "$prefix/bin/"; fi
+install -m 0755 "$target/libcryo_rank.so" "$prefix/lib/"
+install -m 0644 "$target/libcryo_rank.a" "$prefix/lib/"
+install -m 0755 "$target/libspank_cryo.so" "$prefix/lib/cryo/spank_cryo.so"
+install -m 0644 "$ROOT/rank/include/cryo.h" "$prefix/include/"
+
+# The MPI the runtime was built against, for pkg-config's Requires.
+mpi_requires=""
+if pkg-config --exists mpich 2>/dev/null; then mpi_requires="mpich"; fi
+
+cat > "$prefix/lib/pkgconfig/cryo.pc" <<EOF
+prefix=$prefix
+libdir=\${prefix}/lib
+includedir=\${prefix}/include
+
+Name: cryo
+Description: cryo's rank runtime: checkpoint/restart for MPI jobs (MPICH build)
+Version: $version
+Requires: $mpi_requires
+Cflags: -I\${includedir}
+Libs: -L\${libdir} -Wl,-rpath,\${libdir} -lcryo_rank
+Libs.private: -lpthread -ldl -lm
+EOF
+
+sed -e "s|@VERSION@|$version|g" "$ROOT/scripts/cmake/cryoConfig.cmake.in" \
+  > "$prefix/lib/cmake/cryo/cryoConfig.cmake"
+sed -e "s|@VERSION@|$version|g" "$ROOT/scripts/cmake/cryoConfigVersion.cmake.in" \
+  > "$prefix/lib/cmake/cryo/cryoConfigVersion.cmake"
+
+echo "==> installed:"
+echo "    $prefix/bin/cryo, cryo-agent"
+echo "    $prefix/lib/libcryo_rank.{so,a}, $prefix/include/cryo.h"
+echo "    $prefix/lib/cryo/spank_cryo.so (plugstack.conf: optional $prefix/lib/cryo/spank_cryo.so)"
+echo "    $prefix/lib/pkgconfig/cryo.pc, $prefix/lib/cmake/cryo/"

@@ -1,0 +1,144 @@
+//! With no `--store` and no `CRYO_STORE`, every `cryo` command finds the
+//! same store: `cryo-store` in the working directory, and says so.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use cryo_tests::{assert_same_file, build_packages, lines, output_text, wait_until, write_input};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn built() -> PathBuf {
+    build_packages(&[
+        "cryo-coordinator",
+        "cryo-agent",
+        "cryo-examples",
+        "cryo-rank",
+    ])
+}
+
+fn counter_args(dir: &Path, tag: &str) -> Vec<String> {
+    [
+        "--steps",
+        "60",
+        "--state-mb",
+        "2",
+        "--log",
+        &dir.join(format!("{tag}.log")).display().to_string(),
+        "--input",
+        &dir.join("input.dat").display().to_string(),
+        "--final",
+        &dir.join(format!("{tag}.final")).display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `cryo` in `cwd`, with no store named anywhere.
+fn cryo(cwd: &Path) -> Command {
+    let mut cmd = Command::new(built().join("cryo"));
+    cmd.env_remove("CRYO_STORE")
+        .env_remove("CRYO_FAULT")
+        .env("CRYO_EXAMPLE_STEP_MS", "40")
+        .current_dir(cwd);
+    cmd
+}
+
+fn said(out: &Output) -> String {
+    output_text(out)
+}
+
+#[test]
+fn every_command_finds_the_default_store_in_the_working_directory() {
+    let ok = Command::new("mpiexec")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "no mpiexec: install mpich (scripts/install-deps.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_input(&dir.join("input.dat"), 50_000);
+    // The uninterrupted run, as `cryo run` starts it.
+    let reference = Command::new("mpiexec")
+        .args(["-n", "1"])
+        .arg(built().join("cryo-counter"))
+        .args(counter_args(dir, "reference"))
+        .env_remove("CRYO_AGENT_SOCKET")
+        .env("CRYO_EXAMPLE_STEP_MS", "0")
+        .output()
+        .unwrap();
+    assert!(reference.status.success(), "{}", said(&reference));
+
+    let stderr = dir.join("run.stderr");
+    let mut run = cryo(dir)
+        .args(["run", "--job", "dflt", "--nodes", "a:1", "-n", "1"])
+        .arg("--scratch")
+        .arg(dir.join("scratch"))
+        .arg("--")
+        .arg(built().join("cryo-counter"))
+        .args(counter_args(dir, "run"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("the job to compute", WAIT, || {
+        lines(&dir.join("run.log")) >= 5
+    });
+    let store = dir.join("cryo-store");
+    let announced = std::fs::read_to_string(&stderr).unwrap();
+    assert!(
+        announced.contains(&format!("store {} (the default", store.display())),
+        "{announced}"
+    );
+
+    let status = cryo(dir).args(["status", "dflt"]).output().unwrap();
+    assert!(status.status.success(), "{}", said(&status));
+    let checkpoint = cryo(dir).args(["checkpoint", "dflt"]).output().unwrap();
+    assert!(
+        said(&checkpoint).contains("epoch 1 committed"),
+        "{}",
+        said(&checkpoint)
+    );
+    assert!(
+        store.join("dflt").is_dir(),
+        "the store is where it was said"
+    );
+
+    // From another directory there is no store, and the error says where
+    // it looked.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let lost = cryo(elsewhere.path())
+        .args(["status", "dflt"])
+        .output()
+        .unwrap();
+    assert!(!lost.status.success());
+    let text = said(&lost);
+    assert!(
+        text.contains("cryo-store") && text.contains("CRYO_STORE"),
+        "{text}"
+    );
+
+    let preempt = cryo(dir).args(["preempt", "dflt"]).output().unwrap();
+    assert!(preempt.status.success(), "{}", said(&preempt));
+    let exit = run.wait().unwrap();
+    assert_eq!(exit.code(), Some(75), "preempted after a checkpoint");
+
+    let restart = cryo(dir)
+        .args(["restart", "dflt", "--scratch"])
+        .arg(dir.join("scratch-restart"))
+        .env("CRYO_EXAMPLE_STEP_MS", "0")
+        .output()
+        .unwrap();
+    assert!(restart.status.success(), "{}", said(&restart));
+    assert!(
+        said(&restart).contains("from epoch 2"),
+        "{}",
+        said(&restart)
+    );
+    assert_same_file(&dir.join("reference.final"), &dir.join("run.final"));
+    assert_same_file(&dir.join("reference.log"), &dir.join("run.log"));
+}
