@@ -39,6 +39,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `cryo run --help` and `cryo restart --help` say about tuning.
+const TUNING: &str = "\
+Where checkpoints go: --store, else CRYO_STORE, else ./cryo-store (a directory every node sees).
+
+Tuning (environment of the job's ranks; see the README's settings table):
+  CRYO_QUIESCE_SLACK=N   safe points an MPI rank may run past a checkpoint request while the
+                         ranks agree (default: auto, from the ranks' pace); more waits longer
+                         before parking, less makes the agreement retry more often
+  CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
+  CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
+  CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
+--copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.";
+
 /// `cryo` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -79,6 +92,7 @@ pub enum Command {
         job: Option<String>,
     },
     /// Run an MPI job under cryo: `cryo run -n 4 -- ./app args`.
+    #[command(after_help = TUNING)]
     Run {
         /// Job name (default: `slurm-$SLURM_JOB_ID` under Slurm, else the
         /// program's name).
@@ -92,6 +106,7 @@ pub enum Command {
         command: Vec<OsString>,
     },
     /// Relaunch a job from its newest committed epoch that verifies.
+    #[command(after_help = TUNING)]
     Restart {
         /// The job.
         job: String,
@@ -195,6 +210,10 @@ pub struct LaunchArgs {
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub chunk_size: u64,
     /// Copy budget per agent, e.g. `2GiB` (default: an eighth of RAM).
+    /// Ranks are copied into it while paused and resume as soon as their
+    /// memory is in it: state up to the budget pauses for a memcpy, state
+    /// beyond it is streamed (longer pause, bounded agent memory). The
+    /// agent keeps this much memory while the job runs.
     #[arg(long)]
     pub copy_budget: Option<String>,
     /// Abort a checkpoint not committed within SECS.

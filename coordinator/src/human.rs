@@ -16,12 +16,23 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Bytes per second as `x.xx GB/s` (decimal, as storage vendors quote).
+/// Bytes per second in decimal units, as storage vendors quote, with the
+/// unit chosen so that small rates never print as `0.00 GB/s`.
 pub fn rate(bytes: u64, seconds: f64) -> String {
-    if seconds <= 0.0 {
+    if seconds <= 0.0 || !seconds.is_finite() {
         return "-".into();
     }
-    format!("{:.2} GB/s", bytes as f64 / seconds / 1e9)
+    let per_second = bytes as f64 / seconds;
+    let (value, unit) = if per_second >= 1e9 {
+        (per_second / 1e9, "GB/s")
+    } else if per_second >= 1e6 {
+        (per_second / 1e6, "MB/s")
+    } else if per_second >= 1e3 {
+        (per_second / 1e3, "kB/s")
+    } else {
+        (per_second, "B/s")
+    };
+    format!("{value:.2} {unit}")
 }
 
 /// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SSZ`.
@@ -77,6 +88,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_pick_a_unit_that_shows_them() {
+        assert_eq!(rate(19 << 20, 7.2), "2.77 MB/s");
+        assert_eq!(rate(1 << 30, 0.1), "10.74 GB/s");
+        assert_eq!(rate(500, 1.0), "500.00 B/s");
+        assert_eq!(rate(1, 0.0), "-");
+    }
 
     #[test]
     fn formats() {

@@ -295,18 +295,21 @@ impl Coordinator {
         match &epoch.phase {
             Phase::Committed => {
                 let elapsed = epoch.started.elapsed();
-                let pause = epoch
-                    .all_copied_at
-                    .map(|t| t - epoch.started)
+                let quiesce = self
+                    .last_parked
+                    .map(|t| t.saturating_duration_since(epoch.started))
                     .unwrap_or_default();
+                let longest_pause = Duration::from_micros(self.max_pause_us);
+                // The time went to the quiesce, the copy and the drain: each
+                // is said apart, and the copy rate is over the copy alone.
                 eprintln!(
-                    "cryo: epoch {} committed: {} ranks, {} copied ({} in {:.3} s to all ranks resumed, longest rank pause {:.1} ms), {} written, {:.2} s in all",
+                    "cryo: epoch {} committed: {} ranks; quiesced in {:.3} s; {} copied, longest rank pause {:.1} ms ({}); {} written; {:.2} s in all",
                     epoch.epoch,
                     epoch.world_size,
+                    quiesce.as_secs_f64(),
                     human::bytes(epoch.bytes_copied()),
-                    human::rate(epoch.bytes_copied(), pause.as_secs_f64()),
-                    pause.as_secs_f64(),
-                    self.max_pause_us as f64 / 1000.0,
+                    longest_pause.as_secs_f64() * 1000.0,
+                    human::rate(epoch.bytes_copied(), longest_pause.as_secs_f64()),
                     human::bytes(epoch.bytes_written()),
                     elapsed.as_secs_f64()
                 );
