@@ -10,7 +10,6 @@ use thiserror::Error;
 
 use crate::link::LinkError;
 use crate::pool::PoolError;
-use crate::procfs::mem_total_bytes;
 
 /// Which epoch to restart from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,9 +57,10 @@ pub struct AgentConfig {
     pub token: Option<JobToken>,
 }
 
-/// Default copy budget: an eighth of the node's RAM.
+/// Default copy budget: an eighth of the node's RAM, at most half of what
+/// is available and an eighth of the cgroup's limit (see [`crate::memory`]).
 pub fn default_copy_budget() -> u64 {
-    mem_total_bytes().map_or(1 << 30, |total| total / 8)
+    crate::memory::MemoryView::read().default_budget()
 }
 
 /// The agent could not start.

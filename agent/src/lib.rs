@@ -11,7 +11,8 @@
 //!   body, and where its progress goes (standalone or coordinated).
 //! * [`config`]: the agent's settings.
 //! * [`capture`]: capturing one parked rank within the copy budget.
-//! * [`pool`]: the copy budget as pre-faulted, reused slots.
+//! * [`pool`]: the copy budget as pre-faulted, reused slots; [`memory`]:
+//!   its default size.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
 //! * [`client`]: the control client used by the CLI, tests and benchmarks.
 //! * [`link`]: coordinated mode's TCP link to the job's coordinator.
@@ -27,6 +28,7 @@ mod coordinated;
 pub mod epoch;
 pub mod fds;
 pub mod link;
+pub mod memory;
 pub mod pool;
 pub mod procfs;
 mod ranks;

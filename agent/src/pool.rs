@@ -1,8 +1,8 @@
 //! The copy buffer pool: the copy budget, cut into chunk-sized slots.
 //!
 //! Memory is mapped once and every page is written once (pre-faulted) in a
-//! background thread, slot by slot, each slot joining the free list as soon
-//! as it is warm. First-touch page faults run at 0.4–1 GB/s, a copy into warm
+//! background thread at idle priority (`SCHED_IDLE`), slot by slot, each
+//! slot joining the free list as soon as it is warm. First-touch page faults run at 0.4–1 GB/s, a copy into warm
 //! memory at memory bandwidth, so a rank's pause is only bounded by memory
 //! bandwidth if its copy lands in memory that is already faulted in.
 //! Slots are reused across checkpoints, so the agent's memory use stays at
@@ -10,6 +10,7 @@
 
 use std::num::NonZeroUsize;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
@@ -45,6 +46,9 @@ struct Inner {
     base: usize,
     slot_size: usize,
     nslots: usize,
+    /// The next slot to pre-fault: claimed by the background thread, or by
+    /// a checkpoint that needs a slot before that thread got there.
+    next_cold: AtomicUsize,
     free: Mutex<Free>,
     cond: Condvar,
 }
@@ -111,6 +115,7 @@ impl BufferPool {
             base: base.as_ptr() as usize,
             slot_size,
             nslots,
+            next_cold: AtomicUsize::new(0),
             free: Mutex::new(Free {
                 slots: Vec::with_capacity(nslots),
                 warm: 0,
@@ -160,9 +165,23 @@ impl BufferPool {
         }
     }
 
-    /// Takes exactly `n` slots if that many are free now, else none.
+    /// Takes exactly `n` slots if that many are free now (pre-faulting
+    /// cold ones itself if it must), else none.
     pub fn try_take(&self, n: usize) -> Option<Vec<Slot>> {
+        while self.inner.lock().slots.len() < n && self.inner.warm_one() {}
         let mut free = self.inner.lock();
+        // Slots the background thread claimed are being warmed right now:
+        // wait for them rather than give up.
+        while free.slots.len() < n
+            && free.warm < self.inner.nslots
+            && free.slots.len() + (self.inner.nslots - free.warm) >= n
+        {
+            free = self
+                .inner
+                .cond
+                .wait(free)
+                .unwrap_or_else(|p| p.into_inner());
+        }
         if free.slots.len() < n {
             return None;
         }
@@ -171,10 +190,18 @@ impl BufferPool {
         Some(taken.into_iter().map(|index| self.slot(index)).collect())
     }
 
-    /// Takes between 1 and `max` slots, waiting until at least one is free.
+    /// Takes between 1 and `max` slots, waiting until at least one is free
+    /// (and pre-faulting a cold one itself rather than waiting for the
+    /// idle-priority thread).
     pub fn take_some(&self, max: usize) -> Vec<Slot> {
         let mut free = self.inner.lock();
         while free.slots.is_empty() {
+            drop(free);
+            let warmed = self.inner.warm_one();
+            free = self.inner.lock();
+            if warmed || !free.slots.is_empty() {
+                continue;
+            }
             free = self
                 .inner
                 .cond
@@ -202,19 +229,36 @@ impl Inner {
     }
 
     fn prefault(&self) {
-        for index in 0..self.nslots {
-            let start = self.base + index * self.slot_size;
-            for page in (0..self.slot_size).step_by(4096) {
-                // SAFETY: `start + page` lies inside the mapping, and the
-                // slot is not yet on the free list, so nobody else uses it.
-                unsafe { std::ptr::write_volatile((start + page) as *mut u8, 0) };
-            }
-            let mut free = self.lock();
-            free.slots.push(index);
-            free.warm += 1;
-            drop(free);
-            self.cond.notify_all();
+        // Off the application's critical path: the ranks start (launcher,
+        // MPI_Init, their own first touches) on the same cores, so this
+        // thread only runs when a core is otherwise idle.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid
+        // sched_param for SCHED_IDLE, which takes priority 0. A refusal
+        // leaves the thread at normal priority, which is only slower.
+        let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        while self.warm_one() {}
+    }
+
+    /// Pre-faults the next cold slot and frees it; false if none is cold.
+    fn warm_one(&self) -> bool {
+        let index = self.next_cold.fetch_add(1, Ordering::AcqRel);
+        if index >= self.nslots {
+            return false;
         }
+        let start = self.base + index * self.slot_size;
+        for page in (0..self.slot_size).step_by(4096) {
+            // SAFETY: `start + page` lies inside the mapping, and the slot
+            // was claimed by this call alone (`next_cold`) and is not yet on
+            // the free list, so nobody else uses it.
+            unsafe { std::ptr::write_volatile((start + page) as *mut u8, 0) };
+        }
+        let mut free = self.lock();
+        free.slots.push(index);
+        free.warm += 1;
+        drop(free);
+        self.cond.notify_all();
+        true
     }
 }
 
@@ -277,5 +321,25 @@ mod tests {
         drop(a);
         assert!(handle.join().unwrap() >= 1);
         assert!(BufferPool::new(4096, 4096).is_err());
+    }
+
+    #[test]
+    fn a_checkpoint_never_waits_for_the_idle_prefault_thread() {
+        // 64 slots of 1 MiB: the idle-priority thread cannot have warmed
+        // them all when the first checkpoint asks for every one.
+        let pool = BufferPool::new(64 << 20, 1 << 20).unwrap();
+        let all = pool.try_take(64).expect("the taker warms what it needs");
+        assert_eq!(all.len(), 64);
+        assert_eq!(pool.warm_bytes(), 64 << 20);
+        drop(all);
+        let pool = BufferPool::new(64 << 20, 1 << 20).unwrap();
+        let mut taken = 0;
+        let mut held = Vec::new();
+        while taken < 64 {
+            let slots = pool.take_some(64 - taken);
+            taken += slots.len();
+            held.extend(slots);
+        }
+        assert_eq!(held.len(), 64);
     }
 }

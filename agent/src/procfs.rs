@@ -392,12 +392,6 @@ fn parse_kib_line(text: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-/// The node's RAM (`MemTotal`), in bytes.
-pub fn mem_total_bytes() -> Option<u64> {
-    let text = fs::read_to_string("/proc/meminfo").ok()?;
-    parse_kib_line(&text, "MemTotal:").map(|kib| kib * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use cryo_core::format::manifest::RegionKind;
