@@ -368,10 +368,13 @@ fn select(
             out.copy.extend(mine);
             continue;
         }
-        let scan_len = region.len.div_ceil(PAGE) * PAGE;
+        // A protected buffer need not start on a page: scan the pages it
+        // touches (chunks stay cut from its own start).
+        let scan_start = region.addr / PAGE * PAGE;
+        let scan_len = (region.addr + region.len).div_ceil(PAGE) * PAGE - scan_start;
         let written = match ctx
             .access
-            .written_pages(parked.pid, region.addr, scan_len, true)
+            .written_pages(parked.pid, scan_start, scan_len, true)
         {
             Ok(written) => written,
             Err(err) => {

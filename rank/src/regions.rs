@@ -377,6 +377,14 @@ pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), Region
     // accessed concurrently.
     let dest = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
     runtime.fill(&info, dest)?;
+    // Write tracking covers the whole pages the buffer touches: a write to
+    // other heap data on those pages only makes a chunk look written (it is
+    // copied again), never hides a write to the buffer.
+    let start = info.addr / PAGE * PAGE;
+    let end = (info.addr + info.len).div_ceil(PAGE) * PAGE;
+    if end > start {
+        runtime.track(name, start, end - start);
+    }
     runtime.push(info);
     Ok(())
 }

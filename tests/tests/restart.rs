@@ -291,6 +291,24 @@ fn second_checkpoint_writes_only_changed_chunks() {
 /// state.
 #[test]
 fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
+    incremental_chain(false);
+}
+
+/// The same with the state in a heap buffer registered with
+/// `cryo_protect`, as a code whose arrays live in its own structures is
+/// ported: the buffer is write-tracked like a region (its pages, shared
+/// with other heap data, may only look written more often).
+#[test]
+fn protected_buffers_are_write_tracked_like_regions() {
+    incremental_chain(true);
+}
+
+fn incremental_chain(protected: bool) {
+    let env: &[(&str, &str)] = if protected {
+        &[("CRYO_EXAMPLE_PROTECTED_STATE", "true")]
+    } else {
+        &[]
+    };
     let setup = setup();
     let state_mb = 32;
     let program = Program::Rust;
@@ -301,7 +319,7 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
         steps: STEPS,
         ..spec(&program, 0, &agent, state_mb)
     };
-    let mut rank = Rank::start(&spec, &files);
+    let mut rank = Rank::start_with_env(&spec, &files, env);
     let checkpoint = |full: bool| match agent.request(&ControlRequest::Checkpoint {
         full,
         epoch: None,
@@ -341,8 +359,7 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
         before = at;
         let r = &report.ranks[0];
         // Each step writes one 256 KiB block of the state (and its header
-        // page); the 4 KiB input mapping and protected buffer are untracked
-        // and copied whole.
+        // page) and the small protected buffer.
         let bound = (steps / 4 + 4) << 20;
         assert!(
             r.copied_bytes <= bound && r.copied_bytes < all / 3,
@@ -363,7 +380,7 @@ fn incremental_checkpoints_copy_only_written_chunks_and_restore_exactly() {
     assert!(job
         .verify_manifest(&job.load_manifest(epoch).unwrap())
         .is_ok());
-    let rank = Rank::start(&spec, &files);
+    let rank = Rank::start_with_env(&spec, &files, env);
     let status = rank.wait();
     assert!(status.success(), "{}", Rank::stderr(&files));
     assert!(Rank::stderr(&files).contains("restarted from epoch 4"));

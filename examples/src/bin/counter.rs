@@ -59,6 +59,11 @@ struct Args {
     /// The unit `--changing-share` counts in (the agent's chunk size).
     #[arg(long, default_value_t = 1024)]
     change_unit_kib: u64,
+    /// Keep the state in a heap buffer registered with `protect` (as codes
+    /// whose arrays live inside their own structures do) instead of a
+    /// region.
+    #[arg(long, env = "CRYO_EXAMPLE_PROTECTED_STATE")]
+    protected_state: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -165,7 +170,15 @@ fn run(args: &Args) -> Result<()> {
             .unwrap_or(0)
     });
     let data_len = usize::try_from(args.state_mb << 20).context("state size")?;
-    let state = cryo_rank::region("state", HEADER + data_len, Backing::Anonymous)?;
+    let state: &'static mut [u8] = if args.protected_state {
+        let buffer: &'static mut [u8] = Box::leak(vec![0u8; HEADER + data_len].into_boxed_slice());
+        // SAFETY: the buffer is leaked, so valid for the life of the
+        // process, and only this thread touches it.
+        unsafe { cryo_rank::protect("state", buffer.as_mut_ptr(), buffer.len())? };
+        buffer
+    } else {
+        cryo_rank::region("state", HEADER + data_len, Backing::Anonymous)?
+    };
     let input = cryo_rank::region(
         "input",
         0,
