@@ -452,8 +452,10 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
     }
 }
 
-/// Picks the newest committed epoch (at most `at_most`) that verifies,
-/// warning about each newer one that does not.
+/// Picks the newest committed epoch (at most `at_most`) whose chunks are
+/// all stored whole and undamaged (`JobStore::check_manifest`: no
+/// decompression, so the restart does not decode every chunk twice),
+/// warning about each newer one that is not.
 pub fn choose_restart_epoch(job: &JobStore, at_most: Option<u64>) -> Result<u64> {
     let mut epochs = job.committed_epochs()?;
     epochs.retain(|e| at_most.is_none_or(|max| *e <= max));
@@ -465,7 +467,9 @@ pub fn choose_restart_epoch(job: &JobStore, at_most: Option<u64>) -> Result<u64>
     for epoch in epochs.iter().rev() {
         match job.load_manifest(*epoch) {
             Ok(manifest) => {
-                let report = job.verify_manifest(&manifest);
+                // Stored whole and undamaged is checked here, fast; each rank
+                // hash-checks its chunks as it decodes them at restore.
+                let report = job.check_manifest(&manifest);
                 if report.is_ok() {
                     return Ok(*epoch);
                 }

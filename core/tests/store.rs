@@ -306,6 +306,50 @@ fn corrupt_chunk_is_detected_by_verify_and_restore() {
     assert!(err.to_string().contains("grid"), "{err}");
 }
 
+/// The restart's check looks at chunks as stored: it finds a damaged,
+/// truncated or missing file without decoding anything, and only a
+/// well-formed file holding other contents than its name says is left to
+/// the full verification (and to the rank's hash check at restore).
+#[test]
+fn the_stored_check_finds_damaged_truncated_and_missing_chunks() {
+    let (_dir, _store, job) = setup();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 4, 1))]]);
+    assert!(job.check_manifest(&manifest).is_ok());
+    let chunks = &manifest.ranks[0].regions[0].chunks;
+    corrupt_one_chunk(&job, &manifest);
+    let truncated = job.chunk_path(&chunks[2].hash);
+    let len = fs::metadata(&truncated).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    fs::remove_file(job.chunk_path(&chunks[3].hash)).unwrap();
+    let report = job.check_manifest(&manifest);
+    let mut offsets: Vec<u64> = report.bad.iter().map(|b| b.offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        vec![CHUNK as u64, 2 * CHUNK as u64, 3 * CHUNK as u64]
+    );
+
+    // A valid chunk file under another chunk's name: stored whole, so only
+    // decoding finds it.
+    let (_dir, _store, job) = setup();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 7))]]);
+    let chunks = &manifest.ranks[0].regions[0].chunks;
+    fs::copy(
+        job.chunk_path(&chunks[0].hash),
+        job.chunk_path(&chunks[1].hash),
+    )
+    .unwrap();
+    assert!(job.check_manifest(&manifest).is_ok());
+    let full = job.verify_manifest(&manifest);
+    assert_eq!(full.bad.len(), 1, "{:?}", full.bad);
+    assert_eq!(full.bad[0].offset, CHUNK as u64);
+}
+
 #[test]
 fn missing_chunk_is_reported() {
     let (_dir, _store, job) = setup();

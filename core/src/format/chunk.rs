@@ -322,13 +322,12 @@ impl EncodedParts<'_> {
     }
 }
 
-/// Decodes a chunk file image into `dest`, whose length is the raw length
-/// the manifest expects, and checks that the result hashes to `expected`.
-pub fn decode_into(
-    file: &[u8],
-    expected: &ChunkHash,
-    dest: &mut [u8],
-) -> Result<(), ChunkDecodeError> {
+/// Checks a chunk file image as stored, without decoding it: its header,
+/// its length, the checksum of its payload, its flags, and that it holds
+/// `raw_len` bytes. A missing, truncated or damaged file fails; only a
+/// well-formed file with other contents than its name says needs
+/// [`decode_into`]'s hash check to be found.
+pub fn check_stored(file: &[u8], raw_len: u64) -> Result<Header, ChunkDecodeError> {
     let header = Header::decode(file, FileKind::Chunk)?;
     let actual_len = file.len() as u64;
     let declared = HEADER_LEN as u64 + header.payload_len;
@@ -338,19 +337,30 @@ pub fn decode_into(
             actual: actual_len,
         });
     }
-    let payload = &file[HEADER_LEN..];
-    if !header.payload_matches(payload) {
+    if !header.payload_matches(&file[HEADER_LEN..]) {
         return Err(ChunkDecodeError::PayloadChecksum);
     }
     if header.flags & !KNOWN_FLAGS != 0 {
         return Err(ChunkDecodeError::UnknownFlags(header.flags));
     }
-    if header.raw_len != dest.len() as u64 {
+    if header.raw_len != raw_len {
         return Err(ChunkDecodeError::RawLength {
-            expected: dest.len() as u64,
+            expected: raw_len,
             actual: header.raw_len,
         });
     }
+    Ok(header)
+}
+
+/// Decodes a chunk file image into `dest`, whose length is the raw length
+/// the manifest expects, and checks that the result hashes to `expected`.
+pub fn decode_into(
+    file: &[u8],
+    expected: &ChunkHash,
+    dest: &mut [u8],
+) -> Result<(), ChunkDecodeError> {
+    let header = check_stored(file, dest.len() as u64)?;
+    let payload = &file[HEADER_LEN..];
     if header.flags & FLAG_ZSTD == 0 {
         if payload.len() != dest.len() {
             return Err(ChunkDecodeError::RawLength {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::format::chunk::{decode_into, ChunkDecodeError, ChunkHash};
+use crate::format::chunk::{check_stored, decode_into, ChunkDecodeError, ChunkHash};
 use crate::format::header::HEADER_LEN;
 use crate::format::limits::MAX_STORED_CHUNK_LEN;
 use crate::format::manifest::{Manifest, RegionRecord};
@@ -80,6 +80,22 @@ thread_local! {
 impl JobStore {
     /// Reads chunk `hash` into `dest` (its raw length) and verifies its hash.
     pub fn read_chunk_into(&self, hash: &ChunkHash, dest: &mut [u8]) -> Result<(), ChunkReadError> {
+        self.with_chunk_file(hash, |file| decode_into(file, hash, dest))
+    }
+
+    /// Checks chunk `hash` as stored (see [`check_stored`]): present, whole
+    /// and undamaged, holding `raw_len` bytes, without decoding it.
+    pub fn check_chunk(&self, hash: &ChunkHash, raw_len: u64) -> Result<(), ChunkReadError> {
+        self.with_chunk_file(hash, |file| check_stored(file, raw_len).map(drop))
+    }
+
+    /// Reads chunk `hash`'s file into this thread's buffer and hands it to
+    /// `use_file`.
+    fn with_chunk_file(
+        &self,
+        hash: &ChunkHash,
+        use_file: impl FnOnce(&[u8]) -> Result<(), ChunkDecodeError>,
+    ) -> Result<(), ChunkReadError> {
         let path = self.chunk_path(hash);
         CHUNK_FILE_BUF.with(|file| {
             let file = &mut *file.borrow_mut();
@@ -95,7 +111,7 @@ impl JobStore {
                     },
                     ReadCappedError::Io(err) => ChunkReadError::Io(err),
                 })?;
-            decode_into(file, hash, dest).map_err(|source| ChunkReadError::Corrupt {
+            use_file(file).map_err(|source| ChunkReadError::Corrupt {
                 hash: *hash,
                 path,
                 source,
@@ -205,6 +221,26 @@ impl JobStore {
     /// Verifies several epochs, checking each distinct chunk only once
     /// across all of them (epochs share most chunks).
     pub fn verify_manifests(&self, manifests: &[Manifest]) -> Vec<VerifyReport> {
+        self.verify_manifests_to(manifests, Depth::Decoded)
+    }
+
+    /// Checks that every chunk of `manifest` is stored whole and undamaged,
+    /// without decoding it ([`Depth::Stored`]): what a restart checks before
+    /// it launches, since each rank decodes and hash-checks its own chunks
+    /// as it restores them.
+    pub fn check_manifest(&self, manifest: &Manifest) -> VerifyReport {
+        self.verify_manifests_to(std::slice::from_ref(manifest), Depth::Stored)
+            .pop()
+            .unwrap_or_else(|| VerifyReport {
+                epoch: manifest.epoch,
+                chunks_checked: 0,
+                bytes_checked: 0,
+                bad: Vec::new(),
+            })
+    }
+
+    /// [`JobStore::verify_manifests`] to the given depth.
+    pub fn verify_manifests_to(&self, manifests: &[Manifest], depth: Depth) -> Vec<VerifyReport> {
         let mut unique: HashMap<ChunkHash, u32> = HashMap::new();
         for manifest in manifests {
             for (_, _, chunk) in manifest.chunk_refs() {
@@ -215,13 +251,15 @@ impl JobStore {
         let failures: HashMap<ChunkHash, String> = unique
             .par_iter()
             .filter_map(|(hash, len)| {
-                VERIFY_BUF.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.resize(*len as usize, 0);
-                    self.read_chunk_into(hash, &mut buf)
-                        .err()
-                        .map(|err| (*hash, err.to_string()))
-                })
+                let checked = match depth {
+                    Depth::Stored => self.check_chunk(hash, u64::from(*len)),
+                    Depth::Decoded => VERIFY_BUF.with(|buf| {
+                        let mut buf = buf.borrow_mut();
+                        buf.resize(*len as usize, 0);
+                        self.read_chunk_into(hash, &mut buf)
+                    }),
+                };
+                checked.err().map(|err| (*hash, err.to_string()))
             })
             .collect();
         manifests
@@ -250,6 +288,16 @@ impl JobStore {
             })
             .collect()
     }
+}
+
+/// How deep a verification looks at each chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// The file as stored: header, length, payload checksum (fast: no
+    /// decompression, no hashing of the contents).
+    Stored,
+    /// Decoded and hashed: the contents are the ones the chunk's name says.
+    Decoded,
 }
 
 /// Streaming a region failed.
