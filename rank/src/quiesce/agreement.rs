@@ -210,6 +210,17 @@ struct Agreement<C: Collectives> {
     step: Step<C>,
 }
 
+/// The calibration: one allreduce that every rank starts at its first safe
+/// point (or as it leaves, if it never reached one), before any agreement.
+/// The safe points it takes to complete here say how many a join needs with
+/// this application's MPI calls driving it, so the first agreement's slack
+/// fits the application instead of a guess from the number of ranks.
+enum Calibration<C: Collectives> {
+    Due,
+    Pending(C::Pending<1>),
+    Done,
+}
+
 /// One rank's side of the quiesce protocol.
 pub(crate) struct Quiesce<C: Collectives> {
     net: C,
@@ -217,6 +228,7 @@ pub(crate) struct Quiesce<C: Collectives> {
     /// Safe points so far.
     counter: u64,
     pace: Pace,
+    calibration: Calibration<C>,
     agreement: Option<Agreement<C>>,
     /// The newest epoch an agreement ended for: a flag still showing it (an
     /// agent's late raise) is not a new request.
@@ -256,6 +268,7 @@ impl<C: Collectives> Quiesce<C> {
             rank,
             counter: 0,
             pace,
+            calibration: Calibration::Due,
             agreement: None,
             last_decided: 0,
             fixed_slack,
@@ -288,6 +301,9 @@ impl<C: Collectives> Quiesce<C> {
     /// counter increment and two comparisons.
     pub(crate) fn safe_point(&mut self, requested: u64) -> Result<Progress, CallError> {
         self.counter += 1;
+        if !matches!(self.calibration, Calibration::Done) {
+            self.calibrate()?;
+        }
         if self.ended {
             return Ok(Progress::Continue);
         }
@@ -318,13 +334,45 @@ impl<C: Collectives> Quiesce<C> {
     /// their own `leave`.
     pub(crate) fn leave(&mut self) -> Result<Progress, CallError> {
         self.leaving = true;
+        if matches!(self.calibration, Calibration::Due) {
+            self.calibrate()?;
+        }
         if self.ended {
-            return Ok(Progress::Continue);
+            return self.poll();
         }
         if self.agreement.is_none() {
             self.join(0, 0)?;
         }
         self.poll()
+    }
+
+    /// Starts the calibration at the first safe point, then tests it once
+    /// per safe point. Once complete, the first agreement's slack floor is
+    /// the one the safe points it took call for, if that is lower than the
+    /// guess from the number of ranks (a calibration slowed by the ranks'
+    /// start never raises the floor).
+    fn calibrate(&mut self) -> Result<(), CallError> {
+        if matches!(self.calibration, Calibration::Due) {
+            let pending = self.net.start(Reduce::Max, [0])?;
+            self.started += 1;
+            self.calibration = Calibration::Pending(pending);
+        }
+        let Calibration::Pending(pending) = &mut self.calibration else {
+            return Ok(());
+        };
+        if self.net.test(pending)?.is_some() {
+            // Started at safe point 1 (or at the leave, counter 0).
+            let needed = self.counter.saturating_sub(1).max(1);
+            self.slack_floor = self.slack_floor.min(slack_floor(needed));
+            self.calibration = Calibration::Done;
+            tracing::debug!(
+                rank = self.rank,
+                safe_points = needed,
+                slack_floor = self.slack_floor,
+                "quiesce.calibrated"
+            );
+        }
+        Ok(())
     }
 
     /// Starts this rank's part of an agreement: the epoch it knows of and
@@ -372,12 +420,21 @@ impl<C: Collectives> Quiesce<C> {
     /// Takes the agreement as far as it can go at this safe point.
     pub(crate) fn poll(&mut self) -> Result<Progress, CallError> {
         // A leaving rank has no safe point to go back to: it waits for
-        // every step.
+        // every step, the calibration first.
         let not_yet = if self.leaving {
             Progress::Wait
         } else {
             Progress::Continue
         };
+        if self.leaving && !matches!(self.calibration, Calibration::Done) {
+            self.calibrate()?;
+            if !matches!(self.calibration, Calibration::Done) {
+                return Ok(Progress::Wait);
+            }
+        }
+        if self.ended {
+            return Ok(Progress::Continue);
+        }
         loop {
             let Some(agreement) = self.agreement.as_mut() else {
                 return Ok(Progress::Continue);
@@ -563,6 +620,12 @@ impl<C: Collectives> Quiesce<C> {
     #[cfg(test)]
     pub(crate) fn counter(&self) -> u64 {
         self.counter
+    }
+
+    /// The slack floor the next agreement starts from.
+    #[cfg(test)]
+    pub(crate) fn slack_floor(&self) -> u64 {
+        self.slack_floor
     }
 
     /// The agreed target, once this rank has seen the join complete.

@@ -18,7 +18,9 @@
 //! 1. **join** `MAX[epoch, cap, needed]`: a rank joins when its agent
 //!    raises its flag. Its cap is its current index plus [`JOIN_SLACK`]
 //!    worth of safe points, at least a floor (see [`slack_floor`]; `needed`
-//!    is the safe points it took to see the previous join complete). It
+//!    is the safe points it took to see the previous join complete; before
+//!    the first agreement, those a one-word calibration allreduce started
+//!    at the first safe point took, at most [`first_slack_floor`]). It
 //!    does not wait: it keeps computing and drives the join with one
 //!    `MPI_Test` per safe point. The result is the epoch and the
 //!    **target**, the largest cap: normally every rank learns it before

@@ -27,6 +27,18 @@ pub(crate) struct Op {
 }
 
 impl Op {
+    /// Whether this is the calibration (the only one-word MAX), which the
+    /// tests' views of the agreements leave out.
+    pub(crate) fn is_calibration(&self) -> bool {
+        self.reduce == Reduce::Max
+            && self
+                .words
+                .iter()
+                .flatten()
+                .next()
+                .is_some_and(|words| words.len() == 1)
+    }
+
     /// The result, once every rank has started it.
     pub(crate) fn result(&self) -> Option<Vec<u64>> {
         let all: Vec<&Vec<u64>> = self
@@ -230,11 +242,18 @@ pub(crate) struct SimRank {
 }
 
 impl SimRank {
-    /// Notes the safe point of the allreduces started since `before`.
+    /// Notes the safe point of the agreements' allreduces started since
+    /// `before` (the calibration left out).
     fn record_starts(&mut self, before: usize) {
         let counter = self.q.counter();
-        let now = self.q.net_mut().started;
-        self.starts.extend((before..now).map(|_| counter));
+        let net = self.q.net_mut();
+        let now = net.started;
+        let world = net.world.borrow();
+        let agreement_ops = (before..now)
+            .filter(|index| !world.ops[*index].is_calibration())
+            .count();
+        drop(world);
+        self.starts.extend((0..agreement_ops).map(|_| counter));
     }
 }
 
@@ -246,6 +265,8 @@ pub(crate) struct Sim {
     pub(crate) round: u64,
     /// The order ranks are stepped in, per round (default: 0, 1, 2, …).
     pub(crate) order: Box<dyn FnMut(u64, usize) -> Vec<usize>>,
+    /// The virtual time a round takes (default [`ROUND`]): the ranks' pace.
+    pub(crate) round_time: Duration,
 }
 
 impl Sim {
@@ -286,6 +307,7 @@ impl Sim {
             ranks,
             round: 0,
             order: Box::new(|_, n| (0..n).collect()),
+            round_time: ROUND,
         }
     }
 
@@ -345,11 +367,11 @@ impl Sim {
     }
 
     /// One round: every rank that is not stalled takes one step, in the
-    /// chosen order; then the clock moves on by [`ROUND`]. `after` runs
+    /// chosen order; then the clock moves on by `round_time`. `after` runs
     /// after each step, so that a test can act between two ranks' steps.
     pub(crate) fn round_with(&mut self, after: &mut dyn FnMut(&mut Sim, usize)) {
         self.round += 1;
-        self.world.borrow_mut().elapsed += ROUND;
+        self.world.borrow_mut().elapsed += self.round_time;
         let order = (self.order)(self.round, self.ranks.len());
         for rank in order {
             if self.ranks[rank].stalled_until <= self.round {
@@ -419,12 +441,20 @@ impl Sim {
 
     /// The result of every allreduce so far, in order.
     pub(crate) fn results(&self) -> Vec<Option<Vec<u64>>> {
-        self.world.borrow().ops.iter().map(Op::result).collect()
+        self.world
+            .borrow()
+            .ops
+            .iter()
+            .filter(|op| !op.is_calibration())
+            .map(Op::result)
+            .collect()
     }
 
     /// What each rank contributed to allreduce `index`.
     pub(crate) fn words(&self, index: usize) -> Vec<Vec<u64>> {
-        self.world.borrow().ops[index]
+        let world = self.world.borrow();
+        let agreements: Vec<&Op> = world.ops.iter().filter(|op| !op.is_calibration()).collect();
+        agreements[index]
             .words
             .iter()
             .map(|words| words.clone().unwrap_or_default())

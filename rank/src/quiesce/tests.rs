@@ -544,3 +544,51 @@ fn patience_and_ring_constants_fit_the_simulated_pace() {
     assert_eq!(PATIENCE_ROUNDS, 250);
     assert_eq!(ROUND, Duration::from_millis(1));
 }
+
+/// Long iterations (200 ms, so the 20 ms join slack is no safe point at
+/// all): the first agreement's slack comes from the calibration, not from
+/// the number of ranks. With 64 ranks the guess would be 26 safe points;
+/// here the calibration completes at the first safe point and every rank
+/// parks 2 safe points after the request, the first checkpoint included.
+#[test]
+fn the_calibration_bounds_the_first_agreement_in_safe_points() {
+    let mut sim = Sim::new(64, None);
+    sim.round_time = Duration::from_millis(200);
+    sim.run(3);
+    for r in &sim.ranks {
+        assert_eq!(r.q.slack_floor(), 2, "calibrated at the first safe point");
+    }
+    let requested_at = sim.round;
+    sim.raise(1, &(0..64).collect::<Vec<_>>());
+    sim.run_until_decided(100);
+    let decisions = sim.last_decisions();
+    let park_at = decisions[0].0;
+    assert!(
+        decisions.iter().all(|d| *d == (park_at, Decision::Park(1))),
+        "{decisions:?}"
+    );
+    // The request is seen at the next safe point; the ranks park there
+    // plus the slack.
+    assert_eq!(park_at, requested_at + 1 + 2, "{decisions:?}");
+    sim.assert_quiet();
+
+    // A rank whose MPI progress lags: the calibration takes longer and the
+    // floor follows, bounded by the guess from the number of ranks.
+    let mut sim = Sim::new(64, None);
+    sim.round_time = Duration::from_millis(200);
+    sim.world.borrow_mut().lag[5] = 6;
+    sim.run(10);
+    let floors: Vec<u64> = sim.ranks.iter().map(|r| r.q.slack_floor()).collect();
+    assert!(floors.iter().all(|f| *f >= 2 && *f <= 26), "{floors:?}");
+    assert!(floors[5] > 2, "the lagging rank needed more: {floors:?}");
+    sim.raise(1, &(0..64).collect::<Vec<_>>());
+    sim.run_until_decided(200);
+    let decisions = sim.last_decisions();
+    assert!(
+        decisions
+            .iter()
+            .all(|d| *d == (decisions[0].0, Decision::Park(1))),
+        "{decisions:?}"
+    );
+    sim.assert_quiet();
+}
