@@ -182,10 +182,26 @@ const SYSTEM_PREFIXES: [&str; 8] = [
     "/usr/", "/lib/", "/lib32/", "/lib64/", "/etc/", "/proc/", "/sys/", "/dev/",
 ];
 
+/// The runtime's own control page with the agent (`memfd:cryo-control`).
+pub(crate) const CONTROL_MEMFD: &str = "cryo-control";
+
+/// Whose mappings these are when they appear after `cryo_init`: the
+/// runtime's control page, and System V shared memory made with
+/// `IPC_PRIVATE` (key 0, shown as `/SYSV00000000`), which is how MPICH's
+/// intra-node transport maps its segments when ranks first talk. A program
+/// sharing System V memory on purpose gives it a key, so its segments are
+/// still named when they cannot be restored.
+fn is_runtime_or_library(path: &str) -> bool {
+    path.strip_prefix("/memfd:")
+        .is_some_and(|name| name.trim_end_matches(" (deleted)") == CONTROL_MEMFD)
+        || path.starts_with("/SYSV00000000 ")
+}
+
 /// The application's own file mappings: made after `cryo_init`, outside
 /// the region reservation, not of a shared object or executable (any file
-/// with an executable mapping) and not of a system path. Mappings of a
-/// deleted file are returned apart: they cannot be re-established.
+/// with an executable mapping), not of a system path and not the runtime's
+/// or the MPI library's ([`is_runtime_or_library`]). Mappings of a deleted
+/// file are returned apart: they cannot be re-established.
 pub(crate) fn app_mappings(
     maps: &[FileMap],
     baseline: &Baseline,
@@ -205,6 +221,7 @@ pub(crate) fn app_mappings(
             || baseline.mappings.contains(&(map.start, map.end, map.inode))
             || code.contains(map.path.as_str())
             || SYSTEM_PREFIXES.iter().any(|p| map.path.starts_with(p))
+            || is_runtime_or_library(&map.path)
         {
             continue;
         }
@@ -449,6 +466,9 @@ mod tests {
 7f0000005000-7f0000006000 rw-s 00000000 00:05 96                         /dev/shm/seg
 7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
 7f0000007000-7f0000008000 rw-s 00000000 00:01 93                         /memfd:app (deleted)
+7f0000008000-7f0000009000 rw-s 00000000 00:01 92                         /memfd:cryo-control (deleted)
+7f0000009000-7f000000a000 rw-s 00000000 00:01 0                          /SYSV00000000 (deleted)
+7f000000a000-7f000000b000 rw-s 00000000 00:01 5                          /SYSV0000beef (deleted)
 5a0000000000-5a0000001000 rw-s 00000000 fd:01 94                         /work/region.dat
 7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
 ";
@@ -465,9 +485,17 @@ mod tests {
         assert_eq!(paths, vec!["/work/out put.dat"]);
         assert!(mine[0].shared);
         assert_eq!(mine[0].prot, 3);
-        assert_eq!(lost.len(), 2);
-        assert!(lost[0].path.starts_with("/work/gone"));
-        assert!(lost[1].path.starts_with("/memfd:app"));
+        // The runtime's control page and MPICH's IPC_PRIVATE segment are
+        // not the application's; a keyed System V segment is, and is named.
+        let lost: Vec<&str> = lost.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(
+            lost,
+            vec![
+                "/work/gone (deleted)",
+                "/memfd:app (deleted)",
+                "/SYSV0000beef (deleted)"
+            ]
+        );
         // Without the baseline, the input mapping counts as the application's.
         let (mine, _) = app_mappings(&maps, &Baseline::default(), (0x5a00_0000_0000, 1 << 36));
         assert_eq!(mine.len(), 2);

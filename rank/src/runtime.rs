@@ -367,6 +367,8 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     let sock = UnixStream::from(
         move_high(OwnedFd::from(sock)).map_err(page_err("fcntl F_DUPFD_CLOEXEC"))?,
     );
+    // Named crate::held::CONTROL_MEMFD, so that its mapping is known for
+    // the runtime's own.
     let memfd = memfd_create(
         c"cryo-control",
         MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
