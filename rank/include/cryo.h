@@ -57,10 +57,22 @@ int cryo_init(void);
  * ranks talk only when a checkpoint is requested. The program owns
  * MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize (it is
  * collective over comm), and call cryo_checkpoint_point the same number of
- * times on every rank. Built against MPICH. */
+ * times on every rank.
+ *
+ * One library per MPI: link -lcryo_rank with MPICH (and MPIs of its ABI),
+ * -lcryo_rank_openmpi with Open MPI. cryo_init_mpi passes the address and
+ * size of comm, so a program linked with the other flavour gets
+ * CRYO_ERR_CONFIG naming the library to link, never a crash. */
 #if defined(MPI_VERSION)
-int cryo_init_mpi(MPI_Comm comm);
+int cryo_init_mpi_handle(const void *comm, size_t comm_bytes);
+static inline int cryo_init_mpi(MPI_Comm comm) {
+    return cryo_init_mpi_handle(&comm, sizeof comm);
+}
 #endif
+
+/* The MPI this library was built for: "mpich" (int handles), "openmpi"
+ * (pointer handles), or "none". A static string. */
+const char *cryo_mpi_flavour(void);
 
 /* An anonymous region of len bytes at a deterministic address, stored in
  * *out. On a restart, a region of the same name gets its saved contents. */

@@ -97,6 +97,22 @@ pub enum InitError {
     /// MPI is not usable for the quiesce protocol.
     #[error("MPI: {0}")]
     Mpi(String),
+    /// The program's MPI is not the one this build of the runtime was built
+    /// for (an Open MPI program linked with the MPICH flavour, or the
+    /// reverse): its communicator handles have another size.
+    #[error("this program's MPI_Comm is {program_bytes} bytes ({program} handles), but this libcryo_rank was built for {built} ({built_bytes}-byte handles): link {wanted} instead")]
+    WrongMpi {
+        /// The MPI family the program's handle size stands for.
+        program: &'static str,
+        /// `sizeof(MPI_Comm)` in the program.
+        program_bytes: usize,
+        /// The MPI family this runtime was built for.
+        built: &'static str,
+        /// `sizeof(MPI_Comm)` in the MPI this runtime was built against.
+        built_bytes: usize,
+        /// The library file of the flavour the program needs.
+        wanted: &'static str,
+    },
 }
 
 /// Restoring a rank's files or loading its record failed.

@@ -69,9 +69,10 @@ fn set_error(code: c_int, message: String) -> c_int {
 fn init_code(err: &InitError) -> c_int {
     match err {
         InitError::AlreadyInitialized => CRYO_ERR_ALREADY_INITIALIZED,
-        InitError::BadEnv { .. } | InitError::Reserve { .. } | InitError::FdFloor { .. } => {
-            CRYO_ERR_CONFIG
-        }
+        InitError::BadEnv { .. }
+        | InitError::Reserve { .. }
+        | InitError::FdFloor { .. }
+        | InitError::WrongMpi { .. } => CRYO_ERR_CONFIG,
         InitError::Restore(_) => CRYO_ERR_RESTORE,
         _ => CRYO_ERR_AGENT,
     }
@@ -129,31 +130,69 @@ unsafe fn c_str<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, c_int> {
 /// Safe to call from any thread; call it once, before other cryo functions.
 #[no_mangle]
 pub unsafe extern "C" fn cryo_init() -> c_int {
-    guard(|| match runtime::init() {
-        Ok(_) => CRYO_OK,
-        Err(err) => set_error(init_code(&err), err.to_string()),
-    })
+    guard(|| init_result(runtime::init()))
 }
 
 /// Like [`cryo_init`], for an MPI rank: also attaches the quiesce protocol to
 /// duplicates of `comm`, so every rank checkpoints at the same safe point.
 /// The application owns `MPI_Init`/`MPI_Finalize` and calls
-/// `cryo_finalize` before `MPI_Finalize`.
+/// `cryo_finalize` before `MPI_Finalize`. `cryo.h` makes `cryo_init_mpi`
+/// call [`cryo_init_mpi_handle`], which also checks the program's MPI; this
+/// symbol stays for programs built against an older header.
 ///
 /// # Safety
 ///
-/// `comm` is a valid communicator of an initialised MPI library (MPICH's
-/// `MPI_Comm`), used by the calling thread.
+/// `comm` is a valid communicator of an initialised MPI library, the one
+/// this build was linked with, used by the calling thread.
 #[cfg(feature = "mpi")]
 #[no_mangle]
 pub unsafe extern "C" fn cryo_init_mpi(comm: mpi::ffi::MPI_Comm) -> c_int {
     guard(|| {
         // SAFETY: forwarded caller contract.
-        match unsafe { crate::quiesce::init_mpi_raw(comm) } {
-            Ok(_) => CRYO_OK,
-            Err(err) => set_error(init_code(&err), err.to_string()),
-        }
+        init_result(unsafe { crate::quiesce::init_mpi_raw(comm) })
     })
+}
+
+/// [`cryo_init_mpi`] from the address of the communicator and
+/// `sizeof(MPI_Comm)` in the caller's MPI: a program (or binding) built for
+/// another MPI than this flavour of the runtime gets `CRYO_ERR_CONFIG`
+/// naming the library to link, before its handle is read.
+///
+/// # Safety
+///
+/// `comm` is null or points to `comm_bytes` readable bytes; when
+/// `comm_bytes` is this flavour's handle size, they hold a valid
+/// communicator of an initialised MPI library, used by the calling thread.
+#[cfg(feature = "mpi")]
+#[no_mangle]
+pub unsafe extern "C" fn cryo_init_mpi_handle(comm: *const c_void, comm_bytes: usize) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract (null is refused there).
+        init_result(unsafe { crate::quiesce::init_mpi_handle(comm, comm_bytes) })
+    })
+}
+
+fn init_result(result: Result<crate::InitInfo, InitError>) -> c_int {
+    match result {
+        Ok(_) => CRYO_OK,
+        Err(err) => set_error(init_code(&err), err.to_string()),
+    }
+}
+
+/// The MPI this flavour of the runtime was built for: `"mpich"` (MPICH and
+/// its ABI family: `int` handles) or `"openmpi"` (pointer handles), as a
+/// static NUL-terminated string; `"none"` in a build without MPI.
+///
+/// # Safety
+///
+/// Always safe to call; the string must not be freed.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_mpi_flavour() -> *const c_char {
+    #[cfg(feature = "mpi")]
+    let name = crate::MpiFlavour::BUILT.c_name();
+    #[cfg(not(feature = "mpi"))]
+    let name = c"none";
+    name.as_ptr()
 }
 
 /// Creates an anonymous region of `len` bytes and stores its address in

@@ -21,7 +21,10 @@ use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
 
+pub mod heat2d;
 pub mod state;
+
+pub use heat2d::Heat2dFiles;
 
 /// The directory holding the workspace's built binaries (`target/debug`).
 pub fn bin_dir() -> PathBuf {
@@ -680,94 +683,4 @@ pub fn output_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// The heat2d example's files in a folder of their own: its input, and the
-/// arguments that make a run write `<tag>.log` (the residual per
-/// iteration) and `<tag>.out` (the final grid) there.
-#[derive(Debug)]
-pub struct Heat2dFiles {
-    dir: tempfile::TempDir,
-}
-
-impl Heat2dFiles {
-    /// Grid size.
-    pub const N: &'static str = "96";
-    /// Iterations of a run.
-    pub const ITERS: usize = 100;
-
-    /// Makes the folder and the input field with `heat2d --make-input`.
-    pub fn new(prefix: &str, heat2d: &Path) -> Heat2dFiles {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
-        let out = Command::new(heat2d)
-            .arg("--make-input")
-            .arg(dir.path().join("input.bin"))
-            .args(["--n", Self::N])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "heat2d --make-input: {}",
-            output_text(&out)
-        );
-        Heat2dFiles { dir }
-    }
-
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A file in the folder.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// heat2d's arguments for a run named `tag`, sleeping `step_ms` per
-    /// iteration.
-    pub fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
-        vec![
-            "--n".into(),
-            Self::N.into(),
-            "--iters".into(),
-            Self::ITERS.to_string(),
-            "--step-ms".into(),
-            step_ms.to_string(),
-            "--input".into(),
-            self.path("input.bin").display().to_string(),
-            "--log".into(),
-            self.path(&format!("{tag}.log")).display().to_string(),
-            "--output".into(),
-            self.path(&format!("{tag}.out")).display().to_string(),
-        ]
-    }
-
-    /// The uninterrupted reference run of `program` (the Rust or C heat2d)
-    /// with MPICH, without cryo.
-    pub fn reference(&self, program: &Path, ranks: u32) {
-        let out = Command::new("mpiexec")
-            .args(["-n", &ranks.to_string()])
-            .arg(program)
-            .args(self.app_args("reference", 0))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "reference run failed: {}",
-            output_text(&out)
-        );
-    }
-
-    /// The run named `tag` ended byte-identical to the reference: the
-    /// final grid and the residual log.
-    pub fn assert_matches_reference(&self, tag: &str) {
-        assert_same_file(
-            &self.path("reference.out"),
-            &self.path(&format!("{tag}.out")),
-        );
-        assert_same_file(
-            &self.path("reference.log"),
-            &self.path(&format!("{tag}.log")),
-        );
-    }
 }

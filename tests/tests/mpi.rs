@@ -5,275 +5,25 @@
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use cryo_tests::{build_packages, lines, output_text, wait_until, Heat2dFiles};
+use cryo_tests::heat2d::{built, c_heat2d, checkpoint_kill_restart_elsewhere, Case, Mpi, Program};
+use cryo_tests::state::wait_child;
+use cryo_tests::{lines, output_text, wait_until, Heat2dFiles};
 
 const ITERS: usize = Heat2dFiles::ITERS;
 
-fn mpiexec() -> Option<PathBuf> {
-    let ok = Command::new("mpiexec")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED: no mpiexec (install mpich); the MPI end-to-end tests did not run");
-    }
-    ok.then(|| PathBuf::from("mpiexec"))
-}
-
-/// Builds `cryo`, `cryo-agent`, `heat2d` and `libcryo_rank` once.
-fn built() -> PathBuf {
-    build_packages(&["cryo-coordinator", "cryo-agent", "cryo-heat2d", "cryo-rank"])
-}
-
-/// The C heat2d, built with mpicc against libcryo_rank.
-fn c_heat2d() -> Option<PathBuf> {
-    static BUILT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let bins = built();
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            let out = std::env::temp_dir().join(format!("cryo-heat2d-c-{}", std::process::id()));
-            let status = Command::new("mpicc")
-                .args(["-O2", "-Wall", "-Werror", "-o"])
-                .arg(&out)
-                .arg(root.join("examples/c/heat2d.c"))
-                .arg("-I")
-                .arg(root.join("rank/include"))
-                .arg("-L")
-                .arg(&bins)
-                .arg("-lcryo_rank")
-                .arg("-lm")
-                .arg(format!("-Wl,-rpath,{}", bins.display()))
-                .status();
-            match status {
-                Ok(s) if s.success() => Some(out),
-                Ok(s) => panic!("compiling examples/c/heat2d.c failed: {s}"),
-                Err(_) => {
-                    eprintln!("SKIPPED: no mpicc; the C heat2d test did not run");
-                    None
-                }
-            }
-        })
-        .clone()
-}
-
-struct Case {
-    files: Heat2dFiles,
-    program: PathBuf,
-}
-
-impl Case {
-    fn new(program: PathBuf) -> Case {
-        let files = Heat2dFiles::new("cryo-mpi-", &built().join("heat2d"));
-        Case { files, program }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.files.path(name)
-    }
-
-    fn store(&self) -> PathBuf {
-        self.path("store")
-    }
-
-    fn app_args(&self, tag: &str, step_ms: u32) -> Vec<String> {
-        self.files.app_args(tag, step_ms)
-    }
-
-    /// The uninterrupted reference run, without cryo.
-    fn reference(&self, ranks: u32) {
-        self.files.reference(&self.program, ranks);
-    }
-
-    fn cryo(&self) -> Command {
-        let mut cmd = Command::new(built().join("cryo"));
-        cmd.env("CRYO_STORE", self.store())
-            .env("CRYO_LOG", "info")
-            .current_dir(self.files.dir());
-        cmd
-    }
-
-    /// `cryo run` in the background.
-    fn start(&self, job: &str, nodes: &str, ranks: u32, extra: &[&str], step_ms: u32) -> Job {
-        self.start_with_env(job, nodes, ranks, extra, step_ms, &[])
-    }
-
-    /// [`Case::start`] with extra environment for `cryo run` and what it
-    /// starts (say, `CRYO_FAULT`).
-    fn start_with_env(
-        &self,
-        job: &str,
-        nodes: &str,
-        ranks: u32,
-        extra: &[&str],
-        step_ms: u32,
-        env: &[(&str, &str)],
-    ) -> Job {
-        let log = self.path(&format!("cryo-run-{job}.log"));
-        let child = self
-            .cryo()
-            .envs(env.iter().copied())
-            .args([
-                "run",
-                "--job",
-                job,
-                "--nodes",
-                nodes,
-                "-n",
-                &ranks.to_string(),
-            ])
-            .arg("--scratch")
-            .arg(self.path(&format!("scratch-{job}")))
-            .args(extra)
-            .arg("--")
-            .arg(&self.program)
-            .args(self.app_args("run", step_ms))
-            .stdout(fs::File::create(self.path("run.stdout")).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Job {
-            child: Some(child),
-            log,
+/// MPICH, or `None` after saying why these tests did not run.
+fn mpiexec() -> Option<()> {
+    match Mpi::Mpich.missing() {
+        None => Some(()),
+        Some(problem) => {
+            eprintln!("SKIPPED: {problem} (install mpich); the MPI end-to-end tests did not run");
+            None
         }
     }
-
-    fn restart(&self, job: &str, nodes: &str, extra: &[&str]) -> Output {
-        self.cryo()
-            .args(["restart", job, "--nodes", nodes])
-            .arg("--scratch")
-            .arg(self.path(&format!("scratch-{job}-restart")))
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
-    fn committed(&self, job: &str) -> Vec<u64> {
-        cryo_core::Store::open(self.store())
-            .and_then(|s| s.job(job))
-            .ok()
-            .and_then(|j| j.committed_epochs().ok())
-            .unwrap_or_default()
-    }
-
-    /// SIGKILLs every process whose command line mentions this case's
-    /// directory: `cryo run`, the agents, mpiexec, its proxies and the ranks.
-    fn kill_everything(&self) {
-        cryo_tests::kill_every_process_mentioning(&self.files.dir().display().to_string());
-    }
-
-    fn assert_matches_reference(&self) {
-        self.files.assert_matches_reference("run");
-    }
-}
-
-impl Drop for Case {
-    fn drop(&mut self) {
-        self.kill_everything();
-    }
-}
-
-struct Job {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Job {
-    fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        wait_child(&mut child, Duration::from_secs(120), &self.log)
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_child(child: &mut Child, timeout: Duration, log: &Path) -> std::process::ExitStatus {
-    let mut status = None;
-    wait_until("the job to finish", timeout, || {
-        status = child.try_wait().unwrap();
-        if status.is_none() && log.exists() {
-            // keep polling
-        }
-        status.is_some()
-    });
-    status.unwrap()
-}
-
-fn checkpoint(case: &Case, job: &str) -> Output {
-    case.cryo().args(["checkpoint", job]).output().unwrap()
-}
-
-/// Checkpoint at about iteration 50 of 100 on 2 emulated nodes, kill -9
-/// everything, restart on 4 nodes, then again on 1 node: both byte-identical.
-fn checkpoint_kill_restart_elsewhere(program: PathBuf) {
-    let case = Case::new(program);
-    case.reference(4);
-    let job = case.start("heat", "a:2,b:2", 4, &[], 40);
-    wait_until("iteration 45", Duration::from_secs(60), || {
-        lines(&case.path("run.log")) >= 45
-    });
-    let out = checkpoint(&case, "heat");
-    assert!(
-        out.status.success(),
-        "cryo checkpoint failed: {}\n{}",
-        output_text(&out),
-        job.log_text()
-    );
-    assert!(
-        output_text(&out).contains("epoch 1 committed"),
-        "{}",
-        output_text(&out)
-    );
-    // heat2d holds nothing a restart cannot give back: the runtime's own
-    // control page and MPICH's shared memory are not the application's.
-    assert!(
-        !output_text(&out).contains("warning"),
-        "no warning expected: {}",
-        output_text(&out)
-    );
-    let at = lines(&case.path("run.log"));
-    assert!(at < ITERS, "the job finished before it was killed");
-    case.kill_everything();
-    drop(job);
-
-    let out = case.restart("heat", "c:1,d:1,e:1,f:1", &[]);
-    assert!(
-        out.status.success(),
-        "restart on 4 nodes failed: {}",
-        output_text(&out)
-    );
-    assert!(
-        output_text(&out).contains("restarting job \"heat\" from epoch 1"),
-        "{}",
-        output_text(&out)
-    );
-    case.assert_matches_reference();
-
-    let out = case.restart("heat", "solo", &["--epoch", "1"]);
-    assert!(
-        out.status.success(),
-        "restart on 1 node failed: {}",
-        output_text(&out)
-    );
-    case.assert_matches_reference();
 }
 
 #[test]
@@ -281,7 +31,7 @@ fn rust_heat2d_checkpoint_kill_restart_on_other_nodes() {
     if mpiexec().is_none() {
         return;
     }
-    checkpoint_kill_restart_elsewhere(built().join("heat2d"));
+    checkpoint_kill_restart_elsewhere(Program::compiled(built().join("heat2d"), Mpi::Mpich));
 }
 
 #[test]
@@ -289,8 +39,7 @@ fn c_heat2d_checkpoint_kill_restart_on_other_nodes() {
     if mpiexec().is_none() {
         return;
     }
-    let Some(program) = c_heat2d() else { return };
-    checkpoint_kill_restart_elsewhere(program);
+    checkpoint_kill_restart_elsewhere(Program::compiled(c_heat2d(Mpi::Mpich), Mpi::Mpich));
 }
 
 #[test]
@@ -298,7 +47,7 @@ fn interval_checkpoints_then_restart_from_the_last() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("heat2d"));
+    let case = Case::mpich(built().join("heat2d"));
     case.reference(3);
     let job = case.start(
         "interval",
@@ -343,7 +92,7 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("heat2d"));
+    let case = Case::mpich(built().join("heat2d"));
     case.reference(4);
     // Every agent holds epoch 2's parked ranks for 3 s before copying them,
     // so node b's agent is always killed in the middle of the epoch.
@@ -358,7 +107,7 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
     wait_until("iteration 20", Duration::from_secs(60), || {
         lines(&case.path("run.log")) >= 20
     });
-    let out = checkpoint(&case, "fault");
+    let out = case.checkpoint("fault");
     assert!(
         output_text(&out).contains("epoch 1 committed"),
         "{}",
@@ -386,7 +135,7 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let status = wait_child(&mut checkpoint2, Duration::from_secs(60), &agent_log);
+    let status = wait_child(&mut checkpoint2, Duration::from_secs(60));
     let mut answer = String::new();
     use std::io::Read;
     checkpoint2
@@ -452,7 +201,7 @@ fn signals_status_and_preempt_then_restart() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("heat2d"));
+    let case = Case::mpich(built().join("heat2d"));
     case.reference(2);
     let mut job = case.start("signals", "a:1,b:1", 2, &[], 50);
     wait_until("iteration 15", Duration::from_secs(60), || {
@@ -530,7 +279,7 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("heat2d"));
+    let case = Case::mpich(built().join("heat2d"));
     case.reference(2);
     let mut job = case.start("term", "a:2", 2, &["--interval", "0.3"], 50);
     wait_until("two committed epochs", Duration::from_secs(60), || {
@@ -586,30 +335,19 @@ fn start_quiesce_bench(
     env: &[(&str, &str)],
     extra: &[&str],
 ) -> (Child, PathBuf) {
-    let log = case.path(&format!("cryo-run-{job}.log"));
+    let mut args: Vec<String> = [
+        "--iters",
+        "10",
+        "--run-secs",
+        "20",
+        "--state-bytes",
+        "1048576",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let mut running = case.spawn(job, "a:1,b:1", 2, &[], &args, env);
     let out = case.path(&format!("{job}.stdout"));
-    let child = case
-        .cryo()
-        .env_remove("CRYO_QUIESCE_SLACK")
-        .envs(env.iter().copied())
-        .args(["run", "--job", job, "--nodes", "a:1,b:1", "-n", "2"])
-        .arg("--scratch")
-        .arg(case.path(&format!("scratch-{job}")))
-        .arg("--")
-        .arg(&case.program)
-        .args([
-            "--iters",
-            "10",
-            "--run-secs",
-            "20",
-            "--state-bytes",
-            "1048576",
-        ])
-        .args(extra)
-        .stdout(fs::File::create(&out).unwrap())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
     // Rank 0 prints its figures when the measurement ends and the long run
     // (where `--in-flight` applies) begins.
     wait_until("the measurement to end", Duration::from_secs(60), || {
@@ -619,7 +357,7 @@ fn start_quiesce_bench(
     });
     // Let the ranks measure their pace before asking.
     std::thread::sleep(Duration::from_millis(300));
-    (child, log)
+    (running.child.take().unwrap(), running.log.clone())
 }
 
 /// Short iterations (1 ms) give the ranks twenty safe points of slack in an
@@ -631,10 +369,10 @@ fn short_iterations_keep_every_rank_on_the_same_safe_point() {
     if mpiexec().is_none() {
         return;
     }
-    let case = Case::new(built().join("quiesce-bench"));
+    let case = Case::mpich(built().join("quiesce-bench"));
     let (mut child, log) = start_quiesce_bench(&case, "short", &[], &[]);
     for epoch in 1..=2 {
-        let out = checkpoint(&case, "short");
+        let out = case.checkpoint("short");
         assert!(
             out.status.success() && output_text(&out).contains(&format!("epoch {epoch} committed")),
             "checkpoint {epoch}: {}\n{}",
@@ -650,9 +388,9 @@ fn short_iterations_keep_every_rank_on_the_same_safe_point() {
 /// asserts that epoch 1 is refused with `why` in the answer, nothing is
 /// committed, and the job computes on.
 fn assert_refused(job: &str, env: &[(&str, &str)], extra: &[&str], why: &str) {
-    let case = Case::new(built().join("quiesce-bench"));
+    let case = Case::mpich(built().join("quiesce-bench"));
     let (mut child, log) = start_quiesce_bench(&case, job, env, extra);
-    let out = checkpoint(&case, job);
+    let out = case.checkpoint(job);
     let said = output_text(&out);
     assert!(!out.status.success(), "must not commit: {said}");
     assert!(

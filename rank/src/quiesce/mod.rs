@@ -79,6 +79,8 @@
 //!   it drives a small `Collectives` trait.
 //! * `pace.rs`: a rank's pace and what follows from it: the slack of a
 //!   join, the looks for a ring, the patience at the target.
+//! * `flavour.rs`: which MPI this build speaks (MPICH's `int` handles or
+//!   Open MPI's pointers), and the check of a program's handle size.
 //! * `mpi.rs`: the MPI binding, `Collectives` over `mpi::ffi`: the private
 //!   communicators, the `MPI_Iallreduce`s, the probe, the ring and its bell.
 //! * `mod.rs` (this file): the rank's one `Quiesce` behind a lock, the
@@ -90,6 +92,7 @@
 //!   message in flight, a rank leaving the target or its loop).
 
 mod agreement;
+mod flavour;
 mod mpi;
 mod pace;
 #[cfg(test)]
@@ -109,6 +112,7 @@ use crate::error::{CheckpointError, InitError};
 use crate::runtime::{self, InitInfo, SafePoint};
 
 pub use self::agreement::{MAX_ATTEMPTS, RING_AFTER};
+pub use self::flavour::{MpiFlavour, HANDLE_BYTES};
 pub use self::mpi::PROBE_WINDOW;
 use self::pace::MAX_SLACK;
 pub use self::pace::{
@@ -137,7 +141,31 @@ pub fn init_mpi<C: Communicator>(comm: &C) -> Result<InitInfo, InitError> {
     unsafe { init_mpi_raw(comm.as_raw()) }
 }
 
-/// [`init_mpi`] from a raw communicator handle (the C API).
+/// [`init_mpi_raw`] from the address of a communicator handle and its size
+/// (`sizeof(MPI_Comm)`) in the caller's MPI: a program or binding built
+/// for another MPI than this runtime gets [`InitError::WrongMpi`] before
+/// its handle is read (the C API, the Python package).
+///
+/// # Safety
+/// `comm` must point to `comm_bytes` readable bytes; when `comm_bytes` is
+/// this build's handle size, they must hold a valid communicator of an
+/// initialised MPI library, used by this thread.
+pub unsafe fn init_mpi_handle(
+    comm: *const std::ffi::c_void,
+    comm_bytes: usize,
+) -> Result<InitInfo, InitError> {
+    MpiFlavour::check(comm_bytes)?;
+    if comm.is_null() {
+        return Err(InitError::Mpi("the communicator's address is NULL".into()));
+    }
+    // SAFETY: non-null, `comm_bytes` (= the size of a handle) readable bytes
+    // per the contract; unaligned because a binding's buffer may be.
+    let comm = unsafe { comm.cast::<ffi::MPI_Comm>().read_unaligned() };
+    // SAFETY: a valid communicator used by this thread (the contract).
+    unsafe { init_mpi_raw(comm) }
+}
+
+/// [`init_mpi`] from a raw communicator handle.
 ///
 /// # Safety
 /// `comm` must be a valid communicator of an initialised MPI library, used

@@ -64,12 +64,18 @@ pub(crate) struct Mpi {
 }
 
 // SAFETY: `Send` is needed only because the quiesce state lives in a static
-// `Mutex`. The fields are MPI handles (plain integers in MPICH; in Open MPI,
-// pointers to objects the library allocates for the whole process) and
-// plain integers. Rust never dereferences a handle: it only passes it back
-// to MPI, and neither library ties a handle to the thread that created it.
-// What MPI does restrict is which threads may call it, and when: every call
-// through these handles is made under that `Mutex` (one call at a time, as
+// `Mutex`. The fields are MPI handles and plain integers. With MPICH every
+// handle is an `int` and this impl adds nothing. With Open MPI (the
+// `libcryo_rank_openmpi` flavour, the same code) a handle is a raw pointer:
+// `agree_comm`, `bell_comm` and the bell's request point to objects
+// `MPI_Comm_dup`/`MPI_Irecv` allocated in the library's heap, which stay
+// valid until `MPI_Comm_free`/completion, whichever thread asks; `app_comm`
+// may point to a predefined object (`ompi_mpi_comm_world`), a global of the
+// library. Rust never dereferences a handle of either kind: it only passes
+// it back to MPI, and neither library ties a handle to the thread that
+// created it (no thread-local objects behind them). What MPI does restrict
+// is which threads may call it, and when: every call through these handles
+// is made under that `Mutex` (one call at a time, as
 // `MPI_THREAD_SERIALIZED` asks), from the safe point or `finalize`, which
 // the application calls from the thread that makes its MPI calls (the
 // contract of `init_mpi_raw`, as `MPI_THREAD_FUNNELED` asks).
@@ -201,8 +207,10 @@ pub(crate) struct Collective<const N: usize> {
     done: bool,
 }
 
-// SAFETY: as for `Mpi` (the request is a handle, only passed back to MPI
-// under the quiesce's `Mutex`); the buffers are a plain heap allocation.
+// SAFETY: as for `Mpi`: the request is a handle (an `int` in MPICH, a
+// pointer to a request object the library allocated in Open MPI), only
+// passed back to MPI under the quiesce's `Mutex`, never dereferenced by
+// Rust; the buffers are a plain heap allocation owned by this value.
 unsafe impl<const N: usize> Send for Collective<N> {}
 
 impl<const N: usize> Collective<N> {

@@ -1,0 +1,126 @@
+"""cryo for mpi4py programs: checkpoint/restart through libcryo_rank.
+
+Call :func:`init_mpi` once after MPI is initialised (importing
+``mpi4py.MPI`` does it), keep the program's state in :func:`region` arrays,
+call :func:`checkpoint_point` where the state is consistent (the same
+number of times on every rank), and :func:`finalize` before MPI ends. On a
+restart, :func:`init_mpi` puts the rank's files back and :func:`region`
+hands back the arrays' contents at the checkpoint.
+"""
+
+import ctypes
+import math
+import sys
+
+import numpy as np
+
+from ._lib import ENV_RANK_LIB, LIBRARIES, Error, load, mpi_flavour
+
+__all__ = [
+    "ABORTED",
+    "CHECKPOINTED",
+    "CONTINUE",
+    "ENV_RANK_LIB",
+    "Error",
+    "LIBRARIES",
+    "checkpoint_point",
+    "finalize",
+    "init_mpi",
+    "mpi_flavour",
+    "region",
+    "restored_epoch",
+]
+
+#: :func:`checkpoint_point`: no checkpoint was pending.
+CONTINUE = 0
+#: :func:`checkpoint_point`: the rank was checkpointed and resumed.
+CHECKPOINTED = 1
+#: :func:`checkpoint_point`: the agent abandoned the checkpoint.
+ABORTED = 2
+
+_lib = None
+
+
+def _runtime():
+    if _lib is None:
+        raise Error("cryo is not initialised: call cryo.init_mpi(comm) first", 2)
+    return _lib
+
+
+def _check(code):
+    """Raises :class:`Error` with the library's message for a failed call."""
+    if code != 0:
+        raise Error(_lib.cryo_strerror(code).decode(errors="replace"), code)
+
+
+def init_mpi(comm=None):
+    """Registers this rank with its node's cryo agent and attaches cryo's
+    quiesce protocol to duplicates of ``comm`` (an ``mpi4py.MPI.Comm``,
+    default ``COMM_WORLD``). Loads the libcryo_rank of mpi4py's MPI first
+    (see :data:`ENV_RANK_LIB`). On a restart, the rank's files are back
+    when it returns."""
+    global _lib
+    from mpi4py import MPI
+
+    if comm is None:
+        comm = MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"cryo.init_mpi needs an mpi4py communicator, not {type(comm).__name__}")
+    if _lib is not None:
+        raise Error("cryo is already initialised in this process", 3)
+    lib = load(MPI.Get_library_version())
+    size = MPI._sizeof(comm)
+    handle = MPI._handleof(comm)
+    try:
+        raw = handle.to_bytes(size, sys.byteorder, signed=handle < 0)
+    except OverflowError:
+        raise Error(f"mpi4py's handle {handle:#x} does not fit its size of {size} bytes") from None
+    buffer = ctypes.create_string_buffer(raw, size)
+    _lib = lib
+    try:
+        _check(lib.cryo_init_mpi_handle(buffer, size))
+    except Error:
+        _lib = None
+        raise
+
+
+def region(name, shape, dtype=np.float64):
+    """A NumPy array of ``shape`` and ``dtype`` over the region ``name``: at
+    a fixed address, zero on a fresh start, its contents at the checkpoint
+    on a restart. The array stays valid for the life of the process."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"a region name is a non-empty string without NUL, not {name!r}")
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+        raise ValueError(f"a region's shape is non-negative integers, not {shape!r}")
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise ValueError(f"a region holds plain data, not {dtype} (Python objects)")
+    count = math.prod(int(d) for d in shape)
+    nbytes = count * dtype.itemsize
+    lib = _runtime()
+    address = ctypes.c_void_p()
+    _check(lib.cryo_region(name.encode(), nbytes, ctypes.byref(address)))
+    memory = (ctypes.c_char * nbytes).from_address(address.value)
+    return np.frombuffer(memory, dtype=dtype, count=count).reshape(shape)
+
+
+def checkpoint_point():
+    """The safe point: call it where the rank's state is consistent, the
+    same number of times on every rank. Returns :data:`CONTINUE`,
+    :data:`CHECKPOINTED` or :data:`ABORTED`."""
+    code = _runtime().cryo_checkpoint_point()
+    if code < 0:
+        _check(-code)
+    return code
+
+
+def restored_epoch():
+    """The epoch this process restarted from, or 0 on a fresh start."""
+    return int(_runtime().cryo_restored_epoch())
+
+
+def finalize():
+    """Leaves cryo (collective over the communicator given to
+    :func:`init_mpi`); call it before MPI ends. Regions stay mapped."""
+    _check(_runtime().cryo_finalize())

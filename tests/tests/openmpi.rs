@@ -1,0 +1,62 @@
+//! The C heat2d with Open MPI: compiled with `mpicc.openmpi` against the
+//! `libcryo_rank_openmpi` flavour (built by `scripts/build-openmpi.sh`),
+//! run under `cryo run --launcher mpirun.openmpi`: the same checkpoint →
+//! `kill -9` → restart-on-other-nodes test as with MPICH, byte-identical.
+//! And a program linked with the wrong flavour gets a clear error.
+//!
+//! Without Open MPI these tests fail, loudly: set `CRYO_SKIP_OPENMPI=1` to
+//! skip them on a machine that cannot run it (they then print SKIPPED).
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use cryo_tests::heat2d::{
+    built, c_heat2d, checkpoint_kill_restart_elsewhere, compile_c_heat2d, openmpi_available,
+    Heat2dFiles, Mpi, Program,
+};
+use cryo_tests::output_text;
+
+#[test]
+fn c_heat2d_with_open_mpi_checkpoint_kill_restart_on_other_nodes() {
+    if !openmpi_available() {
+        return;
+    }
+    let program = Program::compiled(c_heat2d(Mpi::OpenMpi), Mpi::OpenMpi);
+    let case = checkpoint_kill_restart_elsewhere(program);
+    // Open MPI's run computes what MPICH's does.
+    case.files.run_without_cryo(
+        &Program::compiled(c_heat2d(Mpi::Mpich), Mpi::Mpich),
+        4,
+        "mpich",
+    );
+    case.files.assert_runs_match("mpich", "run");
+}
+
+/// An Open MPI program linked with the MPICH flavour must not pass its
+/// pointer handle to MPICH code: `cryo_init_mpi` refuses it, naming the
+/// library to link.
+#[test]
+fn an_open_mpi_program_linked_with_the_mpich_flavour_is_told_which_to_link() {
+    if !openmpi_available() {
+        return;
+    }
+    let bins = built();
+    let files = Heat2dFiles::new("cryo-wrong-flavour-", &bins.join("heat2d"));
+    let exe = files.path("heat2d-c-wrong");
+    let compiled = compile_c_heat2d(Mpi::OpenMpi, &bins, Mpi::Mpich.rank_lib(), &exe);
+    assert!(compiled.status.success(), "{}", output_text(&compiled));
+    let out = Mpi::OpenMpi
+        .launch(1)
+        .env_remove("CRYO_AGENT_SOCKET")
+        .arg(&exe)
+        .args(files.app_args("wrong", 0))
+        .output()
+        .unwrap();
+    let said = output_text(&out);
+    assert!(!out.status.success(), "must refuse: {said}");
+    assert!(
+        said.contains(
+            "cryo_init_mpi: this program's MPI_Comm is 8 bytes (openmpi handles), but this \
+             libcryo_rank was built for mpich (4-byte handles): link libcryo_rank_openmpi.so"
+        ),
+        "{said}"
+    );
+}

@@ -1,0 +1,224 @@
+//! The Python package (`python/`, `import cryo`) with Debian's mpi4py,
+//! which is built against Open MPI, so it loads the `libcryo_rank_openmpi`
+//! flavour: installed with pip from the repository into a virtual
+//! environment, its errors, and the Python heat2d
+//! (`examples/python/heat2d.py`) under `cryo run`: checkpoint, `kill -9`,
+//! restart on other nodes, byte-identical to an uninterrupted run and to
+//! the C heat2d.
+//!
+//! Without Open MPI or Python with NumPy and mpi4py these tests fail,
+//! loudly: set `CRYO_SKIP_OPENMPI=1` or `CRYO_SKIP_PYTHON=1` to skip them on
+//! a machine that cannot run them (they then print SKIPPED).
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cryo_tests::heat2d::{
+    c_heat2d, checkpoint_kill_restart_elsewhere, openmpi_available, openmpi_flavour, repo_root,
+    Mpi, Program,
+};
+use cryo_tests::{bin_dir, output_text};
+
+/// The interpreter Debian's `python3-numpy` and `python3-mpi4py` belong to.
+const PYTHON: &str = "/usr/bin/python3";
+const SKIP_PYTHON: &str = "CRYO_SKIP_PYTHON";
+
+/// Whether Python with NumPy, mpi4py and pip can run here (and Open MPI,
+/// which Debian's mpi4py uses).
+fn python_available() -> bool {
+    if !openmpi_available() {
+        return false;
+    }
+    let check = Command::new(PYTHON)
+        .args(["-c", "import numpy, mpi4py, pip, venv"])
+        .output();
+    let problem = match check {
+        Ok(out) if out.status.success() => return true,
+        Ok(out) => output_text(&out),
+        Err(err) => format!("{PYTHON}: {err}"),
+    };
+    if std::env::var_os(SKIP_PYTHON).is_some() {
+        eprintln!("\n*** SKIPPED: the Python tests did not run: {problem} ***\n");
+        return false;
+    }
+    panic!(
+        "the Python tests cannot run: {problem} (scripts/install-deps.sh installs python3-numpy, \
+         python3-mpi4py, python3-pip and python3-venv). Set {SKIP_PYTHON}=1 to skip them knowingly."
+    );
+}
+
+/// A virtual environment (seeing the system's NumPy and mpi4py) with the
+/// package installed by `pip install python/`; removed on drop.
+struct Venv {
+    dir: tempfile::TempDir,
+}
+
+impl Venv {
+    fn new() -> Venv {
+        let dir = tempfile::Builder::new()
+            .prefix("cryo-venv-")
+            .tempdir()
+            .unwrap();
+        let made = Command::new(PYTHON)
+            .args(["-m", "venv", "--system-site-packages", "--without-pip"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "python3 -m venv: {}",
+            output_text(&made)
+        );
+        let venv = Venv { dir };
+        // pip builds in the source tree (build/, *.egg-info): build a copy,
+        // so that the repository stays clean.
+        let source = venv.dir.path().join("src");
+        let copied = Command::new("cp")
+            .arg("-r")
+            .arg(repo_root().join("python"))
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(copied.status.success(), "{}", output_text(&copied));
+        // Offline: the build backend (setuptools), pip itself and the
+        // dependencies are the system's.
+        let pip = Command::new(venv.python())
+            .args(["-m", "pip", "install", "--no-index", "--no-build-isolation"])
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(
+            pip.status.success(),
+            "pip install python/: {}",
+            output_text(&pip)
+        );
+        venv
+    }
+
+    fn python(&self) -> PathBuf {
+        self.dir.path().join("bin/python")
+    }
+
+    /// Runs `code` under `mpirun.openmpi -np 1`, with `CRYO_RANK_LIB` set
+    /// to `rank_lib` (or unset), without an agent.
+    fn run(&self, code: &str, rank_lib: Option<&Path>) -> Output {
+        let mut cmd = Mpi::OpenMpi.launch(1);
+        cmd.env_remove("CRYO_AGENT_SOCKET")
+            .env_remove("CRYO_RANK_LIB");
+        if let Some(lib) = rank_lib {
+            cmd.env("CRYO_RANK_LIB", lib);
+        }
+        // Outside the repository, so that `import cryo` finds the installed
+        // package, not the source folder.
+        cmd.current_dir(std::env::temp_dir())
+            .arg(self.python())
+            .args(["-c", code])
+            .output()
+            .unwrap()
+    }
+}
+
+#[test]
+fn pip_installs_the_package_from_the_repository() {
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let out = Command::new(venv.python())
+        .current_dir(std::env::temp_dir())
+        .args(["-c", "import cryo; print(cryo.__file__)"])
+        .output()
+        .unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.trim()
+            .starts_with(&venv.dir.path().display().to_string()),
+        "cryo should be imported from the venv {}: {said}",
+        venv.dir.path().display()
+    );
+}
+
+/// The package's errors: a call before `init_mpi`, no library where
+/// `CRYO_RANK_LIB` says, and the MPICH flavour under mpi4py's Open MPI:
+/// each a `cryo.Error` saying what to do, never a crash.
+#[test]
+fn python_errors_name_the_problem() {
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let try_init = "import cryo\n\
+                    try:\n    cryo.init_mpi()\n\
+                    except cryo.Error as err:\n    print('init:', err)\n    raise SystemExit(3)\n\
+                    print('init: ok')\n";
+
+    let out = venv.run(
+        "import cryo, numpy\n\
+         try:\n    cryo.region('x', 4, numpy.int64)\n\
+         except cryo.Error as err:\n    print('before init:', err)\n",
+        None,
+    );
+    assert!(
+        output_text(&out)
+            .contains("before init: cryo is not initialised: call cryo.init_mpi(comm) first"),
+        "{}",
+        output_text(&out)
+    );
+
+    let missing = std::env::temp_dir().join("cryo-no-such-folder");
+    let out = venv.run(try_init, Some(&missing));
+    let said = output_text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("init: cannot load libcryo_rank_openmpi.so (cryo's runtime for openmpi")
+            && said.contains("set CRYO_RANK_LIB"),
+        "{said}"
+    );
+
+    cryo_tests::heat2d::built();
+    let out = venv.run(try_init, Some(&bin_dir().join("libcryo_rank.so")));
+    let said = output_text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("libcryo_rank.so was built for mpich, but mpi4py runs on openmpi")
+            && said.contains("use libcryo_rank_openmpi.so"),
+        "{said}"
+    );
+
+    // The right flavour, without an agent: runs alone (no checkpoints).
+    let out = venv.run(try_init, Some(&openmpi_flavour()));
+    assert!(
+        output_text(&out).contains("init: ok"),
+        "{}",
+        output_text(&out)
+    );
+}
+
+/// The Python heat2d under `cryo run` with Open MPI: checkpoint, `kill -9`
+/// of everything, restart on 4 and then 1 other nodes, each byte-identical
+/// to an uninterrupted Python run, which is byte-identical to the C one.
+#[test]
+fn python_heat2d_checkpoint_kill_restart_matches_c() {
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let program = Program {
+        exe: venv.python(),
+        lead: vec![repo_root().join("examples/python/heat2d.py").into()],
+        mpi: Mpi::OpenMpi,
+        env: vec![(
+            "CRYO_RANK_LIB".into(),
+            openmpi_flavour().display().to_string(),
+        )],
+    };
+    let case = checkpoint_kill_restart_elsewhere(program);
+    case.files.run_without_cryo(
+        &Program::compiled(c_heat2d(Mpi::OpenMpi), Mpi::OpenMpi),
+        4,
+        "c",
+    );
+    case.files.assert_runs_match("c", "run");
+}
