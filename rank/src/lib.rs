@@ -22,6 +22,7 @@ pub mod error;
 pub mod ffi;
 pub mod files;
 mod floor;
+mod gfortran;
 mod held;
 mod mappings;
 mod park;
