@@ -57,9 +57,16 @@ int cryo_init(void);
  * ranks talk only when a checkpoint is requested. The program owns
  * MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize (it is
  * collective over comm), and call cryo_checkpoint_point the same number of
- * times on every rank. Built against MPICH. */
+ * times on every rank. Built against MPICH. MPI_COMM_NULL is refused with
+ * CRYO_ERR_INVALID_ARGUMENT. */
 #if defined(MPI_VERSION)
 int cryo_init_mpi(MPI_Comm comm);
+
+/* cryo_init_mpi for a Fortran communicator handle (what `use mpi` gives,
+ * or MPI_VAL of `use mpi_f08`'s type(MPI_Comm)); the runtime converts it
+ * with MPI_Comm_f2c. The Fortran module `cryo` (rank/fortran/cryo.F90)
+ * calls this; C programs pass their MPI_Comm to cryo_init_mpi. */
+int cryo_init_mpi_f(MPI_Fint comm);
 #endif
 
 /* An anonymous region of len bytes at a deterministic address, stored in

@@ -97,6 +97,10 @@ pub enum InitError {
     /// MPI is not usable for the quiesce protocol.
     #[error("MPI: {0}")]
     Mpi(String),
+    /// The communicator handed to `cryo_init_mpi` is `MPI_COMM_NULL` (or,
+    /// from Fortran, a handle `MPI_Comm_f2c` does not know).
+    #[error("MPI: the communicator is MPI_COMM_NULL; pass MPI_COMM_WORLD or a communicator of every rank that checkpoints")]
+    NullCommunicator,
 }
 
 /// Restoring a rank's files or loading its record failed.

@@ -73,6 +73,7 @@ fn init_code(err: &InitError) -> c_int {
             CRYO_ERR_CONFIG
         }
         InitError::Restore(_) => CRYO_ERR_RESTORE,
+        InitError::NullCommunicator => CRYO_ERR_INVALID_ARGUMENT,
         _ => CRYO_ERR_AGENT,
     }
 }
@@ -147,13 +148,32 @@ pub unsafe extern "C" fn cryo_init() -> c_int {
 #[cfg(feature = "mpi")]
 #[no_mangle]
 pub unsafe extern "C" fn cryo_init_mpi(comm: mpi::ffi::MPI_Comm) -> c_int {
-    guard(|| {
-        // SAFETY: forwarded caller contract.
-        match unsafe { crate::quiesce::init_mpi_raw(comm) } {
-            Ok(_) => CRYO_OK,
-            Err(err) => set_error(init_code(&err), err.to_string()),
-        }
-    })
+    // SAFETY: forwarded caller contract.
+    guard(|| init_mpi_code(unsafe { crate::quiesce::init_mpi_raw(comm) }))
+}
+
+/// [`cryo_init_mpi`] for a Fortran communicator handle (`MPI_Fint`: the
+/// integer of `use mpi`, or `MPI_VAL` of `use mpi_f08`'s `type(MPI_Comm)`),
+/// which the runtime converts with `MPI_Comm_f2c`. The Fortran module
+/// `cryo` calls this one.
+///
+/// # Safety
+///
+/// `comm` is a valid Fortran communicator handle of an initialised MPI
+/// library, used by the calling thread.
+#[cfg(feature = "mpi")]
+#[no_mangle]
+pub unsafe extern "C" fn cryo_init_mpi_f(comm: mpi::ffi::RSMPI_Fint) -> c_int {
+    // SAFETY: forwarded caller contract.
+    guard(|| init_mpi_code(unsafe { crate::quiesce::init_mpi_fortran(comm) }))
+}
+
+#[cfg(feature = "mpi")]
+fn init_mpi_code(result: Result<crate::InitInfo, InitError>) -> c_int {
+    match result {
+        Ok(_) => CRYO_OK,
+        Err(err) => set_error(init_code(&err), err.to_string()),
+    }
 }
 
 /// Creates an anonymous region of `len` bytes and stores its address in

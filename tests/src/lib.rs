@@ -745,17 +745,32 @@ impl Heat2dFiles {
     /// The uninterrupted reference run of `program` (the Rust or C heat2d)
     /// with MPICH, without cryo.
     pub fn reference(&self, program: &Path, ranks: u32) {
-        let out = Command::new("mpiexec")
+        self.run_plain("mpiexec", program, ranks, "reference");
+    }
+
+    /// An uninterrupted run named `tag` of `program` (any heat2d) on
+    /// `ranks` ranks started by `launcher`, without cryo; panics unless it
+    /// succeeds, and returns its output.
+    pub fn run_plain(
+        &self,
+        launcher: &str,
+        program: &Path,
+        ranks: u32,
+        tag: &str,
+    ) -> std::process::Output {
+        let out = Command::new(launcher)
             .args(["-n", &ranks.to_string()])
             .arg(program)
-            .args(self.app_args("reference", 0))
+            .args(self.app_args(tag, 0))
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "reference run failed: {}",
+            "{tag} run of {} failed: {}",
+            program.display(),
             output_text(&out)
         );
+        out
     }
 
     /// The run named `tag` ended byte-identical to the reference: the
