@@ -57,7 +57,8 @@ int cryo_init(void);
  * ranks talk only when a checkpoint is requested. The program owns
  * MPI_Init/MPI_Finalize; call cryo_finalize before MPI_Finalize (it is
  * collective over comm), and call cryo_checkpoint_point the same number of
- * times on every rank.
+ * times on every rank. MPI_COMM_NULL is refused with
+ * CRYO_ERR_INVALID_ARGUMENT.
  *
  * One library per MPI: link -lcryo_rank with MPICH (and MPIs of its ABI),
  * -lcryo_rank_openmpi with Open MPI. cryo_init_mpi passes the address and
@@ -68,6 +69,13 @@ int cryo_init_mpi_handle(const void *comm, size_t comm_bytes);
 static inline int cryo_init_mpi(MPI_Comm comm) {
     return cryo_init_mpi_handle(&comm, sizeof comm);
 }
+
+/* cryo_init_mpi for a Fortran communicator handle (what `use mpi` gives,
+ * or MPI_VAL of `use mpi_f08`'s type(MPI_Comm)); the runtime converts it
+ * with MPI_Comm_f2c of the MPI it was built for. The Fortran module `cryo`
+ * (rank/fortran/cryo.F90) calls this; C programs pass their MPI_Comm to
+ * cryo_init_mpi. */
+int cryo_init_mpi_f(MPI_Fint comm);
 #endif
 
 /* The MPI this library was built for: "mpich" (int handles), "openmpi"

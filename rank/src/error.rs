@@ -113,6 +113,10 @@ pub enum InitError {
         /// The library file of the flavour the program needs.
         wanted: &'static str,
     },
+    /// The communicator handed to `cryo_init_mpi` is `MPI_COMM_NULL` (or,
+    /// from Fortran, a handle `MPI_Comm_f2c` does not know).
+    #[error("MPI: the communicator is MPI_COMM_NULL; pass MPI_COMM_WORLD or a communicator of every rank that checkpoints")]
+    NullCommunicator,
 }
 
 /// Restoring a rank's files or loading its record failed.

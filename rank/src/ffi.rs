@@ -74,6 +74,7 @@ fn init_code(err: &InitError) -> c_int {
         | InitError::FdFloor { .. }
         | InitError::WrongMpi { .. } => CRYO_ERR_CONFIG,
         InitError::Restore(_) => CRYO_ERR_RESTORE,
+        InitError::NullCommunicator => CRYO_ERR_INVALID_ARGUMENT,
         _ => CRYO_ERR_AGENT,
     }
 }
@@ -150,6 +151,24 @@ pub unsafe extern "C" fn cryo_init_mpi(comm: mpi::ffi::MPI_Comm) -> c_int {
     guard(|| {
         // SAFETY: forwarded caller contract.
         init_result(unsafe { crate::quiesce::init_mpi_raw(comm) })
+    })
+}
+
+/// [`cryo_init_mpi`] for a Fortran communicator handle (`MPI_Fint`: the
+/// integer of `use mpi`, or `MPI_VAL` of `use mpi_f08`'s `type(MPI_Comm)`),
+/// which the runtime converts with `MPI_Comm_f2c`. The Fortran module
+/// `cryo` calls this one.
+///
+/// # Safety
+///
+/// `comm` is a valid Fortran communicator handle of an initialised MPI
+/// library, used by the calling thread.
+#[cfg(feature = "mpi")]
+#[no_mangle]
+pub unsafe extern "C" fn cryo_init_mpi_f(comm: mpi::ffi::RSMPI_Fint) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        init_result(unsafe { crate::quiesce::init_mpi_fortran(comm) })
     })
 }
 

@@ -90,8 +90,8 @@ impl Baseline {
 }
 
 /// Flushes the C library's output streams and, when the process uses
-/// gfortran's runtime, every Fortran unit, so that buffered output is in
-/// its files before they are recorded.
+/// gfortran's runtime, every Fortran unit connected to a file, so that
+/// buffered output is in its files before they are recorded.
 pub(crate) fn flush_streams() {
     // SAFETY: fflush(NULL) flushes every output stream; it takes each
     // stream's own lock, so it is safe with other threads writing.
@@ -105,21 +105,14 @@ pub(crate) fn flush_streams() {
         // `unit` is NULL.
         let flush: extern "C" fn(*const i32) = unsafe { std::mem::transmute(flush) };
         flush(std::ptr::null());
-        // NEWUNIT= units are numbered -10, -11, … and flush(NULL) skips
-        // them. There cannot be more of them connected than open fds.
-        let bound = i32::try_from(open_fds().len())
-            .unwrap_or(i32::MAX)
-            .saturating_add(16);
-        for n in 0..bound {
-            let unit = FIRST_NEWUNIT - n;
+        // NEWUNIT= units are negative and flush(NULL) skips them. Only
+        // those an OPEN connected to a file are flushed by number: an
+        // internal unit left under a negative number crashes flush_i4.
+        for unit in crate::gfortran::file_units() {
             flush(&unit);
         }
     }
 }
-
-/// gfortran's first `NEWUNIT=` number (`GFC_FIRST_NEWUNIT`); later ones
-/// count down from it.
-const FIRST_NEWUNIT: i32 = -10;
 
 /// One line of `/proc/self/maps` with a file behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,6 +22,7 @@ pub mod error;
 pub mod ffi;
 pub mod files;
 mod floor;
+mod gfortran;
 mod held;
 mod mappings;
 mod park;
@@ -35,7 +36,7 @@ use std::sync::atomic::Ordering;
 pub use error::{CheckpointError, InitError, RegionError, RestoreError};
 pub use files::FilePolicy;
 #[cfg(feature = "mpi")]
-pub use quiesce::{init_mpi, init_mpi_handle, init_mpi_raw, MpiFlavour};
+pub use quiesce::{init_mpi, init_mpi_fortran, init_mpi_handle, init_mpi_raw, MpiFlavour};
 pub use runtime::{
     finalize, init, init_with, protect, region, restored_epoch, Backing, Config, InitInfo,
     SafePoint, DEFAULT_REGION_BASE, DEFAULT_REGION_RESERVE, RUNTIME_FD_FLOOR,

@@ -75,6 +75,26 @@ fn rust_type(c: &str) -> &'static str {
     }
 }
 
+/// Every status and result code, by its name in `cryo.h` and `cryo.F90`.
+const CODES: [(&str, i32); 13] = [
+    ("CRYO_OK", ffi::CRYO_OK),
+    ("CRYO_ERR_INVALID_ARGUMENT", ffi::CRYO_ERR_INVALID_ARGUMENT),
+    ("CRYO_ERR_NOT_INITIALIZED", ffi::CRYO_ERR_NOT_INITIALIZED),
+    (
+        "CRYO_ERR_ALREADY_INITIALIZED",
+        ffi::CRYO_ERR_ALREADY_INITIALIZED,
+    ),
+    ("CRYO_ERR_AGENT", ffi::CRYO_ERR_AGENT),
+    ("CRYO_ERR_REGION", ffi::CRYO_ERR_REGION),
+    ("CRYO_ERR_RESTORE", ffi::CRYO_ERR_RESTORE),
+    ("CRYO_ERR_CHECKPOINT", ffi::CRYO_ERR_CHECKPOINT),
+    ("CRYO_ERR_PANIC", ffi::CRYO_ERR_PANIC),
+    ("CRYO_ERR_CONFIG", ffi::CRYO_ERR_CONFIG),
+    ("CRYO_CONTINUE", ffi::CRYO_CONTINUE),
+    ("CRYO_CHECKPOINTED", ffi::CRYO_CHECKPOINTED),
+    ("CRYO_ABORTED", ffi::CRYO_ABORTED),
+];
+
 #[test]
 fn every_declared_function_is_exported_with_the_same_shape() {
     let header = header_functions(&read("include/cryo.h"));
@@ -126,24 +146,26 @@ fn status_codes_match() {
             .to_owned();
         digits.parse().unwrap()
     };
-    for (name, code) in [
-        ("CRYO_OK", ffi::CRYO_OK),
-        ("CRYO_ERR_INVALID_ARGUMENT", ffi::CRYO_ERR_INVALID_ARGUMENT),
-        ("CRYO_ERR_NOT_INITIALIZED", ffi::CRYO_ERR_NOT_INITIALIZED),
-        (
-            "CRYO_ERR_ALREADY_INITIALIZED",
-            ffi::CRYO_ERR_ALREADY_INITIALIZED,
-        ),
-        ("CRYO_ERR_AGENT", ffi::CRYO_ERR_AGENT),
-        ("CRYO_ERR_REGION", ffi::CRYO_ERR_REGION),
-        ("CRYO_ERR_RESTORE", ffi::CRYO_ERR_RESTORE),
-        ("CRYO_ERR_CHECKPOINT", ffi::CRYO_ERR_CHECKPOINT),
-        ("CRYO_ERR_PANIC", ffi::CRYO_ERR_PANIC),
-        ("CRYO_ERR_CONFIG", ffi::CRYO_ERR_CONFIG),
-        ("CRYO_CONTINUE", ffi::CRYO_CONTINUE),
-        ("CRYO_CHECKPOINTED", ffi::CRYO_CHECKPOINTED),
-        ("CRYO_ABORTED", ffi::CRYO_ABORTED),
-    ] {
+    for (name, code) in CODES {
         assert_eq!(value(name), code, "{name}");
+    }
+}
+
+/// `rank/fortran/cryo.F90` binds every function of `cryo.h` (the C handle's
+/// `cryo_init_mpi` through `cryo_init_mpi_f`, which takes the Fortran one)
+/// and gives every code the same value.
+#[test]
+fn the_fortran_module_binds_every_call_with_the_same_codes() {
+    let module = read("fortran/cryo.F90");
+    let header = header_functions(&read("include/cryo.h"));
+    for name in header.keys().filter(|name| *name != "cryo_init_mpi") {
+        assert!(
+            module.contains(&format!("bind(C, name='{name}')")),
+            "rank/fortran/cryo.F90 does not bind {name}"
+        );
+    }
+    for (name, code) in CODES {
+        let line = format!("integer, parameter, public :: {name} = {code}\n");
+        assert!(module.contains(&line), "cryo.F90 lacks {line:?}");
     }
 }

@@ -307,6 +307,31 @@ impl Heat2dFiles {
         );
     }
 
+    /// An uninterrupted run named `tag` of `program` (any heat2d) on
+    /// `ranks` ranks started by `launcher`, without cryo; panics unless it
+    /// succeeds, and returns its output.
+    pub fn run_plain(
+        &self,
+        launcher: &str,
+        program: &Path,
+        ranks: u32,
+        tag: &str,
+    ) -> std::process::Output {
+        let out = Command::new(launcher)
+            .args(["-n", &ranks.to_string()])
+            .arg(program)
+            .args(self.app_args(tag, 0))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tag} run of {} failed: {}",
+            program.display(),
+            output_text(&out)
+        );
+        out
+    }
+
     /// A run of `program` named `tag` under its own launcher, without cryo.
     pub fn run_without_cryo(&self, program: &Program, ranks: u32, tag: &str) {
         let out = program

@@ -171,10 +171,10 @@ pub unsafe fn init_mpi_handle(
 /// `comm` must be a valid communicator of an initialised MPI library, used
 /// by this thread.
 pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
-    if !mpi::initialized() {
-        return Err(InitError::Mpi(
-            "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
-        ));
+    require_mpi()?;
+    // SAFETY: reading a constant of the initialised MPI library.
+    if comm == unsafe { ffi::RSMPI_COMM_NULL } {
+        return Err(InitError::NullCommunicator);
     }
     let fixed_slack = fixed_slack()?;
     let mpi_err = |err: CallError| InitError::Mpi(err.to_string());
@@ -196,6 +196,44 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         Some(Quiesce::new(binding, rank, size, fixed_slack));
     MPI_MODE.store(true, Ordering::Release);
     Ok(info)
+}
+
+/// [`init_mpi_raw`] from a Fortran communicator handle (an `MPI_Fint`:
+/// what `use mpi` gives, and what `type(MPI_Comm)` of `use mpi_f08` holds
+/// in `MPI_VAL`).
+///
+/// The handle is converted with `MPI_Comm_f2c` of the MPI library this
+/// runtime is built against, through rsmpi's C shim `RSMPI_Comm_f2c`: the
+/// shim is compiled against that library's `mpi.h`, so it expands MPICH's
+/// macro (a cast: there the handles are the same integer) and calls Open
+/// MPI's function (a table lookup from the integer to the object pointer,
+/// which answers `MPI_COMM_NULL` for an index it does not know). The
+/// conversion happens here, not in Fortran, because `MPI_Comm_f2c` may be
+/// a macro that no Fortran `bind(C)` interface can call.
+///
+/// # Safety
+/// As for [`init_mpi_raw`]: `comm` must be a valid Fortran communicator
+/// handle of the initialised MPI library, used by this thread.
+pub unsafe fn init_mpi_fortran(comm: ffi::RSMPI_Fint) -> Result<InitInfo, InitError> {
+    // MPI_Comm_f2c is only defined once MPI is initialised.
+    require_mpi()?;
+    // SAFETY: MPI is initialised, and MPI_Comm_f2c accepts any integer
+    // (MPICH casts it; Open MPI bounds-checks it against its table).
+    let comm = unsafe { ffi::RSMPI_Comm_f2c(comm) };
+    // SAFETY: forwarded caller contract; a handle f2c did not know is
+    // MPI_COMM_NULL (Open MPI), which init_mpi_raw refuses.
+    unsafe { init_mpi_raw(comm) }
+}
+
+/// Refuses to go on before `MPI_Init`.
+fn require_mpi() -> Result<(), InitError> {
+    if mpi::initialized() {
+        Ok(())
+    } else {
+        Err(InitError::Mpi(
+            "MPI is not initialised: call MPI_Init before cryo_init_mpi".into(),
+        ))
+    }
 }
 
 /// `CRYO_QUIESCE_SLACK`: a number of safe points, or `auto` (or unset) for

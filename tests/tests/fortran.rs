@@ -1,0 +1,452 @@
+//! The Fortran binding (`rank/fortran/cryo.F90`, `use cryo`) end to end.
+//! The module and the programs are compiled with an MPI's Fortran wrapper
+//! and run with its launcher against the runtime built for that MPI:
+//!
+//! - the Fortran heat2d (`examples/fortran/heat2d.f90`) under `cryo run` on
+//!   emulated nodes: checkpoint, `kill -9`, restart on other nodes, with
+//!   the log and the final grid byte-identical to an uninterrupted run. Its
+//!   log goes through a formatted Fortran unit, which buffers, so the
+//!   restart also proves that the checkpoint flushed the unit;
+//! - the Fortran heat2d against the C one (`examples/c/heat2d.c`): the same
+//!   input, log, grid and output, byte for byte;
+//! - the typed regions' shapes and bounds, a 3-D int64 region read back in
+//!   C order, and the refusals of bad arguments
+//!   (`tests/fortran/typed_regions.f90`).
+//!
+//! Each body takes its MPI as an [`MpiFlavour`]; the runtime is built
+//! against MPICH only, so the MPICH tests are the only ones for now.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use cryo_tests::state::{built, repo_root};
+use cryo_tests::{
+    assert_same_file, bin_dir, kill_every_process_mentioning, lines, output_text, wait_until,
+    Heat2dFiles,
+};
+
+/// One MPI implementation: its compiler wrappers, its launcher, and the
+/// folder holding the `libcryo_rank` built against it.
+///
+/// Open MPI, once the runtime has a build for it, is a constructor beside
+/// [`MpiFlavour::mpich`] giving `MpiFlavour { name: "openmpi", fortran:
+/// "mpifort.openmpi", c: "mpicc.openmpi", launcher: "mpirun.openmpi",
+/// runtime: <the folder of that libcryo_rank> }`, and a `flavour_tests!`
+/// call at the end of this file naming the same three bodies.
+struct MpiFlavour {
+    name: &'static str,
+    fortran: &'static str,
+    c: &'static str,
+    launcher: &'static str,
+    runtime: PathBuf,
+}
+
+impl MpiFlavour {
+    /// MPICH by its explicit names (installing Open MPI beside it may turn
+    /// the plain `mpif90` and `mpiexec` into Open MPI's), with the
+    /// workspace's runtime. `None`, saying so loudly, when a tool is missing.
+    fn mpich() -> Option<MpiFlavour> {
+        let tools = ["mpif90.mpich", "mpicc.mpich", "mpiexec.mpich"];
+        let missing: Vec<&str> = tools
+            .into_iter()
+            .filter(|tool| {
+                !Command::new(tool)
+                    .arg("--version")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            })
+            .collect();
+        if !missing.is_empty() {
+            eprintln!(
+                "\n!!!!! SKIPPED: no {} (install mpich and gfortran); the MPICH Fortran tests did not run !!!!!\n",
+                missing.join(", ")
+            );
+            return None;
+        }
+        Some(MpiFlavour {
+            name: "mpich",
+            fortran: tools[0],
+            c: tools[1],
+            launcher: tools[2],
+            runtime: built(),
+        })
+    }
+
+    /// `cryo COMMAND` with a store in `files`' folder and lifecycle events
+    /// on; `run` and `restart` launch the ranks with this flavour's
+    /// launcher.
+    fn cryo(&self, files: &Heat2dFiles, command: &str) -> Command {
+        let mut cmd = Command::new(self.runtime.join("cryo"));
+        cmd.env("CRYO_STORE", files.path("store"))
+            .env("CRYO_LOG", "info")
+            .current_dir(files.dir())
+            .arg(command);
+        if matches!(command, "run" | "restart") {
+            cmd.args(["--launcher", self.launcher]);
+        }
+        cmd
+    }
+}
+
+/// Compiles the module, the Fortran heat2d, `typed_regions` and the C
+/// heat2d for `flavour` into a folder of the target directory, once per
+/// flavour and test process; returns the folder.
+fn programs(flavour: &MpiFlavour) -> PathBuf {
+    static BUILT: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = bin_dir().join(format!("fortran-{}", flavour.name));
+    if built.contains(&flavour.name) {
+        return dir;
+    }
+    fs::create_dir_all(&dir).unwrap();
+    let root = repo_root();
+    let runtime = flavour.runtime.as_os_str();
+    let rpath = format!("-Wl,-rpath,{}", flavour.runtime.display());
+    let link = [
+        OsStr::new("-L"),
+        runtime,
+        "-lcryo_rank".as_ref(),
+        rpath.as_ref(),
+    ];
+    // The module keeps to the standard (Fortran 2018), so other compilers
+    // take it too; cryo.mod and cryo.o land in `dir`.
+    let module = root.join("rank/fortran/cryo.F90");
+    compile(
+        flavour.fortran,
+        &dir,
+        &["-std=f2018".as_ref(), "-c".as_ref(), module.as_ref()],
+    );
+    for (name, source) in [
+        ("heat2d", "examples/fortran/heat2d.f90"),
+        ("typed_regions", "tests/fortran/typed_regions.f90"),
+    ] {
+        let source = root.join(source);
+        let mut args = vec![
+            OsStr::new("-o"),
+            name.as_ref(),
+            source.as_ref(),
+            "cryo.o".as_ref(),
+        ];
+        args.extend(link);
+        compile(flavour.fortran, &dir, &args);
+    }
+    let source = root.join("examples/c/heat2d.c");
+    let include = root.join("rank/include");
+    let mut args = vec![
+        OsStr::new("-o"),
+        "heat2d_c".as_ref(),
+        source.as_ref(),
+        "-I".as_ref(),
+        include.as_ref(),
+        "-lm".as_ref(),
+    ];
+    args.extend(link);
+    compile(flavour.c, &dir, &args);
+    built.push(flavour.name);
+    dir
+}
+
+/// `compiler -O2 -Wall -Werror args` in `dir`; panics with its output if it
+/// fails.
+fn compile(compiler: &str, dir: &Path, args: &[&OsStr]) {
+    let out = Command::new(compiler)
+        .args(["-O2", "-Wall", "-Werror"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{compiler} {args:?} failed:\n{}",
+        output_text(&out)
+    );
+}
+
+/// SIGKILLs, when dropped, every process started for the test's folder.
+struct KillAll(String);
+
+impl Drop for KillAll {
+    fn drop(&mut self) {
+        kill_every_process_mentioning(&self.0);
+    }
+}
+
+fn text(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The Fortran heat2d under `cryo run` on two emulated nodes, checkpointed
+/// early, killed with `kill -9`, restarted on four nodes and then on one:
+/// both restarts end byte-identical to the uninterrupted run.
+fn heat2d_checkpoint_kill_restart_on_other_nodes(flavour: &MpiFlavour) {
+    let heat2d = programs(flavour).join("heat2d");
+    let files = Heat2dFiles::new("cryo-fortran-", &heat2d);
+    let _kill_all = KillAll(files.dir().display().to_string());
+    files.run_plain(flavour.launcher, &heat2d, 4, "reference");
+
+    let run_log = files.path("cryo-run.log");
+    let mut job = flavour
+        .cryo(&files, "run")
+        .args([
+            "--job",
+            "heat",
+            "--nodes",
+            "a:2,b:2",
+            "-n",
+            "4",
+            "--scratch",
+        ])
+        .arg(files.path("scratch-run"))
+        .arg("--")
+        .arg(&heat2d)
+        .args(files.app_args("run", 40))
+        .stdout(fs::File::create(files.path("run.stdout")).unwrap())
+        .stderr(fs::File::create(&run_log).unwrap())
+        .spawn()
+        .unwrap();
+    // The log sits in the unit's buffer until a checkpoint: wait for the
+    // ranks instead, and checkpoint at whatever iteration they are.
+    wait_until("4 registered ranks", Duration::from_secs(60), || {
+        text(&run_log).matches("rank.registered").count() >= 4
+    });
+    let out = flavour
+        .cryo(&files, "checkpoint")
+        .arg("heat")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && output_text(&out).contains("epoch 1 committed"),
+        "cryo checkpoint failed: {}\n{}",
+        output_text(&out),
+        text(&run_log)
+    );
+    let marker = "heat2d: checkpointed after iteration ";
+    wait_until(
+        "rank 0 to report the checkpoint",
+        Duration::from_secs(30),
+        || text(&run_log).contains(marker),
+    );
+    let log = text(&run_log);
+    let at: usize = log[log.find(marker).unwrap() + marker.len()..]
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        at < Heat2dFiles::ITERS,
+        "the job finished before it was killed"
+    );
+    assert!(
+        lines(&files.path("run.log")) >= at,
+        "the checkpoint after iteration {at} did not flush the log's unit"
+    );
+    kill_every_process_mentioning(&files.dir().display().to_string());
+    job.wait().unwrap();
+
+    for (nodes, extra, scratch) in [
+        ("c:1,d:1,e:1,f:1", None, "scratch-restart-4"),
+        ("solo", Some("--epoch=1"), "scratch-restart-1"),
+    ] {
+        let out = flavour
+            .cryo(&files, "restart")
+            .args(["heat", "--nodes", nodes, "--scratch"])
+            .arg(files.path(scratch))
+            .args(extra)
+            .output()
+            .unwrap();
+        let said = output_text(&out);
+        assert!(out.status.success(), "restart on {nodes} failed: {said}");
+        assert!(
+            said.contains("restarting job \"heat\" from epoch 1")
+                && said.contains(&format!("heat2d: restarted from epoch 1 at iteration {at}")),
+            "{said}"
+        );
+        files.assert_matches_reference("run");
+    }
+}
+
+/// The Fortran and C heat2d on the same input and ranks: the same input
+/// file from `--make-input`, log, grid and standard output.
+fn heat2d_matches_c(flavour: &MpiFlavour) {
+    let dir = programs(flavour);
+    let (fortran, c) = (dir.join("heat2d"), dir.join("heat2d_c"));
+    let files = Heat2dFiles::new("cryo-fortran-c-", &c);
+    let _kill_all = KillAll(files.dir().display().to_string());
+    let made = files.path("input-fortran.bin");
+    let out = Command::new(&fortran)
+        .arg("--make-input")
+        .arg(&made)
+        .args(["--n", Heat2dFiles::N])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_same_file(&files.path("input.bin"), &made);
+    // 5 ranks split the 96 rows unevenly.
+    for ranks in [1, 5] {
+        let outputs: Vec<Output> = [("c", &c), ("fortran", &fortran)]
+            .into_iter()
+            .map(|(tag, program)| {
+                files.run_plain(flavour.launcher, program, ranks, &format!("{tag}-{ranks}"))
+            })
+            .collect();
+        for kind in ["log", "out"] {
+            assert_same_file(
+                &files.path(&format!("c-{ranks}.{kind}")),
+                &files.path(&format!("fortran-{ranks}.{kind}")),
+            );
+        }
+        let stdout = String::from_utf8_lossy(&outputs[1].stdout);
+        assert_eq!(String::from_utf8_lossy(&outputs[0].stdout), stdout);
+        assert_eq!(
+            stdout,
+            format!("heat2d: OK 96x96 after 100 iterations on {ranks} ranks\n")
+        );
+    }
+    assert_eq!(lines(&files.path("fortran-5.log")), Heat2dFiles::ITERS);
+}
+
+/// Every element type and rank of the typed regions, a 3-D int64 region
+/// read back in C order, a file region, `cryo_protect` of an allocatable
+/// array, and each bad argument's status and message.
+fn typed_regions(flavour: &MpiFlavour) {
+    let program = programs(flavour).join("typed_regions");
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-fortran-regions-")
+        .tempdir()
+        .unwrap();
+    let _kill_all = KillAll(dir.path().display().to_string());
+    let run = |mode: &str| {
+        Command::new(flavour.launcher)
+            .args(["-n", "1"])
+            .arg(&program)
+            .arg(dir.path())
+            .arg(mode)
+            .output()
+            .unwrap()
+    };
+    let out = run("");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let expect = |line: &str| {
+        assert!(
+            said.lines().any(|l| l == line),
+            "no line {line:?} in:\n{said}"
+        );
+    };
+    for (name, shape) in [
+        ("cube", "3 4 5"),
+        ("r64-1", "512"),
+        ("r64-2", "8 64"),
+        ("r64-3", "2 4 64"),
+        ("r32-1", "1024"),
+        ("r32-2", "32 32"),
+        ("r32-3", "4 16 16"),
+        ("i32-1", "1024"),
+        ("i32-2", "16 64"),
+        ("i32-3", "16 16 4"),
+        ("i64-1", "512"),
+        ("i64-2", "64 8"),
+    ] {
+        let ones = vec!["1"; shape.split(' ').count()].join(" ");
+        expect(&format!("{name}: shape {shape}"));
+        expect(&format!("{name}: lbound {ones}"));
+        expect(&format!("{name}: ubound {shape}"));
+    }
+    // Each array was filled whole with its own value, the file region holds
+    // the file's 0..511, and no agent means nothing to checkpoint or restore.
+    expect("sums: 768 1280 1792 1536 2560 3584 1024 2048 3072 512 1024");
+    expect("field: 0 15 16 511");
+    expect("safe-point: 0 0");
+    for (case, code, message) in [
+        ("before-init", 2, "cryo is not initialized"),
+        ("null-comm", 1, "the communicator is MPI_COMM_NULL"),
+        ("protect-table", 0, "success"),
+        ("protect-strided", 1, "the array is not contiguous"),
+        (
+            "protect-twice",
+            5,
+            "rank 0: region \"table\" already exists",
+        ),
+        (
+            "extents-for-rank",
+            1,
+            "shape has 2 extents for a pointer of rank 1",
+        ),
+        ("zero-extent", 1, "extent 2 of shape is 0"),
+        ("negative-extent", 1, "extent 2 of shape is -2"),
+        ("nul-in-name", 1, "name contains a NUL character"),
+        (
+            "duplicate-name",
+            5,
+            "rank 0: region \"cube\" already exists",
+        ),
+        (
+            "file-too-short",
+            5,
+            "is 4096 bytes, the region needs 4224 bytes",
+        ),
+        ("negative-bytes", 1, "nbytes is -1; it cannot be negative"),
+    ] {
+        let prefix = format!("{case}: {code} ");
+        let line = said.lines().find(|l| l.starts_with(&prefix));
+        assert!(
+            line.is_some_and(|l| l.contains(message)),
+            "{case}: wanted status {code} and {message:?}, got {line:?}"
+        );
+    }
+
+    // cube(i, j, k) = i + 10 j + 100 k is, in C, cube[k-1][j-1][i-1].
+    let bytes = fs::read(dir.path().join("cube.bin")).unwrap();
+    let cube: Vec<i64> = bytes
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(cube.len(), 3 * 4 * 5);
+    for k in 1..=5 {
+        for j in 1..=4 {
+            for i in 1..=3 {
+                let at = usize::try_from(((k - 1) * 4 + (j - 1)) * 3 + (i - 1)).unwrap();
+                assert_eq!(cube[at], i + 10 * j + 100 * k, "cube({i}, {j}, {k})");
+            }
+        }
+    }
+
+    // Without ierr, a bad call stops the program with the message.
+    let out = run("stop");
+    let said = output_text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("cryo: cryo_region_real64: shape has 2 extents for a pointer of rank 1")
+            && !said.contains("not stopped"),
+        "{said}"
+    );
+}
+
+/// One `#[test]` per body, with the flavour `$flavour` gives (`None`:
+/// skipped, as it said).
+macro_rules! flavour_tests {
+    ($flavour:expr; $($name:ident => $body:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            if let Some(flavour) = $flavour {
+                $body(&flavour);
+            }
+        }
+    )*};
+}
+
+flavour_tests! {
+    MpiFlavour::mpich();
+    fortran_heat2d_checkpoint_kill_restart_on_other_nodes_mpich =>
+        heat2d_checkpoint_kill_restart_on_other_nodes,
+    fortran_heat2d_is_byte_identical_to_c_heat2d_mpich => heat2d_matches_c,
+    fortran_typed_regions_have_the_requested_shapes_mpich => typed_regions,
+}
