@@ -308,17 +308,17 @@ impl Heat2dFiles {
     }
 
     /// An uninterrupted run named `tag` of `program` (any heat2d) on
-    /// `ranks` ranks started by `launcher`, without cryo; panics unless it
-    /// succeeds, and returns its output.
-    pub fn run_plain(
+    /// `ranks` ranks started by `mpi`'s launcher, without cryo; panics
+    /// unless it succeeds, and returns its output.
+    pub fn run_plain_with(
         &self,
-        launcher: &str,
+        mpi: Mpi,
         program: &Path,
         ranks: u32,
         tag: &str,
     ) -> std::process::Output {
-        let out = Command::new(launcher)
-            .args(["-n", &ranks.to_string()])
+        let out = mpi
+            .launch(ranks)
             .arg(program)
             .args(self.app_args(tag, 0))
             .output()

@@ -24,6 +24,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use cryo_tests::heat2d::{openmpi_available, openmpi_flavour, Mpi};
 use cryo_tests::state::{built, repo_root};
 use cryo_tests::{
     assert_same_file, bin_dir, kill_every_process_mentioning, lines, output_text, wait_until,
@@ -31,19 +32,18 @@ use cryo_tests::{
 };
 
 /// One MPI implementation: its compiler wrappers, its launcher, and the
-/// folder holding the `libcryo_rank` built against it.
-///
-/// Open MPI, once the runtime has a build for it, is a constructor beside
-/// [`MpiFlavour::mpich`] giving `MpiFlavour { name: "openmpi", fortran:
-/// "mpifort.openmpi", c: "mpicc.openmpi", launcher: "mpirun.openmpi",
-/// runtime: <the folder of that libcryo_rank> }`, and a `flavour_tests!`
-/// call at the end of this file naming the same three bodies.
+/// folder holding the `libcryo_rank` flavour built against it.
 struct MpiFlavour {
     name: &'static str,
     fortran: &'static str,
     c: &'static str,
-    launcher: &'static str,
+    mpi: Mpi,
     runtime: PathBuf,
+    /// The runtime's `-l` name in that folder.
+    lib: &'static str,
+    /// `-L` folders for the MPI's own libraries, ahead of the system's
+    /// (see [`MpiFlavour::openmpi`]).
+    lib_dirs: Vec<String>,
 }
 
 impl MpiFlavour {
@@ -74,8 +74,41 @@ impl MpiFlavour {
             name: "mpich",
             fortran: tools[0],
             c: tools[1],
-            launcher: tools[2],
+            mpi: Mpi::Mpich,
             runtime: built(),
+            lib: "-lcryo_rank",
+            lib_dirs: Vec::new(),
+        })
+    }
+
+    /// Open MPI by its explicit names, with the runtime's Open MPI flavour
+    /// (built once per test process). Without Open MPI the tests fail
+    /// unless `CRYO_SKIP_OPENMPI` is set.
+    fn openmpi() -> Option<MpiFlavour> {
+        if !openmpi_available() {
+            return None;
+        }
+        let runtime = openmpi_flavour();
+        built();
+        // Debian's mpifort.openmpi names no -L for libmpi, so the linker
+        // takes the system's libmpi.so, which the MPICH pin points at
+        // libmpich: Open MPI's own folder goes first.
+        let dirs = Command::new("mpicc.openmpi")
+            .arg("--showme:libdirs")
+            .output()
+            .unwrap();
+        let lib_dirs = String::from_utf8_lossy(&dirs.stdout)
+            .split_whitespace()
+            .map(|dir| format!("-L{dir}"))
+            .collect();
+        Some(MpiFlavour {
+            name: "openmpi",
+            fortran: "mpifort.openmpi",
+            c: "mpicc.openmpi",
+            mpi: Mpi::OpenMpi,
+            runtime,
+            lib: "-lcryo_rank_openmpi",
+            lib_dirs,
         })
     }
 
@@ -89,7 +122,7 @@ impl MpiFlavour {
             .current_dir(files.dir())
             .arg(command);
         if matches!(command, "run" | "restart") {
-            cmd.args(["--launcher", self.launcher]);
+            cmd.args(["--launcher", self.mpi.launcher()]);
         }
         cmd
     }
@@ -109,12 +142,13 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
     let root = repo_root();
     let runtime = flavour.runtime.as_os_str();
     let rpath = format!("-Wl,-rpath,{}", flavour.runtime.display());
-    let link = [
+    let mut link: Vec<&OsStr> = flavour.lib_dirs.iter().map(OsStr::new).collect();
+    link.extend([
         OsStr::new("-L"),
         runtime,
-        "-lcryo_rank".as_ref(),
+        flavour.lib.as_ref(),
         rpath.as_ref(),
-    ];
+    ]);
     // The module keeps to the standard (Fortran 2018), so other compilers
     // take it too; cryo.mod and cryo.o land in `dir`.
     let module = root.join("rank/fortran/cryo.F90");
@@ -134,7 +168,7 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
             source.as_ref(),
             "cryo.o".as_ref(),
         ];
-        args.extend(link);
+        args.extend(&link);
         compile(flavour.fortran, &dir, &args);
     }
     let source = root.join("examples/c/heat2d.c");
@@ -147,7 +181,7 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
         include.as_ref(),
         "-lm".as_ref(),
     ];
-    args.extend(link);
+    args.extend(&link);
     compile(flavour.c, &dir, &args);
     built.push(flavour.name);
     dir
@@ -189,7 +223,7 @@ fn heat2d_checkpoint_kill_restart_on_other_nodes(flavour: &MpiFlavour) {
     let heat2d = programs(flavour).join("heat2d");
     let files = Heat2dFiles::new("cryo-fortran-", &heat2d);
     let _kill_all = KillAll(files.dir().display().to_string());
-    files.run_plain(flavour.launcher, &heat2d, 4, "reference");
+    files.run_plain_with(flavour.mpi, &heat2d, 4, "reference");
 
     let run_log = files.path("cryo-run.log");
     let mut job = flavour
@@ -294,7 +328,7 @@ fn heat2d_matches_c(flavour: &MpiFlavour) {
         let outputs: Vec<Output> = [("c", &c), ("fortran", &fortran)]
             .into_iter()
             .map(|(tag, program)| {
-                files.run_plain(flavour.launcher, program, ranks, &format!("{tag}-{ranks}"))
+                files.run_plain_with(flavour.mpi, program, ranks, &format!("{tag}-{ranks}"))
             })
             .collect();
         for kind in ["log", "out"] {
@@ -324,8 +358,9 @@ fn typed_regions(flavour: &MpiFlavour) {
         .unwrap();
     let _kill_all = KillAll(dir.path().display().to_string());
     let run = |mode: &str| {
-        Command::new(flavour.launcher)
-            .args(["-n", "1"])
+        flavour
+            .mpi
+            .launch(1)
             .arg(&program)
             .arg(dir.path())
             .arg(mode)
@@ -441,6 +476,14 @@ macro_rules! flavour_tests {
             }
         }
     )*};
+}
+
+flavour_tests! {
+    MpiFlavour::openmpi();
+    fortran_heat2d_checkpoint_kill_restart_on_other_nodes_openmpi =>
+        heat2d_checkpoint_kill_restart_on_other_nodes,
+    fortran_heat2d_is_byte_identical_to_c_heat2d_openmpi => heat2d_matches_c,
+    fortran_typed_regions_have_the_requested_shapes_openmpi => typed_regions,
 }
 
 flavour_tests! {
