@@ -5,6 +5,9 @@
 #   PREFIX/lib/libcryo_rank.so, .a          the rank runtime (MPICH)
 #   PREFIX/lib/libcryo_rank_openmpi.so, .a  the rank runtime for Open MPI
 #   PREFIX/include/cryo.h                   its C API
+#   PREFIX/include/cryo.mod, lib/libcryo_fortran.a   `use cryo` (MPICH's mpif90)
+#   PREFIX/include/openmpi/cryo.mod, lib/libcryo_fortran_openmpi.a   (Open MPI)
+#   PREFIX/share/cryo/fortran/              the module's source, for other compilers
 #   PREFIX/lib/cryo/spank_cryo.so           the Slurm plugin (plugstack.conf)
 #   PREFIX/lib/cryo/python/cryo/            `import cryo` (PYTHONPATH=PREFIX/lib/cryo/python)
 #   PREFIX/lib/pkgconfig/cryo.pc            pkg-config --cflags --libs cryo
@@ -75,6 +78,31 @@ if [ -e "$target/libcryo_rank_openmpi.so" ]; then
   flavours="mpich openmpi"
 fi
 
+# The Fortran module, compiled by each MPI's own wrapper (a .mod belongs to
+# one compiler), and its source for any other.
+install -d "$prefix/share/cryo/fortran"
+install -m 0644 "$ROOT/rank/fortran/cryo.F90" "$ROOT/rank/fortran/cryo_typed.inc" "$prefix/share/cryo/fortran/"
+fortran_module() { # wrapper, include folder, library name
+  local work
+  work="$(mktemp -d)"
+  if (cd "$work" && "$1" -c "$ROOT/rank/fortran/cryo.F90" -o cryo.o >/dev/null 2>&1); then
+    install -d "$2"
+    install -m 0644 "$work/cryo.mod" "$2/"
+    ar rcs "$prefix/lib/$3" "$work/cryo.o"
+    fortran="$fortran $3"
+  else
+    echo "    (no Fortran module for $1: it did not compile it)"
+  fi
+  rm -rf "$work"
+}
+fortran=""
+if command -v mpif90.mpich >/dev/null 2>&1; then
+  fortran_module mpif90.mpich "$prefix/include" libcryo_fortran.a
+fi
+if [[ " $flavours " == *" openmpi "* ]] && command -v mpifort.openmpi >/dev/null 2>&1; then
+  fortran_module mpifort.openmpi "$prefix/include/openmpi" libcryo_fortran_openmpi.a
+fi
+
 # The Python package, with the runtimes next to it (where it looks first).
 rm -rf "$prefix/lib/cryo/python/cryo"
 install -d "$prefix/lib/cryo/python/cryo"
@@ -128,5 +156,6 @@ echo "==> installed:"
 echo "    $prefix/bin/cryo, cryo-agent"
 echo "    $prefix/lib/libcryo_rank.{so,a} ($flavours), $prefix/include/cryo.h"
 echo "    $prefix/lib/cryo/python (PYTHONPATH for import cryo)"
+echo "    Fortran:${fortran:- none} (use cryo: -I$prefix/include, -lcryo_fortran -lcryo_rank)"
 echo "    $prefix/lib/cryo/spank_cryo.so (plugstack.conf: optional $prefix/lib/cryo/spank_cryo.so)"
 echo "    $prefix/lib/pkgconfig/cryo.pc, $prefix/lib/cmake/cryo/"

@@ -61,6 +61,12 @@ fn an_installed_tree_builds_with_pkg_config_and_cmake_and_runs() {
         "lib/pkgconfig/cryo.pc",
         "lib/cmake/cryo/cryoConfig.cmake",
         "lib/cmake/cryo/cryoConfigVersion.cmake",
+        "include/cryo.mod",
+        "lib/libcryo_fortran.a",
+        "share/cryo/fortran/cryo.F90",
+        "lib/cryo/python/cryo/__init__.py",
+        // A link to the runtime beside the package, where it looks first.
+        "lib/cryo/python/cryo/libcryo_rank.so",
     ] {
         assert!(prefix.join(file).is_file(), "{file} is not installed");
     }
@@ -161,4 +167,42 @@ fn an_installed_tree_builds_with_pkg_config_and_cmake_and_runs() {
     );
     assert_same_file(&files.path("reference.log"), &files.path("run.log"));
     assert_same_file(&files.path("reference.out"), &files.path("run.out"));
+
+    // `use cryo` from the installed module: the Fortran heat2d, whose
+    // output is the C one's byte for byte.
+    let fortran = work.join("heat2d-fortran");
+    let include = format!("-I{}", prefix.join("include").display());
+    let libs = format!("-L{}", prefix.join("lib").display());
+    let rpath = format!("-Wl,-rpath,{}", prefix.join("lib").display());
+    run(Command::new("mpif90.mpich")
+        .args(["-O2", "-o"])
+        .arg(&fortran)
+        .arg(&include)
+        .arg(root().join("examples/fortran/heat2d.f90"))
+        .args([&libs, "-lcryo_fortran", "-lcryo_rank", &rpath]));
+    assert!(
+        runtime_of(&fortran).contains(&installed.display().to_string()),
+        "{}",
+        runtime_of(&fortran)
+    );
+    run(Command::new("mpiexec")
+        .args(["-n", "2"])
+        .arg(&fortran)
+        .args(files.app_args("fortran", 0))
+        .env_remove("CRYO_AGENT_SOCKET"));
+    assert_same_file(&files.path("reference.log"), &files.path("fortran.log"));
+    assert_same_file(&files.path("reference.out"), &files.path("fortran.out"));
+
+    // `import cryo` from the installed package finds the installed runtime.
+    let python = run(Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import os, cryo; print(os.path.realpath(os.path.join(os.path.dirname(cryo.__file__), 'libcryo_rank.so')))",
+        ])
+        .env("PYTHONPATH", prefix.join("lib/cryo/python"))
+        .env_remove("CRYO_RANK_LIB"));
+    assert_eq!(
+        String::from_utf8_lossy(&python.stdout).trim(),
+        installed.canonicalize().unwrap().display().to_string()
+    );
 }
