@@ -24,6 +24,11 @@ pub(crate) struct Op {
     pub(crate) reduce: Reduce,
     /// Each rank's words, once it has started the op.
     pub(crate) words: Vec<Option<Vec<u64>>>,
+    /// Ranks that have not started it yet.
+    missing: usize,
+    /// The result, computed once the last rank starts it (so that a test
+    /// costs nothing at thousands of ranks).
+    done: Option<Vec<u64>>,
 }
 
 impl Op {
@@ -41,6 +46,10 @@ impl Op {
 
     /// The result, once every rank has started it.
     pub(crate) fn result(&self) -> Option<Vec<u64>> {
+        self.done.clone()
+    }
+
+    fn reduce_all(&self) -> Option<Vec<u64>> {
         let all: Vec<&Vec<u64>> = self
             .words
             .iter()
@@ -120,6 +129,8 @@ impl Collectives for SimNet {
             world.ops.push(Op {
                 reduce,
                 words: vec![None; ranks],
+                missing: ranks,
+                done: None,
             });
         }
         let op = &mut world.ops[index];
@@ -138,6 +149,10 @@ impl Collectives for SimNet {
             );
         }
         op.words[self.rank] = Some(words.to_vec());
+        op.missing -= 1;
+        if op.missing == 0 {
+            op.done = op.reduce_all();
+        }
         let lag = world.lag[self.rank];
         Ok(SimPending { index, lag })
     }
@@ -147,14 +162,14 @@ impl Collectives for SimNet {
         pending: &mut SimPending,
     ) -> Result<Option<[u64; N]>, CallError> {
         let world = self.world.borrow();
-        let Some(result) = world.ops[pending.index].result() else {
+        let Some(result) = world.ops[pending.index].done.as_ref() else {
             return Ok(None);
         };
         if pending.lag > 0 {
             pending.lag -= 1;
             return Ok(None);
         }
-        Ok(Some(result.try_into().unwrap_or_else(|_| {
+        Ok(Some(result.clone().try_into().unwrap_or_else(|_| {
             panic!("allreduce {} is not of {N} words", pending.index)
         })))
     }

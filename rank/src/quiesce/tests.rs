@@ -592,3 +592,32 @@ fn the_calibration_bounds_the_first_agreement_in_safe_points() {
     );
     sim.assert_quiet();
 }
+
+/// At scale: 1,024 to 16,384 ranks of a coupled code (its own MPI calls
+/// drive the progress engine, so a rank sees an allreduce complete at its
+/// next test), with 200 ms iterations: the first checkpoint parks 3 safe
+/// points after the request at every size, where the guess from the number
+/// of ranks alone would have waited 2 + 4 log2(ranks) (42 to 58).
+#[test]
+fn the_first_agreement_stays_bounded_in_safe_points_at_thousands_of_ranks() {
+    for ranks in [1024usize, 4096, 16384] {
+        let mut sim = Sim::new(ranks, None);
+        sim.round_time = Duration::from_millis(200);
+        sim.run(3);
+        let requested_at = sim.round;
+        sim.raise(1, &(0..ranks).collect::<Vec<_>>());
+        sim.run_until_decided(20);
+        let decisions = sim.last_decisions();
+        let park_at = decisions[0].0;
+        assert!(
+            decisions.iter().all(|d| *d == (park_at, Decision::Park(1))),
+            "{ranks} ranks: not all parked together"
+        );
+        assert_eq!(
+            park_at - requested_at,
+            3,
+            "{ranks} ranks: safe points from the request to parked"
+        );
+        sim.assert_quiet();
+    }
+}
