@@ -5,6 +5,8 @@
 //! `CRYO_FAULT=pause-at:<phase>:<epoch>:<milliseconds>` is read once, at the
 //! first check. `<phase>` is one of
 //!
+//! * `open` (agent): the epoch is open to parks, before the ranks' queued
+//!   messages are taken and their requests raised;
 //! * `quiesce` (agent): a rank has parked, before its memory is copied;
 //! * `copy` (agent): the rank's memory is copied, before it is resumed;
 //! * `drain` (agent): chunks are written, before the rank's part is made
@@ -24,6 +26,8 @@ pub use crate::env::ENV_FAULT;
 /// A point of an epoch where a fault can be injected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// The epoch is open to parks; queued messages not yet taken (agent).
+    Open,
     /// A rank is parked, not yet copied (agent).
     Quiesce,
     /// A rank is copied, not yet resumed (agent).
@@ -38,6 +42,7 @@ pub enum Phase {
 impl Phase {
     fn parse(text: &str) -> Option<Phase> {
         Some(match text {
+            "open" => Phase::Open,
             "quiesce" => Phase::Quiesce,
             "copy" => Phase::Copy,
             "drain" => Phase::Drain,
@@ -49,6 +54,7 @@ impl Phase {
     /// The phase's name as `CRYO_FAULT` spells it.
     pub fn name(self) -> &'static str {
         match self {
+            Phase::Open => "open",
             Phase::Quiesce => "quiesce",
             Phase::Copy => "copy",
             Phase::Drain => "drain",

@@ -1053,6 +1053,28 @@ impl Drop for MpiJob {
 
 #[test]
 fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
+    ranks_parked_ahead_of_their_agent_are_captured(Ahead::OfTheRequest);
+}
+
+/// The other window: node b's agent has the request and has opened the
+/// epoch, but is held (`pause-at:open`) before it takes what its ranks
+/// queued; they park right then. Their parks belong to the epoch and must
+/// be captured, not answered as left over from an abandoned one.
+#[test]
+fn mpi_ranks_that_park_while_their_agent_opens_the_epoch_are_captured() {
+    ranks_parked_ahead_of_their_agent_are_captured(Ahead::OfTheRun);
+}
+
+/// What node b's ranks are ahead of when they park.
+#[derive(Clone, Copy, PartialEq)]
+enum Ahead {
+    /// Node b's agent has not been asked yet.
+    OfTheRequest,
+    /// Node b's agent opened the epoch, and is held before its run.
+    OfTheRun,
+}
+
+fn ranks_parked_ahead_of_their_agent_are_captured(ahead: Ahead) {
     use std::os::unix::process::CommandExt;
     if !mpiexec_available() {
         return;
@@ -1107,6 +1129,11 @@ fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
         let node_dir = dir.join(node);
         fs::create_dir_all(&node_dir).unwrap();
         let pending = coord.accept();
+        let held: &[(&str, &str)] = if ahead == Ahead::OfTheRun && node == "b" {
+            &[("CRYO_FAULT", "pause-at:open:1:1500")]
+        } else {
+            &[]
+        };
         let mut agent = Agent::spawn_node(
             &node_dir,
             &store,
@@ -1120,7 +1147,7 @@ fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
                 "--copy-budget",
                 "32MiB",
             ],
-            &[],
+            held,
         );
         agent.wait_ready();
         links.push(pending.join().unwrap());
@@ -1155,17 +1182,24 @@ fn mpi_ranks_parked_before_their_agent_heard_of_the_epoch_are_captured() {
     }
     wait_until("iteration 30", WAIT, || lines(&dir.join("run.log")) >= 30);
 
-    // Only node a hears of epoch 1. The ranks agree on it among themselves,
-    // so node b's ranks park for it before their agent is asked.
-    links[0].send(&CoordinatorToAgent::Checkpoint {
+    let checkpoint = CoordinatorToAgent::Checkpoint {
         epoch: 1,
         park_timeout_ms: 30_000,
-    });
-    wait_logged(&agents[1], &["rank.parked_early", "epoch=1"]);
-    links[1].send(&CoordinatorToAgent::Checkpoint {
-        epoch: 1,
-        park_timeout_ms: 30_000,
-    });
+    };
+    if ahead == Ahead::OfTheRequest {
+        // Only node a hears of epoch 1. The ranks agree on it among
+        // themselves, so node b's ranks park for it before their agent is
+        // asked.
+        links[0].send(&checkpoint);
+        wait_logged(&agents[1], &["rank.parked_early", "epoch=1"]);
+        links[1].send(&checkpoint);
+    } else {
+        // Node b's agent opens the epoch at once and is then held while its
+        // ranks, joining on node a's ring, park.
+        links[1].send(&checkpoint);
+        wait_logged(&agents[1], &["fault.paused", "open"]);
+        links[0].send(&checkpoint);
+    }
     for (link, ranks) in links.iter_mut().zip([[0, 1], [2, 3]]) {
         for rank in ranks {
             link.expect("Copied", is_copied(1, rank));

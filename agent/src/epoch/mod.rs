@@ -186,11 +186,15 @@ pub(crate) fn run(
             return Err(err);
         }
     };
+    cryo_core::fault::pause_at(cryo_core::fault::Phase::Open, epoch, job);
+    let mut queued: BTreeMap<u32, rank::Said> = BTreeMap::new();
     for conn in ranks {
-        rank::drop_stale_parks(conn);
-        // A rank already parked for this epoch must not find the request
-        // again once resumed.
-        if !run.early.contains_key(&conn.rank) {
+        if let Some(said) = rank::take_queued(conn, epoch) {
+            queued.insert(conn.rank, said);
+        }
+        // A rank already parked for this epoch (or that refused it) must
+        // not find the request again once resumed.
+        if !run.early.contains_key(&conn.rank) && !queued.contains_key(&conn.rank) {
             conn.page
                 .page()
                 .checkpoint_requested
@@ -211,9 +215,10 @@ pub(crate) fn run(
                 .iter()
                 .map(|conn| {
                     let (writer, progress) = (&writer, &progress);
+                    let said = queued.remove(&conn.rank);
                     let body = move || {
                         let result = rank::capture_one(
-                            res, conn, run, writer, sink, progress, deadline, &report,
+                            res, conn, run, writer, sink, progress, deadline, said, &report,
                         );
                         if let Err(err) = &result {
                             if sink.fail_fast() && !run.cancel.is_set() {

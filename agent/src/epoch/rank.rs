@@ -21,14 +21,37 @@ const POLL: Duration = Duration::from_millis(20);
 /// finish parking.
 const LATE_PARK_GRACE: Duration = Duration::from_secs(10);
 
-/// Answers parks left over from an abandoned epoch, so they cannot satisfy
-/// this one and their ranks are not left blocked.
-pub(super) fn drop_stale_parks(conn: &RankConn) {
+/// What a rank already said about `epoch` before the epoch's run began:
+/// the agent opened the epoch to parks a moment before, and a rank of an
+/// MPI job may park (or refuse) as soon as the ranks agree.
+pub(super) enum Said {
+    Parked(Parked),
+    Refused(String),
+    Left(String),
+}
+
+/// Clears what is queued from `conn` before the run: parks left over from
+/// an abandoned epoch are answered (so their ranks are not left blocked and
+/// cannot satisfy this one), while a park or refusal for `epoch` itself is
+/// kept for the run.
+pub(super) fn take_queued(conn: &RankConn, epoch: u64) -> Option<Said> {
+    let mut said = None;
     while let Ok(event) = lock(&conn.events).try_recv() {
-        if let RankEvent::Parked(Parked { epoch: stale, .. }) = event {
-            conn.abort(stale, &format!("epoch {stale} was abandoned"));
+        match event {
+            RankEvent::Parked(parked) if parked.epoch == epoch => {
+                said = Some(Said::Parked(parked));
+            }
+            RankEvent::Parked(Parked { epoch: stale, .. }) => {
+                conn.abort(stale, &format!("epoch {stale} was abandoned"));
+            }
+            RankEvent::Refused { epoch: e, reason } if e == epoch => {
+                said = Some(Said::Refused(reason));
+            }
+            RankEvent::Refused { .. } => {}
+            RankEvent::Gone(why) => said = Some(Said::Left(why)),
         }
     }
+    said
 }
 
 /// Captures one rank for `run`: the body of its thread.
@@ -41,13 +64,29 @@ pub(super) fn capture_one(
     sink: &dyn EpochSink,
     progress: &Progress,
     deadline: Instant,
+    queued: Option<Said>,
     unfinished: &dyn Fn(Vec<RankCaptureReport>) -> CheckpointReport,
 ) -> Result<(RankCaptureReport, WriteStats), EpochError> {
     let (epoch, rank) = (run.epoch, conn.rank);
     let (job, node) = (res.job_name, res.node);
-    let parked = match run.early.get(&rank) {
-        Some(parked) => parked.clone(),
-        None => wait_parked(conn, run, deadline)?,
+    let parked = match (run.early.get(&rank), queued) {
+        (Some(parked), _) => parked.clone(),
+        (None, Some(Said::Parked(parked))) => parked,
+        (None, Some(Said::Refused(detail))) => {
+            return Err(EpochError::Refused {
+                rank,
+                pid: conn.pid,
+                detail,
+            })
+        }
+        (None, Some(Said::Left(why))) => {
+            return Err(EpochError::Left {
+                rank,
+                pid: conn.pid,
+                why,
+            })
+        }
+        (None, None) => wait_parked(conn, run, deadline)?,
     };
     tracing::info!(job, node, rank, epoch, "rank.quiesced");
     fault::pause_at(fault::Phase::Quiesce, epoch, job);
