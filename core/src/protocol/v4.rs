@@ -43,8 +43,37 @@ where
     }
 }
 
-fn text(reason: &AbortReason) -> String {
-    reason.to_string()
+/// `From` both ways between this build's enum and version 4's layout of it:
+/// the variants in `same` carry the same fields in both; those in `reasons`
+/// also carry a `reason`, an [`AbortReason`] now and text in version 4.
+macro_rules! layouts {
+    (
+        $enum:ident;
+        same: [ $( $sv:ident $( { $($sf:ident),* } )? $( ( $st:ident ) )? ),* $(,)? ];
+        reasons: [ $( $rv:ident { $($rf:ident),* } ),* $(,)? ]
+    ) => {
+        impl From<&super::$enum> for $enum {
+            fn from(msg: &super::$enum) -> Self {
+                match msg.clone() {
+                    $( super::$enum::$sv $( { $($sf),* } )? $( ( $st ) )?
+                        => Self::$sv $( { $($sf),* } )? $( ( $st ) )?, )*
+                    $( super::$enum::$rv { $($rf,)* reason }
+                        => Self::$rv { $($rf,)* reason: reason.to_string() }, )*
+                }
+            }
+        }
+
+        impl From<$enum> for super::$enum {
+            fn from(msg: $enum) -> Self {
+                match msg {
+                    $( $enum::$sv $( { $($sf),* } )? $( ( $st ) )?
+                        => Self::$sv $( { $($sf),* } )? $( ( $st ) )?, )*
+                    $( $enum::$rv { $($rf,)* reason }
+                        => Self::$rv { $($rf,)* reason: AbortReason::Text(reason) }, )*
+                }
+            }
+        }
+    };
 }
 
 /// `CoordinatorToAgent`, version 4.
@@ -60,53 +89,16 @@ pub(super) enum CoordinatorToAgent {
     Shutdown,
 }
 
-impl From<&super::CoordinatorToAgent> for CoordinatorToAgent {
-    fn from(msg: &super::CoordinatorToAgent) -> Self {
-        use super::CoordinatorToAgent as New;
-        match msg.clone() {
-            New::Welcome { job, world_size } => Self::Welcome { job, world_size },
-            New::Refused { reason } => Self::Refused { reason },
-            New::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            } => Self::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            },
-            New::Abort { epoch, reason } => Self::Abort {
-                epoch,
-                reason: text(&reason),
-            },
-            New::Committed { epoch } => Self::Committed { epoch },
-            New::ArmRestart { epoch } => Self::ArmRestart { epoch },
-            New::Shutdown => Self::Shutdown,
-        }
-    }
-}
-
-impl From<CoordinatorToAgent> for super::CoordinatorToAgent {
-    fn from(msg: CoordinatorToAgent) -> Self {
-        use CoordinatorToAgent as Old;
-        match msg {
-            Old::Welcome { job, world_size } => Self::Welcome { job, world_size },
-            Old::Refused { reason } => Self::Refused { reason },
-            Old::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            } => Self::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            },
-            Old::Abort { epoch, reason } => Self::Abort {
-                epoch,
-                reason: AbortReason::Text(reason),
-            },
-            Old::Committed { epoch } => Self::Committed { epoch },
-            Old::ArmRestart { epoch } => Self::ArmRestart { epoch },
-            Old::Shutdown => Self::Shutdown,
-        }
-    }
-}
+layouts!(CoordinatorToAgent;
+    same: [
+        Welcome { job, world_size },
+        Refused { reason },
+        Checkpoint { epoch, park_timeout_ms },
+        Committed { epoch },
+        ArmRestart { epoch },
+        Shutdown,
+    ];
+    reasons: [Abort { epoch }]);
 
 /// `AgentToCoordinator`, version 4.
 #[allow(missing_docs)]
@@ -138,89 +130,14 @@ pub(super) enum AgentToCoordinator {
     },
 }
 
-impl From<&super::AgentToCoordinator> for AgentToCoordinator {
-    fn from(msg: &super::AgentToCoordinator) -> Self {
-        use super::AgentToCoordinator as New;
-        match msg.clone() {
-            New::RankRegistered {
-                rank,
-                pid,
-                restored_epoch,
-            } => Self::RankRegistered {
-                rank,
-                pid,
-                restored_epoch,
-            },
-            New::RankLeft { rank, why } => Self::RankLeft { rank, why },
-            New::Copied {
-                epoch,
-                rank,
-                bytes,
-                pause_us,
-            } => Self::Copied {
-                epoch,
-                rank,
-                bytes,
-                pause_us,
-            },
-            New::Durable {
-                epoch,
-                rank,
-                written,
-            } => Self::Durable {
-                epoch,
-                rank,
-                written,
-            },
-            New::Failed { epoch, reason } => Self::Failed {
-                epoch,
-                reason: text(&reason),
-            },
-        }
-    }
-}
-
-impl From<AgentToCoordinator> for super::AgentToCoordinator {
-    fn from(msg: AgentToCoordinator) -> Self {
-        use AgentToCoordinator as Old;
-        match msg {
-            Old::RankRegistered {
-                rank,
-                pid,
-                restored_epoch,
-            } => Self::RankRegistered {
-                rank,
-                pid,
-                restored_epoch,
-            },
-            Old::RankLeft { rank, why } => Self::RankLeft { rank, why },
-            Old::Copied {
-                epoch,
-                rank,
-                bytes,
-                pause_us,
-            } => Self::Copied {
-                epoch,
-                rank,
-                bytes,
-                pause_us,
-            },
-            Old::Durable {
-                epoch,
-                rank,
-                written,
-            } => Self::Durable {
-                epoch,
-                rank,
-                written,
-            },
-            Old::Failed { epoch, reason } => Self::Failed {
-                epoch,
-                reason: AbortReason::Text(reason),
-            },
-        }
-    }
-}
+layouts!(AgentToCoordinator;
+    same: [
+        RankRegistered { rank, pid, restored_epoch },
+        RankLeft { rank, why },
+        Copied { epoch, rank, bytes, pause_us },
+        Durable { epoch, rank, written },
+    ];
+    reasons: [Failed { epoch }]);
 
 /// `JobResponse`, version 4.
 #[allow(missing_docs)]
@@ -244,63 +161,13 @@ pub(super) enum JobResponse {
     Status(JobStatus),
 }
 
-impl From<&super::JobResponse> for JobResponse {
-    fn from(msg: &super::JobResponse) -> Self {
-        use super::JobResponse as New;
-        match msg.clone() {
-            New::Refused { reason } => Self::Refused { reason },
-            New::Committed {
-                epoch,
-                max_pause_us,
-                quiesce_us,
-                bytes,
-                written,
-                elapsed_ms,
-            } => Self::Committed {
-                epoch,
-                max_pause_us,
-                quiesce_us,
-                bytes,
-                written,
-                elapsed_ms,
-            },
-            New::Aborted { epoch, reason } => Self::Aborted {
-                epoch,
-                reason: text(&reason),
-            },
-            New::Status(status) => Self::Status(status),
-        }
-    }
-}
-
-impl From<JobResponse> for super::JobResponse {
-    fn from(msg: JobResponse) -> Self {
-        use JobResponse as Old;
-        match msg {
-            Old::Refused { reason } => Self::Refused { reason },
-            Old::Committed {
-                epoch,
-                max_pause_us,
-                quiesce_us,
-                bytes,
-                written,
-                elapsed_ms,
-            } => Self::Committed {
-                epoch,
-                max_pause_us,
-                quiesce_us,
-                bytes,
-                written,
-                elapsed_ms,
-            },
-            Old::Aborted { epoch, reason } => Self::Aborted {
-                epoch,
-                reason: AbortReason::Text(reason),
-            },
-            Old::Status(status) => Self::Status(status),
-        }
-    }
-}
+layouts!(JobResponse;
+    same: [
+        Refused { reason },
+        Committed { epoch, max_pause_us, quiesce_us, bytes, written, elapsed_ms },
+        Status(status),
+    ];
+    reasons: [Aborted { epoch }]);
 
 /// `ControlResponse`, version 4.
 #[allow(missing_docs)]
@@ -315,38 +182,13 @@ pub(super) enum ControlResponse {
     Status(AgentStatus),
 }
 
-impl From<&super::ControlResponse> for ControlResponse {
-    fn from(msg: &super::ControlResponse) -> Self {
-        use super::ControlResponse as New;
-        match msg.clone() {
-            New::Welcome { node, job } => Self::Welcome { node, job },
-            New::Refused { reason } => Self::Refused { reason },
-            New::Checkpoint(report) => Self::Checkpoint(report),
-            New::Busy { epoch, reason } => Self::Busy { epoch, reason },
-            New::Failed { epoch, reason } => Self::Failed {
-                epoch,
-                reason: text(&reason),
-            },
-            New::RestartArmed { epoch, ranks } => Self::RestartArmed { epoch, ranks },
-            New::Status(status) => Self::Status(status),
-        }
-    }
-}
-
-impl From<ControlResponse> for super::ControlResponse {
-    fn from(msg: ControlResponse) -> Self {
-        use ControlResponse as Old;
-        match msg {
-            Old::Welcome { node, job } => Self::Welcome { node, job },
-            Old::Refused { reason } => Self::Refused { reason },
-            Old::Checkpoint(report) => Self::Checkpoint(report),
-            Old::Busy { epoch, reason } => Self::Busy { epoch, reason },
-            Old::Failed { epoch, reason } => Self::Failed {
-                epoch,
-                reason: AbortReason::Text(reason),
-            },
-            Old::RestartArmed { epoch, ranks } => Self::RestartArmed { epoch, ranks },
-            Old::Status(status) => Self::Status(status),
-        }
-    }
-}
+layouts!(ControlResponse;
+    same: [
+        Welcome { node, job },
+        Refused { reason },
+        Checkpoint(report),
+        Busy { epoch, reason },
+        RestartArmed { epoch, ranks },
+        Status(status),
+    ];
+    reasons: [Failed { epoch }]);
