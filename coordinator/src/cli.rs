@@ -299,7 +299,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let job = job.unwrap_or_else(|| default_job_name(&command[0]));
             let ranks = launch.ranks.or_else(slurm_ntasks).unwrap_or(1);
             let cwd = std::env::current_dir().context("reading the working directory")?;
-            let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks);
+            let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
+                .with_launcher(launch.launcher.as_deref());
             let store = announce_store(launch.store.clone())?;
             let resume_from = if launch.resume || slurm_restart_count() > 0 {
                 resume_epoch(&store.path, &job, ranks)?
@@ -315,11 +316,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 resume_from,
             )?)
         }
-        Command::Restart { job, epoch, launch } => {
+        Command::Restart {
+            job,
+            epoch,
+            mut launch,
+        } => {
             let store_dir = announce_store(launch.store.clone())?;
             let store = open_store(&store_dir)?;
             let job_store = store.existing_job(&job)?;
             let command = Registry::of(&job_store).command()?;
+            // The launcher the job ran with (an Open MPI job's mpirun, say),
+            // unless this restart names another.
+            if launch.launcher.is_none() {
+                launch.launcher = command.launcher();
+            }
             if let Some(ranks) = launch.ranks {
                 if ranks != command.world_size {
                     bail!(

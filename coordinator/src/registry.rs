@@ -31,6 +31,11 @@ pub struct JobCommand {
     pub cwd: Vec<u8>,
     /// MPI world size.
     pub world_size: u32,
+    /// The launcher `cryo run` was told to use (`--launcher`), which
+    /// `cryo restart` uses again unless told otherwise. Absent in the
+    /// commands of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<Vec<u8>>,
 }
 
 impl JobCommand {
@@ -43,7 +48,21 @@ impl JobCommand {
             args: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
             cwd: cwd.as_os_str().as_bytes().to_vec(),
             world_size,
+            launcher: None,
         }
+    }
+
+    /// Records the launcher `cryo run` was told to use.
+    pub fn with_launcher(mut self, launcher: Option<&Path>) -> JobCommand {
+        self.launcher = launcher.map(|l| l.as_os_str().as_bytes().to_vec());
+        self
+    }
+
+    /// The launcher `cryo run` was told to use, if any.
+    pub fn launcher(&self) -> Option<PathBuf> {
+        self.launcher
+            .as_ref()
+            .map(|l| PathBuf::from(OsString::from_vec(l.clone())))
     }
 
     /// The program.
@@ -227,6 +246,21 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_launcher_is_remembered_and_older_commands_still_read() {
+        let cwd = Path::new("/work/job");
+        let command = JobCommand::new(&"/bin/app".into(), &[], cwd, 4)
+            .with_launcher(Some(Path::new("mpirun.openmpi")));
+        let json = serde_json::to_string(&command).expect("encodes");
+        let back: JobCommand = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back.launcher(), Some(PathBuf::from("mpirun.openmpi")));
+        // A command written before the launcher was recorded.
+        let older = r#"{"program":[47],"args":[],"cwd":[47],"world_size":2}"#;
+        let older: JobCommand = serde_json::from_str(older).expect("an older command decodes");
+        assert_eq!(older.launcher(), None);
+        assert_eq!(older.world_size, 2);
+    }
 
     #[test]
     fn programs_are_recorded_by_absolute_path() {

@@ -489,12 +489,13 @@ impl Case {
     }
 
     /// `cryo restart` on `nodes`.
+    /// `cryo restart` on `nodes`. It names no launcher: the job's own
+    /// (`cryo run --launcher`, for Open MPI) is remembered with its command.
     pub fn restart(&self, job: &str, nodes: &str, extra: &[&str]) -> Output {
         self.cryo()
             .args(["restart", job, "--nodes", nodes])
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}-restart")))
-            .args(self.program.mpi.cryo_args())
             .args(extra)
             .output()
             .unwrap()
