@@ -57,6 +57,11 @@ pub struct AgentRun {
     pub zstd_d_ns: Option<u64>,
     /// Process start to every region restored.
     pub restart_ns: u64,
+    /// The raw-image baseline: the same number of bytes written
+    /// uncompressed to one file (as a whole-process checkpointer without
+    /// compression does) and read back into fresh memory, in the same run.
+    #[serde(default)]
+    pub raw_image_ns: Option<u64>,
     /// Agent CPU seconds during the checkpoint (0 in suite reports made
     /// before the suite kept it).
     #[serde(default)]

@@ -8,7 +8,10 @@
 //!   (target ≤ 1.5×);
 //! * the end-to-end checkpoint time (request to commit, fsyncs included),
 //!   against `zstd -1 -T0` on the same bytes (target ≤ 1.1×);
-//! * the restart time (process start to every region restored);
+//! * the restart time (process start to every region restored), beside
+//!   `zstd -d -T0` of the same bytes and the raw-image baseline: the same
+//!   bytes uncompressed in one file read back into fresh memory, what a
+//!   whole-process checkpointer without compression does;
 //! * the agent's peak RSS against its copy budget.
 //!
 //! Build in release mode first: `cargo build --release`, then
@@ -524,6 +527,9 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
     })?;
     let restart_ns = t.elapsed().as_nanos();
     drop(children);
+    let raw_image_ns = raw_image_ns(cfg.dir, report.stats.raw_bytes)
+        .inspect_err(|err| eprintln!("raw-image baseline skipped: {err}"))
+        .ok();
 
     let node_copy_ns = if report.ranks.len() > 1 {
         // Ranks on a node share its memory bandwidth: the node's pause is
@@ -552,6 +558,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
         zstd_ns,
         zstd_d_ns,
         restart_ns: u64::try_from(restart_ns).unwrap_or(u64::MAX),
+        raw_image_ns,
         agent_cpu_s: agent_cpu,
         raw_bytes: report.stats.raw_bytes,
         stored_bytes: report.stats.new_stored_bytes,
@@ -561,6 +568,40 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
     };
     print_result(&result);
     Ok(result)
+}
+
+/// The raw-image baseline: `bytes` written uncompressed to one file in
+/// `dir` and synced (as a whole-process checkpointer without compression
+/// stores a process), then read back into fresh memory, each page faulted
+/// in by the read as a restarting process's would be. Returns the read's
+/// time. The page cache holds the file, as it holds the store's chunks when
+/// the restart beside it reads them.
+fn raw_image_ns(dir: &Path, bytes: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Write};
+    const BLOCK: usize = 16 << 20;
+    let path = dir.join("raw-image.bin");
+    let len = usize::try_from(bytes).map_err(std::io::Error::other)?;
+    {
+        let mut file = fs::File::create(&path)?;
+        let block: Vec<u8> = (0..BLOCK)
+            .map(|i| u8::try_from(i * 31 % 251).unwrap_or(0))
+            .collect();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(BLOCK);
+            file.write_all(&block[..n])?;
+            left -= n;
+        }
+        file.sync_all()?;
+    }
+    let t = Instant::now();
+    // Fresh memory: calloc'd pages are mapped on first touch, by the read.
+    let mut image = vec![0u8; len];
+    fs::File::open(&path)?.read_exact(&mut image)?;
+    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    std::hint::black_box(&image);
+    fs::remove_file(&path)?;
+    Ok(ns)
 }
 
 fn count_lines(path: &Path) -> u64 {

@@ -82,6 +82,13 @@ pub(super) fn print_result(r: &AgentRun) {
             ms(r.restart_ns)
         ),
     }
+    if let Some(raw) = r.raw_image_ns {
+        println!(
+            "  raw-image baseline (the same bytes uncompressed in one file, read into fresh memory): {:.1} ms; restart / raw image {:.2}x (target <= 1x)",
+            ms(raw),
+            r.restart_ns as f64 / raw.max(1) as f64
+        );
+    }
     if r.pause_samples_ns.len() > 1 {
         println!(
             "  pause samples (worst rank, full checkpoints): {:?} ms; the smallest is reported",

@@ -312,6 +312,7 @@ mod tests {
             zstd_ns: Some(size * 2),
             zstd_d_ns: Some(size),
             restart_ns: size,
+            raw_image_ns: Some(size / 2),
             agent_cpu_s: 0.5,
             raw_bytes: size,
             stored_bytes: size / 2,
