@@ -11,7 +11,7 @@
 //!
 //! Either way the agent never holds more than the copy budget of rank data.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -27,6 +27,8 @@ use thiserror::Error;
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 use crate::pool::{BufferPool, Slot};
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
+use crate::tracking::{select, Piece, Selection};
+pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
 
 /// Capturing a rank failed.
 #[derive(Debug, Error)]
@@ -203,13 +205,6 @@ impl CopyGate {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Piece {
-    region: usize,
-    offset: u64,
-    len: usize,
-}
-
 /// Checks that every region lies inside the process's mappings, so that a
 /// confused or hostile region table cannot make the agent plan a copy of
 /// terabytes.
@@ -240,184 +235,6 @@ fn check_regions(
     }
     Ok(())
 }
-
-fn plan(regions: &[RegionInfo], chunk: usize) -> Vec<Piece> {
-    let mut out = Vec::new();
-    for (index, region) in regions.iter().enumerate() {
-        let mut offset = 0u64;
-        while offset < region.len {
-            let len = usize::try_from((region.len - offset).min(chunk as u64)).unwrap_or(chunk);
-            out.push(Piece {
-                region: index,
-                offset,
-                len,
-            });
-            offset += len as u64;
-        }
-    }
-    out
-}
-
-/// What a capture copies, and what it takes unchanged from the previous
-/// epoch.
-#[derive(Debug, Default)]
-struct Selection {
-    copy: Vec<Piece>,
-    reuse: Vec<(usize, ChunkRef)>,
-}
-
-/// The previous epoch's chunks of `region`, if they describe it exactly as
-/// `plan` would cut it now.
-fn matching_baseline<'a>(
-    baseline: &'a [RegionRecord],
-    region: &RegionInfo,
-    pieces: &[Piece],
-) -> Option<&'a [ChunkRef]> {
-    let base = baseline
-        .iter()
-        .find(|b| b.name == region.name && b.addr == region.addr && b.len == region.len)?;
-    let same_cut = base.chunks.len() == pieces.len()
-        && base
-            .chunks
-            .iter()
-            .zip(pieces)
-            .all(|(c, p)| c.offset == p.offset && c.len as usize == p.len);
-    same_cut.then_some(&base.chunks[..])
-}
-
-/// Share of a region's chunks written between two captures from which on it
-/// counts as hot: re-protecting it would cost a write fault (about 1.4 µs)
-/// per page for almost no chunk saved.
-pub const HOT_SHARE: f64 = 0.95;
-
-/// Captures a hot region is copied whole without being scanned or
-/// protected again, before it is probed once more.
-pub const HOT_CAPTURES: u32 = 8;
-
-/// How a region's writes looked at the previous captures of its process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Heat {
-    /// Not scanned yet, or the last scan followed a time without
-    /// protection: what this scan reports says nothing about the region.
-    #[default]
-    Unmeasured,
-    /// The last scan protected the region again: this scan reports what
-    /// was written between the two captures.
-    Tracked,
-    /// (Nearly) every chunk was written between two captures: the region
-    /// is copied whole, unscanned and unprotected (so the application takes
-    /// no write faults), for `left` more captures; then it is scanned and
-    /// protected again, and measured at the capture after.
-    Hot {
-        /// Captures left before the region is scanned again.
-        left: u32,
-    },
-}
-
-impl Heat {
-    /// Whether this capture scans (and protects again) the region.
-    pub fn scans(self) -> bool {
-        !matches!(self, Heat::Hot { left } if left > 1)
-    }
-
-    /// The state after this capture, given the share of the region's chunks
-    /// its scan found written (`None`: not scanned, or the scan failed).
-    pub fn next(self, dirty_share: Option<f64>) -> Heat {
-        match (self, dirty_share) {
-            (Heat::Hot { left }, _) if left > 1 => Heat::Hot { left: left - 1 },
-            (Heat::Tracked, Some(share)) if share >= HOT_SHARE => Heat::Hot { left: HOT_CAPTURES },
-            (_, Some(_)) => Heat::Tracked,
-            (_, None) => Heat::Unmeasured,
-        }
-    }
-}
-
-/// Each region's [`Heat`], by name and address, for one rank process.
-pub type RegionHeat = HashMap<(String, u64), Heat>;
-
-/// Chooses the chunks to copy. Every tracked region is scanned for pages
-/// written since the previous capture and protected again in the same
-/// walk (the rank is parked, so nothing writes meanwhile). A chunk with no
-/// written page keeps the previous epoch's chunk, if that epoch stored
-/// this rank (`baseline`); everything else is copied. Hot regions (see
-/// [`Heat`]) are copied whole without a scan.
-fn select(
-    ctx: &CaptureContext<'_>,
-    parked: &Parked,
-    baseline: Option<&[RegionRecord]>,
-    heat: &mut RegionHeat,
-    chunk: usize,
-) -> Selection {
-    let mut out = Selection::default();
-    let pieces = plan(&parked.regions, chunk);
-    heat.retain(|(name, addr), _| {
-        parked
-            .regions
-            .iter()
-            .any(|r| &r.name == name && r.addr == *addr)
-    });
-    for (index, region) in parked.regions.iter().enumerate() {
-        let mine: Vec<Piece> = pieces
-            .iter()
-            .filter(|p| p.region == index)
-            .copied()
-            .collect();
-        let state = heat.entry((region.name.clone(), region.addr)).or_default();
-        if !state.scans() {
-            *state = state.next(None);
-            out.copy.extend(mine);
-            continue;
-        }
-        // A protected buffer need not start on a page: scan the pages it
-        // touches (chunks stay cut from its own start).
-        let scan_start = region.addr / PAGE * PAGE;
-        let scan_len = (region.addr + region.len).div_ceil(PAGE) * PAGE - scan_start;
-        let written = match ctx
-            .access
-            .written_pages(parked.pid, scan_start, scan_len, true)
-        {
-            Ok(written) => written,
-            Err(err) => {
-                tracing::debug!(rank = parked.rank, epoch = parked.epoch, region = %region.name, error = %err, "region.untracked");
-                *state = state.next(None);
-                out.copy.extend(mine);
-                continue;
-            }
-        };
-        let mut dirty = vec![false; mine.len()];
-        for (start, end) in written {
-            let from = start.saturating_sub(region.addr) / chunk as u64;
-            let to = end.saturating_sub(region.addr).div_ceil(chunk as u64);
-            for flag in dirty
-                .iter_mut()
-                .take(usize::try_from(to).unwrap_or(usize::MAX))
-                .skip(usize::try_from(from).unwrap_or(usize::MAX))
-            {
-                *flag = true;
-            }
-        }
-        let share = dirty.iter().filter(|d| **d).count() as f64 / dirty.len().max(1) as f64;
-        let before = *state;
-        *state = state.next(Some(share));
-        if matches!(*state, Heat::Hot { .. }) && !matches!(before, Heat::Hot { .. }) {
-            tracing::info!(rank = parked.rank, epoch = parked.epoch, region = %region.name, written_share = share, "region.hot");
-        }
-        let Some(base) = baseline.and_then(|b| matching_baseline(b, region, &mine)) else {
-            out.copy.extend(mine);
-            continue;
-        };
-        for ((piece, chunk_ref), dirty) in mine.into_iter().zip(base).zip(dirty) {
-            if dirty {
-                out.copy.push(piece);
-            } else {
-                out.reuse.push((index, *chunk_ref));
-            }
-        }
-    }
-    out
-}
-
-const PAGE: u64 = 4096;
 
 fn copy(
     ctx: &CaptureContext<'_>,
@@ -635,6 +452,7 @@ mod tests {
     use cryo_core::format::manifest::Backing;
 
     use super::*;
+    use crate::tracking::plan;
 
     fn region(name: &str, addr: u64, len: u64) -> RegionInfo {
         RegionInfo {

@@ -33,4 +33,5 @@ pub mod pool;
 pub mod procfs;
 mod ranks;
 pub mod server;
+mod tracking;
 pub mod units;

@@ -9,17 +9,18 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use cryo_core::protocol::{JobRequest, JobResponse, JobStatus};
+use cryo_core::protocol::{JobRequest, JobResponse};
 use cryo_core::store::Store;
 
+use crate::report::{render_status, report_checkpoint, warn_unrestorable};
 use crate::store_dir::StoreDir;
 
 use crate::human::parse_size;
 use crate::inspect;
+use crate::launch;
 use crate::logging::{self, LogFormat};
 use crate::registry::{JobCommand, Registry};
 use crate::session::{self, AgentMode, AgentStarter, RunOptions};
-use crate::{human, launch};
 
 /// Exit code when `cryo verify` finds damage.
 pub const EXIT_VERIFY_FAILED: u8 = 2;
@@ -605,122 +606,4 @@ fn run_options(
         command,
         scratch,
     })
-}
-
-/// Names what a restart from the epoch just committed will not give back.
-fn warn_unrestorable(store: &std::path::Path, job: &str, response: &JobResponse) {
-    let JobResponse::Committed { epoch, .. } = response else {
-        return;
-    };
-    let manifest = cryo_core::Store::open(store)
-        .and_then(|s| s.existing_job(job))
-        .map_err(|e| e.to_string())
-        .and_then(|j| j.load_manifest(*epoch).map_err(|e| e.to_string()));
-    match manifest {
-        Ok(manifest) => {
-            for warning in crate::holdings::warnings(&manifest) {
-                eprintln!("job {job}: epoch {epoch}: warning: {warning}");
-            }
-        }
-        Err(err) => eprintln!(
-            "job {job}: epoch {epoch}: cannot read its manifest to list what a restart will not restore: {err}"
-        ),
-    }
-}
-
-fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {
-    match response {
-        JobResponse::Committed {
-            epoch,
-            max_pause_us,
-            quiesce_us,
-            bytes,
-            written,
-            elapsed_ms,
-        } => {
-            println!(
-                "job {job}: epoch {epoch} committed: quiesced in {:.1} ms, {} copied, longest rank pause {:.1} ms, {} written, {:.2} s",
-                *quiesce_us as f64 / 1000.0,
-                human::bytes(*bytes),
-                *max_pause_us as f64 / 1000.0,
-                human::bytes(*written),
-                *elapsed_ms as f64 / 1000.0
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        JobResponse::Aborted { epoch, reason } => {
-            eprintln!(
-                "job {job}: epoch {epoch} aborted: {reason}; the previous committed epoch stands"
-            );
-            Ok(ExitCode::FAILURE)
-        }
-        JobResponse::Refused { reason } => {
-            eprintln!("job {job}: checkpoint refused: {reason}");
-            Ok(ExitCode::FAILURE)
-        }
-        JobResponse::Status(_) => bail!("unexpected answer from the coordinator"),
-    }
-}
-
-/// Renders `cryo status` with a progress bar for a checkpoint in flight.
-pub fn render_status(status: &JobStatus) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let _ = writeln!(out, "job {}: {} ranks", status.job, status.world_size);
-    for node in &status.nodes {
-        let _ = writeln!(
-            out,
-            "  node {:<16} ranks {:<12} {}",
-            node.node,
-            cryo_core::protocol::render_ranks(&node.ranks),
-            if node.connected {
-                "agent connected"
-            } else {
-                "AGENT LOST"
-            }
-        );
-    }
-    let _ = writeln!(
-        out,
-        "  last committed epoch: {}{}",
-        status
-            .last_committed
-            .map_or("none".into(), |e| e.to_string()),
-        status
-            .restarted_from
-            .map(|e| format!(" (restarted from epoch {e})"))
-            .unwrap_or_default()
-    );
-    match &status.in_progress {
-        None => {
-            let _ = writeln!(out, "  no checkpoint in progress");
-        }
-        Some(p) => {
-            let world = status.world_size.max(1);
-            let done = if p.ranks_copied < world {
-                p.ranks_copied
-            } else {
-                p.ranks_durable
-            };
-            let width = 30u32;
-            let filled = (done * width / world).min(width) as usize;
-            let secs = p.elapsed_ms as f64 / 1000.0;
-            let _ = writeln!(
-                out,
-                "  epoch {} {}: [{}{}] {}/{} ranks copied, {}/{} durable, {} copied, {} written, {}",
-                p.epoch,
-                p.phase,
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled),
-                p.ranks_copied,
-                status.world_size,
-                p.ranks_durable,
-                status.world_size,
-                human::bytes(p.bytes_copied),
-                human::bytes(p.bytes_written),
-                human::rate(p.bytes_copied, secs)
-            );
-        }
-    }
-    out
 }

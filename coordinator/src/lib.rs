@@ -8,8 +8,8 @@
 //!   `commit` publishes manifests off the event thread; `signals` turns
 //!   SIGUSR1/SIGTERM/SIGINT into checkpoints and preemptions.
 //! * [`epoch`]: one epoch's state machine, free of I/O.
-//! * [`cli`], [`inspect`], [`holdings`], [`human`]: the `cryo` commands and
-//!   what they print.
+//! * [`cli`], [`report`], [`inspect`], [`holdings`], [`human`]: the `cryo`
+//!   commands and what they print.
 //! * [`launch`], [`registry`], [`logging`]: launchers, the job's registry in
 //!   the store, logs.
 //! * [`store_dir`]: where the store is when nobody says.
@@ -26,6 +26,7 @@ pub mod launch;
 pub mod logging;
 mod peers;
 pub mod registry;
+pub mod report;
 mod running;
 pub mod session;
 mod signals;

@@ -1,0 +1,128 @@
+//! What `cryo checkpoint`, `preempt` and `status` print: a checkpoint's
+//! outcome, what a restart from it will not give back, and a running job's
+//! state.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use cryo_core::protocol::{JobResponse, JobStatus};
+
+use crate::human;
+
+/// Names what a restart from the epoch just committed will not give back.
+pub(crate) fn warn_unrestorable(store: &std::path::Path, job: &str, response: &JobResponse) {
+    let JobResponse::Committed { epoch, .. } = response else {
+        return;
+    };
+    let manifest = cryo_core::Store::open(store)
+        .and_then(|s| s.existing_job(job))
+        .map_err(|e| e.to_string())
+        .and_then(|j| j.load_manifest(*epoch).map_err(|e| e.to_string()));
+    match manifest {
+        Ok(manifest) => {
+            for warning in crate::holdings::warnings(&manifest) {
+                eprintln!("job {job}: epoch {epoch}: warning: {warning}");
+            }
+        }
+        Err(err) => eprintln!(
+            "job {job}: epoch {epoch}: cannot read its manifest to list what a restart will not restore: {err}"
+        ),
+    }
+}
+
+pub(crate) fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {
+    match response {
+        JobResponse::Committed {
+            epoch,
+            max_pause_us,
+            quiesce_us,
+            bytes,
+            written,
+            elapsed_ms,
+        } => {
+            println!(
+                "job {job}: epoch {epoch} committed: quiesced in {:.1} ms, {} copied, longest rank pause {:.1} ms, {} written, {:.2} s",
+                *quiesce_us as f64 / 1000.0,
+                human::bytes(*bytes),
+                *max_pause_us as f64 / 1000.0,
+                human::bytes(*written),
+                *elapsed_ms as f64 / 1000.0
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        JobResponse::Aborted { epoch, reason } => {
+            eprintln!(
+                "job {job}: epoch {epoch} aborted: {reason}; the previous committed epoch stands"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        JobResponse::Refused { reason } => {
+            eprintln!("job {job}: checkpoint refused: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        JobResponse::Status(_) => bail!("unexpected answer from the coordinator"),
+    }
+}
+
+/// Renders `cryo status` with a progress bar for a checkpoint in flight.
+pub fn render_status(status: &JobStatus) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "job {}: {} ranks", status.job, status.world_size);
+    for node in &status.nodes {
+        let _ = writeln!(
+            out,
+            "  node {:<16} ranks {:<12} {}",
+            node.node,
+            cryo_core::protocol::render_ranks(&node.ranks),
+            if node.connected {
+                "agent connected"
+            } else {
+                "AGENT LOST"
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  last committed epoch: {}{}",
+        status
+            .last_committed
+            .map_or("none".into(), |e| e.to_string()),
+        status
+            .restarted_from
+            .map(|e| format!(" (restarted from epoch {e})"))
+            .unwrap_or_default()
+    );
+    match &status.in_progress {
+        None => {
+            let _ = writeln!(out, "  no checkpoint in progress");
+        }
+        Some(p) => {
+            let world = status.world_size.max(1);
+            let done = if p.ranks_copied < world {
+                p.ranks_copied
+            } else {
+                p.ranks_durable
+            };
+            let width = 30u32;
+            let filled = (done * width / world).min(width) as usize;
+            let secs = p.elapsed_ms as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "  epoch {} {}: [{}{}] {}/{} ranks copied, {}/{} durable, {} copied, {} written, {}",
+                p.epoch,
+                p.phase,
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                p.ranks_copied,
+                status.world_size,
+                p.ranks_durable,
+                status.world_size,
+                human::bytes(p.bytes_copied),
+                human::bytes(p.bytes_written),
+                human::rate(p.bytes_copied, secs)
+            );
+        }
+    }
+    out
+}
