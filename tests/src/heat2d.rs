@@ -85,19 +85,25 @@ impl Mpi {
 
     /// Why this MPI cannot run here, if it cannot.
     pub fn missing(self) -> Option<String> {
-        let missing: Vec<&str> = [self.mpicc(), self.launcher()]
-            .into_iter()
-            .filter(|tool| {
-                !Command::new(tool)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .collect();
+        let missing = missing_tools(&[self.mpicc(), self.launcher()]);
         (!missing.is_empty()).then(|| format!("{} not found", missing.join(" and ")))
     }
+}
+
+/// The tools of `tools` that do not answer `--version` here.
+pub fn missing_tools<'a>(tools: &[&'a str]) -> Vec<&'a str> {
+    tools
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new(tool)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect()
 }
 
 /// Whether Open MPI can run here. Without it the Open MPI tests fail,

@@ -20,11 +20,11 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use cryo_tests::heat2d::{openmpi_available, openmpi_flavour, Mpi};
+use cryo_tests::heat2d::{missing_tools, openmpi_available, openmpi_flavour, Mpi};
 use cryo_tests::state::{built, repo_root};
 use cryo_tests::{
     assert_same_file, bin_dir, kill_every_process_mentioning, lines, output_text, wait_until,
@@ -52,17 +52,7 @@ impl MpiFlavour {
     /// workspace's runtime. `None`, saying so loudly, when a tool is missing.
     fn mpich() -> Option<MpiFlavour> {
         let tools = ["mpif90.mpich", "mpicc.mpich", "mpiexec.mpich"];
-        let missing: Vec<&str> = tools
-            .into_iter()
-            .filter(|tool| {
-                !Command::new(tool)
-                    .arg("--version")
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
-            .collect();
+        let missing = missing_tools(&tools);
         if !missing.is_empty() {
             eprintln!(
                 "\n!!!!! SKIPPED: no {} (install mpich and gfortran); the MPICH Fortran tests did not run !!!!!\n",
