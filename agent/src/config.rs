@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub chunk_size: usize,
     /// zstd level.
     pub zstd_level: i32,
+    /// Size at which a new pack file is started.
+    pub pack_size: u64,
     /// Threads used to copy rank memory.
     pub copy_threads: usize,
     /// Threads hashing, compressing and writing chunks.

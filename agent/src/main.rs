@@ -79,6 +79,10 @@ enum Command {
         /// zstd level (0 stores chunks uncompressed).
         #[arg(long, default_value_t = cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL)]
         zstd_level: i32,
+        /// Size at which the agent starts a new pack file: each checkpoint
+        /// writes about (new bytes / this) packs per agent.
+        #[arg(long, value_parser = parse_bytes, default_value = "1GiB", env = "CRYO_PACK_SIZE")]
+        pack_size: u64,
         /// Threads copying rank memory (default: all cores).
         #[arg(long)]
         copy_threads: Option<usize>,
@@ -189,6 +193,7 @@ fn main() -> Result<()> {
             park_timeout,
             chunk_size,
             zstd_level,
+            pack_size,
             copy_threads,
             store_threads,
             coordinator,
@@ -230,6 +235,7 @@ fn main() -> Result<()> {
                 park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),
                 chunk_size: usize::try_from(chunk_size).context("--chunk-size")?,
                 zstd_level,
+                pack_size,
                 copy_threads: copy_threads.unwrap_or(cores),
                 store_threads: store_threads.unwrap_or(cores * 4),
                 job: job.clone(),

@@ -36,7 +36,7 @@ use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message_as, AbortReason, AgentToCoordinator,
     AgentToRank, ControlResponse, Hello, Peer, RankToAgent, StartMode,
 };
-use cryo_core::store::writer::WriterConfig;
+use cryo_core::store::writer::{ChunkLayout, WriterConfig};
 use cryo_core::store::{JobStore, Store};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
@@ -610,6 +610,9 @@ impl Shared {
                 codec: ChunkCodec {
                     level: self.config.zstd_level,
                     ..ChunkCodec::default()
+                },
+                layout: ChunkLayout::Packs {
+                    max_bytes: self.config.pack_size,
                 },
             },
             access: self.access.as_ref(),

@@ -16,7 +16,7 @@ use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
 use cryo_core::store::fs::{IoStep, IoStepError};
 use cryo_core::store::reader::RegionReadError;
-use cryo_core::store::writer::{BeginError, WriteError, WriterConfig};
+use cryo_core::store::writer::{BeginError, ChunkLayout, WriteError, WriterConfig};
 use cryo_core::store::{CommitError, LoadError, Store, StoreError};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -327,6 +327,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport, Sto
             level: opts.level,
             filter: opts.filter,
         },
+        layout: ChunkLayout::default(),
     };
     let chunk_size = u32::try_from(opts.chunk_size)
         .map_err(|_| StoreBenchError::ChunkSize(opts.chunk_size as u64))?;

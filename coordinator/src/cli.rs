@@ -88,6 +88,11 @@ pub enum Command {
         /// Keep only the newest K committed epochs of each job.
         #[arg(long)]
         keep: Option<usize>,
+        /// Repack a pack whose live share of bytes is below this fraction
+        /// (0 never repacks, 1 repacks any pack with a dead chunk). Packs
+        /// with no live chunk are always deleted.
+        #[arg(long, default_value_t = cryo_core::store::gc::DEFAULT_REPACK_BELOW, value_parser = parse_fraction)]
+        repack_below: f64,
         /// Only this job.
         #[arg(long)]
         job: Option<String>,
@@ -286,9 +291,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(EXIT_VERIFY_FAILED)
             })
         }
-        Command::Gc { store, keep, job } => {
+        Command::Gc {
+            store,
+            keep,
+            repack_below,
+            job,
+        } => {
             let store = Store::open(&store)?;
-            let reports = inspect::gc(&store, job.as_deref(), keep)?;
+            let options = cryo_core::store::GcOptions { keep, repack_below };
+            let reports = inspect::gc(&store, job.as_deref(), options)?;
             print!("{}", inspect::render_gc(&reports));
             Ok(ExitCode::SUCCESS)
         }
@@ -606,4 +617,12 @@ fn run_options(
         command,
         scratch,
     })
+}
+
+/// A fraction between 0 and 1, for `--repack-below`.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a fraction between 0 and 1")),
+    }
 }

@@ -9,8 +9,11 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use cryo_core::format::chunk::{ChunkHash, FLAG_SHUFFLE8, FLAG_ZSTD};
 use cryo_core::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
+use cryo_core::format::manifest::ChunkIndex;
 use cryo_core::format::manifest::{Manifest, RankRecord};
-use cryo_core::store::{decode_meta_file, EpochState, EpochSummary, GcReport, JobStore, Store};
+use cryo_core::store::{
+    decode_meta_file, EpochState, EpochSummary, GcOptions, GcReport, JobStore, Store,
+};
 use serde::Serialize;
 
 use crate::human;
@@ -174,6 +177,9 @@ pub fn describe(path: &Path) -> Result<String> {
         .take(HEADER_LEN as u64)
         .read_to_end(&mut head)
         .with_context(|| format!("reading {}", path.display()))?;
+    if cryo_core::format::pack::is_pack(&head) {
+        return crate::pack_view::describe_pack(path, &file, len);
+    }
     let header = match Header::parse(&head) {
         Ok(header) => header,
         Err(HeaderError::BadMagic(magic)) => {
@@ -272,6 +278,21 @@ pub fn describe(path: &Path) -> Result<String> {
                 let _ = writeln!(out, "  loadable        no: {err}");
             }
         },
+        FileKind::ChunkIndex => match decode_meta_file::<ChunkIndex>(header.kind, &bytes) {
+            Ok(index) => {
+                let _ = writeln!(out, "  loadable        yes, checksum ok");
+                let _ = writeln!(
+                    out,
+                    "  job {:?} as of epoch {}: {} packed chunks",
+                    index.job,
+                    index.epoch,
+                    index.chunks.len()
+                );
+            }
+            Err(err) => {
+                let _ = writeln!(out, "  loadable        no: {err}");
+            }
+        },
         FileKind::Chunk => {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             match name.parse::<ChunkHash>() {
@@ -348,6 +369,9 @@ pub fn verify(job: &JobStore, epoch: Option<u64>) -> Result<VerifyOutcome> {
             }
         }
     }
+    let (packs_ok, packs_text) = crate::pack_view::verify_packs(job)?;
+    ok &= packs_ok;
+    text.push_str(&packs_text);
     for report in job.verify_manifests(&manifests) {
         if report.is_ok() {
             let _ = writeln!(
@@ -379,7 +403,7 @@ pub fn verify(job: &JobStore, epoch: Option<u64>) -> Result<VerifyOutcome> {
 }
 
 /// Runs retention and GC over one job or every job.
-pub fn gc(store: &Store, job: Option<&str>, keep: Option<usize>) -> Result<Vec<GcReport>> {
+pub fn gc(store: &Store, job: Option<&str>, options: GcOptions) -> Result<Vec<GcReport>> {
     let jobs = match job {
         Some(job) => vec![job.to_owned()],
         None => store.jobs()?,
@@ -388,7 +412,7 @@ pub fn gc(store: &Store, job: Option<&str>, keep: Option<usize>) -> Result<Vec<G
     for name in jobs {
         let job = store.existing_job(&name)?;
         reports.push(
-            job.gc(keep)
+            job.gc_with(options)
                 .with_context(|| format!("collecting garbage of job {name:?}"))?,
         );
     }
@@ -401,7 +425,7 @@ pub fn render_gc(reports: &[GcReport]) -> String {
     for report in reports {
         let _ = write!(
             out,
-            "{}: removed {} epoch(s){}, {} partial epoch(s), {} chunk(s), {} temp file(s); freed {}; {} chunk(s) live",
+            "{}: removed {} epoch(s){}, {} partial epoch(s), {} chunk file(s), {} temp file(s), {} dead pack(s); repacked {} pack(s) ({} chunk(s) moved to {} new pack(s)); freed {}; {} chunk(s) live in {} pack(s)",
             report.job,
             report.removed_epochs.len(),
             if report.removed_epochs.is_empty() {
@@ -412,9 +436,17 @@ pub fn render_gc(reports: &[GcReport]) -> String {
             report.removed_partial_epochs.len(),
             report.removed_chunks,
             report.removed_temp_files,
+            report.removed_packs,
+            report.repacked_packs,
+            report.moved_chunks,
+            report.new_packs,
             human::bytes(report.freed_bytes),
-            report.live_chunks
+            report.live_chunks,
+            report.live_packs + report.new_packs,
         );
+        for problem in &report.unreadable_packs {
+            let _ = write!(out, "\n  kept: {problem}");
+        }
         if let Some(why) = &report.skipped {
             let _ = write!(out, " (sweep skipped: {why})");
         }

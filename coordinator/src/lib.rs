@@ -24,6 +24,7 @@ pub mod human;
 pub mod inspect;
 pub mod launch;
 pub mod logging;
+pub mod pack_view;
 mod peers;
 pub mod registry;
 pub mod report;

@@ -39,6 +39,7 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
     let config = WriterConfig {
         chunk_size: CHUNK,
         codec: ChunkCodec::default(),
+        ..WriterConfig::default()
     };
     let writer = job.begin_epoch(epoch, config).unwrap();
     for rank in 0..ranks {
@@ -160,12 +161,13 @@ fn verify_passes_then_names_the_corrupt_chunk() {
     assert!(text(&out).contains("epoch 1: ok") && text(&out).contains("epoch 2: ok"));
 
     let manifest = f.job.load_manifest(2).unwrap();
-    let hash = manifest.ranks[1].regions[0].chunks[2].hash;
-    let path = f.job.chunk_path(&hash);
-    let mut bytes = fs::read(&path).unwrap();
-    let at = bytes.len() - 1;
+    let chunk = manifest.ranks[1].regions[0].chunks[2];
+    let hash = chunk.hash;
+    let stored = f.job.locate_chunk(&chunk).unwrap();
+    let mut bytes = fs::read(&stored.path).unwrap();
+    let at = (stored.offset + stored.len - 1) as usize;
     bytes[at] ^= 0xff;
-    fs::write(&path, bytes).unwrap();
+    fs::write(&stored.path, bytes).unwrap();
 
     let out = cryo(&["verify", s(&f.root), "heat2d", "2"]);
     let t = text(&out);
@@ -210,11 +212,46 @@ fn describe_tells_each_kind() {
     assert!(t.contains("job \"heat2d\" epoch 2: 2 ranks"), "{t}");
     assert!(t.contains("rank 1 on n0 (pid 1): at restart"), "{t}");
 
-    let hash = f.job.load_manifest(2).unwrap().ranks[0].regions[0].chunks[0].hash;
-    let out = cryo(&["describe", s(&f.job.chunk_path(&hash))]);
+    let chunk = f.job.load_manifest(2).unwrap().ranks[0].regions[0].chunks[0];
+    let pack = f.job.locate_chunk(&chunk).unwrap().path;
+    let out = cryo(&["describe", s(&pack)]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("cryo pack") && t.contains("(matches its name)") && t.contains("sealed, "),
+        "{t}"
+    );
+    assert!(t.contains("format version  2.0"), "{t}");
+
+    // A pack whose writer died before its index: described by scanning.
+    let len = fs::metadata(&pack).unwrap().len();
+    let cryo_core::format::pack::ChunkPlace::Pack { pack: id, .. } = chunk.place else {
+        panic!("not packed: {chunk:?}");
+    };
+    let index = f.job.pack_index(&id).unwrap();
+    let end = index.entries.iter().map(|e| e.end()).max().unwrap();
+    assert!(end < len);
+    let torn = f.root.join("torn.pack");
+    fs::copy(&pack, &torn).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&torn)
+        .unwrap()
+        .set_len(end - 5)
+        .unwrap();
+    let out = cryo(&["describe", s(&torn)]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("entries found by scanning, which stopped"),
+        "{t}"
+    );
+
+    let index = f.job.chunk_index_path(2);
+    let out = cryo(&["describe", s(&index)]);
     let t = text(&out);
     assert!(
-        t.contains("cryo chunk") && t.contains("content matches its name"),
+        t.contains("cryo chunk index") && t.contains("as of epoch 2"),
         "{t}"
     );
 }

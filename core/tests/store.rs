@@ -14,7 +14,9 @@ use cryo_core::format::chunk::ChunkCodec;
 use cryo_core::format::manifest::{
     FdKind, FdRecord, FdRestore, RankRecord, RegionKind, WriteStats,
 };
-use cryo_core::store::writer::{BeginError, WriterConfig};
+use cryo_core::format::pack::ChunkPlace;
+use cryo_core::store::writer::{BeginError, ChunkLayout, WriterConfig};
+use cryo_core::store::GcOptions;
 use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProblem, Store};
 use cryo_core::Manifest;
 
@@ -24,6 +26,7 @@ fn config() -> WriterConfig {
     WriterConfig {
         chunk_size: CHUNK,
         codec: ChunkCodec::default(),
+        layout: ChunkLayout::default(),
     }
 }
 
@@ -101,14 +104,29 @@ fn setup() -> (tempfile::TempDir, Store, JobStore) {
     (dir, store, job)
 }
 
-fn chunk_files(job: &JobStore) -> Vec<std::path::PathBuf> {
+/// Every file under the job's pack area.
+fn pack_files(job: &JobStore) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    for fanout in fs::read_dir(job.chunks_dir()).unwrap() {
+    for fanout in fs::read_dir(job.packs_dir()).unwrap() {
         for entry in fs::read_dir(fanout.unwrap().path()).unwrap() {
             out.push(entry.unwrap().path());
         }
     }
+    out.sort();
     out
+}
+
+/// Chunks stored in the job's packs, counted from the packs themselves.
+fn stored_chunks(job: &JobStore) -> usize {
+    job.load_job_index().unwrap().chunks.len()
+}
+
+/// Flips one bit `back` bytes before the end of `chunk`'s stored bytes.
+fn flip_stored_byte(job: &JobStore, chunk: &cryo_core::format::manifest::ChunkRef, at: u64) {
+    let stored = job.locate_chunk(chunk).expect("chunk is stored");
+    let mut bytes = fs::read(&stored.path).unwrap();
+    bytes[(stored.offset + at) as usize] ^= 0x01;
+    fs::write(&stored.path, bytes).unwrap();
 }
 
 #[test]
@@ -235,10 +253,11 @@ fn crash_before_commit_leaves_previous_epoch_intact() {
     let manifest = job.load_manifest(1).unwrap();
     assert_eq!(restore(&job, &manifest, 1, 0), data);
 
-    // GC removes the abandoned epoch and its chunks, keeps epoch 1's.
+    // GC removes the abandoned epoch and its pack, keeps epoch 1's.
     let report = job.gc(None).unwrap();
     assert_eq!(report.removed_partial_epochs, vec![2]);
-    assert_eq!(report.removed_chunks, 4);
+    assert_eq!(report.removed_packs, 1, "{report:?}");
+    assert_eq!(stored_chunks(&job), 4);
     assert!(job.verify_manifest(&manifest).is_ok());
     assert!(!job.epochs().unwrap().contains_key(&2));
 }
@@ -266,13 +285,9 @@ fn epochs_must_increase_and_commit_once() {
 }
 
 fn corrupt_one_chunk(job: &JobStore, manifest: &Manifest) -> cryo_core::ChunkHash {
-    let hash = manifest.ranks[0].regions[0].chunks[1].hash;
-    let path = job.chunk_path(&hash);
-    let mut bytes = fs::read(&path).unwrap();
-    let at = bytes.len() - 10;
-    bytes[at] ^= 0x01;
-    fs::write(&path, bytes).unwrap();
-    hash
+    let chunk = manifest.ranks[0].regions[0].chunks[1];
+    flip_stored_byte(job, &chunk, u64::from(chunk.stored_len) - 10);
+    chunk.hash
 }
 
 #[test]
@@ -306,44 +321,72 @@ fn corrupt_chunk_is_detected_by_verify_and_restore() {
     assert!(err.to_string().contains("grid"), "{err}");
 }
 
-/// The restart's check looks at chunks as stored: it finds a damaged,
-/// truncated or missing file without decoding anything, and only a
-/// well-formed file holding other contents than its name says is left to
-/// the full verification (and to the rank's hash check at restore).
+/// The restart's check looks at chunks as stored: it finds a damaged
+/// payload, a damaged entry header, a truncated entry and a missing pack
+/// without decoding anything, and only a well-formed entry holding other
+/// contents than its header says is left to the full verification (and to
+/// the rank's hash check at restore).
 #[test]
 fn the_stored_check_finds_damaged_truncated_and_missing_chunks() {
     let (_dir, _store, job) = setup();
     let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 4, 1))]]);
     assert!(job.check_manifest(&manifest).is_ok());
-    let chunks = &manifest.ranks[0].regions[0].chunks;
-    corrupt_one_chunk(&job, &manifest);
-    let truncated = job.chunk_path(&chunks[2].hash);
-    let len = fs::metadata(&truncated).unwrap().len();
+    let chunks = manifest.ranks[0].regions[0].chunks.clone();
+    let offset_in_pack =
+        |c: &cryo_core::format::manifest::ChunkRef| job.locate_chunk(c).unwrap().offset;
+    // The last entry of the pack is truncated, one other's payload and a
+    // third's entry header are damaged.
+    let mut by_place: Vec<_> = chunks.iter().collect();
+    by_place.sort_by_key(|c| offset_in_pack(c));
+    let (last, payload, header) = (by_place[3], by_place[0], by_place[1]);
+    flip_stored_byte(&job, payload, u64::from(payload.stored_len) - 10);
+    let stored = job.locate_chunk(header).unwrap();
+    let mut bytes = fs::read(&stored.path).unwrap();
+    bytes[(stored.offset - 30) as usize] ^= 0x01; // inside the entry's hash
+    fs::write(&stored.path, &bytes).unwrap();
+    let cut = offset_in_pack(last) + u64::from(last.stored_len) / 2;
     fs::OpenOptions::new()
         .write(true)
-        .open(&truncated)
+        .open(&stored.path)
         .unwrap()
-        .set_len(len - 3)
+        .set_len(cut)
         .unwrap();
-    fs::remove_file(job.chunk_path(&chunks[3].hash)).unwrap();
     let report = job.check_manifest(&manifest);
     let mut offsets: Vec<u64> = report.bad.iter().map(|b| b.offset).collect();
     offsets.sort_unstable();
-    assert_eq!(
-        offsets,
-        vec![CHUNK as u64, 2 * CHUNK as u64, 3 * CHUNK as u64]
-    );
+    let mut expected = vec![last.offset, payload.offset, header.offset];
+    expected.sort_unstable();
+    assert_eq!(offsets, expected, "{:?}", report.bad);
+    // A fresh reader (no cached index) agrees, and restore names a chunk.
+    let fresh = Store::open(job.dir().parent().unwrap())
+        .unwrap()
+        .job("heat")
+        .unwrap();
+    assert_eq!(fresh.check_manifest(&manifest).bad.len(), 3);
 
-    // A valid chunk file under another chunk's name: stored whole, so only
-    // decoding finds it.
+    // A valid entry under another chunk's name: stored whole, so only
+    // decoding finds it. Incompressible chunks have equal stored lengths.
     let (_dir, _store, job) = setup();
-    let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 7))]]);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..CHUNK * 2)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 32) as u8
+        })
+        .collect();
+    let manifest = write_epoch(&job, 1, &[vec![("grid", noise)]]);
     let chunks = &manifest.ranks[0].regions[0].chunks;
-    fs::copy(
-        job.chunk_path(&chunks[0].hash),
-        job.chunk_path(&chunks[1].hash),
-    )
-    .unwrap();
+    assert_eq!(chunks[0].stored_len, chunks[1].stored_len);
+    let (from, to) = (
+        job.locate_chunk(&chunks[0]).unwrap(),
+        job.locate_chunk(&chunks[1]).unwrap(),
+    );
+    let mut bytes = fs::read(&from.path).unwrap();
+    let blob = bytes[from.offset as usize..(from.offset + from.len) as usize].to_vec();
+    bytes[to.offset as usize..(to.offset + to.len) as usize].copy_from_slice(&blob);
+    fs::write(&to.path, bytes).unwrap();
     assert!(job.check_manifest(&manifest).is_ok());
     let full = job.verify_manifest(&manifest);
     assert_eq!(full.bad.len(), 1, "{:?}", full.bad);
@@ -351,12 +394,14 @@ fn the_stored_check_finds_damaged_truncated_and_missing_chunks() {
 }
 
 #[test]
-fn missing_chunk_is_reported() {
+fn missing_pack_is_reported() {
     let (_dir, _store, job) = setup();
     let manifest = write_epoch(&job, 1, &[vec![("grid", state(CHUNK * 2, 1))]]);
-    fs::remove_file(job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)).unwrap();
+    for pack in pack_files(&job) {
+        fs::remove_file(pack).unwrap();
+    }
     let report = job.verify_manifest(&manifest);
-    assert_eq!(report.bad.len(), 1);
+    assert_eq!(report.bad.len(), 2);
     assert!(
         report.bad[0].problem.contains("missing"),
         "{}",
@@ -426,20 +471,62 @@ fn retention_and_gc_free_only_unreferenced_chunks() {
         epochs.push(data.clone());
         write_epoch(&job, epoch, &[vec![("grid", data)]]);
     }
-    assert_eq!(chunk_files(&job).len(), 8 + 4);
-    let report = job.gc(Some(2)).unwrap();
+    // Epoch 1 stores 8 chunks; epoch 2 its changed chunk and base chunk 1
+    // (epoch 1 had changed it); epochs 3 and 4 only their changed chunk:
+    // base chunk 2, last stored by epoch 1, is found in the chunk index.
+    assert_eq!(stored_chunks(&job), 8 + 2 + 1 + 1);
+    assert_eq!(pack_files(&job).len(), 4);
+    // Epoch 2's pack keeps only base chunk 1 alive once epochs 1 and 2 go:
+    // it is repacked; epoch 1's pack is mostly alive and stays.
+    let report = job
+        .gc_with(GcOptions {
+            keep: Some(2),
+            repack_below: 0.6,
+        })
+        .unwrap();
     assert_eq!(report.removed_epochs, vec![1, 2]);
     assert_eq!(job.committed_epochs().unwrap(), vec![3, 4]);
-    // epoch 1 and 2's private chunks go, plus chunk 3 and 4 of the base
-    // that epochs 3 and 4 replaced are kept only where referenced.
-    let remaining = chunk_files(&job).len() as u64;
-    assert_eq!(remaining, report.live_chunks);
-    for epoch in [3u64, 4] {
-        let manifest = job.load_manifest(epoch).unwrap();
-        assert!(job.verify_manifest(&manifest).is_ok());
-        assert_eq!(restore(&job, &manifest, 0, 0), epochs[(epoch - 1) as usize]);
+    assert_eq!(report.repacked_packs, 1, "{report:?}");
+    assert_eq!(report.moved_chunks, 1, "{report:?}");
+    assert_eq!(report.new_packs, 1, "{report:?}");
+    assert_eq!(report.removed_packs, 0, "{report:?}");
+    assert_eq!(pack_files(&job).len(), 4);
+    // 7 live chunks of epoch 1, base chunk 1, and epochs 3 and 4's own are
+    // live; epoch 1's changed chunk 1 stays, dead, in its mostly live pack.
+    assert_eq!(report.live_chunks, 10, "{report:?}");
+    assert_eq!(stored_chunks(&job), 11);
+    // Epochs 3 and 4 reference base chunk 1 in the deleted pack: read
+    // through the chunk index, or, without it, every pack's index.
+    for drop_index in [false, true] {
+        if drop_index {
+            for epoch in job.chunk_index_epochs().unwrap() {
+                fs::remove_file(job.chunk_index_path(epoch)).unwrap();
+            }
+        }
+        let fresh = Store::open(job.dir().parent().unwrap())
+            .unwrap()
+            .job("heat")
+            .unwrap();
+        for epoch in [3u64, 4] {
+            let manifest = fresh.load_manifest(epoch).unwrap();
+            assert!(fresh.verify_manifest(&manifest).is_ok());
+            assert_eq!(
+                restore(&fresh, &manifest, 0, 0),
+                epochs[(epoch - 1) as usize]
+            );
+        }
     }
-    assert!(report.removed_chunks >= 2, "{report:?}");
+    // Epoch 5 reuses base chunk 1 where it now is, and writes nothing new.
+    let manifest = write_epoch(&job, 5, &[vec![("grid", epochs[3].clone())]]);
+    assert_eq!(manifest.stats().new_chunks, 0);
+    assert_eq!(restore(&job, &manifest, 0, 0), epochs[3]);
+    // Once no epoch references epoch 1's pack but for a few chunks, the
+    // default GC deletes dead packs whole.
+    let report = job.gc(Some(1)).unwrap();
+    assert_eq!(job.committed_epochs().unwrap(), vec![5]);
+    let manifest = job.load_manifest(5).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok(), "{report:?}");
+    assert_eq!(restore(&job, &manifest, 0, 0), epochs[3]);
 }
 
 #[test]
@@ -451,10 +538,10 @@ fn gc_never_sweeps_while_an_epoch_is_being_written() {
     let region = rank
         .store_region("grid", 1, RegionKind::Anonymous, &state(CHUNK * 2, 99))
         .unwrap();
-    let before = chunk_files(&job).len();
+    let before = pack_files(&job);
     let report = job.gc(None).unwrap();
     assert!(report.skipped.is_some());
-    assert_eq!(chunk_files(&job).len(), before);
+    assert_eq!(pack_files(&job), before);
     let mut record = empty_record();
     record.regions.push(region);
     rank.finish(record).unwrap();
@@ -474,10 +561,10 @@ fn gc_refuses_to_sweep_when_a_manifest_is_unreadable() {
     bytes[last] ^= 1;
     fs::remove_file(&path).unwrap();
     fs::write(&path, bytes).unwrap();
-    let before = chunk_files(&job).len();
+    let before = pack_files(&job);
     let err = job.gc(None).unwrap_err();
     assert!(err.to_string().contains("refusing"), "{err}");
-    assert_eq!(chunk_files(&job).len(), before);
+    assert_eq!(pack_files(&job), before);
 }
 
 #[test]
@@ -489,10 +576,12 @@ fn store_files_are_private() {
     assert_eq!(mode(store.root()), 0o700);
     assert_eq!(mode(job.dir()), 0o700);
     assert_eq!(mode(&job.manifest_path(1)), 0o600);
-    assert_eq!(
-        mode(&job.chunk_path(&manifest.ranks[0].regions[0].chunks[0].hash)),
-        0o600
-    );
+    let pack = job
+        .locate_chunk(&manifest.ranks[0].regions[0].chunks[0])
+        .unwrap()
+        .path;
+    assert_eq!(mode(&pack), 0o600);
+    assert_eq!(mode(pack.parent().unwrap()), 0o700);
 }
 
 #[test]
@@ -698,6 +787,54 @@ fn golden_v1_1_0_store_still_loads() {
     assert_eq!(restore(&job, &manifest, 0, 0), golden_region());
     assert_eq!(restore(&job, &manifest, 0, 1), b"0123456789");
     assert!(job.verify_manifest(&manifest).is_ok());
+}
+
+/// A job checkpointed by format 1 goes on under format 2: the next epoch
+/// references the unchanged format 1 chunk files where they are and packs
+/// only what changed, both epochs restore, and GC collects the chunk files
+/// and the packs alike.
+#[test]
+fn a_format_1_store_takes_format_2_epochs() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("store");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(golden_v1_1_dir())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let job = Store::open(&copy).unwrap().existing_job("golden").unwrap();
+    let old = job.load_manifest(1).unwrap();
+    let mut changed = golden_region();
+    changed[10] ^= 0xff;
+    let writer = job.begin_epoch(2, config()).unwrap();
+    let rank = writer.rank(0);
+    let mut record = empty_record();
+    record.regions = vec![rank
+        .store_region("grid", 0x7f00_0000_0000, RegionKind::Anonymous, &changed)
+        .unwrap()];
+    rank.finish(record).unwrap();
+    drop(writer);
+    let new = job.commit_epoch(2, 1, CHUNK as u32).unwrap();
+    let chunks = &new.ranks[0].regions[0].chunks;
+    assert!(
+        matches!(chunks[0].place, ChunkPlace::Pack { .. }),
+        "{:?}",
+        chunks[0]
+    );
+    assert_eq!(
+        chunks[1].place,
+        ChunkPlace::Loose,
+        "unchanged chunk rewritten"
+    );
+    assert_eq!(new.stats().new_chunks, 1);
+    assert_eq!(restore(&job, &new, 0, 0), changed);
+    assert_eq!(restore(&job, &old, 0, 0), golden_region());
+    let report = job.gc(Some(1)).unwrap();
+    assert!(report.removed_chunks >= 1, "{report:?}");
+    assert!(job.verify_manifest(&new).is_ok());
+    assert_eq!(restore(&job, &new, 0, 0), changed);
 }
 
 /// Regenerates the 1.1.0 golden store; by hand only (never overwrite).

@@ -684,3 +684,27 @@ pub fn output_text(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// XORs `mask` into the stored bytes of `chunk` at each of `at` (offsets
+/// within its stored bytes: its chunk header, then its payload), wherever
+/// the store keeps it (its own file or an entry of a pack). The file keeps
+/// its length. Returns the file changed.
+pub fn damage_stored_chunk(
+    job: &cryo_core::JobStore,
+    chunk: &cryo_core::format::manifest::ChunkRef,
+    at: impl Fn(u64) -> Vec<u64>,
+    mask: u8,
+) -> PathBuf {
+    let stored = job
+        .locate_chunk(chunk)
+        .unwrap_or_else(|| panic!("chunk {} is not in the store", chunk.hash));
+    let mut bytes = fs::read(&stored.path).unwrap();
+    for offset in at(stored.len) {
+        assert!(offset < stored.len, "offset {offset} beyond the chunk");
+        bytes[usize::try_from(stored.offset + offset).unwrap()] ^= mask;
+    }
+    let len = bytes.len();
+    fs::write(&stored.path, &bytes).unwrap();
+    assert_eq!(fs::metadata(&stored.path).unwrap().len(), len as u64);
+    stored.path
+}

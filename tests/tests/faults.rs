@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use cryo_core::format::manifest::ChunkRef;
 use cryo_core::protocol::{AbortReason, JobRequest, JobResponse, Stage};
 use cryo_tests::{assert_same_file, build_packages, lines, output_text, wait_until, write_input};
 
@@ -137,8 +138,21 @@ impl Case {
 
     /// [`Case::start`] with `step_ms` milliseconds per step.
     fn start_stepping(&self, fault: Option<&str>, extra: &[&str], step_ms: &str) -> Job {
+        self.start_stepping_with(fault, extra, step_ms, &[])
+    }
+
+    /// [`Case::start_stepping`] with more environment for `cryo run` (and
+    /// the agents it starts).
+    fn start_stepping_with(
+        &self,
+        fault: Option<&str>,
+        extra: &[&str],
+        step_ms: &str,
+        env: &[(&str, &str)],
+    ) -> Job {
         let log = self.path("cryo-run.log");
         let mut cmd = self.cryo();
+        cmd.envs(env.iter().copied());
         cmd.args(["run", "--job", &self.job, "--nodes", "a:1", "-n", "1"])
             .arg("--scratch")
             .arg(self.path("scratch"))
@@ -575,7 +589,13 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
     let case = Case::new("damage");
     // Slow steps: five interval epochs (each one drains and commits before
     // the next starts) fit in the run on a loaded machine too.
-    let job = case.start_stepping(None, &["--interval", "0.15", "--keep", "10"], "100");
+    // One chunk per pack, so that one chunk's pack can go missing alone.
+    let job = case.start_stepping_with(
+        None,
+        &["--interval", "0.15", "--keep", "10"],
+        "100",
+        &[("CRYO_PACK_SIZE", "1")],
+    );
     wait_until("five committed epochs", WAIT, || {
         cryo_core::Store::open(case.store())
             .and_then(|s| s.existing_job("damage"))
@@ -591,41 +611,42 @@ fn damaged_epochs_are_named_and_restart_falls_back_to_the_newest_good_one() {
     let epochs: Vec<u64> = committed[committed.len() - 4..].to_vec();
     let [e2, e3, e4, e5] = [epochs[0], epochs[1], epochs[2], epochs[3]];
     assert!(e2 > first, "{committed:?}");
-    let hashes = |epoch: u64| -> std::collections::BTreeSet<cryo_core::ChunkHash> {
+    let chunks = |epoch: u64| -> std::collections::BTreeMap<cryo_core::ChunkHash, ChunkRef> {
         store
             .load_manifest(epoch)
             .unwrap()
             .chunk_refs()
-            .map(|(_, _, c)| c.hash)
+            .map(|(_, _, c)| (c.hash, *c))
             .collect()
     };
     let older: std::collections::BTreeSet<_> = committed
         .iter()
         .filter(|e| **e < e2)
-        .flat_map(|e| hashes(*e))
+        .flat_map(|e| chunks(*e).into_keys())
         .collect();
     // Chunks of e4 that no epoch before e2 uses.
-    let own: Vec<_> = hashes(e4).difference(&older).copied().collect();
+    let own: Vec<ChunkRef> = chunks(e4)
+        .into_iter()
+        .filter(|(hash, _)| !older.contains(hash))
+        .map(|(_, chunk)| chunk)
+        .collect();
     assert!(
         own.len() >= 3,
         "epoch {e4} has {} chunks of its own",
         own.len()
     );
-    let (flipped, truncated, missing) = (own[0], own[1], own[2]);
-    let path = store.chunk_path(&flipped);
-    let mut bytes = fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x5a;
-    fs::write(&path, bytes).unwrap();
-    let path = store.chunk_path(&truncated);
-    let len = fs::metadata(&path).unwrap().len();
+    let (flipped, truncated, missing) = (own[0].hash, own[1].hash, own[2].hash);
+    cryo_tests::damage_stored_chunk(&store, &own[0], |len| vec![len - 1], 0x5a);
+    // Truncated: its pack ends halfway through it.
+    let stored = store.locate_chunk(&own[1]).unwrap();
     fs::OpenOptions::new()
         .write(true)
-        .open(&path)
+        .open(&stored.path)
         .unwrap()
-        .set_len(len / 2)
+        .set_len(stored.offset + stored.len / 2)
         .unwrap();
-    fs::remove_file(store.chunk_path(&missing)).unwrap();
+    let stored = store.locate_chunk(&own[2]).unwrap();
+    fs::remove_file(&stored.path).unwrap();
     // e5: its manifest is gone (never published); e3: truncated; e2: one
     // byte flipped in the middle.
     fs::remove_file(store.manifest_path(e5)).unwrap();
@@ -1521,21 +1542,21 @@ mod private_store {
         assert_private(&dir.path().join("store"));
 
         // A fan-out opened to others is narrowed back to 0700.
-        let fanout = job_dir.join("chunks/3c");
+        let fanout = job_dir.join("packs/3c");
         fs::set_permissions(&fanout, fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(checkpoint(&agent), Ok(2));
         assert_eq!(fs::metadata(&fanout).unwrap().mode() & 0o777, 0o700);
 
         // A fan-out swapped for a link out of the store: refused, nothing
         // written through it, and GC will not sweep through it either.
-        let linked = job_dir.join("chunks/ab");
+        let linked = job_dir.join("packs/ab");
         let outside = dir.path().join("outside");
         fs::rename(&linked, &outside).unwrap();
         std::os::unix::fs::symlink(&outside, &linked).unwrap();
         let before = fs::read_dir(&outside).unwrap().count();
         let reason = checkpoint(&agent).unwrap_err();
         assert!(
-            reason.contains("chunks/ab") && reason.contains("symbolic link"),
+            reason.contains("packs/ab") && reason.contains("symbolic link"),
             "{reason}"
         );
         assert_eq!(fs::read_dir(&outside).unwrap().count(), before);
@@ -1548,11 +1569,11 @@ mod private_store {
 
         // A fan-out of another user (needs root to arrange).
         if is_root() {
-            let foreign = job_dir.join("chunks/12");
+            let foreign = job_dir.join("packs/12");
             nix::unistd::chown(&foreign, Some(nix::unistd::Uid::from_raw(4242)), None).unwrap();
             let reason = checkpoint(&agent).unwrap_err();
             assert!(
-                reason.contains("chunks/12") && reason.contains("owned by uid 4242"),
+                reason.contains("packs/12") && reason.contains("owned by uid 4242"),
                 "{reason}"
             );
             nix::unistd::chown(&foreign, Some(nix::unistd::geteuid()), None).unwrap();

@@ -306,14 +306,10 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
         older.chunk_refs().map(|(_, _, c)| c.hash).collect();
     let victim = newest_manifest
         .chunk_refs()
-        .map(|(_, _, c)| c.hash)
-        .find(|h| !older_hashes.contains(h))
+        .map(|(_, _, c)| *c)
+        .find(|c| !older_hashes.contains(&c.hash))
         .expect("the newest epoch has a chunk of its own");
-    let path = job_store.chunk_path(&victim);
-    let mut bytes = fs::read(&path).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xff;
-    fs::write(&path, bytes).unwrap();
+    cryo_tests::damage_stored_chunk(&job_store, &victim, |len| vec![len - 1], 0xff);
 
     let out = case.restart("term", "b:2", &[]);
     let said = output_text(&out);

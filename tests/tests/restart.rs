@@ -451,12 +451,7 @@ fn corrupt_state_chunk(store: &cryo_core::JobStore, epoch: u64) {
         .iter()
         .find(|r| r.name == "state")
         .unwrap();
-    let path = store.chunk_path(&state.chunks[1].hash);
-    let mut bytes = fs::read(&path).unwrap();
-    let at = bytes.len() - 7;
-    bytes[at] ^= 0x5a;
-    fs::remove_file(&path).unwrap();
-    fs::write(&path, bytes).unwrap();
+    cryo_tests::damage_stored_chunk(store, &state.chunks[1], |len| vec![len - 7], 0x5a);
 }
 
 #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cryo_core::format::header::HEADER_LEN;
@@ -269,17 +269,34 @@ fn a_corrupt_unlinked_file_chunk_falls_back_to_the_previous_epoch() {
     let mut victims: Vec<_> = newest
         .chunk_refs()
         .filter(|(_, region, _)| matches!(region.kind, RegionKind::UnlinkedFile { .. }))
-        .map(|(_, _, c)| c.hash)
-        .filter(|h| !older_hashes.contains(h))
+        .map(|(_, _, c)| *c)
+        .filter(|c| !older_hashes.contains(&c.hash))
         .collect();
-    victims.sort_by_key(cryo_core::ChunkHash::to_hex);
-    victims.dedup();
+    victims.sort_by_key(|c| c.hash.to_hex());
+    victims.dedup_by_key(|c| c.hash);
     assert!(
         !victims.is_empty(),
         "epoch 2's unlinked files use no chunk of their own (epoch 1 after step {first}, epoch 2 after step {second})"
     );
-    for hash in &victims {
-        corrupt_payload(&store.chunk_path(hash));
+    for chunk in &victims {
+        // Bytes inside the payload: the start, the middle and the end.
+        cryo_tests::damage_stored_chunk(
+            &store,
+            chunk,
+            |len| {
+                assert!(
+                    len > HEADER_LEN as u64 + 2,
+                    "chunk {} has no payload",
+                    chunk.hash
+                );
+                vec![
+                    HEADER_LEN as u64,
+                    HEADER_LEN as u64 + (len - HEADER_LEN as u64) / 2,
+                    len - 1,
+                ]
+            },
+            0xff,
+        );
     }
 
     let said = case.assert_restart_matches_reference(&job_name, "c:2", 1, first, killed_at, ITERS);
@@ -287,23 +304,6 @@ fn a_corrupt_unlinked_file_chunk_falls_back_to_the_previous_epoch() {
         said.contains("epoch 2 fails verification") && said.contains("falling back"),
         "cryo restart did not say it fell back from epoch 2:\n{said}"
     );
-}
-
-/// Flips bytes inside a chunk file's payload; its length stays.
-fn corrupt_payload(path: &Path) {
-    let mut bytes = fs::read(path).unwrap();
-    assert!(
-        bytes.len() > HEADER_LEN,
-        "{} has no payload ({} bytes)",
-        path.display(),
-        bytes.len()
-    );
-    let len = bytes.len();
-    for at in [HEADER_LEN, HEADER_LEN + (len - HEADER_LEN) / 2, len - 1] {
-        bytes[at] ^= 0xff;
-    }
-    fs::write(path, &bytes).unwrap();
-    assert_eq!(fs::metadata(path).unwrap().len(), len as u64);
 }
 
 /// A pipe (`STATE_HOLD_PIPE=1`, both ends held unused by every rank of

@@ -37,10 +37,19 @@ const HEADER_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 /// the crate: bump the minor for backward-compatible additions, the major for
 /// anything an older reader would misread.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion {
+    major: 2,
+    minor: 0,
+    patch: 0,
+};
+
+/// The last minor of each older major this build still reads: format 1
+/// stored chunks one per file, and its files restore unchanged
+/// ([`crate::format::legacy`] converts their metadata).
+pub const OLDER_MAJORS: [FormatVersion; 1] = [FormatVersion {
     major: 1,
     minor: 1,
     patch: 0,
-};
+}];
 
 /// A format version, `major.minor.patch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,11 +77,18 @@ pub enum FileKind {
     RankPart,
     /// A content-addressed chunk of region data.
     Chunk,
+    /// The job's chunk index as of one epoch (format 2).
+    ChunkIndex,
 }
 
 impl FileKind {
     /// Every kind, for lookups by magic.
-    pub const ALL: [FileKind; 3] = [FileKind::Manifest, FileKind::RankPart, FileKind::Chunk];
+    pub const ALL: [FileKind; 4] = [
+        FileKind::Manifest,
+        FileKind::RankPart,
+        FileKind::Chunk,
+        FileKind::ChunkIndex,
+    ];
 
     /// The magic number that starts files of this kind.
     pub const fn magic(self) -> u64 {
@@ -80,6 +96,7 @@ impl FileKind {
             FileKind::Manifest => u64::from_le_bytes(*b"CRYOMANF"),
             FileKind::RankPart => u64::from_le_bytes(*b"CRYOPART"),
             FileKind::Chunk => u64::from_le_bytes(*b"CRYOCHNK"),
+            FileKind::ChunkIndex => u64::from_le_bytes(*b"CRYOCIDX"),
         }
     }
 
@@ -91,7 +108,9 @@ impl FileKind {
     /// Largest payload accepted for this kind, checked before allocating.
     pub const fn max_payload(self) -> u64 {
         match self {
-            FileKind::Manifest | FileKind::RankPart => MAX_ENCODED_LEN as u64,
+            FileKind::Manifest | FileKind::RankPart | FileKind::ChunkIndex => {
+                MAX_ENCODED_LEN as u64
+            }
             FileKind::Chunk => MAX_STORED_CHUNK_LEN as u64,
         }
     }
@@ -102,6 +121,7 @@ impl FileKind {
             FileKind::Manifest => "epoch manifest",
             FileKind::RankPart => "rank part",
             FileKind::Chunk => "chunk",
+            FileKind::ChunkIndex => "chunk index",
         }
     }
 }
@@ -183,7 +203,7 @@ pub enum HeaderError {
         found: FileKind,
     },
     /// Written by an incompatible major version.
-    #[error("{kind} format {found} has major version {}, this cryo reads only {}.x", found.major, FORMAT_VERSION.major)]
+    #[error("{kind} format {found} has major version {}, this cryo reads only 1.x and {}.x", found.major, FORMAT_VERSION.major)]
     UnsupportedMajor {
         /// The file kind.
         kind: FileKind,
@@ -323,13 +343,20 @@ impl Header {
     /// Checks that this build can load the file: version, codec, lengths.
     pub fn check_loadable(&self) -> Result<(), HeaderError> {
         let kind = self.kind;
-        if self.version.major != FORMAT_VERSION.major {
+        let newest_minor = if self.version.major == FORMAT_VERSION.major {
+            FORMAT_VERSION.minor
+        } else if let Some(older) = OLDER_MAJORS
+            .iter()
+            .find(|older| older.major == self.version.major)
+        {
+            older.minor
+        } else {
             return Err(HeaderError::UnsupportedMajor {
                 kind,
                 found: self.version,
             });
-        }
-        if self.version.minor > FORMAT_VERSION.minor {
+        };
+        if self.version.minor > newest_minor {
             return Err(HeaderError::NewerMinor {
                 kind,
                 found: self.version,
@@ -449,18 +476,33 @@ mod tests {
     #[test]
     fn other_major_is_refused_but_described() {
         let mut bytes = sample();
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
+        bytes[8..10].copy_from_slice(&3u16.to_le_bytes());
         recrc(&mut bytes);
         let err = Header::decode(&bytes, FileKind::Manifest).unwrap_err();
         assert!(matches!(err, HeaderError::UnsupportedMajor { .. }));
         assert!(
             err.to_string()
-                .contains(&format!("2.{}.0", FORMAT_VERSION.minor)),
+                .contains(&format!("3.{}.0", FORMAT_VERSION.minor)),
             "{err}"
         );
         // describe still works
         let parsed = Header::parse(&bytes).expect("parse ignores version");
-        assert_eq!(parsed.version.major, 2);
+        assert_eq!(parsed.version.major, 3);
+    }
+
+    #[test]
+    fn format_1_files_are_read_up_to_its_last_minor() {
+        for (minor, ok) in [(0u16, true), (1, true), (2, false)] {
+            let mut bytes = sample();
+            bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+            bytes[10..12].copy_from_slice(&minor.to_le_bytes());
+            recrc(&mut bytes);
+            assert_eq!(
+                Header::decode(&bytes, FileKind::Manifest).is_ok(),
+                ok,
+                "1.{minor}"
+            );
+        }
     }
 
     #[test]

@@ -8,15 +8,20 @@
 //! * 1.0 → 1.1: `FdRecord::shares_with`, `RankRecord::warnings`, the
 //!   `FdRestore::NotOurs` and `RegionKind::{UnlinkedFile, AppMapping}`
 //!   variants (appended, so 1.0's variant indices are unchanged).
+//! * 1.1 → 2.0: `ChunkRef::place`, where the chunk is stored (a pack entry
+//!   or, for every chunk of format 1, a file of its own).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::format::chunk::ChunkHash;
 use crate::format::codec::{self, CodecError};
 use crate::format::header::FormatVersion;
 use crate::format::manifest::{
-    FdKind, FdRecord, FdRestore, Manifest, MappingRecord, RankRecord, RegionRecord, WriteStats,
+    ChunkRef, FdKind, FdRecord, FdRestore, Manifest, MappingRecord, RankRecord, RegionKind,
+    RegionRecord, WriteStats,
 };
+use crate::format::pack::ChunkPlace;
 
 /// A metadata file's value, decoded with the layout of its version.
 pub trait MetaFile: Serialize + DeserializeOwned {
@@ -30,20 +35,111 @@ pub trait MetaFile: Serialize + DeserializeOwned {
 
 impl MetaFile for Manifest {
     fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
-        if version.minor == 0 {
-            Ok(codec::decode::<ManifestV1_0>(payload)?.into())
-        } else {
-            codec::decode(payload)
+        match (version.major, version.minor) {
+            (1, 0) => Ok(codec::decode::<ManifestV1_0>(payload)?.into()),
+            (1, _) => Ok(codec::decode::<ManifestV1_1>(payload)?.into()),
+            _ => codec::decode(payload),
         }
     }
 }
 
 impl MetaFile for RankRecord {
     fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
-        if version.minor == 0 {
-            Ok(codec::decode::<RankRecordV1_0>(payload)?.into())
-        } else {
-            codec::decode(payload)
+        match (version.major, version.minor) {
+            (1, 0) => Ok(codec::decode::<RankRecordV1_0>(payload)?.into()),
+            (1, _) => Ok(codec::decode::<RankRecordV1_1>(payload)?.into()),
+            _ => codec::decode(payload),
+        }
+    }
+}
+
+impl MetaFile for crate::format::manifest::ChunkIndex {}
+
+#[derive(Deserialize)]
+struct ChunkRefV1 {
+    offset: u64,
+    len: u32,
+    stored_len: u32,
+    hash: ChunkHash,
+}
+
+#[derive(Deserialize)]
+struct RegionRecordV1 {
+    name: String,
+    addr: u64,
+    len: u64,
+    kind: RegionKind,
+    chunks: Vec<ChunkRefV1>,
+}
+
+impl From<RegionRecordV1> for RegionRecord {
+    fn from(old: RegionRecordV1) -> RegionRecord {
+        RegionRecord {
+            name: old.name,
+            addr: old.addr,
+            len: old.len,
+            kind: old.kind,
+            chunks: old
+                .chunks
+                .into_iter()
+                .map(|chunk| ChunkRef {
+                    offset: chunk.offset,
+                    len: chunk.len,
+                    stored_len: chunk.stored_len,
+                    hash: chunk.hash,
+                    place: ChunkPlace::Loose,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RankRecordV1_1 {
+    rank: u32,
+    node: String,
+    pid: u32,
+    fds: Vec<FdRecord>,
+    mappings: Vec<MappingRecord>,
+    regions: Vec<RegionRecordV1>,
+    stats: WriteStats,
+    warnings: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ManifestV1_1 {
+    job: String,
+    epoch: u64,
+    created_unix_ms: u64,
+    world_size: u32,
+    chunk_size: u32,
+    ranks: Vec<RankRecordV1_1>,
+}
+
+impl From<RankRecordV1_1> for RankRecord {
+    fn from(old: RankRecordV1_1) -> RankRecord {
+        RankRecord {
+            rank: old.rank,
+            node: old.node,
+            pid: old.pid,
+            fds: old.fds,
+            mappings: old.mappings,
+            regions: old.regions.into_iter().map(RegionRecord::from).collect(),
+            stats: old.stats,
+            warnings: old.warnings,
+        }
+    }
+}
+
+impl From<ManifestV1_1> for Manifest {
+    fn from(old: ManifestV1_1) -> Manifest {
+        Manifest {
+            job: old.job,
+            epoch: old.epoch,
+            created_unix_ms: old.created_unix_ms,
+            world_size: old.world_size,
+            chunk_size: old.chunk_size,
+            ranks: old.ranks.into_iter().map(RankRecord::from).collect(),
         }
     }
 }
@@ -66,7 +162,7 @@ struct RankRecordV1_0 {
     pid: u32,
     fds: Vec<FdRecordV1_0>,
     mappings: Vec<MappingRecord>,
-    regions: Vec<RegionRecord>,
+    regions: Vec<RegionRecordV1>,
     stats: WriteStats,
 }
 
@@ -104,7 +200,7 @@ impl From<RankRecordV1_0> for RankRecord {
             pid: old.pid,
             fds: old.fds.into_iter().map(FdRecord::from).collect(),
             mappings: old.mappings,
-            regions: old.regions,
+            regions: old.regions.into_iter().map(RegionRecord::from).collect(),
             stats: old.stats,
             warnings: Vec::new(),
         }

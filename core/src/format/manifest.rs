@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::format::chunk::ChunkHash;
 use crate::format::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+use crate::format::pack::ChunkPlace;
 use crate::names::{check_job_name, check_region_name, NameError};
 
 /// Kind of an open file descriptor.
@@ -171,6 +172,8 @@ pub struct ChunkRef {
     pub stored_len: u32,
     /// Content hash, the chunk's name.
     pub hash: ChunkHash,
+    /// Where it is stored (format 2.0).
+    pub place: ChunkPlace,
 }
 
 /// One named region of a rank and the chunks that hold its contents.
@@ -252,6 +255,32 @@ pub struct Manifest {
     pub chunk_size: u32,
     /// Ranks `0..world_size`, in order.
     pub ranks: Vec<RankRecord>,
+}
+
+/// The job's chunk index as of one committed epoch: every chunk the
+/// epochs committed so far stored in packs and where it is (format 2).
+/// Agents read it to skip chunks the store has; a reader falls back on it
+/// when a repack moved a chunk. It is a cache: losing it costs a chunk
+/// written twice or a slower lookup, never data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkIndex {
+    /// Job name.
+    pub job: String,
+    /// The epoch it was written for.
+    pub epoch: u64,
+    /// The chunks, in no particular order.
+    pub chunks: Vec<IndexedChunk>,
+}
+
+/// One chunk of a [`ChunkIndex`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedChunk {
+    /// The chunk.
+    pub hash: ChunkHash,
+    /// Its stored length.
+    pub stored_len: u32,
+    /// Where it is.
+    pub place: ChunkPlace,
 }
 
 /// A manifest or rank record is inconsistent.

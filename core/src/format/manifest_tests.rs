@@ -1,6 +1,7 @@
 //! The manifest's validation: every rejection path, and the fd links.
 
 use super::*;
+use crate::format::pack::PackId;
 
 pub(crate) fn sample_rank(rank: u32) -> RankRecord {
     RankRecord {
@@ -28,6 +29,10 @@ pub(crate) fn sample_rank(rank: u32) -> RankRecord {
                 len: 10,
                 stored_len: 74,
                 hash: ChunkHash([1; 32]),
+                place: ChunkPlace::Pack {
+                    pack: PackId([3; 12]),
+                    offset: 32,
+                },
             }],
         }],
         stats: WriteStats::default(),

@@ -8,7 +8,8 @@
 //! shuffle   the byte-shuffle filter of chunks
 //! fds       the names of the regions that carry held files
 //! chunk     content-addressed chunks                      -> header, shuffle, limits
-//! manifest  the epoch manifest and each rank's part       -> chunk, limits
+//! pack      pack files: chunk entries, index, footer      -> chunk, header, limits
+//! manifest  the epoch manifest and each rank's part       -> chunk, pack, limits
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
 //!
@@ -26,4 +27,5 @@ pub mod header;
 pub mod legacy;
 pub mod limits;
 pub mod manifest;
+pub mod pack;
 pub mod shuffle;

@@ -140,6 +140,11 @@ impl JobStore {
             }
         }
         tracing::info!(job = %self.name, epoch, ranks = world_size, "epoch.committed");
+        // After the commit point: the index is a cache, and an epoch whose
+        // index was not written is still whole.
+        if let Err(err) = self.update_chunk_index(&manifest) {
+            tracing::warn!(job = %self.name, epoch, error = %err, "chunk index not written");
+        }
         // The pending parts are now redundant; losing this cleanup to a crash
         // only leaves a directory that GC removes.
         let _ = self.discard_pending(epoch);

@@ -201,6 +201,41 @@ impl StoreFs for RealFs {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
     }
+
+    fn create_pack(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    }
+
+    fn write_at(&self, file: &File, _path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut at = offset;
+        for part in parts {
+            file.write_all_at(part, at)?;
+            at += part.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self, file: &File, _path: &Path) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn open_read(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    }
+
+    fn read_at(&self, file: &File, _path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

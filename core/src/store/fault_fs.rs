@@ -60,10 +60,20 @@ pub enum FsOp {
     SyncFs,
     /// [`StoreFs::open_lock`].
     OpenLock,
+    /// [`StoreFs::create_pack`].
+    CreatePack,
+    /// [`StoreFs::write_at`]: a chunk appended to a pack, or its index.
+    WriteAt,
+    /// [`StoreFs::sync_data`].
+    SyncData,
+    /// [`StoreFs::open_read`].
+    OpenRead,
+    /// [`StoreFs::read_at`].
+    ReadAt,
 }
 
 impl FsOp {
-    const COUNT: usize = 15;
+    const COUNT: usize = 20;
 
     fn index(self) -> usize {
         self as usize
@@ -143,6 +153,11 @@ impl FaultFs {
             errno,
         });
         self
+    }
+
+    /// How many calls of `op` were made so far.
+    pub fn calls(&self, op: FsOp) -> u64 {
+        self.calls[op.index()].load(Ordering::Relaxed)
     }
 
     /// How many calls have failed so far.
@@ -263,5 +278,30 @@ impl StoreFs for FaultFs {
     fn open_lock(&self, path: &Path) -> io::Result<File> {
         self.check(FsOp::OpenLock, path)?;
         self.inner.open_lock(path)
+    }
+
+    fn create_pack(&self, path: &Path) -> io::Result<File> {
+        self.check(FsOp::CreatePack, path)?;
+        self.inner.create_pack(path)
+    }
+
+    fn write_at(&self, file: &File, path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        self.check(FsOp::WriteAt, path)?;
+        self.inner.write_at(file, path, offset, parts)
+    }
+
+    fn sync_data(&self, file: &File, path: &Path) -> io::Result<()> {
+        self.check(FsOp::SyncData, path)?;
+        self.inner.sync_data(file, path)
+    }
+
+    fn open_read(&self, path: &Path) -> io::Result<File> {
+        self.check(FsOp::OpenRead, path)?;
+        self.inner.open_read(path)
+    }
+
+    fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check(FsOp::ReadAt, path)?;
+        self.inner.read_at(file, path, offset, buf)
     }
 }

@@ -15,11 +15,12 @@ use nix::errno::Errno;
 use super::fault_fs::{FaultFs, FsOp};
 use super::fs::{IoStepError, ReadCappedError};
 use super::reader::ChunkReadError;
-use super::writer::{WriteError, WriterConfig};
+use super::writer::{ChunkLayout, WriteError, WriterConfig};
 use super::{CommitError, EpochState, JobStore, LoadProblem, Store};
 use crate::format::chunk::{ChunkCodec, ChunkHash};
 use crate::format::limits::MIN_CHUNK_SIZE;
 use crate::format::manifest::{Manifest, RankRecord, RegionKind, WriteStats};
+use crate::format::pack::ChunkPlace;
 
 const CHUNK: usize = MIN_CHUNK_SIZE;
 const JOB: &str = "heat";
@@ -29,6 +30,7 @@ fn config() -> WriterConfig {
     WriterConfig {
         chunk_size: CHUNK,
         codec: ChunkCodec::default(),
+        layout: ChunkLayout::default(),
     }
 }
 
@@ -120,7 +122,17 @@ impl Fixture {
 
 /// Writes rank 0 of `epoch` holding `data`, up to its durable part.
 fn write_epoch(job: &JobStore, epoch: u64, data: &[u8]) -> Result<(), WriteError> {
-    let writer = job.begin_epoch(epoch, config()).unwrap();
+    write_epoch_as(job, epoch, data, config())
+}
+
+/// [`write_epoch`] with another configuration.
+fn write_epoch_as(
+    job: &JobStore,
+    epoch: u64,
+    data: &[u8],
+    config: WriterConfig,
+) -> Result<(), WriteError> {
+    let writer = job.begin_epoch(epoch, config).unwrap();
     let rank = writer.rank(0);
     let mut record = record();
     record.regions.push(rank.store_region(
@@ -181,15 +193,16 @@ fn assert_disk_full(err: &IoStepError, step: &str) {
 #[test]
 fn full_disk_while_writing_chunks_fails_the_rank_and_keeps_epoch_1() {
     let fixture = Fixture::new();
-    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::Write, 3, Errno::ENOSPC));
+    // The pack header is the first write, so this is the second chunk.
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::WriteAt, 3, Errno::ENOSPC));
     let job = fixture.job_on(&fs);
 
     let err = write_epoch(&job, 2, &state(2)).unwrap_err();
     let WriteError::Chunk { rank: 0, source } = &err else {
         panic!("expected a chunk write error, got {err:?}");
     };
-    assert_disk_full(source, "write");
-    assert!(source.path.starts_with(job.chunks_dir()), "{err}");
+    assert_disk_full(source, "write pack");
+    assert!(source.path.starts_with(job.packs_dir()), "{err}");
     assert!(err.to_string().contains("(the store is full)"), "{err}");
     assert_eq!(fs.injected(), 1);
 
@@ -202,13 +215,38 @@ fn full_disk_while_writing_chunks_fails_the_rank_and_keeps_epoch_1() {
 }
 
 #[test]
-fn failed_syncfs_gives_no_chunk_its_final_name() {
+fn a_failed_pack_sync_fails_the_rank_before_its_part_is_written() {
+    let fixture = Fixture::new();
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::SyncData, 1, Errno::EIO));
+    let job = fixture.job_on(&fs);
+
+    let err = write_epoch(&job, 2, &state(2)).unwrap_err();
+    let WriteError::Chunk { rank: 0, source } = &err else {
+        panic!("expected a chunk write error, got {err:?}");
+    };
+    assert_eq!(source.step, "fdatasync pack", "{err}");
+    assert!(source.path.starts_with(job.packs_dir()), "{err}");
+    assert_eq!(source.source.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(!job.part_path(2, 0).exists(), "a part named unsynced bytes");
+    assert!(matches!(
+        job.commit_epoch(2, 1, CHUNK as u32),
+        Err(CommitError::MissingRank { rank: 0, .. })
+    ));
+    fixture.assert_epoch1_intact();
+}
+
+#[test]
+fn failed_syncfs_gives_no_loose_chunk_its_final_name() {
     let fixture = Fixture::new();
     let fs = Arc::new(FaultFs::real().fail_nth(FsOp::SyncFs, 1, Errno::EIO));
     let job = fixture.job_on(&fs);
     let epoch2 = state(2);
+    let loose = WriterConfig {
+        layout: ChunkLayout::Loose,
+        ..config()
+    };
 
-    let err = write_epoch(&job, 2, &epoch2).unwrap_err();
+    let err = write_epoch_as(&job, 2, &epoch2, loose).unwrap_err();
     let WriteError::Chunk { rank: 0, source } = &err else {
         panic!("expected a chunk write error, got {err:?}");
     };
@@ -325,12 +363,14 @@ fn full_disk_while_publishing_the_manifest_keeps_epoch_1_and_the_parts() {
 }
 
 #[test]
-fn failing_reads_at_restore_name_the_file_and_leave_the_epoch_restorable() {
+fn failing_reads_at_restore_name_the_pack_and_leave_the_epoch_restorable() {
     let fixture = Fixture::new();
     let manifest = fixture.real_job().load_manifest(1).unwrap();
     let region = manifest.ranks[0].regions[0].clone();
-    let bad = region.chunks[2];
-    let bad_path = fixture.real_job().chunk_path(&bad.hash);
+    let ChunkPlace::Pack { pack, .. } = region.chunks[0].place else {
+        panic!("epoch 1 is not packed: {:?}", region.chunks[0]);
+    };
+    let pack_path = fixture.real_job().pack_path(&pack);
     let manifest_path = fixture.real_job().manifest_path(1);
 
     // The manifest cannot be read.
@@ -344,13 +384,14 @@ fn failing_reads_at_restore_name_the_file_and_leave_the_epoch_restorable() {
     assert_eq!(source.source.raw_os_error(), Some(libc::EIO));
     assert!(err.to_string().contains("Input/output error"), "{err}");
 
-    // One chunk cannot be read: restore and streaming name its region,
-    // offset, step and path; verify reports it as the one bad chunk.
+    // The pack cannot be read: restore and streaming name the region, the
+    // first chunk's offset, the step and the pack; verify reports every
+    // chunk of the region.
     let fs = Arc::new(FaultFs::real().fail_matching(
-        FsOp::Read,
+        FsOp::ReadAt,
         {
-            let bad_path = bad_path.clone();
-            move |path| path == bad_path
+            let pack_path = pack_path.clone();
+            move |path| path == pack_path
         },
         Errno::EIO,
     ));
@@ -358,31 +399,122 @@ fn failing_reads_at_restore_name_the_file_and_leave_the_epoch_restorable() {
     let mut dest = vec![0u8; region.len as usize];
     let err = job.restore_region(&region, &mut dest).unwrap_err();
     assert_eq!(err.region, REGION);
-    assert_eq!(err.offset, bad.offset);
+    assert_eq!(err.offset, 0);
     let ChunkReadError::Io(source) = &err.source else {
         panic!("expected a chunk I/O error, got {err:?}");
     };
-    assert_eq!(source.step, "read");
-    assert_eq!(source.path, bad_path);
+    assert_eq!(source.step, "read pack");
+    assert_eq!(source.path, pack_path);
     assert_eq!(source.source.raw_os_error(), Some(libc::EIO));
     assert!(
-        err.to_string().starts_with(&format!(
-            "region \"{REGION}\" at offset {}: read ",
-            bad.offset
-        )),
+        err.to_string()
+            .starts_with(&format!("region \"{REGION}\" at offset 0: read pack ")),
         "{err}"
     );
 
     let streamed = job.stream_region(&region, CHUNK * 2, |_, _| Ok::<(), ()>(()));
     assert!(matches!(
         streamed,
-        Err(super::reader::StreamError::Read(ref err)) if err.offset == bad.offset
+        Err(super::reader::StreamError::Read(ref err)) if err.offset == 0
     ));
 
     let report = job.verify_manifest(&manifest);
-    assert_eq!(report.bad.len(), 1, "{report:?}");
-    assert_eq!(report.bad[0].hash, bad.hash);
+    assert_eq!(report.bad.len(), region.chunks.len(), "{report:?}");
     assert!(report.bad[0].problem.contains("Input/output error"));
 
     fixture.assert_epoch1_intact();
+}
+
+/// The one pack of epoch 1 and its index as sealed.
+fn epoch1_pack(
+    job: &JobStore,
+) -> (
+    crate::format::pack::PackId,
+    Vec<crate::format::pack::IndexEntry>,
+) {
+    let packs = job.list_packs().unwrap();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let index = job.pack_index(&packs[0]).unwrap();
+    assert!(index.sealed);
+    (packs[0], index.entries)
+}
+
+#[test]
+fn a_pack_whose_writer_died_before_sealing_restores_and_is_indexed_by_scan() {
+    let fixture = Fixture::new();
+    let job = fixture.real_job();
+    let (pack, entries) = epoch1_pack(&job);
+    let end = entries.iter().map(|e| e.end()).max().unwrap();
+    // Cut the index and footer off, as a writer killed before `seal`.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(job.pack_path(&pack))
+        .unwrap()
+        .set_len(end)
+        .unwrap();
+    let job = fixture.real_job();
+    let index = job.pack_index(&pack).unwrap();
+    assert!(!index.sealed);
+    assert_eq!(index.scan_stopped, None);
+    let mut scanned = index.entries.clone();
+    scanned.sort_by_key(|e| e.offset);
+    assert_eq!(scanned, entries);
+    fixture.assert_epoch1_intact();
+}
+
+/// Two committed epochs whose packs GC will repack: epoch 2 keeps one
+/// chunk of epoch 1's pack alive, and epoch 1 is retired.
+fn repack_fixture() -> (Fixture, Vec<u8>) {
+    let fixture = Fixture::new();
+    let job = fixture.real_job();
+    let mut epoch2 = state(2);
+    epoch2[..CHUNK].copy_from_slice(&fixture.epoch1[..CHUNK]);
+    write_epoch(&job, 2, &epoch2).unwrap();
+    job.commit_epoch(2, 1, CHUNK as u32).unwrap();
+    job.apply_retention(1).unwrap();
+    (fixture, epoch2)
+}
+
+fn restores_epoch2(fixture: &Fixture, epoch2: &[u8]) {
+    let job = fixture.real_job();
+    let manifest = job.load_manifest(2).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+    assert!(
+        restore(&job, &manifest) == epoch2,
+        "epoch 2 restored other bytes"
+    );
+}
+
+#[test]
+fn gc_that_cannot_delete_the_old_pack_loses_nothing_and_finishes_later() {
+    let (fixture, epoch2) = repack_fixture();
+    let fs = Arc::new(FaultFs::real().fail_matching(
+        FsOp::Remove,
+        |path| path.extension().is_some_and(|e| e == "pack"),
+        Errno::EIO,
+    ));
+    let job = fixture.job_on(&fs);
+    let err = job.gc(None).unwrap_err();
+    assert!(err.to_string().contains("remove pack"), "{err}");
+    // The copy is durable and the old pack still there: both hold the chunk.
+    assert_eq!(fixture.real_job().list_packs().unwrap().len(), 3);
+    restores_epoch2(&fixture, &epoch2);
+    let report = fixture.real_job().gc(None).unwrap();
+    assert_eq!(report.removed_packs, 1, "{report:?}");
+    assert_eq!(fixture.real_job().list_packs().unwrap().len(), 2);
+    restores_epoch2(&fixture, &epoch2);
+}
+
+#[test]
+fn gc_that_cannot_write_the_new_pack_keeps_the_old_one() {
+    let (fixture, epoch2) = repack_fixture();
+    let fs = Arc::new(FaultFs::real().fail_nth(FsOp::WriteAt, 2, Errno::ENOSPC));
+    let job = fixture.job_on(&fs);
+    let err = job.gc(None).unwrap_err();
+    assert!(err.to_string().contains("write pack"), "{err}");
+    restores_epoch2(&fixture, &epoch2);
+    let report = fixture.real_job().gc(None).unwrap();
+    assert_eq!(report.repacked_packs, 1, "{report:?}");
+    assert_eq!(report.moved_chunks, 1, "{report:?}");
+    restores_epoch2(&fixture, &epoch2);
 }

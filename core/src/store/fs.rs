@@ -111,6 +111,26 @@ pub trait StoreFs: fmt::Debug + Send + Sync {
     /// the job's lock file for `flock(2)`.
     fn open_lock(&self, path: &Path) -> io::Result<File>;
 
+    /// Creates the new file `path` (mode 0600; an existing file or a
+    /// symbolic link is an error), open for writes at offsets: a pack.
+    fn create_pack(&self, path: &Path) -> io::Result<File>;
+
+    /// Writes `parts` one after the other at `offset` of `file` (opened from
+    /// `path`), all of them or an error. Writers at disjoint offsets may
+    /// call it on one file in parallel.
+    fn write_at(&self, file: &File, path: &Path, offset: u64, parts: &[&[u8]]) -> io::Result<()>;
+
+    /// `fdatasync(2)` of `file` (opened from `path`): its bytes so far are
+    /// on stable storage.
+    fn sync_data(&self, file: &File, path: &Path) -> io::Result<()>;
+
+    /// Opens `path` for reading, never through a symbolic link.
+    fn open_read(&self, path: &Path) -> io::Result<File>;
+
+    /// Reads exactly `buf.len()` bytes at `offset` of `file` (opened from
+    /// `path`); a file that ends first is `UnexpectedEof`.
+    fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
     /// Whether `path` is a directory (following links); false on any error.
     fn is_dir(&self, path: &Path) -> bool {
         self.stat(path).is_ok_and(|stat| stat.is_dir)

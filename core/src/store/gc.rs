@@ -1,7 +1,8 @@
 //! Retention and garbage collection of a job's store: committed manifests
 //! beyond the newest `keep` are deleted, then every chunk no committed
-//! manifest names is swept, under the job's exclusive lock, so never while
-//! an epoch is being written.
+//! manifest names is freed, under the job's exclusive lock, so never while
+//! an epoch is being written: format 1 chunk files here, packs in
+//! `repack.rs`.
 
 use std::collections::HashSet;
 use std::io;
@@ -34,15 +35,25 @@ impl JobStore {
         Ok(doomed)
     }
 
-    /// Retention then mark-and-sweep of chunks. See [`GcReport`].
+    /// Retention then mark-and-sweep of chunks with the default repack
+    /// threshold. See [`GcReport`].
     pub fn gc(&self, keep: Option<usize>) -> Result<GcReport, GcError> {
+        self.gc_with(GcOptions {
+            keep,
+            ..GcOptions::default()
+        })
+    }
+
+    /// Retention then mark-and-sweep of chunks and packs.
+    pub fn gc_with(&self, options: GcOptions) -> Result<GcReport, GcError> {
+        let keep = options.keep;
         let mut report = GcReport {
             job: self.name().to_owned(),
             ..GcReport::default()
         };
         // Retention and the sweep delete: never through a link out of the
         // store.
-        if self.fs.exists(&self.chunks_dir()) {
+        if self.fs.exists(&self.chunks_dir()) || self.fs.exists(&self.packs_dir()) {
             self.check_layout()?;
         }
         if let Some(keep) = keep {
@@ -68,11 +79,18 @@ impl JobStore {
             self.discard_pending(epoch)?;
             report.removed_partial_epochs.push(epoch);
         }
-        // Sweep.
+        self.sweep_loose(&live, &mut report)?;
+        self.collect_packs(&live, options.repack_below, &mut report)?;
+        tracing::info!(job = %self.name(), removed = report.removed_chunks, removed_packs = report.removed_packs, repacked = report.repacked_packs, freed = report.freed_bytes, "gc.done");
+        Ok(report)
+    }
+
+    /// Removes every format 1 chunk file not in `live`, and stale temp files.
+    fn sweep_loose(&self, live: &HashSet<ChunkHash>, report: &mut GcReport) -> Result<(), GcError> {
         let chunks_dir = self.chunks_dir();
         let fanouts = match self.fs.list_dir(&chunks_dir) {
             Ok(names) => names,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(report),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(IoStepError::new("list", chunks_dir, err).into()),
         };
         for fanout in fanouts {
@@ -108,8 +126,34 @@ impl JobStore {
                 self.fs.sync_dir(&fanout)?;
             }
         }
-        tracing::info!(job = %self.name(), removed = report.removed_chunks, freed = report.freed_bytes, "gc.done");
-        Ok(report)
+        Ok(())
+    }
+}
+
+/// What GC does beyond freeing dead chunks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GcOptions {
+    /// Keep only the newest `keep` committed epochs.
+    pub keep: Option<usize>,
+    /// Repack a pack whose live share of bytes is below this fraction:
+    /// its live chunks are copied to a new pack and it is deleted. 0 never
+    /// repacks; 1 repacks every pack with any dead chunk.
+    pub repack_below: f64,
+}
+
+/// Default [`GcOptions::repack_below`]: a pack is repacked once more than
+/// half of it is dead. restic repacks at 5% unused (little waste, much
+/// copying); a checkpoint store turns over most of its data every few
+/// epochs, so packs mostly die whole and are deleted without copying, and
+/// copying a half-live 1 GiB pack to free the other half is a fair trade.
+pub const DEFAULT_REPACK_BELOW: f64 = 0.5;
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            keep: None,
+            repack_below: DEFAULT_REPACK_BELOW,
+        }
     }
 }
 
@@ -142,6 +186,20 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Chunks kept.
     pub live_chunks: u64,
+    /// Packs with no live chunk, deleted.
+    pub removed_packs: u64,
+    /// Packs below the live threshold, whose live chunks were copied to
+    /// new packs before they were deleted.
+    pub repacked_packs: u64,
+    /// Packs written by repacking.
+    pub new_packs: u64,
+    /// Chunks copied by repacking.
+    pub moved_chunks: u64,
+    /// Packs kept.
+    pub live_packs: u64,
+    /// Packs whose index could not be read: kept, since what they hold is
+    /// unknown.
+    pub unreadable_packs: Vec<String>,
     /// Why the sweep was skipped, if it was.
     pub skipped: Option<String>,
 }

@@ -89,7 +89,7 @@ pub fn decode_meta_file<T: MetaFile>(kind: FileKind, bytes: &[u8]) -> Result<T, 
     Ok(T::decode_version(header.version, payload)?)
 }
 
-fn load_meta_file<T: MetaFile>(
+pub(crate) fn load_meta_file<T: MetaFile>(
     fs: &dyn StoreFs,
     kind: FileKind,
     path: &Path,

@@ -6,18 +6,24 @@
 //!     lock                          flock: shared while an epoch is written,
 //!                                   exclusive while GC sweeps chunks
 //!     epochs/<epoch:020>.manifest   committed manifests, one per epoch
+//!     epochs/<epoch:020>.index      the job's chunk index as of the newest
+//!                                   epoch (format 2; a cache)
 //!     pending/<epoch:020>/          an epoch being written
 //!       rank-<rank:06>.part         one rank's part, durable before commit
-//!     chunks/<hh>/<hash>            content-addressed chunks, hh = first
-//!                                   two hex digits of the BLAKE3 hash
+//!     packs/<hh>/<id>.pack          format 2: content-addressed chunks
+//!                                   appended to packs, a few per agent and
+//!                                   epoch (hh = first two hex digits of id)
+//!     chunks/<hh>/<hash>            format 1: one file per chunk (read, and
+//!                                   collected, but no longer written)
 //! ```
 //!
-//! Chunks are shared by every rank and epoch of the job: a chunk that already
-//! exists is not written again, so every checkpoint after the first only
-//! writes what changed. An epoch exists only once its manifest is published
-//! with `link(2)`, which happens after every chunk and rank part is durable;
-//! a crash at any earlier point leaves the previous committed epoch as it
-//! was. Files starting with `.tmp-` are unpublished temp files.
+//! Chunks are shared by every rank and epoch of the job: a chunk the
+//! previous epoch or a sibling rank stored is not written again, so every
+//! checkpoint after the first only writes what changed. An epoch exists only
+//! once its manifest is published with `link(2)`, which happens after every
+//! chunk and rank part is durable; a crash at any earlier point leaves the
+//! previous committed epoch as it was. Files starting with `.tmp-` are
+//! unpublished temp files.
 //!
 //! Every file operation goes through the store's [`StoreFs`]: the real
 //! filesystem for [`Store::open`] and [`Store::create`], any other (a
@@ -30,9 +36,13 @@
 //! fault_fs.rs FaultFs: fails chosen operations with ENOSPC, EIO…
 //! meta.rs     loading manifests and rank parts (capped, checked, decoded)
 //! writer.rs   an epoch's chunks in parallel, each rank's part
+//! packs.rs    the packs an epoch writer appends chunks to
 //! commit.rs   the manifest published: the commit point
-//! reader.rs   verified restore, verify
-//! gc.rs       retention and GC
+//! chunk_index.rs the job's chunk index, written after each commit
+//! pack_read.rs a chunk read by its place, pack indexes, the job index
+//! reader.rs   verified restore (large reads, packs in parallel), verify
+//! gc.rs       retention and GC (loose chunks)
+//! repack.rs   GC of packs: delete the dead, repack the mostly dead
 //! summary.rs  an epoch's sizes for listing
 //! ```
 
@@ -48,8 +58,10 @@ use thiserror::Error;
 use self::durable::RealFs;
 use self::fs::{IoStep, IoStepError, StoreFs};
 use crate::format::chunk::ChunkHash;
+use crate::format::pack::PackId;
 use crate::names::{check_job_name, NameError};
 
+mod chunk_index;
 mod commit;
 pub mod durable;
 pub mod fault_fs;
@@ -57,13 +69,17 @@ pub mod fault_fs;
 mod fault_tests;
 pub mod fs;
 pub mod gc;
+mod loose;
 mod meta;
+pub mod pack_read;
+mod packs;
 pub mod reader;
+mod repack;
 mod summary;
 pub mod writer;
 
 pub use commit::{now_unix_ms, CommitError};
-pub use gc::{GcError, GcReport};
+pub use gc::{GcError, GcOptions, GcReport};
 pub use meta::{decode_meta_file, encode_meta_file, LoadError, LoadProblem};
 pub use summary::EpochSummary;
 
@@ -80,6 +96,7 @@ pub struct JobStore {
     dir: PathBuf,
     name: String,
     fs: Arc<dyn StoreFs>,
+    packs: Arc<pack_read::PackCache>,
 }
 
 /// The store could not be opened or listed.
@@ -177,6 +194,7 @@ impl Store {
             dir: self.root.join(name),
             name: name.to_owned(),
             fs: Arc::clone(&self.fs),
+            packs: Arc::default(),
         })
     }
 
@@ -255,9 +273,20 @@ impl JobStore {
         self.dir.join("pending")
     }
 
-    /// The chunk area.
+    /// The format 1 chunk area.
     pub fn chunks_dir(&self) -> PathBuf {
         self.dir.join("chunks")
+    }
+
+    /// The pack area.
+    pub fn packs_dir(&self) -> PathBuf {
+        self.dir.join("packs")
+    }
+
+    /// Path of a pack.
+    pub fn pack_path(&self, id: &PackId) -> PathBuf {
+        let hex = id.to_hex();
+        self.packs_dir().join(&hex[..2]).join(format!("{hex}.pack"))
     }
 
     /// Path of a committed manifest.
@@ -276,14 +305,14 @@ impl JobStore {
             .join(format!("rank-{rank:06}.part"))
     }
 
-    /// Path of a chunk.
+    /// Path of a format 1 chunk file.
     pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
         let hex = hash.to_hex();
         self.chunks_dir().join(&hex[..2]).join(hex)
     }
 
-    /// Creates the job's directories (mode 0700) and all 256 chunk fan-out
-    /// directories, so that chunk writes never create directories.
+    /// Creates the job's directories (mode 0700) and all 256 pack fan-out
+    /// directories, so that pack writes never create directories.
     ///
     /// Every call also checks that the job's directories are real, private
     /// directories of this user ([`StoreFs::check_private_dir`]), so that a
@@ -291,15 +320,15 @@ impl JobStore {
     /// refused before anything is written through it.
     pub fn ensure_layout(&self) -> Result<(), IoStepError> {
         let fs = &*self.fs;
-        if fs.is_dir(&self.chunks_dir().join("ff")) && fs.is_dir(&self.pending_dir()) {
+        if fs.is_dir(&self.packs_dir().join("ff")) && fs.is_dir(&self.pending_dir()) {
             return self.check_layout();
         }
         fs.create_dir_all(&self.epochs_dir())?;
         fs.create_dir_all(&self.pending_dir())?;
         for byte in 0..=255u8 {
-            fs.create_dir_all(&self.chunks_dir().join(format!("{byte:02x}")))?;
+            fs.create_dir_all(&self.packs_dir().join(format!("{byte:02x}")))?;
         }
-        fs.sync_dir(&self.chunks_dir())?;
+        fs.sync_dir(&self.packs_dir())?;
         fs.sync_dir(&self.dir)?;
         if let Some(parent) = self.dir.parent() {
             fs.sync_dir(parent)?;
@@ -307,20 +336,28 @@ impl JobStore {
         self.check_layout()
     }
 
-    /// Checks the job's directories and the 256 chunk fan-outs (one `lstat`
-    /// each).
+    /// Checks the job's directories and the 256 pack fan-outs (one `lstat`
+    /// each), and those of a format 1 chunk area if there is one.
     pub fn check_layout(&self) -> Result<(), IoStepError> {
-        for dir in [
-            self.dir.clone(),
-            self.epochs_dir(),
-            self.pending_dir(),
-            self.chunks_dir(),
-        ] {
+        for dir in [self.dir.clone(), self.epochs_dir(), self.pending_dir()] {
             self.fs.check_private_dir(&dir)?;
         }
-        for byte in 0..=255u8 {
-            self.fs
-                .check_private_dir(&self.chunks_dir().join(format!("{byte:02x}")))?;
+        let mut areas = Vec::with_capacity(2);
+        if self.fs.exists(&self.packs_dir()) {
+            areas.push(self.packs_dir());
+        }
+        if self.fs.exists(&self.chunks_dir()) {
+            areas.push(self.chunks_dir());
+        }
+        for area in areas {
+            self.fs.check_private_dir(&area)?;
+            for byte in 0..=255u8 {
+                let fanout = area.join(format!("{byte:02x}"));
+                if area == self.chunks_dir() && !self.fs.exists(&fanout) {
+                    continue;
+                }
+                self.fs.check_private_dir(&fanout)?;
+            }
         }
         Ok(())
     }
@@ -353,7 +390,11 @@ impl JobStore {
         }
     }
 
-    fn list_epoch_entries(&self, dir: &Path, suffix: &str) -> Result<Vec<u64>, IoStepError> {
+    pub(crate) fn list_epoch_entries(
+        &self,
+        dir: &Path,
+        suffix: &str,
+    ) -> Result<Vec<u64>, IoStepError> {
         let mut epochs = Vec::new();
         let names = match self.fs.list_dir(dir) {
             Ok(names) => names,

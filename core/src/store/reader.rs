@@ -11,14 +11,17 @@ use thiserror::Error;
 use crate::format::chunk::{check_stored, decode_into, ChunkDecodeError, ChunkHash};
 use crate::format::header::HEADER_LEN;
 use crate::format::limits::MAX_STORED_CHUNK_LEN;
-use crate::format::manifest::{Manifest, RegionRecord};
+use crate::format::manifest::{ChunkRef, Manifest, RegionRecord};
+use crate::format::pack::{ChunkPlace, PackError, PackId, ENTRY_HEADER_LEN};
 use crate::store::fs::{IoStepError, ReadCappedError};
+use crate::store::pack_read::{check_entry_at, BlobError};
 use crate::store::JobStore;
 
 /// A chunk could not be read back.
 #[derive(Debug, Error)]
 pub enum ChunkReadError {
-    /// The chunk file is missing.
+    /// The chunk file, or the pack that holds it, is missing, and no other
+    /// pack holds it.
     #[error("chunk {hash} is missing ({})", path.display())]
     Missing {
         /// The chunk.
@@ -26,7 +29,7 @@ pub enum ChunkReadError {
         /// Where it should be.
         path: PathBuf,
     },
-    /// The chunk file is corrupt.
+    /// The chunk is corrupt.
     #[error("chunk {hash} is corrupt ({}): {source}", path.display())]
     Corrupt {
         /// The chunk.
@@ -35,6 +38,18 @@ pub enum ChunkReadError {
         path: PathBuf,
         /// What is wrong.
         source: ChunkDecodeError,
+    },
+    /// The pack entry that should hold the chunk is damaged or truncated.
+    #[error("chunk {hash} is corrupt ({} at offset {offset}): {source}", path.display())]
+    BadEntry {
+        /// The chunk.
+        hash: ChunkHash,
+        /// The pack.
+        path: PathBuf,
+        /// The entry's offset.
+        offset: u64,
+        /// What is wrong.
+        source: PackError,
     },
     /// The chunk file is larger than any chunk can be.
     #[error("chunk {hash} is corrupt ({}): {len} bytes is larger than any chunk", path.display())]
@@ -56,6 +71,23 @@ impl ChunkReadError {
     pub fn is_missing(&self) -> bool {
         matches!(self, ChunkReadError::Missing { .. })
     }
+
+    fn from_blob(hash: &ChunkHash, err: BlobError) -> ChunkReadError {
+        match err {
+            BlobError::Missing(path) => ChunkReadError::Missing { hash: *hash, path },
+            BlobError::Bad {
+                path,
+                offset,
+                source,
+            } => ChunkReadError::BadEntry {
+                hash: *hash,
+                path,
+                offset,
+                source,
+            },
+            BlobError::Io(err) => ChunkReadError::Io(err),
+        }
+    }
 }
 
 /// A region could not be restored.
@@ -70,53 +102,126 @@ pub struct RegionReadError {
     pub source: ChunkReadError,
 }
 
+/// Largest single read of a restore: consecutive entries of a pack are
+/// read together up to this size.
+const SPAN_BYTES: u64 = 16 << 20;
+/// Entries closer than this in a pack share one read (the bytes between
+/// them are read and skipped).
+const SPAN_GAP: u64 = 256 << 10;
+
 thread_local! {
     static VERIFY_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    // Each reader thread reads chunk files through one buffer: a restart
+    // Each reader thread reads chunks through one buffer: a restart
     // allocates (and page-faults) it once, not once per chunk.
     static CHUNK_FILE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    // The same for the spans of a pack read at once.
+    static SPAN_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// A chunk and the memory it is restored into.
+type Slice<'a, 'b> = (&'a ChunkRef, &'b mut [u8]);
+
 impl JobStore {
-    /// Reads chunk `hash` into `dest` (its raw length) and verifies its hash.
-    pub fn read_chunk_into(&self, hash: &ChunkHash, dest: &mut [u8]) -> Result<(), ChunkReadError> {
-        self.with_chunk_file(hash, |file| decode_into(file, hash, dest))
+    /// Reads `chunk` into `dest` (its raw length) and verifies its hash.
+    pub fn read_chunk_into(&self, chunk: &ChunkRef, dest: &mut [u8]) -> Result<(), ChunkReadError> {
+        self.with_chunk_blob(chunk, |blob| decode_into(blob, &chunk.hash, dest))
     }
 
-    /// Checks chunk `hash` as stored (see [`check_stored`]): present, whole
-    /// and undamaged, holding `raw_len` bytes, without decoding it.
-    pub fn check_chunk(&self, hash: &ChunkHash, raw_len: u64) -> Result<(), ChunkReadError> {
-        self.with_chunk_file(hash, |file| check_stored(file, raw_len).map(drop))
+    /// Checks `chunk` as stored (see [`check_stored`]): present, whole and
+    /// undamaged, holding its raw length, without decoding it.
+    pub fn check_chunk(&self, chunk: &ChunkRef) -> Result<(), ChunkReadError> {
+        self.with_chunk_blob(chunk, |blob| {
+            check_stored(blob, u64::from(chunk.len)).map(drop)
+        })
     }
 
-    /// Reads chunk `hash`'s file into this thread's buffer and hands it to
-    /// `use_file`.
-    fn with_chunk_file(
+    /// Reads `chunk`'s stored bytes (its chunk header and payload) into
+    /// this thread's buffer and hands them to `use_blob`. A packed chunk is
+    /// read at its place; if that pack is gone or holds something else
+    /// there, it is looked up in the job index (a repack moved it).
+    fn with_chunk_blob(
         &self,
-        hash: &ChunkHash,
-        use_file: impl FnOnce(&[u8]) -> Result<(), ChunkDecodeError>,
+        chunk: &ChunkRef,
+        use_blob: impl FnOnce(&[u8]) -> Result<(), ChunkDecodeError>,
     ) -> Result<(), ChunkReadError> {
-        let path = self.chunk_path(hash);
-        CHUNK_FILE_BUF.with(|file| {
-            let file = &mut *file.borrow_mut();
-            let max = (HEADER_LEN + MAX_STORED_CHUNK_LEN) as u64;
-            self.fs
-                .read_capped_into(&path, max, file)
-                .map_err(|err| match err {
-                    ReadCappedError::Missing(path) => ChunkReadError::Missing { hash: *hash, path },
-                    ReadCappedError::TooLarge { path, len, .. } => ChunkReadError::Oversized {
-                        hash: *hash,
-                        path,
-                        len,
-                    },
-                    ReadCappedError::Io(err) => ChunkReadError::Io(err),
-                })?;
-            use_file(file).map_err(|source| ChunkReadError::Corrupt {
+        let hash = &chunk.hash;
+        CHUNK_FILE_BUF.with(|buf| {
+            let buf = &mut *buf.borrow_mut();
+            let (path, blob) = match chunk.place {
+                ChunkPlace::Loose => {
+                    let path = self.read_loose(hash, buf)?;
+                    (path, &buf[..])
+                }
+                ChunkPlace::Pack { pack, offset } => {
+                    let path = self.read_packed(chunk, &pack, offset, buf)?;
+                    (path, &buf[ENTRY_HEADER_LEN..])
+                }
+            };
+            use_blob(blob).map_err(|source| ChunkReadError::Corrupt {
                 hash: *hash,
                 path,
                 source,
             })
         })
+    }
+
+    /// Reads a format 1 chunk file into `buf`.
+    fn read_loose(&self, hash: &ChunkHash, buf: &mut Vec<u8>) -> Result<PathBuf, ChunkReadError> {
+        let path = self.chunk_path(hash);
+        let max = (HEADER_LEN + MAX_STORED_CHUNK_LEN) as u64;
+        self.fs
+            .read_capped_into(&path, max, buf)
+            .map_err(|err| match err {
+                ReadCappedError::Missing(path) => ChunkReadError::Missing { hash: *hash, path },
+                ReadCappedError::TooLarge { path, len, .. } => ChunkReadError::Oversized {
+                    hash: *hash,
+                    path,
+                    len,
+                },
+                ReadCappedError::Io(err) => ChunkReadError::Io(err),
+            })?;
+        Ok(path)
+    }
+
+    /// Reads a packed chunk's entry into `buf`: at `pack`/`offset`, or
+    /// where the job index says it moved.
+    fn read_packed(
+        &self,
+        chunk: &ChunkRef,
+        pack: &PackId,
+        offset: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<PathBuf, ChunkReadError> {
+        let hash = &chunk.hash;
+        let first = match self.read_entry(pack, offset, hash, chunk.stored_len, buf) {
+            Ok(path) => return Ok(path),
+            Err(BlobError::Io(err)) => return Err(ChunkReadError::Io(err)),
+            Err(err) => err,
+        };
+        // Moved by a repack: the chunk index file first, every pack's own
+        // index last.
+        if let Some((
+            stored_len,
+            ChunkPlace::Pack {
+                pack: moved,
+                offset: at,
+            },
+        )) = self.find_recorded(hash)
+        {
+            if (moved, at) != (*pack, offset) {
+                match self.read_entry(&moved, at, hash, stored_len, buf) {
+                    Ok(path) => return Ok(path),
+                    Err(BlobError::Io(err)) => return Err(ChunkReadError::Io(err)),
+                    Err(_) => {}
+                }
+            }
+        }
+        match self.find_packed(hash).map_err(ChunkReadError::Io)? {
+            Some((moved, entry)) if (moved, entry.offset) != (*pack, offset) => self
+                .read_entry(&moved, entry.offset, hash, entry.blob_len, buf)
+                .map_err(|err| ChunkReadError::from_blob(hash, err)),
+            _ => Err(ChunkReadError::from_blob(hash, first)),
+        }
     }
 
     /// Restores a region into `dest` (exactly `region.len` bytes), decoding
@@ -126,15 +231,11 @@ impl JobStore {
         region: &RegionRecord,
         dest: &mut [u8],
     ) -> Result<(), RegionReadError> {
-        let fail = |offset, source| RegionReadError {
-            region: region.name.clone(),
-            offset,
-            source,
-        };
         if dest.len() as u64 != region.len {
-            return Err(fail(
-                0,
-                ChunkReadError::Io(IoStepError::new(
+            return Err(RegionReadError {
+                region: region.name.clone(),
+                offset: 0,
+                source: ChunkReadError::Io(IoStepError::new(
                     "restore region",
                     PathBuf::from(&region.name),
                     std::io::Error::other(format!(
@@ -143,7 +244,7 @@ impl JobStore {
                         region.len
                     )),
                 )),
-            ));
+            });
         }
         // Chunks tile the region (checked by Manifest::validate), so the
         // destination splits into disjoint slices, one per chunk.
@@ -154,9 +255,88 @@ impl JobStore {
             slices.push((chunk, head));
             rest = tail;
         }
-        slices.into_par_iter().try_for_each(|(chunk, slice)| {
-            self.read_chunk_into(&chunk.hash, slice)
-                .map_err(|err| fail(chunk.offset, err))
+        self.fill(slices)
+            .map_err(|(offset, source)| RegionReadError {
+                region: region.name.clone(),
+                offset,
+                source,
+            })
+    }
+
+    /// Restores each chunk into its slice, in parallel. Packed chunks are
+    /// sorted by pack and offset and read in spans of up to [`SPAN_BYTES`],
+    /// so a pack is read with large sequential reads and packs in parallel;
+    /// a span that fails in any way is redone chunk by chunk, which finds
+    /// moved chunks and names the exact problem.
+    fn fill(&self, slices: Vec<Slice<'_, '_>>) -> Result<(), (u64, ChunkReadError)> {
+        let (mut packed, loose): (Vec<_>, Vec<_>) = slices
+            .into_iter()
+            .partition(|(chunk, _)| matches!(chunk.place, ChunkPlace::Pack { .. }));
+        packed.sort_by_key(|(chunk, _)| match chunk.place {
+            ChunkPlace::Pack { pack, offset } => (pack, offset),
+            ChunkPlace::Loose => (PackId([0; 12]), 0),
+        });
+        let mut spans: Vec<Vec<Slice<'_, '_>>> = loose.into_iter().map(|s| vec![s]).collect();
+        let mut span: Vec<Slice<'_, '_>> = Vec::new();
+        let mut span_start = (PackId([0; 12]), 0u64);
+        let mut span_end = 0u64;
+        for slice in packed {
+            let ChunkPlace::Pack { pack, offset } = slice.0.place else {
+                continue;
+            };
+            let end = offset + (ENTRY_HEADER_LEN as u64) + u64::from(slice.0.stored_len);
+            let joins = !span.is_empty()
+                && pack == span_start.0
+                && offset >= span_end
+                && offset - span_end <= SPAN_GAP
+                && end - span_start.1 <= SPAN_BYTES;
+            if !joins && !span.is_empty() {
+                spans.push(std::mem::take(&mut span));
+            }
+            if span.is_empty() {
+                span_start = (pack, offset);
+            }
+            span_end = end;
+            span.push(slice);
+        }
+        if !span.is_empty() {
+            spans.push(span);
+        }
+        spans.into_par_iter().try_for_each(|span| {
+            let mut span = span;
+            if span.len() > 1 && self.fill_span(&mut span).is_ok() {
+                return Ok(());
+            }
+            span.iter_mut().try_for_each(|(chunk, dest)| {
+                self.read_chunk_into(chunk, dest)
+                    .map_err(|err| (chunk.offset, err))
+            })
+        })
+    }
+
+    /// Reads a span of one pack with one read and decodes each chunk of it.
+    fn fill_span(&self, span: &mut [Slice<'_, '_>]) -> Result<(), ()> {
+        let place = |chunk: &ChunkRef| match chunk.place {
+            ChunkPlace::Pack { pack, offset } => Some((pack, offset)),
+            ChunkPlace::Loose => None,
+        };
+        let (pack, start) = place(span[0].0).ok_or(())?;
+        let last = span[span.len() - 1].0;
+        let (_, last_offset) = place(last).ok_or(())?;
+        let end = last_offset + ENTRY_HEADER_LEN as u64 + u64::from(last.stored_len);
+        SPAN_BUF.with(|buf| {
+            let buf = &mut *buf.borrow_mut();
+            let len = usize::try_from(end - start).map_err(drop)?;
+            self.read_pack_span(&pack, start, len, buf).map_err(drop)?;
+            for (chunk, dest) in span.iter_mut() {
+                let (_, offset) = place(chunk).ok_or(())?;
+                let at = usize::try_from(offset - start).map_err(drop)?;
+                check_entry_at(buf, at, offset, &chunk.hash, chunk.stored_len).map_err(drop)?;
+                let blob =
+                    &buf[at + ENTRY_HEADER_LEN..at + ENTRY_HEADER_LEN + chunk.stored_len as usize];
+                decode_into(blob, &chunk.hash, dest).map_err(drop)?;
+            }
+            Ok(())
         })
     }
 
@@ -188,17 +368,13 @@ impl JobStore {
                 slices.push((chunk, head));
                 rest = tail;
             }
-            slices
-                .into_par_iter()
-                .try_for_each(|(chunk, slice)| {
-                    self.read_chunk_into(&chunk.hash, slice)
-                        .map_err(|source| RegionReadError {
-                            region: region.name.clone(),
-                            offset: chunk.offset,
-                            source,
-                        })
+            self.fill(slices).map_err(|(offset, source)| {
+                StreamError::Read(RegionReadError {
+                    region: region.name.clone(),
+                    offset,
+                    source,
                 })
-                .map_err(StreamError::Read)?;
+            })?;
             sink(region.chunks[start].offset, &buffer).map_err(StreamError::Sink)?;
             start = end;
         }
@@ -241,25 +417,25 @@ impl JobStore {
 
     /// [`JobStore::verify_manifests`] to the given depth.
     pub fn verify_manifests_to(&self, manifests: &[Manifest], depth: Depth) -> Vec<VerifyReport> {
-        let mut unique: HashMap<ChunkHash, u32> = HashMap::new();
+        let mut unique: HashMap<ChunkHash, ChunkRef> = HashMap::new();
         for manifest in manifests {
             for (_, _, chunk) in manifest.chunk_refs() {
-                unique.insert(chunk.hash, chunk.len);
+                unique.insert(chunk.hash, *chunk);
             }
         }
-        let unique: Vec<(ChunkHash, u32)> = unique.into_iter().collect();
+        let unique: Vec<ChunkRef> = unique.into_values().collect();
         let failures: HashMap<ChunkHash, String> = unique
             .par_iter()
-            .filter_map(|(hash, len)| {
+            .filter_map(|chunk| {
                 let checked = match depth {
-                    Depth::Stored => self.check_chunk(hash, u64::from(*len)),
+                    Depth::Stored => self.check_chunk(chunk),
                     Depth::Decoded => VERIFY_BUF.with(|buf| {
                         let mut buf = buf.borrow_mut();
-                        buf.resize(*len as usize, 0);
-                        self.read_chunk_into(hash, &mut buf)
+                        buf.resize(chunk.len as usize, 0);
+                        self.read_chunk_into(chunk, &mut buf)
                     }),
                 };
-                checked.err().map(|err| (*hash, err.to_string()))
+                checked.err().map(|err| (chunk.hash, err.to_string()))
             })
             .collect();
         manifests

@@ -1,24 +1,22 @@
 //! Writing an epoch: chunks in parallel, then each rank's part.
 //!
 //! An [`EpochWriter`] holds the job lock shared for as long as it lives, so
-//! GC never sweeps chunks that the epoch is about to reference. Each rank is
+//! GC never removes chunks that the epoch is about to reference. Each rank is
 //! written through a [`RankWriter`]; its part is written only after its
-//! chunks and their directory entries are durable, and the epoch is
-//! committed by [`JobStore::commit_epoch`] once every rank's part exists.
+//! chunks are durable, and the epoch is committed by
+//! [`JobStore::commit_epoch`] once every rank's part exists.
 //!
-//! Chunks are written in a batch: each new chunk goes to a temp file with no
-//! fsync, and [`RankWriter::finish`] makes the whole batch durable with one
-//! `syncfs(2)`, then renames every temp file to its final name, fsyncs the
-//! fan-out directories and only then writes the part. A final chunk name
-//! therefore always means durable bytes (other writers rely on that to skip
-//! chunks the store has), and nothing is committed before its chunks are
-//! durable. One fsync per 1 MiB chunk cost ~25% of a checkpoint.
+//! New chunks are appended to the epoch writer's packs (`packs.rs`): one
+//! agent writes a few files per checkpoint whatever the state size. A chunk
+//! is written once per job: one that a sibling rank of this writer stored
+//! in this epoch, or that the previous committed epoch references, is
+//! referenced where it is. The writer learns the previous epoch's chunks
+//! from its manifest, read once per epoch writer on the first lookup.
+//! When the writer is dropped its packs are sealed with their index.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use rayon::prelude::*;
 use thiserror::Error;
@@ -26,18 +24,22 @@ use thiserror::Error;
 use crate::format::chunk::{ChunkCodec, ChunkEncodeError, ChunkHash};
 use crate::format::limits::{DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::format::manifest::{ChunkRef, RankRecord, RegionKind, RegionRecord, WriteStats};
+use crate::format::pack::{ChunkPlace, PackId, DEFAULT_PACK_SIZE};
 use crate::names::{check_region_name, NameError};
-use crate::store::durable::Durable;
-use crate::store::fs::{IoStep, IoStepError, StoreFs};
+use crate::store::fs::IoStepError;
+use crate::store::loose::LooseBatch;
+use crate::store::packs::PackSet;
 use crate::store::{CommitError, JobLock, JobStore};
 
-/// How an epoch's chunks are cut and encoded.
+/// How an epoch's chunks are cut, encoded and laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterConfig {
     /// Chunk size in bytes.
     pub chunk_size: usize,
     /// Chunk encoding.
     pub codec: ChunkCodec,
+    /// Where new chunks go.
+    pub layout: ChunkLayout,
 }
 
 impl Default for WriterConfig {
@@ -45,6 +47,28 @@ impl Default for WriterConfig {
         WriterConfig {
             chunk_size: DEFAULT_CHUNK_SIZE,
             codec: ChunkCodec::default(),
+            layout: ChunkLayout::default(),
+        }
+    }
+}
+
+/// Where an epoch writer puts new chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkLayout {
+    /// Format 2: appended to packs, a new pack once one reaches `max_bytes`.
+    Packs {
+        /// The size at which a writer starts a new pack.
+        max_bytes: u64,
+    },
+    /// Format 1: one file per chunk. Kept for comparison (`cryo bench
+    /// store`); a parallel filesystem cannot carry it at scale.
+    Loose,
+}
+
+impl Default for ChunkLayout {
+    fn default() -> Self {
+        ChunkLayout::Packs {
+            max_bytes: DEFAULT_PACK_SIZE,
         }
     }
 }
@@ -129,17 +153,25 @@ impl WriteError {
     }
 }
 
-/// An epoch being written. Dropping it releases the job lock.
+/// Where a stored chunk is and its stored length.
+type Stored = (u32, ChunkPlace);
+
+/// An epoch being written. Dropping it seals its packs and releases the job
+/// lock.
 #[derive(Debug)]
 pub struct EpochWriter {
     job: JobStore,
     epoch: u64,
     config: WriterConfig,
-    /// Chunks written (unsynced) in this epoch by any rank writer, with their
-    /// stored length: a chunk a sibling rank is writing is not written
-    /// twice. Safe because the epoch commits only once every rank's part,
-    /// hence every rank's batch, is durable.
-    staged: Mutex<HashMap<ChunkHash, u32>>,
+    /// Chunks written in this epoch by any rank writer: a chunk a sibling
+    /// rank is writing is not written twice. Safe because the epoch commits
+    /// only once every rank's part, hence every rank's chunks, is durable.
+    staged: Mutex<HashMap<ChunkHash, Stored>>,
+    /// The chunks of the newest committed epoch, read on first use.
+    known: OnceLock<HashMap<ChunkHash, Stored>>,
+    /// Packs known to exist (or not), one `stat` each per epoch.
+    packs_present: Mutex<HashMap<PackId, bool>>,
+    packs: PackSet,
     _lock: JobLock,
 }
 
@@ -160,14 +192,24 @@ impl JobStore {
                 });
             }
         }
+        if config.layout == ChunkLayout::Loose {
+            self.ensure_loose_layout()?;
+        }
         self.fs.create_dir_all(&self.pending_epoch_dir(epoch))?;
         self.fs.sync_dir(&self.pending_dir())?;
         tracing::debug!(job = %self.name(), epoch, "epoch.begin");
+        let max_bytes = match config.layout {
+            ChunkLayout::Packs { max_bytes } => max_bytes,
+            ChunkLayout::Loose => DEFAULT_PACK_SIZE,
+        };
         Ok(EpochWriter {
             job: self.clone(),
             epoch,
             config,
             staged: Mutex::new(HashMap::new()),
+            known: OnceLock::new(),
+            packs_present: Mutex::new(HashMap::new()),
+            packs: PackSet::new(self, max_bytes),
             _lock: lock,
         })
     }
@@ -191,15 +233,12 @@ impl EpochWriter {
 
     /// A writer for one rank's data. Several may run in parallel.
     pub fn rank(&self, rank: u32) -> RankWriter<'_> {
+        // (Each rank writer batches loose chunks of its own; packs are the
+        // epoch writer's, shared by all its ranks.)
         RankWriter {
             epoch: self,
             rank,
-            dirty: Mutex::new([false; 256]),
-            anchor: OnceLock::new(),
-            temps: Mutex::new(StagedFiles {
-                fs: Arc::clone(&self.job.fs),
-                files: Vec::new(),
-            }),
+            loose: LooseBatch::new(std::sync::Arc::clone(&self.job.fs)),
             raw_bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
@@ -214,12 +253,8 @@ impl EpochWriter {
 pub struct RankWriter<'a> {
     epoch: &'a EpochWriter,
     rank: u32,
-    dirty: Mutex<[bool; 256]>,
-    /// The chunks directory, opened before the first unsynced write so that
-    /// `syncfs` on it reports any writeback error of the batch.
-    anchor: OnceLock<File>,
-    /// Unsynced temp files and the names they get once durable.
-    temps: Mutex<StagedFiles>,
+    /// Unsynced chunk files, in the loose layout.
+    loose: LooseBatch,
     raw_bytes: AtomicU64,
     chunks: AtomicU64,
     new_chunks: AtomicU64,
@@ -262,45 +297,64 @@ impl RankWriter<'_> {
     /// the chunk must still be in the store. The job lock this epoch holds
     /// keeps GC from removing it from here on.
     pub fn reuse_chunk(&self, chunk: &ChunkRef) -> Result<ChunkRef, WriteError> {
-        self.existing(chunk.offset, &chunk.hash, chunk.len as usize)
-            .ok_or(WriteError::ReusedChunkMissing {
-                rank: self.rank,
-                hash: chunk.hash,
-            })
+        let missing = || WriteError::ReusedChunkMissing {
+            rank: self.rank,
+            hash: chunk.hash,
+        };
+        let place = self
+            .epoch
+            .still_stored(&chunk.hash, &chunk.place)
+            .map_err(|_| missing())?
+            .ok_or_else(missing)?;
+        Ok(self.reference(
+            chunk.offset,
+            chunk.len,
+            chunk.stored_len,
+            &chunk.hash,
+            place,
+        ))
     }
 
-    /// A reference to the stored chunk `hash`, if the store has it.
+    /// Counts and returns a reference to a stored chunk.
+    fn reference(
+        &self,
+        offset: u64,
+        len: u32,
+        stored_len: u32,
+        hash: &ChunkHash,
+        place: ChunkPlace,
+    ) -> ChunkRef {
+        self.raw_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        self.chunks.fetch_add(1, Ordering::Relaxed);
+        ChunkRef {
+            offset,
+            len,
+            stored_len,
+            hash: *hash,
+            place,
+        }
+    }
+
+    /// A reference to the stored chunk `hash`, if this epoch or the previous
+    /// one stored it.
     fn existing(&self, offset: u64, hash: &ChunkHash, raw_len: usize) -> Option<ChunkRef> {
+        let len = u32::try_from(raw_len).ok()?;
         let staged = self
             .epoch
             .staged
             .lock()
             .ok()
             .and_then(|staged| staged.get(hash).copied());
-        let stored_len = match staged {
-            Some(len) => len,
-            None => {
-                let stat = self
-                    .epoch
-                    .job
-                    .fs
-                    .stat(&self.epoch.job.chunk_path(hash))
-                    .ok()?;
-                u32::try_from(stat.len).unwrap_or(u32::MAX)
-            }
-        };
-        let len = u32::try_from(raw_len).ok()?;
-        self.raw_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
-        self.chunks.fetch_add(1, Ordering::Relaxed);
-        Some(ChunkRef {
-            offset,
-            len,
-            stored_len,
-            hash: *hash,
-        })
+        if let Some((stored_len, place)) = staged {
+            return Some(self.reference(offset, len, stored_len, hash, place));
+        }
+        let (stored_len, place) = *self.epoch.known().get(hash)?;
+        let place = self.epoch.still_stored(hash, &place).ok()??;
+        Some(self.reference(offset, len, stored_len, hash, place))
     }
 
-    /// Stores a chunk file given as consecutive parts if the store lacks it.
+    /// Stores a chunk given as consecutive parts (chunk header, payload) if
+    /// the store lacks it.
     fn put_parts(
         &self,
         offset: u64,
@@ -317,38 +371,35 @@ impl RankWriter<'_> {
         };
         let file_len: usize = parts.iter().map(|p| p.len()).sum();
         let stored_len = u32::try_from(file_len).unwrap_or(u32::MAX);
-        // Claim the chunk; a sibling that won the race has written it.
+        let poisoned = || {
+            chunk_err(IoStepError::new(
+                "stage",
+                self.epoch.job.dir(),
+                std::io::Error::other("a writer thread panicked"),
+            ))
+        };
+        // Claim the chunk; a sibling that won the race is writing it, and
+        // the epoch commits only once that write is durable.
+        let placeholder = (stored_len, ChunkPlace::Loose);
         {
-            let mut staged = self.epoch.staged.lock().map_err(|_| {
-                chunk_err(IoStepError::new(
-                    "stage",
-                    self.epoch.job.chunks_dir(),
-                    std::io::Error::other("a writer thread panicked"),
-                ))
-            })?;
+            let mut staged = self.epoch.staged.lock().map_err(|_| poisoned())?;
             if staged.contains_key(hash) {
                 drop(staged);
                 return self
                     .existing(offset, hash, raw_len as usize)
-                    .ok_or_else(|| {
-                        chunk_err(IoStepError::new(
-                            "stage",
-                            self.epoch.job.chunk_path(hash),
-                            std::io::Error::other("chunk length does not fit"),
-                        ))
-                    });
+                    .ok_or_else(poisoned);
             }
-            staged.insert(*hash, stored_len);
+            staged.insert(*hash, placeholder);
         }
-        let path = self.epoch.job.chunk_path(hash);
-        self.raw_bytes
-            .fetch_add(u64::from(raw_len), Ordering::Relaxed);
-        self.chunks.fetch_add(1, Ordering::Relaxed);
-        let written = self
-            .anchor()
-            .and_then(|_| self.epoch.job.fs.write_temp_unsynced(&path, parts));
-        let temp = match written {
-            Ok(temp) => temp,
+        let written = match self.epoch.config.layout {
+            ChunkLayout::Packs { .. } => self.epoch.packs.append(hash, raw_len, parts),
+            ChunkLayout::Loose => self
+                .loose
+                .write(&self.epoch.job, hash, parts)
+                .map(|()| ChunkPlace::Loose),
+        };
+        let place = match written {
+            Ok(place) => place,
             Err(source) => {
                 // Unclaim: this epoch fails, but keep the map truthful.
                 if let Ok(mut staged) = self.epoch.staged.lock() {
@@ -357,79 +408,15 @@ impl RankWriter<'_> {
                 return Err(chunk_err(source));
             }
         };
-        if let Ok(mut temps) = self.temps.lock() {
-            temps.files.push((temp, path));
+        if let Ok(mut staged) = self.epoch.staged.lock() {
+            staged.insert(*hash, (stored_len, place));
         }
-        self.mark_dirty(hash);
         self.new_chunks.fetch_add(1, Ordering::Relaxed);
         self.new_stored_bytes
             .fetch_add(file_len as u64, Ordering::Relaxed);
         self.new_raw_bytes
             .fetch_add(u64::from(raw_len), Ordering::Relaxed);
-        Ok(ChunkRef {
-            offset,
-            len: raw_len,
-            stored_len,
-            hash: *hash,
-        })
-    }
-
-    /// The chunks directory, opened once before this writer's first write.
-    fn anchor(&self) -> Result<&File, IoStepError> {
-        if let Some(file) = self.anchor.get() {
-            return Ok(file);
-        }
-        let dir = self.epoch.job.chunks_dir();
-        let file = self
-            .epoch
-            .job
-            .fs
-            .open_dir(&dir)
-            .step("open directory", &dir)?;
-        Ok(self.anchor.get_or_init(|| file))
-    }
-
-    /// Makes every chunk this writer wrote durable, then gives each its
-    /// final name.
-    fn publish_batch(&self) -> Result<(), IoStepError> {
-        let temps = match self.temps.lock() {
-            Ok(mut temps) => std::mem::take(&mut temps.files),
-            Err(_) => {
-                return Err(IoStepError::new(
-                    "publish",
-                    self.epoch.job.chunks_dir(),
-                    std::io::Error::other("a writer thread panicked"),
-                ))
-            }
-        };
-        if temps.is_empty() {
-            return Ok(());
-        }
-        let fs = &*self.epoch.job.fs;
-        let chunks_dir = self.epoch.job.chunks_dir();
-        let published = self
-            .anchor()
-            .and_then(|anchor| {
-                fs.sync_filesystem(anchor, &chunks_dir)
-                    .step("syncfs", &chunks_dir)
-            })
-            .and_then(|()| {
-                temps
-                    .par_iter()
-                    .try_for_each(|(temp, path)| fs.publish_replace(temp, path))
-            });
-        if published.is_err() {
-            for (temp, _) in &temps {
-                let _ = fs.remove_file(temp);
-            }
-        }
-        published
-    }
-
-    fn mark_dirty(&self, hash: &ChunkHash) {
-        if let Ok(mut dirty) = self.dirty.lock() {
-            dirty[usize::from(hash.0[0])] = true;
-        }
+        Ok(self.reference(offset, raw_len, stored_len, hash, place))
     }
 
     /// Stores a whole region held in memory, chunks in parallel.
@@ -473,50 +460,104 @@ impl RankWriter<'_> {
     /// Makes this rank's chunks durable and writes its part. `record.rank`
     /// is set to this writer's rank and `record.stats` to what it wrote.
     pub fn finish(&self, mut record: RankRecord) -> Result<WriteStats, WriteError> {
-        let part_err = |source: CommitError| WriteError::Part {
+        let chunk_err = |source| WriteError::Chunk {
             rank: self.rank,
             source,
         };
-        self.publish_batch().map_err(|source| WriteError::Chunk {
-            rank: self.rank,
-            source,
-        })?;
-        let dirty: Vec<PathBuf> = {
-            let dirty = self.dirty.lock().map(|d| *d).unwrap_or([true; 256]);
-            (0..256usize)
-                .filter(|i| dirty[*i])
-                .map(|i| self.epoch.job.chunks_dir().join(format!("{i:02x}")))
-                .collect()
-        };
-        dirty
-            .par_iter()
-            .try_for_each(|dir| self.epoch.job.fs.sync_dir(dir))
-            .map_err(|err| part_err(err.into()))?;
+        match self.epoch.config.layout {
+            ChunkLayout::Packs { .. } => self.epoch.packs.make_durable().map_err(chunk_err)?,
+            ChunkLayout::Loose => self.loose.publish(&self.epoch.job).map_err(chunk_err)?,
+        }
         record.rank = self.rank;
         record.stats = self.stats();
         self.epoch
             .job
             .write_part(self.epoch.epoch, &record)
-            .map_err(part_err)?;
+            .map_err(|source| WriteError::Part {
+                rank: self.rank,
+                source,
+            })?;
         tracing::debug!(job = %self.epoch.job.name(), epoch = self.epoch.epoch, rank = self.rank, "rank.durable");
         Ok(record.stats)
     }
 }
 
-/// Unsynced temp files and the names they get once durable. Dropped before
-/// `finish` (a failed epoch), it removes them; GC would too, but only once
-/// it runs. A field type of its own, so `RankWriter` keeps no drop glue that
-/// borrows the epoch.
-#[derive(Debug)]
-struct StagedFiles {
-    fs: Arc<dyn StoreFs>,
-    files: Vec<(PathBuf, PathBuf)>,
+impl EpochWriter {
+    /// The chunks the committed epochs stored: the job's chunk index, and
+    /// the newest manifest (which also names format 1 chunks, and covers an
+    /// index that was not written). A file that cannot be read only costs
+    /// deduplication: its chunks are written again.
+    fn known(&self) -> &HashMap<ChunkHash, Stored> {
+        self.known.get_or_init(|| {
+            let mut known = self.job.newest_chunk_map();
+            let latest = match self.job.latest_committed() {
+                Ok(Some(latest)) => latest,
+                _ => return known,
+            };
+            match self.job.load_manifest(latest) {
+                Ok(manifest) => {
+                    for (_, _, chunk) in manifest.chunk_refs() {
+                        known.insert(chunk.hash, (chunk.stored_len, chunk.place));
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(job = %self.job.name(), epoch = self.epoch, error = %err, "previous manifest unreadable; its chunks will be written again");
+                }
+            }
+            known
+        })
+    }
+
+    /// Where chunk `hash`, last seen at `place`, is now: there if its file
+    /// or pack still exists, else wherever a repack moved it; `None` if it
+    /// is gone.
+    fn still_stored(
+        &self,
+        hash: &ChunkHash,
+        place: &ChunkPlace,
+    ) -> Result<Option<ChunkPlace>, IoStepError> {
+        match place {
+            ChunkPlace::Loose => Ok(self
+                .job
+                .fs
+                .exists(&self.job.chunk_path(hash))
+                .then_some(ChunkPlace::Loose)),
+            ChunkPlace::Pack { pack, .. } => {
+                let present = {
+                    let mut cache = self.packs_present.lock().map_err(|_| {
+                        IoStepError::new(
+                            "stat pack",
+                            self.job.packs_dir(),
+                            std::io::Error::other("a writer thread panicked"),
+                        )
+                    })?;
+                    *cache
+                        .entry(*pack)
+                        .or_insert_with(|| self.job.fs.exists(&self.job.pack_path(pack)))
+                };
+                if present {
+                    return Ok(Some(*place));
+                }
+                if let Some((_, moved)) = self.job.find_recorded(hash) {
+                    return Ok(Some(moved));
+                }
+                Ok(self
+                    .job
+                    .find_packed(hash)?
+                    .map(|(pack, entry)| ChunkPlace::Pack {
+                        pack,
+                        offset: entry.offset,
+                    }))
+            }
+        }
+    }
 }
 
-impl Drop for StagedFiles {
+impl Drop for EpochWriter {
     fn drop(&mut self) {
-        for (temp, _) in self.files.drain(..) {
-            let _ = self.fs.remove_file(&temp);
+        if let Err(err) = self.packs.seal() {
+            // The pack stays readable without its index (by scanning).
+            tracing::warn!(job = %self.job.name(), epoch = self.epoch, error = %err, "pack.seal_failed");
         }
     }
 }
