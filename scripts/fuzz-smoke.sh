@@ -15,5 +15,10 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 for target in $(cargo +nightly fuzz list); do
   echo "==> fuzz $target ($runs runs)"
-  cargo +nightly fuzz run "$target" -- -runs="$runs" -max_len=4096 2>&1 | tail -n 2
+  # Seed inputs kept in the repository (fuzz/seeds/<target>) start the run
+  # from valid files, so the checks behind the first parse are reached.
+  corpus=(corpus/"$target")
+  mkdir -p "corpus/$target"
+  [ -d "seeds/$target" ] && corpus+=("seeds/$target")
+  cargo +nightly fuzz run "$target" "${corpus[@]}" -- -runs="$runs" -max_len=4096 2>&1 | tail -n 2
 done

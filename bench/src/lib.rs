@@ -4,6 +4,8 @@
 //!
 //! * [`suite`]: the whole suite (`cryo-bench`), its report and fits.
 //! * [`store`]: store throughput against the `zstd` CLI (`cryo-bench store`).
+//! * [`store_ops`]: the store's metadata operations, format 1 beside
+//!   format 2, counted (`cryo-bench store`).
 //! * [`agent`]: checkpoint and restart of real ranks by a real agent
 //!   (`cryo-bench agent`).
 //! * [`figures`]: one configuration's figures, as the agent driver writes
@@ -20,5 +22,6 @@ pub mod agent;
 pub mod figures;
 pub mod plot;
 pub mod store;
+pub mod store_ops;
 pub mod suite;
 pub mod synth;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryo_bench::agent::{self, AgentBenchArgs};
 use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
+use cryo_bench::store_ops::{render_ops, run_ops};
 use cryo_bench::suite::{self, SuiteArgs};
 use cryo_coordinator::logging::{self, LogFormat};
 
@@ -58,6 +59,15 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", render_store_bench(&report));
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            if !args.no_ops {
+                let chunk_size = usize::try_from(args.chunk_size).context("--chunk-size")?;
+                let ops = run_ops(&args.ops_sizes, &args.ops_ranks, &args.dir, chunk_size)
+                    .context("counting the store's metadata operations")?;
+                print!("{}", render_ops(&ops));
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&ops)?);
+                }
             }
         }
         Some(Command::Agent(args)) => agent::run(&args).context("the agent benchmark")?,

@@ -48,6 +48,16 @@ pub struct StoreArgs {
     /// Also print the report as JSON.
     #[arg(long)]
     pub json: bool,
+    /// State sizes at which metadata operations are counted, format 1
+    /// beside format 2.
+    #[arg(long, value_delimiter = ',', default_value = "1G,8G", value_parser = parse_size)]
+    pub ops_sizes: Vec<u64>,
+    /// Rank counts at which metadata operations are counted.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    pub ops_ranks: Vec<u32>,
+    /// Skip the metadata count.
+    #[arg(long)]
+    pub no_ops: bool,
 }
 
 impl StoreArgs {
@@ -122,6 +132,9 @@ pub enum StoreBenchError {
     /// The restore gave other bytes.
     #[error("restored bytes differ from what was stored")]
     Differs,
+    /// GC failed.
+    #[error("gc: {0}")]
+    Gc(String),
 }
 
 /// What to measure.

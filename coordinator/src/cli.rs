@@ -272,6 +272,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", inspect::render_list(&rows));
+                print!(
+                    "{}",
+                    crate::pack_view::render_usage(&store, job.as_deref())?
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

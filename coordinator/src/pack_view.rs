@@ -115,3 +115,46 @@ pub fn verify_packs(job: &JobStore) -> Result<(bool, String)> {
     }
     Ok((ok, text))
 }
+
+/// One line per job: its packs and format 1 chunk files, and their bytes,
+/// for `cryo ls`.
+pub fn render_usage(store: &cryo_core::store::Store, only_job: Option<&str>) -> Result<String> {
+    let jobs = match only_job {
+        Some(job) => vec![job.to_owned()],
+        None => store.jobs()?,
+    };
+    let mut out = String::new();
+    for name in jobs {
+        let job = store.existing_job(&name)?;
+        let packs = job.list_packs()?;
+        let bytes: u64 = packs
+            .iter()
+            .filter_map(|id| std::fs::metadata(job.pack_path(id)).ok())
+            .map(|meta| meta.len())
+            .sum();
+        let _ = write!(
+            out,
+            "{name}: {} pack(s), {}",
+            packs.len(),
+            human::bytes(bytes)
+        );
+        let loose = count_files(&job.chunks_dir());
+        if loose > 0 {
+            let _ = write!(out, "; {loose} format 1 chunk file(s)");
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// Files in the fan-outs of a format 1 chunk area.
+fn count_files(dir: &Path) -> u64 {
+    let Ok(fanouts) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    fanouts
+        .flatten()
+        .filter_map(|fanout| std::fs::read_dir(fanout.path()).ok())
+        .map(|entries| entries.count() as u64)
+        .sum()
+}

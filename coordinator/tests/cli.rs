@@ -134,6 +134,10 @@ fn ls_lists_committed_and_partial_epochs() {
         lines[3].contains("partial") && lines[3].contains("1 part(s)"),
         "{t}"
     );
+    assert!(
+        t.lines().any(|l| l.starts_with("heat2d: 2 pack(s), ")),
+        "{t}"
+    );
 
     let out = cryo(&["ls", s(&f.root), "--json"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

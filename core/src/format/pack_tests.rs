@@ -202,3 +202,20 @@ proptest::proptest! {
         let _ = parse_footer(&pack[pack.len().saturating_sub(FOOTER_LEN)..], pack.len() as u64);
     }
 }
+
+/// Writes the fuzz targets' seed packs (small enough for `-max_len=4096`);
+/// by hand only.
+#[test]
+#[ignore = "writes the fuzz seed corpus"]
+fn write_fuzz_seeds() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds");
+    let (sealed, _) = pack_with(3, 512, true);
+    let (unsealed, _) = pack_with(2, 512, false);
+    assert!(sealed.len() <= 4096 && unsealed.len() <= 4096);
+    for target in ["pack_header", "pack_index"] {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sealed"), &sealed).unwrap();
+        std::fs::write(dir.join("unsealed"), &unsealed).unwrap();
+    }
+}

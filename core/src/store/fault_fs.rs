@@ -110,6 +110,8 @@ struct Fault {
 pub struct FaultFs {
     inner: Arc<dyn StoreFs>,
     faults: Vec<Fault>,
+    /// Operations slowed down (a slow filesystem widens race windows).
+    delays: Vec<(FsOp, std::time::Duration)>,
     calls: [AtomicU64; FsOp::COUNT],
     injected: AtomicU64,
 }
@@ -120,6 +122,7 @@ impl FaultFs {
         FaultFs {
             inner,
             faults: Vec::new(),
+            delays: Vec::new(),
             calls: std::array::from_fn(|_| AtomicU64::new(0)),
             injected: AtomicU64::new(0),
         }
@@ -155,6 +158,13 @@ impl FaultFs {
         self
     }
 
+    /// Makes every call of `op` take `delay` longer, as a slow or loaded
+    /// filesystem would.
+    pub fn slow(mut self, op: FsOp, delay: std::time::Duration) -> FaultFs {
+        self.delays.push((op, delay));
+        self
+    }
+
     /// How many calls of `op` were made so far.
     pub fn calls(&self, op: FsOp) -> u64 {
         self.calls[op.index()].load(Ordering::Relaxed)
@@ -169,6 +179,11 @@ impl FaultFs {
     /// fault that selects it.
     fn check(&self, op: FsOp, path: &Path) -> io::Result<()> {
         let call = self.calls[op.index()].fetch_add(1, Ordering::Relaxed) + 1;
+        for (slow, delay) in &self.delays {
+            if *slow == op {
+                std::thread::sleep(*delay);
+            }
+        }
         let hit = self.faults.iter().find(|fault| {
             fault.op == op
                 && match &fault.trigger {

@@ -518,3 +518,54 @@ fn gc_that_cannot_write_the_new_pack_keeps_the_old_one() {
     assert_eq!(report.moved_chunks, 1, "{report:?}");
     restores_epoch2(&fixture, &epoch2);
 }
+
+/// Threads that meet the same chunk at once (zero pages, ranks with the same
+/// state written in parallel) store it once, and every reference names
+/// where it went, even when the first write is slow to land.
+#[test]
+fn identical_chunks_met_at_once_are_stored_once_and_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    Store::create(&root).unwrap();
+    let fs = Arc::new(FaultFs::real().slow(FsOp::WriteAt, std::time::Duration::from_millis(20)));
+    let job = Store::open_with_fs(&root, Arc::clone(&fs) as _)
+        .unwrap()
+        .job(JOB)
+        .unwrap();
+    let zeros = vec![0u8; CHUNK * 16];
+    let shared = state(4);
+    let writer = job.begin_epoch(1, config()).unwrap();
+    std::thread::scope(|scope| {
+        for rank in 0..4u32 {
+            let (writer, zeros, shared) = (&writer, &zeros, &shared);
+            scope.spawn(move || {
+                let rank_writer = writer.rank(rank);
+                let mut record = record();
+                for (name, data) in [("zeros", zeros), ("shared", shared)] {
+                    record.regions.push(
+                        rank_writer
+                            .store_region(name, 0x7f00_0000_0000, RegionKind::Anonymous, data)
+                            .unwrap(),
+                    );
+                }
+                rank_writer.finish(record).unwrap();
+            });
+        }
+    });
+    drop(writer);
+    let manifest = job.commit_epoch(1, 4, CHUNK as u32).unwrap();
+    assert_eq!(manifest.stats().new_chunks, 1 + 8);
+    for (_, _, chunk) in manifest.chunk_refs() {
+        assert!(matches!(chunk.place, ChunkPlace::Pack { .. }), "{chunk:?}");
+    }
+    let job = Store::open(&root).unwrap().job(JOB).unwrap();
+    assert!(job.verify_manifest(&manifest).is_ok());
+    for rank in &manifest.ranks {
+        let mut out = vec![0u8; zeros.len()];
+        job.restore_region(&rank.regions[0], &mut out).unwrap();
+        assert!(out == zeros);
+        let mut out = vec![0u8; shared.len()];
+        job.restore_region(&rank.regions[1], &mut out).unwrap();
+        assert!(out == shared);
+    }
+}

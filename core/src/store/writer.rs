@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use rayon::prelude::*;
 use thiserror::Error;
@@ -156,6 +156,35 @@ impl WriteError {
 /// Where a stored chunk is and its stored length.
 type Stored = (u32, ChunkPlace);
 
+/// A chunk one thread of this epoch is writing: its place once written,
+/// or `None` if the write failed.
+#[derive(Debug, Default)]
+struct Claim {
+    outcome: Mutex<Option<Option<Stored>>>,
+    done: Condvar,
+}
+
+impl Claim {
+    fn settle(&self, outcome: Option<Stored>) {
+        if let Ok(mut slot) = self.outcome.lock() {
+            *slot = Some(outcome);
+        }
+        self.done.notify_all();
+    }
+
+    /// Waits for the writer (which is writing, never waiting on anything
+    /// else) and returns where the chunk went.
+    fn wait(&self) -> Option<Stored> {
+        let mut slot = self.outcome.lock().ok()?;
+        loop {
+            if let Some(outcome) = *slot {
+                return outcome;
+            }
+            slot = self.done.wait(slot).ok()?;
+        }
+    }
+}
+
 /// An epoch being written. Dropping it seals its packs and releases the job
 /// lock.
 #[derive(Debug)]
@@ -164,9 +193,10 @@ pub struct EpochWriter {
     epoch: u64,
     config: WriterConfig,
     /// Chunks written in this epoch by any rank writer: a chunk a sibling
-    /// rank is writing is not written twice. Safe because the epoch commits
-    /// only once every rank's part, hence every rank's chunks, is durable.
-    staged: Mutex<HashMap<ChunkHash, Stored>>,
+    /// rank is writing is not written twice (its place is waited for).
+    /// Safe because the epoch commits only once every rank's part, hence
+    /// every rank's chunks, is durable.
+    staged: Mutex<HashMap<ChunkHash, Arc<Claim>>>,
     /// The chunks of the newest committed epoch, read on first use.
     known: OnceLock<HashMap<ChunkHash, Stored>>,
     /// Packs known to exist (or not), one `stat` each per epoch.
@@ -238,7 +268,7 @@ impl EpochWriter {
         RankWriter {
             epoch: self,
             rank,
-            loose: LooseBatch::new(std::sync::Arc::clone(&self.job.fs)),
+            loose: LooseBatch::new(Arc::clone(&self.job.fs)),
             raw_bytes: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             new_chunks: AtomicU64::new(0),
@@ -339,13 +369,14 @@ impl RankWriter<'_> {
     /// one stored it.
     fn existing(&self, offset: u64, hash: &ChunkHash, raw_len: usize) -> Option<ChunkRef> {
         let len = u32::try_from(raw_len).ok()?;
-        let staged = self
+        let claim = self
             .epoch
             .staged
             .lock()
             .ok()
-            .and_then(|staged| staged.get(hash).copied());
-        if let Some((stored_len, place)) = staged {
+            .and_then(|staged| staged.get(hash).cloned());
+        if let Some(claim) = claim {
+            let (stored_len, place) = claim.wait()?;
             return Some(self.reference(offset, len, stored_len, hash, place));
         }
         let (stored_len, place) = *self.epoch.known().get(hash)?;
@@ -380,7 +411,7 @@ impl RankWriter<'_> {
         };
         // Claim the chunk; a sibling that won the race is writing it, and
         // the epoch commits only once that write is durable.
-        let placeholder = (stored_len, ChunkPlace::Loose);
+        let claim = Arc::new(Claim::default());
         {
             let mut staged = self.epoch.staged.lock().map_err(|_| poisoned())?;
             if staged.contains_key(hash) {
@@ -389,7 +420,7 @@ impl RankWriter<'_> {
                     .existing(offset, hash, raw_len as usize)
                     .ok_or_else(poisoned);
             }
-            staged.insert(*hash, placeholder);
+            staged.insert(*hash, Arc::clone(&claim));
         }
         let written = match self.epoch.config.layout {
             ChunkLayout::Packs { .. } => self.epoch.packs.append(hash, raw_len, parts),
@@ -405,12 +436,11 @@ impl RankWriter<'_> {
                 if let Ok(mut staged) = self.epoch.staged.lock() {
                     staged.remove(hash);
                 }
+                claim.settle(None);
                 return Err(chunk_err(source));
             }
         };
-        if let Ok(mut staged) = self.epoch.staged.lock() {
-            staged.insert(*hash, (stored_len, place));
-        }
+        claim.settle(Some((stored_len, place)));
         self.new_chunks.fetch_add(1, Ordering::Relaxed);
         self.new_stored_bytes
             .fetch_add(file_len as u64, Ordering::Relaxed);
