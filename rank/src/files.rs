@@ -141,6 +141,7 @@ fn write_contents(
             },
             StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
         })?;
+    cryo_core::store::reader::release_read_buffers();
     file.set_len(region.len)
         .map_err(|err| file_io(rank, fd, "ftruncate", err))
 }

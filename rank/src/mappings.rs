@@ -143,6 +143,7 @@ fn restore_one(
                 what: format!("the mapping of {} at {addr:#x}", saved.path),
                 source,
             })?;
+        cryo_core::store::reader::release_read_buffers();
     }
     if prot != prot_flags(saved.prot) {
         // SAFETY: the range is the mapping made above.

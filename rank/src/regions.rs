@@ -127,6 +127,7 @@ impl Runtime {
                 epoch: restored.epoch,
                 source,
             })?;
+        cryo_core::store::reader::release_read_buffers();
         tracing::debug!(job = %self.job, rank = self.config.rank, epoch = restored.epoch, region = %info.name, "region.restored");
         Ok(())
     }

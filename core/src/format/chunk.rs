@@ -202,6 +202,19 @@ thread_local! {
 
 pub use crate::format::shuffle::{shuffle8, unshuffle8};
 
+/// Frees this thread's zstd contexts and buffers (a restarted rank gives
+/// the memory back to the application once its state is restored).
+pub fn release_scratch() {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.level = i32::MIN;
+        scratch.compressor = None;
+        scratch.decompressor = None;
+        scratch.shuffled = Vec::new();
+        scratch.compressed = Vec::new();
+    });
+}
+
 impl ChunkCodec {
     /// Hashes and encodes `raw` into a chunk file image.
     pub fn encode(&self, raw: &[u8]) -> Result<EncodedChunk, ChunkEncodeError> {
