@@ -192,6 +192,9 @@ pub struct StoreBenchReport {
     pub incremental_bytes_ratio: f64,
     /// Time of the 5% epoch over the first.
     pub incremental_time_ratio: f64,
+    /// Full-epoch time in format 1's layout over format 2's (packs), same
+    /// run, same bytes.
+    pub format1_time_ratio: f64,
     /// Compression ratio reached by the store.
     pub store_ratio: f64,
     /// Compression ratio reached by the zstd CLI.
@@ -348,17 +351,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport, Sto
         let writer = job.begin_epoch(epoch, config)?;
         let rank = writer.rank(0);
         let region = rank.store_region("state", 0x5a00_0000_0000, RegionKind::Anonymous, data)?;
-        let record = RankRecord {
-            rank: 0,
-            node: "bench".into(),
-            pid: std::process::id(),
-            fds: Vec::new(),
-            mappings: Vec::new(),
-            regions: vec![region],
-            stats: WriteStats::default(),
-            warnings: Vec::new(),
-        };
-        let stats = rank.finish(record)?;
+        let stats = rank.finish(bench_record(region))?;
         drop(writer);
         job.commit_epoch(epoch, 1, chunk_size)?;
         Ok(stats)
@@ -370,6 +363,29 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport, Sto
         bytes: opts.size,
         written: first.new_stored_bytes,
     });
+    // The same epoch in format 1's layout (one file per chunk), same run.
+    let loose_store = Store::create(work.join("store-format1"))?;
+    let loose_job = loose_store.job("bench")?;
+    let loose_config = WriterConfig {
+        layout: ChunkLayout::Loose,
+        ..config
+    };
+    let (loose, loose_secs) = timed(|| {
+        let writer = loose_job.begin_epoch(1, loose_config)?;
+        let rank = writer.rank(0);
+        let region = rank.store_region("state", 0x5a00_0000_0000, RegionKind::Anonymous, &data)?;
+        let stats = rank.finish(bench_record(region))?;
+        drop(writer);
+        loose_job.commit_epoch(1, 1, chunk_size)?;
+        Ok(stats)
+    })?;
+    figures.push(Figure {
+        name: "format 1 layout (file per chunk), full".into(),
+        seconds: loose_secs,
+        bytes: opts.size,
+        written: loose.new_stored_bytes,
+    });
+    let _ = fs::remove_dir_all(work.join("store-format1"));
 
     let chunks = size.div_ceil(opts.chunk_size);
     let every = (1.0 / opts.changed_fraction.clamp(1e-6, 1.0))
@@ -417,6 +433,7 @@ pub fn run_store_bench(opts: &StoreBenchOptions) -> Result<StoreBenchReport, Sto
         incremental_bytes_ratio: second.new_stored_bytes as f64
             / first.new_stored_bytes.max(1) as f64,
         incremental_time_ratio: second_secs / first_secs,
+        format1_time_ratio: loose_secs / first_secs,
         store_ratio: opts.size as f64 / first.new_stored_bytes.max(1) as f64,
         zstd_ratio,
         figures,
@@ -472,6 +489,11 @@ pub fn render_store_bench(report: &StoreBenchReport) -> String {
     );
     let _ = writeln!(
         out,
+        "format 1 layout / packs time    {:>6.2}x  (full epoch, same bytes)",
+        report.format1_time_ratio
+    );
+    let _ = writeln!(
+        out,
         "compression ratio               {:>6.2}x  (zstd CLI: {:.2}x)",
         report.store_ratio, report.zstd_ratio
     );
@@ -479,4 +501,18 @@ pub fn render_store_bench(report: &StoreBenchReport) -> String {
         let _ = writeln!(out, "store kept at {}", dir.display());
     }
     out
+}
+
+/// The benchmark rank's record around its one region.
+fn bench_record(region: cryo_core::format::manifest::RegionRecord) -> RankRecord {
+    RankRecord {
+        rank: 0,
+        node: "bench".into(),
+        pid: std::process::id(),
+        fds: Vec::new(),
+        mappings: Vec::new(),
+        regions: vec![region],
+        stats: WriteStats::default(),
+        warnings: Vec::new(),
+    }
 }

@@ -38,17 +38,39 @@ fn store_measures_a_small_state_and_prints_json() {
         "--dir",
         dir.path().to_str().unwrap(),
         "--json",
+        "--ops-sizes",
+        "4M,8M",
+        "--ops-ranks",
+        "1,2",
     ]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     for needle in [
         "cryo store, full epoch",
+        "format 1 layout (file per chunk), full",
         "cryo restore (decode + verify)",
         "incremental bytes written",
         "\"store_ratio\"",
+        "metadata operations",
+        "projection: 1000 nodes",
+        "\"dirs_touched\"",
     ] {
         assert!(t.contains(needle), "{needle} missing from\n{t}");
     }
+    // One full checkpoint of 8 MiB (8 chunks) on one rank: a file per chunk
+    // in format 1; a pack, a part, the manifest and the chunk index in 2.
+    let created = |format: &str| -> u64 {
+        t.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|w| {
+                w.len() > 5 && w[0] == format && w[1] == "8.0" && w[3] == "1" && w[4] == "full"
+            })
+            .unwrap_or_else(|| panic!("no format {format} row in\n{t}"))[5]
+            .parse()
+            .unwrap()
+    };
+    assert!(created("1") >= 8, "{t}");
+    assert_eq!(created("2"), 4, "{t}");
 }
 
 #[test]
