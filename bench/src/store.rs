@@ -193,7 +193,8 @@ pub struct StoreBenchReport {
     /// Time of the 5% epoch over the first.
     pub incremental_time_ratio: f64,
     /// Full-epoch time in format 1's layout over format 2's (packs), same
-    /// run, same bytes.
+    /// run, same bytes (0 in reports made before format 2).
+    #[serde(default)]
     pub format1_time_ratio: f64,
     /// Compression ratio reached by the store.
     pub store_ratio: f64,
