@@ -318,13 +318,28 @@ fn crc32c(bytes: &[u8]) -> u32 {
 #[test]
 fn gc_keeps_the_newest_epochs() {
     let f = fixture();
-    let out = cryo(&["gc", s(&f.root), "--keep", "1"]);
+    let out = cryo(&["gc", s(&f.root), "--keep", "1", "--repack-below", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("not a fraction between 0 and 1"),
+        "{}",
+        text(&out)
+    );
+    // Epoch 1's pack keeps rank 1's chunks alive for epoch 2 (half of it):
+    // repacked at --repack-below 1, and epoch 2 still verifies.
+    let out = cryo(&["gc", s(&f.root), "--keep", "1", "--repack-below", "1"]);
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(t.contains("removed 1 epoch(s) [1]"), "{t}");
+    assert!(t.contains("repacked 1 pack(s)"), "{t}");
     assert_eq!(f.job.committed_epochs().unwrap(), vec![2]);
     let out = cryo(&["verify", s(&f.root), "heat2d"]);
     assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("packs: 2 of 2 sealed"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// `cryo bench` hands its arguments to the `cryo-bench` beside it (a stand-in
