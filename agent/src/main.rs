@@ -81,7 +81,7 @@ enum Command {
         zstd_level: i32,
         /// Size at which the agent starts a new pack file: each checkpoint
         /// writes about (new bytes / this) packs per agent.
-        #[arg(long, value_parser = parse_bytes, default_value = "1GiB", env = "CRYO_PACK_SIZE")]
+        #[arg(long, value_parser = parse_bytes, default_value = "1GiB", env = cryo_core::env::ENV_PACK_SIZE)]
         pack_size: u64,
         /// Threads copying rank memory (default: all cores).
         #[arg(long)]

@@ -51,7 +51,10 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
   CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
---copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.";
+--copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
+CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
+more files per checkpoint for the filesystem's metadata server, larger means more to copy when
+GC repacks a pack.";
 
 /// `cryo` subcommands.
 #[derive(Debug, Subcommand)]

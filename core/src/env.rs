@@ -55,6 +55,8 @@ pub const ENV_KEEP: &str = "CRYO_KEEP";
 pub const ENV_COPY_BUDGET: &str = "CRYO_COPY_BUDGET";
 /// Chunk size (`--chunk-size`).
 pub const ENV_CHUNK_SIZE: &str = "CRYO_CHUNK_SIZE";
+/// Size at which an agent starts a new pack (`cryo-agent --pack-size`).
+pub const ENV_PACK_SIZE: &str = "CRYO_PACK_SIZE";
 /// How long a rank may take to park (`--park-timeout`).
 pub const ENV_PARK_TIMEOUT: &str = "CRYO_PARK_TIMEOUT";
 /// The agent's node name (`cryo-agent --node`).
