@@ -569,3 +569,31 @@ fn identical_chunks_met_at_once_are_stored_once_and_found() {
         assert!(out == shared);
     }
 }
+
+/// One chunk per pack (a pack size of one byte): hundreds of packs are
+/// indexed and verified with a bounded number of them open.
+#[test]
+fn many_packs_are_read_with_few_open_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = Store::create(dir.path().join("store"))
+        .unwrap()
+        .job(JOB)
+        .unwrap();
+    let data: Vec<u8> = (0..25).flat_map(|seed| state(seed + 10)).collect();
+    let tiny = WriterConfig {
+        layout: ChunkLayout::Packs { max_bytes: 1 },
+        ..config()
+    };
+    write_epoch_as(&job, 1, &data, tiny).unwrap();
+    let manifest = job.commit_epoch(1, 1, CHUNK as u32).unwrap();
+    let packs = job.list_packs().unwrap().len();
+    assert_eq!(packs, 200);
+    assert_eq!(job.load_job_index().unwrap().chunks.len(), 200);
+    assert!(job.verify_manifest(&manifest).is_ok());
+    assert!(restore(&job, &manifest) == data);
+    assert!(
+        job.packs.open_files() <= 128,
+        "{} packs open",
+        job.packs.open_files()
+    );
+}

@@ -29,6 +29,9 @@ use crate::store::chunk_index::ChunkMap;
 use crate::store::fs::{IoStep, IoStepError};
 use crate::store::JobStore;
 
+/// Most pack files a [`JobStore`] keeps open between reads.
+const MAX_OPEN_PACKS: usize = 128;
+
 /// Open pack files and the job index, shared by every clone of a
 /// [`JobStore`].
 #[derive(Debug, Default)]
@@ -41,6 +44,12 @@ pub(crate) struct PackCache {
 }
 
 impl PackCache {
+    /// Pack files kept open.
+    #[cfg(test)]
+    pub(crate) fn open_files(&self) -> usize {
+        self.files.lock().map(|f| f.len()).unwrap_or(0)
+    }
+
     /// Forgets open files and the index (after GC changed the packs).
     pub(crate) fn forget(&self) {
         if let Ok(mut files) = self.files.lock() {
@@ -131,6 +140,11 @@ impl JobStore {
             Err(err) => return Err(BlobError::Io(IoStepError::new("open pack", path, err))),
         };
         if let Ok(mut files) = self.packs.files.lock() {
+            // Bounded: verifying or indexing thousands of packs must not run
+            // out of descriptors. Readers keep their own Arc meanwhile.
+            if files.len() >= MAX_OPEN_PACKS {
+                files.clear();
+            }
             files.insert(*id, Arc::clone(&file));
         }
         Ok(file)
