@@ -323,6 +323,9 @@ impl JobStore {
             if span.len() > 1 && self.fill_span(&mut span).is_ok() {
                 return Ok(());
             }
+            // Chunk by chunk in region order, so that the error names the
+            // first bad chunk of the region, not the first in the pack.
+            span.sort_by_key(|(chunk, _)| chunk.offset);
             span.iter_mut().try_for_each(|(chunk, dest)| {
                 self.read_chunk_into(chunk, dest)
                     .map_err(|err| (chunk.offset, err))
