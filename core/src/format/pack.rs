@@ -499,6 +499,32 @@ pub fn scan_with<E>(
     pack_len: u64,
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
 ) -> Result<Result<Scan, PackError>, E> {
+    let head = match read_head(pack_len, &mut read)? {
+        Ok(head) => head,
+        Err(err) => return Ok(Err(err)),
+    };
+    // A sealed pack's entries end where its index starts; a footer that does
+    // not parse is walked over as far as the entries go.
+    let limit = match head.footer {
+        Ok(Some(footer)) => footer.index_offset,
+        _ => pack_len,
+    };
+    walk_entries(limit, read).map(Ok)
+}
+
+/// A pack's header and footer, read once.
+struct Head {
+    id: PackId,
+    /// `Ok(None)`: the pack has no footer.
+    footer: Result<Option<Footer>, PackError>,
+}
+
+/// Reads and checks the pack header, and reads the footer if the pack is
+/// long enough to have one.
+fn read_head<E>(
+    pack_len: u64,
+    read: &mut impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Result<Head, PackError>, E> {
     if pack_len < PACK_HEADER_LEN as u64 {
         return Ok(Err(PackError::Truncated {
             what: "the pack header",
@@ -508,18 +534,25 @@ pub fn scan_with<E>(
     }
     let mut header = [0u8; PACK_HEADER_LEN];
     read(0, &mut header)?;
-    if let Err(err) = parse_pack_header(&header) {
-        return Ok(Err(err));
-    }
-    // A sealed pack's entries end where its index starts.
-    let mut limit = pack_len;
+    let id = match parse_pack_header(&header) {
+        Ok(id) => id,
+        Err(err) => return Ok(Err(err)),
+    };
+    let mut footer = Ok(None);
     if pack_len >= (PACK_HEADER_LEN + FOOTER_LEN) as u64 {
-        let mut footer = [0u8; FOOTER_LEN];
-        read(pack_len - FOOTER_LEN as u64, &mut footer)?;
-        if let Ok(Some(footer)) = parse_footer(&footer, pack_len) {
-            limit = footer.index_offset;
-        }
+        let mut bytes = [0u8; FOOTER_LEN];
+        read(pack_len - FOOTER_LEN as u64, &mut bytes)?;
+        footer = parse_footer(&bytes, pack_len);
     }
+    Ok(Ok(Head { id, footer }))
+}
+
+/// Walks the entries from the pack header up to `limit`, reading 112 bytes
+/// per entry.
+fn walk_entries<E>(
+    limit: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+) -> Result<Scan, E> {
     let mut at = PACK_HEADER_LEN as u64;
     let mut entries = Vec::new();
     let mut head = [0u8; ENTRY_HEADER_LEN + HEADER_LEN];
@@ -556,11 +589,11 @@ pub fn scan_with<E>(
         });
         at = end;
     };
-    Ok(Ok(Scan {
+    Ok(Scan {
         entries,
         end: at,
         stopped,
-    }))
+    })
 }
 
 /// How a pack's index was obtained.
@@ -591,51 +624,38 @@ pub fn read_index_with<E>(
     pack_len: u64,
     mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
 ) -> Result<Result<ReadIndex, PackError>, E> {
-    if pack_len < PACK_HEADER_LEN as u64 {
-        return Ok(Err(PackError::Truncated {
-            what: "the pack header",
-            needed: PACK_HEADER_LEN as u64,
-            len: pack_len,
-        }));
-    }
-    let mut header = [0u8; PACK_HEADER_LEN];
-    read(0, &mut header)?;
-    let id = match parse_pack_header(&header) {
-        Ok(id) => id,
+    let Head { id, footer } = match read_head(pack_len, &mut read)? {
+        Ok(head) => head,
         Err(err) => return Ok(Err(err)),
     };
-    if pack_len >= (PACK_HEADER_LEN + FOOTER_LEN) as u64 {
-        let mut footer = [0u8; FOOTER_LEN];
-        read(pack_len - FOOTER_LEN as u64, &mut footer)?;
-        match parse_footer(&footer, pack_len) {
-            Ok(Some(footer)) => {
-                let Ok(len) = usize::try_from(footer.tail_len() - FOOTER_LEN as u64) else {
-                    return Ok(Err(PackError::Length {
-                        offset: footer.index_offset,
-                        field: "entry count",
-                        len: footer.count,
-                    }));
-                };
-                let mut records = vec![0u8; len];
-                read(footer.index_offset, &mut records)?;
-                return Ok(parse_index(&records, &footer).map(|entries| {
-                    let source = IndexSource::Sealed {
-                        index_offset: footer.index_offset,
-                    };
-                    (id, entries, source)
+    match footer {
+        Ok(Some(footer)) => {
+            let Ok(len) = usize::try_from(footer.tail_len() - FOOTER_LEN as u64) else {
+                return Ok(Err(PackError::Length {
+                    offset: footer.index_offset,
+                    field: "entry count",
+                    len: footer.count,
                 }));
-            }
-            Ok(None) => {}
-            Err(err) => return Ok(Err(err)),
+            };
+            let mut records = vec![0u8; len];
+            read(footer.index_offset, &mut records)?;
+            Ok(parse_index(&records, &footer).map(|entries| {
+                let source = IndexSource::Sealed {
+                    index_offset: footer.index_offset,
+                };
+                (id, entries, source)
+            }))
         }
+        Ok(None) => {
+            let scan = walk_entries(pack_len, read)?;
+            let source = IndexSource::Scanned {
+                end: scan.end,
+                stopped: scan.stopped,
+            };
+            Ok(Ok((id, scan.entries, source)))
+        }
+        Err(err) => Ok(Err(err)),
     }
-    Ok(scan_with(pack_len, read)?.map(|scan| {
-        let source = IndexSource::Scanned {
-            end: scan.end,
-            stopped: scan.stopped,
-        };
-        (id, scan.entries, source)
-    }))
 }
 
 #[cfg(test)]
