@@ -6,7 +6,8 @@
 //! new packs are sealed, synced and their directories fsynced before any old
 //! pack is deleted, so a crash at any point leaves every live chunk in at
 //! least one pack. References that name a deleted pack are resolved through
-//! the job index (`pack_read.rs`). A pack whose index cannot be read is kept
+//! the chunk index, which GC rewrites from what it read and copied, without
+//! reading the packs again. A pack whose index cannot be read is kept
 //! and reported: what it holds is unknown.
 
 use std::collections::{BTreeSet, HashSet};
@@ -94,9 +95,21 @@ impl JobStore {
             }
             doomed.push(u.id);
         }
+        let mut index = ChunkMap::new();
         if !to_move.is_empty() {
-            let kept = self.copy_live(&to_move, report)?;
+            let kept = self.copy_live(&to_move, report, &mut index)?;
             doomed.retain(|id| !kept.contains(id));
+        }
+        // Where every live chunk now is: the copies, and the packs that stay.
+        let gone: HashSet<PackId> = doomed.iter().copied().collect();
+        for u in uses.iter().filter(|u| !gone.contains(&u.id)) {
+            for entry in u.index.entries.iter().filter(|e| live.contains(&e.hash)) {
+                let place = ChunkPlace::Pack {
+                    pack: u.id,
+                    offset: entry.offset,
+                };
+                index.entry(entry.hash).or_insert((entry.blob_len, place));
+            }
         }
         let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
         for id in &doomed {
@@ -118,47 +131,31 @@ impl JobStore {
             self.fs.sync_dir(&dir)?;
         }
         self.packs.forget();
-        self.rewrite_chunk_index(live)
+        self.rewrite_chunk_index(&index)
     }
 
-    /// Writes the chunk index of the newest committed epoch afresh from the
-    /// packs that remain: every live chunk where it now is.
-    fn rewrite_chunk_index(&self, live: &HashSet<ChunkHash>) -> Result<(), GcError> {
+    /// Writes `map`, every live chunk where it now is, as the chunk index
+    /// of the newest committed epoch.
+    fn rewrite_chunk_index(&self, map: &ChunkMap) -> Result<(), GcError> {
         let Some(latest) = self.latest_committed()? else {
             self.remove_chunk_indexes_except(None);
             return Ok(());
         };
-        let index = self.load_job_index()?;
-        let map: ChunkMap = index
-            .chunks
-            .into_iter()
-            .filter(|(hash, _)| live.contains(hash))
-            .map(|(hash, (pack, entry))| {
-                (
-                    hash,
-                    (
-                        entry.blob_len,
-                        ChunkPlace::Pack {
-                            pack,
-                            offset: entry.offset,
-                        },
-                    ),
-                )
-            })
-            .collect();
-        if let Err(err) = self.write_chunk_index(latest, &map) {
+        if let Err(err) = self.write_chunk_index(latest, map) {
             tracing::warn!(job = %self.name(), epoch = latest, error = %err, "chunk index not rewritten");
         }
         Ok(())
     }
 
-    /// Copies chunks into new packs and makes them durable. Returns the
-    /// packs that must be kept because a chunk of theirs could not be
-    /// copied (damaged or unreadable).
+    /// Copies chunks into new packs, records their new places in `index`
+    /// and makes the packs durable. Returns the packs that must be kept
+    /// because a chunk of theirs could not be copied (damaged or
+    /// unreadable).
     fn copy_live(
         &self,
         to_move: &[(PackId, IndexEntry)],
         report: &mut GcReport,
+        index: &mut ChunkMap,
     ) -> Result<HashSet<PackId>, GcError> {
         let set = PackSet::new(self, DEFAULT_PACK_SIZE);
         let mut kept = HashSet::new();
@@ -181,7 +178,8 @@ impl JobStore {
                 kept.insert(*id);
                 continue;
             }
-            set.append(&entry.hash, entry.raw_len, &[&buf[ENTRY_HEADER_LEN..]])?;
+            let place = set.append(&entry.hash, entry.raw_len, &[&buf[ENTRY_HEADER_LEN..]])?;
+            index.insert(entry.hash, (entry.blob_len, place));
             report.moved_chunks += 1;
             report.live_chunks += 1;
         }
