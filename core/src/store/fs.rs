@@ -165,6 +165,12 @@ impl IoStepError {
         }
     }
 
+    /// A lock that another writer thread poisoned by panicking, at `step`
+    /// on `path`.
+    pub fn panicked(step: &'static str, path: impl Into<PathBuf>) -> Self {
+        IoStepError::new(step, path, io::Error::other("a writer thread panicked"))
+    }
+
     /// Whether the error is "no space left on device" or "quota exceeded".
     pub fn is_disk_full(&self) -> bool {
         matches!(

@@ -28,14 +28,6 @@ pub(crate) struct LooseBatch {
     dirty: Mutex<[bool; 256]>,
 }
 
-fn poisoned(path: PathBuf) -> IoStepError {
-    IoStepError::new(
-        "publish",
-        path,
-        std::io::Error::other("a writer thread panicked"),
-    )
-}
-
 impl LooseBatch {
     pub(crate) fn new(fs: Arc<dyn StoreFs>) -> LooseBatch {
         LooseBatch {
@@ -60,7 +52,7 @@ impl LooseBatch {
         let temp = job.fs.write_temp_unsynced(&path, parts)?;
         self.temps
             .lock()
-            .map_err(|_| poisoned(job.chunks_dir()))?
+            .map_err(|_| IoStepError::panicked("publish", job.chunks_dir()))?
             .files
             .push((temp, path));
         if let Ok(mut dirty) = self.dirty.lock() {
@@ -85,7 +77,7 @@ impl LooseBatch {
             &mut self
                 .temps
                 .lock()
-                .map_err(|_| poisoned(job.chunks_dir()))?
+                .map_err(|_| IoStepError::panicked("publish", job.chunks_dir()))?
                 .files,
         );
         if temps.is_empty() {

@@ -71,14 +71,6 @@ pub(crate) struct PackSet {
     all: Mutex<Vec<Arc<OpenPack>>>,
 }
 
-fn poisoned(path: PathBuf) -> IoStepError {
-    IoStepError::new(
-        "pack",
-        path,
-        std::io::Error::other("a writer thread panicked"),
-    )
-}
-
 impl PackSet {
     /// An empty set: the first append creates the first pack.
     pub(crate) fn new(job: &JobStore, cap: u64) -> PackSet {
@@ -117,7 +109,7 @@ impl PackSet {
                 .step("write pack", &pack.path)?;
             pack.entries
                 .lock()
-                .map_err(|_| poisoned(pack.path.clone()))?
+                .map_err(|_| IoStepError::panicked("pack", pack.path.clone()))?
                 .push(IndexEntry {
                     hash: *hash,
                     offset,
@@ -137,12 +129,15 @@ impl PackSet {
         if let Some(pack) = self
             .current
             .read()
-            .map_err(|_| poisoned(dir.clone()))?
+            .map_err(|_| IoStepError::panicked("pack", dir.clone()))?
             .as_ref()
         {
             return Ok(Arc::clone(pack));
         }
-        let mut current = self.current.write().map_err(|_| poisoned(dir))?;
+        let mut current = self
+            .current
+            .write()
+            .map_err(|_| IoStepError::panicked("pack", dir))?;
         if let Some(pack) = current.as_ref() {
             return Ok(Arc::clone(pack));
         }
@@ -157,7 +152,7 @@ impl PackSet {
         let mut current = self
             .current
             .write()
-            .map_err(|_| poisoned(full.path.clone()))?;
+            .map_err(|_| IoStepError::panicked("pack", full.path.clone()))?;
         if current.as_ref().is_some_and(|pack| Arc::ptr_eq(pack, full)) {
             *current = Some(self.create()?);
         }
@@ -187,7 +182,7 @@ impl PackSet {
         });
         self.all
             .lock()
-            .map_err(|_| poisoned(pack.path.clone()))?
+            .map_err(|_| IoStepError::panicked("pack", pack.path.clone()))?
             .push(Arc::clone(&pack));
         Ok(pack)
     }
@@ -196,7 +191,7 @@ impl PackSet {
         Ok(self
             .all
             .lock()
-            .map_err(|_| poisoned(self.job.packs_dir()))?
+            .map_err(|_| IoStepError::panicked("pack", self.job.packs_dir()))?
             .clone())
     }
 
@@ -231,7 +226,7 @@ impl PackSet {
             let mut entries = pack
                 .entries
                 .lock()
-                .map_err(|_| poisoned(pack.path.clone()))?
+                .map_err(|_| IoStepError::panicked("pack", pack.path.clone()))?
                 .clone();
             entries.sort_unstable_by_key(|entry| entry.offset);
             let tail = encode_index(&entries, end);

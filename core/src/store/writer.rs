@@ -402,13 +402,7 @@ impl RankWriter<'_> {
         };
         let file_len: usize = parts.iter().map(|p| p.len()).sum();
         let stored_len = u32::try_from(file_len).unwrap_or(u32::MAX);
-        let poisoned = || {
-            chunk_err(IoStepError::new(
-                "stage",
-                self.epoch.job.dir(),
-                std::io::Error::other("a writer thread panicked"),
-            ))
-        };
+        let poisoned = || chunk_err(IoStepError::panicked("stage", self.epoch.job.dir()));
         // Claim the chunk; a sibling that won the race is writing it, and
         // the epoch commits only once that write is durable.
         let claim = Arc::new(Claim::default());
@@ -554,13 +548,10 @@ impl EpochWriter {
                 .then_some(ChunkPlace::Loose)),
             ChunkPlace::Pack { pack, .. } => {
                 let present = {
-                    let mut cache = self.packs_present.lock().map_err(|_| {
-                        IoStepError::new(
-                            "stat pack",
-                            self.job.packs_dir(),
-                            std::io::Error::other("a writer thread panicked"),
-                        )
-                    })?;
+                    let mut cache = self
+                        .packs_present
+                        .lock()
+                        .map_err(|_| IoStepError::panicked("stat pack", self.job.packs_dir()))?;
                     *cache
                         .entry(*pack)
                         .or_insert_with(|| self.job.fs.exists(&self.job.pack_path(pack)))
