@@ -504,8 +504,9 @@ pub fn render_store_bench(report: &StoreBenchReport) -> String {
     out
 }
 
-/// The benchmark rank's record around its one region.
-fn bench_record(region: cryo_core::format::manifest::RegionRecord) -> RankRecord {
+/// A benchmark rank's record around its one region (`finish` sets the
+/// rank).
+pub(crate) fn bench_record(region: cryo_core::format::manifest::RegionRecord) -> RankRecord {
     RankRecord {
         rank: 0,
         node: "bench".into(),

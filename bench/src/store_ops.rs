@@ -20,14 +20,14 @@ use std::time::Instant;
 
 use cryo_coordinator::human;
 use cryo_core::format::chunk::ChunkCodec;
-use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::format::manifest::RegionKind;
 use cryo_core::store::durable::RealFs;
 use cryo_core::store::fs::{FileStat, IoStepError, ReadCappedError, StoreFs};
 use cryo_core::store::writer::{ChunkLayout, WriterConfig};
 use cryo_core::store::{GcOptions, JobStore, Store};
 use serde::Serialize;
 
-use crate::store::StoreBenchError;
+use crate::store::{bench_record, StoreBenchError};
 use crate::synth::smooth_doubles_parallel;
 
 /// Metadata operations, as counted.
@@ -373,16 +373,7 @@ fn write_epoch(
         let rank_writer = writer.rank(rank);
         let region =
             rank_writer.store_region("state", 0x5a00_0000_0000, RegionKind::Anonymous, bytes)?;
-        rank_writer.finish(RankRecord {
-            rank,
-            node: "bench".into(),
-            pid: std::process::id(),
-            fds: Vec::new(),
-            mappings: Vec::new(),
-            regions: vec![region],
-            stats: WriteStats::default(),
-            warnings: Vec::new(),
-        })?;
+        rank_writer.finish(bench_record(region))?;
     }
     drop(writer);
     let chunk_size = u32::try_from(config.chunk_size).unwrap_or(u32::MAX);
