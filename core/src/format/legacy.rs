@@ -36,8 +36,8 @@ pub trait MetaFile: Serialize + DeserializeOwned {
 impl MetaFile for Manifest {
     fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
         match (version.major, version.minor) {
-            (1, 0) => Ok(codec::decode::<ManifestV1_0>(payload)?.into()),
-            (1, _) => Ok(codec::decode::<ManifestV1_1>(payload)?.into()),
+            (1, 0) => Ok(codec::decode::<ManifestV1<RankRecordV1_0>>(payload)?.into()),
+            (1, _) => Ok(codec::decode::<ManifestV1<RankRecordV1_1>>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -107,13 +107,13 @@ struct RankRecordV1_1 {
 }
 
 #[derive(Deserialize)]
-struct ManifestV1_1 {
+struct ManifestV1<R> {
     job: String,
     epoch: u64,
     created_unix_ms: u64,
     world_size: u32,
     chunk_size: u32,
-    ranks: Vec<RankRecordV1_1>,
+    ranks: Vec<R>,
 }
 
 impl From<RankRecordV1_1> for RankRecord {
@@ -131,15 +131,16 @@ impl From<RankRecordV1_1> for RankRecord {
     }
 }
 
-impl From<ManifestV1_1> for Manifest {
-    fn from(old: ManifestV1_1) -> Manifest {
+/// A 1.x manifest: its layout changed only in its rank records.
+impl<R: Into<RankRecord>> From<ManifestV1<R>> for Manifest {
+    fn from(old: ManifestV1<R>) -> Manifest {
         Manifest {
             job: old.job,
             epoch: old.epoch,
             created_unix_ms: old.created_unix_ms,
             world_size: old.world_size,
             chunk_size: old.chunk_size,
-            ranks: old.ranks.into_iter().map(RankRecord::from).collect(),
+            ranks: old.ranks.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -164,16 +165,6 @@ struct RankRecordV1_0 {
     mappings: Vec<MappingRecord>,
     regions: Vec<RegionRecordV1>,
     stats: WriteStats,
-}
-
-#[derive(Deserialize)]
-struct ManifestV1_0 {
-    job: String,
-    epoch: u64,
-    created_unix_ms: u64,
-    world_size: u32,
-    chunk_size: u32,
-    ranks: Vec<RankRecordV1_0>,
 }
 
 impl From<FdRecordV1_0> for FdRecord {
@@ -203,19 +194,6 @@ impl From<RankRecordV1_0> for RankRecord {
             regions: old.regions.into_iter().map(RegionRecord::from).collect(),
             stats: old.stats,
             warnings: Vec::new(),
-        }
-    }
-}
-
-impl From<ManifestV1_0> for Manifest {
-    fn from(old: ManifestV1_0) -> Manifest {
-        Manifest {
-            job: old.job,
-            epoch: old.epoch,
-            created_unix_ms: old.created_unix_ms,
-            world_size: old.world_size,
-            chunk_size: old.chunk_size,
-            ranks: old.ranks.into_iter().map(RankRecord::from).collect(),
         }
     }
 }
