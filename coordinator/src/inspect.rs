@@ -45,14 +45,18 @@ pub struct EpochListing {
     pub note: String,
 }
 
-/// Lists every job and epoch in the store.
-pub fn list(store: &Store, only_job: Option<&str>) -> Result<Vec<EpochListing>> {
-    let jobs = match only_job {
+/// The one job asked for, or every job of the store.
+pub fn job_names(store: &Store, only_job: Option<&str>) -> Result<Vec<String>> {
+    Ok(match only_job {
         Some(job) => vec![job.to_owned()],
         None => store.jobs()?,
-    };
+    })
+}
+
+/// Lists every job and epoch in the store.
+pub fn list(store: &Store, only_job: Option<&str>) -> Result<Vec<EpochListing>> {
     let mut rows = Vec::new();
-    for name in jobs {
+    for name in job_names(store, only_job)? {
         let job = store.existing_job(&name)?;
         for (epoch, state) in job.epochs()? {
             rows.push(match state {
@@ -404,12 +408,8 @@ pub fn verify(job: &JobStore, epoch: Option<u64>) -> Result<VerifyOutcome> {
 
 /// Runs retention and GC over one job or every job.
 pub fn gc(store: &Store, job: Option<&str>, options: GcOptions) -> Result<Vec<GcReport>> {
-    let jobs = match job {
-        Some(job) => vec![job.to_owned()],
-        None => store.jobs()?,
-    };
     let mut reports = Vec::new();
-    for name in jobs {
+    for name in job_names(store, job)? {
         let job = store.existing_job(&name)?;
         reports.push(
             job.gc_with(options)

@@ -119,12 +119,8 @@ pub fn verify_packs(job: &JobStore) -> Result<(bool, String)> {
 /// One line per job: its packs and format 1 chunk files, and their bytes,
 /// for `cryo ls`.
 pub fn render_usage(store: &cryo_core::store::Store, only_job: Option<&str>) -> Result<String> {
-    let jobs = match only_job {
-        Some(job) => vec![job.to_owned()],
-        None => store.jobs()?,
-    };
     let mut out = String::new();
-    for name in jobs {
+    for name in crate::inspect::job_names(store, only_job)? {
         let job = store.existing_job(&name)?;
         let packs = job.list_packs()?;
         let bytes: u64 = packs

@@ -403,14 +403,7 @@ impl JobStore {
     /// Re-reads and re-hashes every chunk of `manifest`, each distinct chunk
     /// once, in parallel. Reports every bad chunk by rank and region.
     pub fn verify_manifest(&self, manifest: &Manifest) -> VerifyReport {
-        self.verify_manifests(std::slice::from_ref(manifest))
-            .pop()
-            .unwrap_or_else(|| VerifyReport {
-                epoch: manifest.epoch,
-                chunks_checked: 0,
-                bytes_checked: 0,
-                bad: Vec::new(),
-            })
+        self.verify_one(manifest, Depth::Decoded)
     }
 
     /// Verifies several epochs, checking each distinct chunk only once
@@ -424,7 +417,12 @@ impl JobStore {
     /// it launches, since each rank decodes and hash-checks its own chunks
     /// as it restores them.
     pub fn check_manifest(&self, manifest: &Manifest) -> VerifyReport {
-        self.verify_manifests_to(std::slice::from_ref(manifest), Depth::Stored)
+        self.verify_one(manifest, Depth::Stored)
+    }
+
+    /// One manifest's report at `depth`.
+    fn verify_one(&self, manifest: &Manifest, depth: Depth) -> VerifyReport {
+        self.verify_manifests_to(std::slice::from_ref(manifest), depth)
             .pop()
             .unwrap_or_else(|| VerifyReport {
                 epoch: manifest.epoch,
