@@ -140,17 +140,22 @@ fn a_truncated_pack_is_refused() {
     ));
 }
 
+/// Seals `entries` (entries ending at `end`) and parses the index back.
+fn reparse_index(entries: &[IndexEntry], end: u64) -> Result<Vec<IndexEntry>, PackError> {
+    let tail = encode_index(entries, end);
+    let footer = parse_footer(&tail[tail.len() - FOOTER_LEN..], end + tail.len() as u64)
+        .unwrap()
+        .unwrap();
+    parse_index(&tail, &footer)
+}
+
 #[test]
 fn an_index_entry_beyond_the_entries_is_refused() {
     let (_, mut entries) = pack_with(2, 4096, false);
     let end = entries[1].end();
     entries[1].blob_len += 64;
-    let tail = encode_index(&entries, end);
-    let footer = parse_footer(&tail[tail.len() - FOOTER_LEN..], end + tail.len() as u64)
-        .unwrap()
-        .unwrap();
     assert!(matches!(
-        parse_index(&tail, &footer),
+        reparse_index(&entries, end),
         Err(PackError::BeyondEnd { .. })
     ));
 }
@@ -160,12 +165,8 @@ fn overlapping_index_entries_are_refused() {
     let (_, mut entries) = pack_with(3, 4096, false);
     let end = entries[2].end();
     entries[1].offset -= 1;
-    let tail = encode_index(&entries, end);
-    let footer = parse_footer(&tail[tail.len() - FOOTER_LEN..], end + tail.len() as u64)
-        .unwrap()
-        .unwrap();
     assert!(matches!(
-        parse_index(&tail, &footer),
+        reparse_index(&entries, end),
         Err(PackError::Overlap { .. })
     ));
 }
