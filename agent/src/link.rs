@@ -269,6 +269,8 @@ fn connect_with(
     stream
         .set_read_timeout(None)
         .map_err(socket("SO_RCVTIMEO"))?;
+    cryo_core::liveness::watch_link(&stream, cryo_core::liveness::link_timeout())
+        .map_err(|errno| socket("TCP_USER_TIMEOUT and keepalive")(errno.into()))?;
     let reader = stream.try_clone().map_err(socket("dup"))?;
     Ok((
         CoordinatorLink {

@@ -1,6 +1,7 @@
 //! Starting the node agents: as children of `cryo run` (one per emulated
-//! node), or as a Slurm step on every node of the allocation; and waiting
-//! until each has said hello.
+//! node), or as a launcher step of one agent per node (`srun` on every node
+//! of the Slurm allocation, an MPI launcher on each of `--hosts`); and
+//! waiting until each has said hello.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -16,7 +17,7 @@ use cryo_core::env::ENV_COORDINATOR;
 use cryo_core::protocol::{JobResponse, ENV_AGENT_SOCKET, ENV_JOB, ENV_TOKEN};
 use cryo_core::token::JobToken;
 
-use crate::launch::LaunchBlock;
+use crate::launch::{self, LaunchBlock, Launcher};
 use crate::peers::Event;
 use crate::registry::Registry;
 use crate::running::{AgentHandle, Coordinator};
@@ -215,7 +216,7 @@ pub(crate) fn wait_for_agents(
         if let (Some(step), Some(log)) = (c.agent_step.as_mut(), step_log) {
             if let Ok(Some(status)) = step.try_wait() {
                 bail!(
-                    "the agents' Slurm step ended ({status}) before every agent connected:\n{}",
+                    "the agents' step ended ({status}) before every agent connected:\n{}",
                     tail(log, 15)
                 );
             }
@@ -250,19 +251,27 @@ pub(crate) fn wait_for_agents(
     Ok(())
 }
 
-/// Starts one agent on every node of the Slurm allocation as a step of its
-/// own (`srun --overlap`, so it takes no CPUs from the ranks' step), and
-/// waits for all of them to say hello.
+/// Starts one agent on every node as a launcher job of its own (the agents'
+/// step: every node of the Slurm allocation with `srun`, or each of
+/// `--hosts` with an MPI launcher), and waits for all of them to say hello.
 pub(crate) fn start_agent_step(
     c: &mut Coordinator,
+    launcher: &Launcher,
     rx: &Receiver<Event>,
     env: &[(String, String)],
     token: &JobToken,
 ) -> Result<()> {
-    let nodes: usize = ["SLURM_JOB_NUM_NODES", "SLURM_NNODES"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .context("--agents srun needs a Slurm allocation (no SLURM_JOB_NUM_NODES)")?;
+    let hosts: Vec<String> = c.opts.hosts.iter().map(|h| h.node.clone()).collect();
+    let nodes: usize = match launcher {
+        Launcher::Srun(_) => ["SLURM_JOB_NUM_NODES", "SLURM_NNODES"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok()?.parse().ok())
+            .context("--agents srun needs a Slurm allocation (no SLURM_JOB_NUM_NODES)")?,
+        _ if hosts.is_empty() => {
+            bail!("--agents launcher starts one agent per host of --hosts, and none was given")
+        }
+        _ => hosts.len(),
+    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -270,15 +279,8 @@ pub(crate) fn start_agent_step(
         .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
     let log = c.opts.scratch.join("agents-step.log");
     let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut command = Command::new("srun");
+    let mut command = launch::agent_step_command(launcher, &hosts, nodes);
     command
-        .arg("--overlap")
-        .arg(format!("--nodes={nodes}"))
-        .arg(format!("--ntasks={nodes}"))
-        .arg("--ntasks-per-node=1")
-        .arg("--kill-on-bad-exit=0")
-        .arg("--mpi=none")
-        .arg("--job-name=cryo-agents")
         .arg(agent_binary(c.opts.agent_bin.as_deref()))
         .arg("serve")
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -294,10 +296,15 @@ pub(crate) fn start_agent_step(
         .process_group(0);
     let step = command
         .spawn()
-        .context("starting the agents' Slurm step (srun)")?;
+        .with_context(|| format!("starting the agents' step with {launcher}"))?;
     eprintln!(
-        "cryo: starting {nodes} agent(s) as Slurm step (srun pid {})",
-        step.id()
+        "cryo: starting {nodes} agent(s) as a step of {launcher} (pid {}){}",
+        step.id(),
+        if hosts.is_empty() {
+            String::new()
+        } else {
+            format!(" on {}", hosts.join(", "))
+        }
     );
     c.agent_step = Some(step);
     wait_for_agents(c, rx, nodes, Some(&log))

@@ -179,8 +179,15 @@ pub struct LaunchArgs {
     pub ranks: Option<u32>,
     /// Nodes and their ranks, e.g. `a:2,b:2` (emulated on this machine);
     /// default: this host.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "hosts")]
     pub nodes: Option<String>,
+    /// Real hosts and their ranks, e.g. `n0:2,n1:2`, reached by the MPI
+    /// launcher itself (Hydra's ssh launcher, `HYDRA_LAUNCHER_EXEC`, or Open
+    /// MPI's rsh agent): for a cluster without Slurm. `cryo run` starts one
+    /// agent on each through the same launcher (`--agents launcher`), and
+    /// the ranks there. The store must be a directory every host sees.
+    #[arg(long)]
+    pub hosts: Option<String>,
     /// Checkpoint every SECS seconds.
     #[arg(long, value_name = "SECS", env = "CRYO_INTERVAL")]
     pub interval: Option<f64>,
@@ -193,10 +200,12 @@ pub struct LaunchArgs {
     pub launcher: Option<PathBuf>,
     /// Who starts the node agents: `spawn` (cryo run, one per `--nodes`
     /// entry, on this machine), `external` (one per node, started by
-    /// Slurm's spank_cryo plugin or by hand, at a node-local socket) or
-    /// `srun` (cryo run, as a Slurm step of one agent per node). Default
-    /// inside a Slurm allocation without `--nodes`: `external` when the job
-    /// was submitted with `--cryo`, else `srun`.
+    /// Slurm's spank_cryo plugin or by hand, at a node-local socket),
+    /// `srun` (cryo run, as a Slurm step of one agent per node) or
+    /// `launcher` (cryo run, through the MPI launcher, one per `--hosts`
+    /// entry). Default: `launcher` with `--hosts`; inside a Slurm
+    /// allocation without `--nodes`, `external` when the job was submitted
+    /// with `--cryo`, else `srun`.
     #[arg(long, value_enum)]
     pub agents: Option<AgentsArg>,
     /// Host name or address that agents on other nodes dial (external
@@ -250,6 +259,9 @@ pub enum AgentsArg {
     /// `cryo run` starts them as a Slurm step of one agent per node of the
     /// allocation: no plugin needed.
     Srun,
+    /// `cryo run` starts them through the MPI launcher, one per host of
+    /// `--hosts`.
+    Launcher,
 }
 
 /// Runs the command line; for `main`.
@@ -561,23 +573,27 @@ fn run_options(
     let plugin_active = std::env::var_os(cryo_core::env::ENV_SPANK).is_some();
     let agents = match launch.agents {
         Some(agents) => agents,
+        None if launch.hosts.is_some() => AgentsArg::Launcher,
         None if in_slurm && launch.nodes.is_none() && plugin_active => AgentsArg::External,
         None if in_slurm && launch.nodes.is_none() => AgentsArg::Srun,
         None => AgentsArg::Spawn,
     };
     let agent_mode = match agents {
+        AgentsArg::Spawn if launch.hosts.is_some() => {
+            bail!("--hosts names real hosts, whose agents run there: leave out --agents spawn (which emulates nodes on this machine, see --nodes)")
+        }
         AgentsArg::Spawn => AgentMode::Spawn,
-        AgentsArg::External | AgentsArg::Srun => {
+        AgentsArg::External | AgentsArg::Srun | AgentsArg::Launcher => {
             if launch.nodes.is_some() {
-                bail!("--nodes emulates nodes on this machine; with agents on the real nodes the nodes are those the launcher uses (leave out --nodes, or pass --agents spawn)");
+                bail!("--nodes emulates nodes on this machine; with agents on the real nodes the nodes are those the launcher uses (leave out --nodes, pass --hosts, or pass --agents spawn)");
             }
             AgentMode::External {
                 socket: session::node_local_socket(&job),
                 advertise: launch.advertise.clone(),
-                starter: if agents == AgentsArg::Srun {
-                    AgentStarter::SrunStep
-                } else {
-                    AgentStarter::Plugin
+                starter: match agents {
+                    AgentsArg::Srun => AgentStarter::SrunStep,
+                    AgentsArg::Launcher => AgentStarter::LauncherStep,
+                    _ => AgentStarter::Plugin,
                 },
             }
         }
@@ -597,6 +613,13 @@ fn run_options(
         }],
     };
     let placement = launch::place(&nodes, ranks)?;
+    let hosts = match &launch.hosts {
+        Some(spec) => launch::place(&launch::parse_nodes(spec)?, ranks)?,
+        None => Vec::new(),
+    };
+    if !hosts.is_empty() && matches!(launcher.as_deref(), Some(l) if l.ends_with("srun")) {
+        bail!("--hosts is for an MPI launcher (mpiexec, mpirun); under srun the ranks run on the allocation's nodes");
+    }
     let scratch = launch
         .scratch
         .clone()
@@ -606,6 +629,7 @@ fn run_options(
         job,
         ranks,
         placement,
+        hosts,
         interval: launch
             .interval
             .map(|s| seconds(s, "--interval"))

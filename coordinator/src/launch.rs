@@ -6,6 +6,11 @@
 //! `0..2` talk to agent `a` and ranks `2..4` to agent `b`. On a cluster every
 //! node has its own agent at the same node-local socket path, so one block
 //! with one environment serves every rank.
+//!
+//! `--hosts a:2,b:2` names real hosts that the MPI launcher reaches itself
+//! (Hydra over ssh, Open MPI's rsh agent): the launcher is told the hosts and
+//! their ranks (`-hosts a:2,b:2`, `--host a:2,b:2`), and the agents are one
+//! launcher job of one process per host ([`agent_step_command`]).
 
 use std::ffi::OsString;
 use std::fmt;
@@ -263,9 +268,21 @@ pub struct LaunchBlock {
     pub env: Vec<(String, String)>,
 }
 
-/// Builds the launcher's command line for `blocks` of `program args`.
+/// `a:2,b:2`: the hosts and their ranks, as Hydra's `-hosts` and Open
+/// MPI's `--host` take them.
+fn host_list(hosts: &[NodePlacement]) -> String {
+    hosts
+        .iter()
+        .map(|h| format!("{}:{}", h.node, h.ranks.end - h.ranks.start))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Builds the launcher's command line for `blocks` of `program args`, on
+/// `hosts` when given (empty: the launcher's own choice of hosts).
 pub fn build_command(
     launcher: &Launcher,
+    hosts: &[NodePlacement],
     blocks: &[LaunchBlock],
     program: &OsString,
     args: &[OsString],
@@ -273,6 +290,9 @@ pub fn build_command(
     match launcher {
         Launcher::Hydra(path) => {
             let mut command = Command::new(path);
+            if !hosts.is_empty() {
+                command.arg("-hosts").arg(host_list(hosts));
+            }
             for (index, block) in blocks.iter().enumerate() {
                 if index > 0 {
                     command.arg(":");
@@ -312,6 +332,9 @@ pub fn build_command(
             if nix::unistd::geteuid().is_root() {
                 command.arg("--allow-run-as-root");
             }
+            if !hosts.is_empty() {
+                command.arg("--host").arg(host_list(hosts));
+            }
             for (index, block) in blocks.iter().enumerate() {
                 if index > 0 {
                     command.arg(":");
@@ -322,6 +345,58 @@ pub fn build_command(
                 }
                 command.arg(program).args(args);
             }
+            command
+        }
+    }
+}
+
+/// The launcher job that starts one process on each of `nodes` nodes: the
+/// agents' step. Under Slurm that is every node of the allocation (`srun
+/// --overlap`, so it takes no CPUs from the ranks' step); with an MPI
+/// launcher, each of `hosts`. One agent that fails must not take the
+/// others down (`--kill-on-bad-exit=0`, Hydra's `-disable-auto-cleanup`):
+/// the coordinator reports it and aborts only the epoch it was part of.
+pub fn agent_step_command(launcher: &Launcher, hosts: &[String], nodes: usize) -> Command {
+    let one_each = || {
+        hosts
+            .iter()
+            .map(|h| format!("{h}:1"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match launcher {
+        Launcher::Srun(path) => {
+            let mut command = Command::new(path);
+            command
+                .arg("--overlap")
+                .arg(format!("--nodes={nodes}"))
+                .arg(format!("--ntasks={nodes}"))
+                .arg("--ntasks-per-node=1")
+                .arg("--kill-on-bad-exit=0")
+                .arg("--mpi=none")
+                .arg("--job-name=cryo-agents");
+            command
+        }
+        Launcher::Hydra(path) => {
+            let mut command = Command::new(path);
+            command
+                .arg("-disable-auto-cleanup")
+                .arg("-hosts")
+                .arg(one_each())
+                .arg("-n")
+                .arg(hosts.len().to_string());
+            command
+        }
+        Launcher::OpenMpi(path) => {
+            let mut command = Command::new(path);
+            if nix::unistd::geteuid().is_root() {
+                command.arg("--allow-run-as-root");
+            }
+            command
+                .arg("--host")
+                .arg(one_each())
+                .arg("-np")
+                .arg(hosts.len().to_string());
             command
         }
     }
@@ -440,6 +515,7 @@ mod tests {
         ];
         let command = build_command(
             &Launcher::Srun("srun".into()),
+            &[],
             &blocks,
             &"app".into(),
             &["--x".into()],
@@ -470,6 +546,7 @@ mod tests {
         ];
         let command = build_command(
             &Launcher::Hydra("mpiexec".into()),
+            &[],
             &blocks,
             &OsString::from("heat2d"),
             &[OsString::from("--iters"), OsString::from("100")],
@@ -481,6 +558,38 @@ mod tests {
         assert_eq!(
             args.join(" "),
             "-n 2 -env CRYO_AGENT_SOCKET /s/a heat2d --iters 100 : -n 2 -env CRYO_AGENT_SOCKET /s/b heat2d --iters 100"
+        );
+    }
+
+    #[test]
+    fn hosts_reach_the_launcher() {
+        let hosts = place(&nodes("n0:2,n1:2"), 3).expect("fits");
+        let blocks = [LaunchBlock {
+            ranks: 3,
+            env: vec![],
+        }];
+        let args = |command: &Command| -> String {
+            command
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let hydra = Launcher::Hydra("mpiexec".into());
+        let command = build_command(&hydra, &hosts, &blocks, &"app".into(), &[]);
+        assert_eq!(args(&command), "-hosts n0:2,n1:1 -n 3 app");
+        let ompi = Launcher::OpenMpi("mpirun".into());
+        let command = build_command(&ompi, &hosts, &blocks, &"app".into(), &[]);
+        assert!(args(&command).ends_with("--host n0:2,n1:1 -np 3 app"));
+        let names = vec!["n0".to_owned(), "n1".to_owned()];
+        assert_eq!(
+            args(&agent_step_command(&hydra, &names, 2)),
+            "-disable-auto-cleanup -hosts n0:1,n1:1 -n 2"
+        );
+        assert!(args(&agent_step_command(&ompi, &names, 2)).ends_with("--host n0:1,n1:1 -np 2"));
+        assert!(
+            args(&agent_step_command(&Launcher::Srun("srun".into()), &[], 3))
+                .contains("--nodes=3 --ntasks=3 --ntasks-per-node=1")
         );
     }
 }

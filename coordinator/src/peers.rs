@@ -149,6 +149,13 @@ fn serve_peer(
             // The event thread writes to every agent: one whose socket
             // stopped draining costs it a bounded wait, then counts as lost.
             let _ = writer.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
+            // An agent behind a partition says nothing: count it lost after
+            // the link timeout rather than TCP's quarter of an hour.
+            if let Err(errno) =
+                cryo_core::liveness::watch_link(&stream, cryo_core::liveness::link_timeout())
+            {
+                tracing::warn!(job, node = %node, error = %errno, "peer.unwatched");
+            }
             if events
                 .send(Event::AgentConnected {
                     node: node.clone(),

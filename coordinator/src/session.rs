@@ -52,6 +52,9 @@ pub struct RunOptions {
     pub ranks: u32,
     /// Ranks per emulated node.
     pub placement: Vec<NodePlacement>,
+    /// Ranks per real host that the launcher reaches (`--hosts`); empty:
+    /// the launcher's own hosts.
+    pub hosts: Vec<NodePlacement>,
     /// Periodic checkpoints.
     pub interval: Option<Duration>,
     /// Committed epochs to keep.
@@ -110,6 +113,9 @@ pub enum AgentStarter {
     /// `cryo run` itself, as a Slurm step of one agent per node of the
     /// allocation (`srun --overlap`): no plugin needed.
     SrunStep,
+    /// `cryo run` itself, as an MPI launcher job of one agent per host of
+    /// `--hosts` (Hydra over ssh, Open MPI's rsh agent).
+    LauncherStep,
 }
 
 impl AgentStarter {
@@ -119,6 +125,7 @@ impl AgentStarter {
         match self {
             AgentStarter::Plugin => "plugin",
             AgentStarter::SrunStep => "srun",
+            AgentStarter::LauncherStep => "launcher",
         }
     }
 }
@@ -221,8 +228,21 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
                 )
             })
             .collect(),
-        AgentMode::External { socket, .. } => vec![format!(
+        AgentMode::External { socket, .. } if opts.hosts.is_empty() => vec![format!(
             "the launcher's nodes, agents at {}",
+            socket.display()
+        )],
+        AgentMode::External { socket, .. } => vec![format!(
+            "hosts {}, agents at {}",
+            opts.hosts
+                .iter()
+                .map(|h| format!(
+                    "{} ranks {}",
+                    h.node,
+                    cryo_core::protocol::render_ranks(&h.ranks.clone().collect::<Vec<_>>())
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
             socket.display()
         )],
     };
@@ -287,8 +307,8 @@ fn drive(
                 cryo_core::env::ENV_AGENT_STARTER.to_owned(),
                 starter.as_str().to_owned(),
             ));
-            if starter == AgentStarter::SrunStep {
-                start_agent_step(c, rx, &env, token)?;
+            if matches!(starter, AgentStarter::SrunStep | AgentStarter::LauncherStep) {
+                start_agent_step(c, launcher, rx, &env, token)?;
             }
             vec![LaunchBlock {
                 ranks: c.opts.ranks,
@@ -298,6 +318,7 @@ fn drive(
     };
     let mut command = launch::build_command(
         launcher,
+        &c.opts.hosts,
         &blocks,
         &c.opts.command.program(),
         &c.opts.command.args(),

@@ -74,3 +74,6 @@ pub const ENV_AGENT_STARTER: &str = "CRYO_AGENT_STARTER";
 pub const ENV_SPANK: &str = "CRYO_SPANK";
 /// Fault injection for tests (see [`crate::fault`]).
 pub const ENV_FAULT: &str = "CRYO_FAULT";
+/// Seconds after which a silent coordinator-agent link counts as dead
+/// (`cryo_core::liveness`; default 30).
+pub const ENV_LINK_TIMEOUT: &str = "CRYO_LINK_TIMEOUT";

@@ -33,6 +33,7 @@ pub mod dirty;
 pub mod env;
 pub mod fault;
 pub mod format;
+pub mod liveness;
 pub mod names;
 pub mod protocol;
 pub mod sibling;

@@ -384,13 +384,19 @@ pub struct Case {
     pub files: Heat2dFiles,
     /// The program.
     pub program: Program,
+    /// Where `cryo` runs: this machine, or a namespace cluster's head.
+    pub site: crate::netns::Site,
 }
 
 impl Case {
     /// A folder with the input (made by the Rust heat2d).
     pub fn new(program: Program) -> Case {
         let files = Heat2dFiles::new("cryo-mpi-", &built().join("heat2d"));
-        Case { files, program }
+        Case {
+            files,
+            program,
+            site: crate::netns::Site::Local,
+        }
     }
 
     /// A compiled `program` for MPICH.
@@ -423,7 +429,7 @@ impl Case {
             .env_remove("CRYO_QUIESCE_SLACK")
             .envs(self.program.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.files.dir());
-        cmd
+        self.site.cryo(cmd)
     }
 
     /// `cryo run` of the program with `args` in the background, with
@@ -446,7 +452,7 @@ impl Case {
                 "run",
                 "--job",
                 job,
-                "--nodes",
+                self.site.nodes_flag(),
                 nodes,
                 "-n",
                 &ranks.to_string(),
@@ -499,7 +505,7 @@ impl Case {
     /// (`cryo run --launcher`, for Open MPI) is remembered with its command.
     pub fn restart(&self, job: &str, nodes: &str, extra: &[&str]) -> Output {
         self.cryo()
-            .args(["restart", job, "--nodes", nodes])
+            .args(["restart", job, self.site.nodes_flag(), nodes])
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}-restart")))
             .args(extra)

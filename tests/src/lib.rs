@@ -22,7 +22,9 @@ use cryo_core::protocol::{
 };
 
 pub mod heat2d;
+pub mod netns;
 pub mod state;
+pub mod trees;
 
 pub use heat2d::Heat2dFiles;
 

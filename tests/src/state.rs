@@ -16,13 +16,13 @@
 //! flags and offsets, file sizes, read-back contents, mappings) and abort
 //! with the reason on stderr, which `cryo restart` passes on.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
+pub use crate::trees::{compare_trees, tree, Entry};
 use crate::{build_packages, kill_every_process_mentioning, output_text, pids_where, wait_until};
 
 /// Steps of a one-shape run.
@@ -211,6 +211,8 @@ pub struct Case {
     checkpoints: std::cell::Cell<u32>,
     /// Extra environment for `cryo restart` (and so for the restarted ranks).
     restart_env: std::cell::RefCell<Vec<(String, String)>>,
+    /// Where `cryo` runs: this machine, or a namespace cluster's head.
+    site: crate::netns::Site,
 }
 
 impl Case {
@@ -227,7 +229,15 @@ impl Case {
             program,
             checkpoints: std::cell::Cell::new(0),
             restart_env: std::cell::RefCell::new(Vec::new()),
+            site: crate::netns::Site::Local,
         }
+    }
+
+    /// The case with its `cryo` commands run at `site`.
+    #[must_use]
+    pub fn on(mut self, site: crate::netns::Site) -> Case {
+        self.site = site;
+        self
     }
 
     /// A path in the case's folder.
@@ -278,7 +288,7 @@ impl Case {
         cmd.env("CRYO_STORE", self.store())
             .env("CRYO_LOG", "info")
             .current_dir(self.dir.path());
-        cmd
+        self.site.cryo(cmd)
     }
 
     /// `cryo run` in the background, writing into `run/`; its stdout (rank
@@ -299,7 +309,7 @@ impl Case {
     ) -> Job {
         let mut cmd = self.cryo();
         cmd.envs(env.iter().copied())
-            .args(["run", "--job", job, "--nodes", nodes, "-n"])
+            .args(["run", "--job", job, self.site.nodes_flag(), nodes, "-n"])
             .arg(ranks.to_string())
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}")))
@@ -317,7 +327,7 @@ impl Case {
     pub fn restart(&self, job: &str, nodes: &str) -> Output {
         self.cryo()
             .envs(self.restart_env.borrow().iter().map(|(k, v)| (k, v)))
-            .args(["restart", job, "--nodes", nodes])
+            .args(["restart", job, self.site.nodes_flag(), nodes])
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}-restart")))
             .stdin(Stdio::null())
@@ -764,13 +774,32 @@ pub fn survives_with_restart_env(
     shape: &str,
     iters: u64,
     ranks: u32,
-    (nodes, restart_nodes): (&str, &str),
-    [env, restart_env]: [&[(&str, &str)]; 2],
+    nodes: (&str, &str),
+    envs: [&[(&str, &str)]; 2],
 ) -> Option<Survived> {
     if !have_mpi() {
         return None;
     }
-    let case = Case::new(shape);
+    Some(survives_on(
+        Case::new(shape),
+        shape,
+        iters,
+        ranks,
+        nodes,
+        envs,
+    ))
+}
+
+/// [`survives_with_restart_env`] for a `case` made for `shape` (which may
+/// run at another site).
+pub fn survives_on(
+    case: Case,
+    shape: &str,
+    iters: u64,
+    ranks: u32,
+    (nodes, restart_nodes): (&str, &str),
+    [env, restart_env]: [&[(&str, &str)]; 2],
+) -> Survived {
     case.reference(ranks, iters);
     case.set_restart_env(restart_env);
     let job_name = job_name(shape);
@@ -790,124 +819,12 @@ pub fn survives_with_restart_env(
         killed_at,
         iters,
     );
-    Some(Survived {
+    Survived {
         case,
         job: job_name,
         captured,
         checkpoint: said,
         run_log,
         restart,
-    })
-}
-
-/// What a path in an output folder is.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Entry {
-    /// A directory.
-    Dir,
-    /// A regular file, with its bytes.
-    File(Vec<u8>),
-    /// Anything else, by its file type.
-    Other(String),
-}
-
-/// Everything under `root`, by path relative to it.
-pub fn tree(root: &Path) -> BTreeMap<PathBuf, Entry> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
-        let entries =
-            fs::read_dir(dir).unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()));
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_owned();
-            let meta = fs::symlink_metadata(&path).unwrap();
-            if meta.is_dir() {
-                out.insert(rel, Entry::Dir);
-                walk(root, &path, out);
-            } else if meta.is_file() {
-                out.insert(rel, Entry::File(fs::read(&path).unwrap()));
-            } else {
-                out.insert(rel, Entry::Other(format!("{:?}", meta.file_type())));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
-/// The line of `bytes` around offset `at`, escaped, for a message.
-fn excerpt(bytes: &[u8], at: usize) -> String {
-    let at = at.min(bytes.len());
-    let line_start = bytes[..at]
-        .iter()
-        .rposition(|b| *b == b'\n')
-        .map_or(0, |p| p + 1);
-    let start = line_start.max(at.saturating_sub(60));
-    let end = bytes.len().min(start + 100);
-    format!("\"{}\"", bytes[start..end].escape_ascii())
-}
-
-/// How two versions of one file differ: sizes, the first differing byte,
-/// its line, and both sides there.
-fn file_diff(name: &Path, reference: &[u8], run: &[u8]) -> String {
-    let at = reference
-        .iter()
-        .zip(run)
-        .position(|(a, b)| a != b)
-        .unwrap_or(reference.len().min(run.len()));
-    let line = reference[..at].iter().filter(|b| **b == b'\n').count() + 1;
-    format!(
-        "{}: reference {} bytes, run {} bytes; first difference at byte {at} (line {line})\n    reference: {}\n    run:       {}",
-        name.display(),
-        reference.len(),
-        run.len(),
-        excerpt(reference, at),
-        excerpt(run, at)
-    )
-}
-
-/// Every difference between the reference folder and the run's; empty
-/// when they are the same names with the same bytes.
-pub fn compare_trees(reference: &Path, run: &Path) -> Vec<String> {
-    let want = tree(reference);
-    let got = tree(run);
-    let mut problems = Vec::new();
-    for (name, entry) in &want {
-        match (entry, got.get(name)) {
-            (_, None) => problems.push(format!(
-                "{}: in the reference, missing from the run",
-                name.display()
-            )),
-            (Entry::File(a), Some(Entry::File(b))) if a != b => {
-                problems.push(file_diff(name, a, b));
-            }
-            (a, Some(b)) if std::mem::discriminant(a) != std::mem::discriminant(b) => {
-                problems.push(format!(
-                    "{}: {} in the reference, {} in the run",
-                    name.display(),
-                    kind(a),
-                    kind(b)
-                ));
-            }
-            _ => {}
-        }
-    }
-    for (name, entry) in &got {
-        if !want.contains_key(name) {
-            problems.push(format!(
-                "{}: {} left by the run, not in the reference",
-                name.display(),
-                kind(entry)
-            ));
-        }
-    }
-    problems
-}
-
-fn kind(entry: &Entry) -> String {
-    match entry {
-        Entry::Dir => "a directory".into(),
-        Entry::File(bytes) => format!("a file of {} bytes", bytes.len()),
-        Entry::Other(what) => what.clone(),
     }
 }

@@ -1,0 +1,107 @@
+//! Noticing a dead peer on the TCP link between the coordinator and an
+//! agent.
+//!
+//! A peer that crashed closes its connection and is seen at once. A peer
+//! behind a network partition, or on a node that lost power, says nothing:
+//! without help TCP retransmits for about 15 minutes before it gives up, and
+//! an idle link never notices at all. So both ends of the link set
+//! `TCP_USER_TIMEOUT` (data left unacknowledged that long closes the
+//! connection) and keepalive probes (an idle link probes its peer, and
+//! closes after the same time without an answer). A partition shorter than
+//! the timeout costs nothing: TCP delivers what was held up once it heals.
+//! A longer one is reported as a lost agent (coordinator) or a lost
+//! coordinator (agent) within the timeout, and the epoch it interrupts is
+//! aborted.
+
+use std::net::TcpStream;
+use std::time::Duration;
+
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::env::ENV_LINK_TIMEOUT;
+
+/// The default time after which a silent peer counts as dead.
+pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shortest timeout accepted: below it, a busy peer's scheduling delay
+/// would already count as death.
+pub const MIN_LINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The link timeout: `CRYO_LINK_TIMEOUT` seconds when set and valid (at
+/// least [`MIN_LINK_TIMEOUT`]), else [`DEFAULT_LINK_TIMEOUT`]; a bad value
+/// is logged and ignored.
+pub fn link_timeout() -> Duration {
+    let Ok(text) = std::env::var(ENV_LINK_TIMEOUT) else {
+        return DEFAULT_LINK_TIMEOUT;
+    };
+    match parse_link_timeout(&text) {
+        Some(timeout) => timeout,
+        None => {
+            tracing::warn!(
+                value = %text,
+                default_secs = DEFAULT_LINK_TIMEOUT.as_secs(),
+                "link_timeout.ignored"
+            );
+            DEFAULT_LINK_TIMEOUT
+        }
+    }
+}
+
+fn parse_link_timeout(text: &str) -> Option<Duration> {
+    let secs: f64 = text.trim().parse().ok()?;
+    if !secs.is_finite() || secs < MIN_LINK_TIMEOUT.as_secs_f64() || secs > 86_400.0 {
+        return None;
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Makes `stream` close by itself once its peer has been silent for about
+/// `timeout`: unacknowledged data (`TCP_USER_TIMEOUT`), or an idle link
+/// whose keepalive probes go unanswered (half the time idle, then three
+/// probes a sixth of it apart).
+pub fn watch_link(stream: &TcpStream, timeout: Duration) -> nix::Result<()> {
+    let timeout = timeout.max(MIN_LINK_TIMEOUT);
+    let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &secs(timeout / 2))?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &secs(timeout / 6))?;
+    setsockopt(stream, sockopt::TcpKeepCount, &3)?;
+    let millis = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    setsockopt(stream, sockopt::TcpUserTimeout, &millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use nix::sys::socket::getsockopt;
+
+    use super::*;
+
+    #[test]
+    fn parses_the_timeout_and_refuses_nonsense() {
+        assert_eq!(parse_link_timeout("6"), Some(Duration::from_secs(6)));
+        assert_eq!(
+            parse_link_timeout(" 2.5 "),
+            Some(Duration::from_millis(2500))
+        );
+        for bad in ["", "x", "-1", "0", "1", "NaN", "inf", "1e9"] {
+            assert_eq!(parse_link_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_watched_link_carries_the_timeouts() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        watch_link(&stream, Duration::from_secs(12)).unwrap();
+        assert!(getsockopt(&stream, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).unwrap(), 6);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).unwrap(), 2);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).unwrap(), 3);
+        assert_eq!(
+            getsockopt(&stream, sockopt::TcpUserTimeout).unwrap(),
+            12_000
+        );
+    }
+}

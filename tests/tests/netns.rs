@@ -1,0 +1,141 @@
+//! Nodes that are separate hosts: jobs across a cluster of network
+//! namespaces (`cryo_tests::netns`), each node with its own host name,
+//! address and network stack, MPI between them over TCP through a bridge,
+//! and faults made of real lost packets.
+//!
+//! Each test builds its own cluster (`head`, where `cryo run` runs, and the
+//! nodes) and tears it down when it ends, passed or failed. The tests need
+//! root; `CRYO_SKIP_NETNS=1` skips them knowingly where there is none.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cryo_tests::heat2d::{c_heat2d, Case, Heat2dFiles, Mpi};
+use cryo_tests::netns::{self, Cluster, Site};
+use cryo_tests::{lines, output_text, state, wait_until};
+
+/// One cluster at a time: the machine has two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn cluster(nodes: &[&str]) -> Option<(std::sync::MutexGuard<'static, ()>, Rc<Cluster>)> {
+    if !netns::available() {
+        return None;
+    }
+    let guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Some((guard, Rc::new(Cluster::up(nodes))))
+}
+
+/// The C heat2d (MPICH), with `cryo` run in the cluster's head node.
+fn heat2d_case(cluster: &Rc<Cluster>) -> Case {
+    let mut case = Case::mpich(c_heat2d(Mpi::Mpich));
+    case.site = Site::Cluster(Rc::clone(cluster));
+    case
+}
+
+/// `text` without terminal colour sequences (`ESC [ ... m`).
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The nodes whose agents joined, in the order `cryo run` logged them.
+fn joined_nodes(log: &str) -> Vec<String> {
+    plain(log)
+        .lines()
+        .filter(|l| l.contains("agent.joined"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("node="))
+                .map(|n| n.trim_matches('"').to_owned())
+        })
+        .collect()
+}
+
+/// heat2d on 4 ranks on hosts n0 and n1: MPI crosses the bridge, the
+/// checkpoint commits, every process of the job is killed, and `cryo
+/// restart --hosts n2,n3,n4` finishes byte-identical to a run without cryo.
+#[test]
+fn heat2d_checkpointed_on_two_hosts_restarts_on_three_others() {
+    let Some((_guard, cluster)) = cluster(&["n0", "n1", "n2", "n3", "n4"]) else {
+        return;
+    };
+    let case = heat2d_case(&cluster);
+    case.reference(4);
+    let sent_before = cluster.tx_bytes("n0");
+    let job = case.start("heat", "n0:2,n1:2", 4, &[], 40);
+    wait_until("iteration 45", Duration::from_secs(90), || {
+        lines(&case.path("run.log")) >= 45
+    });
+    let out = case.checkpoint("heat");
+    assert!(
+        out.status.success() && output_text(&out).contains("epoch 1 committed"),
+        "cryo checkpoint failed: {}\n{}",
+        output_text(&out),
+        job.log_text()
+    );
+    let mut joined = joined_nodes(&job.log_text());
+    joined.sort();
+    assert_eq!(joined, ["n0", "n1"], "{}", job.log_text());
+    // Ranks 1 and 2 are halo neighbours on different hosts: their rows went
+    // over n0's eth0, not through shared memory.
+    let sent = cluster.tx_bytes("n0") - sent_before;
+    assert!(
+        sent > 45 * 8 * 96,
+        "n0 sent only {sent} bytes: MPI did not cross the network"
+    );
+    assert!(lines(&case.path("run.log")) < Heat2dFiles::ITERS);
+    for node in ["n0", "n1", netns::HEAD] {
+        cluster.kill_node(node);
+    }
+    drop(job);
+
+    let out = case.restart("heat", "n2,n3,n4", &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart on n2,n3,n4 failed: {said}");
+    assert!(
+        said.contains("restarting job \"heat\" from epoch 1"),
+        "{said}"
+    );
+    let mut joined = joined_nodes(&said);
+    joined.sort();
+    assert_eq!(joined, ["n2", "n3", "n4"], "{said}");
+    case.assert_matches_reference();
+}
+
+/// The state suite's `all` program (every open-file shape in one job), on
+/// 3 ranks on 2 hosts, checkpointed, killed, and restarted on 3 other
+/// hosts: the output folder is byte-identical to the reference's.
+#[test]
+fn open_file_state_survives_a_restart_on_other_hosts() {
+    let Some((_guard, cluster)) = cluster(&["n0", "n1", "n2", "n3", "n4"]) else {
+        return;
+    };
+    let case = state::Case::new("all").on(Site::Cluster(Rc::clone(&cluster)));
+    let survived = state::survives_on(
+        case,
+        "all",
+        state::ALL_ITERS,
+        3,
+        ("n0:2,n1:1", "n2,n3,n4"),
+        [&[], &[]],
+    );
+    let mut joined = joined_nodes(&survived.restart);
+    joined.sort();
+    assert_eq!(joined, ["n2", "n3", "n4"], "{}", survived.restart);
+}
