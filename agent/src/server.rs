@@ -472,7 +472,7 @@ impl Shared {
                     tracing::warn!(job = %job, rank, pid, epoch, reason = %reason, "rank.refused");
                     let _ = tx.send(RankEvent::Refused { epoch, reason });
                 }
-                Ok(RankToAgent::Goodbye) => break "finalized".to_owned(),
+                Ok(RankToAgent::Goodbye) => break cryo_core::protocol::RANK_FINALIZED.to_owned(),
                 Err(err) if err.is_disconnect() => break "disconnected".to_owned(),
                 Err(err) => break format!("protocol error: {err}"),
             }

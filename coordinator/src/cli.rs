@@ -247,6 +247,13 @@ pub struct LaunchArgs {
     /// Node-local scratch for agent sockets and logs.
     #[arg(long)]
     pub scratch: Option<PathBuf>,
+    /// Once every rank has called cryo_finalize, stop the MPI launcher if
+    /// it is still running SECS later, and count the job as finished: an
+    /// MPI library whose MPI_Finalize hangs (MPICH over UCX's TCP
+    /// transport, openucx/ucx#8738) then does not hold the allocation.
+    /// Default: wait for the launcher as long as it runs.
+    #[arg(long, value_name = "SECS", env = "CRYO_FINALIZE_TIMEOUT")]
+    pub finalize_timeout: Option<f64>,
 }
 
 /// Who starts the node agents.
@@ -647,6 +654,10 @@ fn run_options(
         restart_from,
         command,
         scratch,
+        finalize_timeout: launch
+            .finalize_timeout
+            .map(|s| seconds(s, "--finalize-timeout"))
+            .transpose()?,
     })
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use cryo_core::protocol::{
     write_message_as, AbortReason, AgentToCoordinator, CoordinatorToAgent, EpochProgress,
-    JobRequest, JobResponse, JobStatus, NodeStatus,
+    JobRequest, JobResponse, JobStatus, NodeStatus, RANK_FINALIZED,
 };
 use cryo_core::store::JobStore;
 
@@ -57,6 +57,10 @@ pub(crate) struct Coordinator {
     committer: Committer,
     /// The epoch whose commit is running.
     committing: Option<u64>,
+    /// Ranks that said goodbye (`cryo_finalize`).
+    finalized: BTreeSet<u32>,
+    /// When the last rank of the world said goodbye.
+    pub(crate) all_finalized_at: Option<Instant>,
 }
 
 impl Coordinator {
@@ -80,6 +84,8 @@ impl Coordinator {
             preempt_result: None,
             agent_step: None,
             committing: None,
+            finalized: BTreeSet::new(),
+            all_finalized_at: None,
             opts,
         }
     }
@@ -211,6 +217,12 @@ impl Coordinator {
             AgentToCoordinator::RankLeft { rank, why } => {
                 if let Some(agent) = self.agents.get_mut(node) {
                     agent.ranks.remove(&rank);
+                }
+                if why == RANK_FINALIZED && self.finalized.insert(rank) {
+                    let world = usize::try_from(self.opts.ranks).unwrap_or(usize::MAX);
+                    if self.finalized.len() == world {
+                        self.all_finalized_at = Some(now);
+                    }
                 }
                 if let Some(epoch) = self.epoch.as_mut() {
                     if epoch.phase == Phase::Quiescing && !epoch.copied.contains_key(&rank) {

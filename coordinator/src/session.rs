@@ -83,6 +83,9 @@ pub struct RunOptions {
     pub command: JobCommand,
     /// Node-local scratch (agent sockets and logs).
     pub scratch: PathBuf,
+    /// How long the launcher may run on after every rank said goodbye
+    /// (`cryo_finalize`) before it is stopped; `None`: as long as it runs.
+    pub finalize_timeout: Option<Duration>,
 }
 
 /// Who starts the node agents.
@@ -367,6 +370,26 @@ fn drive(
                 );
             }
             break exit_code_of(status);
+        }
+        if let (Some(timeout), Some(at)) = (c.opts.finalize_timeout, c.all_finalized_at) {
+            if at.elapsed() > timeout && c.epoch.is_none() && !c.is_committing() {
+                // Every rank finished its work and left cryo; the MPI
+                // library's teardown did not end (MPICH over UCX's TCP
+                // transport can hang in MPI_Finalize). A rank that died
+                // would have made the launcher end the job itself.
+                eprintln!(
+                    "cryo: every rank of job {} called cryo_finalize {:.0} s ago, but {launcher} is still running (stuck in MPI_Finalize?): stopping it (--finalize-timeout)",
+                    c.opts.job,
+                    at.elapsed().as_secs_f64()
+                );
+                tracing::warn!(job = %c.opts.job, waited_s = at.elapsed().as_secs(), "job.finalize_timeout");
+                stop_process_group(&mut job_child, Duration::from_secs(5));
+                eprintln!(
+                    "cryo: job {} finished (its launcher stopped after every rank finalized)",
+                    c.opts.job
+                );
+                break ExitCode::SUCCESS;
+            }
         }
         if GOT_INT.swap(false, Ordering::AcqRel) {
             eprintln!("cryo: interrupted; stopping the job without a checkpoint");

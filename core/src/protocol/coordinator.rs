@@ -61,6 +61,10 @@ impl Message for CoordinatorToAgent {
     }
 }
 
+/// `AgentToCoordinator::RankLeft::why` of a rank that said goodbye
+/// (`cryo_finalize`): the one value of that field that is not free text.
+pub const RANK_FINALIZED: &str = "finalized";
+
 /// Messages from a node agent to its job's coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentToCoordinator {
@@ -77,7 +81,8 @@ pub enum AgentToCoordinator {
     RankLeft {
         /// The rank.
         rank: u32,
-        /// Why.
+        /// Why: [`RANK_FINALIZED`] when it said goodbye (`cryo_finalize`),
+        /// else what the agent saw, for people.
         why: String,
     },
     /// A rank's memory was copied and it resumed.

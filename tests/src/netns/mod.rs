@@ -11,18 +11,20 @@
 //! * a UTS namespace per node, kept alive by a bind mount, so `hostname`
 //!   says the node's name;
 //! * a mount namespace per process entered (made by [`Cluster::command`] and
-//!   by the `enter` script): `/etc/hosts` lists the cluster's nodes, and
+//!   by the `enter` script): `/etc/hosts` lists the cluster's nodes,
 //!   `/tmp/cryo-<uid>` (where agents keep their node-local sockets) is the
-//!   node's own folder. Everything else, the store included, is shared,
-//!   like a cluster's parallel filesystem.
+//!   node's own folder, and `/proc/sys/kernel/random/boot_id` is the node's
+//!   own, as each real host has one. Everything else, the store included,
+//!   is shared, like a cluster's parallel filesystem.
 //!
 //! MPI crosses the bridge: `enter` is an ssh stand-in (`enter [-x] NODE
 //! COMMAND`) that MPICH's Hydra uses as its ssh launcher
 //! (`HYDRA_LAUNCHER=ssh`, `HYDRA_LAUNCHER_EXEC`), so Hydra's proxies and the
-//! ranks start inside their nodes. UCX would see one machine (one boot id)
-//! and use shared memory between namespaces, so [`Cluster::mpi_env`]
-//! restricts it to TCP (`UCX_TLS=tcp,self`): every byte between ranks then
-//! goes over `eth0` and the bridge, which [`Cluster::tx_bytes`] counts.
+//! ranks start inside their nodes. UCX tells hosts apart by their boot id:
+//! with one boot id for all it would pass messages between namespaces
+//! through shared memory. With a boot id per node it uses shared memory
+//! within a node and TCP between nodes, over `eth0` and the bridge, which
+//! [`Cluster::count_traffic`] measures.
 //!
 //! Faults are real packets ([`faults`]): a partition drops every packet
 //! between two nodes with nftables in one of them; loss and delay use tc
@@ -33,6 +35,8 @@
 //! died is removed by the next [`Cluster::up`].
 
 pub mod faults;
+
+pub use faults::Impairment;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -146,11 +150,13 @@ impl Cluster {
         );
         let dir = std::env::temp_dir().join(format!("{prefix}-cluster"));
         let _ = fs::remove_dir_all(&dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir.join("uts"))
-            .unwrap();
+        for sub in ["uts", "boot_id"] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir.join(sub))
+                .unwrap();
+        }
         let names: Vec<&str> = std::iter::once(HEAD).chain(nodes.iter().copied()).collect();
         let nodes: Vec<Node> = names
             .iter()
@@ -232,6 +238,11 @@ impl Cluster {
                 .mode(0o700)
                 .create(local_root.join(&node.name))
                 .unwrap();
+            fs::write(
+                self.boot_id_file(&node.name),
+                format!("{}\n", random_uuid()),
+            )
+            .unwrap();
             writeln!(hosts, "{} {}", node.addr, node.name).unwrap();
         }
         fs::write(self.dir.join("hosts"), hosts).unwrap();
@@ -249,14 +260,30 @@ impl Cluster {
              node=\"$1\"; shift\n\
              exec nsenter --net=/run/netns/{prefix}-\"$node\" --uts={dir}/uts/\"$node\" \\\n\
              \x20 unshare --mount --propagation private \\\n\
-             \x20 sh -c 'mount --bind {dir}/hosts /etc/hosts && mount --bind {dir}/local/'\"$node\"' {local} && exec sh -c \"$0\"' \"$*\"\n",
+             \x20 sh -c '{mounts} && exec sh -c \"$0\"' \"$*\"\n",
             prefix = self.prefix,
             dir = self.dir.display(),
-            local = node_local_root().display(),
+            mounts = self.mounts("'\"$node\"'"),
         );
         let enter = self.enter_script();
         fs::write(&enter, script).unwrap();
         fs::set_permissions(&enter, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// The shell commands that give a process entering `node` (a name, or
+    /// a shell expression for one) the node's own files.
+    fn mounts(&self, node: &str) -> String {
+        format!(
+            "mount --bind {dir}/hosts /etc/hosts && \
+             mount --bind {dir}/local/{node} {local} && \
+             mount --bind {dir}/boot_id/{node} /proc/sys/kernel/random/boot_id",
+            dir = self.dir.display(),
+            local = node_local_root().display(),
+        )
+    }
+
+    fn boot_id_file(&self, node: &str) -> PathBuf {
+        self.dir.join("boot_id").join(node)
     }
 
     fn uts_file(&self, node: &str) -> PathBuf {
@@ -289,12 +316,7 @@ impl Cluster {
         cmd.arg(format!("--net=/run/netns/{}", node.netns))
             .arg(format!("--uts={}", self.uts_file(&node.name).display()))
             .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!(
-                "mount --bind {dir}/hosts /etc/hosts && mount --bind {dir}/local/{name} {local} && exec \"$@\"",
-                dir = self.dir.display(),
-                name = node.name,
-                local = node_local_root().display()
-            ))
+            .arg(format!("{} && exec \"$@\"", self.mounts(&node.name)))
             .arg("enter")
             .arg(program);
         cmd
@@ -318,7 +340,7 @@ impl Cluster {
     }
 
     /// The environment under which MPICH's `mpiexec` (run in a node)
-    /// launches into the cluster's nodes and its ranks talk TCP.
+    /// launches into the cluster's nodes.
     pub fn mpi_env(&self) -> Vec<(String, String)> {
         vec![
             ("HYDRA_LAUNCHER".into(), "ssh".into()),
@@ -326,26 +348,58 @@ impl Cluster {
                 "HYDRA_LAUNCHER_EXEC".into(),
                 self.enter_script().display().to_string(),
             ),
-            ("UCX_TLS".into(), "tcp,self".into()),
         ]
     }
 
-    /// Bytes `node` has sent on `eth0`.
-    pub fn tx_bytes(&self, node: &str) -> u64 {
-        let ns = &self.node(node).netns;
-        run(
+    /// Starts counting the bytes `from` sends to `to` (an nftables counter
+    /// in `from`); [`Cluster::traffic`] reads it. Between two compute nodes
+    /// that is MPI's traffic alone: agents and launchers talk to the head.
+    pub fn count_traffic(&self, from: &str, to: &str) {
+        let to = self.node(to).addr.to_string();
+        let spec = "{ type filter hook output priority 0; policy accept; }";
+        assert!(
+            self.nft(from, &["add", "table", "inet", "cryo_count"])
+                && self.nft(from, &["add", "chain", "inet", "cryo_count", "out", spec])
+                && self.nft(
+                    from,
+                    &[
+                        "add",
+                        "rule",
+                        "inet",
+                        "cryo_count",
+                        "out",
+                        "ip",
+                        "daddr",
+                        &to,
+                        "counter"
+                    ]
+                ),
+            "nft counter in {from}"
+        );
+    }
+
+    /// Bytes counted since [`Cluster::count_traffic`] in `from`.
+    pub fn traffic(&self, from: &str) -> u64 {
+        let ns = &self.node(from).netns;
+        let listing = run(
             "ip",
             &[
                 "netns",
                 "exec",
                 ns,
-                "cat",
-                "/sys/class/net/eth0/statistics/tx_bytes",
+                "nft",
+                "list",
+                "table",
+                "inet",
+                "cryo_count",
             ],
-        )
-        .trim()
-        .parse()
-        .unwrap()
+        );
+        listing
+            .split_whitespace()
+            .skip_while(|w| *w != "bytes")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no byte counter in {listing}"))
     }
 
     /// The processes inside `node`'s network namespace.
@@ -375,6 +429,24 @@ impl Cluster {
         all.extend_from_slice(args);
         try_run("tc", &all)
     }
+}
+
+/// A random version-4 UUID, as the kernel writes boot ids.
+fn random_uuid() -> String {
+    let mut bytes = [0u8; 16];
+    let mut urandom = fs::File::open("/dev/urandom").unwrap();
+    std::io::Read::read_exact(&mut urandom, &mut bytes).unwrap();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// Where every node's private agent folder is mounted: `/tmp/cryo-<uid>`,
@@ -496,6 +568,11 @@ impl Site {
             Site::Cluster(cluster) => {
                 let mut cmd = cluster.wrap(HEAD, &command);
                 cmd.envs(cluster.mpi_env());
+                // Debian's MPICH over UCX's TCP transport hangs in
+                // MPI_Finalize about one run in ten (openucx/ucx#8738, also
+                // on one host without namespaces): the job's work is done
+                // by then, so its launcher is stopped.
+                cmd.env("CRYO_FINALIZE_TIMEOUT", "10");
                 cmd
             }
         }
