@@ -35,6 +35,7 @@
 //! died is removed by the next [`Cluster::up`].
 
 pub mod faults;
+pub mod slurm;
 
 pub use faults::Impairment;
 

@@ -1,0 +1,141 @@
+//! Slurm across namespace nodes (`cryo_tests::netns::slurm`): slurmctld in
+//! the head, one slurmd per node with its own name and address, cryo's
+//! SPANK plugin in every step. `sbatch -N 2` runs heat2d under `cryo run`
+//! on two nodes; an administrator drains them and preempts the job
+//! (`scancel --signal=USR1 --batch`, what Slurm sends before a preemption
+//! or the time limit): it checkpoints, requeues itself, resumes on the two
+//! other nodes, and finishes byte-identical to a run without cryo.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::fs;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use cryo_tests::heat2d::{built, repo_root, Heat2dFiles};
+use cryo_tests::netns::slurm::SlurmCluster;
+use cryo_tests::netns::{self, Cluster};
+use cryo_tests::{lines, output_text};
+
+/// Waits for job `id` to complete, letting each requeued start go as soon
+/// as the previous one is cleaned up instead of after Slurm's fixed hold
+/// for requeued jobs (about two minutes); returns how often it restarted.
+fn wait_done(slurm: &SlurmCluster, id: &str, out: &std::path::Path) -> u32 {
+    let start = Instant::now();
+    let mut pending_since: Option<(u32, Instant)> = None;
+    loop {
+        let state = slurm.job_field(id, "JobState");
+        let restarts: u32 = slurm.job_field(id, "Restarts").parse().unwrap_or(0);
+        if state == "PENDING" && pending_since.is_none_or(|(seen, _)| seen != restarts) {
+            pending_since = Some((restarts, Instant::now()));
+        }
+        let settled = pending_since.is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(5));
+        match state.as_str() {
+            "COMPLETED" => return restarts,
+            "PENDING" if restarts > 0 && settled => {
+                let _ = slurm
+                    .cmd("scontrol")
+                    .args(["update", &format!("JobId={id}"), "StartTime=now"])
+                    .output();
+            }
+            "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" => {
+                // A requeued job passes through an end state on its way
+                // back to PENDING.
+                std::thread::sleep(Duration::from_secs(3));
+                let again = slurm.job_field(id, "JobState");
+                let restarts_again: u32 = slurm.job_field(id, "Restarts").parse().unwrap_or(0);
+                assert!(
+                    again != state || restarts_again != restarts,
+                    "job {id} ended {state}; its output:\n{}\n{}",
+                    fs::read_to_string(out).unwrap_or_default(),
+                    slurm.logs()
+                );
+            }
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(240),
+            "job {id} not done after 4 min (state {state}); its output:\n{}\n{}",
+            fs::read_to_string(out).unwrap_or_default(),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
+    if !netns::available() {
+        return;
+    }
+    let cluster = Rc::new(Cluster::up(&["n0", "n1", "n2", "n3"]));
+    let slurm = SlurmCluster::up(
+        &cluster,
+        &["n0", "n1", "n2", "n3"],
+        Some(&built().join("libspank_cryo.so")),
+    );
+    let heat2d = built().join("heat2d");
+    let files = Heat2dFiles::new("cryo-nslurm-job-", &heat2d);
+    files.reference(&heat2d, 4);
+    let job_out = files.path("job.out");
+    let path = format!(
+        "{}:{}",
+        built().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = slurm
+        .cmd("sbatch")
+        .env("PATH", path)
+        .env("CRYO_LOG", "info")
+        // See cryo_tests::netns::Site: MPICH over UCX's TCP transport can
+        // hang in MPI_Finalize.
+        .env("CRYO_FINALIZE_TIMEOUT", "10")
+        .args(["--parsable", "--nodes=2", "--ntasks=4", "--overcommit"])
+        .arg(format!("--cryo={}", files.path("store").display()))
+        .arg(format!("--output={}", job_out.display()))
+        .arg(format!("--chdir={}", files.dir().display()))
+        .arg(repo_root().join("slurm/cryo.sbatch"))
+        .arg(&heat2d)
+        .args(files.app_args("run", 300))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sbatch failed: {}", output_text(&out));
+    let id = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let start = Instant::now();
+    while lines(&files.path("run.log")) < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the job did not reach iteration 20; its output:\n{}\n{}",
+            fs::read_to_string(&job_out).unwrap_or_default(),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let first = slurm.job_field(&id, "NodeList");
+    assert_eq!(first, "n[0-1]", "Slurm placed the job on {first}");
+    // The administrator drains the job's nodes and preempts it.
+    slurm.run(
+        "scontrol",
+        &[
+            "update",
+            "NodeName=n[0-1]",
+            "State=DRAIN",
+            "Reason=cryo-test",
+        ],
+    );
+    slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
+    let restarts = wait_done(&slurm, &id, &job_out);
+    let said = fs::read_to_string(&job_out).unwrap_or_default();
+    assert!(restarts >= 1, "the job was not requeued:\n{said}");
+    let second = slurm.job_field(&id, "NodeList");
+    assert_eq!(second, "n[2-3]", "the resumed job ran on {second}:\n{said}");
+    assert!(
+        said.contains("start 2 on n[2-3]") && said.contains("resuming"),
+        "{said}"
+    );
+    files.assert_matches_reference("run");
+}
