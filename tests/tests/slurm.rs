@@ -513,7 +513,7 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
     let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
-    assert!(log.contains("agent(s) as Slurm step"), "{log}");
+    assert!(log.contains("agent(s) as a step of Slurm srun"), "{log}");
     assert!(log.contains("resuming job"), "{log}");
     case.assert_identical();
     assert_no_stray_agent();
