@@ -23,6 +23,7 @@ use cryo_core::protocol::{
 
 pub mod heat2d;
 pub mod netns;
+pub mod slurm_jobs;
 pub mod state;
 pub mod trees;
 

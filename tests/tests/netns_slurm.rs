@@ -14,53 +14,8 @@ use std::time::{Duration, Instant};
 use cryo_tests::heat2d::{built, repo_root, Heat2dFiles};
 use cryo_tests::netns::slurm::SlurmCluster;
 use cryo_tests::netns::{self, Cluster};
+use cryo_tests::slurm_jobs::wait_done;
 use cryo_tests::{lines, output_text};
-
-/// Waits for job `id` to complete, letting each requeued start go as soon
-/// as the previous one is cleaned up instead of after Slurm's fixed hold
-/// for requeued jobs (about two minutes); returns how often it restarted.
-fn wait_done(slurm: &SlurmCluster, id: &str, out: &std::path::Path) -> u32 {
-    let start = Instant::now();
-    let mut pending_since: Option<(u32, Instant)> = None;
-    loop {
-        let state = slurm.job_field(id, "JobState");
-        let restarts: u32 = slurm.job_field(id, "Restarts").parse().unwrap_or(0);
-        if state == "PENDING" && pending_since.is_none_or(|(seen, _)| seen != restarts) {
-            pending_since = Some((restarts, Instant::now()));
-        }
-        let settled = pending_since.is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(5));
-        match state.as_str() {
-            "COMPLETED" => return restarts,
-            "PENDING" if restarts > 0 && settled => {
-                let _ = slurm
-                    .cmd("scontrol")
-                    .args(["update", &format!("JobId={id}"), "StartTime=now"])
-                    .output();
-            }
-            "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" => {
-                // A requeued job passes through an end state on its way
-                // back to PENDING.
-                std::thread::sleep(Duration::from_secs(3));
-                let again = slurm.job_field(id, "JobState");
-                let restarts_again: u32 = slurm.job_field(id, "Restarts").parse().unwrap_or(0);
-                assert!(
-                    again != state || restarts_again != restarts,
-                    "job {id} ended {state}; its output:\n{}\n{}",
-                    fs::read_to_string(out).unwrap_or_default(),
-                    slurm.logs()
-                );
-            }
-            _ => {}
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(240),
-            "job {id} not done after 4 min (state {state}); its output:\n{}\n{}",
-            fs::read_to_string(out).unwrap_or_default(),
-            slurm.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
 
 #[test]
 fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
@@ -128,7 +83,7 @@ fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
         ],
     );
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
-    let restarts = wait_done(&slurm, &id, &job_out);
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &job_out);
     let said = fs::read_to_string(&job_out).unwrap_or_default();
     assert!(restarts >= 1, "the job was not requeued:\n{said}");
     let second = slurm.job_field(&id, "NodeList");

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use cryo_tests::slurm_jobs::{wait_done, SlurmJobs};
 use cryo_tests::{build_packages, lines, output_text, Heat2dFiles};
 
 const RANKS: u32 = 4;
@@ -122,7 +123,9 @@ impl Slurm {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
 
+impl SlurmJobs for Slurm {
     /// `JobState` and `Restarts` from `scontrol show job`.
     fn job_state(&self, id: &str) -> (String, u32) {
         let out = self.run("scontrol", &["show", "job", id]);
@@ -135,9 +138,16 @@ impl Slurm {
         (field("JobState"), field("Restarts").parse().unwrap_or(0))
     }
 
+    fn release(&self, id: &str) {
+        let _ = self
+            .cmd("scontrol")
+            .args(["update", &format!("JobId={id}"), "StartTime=now"])
+            .output();
+    }
+
     /// Whether a slurmstepd of the job's previous start is still cleaning
     /// up: the next start reuses its step ids, so it must be gone first.
-    fn steps_alive(&self, id: &str) -> bool {
+    fn previous_start_alive(&self, id: &str) -> bool {
         Command::new("pgrep")
             .args(["-f", &format!("slurmstepd: \\[{id}\\.")])
             .stdout(Stdio::null())
@@ -145,50 +155,8 @@ impl Slurm {
             .is_ok_and(|s| s.success())
     }
 
-    /// Waits for the job to end, letting each requeued start go as soon as
-    /// the previous one has been cleaned up, instead of after Slurm's fixed
-    /// hold for requeued jobs (about two minutes). Returns how often it was
-    /// restarted.
-    fn wait_done(&self, id: &str, timeout: Duration, job_out: &Path) -> u32 {
-        let start = Instant::now();
-        let mut pending_since: Option<(u32, Instant)> = None;
-        loop {
-            let (state, restarts) = self.job_state(id);
-            if state == "PENDING" && pending_since.is_none_or(|(seen, _)| seen != restarts) {
-                pending_since = Some((restarts, Instant::now()));
-            }
-            // slurmd refuses a start within the second its previous
-            // credential was revoked ("Job credential revoked"): give it a
-            // few seconds, and the previous steps time to go.
-            let settled = pending_since.is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(5));
-            match state.as_str() {
-                "COMPLETED" => return restarts,
-                "PENDING" if restarts > 0 && settled && !self.steps_alive(id) => {
-                    let _ = self
-                        .cmd("scontrol")
-                        .args(["update", &format!("JobId={id}"), "StartTime=now"])
-                        .output();
-                }
-                "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" => {
-                    // A job requeued while its script ends passes through
-                    // an end state on its way back to PENDING.
-                    std::thread::sleep(Duration::from_secs(3));
-                    let (again, restarts_again) = self.job_state(id);
-                    assert!(
-                        again != state || restarts_again != restarts,
-                        "job {id} ended {state}; its output:\n{}",
-                        fs::read_to_string(job_out).unwrap_or_default()
-                    );
-                }
-                _ => {}
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "job {id} not done after {timeout:?} (state {state}); its output:\n{}",
-                fs::read_to_string(job_out).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+    fn logs(&self) -> String {
+        String::new()
     }
 }
 
@@ -327,7 +295,7 @@ fn usr1_checkpoints_requeues_and_resumes_identically() {
     let id = case.submit(&slurm, &[], 300);
     case.wait_for_iterations(20);
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
-    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let out = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{out}");
     assert!(
@@ -374,7 +342,7 @@ fn scontrol_requeue_resumes_from_the_last_interval_checkpoint() {
     }
     case.wait_for_iterations(30);
     slurm.run("scontrol", &["requeue", &id]);
-    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let out = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{out}");
     assert!(out.contains("resuming job"), "{out}");
@@ -391,7 +359,7 @@ fn time_limit_job_finishes_across_allocations() {
     };
     // 100 iterations of 700 ms cannot fit in one minute.
     let id = case.submit(&slurm, &["--time=1", "--signal=B:USR1@50"], 700);
-    let restarts = slurm.wait_done(&id, Duration::from_secs(420), &case.path("job.out"));
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(420), &case.path("job.out"));
     let out = case.job_out();
     assert!(restarts >= 1, "the job finished without a requeue:\n{out}");
     assert!(out.contains("checkpoint and requeue"), "{out}");
@@ -458,7 +426,7 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
         "{}",
         output_text(&out)
     );
-    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
     assert!(log.contains("requested (cryo preempt)"), "{log}");
@@ -510,7 +478,7 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
         .to_owned();
     case.wait_for_iterations(20);
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
-    let restarts = slurm.wait_done(&id, Duration::from_secs(240), &case.path("job.out"));
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
     assert!(log.contains("agent(s) as a step of Slurm srun"), "{log}");

@@ -191,6 +191,26 @@ impl SlurmCluster {
     }
 }
 
+impl crate::slurm_jobs::SlurmJobs for SlurmCluster {
+    fn job_state(&self, id: &str) -> (String, u32) {
+        (
+            self.job_field(id, "JobState"),
+            self.job_field(id, "Restarts").parse().unwrap_or(0),
+        )
+    }
+
+    fn release(&self, id: &str) {
+        let _ = self
+            .cmd("scontrol")
+            .args(["update", &format!("JobId={id}"), "StartTime=now"])
+            .output();
+    }
+
+    fn logs(&self) -> String {
+        SlurmCluster::logs(self)
+    }
+}
+
 impl Drop for SlurmCluster {
     fn drop(&mut self) {
         let _ = self

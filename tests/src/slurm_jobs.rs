@@ -1,0 +1,69 @@
+//! Waiting for a requeued Slurm job, shared by the single-node Slurm tests
+//! and the namespace cluster's.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What the wait needs to know of a Slurm cluster.
+pub trait SlurmJobs {
+    /// `scontrol show job ID`'s `JobState` and `Restarts`.
+    fn job_state(&self, id: &str) -> (String, u32);
+    /// Lets a pending job start now (`scontrol update JobId=ID
+    /// StartTime=now`).
+    fn release(&self, id: &str);
+    /// Whether a slurmstepd of the job's previous start is still cleaning
+    /// up (the next start reuses its step ids, so it must be gone first).
+    fn previous_start_alive(&self, _id: &str) -> bool {
+        false
+    }
+    /// The daemons' logs, for a failure's message.
+    fn logs(&self) -> String;
+}
+
+/// Waits for job `id` to complete, letting each requeued start go as soon
+/// as the previous one has been cleaned up instead of after Slurm's fixed
+/// hold for requeued jobs (about two minutes). Returns how often it was
+/// restarted; panics with the job's output (`job_out`) on failure or after
+/// `timeout`.
+pub fn wait_done(slurm: &impl SlurmJobs, id: &str, timeout: Duration, job_out: &Path) -> u32 {
+    let start = Instant::now();
+    let mut pending_since: Option<(u32, Instant)> = None;
+    let output = || fs::read_to_string(job_out).unwrap_or_default();
+    loop {
+        let (state, restarts) = slurm.job_state(id);
+        if state == "PENDING" && pending_since.is_none_or(|(seen, _)| seen != restarts) {
+            pending_since = Some((restarts, Instant::now()));
+        }
+        // slurmd refuses a start within the second its previous credential
+        // was revoked ("Job credential revoked"): give it a few seconds,
+        // and the previous steps time to go.
+        let settled = pending_since.is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(5));
+        match state.as_str() {
+            "COMPLETED" => return restarts,
+            "PENDING" if restarts > 0 && settled && !slurm.previous_start_alive(id) => {
+                slurm.release(id);
+            }
+            "FAILED" | "CANCELLED" | "TIMEOUT" | "NODE_FAIL" | "OUT_OF_MEMORY" => {
+                // A job requeued while its script ends passes through an
+                // end state on its way back to PENDING.
+                std::thread::sleep(Duration::from_secs(3));
+                let (again, restarts_again) = slurm.job_state(id);
+                assert!(
+                    again != state || restarts_again != restarts,
+                    "job {id} ended {state}; its output:\n{}\n{}",
+                    output(),
+                    slurm.logs()
+                );
+            }
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "job {id} not done after {timeout:?} (state {state}); its output:\n{}\n{}",
+            output(),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
