@@ -3,7 +3,10 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use crate::{output_text, Heat2dFiles};
 
 /// What the wait needs to know of a Slurm cluster.
 pub trait SlurmJobs {
@@ -66,4 +69,46 @@ pub fn wait_done(slurm: &impl SlurmJobs, id: &str, timeout: Duration, job_out: &
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// Submits the Rust heat2d with `slurm/cryo.sbatch` through `sbatch` (a
+/// command carrying the cluster's `SLURM_CONF` and any extra environment),
+/// with `files`' store, output and folder, then `options` (which override
+/// the template's `#SBATCH` lines); returns the job id.
+pub fn submit_heat2d(
+    mut sbatch: Command,
+    files: &Heat2dFiles,
+    options: &[&str],
+    step_ms: u32,
+) -> String {
+    let built = crate::heat2d::built();
+    let path = format!(
+        "{}:{}",
+        built.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = sbatch
+        .env("PATH", path)
+        .env("CRYO_LOG", "info")
+        .arg("--parsable")
+        .arg(format!("--cryo={}", files.path("store").display()))
+        .arg(format!("--output={}", files.path("job.out").display()))
+        .arg(format!("--chdir={}", files.dir().display()))
+        .args(options)
+        .arg(crate::heat2d::repo_root().join("slurm/cryo.sbatch"))
+        .arg(built.join("heat2d"))
+        .args(files.app_args("run", step_ms))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sbatch failed:\n{}",
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned()
 }

@@ -11,11 +11,11 @@ use std::fs;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use cryo_tests::heat2d::{built, repo_root, Heat2dFiles};
+use cryo_tests::heat2d::{built, Heat2dFiles};
+use cryo_tests::lines;
 use cryo_tests::netns::slurm::SlurmCluster;
 use cryo_tests::netns::{self, Cluster};
-use cryo_tests::slurm_jobs::wait_done;
-use cryo_tests::{lines, output_text};
+use cryo_tests::slurm_jobs::{submit_heat2d, wait_done};
 
 #[test]
 fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
@@ -32,34 +32,16 @@ fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
     let files = Heat2dFiles::new("cryo-nslurm-job-", &heat2d);
     files.reference(&heat2d, 4);
     let job_out = files.path("job.out");
-    let path = format!(
-        "{}:{}",
-        built().display(),
-        std::env::var("PATH").unwrap_or_default()
+    let mut sbatch = slurm.cmd("sbatch");
+    // See cryo_tests::netns::Site: MPICH over UCX's TCP transport can hang
+    // in MPI_Finalize.
+    sbatch.env("CRYO_FINALIZE_TIMEOUT", "10");
+    let id = submit_heat2d(
+        sbatch,
+        &files,
+        &["--nodes=2", "--ntasks=4", "--overcommit"],
+        300,
     );
-    let out = slurm
-        .cmd("sbatch")
-        .env("PATH", path)
-        .env("CRYO_LOG", "info")
-        // See cryo_tests::netns::Site: MPICH over UCX's TCP transport can
-        // hang in MPI_Finalize.
-        .env("CRYO_FINALIZE_TIMEOUT", "10")
-        .args(["--parsable", "--nodes=2", "--ntasks=4", "--overcommit"])
-        .arg(format!("--cryo={}", files.path("store").display()))
-        .arg(format!("--output={}", job_out.display()))
-        .arg(format!("--chdir={}", files.dir().display()))
-        .arg(repo_root().join("slurm/cryo.sbatch"))
-        .arg(&heat2d)
-        .args(files.app_args("run", 300))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "sbatch failed: {}", output_text(&out));
-    let id = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
     let start = Instant::now();
     while lines(&files.path("run.log")) < 20 {
         assert!(

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryo_tests::slurm_jobs::{wait_done, SlurmJobs};
+use cryo_tests::slurm_jobs::{submit_heat2d, wait_done, SlurmJobs};
 use cryo_tests::{build_packages, lines, output_text, Heat2dFiles};
 
 const RANKS: u32 = 4;
@@ -212,38 +212,12 @@ impl Case {
         step_ms: u32,
         env: &[(&str, &str)],
     ) -> String {
-        let path = format!(
-            "{}:{}",
-            built().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let out = slurm
-            .cmd("sbatch")
-            .env("PATH", path)
-            .env("CRYO_LOG", "info")
-            .envs(env.iter().copied())
-            .arg("--parsable")
-            .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
-            .arg(format!("--cryo={}", self.path("store").display()))
-            .arg(format!("--output={}", self.path("job.out").display()))
-            .arg(format!("--chdir={}", self.files.dir().display()))
-            .args(options)
-            .arg(root().join("slurm/cryo.sbatch"))
-            .arg(built().join("heat2d"))
-            .args(self.app_args("run", step_ms))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "sbatch failed:\n{}",
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .split(';')
-            .next()
-            .unwrap()
-            .to_owned()
+        let ranks = format!("--ntasks={RANKS}");
+        let mut all = vec!["--nodes=1", ranks.as_str(), "--overcommit"];
+        all.extend_from_slice(options);
+        let mut sbatch = slurm.cmd("sbatch");
+        sbatch.envs(env.iter().copied());
+        submit_heat2d(sbatch, &self.files, &all, step_ms)
     }
 
     fn job_out(&self) -> String {
