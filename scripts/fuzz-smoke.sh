@@ -20,5 +20,20 @@ for target in $(cargo +nightly fuzz list); do
   corpus=(corpus/"$target")
   mkdir -p "corpus/$target"
   [ -d "seeds/$target" ] && corpus+=("seeds/$target")
-  cargo +nightly fuzz run "$target" "${corpus[@]}" -- -runs="$runs" -max_len=4096 2>&1 | tail -n 2
+  log="$(mktemp /tmp/cryo-fuzz.XXXXXX)"
+  if ! cargo +nightly fuzz run "$target" "${corpus[@]}" -- -runs="$runs" -max_len=4096 >"$log" 2>&1; then
+    # The whole reason, and the input that failed, so it can be replayed
+    # with `cargo +nightly fuzz run <target> <file>`.
+    grep -v '^#[0-9]' "$log" | tail -n 60
+    for crash in artifacts/"$target"/*; do
+      [ -f "$crash" ] || continue
+      echo "==> fuzz $target: failing input $crash (base64):"
+      base64 "$crash"
+    done
+    echo "==> fuzz $target: FAILED"
+    df -h . | tail -n 1
+    exit 1
+  fi
+  tail -n 1 "$log"
+  rm -f "$log"
 done

@@ -6,6 +6,8 @@ source "$(dirname "$0")/common.sh"
 bash "$ROOT/scripts/install-deps.sh"
 source "$ROOT/scripts/common.sh"
 cd "$ROOT"
+# One build from a clean tree: incremental state would only cost disk.
+export CARGO_INCREMENTAL=0
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

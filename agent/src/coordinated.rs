@@ -216,6 +216,29 @@ impl Shared {
             detail: why.to_owned(),
         });
         self.early_cv.notify_all();
+        self.end_if_orphaned();
+    }
+
+    /// Ends the agent once it has neither a coordinator nor a rank: nothing
+    /// can reach it for a checkpoint any more, and left running it would
+    /// keep its launcher step (and the job's allocation) from ending.
+    pub(crate) fn end_if_orphaned(&self) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        if link.is_connected()
+            || self.shutdown.load(Ordering::Acquire)
+            || !lock(&self.ranks).is_empty()
+        {
+            return;
+        }
+        tracing::warn!(
+            job = %self.config.job,
+            node = %self.config.node,
+            coordinator = %link.addr(),
+            "agent.orphaned"
+        );
+        self.begin_shutdown();
     }
 
     /// `Shutdown` from the coordinator: abort, stop accepting, let `serve`

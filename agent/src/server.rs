@@ -488,6 +488,7 @@ impl Shared {
                 link.send(&AgentToCoordinator::RankLeft { rank, why });
             }
         }
+        self.end_if_orphaned();
     }
 
     /// A rank parked. Forwarded to the epoch in progress if it is for that

@@ -159,6 +159,14 @@ pub(crate) fn stop_process_group(child: &mut Child, grace: Duration) -> Option<E
     child.wait().ok()
 }
 
+/// Kills a launcher and everything in its process group at once, without
+/// the grace period that lets it write about the kill.
+pub(crate) fn kill_process_group(child: &mut Child) -> Option<ExitStatus> {
+    let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let _ = signal::killpg(pgid, Signal::SIGKILL);
+    child.wait().ok()
+}
+
 fn exit_code_of(status: ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -383,7 +391,11 @@ fn drive(
                     at.elapsed().as_secs_f64()
                 );
                 tracing::warn!(job = %c.opts.job, waited_s = at.elapsed().as_secs(), "job.finalize_timeout");
-                stop_process_group(&mut job_child, Duration::from_secs(5));
+                // SIGKILL, not SIGTERM: a launcher given time to react reports
+                // its ranks' deaths on the job's own stdout (Hydra's "BAD
+                // TERMINATION" banner) after output that finished cleanly.
+                // Remote proxies exit when their launcher connection closes.
+                kill_process_group(&mut job_child);
                 eprintln!(
                     "cryo: job {} finished (its launcher stopped after every rank finalized)",
                     c.opts.job

@@ -127,6 +127,11 @@ pub fn built() -> PathBuf {
     build_packages(&["cryo-coordinator", "cryo-agent", "cryo-heat2d", "cryo-rank"])
 }
 
+/// Builds the SPANK plugin once and returns its path.
+pub fn spank_plugin() -> PathBuf {
+    build_packages(&["cryo-slurm"]).join("libspank_cryo.so")
+}
+
 /// Builds the Open MPI flavour, `libcryo_rank_openmpi.so` and `.a`, with
 /// `scripts/build-openmpi.sh` into this target directory, once per test
 /// process, and returns the folder holding it (that of the other binaries).
@@ -166,11 +171,26 @@ pub fn repo_root() -> PathBuf {
 /// Compiles `examples/c/heat2d.c` with `mpi`'s compiler wrapper against the
 /// libcryo_rank flavour `lib` (an `-l` name) in `lib_dir`, into `out`.
 pub fn compile_c_heat2d(mpi: Mpi, lib_dir: &Path, lib: &str, out: &Path) -> Output {
+    compile_c(mpi, "examples/c/heat2d.c", lib_dir, lib, out)
+}
+
+/// Compiles the C MPI program `source` (relative to the repository) with
+/// MPICH against libcryo_rank into `out`; panics if it does not compile.
+pub fn compile_mpich_program(source: &str, out: &Path) {
+    let compiled = compile_c(Mpi::Mpich, source, &built(), Mpi::Mpich.rank_lib(), out);
+    assert!(
+        compiled.status.success(),
+        "compiling {source}: {}",
+        output_text(&compiled)
+    );
+}
+
+fn compile_c(mpi: Mpi, source: &str, lib_dir: &Path, lib: &str, out: &Path) -> Output {
     let root = repo_root();
     Command::new(mpi.mpicc())
         .args(["-O2", "-Wall", "-Werror", "-o"])
         .arg(out)
-        .arg(root.join("examples/c/heat2d.c"))
+        .arg(root.join(source))
         .arg("-I")
         .arg(root.join("rank/include"))
         .arg("-L")

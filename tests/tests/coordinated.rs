@@ -636,7 +636,7 @@ fn lost_coordinator_aborts_the_epoch_and_the_job_computes_on() {
     let coord = FakeCoordinator::new("lost");
     // The rank is held parked for 3 s after its copy, so the link is always
     // cut while the epoch is in progress.
-    let (agent, mut link) = coordinated_agent_with_env(
+    let (mut agent, mut link) = coordinated_agent_with_env(
         &setup,
         &coord,
         &["--copy-budget", "4MiB"],
@@ -681,6 +681,29 @@ fn lost_coordinator_aborts_the_epoch_and_the_job_computes_on() {
     assert!(status.success(), "{}", Rank::stderr(&files));
     assert_same_file(&files.log, &reference.log);
     assert_same_file(&files.final_state, &reference.final_state);
+    // With neither its coordinator nor a rank left, the agent ends.
+    let status = agent.wait_exit(WAIT);
+    assert!(status.success(), "{status}: {}", agent.log_text());
+    assert!(agent.log_text().contains("agent.orphaned"));
+}
+
+#[test]
+fn an_agent_ends_when_its_coordinator_is_gone_and_its_last_rank_left() {
+    let setup = setup();
+    let coord = FakeCoordinator::new("orphan");
+    let (mut agent, link) = coordinated_agent(&setup, &coord, &["--copy-budget", "16MiB"]);
+    let rank = FakeRank::register(&agent, &coord.token);
+    link.cut();
+    wait_logged(&agent, &["coordinator.lost", &coord.addr]);
+    // A rank still computes: the agent stays for it.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.is_running(), "{}", agent.log_text());
+    assert!(agent.socket.exists());
+    drop(rank);
+    let status = agent.wait_exit(WAIT);
+    assert!(status.success(), "{status}: {}", agent.log_text());
+    assert!(agent.log_text().contains("agent.orphaned"));
+    assert!(!agent.socket.exists());
 }
 
 #[test]

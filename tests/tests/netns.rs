@@ -8,13 +8,19 @@
 //! root; `CRYO_SKIP_NETNS=1` skips them knowingly where there is none.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cryo_tests::heat2d::{c_heat2d, Case, Heat2dFiles, Mpi};
+use cryo_tests::heat2d::{built, c_heat2d, compile_mpich_program, Case, Heat2dFiles, Mpi};
 use cryo_tests::netns::{self, Cluster, Site};
 use cryo_tests::{lines, output_text, state, wait_until};
+
+/// How long the ranks, proxies and agents of a finished job may take to
+/// end on their hosts (a launcher stopped by `--finalize-timeout` leaves
+/// its remote proxies to notice the lost connection).
+const LEFTOVER_GRACE: Duration = Duration::from_secs(20);
 
 /// One cluster at a time: the machine has two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -118,6 +124,7 @@ fn heat2d_checkpointed_on_two_hosts_restarts_on_three_others() {
     joined.sort();
     assert_eq!(joined, ["n2", "n3", "n4"], "{said}");
     case.assert_matches_reference();
+    cluster.assert_nothing_left(&["n2", "n3", "n4", netns::HEAD], LEFTOVER_GRACE);
 }
 
 /// The state suite's `all` program (every open-file shape in one job), on
@@ -140,6 +147,43 @@ fn open_file_state_survives_a_restart_on_other_hosts() {
     let mut joined = joined_nodes(&survived.restart);
     joined.sort();
     assert_eq!(joined, ["n2", "n3", "n4"], "{}", survived.restart);
+    cluster.assert_nothing_left(&["n2", "n3", "n4", netns::HEAD], LEFTOVER_GRACE);
+}
+
+/// A job stuck in `MPI_Finalize` on two hosts: `--finalize-timeout` stops
+/// its launcher, the job's output ends with its own lines, and nothing of
+/// it (ranks, proxies, agents) is left on either host.
+#[test]
+fn a_job_stuck_in_finalize_on_two_hosts_leaves_nothing_behind() {
+    let Some((_guard, cluster)) = cluster(&["n0", "n1"]) else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-netns-finalize-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("hangs_in_finalize");
+    compile_mpich_program("tests/programs/hangs_in_finalize.c", &program);
+    let mut run = Command::new(built().join("cryo"));
+    run.env("CRYO_STORE", dir.path().join("store"))
+        .args(["run", "--job", "fin", "--hosts", "n0:1,n1:1", "-n", "2"])
+        .args(["--finalize-timeout", "2", "--scratch"])
+        .arg(dir.path().join("scratch"))
+        .arg("--")
+        .arg(&program)
+        .current_dir(dir.path())
+        .stdin(Stdio::null());
+    let out = Site::Cluster(Rc::clone(&cluster))
+        .cryo(run)
+        .output()
+        .unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<&str> = stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["rank 0 done", "rank 1 done"], "{said}");
+    cluster.assert_nothing_left(&["n0", "n1", netns::HEAD], LEFTOVER_GRACE);
 }
 
 /// Not a test: brings a cluster up and holds it for `CRYO_NETNS_HOLD`

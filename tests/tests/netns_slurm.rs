@@ -11,7 +11,7 @@ use std::fs;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use cryo_tests::heat2d::{built, Heat2dFiles};
+use cryo_tests::heat2d::{built, spank_plugin, Heat2dFiles};
 use cryo_tests::lines;
 use cryo_tests::netns::slurm::SlurmCluster;
 use cryo_tests::netns::{self, Cluster};
@@ -23,11 +23,7 @@ fn a_preempted_two_node_job_resumes_on_two_other_nodes() {
         return;
     }
     let cluster = Rc::new(Cluster::up(&["n0", "n1", "n2", "n3"]));
-    let slurm = SlurmCluster::up(
-        &cluster,
-        &["n0", "n1", "n2", "n3"],
-        Some(&built().join("libspank_cryo.so")),
-    );
+    let slurm = SlurmCluster::up(&cluster, &["n0", "n1", "n2", "n3"], Some(&spank_plugin()));
     let heat2d = built().join("heat2d");
     let files = Heat2dFiles::new("cryo-nslurm-job-", &heat2d);
     files.reference(&heat2d, 4);

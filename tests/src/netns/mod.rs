@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -256,10 +256,12 @@ impl Cluster {
         let script = format!(
             "#!/bin/sh\n\
              # ssh stand-in for MPICH's Hydra: enter [-opts] NODE COMMAND...\n\
-             # runs COMMAND (one shell string, as ssh passes it) in NODE's namespaces.\n\
+             # runs COMMAND (one shell string, as ssh passes it) in NODE's namespaces,\n\
+             # in a session of its own as sshd would: a signal to the caller's\n\
+             # process group reaches this script, not the remote command.\n\
              while [ \"${{1#-}}\" != \"$1\" ]; do shift; done\n\
              node=\"$1\"; shift\n\
-             exec nsenter --net=/run/netns/{prefix}-\"$node\" --uts={dir}/uts/\"$node\" \\\n\
+             exec setsid -w nsenter --net=/run/netns/{prefix}-\"$node\" --uts={dir}/uts/\"$node\" \\\n\
              \x20 unshare --mount --propagation private \\\n\
              \x20 sh -c '{mounts} && exec sh -c \"$0\"' \"$*\"\n",
             prefix = self.prefix,
@@ -408,6 +410,32 @@ impl Cluster {
         netns_pids(&self.node(node).netns)
     }
 
+    /// Panics unless every process on `nodes` has ended within `within`:
+    /// a finished job leaves nothing behind on the hosts it ran on.
+    pub fn assert_nothing_left(&self, nodes: &[&str], within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let left: Vec<String> = nodes
+                .iter()
+                .flat_map(|node| {
+                    self.pids(node)
+                        .into_iter()
+                        .map(move |pid| format!("{node}: {}", process_line(pid)))
+                })
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes left {:.0} s after the job ended:\n{}",
+                within.as_secs_f64(),
+                left.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Kills every process inside `node` (SIGKILL), like a node losing
     /// power, and waits until none is left.
     pub fn kill_node(&self, node: &str) {
@@ -454,6 +482,13 @@ fn random_uuid() -> String {
 /// the folder of the agents' node-local sockets.
 fn node_local_root() -> PathBuf {
     PathBuf::from(format!("/tmp/cryo-{}", nix::unistd::getuid()))
+}
+
+/// `pid` and its command line, for a message.
+fn process_line(pid: Pid) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    format!("{pid} {}", cmdline.trim_end())
 }
 
 fn netns_pids(ns: &str) -> Vec<Pid> {
