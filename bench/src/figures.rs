@@ -24,6 +24,15 @@ pub struct IncrementalRun {
     pub stored_bytes: u64,
 }
 
+/// One restart with a set number of restore threads.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ThreadsRestart {
+    /// `CRYO_RESTORE_THREADS`.
+    pub threads: usize,
+    /// Process start to every region restored.
+    pub restart_ns: u64,
+}
+
 /// The figures of one configuration, all measured in the same run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentRun {
@@ -62,6 +71,10 @@ pub struct AgentRun {
     /// compression does) and read back into fresh memory, in the same run.
     #[serde(default)]
     pub raw_image_ns: Option<u64>,
+    /// The restart again with each count of restore threads
+    /// (`CRYO_RESTORE_THREADS`), page cache as warm as for `restart_ns`.
+    #[serde(default)]
+    pub restart_by_threads: Vec<ThreadsRestart>,
     /// Agent CPU seconds during the checkpoint (0 in suite reports made
     /// before the suite kept it).
     #[serde(default)]

@@ -8,6 +8,8 @@
 //!   format 2, counted (`cryo-bench store`).
 //! * [`agent`]: checkpoint and restart of real ranks by a real agent
 //!   (`cryo-bench agent`).
+//! * [`start`]: a job's start and end under `cryo run` against its
+//!   launcher alone (`cryo-bench start`).
 //! * [`figures`]: one configuration's figures, as the agent driver writes
 //!   them and the suite reports them.
 //! * [`plot`]: the suite's SVG.
@@ -21,6 +23,7 @@
 pub mod agent;
 pub mod figures;
 pub mod plot;
+pub mod start;
 pub mod store;
 pub mod store_ops;
 pub mod suite;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryo_bench::agent::{self, AgentBenchArgs};
+use cryo_bench::start::{render_start, run_start_bench, StartArgs};
 use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
 use cryo_bench::store_ops::{render_ops, run_ops};
 use cryo_bench::suite::{self, SuiteArgs};
@@ -30,6 +31,8 @@ enum Command {
     Store(StoreArgs),
     /// Checkpoint and restart of example ranks by a real agent.
     Agent(Box<AgentBenchArgs>),
+    /// A job's start and end under `cryo run` against its launcher alone.
+    Start(StartArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Some(Command::Agent(args)) => agent::run(&args).context("the agent benchmark")?,
+        Some(Command::Start(args)) => {
+            let report = run_start_bench(&args).context("the start benchmark")?;
+            print!("{}", render_start(&report));
+        }
     }
     Ok(())
 }

@@ -51,6 +51,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
   CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
+  CRYO_RESTORE_THREADS=N threads each restarting rank decodes with (default: one per core);
+                         lower it when many ranks share a node's cores
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when

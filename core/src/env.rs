@@ -37,6 +37,9 @@ pub const ENV_SCRATCH: &str = "CRYO_SCRATCH";
 pub const ENV_FD_FLOOR: &str = "CRYO_FD_FLOOR";
 /// Slack of the MPI quiesce agreement, in safe points.
 pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
+/// Threads a restarting rank decodes its regions with (default: one per
+/// core; see `rank/src/restore_threads.rs`).
+pub const ENV_RESTORE_THREADS: &str = "CRYO_RESTORE_THREADS";
 /// The libcryo_rank the Python package loads: the library, or the folder
 /// holding the flavour of mpi4py's MPI (read by `python/cryo/_lib.py`).
 pub const ENV_RANK_LIB: &str = "CRYO_RANK_LIB";

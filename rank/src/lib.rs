@@ -29,6 +29,7 @@ mod park;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
 mod regions;
+mod restore_threads;
 mod runtime;
 
 use std::sync::atomic::Ordering;

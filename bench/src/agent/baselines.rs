@@ -6,7 +6,8 @@ use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-pub(super) fn memcpy_ns(bytes: usize) -> u64 {
+/// A single-threaded memcpy of `bytes` into warm memory, best of three.
+pub(crate) fn memcpy_ns(bytes: usize) -> u64 {
     let src: Vec<u8> = (0..bytes)
         .map(|i| i.to_le_bytes()[0].wrapping_mul(31))
         .collect();

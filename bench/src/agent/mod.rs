@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use cryo_agent::client::{self, ClientError};
 use cryo_agent::units::{format_bytes, parse_bytes};
+use cryo_core::env::ENV_RESTORE_THREADS;
 use cryo_core::format::chunk::ChunkEncodeError;
 use cryo_core::format::limits::DEFAULT_CHUNK_SIZE;
 use cryo_core::protocol::{
@@ -40,14 +41,16 @@ use cryo_core::store::reader::StreamError;
 use cryo_core::store::{LoadError, Store, StoreError};
 use thiserror::Error;
 
-use crate::figures::{AgentRun, IncrementalRun};
+use crate::figures::{AgentRun, IncrementalRun, ThreadsRestart};
 
-mod baselines;
+pub(crate) mod baselines;
 mod print;
+mod restart;
 mod stages;
 
 use baselines::{memcpy_ns, raw_image_ns};
 use print::print_result;
+use restart::restart;
 use stages::stages;
 
 /// The block `cryo-counter` changes per step.
@@ -105,6 +108,10 @@ pub struct AgentBenchArgs {
     /// checkpoint (0 skips it).
     #[arg(long, default_value_t = 0.05)]
     pub changed: f64,
+    /// Restart again with each of these counts of restore threads
+    /// (`CRYO_RESTORE_THREADS`), to show how the restart scales with cores.
+    #[arg(long, value_delimiter = ',')]
+    pub restore_threads: Vec<usize>,
 }
 
 /// The agent benchmark failed.
@@ -223,6 +230,7 @@ struct Config<'a> {
     state_kind: &'a str,
     pause_samples: u32,
     changed: f64,
+    restore_threads: &'a [usize],
 }
 
 /// The chunk size the agent runs with.
@@ -232,7 +240,12 @@ fn chunk_bytes(cfg: &Config<'_>) -> Result<u64, AgentBenchError> {
     })
 }
 
-fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child, AgentBenchError> {
+fn spawn_rank(
+    cfg: &Config<'_>,
+    socket: &Path,
+    rank: u32,
+    restore_threads: Option<usize>,
+) -> Result<Child, AgentBenchError> {
     let tag = format!("p{}-s{}-r{rank}", cfg.procs, cfg.size >> 20);
     let mut command = Command::new(cfg.counter);
     // The ranks change only `changed` of their chunks, spread evenly over the
@@ -245,6 +258,9 @@ fn spawn_rank(cfg: &Config<'_>, socket: &Path, rank: u32) -> Result<Child, Agent
             .arg(cfg.changed.min(1.0).to_string())
             .arg("--change-unit-kib")
             .arg((chunk_bytes(cfg)? >> 10).to_string());
+    }
+    if let Some(threads) = restore_threads {
+        command.env(ENV_RESTORE_THREADS, threads.to_string());
     }
     let err = cfg.dir.join(format!("{tag}.err"));
     command
@@ -347,7 +363,7 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
         },
     )?;
     for rank in 0..cfg.procs {
-        children.0.push(spawn_rank(cfg, &socket, rank)?);
+        children.0.push(spawn_rank(cfg, &socket, rank, None)?);
     }
     let logs: Vec<PathBuf> = (0..cfg.procs)
         .map(|r| {
@@ -472,47 +488,16 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
         None
     };
 
-    // Restart: kill -9, arm, start again, time until every rank restored.
-    for child in children.0.iter_mut().skip(1) {
-        let _ = child.kill();
-        let _ = child.wait();
+    // Restart: kill -9, arm, start again, time until every rank restored;
+    // then again with each count of restore threads asked for.
+    let restart_ns = restart(cfg, &socket, &mut children, restart_epoch, None)?;
+    let mut restart_by_threads = Vec::new();
+    for &threads in cfg.restore_threads {
+        restart_by_threads.push(ThreadsRestart {
+            threads,
+            restart_ns: restart(cfg, &socket, &mut children, restart_epoch, Some(threads))?,
+        });
     }
-    children.0.truncate(1);
-    wait_until("the ranks to leave", Duration::from_secs(30), || {
-        Ok(status(&socket)?.ranks.is_empty())
-    })?;
-    match client::request(
-        &socket,
-        &ControlRequest::ArmRestart {
-            epoch: Some(restart_epoch),
-        },
-    )? {
-        ControlResponse::RestartArmed { .. } => {}
-        other => {
-            return Err(AgentBenchError::Answer {
-                what: "arming the restart",
-                answer: format!("{other:?}"),
-            })
-        }
-    }
-    let errs: Vec<PathBuf> = (0..cfg.procs)
-        .map(|r| {
-            cfg.dir
-                .join(format!("p{}-s{}-r{r}.err", cfg.procs, cfg.size >> 20))
-        })
-        .collect();
-    let t = Instant::now();
-    for rank in 0..cfg.procs {
-        children.0.push(spawn_rank(cfg, &socket, rank)?);
-    }
-    wait_until("every rank to restart", Duration::from_secs(600), || {
-        Ok(errs.iter().all(|e| {
-            fs::read_to_string(e)
-                .map(|t| t.contains("restarted from epoch"))
-                .unwrap_or(false)
-        }))
-    })?;
-    let restart_ns = t.elapsed().as_nanos();
     drop(children);
     let raw_image_ns = raw_image_ns(cfg.dir, report.stats.raw_bytes)
         .inspect_err(|err| eprintln!("raw-image baseline skipped: {err}"))
@@ -544,8 +529,9 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
         resumed_ns: report.resumed_ns,
         zstd_ns,
         zstd_d_ns,
-        restart_ns: u64::try_from(restart_ns).unwrap_or(u64::MAX),
+        restart_ns,
         raw_image_ns,
+        restart_by_threads,
         agent_cpu_s: agent_cpu,
         raw_bytes: report.stats.raw_bytes,
         stored_bytes: report.stats.new_stored_bytes,
@@ -634,6 +620,7 @@ pub fn run(args: &AgentBenchArgs) -> Result<(), AgentBenchError> {
                 state_kind: &args.state_kind,
                 pause_samples: args.pause_samples.max(1),
                 changed: args.changed,
+                restore_threads: &args.restore_threads,
             })
             .map_err(|source| AgentBenchError::Config {
                 procs,

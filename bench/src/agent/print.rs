@@ -89,6 +89,17 @@ pub(super) fn print_result(r: &AgentRun) {
             r.restart_ns as f64 / raw.max(1) as f64
         );
     }
+    for t in &r.restart_by_threads {
+        println!(
+            "  restart with {} restore thread(s): {:.1} ms{}",
+            t.threads,
+            ms(t.restart_ns),
+            r.raw_image_ns.map_or(String::new(), |raw| format!(
+                "; / raw image {:.2}x",
+                t.restart_ns as f64 / raw.max(1) as f64
+            ))
+        );
+    }
     if r.pause_samples_ns.len() > 1 {
         println!(
             "  pause samples (worst rank, full checkpoints): {:?} ms; the smallest is reported",

@@ -27,6 +27,7 @@ use thiserror::Error;
 use crate::plot::PlotError;
 use crate::store::{run_store_bench, StoreBenchOptions};
 
+mod points;
 mod render;
 mod report;
 mod steps;
@@ -57,7 +58,7 @@ pub struct SuiteArgs {
     #[arg(long, value_parser = human::parse_size)]
     pub rank_size: Option<u64>,
     /// Rank counts for the MPI quiesce figures (skipped without `mpiexec`).
-    /// Default: 2 with --quick, else 2,4,8,16.
+    /// Default: 2 with --quick, else 2,4,8,16,32,64.
     #[arg(long, value_delimiter = ',')]
     pub quiesce_ranks: Vec<u32>,
     /// Where the report, JSON and SVG go.
@@ -77,11 +78,19 @@ pub struct SuiteArgs {
     /// Skip the MPI quiesce figures.
     #[arg(long)]
     pub no_quiesce: bool,
+    /// Only the MPI figures (safe point and quiesce): skip the size and
+    /// rank sweeps of the agent and the store.
+    #[arg(long, conflicts_with = "no_quiesce")]
+    pub only_quiesce: bool,
     /// `CRYO_QUIESCE_SLACK` for the MPI quiesce figures: `auto` (the
     /// runtime's default: 20 ms worth of safe points, at least 12) or a
     /// fixed number of safe points a rank may run past joining an agreement.
     #[arg(long, default_value = "auto")]
     pub quiesce_slack: String,
+    /// Iteration lengths (CPU µs per rank) for the quiesce latency, counted
+    /// in safe points from request to park.
+    #[arg(long, value_delimiter = ',', default_value = "1000,20000")]
+    pub quiesce_iter_us: Vec<u64>,
 }
 
 /// The suite could not run, or could not write its report. A measurement
@@ -184,7 +193,7 @@ fn plan(args: &SuiteArgs) -> Plan {
         rank_size: args
             .rank_size
             .unwrap_or(if args.quick { 64 * MIB } else { 128 * MIB }),
-        quiesce_ranks: or32(&args.quiesce_ranks, &[2], &[2, 4, 8, 16]),
+        quiesce_ranks: or32(&args.quiesce_ranks, &[2], &[2, 4, 8, 16, 32, 64]),
     }
 }
 
@@ -230,7 +239,12 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
         skipped: Vec::new(),
     };
 
-    for &size in &plan.sizes {
+    let (sizes, ranks) = if args.only_quiesce {
+        (&[][..], &[][..])
+    } else {
+        (&plan.sizes[..], &plan.ranks[..])
+    };
+    for &size in sizes {
         eprintln!("== size sweep: 1 rank x {} ==", human::bytes(size));
         match agent_bench(&exe, &bin, &scratch, lock, 1, size) {
             Ok(run) => report.sizes.push(run),
@@ -256,7 +270,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
                 .push(format!("store {}: {err}", human::bytes(size))),
         }
     }
-    for &ranks in &plan.ranks {
+    for &ranks in ranks {
         eprintln!(
             "== rank sweep: {ranks} ranks x {} ==",
             human::bytes(plan.rank_size)
@@ -282,11 +296,13 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
                     .skipped
                     .push(format!("safe point at {ranks} ranks: {err}")),
             }
-            match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_slack) {
-                Ok(run) => report.quiesce.push(run),
-                Err(err) => report
-                    .skipped
-                    .push(format!("quiesce at {ranks} ranks: {err}")),
+            for &iter_us in &args.quiesce_iter_us {
+                match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_slack, iter_us) {
+                    Ok(run) => report.quiesce.push(run),
+                    Err(err) => report.skipped.push(format!(
+                        "quiesce at {ranks} ranks, {iter_us} us iterations: {err}"
+                    )),
+                }
             }
         }
     }

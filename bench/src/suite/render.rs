@@ -145,17 +145,31 @@ pub fn render(report: &SuiteReport) -> String {
     }
     let _ = writeln!(
         out,
-        "Quiesce latency under `cryo run` (two emulated nodes, request to last rank parked):"
+        "Quiesce latency under `cryo run` (two emulated nodes, request to last rank parked; a coupled application: an allreduce after every safe point):"
     );
     for r in &report.quiesce {
         let _ = writeln!(
             out,
-            "  {:>3} ranks x {}: quiesce {:?} ms, longest pause {:?} ms",
+            "  {:>3} ranks x {}, {} us iterations: quiesce {:?} ms, longest pause {:?} ms (agent)",
             r.ranks,
             human::bytes(r.state_bytes),
+            r.iter_us,
             r.quiesce_ms,
             r.pause_ms
         );
+        if !r.points_to_park.is_empty() {
+            let _ = writeln!(
+                out,
+                "      safe points from request to park {:?} (target <= 3); pause as the application saw it {:?} ms; memcpy of the node's state {:.1} ms; worst / memcpy {:.2}x (target <= 1.2x)",
+                r.points_to_park,
+                r.app_pause_ms
+                    .iter()
+                    .map(|p| (p * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>(),
+                r.node_memcpy_ms,
+                r.app_pause_ms.iter().copied().fold(0.0, f64::max) / r.node_memcpy_ms.max(1e-3)
+            );
+        }
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "Targets:");
@@ -313,6 +327,7 @@ mod tests {
             zstd_d_ns: Some(size),
             restart_ns: size,
             raw_image_ns: Some(size / 2),
+            restart_by_threads: Vec::new(),
             agent_cpu_s: 0.5,
             raw_bytes: size,
             stored_bytes: size / 2,

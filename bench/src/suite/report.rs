@@ -78,6 +78,22 @@ pub struct QuiesceRun {
     pub quiesce_ms: Vec<f64>,
     /// Longest rank pause, per checkpoint.
     pub pause_ms: Vec<f64>,
+    /// CPU time of one iteration (`quiesce-bench --iter-us`); 0 in reports
+    /// made before the suite counted safe points.
+    #[serde(default)]
+    pub iter_us: u64,
+    /// Safe points from the request to the park, the most any rank
+    /// passed, per checkpoint (target <= 3).
+    #[serde(default)]
+    pub points_to_park: Vec<u32>,
+    /// The parking safe point's length as the application saw it, the
+    /// longest over the ranks, per checkpoint.
+    #[serde(default)]
+    pub app_pause_ms: Vec<f64>,
+    /// memcpy of the state of the node with the most ranks into warm
+    /// memory, in the same run.
+    #[serde(default)]
+    pub node_memcpy_ms: f64,
 }
 
 /// A least-squares line `y = slope * x + intercept`.

@@ -4,14 +4,15 @@
 
 use std::fs::{self, File};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cryo_coordinator::human;
 use cryo_core::store::fs::{IoStep, IoStepError};
 
-use super::{QuiesceRun, SafePointRun, SuiteError, MIB};
+use super::{points, QuiesceRun, SafePointRun, SuiteError, MIB};
+use crate::agent::baselines::memcpy_ns;
 use crate::figures::AgentRun;
 
 /// An exclusive flock held while a measurement runs.
@@ -68,6 +69,8 @@ pub(super) fn agent_bench(
         .arg("--sizes")
         .arg(format!("{}MiB", size / MIB))
         .args(["--state-kind", "mixed"])
+        .arg("--restore-threads")
+        .arg(restore_sweep())
         .env("RUST_BACKTRACE", "0")
         .arg("--dir")
         .arg(&work)
@@ -98,6 +101,21 @@ pub(super) fn agent_bench(
         })?;
     runs.pop()
         .ok_or(SuiteError::NoFigures("agent bench wrote no figures"))
+}
+
+/// The restore thread counts the restart is repeated with: 1, then
+/// doubling up to every core.
+fn restore_sweep() -> String {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut counts = vec![1];
+    while counts.last().is_some_and(|&n| n < cores) {
+        counts.push((counts[counts.len() - 1] * 2).min(cores));
+    }
+    counts
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Runs `quiesce-bench` under `mpiexec`: the safe point's cost.
@@ -155,9 +173,11 @@ pub(super) fn quiesce(
     lock: Option<&Path>,
     ranks: u32,
     slack: &str,
+    iter_us: u64,
 ) -> Result<QuiesceRun, SuiteError> {
-    let state_bytes = 32 * MIB;
-    let work = scratch.join(format!("quiesce-{ranks}"));
+    // Up to 512 MiB in all, so 64 ranks fit beside each other.
+    let state_bytes = (32 * MIB).min((512 * MIB / u64::from(ranks.max(1))) & !(MIB - 1));
+    let work = scratch.join(format!("quiesce-{ranks}-{iter_us}"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).step("creating", &work)?;
     let store = work.join("store");
@@ -177,9 +197,13 @@ pub(super) fn quiesce(
         .arg(work.join("scratch"))
         .arg("--")
         .arg(bin.join("quiesce-bench"))
-        .args(["--iters", "10", "--trials", "1", "--run-secs", "40"])
+        .args(["--iters", "10", "--trials", "1", "--run-secs", "120"])
+        .arg("--iter-us")
+        .arg(iter_us.to_string())
         .arg("--state-bytes")
         .arg(state_bytes.to_string())
+        .arg("--points-log")
+        .arg(work.join("points"))
         .stdin(Stdio::null())
         .stdout(File::create(&out).step("creating", &out)?)
         .stderr(File::create(&err).step("creating", &err)?)
@@ -211,8 +235,14 @@ pub(super) fn quiesce(
             state_bytes,
             quiesce_ms: Vec::new(),
             pause_ms: Vec::new(),
+            iter_us,
+            points_to_park: Vec::new(),
+            app_pause_ms: Vec::new(),
+            node_memcpy_ms: 0.0,
         };
+        let mut requests = Vec::new();
         for _ in 0..3 {
+            let requested_ns = unix_ns();
             let output = Command::new(&cryo)
                 .env("CRYO_STORE", &store)
                 .args(["checkpoint", &job])
@@ -227,10 +257,13 @@ pub(super) fn quiesce(
             match (
                 number_after("quiesced in "),
                 number_after("longest rank pause "),
+                number_after("epoch "),
             ) {
-                (Some(q), Some(p)) => {
+                (Some(q), Some(p), Some(epoch)) => {
                     out.quiesce_ms.push(q);
                     out.pause_ms.push(p);
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    requests.push((requested_ns, epoch as u64));
                 }
                 _ => {
                     return Err(SuiteError::Output(format!(
@@ -240,6 +273,10 @@ pub(super) fn quiesce(
                 }
             }
         }
+        count_points(&work.join("points"), ranks, &requests, &mut out)?;
+        let node_bytes = u64::from(ranks - ranks / 2) * state_bytes;
+        out.node_memcpy_ms =
+            memcpy_ns(usize::try_from(node_bytes).unwrap_or(usize::MAX)) as f64 / 1e6;
         Ok(out)
     })();
     let _ = Command::new(&cryo)
@@ -259,6 +296,49 @@ pub(super) fn quiesce(
     }
     let _ = fs::remove_dir_all(&work);
     result
+}
+
+/// Reads every rank's points log and fills in, per checkpoint, the most
+/// safe points any rank passed from the request to its park and the
+/// longest parking safe point.
+fn count_points(
+    prefix: &Path,
+    ranks: u32,
+    requests: &[(u128, u64)],
+    out: &mut QuiesceRun,
+) -> Result<(), SuiteError> {
+    let mut logs = Vec::new();
+    for rank in 0..ranks {
+        let path = PathBuf::from(format!("{}.{rank}", prefix.display()));
+        let text = fs::read_to_string(&path).step("reading", &path)?;
+        logs.push(
+            points::parse(&text)
+                .map_err(|why| SuiteError::Output(format!("{}: {why}", path.display())))?,
+        );
+    }
+    for &(requested_ns, epoch) in requests {
+        let mut most = 0;
+        let mut longest_ns = 0;
+        for (rank, log) in logs.iter().enumerate() {
+            let (passed, len_ns) = points::to_park(log, requested_ns, epoch).ok_or_else(|| {
+                SuiteError::Output(format!("rank {rank} logged no park for epoch {epoch}"))
+            })?;
+            most = most.max(passed);
+            longest_ns = longest_ns.max(len_ns);
+        }
+        out.points_to_park.push(most);
+        out.app_pause_ms.push(longest_ns as f64 / 1e6);
+    }
+    Ok(())
+}
+
+/// The wall clock in nanoseconds since the Unix epoch, as `quiesce-bench`
+/// logs it.
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 /// Names the command that could not be run.

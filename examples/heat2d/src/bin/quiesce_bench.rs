@@ -64,6 +64,13 @@ struct Args {
     /// 1 in flight across each safe point (tag [`IN_FLIGHT_TAG`]).
     #[arg(long)]
     in_flight: bool,
+    /// In the `--run-secs` iterations, log every safe point to
+    /// `PREFIX.<rank>`: its start (Unix ns), its length (ns) and the epoch
+    /// it checkpointed (0 for none), so `cryo bench` can count the safe
+    /// points from a request to the park and see the pause as the
+    /// application saw it.
+    #[arg(long)]
+    points_log: Option<std::path::PathBuf>,
 }
 
 /// The tag of the message `--in-flight` leaves across the safe point.
@@ -88,6 +95,15 @@ fn thread_cpu_time() -> Duration {
         u64::try_from(ts.tv_sec).unwrap_or(0),
         u32::try_from(ts.tv_nsec).unwrap_or(0),
     )
+}
+
+/// The wall clock in nanoseconds since the Unix epoch (comparable across
+/// processes, unlike `Instant`).
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn spin(work: Work, us: u64) {
@@ -232,12 +248,36 @@ fn main() -> Result<()> {
     if args.run_secs > 0.0 {
         let until = Instant::now() + Duration::from_secs_f64(args.run_secs);
         let in_flight = args.in_flight && world.size() > 1;
+        // Flushed at each checkpoint, so the lines up to it are there even
+        // if the job is then preempted and killed.
+        let mut log = match &args.points_log {
+            Some(prefix) => {
+                let path = format!("{}.{}", prefix.display(), world.rank());
+                let file =
+                    std::fs::File::create(&path).with_context(|| format!("creating {path}"))?;
+                Some(std::io::BufWriter::new(file))
+            }
+            None => None,
+        };
         loop {
             spin(args.work, args.iter_us);
             if in_flight && world.rank() == 0 {
                 world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
             }
-            cryo_rank::checkpoint_point().context("safe point")?;
+            let (wall, t) = (unix_ns(), Instant::now());
+            let outcome = cryo_rank::checkpoint_point().context("safe point")?;
+            if let Some(log) = &mut log {
+                use std::io::Write;
+                let epoch = match outcome {
+                    cryo_rank::SafePoint::Checkpointed(epoch) => epoch,
+                    _ => 0,
+                };
+                writeln!(log, "{wall} {} {epoch}", t.elapsed().as_nanos())
+                    .context("writing the points log")?;
+                if epoch != 0 {
+                    log.flush().context("writing the points log")?;
+                }
+            }
             if in_flight && world.rank() == 1 {
                 let (_, _) = world
                     .process_at_rank(0)
@@ -250,6 +290,10 @@ fn main() -> Result<()> {
             if all != 0 {
                 break;
             }
+        }
+        if let Some(mut log) = log {
+            use std::io::Write;
+            log.flush().context("writing the points log")?;
         }
     }
     cryo_rank::finalize();
