@@ -33,6 +33,8 @@ pub struct AgentConfig {
     pub node: String,
     /// Copy budget in bytes.
     pub copy_budget: u64,
+    /// How long after start the copy budget begins to be pre-faulted.
+    pub prefault_delay: Duration,
     /// Expected number of local ranks (default: those registered).
     pub ranks: Option<u32>,
     /// Restart ranks that register from this epoch.

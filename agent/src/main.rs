@@ -64,6 +64,12 @@ enum Command {
         /// Copy budget, e.g. 2GiB (default: an eighth of the node's RAM).
         #[arg(long, value_parser = parse_bytes, env = "CRYO_COPY_BUDGET")]
         copy_budget: Option<u64>,
+        /// Seconds after start before the copy budget is pre-faulted (at
+        /// idle priority). Sooner makes a checkpoint early in the job pause
+        /// for a memcpy instead of first-touch faults; later keeps the
+        /// faulting out of the job's own start.
+        #[arg(long, default_value_t = 20.0, env = cryo_core::env::ENV_PREFAULT_DELAY)]
+        prefault_delay: f64,
         /// Number of local ranks (default: those registered).
         #[arg(long)]
         ranks: Option<u32>,
@@ -188,6 +194,7 @@ fn main() -> Result<()> {
             job,
             node,
             copy_budget,
+            prefault_delay,
             ranks,
             restart_from,
             park_timeout,
@@ -224,12 +231,16 @@ fn main() -> Result<()> {
                     format!("--restart-from {n:?}: expected an epoch number or `latest`")
                 })?)),
             };
+            if !(0.0..=86_400.0).contains(&prefault_delay) {
+                bail!("--prefault-delay {prefault_delay}: expected seconds, from 0 to 86400");
+            }
             let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
             let config = AgentConfig {
                 socket,
                 store,
                 node: node.unwrap_or_else(hostname),
                 copy_budget: copy_budget.unwrap_or_else(default_copy_budget),
+                prefault_delay: Duration::from_secs_f64(prefault_delay),
                 ranks,
                 restart_from,
                 park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),

@@ -1,7 +1,8 @@
 //! The copy buffer pool: the copy budget, cut into chunk-sized slots.
 //!
 //! Memory is mapped once and every page is written once (pre-faulted) in a
-//! background thread at idle priority (`SCHED_IDLE`), slot by slot, each
+//! background thread at idle priority (`SCHED_IDLE`), after a delay that
+//! keeps it out of the job's start (`--prefault-delay`), slot by slot, each
 //! slot joining the free list as soon as it is warm. First-touch page faults run at 0.4–1 GB/s, a copy into warm
 //! memory at memory bandwidth, so a rank's pause is only bounded by memory
 //! bandwidth if its copy lands in memory that is already faulted in.
@@ -12,6 +13,7 @@ use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 use thiserror::Error;
@@ -77,8 +79,12 @@ unsafe impl Sync for Inner {}
 
 impl BufferPool {
     /// Maps `budget` bytes cut into `slot_size` slots and starts warming
-    /// them in the background.
-    pub fn new(budget: u64, slot_size: usize) -> Result<BufferPool, PoolError> {
+    /// them in the background after `prefault_delay`.
+    pub fn new(
+        budget: u64,
+        slot_size: usize,
+        prefault_delay: Duration,
+    ) -> Result<BufferPool, PoolError> {
         let slot = slot_size as u64;
         let nslots = usize::try_from(budget / slot).unwrap_or(usize::MAX);
         if nslots < 2 {
@@ -125,7 +131,7 @@ impl BufferPool {
         let warmer = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("cryo-prefault".into())
-            .spawn(move || warmer.prefault())
+            .spawn(move || warmer.prefault(prefault_delay))
             .map_err(|_| PoolError::Map {
                 budget,
                 source: nix::errno::Errno::EAGAIN,
@@ -228,10 +234,14 @@ impl Inner {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn prefault(&self) {
-        // Off the application's critical path: the ranks start (launcher,
-        // MPI_Init, their own first touches) on the same cores, so this
-        // thread only runs when a core is otherwise idle.
+    fn prefault(&self, delay: Duration) {
+        // Off the application's critical path. The ranks start (launcher,
+        // MPI_Init, their own first touches) on the same cores and in the
+        // same memory: even at idle priority, faulting in gigabytes then
+        // slowed a job's start by half. So wait first (a checkpoint that
+        // comes sooner warms the slots it takes itself), then run only
+        // when a core is otherwise idle.
+        std::thread::sleep(delay);
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is the calling thread; `param` is a valid
         // sched_param for SCHED_IDLE, which takes priority 0. A refusal
@@ -306,7 +316,7 @@ mod tests {
 
     #[test]
     fn slots_are_bounded_and_reused() {
-        let pool = BufferPool::new(4 * 4096, 4096).unwrap();
+        let pool = BufferPool::new(4 * 4096, 4096, Duration::ZERO).unwrap();
         pool.wait_warm();
         assert_eq!(pool.slots(), 4);
         let mut a = pool.try_take(3).unwrap();
@@ -320,19 +330,22 @@ mod tests {
         };
         drop(a);
         assert!(handle.join().unwrap() >= 1);
-        assert!(BufferPool::new(4096, 4096).is_err());
+        assert!(BufferPool::new(4096, 4096, Duration::ZERO).is_err());
     }
 
     #[test]
     fn a_checkpoint_never_waits_for_the_idle_prefault_thread() {
-        // 64 slots of 1 MiB: the idle-priority thread cannot have warmed
-        // them all when the first checkpoint asks for every one.
-        let pool = BufferPool::new(64 << 20, 1 << 20).unwrap();
+        // 64 slots of 1 MiB, and a pre-fault delay the test never reaches:
+        // the first checkpoint, soon after the job's start, warms what it
+        // takes itself.
+        let delay = Duration::from_secs(3600);
+        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
+        assert_eq!(pool.warm_bytes(), 0);
         let all = pool.try_take(64).expect("the taker warms what it needs");
         assert_eq!(all.len(), 64);
         assert_eq!(pool.warm_bytes(), 64 << 20);
         drop(all);
-        let pool = BufferPool::new(64 << 20, 1 << 20).unwrap();
+        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
         let mut taken = 0;
         let mut held = Vec::new();
         while taken < 64 {

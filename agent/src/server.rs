@@ -99,7 +99,7 @@ impl Agent {
         let job = store.job(&config.job)?;
         job.ensure_layout()
             .map_err(|e| ServeError::Store(e.into()))?;
-        let pool = BufferPool::new(config.copy_budget, config.chunk_size)?;
+        let pool = BufferPool::new(config.copy_budget, config.chunk_size, config.prefault_delay)?;
         let copy_threads = rayon::ThreadPoolBuilder::new()
             .num_threads(config.copy_threads.max(1))
             .thread_name(|i| format!("cryo-copy-{i}"))

@@ -54,6 +54,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_RESTORE_THREADS=N threads each restarting rank decodes with (default: one per core);
                          lower it when many ranks share a node's cores
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
+CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
+an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start.
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
 GC repacks a pack.";

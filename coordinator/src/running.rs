@@ -478,7 +478,7 @@ impl Coordinator {
             // The agents exit on Shutdown, which ends their step.
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && matches!(step.try_wait(), Ok(None)) {
-                thread::sleep(Duration::from_millis(20));
+                thread::sleep(Duration::from_millis(2));
             }
             stop_process_group(&mut step, Duration::from_secs(5));
         }
@@ -489,7 +489,9 @@ impl Coordinator {
                     if matches!(child.try_wait(), Ok(Some(_))) {
                         break;
                     }
-                    thread::sleep(Duration::from_millis(20));
+                    // Agents exit within milliseconds of Shutdown; this
+                    // wait is the last thing between the job and its end.
+                    thread::sleep(Duration::from_millis(2));
                 }
                 let _ = child.kill();
                 let _ = child.wait();

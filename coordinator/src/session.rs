@@ -447,7 +447,9 @@ fn drive(
             stop_process_group(&mut job_child, Duration::from_secs(10));
             break preempt_exit(c);
         }
-        match rx.recv_timeout(Duration::from_millis(20)) {
+        // Short: the launcher's exit is noticed on this tick, and every
+        // tick of lateness adds to the job's end.
+        match rx.recv_timeout(Duration::from_millis(5)) {
             Ok(Event::AgentConnected {
                 node,
                 writer,

@@ -56,6 +56,8 @@ pub const ENV_INTERVAL: &str = "CRYO_INTERVAL";
 pub const ENV_KEEP: &str = "CRYO_KEEP";
 /// The agent's copy budget (`--copy-budget`).
 pub const ENV_COPY_BUDGET: &str = "CRYO_COPY_BUDGET";
+/// Seconds after an agent's start before it pre-faults its copy budget.
+pub const ENV_PREFAULT_DELAY: &str = "CRYO_PREFAULT_DELAY";
 /// Chunk size (`--chunk-size`).
 pub const ENV_CHUNK_SIZE: &str = "CRYO_CHUNK_SIZE";
 /// Size at which an agent starts a new pack (`cryo-agent --pack-size`).

@@ -1541,6 +1541,11 @@ mod private_store {
         let job_dir = dir.path().join("store/priv");
         assert_private(&dir.path().join("store"));
 
+        // Fan-outs are made as packs need them; these three are made here
+        // if no pack has needed them yet.
+        for name in ["3c", "ab", "12"] {
+            let _ = fs::create_dir(job_dir.join("packs").join(name));
+        }
         // A fan-out opened to others is narrowed back to 0700.
         let fanout = job_dir.join("packs/3c");
         fs::set_permissions(&fanout, fs::Permissions::from_mode(0o755)).unwrap();

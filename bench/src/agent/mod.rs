@@ -323,7 +323,9 @@ fn one(cfg: &Config<'_>) -> Result<AgentRun, AgentBenchError> {
     let agent_log = run_dir.join("agent.log");
     let mut children = Kill(Vec::new());
     let mut agent = Command::new(cfg.agent);
-    agent.arg("serve");
+    // Warm at once: these figures are of a pause into a warm budget (the
+    // start benchmark shows what the default delay is for).
+    agent.args(["serve", "--prefault-delay", "0"]);
     if let Some(n) = cfg.copy_threads {
         agent.arg("--copy-threads").arg(n.to_string());
     }

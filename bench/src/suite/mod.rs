@@ -298,7 +298,13 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
             }
             for &iter_us in &args.quiesce_iter_us {
                 match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_slack, iter_us) {
-                    Ok(run) => report.quiesce.push(run),
+                    Ok(run) => {
+                        eprintln!(
+                            "ranks {ranks}, {iter_us} us iterations: safe points to park {:?}, pause as the application saw it {:?} ms",
+                            run.points_to_park, run.app_pause_ms
+                        );
+                        report.quiesce.push(run);
+                    }
                     Err(err) => report.skipped.push(format!(
                         "quiesce at {ranks} ranks, {iter_us} us iterations: {err}"
                     )),

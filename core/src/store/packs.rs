@@ -163,6 +163,7 @@ impl PackSet {
         let id = new_pack_id();
         let path = self.job.pack_path(&id);
         let fs = &*self.job.fs;
+        self.job.ensure_fanout(&path)?;
         let file = fs.create_pack(&path).step("create pack", &path)?;
         let written = fs
             .write_at(&file, &path, 0, &[&encode_pack_header(id)])
