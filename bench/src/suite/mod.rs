@@ -139,7 +139,7 @@ pub enum SuiteError {
     #[error("{0}")]
     NoFigures(&'static str),
     /// The job of the quiesce measurement did not start.
-    #[error("job {job} did not start within 60 s")]
+    #[error("job {job} did not start (every rank in its logged iterations) in time")]
     NotStarted {
         /// The job.
         job: String,

@@ -12,8 +12,15 @@ pub(super) struct Point {
 }
 
 /// Parses a log; a line that is not three numbers is named in the error.
+/// A last line without its newline was cut short by the rank's end (a
+/// preempted job is killed) and is left out.
 pub(super) fn parse(text: &str) -> Result<Vec<Point>, String> {
-    text.lines()
+    let complete = match text.rfind('\n') {
+        Some(end) => &text[..=end],
+        None => "",
+    };
+    complete
+        .lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
@@ -67,6 +74,12 @@ mod tests {
     #[test]
     fn a_rank_that_never_parked_gives_nothing() {
         assert_eq!(to_park(&log(), 0, 3), None);
+    }
+
+    #[test]
+    fn a_last_line_cut_short_is_left_out() {
+        assert_eq!(parse("1 2 0\n3 4 1\n5 6").unwrap().len(), 2);
+        assert_eq!(parse("5 6").unwrap().len(), 0);
     }
 
     #[test]

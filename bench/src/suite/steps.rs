@@ -229,7 +229,22 @@ pub(super) fn quiesce(
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        std::thread::sleep(Duration::from_secs(1));
+        // Every rank creates its points log as it enters the iterations
+        // that log their safe points (after MPI_Init, cryo_init and the
+        // safe-point blocks): only then is every checkpoint one they log.
+        let logs: Vec<PathBuf> = (0..ranks)
+            .map(|rank| PathBuf::from(format!("{}.{rank}", work.join("points").display())))
+            .collect();
+        while !logs.iter().all(|log| log.exists()) {
+            if start.elapsed() > Duration::from_secs(300) {
+                return Err(SuiteError::NotStarted { job: job.clone() });
+            }
+            if let Some(status) = run.try_wait().map_err(run_err("cryo run"))? {
+                return Err(SuiteError::ExitedEarly(status));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
         let mut out = QuiesceRun {
             ranks,
             state_bytes,
