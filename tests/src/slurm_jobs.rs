@@ -82,13 +82,8 @@ pub fn submit_heat2d(
     step_ms: u32,
 ) -> String {
     let built = crate::heat2d::built();
-    let path = format!(
-        "{}:{}",
-        built.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = sbatch
-        .env("PATH", path)
+    sbatch
+        .env("PATH", path_with_built())
         .env("CRYO_LOG", "info")
         .arg("--parsable")
         .arg(format!("--cryo={}", files.path("store").display()))
@@ -97,9 +92,24 @@ pub fn submit_heat2d(
         .args(options)
         .arg(crate::heat2d::repo_root().join("slurm/cryo.sbatch"))
         .arg(built.join("heat2d"))
-        .args(files.app_args("run", step_ms))
-        .output()
-        .unwrap();
+        .args(files.app_args("run", step_ms));
+    submit(sbatch)
+}
+
+/// `PATH` with the built binaries first, so that job scripts find `cryo`.
+pub fn path_with_built() -> String {
+    format!(
+        "{}:{}",
+        crate::heat2d::built().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Runs `sbatch`, whose options (`--parsable` among them: sbatch takes
+/// options only before the script) and script are given, panics with its
+/// output if it fails, and returns the job id.
+pub fn submit(mut sbatch: Command) -> String {
+    let out = sbatch.output().unwrap();
     assert!(
         out.status.success(),
         "sbatch failed:\n{}",

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryo_tests::slurm_jobs::{submit_heat2d, wait_done, SlurmJobs};
+use cryo_tests::slurm_jobs::{path_with_built, submit, submit_heat2d, wait_done, SlurmJobs};
 use cryo_tests::{build_packages, lines, output_text, Heat2dFiles};
 
 const RANKS: u32 = 4;
@@ -416,19 +416,14 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
     let Some((_guard, slurm, case)) = setup_with(false) else {
         return;
     };
-    let path = format!(
-        "{}:{}",
-        built().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
     let script = format!(
         "exec cryo run --requeue -- {} {}",
         built().join("heat2d").display(),
         case.app_args("run", 300).join(" ")
     );
-    let out = slurm
-        .cmd("sbatch")
-        .env("PATH", path)
+    let mut sbatch = slurm.cmd("sbatch");
+    sbatch
+        .env("PATH", path_with_built())
         .env("CRYO_STORE", case.path("store"))
         .arg("--parsable")
         .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
@@ -436,20 +431,8 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
         .arg(format!("--output={}", case.path("job.out").display()))
         .arg(format!("--chdir={}", case.files.dir().display()))
         .arg("--wrap")
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sbatch failed:\n{}",
-        output_text(&out)
-    );
-    let id = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
+        .arg(&script);
+    let id = submit(sbatch);
     case.wait_for_iterations(20);
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
     let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
