@@ -176,8 +176,8 @@ impl std::fmt::Debug for CaptureContext<'_> {
 
 /// Ranks parked together copy in turns, each at the node's full memory
 /// bandwidth, so the first resume early rather than all late; and no rank's
-/// chunks are compressed while another buffered rank is still copying, so
-/// compression never slows a pause down.
+/// chunks are compressed while another rank is still parked (planning its
+/// copy or copying), so compression never slows a pause down.
 #[derive(Debug, Default)]
 pub struct CopyGate {
     turn: std::sync::Mutex<()>,
@@ -186,8 +186,11 @@ pub struct CopyGate {
 }
 
 impl CopyGate {
-    fn enter(&self) {
+    /// Counts a parked rank until the returned hold is dropped (at its
+    /// resume, or when its capture fails).
+    fn hold(&self) -> GateHold<'_> {
         *self.copying.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        GateHold(self)
     }
 
     fn leave(&self) {
@@ -202,6 +205,15 @@ impl CopyGate {
         while *copying > 0 {
             copying = self.idle.wait(copying).unwrap_or_else(|p| p.into_inner());
         }
+    }
+}
+
+/// A parked rank, counted by its [`CopyGate`] until dropped.
+struct GateHold<'a>(&'a CopyGate);
+
+impl Drop for GateHold<'_> {
+    fn drop(&mut self) {
+        self.0.leave();
     }
 }
 
@@ -329,6 +341,7 @@ pub fn capture_rank(
 ) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
     let rank = parked.rank;
     let pid = parked.pid;
+    let parked_hold = ctx.gate.hold();
     let maps_text =
         ctx.access
             .maps(pid)
@@ -381,15 +394,25 @@ pub fn capture_rank(
         fds_not_restored: u32::try_from(fds.len() - fds_restored).unwrap_or(u32::MAX),
     };
     let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(pieces.len());
+    tracing::debug!(
+        rank,
+        epoch = parked.epoch,
+        planned_us = nanos(parked.since) / 1000,
+        "rank.copy_planned"
+    );
     if let Some(mut slots) = ctx.pool.try_take(pieces.len()) {
-        ctx.gate.enter();
         let t = Instant::now();
-        let copied = copy(ctx, parked, &pieces, &mut slots);
-        ctx.gate.leave();
-        copied?;
+        tracing::debug!(
+            rank,
+            epoch = parked.epoch,
+            slots_us = nanos(parked.since) / 1000,
+            "rank.slots_taken"
+        );
+        copy(ctx, parked, &pieces, &mut slots)?;
         report.copy_ns = nanos(t);
         report.pause_ns = nanos(parked.since);
         resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
+        drop(parked_hold);
         ctx.gate.wait_idle();
         chunks = store(ctx, writer, pieces, slots)?;
     } else {
@@ -406,6 +429,7 @@ pub fn capture_rank(
         }
         report.pause_ns = nanos(parked.since);
         resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
+        drop(parked_hold);
     }
     chunks.extend(reuse(ctx, writer, reused)?);
 

@@ -377,6 +377,13 @@ pub fn peak_rss_bytes() -> u64 {
     status_kib("VmHWM:").map_or(0, |kib| kib * 1024)
 }
 
+/// A process's resident anonymous memory (`RssAnon`), in bytes: about what
+/// a first capture of it copies. `None` if it cannot be read.
+pub fn resident_anon_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_kib_line(&text, "RssAnon:").map(|kib| kib * 1024)
+}
+
 fn status_kib(key: &str) -> Option<u64> {
     let text = fs::read_to_string("/proc/self/status").ok()?;
     parse_kib_line(&text, key)

@@ -59,6 +59,9 @@ pub(crate) fn serve_connections(
 ) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
+        // Frames are small and each answers the other side: Nagle's
+        // algorithm would hold one back for the peer's delayed ACK (40 ms).
+        let _ = stream.set_nodelay(true);
         let (job, token, expected, events) =
             (job.clone(), token.clone(), expected.clone(), events.clone());
         thread::spawn(move || serve_peer(stream, &job, world_size, &token, &expected, &events));
@@ -236,6 +239,11 @@ pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobRespon
             addr.addr, addr.pid, addr.host
         )
     })?;
+    // The request follows the challenge's answer at once: without this,
+    // Nagle's algorithm holds it for the coordinator's delayed ACK (40 ms).
+    stream
+        .set_nodelay(true)
+        .context("setting TCP_NODELAY on the coordinator connection")?;
     let hello = Hello {
         version: PROTOCOL_VERSION,
         job: job.to_owned(),

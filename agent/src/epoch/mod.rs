@@ -33,7 +33,7 @@ pub(crate) use slot::{Admission, Cancel, Slot};
 
 use crate::capture::{nanos, CopyGate, Parked};
 use crate::pool::BufferPool;
-use crate::procfs::{peak_rss_bytes, ProcessAccess};
+use crate::procfs::{peak_rss_bytes, resident_anon_bytes, ProcessAccess};
 use crate::ranks::RankConn;
 
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
@@ -201,6 +201,7 @@ pub(crate) fn run(
                 .store(epoch, Ordering::Release);
         }
     }
+    warm_for(res.pool, ranks);
     let progress = Progress {
         t0,
         ranks: ranks.len(),
@@ -282,4 +283,32 @@ pub(crate) fn run(
         );
     }
     Ok(report)
+}
+
+/// Warms as much of the copy budget as this checkpoint is likely to copy,
+/// on a thread of its own, while the ranks head for their agreed safe point
+/// (a first checkpoint that comes before the idle-time pre-fault would
+/// otherwise fault its copy buffers in while the ranks are parked). The
+/// estimate is what each rank's last capture stored, or, before any, its
+/// resident anonymous memory.
+fn warm_for(pool: &BufferPool, ranks: &[Arc<RankConn>]) {
+    let bytes: u64 = ranks
+        .iter()
+        .map(|conn| {
+            let stored = lock(&conn.baseline)
+                .as_ref()
+                .map(|regions| regions.iter().map(|r| r.len).sum::<u64>());
+            stored
+                .or_else(|| resident_anon_bytes(conn.pid))
+                .unwrap_or(0)
+        })
+        .sum();
+    if pool.warm_bytes() >= bytes.min(pool.bytes()) {
+        return;
+    }
+    let pool = pool.clone();
+    // A failed spawn only leaves the copy to warm what it takes.
+    let _ = std::thread::Builder::new()
+        .name("cryo-warm".into())
+        .spawn(move || pool.warm_up_to(bytes));
 }

@@ -12,6 +12,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use super::calibration::Calibration;
 use super::pace::{first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
@@ -76,6 +77,11 @@ pub(crate) trait Collectives {
         reduce: Reduce,
         words: [u64; N],
     ) -> Result<Self::Pending<N>, CallError>;
+
+    /// Starts a calibration: a non-blocking one-word MAX over every rank,
+    /// on a communicator of its own (calibrations and agreements are not
+    /// started in the same order on every rank).
+    fn start_calibration(&mut self, words: [u64; 1]) -> Result<Self::Pending<1>, CallError>;
 
     /// Tests it once (driving its progress): its result once complete.
     fn test<const N: usize>(
@@ -179,13 +185,14 @@ pub(crate) struct Stats {
 
 /// Where a rank stands in an agreement.
 enum Step<C: Collectives> {
-    /// Join started: [epoch, target, most safe points the previous
-    /// agreement's join needed] to come.
-    Joining { join: C::Pending<3>, since: Instant },
+    /// Join started: [epoch, target, the latest safe point a rank joined
+    /// at, the most calibrations a rank started] to come.
+    Joining { join: C::Pending<4>, since: Instant },
     /// The target is known and not reached yet.
     Heading,
-    /// Arrive started: [ranks not at the target].
-    Arriving { arrive: C::Pending<1> },
+    /// Arrive started: [a rank is not at the target, the most safe points a
+    /// rank passed from the latest join to seeing the join complete].
+    Arriving { arrive: C::Pending<2> },
     /// Check started: [in flight, not at the target, rang, leaving].
     Checking {
         check: C::Pending<4>,
@@ -197,9 +204,14 @@ enum Step<C: Collectives> {
 struct Agreement<C: Collectives> {
     /// This rank's epoch until the join completes, then the agreed one.
     epoch: u64,
-    /// The safe point where this rank joined.
-    joined_at: u64,
     target: u64,
+    /// Safe points this rank passed from the latest join (any rank's) to
+    /// seeing the join complete: what the slack had to cover.
+    needed: u64,
+    /// The most calibrations a rank had started when it joined (none
+    /// starts during an agreement): after a final agreement, every rank
+    /// starts calibrations up to this number.
+    calibrations: u64,
     /// 0 for the first agreement of an epoch.
     attempt: u32,
     /// Waiting at the target (it said so in the arrive step).
@@ -208,17 +220,6 @@ struct Agreement<C: Collectives> {
     waiting_since: Option<Instant>,
     rang: bool,
     step: Step<C>,
-}
-
-/// The calibration: one allreduce that every rank starts at its first safe
-/// point (or as it leaves, if it never reached one), before any agreement.
-/// The safe points it takes to complete here say how many a join needs with
-/// this application's MPI calls driving it, so the first agreement's slack
-/// fits the application instead of a guess from the number of ranks.
-enum Calibration<C: Collectives> {
-    Due,
-    Pending(C::Pending<1>),
-    Done,
 }
 
 /// One rank's side of the quiesce protocol.
@@ -237,9 +238,6 @@ pub(crate) struct Quiesce<C: Collectives> {
     fixed_slack: Option<u64>,
     /// The fewest safe points of slack (see [`slack_floor`]).
     slack_floor: u64,
-    /// Safe points between this rank's join and its seeing the join
-    /// complete, in the previous agreement.
-    last_needed: u64,
     /// Leaving its loop: no more safe points will come.
     leaving: bool,
     /// An agreement ended with a rank leaving: that rank takes part in no
@@ -268,12 +266,11 @@ impl<C: Collectives> Quiesce<C> {
             rank,
             counter: 0,
             pace,
-            calibration: Calibration::Due,
+            calibration: Calibration::new(),
             agreement: None,
             last_decided: 0,
             fixed_slack,
             slack_floor: first_slack_floor(size.unsigned_abs()),
-            last_needed: 0,
             leaving: false,
             ended: false,
             started: 0,
@@ -301,7 +298,7 @@ impl<C: Collectives> Quiesce<C> {
     /// counter increment and two comparisons.
     pub(crate) fn safe_point(&mut self, requested: u64) -> Result<Progress, CallError> {
         self.counter += 1;
-        if !matches!(self.calibration, Calibration::Done) {
+        if self.calibration.due(self.counter) || self.calibration.owed() {
             self.calibrate()?;
         }
         if self.ended {
@@ -334,9 +331,7 @@ impl<C: Collectives> Quiesce<C> {
     /// their own `leave`.
     pub(crate) fn leave(&mut self) -> Result<Progress, CallError> {
         self.leaving = true;
-        if matches!(self.calibration, Calibration::Due) {
-            self.calibrate()?;
-        }
+        self.calibrate()?;
         if self.ended {
             return self.poll();
         }
@@ -346,25 +341,21 @@ impl<C: Collectives> Quiesce<C> {
         self.poll()
     }
 
-    /// Starts the calibration at the first safe point, then tests it once
-    /// per safe point. Once complete, the first agreement's slack floor is
-    /// the one the safe points it took call for, if that is lower than the
-    /// guess from the number of ranks (a calibration slowed by the ranks'
-    /// start never raises the floor).
+    /// Drives the calibrations (see [`Calibration::drive`]); a completed
+    /// one sets the slack floor. The first never raises the floor above
+    /// the guess from the number of ranks (the ranks' start may slow it).
     fn calibrate(&mut self) -> Result<(), CallError> {
-        if matches!(self.calibration, Calibration::Due) {
-            let pending = self.net.start(Reduce::Max, [0])?;
-            self.started += 1;
-            self.calibration = Calibration::Pending(pending);
-        }
-        let Calibration::Pending(pending) = &mut self.calibration else {
-            return Ok(());
-        };
-        if self.net.test(pending)?.is_some() {
-            // Started at safe point 1 (or at the leave, counter 0).
-            let needed = self.counter.saturating_sub(1).max(1);
-            self.slack_floor = self.slack_floor.min(slack_floor(needed));
-            self.calibration = Calibration::Done;
+        let may_start = self.agreement.is_none() && !self.leaving && !self.ended;
+        let first = self.calibration.done() == 0;
+        let measured =
+            self.calibration
+                .drive(&mut self.net, self.counter, &mut self.pace, may_start)?;
+        if let Some(needed) = measured {
+            self.slack_floor = if first {
+                self.slack_floor.min(slack_floor(needed))
+            } else {
+                slack_floor(needed)
+            };
             tracing::debug!(
                 rank = self.rank,
                 safe_points = needed,
@@ -391,9 +382,10 @@ impl<C: Collectives> Quiesce<C> {
             });
             self.counter.saturating_add(slack << (2 * attempt))
         };
-        let join = self
-            .net
-            .start(Reduce::Max, [epoch, cap, self.last_needed])?;
+        let join = self.net.start(
+            Reduce::Max,
+            [epoch, cap, self.counter, self.calibration.started()],
+        )?;
         self.started += 1;
         self.stats.agreements += 1;
         tracing::debug!(
@@ -406,8 +398,9 @@ impl<C: Collectives> Quiesce<C> {
         );
         self.agreement = Some(Agreement {
             epoch,
-            joined_at: self.counter,
             target: NEVER,
+            needed: 0,
+            calibrations: 0,
             attempt,
             at_target: false,
             waiting_since: None,
@@ -420,19 +413,19 @@ impl<C: Collectives> Quiesce<C> {
     /// Takes the agreement as far as it can go at this safe point.
     pub(crate) fn poll(&mut self) -> Result<Progress, CallError> {
         // A leaving rank has no safe point to go back to: it waits for
-        // every step, the calibration first.
+        // every step, and then for the calibrations every rank starts.
         let not_yet = if self.leaving {
             Progress::Wait
         } else {
             Progress::Continue
         };
-        if self.leaving && !matches!(self.calibration, Calibration::Done) {
-            self.calibrate()?;
-            if !matches!(self.calibration, Calibration::Done) {
-                return Ok(Progress::Wait);
-            }
-        }
         if self.ended {
+            if self.leaving {
+                self.calibrate()?;
+                if self.calibration.owed() {
+                    return Ok(Progress::Wait);
+                }
+            }
             return Ok(Progress::Continue);
         }
         loop {
@@ -447,7 +440,8 @@ impl<C: Collectives> Quiesce<C> {
             };
             match &mut agreement.step {
                 Step::Joining { join, since } => {
-                    let Some([epoch, target, needed]) = self.net.test(join)? else {
+                    let Some([epoch, target, latest_join, calibrations]) = self.net.test(join)?
+                    else {
                         let since = *since;
                         if !agreement.rang
                             && self.net.now().saturating_duration_since(since) >= RING_AFTER
@@ -466,11 +460,11 @@ impl<C: Collectives> Quiesce<C> {
                     };
                     agreement.epoch = epoch;
                     agreement.target = target;
-                    // The same MAX on every rank, so the same floor.
-                    if needed > 0 {
-                        self.slack_floor = slack_floor(needed);
-                    }
-                    self.last_needed = (self.counter - agreement.joined_at).max(1);
+                    // The target is the latest joiner's cap: the slack only
+                    // has to cover the safe points from the latest join to
+                    // seeing it complete, not the spread of the joins.
+                    agreement.needed = self.counter.saturating_sub(latest_join).max(1);
+                    agreement.calibrations = calibrations;
                     agreement.step = Step::Heading;
                 }
                 Step::Heading => {
@@ -488,14 +482,15 @@ impl<C: Collectives> Quiesce<C> {
                             "quiesce.passed_target"
                         );
                     }
-                    let arrive = self
-                        .net
-                        .start(Reduce::Sum, [u64::from(!agreement.at_target)])?;
+                    let arrive = self.net.start(
+                        Reduce::Max,
+                        [u64::from(!agreement.at_target), agreement.needed],
+                    )?;
                     self.started += 1;
                     agreement.step = Step::Arriving { arrive };
                 }
                 Step::Arriving { arrive } => {
-                    let [missing] = match settle(
+                    let [missing, needed] = match settle(
                         &mut self.net,
                         arrive,
                         &mut agreement.at_target,
@@ -507,6 +502,11 @@ impl<C: Collectives> Quiesce<C> {
                         Settled::Pending => return Ok(Progress::Continue),
                         Settled::Wait => return Ok(Progress::Wait),
                     };
+                    // The same MAX on every rank, so the same floor, in
+                    // time for a retry of this very agreement.
+                    if !self.leaving {
+                        self.slack_floor = slack_floor(needed);
+                    }
                     let everyone_there = missing == 0 && agreement.at_target;
                     let in_flight = if everyone_there {
                         self.net.probe()?
@@ -539,17 +539,25 @@ impl<C: Collectives> Quiesce<C> {
                         Settled::Wait => return Ok(Progress::Wait),
                     };
                     let in_flight = in_flight.take();
-                    let (epoch, attempt, at_target, own_ring) = (
+                    let (epoch, attempt, at_target, own_ring, calibrations) = (
                         agreement.epoch,
                         agreement.attempt,
                         agreement.at_target,
                         agreement.rang,
+                        agreement.calibrations,
                     );
                     self.agreement = None;
                     self.net.collect_rings(rang - u64::from(own_ring))?;
                     self.pace.restart(self.counter, self.net.now());
                     let decision = if leaving > 0 {
                         self.ended = true;
+                        self.calibration.close(calibrations);
+                        if self.leaving {
+                            self.calibrate()?;
+                            if self.calibration.owed() {
+                                return Ok(Progress::Wait);
+                            }
+                        }
                         Decision::ComputeOn
                     } else if in_flight_ranks > 0 {
                         // Only the ranks that saw a message refuse, naming

@@ -15,21 +15,25 @@
 //! allreduces on a private duplicate of the application's communicator,
 //! which every rank starts exactly once and in the same order:
 //!
-//! 1. **join** `MAX[epoch, cap, needed]`: a rank joins when its agent
+//! 1. **join** `MAX[epoch, cap, joined at]`: a rank joins when its agent
 //!    raises its flag. Its cap is its current index plus [`JOIN_SLACK`]
-//!    worth of safe points, at least a floor (see [`slack_floor`]; `needed`
-//!    is the safe points it took to see the previous join complete; before
-//!    the first agreement, those a one-word calibration allreduce started
-//!    at the first safe point took, at most [`first_slack_floor`]). It
-//!    does not wait: it keeps computing and drives the join with one
-//!    `MPI_Test` per safe point. The result is the epoch and the
-//!    **target**, the largest cap: normally every rank learns it before
-//!    reaching it.
-//! 2. **arrive** `SUM[ranks not at the target]`: a rank starts it when it
+//!    worth of safe points, at least a floor (see [`slack_floor`]: from the
+//!    safe points the previous agreement needed; before the first, from
+//!    those a one-word calibration allreduce started at the first safe
+//!    point took, at most [`first_slack_floor`]). It does not wait: it
+//!    keeps computing and drives the join with one `MPI_Test` per safe
+//!    point. The result is the epoch, the **target** (the largest cap,
+//!    which is the latest joiner's) and the latest join: normally every
+//!    rank learns the target before reaching it. What the slack must cover
+//!    is the safe points from the latest join to seeing it complete, not
+//!    how far apart the agents raised their flags.
+//! 2. **arrive** `MAX[not at the target, needed]`: a rank starts it when it
 //!    reaches the target, and then waits there (yielding its core). A rank
 //!    that learns the target only after passing it starts it at once, saying
 //!    so, and carries on. Completion with a zero proves every rank is at the
-//!    target (the barrier).
+//!    target (the barrier). `needed` is the safe points the rank passed from
+//!    the latest join to seeing the join complete; their maximum sets the
+//!    floor of the next join at once (a retry of this agreement included).
 //! 3. **check** `SUM[ranks with a message in flight, ranks not at the
 //!    target, ranks that rang, ranks leaving]`: each rank at the target
 //!    probes the application's communicator first. Its result is the same
@@ -92,6 +96,7 @@
 //!   message in flight, a rank leaving the target or its loop).
 
 mod agreement;
+mod calibration;
 mod flavour;
 mod mpi;
 mod pace;

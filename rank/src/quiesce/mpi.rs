@@ -53,6 +53,9 @@ pub(crate) struct Mpi {
     /// Private duplicate for agreements: they never match the
     /// application's messages or collectives.
     agree_comm: ffi::MPI_Comm,
+    /// Private duplicate for calibrations: their order against the
+    /// agreements differs from rank to rank, so they cannot share one.
+    calib_comm: ffi::MPI_Comm,
     /// Private duplicate for rings only.
     bell_comm: ffi::MPI_Comm,
     /// The application's communicator, probed for messages in flight.
@@ -67,7 +70,7 @@ pub(crate) struct Mpi {
 // `Mutex`. The fields are MPI handles and plain integers. With MPICH every
 // handle is an `int` and this impl adds nothing. With Open MPI (the
 // `libcryo_rank_openmpi` flavour, the same code) a handle is a raw pointer:
-// `agree_comm`, `bell_comm` and the bell's request point to objects
+// `agree_comm`, `calib_comm`, `bell_comm` and the bell's request point to objects
 // `MPI_Comm_dup`/`MPI_Irecv` allocated in the library's heap, which stay
 // valid until `MPI_Comm_free`/completion, whichever thread asks; `app_comm`
 // may point to a predefined object (`ompi_mpi_comm_world`), a global of the
@@ -82,13 +85,14 @@ pub(crate) struct Mpi {
 unsafe impl Send for Mpi {}
 
 impl Mpi {
-    /// Duplicates `comm` twice for the runtime's private use.
+    /// Duplicates `comm` three times for the runtime's private use.
     ///
     /// # Safety
     /// `comm` must be a valid communicator of an initialised MPI library,
     /// used by this thread, and it must outlive the returned value.
     pub(crate) unsafe fn attach(comm: ffi::MPI_Comm) -> Result<Mpi, CallError> {
         let mut agree_comm: ffi::MPI_Comm = comm;
+        let mut calib_comm: ffi::MPI_Comm = comm;
         let mut bell_comm: ffi::MPI_Comm = comm;
         let mut rank = 0;
         let mut size = 0;
@@ -96,12 +100,14 @@ impl Mpi {
         // are out-parameters that live across the calls.
         unsafe {
             check(ffi::MPI_Comm_dup(comm, &mut agree_comm), "MPI_Comm_dup")?;
+            check(ffi::MPI_Comm_dup(comm, &mut calib_comm), "MPI_Comm_dup")?;
             check(ffi::MPI_Comm_dup(comm, &mut bell_comm), "MPI_Comm_dup")?;
             check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
             check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
         }
         Ok(Mpi {
             agree_comm,
+            calib_comm,
             bell_comm,
             app_comm: comm,
             rank,
@@ -146,6 +152,7 @@ impl Mpi {
         // SAFETY: our own duplicates, no longer used.
         unsafe {
             ffi::MPI_Comm_free(&mut self.agree_comm);
+            ffi::MPI_Comm_free(&mut self.calib_comm);
             ffi::MPI_Comm_free(&mut self.bell_comm);
         }
     }
@@ -292,6 +299,10 @@ impl Collectives for Mpi {
         words: [u64; N],
     ) -> Result<Collective<N>, CallError> {
         Collective::start(self.agree_comm, words, reduce)
+    }
+
+    fn start_calibration(&mut self, words: [u64; 1]) -> Result<Collective<1>, CallError> {
+        Collective::start(self.calib_comm, words, Reduce::Max)
     }
 
     fn test<const N: usize>(

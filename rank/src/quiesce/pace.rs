@@ -31,13 +31,28 @@ pub fn first_slack_floor(ranks: u32) -> u64 {
     MIN_SLACK + 4 * u64::from(ranks.max(1).ilog2())
 }
 
-/// The slack floor from the most safe points any rank needed between its
-/// join and seeing the join complete in the previous agreement: half as
-/// much again, plus one.
+/// The slack floor from the most safe points any rank needed from the
+/// latest join to seeing the join complete (in the last agreement or
+/// calibration): half as much again, rounded up (one more for one or two:
+/// 2, 3, 5, 6, …).
 pub fn slack_floor(most_needed: u64) -> u64 {
     let needed = most_needed.min(MAX_SLACK);
-    (needed + needed / 2 + 1).clamp(MIN_SLACK, MAX_SLACK)
+    (needed + needed.div_ceil(2)).clamp(MIN_SLACK, MAX_SLACK)
 }
+
+/// How often the ranks calibrate the slack (one non-blocking allreduce
+/// and a test per safe point until it completes, usually one or two): the
+/// first agreement after an application changes its pace or its MPI calls
+/// between safe points finds a floor at most this old.
+pub const CALIBRATION_PERIOD: Duration = Duration::from_millis(500);
+
+/// The fewest safe points between two calibrations (also before the pace is
+/// measured): with long iterations a calibration every safe point would
+/// only add tests.
+pub(crate) const MIN_CALIBRATION_GAP: u64 = 8;
+
+/// The most safe points between two calibrations.
+pub(crate) const MAX_CALIBRATION_GAP: u64 = 1 << 16;
 
 /// The longest a rank waits at the target for a step to complete: well
 /// below an agent's park timeout.
@@ -198,6 +213,8 @@ mod tests {
         assert_eq!(slack_floor(1), MIN_SLACK);
         // Seven safe points: half as much again, plus one.
         assert_eq!(slack_floor(7), 11);
+        // Two: one more, not two (a join seen complete a safe point late).
+        assert_eq!(slack_floor(2), 3);
         // Never without bound.
         assert_eq!(slack_floor(u64::MAX / 2), MAX_SLACK);
     }

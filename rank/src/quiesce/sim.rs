@@ -32,18 +32,6 @@ pub(crate) struct Op {
 }
 
 impl Op {
-    /// Whether this is the calibration (the only one-word MAX), which the
-    /// tests' views of the agreements leave out.
-    pub(crate) fn is_calibration(&self) -> bool {
-        self.reduce == Reduce::Max
-            && self
-                .words
-                .iter()
-                .flatten()
-                .next()
-                .is_some_and(|words| words.len() == 1)
-    }
-
     /// The result, once every rank has started it.
     pub(crate) fn result(&self) -> Option<Vec<u64>> {
         self.done.clone()
@@ -77,9 +65,11 @@ pub(crate) struct World {
     start: Instant,
     /// Virtual time since `start`.
     elapsed: Duration,
-    /// The allreduces in the order they were started (the same on every
-    /// rank).
+    /// The agreements' allreduces in the order they were started (the same
+    /// on every rank).
     pub(crate) ops: Vec<Op>,
+    /// The calibrations, in their own order (their own communicator).
+    pub(crate) calibrations: Vec<Op>,
     /// Rings sent to each rank and not yet received.
     pub(crate) mailbox: Vec<u64>,
     /// What each rank's probe finds.
@@ -99,8 +89,10 @@ impl World {
 pub(crate) struct SimNet {
     world: Rc<RefCell<World>>,
     rank: usize,
-    /// Allreduces this rank has started.
+    /// Agreement allreduces this rank has started.
     started: usize,
+    /// Calibrations this rank has started.
+    calibrated: usize,
     /// The bell took a ring that is not yet collected.
     rung: bool,
 }
@@ -111,6 +103,47 @@ pub(crate) struct SimNet {
 pub(crate) struct SimPending {
     index: usize,
     lag: u32,
+    calibration: bool,
+}
+
+/// Starts this rank's part of the `index`th allreduce of `ops`, checking
+/// that every rank starts it alike.
+fn start_op(
+    ops: &mut Vec<Op>,
+    ranks: usize,
+    rank: usize,
+    index: usize,
+    reduce: Reduce,
+    words: &[u64],
+) {
+    if ops.len() == index {
+        ops.push(Op {
+            reduce,
+            words: vec![None; ranks],
+            missing: ranks,
+            done: None,
+        });
+    }
+    let op = &mut ops[index];
+    assert_eq!(
+        op.reduce, reduce,
+        "rank {rank} started allreduce {index} as {reduce:?}, another rank as {:?}",
+        op.reduce
+    );
+    if let Some(other) = op.words.iter().flatten().next() {
+        assert_eq!(
+            other.len(),
+            words.len(),
+            "rank {rank} started allreduce {index} with {} words, another with {}",
+            words.len(),
+            other.len()
+        );
+    }
+    op.words[rank] = Some(words.to_vec());
+    op.missing -= 1;
+    if op.missing == 0 {
+        op.done = op.reduce_all();
+    }
 }
 
 impl Collectives for SimNet {
@@ -124,37 +157,35 @@ impl Collectives for SimNet {
         let mut world = self.world.borrow_mut();
         let index = self.started;
         self.started += 1;
-        if world.ops.len() == index {
-            let ranks = world.ranks;
-            world.ops.push(Op {
-                reduce,
-                words: vec![None; ranks],
-                missing: ranks,
-                done: None,
-            });
-        }
-        let op = &mut world.ops[index];
-        assert_eq!(
-            op.reduce, reduce,
-            "rank {} started allreduce {index} as {reduce:?}, another rank as {:?}",
-            self.rank, op.reduce
-        );
-        if let Some(other) = op.words.iter().flatten().next() {
-            assert_eq!(
-                other.len(),
-                N,
-                "rank {} started allreduce {index} with {N} words, another with {}",
-                self.rank,
-                other.len()
-            );
-        }
-        op.words[self.rank] = Some(words.to_vec());
-        op.missing -= 1;
-        if op.missing == 0 {
-            op.done = op.reduce_all();
-        }
+        let ranks = world.ranks;
+        start_op(&mut world.ops, ranks, self.rank, index, reduce, &words);
         let lag = world.lag[self.rank];
-        Ok(SimPending { index, lag })
+        Ok(SimPending {
+            index,
+            lag,
+            calibration: false,
+        })
+    }
+
+    fn start_calibration(&mut self, words: [u64; 1]) -> Result<SimPending, CallError> {
+        let mut world = self.world.borrow_mut();
+        let index = self.calibrated;
+        self.calibrated += 1;
+        let ranks = world.ranks;
+        start_op(
+            &mut world.calibrations,
+            ranks,
+            self.rank,
+            index,
+            Reduce::Max,
+            &words,
+        );
+        let lag = world.lag[self.rank];
+        Ok(SimPending {
+            index,
+            lag,
+            calibration: true,
+        })
     }
 
     fn test<const N: usize>(
@@ -162,7 +193,12 @@ impl Collectives for SimNet {
         pending: &mut SimPending,
     ) -> Result<Option<[u64; N]>, CallError> {
         let world = self.world.borrow();
-        let Some(result) = world.ops[pending.index].done.as_ref() else {
+        let ops = if pending.calibration {
+            &world.calibrations
+        } else {
+            &world.ops
+        };
+        let Some(result) = ops[pending.index].done.as_ref() else {
             return Ok(None);
         };
         if pending.lag > 0 {
@@ -258,17 +294,11 @@ pub(crate) struct SimRank {
 
 impl SimRank {
     /// Notes the safe point of the agreements' allreduces started since
-    /// `before` (the calibration left out).
+    /// `before` (calibrations are counted apart).
     fn record_starts(&mut self, before: usize) {
         let counter = self.q.counter();
-        let net = self.q.net_mut();
-        let now = net.started;
-        let world = net.world.borrow();
-        let agreement_ops = (before..now)
-            .filter(|index| !world.ops[*index].is_calibration())
-            .count();
-        drop(world);
-        self.starts.extend((0..agreement_ops).map(|_| counter));
+        let now = self.q.net_mut().started;
+        self.starts.extend((before..now).map(|_| counter));
     }
 }
 
@@ -292,6 +322,7 @@ impl Sim {
             start: Instant::now(),
             elapsed: Duration::ZERO,
             ops: Vec::new(),
+            calibrations: Vec::new(),
             mailbox: vec![0; ranks],
             in_flight: vec![None; ranks],
             lag: vec![0; ranks],
@@ -304,6 +335,7 @@ impl Sim {
                         world: Rc::clone(&world),
                         rank,
                         started: 0,
+                        calibrated: 0,
                         rung: false,
                     },
                     i32::try_from(rank).unwrap_or(i32::MAX),
@@ -456,20 +488,13 @@ impl Sim {
 
     /// The result of every allreduce so far, in order.
     pub(crate) fn results(&self) -> Vec<Option<Vec<u64>>> {
-        self.world
-            .borrow()
-            .ops
-            .iter()
-            .filter(|op| !op.is_calibration())
-            .map(Op::result)
-            .collect()
+        self.world.borrow().ops.iter().map(Op::result).collect()
     }
 
     /// What each rank contributed to allreduce `index`.
     pub(crate) fn words(&self, index: usize) -> Vec<Vec<u64>> {
         let world = self.world.borrow();
-        let agreements: Vec<&Op> = world.ops.iter().filter(|op| !op.is_calibration()).collect();
-        agreements[index]
+        world.ops[index]
             .words
             .iter()
             .map(|words| words.clone().unwrap_or_default())

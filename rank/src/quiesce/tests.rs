@@ -34,12 +34,14 @@ fn ranks_whose_flags_rise_at_different_safe_points_all_park_at_the_last_cap() {
         vec![(target, Decision::Park(1)); 4],
         "every rank parks at the same safe point"
     );
-    // One agreement: join, arrive (nobody missing), check (all clear).
+    // One agreement: join (the latest join at 12; one calibration each),
+    // arrive (nobody missing; each saw the join complete one safe point
+    // after the latest join), check (all clear).
     assert_eq!(
         sim.results(),
         vec![
-            Some(vec![1, target, 0]),
-            Some(vec![0]),
+            Some(vec![1, target, 12, 1]),
+            Some(vec![0, 1]),
             Some(vec![0, 0, 0, 0])
         ]
     );
@@ -104,22 +106,27 @@ fn a_rank_that_learns_the_target_late_makes_every_rank_join_again_with_four_time
 
     let results = sim.results();
     // Attempt 0: all joined at safe point 10, capped at 12.
-    assert_eq!(sim.words(0), vec![vec![1, 12, 0]; 3]);
+    assert_eq!(sim.words(0), vec![vec![1, 12, 10, 1]; 3]);
     // Rank 2 passed it (it learned the target at 13): one missing at the
-    // arrive, so no rank saw everyone there at the check.
-    assert_eq!(results[1], Some(vec![1]));
+    // arrive (and it needed 3 safe points from the latest join to see it
+    // complete), so no rank saw everyone there at the check.
+    assert_eq!(results[1], Some(vec![1, 3]));
     assert_eq!(results[2], Some(vec![0, 3, 0, 0]));
     // Attempt 1: caps four times the slack past the safe point where each
     // rank saw the check: ranks 0 and 1 were waiting at 12; rank 2, three
-    // tests late at each step, saw it at 19. The third word is the most
-    // safe points a rank needed to see the first join complete (rank 2: 3).
+    // tests late at each step, saw it at 19. The third word is the safe
+    // point of the join.
     let rejoined: Vec<u64> = sim.ranks.iter().map(|r| r.starts[3]).collect();
     assert_eq!(rejoined, vec![12, 12, 19]);
     assert_eq!(
         sim.words(3),
-        vec![vec![1, 12 + 8, 1], vec![1, 12 + 8, 1], vec![1, 19 + 8, 3]]
+        vec![
+            vec![1, 12 + 8, 12, 1],
+            vec![1, 12 + 8, 12, 1],
+            vec![1, 19 + 8, 19, 1]
+        ]
     );
-    assert_eq!(results[3], Some(vec![1, 27, 3]));
+    assert_eq!(results[3], Some(vec![1, 27, 19, 1]));
     // Now every rank learns the target in time and all park there.
     assert_eq!(sim.last_decisions(), vec![(27, Decision::Park(1)); 3]);
     for r in &sim.ranks {
@@ -189,10 +196,10 @@ fn a_rank_whose_agent_never_raises_the_flag_joins_on_a_ring() {
     assert_eq!(sim.last_decisions(), vec![(target, Decision::Park(1)); 3]);
     assert_eq!(
         sim.words(0)[2],
-        vec![0, target, 0],
+        vec![0, target, 101, 1],
         "a ring carries no epoch"
     );
-    assert_eq!(sim.results()[0], Some(vec![1, target, 0]));
+    assert_eq!(sim.results()[0], Some(vec![1, target, 101, 1]));
     // The check counted two rings.
     assert_eq!(sim.results()[2], Some(vec![0, 0, 2, 0]));
     let stats: Vec<_> = sim
@@ -289,7 +296,7 @@ fn ranks_left_waiting_at_the_target_leave_it_when_their_patience_runs_out_and_al
     // "there" at the arrive, but the check says two are not: all retry.
     sim.run_until_decided(2000);
     let results = sim.results();
-    assert_eq!(results[1], Some(vec![0]));
+    assert_eq!(results[1], Some(vec![0, 1]));
     assert_eq!(results[2], Some(vec![0, 2, 0, 0]));
     let decisions = sim.last_decisions();
     let park_at = decisions[0].0;
@@ -365,12 +372,12 @@ fn a_rank_leaving_its_loop_completes_the_agreement_in_progress_and_ends_them() {
     let results = sim.results();
     assert_eq!(
         results[0],
-        Some(vec![1, u64::MAX, 0]),
+        Some(vec![1, u64::MAX, 7, 1]),
         "the target is NEVER"
     );
     assert_eq!(
         results[1],
-        Some(vec![3]),
+        Some(vec![1, 1]),
         "nobody is at an unreachable target"
     );
     assert_eq!(results[2], Some(vec![0, 3, 0, 1]), "one rank leaving");
@@ -401,7 +408,7 @@ fn a_rank_leaving_with_no_agreement_under_way_starts_one_and_rings_the_others_in
     // ring at their next look (safe point 101) and the agreement ended.
     let ring_after = (RING_AFTER.as_millis() / ROUND.as_millis()) as u64;
     assert!(9 + ring_after < 101);
-    assert_eq!(sim.words(0)[1], vec![0, 101 + SLACK, 0]);
+    assert_eq!(sim.words(0)[1], vec![0, 101 + SLACK, 101, 1]);
     assert_eq!(sim.results()[2], Some(vec![0, 3, 1, 1]));
     let stats: Vec<_> = sim
         .ranks
