@@ -46,8 +46,10 @@ Where checkpoints go: --store, else CRYO_STORE, else ./cryo-store (a directory e
 
 Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_QUIESCE_SLACK=N   safe points an MPI rank may run past a checkpoint request while the
-                         ranks agree (default: auto, from the ranks' pace); more waits longer
-                         before parking, less makes the agreement retry more often
+                         ranks agree (default: auto, measured from the ranks' pace and their
+                         MPI progress; a coupled code parks 2 safe points after the request
+                         reaches its last rank); more waits longer before parking, less makes
+                         the agreement retry more often
   CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
   CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
@@ -55,7 +57,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
                          lower it when many ranks share a node's cores
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
-an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start.
+an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
+checkpoint before then warms what it will copy while the ranks head for their safe point).
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
 GC repacks a pack.";

@@ -347,9 +347,13 @@ impl<C: Collectives> Quiesce<C> {
     fn calibrate(&mut self) -> Result<(), CallError> {
         let may_start = self.agreement.is_none() && !self.leaving && !self.ended;
         let first = self.calibration.done() == 0;
-        let measured =
-            self.calibration
-                .drive(&mut self.net, self.counter, &mut self.pace, may_start)?;
+        let measured = self.calibration.drive(
+            &mut self.net,
+            self.counter,
+            &mut self.pace,
+            may_start,
+            self.leaving,
+        )?;
         if let Some(needed) = measured {
             self.slack_floor = if first {
                 self.slack_floor.min(slack_floor(needed))

@@ -15,14 +15,13 @@
 //! allreduces on a private duplicate of the application's communicator,
 //! which every rank starts exactly once and in the same order:
 //!
-//! 1. **join** `MAX[epoch, cap, joined at]`: a rank joins when its agent
-//!    raises its flag. Its cap is its current index plus [`JOIN_SLACK`]
-//!    worth of safe points, at least a floor (see [`slack_floor`]: from the
-//!    safe points the previous agreement needed; before the first, from
-//!    those a one-word calibration allreduce started at the first safe
-//!    point took, at most [`first_slack_floor`]). It does not wait: it
-//!    keeps computing and drives the join with one `MPI_Test` per safe
-//!    point. The result is the epoch, the **target** (the largest cap,
+//! 1. **join** `MAX[epoch, cap, joined at, calibrations]`: a rank joins
+//!    when its agent raises its flag. Its cap is its current index plus
+//!    [`JOIN_SLACK`] worth of safe points, at least a floor (see
+//!    [`slack_floor`]: from the safe points the last agreement or
+//!    calibration needed, see `calibration.rs`; before any, at most
+//!    [`first_slack_floor`]). It does not wait: it keeps computing and
+//!    drives the join with one `MPI_Test` per safe point. The result is the epoch, the **target** (the largest cap,
 //!    which is the latest joiner's) and the latest join: normally every
 //!    rank learns the target before reaching it. What the slack must cover
 //!    is the safe points from the latest join to seeing it complete, not
@@ -83,6 +82,10 @@
 //!   it drives a small `Collectives` trait.
 //! * `pace.rs`: a rank's pace and what follows from it: the slack of a
 //!   join, the looks for a ring, the patience at the target.
+//! * `calibration.rs`: the calibrations, repeated about every 500 ms on a
+//!   communicator of their own, that keep the slack floor fitting the
+//!   application's current MPI progress, and how every rank ends with the
+//!   same ones whatever safe point it leaves at.
 //! * `flavour.rs`: which MPI this build speaks (MPICH's `int` handles or
 //!   Open MPI's pointers), and the check of a program's handle size.
 //! * `mpi.rs`: the MPI binding, `Collectives` over `mpi::ffi`: the private
