@@ -197,7 +197,7 @@ pub(super) fn quiesce(
         .arg(work.join("scratch"))
         .arg("--")
         .arg(bin.join("quiesce-bench"))
-        .args(["--iters", "10", "--trials", "1", "--run-secs", "120"])
+        .args(["--trials", "0", "--run-secs", "120"])
         .arg("--iter-us")
         .arg(iter_us.to_string())
         .arg("--state-bytes")

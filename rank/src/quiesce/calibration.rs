@@ -1,5 +1,6 @@
 //! The calibrations: one-word allreduces that every rank starts at the same
-//! agreed safe points (the first at safe point 1, each next one about
+//! agreed safe points (the first at safe point 1, followed at once by a
+//! second because the ranks' start may slow the first, each next one about
 //! [`CALIBRATION_PERIOD`] later, at the MAX of the ranks' proposals). The
 //! safe points one takes to complete say how many a join needs with this
 //! application's MPI calls driving it, so the slack follows the
@@ -136,7 +137,10 @@ impl<C: Collectives> Calibration<C> {
                     MAX_CALIBRATION_GAP,
                 );
                 // Each rank proposes the next one's safe point; the MAX is
-                // the one all of them use.
+                // the one all of them use. The first is followed at once:
+                // the ranks' start may slow it, and it only bounds the
+                // floor.
+                let gap = if self.started == 0 { 1 } else { gap };
                 let proposal = counter.saturating_add(gap);
                 self.pending = Some((net.start_calibration([proposal])?, self.next_at));
                 self.started += 1;
@@ -261,23 +265,25 @@ mod tests {
 
     #[test]
     fn ranks_leaving_at_different_safe_points_start_the_same_calibrations() {
-        // Calibrations fall due at safe points 1, 9, 17, 25, … here. Rank 0
-        // leaves at 24; the others pass 25 (and start a calibration there)
-        // before they learn of its final agreement, and leave much later.
+        // Calibrations fall due at safe points 1 and 2 (the first is
+        // followed at once), then 10, 18, 26, … here. Rank 0 leaves at 25;
+        // the others pass 26 (and start a calibration there) before they
+        // learn of its final agreement, and leave much later.
         let mut sim = long_iterations(3);
-        sim.run(24);
+        sim.run(25);
+        assert_eq!(sim.world.borrow().calibrations.len(), 4);
         sim.finalize(0);
         sim.run(1);
         let started = sim.world.borrow().calibrations.len();
-        assert_eq!(started, 4, "the others started the one due at 25");
+        assert_eq!(started, 5, "the others started the one due at 26");
         sim.run(30);
         sim.finalize(1);
         sim.run(5);
         sim.finalize(2);
         sim.run_until(1000, |sim| sim.ranks.iter().all(|r| r.mode == Mode::Gone));
-        // Rank 0 started the fourth as it left; none started a fifth,
-        // though the others passed safe points 33, 41 and 49.
-        assert_eq!(sim.world.borrow().calibrations.len(), 4);
+        // Rank 0 started the fifth as it left; none started a sixth,
+        // though the others passed safe points 34, 42 and 50.
+        assert_eq!(sim.world.borrow().calibrations.len(), 5);
         assert_calibrations_complete(&sim);
         sim.assert_quiet();
     }

@@ -82,7 +82,7 @@
 //!   it drives a small `Collectives` trait.
 //! * `pace.rs`: a rank's pace and what follows from it: the slack of a
 //!   join, the looks for a ring, the patience at the target.
-//! * `calibration.rs`: the calibrations, repeated about every 500 ms on a
+//! * `calibration.rs`: the calibrations, repeated about every second on a
 //!   communicator of their own, that keep the slack floor fitting the
 //!   application's current MPI progress, and how every rank ends with the
 //!   same ones whatever safe point it leaves at.

@@ -102,6 +102,23 @@ impl Mpi {
             check(ffi::MPI_Comm_dup(comm, &mut agree_comm), "MPI_Comm_dup")?;
             check(ffi::MPI_Comm_dup(comm, &mut calib_comm), "MPI_Comm_dup")?;
             check(ffi::MPI_Comm_dup(comm, &mut bell_comm), "MPI_Comm_dup")?;
+            // One blocking allreduce on each new communicator: MPI sets a
+            // communicator's collectives up on first use, and a first
+            // calibration or join that pays for it takes many safe points.
+            for private in [agree_comm, calib_comm] {
+                let (send, mut recv) = (0u64, 0u64);
+                check(
+                    ffi::MPI_Allreduce(
+                        std::ptr::from_ref(&send).cast(),
+                        std::ptr::from_mut(&mut recv).cast(),
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        ffi::RSMPI_MAX,
+                        private,
+                    ),
+                    "MPI_Allreduce",
+                )?;
+            }
             check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
             check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
         }

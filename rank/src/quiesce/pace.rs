@@ -41,10 +41,11 @@ pub fn slack_floor(most_needed: u64) -> u64 {
 }
 
 /// How often the ranks calibrate the slack (one non-blocking allreduce
-/// and a test per safe point until it completes, usually one or two): the
+/// and a test per safe point until it completes, usually one or two, a
+/// few dozen where ranks compute apart with more ranks than cores): the
 /// first agreement after an application changes its pace or its MPI calls
 /// between safe points finds a floor at most this old.
-pub const CALIBRATION_PERIOD: Duration = Duration::from_millis(500);
+pub const CALIBRATION_PERIOD: Duration = Duration::from_secs(1);
 
 /// The fewest safe points between two calibrations (also before the pace is
 /// measured): with long iterations a calibration every safe point would

@@ -34,13 +34,13 @@ fn ranks_whose_flags_rise_at_different_safe_points_all_park_at_the_last_cap() {
         vec![(target, Decision::Park(1)); 4],
         "every rank parks at the same safe point"
     );
-    // One agreement: join (the latest join at 12; one calibration each),
+    // One agreement: join (the latest join at 12; two calibrations each),
     // arrive (nobody missing; each saw the join complete one safe point
     // after the latest join), check (all clear).
     assert_eq!(
         sim.results(),
         vec![
-            Some(vec![1, target, 12, 1]),
+            Some(vec![1, target, 12, 2]),
             Some(vec![0, 1]),
             Some(vec![0, 0, 0, 0])
         ]
@@ -106,7 +106,7 @@ fn a_rank_that_learns_the_target_late_makes_every_rank_join_again_with_four_time
 
     let results = sim.results();
     // Attempt 0: all joined at safe point 10, capped at 12.
-    assert_eq!(sim.words(0), vec![vec![1, 12, 10, 1]; 3]);
+    assert_eq!(sim.words(0), vec![vec![1, 12, 10, 2]; 3]);
     // Rank 2 passed it (it learned the target at 13): one missing at the
     // arrive (and it needed 3 safe points from the latest join to see it
     // complete), so no rank saw everyone there at the check.
@@ -121,12 +121,12 @@ fn a_rank_that_learns_the_target_late_makes_every_rank_join_again_with_four_time
     assert_eq!(
         sim.words(3),
         vec![
-            vec![1, 12 + 8, 12, 1],
-            vec![1, 12 + 8, 12, 1],
-            vec![1, 19 + 8, 19, 1]
+            vec![1, 12 + 8, 12, 2],
+            vec![1, 12 + 8, 12, 2],
+            vec![1, 19 + 8, 19, 2]
         ]
     );
-    assert_eq!(results[3], Some(vec![1, 27, 19, 1]));
+    assert_eq!(results[3], Some(vec![1, 27, 19, 2]));
     // Now every rank learns the target in time and all park there.
     assert_eq!(sim.last_decisions(), vec![(27, Decision::Park(1)); 3]);
     for r in &sim.ranks {
@@ -196,10 +196,10 @@ fn a_rank_whose_agent_never_raises_the_flag_joins_on_a_ring() {
     assert_eq!(sim.last_decisions(), vec![(target, Decision::Park(1)); 3]);
     assert_eq!(
         sim.words(0)[2],
-        vec![0, target, 101, 1],
+        vec![0, target, 101, 2],
         "a ring carries no epoch"
     );
-    assert_eq!(sim.results()[0], Some(vec![1, target, 101, 1]));
+    assert_eq!(sim.results()[0], Some(vec![1, target, 101, 2]));
     // The check counted two rings.
     assert_eq!(sim.results()[2], Some(vec![0, 0, 2, 0]));
     let stats: Vec<_> = sim
@@ -372,7 +372,7 @@ fn a_rank_leaving_its_loop_completes_the_agreement_in_progress_and_ends_them() {
     let results = sim.results();
     assert_eq!(
         results[0],
-        Some(vec![1, u64::MAX, 7, 1]),
+        Some(vec![1, u64::MAX, 7, 2]),
         "the target is NEVER"
     );
     assert_eq!(
@@ -408,7 +408,7 @@ fn a_rank_leaving_with_no_agreement_under_way_starts_one_and_rings_the_others_in
     // ring at their next look (safe point 101) and the agreement ended.
     let ring_after = (RING_AFTER.as_millis() / ROUND.as_millis()) as u64;
     assert!(9 + ring_after < 101);
-    assert_eq!(sim.words(0)[1], vec![0, 101 + SLACK, 101, 1]);
+    assert_eq!(sim.words(0)[1], vec![0, 101 + SLACK, 101, 2]);
     assert_eq!(sim.results()[2], Some(vec![0, 3, 1, 1]));
     let stats: Vec<_> = sim
         .ranks

@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use mpi::collective::SystemOperation;
+use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
 #[derive(Debug, Parser)]
@@ -44,7 +45,9 @@ struct Args {
     /// Iterations per block.
     #[arg(long, default_value_t = 200)]
     iters: u64,
-    /// Interleaved pairs of blocks (without / with safe points).
+    /// Interleaved pairs of blocks (without / with safe points); 0 skips
+    /// the safe point's cost altogether (only the `--run-secs` iterations:
+    /// a job that is coupled from its first safe point).
     #[arg(long, default_value_t = 15)]
     trials: u32,
     /// Also print the figures as one JSON line.
@@ -135,6 +138,68 @@ fn main() -> Result<()> {
         *byte = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes()[7];
     }
 
+    if args.trials > 0 {
+        measure_cost(&args, &world)?;
+    }
+    if args.run_secs > 0.0 {
+        let until = Instant::now() + Duration::from_secs_f64(args.run_secs);
+        let in_flight = args.in_flight && world.size() > 1;
+        // Flushed at each checkpoint, so the lines up to it are there even
+        // if the job is then preempted and killed.
+        let mut log = match &args.points_log {
+            Some(prefix) => {
+                let path = format!("{}.{}", prefix.display(), world.rank());
+                let file =
+                    std::fs::File::create(&path).with_context(|| format!("creating {path}"))?;
+                Some(std::io::BufWriter::new(file))
+            }
+            None => None,
+        };
+        loop {
+            spin(args.work, args.iter_us);
+            if in_flight && world.rank() == 0 {
+                world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
+            }
+            let (wall, t) = (unix_ns(), Instant::now());
+            let outcome = cryo_rank::checkpoint_point().context("safe point")?;
+            if let Some(log) = &mut log {
+                use std::io::Write;
+                let epoch = match outcome {
+                    cryo_rank::SafePoint::Checkpointed(epoch) => epoch,
+                    _ => 0,
+                };
+                writeln!(log, "{wall} {} {epoch}", t.elapsed().as_nanos())
+                    .context("writing the points log")?;
+                if epoch != 0 {
+                    log.flush().context("writing the points log")?;
+                }
+            }
+            if in_flight && world.rank() == 1 {
+                let (_, _) = world
+                    .process_at_rank(0)
+                    .receive_with_tag::<u64>(IN_FLIGHT_TAG);
+            }
+            // Agree on stopping, so every rank calls the safe point equally often.
+            let local = u8::from(Instant::now() >= until);
+            let mut all = 0u8;
+            world.all_reduce_into(&local, &mut all, SystemOperation::max());
+            if all != 0 {
+                break;
+            }
+        }
+        if let Some(mut log) = log {
+            use std::io::Write;
+            log.flush().context("writing the points log")?;
+        }
+    }
+    cryo_rank::finalize();
+    Ok(())
+}
+
+/// The safe point's cost: interleaved blocks of iterations without and with
+/// safe points, an A/A control, and the safe point's own CPU time, printed
+/// by rank 0.
+fn measure_cost(args: &Args, world: &SimpleCommunicator) -> Result<()> {
     let measure = |with_safe_point: bool| -> Result<f64> {
         world.barrier();
         let start = Instant::now();
@@ -154,7 +219,7 @@ fn main() -> Result<()> {
     let mut plain = Vec::new();
     let mut with = Vec::new();
     let mut control = Vec::new();
-    for trial in 0..args.trials.max(1) {
+    for trial in 0..args.trials {
         // Rotate the order, so no side always follows another.
         for slot in 0..3 {
             match (trial + slot) % 3 {
@@ -217,7 +282,7 @@ fn main() -> Result<()> {
             },
             ran_ns / 1e3,
             per_point_ns,
-            args.trials.max(1),
+            args.trials,
             median_ns,
             noise_ns,
             control_ns,
@@ -233,7 +298,7 @@ fn main() -> Result<()> {
                     Work::Clock => "clock",
                 },
                 iter_ns,
-                args.trials.max(1),
+                args.trials,
                 args.iters,
                 plain_min * 1e9,
                 with_min * 1e9,
@@ -245,57 +310,5 @@ fn main() -> Result<()> {
             );
         }
     }
-    if args.run_secs > 0.0 {
-        let until = Instant::now() + Duration::from_secs_f64(args.run_secs);
-        let in_flight = args.in_flight && world.size() > 1;
-        // Flushed at each checkpoint, so the lines up to it are there even
-        // if the job is then preempted and killed.
-        let mut log = match &args.points_log {
-            Some(prefix) => {
-                let path = format!("{}.{}", prefix.display(), world.rank());
-                let file =
-                    std::fs::File::create(&path).with_context(|| format!("creating {path}"))?;
-                Some(std::io::BufWriter::new(file))
-            }
-            None => None,
-        };
-        loop {
-            spin(args.work, args.iter_us);
-            if in_flight && world.rank() == 0 {
-                world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
-            }
-            let (wall, t) = (unix_ns(), Instant::now());
-            let outcome = cryo_rank::checkpoint_point().context("safe point")?;
-            if let Some(log) = &mut log {
-                use std::io::Write;
-                let epoch = match outcome {
-                    cryo_rank::SafePoint::Checkpointed(epoch) => epoch,
-                    _ => 0,
-                };
-                writeln!(log, "{wall} {} {epoch}", t.elapsed().as_nanos())
-                    .context("writing the points log")?;
-                if epoch != 0 {
-                    log.flush().context("writing the points log")?;
-                }
-            }
-            if in_flight && world.rank() == 1 {
-                let (_, _) = world
-                    .process_at_rank(0)
-                    .receive_with_tag::<u64>(IN_FLIGHT_TAG);
-            }
-            // Agree on stopping, so every rank calls the safe point equally often.
-            let local = u8::from(Instant::now() >= until);
-            let mut all = 0u8;
-            world.all_reduce_into(&local, &mut all, SystemOperation::max());
-            if all != 0 {
-                break;
-            }
-        }
-        if let Some(mut log) = log {
-            use std::io::Write;
-            log.flush().context("writing the points log")?;
-        }
-    }
-    cryo_rank::finalize();
     Ok(())
 }
