@@ -303,7 +303,7 @@ fn warm_for(pool: &BufferPool, ranks: &[Arc<RankConn>]) {
                 .unwrap_or(0)
         })
         .sum();
-    if pool.warm_bytes() >= bytes.min(pool.bytes()) {
+    if !pool.short_of(bytes) {
         return;
     }
     let pool = pool.clone();

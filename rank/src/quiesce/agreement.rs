@@ -13,6 +13,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::calibration::Calibration;
+pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
 use super::pace::{first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
@@ -27,88 +28,6 @@ pub const RING_AFTER: Duration = Duration::from_millis(50);
 /// A cap (and so a target) that no safe point reaches: a rank that has left
 /// its loop takes part in an agreement without ever parking in it.
 const NEVER: u64 = u64::MAX;
-
-/// The reductions the agreement uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Reduce {
-    Max,
-    Sum,
-}
-
-/// An MPI call that failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct CallError {
-    /// The MPI function, e.g. `MPI_Test`.
-    pub(crate) call: &'static str,
-    /// Its error code.
-    pub(crate) code: i32,
-}
-
-impl fmt::Display for CallError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} failed with MPI error {}", self.call, self.code)
-    }
-}
-
-/// A message a rank at the target found waiting on the application's
-/// communicator: sent before the safe point and not received.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct InFlight {
-    /// Its sender's rank.
-    pub(crate) source: i32,
-    /// Its tag.
-    pub(crate) tag: i32,
-}
-
-/// What the agreement needs from MPI, and nothing more: one non-blocking
-/// allreduce at a time on a private communicator, a probe of the
-/// application's communicator, the ring and its bell, and a clock.
-///
-/// Every rank calls `start` the same number of times, in the same order,
-/// with the same `reduce` and `N`: the agreement's decisions are all taken
-/// from results that are the same on every rank.
-pub(crate) trait Collectives {
-    /// A started allreduce of `N` words, completed by [`Collectives::test`].
-    type Pending<const N: usize>;
-
-    /// Starts a non-blocking allreduce of `words` over every rank.
-    fn start<const N: usize>(
-        &mut self,
-        reduce: Reduce,
-        words: [u64; N],
-    ) -> Result<Self::Pending<N>, CallError>;
-
-    /// Starts a calibration: a non-blocking one-word MAX over every rank,
-    /// on a communicator of its own (calibrations and agreements are not
-    /// started in the same order on every rank).
-    fn start_calibration(&mut self, words: [u64; 1]) -> Result<Self::Pending<1>, CallError>;
-
-    /// Tests it once (driving its progress): its result once complete.
-    fn test<const N: usize>(
-        &mut self,
-        pending: &mut Self::Pending<N>,
-    ) -> Result<Option<[u64; N]>, CallError>;
-
-    /// Looks for a message waiting on the application's communicator, for
-    /// a short window (see `PROBE_WINDOW`).
-    fn probe(&mut self) -> Result<Option<InFlight>, CallError>;
-
-    /// Rings every other rank.
-    fn ring(&mut self) -> Result<(), CallError>;
-
-    /// Looks once for a ring: whether one came since the bell was last
-    /// listened to. A ring once taken is not reported again until
-    /// [`Collectives::collect_rings`].
-    fn bell_rang(&mut self) -> Result<bool, CallError>;
-
-    /// Receives the `rings` sent to this rank in the agreement that just
-    /// ended (counting one the bell took), then listens again.
-    fn collect_rings(&mut self, rings: u64) -> Result<(), CallError>;
-
-    /// The time, read only where a period is measured (never at a safe
-    /// point with nothing to do).
-    fn now(&self) -> Instant;
-}
 
 /// What the agreement asks of the rank after a call.
 #[derive(Debug, PartialEq, Eq)]
@@ -370,6 +289,13 @@ impl<C: Collectives> Quiesce<C> {
         Ok(())
     }
 
+    /// Drives the calibrations once more and says whether this rank still
+    /// owes one (a leaving rank waits until it does not).
+    fn still_calibrating(&mut self) -> Result<bool, CallError> {
+        self.calibrate()?;
+        Ok(self.calibration.owed())
+    }
+
     /// Starts this rank's part of an agreement: the epoch it knows of and
     /// the safe point it can promise not to pass before learning the target.
     fn join(&mut self, epoch: u64, attempt: u32) -> Result<(), CallError> {
@@ -424,11 +350,8 @@ impl<C: Collectives> Quiesce<C> {
             Progress::Continue
         };
         if self.ended {
-            if self.leaving {
-                self.calibrate()?;
-                if self.calibration.owed() {
-                    return Ok(Progress::Wait);
-                }
+            if self.leaving && self.still_calibrating()? {
+                return Ok(Progress::Wait);
             }
             return Ok(Progress::Continue);
         }
@@ -556,11 +479,8 @@ impl<C: Collectives> Quiesce<C> {
                     let decision = if leaving > 0 {
                         self.ended = true;
                         self.calibration.close(calibrations);
-                        if self.leaving {
-                            self.calibrate()?;
-                            if self.calibration.owed() {
-                                return Ok(Progress::Wait);
-                            }
+                        if self.leaving && self.still_calibrating()? {
+                            return Ok(Progress::Wait);
                         }
                         Decision::ComputeOn
                     } else if in_flight_ranks > 0 {

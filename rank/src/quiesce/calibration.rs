@@ -178,6 +178,20 @@ mod tests {
         }
     }
 
+    /// Raises `epoch` on every rank's flag: each sees it at its next safe
+    /// point, and all park two safe points after the latest of those.
+    fn assert_the_next_request_parks_two_after_the_latest_join(sim: &mut Sim, epoch: u64) {
+        let ranks: Vec<usize> = (0..sim.ranks.len()).collect();
+        let latest_join = sim.ranks.iter().map(|r| r.q.counter()).max().unwrap() + 1;
+        sim.raise(epoch, &ranks);
+        sim.run_until_decided(100);
+        assert_eq!(
+            sim.last_decisions(),
+            vec![(latest_join + 2, Decision::Park(epoch)); ranks.len()]
+        );
+        sim.assert_quiet();
+    }
+
     #[test]
     fn a_slow_calibration_is_tested_at_a_quarter_of_its_age() {
         use super::{test_spacing, EVERY_SAFE_POINT};
@@ -224,14 +238,7 @@ mod tests {
         }
         // The next request, seen by each rank at its next safe point, parks
         // them two safe points after the latest of those.
-        let latest_join = sim.ranks.iter().map(|r| r.q.counter()).max().unwrap() + 1;
-        sim.raise(2, &[0, 1, 2, 3]);
-        sim.run_until_decided(100);
-        assert_eq!(
-            sim.last_decisions(),
-            vec![(latest_join + 2, Decision::Park(2)); 4]
-        );
-        sim.assert_quiet();
+        assert_the_next_request_parks_two_after_the_latest_join(&mut sim, 2);
     }
 
     #[test]
@@ -253,14 +260,7 @@ mod tests {
         for r in &sim.ranks {
             assert_eq!(r.q.slack_floor(), 2, "rank {}", r.q.rank());
         }
-        let latest_join = sim.ranks.iter().map(|r| r.q.counter()).max().unwrap() + 1;
-        sim.raise(1, &(0..8).collect::<Vec<_>>());
-        sim.run_until_decided(100);
-        assert_eq!(
-            sim.last_decisions(),
-            vec![(latest_join + 2, Decision::Park(1)); 8]
-        );
-        sim.assert_quiet();
+        assert_the_next_request_parks_two_after_the_latest_join(&mut sim, 1);
     }
 
     #[test]

@@ -80,6 +80,8 @@
 //!   join, arrive and check, and what the sums decide (park, refuse, join
 //!   again, leave the target, finish for a leaving rank). It calls no MPI:
 //!   it drives a small `Collectives` trait.
+//! * `collectives.rs`: the `Collectives` trait the machine drives (start
+//!   and test an allreduce, probe, ring), and the values that cross it.
 //! * `pace.rs`: a rank's pace and what follows from it: the slack of a
 //!   join, the looks for a ring, the patience at the target.
 //! * `calibration.rs`: the calibrations, repeated about every second on a
@@ -100,6 +102,7 @@
 
 mod agreement;
 mod calibration;
+mod collectives;
 mod flavour;
 mod mpi;
 mod pace;
