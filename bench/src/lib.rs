@@ -8,6 +8,8 @@
 //!   format 2, counted (`cryo-bench store`).
 //! * [`agent`]: checkpoint and restart of real ranks by a real agent
 //!   (`cryo-bench agent`).
+//! * [`cold_restart`]: a restart from a store out of the page cache, with
+//!   and without the ranks' prefetch (`cryo-bench cold-restart`).
 //! * [`start`]: a job's start and end under `cryo run` against its
 //!   launcher alone (`cryo-bench start`).
 //! * [`figures`]: one configuration's figures, as the agent driver writes
@@ -21,6 +23,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
 pub mod agent;
+pub mod cold_restart;
 pub mod figures;
 pub mod plot;
 pub mod start;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryo_bench::agent::{self, AgentBenchArgs};
+use cryo_bench::cold_restart::{render_cold_restart, run_cold_restart_bench, ColdRestartArgs};
 use cryo_bench::start::{render_start, run_start_bench, StartArgs};
 use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
 use cryo_bench::store_ops::{render_ops, run_ops};
@@ -33,6 +34,9 @@ enum Command {
     Agent(Box<AgentBenchArgs>),
     /// A job's start and end under `cryo run` against its launcher alone.
     Start(StartArgs),
+    /// A restart from a store out of the page cache, with and without the
+    /// ranks' prefetch.
+    ColdRestart(ColdRestartArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Some(Command::Agent(args)) => agent::run(&args).context("the agent benchmark")?,
+        Some(Command::ColdRestart(args)) => {
+            let report = run_cold_restart_bench(&args).context("the cold restart benchmark")?;
+            print!("{}", render_cold_restart(&report));
+        }
         Some(Command::Start(args)) => {
             let report = run_start_bench(&args).context("the start benchmark")?;
             print!("{}", render_start(&report));

@@ -103,7 +103,7 @@ impl StartReport {
     }
 }
 
-fn median(values: &[f64]) -> f64 {
+pub(crate) fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     match sorted.len() {
@@ -115,20 +115,8 @@ fn median(values: &[f64]) -> f64 {
 
 /// Runs the benchmark.
 pub fn run_start_bench(args: &StartArgs) -> Result<StartReport, StartBenchError> {
-    let bin = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()
-            .map_err(StartBenchError::CurrentExe)?
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_default(),
-    };
+    let bin = bin_dir(args.bin_dir.as_deref())?;
     let (cryo, program) = (bin.join("cryo"), bin.join("quiesce-bench"));
-    for path in [&cryo, &program] {
-        if !path.exists() {
-            return Err(StartBenchError::Missing(path.clone()));
-        }
-    }
     let scratch = args
         .dir
         .join(format!("cryo-bench-start-{}", std::process::id()));
@@ -183,6 +171,25 @@ pub fn run_start_bench(args: &StartArgs) -> Result<StartReport, StartBenchError>
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     result.map(|()| report)
+}
+
+/// The directory with `cryo` and `quiesce-bench`: `given`, or this
+/// executable's.
+pub(crate) fn bin_dir(given: Option<&Path>) -> Result<PathBuf, StartBenchError> {
+    let bin = match given {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::current_exe()
+            .map_err(StartBenchError::CurrentExe)?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    };
+    for name in ["cryo", "quiesce-bench"] {
+        if !bin.join(name).exists() {
+            return Err(StartBenchError::Missing(bin.join(name)));
+        }
+    }
+    Ok(bin)
 }
 
 fn timed(command: &'static str, cmd: &mut Command) -> Result<f64, StartBenchError> {

@@ -144,12 +144,13 @@ pub(crate) fn external_agent_env(
     if let Some(budget) = &opts.copy_budget {
         env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
     }
-    if let Some(epoch) = opts.restart_from {
-        env.push((
-            cryo_core::env::ENV_RESTART_FROM.to_owned(),
-            epoch.to_string(),
-        ));
-    }
+    // The store and the epoch are already there; the ranks' prefetch also
+    // needs the job, which the launcher may not carry to other hosts.
+    let missing: Vec<_> = prefetch_env(opts)
+        .into_iter()
+        .filter(|(key, _)| !env.iter().any(|(k, _)| k == key))
+        .collect();
+    env.extend(missing);
     env
 }
 
@@ -182,14 +183,39 @@ pub(crate) fn spawn_agents_and_wait(
     Ok(c.opts
         .placement
         .iter()
-        .map(|p| LaunchBlock {
-            ranks: p.ranks.end - p.ranks.start,
-            env: vec![(
+        .map(|p| {
+            let mut env = vec![(
                 ENV_AGENT_SOCKET.to_owned(),
                 sockets[&p.node].to_string_lossy().into_owned(),
-            )],
+            )];
+            env.extend(prefetch_env(&c.opts));
+            LaunchBlock {
+                ranks: p.ranks.end - p.ranks.start,
+                env,
+            }
         })
         .collect())
+}
+
+/// What a restarting rank needs to read its chunks while it starts, before
+/// its agent tells it what to restore (`rank/src/prefetch.rs`): the store,
+/// the job and the epoch. Nothing for a fresh start.
+pub(crate) fn prefetch_env(opts: &RunOptions) -> Vec<(String, String)> {
+    let Some(epoch) = opts.restart_from else {
+        return Vec::new();
+    };
+    let store = std::path::absolute(&opts.store).unwrap_or_else(|_| opts.store.clone());
+    vec![
+        (
+            cryo_core::env::ENV_STORE.to_owned(),
+            store.to_string_lossy().into_owned(),
+        ),
+        (ENV_JOB.to_owned(), opts.job.clone()),
+        (
+            cryo_core::env::ENV_RESTART_FROM.to_owned(),
+            epoch.to_string(),
+        ),
+    ]
 }
 
 /// Waits until `expected` agents have said hello, failing early when one of

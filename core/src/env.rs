@@ -9,7 +9,7 @@ pub const ENV_AGENT_SOCKET: &str = "CRYO_AGENT_SOCKET";
 /// The job name.
 pub const ENV_JOB: &str = "CRYO_JOB";
 /// The rank (falls back to `PMI_RANK`, `OMPI_COMM_WORLD_RANK`,
-/// `SLURM_PROCID`).
+/// `PMIX_RANK`, `SLURM_PROCID`).
 pub const ENV_RANK: &str = "CRYO_RANK";
 /// The job token.
 pub const ENV_TOKEN: &str = "CRYO_TOKEN";
@@ -40,6 +40,9 @@ pub const ENV_QUIESCE_SLACK: &str = "CRYO_QUIESCE_SLACK";
 /// Threads a restarting rank decodes its regions with (default: one per
 /// core; see `rank/src/restore_threads.rs`).
 pub const ENV_RESTORE_THREADS: &str = "CRYO_RESTORE_THREADS";
+/// `0` turns off a restarting rank's prefetch of its chunks while it
+/// starts (see `rank/src/prefetch.rs`); on by default.
+pub const ENV_PREFETCH: &str = "CRYO_PREFETCH";
 /// The libcryo_rank the Python package loads: the library, or the folder
 /// holding the flavour of mpi4py's MPI (read by `python/cryo/_lib.py`).
 pub const ENV_RANK_LIB: &str = "CRYO_RANK_LIB";

@@ -174,6 +174,9 @@ int main(int argc, char **argv) {
     } else if (rank == 0) {
         fprintf(stderr, "heat2d: restarted from epoch %llu at iteration %llu\n",
                 (unsigned long long)restored, (unsigned long long)meta->iteration);
+        char prefetch[160];
+        cryo_prefetch_status(prefetch, sizeof prefetch);
+        fprintf(stderr, "heat2d: prefetch: %s\n", prefetch);
     }
     int log_fd = (int)meta->log_fd;
 

@@ -162,6 +162,7 @@ def main(argv):
             f"heat2d: restarted from epoch {restored} at iteration {meta[ITERATION]}",
             file=sys.stderr,
         )
+        print(f"heat2d: prefetch: {cryo.prefetch_status()}", file=sys.stderr)
     log_fd = int(meta[LOG_FD])
 
     local = np.zeros(1)

@@ -27,6 +27,7 @@ __all__ = [
     "finalize",
     "init_mpi",
     "mpi_flavour",
+    "prefetch_status",
     "region",
     "restored_epoch",
 ]
@@ -113,6 +114,16 @@ def checkpoint_point():
     if code < 0:
         _check(-code)
     return code
+
+
+def prefetch_status():
+    """Where this rank's prefetch of its chunks stands, as a line of text:
+    on a restart, libcryo_rank reads the rank's chunks from the store as
+    soon as it is loaded ("none" when it did not)."""
+    lib = _runtime()
+    buf = ctypes.create_string_buffer(256)
+    lib.cryo_prefetch_status(buf, len(buf))
+    return buf.value.decode(errors="replace")
 
 
 def restored_epoch():

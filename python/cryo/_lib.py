@@ -90,6 +90,7 @@ def _declare(lib, path):
         "cryo_region": ([ctypes.c_char_p, c_size_t, ctypes.POINTER(c_void_p)], c_int),
         "cryo_checkpoint_point": ([], c_int),
         "cryo_restored_epoch": ([], ctypes.c_uint64),
+        "cryo_prefetch_status": ([ctypes.c_char_p, c_size_t], c_size_t),
         "cryo_finalize": ([], c_int),
         "cryo_strerror": ([c_int], ctypes.c_char_p),
     }

@@ -369,6 +369,30 @@ pub unsafe extern "C" fn cryo_restored_epoch() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes where this process's prefetch of its chunks stands (see
+/// `cryo.h`) into `buf`, NUL-terminated and cut to `len` bytes; returns the
+/// length of the whole text, as `snprintf` does.
+///
+/// # Safety
+///
+/// `buf` must be NULL or point to `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_prefetch_status(buf: *mut c_char, len: usize) -> usize {
+    let text = catch_unwind(|| crate::prefetch_status().to_string())
+        .unwrap_or_else(|_| "unknown (panicked)".into());
+    let bytes = text.as_bytes();
+    if !buf.is_null() && len > 0 {
+        let n = bytes.len().min(len - 1);
+        // SAFETY: the caller gives `len` writable bytes at `buf`, and
+        // `n + 1 <= len`; the text is ours, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<c_char>(), buf, n);
+            *buf.add(n) = 0;
+        }
+    }
+    bytes.len()
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety
@@ -422,6 +446,20 @@ mod tests {
             .to_str()
             .unwrap();
         assert!(text.contains("unknown"), "{text}");
+    }
+
+    #[test]
+    fn the_prefetch_status_is_cut_to_the_buffer_and_terminated() {
+        // SAFETY: a null buffer is allowed; only the length comes back.
+        let whole = unsafe { cryo_prefetch_status(std::ptr::null_mut(), 0) };
+        assert_eq!(whole, "none".len());
+        let mut buf = [0x7f as c_char; 3];
+        // SAFETY: `buf` holds 3 writable bytes.
+        let whole = unsafe { cryo_prefetch_status(buf.as_mut_ptr(), buf.len()) };
+        assert_eq!(whole, 4);
+        // SAFETY: the call terminated the text within `buf`.
+        let cut = unsafe { CStr::from_ptr(buf.as_ptr()) };
+        assert_eq!(cut.to_str().unwrap(), "no");
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod gfortran;
 mod held;
 mod mappings;
 mod park;
+mod prefetch;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
 mod regions;
@@ -36,6 +37,7 @@ use std::sync::atomic::Ordering;
 
 pub use error::{CheckpointError, InitError, RegionError, RestoreError};
 pub use files::FilePolicy;
+pub use prefetch::{prefetch_status, PrefetchStatus};
 #[cfg(feature = "mpi")]
 pub use quiesce::{init_mpi, init_mpi_fortran, init_mpi_handle, init_mpi_raw, MpiFlavour};
 pub use runtime::{

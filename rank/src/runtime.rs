@@ -118,6 +118,20 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The MPI rank the launcher gave this process, and the variable that
+/// said so: ours, then those of MPICH's Hydra, Open MPI, PMIx and Slurm.
+pub(crate) fn rank_from_env() -> Option<(&'static str, String)> {
+    [
+        ENV_RANK,
+        "PMI_RANK",
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ]
+    .into_iter()
+    .find_map(|name| env_var(name).map(|value| (name, value)))
+}
+
 fn parse_u64(var: &'static str, text: &str) -> Result<u64, InitError> {
     let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
         Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
@@ -134,18 +148,15 @@ impl Config {
     /// Reads the configuration from the environment.
     pub fn from_env() -> Result<Config, InitError> {
         let mut rank = 0u32;
-        for var in [ENV_RANK, "PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"] {
-            if let Some(value) = env_var(var) {
-                rank = value
-                    .trim()
-                    .parse()
-                    .map_err(|err: std::num::ParseIntError| InitError::BadEnv {
-                        var: ENV_RANK,
-                        value: value.clone(),
-                        why: format!("not a rank number ({err}), read from {var}"),
-                    })?;
-                break;
-            }
+        if let Some((var, value)) = rank_from_env() {
+            rank = value
+                .trim()
+                .parse()
+                .map_err(|err: std::num::ParseIntError| InitError::BadEnv {
+                    var: ENV_RANK,
+                    value: value.clone(),
+                    why: format!("not a rank number ({err}), read from {var}"),
+                })?;
         }
         let region_base = match env_var(ENV_REGION_BASE) {
             Some(text) => {
@@ -522,6 +533,7 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
             })
         } else {
             job = store_job.clone();
+            crate::prefetch::log_at_restore(&job, rank, *epoch);
             load_restore(rank, *epoch, store, store_job)
         }
         .and_then(|r| {
@@ -615,6 +627,7 @@ pub fn finalize() {
     if let Some(hook) = BEFORE_FINALIZE.get() {
         hook();
     }
+    crate::prefetch::stop();
     let mut guard = lock();
     FLAG.store(
         &IDLE as *const AtomicU64 as *mut AtomicU64,

@@ -647,6 +647,20 @@ pub fn checkpoint_kill_restart_elsewhere(program: Program) -> Case {
         "{}",
         output_text(&out)
     );
+    // A compiled program loads the runtime before MPI_Init, so its
+    // prefetch is done by the time the state is back (Python loads it in
+    // cryo.init_mpi, after).
+    if case.program.lead.is_empty() {
+        let said = output_text(&out);
+        let line = said
+            .lines()
+            .find(|l| l.contains("heat2d: prefetch:"))
+            .unwrap_or_else(|| panic!("no prefetch line:\n{said}"));
+        assert!(
+            line.contains("prefetch: epoch 1: read") && line.contains(" 0 failed"),
+            "{line}"
+        );
+    }
     case.assert_matches_reference();
 
     let out = case.restart("heat", "solo", &["--epoch", "1"]);

@@ -458,6 +458,7 @@ impl Rank {
             .env_remove("CRYO_REGION_BASE")
             .env_remove("CRYO_FILE_POLICY")
             .env_remove("CRYO_TOKEN")
+            .env_remove("CRYO_RESTART_FROM")
             .env("CRYO_RANK", spec.rank.to_string())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&files.stdout).unwrap())

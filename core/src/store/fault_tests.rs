@@ -19,7 +19,7 @@ use super::writer::{ChunkLayout, WriteError, WriterConfig};
 use super::{CommitError, EpochState, JobStore, LoadProblem, Store};
 use crate::format::chunk::{ChunkCodec, ChunkHash};
 use crate::format::limits::MIN_CHUNK_SIZE;
-use crate::format::manifest::{Manifest, RankRecord, RegionKind, WriteStats};
+use crate::format::manifest::{Manifest, RankRecord, RegionKind};
 use crate::format::pack::ChunkPlace;
 
 const CHUNK: usize = MIN_CHUNK_SIZE;
@@ -37,28 +37,11 @@ fn config() -> WriterConfig {
 /// Eight chunks of bytes that differ from chunk to chunk and from seed to
 /// seed, so that no chunk of one epoch deduplicates against another.
 fn state(seed: u64) -> Vec<u8> {
-    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..CHUNK * 8)
-        .map(|_| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng >> 56) as u8
-        })
-        .collect()
+    super::test_support::noise(seed, CHUNK * 8)
 }
 
 fn record() -> RankRecord {
-    RankRecord {
-        rank: 0,
-        node: "node-a".into(),
-        pid: 42,
-        fds: Vec::new(),
-        mappings: Vec::new(),
-        regions: Vec::new(),
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-    }
+    super::test_support::empty_record(0)
 }
 
 /// A store with epoch 1 committed through the real filesystem.

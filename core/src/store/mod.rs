@@ -41,6 +41,7 @@
 //! chunk_index.rs the job's chunk index, written after each commit
 //! pack_read.rs a chunk read by its place, pack indexes, the job index
 //! reader.rs   verified restore (large reads, packs in parallel), verify
+//! prefetch.rs a rank's chunks read into the cache ahead of its restore
 //! gc.rs       retention and GC (loose chunks)
 //! repack.rs   GC of packs: delete the dead, repack the mostly dead
 //! summary.rs  an epoch's sizes for listing
@@ -73,9 +74,12 @@ mod loose;
 mod meta;
 pub mod pack_read;
 mod packs;
+pub mod prefetch;
 pub mod reader;
 mod repack;
 mod summary;
+#[cfg(test)]
+mod test_support;
 pub mod writer;
 
 pub use commit::{now_unix_ms, CommitError};

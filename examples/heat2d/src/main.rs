@@ -255,6 +255,7 @@ fn run() -> Result<()> {
             info.restored_epoch.unwrap_or(0),
             meta.iteration
         );
+        eprintln!("heat2d: prefetch: {}", cryo_rank::prefetch_status());
     }
     let log_fd = RawFd::try_from(meta.log_fd)?;
 

@@ -239,6 +239,11 @@ fn run(args: &Args) -> Result<()> {
                 "cryo-counter rank {}: restarted from epoch {epoch} at step {}",
                 info.rank, header[1]
             );
+            eprintln!(
+                "cryo-counter rank {}: prefetch: {}",
+                info.rank,
+                cryo_rank::prefetch_status()
+            );
             RawFd::try_from(header[2]).context("saved fd")?
         }
     };

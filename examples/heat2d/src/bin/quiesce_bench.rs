@@ -59,6 +59,11 @@ struct Args {
     /// Bytes of state per rank kept in a cryo region.
     #[arg(long, default_value_t = 64 << 20)]
     state_bytes: usize,
+    /// What the state is filled with: a cheap pattern that compresses
+    /// well, or noise that does not compress (as a store read at disk
+    /// speed, for restart benchmarks).
+    #[arg(long, value_enum, default_value_t = Fill::Pattern)]
+    fill: Fill,
     /// What an iteration's `--iter-us` counts: the rank's CPU time, or the
     /// wall clock.
     #[arg(long, value_enum, default_value_t = Work::Cpu)]
@@ -78,6 +83,12 @@ struct Args {
 
 /// The tag of the message `--in-flight` leaves across the safe point.
 const IN_FLIGHT_TAG: i32 = 99;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fill {
+    Pattern,
+    Noise,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Work {
@@ -134,8 +145,39 @@ fn main() -> Result<()> {
     cryo_rank::init_mpi(&world).context("cryo init")?;
     let state = cryo_rank::region("state", args.state_bytes, cryo_rank::Backing::Anonymous)
         .context("state region")?;
-    for (i, byte) in state.iter_mut().enumerate() {
-        *byte = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes()[7];
+    // Written at once: `cryo-bench cold-restart` times a start to this line.
+    match cryo_rank::restored_epoch() {
+        Some(epoch) => eprintln!(
+            "quiesce-bench rank {}: state ready, restarted from epoch {epoch}; prefetch: {}",
+            world.rank(),
+            cryo_rank::prefetch_status()
+        ),
+        None => eprintln!(
+            "quiesce-bench rank {}: state ready, fresh start",
+            world.rank()
+        ),
+    }
+    let fill = if cryo_rank::restored_epoch().is_some() {
+        None
+    } else {
+        Some(args.fill)
+    };
+    match fill {
+        None => {}
+        Some(Fill::Pattern) => {
+            for (i, byte) in state.iter_mut().enumerate() {
+                *byte = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes()[7];
+            }
+        }
+        Some(Fill::Noise) => {
+            let mut x = 0x2545_F491_4F6C_DD1D_u64 ^ (u64::from(world.rank().unsigned_abs()) + 1);
+            for word in state.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+            }
+        }
     }
 
     if args.trials > 0 {

@@ -1,0 +1,273 @@
+//! Reads a restarting rank's chunks from the store while the process
+//! starts.
+//!
+//! A restarted rank spends its first moments in the launcher, the dynamic
+//! loader and `MPI_Init`, waiting on other processes, before `cryo_init`
+//! learns from the agent that it restarts and reads its state. On a cold
+//! parallel filesystem that read is most of the restart. So when the
+//! library is loaded (an ELF constructor, before `main`), and the launcher's
+//! environment says that the job restarts (`CRYO_RESTART_FROM`,
+//! `CRYO_STORE` and `CRYO_JOB`, which `cryo run` and `cryo restart` set)
+//! and which rank this process is (`CRYO_RANK`, `PMI_RANK`,
+//! `OMPI_COMM_WORLD_RANK`, `PMIX_RANK` or `SLURM_PROCID`), a thread reads
+//! this rank's chunks into the page cache. The restore later decodes them
+//! from memory.
+//!
+//! The environment is only a hint: the agent still says what to restore,
+//! the restore reads and verifies everything itself, and a prefetch that
+//! fails or guessed wrong costs reads, never correctness. `CRYO_PREFETCH=0`
+//! turns it off.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cryo_core::env::{ENV_JOB, ENV_PREFETCH, ENV_RESTART_FROM, ENV_STORE};
+use cryo_core::store::prefetch::{PrefetchPlan, PrefetchReport};
+use cryo_core::store::{JobStore, Store};
+
+/// Threads one rank reads with: enough to keep a parallel filesystem's
+/// requests in flight, few enough that many ranks on a node stay cheap
+/// (each holds a 4 MiB buffer while it runs).
+const THREADS: usize = 2;
+
+/// Where a prefetch is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefetchStatus {
+    /// None was started: not a restart, turned off, or no rank number.
+    NotStarted,
+    /// Still reading.
+    Running {
+        /// The epoch it reads.
+        epoch: u64,
+        /// Since its start.
+        elapsed: Duration,
+    },
+    /// Done.
+    Done {
+        /// The epoch it read.
+        epoch: u64,
+        /// Bytes it planned to read of packs.
+        planned: u64,
+        /// What it read.
+        report: PrefetchReport,
+        /// How long it took.
+        took: Duration,
+    },
+    /// It could not plan: the store, the job or the epoch could not be read
+    /// (the restore then says why, if it is asked for at all).
+    Failed {
+        /// The epoch it tried.
+        epoch: u64,
+        /// Why, for people.
+        why: String,
+    },
+}
+
+impl std::fmt::Display for PrefetchStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrefetchStatus::NotStarted => f.write_str("none"),
+            PrefetchStatus::Running { epoch, elapsed } => write!(
+                f,
+                "epoch {epoch} still reading after {} ms",
+                elapsed.as_millis()
+            ),
+            PrefetchStatus::Done {
+                epoch,
+                planned,
+                report,
+                took,
+            } => write!(
+                f,
+                "epoch {epoch}: read {} of {planned} bytes in {} ms ({} reads, {} failed{})",
+                report.bytes,
+                took.as_millis(),
+                report.reads,
+                report.failed,
+                if report.stopped { ", stopped" } else { "" }
+            ),
+            PrefetchStatus::Failed { epoch, why } => write!(f, "epoch {epoch} failed: {why}"),
+        }
+    }
+}
+
+struct Prefetch {
+    epoch: u64,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<PrefetchStatus>>>,
+    finished: Mutex<Option<PrefetchStatus>>,
+}
+
+static PREFETCH: OnceLock<Prefetch> = OnceLock::new();
+
+/// Runs when the library is loaded, before `main` (and before `MPI_Init`).
+// The `.init_array` entry is the ELF constructor mechanism; the function
+// catches every panic, as nothing may unwind out of it.
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = at_load;
+
+extern "C" fn at_load() {
+    let _ = std::panic::catch_unwind(start_from_env);
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Starts the prefetch if the environment asks for one; once per process.
+pub(crate) fn start_from_env() {
+    if var(ENV_PREFETCH).is_some_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false")) {
+        return;
+    }
+    let (Some(epoch), Some(store), Some(job), Some((_, rank))) = (
+        var(ENV_RESTART_FROM).and_then(|e| e.trim().parse::<u64>().ok()),
+        var(ENV_STORE),
+        var(ENV_JOB),
+        crate::runtime::rank_from_env(),
+    ) else {
+        return;
+    };
+    let Ok(rank) = rank.trim().parse::<u32>() else {
+        return;
+    };
+    let _ = PREFETCH.get_or_init(|| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopper = Arc::clone(&stop);
+        let started = Instant::now();
+        let thread = std::thread::Builder::new()
+            .name("cryo-prefetch".into())
+            .spawn(move || run(epoch, &store, &job, rank, &stopper, started))
+            .ok();
+        Prefetch {
+            epoch,
+            started,
+            stop,
+            thread: Mutex::new(thread),
+            finished: Mutex::new(None),
+        }
+    });
+}
+
+fn run(
+    epoch: u64,
+    store: &str,
+    job: &str,
+    rank: u32,
+    stop: &AtomicBool,
+    started: Instant,
+) -> PrefetchStatus {
+    let (job, plan) = match plan(epoch, store, job, rank) {
+        Ok(planned) => planned,
+        Err(why) => return PrefetchStatus::Failed { epoch, why },
+    };
+    let report = job.prefetch(&plan, THREADS, stop);
+    PrefetchStatus::Done {
+        epoch,
+        planned: plan.pack_bytes(),
+        report,
+        took: started.elapsed(),
+    }
+}
+
+fn open(store: &str, job: &str) -> Result<JobStore, String> {
+    let job = Store::open(store)
+        .and_then(|store| store.existing_job(job))
+        .map_err(|err| err.to_string())?;
+    // Another user's job directory is not read, as the restore would not.
+    cryo_core::store::durable::check_private_dir(job.dir()).map_err(|err| err.to_string())?;
+    Ok(job)
+}
+
+fn plan(epoch: u64, store: &str, job: &str, rank: u32) -> Result<(JobStore, PrefetchPlan), String> {
+    let job = open(store, job)?;
+    let manifest = job.load_manifest(epoch).map_err(|err| err.to_string())?;
+    let record = manifest
+        .ranks
+        .iter()
+        .find(|r| r.rank == rank)
+        .ok_or_else(|| format!("epoch {epoch} has no rank {rank}"))?;
+    let plan = PrefetchPlan::for_rank(record);
+    Ok((job, plan))
+}
+
+/// Where this process's prefetch is, without waiting for it.
+pub fn prefetch_status() -> PrefetchStatus {
+    let Some(prefetch) = PREFETCH.get() else {
+        return PrefetchStatus::NotStarted;
+    };
+    let mut finished = prefetch
+        .finished
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(status) = finished.as_ref() {
+        return status.clone();
+    }
+    let mut thread = prefetch
+        .thread
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match thread.take() {
+        Some(handle) if handle.is_finished() => {
+            let status = handle.join().unwrap_or_else(|_| PrefetchStatus::Failed {
+                epoch: prefetch.epoch,
+                why: "the prefetch thread panicked".into(),
+            });
+            *finished = Some(status.clone());
+            status
+        }
+        Some(handle) => {
+            *thread = Some(handle);
+            PrefetchStatus::Running {
+                epoch: prefetch.epoch,
+                elapsed: prefetch.started.elapsed(),
+            }
+        }
+        None => PrefetchStatus::Failed {
+            epoch: prefetch.epoch,
+            why: "the prefetch thread could not be started".into(),
+        },
+    }
+}
+
+/// Stops a running prefetch (at its next read of at most 4 MiB): the
+/// state is back, or the rank is leaving.
+pub(crate) fn stop() {
+    if let Some(prefetch) = PREFETCH.get() {
+        prefetch.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Logs where the prefetch stands as the restore of `epoch` begins.
+pub(crate) fn log_at_restore(job: &str, rank: u32, epoch: u64) {
+    match prefetch_status() {
+        PrefetchStatus::NotStarted => {
+            tracing::debug!(job = %job, rank, epoch, "restart.prefetch_none");
+        }
+        PrefetchStatus::Running {
+            epoch: read,
+            elapsed,
+        } => tracing::info!(
+            job = %job, rank, epoch, prefetching = read,
+            ms = elapsed.as_secs_f64() * 1e3,
+            "restart.prefetch_running"
+        ),
+        PrefetchStatus::Done {
+            epoch: read,
+            planned,
+            report,
+            took,
+        } => tracing::info!(
+            job = %job, rank, epoch, prefetched = read, planned,
+            bytes = report.bytes, failed = report.failed,
+            ms = took.as_secs_f64() * 1e3,
+            "restart.prefetch_done"
+        ),
+        PrefetchStatus::Failed { epoch: read, why } => {
+            tracing::info!(job = %job, rank, epoch, prefetching = read, why = %why, "restart.prefetch_failed");
+        }
+    }
+}

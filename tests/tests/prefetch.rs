@@ -1,0 +1,199 @@
+//! A restarting rank reads its chunks while it starts (`rank/src/
+//! prefetch.rs`): with a real agent and a real store dropped from the page
+//! cache, the rank's prefetch reads exactly what its restore needs, a
+//! wrong hint costs nothing but a failed read, and `CRYO_PREFETCH=0` turns
+//! it off. Each restart must still end byte-identical to an uninterrupted
+//! run.
+#![allow(clippy::unwrap_used)]
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use cryo_core::store::prefetch::PrefetchPlan;
+use cryo_tests::{
+    assert_same_file, checkpoint_frozen, lines, wait_until, write_input, Agent, Program, Rank,
+    RankFiles, RankSpec,
+};
+
+const STEPS: u64 = 80;
+
+/// Drops every file of `dir` from the page cache.
+fn evict(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            evict(&path);
+        } else if let Ok(file) = std::fs::File::open(&path) {
+            file.sync_all().unwrap();
+            // SAFETY: advice on a descriptor we own; no memory is involved.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0);
+        }
+    }
+}
+
+/// Checkpoints a Rust counter rank, kills it, evicts the store and restarts
+/// it with `env` (`{epoch}` and `{store}` replaced); returns the restarted
+/// rank's stderr and the bytes its plan reads. The run must end as an
+/// uninterrupted one does.
+fn restart_with(env: &[(&str, &str)]) -> (String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let reference = RankFiles::new(dir.path(), "ref-0", &input);
+    let plain = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: None,
+        steps: STEPS,
+        state_mb: 16,
+        step_ms: 0,
+    };
+    assert!(Rank::run(&plain, &reference).success());
+
+    let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(dir.path(), "run-0", &input);
+    let spec = RankSpec {
+        agent: Some(&agent),
+        step_ms: 15,
+        ..plain
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(30);
+    let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    let saved = lines(&files.log);
+    drop(frozen);
+    rank.wait_lines(saved + 3);
+    rank.kill9();
+    let manifest = agent.job_store().load_manifest(report.epoch).unwrap();
+    let planned = PrefetchPlan::for_rank(&manifest.ranks[0]).pack_bytes();
+    evict(&agent.store);
+    assert_eq!(agent.arm_restart(), report.epoch);
+
+    let (epoch, store) = (report.epoch.to_string(), agent.store.display().to_string());
+    let env: Vec<(&str, String)> = env
+        .iter()
+        .map(|(k, v)| (*k, v.replace("{epoch}", &epoch).replace("{store}", &store)))
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let rank = Rank::start_with_env(&spec, &files, &env);
+    wait_until("the rank to restart", Duration::from_secs(20), || {
+        Rank::stderr(&files).contains("prefetch:")
+    });
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+    (Rank::stderr(&files), planned)
+}
+
+fn prefetch_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.contains("prefetch:"))
+        .unwrap_or_else(|| panic!("no prefetch line in:\n{stderr}"))
+}
+
+#[test]
+fn a_restarting_rank_reads_exactly_its_chunks_ahead_from_an_evicted_store() {
+    let (stderr, planned) = restart_with(&[
+        ("CRYO_RESTART_FROM", "{epoch}"),
+        ("CRYO_STORE", "{store}"),
+        ("CRYO_JOB", "pf"),
+    ]);
+    assert!(planned > 0);
+    let line = prefetch_line(&stderr);
+    assert!(
+        line.contains(&format!("read {planned} of {planned} bytes")) && line.contains(" 0 failed"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_prefetch_of_an_epoch_that_is_not_there_fails_alone() {
+    let (stderr, _) = restart_with(&[
+        ("CRYO_RESTART_FROM", "999"),
+        ("CRYO_STORE", "{store}"),
+        ("CRYO_JOB", "pf"),
+    ]);
+    let line = prefetch_line(&stderr);
+    assert!(line.contains("epoch 999 failed"), "{line}");
+}
+
+#[test]
+fn cryo_prefetch_0_turns_it_off() {
+    let (stderr, _) = restart_with(&[
+        ("CRYO_RESTART_FROM", "{epoch}"),
+        ("CRYO_STORE", "{store}"),
+        ("CRYO_JOB", "pf"),
+        ("CRYO_PREFETCH", "0"),
+    ]);
+    assert!(
+        prefetch_line(&stderr).ends_with("prefetch: none"),
+        "{stderr}"
+    );
+}
+
+/// Under `cryo run` with real MPICH, a job resumed on another node layout:
+/// each rank learns its number from the launcher before `MPI_Init` and
+/// reads exactly its own chunks.
+#[test]
+fn an_mpi_job_resumed_on_other_nodes_prefetches_each_ranks_own_chunks() {
+    use cryo_tests::heat2d::{built, Mpi};
+    if let Some(problem) = Mpi::Mpich.missing() {
+        eprintln!("SKIPPED: {problem} (install mpich); the MPI prefetch test did not run");
+        return;
+    }
+    let bin = built();
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let run = |nodes: &str, extra: &[&str], run_secs: &str| {
+        std::process::Command::new(bin.join("cryo"))
+            .env("CRYO_STORE", &store)
+            .env_remove("CRYO_PREFETCH")
+            .current_dir(dir.path())
+            .args(["run", "--job", "pfm", "-n", "2", "--nodes", nodes])
+            .args(extra)
+            .arg("--")
+            .arg(bin.join("quiesce-bench"))
+            .args([
+                "--trials",
+                "0",
+                "--fill",
+                "noise",
+                "--state-bytes",
+                "8388608",
+            ])
+            .args(["--run-secs", run_secs])
+            .output()
+            .unwrap()
+    };
+    let first = run("a:1,b:1", &["--interval", "1"], "3");
+    let said = cryo_tests::output_text(&first);
+    assert!(
+        first.status.success() && said.contains("committed"),
+        "{said}"
+    );
+    let job = cryo_core::Store::open(&store)
+        .unwrap()
+        .existing_job("pfm")
+        .unwrap();
+    let epoch = job.latest_committed().unwrap().unwrap();
+    let manifest = job.load_manifest(epoch).unwrap();
+    evict(&store);
+
+    let resumed = run("b:2", &["--resume"], "0");
+    let said = cryo_tests::output_text(&resumed);
+    assert!(resumed.status.success(), "{said}");
+    for rank in &manifest.ranks {
+        let planned = PrefetchPlan::for_rank(rank).pack_bytes();
+        assert!(planned > 0);
+        let expected = format!(
+            "quiesce-bench rank {}: state ready, restarted from epoch {epoch}; prefetch: epoch {epoch}: read {planned} of {planned} bytes",
+            rank.rank
+        );
+        assert!(said.contains(&expected), "{expected}\nnot in:\n{said}");
+    }
+}
