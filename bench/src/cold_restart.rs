@@ -3,7 +3,7 @@
 //!
 //! One MPI job (`quiesce-bench --fill noise`, so the state does not
 //! compress and the store holds about as many bytes as the ranks) is
-//! checkpointed under `cryo run --interval`. Each trial then drops the
+//! preempted under `cryo run` (SIGTERM: a checkpoint, then the end). Each trial then drops the
 //! job's store files from the page cache (`POSIX_FADV_DONTNEED`, no root
 //! needed) and resumes the job with `cryo run --resume`, alternating
 //! `CRYO_PREFETCH=0` and the default. The figure is the time from the
@@ -40,6 +40,11 @@ pub struct ColdRestartArgs {
     /// `cryo-bench`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
+    /// Each rank sleeps this long before `MPI_Init`, to stand for the
+    /// launch and `MPI_Init` of a large job (seconds at scale; tens of
+    /// milliseconds for a few ranks on one machine).
+    #[arg(long, default_value_t = 0)]
+    pub start_delay_ms: u64,
     /// Scratch directory for the store: on the filesystem to measure (not
     /// tmpfs, which keeps every page cached).
     #[arg(long, default_value = "/tmp")]
@@ -53,6 +58,8 @@ pub struct ColdRestartReport {
     pub ranks: u32,
     /// State per rank.
     pub state_bytes: u64,
+    /// The sleep before `MPI_Init`.
+    pub start_delay_ms: u64,
     /// Bytes of the job's store files.
     pub store_bytes: u64,
     /// A fresh start of the job, command to every rank's state mapped.
@@ -91,6 +98,8 @@ pub fn run_cold_restart_bench(
             .arg("--")
             .arg(bin.join("quiesce-bench"))
             .args(["--trials", "0", "--fill", "noise", "--run-secs", run_secs])
+            .arg("--start-delay-ms")
+            .arg(args.start_delay_ms.to_string())
             .arg("--state-bytes")
             .arg(args.state.to_string())
             .stdin(Stdio::null())
@@ -100,6 +109,7 @@ pub fn run_cold_restart_bench(
     let mut report = ColdRestartReport {
         ranks: args.ranks,
         state_bytes: args.state,
+        start_delay_ms: args.start_delay_ms,
         store_bytes: 0,
         start_ms: Vec::new(),
         read_ms: Vec::new(),
@@ -107,34 +117,16 @@ pub fn run_cold_restart_bench(
         plain_ms: Vec::new(),
     };
     let result = (|| {
-        // Long enough for the fill and at least one committed checkpoint.
-        let fill_secs = (args.state as f64 / 200e6).max(1.0);
-        let made = job(
-            "cold",
-            &["--interval", "1"],
-            &format!("{:.1}", fill_secs + 3.0),
-        )
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|source| StartBenchError::Run {
-            command: "cryo run",
-            source,
-        })?;
-        let text = String::from_utf8_lossy(&made.stderr);
-        if !text.contains("committed") {
-            return Err(StartBenchError::Failed {
-                command: "cryo run (the checkpointed job)",
-                status: made.status,
-                stderr: text.lines().rev().take(4).collect::<Vec<_>>().join(" / "),
-            });
-        }
+        // Preempted as a batch system would: SIGTERM once every rank's
+        // state is filled, and `cryo run` checkpoints and ends the job.
+        let ranks = usize::try_from(args.ranks).unwrap_or(1);
+        preempted(&mut job("cold", &[], "600"), ranks)?;
         let files = files_under(&store.join("cold"));
         report.store_bytes = files
             .iter()
             .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
             .sum();
-        let ranks = usize::try_from(args.ranks).unwrap_or(1);
         for trial in 0..args.trials.max(1) {
             report.start_ms.push(until_lines(
                 &mut job("fresh", &[], "0"),
@@ -172,8 +164,49 @@ pub fn run_cold_restart_bench(
     result.map(|()| report)
 }
 
-/// Runs `cmd` and returns the ms from its start to the `count`-th stderr
-/// line that contains `marker`; then lets it finish.
+/// Runs `cmd` until `ranks` ranks say their state is ready and the
+/// iterations begin, then sends it SIGTERM; it must end with a committed
+/// checkpoint.
+fn preempted(cmd: &mut Command, ranks: usize) -> Result<(), StartBenchError> {
+    let command = "cryo run (the preempted job)";
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| StartBenchError::Run { command, source })?;
+    let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| StartBenchError::Run {
+        command,
+        source: std::io::Error::other("no stderr pipe"),
+    })?);
+    let (mut seen, mut said, mut line) = (0, String::new(), String::new());
+    while seen < ranks && stderr.read_line(&mut line).unwrap_or(0) > 0 {
+        seen += line.matches("state ready").count();
+        said.push_str(&std::mem::take(&mut line));
+    }
+    // The fill follows the line; the first safe point follows the fill.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let _ = stderr.read_to_string(&mut said);
+    let status = child
+        .wait()
+        .map_err(|source| StartBenchError::Run { command, source })?;
+    if said.contains("committed") {
+        return Ok(());
+    }
+    let lines: Vec<&str> = said.lines().collect();
+    Err(StartBenchError::Failed {
+        command,
+        status,
+        stderr: lines[lines.len().saturating_sub(4)..].join(" / "),
+    })
+}
+
+/// Runs `cmd` and returns the ms from its start to the `count`-th time
+/// `marker` is written to its stderr; then lets it finish.
 fn until_lines(cmd: &mut Command, count: usize, marker: &str) -> Result<f64, StartBenchError> {
     let command = "cryo run";
     let t = Instant::now();
@@ -188,11 +221,10 @@ fn until_lines(cmd: &mut Command, count: usize, marker: &str) -> Result<f64, Sta
     let (mut seen, mut at, mut tail) = (0, None, Vec::new());
     let mut line = String::new();
     while at.is_none() && stderr.read_line(&mut line).unwrap_or(0) > 0 {
-        if line.contains(marker) {
-            seen += 1;
-            if seen == count {
-                at = Some(t.elapsed().as_secs_f64() * 1e3);
-            }
+        // Ranks share the pipe, so two lines may come interleaved as one.
+        seen += line.matches(marker).count();
+        if seen >= count {
+            at = Some(t.elapsed().as_secs_f64() * 1e3);
         }
         tail.push(std::mem::take(&mut line));
     }
@@ -246,7 +278,7 @@ pub fn render_cold_restart(report: &ColdRestartReport) -> String {
     let ms = |v: &[f64]| v.iter().map(|m| m.round()).collect::<Vec<_>>();
     let (with, without) = (median(&report.prefetch_ms), median(&report.plain_ms));
     format!(
-        "cold restart, {} ranks x {} of state ({} in the store), {} trials per side (median, all in ms):\n  \
+        "cold restart, {} ranks x {} of state ({} in the store), {} ms before MPI_Init, {} trials per side (median, all in ms):\n  \
          fresh start to state ready:    {:.0} {:?}\n  \
          cold read of the store alone:  {:.0} {:?}\n  \
          restart, prefetch off:         {:.0} {:?}\n  \
@@ -255,6 +287,7 @@ pub fn render_cold_restart(report: &ColdRestartReport) -> String {
         report.ranks,
         human::bytes(report.state_bytes),
         human::bytes(report.store_bytes),
+        report.start_delay_ms,
         report.plain_ms.len(),
         median(&report.start_ms),
         ms(&report.start_ms),

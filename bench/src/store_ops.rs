@@ -232,6 +232,10 @@ impl StoreFs for CountingFs {
     fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         RealFs.read_at(file, path, offset, buf)
     }
+
+    fn advise_willneed(&self, file: &File, path: &Path, offset: u64, len: u64) -> io::Result<()> {
+        RealFs.advise_willneed(file, path, offset, len)
+    }
 }
 
 /// One counted operation.

@@ -55,8 +55,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
   CRYO_RESTORE_THREADS=N threads each restarting rank decodes with (default: one per core);
                          lower it when many ranks share a node's cores
-  CRYO_PREFETCH=0        no reading of a restarting rank's chunks while the launcher and
-                         MPI_Init run (default on: 2 threads and 8 MiB per rank while it reads)
+  CRYO_PREFETCH=0        no prefetch: by default a restarting rank has the kernel read its chunks
+                         into the page cache while the launcher and MPI_Init run
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a

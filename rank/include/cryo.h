@@ -107,9 +107,10 @@ int cryo_checkpoint_point(void);
 uint64_t cryo_restored_epoch(void);
 
 /* Where this process's prefetch stands: on a restart under cryo run, the
- * library reads the rank's chunks from the store while the launcher and
- * MPI_Init run (CRYO_PREFETCH=0 turns it off). Writes a line such as
- * "epoch 3: read 52428800 of 52428800 bytes in 41 ms (2 reads, 0 failed)",
+ * library asks the kernel to read the rank's chunks into the page cache
+ * while the launcher and MPI_Init run (CRYO_PREFETCH=0 turns it off).
+ * Writes a line such as "epoch 3: asked for 52428800 of 52428800 bytes in
+ * 1 ms (2 requests, 0 failed)",
  * or "none", into buf, NUL-terminated and cut to len bytes; returns the
  * length of the whole line, as snprintf does. buf may be NULL if len is 0. */
 size_t cryo_prefetch_status(char *buf, size_t len);

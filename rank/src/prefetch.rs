@@ -9,9 +9,10 @@
 //! environment says that the job restarts (`CRYO_RESTART_FROM`,
 //! `CRYO_STORE` and `CRYO_JOB`, which `cryo run` and `cryo restart` set)
 //! and which rank this process is (`CRYO_RANK`, `PMI_RANK`,
-//! `OMPI_COMM_WORLD_RANK`, `PMIX_RANK` or `SLURM_PROCID`), a thread reads
-//! this rank's chunks into the page cache. The restore later decodes them
-//! from memory.
+//! `OMPI_COMM_WORLD_RANK`, `PMIX_RANK` or `SLURM_PROCID`), a thread asks
+//! the kernel to read this rank's chunks into the page cache
+//! (`cryo_core::store::prefetch`). The restore later decodes them from
+//! memory.
 //!
 //! The environment is only a hint: the agent still says what to restore,
 //! the restore reads and verifies everything itself, and a prefetch that
@@ -19,17 +20,17 @@
 //! turns it off.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cryo_core::env::{ENV_JOB, ENV_PREFETCH, ENV_RESTART_FROM, ENV_STORE};
+use cryo_core::format::manifest::Manifest;
 use cryo_core::store::prefetch::{PrefetchPlan, PrefetchReport};
 use cryo_core::store::{JobStore, Store};
 
-/// Threads one rank reads with: enough to keep a parallel filesystem's
-/// requests in flight, few enough that many ranks on a node stay cheap
-/// (each holds a 4 MiB buffer while it runs).
+/// Threads one rank makes its requests on: a request may wait for room in
+/// the device's queue, and a second one keeps another pack's going.
 const THREADS: usize = 2;
 
 /// Where a prefetch is.
@@ -37,7 +38,7 @@ const THREADS: usize = 2;
 pub enum PrefetchStatus {
     /// None was started: not a restart, turned off, or no rank number.
     NotStarted,
-    /// Still reading.
+    /// Still making its requests.
     Running {
         /// The epoch it reads.
         epoch: u64,
@@ -48,11 +49,11 @@ pub enum PrefetchStatus {
     Done {
         /// The epoch it read.
         epoch: u64,
-        /// Bytes it planned to read of packs.
+        /// Bytes of packs it planned to ask for.
         planned: u64,
-        /// What it read.
+        /// What it asked for.
         report: PrefetchReport,
-        /// How long it took.
+        /// How long its requests took (the kernel may still be reading).
         took: Duration,
     },
     /// It could not plan: the store, the job or the epoch could not be read
@@ -71,7 +72,7 @@ impl std::fmt::Display for PrefetchStatus {
             PrefetchStatus::NotStarted => f.write_str("none"),
             PrefetchStatus::Running { epoch, elapsed } => write!(
                 f,
-                "epoch {epoch} still reading after {} ms",
+                "epoch {epoch} still asking after {} ms",
                 elapsed.as_millis()
             ),
             PrefetchStatus::Done {
@@ -81,7 +82,7 @@ impl std::fmt::Display for PrefetchStatus {
                 took,
             } => write!(
                 f,
-                "epoch {epoch}: read {} of {planned} bytes in {} ms ({} reads, {} failed{})",
+                "epoch {epoch}: asked for {} of {planned} bytes in {} ms ({} requests, {} failed{})",
                 report.bytes,
                 took.as_millis(),
                 report.reads,
@@ -93,7 +94,33 @@ impl std::fmt::Display for PrefetchStatus {
     }
 }
 
+/// The manifest the prefetch loaded, handed to the restore so that a rank
+/// parses it once (it lists every rank of the job).
+struct Handoff {
+    /// Epoch, store and job it is of.
+    key: (u64, String, String),
+    manifest: Mutex<Loaded>,
+    ready: Condvar,
+}
+
+enum Loaded {
+    Pending,
+    Ready(Box<Manifest>),
+    Gone,
+}
+
+impl Handoff {
+    fn set(&self, loaded: Loaded) {
+        *self
+            .manifest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
+        self.ready.notify_all();
+    }
+}
+
 struct Prefetch {
+    handoff: Arc<Handoff>,
     epoch: u64,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -119,8 +146,12 @@ fn var(name: &str) -> Option<String> {
 }
 
 /// Starts the prefetch if the environment asks for one; once per process.
+fn turned_off() -> bool {
+    var(ENV_PREFETCH).is_some_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false"))
+}
+
 pub(crate) fn start_from_env() {
-    if var(ENV_PREFETCH).is_some_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false")) {
+    if turned_off() {
         return;
     }
     let (Some(epoch), Some(store), Some(job), Some((_, rank))) = (
@@ -134,15 +165,44 @@ pub(crate) fn start_from_env() {
     let Ok(rank) = rank.trim().parse::<u32>() else {
         return;
     };
+    start(epoch, store, job, rank);
+}
+
+/// Starts the prefetch of `rank`'s chunks of `epoch`, unless one was
+/// started already (once per process).
+pub(crate) fn start(epoch: u64, store: String, job: String, rank: u32) {
     let _ = PREFETCH.get_or_init(|| {
         let stop = Arc::new(AtomicBool::new(false));
         let stopper = Arc::clone(&stop);
         let started = Instant::now();
+        let handoff = Arc::new(Handoff {
+            key: (epoch, store.clone(), job.clone()),
+            manifest: Mutex::new(Loaded::Pending),
+            ready: Condvar::new(),
+        });
+        let handing = Arc::clone(&handoff);
         let thread = std::thread::Builder::new()
             .name("cryo-prefetch".into())
-            .spawn(move || run(epoch, &store, &job, rank, &stopper, started))
+            .spawn(move || {
+                let status = run(epoch, &store, &job, rank, &stopper, started, &handing);
+                // Whatever happened, nobody waits for a manifest any more.
+                let mut loaded = handing
+                    .manifest
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if matches!(*loaded, Loaded::Pending) {
+                    *loaded = Loaded::Gone;
+                }
+                drop(loaded);
+                handing.ready.notify_all();
+                status
+            })
             .ok();
+        if thread.is_none() {
+            handoff.set(Loaded::Gone);
+        }
         Prefetch {
+            handoff,
             epoch,
             started,
             stop,
@@ -159,8 +219,9 @@ fn run(
     rank: u32,
     stop: &AtomicBool,
     started: Instant,
+    handoff: &Handoff,
 ) -> PrefetchStatus {
-    let (job, plan) = match plan(epoch, store, job, rank) {
+    let (job, plan) = match plan(epoch, store, job, rank, handoff) {
         Ok(planned) => planned,
         Err(why) => return PrefetchStatus::Failed { epoch, why },
     };
@@ -182,16 +243,47 @@ fn open(store: &str, job: &str) -> Result<JobStore, String> {
     Ok(job)
 }
 
-fn plan(epoch: u64, store: &str, job: &str, rank: u32) -> Result<(JobStore, PrefetchPlan), String> {
+fn plan(
+    epoch: u64,
+    store: &str,
+    job: &str,
+    rank: u32,
+    handoff: &Handoff,
+) -> Result<(JobStore, PrefetchPlan), String> {
     let job = open(store, job)?;
     let manifest = job.load_manifest(epoch).map_err(|err| err.to_string())?;
-    let record = manifest
+    let plan = manifest
         .ranks
         .iter()
         .find(|r| r.rank == rank)
-        .ok_or_else(|| format!("epoch {epoch} has no rank {rank}"))?;
-    let plan = PrefetchPlan::for_rank(record);
+        .map(PrefetchPlan::for_rank);
+    handoff.set(Loaded::Ready(Box::new(manifest)));
+    let plan = plan.ok_or_else(|| format!("epoch {epoch} has no rank {rank}"))?;
     Ok((job, plan))
+}
+
+/// The manifest of `epoch` of `job` in `store` if the prefetch loads it
+/// (waiting until it has), for the restore to use instead of loading it
+/// again; `None` if the prefetch reads another epoch or failed to load it.
+pub(crate) fn take_manifest(epoch: u64, store: &str, job: &str) -> Option<Manifest> {
+    let handoff = &PREFETCH.get()?.handoff;
+    if handoff.key != (epoch, store.to_owned(), job.to_owned()) {
+        return None;
+    }
+    let mut loaded = handoff
+        .manifest
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    while matches!(*loaded, Loaded::Pending) {
+        loaded = handoff
+            .ready
+            .wait(loaded)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+    match std::mem::replace(&mut *loaded, Loaded::Gone) {
+        Loaded::Ready(manifest) => Some(*manifest),
+        Loaded::Pending | Loaded::Gone => None,
+    }
 }
 
 /// Where this process's prefetch is, without waiting for it.
@@ -241,11 +333,19 @@ pub(crate) fn stop() {
     }
 }
 
-/// Logs where the prefetch stands as the restore of `epoch` begins.
-pub(crate) fn log_at_restore(job: &str, rank: u32, epoch: u64) {
-    match prefetch_status() {
+/// Logs where the prefetch stands as the restore of `epoch` begins, and
+/// starts one now if none was (the library was loaded after `MPI_Init`, as
+/// Python loads it, or the launcher did not pass the hint): the regions
+/// are restored one by one as the application maps them, and the kernel's
+/// reads run ahead of them.
+pub(crate) fn at_restore(job: &str, rank: u32, epoch: u64, store: &str) {
+    let status = prefetch_status();
+    if status == PrefetchStatus::NotStarted && !turned_off() {
+        start(epoch, store.to_owned(), job.to_owned(), rank);
+    }
+    match status {
         PrefetchStatus::NotStarted => {
-            tracing::debug!(job = %job, rank, epoch, "restart.prefetch_none");
+            tracing::debug!(job = %job, rank, epoch, "restart.prefetch_started_at_restore");
         }
         PrefetchStatus::Running {
             epoch: read,

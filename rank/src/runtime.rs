@@ -446,8 +446,13 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     }
 }
 
-fn load_restore(rank: u32, epoch: u64, store: &str, job: &str) -> Result<Restored, RestoreError> {
-    let store = Store::open(store)
+fn load_restore(
+    rank: u32,
+    epoch: u64,
+    store_root: &str,
+    job: &str,
+) -> Result<Restored, RestoreError> {
+    let store = Store::open(store_root)
         .and_then(|store| store.existing_job(job))
         .map_err(|source| RestoreError::Store {
             rank,
@@ -463,13 +468,17 @@ fn load_restore(rank: u32, epoch: u64, store: &str, job: &str) -> Result<Restore
             source: source.into(),
         }
     })?;
-    let manifest = store
-        .load_manifest(epoch)
-        .map_err(|source| RestoreError::Manifest {
-            rank,
-            epoch,
-            source,
-        })?;
+    // The prefetch (rank/src/prefetch.rs) may have loaded it already.
+    let manifest = match crate::prefetch::take_manifest(epoch, store_root, job) {
+        Some(manifest) => manifest,
+        None => store
+            .load_manifest(epoch)
+            .map_err(|source| RestoreError::Manifest {
+                rank,
+                epoch,
+                source,
+            })?,
+    };
     let record = manifest
         .ranks
         .iter()
@@ -533,7 +542,7 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
             })
         } else {
             job = store_job.clone();
-            crate::prefetch::log_at_restore(&job, rank, *epoch);
+            crate::prefetch::at_restore(&job, rank, *epoch, store);
             load_restore(rank, *epoch, store, store_job)
         }
         .and_then(|r| {

@@ -657,7 +657,7 @@ pub fn checkpoint_kill_restart_elsewhere(program: Program) -> Case {
             .find(|l| l.contains("heat2d: prefetch:"))
             .unwrap_or_else(|| panic!("no prefetch line:\n{said}"));
         assert!(
-            line.contains("prefetch: epoch 1: read") && line.contains(" 0 failed"),
+            line.contains("prefetch: epoch 1: asked for") && line.contains(" 0 failed"),
             "{line}"
         );
     }

@@ -236,6 +236,60 @@ impl StoreFs for RealFs {
         use std::os::unix::fs::FileExt;
         file.read_exact_at(buf, offset)
     }
+
+    fn advise_willneed(&self, file: &File, _path: &Path, offset: u64, len: u64) -> io::Result<()> {
+        let end = match len {
+            0 => file.metadata()?.len(),
+            len => offset.saturating_add(len),
+        };
+        // Linux reads at most one readahead window per piece of advice and
+        // drops the rest: advise window by window. Each returns once its
+        // reads are queued, so many are in flight at once.
+        let window = readahead_window(file);
+        let mut at = offset;
+        while at < end {
+            let piece = (end - at).min(window);
+            let range = |v: u64| {
+                libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+            };
+            // SAFETY: advice on a descriptor `file` keeps open; no memory
+            // is passed.
+            let rc = unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    range(at)?,
+                    range(piece)?,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            at += piece;
+        }
+        Ok(())
+    }
+}
+
+/// The readahead window of the device or filesystem that holds `file`
+/// (`/sys/class/bdi/MAJ:MIN/read_ahead_kb`), between 128 KiB (the kernel's
+/// default, and the most it is sure to honour) and 16 MiB.
+fn readahead_window(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    const DEFAULT: u64 = 128 << 10;
+    let Ok(meta) = file.metadata() else {
+        return DEFAULT;
+    };
+    let dev = meta.dev();
+    let path = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .map_or(DEFAULT, |kib| (kib << 10).clamp(DEFAULT, 16 << 20))
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

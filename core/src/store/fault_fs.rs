@@ -70,10 +70,12 @@ pub enum FsOp {
     OpenRead,
     /// [`StoreFs::read_at`].
     ReadAt,
+    /// [`StoreFs::advise_willneed`].
+    Advise,
 }
 
 impl FsOp {
-    const COUNT: usize = 20;
+    const COUNT: usize = 21;
 
     fn index(self) -> usize {
         self as usize
@@ -318,5 +320,10 @@ impl StoreFs for FaultFs {
     fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(FsOp::ReadAt, path)?;
         self.inner.read_at(file, path, offset, buf)
+    }
+
+    fn advise_willneed(&self, file: &File, path: &Path, offset: u64, len: u64) -> io::Result<()> {
+        self.check(FsOp::Advise, path)?;
+        self.inner.advise_willneed(file, path, offset, len)
     }
 }

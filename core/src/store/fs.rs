@@ -131,6 +131,12 @@ pub trait StoreFs: fmt::Debug + Send + Sync {
     /// `path`); a file that ends first is `UnexpectedEof`.
     fn read_at(&self, file: &File, path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 
+    /// Asks the kernel to read `len` bytes at `offset` of `file` (opened
+    /// from `path`; 0 means to its end) into the page cache in the
+    /// background (`POSIX_FADV_WILLNEED`). Returns once the reads are
+    /// queued, not done; a filesystem without a page cache may ignore it.
+    fn advise_willneed(&self, file: &File, path: &Path, offset: u64, len: u64) -> io::Result<()>;
+
     /// Whether `path` is a directory (following links); false on any error.
     fn is_dir(&self, path: &Path) -> bool {
         self.stat(path).is_ok_and(|stat| stat.is_dir)

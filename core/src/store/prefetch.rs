@@ -1,34 +1,36 @@
-//! Reading a rank's stored chunks ahead of its restore.
+//! Bringing a rank's stored chunks into the page cache ahead of its
+//! restore.
 //!
 //! A restarting rank spends its first moments in the launcher and in
 //! `MPI_Init`, waiting on other processes, while the store sits idle. A
-//! prefetch reads the chunks its restore will need during that time, so
-//! that the restore finds them in the page cache (or the parallel
-//! filesystem's client cache) instead of waiting for the disks.
+//! prefetch asks the kernel to read the chunks its restore will need during
+//! that time (`POSIX_FADV_WILLNEED` on each range), so that the restore
+//! finds them in the page cache (or the parallel filesystem's client cache)
+//! instead of waiting for the disks.
 //!
-//! The prefetch only reads: the bytes are discarded, nothing is decoded or
-//! trusted, and every failure is counted rather than returned. The restore
-//! still reads, verifies and names any problem itself. Reads go through the
-//! store's [`StoreFs`](super::fs::StoreFs), in large pieces into one small
-//! buffer per thread, so a prefetch takes little memory whatever the
-//! rank's size.
+//! The kernel reads in the background, into the cache only: the prefetch
+//! copies nothing into the process and takes next to no CPU, which matters
+//! where ranks fill the cores and the data turns out to be cached already.
+//! (Reading the ranges into a buffer was measured first: on this 2-core
+//! machine its copies cost the restore as much as the early start gained.)
+//! Nothing is decoded or trusted, and every failure is counted rather than
+//! returned: the restore still reads, verifies and names any problem
+//! itself. A filesystem that keeps no page cache may ignore the advice.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::format::chunk::ChunkHash;
-use crate::format::header::HEADER_LEN;
-use crate::format::limits::MAX_STORED_CHUNK_LEN;
 use crate::format::manifest::RankRecord;
 use crate::format::pack::{ChunkPlace, PackId, ENTRY_HEADER_LEN};
 use crate::store::JobStore;
 
-/// Entries of one pack closer than this are read as one range, as the
+/// Entries of one pack closer than this are asked for as one range, as the
 /// restore reads them.
 const JOIN_GAP: u64 = 256 << 10;
-/// The most one read asks for: the buffer each prefetch thread holds.
-const PIECE: u64 = 4 << 20;
+/// The most one piece of advice asks for, so that a stop is seen soon.
+const PIECE: u64 = 64 << 20;
 
-/// What one read of a prefetch covers.
+/// What one request of a prefetch covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     /// A byte range of a pack.
@@ -44,9 +46,8 @@ enum Source {
     Loose(ChunkHash),
 }
 
-/// The reads that bring one rank's chunks into the cache: each pack's
-/// entries sorted by offset and joined into ranges, and each loose chunk
-/// file once.
+/// The ranges that bring one rank's chunks into the cache: each pack's
+/// entries sorted by offset and joined, and each loose chunk file once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrefetchPlan {
     sources: Vec<Source>,
@@ -99,12 +100,13 @@ impl PrefetchPlan {
         PrefetchPlan { sources, bytes }
     }
 
-    /// Reads the plan makes.
+    /// Requests the plan makes: pack ranges and loose chunk files.
     pub fn reads(&self) -> usize {
         self.sources.len()
     }
 
-    /// Bytes of packs it reads (loose chunk files are counted once read).
+    /// Bytes of packs it asks for (loose chunk files are counted as their
+    /// sizes are found).
     pub fn pack_bytes(&self) -> u64 {
         self.bytes
     }
@@ -118,14 +120,14 @@ impl PrefetchPlan {
     }
 }
 
-/// What a prefetch read.
+/// What a prefetch asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefetchReport {
-    /// Bytes read.
+    /// Bytes asked for.
     pub bytes: u64,
-    /// Reads of the plan completed.
+    /// Requests of the plan made.
     pub reads: u64,
-    /// Reads of the plan that failed (a missing pack, an I/O error); the
+    /// Requests of the plan that failed (a missing pack, an I/O error); the
     /// restore meets the same problem and names it.
     pub failed: u64,
     /// Whether it was stopped before the end of the plan.
@@ -133,9 +135,9 @@ pub struct PrefetchReport {
 }
 
 impl JobStore {
-    /// Reads what `plan` names into the cache, on `threads` threads, until
-    /// done or until `stop` is set (checked between reads of at most 4
-    /// MiB). Never fails: see the module documentation.
+    /// Asks for what `plan` names, on `threads` threads (a request may wait
+    /// for room in the device's queue), until done or until `stop` is set
+    /// (checked every 64 MiB). Never fails: see the module documentation.
     pub fn prefetch(
         &self,
         plan: &PrefetchPlan,
@@ -146,23 +148,20 @@ impl JobStore {
         let bytes = AtomicU64::new(0);
         let reads = AtomicU64::new(0);
         let failed = AtomicU64::new(0);
-        let work = || {
-            let mut buf = Vec::new();
-            loop {
-                if stop.load(Ordering::Relaxed) {
-                    return;
+        let work = || loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Some(source) = plan.sources.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            match self.prefetch_one(source, stop) {
+                Some(asked) => {
+                    bytes.fetch_add(asked, Ordering::Relaxed);
+                    reads.fetch_add(1, Ordering::Relaxed);
                 }
-                let Some(source) = plan.sources.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return;
-                };
-                match self.prefetch_one(source, &mut buf, stop) {
-                    Some(read) => {
-                        bytes.fetch_add(read, Ordering::Relaxed);
-                        reads.fetch_add(1, Ordering::Relaxed);
-                    }
-                    None => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
+                None => {
+                    failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
         };
@@ -183,18 +182,16 @@ impl JobStore {
         }
     }
 
-    /// Reads one source through `buf`; the bytes read, or `None` if it
-    /// failed. A stop between pieces returns what was read so far.
-    fn prefetch_one(&self, source: &Source, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<u64> {
+    /// Asks for one source; the bytes asked for, or `None` if it failed. A
+    /// stop between pieces returns what was asked for so far.
+    fn prefetch_one(&self, source: &Source, stop: &AtomicBool) -> Option<u64> {
         match *source {
             Source::Loose(hash) => {
-                let max = (HEADER_LEN + MAX_STORED_CHUNK_LEN) as u64;
-                self.fs
-                    .read_capped_into(&self.chunk_path(&hash), max, buf)
-                    .ok()?;
-                let read = buf.len() as u64;
-                buf.clear();
-                Some(read)
+                let path = self.chunk_path(&hash);
+                let file = self.fs.open_read(&path).ok()?;
+                let len = file.metadata().ok()?.len();
+                self.fs.advise_willneed(&file, &path, 0, len).ok()?;
+                Some(len)
             }
             Source::Pack { pack, offset, len } => {
                 let file = self.pack_file(&pack).ok()?;
@@ -202,8 +199,9 @@ impl JobStore {
                 let mut done = 0u64;
                 while done < len && !stop.load(Ordering::Relaxed) {
                     let piece = (len - done).min(PIECE);
-                    buf.resize(usize::try_from(piece).ok()?, 0);
-                    self.fs.read_at(&file, &path, offset + done, buf).ok()?;
+                    self.fs
+                        .advise_willneed(&file, &path, offset + done, piece)
+                        .ok()?;
                     done += piece;
                 }
                 Some(done)

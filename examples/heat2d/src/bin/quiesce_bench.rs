@@ -64,6 +64,10 @@ struct Args {
     /// speed, for restart benchmarks).
     #[arg(long, value_enum, default_value_t = Fill::Pattern)]
     fill: Fill,
+    /// Sleep this long before `MPI_Init`, as a launcher and `MPI_Init` take
+    /// seconds at scale (for `cryo-bench cold-restart`).
+    #[arg(long, default_value_t = 0)]
+    start_delay_ms: u64,
     /// What an iteration's `--iter-us` counts: the rank's CPU time, or the
     /// wall clock.
     #[arg(long, value_enum, default_value_t = Work::Cpu)]
@@ -140,15 +144,18 @@ fn spin(work: Work, us: u64) {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    std::thread::sleep(Duration::from_millis(args.start_delay_ms));
     let universe = mpi::initialize().context("MPI_Init failed")?;
     let world = universe.world();
     cryo_rank::init_mpi(&world).context("cryo init")?;
+    let mapping = Instant::now();
     let state = cryo_rank::region("state", args.state_bytes, cryo_rank::Backing::Anonymous)
         .context("state region")?;
+    let mapped_ms = mapping.elapsed().as_secs_f64() * 1e3;
     // Written at once: `cryo-bench cold-restart` times a start to this line.
     match cryo_rank::restored_epoch() {
         Some(epoch) => eprintln!(
-            "quiesce-bench rank {}: state ready, restarted from epoch {epoch}; prefetch: {}",
+            "quiesce-bench rank {}: state ready, restarted from epoch {epoch} ({mapped_ms:.0} ms to restore); prefetch: {}",
             world.rank(),
             cryo_rank::prefetch_status()
         ),
