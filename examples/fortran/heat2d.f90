@@ -138,6 +138,7 @@ program heat2d
   else if (me == 0) then
     write (error_unit, '(a,i0,a,i0)') 'heat2d: restarted from epoch ', restored, &
       ' at iteration ', meta(ITERATION)
+    write (error_unit, '(a,a)') 'heat2d: prefetch: ', cryo_prefetch_status()
     ! cryo restored the log's fd at its number, cut back to its size at the
     ! checkpoint: a unit connected to it appends where the run stood.
     write (fd_path, '(a,i0)') '/proc/self/fd/', meta(LOG_FD)

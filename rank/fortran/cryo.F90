@@ -53,6 +53,7 @@ module cryo
 
   public :: cryo_init, cryo_init_mpi, cryo_region, cryo_region_file, cryo_protect
   public :: cryo_checkpoint_point, cryo_restored_epoch, cryo_finalize, cryo_strerror
+  public :: cryo_prefetch_status
   public :: cryo_region_real64, cryo_region_real32, cryo_region_int32, cryo_region_int64
 
   !> Attaches cryo to a communicator: `type(MPI_Comm)` of `use mpi_f08` or
@@ -131,6 +132,13 @@ module cryo
       import :: c_int, c_ptr
       integer(c_int), value :: code
       type(c_ptr) :: text
+    end function
+
+    function c_prefetch_status(buf, len) bind(C, name='cryo_prefetch_status') result(whole)
+      import :: c_char, c_size_t
+      character(kind=c_char), intent(out) :: buf(*)
+      integer(c_size_t), value :: len
+      integer(c_size_t) :: whole
     end function
 
     function c_strlen(text) bind(C, name='strlen') result(len)
@@ -342,6 +350,20 @@ contains
   function cryo_restored_epoch() result(epoch)
     integer(int64) :: epoch
     epoch = c_restored_epoch()
+  end function
+
+  !> Where this rank's prefetch of its chunks stands, as a line of text: on
+  !> a restart, the library has the kernel read them while the launcher and
+  !> MPI_Init run ("none" when it did not).
+  function cryo_prefetch_status() result(line)
+    character(len=:), allocatable :: line
+    character(kind=c_char) :: buf(256)
+    integer :: i, n
+    n = int(min(c_prefetch_status(buf, int(size(buf), c_size_t)), int(size(buf) - 1, c_size_t)))
+    allocate (character(len=n) :: line)
+    do i = 1, n
+      line(i:i) = buf(i)
+    end do
   end function
 
   !> Says goodbye to the agent (collective over the communicator of

@@ -221,7 +221,7 @@ fn run(
     started: Instant,
     handoff: &Handoff,
 ) -> PrefetchStatus {
-    let (job, plan) = match plan(epoch, store, job, rank, handoff) {
+    let (job, plan) = match plan(epoch, store, job, rank, handoff, stop) {
         Ok(planned) => planned,
         Err(why) => return PrefetchStatus::Failed { epoch, why },
     };
@@ -249,6 +249,7 @@ fn plan(
     job: &str,
     rank: u32,
     handoff: &Handoff,
+    stop: &AtomicBool,
 ) -> Result<(JobStore, PrefetchPlan), String> {
     let job = open(store, job)?;
     let manifest = job.load_manifest(epoch).map_err(|err| err.to_string())?;
@@ -257,7 +258,12 @@ fn plan(
         .iter()
         .find(|r| r.rank == rank)
         .map(PrefetchPlan::for_rank);
-    handoff.set(Loaded::Ready(Box::new(manifest)));
+    // Not kept for a rank that was told it starts afresh meanwhile.
+    handoff.set(if stop.load(Ordering::Relaxed) {
+        Loaded::Gone
+    } else {
+        Loaded::Ready(Box::new(manifest))
+    });
     let plan = plan.ok_or_else(|| format!("epoch {epoch} has no rank {rank}"))?;
     Ok((job, plan))
 }
@@ -325,11 +331,27 @@ pub fn prefetch_status() -> PrefetchStatus {
     }
 }
 
-/// Stops a running prefetch (at its next read of at most 4 MiB): the
-/// state is back, or the rank is leaving.
+/// Stops a running prefetch (at its next request of at most 64 MiB): the
+/// rank is leaving, or it does not restart after all.
 pub(crate) fn stop() {
     if let Some(prefetch) = PREFETCH.get() {
         prefetch.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The agent says this rank starts afresh, whatever the environment hinted:
+/// stop reading and free the manifest (it lists every rank of the job).
+pub(crate) fn discard() {
+    stop();
+    if let Some(prefetch) = PREFETCH.get() {
+        let mut loaded = prefetch
+            .handoff
+            .manifest
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if matches!(*loaded, Loaded::Ready(_)) {
+            *loaded = Loaded::Gone;
+        }
     }
 }
 

@@ -519,6 +519,9 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         }
         None => (None, StartMode::Fresh, None),
     };
+    if start == StartMode::Fresh {
+        crate::prefetch::discard();
+    }
     let mut job = config.job.clone();
     let mut restored = None;
     let mut files = FilesRestored::default();

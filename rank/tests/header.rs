@@ -49,7 +49,7 @@ fn header_functions(header: &str) -> BTreeMap<String, (String, usize)> {
             continue;
         };
         let kind = line[..at].trim().trim_start_matches("static inline ");
-        if !matches!(kind, "int" | "uint64_t" | "const char *") || !line.contains('(') {
+        if !matches!(kind, "int" | "uint64_t" | "size_t" | "const char *") || !line.contains('(') {
             continue;
         }
         // Join continuation lines until the closing parenthesis.
@@ -72,6 +72,7 @@ fn rust_type(c: &str) -> &'static str {
     match c {
         "int" => "c_int",
         "uint64_t" => "u64",
+        "size_t" => "usize",
         "const char *" => "*const c_char",
         other => panic!("cryo.h returns {other:?}, which this test does not map"),
     }
