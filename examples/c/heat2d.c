@@ -174,9 +174,6 @@ int main(int argc, char **argv) {
     } else if (rank == 0) {
         fprintf(stderr, "heat2d: restarted from epoch %llu at iteration %llu\n",
                 (unsigned long long)restored, (unsigned long long)meta->iteration);
-        char prefetch[160];
-        cryo_prefetch_status(prefetch, sizeof prefetch);
-        fprintf(stderr, "heat2d: prefetch: %s\n", prefetch);
     }
     int log_fd = (int)meta->log_fd;
 
@@ -245,6 +242,11 @@ int main(int argc, char **argv) {
         free(a); free(b); free(full);
     } else {
         MPI_Send(current + n, (int)(rows * n), MPI_DOUBLE, 0, 1, MPI_COMM_WORLD);
+    }
+    if (rank == 0 && restored) {
+        char prefetch[160];
+        cryo_prefetch_status(prefetch, sizeof prefetch);
+        fprintf(stderr, "heat2d: prefetch: %s\n", prefetch);
     }
     cryo_finalize();
     MPI_Finalize();

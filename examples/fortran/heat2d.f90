@@ -138,7 +138,6 @@ program heat2d
   else if (me == 0) then
     write (error_unit, '(a,i0,a,i0)') 'heat2d: restarted from epoch ', restored, &
       ' at iteration ', meta(ITERATION)
-    write (error_unit, '(a,a)') 'heat2d: prefetch: ', cryo_prefetch_status()
     ! cryo restored the log's fd at its number, cut back to its size at the
     ! checkpoint: a unit connected to it appends where the run stood.
     write (fd_path, '(a,i0)') '/proc/self/fd/', meta(LOG_FD)
@@ -193,6 +192,9 @@ program heat2d
     call finish_on_rank_0(src(:, 1:rows))
   else
     call MPI_Send(src(:, 1:rows), rows * n, MPI_DOUBLE_PRECISION, 0, 1, MPI_COMM_WORLD)
+  end if
+  if (me == 0 .and. restored /= 0) then
+    write (error_unit, '(a,a)') 'heat2d: prefetch: ', cryo_prefetch_status()
   end if
   call cryo_finalize()
   call MPI_Finalize()

@@ -162,7 +162,6 @@ def main(argv):
             f"heat2d: restarted from epoch {restored} at iteration {meta[ITERATION]}",
             file=sys.stderr,
         )
-        print(f"heat2d: prefetch: {cryo.prefetch_status()}", file=sys.stderr)
     log_fd = int(meta[LOG_FD])
 
     local = np.zeros(1)
@@ -216,6 +215,8 @@ def main(argv):
         print(f"heat2d: OK {n}x{n} after {iters} iterations on {size} ranks", flush=True)
     else:
         comm.Send([current[1 : rows + 1], MPI.DOUBLE], dest=0, tag=1)
+    if rank == 0 and cryo.restored_epoch():
+        print(f"heat2d: prefetch: {cryo.prefetch_status()}", file=sys.stderr)
     cryo.finalize()
     return 0
 

@@ -149,6 +149,7 @@ fn park_epoch(
         .into_iter()
         .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))
         .chain(runtime.placeholders.iter().map(AsRawFd::as_raw_fd))
+        .chain(crate::store_fds::open_now())
         .collect();
     let reservation = (runtime.config.region_base, runtime.config.region_reserve);
     // Kept until the agent has copied what it maps.

@@ -18,14 +18,22 @@
 //! the restore reads and verifies everything itself, and a prefetch that
 //! fails or guessed wrong costs reads, never correctness. `CRYO_PREFETCH=0`
 //! turns it off.
+//!
+//! While `cryo_init` puts the application's files and mappings back, no
+//! prefetch runs: a file it opened, even for a moment, could hold the very
+//! fd number or address a restored one needs. So the restore stops it
+//! first ([`pause`], which also takes the manifest it parsed), and resumes
+//! it for what is left once they are back ([`resume`]); if none ran, that
+//! is where it starts. Its files are opened through [`RuntimeFs`]: high fd
+//! numbers, named as the runtime's at a checkpoint.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cryo_core::env::{ENV_JOB, ENV_PREFETCH, ENV_RESTART_FROM, ENV_STORE};
-use cryo_core::format::manifest::Manifest;
+use cryo_core::format::manifest::{Manifest, RankRecord};
 use cryo_core::store::prefetch::{PrefetchPlan, PrefetchReport};
 use cryo_core::store::{JobStore, Store};
 
@@ -94,41 +102,102 @@ impl std::fmt::Display for PrefetchStatus {
     }
 }
 
-/// The manifest the prefetch loaded, handed to the restore so that a rank
-/// parses it once (it lists every rank of the job).
-struct Handoff {
-    /// Epoch, store and job it is of.
-    key: (u64, String, String),
-    manifest: Mutex<Loaded>,
-    ready: Condvar,
+/// What one thread of the prefetch did.
+struct Outcome {
+    /// The manifest it parsed, for the restore.
+    manifest: Option<Manifest>,
+    /// What is left to ask for.
+    rest: Option<PrefetchPlan>,
+    /// Bytes of packs planned.
+    planned: u64,
+    report: PrefetchReport,
+    failed: Option<String>,
 }
 
-enum Loaded {
-    Pending,
-    Ready(Box<Manifest>),
-    Gone,
-}
-
-impl Handoff {
-    fn set(&self, loaded: Loaded) {
-        *self
-            .manifest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = loaded;
-        self.ready.notify_all();
+impl Outcome {
+    fn nothing() -> Outcome {
+        Outcome {
+            manifest: None,
+            rest: None,
+            planned: 0,
+            report: PrefetchReport::default(),
+            failed: None,
+        }
     }
 }
 
 struct Prefetch {
-    handoff: Arc<Handoff>,
-    epoch: u64,
+    /// Epoch, store and job it reads.
+    key: (u64, String, String),
     started: Instant,
     stop: Arc<AtomicBool>,
-    thread: Mutex<Option<JoinHandle<PrefetchStatus>>>,
-    finished: Mutex<Option<PrefetchStatus>>,
+    thread: Option<JoinHandle<Outcome>>,
+    manifest: Option<Manifest>,
+    rest: Option<PrefetchPlan>,
+    planned: u64,
+    report: PrefetchReport,
+    failed: Option<String>,
+    took: Duration,
 }
 
-static PREFETCH: OnceLock<Prefetch> = OnceLock::new();
+impl Prefetch {
+    fn new(key: (u64, String, String)) -> Prefetch {
+        Prefetch {
+            key,
+            started: Instant::now(),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+            manifest: None,
+            rest: None,
+            planned: 0,
+            report: PrefetchReport::default(),
+            failed: None,
+            took: Duration::ZERO,
+        }
+    }
+
+    /// Waits for the thread, if any, and takes in what it did.
+    fn join(&mut self) {
+        let Some(handle) = self.thread.take() else {
+            return;
+        };
+        let outcome = handle.join().unwrap_or_else(|_| Outcome {
+            failed: Some("the prefetch thread panicked".into()),
+            ..Outcome::nothing()
+        });
+        if outcome.manifest.is_some() {
+            self.manifest = outcome.manifest;
+        }
+        if outcome.planned > 0 {
+            self.planned = outcome.planned;
+        }
+        self.rest = outcome.rest;
+        self.report.add(&outcome.report);
+        self.failed = outcome.failed;
+        self.took = self.started.elapsed();
+    }
+
+    /// Runs `work` on a thread of its own.
+    fn spawn(&mut self, work: impl FnOnce(&AtomicBool) -> Outcome + Send + 'static) {
+        self.stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::clone(&self.stop);
+        self.thread = std::thread::Builder::new()
+            .name("cryo-prefetch".into())
+            .spawn(move || work(&stop))
+            .ok();
+        if self.thread.is_none() {
+            self.failed = Some("the prefetch thread could not be started".into());
+        }
+    }
+}
+
+static PREFETCH: Mutex<Option<Prefetch>> = Mutex::new(None);
+
+fn state() -> MutexGuard<'static, Option<Prefetch>> {
+    PREFETCH
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Runs when the library is loaded, before `main` (and before `MPI_Init`).
 // The `.init_array` entry is the ELF constructor mechanism; the function
@@ -145,11 +214,11 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// Starts the prefetch if the environment asks for one; once per process.
 fn turned_off() -> bool {
     var(ENV_PREFETCH).is_some_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false"))
 }
 
+/// Starts the prefetch if the launcher's environment names a restart.
 pub(crate) fn start_from_env() {
     if turned_off() {
         return;
@@ -165,77 +234,47 @@ pub(crate) fn start_from_env() {
     let Ok(rank) = rank.trim().parse::<u32>() else {
         return;
     };
-    start(epoch, store, job, rank);
-}
-
-/// Starts the prefetch of `rank`'s chunks of `epoch`, unless one was
-/// started already (once per process).
-pub(crate) fn start(epoch: u64, store: String, job: String, rank: u32) {
-    let _ = PREFETCH.get_or_init(|| {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopper = Arc::clone(&stop);
-        let started = Instant::now();
-        let handoff = Arc::new(Handoff {
-            key: (epoch, store.clone(), job.clone()),
-            manifest: Mutex::new(Loaded::Pending),
-            ready: Condvar::new(),
-        });
-        let handing = Arc::clone(&handoff);
-        let thread = std::thread::Builder::new()
-            .name("cryo-prefetch".into())
-            .spawn(move || {
-                let status = run(epoch, &store, &job, rank, &stopper, started, &handing);
-                // Whatever happened, nobody waits for a manifest any more.
-                let mut loaded = handing
-                    .manifest
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                if matches!(*loaded, Loaded::Pending) {
-                    *loaded = Loaded::Gone;
-                }
-                drop(loaded);
-                handing.ready.notify_all();
-                status
-            })
-            .ok();
-        if thread.is_none() {
-            handoff.set(Loaded::Gone);
-        }
-        Prefetch {
-            handoff,
-            epoch,
-            started,
-            stop,
-            thread: Mutex::new(thread),
-            finished: Mutex::new(None),
-        }
-    });
-}
-
-fn run(
-    epoch: u64,
-    store: &str,
-    job: &str,
-    rank: u32,
-    stop: &AtomicBool,
-    started: Instant,
-    handoff: &Handoff,
-) -> PrefetchStatus {
-    let (job, plan) = match plan(epoch, store, job, rank, handoff, stop) {
-        Ok(planned) => planned,
-        Err(why) => return PrefetchStatus::Failed { epoch, why },
-    };
-    let report = job.prefetch(&plan, THREADS, stop);
-    PrefetchStatus::Done {
-        epoch,
-        planned: plan.pack_bytes(),
-        report,
-        took: started.elapsed(),
+    let mut state = state();
+    if state.is_some() {
+        return;
     }
+    let mut prefetch = Prefetch::new((epoch, store.clone(), job.clone()));
+    prefetch.spawn(move |stop| from_the_start(epoch, &store, &job, rank, stop));
+    *state = Some(prefetch);
+}
+
+/// The whole prefetch: the manifest, the plan, the requests.
+fn from_the_start(epoch: u64, store: &str, job: &str, rank: u32, stop: &AtomicBool) -> Outcome {
+    let mut outcome = Outcome::nothing();
+    let job = match open(store, job) {
+        Ok(job) => job,
+        Err(why) => {
+            outcome.failed = Some(why);
+            return outcome;
+        }
+    };
+    let manifest = match job.load_manifest(epoch) {
+        Ok(manifest) => manifest,
+        Err(err) => {
+            outcome.failed = Some(err.to_string());
+            return outcome;
+        }
+    };
+    match manifest.ranks.iter().find(|r| r.rank == rank) {
+        Some(record) => {
+            let plan = PrefetchPlan::for_rank(record);
+            outcome.planned = plan.pack_bytes();
+            outcome.report = job.prefetch(&plan, THREADS, stop);
+            outcome.rest = Some(plan.rest_after(outcome.report.done()));
+        }
+        None => outcome.failed = Some(format!("epoch {epoch} has no rank {rank}")),
+    }
+    outcome.manifest = Some(manifest);
+    outcome
 }
 
 fn open(store: &str, job: &str) -> Result<JobStore, String> {
-    let job = Store::open(store)
+    let job = Store::open_with_fs(store, crate::store_fds::RuntimeFs::shared())
         .and_then(|store| store.existing_job(job))
         .map_err(|err| err.to_string())?;
     // Another user's job directory is not read, as the restore would not.
@@ -243,153 +282,100 @@ fn open(store: &str, job: &str) -> Result<JobStore, String> {
     Ok(job)
 }
 
-fn plan(
-    epoch: u64,
-    store: &str,
-    job: &str,
-    rank: u32,
-    handoff: &Handoff,
-    stop: &AtomicBool,
-) -> Result<(JobStore, PrefetchPlan), String> {
-    let job = open(store, job)?;
-    let manifest = job.load_manifest(epoch).map_err(|err| err.to_string())?;
-    let plan = manifest
-        .ranks
-        .iter()
-        .find(|r| r.rank == rank)
-        .map(PrefetchPlan::for_rank);
-    // Not kept for a rank that was told it starts afresh meanwhile.
-    handoff.set(if stop.load(Ordering::Relaxed) {
-        Loaded::Gone
+/// Stops the prefetch before the restore puts files and mappings back, and
+/// hands over the manifest of `epoch` of `job` in `store` if it parsed it
+/// (waiting for that, rather than parsing it twice).
+pub(crate) fn pause(epoch: u64, store: &str, job: &str) -> Option<Manifest> {
+    let mut state = state();
+    let prefetch = state.as_mut()?;
+    prefetch.stop.store(true, Ordering::Relaxed);
+    prefetch.join();
+    if prefetch.key == (epoch, store.to_owned(), job.to_owned()) {
+        prefetch.manifest.take()
     } else {
-        Loaded::Ready(Box::new(manifest))
-    });
-    let plan = plan.ok_or_else(|| format!("epoch {epoch} has no rank {rank}"))?;
-    Ok((job, plan))
+        None
+    }
 }
 
-/// The manifest of `epoch` of `job` in `store` if the prefetch loads it
-/// (waiting until it has), for the restore to use instead of loading it
-/// again; `None` if the prefetch reads another epoch or failed to load it.
-pub(crate) fn take_manifest(epoch: u64, store: &str, job: &str) -> Option<Manifest> {
-    let handoff = &PREFETCH.get()?.handoff;
-    if handoff.key != (epoch, store.to_owned(), job.to_owned()) {
-        return None;
+/// Resumes the prefetch once the files and mappings are back, for what is
+/// left of `record`'s chunks of `epoch`; starts it if none ran, or if the
+/// one that ran read another epoch than the agent restores.
+pub(crate) fn resume(epoch: u64, store: &str, job: &str, record: &RankRecord) {
+    if turned_off() {
+        return;
     }
-    let mut loaded = handoff
-        .manifest
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    while matches!(*loaded, Loaded::Pending) {
-        loaded = handoff
-            .ready
-            .wait(loaded)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-    }
-    match std::mem::replace(&mut *loaded, Loaded::Gone) {
-        Loaded::Ready(manifest) => Some(*manifest),
-        Loaded::Pending | Loaded::Gone => None,
-    }
+    let key = (epoch, store.to_owned(), job.to_owned());
+    let mut state = state();
+    let prefetch = match state.as_mut() {
+        Some(prefetch) if prefetch.key == key && prefetch.failed.is_none() => prefetch,
+        _ => {
+            let mut fresh = Prefetch::new(key);
+            let plan = PrefetchPlan::for_rank(record);
+            fresh.planned = plan.pack_bytes();
+            fresh.rest = Some(plan);
+            state.insert(fresh)
+        }
+    };
+    prefetch.manifest = None;
+    let Some(rest) = prefetch.rest.take().filter(|rest| !rest.is_empty()) else {
+        return;
+    };
+    let (store, job) = (store.to_owned(), job.to_owned());
+    prefetch.spawn(move |stop| {
+        let mut outcome = Outcome::nothing();
+        match open(&store, &job) {
+            Ok(job) => {
+                outcome.report = job.prefetch(&rest, THREADS, stop);
+                outcome.rest = Some(rest.rest_after(outcome.report.done()));
+            }
+            Err(why) => outcome.failed = Some(why),
+        }
+        outcome
+    });
 }
 
 /// Where this process's prefetch is, without waiting for it.
 pub fn prefetch_status() -> PrefetchStatus {
-    let Some(prefetch) = PREFETCH.get() else {
+    let mut state = state();
+    let Some(prefetch) = state.as_mut() else {
         return PrefetchStatus::NotStarted;
     };
-    let mut finished = prefetch
-        .finished
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(status) = finished.as_ref() {
-        return status.clone();
+    if prefetch.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+        return PrefetchStatus::Running {
+            epoch: prefetch.key.0,
+            elapsed: prefetch.started.elapsed(),
+        };
     }
-    let mut thread = prefetch
-        .thread
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    match thread.take() {
-        Some(handle) if handle.is_finished() => {
-            let status = handle.join().unwrap_or_else(|_| PrefetchStatus::Failed {
-                epoch: prefetch.epoch,
-                why: "the prefetch thread panicked".into(),
-            });
-            *finished = Some(status.clone());
-            status
-        }
-        Some(handle) => {
-            *thread = Some(handle);
-            PrefetchStatus::Running {
-                epoch: prefetch.epoch,
-                elapsed: prefetch.started.elapsed(),
-            }
-        }
-        None => PrefetchStatus::Failed {
-            epoch: prefetch.epoch,
-            why: "the prefetch thread could not be started".into(),
+    prefetch.join();
+    match &prefetch.failed {
+        Some(why) => PrefetchStatus::Failed {
+            epoch: prefetch.key.0,
+            why: why.clone(),
+        },
+        None => PrefetchStatus::Done {
+            epoch: prefetch.key.0,
+            planned: prefetch.planned,
+            report: prefetch.report,
+            took: prefetch.took,
         },
     }
 }
 
 /// Stops a running prefetch (at its next request of at most 64 MiB): the
-/// rank is leaving, or it does not restart after all.
+/// rank is leaving.
 pub(crate) fn stop() {
-    if let Some(prefetch) = PREFETCH.get() {
+    if let Some(prefetch) = state().as_ref() {
         prefetch.stop.store(true, Ordering::Relaxed);
     }
 }
 
 /// The agent says this rank starts afresh, whatever the environment hinted:
-/// stop reading and free the manifest (it lists every rank of the job).
+/// stop, and free what the prefetch holds (the manifest lists every rank).
 pub(crate) fn discard() {
-    stop();
-    if let Some(prefetch) = PREFETCH.get() {
-        let mut loaded = prefetch
-            .handoff
-            .manifest
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if matches!(*loaded, Loaded::Ready(_)) {
-            *loaded = Loaded::Gone;
-        }
+    let mut state = state();
+    if let Some(prefetch) = state.as_mut() {
+        prefetch.stop.store(true, Ordering::Relaxed);
+        prefetch.join();
     }
-}
-
-/// Logs where the prefetch stands as the restore of `epoch` begins, and
-/// starts one now if none was (the library was loaded after `MPI_Init`, as
-/// Python loads it, or the launcher did not pass the hint): the regions
-/// are restored one by one as the application maps them, and the kernel's
-/// reads run ahead of them.
-pub(crate) fn at_restore(job: &str, rank: u32, epoch: u64, store: &str) {
-    let status = prefetch_status();
-    if status == PrefetchStatus::NotStarted && !turned_off() {
-        start(epoch, store.to_owned(), job.to_owned(), rank);
-    }
-    match status {
-        PrefetchStatus::NotStarted => {
-            tracing::debug!(job = %job, rank, epoch, "restart.prefetch_started_at_restore");
-        }
-        PrefetchStatus::Running {
-            epoch: read,
-            elapsed,
-        } => tracing::info!(
-            job = %job, rank, epoch, prefetching = read,
-            ms = elapsed.as_secs_f64() * 1e3,
-            "restart.prefetch_running"
-        ),
-        PrefetchStatus::Done {
-            epoch: read,
-            planned,
-            report,
-            took,
-        } => tracing::info!(
-            job = %job, rank, epoch, prefetched = read, planned,
-            bytes = report.bytes, failed = report.failed,
-            ms = took.as_secs_f64() * 1e3,
-            "restart.prefetch_done"
-        ),
-        PrefetchStatus::Failed { epoch: read, why } => {
-            tracing::info!(job = %job, rank, epoch, prefetching = read, why = %why, "restart.prefetch_failed");
-        }
-    }
+    *state = None;
 }

@@ -451,8 +451,10 @@ fn load_restore(
     epoch: u64,
     store_root: &str,
     job: &str,
+    handed: Option<cryo_core::format::manifest::Manifest>,
 ) -> Result<Restored, RestoreError> {
-    let store = Store::open(store_root)
+    // Its pack files are the runtime's: high fds, never captured.
+    let store = Store::open_with_fs(store_root, crate::store_fds::RuntimeFs::shared())
         .and_then(|store| store.existing_job(job))
         .map_err(|source| RestoreError::Store {
             rank,
@@ -468,8 +470,8 @@ fn load_restore(
             source: source.into(),
         }
     })?;
-    // The prefetch (rank/src/prefetch.rs) may have loaded it already.
-    let manifest = match crate::prefetch::take_manifest(epoch, store_root, job) {
+    // The prefetch (rank/src/prefetch.rs) may have parsed it already.
+    let manifest = match handed {
         Some(manifest) => manifest,
         None => store
             .load_manifest(epoch)
@@ -545,12 +547,14 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
             })
         } else {
             job = store_job.clone();
-            crate::prefetch::at_restore(&job, rank, *epoch, store);
-            load_restore(rank, *epoch, store, store_job)
+            let handed = crate::prefetch::pause(*epoch, store, store_job);
+            load_restore(rank, *epoch, store, store_job, handed)
         }
         .and_then(|r| {
             let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
             restore_mappings(&r.record, &r.store, config.file_policy)?;
+            // The regions come back as the application maps them.
+            crate::prefetch::resume(*epoch, store, &job, &r.record);
             Ok((r, files))
         });
         match result {
@@ -576,7 +580,7 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
             let _ = write_message(&mut &conn.sock, &RankToAgent::Restored { epoch: *epoch });
         }
         RESTORED_EPOCH.store(*epoch, Ordering::Release);
-        tracing::info!(job = %job, rank, epoch, fds = files.restored.len(), "restart.files_restored");
+        tracing::info!(job = %job, rank, epoch, fds = files.restored.len(), prefetch = %crate::prefetch_status(), "restart.files_restored");
     }
     // After a restore, so that the application's fds are back first; with
     // or without an agent, so that the application's fds are numbered the

@@ -113,14 +113,30 @@ fn a_restarting_rank_asks_for_exactly_its_chunks_from_an_evicted_store() {
 }
 
 #[test]
-fn a_prefetch_of_an_epoch_that_is_not_there_fails_alone() {
-    let (stderr, _) = restart_with(&[
+fn a_hint_of_an_epoch_that_is_not_there_costs_nothing_and_the_right_one_is_read() {
+    let (stderr, planned) = restart_with(&[
         ("CRYO_RESTART_FROM", "999"),
         ("CRYO_STORE", "{store}"),
         ("CRYO_JOB", "pf"),
     ]);
+    // The hinted epoch fails to load; the restore starts the prefetch of
+    // the epoch the agent restores once the rank's files are back.
     let line = prefetch_line(&stderr);
-    assert!(line.contains("epoch 999 failed"), "{line}");
+    assert!(!line.contains("epoch 999"), "{line}");
+    assert!(
+        line.contains(&format!("asked for {planned} of {planned} bytes")),
+        "{line}"
+    );
+}
+
+#[test]
+fn without_a_hint_the_restore_starts_the_prefetch() {
+    let (stderr, planned) = restart_with(&[]);
+    let line = prefetch_line(&stderr);
+    assert!(
+        line.contains(&format!("asked for {planned} of {planned} bytes")),
+        "{line}"
+    );
 }
 
 #[test]
@@ -191,10 +207,11 @@ fn an_mpi_job_resumed_on_other_nodes_prefetches_each_ranks_own_chunks() {
     for rank in &manifest.ranks {
         let planned = PrefetchPlan::for_rank(rank).pack_bytes();
         assert!(planned > 0);
-        let ours = format!(
+        assert!(said.contains(&format!(
             "quiesce-bench rank {}: state ready, restarted from epoch {epoch} (",
             rank.rank
-        );
+        )));
+        let ours = format!("quiesce-bench rank {}: prefetch: ", rank.rank);
         let line = said
             .lines()
             .find(|l| l.contains(&ours))
@@ -202,4 +219,55 @@ fn an_mpi_job_resumed_on_other_nodes_prefetches_each_ranks_own_chunks() {
         let expected = format!("prefetch: epoch {epoch}: asked for {planned} of {planned} bytes");
         assert!(line.contains(&expected), "{expected} not in: {line}");
     }
+}
+
+/// The pack files a restarted rank's restore and prefetch keep open are the
+/// runtime's: at high fd numbers, so they never take a number an
+/// application fd comes back at, and never captured by the next checkpoint
+/// as the application's (a restart from it would reopen them, or refuse).
+#[test]
+fn the_runtimes_store_files_are_never_the_applications() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(dir.path(), "run-0", &input);
+    let spec = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: Some(&agent),
+        steps: 200,
+        state_mb: 16,
+        step_ms: 10,
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(20);
+    let (first, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    drop(frozen);
+    rank.kill9();
+    assert_eq!(agent.arm_restart(), first.epoch);
+    let mut rank = Rank::start(&spec, &files);
+    wait_until("the rank to restart", Duration::from_secs(20), || {
+        Rank::stderr(&files).contains("restarted from epoch")
+    });
+    rank.wait_lines(lines(&files.log) + 3);
+    let (second, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    drop(frozen);
+    rank.kill9();
+    let manifest = agent.job_store().load_manifest(second.epoch).unwrap();
+    let store = agent.store.canonicalize().unwrap();
+    for fd in &manifest.ranks[0].fds {
+        assert!(
+            !std::path::Path::new(&fd.path).starts_with(&store)
+                || !matches!(fd.restore, cryo_core::format::manifest::FdRestore::Restore),
+            "fd {} ({}) of the store was captured as the application's",
+            fd.fd,
+            fd.path
+        );
+    }
+    // And the restart from that checkpoint works.
+    assert_eq!(agent.arm_restart(), second.epoch);
+    let rank = Rank::start(&spec, &files);
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
 }

@@ -82,11 +82,16 @@ fn cycles(program: &Program, at: &[usize], state_mb: u64, agent_args: &[&str]) -
         let epoch = agent.arm_restart();
         assert_eq!(epoch, report.epoch, "cycle {cycle}");
         rank = Rank::start(&spec, &files);
-        wait_until(
-            "the restarted rank to register",
-            Duration::from_secs(20),
-            || Rank::stderr(&files).contains("restarted from epoch"),
-        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !Rank::stderr(&files).contains("restarted from epoch") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cycle {cycle}: the rank did not restart within 20 s; its stderr:\n{}\nthe agent's log:\n{}",
+                Rank::stderr(&files),
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let status = rank.wait();
     assert!(

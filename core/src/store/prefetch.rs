@@ -27,7 +27,7 @@ use crate::store::JobStore;
 /// Entries of one pack closer than this are asked for as one range, as the
 /// restore reads them.
 const JOIN_GAP: u64 = 256 << 10;
-/// The most one piece of advice asks for, so that a stop is seen soon.
+/// The most one request asks for, so that a stop is seen soon.
 const PIECE: u64 = 64 << 20;
 
 /// What one request of a prefetch covers.
@@ -94,10 +94,49 @@ impl PrefetchPlan {
             bytes += len;
             sources.push(Source::Pack { pack, offset, len });
         }
+        // Ranges of at most PIECE, so that a stop is seen between them.
+        let mut sources: Vec<Source> = sources
+            .into_iter()
+            .flat_map(|source| {
+                let (pack, offset, len) = match source {
+                    Source::Pack { pack, offset, len } => (pack, offset, len),
+                    Source::Loose(_) => return vec![source],
+                };
+                (0..len.div_ceil(PIECE))
+                    .map(|i| Source::Pack {
+                        pack,
+                        offset: offset + i * PIECE,
+                        len: (len - i * PIECE).min(PIECE),
+                    })
+                    .collect()
+            })
+            .collect();
         for hash in loose {
             sources.push(Source::Loose(hash));
         }
         PrefetchPlan { sources, bytes }
+    }
+
+    /// What is left of the plan once its first `done` requests are made
+    /// (see [`PrefetchReport::done`]).
+    pub fn rest_after(&self, done: u64) -> PrefetchPlan {
+        let from = usize::try_from(done)
+            .unwrap_or(usize::MAX)
+            .min(self.sources.len());
+        let sources = self.sources[from..].to_vec();
+        let bytes = sources
+            .iter()
+            .map(|source| match source {
+                Source::Pack { len, .. } => *len,
+                Source::Loose(_) => 0,
+            })
+            .sum();
+        PrefetchPlan { sources, bytes }
+    }
+
+    /// Whether nothing is left to ask for.
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
     }
 
     /// Requests the plan makes: pack ranges and loose chunk files.
@@ -134,10 +173,28 @@ pub struct PrefetchReport {
     pub stopped: bool,
 }
 
+impl PrefetchReport {
+    /// Requests made, whether they succeeded or not: the plan's first
+    /// `done()` are behind it.
+    pub fn done(&self) -> u64 {
+        self.reads + self.failed
+    }
+
+    /// Adds what a later prefetch of the rest asked for.
+    pub fn add(&mut self, later: &PrefetchReport) {
+        self.bytes += later.bytes;
+        self.reads += later.reads;
+        self.failed += later.failed;
+        self.stopped = later.stopped;
+    }
+}
+
 impl JobStore {
-    /// Asks for what `plan` names, on `threads` threads (a request may wait
-    /// for room in the device's queue), until done or until `stop` is set
-    /// (checked every 64 MiB). Never fails: see the module documentation.
+    /// Asks for what `plan` names, in order, on `threads` threads (a request
+    /// may wait for room in the device's queue), until done or until `stop`
+    /// is set (checked between requests of at most 64 MiB; the first
+    /// [`PrefetchReport::done`] requests are then made, the rest not).
+    /// Never fails: see the module documentation.
     pub fn prefetch(
         &self,
         plan: &PrefetchPlan,
@@ -155,7 +212,7 @@ impl JobStore {
             let Some(source) = plan.sources.get(next.fetch_add(1, Ordering::Relaxed)) else {
                 return;
             };
-            match self.prefetch_one(source, stop) {
+            match self.prefetch_one(source) {
                 Some(asked) => {
                     bytes.fetch_add(asked, Ordering::Relaxed);
                     reads.fetch_add(1, Ordering::Relaxed);
@@ -182,9 +239,8 @@ impl JobStore {
         }
     }
 
-    /// Asks for one source; the bytes asked for, or `None` if it failed. A
-    /// stop between pieces returns what was asked for so far.
-    fn prefetch_one(&self, source: &Source, stop: &AtomicBool) -> Option<u64> {
+    /// Asks for one source; the bytes asked for, or `None` if it failed.
+    fn prefetch_one(&self, source: &Source) -> Option<u64> {
         match *source {
             Source::Loose(hash) => {
                 let path = self.chunk_path(&hash);
@@ -196,15 +252,8 @@ impl JobStore {
             Source::Pack { pack, offset, len } => {
                 let file = self.pack_file(&pack).ok()?;
                 let path = self.pack_path(&pack);
-                let mut done = 0u64;
-                while done < len && !stop.load(Ordering::Relaxed) {
-                    let piece = (len - done).min(PIECE);
-                    self.fs
-                        .advise_willneed(&file, &path, offset + done, piece)
-                        .ok()?;
-                    done += piece;
-                }
-                Some(done)
+                self.fs.advise_willneed(&file, &path, offset, len).ok()?;
+                Some(len)
             }
         }
     }

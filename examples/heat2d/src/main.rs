@@ -255,7 +255,6 @@ fn run() -> Result<()> {
             info.restored_epoch.unwrap_or(0),
             meta.iteration
         );
-        eprintln!("heat2d: prefetch: {}", cryo_rank::prefetch_status());
     }
     let log_fd = RawFd::try_from(meta.log_fd)?;
 
@@ -359,6 +358,9 @@ fn run() -> Result<()> {
         );
     } else {
         world.process_at_rank(0).send(interior);
+    }
+    if rank == 0 && cryo_rank::restored_epoch().is_some() {
+        eprintln!("heat2d: prefetch: {}", cryo_rank::prefetch_status());
     }
     cryo_rank::finalize();
     Ok(())

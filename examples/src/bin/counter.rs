@@ -239,11 +239,6 @@ fn run(args: &Args) -> Result<()> {
                 "cryo-counter rank {}: restarted from epoch {epoch} at step {}",
                 info.rank, header[1]
             );
-            eprintln!(
-                "cryo-counter rank {}: prefetch: {}",
-                info.rank,
-                cryo_rank::prefetch_status()
-            );
             RawFd::try_from(header[2]).context("saved fd")?
         }
     };
@@ -298,6 +293,14 @@ fn run(args: &Args) -> Result<()> {
     std::fs::write(&args.r#final, &out)
         .with_context(|| format!("writing {}", args.r#final.display()))?;
     println!("final {:016x}", fnv(&out, 0xcbf2_9ce4_8422_2325));
+    // At the end, when the prefetch of a restart has long finished.
+    if cryo_rank::restored_epoch().is_some() {
+        eprintln!(
+            "cryo-counter rank {}: prefetch: {}",
+            info.rank,
+            cryo_rank::prefetch_status()
+        );
+    }
     cryo_rank::finalize();
     Ok(())
 }

@@ -155,9 +155,8 @@ fn main() -> Result<()> {
     // Written at once: `cryo-bench cold-restart` times a start to this line.
     match cryo_rank::restored_epoch() {
         Some(epoch) => eprintln!(
-            "quiesce-bench rank {}: state ready, restarted from epoch {epoch} ({mapped_ms:.0} ms to restore); prefetch: {}",
-            world.rank(),
-            cryo_rank::prefetch_status()
+            "quiesce-bench rank {}: state ready, restarted from epoch {epoch} ({mapped_ms:.0} ms to restore)",
+            world.rank()
         ),
         None => eprintln!(
             "quiesce-bench rank {}: state ready, fresh start",
@@ -240,6 +239,14 @@ fn main() -> Result<()> {
             use std::io::Write;
             log.flush().context("writing the points log")?;
         }
+    }
+    // At the end, when the prefetch of a restart has long finished.
+    if cryo_rank::restored_epoch().is_some() {
+        eprintln!(
+            "quiesce-bench rank {}: prefetch: {}",
+            world.rank(),
+            cryo_rank::prefetch_status()
+        );
     }
     cryo_rank::finalize();
     Ok(())
