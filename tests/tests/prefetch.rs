@@ -271,3 +271,56 @@ fn the_runtimes_store_files_are_never_the_applications() {
     let rank = Rank::start(&spec, &files);
     assert!(rank.wait().success(), "{}", Rank::stderr(&files));
 }
+
+/// A hint left in the environment of a rank its agent starts afresh (the
+/// agent was not armed) changes nothing: the prefetch is dropped and the
+/// run is an ordinary fresh one.
+#[test]
+fn a_hint_for_a_rank_started_afresh_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let reference = RankFiles::new(dir.path(), "ref-0", &input);
+    let plain = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: None,
+        steps: STEPS,
+        state_mb: 16,
+        step_ms: 0,
+    };
+    assert!(Rank::run(&plain, &reference).success());
+    let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
+    let first = RankFiles::new(dir.path(), "first", &input);
+    let spec = RankSpec {
+        agent: Some(&agent),
+        step_ms: 5,
+        ..plain
+    };
+    let mut rank = Rank::start(&spec, &first);
+    rank.wait_lines(10);
+    let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    drop(frozen);
+    rank.kill9();
+
+    let files = RankFiles::new(dir.path(), "run-0", &input);
+    let (epoch, store) = (report.epoch.to_string(), agent.store.display().to_string());
+    let rank = Rank::start_with_env(
+        &spec,
+        &files,
+        &[
+            ("CRYO_RESTART_FROM", epoch.as_str()),
+            ("CRYO_STORE", store.as_str()),
+            ("CRYO_JOB", "pf"),
+        ],
+    );
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    let said = Rank::stderr(&files);
+    assert!(
+        !said.contains("restarted") && !said.contains("prefetch:"),
+        "{said}"
+    );
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+}
