@@ -16,7 +16,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::Instant;
 
 use cryo_coordinator::human;
@@ -164,45 +164,80 @@ pub fn run_cold_restart_bench(
     result.map(|()| report)
 }
 
+/// A `cryo run` whose stderr is read as it comes.
+struct Watched {
+    command: &'static str,
+    child: Child,
+    stderr: BufReader<ChildStderr>,
+    /// What it wrote so far.
+    said: String,
+}
+
+impl Watched {
+    fn spawn(cmd: &mut Command, command: &'static str) -> Result<Watched, StartBenchError> {
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| StartBenchError::Run { command, source })?;
+        let stderr = child.stderr.take().ok_or_else(|| StartBenchError::Run {
+            command,
+            source: std::io::Error::other("no stderr pipe"),
+        })?;
+        Ok(Watched {
+            command,
+            child,
+            stderr: BufReader::new(stderr),
+            said: String::new(),
+        })
+    }
+
+    /// Reads until `marker` was written `count` times (ranks share the
+    /// pipe, so two lines may come interleaved as one); false if stderr
+    /// ended first.
+    fn wait_for(&mut self, marker: &str, count: usize) -> bool {
+        let (mut seen, mut line) = (0, String::new());
+        while seen < count {
+            if self.stderr.read_line(&mut line).unwrap_or(0) == 0 {
+                return false;
+            }
+            seen += line.matches(marker).count();
+            self.said.push_str(&std::mem::take(&mut line));
+        }
+        true
+    }
+
+    /// Lets it finish; its status and everything it wrote.
+    fn finish(mut self) -> Result<(ExitStatus, String), StartBenchError> {
+        let _ = self.stderr.read_to_string(&mut self.said);
+        let command = self.command;
+        let status = self
+            .child
+            .wait()
+            .map_err(|source| StartBenchError::Run { command, source })?;
+        Ok((status, self.said))
+    }
+}
+
 /// Runs `cmd` until `ranks` ranks say their state is ready and the
 /// iterations begin, then sends it SIGTERM; it must end with a committed
 /// checkpoint.
 fn preempted(cmd: &mut Command, ranks: usize) -> Result<(), StartBenchError> {
     let command = "cryo run (the preempted job)";
-    let mut child = cmd
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| StartBenchError::Run { command, source })?;
-    let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| StartBenchError::Run {
-        command,
-        source: std::io::Error::other("no stderr pipe"),
-    })?);
-    let (mut seen, mut said, mut line) = (0, String::new(), String::new());
-    while seen < ranks && stderr.read_line(&mut line).unwrap_or(0) > 0 {
-        seen += line.matches("state ready").count();
-        said.push_str(&std::mem::take(&mut line));
-    }
+    let mut job = Watched::spawn(cmd, command)?;
+    job.wait_for("state ready", ranks);
     // The fill follows the line; the first safe point follows the fill.
     std::thread::sleep(std::time::Duration::from_secs(2));
-    if let Ok(pid) = i32::try_from(child.id()) {
+    if let Ok(pid) = i32::try_from(job.child.id()) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    let _ = stderr.read_to_string(&mut said);
-    let status = child
-        .wait()
-        .map_err(|source| StartBenchError::Run { command, source })?;
+    let (status, said) = job.finish()?;
     if said.contains("committed") {
         return Ok(());
     }
-    let lines: Vec<&str> = said.lines().collect();
-    Err(StartBenchError::Failed {
-        command,
-        status,
-        stderr: lines[lines.len().saturating_sub(4)..].join(" / "),
-    })
+    Err(StartBenchError::failed(command, status, &said))
 }
 
 /// Runs `cmd` and returns the ms from its start to the `count`-th time
@@ -210,39 +245,14 @@ fn preempted(cmd: &mut Command, ranks: usize) -> Result<(), StartBenchError> {
 fn until_lines(cmd: &mut Command, count: usize, marker: &str) -> Result<f64, StartBenchError> {
     let command = "cryo run";
     let t = Instant::now();
-    let mut child = cmd
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| StartBenchError::Run { command, source })?;
-    let mut stderr = BufReader::new(child.stderr.take().ok_or_else(|| StartBenchError::Run {
-        command,
-        source: std::io::Error::other("no stderr pipe"),
-    })?);
-    let (mut seen, mut at, mut tail) = (0, None, Vec::new());
-    let mut line = String::new();
-    while at.is_none() && stderr.read_line(&mut line).unwrap_or(0) > 0 {
-        // Ranks share the pipe, so two lines may come interleaved as one.
-        seen += line.matches(marker).count();
-        if seen >= count {
-            at = Some(t.elapsed().as_secs_f64() * 1e3);
-        }
-        tail.push(std::mem::take(&mut line));
-    }
-    let mut rest = String::new();
-    let _ = stderr.read_to_string(&mut rest);
-    let status = child
-        .wait()
-        .map_err(|source| StartBenchError::Run { command, source })?;
+    let mut job = Watched::spawn(cmd, command)?;
+    let at = job
+        .wait_for(marker, count)
+        .then(|| t.elapsed().as_secs_f64() * 1e3);
+    let (status, said) = job.finish()?;
     match at {
         Some(ms) if status.success() => Ok(ms),
-        _ => {
-            tail.extend(rest.lines().map(str::to_owned));
-            Err(StartBenchError::Failed {
-                command,
-                status,
-                stderr: tail[tail.len().saturating_sub(4)..].join(" / "),
-            })
-        }
+        _ => Err(StartBenchError::failed(command, status, &said)),
     }
 }
 

@@ -75,6 +75,23 @@ pub enum StartBenchError {
     },
 }
 
+impl StartBenchError {
+    /// `command` ended with `status`; `stderr` is all it wrote there, of
+    /// which the error keeps the last lines.
+    pub(crate) fn failed(
+        command: &'static str,
+        status: std::process::ExitStatus,
+        stderr: &str,
+    ) -> StartBenchError {
+        let lines: Vec<&str> = stderr.lines().collect();
+        StartBenchError::Failed {
+            command,
+            status,
+            stderr: lines[lines.len().saturating_sub(4)..].join(" / "),
+        }
+    }
+}
+
 /// The figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct StartReport {
@@ -200,13 +217,11 @@ fn timed(command: &'static str, cmd: &mut Command) -> Result<f64, StartBenchErro
         .map_err(|source| StartBenchError::Run { command, source })?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = text.lines().collect();
-        return Err(StartBenchError::Failed {
+        return Err(StartBenchError::failed(
             command,
-            status: out.status,
-            stderr: lines[lines.len().saturating_sub(4)..].join(" / "),
-        });
+            out.status,
+            &String::from_utf8_lossy(&out.stderr),
+        ));
     }
     Ok(ms)
 }

@@ -102,7 +102,7 @@ impl std::fmt::Display for PrefetchStatus {
     }
 }
 
-/// What one thread of the prefetch did.
+/// What one thread of the prefetch did, or all of them so far.
 struct Outcome {
     /// The manifest it parsed, for the restore.
     manifest: Option<Manifest>,
@@ -124,6 +124,20 @@ impl Outcome {
             failed: None,
         }
     }
+
+    /// Takes in what a later thread did: its requests add to these, and
+    /// what it left (or its failure) is what is left now.
+    fn absorb(&mut self, later: Outcome) {
+        if later.manifest.is_some() {
+            self.manifest = later.manifest;
+        }
+        if later.planned > 0 {
+            self.planned = later.planned;
+        }
+        self.rest = later.rest;
+        self.report.add(&later.report);
+        self.failed = later.failed;
+    }
 }
 
 struct Prefetch {
@@ -132,11 +146,8 @@ struct Prefetch {
     started: Instant,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Outcome>>,
-    manifest: Option<Manifest>,
-    rest: Option<PrefetchPlan>,
-    planned: u64,
-    report: PrefetchReport,
-    failed: Option<String>,
+    /// What its threads did so far.
+    done: Outcome,
     took: Duration,
 }
 
@@ -147,11 +158,7 @@ impl Prefetch {
             started: Instant::now(),
             stop: Arc::new(AtomicBool::new(false)),
             thread: None,
-            manifest: None,
-            rest: None,
-            planned: 0,
-            report: PrefetchReport::default(),
-            failed: None,
+            done: Outcome::nothing(),
             took: Duration::ZERO,
         }
     }
@@ -161,19 +168,10 @@ impl Prefetch {
         let Some(handle) = self.thread.take() else {
             return;
         };
-        let outcome = handle.join().unwrap_or_else(|_| Outcome {
+        self.done.absorb(handle.join().unwrap_or_else(|_| Outcome {
             failed: Some("the prefetch thread panicked".into()),
             ..Outcome::nothing()
-        });
-        if outcome.manifest.is_some() {
-            self.manifest = outcome.manifest;
-        }
-        if outcome.planned > 0 {
-            self.planned = outcome.planned;
-        }
-        self.rest = outcome.rest;
-        self.report.add(&outcome.report);
-        self.failed = outcome.failed;
+        }));
         self.took = self.started.elapsed();
     }
 
@@ -186,7 +184,7 @@ impl Prefetch {
             .spawn(move || work(&stop))
             .ok();
         if self.thread.is_none() {
-            self.failed = Some("the prefetch thread could not be started".into());
+            self.done.failed = Some("the prefetch thread could not be started".into());
         }
     }
 }
@@ -291,7 +289,7 @@ pub(crate) fn pause(epoch: u64, store: &str, job: &str) -> Option<Manifest> {
     prefetch.stop.store(true, Ordering::Relaxed);
     prefetch.join();
     if prefetch.key == (epoch, store.to_owned(), job.to_owned()) {
-        prefetch.manifest.take()
+        prefetch.done.manifest.take()
     } else {
         None
     }
@@ -307,17 +305,17 @@ pub(crate) fn resume(epoch: u64, store: &str, job: &str, record: &RankRecord) {
     let key = (epoch, store.to_owned(), job.to_owned());
     let mut state = state();
     let prefetch = match state.as_mut() {
-        Some(prefetch) if prefetch.key == key && prefetch.failed.is_none() => prefetch,
+        Some(prefetch) if prefetch.key == key && prefetch.done.failed.is_none() => prefetch,
         _ => {
             let mut fresh = Prefetch::new(key);
             let plan = PrefetchPlan::for_rank(record);
-            fresh.planned = plan.pack_bytes();
-            fresh.rest = Some(plan);
+            fresh.done.planned = plan.pack_bytes();
+            fresh.done.rest = Some(plan);
             state.insert(fresh)
         }
     };
-    prefetch.manifest = None;
-    let Some(rest) = prefetch.rest.take().filter(|rest| !rest.is_empty()) else {
+    prefetch.done.manifest = None;
+    let Some(rest) = prefetch.done.rest.take().filter(|rest| !rest.is_empty()) else {
         return;
     };
     let (store, job) = (store.to_owned(), job.to_owned());
@@ -347,15 +345,15 @@ pub fn prefetch_status() -> PrefetchStatus {
         };
     }
     prefetch.join();
-    match &prefetch.failed {
+    match &prefetch.done.failed {
         Some(why) => PrefetchStatus::Failed {
             epoch: prefetch.key.0,
             why: why.clone(),
         },
         None => PrefetchStatus::Done {
             epoch: prefetch.key.0,
-            planned: prefetch.planned,
-            report: prefetch.report,
+            planned: prefetch.done.planned,
+            report: prefetch.done.report,
             took: prefetch.took,
         },
     }

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cryo_core::store::prefetch::PrefetchPlan;
@@ -34,33 +34,44 @@ fn evict(dir: &Path) {
     }
 }
 
+/// A folder for a test, with the counter's input in it.
+fn scratch() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    (dir, input)
+}
+
+/// The counter as rank 0: `STEPS` steps of `step_ms` over 16 MiB of state.
+fn counter<'a>(program: &'a Program, agent: Option<&'a Agent>, step_ms: u64) -> RankSpec<'a> {
+    RankSpec {
+        program,
+        rank: 0,
+        agent,
+        steps: STEPS,
+        state_mb: 16,
+        step_ms,
+    }
+}
+
+/// An uninterrupted run of the counter without an agent, to compare with.
+fn reference(dir: &Path, input: &Path, program: &Program) -> RankFiles {
+    let reference = RankFiles::new(dir, "ref-0", input);
+    assert!(Rank::run(&counter(program, None, 0), &reference).success());
+    reference
+}
+
 /// Checkpoints a Rust counter rank, kills it, evicts the store and restarts
 /// it with `env` (`{epoch}` and `{store}` replaced); returns the restarted
 /// rank's stderr and the bytes its plan reads. The run must end as an
 /// uninterrupted one does.
 fn restart_with(env: &[(&str, &str)]) -> (String, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
+    let (dir, input) = scratch();
     let program = Program::Rust;
-    let reference = RankFiles::new(dir.path(), "ref-0", &input);
-    let plain = RankSpec {
-        program: &program,
-        rank: 0,
-        agent: None,
-        steps: STEPS,
-        state_mb: 16,
-        step_ms: 0,
-    };
-    assert!(Rank::run(&plain, &reference).success());
-
+    let reference = reference(dir.path(), &input, &program);
     let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
     let files = RankFiles::new(dir.path(), "run-0", &input);
-    let spec = RankSpec {
-        agent: Some(&agent),
-        step_ms: 15,
-        ..plain
-    };
+    let spec = counter(&program, Some(&agent), 15);
     let mut rank = Rank::start(&spec, &files);
     rank.wait_lines(30);
     let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
@@ -227,19 +238,13 @@ fn an_mpi_job_resumed_on_other_nodes_prefetches_each_ranks_own_chunks() {
 /// as the application's (a restart from it would reopen them, or refuse).
 #[test]
 fn the_runtimes_store_files_are_never_the_applications() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
+    let (dir, input) = scratch();
     let program = Program::Rust;
     let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
     let files = RankFiles::new(dir.path(), "run-0", &input);
     let spec = RankSpec {
-        program: &program,
-        rank: 0,
-        agent: Some(&agent),
         steps: 200,
-        state_mb: 16,
-        step_ms: 10,
+        ..counter(&program, Some(&agent), 10)
     };
     let mut rank = Rank::start(&spec, &files);
     rank.wait_lines(20);
@@ -277,27 +282,12 @@ fn the_runtimes_store_files_are_never_the_applications() {
 /// run is an ordinary fresh one.
 #[test]
 fn a_hint_for_a_rank_started_afresh_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
+    let (dir, input) = scratch();
     let program = Program::Rust;
-    let reference = RankFiles::new(dir.path(), "ref-0", &input);
-    let plain = RankSpec {
-        program: &program,
-        rank: 0,
-        agent: None,
-        steps: STEPS,
-        state_mb: 16,
-        step_ms: 0,
-    };
-    assert!(Rank::run(&plain, &reference).success());
+    let reference = reference(dir.path(), &input, &program);
     let agent = Agent::start(dir.path(), "pf", &["--copy-budget", "64MiB"]);
     let first = RankFiles::new(dir.path(), "first", &input);
-    let spec = RankSpec {
-        agent: Some(&agent),
-        step_ms: 5,
-        ..plain
-    };
+    let spec = counter(&program, Some(&agent), 5);
     let mut rank = Rank::start(&spec, &first);
     rank.wait_lines(10);
     let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());

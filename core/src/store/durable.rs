@@ -246,12 +246,12 @@ impl StoreFs for RealFs {
         // drops the rest: advise window by window. Each returns once its
         // reads are queued, so many are in flight at once.
         let window = readahead_window(file);
+        let range = |v: u64| {
+            libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        };
         let mut at = offset;
         while at < end {
             let piece = (end - at).min(window);
-            let range = |v: u64| {
-                libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-            };
             // SAFETY: advice on a descriptor `file` keeps open; no memory
             // is passed.
             let rc = unsafe {

@@ -163,11 +163,8 @@ fn main() -> Result<()> {
             world.rank()
         ),
     }
-    let fill = if cryo_rank::restored_epoch().is_some() {
-        None
-    } else {
-        Some(args.fill)
-    };
+    // A restored state is the application's: not filled again.
+    let fill = cryo_rank::restored_epoch().is_none().then_some(args.fill);
     match fill {
         None => {}
         Some(Fill::Pattern) => {
