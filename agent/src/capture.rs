@@ -27,6 +27,7 @@ use thiserror::Error;
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 use crate::pool::{BufferPool, Slot};
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
+use crate::snapshot::{is_private, split_private, take_snapshot, SnapshotPolicy};
 use crate::tracking::{select, Piece, Selection};
 pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
 
@@ -160,10 +161,14 @@ pub struct CaptureContext<'a> {
     /// Threads hashing, compressing and writing chunks. More than the
     /// cores: every chunk is fsynced, and those waits should overlap.
     pub store_threads: &'a rayon::ThreadPool,
+    /// The job name (for the log and fault hooks).
+    pub job: &'a str,
     /// The node name.
     pub node: &'a str,
     /// Set when the epoch is aborted: chunks not yet stored are dropped.
     pub cancelled: &'a AtomicBool,
+    /// When to read a rank's private memory from a snapshot of it.
+    pub snapshot: SnapshotPolicy,
 }
 
 impl std::fmt::Debug for CaptureContext<'_> {
@@ -220,7 +225,7 @@ impl Drop for GateHold<'_> {
 /// Checks that every region lies inside the process's mappings, so that a
 /// confused or hostile region table cannot make the agent plan a copy of
 /// terabytes.
-fn check_regions(
+pub(crate) fn check_regions(
     rank: u32,
     regions: &[RegionInfo],
     maps: &[MappingRecord],
@@ -248,9 +253,12 @@ fn check_regions(
     Ok(())
 }
 
+/// Copies `pieces` of `parked`'s regions from process `pid` (the rank, or
+/// its snapshot) into `slots`.
 fn copy(
     ctx: &CaptureContext<'_>,
     parked: &Parked,
+    pid: u32,
     pieces: &[Piece],
     slots: &mut [Slot],
 ) -> Result<(), CaptureError> {
@@ -263,7 +271,7 @@ fn copy(
                 let region = &parked.regions[piece.region];
                 ctx.access
                     .read_memory(
-                        parked.pid,
+                        pid,
                         region.addr + piece.offset,
                         &mut slot.bytes()[..piece.len],
                     )
@@ -274,6 +282,31 @@ fn copy(
                     })
             })
     })
+}
+
+/// Copies and stores `pieces` from process `pid` batch by batch, through
+/// as many pool slots as are free; returns the chunks and the time spent
+/// copying.
+fn stream(
+    ctx: &CaptureContext<'_>,
+    writer: &RankWriter<'_>,
+    parked: &Parked,
+    pid: u32,
+    pieces: &[Piece],
+) -> Result<(Vec<(usize, ChunkRef)>, u64), CaptureError> {
+    let mut chunks = Vec::with_capacity(pieces.len());
+    let mut copy_ns = 0;
+    let mut rest = pieces;
+    while !rest.is_empty() {
+        let mut slots = ctx.pool.take_some(rest.len());
+        let (batch, tail) = rest.split_at(slots.len());
+        let t = Instant::now();
+        copy(ctx, parked, pid, batch, &mut slots)?;
+        copy_ns += nanos(t);
+        chunks.extend(store(ctx, writer, batch.to_vec(), slots)?);
+        rest = tail;
+    }
+    Ok((chunks, copy_ns))
 }
 
 fn store(
@@ -324,20 +357,29 @@ fn store_in_pool(
         .collect()
 }
 
+/// What the capture asks of the parked rank.
+pub trait ParkedRank {
+    /// Asks the rank for a snapshot of itself; its pid, or why there is
+    /// none.
+    fn snapshot(&mut self) -> Result<u32, String>;
+    /// Lets the rank run again, with its report. Called exactly once.
+    fn resume(&mut self, report: &RankCaptureReport) -> Result<(), String>;
+}
+
 /// Captures a parked rank. `baseline` is this rank's regions as the
 /// previous capture of the same process stored them, if it was stored;
-/// chunks whose memory was not written since are taken from it. `resume`
-/// is called exactly once, with the rank's report, when the rank may run
-/// again; if this returns an error before that, the caller must abort the
-/// rank. Returns the report and the rank's record (not yet written: the
-/// caller finishes it).
+/// chunks whose memory was not written since are taken from it.
+/// `control.resume` is called exactly once, with the rank's report, when
+/// the rank may run again; if this returns an error before that, the
+/// caller must abort the rank. Returns the report and the rank's record
+/// (not yet written: the caller finishes it).
 pub fn capture_rank(
     ctx: &CaptureContext<'_>,
     writer: &RankWriter<'_>,
     parked: &Parked,
     baseline: Option<&[RegionRecord]>,
     heat: &mut RegionHeat,
-    resume: &mut dyn FnMut(&RankCaptureReport) -> Result<(), String>,
+    control: &mut dyn ParkedRank,
 ) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
     let rank = parked.rank;
     let pid = parked.pid;
@@ -393,43 +435,70 @@ pub fn capture_rank(
         fds_restored: u32::try_from(fds_restored).unwrap_or(u32::MAX),
         fds_not_restored: u32::try_from(fds.len() - fds_restored).unwrap_or(u32::MAX),
     };
-    let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(pieces.len());
     tracing::debug!(
         rank,
         epoch = parked.epoch,
         planned_us = nanos(parked.since) / 1000,
         "rank.copy_planned"
     );
-    if let Some(mut slots) = ctx.pool.try_take(pieces.len()) {
-        let t = Instant::now();
-        tracing::debug!(
+    // Private memory comes from a snapshot when there is one; what the
+    // rank shares with others is copied while it is parked.
+    let private: u64 = pieces
+        .iter()
+        .filter(|p| is_private(&parked.regions[p.region].kind))
+        .map(|p| p.len as u64)
+        .sum();
+    let snapshot = if ctx
+        .snapshot
+        .wants(private, pieces.len() <= ctx.pool.slots())
+    {
+        take_snapshot(ctx, parked, control)
+    } else {
+        None
+    };
+    let (late, now) = match &snapshot {
+        Some(_) => split_private(pieces, &parked.regions),
+        None => (Vec::new(), pieces),
+    };
+    let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(now.len() + late.len());
+    let buffered = match ctx.pool.try_take(now.len()) {
+        Some(mut slots) => {
+            let t = Instant::now();
+            copy(ctx, parked, pid, &now, &mut slots)?;
+            report.copy_ns = nanos(t);
+            Some((now, slots))
+        }
+        None => {
+            report.streamed = true;
+            let (stored, copy_ns) = stream(ctx, writer, parked, pid, &now)?;
+            report.copy_ns = copy_ns;
+            chunks.extend(stored);
+            None
+        }
+    };
+    report.pause_ns = nanos(parked.since);
+    control
+        .resume(&report)
+        .map_err(|reason| CaptureError::Resume { rank, reason })?;
+    drop(parked_hold);
+    // No compression while another rank is parked.
+    ctx.gate.wait_idle();
+    if let Some((pieces, slots)) = buffered {
+        chunks.extend(store(ctx, writer, pieces, slots)?);
+    }
+    if let Some(snapshot) = snapshot {
+        cryo_core::fault::pause_at(cryo_core::fault::Phase::Snapshot, parked.epoch, ctx.job);
+        let (stored, copy_ns) = stream(ctx, writer, parked, snapshot.pid(), &late)?;
+        tracing::info!(
             rank,
             epoch = parked.epoch,
-            slots_us = nanos(parked.since) / 1000,
-            "rank.slots_taken"
+            bytes = private,
+            copy_us = copy_ns / 1000,
+            "rank.snapshot_read"
         );
-        copy(ctx, parked, &pieces, &mut slots)?;
-        report.copy_ns = nanos(t);
-        report.pause_ns = nanos(parked.since);
-        resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
-        drop(parked_hold);
-        ctx.gate.wait_idle();
-        chunks = store(ctx, writer, pieces, slots)?;
-    } else {
-        report.streamed = true;
-        let mut rest = &pieces[..];
-        while !rest.is_empty() {
-            let mut slots = ctx.pool.take_some(rest.len());
-            let (batch, tail) = rest.split_at(slots.len());
-            let t = Instant::now();
-            copy(ctx, parked, batch, &mut slots)?;
-            report.copy_ns += nanos(t);
-            chunks.extend(store(ctx, writer, batch.to_vec(), slots)?);
-            rest = tail;
-        }
-        report.pause_ns = nanos(parked.since);
-        resume(&report).map_err(|reason| CaptureError::Resume { rank, reason })?;
-        drop(parked_hold);
+        chunks.extend(stored);
+        // Killed now: every page it kept is stored.
+        drop(snapshot);
     }
     chunks.extend(reuse(ctx, writer, reused)?);
 

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::link::LinkError;
 use crate::pool::PoolError;
+use crate::snapshot::SnapshotPolicy;
 
 /// Which epoch to restart from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,8 @@ pub struct AgentConfig {
     pub copy_budget: u64,
     /// How long after start the copy budget begins to be pre-faulted.
     pub prefault_delay: Duration,
+    /// When to capture ranks from copy-on-write snapshots.
+    pub snapshot: SnapshotPolicy,
     /// Expected number of local ranks (default: those registered).
     pub ranks: Option<u32>,
     /// Restart ranks that register from this epoch.

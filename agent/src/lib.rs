@@ -33,5 +33,6 @@ pub mod pool;
 pub mod procfs;
 mod ranks;
 pub mod server;
+pub mod snapshot;
 mod tracking;
 pub mod units;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use cryo_agent::client;
 use cryo_agent::server::{default_copy_budget, Agent, AgentConfig, RestartFrom};
+use cryo_agent::snapshot::SnapshotPolicy;
 use cryo_agent::units::{format_bytes, parse_bytes};
 use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse, ENV_TOKEN};
 use cryo_core::token::JobToken;
@@ -70,6 +71,13 @@ enum Command {
         /// faulting out of the job's own start.
         #[arg(long, default_value_t = 20.0, env = cryo_core::env::ENV_PREFAULT_DELAY)]
         prefault_delay: f64,
+        /// When to capture a rank from a copy-on-write snapshot of it, so
+        /// that it pauses for a clone (milliseconds) rather than a copy of
+        /// its memory: auto (when it copies 32 MiB or more, or more than the
+        /// copy budget holds, and the node has the memory for a second copy
+        /// of what its ranks copy), on, or off.
+        #[arg(long, default_value_t = SnapshotPolicy::Auto, env = cryo_core::env::ENV_SNAPSHOT)]
+        snapshot: SnapshotPolicy,
         /// Number of local ranks (default: those registered).
         #[arg(long)]
         ranks: Option<u32>,
@@ -195,6 +203,7 @@ fn main() -> Result<()> {
             node,
             copy_budget,
             prefault_delay,
+            snapshot,
             ranks,
             restart_from,
             park_timeout,
@@ -241,6 +250,7 @@ fn main() -> Result<()> {
                 node: node.unwrap_or_else(hostname),
                 copy_budget: copy_budget.unwrap_or_else(default_copy_budget),
                 prefault_delay: Duration::from_secs_f64(prefault_delay),
+                snapshot,
                 ranks,
                 restart_from,
                 park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),

@@ -11,7 +11,8 @@ use std::sync::Mutex;
 
 use cryo_core::format::manifest::RegionRecord;
 use cryo_core::protocol::{
-    write_message_as, AgentToRank, ControlPage, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
+    write_message_as, AgentToRank, ControlPage, SnapshotOutcome, CONTROL_PAGE_LEN,
+    CONTROL_PAGE_MAGIC,
 };
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -26,6 +27,11 @@ pub(crate) enum RankEvent {
     Refused {
         epoch: u64,
         reason: String,
+    },
+    /// The rank's answer to a request for a snapshot.
+    Snapshot {
+        epoch: u64,
+        outcome: SnapshotOutcome,
     },
 }
 

@@ -472,6 +472,9 @@ impl Shared {
                     tracing::warn!(job = %job, rank, pid, epoch, reason = %reason, "rank.refused");
                     let _ = tx.send(RankEvent::Refused { epoch, reason });
                 }
+                Ok(RankToAgent::Snapshot { epoch, outcome }) => {
+                    let _ = tx.send(RankEvent::Snapshot { epoch, outcome });
+                }
                 Ok(RankToAgent::Goodbye) => break cryo_core::protocol::RANK_FINALIZED.to_owned(),
                 Err(err) if err.is_disconnect() => break "disconnected".to_owned(),
                 Err(err) => break format!("protocol error: {err}"),
@@ -620,6 +623,7 @@ impl Shared {
             pool: &self.pool,
             copy_threads: &self.copy_threads,
             store_threads: &self.store_threads,
+            snapshot: self.config.snapshot,
             gate: &self.gate,
         }
     }

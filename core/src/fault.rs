@@ -9,6 +9,8 @@
 //!   messages are taken and their requests raised;
 //! * `quiesce` (agent): a rank has parked, before its memory is copied;
 //! * `copy` (agent): the rank's memory is copied, before it is resumed;
+//! * `snapshot` (agent): the rank is resumed, before its snapshot (the
+//!   copy-on-write capture) is read;
 //! * `drain` (agent): chunks are written, before the rank's part is made
 //!   durable (a slow or stalled store looks the same from outside);
 //! * `commit` (coordinator): every rank is durable, before the manifest is
@@ -32,6 +34,8 @@ pub enum Phase {
     Quiesce,
     /// A rank is copied, not yet resumed (agent).
     Copy,
+    /// A rank is resumed, its snapshot not yet read (agent).
+    Snapshot,
     /// Chunks are written, the rank's part is not yet durable (agent).
     Drain,
     /// Every rank is durable, the manifest is not yet published
@@ -45,6 +49,7 @@ impl Phase {
             "open" => Phase::Open,
             "quiesce" => Phase::Quiesce,
             "copy" => Phase::Copy,
+            "snapshot" => Phase::Snapshot,
             "drain" => Phase::Drain,
             "commit" => Phase::Commit,
             _ => return None,
@@ -57,6 +62,7 @@ impl Phase {
             Phase::Open => "open",
             Phase::Quiesce => "quiesce",
             Phase::Copy => "copy",
+            Phase::Snapshot => "snapshot",
             Phase::Drain => "drain",
             Phase::Commit => "commit",
         }
@@ -79,7 +85,7 @@ impl Fault {
     pub fn parse(text: &str) -> Result<Fault, String> {
         let bad = || {
             format!(
-                "{ENV_FAULT}={text:?}: expected pause-at:<quiesce|copy|drain|commit>:<epoch>:<milliseconds>"
+                "{ENV_FAULT}={text:?}: expected pause-at:<open|quiesce|copy|snapshot|drain|commit>:<epoch>:<milliseconds>"
             )
         };
         let mut parts = text.split(':');

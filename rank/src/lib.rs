@@ -32,6 +32,7 @@ pub mod quiesce;
 mod regions;
 mod restore_threads;
 mod runtime;
+mod snapshot;
 mod store_fds;
 
 use std::sync::atomic::Ordering;

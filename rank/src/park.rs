@@ -205,6 +205,12 @@ fn park_epoch(
                 tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_aborted");
                 return Ok(SafePoint::Aborted(epoch));
             }
+            AgentToRank::Snapshot { epoch: asked } if asked == epoch => {
+                let outcome = crate::snapshot::take(&conn.sock);
+                tracing::debug!(job = %runtime.job, rank, epoch, outcome = ?outcome, "rank.snapshot");
+                write_message(&mut &conn.sock, &RankToAgent::Snapshot { epoch, outcome })
+                    .map_err(agent)?;
+            }
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
                 if old < epoch =>

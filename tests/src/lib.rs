@@ -21,6 +21,7 @@ use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
 
+pub mod counter;
 pub mod heat2d;
 pub mod netns;
 pub mod slurm_jobs;

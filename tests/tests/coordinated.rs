@@ -23,46 +23,14 @@ use cryo_core::protocol::{
     CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, PROTOCOL_VERSION,
 };
 use cryo_core::token::JobToken;
+use cryo_tests::counter::{reference_of, setup, Setup};
 use cryo_tests::{
-    assert_same_file, checkpoint_frozen, lines, wait_until, write_input, Agent, Program, Rank,
-    RankFiles, RankSpec,
+    assert_same_file, checkpoint_frozen, lines, wait_until, Agent, Program, Rank, RankFiles,
+    RankSpec,
 };
 
 const CHUNK: u32 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Setup {
-    dir: tempfile::TempDir,
-    input: PathBuf,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
-    Setup { dir, input }
-}
-
-/// An uninterrupted run of `spec` (without its agent and pauses).
-fn reference(setup: &Setup, spec: &RankSpec<'_>) -> RankFiles {
-    let files = RankFiles::new(
-        setup.dir.path(),
-        &format!("ref-{}", spec.rank),
-        &setup.input,
-    );
-    let spec = RankSpec {
-        agent: None,
-        step_ms: 0,
-        ..spec.clone()
-    };
-    let status = Rank::run(&spec, &files);
-    assert!(
-        status.success(),
-        "reference run failed: {}",
-        Rank::stderr(&files)
-    );
-    files
-}
 
 /// A fake coordinator: accepts agents on 127.0.0.1 and checks their token.
 struct FakeCoordinator {
@@ -322,7 +290,7 @@ fn coordinated_checkpoint_then_restart_is_byte_identical() {
             step_ms: 15,
         })
         .collect();
-    let refs: Vec<RankFiles> = specs.iter().map(|s| reference(&setup, s)).collect();
+    let refs: Vec<RankFiles> = specs.iter().map(|s| reference_of(&setup, s)).collect();
     let files: Vec<RankFiles> = (0..2)
         .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
         .collect();
@@ -419,7 +387,7 @@ fn abort_mid_epoch_resumes_ranks_and_keeps_the_committed_epoch() {
             step_ms: 300,
         },
     ];
-    let refs: Vec<RankFiles> = specs.iter().map(|s| reference(&setup, s)).collect();
+    let refs: Vec<RankFiles> = specs.iter().map(|s| reference_of(&setup, s)).collect();
     let files: Vec<RankFiles> = (0..2)
         .map(|r| RankFiles::new(setup.dir.path(), &format!("run-{r}"), &setup.input))
         .collect();
@@ -651,7 +619,7 @@ fn lost_coordinator_aborts_the_epoch_and_the_job_computes_on() {
         state_mb: 96,
         step_ms: 30,
     };
-    let reference = reference(&setup, &spec);
+    let reference = reference_of(&setup, &spec);
     let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
     let env = [("CRYO_TOKEN", coord.token.expose())];
     let mut rank = Rank::start_with_env(&spec, &files, &env);

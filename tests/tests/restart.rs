@@ -9,56 +9,11 @@ use std::time::Duration;
 
 use cryo_core::format::manifest::{FdRestore, RegionKind};
 use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
+use cryo_tests::counter::{reference, setup, spec, Setup, STEPS};
 use cryo_tests::{
-    assert_same_file, c_counter, c_counter_static, checkpoint_frozen, lines, wait_until,
-    write_input, Agent, Program, Rank, RankFiles, RankSpec,
+    assert_same_file, c_counter, c_counter_static, checkpoint_frozen, lines, wait_until, Agent,
+    Program, Rank, RankFiles, RankSpec,
 };
-
-const STEPS: u64 = 100;
-const STEP_MS: u64 = 15;
-
-struct Setup {
-    dir: tempfile::TempDir,
-    input: std::path::PathBuf,
-}
-
-fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
-    Setup { dir, input }
-}
-
-/// An uninterrupted run without an agent.
-fn reference(setup: &Setup, program: &Program, rank: u32, state_mb: u64) -> RankFiles {
-    let files = RankFiles::new(setup.dir.path(), &format!("ref-{rank}"), &setup.input);
-    let spec = RankSpec {
-        program,
-        rank,
-        agent: None,
-        steps: STEPS,
-        state_mb,
-        step_ms: 0,
-    };
-    let status = Rank::run(&spec, &files);
-    assert!(
-        status.success(),
-        "reference run failed: {}",
-        Rank::stderr(&files)
-    );
-    files
-}
-
-fn spec<'a>(program: &'a Program, rank: u32, agent: &'a Agent, state_mb: u64) -> RankSpec<'a> {
-    RankSpec {
-        program,
-        rank,
-        agent: Some(agent),
-        steps: STEPS,
-        state_mb,
-        step_ms: STEP_MS,
-    }
-}
 
 /// Runs `program` as rank 0 with a checkpoint → kill -9 → restart cycle at
 /// each of `at` log lines, then to the end; compares with a reference.
@@ -186,7 +141,14 @@ fn c_example_linked_statically_is_restartable() {
 
 #[test]
 fn state_over_the_copy_budget_is_streamed_with_bounded_memory() {
-    let (_setup, agent) = cycles(&Program::Rust, &[50], 96, &["--copy-budget", "8MiB"]);
+    // Parked streaming: the path without snapshots (tests/snapshot.rs has
+    // the same state through a snapshot).
+    let (_setup, agent) = cycles(
+        &Program::Rust,
+        &[50],
+        96,
+        &["--copy-budget", "8MiB", "--snapshot", "off"],
+    );
     match agent.request(&ControlRequest::Status) {
         ControlResponse::Status(status) => {
             assert_eq!(status.copy_budget, 8 << 20);

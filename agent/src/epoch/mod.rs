@@ -32,9 +32,11 @@ pub(crate) use sink::{Coordinated, EpochSink, Standalone};
 pub(crate) use slot::{Admission, Cancel, Slot};
 
 use crate::capture::{nanos, CopyGate, Parked};
+use crate::memory::MemoryView;
 use crate::pool::BufferPool;
 use crate::procfs::{peak_rss_bytes, resident_anon_bytes, ProcessAccess};
 use crate::ranks::RankConn;
+use crate::snapshot::SnapshotPolicy;
 
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
 /// bookkeeping, consistent at every unlock).
@@ -53,6 +55,8 @@ pub(crate) struct Resources<'a> {
     pub(crate) copy_threads: &'a rayon::ThreadPool,
     pub(crate) store_threads: &'a rayon::ThreadPool,
     pub(crate) gate: &'a CopyGate,
+    /// When to capture ranks from snapshots (`--snapshot`).
+    pub(crate) snapshot: SnapshotPolicy,
 }
 
 /// One epoch to run.
@@ -132,6 +136,9 @@ struct Progress {
     resumed: AtomicUsize,
     resumed_ns: AtomicU64,
     reports: Mutex<Vec<RankCaptureReport>>,
+    /// This epoch's snapshot policy (`auto` turned off when memory is
+    /// short).
+    snapshot: SnapshotPolicy,
 }
 
 /// Runs one epoch over `ranks`. Returns the node's report: committed if
@@ -201,13 +208,27 @@ pub(crate) fn run(
                 .store(epoch, Ordering::Release);
         }
     }
-    warm_for(res.pool, ranks);
+    let expected = expected_copy(ranks);
+    let snapshot = res.snapshot.for_epoch(expected, &MemoryView::read());
+    if snapshot != res.snapshot {
+        tracing::info!(
+            job,
+            node,
+            epoch,
+            expected,
+            "checkpoint.snapshots_off_memory_short"
+        );
+    }
+    if snapshot == SnapshotPolicy::Off {
+        warm_for(res.pool, expected);
+    }
     let progress = Progress {
         t0,
         ranks: ranks.len(),
         resumed: AtomicUsize::new(0),
         resumed_ns: AtomicU64::new(0),
         reports: Mutex::new(Vec::new()),
+        snapshot,
     };
     let deadline = t0 + run.park_timeout;
     let results: Vec<Result<(RankCaptureReport, WriteStats), EpochError>> =
@@ -285,14 +306,10 @@ pub(crate) fn run(
     Ok(report)
 }
 
-/// Warms as much of the copy budget as this checkpoint is likely to copy,
-/// on a thread of its own, while the ranks head for their agreed safe point
-/// (a first checkpoint that comes before the idle-time pre-fault would
-/// otherwise fault its copy buffers in while the ranks are parked). The
-/// estimate is what each rank's last capture stored, or, before any, its
-/// resident anonymous memory.
-fn warm_for(pool: &BufferPool, ranks: &[Arc<RankConn>]) {
-    let bytes: u64 = ranks
+/// What this checkpoint is likely to copy: what each rank's last capture
+/// stored, or, before any, its resident anonymous memory.
+fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
+    ranks
         .iter()
         .map(|conn| {
             let stored = lock(&conn.baseline)
@@ -302,7 +319,15 @@ fn warm_for(pool: &BufferPool, ranks: &[Arc<RankConn>]) {
                 .or_else(|| resident_anon_bytes(conn.pid))
                 .unwrap_or(0)
         })
-        .sum();
+        .sum()
+}
+
+/// Warms as much of the copy budget as this checkpoint is likely to copy
+/// while the ranks are parked, on a thread of its own, while they head for
+/// their agreed safe point (a first checkpoint that comes before the
+/// idle-time pre-fault would otherwise fault its copy buffers in while the
+/// ranks are parked). With snapshots the copy waits for no warm buffer.
+fn warm_for(pool: &BufferPool, bytes: u64) {
     if !pool.short_of(bytes) {
         return;
     }

@@ -7,15 +7,21 @@ use std::time::{Duration, Instant};
 
 use cryo_core::fault;
 use cryo_core::format::manifest::WriteStats;
-use cryo_core::protocol::{AgentToRank, CheckpointReport, RankCaptureReport};
+use cryo_core::protocol::{
+    AgentToRank, CheckpointReport, RankCaptureReport, SnapshotOutcome, SNAPSHOT_VERSION,
+};
 use cryo_core::store::writer::EpochWriter;
 
 use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources};
-use crate::capture::{capture_rank, nanos, CaptureContext, CaptureError, Parked};
+use crate::capture::{capture_rank, nanos, CaptureContext, CaptureError, Parked, ParkedRank};
 use crate::ranks::{RankConn, RankEvent};
 
 /// How often a wait checks whether the epoch was cancelled.
 const POLL: Duration = Duration::from_millis(20);
+
+/// How long a parked rank has to answer a request for a snapshot (a clone
+/// copies the page tables: milliseconds per GiB).
+const SNAPSHOT_ANSWER: Duration = Duration::from_secs(10);
 
 /// How long a rank that took the request after the park deadline has to
 /// finish parking.
@@ -48,6 +54,7 @@ pub(super) fn take_queued(conn: &RankConn, epoch: u64) -> Option<Said> {
                 said = Some(Said::Refused(reason));
             }
             RankEvent::Refused { .. } => {}
+            RankEvent::Snapshot { .. } => answer_stale(conn, event),
             RankEvent::Gone(why) => said = Some(Said::Left(why)),
         }
     }
@@ -92,7 +99,7 @@ pub(super) fn capture_one(
     fault::pause_at(fault::Phase::Quiesce, epoch, job);
     let rank_writer = writer.rank(rank);
     let mut did_resume = false;
-    let mut resume = |report: &RankCaptureReport| {
+    let resume = |report: &RankCaptureReport| {
         fault::pause_at(fault::Phase::Copy, epoch, job);
         if run.cancel.is_set() {
             return Err(run.stop_reason().to_string());
@@ -102,7 +109,6 @@ pub(super) fn capture_one(
             .page()
             .resumed_epoch
             .store(epoch, Ordering::Release);
-        did_resume = true;
         tracing::info!(
             job,
             node,
@@ -134,8 +140,16 @@ pub(super) fn capture_one(
         copy_threads: res.copy_threads,
         store_threads: res.store_threads,
         gate: res.gate,
+        job,
         node,
         cancelled: run.cancel.flag(),
+        snapshot: progress.snapshot,
+    };
+    let mut control = Control {
+        conn,
+        epoch,
+        resume,
+        resumed: &mut did_resume,
     };
     // A failed capture loses its write-tracking scan, so the baseline is
     // put back only once this part is durable.
@@ -148,7 +162,7 @@ pub(super) fn capture_one(
             &parked,
             baseline.as_deref(),
             &mut heat,
-            &mut resume,
+            &mut control,
         )
     };
     let (report, record) = match captured {
@@ -191,6 +205,66 @@ pub(super) fn capture_one(
     Ok((report, stats))
 }
 
+/// The parked rank as the capture drives it.
+struct Control<'a, F> {
+    conn: &'a RankConn,
+    epoch: u64,
+    resume: F,
+    resumed: &'a mut bool,
+}
+
+impl<F: FnMut(&RankCaptureReport) -> Result<(), String>> ParkedRank for Control<'_, F> {
+    fn snapshot(&mut self) -> Result<u32, String> {
+        let (conn, epoch) = (self.conn, self.epoch);
+        if conn.version < SNAPSHOT_VERSION {
+            return Err(format!(
+                "the rank's runtime speaks protocol version {}; snapshots need {SNAPSHOT_VERSION}",
+                conn.version
+            ));
+        }
+        conn.send(&AgentToRank::Snapshot { epoch })?;
+        let events = lock(&conn.events);
+        let deadline = Instant::now() + SNAPSHOT_ANSWER;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(wait) {
+                Ok(RankEvent::Snapshot { epoch: e, outcome }) if e == epoch => {
+                    return match outcome {
+                        SnapshotOutcome::Taken { pid } => Ok(pid),
+                        SnapshotOutcome::Failed { reason } => Err(reason),
+                    }
+                }
+                Ok(event) => answer_stale(conn, event),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("no answer within {SNAPSHOT_ANSWER:?}"))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("the rank left".into()),
+            }
+        }
+    }
+
+    fn resume(&mut self, report: &RankCaptureReport) -> Result<(), String> {
+        (self.resume)(report)?;
+        *self.resumed = true;
+        Ok(())
+    }
+}
+
+/// Answers an event about another epoch that reached a capture: a park is
+/// aborted, a snapshot killed.
+fn answer_stale(conn: &RankConn, event: RankEvent) {
+    match event {
+        RankEvent::Parked(Parked { epoch: stale, .. }) => {
+            conn.abort(stale, &"stale epoch");
+        }
+        RankEvent::Snapshot {
+            outcome: SnapshotOutcome::Taken { pid },
+            ..
+        } => crate::snapshot::discard(pid),
+        RankEvent::Snapshot { .. } | RankEvent::Refused { .. } | RankEvent::Gone(_) => {}
+    }
+}
+
 /// Waits for `conn` to park for `run`'s epoch, until `deadline`.
 fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Parked, EpochError> {
     let (epoch, rank, pid) = (run.epoch, conn.rank, conn.pid);
@@ -225,7 +299,9 @@ fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Par
                     detail: reason,
                 })
             }
-            Ok(RankEvent::Refused { .. }) => {}
+            Ok(event @ (RankEvent::Refused { .. } | RankEvent::Snapshot { .. })) => {
+                answer_stale(conn, event)
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(EpochError::Left {
                     rank,

@@ -82,8 +82,12 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// added write tracking (`copied_bytes`, `full`); version 4 added the
 /// MPI library's fds and the rank's own warnings to `Parked`
 /// (`library_fds`, `warnings`); version 5 made epoch failures typed
-/// ([`AbortReason`]).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// ([`AbortReason`]); version 6 added the copy-on-write snapshot of a
+/// parked rank ([`AgentToRank::Snapshot`], [`RankToAgent::Snapshot`]),
+/// which an agent asks only of a rank of version 6 or newer.
+pub const PROTOCOL_VERSION: u16 = 6;
+/// The first version whose ranks take a snapshot when asked.
+pub const SNAPSHOT_VERSION: u16 = 6;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
 /// misread. A version 4 peer is read, and answered, in its own layouts

@@ -78,6 +78,28 @@ pub enum RankToAgent {
         /// Why, naming the rank and the message.
         reason: String,
     },
+    /// The answer to [`AgentToRank::Snapshot`] (protocol version 6).
+    Snapshot {
+        /// The epoch the rank is parked for.
+        epoch: u64,
+        /// The snapshot, or why there is none.
+        outcome: SnapshotOutcome,
+    },
+}
+
+/// What a parked rank did when asked for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotOutcome {
+    /// A frozen copy of the rank runs as `pid` until the agent kills it.
+    Taken {
+        /// The snapshot's pid.
+        pid: u32,
+    },
+    /// No snapshot: the agent copies while the rank stays parked.
+    Failed {
+        /// What failed (clone, pidfd_open, …) and the errno.
+        reason: String,
+    },
 }
 
 impl Message for RankToAgent {
@@ -110,6 +132,14 @@ pub enum AgentToRank {
         epoch: u64,
         /// Why.
         reason: String,
+    },
+    /// Clone a frozen copy of yourself for the agent to read once you run
+    /// again (copy-on-write capture), and answer with
+    /// [`RankToAgent::Snapshot`]; then wait for `Resume` or `Abort` as
+    /// before (protocol version 6).
+    Snapshot {
+        /// The epoch the rank is parked for.
+        epoch: u64,
     },
 }
 

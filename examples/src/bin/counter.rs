@@ -179,6 +179,20 @@ fn run(args: &Args) -> Result<()> {
     } else {
         cryo_rank::region("state", HEADER + data_len, Backing::Anonymous)?
     };
+    if std::env::var_os("CRYO_EXAMPLE_STATE_DONTFORK").is_some() {
+        // As an RDMA library marks the memory it registers: a clone of this
+        // process lacks the state, so cryo must copy it while parked.
+        // SAFETY: advice on a live mapping this process owns; the pages
+        // stay as they are.
+        let advised =
+            unsafe { libc::madvise(state.as_mut_ptr().cast(), state.len(), libc::MADV_DONTFORK) };
+        if advised != 0 {
+            bail!(
+                "madvise(MADV_DONTFORK): {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     let input = cryo_rank::region(
         "input",
         0,

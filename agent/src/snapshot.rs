@@ -1,0 +1,316 @@
+//! The copy-on-write capture, agent side: when to ask a parked rank for a
+//! snapshot of itself, and the handle that keeps the snapshot alive while
+//! its memory is read (the rank side is `rank/src/snapshot.rs`).
+//!
+//! A snapshot is a clone of the parked rank: its private memory stays as it
+//! was at the park while the rank computes on. So the rank resumes as soon
+//! as the clone exists, and its chunks are copied and stored afterwards, at
+//! the store's pace, without holding it. Memory the rank shares with others
+//! (shared file mappings, the runtime's views of files) would change under
+//! the snapshot, so those regions are still copied before the resume.
+//!
+//! The price is memory: every page the rank writes while its snapshot lives
+//! is copied by the kernel (charged to the rank's cgroup). `auto` asks for a
+//! snapshot only when the node has that memory to spare.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::str::FromStr;
+use std::time::Instant;
+
+use cryo_core::format::manifest::RegionKind;
+use cryo_core::protocol::RegionInfo;
+use nix::errno::Errno;
+
+use crate::capture::{check_regions, nanos, CaptureContext, Parked, ParkedRank};
+use crate::memory::MemoryView;
+use crate::procfs::parse_maps;
+use crate::tracking::Piece;
+
+/// Below this many bytes to copy, `auto` copies while the rank is parked:
+/// cloning costs a copy of the page tables of the whole process, which a
+/// copy this small into warm memory beats.
+pub const AUTO_MIN_BYTES: u64 = 32 << 20;
+
+/// When the agent asks a parked rank for a snapshot (`--snapshot`,
+/// `CRYO_SNAPSHOT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotPolicy {
+    /// When the rank has at least [`AUTO_MIN_BYTES`] to copy, or more than
+    /// the copy budget holds, and the node's available memory could hold a
+    /// second copy of what every local rank copies.
+    #[default]
+    Auto,
+    /// Whenever the rank has private memory to copy.
+    On,
+    /// Never: every copy is made while the rank is parked.
+    Off,
+}
+
+impl FromStr for SnapshotPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(SnapshotPolicy::Auto),
+            "on" => Ok(SnapshotPolicy::On),
+            "off" => Ok(SnapshotPolicy::Off),
+            other => Err(format!("{other:?}: expected auto, on or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for SnapshotPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SnapshotPolicy::Auto => "auto",
+            SnapshotPolicy::On => "on",
+            SnapshotPolicy::Off => "off",
+        })
+    }
+}
+
+impl SnapshotPolicy {
+    /// This epoch's decision for the node, before any rank is captured:
+    /// `expected` is what its ranks are likely to copy in all. `Auto` needs
+    /// the memory for a second copy of it.
+    pub fn for_epoch(self, expected: u64, memory: &MemoryView) -> SnapshotPolicy {
+        match self {
+            SnapshotPolicy::Auto if !memory_allows(expected, memory) => SnapshotPolicy::Off,
+            policy => policy,
+        }
+    }
+
+    /// Whether a rank with `private` bytes to copy (and `fits` if the copy
+    /// budget holds them all) should be asked for a snapshot.
+    pub fn wants(self, private: u64, fits: bool) -> bool {
+        match self {
+            SnapshotPolicy::Off => false,
+            SnapshotPolicy::On => private > 0,
+            SnapshotPolicy::Auto => private >= AUTO_MIN_BYTES || (private > 0 && !fits),
+        }
+    }
+}
+
+/// Whether the node could hold a second copy of `expected` bytes: its
+/// available memory, and what its cgroup's limit leaves.
+fn memory_allows(expected: u64, memory: &MemoryView) -> bool {
+    let Some(available) = memory.available else {
+        return false;
+    };
+    let room = match memory.cgroup_limit {
+        Some(limit) => available.min(limit / 2),
+        None => available,
+    };
+    expected <= room / 2
+}
+
+/// Whether a region's memory is private to the rank, so that its snapshot
+/// keeps it as it was at the park.
+pub fn is_private(kind: &RegionKind) -> bool {
+    match kind {
+        RegionKind::Anonymous | RegionKind::Protected | RegionKind::FilePrivate { .. } => true,
+        RegionKind::AppMapping { shared, .. } => !shared,
+        RegionKind::FileShared { .. }
+        | RegionKind::UnlinkedFile { .. }
+        | RegionKind::FileContents { .. } => false,
+    }
+}
+
+/// Splits `pieces` into those of private regions (read from a snapshot)
+/// and the rest (copied while the rank is parked).
+pub(crate) fn split_private(
+    pieces: Vec<Piece>,
+    regions: &[RegionInfo],
+) -> (Vec<Piece>, Vec<Piece>) {
+    pieces
+        .into_iter()
+        .partition(|p| regions.get(p.region).is_some_and(|r| is_private(&r.kind)))
+}
+
+/// A live snapshot of a rank. Dropping it kills the snapshot, which frees
+/// the memory its pages pinned.
+#[derive(Debug)]
+pub struct Snapshot {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+impl Snapshot {
+    /// Takes hold of the snapshot `pid` that a parked rank reported. The
+    /// rank cannot reap it while parked, so the pid is still the
+    /// snapshot's.
+    pub fn hold(pid: u32) -> Result<Snapshot, Errno> {
+        let raw = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        let fd = i32::try_from(fd).map_err(|_| Errno::EBADF)?;
+        // SAFETY: a fresh fd from the kernel, owned by nothing else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Snapshot { pid, pidfd })
+    }
+
+    /// The snapshot's pid, to read its memory.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        // SAFETY: signals the process behind our own pidfd; no pointers
+        // but a null siginfo.
+        let _ = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+    }
+}
+
+/// Kills a snapshot the agent no longer wants (one reported after its
+/// capture went on without it).
+pub fn discard(pid: u32) {
+    if let Ok(snapshot) = Snapshot::hold(pid) {
+        drop(snapshot);
+    }
+}
+
+/// Asks a parked rank for a snapshot and checks that it holds every
+/// private region (a range marked `MADV_DONTFORK` is missing from a
+/// clone). `None`, with the reason logged, means the capture copies while
+/// the rank is parked, as without snapshots.
+pub(crate) fn take_snapshot(
+    ctx: &CaptureContext<'_>,
+    parked: &Parked,
+    control: &mut dyn ParkedRank,
+) -> Option<Snapshot> {
+    let (rank, epoch) = (parked.rank, parked.epoch);
+    let t = Instant::now();
+    let taken = control.snapshot().and_then(|pid| {
+        let snapshot = Snapshot::hold(pid).map_err(|e| format!("pidfd_open of {pid}: {e}"))?;
+        let maps = ctx
+            .access
+            .maps(pid)
+            .map_err(|e| format!("reading /proc/{pid}/maps: {e}"))?;
+        let private: Vec<RegionInfo> = parked
+            .regions
+            .iter()
+            .filter(|r| is_private(&r.kind))
+            .cloned()
+            .collect();
+        let mappings = parse_maps(&maps, &private).map_err(|e| e.to_string())?;
+        check_regions(rank, &private, &mappings)
+            .map_err(|e| format!("the snapshot lacks memory the rank has: {e}"))?;
+        Ok(snapshot)
+    });
+    match taken {
+        Ok(snapshot) => {
+            tracing::info!(
+                rank,
+                epoch,
+                pid = snapshot.pid(),
+                took_us = nanos(t) / 1000,
+                "rank.snapshot"
+            );
+            Some(snapshot)
+        }
+        Err(reason) => {
+            tracing::warn!(rank, epoch, reason = %reason, "rank.snapshot_failed");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(available: Option<u64>, cgroup_limit: Option<u64>) -> MemoryView {
+        MemoryView {
+            total: Some(64 << 30),
+            available,
+            cgroup_limit,
+        }
+    }
+
+    #[test]
+    fn auto_needs_room_for_a_second_copy() {
+        let auto = SnapshotPolicy::Auto;
+        assert_eq!(auto.for_epoch(1 << 30, &view(Some(8 << 30), None)), auto);
+        assert_eq!(
+            auto.for_epoch(5 << 30, &view(Some(8 << 30), None)),
+            SnapshotPolicy::Off
+        );
+        // A cgroup limit of 4 GiB leaves room for 1 GiB of copies.
+        assert_eq!(
+            auto.for_epoch(2 << 30, &view(Some(8 << 30), Some(4 << 30))),
+            SnapshotPolicy::Off
+        );
+        assert_eq!(
+            auto.for_epoch(1 << 30, &view(None, None)),
+            SnapshotPolicy::Off
+        );
+        // `on` is the user's promise.
+        let on = SnapshotPolicy::On;
+        assert_eq!(on.for_epoch(5 << 30, &view(Some(1 << 30), None)), on);
+    }
+
+    #[test]
+    fn auto_snapshots_large_copies_and_those_the_budget_cannot_hold() {
+        let auto = SnapshotPolicy::Auto;
+        assert!(auto.wants(AUTO_MIN_BYTES, true));
+        assert!(!auto.wants(AUTO_MIN_BYTES - 1, true));
+        assert!(auto.wants(1 << 20, false));
+        assert!(!auto.wants(0, false));
+        assert!(SnapshotPolicy::On.wants(1, true));
+        assert!(!SnapshotPolicy::Off.wants(1 << 40, false));
+    }
+
+    #[test]
+    fn only_private_memory_is_read_from_a_snapshot() {
+        let region = |kind| RegionInfo {
+            name: "r".into(),
+            addr: 0,
+            len: 1,
+            kind,
+        };
+        let regions = vec![
+            region(RegionKind::Anonymous),
+            region(RegionKind::FileShared {
+                path: "/f".into(),
+                offset: 0,
+            }),
+            region(RegionKind::UnlinkedFile { fd: 3 }),
+            region(RegionKind::Protected),
+        ];
+        let pieces: Vec<Piece> = (0..4)
+            .map(|region| Piece {
+                region,
+                offset: 0,
+                len: 1,
+            })
+            .collect();
+        let (private, shared) = split_private(pieces, &regions);
+        assert_eq!(private.iter().map(|p| p.region).collect::<Vec<_>>(), [0, 3]);
+        assert_eq!(shared.iter().map(|p| p.region).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[test]
+    fn policies_parse_by_name() {
+        for policy in [
+            SnapshotPolicy::Auto,
+            SnapshotPolicy::On,
+            SnapshotPolicy::Off,
+        ] {
+            assert_eq!(policy.to_string().parse::<SnapshotPolicy>(), Ok(policy));
+        }
+        assert!("yes".parse::<SnapshotPolicy>().is_err());
+    }
+}

@@ -1,0 +1,195 @@
+//! The copy-on-write capture end to end: a real agent asks a parked rank for
+//! a snapshot, resumes it at once and stores its memory from the snapshot
+//! while the rank computes on. Each run ends byte-identical to an
+//! uninterrupted one.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use cryo_core::protocol::{ControlRequest, ControlResponse};
+use cryo_tests::counter::{reference, setup, spec, Setup, STEPS};
+use cryo_tests::{assert_same_file, lines, wait_until, Agent, Program, Rank, RankFiles, RankSpec};
+
+/// What the agent logged for one rank's snapshot.
+fn snapshot_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| l.contains("rank.snapshot") && !l.contains("rank.snapshot_"))
+        .filter_map(|l| {
+            let at = l.find("pid=")? + 4;
+            l[at..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// One checkpointed run.
+struct Run {
+    _setup: Setup,
+    agent: Agent,
+    /// Lines in the rank's log when the checkpoint was committed.
+    lines_at_commit: usize,
+    /// The step the rank said it was checkpointed after.
+    checkpointed_step: u64,
+}
+
+/// Runs the counter with `state_mb` of state against an agent started with
+/// `agent_args` and `agent_env`, checkpoints it once at line 20 without
+/// stopping it, kills it a few lines later, restarts it from the
+/// checkpoint and runs it to the end; compares with an uninterrupted run.
+fn checkpoint_kill_restart(
+    state_mb: u64,
+    agent_args: &[&str],
+    agent_env: &[(&str, &str)],
+    rank_env: &[(&str, &str)],
+) -> Run {
+    let setup = setup();
+    let program = Program::Rust;
+    let reference = reference(&setup, &program, 0, state_mb);
+    let agent = Agent::start_with_env(setup.dir.path(), "job1", agent_args, agent_env);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    // Slower steps than the other tests: the rank must still be running
+    // when the checkpoint, stored after the resume, is committed.
+    let spec = RankSpec {
+        step_ms: 40,
+        ..spec(&program, 0, &agent, state_mb)
+    };
+    let mut rank = Rank::start_with_env(&spec, &files, rank_env);
+    rank.wait_lines(20);
+    let report = agent.checkpoint();
+    assert_eq!(report.ranks.len(), 1);
+    let lines_at_commit = lines(&files.log);
+    let checkpointed_step = checkpointed_step(&Rank::stderr(&files));
+    rank.wait_lines(lines_at_commit + 3);
+    rank.kill9();
+    assert_eq!(agent.arm_restart(), report.epoch);
+    let rank = Rank::start_with_env(&spec, &files, rank_env);
+    let status = rank.wait();
+    assert!(
+        status.success(),
+        "restarted run failed: {}",
+        Rank::stderr(&files)
+    );
+    assert!(
+        Rank::stderr(&files).contains("restarted from epoch"),
+        "{}",
+        Rank::stderr(&files)
+    );
+    assert_eq!(lines(&files.log) as u64, STEPS);
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+    Run {
+        _setup: setup,
+        agent,
+        lines_at_commit,
+        checkpointed_step,
+    }
+}
+
+/// The step the rank said it was checkpointed after.
+fn checkpointed_step(stderr: &str) -> u64 {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("checkpointed epoch"))
+        .unwrap_or_else(|| panic!("no checkpoint in the rank's stderr:\n{stderr}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_rank_computes_on_while_its_snapshot_is_stored() {
+    // The agent holds off reading the snapshot for 400 ms after the resume:
+    // the rank runs about 10 steps meanwhile, rewriting its state. A restart
+    // is byte-identical only if what was stored is the state at the park.
+    let run = checkpoint_kill_restart(
+        64,
+        &["--snapshot", "on", "--copy-budget", "8MiB"],
+        &[("CRYO_FAULT", "pause-at:snapshot:1:400")],
+        &[],
+    );
+    let log = run.agent.log_text();
+    let pids = snapshot_pids(&log);
+    assert_eq!(pids.len(), 1, "{log}");
+    let resumed = log.find("rank.resumed").unwrap();
+    let read = log.find("rank.snapshot_read").unwrap_or(0);
+    assert!(
+        resumed < read,
+        "the rank resumed only after the copy:\n{log}"
+    );
+    assert!(log.contains("streamed=false"), "{log}");
+    // The rank computed on while the snapshot waited (40 ms steps).
+    let step = run.checkpointed_step;
+    assert!(
+        run.lines_at_commit as u64 > step + 5,
+        "checkpointed after step {step}, {} lines at the commit",
+        run.lines_at_commit
+    );
+    // The snapshot was killed once stored: at most a zombie until the rank
+    // reaps it, and gone once the rank is.
+    assert!(!alive(pids[0]), "snapshot {} still runs", pids[0]);
+    // An 8 MiB budget bounds the agent's memory as when streaming parked.
+    match run.agent.request(&ControlRequest::Status) {
+        ControlResponse::Status(status) => assert!(
+            status.peak_rss_bytes < 80 << 20,
+            "agent peak RSS {} for 64 MiB of state with an 8 MiB budget",
+            status.peak_rss_bytes
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn memory_missing_from_the_snapshot_is_copied_while_parked() {
+    // The state is MADV_DONTFORK, as RDMA libraries mark what they
+    // register: the clone lacks it, so the agent drops the snapshot and
+    // copies with the rank parked.
+    let run = checkpoint_kill_restart(
+        48,
+        &["--snapshot", "on"],
+        &[],
+        &[("CRYO_EXAMPLE_STATE_DONTFORK", "1")],
+    );
+    let log = run.agent.log_text();
+    assert!(log.contains("rank.snapshot_failed"), "{log}");
+    assert!(log.contains("lacks memory"), "{log}");
+    for pid in snapshot_pids(&log) {
+        assert!(!alive(pid), "dropped snapshot {pid} still runs");
+    }
+    assert!(!log.contains("rank.snapshot_read"), "{log}");
+}
+
+#[test]
+fn no_snapshot_when_turned_off_or_not_worth_it() {
+    // `off`, and `auto` for a copy under 32 MiB: the copy is made parked.
+    for (args, state_mb) in [(&["--snapshot", "off"][..], 48), (&[][..], 8)] {
+        let log = checkpoint_kill_restart(state_mb, args, &[], &[])
+            .agent
+            .log_text();
+        assert!(snapshot_pids(&log).is_empty(), "{args:?}: {log}");
+        assert!(!log.contains("rank.snapshot"), "{args:?}: {log}");
+    }
+}
+
+#[test]
+fn auto_takes_a_snapshot_of_a_large_copy_and_reaps_it() {
+    let log = checkpoint_kill_restart(48, &[], &[], &[]).agent.log_text();
+    let pids = snapshot_pids(&log);
+    assert_eq!(pids.len(), 1, "{log}");
+    // Every rank process is gone: so is its snapshot (no orphan left
+    // holding the job's memory).
+    wait_until("the snapshot to exit", Duration::from_secs(5), || {
+        !alive(pids[0])
+    });
+}
