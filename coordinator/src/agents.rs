@@ -144,6 +144,12 @@ pub(crate) fn external_agent_env(
     if let Some(budget) = &opts.copy_budget {
         env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
     }
+    // Agents on other hosts see only what is passed on.
+    for key in [cryo_core::env::ENV_SNAPSHOT, cryo_core::env::ENV_PACK_SIZE] {
+        if let Ok(value) = std::env::var(key) {
+            env.push((key.to_owned(), value));
+        }
+    }
     // The store and the epoch are already there; the ranks' prefetch also
     // needs the job, which the launcher may not carry to other hosts.
     let missing: Vec<_> = prefetch_env(opts)

@@ -58,6 +58,10 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_PREFETCH=0        no prefetch: by default a restarting rank has the kernel read its chunks
                          into the page cache while the launcher and MPI_Init run
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
+CRYO_SNAPSHOT (agents; auto | on | off, default auto): a parked rank clones itself and resumes at
+once, and its agent reads the clone while it computes on, so the pause is a clone (a few ms per
+GiB) whatever the state and the budget; each page the rank writes meanwhile costs the job a page
+of memory. auto does it for 32 MiB or more per rank when the node has room for a second copy.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
 checkpoint before then warms what it will copy while the ranks head for their safe point).

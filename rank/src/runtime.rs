@@ -644,7 +644,7 @@ pub fn finalize() {
         hook();
     }
     crate::prefetch::stop();
-    crate::snapshot::reap_finished();
+    crate::snapshot::wait_all();
     let mut guard = lock();
     FLAG.store(
         &IDLE as *const AtomicU64 as *mut AtomicU64,

@@ -76,6 +76,25 @@ pub(crate) fn reap_finished() {
     });
 }
 
+/// Waits until every snapshot of this process has exited: the agent kills
+/// each once it has read it, or it exits when its agent dies. Called at
+/// finalize, before the rank says goodbye, so that a rank leaving right
+/// after a checkpoint does not end its job step (and with it, under Slurm,
+/// every process of the step) while its agent still reads the snapshot.
+pub(crate) fn wait_all() {
+    let pids = std::mem::take(&mut *unreaped());
+    for pid in pids {
+        loop {
+            // SAFETY: waitpid on a child this process cloned; __WALL since
+            // its exit signal is not SIGCHLD.
+            let got = unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL) };
+            if got != -1 || Errno::last() != Errno::EINTR {
+                break;
+            }
+        }
+    }
+}
+
 fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };

@@ -193,3 +193,43 @@ fn auto_takes_a_snapshot_of_a_large_copy_and_reaps_it() {
         !alive(pids[0])
     });
 }
+
+#[test]
+fn a_rank_that_finalizes_while_its_snapshot_is_read_waits_for_it() {
+    // The checkpoint comes three steps before the end, and the agent holds
+    // off reading the snapshot for 800 ms: the rank reaches cryo_finalize
+    // meanwhile, and must not say goodbye (and exit, ending a Slurm step
+    // and every process in it) before its snapshot is read.
+    let setup = setup();
+    let program = Program::Rust;
+    let reference = reference(&setup, &program, 0, 48);
+    let agent = Agent::start_with_env(
+        setup.dir.path(),
+        "job1",
+        &["--snapshot", "on"],
+        &[("CRYO_FAULT", "pause-at:snapshot:1:800")],
+    );
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = RankSpec {
+        step_ms: 40,
+        ..spec(&program, 0, &agent, 48)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(usize::try_from(STEPS).unwrap() - 4);
+    let report = agent.checkpoint();
+    assert!(report.committed);
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    let log = agent.log_text();
+    let read = log.find("rank.snapshot_read");
+    let left = log.find("rank.left");
+    assert!(
+        read.is_some() && left.is_some() && read < left,
+        "the rank left before its snapshot was read:\n{log}"
+    );
+    // And the checkpoint restarts to the same end.
+    assert_eq!(agent.arm_restart(), report.epoch);
+    let rank = Rank::start(&spec, &files);
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
+}
