@@ -26,8 +26,8 @@ use thiserror::Error;
 
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 use crate::pool::{BufferPool, Slot};
-use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
-use crate::snapshot::{is_private, split_private, take_snapshot, SnapshotPolicy};
+use crate::procfs::{parse_maps, resident_anon_bytes, MapsParseError, MemoryError, ProcessAccess};
+use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
 use crate::tracking::{select, Piece, Selection};
 pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
 
@@ -448,10 +448,14 @@ pub fn capture_rank(
         .filter(|p| is_private(&parked.regions[p.region].kind))
         .map(|p| p.len as u64)
         .sum();
-    let snapshot = if ctx
-        .snapshot
-        .wants(private, pieces.len() <= ctx.pool.slots())
-    {
+    let outlook = CopyOutlook {
+        private,
+        resident: resident_anon_bytes(pid).unwrap_or(u64::MAX),
+        fits: pieces.len() <= ctx.pool.slots(),
+        // Warm, or claimed by the warm-up the request started.
+        warm: !ctx.pool.short_of(private),
+    };
+    let snapshot = if ctx.snapshot.wants(&outlook) {
         take_snapshot(ctx, parked, control)
     } else {
         None

@@ -25,6 +25,7 @@
 pub mod agent;
 pub mod cold_restart;
 pub mod figures;
+pub mod first_pause;
 pub mod plot;
 pub mod start;
 pub mod store;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use cryo_bench::agent::{self, AgentBenchArgs};
 use cryo_bench::cold_restart::{render_cold_restart, run_cold_restart_bench, ColdRestartArgs};
+use cryo_bench::first_pause::{render_first_pause, run_first_pause, FirstPauseArgs};
 use cryo_bench::start::{render_start, run_start_bench, StartArgs};
 use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
 use cryo_bench::store_ops::{render_ops, run_ops};
@@ -37,6 +38,9 @@ enum Command {
     /// A restart from a store out of the page cache, with and without the
     /// ranks' prefetch.
     ColdRestart(ColdRestartArgs),
+    /// A job's first checkpoint soon after its start: the pause with the
+    /// copy-on-write snapshot and without, against a memcpy.
+    FirstPause(FirstPauseArgs),
 }
 
 fn main() -> ExitCode {
@@ -78,6 +82,10 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Some(Command::Agent(args)) => agent::run(&args).context("the agent benchmark")?,
+        Some(Command::FirstPause(args)) => {
+            let runs = run_first_pause(&args).context("the first-pause benchmark")?;
+            print!("{}", render_first_pause(&runs, args.ranks, args.nodes));
+        }
         Some(Command::ColdRestart(args)) => {
             let report = run_cold_restart_bench(&args).context("the cold restart benchmark")?;
             print!("{}", render_cold_restart(&report));

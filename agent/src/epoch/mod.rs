@@ -219,7 +219,8 @@ pub(crate) fn run(
             "checkpoint.snapshots_off_memory_short"
         );
     }
-    if snapshot == SnapshotPolicy::Off {
+    // `auto` may still copy parked (an incremental copy): warm for it.
+    if snapshot != SnapshotPolicy::On {
         warm_for(res.pool, expected);
     }
     let progress = Progress {
@@ -326,7 +327,7 @@ fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
 /// while the ranks are parked, on a thread of its own, while they head for
 /// their agreed safe point (a first checkpoint that comes before the
 /// idle-time pre-fault would otherwise fault its copy buffers in while the
-/// ranks are parked). With snapshots the copy waits for no warm buffer.
+/// ranks are parked).
 fn warm_for(pool: &BufferPool, bytes: u64) {
     if !pool.short_of(bytes) {
         return;

@@ -34,7 +34,8 @@ mod steps;
 
 pub use render::render;
 pub use report::{fit, Fit, QuiesceRun, SafePointRun, SuiteReport};
-use steps::{agent_bench, have, quiesce, safe_point, Quiet};
+use steps::{agent_bench, have, safe_point, Quiet};
+pub(crate) use steps::{quiesce, QuiesceJob};
 
 const MIB: u64 = 1 << 20;
 
@@ -298,7 +299,8 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
                     .push(format!("safe point at {ranks} ranks: {err}")),
             }
             for &iter_us in &args.quiesce_iter_us {
-                match quiesce(&bin, &scratch, lock, ranks, &args.quiesce_slack, iter_us) {
+                let job = QuiesceJob::suite(ranks, &args.quiesce_slack, iter_us);
+                match quiesce(&bin, &scratch, lock, &job) {
                     Ok(run) => {
                         eprintln!(
                             "ranks {ranks}, {iter_us} us iterations: safe points to park {:?}, pause as the application saw it {:?} ms",

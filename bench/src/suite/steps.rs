@@ -165,32 +165,74 @@ pub(super) fn safe_point(
     })
 }
 
+/// One `quiesce-bench` job under `cryo run`.
+#[derive(Debug, Clone)]
+pub(crate) struct QuiesceJob<'a> {
+    /// Ranks, over two emulated nodes.
+    pub(crate) ranks: u32,
+    /// `CRYO_QUIESCE_SLACK`.
+    pub(crate) slack: &'a str,
+    /// CPU µs per iteration.
+    pub(crate) iter_us: u64,
+    /// State per rank.
+    pub(crate) state_bytes: u64,
+    /// More environment for `cryo run` (and so its agents and ranks).
+    pub(crate) env: Vec<(&'a str, &'a str)>,
+    /// Emulated nodes the ranks are spread over (1 or 2).
+    pub(crate) nodes: u32,
+}
+
+impl<'a> QuiesceJob<'a> {
+    /// The suite's job: 32 MiB per rank, at most 512 MiB in all, so that 64
+    /// ranks fit beside each other.
+    pub(crate) fn suite(ranks: u32, slack: &'a str, iter_us: u64) -> QuiesceJob<'a> {
+        QuiesceJob {
+            ranks,
+            slack,
+            iter_us,
+            state_bytes: (32 * MIB).min((512 * MIB / u64::from(ranks.max(1))) & !(MIB - 1)),
+            env: Vec::new(),
+            nodes: 2,
+        }
+    }
+}
+
 /// Runs `quiesce-bench` under `cryo run` on two emulated nodes and takes
-/// three checkpoints.
-pub(super) fn quiesce(
+/// three checkpoints, the first as soon as every rank runs its iterations.
+pub(crate) fn quiesce(
     bin: &Path,
     scratch: &Path,
     lock: Option<&Path>,
-    ranks: u32,
-    slack: &str,
-    iter_us: u64,
+    job_spec: &QuiesceJob<'_>,
 ) -> Result<QuiesceRun, SuiteError> {
-    // Up to 512 MiB in all, so 64 ranks fit beside each other.
-    let state_bytes = (32 * MIB).min((512 * MIB / u64::from(ranks.max(1))) & !(MIB - 1));
+    let QuiesceJob {
+        ranks,
+        slack,
+        iter_us,
+        state_bytes,
+        ..
+    } = *job_spec;
     let work = scratch.join(format!("quiesce-{ranks}-{iter_us}"));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).step("creating", &work)?;
     let store = work.join("store");
     let job = format!("q{ranks}");
-    let half = ranks / 2;
+    // The fuller node's ranks, and the nodes as `cryo run --nodes` takes them.
+    let (fuller, nodes) = if job_spec.nodes <= 1 {
+        (ranks, format!("a:{ranks}"))
+    } else {
+        let half = ranks / 2;
+        (ranks - half, format!("a:{half},b:{}", ranks - half))
+    };
     let cryo = bin.join("cryo");
     let (out, err) = (work.join("run.out"), work.join("run.err"));
     let _quiet = Quiet::take(lock)?;
     let mut run = Command::new(&cryo)
         .env("CRYO_STORE", &store)
         .env("CRYO_QUIESCE_SLACK", slack)
+        .envs(job_spec.env.iter().copied())
         .args(["run", "--job", &job, "--nodes"])
-        .arg(format!("a:{half},b:{}", ranks - half))
+        .arg(nodes)
         .arg("-n")
         .arg(ranks.to_string())
         .arg("--scratch")
@@ -289,7 +331,7 @@ pub(super) fn quiesce(
             }
         }
         count_points(&work.join("points"), ranks, &requests, &mut out)?;
-        let node_bytes = u64::from(ranks - ranks / 2) * state_bytes;
+        let node_bytes = u64::from(fuller) * state_bytes;
         out.node_memcpy_ms =
             memcpy_ns(usize::try_from(node_bytes).unwrap_or(usize::MAX)) as f64 / 1e6;
         Ok(out)

@@ -1,0 +1,170 @@
+//! `cryo-bench first-pause`: the pause of a job's first checkpoint, taken
+//! as soon as its ranks compute (a preemption soon after a start, with the
+//! agents' copy budgets not yet warm), with the copy-on-write snapshot and
+//! without, beside a memcpy of the node's state into warm memory measured
+//! in the same run.
+//!
+//! Each run is `quiesce-bench` under `cryo run` with three checkpoints (the
+//! suite's quiesce step); the policies alternate, so that a drift of the
+//! machine touches both.
+
+use std::path::PathBuf;
+
+use cryo_coordinator::human;
+use serde::Serialize;
+
+use crate::suite::{quiesce, QuiesceJob, SuiteError};
+
+/// `cryo-bench first-pause` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FirstPauseArgs {
+    /// State per rank, e.g. 256MiB,1GiB.
+    #[arg(long, value_delimiter = ',', value_parser = human::parse_size, default_value = "256MiB,1GiB")]
+    pub sizes: Vec<u64>,
+    /// Ranks.
+    #[arg(long, default_value_t = 2)]
+    pub ranks: u32,
+    /// Emulated nodes (1 or 2). One by default: on a machine of a few
+    /// cores, one emulated node's chunk compression after its ranks resume
+    /// would take the cores another emulated node's ranks pause on, which
+    /// on a real cluster are another host's.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// CPU µs per iteration.
+    #[arg(long, default_value_t = 20_000)]
+    pub iter_us: u64,
+    /// Runs of each policy per size.
+    #[arg(long, default_value_t = 2)]
+    pub repeat: u32,
+    /// Scratch directory for the stores.
+    #[arg(long, default_value = "/tmp")]
+    pub dir: PathBuf,
+    /// Directory with `cryo`, `cryo-agent` and `quiesce-bench` (default:
+    /// next to this `cryo-bench`).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Hold an exclusive flock(2) on this file during each measurement.
+    #[arg(long)]
+    pub lock: Option<PathBuf>,
+}
+
+/// One run's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct PauseRun {
+    /// State per rank.
+    pub state_bytes: u64,
+    /// `CRYO_SNAPSHOT` of the run.
+    pub snapshot: &'static str,
+    /// The longest rank pause the agents measured, per checkpoint.
+    pub agent_pause_ms: Vec<f64>,
+    /// The parking safe point's length as the application saw it, the
+    /// longest over the ranks, per checkpoint.
+    pub app_pause_ms: Vec<f64>,
+    /// memcpy of the fuller node's state into warm memory, in the same run.
+    pub node_memcpy_ms: f64,
+}
+
+/// Runs every size with snapshots off and on, alternating.
+pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, SuiteError> {
+    let bin = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()
+            .map_err(SuiteError::CurrentExe)?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    };
+    for name in ["cryo", "cryo-agent", "quiesce-bench"] {
+        if !bin.join(name).exists() {
+            return Err(SuiteError::Missing {
+                path: bin.join(name),
+            });
+        }
+    }
+    let scratch = args
+        .dir
+        .join(format!("cryo-first-pause-{}", std::process::id()));
+    let mut runs = Vec::new();
+    for &state_bytes in &args.sizes {
+        for _ in 0..args.repeat.max(1) {
+            for snapshot in ["off", "on"] {
+                eprintln!(
+                    "== first pause: {} ranks x {}, snapshot {snapshot} ==",
+                    args.ranks,
+                    human::bytes(state_bytes)
+                );
+                let job = QuiesceJob {
+                    ranks: args.ranks,
+                    slack: "auto",
+                    iter_us: args.iter_us,
+                    state_bytes,
+                    env: vec![("CRYO_SNAPSHOT", snapshot)],
+                    nodes: args.nodes,
+                };
+                let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
+                let _ = std::fs::remove_dir_all(&scratch);
+                let run = run?;
+                runs.push(PauseRun {
+                    state_bytes,
+                    snapshot,
+                    agent_pause_ms: run.pause_ms,
+                    app_pause_ms: run.app_pause_ms,
+                    node_memcpy_ms: run.node_memcpy_ms,
+                });
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// The figures as text: per size and policy, the first checkpoint's pause
+/// and the later ones, and their ratio to the memcpy.
+pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
+    let mut out = format!(
+        "First checkpoint's pause, taken as soon as the ranks compute ({ranks} ranks on {nodes} node(s))\n"
+    );
+    let mut sizes: Vec<u64> = runs.iter().map(|r| r.state_bytes).collect();
+    sizes.dedup();
+    for size in sizes {
+        out.push_str(&format!("  {} per rank:\n", human::bytes(size)));
+        let memcpy: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.state_bytes == size)
+            .map(|r| r.node_memcpy_ms)
+            .collect();
+        let memcpy = memcpy.iter().copied().fold(f64::INFINITY, f64::min);
+        for policy in ["off", "on"] {
+            let of: Vec<&PauseRun> = runs
+                .iter()
+                .filter(|r| r.state_bytes == size && r.snapshot == policy)
+                .collect();
+            let first = |pick: fn(&PauseRun) -> &Vec<f64>| -> Vec<f64> {
+                of.iter().filter_map(|r| pick(r).first().copied()).collect()
+            };
+            let later = |pick: fn(&PauseRun) -> &Vec<f64>| -> Vec<f64> {
+                of.iter()
+                    .flat_map(|r| pick(r).iter().skip(1).copied())
+                    .collect()
+            };
+            let agent_first = first(|r| &r.agent_pause_ms);
+            let app_first = first(|r| &r.app_pause_ms);
+            let worst = app_first.iter().copied().fold(0.0, f64::max);
+            out.push_str(&format!(
+                "    snapshot {policy:>3}: first pause {} ms as the application saw it ({} ms in the agent), later {} ms; worst first / memcpy {:.2}x\n",
+                list(&app_first),
+                list(&agent_first),
+                list(&later(|r| &r.app_pause_ms)),
+                worst / memcpy.max(1e-9),
+            ));
+        }
+        out.push_str(&format!(
+            "    memcpy of the node's state into warm memory: {memcpy:.1} ms (best of the runs)\n"
+        ));
+    }
+    out
+}
+
+fn list(values: &[f64]) -> String {
+    let parts: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
+    format!("[{}]", parts.join(", "))
+}
