@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use cryo_coordinator::human;
 use serde::Serialize;
 
+use crate::start::{bin_dir, StartBenchError};
 use crate::suite::{quiesce, QuiesceJob, SuiteError};
+use thiserror::Error;
 
 /// `cryo-bench first-pause` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -64,23 +66,20 @@ pub struct PauseRun {
     pub node_memcpy_ms: f64,
 }
 
+/// The first-pause benchmark failed.
+#[derive(Debug, Error)]
+pub enum FirstPauseError {
+    /// A binary it runs is missing.
+    #[error(transparent)]
+    Bin(#[from] StartBenchError),
+    /// A run failed.
+    #[error(transparent)]
+    Run(#[from] SuiteError),
+}
+
 /// Runs every size with snapshots off and on, alternating.
-pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, SuiteError> {
-    let bin = match &args.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()
-            .map_err(SuiteError::CurrentExe)?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default(),
-    };
-    for name in ["cryo", "cryo-agent", "quiesce-bench"] {
-        if !bin.join(name).exists() {
-            return Err(SuiteError::Missing {
-                path: bin.join(name),
-            });
-        }
-    }
+pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPauseError> {
+    let bin = bin_dir(args.bin_dir.as_deref())?;
     let scratch = args
         .dir
         .join(format!("cryo-first-pause-{}", std::process::id()));
