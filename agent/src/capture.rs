@@ -26,7 +26,7 @@ use thiserror::Error;
 
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 use crate::pool::{BufferPool, Slot};
-use crate::procfs::{parse_maps, resident_anon_bytes, MapsParseError, MemoryError, ProcessAccess};
+use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
 use crate::tracking::{select, Piece, Selection};
 pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
@@ -450,10 +450,8 @@ pub fn capture_rank(
         .sum();
     let outlook = CopyOutlook {
         private,
-        resident: resident_anon_bytes(pid).unwrap_or(u64::MAX),
         fits: pieces.len() <= ctx.pool.slots(),
-        // Warm, or claimed by the warm-up the request started.
-        warm: !ctx.pool.short_of(private),
+        warm: ctx.pool.warm_bytes() >= private,
     };
     let snapshot = if ctx.snapshot.wants(&outlook) {
         take_snapshot(ctx, parked, control)

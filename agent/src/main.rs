@@ -73,9 +73,10 @@ enum Command {
         prefault_delay: f64,
         /// When to capture a rank from a copy-on-write snapshot of it, so
         /// that it pauses for a clone (milliseconds) rather than a copy of
-        /// its memory: auto (when it copies 32 MiB or more, or more than the
-        /// copy budget holds, and the node has the memory for a second copy
-        /// of what its ranks copy), on, or off.
+        /// its memory: auto (when the copy would not be a memcpy into warm
+        /// memory, being more than the copy budget holds or has warm, and
+        /// the node has the memory for a second copy of what its ranks
+        /// copy), on, or off.
         #[arg(long, default_value_t = SnapshotPolicy::Auto, env = cryo_core::env::ENV_SNAPSHOT)]
         snapshot: SnapshotPolicy,
         /// Number of local ranks (default: those registered).

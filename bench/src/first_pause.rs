@@ -35,6 +35,9 @@ pub struct FirstPauseArgs {
     /// CPU µs per iteration.
     #[arg(long, default_value_t = 20_000)]
     pub iter_us: u64,
+    /// `CRYO_SNAPSHOT` policies to compare, run in turn.
+    #[arg(long, value_delimiter = ',', default_value = "off,auto,on")]
+    pub policies: Vec<String>,
     /// Runs of each policy per size.
     #[arg(long, default_value_t = 2)]
     pub repeat: u32,
@@ -56,7 +59,7 @@ pub struct PauseRun {
     /// State per rank.
     pub state_bytes: u64,
     /// `CRYO_SNAPSHOT` of the run.
-    pub snapshot: &'static str,
+    pub snapshot: String,
     /// The longest rank pause the agents measured, per checkpoint.
     pub agent_pause_ms: Vec<f64>,
     /// The parking safe point's length as the application saw it, the
@@ -77,7 +80,7 @@ pub enum FirstPauseError {
     Run(#[from] SuiteError),
 }
 
-/// Runs every size with snapshots off and on, alternating.
+/// Runs every size under each policy, in turn.
 pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPauseError> {
     let bin = bin_dir(args.bin_dir.as_deref())?;
     let scratch = args
@@ -86,7 +89,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
     let mut runs = Vec::new();
     for &state_bytes in &args.sizes {
         for _ in 0..args.repeat.max(1) {
-            for snapshot in ["off", "on"] {
+            for snapshot in &args.policies {
                 eprintln!(
                     "== first pause: {} ranks x {}, snapshot {snapshot} ==",
                     args.ranks,
@@ -97,7 +100,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                     slack: "auto",
                     iter_us: args.iter_us,
                     state_bytes,
-                    env: vec![("CRYO_SNAPSHOT", snapshot)],
+                    env: vec![("CRYO_SNAPSHOT", snapshot.as_str())],
                     nodes: args.nodes,
                 };
                 let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
@@ -105,7 +108,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                 let run = run?;
                 runs.push(PauseRun {
                     state_bytes,
-                    snapshot,
+                    snapshot: snapshot.clone(),
                     agent_pause_ms: run.pause_ms,
                     app_pause_ms: run.app_pause_ms,
                     node_memcpy_ms: run.node_memcpy_ms,
@@ -119,6 +122,12 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
 /// The figures as text: per size and policy, the first checkpoint's pause
 /// and the later ones, and their ratio to the memcpy.
 pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
+    let mut policies: Vec<&str> = Vec::new();
+    for run in runs {
+        if !policies.contains(&run.snapshot.as_str()) {
+            policies.push(&run.snapshot);
+        }
+    }
     let mut out = format!(
         "First checkpoint's pause, taken as soon as the ranks compute ({ranks} ranks on {nodes} node(s))\n"
     );
@@ -132,7 +141,7 @@ pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
             .map(|r| r.node_memcpy_ms)
             .collect();
         let memcpy = memcpy.iter().copied().fold(f64::INFINITY, f64::min);
-        for policy in ["off", "on"] {
+        for &policy in &policies {
             let of: Vec<&PauseRun> = runs
                 .iter()
                 .filter(|r| r.state_bytes == size && r.snapshot == policy)

@@ -60,8 +60,9 @@ Tuning (environment of the job's ranks; see the README's settings table):
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
 CRYO_SNAPSHOT (agents; auto | on | off, default auto): a parked rank clones itself and resumes at
 once, and its agent reads the clone while it computes on, so the pause is a clone (a few ms per
-GiB) whatever the state and the budget; each page the rank writes meanwhile costs the job a page
-of memory. auto does it for 32 MiB or more per rank when the node has room for a second copy.
+GiB) whatever the state and the budget; each page the rank writes meanwhile costs a page of memory
+and a kernel copy. auto does it when the copy would not be a memcpy into a warm budget (before the
+pre-fault, or beyond the budget) and the node has room for a second copy.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
 checkpoint before then warms what it will copy while the ranks head for their safe point).

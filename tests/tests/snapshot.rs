@@ -172,7 +172,7 @@ fn memory_missing_from_the_snapshot_is_copied_while_parked() {
 
 #[test]
 fn no_snapshot_when_turned_off_or_not_worth_it() {
-    // `off`, and `auto` for a copy under 32 MiB into a warm budget: the
+    // `off`, and `auto` for a copy into a warm budget that holds it: the
     // copy is made parked. (Into a cold budget, `auto` clones: faulting the
     // copy's buffers in would cost the pause more.)
     let warm = ["--copy-budget", "64MiB", "--prefault-delay", "0"];
@@ -186,8 +186,11 @@ fn no_snapshot_when_turned_off_or_not_worth_it() {
 }
 
 #[test]
-fn auto_takes_a_snapshot_of_a_large_copy_and_reaps_it() {
-    let log = checkpoint_kill_restart(48, &[], &[], &[]).agent.log_text();
+fn auto_takes_a_snapshot_of_a_copy_larger_than_the_budget_and_reaps_it() {
+    // Parked, 48 MiB would stream through 8 MiB with the rank waiting.
+    let log = checkpoint_kill_restart(48, &["--copy-budget", "8MiB"], &[], &[])
+        .agent
+        .log_text();
     let pids = snapshot_pids(&log);
     assert_eq!(pids.len(), 1, "{log}");
     // Every rank process is gone: so is its snapshot (no orphan left
