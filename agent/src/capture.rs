@@ -253,16 +253,31 @@ pub(crate) fn check_regions(
     Ok(())
 }
 
-/// Copies `pieces` of `parked`'s regions from process `pid` (the rank, or
-/// its snapshot) into `slots`.
+/// Where a rank's memory is copied from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The parked rank itself: ranks parked together take turns.
+    Parked,
+    /// Its snapshot, `pid`, while the rank runs: no turn, so a rank that
+    /// parks meanwhile never waits behind it.
+    Snapshot(u32),
+}
+
+/// Copies `pieces` of `parked`'s regions from `source` into `slots`.
 fn copy(
     ctx: &CaptureContext<'_>,
     parked: &Parked,
-    pid: u32,
+    source: Source,
     pieces: &[Piece],
     slots: &mut [Slot],
 ) -> Result<(), CaptureError> {
-    let _turn = ctx.gate.turn.lock().unwrap_or_else(|p| p.into_inner());
+    let (pid, _turn) = match source {
+        Source::Parked => (
+            parked.pid,
+            Some(ctx.gate.turn.lock().unwrap_or_else(|p| p.into_inner())),
+        ),
+        Source::Snapshot(pid) => (pid, None),
+    };
     ctx.copy_threads.install(|| {
         pieces
             .par_iter()
@@ -284,14 +299,14 @@ fn copy(
     })
 }
 
-/// Copies and stores `pieces` from process `pid` batch by batch, through
-/// as many pool slots as are free; returns the chunks and the time spent
+/// Copies and stores `pieces` from `source` batch by batch, through as
+/// many pool slots as are free; returns the chunks and the time spent
 /// copying.
 fn stream(
     ctx: &CaptureContext<'_>,
     writer: &RankWriter<'_>,
     parked: &Parked,
-    pid: u32,
+    source: Source,
     pieces: &[Piece],
 ) -> Result<(Vec<(usize, ChunkRef)>, u64), CaptureError> {
     let mut chunks = Vec::with_capacity(pieces.len());
@@ -301,7 +316,7 @@ fn stream(
         let mut slots = ctx.pool.take_some(rest.len());
         let (batch, tail) = rest.split_at(slots.len());
         let t = Instant::now();
-        copy(ctx, parked, pid, batch, &mut slots)?;
+        copy(ctx, parked, source, batch, &mut slots)?;
         copy_ns += nanos(t);
         chunks.extend(store(ctx, writer, batch.to_vec(), slots)?);
         rest = tail;
@@ -466,13 +481,13 @@ pub fn capture_rank(
     let buffered = match ctx.pool.try_take(now.len()) {
         Some(mut slots) => {
             let t = Instant::now();
-            copy(ctx, parked, pid, &now, &mut slots)?;
+            copy(ctx, parked, Source::Parked, &now, &mut slots)?;
             report.copy_ns = nanos(t);
             Some((now, slots))
         }
         None => {
             report.streamed = true;
-            let (stored, copy_ns) = stream(ctx, writer, parked, pid, &now)?;
+            let (stored, copy_ns) = stream(ctx, writer, parked, Source::Parked, &now)?;
             report.copy_ns = copy_ns;
             chunks.extend(stored);
             None
@@ -490,7 +505,8 @@ pub fn capture_rank(
     }
     if let Some(snapshot) = snapshot {
         cryo_core::fault::pause_at(cryo_core::fault::Phase::Snapshot, parked.epoch, ctx.job);
-        let (stored, copy_ns) = stream(ctx, writer, parked, snapshot.pid(), &late)?;
+        let source = Source::Snapshot(snapshot.pid());
+        let (stored, copy_ns) = stream(ctx, writer, parked, source, &late)?;
         tracing::info!(
             rank,
             epoch = parked.epoch,
