@@ -145,9 +145,12 @@ struct Prefetch {
     key: (u64, String, String),
     started: Instant,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Outcome>>,
+    /// The thread, which returns what it did and when it finished.
+    thread: Option<JoinHandle<(Outcome, Instant)>>,
     /// What its threads did so far.
     done: Outcome,
+    /// From the start to the end of the last thread joined (not to the
+    /// join, which may come much later).
     took: Duration,
 }
 
@@ -168,11 +171,15 @@ impl Prefetch {
         let Some(handle) = self.thread.take() else {
             return;
         };
-        self.done.absorb(handle.join().unwrap_or_else(|_| Outcome {
-            failed: Some("the prefetch thread panicked".into()),
-            ..Outcome::nothing()
-        }));
-        self.took = self.started.elapsed();
+        let (outcome, finished) = handle.join().unwrap_or_else(|_| {
+            let failed = Outcome {
+                failed: Some("the prefetch thread panicked".into()),
+                ..Outcome::nothing()
+            };
+            (failed, Instant::now())
+        });
+        self.done.absorb(outcome);
+        self.took = finished.saturating_duration_since(self.started);
     }
 
     /// Runs `work` on a thread of its own.
@@ -181,7 +188,7 @@ impl Prefetch {
         let stop = Arc::clone(&self.stop);
         self.thread = std::thread::Builder::new()
             .name("cryo-prefetch".into())
-            .spawn(move || work(&stop))
+            .spawn(move || (work(&stop), Instant::now()))
             .ok();
         if self.thread.is_none() {
             self.done.failed = Some("the prefetch thread could not be started".into());

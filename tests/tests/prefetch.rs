@@ -63,9 +63,9 @@ fn reference(dir: &Path, input: &Path, program: &Program) -> RankFiles {
 
 /// Checkpoints a Rust counter rank, kills it, evicts the store and restarts
 /// it with `env` (`{epoch}` and `{store}` replaced); returns the restarted
-/// rank's stderr and the bytes its plan reads. The run must end as an
-/// uninterrupted one does.
-fn restart_with(env: &[(&str, &str)]) -> (String, u64) {
+/// rank's stderr, the bytes its plan reads and how long the restarted rank
+/// ran. The run must end as an uninterrupted one does.
+fn restart_with(env: &[(&str, &str)]) -> (String, u64, Duration) {
     let (dir, input) = scratch();
     let program = Program::Rust;
     let reference = reference(dir.path(), &input, &program);
@@ -90,14 +90,36 @@ fn restart_with(env: &[(&str, &str)]) -> (String, u64) {
         .map(|(k, v)| (*k, v.replace("{epoch}", &epoch).replace("{store}", &store)))
         .collect();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let started = std::time::Instant::now();
     let rank = Rank::start_with_env(&spec, &files, &env);
     wait_until("the rank to restart", Duration::from_secs(20), || {
         Rank::stderr(&files).contains("prefetch:")
     });
     assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+    let ran = started.elapsed();
     assert_same_file(&files.log, &reference.log);
     assert_same_file(&files.final_state, &reference.final_state);
-    (Rank::stderr(&files), planned)
+    (Rank::stderr(&files), planned, ran)
+}
+
+/// The time a prefetch reports is its requests' (16 MiB here), not the
+/// time until the rank asked for the status at its end, about 50 steps of
+/// 15 ms after its restart.
+fn assert_took_its_own_time(line: &str, ran: Duration) {
+    assert!(
+        prefetch_ms(line) * 2 < ran.as_millis(),
+        "{line}, the restarted rank ran {ran:?}"
+    );
+}
+
+/// The milliseconds a prefetch line says its requests took.
+fn prefetch_ms(line: &str) -> u128 {
+    let at = line.find(" bytes in ").unwrap_or_else(|| panic!("{line}")) + " bytes in ".len();
+    line[at..]
+        .split(' ')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"))
 }
 
 fn prefetch_line(stderr: &str) -> &str {
@@ -109,7 +131,7 @@ fn prefetch_line(stderr: &str) -> &str {
 
 #[test]
 fn a_restarting_rank_asks_for_exactly_its_chunks_from_an_evicted_store() {
-    let (stderr, planned) = restart_with(&[
+    let (stderr, planned, ran) = restart_with(&[
         ("CRYO_RESTART_FROM", "{epoch}"),
         ("CRYO_STORE", "{store}"),
         ("CRYO_JOB", "pf"),
@@ -121,11 +143,12 @@ fn a_restarting_rank_asks_for_exactly_its_chunks_from_an_evicted_store() {
             && line.contains(" 0 failed"),
         "{line}"
     );
+    assert_took_its_own_time(line, ran);
 }
 
 #[test]
 fn a_hint_of_an_epoch_that_is_not_there_costs_nothing_and_the_right_one_is_read() {
-    let (stderr, planned) = restart_with(&[
+    let (stderr, planned, _) = restart_with(&[
         ("CRYO_RESTART_FROM", "999"),
         ("CRYO_STORE", "{store}"),
         ("CRYO_JOB", "pf"),
@@ -142,17 +165,19 @@ fn a_hint_of_an_epoch_that_is_not_there_costs_nothing_and_the_right_one_is_read(
 
 #[test]
 fn without_a_hint_the_restore_starts_the_prefetch() {
-    let (stderr, planned) = restart_with(&[]);
+    let (stderr, planned, ran) = restart_with(&[]);
     let line = prefetch_line(&stderr);
     assert!(
         line.contains(&format!("asked for {planned} of {planned} bytes")),
         "{line}"
     );
+    // Started at the restore and joined only when the status is asked for.
+    assert_took_its_own_time(line, ran);
 }
 
 #[test]
 fn cryo_prefetch_0_turns_it_off() {
-    let (stderr, _) = restart_with(&[
+    let (stderr, _, _) = restart_with(&[
         ("CRYO_RESTART_FROM", "{epoch}"),
         ("CRYO_STORE", "{store}"),
         ("CRYO_JOB", "pf"),
