@@ -463,10 +463,16 @@ pub fn capture_rank(
         .filter(|p| is_private(&parked.regions[p.region].kind))
         .map(|p| p.len as u64)
         .sum();
+    // Under `auto`, warm slots for the whole copy are taken now, so that
+    // the decision holds against the node's other ranks taking them.
+    let mut warm = match ctx.snapshot {
+        SnapshotPolicy::Auto => ctx.pool.try_take_warm(pieces.len()),
+        SnapshotPolicy::On | SnapshotPolicy::Off => None,
+    };
     let outlook = CopyOutlook {
         private,
         fits: pieces.len() <= ctx.pool.slots(),
-        warm: ctx.pool.warm_bytes() >= private,
+        warm: warm.is_some(),
     };
     let snapshot = if ctx.snapshot.wants(&outlook) {
         take_snapshot(ctx, parked, control)
@@ -477,8 +483,12 @@ pub fn capture_rank(
         Some(_) => split_private(pieces, &parked.regions),
         None => (Vec::new(), pieces),
     };
+    if snapshot.is_some() {
+        // Only the shared pieces are copied now; the slots go back.
+        warm = None;
+    }
     let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(now.len() + late.len());
-    let buffered = match ctx.pool.try_take(now.len()) {
+    let buffered = match warm.or_else(|| ctx.pool.try_take(now.len())) {
         Some(mut slots) => {
             let t = Instant::now();
             copy(ctx, parked, Source::Parked, &now, &mut slots)?;

@@ -264,6 +264,19 @@ impl BufferPool {
         taken.into_iter().map(|index| self.slot(index)).collect()
     }
 
+    /// Takes exactly `n` slots if that many are free and warm right now,
+    /// else none: never faults a slot in, never waits.
+    pub fn try_take_warm(&self, n: usize) -> Option<Vec<Slot>> {
+        let mut free = self.inner.lock();
+        if free.slots.len() < n {
+            return None;
+        }
+        let at = free.slots.len() - n;
+        let taken: Vec<usize> = free.slots.drain(at..).collect();
+        drop(free);
+        Some(taken.into_iter().map(|index| self.slot(index)).collect())
+    }
+
     fn slot(&self, index: usize) -> Slot {
         Slot {
             pool: Arc::clone(&self.inner),
@@ -412,6 +425,22 @@ mod tests {
             held.extend(slots);
         }
         assert_eq!(held.len(), 64);
+    }
+
+    #[test]
+    fn taking_warm_slots_only_never_faults_one_in() {
+        let pool = BufferPool::new(8 << 20, 1 << 20, Duration::from_secs(3600)).unwrap();
+        assert!(pool.try_take_warm(1).is_none());
+        assert_eq!(pool.warm_bytes(), 0);
+        let warmed = pool.try_take(4).unwrap();
+        drop(warmed);
+        let held = pool.try_take_warm(3).unwrap();
+        // One warm slot is left; other ranks' slots in use count for
+        // nothing.
+        assert!(pool.try_take_warm(2).is_none());
+        assert_eq!(pool.try_take_warm(1).map(|s| s.len()), Some(1));
+        assert_eq!(pool.warm_bytes(), 4 << 20);
+        drop(held);
     }
 
     #[test]

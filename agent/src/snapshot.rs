@@ -99,7 +99,8 @@ pub struct CopyOutlook {
     pub private: u64,
     /// Whether the copy budget holds every chunk to copy.
     pub fits: bool,
-    /// Whether as much of the budget as the copy needs is warm.
+    /// Whether as many free slots of the budget as the copy needs are warm
+    /// (the capture takes them before it decides).
     pub warm: bool,
 }
 

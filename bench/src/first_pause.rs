@@ -38,6 +38,10 @@ pub struct FirstPauseArgs {
     /// `CRYO_SNAPSHOT` policies to compare, run in turn.
     #[arg(long, value_delimiter = ',', default_value = "off,auto,on")]
     pub policies: Vec<String>,
+    /// Share of its state each rank writes every iteration (one byte per
+    /// page), so that the faults after a checkpoint's resume show: 0 to 1.
+    #[arg(long, default_value_t = 0.0)]
+    pub write_share: f64,
     /// Runs of each policy per size.
     #[arg(long, default_value_t = 2)]
     pub repeat: u32,
@@ -65,6 +69,9 @@ pub struct PauseRun {
     /// The parking safe point's length as the application saw it, the
     /// longest over the ranks, per checkpoint.
     pub app_pause_ms: Vec<f64>,
+    /// The time the application lost to each checkpoint, the pause and the
+    /// faults after it included.
+    pub app_lost_ms: Vec<Option<f64>>,
     /// memcpy of the fuller node's state into warm memory, in the same run.
     pub node_memcpy_ms: f64,
 }
@@ -102,6 +109,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                     state_bytes,
                     env: vec![("CRYO_SNAPSHOT", snapshot.as_str())],
                     nodes: args.nodes,
+                    bench_args: vec!["--write-share".into(), args.write_share.to_string()],
                 };
                 let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
                 let _ = std::fs::remove_dir_all(&scratch);
@@ -111,6 +119,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                     snapshot: snapshot.clone(),
                     agent_pause_ms: run.pause_ms,
                     app_pause_ms: run.app_pause_ms,
+                    app_lost_ms: run.app_lost_ms,
                     node_memcpy_ms: run.node_memcpy_ms,
                 });
             }
@@ -158,11 +167,25 @@ pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
             let app_first = first(|r| &r.app_pause_ms);
             let worst = app_first.iter().copied().fold(0.0, f64::max);
             out.push_str(&format!(
-                "    snapshot {policy:>3}: first pause {} ms as the application saw it ({} ms in the agent), later {} ms; worst first / memcpy {:.2}x\n",
+                "    snapshot {policy:>4}: first pause {} ms as the application saw it ({} ms in the agent), later {} ms; worst first / memcpy {:.2}x\n",
                 list(&app_first),
                 list(&agent_first),
                 list(&later(|r| &r.app_pause_ms)),
                 worst / memcpy.max(1e-9),
+            ));
+            let lost: Vec<&Vec<Option<f64>>> = of.iter().map(|r| &r.app_lost_ms).collect();
+            let shown = |v: &Option<f64>| v.map_or("–".to_owned(), |ms| format!("{ms:.1}"));
+            let first_lost: Vec<String> =
+                lost.iter().filter_map(|l| l.first()).map(shown).collect();
+            let later_lost: Vec<String> = lost
+                .iter()
+                .flat_map(|l| l.iter().skip(1))
+                .map(shown)
+                .collect();
+            out.push_str(&format!(
+                "                   time lost, faults after the resume included: first [{}] ms, later [{}] ms\n",
+                first_lost.join(", "),
+                later_lost.join(", "),
             ));
         }
         out.push_str(&format!(

@@ -90,6 +90,12 @@ pub struct QuiesceRun {
     /// longest over the ranks, per checkpoint.
     #[serde(default)]
     pub app_pause_ms: Vec<f64>,
+    /// The time the application lost to each checkpoint: the longest gap
+    /// between successive safe points from the parking one to two
+    /// iterations later, less the usual gap, the most over the ranks (none
+    /// where a rank's log ends before those iterations).
+    #[serde(default)]
+    pub app_lost_ms: Vec<Option<f64>>,
     /// memcpy of the state of the node with the most ranks into warm
     /// memory, in the same run.
     #[serde(default)]

@@ -180,6 +180,8 @@ pub(crate) struct QuiesceJob<'a> {
     pub(crate) env: Vec<(&'a str, &'a str)>,
     /// Emulated nodes the ranks are spread over (1 or 2).
     pub(crate) nodes: u32,
+    /// More arguments for `quiesce-bench`.
+    pub(crate) bench_args: Vec<String>,
 }
 
 impl<'a> QuiesceJob<'a> {
@@ -193,6 +195,7 @@ impl<'a> QuiesceJob<'a> {
             state_bytes: (32 * MIB).min((512 * MIB / u64::from(ranks.max(1))) & !(MIB - 1)),
             env: Vec::new(),
             nodes: 2,
+            bench_args: Vec::new(),
         }
     }
 }
@@ -246,6 +249,7 @@ pub(crate) fn quiesce(
         .arg(state_bytes.to_string())
         .arg("--points-log")
         .arg(work.join("points"))
+        .args(&job_spec.bench_args)
         .stdin(Stdio::null())
         .stdout(File::create(&out).step("creating", &out)?)
         .stderr(File::create(&err).step("creating", &err)?)
@@ -295,6 +299,7 @@ pub(crate) fn quiesce(
             iter_us,
             points_to_park: Vec::new(),
             app_pause_ms: Vec::new(),
+            app_lost_ms: Vec::new(),
             node_memcpy_ms: 0.0,
         };
         let mut requests = Vec::new();
@@ -376,15 +381,22 @@ fn count_points(
     for &(requested_ns, epoch) in requests {
         let mut most = 0;
         let mut longest_ns = 0;
+        // None once a rank's log ends before the iterations after the park
+        // (the job was preempted).
+        let mut lost_ns = Some(0);
         for (rank, log) in logs.iter().enumerate() {
             let (passed, len_ns) = points::to_park(log, requested_ns, epoch).ok_or_else(|| {
                 SuiteError::Output(format!("rank {rank} logged no park for epoch {epoch}"))
             })?;
             most = most.max(passed);
             longest_ns = longest_ns.max(len_ns);
+            lost_ns = lost_ns
+                .zip(points::time_lost(log, epoch, 2))
+                .map(|(a, b)| a.max(b));
         }
         out.points_to_park.push(most);
         out.app_pause_ms.push(longest_ns as f64 / 1e6);
+        out.app_lost_ms.push(lost_ns.map(|ns| ns as f64 / 1e6));
     }
     Ok(())
 }

@@ -72,6 +72,13 @@ struct Args {
     /// wall clock.
     #[arg(long, value_enum, default_value_t = Work::Cpu)]
     work: Work,
+    /// In the `--run-secs` iterations, write one byte in every page of this
+    /// share of the state after each iteration's work (0 to 1), as a code
+    /// that updates its arrays does: the first write to a page after a
+    /// checkpoint faults (write tracking, a copy on write under a
+    /// snapshot), and the faults lengthen that iteration.
+    #[arg(long, default_value_t = 0.0)]
+    write_share: f64,
     /// In the `--run-secs` iterations, leave a message from rank 0 to rank
     /// 1 in flight across each safe point (tag [`IN_FLIGHT_TAG`]).
     #[arg(long)]
@@ -200,8 +207,17 @@ fn main() -> Result<()> {
             }
             None => None,
         };
+        // A share of whole pages; the result is at most the state's length.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let written =
+            ((args.write_share.clamp(0.0, 1.0) * state.len() as f64) as usize).min(state.len());
+        let mut generation = 0u8;
         loop {
             spin(args.work, args.iter_us);
+            generation = generation.wrapping_add(1);
+            for page in state[..written].chunks_mut(4096) {
+                page[0] = generation;
+            }
             if in_flight && world.rank() == 0 {
                 world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
             }
