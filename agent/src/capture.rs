@@ -464,8 +464,10 @@ pub fn capture_rank(
         .map(|p| p.len as u64)
         .sum();
     // Under `auto`, warm slots for the whole copy are taken now, so that
-    // the decision holds against the node's other ranks taking them.
-    let mut warm = match ctx.snapshot {
+    // the decision holds against the node's other ranks taking them. With
+    // them the copy is a memcpy into warm memory, which `auto` never trades
+    // for a snapshot: they serve the parked copy below.
+    let warm = match ctx.snapshot {
         SnapshotPolicy::Auto => ctx.pool.try_take_warm(pieces.len()),
         SnapshotPolicy::On | SnapshotPolicy::Off => None,
     };
@@ -479,14 +481,11 @@ pub fn capture_rank(
     } else {
         None
     };
+    debug_assert!(warm.is_none() || snapshot.is_none());
     let (late, now) = match &snapshot {
         Some(_) => split_private(pieces, &parked.regions),
         None => (Vec::new(), pieces),
     };
-    if snapshot.is_some() {
-        // Only the shared pieces are copied now; the slots go back.
-        warm = None;
-    }
     let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(now.len() + late.len());
     let buffered = match warm.or_else(|| ctx.pool.try_take(now.len())) {
         Some(mut slots) => {

@@ -233,10 +233,7 @@ impl BufferPool {
                 .wait(free)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        let at = free.slots.len() - n;
-        let taken: Vec<usize> = free.slots.drain(at..).collect();
-        drop(free);
-        Some(taken.into_iter().map(|index| self.slot(index)).collect())
+        Some(self.take_free(free, n))
     }
 
     /// Takes between 1 and `max` slots, waiting until at least one is free
@@ -258,23 +255,26 @@ impl BufferPool {
                 .unwrap_or_else(|p| p.into_inner());
         }
         let n = max.max(1).min(free.slots.len());
-        let at = free.slots.len() - n;
-        let taken: Vec<usize> = free.slots.drain(at..).collect();
-        drop(free);
-        taken.into_iter().map(|index| self.slot(index)).collect()
+        self.take_free(free, n)
     }
 
     /// Takes exactly `n` slots if that many are free and warm right now,
     /// else none: never faults a slot in, never waits.
     pub fn try_take_warm(&self, n: usize) -> Option<Vec<Slot>> {
-        let mut free = self.inner.lock();
+        let free = self.inner.lock();
         if free.slots.len() < n {
             return None;
         }
+        Some(self.take_free(free, n))
+    }
+
+    /// Takes `n` of the free slots (there are at least that many) and lets
+    /// the lock go.
+    fn take_free(&self, mut free: MutexGuard<'_, Free>, n: usize) -> Vec<Slot> {
         let at = free.slots.len() - n;
         let taken: Vec<usize> = free.slots.drain(at..).collect();
         drop(free);
-        Some(taken.into_iter().map(|index| self.slot(index)).collect())
+        taken.into_iter().map(|index| self.slot(index)).collect()
     }
 
     fn slot(&self, index: usize) -> Slot {

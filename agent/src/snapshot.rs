@@ -13,11 +13,12 @@
 //! is copied by the kernel (charged to the rank's cgroup). `auto` asks for a
 //! snapshot only when the node has that memory to spare.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::str::FromStr;
 use std::time::Instant;
 
 use cryo_core::format::manifest::RegionKind;
+use cryo_core::pidfd;
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
 
@@ -154,14 +155,7 @@ impl Snapshot {
     /// snapshot's.
     pub fn hold(pid: u32) -> Result<Snapshot, Errno> {
         let raw = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
-        if fd < 0 {
-            return Err(Errno::last());
-        }
-        let fd = i32::try_from(fd).map_err(|_| Errno::EBADF)?;
-        // SAFETY: a fresh fd from the kernel, owned by nothing else.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = pidfd::open(raw)?;
         Ok(Snapshot { pid, pidfd })
     }
 
@@ -173,17 +167,8 @@ impl Snapshot {
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        // SAFETY: signals the process behind our own pidfd; no pointers
-        // but a null siginfo.
-        let _ = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.pidfd.as_raw_fd(),
-                libc::SIGKILL,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
+        // Already gone (its agent's kill raced its own exit): nothing to do.
+        let _ = pidfd::kill(&self.pidfd);
     }
 }
 

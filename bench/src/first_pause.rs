@@ -144,48 +144,29 @@ pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
     sizes.dedup();
     for size in sizes {
         out.push_str(&format!("  {} per rank:\n", human::bytes(size)));
-        let memcpy: Vec<f64> = runs
+        let memcpy = runs
             .iter()
             .filter(|r| r.state_bytes == size)
             .map(|r| r.node_memcpy_ms)
-            .collect();
-        let memcpy = memcpy.iter().copied().fold(f64::INFINITY, f64::min);
+            .fold(f64::INFINITY, f64::min);
         for &policy in &policies {
             let of: Vec<&PauseRun> = runs
                 .iter()
                 .filter(|r| r.state_bytes == size && r.snapshot == policy)
                 .collect();
-            let first = |pick: fn(&PauseRun) -> &Vec<f64>| -> Vec<f64> {
-                of.iter().filter_map(|r| pick(r).first().copied()).collect()
-            };
-            let later = |pick: fn(&PauseRun) -> &Vec<f64>| -> Vec<f64> {
-                of.iter()
-                    .flat_map(|r| pick(r).iter().skip(1).copied())
-                    .collect()
-            };
-            let agent_first = first(|r| &r.agent_pause_ms);
-            let app_first = first(|r| &r.app_pause_ms);
+            let app_first = firsts(&of, |r| &r.app_pause_ms);
             let worst = app_first.iter().copied().fold(0.0, f64::max);
             out.push_str(&format!(
                 "    snapshot {policy:>4}: first pause {} ms as the application saw it ({} ms in the agent), later {} ms; worst first / memcpy {:.2}x\n",
                 list(&app_first),
-                list(&agent_first),
-                list(&later(|r| &r.app_pause_ms)),
+                list(&firsts(&of, |r| &r.agent_pause_ms)),
+                list(&laters(&of, |r| &r.app_pause_ms)),
                 worst / memcpy.max(1e-9),
             ));
-            let lost: Vec<&Vec<Option<f64>>> = of.iter().map(|r| &r.app_lost_ms).collect();
-            let shown = |v: &Option<f64>| v.map_or("–".to_owned(), |ms| format!("{ms:.1}"));
-            let first_lost: Vec<String> =
-                lost.iter().filter_map(|l| l.first()).map(shown).collect();
-            let later_lost: Vec<String> = lost
-                .iter()
-                .flat_map(|l| l.iter().skip(1))
-                .map(shown)
-                .collect();
             out.push_str(&format!(
-                "                   time lost, faults after the resume included: first [{}] ms, later [{}] ms\n",
-                first_lost.join(", "),
-                later_lost.join(", "),
+                "                   time lost, faults after the resume included: first {} ms, later {} ms\n",
+                list(&firsts(&of, |r| &r.app_lost_ms)),
+                list(&laters(&of, |r| &r.app_lost_ms)),
             ));
         }
         out.push_str(&format!(
@@ -195,7 +176,25 @@ pub fn render_first_pause(runs: &[PauseRun], ranks: u32, nodes: u32) -> String {
     out
 }
 
-fn list(values: &[f64]) -> String {
-    let parts: Vec<String> = values.iter().map(|v| format!("{v:.1}")).collect();
+/// Each run's figure of its first checkpoint.
+fn firsts<T: Copy>(runs: &[&PauseRun], pick: fn(&PauseRun) -> &Vec<T>) -> Vec<T> {
+    runs.iter()
+        .filter_map(|r| pick(r).first().copied())
+        .collect()
+}
+
+/// Every run's figures of its later checkpoints.
+fn laters<T: Copy>(runs: &[&PauseRun], pick: fn(&PauseRun) -> &Vec<T>) -> Vec<T> {
+    runs.iter()
+        .flat_map(|r| pick(r).iter().skip(1).copied())
+        .collect()
+}
+
+/// Milliseconds as `[1.0, 2.5]`, a figure not measured as `–`.
+fn list<T: Copy + Into<Option<f64>>>(values: &[T]) -> String {
+    let parts: Vec<String> = values
+        .iter()
+        .map(|&v| v.into().map_or("–".to_owned(), |ms| format!("{ms:.1}")))
+        .collect();
     format!("[{}]", parts.join(", "))
 }

@@ -24,7 +24,7 @@
 //! * [`dirty`]: write tracking of rank memory; [`mod@env`]: every `CRYO_*`
 //!   variable; [`fault`]: the test hook that holds an epoch at a phase;
 //!   [`names`]: job and region name checks; [`sibling`]: how one cryo binary
-//!   finds another.
+//!   finds another; [`pidfd`]: handles on processes.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
@@ -35,6 +35,7 @@ pub mod fault;
 pub mod format;
 pub mod liveness;
 pub mod names;
+pub mod pidfd;
 pub mod protocol;
 pub mod sibling;
 pub mod store;

@@ -18,7 +18,7 @@
 //! never see it; the runtime reaps it (`__WALL`) at later parks and at
 //! finalize.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
@@ -38,7 +38,7 @@ pub(crate) fn take(agent: &UnixStream) -> SnapshotOutcome {
         Ok(creds) => creds.pid(),
         Err(err) => return failed("reading the agent's pid (SO_PEERCRED)", err),
     };
-    let watch = match pidfd_open(agent_pid) {
+    let watch = match cryo_core::pidfd::open(agent_pid) {
         Ok(fd) => fd,
         Err(err) => return failed("pidfd_open of the agent", err),
     };
@@ -93,18 +93,6 @@ pub(crate) fn wait_all() {
             }
         }
     }
-}
-
-fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(Errno::last());
-    }
-    let fd = i32::try_from(fd).map_err(|_| Errno::EBADF)?;
-    // SAFETY: the fd was just returned by the kernel and is owned by no one
-    // else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Clones this process (fork semantics, exit signal 0) with every signal
