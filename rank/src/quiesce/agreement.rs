@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use super::calibration::Calibration;
 pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
-use super::pace::{first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK};
+use super::pace::{
+    check_patience, first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK,
+};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
 /// with four times the slack; after this many, they refuse the epoch.
@@ -113,9 +115,12 @@ enum Step<C: Collectives> {
     /// rank passed from the latest join to seeing the join complete].
     Arriving { arrive: C::Pending<2> },
     /// Check started: [in flight, not at the target, rang, leaving].
+    /// `everyone_there`: the arrive found every rank at the target, this
+    /// one included.
     Checking {
         check: C::Pending<4>,
         in_flight: Option<InFlight>,
+        everyone_there: bool,
     },
 }
 
@@ -359,9 +364,15 @@ impl<C: Collectives> Quiesce<C> {
             let Some(agreement) = self.agreement.as_mut() else {
                 return Ok(Progress::Continue);
             };
+            let step_patience = patience(self.pace.per_safe_point_ns, agreement.attempt);
             let how = Settle {
                 leaving: self.leaving,
-                patience: patience(self.pace.per_safe_point_ns, agreement.attempt),
+                patience: match agreement.step {
+                    Step::Checking { everyone_there, .. } => {
+                        check_patience(step_patience, everyone_there)
+                    }
+                    _ => step_patience,
+                },
                 rank: self.rank,
                 safe_point: self.counter,
             };
@@ -450,9 +461,15 @@ impl<C: Collectives> Quiesce<C> {
                         ],
                     )?;
                     self.started += 1;
-                    agreement.step = Step::Checking { check, in_flight };
+                    agreement.step = Step::Checking {
+                        check,
+                        in_flight,
+                        everyone_there,
+                    };
                 }
-                Step::Checking { check, in_flight } => {
+                Step::Checking {
+                    check, in_flight, ..
+                } => {
                     let [in_flight_ranks, missing, rang, leaving] = match settle(
                         &mut self.net,
                         check,
@@ -516,7 +533,7 @@ impl<C: Collectives> Quiesce<C> {
                             epoch,
                             Refusal::LeftTarget {
                                 rank: self.rank,
-                                waited: patience(self.pace.per_safe_point_ns, attempt),
+                                waited: how.patience,
                             },
                         )
                     };

@@ -50,7 +50,10 @@
 //! points; the ranks then retry. A rank that leaves while waiting for the
 //! check has already said it was there: if the check finds every rank at
 //! the target, the others park and this rank refuses the epoch, which
-//! releases them.
+//! releases them. So once the arrive found every rank there, a rank waits
+//! for the check up to [`GIVE_UP`] (see [`check_patience`]): only a slow
+//! network or a descheduled peer delays it then, and a lost packet must
+//! cost a TCP retransmission, not the epoch.
 //!
 //! A rank whose agent is slow, stuck or dead would never join. So a rank
 //! whose join has not completed within [`RING_AFTER`] **rings** every other
@@ -127,8 +130,8 @@ pub use self::flavour::{MpiFlavour, HANDLE_BYTES};
 pub use self::mpi::PROBE_WINDOW;
 use self::pace::MAX_SLACK;
 pub use self::pace::{
-    first_slack_floor, patience, slack_floor, BELL_PERIOD, GIVE_UP, JOIN_SLACK, MIN_PATIENCE,
-    MIN_SLACK,
+    check_patience, first_slack_floor, patience, slack_floor, BELL_PERIOD, GIVE_UP, JOIN_SLACK,
+    MIN_PATIENCE, MIN_SLACK,
 };
 
 /// Environment variable: safe points of slack, fixed (default `auto`: see

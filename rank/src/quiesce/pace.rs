@@ -75,6 +75,24 @@ pub fn patience(per_safe_point_ns: u64, attempt: u32) -> Duration {
         .min(GIVE_UP)
 }
 
+/// How long a rank at the target waits for the check, given its
+/// [`patience`] for the other steps. When the arrive found every rank at the
+/// target, each starts the check as soon as it sees the arrive complete, so
+/// only the network delays it (a lost packet costs TCP a retransmission
+/// timeout of 200 ms or more, doubling with each loss of the same packet),
+/// and leaving then aborts the epoch, since the others park. The one peer
+/// that could be blocked on this rank is one that left the target while
+/// waiting for the arrive, and its check brings a retry whenever it comes:
+/// so the wait is [`GIVE_UP`]. Otherwise the check brings a retry anyway
+/// and the usual patience holds.
+pub fn check_patience(patience: Duration, everyone_there: bool) -> Duration {
+    if everyone_there {
+        patience.max(GIVE_UP)
+    } else {
+        patience
+    }
+}
+
 /// How often a rank outside an agreement looks for a peer's ring. It only
 /// bounds how late a rank whose agent failed to raise its flag joins. A look
 /// is one `MPI_Test`, which runs MPICH's progress engine and costs several
@@ -198,6 +216,14 @@ mod tests {
         assert_eq!(patience(1_000_000, 2), Duration::from_secs(4));
         assert_eq!(patience(100_000_000, 2), GIVE_UP);
         assert_eq!(patience(u64::MAX, 30), GIVE_UP);
+    }
+
+    #[test]
+    fn the_check_waits_out_the_network_only_when_everyone_arrived() {
+        let usual = patience(1_000_000, 0);
+        assert_eq!(check_patience(usual, false), usual);
+        assert_eq!(check_patience(usual, true), GIVE_UP);
+        assert_eq!(check_patience(GIVE_UP * 2, true), GIVE_UP * 2);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::agreement::{Decision, InFlight, Refusal, MAX_ATTEMPTS, RING_AFTER};
-use super::pace::{JOIN_SLACK, MIN_PATIENCE};
+use super::pace::{GIVE_UP, JOIN_SLACK, MIN_PATIENCE};
 use super::sim::{Mode, Sim, ROUND};
 
 /// The safe points of slack at the simulated pace.
@@ -14,6 +14,8 @@ const SLACK: u64 = (JOIN_SLACK.as_millis() / ROUND.as_millis()) as u64;
 
 /// The rounds a rank at the target waits in the first attempt.
 const PATIENCE_ROUNDS: u64 = (MIN_PATIENCE.as_millis() / ROUND.as_millis()) as u64;
+/// Rounds a rank waits for a check that follows an arrive with everyone there.
+const GIVE_UP_ROUNDS: u64 = (GIVE_UP.as_millis() / ROUND.as_millis()) as u64;
 
 #[test]
 fn ranks_whose_flags_rise_at_different_safe_points_all_park_at_the_last_cap() {
@@ -316,28 +318,48 @@ fn ranks_left_waiting_at_the_target_leave_it_when_their_patience_runs_out_and_al
 }
 
 #[test]
+fn a_check_slower_than_the_usual_patience_still_parks_everyone() {
+    let mut sim = Sim::new(3, None);
+    sim.run(4);
+    sim.raise(1, &[0, 1, 2]);
+    let target = 5 + SLACK;
+    // Rank 1 arrives at the target (saying it is there), then its check is
+    // delayed four times the usual patience (a lost packet, a descheduled
+    // process): the others, who saw everyone arrive, wait for it.
+    sim.run_until(100, |sim| sim.ranks[1].mode == Mode::Waiting);
+    sim.stall(1, 4 * PATIENCE_ROUNDS);
+    sim.run_until_decided(GIVE_UP_ROUNDS);
+    assert_eq!(sim.last_decisions(), vec![(target, Decision::Park(1)); 3]);
+    for r in &sim.ranks {
+        assert_eq!(r.q.stats().retries, 0);
+    }
+    sim.assert_quiet();
+}
+
+#[test]
 fn a_rank_that_leaves_while_waiting_for_the_check_refuses_and_the_others_park() {
     let mut sim = Sim::new(3, None);
     sim.run(4);
     sim.raise(1, &[0, 1, 2]);
     let target = 5 + SLACK;
     // Rank 1 arrives at the target (saying it is there), then is
-    // descheduled before it starts the check.
+    // descheduled before it starts the check, for longer than the others
+    // wait for a check.
     sim.run_until(100, |sim| sim.ranks[1].mode == Mode::Waiting);
-    sim.stall(1, 1000);
-    sim.run_until(2000, |sim| {
+    sim.stall(1, GIVE_UP_ROUNDS + 1000);
+    sim.run_until(GIVE_UP_ROUNDS + 2000, |sim| {
         sim.ranks[0].decisions.len() + sim.ranks[2].decisions.len() == 0
             && sim.ranks[0].mode == Mode::Computing
             && sim.ranks[2].mode == Mode::Computing
     });
     // Ranks 0 and 2 have left the target after waiting for the check.
-    assert!(sim.round >= target + PATIENCE_ROUNDS);
+    assert!(sim.round >= target + GIVE_UP_ROUNDS);
     sim.run_until_decided(2000);
 
     // The check found everyone there: rank 1 parks, and the ranks that
     // left refuse, which releases it.
     let decisions = sim.last_decisions();
-    let waited = MIN_PATIENCE;
+    let waited = GIVE_UP;
     assert_eq!(decisions[1], (target, Decision::Park(1)));
     for (index, rank) in [(0, 0), (2, 2)] {
         assert_eq!(
@@ -348,7 +370,7 @@ fn a_rank_that_leaves_while_waiting_for_the_check_refuses_and_the_others_park() 
     }
     assert_eq!(
         decisions[0].1.to_string_reason(),
-        "rank 0 left the agreed safe point after waiting 250 ms for the others to check it"
+        "rank 0 left the agreed safe point after waiting 5000 ms for the others to check it"
     );
     assert_eq!(sim.results()[2], Some(vec![0, 0, 0, 0]));
     sim.assert_quiet();
