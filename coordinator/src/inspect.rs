@@ -302,7 +302,7 @@ pub fn describe(path: &Path) -> Result<String> {
             match name.parse::<ChunkHash>() {
                 Ok(hash) => {
                     let mut raw = vec![0u8; usize::try_from(header.raw_len).unwrap_or(0)];
-                    match cryo_core::format::chunk::decode_into(&bytes, &hash, &mut raw) {
+                    match cryo_core::format::chunk::decode_into_rehash(&bytes, &hash, &mut raw) {
                         Ok(()) => {
                             let _ =
                                 writeln!(out, "  loadable        yes, content matches its name");

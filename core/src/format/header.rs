@@ -16,7 +16,9 @@
 //!     24    8 payload length bytes that follow the header, as stored
 //!     32    8 raw length     payload length once decoded (decompressed)
 //!     40    8 payload xxh3   XXH3-64 of the stored payload bytes
-//!     48   12 reserved       zero
+//!     48    8 raw check      chunks (from 2.1): XXH3-64 of the decoded bytes,
+//!                            seeded with the chunk's name; zero otherwise
+//!     56    4 reserved       zero
 //!     60    4 header crc     CRC-32C of bytes 0..60
 //! ```
 
@@ -38,7 +40,7 @@ const HEADER_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 /// anything an older reader would misread.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion {
     major: 2,
-    minor: 0,
+    minor: 1,
     patch: 0,
 };
 
@@ -173,6 +175,9 @@ pub struct Header {
     pub raw_len: u64,
     /// XXH3-64 of the stored payload.
     pub payload_xxh3: u64,
+    /// A chunk's check of its decoded bytes (see `format::chunk`); zero in
+    /// other files and in chunks written before format 2.1.
+    pub raw_check: u64,
 }
 
 /// Why a header was refused.
@@ -260,7 +265,13 @@ impl Header {
             payload_len: payload.len() as u64,
             raw_len,
             payload_xxh3: xxhash_rust::xxh3::xxh3_64(payload),
+            raw_check: 0,
         }
+    }
+
+    /// The same header with a chunk's check of its decoded bytes.
+    pub fn with_raw_check(self, raw_check: u64) -> Header {
+        Header { raw_check, ..self }
     }
 
     /// Serialises the header.
@@ -276,6 +287,7 @@ impl Header {
         out[24..32].copy_from_slice(&self.payload_len.to_le_bytes());
         out[32..40].copy_from_slice(&self.raw_len.to_le_bytes());
         out[40..48].copy_from_slice(&self.payload_xxh3.to_le_bytes());
+        out[48..56].copy_from_slice(&self.raw_check.to_le_bytes());
         let crc = HEADER_CRC.checksum(&out[0..60]);
         out[60..64].copy_from_slice(&crc.to_le_bytes());
         out
@@ -320,6 +332,7 @@ impl Header {
             payload_len: u64_at(24),
             raw_len: u64_at(32),
             payload_xxh3: u64_at(40),
+            raw_check: u64_at(48),
         })
     }
 
@@ -334,7 +347,8 @@ impl Header {
             });
         }
         header.check_loadable()?;
-        if bytes[48..60].iter().any(|&b| b != 0) {
+        let raw_check_allowed = kind == FileKind::Chunk;
+        if bytes[56..60].iter().any(|&b| b != 0) || (header.raw_check != 0 && !raw_check_allowed) {
             return Err(HeaderError::ReservedNotZero(kind));
         }
         Ok(header)
@@ -570,6 +584,20 @@ mod tests {
         assert_eq!(
             Header::decode(&bytes, FileKind::Manifest),
             Err(HeaderError::ReservedNotZero(FileKind::Manifest))
+        );
+    }
+
+    #[test]
+    fn only_a_chunk_carries_a_raw_check() {
+        let chunk = Header::new(FileKind::Chunk, CodecId::Raw, 0, b"payload", 7).with_raw_check(42);
+        let bytes = chunk.encode();
+        assert_eq!(Header::decode(&bytes, FileKind::Chunk), Ok(chunk));
+        let mut reserved = bytes;
+        reserved[57] = 1;
+        recrc(&mut reserved);
+        assert_eq!(
+            Header::decode(&reserved, FileKind::Chunk),
+            Err(HeaderError::ReservedNotZero(FileKind::Chunk))
         );
     }
 

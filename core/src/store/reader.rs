@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::format::chunk::{check_stored, decode_into, ChunkDecodeError, ChunkHash};
+use crate::format::chunk::{
+    check_stored, decode_into, decode_into_rehash, ChunkDecodeError, ChunkHash,
+};
 use crate::format::header::HEADER_LEN;
 use crate::format::limits::MAX_STORED_CHUNK_LEN;
 use crate::format::manifest::{ChunkRef, Manifest, RegionRecord};
@@ -138,9 +140,20 @@ pub fn release_read_buffers() {
 type Slice<'a, 'b> = (&'a ChunkRef, &'b mut [u8]);
 
 impl JobStore {
-    /// Reads `chunk` into `dest` (its raw length) and verifies its hash.
+    /// Reads `chunk` into `dest` (its raw length) and checks it against its
+    /// name (see [`decode_into`]).
     pub fn read_chunk_into(&self, chunk: &ChunkRef, dest: &mut [u8]) -> Result<(), ChunkReadError> {
         self.with_chunk_blob(chunk, |blob| decode_into(blob, &chunk.hash, dest))
+    }
+
+    /// [`JobStore::read_chunk_into`], recomputing the chunk's name from the
+    /// decoded bytes as well (see [`decode_into_rehash`]).
+    pub fn rehash_chunk_into(
+        &self,
+        chunk: &ChunkRef,
+        dest: &mut [u8],
+    ) -> Result<(), ChunkReadError> {
+        self.with_chunk_blob(chunk, |blob| decode_into_rehash(blob, &chunk.hash, dest))
     }
 
     /// Checks `chunk` as stored (see [`check_stored`]): present, whole and
@@ -449,7 +462,7 @@ impl JobStore {
                     Depth::Decoded => VERIFY_BUF.with(|buf| {
                         let mut buf = buf.borrow_mut();
                         buf.resize(chunk.len as usize, 0);
-                        self.read_chunk_into(chunk, &mut buf)
+                        self.rehash_chunk_into(chunk, &mut buf)
                     }),
                 };
                 checked.err().map(|err| (chunk.hash, err.to_string()))
@@ -489,7 +502,8 @@ pub enum Depth {
     /// The file as stored: header, length, payload checksum (fast: no
     /// decompression, no hashing of the contents).
     Stored,
-    /// Decoded and hashed: the contents are the ones the chunk's name says.
+    /// Decoded, checked and hashed: the contents are the ones the chunk's
+    /// name says, recomputed.
     Decoded,
 }
 
