@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use super::calibration::Calibration;
 pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
 use super::pace::{
-    check_patience, first_slack_floor, patience, slack_floor, Pace, JOIN_SLACK, MAX_SLACK,
+    check_patience, first_join_deferral, first_slack_floor, patience, slack_floor, Pace,
+    JOIN_SLACK, MAX_SLACK,
 };
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
@@ -162,6 +163,9 @@ pub(crate) struct Quiesce<C: Collectives> {
     fixed_slack: Option<u64>,
     /// The fewest safe points of slack (see [`slack_floor`]).
     slack_floor: u64,
+    /// The safe point at which a request was first deferred for the first
+    /// calibration (see [`first_join_deferral`]).
+    deferred_since: Option<u64>,
     /// Leaving its loop: no more safe points will come.
     leaving: bool,
     /// An agreement ended with a rank leaving: that rank takes part in no
@@ -195,6 +199,7 @@ impl<C: Collectives> Quiesce<C> {
             last_decided: 0,
             fixed_slack,
             slack_floor: first_slack_floor(size.unsigned_abs()),
+            deferred_since: None,
             leaving: false,
             ended: false,
             started: 0,
@@ -230,6 +235,9 @@ impl<C: Collectives> Quiesce<C> {
         }
         if self.agreement.is_none() {
             let epoch = if requested > self.last_decided {
+                if self.defers_first_join() {
+                    return Ok(Progress::Continue);
+                }
                 requested
             } else if self.counter >= self.pace.next_look {
                 self.pace.looked(self.counter, self.net.now());
@@ -263,6 +271,26 @@ impl<C: Collectives> Quiesce<C> {
             self.join(0, 0)?;
         }
         self.poll()
+    }
+
+    /// Whether to let this safe point pass without joining for a request:
+    /// the first calibration is in flight, and has not yet been waited for
+    /// [`first_join_deferral`] safe points. Joining now would take the
+    /// guess from the number of ranks as its floor.
+    fn defers_first_join(&mut self) -> bool {
+        if self.fixed_slack.is_some() || !self.calibration.first_pending() {
+            return false;
+        }
+        let since = *self.deferred_since.get_or_insert(self.counter);
+        let defer = self.counter - since < first_join_deferral(self.slack_floor);
+        if defer {
+            tracing::debug!(
+                rank = self.rank,
+                safe_point = self.counter,
+                "quiesce.join_deferred"
+            );
+        }
+        defer
     }
 
     /// Drives the calibrations (see [`Calibration::drive`]); a completed

@@ -67,6 +67,11 @@ impl<C: Collectives> Calibration<C> {
         self.done
     }
 
+    /// Whether the first is in flight: no floor has been measured yet.
+    pub(crate) fn first_pending(&self) -> bool {
+        self.done == 0 && self.pending.is_some()
+    }
+
     /// Whether one is due at safe point `counter` (cheap: one comparison).
     pub(crate) fn due(&self, counter: u64) -> bool {
         counter >= self.next_at && self.closing.is_none()

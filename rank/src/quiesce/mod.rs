@@ -20,7 +20,9 @@
 //!    [`JOIN_SLACK`] worth of safe points, at least a floor (see
 //!    [`slack_floor`]: from the safe points the last agreement or
 //!    calibration needed, see `calibration.rs`; before any, at most
-//!    [`first_slack_floor`]). It does not wait: it keeps computing and
+//!    [`first_slack_floor`], and while the first is in flight the rank
+//!    waits for it up to [`first_join_deferral`] safe points before
+//!    joining). It does not wait: it keeps computing and
 //!    drives the join with one `MPI_Test` per safe point. The result is the epoch, the **target** (the largest cap,
 //!    which is the latest joiner's) and the latest join: normally every
 //!    rank learns the target before reaching it. What the slack must cover
@@ -130,8 +132,8 @@ pub use self::flavour::{MpiFlavour, HANDLE_BYTES};
 pub use self::mpi::PROBE_WINDOW;
 use self::pace::MAX_SLACK;
 pub use self::pace::{
-    check_patience, first_slack_floor, patience, slack_floor, BELL_PERIOD, GIVE_UP, JOIN_SLACK,
-    MIN_PATIENCE, MIN_SLACK,
+    check_patience, first_join_deferral, first_slack_floor, patience, slack_floor, BELL_PERIOD,
+    GIVE_UP, JOIN_SLACK, MIN_PATIENCE, MIN_SLACK,
 };
 
 /// Environment variable: safe points of slack, fixed (default `auto`: see

@@ -31,6 +31,17 @@ pub fn first_slack_floor(ranks: u32) -> u64 {
     MIN_SLACK + 4 * u64::from(ranks.max(1).ilog2())
 }
 
+/// The most safe points a rank defers its join for a request that comes
+/// while the first calibration is in flight (`guess`: the first floor, from
+/// the number of ranks). A coupled code completes that calibration at the
+/// next safe point and then joins with the floor it measured (2 safe points
+/// instead of 2 + 4 log2(ranks)); a code whose calibration takes longer
+/// joins with the guess after a third of it, so waiting never costs more
+/// than a third again.
+pub fn first_join_deferral(guess: u64) -> u64 {
+    (guess / 3).max(1)
+}
+
 /// The slack floor from the most safe points any rank needed from the
 /// latest join to seeing the join complete (in the last agreement or
 /// calibration): half as much again, rounded up (one more for one or two:
@@ -224,6 +235,13 @@ mod tests {
         assert_eq!(check_patience(usual, false), usual);
         assert_eq!(check_patience(usual, true), GIVE_UP);
         assert_eq!(check_patience(GIVE_UP * 2, true), GIVE_UP * 2);
+    }
+
+    #[test]
+    fn a_first_join_is_deferred_a_third_of_the_guess() {
+        assert_eq!(first_join_deferral(first_slack_floor(1)), 1);
+        assert_eq!(first_join_deferral(first_slack_floor(64)), 8);
+        assert_eq!(first_join_deferral(first_slack_floor(1024)), 14);
     }
 
     #[test]

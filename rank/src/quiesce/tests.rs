@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::agreement::{Decision, InFlight, Refusal, MAX_ATTEMPTS, RING_AFTER};
-use super::pace::{GIVE_UP, JOIN_SLACK, MIN_PATIENCE};
+use super::pace::{first_join_deferral, first_slack_floor, GIVE_UP, JOIN_SLACK, MIN_PATIENCE};
 use super::sim::{Mode, Sim, ROUND};
 
 /// The safe points of slack at the simulated pace.
@@ -649,4 +649,45 @@ fn the_first_agreement_stays_bounded_in_safe_points_at_thousands_of_ranks() {
         );
         sim.assert_quiet();
     }
+}
+
+/// A request before the first calibration has completed (a preemption
+/// right after the start): a coupled code waits one safe point for the
+/// calibration and parks two after it, at every size, where the guess from
+/// the number of ranks would have waited 2 + 4 log2(ranks) safe points.
+/// Where a rank's progress lags and the calibration takes longer, the
+/// ranks join with the guess after a third of it, and still park together.
+#[test]
+fn a_request_before_the_first_calibration_waits_for_it_rather_than_the_guess() {
+    for ranks in [4usize, 64, 1024] {
+        let mut sim = Sim::new(ranks, None);
+        sim.round_time = Duration::from_millis(200);
+        sim.raise(1, &(0..ranks).collect::<Vec<_>>());
+        sim.run_until_decided(60);
+        assert_eq!(
+            sim.last_decisions(),
+            vec![(4, Decision::Park(1)); ranks],
+            "{ranks} ranks"
+        );
+        sim.assert_quiet();
+    }
+
+    let ranks = 64;
+    let guess = first_slack_floor(64);
+    let mut sim = Sim::new(ranks, None);
+    sim.round_time = Duration::from_millis(200);
+    // Each of rank 5's collectives completes only at its 9th test: its
+    // calibration outlasts the deferral (8 safe points at 64 ranks), and
+    // its waits at the target stay within its patience (10 safe points).
+    sim.world.borrow_mut().lag[5] = 9;
+    sim.raise(1, &(0..ranks).collect::<Vec<_>>());
+    sim.run_until_decided(200);
+    let decisions = sim.last_decisions();
+    let park_at = decisions[0].0;
+    assert_eq!(decisions, vec![(park_at, Decision::Park(1)); ranks]);
+    assert!(
+        park_at <= 1 + first_join_deferral(guess) + guess,
+        "parked at {park_at}"
+    );
+    sim.assert_quiet();
 }
