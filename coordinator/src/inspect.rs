@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use cryo_core::format::chunk::{ChunkHash, FLAG_SHUFFLE8, FLAG_ZSTD};
+use cryo_core::format::chunk::{ChunkHash, FLAG_RAW_CHECK, FLAG_SHUFFLE8, FLAG_ZSTD};
 use cryo_core::format::header::{CodecId, FileKind, Header, HeaderError, HEADER_LEN};
 use cryo_core::format::manifest::ChunkIndex;
 use cryo_core::format::manifest::{Manifest, RankRecord};
@@ -332,13 +332,16 @@ fn chunk_flags(header: &Header) -> String {
     }
     let mut parts = Vec::new();
     if header.flags & FLAG_SHUFFLE8 != 0 {
-        parts.push("shuffle8");
+        parts.push("shuffle8".to_string());
     }
     if header.flags & FLAG_ZSTD != 0 {
-        parts.push("zstd");
+        parts.push("zstd".to_string());
     }
     if parts.is_empty() {
-        parts.push("stored raw");
+        parts.push("stored raw".to_string());
+    }
+    if header.flags & FLAG_RAW_CHECK != 0 {
+        parts.push(format!("raw check {:#018x}", header.raw_check));
     }
     format!(" ({})", parts.join(" + "))
 }

@@ -390,3 +390,36 @@ fn bench_hands_over_to_cryo_bench() {
         assert_eq!(text(&out), format!("{}\n", args.join(" ")));
     }
 }
+
+#[test]
+fn describe_checks_a_chunk_file_against_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..65536u32)
+        .flat_map(|i| (i % 251).to_le_bytes())
+        .collect();
+    let encoded = ChunkCodec::default().encode(&data).unwrap();
+    let path = dir.path().join(encoded.hash.to_hex());
+    fs::write(&path, &encoded.file).unwrap();
+    let out = cryo(&["describe", s(&path)]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("shuffle8 + zstd + raw check 0x") && t.contains("content matches its name"),
+        "{t}"
+    );
+
+    // The same bytes under another chunk's name.
+    let other = dir.path().join(
+        ChunkCodec::default()
+            .encode(b"other")
+            .unwrap()
+            .hash
+            .to_hex(),
+    );
+    fs::write(&other, &encoded.file).unwrap();
+    let t = text(&cryo(&["describe", s(&other)]));
+    assert!(
+        t.contains("loadable        no: decoded bytes fail the chunk's raw check"),
+        "{t}"
+    );
+}
