@@ -110,6 +110,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                     env: vec![("CRYO_SNAPSHOT", snapshot.as_str())],
                     nodes: args.nodes,
                     bench_args: vec!["--write-share".into(), args.write_share.to_string()],
+                    first_at_start: false,
                 };
                 let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
                 let _ = std::fs::remove_dir_all(&scratch);

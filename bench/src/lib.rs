@@ -26,6 +26,7 @@ pub mod agent;
 pub mod cold_restart;
 pub mod figures;
 pub mod first_pause;
+pub mod first_request;
 pub mod plot;
 pub mod start;
 pub mod store;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use cryo_bench::agent::{self, AgentBenchArgs};
 use cryo_bench::cold_restart::{render_cold_restart, run_cold_restart_bench, ColdRestartArgs};
 use cryo_bench::first_pause::{render_first_pause, run_first_pause, FirstPauseArgs};
+use cryo_bench::first_request::{render_first_request, run_first_request, FirstRequestArgs};
 use cryo_bench::start::{render_start, run_start_bench, StartArgs};
 use cryo_bench::store::{render_store_bench, run_store_bench, StoreArgs};
 use cryo_bench::store_ops::{render_ops, run_ops};
@@ -41,6 +42,9 @@ enum Command {
     /// A job's first checkpoint soon after its start: the pause with the
     /// copy-on-write snapshot and without, against a memcpy.
     FirstPause(FirstPauseArgs),
+    /// Safe points from a checkpoint request made before the job's first
+    /// safe point to the park, beside the old first floor forced.
+    FirstRequest(FirstRequestArgs),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +89,10 @@ fn run(cli: Cli) -> Result<()> {
         Some(Command::FirstPause(args)) => {
             let runs = run_first_pause(&args).context("the first-pause benchmark")?;
             print!("{}", render_first_pause(&runs, args.ranks, args.nodes));
+        }
+        Some(Command::FirstRequest(args)) => {
+            let runs = run_first_request(&args).context("the first-request benchmark")?;
+            print!("{}", render_first_request(&runs, args.iter_us, args.nodes));
         }
         Some(Command::ColdRestart(args)) => {
             let report = run_cold_restart_bench(&args).context("the cold restart benchmark")?;

@@ -182,6 +182,10 @@ pub(crate) struct QuiesceJob<'a> {
     pub(crate) nodes: u32,
     /// More arguments for `quiesce-bench`.
     pub(crate) bench_args: Vec<String>,
+    /// Request the first checkpoint as soon as every rank has registered
+    /// with its agent (before its first safe point), rather than once every
+    /// rank runs its iterations.
+    pub(crate) first_at_start: bool,
 }
 
 impl<'a> QuiesceJob<'a> {
@@ -196,6 +200,7 @@ impl<'a> QuiesceJob<'a> {
             env: Vec::new(),
             nodes: 2,
             bench_args: Vec::new(),
+            first_at_start: false,
         }
     }
 }
@@ -278,10 +283,11 @@ pub(crate) fn quiesce(
         // Every rank creates its points log as it enters the iterations
         // that log their safe points (after MPI_Init, cryo_init and the
         // safe-point blocks): only then is every checkpoint one they log.
+        // A first request at the start comes before that, on purpose.
         let logs: Vec<PathBuf> = (0..ranks)
             .map(|rank| PathBuf::from(format!("{}.{rank}", work.join("points").display())))
             .collect();
-        while !logs.iter().all(|log| log.exists()) {
+        while !job_spec.first_at_start && !logs.iter().all(|log| log.exists()) {
             if start.elapsed() > Duration::from_secs(300) {
                 return Err(SuiteError::NotStarted { job: job.clone() });
             }
@@ -290,7 +296,9 @@ pub(crate) fn quiesce(
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        if !job_spec.first_at_start {
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let mut out = QuiesceRun {
             ranks,
             state_bytes,
@@ -303,13 +311,30 @@ pub(crate) fn quiesce(
             node_memcpy_ms: 0.0,
         };
         let mut requests = Vec::new();
-        for _ in 0..3 {
-            let requested_ns = unix_ns();
-            let output = Command::new(&cryo)
-                .env("CRYO_STORE", &store)
-                .args(["checkpoint", &job])
-                .output()
-                .map_err(run_err("cryo checkpoint"))?;
+        for nth in 0..3 {
+            if nth > 0 && job_spec.first_at_start {
+                // Later requests after a few calibrations.
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            let (requested_ns, output) = loop {
+                let requested_ns = unix_ns();
+                let output = Command::new(&cryo)
+                    .env("CRYO_STORE", &store)
+                    .args(["checkpoint", &job])
+                    .output()
+                    .map_err(run_err("cryo checkpoint"))?;
+                // Refused until every rank has registered: ask again.
+                let early = nth == 0
+                    && job_spec.first_at_start
+                    && [&output.stdout, &output.stderr]
+                        .iter()
+                        .any(|out| String::from_utf8_lossy(out).contains("have registered"))
+                    && start.elapsed() < Duration::from_secs(300);
+                if !early {
+                    break (requested_ns, output);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
             let text = String::from_utf8_lossy(&output.stdout);
             eprint!("ranks {ranks}: {text}");
             let number_after = |key: &str| -> Option<f64> {
