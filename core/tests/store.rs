@@ -20,7 +20,8 @@ use cryo_core::store::GcOptions;
 use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProblem, Store};
 use cryo_core::Manifest;
 
-const CHUNK: usize = 64 << 10;
+mod common;
+use common::{golden_copy, golden_region, CHUNK};
 
 fn config() -> WriterConfig {
     WriterConfig {
@@ -665,14 +666,6 @@ fn full_disk_aborts_the_epoch_and_keeps_the_previous_one() {
     drop(store);
 }
 
-/// Deterministic content of the golden store's single region. Never change
-/// it: the committed golden images hold exactly these bytes.
-fn golden_region() -> Vec<u8> {
-    (0..CHUNK * 2 + 1000)
-        .map(|i| ((i as f64 * 0.01).sin() * 100.0) as i8 as u8)
-        .collect()
-}
-
 fn golden_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v1.0.0")
 }
@@ -796,15 +789,7 @@ fn golden_v1_1_0_store_still_loads() {
 #[test]
 fn a_format_1_store_takes_format_2_epochs() {
     let dir = tempfile::tempdir().unwrap();
-    let copy = dir.path().join("store");
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(golden_v1_1_dir())
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let job = Store::open(&copy).unwrap().existing_job("golden").unwrap();
+    let job = golden_copy(&golden_v1_1_dir(), &dir.path().join("store"));
     let old = job.load_manifest(1).unwrap();
     let mut changed = golden_region();
     changed[10] ^= 0xff;

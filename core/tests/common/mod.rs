@@ -1,0 +1,38 @@
+//! What the store's integration tests share: the golden stores' region and
+//! a writable copy of a golden store.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use cryo_core::store::{JobStore, Store};
+
+/// The chunk size the tests (and the golden images) cut regions with.
+pub const CHUNK: usize = 64 << 10;
+
+/// Deterministic content of every golden store's region. Never change it:
+/// the committed golden images hold exactly these bytes.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn golden_region() -> Vec<u8> {
+    (0..CHUNK * 2 + 1000)
+        .map(|i| ((i as f64 * 0.01).sin() * 100.0) as i8 as u8)
+        .collect()
+}
+
+/// Copies the golden store at `golden` to `into` and opens its job, so
+/// that a test can write to it.
+pub fn golden_copy(golden: &Path, into: &Path) -> JobStore {
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(golden)
+        .arg(into)
+        .status()
+        .map(|status| status.success());
+    assert!(
+        matches!(copied, Ok(true)),
+        "cp -a {}: {copied:?}",
+        golden.display()
+    );
+    Store::open(into)
+        .and_then(|store| store.existing_job("golden"))
+        .unwrap_or_else(|err| panic!("opening the copy of {}: {err}", golden.display()))
+}
