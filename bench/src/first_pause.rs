@@ -8,14 +8,11 @@
 //! suite's quiesce step); the policies alternate, so that a drift of the
 //! machine touches both.
 
-use std::path::PathBuf;
-
 use cryo_coordinator::human;
 use serde::Serialize;
 
-use crate::start::{bin_dir, StartBenchError};
-use crate::suite::{quiesce, QuiesceJob, SuiteError};
-use thiserror::Error;
+use crate::quiesce_jobs::{JobBenchError, JobPlace};
+use crate::suite::QuiesceJob;
 
 /// `cryo-bench first-pause` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,16 +42,9 @@ pub struct FirstPauseArgs {
     /// Runs of each policy per size.
     #[arg(long, default_value_t = 2)]
     pub repeat: u32,
-    /// Scratch directory for the stores.
-    #[arg(long, default_value = "/tmp")]
-    pub dir: PathBuf,
-    /// Directory with `cryo`, `cryo-agent` and `quiesce-bench` (default:
-    /// next to this `cryo-bench`).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
-    /// Hold an exclusive flock(2) on this file during each measurement.
-    #[arg(long)]
-    pub lock: Option<PathBuf>,
+    /// Where it runs.
+    #[command(flatten)]
+    pub place: JobPlace,
 }
 
 /// One run's figures.
@@ -76,23 +66,9 @@ pub struct PauseRun {
     pub node_memcpy_ms: f64,
 }
 
-/// The first-pause benchmark failed.
-#[derive(Debug, Error)]
-pub enum FirstPauseError {
-    /// A binary it runs is missing.
-    #[error(transparent)]
-    Bin(#[from] StartBenchError),
-    /// A run failed.
-    #[error(transparent)]
-    Run(#[from] SuiteError),
-}
-
 /// Runs every size under each policy, in turn.
-pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPauseError> {
-    let bin = bin_dir(args.bin_dir.as_deref())?;
-    let scratch = args
-        .dir
-        .join(format!("cryo-first-pause-{}", std::process::id()));
+pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, JobBenchError> {
+    let runner = args.place.runner("first-pause")?;
     let mut runs = Vec::new();
     for &state_bytes in &args.sizes {
         for _ in 0..args.repeat.max(1) {
@@ -112,9 +88,7 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, FirstPaus
                     bench_args: vec!["--write-share".into(), args.write_share.to_string()],
                     first_at_start: false,
                 };
-                let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
-                let _ = std::fs::remove_dir_all(&scratch);
-                let run = run?;
+                let run = runner.run(&job)?;
                 runs.push(PauseRun {
                     state_bytes,
                     snapshot: snapshot.clone(),

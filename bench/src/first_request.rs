@@ -9,13 +9,10 @@
 //! registered with its agent and for two more later; the two settings take
 //! turns, so that a drift of the machine touches both.
 
-use std::path::PathBuf;
-
 use serde::Serialize;
-use thiserror::Error;
 
-use crate::start::{bin_dir, StartBenchError};
-use crate::suite::{quiesce, QuiesceJob, SuiteError};
+use crate::quiesce_jobs::{JobBenchError, JobPlace};
+use crate::suite::QuiesceJob;
 
 /// State per rank: small, so that the copy does not matter.
 const STATE_BYTES: u64 = 8 << 20;
@@ -43,16 +40,9 @@ pub struct FirstRequestArgs {
     /// Runs of each setting per rank count.
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
-    /// Scratch directory for the stores.
-    #[arg(long, default_value = "/tmp")]
-    pub dir: PathBuf,
-    /// Directory with `cryo`, `cryo-agent` and `quiesce-bench` (default:
-    /// next to this `cryo-bench`).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
-    /// Hold an exclusive flock(2) on this file during each measurement.
-    #[arg(long)]
-    pub lock: Option<PathBuf>,
+    /// Where it runs.
+    #[command(flatten)]
+    pub place: JobPlace,
 }
 
 /// One run's figures.
@@ -69,24 +59,10 @@ pub struct RequestRun {
     pub quiesce_ms: Vec<f64>,
 }
 
-/// The first-request benchmark failed.
-#[derive(Debug, Error)]
-pub enum FirstRequestError {
-    /// A binary it runs is missing.
-    #[error(transparent)]
-    Bin(#[from] StartBenchError),
-    /// A run failed.
-    #[error(transparent)]
-    Run(#[from] SuiteError),
-}
-
 /// Runs every rank count with the runtime's own slack and with the guess
 /// forced, in turn.
-pub fn run_first_request(args: &FirstRequestArgs) -> Result<Vec<RequestRun>, FirstRequestError> {
-    let bin = bin_dir(args.bin_dir.as_deref())?;
-    let scratch = args
-        .dir
-        .join(format!("cryo-first-request-{}", std::process::id()));
+pub fn run_first_request(args: &FirstRequestArgs) -> Result<Vec<RequestRun>, JobBenchError> {
+    let runner = args.place.runner("first-request")?;
     let mut runs = Vec::new();
     for &ranks in &args.ranks {
         let guess = first_slack_floor(ranks).to_string();
@@ -103,9 +79,7 @@ pub fn run_first_request(args: &FirstRequestArgs) -> Result<Vec<RequestRun>, Fir
                     bench_args: vec!["--work".into(), "clock".into()],
                     first_at_start: true,
                 };
-                let run = quiesce(&bin, &scratch, args.lock.as_deref(), &job);
-                let _ = std::fs::remove_dir_all(&scratch);
-                let run = run?;
+                let run = runner.run(&job)?;
                 runs.push(RequestRun {
                     ranks,
                     slack: slack.to_owned(),

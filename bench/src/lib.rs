@@ -28,6 +28,7 @@ pub mod figures;
 pub mod first_pause;
 pub mod first_request;
 pub mod plot;
+pub mod quiesce_jobs;
 pub mod start;
 pub mod store;
 pub mod store_ops;

@@ -13,22 +13,13 @@ use cryo_core::format::header::{FileKind, Header};
 use cryo_core::format::manifest::FdKind;
 use cryo_core::format::pack::ChunkPlace;
 use cryo_core::store::writer::{ChunkLayout, WriterConfig};
-use cryo_core::store::{JobStore, Store};
-use cryo_core::Manifest;
+use cryo_core::store::Store;
 
 mod common;
-use common::{golden_copy, golden_region, CHUNK};
+use common::{golden_copy, golden_region, restore, CHUNK};
 
 fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v2.0.0")
-}
-
-/// Region `index` of rank 0 as restored.
-fn restored(job: &JobStore, manifest: &Manifest, index: usize) -> Vec<u8> {
-    let region = &manifest.ranks[0].regions[index];
-    let mut bytes = vec![0u8; usize::try_from(region.len).unwrap()];
-    job.restore_region(region, &mut bytes).unwrap();
-    bytes
 }
 
 #[test]
@@ -49,8 +40,8 @@ fn golden_v2_0_0_store_still_loads() {
         .iter()
         .all(|chunk| matches!(chunk.place, ChunkPlace::Pack { .. })));
     // Decoded and checked by their names: these chunks have no raw check.
-    assert_eq!(restored(&job, &manifest, 0), golden_region());
-    assert_eq!(restored(&job, &manifest, 1), b"0123456789");
+    assert_eq!(restore(&job, &manifest, 0, 0), golden_region());
+    assert_eq!(restore(&job, &manifest, 0, 1), b"0123456789");
     assert!(job.verify_manifest(&manifest).is_ok());
 }
 
@@ -81,7 +72,7 @@ fn a_format_2_0_job_takes_epochs_of_the_current_format() {
             let bytes = if index == 0 {
                 changed.clone()
             } else {
-                restored(&job, &old, index)
+                restore(&job, &old, 0, index)
             };
             rank.store_region(&region.name, region.addr, region.kind.clone(), &bytes)
                 .unwrap()
@@ -101,12 +92,12 @@ fn a_format_2_0_job_takes_epochs_of_the_current_format() {
     );
     assert_ne!(new_chunks[1].hash, old_chunks[1].hash);
 
-    assert_eq!(restored(&job, &new, 0), changed);
-    assert_eq!(restored(&job, &new, 1), b"0123456789");
-    assert_eq!(restored(&job, &old, 0), golden_region());
+    assert_eq!(restore(&job, &new, 0, 0), changed);
+    assert_eq!(restore(&job, &new, 0, 1), b"0123456789");
+    assert_eq!(restore(&job, &old, 0, 0), golden_region());
     assert!(job.verify_manifest(&old).is_ok());
     assert!(job.verify_manifest(&new).is_ok());
     job.gc(Some(1)).unwrap();
     assert!(job.verify_manifest(&new).is_ok());
-    assert_eq!(restored(&job, &new, 0), changed);
+    assert_eq!(restore(&job, &new, 0, 0), changed);
 }

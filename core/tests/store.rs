@@ -21,7 +21,7 @@ use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProb
 use cryo_core::Manifest;
 
 mod common;
-use common::{golden_copy, golden_region, CHUNK};
+use common::{golden_copy, golden_region, restore, CHUNK};
 
 fn config() -> WriterConfig {
     WriterConfig {
@@ -89,13 +89,6 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: &[Vec<(&str, Vec<u8>)>]) -> Ma
     drop(writer);
     job.commit_epoch(epoch, ranks.len() as u32, CHUNK as u32)
         .unwrap()
-}
-
-fn restore(job: &JobStore, manifest: &Manifest, rank: usize, region: usize) -> Vec<u8> {
-    let record = &manifest.ranks[rank].regions[region];
-    let mut out = vec![0u8; record.len as usize];
-    job.restore_region(record, &mut out).unwrap();
-    out
 }
 
 fn setup() -> (tempfile::TempDir, Store, JobStore) {

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use cryo_core::store::{JobStore, Store};
+use cryo_core::Manifest;
 
 /// The chunk size the tests (and the golden images) cut regions with.
 pub const CHUNK: usize = 64 << 10;
@@ -16,6 +17,16 @@ pub fn golden_region() -> Vec<u8> {
     (0..CHUNK * 2 + 1000)
         .map(|i| ((i as f64 * 0.01).sin() * 100.0) as i8 as u8)
         .collect()
+}
+
+/// Region `region` of rank `rank` of `manifest`, as restored.
+pub fn restore(job: &JobStore, manifest: &Manifest, rank: usize, region: usize) -> Vec<u8> {
+    let record = &manifest.ranks[rank].regions[region];
+    let len = usize::try_from(record.len).expect("a region that fits in memory");
+    let mut out = vec![0u8; len];
+    job.restore_region(record, &mut out)
+        .unwrap_or_else(|err| panic!("restoring region {region} of rank {rank}: {err}"));
+    out
 }
 
 /// Copies the golden store at `golden` to `into` and opens its job, so
