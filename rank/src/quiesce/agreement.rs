@@ -9,15 +9,11 @@
 //! that safe point); [`Quiesce::leave`] when the rank leaves its loop.
 //! Waiting is the driver's: the machine never blocks.
 
-use std::fmt;
 use std::time::{Duration, Instant};
 
-use super::calibration::Calibration;
 pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
-use super::pace::{
-    check_patience, first_join_deferral, first_slack_floor, patience, slack_floor, Pace,
-    JOIN_SLACK, MAX_SLACK,
-};
+pub(crate) use super::decision::{Decision, Progress, Refusal};
+use super::pace::{check_patience, patience, Pace, JOIN_SLACK, MAX_SLACK, MIN_SLACK};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
 /// with four times the slack; after this many, they refuse the epoch.
@@ -32,68 +28,6 @@ pub const RING_AFTER: Duration = Duration::from_millis(50);
 /// its loop takes part in an agreement without ever parking in it.
 const NEVER: u64 = u64::MAX;
 
-/// What the agreement asks of the rank after a call.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Progress {
-    /// Compute on: nothing under way, or an agreement under way that needs
-    /// nothing more at this safe point.
-    Continue,
-    /// Stay inside this safe point and [`Quiesce::poll`] again: the rank is
-    /// at the target (or leaving) and a step has not completed.
-    Wait,
-    /// The agreement has ended for this rank.
-    Decided(Decision),
-}
-
-/// What an agreement decided for this rank.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Decision {
-    /// Park at this safe point for the epoch: every rank does.
-    Park(u64),
-    /// Refuse the epoch (it aborts), saying why.
-    Refuse(u64, Refusal),
-    /// Compute on: a rank is leaving, or another rank refuses the epoch.
-    ComputeOn,
-}
-
-/// Why a rank refuses an epoch. Rendered to text only where it is sent to
-/// the agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// `rank` saw a message in flight at the target.
-    InFlight { rank: i32, message: InFlight },
-    /// A rank passed the target in every attempt; `missed` ranks were not
-    /// at it in the last.
-    Missed { missed: u64 },
-    /// `rank` left the target after `waited` for the check, and every other
-    /// rank was there: they park, and this refusal releases them.
-    LeftTarget { rank: i32, waited: Duration },
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal::InFlight { rank, message } => write!(
-                f,
-                "rank {rank}: a message from rank {} (tag {}) was still in flight at the safe \
-                 point; complete all communication before calling the safe point",
-                message.source, message.tag
-            ),
-            Refusal::Missed { missed } => write!(
-                f,
-                "the ranks did not all stop at the agreed safe point in {MAX_ATTEMPTS} attempts \
-                 ({missed} missed the last)"
-            ),
-            Refusal::LeftTarget { rank, waited } => write!(
-                f,
-                "rank {rank} left the agreed safe point after waiting {} ms for the others to \
-                 check it",
-                waited.as_millis()
-            ),
-        }
-    }
-}
-
 /// What agreements cost this rank, logged when it detaches.
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
@@ -107,14 +41,12 @@ pub(crate) struct Stats {
 
 /// Where a rank stands in an agreement.
 enum Step<C: Collectives> {
-    /// Join started: [epoch, target, the latest safe point a rank joined
-    /// at, the most calibrations a rank started] to come.
-    Joining { join: C::Pending<4>, since: Instant },
+    /// Join started: [epoch, target] to come.
+    Joining { join: C::Pending<2>, since: Instant },
     /// The target is known and not reached yet.
     Heading,
-    /// Arrive started: [a rank is not at the target, the most safe points a
-    /// rank passed from the latest join to seeing the join complete].
-    Arriving { arrive: C::Pending<2> },
+    /// Arrive started: [a rank is not at the target] to come.
+    Arriving { arrive: C::Pending<1> },
     /// Check started: [in flight, not at the target, rang, leaving].
     /// `everyone_there`: the arrive found every rank at the target, this
     /// one included.
@@ -129,19 +61,16 @@ enum Step<C: Collectives> {
 struct Agreement<C: Collectives> {
     /// This rank's epoch until the join completes, then the agreed one.
     epoch: u64,
+    /// This rank's cap: the target is here or later.
+    cap: u64,
+    /// Waited at the cap for the join as long as its patience allowed.
+    left_cap: bool,
     target: u64,
-    /// Safe points this rank passed from the latest join (any rank's) to
-    /// seeing the join complete: what the slack had to cover.
-    needed: u64,
-    /// The most calibrations a rank had started when it joined (none
-    /// starts during an agreement): after a final agreement, every rank
-    /// starts calibrations up to this number.
-    calibrations: u64,
     /// 0 for the first agreement of an epoch.
     attempt: u32,
     /// Waiting at the target (it said so in the arrive step).
     at_target: bool,
-    /// When the current wait at the target began.
+    /// When the current wait (at the cap or the target) began.
     waiting_since: Option<Instant>,
     rang: bool,
     step: Step<C>,
@@ -154,18 +83,12 @@ pub(crate) struct Quiesce<C: Collectives> {
     /// Safe points so far.
     counter: u64,
     pace: Pace,
-    calibration: Calibration<C>,
     agreement: Option<Agreement<C>>,
     /// The newest epoch an agreement ended for: a flag still showing it (an
     /// agent's late raise) is not a new request.
     last_decided: u64,
     /// `CRYO_QUIESCE_SLACK`, when set to a number.
     fixed_slack: Option<u64>,
-    /// The fewest safe points of slack (see [`slack_floor`]).
-    slack_floor: u64,
-    /// The safe point at which a request was first deferred for the first
-    /// calibration (see [`first_join_deferral`]).
-    deferred_since: Option<u64>,
     /// Leaving its loop: no more safe points will come.
     leaving: bool,
     /// An agreement ended with a rank leaving: that rank takes part in no
@@ -186,20 +109,17 @@ enum Settled<const N: usize> {
 }
 
 impl<C: Collectives> Quiesce<C> {
-    /// Rank `rank` of `size`, with `CRYO_QUIESCE_SLACK`'s number if set.
-    pub(crate) fn new(net: C, rank: i32, size: i32, fixed_slack: Option<u64>) -> Self {
+    /// Rank `rank`, with `CRYO_QUIESCE_SLACK`'s number if set.
+    pub(crate) fn new(net: C, rank: i32, fixed_slack: Option<u64>) -> Self {
         let pace = Pace::new(net.now());
         Quiesce {
             net,
             rank,
             counter: 0,
             pace,
-            calibration: Calibration::new(),
             agreement: None,
             last_decided: 0,
             fixed_slack,
-            slack_floor: first_slack_floor(size.unsigned_abs()),
-            deferred_since: None,
             leaving: false,
             ended: false,
             started: 0,
@@ -227,17 +147,11 @@ impl<C: Collectives> Quiesce<C> {
     /// counter increment and two comparisons.
     pub(crate) fn safe_point(&mut self, requested: u64) -> Result<Progress, CallError> {
         self.counter += 1;
-        if self.calibration.due(self.counter) || self.calibration.owed() {
-            self.calibrate()?;
-        }
         if self.ended {
             return Ok(Progress::Continue);
         }
         if self.agreement.is_none() {
             let epoch = if requested > self.last_decided {
-                if self.defers_first_join() {
-                    return Ok(Progress::Continue);
-                }
                 requested
             } else if self.counter >= self.pace.next_look {
                 self.pace.looked(self.counter, self.net.now());
@@ -263,7 +177,6 @@ impl<C: Collectives> Quiesce<C> {
     /// their own `leave`.
     pub(crate) fn leave(&mut self) -> Result<Progress, CallError> {
         self.leaving = true;
-        self.calibrate()?;
         if self.ended {
             return self.poll();
         }
@@ -271,62 +184,6 @@ impl<C: Collectives> Quiesce<C> {
             self.join(0, 0)?;
         }
         self.poll()
-    }
-
-    /// Whether to let this safe point pass without joining for a request:
-    /// the first calibration is in flight, and has not yet been waited for
-    /// [`first_join_deferral`] safe points. Joining now would take the
-    /// guess from the number of ranks as its floor.
-    fn defers_first_join(&mut self) -> bool {
-        if self.fixed_slack.is_some() || !self.calibration.first_pending() {
-            return false;
-        }
-        let since = *self.deferred_since.get_or_insert(self.counter);
-        let defer = self.counter - since < first_join_deferral(self.slack_floor);
-        if defer {
-            tracing::debug!(
-                rank = self.rank,
-                safe_point = self.counter,
-                "quiesce.join_deferred"
-            );
-        }
-        defer
-    }
-
-    /// Drives the calibrations (see [`Calibration::drive`]); a completed
-    /// one sets the slack floor. The first never raises the floor above
-    /// the guess from the number of ranks (the ranks' start may slow it).
-    fn calibrate(&mut self) -> Result<(), CallError> {
-        let may_start = self.agreement.is_none() && !self.leaving && !self.ended;
-        let first = self.calibration.done() == 0;
-        let measured = self.calibration.drive(
-            &mut self.net,
-            self.counter,
-            &mut self.pace,
-            may_start,
-            self.leaving,
-        )?;
-        if let Some(needed) = measured {
-            self.slack_floor = if first {
-                self.slack_floor.min(slack_floor(needed))
-            } else {
-                slack_floor(needed)
-            };
-            tracing::debug!(
-                rank = self.rank,
-                safe_points = needed,
-                slack_floor = self.slack_floor,
-                "quiesce.calibrated"
-            );
-        }
-        Ok(())
-    }
-
-    /// Drives the calibrations once more and says whether this rank still
-    /// owes one (a leaving rank waits until it does not).
-    fn still_calibrating(&mut self) -> Result<bool, CallError> {
-        self.calibrate()?;
-        Ok(self.calibration.owed())
     }
 
     /// Starts this rank's part of an agreement: the epoch it knows of and
@@ -339,16 +196,12 @@ impl<C: Collectives> Quiesce<C> {
             // The pace since the last look: fresh, even if the application
             // has slowed down since it was last measured.
             self.pace.measure(self.counter, now);
-            let slack = self.fixed_slack.unwrap_or_else(|| {
-                self.pace
-                    .safe_points_in(JOIN_SLACK, self.slack_floor, MAX_SLACK)
-            });
+            let slack = self
+                .fixed_slack
+                .unwrap_or_else(|| self.pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK));
             self.counter.saturating_add(slack << (2 * attempt))
         };
-        let join = self.net.start(
-            Reduce::Max,
-            [epoch, cap, self.counter, self.calibration.started()],
-        )?;
+        let join = self.net.start(Reduce::Max, [epoch, cap])?;
         self.started += 1;
         self.stats.agreements += 1;
         tracing::debug!(
@@ -361,9 +214,9 @@ impl<C: Collectives> Quiesce<C> {
         );
         self.agreement = Some(Agreement {
             epoch,
+            cap,
+            left_cap: false,
             target: NEVER,
-            needed: 0,
-            calibrations: 0,
             attempt,
             at_target: false,
             waiting_since: None,
@@ -376,16 +229,13 @@ impl<C: Collectives> Quiesce<C> {
     /// Takes the agreement as far as it can go at this safe point.
     pub(crate) fn poll(&mut self) -> Result<Progress, CallError> {
         // A leaving rank has no safe point to go back to: it waits for
-        // every step, and then for the calibrations every rank starts.
+        // every step.
         let not_yet = if self.leaving {
             Progress::Wait
         } else {
             Progress::Continue
         };
         if self.ended {
-            if self.leaving && self.still_calibrating()? {
-                return Ok(Progress::Wait);
-            }
             return Ok(Progress::Continue);
         }
         loop {
@@ -406,8 +256,7 @@ impl<C: Collectives> Quiesce<C> {
             };
             match &mut agreement.step {
                 Step::Joining { join, since } => {
-                    let Some([epoch, target, latest_join, calibrations]) = self.net.test(join)?
-                    else {
+                    let Some([epoch, target]) = self.net.test(join)? else {
                         let since = *since;
                         if !agreement.rang
                             && self.net.now().saturating_duration_since(since) >= RING_AFTER
@@ -422,15 +271,44 @@ impl<C: Collectives> Quiesce<C> {
                                 "quiesce.rang"
                             );
                         }
+                        // At its cap a rank knows the target is this safe
+                        // point or a later one: it waits here for the join
+                        // rather than pass the target unknowing (which costs
+                        // a retry with four times the slack). The others
+                        // are heading here, and those waiting drive the join
+                        // with every poll. A fixed slack is taken as given.
+                        if self.fixed_slack.is_none()
+                            && !self.leaving
+                            && !agreement.left_cap
+                            && self.counter >= agreement.cap
+                        {
+                            let now = self.net.now();
+                            let started = *agreement.waiting_since.get_or_insert(now);
+                            let waited = now.saturating_duration_since(started);
+                            if waited < how.patience {
+                                return Ok(Progress::Wait);
+                            }
+                            agreement.left_cap = true;
+                            agreement.waiting_since = None;
+                            self.stats.target_waits += 1;
+                            self.stats.target_wait += waited;
+                            tracing::info!(
+                                rank = self.rank,
+                                epoch = agreement.epoch,
+                                safe_point = self.counter,
+                                waited_ms = waited.as_millis(),
+                                "quiesce.left_cap"
+                            );
+                        }
                         return Ok(not_yet);
                     };
+                    if let Some(started) = agreement.waiting_since.take() {
+                        self.stats.target_waits += 1;
+                        self.stats.target_wait += self.net.now().saturating_duration_since(started);
+                    }
+                    // The target is the latest joiner's cap.
                     agreement.epoch = epoch;
                     agreement.target = target;
-                    // The target is the latest joiner's cap: the slack only
-                    // has to cover the safe points from the latest join to
-                    // seeing it complete, not the spread of the joins.
-                    agreement.needed = self.counter.saturating_sub(latest_join).max(1);
-                    agreement.calibrations = calibrations;
                     agreement.step = Step::Heading;
                 }
                 Step::Heading => {
@@ -448,15 +326,14 @@ impl<C: Collectives> Quiesce<C> {
                             "quiesce.passed_target"
                         );
                     }
-                    let arrive = self.net.start(
-                        Reduce::Max,
-                        [u64::from(!agreement.at_target), agreement.needed],
-                    )?;
+                    let arrive = self
+                        .net
+                        .start(Reduce::Max, [u64::from(!agreement.at_target)])?;
                     self.started += 1;
                     agreement.step = Step::Arriving { arrive };
                 }
                 Step::Arriving { arrive } => {
-                    let [missing, needed] = match settle(
+                    let [missing] = match settle(
                         &mut self.net,
                         arrive,
                         &mut agreement.at_target,
@@ -468,11 +345,6 @@ impl<C: Collectives> Quiesce<C> {
                         Settled::Pending => return Ok(Progress::Continue),
                         Settled::Wait => return Ok(Progress::Wait),
                     };
-                    // The same MAX on every rank, so the same floor, in
-                    // time for a retry of this very agreement.
-                    if !self.leaving {
-                        self.slack_floor = slack_floor(needed);
-                    }
                     let everyone_there = missing == 0 && agreement.at_target;
                     let in_flight = if everyone_there {
                         self.net.probe()?
@@ -511,22 +383,17 @@ impl<C: Collectives> Quiesce<C> {
                         Settled::Wait => return Ok(Progress::Wait),
                     };
                     let in_flight = in_flight.take();
-                    let (epoch, attempt, at_target, own_ring, calibrations) = (
+                    let (epoch, attempt, at_target, own_ring) = (
                         agreement.epoch,
                         agreement.attempt,
                         agreement.at_target,
                         agreement.rang,
-                        agreement.calibrations,
                     );
                     self.agreement = None;
                     self.net.collect_rings(rang - u64::from(own_ring))?;
                     self.pace.restart(self.counter, self.net.now());
                     let decision = if leaving > 0 {
                         self.ended = true;
-                        self.calibration.close(calibrations);
-                        if self.leaving && self.still_calibrating()? {
-                            return Ok(Progress::Wait);
-                        }
                         Decision::ComputeOn
                     } else if in_flight_ranks > 0 {
                         // Only the ranks that saw a message refuse, naming
@@ -597,12 +464,6 @@ impl<C: Collectives> Quiesce<C> {
     #[cfg(test)]
     pub(crate) fn counter(&self) -> u64 {
         self.counter
-    }
-
-    /// The slack floor the next agreement starts from.
-    #[cfg(test)]
-    pub(crate) fn slack_floor(&self) -> u64 {
-        self.slack_floor
     }
 
     /// The agreed target, once this rank has seen the join complete.

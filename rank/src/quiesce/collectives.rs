@@ -55,11 +55,6 @@ pub(crate) trait Collectives {
         words: [u64; N],
     ) -> Result<Self::Pending<N>, CallError>;
 
-    /// Starts a calibration: a non-blocking one-word MAX over every rank,
-    /// on a communicator of its own (calibrations and agreements are not
-    /// started in the same order on every rank).
-    fn start_calibration(&mut self, words: [u64; 1]) -> Result<Self::Pending<1>, CallError>;
-
     /// Tests it once (driving its progress): its result once complete.
     fn test<const N: usize>(
         &mut self,

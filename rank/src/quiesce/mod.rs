@@ -15,26 +15,25 @@
 //! allreduces on a private duplicate of the application's communicator,
 //! which every rank starts exactly once and in the same order:
 //!
-//! 1. **join** `MAX[epoch, cap, joined at, calibrations]`: a rank joins
-//!    when its agent raises its flag. Its cap is its current index plus
-//!    [`JOIN_SLACK`] worth of safe points, at least a floor (see
-//!    [`slack_floor`]: from the safe points the last agreement or
-//!    calibration needed, see `calibration.rs`; before any, at most
-//!    [`first_slack_floor`], and while the first is in flight the rank
-//!    waits for it up to [`first_join_deferral`] safe points before
-//!    joining). It does not wait: it keeps computing and
-//!    drives the join with one `MPI_Test` per safe point. The result is the epoch, the **target** (the largest cap,
-//!    which is the latest joiner's) and the latest join: normally every
-//!    rank learns the target before reaching it. What the slack must cover
-//!    is the safe points from the latest join to seeing it complete, not
-//!    how far apart the agents raised their flags.
-//! 2. **arrive** `MAX[not at the target, needed]`: a rank starts it when it
+//! 1. **join** `MAX[epoch, cap]`: a rank joins when its agent raises its
+//!    flag. Its cap is its current index plus [`JOIN_SLACK`] worth of safe
+//!    points, at least [`MIN_SLACK`] (one). It does not wait: it keeps
+//!    computing and drives the join with one `MPI_Test` per safe point.
+//!    The result is the epoch and the **target** (the largest cap, which is
+//!    the latest joiner's). A rank that reaches its own cap before the join
+//!    has completed waits there for it (yielding its core): the target is
+//!    that safe point or a later one, and every other rank is heading
+//!    there, so a join that needs more safe points than the slack (ranks
+//!    that compute apart, more ranks than cores) costs a short wait at the
+//!    cap, never a missed target. So a coupled code parks at the safe point
+//!    after the latest join, the first checkpoint included, at any number
+//!    of ranks, with nothing measured beforehand.
+//! 2. **arrive** `MAX[not at the target]`: a rank starts it when it
 //!    reaches the target, and then waits there (yielding its core). A rank
-//!    that learns the target only after passing it starts it at once, saying
-//!    so, and carries on. Completion with a zero proves every rank is at the
-//!    target (the barrier). `needed` is the safe points the rank passed from
-//!    the latest join to seeing the join complete; their maximum sets the
-//!    floor of the next join at once (a retry of this agreement included).
+//!    that learns the target only after passing it (it left its cap after
+//!    its patience, or its slack was fixed) starts it at once, saying so,
+//!    and carries on. Completion with a zero proves every rank is at the
+//!    target (the barrier).
 //! 3. **check** `SUM[ranks with a message in flight, ranks not at the
 //!    target, ranks that rang, ranks leaving]`: each rank at the target
 //!    probes the application's communicator first. Its result is the same
@@ -44,12 +43,12 @@
 //!    join again for the same epoch with four times the slack (a rank
 //!    passed the target), up to [`MAX_ATTEMPTS`].
 //!
-//! Waiting is only ever at the target, and never unbounded. A peer that
-//! passed the target is usually blocked in the application's communication
-//! with a rank that waits there, so a rank that has waited for a step
-//! longer than the others can take to get there (see [`patience`]) leaves
-//! the target, says so, and finishes the agreement from its next safe
-//! points; the ranks then retry. A rank that leaves while waiting for the
+//! Waiting is only ever at the cap or the target, and never unbounded. A
+//! peer that passed the target is usually blocked in the application's
+//! communication with a rank that waits there, so a rank that has waited
+//! for a step longer than the others can take to get there (see
+//! [`patience`]) leaves the cap or the target, says so, and finishes the
+//! agreement from its next safe points; the ranks then retry. A rank that leaves while waiting for the
 //! check has already said it was there: if the check finds every rank at
 //! the target, the others park and this rank refuses the epoch, which
 //! releases them. So once the arrive found every rank there, a rank waits
@@ -87,12 +86,10 @@
 //!   it drives a small `Collectives` trait.
 //! * `collectives.rs`: the `Collectives` trait the machine drives (start
 //!   and test an allreduce, probe, ring), and the values that cross it.
+//! * `decision.rs`: what the machine asks of the driver after each call,
+//!   and what an agreement decides (park, refuse and why, compute on).
 //! * `pace.rs`: a rank's pace and what follows from it: the slack of a
-//!   join, the looks for a ring, the patience at the target.
-//! * `calibration.rs`: the calibrations, repeated about every second on a
-//!   communicator of their own, that keep the slack floor fitting the
-//!   application's current MPI progress, and how every rank ends with the
-//!   same ones whatever safe point it leaves at.
+//!   join, the looks for a ring, the patience at the cap and the target.
 //! * `flavour.rs`: which MPI this build speaks (MPICH's `int` handles or
 //!   Open MPI's pointers), and the check of a program's handle size.
 //! * `mpi.rs`: the MPI binding, `Collectives` over `mpi::ffi`: the private
@@ -106,8 +103,8 @@
 //!   message in flight, a rank leaving the target or its loop).
 
 mod agreement;
-mod calibration;
 mod collectives;
+mod decision;
 mod flavour;
 mod mpi;
 mod pace;
@@ -132,8 +129,7 @@ pub use self::flavour::{MpiFlavour, HANDLE_BYTES};
 pub use self::mpi::PROBE_WINDOW;
 use self::pace::MAX_SLACK;
 pub use self::pace::{
-    check_patience, first_join_deferral, first_slack_floor, patience, slack_floor, BELL_PERIOD,
-    GIVE_UP, JOIN_SLACK, MIN_PATIENCE, MIN_SLACK,
+    check_patience, patience, BELL_PERIOD, GIVE_UP, JOIN_SLACK, MIN_PATIENCE, MIN_SLACK,
 };
 
 /// Environment variable: safe points of slack, fixed (default `auto`: see
@@ -207,9 +203,8 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
         )));
     }
     binding.listen().map_err(mpi_err)?;
-    let size = binding.size();
     *STATE.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(Quiesce::new(binding, rank, size, fixed_slack));
+        Some(Quiesce::new(binding, rank, fixed_slack));
     MPI_MODE.store(true, Ordering::Release);
     Ok(info)
 }

@@ -53,9 +53,6 @@ pub(crate) struct Mpi {
     /// Private duplicate for agreements: they never match the
     /// application's messages or collectives.
     agree_comm: ffi::MPI_Comm,
-    /// Private duplicate for calibrations: their order against the
-    /// agreements differs from rank to rank, so they cannot share one.
-    calib_comm: ffi::MPI_Comm,
     /// Private duplicate for rings only.
     bell_comm: ffi::MPI_Comm,
     /// The application's communicator, probed for messages in flight.
@@ -70,7 +67,7 @@ pub(crate) struct Mpi {
 // `Mutex`. The fields are MPI handles and plain integers. With MPICH every
 // handle is an `int` and this impl adds nothing. With Open MPI (the
 // `libcryo_rank_openmpi` flavour, the same code) a handle is a raw pointer:
-// `agree_comm`, `calib_comm`, `bell_comm` and the bell's request point to objects
+// `agree_comm`, `bell_comm` and the bell's request point to objects
 // `MPI_Comm_dup`/`MPI_Irecv` allocated in the library's heap, which stay
 // valid until `MPI_Comm_free`/completion, whichever thread asks; `app_comm`
 // may point to a predefined object (`ompi_mpi_comm_world`), a global of the
@@ -85,14 +82,13 @@ pub(crate) struct Mpi {
 unsafe impl Send for Mpi {}
 
 impl Mpi {
-    /// Duplicates `comm` three times for the runtime's private use.
+    /// Duplicates `comm` twice for the runtime's private use.
     ///
     /// # Safety
     /// `comm` must be a valid communicator of an initialised MPI library,
     /// used by this thread, and it must outlive the returned value.
     pub(crate) unsafe fn attach(comm: ffi::MPI_Comm) -> Result<Mpi, CallError> {
         let mut agree_comm: ffi::MPI_Comm = comm;
-        let mut calib_comm: ffi::MPI_Comm = comm;
         let mut bell_comm: ffi::MPI_Comm = comm;
         let mut rank = 0;
         let mut size = 0;
@@ -100,31 +96,27 @@ impl Mpi {
         // are out-parameters that live across the calls.
         unsafe {
             check(ffi::MPI_Comm_dup(comm, &mut agree_comm), "MPI_Comm_dup")?;
-            check(ffi::MPI_Comm_dup(comm, &mut calib_comm), "MPI_Comm_dup")?;
             check(ffi::MPI_Comm_dup(comm, &mut bell_comm), "MPI_Comm_dup")?;
-            // One blocking allreduce on each new communicator: MPI sets a
-            // communicator's collectives up on first use, and a first
-            // calibration or join that pays for it takes many safe points.
-            for private in [agree_comm, calib_comm] {
-                let (send, mut recv) = (0u64, 0u64);
-                check(
-                    ffi::MPI_Allreduce(
-                        std::ptr::from_ref(&send).cast(),
-                        std::ptr::from_mut(&mut recv).cast(),
-                        1,
-                        ffi::RSMPI_UINT64_T,
-                        ffi::RSMPI_MAX,
-                        private,
-                    ),
-                    "MPI_Allreduce",
-                )?;
-            }
+            // One blocking allreduce on the agreements' communicator: MPI
+            // sets a communicator's collectives up on first use, and a first
+            // join that pays for it takes many safe points.
+            let (send, mut recv) = (0u64, 0u64);
+            check(
+                ffi::MPI_Allreduce(
+                    std::ptr::from_ref(&send).cast(),
+                    std::ptr::from_mut(&mut recv).cast(),
+                    1,
+                    ffi::RSMPI_UINT64_T,
+                    ffi::RSMPI_MAX,
+                    agree_comm,
+                ),
+                "MPI_Allreduce",
+            )?;
             check(ffi::MPI_Comm_rank(comm, &mut rank), "MPI_Comm_rank")?;
             check(ffi::MPI_Comm_size(comm, &mut size), "MPI_Comm_size")?;
         }
         Ok(Mpi {
             agree_comm,
-            calib_comm,
             bell_comm,
             app_comm: comm,
             rank,
@@ -141,11 +133,6 @@ impl Mpi {
     /// This rank in the communicator.
     pub(crate) fn rank(&self) -> i32 {
         self.rank
-    }
-
-    /// The ranks in the communicator.
-    pub(crate) fn size(&self) -> i32 {
-        self.size
     }
 
     /// Posts the bell: from now on a peer's ring is received.
@@ -169,7 +156,6 @@ impl Mpi {
         // SAFETY: our own duplicates, no longer used.
         unsafe {
             ffi::MPI_Comm_free(&mut self.agree_comm);
-            ffi::MPI_Comm_free(&mut self.calib_comm);
             ffi::MPI_Comm_free(&mut self.bell_comm);
         }
     }
@@ -316,10 +302,6 @@ impl Collectives for Mpi {
         words: [u64; N],
     ) -> Result<Collective<N>, CallError> {
         Collective::start(self.agree_comm, words, reduce)
-    }
-
-    fn start_calibration(&mut self, words: [u64; 1]) -> Result<Collective<1>, CallError> {
-        Collective::start(self.calib_comm, words, Reduce::Max)
     }
 
     fn test<const N: usize>(

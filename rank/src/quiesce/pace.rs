@@ -4,67 +4,24 @@
 
 use std::time::{Duration, Instant};
 
-/// How far past its join a rank may run before the agreement must have
-/// told it the target: it covers the spread between the agents raising
-/// their flags and the `MPI_Test`s the join needs to complete on every rank,
-/// and it is about what the agreement adds to the quiesce latency.
+/// How far past its join a rank may run before it waits for the target: it
+/// covers the spread between the agents raising their flags and the
+/// `MPI_Test`s the join needs to complete on every rank, so that ranks with
+/// short iterations rarely wait, and it is about what the agreement adds to
+/// the quiesce latency.
 pub const JOIN_SLACK: Duration = Duration::from_millis(20);
 
-/// The fewest safe points of slack. Before its first agreement a rank adds
-/// four per doubling of the ranks (see [`first_slack_floor`]). Later the
-/// floor follows what the previous agreement needed (see [`slack_floor`]):
-/// with the application's own MPI calls driving it, a join is usually seen
-/// complete within a safe point or two.
-pub const MIN_SLACK: u64 = 2;
+/// The fewest safe points of slack: the target is at least the safe point
+/// after the latest join. A rank that reaches its cap before the join has
+/// completed waits there for it (the target is there or later), so a join
+/// that needs more safe points costs a short wait at the cap, where every
+/// rank is heading, never a missed target; and a slack that looked ahead
+/// by more safe points would cost whole iterations of every rank.
+pub const MIN_SLACK: u64 = 1;
 
 /// The most safe points of slack: a pace measured in a burst of very short
 /// iterations must not send every rank far ahead.
 pub(crate) const MAX_SLACK: u64 = 1 << 12;
-
-/// The slack floor before any agreement: MPICH's `MPI_Iallreduce` takes
-/// about `log2(ranks)` steps, each needing an MPI call on every rank, and
-/// where the application makes none between safe points (ranks computing
-/// apart), with more ranks than cores a step may take a few safe points of
-/// each rank. 16 ranks on 2 cores, computing apart, missed with
-/// `2 + log2(ranks)`.
-pub fn first_slack_floor(ranks: u32) -> u64 {
-    MIN_SLACK + 4 * u64::from(ranks.max(1).ilog2())
-}
-
-/// The most safe points a rank defers its join for a request that comes
-/// while the first calibration is in flight (`guess`: the first floor, from
-/// the number of ranks). A coupled code completes that calibration at the
-/// next safe point and then joins with the floor it measured (2 safe points
-/// instead of 2 + 4 log2(ranks)); a code whose calibration takes longer
-/// joins with the guess after a third of it, so waiting never costs more
-/// than a third again.
-pub fn first_join_deferral(guess: u64) -> u64 {
-    (guess / 3).max(1)
-}
-
-/// The slack floor from the most safe points any rank needed from the
-/// latest join to seeing the join complete (in the last agreement or
-/// calibration): half as much again, rounded up (one more for one or two:
-/// 2, 3, 5, 6, …).
-pub fn slack_floor(most_needed: u64) -> u64 {
-    let needed = most_needed.min(MAX_SLACK);
-    (needed + needed.div_ceil(2)).clamp(MIN_SLACK, MAX_SLACK)
-}
-
-/// How often the ranks calibrate the slack (one non-blocking allreduce
-/// and a test per safe point until it completes, usually one or two, a
-/// few dozen where ranks compute apart with more ranks than cores): the
-/// first agreement after an application changes its pace or its MPI calls
-/// between safe points finds a floor at most this old.
-pub const CALIBRATION_PERIOD: Duration = Duration::from_secs(1);
-
-/// The fewest safe points between two calibrations (also before the pace is
-/// measured): with long iterations a calibration every safe point would
-/// only add tests.
-pub(crate) const MIN_CALIBRATION_GAP: u64 = 8;
-
-/// The most safe points between two calibrations.
-pub(crate) const MAX_CALIBRATION_GAP: u64 = 1 << 16;
 
 /// The longest a rank waits at the target for a step to complete: well
 /// below an agent's park timeout.
@@ -235,33 +192,6 @@ mod tests {
         assert_eq!(check_patience(usual, false), usual);
         assert_eq!(check_patience(usual, true), GIVE_UP);
         assert_eq!(check_patience(GIVE_UP * 2, true), GIVE_UP * 2);
-    }
-
-    #[test]
-    fn a_first_join_is_deferred_a_third_of_the_guess() {
-        assert_eq!(first_join_deferral(first_slack_floor(1)), 1);
-        assert_eq!(first_join_deferral(first_slack_floor(64)), 8);
-        assert_eq!(first_join_deferral(first_slack_floor(1024)), 14);
-    }
-
-    #[test]
-    fn the_first_slack_floor_grows_with_the_ranks() {
-        assert_eq!(first_slack_floor(1), MIN_SLACK);
-        assert_eq!(first_slack_floor(2), 6);
-        assert_eq!(first_slack_floor(16), 18);
-        assert_eq!(first_slack_floor(0), MIN_SLACK);
-    }
-
-    #[test]
-    fn the_slack_floor_follows_what_the_last_join_needed() {
-        // Joins seen complete one safe point after joining: the minimum.
-        assert_eq!(slack_floor(1), MIN_SLACK);
-        // Seven safe points: half as much again, plus one.
-        assert_eq!(slack_floor(7), 11);
-        // Two: one more, not two (a join seen complete a safe point late).
-        assert_eq!(slack_floor(2), 3);
-        // Never without bound.
-        assert_eq!(slack_floor(u64::MAX / 2), MAX_SLACK);
     }
 
     #[test]

@@ -68,8 +68,6 @@ pub(crate) struct World {
     /// The agreements' allreduces in the order they were started (the same
     /// on every rank).
     pub(crate) ops: Vec<Op>,
-    /// The calibrations, in their own order (their own communicator).
-    pub(crate) calibrations: Vec<Op>,
     /// Rings sent to each rank and not yet received.
     pub(crate) mailbox: Vec<u64>,
     /// What each rank's probe finds.
@@ -91,8 +89,6 @@ pub(crate) struct SimNet {
     rank: usize,
     /// Agreement allreduces this rank has started.
     started: usize,
-    /// Calibrations this rank has started.
-    calibrated: usize,
     /// The bell took a ring that is not yet collected.
     rung: bool,
 }
@@ -103,7 +99,6 @@ pub(crate) struct SimNet {
 pub(crate) struct SimPending {
     index: usize,
     lag: u32,
-    calibration: bool,
 }
 
 /// Starts this rank's part of the `index`th allreduce of `ops`, checking
@@ -160,32 +155,7 @@ impl Collectives for SimNet {
         let ranks = world.ranks;
         start_op(&mut world.ops, ranks, self.rank, index, reduce, &words);
         let lag = world.lag[self.rank];
-        Ok(SimPending {
-            index,
-            lag,
-            calibration: false,
-        })
-    }
-
-    fn start_calibration(&mut self, words: [u64; 1]) -> Result<SimPending, CallError> {
-        let mut world = self.world.borrow_mut();
-        let index = self.calibrated;
-        self.calibrated += 1;
-        let ranks = world.ranks;
-        start_op(
-            &mut world.calibrations,
-            ranks,
-            self.rank,
-            index,
-            Reduce::Max,
-            &words,
-        );
-        let lag = world.lag[self.rank];
-        Ok(SimPending {
-            index,
-            lag,
-            calibration: true,
-        })
+        Ok(SimPending { index, lag })
     }
 
     fn test<const N: usize>(
@@ -193,11 +163,7 @@ impl Collectives for SimNet {
         pending: &mut SimPending,
     ) -> Result<Option<[u64; N]>, CallError> {
         let world = self.world.borrow();
-        let ops = if pending.calibration {
-            &world.calibrations
-        } else {
-            &world.ops
-        };
+        let ops = &world.ops;
         let Some(result) = ops[pending.index].done.as_ref() else {
             return Ok(None);
         };
@@ -294,7 +260,7 @@ pub(crate) struct SimRank {
 
 impl SimRank {
     /// Notes the safe point of the agreements' allreduces started since
-    /// `before` (calibrations are counted apart).
+    /// `before`.
     fn record_starts(&mut self, before: usize) {
         let counter = self.q.counter();
         let now = self.q.net_mut().started;
@@ -322,12 +288,10 @@ impl Sim {
             start: Instant::now(),
             elapsed: Duration::ZERO,
             ops: Vec::new(),
-            calibrations: Vec::new(),
             mailbox: vec![0; ranks],
             in_flight: vec![None; ranks],
             lag: vec![0; ranks],
         }));
-        let size = i32::try_from(ranks).unwrap_or(i32::MAX);
         let ranks = (0..ranks)
             .map(|rank| SimRank {
                 q: Quiesce::new(
@@ -335,11 +299,9 @@ impl Sim {
                         world: Rc::clone(&world),
                         rank,
                         started: 0,
-                        calibrated: 0,
                         rung: false,
                     },
                     i32::try_from(rank).unwrap_or(i32::MAX),
-                    size,
                     fixed_slack,
                 ),
                 mode: Mode::Computing,
