@@ -17,9 +17,8 @@ use crate::suite::QuiesceJob;
 /// State per rank: small, so that the copy does not matter.
 const STATE_BYTES: u64 = 8 << 20;
 
-/// The runtime's first floor before anything is measured, 2 + 4 log2(ranks)
-/// (`cryo_rank::quiesce::first_slack_floor`; the benchmarks do not link the
-/// MPI runtime).
+/// The first floor of earlier runtimes, before they had measured anything:
+/// 2 + 4 log2(ranks), the baseline forced through `CRYO_QUIESCE_SLACK`.
 fn first_slack_floor(ranks: u32) -> u64 {
     2 + 4 * u64::from(ranks.max(1).ilog2())
 }

@@ -84,9 +84,9 @@ pub struct SuiteArgs {
     #[arg(long, conflicts_with = "no_quiesce")]
     pub only_quiesce: bool,
     /// `CRYO_QUIESCE_SLACK` for the MPI quiesce figures: `auto` (the
-    /// runtime's default: 20 ms worth of safe points, at least the floor
-    /// the ranks' last agreement or calibration measured) or a fixed number
-    /// of safe points a rank may run past joining an agreement.
+    /// runtime's default: 20 ms worth of safe points, at least one, and a
+    /// rank at its cap waits there for the join) or a fixed number of safe
+    /// points a rank may run past joining an agreement.
     #[arg(long, default_value = "auto")]
     pub quiesce_slack: String,
     /// Iteration lengths (CPU µs per rank) for the quiesce latency, counted

@@ -313,7 +313,7 @@ pub(crate) fn quiesce(
         let mut requests = Vec::new();
         for nth in 0..3 {
             if nth > 0 && job_spec.first_at_start {
-                // Later requests after a few calibrations.
+                // Later requests once the first checkpoint is written.
                 std::thread::sleep(Duration::from_secs(2));
             }
             let (requested_ns, output) = loop {
