@@ -228,13 +228,6 @@ impl<C: Collectives> Quiesce<C> {
 
     /// Takes the agreement as far as it can go at this safe point.
     pub(crate) fn poll(&mut self) -> Result<Progress, CallError> {
-        // A leaving rank has no safe point to go back to: it waits for
-        // every step.
-        let not_yet = if self.leaving {
-            Progress::Wait
-        } else {
-            Progress::Continue
-        };
         if self.ended {
             return Ok(Progress::Continue);
         }
@@ -256,56 +249,49 @@ impl<C: Collectives> Quiesce<C> {
             };
             match &mut agreement.step {
                 Step::Joining { join, since } => {
-                    let Some([epoch, target]) = self.net.test(join)? else {
-                        let since = *since;
-                        if !agreement.rang
-                            && self.net.now().saturating_duration_since(since) >= RING_AFTER
-                        {
-                            self.net.ring()?;
-                            agreement.rang = true;
-                            self.stats.rings += 1;
-                            tracing::debug!(
-                                rank = self.rank,
-                                epoch = agreement.epoch,
-                                safe_point = self.counter,
-                                "quiesce.rang"
-                            );
-                        }
-                        // At its cap a rank knows the target is this safe
-                        // point or a later one: it waits here for the join
-                        // rather than pass the target unknowing (which costs
-                        // a retry with four times the slack). The others
-                        // are heading here, and those waiting drive the join
-                        // with every poll. A fixed slack is taken as given.
-                        if self.fixed_slack.is_none()
-                            && !self.leaving
-                            && !agreement.left_cap
-                            && self.counter >= agreement.cap
-                        {
-                            let now = self.net.now();
-                            let started = *agreement.waiting_since.get_or_insert(now);
-                            let waited = now.saturating_duration_since(started);
-                            if waited < how.patience {
-                                return Ok(Progress::Wait);
+                    // At its cap a rank knows the target is this safe point
+                    // or a later one: it waits here for the join rather
+                    // than pass the target unknowing (which costs a retry
+                    // with four times the slack). The others are heading
+                    // here, and those waiting drive the join with every
+                    // poll. A fixed slack is taken as given.
+                    let mut at_cap = self.fixed_slack.is_none()
+                        && !agreement.left_cap
+                        && self.counter >= agreement.cap;
+                    let was_at_cap = at_cap;
+                    let settled = settle(
+                        &mut self.net,
+                        join,
+                        Place::Cap,
+                        &mut at_cap,
+                        &mut agreement.waiting_since,
+                        &how,
+                        &mut self.stats,
+                    )?;
+                    let [epoch, target] = match settled {
+                        Settled::Done(words) => words,
+                        Settled::Pending | Settled::Wait => {
+                            agreement.left_cap |= was_at_cap && !at_cap;
+                            let since = *since;
+                            if !agreement.rang
+                                && self.net.now().saturating_duration_since(since) >= RING_AFTER
+                            {
+                                self.net.ring()?;
+                                agreement.rang = true;
+                                self.stats.rings += 1;
+                                tracing::debug!(
+                                    rank = self.rank,
+                                    epoch = agreement.epoch,
+                                    safe_point = self.counter,
+                                    "quiesce.rang"
+                                );
                             }
-                            agreement.left_cap = true;
-                            agreement.waiting_since = None;
-                            self.stats.target_waits += 1;
-                            self.stats.target_wait += waited;
-                            tracing::info!(
-                                rank = self.rank,
-                                epoch = agreement.epoch,
-                                safe_point = self.counter,
-                                waited_ms = waited.as_millis(),
-                                "quiesce.left_cap"
-                            );
+                            return Ok(match settled {
+                                Settled::Wait => Progress::Wait,
+                                _ => Progress::Continue,
+                            });
                         }
-                        return Ok(not_yet);
                     };
-                    if let Some(started) = agreement.waiting_since.take() {
-                        self.stats.target_waits += 1;
-                        self.stats.target_wait += self.net.now().saturating_duration_since(started);
-                    }
                     // The target is the latest joiner's cap.
                     agreement.epoch = epoch;
                     agreement.target = target;
@@ -336,6 +322,7 @@ impl<C: Collectives> Quiesce<C> {
                     let [missing] = match settle(
                         &mut self.net,
                         arrive,
+                        Place::Target,
                         &mut agreement.at_target,
                         &mut agreement.waiting_since,
                         &how,
@@ -373,6 +360,7 @@ impl<C: Collectives> Quiesce<C> {
                     let [in_flight_ranks, missing, rang, leaving] = match settle(
                         &mut self.net,
                         check,
+                        Place::Target,
                         &mut agreement.at_target,
                         &mut agreement.waiting_since,
                         &how,
@@ -486,14 +474,33 @@ struct Settle {
     safe_point: u64,
 }
 
-/// Completes a step: a rank at the target waits (see [`patience`]), a
-/// leaving rank waits as long as it takes, any other rank tests once and
-/// goes on. A rank that has waited long enough at the target leaves it (a
-/// peer that passed the target may be blocked on it) and computes on.
+/// Where a rank may wait for a step to complete.
+#[derive(Clone, Copy)]
+enum Place {
+    /// Its cap, for the join: the target is there or later.
+    Cap,
+    /// The target, for the arrive and the check.
+    Target,
+}
+
+impl Place {
+    fn name(self) -> &'static str {
+        match self {
+            Place::Cap => "cap",
+            Place::Target => "target",
+        }
+    }
+}
+
+/// Completes a step: a rank at `place` waits (see [`patience`]), a leaving
+/// rank waits as long as it takes, any other rank tests once and goes on. A
+/// rank that has waited long enough leaves `place` (`waiting` becomes
+/// false: a peer may be blocked on it) and computes on.
 fn settle<C: Collectives, const N: usize>(
     net: &mut C,
     collective: &mut C::Pending<N>,
-    at_target: &mut bool,
+    place: Place,
+    waiting: &mut bool,
     waiting_since: &mut Option<Instant>,
     how: &Settle,
     stats: &mut Stats,
@@ -504,7 +511,7 @@ fn settle<C: Collectives, const N: usize>(
             None => Settled::Wait,
         });
     }
-    if !*at_target {
+    if !*waiting {
         return Ok(match net.test(collective)? {
             Some(words) => Settled::Done(words),
             None => Settled::Pending,
@@ -522,12 +529,13 @@ fn settle<C: Collectives, const N: usize>(
     match done {
         Some(words) => Ok(Settled::Done(words)),
         None => {
-            *at_target = false;
+            *waiting = false;
             tracing::info!(
                 rank = how.rank,
                 safe_point = how.safe_point,
-                waited_ms = how.patience.as_millis(),
-                "quiesce.left_target"
+                place = place.name(),
+                waited_ms = waited.as_millis(),
+                "quiesce.left_waiting"
             );
             Ok(Settled::Pending)
         }
