@@ -12,14 +12,15 @@ use crate::suite::{quiesce, QuiesceJob, QuiesceRun, SuiteError};
 /// Where such a benchmark runs.
 #[derive(Debug, Clone, clap::Args)]
 pub struct JobPlace {
-    /// Scratch directory for the stores.
+    /// Scratch directory for stores and baselines (on the disk to measure).
     #[arg(long, default_value = "/tmp")]
     pub dir: PathBuf,
-    /// Directory with `cryo`, `cryo-agent` and `quiesce-bench` (default:
-    /// next to this `cryo-bench`).
+    /// Directory with `cryo`, `cryo-agent`, `cryo-counter` and
+    /// `quiesce-bench` (default: next to this `cryo-bench`).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
-    /// Hold an exclusive flock(2) on this file during each measurement.
+    /// Hold an exclusive flock(2) on this file during each measurement, so
+    /// cooperating builds on a shared machine wait instead of skewing it.
     #[arg(long)]
     pub lock: Option<PathBuf>,
 }

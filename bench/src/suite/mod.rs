@@ -25,6 +25,7 @@ use cryo_core::store::fs::{IoStep, IoStepError};
 use thiserror::Error;
 
 use crate::plot::PlotError;
+use crate::quiesce_jobs::JobPlace;
 use crate::store::{run_store_bench, StoreBenchOptions};
 
 mod points;
@@ -65,17 +66,9 @@ pub struct SuiteArgs {
     /// Where the report, JSON and SVG go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scratch directory for stores and baselines (on the disk to measure).
-    #[arg(long, default_value = "/tmp")]
-    pub dir: PathBuf,
-    /// Directory with `cryo`, `cryo-agent`, `cryo-counter` and
-    /// `quiesce-bench` (default: next to this `cryo-bench`).
-    #[arg(long)]
-    pub bin_dir: Option<PathBuf>,
-    /// Hold an exclusive flock(2) on this file during each measurement, so
-    /// cooperating builds on a shared machine wait instead of skewing it.
-    #[arg(long)]
-    pub lock: Option<PathBuf>,
+    /// Where it runs: scratch directory, binaries, lock.
+    #[command(flatten)]
+    pub place: JobPlace,
     /// Skip the MPI quiesce figures.
     #[arg(long)]
     pub no_quiesce: bool,
@@ -165,25 +158,21 @@ struct Plan {
     quiesce_ranks: Vec<u32>,
 }
 
+/// What was given, else the preset's list.
+fn preset<T: Clone>(quick: bool, given: &[T], quick_list: &[T], full: &[T]) -> Vec<T> {
+    if !given.is_empty() {
+        given.to_vec()
+    } else if quick {
+        quick_list.to_vec()
+    } else {
+        full.to_vec()
+    }
+}
+
 fn plan(args: &SuiteArgs) -> Plan {
-    let or = |given: &Vec<u64>, quick: &[u64], full: &[u64]| {
-        if !given.is_empty() {
-            given.clone()
-        } else if args.quick {
-            quick.to_vec()
-        } else {
-            full.to_vec()
-        }
-    };
-    let or32 = |given: &Vec<u32>, quick: &[u32], full: &[u32]| {
-        if !given.is_empty() {
-            given.clone()
-        } else if args.quick {
-            quick.to_vec()
-        } else {
-            full.to_vec()
-        }
-    };
+    let or = |given: &Vec<u64>, quick: &[u64], full: &[u64]| preset(args.quick, given, quick, full);
+    let or32 =
+        |given: &Vec<u32>, quick: &[u32], full: &[u32]| preset(args.quick, given, quick, full);
     Plan {
         preset: if args.quick { "quick" } else { "full" },
         sizes: or(
@@ -204,7 +193,7 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
     let plan = plan(args);
     // `cryo-bench agent` runs as a child of this executable.
     let exe = std::env::current_exe().map_err(SuiteError::CurrentExe)?;
-    let bin = match &args.bin_dir {
+    let bin = match &args.place.bin_dir {
         Some(dir) => dir.clone(),
         None => exe.parent().map(ToOwned::to_owned).unwrap_or_default(),
     };
@@ -217,10 +206,11 @@ pub fn run_suite(args: &SuiteArgs) -> Result<SuiteReport, SuiteError> {
     }
     fs::create_dir_all(&args.out).step("creating", &args.out)?;
     let scratch = args
+        .place
         .dir
         .join(format!("cryo-bench-suite-{}", std::process::id()));
     fs::create_dir_all(&scratch).step("creating", &scratch)?;
-    let lock = args.lock.as_deref();
+    let lock = args.place.lock.as_deref();
     let mut report = SuiteReport {
         preset: plan.preset.to_owned(),
         started_unix: std::time::SystemTime::now()
