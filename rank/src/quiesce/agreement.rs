@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
 pub(crate) use super::decision::{Decision, Progress, Refusal};
-use super::pace::{check_patience, patience, Pace, JOIN_SLACK, MAX_SLACK, MIN_SLACK};
+use super::pace::{cap_patience, check_patience, patience, Pace, JOIN_SLACK, MAX_SLACK, MIN_SLACK};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
 /// with four times the slack; after this many, they refuse the epoch.
@@ -37,6 +37,8 @@ pub(crate) struct Stats {
     pub(crate) retries: u64,
     pub(crate) target_waits: u64,
     pub(crate) target_wait: Duration,
+    pub(crate) cap_waits: u64,
+    pub(crate) cap_wait: Duration,
 }
 
 /// Where a rank stands in an agreement.
@@ -239,10 +241,13 @@ impl<C: Collectives> Quiesce<C> {
             let how = Settle {
                 leaving: self.leaving,
                 patience: match agreement.step {
+                    Step::Joining { .. } => {
+                        cap_patience(self.pace.per_safe_point_ns, step_patience)
+                    }
                     Step::Checking { everyone_there, .. } => {
                         check_patience(step_patience, everyone_there)
                     }
-                    _ => step_patience,
+                    Step::Heading | Step::Arriving { .. } => step_patience,
                 },
                 rank: self.rank,
                 safe_point: self.counter,
@@ -438,6 +443,8 @@ impl<C: Collectives> Quiesce<C> {
             retries = self.stats.retries,
             target_waits = self.stats.target_waits,
             target_wait_ms = self.stats.target_wait.as_secs_f64() * 1e3,
+            cap_waits = self.stats.cap_waits,
+            cap_wait_ms = self.stats.cap_wait.as_secs_f64() * 1e3,
             "quiesce.summary"
         );
     }
@@ -524,8 +531,16 @@ fn settle<C: Collectives, const N: usize>(
         return Ok(Settled::Wait);
     }
     *waiting_since = None;
-    stats.target_waits += 1;
-    stats.target_wait += waited;
+    match place {
+        Place::Cap => {
+            stats.cap_waits += 1;
+            stats.cap_wait += waited;
+        }
+        Place::Target => {
+            stats.target_waits += 1;
+            stats.target_wait += waited;
+        }
+    }
     match done {
         Some(words) => Ok(Settled::Done(words)),
         None => {

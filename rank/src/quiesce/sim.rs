@@ -278,6 +278,10 @@ pub(crate) struct Sim {
     pub(crate) order: Box<dyn FnMut(u64, usize) -> Vec<usize>>,
     /// The virtual time a round takes (default [`ROUND`]): the ranks' pace.
     pub(crate) round_time: Duration,
+    /// A coupled code (default false): the application's own collective
+    /// after each safe point holds a rank until every rank has left that
+    /// safe point, so a rank waiting inside one holds all the others.
+    pub(crate) coupled: bool,
 }
 
 impl Sim {
@@ -317,6 +321,7 @@ impl Sim {
             round: 0,
             order: Box::new(|_, n| (0..n).collect()),
             round_time: ROUND,
+            coupled: false,
         }
     }
 
@@ -383,11 +388,25 @@ impl Sim {
         self.world.borrow_mut().elapsed += self.round_time;
         let order = (self.order)(self.round, self.ranks.len());
         for rank in order {
-            if self.ranks[rank].stalled_until <= self.round {
+            if self.ranks[rank].stalled_until <= self.round && !self.held(rank) {
                 self.step(rank);
                 after(self, rank);
             }
         }
+    }
+
+    /// Whether a coupled code's collective holds `rank` after its safe
+    /// point: a peer has not reached that safe point, or waits inside it.
+    fn held(&self, rank: usize) -> bool {
+        let r = &self.ranks[rank];
+        if !self.coupled || r.mode != Mode::Computing {
+            return false;
+        }
+        let at = r.q.counter();
+        self.ranks.iter().any(|peer| {
+            let peer_at = peer.q.counter();
+            peer_at < at || (peer_at == at && peer.mode == Mode::Waiting)
+        })
     }
 
     /// `rounds` rounds.
