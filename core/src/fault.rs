@@ -7,6 +7,8 @@
 //!
 //! * `open` (agent): the epoch is open to parks, before the ranks' queued
 //!   messages are taken and their requests raised;
+//! * `begin` (agent): the ranks' requests are raised, before the store opens
+//!   the epoch;
 //! * `quiesce` (agent): a rank has parked, before its memory is copied;
 //! * `copy` (agent): the rank's memory is copied, before it is resumed;
 //! * `snapshot` (agent): the rank is resumed, before its snapshot (the
@@ -30,6 +32,9 @@ pub use crate::env::ENV_FAULT;
 pub enum Phase {
     /// The epoch is open to parks; queued messages not yet taken (agent).
     Open,
+    /// The ranks' requests are raised, the store has not opened the epoch
+    /// (agent).
+    Begin,
     /// A rank is parked, not yet copied (agent).
     Quiesce,
     /// A rank is copied, not yet resumed (agent).
@@ -47,6 +52,7 @@ impl Phase {
     fn parse(text: &str) -> Option<Phase> {
         Some(match text {
             "open" => Phase::Open,
+            "begin" => Phase::Begin,
             "quiesce" => Phase::Quiesce,
             "copy" => Phase::Copy,
             "snapshot" => Phase::Snapshot,
@@ -60,6 +66,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Open => "open",
+            Phase::Begin => "begin",
             Phase::Quiesce => "quiesce",
             Phase::Copy => "copy",
             Phase::Snapshot => "snapshot",
@@ -85,7 +92,7 @@ impl Fault {
     pub fn parse(text: &str) -> Result<Fault, String> {
         let bad = || {
             format!(
-                "{ENV_FAULT}={text:?}: expected pause-at:<open|quiesce|copy|snapshot|drain|commit>:<epoch>:<milliseconds>"
+                "{ENV_FAULT}={text:?}: expected pause-at:<open|begin|quiesce|copy|snapshot|drain|commit>:<epoch>:<milliseconds>"
             )
         };
         let mut parts = text.split(':');

@@ -182,18 +182,12 @@ pub(crate) fn run(
         Some(_) => {}
     }
     tracing::info!(job, node, epoch, ranks = world_size, "checkpoint.requested");
-    let writer = match res.job.begin_epoch(epoch, res.writer) {
-        Ok(writer) => writer,
-        Err(source) => {
-            let err = EpochError::Begin { epoch, source };
-            // Early-parked ranks must not stay blocked.
-            for conn in ranks.iter().filter(|c| run.early.contains_key(&c.rank)) {
-                conn.abort(epoch, &err);
-            }
-            return Err(err);
-        }
-    };
     cryo_core::fault::pause_at(cryo_core::fault::Phase::Open, epoch, job);
+    // The flags go up first: the ranks head for their safe point while the
+    // store opens the epoch (a directory and its fsync, slow on a parallel
+    // filesystem, and each wait for the disk a wait for a core on a busy
+    // node). If that fails, the caller's end of the epoch withdraws the
+    // flags and answers any park that comes.
     let mut queued: BTreeMap<u32, rank::Said> = BTreeMap::new();
     for conn in ranks {
         if let Some(said) = rank::take_queued(conn, epoch) {
@@ -208,6 +202,21 @@ pub(crate) fn run(
                 .store(epoch, Ordering::Release);
         }
     }
+    cryo_core::fault::pause_at(cryo_core::fault::Phase::Begin, epoch, job);
+    let writer = match res.job.begin_epoch(epoch, res.writer) {
+        Ok(writer) => writer,
+        Err(source) => {
+            let err = EpochError::Begin { epoch, source };
+            // Parked ranks must not stay blocked.
+            for conn in ranks.iter().filter(|c| {
+                run.early.contains_key(&c.rank)
+                    || matches!(queued.get(&c.rank), Some(rank::Said::Parked(_)))
+            }) {
+                conn.abort(epoch, &err);
+            }
+            return Err(err);
+        }
+    };
     let expected = expected_copy(ranks);
     let snapshot = res.snapshot.for_epoch(expected, &MemoryView::read());
     if snapshot != res.snapshot {

@@ -1,0 +1,97 @@
+//! The store failing as an epoch opens, after the agent has raised its
+//! ranks' requests (it raises them first, so that the ranks head for their
+//! safe point while the store opens the epoch): the checkpoint fails with a
+//! store error, no rank is left parked, the previous epoch stays intact,
+//! and the next checkpoint after the store is mended restarts exactly.
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+
+use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
+use cryo_tests::{assert_same_file, lines, write_input, Agent, Program, Rank, RankFiles, RankSpec};
+
+#[test]
+fn a_store_that_cannot_open_the_epoch_fails_it_and_leaves_no_rank_parked() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("input.dat");
+    write_input(&input, 100_000);
+    let program = Program::Rust;
+    let spec = |agent| RankSpec {
+        program: &program,
+        rank: 0,
+        agent,
+        steps: 400,
+        state_mb: 4,
+        step_ms: 0,
+    };
+    let reference = RankFiles::new(dir.path(), "reference", &input);
+    assert!(Rank::run(&spec(None), &reference).success());
+    let store = dir.path().join("store");
+    // Epoch 2 is held after the requests are raised, long enough for the
+    // rank (a step every 5 ms) to park before the store fails to open it.
+    let mut agent = Agent::spawn_node(
+        dir.path(),
+        &store,
+        "begin",
+        "test-node",
+        &[],
+        &[("CRYO_FAULT", "pause-at:begin:2:500")],
+    );
+    agent.wait_ready();
+    let files = RankFiles::new(dir.path(), "run", &input);
+    let running = RankSpec {
+        step_ms: 5,
+        ..spec(Some(&agent))
+    };
+    let mut rank = Rank::start(&running, &files);
+    agent.wait_ranks(1);
+    rank.wait_lines(3);
+    agent.checkpoint();
+
+    // Where the store opens an epoch is now a file: creating the epoch's
+    // directory fails (ENOTDIR), even as root.
+    let job = agent.job_store();
+    let pending = job.pending_dir();
+    fs::remove_dir_all(&pending).unwrap();
+    fs::write(&pending, b"not a directory").unwrap();
+    let answer = agent.request(&ControlRequest::Checkpoint {
+        full: false,
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    });
+    match &answer {
+        ControlResponse::Failed { reason, .. } => {
+            assert!(
+                matches!(reason.root(), AbortReason::Store { .. }),
+                "{reason:?}"
+            );
+        }
+        other => panic!("the epoch must fail when the store cannot open it: {other:?}"),
+    }
+    // The rank parked for epoch 2 and was let go: it computes on.
+    rank.wait_lines(lines(&files.log) + 20);
+    let log = fs::read_to_string(dir.path().join("agent-begin.log")).unwrap();
+    assert!(
+        log.contains("fault.paused"),
+        "the fault hook did not hold epoch 2"
+    );
+    assert_eq!(job.committed_epochs().unwrap(), vec![1]);
+    assert!(job.verify_manifest(&job.load_manifest(1).unwrap()).is_ok());
+
+    fs::remove_file(&pending).unwrap();
+    let report = agent.checkpoint();
+    assert!(report.epoch >= 2);
+    rank.kill9();
+    assert_eq!(agent.arm_restart(), report.epoch);
+    let status = Rank::run(
+        &RankSpec {
+            step_ms: 0,
+            ..running.clone()
+        },
+        &files,
+    );
+    assert!(status.success(), "{}", Rank::stderr(&files));
+    assert_same_file(&reference.final_state, &files.final_state);
+    assert_same_file(&reference.log, &files.log);
+}
