@@ -24,6 +24,7 @@ use cryo_core::protocol::{
 pub mod counter;
 pub mod heat2d;
 pub mod netns;
+pub mod recovery;
 pub mod slurm_jobs;
 pub mod state;
 pub mod trees;

@@ -1152,25 +1152,15 @@ fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
         }
         other => panic!("epoch 2 must fail on a full store: {other:?}"),
     }
-    let job = agent.job_store();
-    assert_eq!(job.committed_epochs().unwrap(), vec![1]);
-    assert!(job.verify_manifest(&job.load_manifest(1).unwrap()).is_ok());
     // Space again: the next epoch commits, and a restart from it is exact.
-    fs::remove_file(&filler).unwrap();
-    let report = agent.checkpoint();
-    assert!(report.epoch >= 2);
-    rank.kill9();
-    assert_eq!(agent.arm_restart(), report.epoch);
-    let status = Rank::run(
-        &RankSpec {
-            step_ms: 0,
-            ..running.clone()
-        },
+    cryo_tests::recovery::epoch_1_intact_then_restart_exact(
+        &agent,
+        rank,
+        &running,
         &files,
+        &reference,
+        || fs::remove_file(&filler).unwrap(),
     );
-    assert!(status.success(), "{}", Rank::stderr(&files));
-    assert_same_file(&reference.final_state, &files.final_state);
-    assert_same_file(&reference.log, &files.log);
 }
 
 // ---------------------------------------------------------------------------
