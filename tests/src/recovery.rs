@@ -1,8 +1,34 @@
-//! What a store fault test checks once the faulty epoch has failed: the
-//! previous epoch is intact, and once the store is mended the job
-//! checkpoints again and restarts exactly.
+//! The job of the store fault tests and what they check once the faulty
+//! epoch has failed: the previous epoch is intact, and once the store is
+//! mended the job checkpoints again and restarts exactly.
 
-use crate::{assert_same_file, Agent, Rank, RankFiles, RankSpec};
+use std::path::Path;
+
+use crate::{assert_same_file, write_input, Agent, Program, Rank, RankFiles, RankSpec};
+
+/// The Rust counter as these tests run it: 400 steps over 4 MiB of state,
+/// under `agent` with a step every 5 ms, or alone at full speed.
+pub fn counter_spec<'a>(program: &'a Program, agent: Option<&'a Agent>) -> RankSpec<'a> {
+    RankSpec {
+        program,
+        rank: 0,
+        agent,
+        steps: 400,
+        state_mb: 4,
+        step_ms: if agent.is_some() { 5 } else { 0 },
+    }
+}
+
+/// Writes the counter's input in `dir` and runs it once alone: the files
+/// every checkpointed run must end identical to. Returns the input's path
+/// and the reference run's files.
+pub fn reference_run(dir: &Path, program: &Program) -> (std::path::PathBuf, RankFiles) {
+    let input = dir.join("input.dat");
+    write_input(&input, 100_000);
+    let reference = RankFiles::new(dir, "reference", &input);
+    assert!(Rank::run(&counter_spec(program, None), &reference).success());
+    (input, reference)
+}
 
 /// Checks that epoch 1 is the only committed epoch and verifies, runs
 /// `mend`, checkpoints `rank` through `agent`, kills it, restarts it from

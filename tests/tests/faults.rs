@@ -1091,25 +1091,14 @@ impl Drop for SmallFs {
 #[test]
 fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
     use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
-    use cryo_tests::{Agent, Program, Rank, RankFiles, RankSpec};
+    use cryo_tests::{Agent, Program, Rank, RankFiles};
 
     let Some(small) = SmallFs::mount(16 << 20) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
     let program = Program::Rust;
-    let spec = |agent| RankSpec {
-        program: &program,
-        rank: 0,
-        agent,
-        steps: 400,
-        state_mb: 4,
-        step_ms: 0,
-    };
-    let reference = RankFiles::new(dir.path(), "reference", &input);
-    assert!(Rank::run(&spec(None), &reference).success());
+    let (input, reference) = cryo_tests::recovery::reference_run(dir.path(), &program);
     let store = small.dir.path().join("store");
     let agent = Agent::spawn_node(
         dir.path(),
@@ -1122,10 +1111,7 @@ fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
     let mut agent = agent;
     agent.wait_ready();
     let files = RankFiles::new(dir.path(), "run", &input);
-    let running = RankSpec {
-        step_ms: 5,
-        ..spec(Some(&agent))
-    };
+    let running = cryo_tests::recovery::counter_spec(&program, Some(&agent));
     let mut rank = Rank::start(&running, &files);
     agent.wait_ranks(1);
     rank.wait_lines(3);

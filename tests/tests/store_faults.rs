@@ -8,25 +8,14 @@
 use std::fs;
 
 use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
-use cryo_tests::recovery::epoch_1_intact_then_restart_exact;
-use cryo_tests::{lines, write_input, Agent, Program, Rank, RankFiles, RankSpec};
+use cryo_tests::recovery::{counter_spec, epoch_1_intact_then_restart_exact, reference_run};
+use cryo_tests::{lines, Agent, Program, Rank, RankFiles};
 
 #[test]
 fn a_store_that_cannot_open_the_epoch_fails_it_and_leaves_no_rank_parked() {
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("input.dat");
-    write_input(&input, 100_000);
     let program = Program::Rust;
-    let spec = |agent| RankSpec {
-        program: &program,
-        rank: 0,
-        agent,
-        steps: 400,
-        state_mb: 4,
-        step_ms: 0,
-    };
-    let reference = RankFiles::new(dir.path(), "reference", &input);
-    assert!(Rank::run(&spec(None), &reference).success());
+    let (input, reference) = reference_run(dir.path(), &program);
     let store = dir.path().join("store");
     // Epoch 2 is held after the requests are raised, long enough for the
     // rank (a step every 5 ms) to park before the store fails to open it.
@@ -40,10 +29,7 @@ fn a_store_that_cannot_open_the_epoch_fails_it_and_leaves_no_rank_parked() {
     );
     agent.wait_ready();
     let files = RankFiles::new(dir.path(), "run", &input);
-    let running = RankSpec {
-        step_ms: 5,
-        ..spec(Some(&agent))
-    };
+    let running = counter_spec(&program, Some(&agent));
     let mut rank = Rank::start(&running, &files);
     agent.wait_ranks(1);
     rank.wait_lines(3);
