@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
+
 use crate::{assert_same_file, write_input, Agent, Program, Rank, RankFiles, RankSpec};
 
 /// The Rust counter as these tests run it: 400 steps over 4 MiB of state,
@@ -64,4 +66,17 @@ pub fn epoch_1_intact_then_restart_exact(
     assert!(status.success(), "{}", Rank::stderr(files));
     assert_same_file(&reference.final_state, &files.final_state);
     assert_same_file(&reference.log, &files.log);
+}
+
+/// Asks `agent` for a checkpoint that must fail, and returns why it did.
+pub fn failed_checkpoint(agent: &Agent) -> AbortReason {
+    match agent.request(&ControlRequest::Checkpoint {
+        full: false,
+        epoch: None,
+        if_busy: BusyPolicy::Wait,
+        until: Completion::Committed,
+    }) {
+        ControlResponse::Failed { reason, .. } => reason,
+        other => panic!("the checkpoint must fail: {other:?}"),
+    }
 }

@@ -1090,7 +1090,6 @@ impl Drop for SmallFs {
 /// intact, and once space is freed the job checkpoints and restarts exactly.
 #[test]
 fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
-    use cryo_core::protocol::{BusyPolicy, Completion, ControlRequest, ControlResponse};
     use cryo_tests::{Agent, Program, Rank, RankFiles};
 
     let Some(small) = SmallFs::mount(16 << 20) else {
@@ -1126,18 +1125,8 @@ fn a_full_store_aborts_the_drain_and_keeps_the_previous_epoch() {
     )
     .unwrap_or(());
     rank.wait_lines(lines(&files.log) + 20);
-    let answer = agent.request(&ControlRequest::Checkpoint {
-        full: false,
-        epoch: None,
-        if_busy: BusyPolicy::Wait,
-        until: Completion::Committed,
-    });
-    match &answer {
-        ControlResponse::Failed { reason, .. } => {
-            assert!(reason.is_disk_full(), "{reason:?}")
-        }
-        other => panic!("epoch 2 must fail on a full store: {other:?}"),
-    }
+    let reason = cryo_tests::recovery::failed_checkpoint(&agent);
+    assert!(reason.is_disk_full(), "{reason:?}");
     // Space again: the next epoch commits, and a restart from it is exact.
     cryo_tests::recovery::epoch_1_intact_then_restart_exact(
         &agent,

@@ -7,8 +7,10 @@
 
 use std::fs;
 
-use cryo_core::protocol::{AbortReason, BusyPolicy, Completion, ControlRequest, ControlResponse};
-use cryo_tests::recovery::{counter_spec, epoch_1_intact_then_restart_exact, reference_run};
+use cryo_core::protocol::AbortReason;
+use cryo_tests::recovery::{
+    counter_spec, epoch_1_intact_then_restart_exact, failed_checkpoint, reference_run,
+};
 use cryo_tests::{lines, Agent, Program, Rank, RankFiles};
 
 #[test]
@@ -41,21 +43,11 @@ fn a_store_that_cannot_open_the_epoch_fails_it_and_leaves_no_rank_parked() {
     let pending = job.pending_dir();
     fs::remove_dir_all(&pending).unwrap();
     fs::write(&pending, b"not a directory").unwrap();
-    let answer = agent.request(&ControlRequest::Checkpoint {
-        full: false,
-        epoch: None,
-        if_busy: BusyPolicy::Wait,
-        until: Completion::Committed,
-    });
-    match &answer {
-        ControlResponse::Failed { reason, .. } => {
-            assert!(
-                matches!(reason.root(), AbortReason::Store { .. }),
-                "{reason:?}"
-            );
-        }
-        other => panic!("the epoch must fail when the store cannot open it: {other:?}"),
-    }
+    let reason = failed_checkpoint(&agent);
+    assert!(
+        matches!(reason.root(), AbortReason::Store { .. }),
+        "{reason:?}"
+    );
     // The rank parked for epoch 2 and was let go: it computes on.
     rank.wait_lines(lines(&files.log) + 20);
     let log = fs::read_to_string(dir.path().join("agent-begin.log")).unwrap();
