@@ -47,11 +47,11 @@ Where checkpoints go: --store, else CRYO_STORE, else ./cryo-store (a directory e
 Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_QUIESCE_SLACK=N   safe points an MPI rank may run past a checkpoint request while the
                          ranks agree (default: auto, 20 ms of the ranks' pace and at least one;
-                         a rank at its cap waits there for the agreement, up to two safe
-                         points, so a coupled code parks at the safe point after the one
-                         where its last rank saw the request); a fixed N is taken as given,
-                         with no wait at the cap: more
-                         runs longer before parking, less makes the agreement retry
+                         a rank at its cap waits there for the agreement, two safe points
+                         and at least 100 ms, so a coupled code parks at the safe point after
+                         the one where its last rank saw the request); a fixed N is taken as
+                         given, with no wait at the cap: more runs longer before parking,
+                         less makes the agreement retry
   CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
   CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions

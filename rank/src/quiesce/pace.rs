@@ -30,17 +30,24 @@ pub const GIVE_UP: Duration = Duration::from_secs(5);
 /// The least a rank waits for the others to arrive at the target.
 pub const MIN_PATIENCE: Duration = Duration::from_millis(250);
 
+/// The least a rank waits at its cap for the join: a peer whose safe
+/// points come further apart than this rank's (load imbalance in a code
+/// that couples every few iterations) joins at its next one, and a rank
+/// that left its cap before then would pass the target and cost a retry.
+pub const MIN_CAP_WAIT: Duration = Duration::from_millis(100);
+
 /// How long a rank waits at its cap for the join, given its [`patience`]:
-/// two of its safe points, at least [`JOIN_SLACK`]. A join that lags only
-/// for MPI progress completes within about one iteration (the code's own
-/// collectives take as long). A join that waits for a peer whose flag rose
-/// after it passed this rank's cap never completes while this rank waits,
-/// if the peer is held on this rank in the code's own collective after
-/// that safe point: waiting longer would stall the job, where computing on
-/// lets the peer reach its next safe point, see its flag and join.
+/// two of its safe points, at least [`MIN_CAP_WAIT`]. A join that lags
+/// only for MPI progress completes within about one iteration (the code's
+/// own collectives take as long). A join that waits for a peer whose flag
+/// rose after it passed this rank's cap never completes while this rank
+/// waits, if the peer is held on this rank in the code's own collective
+/// after that safe point: waiting longer would stall the job, where
+/// computing on lets the peer reach its next safe point, see its flag and
+/// join.
 pub fn cap_patience(per_safe_point_ns: u64, patience: Duration) -> Duration {
     Duration::from_nanos(per_safe_point_ns.saturating_mul(2))
-        .max(JOIN_SLACK)
+        .max(MIN_CAP_WAIT)
         .min(patience)
 }
 

@@ -678,3 +678,21 @@ fn a_coupled_rank_whose_flag_rises_a_safe_point_late_holds_the_others_at_their_c
     );
     sim.assert_quiet();
 }
+
+/// Ranks whose safe points come at different paces (a code that couples
+/// only every few iterations): a peer descheduled for 60 ms, six of the
+/// others' safe points, when the request comes joins late, and the others
+/// wait for it at their cap rather than pass the target, which is theirs.
+#[test]
+fn a_peer_whose_next_safe_point_comes_late_is_waited_for_at_the_cap_without_a_retry() {
+    let ranks = 8;
+    let mut sim = Sim::new(ranks, None);
+    sim.round_time = Duration::from_millis(10);
+    sim.run(30);
+    sim.stall(ranks - 1, 6);
+    let requested_at = sim.round;
+    park_all(&mut sim, 200);
+    assert!(sim.ranks.iter().all(|r| r.q.stats().retries == 0));
+    assert!(sim.ranks[0].q.stats().cap_wait >= 3 * sim.round_time);
+    assert!(sim.round - requested_at < 20);
+}
