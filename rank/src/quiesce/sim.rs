@@ -280,7 +280,9 @@ pub(crate) struct Sim {
     pub(crate) round_time: Duration,
     /// A coupled code (default false): the application's own collective
     /// after each safe point holds a rank until every rank has left that
-    /// safe point, so a rank waiting inside one holds all the others.
+    /// safe point, so a rank waiting inside one holds all the others. (A
+    /// rank that left its loop would hold them for good: not for schedules
+    /// that finalize ranks.)
     pub(crate) coupled: bool,
 }
 
