@@ -170,21 +170,24 @@ fn preset<T: Clone>(quick: bool, given: &[T], quick_list: &[T], full: &[T]) -> V
 }
 
 fn plan(args: &SuiteArgs) -> Plan {
-    let or = |given: &Vec<u64>, quick: &[u64], full: &[u64]| preset(args.quick, given, quick, full);
-    let or32 =
-        |given: &Vec<u32>, quick: &[u32], full: &[u32]| preset(args.quick, given, quick, full);
     Plan {
         preset: if args.quick { "quick" } else { "full" },
-        sizes: or(
+        sizes: preset(
+            args.quick,
             &args.sizes,
             &[64 * MIB, 256 * MIB],
             &[256 * MIB, 512 * MIB, 1024 * MIB, 2048 * MIB, 4096 * MIB],
         ),
-        ranks: or32(&args.ranks, &[1, 2], &[1, 2, 4, 8, 16]),
+        ranks: preset(args.quick, &args.ranks, &[1, 2], &[1, 2, 4, 8, 16]),
         rank_size: args
             .rank_size
             .unwrap_or(if args.quick { 64 * MIB } else { 128 * MIB }),
-        quiesce_ranks: or32(&args.quiesce_ranks, &[2], &[2, 4, 8, 16, 32, 64]),
+        quiesce_ranks: preset(
+            args.quick,
+            &args.quiesce_ranks,
+            &[2],
+            &[2, 4, 8, 16, 32, 64],
+        ),
     }
 }
 
