@@ -10,93 +10,17 @@
 use std::fs;
 use std::path::Path;
 
-use cryo_core::format::chunk::ChunkCodec;
-use cryo_core::format::manifest::{
-    FdKind, FdRecord, FdRestore, RankRecord, RegionKind, WriteStats,
-};
+use cryo_core::format::manifest::{FdKind, FdRecord, FdRestore, RegionKind};
 use cryo_core::format::pack::ChunkPlace;
-use cryo_core::store::writer::{BeginError, ChunkLayout, WriterConfig};
+use cryo_core::store::writer::BeginError;
 use cryo_core::store::GcOptions;
 use cryo_core::store::{CommitError, EpochState, EpochSummary, JobStore, LoadProblem, Store};
 use cryo_core::Manifest;
 
 mod common;
-use common::{golden_copy, golden_region, restore, CHUNK};
-
-fn config() -> WriterConfig {
-    WriterConfig {
-        chunk_size: CHUNK,
-        codec: ChunkCodec::default(),
-        layout: ChunkLayout::default(),
-    }
-}
-
-/// Smooth doubles plus noise: what rank state usually looks like.
-fn state(len: usize, seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len);
-    let mut rng = seed | 1;
-    let mut i = 0u64;
-    while out.len() < len {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let value = (i as f64 * 1e-3).sin() + (rng >> 40) as f64 * 1e-12;
-        out.extend_from_slice(&value.to_le_bytes());
-        i += 1;
-    }
-    out.truncate(len);
-    out
-}
-
-fn empty_record() -> RankRecord {
-    RankRecord {
-        rank: 0,
-        node: "node-a".into(),
-        pid: 42,
-        fds: vec![FdRecord {
-            fd: 5,
-            kind: FdKind::Regular,
-            path: "/tmp/out.log".into(),
-            flags: 0o2001,
-            offset: 77,
-            size_at_checkpoint: 77,
-            restore: FdRestore::Restore,
-            shares_with: None,
-        }],
-        mappings: vec![],
-        regions: vec![],
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-    }
-}
-
-/// Writes and commits one epoch where rank r holds `regions[r]`.
-fn write_epoch(job: &JobStore, epoch: u64, ranks: &[Vec<(&str, Vec<u8>)>]) -> Manifest {
-    let writer = job.begin_epoch(epoch, config()).unwrap();
-    for (rank, regions) in ranks.iter().enumerate() {
-        let rank_writer = writer.rank(rank as u32);
-        let mut record = empty_record();
-        for (index, (name, data)) in regions.iter().enumerate() {
-            let addr = 0x7f00_0000_0000 + (index as u64) * (1 << 32);
-            record.regions.push(
-                rank_writer
-                    .store_region(name, addr, RegionKind::Anonymous, data)
-                    .unwrap(),
-            );
-        }
-        rank_writer.finish(record).unwrap();
-    }
-    drop(writer);
-    job.commit_epoch(epoch, ranks.len() as u32, CHUNK as u32)
-        .unwrap()
-}
-
-fn setup() -> (tempfile::TempDir, Store, JobStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::create(dir.path().join("store")).unwrap();
-    let job = store.job("heat").unwrap();
-    (dir, store, job)
-}
+use common::{
+    config, empty_record, golden_copy, golden_region, restore, setup, state, write_epoch, CHUNK,
+};
 
 /// Every file under the job's pack area.
 fn pack_files(job: &JobStore) -> Vec<std::path::PathBuf> {

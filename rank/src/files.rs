@@ -129,19 +129,19 @@ fn write_contents(
     file: &fs::File,
     what: &str,
 ) -> Result<(), RestoreError> {
-    store
-        .stream_region(region, 16 << 20, |offset, bytes| {
+    crate::restore_threads::restore(|| {
+        store.stream_region(region, 16 << 20, |offset, bytes| {
             file.write_all_at(bytes, offset)
         })
-        .map_err(|err| match err {
-            StreamError::Read(source) => RestoreError::Contents {
-                rank,
-                what: format!("{what} {} ({})", fd.fd, fd.path),
-                source,
-            },
-            StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
-        })?;
-    cryo_core::store::reader::release_read_buffers();
+    })
+    .map_err(|err| match err {
+        StreamError::Read(source) => RestoreError::Contents {
+            rank,
+            what: format!("{what} {} ({})", fd.fd, fd.path),
+            source,
+        },
+        StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
+    })?;
     file.set_len(region.len)
         .map_err(|err| file_io(rank, fd, "ftruncate", err))
 }

@@ -136,14 +136,13 @@ fn restore_one(
         // made (len <= map_len, checked at capture), writable, and nothing
         // else refers to them yet.
         let dest = unsafe { std::slice::from_raw_parts_mut(mapped.as_ptr().cast::<u8>(), bytes) };
-        crate::restore_threads::install(|| store.restore_region(saved.region, dest)).map_err(
+        crate::restore_threads::restore(|| store.restore_region(saved.region, dest)).map_err(
             |source| RestoreError::Contents {
                 rank,
                 what: format!("the mapping of {} at {addr:#x}", saved.path),
                 source,
             },
         )?;
-        cryo_core::store::reader::release_read_buffers();
     }
     if prot != prot_flags(saved.prot) {
         // SAFETY: the range is the mapping made above.

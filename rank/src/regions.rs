@@ -119,14 +119,13 @@ impl Runtime {
             // The file holds the contents; the mapping already shows them.
             return Ok(());
         }
-        crate::restore_threads::install(|| restored.store.restore_region(record, dest)).map_err(
+        crate::restore_threads::restore(|| restored.store.restore_region(record, dest)).map_err(
             |source| RegionError::Restore {
                 rank: self.config.rank,
                 epoch: restored.epoch,
                 source,
             },
         )?;
-        cryo_core::store::reader::release_read_buffers();
         tracing::debug!(job = %self.job, rank = self.config.rank, epoch = restored.epoch, region = %info.name, "region.restored");
         Ok(())
     }

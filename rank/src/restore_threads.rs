@@ -1,5 +1,6 @@
-//! How many threads a restarting rank decodes its regions with:
-//! `CRYO_RESTORE_THREADS`, or by default one per core (rayon's pool).
+//! How many threads a restarting rank decodes its regions, mappings and
+//! files with: `CRYO_RESTORE_THREADS`, or by default one per core (rayon's
+//! pool).
 //!
 //! Several ranks on one node each restore with every core unless told
 //! otherwise; the variable caps that, and lets a benchmark show how the
@@ -13,11 +14,21 @@ static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
 
 /// Runs `restore` with the restore threads: rayon work inside it (the
 /// store's parallel decode) runs on them.
-pub(crate) fn install<R: Send>(restore: impl FnOnce() -> R + Send) -> R {
+fn install<R: Send>(restore: impl FnOnce() -> R + Send) -> R {
     match POOL.get_or_init(build) {
         Some(pool) => pool.install(restore),
         None => restore(),
     }
+}
+
+/// Runs a restore on the restore threads, then frees the read buffers it
+/// left on them (and on this thread): the memory is the application's.
+pub(crate) fn restore<R: Send>(restore: impl FnOnce() -> R + Send) -> R {
+    install(|| {
+        let result = restore();
+        cryo_core::store::reader::release_read_buffers();
+        result
+    })
 }
 
 fn build() -> Option<rayon::ThreadPool> {
