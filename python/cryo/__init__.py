@@ -5,16 +5,20 @@ Call :func:`init_mpi` once after MPI is initialised (importing
 call :func:`checkpoint_point` where the state is consistent (the same
 number of times on every rank), and :func:`finalize` before MPI ends. On a
 restart, :func:`init_mpi` puts the rank's files back and :func:`region`
-hands back the arrays' contents at the checkpoint.
+hands back the arrays' contents at the checkpoint. At each checkpoint the
+package flushes Python's open files (:func:`flush_python_files`), so that
+what ``print`` and ``file.write`` buffered is in the files it records.
 """
 
 import ctypes
+import gc
+import io
 import math
 import sys
 
 import numpy as np
 
-from ._lib import ENV_RANK_LIB, LIBRARIES, Error, load, mpi_flavour
+from ._lib import ENV_RANK_LIB, FLUSH_HOOK, LIBRARIES, Error, load, mpi_flavour
 
 __all__ = [
     "ABORTED",
@@ -25,6 +29,7 @@ __all__ = [
     "LIBRARIES",
     "checkpoint_point",
     "finalize",
+    "flush_python_files",
     "init_mpi",
     "mpi_flavour",
     "prefetch_status",
@@ -40,6 +45,35 @@ CHECKPOINTED = 1
 ABORTED = 2
 
 _lib = None
+
+
+def flush_python_files():
+    """Flushes ``sys.stdout``, ``sys.stderr`` and every open Python file
+    object that writes (``open()``, ``os.fdopen``, ``io`` streams): what
+    Python buffers is not in the files until flushed, and a restart brings
+    files back as they were on disk at the checkpoint. :func:`init_mpi`
+    registers it with the runtime, which calls it at each checkpoint before
+    recording the rank's files. Errors (a closed pipe) are left to the next
+    write to raise."""
+    streams = [sys.stdout, sys.stderr]
+    streams += [obj for obj in gc.get_objects() if isinstance(obj, io.IOBase)]
+    for stream in streams:
+        try:
+            if stream is not None and not stream.closed and stream.writable():
+                stream.flush()
+        except Exception:  # noqa: BLE001: the program's next write reports it
+            pass
+
+
+def _flush_hook(_arg):
+    try:
+        flush_python_files()
+    except BaseException:  # noqa: BLE001: nothing may unwind into C
+        pass
+
+
+# Kept for the life of the process: the runtime holds its address.
+_FLUSH_HOOK = FLUSH_HOOK(_flush_hook)
 
 
 def _runtime():
@@ -83,6 +117,7 @@ def init_mpi(comm=None):
     except Error:
         _lib = None
         raise
+    _check(lib.cryo_at_checkpoint(_FLUSH_HOOK, None))
 
 
 def region(name, shape, dtype=np.float64):

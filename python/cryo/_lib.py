@@ -20,6 +20,10 @@ LIBRARIES = {
 }
 
 
+#: ``cryo_flush_hook``: ``void (*)(void *arg)``.
+FLUSH_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
 class Error(RuntimeError):
     """A cryo call failed; ``code`` is the ``cryo_status`` (0 for errors
     found before calling the library)."""
@@ -93,6 +97,7 @@ def _declare(lib, path):
         "cryo_prefetch_status": ([ctypes.c_char_p, c_size_t], c_size_t),
         "cryo_finalize": ([], c_int),
         "cryo_strerror": ([c_int], ctypes.c_char_p),
+        "cryo_at_checkpoint": ([FLUSH_HOOK, c_void_p], c_int),
     }
     for function, (argtypes, restype) in signatures.items():
         try:

@@ -26,8 +26,8 @@
 ! With an MPI that has no mpi_f08 module, add -DCRYO_NO_MPI_F08:
 ! cryo_init_mpi then takes the integer handles of `use mpi` only.
 module cryo
-  use, intrinsic :: iso_c_binding, only: c_associated, c_char, c_f_pointer, c_int, &
-    c_int64_t, c_loc, c_null_char, c_null_ptr, c_ptr, c_size_t
+  use, intrinsic :: iso_c_binding, only: c_associated, c_char, c_f_pointer, c_funloc, &
+    c_funptr, c_int, c_int64_t, c_loc, c_null_char, c_null_ptr, c_ptr, c_size_t
   use, intrinsic :: iso_fortran_env, only: int32, int64, real32, real64
 #ifndef CRYO_NO_MPI_F08
   use mpi_f08, only: MPI_Comm
@@ -53,7 +53,7 @@ module cryo
 
   public :: cryo_init, cryo_init_mpi, cryo_region, cryo_region_file, cryo_protect
   public :: cryo_checkpoint_point, cryo_restored_epoch, cryo_finalize, cryo_strerror
-  public :: cryo_prefetch_status
+  public :: cryo_prefetch_status, cryo_at_checkpoint, cryo_flush_hook
   public :: cryo_region_real64, cryo_region_real32, cryo_region_int32, cryo_region_int64
 
   !> Attaches cryo to a communicator: `type(MPI_Comm)` of `use mpi_f08` or
@@ -71,6 +71,15 @@ module cryo
   interface cryo_protect
     module procedure protect_address, protect_real64, protect_real32, protect_int32, &
       protect_int64
+  end interface
+
+  abstract interface
+    !> A hook for cryo_at_checkpoint: flushes output the program buffers
+    !> itself. `arg` is what was registered with it.
+    subroutine cryo_flush_hook(arg) bind(C)
+      import :: c_ptr
+      type(c_ptr), value :: arg
+    end subroutine
   end interface
 
   interface
@@ -139,6 +148,13 @@ module cryo
       character(kind=c_char), intent(out) :: buf(*)
       integer(c_size_t), value :: len
       integer(c_size_t) :: whole
+    end function
+
+    function c_at_checkpoint(flush, arg) bind(C, name='cryo_at_checkpoint') result(rc)
+      import :: c_funptr, c_int, c_ptr
+      type(c_funptr), value :: flush
+      type(c_ptr), value :: arg
+      integer(c_int) :: rc
     end function
 
     function c_strlen(text) bind(C, name='strlen') result(len)
@@ -371,6 +387,21 @@ contains
   subroutine cryo_finalize(ierr)
     integer, intent(out), optional :: ierr
     call from_runtime(c_finalize(), 'cryo_finalize', ierr)
+  end subroutine
+
+  !> cryo_at_checkpoint: `flush(arg)` is called at each checkpoint, before
+  !> the rank's files are recorded, for output the program buffers itself
+  !> (the runtime flushes gfortran's units and C's streams; other compilers'
+  !> units need a hook that calls FLUSH on them). `arg` defaults to
+  !> c_null_ptr and must stay valid for the life of the process.
+  subroutine cryo_at_checkpoint(flush, ierr, arg)
+    procedure(cryo_flush_hook) :: flush
+    integer, intent(out), optional :: ierr
+    type(c_ptr), intent(in), optional :: arg
+    type(c_ptr) :: with
+    with = c_null_ptr
+    if (present(arg)) with = arg
+    call from_runtime(c_at_checkpoint(c_funloc(flush), with), 'cryo_at_checkpoint', ierr)
   end subroutine
 
   !> The message for a status (negative ones too): the full text of the

@@ -48,7 +48,8 @@ typedef enum cryo_status {
  * reopened), files written since the checkpoint are set back to their state
  * at it, and the file mappings the program made itself are back at their
  * addresses. Output buffered in FILE streams and Fortran units is flushed at
- * each checkpoint; fdopen the restored fd again after a restart. */
+ * each checkpoint (output buffered elsewhere: see cryo_at_checkpoint);
+ * fdopen the restored fd again after a restart. */
 int cryo_init(void);
 
 /* For MPI programs (include <mpi.h> before cryo.h): like cryo_init, and
@@ -114,6 +115,20 @@ uint64_t cryo_restored_epoch(void);
  * or "none", into buf, NUL-terminated and cut to len bytes; returns the
  * length of the whole line, as snprintf does. buf may be NULL if len is 0. */
 size_t cryo_prefetch_status(char *buf, size_t len);
+
+/* Registers flush(arg), called at each checkpoint on the thread in
+ * cryo_checkpoint_point, before the rank's files are recorded (and before
+ * the runtime flushes the FILE streams and Fortran units itself). For
+ * output the program buffers on its own: C++ streams (std::ofstream, or
+ * std::cout after sync_with_stdio(false)), a logger's buffer. Without it,
+ * bytes still buffered at a checkpoint are lost on a restart, since files
+ * come back as they were on disk at the checkpoint. Hooks run in the order
+ * registered, for the life of the process; arg must stay valid that long,
+ * and flush must not throw. May be called before cryo_init. NULL flush:
+ * CRYO_ERR_INVALID_ARGUMENT. The Python package registers one that flushes
+ * Python's open files. */
+typedef void (*cryo_flush_hook)(void *arg);
+int cryo_at_checkpoint(cryo_flush_hook flush, void *arg);
 
 /* Says goodbye to the agent; regions stay mapped. */
 int cryo_finalize(void);

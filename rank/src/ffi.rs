@@ -393,6 +393,33 @@ pub unsafe extern "C" fn cryo_prefetch_status(buf: *mut c_char, len: usize) -> u
     bytes.len()
 }
 
+/// Registers `flush(arg)`, called at each checkpoint on the safe point's
+/// thread before the rank's files are recorded: for output the application
+/// buffers itself (C++ streams, its own log buffers). May be called before
+/// `cryo_init`. A NULL `flush` is refused with `CRYO_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `flush` must be safe to call with `arg` at any later checkpoint (`arg`
+/// stays valid for the life of the process) and must not unwind.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_at_checkpoint(
+    flush: Option<crate::flush_hooks::CFlushHook>,
+    arg: *mut c_void,
+) -> c_int {
+    guard(|| match flush {
+        Some(flush) => {
+            // SAFETY: forwarded caller contract.
+            unsafe { crate::flush_hooks::at_checkpoint_c(flush, arg) };
+            CRYO_OK
+        }
+        None => set_error(
+            CRYO_ERR_INVALID_ARGUMENT,
+            "cryo_at_checkpoint: the flush hook is NULL".to_owned(),
+        ),
+    })
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety

@@ -15,6 +15,8 @@
 //!   rank park, send its region table and wait for the agent to copy its
 //!   memory and resume it.
 //! * [`restored_epoch`] says which epoch the process restarted from.
+//! * [`at_checkpoint`] registers a hook that flushes the application's own
+//!   output buffers before each checkpoint records its files.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
@@ -22,6 +24,7 @@ pub mod error;
 pub mod ffi;
 pub mod files;
 mod floor;
+pub mod flush_hooks;
 mod gfortran;
 mod held;
 mod mappings;
@@ -39,6 +42,7 @@ use std::sync::atomic::Ordering;
 
 pub use error::{CheckpointError, InitError, RegionError, RestoreError};
 pub use files::FilePolicy;
+pub use flush_hooks::at_checkpoint;
 pub use prefetch::{prefetch_status, PrefetchStatus};
 #[cfg(feature = "mpi")]
 pub use quiesce::{init_mpi, init_mpi_fortran, init_mpi_handle, init_mpi_raw, MpiFlavour};

@@ -144,6 +144,7 @@ fn park_epoch(
         epoch,
         source,
     };
+    crate::flush_hooks::run(rank, epoch);
     held::flush_streams();
     let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
         .into_iter()

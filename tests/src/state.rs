@@ -58,6 +58,7 @@ pub const SHAPES: &[&str] = &[
     "map_shared",
     "map_private",
     "stdout_file",
+    "own_buffer",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

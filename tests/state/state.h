@@ -54,7 +54,8 @@
     X(renamed)          \
     X(map_shared)       \
     X(map_private)      \
-    X(stdout_file)
+    X(stdout_file)      \
+    X(own_buffer)
 
 /* What every shape function gets. */
 struct ctx {
