@@ -7,7 +7,11 @@ number of times on every rank), and :func:`finalize` before MPI ends. On a
 restart, :func:`init_mpi` puts the rank's files back and :func:`region`
 hands back the arrays' contents at the checkpoint. At each checkpoint the
 package flushes Python's open files (:func:`flush_python_files`), so that
-what ``print`` and ``file.write`` buffered is in the files it records.
+what ``print`` and ``file.write`` buffered is in the files it records, and
+records the size of every file opened for appending since :func:`init_mpi`,
+open or closed; a restart cuts those back to that size (see ``_appended``),
+so a log reopened with ``"a"`` at each step does not get the steps after the
+checkpoint twice.
 """
 
 import ctypes
@@ -19,6 +23,7 @@ import sys
 
 import numpy as np
 
+from . import _appended
 from ._lib import ENV_RANK_LIB, FLUSH_HOOK, LIBRARIES, Error, load, mpi_flavour
 
 __all__ = [
@@ -46,6 +51,8 @@ CHECKPOINTED = 1
 ABORTED = 2
 
 _lib = None
+# The files opened for appending (see _appended), once init_mpi has run.
+_appended_files = None
 
 
 def flush_python_files():
@@ -81,6 +88,15 @@ def _is_io(kind):
 def _flush_hook(_arg):
     try:
         flush_python_files()
+        if _appended_files is not None:
+            left_out = _appended_files.record()
+            if left_out:
+                print(
+                    f"cryo: warning: {len(left_out)} files opened for appending are not "
+                    f"recorded at this checkpoint (the table is full), such as {left_out[0]}: "
+                    "a restart leaves what was appended to them after it",
+                    file=sys.stderr,
+                )
     except BaseException:  # noqa: BLE001: nothing may unwind into C
         pass
 
@@ -107,7 +123,7 @@ def init_mpi(comm=None):
     default ``COMM_WORLD``). Loads the libcryo_rank of mpi4py's MPI first
     (see :data:`ENV_RANK_LIB`). On a restart, the rank's files are back
     when it returns."""
-    global _lib
+    global _lib, _appended_files
     from mpi4py import MPI
 
     if comm is None:
@@ -131,6 +147,12 @@ def init_mpi(comm=None):
         _lib = None
         raise
     _check(lib.cryo_at_checkpoint(_FLUSH_HOOK, None))
+    table = region(_appended.REGION, _appended.REGION_BYTES, np.uint8)
+    appended = _appended.install(table)
+    if restored_epoch():
+        for line in appended.cut_back(comm):
+            print(line, file=sys.stderr)
+    _appended_files = appended
 
 
 def region(name, shape, dtype=np.float64):

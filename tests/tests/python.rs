@@ -4,21 +4,23 @@
 //! environment, its errors, and the Python heat2d
 //! (`examples/python/heat2d.py`) under `cryo run`: checkpoint, `kill -9`,
 //! restart on other nodes, byte-identical to an uninterrupted run and to
-//! the C heat2d.
+//! the C heat2d; and logs a program reopens for appending at each step.
 //!
 //! Without Open MPI or Python with NumPy and mpi4py these tests fail,
 //! loudly: set `CRYO_SKIP_OPENMPI=1` or `CRYO_SKIP_PYTHON=1` to skip them on
 //! a machine that cannot run them (they then print SKIPPED).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use cryo_tests::heat2d::{
     c_heat2d, checkpoint_kill_restart_elsewhere, openmpi_available, openmpi_flavour, repo_root,
-    Mpi, Program,
+    Case, Mpi, Program,
 };
-use cryo_tests::{bin_dir, output_text};
+use cryo_tests::{bin_dir, lines, output_text, wait_until};
 
 /// The interpreter Debian's `python3-numpy` and `python3-mpi4py` belong to.
 const PYTHON: &str = "/usr/bin/python3";
@@ -253,4 +255,133 @@ fn python_heat2d_checkpoint_kill_restart_matches_c() {
         "c",
     );
     case.files.assert_runs_match("c", "run");
+}
+
+/// The table of files opened for appending (`python/cryo/_appended.py`),
+/// by itself: only opens with `O_APPEND` of a path are noted; a checkpoint's
+/// sizes come back in a restarted process, which cuts the file back; paths
+/// that do not fit are named; a damaged table is said, never trusted.
+#[test]
+fn python_appended_files_table_round_trips_and_refuses_damage() {
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let out = venv.run(
+        "import os, tempfile, numpy as np\n\
+         from mpi4py import MPI\n\
+         from cryo import _appended\n\
+         d = tempfile.mkdtemp()\n\
+         log = os.path.join(d, 'log')\n\
+         a = _appended.Appended(np.zeros(4096, np.uint8))\n\
+         a.audit('open', (log, 'a', os.O_WRONLY | os.O_APPEND | os.O_CREAT))\n\
+         a.audit('open', (os.path.join(d, 'w'), 'w', os.O_WRONLY))\n\
+         a.audit('open', (3, 'a', os.O_APPEND))\n\
+         a.audit('exec', (None,))\n\
+         print('noted', list(a.paths) == [log])\n\
+         with open(log, 'a') as f: f.write('kept\\n')\n\
+         print('left out', a.record())\n\
+         with open(log, 'a') as f: f.write('after the checkpoint\\n')\n\
+         b = _appended.Appended(a.table)\n\
+         print('said', b.cut_back(MPI.COMM_WORLD))\n\
+         print('log', repr(open(log).read()))\n\
+         small = _appended.Appended(np.zeros(64, np.uint8))\n\
+         for i in range(5):\n\
+         \x20   p = os.path.join(d, f'a-rather-long-file-name-{i}')\n\
+         \x20   open(p, 'w').close()\n\
+         \x20   small.paths[p] = None\n\
+         print('overflow', len(small.record()))\n\
+         bad = _appended.Appended(np.full(64, 255, np.uint8))\n\
+         print('damaged', bad.cut_back(MPI.COMM_WORLD))\n",
+        Some(&openmpi_flavour()),
+    );
+    let said = output_text(&out);
+    assert!(out.status.success(), "{said}");
+    for line in [
+        "noted True",
+        "left out []",
+        "said []",
+        "log 'kept\\n'",
+        "overflow 5",
+        "damaged ['cryo: the table of appended files is damaged",
+    ] {
+        assert!(said.contains(line), "{line:?} not in:\n{said}");
+    }
+}
+
+/// A program that reopens its logs with `"a"` at every step and closes
+/// them again (`tests/programs/append_log.py`), so that no log is open at
+/// the checkpoint: the steps it logged after the checkpoint, before the
+/// kill, are taken back on the restart (each rank's own log, and one all
+/// ranks append to), so every line is there exactly once at the end.
+#[test]
+fn python_logs_reopened_for_appending_come_back_at_the_checkpoint() {
+    const ITERS: usize = 150;
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let case = Case::new(Program {
+        exe: venv.python(),
+        lead: vec![repo_root().join("tests/programs/append_log.py").into()],
+        mpi: Mpi::OpenMpi,
+        env: vec![(
+            "CRYO_RANK_LIB".into(),
+            openmpi_flavour().display().to_string(),
+        )],
+    });
+    let own = |rank: usize| case.path(&format!("append.{rank}.log"));
+    let args = [
+        case.files.dir().display().to_string(),
+        ITERS.to_string(),
+        "40".to_owned(),
+    ];
+    let job = case.spawn("append", "a:1,b:1", 2, &[], &args, &[]);
+    wait_until("step 10", Duration::from_secs(60), || lines(&own(0)) >= 10);
+    let out = case.checkpoint("append");
+    assert!(
+        out.status.success() && output_text(&out).contains("epoch 1 committed"),
+        "{}\n{}",
+        output_text(&out),
+        job.log_text()
+    );
+    // Steps logged after the checkpoint, which the restart must take back.
+    let at = lines(&own(0));
+    wait_until(
+        "3 steps past the checkpoint",
+        Duration::from_secs(60),
+        || lines(&own(0)) >= at + 3,
+    );
+    assert!(
+        lines(&own(0)) < ITERS,
+        "the job finished before it was killed"
+    );
+    case.kill_everything();
+    drop(job);
+
+    let out = case.restart("append", "c:2", &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart failed: {said}");
+    assert!(said.contains("rank 0: resumed after step"), "{said}");
+    for rank in 0..2 {
+        let want: String = (1..=ITERS)
+            .map(|step| format!("rank {rank} step {step:04}\n"))
+            .collect();
+        assert_eq!(
+            fs::read_to_string(own(rank)).unwrap(),
+            want,
+            "rank {rank}'s log"
+        );
+    }
+    let mut shared: Vec<String> = fs::read_to_string(case.path("shared.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    shared.sort();
+    let mut want: Vec<String> = (0..2)
+        .flat_map(|rank| (1..=ITERS).map(move |step| format!("shared rank {rank} step {step:04}")))
+        .collect();
+    want.sort();
+    assert_eq!(shared, want, "the shared log");
 }

@@ -1,0 +1,125 @@
+"""Files a program appends to and closes between checkpoints: a log written
+with ``with open(path, "a")`` at each step.
+
+The runtime restores the files a rank holds open at the checkpoint; a file
+closed at that moment is not in its view, so the lines appended after the
+checkpoint would stay and the restarted run would append them again. So the
+package watches opens for appending (an audit hook, installed by
+``init_mpi``), records the size of each such file at every checkpoint in a
+region of its own, and on a restart cuts each back to that size, collectively,
+before the program goes on. Files opened in other modes are left to the
+program (one rewritten with ``"w"`` is rewritten by the restarted run too).
+"""
+
+import json
+import os
+import struct
+import sys
+
+#: The region holding the table (a name the package keeps for itself).
+REGION = "cryo-python:appended"
+#: Its size: room for a few thousand paths.
+REGION_BYTES = 256 << 10
+
+_LENGTH = struct.Struct("<Q")
+
+
+class Appended:
+    """The files opened for appending since ``init_mpi``, and their table
+    in the region ``table`` (a NumPy ``uint8`` array)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.paths = {}  # absolute path -> None, in the order first seen
+
+    def audit(self, event, args):
+        """``sys.addaudithook`` hook: notes opens with ``O_APPEND``."""
+        if event != "open":
+            return
+        try:
+            path, _mode, flags = args
+            if isinstance(path, int) or not isinstance(flags, int) or not flags & os.O_APPEND:
+                return
+            self.paths[os.path.abspath(os.fsdecode(path))] = None
+        except Exception:  # noqa: BLE001: an audit hook must never raise
+            pass
+
+    def record(self):
+        """Writes each file's size into the table (at a checkpoint, after
+        the flush). Returns the paths that did not fit."""
+        rows = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # removed since: nothing to cut back
+            rows.append([path, st.st_size, st.st_dev, st.st_ino])
+        left_out = []
+        while True:
+            data = json.dumps(rows).encode()
+            if _LENGTH.size + len(data) <= len(self.table):
+                break
+            left_out.append(rows.pop(0)[0])
+        self.table[: _LENGTH.size] = memoryview(_LENGTH.pack(len(data)))
+        self.table[_LENGTH.size : _LENGTH.size + len(data)] = memoryview(data)
+        return left_out
+
+    def saved(self):
+        """The table as the checkpoint left it: ``[path, size, dev, ino]``."""
+        (length,) = _LENGTH.unpack(bytes(self.table[: _LENGTH.size]))
+        if length == 0:
+            return []
+        if length > len(self.table) - _LENGTH.size:
+            raise ValueError(f"the table says {length} bytes, the region holds fewer")
+        return json.loads(bytes(self.table[_LENGTH.size : _LENGTH.size + length]))
+
+    def cut_back(self, comm):
+        """On a restart: every file back at its size at the checkpoint (the
+        largest any rank recorded), cut by the lowest rank that recorded it,
+        before any rank goes on. Returns what it did, as lines for stderr."""
+        rank = comm.Get_rank()
+        try:
+            mine = self.saved()
+        except ValueError as err:
+            mine = []
+            said = [f"cryo: the table of appended files is damaged ({err}); none cut back"]
+        else:
+            said = []
+        everyone = comm.allgather(mine)
+        sizes = {}
+        for who, rows in enumerate(everyone):
+            for path, size, dev, ino in rows:
+                key = (path, dev, ino)
+                largest, cutter = sizes.get(key, (size, who))
+                sizes[key] = (max(largest, size), cutter)
+        for (path, dev, ino), (size, cutter) in sizes.items():
+            self.paths[path] = None
+            if cutter != rank:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                said.append(f"cryo: {path}, appended to before the checkpoint, is gone")
+                continue
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                said.append(f"cryo: {path} is another file than at the checkpoint; left as it is")
+            elif st.st_size < size:
+                said.append(
+                    f"cryo: {path} is {st.st_size} bytes, shorter than its {size} at the "
+                    "checkpoint; left as it is"
+                )
+            elif st.st_size > size:
+                try:
+                    os.truncate(path, size)
+                except OSError as err:
+                    said.append(f"cryo: cannot cut {path} back to its {size} bytes: {err}")
+        comm.Barrier()
+        return said
+
+
+def install(table):
+    """Starts watching opens for appending. Audit hooks cannot be removed,
+    so one is installed per process."""
+    appended = Appended(table)
+    sys.addaudithook(appended.audit)
+    return appended
