@@ -218,6 +218,14 @@ void state_expect_bytes(const struct ctx *c, const char *shape, const char *what
                what, got_len, want_len, at, from, g, from, w);
 }
 
+void state_expect_file(const struct ctx *c, const char *shape, const char *path, const char *what,
+                       const char *want, size_t want_len) {
+    size_t len = 0;
+    char *got = state_slurp_path(c, shape, path, &len);
+    state_expect_bytes(c, shape, what, got, len, want, want_len);
+    free(got);
+}
+
 void state_buf_add(struct state_buf *b, const void *data, size_t len) {
     if (b->len + len + 1 > b->cap) {
         size_t cap = b->cap ? b->cap : 4096;

@@ -62,10 +62,7 @@ static void check(const struct ctx *c, const struct recreated_state *st, const c
              (uintmax_t)st->new_ino);
     struct state_buf want = {0};
     new_contents(&want, c);
-    size_t len = 0;
-    char *got = state_slurp_path(c, SHAPE, path, &len);
-    state_expect_bytes(c, SHAPE, what, got, len, want.data, want.len);
-    free(got);
+    state_expect_file(c, SHAPE, path, what, want.data, want.len);
     state_buf_free(&want);
 }
 

@@ -119,6 +119,9 @@ void state_write_output(const struct ctx *c, const char *shape, const char *name
  * both sides around it. */
 void state_expect_bytes(const struct ctx *c, const char *shape, const char *what, const char *got,
                         size_t got_len, const char *want, size_t want_len);
+/* state_expect_bytes on the whole file at path (`what` names it). */
+void state_expect_file(const struct ctx *c, const char *shape, const char *path, const char *what,
+                       const char *want, size_t want_len);
 
 /* A growable byte buffer, for building expected contents. */
 struct state_buf {

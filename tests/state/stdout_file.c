@@ -68,11 +68,8 @@ static void stdout_file_finish(const struct ctx *c, void *slice) {
     struct state_buf want = {0};
     for (uint64_t iter = 0; iter < c->iters; iter++) add_line(&want, c, iter);
     char path[PATH_MAX];
-    size_t len = 0;
     state_path(c, path, "stdout.%d.out", c->rank);
-    char *got = state_slurp_path(c, SHAPE, path, &len);
-    state_expect_bytes(c, SHAPE, path, got, len, want.data, want.len);
-    free(got);
+    state_expect_file(c, SHAPE, path, path, want.data, want.len);
     state_buf_free(&want);
 }
 
