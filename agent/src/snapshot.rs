@@ -122,7 +122,10 @@ fn memory_allows(expected: u64, memory: &MemoryView) -> bool {
 /// keeps it as it was at the park.
 pub fn is_private(kind: &RegionKind) -> bool {
     match kind {
-        RegionKind::Anonymous | RegionKind::Protected | RegionKind::FilePrivate { .. } => true,
+        RegionKind::Anonymous
+        | RegionKind::Protected
+        | RegionKind::FilePrivate { .. }
+        | RegionKind::ClosedFiles => true,
         RegionKind::AppMapping { shared, .. } => !shared,
         RegionKind::FileShared { .. }
         | RegionKind::UnlinkedFile { .. }

@@ -47,6 +47,13 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
                 human::bytes(region.len)
             ));
         }
+        if matches!(region.kind, RegionKind::ClosedFiles) {
+            out.push(format!(
+                "files written and closed before the checkpoint: cut back to their size at it \
+                 if they grew since and their bytes before it are unchanged (table of {})",
+                human::bytes(region.len)
+            ));
+        }
         if let RegionKind::AppMapping {
             path,
             offset,

@@ -257,6 +257,30 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// The table of files the rank wrote and closed is damaged.
+    #[error("rank {rank}: the checkpoint's table of files written and closed is damaged: {why}")]
+    ClosedFiles {
+        /// The rank.
+        rank: u32,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The ranks could not exchange what they restored.
+    #[error("rank {rank}: exchanging the restart with the other ranks: {why}")]
+    Peers {
+        /// The rank.
+        rank: u32,
+        /// The MPI call that failed.
+        why: String,
+    },
+    /// Another rank's restore failed (it names its own reason).
+    #[error("rank {rank}: rank {peer} could not restore its checkpoint, so the job cannot go on (its error says why)")]
+    PeerFailed {
+        /// The rank.
+        rank: u32,
+        /// The rank that failed (its index in the communicator).
+        peer: u32,
+    },
 }
 
 /// Creating, registering or restoring a region failed.

@@ -17,6 +17,11 @@
 //! …), and the status the library leaves in the low bits of `flags`.
 //! If the program links libgfortran first, nothing is recorded: its
 //! `NEWUNIT=` units are then not flushed, but nothing crashes.
+//!
+//! The CLOSE also notes the unit's file among those written and closed
+//! (`closed_files`), through libgfortran's `FNUM`, so that a log opened with
+//! `position='append'`, written and closed at every step is cut back at a
+//! restart.
 
 use std::collections::BTreeSet;
 use std::ffi::{c_void, CStr};
@@ -104,11 +109,43 @@ pub unsafe extern "C" fn _gfortran_st_close(params: *mut c_void) {
     let unit = unsafe { head(params) }.unit;
     // Forgotten even if the CLOSE fails: an internal unit may take the
     // number next, and flushing that would crash.
-    let _ = catch_unwind(|| units().remove(&unit));
+    let was_file = catch_unwind(|| units().remove(&unit)).unwrap_or(false);
+    // Positive units are never internal; a negative one only when an OPEN
+    // connected it (asking for the fd of an internal unit would crash).
+    let closing = if unit >= 0 || was_file {
+        closing(unit)
+    } else {
+        None
+    };
     if let Some(close) = next(c"_gfortran_st_close") {
         // SAFETY: forwarded unchanged to the function the caller meant.
         unsafe { close(params) };
     }
+    if let Some(closing) = closing {
+        let _ = catch_unwind(|| closing.done());
+    }
+}
+
+/// The file of `unit`, which is about to be closed, to note among the
+/// files written and closed (`closed_files`): every unit open for writing,
+/// since `position='append'` leaves no trace in the fd's flags.
+fn closing(unit: i32) -> Option<crate::closed_files::Closing> {
+    type Fnum = unsafe extern "C" fn(*const i32) -> i32;
+    // SAFETY: dlsym only looks the name up.
+    let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_gfortran_fnum_i4".as_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: libgfortran's FNUM for default integers: it takes a pointer
+    // to the unit number and returns its fd, or -1 when no unit of that
+    // number is connected.
+    let fnum = unsafe { std::mem::transmute::<*mut c_void, Fnum>(found) };
+    // SAFETY: `unit` is an external unit (the caller checked), so libgfortran
+    // finds a stream behind it or none at all.
+    let fd = unsafe { fnum(&unit) };
+    catch_unwind(|| crate::closed_files::closing(fd, false))
+        .ok()
+        .flatten()
 }
 
 /// The `NEWUNIT=` units connected to files now.

@@ -11,7 +11,9 @@
 //!   and the file mappings it made itself after `cryo_init`: all handed to
 //!   the agent as extra regions (`cryo:fd:<fd>`, `cryo:file:<fd>`,
 //!   `cryo:map:<start>`), so they are chunked, deduplicated and verified
-//!   like region data.
+//!   like region data;
+//! * the table of files it wrote and closed (`closed_files`), as the region
+//!   `cryo:closed-files`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -20,6 +22,7 @@ use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 
+use cryo_core::format::closed::CLOSED_FILES_REGION;
 use cryo_core::format::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::protocol::RegionInfo;
@@ -236,6 +239,8 @@ pub(crate) struct Held {
     pub(crate) regions: Vec<RegionInfo>,
     pub(crate) warnings: Vec<String>,
     temporary: Vec<(NonNull<libc::c_void>, usize)>,
+    /// The encoded table of files written and closed, behind its region.
+    closed_files: Vec<u8>,
 }
 
 impl Drop for Held {
@@ -280,6 +285,7 @@ pub(crate) fn gather(
     gather_mappings(&mut held, baseline, reservation);
     let mut seen = HashSet::new();
     let (mut unlinked, mut writable) = (0u64, 0u64);
+    let mut writing = HashSet::new();
     for fd in open_fds() {
         if runtime.contains(&fd) || (library.contains(&fd) && (0..=2).contains(&fd)) {
             continue;
@@ -291,6 +297,9 @@ pub(crate) fn gather(
             continue;
         };
         let path = link.to_string_lossy().into_owned();
+        if meta.is_file() && is_writable(fd) {
+            writing.insert(path.clone());
+        }
         // A memfd is an anonymous inode to the agent, never restored by
         // path; it is named there.
         if !meta.is_file()
@@ -359,7 +368,23 @@ pub(crate) fn gather(
             )),
         }
     }
+    if let Some(table) = crate::closed_files::capture(&writing, &mut held.warnings) {
+        held.closed_files = table;
+        held.regions.push(RegionInfo {
+            name: CLOSED_FILES_REGION.into(),
+            addr: held.closed_files.as_ptr() as u64,
+            len: held.closed_files.len() as u64,
+            kind: RegionKind::ClosedFiles,
+        });
+    }
     Ok(held)
+}
+
+/// Whether `fd` is open for writing.
+fn is_writable(fd: RawFd) -> bool {
+    // SAFETY: F_GETFL only reads the fd's status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 /// Whether `fd` may write anywhere but the end of its file: open for

@@ -20,6 +20,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
+mod closed_files;
 pub mod error;
 pub mod ffi;
 pub mod files;

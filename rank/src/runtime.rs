@@ -506,6 +506,15 @@ pub fn init() -> Result<InitInfo, InitError> {
 
 /// Initializes the runtime with an explicit configuration.
 pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
+    init_with_peers(config, &mut crate::closed_files::Alone)
+}
+
+/// [`init_with`] for a rank with peers: on a restart, the ranks settle the
+/// files they wrote and closed together (`closed_files::settle`).
+pub(crate) fn init_with_peers(
+    config: Config,
+    peers: &mut dyn crate::closed_files::Peers,
+) -> Result<InitInfo, InitError> {
     let mut guard = lock();
     if guard.is_some() {
         return Err(InitError::AlreadyInitialized);
@@ -553,8 +562,19 @@ pub fn init_with(config: Config) -> Result<InitInfo, InitError> {
         .and_then(|r| {
             let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
             restore_mappings(&r.record, &r.store, config.file_policy)?;
+            let closed = crate::closed_files::load(&r.record, &r.store)?;
             // The regions come back as the application maps them.
             crate::prefetch::resume(*epoch, store, &job, &r.record);
+            Ok((r, files, closed))
+        });
+        // Every rank takes part, whether its own restore worked or not.
+        let settled = crate::closed_files::settle(
+            rank,
+            result.as_ref().ok().map(|(_, _, closed)| closed),
+            peers,
+        );
+        let result = result.and_then(|(r, mut files, _)| {
+            files.truncated.extend(settled?);
             Ok((r, files))
         });
         match result {

@@ -59,6 +59,7 @@ pub const SHAPES: &[&str] = &[
     "map_private",
     "stdout_file",
     "own_buffer",
+    "reopened",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

@@ -13,6 +13,12 @@
 ! /proc/self/fd/<fd> with position='append': cryo cut the file back to its
 ! size at the checkpoint, so appending goes on exactly where it stood.
 !
+! Each rank also keeps a second log, reopened.<rank>.out, that it opens
+! with position='append', writes and closes at every step, as many Fortran
+! codes do: no unit is connected to it at a checkpoint, and a restart must
+! cut it back to its size then (checked right after the restart against
+! the size kept in the state region), or the steps run again log twice.
+!
 ! cryo's C API through iso_c_binding; cryo_init_mpi takes MPICH's integer
 ! communicator handle, which is the same in C and Fortran.
 !
@@ -55,7 +61,9 @@ program fortran_unit
   integer(c_int64_t), pointer :: st(:)
   type(c_ptr) :: region
   character(len=4096) :: dir, arg, path
-  integer :: iters, step_ms, rank, nranks, ierr, u, i, rc
+  character(len=4096) :: reopened
+  integer :: iters, step_ms, rank, nranks, ierr, u, i, rc, r
+  integer(c_int64_t) :: now_bytes
   integer(c_int64_t) :: epoch, local, total, mix
   real(8) :: x
 
@@ -90,18 +98,24 @@ program fortran_unit
   epoch = cryo_restored_epoch()
   rc = cryo_region('state'//c_null_char, 4096_c_size_t, region)
   if (rc /= 0) call fail('cryo_region failed')
-  ! st(1) magic, st(2) steps done, st(3) the log's fd, st(4) the running mix
+  ! st(1) magic, st(2) steps done, st(3) the log's fd, st(4) the running mix,
+  ! st(5) the reopened log's size after the last step
   call c_f_pointer(region, st, [512])
 
   write (path, '(a,a,i0,a)') trim(dir), '/fortran.', rank, '.out'
+  write (reopened, '(a,a,i0,a)') trim(dir), '/reopened.', rank, '.out'
   if (epoch == 0) then
     if (st(1) /= 0) call fail('fresh start, but the state region is not zero')
     call execute_command_line('mkdir -p '//trim(dir))
     open (newunit=u, file=trim(path), action='write', status='replace', form='formatted')
     st(3) = fnum(u)
+    open (newunit=r, file=trim(reopened), action='write', status='replace', form='formatted')
+    close (r)
     st(1) = magic
   else
     if (st(1) /= magic) call fail('restarted, but the state region was not restored')
+    inquire (file=trim(reopened), size=now_bytes)
+    if (now_bytes /= st(5)) call fail('after the restart the reopened log is not back at its size')
     ! The fd came back at its number, offset and size; connect a unit to it.
     write (arg, '(a,i0)') '/proc/self/fd/', st(3)
     open (newunit=u, file=trim(arg), action='write', status='old', position='append', &
@@ -119,6 +133,12 @@ program fortran_unit
       write (u, '(a,i0,a,i0,a,i0,a,f12.8)') 'rank ', rank, ' step ', st(2) + 1, ' line ', i, &
         ' value ', x * i
     end do
+    open (newunit=r, file=trim(reopened), action='write', status='old', position='append', &
+          form='formatted')
+    write (r, '(a,i0,a,i0,a,f14.10)') 'reopened rank ', rank, ' step ', st(2) + 1, ' value ', x
+    close (r)
+    inquire (file=trim(reopened), size=now_bytes)
+    st(5) = now_bytes
     local = st(2) * 31 + rank
     call MPI_Allreduce(local, total, 1, MPI_INTEGER8, MPI_SUM, MPI_COMM_WORLD, ierr)
     st(4) = ieor(ishftc(st(4), 13), total)

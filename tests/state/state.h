@@ -55,7 +55,8 @@
     X(map_shared)       \
     X(map_private)      \
     X(stdout_file)      \
-    X(own_buffer)
+    X(own_buffer)       \
+    X(reopened)
 
 /* What every shape function gets. */
 struct ctx {

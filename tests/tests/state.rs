@@ -5,8 +5,8 @@
 //! `/dev/null` and `/dev/zero`, a directory fd with `openat`, stdio streams
 //! with full and line buffers, a renamed file, `MAP_SHARED` and
 //! `MAP_PRIVATE` file mappings, a log the program buffers itself and
-//! flushes from a `cryo_at_checkpoint` hook), plus `all`, every shape in
-//! one job.
+//! flushes from a `cryo_at_checkpoint` hook, logs opened, appended to and
+//! closed at every step), plus `all`, every shape in one job.
 //!
 //! Each test compiles its program with `mpicc`, runs it uninterrupted with
 //! `mpiexec` (the reference), then runs it under `cryo run` on emulated
@@ -51,6 +51,7 @@ shape_test!(state_map_shared_survives_kill_and_restart, "map_shared");
 shape_test!(state_map_private_survives_kill_and_restart, "map_private");
 shape_test!(state_stdout_file_survives_kill_and_restart, "stdout_file");
 shape_test!(state_own_buffer_survives_kill_and_restart, "own_buffer");
+shape_test!(state_reopened_survives_kill_and_restart, "reopened");
 
 /// Every shape in one job of 6 ranks on three nodes, restarted on six.
 #[test]

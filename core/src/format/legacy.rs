@@ -10,6 +10,9 @@
 //!   variants (appended, so 1.0's variant indices are unchanged).
 //! * 1.1 → 2.0: `ChunkRef::place`, where the chunk is stored (a pack entry
 //!   or, for every chunk of format 1, a file of its own).
+//! * 2.0 → 2.1: the raw check in a chunk's header (no metadata change).
+//! * 2.1 → 2.2: the `RegionKind::ClosedFiles` variant (appended: a 2.1
+//!   payload decodes with the current layout).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

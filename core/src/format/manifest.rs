@@ -159,6 +159,10 @@ pub enum RegionKind {
         /// The fd (the lowest the file was open for writing through).
         fd: i32,
     },
+    /// The table of files the rank wrote and closed before the checkpoint
+    /// (`crate::format::closed`), whose growth since a restart cuts back
+    /// (format 2.2). Named `cryo:closed-files`.
+    ClosedFiles,
 }
 
 /// A reference from a region to one chunk.

@@ -7,6 +7,7 @@
 //! codec     bincode, the one module that links it        -> limits
 //! shuffle   the byte-shuffle filter of chunks
 //! fds       the names of the regions that carry held files
+//! closed    the table of files a rank wrote and closed   -> codec
 //! chunk     content-addressed chunks                      -> header, shuffle, limits
 //! pack      pack files: chunk entries, index, footer      -> chunk, header, limits
 //! manifest  the epoch manifest and each rank's part       -> chunk, pack, limits
@@ -21,6 +22,7 @@
 //! here touches the filesystem.
 
 pub mod chunk;
+pub mod closed;
 pub mod codec;
 pub mod fds;
 pub mod header;

@@ -193,7 +193,8 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
     // SAFETY: `comm` is valid and used by this thread (the contract); the
     // application keeps it until `MPI_Finalize`, after `finalize` detached.
     let mut binding = unsafe { Mpi::attach(comm) }.map_err(mpi_err)?;
-    let info = runtime::init()?;
+    // On a restart the ranks settle their closed files over the binding.
+    let info = runtime::init_with_peers(runtime::Config::from_env()?, &mut binding)?;
     runtime::before_finalize(detach);
     let rank = binding.rank();
     if i64::from(rank) != i64::from(info.rank) {

@@ -1,6 +1,7 @@
 //! The MPI binding: [`Collectives`] over `mpi::ffi`, on two private
 //! duplicates of the application's communicator (one for agreements, one
 //! for rings) and the application's own, probed for messages in flight.
+//! It also carries the restart's exchange of closed-file tables.
 //! Every MPI call the quiesce makes is in this file.
 
 use std::mem::ManuallyDrop;
@@ -158,6 +159,71 @@ impl Mpi {
             ffi::MPI_Comm_free(&mut self.agree_comm);
             ffi::MPI_Comm_free(&mut self.bell_comm);
         }
+    }
+}
+
+/// The restart's exchange of closed-file tables, on the agreements'
+/// communicator, blocking: it runs once, inside `cryo_init_mpi`.
+impl crate::closed_files::Peers for Mpi {
+    fn exchange(&mut self, words: &[u64]) -> Result<Vec<Vec<u64>>, String> {
+        let ranks = usize::try_from(self.size).map_err(|_| "a negative communicator size")?;
+        let mine = c_int::try_from(words.len()).map_err(|_| "too many words to exchange")?;
+        let mut counts: Vec<c_int> = vec![0; ranks];
+        // SAFETY: one int sent, one per rank received into `counts`, which
+        // has `size` slots; the communicator is our live duplicate.
+        let code = unsafe {
+            ffi::MPI_Allgather(
+                std::ptr::from_ref(&mine).cast(),
+                1,
+                ffi::RSMPI_INT32_T,
+                counts.as_mut_ptr().cast(),
+                1,
+                ffi::RSMPI_INT32_T,
+                self.agree_comm,
+            )
+        };
+        check(code, "MPI_Allgather").map_err(|e| e.to_string())?;
+        let mut displs: Vec<c_int> = Vec::with_capacity(ranks);
+        let mut total: c_int = 0;
+        for &count in &counts {
+            if count < 0 {
+                return Err("a peer sent a negative count".into());
+            }
+            displs.push(total);
+            total = total
+                .checked_add(count)
+                .ok_or("the exchanged tables are too large")?;
+        }
+        let mut all = vec![0u64; usize::try_from(total).unwrap_or(0)];
+        // SAFETY: `words` holds `mine` words; `all` holds the sum of
+        // `counts`, each rank's at its displacement; same communicator.
+        let code = unsafe {
+            ffi::MPI_Allgatherv(
+                words.as_ptr().cast(),
+                mine,
+                ffi::RSMPI_UINT64_T,
+                all.as_mut_ptr().cast(),
+                counts.as_ptr(),
+                displs.as_ptr(),
+                ffi::RSMPI_UINT64_T,
+                self.agree_comm,
+            )
+        };
+        check(code, "MPI_Allgatherv").map_err(|e| e.to_string())?;
+        Ok(counts
+            .iter()
+            .zip(&displs)
+            .map(|(&count, &at)| {
+                let at = usize::try_from(at).unwrap_or(0);
+                all[at..at + usize::try_from(count).unwrap_or(0)].to_vec()
+            })
+            .collect())
+    }
+
+    fn barrier(&mut self) -> Result<(), String> {
+        // SAFETY: our live duplicate.
+        let code = unsafe { ffi::MPI_Barrier(self.agree_comm) };
+        check(code, "MPI_Barrier").map_err(|e| e.to_string())
     }
 }
 

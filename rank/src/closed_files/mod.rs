@@ -1,0 +1,225 @@
+//! Files a rank wrote and closed: a log opened, appended to and closed at
+//! every step is not open at a checkpoint, so no fd record names it, and
+//! the steps that a restart runs again would append their lines twice.
+//!
+//! * [`closing`] and [`Closing::done`] bracket the close of such a file:
+//!   in the runtime's `fclose` (`fclose.rs`, for streams open with
+//!   `O_APPEND`) and in its `_gfortran_st_close` (`gfortran.rs`, for every
+//!   unit open for writing: `position='append'` sets no flag). They keep
+//!   the path and the file's size right after the close, with a hash of
+//!   the bytes just before it.
+//! * [`capture`] runs on the checkpoint path: it measures each file closed
+//!   since the last checkpoint again and encodes the table
+//!   (`cryo_core::format::closed`) that the agent saves as the region
+//!   `cryo:closed-files`.
+//! * [`settle`] (`settle.rs`) runs at a restart: the ranks exchange their
+//!   tables, each cuts the files it recorded back (a file of its own to its
+//!   size at the checkpoint, a shared one to the largest size after a
+//!   rank's last close), and they wait for one another before any goes on
+//!   to write.
+//!
+//! A file held open for writing at a checkpoint is left out of that
+//! checkpoint's table: its fd record already cuts it back.
+
+mod fclose;
+mod settle;
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use cryo_core::format::closed::{
+    tail_hash, tail_start, ClosedFile, ClosedFiles, Mark, MAX_CLOSED_FILES,
+};
+
+pub(crate) use settle::{load, settle, Alone, Peers};
+
+/// What the runtime knows of one closed file.
+#[derive(Debug, Clone, Copy)]
+struct Noted {
+    /// Open with `O_APPEND` at some close.
+    appended: bool,
+    /// The order of its last close, for evicting the least recent.
+    last_close: u64,
+    /// Right after its last close (`None` when it could not be read then).
+    at_close: Option<Mark>,
+    /// At the last checkpoint; `None` when it was closed since (or never
+    /// measured).
+    at_checkpoint: Option<Mark>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    files: HashMap<String, Noted>,
+    closes: u64,
+}
+
+static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+/// The process that notes: a child made by `fork` has a copy of the table
+/// (and perhaps of a lock held by another thread) and notes nothing.
+static OWNER: AtomicU32 = AtomicU32::new(0);
+
+fn table() -> MutexGuard<'static, Option<Table>> {
+    TABLE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A file being closed, to note once the close is done.
+#[derive(Debug)]
+pub(crate) struct Closing {
+    path: String,
+    appends: bool,
+}
+
+/// Before `fd` is closed: the file to note, if it is a regular file with a
+/// path, open for writing (and with `O_APPEND` when `appending` is asked),
+/// in the process that initialised the table. Never fails: a file not
+/// noted is only a file not cut back.
+pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
+    if fd <= 2 {
+        return None;
+    }
+    let pid = std::process::id();
+    match OWNER.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {}
+        Err(owner) if owner == pid => {}
+        Err(_) => return None,
+    }
+    // SAFETY: F_GETFL only reads the fd's status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+        return None;
+    }
+    let appends = flags & libc::O_APPEND != 0;
+    if appending && !appends {
+        return None;
+    }
+    let proc = format!("/proc/self/fd/{fd}");
+    let meta = fs::metadata(&proc).ok()?;
+    if !meta.is_file() || meta.nlink() == 0 {
+        return None;
+    }
+    let path = fs::read_link(&proc).ok()?.to_str()?.to_owned();
+    path.starts_with('/').then_some(Closing { path, appends })
+}
+
+impl Closing {
+    /// After the close (its buffer is in the file): notes the file with its
+    /// size now.
+    pub(crate) fn done(self) {
+        let at_close = measure(&self.path).ok();
+        let mut guard = table();
+        let table = guard.get_or_insert_with(Table::default);
+        table.closes += 1;
+        let closes = table.closes;
+        let noted = table.files.entry(self.path).or_insert(Noted {
+            appended: false,
+            last_close: 0,
+            at_close: None,
+            at_checkpoint: None,
+        });
+        noted.appended |= self.appends;
+        noted.last_close = closes;
+        noted.at_close = at_close;
+        noted.at_checkpoint = None;
+        if table.files.len() > MAX_CLOSED_FILES {
+            let oldest = table
+                .files
+                .iter()
+                .min_by_key(|(_, n)| n.last_close)
+                .map(|(p, _)| p.clone());
+            if let Some(oldest) = oldest {
+                table.files.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// The size of the file at `path` and the hash of its tail.
+fn measure(path: &str) -> io::Result<Mark> {
+    let file = fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    let start = tail_start(size);
+    let mut tail = vec![0u8; usize::try_from(size - start).unwrap_or(0)];
+    file.read_exact_at(&mut tail, start)?;
+    Ok(Mark {
+        size,
+        tail: tail_hash(size, &tail),
+    })
+}
+
+/// The table of this checkpoint, encoded; `None` when no file is noted.
+/// `open_for_writing` are the paths the rank holds open for writing now
+/// (their fd records cut them back). Files closed since the last
+/// checkpoint are measured again (the others cannot have changed through
+/// this rank's closes); those gone are forgotten; one that cannot be read
+/// is named in `warnings`.
+pub(crate) fn capture(
+    open_for_writing: &HashSet<String>,
+    warnings: &mut Vec<String>,
+) -> Option<Vec<u8>> {
+    let mut guard = table();
+    let table = guard.as_mut()?;
+    let mut out = ClosedFiles::default();
+    let mut gone = Vec::new();
+    for (path, noted) in &mut table.files {
+        if open_for_writing.contains(path) {
+            continue;
+        }
+        let at_checkpoint = match noted.at_checkpoint {
+            Some(mark) => mark,
+            None => match measure(path) {
+                Ok(mark) => {
+                    noted.at_checkpoint = Some(mark);
+                    mark
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    gone.push(path.clone());
+                    continue;
+                }
+                Err(err) => {
+                    warnings.push(format!(
+                        "{path} was written and closed, and could not be read to record its \
+                         size ({err}); what is appended to it after this checkpoint stays \
+                         after a restart"
+                    ));
+                    continue;
+                }
+            },
+        };
+        out.files.push(ClosedFile {
+            path: path.clone(),
+            at_checkpoint,
+            at_close: noted.at_close.unwrap_or(at_checkpoint),
+            appended: noted.appended,
+        });
+    }
+    for path in gone {
+        table.files.remove(&path);
+    }
+    if out.files.is_empty() {
+        return None;
+    }
+    out.files.sort_by(|a, b| a.path.cmp(&b.path));
+    match out.encode() {
+        Ok(bytes) => Some(bytes),
+        Err(err) => {
+            warnings.push(format!(
+                "the table of files written and closed could not be encoded ({err}); a restart \
+                 does not cut them back"
+            ));
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn forget_all() {
+    *table() = None;
+}
+
+#[cfg(test)]
+mod tests;

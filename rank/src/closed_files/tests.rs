@@ -1,0 +1,283 @@
+//! The table of closed files: noting, capturing, and settling at a
+//! restart, on real files in a temporary directory.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+
+use cryo_core::format::closed::{path_key, tail_hash, ClosedFile, ClosedFiles, Mark, TAIL_BYTES};
+
+use super::settle::{marks_to_try, settle_file, Files, RealFiles, Settled};
+use super::*;
+
+/// The table is one per process: tests that use it take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn append_open(path: &std::path::Path) -> fs::File {
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Appends `line` and closes the file as the runtime's fclose does.
+fn append_and_close(path: &std::path::Path, line: &[u8]) {
+    let mut file = append_open(path);
+    file.write_all(line).unwrap();
+    let closing = closing(file.as_raw_fd(), true);
+    drop(file);
+    if let Some(closing) = closing {
+        closing.done();
+    }
+}
+
+fn mark(contents: &[u8]) -> Mark {
+    let size = contents.len() as u64;
+    let start = tail_start(size) as usize;
+    Mark {
+        size,
+        tail: tail_hash(size, &contents[start..]),
+    }
+}
+
+fn record(path: &str, at_checkpoint: &[u8], at_close: &[u8]) -> ClosedFile {
+    ClosedFile {
+        path: path.into(),
+        at_checkpoint: mark(at_checkpoint),
+        at_close: mark(at_close),
+        appended: true,
+    }
+}
+
+fn table_now(open: &HashSet<String>) -> Option<ClosedFiles> {
+    let mut warnings = Vec::new();
+    let table = capture(open, &mut warnings).map(|b| ClosedFiles::decode(&b).unwrap());
+    assert!(warnings.is_empty(), "{warnings:?}");
+    table
+}
+
+#[test]
+fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let log_path = log.to_str().unwrap().to_owned();
+    append_and_close(&log, b"one\n");
+    // Not O_APPEND: not noted when appending is asked; read-only: never.
+    let plain = dir.path().join("plain");
+    fs::write(&plain, b"x").unwrap();
+    let other = fs::OpenOptions::new().write(true).open(&plain).unwrap();
+    assert!(closing(other.as_raw_fd(), true).is_none());
+    assert!(closing(other.as_raw_fd(), false).is_some());
+    let reader = fs::File::open(&log).unwrap();
+    assert!(closing(reader.as_raw_fd(), false).is_none());
+
+    // Written through another fd after the close, before the checkpoint:
+    // the checkpoint's mark counts it, the close's does not.
+    append_open(&log).write_all(b"raw\n").unwrap();
+    let table = table_now(&HashSet::new()).unwrap();
+    assert_eq!(
+        table.files,
+        vec![record(&log_path, b"one\nraw\n", b"one\n")]
+    );
+
+    // Written after the checkpoint without a close: the record stays.
+    append_open(&log).write_all(b"two\n").unwrap();
+    assert_eq!(table_now(&HashSet::new()).unwrap(), table);
+    // Held open for writing at a checkpoint: left to its fd record.
+    let open: HashSet<String> = [log_path.clone()].into();
+    assert_eq!(table_now(&open), None);
+    // A checkpoint does not look again at files not closed since the last
+    // one (a restart finds this one gone and leaves it).
+    fs::remove_file(&log).unwrap();
+    assert_eq!(table_now(&HashSet::new()).unwrap(), table);
+    // One closed since and gone by the checkpoint is forgotten.
+    append_and_close(&log, b"three\n");
+    fs::remove_file(&log).unwrap();
+    assert_eq!(table_now(&HashSet::new()), None);
+    forget_all();
+}
+
+#[test]
+fn the_table_keeps_the_most_recently_closed_files() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    for n in 0..MAX_CLOSED_FILES + 10 {
+        append_and_close(&dir.path().join(format!("step.{n}")), b"x");
+        // The log is closed at every step, so it stays.
+        append_and_close(&log, b"y");
+    }
+    let table = table_now(&HashSet::new()).unwrap();
+    assert_eq!(table.files.len(), MAX_CLOSED_FILES);
+    let paths: HashSet<&str> = table.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(paths.contains(log.to_str().unwrap()));
+    assert!(!paths.contains(dir.path().join("step.0").to_str().unwrap()));
+    forget_all();
+}
+
+#[test]
+fn a_file_is_cut_back_to_the_first_mark_whose_tail_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.log");
+    let p = path.to_str().unwrap();
+    let long: Vec<u8> = (0..3 * TAIL_BYTES).map(|i| (i % 251) as u8).collect();
+    let latest = mark(&long[..2 * TAIL_BYTES as usize + 7]);
+    let earlier = mark(&long[..100]);
+    let marks = [latest, earlier];
+    fs::write(&path, &long).unwrap();
+    let settled = settle_file(p, &marks, &RealFiles);
+    assert!(
+        matches!(settled, Settled::Cut { from, to } if from == long.len() as u64 && to == latest.size),
+        "{settled:?}"
+    );
+    assert_eq!(fs::read(&path).unwrap(), &long[..latest.size as usize]);
+    // Settling again (another rank that recorded it) changes nothing.
+    assert!(matches!(
+        settle_file(p, &marks, &RealFiles),
+        Settled::Unchanged
+    ));
+
+    // Another node's file of the same path: the first mark does not
+    // match, the second does.
+    let mut other = long.clone();
+    other[2 * TAIL_BYTES as usize] ^= 1;
+    fs::write(&path, &other).unwrap();
+    let settled = settle_file(p, &marks, &RealFiles);
+    assert!(
+        matches!(settled, Settled::Cut { from, to: 100 } if from == other.len() as u64),
+        "{settled:?}"
+    );
+
+    // Rewritten with other contents, or shorter than every mark: left.
+    fs::write(&path, vec![b'z'; 9000]).unwrap();
+    assert!(matches!(
+        settle_file(p, &marks, &RealFiles),
+        Settled::Changed { size: 9000 }
+    ));
+    fs::write(&path, b"ab").unwrap();
+    assert!(matches!(
+        settle_file(p, &marks, &RealFiles),
+        Settled::Changed { size: 2 }
+    ));
+    fs::remove_file(&path).unwrap();
+    assert!(matches!(settle_file(p, &marks, &RealFiles), Settled::Gone));
+}
+
+#[test]
+fn own_files_go_back_to_the_checkpoint_and_shared_ones_to_the_last_close() {
+    let own = record("/w/log", b"a\nraw\n", b"a\n");
+    // Only this rank recorded it: its checkpoint mark first.
+    let alone = (1, vec![own.at_close]);
+    assert_eq!(
+        marks_to_try(&own, Some(&alone)),
+        vec![own.at_checkpoint, own.at_close]
+    );
+    // Three ranks did: their close marks, largest first, then its own.
+    let later = mark(b"a\nb\nc\n");
+    let shared = (3, vec![own.at_close, later, mark(b"a\nb\n")]);
+    assert_eq!(
+        marks_to_try(&own, Some(&shared)),
+        vec![
+            later,
+            mark(b"a\nb\n"),
+            own.at_close,
+            own.at_checkpoint,
+            own.at_close
+        ]
+    );
+}
+
+/// A filesystem whose cut fails (a read-only mount, a full quota).
+struct CannotCut;
+
+impl Files for CannotCut {
+    fn size(&self, path: &str) -> io::Result<Option<u64>> {
+        RealFiles.size(path)
+    }
+    fn read_at(&self, path: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        RealFiles.read_at(path, offset, len)
+    }
+    fn cut(&self, _: &str, _: u64) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EROFS))
+    }
+}
+
+#[test]
+fn a_cut_that_fails_is_reported_and_leaves_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    fs::write(&path, b"one\ntwo\n").unwrap();
+    let settled = settle_file(path.to_str().unwrap(), &[mark(b"one\n")], &CannotCut);
+    assert!(matches!(settled, Settled::Failed(ref e) if e.raw_os_error() == Some(libc::EROFS)));
+    assert_eq!(fs::read(&path).unwrap(), b"one\ntwo\n");
+}
+
+/// Peers that answer with fixed tables.
+struct Fixed {
+    others: Vec<Vec<u64>>,
+    barriers: u32,
+}
+
+impl Peers for Fixed {
+    fn exchange(&mut self, words: &[u64]) -> Result<Vec<Vec<u64>>, String> {
+        let mut all = vec![words.to_vec()];
+        all.extend(self.others.iter().cloned());
+        Ok(all)
+    }
+    fn barrier(&mut self) -> Result<(), String> {
+        self.barriers += 1;
+        Ok(())
+    }
+}
+
+#[test]
+fn settling_takes_the_peers_marks_and_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    let p = path.to_str().unwrap();
+    // This rank closed after "a", parked after "b" (another rank's line),
+    // and another rank resumed early and appended "c" before a kill.
+    fs::write(&path, b"a\nb\nc\n").unwrap();
+    let own = ClosedFiles {
+        files: vec![record(p, b"a\nb\n", b"a\n")],
+    };
+    let peer = mark(b"a\nb\n");
+    let peer_words = |at_checkpoint: Mark| {
+        vec![
+            1,
+            path_key(p),
+            at_checkpoint.size,
+            at_checkpoint.tail,
+            peer.size,
+            peer.tail,
+        ]
+    };
+    let mut peers = Fixed {
+        others: vec![peer_words(mark(b"a\nb\nc\n"))],
+        barriers: 0,
+    };
+    let cut = settle(0, Some(&own), &mut peers).unwrap();
+    assert_eq!(cut, vec![p.to_owned()]);
+    assert_eq!(fs::read(&path).unwrap(), b"a\nb\n");
+    assert_eq!(peers.barriers, 1);
+
+    // A peer whose restore failed fails every rank, before any cut.
+    fs::write(&path, b"a\nb\nc\n").unwrap();
+    let mut peers = Fixed {
+        others: vec![vec![1], vec![0]],
+        barriers: 0,
+    };
+    let err = settle(0, Some(&own), &mut peers).unwrap_err();
+    assert!(matches!(
+        err,
+        crate::RestoreError::PeerFailed { rank: 0, peer: 2 }
+    ));
+    assert_eq!(fs::read(&path).unwrap(), b"a\nb\nc\n");
+    assert_eq!(peers.barriers, 0);
+}
