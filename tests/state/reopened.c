@@ -1,12 +1,14 @@
 /*
  * reopened: logs that the program opens, appends to and closes at every
  * step, so that no fd is open at a checkpoint: its own log with
- * fopen(path, "a"), and a log all ranks share, reached through
- * open(O_APPEND) and fdopen, which the ranks append to in turn. A restart
+ * fopen(path, "a"), another of its own with open(O_APPEND), write and
+ * close alone, and a log all ranks share, reached through open(O_APPEND)
+ * and fdopen, which the ranks append to in turn. A restart
  * must cut both back to their size at the checkpoint, or the steps it runs
  * again log their lines twice. Lines vary in length, so a lost or repeated
  * line shifts everything after it.
- * Output: reopened.<rank>.out and reopened.shared.out, also checked at
+ * Output: reopened.<rank>.out, reopened.raw.<rank>.out and
+ * reopened.shared.out, also checked at
  * finish; after a restart each log is checked against its recorded size.
  */
 #define _GNU_SOURCE
@@ -25,6 +27,7 @@
 
 struct reopened_state {
     int64_t own_bytes;    /* this rank's log, as of the last step */
+    int64_t raw_bytes;    /* its log written with write(2) */
     int64_t shared_bytes; /* the shared log */
 };
 
@@ -54,6 +57,9 @@ static void reopened_setup(const struct ctx *c, void *slice) {
     FILE *f = fopen(path, "w");
     if (!f) FAIL_ERRNO(c, "create %s", path);
     if (fclose(f) != 0) FAIL_ERRNO(c, "fclose %s", path);
+    state_path(c, path, "reopened.raw.%d.out", c->rank);
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0 || close(fd) != 0) FAIL_ERRNO(c, "create %s", path);
     if (c->rank == 0) {
         state_path(c, path, "reopened.shared.out");
         f = fopen(path, "w");
@@ -71,6 +77,11 @@ static void reopened_reattach(const struct ctx *c, void *slice) {
     if (own != st->own_bytes)
         FAIL(c, "after the restart its own log is %" PRId64 " bytes, %" PRId64 " at the checkpoint", own,
              st->own_bytes);
+    state_path(c, path, "reopened.raw.%d.out", c->rank);
+    int64_t raw = size_of(c, path);
+    if (raw != st->raw_bytes)
+        FAIL(c, "after the restart the log it writes with write(2) is %" PRId64 " bytes, %" PRId64
+             " at the checkpoint", raw, st->raw_bytes);
     state_path(c, path, "reopened.shared.out");
     int64_t shared = size_of(c, path);
     if (shared != st->shared_bytes)
@@ -92,6 +103,14 @@ static uint64_t reopened_step(const struct ctx *c, void *slice, uint64_t iter) {
     if (fclose(f) != 0) FAIL_ERRNO(c, "fclose %s", path);
     st->own_bytes += (int64_t)line.len;
     uint64_t sum = state_mix(iter, line.len);
+
+    /* The same line, through open(O_APPEND), write(2) and close(2) alone. */
+    state_path(c, path, "reopened.raw.%d.out", c->rank);
+    int fd = open(path, O_WRONLY | O_APPEND);
+    if (fd < 0) FAIL_ERRNO(c, "open %s with O_APPEND", path);
+    state_write_all(c, SHAPE, fd, line.data, line.len, "the log written with write(2)");
+    if (close(fd) != 0) FAIL_ERRNO(c, "close %s", path);
+    st->raw_bytes += (int64_t)line.len;
     state_buf_free(&line);
 
     /* The ranks take turns, so the shared log is the same in every run. */
@@ -120,6 +139,8 @@ static void reopened_finish(const struct ctx *c, void *slice) {
     for (uint64_t iter = 0; iter < c->iters; iter++) own_line(&want, c, iter);
     char path[PATH_MAX];
     state_path(c, path, "reopened.%d.out", c->rank);
+    state_expect_file(c, SHAPE, path, path, want.data, want.len);
+    state_path(c, path, "reopened.raw.%d.out", c->rank);
     state_expect_file(c, SHAPE, path, path, want.data, want.len);
     state_buf_free(&want);
     struct state_buf shared = {0};

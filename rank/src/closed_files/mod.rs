@@ -7,7 +7,9 @@
 //!   `O_APPEND`) and in its `_gfortran_st_close` (`gfortran.rs`, for every
 //!   unit open for writing: `position='append'` sets no flag). They keep
 //!   the path and the file's size right after the close, with a hash of
-//!   the bytes just before it.
+//!   the bytes just before it. The runtime's `close` (`close.rs`, for fds
+//!   open with `O_APPEND`) keeps only the path, in a slot that the next
+//!   checkpoint drains: `close` must stay async-signal-safe.
 //! * [`capture`] runs on the checkpoint path: it measures each file closed
 //!   since the last checkpoint again and encodes the table
 //!   (`cryo_core::format::closed`) that the agent saves as the region
@@ -21,6 +23,7 @@
 //! A file held open for writing at a checkpoint is left out of that
 //! checkpoint's table: its fd record already cuts it back.
 
+mod close;
 mod fclose;
 mod settle;
 
@@ -67,6 +70,43 @@ fn table() -> MutexGuard<'static, Option<Table>> {
     TABLE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether this process notes closes: the first one that asks does, a
+/// child made by `fork` does not. Async-signal-safe.
+fn is_owner() -> bool {
+    let pid = std::process::id();
+    match OWNER.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => true,
+        Err(owner) => owner == pid,
+    }
+}
+
+/// Notes `path` as closed now, with its mark right after the close when
+/// known.
+fn note_closed(table: &mut Table, path: String, appends: bool, at_close: Option<Mark>) {
+    table.closes += 1;
+    let closes = table.closes;
+    let noted = table.files.entry(path).or_insert(Noted {
+        appended: false,
+        last_close: 0,
+        at_close: None,
+        at_checkpoint: None,
+    });
+    noted.appended |= appends;
+    noted.last_close = closes;
+    noted.at_close = at_close;
+    noted.at_checkpoint = None;
+    if table.files.len() > MAX_CLOSED_FILES {
+        let oldest = table
+            .files
+            .iter()
+            .min_by_key(|(_, n)| n.last_close)
+            .map(|(p, _)| p.clone());
+        if let Some(oldest) = oldest {
+            table.files.remove(&oldest);
+        }
+    }
+}
+
 /// A file being closed, to note once the close is done.
 #[derive(Debug)]
 pub(crate) struct Closing {
@@ -79,14 +119,8 @@ pub(crate) struct Closing {
 /// in the process that initialised the table. Never fails: a file not
 /// noted is only a file not cut back.
 pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
-    if fd <= 2 {
+    if fd <= 2 || !is_owner() {
         return None;
-    }
-    let pid = std::process::id();
-    match OWNER.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
-        Ok(_) => {}
-        Err(owner) if owner == pid => {}
-        Err(_) => return None,
     }
     // SAFETY: F_GETFL only reads the fd's status flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -113,28 +147,7 @@ impl Closing {
         let at_close = measure(&self.path).ok();
         let mut guard = table();
         let table = guard.get_or_insert_with(Table::default);
-        table.closes += 1;
-        let closes = table.closes;
-        let noted = table.files.entry(self.path).or_insert(Noted {
-            appended: false,
-            last_close: 0,
-            at_close: None,
-            at_checkpoint: None,
-        });
-        noted.appended |= self.appends;
-        noted.last_close = closes;
-        noted.at_close = at_close;
-        noted.at_checkpoint = None;
-        if table.files.len() > MAX_CLOSED_FILES {
-            let oldest = table
-                .files
-                .iter()
-                .min_by_key(|(_, n)| n.last_close)
-                .map(|(p, _)| p.clone());
-            if let Some(oldest) = oldest {
-                table.files.remove(&oldest);
-            }
-        }
+        note_closed(table, self.path, self.appends, at_close);
     }
 }
 
@@ -162,6 +175,22 @@ pub(crate) fn capture(
     warnings: &mut Vec<String>,
 ) -> Option<Vec<u8>> {
     let mut guard = table();
+    let (closed, dropped) = close::drain();
+    if dropped > 0 {
+        warnings.push(format!(
+            "{dropped} closes of files open for appending, made with close(2) since the last \
+             checkpoint, were not noted (more files than the runtime keeps between two \
+             checkpoints): lines appended to them after this checkpoint may stay after a restart"
+        ));
+    }
+    if !closed.is_empty() {
+        let table = guard.get_or_insert_with(Table::default);
+        for path in closed {
+            // Not measured at the close (that must not allocate): its
+            // mark at the checkpoint stands for both.
+            note_closed(table, path, true, None);
+        }
+    }
     let table = guard.as_mut()?;
     let mut out = ClosedFiles::default();
     let mut gone = Vec::new();

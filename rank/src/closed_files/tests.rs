@@ -28,7 +28,11 @@ fn append_and_close(path: &std::path::Path, line: &[u8]) {
     let mut file = append_open(path);
     file.write_all(line).unwrap();
     let closing = closing(file.as_raw_fd(), true);
-    drop(file);
+    // Closed as the C library's fclose does, not through the runtime's
+    // `close` (which `drop` would call in this binary).
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+    // SAFETY: the fd was just taken from its File.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
     if let Some(closing) = closing {
         closing.done();
     }
@@ -78,7 +82,9 @@ fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
 
     // Written through another fd after the close, before the checkpoint:
     // the checkpoint's mark counts it, the close's does not.
-    append_open(&log).write_all(b"raw\n").unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&log).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&writer, b"raw\n", 4).unwrap();
+    drop(writer);
     let table = table_now(&HashSet::new()).unwrap();
     assert_eq!(
         table.files,
@@ -86,7 +92,9 @@ fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
     );
 
     // Written after the checkpoint without a close: the record stays.
-    append_open(&log).write_all(b"two\n").unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&log).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&writer, b"two\n", 8).unwrap();
+    drop(writer);
     assert_eq!(table_now(&HashSet::new()).unwrap(), table);
     // Held open for writing at a checkpoint: left to its fd record.
     let open: HashSet<String> = [log_path.clone()].into();
@@ -99,6 +107,65 @@ fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
     append_and_close(&log, b"three\n");
     fs::remove_file(&log).unwrap();
     assert_eq!(table_now(&HashSet::new()), None);
+    forget_all();
+}
+
+#[test]
+fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let _ = close::drain();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("raw.log");
+    for _ in 0..3 {
+        let file = append_open(&log);
+        (&file).write_all(b"line\n").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        // SAFETY: the fd was just taken from its File.
+        assert_eq!(unsafe { close::close(fd) }, 0);
+    }
+    // Not O_APPEND: not noted.
+    let plain =
+        std::os::fd::IntoRawFd::into_raw_fd(fs::File::create(dir.path().join("plain")).unwrap());
+    // SAFETY: as above.
+    let closed = unsafe { close::close(plain) };
+    assert_eq!(closed, 0);
+    // A bad fd is closed (failing) as the C library would.
+    // SAFETY: closing an fd that is not open only fails.
+    assert_eq!(unsafe { close::close(-1) }, -1);
+    let log_path = log.to_str().unwrap().to_owned();
+    let mut link = [0u8; 32];
+    close::proc_fd_path(1234, &mut link);
+    assert_eq!(&link[..19], b"/proc/self/fd/1234\0");
+    // (Other tests of this binary may close files of their own meanwhile.)
+    let mine = |paths: Vec<String>| -> Vec<String> {
+        let dir = dir.path().to_str().unwrap();
+        paths.into_iter().filter(|p| p.starts_with(dir)).collect()
+    };
+    assert_eq!(mine(close::drain().0), vec![log_path.clone()]);
+    assert!(mine(close::drain().0).is_empty());
+
+    // More distinct files than slots: the rest are counted, and the park
+    // that drains them warns.
+    for n in 0..70 {
+        let file = append_open(&dir.path().join(format!("f{n}")));
+        // SAFETY: as above.
+        unsafe { close::close(std::os::fd::IntoRawFd::into_raw_fd(file)) };
+    }
+    let mut warnings = Vec::new();
+    let table = ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings).unwrap()).unwrap();
+    let noted = mine(table.files.iter().map(|f| f.path.clone()).collect()).len();
+    assert!(table
+        .files
+        .iter()
+        .all(|f| f.appended && f.at_close == f.at_checkpoint));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let dropped: usize = warnings[0].split(' ').next().unwrap().parse().unwrap();
+    // (Another test's close may land among them: at least ours are counted.)
+    assert!(
+        noted <= 64 && dropped >= 6 && noted + dropped >= 70,
+        "{noted} noted, {warnings:?}"
+    );
     forget_all();
 }
 

@@ -1,0 +1,195 @@
+//! The runtime's `close`: notes a file open for appending (`O_APPEND`, for
+//! writing) as its last fd closes through `open`/`write`/`close` alone,
+//! then closes it with the C library's.
+//!
+//! `close` may be called from a signal handler, or from a child of `vfork`
+//! that shares the parent's memory, where taking a lock or allocating could
+//! hang the process. So this path only makes system calls that are safe
+//! there (`fcntl`, `fstat`, `readlink`, `getpid`) and copies the path into
+//! one of a fixed set of slots with atomic flags. The checkpoint path
+//! ([`drain`]) moves the slots into the table, where the file is measured
+//! at the park like any other closed since the last checkpoint. When every
+//! slot is taken, the note is dropped and counted ([`drain`] reports it).
+
+use std::cell::UnsafeCell;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+/// Paths noted and not yet drained, at most.
+const SLOTS: usize = 64;
+/// The longest path noted (`PATH_MAX`).
+const PATH_BYTES: usize = 4096;
+
+const FREE: u8 = 0;
+const FILLING: u8 = 1;
+const FULL: u8 = 2;
+
+struct Slot {
+    state: AtomicU8,
+    len: AtomicUsize,
+    path: UnsafeCell<[u8; PATH_BYTES]>,
+}
+
+// SAFETY: `path` is written only by the thread that moved `state` from
+// FREE to FILLING, and read only after it is FULL (Acquire after the
+// writer's Release), by the one drainer that then sets it FREE again.
+unsafe impl Sync for Slot {}
+
+impl Slot {
+    const fn new() -> Slot {
+        Slot {
+            state: AtomicU8::new(FREE),
+            len: AtomicUsize::new(0),
+            path: UnsafeCell::new([0; PATH_BYTES]),
+        }
+    }
+
+    /// The path of a FULL slot.
+    ///
+    /// # Safety
+    ///
+    /// The slot is FULL and stays so while the slice is used.
+    unsafe fn path(&self) -> &[u8] {
+        let len = self.len.load(Ordering::Acquire).min(PATH_BYTES);
+        // SAFETY: a FULL slot is not written (the caller's contract).
+        unsafe { &(&*self.path.get())[..len] }
+    }
+}
+
+static NOTED: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
+/// Notes dropped because every slot was taken.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+type Close = unsafe extern "C" fn(c_int) -> c_int;
+static NEXT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Looks the C library's `close` up while the process starts, so that no
+/// `close` (in a signal handler, say) has to call `dlsym`.
+extern "C" fn find_next() {
+    // SAFETY: dlsym only looks the name up.
+    let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"close".as_ptr()) };
+    NEXT.store(found, Ordering::Release);
+}
+
+#[used]
+#[link_section = ".init_array"]
+static FIND_NEXT: extern "C" fn() = find_next;
+
+/// `/proc/self/fd/<fd>` as a NUL-terminated string, without allocating.
+pub(crate) fn proc_fd_path(fd: c_int, out: &mut [u8; 32]) {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    out[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 10];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        out[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    out[PREFIX.len() + len] = 0;
+}
+
+/// Notes `fd`'s file if it is a regular file with a path, open with
+/// `O_APPEND` for writing. Only async-signal-safe calls; no lock, no heap.
+fn note(fd: c_int) {
+    if fd <= 2 {
+        return;
+    }
+    // SAFETY: F_GETFL only reads the fd's status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY || flags & libc::O_APPEND == 0 {
+        return;
+    }
+    if !super::is_owner() {
+        return;
+    }
+    // SAFETY: a zeroed stat is a valid out-parameter.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid out-parameter.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0
+        || stat.st_mode & libc::S_IFMT != libc::S_IFREG
+        || stat.st_nlink == 0
+    {
+        return;
+    }
+    let mut link = [0u8; 32];
+    proc_fd_path(fd, &mut link);
+    let mut path = [0u8; PATH_BYTES];
+    // SAFETY: `link` is NUL-terminated; `path` has PATH_BYTES bytes.
+    let len = unsafe { libc::readlink(link.as_ptr().cast(), path.as_mut_ptr().cast(), PATH_BYTES) };
+    let Ok(len) = usize::try_from(len) else {
+        return;
+    };
+    if len == 0 || len >= PATH_BYTES || path[0] != b'/' {
+        return;
+    }
+    let path = &path[..len];
+    for slot in &NOTED {
+        // SAFETY: read only while FULL; a drainer frees a slot only after
+        // reading it, and a stale match only skips a note the table has.
+        if slot.state.load(Ordering::Acquire) == FULL && unsafe { slot.path() } == path {
+            return;
+        }
+    }
+    for slot in &NOTED {
+        if slot
+            .state
+            .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            // SAFETY: this thread moved the slot to FILLING: it alone
+            // writes it until it is FULL.
+            unsafe { (&mut *slot.path.get())[..len].copy_from_slice(path) };
+            slot.len.store(len, Ordering::Release);
+            slot.state.store(FULL, Ordering::Release);
+            return;
+        }
+    }
+    DROPPED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `close(2)`: notes the file (see the module), then closes the fd.
+///
+/// # Safety
+///
+/// As for the C library's `close`.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    note(fd);
+    let next = NEXT.load(Ordering::Acquire);
+    if next.is_null() {
+        // SAFETY: the close system call itself, for a `close` made before
+        // the constructor ran.
+        let result = unsafe { libc::syscall(libc::SYS_close, fd) };
+        // 0 or -1 (with errno set).
+        return c_int::try_from(result).unwrap_or(-1);
+    }
+    // SAFETY: the C library's close, found by `find_next`.
+    let next = unsafe { std::mem::transmute::<*mut c_void, Close>(next) };
+    // SAFETY: forwarded unchanged to the function the caller meant.
+    unsafe { next(fd) }
+}
+
+/// The paths noted since the last drain, and how many notes were dropped.
+/// Called under the table's lock: one drainer at a time.
+pub(crate) fn drain() -> (Vec<String>, u64) {
+    let mut out = Vec::new();
+    for slot in &NOTED {
+        if slot.state.load(Ordering::Acquire) != FULL {
+            continue;
+        }
+        // SAFETY: FULL, and only this drainer (under the table's lock)
+        // frees it, after this read.
+        let path = String::from_utf8_lossy(unsafe { slot.path() }).into_owned();
+        slot.state.store(FREE, Ordering::Release);
+        out.push(path);
+    }
+    (out, DROPPED.swap(0, Ordering::Relaxed))
+}
