@@ -5,8 +5,8 @@
 # bindgen), zstd, Python with NumPy, mpi4py (Debian's, built against Open
 # MPI), pip and venv (for the Python package), Slurm with munge and
 # libslurm-dev (for the SPANK plugin and the Slurm tests), iproute2,
-# util-linux and nftables (the namespace cluster tests), and a Rust
-# toolchain if none is present. Safe to run again and again.
+# util-linux and nftables (the namespace cluster tests), hyperfine
+# (scripts/bench-start.sh), and a Rust toolchain if none is present. Safe to run again and again.
 #
 # Installing Open MPI would switch Debian's `mpi` (mpicc, mpicxx, ...),
 # `mpirun` (mpirun, mpiexec) and `mpi-<arch>` (mpi.h, libmpi.so)
@@ -19,7 +19,7 @@ set -euo pipefail
 
 packages=(build-essential pkg-config cmake ca-certificates curl git zstd mpich libmpich-dev libclang-dev clang procps python3 gfortran
   openmpi-bin libopenmpi-dev python3-numpy python3-mpi4py python3-pip python3-venv
-  slurm-wlm munge libslurm-dev iproute2 nftables util-linux)
+  slurm-wlm munge libslurm-dev iproute2 nftables util-linux hyperfine)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

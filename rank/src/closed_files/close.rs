@@ -24,39 +24,44 @@ const FREE: u8 = 0;
 const FILLING: u8 = 1;
 const FULL: u8 = 2;
 
-struct Slot {
-    state: AtomicU8,
-    len: AtomicUsize,
-    path: UnsafeCell<[u8; PATH_BYTES]>,
+/// The slots: their states and lengths packed together, so that looking
+/// for a path already noted touches a few cache lines, not one page per
+/// slot.
+struct Slots {
+    state: [AtomicU8; SLOTS],
+    /// The file's device and inode, to find it again without `readlink`.
+    dev: [AtomicU64; SLOTS],
+    ino: [AtomicU64; SLOTS],
+    len: [AtomicUsize; SLOTS],
+    path: [UnsafeCell<[u8; PATH_BYTES]>; SLOTS],
 }
 
-// SAFETY: `path` is written only by the thread that moved `state` from
-// FREE to FILLING, and read only after it is FULL (Acquire after the
-// writer's Release), by the one drainer that then sets it FREE again.
-unsafe impl Sync for Slot {}
+// SAFETY: `path[i]` is written only by the thread that moved `state[i]`
+// from FREE to FILLING, and read only after it is FULL (Acquire after the
+// writer's Release), by lookers that compare it and by the one drainer
+// that then sets it FREE again.
+unsafe impl Sync for Slots {}
 
-impl Slot {
-    const fn new() -> Slot {
-        Slot {
-            state: AtomicU8::new(FREE),
-            len: AtomicUsize::new(0),
-            path: UnsafeCell::new([0; PATH_BYTES]),
-        }
-    }
-
-    /// The path of a FULL slot.
+impl Slots {
+    /// The path in slot `i`, which is FULL.
     ///
     /// # Safety
     ///
-    /// The slot is FULL and stays so while the slice is used.
-    unsafe fn path(&self) -> &[u8] {
-        let len = self.len.load(Ordering::Acquire).min(PATH_BYTES);
+    /// Slot `i` is FULL and stays so while the slice is used.
+    unsafe fn path(&self, i: usize) -> &[u8] {
+        let len = self.len[i].load(Ordering::Acquire).min(PATH_BYTES);
         // SAFETY: a FULL slot is not written (the caller's contract).
-        unsafe { &(&*self.path.get())[..len] }
+        unsafe { &(&*self.path[i].get())[..len] }
     }
 }
 
-static NOTED: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
+static NOTED: Slots = Slots {
+    state: [const { AtomicU8::new(FREE) }; SLOTS],
+    dev: [const { AtomicU64::new(0) }; SLOTS],
+    ino: [const { AtomicU64::new(0) }; SLOTS],
+    len: [const { AtomicUsize::new(0) }; SLOTS],
+    path: [const { UnsafeCell::new([0; PATH_BYTES]) }; SLOTS],
+};
 /// Notes dropped because every slot was taken.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -119,6 +124,16 @@ fn note(fd: c_int) {
     {
         return;
     }
+    // Closed before since the last park: nothing to add.
+    let (dev, ino) = (stat.st_dev, stat.st_ino);
+    for i in 0..SLOTS {
+        if NOTED.state[i].load(Ordering::Acquire) == FULL
+            && NOTED.dev[i].load(Ordering::Relaxed) == dev
+            && NOTED.ino[i].load(Ordering::Relaxed) == ino
+        {
+            return;
+        }
+    }
     let mut link = [0u8; 32];
     proc_fd_path(fd, &mut link);
     let mut path = [0u8; PATH_BYTES];
@@ -131,24 +146,25 @@ fn note(fd: c_int) {
         return;
     }
     let path = &path[..len];
-    for slot in &NOTED {
+    for i in 0..SLOTS {
         // SAFETY: read only while FULL; a drainer frees a slot only after
         // reading it, and a stale match only skips a note the table has.
-        if slot.state.load(Ordering::Acquire) == FULL && unsafe { slot.path() } == path {
+        if NOTED.state[i].load(Ordering::Acquire) == FULL && unsafe { NOTED.path(i) } == path {
             return;
         }
     }
-    for slot in &NOTED {
-        if slot
-            .state
+    for i in 0..SLOTS {
+        if NOTED.state[i]
             .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
             // SAFETY: this thread moved the slot to FILLING: it alone
             // writes it until it is FULL.
-            unsafe { (&mut *slot.path.get())[..len].copy_from_slice(path) };
-            slot.len.store(len, Ordering::Release);
-            slot.state.store(FULL, Ordering::Release);
+            unsafe { (&mut *NOTED.path[i].get())[..len].copy_from_slice(path) };
+            NOTED.dev[i].store(dev, Ordering::Relaxed);
+            NOTED.ino[i].store(ino, Ordering::Relaxed);
+            NOTED.len[i].store(len, Ordering::Release);
+            NOTED.state[i].store(FULL, Ordering::Release);
             return;
         }
     }
@@ -181,14 +197,14 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 /// Called under the table's lock: one drainer at a time.
 pub(crate) fn drain() -> (Vec<String>, u64) {
     let mut out = Vec::new();
-    for slot in &NOTED {
-        if slot.state.load(Ordering::Acquire) != FULL {
+    for i in 0..SLOTS {
+        if NOTED.state[i].load(Ordering::Acquire) != FULL {
             continue;
         }
         // SAFETY: FULL, and only this drainer (under the table's lock)
         // frees it, after this read.
-        let path = String::from_utf8_lossy(unsafe { slot.path() }).into_owned();
-        slot.state.store(FREE, Ordering::Release);
+        let path = String::from_utf8_lossy(unsafe { NOTED.path(i) }).into_owned();
+        NOTED.state[i].store(FREE, Ordering::Release);
         out.push(path);
     }
     (out, DROPPED.swap(0, Ordering::Relaxed))

@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::os::fd::RawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -131,12 +131,14 @@ pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
     if appending && !appends {
         return None;
     }
-    let proc = format!("/proc/self/fd/{fd}");
-    let meta = fs::metadata(&proc).ok()?;
-    if !meta.is_file() || meta.nlink() == 0 {
+    let meta = nix::sys::stat::fstat(fd).ok()?;
+    if meta.st_mode & libc::S_IFMT != libc::S_IFREG || meta.st_nlink == 0 {
         return None;
     }
-    let path = fs::read_link(&proc).ok()?.to_str()?.to_owned();
+    let path = fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()?
+        .to_str()?
+        .to_owned();
     path.starts_with('/').then_some(Closing { path, appends })
 }
 
