@@ -156,7 +156,13 @@ mod tests {
                 ),
             ],
             mappings: vec![],
-            regions: vec![],
+            regions: vec![cryo_core::format::manifest::RegionRecord {
+                name: cryo_core::format::closed::CLOSED_FILES_REGION.into(),
+                addr: 0,
+                len: 2048,
+                kind: RegionKind::ClosedFiles,
+                chunks: vec![],
+            }],
             stats: WriteStats::default(),
             warnings: vec!["fd 3 (/work/f3) holds a file lock".into()],
         };
@@ -171,6 +177,11 @@ mod tests {
             "{plan}"
         );
         assert!(plan.contains("fd 1 (/work/f1): left alone"), "{plan}");
+        assert!(
+            plan.contains("files written and closed before the checkpoint: cut back")
+                && plan.contains("(table of 2.0 KiB)"),
+            "{plan}"
+        );
         let manifest = Manifest {
             job: "j".into(),
             epoch: 1,

@@ -562,7 +562,11 @@ pub(crate) fn init_with_peers(
         .and_then(|r| {
             let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
             restore_mappings(&r.record, &r.store, config.file_policy)?;
-            let closed = crate::closed_files::load(&r.record, &r.store)?;
+            // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.
+            let closed = match config.file_policy {
+                FilePolicy::Truncate => crate::closed_files::load(&r.record, &r.store)?,
+                FilePolicy::Keep => Default::default(),
+            };
             // The regions come back as the application maps them.
             crate::prefetch::resume(*epoch, store, &job, &r.record);
             Ok((r, files, closed))

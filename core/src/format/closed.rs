@@ -24,8 +24,9 @@ pub const TAIL_BYTES: u64 = 4096;
 /// The most files one rank's table holds; the least recently closed go
 /// first (a log closed at every step stays).
 pub const MAX_CLOSED_FILES: usize = 256;
-/// The largest encoded table a restart reads.
-pub const MAX_TABLE_BYTES: u64 = 1 << 20;
+/// The largest encoded table a restart reads: room for the most files a
+/// table holds, each with the longest path (`PATH_MAX`).
+pub const MAX_TABLE_BYTES: u64 = 2 << 20;
 
 /// A file's size at some moment, and the [`tail_hash`] of its bytes just
 /// before that size.
@@ -116,6 +117,25 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(ClosedFiles::decode(&longer).is_err());
+    }
+
+    #[test]
+    fn the_fullest_table_fits_the_limit() {
+        let mark = Mark {
+            size: u64::MAX,
+            tail: u64::MAX,
+        };
+        let table = ClosedFiles {
+            files: (0..MAX_CLOSED_FILES)
+                .map(|n| ClosedFile {
+                    path: format!("/{n:04}{}", "x".repeat(4090)),
+                    at_checkpoint: mark,
+                    at_close: mark,
+                    appended: true,
+                })
+                .collect(),
+        };
+        assert!(table.encode().unwrap().len() as u64 <= MAX_TABLE_BYTES);
     }
 
     #[test]
