@@ -68,17 +68,20 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 type Close = unsafe extern "C" fn(c_int) -> c_int;
 static NEXT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Looks the C library's `close` up while the process starts, so that no
-/// `close` (in a signal handler, say) has to call `dlsym`.
-extern "C" fn find_next() {
+/// While the process starts: looks the C library's `close` up, so that no
+/// `close` (in a signal handler, say) has to call `dlsym`, and makes this
+/// process the one that notes (not a child of `vfork` that calls `close`
+/// first in the parent's memory).
+extern "C" fn at_start() {
     // SAFETY: dlsym only looks the name up.
     let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"close".as_ptr()) };
     NEXT.store(found, Ordering::Release);
+    super::claim_owner();
 }
 
 #[used]
 #[link_section = ".init_array"]
-static FIND_NEXT: extern "C" fn() = find_next;
+static AT_START: extern "C" fn() = at_start;
 
 /// `/proc/self/fd/<fd>` as a NUL-terminated string, without allocating.
 pub(crate) fn proc_fd_path(fd: c_int, out: &mut [u8; 32]) {

@@ -70,8 +70,14 @@ fn table() -> MutexGuard<'static, Option<Table>> {
     TABLE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether this process notes closes: the first one that asks does, a
-/// child made by `fork` does not. Async-signal-safe.
+/// Makes this process the one that notes closes (at its start).
+fn claim_owner() {
+    OWNER.store(std::process::id(), Ordering::Release);
+}
+
+/// Whether this process notes closes: the one that loaded the runtime (or,
+/// without its start-up hook, the first that asks), never a child made by
+/// `fork` or `vfork`. Async-signal-safe.
 fn is_owner() -> bool {
     let pid = std::process::id();
     match OWNER.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
