@@ -60,6 +60,7 @@ pub const SHAPES: &[&str] = &[
     "stdout_file",
     "own_buffer",
     "reopened",
+    "mpiio",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

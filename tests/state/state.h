@@ -56,7 +56,8 @@
     X(map_private)      \
     X(stdout_file)      \
     X(own_buffer)       \
-    X(reopened)
+    X(reopened)         \
+    X(mpiio)
 
 /* What every shape function gets. */
 struct ctx {

@@ -6,7 +6,8 @@
 //! with full and line buffers, a renamed file, `MAP_SHARED` and
 //! `MAP_PRIVATE` file mappings, a log the program buffers itself and
 //! flushes from a `cryo_at_checkpoint` hook, logs opened, appended to and
-//! closed at every step), plus `all`, every shape in one job.
+//! closed at every step, a file shared through MPI-IO and opened again by
+//! the restarted run), plus `all`, every shape in one job.
 //!
 //! Each test compiles its program with `mpicc`, runs it uninterrupted with
 //! `mpiexec` (the reference), then runs it under `cryo run` on emulated
@@ -52,6 +53,7 @@ shape_test!(state_map_private_survives_kill_and_restart, "map_private");
 shape_test!(state_stdout_file_survives_kill_and_restart, "stdout_file");
 shape_test!(state_own_buffer_survives_kill_and_restart, "own_buffer");
 shape_test!(state_reopened_survives_kill_and_restart, "reopened");
+shape_test!(state_mpiio_survives_kill_and_restart, "mpiio");
 
 /// Every shape in one job of 6 ranks on three nodes, restarted on six.
 #[test]
