@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
+use crate::heat2d::Mpi;
 pub use crate::trees::{compare_trees, tree, Entry};
 use crate::{build_packages, kill_every_process_mentioning, output_text, pids_where, wait_until};
 
@@ -128,10 +129,17 @@ pub fn have_fortran() -> bool {
     works
 }
 
-/// Compiles `shape` (or `all`, every C shape; or the Fortran shape) with
-/// mpicc or mpif90 into `out`.
-pub fn compile(shape: &str, out: &Path) {
-    let bins = built();
+/// Compiles `shape` (or `all`, every C shape; or the Fortran shape, with
+/// MPICH's mpif90) with `mpi`'s compiler against its flavour of
+/// libcryo_rank into `out`.
+pub fn compile(shape: &str, out: &Path, mpi: Mpi) {
+    let bins = match mpi {
+        Mpi::Mpich => built(),
+        Mpi::OpenMpi => {
+            built();
+            crate::heat2d::openmpi_flavour()
+        }
+    };
     let root = repo_root();
     let state = root.join("tests/state");
     if shape == FORTRAN_SHAPE {
@@ -153,7 +161,7 @@ pub fn compile(shape: &str, out: &Path) {
         );
         return;
     }
-    let mut cc = Command::new("mpicc");
+    let mut cc = Command::new(mpi.mpicc());
     cc.args(["-std=c11", "-O2", "-Wall", "-Werror", "-o"])
         .arg(out)
         .arg("-I")
@@ -169,7 +177,7 @@ pub fn compile(shape: &str, out: &Path) {
     }
     cc.arg("-L")
         .arg(&bins)
-        .arg("-lcryo_rank")
+        .arg(format!("-l{}", mpi.rank_lib()))
         .arg(format!("-Wl,-rpath,{}", bins.display()));
     let output = cc.output().unwrap();
     assert!(
@@ -216,23 +224,31 @@ pub struct Case {
     restart_env: std::cell::RefCell<Vec<(String, String)>>,
     /// Where `cryo` runs: this machine, or a namespace cluster's head.
     site: crate::netns::Site,
+    /// The MPI the program is built with and launched by.
+    mpi: Mpi,
 }
 
 impl Case {
-    /// A fresh folder with `shape` (or `all`) compiled in it.
+    /// A fresh folder with `shape` (or `all`) compiled in it, for MPICH.
     pub fn new(shape: &str) -> Case {
+        Case::with_mpi(shape, Mpi::Mpich)
+    }
+
+    /// A fresh folder with `shape` (or `all`) compiled in it for `mpi`.
+    pub fn with_mpi(shape: &str, mpi: Mpi) -> Case {
         let dir = tempfile::Builder::new()
             .prefix(&format!("cryo-state-{shape}-"))
             .tempdir()
             .unwrap();
         let program = dir.path().join(shape);
-        compile(shape, &program);
+        compile(shape, &program, mpi);
         Case {
             dir,
             program,
             checkpoints: std::cell::Cell::new(0),
             restart_env: std::cell::RefCell::new(Vec::new()),
             site: crate::netns::Site::Local,
+            mpi,
         }
     }
 
@@ -266,12 +282,11 @@ impl Case {
 
     /// The uninterrupted reference run, without cryo, into `ref/`.
     pub fn reference(&self, ranks: u32, iters: u64) {
-        let mut cmd = Command::new("mpiexec");
+        let mut cmd = self.mpi.launch(ranks);
         for var in CRYO_RANK_ENV {
             cmd.env_remove(var);
         }
         let out = cmd
-            .args(["-n", &ranks.to_string()])
             .arg(&self.program)
             .args(self.app_args("ref", iters, 0))
             .current_dir(self.dir.path())
@@ -312,7 +327,9 @@ impl Case {
     ) -> Job {
         let mut cmd = self.cryo();
         cmd.envs(env.iter().copied())
-            .args(["run", "--job", job, self.site.nodes_flag(), nodes, "-n"])
+            .args(["run", "--job", job, self.site.nodes_flag(), nodes])
+            .args(self.mpi.cryo_args())
+            .arg("-n")
             .arg(ranks.to_string())
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}")))
@@ -331,6 +348,7 @@ impl Case {
         self.cryo()
             .envs(self.restart_env.borrow().iter().map(|(k, v)| (k, v)))
             .args(["restart", job, self.site.nodes_flag(), nodes])
+            .args(self.mpi.cryo_args())
             .arg("--scratch")
             .arg(self.path(&format!("scratch-{job}-restart")))
             .stdin(Stdio::null())

@@ -2,7 +2,9 @@
 //! `libcryo_rank_openmpi` flavour (built by `scripts/build-openmpi.sh`),
 //! run under `cryo run --launcher mpirun.openmpi`: the same checkpoint →
 //! `kill -9` → restart-on-other-nodes test as with MPICH, byte-identical.
-//! And a program linked with the wrong flavour gets a clear error.
+//! The state suite's `all` program (every way of holding files, MPI-IO
+//! through Open MPI's own implementation included) survives the same. And a
+//! program linked with the wrong flavour gets a clear error.
 //!
 //! Without Open MPI these tests fail, loudly: set `CRYO_SKIP_OPENMPI=1` to
 //! skip them on a machine that cannot run it (they then print SKIPPED).
@@ -28,6 +30,29 @@ fn c_heat2d_with_open_mpi_checkpoint_kill_restart_on_other_nodes() {
         "mpich",
     );
     case.files.assert_runs_match("mpich", "run");
+}
+
+/// Every shape of the state suite in one Open MPI job of 4 ranks on two
+/// nodes, restarted on four: byte-identical to an uninterrupted Open MPI run.
+#[test]
+fn state_all_with_open_mpi_survives_kill_and_restart() {
+    if !openmpi_available() {
+        return;
+    }
+    let survived = cryo_tests::state::survives_on(
+        cryo_tests::state::Case::with_mpi("all", Mpi::OpenMpi),
+        "all",
+        cryo_tests::state::ALL_ITERS,
+        4,
+        ("a:2,b:2", "c:1,d:1,e:1,f:1"),
+        [&[], &[]],
+    );
+    for (what, said) in [("run", &survived.run_log), ("restart", &survived.restart)] {
+        assert!(
+            said.contains("mpirun.openmpi"),
+            "cryo {what} did not launch with Open MPI:\n{said}"
+        );
+    }
 }
 
 /// An Open MPI program linked with the MPICH flavour must not pass its
