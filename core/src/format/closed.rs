@@ -6,8 +6,8 @@
 //! open at the checkpoint, so no fd record names it; yet the steps re-run
 //! after a restart append their lines a second time. The runtime notes such
 //! files when they are closed, with their size then; at each checkpoint it
-//! also records their size at the checkpoint, each with a hash of the
-//! bytes just before that size (the *tail*). A restart cuts a file back to
+//! records that size and their size at the checkpoint, each with a hash of
+//! the bytes just before it (the *tail*). A restart cuts a file back to
 //! a recorded size only when its bytes there still hash the same: it grew
 //! after the checkpoint, and nothing before the cut point changed as far
 //! as the tail shows.
@@ -46,10 +46,11 @@ pub struct ClosedFile {
     /// At the checkpoint: where a file only this rank recorded is cut
     /// back to (what the rank wrote by any means before it parked).
     pub at_checkpoint: Mark,
-    /// Right after the rank's last close before the checkpoint: where a
-    /// file several ranks recorded is cut back to (the largest over the
-    /// ranks), so that lines another rank appended after it resumed from
-    /// the checkpoint are not kept.
+    /// At the size the file had right after the rank's last close before
+    /// the checkpoint (hashed at the checkpoint: appending after the close
+    /// does not change those bytes): where a file several ranks recorded
+    /// is cut back to (the largest over the ranks), so that lines another
+    /// rank appended after it resumed from the checkpoint are not kept.
     pub at_close: Mark,
     /// It was open with `O_APPEND`: growth after the checkpoint is certainly
     /// output to undo, and a file that cannot be cut back is reported.

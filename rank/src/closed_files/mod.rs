@@ -6,14 +6,15 @@
 //!   in the runtime's `fclose` (`fclose.rs`, for streams open with
 //!   `O_APPEND`) and in its `_gfortran_st_close` (`gfortran.rs`, for every
 //!   unit open for writing: `position='append'` sets no flag). They keep
-//!   the path and the file's size right after the close, with a hash of
-//!   the bytes just before it. The runtime's `close` (`close.rs`, for fds
-//!   open with `O_APPEND`) keeps only the path, in a slot that the next
-//!   checkpoint drains: `close` must stay async-signal-safe.
+//!   the path and the file's size right after the close. The runtime's
+//!   `close` (`close.rs`, for fds open with `O_APPEND`) keeps only the
+//!   path, in a slot that the next checkpoint drains: `close` must stay
+//!   async-signal-safe.
 //! * [`capture`] runs on the checkpoint path: it measures each file closed
-//!   since the last checkpoint again and encodes the table
-//!   (`cryo_core::format::closed`) that the agent saves as the region
-//!   `cryo:closed-files`.
+//!   since the last checkpoint (its size now, and a hash of the bytes just
+//!   before that size and before its size at the close: appending does not
+//!   change them) and encodes the table (`cryo_core::format::closed`) that
+//!   the agent saves as the region `cryo:closed-files`.
 //! * [`settle`] (`settle.rs`) runs at a restart: the ranks exchange their
 //!   tables, each cuts the files it recorded back (a file of its own to its
 //!   size at the checkpoint, a shared one to the largest size after a
@@ -48,11 +49,12 @@ struct Noted {
     appended: bool,
     /// The order of its last close, for evicting the least recent.
     last_close: u64,
-    /// Right after its last close (`None` when it could not be read then).
-    at_close: Option<Mark>,
-    /// At the last checkpoint; `None` when it was closed since (or never
-    /// measured).
-    at_checkpoint: Option<Mark>,
+    /// Its size right after its last close (`None` when unknown: closed
+    /// with `close`, or gone at that moment).
+    closed_size: Option<u64>,
+    /// Its marks at the last checkpoint and after the last close before
+    /// it; `None` when it was closed since (or never measured).
+    marks: Option<(Mark, Mark)>,
 }
 
 #[derive(Debug, Default)]
@@ -86,21 +88,21 @@ fn is_owner() -> bool {
     }
 }
 
-/// Notes `path` as closed now, with its mark right after the close when
+/// Notes `path` as closed now, with its size right after the close when
 /// known.
-fn note_closed(table: &mut Table, path: String, appends: bool, at_close: Option<Mark>) {
+fn note_closed(table: &mut Table, path: String, appends: bool, closed_size: Option<u64>) {
     table.closes += 1;
     let closes = table.closes;
     let noted = table.files.entry(path).or_insert(Noted {
         appended: false,
         last_close: 0,
-        at_close: None,
-        at_checkpoint: None,
+        closed_size: None,
+        marks: None,
     });
     noted.appended |= appends;
     noted.last_close = closes;
-    noted.at_close = at_close;
-    noted.at_checkpoint = None;
+    noted.closed_size = closed_size;
+    noted.marks = None;
     if table.files.len() > MAX_CLOSED_FILES {
         let oldest = table
             .files
@@ -150,26 +152,36 @@ pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
 
 impl Closing {
     /// After the close (its buffer is in the file): notes the file with its
-    /// size now.
+    /// size now. The bytes before that size are hashed at the next park:
+    /// appending after the close does not change them.
     pub(crate) fn done(self) {
-        let at_close = measure(&self.path).ok();
+        let closed_size = fs::metadata(&self.path).map(|m| m.len()).ok();
         let mut guard = table();
         let table = guard.get_or_insert_with(Table::default);
-        note_closed(table, self.path, self.appends, at_close);
+        note_closed(table, self.path, self.appends, closed_size);
     }
 }
 
-/// The size of the file at `path` and the hash of its tail.
-fn measure(path: &str) -> io::Result<Mark> {
+/// The file at `path` now, and at `closed_size` when it is no longer than
+/// it is now (else its mark now stands for both).
+fn measure(path: &str, closed_size: Option<u64>) -> io::Result<(Mark, Mark)> {
     let file = fs::File::open(path)?;
     let size = file.metadata()?.len();
-    let start = tail_start(size);
-    let mut tail = vec![0u8; usize::try_from(size - start).unwrap_or(0)];
-    file.read_exact_at(&mut tail, start)?;
-    Ok(Mark {
-        size,
-        tail: tail_hash(size, &tail),
-    })
+    let mark_at = |size: u64| -> io::Result<Mark> {
+        let start = tail_start(size);
+        let mut tail = vec![0u8; usize::try_from(size - start).unwrap_or(0)];
+        file.read_exact_at(&mut tail, start)?;
+        Ok(Mark {
+            size,
+            tail: tail_hash(size, &tail),
+        })
+    };
+    let now = mark_at(size)?;
+    let at_close = match closed_size {
+        Some(closed) if closed < size => mark_at(closed)?,
+        _ => now,
+    };
+    Ok((now, at_close))
 }
 
 /// The table of this checkpoint, encoded; `None` when no file is noted.
@@ -206,12 +218,12 @@ pub(crate) fn capture(
         if open_for_writing.contains(path) {
             continue;
         }
-        let at_checkpoint = match noted.at_checkpoint {
-            Some(mark) => mark,
-            None => match measure(path) {
-                Ok(mark) => {
-                    noted.at_checkpoint = Some(mark);
-                    mark
+        let (at_checkpoint, at_close) = match noted.marks {
+            Some(marks) => marks,
+            None => match measure(path, noted.closed_size) {
+                Ok(marks) => {
+                    noted.marks = Some(marks);
+                    marks
                 }
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
                     gone.push(path.clone());
@@ -230,7 +242,7 @@ pub(crate) fn capture(
         out.files.push(ClosedFile {
             path: path.clone(),
             at_checkpoint,
-            at_close: noted.at_close.unwrap_or(at_checkpoint),
+            at_close,
             appended: noted.appended,
         });
     }
