@@ -5,8 +5,8 @@
 //! `close` may be called from a signal handler, or from a child of `vfork`
 //! that shares the parent's memory, where taking a lock or allocating could
 //! hang the process. So this path only makes system calls that are safe
-//! there (`fcntl`, `fstat`, `readlink`, `getpid`) and copies the path into
-//! one of a fixed set of slots with atomic flags. The checkpoint path
+//! there (`fcntl`, `fstat`, `readlink`, `getpid`) and copies the path, with
+//! the file's size, into one of a fixed set of slots with atomic flags. The checkpoint path
 //! ([`drain`]) moves the slots into the table, where the file is measured
 //! at the park like any other closed since the last checkpoint. When every
 //! slot is taken, the note is dropped and counted ([`drain`] reports it).
@@ -32,6 +32,9 @@ struct Slots {
     /// The file's device and inode, to find it again without `readlink`.
     dev: [AtomicU64; SLOTS],
     ino: [AtomicU64; SLOTS],
+    /// The file's size at its latest close (`fstat` of the fd: a raw fd
+    /// buffers nothing, so it is the size after the close).
+    size: [AtomicU64; SLOTS],
     len: [AtomicUsize; SLOTS],
     path: [UnsafeCell<[u8; PATH_BYTES]>; SLOTS],
 }
@@ -59,6 +62,7 @@ static NOTED: Slots = Slots {
     state: [const { AtomicU8::new(FREE) }; SLOTS],
     dev: [const { AtomicU64::new(0) }; SLOTS],
     ino: [const { AtomicU64::new(0) }; SLOTS],
+    size: [const { AtomicU64::new(0) }; SLOTS],
     len: [const { AtomicUsize::new(0) }; SLOTS],
     path: [const { UnsafeCell::new([0; PATH_BYTES]) }; SLOTS],
 };
@@ -127,13 +131,15 @@ fn note(fd: c_int) {
     {
         return;
     }
-    // Closed before since the last park: nothing to add.
+    // Closed before since the last park: only its size changes.
     let (dev, ino) = (stat.st_dev, stat.st_ino);
+    let size = u64::try_from(stat.st_size).unwrap_or(0);
     for i in 0..SLOTS {
         if NOTED.state[i].load(Ordering::Acquire) == FULL
             && NOTED.dev[i].load(Ordering::Relaxed) == dev
             && NOTED.ino[i].load(Ordering::Relaxed) == ino
         {
+            NOTED.size[i].store(size, Ordering::Relaxed);
             return;
         }
     }
@@ -153,6 +159,7 @@ fn note(fd: c_int) {
         // SAFETY: read only while FULL; a drainer frees a slot only after
         // reading it, and a stale match only skips a note the table has.
         if NOTED.state[i].load(Ordering::Acquire) == FULL && unsafe { NOTED.path(i) } == path {
+            NOTED.size[i].store(size, Ordering::Relaxed);
             return;
         }
     }
@@ -166,6 +173,7 @@ fn note(fd: c_int) {
             unsafe { (&mut *NOTED.path[i].get())[..len].copy_from_slice(path) };
             NOTED.dev[i].store(dev, Ordering::Relaxed);
             NOTED.ino[i].store(ino, Ordering::Relaxed);
+            NOTED.size[i].store(size, Ordering::Relaxed);
             NOTED.len[i].store(len, Ordering::Release);
             NOTED.state[i].store(FULL, Ordering::Release);
             return;
@@ -196,9 +204,10 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { next(fd) }
 }
 
-/// The paths noted since the last drain, and how many notes were dropped.
-/// Called under the table's lock: one drainer at a time.
-pub(crate) fn drain() -> (Vec<String>, u64) {
+/// The paths noted since the last drain with their sizes at their latest
+/// close, and how many notes were dropped. Called under the table's lock:
+/// one drainer at a time.
+pub(crate) fn drain() -> (Vec<(String, u64)>, u64) {
     let mut out = Vec::new();
     for i in 0..SLOTS {
         if NOTED.state[i].load(Ordering::Acquire) != FULL {
@@ -207,8 +216,9 @@ pub(crate) fn drain() -> (Vec<String>, u64) {
         // SAFETY: FULL, and only this drainer (under the table's lock)
         // frees it, after this read.
         let path = String::from_utf8_lossy(unsafe { NOTED.path(i) }).into_owned();
+        let size = NOTED.size[i].load(Ordering::Relaxed);
         NOTED.state[i].store(FREE, Ordering::Release);
-        out.push(path);
+        out.push((path, size));
     }
     (out, DROPPED.swap(0, Ordering::Relaxed))
 }

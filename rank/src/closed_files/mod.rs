@@ -7,8 +7,8 @@
 //!   `O_APPEND`) and in its `_gfortran_st_close` (`gfortran.rs`, for every
 //!   unit open for writing: `position='append'` sets no flag). They keep
 //!   the path and the file's size right after the close. The runtime's
-//!   `close` (`close.rs`, for fds open with `O_APPEND`) keeps only the
-//!   path, in a slot that the next checkpoint drains: `close` must stay
+//!   `close` (`close.rs`, for fds open with `O_APPEND`) keeps the same in a
+//!   slot that the next checkpoint drains: `close` must stay
 //!   async-signal-safe.
 //! * [`capture`] runs on the checkpoint path: it measures each file closed
 //!   since the last checkpoint (its size now, and a hash of the bytes just
@@ -49,8 +49,8 @@ struct Noted {
     appended: bool,
     /// The order of its last close, for evicting the least recent.
     last_close: u64,
-    /// Its size right after its last close (`None` when unknown: closed
-    /// with `close`, or gone at that moment).
+    /// Its size right after its last close (`None` when unknown: gone at
+    /// that moment).
     closed_size: Option<u64>,
     /// Its marks at the last checkpoint and after the last close before
     /// it; `None` when it was closed since (or never measured).
@@ -205,10 +205,8 @@ pub(crate) fn capture(
     }
     if !closed.is_empty() {
         let table = guard.get_or_insert_with(Table::default);
-        for path in closed {
-            // Not measured at the close (that must not allocate): its
-            // mark at the checkpoint stands for both.
-            note_closed(table, path, true, None);
+        for (path, size) in closed {
+            note_closed(table, path, true, Some(size));
         }
     }
     let table = guard.as_mut()?;

@@ -138,11 +138,15 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
     close::proc_fd_path(1234, &mut link);
     assert_eq!(&link[..19], b"/proc/self/fd/1234\0");
     // (Other tests of this binary may close files of their own meanwhile.)
-    let mine = |paths: Vec<String>| -> Vec<String> {
+    let mine = |noted: Vec<(String, u64)>| -> Vec<(String, u64)> {
         let dir = dir.path().to_str().unwrap();
-        paths.into_iter().filter(|p| p.starts_with(dir)).collect()
+        noted
+            .into_iter()
+            .filter(|(p, _)| p.starts_with(dir))
+            .collect()
     };
-    assert_eq!(mine(close::drain().0), vec![log_path.clone()]);
+    // Once, with its size at the last close.
+    assert_eq!(mine(close::drain().0), vec![(log_path.clone(), 15)]);
     assert!(mine(close::drain().0).is_empty());
 
     // More distinct files than slots: the rest are counted, and the park
@@ -154,7 +158,7 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
     }
     let mut warnings = Vec::new();
     let table = ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings).unwrap()).unwrap();
-    let noted = mine(table.files.iter().map(|f| f.path.clone()).collect()).len();
+    let noted = mine(table.files.iter().map(|f| (f.path.clone(), 0)).collect()).len();
     assert!(table
         .files
         .iter()
@@ -166,6 +170,18 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
         noted <= 64 && dropped >= 6 && noted + dropped >= 70,
         "{noted} noted, {warnings:?}"
     );
+
+    // Closed at 15 bytes, then written up to 20 before the park (through
+    // an fd without O_APPEND, not noted): one mark at each size.
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(append_open(&log));
+    // SAFETY: as above.
+    unsafe { close::close(fd) };
+    let writer = fs::OpenOptions::new().write(true).open(&log).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&writer, b"more\n", 15).unwrap();
+    drop(writer);
+    let table = table_now(&HashSet::new()).unwrap();
+    let entry = table.files.iter().find(|f| f.path == log_path).unwrap();
+    assert_eq!((entry.at_close.size, entry.at_checkpoint.size), (15, 20));
     forget_all();
 }
 
