@@ -52,7 +52,8 @@ pub struct FilesRestored {
     pub truncated: Vec<String>,
 }
 
-fn is_writable(flags: i32) -> bool {
+/// Whether status flags `flags` (`F_GETFL`, fdinfo) open a file for writing.
+pub(crate) fn is_writable(flags: i32) -> bool {
     matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR)
 }
 

@@ -297,7 +297,9 @@ pub(crate) fn gather(
             continue;
         };
         let path = link.to_string_lossy().into_owned();
-        if meta.is_file() && is_writable(fd) {
+        // SAFETY: F_GETFL only reads the fd's status flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if meta.is_file() && flags >= 0 && crate::files::is_writable(flags) {
             writing.insert(path.clone());
         }
         // A memfd is an anonymous inode to the agent, never restored by
@@ -313,7 +315,7 @@ pub(crate) fn gather(
                 continue;
             }
             RegionKind::UnlinkedFile { fd }
-        } else if writes_in_place(fd) {
+        } else if flags >= 0 && writes_in_place(flags) {
             RegionKind::FileContents { fd }
         } else {
             continue;
@@ -380,21 +382,12 @@ pub(crate) fn gather(
     Ok(held)
 }
 
-/// Whether `fd` is open for writing.
-fn is_writable(fd: RawFd) -> bool {
-    // SAFETY: F_GETFL only reads the fd's status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
-}
-
-/// Whether `fd` may write anywhere but the end of its file: open for
-/// writing, not `O_APPEND`. Writes of an append-only fd after the
-/// checkpoint are undone by cutting the file back to its size; in-place
-/// writes need the file's contents.
-fn writes_in_place(fd: RawFd) -> bool {
-    // SAFETY: F_GETFL only reads the fd's status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_APPEND == 0
+/// Whether an fd with status flags `flags` may write anywhere but the end
+/// of its file: open for writing, not `O_APPEND`. Writes of an append-only
+/// fd after the checkpoint are undone by cutting the file back to its
+/// size; in-place writes need the file's contents.
+fn writes_in_place(flags: i32) -> bool {
+    crate::files::is_writable(flags) && flags & libc::O_APPEND == 0
 }
 
 fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)) {

@@ -111,26 +111,9 @@ pub(crate) fn proc_fd_path(fd: c_int, out: &mut [u8; 32]) {
 /// Notes `fd`'s file if it is a regular file with a path, open with
 /// `O_APPEND` for writing. Only async-signal-safe calls; no lock, no heap.
 fn note(fd: c_int) {
-    if fd <= 2 {
+    let Some((_, stat)) = super::written_file(fd, true) else {
         return;
-    }
-    // SAFETY: F_GETFL only reads the fd's status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY || flags & libc::O_APPEND == 0 {
-        return;
-    }
-    if !super::is_owner() {
-        return;
-    }
-    // SAFETY: a zeroed stat is a valid out-parameter.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `stat` is a valid out-parameter.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0
-        || stat.st_mode & libc::S_IFMT != libc::S_IFREG
-        || stat.st_nlink == 0
-    {
-        return;
-    }
+    };
     // Closed before since the last park: only its size changes.
     let (dev, ino) = (stat.st_dev, stat.st_ino);
     let size = u64::try_from(stat.st_size).unwrap_or(0);

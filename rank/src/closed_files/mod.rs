@@ -122,27 +122,40 @@ pub(crate) struct Closing {
     appends: bool,
 }
 
-/// Before `fd` is closed: the file to note, if it is a regular file with a
-/// path, open for writing (and with `O_APPEND` when `appending` is asked),
-/// in the process that initialised the table. Never fails: a file not
-/// noted is only a file not cut back.
-pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
-    if fd <= 2 || !is_owner() {
+/// Whether `fd` is a regular file that still has a name, open for writing
+/// (with `O_APPEND` when `appending` is asked), in the process that notes:
+/// whether it appends, and its `fstat`. Async-signal-safe (`fcntl`,
+/// `getpid`, `fstat`), so the runtime's `close` uses it too.
+fn written_file(fd: RawFd, appending: bool) -> Option<(bool, libc::stat)> {
+    if fd <= 2 {
         return None;
     }
     // SAFETY: F_GETFL only reads the fd's status flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || flags & libc::O_ACCMODE == libc::O_RDONLY {
+    if flags < 0 || !crate::files::is_writable(flags) {
         return None;
     }
     let appends = flags & libc::O_APPEND != 0;
-    if appending && !appends {
+    if (appending && !appends) || !is_owner() {
         return None;
     }
-    let meta = nix::sys::stat::fstat(fd).ok()?;
-    if meta.st_mode & libc::S_IFMT != libc::S_IFREG || meta.st_nlink == 0 {
+    // SAFETY: a zeroed stat is a valid out-parameter.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid out-parameter.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0
+        || stat.st_mode & libc::S_IFMT != libc::S_IFREG
+        || stat.st_nlink == 0
+    {
         return None;
     }
+    Some((appends, stat))
+}
+
+/// Before `fd` is closed: the file to note, if [`written_file`] says so
+/// and it has an absolute path. Never fails: a file not noted is only a
+/// file not cut back.
+pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
+    let (appends, _) = written_file(fd, appending)?;
     let path = fs::read_link(format!("/proc/self/fd/{fd}"))
         .ok()?
         .to_str()?

@@ -27,7 +27,6 @@ use cryo_core::format::closed::{
     path_key, tail_hash, tail_start, ClosedFile, ClosedFiles, Mark, MAX_TABLE_BYTES,
 };
 use cryo_core::format::manifest::{RankRecord, RegionKind};
-use cryo_core::store::reader::StreamError;
 use cryo_core::store::JobStore;
 
 use crate::error::RestoreError;
@@ -70,25 +69,13 @@ pub(crate) fn load(record: &RankRecord, store: &JobStore) -> Result<ClosedFiles,
         )));
     }
     let mut bytes = vec![0u8; usize::try_from(region.len).unwrap_or(0)];
-    store
-        .stream_region(region, 1 << 20, |offset, data| {
-            let start = usize::try_from(offset).unwrap_or(usize::MAX);
-            match bytes.get_mut(start..start.saturating_add(data.len())) {
-                Some(slot) => {
-                    slot.copy_from_slice(data);
-                    Ok(())
-                }
-                None => Err(io::Error::other("chunk past the region's end")),
-            }
-        })
-        .map_err(|err| match err {
-            StreamError::Read(source) => RestoreError::Contents {
-                rank,
-                what: "the table of files written and closed".into(),
-                source,
-            },
-            StreamError::Sink(err) => damaged(err.to_string()),
-        })?;
+    crate::restore_threads::restore(|| store.restore_region(region, &mut bytes)).map_err(
+        |source| RestoreError::Contents {
+            rank,
+            what: "the table of files written and closed".into(),
+            source,
+        },
+    )?;
     ClosedFiles::decode(&bytes).map_err(|err| damaged(err.to_string()))
 }
 
