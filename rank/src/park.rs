@@ -3,12 +3,18 @@
 //! agent has copied it, and what happens when the agent is lost meanwhile.
 //! Only a safe point with a checkpoint pending comes here.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::MutexGuard;
+use std::time::Instant;
 
 use cryo_core::dirty::WriteTracker;
-use cryo_core::protocol::{read_message, write_message, AgentToRank, RankToAgent};
+use cryo_core::protocol::{
+    read_message, write_message, AgentToRank, ControlPage, FrameError, ProbeVerdict, RankToAgent,
+};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::CheckpointError;
 use crate::held;
@@ -41,7 +47,7 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
             newer
         }
     };
-    let result = park_epoch(runtime, conn, epoch);
+    let result = park_epoch(runtime, conn, epoch, None);
     detach_on_agent_loss(guard, result)
 }
 
@@ -83,10 +89,27 @@ pub(crate) fn requested_epoch() -> u64 {
     unsafe { &*flag }.load(Ordering::Acquire)
 }
 
+/// Looks for messages in flight while the rank is parked (MPI mode): the
+/// rest of the window the agreement began, so that it overlaps the agent's
+/// copy instead of lengthening the pause.
+pub(crate) trait LookWhileParked {
+    /// When the window ends.
+    fn until(&self) -> Instant;
+    /// Looks once: why the epoch must be refused, if a message is waiting
+    /// (`Err`: the look itself failed, which refuses it too).
+    fn look(&mut self) -> Result<Option<String>, String>;
+    /// The look is over (called once, as soon as it is).
+    fn over(&mut self);
+}
+
 /// Parks for `epoch`, which all ranks agreed on (MPI mode). The local
 /// request may not have been raised yet, or already withdrawn: the rank
-/// parks all the same, and its agent answers `Resume` or `Abort`.
-pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
+/// parks all the same, and its agent answers `Resume` or `Abort`. `late`
+/// goes on looking for messages in flight meanwhile.
+pub(crate) fn park_decided(
+    epoch: u64,
+    late: Option<&mut dyn LookWhileParked>,
+) -> Result<SafePoint, CheckpointError> {
     let guard = lock();
     let Some((runtime, conn)) = guard
         .as_ref()
@@ -100,7 +123,7 @@ pub(crate) fn park_decided(epoch: u64) -> Result<SafePoint, CheckpointError> {
         Ordering::AcqRel,
         Ordering::Acquire,
     );
-    let result = park_epoch(runtime, conn, epoch);
+    let result = park_epoch(runtime, conn, epoch, late);
     detach_on_agent_loss(guard, result)
 }
 
@@ -136,6 +159,7 @@ fn park_epoch(
     runtime: &Runtime,
     conn: &Connection,
     epoch: u64,
+    late: Option<&mut dyn LookWhileParked>,
 ) -> Result<SafePoint, CheckpointError> {
     let rank = runtime.config.rank;
     let page = conn.page();
@@ -177,6 +201,9 @@ fn park_epoch(
     for warning in &held.warnings {
         tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
     }
+    if late.is_some() {
+        page.begin_probe(epoch);
+    }
     page.parked_epoch.store(epoch, Ordering::Release);
     let parked = RankToAgent::Parked {
         epoch,
@@ -192,39 +219,128 @@ fn park_epoch(
     };
     tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
     write_message(&mut &conn.sock, &parked).map_err(agent)?;
+    let ids = Ids {
+        job: &runtime.job,
+        rank,
+        epoch,
+    };
+    await_answer(&conn.sock, page, ids, late).map_err(agent)?
+}
+
+/// Who is parked, for the log and the errors.
+#[derive(Clone, Copy)]
+struct Ids<'a> {
+    job: &'a str,
+    rank: u32,
+    epoch: u64,
+}
+
+/// Waits, parked, for the agent's answer to `Parked`, taking a snapshot if
+/// it asks for one. With `late`, it also looks for messages in flight until
+/// the window ends, and stays parked until then even once resumed: a
+/// message found refuses the epoch (`Refused` after `Parked`, and the
+/// verdict in the control page, which the agent waits for before the
+/// rank's part is made durable).
+fn await_answer(
+    sock: &UnixStream,
+    page: &ControlPage,
+    ids: Ids<'_>,
+    mut late: Option<&mut dyn LookWhileParked>,
+) -> Result<Result<SafePoint, CheckpointError>, FrameError> {
+    let Ids { job, rank, epoch } = ids;
+    let mut answer: Option<SafePoint> = None;
+    let mut refused = false;
     loop {
-        match read_message::<AgentToRank>(&mut &conn.sock).map_err(agent)? {
+        if let Some(look) = late.as_deref_mut() {
+            let found = match look.look() {
+                Ok(None) if Instant::now() < look.until() => None,
+                Ok(None) => Some(None),
+                Ok(Some(reason)) | Err(reason) => Some(Some(reason)),
+            };
+            match found {
+                None => {}
+                Some(None) => {
+                    page.end_probe(epoch, ProbeVerdict::Clear);
+                    look.over();
+                    late = None;
+                }
+                Some(Some(reason)) => {
+                    tracing::warn!(job, rank, epoch, reason = %reason, "rank.quiesce_refused");
+                    let sent = write_message(&mut &*sock, &RankToAgent::Refused { epoch, reason });
+                    page.end_probe(epoch, ProbeVerdict::InFlight);
+                    look.over();
+                    sent?;
+                    refused = true;
+                    late = None;
+                }
+            }
+        }
+        if late.is_none() {
+            if let Some(answer) = answer.take() {
+                return Ok(Ok(if refused {
+                    SafePoint::Aborted(epoch)
+                } else {
+                    answer
+                }));
+            }
+        } else if answer.is_some() || !readable(sock)? {
+            // Still looking: the agent's answer is read between looks.
+            std::thread::yield_now();
+            continue;
+        }
+        match read_message::<AgentToRank>(&mut &*sock)? {
             AgentToRank::Resume { epoch: resumed } if resumed == epoch => {
                 page.resumed_epoch.store(epoch, Ordering::Release);
-                tracing::debug!(job = %runtime.job, rank, epoch, "rank.resumed");
-                return Ok(SafePoint::Checkpointed(epoch));
+                tracing::debug!(job, rank, epoch, "rank.resumed");
+                answer = Some(SafePoint::Checkpointed(epoch));
             }
             AgentToRank::Abort {
                 epoch: aborted,
                 reason,
             } if aborted == epoch => {
-                tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_aborted");
-                return Ok(SafePoint::Aborted(epoch));
+                tracing::warn!(job, rank, epoch, reason = %reason, "rank.checkpoint_aborted");
+                if let Some(look) = late.take() {
+                    // Nothing is left to refuse.
+                    page.end_probe(epoch, ProbeVerdict::Clear);
+                    look.over();
+                }
+                answer = Some(SafePoint::Aborted(epoch));
             }
             AgentToRank::Snapshot { epoch: asked } if asked == epoch => {
-                let outcome = crate::snapshot::take(&conn.sock);
-                tracing::debug!(job = %runtime.job, rank, epoch, outcome = ?outcome, "rank.snapshot");
-                write_message(&mut &conn.sock, &RankToAgent::Snapshot { epoch, outcome })
-                    .map_err(agent)?;
+                let outcome = crate::snapshot::take(sock);
+                tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.snapshot");
+                write_message(&mut &*sock, &RankToAgent::Snapshot { epoch, outcome })?;
             }
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
                 if old < epoch =>
             {
-                tracing::debug!(job = %runtime.job, rank, epoch, stale = old, "rank.stale_answer");
+                tracing::debug!(job, rank, epoch, stale = old, "rank.stale_answer");
             }
             other => {
-                return Err(CheckpointError::Unexpected {
+                return Ok(Err(CheckpointError::Unexpected {
                     rank,
                     epoch,
                     what: format!("{other:?}"),
-                })
+                }))
             }
         }
     }
 }
+
+/// Whether a message waits on `sock`, without blocking.
+fn readable(sock: &UnixStream) -> Result<bool, FrameError> {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) => Ok(n > 0),
+        Err(Errno::EINTR) => Ok(false),
+        Err(errno) => Err(FrameError::Io {
+            step: "poll",
+            source: std::io::Error::from(errno),
+        }),
+    }
+}
+
+#[cfg(test)]
+#[path = "park_tests.rs"]
+mod tests;

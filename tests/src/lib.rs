@@ -21,6 +21,7 @@ use cryo_core::protocol::{
     BusyPolicy, CheckpointReport, Completion, ControlRequest, ControlResponse,
 };
 
+pub mod coordinated;
 pub mod counter;
 pub mod heat2d;
 pub mod netns;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use cryo_core::fault;
 use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{
-    AgentToRank, CheckpointReport, RankCaptureReport, SnapshotOutcome, SNAPSHOT_VERSION,
+    AgentToRank, CheckpointReport, ProbeVerdict, RankCaptureReport, SnapshotOutcome,
+    SNAPSHOT_VERSION,
 };
 use cryo_core::store::writer::EpochWriter;
 
@@ -22,6 +23,16 @@ const POLL: Duration = Duration::from_millis(20);
 /// How long a parked rank has to answer a request for a snapshot (a clone
 /// copies the page tables: milliseconds per GiB).
 const SNAPSHOT_ANSWER: Duration = Duration::from_secs(10);
+
+/// How long a parked MPI rank has to give its verdict on messages in
+/// flight: its window is milliseconds, but a rank may be descheduled.
+const VERDICT_WAIT: Duration = Duration::from_secs(30);
+
+/// How long a verdict that found a message waits for the rank's text.
+const REFUSAL_TEXT_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the wait for a verdict reads the control page.
+const VERDICT_POLL: Duration = Duration::from_micros(500);
 
 /// How long a rank that took the request after the park deadline has to
 /// finish parking.
@@ -150,6 +161,7 @@ pub(super) fn capture_one(
         epoch,
         resume,
         resumed: &mut did_resume,
+        refused: None,
     };
     // A failed capture loses its write-tracking scan, so the baseline is
     // put back only once this part is durable.
@@ -165,6 +177,7 @@ pub(super) fn capture_one(
             &mut control,
         )
     };
+    let refused = control.refused.take();
     let (report, record) = match captured {
         Ok(captured) => captured,
         Err(err) => {
@@ -186,6 +199,9 @@ pub(super) fn capture_one(
     if run.cancel.is_set() {
         return Err(run.cancelled());
     }
+    // An MPI rank goes on looking for messages in flight while parked: its
+    // part is made durable only once it found none.
+    await_verdict(conn, run, refused)?;
     let regions = record.regions.clone();
     let stats = rank_writer.finish(record)?;
     *lock(&conn.baseline) = Some(regions);
@@ -211,6 +227,9 @@ struct Control<'a, F> {
     epoch: u64,
     resume: F,
     resumed: &'a mut bool,
+    /// A refusal the rank sent while the snapshot was awaited (an MPI
+    /// rank's look while parked found a message in flight).
+    refused: Option<String>,
 }
 
 impl<F: FnMut(&RankCaptureReport) -> Result<(), String>> ParkedRank for Control<'_, F> {
@@ -233,6 +252,9 @@ impl<F: FnMut(&RankCaptureReport) -> Result<(), String>> ParkedRank for Control<
                         SnapshotOutcome::Taken { pid } => Ok(pid),
                         SnapshotOutcome::Failed { reason } => Err(reason),
                     }
+                }
+                Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
+                    self.refused = Some(reason);
                 }
                 Ok(event) => answer_stale(conn, event),
                 Err(RecvTimeoutError::Timeout) => {
@@ -262,6 +284,81 @@ fn answer_stale(conn: &RankConn, event: RankEvent) {
             ..
         } => crate::snapshot::discard(pid),
         RankEvent::Snapshot { .. } | RankEvent::Refused { .. } | RankEvent::Gone(_) => {}
+    }
+}
+
+/// Waits for a parked MPI rank's verdict on messages in flight for `run`'s
+/// epoch, if it said one follows (`ControlPage::begin_probe`). Its window is
+/// milliseconds and overlaps the copy, so the verdict is usually there.
+/// `refused`: the rank's refusal, if a wait during the capture took it.
+fn await_verdict(
+    conn: &RankConn,
+    run: &EpochRun,
+    refused: Option<String>,
+) -> Result<(), EpochError> {
+    let (epoch, rank, pid) = (run.epoch, conn.rank, conn.pid);
+    let page = conn.page.page();
+    if !page.probe_pending(epoch) {
+        return Ok(());
+    }
+    if let Some(detail) = refused {
+        return Err(EpochError::Refused { rank, pid, detail });
+    }
+    let events = lock(&conn.events);
+    let started = Instant::now();
+    let mut found_at = None;
+    loop {
+        match page.probe_verdict(epoch) {
+            Some(ProbeVerdict::Clear) => return Ok(()),
+            Some(ProbeVerdict::InFlight) => {
+                // The rank sent `Refused` before it wrote the verdict; its
+                // text names the message. A reader that lost it (a
+                // snapshot's wait skips refusals) gets a plain one.
+                let since = *found_at.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REFUSAL_TEXT_WAIT {
+                    return Err(EpochError::Refused {
+                        rank,
+                        pid,
+                        detail: format!(
+                            "rank {rank}: a message was still in flight at the safe point"
+                        ),
+                    });
+                }
+            }
+            None if started.elapsed() >= VERDICT_WAIT => {
+                return Err(EpochError::Refused {
+                    rank,
+                    pid,
+                    detail: format!(
+                        "rank {rank} did not finish looking for messages in flight within {} s",
+                        VERDICT_WAIT.as_secs()
+                    ),
+                })
+            }
+            None => {}
+        }
+        if run.cancel.is_set() {
+            return Err(run.cancelled());
+        }
+        match events.recv_timeout(VERDICT_POLL) {
+            Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
+                return Err(EpochError::Refused {
+                    rank,
+                    pid,
+                    detail: reason,
+                })
+            }
+            Ok(RankEvent::Gone(why)) => return Err(EpochError::Left { rank, pid, why }),
+            Ok(event) => answer_stale(conn, event),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(EpochError::Left {
+                    rank,
+                    pid,
+                    why: "disconnected".into(),
+                })
+            }
+        }
     }
 }
 

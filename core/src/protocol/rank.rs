@@ -1,6 +1,6 @@
 //! Between a rank and its node agent: how the rank starts, what it says when
 //! parked, the agent's answers, and the control page they share.
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -166,6 +166,59 @@ pub struct ControlPage {
     pub parked_epoch: AtomicU64,
     /// The last epoch the agent resumed the rank from.
     pub resumed_epoch: AtomicU64,
+    /// The epoch for which the rank, already parked, is still looking for
+    /// a message in flight (written by an MPI rank before `Parked`). The
+    /// agent makes that rank's part durable only once
+    /// [`ControlPage::probe_verdict`] answers for the epoch. Zero on a
+    /// rank that never looks while parked (no MPI, or an older runtime).
+    pub probing_epoch: AtomicU64,
+    /// What that look found: the epoch, with [`IN_FLIGHT_BIT`] set if a
+    /// message was in flight (the rank then also sends `Refused`).
+    pub probed: AtomicU64,
+}
+
+/// Set in [`ControlPage::probed`] when the rank found a message in flight.
+pub const IN_FLIGHT_BIT: u64 = 1 << 63;
+
+/// What a parked rank found when it looked for messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeVerdict {
+    /// Nothing in flight: the rank's state is consistent.
+    Clear,
+    /// A message was in flight: the epoch must not commit.
+    InFlight,
+}
+
+impl ControlPage {
+    /// The rank: it will keep looking for messages in flight after it
+    /// parks for `epoch`, and give a verdict.
+    pub fn begin_probe(&self, epoch: u64) {
+        self.probing_epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The rank: its look for `epoch` is over.
+    pub fn end_probe(&self, epoch: u64, verdict: ProbeVerdict) {
+        let bit = match verdict {
+            ProbeVerdict::Clear => 0,
+            ProbeVerdict::InFlight => IN_FLIGHT_BIT,
+        };
+        self.probed.store(epoch | bit, Ordering::Release);
+    }
+
+    /// The agent: whether the rank said a verdict for `epoch` follows.
+    pub fn probe_pending(&self, epoch: u64) -> bool {
+        self.probing_epoch.load(Ordering::Acquire) == epoch
+    }
+
+    /// The agent: the rank's verdict for `epoch`, once given.
+    pub fn probe_verdict(&self, epoch: u64) -> Option<ProbeVerdict> {
+        let word = self.probed.load(Ordering::Acquire);
+        match (word & !IN_FLIGHT_BIT == epoch, word & IN_FLIGHT_BIT != 0) {
+            (false, _) => None,
+            (true, false) => Some(ProbeVerdict::Clear),
+            (true, true) => Some(ProbeVerdict::InFlight),
+        }
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<ControlPage>() <= CONTROL_PAGE_LEN);

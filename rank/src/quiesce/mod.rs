@@ -36,7 +36,7 @@
 //!    target (the barrier).
 //! 3. **check** `SUM[ranks with a message in flight, ranks not at the
 //!    target, ranks that rang, ranks leaving]`: each rank at the target
-//!    probes the application's communicator first. Its result is the same
+//!    probes the application's communicator once first. Its result is the same
 //!    everywhere: park (all at the target, nothing in flight); refuse (a
 //!    message in flight: the application broke the safe-point contract; the
 //!    ranks that saw one refuse, naming it, and the others compute on); or
@@ -77,6 +77,19 @@
 //! sent before the safe point and not yet received. If any rank sees one,
 //! the checkpoint is refused: the ranks that saw one refuse it, naming the
 //! sender and tag (which aborts the epoch), and every rank carries on.
+//!
+//! MPI does not promise that such a message is visible the moment the
+//! arrive step completes (it may travel another path), so a rank that parks
+//! goes on looking for [`PROBE_WINDOW`] while its agent copies it
+//! (`LateProbe`, driven by `park::await_answer`), gives its verdict in the
+//! control page, and refuses after `Parked` if it found one: the agent then
+//! fails the epoch instead of making the rank's part durable. When its look
+//! is over it starts the **fence**, one more allreduce on the private
+//! communicator, and computes on only once its agent resumed it and the
+//! fence completed: no rank sends its next iteration's messages while
+//! another still looks. A rank that refused because it left the target
+//! while the others parked meets them there. The window thus overlaps the
+//! copy instead of adding to the pause.
 //!
 //! ## Files
 //!
@@ -120,8 +133,10 @@ use ::mpi::ffi;
 use ::mpi::topology::Communicator;
 
 use self::agreement::{CallError, Collectives, Decision, Progress, Quiesce};
+use self::decision::Refusal;
 use self::mpi::Mpi;
 use crate::error::{CheckpointError, InitError};
+use crate::park::LookWhileParked;
 use crate::runtime::{self, InitInfo, SafePoint};
 
 pub use self::agreement::{MAX_ATTEMPTS, RING_AFTER};
@@ -275,11 +290,12 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     let Some(q) = guard.as_mut() else {
         return Ok(SafePoint::Continue);
     };
+    let rank = u32::try_from(q.rank()).unwrap_or(u32::MAX);
     let progress = q
         .safe_point(runtime::requested_epoch())
         .and_then(|progress| wait_out(q, progress))
         .map_err(|err| CheckpointError::Mpi {
-            rank: u32::try_from(q.rank()).unwrap_or(u32::MAX),
+            rank,
             detail: err.to_string(),
         })?;
     drop(guard);
@@ -287,11 +303,89 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
         Progress::Continue | Progress::Wait | Progress::Decided(Decision::ComputeOn) => {
             Ok(SafePoint::Continue)
         }
-        Progress::Decided(Decision::Park(epoch)) => runtime::park_decided(epoch),
+        Progress::Decided(Decision::Park(epoch)) => {
+            let mut late = LateProbe {
+                until: std::time::Instant::now() + PROBE_WINDOW,
+            };
+            let parked = runtime::park_decided(epoch, Some(&mut late));
+            // Whatever the park's end, every rank passes the fence.
+            pass_fence(rank)?;
+            parked
+        }
         Progress::Decided(Decision::Refuse(epoch, refusal)) => {
-            runtime::refuse(epoch, refusal.to_string())
+            let left_target = matches!(refusal, Refusal::LeftTarget { .. });
+            let refused = runtime::refuse(epoch, refusal.to_string());
+            if left_target {
+                // The others parked: meet them at their fence.
+                pass_fence(rank)?;
+            }
+            refused
         }
     }
+}
+
+/// The rest of the window for messages in flight, looked at while the rank
+/// is parked and the agent copies it: a message found there refuses the
+/// epoch as one found before the check would. No rank computes on before
+/// every rank's window is over (the fence), so what it finds was sent
+/// before the safe point.
+struct LateProbe {
+    until: std::time::Instant,
+}
+
+impl LookWhileParked for LateProbe {
+    fn until(&self) -> std::time::Instant {
+        self.until
+    }
+
+    fn look(&mut self) -> Result<Option<String>, String> {
+        // Every MPI call of the runtime is made under the quiesce's lock.
+        let guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(q) = guard.as_ref() else {
+            return Ok(None);
+        };
+        let rank = q.rank();
+        match q.net().look_in_flight() {
+            Ok(None) => Ok(None),
+            Ok(Some(message)) => Ok(Some(Refusal::InFlight { rank, message }.to_string())),
+            Err(err) => Err(format!(
+                "rank {rank}: looking for messages in flight while parked: {err}"
+            )),
+        }
+    }
+
+    fn over(&mut self) {
+        let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(q) = guard.as_mut() {
+            // A failure shows again, and is reported, in `pass_fence`.
+            let _ = q.net_mut().start_fence();
+        }
+    }
+}
+
+/// Starts the park's fence if the late look did not, and waits until every
+/// rank of the agreement has started it, yielding the core between tests
+/// (see [`Mpi::start_fence`]).
+fn pass_fence(rank: u32) -> Result<(), CheckpointError> {
+    let mpi_err = |err: CallError| CheckpointError::Mpi {
+        rank,
+        detail: format!("the fence after a park: {err}"),
+    };
+    let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(q) = guard.as_mut() else {
+        return Ok(());
+    };
+    q.net_mut().start_fence().map_err(mpi_err)?;
+    let mut polls: u32 = 0;
+    while !q.net_mut().fence_passed().map_err(mpi_err)? {
+        polls = polls.saturating_add(1);
+        if polls > SPINS_BEFORE_YIELD {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    Ok(())
 }
 
 /// Polls `q` for as long as it keeps the rank inside the safe point,

@@ -13,11 +13,13 @@ use ::mpi::ffi;
 
 use super::agreement::{CallError, Collectives, InFlight, Reduce};
 
-/// How long a rank at the target keeps looking for a message in flight.
-/// MPI does not promise that a message sent before the sender's arrival is
-/// visible to the receiver's `MPI_Iprobe` when the arrive step completes (it
-/// may travel another path); a short window catches those that were sent,
-/// at the cost of this much quiesce latency.
+/// How long a rank keeps looking for a message in flight once the ranks
+/// agreed to park. MPI does not promise that a message sent before the
+/// sender's arrival is visible to the receiver's `MPI_Iprobe` when the
+/// arrive step completes (it may travel another path); a short window
+/// catches those that were sent. The rank looks once before the check and
+/// for the rest of the window while it is parked ([`LateProbe`]), so the
+/// window overlaps the agent's copy instead of adding to the pause.
 pub const PROBE_WINDOW: Duration = Duration::from_millis(2);
 
 /// The tag of a ring on the bell communicator (the only tag used there).
@@ -49,6 +51,30 @@ pub(crate) fn finalized() -> bool {
     finalized != 0
 }
 
+/// One `MPI_Iprobe` of `comm`, any source, any tag: the message waiting
+/// there, if any.
+fn iprobe(comm: ffi::MPI_Comm) -> Result<Option<InFlight>, CallError> {
+    let mut pending = 0;
+    // SAFETY: a zeroed MPI_Status is a valid out-parameter.
+    let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+    // SAFETY: `comm` is the application's live communicator (the caller's
+    // contract, see `Mpi::attach`); out-parameters valid.
+    let code = unsafe {
+        ffi::MPI_Iprobe(
+            ffi::RSMPI_ANY_SOURCE,
+            ffi::RSMPI_ANY_TAG,
+            comm,
+            &mut pending,
+            &mut status,
+        )
+    };
+    check(code, "MPI_Iprobe")?;
+    Ok((pending != 0).then_some(InFlight {
+        source: status.MPI_SOURCE,
+        tag: status.MPI_TAG,
+    }))
+}
+
 /// The quiesce's MPI state: its communicators and the bell.
 pub(crate) struct Mpi {
     /// Private duplicate for agreements: they never match the
@@ -62,6 +88,8 @@ pub(crate) struct Mpi {
     size: i32,
     /// The receive kept posted for a peer's ring.
     bell: Bell,
+    /// The fence that ends a park, once started (see [`Mpi::start_fence`]).
+    fence: Option<Collective<1>>,
 }
 
 // SAFETY: `Send` is needed only because the quiesce state lives in a static
@@ -128,12 +156,42 @@ impl Mpi {
                 request: unsafe { ffi::RSMPI_REQUEST_NULL },
                 rung: false,
             },
+            fence: None,
         })
     }
 
     /// This rank in the communicator.
     pub(crate) fn rank(&self) -> i32 {
         self.rank
+    }
+
+    /// Looks once for a message waiting on the application's communicator.
+    pub(crate) fn look_in_flight(&self) -> Result<Option<InFlight>, CallError> {
+        iprobe(self.app_comm)
+    }
+
+    /// Starts the fence that ends a park (once per park): an allreduce on
+    /// the agreements' communicator that every rank of the agreement starts
+    /// when its look for messages in flight is over. No rank computes on
+    /// before it completes, so no message of the next iteration can be
+    /// taken for one in flight.
+    pub(crate) fn start_fence(&mut self) -> Result<(), CallError> {
+        if self.fence.is_none() {
+            self.fence = Some(Collective::start(self.agree_comm, [0], Reduce::Max)?);
+        }
+        Ok(())
+    }
+
+    /// Tests the fence once: whether it has completed (it is then gone).
+    pub(crate) fn fence_passed(&mut self) -> Result<bool, CallError> {
+        let passed = match self.fence.as_mut() {
+            Some(fence) => fence.test()?,
+            None => true,
+        };
+        if passed {
+            self.fence = None;
+        }
+        Ok(passed)
     }
 
     /// Posts the bell: from now on a peer's ring is received.
@@ -377,37 +435,10 @@ impl Collectives for Mpi {
         Ok(pending.test()?.then(|| pending.buffers.recv))
     }
 
-    /// `MPI_Iprobe` of the application's communicator, any source, any
-    /// tag, for up to [`PROBE_WINDOW`].
+    /// One `MPI_Iprobe` of the application's communicator; the rest of the
+    /// window is the parked rank's ([`LateProbe`]).
     fn probe(&mut self) -> Result<Option<InFlight>, CallError> {
-        let started = Instant::now();
-        loop {
-            let mut pending = 0;
-            // SAFETY: a zeroed MPI_Status is a valid out-parameter.
-            let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-            // SAFETY: the application's communicator is live; out-parameters
-            // valid.
-            let code = unsafe {
-                ffi::MPI_Iprobe(
-                    ffi::RSMPI_ANY_SOURCE,
-                    ffi::RSMPI_ANY_TAG,
-                    self.app_comm,
-                    &mut pending,
-                    &mut status,
-                )
-            };
-            check(code, "MPI_Iprobe")?;
-            if pending != 0 {
-                return Ok(Some(InFlight {
-                    source: status.MPI_SOURCE,
-                    tag: status.MPI_TAG,
-                }));
-            }
-            if started.elapsed() >= PROBE_WINDOW {
-                return Ok(None);
-            }
-            std::thread::yield_now();
-        }
+        iprobe(self.app_comm)
     }
 
     /// Sends an empty ring to every other rank. The sends are freed at
