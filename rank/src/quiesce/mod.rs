@@ -88,8 +88,9 @@
 //! communicator, and computes on only once its agent resumed it and the
 //! fence completed: no rank sends its next iteration's messages while
 //! another still looks. A rank that refused because it left the target
-//! while the others parked meets them there. The window thus overlaps the
-//! copy instead of adding to the pause.
+//! while the others parked meets them there at its next safe point, so the
+//! wait at the fence is bounded ([`FENCE_PATIENCE`]). The window thus
+//! overlaps the copy instead of adding to the pause.
 //!
 //! ## Files
 //!
@@ -292,7 +293,9 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
     };
     let rank = u32::try_from(q.rank()).unwrap_or(u32::MAX);
     let progress = q
-        .safe_point(runtime::requested_epoch())
+        .net_mut()
+        .drive_fence()
+        .and_then(|()| q.safe_point(runtime::requested_epoch()))
         .and_then(|progress| wait_out(q, progress))
         .map_err(|err| CheckpointError::Mpi {
             rank,
@@ -363,9 +366,18 @@ impl LookWhileParked for LateProbe {
     }
 }
 
+/// How long a rank waits at the fence after a park. Every rank normally
+/// starts it within its window and a round of the scheduler. A rank that
+/// left the target while waiting for the check starts it only at its next
+/// safe point, and in a coupled code that comes only once the parked ranks
+/// compute on: so a rank stops waiting after this long and computes on,
+/// leaving the fence pending (tested at its next safe points). The price is
+/// a possible false refusal by a peer still looking, never a missed message.
+const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Starts the park's fence if the late look did not, and waits until every
-/// rank of the agreement has started it, yielding the core between tests
-/// (see [`Mpi::start_fence`]).
+/// rank of the agreement has started it (at most [`FENCE_PATIENCE`]),
+/// yielding the core between tests (see [`Mpi::start_fence`]).
 fn pass_fence(rank: u32) -> Result<(), CheckpointError> {
     let mpi_err = |err: CallError| CheckpointError::Mpi {
         rank,
@@ -376,10 +388,15 @@ fn pass_fence(rank: u32) -> Result<(), CheckpointError> {
         return Ok(());
     };
     q.net_mut().start_fence().map_err(mpi_err)?;
+    let started = std::time::Instant::now();
     let mut polls: u32 = 0;
     while !q.net_mut().fence_passed().map_err(mpi_err)? {
         polls = polls.saturating_add(1);
         if polls > SPINS_BEFORE_YIELD {
+            if started.elapsed() >= FENCE_PATIENCE {
+                tracing::debug!(rank, "quiesce.fence_left_pending");
+                break;
+            }
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
