@@ -89,7 +89,7 @@
 //! fence completed: no rank sends its next iteration's messages while
 //! another still looks. A rank that refused because it left the target
 //! while the others parked meets them there at its next safe point, so the
-//! wait at the fence is bounded ([`FENCE_PATIENCE`]). The window thus
+//! wait at the fence is bounded (`FENCE_PATIENCE`). The window thus
 //! overlaps the copy instead of adding to the pause.
 //!
 //! ## Files

@@ -18,8 +18,9 @@ use super::agreement::{CallError, Collectives, InFlight, Reduce};
 /// sender's arrival is visible to the receiver's `MPI_Iprobe` when the
 /// arrive step completes (it may travel another path); a short window
 /// catches those that were sent. The rank looks once before the check and
-/// for the rest of the window while it is parked ([`LateProbe`]), so the
-/// window overlaps the agent's copy instead of adding to the pause.
+/// for the rest of the window while it is parked (`LateProbe` in
+/// `mod.rs`), so the window overlaps the agent's copy instead of adding to
+/// the pause.
 pub const PROBE_WINDOW: Duration = Duration::from_millis(2);
 
 /// The tag of a ring on the bell communicator (the only tag used there).
@@ -453,7 +454,7 @@ impl Collectives for Mpi {
     }
 
     /// One `MPI_Iprobe` of the application's communicator; the rest of the
-    /// window is the parked rank's ([`LateProbe`]).
+    /// window is the parked rank's (`LateProbe`).
     fn probe(&mut self) -> Result<Option<InFlight>, CallError> {
         iprobe(self.app_comm)
     }
