@@ -309,10 +309,11 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
         Progress::Decided(Decision::Park(epoch)) => {
             let mut late = LateProbe {
                 until: std::time::Instant::now() + PROBE_WINDOW,
+                fenced: false,
             };
             let parked = runtime::park_decided(epoch, Some(&mut late));
             // Whatever the park's end, every rank passes the fence.
-            pass_fence(rank)?;
+            pass_fence(rank, late.fenced)?;
             parked
         }
         Progress::Decided(Decision::Refuse(epoch, refusal)) => {
@@ -320,7 +321,7 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
             let refused = runtime::refuse(epoch, refusal.to_string());
             if left_target {
                 // The others parked: meet them at their fence.
-                pass_fence(rank)?;
+                pass_fence(rank, false)?;
             }
             refused
         }
@@ -334,6 +335,8 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
 /// before the safe point.
 struct LateProbe {
     until: std::time::Instant,
+    /// Whether the fence was started when the look was over.
+    fenced: bool,
 }
 
 impl LookWhileParked for LateProbe {
@@ -360,8 +363,8 @@ impl LookWhileParked for LateProbe {
     fn over(&mut self) {
         let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(q) = guard.as_mut() {
-            // A failure shows again, and is reported, in `pass_fence`.
-            let _ = q.net_mut().start_fence();
+            // A failure is tried again, and reported, in `pass_fence`.
+            self.fenced = q.net_mut().start_fence().is_ok();
         }
     }
 }
@@ -375,10 +378,11 @@ impl LookWhileParked for LateProbe {
 /// a possible false refusal by a peer still looking, never a missed message.
 const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Starts the park's fence if the late look did not, and waits until every
-/// rank of the agreement has started it (at most [`FENCE_PATIENCE`]),
-/// yielding the core between tests (see [`Mpi::start_fence`]).
-fn pass_fence(rank: u32) -> Result<(), CheckpointError> {
+/// Starts the park's fence unless the late look did (`started`), and waits
+/// until every rank of the agreement has started it (at most
+/// [`FENCE_PATIENCE`]), yielding the core between tests (see
+/// [`Mpi::start_fence`]).
+fn pass_fence(rank: u32, started: bool) -> Result<(), CheckpointError> {
     let mpi_err = |err: CallError| CheckpointError::Mpi {
         rank,
         detail: format!("the fence after a park: {err}"),
@@ -387,7 +391,9 @@ fn pass_fence(rank: u32) -> Result<(), CheckpointError> {
     let Some(q) = guard.as_mut() else {
         return Ok(());
     };
-    q.net_mut().start_fence().map_err(mpi_err)?;
+    if !started {
+        q.net_mut().start_fence().map_err(mpi_err)?;
+    }
     let started = std::time::Instant::now();
     let mut polls: u32 = 0;
     while !q.net_mut().fence_passed().map_err(mpi_err)? {

@@ -176,10 +176,15 @@ impl Mpi {
     /// when its look for messages in flight is over. No rank computes on
     /// before it completes, so no message of the next iteration can be
     /// taken for one in flight.
+    ///
+    /// A fence an earlier park left pending is completed first: every rank
+    /// started it before this park's agreement, which has completed, so it
+    /// completes too, and the ranks' collectives stay in the same order.
     pub(crate) fn start_fence(&mut self) -> Result<(), CallError> {
-        if self.fence.is_none() {
-            self.fence = Some(Collective::start(self.agree_comm, [0], Reduce::Max)?);
+        while !self.fence_passed()? {
+            std::thread::yield_now();
         }
+        self.fence = Some(Collective::start(self.agree_comm, [0], Reduce::Max)?);
         Ok(())
     }
 
