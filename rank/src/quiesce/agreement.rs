@@ -139,11 +139,6 @@ impl<C: Collectives> Quiesce<C> {
         self.started
     }
 
-    /// The binding.
-    pub(crate) fn net(&self) -> &C {
-        &self.net
-    }
-
     /// The binding, e.g. to close it once the rank has left.
     pub(crate) fn net_mut(&mut self) -> &mut C {
         &mut self.net

@@ -292,10 +292,11 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
         return Ok(SafePoint::Continue);
     };
     let rank = u32::try_from(q.rank()).unwrap_or(u32::MAX);
+    // A fence an earlier park left pending is tested once.
     let progress = q
         .net_mut()
-        .drive_fence()
-        .and_then(|()| q.safe_point(runtime::requested_epoch()))
+        .fence_passed()
+        .and_then(|_| q.safe_point(runtime::requested_epoch()))
         .and_then(|progress| wait_out(q, progress))
         .map_err(|err| CheckpointError::Mpi {
             rank,
@@ -346,12 +347,12 @@ impl LookWhileParked for LateProbe {
 
     fn look(&mut self) -> Result<Option<String>, String> {
         // Every MPI call of the runtime is made under the quiesce's lock.
-        let guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(q) = guard.as_ref() else {
+        let mut guard = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(q) = guard.as_mut() else {
             return Ok(None);
         };
         let rank = q.rank();
-        match q.net().look_in_flight() {
+        match q.net_mut().probe() {
             Ok(None) => Ok(None),
             Ok(Some(message)) => Ok(Some(Refusal::InFlight { rank, message }.to_string())),
             Err(err) => Err(format!(
@@ -397,18 +398,24 @@ fn pass_fence(rank: u32, started: bool) -> Result<(), CheckpointError> {
     let started = std::time::Instant::now();
     let mut polls: u32 = 0;
     while !q.net_mut().fence_passed().map_err(mpi_err)? {
-        polls = polls.saturating_add(1);
-        if polls > SPINS_BEFORE_YIELD {
-            if started.elapsed() >= FENCE_PATIENCE {
-                tracing::debug!(rank, "quiesce.fence_left_pending");
-                break;
-            }
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
+        if started.elapsed() >= FENCE_PATIENCE {
+            tracing::debug!(rank, "quiesce.fence_left_pending");
+            break;
         }
+        between_polls(&mut polls);
     }
     Ok(())
+}
+
+/// Between two polls of a wait: a few spins, then the core given away
+/// (the peer waited for may need it).
+fn between_polls(polls: &mut u32) {
+    *polls = polls.saturating_add(1);
+    if *polls > SPINS_BEFORE_YIELD {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
 }
 
 /// Polls `q` for as long as it keeps the rank inside the safe point,
@@ -425,12 +432,7 @@ fn wait_out<C: Collectives>(
             step = q.started();
             polls = 0;
         }
-        polls = polls.saturating_add(1);
-        if polls > SPINS_BEFORE_YIELD {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
+        between_polls(&mut polls);
         progress = q.poll()?;
     }
     Ok(progress)

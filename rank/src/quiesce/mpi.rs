@@ -52,30 +52,6 @@ pub(crate) fn finalized() -> bool {
     finalized != 0
 }
 
-/// One `MPI_Iprobe` of `comm`, any source, any tag: the message waiting
-/// there, if any.
-fn iprobe(comm: ffi::MPI_Comm) -> Result<Option<InFlight>, CallError> {
-    let mut pending = 0;
-    // SAFETY: a zeroed MPI_Status is a valid out-parameter.
-    let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
-    // SAFETY: `comm` is the application's live communicator (the caller's
-    // contract, see `Mpi::attach`); out-parameters valid.
-    let code = unsafe {
-        ffi::MPI_Iprobe(
-            ffi::RSMPI_ANY_SOURCE,
-            ffi::RSMPI_ANY_TAG,
-            comm,
-            &mut pending,
-            &mut status,
-        )
-    };
-    check(code, "MPI_Iprobe")?;
-    Ok((pending != 0).then_some(InFlight {
-        source: status.MPI_SOURCE,
-        tag: status.MPI_TAG,
-    }))
-}
-
 /// The quiesce's MPI state: its communicators and the bell.
 pub(crate) struct Mpi {
     /// Private duplicate for agreements: they never match the
@@ -166,11 +142,6 @@ impl Mpi {
         self.rank
     }
 
-    /// Looks once for a message waiting on the application's communicator.
-    pub(crate) fn look_in_flight(&self) -> Result<Option<InFlight>, CallError> {
-        iprobe(self.app_comm)
-    }
-
     /// Starts the fence that ends a park (once per park): an allreduce on
     /// the agreements' communicator that every rank of the agreement starts
     /// when its look for messages in flight is over. No rank computes on
@@ -188,15 +159,8 @@ impl Mpi {
         Ok(())
     }
 
-    /// At a safe point: one test of a fence left pending, if any.
-    pub(crate) fn drive_fence(&mut self) -> Result<(), CallError> {
-        if self.fence.is_some() {
-            self.fence_passed()?;
-        }
-        Ok(())
-    }
-
-    /// Tests the fence once: whether it has completed (it is then gone).
+    /// Tests the fence once, if one is pending: whether none is now (a
+    /// completed fence is gone).
     pub(crate) fn fence_passed(&mut self) -> Result<bool, CallError> {
         let passed = match self.fence.as_mut() {
             Some(fence) => fence.test()?,
@@ -458,10 +422,29 @@ impl Collectives for Mpi {
         Ok(pending.test()?.then(|| pending.buffers.recv))
     }
 
-    /// One `MPI_Iprobe` of the application's communicator; the rest of the
-    /// window is the parked rank's (`LateProbe`).
+    /// One `MPI_Iprobe` of the application's communicator, any source, any
+    /// tag: before the check, and then while parked for the rest of the
+    /// window (`LateProbe`).
     fn probe(&mut self) -> Result<Option<InFlight>, CallError> {
-        iprobe(self.app_comm)
+        let mut pending = 0;
+        // SAFETY: a zeroed MPI_Status is a valid out-parameter.
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: the application's communicator is live; out-parameters
+        // valid.
+        let code = unsafe {
+            ffi::MPI_Iprobe(
+                ffi::RSMPI_ANY_SOURCE,
+                ffi::RSMPI_ANY_TAG,
+                self.app_comm,
+                &mut pending,
+                &mut status,
+            )
+        };
+        check(code, "MPI_Iprobe")?;
+        Ok((pending != 0).then_some(InFlight {
+            source: status.MPI_SOURCE,
+            tag: status.MPI_TAG,
+        }))
     }
 
     /// Sends an empty ring to every other rank. The sends are freed at
