@@ -263,6 +263,10 @@ enum Source {
     Snapshot(u32),
 }
 
+/// Chunks of a snapshot read in one batch: a rank that parks while the
+/// batch is copied waits for at most this much of a copy (a few ms).
+const SNAPSHOT_BATCH: usize = 32;
+
 /// Copies `pieces` of `parked`'s regions from `source` into `slots`.
 fn copy(
     ctx: &CaptureContext<'_>,
@@ -271,6 +275,10 @@ fn copy(
     pieces: &[Piece],
     slots: &mut [Slot],
 ) -> Result<(), CaptureError> {
+    if pieces.is_empty() {
+        // Nothing to wait for a turn or a copy thread for.
+        return Ok(());
+    }
     let (pid, _turn) = match source {
         Source::Parked => (
             parked.pid,
@@ -313,7 +321,22 @@ fn stream(
     let mut copy_ns = 0;
     let mut rest = pieces;
     while !rest.is_empty() {
-        let mut slots = ctx.pool.take_some(rest.len());
+        let max = match source {
+            Source::Parked => rest.len(),
+            // A rank that parks meanwhile copies first: a snapshot is
+            // read in short batches, each once no rank is parked.
+            Source::Snapshot(_) => {
+                ctx.gate.wait_idle();
+                rest.len().min(SNAPSHOT_BATCH)
+            }
+        };
+        // A whole batch, warming cold slots for it if need be: from a cold
+        // budget `take_some` alone would stream one slot at a time, each
+        // chunk compressed on its own.
+        let mut slots = ctx
+            .pool
+            .try_take(max)
+            .unwrap_or_else(|| ctx.pool.take_some(max));
         let (batch, tail) = rest.split_at(slots.len());
         let t = Instant::now();
         copy(ctx, parked, source, batch, &mut slots)?;

@@ -67,7 +67,9 @@ and a kernel copy. auto does it when the copy would not be a memcpy into a warm 
 pre-fault, or beyond the budget) and the node has room for a second copy.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
-checkpoint before then warms what it will copy while the ranks head for their safe point).
+checkpoint before then clones the ranks it cannot copy into warm memory, and warms the budget for
+the next one once its copies are done; with CRYO_SNAPSHOT=off it warms while the ranks head for
+their safe point).
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
 GC repacks a pack.";

@@ -185,6 +185,67 @@ fn no_snapshot_when_turned_off_or_not_worth_it() {
     }
 }
 
+/// The bytes of the agent's copy budget already faulted in.
+fn warm_bytes(agent: &Agent) -> u64 {
+    match agent.request(&ControlRequest::Status) {
+        ControlResponse::Status(status) => status.copy_budget_warm,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
+    // A budget the idle pre-fault does not reach during the test: the first
+    // checkpoint finds it cold. `auto` clones the rank rather than fault the
+    // budget in while it heads for its safe point (which took a core from
+    // it) or while it is parked. Once that epoch is stored the agent warms
+    // what it expects to copy, and the next checkpoint copies parked.
+    let setup = setup();
+    let program = Program::Rust;
+    let agent = Agent::start_with_env(
+        setup.dir.path(),
+        "job1",
+        &["--copy-budget", "64MiB", "--prefault-delay", "3600"],
+        &[],
+    );
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    // Long steps, and the request right after a step's safe point: the
+    // rank parks about 300 ms later.
+    let spec = RankSpec {
+        step_ms: 300,
+        ..spec(&program, 0, &agent, 48)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(4);
+    std::thread::scope(|scope| {
+        let first = scope.spawn(|| agent.checkpoint());
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(
+            warm_bytes(&agent),
+            0,
+            "the budget was faulted in while the rank headed for its safe point"
+        );
+        first.join().unwrap();
+    });
+    let log = agent.log_text();
+    assert_eq!(snapshot_pids(&log).len(), 1, "{log}");
+    wait_until(
+        "the budget to warm for the next checkpoint",
+        Duration::from_secs(20),
+        || warm_bytes(&agent) >= 48 << 20,
+    );
+    rank.wait_lines(lines(&files.log) + 1);
+    let second = agent.checkpoint();
+    assert!(second.ranks[0].copied_bytes > 0, "{second:?}");
+    let log = agent.log_text();
+    assert_eq!(
+        snapshot_pids(&log).len(),
+        1,
+        "the second checkpoint cloned again:\n{log}"
+    );
+    rank.kill9();
+}
+
 #[test]
 fn auto_takes_a_snapshot_of_a_copy_larger_than_the_budget_and_reaps_it() {
     // Parked, 48 MiB would stream through 8 MiB with the rank waiting.

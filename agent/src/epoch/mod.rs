@@ -228,8 +228,13 @@ pub(crate) fn run(
             "checkpoint.snapshots_off_memory_short"
         );
     }
-    // `auto` may still copy parked (an incremental copy): warm for it.
-    if snapshot != SnapshotPolicy::On {
+    // Without snapshots every private byte is copied parked: warm the
+    // budget for it now, while the ranks head for their safe point. With
+    // them (`auto`), a rank whose copy finds too few warm slots at its park
+    // is cloned instead, and the budget warms once the epoch's copies are
+    // done (below): warming here took a core from a rank on its way to the
+    // target, and in a coupled code every other rank waited there for it.
+    if snapshot == SnapshotPolicy::Off {
         warm_for(res.pool, expected);
     }
     let progress = Progress {
@@ -268,6 +273,13 @@ pub(crate) fn run(
                 .collect()
         });
     drop(writer);
+    if snapshot == SnapshotPolicy::Auto {
+        // For the next checkpoint, out of every pause: it then copies its
+        // ranks parked, at memory bandwidth, instead of cloning them again
+        // (a clone's copies on write cost a code that rewrites its state
+        // more than a memcpy into warm memory).
+        warm_for(res.pool, expected);
+    }
     let mut stats = WriteStats::default();
     let mut reports = Vec::new();
     let mut first: Option<EpochError> = None;
@@ -332,11 +344,10 @@ fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
         .sum()
 }
 
-/// Warms as much of the copy budget as this checkpoint is likely to copy
-/// while the ranks are parked, on a thread of its own, while they head for
-/// their agreed safe point (a first checkpoint that comes before the
-/// idle-time pre-fault would otherwise fault its copy buffers in while the
-/// ranks are parked).
+/// Warms as much of the copy budget as a checkpoint is likely to copy
+/// while its ranks are parked, on a thread of its own, at the agent's
+/// priority (a checkpoint that comes before the idle-time pre-fault would
+/// otherwise fault its copy buffers in while the ranks are parked).
 fn warm_for(pool: &BufferPool, bytes: u64) {
     if !pool.short_of(bytes) {
         return;
