@@ -25,6 +25,7 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
+pub use crate::gate::{CopyGate, GateHold};
 use crate::pool::{BufferPool, Slot};
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
@@ -179,49 +180,6 @@ impl std::fmt::Debug for CaptureContext<'_> {
     }
 }
 
-/// Ranks parked together copy in turns, each at the node's full memory
-/// bandwidth, so the first resume early rather than all late; and no rank's
-/// chunks are compressed while another rank is still parked (planning its
-/// copy or copying), so compression never slows a pause down.
-#[derive(Debug, Default)]
-pub struct CopyGate {
-    turn: std::sync::Mutex<()>,
-    copying: std::sync::Mutex<usize>,
-    idle: std::sync::Condvar,
-}
-
-impl CopyGate {
-    /// Counts a parked rank until the returned hold is dropped (at its
-    /// resume, or when its capture fails).
-    fn hold(&self) -> GateHold<'_> {
-        *self.copying.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        GateHold(self)
-    }
-
-    fn leave(&self) {
-        let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
-        *copying = copying.saturating_sub(1);
-        drop(copying);
-        self.idle.notify_all();
-    }
-
-    fn wait_idle(&self) {
-        let mut copying = self.copying.lock().unwrap_or_else(|p| p.into_inner());
-        while *copying > 0 {
-            copying = self.idle.wait(copying).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-}
-
-/// A parked rank, counted by its [`CopyGate`] until dropped.
-struct GateHold<'a>(&'a CopyGate);
-
-impl Drop for GateHold<'_> {
-    fn drop(&mut self) {
-        self.0.leave();
-    }
-}
-
 /// Checks that every region lies inside the process's mappings, so that a
 /// confused or hostile region table cannot make the agent plan a copy of
 /// terabytes.
@@ -263,9 +221,10 @@ enum Source {
     Snapshot(u32),
 }
 
-/// Chunks of a snapshot read in one batch: a rank that parks while the
-/// batch is copied waits for at most this much of a copy (a few ms).
-const SNAPSHOT_BATCH: usize = 32;
+/// Chunks of a snapshot read in one batch, per thread of the larger of the
+/// copy and store pools: enough for every store thread, and a copy of a
+/// few ms, which is what a rank that parks meanwhile may wait for.
+const SNAPSHOT_BATCH_PER_THREAD: usize = 16;
 
 /// Copies `pieces` of `parked`'s regions from `source` into `slots`.
 fn copy(
@@ -280,10 +239,7 @@ fn copy(
         return Ok(());
     }
     let (pid, _turn) = match source {
-        Source::Parked => (
-            parked.pid,
-            Some(ctx.gate.turn.lock().unwrap_or_else(|p| p.into_inner())),
-        ),
+        Source::Parked => (parked.pid, Some(ctx.gate.take_turn())),
         Source::Snapshot(pid) => (pid, None),
     };
     ctx.copy_threads.install(|| {
@@ -326,8 +282,12 @@ fn stream(
             // A rank that parks meanwhile copies first: a snapshot is
             // read in short batches, each once no rank is parked.
             Source::Snapshot(_) => {
-                ctx.gate.wait_idle();
-                rest.len().min(SNAPSHOT_BATCH)
+                ctx.gate.wait_idle(ctx.pool);
+                let threads = ctx
+                    .copy_threads
+                    .current_num_threads()
+                    .max(ctx.store_threads.current_num_threads());
+                rest.len().min(SNAPSHOT_BATCH_PER_THREAD * threads)
             }
         };
         // A whole batch, warming cold slots for it if need be: from a cold
@@ -404,7 +364,8 @@ pub trait ParkedRank {
     fn resume(&mut self, report: &RankCaptureReport) -> Result<(), String>;
 }
 
-/// Captures a parked rank. `baseline` is this rank's regions as the
+/// Captures a parked rank, counted by `hold` since its epoch began (dropped
+/// at its resume). `baseline` is this rank's regions as the
 /// previous capture of the same process stored them, if it was stored;
 /// chunks whose memory was not written since are taken from it.
 /// `control.resume` is called exactly once, with the rank's report, when
@@ -418,10 +379,10 @@ pub fn capture_rank(
     baseline: Option<&[RegionRecord]>,
     heat: &mut RegionHeat,
     control: &mut dyn ParkedRank,
+    hold: GateHold<'_>,
 ) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
     let rank = parked.rank;
     let pid = parked.pid;
-    let parked_hold = ctx.gate.hold();
     let maps_text =
         ctx.access
             .maps(pid)
@@ -529,9 +490,9 @@ pub fn capture_rank(
     control
         .resume(&report)
         .map_err(|reason| CaptureError::Resume { rank, reason })?;
-    drop(parked_hold);
-    // No compression while another rank is parked.
-    ctx.gate.wait_idle();
+    drop(hold);
+    // No compression while another rank has yet to resume.
+    ctx.gate.wait_idle(ctx.pool);
     if let Some((pieces, slots)) = buffered {
         chunks.extend(store(ctx, writer, pieces, slots)?);
     }

@@ -11,6 +11,8 @@
 //!   body, and where its progress goes (standalone or coordinated).
 //! * [`config`]: the agent's settings.
 //! * [`capture`]: capturing one parked rank within the copy budget.
+//! * [`gate`]: the order of a node's ranks in one epoch (turns to copy,
+//!   compression once every rank resumed).
 //! * [`pool`]: the copy budget as pre-faulted, reused slots; [`memory`]:
 //!   its default size.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
@@ -27,6 +29,7 @@ mod control;
 mod coordinated;
 pub mod epoch;
 pub mod fds;
+pub mod gate;
 pub mod link;
 pub mod memory;
 pub mod pool;

@@ -258,6 +258,13 @@ impl BufferPool {
         self.take_free(free, n)
     }
 
+    /// Whether no slot is free and none is left to warm: a taker now waits
+    /// for a holder to give one back.
+    pub fn starved(&self) -> bool {
+        let free = self.inner.lock();
+        free.slots.is_empty() && self.inner.next_cold.load(Ordering::Acquire) >= self.inner.nslots
+    }
+
     /// Takes exactly `n` slots if that many are free and warm right now,
     /// else none: never faults a slot in, never waits.
     pub fn try_take_warm(&self, n: usize) -> Option<Vec<Slot>> {

@@ -246,16 +246,20 @@ pub(crate) fn run(
         snapshot,
     };
     let deadline = t0 + run.park_timeout;
+    // Every rank is counted by the gate before any is captured, so that no
+    // rank's chunks are compressed while another is still on its way.
+    let holds: Vec<_> = ranks.iter().map(|_| res.gate.hold()).collect();
     let results: Vec<Result<(RankCaptureReport, WriteStats), EpochError>> =
         std::thread::scope(|scope| {
             let handles: Vec<_> = ranks
                 .iter()
-                .map(|conn| {
+                .zip(holds)
+                .map(|(conn, hold)| {
                     let (writer, progress) = (&writer, &progress);
                     let said = queued.remove(&conn.rank);
                     let body = move || {
                         let result = rank::capture_one(
-                            res, conn, run, writer, sink, progress, deadline, said, &report,
+                            res, conn, run, writer, sink, progress, deadline, said, &report, hold,
                         );
                         if let Err(err) = &result {
                             if sink.fail_fast() && !run.cancel.is_set() {

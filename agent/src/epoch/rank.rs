@@ -14,7 +14,9 @@ use cryo_core::protocol::{
 use cryo_core::store::writer::EpochWriter;
 
 use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources};
-use crate::capture::{capture_rank, nanos, CaptureContext, CaptureError, Parked, ParkedRank};
+use crate::capture::{
+    capture_rank, nanos, CaptureContext, CaptureError, GateHold, Parked, ParkedRank,
+};
 use crate::ranks::{RankConn, RankEvent};
 
 /// How often a wait checks whether the epoch was cancelled.
@@ -84,6 +86,7 @@ pub(super) fn capture_one(
     deadline: Instant,
     queued: Option<Said>,
     unfinished: &dyn Fn(Vec<RankCaptureReport>) -> CheckpointReport,
+    hold: GateHold<'_>,
 ) -> Result<(RankCaptureReport, WriteStats), EpochError> {
     let (epoch, rank) = (run.epoch, conn.rank);
     let (job, node) = (res.job_name, res.node);
@@ -175,6 +178,7 @@ pub(super) fn capture_one(
             baseline.as_deref(),
             &mut heat,
             &mut control,
+            hold,
         )
     };
     let refused = control.refused.take();
