@@ -155,7 +155,16 @@ pub use cryo_core::env::ENV_QUIESCE_SLACK;
 
 /// Polls before a waiting rank starts giving its core away: a collective
 /// that is about to complete is taken without a system call.
-const SPINS_BEFORE_YIELD: u32 = 64;
+const SPINS_BEFORE_SLEEP: u32 = 64;
+
+/// How long a waiting rank sleeps between later polls. It sleeps rather
+/// than yields: under the kernel's EEVDF scheduler (Linux 6.6 and later)
+/// each `sched_yield` pushes the thread's deadline a slice later, so a rank
+/// that had yielded its way through a wait then lost its core, for tens of
+/// milliseconds, to every other runnable thread (its agent's compression
+/// among them) once it had work again: in a 2-rank job, one safe point in
+/// ten that parked lasted 22 ms or more instead of about 3.
+const POLL_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Set once `init_mpi` has attached a communicator.
 pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
@@ -381,7 +390,7 @@ const FENCE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(250
 
 /// Starts the park's fence unless the late look did (`started`), and waits
 /// until every rank of the agreement has started it (at most
-/// [`FENCE_PATIENCE`]), yielding the core between tests (see
+/// [`FENCE_PATIENCE`]), sleeping briefly between tests (see
 /// [`Mpi::start_fence`]).
 fn pass_fence(rank: u32, started: bool) -> Result<(), CheckpointError> {
     let mpi_err = |err: CallError| CheckpointError::Mpi {
@@ -407,19 +416,19 @@ fn pass_fence(rank: u32, started: bool) -> Result<(), CheckpointError> {
     Ok(())
 }
 
-/// Between two polls of a wait: a few spins, then the core given away
-/// (the peer waited for may need it).
-fn between_polls(polls: &mut u32) {
+/// Between two polls of a wait: a few spins, then short sleeps (the peer
+/// waited for may need the core; see [`POLL_SLEEP`] for why not yields).
+pub(crate) fn between_polls(polls: &mut u32) {
     *polls = polls.saturating_add(1);
-    if *polls > SPINS_BEFORE_YIELD {
-        std::thread::yield_now();
+    if *polls > SPINS_BEFORE_SLEEP {
+        std::thread::sleep(POLL_SLEEP);
     } else {
         std::hint::spin_loop();
     }
 }
 
 /// Polls `q` for as long as it keeps the rank inside the safe point,
-/// spinning for a few polls of each step and then yielding the core between
+/// spinning for a few polls of each step and then sleeping briefly between
 /// polls (the peer it waits for may need it).
 fn wait_out<C: Collectives>(
     q: &mut Quiesce<C>,

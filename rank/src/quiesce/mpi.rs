@@ -152,8 +152,9 @@ impl Mpi {
     /// started it before this park's agreement, which has completed, so it
     /// completes too, and the ranks' collectives stay in the same order.
     pub(crate) fn start_fence(&mut self) -> Result<(), CallError> {
+        let mut polls = 0;
         while !self.fence_passed()? {
-            std::thread::yield_now();
+            super::between_polls(&mut polls);
         }
         self.fence = Some(Collective::start(self.agree_comm, [0], Reduce::Max)?);
         Ok(())
@@ -184,11 +185,12 @@ impl Mpi {
         // Every rank started a fence left pending before the last
         // agreement, which has completed: it completes too, given progress.
         let started = Instant::now();
+        let mut polls = 0;
         while self.fence.is_some() && started.elapsed() < Duration::from_secs(1) {
             if self.fence_passed().is_err() {
                 break;
             }
-            std::thread::yield_now();
+            super::between_polls(&mut polls);
         }
         if !self.bell.rung {
             // SAFETY: the posted receive is live; cancelling and then
