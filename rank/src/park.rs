@@ -286,8 +286,8 @@ fn await_answer(
         } else if answer.is_some() || !readable(sock)? {
             // Still looking: the agent's answer is read between looks,
             // with a sleep, not a yield, between them (see
-            // `quiesce::between_polls`).
-            std::thread::sleep(LOOK_SLEEP);
+            // `quiesce::POLL_SLEEP`).
+            std::thread::sleep(crate::quiesce::POLL_SLEEP);
             continue;
         }
         match read_message::<AgentToRank>(&mut &*sock)? {
@@ -329,9 +329,6 @@ fn await_answer(
         }
     }
 }
-
-/// The pause between two looks for messages in flight while parked.
-const LOOK_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Whether a message waits on `sock`, without blocking.
 fn readable(sock: &UnixStream) -> Result<bool, FrameError> {

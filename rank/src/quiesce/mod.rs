@@ -164,7 +164,7 @@ const SPINS_BEFORE_SLEEP: u32 = 64;
 /// milliseconds, to every other runnable thread (its agent's compression
 /// among them) once it had work again: in a 2-rank job, one safe point in
 /// ten that parked lasted 22 ms or more instead of about 3.
-const POLL_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
+pub(crate) const POLL_SLEEP: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Set once `init_mpi` has attached a communicator.
 pub(crate) static MPI_MODE: AtomicBool = AtomicBool::new(false);
@@ -404,10 +404,10 @@ fn pass_fence(rank: u32, started: bool) -> Result<(), CheckpointError> {
     if !started {
         q.net_mut().start_fence().map_err(mpi_err)?;
     }
-    let started = std::time::Instant::now();
+    let since = std::time::Instant::now();
     let mut polls: u32 = 0;
     while !q.net_mut().fence_passed().map_err(mpi_err)? {
-        if started.elapsed() >= FENCE_PATIENCE {
+        if since.elapsed() >= FENCE_PATIENCE {
             tracing::debug!(rank, "quiesce.fence_left_pending");
             break;
         }
