@@ -28,6 +28,7 @@ use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
 use crate::pool::{BufferPool, Slot};
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
+use crate::self_copy::{copy_parked, regions_readable, SelfCopy, SelfCopyRefusal};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
 use crate::tracking::{select, Piece, Selection};
 pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
@@ -100,6 +101,14 @@ pub enum CaptureError {
         /// The rank.
         rank: u32,
     },
+    /// The rank was asked to copy its own memory and did not answer.
+    #[error("rank {rank}: copying its own memory: {reason}")]
+    SelfCopy {
+        /// The rank.
+        rank: u32,
+        /// Why.
+        reason: String,
+    },
     /// Resuming the rank failed.
     #[error("rank {rank}: resuming: {reason}")]
     Resume {
@@ -121,6 +130,7 @@ impl CaptureError {
             | CaptureError::RegionName { rank, .. }
             | CaptureError::Memory { rank, .. }
             | CaptureError::Aborted { rank }
+            | CaptureError::SelfCopy { rank, .. }
             | CaptureError::Resume { rank, .. } => *rank,
             CaptureError::Write(err) => err.rank(),
         }
@@ -170,6 +180,11 @@ pub struct CaptureContext<'a> {
     pub cancelled: &'a AtomicBool,
     /// When to read a rank's private memory from a snapshot of it.
     pub snapshot: SnapshotPolicy,
+    /// Whether a parked rank copies its own memory into the budget.
+    pub self_copy: SelfCopy,
+    /// Threads a rank may copy its own memory with (its share of the
+    /// node's cores).
+    pub self_copy_threads: u32,
 }
 
 impl std::fmt::Debug for CaptureContext<'_> {
@@ -225,6 +240,17 @@ enum Source {
 /// copy and store pools: enough for every store thread, and a copy of a
 /// few ms, which is what a rank that parks meanwhile may wait for.
 const SNAPSHOT_BATCH_PER_THREAD: usize = 16;
+
+/// The agent copies `pieces` of the parked rank into `slots`
+/// (`process_vm_readv`), in turn with the node's other parked ranks.
+pub(crate) fn copy_by_agent(
+    ctx: &CaptureContext<'_>,
+    parked: &Parked,
+    pieces: &[Piece],
+    slots: &mut [Slot],
+) -> Result<(), CaptureError> {
+    copy(ctx, parked, Source::Parked, pieces, slots)
+}
 
 /// Copies `pieces` of `parked`'s regions from `source` into `slots`.
 fn copy(
@@ -360,6 +386,15 @@ pub trait ParkedRank {
     /// Asks the rank for a snapshot of itself; its pid, or why there is
     /// none.
     fn snapshot(&mut self) -> Result<u32, String>;
+    /// Asks the rank to copy `pieces` of its memory into the budget
+    /// (`pool`, mapped by the rank) with up to `threads` threads, and
+    /// waits for its answer.
+    fn copy_into(
+        &mut self,
+        pool: std::os::fd::BorrowedFd<'_>,
+        pieces: Vec<cryo_core::protocol::CopyPiece>,
+        threads: u32,
+    ) -> Result<(), SelfCopyRefusal>;
     /// Lets the rank run again, with its report. Called exactly once.
     fn resume(&mut self, report: &RankCaptureReport) -> Result<(), String>;
 }
@@ -390,6 +425,13 @@ pub fn capture_rank(
     let mappings = parse_maps(&maps_text, &parked.regions)
         .map_err(|source| CaptureError::MapsParse { rank, source })?;
     check_regions(rank, &parked.regions, &mappings)?;
+    // A rank copying memory it cannot read would fault, where the agent's
+    // copy fails with a clear error.
+    let self_copy = if regions_readable(&parked.regions, &mappings) {
+        ctx.self_copy
+    } else {
+        SelfCopy::Off
+    };
     let saved_unlinked: Vec<i32> = parked
         .regions
         .iter()
@@ -452,7 +494,7 @@ pub fn capture_rank(
     // them the copy is a memcpy into warm memory, which `auto` never trades
     // for a snapshot: they serve the parked copy below.
     let warm = match ctx.snapshot {
-        SnapshotPolicy::Auto => ctx.pool.try_take_warm(pieces.len()),
+        SnapshotPolicy::Auto => ctx.pool.try_take_warm_for(pieces.len(), rank),
         SnapshotPolicy::On | SnapshotPolicy::Off => None,
     };
     let outlook = CopyOutlook {
@@ -471,10 +513,10 @@ pub fn capture_rank(
         None => (Vec::new(), pieces),
     };
     let mut chunks: Vec<(usize, ChunkRef)> = Vec::with_capacity(now.len() + late.len());
-    let buffered = match warm.or_else(|| ctx.pool.try_take(now.len())) {
+    let buffered = match warm.or_else(|| ctx.pool.try_take_for(now.len(), rank)) {
         Some(mut slots) => {
             let t = Instant::now();
-            copy(ctx, parked, Source::Parked, &now, &mut slots)?;
+            copy_parked(ctx, self_copy, parked, control, &now, &mut slots)?;
             report.copy_ns = nanos(t);
             Some((now, slots))
         }

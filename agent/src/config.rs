@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::link::LinkError;
 use crate::pool::PoolError;
+use crate::self_copy::SelfCopy;
 use crate::snapshot::SnapshotPolicy;
 
 /// Which epoch to restart from.
@@ -38,6 +39,8 @@ pub struct AgentConfig {
     pub prefault_delay: Duration,
     /// When to capture ranks from copy-on-write snapshots.
     pub snapshot: SnapshotPolicy,
+    /// Whether a parked rank copies its own memory into the budget.
+    pub self_copy: SelfCopy,
     /// Expected number of local ranks (default: those registered).
     pub ranks: Option<u32>,
     /// Restart ranks that register from this epoch.

@@ -15,6 +15,7 @@
 //!   compression once every rank resumed).
 //! * [`pool`]: the copy budget as pre-faulted, reused slots; [`memory`]:
 //!   its default size.
+//! * [`self_copy`]: a parked rank copying its own memory into the budget.
 //! * [`procfs`]: `/proc` parsing and process access behind a trait.
 //! * [`client`]: the control client used by the CLI, tests and benchmarks.
 //! * [`link`]: coordinated mode's TCP link to the job's coordinator.
@@ -35,6 +36,7 @@ pub mod memory;
 pub mod pool;
 pub mod procfs;
 mod ranks;
+pub mod self_copy;
 pub mod server;
 pub mod snapshot;
 mod tracking;

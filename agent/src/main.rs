@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use cryo_agent::client;
+use cryo_agent::self_copy::SelfCopy;
 use cryo_agent::server::{default_copy_budget, Agent, AgentConfig, RestartFrom};
 use cryo_agent::snapshot::SnapshotPolicy;
 use cryo_agent::units::{format_bytes, parse_bytes};
@@ -79,6 +80,12 @@ enum Command {
         /// copy), on, or off.
         #[arg(long, default_value_t = SnapshotPolicy::Auto, env = cryo_core::env::ENV_SNAPSHOT)]
         snapshot: SnapshotPolicy,
+        /// Who copies a parked rank's memory into the copy budget: on (the
+        /// rank itself, at memcpy speed, all of a node's ranks at once,
+        /// when its runtime can) or off (the agent, with
+        /// process_vm_readv, the ranks in turns).
+        #[arg(long, default_value_t = SelfCopy::On, env = cryo_core::env::ENV_SELF_COPY)]
+        self_copy: SelfCopy,
         /// Number of local ranks (default: those registered).
         #[arg(long)]
         ranks: Option<u32>,
@@ -205,6 +212,7 @@ fn main() -> Result<()> {
             copy_budget,
             prefault_delay,
             snapshot,
+            self_copy,
             ranks,
             restart_from,
             park_timeout,
@@ -252,6 +260,7 @@ fn main() -> Result<()> {
                 copy_budget: copy_budget.unwrap_or_else(default_copy_budget),
                 prefault_delay: Duration::from_secs_f64(prefault_delay),
                 snapshot,
+                self_copy,
                 ranks,
                 restart_from,
                 park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),

@@ -12,14 +12,22 @@
 //! that is already faulted in.
 //! Slots are reused across checkpoints, so the agent's memory use stays at
 //! the budget whatever the state size.
+//!
+//! The budget is a memfd (`memfd:cryo-pool`) so that a parked rank can map
+//! it and copy its own memory into the slots it is given (at memcpy speed;
+//! the agent's `process_vm_readv` pins every page it reads). A rank's view
+//! of a slot costs it a page-table fill the first time, so the pool gives a
+//! rank the slots it had before when it can ([`BufferPool::try_take_for`]).
 
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 use thiserror::Error;
 
 /// `madvise` advice that faults a range in for writing (Linux 5.14); not
@@ -47,12 +55,19 @@ pub enum PoolError {
     },
 }
 
+/// No rank took the slot yet.
+const NO_OWNER: u32 = u32::MAX;
+
 struct Free {
     slots: Vec<usize>,
     warm: usize,
+    /// The rank each slot was last taken for ([`NO_OWNER`] if none).
+    owners: Vec<u32>,
 }
 
 struct Inner {
+    /// The budget's memory, which ranks map to copy into.
+    memfd: OwnedFd,
     base: usize,
     slot_size: usize,
     nslots: usize,
@@ -108,17 +123,23 @@ impl BufferPool {
                 budget,
                 source: nix::errno::Errno::EINVAL,
             })?;
-        // SAFETY: a new private anonymous mapping at an address the kernel
-        // picks; it replaces nothing.
+        let map_err = |source| PoolError::Map { budget, source };
+        let memfd = memfd_create(c"cryo-pool", MemFdCreateFlag::MFD_CLOEXEC).map_err(map_err)?;
+        let size = i64::try_from(len.get()).map_err(|_| map_err(nix::errno::Errno::EFBIG))?;
+        nix::unistd::ftruncate(&memfd, size).map_err(map_err)?;
+        // SAFETY: a new shared mapping of our own fresh memfd, `len` bytes
+        // long, at an address the kernel picks; it replaces nothing.
         let base: NonNull<libc::c_void> = unsafe {
-            mmap_anonymous(
+            mmap(
                 None,
                 len,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE,
+                MapFlags::MAP_SHARED,
+                memfd.as_fd(),
+                0,
             )
         }
-        .map_err(|source| PoolError::Map { budget, source })?;
+        .map_err(map_err)?;
         // No huge pages: a checkpoint may have to fault its slots in while
         // ranks are parked, and with THP's `defrag=madvise` (the usual
         // default) a huge-page fault may compact memory first. Populating
@@ -130,6 +151,7 @@ impl BufferPool {
             nix::sys::mman::madvise(base, len.get(), nix::sys::mman::MmapAdvise::MADV_NOHUGEPAGE)
         };
         let inner = Arc::new(Inner {
+            memfd,
             base: base.as_ptr() as usize,
             slot_size,
             nslots,
@@ -137,6 +159,7 @@ impl BufferPool {
             free: Mutex::new(Free {
                 slots: Vec::with_capacity(nslots),
                 warm: 0,
+                owners: vec![NO_OWNER; nslots],
             }),
             cond: Condvar::new(),
         });
@@ -154,6 +177,12 @@ impl BufferPool {
     /// Bytes per slot.
     pub fn slot_size(&self) -> usize {
         self.inner.slot_size
+    }
+
+    /// The budget's memfd, for a rank to map and copy into (a slot's place
+    /// in it is [`Slot::offset`]).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.inner.memfd.as_fd()
     }
 
     /// Number of slots.
@@ -206,6 +235,16 @@ impl BufferPool {
     /// cold ones itself if it must, and waiting for those another thread
     /// is pre-faulting), else none.
     pub fn try_take(&self, n: usize) -> Option<Vec<Slot>> {
+        self.take_for(n, None)
+    }
+
+    /// As [`BufferPool::try_take`], for `rank`: the slots it had last time
+    /// first, which its view of the budget has mapped already.
+    pub fn try_take_for(&self, n: usize, rank: u32) -> Option<Vec<Slot>> {
+        self.take_for(n, Some(rank))
+    }
+
+    fn take_for(&self, n: usize, owner: Option<u32>) -> Option<Vec<Slot>> {
         let mut free = self.inner.lock();
         while free.slots.len() < n {
             let claimed = self
@@ -233,7 +272,7 @@ impl BufferPool {
                 .wait(free)
                 .unwrap_or_else(|p| p.into_inner());
         }
-        Some(self.take_free(free, n))
+        Some(self.take_free(free, n, owner))
     }
 
     /// Takes between 1 and `max` slots, waiting until at least one is free
@@ -255,7 +294,7 @@ impl BufferPool {
                 .unwrap_or_else(|p| p.into_inner());
         }
         let n = max.max(1).min(free.slots.len());
-        self.take_free(free, n)
+        self.take_free(free, n, None)
     }
 
     /// Whether no slot is free and none is left to warm: a taker now waits
@@ -268,18 +307,51 @@ impl BufferPool {
     /// Takes exactly `n` slots if that many are free and warm right now,
     /// else none: never faults a slot in, never waits.
     pub fn try_take_warm(&self, n: usize) -> Option<Vec<Slot>> {
+        self.take_warm_for(n, None)
+    }
+
+    /// As [`BufferPool::try_take_warm`], for `rank` (see
+    /// [`BufferPool::try_take_for`]).
+    pub fn try_take_warm_for(&self, n: usize, rank: u32) -> Option<Vec<Slot>> {
+        self.take_warm_for(n, Some(rank))
+    }
+
+    fn take_warm_for(&self, n: usize, owner: Option<u32>) -> Option<Vec<Slot>> {
         let free = self.inner.lock();
         if free.slots.len() < n {
             return None;
         }
-        Some(self.take_free(free, n))
+        Some(self.take_free(free, n, owner))
     }
 
     /// Takes `n` of the free slots (there are at least that many) and lets
-    /// the lock go.
-    fn take_free(&self, mut free: MutexGuard<'_, Free>, n: usize) -> Vec<Slot> {
-        let at = free.slots.len() - n;
-        let taken: Vec<usize> = free.slots.drain(at..).collect();
+    /// the lock go; for `owner`, the slots it had before come first.
+    fn take_free(&self, mut free: MutexGuard<'_, Free>, n: usize, owner: Option<u32>) -> Vec<Slot> {
+        let taken: Vec<usize> = match owner {
+            None => {
+                let at = free.slots.len() - n;
+                free.slots.drain(at..).collect()
+            }
+            Some(owner) => {
+                // Its own slots first (their order kept), then the most
+                // recently freed others.
+                let Free { slots, owners, .. } = &mut *free;
+                let mut taken = Vec::with_capacity(n);
+                slots.retain(|&index| {
+                    let mine = taken.len() < n && owners[index] == owner;
+                    if mine {
+                        taken.push(index);
+                    }
+                    !mine
+                });
+                let at = slots.len() - (n - taken.len());
+                taken.extend(slots.drain(at..));
+                for &index in &taken {
+                    owners[index] = owner;
+                }
+                taken
+            }
+        };
         drop(free);
         taken.into_iter().map(|index| self.slot(index)).collect()
     }
@@ -369,6 +441,11 @@ impl Slot {
         // SAFETY: the slot is inside the mapping, and this Slot is its only
         // holder until dropped (the free list hands each index out once).
         unsafe { std::slice::from_raw_parts_mut(start as *mut u8, self.pool.slot_size) }
+    }
+
+    /// Where the slot lies in the budget's memfd.
+    pub fn offset(&self) -> u64 {
+        (self.index * self.pool.slot_size) as u64
     }
 
     /// The slot's bytes, read-only.
@@ -490,5 +567,36 @@ mod tests {
         // Never past the budget.
         pool.warm_up_to(1 << 40);
         assert_eq!(pool.warm_bytes(), 64 << 20);
+    }
+
+    #[test]
+    fn a_rank_gets_back_the_slots_it_had() {
+        let pool = BufferPool::new(8 * 4096, 4096, Duration::ZERO).unwrap();
+        pool.wait_warm();
+        let offsets = |slots: &[Slot]| {
+            let mut o: Vec<u64> = slots.iter().map(Slot::offset).collect();
+            o.sort_unstable();
+            o
+        };
+        let a = pool.try_take_for(3, 1).unwrap();
+        let b = pool.try_take_warm_for(3, 2).unwrap();
+        let (had_a, had_b) = (offsets(&a), offsets(&b));
+        drop(a);
+        drop(b);
+        // Rank 2 asks first this time, and still gets its own three.
+        let b = pool.try_take_for(3, 2).unwrap();
+        let a = pool.try_take_warm_for(3, 1).unwrap();
+        assert_eq!(offsets(&b), had_b);
+        assert_eq!(offsets(&a), had_a);
+        // More than it had: its own, then others.
+        drop(a);
+        let more = pool.try_take_for(5, 1).unwrap();
+        assert!(had_a.iter().all(|o| offsets(&more).contains(o)));
+        drop((b, more));
+        // What a rank writes in the memfd is what the slot holds.
+        let mut slot = pool.try_take(1).unwrap().pop().unwrap();
+        let at = slot.offset();
+        nix::sys::uio::pwrite(pool.memfd(), b"budget", i64::try_from(at).unwrap()).unwrap();
+        assert_eq!(&slot.bytes()[..6], b"budget");
     }
 }

@@ -3,7 +3,7 @@
 //! runs an epoch.
 
 use std::num::NonZeroUsize;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -11,8 +11,8 @@ use std::sync::Mutex;
 
 use cryo_core::format::manifest::RegionRecord;
 use cryo_core::protocol::{
-    write_message_as, AgentToRank, ControlPage, SnapshotOutcome, CONTROL_PAGE_LEN,
-    CONTROL_PAGE_MAGIC,
+    send_message_with_fd_as, write_message_as, AgentToRank, ControlPage, CopyOutcome,
+    SnapshotOutcome, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
 };
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -32,6 +32,11 @@ pub(crate) enum RankEvent {
     Snapshot {
         epoch: u64,
         outcome: SnapshotOutcome,
+    },
+    /// The rank's answer to a request to copy its own memory.
+    Copied {
+        epoch: u64,
+        outcome: CopyOutcome,
     },
 }
 
@@ -122,6 +127,13 @@ impl RankConn {
     pub(crate) fn send(&self, msg: &AgentToRank) -> Result<(), String> {
         let mut sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         write_message_as(&mut *sock, msg, self.version)
+            .map_err(|e| format!("rank {} (pid {}): {e}", self.rank, self.pid))
+    }
+
+    /// Sends `msg` with `fd` attached (`SCM_RIGHTS`).
+    pub(crate) fn send_with_fd(&self, msg: &AgentToRank, fd: BorrowedFd<'_>) -> Result<(), String> {
+        let sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        send_message_with_fd_as(&sock, msg, fd, self.version)
             .map_err(|e| format!("rank {} (pid {}): {e}", self.rank, self.pid))
     }
 

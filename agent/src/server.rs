@@ -475,6 +475,9 @@ impl Shared {
                 Ok(RankToAgent::Snapshot { epoch, outcome }) => {
                     let _ = tx.send(RankEvent::Snapshot { epoch, outcome });
                 }
+                Ok(RankToAgent::Copied { epoch, outcome }) => {
+                    let _ = tx.send(RankEvent::Copied { epoch, outcome });
+                }
                 Ok(RankToAgent::Goodbye) => break cryo_core::protocol::RANK_FINALIZED.to_owned(),
                 Err(err) if err.is_disconnect() => break "disconnected".to_owned(),
                 Err(err) => break format!("protocol error: {err}"),
@@ -624,6 +627,7 @@ impl Shared {
             copy_threads: &self.copy_threads,
             store_threads: &self.store_threads,
             snapshot: self.config.snapshot,
+            self_copy: self.config.self_copy,
             gate: &self.gate,
         }
     }

@@ -68,6 +68,9 @@ pub const ENV_PACK_SIZE: &str = "CRYO_PACK_SIZE";
 /// When an agent captures a rank from a copy-on-write snapshot of it
 /// (`auto`, `on`, `off`; the agent's `--snapshot`).
 pub const ENV_SNAPSHOT: &str = "CRYO_SNAPSHOT";
+/// Whether a parked rank copies its own memory into its agent's budget
+/// (`on`, `off`; the agent's `--self-copy`).
+pub const ENV_SELF_COPY: &str = "CRYO_SELF_COPY";
 /// How long a rank may take to park (`--park-timeout`).
 pub const ENV_PARK_TIMEOUT: &str = "CRYO_PARK_TIMEOUT";
 /// The agent's node name (`cryo-agent --node`).

@@ -181,16 +181,21 @@ const SYSTEM_PREFIXES: [&str; 8] = [
 /// The runtime's own control page with the agent (`memfd:cryo-control`).
 pub(crate) const CONTROL_MEMFD: &str = "cryo-control";
 
+/// The agent's copy budget as a rank maps it (`memfd:cryo-pool`, see
+/// `self_copy`).
+pub(crate) const POOL_MEMFD: &str = "cryo-pool";
+
 /// Whose mappings these are when they appear after `cryo_init`: the
-/// runtime's control page, and System V shared memory made with
+/// runtime's control page and its view of the agent's copy budget, and System V shared memory made with
 /// `IPC_PRIVATE` (key 0, shown as `/SYSV00000000`), which is how MPICH's
 /// intra-node transport maps its segments when ranks first talk. A program
 /// sharing System V memory on purpose gives it a key, so its segments are
 /// still named when they cannot be restored.
 fn is_runtime_or_library(path: &str) -> bool {
-    path.strip_prefix("/memfd:")
-        .is_some_and(|name| name.trim_end_matches(" (deleted)") == CONTROL_MEMFD)
-        || path.starts_with("/SYSV00000000 ")
+    path.strip_prefix("/memfd:").is_some_and(|name| {
+        let name = name.trim_end_matches(" (deleted)");
+        name == CONTROL_MEMFD || name == POOL_MEMFD
+    }) || path.starts_with("/SYSV00000000 ")
 }
 
 /// The application's own file mappings: made after `cryo_init`, outside
@@ -478,6 +483,7 @@ mod tests {
 7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
 7f0000007000-7f0000008000 rw-s 00000000 00:01 93                         /memfd:app (deleted)
 7f0000008000-7f0000009000 rw-s 00000000 00:01 92                         /memfd:cryo-control (deleted)
+7f0000100000-7f0000200000 rw-s 00000000 00:01 91                         /memfd:cryo-pool (deleted)
 7f0000009000-7f000000a000 rw-s 00000000 00:01 0                          /SYSV00000000 (deleted)
 7f000000a000-7f000000b000 rw-s 00000000 00:01 5                          /SYSV0000beef (deleted)
 5a0000000000-5a0000001000 rw-s 00000000 fd:01 94                         /work/region.dat
@@ -496,8 +502,8 @@ mod tests {
         assert_eq!(paths, vec!["/work/out put.dat"]);
         assert!(mine[0].shared);
         assert_eq!(mine[0].prot, 3);
-        // The runtime's control page and MPICH's IPC_PRIVATE segment are
-        // not the application's; a keyed System V segment is, and is named.
+        // The runtime's control page, its view of the agent's copy budget
+        // and MPICH's IPC_PRIVATE segment are not the application's; a keyed System V segment is, and is named.
         let lost: Vec<&str> = lost.iter().map(|m| m.path.as_str()).collect();
         assert_eq!(
             lost,

@@ -36,6 +36,7 @@ pub mod quiesce;
 mod regions;
 mod restore_threads;
 mod runtime;
+mod self_copy;
 mod snapshot;
 mod store_fds;
 

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use cryo_core::dirty::WriteTracker;
 use cryo_core::protocol::{
-    read_message, write_message, AgentToRank, ControlPage, FrameError, ProbeVerdict, RankToAgent,
+    recv_message_with_fd, write_message, AgentToRank, ControlPage, FrameError, ProbeVerdict,
+    RankToAgent, RegionInfo,
 };
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -205,14 +206,15 @@ fn park_epoch(
         page.begin_probe(epoch);
     }
     page.parked_epoch.store(epoch, Ordering::Release);
+    let regions: Vec<RegionInfo> = runtime
+        .regions
+        .iter()
+        .map(|r| r.info.clone())
+        .chain(held.regions.iter().cloned())
+        .collect();
     let parked = RankToAgent::Parked {
         epoch,
-        regions: runtime
-            .regions
-            .iter()
-            .map(|r| r.info.clone())
-            .chain(held.regions.iter().cloned())
-            .collect(),
+        regions: regions.clone(),
         library_fds,
         runtime_fds,
         warnings: held.warnings.clone(),
@@ -224,7 +226,7 @@ fn park_epoch(
         rank,
         epoch,
     };
-    await_answer(&conn.sock, page, ids, late).map_err(agent)?
+    await_answer(&conn.sock, page, ids, &regions, late).map_err(agent)?
 }
 
 /// Who is parked, for the log and the errors.
@@ -245,6 +247,7 @@ fn await_answer(
     sock: &UnixStream,
     page: &ControlPage,
     ids: Ids<'_>,
+    regions: &[RegionInfo],
     mut late: Option<&mut dyn LookWhileParked>,
 ) -> Result<Result<SafePoint, CheckpointError>, FrameError> {
     let Ids { job, rank, epoch } = ids;
@@ -290,7 +293,9 @@ fn await_answer(
             std::thread::sleep(crate::quiesce::POLL_SLEEP);
             continue;
         }
-        match read_message::<AgentToRank>(&mut &*sock)? {
+        // A request to copy comes with the budget's memfd.
+        let (message, fd) = recv_message_with_fd::<AgentToRank>(sock)?;
+        match message {
             AgentToRank::Resume { epoch: resumed } if resumed == epoch => {
                 page.resumed_epoch.store(epoch, Ordering::Release);
                 tracing::debug!(job, rank, epoch, "rank.resumed");
@@ -312,6 +317,15 @@ fn await_answer(
                 let outcome = crate::snapshot::take(sock);
                 tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.snapshot");
                 write_message(&mut &*sock, &RankToAgent::Snapshot { epoch, outcome })?;
+            }
+            AgentToRank::CopyInto {
+                epoch: asked,
+                pieces,
+                threads,
+            } if asked == epoch => {
+                let outcome = crate::self_copy::copy(fd, &pieces, threads, regions);
+                tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.self_copy");
+                write_message(&mut &*sock, &RankToAgent::Copied { epoch, outcome })?;
             }
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }

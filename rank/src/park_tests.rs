@@ -6,9 +6,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use cryo_core::format::manifest::RegionKind;
 use cryo_core::protocol::{
-    read_message, write_message, AgentToRank, ControlPage, ProbeVerdict, RankToAgent,
+    read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, CopyOutcome,
+    CopyPiece, ProbeVerdict, RankToAgent, RegionInfo,
 };
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use std::os::fd::AsFd;
 
 use super::{await_answer, Ids, LookWhileParked};
 use crate::runtime::SafePoint;
@@ -78,7 +82,7 @@ fn a_rank_resumed_before_its_window_ends_stays_parked_until_it_ends_and_says_cle
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
     let mut look = Look::new(Duration::from_millis(50), None);
     let started = Instant::now();
-    let answer = await_answer(&rank, &page, ids(), Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))),
         "{answer:?}"
@@ -106,7 +110,7 @@ fn a_message_found_while_parked_refuses_the_epoch_after_the_park() {
         write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
         refused
     });
-    let answer = await_answer(&rank, &page, ids(), Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Aborted(EPOCH))),
         "{answer:?}"
@@ -138,7 +142,7 @@ fn an_abort_while_looking_ends_the_look_at_once() {
     .unwrap();
     let mut look = Look::new(Duration::from_secs(10), None);
     let started = Instant::now();
-    let answer = await_answer(&rank, &page, ids(), Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Aborted(EPOCH))),
         "{answer:?}"
@@ -154,7 +158,7 @@ fn without_a_look_the_rank_waits_for_the_answer_alone_and_gives_no_verdict() {
     let page = page();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH - 1 }).unwrap();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
-    let answer = await_answer(&rank, &page, ids(), None).unwrap();
+    let answer = await_answer(&rank, &page, ids(), &[], None).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))),
         "{answer:?}"
@@ -170,5 +174,46 @@ fn a_lost_agent_while_looking_is_an_error_not_a_hang() {
     page.begin_probe(EPOCH);
     drop(agent);
     let mut look = Look::new(Duration::from_secs(10), None);
-    assert!(await_answer(&rank, &page, ids(), Some(&mut look)).is_err());
+    assert!(await_answer(&rank, &page, ids(), &[], Some(&mut look)).is_err());
+}
+
+#[test]
+fn a_parked_rank_copies_what_its_agent_asks_into_the_budget_then_waits_for_its_resume() {
+    let _turn = crate::self_copy::TEST_TURN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    let (rank, agent) = UnixStream::pair().unwrap();
+    let page = page();
+    let state: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    let regions = [RegionInfo {
+        name: "state".into(),
+        addr: state.as_ptr() as u64,
+        len: state.len() as u64,
+        kind: RegionKind::Anonymous,
+    }];
+    let budget = memfd_create(c"cryo-pool", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
+    nix::unistd::ftruncate(&budget, 1 << 20).unwrap();
+    let ask = AgentToRank::CopyInto {
+        epoch: EPOCH,
+        pieces: vec![CopyPiece {
+            addr: state.as_ptr() as u64 + 10,
+            len: 50_000,
+            offset: 4096,
+        }],
+        threads: 1,
+    };
+    send_message_with_fd(&agent, &ask, budget.as_fd()).unwrap();
+    write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
+    let answer = await_answer(&rank, &page, ids(), &regions, None).unwrap();
+    assert!(matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))));
+    match read_message::<RankToAgent>(&mut &agent).unwrap() {
+        RankToAgent::Copied { epoch, outcome } => {
+            assert_eq!(epoch, EPOCH);
+            assert_eq!(outcome, CopyOutcome::Copied);
+        }
+        other => panic!("expected Copied, got {other:?}"),
+    }
+    let mut copied = vec![0u8; 50_000];
+    nix::sys::uio::pread(budget.as_fd(), &mut copied, 4096).unwrap();
+    assert_eq!(copied, state[10..50_010]);
 }

@@ -185,6 +185,21 @@ fn no_snapshot_when_turned_off_or_not_worth_it() {
     }
 }
 
+#[test]
+fn a_parked_rank_copies_its_own_memory_unless_told_not_to() {
+    // Snapshots off, so the copy is made parked: by the rank itself into
+    // the agent's budget by default, by the agent with `--self-copy off`.
+    // Either way the restart is byte-identical (checked by the helper).
+    for (args, by_rank) in [
+        (&["--snapshot", "off"][..], true),
+        (&["--snapshot", "off", "--self-copy", "off"][..], false),
+    ] {
+        let log = checkpoint_kill_restart(48, args, &[], &[]).agent.log_text();
+        assert_eq!(log.contains("rank.self_copied"), by_rank, "{args:?}: {log}");
+        assert!(!log.contains("rank.self_copy_declined"), "{args:?}: {log}");
+    }
+}
+
 /// The bytes of the agent's copy budget already faulted in.
 fn warm_bytes(agent: &Agent) -> u64 {
     match agent.request(&ControlRequest::Status) {

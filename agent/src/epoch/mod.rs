@@ -36,6 +36,7 @@ use crate::memory::MemoryView;
 use crate::pool::BufferPool;
 use crate::procfs::{peak_rss_bytes, resident_anon_bytes, ProcessAccess};
 use crate::ranks::RankConn;
+use crate::self_copy::SelfCopy;
 use crate::snapshot::SnapshotPolicy;
 
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
@@ -57,6 +58,8 @@ pub(crate) struct Resources<'a> {
     pub(crate) gate: &'a CopyGate,
     /// When to capture ranks from snapshots (`--snapshot`).
     pub(crate) snapshot: SnapshotPolicy,
+    /// Whether parked ranks copy their own memory (`--self-copy`).
+    pub(crate) self_copy: SelfCopy,
 }
 
 /// One epoch to run.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use cryo_core::fault;
 use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{
-    AgentToRank, CheckpointReport, ProbeVerdict, RankCaptureReport, SnapshotOutcome,
-    SNAPSHOT_VERSION,
+    AgentToRank, CheckpointReport, CopyOutcome, CopyPiece, ProbeVerdict, RankCaptureReport,
+    SnapshotOutcome, SELF_COPY_VERSION, SNAPSHOT_VERSION,
 };
 use cryo_core::store::writer::EpochWriter;
 
@@ -18,6 +18,7 @@ use crate::capture::{
     capture_rank, nanos, CaptureContext, CaptureError, GateHold, Parked, ParkedRank,
 };
 use crate::ranks::{RankConn, RankEvent};
+use crate::self_copy::{answer_within, SelfCopyRefusal};
 
 /// How often a wait checks whether the epoch was cancelled.
 const POLL: Duration = Duration::from_millis(20);
@@ -67,7 +68,7 @@ pub(super) fn take_queued(conn: &RankConn, epoch: u64) -> Option<Said> {
                 said = Some(Said::Refused(reason));
             }
             RankEvent::Refused { .. } => {}
-            RankEvent::Snapshot { .. } => answer_stale(conn, event),
+            RankEvent::Snapshot { .. } | RankEvent::Copied { .. } => answer_stale(conn, event),
             RankEvent::Gone(why) => said = Some(Said::Left(why)),
         }
     }
@@ -158,6 +159,13 @@ pub(super) fn capture_one(
         node,
         cancelled: run.cancel.flag(),
         snapshot: progress.snapshot,
+        self_copy: res.self_copy,
+        // The node's ranks copy at once, so each gets its share of the
+        // cores the agent would copy with.
+        self_copy_threads: u32::try_from(
+            (res.copy_threads.current_num_threads() / progress.ranks.max(1)).max(1),
+        )
+        .unwrap_or(1),
     };
     let mut control = Control {
         conn,
@@ -269,6 +277,56 @@ impl<F: FnMut(&RankCaptureReport) -> Result<(), String>> ParkedRank for Control<
         }
     }
 
+    fn copy_into(
+        &mut self,
+        pool: std::os::fd::BorrowedFd<'_>,
+        pieces: Vec<CopyPiece>,
+        threads: u32,
+    ) -> Result<(), SelfCopyRefusal> {
+        let (conn, epoch) = (self.conn, self.epoch);
+        if conn.version < SELF_COPY_VERSION {
+            return Err(SelfCopyRefusal::Declined(format!(
+                "the rank's runtime speaks protocol version {}; copying its own memory needs {SELF_COPY_VERSION}",
+                conn.version
+            )));
+        }
+        let bytes = pieces.iter().map(|p| p.len).sum();
+        let ask = AgentToRank::CopyInto {
+            epoch,
+            pieces,
+            threads,
+        };
+        // Not sent: nothing was written, so the agent may still copy.
+        conn.send_with_fd(&ask, pool)
+            .map_err(SelfCopyRefusal::Declined)?;
+        let events = lock(&conn.events);
+        let deadline = Instant::now() + answer_within(bytes);
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(wait) {
+                Ok(RankEvent::Copied { epoch: e, outcome }) if e == epoch => {
+                    return match outcome {
+                        CopyOutcome::Copied => Ok(()),
+                        CopyOutcome::Failed { reason } => Err(SelfCopyRefusal::Declined(reason)),
+                    }
+                }
+                Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
+                    self.refused = Some(reason);
+                }
+                Ok(event) => answer_stale(conn, event),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(SelfCopyRefusal::NoAnswer(format!(
+                        "no answer within {:?}",
+                        answer_within(bytes)
+                    )))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SelfCopyRefusal::NoAnswer("the rank left".into()))
+                }
+            }
+        }
+    }
+
     fn resume(&mut self, report: &RankCaptureReport) -> Result<(), String> {
         (self.resume)(report)?;
         *self.resumed = true;
@@ -287,7 +345,10 @@ fn answer_stale(conn: &RankConn, event: RankEvent) {
             outcome: SnapshotOutcome::Taken { pid },
             ..
         } => crate::snapshot::discard(pid),
-        RankEvent::Snapshot { .. } | RankEvent::Refused { .. } | RankEvent::Gone(_) => {}
+        RankEvent::Snapshot { .. }
+        | RankEvent::Copied { .. }
+        | RankEvent::Refused { .. }
+        | RankEvent::Gone(_) => {}
     }
 }
 
@@ -400,9 +461,11 @@ fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Par
                     detail: reason,
                 })
             }
-            Ok(event @ (RankEvent::Refused { .. } | RankEvent::Snapshot { .. })) => {
-                answer_stale(conn, event)
-            }
+            Ok(
+                event @ (RankEvent::Refused { .. }
+                | RankEvent::Snapshot { .. }
+                | RankEvent::Copied { .. }),
+            ) => answer_stale(conn, event),
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(EpochError::Left {
                     rank,

@@ -365,7 +365,17 @@ pub fn send_message_with_fd<M: Message>(
     msg: &M,
     fd: BorrowedFd<'_>,
 ) -> Result<(), FrameError> {
-    let frame = encode_frame(msg)?;
+    send_message_with_fd_as(sock, msg, fd, PROTOCOL_VERSION)
+}
+
+/// Sends `msg` with `fd` attached, for a peer of `version`.
+pub fn send_message_with_fd_as<M: Message>(
+    sock: &UnixStream,
+    msg: &M,
+    fd: BorrowedFd<'_>,
+    version: u16,
+) -> Result<(), FrameError> {
+    let frame = encode_frame_as(msg, version)?;
     let fds = [fd.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let mut sent = loop {

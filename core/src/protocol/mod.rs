@@ -84,10 +84,15 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// (`library_fds`, `warnings`); version 5 made epoch failures typed
 /// ([`AbortReason`]); version 6 added the copy-on-write snapshot of a
 /// parked rank ([`AgentToRank::Snapshot`], [`RankToAgent::Snapshot`]),
-/// which an agent asks only of a rank of version 6 or newer.
-pub const PROTOCOL_VERSION: u16 = 6;
+/// which an agent asks only of a rank of version 6 or newer; version 7 let
+/// a parked rank copy its own memory into the agent's copy budget
+/// ([`AgentToRank::CopyInto`], [`RankToAgent::Copied`]), which an agent
+/// asks only of a rank of version 7 or newer.
+pub const PROTOCOL_VERSION: u16 = 7;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
+/// The first version whose ranks copy their own memory when asked.
+pub const SELF_COPY_VERSION: u16 = 7;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
 /// misread. A version 4 peer is read, and answered, in its own layouts

@@ -85,6 +85,38 @@ pub enum RankToAgent {
         /// The snapshot, or why there is none.
         outcome: SnapshotOutcome,
     },
+    /// The answer to [`AgentToRank::CopyInto`] (protocol version 7).
+    Copied {
+        /// The epoch the rank is parked for.
+        epoch: u64,
+        /// Whether it copied.
+        outcome: CopyOutcome,
+    },
+}
+
+/// What a parked rank did when asked to copy its own memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyOutcome {
+    /// Every piece is in the budget.
+    Copied,
+    /// Nothing was copied (the request named memory outside the rank's
+    /// regions, or the budget could not be mapped): the agent copies.
+    Failed {
+        /// Why, for the log.
+        reason: String,
+    },
+}
+
+/// One piece of a parked rank's memory to copy into the agent's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyPiece {
+    /// Where it starts in the rank (inside one of the regions it parked
+    /// with).
+    pub addr: u64,
+    /// Its length.
+    pub len: u64,
+    /// Where it goes in the budget's memfd.
+    pub offset: u64,
 }
 
 /// What a parked rank did when asked for a snapshot.
@@ -140,6 +172,19 @@ pub enum AgentToRank {
     Snapshot {
         /// The epoch the rank is parked for.
         epoch: u64,
+    },
+    /// Copy these pieces of your memory into the budget (the memfd sent
+    /// with this message as `SCM_RIGHTS`), and answer with
+    /// [`RankToAgent::Copied`]; then wait for `Resume` or `Abort` as before
+    /// (protocol version 7). A parked rank copies its own memory at memcpy
+    /// speed, where the agent's `process_vm_readv` pins every page.
+    CopyInto {
+        /// The epoch the rank is parked for.
+        epoch: u64,
+        /// What to copy where.
+        pieces: Vec<CopyPiece>,
+        /// Threads the rank may copy with (its share of the node's cores).
+        threads: u32,
     },
 }
 
