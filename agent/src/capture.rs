@@ -516,7 +516,13 @@ pub fn capture_rank(
     let buffered = match warm.or_else(|| ctx.pool.try_take_for(now.len(), rank)) {
         Some(mut slots) => {
             let t = Instant::now();
-            copy_parked(ctx, self_copy, parked, control, &now, &mut slots)?;
+            if let Err(err) = copy_parked(ctx, self_copy, parked, control, &now, &mut slots) {
+                if matches!(err, CaptureError::SelfCopy { .. }) {
+                    // The rank may still be writing into them.
+                    ctx.pool.retire(slots);
+                }
+                return Err(err);
+            }
             report.copy_ns = nanos(t);
             Some((now, slots))
         }

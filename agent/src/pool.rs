@@ -324,6 +324,17 @@ impl BufferPool {
         Some(self.take_free(free, n, owner))
     }
 
+    /// Takes `slots` out of use for the agent's life: a rank asked to copy
+    /// into them never answered, and may still write them.
+    pub fn retire(&self, slots: Vec<Slot>) {
+        let bytes = slots.len() * self.inner.slot_size;
+        for slot in slots {
+            // Not back on the free list: dropping it would put it there.
+            std::mem::forget(slot);
+        }
+        tracing::warn!(bytes, "copy_budget.slots_retired");
+    }
+
     /// Takes `n` of the free slots (there are at least that many) and lets
     /// the lock go; for `owner`, the slots it had before come first.
     fn take_free(&self, mut free: MutexGuard<'_, Free>, n: usize, owner: Option<u32>) -> Vec<Slot> {
@@ -598,5 +609,20 @@ mod tests {
         let at = slot.offset();
         nix::sys::uio::pwrite(pool.memfd(), b"budget", i64::try_from(at).unwrap()).unwrap();
         assert_eq!(&slot.bytes()[..6], b"budget");
+    }
+
+    #[test]
+    fn retired_slots_are_never_handed_out_again() {
+        let pool = BufferPool::new(4 * 4096, 4096, Duration::ZERO).unwrap();
+        pool.wait_warm();
+        let lost = pool.try_take(3).unwrap();
+        let lost_at: Vec<u64> = lost.iter().map(Slot::offset).collect();
+        pool.retire(lost);
+        // One slot is left, and a taker of more does not wait for ever.
+        assert!(pool.try_take(2).is_none());
+        let last = pool.take_some(4);
+        assert_eq!(last.len(), 1);
+        assert!(!lost_at.contains(&last[0].offset()));
+        assert!(pool.starved());
     }
 }

@@ -117,7 +117,15 @@ fn try_copy(
         let per = moves.len().div_ceil(threads);
         std::thread::scope(|scope| {
             for share in moves.chunks(per) {
-                scope.spawn(move || share.iter().for_each(|m| m.copy(base)));
+                let copy = move || share.iter().for_each(|m| m.copy(base));
+                // No thread to be had (a limit on threads): this one copies.
+                if std::thread::Builder::new()
+                    .name("cryo-copy".into())
+                    .spawn_scoped(scope, copy)
+                    .is_err()
+                {
+                    copy();
+                }
             }
         });
     }
