@@ -67,7 +67,8 @@ and a kernel copy. auto does it when the copy would not be a memcpy into a warm 
 pre-fault, or beyond the budget) and the node has room for a second copy.
 CRYO_SELF_COPY (agents; on | off, default on): a parked rank copies its own memory into the
 budget (memcpy speed, a node's ranks at once) instead of the agent reading it with
-process_vm_readv in turns; its first such copy also maps its share of the budget.
+process_vm_readv in turns; its first such copy also maps its share of the budget. The agent
+still copies what is under 4 MiB, and everything when a node has more ranks than cores.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
 checkpoint before then clones the ranks it cannot copy into warm memory, and warms the budget for
