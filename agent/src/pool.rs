@@ -304,24 +304,15 @@ impl BufferPool {
         free.slots.is_empty() && self.inner.next_cold.load(Ordering::Acquire) >= self.inner.nslots
     }
 
-    /// Takes exactly `n` slots if that many are free and warm right now,
-    /// else none: never faults a slot in, never waits.
-    pub fn try_take_warm(&self, n: usize) -> Option<Vec<Slot>> {
-        self.take_warm_for(n, None)
-    }
-
-    /// As [`BufferPool::try_take_warm`], for `rank` (see
-    /// [`BufferPool::try_take_for`]).
+    /// Takes exactly `n` slots for `rank` if that many are free and warm
+    /// right now, else none: never faults a slot in, never waits. The
+    /// slots it had last time come first (see [`BufferPool::try_take_for`]).
     pub fn try_take_warm_for(&self, n: usize, rank: u32) -> Option<Vec<Slot>> {
-        self.take_warm_for(n, Some(rank))
-    }
-
-    fn take_warm_for(&self, n: usize, owner: Option<u32>) -> Option<Vec<Slot>> {
         let free = self.inner.lock();
         if free.slots.len() < n {
             return None;
         }
-        Some(self.take_free(free, n, owner))
+        Some(self.take_free(free, n, Some(rank)))
     }
 
     /// Takes `slots` out of use for the agent's life: a rank asked to copy
@@ -525,15 +516,15 @@ mod tests {
     #[test]
     fn taking_warm_slots_only_never_faults_one_in() {
         let pool = BufferPool::new(8 << 20, 1 << 20, Duration::from_secs(3600)).unwrap();
-        assert!(pool.try_take_warm(1).is_none());
+        assert!(pool.try_take_warm_for(1, 0).is_none());
         assert_eq!(pool.warm_bytes(), 0);
         let warmed = pool.try_take(4).unwrap();
         drop(warmed);
-        let held = pool.try_take_warm(3).unwrap();
+        let held = pool.try_take_warm_for(3, 0).unwrap();
         // One warm slot is left; other ranks' slots in use count for
         // nothing.
-        assert!(pool.try_take_warm(2).is_none());
-        assert_eq!(pool.try_take_warm(1).map(|s| s.len()), Some(1));
+        assert!(pool.try_take_warm_for(2, 0).is_none());
+        assert_eq!(pool.try_take_warm_for(1, 0).map(|s| s.len()), Some(1));
         assert_eq!(pool.warm_bytes(), 4 << 20);
         drop(held);
     }

@@ -186,11 +186,12 @@ pub(crate) const CONTROL_MEMFD: &str = "cryo-control";
 pub(crate) const POOL_MEMFD: &str = "cryo-pool";
 
 /// Whose mappings these are when they appear after `cryo_init`: the
-/// runtime's control page and its view of the agent's copy budget, and System V shared memory made with
-/// `IPC_PRIVATE` (key 0, shown as `/SYSV00000000`), which is how MPICH's
-/// intra-node transport maps its segments when ranks first talk. A program
-/// sharing System V memory on purpose gives it a key, so its segments are
-/// still named when they cannot be restored.
+/// runtime's control page and its view of the agent's copy budget, and
+/// System V shared memory made with `IPC_PRIVATE` (key 0, shown as
+/// `/SYSV00000000`), which is how MPICH's intra-node transport maps its
+/// segments when ranks first talk. A program sharing System V memory on
+/// purpose gives it a key, so its segments are still named when they cannot
+/// be restored.
 fn is_runtime_or_library(path: &str) -> bool {
     path.strip_prefix("/memfd:").is_some_and(|name| {
         let name = name.trim_end_matches(" (deleted)");
@@ -503,7 +504,8 @@ mod tests {
         assert!(mine[0].shared);
         assert_eq!(mine[0].prot, 3);
         // The runtime's control page, its view of the agent's copy budget
-        // and MPICH's IPC_PRIVATE segment are not the application's; a keyed System V segment is, and is named.
+        // and MPICH's IPC_PRIVATE segment are not the application's; a
+        // keyed System V segment is, and is named.
         let lost: Vec<&str> = lost.iter().map(|m| m.path.as_str()).collect();
         assert_eq!(
             lost,

@@ -142,6 +142,9 @@ struct Progress {
     /// This epoch's snapshot policy (`auto` turned off when memory is
     /// short).
     snapshot: SnapshotPolicy,
+    /// Whether this epoch's ranks copy themselves (off when they
+    /// outnumber the cores).
+    self_copy: SelfCopy,
 }
 
 /// Runs one epoch over `ranks`. Returns the node's report: committed if
@@ -247,6 +250,7 @@ pub(crate) fn run(
         resumed_ns: AtomicU64::new(0),
         reports: Mutex::new(Vec::new()),
         snapshot,
+        self_copy: res.self_copy.for_epoch(ranks.len()),
     };
     let deadline = t0 + run.park_timeout;
     // Every rank is counted by the gate before any is captured, so that no

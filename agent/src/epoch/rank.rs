@@ -159,7 +159,7 @@ pub(super) fn capture_one(
         node,
         cancelled: run.cancel.flag(),
         snapshot: progress.snapshot,
-        self_copy: res.self_copy.for_epoch(progress.ranks),
+        self_copy: progress.self_copy,
         // The node's ranks copy at once, so each gets its share of the
         // cores the agent would copy with.
         self_copy_threads: u32::try_from(
