@@ -311,7 +311,13 @@ pub(crate) fn start_agent_step(
         .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
     let log = c.opts.scratch.join("agents-step.log");
     let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let mut command = launch::agent_step_command(launcher, &hosts, nodes);
+    let set_here: Vec<&str> = env
+        .iter()
+        .map(|(key, _)| key.as_str())
+        .chain([ENV_JOB, ENV_TOKEN, cryo_core::env::ENV_LOG])
+        .collect();
+    let exported = crate::export::exported_names(&set_here, std::env::vars_os())?;
+    let mut command = launch::agent_step_command(launcher, &hosts, nodes, &exported);
     command
         .arg(agent_binary(c.opts.agent_bin.as_deref()))
         .arg("serve")

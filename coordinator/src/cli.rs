@@ -76,7 +76,9 @@ the next one once its copies are done; with CRYO_SNAPSHOT=off it warms while the
 their safe point).
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
-GC repacks a pack.";
+GC repacks a pack.
+CRYO_EXPORT=VAR,... (cryo run, Open MPI): more variables mpirun carries to ranks on other hosts,
+besides CRYO_*, OMP_*, PATH, LD_LIBRARY_PATH and PYTHONPATH (Hydra and srun carry everything).";
 
 /// `cryo` subcommands.
 #[derive(Debug, Subcommand)]

@@ -280,12 +280,16 @@ fn host_list(hosts: &[NodePlacement]) -> String {
 
 /// Builds the launcher's command line for `blocks` of `program args`, on
 /// `hosts` when given (empty: the launcher's own choice of hosts).
+/// `exported` names the variables of the launcher's environment that must
+/// reach every rank on every host (see `export.rs`); Hydra and srun carry
+/// the whole environment anyway.
 pub fn build_command(
     launcher: &Launcher,
     hosts: &[NodePlacement],
     blocks: &[LaunchBlock],
     program: &OsString,
     args: &[OsString],
+    exported: &[String],
 ) -> Command {
     match launcher {
         Launcher::Hydra(path) => {
@@ -318,11 +322,14 @@ pub fn build_command(
             if std::env::var_os("SLURM_MPI_TYPE").is_none() {
                 command.arg("--mpi=pmi2");
             }
+            let mut names = exported.to_vec();
             for block in blocks {
                 for (key, value) in &block.env {
                     command.env(key, value);
+                    names.push(key.clone());
                 }
             }
+            srun_export_arg(&mut command, &names);
             command.arg(program).args(args);
             command
         }
@@ -343,6 +350,7 @@ pub fn build_command(
                 for (key, value) in &block.env {
                     command.arg("-x").arg(format!("{key}={value}"));
                 }
+                export_by_name(&mut command, exported, &block.env);
                 command.arg(program).args(args);
             }
             command
@@ -356,7 +364,15 @@ pub fn build_command(
 /// launcher, each of `hosts`. One agent that fails must not take the
 /// others down (`--kill-on-bad-exit=0`, Hydra's `-disable-auto-cleanup`):
 /// the coordinator reports it and aborts only the epoch it was part of.
-pub fn agent_step_command(launcher: &Launcher, hosts: &[String], nodes: usize) -> Command {
+///
+/// `exported` names what the agents need from the launcher's environment
+/// (see [`build_command`]).
+pub fn agent_step_command(
+    launcher: &Launcher,
+    hosts: &[String],
+    nodes: usize,
+    exported: &[String],
+) -> Command {
     let one_each = || {
         hosts
             .iter()
@@ -375,6 +391,7 @@ pub fn agent_step_command(launcher: &Launcher, hosts: &[String], nodes: usize) -
                 .arg("--kill-on-bad-exit=0")
                 .arg("--mpi=none")
                 .arg("--job-name=cryo-agents");
+            srun_export_arg(&mut command, exported);
             command
         }
         Launcher::Hydra(path) => {
@@ -397,7 +414,27 @@ pub fn agent_step_command(launcher: &Launcher, hosts: &[String], nodes: usize) -
                 .arg(one_each())
                 .arg("-np")
                 .arg(hosts.len().to_string());
+            export_by_name(&mut command, exported, &[]);
             command
+        }
+    }
+}
+
+/// srun's `--export` when the allocation's `SLURM_EXPORT_ENV` would keep
+/// `names` from the tasks (see [`crate::export::srun_export`]).
+fn srun_export_arg(command: &mut Command, names: &[String]) {
+    let allocation = std::env::var("SLURM_EXPORT_ENV").ok();
+    if let Some(spec) = crate::export::srun_export(allocation.as_deref(), names) {
+        command.arg(format!("--export={spec}"));
+    }
+}
+
+/// Open MPI's `-x NAME` for each of `names` not already given a value in
+/// `given`: the launcher reads the value from its own environment.
+fn export_by_name(command: &mut Command, names: &[String], given: &[(String, String)]) {
+    for name in names {
+        if !given.iter().any(|(key, _)| key == name) {
+            command.arg("-x").arg(name);
         }
     }
 }
@@ -408,6 +445,15 @@ mod tests {
 
     fn nodes(spec: &str) -> Vec<NodeSpec> {
         parse_nodes(spec).expect("parses")
+    }
+
+    /// The command's arguments, space-separated.
+    fn args(command: &Command) -> String {
+        command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
@@ -519,6 +565,7 @@ mod tests {
             &blocks,
             &"app".into(),
             &["--x".into()],
+            &[],
         );
         let args: Vec<String> = command
             .get_args()
@@ -550,6 +597,7 @@ mod tests {
             &blocks,
             &OsString::from("heat2d"),
             &[OsString::from("--iters"), OsString::from("100")],
+            &["CRYO_JOB".into()],
         );
         let args: Vec<String> = command
             .get_args()
@@ -568,28 +616,61 @@ mod tests {
             ranks: 3,
             env: vec![],
         }];
-        let args = |command: &Command| -> String {
-            command
-                .get_args()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let hydra = Launcher::Hydra("mpiexec".into());
-        let command = build_command(&hydra, &hosts, &blocks, &"app".into(), &[]);
+        let command = build_command(&hydra, &hosts, &blocks, &"app".into(), &[], &[]);
         assert_eq!(args(&command), "-hosts n0:2,n1:1 -n 3 app");
         let ompi = Launcher::OpenMpi("mpirun".into());
-        let command = build_command(&ompi, &hosts, &blocks, &"app".into(), &[]);
+        let command = build_command(&ompi, &hosts, &blocks, &"app".into(), &[], &[]);
         assert!(args(&command).ends_with("--host n0:2,n1:1 -np 3 app"));
         let names = vec!["n0".to_owned(), "n1".to_owned()];
         assert_eq!(
-            args(&agent_step_command(&hydra, &names, 2)),
+            args(&agent_step_command(&hydra, &names, 2, &[])),
             "-disable-auto-cleanup -hosts n0:1,n1:1 -n 2"
         );
-        assert!(args(&agent_step_command(&ompi, &names, 2)).ends_with("--host n0:1,n1:1 -np 2"));
         assert!(
-            args(&agent_step_command(&Launcher::Srun("srun".into()), &[], 3))
-                .contains("--nodes=3 --ntasks=3 --ntasks-per-node=1")
+            args(&agent_step_command(&ompi, &names, 2, &[])).ends_with("--host n0:1,n1:1 -np 2")
         );
+        assert!(args(&agent_step_command(
+            &Launcher::Srun("srun".into()),
+            &[],
+            3,
+            &[]
+        ))
+        .contains("--nodes=3 --ntasks=3 --ntasks-per-node=1"));
+    }
+
+    /// Open MPI starts a rank on another host with sshd's environment plus
+    /// what `-x` names: every exported name is carried, by name only, and
+    /// a block's own value wins over the launcher's.
+    #[test]
+    fn open_mpi_carries_exported_names_to_other_hosts() {
+        let blocks = [
+            LaunchBlock {
+                ranks: 2,
+                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())],
+            },
+            LaunchBlock {
+                ranks: 1,
+                env: vec![],
+            },
+        ];
+        let exported: Vec<String> = ["CRYO_AGENT_SOCKET", "CRYO_JOB", "CRYO_TOKEN"]
+            .map(String::from)
+            .to_vec();
+        let ompi = Launcher::OpenMpi("mpirun".into());
+        let command = build_command(&ompi, &[], &blocks, &"app".into(), &[], &exported);
+        assert!(
+            args(&command).ends_with(
+                "-np 2 -x CRYO_AGENT_SOCKET=/s/a -x CRYO_JOB -x CRYO_TOKEN app : \
+                 -np 1 -x CRYO_AGENT_SOCKET -x CRYO_JOB -x CRYO_TOKEN app"
+            ),
+            "{}",
+            args(&command)
+        );
+        // No value on the command line, where any user could read it.
+        assert!(!args(&command).contains("CRYO_TOKEN="));
+        let names = vec!["n0".to_owned(), "n1".to_owned()];
+        assert!(args(&agent_step_command(&ompi, &names, 2, &exported))
+            .ends_with("-np 2 -x CRYO_AGENT_SOCKET -x CRYO_JOB -x CRYO_TOKEN"));
     }
 }

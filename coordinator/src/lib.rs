@@ -10,8 +10,8 @@
 //! * [`epoch`]: one epoch's state machine, free of I/O.
 //! * [`cli`], [`report`], [`inspect`], [`holdings`], [`human`]: the `cryo`
 //!   commands and what they print.
-//! * [`launch`], [`registry`], [`logging`]: launchers, the job's registry in
-//!   the store, logs.
+//! * [`launch`], [`export`], [`registry`], [`logging`]: launchers and what
+//!   they carry to other hosts, the job's registry in the store, logs.
 //! * [`store_dir`]: where the store is when nobody says.
 #![deny(missing_docs)]
 
@@ -19,6 +19,7 @@ mod agents;
 pub mod cli;
 mod commit;
 pub mod epoch;
+pub mod export;
 pub mod holdings;
 pub mod human;
 pub mod inspect;

@@ -29,6 +29,7 @@ use crate::agents::{
     external_agent_env, spawn_agents_and_wait, start_agent_step, NO_AGENT_WARNING,
 };
 use crate::epoch::Event as EpochEvent;
+use crate::export;
 use crate::launch::{self, LaunchBlock, Launcher, NodePlacement};
 use crate::peers::{serve_connections, Event};
 use crate::registry::{hostname, CoordinatorAddr, JobCommand, Registry};
@@ -308,6 +309,8 @@ fn drive(
     token: &JobToken,
     rx: &Receiver<Event>,
 ) -> Result<ExitCode> {
+    // Checked before anything starts: a bad CRYO_EXPORT is refused by name.
+    let exported = export::exported_names(&[ENV_JOB, ENV_TOKEN], std::env::vars_os())?;
     let blocks = match c.opts.agents.clone() {
         AgentMode::Spawn => spawn_agents_and_wait(c, addr, rx)?,
         AgentMode::External {
@@ -333,6 +336,7 @@ fn drive(
         &blocks,
         &c.opts.command.program(),
         &c.opts.command.args(),
+        &exported,
     );
     command
         .current_dir(c.opts.command.cwd())

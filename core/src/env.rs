@@ -73,6 +73,9 @@ pub const ENV_SNAPSHOT: &str = "CRYO_SNAPSHOT";
 pub const ENV_SELF_COPY: &str = "CRYO_SELF_COPY";
 /// How long a rank may take to park (`--park-timeout`).
 pub const ENV_PARK_TIMEOUT: &str = "CRYO_PARK_TIMEOUT";
+/// More variables `cryo run` has Open MPI carry to other hosts,
+/// comma-separated (`coordinator/src/export.rs`).
+pub const ENV_EXPORT: &str = "CRYO_EXPORT";
 /// The agent's node name (`cryo-agent --node`).
 pub const ENV_NODE: &str = "CRYO_NODE";
 /// The coordinator's address, for agents (`cryo-agent --coordinator`).

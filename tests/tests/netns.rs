@@ -13,7 +13,9 @@ use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, c_heat2d, compile_mpich_program, Case, Heat2dFiles, Mpi};
+use cryo_tests::heat2d::{
+    built, c_heat2d, compile_mpich_program, openmpi_available, Case, Heat2dFiles, Mpi, Program,
+};
 use cryo_tests::netns::{self, Cluster, Site};
 use cryo_tests::{lines, output_text, state, wait_until};
 
@@ -73,6 +75,20 @@ fn joined_nodes(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// `cryo checkpoint heat` commits epoch 1, with the agents of `nodes`.
+fn checkpoint_on(case: &Case, job: &cryo_tests::heat2d::Job, nodes: &[&str]) {
+    let out = case.checkpoint("heat");
+    assert!(
+        out.status.success() && output_text(&out).contains("epoch 1 committed"),
+        "cryo checkpoint failed: {}\n{}",
+        output_text(&out),
+        job.log_text()
+    );
+    let mut joined = joined_nodes(&job.log_text());
+    joined.sort();
+    assert_eq!(joined, nodes, "{}", job.log_text());
+}
+
 /// heat2d on 4 ranks on hosts n0 and n1: MPI crosses the bridge, the
 /// checkpoint commits, every process of the job is killed, and `cryo
 /// restart --hosts n2,n3,n4` finishes byte-identical to a run without cryo.
@@ -88,16 +104,7 @@ fn heat2d_checkpointed_on_two_hosts_restarts_on_three_others() {
     wait_until("iteration 45", Duration::from_secs(90), || {
         lines(&case.path("run.log")) >= 45
     });
-    let out = case.checkpoint("heat");
-    assert!(
-        out.status.success() && output_text(&out).contains("epoch 1 committed"),
-        "cryo checkpoint failed: {}\n{}",
-        output_text(&out),
-        job.log_text()
-    );
-    let mut joined = joined_nodes(&job.log_text());
-    joined.sort();
-    assert_eq!(joined, ["n0", "n1"], "{}", job.log_text());
+    checkpoint_on(&case, &job, &["n0", "n1"]);
     // Ranks 1 and 2 are halo neighbours on different hosts: each
     // iteration's row of 96 doubles went from n0 to n1 over the bridge,
     // not through shared memory.
@@ -125,6 +132,88 @@ fn heat2d_checkpointed_on_two_hosts_restarts_on_three_others() {
     assert_eq!(joined, ["n2", "n3", "n4"], "{said}");
     case.assert_matches_reference();
     cluster.assert_nothing_left(&["n2", "n3", "n4", netns::HEAD], LEFTOVER_GRACE);
+}
+
+/// The environment of every running process whose executable is `exe`.
+fn environments_of(exe: &std::path::Path) -> Vec<String> {
+    let exe = std::fs::canonicalize(exe).unwrap();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let dir = entry.path();
+        if std::fs::read_link(dir.join("exe")).is_ok_and(|e| e == exe) {
+            if let Ok(env) = std::fs::read(dir.join("environ")) {
+                found.push(String::from_utf8_lossy(&env).replace('\0', "\n"));
+            }
+        }
+    }
+    found
+}
+
+/// heat2d built with Open MPI, 4 ranks on hosts n0 and n1, started by
+/// `mpirun.openmpi` through an ssh stand-in that gives each remote command
+/// a fresh environment, as sshd does: the ranks and agents there know their
+/// job, token and agent, and carry the user's settings, only because `cryo
+/// run` names them to the launcher. Checkpointed, killed, and restarted on
+/// n2 and n3: byte-identical to an uninterrupted Open MPI run.
+#[test]
+fn heat2d_with_open_mpi_over_ssh_restarts_on_other_hosts() {
+    if !openmpi_available() {
+        return;
+    }
+    let Some((_guard, cluster)) = cluster(&["n0", "n1", "n2", "n3"]) else {
+        return;
+    };
+    let mut case = Case::new(Program::compiled(c_heat2d(Mpi::OpenMpi), Mpi::OpenMpi));
+    case.site = Site::Cluster(Rc::clone(&cluster));
+    case.reference(4);
+    let job = case.start_with_env(
+        "heat",
+        "n0:2,n1:2",
+        4,
+        &[],
+        40,
+        &[
+            ("CRYO_RESTORE_THREADS", "2"),
+            ("CRYO_EXPORT", "HEAT_CARRIED"),
+            ("HEAT_CARRIED", "yes"),
+            ("HEAT_LEFT_BEHIND", "yes"),
+        ],
+    );
+    wait_until("iteration 45", Duration::from_secs(120), || {
+        lines(&case.path("run.log")) >= 45
+    });
+    let ranks = environments_of(&case.program.exe);
+    assert_eq!(ranks.len(), 4, "{}", job.log_text());
+    for env in &ranks {
+        for carried in [
+            "CRYO_RESTORE_THREADS=2",
+            "HEAT_CARRIED=yes",
+            "CRYO_JOB=heat",
+        ] {
+            assert!(
+                env.lines().any(|l| l == carried),
+                "{carried} missing:\n{env}"
+            );
+        }
+        // The stand-in drops what no launcher carries, as sshd would.
+        assert!(!env.contains("HEAT_LEFT_BEHIND"), "{env}");
+    }
+    checkpoint_on(&case, &job, &["n0", "n1"]);
+    assert!(lines(&case.path("run.log")) < Heat2dFiles::ITERS);
+    for node in ["n0", "n1", netns::HEAD] {
+        cluster.kill_node(node);
+    }
+    drop(job);
+
+    let out = case.restart("heat", "n2:2,n3:2", &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart on n2,n3 failed: {said}");
+    assert!(said.contains("mpirun.openmpi"), "{said}");
+    let mut joined = joined_nodes(&said);
+    joined.sort();
+    assert_eq!(joined, ["n2", "n3"], "{said}");
+    case.assert_matches_reference();
+    cluster.assert_nothing_left(&["n2", "n3", netns::HEAD], LEFTOVER_GRACE);
 }
 
 /// The state suite's `all` program (every open-file shape in one job), on

@@ -424,22 +424,58 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
     let mut sbatch = slurm.cmd("sbatch");
     sbatch
         .env("PATH", path_with_built())
-        .env("CRYO_STORE", case.path("store"))
+        .env("CRYO_STORE", case.path("store"));
+    let log = requeued_once(&slurm, &case, sbatch, &script);
+    assert!(log.contains("agent(s) as a step of Slurm srun"), "{log}");
+}
+
+/// Submits heat2d's `script` with `sbatch` (its environment and options
+/// given), one node of 4 tasks, requeueable; once it computed 20
+/// iterations, SIGUSR1 to its batch script: it checkpoints, requeues and
+/// resumes, byte-identical, leaving no agent behind. Returns its output.
+fn requeued_once(slurm: &Slurm, case: &Case, mut sbatch: Command, script: &str) -> String {
+    sbatch
         .arg("--parsable")
         .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
         .args(["--requeue", "--open-mode=append"])
         .arg(format!("--output={}", case.path("job.out").display()))
         .arg(format!("--chdir={}", case.files.dir().display()))
         .arg("--wrap")
-        .arg(&script);
+        .arg(script);
     let id = submit(sbatch);
     case.wait_for_iterations(20);
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
-    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
+    let restarts = wait_done(slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
-    assert!(log.contains("agent(s) as a step of Slurm srun"), "{log}");
     assert!(log.contains("resuming job"), "{log}");
     case.assert_identical();
     assert_no_stray_agent();
+    log
+}
+
+/// A job submitted with `--export=NONE`: Slurm leaves `SLURM_EXPORT_ENV=NONE`
+/// in the batch script, so every srun in it starts its tasks with Slurm's
+/// variables only. `cryo run` still gets its own to its agents' step and
+/// to the ranks; the job checkpoints, requeues and resumes identically.
+#[test]
+fn a_job_submitted_with_export_none_still_reaches_its_agents_and_ranks() {
+    let Some((_guard, slurm, case)) = setup_with(false) else {
+        return;
+    };
+    let script = format!(
+        "echo \"export: $SLURM_EXPORT_ENV\"; export PATH={path} CRYO_STORE={store}; \
+         exec cryo run --requeue -- {heat2d} {args}",
+        path = path_with_built(),
+        store = case.path("store").display(),
+        heat2d = built().join("heat2d").display(),
+        args = case.app_args("run", 300).join(" ")
+    );
+    let mut sbatch = slurm.cmd("sbatch");
+    sbatch.arg("--export=NONE");
+    let log = requeued_once(&slurm, &case, sbatch, &script);
+    assert!(
+        log.contains("export: NONE"),
+        "not a clean environment:\n{log}"
+    );
 }

@@ -19,8 +19,10 @@
 //!
 //! MPI crosses the bridge: `enter` is an ssh stand-in (`enter [-x] NODE
 //! COMMAND`) that MPICH's Hydra uses as its ssh launcher
-//! (`HYDRA_LAUNCHER=ssh`, `HYDRA_LAUNCHER_EXEC`), so Hydra's proxies and the
-//! ranks start inside their nodes. UCX tells hosts apart by their boot id:
+//! (`HYDRA_LAUNCHER=ssh`, `HYDRA_LAUNCHER_EXEC`) and Open MPI as its rsh
+//! agent (`OMPI_MCA_plm_rsh_agent`), so the launchers' daemons and the
+//! ranks start inside their nodes. Like sshd it starts the command with a
+//! fresh environment, so only what a launcher carries reaches a node. UCX tells hosts apart by their boot id:
 //! with one boot id for all it would pass messages between namespaces
 //! through shared memory. With a boot id per node it uses shared memory
 //! within a node and TCP between nodes, over `eth0` and the bridge, which
@@ -255,13 +257,17 @@ impl Cluster {
             .unwrap();
         let script = format!(
             "#!/bin/sh\n\
-             # ssh stand-in for MPICH's Hydra: enter [-opts] NODE COMMAND...\n\
+             # ssh stand-in for Hydra and Open MPI: enter [-opts] NODE COMMAND...\n\
              # runs COMMAND (one shell string, as ssh passes it) in NODE's namespaces,\n\
              # in a session of its own as sshd would: a signal to the caller's\n\
              # process group reaches this script, not the remote command.\n\
+             # Like sshd, it gives COMMAND a fresh environment: what a launcher\n\
+             # does not carry by its own means does not reach the node.\n\
              while [ \"${{1#-}}\" != \"$1\" ]; do shift; done\n\
              node=\"$1\"; shift\n\
-             exec setsid -w nsenter --net=/run/netns/{prefix}-\"$node\" --uts={dir}/uts/\"$node\" \\\n\
+             exec env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\\n\
+             \x20 HOME=\"$HOME\" USER=\"$USER\" LOGNAME=\"$LOGNAME\" SHELL=/bin/sh \\\n\
+             \x20 setsid -w nsenter --net=/run/netns/{prefix}-\"$node\" --uts={dir}/uts/\"$node\" \\\n\
              \x20 unshare --mount --propagation private \\\n\
              \x20 sh -c '{mounts} && exec sh -c \"$0\"' \"$*\"\n",
             prefix = self.prefix,
@@ -342,15 +348,17 @@ impl Cluster {
         cmd
     }
 
-    /// The environment under which MPICH's `mpiexec` (run in a node)
-    /// launches into the cluster's nodes.
+    /// The environment under which MPICH's `mpiexec` and Open MPI's
+    /// `mpirun` (run in a node) launch into the cluster's nodes, over the
+    /// nodes' `eth0`.
     pub fn mpi_env(&self) -> Vec<(String, String)> {
+        let enter = self.enter_script().display().to_string();
         vec![
             ("HYDRA_LAUNCHER".into(), "ssh".into()),
-            (
-                "HYDRA_LAUNCHER_EXEC".into(),
-                self.enter_script().display().to_string(),
-            ),
+            ("HYDRA_LAUNCHER_EXEC".into(), enter.clone()),
+            ("OMPI_MCA_plm_rsh_agent".into(), enter),
+            ("OMPI_MCA_oob_tcp_if_include".into(), "eth0".into()),
+            ("OMPI_MCA_btl_tcp_if_include".into(), "eth0".into()),
         ]
     }
 
