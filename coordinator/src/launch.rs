@@ -318,10 +318,6 @@ pub fn build_command(
             command
                 .arg(format!("--ntasks={ranks}"))
                 .arg("--kill-on-bad-exit=1");
-            // MPICH and Open MPI both speak PMI-2; a site default wins.
-            if std::env::var_os("SLURM_MPI_TYPE").is_none() {
-                command.arg("--mpi=pmi2");
-            }
             let mut names = exported.to_vec();
             for block in blocks {
                 for (key, value) in &block.env {
@@ -329,7 +325,8 @@ pub fn build_command(
                     names.push(key.clone());
                 }
             }
-            srun_export_arg(&mut command, &names);
+            // The site's MPI plugin (else PMI-2), and cryo's variables.
+            crate::srun::add_site_args(&mut command, &names);
             command.arg(program).args(args);
             command
         }
@@ -391,7 +388,7 @@ pub fn agent_step_command(
                 .arg("--kill-on-bad-exit=0")
                 .arg("--mpi=none")
                 .arg("--job-name=cryo-agents");
-            srun_export_arg(&mut command, exported);
+            crate::srun::add_export(&mut command, exported);
             command
         }
         Launcher::Hydra(path) => {
@@ -417,15 +414,6 @@ pub fn agent_step_command(
             export_by_name(&mut command, exported, &[]);
             command
         }
-    }
-}
-
-/// srun's `--export` when the allocation's `SLURM_EXPORT_ENV` would keep
-/// `names` from the tasks (see [`crate::export::srun_export`]).
-fn srun_export_arg(command: &mut Command, names: &[String]) {
-    let allocation = std::env::var("SLURM_EXPORT_ENV").ok();
-    if let Some(spec) = crate::export::srun_export(allocation.as_deref(), names) {
-        command.arg(format!("--export={spec}"));
     }
 }
 

@@ -32,4 +32,5 @@ pub mod report;
 mod running;
 pub mod session;
 mod signals;
+pub mod srun;
 pub mod store_dir;
