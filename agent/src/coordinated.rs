@@ -15,7 +15,7 @@ use cryo_core::protocol::{
 };
 
 use crate::capture::Parked;
-use crate::epoch::{self, lock, Admission, Coordinated, EpochError};
+use crate::epoch::{self, lock, Admission, Coordinated, EpochError, Resume};
 use crate::ranks::RankConn;
 use crate::server::Shared;
 
@@ -44,12 +44,21 @@ impl Shared {
                 CoordinatorToAgent::Checkpoint {
                     epoch,
                     park_timeout_ms,
+                }
+                | CoordinatorToAgent::FinalCheckpoint {
+                    epoch,
+                    park_timeout_ms,
                 } => {
+                    let resume = if matches!(msg, CoordinatorToAgent::FinalCheckpoint { .. }) {
+                        Resume::WhenDurable
+                    } else {
+                        Resume::AfterCopy
+                    };
                     let shared = Arc::clone(&self);
                     let park_timeout = Duration::from_millis(park_timeout_ms.max(1));
                     let spawned = std::thread::Builder::new()
                         .name(format!("cryo-epoch-{epoch}"))
-                        .spawn(move || shared.coordinated_checkpoint(epoch, park_timeout));
+                        .spawn(move || shared.coordinated_checkpoint(epoch, park_timeout, resume));
                     if let Err(err) = spawned {
                         link.send(&AgentToCoordinator::Failed {
                             epoch,
@@ -85,9 +94,10 @@ impl Shared {
         }
     }
 
-    /// Runs `Checkpoint { epoch }` from the coordinator: capture every local
-    /// rank and make its part durable, reporting per rank; no commit.
-    fn coordinated_checkpoint(self: Arc<Self>, epoch: u64, park_timeout: Duration) {
+    /// Runs `Checkpoint { epoch }` (or `FinalCheckpoint`, with `resume`
+    /// saying so) from the coordinator: capture every local rank and make
+    /// its part durable, reporting per rank; no commit.
+    fn coordinated_checkpoint(self: Arc<Self>, epoch: u64, park_timeout: Duration, resume: Resume) {
         let Some(link) = self.link.as_ref() else {
             return;
         };
@@ -137,7 +147,9 @@ impl Shared {
                     }
                 }
             }
-            self.begin_epoch(&mut slot, epoch, park_timeout, true)
+            let mut run = self.begin_epoch(&mut slot, epoch, park_timeout, true);
+            run.resume = resume;
+            run
         };
         let sink = Coordinated { link };
         let result = epoch::run(&self.resources(), &self.rank_conns(), &run, &sink);

@@ -193,9 +193,18 @@ impl Coordinator {
         tracing::info!(job = %self.opts.job, epoch, why, "checkpoint.requested");
         eprintln!("cryo: checkpoint of epoch {epoch} requested ({why})");
         let park_timeout_ms = u64::try_from(self.opts.park_timeout.as_millis()).unwrap_or(u64::MAX);
-        self.broadcast(&CoordinatorToAgent::Checkpoint {
-            epoch,
-            park_timeout_ms,
+        // Before the job stops, the ranks stay parked until their parts
+        // are durable: what they would compute meanwhile is lost anyway.
+        self.broadcast(&if self.preempting {
+            CoordinatorToAgent::FinalCheckpoint {
+                epoch,
+                park_timeout_ms,
+            }
+        } else {
+            CoordinatorToAgent::Checkpoint {
+                epoch,
+                park_timeout_ms,
+            }
         });
         Ok(epoch)
     }
@@ -448,6 +457,8 @@ impl Coordinator {
                 } else {
                     "cryo checkpoint"
                 };
+                // Set first: the epoch it starts is the job's last.
+                self.preempting |= preempt;
                 match self.start_checkpoint(why) {
                     Ok(_) => self.waiters.push(Waiter { reply }),
                     Err(reason) if preempt && self.epoch.is_some() => {
@@ -464,9 +475,6 @@ impl Coordinator {
                             self.preempt_result = Some(false);
                         }
                     }
-                }
-                if preempt {
-                    self.preempting = true;
                 }
             }
         }

@@ -9,12 +9,59 @@ use std::time::Duration;
 
 use cryo_core::protocol::{AbortReason, AgentToRank, CoordinatorToAgent, ProbeVerdict};
 use cryo_tests::coordinated::{
-    coordinated_agent, is_copied, is_durable, is_registered, wait_idle, wait_logged,
-    FakeCoordinator, FakeRank, Link,
+    coordinated_agent, coordinated_agent_with_env, is_copied, is_durable, is_registered, wait_idle,
+    wait_logged, FakeCoordinator, FakeRank, Link,
 };
 use cryo_tests::counter::setup;
 
 const CHUNK: u32 = 1 << 20;
+
+/// The checkpoint before the job stops keeps its rank parked until the
+/// rank's part is durable; a plain one resumes it once it is copied. The
+/// store is held for 1.5 s before the part is made durable (`CRYO_FAULT`),
+/// so the difference is the rank's wait.
+#[test]
+fn a_final_checkpoint_keeps_its_rank_parked_until_its_part_is_durable() {
+    let setup = setup();
+    let hold = Duration::from_millis(1500);
+    for last in [false, true] {
+        let coord = FakeCoordinator::new(if last { "last" } else { "plain" });
+        let (agent, mut link) = coordinated_agent_with_env(
+            &setup,
+            &coord,
+            &["--copy-budget", "16MiB"],
+            &[("CRYO_FAULT", "pause-at:drain:1:1500")],
+        );
+        let rank = FakeRank::register(&agent, &coord.token);
+        link.expect("RankRegistered", is_registered(0, None));
+        let (epoch, park_timeout_ms) = (1, 10_000);
+        link.send(&if last {
+            CoordinatorToAgent::FinalCheckpoint {
+                epoch,
+                park_timeout_ms,
+            }
+        } else {
+            CoordinatorToAgent::Checkpoint {
+                epoch,
+                park_timeout_ms,
+            }
+        });
+        rank.park(epoch);
+        let (answer, took) = rank.answer();
+        assert_eq!(answer, AgentToRank::Resume { epoch });
+        if last {
+            assert!(
+                took >= hold,
+                "resumed after {took:?}, before the part was durable"
+            );
+        } else {
+            assert!(took < hold, "resumed only after {took:?}");
+        }
+        link.expect("Copied", is_copied(epoch, 0));
+        link.expect("Durable", is_durable(epoch, 0));
+        wait_idle(&agent);
+    }
+}
 
 #[test]
 fn early_park_waits_for_its_checkpoint_and_is_aborted_without_one() {

@@ -63,6 +63,16 @@ pub(crate) struct Resources<'a> {
 }
 
 /// One epoch to run.
+/// When a captured rank runs again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// As soon as its memory is copied (or cloned): the pause is the copy.
+    AfterCopy,
+    /// Once its part is durable: the checkpoint before the job stops, when
+    /// what the rank would compute is lost and the store wants the cores.
+    WhenDurable,
+}
+
 pub(crate) struct EpochRun {
     pub(crate) epoch: u64,
     pub(crate) park_timeout: Duration,
@@ -71,6 +81,8 @@ pub(crate) struct EpochRun {
     pub(crate) early: BTreeMap<u32, Parked>,
     /// Copy every chunk, ignoring write tracking.
     pub(crate) full: bool,
+    /// When a captured rank runs again.
+    pub(crate) resume: Resume,
     /// Ranks whose part this run wrote.
     written: Mutex<Vec<u32>>,
     /// The first rank failure, which (coordinated) stops the others.
@@ -90,6 +102,7 @@ impl EpochRun {
             cancel,
             early,
             full: false,
+            resume: Resume::AfterCopy,
             written: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
         }

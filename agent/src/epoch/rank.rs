@@ -13,12 +13,13 @@ use cryo_core::protocol::{
 };
 use cryo_core::store::writer::EpochWriter;
 
-use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources};
+use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources, Resume};
 use crate::capture::{
     capture_rank, nanos, CaptureContext, CaptureError, GateHold, Parked, ParkedRank,
 };
 use crate::ranks::{RankConn, RankEvent};
 use crate::self_copy::{answer_within, SelfCopyRefusal};
+use crate::snapshot::SnapshotPolicy;
 
 /// How often a wait checks whether the epoch was cancelled.
 const POLL: Duration = Duration::from_millis(20);
@@ -114,7 +115,9 @@ pub(super) fn capture_one(
     fault::pause_at(fault::Phase::Quiesce, epoch, job);
     let rank_writer = writer.rank(rank);
     let mut did_resume = false;
-    let resume = |report: &RankCaptureReport| {
+    // Held until durable: the report waits for the resume.
+    let mut held: Option<RankCaptureReport> = None;
+    let send_resume = |report: &RankCaptureReport| {
         fault::pause_at(fault::Phase::Copy, epoch, job);
         if run.cancel.is_set() {
             return Err(run.stop_reason().to_string());
@@ -149,6 +152,13 @@ pub(super) fn capture_one(
         }
         Ok(())
     };
+    let resume = |report: &RankCaptureReport| match run.resume {
+        Resume::AfterCopy => send_resume(report),
+        Resume::WhenDurable => {
+            held = Some(report.clone());
+            Ok(())
+        }
+    };
     let ctx = CaptureContext {
         access: res.access,
         pool: res.pool,
@@ -158,7 +168,11 @@ pub(super) fn capture_one(
         job,
         node,
         cancelled: run.cancel.flag(),
-        snapshot: progress.snapshot,
+        // A rank that stays parked has nothing to gain from a clone.
+        snapshot: match run.resume {
+            Resume::AfterCopy => progress.snapshot,
+            Resume::WhenDurable => SnapshotPolicy::Off,
+        },
         self_copy: progress.self_copy,
         // The node's ranks copy at once, so each gets its share of the
         // cores the agent would copy with.
@@ -190,10 +204,11 @@ pub(super) fn capture_one(
         )
     };
     let refused = control.refused.take();
-    let (report, record) = match captured {
+    drop(control);
+    let (mut report, record) = match captured {
         Ok(captured) => captured,
         Err(err) => {
-            if !did_resume {
+            if !did_resume || held.is_some() {
                 tracing::info!(job, node, rank, epoch, "rank.aborted");
                 conn.abort(epoch, &err);
             }
@@ -207,25 +222,46 @@ pub(super) fn capture_one(
             });
         }
     };
-    fault::pause_at(fault::Phase::Drain, epoch, job);
-    if run.cancel.is_set() {
-        return Err(run.cancelled());
+    let durable = || -> Result<WriteStats, EpochError> {
+        fault::pause_at(fault::Phase::Drain, epoch, job);
+        if run.cancel.is_set() {
+            return Err(run.cancelled());
+        }
+        // An MPI rank goes on looking for messages in flight while parked:
+        // its part is made durable only once it found none.
+        await_verdict(conn, run, refused)?;
+        let regions = record.regions.clone();
+        let stats = rank_writer.finish(record)?;
+        *lock(&conn.baseline) = Some(regions);
+        lock(&run.written).push(rank);
+        tracing::info!(
+            job,
+            node,
+            rank,
+            epoch,
+            new_chunks = stats.new_chunks,
+            "rank.durable"
+        );
+        Ok(stats)
+    };
+    let stats = match durable() {
+        Ok(stats) => stats,
+        Err(err) => {
+            // A rank held until now must not stay parked.
+            if held.is_some() {
+                tracing::info!(job, node, rank, epoch, "rank.aborted");
+                conn.abort(epoch, &err);
+            }
+            return Err(err);
+        }
+    };
+    if held.take().is_some() {
+        report.pause_ns = nanos(parked.since);
+        if let Err(reason) = send_resume(&report) {
+            conn.abort(epoch, &reason);
+            return Err(CaptureError::Resume { rank, reason }.into());
+        }
     }
-    // An MPI rank goes on looking for messages in flight while parked: its
-    // part is made durable only once it found none.
-    await_verdict(conn, run, refused)?;
-    let regions = record.regions.clone();
-    let stats = rank_writer.finish(record)?;
-    *lock(&conn.baseline) = Some(regions);
-    lock(&run.written).push(rank);
-    tracing::info!(
-        job,
-        node,
-        rank,
-        epoch,
-        new_chunks = stats.new_chunks,
-        "rank.durable"
-    );
     if run.cancel.is_set() {
         return Err(run.cancelled());
     }

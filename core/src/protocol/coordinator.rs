@@ -1,7 +1,7 @@
 //! Between a job's coordinator and its node agents.
 use serde::{Deserialize, Serialize};
 
-use super::{v4, AbortReason, Command, Message};
+use super::{v4, AbortReason, Command, Message, FINAL_CHECKPOINT_VERSION};
 use crate::format::codec::CodecError;
 /// Messages from a job's coordinator to a node agent (TCP, after a
 /// [`Hello`] with [`Peer::Agent`] and the job token).
@@ -47,13 +47,36 @@ pub enum CoordinatorToAgent {
     },
     /// The job is over: exit.
     Shutdown,
+    /// `Checkpoint` before the job stops (a preemption, a requeue): each
+    /// rank stays parked until its part is durable, so the store has the
+    /// node's cores and the ranks compute nothing that would be lost. An
+    /// agent older than [`FINAL_CHECKPOINT_VERSION`] is sent `Checkpoint`.
+    FinalCheckpoint {
+        /// The epoch.
+        epoch: u64,
+        /// Milliseconds the agent may wait for its ranks to park.
+        park_timeout_ms: u64,
+    },
 }
 
 impl Message for CoordinatorToAgent {
     const COMMAND: Command = Command::CoordinatorToAgent;
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
-        v4::encode_as::<v4::CoordinatorToAgent, _>(self, version)
+        match self {
+            // An older agent knows only the plain request.
+            CoordinatorToAgent::FinalCheckpoint {
+                epoch,
+                park_timeout_ms,
+            } if version < FINAL_CHECKPOINT_VERSION => {
+                let plain = CoordinatorToAgent::Checkpoint {
+                    epoch: *epoch,
+                    park_timeout_ms: *park_timeout_ms,
+                };
+                v4::encode_as::<v4::CoordinatorToAgent, _>(&plain, version)
+            }
+            _ => v4::encode_as::<v4::CoordinatorToAgent, _>(self, version),
+        }
     }
 
     fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {

@@ -394,3 +394,39 @@ fn versions_are_negotiated_down_never_up() {
     assert_eq!(negotiated(PROTOCOL_VERSION), PROTOCOL_VERSION);
     assert_eq!(negotiated(PROTOCOL_VERSION + 3), PROTOCOL_VERSION);
 }
+
+#[test]
+fn a_final_checkpoint_reaches_an_older_agent_as_a_plain_one() {
+    let last = CoordinatorToAgent::FinalCheckpoint {
+        epoch: 9,
+        park_timeout_ms: 60_000,
+    };
+    let plain = CoordinatorToAgent::Checkpoint {
+        epoch: 9,
+        park_timeout_ms: 60_000,
+    };
+    for version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+        let payload = last.encode_for(version).unwrap();
+        let read = CoordinatorToAgent::decode_from(version, &payload).unwrap();
+        let expected = if version >= FINAL_CHECKPOINT_VERSION {
+            &last
+        } else {
+            &plain
+        };
+        assert_eq!(&read, expected, "version {version}");
+    }
+    // A version 4 agent reads its own layout's Checkpoint.
+    let frame = encode_frame_as(&last, 4).unwrap();
+    let old: v4::CoordinatorToAgent =
+        crate::format::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
+    assert!(
+        matches!(
+            old,
+            v4::CoordinatorToAgent::Checkpoint {
+                epoch: 9,
+                park_timeout_ms: 60_000
+            }
+        ),
+        "{old:?}"
+    );
+}

@@ -45,12 +45,15 @@ where
 
 /// `From` both ways between this build's enum and version 4's layout of it:
 /// the variants in `same` carry the same fields in both; those in `reasons`
-/// also carry a `reason`, an [`AbortReason`] now and text in version 4.
+/// also carry a `reason`, an [`AbortReason`] now and text in version 4;
+/// those in `newer` came later and are written as the version 4 variant
+/// with the same fields.
 macro_rules! layouts {
     (
         $enum:ident;
         same: [ $( $sv:ident $( { $($sf:ident),* } )? $( ( $st:ident ) )? ),* $(,)? ];
         reasons: [ $( $rv:ident { $($rf:ident),* } ),* $(,)? ]
+        $( ; newer: [ $( $nv:ident { $($nf:ident),* } => $ov:ident ),* $(,)? ] )?
     ) => {
         impl From<&super::$enum> for $enum {
             fn from(msg: &super::$enum) -> Self {
@@ -59,6 +62,7 @@ macro_rules! layouts {
                         => Self::$sv $( { $($sf),* } )? $( ( $st ) )?, )*
                     $( super::$enum::$rv { $($rf,)* reason }
                         => Self::$rv { $($rf,)* reason: reason.to_string() }, )*
+                    $( $( super::$enum::$nv { $($nf),* } => Self::$ov { $($nf),* }, )* )?
                 }
             }
         }
@@ -98,7 +102,8 @@ layouts!(CoordinatorToAgent;
         ArmRestart { epoch },
         Shutdown,
     ];
-    reasons: [Abort { epoch }]);
+    reasons: [Abort { epoch }];
+    newer: [FinalCheckpoint { epoch, park_timeout_ms } => Checkpoint]);
 
 /// `AgentToCoordinator`, version 4.
 #[allow(missing_docs)]
