@@ -322,16 +322,20 @@ impl Coordinator {
                     .unwrap_or_default();
                 let longest_pause = Duration::from_micros(self.max_pause_us);
                 // The time went to the quiesce, the copy and the drain: each
-                // is said apart, and the copy rate is over the copy alone.
+                // is said apart. The rate is from the last park to the
+                // commit: a pause may hold no copy at all (a clone) or the
+                // whole drain (a preemption's), so no rate is over a pause.
+                let after_park = elapsed.saturating_sub(quiesce);
                 eprintln!(
-                    "cryo: epoch {} committed: {} ranks; quiesced in {:.3} s; {} copied, longest rank pause {:.1} ms ({}); {} written; {:.2} s in all",
+                    "cryo: epoch {} committed: {} ranks; quiesced in {:.3} s; {} copied, longest rank pause {:.1} ms; {} written; committed {:.2} s after the park ({}); {:.2} s in all",
                     epoch.epoch,
                     epoch.world_size,
                     quiesce.as_secs_f64(),
                     human::bytes(epoch.bytes_copied()),
                     longest_pause.as_secs_f64() * 1000.0,
-                    human::rate(epoch.bytes_copied(), longest_pause.as_secs_f64()),
                     human::bytes(epoch.bytes_written()),
+                    after_park.as_secs_f64(),
+                    human::rate(epoch.bytes_copied(), after_park.as_secs_f64()),
                     elapsed.as_secs_f64()
                 );
                 self.broadcast(&CoordinatorToAgent::Committed { epoch: epoch.epoch });
