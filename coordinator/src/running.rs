@@ -195,17 +195,11 @@ impl Coordinator {
         let park_timeout_ms = u64::try_from(self.opts.park_timeout.as_millis()).unwrap_or(u64::MAX);
         // Before the job stops, the ranks stay parked until their parts
         // are durable: what they would compute meanwhile is lost anyway.
-        self.broadcast(&if self.preempting {
-            CoordinatorToAgent::FinalCheckpoint {
-                epoch,
-                park_timeout_ms,
-            }
-        } else {
-            CoordinatorToAgent::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            }
-        });
+        self.broadcast(&CoordinatorToAgent::checkpoint(
+            epoch,
+            park_timeout_ms,
+            self.preempting,
+        ));
         Ok(epoch)
     }
 

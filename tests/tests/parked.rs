@@ -34,18 +34,8 @@ fn a_final_checkpoint_keeps_its_rank_parked_until_its_part_is_durable() {
         );
         let rank = FakeRank::register(&agent, &coord.token);
         link.expect("RankRegistered", is_registered(0, None));
-        let (epoch, park_timeout_ms) = (1, 10_000);
-        link.send(&if last {
-            CoordinatorToAgent::FinalCheckpoint {
-                epoch,
-                park_timeout_ms,
-            }
-        } else {
-            CoordinatorToAgent::Checkpoint {
-                epoch,
-                park_timeout_ms,
-            }
-        });
+        let epoch = 1;
+        link.send(&CoordinatorToAgent::checkpoint(epoch, 10_000, last));
         rank.park(epoch);
         let (answer, took) = rank.answer();
         assert_eq!(answer, AgentToRank::Resume { epoch });

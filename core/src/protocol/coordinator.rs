@@ -59,6 +59,24 @@ pub enum CoordinatorToAgent {
     },
 }
 
+impl CoordinatorToAgent {
+    /// The request for `epoch`: `FinalCheckpoint` when the job stops after
+    /// it, else `Checkpoint`.
+    pub fn checkpoint(epoch: u64, park_timeout_ms: u64, job_stops: bool) -> CoordinatorToAgent {
+        if job_stops {
+            CoordinatorToAgent::FinalCheckpoint {
+                epoch,
+                park_timeout_ms,
+            }
+        } else {
+            CoordinatorToAgent::Checkpoint {
+                epoch,
+                park_timeout_ms,
+            }
+        }
+    }
+}
+
 impl Message for CoordinatorToAgent {
     const COMMAND: Command = Command::CoordinatorToAgent;
 
