@@ -286,12 +286,14 @@ pub(crate) fn wait_for_agents(
 /// Starts one agent on every node as a launcher job of its own (the agents'
 /// step: every node of the Slurm allocation with `srun`, or each of
 /// `--hosts` with an MPI launcher), and waits for all of them to say hello.
+/// `exported` is what the ranks' launch carries by name (`export.rs`).
 pub(crate) fn start_agent_step(
     c: &mut Coordinator,
     launcher: &Launcher,
     rx: &Receiver<Event>,
     env: &[(String, String)],
     token: &JobToken,
+    exported: &[String],
 ) -> Result<()> {
     let hosts: Vec<String> = c.opts.hosts.iter().map(|h| h.node.clone()).collect();
     let nodes: usize = match launcher {
@@ -311,13 +313,13 @@ pub(crate) fn start_agent_step(
         .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
     let log = c.opts.scratch.join("agents-step.log");
     let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let set_here: Vec<&str> = env
-        .iter()
-        .map(|(key, _)| key.as_str())
-        .chain([ENV_JOB, ENV_TOKEN, cryo_core::env::ENV_LOG])
-        .collect();
-    let exported = crate::export::exported_names(&set_here, std::env::vars_os())?;
-    let mut command = launch::agent_step_command(launcher, &hosts, nodes, &exported);
+    // What the ranks' launch carries, and what is set here for the agents.
+    let mut names = exported.to_vec();
+    names.extend(env.iter().map(|(key, _)| key.clone()));
+    names.push(cryo_core::env::ENV_LOG.to_owned());
+    names.sort();
+    names.dedup();
+    let mut command = launch::agent_step_command(launcher, &hosts, nodes, &names);
     command
         .arg(agent_binary(c.opts.agent_bin.as_deref()))
         .arg("serve")

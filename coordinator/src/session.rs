@@ -322,7 +322,7 @@ fn drive(
                 starter.as_str().to_owned(),
             ));
             if matches!(starter, AgentStarter::SrunStep | AgentStarter::LauncherStep) {
-                start_agent_step(c, launcher, rx, &env, token)?;
+                start_agent_step(c, launcher, rx, &env, token, &exported)?;
             }
             vec![LaunchBlock {
                 ranks: c.opts.ranks,

@@ -61,11 +61,11 @@ pub fn site_mpi_default() -> Option<String> {
 /// `names` (see the module's comment).
 pub fn add_site_args(command: &mut Command, names: &[String]) {
     let env_type = std::env::var("SLURM_MPI_TYPE").ok();
-    let site = if env_type.is_some() {
-        None
-    } else {
-        site_mpi_default()
-    };
+    // slurm.conf is read only when the job's environment did not choose.
+    let site = chosen(env_type.as_deref())
+        .is_none()
+        .then(site_mpi_default)
+        .flatten();
     if let Some(arg) = mpi_arg(env_type.as_deref(), site.as_deref()) {
         command.arg(arg);
     }

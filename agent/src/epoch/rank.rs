@@ -115,8 +115,8 @@ pub(super) fn capture_one(
     fault::pause_at(fault::Phase::Quiesce, epoch, job);
     let rank_writer = writer.rank(rank);
     let mut did_resume = false;
-    // Held until durable: the report waits for the resume.
-    let mut held: Option<RankCaptureReport> = None;
+    // Held until durable: the resume waits for it.
+    let mut held = false;
     let send_resume = |report: &RankCaptureReport| {
         fault::pause_at(fault::Phase::Copy, epoch, job);
         if run.cancel.is_set() {
@@ -155,7 +155,7 @@ pub(super) fn capture_one(
     let resume = |report: &RankCaptureReport| match run.resume {
         Resume::AfterCopy => send_resume(report),
         Resume::WhenDurable => {
-            held = Some(report.clone());
+            held = true;
             Ok(())
         }
     };
@@ -208,7 +208,7 @@ pub(super) fn capture_one(
     let (mut report, record) = match captured {
         Ok(captured) => captured,
         Err(err) => {
-            if !did_resume || held.is_some() {
+            if !did_resume || held {
                 tracing::info!(job, node, rank, epoch, "rank.aborted");
                 conn.abort(epoch, &err);
             }
@@ -248,14 +248,14 @@ pub(super) fn capture_one(
         Ok(stats) => stats,
         Err(err) => {
             // A rank held until now must not stay parked.
-            if held.is_some() {
+            if held {
                 tracing::info!(job, node, rank, epoch, "rank.aborted");
                 conn.abort(epoch, &err);
             }
             return Err(err);
         }
     };
-    if held.take().is_some() {
+    if held {
         report.pause_ns = nanos(parked.since);
         if let Err(reason) = send_resume(&report) {
             conn.abort(epoch, &reason);
