@@ -448,7 +448,17 @@ fn drive(
             }
         }
         if c.preempting && c.epoch.is_none() && c.preempt_result.is_some() {
-            stop_process_group(&mut job_child, Duration::from_secs(10));
+            if c.preempt_result == Some(true) && matches!(launcher, Launcher::Hydra(_)) {
+                // The checkpoint is durable and what the ranks computed
+                // since is thrown away: Hydra, given a SIGTERM, would
+                // print its "BAD TERMINATION" banner into the job's own
+                // output. Its remote proxies exit when the connection to
+                // mpiexec closes. Other launchers stop quietly on SIGTERM
+                // (srun must be asked: killed, it leaves its step running).
+                kill_process_group(&mut job_child);
+            } else {
+                stop_process_group(&mut job_child, Duration::from_secs(10));
+            }
             break preempt_exit(c);
         }
         // Short: the launcher's exit is noticed on this tick, and every

@@ -1,0 +1,57 @@
+/*
+ * prints_each_step.c: an MPI program whose only output is one line per rank
+ * and step on stdout, "rank R step S acc A", where A sums an allreduce over
+ * the steps so far: a restart that ran a step twice or lost one prints a
+ * line an uninterrupted run never prints.
+ *
+ * Usage: prints_each_step STEPS STEP_MS
+ */
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+#include "cryo.h"
+
+struct state {
+    uint64_t step;
+    double acc;
+};
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    if (argc < 3) {
+        fprintf(stderr, "usage: prints_each_step STEPS STEP_MS\n");
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    int rc = cryo_init_mpi(MPI_COMM_WORLD);
+    if (rc != CRYO_OK) {
+        fprintf(stderr, "prints_each_step: cryo_init_mpi: %s\n", cryo_strerror(rc));
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    int rank;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    struct state *st;
+    rc = cryo_region("state", sizeof *st, (void **)&st);
+    if (rc != CRYO_OK) {
+        fprintf(stderr, "prints_each_step: cryo_region: %s\n", cryo_strerror(rc));
+        MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    uint64_t steps = strtoull(argv[1], NULL, 10);
+    long step_ms = atol(argv[2]);
+    while (st->step < steps) {
+        struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};
+        nanosleep(&pause, NULL);
+        double mine = (double)(st->step + (uint64_t)rank), sum = 0;
+        MPI_Allreduce(&mine, &sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+        st->acc += sum;
+        printf("rank %d step %llu acc %.1f\n", rank, (unsigned long long)st->step, st->acc);
+        fflush(stdout);
+        st->step++;
+        cryo_checkpoint_point();
+    }
+    cryo_finalize();
+    MPI_Finalize();
+    return 0;
+}

@@ -1,0 +1,106 @@
+//! A preempted job's own output: `cryo run` stops the launcher once the
+//! checkpoint is durable without the launcher writing about its ranks'
+//! deaths into the job's stdout (MPICH Hydra's "BAD TERMINATION" banner),
+//! and the restart's lines carry on from the checkpoint: together they
+//! hold every line of an uninterrupted run and nothing else.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::state::{have_mpi, wait_child};
+use cryo_tests::{lines, output_text, wait_until};
+
+const RANKS: u32 = 4;
+const STEPS: u64 = 150;
+
+/// Every line an uninterrupted run prints: each rank's running sum of the
+/// allreduce of `step + rank` over the steps so far.
+fn expected() -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for rank in 0..RANKS {
+        for step in 0..STEPS {
+            let acc = (step + 1) * (2 * step + 6);
+            all.insert(format!("rank {rank} step {step} acc {acc}.0"));
+        }
+    }
+    all
+}
+
+fn cryo(dir: &Path, out: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(built().join("cryo"));
+    cmd.env("CRYO_STORE", dir.join("store"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out)
+                .unwrap(),
+        );
+    cmd
+}
+
+#[test]
+fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
+    if !have_mpi() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-preempt-output-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("prints_each_step");
+    compile_mpich_program("tests/programs/prints_each_step.c", &program);
+    let out = dir.path().join("job.stdout");
+    let log = dir.path().join("run.log");
+
+    let mut run = cryo(dir.path(), &out, &["run", "--job", "steps"]);
+    run.args(["--nodes", "a:2,b:2", "-n", &RANKS.to_string()])
+        .arg("--")
+        .arg(&program)
+        .args([&STEPS.to_string(), "20"])
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = run.spawn().unwrap();
+    wait_until("40 steps printed", Duration::from_secs(60), || {
+        lines(&out) >= 40 * RANKS as usize
+    });
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(120));
+    let said = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(75), "{said}");
+
+    let expected = expected();
+    let printed = fs::read_to_string(&out).unwrap();
+    let foreign: Vec<&str> = printed
+        .lines()
+        .filter(|line| !expected.contains(*line))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "the preempted run's stdout holds lines the program never prints: {foreign:?}\n{said}"
+    );
+    assert!(printed.lines().count() < expected.len(), "{said}");
+
+    let restart = cryo(dir.path(), &out, &["restart", "steps"])
+        .args(["--nodes", "c:4"])
+        .output()
+        .unwrap();
+    assert!(restart.status.success(), "{}", output_text(&restart));
+    let printed = fs::read_to_string(&out).unwrap();
+    let seen: BTreeSet<String> = printed.lines().map(str::to_owned).collect();
+    let missing: Vec<&String> = expected.difference(&seen).take(5).collect();
+    let foreign: Vec<&String> = seen.difference(&expected).take(5).collect();
+    assert!(
+        missing.is_empty() && foreign.is_empty(),
+        "after the restart: missing {missing:?}, foreign {foreign:?}\n{}",
+        output_text(&restart)
+    );
+}
