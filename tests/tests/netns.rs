@@ -275,6 +275,42 @@ fn a_job_stuck_in_finalize_on_two_hosts_leaves_nothing_behind() {
     cluster.assert_nothing_left(&["n0", "n1", netns::HEAD], LEFTOVER_GRACE);
 }
 
+/// A preemption of heat2d on hosts n0 and n1 (`cryo preempt`): once the
+/// checkpoint is durable `cryo run` stops the launcher at once, so nothing
+/// of the job is left on either host (the remote ranks go with their
+/// proxy's lost connection), the job's stdout holds no launcher banner, and
+/// the restart on n2 and n3 finishes byte-identical.
+#[test]
+fn a_preempted_job_on_two_hosts_leaves_nothing_behind_and_restarts_elsewhere() {
+    let Some((_guard, cluster)) = cluster(&["n0", "n1", "n2", "n3"]) else {
+        return;
+    };
+    let case = heat2d_case(&cluster);
+    case.reference(4);
+    let mut job = case.start("heat", "n0:2,n1:2", 4, &[], 40);
+    wait_until("iteration 30", Duration::from_secs(90), || {
+        lines(&case.path("run.log")) >= 30
+    });
+    let out = case.cryo().args(["preempt", "heat"]).output().unwrap();
+    assert!(
+        output_text(&out).contains("epoch 1 committed"),
+        "{}\n{}",
+        output_text(&out),
+        job.log_text()
+    );
+    let status = job.wait();
+    assert_eq!(status.code(), Some(75), "{}", job.log_text());
+    assert!(lines(&case.path("run.log")) < Heat2dFiles::ITERS);
+    let stdout = std::fs::read_to_string(case.path("heat.stdout")).unwrap();
+    assert!(!stdout.contains("TERMINATION"), "{stdout}");
+    cluster.assert_nothing_left(&["n0", "n1", netns::HEAD], LEFTOVER_GRACE);
+
+    let out = case.restart("heat", "n2,n3", &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart on n2,n3 failed: {said}");
+    case.assert_matches_reference();
+}
+
 /// Not a test: brings a cluster up and holds it for `CRYO_NETNS_HOLD`
 /// seconds (default 600), printing how to enter its nodes, for looking
 /// around by hand: `cargo test -p cryo-tests --test netns -- --ignored
