@@ -179,7 +179,10 @@ def region(name, shape, dtype=np.float64):
 def checkpoint_point():
     """The safe point: call it where the rank's state is consistent, the
     same number of times on every rank. Returns :data:`CONTINUE`,
-    :data:`CHECKPOINTED` or :data:`ABORTED`."""
+    :data:`CHECKPOINTED` or :data:`ABORTED`. A restarted rank runs the
+    program again and carries on from the loop counter in its region, so
+    count the step before the safe point (``state[0] += 1`` first), or the
+    restart runs the checkpoint's step twice."""
     code = _runtime().cryo_checkpoint_point()
     if code < 0:
         _check(-code)

@@ -101,7 +101,10 @@ int cryo_protect(const char *name, void *ptr, size_t len);
 /* The safe point: call where the state is consistent. Costs one load when
  * no checkpoint is pending (MPI programs: also a counter, and one MPI_Test
  * every 100 ms). Returns CRYO_CONTINUE, CRYO_CHECKPOINTED or
- * CRYO_ABORTED, or -CRYO_ERR_CHECKPOINT on error. */
+ * CRYO_ABORTED, or -CRYO_ERR_CHECKPOINT on error. A restarted rank runs
+ * main again and carries on from the loop counter in its region, so count
+ * the step before the safe point (step; iter++; cryo_checkpoint_point()),
+ * or the restart runs the checkpoint's step twice. */
 int cryo_checkpoint_point(void);
 
 /* The epoch this process restarted from, or 0 on a fresh start. */
