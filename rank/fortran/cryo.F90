@@ -354,7 +354,9 @@ contains
 #undef CRYO_PROTECT
 
   !> cryo_checkpoint_point, the safe point: CRYO_CONTINUE (nothing was
-  !> pending), CRYO_CHECKPOINTED or CRYO_ABORTED; negative on error.
+  !> pending), CRYO_CHECKPOINTED or CRYO_ABORTED; negative on error. A
+  !> restarted rank runs the program again from the loop counter in its
+  !> region: count the step before the safe point, or it runs twice.
   function cryo_checkpoint_point(ierr) result(outcome)
     integer, intent(out), optional :: ierr
     integer :: outcome
