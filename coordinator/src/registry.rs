@@ -186,8 +186,8 @@ impl Registry {
         self.write_json("coordinator", addr)
     }
 
-    /// The coordinator's address, if one is registered and its process is
-    /// alive (when it runs on this host).
+    /// The coordinator's address, if one is registered, its process is
+    /// alive (when it runs on this host) and it accepts connections.
     pub fn coordinator(&self, job: &str) -> Result<CoordinatorAddr> {
         let addr: CoordinatorAddr = self
             .read_json("coordinator")
@@ -199,9 +199,12 @@ impl Registry {
                 addr.host
             );
         }
-        // A coordinator killed with its allocation on another node leaves a
-        // stale entry there: only one that still answers counts.
-        if addr.host != hostname() && !answers(&addr.addr) {
+        // A coordinator killed outright leaves its entry behind. On another
+        // node nothing here can see its pid; on this one the pid may since
+        // be another process's (reused after a requeue onto the same node,
+        // or a zombie its parent has not reaped): only one that still
+        // answers counts.
+        if !answers(&addr.addr) {
             bail!(
                 "job {job:?} is not running (its coordinator at {}, pid {} on {}, does not answer)",
                 addr.addr,
@@ -260,6 +263,38 @@ mod tests {
         let older: JobCommand = serde_json::from_str(older).expect("an older command decodes");
         assert_eq!(older.launcher(), None);
         assert_eq!(older.world_size, 2);
+    }
+
+    #[test]
+    fn a_leftover_entry_whose_pid_lives_on_in_another_process_is_not_a_running_job() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry {
+            dir: dir.path().join("run"),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let entry = CoordinatorAddr {
+            addr: listener.local_addr().expect("addr").to_string(),
+            // A live pid: this test's own.
+            pid: std::process::id(),
+            host: hostname(),
+        };
+        registry.write_coordinator(&entry).expect("writes");
+        assert_eq!(registry.coordinator("j").expect("answers"), entry);
+        // The coordinator is gone, its pid still names a live process.
+        drop(listener);
+        let err = format!("{:#}", registry.coordinator("j").expect_err("stale"));
+        assert!(
+            err.contains("is not running") && err.contains("does not answer"),
+            "{err}"
+        );
+        // A pid that has exited.
+        let gone = CoordinatorAddr {
+            pid: u32::MAX - 1,
+            ..entry
+        };
+        registry.write_coordinator(&gone).expect("writes");
+        let err = format!("{:#}", registry.coordinator("j").expect_err("exited"));
+        assert!(err.contains("has exited"), "{err}");
     }
 
     #[test]
