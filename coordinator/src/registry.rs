@@ -189,6 +189,13 @@ impl Registry {
     /// The coordinator's address, if one is registered, its process is
     /// alive (when it runs on this host) and it accepts connections.
     pub fn coordinator(&self, job: &str) -> Result<CoordinatorAddr> {
+        let entry = self.dir.join("coordinator");
+        if !entry.exists() {
+            bail!(
+                "job {job:?} is not running (no coordinator is registered: {} is missing)",
+                entry.display()
+            );
+        }
         let addr: CoordinatorAddr = self
             .read_json("coordinator")
             .with_context(|| format!("job {job:?} has no running coordinator"))?;
@@ -278,6 +285,11 @@ mod tests {
             pid: std::process::id(),
             host: hostname(),
         };
+        let err = format!("{:#}", registry.coordinator("j").expect_err("none"));
+        assert!(
+            err.contains("is not running") && err.contains("is missing"),
+            "{err}"
+        );
         registry.write_coordinator(&entry).expect("writes");
         assert_eq!(registry.coordinator("j").expect("answers"), entry);
         // The coordinator is gone, its pid still names a live process.
