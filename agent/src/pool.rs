@@ -327,35 +327,89 @@ impl BufferPool {
     }
 
     /// Takes `n` of the free slots (there are at least that many) and lets
-    /// the lock go; for `owner`, the slots it had before come first.
+    /// the lock go: for `owner`, the slots it had before first; then slots
+    /// no rank had (so that another rank's slots stay its own), the most
+    /// recently freed first; then any.
     fn take_free(&self, mut free: MutexGuard<'_, Free>, n: usize, owner: Option<u32>) -> Vec<Slot> {
-        let taken: Vec<usize> = match owner {
-            None => {
-                let at = free.slots.len() - n;
-                free.slots.drain(at..).collect()
-            }
-            Some(owner) => {
-                // Its own slots first (their order kept), then the most
-                // recently freed others.
-                let Free { slots, owners, .. } = &mut *free;
-                let mut taken = Vec::with_capacity(n);
-                slots.retain(|&index| {
-                    let mine = taken.len() < n && owners[index] == owner;
-                    if mine {
-                        taken.push(index);
-                    }
-                    !mine
-                });
-                let at = slots.len() - (n - taken.len());
-                taken.extend(slots.drain(at..));
-                for &index in &taken {
-                    owners[index] = owner;
+        let Free { slots, owners, .. } = &mut *free;
+        let mut chosen = vec![false; slots.len()];
+        let mut taken = Vec::with_capacity(n);
+        let mut pick = |wanted: &dyn Fn(u32) -> bool| {
+            for (at, &index) in slots.iter().enumerate().rev() {
+                if taken.len() == n {
+                    return;
                 }
-                taken
+                if !chosen[at] && wanted(owners[index]) {
+                    chosen[at] = true;
+                    taken.push(index);
+                }
             }
         };
+        if let Some(owner) = owner {
+            pick(&|had| had == owner);
+        }
+        pick(&|had| had == NO_OWNER);
+        pick(&|_| true);
+        let mut at = 0;
+        slots.retain(|_| {
+            at += 1;
+            !chosen[at - 1]
+        });
+        if let Some(owner) = owner {
+            for &index in &taken {
+                owners[index] = owner;
+            }
+        }
         drop(free);
         taken.into_iter().map(|index| self.slot(index)).collect()
+    }
+
+    /// Makes `n` slots `rank`'s for its next parked copy: those it had,
+    /// then free warm slots no rank had, then cold ones. Returns where they lie in the
+    /// memfd (adjacent slots merged) when this gave it new ones, for the
+    /// rank to fill its view of them while it runs; `None` if it gained
+    /// none (it had them all, or no free slot is left).
+    pub fn reserve_for(&self, n: usize, rank: u32) -> Option<Vec<(u64, u64)>> {
+        let mut free = self.inner.lock();
+        let Free { slots, owners, .. } = &mut *free;
+        let mut mine: Vec<usize> = (0..owners.len())
+            .filter(|&index| owners[index] == rank)
+            .take(n)
+            .collect();
+        let had = mine.len();
+        // Cold slots next, those to be warmed first (a checkpoint's
+        // `warm_up_to` warms in order): until the agent warms them the
+        // rank's fill faults their pages in.
+        let cold = self
+            .inner
+            .next_cold
+            .load(Ordering::Acquire)
+            .min(owners.len());
+        let candidates = slots.iter().rev().copied().chain(cold..owners.len());
+        for index in candidates {
+            if mine.len() >= n {
+                break;
+            }
+            if owners[index] == NO_OWNER {
+                owners[index] = rank;
+                mine.push(index);
+            }
+        }
+        drop(free);
+        if mine.len() == had {
+            return None;
+        }
+        mine.sort_unstable();
+        let size = self.inner.slot_size as u64;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for index in mine {
+            let offset = index as u64 * size;
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == offset => *len += size,
+                _ => ranges.push((offset, size)),
+            }
+        }
+        Some(ranges)
     }
 
     fn slot(&self, index: usize) -> Slot {
@@ -468,152 +522,5 @@ impl Drop for Slot {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_bounded_and_reused() {
-        let pool = BufferPool::new(4 * 4096, 4096, Duration::ZERO).unwrap();
-        pool.wait_warm();
-        assert_eq!(pool.slots(), 4);
-        let mut a = pool.try_take(3).unwrap();
-        assert!(pool.try_take(2).is_none());
-        a[0].bytes()[0] = 7;
-        let b = pool.take_some(10);
-        assert_eq!(b.len(), 1);
-        let handle = {
-            let pool = pool.clone();
-            std::thread::spawn(move || pool.take_some(2).len())
-        };
-        drop(a);
-        assert!(handle.join().unwrap() >= 1);
-        assert!(BufferPool::new(4096, 4096, Duration::ZERO).is_err());
-    }
-
-    #[test]
-    fn a_checkpoint_never_waits_for_the_idle_prefault_thread() {
-        // 64 slots of 1 MiB, and a pre-fault delay the test never reaches:
-        // the first checkpoint, soon after the job's start, warms what it
-        // takes itself.
-        let delay = Duration::from_secs(3600);
-        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
-        assert_eq!(pool.warm_bytes(), 0);
-        let all = pool.try_take(64).expect("the taker warms what it needs");
-        assert_eq!(all.len(), 64);
-        assert_eq!(pool.warm_bytes(), 64 << 20);
-        drop(all);
-        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
-        let mut taken = 0;
-        let mut held = Vec::new();
-        while taken < 64 {
-            let slots = pool.take_some(64 - taken);
-            taken += slots.len();
-            held.extend(slots);
-        }
-        assert_eq!(held.len(), 64);
-    }
-
-    #[test]
-    fn taking_warm_slots_only_never_faults_one_in() {
-        let pool = BufferPool::new(8 << 20, 1 << 20, Duration::from_secs(3600)).unwrap();
-        assert!(pool.try_take_warm_for(1, 0).is_none());
-        assert_eq!(pool.warm_bytes(), 0);
-        let warmed = pool.try_take(4).unwrap();
-        drop(warmed);
-        let held = pool.try_take_warm_for(3, 0).unwrap();
-        // One warm slot is left; other ranks' slots in use count for
-        // nothing.
-        assert!(pool.try_take_warm_for(2, 0).is_none());
-        assert_eq!(pool.try_take_warm_for(1, 0).map(|s| s.len()), Some(1));
-        assert_eq!(pool.warm_bytes(), 4 << 20);
-        drop(held);
-    }
-
-    #[test]
-    fn takers_racing_on_a_cold_pool_warm_rather_than_wait_for_returns() {
-        // Eight ranks' copies take 8 slots each of 64 cold ones at once and
-        // hold them (as until their resume): each must get its slots by
-        // warming cold ones, never by waiting for another's to come back.
-        let delay = Duration::from_secs(3600);
-        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
-        let barrier = Arc::new(std::sync::Barrier::new(8));
-        let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..8 {
-            let (pool, barrier, tx) = (pool.clone(), Arc::clone(&barrier), tx.clone());
-            std::thread::spawn(move || {
-                barrier.wait();
-                let slots = pool.try_take(8);
-                let got = slots.as_ref().map_or(0, Vec::len);
-                tx.send(got).unwrap();
-                barrier.wait();
-                drop(slots);
-            });
-        }
-        for _ in 0..8 {
-            let got = rx
-                .recv_timeout(Duration::from_secs(20))
-                .expect("a taker waited for slots that only a return would free");
-            assert_eq!(got, 8);
-        }
-    }
-
-    #[test]
-    fn a_checkpoint_warms_what_it_expects_to_copy_and_no_more() {
-        let delay = Duration::from_secs(3600);
-        let pool = BufferPool::new(64 << 20, 1 << 20, delay).unwrap();
-        pool.warm_up_to((10 << 20) + 1);
-        assert_eq!(pool.warm_bytes(), 11 << 20);
-        // Already warm enough: nothing more.
-        pool.warm_up_to(4 << 20);
-        assert_eq!(pool.warm_bytes(), 11 << 20);
-        // Never past the budget.
-        pool.warm_up_to(1 << 40);
-        assert_eq!(pool.warm_bytes(), 64 << 20);
-    }
-
-    #[test]
-    fn a_rank_gets_back_the_slots_it_had() {
-        let pool = BufferPool::new(8 * 4096, 4096, Duration::ZERO).unwrap();
-        pool.wait_warm();
-        let offsets = |slots: &[Slot]| {
-            let mut o: Vec<u64> = slots.iter().map(Slot::offset).collect();
-            o.sort_unstable();
-            o
-        };
-        let a = pool.try_take_for(3, 1).unwrap();
-        let b = pool.try_take_warm_for(3, 2).unwrap();
-        let (had_a, had_b) = (offsets(&a), offsets(&b));
-        drop(a);
-        drop(b);
-        // Rank 2 asks first this time, and still gets its own three.
-        let b = pool.try_take_for(3, 2).unwrap();
-        let a = pool.try_take_warm_for(3, 1).unwrap();
-        assert_eq!(offsets(&b), had_b);
-        assert_eq!(offsets(&a), had_a);
-        // More than it had: its own, then others.
-        drop(a);
-        let more = pool.try_take_for(5, 1).unwrap();
-        assert!(had_a.iter().all(|o| offsets(&more).contains(o)));
-        drop((b, more));
-        // What a rank writes in the memfd is what the slot holds.
-        let mut slot = pool.try_take(1).unwrap().pop().unwrap();
-        let at = slot.offset();
-        nix::sys::uio::pwrite(pool.memfd(), b"budget", i64::try_from(at).unwrap()).unwrap();
-        assert_eq!(&slot.bytes()[..6], b"budget");
-    }
-
-    #[test]
-    fn retired_slots_are_never_handed_out_again() {
-        let pool = BufferPool::new(4 * 4096, 4096, Duration::ZERO).unwrap();
-        pool.wait_warm();
-        let lost = pool.try_take(3).unwrap();
-        let lost_at: Vec<u64> = lost.iter().map(Slot::offset).collect();
-        pool.retire(lost);
-        // One slot is left, and a taker of more does not wait for ever.
-        assert!(pool.try_take(2).is_none());
-        let last = pool.take_some(4);
-        assert_eq!(last.len(), 1);
-        assert!(!lost_at.contains(&last[0].offset()));
-        assert!(pool.starved());
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;

@@ -17,7 +17,7 @@ use cryo_core::format::manifest::MappingRecord;
 use cryo_core::protocol::{CopyPiece, RegionInfo};
 
 use crate::capture::{copy_by_agent, nanos, CaptureContext, CaptureError, Parked, ParkedRank};
-use crate::pool::Slot;
+use crate::pool::{BufferPool, Slot};
 use crate::tracking::Piece;
 
 /// Who copies a parked rank's memory into the budget (`--self-copy`,
@@ -127,6 +127,32 @@ pub(crate) fn copy_parked(
         }
     }
     copy_by_agent(ctx, parked, pieces, slots)
+}
+
+/// The slots a resuming rank's next parked copy will go to, when it gained
+/// new ones, for it to fill its view of them while it runs (see
+/// `BufferPool::reserve_for`): only for a rank that copies itself (a node
+/// with a core per rank, a copy of at least [`SELF_COPY_MIN_BYTES`]),
+/// slots for all of its regions, at most its share of the budget among the
+/// node's `local_ranks`.
+pub(crate) fn slots_to_fill(
+    pool: &BufferPool,
+    self_copy: SelfCopy,
+    local_ranks: usize,
+    rank: u32,
+    regions: &[RegionInfo],
+) -> Option<Vec<(u64, u64)>> {
+    let bytes: u64 = regions.iter().map(|r| r.len).sum();
+    if self_copy != SelfCopy::On || bytes < SELF_COPY_MIN_BYTES {
+        return None;
+    }
+    let slot = pool.slot_size() as u64;
+    let wanted: u64 = regions.iter().map(|r| r.len.div_ceil(slot)).sum();
+    let share = pool.slots() / local_ranks.max(1);
+    pool.reserve_for(
+        usize::try_from(wanted).unwrap_or(usize::MAX).min(share),
+        rank,
+    )
 }
 
 /// The request: each piece's address in the rank and its slot's place in

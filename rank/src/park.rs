@@ -327,6 +327,10 @@ fn await_answer(
                 tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.self_copy");
                 write_message(&mut &*sock, &RankToAgent::Copied { epoch, outcome })?;
             }
+            AgentToRank::FillView { epoch: e, ranges } if e == epoch => {
+                tracing::debug!(job, rank, epoch, ranges = ranges.len(), "rank.fill_view");
+                crate::self_copy::fill_later(fd, ranges);
+            }
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
                 if old < epoch =>

@@ -203,9 +203,17 @@ fn a_parked_rank_copies_what_its_agent_asks_into_the_budget_then_waits_for_its_r
         threads: 1,
     };
     send_message_with_fd(&agent, &ask, budget.as_fd()).unwrap();
+    // The slots of the next copy, to fill while the rank runs: no answer.
+    let fill = AgentToRank::FillView {
+        epoch: EPOCH,
+        ranges: vec![(512 << 10, 256 << 10)],
+    };
+    send_message_with_fd(&agent, &fill, budget.as_fd()).unwrap();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
     let answer = await_answer(&rank, &page, ids(), &regions, None).unwrap();
     assert!(matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))));
+    assert!(crate::self_copy::wait_filled(1 << 20, 512 << 10));
+    assert!(crate::self_copy::wait_filled(1 << 20, (768 << 10) - 1));
     match read_message::<RankToAgent>(&mut &agent).unwrap() {
         RankToAgent::Copied { epoch, outcome } => {
             assert_eq!(epoch, EPOCH);

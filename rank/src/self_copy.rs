@@ -26,6 +26,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use cryo_core::protocol::{CopyOutcome, CopyPiece, RegionInfo};
@@ -47,6 +48,24 @@ static VIEW: Mutex<Option<View>> = Mutex::new(None);
 /// Tests that use the process-wide view take turns.
 #[cfg(test)]
 pub(crate) static TEST_TURN: Mutex<()> = Mutex::new(());
+
+/// Waits up to 10 s for the view of a `len`-byte budget to have the page
+/// tables of the unit at `offset` filled.
+#[cfg(test)]
+pub(crate) fn wait_filled(len: usize, offset: usize) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let filled = VIEW
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|v| v.len == len && v.is_populated(offset / UNIT));
+        if filled || std::time::Instant::now() > deadline {
+            return filled;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
 
 struct View {
     addr: usize,
@@ -148,6 +167,81 @@ fn try_copy(
         "rank.self_copy_took"
     );
     Ok(())
+}
+
+/// What the background fill claims at a time.
+const FILL_STEP: usize = 1 << 20;
+
+/// Background fills running: while there are any, a view that another
+/// budget replaces is left mapped (never the case with one agent per rank
+/// for the process's life), since a fill may be populating it.
+static FILLS: AtomicUsize = AtomicUsize::new(0);
+
+/// Fills this rank's view of `ranges` of the budget `fd` (`(offset,
+/// length)`, the slots the agent set aside for its next parked copy) on a
+/// thread of its own at the lowest priority, while the rank runs: the copy
+/// then finds their page tables filled. The thread claims a unit under the
+/// view's lock and fills it outside, so a parked copy never waits for a
+/// fill that the scheduler holds back; a unit claimed and not yet filled
+/// costs that copy its first-touch faults. Nothing happens without an fd,
+/// or if no thread can be had.
+pub(crate) fn fill_later(fd: Option<OwnedFd>, ranges: Vec<(u64, u64)>) {
+    let Some(fd) = fd else {
+        return;
+    };
+    FILLS.fetch_add(1, Ordering::AcqRel);
+    let fill = move || {
+        // SAFETY: `setpriority` with `who` 0 changes only the calling
+        // thread's nice value on Linux; a refusal leaves it at the
+        // application's priority, which is only less polite.
+        let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        fill_ranges(&fd, ranges);
+        FILLS.fetch_sub(1, Ordering::AcqRel);
+    };
+    if std::thread::Builder::new()
+        .name("cryo-fill".into())
+        .spawn(fill)
+        .is_err()
+    {
+        FILLS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn fill_ranges(fd: &OwnedFd, ranges: Vec<(u64, u64)>) {
+    let id = {
+        let mut view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
+        if map_view(&mut view, fd).is_err() {
+            return;
+        }
+        view.as_ref().map(|v| v.id)
+    };
+    for (offset, len) in ranges {
+        let (Ok(offset), Ok(len)) = (usize::try_from(offset), usize::try_from(len)) else {
+            continue;
+        };
+        let end = offset.saturating_add(len);
+        let mut at = offset;
+        while at < end {
+            let step = FILL_STEP.min(end - at);
+            let (addr, claimed) = {
+                let mut view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
+                // Another budget replaced the view meanwhile: stop.
+                let Some(view) = view.as_mut().filter(|v| Some(v.id) == id) else {
+                    return;
+                };
+                if at + step > view.len {
+                    break;
+                }
+                (view.addr, view.claim(at, step))
+            };
+            for (from, to) in claimed {
+                // SAFETY: claimed inside the view, which stays mapped while
+                // this fill runs (`FILLS`).
+                unsafe { fill(addr, from, to) };
+            }
+            at += step;
+        }
+    }
 }
 
 /// One piece in this process's terms: its address, its offset in the view
@@ -281,7 +375,11 @@ fn map_view(view: &mut Option<View>, fd: &OwnedFd) -> Result<(), String> {
     if view.as_ref().is_some_and(|v| v.id == id && v.len == len) {
         return Ok(());
     }
-    *view = None;
+    match view.take() {
+        // A fill may be populating it: left mapped.
+        Some(old) if FILLS.load(Ordering::Acquire) > 0 => std::mem::forget(old),
+        old => drop(old),
+    }
     let size = std::num::NonZeroUsize::new(len).ok_or("the budget is empty")?;
     // SAFETY: a new shared mapping of the agent's memfd at an address the
     // kernel picks; it replaces nothing.
@@ -312,64 +410,34 @@ impl View {
     /// not written before, in one call per run of such units.
     fn populate(&mut self, moves: &[Move]) {
         for m in moves {
-            let first = m.offset / UNIT;
-            let last = (m.offset + m.len).div_ceil(UNIT);
-            let mut unit = first;
-            while unit < last {
-                if self.is_populated(unit) {
-                    unit += 1;
-                    continue;
-                }
-                let start = unit;
-                while unit < last && !self.is_populated(unit) {
-                    self.mark(unit);
-                    unit += 1;
-                }
-                self.fill(start * UNIT, (unit * UNIT).min(self.len));
+            for (from, to) in self.claim(m.offset, m.len) {
+                // SAFETY: claimed inside the view, which stays mapped
+                // while `self` is borrowed.
+                unsafe { fill(self.addr, from, to) };
             }
         }
     }
 
-    /// Fills the page tables of `from..to` (offsets in the view): the
-    /// units already in the memfd as if read, the others for writing.
-    fn fill(&self, from: usize, to: usize) {
-        let page = page_size();
-        let resident = self.resident(from, to, page);
-        for (start, end, warm) in runs(from, to, page, resident.as_deref()) {
-            let advice = if warm {
-                MADV_POPULATE_READ
-            } else {
-                MADV_POPULATE_WRITE
-            };
-            // A refusal (a kernel before 5.14) only means the copy faults
-            // the pages in itself.
-            // SAFETY: the range lies inside the view; populating a shared
-            // mapping changes no contents.
-            let _ = unsafe {
-                libc::madvise(
-                    (self.addr + start) as *mut libc::c_void,
-                    end - start,
-                    advice,
-                )
-            };
+    /// Marks the units of `offset..offset + len` not filled before as
+    /// filled, and returns them as runs of offsets `(from, to)`: whoever
+    /// claims a unit fills it.
+    fn claim(&mut self, offset: usize, len: usize) -> Vec<(usize, usize)> {
+        let mut claimed = Vec::new();
+        let last = (offset + len).div_ceil(UNIT);
+        let mut unit = offset / UNIT;
+        while unit < last {
+            if self.is_populated(unit) {
+                unit += 1;
+                continue;
+            }
+            let start = unit;
+            while unit < last && !self.is_populated(unit) {
+                self.mark(unit);
+                unit += 1;
+            }
+            claimed.push((start * UNIT, (unit * UNIT).min(self.len)));
         }
-    }
-
-    /// One byte per page of `from..to`, bit 0 set where the page is in the
-    /// memfd; `None` if `mincore` fails.
-    fn resident(&self, from: usize, to: usize, page: usize) -> Option<Vec<u8>> {
-        let mut vec = vec![0u8; (to - from).div_ceil(page)];
-        // SAFETY: `from` is a multiple of `UNIT` (and so of the page size)
-        // in the view, a page-aligned mapping of at least `to` bytes; `vec`
-        // holds one byte per page of the range.
-        let rc = unsafe {
-            libc::mincore(
-                (self.addr + from) as *mut libc::c_void,
-                to - from,
-                vec.as_mut_ptr(),
-            )
-        };
-        (rc == 0).then_some(vec)
+        claimed
     }
 
     fn is_populated(&self, unit: usize) -> bool {
@@ -383,6 +451,47 @@ impl View {
             *w |= 1 << (unit % 64);
         }
     }
+}
+
+/// Fills the page tables of `from..to` (offsets in the view at `addr`):
+/// the units already in the memfd as if read, the others for writing.
+///
+/// # Safety
+/// `addr + from .. addr + to` must lie inside the view, mapped for the
+/// whole call.
+unsafe fn fill(addr: usize, from: usize, to: usize) {
+    let page = page_size();
+    let resident = resident(addr, from, to, page);
+    for (start, end, warm) in runs(from, to, page, resident.as_deref()) {
+        let advice = if warm {
+            MADV_POPULATE_READ
+        } else {
+            MADV_POPULATE_WRITE
+        };
+        // A refusal (a kernel before 5.14) only means the copy faults the
+        // pages in itself.
+        // SAFETY: the range lies inside the view (the caller's contract);
+        // populating a shared mapping changes no contents.
+        let _ = unsafe { libc::madvise((addr + start) as *mut libc::c_void, end - start, advice) };
+    }
+}
+
+/// One byte per page of `from..to` of the view at `addr`, bit 0 set where
+/// the page is in the memfd; `None` if `mincore` fails.
+fn resident(addr: usize, from: usize, to: usize, page: usize) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; (to - from).div_ceil(page)];
+    // SAFETY: `mincore` only reads the page tables of the range and writes
+    // one byte per page into `vec`, which holds that many; a range not
+    // mapped is refused (ENOMEM), not touched. `from` is a multiple of
+    // `UNIT` in a page-aligned view.
+    let rc = unsafe {
+        libc::mincore(
+            (addr + from) as *mut libc::c_void,
+            to - from,
+            vec.as_mut_ptr(),
+        )
+    };
+    (rc == 0).then_some(vec)
 }
 
 fn page_size() -> usize {
@@ -419,187 +528,5 @@ fn runs(from: usize, to: usize, page: usize, resident: Option<&[u8]>) -> Vec<(us
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const U: u64 = UNIT as u64;
-    use cryo_core::format::manifest::RegionKind;
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    use std::os::fd::AsRawFd;
-
-    fn budget(len: usize) -> OwnedFd {
-        let fd = memfd_create(c"cryo-pool-test", MemFdCreateFlag::MFD_CLOEXEC).unwrap();
-        nix::unistd::ftruncate(&fd, i64::try_from(len).unwrap()).unwrap();
-        fd
-    }
-
-    fn region_of(data: &[u8]) -> RegionInfo {
-        RegionInfo {
-            name: "state".into(),
-            addr: data.as_ptr() as u64,
-            len: data.len() as u64,
-            kind: RegionKind::Anonymous,
-        }
-    }
-
-    fn read_back(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        let n = nix::sys::uio::pread(fd.as_fd(), &mut out, i64::try_from(offset).unwrap()).unwrap();
-        assert_eq!(n, len);
-        out
-    }
-
-    #[test]
-    fn the_streaming_copy_copies_every_byte_at_any_length_and_alignment() {
-        let src: Vec<u8> = (0..3 * ROUND + 777).map(|i| (i * 31 % 255) as u8).collect();
-        for (len, skew) in [
-            (0, 0),
-            (5, 0),
-            (ROUND, 0),
-            (ROUND + 1, 3),
-            (3 * ROUND + 700, 16),
-        ] {
-            // A 16-byte aligned destination takes the streaming path, a
-            // skewed one the plain copy.
-            let mut dst = vec![0u128; (len + skew) / 16 + 2];
-            let base = dst.as_mut_ptr().cast::<u8>();
-            // SAFETY: `dst` holds at least `skew + len` bytes; `src` holds
-            // at least `len + 77`; they do not overlap.
-            unsafe { stream_copy(base.add(skew), src.as_ptr().add(77), len) };
-            // SAFETY: the same bytes, now written.
-            let out = unsafe { std::slice::from_raw_parts(base.add(skew), len) };
-            assert_eq!(out, &src[77..77 + len], "len {len} skew {skew}");
-        }
-    }
-
-    #[test]
-    fn copies_into_the_budget_and_refuses_what_lies_outside() {
-        let _turn = TEST_TURN.lock().unwrap_or_else(|p| p.into_inner());
-        let data: Vec<u8> = (0..3 * U).map(|i| (i * 7 % 251) as u8).collect();
-        let regions = [region_of(&data)];
-        let fd = budget(8 * UNIT);
-        let dup = || fd.try_clone().unwrap();
-        let addr = data.as_ptr() as u64;
-        // Two pieces, to slots out of order, on two threads.
-        let pieces = [
-            CopyPiece {
-                addr,
-                len: U,
-                offset: 5 * U,
-            },
-            CopyPiece {
-                addr: addr + U,
-                len: 2 * U - 3,
-                offset: U,
-            },
-        ];
-        assert_eq!(copy(Some(dup()), &pieces, 2, &regions), CopyOutcome::Copied);
-        assert_eq!(read_back(&fd, 5 * U, UNIT), data[..UNIT]);
-        assert_eq!(read_back(&fd, U, 2 * UNIT - 3), data[UNIT..3 * UNIT - 3]);
-        // The view stays: a later request without the fd copies too.
-        let again = [CopyPiece {
-            addr: addr + 7,
-            len: 100,
-            offset: 0,
-        }];
-        assert_eq!(copy(None, &again, 1, &regions), CopyOutcome::Copied);
-        assert_eq!(read_back(&fd, 0, 100), data[7..107]);
-        // Outside the regions, or past the budget: declined, nothing read.
-        let outside = [CopyPiece {
-            addr: addr + 3 * U - 1,
-            len: 2,
-            offset: 0,
-        }];
-        assert!(matches!(
-            copy(None, &outside, 1, &regions),
-            CopyOutcome::Failed { .. }
-        ));
-        let wrapping = [CopyPiece {
-            addr: u64::MAX - 1,
-            len: 4,
-            offset: 0,
-        }];
-        assert!(matches!(
-            copy(None, &wrapping, 1, &regions),
-            CopyOutcome::Failed { .. }
-        ));
-        let past = [CopyPiece {
-            addr,
-            len: 16,
-            offset: 8 * U - 8,
-        }];
-        assert!(matches!(
-            copy(None, &past, 1, &regions),
-            CopyOutcome::Failed { .. }
-        ));
-        // Another budget replaces the view.
-        let other = budget(2 * UNIT);
-        let small = [CopyPiece {
-            addr,
-            len: 10,
-            offset: U,
-        }];
-        assert_eq!(
-            copy(Some(other.try_clone().unwrap()), &small, 1, &regions),
-            CopyOutcome::Copied
-        );
-        assert_eq!(read_back(&other, U, 10), data[..10]);
-        assert!(other.as_raw_fd() >= 0);
-    }
-
-    #[test]
-    fn warm_units_are_filled_as_read_and_cold_ones_for_writing() {
-        let page = 4096;
-        let per = UNIT / page;
-        // Units: warm, warm, one page missing, cold, warm (the last one
-        // shorter: the view's end).
-        let mut resident = vec![1u8; 4 * per + 3];
-        resident[2 * per + 5] = 0;
-        resident[3 * per..4 * per].fill(0);
-        let to = 4 * UNIT + 3 * page;
-        assert_eq!(
-            runs(0, to, page, Some(&resident)),
-            vec![
-                (0, 2 * UNIT, true),
-                (2 * UNIT, 4 * UNIT, false),
-                (4 * UNIT, to, true)
-            ]
-        );
-        // From an offset, and with no answer from mincore.
-        assert_eq!(
-            runs(UNIT, 3 * UNIT, page, Some(&resident[..2 * per])),
-            vec![(UNIT, 3 * UNIT, true)]
-        );
-        assert_eq!(
-            runs(UNIT, 2 * UNIT, page, None),
-            vec![(UNIT, 2 * UNIT, false)]
-        );
-    }
-
-    #[test]
-    fn the_view_finds_which_pages_the_agent_warmed() {
-        let _turn = TEST_TURN.lock().unwrap_or_else(|p| p.into_inner());
-        let data = vec![9u8; 2 * UNIT];
-        let regions = [region_of(&data)];
-        let fd = budget(4 * UNIT);
-        // The agent's side warms the first two units.
-        nix::sys::uio::pwrite(fd.as_fd(), &vec![1u8; 2 * UNIT], 0).unwrap();
-        let piece = [CopyPiece {
-            addr: data.as_ptr() as u64,
-            len: 2 * U,
-            offset: U,
-        }];
-        assert_eq!(
-            copy(Some(fd.try_clone().unwrap()), &piece, 1, &regions),
-            CopyOutcome::Copied
-        );
-        let view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
-        let view = view.as_ref().unwrap();
-        let resident = view.resident(0, 4 * UNIT, page_size()).unwrap();
-        let per = UNIT / page_size();
-        assert!(resident[..3 * per].iter().all(|b| b & 1 == 1));
-        assert!(resident[3 * per..].iter().all(|b| b & 1 == 0));
-        assert_eq!(read_back(&fd, U, 2 * UNIT), data);
-        assert_eq!(read_back(&fd, 0, UNIT), vec![1u8; UNIT]);
-    }
-}
+#[path = "self_copy_tests.rs"]
+mod tests;

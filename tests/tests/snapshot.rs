@@ -217,6 +217,7 @@ fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
     // what it expects to copy, and the next checkpoint copies parked.
     let setup = setup();
     let program = Program::Rust;
+    let reference = reference(&setup, &program, 0, 48);
     let agent = Agent::start_with_env(
         setup.dir.path(),
         "job1",
@@ -244,6 +245,9 @@ fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
     });
     let log = agent.log_text();
     assert_eq!(snapshot_pids(&log).len(), 1, "{log}");
+    // The slots of the next copy were named as the rank resumed, for it to
+    // fill its view of them while it computes.
+    assert!(log.contains("rank.fill_view"), "{log}");
     wait_until(
         "the budget to warm for the next checkpoint",
         Duration::from_secs(20),
@@ -258,7 +262,15 @@ fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
         1,
         "the second checkpoint cloned again:\n{log}"
     );
+    // A restart from it is byte-identical.
     rank.kill9();
+    assert_eq!(agent.arm_restart(), second.epoch);
+    let rank = Rank::start(&spec, &files);
+    let status = rank.wait();
+    assert!(status.success(), "restart failed: {}", Rank::stderr(&files));
+    assert_eq!(lines(&files.log) as u64, STEPS);
+    assert_same_file(&files.log, &reference.log);
+    assert_same_file(&files.final_state, &reference.final_state);
 }
 
 #[test]

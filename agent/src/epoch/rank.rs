@@ -9,7 +9,7 @@ use cryo_core::fault;
 use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{
     AgentToRank, CheckpointReport, CopyOutcome, CopyPiece, ProbeVerdict, RankCaptureReport,
-    SnapshotOutcome, SELF_COPY_VERSION, SNAPSHOT_VERSION,
+    SnapshotOutcome, FILL_VIEW_VERSION, SELF_COPY_VERSION, SNAPSHOT_VERSION,
 };
 use cryo_core::store::writer::EpochWriter;
 
@@ -18,7 +18,7 @@ use crate::capture::{
     capture_rank, nanos, CaptureContext, CaptureError, GateHold, Parked, ParkedRank,
 };
 use crate::ranks::{RankConn, RankEvent};
-use crate::self_copy::{answer_within, SelfCopyRefusal};
+use crate::self_copy::{answer_within, slots_to_fill, SelfCopyRefusal};
 use crate::snapshot::SnapshotPolicy;
 
 /// How often a wait checks whether the epoch was cancelled.
@@ -121,6 +121,26 @@ pub(super) fn capture_one(
         fault::pause_at(fault::Phase::Copy, epoch, job);
         if run.cancel.is_set() {
             return Err(run.stop_reason().to_string());
+        }
+        if conn.version >= FILL_VIEW_VERSION {
+            let fill = slots_to_fill(
+                res.pool,
+                progress.self_copy,
+                progress.ranks,
+                rank,
+                &parked.regions,
+            );
+            if let Some(ranges) = fill {
+                let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                // Lost, the rank only fills them in its next copy.
+                match conn.send_with_fd(&AgentToRank::FillView { epoch, ranges }, res.pool.memfd())
+                {
+                    Ok(()) => tracing::info!(job, node, rank, epoch, bytes, "rank.fill_view"),
+                    Err(error) => {
+                        tracing::debug!(job, node, rank, epoch, error = %error, "rank.fill_view_unsent")
+                    }
+                }
+            }
         }
         conn.send(&AgentToRank::Resume { epoch })?;
         conn.page

@@ -89,14 +89,18 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// ([`AgentToRank::CopyInto`], [`RankToAgent::Copied`]), which an agent
 /// asks only of a rank of version 7 or newer; version 8 added the
 /// checkpoint before the job stops ([`CoordinatorToAgent::FinalCheckpoint`]),
-/// sent to an older agent as a plain `Checkpoint`.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// sent to an older agent as a plain `Checkpoint`; version 9 let an agent
+/// tell a rank which slots of the budget its next parked copy goes to
+/// ([`AgentToRank::FillView`]), sent only to a rank of version 9 or newer.
+pub const PROTOCOL_VERSION: u16 = 9;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
 /// The first version whose ranks copy their own memory when asked.
 pub const SELF_COPY_VERSION: u16 = 7;
 /// The first version whose agents take `FinalCheckpoint`.
 pub const FINAL_CHECKPOINT_VERSION: u16 = 8;
+/// The first version whose ranks take `FillView`.
+pub const FILL_VIEW_VERSION: u16 = 9;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
 /// misread. A version 4 peer is read, and answered, in its own layouts

@@ -186,6 +186,16 @@ pub enum AgentToRank {
         /// Threads the rank may copy with (its share of the node's cores).
         threads: u32,
     },
+    /// Sent before `Resume`: these ranges of the budget (the memfd sent
+    /// with this message) are the slots of your next parked copy; fill your
+    /// view of them while you run, so that the copy does not (protocol
+    /// version 9). No answer.
+    FillView {
+        /// The epoch the rank is parked for.
+        epoch: u64,
+        /// `(offset, length)` in the memfd.
+        ranges: Vec<(u64, u64)>,
+    },
 }
 
 impl Message for AgentToRank {
