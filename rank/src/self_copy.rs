@@ -189,13 +189,27 @@ pub(crate) fn fill_later(fd: Option<OwnedFd>, ranges: Vec<(u64, u64)>) {
     let Some(fd) = fd else {
         return;
     };
+    // Mapped here, while parked (an fstat and an mmap), and the fd closed
+    // before the rank runs on: an fd of the budget still open at the next
+    // checkpoint would be counted among the application's.
+    let id = {
+        let mut view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
+        if map_view(&mut view, &fd).is_err() {
+            return;
+        }
+        view.as_ref().map(|v| v.id)
+    };
+    drop(fd);
+    let Some(id) = id else {
+        return;
+    };
     FILLS.fetch_add(1, Ordering::AcqRel);
     let fill = move || {
         // SAFETY: `setpriority` with `who` 0 changes only the calling
         // thread's nice value on Linux; a refusal leaves it at the
         // application's priority, which is only less polite.
         let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-        fill_ranges(&fd, ranges);
+        fill_ranges(id, ranges);
         FILLS.fetch_sub(1, Ordering::AcqRel);
     };
     if std::thread::Builder::new()
@@ -207,14 +221,8 @@ pub(crate) fn fill_later(fd: Option<OwnedFd>, ranges: Vec<(u64, u64)>) {
     }
 }
 
-fn fill_ranges(fd: &OwnedFd, ranges: Vec<(u64, u64)>) {
-    let id = {
-        let mut view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
-        if map_view(&mut view, fd).is_err() {
-            return;
-        }
-        view.as_ref().map(|v| v.id)
-    };
+/// Fills `ranges` of the view of the budget `id`, unit by unit.
+fn fill_ranges(id: (u64, u64), ranges: Vec<(u64, u64)>) {
     for (offset, len) in ranges {
         let (Ok(offset), Ok(len)) = (usize::try_from(offset), usize::try_from(len)) else {
             continue;
@@ -226,7 +234,7 @@ fn fill_ranges(fd: &OwnedFd, ranges: Vec<(u64, u64)>) {
             let (addr, claimed) = {
                 let mut view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
                 // Another budget replaced the view meanwhile: stop.
-                let Some(view) = view.as_mut().filter(|v| Some(v.id) == id) else {
+                let Some(view) = view.as_mut().filter(|v| v.id == id) else {
                     return;
                 };
                 if at + step > view.len {

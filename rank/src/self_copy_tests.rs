@@ -186,11 +186,21 @@ fn the_view_finds_which_pages_the_agent_warmed() {
 fn the_slots_set_aside_are_filled_in_the_background() {
     let _turn = TEST_TURN.lock().unwrap_or_else(|p| p.into_inner());
     let fd = budget(8 * UNIT);
+    // The fds open on this budget's memfd.
+    let ino = nix::sys::stat::fstat(fd.as_raw_fd()).unwrap().st_ino;
+    let open_on_budget = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .filter(|m| std::os::unix::fs::MetadataExt::ino(m) == ino)
+            .count()
+    };
+    let sent = fd.try_clone().unwrap();
+    assert_eq!(open_on_budget(), 2);
     // Past the budget's end: ignored, the rest filled.
-    fill_later(
-        Some(fd.try_clone().unwrap()),
-        vec![(2 * U, 3 * U), (7 * U, 4 * U)],
-    );
+    fill_later(Some(sent), vec![(2 * U, 3 * U), (7 * U, 4 * U)]);
+    // The fd the agent sent is closed before the rank runs on.
+    assert_eq!(open_on_budget(), 1);
     let filled = |unit: usize| {
         let view = VIEW.lock().unwrap_or_else(|p| p.into_inner());
         view.as_ref()

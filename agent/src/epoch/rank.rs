@@ -122,7 +122,8 @@ pub(super) fn capture_one(
         if run.cancel.is_set() {
             return Err(run.stop_reason().to_string());
         }
-        if conn.version >= FILL_VIEW_VERSION {
+        // A rank held until durable is about to stop: nothing to prepare.
+        if conn.version >= FILL_VIEW_VERSION && matches!(run.resume, Resume::AfterCopy) {
             let fill = slots_to_fill(
                 res.pool,
                 progress.self_copy,
