@@ -21,8 +21,13 @@
 //! warm speed. Slots the agent has not warmed yet are filled for writing:
 //! there a read fault allocates page by page, slower than a write fault
 //! (268 against 149 ms per 256 MiB). `mincore` tells the two apart (4 ms
-//! per 256 MiB). It is `MADV_DONTFORK`, so neither a
-//! snapshot nor a child of the application inherits it.
+//! per 256 MiB). The view is `MADV_DONTFORK`, so neither a snapshot nor a
+//! child of the application inherits it.
+//!
+//! So that not even the first parked copy fills page tables in the pause,
+//! the agent names the slots of a rank's next copy as it resumes it
+//! (`FillView`), and [`fill_later`] fills them on a thread at the lowest
+//! priority while the rank computes.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
