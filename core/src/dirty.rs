@@ -251,9 +251,19 @@ impl Pagemap {
                 .map_err(io::Error::from)?;
             let found = usize::try_from(found).unwrap_or(0).min(vec.len());
             for region in &vec[..found] {
+                // A walk that needed more than one round of the kernel's
+                // buffer (over 512 ranges) and then finished reports the
+                // `walk_end` of its last full round (Linux 6.7-6.18), so
+                // the next call walks part of the range again: what is
+                // reported twice is skipped.
+                let covered = out.last().map_or(0, |&(_, end)| end);
+                let region_start = region.start.max(covered);
+                if region.end <= region_start {
+                    continue;
+                }
                 match out.last_mut() {
-                    Some((_, last_end)) if *last_end == region.start => *last_end = region.end,
-                    _ => out.push((region.start, region.end)),
+                    Some((_, last_end)) if *last_end == region_start => *last_end = region.end,
+                    _ => out.push((region_start, region.end)),
                 }
             }
             if arg.walk_end <= start {
@@ -347,6 +357,32 @@ mod tests {
             vec![(page(63), page(64))]
         );
         assert_eq!(mem[5 * PAGE + 17], 2, "tracking never changes contents");
+    }
+
+    #[test]
+    fn many_written_ranges_are_each_reported_once() {
+        // More ranges than the kernel's buffer holds in one round (512).
+        let pages = 4096;
+        let len = pages * PAGE;
+        let base = anonymous(len);
+        // SAFETY: `base` is a live mapping of `len` bytes.
+        let mem = unsafe { std::slice::from_raw_parts_mut(base, len) };
+        mem.fill(1);
+        let tracker = WriteTracker::new().expect("userfaultfd with WP_ASYNC (Linux 6.7+)");
+        tracker.register(base as u64, len as u64).unwrap();
+        let pagemap = Pagemap::open(std::process::id()).unwrap();
+        let addr = base as u64;
+        pagemap.written(addr, len as u64, true).unwrap();
+        for page in (0..pages).step_by(3) {
+            mem[page * PAGE] = 2;
+        }
+        let expected: WrittenRanges = (0..pages)
+            .step_by(3)
+            .map(|p| (addr + (p * PAGE) as u64, addr + ((p + 1) * PAGE) as u64))
+            .collect();
+        assert_eq!(pagemap.written(addr, len as u64, false).unwrap(), expected);
+        assert_eq!(pagemap.written(addr, len as u64, true).unwrap(), expected);
+        assert_eq!(pagemap.written(addr, len as u64, true).unwrap(), vec![]);
     }
 
     #[test]
