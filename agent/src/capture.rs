@@ -662,6 +662,12 @@ mod tests {
         assert_eq!(Heat::Tracked.next(Some(0.9)), Heat::Tracked);
         assert_eq!(Heat::Tracked.next(None), Heat::Unmeasured);
         assert_eq!(Heat::Unmeasured.next(Some(1.0)), Heat::Tracked);
+        // A sampled probe measures like a whole one.
+        assert_eq!(Heat::Sampled.next(Some(0.5)), Heat::Tracked);
+        assert_eq!(Heat::Sampled.next(None), Heat::Unmeasured);
+        assert!(matches!(Heat::Sampled.next(Some(1.0)), Heat::Hot { .. }));
+        assert!(Heat::Sampled.measures() && Heat::Tracked.measures());
+        assert!(!Heat::Unmeasured.measures() && !(Heat::Hot { left: 1 }).measures());
     }
 
     #[test]

@@ -72,6 +72,15 @@ pub const HOT_SHARE: f64 = 0.95;
 /// protected again, before it is probed once more.
 pub const HOT_CAPTURES: u32 = 8;
 
+/// A hot region of at least this many chunks is probed on a sample: one
+/// chunk in [`SAMPLE_EVERY`] is protected, so the application pays the
+/// write faults of a sixteenth of the region (a whole probe of 256 MiB
+/// rewritten cost it about 150 ms here).
+pub const SAMPLE_MIN_CHUNKS: usize = 64;
+
+/// One chunk in this many is protected by a sampled probe.
+pub const SAMPLE_EVERY: usize = 16;
+
 /// How a region's writes looked at the previous captures of its process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Heat {
@@ -82,10 +91,15 @@ pub enum Heat {
     /// The last scan protected the region again: this scan reports what
     /// was written between the two captures.
     Tracked,
+    /// The last capture probed a hot region by protecting only every
+    /// [`SAMPLE_EVERY`]th chunk: this scan measures those chunks; the
+    /// others, unprotected, count as written.
+    Sampled,
     /// (Nearly) every chunk was written between two captures: the region
     /// is copied whole, unscanned and unprotected (so the application takes
-    /// no write faults), for `left` more captures; then it is scanned and
-    /// protected again, and measured at the capture after.
+    /// no write faults), for `left` more captures; then it is probed
+    /// (protected again, whole or on a sample) and measured at the capture
+    /// after.
     Hot {
         /// Captures left before the region is scanned again.
         left: u32,
@@ -98,12 +112,21 @@ impl Heat {
         !matches!(self, Heat::Hot { left } if left > 1)
     }
 
-    /// The state after this capture, given the share of the region's chunks
-    /// its scan found written (`None`: not scanned, or the scan failed).
+    /// Whether this capture's scan measures the region's writes (the
+    /// previous one protected it, whole or on a sample).
+    pub fn measures(self) -> bool {
+        matches!(self, Heat::Tracked | Heat::Sampled)
+    }
+
+    /// The state after this capture, given the share of the region's
+    /// measured chunks its scan found written (`None`: not scanned, or the
+    /// scan failed).
     pub fn next(self, dirty_share: Option<f64>) -> Heat {
         match (self, dirty_share) {
             (Heat::Hot { left }, _) if left > 1 => Heat::Hot { left: left - 1 },
-            (Heat::Tracked, Some(share)) if share >= HOT_SHARE => Heat::Hot { left: HOT_CAPTURES },
+            (Heat::Tracked | Heat::Sampled, Some(share)) if share >= HOT_SHARE => {
+                Heat::Hot { left: HOT_CAPTURES }
+            }
             (_, Some(_)) => Heat::Tracked,
             (_, None) => Heat::Unmeasured,
         }
@@ -168,12 +191,13 @@ pub(crate) fn select(
 /// Scans `region` for the chunks written since the previous capture and
 /// moves its [`Heat`] on; `None` if it is not tracked (every chunk is
 /// copied). The pages are protected again in the same walk, except where
-/// this scan is what makes the region hot: a region that is measured
-/// (`Tracked`) is looked at first without protecting it, and if it turns
-/// out rewritten whole it stays unprotected, since it will be copied whole
-/// for the next captures anyway and protecting it would cost the
-/// application a write fault per page (about 150 ms per 256 MiB here).
-/// Only a region found not hot is walked a second time, to protect it.
+/// this scan is what makes the region hot: a region that is measured is
+/// looked at first without protecting it, and if it turns out rewritten
+/// whole it stays unprotected, since it will be copied whole for the next
+/// captures anyway and protecting it would cost the application a write
+/// fault per page (about 150 ms per 256 MiB here). Only a region found not
+/// hot is walked a second time, to protect it. A large hot region is
+/// probed on a sample (see [`SAMPLE_EVERY`]).
 fn scan(
     access: &dyn ProcessAccess,
     parked: &Parked,
@@ -182,17 +206,33 @@ fn scan(
     chunk: usize,
     chunks: usize,
 ) -> Option<Vec<bool>> {
+    let before = *state;
+    let untracked = |state: &mut Heat, err: std::io::Error| {
+        tracing::debug!(rank = parked.rank, epoch = parked.epoch, region = %region.name, error = %err, "region.untracked");
+        *state = before.next(None);
+        None
+    };
+    if before == (Heat::Hot { left: 1 }) && chunks >= SAMPLE_MIN_CHUNKS {
+        for sampled in (0..chunks).step_by(SAMPLE_EVERY) {
+            let (start, len) = pages_of(region, sampled as u64 * chunk as u64, chunk as u64);
+            if let Err(err) = access.written_pages(parked.pid, start, len, true) {
+                return untracked(state, err);
+            }
+        }
+        *state = Heat::Sampled;
+        // Unprotected since it went hot: every chunk counts as written.
+        return Some(vec![true; chunks]);
+    }
     // A protected buffer need not start on a page: scan the pages it
     // touches (chunks stay cut from its own start).
-    let scan_start = region.addr / PAGE * PAGE;
-    let scan_len = (region.addr + region.len).div_ceil(PAGE) * PAGE - scan_start;
-    let before = *state;
-    let looked = if before == Heat::Tracked {
+    let (scan_start, scan_len) = pages_of(region, 0, region.len);
+    let measured = |c: usize| before != Heat::Sampled || c % SAMPLE_EVERY == 0;
+    let looked = if before.measures() {
         access
             .written_pages(parked.pid, scan_start, scan_len, false)
             .map(|written| dirty_chunks(&written, region.addr, chunk, chunks))
             .ok()
-            .filter(|dirty| matches!(before.next(Some(share(dirty))), Heat::Hot { .. }))
+            .filter(|dirty| matches!(before.next(Some(share(dirty, measured))), Heat::Hot { .. }))
     } else {
         None
     };
@@ -200,19 +240,24 @@ fn scan(
         Some(dirty) => dirty,
         None => match access.written_pages(parked.pid, scan_start, scan_len, true) {
             Ok(written) => dirty_chunks(&written, region.addr, chunk, chunks),
-            Err(err) => {
-                tracing::debug!(rank = parked.rank, epoch = parked.epoch, region = %region.name, error = %err, "region.untracked");
-                *state = before.next(None);
-                return None;
-            }
+            Err(err) => return untracked(state, err),
         },
     };
-    let share = share(&dirty);
+    let share = share(&dirty, measured);
     *state = before.next(Some(share));
     if matches!(*state, Heat::Hot { .. }) && !matches!(before, Heat::Hot { .. }) {
         tracing::info!(rank = parked.rank, epoch = parked.epoch, region = %region.name, written_share = share, "region.hot");
     }
     Some(dirty)
+}
+
+/// The whole pages touching `len` bytes at `offset` into `region`, as
+/// `(start, len)`, clipped to the region.
+fn pages_of(region: &RegionInfo, offset: u64, len: u64) -> (u64, u64) {
+    let start = region.addr + offset.min(region.len);
+    let end = region.addr + offset.saturating_add(len).min(region.len);
+    let first = start / PAGE * PAGE;
+    (first, end.div_ceil(PAGE) * PAGE - first)
 }
 
 /// Which of a region's `chunks` chunks (cut from `addr`) the `written`
@@ -233,8 +278,16 @@ fn dirty_chunks(written: &[(u64, u64)], addr: u64, chunk: usize, chunks: usize) 
     dirty
 }
 
-fn share(dirty: &[bool]) -> f64 {
-    dirty.iter().filter(|d| **d).count() as f64 / dirty.len().max(1) as f64
+/// The share of the chunks that `measured` counts which are written.
+fn share(dirty: &[bool], measured: impl Fn(usize) -> bool) -> f64 {
+    let (written, counted) = dirty
+        .iter()
+        .enumerate()
+        .filter(|(c, _)| measured(*c))
+        .fold((0usize, 0usize), |(w, n), (_, d)| {
+            (w + usize::from(*d), n + 1)
+        });
+    written as f64 / counted.max(1) as f64
 }
 
 pub(crate) const PAGE: u64 = 4096;

@@ -20,7 +20,11 @@ struct Tracked {
 }
 
 fn tracked() -> Tracked {
-    let len = PAGES * PAGE as usize;
+    tracked_pages(PAGES)
+}
+
+fn tracked_pages(pages: usize) -> Tracked {
+    let len = pages * PAGE as usize;
     // SAFETY: a fresh private anonymous mapping, leaked for the test.
     let base = unsafe {
         libc::mmap(
@@ -68,7 +72,7 @@ fn scan_once(t: &Tracked, heat: &mut Heat) -> Option<Vec<bool>> {
         region,
         heat,
         CHUNK,
-        PAGES * PAGE as usize / CHUNK,
+        usize::try_from(region.len).unwrap() / CHUNK,
     )
 }
 
@@ -81,7 +85,7 @@ fn protected_pages(t: &Tracked) -> usize {
         .written(region.addr, region.len, false)
         .unwrap();
     let written: u64 = written.iter().map(|(s, e)| (e - s) / PAGE).sum();
-    PAGES - written as usize
+    usize::try_from(region.len / PAGE - written).unwrap()
 }
 
 fn write_pages(t: &mut Tracked, pages: impl Iterator<Item = usize>) {
@@ -164,4 +168,72 @@ fn an_untracked_region_is_copied_whole() {
     let region = parked.regions[0].clone();
     assert!(scan(&LinuxProcess, &parked, &region, &mut heat, CHUNK, 8).is_none());
     assert_eq!(heat, Heat::Unmeasured);
+}
+
+/// Pages per chunk in these tests.
+const CHUNK_PAGES: usize = CHUNK / PAGE as usize;
+
+#[test]
+fn a_large_hot_region_is_probed_on_a_sample_and_stays_hot_unprotected() {
+    let chunks = SAMPLE_MIN_CHUNKS;
+    let mut t = tracked_pages(chunks * CHUNK_PAGES);
+    let mut heat = Heat::Hot { left: 1 };
+    let dirty = scan_once(&t, &mut heat).unwrap();
+    assert!(dirty.iter().all(|d| *d), "unprotected since it went hot");
+    assert_eq!(heat, Heat::Sampled);
+    // Only every SAMPLE_EVERYth chunk is protected.
+    let sampled = chunks.div_ceil(SAMPLE_EVERY);
+    assert_eq!(protected_pages(&t), sampled * CHUNK_PAGES);
+    // Still rewritten whole: hot again, and nothing left protected.
+    write_pages(&mut t, 0..chunks * CHUNK_PAGES);
+    let dirty = scan_once(&t, &mut heat).unwrap();
+    assert!(dirty.iter().all(|d| *d));
+    assert_eq!(heat, Heat::Hot { left: HOT_CAPTURES });
+    assert_eq!(protected_pages(&t), 0);
+}
+
+#[test]
+fn a_sampled_region_written_in_part_is_tracked_whole_again() {
+    let chunks = SAMPLE_MIN_CHUNKS;
+    let pages = chunks * CHUNK_PAGES;
+    let mut t = tracked_pages(pages);
+    let mut heat = Heat::Hot { left: 1 };
+    scan_once(&t, &mut heat).unwrap();
+    assert_eq!(heat, Heat::Sampled);
+    // Two of the four sampled chunks written, and one other chunk.
+    let first_page = |c: usize| c * CHUNK_PAGES;
+    write_pages(
+        &mut t,
+        [first_page(0), first_page(16), first_page(5) + 3].into_iter(),
+    );
+    let dirty = scan_once(&t, &mut heat).unwrap();
+    assert_eq!(heat, Heat::Tracked);
+    // The chunks not sampled were unprotected: they count as written. The
+    // sampled ones are exact.
+    for (c, d) in dirty.iter().enumerate() {
+        let expected = c % SAMPLE_EVERY != 0 || c == 0 || c == 16;
+        assert_eq!(*d, expected, "chunk {c}");
+    }
+    // Protected whole again: the next capture measures every chunk.
+    assert_eq!(protected_pages(&t), pages);
+    write_pages(&mut t, [first_page(7)].into_iter());
+    let dirty = scan_once(&t, &mut heat).unwrap();
+    assert_eq!(dirty, (0..chunks).map(|c| c == 7).collect::<Vec<_>>());
+}
+
+#[test]
+fn pages_of_a_chunk_cover_an_unaligned_buffer_and_stay_inside_it() {
+    let region = RegionInfo {
+        name: "buffer".into(),
+        addr: 0x10_0100,
+        len: 3 * PAGE,
+        kind: RegionKind::Anonymous,
+    };
+    assert_eq!(pages_of(&region, 0, region.len), (0x10_0000, 4 * PAGE));
+    assert_eq!(pages_of(&region, PAGE, PAGE), (0x10_1000, 2 * PAGE));
+    assert_eq!(
+        pages_of(&region, 2 * PAGE, 10 * PAGE),
+        (0x10_2000, 2 * PAGE)
+    );
+    assert_eq!(pages_of(&region, 5 * PAGE, PAGE), (0x10_3000, PAGE));
 }
