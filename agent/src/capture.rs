@@ -31,7 +31,9 @@ use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::self_copy::{copy_parked, regions_readable, SelfCopy, SelfCopyRefusal};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
 use crate::tracking::{select, Piece, Selection};
-pub use crate::tracking::{Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE};
+pub use crate::tracking::{
+    Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE, SAMPLE_EVERY, SAMPLE_MIN_CHUNKS,
+};
 
 /// Capturing a rank failed.
 #[derive(Debug, Error)]
