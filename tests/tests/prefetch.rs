@@ -223,7 +223,9 @@ fn an_mpi_job_resumed_on_other_nodes_prefetches_each_ranks_own_chunks() {
             .output()
             .unwrap()
     };
-    let first = run("a:1,b:1", &["--interval", "1"], "3");
+    // Six seconds of checkpoints a second: a loaded machine may take a few
+    // seconds to start the ranks, and the test needs one committed epoch.
+    let first = run("a:1,b:1", &["--interval", "1"], "6");
     let said = cryo_tests::output_text(&first);
     assert!(
         first.status.success() && said.contains("committed"),
