@@ -25,20 +25,14 @@ fn tracked() -> Tracked {
 
 fn tracked_pages(pages: usize) -> Tracked {
     let len = pages * PAGE as usize;
-    // SAFETY: a fresh private anonymous mapping, leaked for the test.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(base, libc::MAP_FAILED);
-    // SAFETY: `base` is a live mapping of `len` bytes, used only here.
-    let mem = unsafe { std::slice::from_raw_parts_mut(base.cast::<u8>(), len) };
+    // Page-aligned memory of its own (the tracker works on whole pages),
+    // leaked for the test.
+    let layout = std::alloc::Layout::from_size_align(len, PAGE as usize).unwrap();
+    // SAFETY: `layout` has a non-zero size.
+    let base = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!base.is_null());
+    // SAFETY: `base` is a live allocation of `len` bytes, used only here.
+    let mem = unsafe { std::slice::from_raw_parts_mut(base, len) };
     mem.fill(1);
     let tracker = WriteTracker::new().expect("userfaultfd with WP_ASYNC (Linux 6.7+)");
     tracker.register(base as u64, len as u64).unwrap();

@@ -297,6 +297,19 @@ mod tests {
         ptr.cast()
     }
 
+    /// A fresh mapping of `len` bytes, written once and registered for
+    /// tracking: its memory, the tracker that must outlive the scans, and
+    /// this process's pagemap.
+    fn tracked(len: usize) -> (&'static mut [u8], WriteTracker, Pagemap) {
+        let base = anonymous(len);
+        // SAFETY: `base` is a live mapping of `len` bytes, leaked for the test.
+        let mem = unsafe { std::slice::from_raw_parts_mut(base, len) };
+        mem.fill(1);
+        let tracker = WriteTracker::new().expect("userfaultfd with WP_ASYNC (Linux 6.7+)");
+        tracker.register(base as u64, len as u64).unwrap();
+        (mem, tracker, Pagemap::open(std::process::id()).unwrap())
+    }
+
     #[test]
     fn parses_modes() {
         assert_eq!(TrackingMode::parse("auto"), Some(TrackingMode::Auto));
@@ -321,14 +334,8 @@ mod tests {
     #[test]
     fn reports_exactly_the_pages_written_since_the_last_scan() {
         let len = 64 * PAGE;
-        let base = anonymous(len);
-        // SAFETY: `base` is a live mapping of `len` bytes.
-        let mem = unsafe { std::slice::from_raw_parts_mut(base, len) };
-        mem.fill(1);
-        let tracker = WriteTracker::new().expect("userfaultfd with WP_ASYNC (Linux 6.7+)");
-        tracker.register(base as u64, len as u64).unwrap();
-        let pagemap = Pagemap::open(std::process::id()).unwrap();
-        let addr = base as u64;
+        let (mem, _tracker, pagemap) = tracked(len);
+        let addr = mem.as_ptr() as u64;
         // Registered but never protected: everything counts as written.
         assert_eq!(
             pagemap.written(addr, len as u64, true).unwrap(),
@@ -364,14 +371,8 @@ mod tests {
         // More ranges than the kernel's buffer holds in one round (512).
         let pages = 4096;
         let len = pages * PAGE;
-        let base = anonymous(len);
-        // SAFETY: `base` is a live mapping of `len` bytes.
-        let mem = unsafe { std::slice::from_raw_parts_mut(base, len) };
-        mem.fill(1);
-        let tracker = WriteTracker::new().expect("userfaultfd with WP_ASYNC (Linux 6.7+)");
-        tracker.register(base as u64, len as u64).unwrap();
-        let pagemap = Pagemap::open(std::process::id()).unwrap();
-        let addr = base as u64;
+        let (mem, _tracker, pagemap) = tracked(len);
+        let addr = mem.as_ptr() as u64;
         pagemap.written(addr, len as u64, true).unwrap();
         for page in (0..pages).step_by(3) {
             mem[page * PAGE] = 2;
