@@ -219,7 +219,10 @@ pub struct LaunchArgs {
     #[arg(long, default_value_t = 3, env = "CRYO_KEEP")]
     pub keep: usize,
     /// The launcher: `srun`, or an MPI launcher (default: `srun` inside a
-    /// Slurm allocation, else MPICH's mpiexec, else Open MPI's mpirun).
+    /// Slurm allocation, else the launcher of the MPI the program links,
+    /// told by `ldd` of the program or, for Python, of mpi4py's extension,
+    /// else MPICH's mpiexec, else Open MPI's mpirun). One of the other MPI
+    /// than the program's is refused.
     #[arg(long)]
     pub launcher: Option<PathBuf>,
     /// Who starts the node agents: `spawn` (cryo run, one per `--nodes`

@@ -15,10 +15,12 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use thiserror::Error;
+
+pub use crate::launcher_choice::{classify, detect, LauncherError};
 
 /// One node and how many ranks it takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,75 +190,6 @@ impl fmt::Display for Launcher {
             Launcher::Srun(path) => write!(f, "Slurm srun ({})", path.display()),
         }
     }
-}
-
-/// No usable launcher.
-#[derive(Debug, Error)]
-pub enum LauncherError {
-    /// Nothing found.
-    #[error("no MPI launcher found: install MPICH (mpiexec) or Open MPI (mpirun), or pass --launcher PATH")]
-    NotFound,
-    /// A launcher of an unknown family.
-    #[error("{} is neither MPICH Hydra nor Open MPI (its --version says: {first_line})", path.display())]
-    Unknown {
-        /// The program.
-        path: PathBuf,
-        /// What it said.
-        first_line: String,
-    },
-}
-
-/// Tells the family of a launcher from its `--version` text.
-pub fn classify(path: &Path, version_text: &str) -> Result<Launcher, LauncherError> {
-    if version_text.contains("HYDRA") || version_text.contains("Hydra") {
-        Ok(Launcher::Hydra(path.to_owned()))
-    } else if version_text.starts_with("slurm ") || version_text.starts_with("slurm-wlm ") {
-        Ok(Launcher::Srun(path.to_owned()))
-    } else if version_text.contains("Open MPI")
-        || version_text.contains("OpenRTE")
-        || version_text.contains("open-mpi")
-    {
-        Ok(Launcher::OpenMpi(path.to_owned()))
-    } else {
-        Err(LauncherError::Unknown {
-            path: path.to_owned(),
-            first_line: version_text.lines().next().unwrap_or("").to_owned(),
-        })
-    }
-}
-
-/// Finds the installed launcher: `preferred` if given, else MPICH's
-/// `mpiexec.hydra`/`mpiexec.mpich`/`mpiexec`, then Open MPI's `mpirun`.
-pub fn detect(preferred: Option<&Path>) -> Result<Launcher, LauncherError> {
-    let candidates: Vec<PathBuf> = match preferred {
-        Some(path) => vec![path.to_owned()],
-        None => [
-            "mpiexec.hydra",
-            "mpiexec.mpich",
-            "mpiexec",
-            "mpirun.openmpi",
-            "mpirun",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .collect(),
-    };
-    let mut unknown = None;
-    for candidate in candidates {
-        let Ok(output) = Command::new(&candidate).arg("--version").output() else {
-            continue;
-        };
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        match classify(&candidate, &text) {
-            Ok(launcher) => return Ok(launcher),
-            Err(err) => unknown = Some(err),
-        }
-    }
-    Err(unknown.unwrap_or(LauncherError::NotFound))
 }
 
 /// One MPMD block: consecutive ranks sharing an environment.
@@ -509,27 +442,6 @@ mod tests {
             })
         ));
         assert_eq!(place(&nodes("a"), 0), Err(PlacementError::NoRanks));
-    }
-
-    #[test]
-    fn classifies_launchers() {
-        let hydra = "HYDRA build details:\n    Version: 4.0.2";
-        assert!(matches!(
-            classify(Path::new("mpiexec"), hydra),
-            Ok(Launcher::Hydra(_))
-        ));
-        let ompi = "mpirun (Open MPI) 4.1.4";
-        assert!(matches!(
-            classify(Path::new("mpirun"), ompi),
-            Ok(Launcher::OpenMpi(_))
-        ));
-        for srun in ["slurm 22.05.8", "slurm-wlm 22.05.8"] {
-            assert!(matches!(
-                classify(Path::new("srun"), srun),
-                Ok(Launcher::Srun(_))
-            ));
-        }
-        assert!(classify(Path::new("mystery"), "mystery 1.0").is_err());
     }
 
     #[test]

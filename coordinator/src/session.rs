@@ -7,9 +7,11 @@
 //! epoch logic ([`crate::epoch`]) never needs a lock.
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, ExitStatus};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -194,7 +196,12 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     }
     let token = registry.create_token()?;
     registry.write_command(&opts.command)?;
-    let launcher = launch::detect(opts.launcher.as_deref())?;
+    let program_mpi = crate::program_mpi::of_program(
+        OsStr::from_bytes(&opts.command.program),
+        Path::new(OsStr::from_bytes(&opts.command.cwd)),
+    );
+    tracing::debug!(job = %opts.job, program_mpi = ?program_mpi, "launch.program_mpi");
+    let launcher = launch::detect(opts.launcher.as_deref(), program_mpi.as_ref())?;
 
     let listener =
         TcpListener::bind(&opts.listen).with_context(|| format!("listening on {}", opts.listen))?;

@@ -74,13 +74,11 @@ impl Mpi {
         cmd
     }
 
-    /// What `cryo run` and `cryo restart` need to use this launcher.
+    /// What `cryo run` and `cryo restart` need to use this launcher:
+    /// nothing, since `cryo run` picks the launcher of the MPI the program
+    /// links (`mpiexec` is MPICH's here, so Open MPI's programs test that).
     pub fn cryo_args(self) -> Vec<&'static str> {
-        match self {
-            // Detected by default.
-            Mpi::Mpich => vec![],
-            Mpi::OpenMpi => vec!["--launcher", self.launcher()],
-        }
+        Vec::new()
     }
 
     /// Why this MPI cannot run here, if it cannot.

@@ -1,10 +1,12 @@
 //! The C heat2d with Open MPI: compiled with `mpicc.openmpi` against the
 //! `libcryo_rank_openmpi` flavour (built by `scripts/build-openmpi.sh`),
-//! run under `cryo run --launcher mpirun.openmpi`: the same checkpoint →
+//! run under `cryo run`, which picks `mpirun.openmpi` from the program's
+//! libraries (`mpiexec` is MPICH's here): the same checkpoint →
 //! `kill -9` → restart-on-other-nodes test as with MPICH, byte-identical.
 //! The state suite's `all` program (every way of holding files, MPI-IO
-//! through Open MPI's own implementation included) survives the same. And a
-//! program linked with the wrong flavour gets a clear error.
+//! through Open MPI's own implementation included) survives the same. A
+//! program linked with the wrong flavour gets a clear error, and so does a
+//! `--launcher` of the other MPI.
 //!
 //! Without Open MPI these tests fail, loudly: set `CRYO_SKIP_OPENMPI=1` to
 //! skip them on a machine that cannot run it (they then print SKIPPED).
@@ -15,6 +17,7 @@ use cryo_tests::heat2d::{
     Heat2dFiles, Mpi, Program,
 };
 use cryo_tests::output_text;
+use std::process::Command;
 
 #[test]
 fn c_heat2d_with_open_mpi_checkpoint_kill_restart_on_other_nodes() {
@@ -81,6 +84,64 @@ fn an_open_mpi_program_linked_with_the_mpich_flavour_is_told_which_to_link() {
         said.contains(
             "cryo_init_mpi: this program's MPI_Comm is 8 bytes (openmpi handles), but this \
              libcryo_rank was built for mpich (4-byte handles): link libcryo_rank_openmpi.so"
+        ),
+        "{said}"
+    );
+}
+
+/// `cryo run -n 2 --launcher mpiexec` (MPICH's Hydra) of the Open MPI
+/// heat2d, behind `wrapper` (words before the program): whether it
+/// succeeded, what it said, and the run's files.
+fn run_with_mpichs_launcher(tag: &str, wrapper: &[&str]) -> (bool, String, Heat2dFiles) {
+    let bins = built();
+    let files = Heat2dFiles::new(&format!("cryo-{tag}-"), &bins.join("heat2d"));
+    let out = Command::new(bins.join("cryo"))
+        .env("CRYO_STORE", files.path("store"))
+        .args(["run", "--job", tag, "-n", "2"])
+        .args(["--launcher", Mpi::Mpich.launcher(), "--"])
+        .args(wrapper)
+        .arg(c_heat2d(Mpi::OpenMpi))
+        .args(files.app_args(tag, 0))
+        .output()
+        .unwrap();
+    (out.status.success(), output_text(&out), files)
+}
+
+/// `--launcher` naming MPICH's Hydra for a program built with Open MPI
+/// would start every rank alone in a world of one: `cryo run` refuses it
+/// before starting anything, naming the library and the launcher to pass.
+#[test]
+fn a_launcher_of_the_other_mpi_is_refused_naming_the_programs_library() {
+    if !openmpi_available() {
+        return;
+    }
+    let (ok, said, files) = run_with_mpichs_launcher("other", &[]);
+    assert!(!ok, "must refuse: {said}");
+    assert!(
+        said.contains("which cannot start this program: it is built with Open MPI")
+            && said.contains("links libmpi.so.40")
+            && said.contains("(e.g. mpirun.openmpi)"),
+        "{said}"
+    );
+    assert!(
+        !files.path("other.log").exists(),
+        "no rank may have started: {said}"
+    );
+}
+
+/// A program whose MPI cannot be told (here behind a shell) and that the
+/// other MPI's launcher starts comes up as ranks alone in worlds of one:
+/// each says so at `cryo_init_mpi`, pointing at the launcher.
+#[test]
+fn ranks_started_by_the_other_mpis_launcher_say_they_are_alone() {
+    if !openmpi_available() {
+        return;
+    }
+    let (ok, said, _files) = run_with_mpichs_launcher("alone", &["sh", "-c", "exec \"$0\" \"$@\""]);
+    assert!(!ok, "must fail: {said}");
+    assert!(
+        said.contains(
+            "of the communicator of size 1: was the program started by the launcher of another MPI"
         ),
         "{said}"
     );

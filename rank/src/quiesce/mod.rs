@@ -223,8 +223,18 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
     runtime::before_finalize(detach);
     let rank = binding.rank();
     if i64::from(rank) != i64::from(info.rank) {
+        // A world of one where the job has more ranks: the launcher of one
+        // MPI started a program built with another.
+        let alone = if binding.size() == 1 {
+            " of size 1: was the program started by the launcher of another MPI than the one \
+             it is built with? (cryo run picks the launcher from the program's libraries; \
+             check --launcher)"
+        } else {
+            ""
+        };
         return Err(InitError::Mpi(format!(
-            "the agent registered this process as rank {}, but it is rank {rank} of the communicator",
+            "the agent registered this process as rank {}, but it is rank {rank} of the \
+             communicator{alone}",
             info.rank
         )));
     }

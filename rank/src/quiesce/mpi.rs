@@ -142,6 +142,11 @@ impl Mpi {
         self.rank
     }
 
+    /// The communicator's size.
+    pub(crate) fn size(&self) -> i32 {
+        self.size
+    }
+
     /// Starts the fence that ends a park (once per park): an allreduce on
     /// the agreements' communicator that every rank of the agreement starts
     /// when its look for messages in flight is over. No rank computes on
