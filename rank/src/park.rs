@@ -19,7 +19,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::error::CheckpointError;
 use crate::held;
-use crate::runtime::{lock, Connection, Runtime, SafePoint, FLAG, IDLE};
+use crate::runtime::{lock, Connection, Runtime, SafePoint, FLAG, IDLE, SEEN};
 
 /// The safe point's slow path: a checkpoint is pending.
 #[cold]
@@ -88,6 +88,18 @@ pub(crate) fn requested_epoch() -> u64 {
     let flag = FLAG.load(Ordering::Relaxed);
     // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
     unsafe { &*flag }.load(Ordering::Acquire)
+}
+
+/// Tells the agent that this rank reached a safe point with `epoch`
+/// requested, so that a rank held there by another is not blamed for it.
+pub(crate) fn note_seen(epoch: u64) {
+    let seen = SEEN.load(Ordering::Relaxed);
+    // SAFETY: SEEN always points at a live AtomicU64: a static, or the
+    // control page's word (the page is never unmapped).
+    let seen = unsafe { &*seen };
+    if epoch != 0 && seen.load(Ordering::Relaxed) != epoch {
+        seen.store(epoch, Ordering::Release);
+    }
 }
 
 /// Looks for messages in flight while the rank is parked (MPI mode): the

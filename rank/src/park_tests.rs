@@ -27,6 +27,7 @@ fn page() -> ControlPage {
         resumed_epoch: AtomicU64::new(0),
         probing_epoch: AtomicU64::new(0),
         probed: AtomicU64::new(0),
+        seen_epoch: AtomicU64::new(0),
     }
 }
 

@@ -30,7 +30,7 @@ use crate::error::{InitError, RestoreError};
 use crate::files::{restore_files, FilePolicy, FilesRestored};
 use crate::held::{Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
 use crate::mappings::restore_mappings;
-pub(crate) use crate::park::{park, park_decided, refuse, requested_epoch};
+pub(crate) use crate::park::{note_seen, park, park_decided, refuse, requested_epoch};
 
 use cryo_core::env::{ENV_FD_FLOOR, ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
 
@@ -52,6 +52,11 @@ pub(crate) const PAGE: u64 = 4096;
 pub(crate) static FLAG: AtomicPtr<AtomicU64> =
     AtomicPtr::new(&IDLE as *const AtomicU64 as *mut AtomicU64);
 pub(crate) static IDLE: AtomicU64 = AtomicU64::new(0);
+/// Where the rank notes the request it saw at a safe point: [`SEEN_IDLE`]
+/// until a control page is mapped, then its `seen_epoch` word.
+pub(crate) static SEEN: AtomicPtr<AtomicU64> =
+    AtomicPtr::new(&SEEN_IDLE as *const AtomicU64 as *mut AtomicU64);
+pub(crate) static SEEN_IDLE: AtomicU64 = AtomicU64::new(0);
 /// The epoch restored from, 0 for none.
 pub(crate) static RESTORED_EPOCH: AtomicU64 = AtomicU64::new(0);
 static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
@@ -615,6 +620,10 @@ pub(crate) fn init_with_peers(
             source,
         })?;
     if let Some(conn) = &conn {
+        SEEN.store(
+            &conn.page().seen_epoch as *const AtomicU64 as *mut AtomicU64,
+            Ordering::Release,
+        );
         FLAG.store(
             &conn.page().checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
             Ordering::Release,

@@ -328,6 +328,7 @@ fn sigterm_preempts_and_a_corrupt_newest_epoch_falls_back() {
 fn start_quiesce_bench(
     case: &Case,
     job: &str,
+    cryo: &[&str],
     env: &[(&str, &str)],
     extra: &[&str],
 ) -> (Child, PathBuf) {
@@ -342,7 +343,7 @@ fn start_quiesce_bench(
     .map(String::from)
     .into();
     args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let mut running = case.spawn(job, "a:1,b:1", 2, &[], &args, env);
+    let mut running = case.spawn(job, "a:1,b:1", 2, cryo, &args, env);
     let out = case.path(&format!("{job}.stdout"));
     // Rank 0 prints its figures when the measurement ends and the long run
     // (where `--in-flight` applies) begins.
@@ -366,7 +367,7 @@ fn short_iterations_keep_every_rank_on_the_same_safe_point() {
         return;
     }
     let case = Case::mpich(built().join("quiesce-bench"));
-    let (mut child, log) = start_quiesce_bench(&case, "short", &[], &[]);
+    let (mut child, log) = start_quiesce_bench(&case, "short", &[], &[], &[]);
     for epoch in 1..=2 {
         let out = case.checkpoint("short");
         assert!(
@@ -384,8 +385,13 @@ fn short_iterations_keep_every_rank_on_the_same_safe_point() {
 /// asserts that epoch 1 is refused with `why` in the answer, nothing is
 /// committed, and the job computes on.
 fn assert_refused(job: &str, env: &[(&str, &str)], extra: &[&str], why: &str) {
+    assert_aborted(job, &[], env, extra, why);
+}
+
+/// [`assert_refused`] with `cryo` arguments for `cryo run`.
+fn assert_aborted(job: &str, cryo: &[&str], env: &[(&str, &str)], extra: &[&str], why: &str) {
     let case = Case::mpich(built().join("quiesce-bench"));
-    let (mut child, log) = start_quiesce_bench(&case, job, env, extra);
+    let (mut child, log) = start_quiesce_bench(&case, job, cryo, env, extra);
     let out = case.checkpoint(job);
     let said = output_text(&out);
     assert!(!out.status.success(), "must not commit: {said}");
@@ -416,6 +422,24 @@ fn a_message_in_flight_at_the_safe_point_refuses_the_checkpoint() {
         &[],
         &["--in-flight"],
         "a message from rank 0 (tag 99) was still in flight",
+    );
+}
+
+/// A rank that never reaches a safe point (rank 1 here) holds the other at
+/// its own, waiting for an agreement that cannot complete: after the park
+/// timeout the epoch is aborted naming rank 1, not the rank it held, and
+/// the job computes on.
+#[test]
+fn a_rank_that_never_reaches_a_safe_point_is_named_not_the_rank_it_holds() {
+    if mpiexec().is_none() {
+        return;
+    }
+    assert_aborted(
+        "skipper",
+        &["--park-timeout", "3"],
+        &[],
+        &["--skip-safe-points-on", "1"],
+        "node b: rank 1 did not reach a safe point within 3000 ms",
     );
 }
 

@@ -41,6 +41,20 @@ pub enum EpochError {
         /// The park timeout.
         waited: Duration,
     },
+    /// A rank reached a safe point after the request, but the ranks never
+    /// agreed on where to park within the park timeout: some other rank
+    /// did not reach one.
+    #[error(
+        "rank {rank} (pid {pid}) waited {waited:?} at a safe point for the other ranks to reach one"
+    )]
+    WaitedForOthers {
+        /// The rank.
+        rank: u32,
+        /// Its pid.
+        pid: u32,
+        /// The park timeout.
+        waited: Duration,
+    },
     /// A rank took the request but never parked.
     #[error("rank {rank} (pid {pid}) took the checkpoint request but never parked")]
     NeverParked {
@@ -119,6 +133,10 @@ impl EpochError {
                 rank: *rank,
                 waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
             },
+            EpochError::WaitedForOthers { rank, waited, .. } => AbortReason::WaitedForOthers {
+                rank: *rank,
+                waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            },
             EpochError::NeverParked { rank, .. } => AbortReason::NeverParked { rank: *rank },
             EpochError::Refused { rank, detail, .. } => AbortReason::RankRefused {
                 rank: *rank,
@@ -158,6 +176,16 @@ impl EpochError {
     pub fn is_cancellation(&self) -> bool {
         matches!(self, EpochError::Cancelled { .. })
     }
+
+    /// Whether this failure is another's consequence: a cancellation, or a
+    /// rank held at its safe point by one that never reached its own. The
+    /// cause is reported before it.
+    pub fn is_consequence(&self) -> bool {
+        matches!(
+            self,
+            EpochError::Cancelled { .. } | EpochError::WaitedForOthers { .. }
+        )
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +219,29 @@ mod tests {
             AbortReason::Store { detail } => assert!(detail.contains("chunks/ab"), "{detail}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_rank_held_at_its_safe_point_is_a_consequence_not_the_cause() {
+        let held = EpochError::WaitedForOthers {
+            rank: 0,
+            pid: 10,
+            waited: Duration::from_millis(3000),
+        };
+        assert_eq!(
+            held.reason(),
+            AbortReason::WaitedForOthers {
+                rank: 0,
+                waited_ms: 3000
+            }
+        );
+        assert!(held.is_consequence());
+        let cause = EpochError::ParkTimeout {
+            rank: 1,
+            pid: 11,
+            waited: Duration::from_millis(3000),
+        };
+        assert!(!cause.is_consequence());
     }
 
     #[test]

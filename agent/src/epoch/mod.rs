@@ -39,6 +39,12 @@ use crate::ranks::RankConn;
 use crate::self_copy::SelfCopy;
 use crate::snapshot::SnapshotPolicy;
 
+/// How long a rank held at its safe point by others waits, once the park
+/// timeout is over, before it fails the epoch: the rank that holds it
+/// times out at the same deadline (here or on another node) and is the
+/// reason to report.
+const CAUSE_FIRST: Duration = Duration::from_millis(500);
+
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
 /// bookkeeping, consistent at every unlock).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -282,6 +288,11 @@ pub(crate) fn run(
                             res, conn, run, writer, sink, progress, deadline, said, &report, hold,
                         );
                         if let Err(err) = &result {
+                            if matches!(err, EpochError::WaitedForOthers { .. }) {
+                                // The ranks that hold it time out at the
+                                // same deadline: let them be the reason.
+                                std::thread::sleep(CAUSE_FIRST);
+                            }
                             if sink.fail_fast() && !run.cancel.is_set() {
                                 run.fail(err.reason());
                             }
@@ -318,7 +329,7 @@ pub(crate) fn run(
                 // The cause, not a rank that stopped because of it.
                 if first
                     .as_ref()
-                    .is_none_or(|f| f.is_cancellation() && !err.is_cancellation())
+                    .is_none_or(|f| f.is_consequence() && !err.is_consequence())
                 {
                     first = Some(err);
                 }

@@ -544,6 +544,15 @@ fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Par
                     .swap(0, Ordering::AcqRel)
                     != epoch;
                 if !taken {
+                    let page = conn.page.page();
+                    if page.seen_epoch.load(Ordering::Acquire) == epoch {
+                        // At a safe point, held there by a rank that is not.
+                        return Err(EpochError::WaitedForOthers {
+                            rank,
+                            pid,
+                            waited: run.park_timeout,
+                        });
+                    }
                     return Err(EpochError::ParkTimeout {
                         rank,
                         pid,

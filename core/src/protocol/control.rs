@@ -2,6 +2,7 @@
 //! and its node agent.
 use serde::{Deserialize, Serialize};
 
+use super::reason::with_older_reason;
 use super::{v4, AbortReason, Command, Message};
 use crate::format::codec::CodecError;
 use crate::format::manifest::WriteStats;
@@ -172,7 +173,8 @@ impl Message for ControlResponse {
     const COMMAND: Command = Command::ControlResponse;
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
-        v4::encode_as::<v4::ControlResponse, _>(self, version)
+        let older = with_older_reason!(self, version, ControlResponse::Failed { epoch });
+        v4::encode_as::<v4::ControlResponse, _>(older.as_ref().unwrap_or(self), version)
     }
 
     fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {

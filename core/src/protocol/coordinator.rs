@@ -1,6 +1,7 @@
 //! Between a job's coordinator and its node agents.
 use serde::{Deserialize, Serialize};
 
+use super::reason::with_older_reason;
 use super::{v4, AbortReason, Command, Message, FINAL_CHECKPOINT_VERSION};
 use crate::format::codec::CodecError;
 /// Messages from a job's coordinator to a node agent (TCP, after a
@@ -93,7 +94,10 @@ impl Message for CoordinatorToAgent {
                 };
                 v4::encode_as::<v4::CoordinatorToAgent, _>(&plain, version)
             }
-            _ => v4::encode_as::<v4::CoordinatorToAgent, _>(self, version),
+            _ => {
+                let older = with_older_reason!(self, version, CoordinatorToAgent::Abort { epoch });
+                v4::encode_as::<v4::CoordinatorToAgent, _>(older.as_ref().unwrap_or(self), version)
+            }
         }
     }
 
@@ -159,7 +163,8 @@ impl Message for AgentToCoordinator {
     const COMMAND: Command = Command::AgentToCoordinator;
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
-        v4::encode_as::<v4::AgentToCoordinator, _>(self, version)
+        let older = with_older_reason!(self, version, AgentToCoordinator::Failed { epoch });
+        v4::encode_as::<v4::AgentToCoordinator, _>(older.as_ref().unwrap_or(self), version)
     }
 
     fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {

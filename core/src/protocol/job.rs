@@ -2,6 +2,7 @@
 //! coordinator.
 use serde::{Deserialize, Serialize};
 
+use super::reason::with_older_reason;
 use super::{v4, AbortReason, Command, Message};
 use crate::format::codec::CodecError;
 /// Requests from a `cryo` client (`checkpoint`, `preempt`, `status`) to a
@@ -105,7 +106,8 @@ impl Message for JobResponse {
     const COMMAND: Command = Command::JobResponse;
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
-        v4::encode_as::<v4::JobResponse, _>(self, version)
+        let older = with_older_reason!(self, version, JobResponse::Aborted { epoch });
+        v4::encode_as::<v4::JobResponse, _>(older.as_ref().unwrap_or(self), version)
     }
 
     fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {

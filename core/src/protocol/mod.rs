@@ -91,8 +91,11 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// checkpoint before the job stops ([`CoordinatorToAgent::FinalCheckpoint`]),
 /// sent to an older agent as a plain `Checkpoint`; version 9 let an agent
 /// tell a rank which slots of the budget its next parked copy goes to
-/// ([`AgentToRank::FillView`]), sent only to a rank of version 9 or newer.
-pub const PROTOCOL_VERSION: u16 = 9;
+/// ([`AgentToRank::FillView`]), sent only to a rank of version 9 or newer;
+/// version 10 told a rank held at its safe point by others from one that
+/// never reached it ([`AbortReason::WaitedForOthers`]), which an older
+/// peer reads as [`AbortReason::ParkTimeout`].
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
 /// The first version whose ranks copy their own memory when asked.

@@ -230,6 +230,13 @@ pub struct ControlPage {
     /// What that look found: the epoch, with [`IN_FLIGHT_BIT`] set if a
     /// message was in flight (the rank then also sends `Refused`).
     pub probed: AtomicU64,
+    /// The last requested epoch the rank saw at a safe point (written by
+    /// an MPI rank, which then waits there for the other ranks to agree on
+    /// where to park). A rank that is not parked when the agent gives up
+    /// on it either never reached a safe point since the request (this is
+    /// not the epoch) or was held there by a rank that did not. Zero from
+    /// an older runtime.
+    pub seen_epoch: AtomicU64,
 }
 
 /// Set in [`ControlPage::probed`] when the rank found a message in flight.

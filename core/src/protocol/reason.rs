@@ -181,9 +181,69 @@ pub enum AbortReason {
     /// Text from a peer of protocol version 4, which had no typed reasons.
     #[error("{0}")]
     Text(String),
+    /// A rank reached a safe point after the request but the agreement on
+    /// where to park never completed: another rank did not reach one (an
+    /// MPI job waits for all of its ranks).
+    #[error(
+        "rank {rank} waited {waited_ms} ms at a safe point for the other ranks, which never \
+         all reached one (is cryo_checkpoint_point called on every rank?)"
+    )]
+    WaitedForOthers {
+        /// The rank.
+        rank: u32,
+        /// How long the agent waited.
+        waited_ms: u64,
+    },
 }
 
+/// The first protocol version that knows [`AbortReason::WaitedForOthers`].
+pub const WAITED_FOR_OTHERS_VERSION: u16 = 10;
+
+/// `$msg` (a `&$enum`) as a peer of `$version` must read it, if it is the
+/// reason-carrying `$enum::$variant { $fields.., reason }` and that peer
+/// does not know every reason ([`AbortReason::for_version`]); else `None`.
+macro_rules! with_older_reason {
+    ($msg:expr, $version:expr, $enum:ident :: $variant:ident { $($field:ident),* }) => {
+        match $msg {
+            $enum::$variant { $($field,)* reason }
+                if $version < $crate::protocol::WAITED_FOR_OTHERS_VERSION =>
+            {
+                Some($enum::$variant {
+                    $($field: $field.clone(),)*
+                    reason: reason.for_version($version),
+                })
+            }
+            _ => None,
+        }
+    };
+}
+pub(super) use with_older_reason;
+
 impl AbortReason {
+    /// This reason as a peer of `version` reads it: a variant newer than
+    /// the peer becomes the nearest one it knows (a rank held at its safe
+    /// point reads as one that did not park in time).
+    pub fn for_version(&self, version: u16) -> AbortReason {
+        match self {
+            AbortReason::WaitedForOthers { rank, waited_ms }
+                if version < WAITED_FOR_OTHERS_VERSION =>
+            {
+                AbortReason::ParkTimeout {
+                    rank: *rank,
+                    waited_ms: *waited_ms,
+                }
+            }
+            AbortReason::OnNode { node, reason } => AbortReason::OnNode {
+                node: node.clone(),
+                reason: Box::new(reason.for_version(version)),
+            },
+            AbortReason::Coordinator(reason) => {
+                AbortReason::Coordinator(Box::new(reason.for_version(version)))
+            }
+            other => other.clone(),
+        }
+    }
+
     /// The reason under any [`AbortReason::OnNode`] and
     /// [`AbortReason::Coordinator`] wrappers.
     pub fn root(&self) -> &AbortReason {

@@ -430,3 +430,101 @@ fn a_final_checkpoint_reaches_an_older_agent_as_a_plain_one() {
         "{old:?}"
     );
 }
+
+#[test]
+fn a_rank_held_at_its_safe_point_is_told_apart_on_the_wire() {
+    let reason = AbortReason::WaitedForOthers {
+        rank: 2,
+        waited_ms: 3000,
+    }
+    .on_node("a");
+    let failed = AgentToCoordinator::Failed {
+        epoch: 5,
+        reason: reason.clone(),
+    };
+    let mut buf = Vec::new();
+    write_message(&mut buf, &failed).unwrap();
+    assert_eq!(
+        read_message::<AgentToCoordinator>(&mut Cursor::new(buf)).unwrap(),
+        failed
+    );
+    let text = reason.to_string();
+    assert!(
+        text.starts_with("node a: rank 2 waited 3000 ms at a safe point for the other ranks")
+            && text.contains("cryo_checkpoint_point"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_version_9_peer_reads_a_rank_held_at_its_safe_point_as_a_park_timeout() {
+    let held = AbortReason::WaitedForOthers {
+        rank: 2,
+        waited_ms: 3000,
+    };
+    let as_v9 = AbortReason::ParkTimeout {
+        rank: 2,
+        waited_ms: 3000,
+    };
+    let failed = AgentToCoordinator::Failed {
+        epoch: 5,
+        reason: held.clone().on_node("a"),
+    };
+    let frame = encode_frame_as(&failed, 9).unwrap();
+    let header = FrameHeader::decode(frame[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+    assert_eq!(header.version, 9);
+    // A version 9 peer decodes the payload as this build's layout: the
+    // variant it knows, wrappers kept.
+    let read: AgentToCoordinator =
+        crate::format::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
+    assert_eq!(
+        read,
+        AgentToCoordinator::Failed {
+            epoch: 5,
+            reason: as_v9.clone().on_node("a"),
+        }
+    );
+    fn payload_as_v9<M: Message>(msg: &M) -> Vec<u8> {
+        encode_frame_as(msg, 9).unwrap()[FRAME_HEADER_LEN..].to_vec()
+    }
+    let decode = crate::format::codec::decode::<CoordinatorToAgent>;
+    let abort = CoordinatorToAgent::Abort {
+        epoch: 5,
+        reason: AbortReason::Coordinator(Box::new(held.clone())),
+    };
+    assert_eq!(
+        decode(&payload_as_v9(&abort)).unwrap(),
+        CoordinatorToAgent::Abort {
+            epoch: 5,
+            reason: AbortReason::Coordinator(Box::new(as_v9.clone())),
+        }
+    );
+    let control = ControlResponse::Failed {
+        epoch: Some(5),
+        reason: held.clone(),
+    };
+    assert_eq!(
+        crate::format::codec::decode::<ControlResponse>(&payload_as_v9(&control)).unwrap(),
+        ControlResponse::Failed {
+            epoch: Some(5),
+            reason: as_v9.clone(),
+        }
+    );
+    let job = JobResponse::Aborted {
+        epoch: 5,
+        reason: held.clone(),
+    };
+    assert_eq!(
+        crate::format::codec::decode::<JobResponse>(&payload_as_v9(&job)).unwrap(),
+        JobResponse::Aborted {
+            epoch: 5,
+            reason: as_v9,
+        }
+    );
+    // This version keeps it.
+    let frame = encode_frame(&failed).unwrap();
+    assert_eq!(
+        read_message::<AgentToCoordinator>(&mut Cursor::new(frame)).unwrap(),
+        failed
+    );
+}

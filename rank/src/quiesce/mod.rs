@@ -311,11 +311,13 @@ pub(crate) fn mpi_safe_point() -> Result<SafePoint, CheckpointError> {
         return Ok(SafePoint::Continue);
     };
     let rank = u32::try_from(q.rank()).unwrap_or(u32::MAX);
+    let requested = runtime::requested_epoch();
+    runtime::note_seen(requested);
     // A fence an earlier park left pending is tested once.
     let progress = q
         .net_mut()
         .fence_passed()
-        .and_then(|_| q.safe_point(runtime::requested_epoch()))
+        .and_then(|_| q.safe_point(requested))
         .and_then(|progress| wait_out(q, progress))
         .map_err(|err| CheckpointError::Mpi {
             rank,

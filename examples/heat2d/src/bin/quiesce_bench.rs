@@ -90,6 +90,11 @@ struct Args {
     /// application saw it.
     #[arg(long)]
     points_log: Option<std::path::PathBuf>,
+    /// In the `--run-secs` iterations, this rank never calls the safe
+    /// point (a code that forgot it on some ranks): no checkpoint can park
+    /// the job, and the others wait at theirs until the agent gives up.
+    #[arg(long)]
+    skip_safe_points_on: Option<i32>,
 }
 
 /// The tag of the message `--in-flight` leaves across the safe point.
@@ -222,7 +227,11 @@ fn main() -> Result<()> {
                 world.process_at_rank(1).send_with_tag(&1u64, IN_FLIGHT_TAG);
             }
             let (wall, t) = (unix_ns(), Instant::now());
-            let outcome = cryo_rank::checkpoint_point().context("safe point")?;
+            let outcome = if args.skip_safe_points_on == Some(world.rank()) {
+                cryo_rank::SafePoint::Continue
+            } else {
+                cryo_rank::checkpoint_point().context("safe point")?
+            };
             if let Some(log) = &mut log {
                 use std::io::Write;
                 let epoch = match outcome {
