@@ -122,14 +122,18 @@ fn probe(candidate: &Path) -> Option<Result<Launcher, LauncherError>> {
 /// Finds the launcher: `preferred` if given (refused if it cannot start
 /// the program's MPI), else the first installed launcher of the program's
 /// MPI, else MPICH's `mpiexec.hydra`/`mpiexec.mpich`/`mpiexec`, then Open
-/// MPI's `mpirun`.
+/// MPI's `mpirun`. `program_mpi` is asked only when the answer matters:
+/// not for srun, which starts either MPI (the lookup may start a Python).
 pub fn detect(
     preferred: Option<&Path>,
-    program: Option<&ProgramMpi>,
+    program_mpi: impl FnOnce() -> Option<ProgramMpi>,
 ) -> Result<Launcher, LauncherError> {
     if let Some(path) = preferred {
         let launcher = probe(path).unwrap_or(Err(LauncherError::NotFound))?;
-        return match program {
+        if matches!(launcher, Launcher::Srun(_)) {
+            return Ok(launcher);
+        }
+        return match program_mpi().as_ref() {
             Some(program) if !starts(&launcher, program.family) => Err(LauncherError::Mismatch {
                 launcher,
                 program: program.clone(),
@@ -138,7 +142,8 @@ pub fn detect(
             _ => Ok(launcher),
         };
     }
-    let family = program.map(|p| p.family);
+    let program = program_mpi();
+    let family = program.as_ref().map(|p| p.family);
     let tried = candidates(family);
     let mut unknown = None;
     for candidate in tried {
@@ -209,13 +214,51 @@ mod tests {
     fn a_launcher_that_is_not_there_is_named() {
         let absent = Path::new("/nonexistent/mpiexec");
         assert!(matches!(
-            detect(Some(absent), None),
+            detect(Some(absent), || None),
             Err(LauncherError::NotFound)
         ));
         assert!(matches!(
-            detect(Some(absent), Some(&program(MpiFamily::OpenMpi))),
+            detect(Some(absent), || Some(program(MpiFamily::OpenMpi))),
             Err(LauncherError::NotFound)
         ));
+    }
+
+    /// A script that answers `--version` as `text`.
+    fn fake_launcher(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\necho '{text}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn srun_starts_either_mpi_so_the_program_is_not_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let srun = fake_launcher(dir.path(), "srun", "slurm 22.05.8");
+        let launcher = detect(Some(&srun), || {
+            panic!("the program's MPI was looked up for srun")
+        });
+        assert!(matches!(launcher, Ok(Launcher::Srun(_))), "{launcher:?}");
+    }
+
+    #[test]
+    fn a_preferred_launcher_of_the_other_mpi_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let hydra = fake_launcher(dir.path(), "mpiexec", "HYDRA build details:");
+        let refused = detect(Some(&hydra), || Some(program(MpiFamily::OpenMpi)));
+        assert!(
+            matches!(
+                refused,
+                Err(LauncherError::Mismatch {
+                    suggestion: "mpirun.openmpi",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        let accepted = detect(Some(&hydra), || Some(program(MpiFamily::Mpich)));
+        assert!(matches!(accepted, Ok(Launcher::Hydra(_))), "{accepted:?}");
     }
 
     #[test]

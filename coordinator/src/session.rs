@@ -196,12 +196,14 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     }
     let token = registry.create_token()?;
     registry.write_command(&opts.command)?;
-    let program_mpi = crate::program_mpi::of_program(
-        OsStr::from_bytes(&opts.command.program),
-        Path::new(OsStr::from_bytes(&opts.command.cwd)),
-    );
-    tracing::debug!(job = %opts.job, program_mpi = ?program_mpi, "launch.program_mpi");
-    let launcher = launch::detect(opts.launcher.as_deref(), program_mpi.as_ref())?;
+    let launcher = launch::detect(opts.launcher.as_deref(), || {
+        let program_mpi = crate::program_mpi::of_program(
+            OsStr::from_bytes(&opts.command.program),
+            Path::new(OsStr::from_bytes(&opts.command.cwd)),
+        );
+        tracing::debug!(job = %opts.job, program_mpi = ?program_mpi, "launch.program_mpi");
+        program_mpi
+    })?;
 
     let listener =
         TcpListener::bind(&opts.listen).with_context(|| format!("listening on {}", opts.listen))?;
