@@ -21,11 +21,22 @@
 //! durable the commit alone decides: it runs off the event thread
 //! ([`crate::commit`]), and nothing else (a lost agent, the deadline, the
 //! job ending) can abort the epoch under it.
+//!
+//! A failure that is only a consequence (a rank held at its safe point by
+//! one that never reached its own) does not abort at once: the epoch waits
+//! up to [`CAUSE_WAIT`] for the cause, which the agent of the rank that
+//! never reached a safe point reports at about the same deadline, so that
+//! the user is told which rank to look at.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cryo_core::protocol::{AbortReason, Stage};
+
+/// How long a consequence waits for its cause before it aborts the epoch
+/// itself. Agents' park deadlines differ by when each got the request, and
+/// an agent starved by its ranks reports late.
+pub const CAUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Phase of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +98,9 @@ pub struct Epoch {
     pub durable: BTreeMap<u32, u64>,
     /// When the last rank resumed (the job-visible pause ends).
     pub all_copied_at: Option<Instant>,
+    /// A consequence reported, held until its cause arrives or the time
+    /// given.
+    held: Option<(AbortReason, Instant)>,
 }
 
 impl Epoch {
@@ -101,6 +115,7 @@ impl Epoch {
             copied: BTreeMap::new(),
             durable: BTreeMap::new(),
             all_copied_at: None,
+            held: None,
         }
     }
 
@@ -136,6 +151,11 @@ impl Epoch {
                     world_size: self.world_size,
                 });
             }
+            Event::Failed(reason) if reason.is_consequence() => {
+                if self.held.is_none() {
+                    self.held = Some((reason, now + CAUSE_WAIT));
+                }
+            }
             Event::Failed(reason) => self.abort(reason),
             Event::AgentLost { node } => self.abort(AbortReason::AgentLost { node }),
         }
@@ -143,9 +163,15 @@ impl Epoch {
         &self.phase
     }
 
-    /// Checks the deadline (which a commit under way no longer has).
+    /// Checks the deadline (which a commit under way no longer has), and
+    /// whether a held consequence waited long enough for its cause.
     pub fn tick(&mut self, now: Instant) -> &Phase {
         let waiting = matches!(self.phase, Phase::Quiescing | Phase::Draining);
+        if waiting && self.held.as_ref().is_some_and(|(_, until)| now >= *until) {
+            if let Some((reason, _)) = self.held.take() {
+                self.abort(reason);
+            }
+        }
         if waiting && now >= self.deadline {
             let stage = match self.phase {
                 Phase::Quiescing => Stage::Copied,
@@ -321,5 +347,58 @@ mod tests {
             detail: "publishing the manifest: EIO".into(),
         }));
         assert!(matches!(e.phase, Phase::Aborted(AbortReason::Store { .. })));
+    }
+
+    fn held(rank: u32, node: &str) -> AbortReason {
+        AbortReason::WaitedForOthers {
+            rank,
+            waited_ms: 8000,
+        }
+        .on_node(node)
+    }
+
+    #[test]
+    fn a_held_rank_waits_for_the_cause_from_another_node() {
+        let (mut e, now) = epoch();
+        e.apply(Event::Failed(held(0, "a")), now);
+        e.apply(Event::Failed(held(1, "a")), now);
+        e.tick(now + CAUSE_WAIT / 2);
+        assert_eq!(e.phase, Phase::Quiescing, "the cause may still come");
+        let cause = AbortReason::ParkTimeout {
+            rank: 2,
+            waited_ms: 8000,
+        }
+        .on_node("b");
+        e.apply(Event::Failed(cause.clone()), now + CAUSE_WAIT / 2);
+        assert_eq!(e.phase, Phase::Aborted(cause));
+    }
+
+    #[test]
+    fn a_held_rank_is_the_reason_when_no_cause_comes() {
+        let (mut e, now) = epoch();
+        e.apply(Event::Failed(held(1, "a")), now);
+        e.apply(Event::Failed(held(0, "b")), now);
+        e.tick(now + CAUSE_WAIT - Duration::from_millis(1));
+        assert_eq!(e.phase, Phase::Quiescing);
+        e.tick(now + CAUSE_WAIT);
+        assert_eq!(e.phase, Phase::Aborted(held(1, "a")), "the first one held");
+    }
+
+    #[test]
+    fn a_held_rank_does_not_outlast_the_deadline_or_a_lost_agent() {
+        let (mut e, now) = epoch();
+        e.apply(Event::Failed(held(1, "a")), now);
+        e.apply(Event::AgentLost { node: "b".into() }, now);
+        assert!(matches!(&e.phase, Phase::Aborted(AbortReason::AgentLost { node }) if node == "b"));
+        let (mut e, now) = epoch();
+        e.apply(
+            Event::Failed(held(1, "a")),
+            now + Duration::from_secs(9) + CAUSE_WAIT / 2,
+        );
+        e.tick(now + Duration::from_secs(10));
+        assert!(matches!(
+            e.phase,
+            Phase::Aborted(AbortReason::Deadline { .. })
+        ));
     }
 }

@@ -244,6 +244,13 @@ impl AbortReason {
         }
     }
 
+    /// Whether this reason is only a consequence of another failure that
+    /// should be reported instead (a rank held at its safe point by one
+    /// that never reached its own).
+    pub fn is_consequence(&self) -> bool {
+        matches!(self.root(), AbortReason::WaitedForOthers { .. })
+    }
+
     /// The reason under any [`AbortReason::OnNode`] and
     /// [`AbortReason::Coordinator`] wrappers.
     pub fn root(&self) -> &AbortReason {
