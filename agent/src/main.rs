@@ -98,8 +98,12 @@ enum Command {
         /// Chunk size.
         #[arg(long, value_parser = parse_bytes, default_value = "1MiB", env = "CRYO_CHUNK_SIZE")]
         chunk_size: u64,
-        /// zstd level (0 stores chunks uncompressed).
-        #[arg(long, default_value_t = cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL)]
+        /// zstd level of the chunks: 0 stores them uncompressed, -1 to -7
+        /// are zstd's fast levels (less CPU taken from the ranks while the
+        /// checkpoint drains, more bytes written), 1 to 19 compress harder.
+        #[arg(long, default_value_t = cryo_core::format::chunk::DEFAULT_ZSTD_LEVEL,
+              env = "CRYO_ZSTD_LEVEL", allow_negative_numbers = true,
+              value_parser = clap::value_parser!(i32).range(-7..=19))]
         zstd_level: i32,
         /// Size at which the agent starts a new pack file: each checkpoint
         /// writes about (new bytes / this) packs per agent.

@@ -145,7 +145,11 @@ pub(crate) fn external_agent_env(
         env.push(("CRYO_COPY_BUDGET".to_owned(), budget.clone()));
     }
     // Agents on other hosts see only what is passed on.
-    for key in [cryo_core::env::ENV_SNAPSHOT, cryo_core::env::ENV_PACK_SIZE] {
+    for key in [
+        cryo_core::env::ENV_SNAPSHOT,
+        cryo_core::env::ENV_PACK_SIZE,
+        cryo_core::env::ENV_ZSTD_LEVEL,
+    ] {
         if let Ok(value) = std::env::var(key) {
             env.push((key.to_owned(), value));
         }

@@ -77,6 +77,9 @@ their safe point).
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
 GC repacks a pack.
+CRYO_ZSTD_LEVEL (agents; default 1): zstd level of the chunks, compressed after the ranks resume.
+0 stores them raw (no compression CPU, every byte written: for state that does not compress),
+-1..-7 are faster levels, 2..19 compress harder for more CPU.
 CRYO_EXPORT=VAR,... (cryo run, Open MPI): more variables mpirun carries to ranks on other hosts,
 besides CRYO_*, OMP_*, PATH, LD_LIBRARY_PATH and PYTHONPATH (Hydra and srun carry everything).";
 

@@ -65,6 +65,9 @@ pub const ENV_PREFAULT_DELAY: &str = "CRYO_PREFAULT_DELAY";
 pub const ENV_CHUNK_SIZE: &str = "CRYO_CHUNK_SIZE";
 /// Size at which an agent starts a new pack (`cryo-agent --pack-size`).
 pub const ENV_PACK_SIZE: &str = "CRYO_PACK_SIZE";
+/// The agents' zstd level for chunks (`cryo-agent --zstd-level`; 0 stores
+/// them uncompressed, negative levels are zstd's fast ones).
+pub const ENV_ZSTD_LEVEL: &str = "CRYO_ZSTD_LEVEL";
 /// When an agent captures a rank from a copy-on-write snapshot of it
 /// (`auto`, `on`, `off`; the agent's `--snapshot`).
 pub const ENV_SNAPSHOT: &str = "CRYO_SNAPSHOT";

@@ -125,6 +125,26 @@ fn three_checkpoint_kill_restart_cycles_in_one_run() {
     );
 }
 
+/// The agents' zstd level (`CRYO_ZSTD_LEVEL`, `--zstd-level`): 0 stores
+/// every chunk raw, a fast (negative) level still compresses; either way
+/// the restart is byte-identical.
+#[test]
+fn chunks_stored_raw_or_at_a_fast_level_restart_byte_identical() {
+    let ratio = |level: &str| {
+        let (_setup, agent) = cycles(
+            &Program::Rust,
+            &[50],
+            8,
+            &["--copy-budget", "64MiB", &format!("--zstd-level={level}")],
+        );
+        agent.job_store().summarize(1).unwrap().compression_ratio()
+    };
+    let raw = ratio("0");
+    assert!(raw <= 1.0, "level 0 must store chunks raw: ratio {raw}");
+    let fast = ratio("-3");
+    assert!(fast > 1.5, "a fast level must still compress: ratio {fast}");
+}
+
 #[test]
 fn c_example_checkpoint_kill_restart_is_byte_identical() {
     let Some(path) = c_counter() else { return };
