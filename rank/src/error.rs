@@ -15,7 +15,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum InitError {
     /// `init` was already called in this process.
-    #[error("cryo is already initialized in this process")]
+    #[error(
+        "cryo is already initialized in this process (cryo_init and cryo_init_mpi each \
+         initialize it: an MPI program calls cryo_init_mpi instead of cryo_init, once)"
+    )]
     AlreadyInitialized,
     /// An environment variable has a bad value.
     #[error("environment variable {var}={value:?}: {why}")]

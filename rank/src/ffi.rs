@@ -48,7 +48,9 @@ fn generic(code: c_int) -> &'static CStr {
         CRYO_OK => c"success",
         CRYO_ERR_INVALID_ARGUMENT => c"invalid argument",
         CRYO_ERR_NOT_INITIALIZED => c"cryo is not initialized: call cryo_init first",
-        CRYO_ERR_ALREADY_INITIALIZED => c"cryo is already initialized",
+        CRYO_ERR_ALREADY_INITIALIZED => {
+            c"cryo is already initialized: call cryo_init or cryo_init_mpi, once"
+        }
         CRYO_ERR_AGENT => c"the cryo agent could not be reached or refused the rank",
         CRYO_ERR_REGION => c"a region could not be created",
         CRYO_ERR_RESTORE => c"restoring from a checkpoint failed",

@@ -175,7 +175,19 @@ pub fn compile_c_heat2d(mpi: Mpi, lib_dir: &Path, lib: &str, out: &Path) -> Outp
 /// Compiles the C MPI program `source` (relative to the repository) with
 /// MPICH against libcryo_rank into `out`; panics if it does not compile.
 pub fn compile_mpich_program(source: &str, out: &Path) {
-    let compiled = compile_c(Mpi::Mpich, source, &built(), Mpi::Mpich.rank_lib(), out);
+    compile_mpich_program_with(source, &[], out);
+}
+
+/// [`compile_mpich_program`] with more compiler flags (`-fopenmp`).
+pub fn compile_mpich_program_with(source: &str, flags: &[&str], out: &Path) {
+    let compiled = compile_c_with(
+        Mpi::Mpich,
+        source,
+        flags,
+        &built(),
+        Mpi::Mpich.rank_lib(),
+        out,
+    );
     assert!(
         compiled.status.success(),
         "compiling {source}: {}",
@@ -184,9 +196,22 @@ pub fn compile_mpich_program(source: &str, out: &Path) {
 }
 
 fn compile_c(mpi: Mpi, source: &str, lib_dir: &Path, lib: &str, out: &Path) -> Output {
+    compile_c_with(mpi, source, &[], lib_dir, lib, out)
+}
+
+fn compile_c_with(
+    mpi: Mpi,
+    source: &str,
+    flags: &[&str],
+    lib_dir: &Path,
+    lib: &str,
+    out: &Path,
+) -> Output {
     let root = repo_root();
     Command::new(mpi.mpicc())
-        .args(["-O2", "-Wall", "-Werror", "-o"])
+        .args(["-O2", "-Wall", "-Werror"])
+        .args(flags)
+        .arg("-o")
         .arg(out)
         .arg(root.join(source))
         .arg("-I")
