@@ -131,7 +131,7 @@ pub enum Command {
     #[command(after_help = TUNING)]
     Run {
         /// Job name (default: `slurm-$SLURM_JOB_ID` under Slurm, else the
-        /// program's name).
+        /// program's name; for `python3 app.py` the script's, `app`).
         #[arg(long)]
         job: Option<String>,
         /// Launch options.
@@ -364,7 +364,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             launch,
             command,
         } => {
-            let job = job.unwrap_or_else(|| default_job_name(&command[0]));
+            let job = job.unwrap_or_else(|| crate::job_name::default_for(&command));
             let ranks = launch.ranks.or_else(slurm_ntasks).unwrap_or(1);
             let cwd = std::env::current_dir().context("reading the working directory")?;
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
@@ -558,34 +558,6 @@ fn resume_epoch(store: &std::path::Path, job: &str, ranks: u32) -> Result<Option
     }
     eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
     Ok(Some(epoch))
-}
-
-fn default_job_name(program: &OsString) -> String {
-    if let Ok(id) = std::env::var("SLURM_JOB_ID") {
-        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
-            return format!("slurm-{id}");
-        }
-    }
-    let base = PathBuf::from(program)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let cleaned: String = base
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let cleaned = cleaned.trim_start_matches('.').to_owned();
-    if cleaned.is_empty() {
-        "job".into()
-    } else {
-        cleaned
-    }
 }
 
 fn seconds(value: f64, what: &str) -> Result<Duration> {

@@ -23,6 +23,7 @@ pub mod export;
 pub mod holdings;
 pub mod human;
 pub mod inspect;
+pub mod job_name;
 pub mod launch;
 pub mod launcher_choice;
 pub mod logging;

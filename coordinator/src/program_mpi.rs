@@ -122,7 +122,7 @@ pub fn shebang_interpreter(head: &[u8]) -> Option<String> {
 
 /// Whether `path` is a Python interpreter (`python3`, `python3.11`,
 /// `python`), by its name.
-fn is_python(path: &Path) -> bool {
+pub(crate) fn is_python(path: &Path) -> bool {
     path.file_name()
         .and_then(OsStr::to_str)
         .is_some_and(|name| name.starts_with("python"))

@@ -441,10 +441,13 @@ fn restore_unlinked(
     // SAFETY: `unlinked_file` just returned this fd and nothing else owns it.
     let scratch = unsafe { fs::File::from_raw_fd(raw) };
     write_contents(store, rank, fd, region, &scratch, "the unlinked file at fd")?;
-    // A new open file description with the saved access mode and flags.
+    // A new open file description with the saved access mode and flags,
+    // through the fd's magic link, which O_NOFOLLOW (kept from an open by
+    // Python's tempfile, say) would refuse with ELOOP; it only guards the
+    // open itself and is not a status of the file description.
     let temp = open(
         format!("/proc/self/fd/{}", scratch.as_raw_fd()).as_str(),
-        open_flags(fd.flags),
+        open_flags(fd.flags) - OFlag::O_NOFOLLOW,
         Mode::empty(),
     )
     .map_err(|errno| file_io(rank, fd, "reopen", errno.into()))?;

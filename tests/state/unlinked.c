@@ -2,7 +2,8 @@
  * unlinked: scratch files that have no name. Three of them, each appended
  * to with write() every step:
  *   - a file created in OUTDIR and unlink()ed at once;
- *   - an O_TMPFILE file in OUTDIR (never had a name);
+ *   - an O_TMPFILE file in OUTDIR (never had a name), opened with
+ *     O_NOFOLLOW as Python's tempfile.TemporaryFile does;
  *   - the fd of a tmpfile() (in $TMPDIR or /tmp), dup()ed, the FILE closed.
  * At finish each one's whole contents are read back with pread from 0 and
  * written, in order, to unlinked.<rank>.out. A restart must bring back the
@@ -60,12 +61,12 @@ static void unlinked_setup(const struct ctx *c, void *slice) {
     if (st->fd[0] < 0) FAIL_ERRNO(c, "open %s", path);
     if (unlink(path) != 0) FAIL_ERRNO(c, "unlink %s", path);
 
-    st->fd[1] = open(c->dir, O_TMPFILE | O_RDWR, 0600);
+    st->fd[1] = open(c->dir, O_TMPFILE | O_RDWR | O_NOFOLLOW, 0600);
     if (st->fd[1] < 0) {
         /* A file system without O_TMPFILE: the same, with a short-lived name. */
         if (errno != EOPNOTSUPP && errno != EISDIR) FAIL_ERRNO(c, "open(%s, O_TMPFILE)", c->dir);
         state_path(c, path, "unlinked.%d.tmpfile", c->rank);
-        st->fd[1] = open(path, O_RDWR | O_CREAT | O_EXCL, 0600);
+        st->fd[1] = open(path, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW, 0600);
         if (st->fd[1] < 0 || unlink(path) != 0) FAIL_ERRNO(c, "open and unlink %s", path);
     }
 

@@ -1,0 +1,120 @@
+//! The job's name when `cryo run` is not given `--job`: `slurm-<id>` inside
+//! a Slurm job, else the program's file name, or for a Python program the
+//! script's (or `-m` module's), so that two Python jobs in one store are
+//! not both called `python3`.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+/// The default job name for `command` (the program and its arguments).
+pub fn default_for(command: &[OsString]) -> String {
+    if let Ok(id) = std::env::var("SLURM_JOB_ID") {
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+            return format!("slurm-{id}");
+        }
+    }
+    let Some(program) = command.first() else {
+        return "job".into();
+    };
+    let named = if crate::program_mpi::is_python(Path::new(program)) {
+        python_target(&command[1..]).unwrap_or_else(|| program.clone())
+    } else {
+        program.clone()
+    };
+    cleaned(&named)
+}
+
+/// What a Python command line runs: the script, or the module of `-m`;
+/// `None` for `-c` or an interactive interpreter.
+fn python_target(args: &[OsString]) -> Option<OsString> {
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("-m") => return args.next().cloned(),
+            Some("-c") => return None,
+            // Options that take a value as the next argument.
+            Some("-X" | "-W" | "--check-hash-based-pycs") => {
+                args.next();
+            }
+            Some(flag) if flag.starts_with('-') => {
+                // `-mpkg` and `-c…` glued to their value.
+                if let Some(module) = flag.strip_prefix("-m").filter(|m| !m.is_empty()) {
+                    return Some(module.into());
+                }
+                if flag.starts_with("-c") {
+                    return None;
+                }
+            }
+            _ => return Some(arg.clone()),
+        }
+    }
+    None
+}
+
+/// The file name of `path` without a `.py`, with anything but letters,
+/// digits, `.`, `_` and `-` replaced by `-`.
+fn cleaned(path: &OsString) -> String {
+    let base = Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let base = base.strip_suffix(".py").unwrap_or(&base);
+    let cleaned: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let cleaned = cleaned.trim_start_matches('.').to_owned();
+    if cleaned.is_empty() {
+        "job".into()
+    } else {
+        cleaned
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn name(command: &[&str]) -> String {
+        let command: Vec<OsString> = command.iter().map(OsString::from).collect();
+        default_for(&command)
+    }
+
+    // Inside a Slurm job every name is `slurm-<id>`: nothing to check.
+    #[test]
+    fn a_program_is_named_by_its_file() {
+        if std::env::var_os("SLURM_JOB_ID").is_some() {
+            return;
+        }
+        assert_eq!(name(&["./heat2d", "-n", "4"]), "heat2d");
+        assert_eq!(name(&["/opt/app/bin/my app"]), "my-app");
+        assert_eq!(name(&[".hidden"]), "hidden");
+        assert_eq!(name(&["/"]), "job");
+    }
+
+    #[test]
+    fn a_python_program_is_named_by_its_script_or_module() {
+        if std::env::var_os("SLURM_JOB_ID").is_some() {
+            return;
+        }
+        assert_eq!(name(&["python3", "heat2d.py", "--steps", "9"]), "heat2d");
+        assert_eq!(
+            name(&["/usr/bin/python3.11", "-u", "-X", "dev", "run/sim.py"]),
+            "sim"
+        );
+        assert_eq!(
+            name(&["python", "-m", "mypkg.solver", "-n"]),
+            "mypkg.solver"
+        );
+        assert_eq!(name(&["python3", "-mmypkg"]), "mypkg");
+        assert_eq!(name(&["python3", "-c", "print(1)"]), "python3");
+        assert_eq!(name(&["python3"]), "python3");
+    }
+}
