@@ -14,11 +14,13 @@
 //! placeholders are made after the application's fds are back. They are the
 //! runtime's own fds: never captured, never restored, close-on-exec.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
+use cryo_core::format::manifest::{FdRestore, RankRecord};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, open, FcntlArg, OFlag};
 use nix::sys::stat::Mode;
+use nix::unistd::dup3;
 
 /// Default floor for the application's fds.
 pub const DEFAULT_FD_FLOOR: RawFd = 64;
@@ -59,6 +61,45 @@ pub(crate) fn fill_below(floor: RawFd) -> Result<Vec<OwnedFd>, Errno> {
     Ok(held)
 }
 
+/// On a restart, takes the number of every fd the application held that
+/// could not come back (a pipe, a socket: [`FdRestore::NotRestored`],
+/// named when the checkpoint was taken) with a placeholder on which reads
+/// and writes fail with `EBADF` as on a closed fd (an `O_PATH` open of
+/// `/dev/null`), so that no file the program opens afterwards lands on
+/// that number and receives what the program still sends to its old fd.
+/// The placeholders are the application's: it may close them. Returns
+/// their numbers.
+pub(crate) fn hold_lost(record: &RankRecord) -> Vec<RawFd> {
+    let mut held = Vec::new();
+    let lost = record
+        .fds
+        .iter()
+        .filter(|fd| matches!(fd.restore, FdRestore::NotRestored(_)) && fd.fd >= 0);
+    for fd in lost {
+        // Taken already (by the new MPI library, say): not ours to hold.
+        if fcntl(fd.fd, FcntlArg::F_GETFD).is_ok() {
+            continue;
+        }
+        let placeholder = open("/dev/null", OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            .and_then(|raw| {
+                // SAFETY: open just returned this fd and nothing else owns it.
+                let temp = unsafe { OwnedFd::from_raw_fd(raw) };
+                if raw == fd.fd {
+                    return Ok(temp.into_raw_fd());
+                }
+                dup3(temp.as_raw_fd(), fd.fd, OFlag::O_CLOEXEC)
+            });
+        match placeholder {
+            Ok(number) => held.push(number),
+            // Past the fd limit, say: the number stays free, as before.
+            Err(errno) => {
+                tracing::warn!(fd = fd.fd, path = %fd.path, %errno, "fd.lost_not_held");
+            }
+        }
+    }
+    held
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +120,60 @@ mod tests {
         assert!(held.iter().all(|fd| fd.as_raw_fd() < floor));
         drop(held);
         assert!(fill_below(0).unwrap().is_empty());
+    }
+
+    fn lost(fd: RawFd, restore: FdRestore) -> cryo_core::format::manifest::FdRecord {
+        cryo_core::format::manifest::FdRecord {
+            fd,
+            kind: cryo_core::format::manifest::FdKind::Pipe,
+            path: "pipe:[1]".into(),
+            flags: libc::O_WRONLY,
+            offset: 0,
+            size_at_checkpoint: 0,
+            restore,
+            shares_with: None,
+        }
+    }
+
+    #[test]
+    fn a_lost_fd_keeps_its_number_and_fails_like_a_closed_one() {
+        let (free, mpi) = (931, 932);
+        // SAFETY: closing numbers this test owns (nothing else in the test
+        // binary opens fds this high).
+        unsafe { libc::close(free) };
+        let taken = fcntl(0, FcntlArg::F_DUPFD_CLOEXEC(mpi)).unwrap();
+        assert_eq!(taken, mpi);
+        let record = RankRecord {
+            rank: 0,
+            node: "n".into(),
+            pid: 1,
+            fds: vec![
+                lost(free, FdRestore::NotRestored("pipe".into())),
+                lost(mpi, FdRestore::NotRestored("socket".into())),
+                lost(933, FdRestore::NotOurs("MPI library".into())),
+            ],
+            mappings: Vec::new(),
+            regions: Vec::new(),
+            stats: Default::default(),
+            warnings: Vec::new(),
+        };
+        assert_eq!(
+            hold_lost(&record),
+            vec![free],
+            "only a free number, only a lost fd"
+        );
+        let byte = [0u8; 1];
+        // SAFETY: a one-byte buffer on the stack.
+        let wrote = unsafe { libc::write(free, byte.as_ptr().cast(), 1) };
+        assert_eq!((wrote, Errno::last()), (-1, Errno::EBADF));
+        assert!(
+            fcntl(933, FcntlArg::F_GETFD).is_err(),
+            "not the MPI library's"
+        );
+        // SAFETY: the placeholder and the dup this test made.
+        unsafe {
+            libc::close(free);
+            libc::close(mpi);
+        }
     }
 }

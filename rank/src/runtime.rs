@@ -567,6 +567,8 @@ pub(crate) fn init_with_peers(
         .and_then(|r| {
             let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
             restore_mappings(&r.record, &r.store, config.file_policy)?;
+            let held = crate::floor::hold_lost(&r.record);
+            tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");
             // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.
             let closed = match config.file_policy {
                 FilePolicy::Truncate => crate::closed_files::load(&r.record, &r.store)?,

@@ -339,8 +339,10 @@ int state_mapping_at(const void *addr, char perms[5], uint64_t *inode) {
  * unused, for the whole run: something a restart cannot give back, which a
  * checkpoint must name (tests/tests/state_faults.rs). Its fds go in the
  * header and on stderr ("state: rank R holds a pipe: fds A and B
- * (pipe:[INODE])"). A restart leaves it alone: the pipe is not there any
- * more, and nothing uses it. No output file changes.
+ * (pipe:[INODE])"). After a restart the pipe is gone, but its numbers must
+ * stay taken, failing reads and writes with EBADF as a closed fd would, so
+ * that no file opened since lands on them and receives what the program
+ * meant for the pipe (check_lost_pipe). No output file changes.
  */
 static void hold_pipe(const struct ctx *c, struct header *h) {
     h->pipe_fd[0] = h->pipe_fd[1] = -1;
@@ -355,6 +357,25 @@ static void hold_pipe(const struct ctx *c, struct header *h) {
     fprintf(stderr, "state: rank %d holds a pipe: fds %d and %d (pipe:[%ju])\n", c->rank, fds[0], fds[1],
             (uintmax_t)sb.st_ino);
     fflush(stderr);
+}
+
+static void check_lost_pipe(const struct ctx *c, const struct header *h) {
+    if (h->pipe_fd[0] < 0) return;
+    int fresh = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fresh < 0) state_fail_errno(c, "harness", "open /dev/null");
+    for (int end = 0; end < 2; end++) {
+        int fd = h->pipe_fd[end];
+        if (fcntl(fd, F_GETFD) < 0)
+            state_fail(c, "harness", "after the restart the lost pipe's fd %d is free: a file opened now may take it", fd);
+        char byte = 'x';
+        errno = 0;
+        ssize_t n = end ? write(fd, &byte, 1) : read(fd, &byte, 1);
+        if (n != -1 || errno != EBADF)
+            state_fail(c, "harness", "after the restart the lost pipe's fd %d %s (%zd, errno %d), expected EBADF", fd,
+                       end ? "takes a write" : "gives a read", n, errno);
+        if (fresh == fd) state_fail(c, "harness", "a file opened after the restart took the lost pipe's fd %d", fd);
+    }
+    close(fresh);
 }
 
 static void usage(void) {
@@ -425,6 +446,7 @@ int main(int argc, char **argv) {
         if (h->iters != iters || h->size != (uint64_t)c.size)
             state_fail(&c, "harness", "restarted with --iters %" PRIu64 " on %d ranks, set up with %" PRIu64
                        " on %" PRIu64, iters, c.size, h->iters, h->size);
+        check_lost_pipe(&c, h);
         for (size_t i = 0; i < NSHAPES; i++) shapes[i]->reattach(&c, slice[i]);
         if (c.rank == 0) {
             printf("resumed after step %" PRIu64 " from epoch %" PRIu64 "\n", h->iter, c.epoch);
