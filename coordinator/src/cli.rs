@@ -55,8 +55,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
   CRYO_DIRTY_TRACKING    auto | off: write tracking for incremental checkpoints
   CRYO_FILE_POLICY       truncate | keep: files written since the checkpoint, at restart
   CRYO_UNLINKED_CAP, CRYO_WRITABLE_CAP, CRYO_FD_FLOOR: what ranks save besides their regions
-  CRYO_RESTORE_THREADS=N threads each restarting rank decodes with (default: one per core);
-                         lower it when many ranks share a node's cores
+  CRYO_RESTORE_THREADS=N threads each restarting rank decodes with (default: its share of the
+                         node's cores, or the cores it is bound to)
   CRYO_PREFETCH=0        no prefetch: by default a restarting rank has the kernel read its chunks
                          into the page cache while the launcher and MPI_Init run
 --copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
