@@ -125,18 +125,13 @@ fn three_checkpoint_kill_restart_cycles_in_one_run() {
     );
 }
 
-/// The agents' zstd level (`CRYO_ZSTD_LEVEL`, `--zstd-level`): 0 stores
-/// every chunk raw, a fast (negative) level still compresses; either way
-/// the restart is byte-identical.
+/// `--zstd-level` (`CRYO_ZSTD_LEVEL`): 0 stores chunks raw, a fast level
+/// still compresses; either way the restart is byte-identical.
 #[test]
 fn chunks_stored_raw_or_at_a_fast_level_restart_byte_identical() {
     let ratio = |level: &str| {
-        let (_setup, agent) = cycles(
-            &Program::Rust,
-            &[50],
-            8,
-            &["--copy-budget", "64MiB", &format!("--zstd-level={level}")],
-        );
+        let args = ["--copy-budget", "64MiB", &format!("--zstd-level={level}")];
+        let (_setup, agent) = cycles(&Program::Rust, &[50], 8, &args);
         agent.job_store().summarize(1).unwrap().compression_ratio()
     };
     let raw = ratio("0");
