@@ -18,6 +18,7 @@ use std::time::Instant;
 use cryo_core::format::manifest::{
     ChunkRef, FdRestore, MappingRecord, RankRecord, RegionKind, RegionRecord, WriteStats,
 };
+use cryo_core::locality::Filesystem;
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{RankCaptureReport, RegionInfo};
 use cryo_core::store::writer::{RankWriter, WriteError};
@@ -26,6 +27,7 @@ use thiserror::Error;
 
 use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
+use crate::node_local::node_local_warnings;
 use crate::pool::{BufferPool, Slot};
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::self_copy::{copy_parked, regions_readable, SelfCopy, SelfCopyRefusal};
@@ -187,6 +189,9 @@ pub struct CaptureContext<'a> {
     /// Threads a rank may copy its own memory with (its share of the
     /// node's cores).
     pub self_copy_threads: u32,
+    /// The store's filesystem, to name the files a restart on another
+    /// node will not find (`None`: unknown, nothing named).
+    pub store_fs: Option<Filesystem>,
 }
 
 impl std::fmt::Debug for CaptureContext<'_> {
@@ -450,6 +455,15 @@ pub fn capture_rank(
     let FdTable { fds, mut warnings } = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
     warnings.extend(parked.warnings.iter().cloned());
+    if let Some(store) = ctx.store_fs {
+        warnings.extend(node_local_warnings(
+            ctx.access,
+            pid,
+            &fds,
+            &parked.regions,
+            store,
+        ));
+    }
     for fd in &fds {
         if let FdRestore::NotRestored(why) = &fd.restore {
             tracing::warn!(rank, epoch = parked.epoch, fd = fd.fd, path = %fd.path, why = %why, "rank.fd_not_restorable");

@@ -437,6 +437,9 @@ mod tests {
         fn written_pages(&self, _: u32, _: u64, _: u64, _: bool) -> io::Result<WrittenRanges> {
             Err(io::Error::from_raw_os_error(libc::EPERM))
         }
+        fn filesystem(&self, _: &std::path::Path) -> io::Result<cryo_core::locality::Filesystem> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
         fn read_memory(&self, pid: u32, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
             Err(MemoryError::Gone { pid })
         }

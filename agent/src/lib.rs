@@ -33,6 +33,7 @@ pub mod fds;
 pub mod gate;
 pub mod link;
 pub mod memory;
+pub mod node_local;
 pub mod pool;
 pub mod procfs;
 mod ranks;

@@ -5,9 +5,11 @@
 use std::fs;
 use std::io::{self, IoSliceMut};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
 
 use cryo_core::dirty::{Pagemap, WrittenRanges};
 use cryo_core::format::manifest::{Backing, MappingRecord};
+use cryo_core::locality::Filesystem;
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
@@ -105,6 +107,8 @@ pub trait ProcessAccess: Send + Sync {
     /// Whether fds `a` and `b` of the process share one open file
     /// description (`kcmp(KCMP_FILE)`).
     fn same_open_file(&self, pid: u32, a: i32, b: i32) -> io::Result<bool>;
+    /// The filesystem holding `path` (`/proc/<pid>/fd/<n>` for an fd's).
+    fn filesystem(&self, path: &Path) -> io::Result<Filesystem>;
     /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;
     /// The pages of `addr..addr+len` written since the last scan, then
@@ -187,6 +191,10 @@ impl ProcessAccess for LinuxProcess {
             dev: meta.dev(),
             ino: meta.ino(),
         })
+    }
+
+    fn filesystem(&self, path: &Path) -> io::Result<Filesystem> {
+        Filesystem::of(path)
     }
 
     fn same_open_file(&self, pid: u32, a: i32, b: i32) -> io::Result<bool> {

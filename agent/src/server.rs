@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use cryo_core::auth;
 use cryo_core::format::chunk::ChunkCodec;
+use cryo_core::locality::Filesystem;
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message_as, AbortReason, AgentToCoordinator,
     AgentToRank, ControlResponse, Hello, Peer, RankToAgent, StartMode,
@@ -68,6 +69,8 @@ pub(crate) struct Shared {
     store_threads: rayon::ThreadPool,
     gate: CopyGate,
     access: Box<dyn ProcessAccess>,
+    /// The store's filesystem, read once at the start.
+    store_fs: Option<Filesystem>,
     /// Coordinated mode: the link to the coordinator.
     pub(crate) link: Option<CoordinatorLink>,
     /// Coordinated mode: the reading half, until `serve` takes it.
@@ -182,6 +185,7 @@ impl Agent {
             store_threads,
             gate: CopyGate::default(),
             access: Box::new(LinuxProcess),
+            store_fs: Filesystem::of(&config.store).ok(),
             link,
             link_reader: Mutex::new(link_reader),
             shutdown: AtomicBool::new(false),
@@ -629,6 +633,7 @@ impl Shared {
             snapshot: self.config.snapshot,
             self_copy: self.config.self_copy,
             gate: &self.gate,
+            store_fs: self.store_fs,
         }
     }
 

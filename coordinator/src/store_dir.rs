@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use cryo_core::locality::{Filesystem, Locality};
 
 /// The store's folder name in the working directory, when none is given.
 pub const DEFAULT_STORE_DIR: &str = "cryo-store";
@@ -66,14 +67,12 @@ impl StoreDir {
             .ancestors()
             .find(|p| p.exists())
             .unwrap_or(Path::new("/"));
-        let fs = nix::sys::statfs::statfs(probe).ok()?;
-        // ramfs has no constant in nix; its magic is 0x858458f6.
-        let ramfs = nix::sys::statfs::FsType(0x8584_58f6);
-        let local = [nix::sys::statfs::TMPFS_MAGIC, ramfs];
-        local.contains(&fs.filesystem_type()).then(|| {
+        let fs = Filesystem::of(probe).ok()?;
+        (fs.locality() == Locality::InMemory).then(|| {
             format!(
-                "the store {} is in memory on this node (tmpfs): other nodes cannot restart from it and it does not survive a reboot",
-                self.path.display()
+                "the store {} is in memory on this node ({}): other nodes cannot restart from it and it does not survive a reboot",
+                self.path.display(),
+                fs.name()
             )
         })
     }

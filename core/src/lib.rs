@@ -34,6 +34,7 @@ pub mod env;
 pub mod fault;
 pub mod format;
 pub mod liveness;
+pub mod locality;
 pub mod names;
 pub mod pidfd;
 pub mod protocol;

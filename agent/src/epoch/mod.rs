@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cryo_core::format::manifest::WriteStats;
+use cryo_core::locality::Filesystem;
 use cryo_core::protocol::{AbortReason, CheckpointReport, RankCaptureReport};
 use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::JobStore;
@@ -66,6 +67,8 @@ pub(crate) struct Resources<'a> {
     pub(crate) snapshot: SnapshotPolicy,
     /// Whether parked ranks copy their own memory (`--self-copy`).
     pub(crate) self_copy: SelfCopy,
+    /// The store's filesystem (see `CaptureContext::store_fs`).
+    pub(crate) store_fs: Option<Filesystem>,
 }
 
 /// One epoch to run.

@@ -201,6 +201,7 @@ pub(super) fn capture_one(
             (res.copy_threads.current_num_threads() / progress.ranks.max(1)).max(1),
         )
         .unwrap_or(1),
+        store_fs: res.store_fs,
     };
     let mut control = Control {
         conn,

@@ -1,0 +1,178 @@
+//! The files a rank holds that a restart on another node will not find:
+//! files and file mappings restored by path from a filesystem of this node
+//! (see `cryo_core::locality`), named in the checkpoint's warnings when it
+//! is taken.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use cryo_core::format::manifest::{FdKind, FdRecord, FdRestore, RegionKind};
+use cryo_core::locality::{unreachable_elsewhere, Filesystem};
+use cryo_core::protocol::RegionInfo;
+
+use crate::procfs::ProcessAccess;
+
+/// One warning per restored fd (the leader of each shared open file) and
+/// per mapped file of `regions` that lies on a filesystem a restart on
+/// another node will not see, given the store's filesystem `store`. A
+/// file whose filesystem cannot be read is passed over: the restart names
+/// it if it is missing.
+pub fn node_local_warnings(
+    access: &dyn ProcessAccess,
+    pid: u32,
+    fds: &[FdRecord],
+    regions: &[RegionInfo],
+    store: Filesystem,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let by_path = fds.iter().filter(|fd| {
+        fd.restore == FdRestore::Restore
+            && fd.shares_with.is_none()
+            && matches!(fd.kind, FdKind::Regular | FdKind::Directory)
+    });
+    for fd in by_path {
+        let link = format!("/proc/{pid}/fd/{}", fd.fd);
+        if let Some(why) = reach(access, &link, store) {
+            warnings.push(format!("fd {} ({}) {why}", fd.fd, fd.path));
+        }
+    }
+    let mapped: BTreeSet<&str> = regions
+        .iter()
+        .filter_map(|region| match &region.kind {
+            RegionKind::FileShared { path, .. }
+            | RegionKind::FilePrivate { path, .. }
+            | RegionKind::AppMapping { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
+    for path in mapped {
+        if let Some(why) = reach(access, path, store) {
+            warnings.push(format!("the mapped file {path} {why}"));
+        }
+    }
+    warnings
+}
+
+fn reach(access: &dyn ProcessAccess, path: &str, store: Filesystem) -> Option<String> {
+    match access.filesystem(Path::new(path)) {
+        Ok(file) => unreachable_elsewhere(file, store),
+        Err(err) => {
+            tracing::debug!(path, error = %err, "fd.filesystem_unknown");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io;
+
+    use super::*;
+    use cryo_core::dirty::WrittenRanges;
+
+    use crate::procfs::{FileStat, MemoryError};
+
+    const TMPFS: i64 = 0x0102_1994;
+    const EXT4: i64 = 0xEF53;
+    const NFS: i64 = 0x6969;
+
+    /// fd 3 on tmpfs, fd 4 a dup of it, fd 5 on the store's NFS, fd 6 on a
+    /// local disk, fd 7 unreadable; `/scratch/m` on a local disk.
+    struct Fake;
+
+    impl ProcessAccess for Fake {
+        fn maps(&self, _: u32) -> io::Result<String> {
+            unreachable!()
+        }
+        fn fds(&self, _: u32) -> io::Result<Vec<(i32, String)>> {
+            unreachable!()
+        }
+        fn fdinfo(&self, _: u32, _: i32) -> io::Result<String> {
+            unreachable!()
+        }
+        fn fd_stat(&self, _: u32, _: i32) -> io::Result<FileStat> {
+            unreachable!()
+        }
+        fn same_open_file(&self, _: u32, _: i32, _: i32) -> io::Result<bool> {
+            unreachable!()
+        }
+        fn read_memory(&self, _: u32, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
+            unreachable!()
+        }
+        fn written_pages(&self, _: u32, _: u64, _: u64, _: bool) -> io::Result<WrittenRanges> {
+            unreachable!()
+        }
+        fn filesystem(&self, path: &Path) -> io::Result<Filesystem> {
+            let (magic, dev) = match path.to_str().unwrap() {
+                "/proc/9/fd/3" | "/proc/9/fd/4" => (TMPFS, 2),
+                "/proc/9/fd/5" => (NFS, 1),
+                "/proc/9/fd/6" | "/scratch/m" => (EXT4, 3),
+                _ => return Err(io::ErrorKind::NotFound.into()),
+            };
+            Ok(Filesystem { magic, dev })
+        }
+    }
+
+    fn fd(fd: i32, path: &str, restore: FdRestore, shares_with: Option<i32>) -> FdRecord {
+        FdRecord {
+            fd,
+            kind: FdKind::Regular,
+            path: path.into(),
+            flags: 1,
+            offset: 0,
+            size_at_checkpoint: 0,
+            restore,
+            shares_with,
+        }
+    }
+
+    fn mapping(name: &str, path: &str) -> RegionInfo {
+        RegionInfo {
+            name: name.into(),
+            addr: 0x1000,
+            len: 4096,
+            kind: RegionKind::AppMapping {
+                path: path.into(),
+                offset: 0,
+                shared: true,
+                prot: 3,
+                map_len: 4096,
+            },
+        }
+    }
+
+    #[test]
+    fn node_local_files_and_mappings_are_named_once_each() {
+        let fds = [
+            fd(3, "/tmp/scratch", FdRestore::Restore, None),
+            fd(4, "/tmp/scratch", FdRestore::Restore, Some(3)),
+            fd(5, "/home/u/log", FdRestore::Restore, None),
+            fd(6, "/scratch/out", FdRestore::Restore, None),
+            fd(7, "/gone", FdRestore::Restore, None),
+            fd(8, "/tmp/p", FdRestore::NotRestored("pipe".into()), None),
+        ];
+        let regions = [mapping("a", "/scratch/m"), mapping("b", "/scratch/m")];
+        let store = Filesystem { magic: NFS, dev: 1 };
+        let warnings = node_local_warnings(&Fake, 9, &fds, &regions, store);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings[0].starts_with("fd 3 (/tmp/scratch) is in this node's memory (tmpfs)"));
+        assert!(warnings[1].starts_with("fd 6 (/scratch/out) is on a disk of this node (ext4)"));
+        assert!(warnings[2].starts_with("the mapped file /scratch/m is on a disk"));
+    }
+
+    #[test]
+    fn beside_a_store_on_a_disk_of_the_node_only_memory_is_named() {
+        let fds = [
+            fd(3, "/tmp/scratch", FdRestore::Restore, None),
+            fd(6, "/scratch/out", FdRestore::Restore, None),
+        ];
+        let store = Filesystem {
+            magic: EXT4,
+            dev: 3,
+        };
+        let warnings = node_local_warnings(&Fake, 9, &fds, &[], store);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("fd 3"));
+    }
+}
