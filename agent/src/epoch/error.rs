@@ -181,10 +181,7 @@ impl EpochError {
     /// rank held at its safe point by one that never reached its own. The
     /// cause is reported before it.
     pub fn is_consequence(&self) -> bool {
-        matches!(
-            self,
-            EpochError::Cancelled { .. } | EpochError::WaitedForOthers { .. }
-        )
+        self.is_cancellation() || self.reason().is_consequence()
     }
 }
 

@@ -40,12 +40,6 @@ use crate::ranks::RankConn;
 use crate::self_copy::SelfCopy;
 use crate::snapshot::SnapshotPolicy;
 
-/// How long a rank held at its safe point by others waits, once the park
-/// timeout is over, before it fails the epoch: the rank that holds it
-/// times out at the same deadline (here or on another node) and is the
-/// reason to report.
-const CAUSE_FIRST: Duration = Duration::from_millis(500);
-
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
 /// bookkeeping, consistent at every unlock).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -290,13 +284,13 @@ pub(crate) fn run(
                         let result = rank::capture_one(
                             res, conn, run, writer, sink, progress, deadline, said, &report, hold,
                         );
+                        // A consequence (a rank held at its safe point by one
+                        // that never reached its own) stops nothing: the
+                        // rank that holds it times out at the same deadline,
+                        // here or on another node, and is the reason to
+                        // report (the coordinator waits for it).
                         if let Err(err) = &result {
-                            if matches!(err, EpochError::WaitedForOthers { .. }) {
-                                // The ranks that hold it time out at the
-                                // same deadline: let them be the reason.
-                                std::thread::sleep(CAUSE_FIRST);
-                            }
-                            if sink.fail_fast() && !run.cancel.is_set() {
+                            if sink.fail_fast() && !err.is_consequence() && !run.cancel.is_set() {
                                 run.fail(err.reason());
                             }
                         }
