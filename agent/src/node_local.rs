@@ -1,7 +1,8 @@
 //! The files a rank holds that a restart on another node will not find:
 //! files and file mappings restored by path from a filesystem of this node
 //! (see `cryo_core::locality`), named in the checkpoint's warnings when it
-//! is taken.
+//! is taken. A file whose contents the rank saved (one it writes: see
+//! `rank/src/held.rs`) is made again where it is missing, and not named.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,11 +13,11 @@ use cryo_core::protocol::RegionInfo;
 
 use crate::procfs::ProcessAccess;
 
-/// One warning per restored fd (the leader of each shared open file) and
-/// per mapped file of `regions` that lies on a filesystem a restart on
-/// another node will not see, given the store's filesystem `store`. A
-/// file whose filesystem cannot be read is passed over: the restart names
-/// it if it is missing.
+/// One warning per restored fd (the leader of each shared open file) whose
+/// contents are not saved and per mapped file of `regions` that lies on a
+/// filesystem a restart on another node will not see, given the store's
+/// filesystem `store`. A file whose filesystem cannot be read is passed
+/// over: the restart names it if it is missing.
 pub fn node_local_warnings(
     access: &dyn ProcessAccess,
     pid: u32,
@@ -25,10 +26,19 @@ pub fn node_local_warnings(
     store: Filesystem,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
+    let saved: BTreeSet<&str> = regions
+        .iter()
+        .filter_map(|region| match region.kind {
+            RegionKind::FileContents { fd } => fds.iter().find(|f| f.fd == fd),
+            _ => None,
+        })
+        .map(|fd| fd.path.as_str())
+        .collect();
     let by_path = fds.iter().filter(|fd| {
         fd.restore == FdRestore::Restore
             && fd.shares_with.is_none()
             && matches!(fd.kind, FdKind::Regular | FdKind::Directory)
+            && !saved.contains(fd.path.as_str())
     });
     for fd in by_path {
         let link = format!("/proc/{pid}/fd/{}", fd.fd);
@@ -68,14 +78,11 @@ fn reach(access: &dyn ProcessAccess, path: &str, store: Filesystem) -> Option<St
 mod tests {
     use std::io;
 
-    use super::*;
     use cryo_core::dirty::WrittenRanges;
+    use cryo_core::locality::{EXT4_MAGIC as EXT4, NFS_MAGIC as NFS, TMPFS_MAGIC as TMPFS};
 
+    use super::*;
     use crate::procfs::{FileStat, MemoryError};
-
-    const TMPFS: i64 = 0x0102_1994;
-    const EXT4: i64 = 0xEF53;
-    const NFS: i64 = 0x6969;
 
     /// fd 3 on tmpfs, fd 4 a dup of it, fd 5 on the store's NFS, fd 6 on a
     /// local disk, fd 7 unreadable; `/scratch/m` on a local disk.
@@ -156,6 +163,17 @@ mod tests {
         let store = Filesystem { magic: NFS, dev: 1 };
         let warnings = node_local_warnings(&Fake, 9, &fds, &regions, store);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
+        // The rank saved fd 6's contents: it is made again, not named.
+        let mut saved = regions.to_vec();
+        saved.push(RegionInfo {
+            name: "cryo:file:6".into(),
+            addr: 0x9000,
+            len: 10,
+            kind: RegionKind::FileContents { fd: 6 },
+        });
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
+        assert_eq!(fewer.len(), 2, "{fewer:?}");
+        assert!(!fewer.iter().any(|w| w.starts_with("fd 6 ")), "{fewer:?}");
         assert!(warnings[0].starts_with("fd 3 (/tmp/scratch) is in this node's memory (tmpfs)"));
         assert!(warnings[1].starts_with("fd 6 (/scratch/out) is on a disk of this node (ext4)"));
         assert!(warnings[2].starts_with("the mapped file /scratch/m is on a disk"));

@@ -156,7 +156,7 @@ pub(crate) fn external_agent_env(
     }
     // The store and the epoch are already there; the ranks' prefetch also
     // needs the job, which the launcher may not carry to other hosts.
-    let missing: Vec<_> = prefetch_env(opts)
+    let missing: Vec<_> = rank_env(opts)
         .into_iter()
         .filter(|(key, _)| !env.iter().any(|(k, _)| k == key))
         .collect();
@@ -198,7 +198,7 @@ pub(crate) fn spawn_agents_and_wait(
                 ENV_AGENT_SOCKET.to_owned(),
                 sockets[&p.node].to_string_lossy().into_owned(),
             )];
-            env.extend(prefetch_env(&c.opts));
+            env.extend(rank_env(&c.opts));
             LaunchBlock {
                 ranks: p.ranks.end - p.ranks.start,
                 env,
@@ -207,25 +207,25 @@ pub(crate) fn spawn_agents_and_wait(
         .collect())
 }
 
-/// What a restarting rank needs to read its chunks while it starts, before
-/// its agent tells it what to restore (`rank/src/prefetch.rs`): the store,
-/// the job and the epoch. Nothing for a fresh start.
-pub(crate) fn prefetch_env(opts: &RunOptions) -> Vec<(String, String)> {
-    let Some(epoch) = opts.restart_from else {
-        return Vec::new();
-    };
+/// What the ranks need beyond their agent: the store, whose filesystem
+/// tells a rank which files it writes lie on a filesystem of its own node
+/// (`rank/src/held.rs`), and on a restart the job and the epoch, to read
+/// its chunks while it starts, before its agent tells it what to restore
+/// (`rank/src/prefetch.rs`).
+pub(crate) fn rank_env(opts: &RunOptions) -> Vec<(String, String)> {
     let store = std::path::absolute(&opts.store).unwrap_or_else(|_| opts.store.clone());
-    vec![
-        (
-            cryo_core::env::ENV_STORE.to_owned(),
-            store.to_string_lossy().into_owned(),
-        ),
-        (ENV_JOB.to_owned(), opts.job.clone()),
-        (
+    let mut env = vec![(
+        cryo_core::env::ENV_STORE.to_owned(),
+        store.to_string_lossy().into_owned(),
+    )];
+    if let Some(epoch) = opts.restart_from {
+        env.push((ENV_JOB.to_owned(), opts.job.clone()));
+        env.push((
             cryo_core::env::ENV_RESTART_FROM.to_owned(),
             epoch.to_string(),
-        ),
-    ]
+        ));
+    }
+    env
 }
 
 /// Waits until `expected` agents have said hello, failing early when one of

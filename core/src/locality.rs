@@ -37,11 +37,22 @@ pub struct Filesystem {
     pub dev: u64,
 }
 
+/// `f_type` of tmpfs.
+pub const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `f_type` of ext2, ext3 and ext4.
+pub const EXT4_MAGIC: i64 = 0xEF53;
+/// `f_type` of NFS.
+pub const NFS_MAGIC: i64 = 0x6969;
+/// `f_type` of Lustre.
+pub const LUSTRE_MAGIC: i64 = 0x0BD0_0BD0;
+/// `f_type` of every FUSE filesystem.
+pub const FUSE_MAGIC: i64 = 0x6573_5546;
+
 /// Known `f_type` values: name and locality.
 const KNOWN: [(i64, &str, Locality); 33] = [
-    (0x0102_1994, "tmpfs", Locality::InMemory),
+    (TMPFS_MAGIC, "tmpfs", Locality::InMemory),
     (0x8584_58f6, "ramfs", Locality::InMemory),
-    (0xEF53, "ext4", Locality::NodeDisk),
+    (EXT4_MAGIC, "ext4", Locality::NodeDisk),
     (0x5846_5342, "xfs", Locality::NodeDisk),
     (0x9123_683E, "btrfs", Locality::NodeDisk),
     (0xF2F5_2010, "f2fs", Locality::NodeDisk),
@@ -54,11 +65,11 @@ const KNOWN: [(i64, &str, Locality); 33] = [
     (0x2011_BAB0, "exfat", Locality::NodeDisk),
     (0x5346_544e, "ntfs", Locality::NodeDisk),
     (0x7366_7173, "squashfs", Locality::Unknown),
-    (0x6969, "nfs", Locality::Shared),
+    (NFS_MAGIC, "nfs", Locality::Shared),
     (0x517B, "smb", Locality::Shared),
     (0xFE53_4D42, "smb2", Locality::Shared),
     (0xFF53_4D42, "cifs", Locality::Shared),
-    (0x0BD0_0BD0, "lustre", Locality::Shared),
+    (LUSTRE_MAGIC, "lustre", Locality::Shared),
     (0x4750_4653, "gpfs", Locality::Shared),
     (0x1983_0326, "beegfs", Locality::Shared),
     (0x00C3_6400, "cephfs", Locality::Shared),
@@ -69,7 +80,7 @@ const KNOWN: [(i64, &str, Locality); 33] = [
     (0x0116_1970, "gfs2", Locality::Shared),
     (0x7461_636f, "ocfs2", Locality::Shared),
     (0x0102_1997, "9p", Locality::Shared),
-    (0x6573_5546, "fuse", Locality::Unknown),
+    (FUSE_MAGIC, "fuse", Locality::Unknown),
     (0x0000_9fa0, "proc", Locality::Unknown),
     (0x6265_6572, "sysfs", Locality::Unknown),
 ];
@@ -132,11 +143,11 @@ pub fn unreachable_elsewhere(file: Filesystem, store: Filesystem) -> Option<Stri
 mod tests {
     use super::*;
 
-    const TMPFS: i64 = 0x0102_1994;
-    const EXT4: i64 = 0xEF53;
-    const NFS: i64 = 0x6969;
-    const LUSTRE: i64 = 0x0BD0_0BD0;
-    const FUSE: i64 = 0x6573_5546;
+    const TMPFS: i64 = TMPFS_MAGIC;
+    const EXT4: i64 = EXT4_MAGIC;
+    const NFS: i64 = NFS_MAGIC;
+    const LUSTRE: i64 = LUSTRE_MAGIC;
+    const FUSE: i64 = FUSE_MAGIC;
 
     fn fs(magic: i64, dev: u64) -> Filesystem {
         Filesystem { magic, dev }

@@ -3,8 +3,11 @@
 //! checkpoint so that output after a restart is byte-identical to an
 //! uninterrupted run; fds that shared an open file description share one
 //! again; unlinked files come back unlinked, from their saved contents;
-//! directories and the portable devices come back by path.
+//! a file whose contents were saved (written in place, or written on a
+//! filesystem of its node) is made again where it is missing; directories
+//! and the portable devices come back by path.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -50,6 +53,8 @@ pub struct FilesRestored {
     pub restored: Vec<i32>,
     /// Files cut back to their checkpoint size.
     pub truncated: Vec<String>,
+    /// Files missing here and made again from their saved contents.
+    pub recreated: Vec<String>,
 }
 
 /// Whether status flags `flags` (`F_GETFL`, fdinfo) open a file for writing.
@@ -74,6 +79,7 @@ pub fn restore_files(
         .iter()
         .filter(|fd| fd.restore == FdRestore::Restore)
         .collect();
+    let saved = saved_paths(record);
     // Check every fd first, so that a refused restart changes nothing.
     for fd in &wanted {
         if reserved.contains(&fd.fd) {
@@ -87,10 +93,11 @@ pub fn restore_files(
         let identity = if fd.shares_with.is_some() {
             None
         } else {
-            check_source(record.rank, fd)?
+            check_source(record.rank, fd, saved.contains(fd.path.as_str()))?
         };
         check_free(record.rank, fd, identity)?;
     }
+    done.recreated = recreate_missing(record.rank, &wanted, &saved)?;
     for fd in wanted.iter().filter(|fd| fd.shares_with.is_none()) {
         let truncated = match fd.kind {
             FdKind::Deleted => {
@@ -113,9 +120,7 @@ pub fn restore_files(
             done.restored.push(fd.fd);
         }
     }
-    if policy == FilePolicy::Truncate {
-        restore_contents(record, store, &done.restored)?;
-    }
+    restore_contents(record, store, &done, policy)?;
     done.restored.sort_unstable();
     Ok(done)
 }
@@ -147,13 +152,67 @@ fn write_contents(
         .map_err(|err| file_io(rank, fd, "ftruncate", err))
 }
 
-/// Writes back the saved contents of the files that were open for writing
-/// in place, through their restored fds, so that bytes overwritten after
-/// the checkpoint are undone.
+/// The paths of the files whose contents were saved.
+fn saved_paths(record: &RankRecord) -> HashSet<&str> {
+    record
+        .regions
+        .iter()
+        .filter_map(|region| match region.kind {
+            RegionKind::FileContents { fd } => record
+                .fds
+                .iter()
+                .find(|f| f.fd == fd)
+                .map(|f| f.path.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Makes again, empty, each file whose contents were saved but that is
+/// missing here (it was on a filesystem of the node the rank ran on), with
+/// its directories; [`restore_contents`] fills it once its fds are back.
+fn recreate_missing(
+    rank: u32,
+    wanted: &[&FdRecord],
+    saved: &HashSet<&str>,
+) -> Result<Vec<String>, RestoreError> {
+    let mut made: Vec<String> = Vec::new();
+    for fd in wanted {
+        if fd.shares_with.is_some()
+            || fd.kind != FdKind::Regular
+            || !saved.contains(fd.path.as_str())
+            || made.contains(&fd.path)
+        {
+            continue;
+        }
+        match fs::metadata(&fd.path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            _ => continue,
+        }
+        if let Some(dir) = Path::new(&fd.path).parent() {
+            fs::create_dir_all(dir)
+                .map_err(|err| file_io(rank, fd, "create its directory", err))?;
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&fd.path)
+            .map_err(|err| file_io(rank, fd, "create the missing file", err))?;
+        tracing::info!(rank, fd = fd.fd, path = %fd.path, "fd.file_recreated");
+        made.push(fd.path.clone());
+    }
+    Ok(made)
+}
+
+/// Writes back the saved contents of the files whose contents were saved,
+/// so that bytes overwritten after the checkpoint are undone and a file
+/// made again gets what it held: every such file under
+/// [`FilePolicy::Truncate`], only those made again under `Keep`.
 fn restore_contents(
     record: &RankRecord,
     store: &JobStore,
-    restored: &[RawFd],
+    done: &FilesRestored,
+    policy: FilePolicy,
 ) -> Result<(), RestoreError> {
     let rank = record.rank;
     for region in &record.regions {
@@ -163,13 +222,24 @@ fn restore_contents(
         let Some(fd) = record.fds.iter().find(|f| f.fd == owner) else {
             continue;
         };
-        if !restored.contains(&owner) {
+        if !done.restored.contains(&owner)
+            || (policy == FilePolicy::Keep && !done.recreated.contains(&fd.path))
+        {
             continue;
         }
-        // SAFETY: `owner` was just restored and stays open; ManuallyDrop
-        // keeps this borrow from closing it.
-        let file = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(owner) });
-        write_contents(store, rank, fd, region, &file, "the contents of fd")?;
+        if fd.flags & libc::O_APPEND != 0 {
+            // pwrite through an O_APPEND fd appends, whatever its offset.
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{owner}"))
+                .map_err(|err| file_io(rank, fd, "reopen to write contents", err))?;
+            write_contents(store, rank, fd, region, &file, "the contents of fd")?;
+        } else {
+            // SAFETY: `owner` was just restored and stays open; ManuallyDrop
+            // keeps this borrow from closing it.
+            let file = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(owner) });
+            write_contents(store, rank, fd, region, &file, "the contents of fd")?;
+        }
         tracing::debug!(rank, fd = owner, path = %fd.path, len = region.len, "fd.contents_restored");
     }
     Ok(())
@@ -186,8 +256,9 @@ fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> R
 }
 
 /// Checks that what an fd is restored from is still there and still the
-/// same kind of thing; returns its `(dev, ino)` where it has a path.
-fn check_source(rank: u32, fd: &FdRecord) -> Result<Option<(u64, u64)>, RestoreError> {
+/// same kind of thing; returns its `(dev, ino)` where it has a path. A
+/// missing file whose contents were `saved` is made again.
+fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u64)>, RestoreError> {
     let expected = match fd.kind {
         FdKind::Deleted => return Ok(None),
         FdKind::Directory => "directory",
@@ -196,6 +267,11 @@ fn check_source(rank: u32, fd: &FdRecord) -> Result<Option<(u64, u64)>, RestoreE
     };
     let meta = match fs::metadata(&fd.path) {
         Ok(meta) => meta,
+        Err(err)
+            if err.kind() == io::ErrorKind::NotFound && saved && fd.kind == FdKind::Regular =>
+        {
+            return Ok(None)
+        }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Err(RestoreError::FileVanished {
                 rank,
@@ -460,234 +536,5 @@ fn restore_unlinked(
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use std::io::{Read, Seek, Write};
-
-    use cryo_core::format::manifest::{FdKind, WriteStats};
-
-    use super::*;
-
-    fn store() -> JobStore {
-        let dir = tempfile::tempdir().unwrap().keep();
-        cryo_core::Store::create(dir).unwrap().job("files").unwrap()
-    }
-
-    fn record(fds: Vec<FdRecord>) -> RankRecord {
-        RankRecord {
-            rank: 2,
-            node: "n".into(),
-            pid: 1,
-            fds,
-            mappings: vec![],
-            regions: vec![],
-            stats: WriteStats::default(),
-            warnings: Vec::new(),
-        }
-    }
-
-    fn fd_record(fd: i32, path: &str, flags: i32, offset: u64, size: u64) -> FdRecord {
-        FdRecord {
-            fd,
-            kind: FdKind::Regular,
-            path: path.into(),
-            flags,
-            offset,
-            size_at_checkpoint: size,
-            restore: FdRestore::Restore,
-            shares_with: None,
-        }
-    }
-
-    #[test]
-    fn restores_truncates_and_seeks() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        std::fs::write(&path, b"line1\nline2\nafter checkpoint\n").unwrap();
-        let target = 777;
-        let rec = record(vec![fd_record(
-            target,
-            path.to_str().unwrap(),
-            libc::O_WRONLY | libc::O_APPEND,
-            12,
-            12,
-        )]);
-        let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
-        assert_eq!(done.restored, vec![target]);
-        assert_eq!(std::fs::read(&path).unwrap(), b"line1\nline2\n");
-        // SAFETY: restore_files installed fd 777 for us; we own it now.
-        let mut file = unsafe { std::fs::File::from_raw_fd(target) };
-        file.write_all(b"line3\n").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"line1\nline2\nline3\n");
-    }
-
-    #[test]
-    fn read_only_file_keeps_its_size_and_gets_its_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("input");
-        std::fs::write(&path, b"0123456789").unwrap();
-        let rec = record(vec![fd_record(
-            778,
-            path.to_str().unwrap(),
-            libc::O_RDONLY,
-            4,
-            4,
-        )]);
-        restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
-        // SAFETY: restore_files installed fd 778 for us; we own it now.
-        let mut file = unsafe { std::fs::File::from_raw_fd(778) };
-        assert_eq!(file.stream_position().unwrap(), 4);
-        let mut rest = String::new();
-        file.read_to_string(&mut rest).unwrap();
-        assert_eq!(rest, "456789");
-    }
-
-    #[test]
-    fn vanished_and_shrunk_files_are_clear_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let gone = dir.path().join("gone.log");
-        let rec = record(vec![fd_record(
-            779,
-            gone.to_str().unwrap(),
-            libc::O_WRONLY,
-            0,
-            0,
-        )]);
-        let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
-        let text = err.to_string();
-        assert!(
-            text.contains("gone.log") && text.contains("rank 2") && text.contains("vanished"),
-            "{text}"
-        );
-
-        let small = dir.path().join("small.log");
-        std::fs::write(&small, b"abc").unwrap();
-        let rec = record(vec![fd_record(
-            780,
-            small.to_str().unwrap(),
-            libc::O_WRONLY,
-            10,
-            10,
-        )]);
-        let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                RestoreError::FileShrank {
-                    size: 3,
-                    offset: 10,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn keep_policy_leaves_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        std::fs::write(&path, b"abcdef").unwrap();
-        let rec = record(vec![fd_record(
-            781,
-            path.to_str().unwrap(),
-            libc::O_WRONLY,
-            3,
-            3,
-        )]);
-        restore_files(&rec, &store(), FilePolicy::Keep, &[]).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
-        let _ = nix::unistd::close(781);
-    }
-
-    #[test]
-    fn a_dup_shares_the_offset_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shared.log");
-        std::fs::write(&path, b"0123456789").unwrap();
-        let mut leader = fd_record(782, path.to_str().unwrap(), libc::O_WRONLY, 4, 10);
-        leader.restore = FdRestore::Restore;
-        let mut dup = leader.clone();
-        dup.fd = 783;
-        dup.shares_with = Some(782);
-        let rec = record(vec![leader, dup]);
-        let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
-        assert_eq!(done.restored, vec![782, 783]);
-        // SAFETY: restore_files installed both fds for us; we own them now.
-        let (mut a, mut b) = unsafe {
-            (
-                std::fs::File::from_raw_fd(782),
-                std::fs::File::from_raw_fd(783),
-            )
-        };
-        a.write_all(b"ab").unwrap();
-        b.write_all(b"cd").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"0123abcd89");
-    }
-
-    #[test]
-    fn directories_and_dev_null_come_back_and_a_taken_fd_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("inside"), b"x").unwrap();
-        let mut dirfd = fd_record(
-            784,
-            dir.path().to_str().unwrap(),
-            libc::O_RDONLY | libc::O_DIRECTORY,
-            0,
-            0,
-        );
-        dirfd.kind = FdKind::Directory;
-        let mut null = fd_record(785, "/dev/null", libc::O_WRONLY, 0, 0);
-        null.kind = FdKind::CharDevice;
-        restore_files(
-            &record(vec![dirfd.clone(), null]),
-            &store(),
-            FilePolicy::Truncate,
-            &[],
-        )
-        .unwrap();
-        let inside =
-            nix::fcntl::openat(Some(784), "inside", OFlag::O_RDONLY, Mode::empty()).unwrap();
-        let _ = nix::unistd::close(inside);
-        // SAFETY: restore_files installed fd 785; it stays open for this test.
-        let null_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(785) };
-        assert_eq!(nix::unistd::write(null_fd, b"gone").unwrap(), 4);
-
-        // fd 785 is /dev/null now: restoring a file there is refused, and
-        // nothing else of that restart is done.
-        let other = dir.path().join("other");
-        std::fs::write(&other, b"abc").unwrap();
-        let mut fresh = fd_record(786, other.to_str().unwrap(), libc::O_RDONLY, 0, 3);
-        fresh.restore = FdRestore::Restore;
-        let taken = fd_record(785, other.to_str().unwrap(), libc::O_RDONLY, 0, 3);
-        let err = restore_files(
-            &record(vec![fresh, taken]),
-            &store(),
-            FilePolicy::Truncate,
-            &[],
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, RestoreError::FdTaken { fd: 785, .. }),
-            "{err}"
-        );
-        assert!(err.to_string().contains("/dev/null"), "{err}");
-        assert!(
-            nix::fcntl::fcntl(786, FcntlArg::F_GETFD).is_err(),
-            "fd 786 was restored"
-        );
-
-        // A directory where a file was is a clear error.
-        let mut changed = fd_record(787, dir.path().to_str().unwrap(), libc::O_RDONLY, 0, 0);
-        changed.kind = FdKind::Regular;
-        let err =
-            restore_files(&record(vec![changed]), &store(), FilePolicy::Truncate, &[]).unwrap_err();
-        assert!(
-            matches!(err, RestoreError::FileChanged { fd: 787, .. }),
-            "{err}"
-        );
-        for fd in [784, 785] {
-            let _ = nix::unistd::close(fd);
-        }
-    }
-}
+#[path = "files_tests.rs"]
+mod tests;

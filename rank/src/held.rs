@@ -7,8 +7,10 @@
 //!   the launcher's: left alone at restart, without a warning);
 //! * the contents of regular files it holds open but that have no path any
 //!   more (unlinked), of files it holds open for writing in place (not
-//!   `O_APPEND`: bytes it overwrites after the checkpoint must be put back),
-//!   and the file mappings it made itself after `cryo_init`: all handed to
+//!   `O_APPEND`: bytes it overwrites after the checkpoint must be put back)
+//!   or for writing at all on a filesystem of its node (a restart on
+//!   another node makes them again), and the file mappings it made itself
+//!   after `cryo_init`: all handed to
 //!   the agent as extra regions (`cryo:fd:<fd>`, `cryo:file:<fd>`,
 //!   `cryo:map:<start>`), so they are chunked, deduplicated and verified
 //!   like region data;
@@ -20,11 +22,14 @@ use std::fs;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use cryo_core::format::closed::CLOSED_FILES_REGION;
 use cryo_core::format::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
 use cryo_core::format::manifest::RegionKind;
+use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
 use nix::fcntl::{open, OFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -259,6 +264,23 @@ impl Drop for Held {
     }
 }
 
+/// The store's filesystem, from `CRYO_STORE` (which `cryo run`, `cryo
+/// restart` and Slurm's plugin set), read once.
+pub(crate) fn store_filesystem() -> Option<Filesystem> {
+    static STORE: OnceLock<Option<Filesystem>> = OnceLock::new();
+    *STORE.get_or_init(|| {
+        let path = std::env::var_os(cryo_core::env::ENV_STORE)?;
+        Filesystem::of(Path::new(&path)).ok()
+    })
+}
+
+/// Why a restart on another node will not find the file open at `fd`,
+/// when the store is on `store` (the reason is the agent's to give).
+fn off_node(fd: RawFd, store: Option<Filesystem>) -> Option<String> {
+    let file = Filesystem::of(Path::new(&format!("/proc/self/fd/{fd}"))).ok()?;
+    unreachable_elsewhere(file, store?)
+}
+
 /// Why a rank refuses an epoch before parking.
 pub(crate) type Refusal = String;
 
@@ -274,7 +296,9 @@ pub(crate) struct Caps {
 }
 
 /// Gathers the application's file mappings, unlinked files and files open
-/// for writing in place as regions. The runtime's fds are never saved, nor
+/// for writing in place as regions, with the files open for writing on a
+/// filesystem of the node that a restart elsewhere would not find (`store`:
+/// the store's filesystem, see [`store_filesystem`]). The runtime's fds are never saved, nor
 /// the standard streams and the unlinked files that were open at
 /// `cryo_init` (`library`: the launcher's and the MPI library's); regular
 /// files open since then are the application's. Refuses (with the rank, fd,
@@ -286,6 +310,7 @@ pub(crate) fn gather(
     [runtime, library]: [&[RawFd]; 2],
     reservation: (u64, u64),
     caps: Caps,
+    store: Option<Filesystem>,
 ) -> Result<Held, Refusal> {
     let mut held = Held::default();
     gather_mappings(&mut held, baseline, reservation);
@@ -321,7 +346,11 @@ pub(crate) fn gather(
                 continue;
             }
             RegionKind::UnlinkedFile { fd }
-        } else if flags >= 0 && writes_in_place(flags) {
+        } else if flags >= 0 && crate::files::is_writable(flags) {
+            // An append-only file needs only the cut back, where it is.
+            if !writes_in_place(flags) && off_node(fd, store).is_none() {
+                continue;
+            }
             RegionKind::FileContents { fd }
         } else {
             continue;
@@ -347,10 +376,20 @@ pub(crate) fn gather(
             _ => {
                 writable = writable.saturating_add(meta.len());
                 if writable > caps.writable {
+                    // A file of the node is also named by the agent, as one
+                    // a restart elsewhere will not find.
+                    let (how, lost) = if writes_in_place(flags) {
+                        (
+                            "open for writing in place",
+                            "a restart cuts it back to its size at the checkpoint but \
+                             cannot undo bytes overwritten after it",
+                        )
+                    } else {
+                        ("open for writing", "its contents are not saved")
+                    };
                     held.warnings.push(format!(
-                        "fd {fd} ({path}) is open for writing in place and is {} bytes, over \
-                         CRYO_WRITABLE_CAP ({} bytes per rank): a restart cuts it back to its size \
-                         at the checkpoint but cannot undo bytes overwritten after it",
+                        "fd {fd} ({path}) is {how} and is {} bytes, over CRYO_WRITABLE_CAP \
+                         ({} bytes per rank): {lost}",
                         meta.len(),
                         caps.writable
                     ));

@@ -202,6 +202,7 @@ fn park_epoch(
         [&runtime_fds, &library_fds],
         reservation,
         caps,
+        held::store_filesystem(),
     ) {
         Ok(held) => held,
         Err(reason) => {

@@ -5,7 +5,10 @@
  * line per step through stdio. The per-thread sums are added in thread
  * order, so the output is deterministic for a given OMP_NUM_THREADS.
  *
- * Usage: omp_stencil STEPS STEP_MS   (writes omp-RANK.log in the cwd)
+ * Usage: omp_stencil STEPS STEP_MS [INPUT]
+ * Writes omp-RANK.log in the cwd, appending (O_APPEND). With INPUT, each
+ * rank holds that file open for reading from its first start on, as codes
+ * that keep an input or a mesh open do, and logs its size at each step.
  */
 #include <fcntl.h>
 #include <mpi.h>
@@ -14,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cryo.h"
 
@@ -23,6 +27,7 @@
 struct state {
     uint64_t step;
     int log_fd;
+    int input_fd;
     double a[CELLS];
     double b[CELLS];
 };
@@ -36,7 +41,7 @@ int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
     if (argc < 3) {
-        fprintf(stderr, "usage: omp_stencil STEPS STEP_MS\n");
+        fprintf(stderr, "usage: omp_stencil STEPS STEP_MS [INPUT]\n");
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
     int rc = cryo_init_mpi(MPI_COMM_WORLD);
@@ -50,9 +55,14 @@ int main(int argc, char **argv) {
     if (cryo_restored_epoch() == 0) {
         char name[64];
         snprintf(name, sizeof name, "omp-%d.log", rank);
-        st->log_fd = open(name, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        st->log_fd = open(name, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND, 0644);
         if (st->log_fd < 0) {
             perror(name);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        st->input_fd = -1;
+        if (argc > 3 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
+            perror(argv[3]);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
 #pragma omp parallel for schedule(static)
@@ -82,8 +92,10 @@ int main(int argc, char **argv) {
         for (int t = 0; t < MAX_THREADS; t++) local += part[t];
         MPI_Allreduce(&local, &global, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         st->step++;
-        fprintf(log, "step %llu sum %.17g threads %d\n", (unsigned long long)st->step, global,
+        fprintf(log, "step %llu sum %.17g threads %d", (unsigned long long)st->step, global,
                 omp_get_max_threads());
+        if (st->input_fd >= 0) fprintf(log, " input %lld", (long long)lseek(st->input_fd, 0, SEEK_END));
+        fputc('\n', log);
         struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};
         nanosleep(&pause, NULL);
         cryo_checkpoint_point();

@@ -1,11 +1,12 @@
-//! A rank's log on a filesystem in the node's memory (a tmpfs mounted for
-//! the job, as `/tmp` or a local scratch often is): the checkpoint names the
-//! file when it is taken, and once that node's tmpfs is gone the restart
-//! fails naming it, instead of restarting without it.
+//! Files on a filesystem in the node's memory (a tmpfs mounted for the job,
+//! as `/tmp` or a local scratch often is), and a restart on another node,
+//! where that tmpfs is not: a log the ranks write comes back from the
+//! checkpoint, byte-identical; an input they only read is named when the
+//! checkpoint is taken, and the restart fails naming it.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -14,13 +15,22 @@ use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{lines, output_text, wait_until};
 
 const RANKS: u32 = 2;
+const STEPS: &str = "120";
 
-#[test]
-fn a_file_in_node_memory_is_named_at_checkpoint_and_by_the_restart() {
-    // A mount namespace of its own, as the namespace cluster tests use
-    // (root, unshare): they run or are skipped together (CRYO_SKIP_NETNS).
+struct Setup {
+    dir: tempfile::TempDir,
+    program: PathBuf,
+    store: PathBuf,
+    /// The job's working directory: a tmpfs while it first runs, an empty
+    /// directory of the disk once that tmpfs is gone.
+    work: PathBuf,
+}
+
+/// A mount namespace of its own, as the namespace cluster tests use (root,
+/// unshare): they run or are skipped together (`CRYO_SKIP_NETNS`).
+fn setup() -> Option<Setup> {
     if !have_mpi() || !cryo_tests::netns::available() {
-        return;
+        return None;
     }
     let dir = tempfile::Builder::new()
         .prefix("cryo-node-local-")
@@ -28,71 +38,147 @@ fn a_file_in_node_memory_is_named_at_checkpoint_and_by_the_restart() {
         .unwrap();
     let program = dir.path().join("omp_stencil");
     compile_mpich_program_with("tests/programs/omp_stencil.c", &["-fopenmp"], &program);
-    let store = dir.path().join("store");
-    let work = dir.path().join("work");
+    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
     fs::create_dir_all(&work).unwrap();
-    let cryo = |cwd: &Path| {
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(r#"mount -t tmpfs -o size=64m cryo-scratch "$0" && cd "$0" && exec "$@""#)
-            .arg(cwd)
-            .arg(built().join("cryo"))
-            .env("CRYO_STORE", &store)
-            .env("OMP_NUM_THREADS", "2")
-            .stdin(Stdio::null());
-        cmd
-    };
+    Some(Setup {
+        dir,
+        program,
+        store,
+        work,
+    })
+}
 
-    // The job runs with its working directory on a tmpfs only its mount
-    // namespace sees.
-    let log = dir.path().join("run.log");
-    let mut child = cryo(&work)
-        .args([
-            "run", "--job", "scratch", "--nodes", "a:1,b:1", "-n", "2", "--",
-        ])
-        .arg(&program)
-        .args(["400", "20"])
-        .stdout(fs::File::create(dir.path().join("run.out")).unwrap())
+fn cryo(s: &Setup) -> Command {
+    let mut cmd = Command::new(built().join("cryo"));
+    cmd.env("CRYO_STORE", &s.store)
+        .env("OMP_NUM_THREADS", "2")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs the job on nodes a and b with its working directory on a tmpfs
+/// that only its mount namespace sees (`prepare` runs there first),
+/// preempts it with SIGTERM after 20 steps and returns what `cryo run`
+/// said. The tmpfs goes with the namespace.
+fn preempted_on_tmpfs(s: &Setup, job: &str, prepare: &str, input: Option<&Path>) -> String {
+    let log = s.dir.path().join(format!("{job}.log"));
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            r#"mount -t tmpfs -o size=64m cryo-scratch "$0" && cd "$0" && {prepare} && exec "$@""#
+        ))
+        .arg(&s.work)
+        .arg(built().join("cryo"))
+        .args(["run", "--job", job, "--nodes", "a:1,b:1", "-n", "2", "--"])
+        .arg(&s.program)
+        .args([STEPS, "20"])
+        .args(input)
+        .env("CRYO_STORE", &s.store)
+        .env("OMP_NUM_THREADS", "2")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(s.dir.path().join(format!("{job}.out"))).unwrap())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let seen =
-        Path::new(&format!("/proc/{}/root", child.id())).join(work.strip_prefix("/").unwrap());
+    // The job's view of its working directory.
+    let seen = Path::new(&format!("/proc/{}/root", child.id()))
+        .join(s.work.strip_prefix("/").unwrap())
+        .join("omp-0.log");
     wait_until("20 steps logged", Duration::from_secs(60), || {
-        lines(&seen.join("omp-0.log")) >= 20
+        lines(&seen) >= 20
     });
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = wait_child(&mut child, Duration::from_secs(120));
     let said = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(75), "{said}");
+    said
+}
+
+fn named_in_memory(said: &str, path: &Path) -> bool {
+    said.lines().any(|l| {
+        l.contains(&format!(
+            " ({}) is in this node's memory (tmpfs): ",
+            path.display()
+        )) && l.contains("a restart on another node, or after a reboot, will not find it")
+    })
+}
+
+#[test]
+fn a_log_written_in_node_memory_comes_back_on_another_node() {
+    let Some(s) = setup() else {
+        return;
+    };
+    let reference = s.dir.path().join("reference");
+    fs::create_dir_all(&reference).unwrap();
+    let plain = cryo(&s)
+        .args(["run", "--job", "plain", "-n", "2", "--"])
+        .arg(&s.program)
+        .args([STEPS, "1"])
+        .current_dir(&reference)
+        .output()
+        .unwrap();
+    assert!(plain.status.success(), "{}", output_text(&plain));
+
+    let said = preempted_on_tmpfs(&s, "logs", "true", None);
     for rank in 0..RANKS {
-        let file = work.join(format!("omp-{rank}.log"));
-        let warning = format!(
-            "rank {rank}: fd {{}} ({}) is in this node's memory (tmpfs): a restart on another node, or after a reboot, will not find it",
-            file.display()
-        );
-        let (before, after) = warning.split_once("{}").unwrap();
+        let log = s.work.join(format!("omp-{rank}.log"));
         assert!(
-            said.lines()
-                .any(|l| l.contains(before) && l.contains(after) && l.contains("epoch 1")),
-            "cryo run did not name rank {rank}'s log on tmpfs at the checkpoint:\n{said}"
+            !named_in_memory(&said, &log),
+            "its contents are saved, so it must not be named as lost:\n{said}"
         );
     }
+    // The logs (opened with O_APPEND) are made again from the checkpoint.
+    let restart = cryo(&s)
+        .args(["restart", "logs", "--nodes", "c:2"])
+        .current_dir(&s.work)
+        .output()
+        .unwrap();
+    assert!(restart.status.success(), "{}", output_text(&restart));
+    for rank in 0..RANKS {
+        let name = format!("omp-{rank}.log");
+        let (want, got) = (
+            fs::read(reference.join(&name)).unwrap(),
+            fs::read(s.work.join(&name)).unwrap(),
+        );
+        assert!(
+            want == got,
+            "{name} differs from the uninterrupted run's\n{}",
+            output_text(&restart)
+        );
+    }
+}
 
-    // That tmpfs went with its namespace: the restart, in an empty
-    // directory at the same path, names the log it cannot find.
-    let restart = Command::new(built().join("cryo"))
-        .args(["restart", "scratch", "--nodes", "c:2"])
-        .env("CRYO_STORE", &store)
-        .current_dir(&work)
-        .stdin(Stdio::null())
+#[test]
+fn an_input_read_in_node_memory_is_named_at_checkpoint_and_by_the_restart() {
+    let Some(s) = setup() else {
+        return;
+    };
+    let input = s.work.join("input.mesh");
+    let said = preempted_on_tmpfs(&s, "input", "printf mesh > input.mesh", Some(&input));
+    for rank in 0..RANKS {
+        assert!(
+            said.lines()
+                .any(|l| l.contains(&format!("rank {rank}: fd "))
+                    && l.contains("epoch 1")
+                    && named_in_memory(l, &input)),
+            "cryo run did not name rank {rank}'s input on tmpfs at the checkpoint:\n{said}"
+        );
+        let log = s.work.join(format!("omp-{rank}.log"));
+        assert!(!named_in_memory(&said, &log), "{said}");
+    }
+
+    // The restart, in an empty directory at the same path, names the input
+    // it cannot find.
+    let restart = cryo(&s)
+        .args(["restart", "input", "--nodes", "c:2"])
+        .current_dir(&s.work)
         .output()
         .unwrap();
     let text = output_text(&restart);
     assert!(!restart.status.success(), "{text}");
     assert!(
-        text.contains(&format!("file {}/omp-", work.display())) && text.contains("vanished"),
-        "the failed restart must name the missing log:\n{text}"
+        text.contains(&format!("file {} vanished", input.display())),
+        "the failed restart must name the missing input:\n{text}"
     );
 }

@@ -1,0 +1,272 @@
+//! Unit tests of `files.rs`: restores into temporary files.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Seek, Write};
+
+use cryo_core::format::manifest::{FdKind, WriteStats};
+
+use super::*;
+
+fn store() -> JobStore {
+    let dir = tempfile::tempdir().unwrap().keep();
+    cryo_core::Store::create(dir).unwrap().job("files").unwrap()
+}
+
+fn record(fds: Vec<FdRecord>) -> RankRecord {
+    RankRecord {
+        rank: 2,
+        node: "n".into(),
+        pid: 1,
+        fds,
+        mappings: vec![],
+        regions: vec![],
+        stats: WriteStats::default(),
+        warnings: Vec::new(),
+    }
+}
+
+fn fd_record(fd: i32, path: &str, flags: i32, offset: u64, size: u64) -> FdRecord {
+    FdRecord {
+        fd,
+        kind: FdKind::Regular,
+        path: path.into(),
+        flags,
+        offset,
+        size_at_checkpoint: size,
+        restore: FdRestore::Restore,
+        shares_with: None,
+    }
+}
+
+#[test]
+fn restores_truncates_and_seeks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    std::fs::write(&path, b"line1\nline2\nafter checkpoint\n").unwrap();
+    let target = 777;
+    let rec = record(vec![fd_record(
+        target,
+        path.to_str().unwrap(),
+        libc::O_WRONLY | libc::O_APPEND,
+        12,
+        12,
+    )]);
+    let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
+    assert_eq!(done.restored, vec![target]);
+    assert_eq!(std::fs::read(&path).unwrap(), b"line1\nline2\n");
+    // SAFETY: restore_files installed fd 777 for us; we own it now.
+    let mut file = unsafe { std::fs::File::from_raw_fd(target) };
+    file.write_all(b"line3\n").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"line1\nline2\nline3\n");
+}
+
+#[test]
+fn read_only_file_keeps_its_size_and_gets_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("input");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let rec = record(vec![fd_record(
+        778,
+        path.to_str().unwrap(),
+        libc::O_RDONLY,
+        4,
+        4,
+    )]);
+    restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
+    // SAFETY: restore_files installed fd 778 for us; we own it now.
+    let mut file = unsafe { std::fs::File::from_raw_fd(778) };
+    assert_eq!(file.stream_position().unwrap(), 4);
+    let mut rest = String::new();
+    file.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "456789");
+}
+
+#[test]
+fn vanished_and_shrunk_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone.log");
+    let rec = record(vec![fd_record(
+        779,
+        gone.to_str().unwrap(),
+        libc::O_WRONLY,
+        0,
+        0,
+    )]);
+    let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("gone.log") && text.contains("rank 2") && text.contains("vanished"),
+        "{text}"
+    );
+
+    let small = dir.path().join("small.log");
+    std::fs::write(&small, b"abc").unwrap();
+    let rec = record(vec![fd_record(
+        780,
+        small.to_str().unwrap(),
+        libc::O_WRONLY,
+        10,
+        10,
+    )]);
+    let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RestoreError::FileShrank {
+                size: 3,
+                offset: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn keep_policy_leaves_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("log");
+    std::fs::write(&path, b"abcdef").unwrap();
+    let rec = record(vec![fd_record(
+        781,
+        path.to_str().unwrap(),
+        libc::O_WRONLY,
+        3,
+        3,
+    )]);
+    restore_files(&rec, &store(), FilePolicy::Keep, &[]).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"abcdef");
+    let _ = nix::unistd::close(781);
+}
+
+#[test]
+fn a_dup_shares_the_offset_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.log");
+    std::fs::write(&path, b"0123456789").unwrap();
+    let mut leader = fd_record(782, path.to_str().unwrap(), libc::O_WRONLY, 4, 10);
+    leader.restore = FdRestore::Restore;
+    let mut dup = leader.clone();
+    dup.fd = 783;
+    dup.shares_with = Some(782);
+    let rec = record(vec![leader, dup]);
+    let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
+    assert_eq!(done.restored, vec![782, 783]);
+    // SAFETY: restore_files installed both fds for us; we own them now.
+    let (mut a, mut b) = unsafe {
+        (
+            std::fs::File::from_raw_fd(782),
+            std::fs::File::from_raw_fd(783),
+        )
+    };
+    a.write_all(b"ab").unwrap();
+    b.write_all(b"cd").unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), b"0123abcd89");
+}
+
+#[test]
+fn directories_and_dev_null_come_back_and_a_taken_fd_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inside"), b"x").unwrap();
+    let mut dirfd = fd_record(
+        784,
+        dir.path().to_str().unwrap(),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+        0,
+        0,
+    );
+    dirfd.kind = FdKind::Directory;
+    let mut null = fd_record(785, "/dev/null", libc::O_WRONLY, 0, 0);
+    null.kind = FdKind::CharDevice;
+    restore_files(
+        &record(vec![dirfd.clone(), null]),
+        &store(),
+        FilePolicy::Truncate,
+        &[],
+    )
+    .unwrap();
+    let inside = nix::fcntl::openat(Some(784), "inside", OFlag::O_RDONLY, Mode::empty()).unwrap();
+    let _ = nix::unistd::close(inside);
+    // SAFETY: restore_files installed fd 785; it stays open for this test.
+    let null_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(785) };
+    assert_eq!(nix::unistd::write(null_fd, b"gone").unwrap(), 4);
+
+    // fd 785 is /dev/null now: restoring a file there is refused, and
+    // nothing else of that restart is done.
+    let other = dir.path().join("other");
+    std::fs::write(&other, b"abc").unwrap();
+    let mut fresh = fd_record(786, other.to_str().unwrap(), libc::O_RDONLY, 0, 3);
+    fresh.restore = FdRestore::Restore;
+    let taken = fd_record(785, other.to_str().unwrap(), libc::O_RDONLY, 0, 3);
+    let err = restore_files(
+        &record(vec![fresh, taken]),
+        &store(),
+        FilePolicy::Truncate,
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, RestoreError::FdTaken { fd: 785, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("/dev/null"), "{err}");
+    assert!(
+        nix::fcntl::fcntl(786, FcntlArg::F_GETFD).is_err(),
+        "fd 786 was restored"
+    );
+
+    // A directory where a file was is a clear error.
+    let mut changed = fd_record(787, dir.path().to_str().unwrap(), libc::O_RDONLY, 0, 0);
+    changed.kind = FdKind::Regular;
+    let err =
+        restore_files(&record(vec![changed]), &store(), FilePolicy::Truncate, &[]).unwrap_err();
+    assert!(
+        matches!(err, RestoreError::FileChanged { fd: 787, .. }),
+        "{err}"
+    );
+    for fd in [784, 785] {
+        let _ = nix::unistd::close(fd);
+    }
+}
+
+#[test]
+fn a_missing_file_whose_contents_were_saved_is_made_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node-local/scratch/out.log");
+    let mut rec = record(vec![fd_record(
+        783,
+        path.to_str().unwrap(),
+        libc::O_WRONLY | libc::O_APPEND,
+        0,
+        0,
+    )]);
+    rec.regions.push(RegionRecord {
+        name: "cryo:file:783".into(),
+        addr: 0,
+        len: 0,
+        kind: RegionKind::FileContents { fd: 783 },
+        chunks: Vec::new(),
+    });
+    // Under `keep` too: a file made again must get its contents.
+    let done = restore_files(&rec, &store(), FilePolicy::Keep, &[]).unwrap();
+    assert_eq!(done.recreated, [path.display().to_string()]);
+    assert_eq!(done.restored, [783]);
+    assert!(path.is_file());
+    let flags = fcntl(783, FcntlArg::F_GETFL).unwrap();
+    assert_ne!(flags & libc::O_APPEND, 0, "restored with its flags");
+    nix::unistd::close(783).unwrap();
+
+    // A file that is there is opened, not made again.
+    let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
+    assert!(done.recreated.is_empty());
+    nix::unistd::close(783).unwrap();
+
+    // Without saved contents a missing file is still an error naming it.
+    std::fs::remove_file(&path).unwrap();
+    rec.regions.clear();
+    let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
+    assert!(
+        matches!(err, RestoreError::FileVanished { fd: 783, .. }),
+        "{err}"
+    );
+}
