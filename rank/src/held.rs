@@ -415,7 +415,7 @@ pub(crate) fn gather(
             )),
         }
     }
-    if let Some(table) = crate::closed_files::capture(&writing, &mut held.warnings) {
+    if let Some(table) = crate::closed_files::capture(&writing, &mut held.warnings, store) {
         held.closed_files = table;
         held.regions.push(RegionInfo {
             name: CLOSED_FILES_REGION.into(),

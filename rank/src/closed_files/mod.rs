@@ -33,12 +33,14 @@ use std::fs;
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cryo_core::format::closed::{
     tail_hash, tail_start, ClosedFile, ClosedFiles, Mark, MAX_CLOSED_FILES,
 };
+use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 
 pub(crate) use settle::{load, settle, Alone, Peers};
 
@@ -206,6 +208,7 @@ fn measure(path: &str, closed_size: Option<u64>) -> io::Result<(Mark, Mark)> {
 pub(crate) fn capture(
     open_for_writing: &HashSet<String>,
     warnings: &mut Vec<String>,
+    store: Option<Filesystem>,
 ) -> Option<Vec<u8>> {
     let mut guard = table();
     let (closed, dropped) = close::drain();
@@ -250,6 +253,13 @@ pub(crate) fn capture(
                 }
             },
         };
+        // Its contents are not saved: on another node it is not there to
+        // cut back, and what it held is lost.
+        if let Some(why) = store
+            .and_then(|store| unreachable_elsewhere(Filesystem::of(Path::new(path)).ok()?, store))
+        {
+            warnings.push(format!("{path} was written and closed, and {why}"));
+        }
         out.files.push(ClosedFile {
             path: path.clone(),
             at_checkpoint,

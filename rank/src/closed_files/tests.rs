@@ -58,7 +58,7 @@ fn record(path: &str, at_checkpoint: &[u8], at_close: &[u8]) -> ClosedFile {
 
 fn table_now(open: &HashSet<String>) -> Option<ClosedFiles> {
     let mut warnings = Vec::new();
-    let table = capture(open, &mut warnings).map(|b| ClosedFiles::decode(&b).unwrap());
+    let table = capture(open, &mut warnings, None).map(|b| ClosedFiles::decode(&b).unwrap());
     assert!(warnings.is_empty(), "{warnings:?}");
     table
 }
@@ -157,7 +157,8 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
         unsafe { close::close(std::os::fd::IntoRawFd::into_raw_fd(file)) };
     }
     let mut warnings = Vec::new();
-    let table = ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings).unwrap()).unwrap();
+    let table =
+        ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings, None).unwrap()).unwrap();
     let noted = mine(table.files.iter().map(|f| (f.path.clone(), 0)).collect()).len();
     assert!(table
         .files
@@ -363,4 +364,40 @@ fn settling_takes_the_peers_marks_and_waits_for_them() {
     ));
     assert_eq!(fs::read(&path).unwrap(), b"a\nb\nc\n");
     assert_eq!(peers.barriers, 0);
+}
+
+#[test]
+fn a_closed_file_in_node_memory_is_named() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let disk = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let (in_memory, on_disk) = (shm.path().join("log"), disk.path().join("log"));
+    append_and_close(&in_memory, b"one\n");
+    append_and_close(&on_disk, b"one\n");
+    // The store on the disk: the tmpfs file is named, the other is not.
+    let store = Filesystem::of(disk.path()).ok();
+    let mut warnings = Vec::new();
+    let table = capture(&HashSet::new(), &mut warnings, store).unwrap();
+    // (Another test's close may land among them: only ours are looked at.)
+    let ours = |path: &str| {
+        path.starts_with(shm.path().to_str().unwrap())
+            || path.starts_with(disk.path().to_str().unwrap())
+    };
+    let files = ClosedFiles::decode(&table).unwrap().files;
+    assert_eq!(
+        files.iter().filter(|f| ours(&f.path)).count(),
+        2,
+        "{files:?}"
+    );
+    let named: Vec<&String> = warnings.iter().filter(|w| ours(w)).collect();
+    assert_eq!(named.len(), 1, "{warnings:?}");
+    assert!(
+        named[0].starts_with(&format!(
+            "{} was written and closed, and is in this node's memory (tmpfs)",
+            in_memory.display()
+        )),
+        "{warnings:?}"
+    );
+    forget_all();
 }
