@@ -86,13 +86,16 @@ class Appended:
         else:
             said = []
         everyone = comm.allgather(mine)
+        # A file is its path and inode: the device number of one file on a
+        # shared filesystem differs between hosts (each numbers its mounts),
+        # its inode does not.
         sizes = {}
         for who, rows in enumerate(everyone):
-            for path, size, dev, ino in rows:
-                key = (path, dev, ino)
+            for path, size, _dev, ino in rows:
+                key = (path, ino)
                 largest, cutter = sizes.get(key, (size, who))
                 sizes[key] = (max(largest, size), cutter)
-        for (path, dev, ino), (size, cutter) in sizes.items():
+        for (path, ino), (size, cutter) in sizes.items():
             self.paths[path] = None
             if cutter != rank:
                 continue
@@ -101,8 +104,11 @@ class Appended:
             except OSError:
                 said.append(f"cryo: {path}, appended to before the checkpoint, is gone")
                 continue
-            if (st.st_dev, st.st_ino) != (dev, ino):
-                said.append(f"cryo: {path} is another file than at the checkpoint; left as it is")
+            if st.st_ino != ino:
+                # At its size at the checkpoint it was made again from the
+                # checkpoint (a file of another node's own filesystem).
+                if st.st_size != size:
+                    said.append(f"cryo: {path} is another file than at the checkpoint; left as it is")
             elif st.st_size < size:
                 said.append(
                     f"cryo: {path} is {st.st_size} bytes, shorter than its {size} at the "

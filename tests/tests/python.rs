@@ -259,8 +259,11 @@ fn python_heat2d_checkpoint_kill_restart_matches_c() {
 
 /// The table of files opened for appending (`python/cryo/_appended.py`),
 /// by itself: only opens with `O_APPEND` of a path are noted; a checkpoint's
-/// sizes come back in a restarted process, which cuts the file back; paths
-/// that do not fit are named; a damaged table is said, never trusted.
+/// sizes come back in a restarted process, which cuts the file back, also
+/// when another host numbers the file's device differently; a file made
+/// again at its size (a new inode) is left without a word, one replaced by
+/// another is named and left; paths that do not fit are named; a damaged
+/// table is said, never trusted.
 #[test]
 fn python_appended_files_table_round_trips_and_refuses_damage() {
     if !python_available() {
@@ -268,7 +271,7 @@ fn python_appended_files_table_round_trips_and_refuses_damage() {
     }
     let venv = Venv::new();
     let out = venv.run(
-        "import os, tempfile, numpy as np\n\
+        "import json, os, tempfile, numpy as np\n\
          from mpi4py import MPI\n\
          from cryo import _appended\n\
          d = tempfile.mkdtemp()\n\
@@ -285,6 +288,20 @@ fn python_appended_files_table_round_trips_and_refuses_damage() {
          b = _appended.Appended(a.table)\n\
          print('said', b.cut_back(MPI.COMM_WORLD))\n\
          print('log', repr(open(log).read()))\n\
+         def table_of(rows):\n\
+         \x20   data = json.dumps(rows).encode()\n\
+         \x20   head = _appended._LENGTH.pack(len(data))\n\
+         \x20   return np.frombuffer((head + data).ljust(4096, b'\\0'), np.uint8).copy()\n\
+         with open(log, 'a') as f: f.write('after again\\n')\n\
+         moved = [[p, s, dev + 1, ino] for p, s, dev, ino in a.saved()]\n\
+         print('other host', _appended.Appended(table_of(moved)).cut_back(MPI.COMM_WORLD), repr(open(log).read()))\n\
+         def swap(text, n):\n\
+         \x20   os.rename(log, f'{log}.{n}')\n\
+         \x20   open(log, 'w').write(text)\n\
+         swap('kept\\n', 1)\n\
+         print('made again', _appended.Appended(a.table).cut_back(MPI.COMM_WORLD))\n\
+         swap('another file\\n', 2)\n\
+         print('replaced', _appended.Appended(a.table).cut_back(MPI.COMM_WORLD))\n\
          small = _appended.Appended(np.zeros(64, np.uint8))\n\
          for i in range(5):\n\
          \x20   p = os.path.join(d, f'a-rather-long-file-name-{i}')\n\
@@ -302,6 +319,10 @@ fn python_appended_files_table_round_trips_and_refuses_damage() {
         "left out []",
         "said []",
         "log 'kept\\n'",
+        "other host [] 'kept\\n'",
+        "made again []",
+        "replaced ['cryo: ",
+        "is another file than at the checkpoint; left as it is']",
         "overflow 5",
         "damaged ['cryo: the table of appended files is damaged",
     ] {
