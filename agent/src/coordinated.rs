@@ -4,6 +4,8 @@
 //! each `Checkpoint` runs on a thread of its own; a watchdog gives up on
 //! ranks that parked for an epoch the coordinator never asked for.
 
+use std::fs;
+use std::io;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -299,6 +301,22 @@ impl Shared {
                 conn.abort(parked.epoch, &reason);
             }
             slot = lock(&self.slot);
+        }
+    }
+
+    /// Removes this agent's parts of `epoch` (never other nodes' parts).
+    pub(crate) fn remove_parts(&self, epoch: u64, ranks: &[u32]) {
+        for &rank in ranks {
+            let path = self.job.part_path(epoch, rank);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(job = %self.config.job, node = %self.config.node, rank, epoch, path = %path.display(), "part.discarded")
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::warn!(job = %self.config.job, node = %self.config.node, rank, epoch, path = %path.display(), error = %err, "part.discard_failed")
+                }
+            }
         }
     }
 }

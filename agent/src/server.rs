@@ -444,6 +444,8 @@ impl Shared {
     fn read_rank(&self, sock: &UnixStream, conn: &Arc<RankConn>, tx: &Sender<RankEvent>) {
         let (rank, pid) = (conn.rank, conn.pid);
         let job = &self.config.job;
+        // A failed restart is why the rank leaves: the coordinator says so.
+        let mut failed = None;
         let why = loop {
             match read_message::<RankToAgent>(&mut &*sock) {
                 Ok(RankToAgent::Parked {
@@ -471,6 +473,7 @@ impl Shared {
                 }
                 Ok(RankToAgent::RestoreFailed { epoch, error }) => {
                     tracing::error!(job = %job, rank, pid, epoch, error = %error, "restart.failed");
+                    failed = Some(format!("its restart from epoch {epoch} failed: {error}"));
                 }
                 Ok(RankToAgent::Refused { epoch, reason }) => {
                     tracing::warn!(job = %job, rank, pid, epoch, reason = %reason, "rank.refused");
@@ -483,7 +486,9 @@ impl Shared {
                     let _ = tx.send(RankEvent::Copied { epoch, outcome });
                 }
                 Ok(RankToAgent::Goodbye) => break cryo_core::protocol::RANK_FINALIZED.to_owned(),
-                Err(err) if err.is_disconnect() => break "disconnected".to_owned(),
+                Err(err) if err.is_disconnect() => {
+                    break failed.take().unwrap_or_else(|| "disconnected".to_owned())
+                }
                 Err(err) => break format!("protocol error: {err}"),
             }
         };
@@ -677,22 +682,6 @@ impl Shared {
                 .wait_timeout(slot, deadline - now)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
-    }
-
-    /// Removes this agent's parts of `epoch` (never other nodes' parts).
-    pub(crate) fn remove_parts(&self, epoch: u64, ranks: &[u32]) {
-        for &rank in ranks {
-            let path = self.job.part_path(epoch, rank);
-            match fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(job = %self.config.job, node = %self.config.node, rank, epoch, path = %path.display(), "part.discarded");
-                }
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    tracing::warn!(job = %self.config.job, node = %self.config.node, rank, epoch, path = %path.display(), error = %err, "part.discard_failed");
-                }
-            }
         }
     }
 }

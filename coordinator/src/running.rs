@@ -61,6 +61,10 @@ pub(crate) struct Coordinator {
     finalized: BTreeSet<u32>,
     /// When the last rank of the world said goodbye.
     pub(crate) all_finalized_at: Option<Instant>,
+    /// The first rank that left without saying goodbye: rank, node and
+    /// why, as its agent saw it (its restart failed, it died), told when
+    /// the job fails.
+    pub(crate) first_left: Option<(u32, String, String)>,
 }
 
 impl Coordinator {
@@ -86,6 +90,7 @@ impl Coordinator {
             committing: None,
             finalized: BTreeSet::new(),
             all_finalized_at: None,
+            first_left: None,
             opts,
         }
     }
@@ -220,6 +225,9 @@ impl Coordinator {
             AgentToCoordinator::RankLeft { rank, why } => {
                 if let Some(agent) = self.agents.get_mut(node) {
                     agent.ranks.remove(&rank);
+                }
+                if why != RANK_FINALIZED && self.first_left.is_none() {
+                    self.first_left = Some((rank, node.to_owned(), why.clone()));
                 }
                 if why == RANK_FINALIZED && self.finalized.insert(rank) {
                     let world = usize::try_from(self.opts.ranks).unwrap_or(usize::MAX);

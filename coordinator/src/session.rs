@@ -383,6 +383,9 @@ fn drive(
                 break preempt_exit(c);
             }
             eprintln!("cryo: job {} finished ({status})", c.opts.job);
+            if !status.success() {
+                name_first_departure(c, rx);
+            }
             if c.pids.len() < c.opts.ranks as usize {
                 eprintln!(
                     "cryo: WARNING: only {} of {} ranks ever registered with a cryo agent, so the job could not be checkpointed (is the program linked with the cryo runtime, and did its agents start?)",
@@ -506,6 +509,26 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
             Ok(Event::AgentConnected { .. }) | Err(RecvTimeoutError::Timeout) => c.progress(),
             Err(RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+/// After a failed job: the first rank that left without saying goodbye,
+/// and why (a restart that failed names what it could not restore). Its
+/// agent's word may still be on the way when the launcher has ended.
+fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while c.first_left.is_none() && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
+            Ok(Event::AgentLost { node, why }) => c.on_agent_lost(&node, &why),
+            Ok(Event::Request { request, reply }) => c.on_request(request, reply),
+            Ok(Event::Committed { epoch, result }) => c.on_committed(epoch, result),
+            Ok(Event::AgentConnected { .. }) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    if let Some((rank, node, why)) = &c.first_left {
+        eprintln!("cryo: rank {rank} (node {node}) left first: {why}");
     }
 }
 
