@@ -234,39 +234,110 @@ fn a_missing_file_whose_contents_were_saved_is_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node-local/scratch/out.log");
     let mut rec = record(vec![fd_record(
-        783,
+        790,
         path.to_str().unwrap(),
         libc::O_WRONLY | libc::O_APPEND,
         0,
         0,
     )]);
     rec.regions.push(RegionRecord {
-        name: "cryo:file:783".into(),
+        name: "cryo:file:790".into(),
         addr: 0,
         len: 0,
-        kind: RegionKind::FileContents { fd: 783 },
+        kind: RegionKind::FileContents { fd: 790 },
         chunks: Vec::new(),
     });
     // Under `keep` too: a file made again must get its contents.
     let done = restore_files(&rec, &store(), FilePolicy::Keep, &[]).unwrap();
     assert_eq!(done.recreated, [path.display().to_string()]);
-    assert_eq!(done.restored, [783]);
+    assert_eq!(done.restored, [790]);
     assert!(path.is_file());
-    let flags = fcntl(783, FcntlArg::F_GETFL).unwrap();
+    let flags = fcntl(790, FcntlArg::F_GETFL).unwrap();
     assert_ne!(flags & libc::O_APPEND, 0, "restored with its flags");
-    nix::unistd::close(783).unwrap();
+    nix::unistd::close(790).unwrap();
 
     // A file that is there is opened, not made again.
     let done = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap();
     assert!(done.recreated.is_empty());
-    nix::unistd::close(783).unwrap();
+    nix::unistd::close(790).unwrap();
 
     // Without saved contents a missing file is still an error naming it.
     std::fs::remove_file(&path).unwrap();
     rec.regions.clear();
     let err = restore_files(&rec, &store(), FilePolicy::Truncate, &[]).unwrap_err();
     assert!(
-        matches!(err, RestoreError::FileVanished { fd: 783, .. }),
+        matches!(err, RestoreError::FileVanished { fd: 790, .. }),
         "{err}"
     );
+}
+
+/// Saved contents go back chunk by chunk at their offsets through a fresh
+/// open: `pwrite` through the restored `O_APPEND` fd would append them,
+/// after whatever the file holds.
+#[test]
+fn saved_contents_go_back_in_place_for_an_append_only_fd() {
+    use cryo_core::format::limits::MIN_CHUNK_SIZE;
+    use cryo_core::store::writer::WriterConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scratch/out.log");
+    let job = store();
+    // Five chunks, each of its own byte.
+    let contents: Vec<u8> = (0..5u8)
+        .flat_map(|c| std::iter::repeat_n(b'a' + c, MIN_CHUNK_SIZE))
+        .collect();
+    let writer = job
+        .begin_epoch(
+            1,
+            WriterConfig {
+                chunk_size: MIN_CHUNK_SIZE,
+                ..WriterConfig::default()
+            },
+        )
+        .unwrap();
+    let region = writer
+        .rank(2)
+        .store_region(
+            "cryo:file:791",
+            0,
+            RegionKind::FileContents { fd: 791 },
+            &contents,
+        )
+        .unwrap();
+    drop(writer);
+    assert_eq!(region.chunks.len(), 5);
+    let size = contents.len() as u64;
+    let mut rec = record(vec![fd_record(
+        791,
+        path.to_str().unwrap(),
+        libc::O_WRONLY | libc::O_APPEND,
+        size,
+        size,
+    )]);
+    rec.regions.push(region);
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert_eq!(done.recreated, [path.display().to_string()]);
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "contents out of place"
+    );
+    // The restored fd appends after them.
+    // SAFETY: restore_files installed fd 791 for us; we own it now.
+    let mut file = unsafe { std::fs::File::from_raw_fd(791) };
+    file.write_all(b"next\n").unwrap();
+    let now = std::fs::read(&path).unwrap();
+    assert_eq!(now.len() as u64, size + 5);
+    assert!(now.ends_with(b"eeeenext\n"));
+    drop(file);
+
+    // Still there (a restart on the same node), overwritten since: its
+    // contents go back over the bytes written after the checkpoint.
+    std::fs::write(&path, vec![b'z'; contents.len()]).unwrap();
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert!(done.recreated.is_empty());
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "contents not written back in place"
+    );
+    nix::unistd::close(791).unwrap();
 }
