@@ -213,6 +213,13 @@ fn signals_status_and_preempt_then_restart() {
     wait_until("epoch 1 from SIGUSR1", Duration::from_secs(60), || {
         case.committed("signals") == vec![1]
     });
+    // Its manifest is on disk before the coordinator hears that the commit
+    // (the chunk index after it too) is over: a `cryo preempt` before then
+    // stops after epoch 1 instead of taking another.
+    wait_until("epoch 1 over", Duration::from_secs(60), || {
+        let status = case.cryo().args(["status", "signals"]).output().unwrap();
+        output_text(&status).contains("no checkpoint in progress")
+    });
     let status = case.cryo().args(["status", "signals"]).output().unwrap();
     let shown = output_text(&status);
     assert!(status.status.success(), "{shown}");
