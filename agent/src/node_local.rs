@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use cryo_core::format::fds::saved_file_paths;
 use cryo_core::format::manifest::{FdKind, FdRecord, FdRestore, RegionKind};
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
@@ -26,14 +27,7 @@ pub fn node_local_warnings(
     store: Filesystem,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
-    let saved: BTreeSet<&str> = regions
-        .iter()
-        .filter_map(|region| match region.kind {
-            RegionKind::FileContents { fd } => fds.iter().find(|f| f.fd == fd),
-            _ => None,
-        })
-        .map(|fd| fd.path.as_str())
-        .collect();
+    let saved = saved_file_paths(fds, regions.iter().map(|region| &region.kind));
     let by_path = fds.iter().filter(|fd| {
         fd.restore == FdRestore::Restore
             && fd.shares_with.is_none()

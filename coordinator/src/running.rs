@@ -20,6 +20,7 @@ use cryo_core::store::JobStore;
 use crate::commit::Committer;
 use crate::epoch::{Epoch, Event as EpochEvent, Phase};
 use crate::human;
+use crate::peers::Event;
 use crate::session::{stop_process_group, AgentMode, RunOptions};
 
 /// One node's agent.
@@ -111,6 +112,21 @@ impl Coordinator {
         let nodes: Vec<String> = self.agents.keys().cloned().collect();
         for node in nodes {
             self.send(&node, msg);
+        }
+    }
+
+    /// Handles one event of the coordinator's channel.
+    pub(crate) fn on_event(&mut self, event: Event) {
+        match event {
+            Event::AgentConnected {
+                node,
+                writer,
+                version,
+            } => self.on_agent_connected(node, writer, version),
+            Event::Agent { node, msg } => self.on_agent_message(&node, msg),
+            Event::AgentLost { node, why } => self.on_agent_lost(&node, &why),
+            Event::Request { request, reply } => self.on_request(request, reply),
+            Event::Committed { epoch, result } => self.on_committed(epoch, result),
         }
     }
 

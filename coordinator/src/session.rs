@@ -476,15 +476,7 @@ fn drive(
         // Short: the launcher's exit is noticed on this tick, and every
         // tick of lateness adds to the job's end.
         match rx.recv_timeout(Duration::from_millis(5)) {
-            Ok(Event::AgentConnected {
-                node,
-                writer,
-                version,
-            }) => c.on_agent_connected(node, writer, version),
-            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
-            Ok(Event::AgentLost { node, why }) => c.on_agent_lost(&node, &why),
-            Ok(Event::Request { request, reply }) => c.on_request(request, reply),
-            Ok(Event::Committed { epoch, result }) => c.on_committed(epoch, result),
+            Ok(event) => c.on_event(event),
             Err(RecvTimeoutError::Timeout) => c.progress(),
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(anyhow!("the coordinator's listener stopped"))
@@ -502,11 +494,8 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
     let deadline = Instant::now() + COMMIT_GRACE;
     while c.is_committing() && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::Committed { epoch, result }) => c.on_committed(epoch, result),
-            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
-            Ok(Event::AgentLost { node, why }) => c.on_agent_lost(&node, &why),
-            Ok(Event::Request { request, reply }) => c.on_request(request, reply),
-            Ok(Event::AgentConnected { .. }) | Err(RecvTimeoutError::Timeout) => c.progress(),
+            Ok(event) => c.on_event(event),
+            Err(RecvTimeoutError::Timeout) => c.progress(),
             Err(RecvTimeoutError::Disconnected) => return,
         }
     }
@@ -519,11 +508,8 @@ fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
     let deadline = Instant::now() + Duration::from_secs(1);
     while c.first_left.is_none() && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
-            Ok(Event::AgentLost { node, why }) => c.on_agent_lost(&node, &why),
-            Ok(Event::Request { request, reply }) => c.on_request(request, reply),
-            Ok(Event::Committed { epoch, result }) => c.on_committed(epoch, result),
-            Ok(Event::AgentConnected { .. }) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(event) => c.on_event(event),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }

@@ -7,13 +7,14 @@
 //! filesystem of its node) is made again where it is missing; directories
 //! and the portable devices come back by path.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use cryo_core::format::fds::saved_file_paths;
 use cryo_core::format::manifest::{
     FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord,
 };
@@ -55,6 +56,9 @@ pub struct FilesRestored {
     pub truncated: Vec<String>,
     /// Files missing here and made again from their saved contents.
     pub recreated: Vec<String>,
+    /// Files found shorter than their offset at the checkpoint (cut by
+    /// something else since) and filled again from their saved contents.
+    pub refilled: Vec<String>,
 }
 
 /// Whether status flags `flags` (`F_GETFL`, fdinfo) open a file for writing.
@@ -79,7 +83,7 @@ pub fn restore_files(
         .iter()
         .filter(|fd| fd.restore == FdRestore::Restore)
         .collect();
-    let saved = saved_paths(record);
+    let saved = saved_file_paths(&record.fds, record.regions.iter().map(|r| &r.kind));
     // Check every fd first, so that a refused restart changes nothing.
     for fd in &wanted {
         if reserved.contains(&fd.fd) {
@@ -93,7 +97,13 @@ pub fn restore_files(
         let identity = if fd.shares_with.is_some() {
             None
         } else {
-            check_source(record.rank, fd, saved.contains(fd.path.as_str()))?
+            let is_saved = saved.contains(fd.path.as_str());
+            let identity = check_source(record.rank, fd, is_saved)?;
+            if is_saved && shorter_than_offset(fd) && !done.refilled.contains(&fd.path) {
+                tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_cut_short");
+                done.refilled.push(fd.path.clone());
+            }
+            identity
         };
         check_free(record.rank, fd, identity)?;
     }
@@ -152,29 +162,13 @@ fn write_contents(
         .map_err(|err| file_io(rank, fd, "ftruncate", err))
 }
 
-/// The paths of the files whose contents were saved.
-fn saved_paths(record: &RankRecord) -> HashSet<&str> {
-    record
-        .regions
-        .iter()
-        .filter_map(|region| match region.kind {
-            RegionKind::FileContents { fd } => record
-                .fds
-                .iter()
-                .find(|f| f.fd == fd)
-                .map(|f| f.path.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Makes again, empty, each file whose contents were saved but that is
 /// missing here (it was on a filesystem of the node the rank ran on), with
 /// its directories; [`restore_contents`] fills it once its fds are back.
 fn recreate_missing(
     rank: u32,
     wanted: &[&FdRecord],
-    saved: &HashSet<&str>,
+    saved: &BTreeSet<&str>,
 ) -> Result<Vec<String>, RestoreError> {
     let mut made: Vec<String> = Vec::new();
     for fd in wanted {
@@ -206,8 +200,9 @@ fn recreate_missing(
 
 /// Writes back the saved contents of the files whose contents were saved,
 /// so that bytes overwritten after the checkpoint are undone and a file
-/// made again gets what it held: every such file under
-/// [`FilePolicy::Truncate`], only those made again under `Keep`.
+/// made again, or cut short, gets what it held: every such file under
+/// [`FilePolicy::Truncate`], only those made again or cut short under
+/// `Keep`.
 fn restore_contents(
     record: &RankRecord,
     store: &JobStore,
@@ -222,9 +217,8 @@ fn restore_contents(
         let Some(fd) = record.fds.iter().find(|f| f.fd == owner) else {
             continue;
         };
-        if !done.restored.contains(&owner)
-            || (policy == FilePolicy::Keep && !done.recreated.contains(&fd.path))
-        {
+        let damaged = done.recreated.contains(&fd.path) || done.refilled.contains(&fd.path);
+        if !done.restored.contains(&owner) || (policy == FilePolicy::Keep && !damaged) {
             continue;
         }
         if fd.flags & libc::O_APPEND != 0 {
@@ -245,6 +239,13 @@ fn restore_contents(
     Ok(())
 }
 
+/// Whether the regular file of `fd` is there but shorter than the offset
+/// the rank had reached in it.
+fn shorter_than_offset(fd: &FdRecord) -> bool {
+    fd.kind == FdKind::Regular
+        && fs::metadata(&fd.path).is_ok_and(|m| m.is_file() && m.len() < fd.offset)
+}
+
 fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> RestoreError {
     RestoreError::FileIo {
         rank,
@@ -257,7 +258,8 @@ fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> R
 
 /// Checks that what an fd is restored from is still there and still the
 /// same kind of thing; returns its `(dev, ino)` where it has a path. A
-/// missing file whose contents were `saved` is made again.
+/// missing file whose contents were `saved` is made again, and one cut
+/// shorter than its offset is refilled.
 fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u64)>, RestoreError> {
     let expected = match fd.kind {
         FdKind::Deleted => return Ok(None),
@@ -294,7 +296,8 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u6
             expected,
         });
     }
-    if meta.is_file() && meta.len() < fd.offset {
+    // A file shorter than its offset is refilled from its saved contents.
+    if meta.is_file() && meta.len() < fd.offset && !saved {
         return Err(RestoreError::FileShrank {
             rank,
             fd: fd.fd,

@@ -340,4 +340,15 @@ fn saved_contents_go_back_in_place_for_an_append_only_fd() {
         "contents not written back in place"
     );
     nix::unistd::close(791).unwrap();
+
+    // Cut shorter than its offset since (a job script's `>`): refilled,
+    // under `keep` too, where a file not saved is refused (FileShrank).
+    std::fs::write(&path, b"abc").unwrap();
+    let done = restore_files(&rec, &job, FilePolicy::Keep, &[]).unwrap();
+    assert_eq!(done.refilled, [path.display().to_string()]);
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "a file cut short not refilled"
+    );
+    nix::unistd::close(791).unwrap();
 }

@@ -3,6 +3,10 @@
 //! (The links between fd records are checked with the rest of a rank
 //! record, in `manifest.rs`.)
 
+use std::collections::BTreeSet;
+
+use super::manifest::{FdRecord, RegionKind};
+
 /// The name of the region that holds the contents of the unlinked file
 /// open at `fd`.
 pub fn unlinked_region_name(fd: i32) -> String {
@@ -23,3 +27,20 @@ pub fn mapping_region_name(start: u64) -> String {
 
 /// Region names starting with this are the runtime's own.
 pub const RESERVED_REGION_PREFIX: &str = "cryo:";
+
+/// The paths of the files among `fds` whose contents a region of `kinds`
+/// saved (a [`RegionKind::FileContents`]): a restart makes them again
+/// where they are missing.
+pub fn saved_file_paths<'a>(
+    fds: &'a [FdRecord],
+    kinds: impl IntoIterator<Item = &'a RegionKind>,
+) -> BTreeSet<&'a str> {
+    kinds
+        .into_iter()
+        .filter_map(|kind| match kind {
+            RegionKind::FileContents { fd } => fds.iter().find(|f| f.fd == *fd),
+            _ => None,
+        })
+        .map(|fd| fd.path.as_str())
+        .collect()
+}
