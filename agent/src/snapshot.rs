@@ -129,7 +129,8 @@ pub fn is_private(kind: &RegionKind) -> bool {
         RegionKind::AppMapping { shared, .. } => !shared,
         RegionKind::FileShared { .. }
         | RegionKind::UnlinkedFile { .. }
-        | RegionKind::FileContents { .. } => false,
+        | RegionKind::FileContents { .. }
+        | RegionKind::ClosedFileContents { .. } => false,
     }
 }
 

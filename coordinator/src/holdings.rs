@@ -47,6 +47,12 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
                 human::bytes(region.len)
             ));
         }
+        if let RegionKind::ClosedFileContents { path } = &region.kind {
+            out.push(format!(
+                "{path}: written and closed on a filesystem of its node; its saved contents                  ({}) make it again where it is missing",
+                human::bytes(region.len)
+            ));
+        }
         if matches!(region.kind, RegionKind::ClosedFiles) {
             out.push(format!(
                 "files written and closed before the checkpoint: cut back to their size at it \

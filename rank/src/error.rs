@@ -260,6 +260,19 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// A file written and closed on a filesystem of the node could not be
+    /// made again from its saved contents.
+    #[error("rank {rank}: making {path} again (written and closed before the checkpoint, on a filesystem of its node): {step}: {source}")]
+    ClosedFileIo {
+        /// The rank.
+        rank: u32,
+        /// The file.
+        path: String,
+        /// The step.
+        step: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The table of files the rank wrote and closed is damaged.
     #[error("rank {rank}: the checkpoint's table of files written and closed is damaged: {why}")]
     ClosedFiles {

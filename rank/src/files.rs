@@ -145,21 +145,29 @@ fn write_contents(
     file: &fs::File,
     what: &str,
 ) -> Result<(), RestoreError> {
-    crate::restore_threads::restore(|| {
-        store.stream_region(region, 16 << 20, |offset, bytes| {
-            file.write_all_at(bytes, offset)
-        })
-    })
-    .map_err(|err| match err {
+    fill_file(store, region, file).map_err(|err| match err {
         StreamError::Read(source) => RestoreError::Contents {
             rank,
             what: format!("{what} {} ({})", fd.fd, fd.path),
             source,
         },
         StreamError::Sink(source) => file_io(rank, fd, "write contents", source),
+    })
+}
+
+/// Streams a saved region into `file` from its start, on the restore
+/// threads, and cuts the file to the region's length.
+pub(crate) fn fill_file(
+    store: &JobStore,
+    region: &RegionRecord,
+    file: &fs::File,
+) -> Result<(), StreamError<io::Error>> {
+    crate::restore_threads::restore(|| {
+        store.stream_region(region, 16 << 20, |offset, bytes| {
+            file.write_all_at(bytes, offset)
+        })
     })?;
-    file.set_len(region.len)
-        .map_err(|err| file_io(rank, fd, "ftruncate", err))
+    file.set_len(region.len).map_err(StreamError::Sink)
 }
 
 /// Makes again, empty, each file whose contents were saved but that is

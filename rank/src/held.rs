@@ -27,7 +27,9 @@ use std::ptr::NonNull;
 use std::sync::OnceLock;
 
 use cryo_core::format::closed::CLOSED_FILES_REGION;
-use cryo_core::format::fds::{contents_region_name, mapping_region_name, unlinked_region_name};
+use cryo_core::format::fds::{
+    closed_contents_region_name, contents_region_name, mapping_region_name, unlinked_region_name,
+};
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
@@ -398,7 +400,7 @@ pub(crate) fn gather(
                 contents_region_name(fd)
             }
         };
-        match map_file(fd, meta.len()) {
+        match map_file(&format!("/proc/self/fd/{fd}"), meta.len()) {
             Ok((addr, len)) => {
                 if let Some(addr) = addr {
                     held.temporary.push((addr, len));
@@ -415,7 +417,41 @@ pub(crate) fn gather(
             )),
         }
     }
-    if let Some(table) = crate::closed_files::capture(&writing, &mut held.warnings, store) {
+    let closed = crate::closed_files::capture(&writing, &mut held.warnings, store);
+    for (n, file) in closed.node_local.iter().enumerate() {
+        writable = writable.saturating_add(file.size);
+        let lost = if writable > caps.writable {
+            Some(format!(
+                "its {} bytes are over CRYO_WRITABLE_CAP ({} bytes per rank) and not saved",
+                file.size, caps.writable
+            ))
+        } else {
+            match map_file(&file.path, file.size) {
+                Ok((addr, len)) => {
+                    if let Some(addr) = addr {
+                        held.temporary.push((addr, len));
+                    }
+                    held.regions.push(RegionInfo {
+                        name: closed_contents_region_name(n),
+                        addr: addr.map_or(0, |a| a.as_ptr() as u64),
+                        len: file.size,
+                        kind: RegionKind::ClosedFileContents {
+                            path: file.path.clone(),
+                        },
+                    });
+                    None
+                }
+                Err(err) => Some(format!("it could not be read to save it ({err})")),
+            }
+        };
+        if let Some(lost) = lost {
+            held.warnings.push(format!(
+                "{} was written and closed, and {}; {lost}, so what it held is lost there",
+                file.path, file.why
+            ));
+        }
+    }
+    if let Some(table) = closed.table {
         held.closed_files = table;
         held.regions.push(RegionInfo {
             name: CLOSED_FILES_REGION.into(),
@@ -475,18 +511,15 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
     }
 }
 
-/// Maps a file read-only through a fresh open of its fd's link (the
-/// application's own fd may be write-only, or the file unlinked), so the
-/// agent can copy it like memory. An empty file needs no mapping.
-fn map_file(fd: RawFd, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>, usize)> {
+/// Maps the first `len` bytes of the file at `path` read-only, through a
+/// fresh open (for an fd, of its link `/proc/self/fd/N`: the application's
+/// own fd may be write-only, or the file unlinked), so the agent can copy
+/// it like memory. An empty file needs no mapping.
+fn map_file(path: &str, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>, usize)> {
     let Some(size) = usize::try_from(len).ok().and_then(NonZeroUsize::new) else {
         return Ok((None, 0));
     };
-    let raw = open(
-        format!("/proc/self/fd/{fd}").as_str(),
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
+    let raw = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
     // SAFETY: open just returned this fd and nothing else owns it.
     let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
     let stat = fstat(raw)?;

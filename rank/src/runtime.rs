@@ -565,7 +565,10 @@ pub(crate) fn init_with_peers(
             load_restore(rank, *epoch, store, store_job, handed)
         }
         .and_then(|r| {
-            let files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
+            let mut files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
+            files
+                .recreated
+                .extend(crate::closed_files::remake_missing(&r.record, &r.store)?);
             restore_mappings(&r.record, &r.store, config.file_policy)?;
             let held = crate::floor::hold_lost(&r.record);
             tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");

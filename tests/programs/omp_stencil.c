@@ -6,7 +6,8 @@
  * order, so the output is deterministic for a given OMP_NUM_THREADS.
  *
  * Usage: omp_stencil STEPS STEP_MS [INPUT]
- * Writes omp-RANK.log in the cwd, appending (O_APPEND). With INPUT, each
+ * Writes omp-RANK.log in the cwd, appending (O_APPEND), and the same sums
+ * to closed-RANK.log, opened, appended to and closed at every step. With INPUT, each
  * rank holds that file open for reading from its first start on, as codes
  * that keep an input or a mesh open do, and logs its size at each step.
  */
@@ -60,6 +61,14 @@ int main(int argc, char **argv) {
             perror(name);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
+        char closed[64];
+        snprintf(closed, sizeof closed, "closed-%d.log", rank);
+        FILE *fresh = fopen(closed, "w");
+        if (!fresh) {
+            perror(closed);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fclose(fresh);
         st->input_fd = -1;
         if (argc > 3 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
             perror(argv[3]);
@@ -96,6 +105,16 @@ int main(int argc, char **argv) {
                 omp_get_max_threads());
         if (st->input_fd >= 0) fprintf(log, " input %lld", (long long)lseek(st->input_fd, 0, SEEK_END));
         fputc('\n', log);
+        /* A second log opened, appended to and closed at every step. */
+        char closed[64];
+        snprintf(closed, sizeof closed, "closed-%d.log", rank);
+        FILE *each = fopen(closed, "a");
+        if (!each) {
+            perror(closed);
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fprintf(each, "step %llu sum %.17g\n", (unsigned long long)st->step, global);
+        fclose(each);
         struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};
         nanosleep(&pause, NULL);
         cryo_checkpoint_point();

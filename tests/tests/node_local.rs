@@ -1,7 +1,8 @@
 //! Files on a filesystem in the node's memory (a tmpfs mounted for the job,
 //! as `/tmp` or a local scratch often is), and a restart on another node,
-//! where that tmpfs is not: a log the ranks write comes back from the
-//! checkpoint, byte-identical; an input they only read is named when the
+//! where that tmpfs is not: the logs the ranks write (one held open, one
+//! opened and closed at every step) come back from the checkpoint,
+//! byte-identical; an input they only read is named when the
 //! checkpoint is taken, and the restart fails naming it.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
@@ -127,16 +128,21 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
             !named_in_memory(&said, &log),
             "its contents are saved, so it must not be named as lost:\n{said}"
         );
+        let closed = s.work.join(format!("closed-{rank}.log"));
+        assert!(
+            !said.contains(&format!("{} was written and closed", closed.display())),
+            "its contents are saved, so it must not be named as lost:\n{said}"
+        );
     }
-    // The logs (opened with O_APPEND) are made again from the checkpoint.
     let restart = cryo(&s)
         .args(["restart", "logs", "--nodes", "c:2"])
         .current_dir(&s.work)
         .output()
         .unwrap();
     assert!(restart.status.success(), "{}", output_text(&restart));
-    for rank in 0..RANKS {
-        let name = format!("omp-{rank}.log");
+    // The logs opened with O_APPEND (and held open) come back from the
+    // checkpoint, as do those opened, appended to and closed at each step.
+    for name in (0..RANKS).flat_map(|r| [format!("omp-{r}.log"), format!("closed-{r}.log")]) {
         let (want, got) = (
             fs::read(reference.join(&name)).unwrap(),
             fs::read(s.work.join(&name)).unwrap(),

@@ -25,6 +25,12 @@ pub fn mapping_region_name(start: u64) -> String {
     format!("cryo:map:{start:x}")
 }
 
+/// The name of the region that holds the contents of the `n`th file
+/// written and closed on a filesystem of the rank's node.
+pub fn closed_contents_region_name(n: usize) -> String {
+    format!("cryo:closed:{n}")
+}
+
 /// Region names starting with this are the runtime's own.
 pub const RESERVED_REGION_PREFIX: &str = "cryo:";
 

@@ -13,6 +13,7 @@
 //! * 2.0 → 2.1: the raw check in a chunk's header (no metadata change).
 //! * 2.1 → 2.2: the `RegionKind::ClosedFiles` variant (appended: a 2.1
 //!   payload decodes with the current layout).
+//! * 2.2 → 2.3: the `RegionKind::ClosedFileContents` variant (appended).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

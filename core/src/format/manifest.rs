@@ -163,6 +163,14 @@ pub enum RegionKind {
     /// (`crate::format::closed`), whose growth since a restart cuts back
     /// (format 2.2). Named `cryo:closed-files`.
     ClosedFiles,
+    /// The contents of a file the rank wrote and closed before the
+    /// checkpoint, on a filesystem of its node (a restart on another node
+    /// would not find it): made again where it is missing (format 2.3).
+    /// Named `cryo:closed:<n>`.
+    ClosedFileContents {
+        /// Absolute path of the file.
+        path: String,
+    },
 }
 
 /// A reference from a region to one chunk.

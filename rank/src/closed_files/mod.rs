@@ -26,6 +26,7 @@
 
 mod close;
 mod fclose;
+mod remake;
 mod settle;
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +43,7 @@ use cryo_core::format::closed::{
 };
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 
+pub(crate) use remake::remake_missing;
 pub(crate) use settle::{load, settle, Alone, Peers};
 
 /// What the runtime knows of one closed file.
@@ -199,17 +201,37 @@ fn measure(path: &str, closed_size: Option<u64>) -> io::Result<(Mark, Mark)> {
     Ok((now, at_close))
 }
 
-/// The table of this checkpoint, encoded; `None` when no file is noted.
-/// `open_for_writing` are the paths the rank holds open for writing now
-/// (their fd records cut them back). Files closed since the last
-/// checkpoint are measured again (the others cannot have changed through
-/// this rank's closes); those gone are forgotten; one that cannot be read
-/// is named in `warnings`.
+/// What a checkpoint keeps of the files the rank wrote and closed.
+#[derive(Debug, Default)]
+pub(crate) struct Captured {
+    /// The table, encoded; `None` when no file is noted.
+    pub(crate) table: Option<Vec<u8>>,
+    /// The files of the table that a restart on another node would not
+    /// find, whose contents the checkpoint saves.
+    pub(crate) node_local: Vec<NodeLocal>,
+}
+
+/// A file written and closed on a filesystem of this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NodeLocal {
+    pub(crate) path: String,
+    /// Its size at the checkpoint.
+    pub(crate) size: u64,
+    /// Why a restart elsewhere would not find it (`cryo_core::locality`).
+    pub(crate) why: String,
+}
+
+/// The table of this checkpoint, and the files in it on a filesystem of
+/// this node (`store`: the store's filesystem). `open_for_writing` are the
+/// paths the rank holds open for writing now (their fd records cut them
+/// back). Files closed since the last checkpoint are measured again (the
+/// others cannot have changed through this rank's closes); those gone are
+/// forgotten; one that cannot be read is named in `warnings`.
 pub(crate) fn capture(
     open_for_writing: &HashSet<String>,
     warnings: &mut Vec<String>,
     store: Option<Filesystem>,
-) -> Option<Vec<u8>> {
+) -> Captured {
     let mut guard = table();
     let (closed, dropped) = close::drain();
     if dropped > 0 {
@@ -225,7 +247,10 @@ pub(crate) fn capture(
             note_closed(table, path, true, Some(size));
         }
     }
-    let table = guard.as_mut()?;
+    let mut captured = Captured::default();
+    let Some(table) = guard.as_mut() else {
+        return captured;
+    };
     let mut out = ClosedFiles::default();
     let mut gone = Vec::new();
     for (path, noted) in &mut table.files {
@@ -253,12 +278,16 @@ pub(crate) fn capture(
                 }
             },
         };
-        // Its contents are not saved: on another node it is not there to
-        // cut back, and what it held is lost.
+        // On another node it is not there to cut back: its contents are
+        // saved, to make it again.
         if let Some(why) = store
             .and_then(|store| unreachable_elsewhere(Filesystem::of(Path::new(path)).ok()?, store))
         {
-            warnings.push(format!("{path} was written and closed, and {why}"));
+            captured.node_local.push(NodeLocal {
+                path: path.clone(),
+                size: at_checkpoint.size,
+                why,
+            });
         }
         out.files.push(ClosedFile {
             path: path.clone(),
@@ -271,19 +300,18 @@ pub(crate) fn capture(
         table.files.remove(&path);
     }
     if out.files.is_empty() {
-        return None;
+        return captured;
     }
     out.files.sort_by(|a, b| a.path.cmp(&b.path));
+    captured.node_local.sort_by(|a, b| a.path.cmp(&b.path));
     match out.encode() {
-        Ok(bytes) => Some(bytes),
-        Err(err) => {
-            warnings.push(format!(
-                "the table of files written and closed could not be encoded ({err}); a restart \
-                 does not cut them back"
-            ));
-            None
-        }
+        Ok(bytes) => captured.table = Some(bytes),
+        Err(err) => warnings.push(format!(
+            "the table of files written and closed could not be encoded ({err}); a restart \
+             does not cut them back"
+        )),
     }
+    captured
 }
 
 #[cfg(test)]

@@ -58,7 +58,9 @@ fn record(path: &str, at_checkpoint: &[u8], at_close: &[u8]) -> ClosedFile {
 
 fn table_now(open: &HashSet<String>) -> Option<ClosedFiles> {
     let mut warnings = Vec::new();
-    let table = capture(open, &mut warnings, None).map(|b| ClosedFiles::decode(&b).unwrap());
+    let table = capture(open, &mut warnings, None)
+        .table
+        .map(|b| ClosedFiles::decode(&b).unwrap());
     assert!(warnings.is_empty(), "{warnings:?}");
     table
 }
@@ -158,7 +160,7 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
     }
     let mut warnings = Vec::new();
     let table =
-        ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings, None).unwrap()).unwrap();
+        ClosedFiles::decode(&capture(&HashSet::new(), &mut warnings, None).table.unwrap()).unwrap();
     let noted = mine(table.files.iter().map(|f| (f.path.clone(), 0)).collect()).len();
     assert!(table
         .files
@@ -367,7 +369,7 @@ fn settling_takes_the_peers_marks_and_waits_for_them() {
 }
 
 #[test]
-fn a_closed_file_in_node_memory_is_named() {
+fn a_closed_file_in_node_memory_is_kept_to_be_made_again() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     forget_all();
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -375,29 +377,89 @@ fn a_closed_file_in_node_memory_is_named() {
     let (in_memory, on_disk) = (shm.path().join("log"), disk.path().join("log"));
     append_and_close(&in_memory, b"one\n");
     append_and_close(&on_disk, b"one\n");
-    // The store on the disk: the tmpfs file is named, the other is not.
+    // The store on the disk: the tmpfs file is kept, the other is not.
     let store = Filesystem::of(disk.path()).ok();
     let mut warnings = Vec::new();
-    let table = capture(&HashSet::new(), &mut warnings, store).unwrap();
+    let captured = capture(&HashSet::new(), &mut warnings, store);
     // (Another test's close may land among them: only ours are looked at.)
     let ours = |path: &str| {
         path.starts_with(shm.path().to_str().unwrap())
             || path.starts_with(disk.path().to_str().unwrap())
     };
-    let files = ClosedFiles::decode(&table).unwrap().files;
+    let files = ClosedFiles::decode(&captured.table.unwrap()).unwrap().files;
     assert_eq!(
         files.iter().filter(|f| ours(&f.path)).count(),
         2,
         "{files:?}"
     );
-    let named: Vec<&String> = warnings.iter().filter(|w| ours(w)).collect();
-    assert_eq!(named.len(), 1, "{warnings:?}");
+    assert!(!warnings.iter().any(|w| ours(w)), "{warnings:?}");
+    let kept: Vec<&NodeLocal> = captured
+        .node_local
+        .iter()
+        .filter(|f| ours(&f.path))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].path, in_memory.to_str().unwrap());
+    assert_eq!(kept[0].size, 4);
     assert!(
-        named[0].starts_with(&format!(
-            "{} was written and closed, and is in this node's memory (tmpfs)",
-            in_memory.display()
-        )),
-        "{warnings:?}"
+        kept[0].why.starts_with("is in this node's memory (tmpfs)"),
+        "{kept:?}"
     );
     forget_all();
+}
+
+#[test]
+fn a_missing_closed_file_is_made_again_whole_and_once() {
+    use cryo_core::format::fds::closed_contents_region_name;
+    use cryo_core::format::limits::MIN_CHUNK_SIZE;
+    use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+    use cryo_core::store::writer::WriterConfig;
+
+    let root = tempfile::tempdir().unwrap();
+    let job = cryo_core::Store::create(root.path().join("store"))
+        .unwrap()
+        .job("closed")
+        .unwrap();
+    let path = root.path().join("scratch/run/steps.log");
+    let contents: Vec<u8> = (0..3 * MIN_CHUNK_SIZE + 17)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let writer = job
+        .begin_epoch(
+            1,
+            WriterConfig {
+                chunk_size: MIN_CHUNK_SIZE,
+                ..WriterConfig::default()
+            },
+        )
+        .unwrap();
+    let kind = RegionKind::ClosedFileContents {
+        path: path.to_str().unwrap().into(),
+    };
+    let region = writer
+        .rank(0)
+        .store_region(&closed_contents_region_name(0), 0, kind, &contents)
+        .unwrap();
+    drop(writer);
+    let rank = |rank: u32| RankRecord {
+        rank,
+        node: "n".into(),
+        pid: 1,
+        fds: vec![],
+        mappings: vec![],
+        regions: vec![region.clone()],
+        stats: WriteStats::default(),
+        warnings: Vec::new(),
+    };
+    // Missing (another node): made with its directories, whole.
+    let made = remake_missing(&rank(0), &job).unwrap();
+    assert_eq!(made, [path.to_str().unwrap()]);
+    assert!(fs::read(&path).unwrap() == contents, "contents differ");
+    // A second rank of the node finds it there and leaves it; nothing is
+    // left beside it.
+    fs::write(&path, b"grown since\n").unwrap();
+    assert!(remake_missing(&rank(1), &job).unwrap().is_empty());
+    assert_eq!(fs::read(&path).unwrap(), b"grown since\n");
+    let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+    assert_eq!(beside.len(), 1, "{beside:?}");
 }
