@@ -19,6 +19,7 @@ import gc
 import io
 import itertools
 import math
+import os
 import sys
 
 import numpy as np
@@ -148,7 +149,7 @@ def init_mpi(comm=None):
         raise
     _check(lib.cryo_at_checkpoint(_FLUSH_HOOK, None))
     table = region(_appended.REGION, _appended.REGION_BYTES, np.uint8)
-    appended = _appended.install(table)
+    appended = _appended.install(table, lambda path: lib.cryo_note_appended(os.fsencode(path)))
     if restored_epoch():
         for line in appended.cut_back(comm):
             print(line, file=sys.stderr)

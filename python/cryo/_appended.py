@@ -28,9 +28,13 @@ class Appended:
     """The files opened for appending since ``init_mpi``, and their table
     in the region ``table`` (a NumPy ``uint8`` array)."""
 
-    def __init__(self, table):
+    def __init__(self, table, note=None):
         self.table = table
         self.paths = {}  # absolute path -> None, in the order first seen
+        # Tells the runtime of each open (cryo_note_appended), which then
+        # measures the file at checkpoints that find it closed and saves
+        # it when it is on a filesystem of the node.
+        self.note = note
 
     def audit(self, event, args):
         """``sys.addaudithook`` hook: notes opens with ``O_APPEND``."""
@@ -40,7 +44,10 @@ class Appended:
             path, _mode, flags = args
             if isinstance(path, int) or not isinstance(flags, int) or not flags & os.O_APPEND:
                 return
-            self.paths[os.path.abspath(os.fsdecode(path))] = None
+            path = os.path.abspath(os.fsdecode(path))
+            self.paths[path] = None
+            if self.note is not None:
+                self.note(path)
         except Exception:  # noqa: BLE001: an audit hook must never raise
             pass
 
@@ -123,9 +130,9 @@ class Appended:
         return said
 
 
-def install(table):
-    """Starts watching opens for appending. Audit hooks cannot be removed,
-    so one is installed per process."""
-    appended = Appended(table)
+def install(table, note=None):
+    """Starts watching opens for appending, telling ``note`` of each.
+    Audit hooks cannot be removed, so one is installed per process."""
+    appended = Appended(table, note)
     sys.addaudithook(appended.audit)
     return appended

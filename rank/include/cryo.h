@@ -133,6 +133,15 @@ size_t cryo_prefetch_status(char *buf, size_t len);
 typedef void (*cryo_flush_hook)(void *arg);
 int cryo_at_checkpoint(cryo_flush_hook flush, void *arg);
 
+/* For language bindings: notes path (absolute) as a file the program
+ * appends to and closes through I/O the runtime does not see (fclose,
+ * close and Fortran's CLOSE are seen). At each checkpoint that finds it
+ * closed it is measured, so a restart cuts back what was appended after the
+ * checkpoint, and on a filesystem of the node (tmpfs, a local disk) its
+ * contents are saved, so a restart elsewhere makes it again. The Python
+ * package calls it for each file opened for appending. */
+int cryo_note_appended(const char *path);
+
 /* Says goodbye to the agent; regions stay mapped. */
 int cryo_finalize(void);
 

@@ -422,6 +422,35 @@ pub unsafe extern "C" fn cryo_at_checkpoint(
     })
 }
 
+/// Notes `path` (absolute) as a file the program appends to and closes
+/// through calls the runtime does not see (a language's own I/O, as
+/// Python's): at each checkpoint it is measured like a file closed with
+/// `fclose`, so a restart cuts what was appended after it, and, on a
+/// filesystem of the node, its contents are saved to make it again. A
+/// relative path: `CRYO_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `path` is NULL or points to a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_note_appended(path: *const c_char) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let path = match unsafe { c_str(path, "cryo_note_appended: path") } {
+            Ok(path) => path,
+            Err(code) => return code,
+        };
+        if !path.starts_with('/') {
+            return set_error(
+                CRYO_ERR_INVALID_ARGUMENT,
+                format!("cryo_note_appended: {path:?} is not an absolute path"),
+            );
+        }
+        crate::closed_files::note_appended(path.to_owned());
+        CRYO_OK
+    })
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety

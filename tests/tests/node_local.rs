@@ -6,12 +6,15 @@
 //! checkpoint is taken, and the restart fails naming it.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, compile_mpich_program_with};
+use cryo_tests::heat2d::{
+    built, compile_mpich_program_with, openmpi_available, openmpi_flavour, repo_root,
+};
 use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{lines, output_text, wait_until};
 
@@ -57,12 +60,35 @@ fn cryo(s: &Setup) -> Command {
     cmd
 }
 
-/// Runs the job on nodes a and b with its working directory on a tmpfs
+/// What runs on the tmpfs: the command after `cryo run --`, the variables
+/// it needs, and the log whose lines count its steps.
+struct Job<'a> {
+    name: &'a str,
+    command: Vec<OsString>,
+    env: Vec<(&'static str, OsString)>,
+    progress: &'a str,
+}
+
+impl Job<'_> {
+    /// The OpenMP stencil (`omp_stencil STEPS 20 [INPUT]`).
+    fn stencil<'a>(s: &Setup, name: &'a str, input: Option<&Path>) -> Job<'a> {
+        let mut command: Vec<OsString> = vec![s.program.clone().into(), STEPS.into(), "20".into()];
+        command.extend(input.map(OsString::from));
+        Job {
+            name,
+            command,
+            env: vec![("OMP_NUM_THREADS", "2".into())],
+            progress: "omp-0.log",
+        }
+    }
+}
+
+/// Runs `job` on nodes a and b with its working directory on a tmpfs
 /// that only its mount namespace sees (`prepare` runs there first),
 /// preempts it with SIGTERM after 20 steps and returns what `cryo run`
 /// said. The tmpfs goes with the namespace.
-fn preempted_on_tmpfs(s: &Setup, job: &str, prepare: &str, input: Option<&Path>) -> String {
-    let log = s.dir.path().join(format!("{job}.log"));
+fn preempted_on_tmpfs(s: &Setup, job: &Job, prepare: &str) -> String {
+    let log = s.dir.path().join(format!("{}.log", job.name));
     let mut child = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(format!(
@@ -70,21 +96,21 @@ fn preempted_on_tmpfs(s: &Setup, job: &str, prepare: &str, input: Option<&Path>)
         ))
         .arg(&s.work)
         .arg(built().join("cryo"))
-        .args(["run", "--job", job, "--nodes", "a:1,b:1", "-n", "2", "--"])
-        .arg(&s.program)
-        .args([STEPS, "20"])
-        .args(input)
+        .args([
+            "run", "--job", job.name, "--nodes", "a:1,b:1", "-n", "2", "--",
+        ])
+        .args(&job.command)
         .env("CRYO_STORE", &s.store)
-        .env("OMP_NUM_THREADS", "2")
+        .envs(job.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
-        .stdout(fs::File::create(s.dir.path().join(format!("{job}.out"))).unwrap())
+        .stdout(fs::File::create(s.dir.path().join(format!("{}.out", job.name))).unwrap())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     // The job's view of its working directory.
     let seen = Path::new(&format!("/proc/{}/root", child.id()))
         .join(s.work.strip_prefix("/").unwrap())
-        .join("omp-0.log");
+        .join(job.progress);
     wait_until("20 steps logged", Duration::from_secs(60), || {
         lines(&seen) >= 20
     });
@@ -121,7 +147,7 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
         .unwrap();
     assert!(plain.status.success(), "{}", output_text(&plain));
 
-    let said = preempted_on_tmpfs(&s, "logs", "true", None);
+    let said = preempted_on_tmpfs(&s, &Job::stencil(&s, "logs", None), "true");
     for rank in 0..RANKS {
         let log = s.work.join(format!("omp-{rank}.log"));
         assert!(
@@ -161,7 +187,8 @@ fn an_input_read_in_node_memory_is_named_at_checkpoint_and_by_the_restart() {
         return;
     };
     let input = s.work.join("input.mesh");
-    let said = preempted_on_tmpfs(&s, "input", "printf mesh > input.mesh", Some(&input));
+    let job = Job::stencil(&s, "input", Some(&input));
+    let said = preempted_on_tmpfs(&s, &job, "printf mesh > input.mesh");
     for rank in 0..RANKS {
         assert!(
             said.lines()
@@ -191,4 +218,89 @@ fn an_input_read_in_node_memory_is_named_at_checkpoint_and_by_the_restart() {
             && l.contains(&vanished)),
         "the failed restart must name the missing input:\n{text}"
     );
+}
+
+/// A Python program (mpi4py, Open MPI) that reopens its logs with "a" at
+/// every step and closes them: at the checkpoint no log is open, and on
+/// another node none is there. Each comes back whole, then goes on.
+#[test]
+fn python_logs_appended_and_closed_in_node_memory_come_back_on_another_node() {
+    const ITERS: usize = 150;
+    let Some(s) = setup() else {
+        return;
+    };
+    if !python_available() {
+        return;
+    }
+    let env = vec![
+        ("CRYO_RANK_LIB", openmpi_flavour().into_os_string()),
+        ("PYTHONPATH", repo_root().join("python").into_os_string()),
+    ];
+    let job = Job {
+        name: "python",
+        command: vec![
+            "/usr/bin/python3".into(),
+            repo_root().join("tests/programs/append_log.py").into(),
+            ".".into(),
+            ITERS.to_string().into(),
+            "40".into(),
+        ],
+        env: env.clone(),
+        progress: "append.0.log",
+    };
+    let said = preempted_on_tmpfs(&s, &job, "true");
+    assert!(
+        !said.contains("was written and closed"),
+        "its logs are saved, so none may be named as lost:\n{said}"
+    );
+    let restart = cryo(&s)
+        .args(["restart", "python", "--nodes", "c:2"])
+        .envs(env)
+        .current_dir(&s.work)
+        .output()
+        .unwrap();
+    let text = output_text(&restart);
+    assert!(restart.status.success(), "{text}");
+    for rank in 0..RANKS {
+        let want: String = (1..=ITERS)
+            .map(|step| format!("rank {rank} step {step:04}\n"))
+            .collect();
+        assert_eq!(
+            fs::read_to_string(s.work.join(format!("append.{rank}.log"))).unwrap_or_default(),
+            want,
+            "rank {rank}'s log\n{text}"
+        );
+    }
+    let mut shared: Vec<String> = fs::read_to_string(s.work.join("shared.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    shared.sort();
+    let mut want: Vec<String> = (0..RANKS)
+        .flat_map(|rank| (1..=ITERS).map(move |step| format!("shared rank {rank} step {step:04}")))
+        .collect();
+    want.sort();
+    assert_eq!(shared, want, "the shared log\n{text}");
+}
+
+/// Open MPI and Python with NumPy and mpi4py, as `python.rs` needs them
+/// (`CRYO_SKIP_OPENMPI`, `CRYO_SKIP_PYTHON` skip them knowingly).
+fn python_available() -> bool {
+    if !openmpi_available() {
+        return false;
+    }
+    let check = Command::new("/usr/bin/python3")
+        .args(["-c", "import numpy, mpi4py"])
+        .output()
+        .unwrap();
+    if check.status.success() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CRYO_SKIP_PYTHON").is_some(),
+        "Python with NumPy and mpi4py is missing: {}",
+        output_text(&check)
+    );
+    false
 }

@@ -179,6 +179,38 @@ impl Closing {
     }
 }
 
+/// Notes `path` as appended to through closes the runtime does not see
+/// (`cryo_note_appended`: Python's files). It is measured at each
+/// checkpoint that finds it closed; its size at a close is not known, so
+/// its size at the checkpoint stands for it.
+pub(crate) fn note_appended(path: String) {
+    if !is_owner() {
+        return;
+    }
+    let mut guard = table();
+    let table = guard.get_or_insert_with(Table::default);
+    note_closed(table, path, true, None);
+}
+
+/// After a restart: the files of the checkpoint's table are noted again,
+/// so that the next checkpoints measure them (and save those of the node)
+/// whether or not the restarted run closes them again.
+fn remember(restored: &ClosedFiles) {
+    if !is_owner() {
+        return;
+    }
+    let mut guard = table();
+    let table = guard.get_or_insert_with(Table::default);
+    for file in &restored.files {
+        note_closed(
+            table,
+            file.path.clone(),
+            file.appended,
+            Some(file.at_close.size),
+        );
+    }
+}
+
 /// The file at `path` now, and at `closed_size` when it is no longer than
 /// it is now (else its mark now stands for both).
 fn measure(path: &str, closed_size: Option<u64>) -> io::Result<(Mark, Mark)> {

@@ -51,7 +51,8 @@ impl Peers for Alone {
     }
 }
 
-/// This rank's table, read from the checkpoint (empty when it has none).
+/// This rank's table, read from the checkpoint (empty when it has none);
+/// its files are noted again, for the next checkpoints.
 pub(crate) fn load(record: &RankRecord, store: &JobStore) -> Result<ClosedFiles, RestoreError> {
     let rank = record.rank;
     let Some(region) = record
@@ -76,7 +77,9 @@ pub(crate) fn load(record: &RankRecord, store: &JobStore) -> Result<ClosedFiles,
             source,
         },
     )?;
-    ClosedFiles::decode(&bytes).map_err(|err| damaged(err.to_string()))
+    let table = ClosedFiles::decode(&bytes).map_err(|err| damaged(err.to_string()))?;
+    super::remember(&table);
+    Ok(table)
 }
 
 /// Word 0 of a rank's words: whether its restore succeeded.

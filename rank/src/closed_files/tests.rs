@@ -463,3 +463,35 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
     let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
     assert_eq!(beside.len(), 1, "{beside:?}");
 }
+
+#[test]
+fn files_of_a_restored_table_and_files_noted_by_a_binding_are_measured_at_the_next_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir().unwrap();
+    let (restored, noted) = (dir.path().join("restored.log"), dir.path().join("py.log"));
+    fs::write(&restored, b"one\ntwo\n").unwrap();
+    fs::write(&noted, b"py\n").unwrap();
+    // The restarted run neither opens nor closes the first; a binding
+    // (Python) tells of the second at its open.
+    remember(&ClosedFiles {
+        files: vec![record(restored.to_str().unwrap(), b"one\ntwo\n", b"one\n")],
+    });
+    note_appended(noted.to_str().unwrap().to_owned());
+    let table = table_now(&HashSet::new()).unwrap();
+    let find = |path: &std::path::Path| {
+        table
+            .files
+            .iter()
+            .find(|f| f.path == path.to_str().unwrap())
+            .cloned()
+    };
+    let restored = find(&restored).expect("the restored table's file is forgotten");
+    assert_eq!(restored.at_checkpoint, mark(b"one\ntwo\n"));
+    assert_eq!(restored.at_close, mark(b"one\n"));
+    let noted = find(&noted).expect("the noted file is missing");
+    assert!(noted.appended);
+    assert_eq!(noted.at_checkpoint, mark(b"py\n"));
+    assert_eq!(noted.at_close, noted.at_checkpoint);
+    forget_all();
+}
