@@ -223,12 +223,19 @@ mod tests {
         ));
     }
 
-    /// A script that answers `--version` as `text`.
+    /// A script that answers `--version` as `text`. Written by a shell of
+    /// its own: a file this process held open for writing could be
+    /// inherited by a child another test forks at that moment, and running
+    /// it would then fail with ETXTBSY.
     fn fake_launcher(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\necho '{text}'\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let made = Command::new("sh")
+            .args(["-c", r#"printf '#!/bin/sh\necho "%s"\n' "$1" > "$2" && chmod 755 "$2""#])
+            .args(["sh", text])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
         path
     }
 
