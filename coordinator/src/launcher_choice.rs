@@ -230,7 +230,10 @@ mod tests {
     fn fake_launcher(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
         let path = dir.join(name);
         let made = Command::new("sh")
-            .args(["-c", r#"printf '#!/bin/sh\necho "%s"\n' "$1" > "$2" && chmod 755 "$2""#])
+            .args([
+                "-c",
+                r#"printf '#!/bin/sh\necho "%s"\n' "$1" > "$2" && chmod 755 "$2""#,
+            ])
             .args(["sh", text])
             .arg(&path)
             .status()
