@@ -97,13 +97,12 @@ pub fn restore_files(
         let identity = if fd.shares_with.is_some() {
             None
         } else {
-            let is_saved = saved.contains(fd.path.as_str());
-            let identity = check_source(record.rank, fd, is_saved)?;
-            if is_saved && shorter_than_offset(fd) && !done.refilled.contains(&fd.path) {
+            let source = check_source(record.rank, fd, saved.contains(fd.path.as_str()))?;
+            if source.cut_short && !done.refilled.contains(&fd.path) {
                 tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_cut_short");
                 done.refilled.push(fd.path.clone());
             }
-            identity
+            source.identity
         };
         check_free(record.rank, fd, identity)?;
     }
@@ -191,19 +190,29 @@ fn recreate_missing(
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
             _ => continue,
         }
-        if let Some(dir) = Path::new(&fd.path).parent() {
-            fs::create_dir_all(dir)
-                .map_err(|err| file_io(rank, fd, "create its directory", err))?;
+        // Another rank of this node that held the file may have made it
+        // since it was found missing; it is as empty, and filled the same.
+        match create_empty(Path::new(&fd.path)) {
+            Ok(()) => tracing::info!(rank, fd = fd.fd, path = %fd.path, "fd.file_recreated"),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(err) => return Err(file_io(rank, fd, "create the missing file", err)),
         }
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&fd.path)
-            .map_err(|err| file_io(rank, fd, "create the missing file", err))?;
-        tracing::info!(rank, fd = fd.fd, path = %fd.path, "fd.file_recreated");
         made.push(fd.path.clone());
     }
     Ok(made)
+}
+
+/// Creates the empty file `path` and any directory it needs; fails with
+/// `AlreadyExists` when something is there.
+fn create_empty(path: &Path) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map(drop)
 }
 
 /// Writes back the saved contents of the files whose contents were saved,
@@ -247,13 +256,6 @@ fn restore_contents(
     Ok(())
 }
 
-/// Whether the regular file of `fd` is there but shorter than the offset
-/// the rank had reached in it.
-fn shorter_than_offset(fd: &FdRecord) -> bool {
-    fd.kind == FdKind::Regular
-        && fs::metadata(&fd.path).is_ok_and(|m| m.is_file() && m.len() < fd.offset)
-}
-
 fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> RestoreError {
     RestoreError::FileIo {
         rank,
@@ -264,13 +266,23 @@ fn file_io(rank: u32, fd: &FdRecord, step: &'static str, source: io::Error) -> R
     }
 }
 
+/// What [`check_source`] found where an fd is restored from.
+#[derive(Debug, Default)]
+struct Source {
+    /// `(dev, ino)` of the file there, if any.
+    identity: Option<(u64, u64)>,
+    /// A file whose contents were saved is there but shorter than the
+    /// offset the rank had reached in it: it is refilled.
+    cut_short: bool,
+}
+
 /// Checks that what an fd is restored from is still there and still the
-/// same kind of thing; returns its `(dev, ino)` where it has a path. A
-/// missing file whose contents were `saved` is made again, and one cut
-/// shorter than its offset is refilled.
-fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u64)>, RestoreError> {
+/// same kind of thing. A missing file whose contents were `saved` is made
+/// again, and one cut shorter than its offset is refilled; any other is
+/// refused.
+fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Source, RestoreError> {
     let expected = match fd.kind {
-        FdKind::Deleted => return Ok(None),
+        FdKind::Deleted => return Ok(Source::default()),
         FdKind::Directory => "directory",
         FdKind::CharDevice => "character device",
         _ => "regular file",
@@ -280,7 +292,7 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u6
         Err(err)
             if err.kind() == io::ErrorKind::NotFound && saved && fd.kind == FdKind::Regular =>
         {
-            return Ok(None)
+            return Ok(Source::default())
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Err(RestoreError::FileVanished {
@@ -304,8 +316,8 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u6
             expected,
         });
     }
-    // A file shorter than its offset is refilled from its saved contents.
-    if meta.is_file() && meta.len() < fd.offset && !saved {
+    let short = meta.is_file() && meta.len() < fd.offset;
+    if short && !saved {
         return Err(RestoreError::FileShrank {
             rank,
             fd: fd.fd,
@@ -314,7 +326,10 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Option<(u64, u6
             offset: fd.offset,
         });
     }
-    Ok(Some((meta.dev(), meta.ino())))
+    Ok(Source {
+        identity: Some((meta.dev(), meta.ino())),
+        cut_short: short,
+    })
 }
 
 /// An fd number already open in the new process may only be taken over

@@ -277,7 +277,6 @@ fn a_missing_file_whose_contents_were_saved_is_made_again() {
 #[test]
 fn saved_contents_go_back_in_place_for_an_append_only_fd() {
     use cryo_core::format::limits::MIN_CHUNK_SIZE;
-    use cryo_core::store::writer::WriterConfig;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("scratch/out.log");
@@ -286,25 +285,13 @@ fn saved_contents_go_back_in_place_for_an_append_only_fd() {
     let contents: Vec<u8> = (0..5u8)
         .flat_map(|c| std::iter::repeat_n(b'a' + c, MIN_CHUNK_SIZE))
         .collect();
-    let writer = job
-        .begin_epoch(
-            1,
-            WriterConfig {
-                chunk_size: MIN_CHUNK_SIZE,
-                ..WriterConfig::default()
-            },
-        )
-        .unwrap();
-    let region = writer
-        .rank(2)
-        .store_region(
-            "cryo:file:791",
-            0,
-            RegionKind::FileContents { fd: 791 },
-            &contents,
-        )
-        .unwrap();
-    drop(writer);
+    let region = crate::test_support::store_small_chunks(
+        &job,
+        2,
+        "cryo:file:791",
+        RegionKind::FileContents { fd: 791 },
+        &contents,
+    );
     assert_eq!(region.chunks.len(), 5);
     let size = contents.len() as u64;
     let mut rec = record(vec![fd_record(
@@ -351,4 +338,18 @@ fn saved_contents_go_back_in_place_for_an_append_only_fd() {
         "a file cut short not refilled"
     );
     nix::unistd::close(791).unwrap();
+}
+
+#[test]
+fn a_missing_file_another_rank_made_first_is_left_to_be_filled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node-local/shared.log");
+    create_empty(&path).unwrap();
+    assert!(path.is_file(), "made with its directories");
+    std::fs::write(&path, b"first rank's").unwrap();
+    // The second of two ranks that found it missing: told, and nothing
+    // it holds is touched.
+    let err = create_empty(&path).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&path).unwrap(), b"first rank's");
 }

@@ -39,6 +39,8 @@ mod runtime;
 mod self_copy;
 mod snapshot;
 mod store_fds;
+#[cfg(test)]
+mod test_support;
 
 use std::sync::atomic::Ordering;
 

@@ -38,6 +38,18 @@ static void die(const char *what, int rc) {
     MPI_Abort(MPI_COMM_WORLD, 1);
 }
 
+/* The second log, opened by name at every step and closed again. */
+static FILE *open_closed_log(int rank, const char *mode) {
+    char name[64];
+    snprintf(name, sizeof name, "closed-%d.log", rank);
+    FILE *log = fopen(name, mode);
+    if (!log) {
+        perror(name);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    return log;
+}
+
 int main(int argc, char **argv) {
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
@@ -61,14 +73,7 @@ int main(int argc, char **argv) {
             perror(name);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
-        char closed[64];
-        snprintf(closed, sizeof closed, "closed-%d.log", rank);
-        FILE *fresh = fopen(closed, "w");
-        if (!fresh) {
-            perror(closed);
-            MPI_Abort(MPI_COMM_WORLD, 1);
-        }
-        fclose(fresh);
+        fclose(open_closed_log(rank, "w"));
         st->input_fd = -1;
         if (argc > 3 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
             perror(argv[3]);
@@ -106,13 +111,7 @@ int main(int argc, char **argv) {
         if (st->input_fd >= 0) fprintf(log, " input %lld", (long long)lseek(st->input_fd, 0, SEEK_END));
         fputc('\n', log);
         /* A second log opened, appended to and closed at every step. */
-        char closed[64];
-        snprintf(closed, sizeof closed, "closed-%d.log", rank);
-        FILE *each = fopen(closed, "a");
-        if (!each) {
-            perror(closed);
-            MPI_Abort(MPI_COMM_WORLD, 1);
-        }
+        FILE *each = open_closed_log(rank, "a");
         fprintf(each, "step %llu sum %.17g\n", (unsigned long long)st->step, global);
         fclose(each);
         struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};

@@ -413,7 +413,6 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
     use cryo_core::format::fds::closed_contents_region_name;
     use cryo_core::format::limits::MIN_CHUNK_SIZE;
     use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
-    use cryo_core::store::writer::WriterConfig;
 
     let root = tempfile::tempdir().unwrap();
     let job = cryo_core::Store::create(root.path().join("store"))
@@ -424,23 +423,16 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
     let contents: Vec<u8> = (0..3 * MIN_CHUNK_SIZE + 17)
         .map(|i| (i % 251) as u8)
         .collect();
-    let writer = job
-        .begin_epoch(
-            1,
-            WriterConfig {
-                chunk_size: MIN_CHUNK_SIZE,
-                ..WriterConfig::default()
-            },
-        )
-        .unwrap();
     let kind = RegionKind::ClosedFileContents {
         path: path.to_str().unwrap().into(),
     };
-    let region = writer
-        .rank(0)
-        .store_region(&closed_contents_region_name(0), 0, kind, &contents)
-        .unwrap();
-    drop(writer);
+    let region = crate::test_support::store_small_chunks(
+        &job,
+        0,
+        &closed_contents_region_name(0),
+        kind,
+        &contents,
+    );
     let rank = |rank: u32| RankRecord {
         rank,
         node: "n".into(),
