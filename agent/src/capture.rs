@@ -25,7 +25,7 @@ use cryo_core::store::writer::{RankWriter, WriteError};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::fds::{read_fd_table, FdOwners, FdTable, FdTableError};
+use crate::fds::{read_fd_table, FdOwners, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
 use crate::node_local::node_local_warnings;
 use crate::pool::{BufferPool, Slot};
@@ -452,8 +452,9 @@ pub fn capture_rank(
         library: &parked.library_fds,
         saved_unlinked: &saved_unlinked,
     };
-    let FdTable { fds, mut warnings } = read_fd_table(ctx.access, pid, &owners)
+    let table = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
+    let (fds, mut warnings, cwd) = (table.fds, table.warnings, table.cwd);
     warnings.extend(parked.warnings.iter().cloned());
     if let Some(store) = ctx.store_fs {
         warnings.extend(node_local_warnings(
@@ -606,6 +607,7 @@ pub fn capture_rank(
         regions,
         stats: WriteStats::default(),
         warnings,
+        cwd,
     };
     Ok((report, record))
 }

@@ -56,6 +56,8 @@ pub struct FdTable {
     pub fds: Vec<FdRecord>,
     /// What a restart will not give back beyond the fds not restored.
     pub warnings: Vec<String>,
+    /// The working directory, empty if it was deleted or unreadable.
+    pub cwd: String,
 }
 
 /// A rank's fd table could not be read.
@@ -267,6 +269,7 @@ pub fn read_fd_table(
             shares_with: None,
         });
     }
+    table.cwd = working_directory(access, pid, &mut table.warnings);
     let unlinked = table.fds.clone();
     if let Err(err) = link_shared(&mut table.fds, &identity, |a, b| {
         access.same_open_file(pid, a, b)
@@ -277,6 +280,27 @@ pub fn read_fd_table(
         table.fds = unlinked;
     }
     Ok(table)
+}
+
+/// The working directory a restart returns the rank to; a warning and
+/// nothing when it was deleted or cannot be read.
+fn working_directory(access: &dyn ProcessAccess, pid: u32, warnings: &mut Vec<String>) -> String {
+    match access.cwd(pid) {
+        Ok(link) if link.ends_with(DELETED_SUFFIX) => {
+            warnings.push(format!(
+                "the working directory {} was deleted; a restart starts the rank in the job's launch directory",
+                link.trim_end_matches(DELETED_SUFFIX)
+            ));
+            String::new()
+        }
+        Ok(link) => link,
+        Err(err) => {
+            warnings.push(format!(
+                "could not read the working directory ({err}); a restart starts the rank in the job's launch directory"
+            ));
+            String::new()
+        }
+    }
 }
 
 #[cfg(test)]
@@ -409,6 +433,13 @@ mod tests {
             .map(|(fd, link)| (fd, link.to_owned()))
             .collect())
         }
+        fn cwd(&self, pid: u32) -> io::Result<String> {
+            match pid {
+                42 => Ok("/work/run/rank 0".into()),
+                43 => Ok("/tmp/job.1 (deleted)".into()),
+                _ => Err(io::ErrorKind::PermissionDenied.into()),
+            }
+        }
         fn fdinfo(&self, _: u32, fd: i32) -> io::Result<String> {
             let lock = if fd == 7 {
                 "lock:\t1: POSIX ADVISORY WRITE 1 01:02:7 0 EOF\n"
@@ -467,5 +498,25 @@ mod tests {
         assert!(matches!(&get(9).restore, FdRestore::NotRestored(w) if w.contains("fd 8")));
         assert_eq!(table.warnings.len(), 1);
         assert!(table.warnings[0].contains("fd 7") && table.warnings[0].contains("lock"));
+    }
+
+    #[test]
+    fn the_working_directory_is_recorded_and_one_that_cannot_be_named() {
+        let owners = FdOwners {
+            runtime: &[1000],
+            library: &[1],
+            saved_unlinked: &[],
+        };
+        let table = read_fd_table(&Fake, 42, &owners).unwrap();
+        assert_eq!(table.cwd, "/work/run/rank 0");
+        for (pid, said) in [(43, "/tmp/job.1 was deleted"), (44, "could not read")] {
+            let table = read_fd_table(&Fake, pid, &owners).unwrap();
+            assert_eq!(table.cwd, "", "pid {pid}");
+            assert!(
+                table.warnings.iter().any(|w| w.contains(said)),
+                "{:?}",
+                table.warnings
+            );
+        }
     }
 }

@@ -91,6 +91,9 @@ mod tests {
         fn fds(&self, _: u32) -> io::Result<Vec<(i32, String)>> {
             unreachable!()
         }
+        fn cwd(&self, _: u32) -> io::Result<String> {
+            unreachable!()
+        }
         fn fdinfo(&self, _: u32, _: i32) -> io::Result<String> {
             unreachable!()
         }

@@ -100,6 +100,8 @@ pub trait ProcessAccess: Send + Sync {
     fn maps(&self, pid: u32) -> io::Result<String>;
     /// The entries of `/proc/<pid>/fd`: fd number and link text.
     fn fds(&self, pid: u32) -> io::Result<Vec<(i32, String)>>;
+    /// The link text of `/proc/<pid>/cwd`, its working directory.
+    fn cwd(&self, pid: u32) -> io::Result<String>;
     /// The text of `/proc/<pid>/fdinfo/<fd>`.
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String>;
     /// `stat` of the open file behind the fd.
@@ -160,6 +162,10 @@ impl ProcessAccess for LinuxProcess {
         }
         out.sort_by_key(|(fd, _)| *fd);
         Ok(out)
+    }
+
+    fn cwd(&self, pid: u32) -> io::Result<String> {
+        fs::read_link(format!("/proc/{pid}/cwd")).map(|p| p.to_string_lossy().into_owned())
     }
 
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String> {

@@ -516,5 +516,6 @@ pub(crate) fn bench_record(region: cryo_core::format::manifest::RegionRecord) ->
         regions: vec![region],
         stats: WriteStats::default(),
         warnings: Vec::new(),
+        cwd: String::new(),
     }
 }

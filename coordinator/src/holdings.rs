@@ -39,7 +39,14 @@ pub fn fd_plan(fd: &FdRecord) -> String {
 
 /// One line per fd, application mapping and warning of a rank.
 pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
-    let mut out: Vec<String> = rank.fds.iter().map(fd_plan).collect();
+    let mut out = Vec::new();
+    if !rank.cwd.is_empty() {
+        out.push(format!(
+            "working directory {}: the rank returns to it, made again if it is missing",
+            rank.cwd
+        ));
+    }
+    out.extend(rank.fds.iter().map(fd_plan));
     for region in &rank.regions {
         if let RegionKind::FileContents { fd } = region.kind {
             out.push(format!(
@@ -49,7 +56,8 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
         }
         if let RegionKind::ClosedFileContents { path } = &region.kind {
             out.push(format!(
-                "{path}: written and closed on a filesystem of its node; its saved contents                  ({}) make it again where it is missing",
+                "{path}: written and closed on a filesystem of its node; its saved contents \
+                 ({}) make it again where it is missing",
                 human::bytes(region.len)
             ));
         }
@@ -171,8 +179,10 @@ mod tests {
             }],
             stats: WriteStats::default(),
             warnings: vec!["fd 3 (/work/f3) holds a file lock".into()],
+            cwd: "/work/run 1".into(),
         };
         let plan = rank_plan(&rank).join("\n");
+        assert!(plan.starts_with("working directory /work/run 1: the rank returns to it"));
         assert!(plan.contains("fd 4 (/work/f4): dup2 from fd 3"), "{plan}");
         assert!(
             plan.contains("fd 5 (unlinked file, was /work/f5): recreated unlinked"),

@@ -62,6 +62,7 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
                 regions: vec![region],
                 stats: WriteStats::default(),
                 warnings: Vec::new(),
+                cwd: String::new(),
             })
             .unwrap();
     }
@@ -118,6 +119,7 @@ fn ls_lists_committed_and_partial_epochs() {
             regions: vec![],
             stats: WriteStats::default(),
             warnings: Vec::new(),
+            cwd: String::new(),
         })
         .unwrap();
     }

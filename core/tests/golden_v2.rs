@@ -35,6 +35,7 @@ fn golden_v2_0_0_store_still_loads() {
     let rank = &manifest.ranks[0];
     assert_eq!(rank.fds[1].shares_with, Some(5));
     assert_eq!(rank.fds[2].kind, FdKind::Deleted);
+    assert_eq!(rank.cwd, "", "not recorded before 2.4");
     assert!(rank.regions[0]
         .chunks
         .iter()

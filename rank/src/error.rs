@@ -273,6 +273,19 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// The working directory the rank had at the checkpoint could not be
+    /// returned to.
+    #[error("rank {rank}: returning to its working directory {path}: {step}: {source}")]
+    WorkingDirectory {
+        /// The rank.
+        rank: u32,
+        /// The directory.
+        path: String,
+        /// The step.
+        step: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The table of files the rank wrote and closed is damaged.
     #[error("rank {rank}: the checkpoint's table of files written and closed is damaged: {why}")]
     ClosedFiles {

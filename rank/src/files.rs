@@ -66,7 +66,8 @@ pub(crate) fn is_writable(flags: i32) -> bool {
     matches!(flags & libc::O_ACCMODE, libc::O_WRONLY | libc::O_RDWR)
 }
 
-/// Restores every fd of `record` marked [`FdRestore::Restore`]: each open
+/// Returns the rank to its working directory, then restores every fd of
+/// `record` marked [`FdRestore::Restore`]: each open
 /// file description once (regular files and directories by path, the
 /// portable devices, unlinked files recreated from their saved contents in
 /// `store`), then every fd that shared one with `dup2` from it. Fds listed
@@ -106,7 +107,13 @@ pub fn restore_files(
         };
         check_free(record.rank, fd, identity)?;
     }
-    done.recreated = recreate_missing(record.rank, &wanted, &saved)?;
+    // Back to its working directory first: its relative names are the
+    // application's, after the restart as before.
+    if crate::workdir::return_to(record.rank, &record.cwd)? {
+        done.recreated.push(record.cwd.clone());
+    }
+    done.recreated
+        .extend(recreate_missing(record.rank, &wanted, &saved)?);
     for fd in wanted.iter().filter(|fd| fd.shares_with.is_none()) {
         let truncated = match fd.kind {
             FdKind::Deleted => {

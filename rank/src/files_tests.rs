@@ -22,6 +22,7 @@ fn record(fds: Vec<FdRecord>) -> RankRecord {
         regions: vec![],
         stats: WriteStats::default(),
         warnings: Vec::new(),
+        cwd: String::new(),
     }
 }
 

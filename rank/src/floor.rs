@@ -156,6 +156,7 @@ mod tests {
             regions: Vec::new(),
             stats: Default::default(),
             warnings: Vec::new(),
+            cwd: String::new(),
         };
         assert_eq!(
             hold_lost(&record),

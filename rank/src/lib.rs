@@ -41,6 +41,7 @@ mod snapshot;
 mod store_fds;
 #[cfg(test)]
 mod test_support;
+mod workdir;
 
 use std::sync::atomic::Ordering;
 

@@ -6,17 +6,21 @@
  * order, so the output is deterministic for a given OMP_NUM_THREADS.
  *
  * Usage: omp_stencil STEPS STEP_MS [INPUT]
- * Writes omp-RANK.log in the cwd, appending (O_APPEND), and the same sums
- * to closed-RANK.log, opened, appended to and closed at every step. With INPUT, each
+ * Writes omp-RANK.log in the cwd, appending (O_APPEND), then moves into
+ * steps/ (a chdir at its first start only, as a code that makes its own
+ * run directory does) and writes the same sums to steps/closed-RANK.log,
+ * opened by its relative name, appended to and closed at every step. With INPUT, each
  * rank holds that file open for reading from its first start on, as codes
  * that keep an input or a mesh open do, and logs its size at each step.
  */
+#include <errno.h>
 #include <fcntl.h>
 #include <mpi.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,12 +77,17 @@ int main(int argc, char **argv) {
             perror(name);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
-        fclose(open_closed_log(rank, "w"));
         st->input_fd = -1;
         if (argc > 3 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
             perror(argv[3]);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
+        /* A restart must bring the rank back here. */
+        if ((mkdir("steps", 0755) != 0 && errno != EEXIST) || chdir("steps") != 0) {
+            perror("steps");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fclose(open_closed_log(rank, "w"));
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < CELLS; i++) st->a[i] = (double)((i * 7 + rank) % 1000) / 1000.0;
         st->step = 0;

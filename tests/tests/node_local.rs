@@ -154,7 +154,7 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
             !named_in_memory(&said, &log),
             "its contents are saved, so it must not be named as lost:\n{said}"
         );
-        let closed = s.work.join(format!("closed-{rank}.log"));
+        let closed = s.work.join(format!("steps/closed-{rank}.log"));
         assert!(
             !said.contains(&format!("{} was written and closed", closed.display())),
             "its contents are saved, so it must not be named as lost:\n{said}"
@@ -167,8 +167,11 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
         .unwrap();
     assert!(restart.status.success(), "{}", output_text(&restart));
     // The logs opened with O_APPEND (and held open) come back from the
-    // checkpoint, as do those opened, appended to and closed at each step.
-    for name in (0..RANKS).flat_map(|r| [format!("omp-{r}.log"), format!("closed-{r}.log")]) {
+    // checkpoint, as do those opened, appended to and closed at each step
+    // by a relative name, in the directory the ranks moved to at their
+    // first start, made again with the rank's working directory.
+    let logs = |r| [format!("omp-{r}.log"), format!("steps/closed-{r}.log")];
+    for name in (0..RANKS).flat_map(logs) {
         let (want, got) = (
             fs::read(reference.join(&name)).unwrap(),
             fs::read(s.work.join(&name)).unwrap(),

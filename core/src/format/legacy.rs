@@ -14,6 +14,7 @@
 //! * 2.1 → 2.2: the `RegionKind::ClosedFiles` variant (appended: a 2.1
 //!   payload decodes with the current layout).
 //! * 2.2 → 2.3: the `RegionKind::ClosedFileContents` variant (appended).
+//! * 2.3 → 2.4: `RankRecord::cwd`, the rank's working directory.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -40,8 +41,11 @@ pub trait MetaFile: Serialize + DeserializeOwned {
 impl MetaFile for Manifest {
     fn decode_version(version: FormatVersion, payload: &[u8]) -> Result<Self, CodecError> {
         match (version.major, version.minor) {
-            (1, 0) => Ok(codec::decode::<ManifestV1<RankRecordV1_0>>(payload)?.into()),
-            (1, _) => Ok(codec::decode::<ManifestV1<RankRecordV1_1>>(payload)?.into()),
+            (1, 0) => Ok(codec::decode::<ManifestOf<RankRecordV1_0>>(payload)?.into()),
+            (1, _) => Ok(codec::decode::<ManifestOf<RankRecordV1_1>>(payload)?.into()),
+            (2, 0..=3) => {
+                Ok(codec::decode::<ManifestOf<RankRecordV2_3<RegionRecord>>>(payload)?.into())
+            }
             _ => codec::decode(payload),
         }
     }
@@ -52,6 +56,7 @@ impl MetaFile for RankRecord {
         match (version.major, version.minor) {
             (1, 0) => Ok(codec::decode::<RankRecordV1_0>(payload)?.into()),
             (1, _) => Ok(codec::decode::<RankRecordV1_1>(payload)?.into()),
+            (2, 0..=3) => Ok(codec::decode::<RankRecordV2_3<RegionRecord>>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -98,20 +103,41 @@ impl From<RegionRecordV1> for RegionRecord {
     }
 }
 
+/// A rank record of 1.1 to 2.3, before the working directory; its
+/// regions are [`RegionRecordV1`] in 1.1, [`RegionRecord`] from 2.0.
 #[derive(Deserialize)]
-struct RankRecordV1_1 {
+struct RankRecordV2_3<Region> {
     rank: u32,
     node: String,
     pid: u32,
     fds: Vec<FdRecord>,
     mappings: Vec<MappingRecord>,
-    regions: Vec<RegionRecordV1>,
+    regions: Vec<Region>,
     stats: WriteStats,
     warnings: Vec<String>,
 }
 
+type RankRecordV1_1 = RankRecordV2_3<RegionRecordV1>;
+
+impl<Region: Into<RegionRecord>> From<RankRecordV2_3<Region>> for RankRecord {
+    fn from(old: RankRecordV2_3<Region>) -> RankRecord {
+        RankRecord {
+            rank: old.rank,
+            node: old.node,
+            pid: old.pid,
+            fds: old.fds,
+            mappings: old.mappings,
+            regions: old.regions.into_iter().map(Into::into).collect(),
+            stats: old.stats,
+            warnings: old.warnings,
+            cwd: String::new(),
+        }
+    }
+}
+
+/// A manifest of 1.0 to 2.3: its layout changed only in its rank records.
 #[derive(Deserialize)]
-struct ManifestV1<R> {
+struct ManifestOf<R> {
     job: String,
     epoch: u64,
     created_unix_ms: u64,
@@ -120,24 +146,8 @@ struct ManifestV1<R> {
     ranks: Vec<R>,
 }
 
-impl From<RankRecordV1_1> for RankRecord {
-    fn from(old: RankRecordV1_1) -> RankRecord {
-        RankRecord {
-            rank: old.rank,
-            node: old.node,
-            pid: old.pid,
-            fds: old.fds,
-            mappings: old.mappings,
-            regions: old.regions.into_iter().map(RegionRecord::from).collect(),
-            stats: old.stats,
-            warnings: old.warnings,
-        }
-    }
-}
-
-/// A 1.x manifest: its layout changed only in its rank records.
-impl<R: Into<RankRecord>> From<ManifestV1<R>> for Manifest {
-    fn from(old: ManifestV1<R>) -> Manifest {
+impl<R: Into<RankRecord>> From<ManifestOf<R>> for Manifest {
+    fn from(old: ManifestOf<R>) -> Manifest {
         Manifest {
             job: old.job,
             epoch: old.epoch,
@@ -198,6 +208,7 @@ impl From<RankRecordV1_0> for RankRecord {
             regions: old.regions.into_iter().map(RegionRecord::from).collect(),
             stats: old.stats,
             warnings: Vec::new(),
+            cwd: String::new(),
         }
     }
 }

@@ -250,6 +250,9 @@ pub struct RankRecord {
     /// fds marked [`FdRestore::NotRestored`]: a held file lock, a mapping
     /// that cannot be re-established (format 1.1).
     pub warnings: Vec<String>,
+    /// The rank's working directory, which a restart returns it to; empty
+    /// when unknown (written before format 2.4, or deleted then).
+    pub cwd: String,
 }
 
 /// The committed record of one epoch of one job.

@@ -37,6 +37,7 @@ pub(crate) fn sample_rank(rank: u32) -> RankRecord {
         }],
         stats: WriteStats::default(),
         warnings: vec![],
+        cwd: String::new(),
     }
 }
 

@@ -28,5 +28,6 @@ pub(crate) fn empty_record(rank: u32) -> RankRecord {
         regions: Vec::new(),
         stats: WriteStats::default(),
         warnings: Vec::new(),
+        cwd: String::new(),
     }
 }

@@ -98,6 +98,7 @@ pub fn empty_record() -> RankRecord {
         regions: vec![],
         stats: WriteStats::default(),
         warnings: Vec::new(),
+        cwd: String::new(),
     }
 }
 

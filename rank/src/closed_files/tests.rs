@@ -442,6 +442,7 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
         regions: vec![region.clone()],
         stats: WriteStats::default(),
         warnings: Vec::new(),
+        cwd: String::new(),
     };
     // Missing (another node): made with its directories, whole.
     let made = remake_missing(&rank(0), &job).unwrap();
