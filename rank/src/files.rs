@@ -54,7 +54,8 @@ pub struct FilesRestored {
     pub restored: Vec<i32>,
     /// Files cut back to their checkpoint size.
     pub truncated: Vec<String>,
-    /// Files missing here and made again from their saved contents.
+    /// Files missing here and made again from their saved contents, and
+    /// the working directory if it was made again.
     pub recreated: Vec<String>,
     /// Files found shorter than their offset at the checkpoint (cut by
     /// something else since) and filled again from their saved contents.

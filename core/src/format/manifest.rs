@@ -514,6 +514,7 @@ impl RankRecord {
                 RegionKind::FileShared { path, .. }
                 | RegionKind::FilePrivate { path, .. }
                 | RegionKind::AppMapping { path, .. }
+                | RegionKind::ClosedFileContents { path }
                     if !is_clean_absolute_path(path) =>
                 {
                     return Err(ManifestError::BadPath {
@@ -523,6 +524,13 @@ impl RankRecord {
                 }
                 _ => {}
             }
+        }
+        // A restart changes into it (empty: not recorded).
+        if !(self.cwd.is_empty() || self.cwd == "/" || is_clean_absolute_path(&self.cwd)) {
+            return Err(ManifestError::BadPath {
+                rank,
+                path: self.cwd.clone(),
+            });
         }
         let mut fds = HashSet::new();
         for fd in &self.fds {

@@ -121,6 +121,28 @@ fn rejections() {
         Err(ManifestError::BadPath { .. })
     ));
 
+    // A restart writes the file and changes into the directory: neither
+    // may lead out of where it was.
+    let mut m = sample(1);
+    m.ranks[0].regions[0].kind = RegionKind::ClosedFileContents {
+        path: "/tmp/run/../../etc/cron.d/x".into(),
+    };
+    assert!(matches!(
+        m.validate("job1", 3),
+        Err(ManifestError::BadPath { .. })
+    ));
+    for (cwd, ok) in [
+        ("", true),
+        ("/", true),
+        ("/work/run 1", true),
+        ("run", false),
+        ("/work/../etc", false),
+    ] {
+        let mut m = sample(1);
+        m.ranks[0].cwd = cwd.into();
+        assert_eq!(m.validate("job1", 3).is_ok(), ok, "cwd {cwd:?}");
+    }
+
     let mut m = sample(1);
     let dup = m.ranks[0].fds[0].clone();
     m.ranks[0].fds.push(dup);

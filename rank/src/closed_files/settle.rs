@@ -78,6 +78,17 @@ pub(crate) fn load(record: &RankRecord, store: &JobStore) -> Result<ClosedFiles,
         },
     )?;
     let table = ClosedFiles::decode(&bytes).map_err(|err| damaged(err.to_string()))?;
+    // A restart cuts these files: none may lead out of where it was.
+    if let Some(file) = table
+        .files
+        .iter()
+        .find(|f| !cryo_core::format::manifest::is_clean_absolute_path(&f.path))
+    {
+        return Err(damaged(format!(
+            "{:?} is not an absolute path without `..`",
+            file.path
+        )));
+    }
     super::remember(&table);
     Ok(table)
 }

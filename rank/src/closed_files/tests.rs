@@ -488,3 +488,48 @@ fn files_of_a_restored_table_and_files_noted_by_a_binding_are_measured_at_the_ne
     assert_eq!(noted.at_close, noted.at_checkpoint);
     forget_all();
 }
+
+#[test]
+fn a_table_naming_a_path_that_leads_elsewhere_is_refused_as_damaged() {
+    use cryo_core::format::closed::CLOSED_FILES_REGION;
+    use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let root = tempfile::tempdir().unwrap();
+    let job = cryo_core::Store::create(root.path().join("store"))
+        .unwrap()
+        .job("closed")
+        .unwrap();
+    let mark = Mark { size: 1, tail: 0 };
+    let table = ClosedFiles {
+        files: vec![ClosedFile {
+            path: "/work/run/../../etc/motd".into(),
+            at_checkpoint: mark,
+            at_close: mark,
+            appended: true,
+        }],
+    };
+    let region = crate::test_support::store_small_chunks(
+        &job,
+        0,
+        CLOSED_FILES_REGION,
+        RegionKind::ClosedFiles,
+        &table.encode().unwrap(),
+    );
+    let record = RankRecord {
+        rank: 0,
+        node: "n".into(),
+        pid: 1,
+        fds: vec![],
+        mappings: vec![],
+        regions: vec![region],
+        stats: WriteStats::default(),
+        warnings: Vec::new(),
+        cwd: String::new(),
+    };
+    let err = super::settle::load(&record, &job).unwrap_err();
+    assert!(
+        matches!(&err, crate::error::RestoreError::ClosedFiles { why, .. } if why.contains("/etc/motd")),
+        "{err}"
+    );
+}
