@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use cryo_core::format::chunk::ChunkCodec;
 use cryo_core::format::header::HEADER_LEN;
-use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+use cryo_core::format::manifest::{RankRecord, RegionKind};
 use cryo_core::store::writer::WriterConfig;
 use cryo_core::store::{JobStore, Store};
 use cryo_core::Manifest;
@@ -54,15 +54,8 @@ fn write_epoch(job: &JobStore, epoch: u64, ranks: u32, seed: u8) -> Manifest {
             .unwrap();
         rank_writer
             .finish(RankRecord {
-                rank,
-                node: "n0".into(),
-                pid: 1,
-                fds: vec![],
-                mappings: vec![],
                 regions: vec![region],
-                stats: WriteStats::default(),
-                warnings: Vec::new(),
-                cwd: String::new(),
+                ..RankRecord::new(rank, "n0", 1)
             })
             .unwrap();
     }
@@ -110,18 +103,7 @@ fn ls_lists_committed_and_partial_epochs() {
             )
             .unwrap();
         let rank = writer.rank(0);
-        rank.finish(RankRecord {
-            rank: 0,
-            node: "n0".into(),
-            pid: 1,
-            fds: vec![],
-            mappings: vec![],
-            regions: vec![],
-            stats: WriteStats::default(),
-            warnings: Vec::new(),
-            cwd: String::new(),
-        })
-        .unwrap();
+        rank.finish(RankRecord::new(0, "n0", 1)).unwrap();
     }
     let out = cryo(&["ls", s(&f.root)]);
     let t = text(&out);

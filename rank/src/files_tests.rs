@@ -3,7 +3,7 @@
 
 use std::io::{Read, Seek, Write};
 
-use cryo_core::format::manifest::{FdKind, WriteStats};
+use cryo_core::format::manifest::FdKind;
 
 use super::*;
 
@@ -14,15 +14,8 @@ fn store() -> JobStore {
 
 fn record(fds: Vec<FdRecord>) -> RankRecord {
     RankRecord {
-        rank: 2,
-        node: "n".into(),
-        pid: 1,
         fds,
-        mappings: vec![],
-        regions: vec![],
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-        cwd: String::new(),
+        ..RankRecord::new(2, "n", 1)
     }
 }
 

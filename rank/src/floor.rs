@@ -144,19 +144,12 @@ mod tests {
         let taken = fcntl(0, FcntlArg::F_DUPFD_CLOEXEC(mpi)).unwrap();
         assert_eq!(taken, mpi);
         let record = RankRecord {
-            rank: 0,
-            node: "n".into(),
-            pid: 1,
             fds: vec![
                 lost(free, FdRestore::NotRestored("pipe".into())),
                 lost(mpi, FdRestore::NotRestored("socket".into())),
                 lost(933, FdRestore::NotOurs("MPI library".into())),
             ],
-            mappings: Vec::new(),
-            regions: Vec::new(),
-            stats: Default::default(),
-            warnings: Vec::new(),
-            cwd: String::new(),
+            ..RankRecord::new(0, "n", 1)
         };
         assert_eq!(
             hold_lost(&record),

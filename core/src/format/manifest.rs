@@ -457,6 +457,21 @@ fn check_fd_links(
 }
 
 impl RankRecord {
+    /// A record of `rank`, run as `pid` on `node`, that holds nothing yet.
+    pub fn new(rank: u32, node: impl Into<String>, pid: u32) -> RankRecord {
+        RankRecord {
+            rank,
+            node: node.into(),
+            pid,
+            fds: Vec::new(),
+            mappings: Vec::new(),
+            regions: Vec::new(),
+            stats: WriteStats::default(),
+            warnings: Vec::new(),
+            cwd: String::new(),
+        }
+    }
+
     /// Checks internal consistency: names, chunk tiling, paths.
     pub fn validate(&self, chunk_size: u32) -> Result<(), ManifestError> {
         let rank = self.rank;

@@ -1,7 +1,7 @@
 //! What the store's tests share: bytes that do not deduplicate, and an
 //! empty rank record.
 
-use crate::format::manifest::{RankRecord, WriteStats};
+use crate::format::manifest::RankRecord;
 
 /// `len` bytes that differ from chunk to chunk and from seed to seed, so
 /// that no chunk of one test's state deduplicates against another's.
@@ -19,15 +19,5 @@ pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// Rank `rank`'s record with nothing in it yet.
 pub(crate) fn empty_record(rank: u32) -> RankRecord {
-    RankRecord {
-        rank,
-        node: "node-a".into(),
-        pid: 42,
-        fds: Vec::new(),
-        mappings: Vec::new(),
-        regions: Vec::new(),
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-        cwd: String::new(),
-    }
+    RankRecord::new(rank, "node-a", 42)
 }

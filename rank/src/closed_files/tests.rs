@@ -412,7 +412,7 @@ fn a_closed_file_in_node_memory_is_kept_to_be_made_again() {
 fn a_missing_closed_file_is_made_again_whole_and_once() {
     use cryo_core::format::fds::closed_contents_region_name;
     use cryo_core::format::limits::MIN_CHUNK_SIZE;
-    use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+    use cryo_core::format::manifest::{RankRecord, RegionKind};
 
     let root = tempfile::tempdir().unwrap();
     let job = cryo_core::Store::create(root.path().join("store"))
@@ -434,15 +434,8 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
         &contents,
     );
     let rank = |rank: u32| RankRecord {
-        rank,
-        node: "n".into(),
-        pid: 1,
-        fds: vec![],
-        mappings: vec![],
         regions: vec![region.clone()],
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-        cwd: String::new(),
+        ..RankRecord::new(rank, "n", 1)
     };
     // Missing (another node): made with its directories, whole.
     let made = remake_missing(&rank(0), &job).unwrap();
@@ -492,7 +485,7 @@ fn files_of_a_restored_table_and_files_noted_by_a_binding_are_measured_at_the_ne
 #[test]
 fn a_table_naming_a_path_that_leads_elsewhere_is_refused_as_damaged() {
     use cryo_core::format::closed::CLOSED_FILES_REGION;
-    use cryo_core::format::manifest::{RankRecord, RegionKind, WriteStats};
+    use cryo_core::format::manifest::{RankRecord, RegionKind};
 
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let root = tempfile::tempdir().unwrap();
@@ -517,15 +510,8 @@ fn a_table_naming_a_path_that_leads_elsewhere_is_refused_as_damaged() {
         &table.encode().unwrap(),
     );
     let record = RankRecord {
-        rank: 0,
-        node: "n".into(),
-        pid: 1,
-        fds: vec![],
-        mappings: vec![],
         regions: vec![region],
-        stats: WriteStats::default(),
-        warnings: Vec::new(),
-        cwd: String::new(),
+        ..RankRecord::new(0, "n", 1)
     };
     let err = super::settle::load(&record, &job).unwrap_err();
     assert!(
