@@ -283,7 +283,8 @@ pub fn read_fd_table(
 }
 
 /// The working directory a restart returns the rank to; a warning and
-/// nothing when it was deleted or cannot be read.
+/// nothing when it was deleted, cannot be read, or is not a clean
+/// absolute path (a manifest holding one would not load).
 fn working_directory(access: &dyn ProcessAccess, pid: u32, warnings: &mut Vec<String>) -> String {
     match access.cwd(pid) {
         Ok(link) if link.ends_with(DELETED_SUFFIX) => {
@@ -293,7 +294,14 @@ fn working_directory(access: &dyn ProcessAccess, pid: u32, warnings: &mut Vec<St
             ));
             String::new()
         }
-        Ok(link) => link,
+        Ok(link) if link == "/" || is_clean_absolute_path(&link) => link,
+        // Outside this agent's root ("(unreachable)/…"), or oddly spelt.
+        Ok(link) => {
+            warnings.push(format!(
+                "the working directory {link:?} cannot be named from the agent; a restart starts the rank in the job's launch directory"
+            ));
+            String::new()
+        }
         Err(err) => {
             warnings.push(format!(
                 "could not read the working directory ({err}); a restart starts the rank in the job's launch directory"
@@ -437,6 +445,7 @@ mod tests {
             match pid {
                 42 => Ok("/work/run/rank 0".into()),
                 43 => Ok("/tmp/job.1 (deleted)".into()),
+                45 => Ok("(unreachable)/scratch/run".into()),
                 _ => Err(io::ErrorKind::PermissionDenied.into()),
             }
         }
@@ -509,7 +518,11 @@ mod tests {
         };
         let table = read_fd_table(&Fake, 42, &owners).unwrap();
         assert_eq!(table.cwd, "/work/run/rank 0");
-        for (pid, said) in [(43, "/tmp/job.1 was deleted"), (44, "could not read")] {
+        for (pid, said) in [
+            (43, "/tmp/job.1 was deleted"),
+            (44, "could not read"),
+            (45, "\"(unreachable)/scratch/run\" cannot be named"),
+        ] {
             let table = read_fd_table(&Fake, pid, &owners).unwrap();
             assert_eq!(table.cwd, "", "pid {pid}");
             assert!(
