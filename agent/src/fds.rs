@@ -286,29 +286,20 @@ pub fn read_fd_table(
 /// nothing when it was deleted, cannot be read, or is not a clean
 /// absolute path (a manifest holding one would not load).
 fn working_directory(access: &dyn ProcessAccess, pid: u32, warnings: &mut Vec<String>) -> String {
-    match access.cwd(pid) {
-        Ok(link) if link.ends_with(DELETED_SUFFIX) => {
-            warnings.push(format!(
-                "the working directory {} was deleted; a restart starts the rank in the job's launch directory",
-                link.trim_end_matches(DELETED_SUFFIX)
-            ));
-            String::new()
-        }
-        Ok(link) if link == "/" || is_clean_absolute_path(&link) => link,
+    let why = match access.cwd(pid) {
+        Ok(link) if link.ends_with(DELETED_SUFFIX) => format!(
+            "the working directory {} was deleted",
+            link.trim_end_matches(DELETED_SUFFIX)
+        ),
+        Ok(link) if link == "/" || is_clean_absolute_path(&link) => return link,
         // Outside this agent's root ("(unreachable)/…"), or oddly spelt.
-        Ok(link) => {
-            warnings.push(format!(
-                "the working directory {link:?} cannot be named from the agent; a restart starts the rank in the job's launch directory"
-            ));
-            String::new()
-        }
-        Err(err) => {
-            warnings.push(format!(
-                "could not read the working directory ({err}); a restart starts the rank in the job's launch directory"
-            ));
-            String::new()
-        }
-    }
+        Ok(link) => format!("the working directory {link:?} cannot be named from the agent"),
+        Err(err) => format!("could not read the working directory ({err})"),
+    };
+    warnings.push(format!(
+        "{why}; a restart starts the rank in the job's launch directory"
+    ));
+    String::new()
 }
 
 #[cfg(test)]
@@ -485,13 +476,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn dups_are_linked_to_their_leader_by_kcmp() {
-        let owners = FdOwners {
+    /// fd 1000 is the runtime's, fd 1 the launcher's.
+    fn owners() -> FdOwners<'static> {
+        FdOwners {
             runtime: &[1000],
             library: &[1],
             saved_unlinked: &[],
-        };
+        }
+    }
+
+    #[test]
+    fn dups_are_linked_to_their_leader_by_kcmp() {
+        let owners = owners();
         let table = read_fd_table(&Fake, 42, &owners).unwrap();
         let get = |fd| table.fds.iter().find(|r| r.fd == fd).unwrap();
         assert_eq!(get(3).shares_with, None);
@@ -511,11 +507,7 @@ mod tests {
 
     #[test]
     fn the_working_directory_is_recorded_and_one_that_cannot_be_named() {
-        let owners = FdOwners {
-            runtime: &[1000],
-            library: &[1],
-            saved_unlinked: &[],
-        };
+        let owners = owners();
         let table = read_fd_table(&Fake, 42, &owners).unwrap();
         assert_eq!(table.cwd, "/work/run/rank 0");
         for (pid, said) in [

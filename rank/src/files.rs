@@ -7,7 +7,6 @@
 //! filesystem of its node) is made again where it is missing; directories
 //! and the portable devices come back by path.
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -87,6 +86,7 @@ pub fn restore_files(
         .collect();
     let saved = saved_file_paths(&record.fds, record.regions.iter().map(|r| &r.kind));
     // Check every fd first, so that a refused restart changes nothing.
+    let mut missing: Vec<&FdRecord> = Vec::new();
     for fd in &wanted {
         if reserved.contains(&fd.fd) {
             return Err(file_io(
@@ -104,6 +104,9 @@ pub fn restore_files(
                 tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_cut_short");
                 done.refilled.push(fd.path.clone());
             }
+            if source.missing && !missing.iter().any(|m| m.path == fd.path) {
+                missing.push(fd);
+            }
             source.identity
         };
         check_free(record.rank, fd, identity)?;
@@ -114,7 +117,7 @@ pub fn restore_files(
         done.recreated.push(record.cwd.clone());
     }
     done.recreated
-        .extend(recreate_missing(record.rank, &wanted, &saved)?);
+        .extend(recreate_missing(record.rank, &missing)?);
     for fd in wanted.iter().filter(|fd| fd.shares_with.is_none()) {
         let truncated = match fd.kind {
             FdKind::Deleted => {
@@ -177,27 +180,13 @@ pub(crate) fn fill_file(
     file.set_len(region.len).map_err(StreamError::Sink)
 }
 
-/// Makes again, empty, each file whose contents were saved but that is
-/// missing here (it was on a filesystem of the node the rank ran on), with
-/// its directories; [`restore_contents`] fills it once its fds are back.
-fn recreate_missing(
-    rank: u32,
-    wanted: &[&FdRecord],
-    saved: &BTreeSet<&str>,
-) -> Result<Vec<String>, RestoreError> {
+/// Makes again, empty, each file whose contents were saved but that was
+/// found `missing` here (it was on a filesystem of the node the rank ran
+/// on), with its directories; [`restore_contents`] fills it once its fds
+/// are back.
+fn recreate_missing(rank: u32, missing: &[&FdRecord]) -> Result<Vec<String>, RestoreError> {
     let mut made: Vec<String> = Vec::new();
-    for fd in wanted {
-        if fd.shares_with.is_some()
-            || fd.kind != FdKind::Regular
-            || !saved.contains(fd.path.as_str())
-            || made.contains(&fd.path)
-        {
-            continue;
-        }
-        match fs::metadata(&fd.path) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            _ => continue,
-        }
+    for fd in missing {
         // Another rank of this node that held the file may have made it
         // since it was found missing; it is as empty, and filled the same.
         match create_empty(Path::new(&fd.path)) {
@@ -282,6 +271,9 @@ struct Source {
     /// A file whose contents were saved is there but shorter than the
     /// offset the rank had reached in it: it is refilled.
     cut_short: bool,
+    /// A regular file whose contents were saved is not there: it is made
+    /// again.
+    missing: bool,
 }
 
 /// Checks that what an fd is restored from is still there and still the
@@ -300,7 +292,10 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Source, Restore
         Err(err)
             if err.kind() == io::ErrorKind::NotFound && saved && fd.kind == FdKind::Regular =>
         {
-            return Ok(Source::default())
+            return Ok(Source {
+                missing: true,
+                ..Source::default()
+            })
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             return Err(RestoreError::FileVanished {
@@ -337,6 +332,7 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Source, Restore
     Ok(Source {
         identity: Some((meta.dev(), meta.ino())),
         cut_short: short,
+        missing: false,
     })
 }
 
