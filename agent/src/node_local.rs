@@ -1,8 +1,9 @@
 //! The files a rank holds that a restart on another node will not find:
 //! files and file mappings restored by path from a filesystem of this node
 //! (see `cryo_core::locality`), named in the checkpoint's warnings when it
-//! is taken. A file whose contents the rank saved (one it writes: see
-//! `rank/src/held.rs`) is made again where it is missing, and not named.
+//! is taken. A file whose contents the rank saved (see `rank/src/held.rs`:
+//! within its cap, every file of the node it holds or maps) is made again
+//! where it is missing, and not named.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -28,6 +29,13 @@ pub fn node_local_warnings(
 ) -> Vec<String> {
     let mut warnings = Vec::new();
     let saved = saved_file_paths(fds, regions.iter().map(|region| &region.kind));
+    let saved_whole: BTreeSet<&str> = regions
+        .iter()
+        .filter_map(|region| match &region.kind {
+            RegionKind::NodeFileContents { path } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
     let by_path = fds.iter().filter(|fd| {
         fd.restore == FdRestore::Restore
             && fd.shares_with.is_none()
@@ -48,8 +56,9 @@ pub fn node_local_warnings(
             | RegionKind::AppMapping { path, .. } => Some(path.as_str()),
             _ => None,
         })
-        // A file the rank also writes through an fd is made again first.
-        .filter(|path| !saved.contains(path))
+        // A file the rank also holds through an fd whose contents it saved,
+        // or that it saved whole, is made again first.
+        .filter(|path| !saved.contains(path) && !saved_whole.contains(path))
         .collect();
     for path in mapped {
         if let Some(why) = reach(access, path, store) {
@@ -178,6 +187,18 @@ mod tests {
             !fewer.iter().any(|w| w.contains("/scratch/out")),
             "{fewer:?}"
         );
+        // A mapped file the rank saved whole is made again, not named.
+        saved.push(RegionInfo {
+            name: "cryo:mapped-file:0".into(),
+            addr: 0xa000,
+            len: 4096,
+            kind: RegionKind::NodeFileContents {
+                path: "/scratch/m".into(),
+            },
+        });
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
+        assert_eq!(fewer.len(), 1, "{fewer:?}");
+        assert!(fewer[0].starts_with("fd 3 (/tmp/scratch)"), "{fewer:?}");
         assert!(warnings[0].starts_with("fd 3 (/tmp/scratch) is in this node's memory (tmpfs)"));
         assert!(warnings[1].starts_with("fd 6 (/scratch/out) is on a disk of this node (ext4)"));
         assert!(warnings[2].starts_with("the mapped file /scratch/m is on a disk"));

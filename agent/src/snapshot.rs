@@ -130,7 +130,7 @@ pub fn is_private(kind: &RegionKind) -> bool {
         RegionKind::FileShared { .. }
         | RegionKind::UnlinkedFile { .. }
         | RegionKind::FileContents { .. }
-        | RegionKind::ClosedFileContents { .. } => false,
+        | RegionKind::NodeFileContents { .. } => false,
     }
 }
 

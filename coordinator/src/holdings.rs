@@ -26,6 +26,7 @@ pub fn fd_plan(fd: &FdRecord) -> String {
             ),
             FdKind::Directory => "reopened by path (directory)".into(),
             FdKind::CharDevice => "reopened by path (device)".into(),
+            _ if !writes(fd) => format!("reopened by path, offset {}", fd.offset),
             _ => format!(
                 "reopened by path, offset {}, cut back to {} bytes if written since",
                 fd.offset, fd.size_at_checkpoint
@@ -35,6 +36,14 @@ pub fn fd_plan(fd: &FdRecord) -> String {
         (FdRestore::NotRestored(why), _) => format!("NOT RESTORED: {why}"),
     };
     format!("fd {} ({what}): {action}", fd.fd)
+}
+
+/// Whether the fd was open for writing.
+fn writes(fd: &FdRecord) -> bool {
+    matches!(
+        fd.flags & nix::libc::O_ACCMODE,
+        nix::libc::O_WRONLY | nix::libc::O_RDWR
+    )
 }
 
 /// One line per fd, application mapping and warning of a rank.
@@ -49,15 +58,25 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
     out.extend(rank.fds.iter().map(fd_plan));
     for region in &rank.regions {
         if let RegionKind::FileContents { fd } = region.kind {
-            out.push(format!(
-                "fd {fd}: open for writing in place; its saved contents ({}) are written back",
-                human::bytes(region.len)
-            ));
+            let record = rank.fds.iter().find(|f| f.fd == fd);
+            let in_place = record.is_some_and(|f| writes(f) && f.flags & nix::libc::O_APPEND == 0);
+            out.push(if in_place {
+                format!(
+                    "fd {fd}: open for writing in place; its saved contents ({}) are written back",
+                    human::bytes(region.len)
+                )
+            } else {
+                format!(
+                    "fd {fd}: on a filesystem of its node; its saved contents ({}) make it again \
+                     where it is missing",
+                    human::bytes(region.len)
+                )
+            });
         }
-        if let RegionKind::ClosedFileContents { path } = &region.kind {
+        if let RegionKind::NodeFileContents { path } = &region.kind {
             out.push(format!(
-                "{path}: written and closed on a filesystem of its node; its saved contents \
-                 ({}) make it again where it is missing",
+                "{path}: written and closed, or mapped, on a filesystem of its node; its saved \
+                 contents ({}) make it again where it is missing",
                 human::bytes(region.len)
             ));
         }
@@ -129,7 +148,7 @@ pub fn warnings(manifest: &Manifest) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::format::manifest::WriteStats;
+    use cryo_core::format::manifest::{RegionRecord, WriteStats};
 
     use super::*;
 
@@ -143,6 +162,16 @@ mod tests {
             size_at_checkpoint: 9,
             restore,
             shares_with,
+        }
+    }
+
+    fn region(name: &str, len: u64, kind: RegionKind) -> RegionRecord {
+        RegionRecord {
+            name: name.into(),
+            addr: 0,
+            len,
+            kind,
+            chunks: vec![],
         }
     }
 
@@ -168,15 +197,28 @@ mod tests {
                     FdRestore::NotRestored("socket".into()),
                     None,
                 ),
+                FdRecord {
+                    flags: 0,
+                    ..fd(7, FdKind::Regular, FdRestore::Restore, None)
+                },
             ],
             mappings: vec![],
-            regions: vec![cryo_core::format::manifest::RegionRecord {
-                name: cryo_core::format::closed::CLOSED_FILES_REGION.into(),
-                addr: 0,
-                len: 2048,
-                kind: RegionKind::ClosedFiles,
-                chunks: vec![],
-            }],
+            regions: vec![
+                region(
+                    cryo_core::format::closed::CLOSED_FILES_REGION,
+                    2048,
+                    RegionKind::ClosedFiles,
+                ),
+                region("cryo:file:3", 9, RegionKind::FileContents { fd: 3 }),
+                region("cryo:file:7", 5, RegionKind::FileContents { fd: 7 }),
+                region(
+                    "cryo:mapped-file:0",
+                    4096,
+                    RegionKind::NodeFileContents {
+                        path: "/tmp/table".into(),
+                    },
+                ),
+            ],
             stats: WriteStats::default(),
             warnings: vec!["fd 3 (/work/f3) holds a file lock".into()],
             cwd: "/work/run 1".into(),
@@ -193,6 +235,23 @@ mod tests {
             "{plan}"
         );
         assert!(plan.contains("fd 1 (/work/f1): left alone"), "{plan}");
+        // Written in place, its contents go back; only read (on a
+        // filesystem of the node), they make it again where missing.
+        assert!(
+            plan.contains("fd 3 (/work/f3): reopened by path, offset 7, cut back to 9 bytes")
+                && plan.contains("fd 3: open for writing in place; its saved contents (9 B)"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("fd 7 (/work/f7): reopened by path, offset 7\n")
+                && plan
+                    .contains("fd 7: on a filesystem of its node; its saved contents (5 B) make"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("/tmp/table: written and closed, or mapped, on a filesystem of its node"),
+            "{plan}"
+        );
         assert!(
             plan.contains("files written and closed before the checkpoint: cut back")
                 && plan.contains("(table of 2.0 KiB)"),

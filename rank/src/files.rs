@@ -214,9 +214,9 @@ fn create_empty(path: &Path) -> io::Result<()> {
 
 /// Writes back the saved contents of the files whose contents were saved,
 /// so that bytes overwritten after the checkpoint are undone and a file
-/// made again, or cut short, gets what it held: every such file under
-/// [`FilePolicy::Truncate`], only those made again or cut short under
-/// `Keep`.
+/// made again, or cut short, gets what it held: every such file the rank
+/// writes under [`FilePolicy::Truncate`], only those made again or cut
+/// short under `Keep` and among those it only reads.
 fn restore_contents(
     record: &RankRecord,
     store: &JobStore,
@@ -232,11 +232,16 @@ fn restore_contents(
             continue;
         };
         let damaged = done.recreated.contains(&fd.path) || done.refilled.contains(&fd.path);
-        if !done.restored.contains(&owner) || (policy == FilePolicy::Keep && !damaged) {
+        // A file the rank only reads is written only where it was missing
+        // or cut short: one that is there is the user's.
+        let written = is_writable(fd.flags);
+        if !done.restored.contains(&owner) || ((policy == FilePolicy::Keep || !written) && !damaged)
+        {
             continue;
         }
-        if fd.flags & libc::O_APPEND != 0 {
-            // pwrite through an O_APPEND fd appends, whatever its offset.
+        if fd.flags & libc::O_APPEND != 0 || !written {
+            // pwrite through an O_APPEND fd appends, whatever its offset;
+            // a read-only fd cannot write.
             let file = fs::OpenOptions::new()
                 .write(true)
                 .open(format!("/proc/self/fd/{owner}"))

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Seek, Write};
 
+use cryo_core::format::fds::contents_region_name;
 use cryo_core::format::manifest::FdKind;
 
 use super::*;
@@ -30,6 +31,21 @@ fn fd_record(fd: i32, path: &str, flags: i32, offset: u64, size: u64) -> FdRecor
         restore: FdRestore::Restore,
         shares_with: None,
     }
+}
+
+/// A record of rank 2 holding `fd`, with `contents` saved for it in
+/// several chunks.
+fn with_contents(job: &JobStore, fd: FdRecord, contents: &[u8]) -> RankRecord {
+    let region = crate::test_support::store_small_chunks(
+        job,
+        2,
+        &contents_region_name(fd.fd),
+        RegionKind::FileContents { fd: fd.fd },
+        contents,
+    );
+    let mut rec = record(vec![fd]);
+    rec.regions.push(region);
+    rec
 }
 
 #[test]
@@ -279,23 +295,16 @@ fn saved_contents_go_back_in_place_for_an_append_only_fd() {
     let contents: Vec<u8> = (0..5u8)
         .flat_map(|c| std::iter::repeat_n(b'a' + c, MIN_CHUNK_SIZE))
         .collect();
-    let region = crate::test_support::store_small_chunks(
-        &job,
-        2,
-        "cryo:file:791",
-        RegionKind::FileContents { fd: 791 },
-        &contents,
-    );
-    assert_eq!(region.chunks.len(), 5);
     let size = contents.len() as u64;
-    let mut rec = record(vec![fd_record(
+    let fd = fd_record(
         791,
         path.to_str().unwrap(),
         libc::O_WRONLY | libc::O_APPEND,
         size,
         size,
-    )]);
-    rec.regions.push(region);
+    );
+    let rec = with_contents(&job, fd, &contents);
+    assert_eq!(rec.regions[0].chunks.len(), 5);
     let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
     assert_eq!(done.recreated, [path.display().to_string()]);
     assert!(
@@ -346,4 +355,54 @@ fn a_missing_file_another_rank_made_first_is_left_to_be_filled() {
     let err = create_empty(&path).unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
     assert_eq!(std::fs::read(&path).unwrap(), b"first rank's");
+}
+
+/// An input the rank only reads, on a filesystem of its node: made again
+/// from its saved contents where it is missing, refilled where it was cut
+/// short, and left alone where it is there whole.
+#[test]
+fn a_saved_input_read_only_is_made_again_but_never_written_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("staged/input.mesh");
+    let job = store();
+    let contents: Vec<u8> = (0..3 * cryo_core::format::limits::MIN_CHUNK_SIZE + 5)
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let size = contents.len() as u64;
+    let fd = fd_record(792, path.to_str().unwrap(), libc::O_RDONLY, 100, size);
+    let rec = with_contents(&job, fd, &contents);
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert_eq!(done.recreated, [path.display().to_string()]);
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "input not made again whole"
+    );
+    // SAFETY: restore_files installed fd 792 for us; we own it now.
+    let mut file = unsafe { std::fs::File::from_raw_fd(792) };
+    let mut next = [0u8; 4];
+    file.read_exact(&mut next).unwrap();
+    assert_eq!(next, contents[100..104], "read from its offset");
+    assert_eq!(
+        fcntl(792, FcntlArg::F_GETFL).unwrap() & libc::O_ACCMODE,
+        libc::O_RDONLY
+    );
+    drop(file);
+
+    // There, as the user left it (another version of the input): not
+    // written over, under `truncate` too.
+    std::fs::write(&path, vec![b'v'; contents.len()]).unwrap();
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert!(done.recreated.is_empty() && done.refilled.is_empty());
+    assert_eq!(std::fs::read(&path).unwrap(), vec![b'v'; contents.len()]);
+    nix::unistd::close(792).unwrap();
+
+    // Cut shorter than the rank's offset: refilled.
+    std::fs::write(&path, b"ab").unwrap();
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert_eq!(done.refilled, [path.display().to_string()]);
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "input cut short not refilled"
+    );
+    nix::unistd::close(792).unwrap();
 }

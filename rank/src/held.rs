@@ -8,12 +8,13 @@
 //! * the contents of regular files it holds open but that have no path any
 //!   more (unlinked), of files it holds open for writing in place (not
 //!   `O_APPEND`: bytes it overwrites after the checkpoint must be put back)
-//!   or for writing at all on a filesystem of its node (a restart on
-//!   another node makes them again), and the file mappings it made itself
-//!   after `cryo_init`: all handed to
-//!   the agent as extra regions (`cryo:fd:<fd>`, `cryo:file:<fd>`,
-//!   `cryo:map:<start>`), so they are chunked, deduplicated and verified
-//!   like region data;
+//!   or at all (for writing or only for reading) on a filesystem of its
+//!   node (a restart on another node makes them again), the file mappings
+//!   it made itself after `cryo_init`, and the whole files behind those of
+//!   them on a filesystem of its node that no fd saves: all handed to the
+//!   agent as extra regions (`cryo:fd:<fd>`, `cryo:file:<fd>`,
+//!   `cryo:map:<start>`, `cryo:mapped-file:<n>`), so they are chunked,
+//!   deduplicated and verified like region data;
 //! * the table of files it wrote and closed (`closed_files`), as the region
 //!   `cryo:closed-files`.
 
@@ -28,7 +29,8 @@ use std::sync::OnceLock;
 
 use cryo_core::format::closed::CLOSED_FILES_REGION;
 use cryo_core::format::fds::{
-    closed_contents_region_name, contents_region_name, mapping_region_name, unlinked_region_name,
+    closed_contents_region_name, contents_region_name, mapped_file_region_name,
+    mapping_region_name, unlinked_region_name,
 };
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
@@ -266,6 +268,31 @@ impl Drop for Held {
     }
 }
 
+impl Held {
+    /// Saves the first `len` bytes of the file at `path` (for an fd, its
+    /// link `/proc/self/fd/N`) as the region `name` of `kind`, through a
+    /// temporary read-only mapping.
+    fn save_file(
+        &mut self,
+        path: &str,
+        name: String,
+        len: u64,
+        kind: RegionKind,
+    ) -> nix::Result<()> {
+        let (addr, mapped) = map_file(path, len)?;
+        if let Some(addr) = addr {
+            self.temporary.push((addr, mapped));
+        }
+        self.regions.push(RegionInfo {
+            name,
+            addr: addr.map_or(0, |a| a.as_ptr() as u64),
+            len,
+            kind,
+        });
+        Ok(())
+    }
+}
+
 /// The store's filesystem, from `CRYO_STORE` (which `cryo run`, `cryo
 /// restart` and Slurm's plugin set), read once.
 pub(crate) fn store_filesystem() -> Option<Filesystem> {
@@ -298,9 +325,10 @@ pub(crate) struct Caps {
 }
 
 /// Gathers the application's file mappings, unlinked files and files open
-/// for writing in place as regions, with the files open for writing on a
-/// filesystem of the node that a restart elsewhere would not find (`store`:
-/// the store's filesystem, see [`store_filesystem`]). The runtime's fds are never saved, nor
+/// for writing in place as regions, with the files open, written and
+/// closed, or mapped on a filesystem of the node that a restart elsewhere
+/// would not find (`store`: the store's filesystem, see
+/// [`store_filesystem`]). The runtime's fds are never saved, nor
 /// the standard streams and the unlinked files that were open at
 /// `cryo_init` (`library`: the launcher's and the MPI library's); regular
 /// files open since then are the application's. Refuses (with the rank, fd,
@@ -315,7 +343,9 @@ pub(crate) fn gather(
     store: Option<Filesystem>,
 ) -> Result<Held, Refusal> {
     let mut held = Held::default();
-    gather_mappings(&mut held, baseline, reservation);
+    let mapped = gather_mappings(&mut held, baseline, reservation);
+    // The paths whose contents are saved, each once.
+    let mut saved_paths: HashSet<String> = HashSet::new();
     let mut seen = HashSet::new();
     let (mut unlinked, mut writable) = (0u64, 0u64);
     let mut writing = HashSet::new();
@@ -348,11 +378,14 @@ pub(crate) fn gather(
                 continue;
             }
             RegionKind::UnlinkedFile { fd }
-        } else if flags >= 0 && crate::files::is_writable(flags) {
-            // An append-only file needs only the cut back, where it is.
-            if !writes_in_place(flags) && off_node(fd, store).is_none() {
-                continue;
-            }
+        } else if flags >= 0 && writes_in_place(flags) {
+            RegionKind::FileContents { fd }
+        } else if !library.contains(&fd) && off_node(fd, store).is_some() {
+            // Written with O_APPEND or only read, on a filesystem of the
+            // node: a restart on another node makes it again from these.
+            // (An append-only file elsewhere needs only the cut back; one
+            // open since before `cryo_init` the application opens again
+            // itself before the restart can.)
             RegionKind::FileContents { fd }
         } else {
             continue;
@@ -386,8 +419,10 @@ pub(crate) fn gather(
                             "a restart cuts it back to its size at the checkpoint but \
                              cannot undo bytes overwritten after it",
                         )
-                    } else {
+                    } else if crate::files::is_writable(flags) {
                         ("open for writing", "its contents are not saved")
+                    } else {
+                        ("open for reading", "its contents are not saved")
                     };
                     held.warnings.push(format!(
                         "fd {fd} ({path}) is {how} and is {} bytes, over CRYO_WRITABLE_CAP \
@@ -400,17 +435,10 @@ pub(crate) fn gather(
                 contents_region_name(fd)
             }
         };
-        match map_file(&format!("/proc/self/fd/{fd}"), meta.len()) {
-            Ok((addr, len)) => {
-                if let Some(addr) = addr {
-                    held.temporary.push((addr, len));
-                }
-                held.regions.push(RegionInfo {
-                    name,
-                    addr: addr.map_or(0, |a| a.as_ptr() as u64),
-                    len: meta.len(),
-                    kind,
-                });
+        let saved = held.save_file(&format!("/proc/self/fd/{fd}"), name, meta.len(), kind);
+        match saved {
+            Ok(()) => {
+                saved_paths.insert(path);
             }
             Err(err) => held.warnings.push(format!(
                 "fd {fd} ({path}) could not be read to save its contents ({err}); a restart cannot give them back"
@@ -426,19 +454,12 @@ pub(crate) fn gather(
                 file.size, caps.writable
             ))
         } else {
-            match map_file(&file.path, file.size) {
-                Ok((addr, len)) => {
-                    if let Some(addr) = addr {
-                        held.temporary.push((addr, len));
-                    }
-                    held.regions.push(RegionInfo {
-                        name: closed_contents_region_name(n),
-                        addr: addr.map_or(0, |a| a.as_ptr() as u64),
-                        len: file.size,
-                        kind: RegionKind::ClosedFileContents {
-                            path: file.path.clone(),
-                        },
-                    });
+            let kind = RegionKind::NodeFileContents {
+                path: file.path.clone(),
+            };
+            match held.save_file(&file.path, closed_contents_region_name(n), file.size, kind) {
+                Ok(()) => {
+                    saved_paths.insert(file.path.clone());
                     None
                 }
                 Err(err) => Some(format!("it could not be read to save it ({err})")),
@@ -448,6 +469,26 @@ pub(crate) fn gather(
             held.warnings.push(format!(
                 "{} was written and closed, and {}; {lost}, so what it held is lost there",
                 file.path, file.why
+            ));
+        }
+    }
+    let mapped = mapped_node_files(&mapped, &saved_paths, store);
+    for (n, (path, size)) in mapped.into_iter().enumerate() {
+        writable = writable.saturating_add(size);
+        // Past the cap, or unreadable, the agent names it as a mapped file
+        // a restart on another node will not find.
+        if writable > caps.writable {
+            held.warnings.push(format!(
+                "the mapped file {path} is {size} bytes, over CRYO_WRITABLE_CAP ({} bytes per \
+                 rank): its contents are not saved",
+                caps.writable
+            ));
+            continue;
+        }
+        let kind = RegionKind::NodeFileContents { path: path.clone() };
+        if let Err(err) = held.save_file(&path, mapped_file_region_name(n), size, kind) {
+            held.warnings.push(format!(
+                "the mapped file {path} could not be read to save its contents ({err})"
             ));
         }
     }
@@ -471,7 +512,35 @@ fn writes_in_place(flags: i32) -> bool {
     crate::files::is_writable(flags) && flags & libc::O_APPEND == 0
 }
 
-fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)) {
+/// The files of the application's mappings (`mapped`) on a filesystem of
+/// the node that no fd saves (not in `saved`), with their sizes: a restart
+/// on another node would not find them, so they are saved whole.
+fn mapped_node_files(
+    mapped: &[String],
+    saved: &HashSet<String>,
+    store: Option<Filesystem>,
+) -> Vec<(String, u64)> {
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for path in mapped {
+        if saved.contains(path) || out.iter().any(|(seen, _)| seen == path) {
+            continue;
+        }
+        let Ok(file) = Filesystem::of(Path::new(path)) else {
+            continue;
+        };
+        let (Some(store), Ok(meta)) = (store, fs::metadata(path)) else {
+            continue;
+        };
+        if meta.is_file() && unreachable_elsewhere(file, store).is_some() {
+            out.push((path.clone(), meta.len()));
+        }
+    }
+    out
+}
+
+/// Gathers the application's own file mappings as regions (with warnings
+/// for those a restart cannot re-establish) and returns their files' paths.
+fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)) -> Vec<String> {
     let maps = fs::read_to_string("/proc/self/maps")
         .map(|text| parse_maps(&text))
         .unwrap_or_default();
@@ -484,6 +553,7 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
             map.end - map.start
         ));
     }
+    let mut paths = Vec::new();
     for map in mine {
         if map.prot & 1 == 0 {
             held.warnings.push(format!(
@@ -496,6 +566,7 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
         let size = fs::metadata(&map.path).map(|m| m.len()).unwrap_or(0);
         let within = size.saturating_sub(map.offset).div_ceil(4096) * 4096;
         let map_len = map.end - map.start;
+        paths.push(map.path.clone());
         held.regions.push(RegionInfo {
             name: mapping_region_name(map.start),
             addr: map.start,
@@ -509,6 +580,7 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
             },
         });
     }
+    paths
 }
 
 /// Maps the first `len` bytes of the file at `path` read-only, through a
@@ -542,54 +614,5 @@ fn map_file(path: &str, len: u64) -> nix::Result<(Option<NonNull<libc::c_void>>,
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MAPS: &str = "\
-55d1c8a00000-55d1c8a02000 r--p 00000000 fd:01 1234                       /usr/bin/app
-55d1c8a02000-55d1c8a04000 r-xp 00002000 fd:01 1234                       /usr/bin/app
-7f0000000000-7f0000002000 rw-s 00000000 fd:01 99                         /work/out put.dat
-7f0000002000-7f0000003000 r--p 00001000 fd:01 98                         /work/in.dat
-7f0000003000-7f0000004000 r--p 00000000 fd:01 97                         /opt/mpi/lib/libmpi.so
-7f0000004000-7f0000005000 r-xp 00001000 fd:01 97                         /opt/mpi/lib/libmpi.so
-7f0000005000-7f0000006000 rw-s 00000000 00:05 96                         /dev/shm/seg
-7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
-7f0000007000-7f0000008000 rw-s 00000000 00:01 93                         /memfd:app (deleted)
-7f0000008000-7f0000009000 rw-s 00000000 00:01 92                         /memfd:cryo-control (deleted)
-7f0000100000-7f0000200000 rw-s 00000000 00:01 91                         /memfd:cryo-pool (deleted)
-7f0000009000-7f000000a000 rw-s 00000000 00:01 0                          /SYSV00000000 (deleted)
-7f000000a000-7f000000b000 rw-s 00000000 00:01 5                          /SYSV0000beef (deleted)
-5a0000000000-5a0000001000 rw-s 00000000 fd:01 94                         /work/region.dat
-7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
-";
-
-    #[test]
-    fn the_applications_own_mappings_are_told_apart() {
-        let maps = parse_maps(MAPS);
-        let mut baseline = Baseline::default();
-        baseline
-            .mappings
-            .insert((0x7f00_0000_2000, 0x7f00_0000_3000, 98));
-        let (mine, lost) = app_mappings(&maps, &baseline, (0x5a00_0000_0000, 1 << 36));
-        let paths: Vec<&str> = mine.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(paths, vec!["/work/out put.dat"]);
-        assert!(mine[0].shared);
-        assert_eq!(mine[0].prot, 3);
-        // The runtime's control page, its view of the agent's copy budget
-        // and MPICH's IPC_PRIVATE segment are not the application's; a
-        // keyed System V segment is, and is named.
-        let lost: Vec<&str> = lost.iter().map(|m| m.path.as_str()).collect();
-        assert_eq!(
-            lost,
-            vec![
-                "/work/gone (deleted)",
-                "/memfd:app (deleted)",
-                "/SYSV0000beef (deleted)"
-            ]
-        );
-        // Without the baseline, the input mapping counts as the application's.
-        let (mine, _) = app_mappings(&maps, &Baseline::default(), (0x5a00_0000_0000, 1 << 36));
-        assert_eq!(mine.len(), 2);
-        assert_eq!(mine[1].offset, 0x1000);
-    }
-}
+#[path = "held_tests.rs"]
+mod tests;

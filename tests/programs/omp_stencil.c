@@ -5,13 +5,16 @@
  * line per step through stdio. The per-thread sums are added in thread
  * order, so the output is deterministic for a given OMP_NUM_THREADS.
  *
- * Usage: omp_stencil STEPS STEP_MS [INPUT]
+ * Usage: omp_stencil STEPS STEP_MS [INPUT [TABLE]]
  * Writes omp-RANK.log in the cwd, appending (O_APPEND), then moves into
  * steps/ (a chdir at its first start only, as a code that makes its own
  * run directory does) and writes the same sums to steps/closed-RANK.log,
  * opened by its relative name, appended to and closed at every step. With INPUT, each
  * rank holds that file open for reading from its first start on, as codes
- * that keep an input or a mesh open do, and logs its size at each step.
+ * that keep an input or a mesh open do, and logs its size and the sum of
+ * its first bytes at each step.
+ * With TABLE, each rank maps that file (shared, read-only) and closes it,
+ * as codes that map a lookup table do, and logs the sum of its bytes.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -20,6 +23,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +37,8 @@ struct state {
     uint64_t step;
     int log_fd;
     int input_fd;
+    const unsigned char *table;
+    size_t table_len;
     double a[CELLS];
     double b[CELLS];
 };
@@ -82,6 +88,22 @@ int main(int argc, char **argv) {
             perror(argv[3]);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
+        st->table = NULL;
+        if (argc > 4) {
+            int fd = open(argv[4], O_RDONLY);
+            struct stat meta;
+            if (fd < 0 || fstat(fd, &meta) != 0) {
+                perror(argv[4]);
+                MPI_Abort(MPI_COMM_WORLD, 1);
+            }
+            st->table_len = (size_t)meta.st_size;
+            st->table = mmap(NULL, st->table_len, PROT_READ, MAP_SHARED, fd, 0);
+            if (st->table == MAP_FAILED) {
+                perror("mmap");
+                MPI_Abort(MPI_COMM_WORLD, 1);
+            }
+            close(fd);
+        }
         /* A restart must bring the rank back here. */
         if ((mkdir("steps", 0755) != 0 && errno != EEXIST) || chdir("steps") != 0) {
             perror("steps");
@@ -117,7 +139,18 @@ int main(int argc, char **argv) {
         st->step++;
         fprintf(log, "step %llu sum %.17g threads %d", (unsigned long long)st->step, global,
                 omp_get_max_threads());
-        if (st->input_fd >= 0) fprintf(log, " input %lld", (long long)lseek(st->input_fd, 0, SEEK_END));
+        if (st->input_fd >= 0) {
+            unsigned char head[256];
+            ssize_t got = pread(st->input_fd, head, sizeof head, 0);
+            unsigned long long sum = 0;
+            for (ssize_t i = 0; i < got; i++) sum += head[i];
+            fprintf(log, " input %lld head %llu", (long long)lseek(st->input_fd, 0, SEEK_END), sum);
+        }
+        if (st->table) {
+            unsigned long long sum = 0;
+            for (size_t i = 0; i < st->table_len; i++) sum += st->table[i];
+            fprintf(log, " table %llu", sum);
+        }
         fputc('\n', log);
         /* A second log opened, appended to and closed at every step. */
         FILE *each = open_closed_log(rank, "a");

@@ -31,6 +31,12 @@ pub fn closed_contents_region_name(n: usize) -> String {
     format!("cryo:closed:{n}")
 }
 
+/// The name of the region that holds the contents of the `n`th file on a
+/// filesystem of the rank's node that it maps and no fd of it saves.
+pub fn mapped_file_region_name(n: usize) -> String {
+    format!("cryo:mapped-file:{n}")
+}
+
 /// Region names starting with this are the runtime's own.
 pub const RESERVED_REGION_PREFIX: &str = "cryo:";
 

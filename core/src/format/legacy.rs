@@ -13,7 +13,8 @@
 //! * 2.0 → 2.1: the raw check in a chunk's header (no metadata change).
 //! * 2.1 → 2.2: the `RegionKind::ClosedFiles` variant (appended: a 2.1
 //!   payload decodes with the current layout).
-//! * 2.2 → 2.3: the `RegionKind::ClosedFileContents` variant (appended).
+//! * 2.2 → 2.3: the `RegionKind::NodeFileContents` variant (appended; then
+//!   named `ClosedFileContents`).
 //! * 2.3 → 2.4: `RankRecord::cwd`, the rank's working directory.
 
 use serde::de::DeserializeOwned;

@@ -163,11 +163,13 @@ pub enum RegionKind {
     /// (`crate::format::closed`), whose growth since a restart cuts back
     /// (format 2.2). Named `cryo:closed-files`.
     ClosedFiles,
-    /// The contents of a file the rank wrote and closed before the
-    /// checkpoint, on a filesystem of its node (a restart on another node
-    /// would not find it): made again where it is missing (format 2.3).
-    /// Named `cryo:closed:<n>`.
-    ClosedFileContents {
+    /// The whole contents of a file on a filesystem of the rank's node (a
+    /// restart on another node would not find it) that no fd of the rank
+    /// saves: one it wrote and closed before the checkpoint (named
+    /// `cryo:closed:<n>`), or one it maps (`cryo:mapped-file:<n>`). Made
+    /// again where it is missing, before fds and mappings come back
+    /// (format 2.3, then named `ClosedFileContents`).
+    NodeFileContents {
         /// Absolute path of the file.
         path: String,
     },
@@ -529,7 +531,7 @@ impl RankRecord {
                 RegionKind::FileShared { path, .. }
                 | RegionKind::FilePrivate { path, .. }
                 | RegionKind::AppMapping { path, .. }
-                | RegionKind::ClosedFileContents { path }
+                | RegionKind::NodeFileContents { path }
                     if !is_clean_absolute_path(path) =>
                 {
                     return Err(ManifestError::BadPath {

@@ -124,7 +124,7 @@ fn rejections() {
     // A restart writes the file and changes into the directory: neither
     // may lead out of where it was.
     let mut m = sample(1);
-    m.ranks[0].regions[0].kind = RegionKind::ClosedFileContents {
+    m.ranks[0].regions[0].kind = RegionKind::NodeFileContents {
         path: "/tmp/run/../../etc/cron.d/x".into(),
     };
     assert!(matches!(

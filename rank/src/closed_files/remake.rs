@@ -1,10 +1,11 @@
-//! At a restart: the files written and closed on a filesystem of the node
-//! the rank ran on, made again from their saved contents where they are
-//! missing (a restart on another node), before the ranks cut the files
-//! they recorded back (`settle.rs`).
+//! At a restart: the files saved whole from a filesystem of the node the
+//! rank ran on (`NodeFileContents`: written and closed, or mapped with no
+//! fd saving them), made again from their saved contents where they are
+//! missing (a restart on another node), before the application's mappings
+//! come back and the ranks cut the files they recorded back (`settle.rs`).
 //!
 //! Several ranks of one node may have recorded one file (a log they all
-//! append to), and several of them may land on one node again: each
+//! append to, a table they all map), and several of them may land on one node again: each
 //! writes its copy to a file of its own beside the path and links it to
 //! the path only if nothing is there yet, so a file appears whole or not
 //! at all, and the first rank's stands.
@@ -20,16 +21,15 @@ use cryo_core::store::JobStore;
 
 use crate::error::RestoreError;
 
-/// Makes again each file whose contents the checkpoint saved as one
-/// written and closed on a filesystem of the node, where it is missing;
-/// returns their paths.
+/// Makes again each file whose contents the checkpoint saved whole from a
+/// filesystem of the node, where it is missing; returns their paths.
 pub(crate) fn remake_missing(
     record: &RankRecord,
     store: &JobStore,
 ) -> Result<Vec<String>, RestoreError> {
     let mut made = Vec::new();
     for region in &record.regions {
-        let RegionKind::ClosedFileContents { path } = &region.kind else {
+        let RegionKind::NodeFileContents { path } = &region.kind else {
             continue;
         };
         match fs::symlink_metadata(path) {

@@ -5,15 +5,12 @@ use std::collections::HashSet;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 
 use cryo_core::format::closed::{path_key, tail_hash, ClosedFile, ClosedFiles, Mark, TAIL_BYTES};
 
 use super::settle::{marks_to_try, settle_file, Files, RealFiles, Settled};
 use super::*;
-
-/// The table is one per process: tests that use it take turns.
-static SERIAL: Mutex<()> = Mutex::new(());
+use crate::test_support::SERIAL;
 
 fn append_open(path: &std::path::Path) -> fs::File {
     fs::OpenOptions::new()
@@ -423,7 +420,7 @@ fn a_missing_closed_file_is_made_again_whole_and_once() {
     let contents: Vec<u8> = (0..3 * MIN_CHUNK_SIZE + 17)
         .map(|i| (i % 251) as u8)
         .collect();
-    let kind = RegionKind::ClosedFileContents {
+    let kind = RegionKind::NodeFileContents {
         path: path.to_str().unwrap().into(),
     };
     let region = crate::test_support::store_small_chunks(
