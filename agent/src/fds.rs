@@ -21,7 +21,9 @@
 use std::collections::HashMap;
 use std::io;
 
-use cryo_core::format::manifest::{is_clean_absolute_path, FdKind, FdRecord, FdRestore};
+use cryo_core::format::manifest::{
+    is_clean_absolute_path, is_working_directory, FdKind, FdRecord, FdRestore,
+};
 use thiserror::Error;
 
 use crate::procfs::{parse_fdinfo, FdInfoParseError, FileStat, FileType, ProcessAccess};
@@ -291,7 +293,7 @@ fn working_directory(access: &dyn ProcessAccess, pid: u32, warnings: &mut Vec<St
             "the working directory {} was deleted",
             link.trim_end_matches(DELETED_SUFFIX)
         ),
-        Ok(link) if link == "/" || is_clean_absolute_path(&link) => return link,
+        Ok(link) if is_working_directory(&link) => return link,
         // Outside this agent's root ("(unreachable)/…"), or oddly spelt.
         Ok(link) => format!("the working directory {link:?} cannot be named from the agent"),
         Err(err) => format!("could not read the working directory ({err})"),

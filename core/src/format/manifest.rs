@@ -411,6 +411,12 @@ pub fn is_clean_absolute_path(path: &str) -> bool {
             .all(|part| !part.is_empty() && part != "." && part != "..")
 }
 
+/// Whether `path` may be recorded as a rank's working directory: `/` or a
+/// clean absolute path (a restart changes into it).
+pub fn is_working_directory(path: &str) -> bool {
+    path == "/" || is_clean_absolute_path(path)
+}
+
 /// Checks `shares_with` and unlinked-file links of one rank's fds.
 fn check_fd_links(
     rank: u32,
@@ -543,7 +549,7 @@ impl RankRecord {
             }
         }
         // A restart changes into it (empty: not recorded).
-        if !(self.cwd.is_empty() || self.cwd == "/" || is_clean_absolute_path(&self.cwd)) {
+        if !(self.cwd.is_empty() || is_working_directory(&self.cwd)) {
             return Err(ManifestError::BadPath {
                 rank,
                 path: self.cwd.clone(),
