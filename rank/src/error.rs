@@ -260,10 +260,10 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
-    /// A file written and closed on a filesystem of the node could not be
-    /// made again from its saved contents.
-    #[error("rank {rank}: making {path} again (written and closed before the checkpoint, on a filesystem of its node): {step}: {source}")]
-    ClosedFileIo {
+    /// A file of the node the rank ran on, missing here, could not be made
+    /// again from its saved contents.
+    #[error("rank {rank}: making {path} again from its saved contents (it was on a filesystem of the node the rank ran on): {step}: {source}")]
+    RemakeIo {
         /// The rank.
         rank: u32,
         /// The file.

@@ -117,7 +117,7 @@ pub fn restore_files(
         done.recreated.push(record.cwd.clone());
     }
     done.recreated
-        .extend(recreate_missing(record.rank, &missing)?);
+        .extend(recreate_missing(record, store, &missing)?);
     for fd in wanted.iter().filter(|fd| fd.shares_with.is_none()) {
         let truncated = match fd.kind {
             FdKind::Deleted => {
@@ -180,43 +180,44 @@ pub(crate) fn fill_file(
     file.set_len(region.len).map_err(StreamError::Sink)
 }
 
-/// Makes again, empty, each file whose contents were saved but that was
+/// Makes again, whole, each file whose contents were saved but that was
 /// found `missing` here (it was on a filesystem of the node the rank ran
-/// on), with its directories; [`restore_contents`] fills it once its fds
-/// are back.
-fn recreate_missing(rank: u32, missing: &[&FdRecord]) -> Result<Vec<String>, RestoreError> {
+/// on), with its directories, before its fds open it
+/// (`crate::remake::whole`: another rank of this node may make it first).
+fn recreate_missing(
+    record: &RankRecord,
+    store: &JobStore,
+    missing: &[&FdRecord],
+) -> Result<Vec<String>, RestoreError> {
     let mut made: Vec<String> = Vec::new();
     for fd in missing {
-        // Another rank of this node that held the file may have made it
-        // since it was found missing; it is as empty, and filled the same.
-        match create_empty(Path::new(&fd.path)) {
-            Ok(()) => tracing::info!(rank, fd = fd.fd, path = %fd.path, "fd.file_recreated"),
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(err) => return Err(file_io(rank, fd, "create the missing file", err)),
+        let saved = record.regions.iter().find(|region| match region.kind {
+            RegionKind::FileContents { fd: owner } => record
+                .fds
+                .iter()
+                .any(|f| f.fd == owner && f.path == fd.path),
+            _ => false,
+        });
+        let Some(region) = saved else {
+            return Err(RestoreError::FileVanished {
+                rank: record.rank,
+                fd: fd.fd,
+                path: fd.path.clone(),
+            });
+        };
+        if crate::remake::whole(record.rank, &fd.path, region, store)? {
+            tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_recreated");
         }
         made.push(fd.path.clone());
     }
     Ok(made)
 }
 
-/// Creates the empty file `path` and any directory it needs; fails with
-/// `AlreadyExists` when something is there.
-fn create_empty(path: &Path) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map(drop)
-}
-
 /// Writes back the saved contents of the files whose contents were saved,
 /// so that bytes overwritten after the checkpoint are undone and a file
-/// made again, or cut short, gets what it held: every such file the rank
-/// writes under [`FilePolicy::Truncate`], only those made again or cut
-/// short under `Keep` and among those it only reads.
+/// cut short gets what it held: every such file the rank writes under
+/// [`FilePolicy::Truncate`], only those cut short under `Keep` and among
+/// those it only reads. A file made again is whole already.
 fn restore_contents(
     record: &RankRecord,
     store: &JobStore,
@@ -231,11 +232,14 @@ fn restore_contents(
         let Some(fd) = record.fds.iter().find(|f| f.fd == owner) else {
             continue;
         };
-        let damaged = done.recreated.contains(&fd.path) || done.refilled.contains(&fd.path);
-        // A file the rank only reads is written only where it was missing
-        // or cut short: one that is there is the user's.
+        // A file made again is whole already. One the rank only reads is
+        // written only where it was cut short: one that is there is the
+        // user's.
+        let refilled = done.refilled.contains(&fd.path);
         let written = is_writable(fd.flags);
-        if !done.restored.contains(&owner) || ((policy == FilePolicy::Keep || !written) && !damaged)
+        if !done.restored.contains(&owner)
+            || done.recreated.contains(&fd.path)
+            || ((policy == FilePolicy::Keep || !written) && !refilled)
         {
             continue;
         }

@@ -343,20 +343,6 @@ fn saved_contents_go_back_in_place_for_an_append_only_fd() {
     nix::unistd::close(791).unwrap();
 }
 
-#[test]
-fn a_missing_file_another_rank_made_first_is_left_to_be_filled() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("node-local/shared.log");
-    create_empty(&path).unwrap();
-    assert!(path.is_file(), "made with its directories");
-    std::fs::write(&path, b"first rank's").unwrap();
-    // The second of two ranks that found it missing: told, and nothing
-    // it holds is touched.
-    let err = create_empty(&path).unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
-    assert_eq!(std::fs::read(&path).unwrap(), b"first rank's");
-}
-
 /// An input the rank only reads, on a filesystem of its node: made again
 /// from its saved contents where it is missing, refilled where it was cut
 /// short, and left alone where it is there whole.

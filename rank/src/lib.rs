@@ -34,6 +34,7 @@ mod prefetch;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
 mod regions;
+mod remake;
 mod restore_threads;
 mod runtime;
 mod self_copy;

@@ -568,7 +568,7 @@ pub(crate) fn init_with_peers(
             let mut files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
             files
                 .recreated
-                .extend(crate::closed_files::remake_missing(&r.record, &r.store)?);
+                .extend(crate::remake::remake_missing(&r.record, &r.store)?);
             restore_mappings(&r.record, &r.store, config.file_policy)?;
             let held = crate::floor::hold_lost(&r.record);
             tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");

@@ -26,7 +26,6 @@
 
 mod close;
 mod fclose;
-mod remake;
 mod settle;
 
 use std::collections::{HashMap, HashSet};
@@ -43,7 +42,6 @@ use cryo_core::format::closed::{
 };
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 
-pub(crate) use remake::remake_missing;
 pub(crate) use settle::{load, settle, Alone, Peers};
 
 /// What the runtime knows of one closed file.

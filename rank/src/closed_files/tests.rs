@@ -406,48 +406,6 @@ fn a_closed_file_in_node_memory_is_kept_to_be_made_again() {
 }
 
 #[test]
-fn a_missing_closed_file_is_made_again_whole_and_once() {
-    use cryo_core::format::fds::closed_contents_region_name;
-    use cryo_core::format::limits::MIN_CHUNK_SIZE;
-    use cryo_core::format::manifest::{RankRecord, RegionKind};
-
-    let root = tempfile::tempdir().unwrap();
-    let job = cryo_core::Store::create(root.path().join("store"))
-        .unwrap()
-        .job("closed")
-        .unwrap();
-    let path = root.path().join("scratch/run/steps.log");
-    let contents: Vec<u8> = (0..3 * MIN_CHUNK_SIZE + 17)
-        .map(|i| (i % 251) as u8)
-        .collect();
-    let kind = RegionKind::NodeFileContents {
-        path: path.to_str().unwrap().into(),
-    };
-    let region = crate::test_support::store_small_chunks(
-        &job,
-        0,
-        &closed_contents_region_name(0),
-        kind,
-        &contents,
-    );
-    let rank = |rank: u32| RankRecord {
-        regions: vec![region.clone()],
-        ..RankRecord::new(rank, "n", 1)
-    };
-    // Missing (another node): made with its directories, whole.
-    let made = remake_missing(&rank(0), &job).unwrap();
-    assert_eq!(made, [path.to_str().unwrap()]);
-    assert!(fs::read(&path).unwrap() == contents, "contents differ");
-    // A second rank of the node finds it there and leaves it; nothing is
-    // left beside it.
-    fs::write(&path, b"grown since\n").unwrap();
-    assert!(remake_missing(&rank(1), &job).unwrap().is_empty());
-    assert_eq!(fs::read(&path).unwrap(), b"grown since\n");
-    let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
-    assert_eq!(beside.len(), 1, "{beside:?}");
-}
-
-#[test]
 fn files_of_a_restored_table_and_files_noted_by_a_binding_are_measured_at_the_next_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     forget_all();

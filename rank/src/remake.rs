@@ -1,14 +1,16 @@
-//! At a restart: the files saved whole from a filesystem of the node the
-//! rank ran on (`NodeFileContents`: written and closed, or mapped with no
-//! fd saving them), made again from their saved contents where they are
-//! missing (a restart on another node), before the application's mappings
-//! come back and the ranks cut the files they recorded back (`settle.rs`).
+//! Making a saved file again where a restart does not find it (it was on
+//! a filesystem of the node the rank ran on): the files a rank held open
+//! whose contents were saved (`files.rs`), and those saved whole by path
+//! (`NodeFileContents`: written and closed, or mapped with no fd saving
+//! them), before fds, mappings and the settle of closed files
+//! (`closed_files/settle.rs`) come back.
 //!
-//! Several ranks of one node may have recorded one file (a log they all
-//! append to, a table they all map), and several of them may land on one node again: each
-//! writes its copy to a file of its own beside the path and links it to
-//! the path only if nothing is there yet, so a file appears whole or not
-//! at all, and the first rank's stands.
+//! Several ranks of one node may hold one file (a log they all append to,
+//! a table they all map), and several of them may land on one node again:
+//! each writes its copy to a file of its own beside the path and links it
+//! to the path only if nothing is there yet, so a file appears whole or not
+//! at all, and the first rank's stands. A restart killed halfway leaves no
+//! file cut short for the next one to take as whole.
 
 use std::fs;
 use std::io;
@@ -37,17 +39,17 @@ pub(crate) fn remake_missing(
             Ok(_) => continue,
             Err(source) => return Err(failed(record.rank, path, "stat", source)),
         }
-        if remake(record.rank, path, region, store)? {
-            tracing::info!(rank = record.rank, path = %path, len = region.len, "closed_file.remade");
+        if whole(record.rank, path, region, store)? {
+            tracing::info!(rank = record.rank, path = %path, len = region.len, "file.remade");
             made.push(path.clone());
         }
     }
     Ok(made)
 }
 
-/// Writes the file at `path` from `region`; false when another rank made
-/// it first.
-fn remake(
+/// Writes the file at `path` from `region`, with its directories; false
+/// when another rank made it first.
+pub(crate) fn whole(
     rank: u32,
     path: &str,
     region: &RegionRecord,
@@ -98,7 +100,7 @@ fn fill(
     crate::files::fill_file(store, region, file).map_err(|err| match err {
         StreamError::Read(source) => RestoreError::Contents {
             rank,
-            what: format!("the contents of {path}, written and closed before the checkpoint"),
+            what: format!("the saved contents of {path}"),
             source,
         },
         StreamError::Sink(source) => failed(rank, path, "write its contents", source),
@@ -106,10 +108,57 @@ fn fill(
 }
 
 fn failed(rank: u32, path: &str, step: &'static str, source: io::Error) -> RestoreError {
-    RestoreError::ClosedFileIo {
+    RestoreError::RemakeIo {
         rank,
         path: path.to_owned(),
         step,
         source,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use cryo_core::format::fds::closed_contents_region_name;
+    use cryo_core::format::limits::MIN_CHUNK_SIZE;
+
+    use super::*;
+
+    #[test]
+    fn a_missing_closed_file_is_made_again_whole_and_once() {
+        let root = tempfile::tempdir().unwrap();
+        let job = cryo_core::Store::create(root.path().join("store"))
+            .unwrap()
+            .job("closed")
+            .unwrap();
+        let path = root.path().join("scratch/run/steps.log");
+        let contents: Vec<u8> = (0..3 * MIN_CHUNK_SIZE + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let kind = RegionKind::NodeFileContents {
+            path: path.to_str().unwrap().into(),
+        };
+        let region = crate::test_support::store_small_chunks(
+            &job,
+            0,
+            &closed_contents_region_name(0),
+            kind,
+            &contents,
+        );
+        let rank = |rank: u32| RankRecord {
+            regions: vec![region.clone()],
+            ..RankRecord::new(rank, "n", 1)
+        };
+        // Missing (another node): made with its directories, whole.
+        let made = remake_missing(&rank(0), &job).unwrap();
+        assert_eq!(made, [path.to_str().unwrap()]);
+        assert!(fs::read(&path).unwrap() == contents, "contents differ");
+        // A second rank of the node finds it there and leaves it; nothing is
+        // left beside it.
+        fs::write(&path, b"grown since\n").unwrap();
+        assert!(remake_missing(&rank(1), &job).unwrap().is_empty());
+        assert_eq!(fs::read(&path).unwrap(), b"grown since\n");
+        let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(beside.len(), 1, "{beside:?}");
     }
 }
