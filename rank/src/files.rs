@@ -235,15 +235,19 @@ fn restore_contents(
         // A file made again is whole already. One the rank only reads is
         // written only where it was cut short: one that is there is the
         // user's.
+        // The contents are saved once per file, maybe under an fd open only
+        // for reading while another writes it.
         let refilled = done.refilled.contains(&fd.path);
-        let written = is_writable(fd.flags);
+        let written = record.fds.iter().any(|other| {
+            other.path == fd.path && other.restore == FdRestore::Restore && is_writable(other.flags)
+        });
         if !done.restored.contains(&owner)
             || done.recreated.contains(&fd.path)
             || ((policy == FilePolicy::Keep || !written) && !refilled)
         {
             continue;
         }
-        if fd.flags & libc::O_APPEND != 0 || !written {
+        if fd.flags & libc::O_APPEND != 0 || !is_writable(fd.flags) {
             // pwrite through an O_APPEND fd appends, whatever its offset;
             // a read-only fd cannot write.
             let file = fs::OpenOptions::new()

@@ -392,3 +392,36 @@ fn a_saved_input_read_only_is_made_again_but_never_written_over() {
     );
     nix::unistd::close(792).unwrap();
 }
+
+/// A file saved under an fd open only for reading while another fd writes
+/// it in place: bytes overwritten since the checkpoint are still put back.
+#[test]
+fn contents_saved_under_a_reading_fd_go_back_when_another_fd_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scratch/table.dat");
+    let job = store();
+    let contents: Vec<u8> = (0..2 * cryo_core::format::limits::MIN_CHUNK_SIZE + 3)
+        .map(|i| (i % 241) as u8)
+        .collect();
+    let size = contents.len() as u64;
+    let reading = fd_record(793, path.to_str().unwrap(), libc::O_RDONLY, 0, size);
+    let mut rec = with_contents(&job, reading, &contents);
+    rec.fds.push(fd_record(
+        794,
+        path.to_str().unwrap(),
+        libc::O_RDWR,
+        8,
+        size,
+    ));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, vec![b'x'; contents.len()]).unwrap();
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert!(done.recreated.is_empty() && done.refilled.is_empty());
+    assert!(
+        std::fs::read(&path).unwrap() == contents,
+        "bytes written in place since the checkpoint stayed"
+    );
+    for fd in [793, 794] {
+        nix::unistd::close(fd).unwrap();
+    }
+}
