@@ -462,6 +462,7 @@ pub fn capture_rank(
             pid,
             &fds,
             &parked.regions,
+            &cwd,
             store,
         ));
     }

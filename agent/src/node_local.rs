@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use cryo_core::format::fds::saved_file_paths;
+use cryo_core::format::fds::{made_again_with_contents, saved_file_paths};
 use cryo_core::format::manifest::{FdKind, FdRecord, FdRestore, RegionKind};
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
@@ -16,7 +16,8 @@ use cryo_core::protocol::RegionInfo;
 use crate::procfs::ProcessAccess;
 
 /// One warning per restored fd (the leader of each shared open file) whose
-/// contents are not saved and per mapped file of `regions` that lies on a
+/// contents are not saved (a directory: that holds nothing saved, nor the
+/// working directory `cwd`) and per mapped file of `regions` that lies on a
 /// filesystem a restart on another node will not see, given the store's
 /// filesystem `store`. A file whose filesystem cannot be read is passed
 /// over: the restart names it if it is missing.
@@ -25,6 +26,7 @@ pub fn node_local_warnings(
     pid: u32,
     fds: &[FdRecord],
     regions: &[RegionInfo],
+    cwd: &str,
     store: Filesystem,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -36,11 +38,16 @@ pub fn node_local_warnings(
             _ => None,
         })
         .collect();
+    let kinds = || regions.iter().map(|region| &region.kind);
     let by_path = fds.iter().filter(|fd| {
         fd.restore == FdRestore::Restore
             && fd.shares_with.is_none()
-            && matches!(fd.kind, FdKind::Regular | FdKind::Directory)
-            && !saved.contains(fd.path.as_str())
+            && match fd.kind {
+                FdKind::Regular => !saved.contains(fd.path.as_str()),
+                // Made again with the files saved under it.
+                FdKind::Directory => !made_again_with_contents(&fd.path, cwd, &saved, kinds()),
+                _ => false,
+            }
     });
     for fd in by_path {
         let link = format!("/proc/{pid}/fd/{}", fd.fd);
@@ -169,7 +176,7 @@ mod tests {
         ];
         let regions = [mapping("a", "/scratch/m"), mapping("b", "/scratch/m")];
         let store = Filesystem { magic: NFS, dev: 1 };
-        let warnings = node_local_warnings(&Fake, 9, &fds, &regions, store);
+        let warnings = node_local_warnings(&Fake, 9, &fds, &regions, "", store);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         // The rank saved fd 6's contents: it is made again, not named, nor
         // is a mapping of it.
@@ -181,7 +188,7 @@ mod tests {
             len: 10,
             kind: RegionKind::FileContents { fd: 6 },
         });
-        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, "", store);
         assert_eq!(fewer.len(), 2, "{fewer:?}");
         assert!(
             !fewer.iter().any(|w| w.contains("/scratch/out")),
@@ -196,12 +203,35 @@ mod tests {
                 path: "/scratch/m".into(),
             },
         });
-        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, "", store);
         assert_eq!(fewer.len(), 1, "{fewer:?}");
         assert!(fewer[0].starts_with("fd 3 (/tmp/scratch)"), "{fewer:?}");
         assert!(warnings[0].starts_with("fd 3 (/tmp/scratch) is in this node's memory (tmpfs)"));
         assert!(warnings[1].starts_with("fd 6 (/scratch/out) is on a disk of this node (ext4)"));
         assert!(warnings[2].starts_with("the mapped file /scratch/m is on a disk"));
+    }
+
+    #[test]
+    fn a_directory_holding_what_is_made_again_is_not_named() {
+        let dir = [FdRecord {
+            kind: FdKind::Directory,
+            ..fd(3, "/tmp/run", FdRestore::Restore, None)
+        }];
+        let store = Filesystem { magic: NFS, dev: 1 };
+        let named = node_local_warnings(&Fake, 9, &dir, &[], "/home/u", store);
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert!(named[0].starts_with("fd 3 (/tmp/run) is in this node's memory"));
+        // The working directory is under it: both are made again.
+        assert!(node_local_warnings(&Fake, 9, &dir, &[], "/tmp/run/steps", store).is_empty());
+        let saved_whole = [RegionInfo {
+            name: "cryo:closed:0".into(),
+            addr: 0,
+            len: 3,
+            kind: RegionKind::NodeFileContents {
+                path: "/tmp/run/log".into(),
+            },
+        }];
+        assert!(node_local_warnings(&Fake, 9, &dir, &saved_whole, "/home/u", store).is_empty());
     }
 
     #[test]
@@ -214,7 +244,7 @@ mod tests {
             magic: EXT4,
             dev: 3,
         };
-        let warnings = node_local_warnings(&Fake, 9, &fds, &[], store);
+        let warnings = node_local_warnings(&Fake, 9, &fds, &[], "", store);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("fd 3"));
     }

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cryo_core::format::fds::saved_file_paths;
+use cryo_core::format::fds::{made_again_with_contents, saved_file_paths};
 use cryo_core::format::manifest::{
     FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord,
 };
@@ -99,7 +99,16 @@ pub fn restore_files(
         let identity = if fd.shares_with.is_some() {
             None
         } else {
-            let source = check_source(record.rank, fd, saved.contains(fd.path.as_str()))?;
+            let made = match fd.kind {
+                FdKind::Directory => made_again_with_contents(
+                    &fd.path,
+                    &record.cwd,
+                    &saved,
+                    record.regions.iter().map(|r| &r.kind),
+                ),
+                _ => saved.contains(fd.path.as_str()),
+            };
+            let source = check_source(record.rank, fd, made)?;
             if source.cut_short && !done.refilled.contains(&fd.path) {
                 tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_cut_short");
                 done.refilled.push(fd.path.clone());
@@ -183,7 +192,9 @@ pub(crate) fn fill_file(
 /// Makes again, whole, each file whose contents were saved but that was
 /// found `missing` here (it was on a filesystem of the node the rank ran
 /// on), with its directories, before its fds open it
-/// (`crate::remake::whole`: another rank of this node may make it first).
+/// (`crate::remake::whole`: another rank of this node may make it first),
+/// and each missing directory held open that is made again anyway
+/// (`made_again_with_contents`).
 fn recreate_missing(
     record: &RankRecord,
     store: &JobStore,
@@ -191,6 +202,13 @@ fn recreate_missing(
 ) -> Result<Vec<String>, RestoreError> {
     let mut made: Vec<String> = Vec::new();
     for fd in missing {
+        if fd.kind == FdKind::Directory {
+            fs::create_dir_all(&fd.path)
+                .map_err(|err| file_io(record.rank, fd, "create the missing directory", err))?;
+            tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.directory_recreated");
+            made.push(fd.path.clone());
+            continue;
+        }
         let saved = record.regions.iter().find(|region| match region.kind {
             RegionKind::FileContents { fd: owner } => record
                 .fds
@@ -284,15 +302,15 @@ struct Source {
     /// A file whose contents were saved is there but shorter than the
     /// offset the rank had reached in it: it is refilled.
     cut_short: bool,
-    /// A regular file whose contents were saved is not there: it is made
-    /// again.
+    /// A regular file whose contents were saved, or a directory made
+    /// again with what it holds, is not there: it is made again.
     missing: bool,
 }
 
 /// Checks that what an fd is restored from is still there and still the
-/// same kind of thing. A missing file whose contents were `saved` is made
-/// again, and one cut shorter than its offset is refilled; any other is
-/// refused.
+/// same kind of thing. A missing file whose contents were `saved` (a
+/// directory: that holds something made again) is made again, and one cut
+/// shorter than its offset is refilled; any other is refused.
 fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Source, RestoreError> {
     let expected = match fd.kind {
         FdKind::Deleted => return Ok(Source::default()),
@@ -303,7 +321,9 @@ fn check_source(rank: u32, fd: &FdRecord, saved: bool) -> Result<Source, Restore
     let meta = match fs::metadata(&fd.path) {
         Ok(meta) => meta,
         Err(err)
-            if err.kind() == io::ErrorKind::NotFound && saved && fd.kind == FdKind::Regular =>
+            if err.kind() == io::ErrorKind::NotFound
+                && saved
+                && matches!(fd.kind, FdKind::Regular | FdKind::Directory) =>
         {
             return Ok(Source {
                 missing: true,

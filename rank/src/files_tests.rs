@@ -425,3 +425,49 @@ fn contents_saved_under_a_reading_fd_go_back_when_another_fd_writes() {
         nix::unistd::close(fd).unwrap();
     }
 }
+
+/// A directory held open on a filesystem of the old node comes back when
+/// what it holds is made again; one that holds nothing saved is still an
+/// error naming it.
+#[test]
+fn a_missing_directory_holding_a_saved_file_is_made_again() {
+    let root = tempfile::tempdir().unwrap();
+    let (dir, log) = (root.path().join("run"), root.path().join("run/out.log"));
+    let job = store();
+    let mut rec = with_contents(
+        &job,
+        fd_record(
+            795,
+            log.to_str().unwrap(),
+            libc::O_WRONLY | libc::O_APPEND,
+            4,
+            4,
+        ),
+        b"one\n",
+    );
+    rec.fds.push(FdRecord {
+        kind: FdKind::Directory,
+        ..fd_record(796, dir.to_str().unwrap(), libc::O_RDONLY, 0, 0)
+    });
+    let done = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap();
+    assert!(
+        done.recreated.contains(&dir.display().to_string()),
+        "{done:?}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"one\n");
+    let meta = nix::sys::stat::fstat(796).unwrap();
+    assert_eq!(meta.st_mode & libc::S_IFMT, libc::S_IFDIR);
+    for fd in [795, 796] {
+        nix::unistd::close(fd).unwrap();
+    }
+
+    // Nothing saved under it: the restart names it.
+    std::fs::remove_dir_all(&dir).unwrap();
+    rec.fds.remove(0);
+    rec.regions.clear();
+    let err = restore_files(&rec, &job, FilePolicy::Truncate, &[]).unwrap_err();
+    assert!(
+        matches!(err, RestoreError::FileVanished { fd: 796, .. }),
+        "{err}"
+    );
+}

@@ -9,7 +9,8 @@
  * Writes omp-RANK.log in the cwd, appending (O_APPEND), then moves into
  * steps/ (a chdir at its first start only, as a code that makes its own
  * run directory does) and writes the same sums to steps/closed-RANK.log,
- * opened by its relative name, appended to and closed at every step. With INPUT, each
+ * opened by its relative name, appended to and closed at every step, and
+ * logs that file's size through a directory fd on steps/. With INPUT, each
  * rank holds that file open for reading from its first start on, as codes
  * that keep an input or a mesh open do, and logs its size and the sum of
  * its first bytes at each step.
@@ -37,6 +38,7 @@ struct state {
     uint64_t step;
     int log_fd;
     int input_fd;
+    int dir_fd;
     const unsigned char *table;
     size_t table_len;
     double a[CELLS];
@@ -109,6 +111,11 @@ int main(int argc, char **argv) {
             perror("steps");
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
+        /* Held open, as codes that openat() in their run directory do. */
+        if ((st->dir_fd = open(".", O_RDONLY | O_DIRECTORY)) < 0) {
+            perror("open steps");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
         fclose(open_closed_log(rank, "w"));
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < CELLS; i++) st->a[i] = (double)((i * 7 + rank) % 1000) / 1000.0;
@@ -156,6 +163,14 @@ int main(int argc, char **argv) {
         FILE *each = open_closed_log(rank, "a");
         fprintf(each, "step %llu sum %.17g\n", (unsigned long long)st->step, global);
         fclose(each);
+        char name[64];
+        struct stat sb;
+        snprintf(name, sizeof name, "closed-%d.log", rank);
+        if (fstatat(st->dir_fd, name, &sb, 0) != 0) {
+            perror("fstatat");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fprintf(log, "closed log %lld bytes\n", (long long)sb.st_size);
         struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};
         nanosleep(&pause, NULL);
         cryo_checkpoint_point();

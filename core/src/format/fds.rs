@@ -56,3 +56,53 @@ pub fn saved_file_paths<'a>(
         .map(|fd| fd.path.as_str())
         .collect()
 }
+
+/// Whether a restart that does not find the directory `dir` makes it
+/// again anyway: it is, or holds, the working directory `cwd`, or it holds
+/// a file whose contents were saved (`saved`, see [`saved_file_paths`], or
+/// a [`RegionKind::NodeFileContents`] among `kinds`). Those are made again
+/// with their directories, so a directory fd on it comes back too.
+pub fn made_again_with_contents<'a>(
+    dir: &str,
+    cwd: &str,
+    saved: &BTreeSet<&str>,
+    kinds: impl IntoIterator<Item = &'a RegionKind>,
+) -> bool {
+    let under = |path: &str| {
+        path == dir
+            || path
+                .strip_prefix(dir)
+                .is_some_and(|rest| rest.starts_with('/') || dir.ends_with('/'))
+    };
+    under(cwd)
+        || saved.iter().any(|path| under(path))
+        || kinds.into_iter().any(|kind| match kind {
+            RegionKind::NodeFileContents { path } => under(path),
+            _ => false,
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_made_again_with_what_it_holds() {
+        let saved: BTreeSet<&str> = ["/scratch/run/out.log"].into();
+        let mapped = [RegionKind::NodeFileContents {
+            path: "/tmp/tables/t.bin".into(),
+        }];
+        let made = |dir: &str, cwd: &str| made_again_with_contents(dir, cwd, &saved, &mapped);
+        assert!(made("/scratch/run", ""));
+        assert!(made("/scratch", ""));
+        assert!(made("/tmp/tables", ""));
+        assert!(made("/work/steps", "/work/steps"));
+        assert!(made("/work", "/work/steps"));
+        assert!(made("/", ""));
+        // A name that only starts the same is another directory.
+        assert!(!made("/scratch/ru", "/work/steps"));
+        assert!(!made("/work/step", "/work/steps"));
+        assert!(!made("/elsewhere", ""));
+    }
+}
