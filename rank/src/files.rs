@@ -252,9 +252,8 @@ fn restore_contents(
         };
         // A file made again is whole already. One the rank only reads is
         // written only where it was cut short: one that is there is the
-        // user's.
-        // The contents are saved once per file, maybe under an fd open only
-        // for reading while another writes it.
+        // user's. (The contents are saved once per file, maybe under an fd
+        // open only for reading while another writes it.)
         let refilled = done.refilled.contains(&fd.path);
         let written = record.fds.iter().any(|other| {
             other.path == fd.path && other.restore == FdRestore::Restore && is_writable(other.flags)
