@@ -144,8 +144,19 @@ int main(int argc, char **argv) {
         for (int t = 0; t < MAX_THREADS; t++) local += part[t];
         MPI_Allreduce(&local, &global, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         st->step++;
-        fprintf(log, "step %llu sum %.17g threads %d", (unsigned long long)st->step, global,
-                omp_get_max_threads());
+        /* A second log opened, appended to and closed at every step. */
+        FILE *each = open_closed_log(rank, "a");
+        fprintf(each, "step %llu sum %.17g\n", (unsigned long long)st->step, global);
+        fclose(each);
+        char name[64];
+        struct stat sb;
+        snprintf(name, sizeof name, "closed-%d.log", rank);
+        if (fstatat(st->dir_fd, name, &sb, 0) != 0) {
+            perror("fstatat");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        fprintf(log, "step %llu sum %.17g closed %lld threads %d", (unsigned long long)st->step,
+                global, (long long)sb.st_size, omp_get_max_threads());
         if (st->input_fd >= 0) {
             unsigned char head[256];
             ssize_t got = pread(st->input_fd, head, sizeof head, 0);
@@ -159,18 +170,6 @@ int main(int argc, char **argv) {
             fprintf(log, " table %llu", sum);
         }
         fputc('\n', log);
-        /* A second log opened, appended to and closed at every step. */
-        FILE *each = open_closed_log(rank, "a");
-        fprintf(each, "step %llu sum %.17g\n", (unsigned long long)st->step, global);
-        fclose(each);
-        char name[64];
-        struct stat sb;
-        snprintf(name, sizeof name, "closed-%d.log", rank);
-        if (fstatat(st->dir_fd, name, &sb, 0) != 0) {
-            perror("fstatat");
-            MPI_Abort(MPI_COMM_WORLD, 1);
-        }
-        fprintf(log, "closed log %lld bytes\n", (long long)sb.st_size);
         struct timespec pause = {step_ms / 1000, (step_ms % 1000) * 1000000L};
         nanosleep(&pause, NULL);
         cryo_checkpoint_point();
