@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use cryo_core::format::manifest::{
-    ChunkRef, FdRestore, MappingRecord, RankRecord, RegionKind, RegionRecord, WriteStats,
+    ChunkRef, FdRestore, MappingRecord, RankRecord, RegionRecord, WriteStats,
 };
 use cryo_core::locality::Filesystem;
 use cryo_core::names::check_region_name;
@@ -25,7 +25,7 @@ use cryo_core::store::writer::{RankWriter, WriteError};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::fds::{read_fd_table, FdOwners, FdTableError};
+use crate::fds::{read_fd_table, saved_unlinked, FdOwners, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
 use crate::node_local::node_local_warnings;
 use crate::pool::{BufferPool, Slot};
@@ -439,14 +439,7 @@ pub fn capture_rank(
     } else {
         SelfCopy::Off
     };
-    let saved_unlinked: Vec<i32> = parked
-        .regions
-        .iter()
-        .filter_map(|r| match r.kind {
-            RegionKind::UnlinkedFile { fd } => Some(fd),
-            _ => None,
-        })
-        .collect();
+    let saved_unlinked = saved_unlinked(&parked.regions);
     let owners = FdOwners {
         runtime: &parked.runtime_fds,
         library: &parked.library_fds,
@@ -455,6 +448,7 @@ pub fn capture_rank(
     let table = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
     let (fds, mut warnings, cwd) = (table.fds, table.warnings, table.cwd);
+    let process = crate::attrs::process_attrs(ctx.access, pid, &fds, &parked.regions);
     warnings.extend(parked.warnings.iter().cloned());
     if let Some(store) = ctx.store_fs {
         warnings.extend(node_local_warnings(
@@ -609,6 +603,7 @@ pub fn capture_rank(
         stats: WriteStats::default(),
         warnings,
         cwd,
+        process,
     };
     Ok((report, record))
 }
@@ -620,7 +615,7 @@ pub fn nanos(t: Instant) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use cryo_core::format::manifest::Backing;
+    use cryo_core::format::manifest::{Backing, RegionKind};
 
     use super::*;
     use crate::tracking::plan;

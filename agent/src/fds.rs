@@ -22,8 +22,9 @@ use std::collections::HashMap;
 use std::io;
 
 use cryo_core::format::manifest::{
-    is_clean_absolute_path, is_working_directory, FdKind, FdRecord, FdRestore,
+    is_clean_absolute_path, is_working_directory, FdKind, FdRecord, FdRestore, RegionKind,
 };
+use cryo_core::protocol::RegionInfo;
 use thiserror::Error;
 
 use crate::procfs::{parse_fdinfo, FdInfoParseError, FileStat, FileType, ProcessAccess};
@@ -49,6 +50,18 @@ pub struct FdOwners<'a> {
     pub library: &'a [i32],
     /// Unlinked files whose contents the runtime handed over as regions.
     pub saved_unlinked: &'a [i32],
+}
+
+/// The fds of unlinked files whose contents the rank handed over among
+/// its `regions`.
+pub fn saved_unlinked(regions: &[RegionInfo]) -> Vec<i32> {
+    regions
+        .iter()
+        .filter_map(|region| match region.kind {
+            RegionKind::UnlinkedFile { fd } => Some(fd),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A rank's fd table, classified.
@@ -318,6 +331,7 @@ mod tests {
             nlink,
             dev: 1,
             ino,
+            mode: 0o644,
         })
     }
 
@@ -441,6 +455,12 @@ mod tests {
                 45 => Ok("(unreachable)/scratch/run".into()),
                 _ => Err(io::ErrorKind::PermissionDenied.into()),
             }
+        }
+        fn umask(&self, _: u32) -> io::Result<Option<u32>> {
+            unreachable!()
+        }
+        fn path_mode(&self, _: u32, _: &str) -> io::Result<u32> {
+            unreachable!()
         }
         fn fdinfo(&self, _: u32, fd: i32) -> io::Result<String> {
             let lock = if fd == 7 {

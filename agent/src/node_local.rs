@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use cryo_core::format::fds::{made_again_with_contents, saved_file_paths};
+use cryo_core::format::fds::SavedFiles;
 use cryo_core::format::manifest::{FdKind, FdRecord, FdRestore, RegionKind};
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
@@ -30,22 +30,14 @@ pub fn node_local_warnings(
     store: Filesystem,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
-    let saved = saved_file_paths(fds, regions.iter().map(|region| &region.kind));
-    let saved_whole: BTreeSet<&str> = regions
-        .iter()
-        .filter_map(|region| match &region.kind {
-            RegionKind::NodeFileContents { path } => Some(path.as_str()),
-            _ => None,
-        })
-        .collect();
-    let kinds = || regions.iter().map(|region| &region.kind);
+    let saved = SavedFiles::of(fds, regions.iter().map(|region| &region.kind));
     let by_path = fds.iter().filter(|fd| {
         fd.restore == FdRestore::Restore
             && fd.shares_with.is_none()
             && match fd.kind {
-                FdKind::Regular => !saved.contains(fd.path.as_str()),
+                FdKind::Regular => !saved.contains(&fd.path),
                 // Made again with the files saved under it.
-                FdKind::Directory => !made_again_with_contents(&fd.path, cwd, &saved, kinds()),
+                FdKind::Directory => !saved.make_directory(&fd.path, cwd),
                 _ => false,
             }
     });
@@ -65,7 +57,7 @@ pub fn node_local_warnings(
         })
         // A file the rank also holds through an fd whose contents it saved,
         // or that it saved whole, is made again first.
-        .filter(|path| !saved.contains(path) && !saved_whole.contains(path))
+        .filter(|path| !saved.contains(path))
         .collect();
     for path in mapped {
         if let Some(why) = reach(access, path, store) {
@@ -108,6 +100,12 @@ mod tests {
             unreachable!()
         }
         fn cwd(&self, _: u32) -> io::Result<String> {
+            unreachable!()
+        }
+        fn umask(&self, _: u32) -> io::Result<Option<u32>> {
+            unreachable!()
+        }
+        fn path_mode(&self, _: u32, _: &str) -> io::Result<u32> {
             unreachable!()
         }
         fn fdinfo(&self, _: u32, _: i32) -> io::Result<String> {

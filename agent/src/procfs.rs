@@ -51,6 +51,8 @@ pub struct FileStat {
     pub dev: u64,
     /// Its inode number.
     pub ino: u64,
+    /// Its permission, set-id and sticky bits (`st_mode & 0o7777`).
+    pub mode: u32,
 }
 
 /// Reading another process's memory failed.
@@ -102,6 +104,12 @@ pub trait ProcessAccess: Send + Sync {
     fn fds(&self, pid: u32) -> io::Result<Vec<(i32, String)>>;
     /// The link text of `/proc/<pid>/cwd`, its working directory.
     fn cwd(&self, pid: u32) -> io::Result<String>;
+    /// Its `umask`, from `/proc/<pid>/status` (`None`: a kernel that does
+    /// not show it).
+    fn umask(&self, pid: u32) -> io::Result<Option<u32>>;
+    /// The permission bits of the file at `path` as the process sees it
+    /// (through `/proc/<pid>/root`: its mounts may not be the agent's).
+    fn path_mode(&self, pid: u32, path: &str) -> io::Result<u32>;
     /// The text of `/proc/<pid>/fdinfo/<fd>`.
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String>;
     /// `stat` of the open file behind the fd.
@@ -123,6 +131,14 @@ pub trait ProcessAccess: Send + Sync {
         len: u64,
         rearm: bool,
     ) -> io::Result<WrittenRanges>;
+}
+
+/// The `Umask:` line of a `/proc/<pid>/status` text (Linux 4.7 on).
+pub fn parse_umask(status: &str) -> Option<u32> {
+    let value = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Umask:"))?;
+    u32::from_str_radix(value.trim(), 8).ok()
 }
 
 /// The real thing: procfs and `process_vm_readv`.
@@ -168,6 +184,16 @@ impl ProcessAccess for LinuxProcess {
         fs::read_link(format!("/proc/{pid}/cwd")).map(|p| p.to_string_lossy().into_owned())
     }
 
+    fn umask(&self, pid: u32) -> io::Result<Option<u32>> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Ok(parse_umask(&status))
+    }
+
+    fn path_mode(&self, pid: u32, path: &str) -> io::Result<u32> {
+        let meta = fs::metadata(format!("/proc/{pid}/root{path}"))?;
+        Ok(meta.mode() & 0o7777)
+    }
+
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String> {
         fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
     }
@@ -196,6 +222,7 @@ impl ProcessAccess for LinuxProcess {
             nlink: meta.nlink(),
             dev: meta.dev(),
             ino: meta.ino(),
+            mode: meta.mode() & 0o7777,
         })
     }
 
@@ -490,6 +517,21 @@ mod tests {
         assert!(parse_fdinfo("pos: 1\n").is_err());
         assert!(parse_fdinfo("pos: x\nflags: 0\n").is_err());
         assert!(parse_fdinfo("pos: 1\nflags: 9\n").is_err());
+    }
+
+    #[test]
+    fn a_process_umask_and_a_file_mode_are_read_as_it_sees_them() {
+        let pid = std::process::id();
+        assert!(LinuxProcess.umask(pid).unwrap().is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input.dat");
+        fs::write(&path, b"x").unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let mode = LinuxProcess.path_mode(pid, path.to_str().unwrap());
+        assert_eq!(mode.unwrap(), 0o640);
+        let file = fs::File::open(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        assert_eq!(LinuxProcess.fd_stat(pid, fd).unwrap().mode, 0o640);
     }
 
     #[test]

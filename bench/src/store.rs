@@ -517,5 +517,6 @@ pub(crate) fn bench_record(region: cryo_core::format::manifest::RegionRecord) ->
         stats: WriteStats::default(),
         warnings: Vec::new(),
         cwd: String::new(),
+        process: Default::default(),
     }
 }

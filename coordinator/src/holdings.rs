@@ -46,6 +46,11 @@ fn writes(fd: &FdRecord) -> bool {
     )
 }
 
+/// The mode a file made again gets, when the checkpoint recorded it.
+fn mode_of(rank: &RankRecord, path: &str) -> String {
+    (rank.process.mode_of(path)).map_or_else(String::new, |mode| format!(", mode {mode:04o}"))
+}
+
 /// One line per fd, application mapping and warning of a rank.
 pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
     let mut out = Vec::new();
@@ -54,6 +59,9 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
             "working directory {}: the rank returns to it, made again if it is missing",
             rank.cwd
         ));
+    }
+    if let Some(mask) = rank.process.umask {
+        out.push(format!("umask {mask:04o}: set again"));
     }
     out.extend(rank.fds.iter().map(fd_plan));
     for region in &rank.regions {
@@ -68,16 +76,18 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
             } else {
                 format!(
                     "fd {fd}: on a filesystem of its node; its saved contents ({}) make it again \
-                     where it is missing",
-                    human::bytes(region.len)
+                     where it is missing{}",
+                    human::bytes(region.len),
+                    record.map_or_else(String::new, |f| mode_of(rank, &f.path))
                 )
             });
         }
         if let RegionKind::NodeFileContents { path } = &region.kind {
             out.push(format!(
                 "{path}: written and closed, or mapped, on a filesystem of its node; its saved \
-                 contents ({}) make it again where it is missing",
-                human::bytes(region.len)
+                 contents ({}) make it again where it is missing{}",
+                human::bytes(region.len),
+                mode_of(rank, path)
             ));
         }
         if matches!(region.kind, RegionKind::ClosedFiles) {
@@ -149,6 +159,7 @@ pub fn warnings(manifest: &Manifest) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use cryo_core::format::manifest::{RegionRecord, WriteStats};
+    use cryo_core::format::process::{FileMode, ProcessAttrs};
 
     use super::*;
 
@@ -222,9 +233,17 @@ mod tests {
             stats: WriteStats::default(),
             warnings: vec!["fd 3 (/work/f3) holds a file lock".into()],
             cwd: "/work/run 1".into(),
+            process: ProcessAttrs {
+                umask: Some(0o27),
+                file_modes: vec![FileMode {
+                    path: "/tmp/table".into(),
+                    mode: 0o750,
+                }],
+            },
         };
         let plan = rank_plan(&rank).join("\n");
         assert!(plan.starts_with("working directory /work/run 1: the rank returns to it"));
+        assert!(plan.contains("\numask 0027: set again\n"), "{plan}");
         assert!(plan.contains("fd 4 (/work/f4): dup2 from fd 3"), "{plan}");
         assert!(
             plan.contains("fd 5 (unlinked file, was /work/f5): recreated unlinked"),
@@ -245,11 +264,13 @@ mod tests {
         assert!(
             plan.contains("fd 7 (/work/f7): reopened by path, offset 7\n")
                 && plan
-                    .contains("fd 7: on a filesystem of its node; its saved contents (5 B) make"),
+                    .contains("fd 7: on a filesystem of its node; its saved contents (5 B) make")
+                && plan.contains("make it again where it is missing\n"),
             "{plan}"
         );
         assert!(
-            plan.contains("/tmp/table: written and closed, or mapped, on a filesystem of its node"),
+            plan.contains("/tmp/table: written and closed, or mapped, on a filesystem of its node")
+                && plan.contains("where it is missing, mode 0750"),
             "{plan}"
         );
         assert!(

@@ -3,15 +3,17 @@
 //! checkpointed by 2.0 must go on under the current format. The images in
 //! `tests/golden/v2.0.0` were written by the 2.0 build with the same record
 //! as the 1.1 golden store (`golden_v1_1_epoch` in `store.rs`); never
-//! regenerate them.
+//! regenerate them. Those in `tests/golden/v2.4.0` were written by the
+//! 2.4 build, the last before a rank's process attributes.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
 
 use cryo_core::format::chunk::ChunkCodec;
 use cryo_core::format::header::{FileKind, Header};
-use cryo_core::format::manifest::FdKind;
+use cryo_core::format::manifest::{FdKind, RegionKind};
 use cryo_core::format::pack::ChunkPlace;
+use cryo_core::format::process::ProcessAttrs;
 use cryo_core::store::writer::{ChunkLayout, WriterConfig};
 use cryo_core::store::Store;
 
@@ -101,4 +103,33 @@ fn a_format_2_0_job_takes_epochs_of_the_current_format() {
     job.gc(Some(1)).unwrap();
     assert!(job.verify_manifest(&new).is_ok());
     assert_eq!(restore(&job, &new, 0, 0), changed);
+}
+
+/// Images written by format 2.4 (the working directory; files saved
+/// through an fd and whole by path) load under 2.5 with no process
+/// attributes: a restart keeps the launcher's umask and makes files with a
+/// new file's mode. Written by the 2.4 build; never regenerate them.
+#[test]
+fn golden_v2_4_0_store_still_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/v2.4.0");
+    let header = Header::parse(
+        &std::fs::read(dir.join("golden/epochs/00000000000000000001.manifest")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((header.version.major, header.version.minor), (2, 4));
+    let job = Store::open(&dir).unwrap().existing_job("golden").unwrap();
+    let manifest = job.load_manifest(1).unwrap();
+    let rank = &manifest.ranks[0];
+    assert_eq!(rank.cwd, "/work/run");
+    assert_eq!(rank.process, ProcessAttrs::default());
+    assert_eq!(rank.regions[1].kind, RegionKind::FileContents { fd: 5 });
+    assert_eq!(
+        rank.regions[2].kind,
+        RegionKind::NodeFileContents {
+            path: "/scratch/table.bin".into()
+        }
+    );
+    assert_eq!(restore(&job, &manifest, 0, 0), golden_region());
+    assert_eq!(restore(&job, &manifest, 0, 2), b"table");
+    assert!(job.verify_manifest(&manifest).is_ok());
 }

@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cryo_core::format::fds::{made_again_with_contents, saved_file_paths};
+use cryo_core::format::fds::SavedFiles;
 use cryo_core::format::manifest::{
     FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord,
 };
@@ -84,7 +84,7 @@ pub fn restore_files(
         .iter()
         .filter(|fd| fd.restore == FdRestore::Restore)
         .collect();
-    let saved = saved_file_paths(&record.fds, record.regions.iter().map(|r| &r.kind));
+    let saved = SavedFiles::of(&record.fds, record.regions.iter().map(|r| &r.kind));
     // Check every fd first, so that a refused restart changes nothing.
     let mut missing: Vec<&FdRecord> = Vec::new();
     for fd in &wanted {
@@ -100,13 +100,8 @@ pub fn restore_files(
             None
         } else {
             let made = match fd.kind {
-                FdKind::Directory => made_again_with_contents(
-                    &fd.path,
-                    &record.cwd,
-                    &saved,
-                    record.regions.iter().map(|r| &r.kind),
-                ),
-                _ => saved.contains(fd.path.as_str()),
+                FdKind::Directory => saved.make_directory(&fd.path, &record.cwd),
+                _ => saved.contains(&fd.path),
             };
             let source = check_source(record.rank, fd, made)?;
             if source.cut_short && !done.refilled.contains(&fd.path) {
@@ -119,6 +114,11 @@ pub fn restore_files(
             source.identity
         };
         check_free(record.rank, fd, identity)?;
+    }
+    // The mask it ran with, for the files it makes from here on (whose
+    // own modes are not recorded) and the directories a restart makes.
+    if let Some(mask) = record.process.umask {
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(mask));
     }
     // Back to its working directory first: its relative names are the
     // application's, after the restart as before.
@@ -194,7 +194,7 @@ pub(crate) fn fill_file(
 /// on), with its directories, before its fds open it
 /// (`crate::remake::whole`: another rank of this node may make it first),
 /// and each missing directory held open that is made again anyway
-/// (`made_again_with_contents`).
+/// (`SavedFiles::make_directory`).
 fn recreate_missing(
     record: &RankRecord,
     store: &JobStore,
@@ -209,11 +209,13 @@ fn recreate_missing(
             made.push(fd.path.clone());
             continue;
         }
-        let saved = record.regions.iter().find(|region| match region.kind {
+        // Saved through an fd on it or, mapped too, whole by path.
+        let saved = record.regions.iter().find(|region| match &region.kind {
             RegionKind::FileContents { fd: owner } => record
                 .fds
                 .iter()
-                .any(|f| f.fd == owner && f.path == fd.path),
+                .any(|f| f.fd == *owner && f.path == fd.path),
+            RegionKind::NodeFileContents { path } => *path == fd.path,
             _ => false,
         });
         let Some(region) = saved else {
@@ -223,7 +225,7 @@ fn recreate_missing(
                 path: fd.path.clone(),
             });
         };
-        if crate::remake::whole(record.rank, &fd.path, region, store)? {
+        if crate::remake::whole(record, &fd.path, region, store)? {
             tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_recreated");
         }
         made.push(fd.path.clone());

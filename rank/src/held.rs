@@ -303,11 +303,14 @@ pub(crate) fn store_filesystem() -> Option<Filesystem> {
     })
 }
 
-/// Why a restart on another node will not find the file open at `fd`,
-/// when the store is on `store` (the reason is the agent's to give).
-fn off_node(fd: RawFd, store: Option<Filesystem>) -> Option<String> {
-    let file = Filesystem::of(Path::new(&format!("/proc/self/fd/{fd}"))).ok()?;
-    unreachable_elsewhere(file, store?)
+/// Whether a restart on another node will not find the file at `path`
+/// (`/proc/self/fd/<n>` for an open one), when the store is on `store`
+/// (the reason is the agent's to give).
+fn off_node(path: &str, store: Option<Filesystem>) -> bool {
+    let Ok(file) = Filesystem::of(Path::new(path)) else {
+        return false;
+    };
+    store.is_some_and(|store| unreachable_elsewhere(file, store).is_some())
 }
 
 /// Why a rank refuses an epoch before parking.
@@ -380,7 +383,7 @@ pub(crate) fn gather(
             RegionKind::UnlinkedFile { fd }
         } else if flags >= 0 && writes_in_place(flags) {
             RegionKind::FileContents { fd }
-        } else if !library.contains(&fd) && off_node(fd, store).is_some() {
+        } else if !library.contains(&fd) && off_node(&format!("/proc/self/fd/{fd}"), store) {
             // Written with O_APPEND or only read, on a filesystem of the
             // node: a restart on another node makes it again from these.
             // (An append-only file elsewhere needs only the cut back; one
@@ -521,18 +524,18 @@ fn mapped_node_files(
     store: Option<Filesystem>,
 ) -> Vec<(String, u64)> {
     let mut out: Vec<(String, u64)> = Vec::new();
+    if store.is_none() {
+        return out;
+    }
     for path in mapped {
         if saved.contains(path) || out.iter().any(|(seen, _)| seen == path) {
             continue;
         }
-        let Ok(file) = Filesystem::of(Path::new(path)) else {
-            continue;
-        };
-        let (Some(store), Ok(meta)) = (store, fs::metadata(path)) else {
-            continue;
-        };
-        if meta.is_file() && unreachable_elsewhere(file, store).is_some() {
-            out.push((path.clone(), meta.len()));
+        match fs::metadata(path) {
+            Ok(meta) if meta.is_file() && off_node(path, store) => {
+                out.push((path.clone(), meta.len()));
+            }
+            _ => {}
         }
     }
     out

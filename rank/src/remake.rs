@@ -14,7 +14,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
@@ -39,7 +39,7 @@ pub(crate) fn remake_missing(
             Ok(_) => continue,
             Err(source) => return Err(failed(record.rank, path, "stat", source)),
         }
-        if whole(record.rank, path, region, store)? {
+        if whole(record, path, region, store)? {
             tracing::info!(rank = record.rank, path = %path, len = region.len, "file.remade");
             made.push(path.clone());
         }
@@ -47,14 +47,16 @@ pub(crate) fn remake_missing(
     Ok(made)
 }
 
-/// Writes the file at `path` from `region`, with its directories; false
-/// when another rank made it first.
+/// Writes the file at `path` from `region`, with its directories and the
+/// mode `record` gives it (a new file's, 0666 less the umask, when it gives
+/// none); false when another rank made it first.
 pub(crate) fn whole(
-    rank: u32,
+    record: &RankRecord,
     path: &str,
     region: &RegionRecord,
     store: &JobStore,
 ) -> Result<bool, RestoreError> {
+    let rank = record.rank;
     let target = Path::new(path);
     let (Some(dir), Some(name)) = (target.parent(), target.file_name()) else {
         return Err(failed(
@@ -76,16 +78,24 @@ pub(crate) fn whole(
         .mode(0o666)
         .open(&temp)
         .map_err(|err| failed(rank, path, "create a file beside it", err))?;
-    let written = fill(rank, path, region, store, &file).and_then(|()| {
-        match fs::hard_link(&temp, target) {
+    let mode = record.process.mode_of(path);
+    let written = fill(rank, path, region, store, &file)
+        .and_then(|()| match mode {
+            // Set on the open file: a mode without write bits does not
+            // stop this write, and the umask does not apply.
+            Some(mode) => file
+                .set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(|err| failed(rank, path, "set its mode", err)),
+            None => Ok(()),
+        })
+        .and_then(|()| match fs::hard_link(&temp, target) {
             Ok(()) => Ok(true),
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
             // A filesystem without hard links: the last rank's copy stands.
             Err(_) => fs::rename(&temp, target)
                 .map(|()| true)
                 .map_err(|err| failed(rank, path, "move it into place", err)),
-        }
-    });
+        });
     let _ = fs::remove_file(&temp);
     written
 }
@@ -121,6 +131,7 @@ fn failed(rank: u32, path: &str, step: &'static str, source: io::Error) -> Resto
 mod tests {
     use cryo_core::format::fds::closed_contents_region_name;
     use cryo_core::format::limits::MIN_CHUNK_SIZE;
+    use cryo_core::format::process::{FileMode, ProcessAttrs};
 
     use super::*;
 
@@ -145,14 +156,26 @@ mod tests {
             kind,
             &contents,
         );
+        // Read-only: the mode is set on the open file, which is written.
+        let process = ProcessAttrs {
+            umask: None,
+            file_modes: vec![FileMode {
+                path: path.to_str().unwrap().into(),
+                mode: 0o444,
+            }],
+        };
         let rank = |rank: u32| RankRecord {
             regions: vec![region.clone()],
+            process: process.clone(),
             ..RankRecord::new(rank, "n", 1)
         };
         // Missing (another node): made with its directories, whole.
         let made = remake_missing(&rank(0), &job).unwrap();
         assert_eq!(made, [path.to_str().unwrap()]);
         assert!(fs::read(&path).unwrap() == contents, "contents differ");
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o444);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         // A second rank of the node finds it there and leaves it; nothing is
         // left beside it.
         fs::write(&path, b"grown since\n").unwrap();

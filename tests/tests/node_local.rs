@@ -3,11 +3,13 @@
 //! where that tmpfs is not: the logs the ranks write (one held open, one
 //! opened and closed at every step, in a run directory they hold open)
 //! come back from the checkpoint, byte-identical, as do an input they only
-//! read and a table they mapped.
+//! read and a table they mapped, with their modes and the ranks' umask.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::ffi::OsString;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -197,8 +199,10 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
     let Some(s) = setup() else {
         return;
     };
-    const STAGE: &str = "head -c 300000 /dev/urandom > input.mesh && \
-                         head -c 70000 /dev/urandom > table.bin";
+    // Under a umask of 077, with modes of their own for the staged files.
+    const STAGE: &str = "umask 077 && head -c 300000 /dev/urandom > input.mesh && \
+                         head -c 70000 /dev/urandom > table.bin && \
+                         chmod 640 input.mesh && chmod 751 table.bin";
     let (input, table) = (s.work.join("input.mesh"), s.work.join("table.bin"));
     let mut job = Job::stencil(&s, "input", Some(&input));
     job.command.push(table.clone().into());
@@ -226,12 +230,20 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
         .unwrap();
     assert!(plain.status.success(), "{}", output_text(&plain));
 
-    // The restart, in an empty directory at the same path.
-    let restart = cryo(&s)
+    // The restart, in an empty directory at the same path, launched with
+    // another umask.
+    let mut restart = cryo(&s);
+    restart
         .args(["restart", "input", "--nodes", "c:2"])
-        .current_dir(&s.work)
-        .output()
-        .unwrap();
+        .current_dir(&s.work);
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
+    unsafe {
+        restart.pre_exec(|| {
+            nix::libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let restart = restart.output().unwrap();
     let text = output_text(&restart);
     assert!(restart.status.success(), "{text}");
     for name in ["input.mesh", "table.bin"] {
@@ -239,6 +251,26 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
             fs::read(kept.join(name)).unwrap() == fs::read(s.work.join(name)).unwrap(),
             "{name} was not made again as it was\n{text}"
         );
+    }
+    // Each file made again has its own mode, and what the ranks make
+    // (their run directory) gets the umask they ran with, not the
+    // launcher's.
+    let mode = |name: &str| {
+        fs::metadata(s.work.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let modes = [
+        ("input.mesh", 0o640),
+        ("table.bin", 0o751),
+        ("omp-0.log", 0o600),
+        ("steps", 0o700),
+        ("steps/closed-1.log", 0o600),
+    ];
+    for (name, want) in modes {
+        assert_eq!(mode(name), want, "the mode of {name}\n{text}");
     }
     for rank in 0..RANKS {
         let name = format!("omp-{rank}.log");

@@ -40,60 +40,87 @@ pub fn mapped_file_region_name(n: usize) -> String {
 /// Region names starting with this are the runtime's own.
 pub const RESERVED_REGION_PREFIX: &str = "cryo:";
 
-/// The paths of the files among `fds` whose contents a region of `kinds`
-/// saved (a [`RegionKind::FileContents`]): a restart makes them again
-/// where they are missing.
-pub fn saved_file_paths<'a>(
-    fds: &'a [FdRecord],
-    kinds: impl IntoIterator<Item = &'a RegionKind>,
-) -> BTreeSet<&'a str> {
-    kinds
-        .into_iter()
-        .filter_map(|kind| match kind {
-            RegionKind::FileContents { fd } => fds.iter().find(|f| f.fd == *fd),
-            _ => None,
-        })
-        .map(|fd| fd.path.as_str())
-        .collect()
+/// The files whose contents a checkpoint saved, by path: a restart makes
+/// each again where it is missing, with its directories.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedFiles<'a> {
+    /// Files held open by an fd whose contents a
+    /// [`RegionKind::FileContents`] region saved.
+    pub by_fd: BTreeSet<&'a str>,
+    /// Files saved whole by path ([`RegionKind::NodeFileContents`]):
+    /// written and closed, or mapped with no fd saving them.
+    pub whole: BTreeSet<&'a str>,
 }
 
-/// Whether a restart that does not find the directory `dir` makes it
-/// again anyway: it is, or holds, the working directory `cwd`, or it holds
-/// a file whose contents were saved (`saved`, see [`saved_file_paths`], or
-/// a [`RegionKind::NodeFileContents`] among `kinds`). Those are made again
-/// with their directories, so a directory fd on it comes back too.
-pub fn made_again_with_contents<'a>(
-    dir: &str,
-    cwd: &str,
-    saved: &BTreeSet<&str>,
-    kinds: impl IntoIterator<Item = &'a RegionKind>,
-) -> bool {
-    let under = |path: &str| {
-        path == dir
-            || path
-                .strip_prefix(dir)
-                .is_some_and(|rest| rest.starts_with('/') || dir.ends_with('/'))
-    };
-    under(cwd)
-        || saved.iter().any(|path| under(path))
-        || kinds.into_iter().any(|kind| match kind {
-            RegionKind::NodeFileContents { path } => under(path),
-            _ => false,
-        })
+impl<'a> SavedFiles<'a> {
+    /// The files saved by the regions of `kinds`, among a rank's `fds`.
+    pub fn of(fds: &'a [FdRecord], kinds: impl IntoIterator<Item = &'a RegionKind>) -> Self {
+        let mut saved = SavedFiles::default();
+        for kind in kinds {
+            match kind {
+                RegionKind::FileContents { fd } => {
+                    if let Some(record) = fds.iter().find(|f| f.fd == *fd) {
+                        saved.by_fd.insert(record.path.as_str());
+                    }
+                }
+                RegionKind::NodeFileContents { path } => {
+                    saved.whole.insert(path.as_str());
+                }
+                _ => {}
+            }
+        }
+        saved
+    }
+
+    /// Whether the file at `path` was saved, either way.
+    pub fn contains(&self, path: &str) -> bool {
+        self.by_fd.contains(path) || self.whole.contains(path)
+    }
+
+    /// Whether a restart that does not find the directory `dir` makes it
+    /// again anyway: it is, or holds, the working directory `cwd`, or it
+    /// holds a saved file. Those are made again with their directories, so
+    /// a directory fd on it comes back too.
+    pub fn make_directory(&self, dir: &str, cwd: &str) -> bool {
+        let under = |path: &str| {
+            path == dir
+                || path
+                    .strip_prefix(dir)
+                    .is_some_and(|rest| rest.starts_with('/') || dir.ends_with('/'))
+        };
+        under(cwd) || self.by_fd.iter().chain(&self.whole).any(|path| under(path))
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::super::manifest::{FdKind, FdRestore};
     use super::*;
 
     #[test]
     fn a_directory_is_made_again_with_what_it_holds() {
-        let saved: BTreeSet<&str> = ["/scratch/run/out.log"].into();
-        let mapped = [RegionKind::NodeFileContents {
-            path: "/tmp/tables/t.bin".into(),
+        let fds = [FdRecord {
+            fd: 5,
+            kind: FdKind::Regular,
+            path: "/scratch/run/out.log".into(),
+            flags: 1,
+            offset: 0,
+            size_at_checkpoint: 0,
+            restore: FdRestore::Restore,
+            shares_with: None,
         }];
-        let made = |dir: &str, cwd: &str| made_again_with_contents(dir, cwd, &saved, &mapped);
+        let kinds = [
+            RegionKind::FileContents { fd: 5 },
+            RegionKind::NodeFileContents {
+                path: "/tmp/tables/t.bin".into(),
+            },
+            RegionKind::FileContents { fd: 9 },
+        ];
+        let saved = SavedFiles::of(&fds, &kinds);
+        assert!(saved.contains("/scratch/run/out.log") && saved.contains("/tmp/tables/t.bin"));
+        assert!(!saved.contains("/scratch/run"));
+        let made = |dir: &str, cwd: &str| saved.make_directory(dir, cwd);
         assert!(made("/scratch/run", ""));
         assert!(made("/scratch", ""));
         assert!(made("/tmp/tables", ""));

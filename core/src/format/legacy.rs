@@ -16,6 +16,8 @@
 //! * 2.2 → 2.3: the `RegionKind::NodeFileContents` variant (appended; then
 //!   named `ClosedFileContents`).
 //! * 2.3 → 2.4: `RankRecord::cwd`, the rank's working directory.
+//! * 2.4 → 2.5: `RankRecord::process`, its umask and the modes of the
+//!   files it saved.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,7 @@ use crate::format::manifest::{
     RegionRecord, WriteStats,
 };
 use crate::format::pack::ChunkPlace;
+use crate::format::process::ProcessAttrs;
 
 /// A metadata file's value, decoded with the layout of its version.
 pub trait MetaFile: Serialize + DeserializeOwned {
@@ -47,6 +50,7 @@ impl MetaFile for Manifest {
             (2, 0..=3) => {
                 Ok(codec::decode::<ManifestOf<RankRecordV2_3<RegionRecord>>>(payload)?.into())
             }
+            (2, 4) => Ok(codec::decode::<ManifestOf<RankRecordV2_4>>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -58,6 +62,7 @@ impl MetaFile for RankRecord {
             (1, 0) => Ok(codec::decode::<RankRecordV1_0>(payload)?.into()),
             (1, _) => Ok(codec::decode::<RankRecordV1_1>(payload)?.into()),
             (2, 0..=3) => Ok(codec::decode::<RankRecordV2_3<RegionRecord>>(payload)?.into()),
+            (2, 4) => Ok(codec::decode::<RankRecordV2_4>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -132,11 +137,30 @@ impl<Region: Into<RegionRecord>> From<RankRecordV2_3<Region>> for RankRecord {
             stats: old.stats,
             warnings: old.warnings,
             cwd: String::new(),
+            process: ProcessAttrs::default(),
         }
     }
 }
 
-/// A manifest of 1.0 to 2.3: its layout changed only in its rank records.
+/// A rank record of 2.4, before its process attributes: 2.3's fields, then
+/// the working directory (bincode lays a nested struct's fields out in
+/// line, as if they were this one's).
+#[derive(Deserialize)]
+struct RankRecordV2_4 {
+    before: RankRecordV2_3<RegionRecord>,
+    cwd: String,
+}
+
+impl From<RankRecordV2_4> for RankRecord {
+    fn from(old: RankRecordV2_4) -> RankRecord {
+        RankRecord {
+            cwd: old.cwd,
+            ..old.before.into()
+        }
+    }
+}
+
+/// A manifest of 1.0 to 2.4: its layout changed only in its rank records.
 #[derive(Deserialize)]
 struct ManifestOf<R> {
     job: String,
@@ -210,6 +234,7 @@ impl From<RankRecordV1_0> for RankRecord {
             stats: old.stats,
             warnings: Vec::new(),
             cwd: String::new(),
+            process: ProcessAttrs::default(),
         }
     }
 }

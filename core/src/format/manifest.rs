@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::format::chunk::ChunkHash;
 use crate::format::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::format::pack::ChunkPlace;
+use crate::format::process::{AttrsError, ProcessAttrs};
 use crate::names::{check_job_name, check_region_name, NameError};
 
 /// Kind of an open file descriptor.
@@ -255,6 +256,8 @@ pub struct RankRecord {
     /// The rank's working directory, which a restart returns it to; empty
     /// when unknown (written before format 2.4, or deleted then).
     pub cwd: String,
+    /// Its umask and the modes of the files it saved (format 2.5).
+    pub process: ProcessAttrs,
 }
 
 /// The committed record of one epoch of one job.
@@ -361,6 +364,14 @@ pub enum ManifestError {
         name: String,
         /// What is wrong.
         problem: String,
+    },
+    /// A process attribute out of range.
+    #[error("rank {rank}: {source}")]
+    Attrs {
+        /// The rank.
+        rank: u32,
+        /// What is wrong.
+        source: AttrsError,
     },
     /// A path that is not absolute and normal.
     #[error("rank {rank}: path {path:?} is not an absolute path without `..`")]
@@ -477,6 +488,7 @@ impl RankRecord {
             stats: WriteStats::default(),
             warnings: Vec::new(),
             cwd: String::new(),
+            process: ProcessAttrs::default(),
         }
     }
 
@@ -553,6 +565,17 @@ impl RankRecord {
             return Err(ManifestError::BadPath {
                 rank,
                 path: self.cwd.clone(),
+            });
+        }
+        self.process
+            .check()
+            .map_err(|source| ManifestError::Attrs { rank, source })?;
+        if let Some(file) =
+            (self.process.file_modes.iter()).find(|f| !is_clean_absolute_path(&f.path))
+        {
+            return Err(ManifestError::BadPath {
+                rank,
+                path: file.path.clone(),
             });
         }
         let mut fds = HashSet::new();

@@ -38,6 +38,7 @@ pub(crate) fn sample_rank(rank: u32) -> RankRecord {
         stats: WriteStats::default(),
         warnings: vec![],
         cwd: String::new(),
+        process: Default::default(),
     }
 }
 
@@ -142,6 +143,36 @@ fn rejections() {
         m.ranks[0].cwd = cwd.into();
         assert_eq!(m.validate("job1", 3).is_ok(), ok, "cwd {cwd:?}");
     }
+
+    // A restart sets the umask and gives a file it makes its mode: both
+    // in range, the file at a path it may write.
+    let attrs = |umask: u32, path: &str, mode: u32| {
+        let mut m = sample(1);
+        m.ranks[0].process = ProcessAttrs {
+            umask: Some(umask),
+            file_modes: vec![crate::format::process::FileMode {
+                path: path.into(),
+                mode,
+            }],
+        };
+        m.validate("job1", 3)
+    };
+    assert_eq!(attrs(0o077, "/tmp/in.dat", 0o640), Ok(()));
+    assert_eq!(
+        attrs(0o7077, "/tmp/in.dat", 0o640),
+        Err(ManifestError::Attrs {
+            rank: 0,
+            source: AttrsError::Umask(0o7077)
+        })
+    );
+    assert!(matches!(
+        attrs(0o022, "/tmp/in.dat", 0o100_644),
+        Err(ManifestError::Attrs { .. })
+    ));
+    assert!(matches!(
+        attrs(0o022, "/tmp/../etc/passwd", 0o644),
+        Err(ManifestError::BadPath { .. })
+    ));
 
     let mut m = sample(1);
     let dup = m.ranks[0].fds[0].clone();

@@ -10,7 +10,8 @@
 //! closed    the table of files a rank wrote and closed   -> codec
 //! chunk     content-addressed chunks                      -> header, shuffle, limits
 //! pack      pack files: chunk entries, index, footer      -> chunk, header, limits
-//! manifest  the epoch manifest and each rank's part       -> chunk, pack, limits
+//! process   a rank's umask and the modes of saved files
+//! manifest  the epoch manifest and each rank's part       -> chunk, pack, process, limits
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
 //!
@@ -30,4 +31,5 @@ pub mod legacy;
 pub mod limits;
 pub mod manifest;
 pub mod pack;
+pub mod process;
 pub mod shuffle;

@@ -99,6 +99,7 @@ pub fn empty_record() -> RankRecord {
         stats: WriteStats::default(),
         warnings: Vec::new(),
         cwd: String::new(),
+        process: Default::default(),
     }
 }
 
