@@ -1,42 +1,66 @@
 //! What a restart gives back of a parked rank's process beside its memory,
 //! fds and working directory (`cryo_core::format::process`): the umask it
-//! runs with, and the permission bits of each file whose contents it
-//! saved, which a restart gives the file when it makes it again.
+//! runs with and, for each file whose contents it saved, the permission
+//! bits a restart gives the file when it makes it again, and what tells
+//! whether two ranks may share a node after a restart (the file is on a
+//! filesystem of this node, written, its device and inode on this machine:
+//! `cryo_core::format::fds::node_file_clashes`).
 
+use std::path::Path;
+
+use cryo_core::format::fds::CLOSED_CONTENTS_PREFIX;
 use cryo_core::format::manifest::{is_clean_absolute_path, FdRecord, RegionKind};
-use cryo_core::format::process::{FileMode, ProcessAttrs};
+use cryo_core::format::process::{ProcessAttrs, SavedFile};
+use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
 
-use crate::procfs::ProcessAccess;
+use crate::procfs::{boot_id, ProcessAccess};
 
 /// The attributes of the rank `pid` whose fds are `fds` and whose regions
-/// are `regions`. What cannot be read is left out: a restart then keeps
-/// the launcher's umask, or makes a file with a new file's mode.
+/// are `regions`, given the store's filesystem `store`. What cannot be
+/// read is left out: a restart then keeps the launcher's umask, or makes a
+/// file with a new file's mode.
 pub fn process_attrs(
     access: &dyn ProcessAccess,
     pid: u32,
     fds: &[FdRecord],
     regions: &[RegionInfo],
+    store: Option<Filesystem>,
 ) -> ProcessAttrs {
     let umask = access.umask(pid).unwrap_or_else(|err| {
         tracing::debug!(pid, error = %err, "rank.umask_unknown");
         None
     });
-    let mut file_modes = Vec::new();
-    for (path, saved) in saved_files(fds, regions) {
-        let mode = match saved {
-            Saved::ThroughFd(fd) => access.fd_stat(pid, fd).map(|stat| stat.mode),
-            Saved::Whole => access.path_mode(pid, path),
+    let mut saved_files = Vec::new();
+    for (path, saved) in saved_files_of(fds, regions) {
+        let (stat, link) = match saved {
+            Saved::ThroughFd(fd) => (access.fd_stat(pid, fd), format!("/proc/{pid}/fd/{fd}")),
+            Saved::Whole => (
+                access.path_stat(pid, path),
+                format!("/proc/{pid}/root{path}"),
+            ),
         };
-        match mode {
-            Ok(mode) => file_modes.push(FileMode {
-                path: path.to_owned(),
-                mode: mode & 0o7777,
-            }),
-            Err(err) => tracing::debug!(pid, path, error = %err, "file.mode_unknown"),
-        }
+        let stat = stat
+            .inspect_err(|err| tracing::debug!(pid, path, error = %err, "file.stat_unknown"))
+            .ok();
+        let on_node = store.is_some_and(|store| {
+            (access.filesystem(Path::new(&link)))
+                .is_ok_and(|file| unreachable_elsewhere(file, store).is_some())
+        });
+        saved_files.push(SavedFile {
+            path: path.to_owned(),
+            mode: stat.as_ref().map(|stat| stat.mode & 0o7777),
+            on_node,
+            written: written(path, fds, regions),
+            dev: stat.as_ref().map_or(0, |stat| stat.dev),
+            ino: stat.as_ref().map_or(0, |stat| stat.ino),
+        });
     }
-    ProcessAttrs { umask, file_modes }
+    ProcessAttrs {
+        umask,
+        machine: boot_id().to_owned(),
+        saved_files,
+    }
 }
 
 /// How a file's contents were saved, which says where to read its mode.
@@ -51,7 +75,7 @@ enum Saved {
 /// The files whose contents `regions` saved, once each (a file is saved
 /// once; a dup is the same file), and only those at a path a manifest can
 /// hold.
-fn saved_files<'a>(fds: &'a [FdRecord], regions: &'a [RegionInfo]) -> Vec<(&'a str, Saved)> {
+fn saved_files_of<'a>(fds: &'a [FdRecord], regions: &'a [RegionInfo]) -> Vec<(&'a str, Saved)> {
     let mut out: Vec<(&str, Saved)> = Vec::new();
     for region in regions {
         let (path, saved) = match &region.kind {
@@ -67,6 +91,27 @@ fn saved_files<'a>(fds: &'a [FdRecord], regions: &'a [RegionInfo]) -> Vec<(&'a s
         }
     }
     out
+}
+
+/// Whether the rank wrote the file at `path`: an fd on it open for
+/// writing, written and closed (saved as a closed file), or mapped shared
+/// and writable. An input it only reads or maps read-only is not.
+fn written(path: &str, fds: &[FdRecord], regions: &[RegionInfo]) -> bool {
+    let writes = |flags: i32| flags & libc::O_ACCMODE != libc::O_RDONLY;
+    fds.iter().any(|fd| fd.path == path && writes(fd.flags))
+        || regions.iter().any(|region| match &region.kind {
+            RegionKind::NodeFileContents { path: saved } => {
+                saved == path && region.name.starts_with(CLOSED_CONTENTS_PREFIX)
+            }
+            RegionKind::FileShared { path: mapped, .. } => mapped == path,
+            RegionKind::AppMapping {
+                path: mapped,
+                shared,
+                prot,
+                ..
+            } => mapped == path && *shared && prot & 2 != 0,
+            _ => false,
+        })
 }
 
 #[cfg(test)]
@@ -114,11 +159,48 @@ mod tests {
             whole("/scratch/in.dat"),
         ];
         assert_eq!(
-            saved_files(&fds, &regions),
+            saved_files_of(&fds, &regions),
             [
                 ("/scratch/in.dat", Saved::ThroughFd(5)),
                 ("/scratch/t.bin", Saved::Whole)
             ]
+        );
+    }
+
+    #[test]
+    fn a_file_is_written_when_an_fd_writes_it_or_it_was_written_and_closed() {
+        let mut log = fd(3, "/scratch/log");
+        log.flags = libc::O_WRONLY | libc::O_APPEND;
+        let fds = [fd(5, "/scratch/in.dat"), log];
+        let named = |name: &str, kind: RegionKind| RegionInfo {
+            name: name.into(),
+            ..region(kind)
+        };
+        let whole = |path: &str| RegionKind::NodeFileContents { path: path.into() };
+        let map = |path: &str, shared, prot| RegionKind::AppMapping {
+            path: path.into(),
+            offset: 0,
+            shared,
+            prot,
+            map_len: 4096,
+        };
+        let regions = [
+            named("cryo:closed:0", whole("/scratch/closed.log")),
+            named("cryo:mapped-file:0", whole("/scratch/table")),
+            named("cryo:map:1000", map("/scratch/table", true, 1)),
+            named("cryo:mapped-file:1", whole("/scratch/grid")),
+            named("cryo:map:2000", map("/scratch/grid", true, 3)),
+            named("cryo:map:3000", map("/scratch/private", false, 3)),
+        ];
+        let written = |path| written(path, &fds, &regions);
+        assert!(written("/scratch/log"));
+        assert!(!written("/scratch/in.dat"));
+        assert!(written("/scratch/closed.log"));
+        assert!(!written("/scratch/table"), "mapped read-only");
+        assert!(written("/scratch/grid"), "mapped shared and writable");
+        assert!(
+            !written("/scratch/private"),
+            "a private mapping's writes stay in memory"
         );
     }
 

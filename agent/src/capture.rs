@@ -448,7 +448,7 @@ pub fn capture_rank(
     let table = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
     let (fds, mut warnings, cwd) = (table.fds, table.warnings, table.cwd);
-    let process = crate::attrs::process_attrs(ctx.access, pid, &fds, &parked.regions);
+    let process = crate::attrs::process_attrs(ctx.access, pid, &fds, &parked.regions, ctx.store_fs);
     warnings.extend(parked.warnings.iter().cloned());
     if let Some(store) = ctx.store_fs {
         warnings.extend(node_local_warnings(

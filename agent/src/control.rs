@@ -1,7 +1,6 @@
 //! The control socket: `cryo-agent checkpoint`, `status` and restart
 //! arming, and the standalone epochs it asks for.
 
-use std::collections::BTreeSet;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -11,9 +10,10 @@ use cryo_core::protocol::{
     Completion, ControlRequest, ControlResponse,
 };
 
+use crate::armed::Armed;
 use crate::epoch::{self, lock, EpochError, Standalone};
 use crate::procfs::peak_rss_bytes;
-use crate::server::{Armed, Shared};
+use crate::server::Shared;
 
 impl Shared {
     /// Serves a control client that speaks protocol `version`.
@@ -102,9 +102,9 @@ impl Shared {
                 }
             }
         };
-        let pending: BTreeSet<u32> = manifest.ranks.iter().map(|r| r.rank).collect();
-        let ranks = u32::try_from(pending.len()).unwrap_or(u32::MAX);
-        *lock(&self.armed) = Some(Armed { epoch, pending });
+        let armed = Armed::new(epoch, &manifest);
+        let ranks = u32::try_from(armed.pending.len()).unwrap_or(u32::MAX);
+        *lock(&self.armed) = Some(armed);
         tracing::info!(job = %self.config.job, epoch, ranks, "restart.armed");
         ControlResponse::RestartArmed { epoch, ranks }
     }

@@ -459,7 +459,7 @@ mod tests {
         fn umask(&self, _: u32) -> io::Result<Option<u32>> {
             unreachable!()
         }
-        fn path_mode(&self, _: u32, _: &str) -> io::Result<u32> {
+        fn path_stat(&self, _: u32, _: &str) -> io::Result<FileStat> {
             unreachable!()
         }
         fn fdinfo(&self, _: u32, fd: i32) -> io::Result<String> {

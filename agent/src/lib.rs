@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
+mod armed;
 pub mod attrs;
 pub mod capture;
 pub mod client;

@@ -107,9 +107,9 @@ pub trait ProcessAccess: Send + Sync {
     /// Its `umask`, from `/proc/<pid>/status` (`None`: a kernel that does
     /// not show it).
     fn umask(&self, pid: u32) -> io::Result<Option<u32>>;
-    /// The permission bits of the file at `path` as the process sees it
-    /// (through `/proc/<pid>/root`: its mounts may not be the agent's).
-    fn path_mode(&self, pid: u32, path: &str) -> io::Result<u32>;
+    /// `stat` of the file at `path` as the process sees it (through
+    /// `/proc/<pid>/root`: its mounts may not be the agent's).
+    fn path_stat(&self, pid: u32, path: &str) -> io::Result<FileStat>;
     /// The text of `/proc/<pid>/fdinfo/<fd>`.
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String>;
     /// `stat` of the open file behind the fd.
@@ -131,6 +131,46 @@ pub trait ProcessAccess: Send + Sync {
         len: u64,
         rearm: bool,
     ) -> io::Result<WrittenRanges>;
+}
+
+/// `stat` of `path`, following links (`/proc` links to open files).
+fn file_stat(path: &str) -> io::Result<FileStat> {
+    let meta = fs::metadata(path)?;
+    let ft = meta.file_type();
+    let file_type = if ft.is_file() {
+        FileType::Regular
+    } else if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_char_device() {
+        FileType::CharDevice
+    } else if ft.is_block_device() {
+        FileType::BlockDevice
+    } else if ft.is_fifo() {
+        FileType::Fifo
+    } else if ft.is_socket() {
+        FileType::Socket
+    } else {
+        FileType::Other
+    };
+    Ok(FileStat {
+        file_type,
+        size: meta.len(),
+        nlink: meta.nlink(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        mode: meta.mode() & 0o7777,
+    })
+}
+
+/// The boot id of this machine (`/proc/sys/kernel/random/boot_id`), read
+/// once; empty when unreadable.
+pub fn boot_id() -> &'static str {
+    static BOOT_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT_ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|id| id.trim().to_owned())
+            .unwrap_or_default()
+    })
 }
 
 /// The `Umask:` line of a `/proc/<pid>/status` text (Linux 4.7 on).
@@ -189,9 +229,8 @@ impl ProcessAccess for LinuxProcess {
         Ok(parse_umask(&status))
     }
 
-    fn path_mode(&self, pid: u32, path: &str) -> io::Result<u32> {
-        let meta = fs::metadata(format!("/proc/{pid}/root{path}"))?;
-        Ok(meta.mode() & 0o7777)
+    fn path_stat(&self, pid: u32, path: &str) -> io::Result<FileStat> {
+        file_stat(&format!("/proc/{pid}/root{path}"))
     }
 
     fn fdinfo(&self, pid: u32, fd: i32) -> io::Result<String> {
@@ -199,31 +238,7 @@ impl ProcessAccess for LinuxProcess {
     }
 
     fn fd_stat(&self, pid: u32, fd: i32) -> io::Result<FileStat> {
-        let meta = fs::metadata(format!("/proc/{pid}/fd/{fd}"))?;
-        let ft = meta.file_type();
-        let file_type = if ft.is_file() {
-            FileType::Regular
-        } else if ft.is_dir() {
-            FileType::Directory
-        } else if ft.is_char_device() {
-            FileType::CharDevice
-        } else if ft.is_block_device() {
-            FileType::BlockDevice
-        } else if ft.is_fifo() {
-            FileType::Fifo
-        } else if ft.is_socket() {
-            FileType::Socket
-        } else {
-            FileType::Other
-        };
-        Ok(FileStat {
-            file_type,
-            size: meta.len(),
-            nlink: meta.nlink(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-            mode: meta.mode() & 0o7777,
-        })
+        file_stat(&format!("/proc/{pid}/fd/{fd}"))
     }
 
     fn filesystem(&self, path: &Path) -> io::Result<Filesystem> {
@@ -527,8 +542,9 @@ mod tests {
         let path = dir.path().join("input.dat");
         fs::write(&path, b"x").unwrap();
         fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
-        let mode = LinuxProcess.path_mode(pid, path.to_str().unwrap());
-        assert_eq!(mode.unwrap(), 0o640);
+        let stat = LinuxProcess.path_stat(pid, path.to_str().unwrap()).unwrap();
+        assert_eq!((stat.mode, stat.size), (0o640, 1));
+        assert_eq!(boot_id().len(), 36, "{:?}", boot_id());
         let file = fs::File::open(&path).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
         assert_eq!(LinuxProcess.fd_stat(pid, fd).unwrap().mode, 0o640);

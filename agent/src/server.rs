@@ -17,7 +17,7 @@
 //! such an early park is held (not answered) until `Checkpoint{E}` arrives,
 //! and aborted if it does not arrive within the park timeout.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::TcpStream;
@@ -43,18 +43,13 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 
 pub use crate::config::{default_copy_budget, AgentConfig, RestartFrom, ServeError};
 
+use crate::armed::Armed;
 use crate::capture::{CopyGate, Parked, RegionHeat};
 use crate::epoch::{lock, EpochRun, Resources, Slot};
 use crate::link::{self, CoordinatorLink};
 use crate::pool::BufferPool;
 use crate::procfs::{LinuxProcess, ProcessAccess};
 use crate::ranks::{PageMap, RankConn, RankEvent};
-
-/// A restart armed for the ranks that register next.
-pub(crate) struct Armed {
-    pub(crate) epoch: u64,
-    pub(crate) pending: BTreeSet<u32>,
-}
 
 pub(crate) struct Shared {
     pub(crate) config: AgentConfig,
@@ -365,13 +360,13 @@ impl Shared {
         drop(fd);
         let start = {
             let mut armed_slot = lock(&self.armed);
-            let taken = armed_slot
+            let node = &self.config.node;
+            match armed_slot
                 .as_mut()
-                .map(|armed| (armed.pending.remove(&rank), armed.pending.is_empty()));
-            match armed_slot.as_ref() {
-                Some(armed) if taken.is_some_and(|(removed, _)| removed) => {
-                    let epoch = armed.epoch;
-                    if taken.is_some_and(|(_, empty)| empty) {
+                .map(|armed| (armed.epoch, armed.take(rank, node)))
+            {
+                Some((epoch, Ok(last))) => {
+                    if last {
                         *armed_slot = None;
                     }
                     StartMode::Restart {
@@ -380,12 +375,9 @@ impl Shared {
                         job: self.config.job.clone(),
                     }
                 }
-                Some(armed) => {
-                    let epoch = armed.epoch;
+                Some((_, Err(reason))) => {
                     drop(armed_slot);
-                    return refuse(format!(
-                        "a restart from epoch {epoch} is armed, and it has no pending rank {rank}"
-                    ));
+                    return refuse(reason);
                 }
                 None => StartMode::Fresh,
             }

@@ -6,6 +6,8 @@ use cryo_core::format::manifest::{
     Backing, FdKind, FdRecord, FdRestore, Manifest, RankRecord, RegionKind,
 };
 
+use cryo_core::format::fds::{node_file_clashes, NodeFileClash};
+
 use crate::human;
 
 /// What a restart does with one fd.
@@ -153,13 +155,45 @@ pub fn warnings(manifest: &Manifest) -> Vec<String> {
                 .map(|w| format!("rank {}: {w}", rank.rank)),
         );
     }
+    out.extend(node_file_clashes(&manifest.ranks).iter().map(clash_warning));
     out
+}
+
+/// The warning for ranks that held different files at one path on their
+/// nodes' own filesystems, which a restart keeps on different nodes.
+fn clash_warning(clash: &NodeFileClash) -> String {
+    const SHOWN: usize = 4;
+    let mut copies: Vec<String> = (clash.copies.iter().take(SHOWN))
+        .map(|copy| format!("node {} ({})", copy.node, ranks_text(&copy.ranks)))
+        .collect();
+    if clash.copies.len() > SHOWN {
+        copies.push(format!("{} more", clash.copies.len() - SHOWN));
+    }
+    format!(
+        "{} is a different file on {}, each on the node's own filesystem, written or \
+         unlike the others: a restart refuses to put ranks of two of them on one node, \
+         where they would share one file",
+        clash.path,
+        copies.join(", ")
+    )
+}
+
+/// "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3 and 60 more".
+fn ranks_text(ranks: &[u32]) -> String {
+    const SHOWN: usize = 4;
+    let listed: Vec<String> = ranks.iter().take(SHOWN).map(u32::to_string).collect();
+    let more = match ranks.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{noun} {}{more}", listed.join(", "))
 }
 
 #[cfg(test)]
 mod tests {
     use cryo_core::format::manifest::{RegionRecord, WriteStats};
-    use cryo_core::format::process::{FileMode, ProcessAttrs};
+    use cryo_core::format::process::{ProcessAttrs, SavedFile};
 
     use super::*;
 
@@ -235,10 +269,15 @@ mod tests {
             cwd: "/work/run 1".into(),
             process: ProcessAttrs {
                 umask: Some(0o27),
-                file_modes: vec![FileMode {
+                saved_files: vec![SavedFile {
                     path: "/tmp/table".into(),
-                    mode: 0o750,
+                    mode: Some(0o750),
+                    on_node: true,
+                    written: false,
+                    dev: 1,
+                    ino: 2,
                 }],
+                ..ProcessAttrs::default()
             },
         };
         let plan = rank_plan(&rank).join("\n");
@@ -291,6 +330,51 @@ mod tests {
             vec![
                 "rank 3: fd 6 (/work/f6) will not be restored: socket".to_owned(),
                 "rank 3: fd 3 (/work/f3) holds a file lock".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_of_each_nodes_own_at_one_path_is_named_at_the_checkpoint() {
+        // Ranks 0-4 on node a and 5 on node b each wrote /tmp/node.log
+        // on their node's own filesystem.
+        let ranks = (0..6)
+            .map(|r| {
+                let node = if r < 5 { "a" } else { "b" };
+                let mut record = RankRecord::new(r, node, 1);
+                record.process.saved_files.push(SavedFile {
+                    path: "/tmp/node.log".into(),
+                    mode: None,
+                    on_node: true,
+                    written: true,
+                    dev: 0,
+                    ino: 0,
+                });
+                record.regions.push(region(
+                    "cryo:closed:0",
+                    0,
+                    RegionKind::NodeFileContents {
+                        path: "/tmp/node.log".into(),
+                    },
+                ));
+                record
+            })
+            .collect();
+        let manifest = Manifest {
+            job: "j".into(),
+            epoch: 1,
+            created_unix_ms: 0,
+            world_size: 6,
+            chunk_size: 1 << 20,
+            ranks,
+        };
+        assert_eq!(
+            warnings(&manifest),
+            [
+                "/tmp/node.log is a different file on node a (ranks 0, 1, 2, 3 and 1 more), \
+              node b (rank 5), each on the node's own filesystem, written or unlike the \
+              others: a restart refuses to put ranks of two of them on one node, where they \
+              would share one file"
             ]
         );
     }

@@ -131,7 +131,7 @@ fn failed(rank: u32, path: &str, step: &'static str, source: io::Error) -> Resto
 mod tests {
     use cryo_core::format::fds::closed_contents_region_name;
     use cryo_core::format::limits::MIN_CHUNK_SIZE;
-    use cryo_core::format::process::{FileMode, ProcessAttrs};
+    use cryo_core::format::process::{ProcessAttrs, SavedFile};
 
     use super::*;
 
@@ -158,11 +158,15 @@ mod tests {
         );
         // Read-only: the mode is set on the open file, which is written.
         let process = ProcessAttrs {
-            umask: None,
-            file_modes: vec![FileMode {
+            saved_files: vec![SavedFile {
                 path: path.to_str().unwrap().into(),
-                mode: 0o444,
+                mode: Some(0o444),
+                on_node: true,
+                written: true,
+                dev: 0,
+                ino: 0,
             }],
+            ..ProcessAttrs::default()
         };
         let rank = |rank: u32| RankRecord {
             regions: vec![region.clone()],

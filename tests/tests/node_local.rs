@@ -221,6 +221,32 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
             "its contents are saved, so it must not be named as lost:\n{said}"
         );
     }
+    // What the checkpoint recorded: the umask, and of each saved file its
+    // mode, that it is the node's and whether a rank wrote it. Both ranks'
+    // emulated nodes share this machine's tmpfs, so each path is one file:
+    // no two ranks are kept apart at a restart.
+    let job = cryo_core::Store::open(&s.store)
+        .and_then(|store| store.existing_job("input"))
+        .unwrap();
+    let manifest = job
+        .load_manifest(job.latest_committed().unwrap().unwrap())
+        .unwrap();
+    for rank in &manifest.ranks {
+        let process = &rank.process;
+        assert_eq!(process.umask, Some(0o077));
+        assert!(!process.machine.is_empty());
+        let file = |path: &Path| process.saved_file(path.to_str().unwrap()).unwrap();
+        let log = s.work.join(format!("omp-{}.log", rank.rank));
+        assert!(file(&log).on_node && file(&log).written, "{process:?}");
+        assert_eq!(file(&log).mode, Some(0o600));
+        assert!(file(&input).on_node && !file(&input).written, "{process:?}");
+        assert_eq!(file(&input).mode, Some(0o640));
+        assert!(file(&table).on_node && !file(&table).written, "{process:?}");
+    }
+    assert_eq!(
+        cryo_core::format::fds::node_file_clashes(&manifest.ranks),
+        []
+    );
     let plain = cryo(&s)
         .args(["run", "--job", "plain-input", "-n", "2", "--"])
         .arg(&s.program)

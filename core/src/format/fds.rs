@@ -3,9 +3,10 @@
 //! (The links between fd records are checked with the rest of a rank
 //! record, in `manifest.rs`.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::manifest::{FdRecord, RegionKind};
+use super::chunk::ChunkHash;
+use super::manifest::{FdRecord, RankRecord, RegionKind, RegionRecord};
 
 /// The name of the region that holds the contents of the unlinked file
 /// open at `fd`.
@@ -28,8 +29,11 @@ pub fn mapping_region_name(start: u64) -> String {
 /// The name of the region that holds the contents of the `n`th file
 /// written and closed on a filesystem of the rank's node.
 pub fn closed_contents_region_name(n: usize) -> String {
-    format!("cryo:closed:{n}")
+    format!("{CLOSED_CONTENTS_PREFIX}{n}")
 }
+
+/// What the names of [`closed_contents_region_name`] start with.
+pub const CLOSED_CONTENTS_PREFIX: &str = "cryo:closed:";
 
 /// The name of the region that holds the contents of the `n`th file on a
 /// filesystem of the rank's node that it maps and no fd of it saves.
@@ -92,6 +96,107 @@ impl<'a> SavedFiles<'a> {
     }
 }
 
+/// A path that ranks held on filesystems of their own nodes as different
+/// files (a log each node keeps at `/tmp/node.log`) that differ or that a
+/// rank wrote: a restart that put two such ranks on one node would give
+/// them one file, and lose one rank's. Files one read-only input staged
+/// alike on every node are not a clash: sharing one copy changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFileClash {
+    /// The path.
+    pub path: String,
+    /// One per file: the ranks that held it and where.
+    pub copies: Vec<NodeCopy>,
+}
+
+/// One file of a [`NodeFileClash`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeCopy {
+    /// The node its ranks ran on (the first one's).
+    pub node: String,
+    /// The ranks that held it.
+    pub ranks: Vec<u32>,
+    /// Whether one of them wrote it.
+    pub written: bool,
+    /// Its saved length and chunk names: equal for equal bytes.
+    contents: (u64, Vec<ChunkHash>),
+}
+
+impl NodeCopy {
+    fn clashes_with(&self, other: &NodeCopy) -> bool {
+        self.written || other.written || self.contents != other.contents
+    }
+}
+
+impl NodeFileClash {
+    /// Whether ranks `a` and `b` may not share a node: they held
+    /// different copies, and those clash.
+    pub fn keeps_apart(&self, a: u32, b: u32) -> bool {
+        let copy = |rank: u32| self.copies.iter().find(|copy| copy.ranks.contains(&rank));
+        match (copy(a), copy(b)) {
+            (Some(x), Some(y)) => !std::ptr::eq(x, y) && x.clashes_with(y),
+            _ => false,
+        }
+    }
+}
+
+/// The clashes among the files `ranks` saved from filesystems of their
+/// nodes (see [`NodeFileClash`]). Ranks of one node hold one file at a
+/// path; so do ranks of nodes emulated on one machine when the device and
+/// inode match.
+pub fn node_file_clashes(ranks: &[RankRecord]) -> Vec<NodeFileClash> {
+    // Per path, per file: the file is its machine, device and inode when
+    // known, else its node.
+    let mut by_path: BTreeMap<&str, BTreeMap<(&str, u64, u64), NodeCopy>> = BTreeMap::new();
+    for rank in ranks {
+        for file in rank.process.saved_files.iter().filter(|file| file.on_node) {
+            let Some(region) = saved_region(rank, &file.path) else {
+                continue;
+            };
+            let key = if rank.process.machine.is_empty() || file.ino == 0 {
+                (rank.node.as_str(), 0, 0)
+            } else {
+                (rank.process.machine.as_str(), file.dev, file.ino)
+            };
+            let copy = by_path
+                .entry(&file.path)
+                .or_default()
+                .entry(key)
+                .or_insert_with(|| NodeCopy {
+                    node: rank.node.clone(),
+                    ranks: Vec::new(),
+                    written: false,
+                    contents: (region.len, region.chunks.iter().map(|c| c.hash).collect()),
+                });
+            copy.ranks.push(rank.rank);
+            copy.written |= file.written;
+        }
+    }
+    by_path
+        .into_iter()
+        .filter_map(|(path, copies)| {
+            let copies: Vec<NodeCopy> = copies.into_values().collect();
+            let clash = (0..copies.len())
+                .any(|i| (copies[i + 1..].iter()).any(|other| copies[i].clashes_with(other)));
+            clash.then(|| NodeFileClash {
+                path: path.to_owned(),
+                copies,
+            })
+        })
+        .collect()
+}
+
+/// The region that saved the contents of the file at `path`.
+fn saved_region<'a>(rank: &'a RankRecord, path: &str) -> Option<&'a RegionRecord> {
+    rank.regions.iter().find(|region| match &region.kind {
+        RegionKind::FileContents { fd } => {
+            (rank.fds.iter()).any(|record| record.fd == *fd && record.path == path)
+        }
+        RegionKind::NodeFileContents { path: saved } => saved == path,
+        _ => false,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -131,5 +236,99 @@ mod tests {
         assert!(!made("/scratch/ru", "/work/steps"));
         assert!(!made("/work/step", "/work/steps"));
         assert!(!made("/elsewhere", ""));
+    }
+
+    /// Rank `rank` on `node` (of `machine`) saved `bytes` at `path`, a
+    /// file of its node (device 1, inode `ino`), through an fd or whole.
+    fn holding(
+        rank: u32,
+        node: &str,
+        machine: &str,
+        path: &str,
+        file: (u64, bool, &[u8]),
+    ) -> RankRecord {
+        let (ino, written, bytes) = file;
+        let mut record = RankRecord::new(rank, node, 100 + rank);
+        record.process.machine = machine.into();
+        record
+            .process
+            .saved_files
+            .push(crate::format::process::SavedFile {
+                path: path.into(),
+                mode: Some(0o644),
+                on_node: true,
+                written,
+                dev: 1,
+                ino,
+            });
+        record.regions.push(RegionRecord {
+            name: closed_contents_region_name(0),
+            addr: 0,
+            len: bytes.len() as u64,
+            kind: RegionKind::NodeFileContents { path: path.into() },
+            chunks: vec![crate::format::manifest::ChunkRef {
+                offset: 0,
+                len: u32::try_from(bytes.len()).unwrap(),
+                stored_len: 0,
+                hash: ChunkHash::of(bytes),
+                place: crate::format::pack::ChunkPlace::Loose,
+            }],
+        });
+        record
+    }
+
+    #[test]
+    fn ranks_of_other_nodes_that_held_other_files_at_one_path_clash() {
+        const LOG: &str = "/tmp/node.log";
+        // A log each node wrote, on hosts a and b; ranks 0 and 1 share a.
+        let ranks = [
+            holding(0, "a", "boot-a", LOG, (7, true, b"a's lines")),
+            holding(1, "a", "boot-a", LOG, (7, false, b"a's lines")),
+            holding(2, "b", "boot-b", LOG, (7, true, b"b's lines")),
+        ];
+        let clashes = node_file_clashes(&ranks);
+        assert_eq!(clashes.len(), 1);
+        let clash = &clashes[0];
+        assert_eq!(clash.path, LOG);
+        assert_eq!(clash.copies.len(), 2);
+        assert!(clash.keeps_apart(0, 2) && clash.keeps_apart(2, 1));
+        assert!(!clash.keeps_apart(0, 1), "one node's ranks held one file");
+        assert!(!clash.keeps_apart(0, 9), "rank 9 held no copy");
+
+        // Written alike (both empty so far): one file after a restart
+        // would take both nodes' lines.
+        let empty = [
+            holding(0, "a", "boot-a", LOG, (7, true, b"")),
+            holding(1, "b", "boot-b", LOG, (7, true, b"")),
+        ];
+        assert!(node_file_clashes(&empty)[0].keeps_apart(0, 1));
+
+        // An input staged alike on every node and only read: no clash. One
+        // staged differently: a clash.
+        let input = |bytes: &'static [u8]| {
+            [
+                holding(0, "a", "boot-a", "/tmp/in", (3, false, b"mesh")),
+                holding(1, "b", "boot-b", "/tmp/in", (3, false, bytes)),
+            ]
+        };
+        assert!(node_file_clashes(&input(b"mesh")).is_empty());
+        assert!(node_file_clashes(&input(b"other mesh"))[0].keeps_apart(0, 1));
+
+        // Nodes emulated on one machine share its filesystems: the same
+        // device and inode are one file, whatever the node names; another
+        // inode there is another file.
+        let emulated = |ino: u64| {
+            [
+                holding(0, "a", "boot-1", LOG, (7, true, b"both ranks' lines")),
+                holding(1, "b", "boot-1", LOG, (ino, true, b"both ranks' lines")),
+            ]
+        };
+        assert!(node_file_clashes(&emulated(7)).is_empty());
+        assert!(node_file_clashes(&emulated(8))[0].keeps_apart(0, 1));
+
+        // A shared filesystem's file is not the node's.
+        let mut shared = holding(1, "b", "boot-b", LOG, (7, true, b"b's lines"));
+        shared.process.saved_files[0].on_node = false;
+        assert!(node_file_clashes(&[ranks[0].clone(), shared]).is_empty());
     }
 }

@@ -571,7 +571,7 @@ impl RankRecord {
             .check()
             .map_err(|source| ManifestError::Attrs { rank, source })?;
         if let Some(file) =
-            (self.process.file_modes.iter()).find(|f| !is_clean_absolute_path(&f.path))
+            (self.process.saved_files.iter()).find(|f| !is_clean_absolute_path(&f.path))
         {
             return Err(ManifestError::BadPath {
                 rank,

@@ -150,9 +150,14 @@ fn rejections() {
         let mut m = sample(1);
         m.ranks[0].process = ProcessAttrs {
             umask: Some(umask),
-            file_modes: vec![crate::format::process::FileMode {
+            machine: String::new(),
+            saved_files: vec![crate::format::process::SavedFile {
                 path: path.into(),
-                mode,
+                mode: Some(mode),
+                on_node: true,
+                written: true,
+                dev: 0,
+                ino: 0,
             }],
         };
         m.validate("job1", 3)

@@ -6,12 +6,13 @@
 //! header    the fixed 64-byte header, the version policy  -> limits
 //! codec     bincode, the one module that links it        -> limits
 //! shuffle   the byte-shuffle filter of chunks
-//! fds       the names of the regions that carry held files
 //! closed    the table of files a rank wrote and closed   -> codec
 //! chunk     content-addressed chunks                      -> header, shuffle, limits
 //! pack      pack files: chunk entries, index, footer      -> chunk, header, limits
-//! process   a rank's umask and the modes of saved files
+//! process   a rank's umask and what it was of saved files
 //! manifest  the epoch manifest and each rank's part       -> chunk, pack, process, limits
+//! fds       the regions that carry held files; node-local   -> manifest, chunk
+//!           files that keep ranks apart at a restart
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
 //!

@@ -1,7 +1,10 @@
 //! What a restart gives back of a rank's process beside its memory, fds
 //! and working directory (format 2.5): the file mode creation mask it ran
-//! with, and the permission bits of the files whose contents the
-//! checkpoint saved, which a restart gives a file it makes again.
+//! with, and, for each file whose contents the checkpoint saved, its
+//! permission bits (which a restart gives the file when it makes it again)
+//! and whether it lay on a filesystem of the rank's node and was written
+//! (which says whether two ranks may share a node after a restart: see
+//! `fds::node_file_clashes`).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -12,17 +15,32 @@ pub struct ProcessAttrs {
     /// The `umask` it ran with; `None` when unknown (written before 2.5, or
     /// not readable at the checkpoint): a restart keeps the launcher's.
     pub umask: Option<u32>,
-    /// The permission bits of saved files, by path.
-    pub file_modes: Vec<FileMode>,
+    /// The boot id of the machine it ran on
+    /// (`/proc/sys/kernel/random/boot_id`; empty when unknown): saved files
+    /// of one machine, device and inode are one file, whichever nodes
+    /// their ranks were named (nodes emulated on one machine).
+    pub machine: String,
+    /// The files whose contents were saved, one entry per path.
+    pub saved_files: Vec<SavedFile>,
 }
 
-/// The permission bits of one file whose contents a checkpoint saved.
+/// One file whose contents a checkpoint saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileMode {
+pub struct SavedFile {
     /// Its absolute path.
     pub path: String,
-    /// `st_mode & 0o7777`.
-    pub mode: u32,
+    /// `st_mode & 0o7777`; `None` when it could not be read.
+    pub mode: Option<u32>,
+    /// On a filesystem of the rank's node (`cryo_core::locality`): ranks of
+    /// other nodes that hold this path hold other files.
+    pub on_node: bool,
+    /// Written by the rank (open for writing, written and closed, mapped
+    /// shared and writable), not only read.
+    pub written: bool,
+    /// Its device and inode at the checkpoint (zero when unknown).
+    pub dev: u64,
+    /// See `dev`.
+    pub ino: u64,
 }
 
 /// A process attribute out of range.
@@ -47,10 +65,12 @@ pub enum AttrsError {
 impl ProcessAttrs {
     /// The recorded permission bits of the saved file at `path`.
     pub fn mode_of(&self, path: &str) -> Option<u32> {
-        self.file_modes
-            .iter()
-            .find(|file| file.path == path)
-            .map(|file| file.mode)
+        self.saved_file(path).and_then(|file| file.mode)
+    }
+
+    /// What was recorded of the saved file at `path`.
+    pub fn saved_file(&self, path: &str) -> Option<&SavedFile> {
+        self.saved_files.iter().find(|file| file.path == path)
     }
 
     /// Checks the bits (a manifest's validation checks the paths).
@@ -58,14 +78,14 @@ impl ProcessAttrs {
         if let Some(mask) = self.umask.filter(|mask| mask & !0o777 != 0) {
             return Err(AttrsError::Umask(mask));
         }
-        for (n, file) in self.file_modes.iter().enumerate() {
-            if file.mode & !0o7777 != 0 {
+        for (n, file) in self.saved_files.iter().enumerate() {
+            if let Some(mode) = file.mode.filter(|mode| mode & !0o7777 != 0) {
                 return Err(AttrsError::Mode {
                     path: file.path.clone(),
-                    mode: file.mode,
+                    mode,
                 });
             }
-            if self.file_modes[..n].iter().any(|f| f.path == file.path) {
+            if self.saved_files[..n].iter().any(|f| f.path == file.path) {
                 return Err(AttrsError::DuplicateMode(file.path.clone()));
             }
         }
@@ -78,10 +98,14 @@ impl ProcessAttrs {
 mod tests {
     use super::*;
 
-    fn mode(path: &str, mode: u32) -> FileMode {
-        FileMode {
+    fn mode(path: &str, mode: u32) -> SavedFile {
+        SavedFile {
             path: path.into(),
-            mode,
+            mode: Some(mode),
+            on_node: true,
+            written: false,
+            dev: 0,
+            ino: 0,
         }
     }
 
@@ -89,7 +113,8 @@ mod tests {
     fn bits_beyond_the_permissions_are_refused() {
         let attrs = ProcessAttrs {
             umask: Some(0o027),
-            file_modes: vec![
+            machine: String::new(),
+            saved_files: vec![
                 mode("/scratch/in.dat", 0o640),
                 mode("/scratch/run.sh", 0o4755),
             ],
@@ -103,13 +128,13 @@ mod tests {
         };
         assert_eq!(bad_mask.check(), Err(AttrsError::Umask(0o1022)));
         let mut bad_mode = attrs.clone();
-        bad_mode.file_modes.push(mode("/scratch/dir", 0o40755));
+        bad_mode.saved_files.push(mode("/scratch/dir", 0o40755));
         assert!(matches!(
             bad_mode.check(),
             Err(AttrsError::Mode { mode: 0o40755, .. })
         ));
         let mut twice = attrs;
-        twice.file_modes.push(mode("/scratch/in.dat", 0o600));
+        twice.saved_files.push(mode("/scratch/in.dat", 0o600));
         assert_eq!(
             twice.check(),
             Err(AttrsError::DuplicateMode("/scratch/in.dat".into()))
