@@ -4,27 +4,31 @@
 //! bits a restart gives the file when it makes it again, and what tells
 //! whether two ranks may share a node after a restart (the file is on a
 //! filesystem of this node, written, its device and inode on this machine:
-//! `cryo_core::format::fds::node_file_clashes`).
+//! `cryo_core::format::fds::node_file_clashes`), and the directories of
+//! this node it holds open or works in, which a restart makes again.
 
 use std::path::Path;
 
 use cryo_core::format::fds::CLOSED_CONTENTS_PREFIX;
-use cryo_core::format::manifest::{is_clean_absolute_path, FdRecord, RegionKind};
-use cryo_core::format::process::{ProcessAttrs, SavedFile};
+use cryo_core::format::manifest::{
+    is_clean_absolute_path, FdKind, FdRecord, FdRestore, RegionKind,
+};
+use cryo_core::format::process::{NodeDir, ProcessAttrs, SavedFile};
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
 
 use crate::procfs::{boot_id, ProcessAccess};
 
-/// The attributes of the rank `pid` whose fds are `fds` and whose regions
-/// are `regions`, given the store's filesystem `store`. What cannot be
-/// read is left out: a restart then keeps the launcher's umask, or makes a
-/// file with a new file's mode.
+/// The attributes of the rank `pid` whose fds are `fds`, whose regions
+/// are `regions` and whose working directory is `cwd`, given the store's
+/// filesystem `store`. What cannot be read is left out: a restart then
+/// keeps the launcher's umask, or makes a file with a new file's mode.
 pub fn process_attrs(
     access: &dyn ProcessAccess,
     pid: u32,
     fds: &[FdRecord],
     regions: &[RegionInfo],
+    cwd: &str,
     store: Option<Filesystem>,
 ) -> ProcessAttrs {
     let umask = access.umask(pid).unwrap_or_else(|err| {
@@ -43,10 +47,7 @@ pub fn process_attrs(
         let stat = stat
             .inspect_err(|err| tracing::debug!(pid, path, error = %err, "file.stat_unknown"))
             .ok();
-        let on_node = store.is_some_and(|store| {
-            (access.filesystem(Path::new(&link)))
-                .is_ok_and(|file| unreachable_elsewhere(file, store).is_some())
-        });
+        let on_node = store.is_some_and(|store| on_node(access, &link, store));
         saved_files.push(SavedFile {
             path: path.to_owned(),
             mode: stat.as_ref().map(|stat| stat.mode & 0o7777),
@@ -60,7 +61,54 @@ pub fn process_attrs(
         umask,
         machine: boot_id().to_owned(),
         saved_files,
+        node_dirs: store.map_or_else(Vec::new, |store| node_dirs(access, pid, fds, cwd, store)),
     }
+}
+
+/// Whether the file `link` names (an fd or a path under `/proc/<pid>`) is
+/// on a filesystem of this node that a restart elsewhere will not see.
+fn on_node(access: &dyn ProcessAccess, link: &str, store: Filesystem) -> bool {
+    (access.filesystem(Path::new(link)))
+        .is_ok_and(|file| unreachable_elsewhere(file, store).is_some())
+}
+
+/// The directories of this node the rank `pid` holds open among `fds`
+/// (each open directory once) or works in (`cwd`), with their modes. A
+/// directory whose filesystem cannot be read is left out: the restart
+/// names it if it is missing.
+fn node_dirs(
+    access: &dyn ProcessAccess,
+    pid: u32,
+    fds: &[FdRecord],
+    cwd: &str,
+    store: Filesystem,
+) -> Vec<NodeDir> {
+    let held = fds
+        .iter()
+        .filter(|fd| {
+            fd.kind == FdKind::Directory
+                && fd.restore == FdRestore::Restore
+                && fd.shares_with.is_none()
+        })
+        .map(|fd| (fd.path.as_str(), Some(fd.fd)));
+    let worked = (!cwd.is_empty()).then_some((cwd, None));
+    let mut dirs: Vec<NodeDir> = Vec::new();
+    for (path, fd) in held.chain(worked) {
+        if !is_clean_absolute_path(path) || dirs.iter().any(|dir| dir.path == path) {
+            continue;
+        }
+        let (stat, link) = match fd {
+            Some(fd) => (access.fd_stat(pid, fd), format!("/proc/{pid}/fd/{fd}")),
+            None => (access.path_stat(pid, path), format!("/proc/{pid}/cwd")),
+        };
+        if on_node(access, &link, store) {
+            dirs.push(NodeDir {
+                path: path.to_owned(),
+                mode: stat.ok().map(|stat| stat.mode & 0o7777),
+            });
+        }
+    }
+    dirs
 }
 
 /// How a file's contents were saved, which says where to read its mode.

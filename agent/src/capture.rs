@@ -448,17 +448,11 @@ pub fn capture_rank(
     let table = read_fd_table(ctx.access, pid, &owners)
         .map_err(|source| CaptureError::Fds { rank, source })?;
     let (fds, mut warnings, cwd) = (table.fds, table.warnings, table.cwd);
-    let process = crate::attrs::process_attrs(ctx.access, pid, &fds, &parked.regions, ctx.store_fs);
+    let (access, regions) = (ctx.access, &parked.regions);
+    let process = crate::attrs::process_attrs(access, pid, &fds, regions, &cwd, ctx.store_fs);
     warnings.extend(parked.warnings.iter().cloned());
     if let Some(store) = ctx.store_fs {
-        warnings.extend(node_local_warnings(
-            ctx.access,
-            pid,
-            &fds,
-            &parked.regions,
-            &cwd,
-            store,
-        ));
+        warnings.extend(node_local_warnings(access, pid, &fds, regions, store));
     }
     for fd in &fds {
         if let FdRestore::NotRestored(why) = &fd.restore {

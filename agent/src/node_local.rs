@@ -15,18 +15,16 @@ use cryo_core::protocol::RegionInfo;
 
 use crate::procfs::ProcessAccess;
 
-/// One warning per restored fd (the leader of each shared open file) whose
-/// contents are not saved (a directory: that holds nothing saved, nor the
-/// working directory `cwd`) and per mapped file of `regions` that lies on a
-/// filesystem a restart on another node will not see, given the store's
-/// filesystem `store`. A file whose filesystem cannot be read is passed
+/// One warning per restored fd on a regular file (the leader of each
+/// shared open file) whose contents are not saved and per mapped file of
+/// `regions` that lies on a filesystem a restart on another node will not
+/// see, given the store's filesystem `store`. A file whose filesystem cannot be read is passed
 /// over: the restart names it if it is missing.
 pub fn node_local_warnings(
     access: &dyn ProcessAccess,
     pid: u32,
     fds: &[FdRecord],
     regions: &[RegionInfo],
-    cwd: &str,
     store: Filesystem,
 ) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -36,8 +34,8 @@ pub fn node_local_warnings(
             && fd.shares_with.is_none()
             && match fd.kind {
                 FdKind::Regular => !saved.contains(&fd.path),
-                // Made again with the files saved under it.
-                FdKind::Directory => !saved.make_directory(&fd.path, cwd),
+                // A directory of the node is made again, even empty
+                // (`ProcessAttrs::node_dirs`).
                 _ => false,
             }
     });
@@ -86,9 +84,10 @@ mod tests {
     use cryo_core::locality::{EXT4_MAGIC as EXT4, NFS_MAGIC as NFS, TMPFS_MAGIC as TMPFS};
 
     use super::*;
-    use crate::procfs::{FileStat, MemoryError};
+    use crate::procfs::{FileStat, FileType, MemoryError};
 
-    /// fd 3 on tmpfs, fd 4 a dup of it, fd 5 on the store's NFS, fd 6 on a
+    /// fd 3 (a directory, mode 0750) and the working directory on tmpfs,
+    /// fd 4 a dup of fd 3, fd 5 on the store's NFS, fd 6 on a
     /// local disk, fd 7 unreadable; `/scratch/m` and `/scratch/out` on a local disk.
     struct Fake;
 
@@ -103,16 +102,24 @@ mod tests {
             unreachable!()
         }
         fn umask(&self, _: u32) -> io::Result<Option<u32>> {
-            unreachable!()
+            Ok(None)
         }
         fn path_stat(&self, _: u32, _: &str) -> io::Result<FileStat> {
-            unreachable!()
+            Err(io::ErrorKind::PermissionDenied.into())
         }
         fn fdinfo(&self, _: u32, _: i32) -> io::Result<String> {
             unreachable!()
         }
-        fn fd_stat(&self, _: u32, _: i32) -> io::Result<FileStat> {
-            unreachable!()
+        fn fd_stat(&self, _: u32, fd: i32) -> io::Result<FileStat> {
+            assert_eq!(fd, 3);
+            Ok(FileStat {
+                file_type: FileType::Directory,
+                size: 0,
+                nlink: 2,
+                dev: 2,
+                ino: 7,
+                mode: 0o750,
+            })
         }
         fn same_open_file(&self, _: u32, _: i32, _: i32) -> io::Result<bool> {
             unreachable!()
@@ -125,7 +132,7 @@ mod tests {
         }
         fn filesystem(&self, path: &Path) -> io::Result<Filesystem> {
             let (magic, dev) = match path.to_str().unwrap() {
-                "/proc/9/fd/3" | "/proc/9/fd/4" => (TMPFS, 2),
+                "/proc/9/fd/3" | "/proc/9/fd/4" | "/proc/9/cwd" => (TMPFS, 2),
                 "/proc/9/fd/5" => (NFS, 1),
                 "/proc/9/fd/6" | "/scratch/m" | "/scratch/out" => (EXT4, 3),
                 _ => return Err(io::ErrorKind::NotFound.into()),
@@ -174,7 +181,7 @@ mod tests {
         ];
         let regions = [mapping("a", "/scratch/m"), mapping("b", "/scratch/m")];
         let store = Filesystem { magic: NFS, dev: 1 };
-        let warnings = node_local_warnings(&Fake, 9, &fds, &regions, "", store);
+        let warnings = node_local_warnings(&Fake, 9, &fds, &regions, store);
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         // The rank saved fd 6's contents: it is made again, not named, nor
         // is a mapping of it.
@@ -186,7 +193,7 @@ mod tests {
             len: 10,
             kind: RegionKind::FileContents { fd: 6 },
         });
-        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, "", store);
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
         assert_eq!(fewer.len(), 2, "{fewer:?}");
         assert!(
             !fewer.iter().any(|w| w.contains("/scratch/out")),
@@ -201,7 +208,7 @@ mod tests {
                 path: "/scratch/m".into(),
             },
         });
-        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, "", store);
+        let fewer = node_local_warnings(&Fake, 9, &fds, &saved, store);
         assert_eq!(fewer.len(), 1, "{fewer:?}");
         assert!(fewer[0].starts_with("fd 3 (/tmp/scratch)"), "{fewer:?}");
         assert!(warnings[0].starts_with("fd 3 (/tmp/scratch) is in this node's memory (tmpfs)"));
@@ -210,26 +217,23 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_holding_what_is_made_again_is_not_named() {
+    fn a_directory_of_the_node_is_made_again_with_its_mode_not_named() {
+        // /tmp/run held open, /tmp/run/steps worked in: both on tmpfs;
+        // /home/u on the store's NFS.
         let dir = [FdRecord {
             kind: FdKind::Directory,
             ..fd(3, "/tmp/run", FdRestore::Restore, None)
         }];
         let store = Filesystem { magic: NFS, dev: 1 };
-        let named = node_local_warnings(&Fake, 9, &dir, &[], "/home/u", store);
-        assert_eq!(named.len(), 1, "{named:?}");
-        assert!(named[0].starts_with("fd 3 (/tmp/run) is in this node's memory"));
-        // The working directory is under it: both are made again.
-        assert!(node_local_warnings(&Fake, 9, &dir, &[], "/tmp/run/steps", store).is_empty());
-        let saved_whole = [RegionInfo {
-            name: "cryo:closed:0".into(),
-            addr: 0,
-            len: 3,
-            kind: RegionKind::NodeFileContents {
-                path: "/tmp/run/log".into(),
-            },
-        }];
-        assert!(node_local_warnings(&Fake, 9, &dir, &saved_whole, "/home/u", store).is_empty());
+        assert!(node_local_warnings(&Fake, 9, &dir, &[], store).is_empty());
+        let attrs = crate::attrs::process_attrs(&Fake, 9, &dir, &[], "/tmp/run/steps", Some(store));
+        let dirs: Vec<(&str, Option<u32>)> = (attrs.node_dirs.iter())
+            .map(|dir| (dir.path.as_str(), dir.mode))
+            .collect();
+        assert_eq!(dirs, [("/tmp/run", Some(0o750)), ("/tmp/run/steps", None)]);
+        // Beside no store, nothing is known to be the node's own.
+        let unknown = crate::attrs::process_attrs(&Fake, 9, &dir, &[], "/tmp/run/steps", None);
+        assert!(unknown.node_dirs.is_empty());
     }
 
     #[test]
@@ -242,7 +246,7 @@ mod tests {
             magic: EXT4,
             dev: 3,
         };
-        let warnings = node_local_warnings(&Fake, 9, &fds, &[], "", store);
+        let warnings = node_local_warnings(&Fake, 9, &fds, &[], store);
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings[0].contains("fd 3"));
     }

@@ -377,6 +377,14 @@ impl Shared {
                 }
                 Some((_, Err(reason))) => {
                     drop(armed_slot);
+                    // Its launcher may end the job before its own words
+                    // reach anyone: `cryo` says why.
+                    if let Some(link) = &self.link {
+                        link.send(&AgentToCoordinator::RankLeft {
+                            rank,
+                            why: format!("refused at the restart: {reason}"),
+                        });
+                    }
                     return refuse(reason);
                 }
                 None => StartMode::Fresh,

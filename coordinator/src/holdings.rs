@@ -66,6 +66,15 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
         out.push(format!("umask {mask:04o}: set again"));
     }
     out.extend(rank.fds.iter().map(fd_plan));
+    out.extend(rank.process.node_dirs.iter().map(|dir| {
+        let mode = dir
+            .mode
+            .map_or_else(String::new, |mode| format!(", mode {mode:04o}"));
+        format!(
+            "directory {}: on a filesystem of its node; made again where it is missing{mode}",
+            dir.path
+        )
+    }));
     for region in &rank.regions {
         if let RegionKind::FileContents { fd } = region.kind {
             let record = rank.fds.iter().find(|f| f.fd == fd);
@@ -193,7 +202,7 @@ fn ranks_text(ranks: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use cryo_core::format::manifest::{RegionRecord, WriteStats};
-    use cryo_core::format::process::{ProcessAttrs, SavedFile};
+    use cryo_core::format::process::{NodeDir, ProcessAttrs, SavedFile};
 
     use super::*;
 
@@ -277,10 +286,21 @@ mod tests {
                     dev: 1,
                     ino: 2,
                 }],
+                node_dirs: vec![NodeDir {
+                    path: "/tmp/out".into(),
+                    mode: Some(0o750),
+                }],
                 ..ProcessAttrs::default()
             },
         };
         let plan = rank_plan(&rank).join("\n");
+        assert!(
+            plan.contains(
+                "\ndirectory /tmp/out: on a filesystem of its node; made again where it is \
+                 missing, mode 0750\n"
+            ),
+            "{plan}"
+        );
         assert!(plan.starts_with("working directory /work/run 1: the rank returns to it"));
         assert!(plan.contains("\numask 0027: set again\n"), "{plan}");
         assert!(plan.contains("fd 4 (/work/f4): dup2 from fd 3"), "{plan}");

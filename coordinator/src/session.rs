@@ -386,7 +386,11 @@ fn drive(
             if !status.success() {
                 name_first_departure(c, rx);
             }
-            if c.pids.len() < c.opts.ranks as usize {
+            // A rank an agent turned away (a refused restart) was named
+            // with the reason just now.
+            let turned_away =
+                (c.first_left.as_ref()).is_some_and(|(rank, ..)| !c.pids.contains_key(rank));
+            if c.pids.len() < c.opts.ranks as usize && !turned_away {
                 eprintln!(
                     "cryo: WARNING: only {} of {} ranks ever registered with a cryo agent, so the job could not be checkpointed (is the program linked with the cryo runtime, and did its agents start?)",
                     c.pids.len(),

@@ -100,7 +100,10 @@ pub fn restore_files(
             None
         } else {
             let made = match fd.kind {
-                FdKind::Directory => saved.make_directory(&fd.path, &record.cwd),
+                FdKind::Directory => {
+                    saved.make_directory(&fd.path, &record.cwd)
+                        || record.process.node_dir(&fd.path).is_some()
+                }
                 _ => saved.contains(&fd.path),
             };
             let source = check_source(record.rank, fd, made)?;
@@ -115,6 +118,10 @@ pub fn restore_files(
         };
         check_free(record.rank, fd, identity)?;
     }
+    // The directories of the node missing here, made again below (the
+    // working directory, those held open and those holding what is), get
+    // their modes once all is made.
+    let missing_dirs = crate::remake::missing_dirs(record)?;
     // The mask it ran with, for the files it makes from here on (whose
     // own modes are not recorded) and the directories a restart makes.
     if let Some(mask) = record.process.umask {
@@ -149,6 +156,7 @@ pub fn restore_files(
             done.restored.push(fd.fd);
         }
     }
+    crate::remake::directory_modes(record.rank, &missing_dirs)?;
     restore_contents(record, store, &done, policy)?;
     done.restored.sort_unstable();
     Ok(done)

@@ -3,7 +3,8 @@
 //! whose contents were saved (`files.rs`), and those saved whole by path
 //! (`NodeFileContents`: written and closed, or mapped with no fd saving
 //! them), before fds, mappings and the settle of closed files
-//! (`closed_files/settle.rs`) come back.
+//! (`closed_files/settle.rs`) come back; and the modes of the directories
+//! of the node a restart makes again.
 //!
 //! Several ranks of one node may hold one file (a log they all append to,
 //! a table they all map), and several of them may land on one node again:
@@ -18,6 +19,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
+use cryo_core::format::process::NodeDir;
 use cryo_core::store::reader::StreamError;
 use cryo_core::store::JobStore;
 
@@ -98,6 +100,39 @@ pub(crate) fn whole(
         });
     let _ = fs::remove_file(&temp);
     written
+}
+
+/// The directories of the node (`ProcessAttrs::node_dirs`) that are
+/// missing here, deepest first.
+pub(crate) fn missing_dirs(record: &RankRecord) -> Result<Vec<&NodeDir>, RestoreError> {
+    let mut missing = Vec::new();
+    for dir in &record.process.node_dirs {
+        match fs::symlink_metadata(&dir.path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => missing.push(dir),
+            Ok(_) => {}
+            Err(source) => return Err(failed(record.rank, &dir.path, "stat", source)),
+        }
+    }
+    missing.sort_by_key(|dir| std::cmp::Reverse(dir.path.len()));
+    Ok(missing)
+}
+
+/// Gives each directory of the node the restart made again (`made`, from
+/// [`missing_dirs`]) the mode it had, once what lies under it is made (a
+/// mode without write permission would have stopped that): until now the
+/// umask shaped it.
+pub(crate) fn directory_modes(rank: u32, made: &[&NodeDir]) -> Result<(), RestoreError> {
+    for dir in made {
+        let Some(mode) = dir.mode else { continue };
+        match fs::set_permissions(&dir.path, fs::Permissions::from_mode(mode)) {
+            Ok(()) => tracing::debug!(rank, path = %dir.path, mode, "restart.dir_mode"),
+            // Not made after all: the fd or working directory that named it
+            // was refused, and said so.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(failed(rank, &dir.path, "set its mode", source)),
+        }
+    }
+    Ok(())
 }
 
 fn fill(
@@ -187,5 +222,42 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"grown since\n");
         let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(beside.len(), 1, "{beside:?}");
+    }
+
+    #[test]
+    fn the_directories_of_the_node_made_again_get_their_modes_deepest_first() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str, mode| NodeDir {
+            path: root.path().join(name).to_str().unwrap().into(),
+            mode,
+        };
+        let mut record = RankRecord::new(0, "n", 1);
+        record.process.node_dirs = vec![
+            dir("run", Some(0o700)),
+            dir("run/out", Some(0o750)),
+            dir("run/unknown", None),
+            dir("there", Some(0o700)),
+        ];
+        fs::create_dir(root.path().join("there")).unwrap();
+        fs::set_permissions(root.path().join("there"), fs::Permissions::from_mode(0o755)).unwrap();
+        let missing = missing_dirs(&record).unwrap();
+        let names: Vec<&str> = missing.iter().map(|d| d.path.as_str()).collect();
+        let path = |name: &str| root.path().join(name).to_str().unwrap().to_owned();
+        assert_eq!(names, [path("run/unknown"), path("run/out"), path("run")]);
+        // A file under one is made after the working directory: the modes
+        // come last, and one named but never made is passed over.
+        fs::create_dir_all(root.path().join("run/out")).unwrap();
+        fs::write(root.path().join("run/out/result"), b"x").unwrap();
+        directory_modes(0, &missing).unwrap();
+        let mode = |name: &str| {
+            fs::metadata(root.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!((mode("run"), mode("run/out")), (0o700, 0o750));
+        assert!(!root.path().join("run/unknown").exists());
+        assert_eq!(mode("there"), 0o755, "it was there: left alone");
     }
 }

@@ -5,17 +5,23 @@
  * line per step through stdio. The per-thread sums are added in thread
  * order, so the output is deterministic for a given OMP_NUM_THREADS.
  *
- * Usage: omp_stencil STEPS STEP_MS [INPUT [TABLE]]
+ * Usage: omp_stencil STEPS STEP_MS [INPUT [TABLE [NODE_LOG]]] ("-": none)
  * Writes omp-RANK.log in the cwd, appending (O_APPEND), then moves into
  * steps/ (a chdir at its first start only, as a code that makes its own
  * run directory does) and writes the same sums to steps/closed-RANK.log,
  * opened by its relative name, appended to and closed at every step, and
- * logs that file's size through a directory fd on steps/. With INPUT, each
+ * logs that file's size through a directory fd on steps/. It also makes
+ * steps/out/ (mode 0750) and holds it open, empty, until its last step,
+ * when it writes out/done-RANK through that fd, as codes that keep an
+ * output directory for their results do. With INPUT, each
  * rank holds that file open for reading from its first start on, as codes
  * that keep an input or a mesh open do, and logs its size and the sum of
  * its first bytes at each step.
  * With TABLE, each rank maps that file (shared, read-only) and closes it,
  * as codes that map a lookup table do, and logs the sum of its bytes.
+ * With NODE_LOG, each rank appends "rank R step S" to that file at each
+ * step, opening it (O_APPEND) and closing it again: every rank of a node
+ * writes one log when the path is on the node's own filesystem.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,6 +30,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -39,6 +46,7 @@ struct state {
     int log_fd;
     int input_fd;
     int dir_fd;
+    int out_fd;
     const unsigned char *table;
     size_t table_len;
     double a[CELLS];
@@ -86,12 +94,12 @@ int main(int argc, char **argv) {
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
         st->input_fd = -1;
-        if (argc > 3 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
+        if (argc > 3 && strcmp(argv[3], "-") != 0 && (st->input_fd = open(argv[3], O_RDONLY)) < 0) {
             perror(argv[3]);
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
         st->table = NULL;
-        if (argc > 4) {
+        if (argc > 4 && strcmp(argv[4], "-") != 0) {
             int fd = open(argv[4], O_RDONLY);
             struct stat meta;
             if (fd < 0 || fstat(fd, &meta) != 0) {
@@ -114,6 +122,12 @@ int main(int argc, char **argv) {
         /* Held open, as codes that openat() in their run directory do. */
         if ((st->dir_fd = open(".", O_RDONLY | O_DIRECTORY)) < 0) {
             perror("open steps");
+            MPI_Abort(MPI_COMM_WORLD, 1);
+        }
+        /* Empty until the end: nothing in it is saved. */
+        if ((mkdir("out", 0750) != 0 && errno != EEXIST) ||
+            (st->out_fd = open("out", O_RDONLY | O_DIRECTORY)) < 0) {
+            perror("out");
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
         fclose(open_closed_log(rank, "w"));
@@ -155,6 +169,15 @@ int main(int argc, char **argv) {
             perror("fstatat");
             MPI_Abort(MPI_COMM_WORLD, 1);
         }
+        if (argc > 5) {
+            int node_log = open(argv[5], O_WRONLY | O_CREAT | O_APPEND, 0644);
+            if (node_log < 0 ||
+                dprintf(node_log, "rank %d step %llu\n", rank, (unsigned long long)st->step) < 0 ||
+                close(node_log) != 0) {
+                perror(argv[5]);
+                MPI_Abort(MPI_COMM_WORLD, 1);
+            }
+        }
         fprintf(log, "step %llu sum %.17g closed %lld threads %d", (unsigned long long)st->step,
                 global, (long long)sb.st_size, omp_get_max_threads());
         if (st->input_fd >= 0) {
@@ -175,6 +198,13 @@ int main(int argc, char **argv) {
         cryo_checkpoint_point();
     }
     fclose(log);
+    char done[64];
+    snprintf(done, sizeof done, "done-%d", rank);
+    int done_fd = openat(st->out_fd, done, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (done_fd < 0 || write(done_fd, "done\n", 5) != 5 || close(done_fd) != 0) {
+        perror(done);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
     if ((rc = cryo_finalize()) != CRYO_OK) die("cryo_finalize", rc);
     MPI_Finalize();
     return 0;

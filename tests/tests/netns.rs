@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cryo_tests::heat2d::{
-    built, c_heat2d, compile_mpich_program, openmpi_available, Case, Heat2dFiles, Mpi, Program,
+    built, c_heat2d, compile_mpich_program, compile_mpich_program_with, openmpi_available, Case,
+    Heat2dFiles, Mpi, Program,
 };
 use cryo_tests::netns::{self, Cluster, Site};
 use cryo_tests::{lines, output_text, state, wait_until};
@@ -309,6 +310,119 @@ fn a_preempted_job_on_two_hosts_leaves_nothing_behind_and_restarts_elsewhere() {
     let said = output_text(&out);
     assert!(out.status.success(), "restart on n2,n3 failed: {said}");
     case.assert_matches_reference();
+}
+
+/// A log each host keeps at one path in its own memory (a tmpfs scratch),
+/// written by its ranks: the checkpoint names the path; a restart that
+/// would put ranks of both hosts on one host is refused, naming the ranks
+/// and the path, and leaves nothing behind; a restart on two other hosts
+/// brings each host's log back whole, every line of its rank once.
+#[test]
+fn a_log_of_each_hosts_own_keeps_their_ranks_apart_at_a_restart() {
+    const STEPS: u64 = 400;
+    let Some((_guard, cluster)) = cluster(&["n0", "n1", "n2", "n3", "n4"]) else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-netns-clash-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("omp_stencil");
+    compile_mpich_program_with("tests/programs/omp_stencil.c", &["-fopenmp"], &program);
+    let node_log = cluster.node_scratch().join("node.log");
+    let site = Site::Cluster(Rc::clone(&cluster));
+    let cryo = |args: &[&str]| {
+        let mut cmd = Command::new(built().join("cryo"));
+        cmd.env("CRYO_STORE", dir.path().join("store"))
+            .env("OMP_NUM_THREADS", "1")
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        site.cryo(cmd)
+    };
+    let mut run = cryo(&[
+        "run",
+        "--job",
+        "clash",
+        "--hosts",
+        "n0:1,n1:1",
+        "-n",
+        "2",
+        "--",
+    ]);
+    run.arg(&program)
+        .args([&STEPS.to_string(), "20", "-", "-"])
+        .arg(&node_log)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap());
+    let mut job = run.spawn().unwrap();
+    let run_log = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+    wait_until("20 steps logged", Duration::from_secs(90), || {
+        lines(&dir.path().join("omp-0.log")) >= 20
+    });
+    let out = cryo(&["checkpoint", "clash"]).output().unwrap();
+    let said = plain(&output_text(&out));
+    assert!(out.status.success(), "{said}\n{}", run_log());
+    assert!(
+        said.contains(&format!(
+            "{} is a different file on node n0 (rank 0), node n1 (rank 1), each on the node's own \
+             filesystem",
+            node_log.display()
+        )),
+        "the checkpoint must name the path:\n{said}"
+    );
+    for node in ["n0", "n1", netns::HEAD] {
+        cluster.kill_node(node);
+    }
+    let _ = job.kill();
+    let _ = job.wait();
+    assert!(lines(&dir.path().join("omp-0.log")) < usize::try_from(STEPS).unwrap());
+
+    // Both ranks on n2: the second to register is refused.
+    let mut crowded = cryo(&["restart", "clash", "--hosts", "n2:2"]);
+    let crowded_log = dir.path().join("crowded.log");
+    crowded
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&crowded_log).unwrap());
+    let mut child = crowded.spawn().unwrap();
+    let status = state::wait_child(&mut child, Duration::from_secs(120));
+    let said = plain(&std::fs::read_to_string(&crowded_log).unwrap());
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("left first: refused at the restart: rank ")
+            && said.contains(&format!(
+                "held different files at {} on their nodes' own",
+                node_log.display()
+            ))
+            && said.contains("restart them on different nodes")
+            && !said.contains("ever registered"),
+        "the refusal must name the path:\n{said}"
+    );
+    cluster.assert_nothing_left(&["n2", netns::HEAD], LEFTOVER_GRACE);
+
+    // On two hosts of their own, each host's log comes back and goes on.
+    let out = cryo(&["restart", "clash", "--hosts", "n3:1,n4:1"])
+        .output()
+        .unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart on n3,n4 failed: {said}");
+    let log_of = |rank: u64| -> String {
+        (1..=STEPS)
+            .map(|step| format!("rank {rank} step {step}\n"))
+            .collect()
+    };
+    let mut logs: Vec<String> = ["n3", "n4"]
+        .iter()
+        .map(|node| std::fs::read_to_string(cluster.scratch_of(node).join("node.log")).unwrap())
+        .collect();
+    logs.sort();
+    assert!(
+        logs == [log_of(0), log_of(1)],
+        "each host's log must hold its rank's every step once:\n{}\n{}\n{said}",
+        logs[0],
+        logs[1]
+    );
+    cluster.assert_nothing_left(&["n3", "n4", netns::HEAD], LEFTOVER_GRACE);
 }
 
 /// Not a test: brings a cluster up and holds it for `CRYO_NETNS_HOLD`

@@ -2,7 +2,8 @@
 //! as `/tmp` or a local scratch often is), and a restart on another node,
 //! where that tmpfs is not: the logs the ranks write (one held open, one
 //! opened and closed at every step, in a run directory they hold open)
-//! come back from the checkpoint, byte-identical, as do an input they only
+//! come back from the checkpoint, byte-identical, as does an empty output
+//! directory they hold open, with its mode, and an input they only
 //! read and a table they mapped, with their modes and the ranks' umask.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
@@ -149,10 +150,14 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
         .unwrap();
     assert!(plain.status.success(), "{}", output_text(&plain));
 
-    let said = preempted_on_tmpfs(&s, &Job::stencil(&s, "logs", None), "true");
+    let said = preempted_on_tmpfs(&s, &Job::stencil(&s, "logs", None), "umask 027");
     assert!(
         !named_in_memory(&said, &s.work.join("steps")),
         "the run directory holds the working directory, so it is made again, not lost:\n{said}"
+    );
+    assert!(
+        !named_in_memory(&said, &s.work.join("steps/out")),
+        "a directory of the node held open is made again, even empty, not lost:\n{said}"
     );
     for rank in 0..RANKS {
         let log = s.work.join(format!("omp-{rank}.log"));
@@ -187,6 +192,16 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
             "{name} differs from the uninterrupted run's\n{}",
             output_text(&restart)
         );
+    }
+    // The empty output directory they held open came back with its mode
+    // (0750 under the job's umask 027, whatever the restart's), and they
+    // wrote their results into it through that fd.
+    let out = s.work.join("steps/out");
+    let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o750, "steps/out made again with mode {mode:o}");
+    for rank in 0..RANKS {
+        let done = fs::read_to_string(out.join(format!("done-{rank}"))).unwrap();
+        assert_eq!(done, "done\n");
     }
 }
 

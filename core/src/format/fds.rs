@@ -175,7 +175,10 @@ pub fn node_file_clashes(ranks: &[RankRecord]) -> Vec<NodeFileClash> {
     by_path
         .into_iter()
         .filter_map(|(path, copies)| {
-            let copies: Vec<NodeCopy> = copies.into_values().collect();
+            // In the order of their lowest ranks (the ranks come in
+            // order), not of the boot ids.
+            let mut copies: Vec<NodeCopy> = copies.into_values().collect();
+            copies.sort_by_key(|copy| copy.ranks.first().copied());
             let clash = (0..copies.len())
                 .any(|i| (copies[i + 1..].iter()).any(|other| copies[i].clashes_with(other)));
             clash.then(|| NodeFileClash {
@@ -294,6 +297,15 @@ mod tests {
         assert!(clash.keeps_apart(0, 2) && clash.keeps_apart(2, 1));
         assert!(!clash.keeps_apart(0, 1), "one node's ranks held one file");
         assert!(!clash.keeps_apart(0, 9), "rank 9 held no copy");
+        // Named in the order of their lowest ranks, whatever the boot ids.
+        let swapped = [
+            holding(0, "a", "boot-z", LOG, (7, true, b"a's lines")),
+            holding(1, "b", "boot-a", LOG, (7, true, b"b's lines")),
+        ];
+        let nodes: Vec<String> = (node_file_clashes(&swapped)[0].copies.iter())
+            .map(|copy| copy.node.clone())
+            .collect();
+        assert_eq!(nodes, ["a", "b"]);
 
         // Written alike (both empty so far): one file after a restart
         // would take both nodes' lines.

@@ -570,12 +570,10 @@ impl RankRecord {
         self.process
             .check()
             .map_err(|source| ManifestError::Attrs { rank, source })?;
-        if let Some(file) =
-            (self.process.saved_files.iter()).find(|f| !is_clean_absolute_path(&f.path))
-        {
+        if let Some(path) = self.process.paths().find(|p| !is_clean_absolute_path(p)) {
             return Err(ManifestError::BadPath {
                 rank,
-                path: file.path.clone(),
+                path: path.to_owned(),
             });
         }
         let mut fds = HashSet::new();

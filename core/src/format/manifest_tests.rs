@@ -159,6 +159,7 @@ fn rejections() {
                 dev: 0,
                 ino: 0,
             }],
+            node_dirs: Vec::new(),
         };
         m.validate("job1", 3)
     };
@@ -177,6 +178,19 @@ fn rejections() {
     assert!(matches!(
         attrs(0o022, "/tmp/../etc/passwd", 0o644),
         Err(ManifestError::BadPath { .. })
+    ));
+    // A directory of the node it makes again: at a path it may make.
+    let mut m = sample(1);
+    m.ranks[0]
+        .process
+        .node_dirs
+        .push(crate::format::process::NodeDir {
+            path: "/tmp/run/../../etc".into(),
+            mode: Some(0o700),
+        });
+    assert!(matches!(
+        m.validate("job1", 3),
+        Err(ManifestError::BadPath { path, .. }) if path == "/tmp/run/../../etc"
     ));
 
     let mut m = sample(1);

@@ -4,7 +4,9 @@
 //! permission bits (which a restart gives the file when it makes it again)
 //! and whether it lay on a filesystem of the rank's node and was written
 //! (which says whether two ranks may share a node after a restart: see
-//! `fds::node_file_clashes`).
+//! `fds::node_file_clashes`), and the directories it held open or worked
+//! in on a filesystem of its node, which a restart makes again where they
+//! are missing.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -22,6 +24,20 @@ pub struct ProcessAttrs {
     pub machine: String,
     /// The files whose contents were saved, one entry per path.
     pub saved_files: Vec<SavedFile>,
+    /// The directories on a filesystem of the rank's node that it held
+    /// open or worked in, one entry per path: a restart on a node that
+    /// lacks one makes it again, with its mode, even when it holds nothing
+    /// saved.
+    pub node_dirs: Vec<NodeDir>,
+}
+
+/// A directory of the rank's node (see [`ProcessAttrs::node_dirs`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDir {
+    /// Its absolute path.
+    pub path: String,
+    /// `st_mode & 0o7777`; `None` when it could not be read.
+    pub mode: Option<u32>,
 }
 
 /// One file whose contents a checkpoint saved.
@@ -73,20 +89,36 @@ impl ProcessAttrs {
         self.saved_files.iter().find(|file| file.path == path)
     }
 
+    /// The directory of the rank's node at `path`, if it held or worked in
+    /// one there.
+    pub fn node_dir(&self, path: &str) -> Option<&NodeDir> {
+        self.node_dirs.iter().find(|dir| dir.path == path)
+    }
+
+    /// Every path this records, files and directories (a manifest's
+    /// validation checks them).
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        (self.saved_files.iter().map(|file| file.path.as_str()))
+            .chain(self.node_dirs.iter().map(|dir| dir.path.as_str()))
+    }
+
     /// Checks the bits (a manifest's validation checks the paths).
     pub fn check(&self) -> Result<(), AttrsError> {
         if let Some(mask) = self.umask.filter(|mask| mask & !0o777 != 0) {
             return Err(AttrsError::Umask(mask));
         }
-        for (n, file) in self.saved_files.iter().enumerate() {
-            if let Some(mode) = file.mode.filter(|mode| mode & !0o7777 != 0) {
+        let files = self.saved_files.iter().map(|file| (&file.path, file.mode));
+        let dirs = self.node_dirs.iter().map(|dir| (&dir.path, dir.mode));
+        let mut seen = std::collections::BTreeSet::new();
+        for (path, mode) in files.chain(dirs) {
+            if let Some(mode) = mode.filter(|mode| mode & !0o7777 != 0) {
                 return Err(AttrsError::Mode {
-                    path: file.path.clone(),
+                    path: path.clone(),
                     mode,
                 });
             }
-            if self.saved_files[..n].iter().any(|f| f.path == file.path) {
-                return Err(AttrsError::DuplicateMode(file.path.clone()));
+            if !seen.insert(path) {
+                return Err(AttrsError::DuplicateMode(path.clone()));
             }
         }
         Ok(())
@@ -118,6 +150,10 @@ mod tests {
                 mode("/scratch/in.dat", 0o640),
                 mode("/scratch/run.sh", 0o4755),
             ],
+            node_dirs: vec![NodeDir {
+                path: "/scratch/run".into(),
+                mode: Some(0o750),
+            }],
         };
         assert_eq!(attrs.check(), Ok(()));
         assert_eq!(attrs.mode_of("/scratch/run.sh"), Some(0o4755));
@@ -133,11 +169,25 @@ mod tests {
             bad_mode.check(),
             Err(AttrsError::Mode { mode: 0o40755, .. })
         ));
-        let mut twice = attrs;
+        assert_eq!(attrs.node_dir("/scratch/run").unwrap().mode, Some(0o750));
+        assert_eq!(attrs.paths().count(), 3);
+        let mut bad_dir = attrs.clone();
+        bad_dir.node_dirs[0].mode = Some(0o40750);
+        assert!(matches!(
+            bad_dir.check(),
+            Err(AttrsError::Mode { mode: 0o40750, .. })
+        ));
+        let mut twice = attrs.clone();
         twice.saved_files.push(mode("/scratch/in.dat", 0o600));
         assert_eq!(
             twice.check(),
             Err(AttrsError::DuplicateMode("/scratch/in.dat".into()))
+        );
+        let mut file_and_dir = attrs;
+        file_and_dir.node_dirs[0].path = "/scratch/run.sh".into();
+        assert_eq!(
+            file_and_dir.check(),
+            Err(AttrsError::DuplicateMode("/scratch/run.sh".into()))
         );
     }
 }

@@ -13,9 +13,11 @@
 //! * a mount namespace per process entered (made by [`Cluster::command`] and
 //!   by the `enter` script): `/etc/hosts` lists the cluster's nodes,
 //!   `/tmp/cryo-<uid>` (where agents keep their node-local sockets) is the
-//!   node's own folder, and `/proc/sys/kernel/random/boot_id` is the node's
-//!   own, as each real host has one. Everything else, the store included,
-//!   is shared, like a cluster's parallel filesystem.
+//!   node's own folder, `/proc/sys/kernel/random/boot_id` is the node's
+//!   own, as each real host has one, and [`Cluster::node_scratch`] is a
+//!   tmpfs of the node's own, as a host's `/tmp` or local scratch often is.
+//!   Everything else, the store included, is shared, like a cluster's
+//!   parallel filesystem.
 //!
 //! MPI crosses the bridge: `enter` is an ssh stand-in (`enter [-x] NODE
 //! COMMAND`) that MPICH's Hydra uses as its ssh launcher
@@ -241,6 +243,24 @@ impl Cluster {
                 .mode(0o700)
                 .create(local_root.join(&node.name))
                 .unwrap();
+            // The node's own memory, seen at `node_scratch()` inside it.
+            let scratch = self.scratch_of(&node.name);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(&scratch)
+                .unwrap();
+            run(
+                "mount",
+                &[
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "size=64m,mode=1777",
+                    "cryo-node-scratch",
+                    &scratch.display().to_string(),
+                ],
+            );
             fs::write(
                 self.boot_id_file(&node.name),
                 format!("{}\n", random_uuid()),
@@ -249,6 +269,7 @@ impl Cluster {
             writeln!(hosts, "{} {}", node.addr, node.name).unwrap();
         }
         fs::write(self.dir.join("hosts"), hosts).unwrap();
+        fs::create_dir_all(self.node_scratch()).unwrap();
         // The mount point for each node's private agent folder.
         fs::DirBuilder::new()
             .recursive(true)
@@ -285,10 +306,25 @@ impl Cluster {
         format!(
             "mount --bind {dir}/hosts /etc/hosts && \
              mount --bind {dir}/local/{node} {local} && \
-             mount --bind {dir}/boot_id/{node} /proc/sys/kernel/random/boot_id",
+             mount --bind {dir}/boot_id/{node} /proc/sys/kernel/random/boot_id && \
+             mount --bind {dir}/scratch/{node} {scratch}",
             dir = self.dir.display(),
             local = node_local_root().display(),
+            scratch = self.node_scratch().display(),
         )
+    }
+
+    /// Where each node sees a tmpfs of its own (its memory, as a host's
+    /// `/tmp` or local scratch): one path, on every node another
+    /// filesystem.
+    pub fn node_scratch(&self) -> PathBuf {
+        self.dir.join("node-scratch")
+    }
+
+    /// The tmpfs `node` sees at [`Cluster::node_scratch`], as this
+    /// machine's own namespace sees it.
+    pub fn scratch_of(&self, node: &str) -> PathBuf {
+        self.dir.join("scratch").join(node)
     }
 
     fn boot_id_file(&self, node: &str) -> PathBuf {
@@ -535,6 +571,11 @@ fn teardown(prefix: &str, dir: &Path) {
     if let Ok(entries) = fs::read_dir(dir.join("uts")) {
         for entry in entries.flatten() {
             let _ = try_run("umount", &[&entry.path().display().to_string()]);
+        }
+    }
+    if let Ok(entries) = fs::read_dir(dir.join("scratch")) {
+        for entry in entries.flatten() {
+            let _ = try_run("umount", &["-l", &entry.path().display().to_string()]);
         }
     }
     for ns in &names {
