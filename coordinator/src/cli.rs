@@ -417,15 +417,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             eprintln!("cryo: restarting job {job:?} from epoch {epoch}");
+            // Where this restart places the ranks itself (not srun's).
+            let placed_here = launch.hosts.is_some() || launch.nodes.is_some();
             let ranks = command.world_size;
-            session::run(run_options(
-                job,
-                ranks,
-                store_dir,
-                launch,
-                command,
-                Some(epoch),
-            )?)
+            let opts = run_options(job, ranks, store_dir, launch, command, Some(epoch))?;
+            if placed_here {
+                let placed = if opts.hosts.is_empty() {
+                    &opts.placement
+                } else {
+                    &opts.hosts
+                };
+                launch::check_restart_placement(&manifest, placed)?;
+            }
+            session::run(opts)
         }
         Command::Checkpoint { job, store } => {
             let store = existing_store(store)?;

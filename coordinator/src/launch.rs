@@ -64,6 +64,59 @@ pub enum PlacementError {
     /// Zero ranks.
     #[error("the job needs at least one rank")]
     NoRanks,
+    /// Two ranks placed on one node that held different files at one path
+    /// on their nodes' own filesystems (`node_file_clashes`).
+    #[error(
+        "ranks {first} (on node {first_was} at the checkpoint) and {second} (on node \
+         {second_was}) held different files at {path} on their nodes' own filesystems; \
+         placed together on node {node} they would share one, and one rank's would be \
+         lost: give the restart more nodes, or place them on different ones"
+    )]
+    SharedNodeFile {
+        /// The node they were placed on.
+        node: String,
+        /// The path.
+        path: String,
+        /// The lower rank.
+        first: u32,
+        /// Where it ran at the checkpoint.
+        first_was: String,
+        /// The other rank.
+        second: u32,
+        /// Where it ran at the checkpoint.
+        second_was: String,
+    },
+}
+
+/// Refuses a `placement` of a restart from `manifest` that puts two ranks
+/// that held different files of their own nodes at one path on one node,
+/// before anything is launched (the agents refuse it too, later, where
+/// the launcher places the ranks itself).
+pub fn check_restart_placement(
+    manifest: &cryo_core::Manifest,
+    placement: &[NodePlacement],
+) -> Result<(), PlacementError> {
+    let clashes = cryo_core::format::fds::node_file_clashes(&manifest.ranks);
+    let was = |rank: u32| {
+        (manifest.ranks.iter())
+            .find(|record| record.rank == rank)
+            .map_or_else(String::new, |record| record.node.clone())
+    };
+    for placed in placement {
+        for clash in &clashes {
+            if let Some((first, second)) = clash.crowded(placed.ranks.clone()) {
+                return Err(PlacementError::SharedNodeFile {
+                    node: placed.node.clone(),
+                    path: clash.path.clone(),
+                    first,
+                    first_was: was(first),
+                    second,
+                    second_was: was(second),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parses `a:2,b:2` (or `a,b` for an even split).

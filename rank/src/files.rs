@@ -121,7 +121,7 @@ pub fn restore_files(
     // The directories of the node missing here, made again below (the
     // working directory, those held open and those holding what is), get
     // their modes once all is made.
-    let missing_dirs = crate::remake::missing_dirs(record)?;
+    let missing_dirs = crate::remake::missing_dirs(record);
     // The mask it ran with, for the files it makes from here on (whose
     // own modes are not recorded) and the directories a restart makes.
     if let Some(mask) = record.process.umask {

@@ -103,18 +103,16 @@ pub(crate) fn whole(
 }
 
 /// The directories of the node (`ProcessAttrs::node_dirs`) that are
-/// missing here, deepest first.
-pub(crate) fn missing_dirs(record: &RankRecord) -> Result<Vec<&NodeDir>, RestoreError> {
-    let mut missing = Vec::new();
-    for dir in &record.process.node_dirs {
-        match fs::symlink_metadata(&dir.path) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => missing.push(dir),
-            Ok(_) => {}
-            Err(source) => return Err(failed(record.rank, &dir.path, "stat", source)),
-        }
-    }
+/// missing here, deepest first. One that cannot be looked at is left to the
+/// fd or working directory that names it, whose restore says why.
+pub(crate) fn missing_dirs(record: &RankRecord) -> Vec<&NodeDir> {
+    let mut missing: Vec<&NodeDir> = (record.process.node_dirs.iter())
+        .filter(|dir| {
+            fs::symlink_metadata(&dir.path).is_err_and(|err| err.kind() == io::ErrorKind::NotFound)
+        })
+        .collect();
     missing.sort_by_key(|dir| std::cmp::Reverse(dir.path.len()));
-    Ok(missing)
+    missing
 }
 
 /// Gives each directory of the node the restart made again (`made`, from
@@ -240,7 +238,7 @@ mod tests {
         ];
         fs::create_dir(root.path().join("there")).unwrap();
         fs::set_permissions(root.path().join("there"), fs::Permissions::from_mode(0o755)).unwrap();
-        let missing = missing_dirs(&record).unwrap();
+        let missing = missing_dirs(&record);
         let names: Vec<&str> = missing.iter().map(|d| d.path.as_str()).collect();
         let path = |name: &str| root.path().join(name).to_str().unwrap().to_owned();
         assert_eq!(names, [path("run/unknown"), path("run/out"), path("run")]);

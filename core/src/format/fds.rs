@@ -132,11 +132,36 @@ impl NodeFileClash {
     /// Whether ranks `a` and `b` may not share a node: they held
     /// different copies, and those clash.
     pub fn keeps_apart(&self, a: u32, b: u32) -> bool {
-        let copy = |rank: u32| self.copies.iter().find(|copy| copy.ranks.contains(&rank));
-        match (copy(a), copy(b)) {
-            (Some(x), Some(y)) => !std::ptr::eq(x, y) && x.clashes_with(y),
+        match (self.copy_of(a), self.copy_of(b)) {
+            (Some(x), Some(y)) => x != y && self.copies[x].clashes_with(&self.copies[y]),
             _ => false,
         }
+    }
+
+    /// Among `ranks`, placed on one node, the first two it keeps apart
+    /// (the lower rank first), if any.
+    pub fn crowded(&self, ranks: impl IntoIterator<Item = u32>) -> Option<(u32, u32)> {
+        // The lowest rank here of each copy.
+        let mut here: Vec<(usize, u32)> = Vec::new();
+        for rank in ranks {
+            let Some(copy) = self.copy_of(rank) else {
+                continue;
+            };
+            if let Some(&(_, other)) = here.iter().find(|&&(seen, _)| {
+                seen != copy && self.copies[seen].clashes_with(&self.copies[copy])
+            }) {
+                return Some((other.min(rank), other.max(rank)));
+            }
+            if !here.iter().any(|&(seen, _)| seen == copy) {
+                here.push((copy, rank));
+            }
+        }
+        None
+    }
+
+    /// The index of the copy `rank` held.
+    fn copy_of(&self, rank: u32) -> Option<usize> {
+        (self.copies.iter()).position(|copy| copy.ranks.binary_search(&rank).is_ok())
     }
 }
 
@@ -178,6 +203,9 @@ pub fn node_file_clashes(ranks: &[RankRecord]) -> Vec<NodeFileClash> {
             // In the order of their lowest ranks (the ranks come in
             // order), not of the boot ids.
             let mut copies: Vec<NodeCopy> = copies.into_values().collect();
+            for copy in &mut copies {
+                copy.ranks.sort_unstable();
+            }
             copies.sort_by_key(|copy| copy.ranks.first().copied());
             let clash = (0..copies.len())
                 .any(|i| (copies[i + 1..].iter()).any(|other| copies[i].clashes_with(other)));
@@ -297,6 +325,13 @@ mod tests {
         assert!(clash.keeps_apart(0, 2) && clash.keeps_apart(2, 1));
         assert!(!clash.keeps_apart(0, 1), "one node's ranks held one file");
         assert!(!clash.keeps_apart(0, 9), "rank 9 held no copy");
+        assert_eq!(
+            clash.crowded([9, 1, 0]),
+            None,
+            "ranks 0 and 1 held one file"
+        );
+        assert_eq!(clash.crowded([1, 9, 0, 2]), Some((1, 2)));
+        assert_eq!(clash.crowded(0..3), Some((0, 2)));
         // Named in the order of their lowest ranks, whatever the boot ids.
         let swapped = [
             holding(0, "a", "boot-z", LOG, (7, true, b"a's lines")),
