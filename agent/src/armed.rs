@@ -48,11 +48,11 @@ impl Armed {
             ));
         }
         for clash in &self.clashes {
-            if let Some(other) = self
-                .taken
-                .iter()
-                .find(|&&other| clash.keeps_apart(rank, other))
-            {
+            // The ranks taken so far may share this node: a pair found
+            // now holds `rank`.
+            let here = self.taken.iter().copied().chain([rank]);
+            if let Some((a, b)) = clash.crowded(here) {
+                let other = if a == rank { b } else { a };
                 let was = |r: u32| {
                     let index = usize::try_from(r).unwrap_or(usize::MAX);
                     self.nodes.get(index).map_or("?", String::as_str)
@@ -63,7 +63,7 @@ impl Armed {
                      they would share one, and one rank's would be lost: restart them on \
                      different nodes",
                     was(rank),
-                    was(*other),
+                    was(other),
                     clash.path
                 ));
             }

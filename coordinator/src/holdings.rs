@@ -50,7 +50,12 @@ fn writes(fd: &FdRecord) -> bool {
 
 /// The mode a file made again gets, when the checkpoint recorded it.
 fn mode_of(rank: &RankRecord, path: &str) -> String {
-    (rank.process.mode_of(path)).map_or_else(String::new, |mode| format!(", mode {mode:04o}"))
+    mode_text(rank.process.mode_of(path))
+}
+
+/// ", mode 0750" for a recorded mode, else nothing.
+fn mode_text(mode: Option<u32>) -> String {
+    mode.map_or_else(String::new, |mode| format!(", mode {mode:04o}"))
 }
 
 /// One line per fd, application mapping and warning of a rank.
@@ -67,12 +72,10 @@ pub fn rank_plan(rank: &RankRecord) -> Vec<String> {
     }
     out.extend(rank.fds.iter().map(fd_plan));
     out.extend(rank.process.node_dirs.iter().map(|dir| {
-        let mode = dir
-            .mode
-            .map_or_else(String::new, |mode| format!(", mode {mode:04o}"));
         format!(
-            "directory {}: on a filesystem of its node; made again where it is missing{mode}",
-            dir.path
+            "directory {}: on a filesystem of its node; made again where it is missing{}",
+            dir.path,
+            mode_text(dir.mode)
         )
     }));
     for region in &rank.regions {

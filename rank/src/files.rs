@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use cryo_core::format::fds::SavedFiles;
+use cryo_core::format::fds::{saved_region, SavedFiles};
 use cryo_core::format::manifest::{
     FdKind, FdRecord, FdRestore, RankRecord, RegionKind, RegionRecord,
 };
@@ -218,15 +218,7 @@ fn recreate_missing(
             continue;
         }
         // Saved through an fd on it or, mapped too, whole by path.
-        let saved = record.regions.iter().find(|region| match &region.kind {
-            RegionKind::FileContents { fd: owner } => record
-                .fds
-                .iter()
-                .any(|f| f.fd == *owner && f.path == fd.path),
-            RegionKind::NodeFileContents { path } => *path == fd.path,
-            _ => false,
-        });
-        let Some(region) = saved else {
+        let Some(region) = saved_region(record, &fd.path) else {
             return Err(RestoreError::FileVanished {
                 rank: record.rank,
                 fd: fd.fd,

@@ -132,10 +132,7 @@ impl NodeFileClash {
     /// Whether ranks `a` and `b` may not share a node: they held
     /// different copies, and those clash.
     pub fn keeps_apart(&self, a: u32, b: u32) -> bool {
-        match (self.copy_of(a), self.copy_of(b)) {
-            (Some(x), Some(y)) => x != y && self.copies[x].clashes_with(&self.copies[y]),
-            _ => false,
-        }
+        self.crowded([a, b]).is_some()
     }
 
     /// Among `ranks`, placed on one node, the first two it keeps apart
@@ -217,8 +214,9 @@ pub fn node_file_clashes(ranks: &[RankRecord]) -> Vec<NodeFileClash> {
         .collect()
 }
 
-/// The region that saved the contents of the file at `path`.
-fn saved_region<'a>(rank: &'a RankRecord, path: &str) -> Option<&'a RegionRecord> {
+/// The region of `rank` that saved the contents of the file at `path`:
+/// through an fd on it, or whole by path.
+pub fn saved_region<'a>(rank: &'a RankRecord, path: &str) -> Option<&'a RegionRecord> {
     rank.regions.iter().find(|region| match &region.kind {
         RegionKind::FileContents { fd } => {
             (rank.fds.iter()).any(|record| record.fd == *fd && record.path == path)
