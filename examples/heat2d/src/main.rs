@@ -13,6 +13,17 @@
 //!
 //! `heat2d --make-input FILE --n N` writes a deterministic initial field.
 
+/// One line to stderr in one write: the ranks' lines reach the launcher
+/// through one stream, and `eprintln!` writes each piece of a line on its
+/// own, so two ranks' lines could interleave mid-line.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 use std::ffi::CString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -171,7 +182,7 @@ fn append(fd: RawFd, line: &str) -> Result<()> {
 
 fn main() {
     if let Err(err) = run() {
-        eprintln!("heat2d: error: {err:#}");
+        say!("heat2d: error: {err:#}");
         std::process::exit(1);
     }
 }
@@ -250,7 +261,7 @@ fn run() -> Result<()> {
         };
         meta.initialised = 1;
     } else if rank == 0 {
-        eprintln!(
+        say!(
             "heat2d: restarted from epoch {} at iteration {}",
             info.restored_epoch.unwrap_or(0),
             meta.iteration
@@ -302,7 +313,7 @@ fn run() -> Result<()> {
         }
         match cryo_rank::checkpoint_point().context("safe point")? {
             SafePoint::Checkpointed(epoch) if rank == 0 => {
-                eprintln!(
+                say!(
                     "heat2d: checkpointed epoch {epoch} after iteration {}",
                     meta.iteration
                 );
@@ -360,7 +371,7 @@ fn run() -> Result<()> {
         world.process_at_rank(0).send(interior);
     }
     if rank == 0 && cryo_rank::restored_epoch().is_some() {
-        eprintln!("heat2d: prefetch: {}", cryo_rank::prefetch_status());
+        say!("heat2d: prefetch: {}", cryo_rank::prefetch_status());
     }
     cryo_rank::finalize();
     Ok(())

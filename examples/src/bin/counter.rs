@@ -11,6 +11,17 @@
 //! the same fd number, which cryo re-opened at the saved offset; so its log
 //! and final state are byte-identical to an uninterrupted run.
 
+/// One line to stderr in one write: the ranks' lines reach the launcher
+/// through one stream, and `eprintln!` writes each piece of a line on its
+/// own, so two ranks' lines could interleave mid-line.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -249,9 +260,10 @@ fn run(args: &Args) -> Result<()> {
             if header[0] != MAGIC {
                 bail!("restored state from epoch {epoch} has no counter header");
             }
-            eprintln!(
+            say!(
                 "cryo-counter rank {}: restarted from epoch {epoch} at step {}",
-                info.rank, header[1]
+                info.rank,
+                header[1]
             );
             RawFd::try_from(header[2]).context("saved fd")?
         }
@@ -286,11 +298,11 @@ fn run(args: &Args) -> Result<()> {
         header[1] = step + 1;
         match cryo_rank::checkpoint_point()? {
             SafePoint::Continue => {}
-            SafePoint::Checkpointed(epoch) => eprintln!(
+            SafePoint::Checkpointed(epoch) => say!(
                 "cryo-counter rank {}: checkpointed epoch {epoch} after step {step}",
                 info.rank
             ),
-            SafePoint::Aborted(epoch) => eprintln!(
+            SafePoint::Aborted(epoch) => say!(
                 "cryo-counter rank {}: checkpoint {epoch} aborted",
                 info.rank
             ),
@@ -309,7 +321,7 @@ fn run(args: &Args) -> Result<()> {
     println!("final {:016x}", fnv(&out, 0xcbf2_9ce4_8422_2325));
     // At the end, when the prefetch of a restart has long finished.
     if cryo_rank::restored_epoch().is_some() {
-        eprintln!(
+        say!(
             "cryo-counter rank {}: prefetch: {}",
             info.rank,
             cryo_rank::prefetch_status()
@@ -322,7 +334,7 @@ fn run(args: &Args) -> Result<()> {
 fn main() {
     let args = Args::parse();
     if let Err(err) = run(&args) {
-        eprintln!("cryo-counter: error: {err:#}");
+        say!("cryo-counter: error: {err:#}");
         std::process::exit(2);
     }
 }

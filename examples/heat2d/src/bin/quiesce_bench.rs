@@ -29,6 +29,17 @@
 //! oversubscription what any synchronisation, the application's or the
 //! safe point's, gives back.
 
+/// One line to stderr in one write: the ranks' lines reach the launcher
+/// through one stream, and `eprintln!` writes each piece of a line on its
+/// own, so two ranks' lines could interleave mid-line.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -166,11 +177,11 @@ fn main() -> Result<()> {
     let mapped_ms = mapping.elapsed().as_secs_f64() * 1e3;
     // Written at once: `cryo-bench cold-restart` times a start to this line.
     match cryo_rank::restored_epoch() {
-        Some(epoch) => eprintln!(
+        Some(epoch) => say!(
             "quiesce-bench rank {}: state ready, restarted from epoch {epoch} ({mapped_ms:.0} ms to restore)",
             world.rank()
         ),
-        None => eprintln!(
+        None => say!(
             "quiesce-bench rank {}: state ready, fresh start",
             world.rank()
         ),
@@ -264,7 +275,7 @@ fn main() -> Result<()> {
     }
     // At the end, when the prefetch of a restart has long finished.
     if cryo_rank::restored_epoch().is_some() {
-        eprintln!(
+        say!(
             "quiesce-bench rank {}: prefetch: {}",
             world.rank(),
             cryo_rank::prefetch_status()
