@@ -51,21 +51,12 @@ impl Armed {
             // The ranks taken so far may share this node: a pair found
             // now holds `rank`.
             let here = self.taken.iter().copied().chain([rank]);
-            if let Some((a, b)) = clash.crowded(here) {
-                let other = if a == rank { b } else { a };
-                let was = |r: u32| {
-                    let index = usize::try_from(r).unwrap_or(usize::MAX);
-                    self.nodes.get(index).map_or("?", String::as_str)
-                };
-                return Err(format!(
-                    "rank {rank} (on node {} at the checkpoint) and rank {other} (on node {}) \
-                     held different files at {} on their nodes' own filesystems; on node {node} \
-                     they would share one, and one rank's would be lost: restart them on \
-                     different nodes",
-                    was(rank),
-                    was(other),
-                    clash.path
-                ));
+            let was = |r: u32| {
+                let index = usize::try_from(r).unwrap_or(usize::MAX);
+                self.nodes.get(index).cloned().unwrap_or_else(|| "?".into())
+            };
+            if let Some(refusal) = clash.refuse(here, node, was) {
+                return Err(format!("{refusal}: restart them on different nodes"));
             }
         }
         self.pending.remove(&rank);
@@ -133,9 +124,10 @@ mod tests {
         assert_eq!(armed.take(1, "c"), Ok(false));
         let refused = armed.take(2, "c").unwrap_err();
         assert!(
-            refused.starts_with("rank 2 (on node b at the checkpoint) and rank 0 (on node a)")
+            refused.starts_with("ranks 0 (on node a at the checkpoint) and 2 (on node b)")
                 && refused.contains("/tmp/node.log")
-                && refused.contains("on node c"),
+                && refused.contains("placed together on node c")
+                && refused.ends_with("restart them on different nodes"),
             "{refused}"
         );
         assert!(armed.pending.contains(&2));

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use cryo_core::format::fds::CLOSED_CONTENTS_PREFIX;
+use cryo_core::format::fds::{SavedBy, SavedFiles, CLOSED_CONTENTS_PREFIX};
 use cryo_core::format::manifest::{
     is_clean_absolute_path, FdKind, FdRecord, FdRestore, RegionKind,
 };
@@ -38,8 +38,8 @@ pub fn process_attrs(
     let mut saved_files = Vec::new();
     for (path, saved) in saved_files_of(fds, regions) {
         let (stat, link) = match saved {
-            Saved::ThroughFd(fd) => (access.fd_stat(pid, fd), format!("/proc/{pid}/fd/{fd}")),
-            Saved::Whole => (
+            SavedBy::Fd(fd) => (access.fd_stat(pid, fd), format!("/proc/{pid}/fd/{fd}")),
+            SavedBy::Path => (
                 access.path_stat(pid, path),
                 format!("/proc/{pid}/root{path}"),
             ),
@@ -111,34 +111,14 @@ fn node_dirs(
     dirs
 }
 
-/// How a file's contents were saved, which says where to read its mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Saved {
-    /// Through the fd open on it.
-    ThroughFd(i32),
-    /// Whole, by path.
-    Whole,
-}
-
-/// The files whose contents `regions` saved, once each (a file is saved
-/// once; a dup is the same file), and only those at a path a manifest can
-/// hold.
-fn saved_files_of<'a>(fds: &'a [FdRecord], regions: &'a [RegionInfo]) -> Vec<(&'a str, Saved)> {
-    let mut out: Vec<(&str, Saved)> = Vec::new();
-    for region in regions {
-        let (path, saved) = match &region.kind {
-            RegionKind::FileContents { fd } => match fds.iter().find(|record| record.fd == *fd) {
-                Some(record) => (record.path.as_str(), Saved::ThroughFd(*fd)),
-                None => continue,
-            },
-            RegionKind::NodeFileContents { path } => (path.as_str(), Saved::Whole),
-            _ => continue,
-        };
-        if is_clean_absolute_path(path) && !out.iter().any(|(seen, _)| *seen == path) {
-            out.push((path, saved));
-        }
-    }
-    out
+/// The files whose contents `regions` saved, once each, and only those
+/// at a path a manifest can hold.
+fn saved_files_of<'a>(fds: &'a [FdRecord], regions: &'a [RegionInfo]) -> Vec<(&'a str, SavedBy)> {
+    let saved = SavedFiles::of(fds, regions.iter().map(|region| &region.kind));
+    saved
+        .iter()
+        .filter(|(path, _)| is_clean_absolute_path(path))
+        .collect()
 }
 
 /// Whether the rank wrote the file at `path`: an fd on it open for
@@ -209,8 +189,8 @@ mod tests {
         assert_eq!(
             saved_files_of(&fds, &regions),
             [
-                ("/scratch/in.dat", Saved::ThroughFd(5)),
-                ("/scratch/t.bin", Saved::Whole)
+                ("/scratch/in.dat", SavedBy::Fd(5)),
+                ("/scratch/t.bin", SavedBy::Path)
             ]
         );
     }

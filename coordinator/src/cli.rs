@@ -422,12 +422,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let ranks = command.world_size;
             let opts = run_options(job, ranks, store_dir, launch, command, Some(epoch))?;
             if placed_here {
-                let placed = if opts.hosts.is_empty() {
+                // `--nodes` alone: nodes emulated on this machine.
+                let emulated = opts.hosts.is_empty();
+                let placed = if emulated {
                     &opts.placement
                 } else {
                     &opts.hosts
                 };
-                launch::check_restart_placement(&manifest, placed)?;
+                launch::check_restart_placement(&manifest, placed, emulated)?;
             }
             session::run(opts)
         }

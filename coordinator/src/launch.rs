@@ -18,6 +18,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::process::Command;
 
+use cryo_core::format::fds::SharedNodeFile;
 use thiserror::Error;
 
 pub use crate::launcher_choice::{classify, detect, LauncherError};
@@ -66,35 +67,26 @@ pub enum PlacementError {
     NoRanks,
     /// Two ranks placed on one node that held different files at one path
     /// on their nodes' own filesystems (`node_file_clashes`).
+    #[error("{0}: give the restart more nodes, or place them on different ones")]
+    SharedNodeFile(#[from] SharedNodeFile),
+    /// The same, for nodes emulated on this machine (`--nodes`), which
+    /// share its filesystems.
     #[error(
-        "ranks {first} (on node {first_was} at the checkpoint) and {second} (on node \
-         {second_was}) held different files at {path} on their nodes' own filesystems; \
-         placed together on node {node} they would share one, and one rank's would be \
-         lost: give the restart more nodes, or place them on different ones"
+        "{0}: nodes given with --nodes run on this machine and share its filesystems; restart \
+         these ranks on separate hosts (--hosts)"
     )]
-    SharedNodeFile {
-        /// The node they were placed on.
-        node: String,
-        /// The path.
-        path: String,
-        /// The lower rank.
-        first: u32,
-        /// Where it ran at the checkpoint.
-        first_was: String,
-        /// The other rank.
-        second: u32,
-        /// Where it ran at the checkpoint.
-        second_was: String,
-    },
+    EmulatedSharedNodeFile(SharedNodeFile),
 }
 
 /// Refuses a `placement` of a restart from `manifest` that puts two ranks
 /// that held different files of their own nodes at one path on one node,
 /// before anything is launched (the agents refuse it too, later, where
-/// the launcher places the ranks itself).
+/// the launcher places the ranks itself). Nodes `emulated` on this machine
+/// share its filesystems: as far as files of the node go, they are one.
 pub fn check_restart_placement(
     manifest: &cryo_core::Manifest,
     placement: &[NodePlacement],
+    emulated: bool,
 ) -> Result<(), PlacementError> {
     let clashes = cryo_core::format::fds::node_file_clashes(&manifest.ranks);
     let was = |rank: u32| {
@@ -102,18 +94,23 @@ pub fn check_restart_placement(
             .find(|record| record.rank == rank)
             .map_or_else(String::new, |record| record.node.clone())
     };
+    if emulated {
+        let names: Vec<&str> = placement.iter().map(|p| p.node.as_str()).collect();
+        let node = format!("this machine (nodes {})", names.join(", "));
+        let ranks = || placement.iter().flat_map(|placed| placed.ranks.clone());
+        return match clashes
+            .iter()
+            .find_map(|clash| clash.refuse(ranks(), &node, was))
+        {
+            Some(refusal) => Err(PlacementError::EmulatedSharedNodeFile(refusal)),
+            None => Ok(()),
+        };
+    }
     for placed in placement {
-        for clash in &clashes {
-            if let Some((first, second)) = clash.crowded(placed.ranks.clone()) {
-                return Err(PlacementError::SharedNodeFile {
-                    node: placed.node.clone(),
-                    path: clash.path.clone(),
-                    first,
-                    first_was: was(first),
-                    second,
-                    second_was: was(second),
-                });
-            }
+        if let Some(refusal) =
+            (clashes.iter()).find_map(|clash| clash.refuse(placed.ranks.clone(), &placed.node, was))
+        {
+            return Err(refusal.into());
         }
     }
     Ok(())
@@ -414,216 +411,6 @@ fn export_by_name(command: &mut Command, names: &[String], given: &[(String, Str
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn nodes(spec: &str) -> Vec<NodeSpec> {
-        parse_nodes(spec).expect("parses")
-    }
-
-    /// The command's arguments, space-separated.
-    fn args(command: &Command) -> String {
-        command
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
-    #[test]
-    fn parses_and_refuses() {
-        assert_eq!(
-            nodes("a:2, b:2"),
-            vec![
-                NodeSpec {
-                    name: "a".into(),
-                    slots: Some(2)
-                },
-                NodeSpec {
-                    name: "b".into(),
-                    slots: Some(2)
-                }
-            ]
-        );
-        assert_eq!(parse_nodes(""), Err(PlacementError::Empty));
-        assert!(matches!(
-            parse_nodes("a:0"),
-            Err(PlacementError::BadSlots { .. })
-        ));
-        assert!(matches!(
-            parse_nodes("a:x"),
-            Err(PlacementError::BadSlots { .. })
-        ));
-        assert!(matches!(
-            parse_nodes("../a:1"),
-            Err(PlacementError::BadName(_))
-        ));
-        assert!(matches!(
-            parse_nodes("a,a"),
-            Err(PlacementError::Duplicate(_))
-        ));
-    }
-
-    #[test]
-    fn places_blocks() {
-        let placed = place(&nodes("a:2,b:2"), 4).expect("fits");
-        assert_eq!(
-            placed[0],
-            NodePlacement {
-                node: "a".into(),
-                ranks: 0..2
-            }
-        );
-        assert_eq!(
-            placed[1],
-            NodePlacement {
-                node: "b".into(),
-                ranks: 2..4
-            }
-        );
-        let placed = place(&nodes("a,b,c"), 4).expect("fits");
-        let sizes: Vec<u32> = placed.iter().map(|p| p.ranks.end - p.ranks.start).collect();
-        assert_eq!(sizes, vec![2, 1, 1]);
-        let placed = place(&nodes("a:4,b:4"), 4).expect("fits");
-        assert_eq!(placed.len(), 1);
-        assert!(matches!(
-            place(&nodes("a:1,b:1"), 4),
-            Err(PlacementError::TooFewSlots {
-                ranks: 4,
-                slots: 2,
-                ..
-            })
-        ));
-        assert_eq!(place(&nodes("a"), 0), Err(PlacementError::NoRanks));
-    }
-
-    #[test]
-    fn srun_merges_blocks_into_one_step() {
-        let blocks = [
-            LaunchBlock {
-                ranks: 3,
-                env: vec![(
-                    "CRYO_AGENT_SOCKET".into(),
-                    "/tmp/cryo-1/j/agent.sock".into(),
-                )],
-            },
-            LaunchBlock {
-                ranks: 1,
-                env: vec![],
-            },
-        ];
-        let command = build_command(
-            &Launcher::Srun("srun".into()),
-            &[],
-            &blocks,
-            &"app".into(),
-            &["--x".into()],
-            &[],
-        );
-        let args: Vec<String> = command
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(args[0], "--ntasks=4");
-        assert!(args.contains(&"--kill-on-bad-exit=1".to_owned()));
-        assert_eq!(&args[args.len() - 2..], ["app", "--x"]);
-        let env: Vec<_> = command.get_envs().collect();
-        assert!(env.iter().any(|(k, v)| *k == "CRYO_AGENT_SOCKET"
-            && v.is_some_and(|v| v == "/tmp/cryo-1/j/agent.sock")));
-    }
-
-    #[test]
-    fn hydra_mpmd_blocks() {
-        let blocks = [
-            LaunchBlock {
-                ranks: 2,
-                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())],
-            },
-            LaunchBlock {
-                ranks: 2,
-                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/b".into())],
-            },
-        ];
-        let command = build_command(
-            &Launcher::Hydra("mpiexec".into()),
-            &[],
-            &blocks,
-            &OsString::from("heat2d"),
-            &[OsString::from("--iters"), OsString::from("100")],
-            &["CRYO_JOB".into()],
-        );
-        let args: Vec<String> = command
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(
-            args.join(" "),
-            "-n 2 -env CRYO_AGENT_SOCKET /s/a heat2d --iters 100 : -n 2 -env CRYO_AGENT_SOCKET /s/b heat2d --iters 100"
-        );
-    }
-
-    #[test]
-    fn hosts_reach_the_launcher() {
-        let hosts = place(&nodes("n0:2,n1:2"), 3).expect("fits");
-        let blocks = [LaunchBlock {
-            ranks: 3,
-            env: vec![],
-        }];
-        let hydra = Launcher::Hydra("mpiexec".into());
-        let command = build_command(&hydra, &hosts, &blocks, &"app".into(), &[], &[]);
-        assert_eq!(args(&command), "-hosts n0:2,n1:1 -n 3 app");
-        let ompi = Launcher::OpenMpi("mpirun".into());
-        let command = build_command(&ompi, &hosts, &blocks, &"app".into(), &[], &[]);
-        assert!(args(&command).ends_with("--host n0:2,n1:1 -np 3 app"));
-        let names = vec!["n0".to_owned(), "n1".to_owned()];
-        assert_eq!(
-            args(&agent_step_command(&hydra, &names, 2, &[])),
-            "-disable-auto-cleanup -hosts n0:1,n1:1 -n 2"
-        );
-        assert!(
-            args(&agent_step_command(&ompi, &names, 2, &[])).ends_with("--host n0:1,n1:1 -np 2")
-        );
-        assert!(args(&agent_step_command(
-            &Launcher::Srun("srun".into()),
-            &[],
-            3,
-            &[]
-        ))
-        .contains("--nodes=3 --ntasks=3 --ntasks-per-node=1"));
-    }
-
-    /// Open MPI starts a rank on another host with sshd's environment plus
-    /// what `-x` names: every exported name is carried, by name only, and
-    /// a block's own value wins over the launcher's.
-    #[test]
-    fn open_mpi_carries_exported_names_to_other_hosts() {
-        let blocks = [
-            LaunchBlock {
-                ranks: 2,
-                env: vec![("CRYO_AGENT_SOCKET".into(), "/s/a".into())],
-            },
-            LaunchBlock {
-                ranks: 1,
-                env: vec![],
-            },
-        ];
-        let exported: Vec<String> = ["CRYO_AGENT_SOCKET", "CRYO_JOB", "CRYO_TOKEN"]
-            .map(String::from)
-            .to_vec();
-        let ompi = Launcher::OpenMpi("mpirun".into());
-        let command = build_command(&ompi, &[], &blocks, &"app".into(), &[], &exported);
-        assert!(
-            args(&command).ends_with(
-                "-np 2 -x CRYO_AGENT_SOCKET=/s/a -x CRYO_JOB -x CRYO_TOKEN app : \
-                 -np 1 -x CRYO_AGENT_SOCKET -x CRYO_JOB -x CRYO_TOKEN app"
-            ),
-            "{}",
-            args(&command)
-        );
-        // No value on the command line, where any user could read it.
-        assert!(!args(&command).contains("CRYO_TOKEN="));
-        let names = vec!["n0".to_owned(), "n1".to_owned()];
-        assert!(args(&agent_step_command(&ompi, &names, 2, &exported))
-            .ends_with("-np 2 -x CRYO_AGENT_SOCKET -x CRYO_JOB -x CRYO_TOKEN"));
-    }
-}
+#[allow(clippy::unwrap_used)]
+#[path = "launch_tests.rs"]
+mod tests;

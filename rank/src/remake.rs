@@ -10,43 +10,103 @@
 //! a table they all map), and several of them may land on one node again:
 //! each writes its copy to a file of its own beside the path and links it
 //! to the path only if nothing is there yet, so a file appears whole or not
-//! at all, and the first rank's stands. A restart killed halfway leaves no
-//! file cut short for the next one to take as whole.
+//! at all. A rank that finds the file there and wrote it keeps it if it
+//! starts with the bytes it saved (its own file, or another rank's copy at
+//! least as long: the settle of closed files cuts it back), and otherwise
+//! moves its copy over it: a longer copy of a log several ranks append to
+//! (ranks park at slightly different moments), or another node's file that
+//! a restart placing ranks otherwise finds at that path. A restart killed
+//! halfway leaves no file cut short for the next one to take as whole.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use cryo_core::format::chunk::ChunkHash;
 use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::format::process::NodeDir;
 use cryo_core::store::reader::StreamError;
 use cryo_core::store::JobStore;
 
 use crate::error::RestoreError;
+use crate::files::FilePolicy;
 
 /// Makes again each file whose contents the checkpoint saved whole from a
-/// filesystem of the node, where it is missing; returns their paths.
-pub(crate) fn remake_missing(
+/// filesystem of the node, where it is missing; and, under
+/// [`FilePolicy::Truncate`], puts back one the rank wrote that is there
+/// but does not hold the saved bytes (another node's file at that path,
+/// after a restart that placed the ranks otherwise; one rewritten since).
+/// Returns their paths.
+pub(crate) fn remake_node_files(
     record: &RankRecord,
     store: &JobStore,
+    policy: FilePolicy,
 ) -> Result<Vec<String>, RestoreError> {
     let mut made = Vec::new();
     for region in &record.regions {
         let RegionKind::NodeFileContents { path } = &region.kind else {
             continue;
         };
-        match fs::symlink_metadata(path) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        let put_back = || policy == FilePolicy::Truncate && written_here(record, path);
+        let place = match fs::symlink_metadata(path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Place::IfMissing,
+            Ok(_) if put_back() && differs(record.rank, path, region) => Place::Over,
             Ok(_) => continue,
             Err(source) => return Err(failed(record.rank, path, "stat", source)),
+        };
+        let mut wrote = write(record, path, region, store, place)?;
+        if !wrote && put_back() && differs(record.rank, path, region) {
+            // Another rank of this node made it first, from a shorter copy.
+            wrote = write(record, path, region, store, Place::Over)?;
         }
-        if whole(record, path, region, store)? {
-            tracing::info!(rank = record.rank, path = %path, len = region.len, "file.remade");
+        if wrote {
+            tracing::info!(rank = record.rank, path = %path, len = region.len, ?place, "file.remade");
             made.push(path.clone());
         }
     }
     Ok(made)
+}
+
+/// Whether the rank wrote the file at `path`, on a filesystem of its node
+/// (an input it only read or mapped is the user's, never written over).
+fn written_here(record: &RankRecord, path: &str) -> bool {
+    (record.process.saved_file(path)).is_some_and(|file| file.on_node && file.written)
+}
+
+/// Whether the file at `path` does not start with the bytes `region`
+/// saved, each whole chunk checked by its hash. One that does is the
+/// rank's file, maybe grown since: the settle of closed files cuts it
+/// back. One that cannot be read is left as it is, and the settle says
+/// whether it could be cut back.
+fn differs(rank: u32, path: &str, region: &RegionRecord) -> bool {
+    let holds_saved = || -> io::Result<bool> {
+        let file = fs::File::open(path)?;
+        if file.metadata()?.len() < region.len {
+            return Ok(false);
+        }
+        let mut bytes = Vec::new();
+        for chunk in &region.chunks {
+            bytes.resize(usize::try_from(chunk.len).unwrap_or(usize::MAX), 0);
+            file.read_exact_at(&mut bytes, chunk.offset)?;
+            if ChunkHash::of(&bytes) != chunk.hash {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    holds_saved()
+        .inspect_err(|err| tracing::warn!(rank, path = %path, error = %err, "file.unreadable"))
+        .is_ok_and(|holds| !holds)
+}
+
+/// Where [`write`] puts a file it wrote beside its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// Linked to the path only if nothing is there yet.
+    IfMissing,
+    /// Moved over what is there.
+    Over,
 }
 
 /// Writes the file at `path` from `region`, with its directories and the
@@ -57,6 +117,18 @@ pub(crate) fn whole(
     path: &str,
     region: &RegionRecord,
     store: &JobStore,
+) -> Result<bool, RestoreError> {
+    write(record, path, region, store, Place::IfMissing)
+}
+
+/// Writes the saved file to a file of its own beside `path`, then puts it
+/// at `path` (`place`): a file appears whole or not at all.
+fn write(
+    record: &RankRecord,
+    path: &str,
+    region: &RegionRecord,
+    store: &JobStore,
+    place: Place,
 ) -> Result<bool, RestoreError> {
     let rank = record.rank;
     let target = Path::new(path);
@@ -81,6 +153,11 @@ pub(crate) fn whole(
         .open(&temp)
         .map_err(|err| failed(rank, path, "create a file beside it", err))?;
     let mode = record.process.mode_of(path);
+    let move_over = || {
+        fs::rename(&temp, target)
+            .map(|()| true)
+            .map_err(|err| failed(rank, path, "move it into place", err))
+    };
     let written = fill(rank, path, region, store, &file)
         .and_then(|()| match mode {
             // Set on the open file: a mode without write bits does not
@@ -90,13 +167,15 @@ pub(crate) fn whole(
                 .map_err(|err| failed(rank, path, "set its mode", err)),
             None => Ok(()),
         })
-        .and_then(|()| match fs::hard_link(&temp, target) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-            // A filesystem without hard links: the last rank's copy stands.
-            Err(_) => fs::rename(&temp, target)
-                .map(|()| true)
-                .map_err(|err| failed(rank, path, "move it into place", err)),
+        .and_then(|()| match place {
+            Place::Over => move_over(),
+            Place::IfMissing => match fs::hard_link(&temp, target) {
+                Ok(()) => Ok(true),
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+                // A filesystem without hard links: the last rank's copy
+                // stands.
+                Err(_) => move_over(),
+            },
         });
     let _ = fs::remove_file(&temp);
     written
@@ -207,17 +286,50 @@ mod tests {
             ..RankRecord::new(rank, "n", 1)
         };
         // Missing (another node): made with its directories, whole.
-        let made = remake_missing(&rank(0), &job).unwrap();
+        let made = remake_node_files(&rank(0), &job, FilePolicy::Truncate).unwrap();
         assert_eq!(made, [path.to_str().unwrap()]);
         assert!(fs::read(&path).unwrap() == contents, "contents differ");
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o444);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        // A second rank of the node finds it there and leaves it; nothing is
-        // left beside it.
-        fs::write(&path, b"grown since\n").unwrap();
-        assert!(remake_missing(&rank(1), &job).unwrap().is_empty());
-        assert_eq!(fs::read(&path).unwrap(), b"grown since\n");
+        // A second rank of the node finds it there, grown since, and leaves
+        // it to the settle; nothing is left beside it.
+        let grown = [&contents[..], b"grown since\n"].concat();
+        fs::write(&path, &grown).unwrap();
+        assert!(remake_node_files(&rank(1), &job, FilePolicy::Truncate)
+            .unwrap()
+            .is_empty());
+        assert!(
+            fs::read(&path).unwrap() == grown,
+            "a grown file was changed"
+        );
+        let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(beside.len(), 1, "{beside:?}");
+
+        // Another node's file at that path (a restart that placed the ranks
+        // otherwise), or a shorter copy: the saved one is put back, whole,
+        // with its mode.
+        for there in [b"another node's log\n".to_vec(), contents[..100].to_vec()] {
+            fs::write(&path, &there).unwrap();
+            let made = remake_node_files(&rank(1), &job, FilePolicy::Truncate).unwrap();
+            assert_eq!(made, [path.to_str().unwrap()]);
+            assert!(fs::read(&path).unwrap() == contents, "not put back");
+            let mode = fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o444);
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        // Left under `CRYO_FILE_POLICY=keep`, and when the rank only read
+        // it (an input staged on the node is the user's).
+        fs::write(&path, b"another node's log\n").unwrap();
+        let mut reader = rank(1);
+        reader.process.saved_files[0].written = false;
+        assert!(remake_node_files(&rank(1), &job, FilePolicy::Keep)
+            .unwrap()
+            .is_empty());
+        assert!(remake_node_files(&reader, &job, FilePolicy::Truncate)
+            .unwrap()
+            .is_empty());
+        assert_eq!(fs::read(&path).unwrap(), b"another node's log\n");
         let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(beside.len(), 1, "{beside:?}");
     }

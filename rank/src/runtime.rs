@@ -565,11 +565,12 @@ pub(crate) fn init_with_peers(
             load_restore(rank, *epoch, store, store_job, handed)
         }
         .and_then(|r| {
-            let mut files = restore_files(&r.record, &r.store, config.file_policy, &reserved)?;
-            files
-                .recreated
-                .extend(crate::remake::remake_missing(&r.record, &r.store)?);
-            restore_mappings(&r.record, &r.store, config.file_policy)?;
+            let policy = config.file_policy;
+            let mut files = restore_files(&r.record, &r.store, policy, &reserved)?;
+            (files.recreated).extend(crate::remake::remake_node_files(
+                &r.record, &r.store, policy,
+            )?);
+            restore_mappings(&r.record, &r.store, policy)?;
             let held = crate::floor::hold_lost(&r.record);
             tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");
             // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.

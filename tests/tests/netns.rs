@@ -317,7 +317,8 @@ fn a_preempted_job_on_two_hosts_leaves_nothing_behind_and_restarts_elsewhere() {
 /// would put ranks of both hosts on one host is refused before anything
 /// starts, naming the ranks and the path; a restart on two hosts (the
 /// refused one among them) brings each host's log back whole, every line
-/// of its rank once.
+/// of its rank once; and so does one on the old hosts with the ranks
+/// swapped, each rank finding the other's log at the path.
 #[test]
 fn a_log_of_each_hosts_own_keeps_their_ranks_apart_at_a_restart() {
     const STEPS: u64 = 400;
@@ -418,6 +419,22 @@ fn a_log_of_each_hosts_own_keeps_their_ranks_apart_at_a_restart() {
         logs[1]
     );
     cluster.assert_nothing_left(&["n2", "n3", netns::HEAD], LEFTOVER_GRACE);
+
+    // On the old hosts, the ranks swapped: each finds the other's log at
+    // the path and puts its own back over it.
+    let out = cryo(&["restart", "clash", "--hosts", "n1:1,n0:1"])
+        .output()
+        .unwrap();
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart on n1,n0 failed: {said}");
+    for (node, rank) in [("n1", 0), ("n0", 1)] {
+        let log = std::fs::read_to_string(cluster.scratch_of(node).join("node.log")).unwrap();
+        assert!(
+            log == log_of(rank),
+            "{node}'s log must now hold rank {rank}'s every step once:\n{log}\n{said}"
+        );
+    }
+    cluster.assert_nothing_left(&["n0", "n1", netns::HEAD], LEFTOVER_GRACE);
 }
 
 /// Not a test: brings a cluster up and holds it for `CRYO_NETNS_HOLD`

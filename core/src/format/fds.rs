@@ -3,7 +3,7 @@
 //! (The links between fd records are checked with the rest of a rank
 //! record, in `manifest.rs`.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use super::chunk::ChunkHash;
 use super::manifest::{FdRecord, RankRecord, RegionKind, RegionRecord};
@@ -44,16 +44,24 @@ pub fn mapped_file_region_name(n: usize) -> String {
 /// Region names starting with this are the runtime's own.
 pub const RESERVED_REGION_PREFIX: &str = "cryo:";
 
+/// How a checkpoint saved a file's contents, which says where to look at
+/// the file (its mode, its filesystem).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavedBy {
+    /// A [`RegionKind::FileContents`] region, through the fd open on it.
+    Fd(i32),
+    /// A [`RegionKind::NodeFileContents`] region, whole by path: written
+    /// and closed, or mapped with no fd saving it.
+    Path,
+}
+
 /// The files whose contents a checkpoint saved, by path: a restart makes
 /// each again where it is missing, with its directories.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SavedFiles<'a> {
-    /// Files held open by an fd whose contents a
-    /// [`RegionKind::FileContents`] region saved.
-    pub by_fd: BTreeSet<&'a str>,
-    /// Files saved whole by path ([`RegionKind::NodeFileContents`]):
-    /// written and closed, or mapped with no fd saving them.
-    pub whole: BTreeSet<&'a str>,
+    /// Each file once (a dup is the same file), in the order of the
+    /// regions, with how the first region to save it did.
+    files: Vec<(&'a str, SavedBy)>,
 }
 
 impl<'a> SavedFiles<'a> {
@@ -61,24 +69,29 @@ impl<'a> SavedFiles<'a> {
     pub fn of(fds: &'a [FdRecord], kinds: impl IntoIterator<Item = &'a RegionKind>) -> Self {
         let mut saved = SavedFiles::default();
         for kind in kinds {
-            match kind {
-                RegionKind::FileContents { fd } => {
-                    if let Some(record) = fds.iter().find(|f| f.fd == *fd) {
-                        saved.by_fd.insert(record.path.as_str());
-                    }
-                }
-                RegionKind::NodeFileContents { path } => {
-                    saved.whole.insert(path.as_str());
-                }
-                _ => {}
+            let file = match kind {
+                RegionKind::FileContents { fd } => match fds.iter().find(|f| f.fd == *fd) {
+                    Some(record) => (record.path.as_str(), SavedBy::Fd(*fd)),
+                    None => continue,
+                },
+                RegionKind::NodeFileContents { path } => (path.as_str(), SavedBy::Path),
+                _ => continue,
+            };
+            if !saved.contains(file.0) {
+                saved.files.push(file);
             }
         }
         saved
     }
 
+    /// Each saved file once, with how it was saved.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, SavedBy)> + '_ {
+        self.files.iter().copied()
+    }
+
     /// Whether the file at `path` was saved, either way.
     pub fn contains(&self, path: &str) -> bool {
-        self.by_fd.contains(path) || self.whole.contains(path)
+        self.files.iter().any(|(saved, _)| *saved == path)
     }
 
     /// Whether a restart that does not find the directory `dir` makes it
@@ -92,7 +105,7 @@ impl<'a> SavedFiles<'a> {
                     .strip_prefix(dir)
                     .is_some_and(|rest| rest.starts_with('/') || dir.ends_with('/'))
         };
-        under(cwd) || self.by_fd.iter().chain(&self.whole).any(|path| under(path))
+        under(cwd) || self.files.iter().any(|(path, _)| under(path))
     }
 }
 
@@ -107,6 +120,30 @@ pub struct NodeFileClash {
     pub path: String,
     /// One per file: the ranks that held it and where.
     pub copies: Vec<NodeCopy>,
+}
+
+/// Two ranks a restart would place on one node that held different
+/// files at one path on their nodes' own filesystems
+/// ([`NodeFileClash::refuse`]): the launch refuses it, or the node's agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "ranks {first} (on node {first_was} at the checkpoint) and {second} (on node \
+     {second_was}) held different files at {path} on their nodes' own filesystems; \
+     placed together on node {node} they would share one, and one rank's would be lost"
+)]
+pub struct SharedNodeFile {
+    /// The node they were placed on.
+    pub node: String,
+    /// The path.
+    pub path: String,
+    /// The lower rank.
+    pub first: u32,
+    /// Where it ran at the checkpoint.
+    pub first_was: String,
+    /// The other rank.
+    pub second: u32,
+    /// Where it ran at the checkpoint.
+    pub second_was: String,
 }
 
 /// One file of a [`NodeFileClash`].
@@ -154,6 +191,26 @@ impl NodeFileClash {
             }
         }
         None
+    }
+
+    /// Among `ranks`, placed on `node`, the first two it keeps apart, as
+    /// the refusal that names them; `was` tells where a rank ran at the
+    /// checkpoint.
+    pub fn refuse(
+        &self,
+        ranks: impl IntoIterator<Item = u32>,
+        node: &str,
+        was: impl Fn(u32) -> String,
+    ) -> Option<SharedNodeFile> {
+        let (first, second) = self.crowded(ranks)?;
+        Some(SharedNodeFile {
+            node: node.to_owned(),
+            path: self.path.clone(),
+            first,
+            first_was: was(first),
+            second,
+            second_was: was(second),
+        })
     }
 
     /// The index of the copy `rank` held.
@@ -330,6 +387,14 @@ mod tests {
         );
         assert_eq!(clash.crowded([1, 9, 0, 2]), Some((1, 2)));
         assert_eq!(clash.crowded(0..3), Some((0, 2)));
+        let was = |rank: u32| format!("n{rank}");
+        assert_eq!(
+            clash.refuse([2, 1], "c", was).unwrap().to_string(),
+            "ranks 1 (on node n1 at the checkpoint) and 2 (on node n2) held different files \
+             at /tmp/node.log on their nodes' own filesystems; placed together on node c they \
+             would share one, and one rank's would be lost"
+        );
+        assert_eq!(clash.refuse([0, 1], "c", was), None);
         // Named in the order of their lowest ranks, whatever the boot ids.
         let swapped = [
             holding(0, "a", "boot-z", LOG, (7, true, b"a's lines")),
