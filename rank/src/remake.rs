@@ -10,13 +10,13 @@
 //! a table they all map), and several of them may land on one node again:
 //! each writes its copy to a file of its own beside the path and links it
 //! to the path only if nothing is there yet, so a file appears whole or not
-//! at all. A rank that finds the file there and wrote it keeps it if it
-//! starts with the bytes it saved (its own file, or another rank's copy at
-//! least as long: the settle of closed files cuts it back), and otherwise
-//! moves its copy over it: a longer copy of a log several ranks append to
-//! (ranks park at slightly different moments), or another node's file that
-//! a restart placing ranks otherwise finds at that path. A restart killed
-//! halfway leaves no file cut short for the next one to take as whole.
+//! at all. A rank that finds the file there and wrote it puts its saved
+//! bytes back into it in place, where they are not there already
+//! ([`put_back`]): a longer copy of a log several ranks append to (ranks
+//! park at slightly different moments), or another node's file that a
+//! restart placing the ranks otherwise finds at that path. A restart killed
+//! halfway leaves no file the next one takes as the rank's: one made again
+//! appears whole or not at all, and one put back is checked again.
 
 use std::fs;
 use std::io;
@@ -34,34 +34,34 @@ use crate::files::FilePolicy;
 
 /// Makes again each file whose contents the checkpoint saved whole from a
 /// filesystem of the node, where it is missing; and, under
-/// [`FilePolicy::Truncate`], puts back one the rank wrote that is there
-/// but does not hold the saved bytes (another node's file at that path,
-/// after a restart that placed the ranks otherwise; one rewritten since).
-/// Returns their paths.
+/// [`FilePolicy::Truncate`], puts the saved bytes back into one the rank
+/// wrote that is there but does not hold them ([`put_back`]). Returns
+/// their paths.
 pub(crate) fn remake_node_files(
     record: &RankRecord,
     store: &JobStore,
     policy: FilePolicy,
 ) -> Result<Vec<String>, RestoreError> {
+    let rank = record.rank;
     let mut made = Vec::new();
     for region in &record.regions {
         let RegionKind::NodeFileContents { path } = &region.kind else {
             continue;
         };
-        let put_back = || policy == FilePolicy::Truncate && written_here(record, path);
-        let place = match fs::symlink_metadata(path) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Place::IfMissing,
-            Ok(_) if put_back() && differs(record.rank, path, region) => Place::Over,
+        let written = policy == FilePolicy::Truncate && written_here(record, path);
+        let wrote = match fs::symlink_metadata(path) {
+            // Another rank of this node may make it first, from a shorter
+            // copy (ranks park at slightly different moments).
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                whole(record, path, region, store)?
+                    || (written && put_back(rank, path, region, store)?)
+            }
+            Ok(_) if written => put_back(rank, path, region, store)?,
             Ok(_) => continue,
-            Err(source) => return Err(failed(record.rank, path, "stat", source)),
+            Err(source) => return Err(failed(rank, path, "stat", source)),
         };
-        let mut wrote = write(record, path, region, store, place)?;
-        if !wrote && put_back() && differs(record.rank, path, region) {
-            // Another rank of this node made it first, from a shorter copy.
-            wrote = write(record, path, region, store, Place::Over)?;
-        }
         if wrote {
-            tracing::info!(rank = record.rank, path = %path, len = region.len, ?place, "file.remade");
+            tracing::info!(rank, path = %path, len = region.len, "file.remade");
             made.push(path.clone());
         }
     }
@@ -74,61 +74,106 @@ fn written_here(record: &RankRecord, path: &str) -> bool {
     (record.process.saved_file(path)).is_some_and(|file| file.on_node && file.written)
 }
 
-/// Whether the file at `path` does not start with the bytes `region`
-/// saved, each whole chunk checked by its hash. One that does is the
-/// rank's file, maybe grown since: the settle of closed files cuts it
-/// back. One that cannot be read is left as it is, and the settle says
-/// whether it could be cut back.
-fn differs(rank: u32, path: &str, region: &RegionRecord) -> bool {
-    let holds_saved = || -> io::Result<bool> {
-        let file = fs::File::open(path)?;
-        if file.metadata()?.len() < region.len {
+/// Puts the bytes `region` saved of a file the rank wrote into the file
+/// that is at `path`, in place: other ranks of this node may hold it open
+/// or mapped already, and must go on sharing it with this one.
+/// * One that starts with them is the rank's own, maybe grown since (the
+///   settle of closed files cuts it back): left, each whole chunk checked
+///   by its hash without reading the store.
+/// * A shorter copy (another rank of this node parked earlier): the saved
+///   bytes past its end are added.
+/// * Any other (another node's file at that path, after a restart that
+///   placed the ranks otherwise; one rewritten since): the saved bytes
+///   from the first that differs, and the cut to their length.
+///
+/// One it cannot open for writing is left as it is, and the settle says
+/// whether it could be cut back. Returns whether it wrote.
+fn put_back(
+    rank: u32,
+    path: &str,
+    region: &RegionRecord,
+    store: &JobStore,
+) -> Result<bool, RestoreError> {
+    let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(err) => {
+            tracing::warn!(rank, path = %path, error = %err, "file.not_writable");
             return Ok(false);
         }
-        let mut bytes = Vec::new();
-        for chunk in &region.chunks {
-            bytes.resize(usize::try_from(chunk.len).unwrap_or(usize::MAX), 0);
-            file.read_exact_at(&mut bytes, chunk.offset)?;
-            if ChunkHash::of(&bytes) != chunk.hash {
-                return Ok(false);
+    };
+    let io = |step| move |source| failed(rank, path, step, source);
+    let len = file.metadata().map_err(io("stat"))?.len();
+    if len >= region.len && starts_with_chunks(&file, region).map_err(io("read"))? {
+        return Ok(false);
+    }
+    let mut differs = false;
+    let mut there = Vec::new();
+    let mut reconcile = |offset: u64, saved: &[u8]| -> io::Result<()> {
+        let mut from = 0;
+        if !differs {
+            let read = read_up_to(&file, offset, saved.len(), &mut there)?;
+            if there[..read] == saved[..read] {
+                from = read;
+            } else {
+                differs = true;
             }
         }
-        Ok(true)
+        file.write_all_at(&saved[from..], offset + from as u64)
     };
-    holds_saved()
-        .inspect_err(|err| tracing::warn!(rank, path = %path, error = %err, "file.unreadable"))
-        .is_ok_and(|holds| !holds)
+    crate::restore_threads::restore(|| store.stream_region(region, 16 << 20, &mut reconcile))
+        .map_err(|err| match err {
+            StreamError::Read(source) => RestoreError::Contents {
+                rank,
+                what: format!("the saved contents of {path}"),
+                source,
+            },
+            StreamError::Sink(source) => failed(rank, path, "write its contents", source),
+        })?;
+    if differs {
+        file.set_len(region.len).map_err(io("cut it"))?;
+    }
+    Ok(true)
 }
 
-/// Where [`write`] puts a file it wrote beside its path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    /// Linked to the path only if nothing is there yet.
-    IfMissing,
-    /// Moved over what is there.
-    Over,
+/// Whether `file` starts with the bytes `region` saved, each chunk checked
+/// by its hash.
+fn starts_with_chunks(file: &fs::File, region: &RegionRecord) -> io::Result<bool> {
+    let mut bytes = Vec::new();
+    for chunk in &region.chunks {
+        bytes.resize(usize::try_from(chunk.len).unwrap_or(usize::MAX), 0);
+        file.read_exact_at(&mut bytes, chunk.offset)?;
+        if ChunkHash::of(&bytes) != chunk.hash {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Reads up to `len` bytes of `file` at `offset` into `into`; fewer at its
+/// end. Returns how many.
+fn read_up_to(file: &fs::File, offset: u64, len: usize, into: &mut Vec<u8>) -> io::Result<usize> {
+    into.resize(len, 0);
+    let mut read = 0;
+    while read < len {
+        match file.read_at(&mut into[read..], offset + read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(read)
 }
 
 /// Writes the file at `path` from `region`, with its directories and the
 /// mode `record` gives it (a new file's, 0666 less the umask, when it gives
-/// none); false when another rank made it first.
+/// none), beside the path first and linked to it only if nothing is there
+/// yet; false when another rank made it first.
 pub(crate) fn whole(
     record: &RankRecord,
     path: &str,
     region: &RegionRecord,
     store: &JobStore,
-) -> Result<bool, RestoreError> {
-    write(record, path, region, store, Place::IfMissing)
-}
-
-/// Writes the saved file to a file of its own beside `path`, then puts it
-/// at `path` (`place`): a file appears whole or not at all.
-fn write(
-    record: &RankRecord,
-    path: &str,
-    region: &RegionRecord,
-    store: &JobStore,
-    place: Place,
 ) -> Result<bool, RestoreError> {
     let rank = record.rank;
     let target = Path::new(path);
@@ -153,11 +198,6 @@ fn write(
         .open(&temp)
         .map_err(|err| failed(rank, path, "create a file beside it", err))?;
     let mode = record.process.mode_of(path);
-    let move_over = || {
-        fs::rename(&temp, target)
-            .map(|()| true)
-            .map_err(|err| failed(rank, path, "move it into place", err))
-    };
     let written = fill(rank, path, region, store, &file)
         .and_then(|()| match mode {
             // Set on the open file: a mode without write bits does not
@@ -167,15 +207,13 @@ fn write(
                 .map_err(|err| failed(rank, path, "set its mode", err)),
             None => Ok(()),
         })
-        .and_then(|()| match place {
-            Place::Over => move_over(),
-            Place::IfMissing => match fs::hard_link(&temp, target) {
-                Ok(()) => Ok(true),
-                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
-                // A filesystem without hard links: the last rank's copy
-                // stands.
-                Err(_) => move_over(),
-            },
+        .and_then(|()| match fs::hard_link(&temp, target) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            // A filesystem without hard links: the last rank's copy stands.
+            Err(_) => fs::rename(&temp, target)
+                .map(|()| true)
+                .map_err(|err| failed(rank, path, "move it into place", err)),
         });
     let _ = fs::remove_file(&temp);
     written
@@ -307,16 +345,19 @@ mod tests {
         assert_eq!(beside.len(), 1, "{beside:?}");
 
         // Another node's file at that path (a restart that placed the ranks
-        // otherwise), or a shorter copy: the saved one is put back, whole,
-        // with its mode.
-        for there in [b"another node's log\n".to_vec(), contents[..100].to_vec()] {
+        // otherwise), longer or shorter, or a shorter copy: the saved bytes
+        // are put back in place, so an fd another rank of the node holds
+        // on it already sees them.
+        let other_node = b"another node's log, longer than ours ".repeat(MIN_CHUNK_SIZE / 4);
+        for there in [other_node, b"other\n".to_vec(), contents[..100].to_vec()] {
             fs::write(&path, &there).unwrap();
+            let held = fs::File::open(&path).unwrap();
             let made = remake_node_files(&rank(1), &job, FilePolicy::Truncate).unwrap();
             assert_eq!(made, [path.to_str().unwrap()]);
             assert!(fs::read(&path).unwrap() == contents, "not put back");
-            let mode = fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o7777, 0o444);
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+            let mut seen = Vec::new();
+            std::io::Read::read_to_end(&mut &held, &mut seen).unwrap();
+            assert!(seen == contents, "not in place");
         }
         // Left under `CRYO_FILE_POLICY=keep`, and when the rank only read
         // it (an input staged on the node is the user's).
