@@ -10,9 +10,12 @@
 //!   the pool batch by batch (copy, then store), and is resumed at the end.
 //!
 //! Either way the agent never holds more than the copy budget of rank data.
+//! The files the rank only reads are read from the files once it runs
+//! again (`inputs.rs`), and private memory from a snapshot when it took one
+//! (`snapshot.rs`); the sources and the store are in `stream.rs`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use cryo_core::format::manifest::{
@@ -22,16 +25,17 @@ use cryo_core::locality::Filesystem;
 use cryo_core::names::check_region_name;
 use cryo_core::protocol::{RankCaptureReport, RegionInfo};
 use cryo_core::store::writer::{RankWriter, WriteError};
-use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::fds::{read_fd_table, saved_unlinked, FdOwners, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
+use crate::inputs::Inputs;
 use crate::node_local::node_local_warnings;
-use crate::pool::{BufferPool, Slot};
+use crate::pool::BufferPool;
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::self_copy::{copy_parked, regions_readable, SelfCopy, SelfCopyRefusal};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
+use crate::stream::{reuse, store, stream, Source};
 use crate::tracking::{select, Piece, Selection};
 pub use crate::tracking::{
     Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE, SAMPLE_EVERY, SAMPLE_MIN_CHUNKS,
@@ -113,6 +117,17 @@ pub enum CaptureError {
         /// Why.
         reason: String,
     },
+    /// A file the rank only reads could not be read after its resume, or
+    /// changed meanwhile (`inputs.rs`).
+    #[error("rank {rank}: reading the saved input {path}: {source}")]
+    Input {
+        /// The rank.
+        rank: u32,
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
     /// Resuming the rank failed.
     #[error("rank {rank}: resuming: {reason}")]
     Resume {
@@ -135,6 +150,7 @@ impl CaptureError {
             | CaptureError::Memory { rank, .. }
             | CaptureError::Aborted { rank }
             | CaptureError::SelfCopy { rank, .. }
+            | CaptureError::Input { rank, .. }
             | CaptureError::Resume { rank, .. } => *rank,
             CaptureError::Write(err) => err.rank(),
         }
@@ -233,161 +249,6 @@ pub(crate) fn check_regions(
     Ok(())
 }
 
-/// Where a rank's memory is copied from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    /// The parked rank itself: ranks parked together take turns.
-    Parked,
-    /// Its snapshot, `pid`, while the rank runs: no turn, so a rank that
-    /// parks meanwhile never waits behind it.
-    Snapshot(u32),
-}
-
-/// Chunks of a snapshot read in one batch, per thread of the larger of the
-/// copy and store pools: enough for every store thread, and a copy of a
-/// few ms, which is what a rank that parks meanwhile may wait for.
-const SNAPSHOT_BATCH_PER_THREAD: usize = 16;
-
-/// The agent copies `pieces` of the parked rank into `slots`
-/// (`process_vm_readv`), in turn with the node's other parked ranks.
-pub(crate) fn copy_by_agent(
-    ctx: &CaptureContext<'_>,
-    parked: &Parked,
-    pieces: &[Piece],
-    slots: &mut [Slot],
-) -> Result<(), CaptureError> {
-    copy(ctx, parked, Source::Parked, pieces, slots)
-}
-
-/// Copies `pieces` of `parked`'s regions from `source` into `slots`.
-fn copy(
-    ctx: &CaptureContext<'_>,
-    parked: &Parked,
-    source: Source,
-    pieces: &[Piece],
-    slots: &mut [Slot],
-) -> Result<(), CaptureError> {
-    if pieces.is_empty() {
-        // Nothing to wait for a turn or a copy thread for.
-        return Ok(());
-    }
-    let (pid, _turn) = match source {
-        Source::Parked => (parked.pid, Some(ctx.gate.take_turn())),
-        Source::Snapshot(pid) => (pid, None),
-    };
-    ctx.copy_threads.install(|| {
-        pieces
-            .par_iter()
-            .zip(slots.par_iter_mut())
-            .try_for_each(|(piece, slot)| {
-                let region = &parked.regions[piece.region];
-                ctx.access
-                    .read_memory(
-                        pid,
-                        region.addr + piece.offset,
-                        &mut slot.bytes()[..piece.len],
-                    )
-                    .map_err(|source| CaptureError::Memory {
-                        rank: parked.rank,
-                        region: region.name.clone(),
-                        source,
-                    })
-            })
-    })
-}
-
-/// Copies and stores `pieces` from `source` batch by batch, through as
-/// many pool slots as are free; returns the chunks and the time spent
-/// copying.
-fn stream(
-    ctx: &CaptureContext<'_>,
-    writer: &RankWriter<'_>,
-    parked: &Parked,
-    source: Source,
-    pieces: &[Piece],
-) -> Result<(Vec<(usize, ChunkRef)>, u64), CaptureError> {
-    let mut chunks = Vec::with_capacity(pieces.len());
-    let mut copy_ns = 0;
-    let mut rest = pieces;
-    while !rest.is_empty() {
-        let max = match source {
-            Source::Parked => rest.len(),
-            // A rank that parks meanwhile copies first: a snapshot is
-            // read in short batches, each once no rank is parked.
-            Source::Snapshot(_) => {
-                ctx.gate.wait_idle(ctx.pool);
-                let threads = ctx
-                    .copy_threads
-                    .current_num_threads()
-                    .max(ctx.store_threads.current_num_threads());
-                rest.len().min(SNAPSHOT_BATCH_PER_THREAD * threads)
-            }
-        };
-        // A whole batch, warming cold slots for it if need be: from a cold
-        // budget `take_some` alone would stream one slot at a time, each
-        // chunk compressed on its own.
-        let mut slots = ctx
-            .pool
-            .try_take(max)
-            .unwrap_or_else(|| ctx.pool.take_some(max));
-        let (batch, tail) = rest.split_at(slots.len());
-        let t = Instant::now();
-        copy(ctx, parked, source, batch, &mut slots)?;
-        copy_ns += nanos(t);
-        chunks.extend(store(ctx, writer, batch.to_vec(), slots)?);
-        rest = tail;
-    }
-    Ok((chunks, copy_ns))
-}
-
-fn store(
-    ctx: &CaptureContext<'_>,
-    writer: &RankWriter<'_>,
-    pieces: Vec<Piece>,
-    slots: Vec<Slot>,
-) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
-    ctx.store_threads
-        .install(|| store_in_pool(writer, pieces, slots, ctx.cancelled))
-}
-
-/// Checks that every reused chunk is still stored (see
-/// `RankWriter::reuse_chunk`).
-fn reuse(
-    ctx: &CaptureContext<'_>,
-    writer: &RankWriter<'_>,
-    reused: Vec<(usize, ChunkRef)>,
-) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
-    ctx.store_threads.install(|| {
-        reused
-            .into_par_iter()
-            .map(|(region, chunk)| Ok((region, writer.reuse_chunk(&chunk)?)))
-            .collect()
-    })
-}
-
-fn store_in_pool(
-    writer: &RankWriter<'_>,
-    pieces: Vec<Piece>,
-    slots: Vec<Slot>,
-    cancelled: &AtomicBool,
-) -> Result<Vec<(usize, ChunkRef)>, CaptureError> {
-    pieces
-        .into_par_iter()
-        .zip(slots.into_par_iter())
-        .map(|(piece, slot)| {
-            if cancelled.load(Ordering::Acquire) {
-                return Err(CaptureError::Aborted {
-                    rank: writer.rank(),
-                });
-            }
-            let chunk = writer.store_chunk(piece.offset, &slot.as_slice()[..piece.len]);
-            // The slot goes back to the pool as soon as its chunk is stored.
-            drop(slot);
-            Ok((piece.region, chunk?))
-        })
-        .collect()
-}
-
 /// What the capture asks of the parked rank.
 pub trait ParkedRank {
     /// Asks the rank for a snapshot of itself; its pid, or why there is
@@ -467,6 +328,12 @@ pub fn capture_rank(
         copy: pieces,
         reuse: reused,
     } = select(ctx, parked, baseline, heat, ctx.pool.slot_size());
+    let copied_bytes = pieces.iter().map(|p| p.len as u64).sum();
+    // The files it only reads are read once it runs again.
+    let inputs = Inputs::open(access, pid, &fds, regions, &process);
+    let (from_inputs, pieces): (Vec<Piece>, Vec<Piece>) = pieces
+        .into_iter()
+        .partition(|piece| inputs.holds(piece.region));
     let fds_restored = fds
         .iter()
         .filter(|f| f.restore == FdRestore::Restore)
@@ -475,7 +342,7 @@ pub fn capture_rank(
         rank,
         pid,
         bytes: parked.regions.iter().map(|r| r.len).sum(),
-        copied_bytes: pieces.iter().map(|p| p.len as u64).sum(),
+        copied_bytes,
         pause_ns: 0,
         copy_ns: 0,
         streamed: false,
@@ -564,6 +431,23 @@ pub fn capture_rank(
         chunks.extend(stored);
         // Killed now: every page it kept is stored.
         drop(snapshot);
+    }
+    if !from_inputs.is_empty() {
+        let source = Source::Inputs(&inputs);
+        let (stored, copy_ns) = stream(ctx, writer, parked, source, &from_inputs)?;
+        let bytes: u64 = from_inputs.iter().map(|p| p.len as u64).sum();
+        tracing::debug!(
+            rank,
+            epoch = parked.epoch,
+            bytes,
+            copy_us = copy_ns / 1000,
+            "rank.inputs_read"
+        );
+        chunks.extend(stored);
+        for warning in inputs.warnings() {
+            tracing::warn!(rank, epoch = parked.epoch, warning = %warning, "rank.input_changed");
+            warnings.push(warning);
+        }
     }
     chunks.extend(reuse(ctx, writer, reused)?);
 

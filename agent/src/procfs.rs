@@ -119,6 +119,11 @@ pub trait ProcessAccess: Send + Sync {
     fn same_open_file(&self, pid: u32, a: i32, b: i32) -> io::Result<bool>;
     /// The filesystem holding `path` (`/proc/<pid>/fd/<n>` for an fd's).
     fn filesystem(&self, path: &Path) -> io::Result<Filesystem>;
+    /// Opens for reading the file at `link` (`/proc/<pid>/fd/<n>`, or a
+    /// path under `/proc/<pid>/root`).
+    fn open_read(&self, link: &Path) -> io::Result<std::fs::File> {
+        std::fs::File::open(link)
+    }
     /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;
     /// The pages of `addr..addr+len` written since the last scan, then

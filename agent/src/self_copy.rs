@@ -16,8 +16,9 @@ use std::time::Instant;
 use cryo_core::format::manifest::MappingRecord;
 use cryo_core::protocol::{CopyPiece, RegionInfo};
 
-use crate::capture::{copy_by_agent, nanos, CaptureContext, CaptureError, Parked, ParkedRank};
+use crate::capture::{nanos, CaptureContext, CaptureError, Parked, ParkedRank};
 use crate::pool::{BufferPool, Slot};
+use crate::stream::copy_by_agent;
 use crate::tracking::Piece;
 
 /// Who copies a parked rank's memory into the budget (`--self-copy`,

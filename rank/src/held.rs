@@ -208,11 +208,37 @@ fn is_runtime_or_library(path: &str) -> bool {
     }) || path.starts_with("/SYSV00000000 ")
 }
 
+/// Segments MPI libraries and their transports keep in `/dev/shm` under
+/// their own names (Open MPI's `vader`/`sm`, UCX, MPICH, libfabric, PSM2,
+/// Intel MPI), which may be mapped after `cryo_init`, when ranks first
+/// talk: not the application's.
+const LIBRARY_SHM_PREFIXES: [&str; 9] = [
+    "vader_segment.",
+    "sm_segment.",
+    "ucx_shm_posix_",
+    "mpich_shar_tmp",
+    "fi_",
+    "psm2_shm.",
+    "shm-col-space-",
+    "Intel_MPI_",
+    "opal_shmem",
+];
+
+/// Whether the mapping of `path` is of POSIX shared memory the application
+/// made (`shm_open`): a file of `/dev/shm`, still linked, not an MPI
+/// library's. A checkpoint does not save it, and names it.
+fn is_app_shm(path: &str) -> bool {
+    path.strip_prefix("/dev/shm/").is_some_and(|name| {
+        !name.ends_with(" (deleted)") && !LIBRARY_SHM_PREFIXES.iter().any(|p| name.starts_with(p))
+    })
+}
+
 /// The application's own file mappings: made after `cryo_init`, outside
 /// the region reservation, not of a shared object or executable (any file
 /// with an executable mapping), not of a system path and not the runtime's
 /// or the MPI library's ([`is_runtime_or_library`]). Mappings of a deleted
-/// file are returned apart: they cannot be re-established.
+/// file, a memfd or the application's POSIX shared memory ([`is_app_shm`])
+/// are returned apart: they are not re-established.
 pub(crate) fn app_mappings(
     maps: &[FileMap],
     baseline: &Baseline,
@@ -231,9 +257,15 @@ pub(crate) fn app_mappings(
         if in_reservation
             || baseline.mappings.contains(&(map.start, map.end, map.inode))
             || code.contains(map.path.as_str())
-            || SYSTEM_PREFIXES.iter().any(|p| map.path.starts_with(p))
             || is_runtime_or_library(&map.path)
         {
+            continue;
+        }
+        if is_app_shm(&map.path) {
+            lost.push(map.clone());
+            continue;
+        }
+        if SYSTEM_PREFIXES.iter().any(|p| map.path.starts_with(p)) {
             continue;
         }
         // A memfd has no path to map again; a deleted file neither.
@@ -549,8 +581,14 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
         .unwrap_or_default();
     let (mine, lost) = app_mappings(&maps, baseline, reservation);
     for map in lost {
+        let what = if is_app_shm(&map.path) {
+            "POSIX shared memory, which a checkpoint does not save"
+        } else {
+            "a deleted file or a memfd"
+        };
         held.warnings.push(format!(
-            "the mapping of {} at {:#x} ({} bytes) is of a deleted file or a memfd; a restart does not re-establish it",
+            "the mapping of {} at {:#x} ({} bytes) is of {what}; a restart does not re-establish \
+             it or its contents",
             map.path,
             map.start,
             map.end - map.start

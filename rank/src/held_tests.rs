@@ -10,6 +10,9 @@ const MAPS: &str = "\
 7f0000003000-7f0000004000 r--p 00000000 fd:01 97                         /opt/mpi/lib/libmpi.so
 7f0000004000-7f0000005000 r-xp 00001000 fd:01 97                         /opt/mpi/lib/libmpi.so
 7f0000005000-7f0000006000 rw-s 00000000 00:05 96                         /dev/shm/seg
+7f0000005000-7f0000006000 rw-s 00000000 00:05 90                         /dev/shm/vader_segment.vm.0.79c30001.1
+7f0000005000-7f0000006000 rw-s 00000000 00:05 89                         /dev/shm/ucx_shm_posix_29826eb2 (deleted)
+7f0000005000-7f0000006000 rw-s 00000000 00:05 88                         /dev/zero (deleted)
 7f0000006000-7f0000007000 rw-p 00000000 fd:01 95                         /work/gone (deleted)
 7f0000007000-7f0000008000 rw-s 00000000 00:01 93                         /memfd:app (deleted)
 7f0000008000-7f0000009000 rw-s 00000000 00:01 92                         /memfd:cryo-control (deleted)
@@ -32,13 +35,15 @@ fn the_applications_own_mappings_are_told_apart() {
     assert_eq!(paths, vec!["/work/out put.dat"]);
     assert!(mine[0].shared);
     assert_eq!(mine[0].prot, 3);
-    // The runtime's control page, its view of the agent's copy budget
-    // and MPICH's IPC_PRIVATE segment are not the application's; a
-    // keyed System V segment is, and is named.
+    // The runtime's control page, its view of the agent's copy budget,
+    // MPICH's IPC_PRIVATE segment and the MPI libraries' /dev/shm
+    // segments are not the application's; a keyed System V segment and
+    // POSIX shared memory it made are, and are named.
     let lost: Vec<&str> = lost.iter().map(|m| m.path.as_str()).collect();
     assert_eq!(
         lost,
         vec![
+            "/dev/shm/seg",
             "/work/gone (deleted)",
             "/memfd:app (deleted)",
             "/SYSV0000beef (deleted)"
