@@ -117,8 +117,8 @@ pub enum CaptureError {
         /// Why.
         reason: String,
     },
-    /// A file the rank only reads could not be read after its resume, or
-    /// changed meanwhile (`inputs.rs`).
+    /// A file the rank only reads could not be read after its resume (cut
+    /// shorter meanwhile, say: `inputs.rs`).
     #[error("rank {rank}: reading the saved input {path}: {source}")]
     Input {
         /// The rank.

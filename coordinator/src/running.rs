@@ -344,6 +344,10 @@ impl Coordinator {
                 // commit: a pause may hold no copy at all (a clone) or the
                 // whole drain (a preemption's), so no rate is over a pause.
                 let after_park = elapsed.saturating_sub(quiesce);
+                let rate = match epoch.bytes_copied() {
+                    0 => "nothing copied".to_owned(),
+                    bytes => human::rate(bytes, after_park.as_secs_f64()),
+                };
                 eprintln!(
                     "cryo: epoch {} committed: {} ranks; quiesced in {:.3} s; {} copied, longest rank pause {:.1} ms; {} written; committed {:.2} s after the park ({}); {:.2} s in all",
                     epoch.epoch,
@@ -353,7 +357,7 @@ impl Coordinator {
                     longest_pause.as_secs_f64() * 1000.0,
                     human::bytes(epoch.bytes_written()),
                     after_park.as_secs_f64(),
-                    human::rate(epoch.bytes_copied(), after_park.as_secs_f64()),
+                    rate,
                     elapsed.as_secs_f64()
                 );
                 self.broadcast(&CoordinatorToAgent::Committed { epoch: epoch.epoch });

@@ -85,9 +85,22 @@ pub fn restore_files(
         .filter(|fd| fd.restore == FdRestore::Restore)
         .collect();
     let saved = SavedFiles::of(&record.fds, record.regions.iter().map(|r| &r.kind));
+    let fd_limit = crate::floor::make_room(record);
     // Check every fd first, so that a refused restart changes nothing.
     let mut missing: Vec<&FdRecord> = Vec::new();
     for fd in &wanted {
+        if u64::try_from(fd.fd).is_ok_and(|number| number >= fd_limit) {
+            return Err(file_io(
+                record.rank,
+                fd,
+                "reserve fd",
+                io::Error::other(format!(
+                    "the fd number is not below this process's limit on open files ({fd_limit}, \
+                     as far as its hard limit lets it be raised): raise the limit (ulimit -n) \
+                     where the job restarts"
+                )),
+            ));
+        }
         if reserved.contains(&fd.fd) {
             return Err(file_io(
                 record.rank,

@@ -100,6 +100,51 @@ pub(crate) fn hold_lost(record: &RankRecord) -> Vec<RawFd> {
     held
 }
 
+/// Raises this process's soft limit on open files, within its hard limit,
+/// so that every fd of `record` to give back fits under it: the
+/// checkpointed run may have raised its own (`ulimit -n`, `setrlimit`)
+/// before opening them, and a restarted one starts with the launcher's
+/// until the application raises it again, after `cryo_init`. An fd at or
+/// above the hard limit is left to its restore, which fails naming it.
+/// Returns the soft limit now (`u64::MAX` when it cannot be read).
+pub(crate) fn make_room(record: &RankRecord) -> u64 {
+    let highest = (record.fds.iter())
+        .filter(|fd| !matches!(fd.restore, FdRestore::NotOurs(_)))
+        .map(|fd| u64::try_from(fd.fd).unwrap_or(0))
+        .max();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        // Unknown: each restore says whether its number fits.
+        return u64::MAX;
+    }
+    let Some(needed) = highest.map(|fd| fd + 1) else {
+        return limit.rlim_cur;
+    };
+    if needed <= limit.rlim_cur {
+        return limit.rlim_cur;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: needed.min(limit.rlim_max),
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given; a soft limit within
+    // the hard one is always allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return limit.rlim_cur;
+    }
+    tracing::info!(
+        rank = record.rank,
+        from = limit.rlim_cur,
+        to = raised.rlim_cur,
+        "restart.fd_limit_raised"
+    );
+    raised.rlim_cur
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +214,56 @@ mod tests {
             libc::close(free);
             libc::close(mpi);
         }
+    }
+
+    #[test]
+    fn the_fd_limit_is_raised_for_the_fds_to_give_back_within_the_hard_one() {
+        use cryo_core::format::manifest::{FdKind, FdRecord};
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the struct it is given.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        assert_eq!(got, 0);
+        // A soft limit below the hard one, as a launcher may give, and well
+        // above what this process's other tests open.
+        let lowered = libc::rlimit {
+            rlim_cur: (limit.rlim_max / 2).clamp(4096, 1 << 20).min(limit.rlim_max),
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) };
+        assert_eq!(set, 0);
+        let original = limit;
+        let limit = lowered;
+        let with_fd = |number: u64, restore: FdRestore| {
+            let mut record = RankRecord::new(0, "n", 1);
+            record.fds.push(FdRecord {
+                fd: i32::try_from(number).unwrap_or(i32::MAX),
+                kind: FdKind::Regular,
+                path: "/work/log".into(),
+                flags: 1,
+                offset: 0,
+                size_at_checkpoint: 0,
+                restore,
+                shares_with: None,
+            });
+            record
+        };
+        // Within the limit, or not ours to give back: unchanged.
+        assert_eq!(make_room(&with_fd(3, FdRestore::Restore)), limit.rlim_cur);
+        let far = limit.rlim_cur.saturating_add(10);
+        assert_eq!(
+            make_room(&with_fd(far, FdRestore::NotOurs("mpi".into()))),
+            limit.rlim_cur
+        );
+        // Above it: raised to fit, never past the hard limit.
+        let raised = make_room(&with_fd(far, FdRestore::Restore));
+        assert_eq!(raised, (far + 1).min(limit.rlim_max));
+        // SAFETY: setrlimit reads the struct it is given; the soft limit
+        // goes back to what it was.
+        let back = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &original) };
+        assert_eq!(back, 0);
     }
 }
