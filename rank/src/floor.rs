@@ -229,7 +229,9 @@ mod tests {
         // A soft limit below the hard one, as a launcher may give, and well
         // above what this process's other tests open.
         let lowered = libc::rlimit {
-            rlim_cur: (limit.rlim_max / 2).clamp(4096, 1 << 20).min(limit.rlim_max),
+            rlim_cur: (limit.rlim_max / 2)
+                .clamp(4096, 1 << 20)
+                .min(limit.rlim_max),
             rlim_max: limit.rlim_max,
         };
         // SAFETY: setrlimit reads the struct it is given.
