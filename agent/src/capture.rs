@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use cryo_core::format::manifest::{
     ChunkRef, FdRestore, MappingRecord, RankRecord, RegionRecord, WriteStats,
@@ -29,14 +29,14 @@ use thiserror::Error;
 
 use crate::fds::{read_fd_table, saved_unlinked, FdOwners, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
-use crate::inputs::Inputs;
+use crate::inputs::{InputStamps, Inputs};
 use crate::node_local::node_local_warnings;
 use crate::pool::BufferPool;
 use crate::procfs::{parse_maps, MapsParseError, MemoryError, ProcessAccess};
 use crate::self_copy::{copy_parked, regions_readable, SelfCopy, SelfCopyRefusal};
 use crate::snapshot::{is_private, split_private, take_snapshot, CopyOutlook, SnapshotPolicy};
 use crate::stream::{reuse, store, stream, Source};
-use crate::tracking::{select, Piece, Selection};
+use crate::tracking::{select, Baseline, Piece, Selection};
 pub use crate::tracking::{
     Heat, RegionHeat, HOT_CAPTURES, HOT_SHARE, SAMPLE_EVERY, SAMPLE_MIN_CHUNKS,
 };
@@ -275,15 +275,15 @@ pub trait ParkedRank {
 /// the rank may run again; if this returns an error before that, the
 /// caller must abort the rank. Returns the report and the rank's record
 /// (not yet written: the caller finishes it).
-pub fn capture_rank(
+pub(crate) fn capture_rank(
     ctx: &CaptureContext<'_>,
     writer: &RankWriter<'_>,
     parked: &Parked,
-    baseline: Option<&[RegionRecord]>,
+    baseline: Option<&Baseline>,
     heat: &mut RegionHeat,
     control: &mut dyn ParkedRank,
     hold: GateHold<'_>,
-) -> Result<(RankCaptureReport, RankRecord), CaptureError> {
+) -> Result<Captured, CaptureError> {
     let rank = parked.rank;
     let pid = parked.pid;
     let maps_text =
@@ -326,14 +326,29 @@ pub fn capture_rank(
 
     let Selection {
         copy: pieces,
-        reuse: reused,
-    } = select(ctx, parked, baseline, heat, ctx.pool.slot_size());
-    let copied_bytes = pieces.iter().map(|p| p.len as u64).sum();
-    // The files it only reads are read once it runs again.
-    let inputs = Inputs::open(access, pid, &fds, regions, &process);
+        reuse: mut reused,
+    } = select(
+        ctx,
+        parked,
+        baseline.map(|b| &b.regions[..]),
+        heat,
+        ctx.pool.slot_size(),
+    );
+    // The files it only reads are read once it runs again, unless they are
+    // as the previous capture read them.
+    let inputs = Inputs::open(access, pid, &fds, regions, &process, SystemTime::now());
     let (from_inputs, pieces): (Vec<Piece>, Vec<Piece>) = pieces
         .into_iter()
         .partition(|piece| inputs.holds(piece.region));
+    let (from_inputs, kept) = inputs.keep_unchanged(from_inputs, regions, baseline);
+    if !kept.is_empty() {
+        let bytes: u64 = kept.iter().map(|(_, c)| u64::from(c.len)).sum();
+        tracing::debug!(rank, epoch = parked.epoch, bytes, "rank.inputs_unchanged");
+    }
+    reused.extend(kept);
+    let copied_bytes = (pieces.iter().chain(&from_inputs))
+        .map(|p| p.len as u64)
+        .sum();
     let fds_restored = fds
         .iter()
         .filter(|f| f.restore == FdRestore::Restore)
@@ -483,7 +498,23 @@ pub fn capture_rank(
         cwd,
         process,
     };
-    Ok((report, record))
+    let inputs = inputs.stamps(&parked.regions);
+    Ok(Captured {
+        report,
+        record,
+        inputs,
+    })
+}
+
+/// What a capture of a rank gives.
+#[derive(Debug)]
+pub(crate) struct Captured {
+    /// What the rank is told at its resume.
+    pub(crate) report: RankCaptureReport,
+    /// Its part of the manifest, once durable.
+    pub(crate) record: RankRecord,
+    /// The files it read after the resume, as they were (see `inputs.rs`).
+    pub(crate) inputs: InputStamps,
 }
 
 /// Nanoseconds since `t`, saturating.

@@ -20,9 +20,10 @@ use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cryo_core::format::fds::CLOSED_CONTENTS_PREFIX;
-use cryo_core::format::manifest::{FdRecord, RegionKind};
+use cryo_core::format::manifest::{ChunkRef, FdRecord, RegionKind};
 use cryo_core::format::process::ProcessAttrs;
 use cryo_core::protocol::RegionInfo;
 use rayon::prelude::*;
@@ -30,7 +31,49 @@ use rayon::prelude::*;
 use crate::capture::CaptureError;
 use crate::pool::Slot;
 use crate::procfs::ProcessAccess;
-use crate::tracking::Piece;
+use crate::tracking::{matching_baseline, Baseline, Piece};
+
+/// How long before the park a file's last change must be for its stamp to
+/// be trusted at the next capture: far more than a tick of the coarse
+/// clock the kernel stamps changes with.
+pub(crate) const SETTLED: Duration = Duration::from_secs(1);
+
+/// What tells a file is as it was: which file it is, its size and its
+/// modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// Whether its last change was at least [`SETTLED`] before `now`.
+    fn settled(&self, now: SystemTime) -> bool {
+        let (Ok(secs), Ok(nanos)) = (u64::try_from(self.ctime.0), u32::try_from(self.ctime.1))
+        else {
+            return false;
+        };
+        let changed = UNIX_EPOCH + Duration::new(secs, nanos);
+        now.duration_since(changed)
+            .is_ok_and(|since| since >= SETTLED)
+    }
+}
+
+/// The stamps of the inputs a capture read, by region name and address.
+pub(crate) type InputStamps = HashMap<(String, u64), FileStamp>;
 
 /// See the module.
 #[derive(Debug, Default)]
@@ -43,28 +86,26 @@ pub(crate) struct Inputs {
 struct Input {
     path: String,
     file: File,
-    /// Its size and change time at the park.
-    seen: (u64, (i64, i64)),
+    /// As it was at the park.
+    seen: FileStamp,
+    /// Whether `seen` may be trusted at the next capture (see [`SETTLED`]).
+    settled: bool,
     /// Found otherwise by a read.
     changed: AtomicBool,
-}
-
-/// A file's size and change time.
-fn look(meta: &std::fs::Metadata) -> (u64, (i64, i64)) {
-    (meta.len(), (meta.ctime(), meta.ctime_nsec()))
 }
 
 impl Inputs {
     /// Opens, from the parked rank `pid`, the file behind each of `regions`
     /// that saves one the rank only reads (`process`: see `attrs.rs`). One
     /// that cannot be opened, or is shorter than its region, is left to the
-    /// copy while the rank is parked.
+    /// copy while the rank is parked. `now` is the time of the park.
     pub(crate) fn open(
         access: &dyn ProcessAccess,
         pid: u32,
         fds: &[FdRecord],
         regions: &[RegionInfo],
         process: &ProcessAttrs,
+        now: SystemTime,
     ) -> Inputs {
         let mut files = HashMap::new();
         for (index, region) in regions.iter().enumerate() {
@@ -89,16 +130,15 @@ impl Inputs {
             });
             match opened {
                 Ok((file, meta)) if meta.len() >= region.len => {
-                    let path = path.clone();
-                    let seen = look(&meta);
-                    let changed = AtomicBool::new(false);
+                    let seen = FileStamp::of(&meta);
                     files.insert(
                         index,
                         Input {
-                            path,
+                            path: path.clone(),
                             file,
                             seen,
-                            changed,
+                            settled: seen.settled(now),
+                            changed: AtomicBool::new(false),
                         },
                     );
                 }
@@ -112,6 +152,48 @@ impl Inputs {
     /// Whether region `region` is read from its file.
     pub(crate) fn holds(&self, region: usize) -> bool {
         self.files.contains_key(&region)
+    }
+
+    /// Splits `pieces` (of the inputs) into those to read and, for each
+    /// input as it was when the capture of `baseline` read it, that
+    /// capture's chunks of it.
+    pub(crate) fn keep_unchanged(
+        &self,
+        pieces: Vec<Piece>,
+        regions: &[RegionInfo],
+        baseline: Option<&Baseline>,
+    ) -> (Vec<Piece>, Vec<(usize, ChunkRef)>) {
+        let Some(baseline) = baseline else {
+            return (pieces, Vec::new());
+        };
+        let mut by_region: HashMap<usize, Vec<Piece>> = HashMap::new();
+        for piece in pieces {
+            by_region.entry(piece.region).or_default().push(piece);
+        }
+        let (mut read, mut kept) = (Vec::new(), Vec::new());
+        for (index, mine) in by_region {
+            let region = &regions[index];
+            let unchanged = self.files.get(&index).is_some_and(|input| {
+                baseline.inputs.get(&(region.name.clone(), region.addr)) == Some(&input.seen)
+            });
+            match matching_baseline(&baseline.regions, region, &mine).filter(|_| unchanged) {
+                Some(chunks) => kept.extend(chunks.iter().map(|chunk| (index, *chunk))),
+                None => read.extend(mine),
+            }
+        }
+        (read, kept)
+    }
+
+    /// The stamps to trust at the next capture: those of the inputs not
+    /// found changed whose last change had settled at the park.
+    pub(crate) fn stamps(&self, regions: &[RegionInfo]) -> InputStamps {
+        (self.files.iter())
+            .filter(|(_, input)| input.settled && !input.changed.load(Ordering::Relaxed))
+            .filter_map(|(index, input)| {
+                let region = regions.get(*index)?;
+                Some(((region.name.clone(), region.addr), input.seen))
+            })
+            .collect()
     }
 
     /// Reads `pieces` of rank `rank`'s inputs into `slots` on `threads`.
@@ -157,7 +239,7 @@ impl Inputs {
                 })
             })?;
         let meta = input.file.metadata().map_err(failed)?;
-        if look(&meta) != input.seen {
+        if FileStamp::of(&meta) != input.seen {
             input.changed.store(true, Ordering::Relaxed);
         }
         Ok(())
@@ -189,12 +271,15 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
+    use cryo_core::format::chunk::ChunkHash;
     use cryo_core::format::fds::{closed_contents_region_name, mapped_file_region_name};
-    use cryo_core::format::manifest::{FdKind, FdRestore};
+    use cryo_core::format::manifest::{FdKind, FdRestore, RegionRecord};
+    use cryo_core::format::pack::ChunkPlace;
     use cryo_core::format::process::SavedFile;
 
     use super::*;
     use crate::procfs::LinuxProcess;
+    use crate::tracking::plan;
 
     fn saved(path: &str, written: bool) -> SavedFile {
         SavedFile {
@@ -264,7 +349,15 @@ mod tests {
             ],
             ..ProcessAttrs::default()
         };
-        let inputs = Inputs::open(&LinuxProcess, std::process::id(), &fds, &regions, &process);
+        let now = SystemTime::now();
+        let inputs = Inputs::open(
+            &LinuxProcess,
+            std::process::id(),
+            &fds,
+            &regions,
+            &process,
+            now,
+        );
         let held: Vec<usize> = (0..regions.len()).filter(|i| inputs.holds(*i)).collect();
         assert_eq!(held, [1, 2]);
 
@@ -315,5 +408,125 @@ mod tests {
         );
         assert_eq!(err.rank(), 7);
         assert!(inputs.read_piece(7, &piece(3, 0, 4096), &mut dest).is_err());
+    }
+
+    #[test]
+    fn an_input_as_the_previous_capture_read_it_keeps_its_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("input").to_str().unwrap().to_owned();
+        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let input = File::open(&path).unwrap();
+        let fds = [FdRecord {
+            fd: input.as_raw_fd(),
+            kind: FdKind::Regular,
+            path: path.clone(),
+            flags: 0,
+            offset: 0,
+            size_at_checkpoint: 10_000,
+            restore: FdRestore::Restore,
+            shares_with: None,
+        }];
+        let regions = [
+            RegionInfo {
+                name: "state".into(),
+                addr: 0x1000,
+                len: 4096,
+                kind: RegionKind::Anonymous,
+            },
+            RegionInfo {
+                name: "cryo:file:a".into(),
+                addr: 0,
+                len: 10_000,
+                kind: RegionKind::FileContents {
+                    fd: input.as_raw_fd(),
+                },
+            },
+        ];
+        let process = ProcessAttrs {
+            saved_files: vec![saved(&path, false)],
+            ..ProcessAttrs::default()
+        };
+        let open = |at: SystemTime| {
+            let pid = std::process::id();
+            Inputs::open(&LinuxProcess, pid, &fds, &regions, &process, at)
+        };
+        let pieces: Vec<Piece> = (plan(&regions, 4096).into_iter())
+            .filter(|p| p.region == 1)
+            .collect();
+        // What the previous capture stored of it.
+        let chunks: Vec<ChunkRef> = (pieces.iter())
+            .map(|p| {
+                let start = usize::try_from(p.offset).unwrap();
+                ChunkRef {
+                    offset: p.offset,
+                    len: u32::try_from(p.len).unwrap(),
+                    stored_len: 0,
+                    hash: ChunkHash::of(&bytes[start..start + p.len]),
+                    place: ChunkPlace::Loose,
+                }
+            })
+            .collect();
+        let baseline = |inputs: InputStamps| Baseline {
+            regions: vec![RegionRecord {
+                name: "cryo:file:a".into(),
+                addr: 0,
+                len: 10_000,
+                kind: regions[1].kind.clone(),
+                chunks: chunks.clone(),
+            }],
+            inputs,
+        };
+        // Changed a moment ago: read, and no stamp kept for the next.
+        let fresh = open(SystemTime::now());
+        let (read, kept) = fresh.keep_unchanged(pieces.clone(), &regions, None);
+        assert_eq!((read.len(), kept.len()), (3, 0));
+        assert!(fresh.stamps(&regions).is_empty());
+        // Settled since: read the first time, its stamp kept; as it was at
+        // the next capture, that capture's chunks are taken.
+        let later = SystemTime::now() + SETTLED + Duration::from_secs(1);
+        let first = open(later);
+        let stamps = first.stamps(&regions);
+        assert_eq!(stamps.len(), 1);
+        let (read, kept) = first.keep_unchanged(pieces.clone(), &regions, None);
+        assert_eq!((read.len(), kept.len()), (3, 0));
+        let previous = baseline(stamps.clone());
+        let next = open(later);
+        let (read, kept) = next.keep_unchanged(pieces.clone(), &regions, Some(&previous));
+        assert!(read.is_empty());
+        let expected: Vec<(usize, ChunkRef)> = chunks.iter().map(|c| (1, *c)).collect();
+        let mut kept = kept;
+        kept.sort_by_key(|(_, c)| c.offset);
+        assert_eq!(kept, expected);
+        assert_eq!(next.stamps(&regions), stamps);
+        // A baseline cut otherwise, or without the stamp: read again.
+        let (read, _) = next.keep_unchanged(
+            pieces.clone(),
+            &regions,
+            Some(&baseline(InputStamps::new())),
+        );
+        assert_eq!(read.len(), 3);
+        // Written since (same length, other bytes, a tick of the kernel's
+        // clock later): read again; written while read: read, and no stamp
+        // kept.
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(b"other", 100)
+            .unwrap();
+        let written = open(later + Duration::from_secs(1));
+        let (read, kept) = written.keep_unchanged(pieces.clone(), &regions, Some(&previous));
+        assert_eq!((read.len(), kept.len()), (3, 0));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        let mut dest = vec![0u8; 4096];
+        written.read_piece(7, &pieces[0], &mut dest).unwrap();
+        assert!(written.stamps(&regions).is_empty());
     }
 }

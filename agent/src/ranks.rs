@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 
-use cryo_core::format::manifest::RegionRecord;
 use cryo_core::protocol::{
     send_message_with_fd_as, write_message_as, AgentToRank, ControlPage, CopyOutcome,
     SnapshotOutcome, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
@@ -18,6 +17,7 @@ use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::capture::{Parked, RegionHeat};
+use crate::tracking::Baseline;
 
 /// What a rank's reader thread forwards to the epoch in progress.
 pub(crate) enum RankEvent {
@@ -117,7 +117,7 @@ pub(crate) struct RankConn {
     /// capture's part is durable: unwritten chunks are reused from it.
     /// Taken by each capture and put back only once its part is durable,
     /// since the write-tracking scan of a failed capture is lost.
-    pub(crate) baseline: Mutex<Option<Vec<RegionRecord>>>,
+    pub(crate) baseline: Mutex<Option<Baseline>>,
     /// Which of this process's regions are hot (rewritten whole between
     /// captures) and so copied without being scanned and protected again.
     pub(crate) heat: Mutex<RegionHeat>,

@@ -10,6 +10,7 @@ use cryo_core::format::manifest::{ChunkRef, RegionRecord};
 use cryo_core::protocol::RegionInfo;
 
 use crate::capture::{CaptureContext, Parked};
+use crate::inputs::InputStamps;
 use crate::procfs::ProcessAccess;
 
 #[derive(Debug, Clone, Copy)]
@@ -44,9 +45,20 @@ pub(crate) struct Selection {
     pub(crate) reuse: Vec<(usize, ChunkRef)>,
 }
 
+/// What a rank process's last durable capture stored: the next one reuses
+/// from it what did not change.
+#[derive(Debug, Default)]
+pub(crate) struct Baseline {
+    /// The regions and their chunks.
+    pub(crate) regions: Vec<RegionRecord>,
+    /// The files it read once the rank ran again, as they were then
+    /// (`inputs.rs`).
+    pub(crate) inputs: InputStamps,
+}
+
 /// The previous epoch's chunks of `region`, if they describe it exactly as
 /// `plan` would cut it now.
-fn matching_baseline<'a>(
+pub(crate) fn matching_baseline<'a>(
     baseline: &'a [RegionRecord],
     region: &RegionInfo,
     pieces: &[Piece],

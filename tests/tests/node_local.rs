@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,7 +19,7 @@ use cryo_tests::heat2d::{
     built, compile_mpich_program_with, openmpi_available, openmpi_flavour, repo_root,
 };
 use cryo_tests::state::{have_mpi, wait_child};
-use cryo_tests::{lines, output_text, wait_until};
+use cryo_tests::{lines, output_text, wait_until, Agent, Program, Rank, RankFiles, RankSpec};
 
 const RANKS: u32 = 2;
 const STEPS: &str = "120";
@@ -413,4 +413,125 @@ fn python_available() -> bool {
         output_text(&check)
     );
     false
+}
+
+/// A tmpfs mounted at a directory for the life of the value (detached
+/// when dropped, a failed test included).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path) -> Tmpfs {
+        let at_text = at.to_str().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "cryo-input", at_text])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The bytes of region `name`'s chunks in epoch `epoch` of rank 0.
+fn stored_region(job: &cryo_core::store::JobStore, epoch: u64, path: &Path) -> Vec<u8> {
+    let manifest = job.load_manifest(epoch).unwrap();
+    let rank = &manifest.ranks[0];
+    let fd = (rank.fds.iter())
+        .find(|fd| Path::new(&fd.path) == path)
+        .unwrap_or_else(|| panic!("no fd of {} in {:?}", path.display(), rank.fds));
+    let region = (rank.regions.iter())
+        .find(|r| r.kind == cryo_core::format::manifest::RegionKind::FileContents { fd: fd.fd })
+        .unwrap_or_else(|| panic!("no region saves {}", path.display()));
+    let mut bytes = vec![0u8; usize::try_from(region.len).unwrap()];
+    for chunk in &region.chunks {
+        let start = usize::try_from(chunk.offset).unwrap();
+        let end = start + usize::try_from(chunk.len).unwrap();
+        job.read_chunk_into(chunk, &mut bytes[start..end]).unwrap();
+    }
+    bytes
+}
+
+/// An input in node memory that a rank holds open for reading and nothing
+/// writes is read from the file at the first checkpoint only: later ones
+/// take its chunks as they were (the copy figure leaves it out), and the
+/// checkpoint still holds its bytes. One written since is read again.
+#[test]
+fn an_input_unchanged_since_the_last_checkpoint_is_not_read_again() {
+    if !cryo_tests::netns::available() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-node-input-")
+        .tempdir()
+        .unwrap();
+    let scratch = dir.path().join("scratch");
+    fs::create_dir_all(&scratch).unwrap();
+    let _tmpfs = Tmpfs::mount(&scratch);
+    let mesh = scratch.join("mesh.bin");
+    const MESH: usize = 8 << 20;
+    cryo_tests::write_input(&mesh, MESH);
+    // Its last change is over a second old at the first checkpoint, so
+    // its stamp is trusted at the next (`agent/src/inputs.rs`).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mapped = dir.path().join("input.dat");
+    cryo_tests::write_input(&mapped, 100_000);
+    let agent = Agent::start(dir.path(), "mesh", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(dir.path(), "run-0", &mapped);
+    let program = Program::Rust;
+    let spec = RankSpec {
+        program: &program,
+        rank: 0,
+        agent: Some(&agent),
+        steps: 100_000,
+        state_mb: 1,
+        step_ms: 10,
+    };
+    let store = dir.path().join("store");
+    let env = [
+        ("CRYO_EXAMPLE_READS", mesh.to_str().unwrap()),
+        ("CRYO_STORE", store.to_str().unwrap()),
+    ];
+    let mut rank = Rank::start_with_env(&spec, &files, &env);
+    let checkpoint = |rank: &mut Rank| {
+        rank.wait_lines(lines(&files.log) + 5);
+        let report = agent.checkpoint();
+        (report.epoch, report.ranks[0].clone())
+    };
+    let (first, r1) = checkpoint(&mut rank);
+    let (second, r2) = checkpoint(&mut rank);
+    let job = cryo_core::Store::open(&store)
+        .and_then(|store| store.existing_job("mesh"))
+        .unwrap();
+    let original = fs::read(&mesh).unwrap();
+    assert!(r1.copied_bytes >= MESH as u64, "{r1:?}");
+    assert!(
+        r2.bytes >= MESH as u64 && r2.copied_bytes < (MESH / 2) as u64,
+        "the unchanged input was read again: {r2:?}"
+    );
+    for epoch in [first, second] {
+        assert!(
+            stored_region(&job, epoch, &mesh) == original,
+            "epoch {epoch}"
+        );
+    }
+    // Rewritten in place by another process: read again, and saved as it
+    // is now.
+    let rewritten: Vec<u8> = original.iter().map(|b| b ^ 0x5a).collect();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&mesh)
+        .unwrap()
+        .write_all_at(&rewritten, 0)
+        .unwrap();
+    let (third, r3) = checkpoint(&mut rank);
+    assert!(r3.copied_bytes >= MESH as u64, "{r3:?}");
+    assert!(stored_region(&job, third, &mesh) == rewritten);
+    let log = fs::read_to_string(&files.log).unwrap();
+    assert!(log.lines().all(|l| l.contains(" reads ")), "{log}");
+    rank.kill9();
 }

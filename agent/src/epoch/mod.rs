@@ -368,7 +368,7 @@ fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
         .map(|conn| {
             let stored = lock(&conn.baseline)
                 .as_ref()
-                .map(|regions| regions.iter().map(|r| r.len).sum::<u64>());
+                .map(|baseline| baseline.regions.iter().map(|r| r.len).sum::<u64>());
             stored
                 .or_else(|| resident_anon_bytes(conn.pid))
                 .unwrap_or(0)

@@ -20,6 +20,7 @@ use crate::capture::{
 use crate::ranks::{RankConn, RankEvent};
 use crate::self_copy::{answer_within, slots_to_fill, SelfCopyRefusal};
 use crate::snapshot::SnapshotPolicy;
+use crate::tracking::Baseline;
 
 /// How often a wait checks whether the epoch was cancelled.
 const POLL: Duration = Duration::from_millis(20);
@@ -219,7 +220,7 @@ pub(super) fn capture_one(
             &ctx,
             &rank_writer,
             &parked,
-            baseline.as_deref(),
+            baseline.as_ref(),
             &mut heat,
             &mut control,
             hold,
@@ -227,8 +228,8 @@ pub(super) fn capture_one(
     };
     let refused = control.refused.take();
     drop(control);
-    let (mut report, record) = match captured {
-        Ok(captured) => captured,
+    let (mut report, record, inputs) = match captured {
+        Ok(captured) => (captured.report, captured.record, captured.inputs),
         Err(err) => {
             if !did_resume || held {
                 tracing::info!(job, node, rank, epoch, "rank.aborted");
@@ -254,7 +255,7 @@ pub(super) fn capture_one(
         await_verdict(conn, run, refused)?;
         let regions = record.regions.clone();
         let stats = rank_writer.finish(record)?;
-        *lock(&conn.baseline) = Some(regions);
+        *lock(&conn.baseline) = Some(Baseline { regions, inputs });
         lock(&run.written).push(rank);
         tracing::info!(
             job,

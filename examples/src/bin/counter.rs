@@ -75,6 +75,35 @@ struct Args {
     /// region.
     #[arg(long, env = "CRYO_EXAMPLE_PROTECTED_STATE")]
     protected_state: bool,
+    /// A file held open for reading, as a code keeps its mesh: each step
+    /// reads one word of it (`pread`) into its log line.
+    #[arg(long, env = "CRYO_EXAMPLE_READS")]
+    reads: Option<PathBuf>,
+}
+
+/// The header word that holds the fd of `--reads`, or `NO_FD`.
+const READS_FD: usize = 3;
+const NO_FD: u64 = u64::MAX;
+
+/// The word of the file behind `fd` at step `step`, cycling through it.
+fn read_word(fd: RawFd, step: u64) -> Result<u64> {
+    let len = nix::sys::stat::fstat(fd)
+        .context("fstat of --reads")?
+        .st_size;
+    // SAFETY: the fd is `--reads`, open for the life of the process
+    // (opened by us on a fresh start, re-opened by cryo on a restart).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let words = u64::try_from(len / 8).unwrap_or(0);
+    if words == 0 {
+        bail!("--reads holds no word");
+    }
+    let offset = i64::try_from((step.wrapping_mul(7919) % words) * 8).context("offset")?;
+    let mut word = [0u8; 8];
+    let got = nix::sys::uio::pread(fd, &mut word, offset).context("pread of --reads")?;
+    if got != word.len() {
+        bail!("--reads: short read at {offset}");
+    }
+    Ok(u64::from_le_bytes(word))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -254,6 +283,14 @@ fn run(args: &Args) -> Result<()> {
             header[0] = MAGIC;
             header[1] = 0;
             header[2] = u64::try_from(fd).context("fd")?;
+            header[READS_FD] = match &args.reads {
+                Some(path) => {
+                    let fd = open(path, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    u64::try_from(fd).context("fd")?
+                }
+                None => NO_FD,
+            };
             fd
         }
         Some(epoch) => {
@@ -290,8 +327,15 @@ fn run(args: &Args) -> Result<()> {
         }
         meta[0] = meta[0].wrapping_add(sum);
         meta[1] = step;
+        let reads = match header[READS_FD] {
+            NO_FD => String::new(),
+            fd => {
+                let word = read_word(RawFd::try_from(fd).context("saved fd")?, step)?;
+                format!(" reads {word:016x}")
+            }
+        };
         let line = format!(
-            "rank {} step {step} block {block} sum {sum:016x} total {:016x}\n",
+            "rank {} step {step} block {block} sum {sum:016x} total {:016x}{reads}\n",
             info.rank, meta[0]
         );
         write_all(log_fd, line.as_bytes())?;
