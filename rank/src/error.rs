@@ -273,6 +273,17 @@ pub enum RestoreError {
         /// The OS error.
         source: io::Error,
     },
+    /// A file of the node the rank wrote is here with other bytes than it
+    /// saved, and cannot be written to put them back.
+    #[error("rank {rank}: {path}, a file of its node it wrote, is here with other bytes than the checkpoint saved, and cannot be opened to put them back: {source}; restart with CRYO_FILE_POLICY=keep to go on with the file as it is")]
+    PutBack {
+        /// The rank.
+        rank: u32,
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The working directory the rank had at the checkpoint could not be
     /// returned to.
     #[error("rank {rank}: returning to its working directory {path}: {step}: {source}")]

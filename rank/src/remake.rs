@@ -20,7 +20,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use cryo_core::format::chunk::ChunkHash;
@@ -86,32 +86,81 @@ fn written_here(record: &RankRecord, path: &str) -> bool {
 ///   placed the ranks otherwise; one rewritten since): the saved bytes
 ///   from the first that differs, and the cut to their length.
 ///
-/// One it cannot open for writing is left as it is, and the settle says
-/// whether it could be cut back. Returns whether it wrote.
+/// One that does not start with them and cannot be written (another
+/// user's, a read-only filesystem) fails the restart, naming it. One whose
+/// mode no longer lets the rank write it (a finished output made read-only)
+/// is written through the owner's write permission, lent for the time of
+/// the writing. Returns whether it wrote.
 fn put_back(
     rank: u32,
     path: &str,
     region: &RegionRecord,
     store: &JobStore,
 ) -> Result<bool, RestoreError> {
-    let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
-        Ok(file) => file,
-        Err(err) => {
-            tracing::warn!(rank, path = %path, error = %err, "file.not_writable");
+    let io = |step| move |source| failed(rank, path, step, source);
+    let unwritable = |source| RestoreError::PutBack {
+        rank,
+        path: path.to_owned(),
+        source,
+    };
+    {
+        let file = fs::File::open(path).map_err(unwritable)?;
+        let len = file.metadata().map_err(io("stat"))?.len();
+        if len >= region.len && starts_with_chunks(&file, region).map_err(io("read"))? {
             return Ok(false);
         }
-    };
-    let io = |step| move |source| failed(rank, path, step, source);
-    let len = file.metadata().map_err(io("stat"))?.len();
-    if len >= region.len && starts_with_chunks(&file, region).map_err(io("read"))? {
-        return Ok(false);
     }
+    let (file, lent) = open_to_put_back(path).map_err(unwritable)?;
+    let wrote = put_back_into(rank, path, &file, region, store);
+    if let Some(mode) = lent {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(io("restore its mode"))?;
+    }
+    wrote
+}
+
+/// Opens the file at `path` for reading and writing. One whose mode does
+/// not let its owner write it, when the rank is its owner, is opened
+/// through the owner's write permission, lent: the mode to put back is
+/// returned with it.
+fn open_to_put_back(path: &str) -> io::Result<(fs::File, Option<u32>)> {
+    let open = || fs::OpenOptions::new().read(true).write(true).open(path);
+    let err = match open() {
+        Ok(file) => return Ok((file, None)),
+        Err(err) => err,
+    };
+    let meta = fs::metadata(path)?;
+    let mode = meta.permissions().mode() & 0o7777;
+    let owner = meta.uid() == nix::unistd::geteuid().as_raw();
+    if err.kind() != io::ErrorKind::PermissionDenied || !owner || mode & 0o200 != 0 {
+        return Err(err);
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode | 0o200))?;
+    match open() {
+        Ok(file) => Ok((file, Some(mode))),
+        Err(err) => {
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(mode));
+            Err(err)
+        }
+    }
+}
+
+/// Writes the bytes of `region` into `file` (see [`put_back`]) where they
+/// differ from what is there.
+fn put_back_into(
+    rank: u32,
+    path: &str,
+    file: &fs::File,
+    region: &RegionRecord,
+    store: &JobStore,
+) -> Result<bool, RestoreError> {
+    let io = |step| move |source| failed(rank, path, step, source);
     let mut differs = false;
     let mut there = Vec::new();
     let mut reconcile = |offset: u64, saved: &[u8]| -> io::Result<()> {
         let mut from = 0;
         if !differs {
-            let read = read_up_to(&file, offset, saved.len(), &mut there)?;
+            let read = read_up_to(file, offset, saved.len(), &mut there)?;
             if there[..read] == saved[..read] {
                 from = read;
             } else {
@@ -121,14 +170,7 @@ fn put_back(
         file.write_all_at(&saved[from..], offset + from as u64)
     };
     crate::restore_threads::restore(|| store.stream_region(region, 16 << 20, &mut reconcile))
-        .map_err(|err| match err {
-            StreamError::Read(source) => RestoreError::Contents {
-                rank,
-                what: format!("the saved contents of {path}"),
-                source,
-            },
-            StreamError::Sink(source) => failed(rank, path, "write its contents", source),
-        })?;
+        .map_err(|err| streaming_failed(rank, path, err))?;
     if differs {
         file.set_len(region.len).map_err(io("cut it"))?;
     }
@@ -257,14 +299,19 @@ fn fill(
     store: &JobStore,
     file: &fs::File,
 ) -> Result<(), RestoreError> {
-    crate::files::fill_file(store, region, file).map_err(|err| match err {
+    crate::files::fill_file(store, region, file).map_err(|err| streaming_failed(rank, path, err))
+}
+
+/// Writing a file from its saved contents failed: reading them, or writing.
+fn streaming_failed(rank: u32, path: &str, err: StreamError<io::Error>) -> RestoreError {
+    match err {
         StreamError::Read(source) => RestoreError::Contents {
             rank,
             what: format!("the saved contents of {path}"),
             source,
         },
         StreamError::Sink(source) => failed(rank, path, "write its contents", source),
-    })
+    }
 }
 
 fn failed(rank: u32, path: &str, step: &'static str, source: io::Error) -> RestoreError {
@@ -373,6 +420,69 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"another node's log\n");
         let beside: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(beside.len(), 1, "{beside:?}");
+    }
+
+    /// A file the rank wrote whose mode no longer lets it write (a finished
+    /// output made read-only) is opened through its owner's write
+    /// permission, lent; one of another user is not, and fails the
+    /// restart naming it. Run as another user in a child (root writes
+    /// whatever the mode).
+    #[test]
+    fn a_read_only_file_it_owns_is_written_through_a_lent_permission() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to run a child as another user");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let (own, other) = (root.path().join("own.out"), root.path().join("other.out"));
+        for path in [&own, &other] {
+            fs::write(path, b"there").unwrap();
+            fs::set_permissions(path, fs::Permissions::from_mode(0o444)).unwrap();
+        }
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        let nogroup = nix::unistd::Gid::from_raw(65534);
+        nix::unistd::chown(&own, Some(nobody), Some(nogroup)).unwrap();
+        let (own, other) = (own.to_str().unwrap(), other.to_str().unwrap());
+        // SAFETY: the child only makes system calls and exits with `_exit`;
+        // glibc's fork handlers leave its allocator usable.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let code = (|| {
+                    nix::unistd::setgid(nogroup).ok()?;
+                    nix::unistd::setuid(nobody).ok()?;
+                    let (file, lent) = open_to_put_back(own).ok()?;
+                    let mode = fs::metadata(own).ok()?.permissions().mode() & 0o7777;
+                    file.write_all_at(b"saved", 0).ok()?;
+                    fs::set_permissions(own, fs::Permissions::from_mode(lent?)).ok()?;
+                    let refused = open_to_put_back(other).err()?;
+                    let ok = lent == Some(0o444)
+                        && mode == 0o644
+                        && refused.kind() == io::ErrorKind::PermissionDenied;
+                    Some(if ok { 0 } else { 3 })
+                })()
+                .unwrap_or(2);
+                // SAFETY: ends the child at once, running nothing of the
+                // parent's (no atexit handlers, no test harness).
+                unsafe { nix::libc::_exit(code) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let status = nix::sys::wait::waitpid(child, None).unwrap();
+                assert_eq!(status, nix::sys::wait::WaitStatus::Exited(child, 0));
+            }
+        }
+        assert_eq!(fs::read(own).unwrap(), b"saved");
+        let mode = fs::metadata(own).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o444, "the lent permission is taken back");
+        assert_eq!(fs::read(other).unwrap(), b"there");
+        let err = RestoreError::PutBack {
+            rank: 3,
+            path: other.into(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        assert!(err.to_string().starts_with(&format!(
+            "rank 3: {other}, a file of its node it wrote, is here with other bytes"
+        )));
     }
 
     #[test]
