@@ -22,8 +22,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cryo_core::format::fds::CLOSED_CONTENTS_PREFIX;
-use cryo_core::format::manifest::{ChunkRef, FdRecord, RegionKind};
+use cryo_core::format::fds::{saved_file, SavedBy, CLOSED_CONTENTS_PREFIX};
+use cryo_core::format::manifest::{ChunkRef, FdRecord};
 use cryo_core::format::process::ProcessAttrs;
 use cryo_core::protocol::RegionInfo;
 use rayon::prelude::*;
@@ -109,14 +109,11 @@ impl Inputs {
     ) -> Inputs {
         let mut files = HashMap::new();
         for (index, region) in regions.iter().enumerate() {
-            let (path, link) = match &region.kind {
-                RegionKind::FileContents { fd } => match fds.iter().find(|r| r.fd == *fd) {
-                    Some(record) => (&record.path, format!("/proc/{pid}/fd/{fd}")),
-                    None => continue,
-                },
-                RegionKind::NodeFileContents { path }
-                    if !region.name.starts_with(CLOSED_CONTENTS_PREFIX) =>
-                {
+            // A file written and closed is saved whole while the rank is
+            // parked: it wrote it.
+            let (path, link) = match saved_file(fds, &region.kind) {
+                Some((path, SavedBy::Fd(fd))) => (path, format!("/proc/{pid}/fd/{fd}")),
+                Some((path, SavedBy::Path)) if !region.name.starts_with(CLOSED_CONTENTS_PREFIX) => {
                     (path, format!("/proc/{pid}/root{path}"))
                 }
                 _ => continue,
@@ -134,7 +131,7 @@ impl Inputs {
                     files.insert(
                         index,
                         Input {
-                            path: path.clone(),
+                            path: path.to_owned(),
                             file,
                             seen,
                             settled: seen.settled(now),
@@ -273,7 +270,7 @@ mod tests {
 
     use cryo_core::format::chunk::ChunkHash;
     use cryo_core::format::fds::{closed_contents_region_name, mapped_file_region_name};
-    use cryo_core::format::manifest::{FdKind, FdRestore, RegionRecord};
+    use cryo_core::format::manifest::{FdKind, FdRestore, RegionKind, RegionRecord};
     use cryo_core::format::pack::ChunkPlace;
     use cryo_core::format::process::SavedFile;
 

@@ -55,6 +55,17 @@ pub enum SavedBy {
     Path,
 }
 
+/// The file whose contents a region of `kind` saves, and how, among a
+/// rank's `fds`; `None` for a region of memory.
+pub fn saved_file<'a>(fds: &'a [FdRecord], kind: &'a RegionKind) -> Option<(&'a str, SavedBy)> {
+    match kind {
+        RegionKind::FileContents { fd } => (fds.iter().find(|f| f.fd == *fd))
+            .map(|record| (record.path.as_str(), SavedBy::Fd(*fd))),
+        RegionKind::NodeFileContents { path } => Some((path.as_str(), SavedBy::Path)),
+        _ => None,
+    }
+}
+
 /// The files whose contents a checkpoint saved, by path: a restart makes
 /// each again where it is missing, with its directories.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -69,13 +80,8 @@ impl<'a> SavedFiles<'a> {
     pub fn of(fds: &'a [FdRecord], kinds: impl IntoIterator<Item = &'a RegionKind>) -> Self {
         let mut saved = SavedFiles::default();
         for kind in kinds {
-            let file = match kind {
-                RegionKind::FileContents { fd } => match fds.iter().find(|f| f.fd == *fd) {
-                    Some(record) => (record.path.as_str(), SavedBy::Fd(*fd)),
-                    None => continue,
-                },
-                RegionKind::NodeFileContents { path } => (path.as_str(), SavedBy::Path),
-                _ => continue,
+            let Some(file) = saved_file(fds, kind) else {
+                continue;
             };
             if !saved.contains(file.0) {
                 saved.files.push(file);
