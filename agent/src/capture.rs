@@ -27,6 +27,7 @@ use cryo_core::protocol::{RankCaptureReport, RegionInfo};
 use cryo_core::store::writer::{RankWriter, WriteError};
 use thiserror::Error;
 
+use crate::children::child_warnings;
 use crate::fds::{read_fd_table, saved_unlinked, FdOwners, FdTableError};
 pub use crate::gate::{CopyGate, GateHold};
 use crate::inputs::{InputStamps, Inputs};
@@ -427,6 +428,20 @@ pub(crate) fn capture_rank(
         .resume(&report)
         .map_err(|reason| CaptureError::Resume { rank, reason })?;
     drop(hold);
+    // Its children, named once it runs again: the scan of /proc costs the
+    // pause nothing. Its snapshot is the agent's.
+    let snapshot_pid: Vec<u32> = snapshot.iter().map(|s| s.pid()).collect();
+    match ctx.access.children(pid) {
+        Ok(children) => {
+            for warning in child_warnings(&children, &snapshot_pid) {
+                tracing::warn!(rank, epoch = parked.epoch, warning = %warning, "rank.child_not_saved");
+                warnings.push(warning);
+            }
+        }
+        Err(err) => {
+            tracing::debug!(rank, epoch = parked.epoch, error = %err, "rank.children_unknown")
+        }
+    }
     // No compression while another rank has yet to resume.
     ctx.gate.wait_idle(ctx.pool);
     if let Some((pieces, slots)) = buffered {

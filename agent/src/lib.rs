@@ -11,6 +11,7 @@
 //!   body, and where its progress goes (standalone or coordinated).
 //! * [`config`]: the agent's settings.
 //! * [`capture`]: capturing one parked rank within the copy budget.
+//! * [`children`]: a rank's child processes, named at a checkpoint.
 //! * [`gate`]: the order of a node's ranks in one epoch (turns to copy,
 //!   compression once every rank resumed).
 //! * [`pool`]: the copy budget as pre-faulted, reused slots; [`memory`]:
@@ -26,6 +27,7 @@
 mod armed;
 pub mod attrs;
 pub mod capture;
+pub mod children;
 pub mod client;
 pub mod config;
 mod control;

@@ -16,6 +16,8 @@ use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 use thiserror::Error;
 
+use crate::children::ChildProcess;
+
 /// The file type behind an fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileType {
@@ -123,6 +125,10 @@ pub trait ProcessAccess: Send + Sync {
     /// path under `/proc/<pid>/root`).
     fn open_read(&self, link: &Path) -> io::Result<std::fs::File> {
         std::fs::File::open(link)
+    }
+    /// The live child processes of the process (`children.rs`).
+    fn children(&self, pid: u32) -> io::Result<Vec<ChildProcess>> {
+        crate::children::children_of(pid)
     }
     /// Copies `dest.len()` bytes at `addr` of the process into `dest`.
     fn read_memory(&self, pid: u32, addr: u64, dest: &mut [u8]) -> Result<(), MemoryError>;

@@ -424,7 +424,7 @@ impl Coordinator {
         let result = result.map(|warnings| {
             // Said when the checkpoint is taken, not found at restart.
             for warning in warnings {
-                tracing::warn!(job = %self.opts.job, epoch, warning = %warning, "epoch.not_restorable");
+                tracing::info!(job = %self.opts.job, epoch, warning = %warning, "epoch.not_restorable");
                 eprintln!("cryo: epoch {epoch}: {warning}");
             }
         });

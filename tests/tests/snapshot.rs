@@ -38,7 +38,7 @@ fn alive(pid: u32) -> bool {
 
 /// One checkpointed run.
 struct Run {
-    _setup: Setup,
+    setup: Setup,
     agent: Agent,
     /// Lines in the rank's log when the checkpoint was committed.
     lines_at_commit: usize,
@@ -92,7 +92,7 @@ fn checkpoint_kill_restart(
     assert_same_file(&files.log, &reference.log);
     assert_same_file(&files.final_state, &reference.final_state);
     Run {
-        _setup: setup,
+        setup,
         agent,
         lines_at_commit,
         checkpointed_step,
@@ -117,11 +117,28 @@ fn a_rank_computes_on_while_its_snapshot_is_stored() {
         64,
         &["--snapshot", "on", "--copy-budget", "8MiB"],
         &[("CRYO_FAULT", "pause-at:snapshot:1:400")],
-        &[],
+        &[("CRYO_EXAMPLE_CHILD", "true")],
     );
     let log = run.agent.log_text();
     let pids = snapshot_pids(&log);
     assert_eq!(pids.len(), 1, "{log}");
+    // The rank's child is named at the checkpoint; its snapshot, alive
+    // when the children are looked for, is the agent's and is not.
+    let job = cryo_core::Store::open(run.setup.dir.path().join("store"))
+        .and_then(|store| store.existing_job("job1"))
+        .unwrap();
+    let manifest = job
+        .load_manifest(job.latest_committed().unwrap().unwrap())
+        .unwrap();
+    let children: Vec<&String> = (manifest.ranks[0].warnings.iter())
+        .filter(|w| w.starts_with("child process "))
+        .collect();
+    assert_eq!(children.len(), 1, "{children:?}");
+    assert!(
+        children[0].contains(" (sleep) of the rank is not saved"),
+        "{children:?}"
+    );
+    assert!(!children[0].contains(&pids[0].to_string()), "{children:?}");
     let resumed = log.find("rank.resumed").unwrap();
     let read = log.find("rank.snapshot_read").unwrap_or(0);
     assert!(

@@ -79,6 +79,27 @@ struct Args {
     /// reads one word of it (`pread`) into its log line.
     #[arg(long, env = "CRYO_EXAMPLE_READS")]
     reads: Option<PathBuf>,
+    /// Run a child process (`sleep`) for the life of the rank, as a code
+    /// runs a helper beside it: a checkpoint names it.
+    #[arg(long, env = "CRYO_EXAMPLE_CHILD")]
+    child: bool,
+}
+
+/// Starts `sleep`, killed when this process ends however it ends.
+fn start_child() -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt as _;
+    let mut sleep = std::process::Command::new("sleep");
+    sleep.arg("100000");
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        sleep.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    sleep.spawn().context("starting the child process")
 }
 
 /// The header word that holds the fd of `--reads`, or `NO_FD`.
@@ -305,6 +326,7 @@ fn run(args: &Args) -> Result<()> {
             RawFd::try_from(header[2]).context("saved fd")?
         }
     };
+    let mut child = args.child.then(start_child).transpose()?;
     let block_words = BLOCK / 8;
     let nblocks = (data.len() / block_words).max(1);
     let changing = ChangingBlocks::new(args, nblocks)?;
@@ -354,6 +376,10 @@ fn run(args: &Args) -> Result<()> {
         if step_ms > 0 {
             std::thread::sleep(Duration::from_millis(step_ms));
         }
+    }
+    if let Some(child) = &mut child {
+        let _ = child.kill();
+        let _ = child.wait();
     }
     let mut out = Vec::with_capacity(state.len() + 32);
     out.extend_from_slice(state);

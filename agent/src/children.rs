@@ -1,0 +1,136 @@
+//! A rank's child processes. A checkpoint saves the rank's own process
+//! alone, so a process it started and still runs (a helper in the
+//! background, a compressor behind a pipe) does not come back at a restart:
+//! each is named in the checkpoint's warnings when it is taken. The rank's
+//! snapshot (a clone of it while its private memory is read, see
+//! `snapshot.rs`) is the agent's, and an exited child waiting to be reaped
+//! has nothing to save; neither is named.
+
+use std::fs;
+use std::io;
+
+/// A process whose parent is a rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// Its command name (`comm`).
+    pub comm: String,
+}
+
+/// What `/proc/<pid>/stat` says of a process: its parent, its command name
+/// and its state letter. The name is in parentheses and may hold spaces
+/// and parentheses itself, so the fields after it are found from the last
+/// `)`.
+pub fn parse_stat(text: &str) -> Option<(u32, String, char)> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_owned();
+    let mut rest = text.get(close + 1..)?.split_ascii_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((ppid, comm, state))
+}
+
+/// The live children of `pid`, from every process's `/proc/<pid>/stat`
+/// (`/proc/<pid>/task/*/children` needs a kernel option many lack).
+/// Processes that vanish meanwhile are passed over.
+pub fn children_of(pid: u32) -> io::Result<Vec<ChildProcess>> {
+    let mut children = Vec::new();
+    for entry in fs::read_dir("/proc")? {
+        let Ok(entry) = entry else { continue };
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        match parse_stat(&text) {
+            // Exited, waiting to be reaped: nothing to save.
+            Some((ppid, comm, state)) if ppid == pid && !matches!(state, 'Z' | 'X') => {
+                children.push(ChildProcess { pid: child, comm });
+            }
+            _ => {}
+        }
+    }
+    children.sort_by_key(|c| c.pid);
+    Ok(children)
+}
+
+/// One warning per child of the rank but those in `except` (its snapshot).
+pub fn child_warnings(children: &[ChildProcess], except: &[u32]) -> Vec<String> {
+    (children.iter())
+        .filter(|child| !except.contains(&child.pid))
+        .map(|child| {
+            format!(
+                "child process {} ({}) of the rank is not saved: a restart does not start it \
+                 again, and what the rank exchanges with it after a restart goes nowhere",
+                child.pid, child.comm
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    #[test]
+    fn a_stat_line_is_read_from_the_last_parenthesis() {
+        let line = "4242 (my (odd) prog) S 17 4242 17 0 -1 4194560 120 0 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some((17, "my (odd) prog".to_owned(), 'S'))
+        );
+        assert_eq!(parse_stat("4242 (cut"), None);
+        assert_eq!(parse_stat("4242 (x) R"), None);
+        assert_eq!(parse_stat("4242 (x) R notanumber"), None);
+    }
+
+    #[test]
+    fn the_live_children_of_a_process_are_found_and_named() {
+        let mut running = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut exited = Command::new("true").spawn().unwrap();
+        // Exited and not yet reaped: a zombie.
+        let zombie = exited.id();
+        while fs::read_to_string(format!("/proc/{zombie}/stat"))
+            .ok()
+            .and_then(|t| parse_stat(&t))
+            .is_some_and(|(_, _, state)| state != 'Z')
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let children = children_of(std::process::id()).unwrap();
+        let found: Vec<&ChildProcess> = (children.iter())
+            .filter(|c| c.pid == running.id() || c.pid == zombie)
+            .collect();
+        assert_eq!(
+            found,
+            [&ChildProcess {
+                pid: running.id(),
+                comm: "sleep".into()
+            }]
+        );
+        let warnings = child_warnings(&children, &[]);
+        let named = format!(
+            "child process {} (sleep) of the rank is not saved",
+            running.id()
+        );
+        assert!(
+            warnings.iter().any(|w| w.starts_with(&named)),
+            "{warnings:?}"
+        );
+        assert!(!child_warnings(&children, &[running.id()])
+            .iter()
+            .any(|w| w.starts_with(&named)));
+        running.kill().unwrap();
+        running.wait().unwrap();
+        exited.wait().unwrap();
+    }
+}
