@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use crate::capture::CaptureError;
 use crate::pool::Slot;
 use crate::procfs::ProcessAccess;
-use crate::tracking::{matching_baseline, Baseline, Piece};
+use crate::tracking::{cut_alike, Baseline, Piece};
 
 /// How long before the park a file's last change must be for its stamp to
 /// be trusted at the next capture: far more than a tick of the coarse
@@ -72,8 +72,9 @@ impl FileStamp {
     }
 }
 
-/// The stamps of the inputs a capture read, by region name and address.
-pub(crate) type InputStamps = HashMap<(String, u64), FileStamp>;
+/// The stamps of the inputs a capture read, by region name. Not by address:
+/// the rank maps a file it saves at a new one for each checkpoint.
+pub(crate) type InputStamps = HashMap<String, FileStamp>;
 
 /// See the module.
 #[derive(Debug, Default)]
@@ -170,11 +171,17 @@ impl Inputs {
         let (mut read, mut kept) = (Vec::new(), Vec::new());
         for (index, mine) in by_region {
             let region = &regions[index];
-            let unchanged = self.files.get(&index).is_some_and(|input| {
-                baseline.inputs.get(&(region.name.clone(), region.addr)) == Some(&input.seen)
+            let unchanged = (self.files.get(&index))
+                .is_some_and(|input| baseline.inputs.get(&region.name) == Some(&input.seen));
+            // The same file saved the same way, cut alike.
+            let base = (baseline.regions.iter()).find(|b| {
+                b.name == region.name
+                    && b.kind == region.kind
+                    && b.len == region.len
+                    && cut_alike(&b.chunks, &mine)
             });
-            match matching_baseline(&baseline.regions, region, &mine).filter(|_| unchanged) {
-                Some(chunks) => kept.extend(chunks.iter().map(|chunk| (index, *chunk))),
+            match base.filter(|_| unchanged) {
+                Some(base) => kept.extend(base.chunks.iter().map(|chunk| (index, *chunk))),
                 None => read.extend(mine),
             }
         }
@@ -188,7 +195,7 @@ impl Inputs {
             .filter(|(_, input)| input.settled && !input.changed.load(Ordering::Relaxed))
             .filter_map(|(index, input)| {
                 let region = regions.get(*index)?;
-                Some(((region.name.clone(), region.addr), input.seen))
+                Some((region.name.clone(), input.seen))
             })
             .collect()
     }
@@ -467,7 +474,8 @@ mod tests {
         let baseline = |inputs: InputStamps| Baseline {
             regions: vec![RegionRecord {
                 name: "cryo:file:a".into(),
-                addr: 0,
+                // The rank maps the file it saves anew at each checkpoint.
+                addr: 0x7f00_0000,
                 len: 10_000,
                 kind: regions[1].kind.clone(),
                 chunks: chunks.clone(),

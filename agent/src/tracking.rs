@@ -58,7 +58,7 @@ pub(crate) struct Baseline {
 
 /// The previous epoch's chunks of `region`, if they describe it exactly as
 /// `plan` would cut it now.
-pub(crate) fn matching_baseline<'a>(
+fn matching_baseline<'a>(
     baseline: &'a [RegionRecord],
     region: &RegionInfo,
     pieces: &[Piece],
@@ -66,13 +66,13 @@ pub(crate) fn matching_baseline<'a>(
     let base = baseline
         .iter()
         .find(|b| b.name == region.name && b.addr == region.addr && b.len == region.len)?;
-    let same_cut = base.chunks.len() == pieces.len()
-        && base
-            .chunks
-            .iter()
-            .zip(pieces)
-            .all(|(c, p)| c.offset == p.offset && c.len as usize == p.len);
-    same_cut.then_some(&base.chunks[..])
+    cut_alike(&base.chunks, pieces).then_some(&base.chunks[..])
+}
+
+/// Whether `chunks` cut their region as `pieces` do.
+pub(crate) fn cut_alike(chunks: &[ChunkRef], pieces: &[Piece]) -> bool {
+    chunks.len() == pieces.len()
+        && (chunks.iter().zip(pieces)).all(|(c, p)| c.offset == p.offset && c.len as usize == p.len)
 }
 
 /// Share of a region's chunks written between two captures from which on it
