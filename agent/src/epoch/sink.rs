@@ -100,7 +100,9 @@ impl EpochSink for Coordinated<'_> {
         self.link.send(&AgentToCoordinator::Copied {
             epoch,
             rank: report.rank,
-            bytes: report.bytes,
+            // What was copied, not the state's size: chunks unchanged since
+            // the last epoch are reused, not copied.
+            bytes: report.copied_bytes,
             pause_us: report.pause_ns / 1000,
         });
     }

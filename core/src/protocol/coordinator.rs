@@ -136,7 +136,8 @@ pub enum AgentToCoordinator {
         epoch: u64,
         /// The rank.
         rank: u32,
-        /// Bytes copied.
+        /// Bytes copied (from its memory, a snapshot or its input files);
+        /// the rest of its state was unchanged since the last epoch.
         bytes: u64,
         /// How long it was paused, in microseconds.
         pause_us: u64,
