@@ -6,8 +6,11 @@
 //! `snapshot.rs`) is the agent's, and an exited child waiting to be reaped
 //! has nothing to save; neither is named.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A process whose parent is a rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,11 +35,38 @@ pub fn parse_stat(text: &str) -> Option<(u32, String, char)> {
     Some((ppid, comm, state))
 }
 
+/// How long one scan of `/proc` answers for every rank of the node: the
+/// node's ranks are captured within a moment of each other, and a scan
+/// reads every process's `stat` (a few ms on a node with hundreds of
+/// processes, once per rank otherwise).
+const SCAN_FRESH: Duration = Duration::from_millis(500);
+
 /// The live children of `pid`, from every process's `/proc/<pid>/stat`
-/// (`/proc/<pid>/task/*/children` needs a kernel option many lack).
-/// Processes that vanish meanwhile are passed over.
+/// (`/proc/<pid>/task/*/children` needs a kernel option many lack), by a
+/// scan of at most [`SCAN_FRESH`] ago.
 pub fn children_of(pid: u32) -> io::Result<Vec<ChildProcess>> {
-    let mut children = Vec::new();
+    static LAST: Mutex<Option<(Instant, Arc<Parents>)>> = Mutex::new(None);
+    let parents = {
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some((at, parents)) if at.elapsed() < SCAN_FRESH => Arc::clone(parents),
+            _ => {
+                let parents = Arc::new(scan()?);
+                *last = Some((Instant::now(), Arc::clone(&parents)));
+                parents
+            }
+        }
+    };
+    Ok(parents.get(&pid).cloned().unwrap_or_default())
+}
+
+/// The live processes of the machine by parent.
+type Parents = HashMap<u32, Vec<ChildProcess>>;
+
+/// Reads every process's `stat`. Processes that vanish meanwhile are
+/// passed over.
+fn scan() -> io::Result<Parents> {
+    let mut parents = Parents::new();
     for entry in fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Some(child) = entry
@@ -51,14 +81,19 @@ pub fn children_of(pid: u32) -> io::Result<Vec<ChildProcess>> {
         };
         match parse_stat(&text) {
             // Exited, waiting to be reaped: nothing to save.
-            Some((ppid, comm, state)) if ppid == pid && !matches!(state, 'Z' | 'X') => {
-                children.push(ChildProcess { pid: child, comm });
+            Some((ppid, comm, state)) if !matches!(state, 'Z' | 'X') => {
+                parents
+                    .entry(ppid)
+                    .or_default()
+                    .push(ChildProcess { pid: child, comm });
             }
             _ => {}
         }
     }
-    children.sort_by_key(|c| c.pid);
-    Ok(children)
+    for children in parents.values_mut() {
+        children.sort_by_key(|c| c.pid);
+    }
+    Ok(parents)
 }
 
 /// One warning per child of the rank but those in `except` (its snapshot).
@@ -106,7 +141,7 @@ mod tests {
         {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let children = children_of(std::process::id()).unwrap();
+        let children = scan().unwrap().remove(&std::process::id()).unwrap();
         let found: Vec<&ChildProcess> = (children.iter())
             .filter(|c| c.pid == running.id() || c.pid == zombie)
             .collect();
