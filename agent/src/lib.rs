@@ -48,3 +48,4 @@ pub mod snapshot;
 mod stream;
 mod tracking;
 pub mod units;
+mod warming;

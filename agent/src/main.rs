@@ -63,11 +63,12 @@ enum Command {
         /// Node name (default: the host name).
         #[arg(long, env = "CRYO_NODE")]
         node: Option<String>,
-        /// Copy budget, e.g. 2GiB (default: an eighth of the node's RAM).
+        /// Copy budget, e.g. 2GiB (default: an eighth of the node's RAM): the
+        /// most the agent keeps; it keeps warm about its ranks' state.
         #[arg(long, value_parser = parse_bytes, env = "CRYO_COPY_BUDGET")]
         copy_budget: Option<u64>,
         /// Seconds after start before the copy budget is pre-faulted (at
-        /// idle priority). Sooner makes a checkpoint early in the job pause
+        /// idle priority, as far as the ranks' state needs). Sooner makes a checkpoint early in the job pause
         /// for a memcpy instead of first-touch faults; later keeps the
         /// faulting out of the job's own start.
         #[arg(long, default_value_t = 20.0, env = cryo_core::env::ENV_PREFAULT_DELAY)]

@@ -1,10 +1,13 @@
 //! The copy buffer pool: the copy budget, cut into chunk-sized slots.
 //!
-//! Memory is mapped once and every page is faulted in once (pre-faulted,
+//! Memory is mapped once and each page is faulted in once (pre-faulted,
 //! with `MADV_POPULATE_WRITE`, in small pages: see `BufferPool::new`) in a
 //! background thread at idle priority (`SCHED_IDLE`), after a delay that
 //! keeps it out of the job's start (`--prefault-delay`), slot by slot, each
-//! slot joining the free list as soon as it is warm. A checkpoint that
+//! slot joining the free list as soon as it is warm. The agent's pool is
+//! warmed only as far as its ranks' state needs ([`BufferPool::want`]):
+//! the budget is a cap, and a page never faulted in is memory the node
+//! keeps for the application. A checkpoint that
 //! comes before then warms what it expects to copy as soon as it raises the
 //! ranks' flags ([`BufferPool::warm_up_to`]). First-touch page faults run
 //! at 0.4–2 GB/s, a copy into warm memory at memory bandwidth, so a rank's
@@ -55,6 +58,15 @@ pub enum PoolError {
     },
 }
 
+/// How far the background thread warms the budget.
+#[derive(Clone, Copy, Debug)]
+enum Warming {
+    /// Every slot.
+    All,
+    /// What [`BufferPool::want`] asked for.
+    AsWanted,
+}
+
 /// No rank took the slot yet.
 const NO_OWNER: u32 = u32::MAX;
 
@@ -74,6 +86,9 @@ struct Inner {
     /// The next slot to pre-fault: claimed by the background thread, or by
     /// a checkpoint that needs a slot before that thread got there.
     next_cold: AtomicUsize,
+    /// Slots the background thread warms, at most: all of them, or what
+    /// [`BufferPool::want`] asked for.
+    wanted: AtomicUsize,
     free: Mutex<Free>,
     cond: Condvar,
 }
@@ -102,11 +117,31 @@ unsafe impl Sync for Inner {}
 
 impl BufferPool {
     /// Maps `budget` bytes cut into `slot_size` slots and starts warming
-    /// them in the background after `prefault_delay`.
+    /// them all in the background after `prefault_delay`.
     pub fn new(
         budget: u64,
         slot_size: usize,
         prefault_delay: Duration,
+    ) -> Result<BufferPool, PoolError> {
+        Self::build(budget, slot_size, prefault_delay, Warming::All)
+    }
+
+    /// As [`BufferPool::new`], but the background thread warms only what
+    /// [`BufferPool::want`] asks for (none until then). Slots past it are
+    /// warmed by the checkpoints that take them.
+    pub fn as_wanted(
+        budget: u64,
+        slot_size: usize,
+        prefault_delay: Duration,
+    ) -> Result<BufferPool, PoolError> {
+        Self::build(budget, slot_size, prefault_delay, Warming::AsWanted)
+    }
+
+    fn build(
+        budget: u64,
+        slot_size: usize,
+        prefault_delay: Duration,
+        warming: Warming,
     ) -> Result<BufferPool, PoolError> {
         let slot = slot_size as u64;
         let nslots = usize::try_from(budget / slot).unwrap_or(usize::MAX);
@@ -156,6 +191,10 @@ impl BufferPool {
             slot_size,
             nslots,
             next_cold: AtomicUsize::new(0),
+            wanted: AtomicUsize::new(match warming {
+                Warming::All => nslots,
+                Warming::AsWanted => 0,
+            }),
             free: Mutex::new(Free {
                 slots: Vec::with_capacity(nslots),
                 warm: 0,
@@ -166,7 +205,7 @@ impl BufferPool {
         let warmer = Arc::clone(&inner);
         std::thread::Builder::new()
             .name("cryo-prefault".into())
-            .spawn(move || warmer.prefault(prefault_delay))
+            .spawn(move || Inner::prefault(&warmer, prefault_delay))
             .map_err(|_| PoolError::Map {
                 budget,
                 source: nix::errno::Errno::EAGAIN,
@@ -210,6 +249,30 @@ impl BufferPool {
                 .wait(free)
                 .unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Asks the background thread to keep `bytes` of the budget warm (at
+    /// most all of it): what the node's ranks are expected to copy. It
+    /// only ever grows; it warms after the pre-fault delay, at idle
+    /// priority, as [`BufferPool::new`] warms the whole budget.
+    pub fn want(&self, bytes: u64) {
+        let slots = usize::try_from(bytes.div_ceil(self.inner.slot_size as u64))
+            .unwrap_or(usize::MAX)
+            .min(self.inner.nslots);
+        let before = self.inner.wanted.fetch_max(slots, Ordering::AcqRel);
+        if slots > before {
+            tracing::debug!(bytes = slots * self.inner.slot_size, "copy_budget.wanted");
+            // Under the lock, so that the thread cannot miss it between its
+            // look and its wait.
+            let free = self.inner.lock();
+            drop(free);
+            self.inner.cond.notify_all();
+        }
+    }
+
+    /// Bytes the background thread keeps warm, at most.
+    pub fn wanted_bytes(&self) -> u64 {
+        (self.inner.wanted.load(Ordering::Acquire) * self.inner.slot_size) as u64
     }
 
     /// Pre-faults cold slots on the calling thread, at its priority, until
@@ -425,7 +488,7 @@ impl Inner {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn prefault(&self, delay: Duration) {
+    fn prefault(this: &Arc<Inner>, delay: Duration) {
         // Off the application's critical path. The ranks start (launcher,
         // MPI_Init, their own first touches) on the same cores and in the
         // same memory: even at idle priority, faulting in gigabytes then
@@ -438,7 +501,28 @@ impl Inner {
         // sched_param for SCHED_IDLE, which takes priority 0. A refusal
         // leaves the thread at normal priority, which is only slower.
         let _ = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-        while self.warm_one() {}
+        loop {
+            while this.next_cold.load(Ordering::Acquire) < this.wanted.load(Ordering::Acquire) {
+                if !this.warm_one() {
+                    return;
+                }
+            }
+            if this.next_cold.load(Ordering::Acquire) >= this.nslots {
+                return;
+            }
+            // Wait for more to be wanted; the pool gone (this thread holds
+            // the last reference), there is nothing left to warm for.
+            if Arc::strong_count(this) == 1 {
+                return;
+            }
+            let free = this.lock();
+            if this.next_cold.load(Ordering::Acquire) >= this.wanted.load(Ordering::Acquire) {
+                let _ = this
+                    .cond
+                    .wait_timeout(free, Duration::from_secs(1))
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
     }
 
     /// Pre-faults the next cold slot and frees it; false if none is cold.

@@ -207,3 +207,44 @@ fn a_reservation_in_a_cold_pool_takes_the_slots_warmed_first() {
         .iter()
         .all(|s| s.offset() >= 3 * 4096 && s.offset() < 5 * 4096));
 }
+
+#[test]
+fn a_pool_warmed_as_wanted_warms_what_is_wanted_and_no_more() {
+    // No delay: the background thread would warm all 32 slots at once if
+    // it warmed the budget rather than what is asked for.
+    let pool = BufferPool::as_wanted(32 << 20, 1 << 20, Duration::ZERO).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(pool.warm_bytes(), 0, "warmed before anything was wanted");
+    pool.want((3 << 20) - 5);
+    wait_for_warm(&pool, 3 << 20);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(pool.warm_bytes(), 3 << 20, "warmed past what was wanted");
+    // Wanting less takes nothing back; wanting more warms more.
+    pool.want(1 << 20);
+    assert_eq!(pool.wanted_bytes(), 3 << 20);
+    pool.want(6 << 20);
+    wait_for_warm(&pool, 6 << 20);
+    // A taker still gets slots past what was wanted, warming them itself.
+    let taken = pool
+        .try_take(10)
+        .expect("cold slots are warmed by the taker");
+    assert_eq!(taken.len(), 10);
+    assert_eq!(pool.warm_bytes(), 10 << 20);
+    // Past the budget, the whole budget.
+    pool.want(u64::MAX);
+    assert_eq!(pool.wanted_bytes(), 32 << 20);
+    drop(taken);
+    wait_for_warm(&pool, 32 << 20);
+}
+
+fn wait_for_warm(pool: &BufferPool, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pool.warm_bytes() < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {bytes} bytes warm",
+            pool.warm_bytes()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

@@ -97,7 +97,8 @@ impl Agent {
         let job = store.job(&config.job)?;
         job.ensure_layout()
             .map_err(|e| ServeError::Store(e.into()))?;
-        let pool = BufferPool::new(config.copy_budget, config.chunk_size, config.prefault_delay)?;
+        let pool =
+            BufferPool::as_wanted(config.copy_budget, config.chunk_size, config.prefault_delay)?;
         let copy_threads = rayon::ThreadPoolBuilder::new()
             .num_threads(config.copy_threads.max(1))
             .thread_name(|i| format!("cryo-copy-{i}"))
@@ -228,6 +229,10 @@ impl Agent {
                 .name("cryo-early-parks".into())
                 .spawn(move || shared.watch_early_parks())?;
         }
+        let weak = Arc::downgrade(&self.shared);
+        std::thread::Builder::new()
+            .name("cryo-keep-warm".into())
+            .spawn(move || crate::warming::keep_warm(weak))?;
         for conn in self.listener.incoming() {
             if self.shared.shutdown.load(Ordering::Acquire) {
                 break;

@@ -59,7 +59,8 @@ Tuning (environment of the job's ranks; see the README's settings table):
                          node's cores, or the cores it is bound to)
   CRYO_PREFETCH=0        no prefetch: by default a restarting rank has the kernel read its chunks
                          into the page cache while the launcher and MPI_Init run
---copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy.
+--copy-budget trades the agent's memory for the pause: state within it pauses for a memcpy. It is
+a cap: an agent keeps warm about its ranks' state (an eighth more), not the whole budget.
 CRYO_SNAPSHOT (agents; auto | on | off, default auto): a parked rank clones itself and resumes at
 once, and its agent reads the clone while it computes on, so the pause is a clone (a few ms per
 GiB) whatever the state and the budget; each page the rank writes meanwhile costs a page of memory
@@ -69,7 +70,8 @@ CRYO_SELF_COPY (agents; on | off, default on): a parked rank copies its own memo
 budget (memcpy speed, a node's ranks at once) instead of the agent reading it with
 process_vm_readv in turns; its first such copy also maps its share of the budget. The agent
 still copies what is under 4 MiB, and everything when a node has more ranks than cores.
-CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted. Sooner makes
+CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted (as far as
+the ranks' state needs). Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
 checkpoint before then clones the ranks it cannot copy into warm memory, and warms the budget for
 the next one once its copies are done; with CRYO_SNAPSHOT=off it warms while the ranks head for
@@ -261,7 +263,8 @@ pub struct LaunchArgs {
     /// Ranks are copied into it while paused and resume as soon as their
     /// memory is in it: state up to the budget pauses for a memcpy, state
     /// beyond it is streamed (longer pause, bounded agent memory). The
-    /// agent keeps this much memory while the job runs.
+    /// agent keeps at most this much memory while the job runs, and warm
+    /// only about what its ranks' state needs.
     #[arg(long)]
     pub copy_budget: Option<String>,
     /// Abort a checkpoint not committed within SECS.

@@ -69,6 +69,18 @@ fn checkpoint_kill_restart(
     };
     let mut rank = Rank::start_with_env(&spec, &files, rank_env);
     rank.wait_lines(20);
+    if agent_args
+        .windows(2)
+        .any(|w| w == ["--prefault-delay", "0"])
+    {
+        // Warmed at once: as far as the rank's state, once the agent has
+        // seen it (it looks once a second).
+        wait_until(
+            "the budget to warm for the rank's state",
+            Duration::from_secs(20),
+            || warm_bytes(&agent) >= state_mb << 20,
+        );
+    }
     let report = agent.checkpoint();
     assert_eq!(report.ranks.len(), 1);
     let lines_at_commit = lines(&files.log);
@@ -223,6 +235,49 @@ fn warm_bytes(agent: &Agent) -> u64 {
         ControlResponse::Status(status) => status.copy_budget_warm,
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn the_agent_keeps_warm_what_its_ranks_need_not_its_whole_budget() {
+    // A budget of 1 GiB pre-faulted at once, for a rank of 16 MiB: the
+    // agent faults in about the rank's state and leaves the rest to the
+    // node, and a checkpoint then copies parked into warm memory.
+    let setup = setup();
+    let program = Program::Rust;
+    let agent = Agent::start_with_env(
+        setup.dir.path(),
+        "job1",
+        &["--copy-budget", "1GiB", "--prefault-delay", "0"],
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(warm_bytes(&agent), 0, "warmed with no rank to warm for");
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = RankSpec {
+        step_ms: 40,
+        ..spec(&program, 0, &agent, 16)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(5);
+    wait_until(
+        "the budget to warm for the rank's state",
+        Duration::from_secs(20),
+        || warm_bytes(&agent) >= 16 << 20,
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let warm = warm_bytes(&agent);
+    assert!(
+        warm <= 64 << 20,
+        "{warm} bytes of a 1 GiB budget warm for a rank of 16 MiB"
+    );
+    let report = agent.checkpoint();
+    assert!(report.ranks[0].copied_bytes >= 16 << 20, "{report:?}");
+    let log = agent.log_text();
+    assert!(
+        snapshot_pids(&log).is_empty(),
+        "cloned into a warm budget: {log}"
+    );
+    rank.kill9();
 }
 
 #[test]

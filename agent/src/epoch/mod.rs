@@ -35,10 +35,11 @@ pub(crate) use slot::{Admission, Cancel, Slot};
 use crate::capture::{nanos, CopyGate, Parked};
 use crate::memory::MemoryView;
 use crate::pool::BufferPool;
-use crate::procfs::{peak_rss_bytes, resident_anon_bytes, ProcessAccess};
+use crate::procfs::{peak_rss_bytes, ProcessAccess};
 use crate::ranks::RankConn;
 use crate::self_copy::SelfCopy;
 use crate::snapshot::SnapshotPolicy;
+use crate::warming::expected_copy;
 
 /// Locks a mutex, carrying on past a panicked holder (the data is plain
 /// bookkeeping, consistent at every unlock).
@@ -358,22 +359,6 @@ pub(crate) fn run(
         );
     }
     Ok(report)
-}
-
-/// What this checkpoint is likely to copy: what each rank's last capture
-/// stored, or, before any, its resident anonymous memory.
-fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
-    ranks
-        .iter()
-        .map(|conn| {
-            let stored = lock(&conn.baseline)
-                .as_ref()
-                .map(|baseline| baseline.regions.iter().map(|r| r.len).sum::<u64>());
-            stored
-                .or_else(|| resident_anon_bytes(conn.pid))
-                .unwrap_or(0)
-        })
-        .sum()
 }
 
 /// Warms as much of the copy budget as a checkpoint is likely to copy
