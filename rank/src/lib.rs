@@ -40,6 +40,7 @@ mod runtime;
 mod self_copy;
 mod snapshot;
 mod store_fds;
+mod stream_copy;
 #[cfg(test)]
 mod test_support;
 mod workdir;

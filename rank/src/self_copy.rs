@@ -38,6 +38,8 @@ use cryo_core::protocol::{CopyOutcome, CopyPiece, RegionInfo};
 use nix::sys::mman::{madvise, mmap, munmap, MapFlags, MmapAdvise, ProtFlags};
 use nix::sys::stat::fstat;
 
+use crate::stream_copy::{stream_copy, Kernel, KernelTrial};
+
 /// `madvise` advice that faults a range in as if read (Linux 5.14).
 const MADV_POPULATE_READ: libc::c_int = 22;
 /// `madvise` advice that faults a range in for writing (Linux 5.14).
@@ -146,12 +148,12 @@ fn try_copy(
         .unwrap_or(1)
         .min(moves.len().max(1));
     if threads == 1 {
-        moves.iter().for_each(|m| m.copy(base));
+        copy_moves(moves.as_slice(), base);
     } else {
         let per = moves.len().div_ceil(threads);
         std::thread::scope(|scope| {
             for share in moves.chunks(per) {
-                let copy = move || share.iter().for_each(|m| m.copy(base));
+                let copy = move || copy_moves(share, base);
                 // No thread to be had (a limit on threads): this one copies.
                 if std::thread::Builder::new()
                     .name("cryo-copy".into())
@@ -172,6 +174,22 @@ fn try_copy(
         "rank.self_copy_took"
     );
     Ok(())
+}
+
+/// Copies `moves` into the view at `base`, with the copy kernel that
+/// measures faster on this machine (see [`KernelTrial`]).
+fn copy_moves(moves: &[Move], base: usize) {
+    let mut trial = KernelTrial::default();
+    for m in moves {
+        let kernel = trial.next_kernel();
+        if trial.timing(m.len) {
+            let t = std::time::Instant::now();
+            m.copy(base, kernel);
+            trial.record(kernel, m.len, t.elapsed());
+        } else {
+            m.copy(base, kernel);
+        }
+    }
 }
 
 /// What the background fill claims at a time.
@@ -288,7 +306,7 @@ impl Move {
         }
     }
 
-    fn copy(&self, base: usize) {
+    fn copy(&self, base: usize, kernel: Kernel) {
         let (src, dst) = (self.src as *const u8, (base + self.offset) as *mut u8);
         // SAFETY: the source lies inside a region this rank parked with
         // (its own memory, readable: the agent asks only for memory its
@@ -296,7 +314,7 @@ impl Move {
         // (`Move::inside`), this process's own shared mapping, disjoint
         // from every region; the rank is parked, so the application does
         // not run here.
-        unsafe { stream_copy(dst, src, self.len) }
+        unsafe { stream_copy(dst, src, self.len, kernel) }
     }
 }
 
@@ -307,77 +325,6 @@ fn inside_regions(piece: &CopyPiece, regions: &[RegionInfo]) -> bool {
     regions
         .iter()
         .any(|r| piece.addr >= r.addr && r.addr.checked_add(r.len).is_some_and(|e| end <= e))
-}
-
-/// Bytes [`stream_copy`] moves per round: four pages, read side by side.
-const ROUND: usize = 4 * 4096;
-
-/// Copies `len` bytes from `src` to `dst` bypassing the cache where it can.
-/// A chunk (1 MiB) is below glibc's threshold for non-temporal stores on
-/// most machines, so `memcpy` reads every destination line before writing
-/// it: 38 ms per 256 MiB here, against 24 ms with streaming stores over
-/// four pages at a time (what glibc does for the copies it deems large).
-///
-/// # Safety
-/// `src` must be readable and `dst` writable for `len` bytes, and they must
-/// not overlap.
-unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if (dst as usize) % 16 == 0 && len >= ROUND {
-        let rounds = len / ROUND;
-        // SAFETY: within the caller's ranges; `dst` is 16-byte aligned and
-        // every store offset is a multiple of 16. SSE2 is in every x86_64.
-        unsafe { stream_rounds(dst, src, rounds) };
-        let done = rounds * ROUND;
-        // SAFETY: the tail of the same ranges.
-        unsafe { std::ptr::copy_nonoverlapping(src.add(done), dst.add(done), len - done) };
-        return;
-    }
-    // SAFETY: the caller's contract.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-}
-
-/// `rounds` x [`ROUND`] bytes with SSE2 streaming stores, the four pages of
-/// a round interleaved line by line (as glibc's large copy does: the reads
-/// keep four DRAM pages open).
-///
-/// # Safety
-/// As [`stream_copy`], with `dst` 16-byte aligned and both ranges at least
-/// `rounds * ROUND` bytes.
-#[cfg(target_arch = "x86_64")]
-unsafe fn stream_rounds(dst: *mut u8, src: *const u8, rounds: usize) {
-    use std::arch::x86_64::{
-        __m128i, _mm_loadu_si128, _mm_prefetch, _mm_sfence, _mm_stream_si128, _MM_HINT_T0,
-    };
-    const PAGE: usize = 4096;
-    for round in 0..rounds {
-        let (s, d) = (round * ROUND, round * ROUND);
-        for line in (0..PAGE).step_by(64) {
-            for page in 0..4 {
-                let at = page * PAGE + line;
-                // SAFETY: `s + at + 48 + 16 <= rounds * ROUND`, inside both
-                // ranges; the destination offset is a multiple of 16 from
-                // an aligned `dst`; the prefetch is a hint and never faults.
-                unsafe {
-                    let from = src.add(s + at);
-                    let to = dst.add(d + at);
-                    _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(256).cast::<i8>());
-                    let a = _mm_loadu_si128(from.cast::<__m128i>());
-                    let b = _mm_loadu_si128(from.add(16).cast::<__m128i>());
-                    let c = _mm_loadu_si128(from.add(32).cast::<__m128i>());
-                    let e = _mm_loadu_si128(from.add(48).cast::<__m128i>());
-                    _mm_stream_si128(to.cast::<__m128i>(), a);
-                    _mm_stream_si128(to.add(16).cast::<__m128i>(), b);
-                    _mm_stream_si128(to.add(32).cast::<__m128i>(), c);
-                    _mm_stream_si128(to.add(48).cast::<__m128i>(), e);
-                }
-            }
-        }
-    }
-    // Streaming stores are weakly ordered: fence them before the answer
-    // tells the agent the slots are written.
-    // SAFETY: a store fence has no preconditions.
-    unsafe { _mm_sfence() };
 }
 
 /// Maps the budget `fd` unless the view already maps it.

@@ -29,29 +29,6 @@ fn read_back(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn the_streaming_copy_copies_every_byte_at_any_length_and_alignment() {
-    let src: Vec<u8> = (0..3 * ROUND + 777).map(|i| (i * 31 % 255) as u8).collect();
-    for (len, skew) in [
-        (0, 0),
-        (5, 0),
-        (ROUND, 0),
-        (ROUND + 1, 3),
-        (3 * ROUND + 700, 16),
-    ] {
-        // A 16-byte aligned destination takes the streaming path, a
-        // skewed one the plain copy.
-        let mut dst = vec![0u128; (len + skew) / 16 + 2];
-        let base = dst.as_mut_ptr().cast::<u8>();
-        // SAFETY: `dst` holds at least `skew + len` bytes; `src` holds
-        // at least `len + 77`; they do not overlap.
-        unsafe { stream_copy(base.add(skew), src.as_ptr().add(77), len) };
-        // SAFETY: the same bytes, now written.
-        let out = unsafe { std::slice::from_raw_parts(base.add(skew), len) };
-        assert_eq!(out, &src[77..77 + len], "len {len} skew {skew}");
-    }
-}
-
-#[test]
 fn copies_into_the_budget_and_refuses_what_lies_outside() {
     let _turn = TEST_TURN.lock().unwrap_or_else(|p| p.into_inner());
     let data: Vec<u8> = (0..3 * U).map(|i| (i * 7 % 251) as u8).collect();
