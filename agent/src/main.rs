@@ -380,9 +380,10 @@ fn main() -> Result<()> {
                             status.busy, status.last_committed, status.armed_restart
                         );
                         println!(
-                            "peak RSS {} (copy budget {})",
+                            "peak RSS {} (copy budget {}, {} of it warm)",
                             format_bytes(status.peak_rss_bytes),
-                            format_bytes(status.copy_budget)
+                            format_bytes(status.copy_budget),
+                            format_bytes(status.copy_budget_warm)
                         );
                     }
                     Ok(())

@@ -603,6 +603,7 @@ fn command_line_checkpoint_restart_and_status() {
     );
     let status = run(&["status"]);
     assert!(status.contains("last committed: Some(2)"), "{status}");
+    assert!(status.contains("of it warm)"), "{status}");
     let armed = run(&["restart", "--epoch", "1"]);
     assert!(armed.contains("epoch 1"), "{armed}");
     rank.kill9();
