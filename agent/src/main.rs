@@ -68,9 +68,10 @@ enum Command {
         #[arg(long, value_parser = parse_bytes, env = "CRYO_COPY_BUDGET")]
         copy_budget: Option<u64>,
         /// Seconds after start before the copy budget is pre-faulted (at
-        /// idle priority, as far as the ranks' state needs). Sooner makes a checkpoint early in the job pause
-        /// for a memcpy instead of first-touch faults; later keeps the
-        /// faulting out of the job's own start.
+        /// idle priority, as far as the ranks' state needs). Sooner makes a
+        /// checkpoint early in the job pause for a memcpy instead of
+        /// first-touch faults; later keeps the faulting out of the job's
+        /// own start.
         #[arg(long, default_value_t = 20.0, env = cryo_core::env::ENV_PREFAULT_DELAY)]
         prefault_delay: f64,
         /// When to capture a rank from a copy-on-write snapshot of it, so
