@@ -5,7 +5,7 @@
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 
@@ -121,7 +121,14 @@ pub(crate) struct RankConn {
     /// Which of this process's regions are hot (rewritten whole between
     /// captures) and so copied without being scanned and protected again.
     pub(crate) heat: Mutex<RegionHeat>,
+    /// Slots of the budget offered to the rank, while it ran, for its first
+    /// parked copy ([`crate::warming`]); [`OFFERS_DONE`] once it has been
+    /// resumed from one (each resume offers the next copy's).
+    pub(crate) offered_slots: AtomicUsize,
 }
+
+/// [`RankConn::offered_slots`] once the rank has been through a checkpoint.
+pub(crate) const OFFERS_DONE: usize = usize::MAX;
 
 impl RankConn {
     pub(crate) fn send(&self, msg: &AgentToRank) -> Result<(), String> {

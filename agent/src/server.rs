@@ -25,7 +25,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -411,6 +411,7 @@ impl Shared {
             early: Mutex::new(None),
             baseline: Mutex::new(None),
             heat: Mutex::new(RegionHeat::new()),
+            offered_slots: AtomicUsize::new(0),
         });
         if let Some(old) = lock(&self.ranks).insert(rank, Arc::clone(&conn)) {
             old.alive.store(false, Ordering::Release);

@@ -29,6 +29,7 @@ pub mod flush_hooks;
 mod gfortran;
 mod held;
 mod mappings;
+mod offers;
 mod park;
 mod prefetch;
 #[cfg(feature = "mpi")]

@@ -340,7 +340,9 @@ fn await_answer(
                 tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.self_copy");
                 write_message(&mut &*sock, &RankToAgent::Copied { epoch, outcome })?;
             }
-            AgentToRank::FillView { epoch: e, ranges } if e == epoch => {
+            // Epoch 0: sent while the rank ran, before its first parked
+            // copy, and not read by then (see `crate::offers`).
+            AgentToRank::FillView { epoch: e, ranges } if e == epoch || e == 0 => {
                 tracing::debug!(job, rank, epoch, ranges = ranges.len(), "rank.fill_view");
                 crate::self_copy::fill_later(fd, ranges);
             }

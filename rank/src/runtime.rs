@@ -634,6 +634,7 @@ pub(crate) fn init_with_peers(
             &conn.page().checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
             Ordering::Release,
         );
+        crate::offers::listen(&conn.sock);
     }
     let info = InitInfo {
         job: job.clone(),

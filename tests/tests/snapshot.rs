@@ -280,6 +280,65 @@ fn the_agent_keeps_warm_what_its_ranks_need_not_its_whole_budget() {
     rank.kill9();
 }
 
+/// Bytes of `pid`'s mappings of its agent's copy budget that are in its
+/// page tables.
+fn budget_view_rss(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut in_view = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !first.ends_with(':') {
+            // A mapping's header: `start-end perms offset dev inode path`.
+            in_view = line.contains("/memfd:cryo-pool");
+        } else if in_view && first == "Rss:" {
+            let value = line[first.len()..].trim().trim_end_matches("kB").trim();
+            kib += value.parse::<u64>().unwrap_or(0);
+        }
+    }
+    kib * 1024
+}
+
+#[test]
+fn a_rank_fills_its_view_of_the_budget_before_its_first_checkpoint() {
+    // Once the budget is warm for it, the agent tells a running rank where
+    // its first parked copy goes, and the rank fills its view of those
+    // slots while it computes: the copy then does not fault them in while
+    // the rank is parked, as later copies do not.
+    let setup = setup();
+    let program = Program::Rust;
+    let agent = Agent::start_with_env(
+        setup.dir.path(),
+        "job1",
+        &["--copy-budget", "1GiB", "--prefault-delay", "0"],
+        &[],
+    );
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = RankSpec {
+        step_ms: 40,
+        ..spec(&program, 0, &agent, 16)
+    };
+    let mut rank = Rank::start(&spec, &files);
+    rank.wait_lines(5);
+    let pid = rank.pid();
+    wait_until(
+        "the rank to fill its view of its slots before any checkpoint",
+        Duration::from_secs(30),
+        || budget_view_rss(pid) >= 16 << 20,
+    );
+    let log = agent.log_text();
+    assert!(log.contains("rank.fill_view_early"), "{log}");
+    // Its slots, not the budget.
+    let filled = budget_view_rss(pid);
+    assert!(filled <= 64 << 20, "{filled} bytes of the budget filled");
+    let before = lines(&files.log);
+    let report = agent.checkpoint();
+    assert!(report.ranks[0].copied_bytes >= 16 << 20, "{report:?}");
+    assert!(snapshot_pids(&agent.log_text()).is_empty());
+    rank.wait_lines(before + 2);
+    rank.kill9();
+}
+
 #[test]
 fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
     // A budget the idle pre-fault does not reach during the test: the first

@@ -17,7 +17,7 @@ use super::{lock, EpochError, EpochRun, EpochSink, Progress, Resources, Resume};
 use crate::capture::{
     capture_rank, nanos, CaptureContext, CaptureError, GateHold, Parked, ParkedRank,
 };
-use crate::ranks::{RankConn, RankEvent};
+use crate::ranks::{RankConn, RankEvent, OFFERS_DONE};
 use crate::self_copy::{answer_within, slots_to_fill, SelfCopyRefusal};
 use crate::snapshot::SnapshotPolicy;
 use crate::tracking::Baseline;
@@ -145,6 +145,7 @@ pub(super) fn capture_one(
             }
         }
         conn.send(&AgentToRank::Resume { epoch })?;
+        conn.offered_slots.store(OFFERS_DONE, Ordering::Release);
         conn.page
             .page()
             .resumed_epoch

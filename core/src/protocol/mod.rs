@@ -94,8 +94,10 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// ([`AgentToRank::FillView`]), sent only to a rank of version 9 or newer;
 /// version 10 told a rank held at its safe point by others from one that
 /// never reached it ([`AbortReason::WaitedForOthers`]), which an older
-/// peer reads as [`AbortReason::ParkTimeout`].
-pub const PROTOCOL_VERSION: u16 = 10;
+/// peer reads as [`AbortReason::ParkTimeout`]; version 11 let an agent
+/// send `FillView` between checkpoints too (epoch 0), before a rank's
+/// first parked copy, sent only to a rank of version 11 or newer.
+pub const PROTOCOL_VERSION: u16 = 11;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
 /// The first version whose ranks copy their own memory when asked.
@@ -104,6 +106,8 @@ pub const SELF_COPY_VERSION: u16 = 7;
 pub const FINAL_CHECKPOINT_VERSION: u16 = 8;
 /// The first version whose ranks take `FillView`.
 pub const FILL_VIEW_VERSION: u16 = 9;
+/// The first version whose ranks take `FillView` while they run.
+pub const EARLY_FILL_VERSION: u16 = 11;
 /// The oldest protocol version this build accepts. Version 4 changed the
 /// layout of `Parked`, so a version 3 peer is refused by name rather than
 /// misread. A version 4 peer is read, and answered, in its own layouts

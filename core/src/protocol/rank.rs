@@ -189,9 +189,11 @@ pub enum AgentToRank {
     /// Sent before `Resume`: these ranges of the budget (the memfd sent
     /// with this message) are the slots of your next parked copy; fill your
     /// view of them while you run, so that the copy does not (protocol
-    /// version 9). No answer.
+    /// version 9). No answer. With epoch 0 it comes while the rank runs,
+    /// before its first parked copy, and a thread of the rank's runtime
+    /// reads it (protocol version 11).
     FillView {
-        /// The epoch the rank is parked for.
+        /// The epoch the rank is parked for; 0 between checkpoints.
         epoch: u64,
         /// `(offset, length)` in the memfd.
         ranges: Vec<(u64, u64)>,
