@@ -34,6 +34,7 @@ mod park;
 mod prefetch;
 #[cfg(feature = "mpi")]
 pub mod quiesce;
+mod quiet_thread;
 mod regions;
 mod remake;
 mod restore_threads;

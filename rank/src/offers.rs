@@ -29,6 +29,7 @@ pub(crate) fn listen(sock: &UnixStream) {
     let _ = std::thread::Builder::new()
         .name("cryo-offers".into())
         .spawn(move || {
+            crate::quiet_thread::block_signals();
             // SAFETY: `setpriority` with `who` 0 changes only the calling
             // thread's nice value on Linux; a refusal leaves it at the
             // application's priority, which only makes it less polite.

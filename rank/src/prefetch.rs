@@ -188,7 +188,10 @@ impl Prefetch {
         let stop = Arc::clone(&self.stop);
         self.thread = std::thread::Builder::new()
             .name("cryo-prefetch".into())
-            .spawn(move || (work(&stop), Instant::now()))
+            .spawn(move || {
+                crate::quiet_thread::block_signals();
+                (work(&stop), Instant::now())
+            })
             .ok();
         if self.thread.is_none() {
             self.done.failed = Some("the prefetch thread could not be started".into());

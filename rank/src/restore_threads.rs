@@ -51,6 +51,8 @@ fn build() -> Option<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("cryo-restore-{i}"))
+        // The pool lives as long as the process.
+        .start_handler(|_| crate::quiet_thread::block_signals())
         .build()
         .inspect_err(|err| tracing::warn!(error = %err, "no restore thread pool; using rayon's"))
         .ok()

@@ -157,7 +157,10 @@ fn try_copy(
                 // No thread to be had (a limit on threads): this one copies.
                 if std::thread::Builder::new()
                     .name("cryo-copy".into())
-                    .spawn_scoped(scope, copy)
+                    .spawn_scoped(scope, move || {
+                        crate::quiet_thread::block_signals();
+                        copy()
+                    })
                     .is_err()
                 {
                     copy();
@@ -228,6 +231,7 @@ pub(crate) fn fill_later(fd: Option<OwnedFd>, ranges: Vec<(u64, u64)>) {
     };
     FILLS.fetch_add(1, Ordering::AcqRel);
     let fill = move || {
+        crate::quiet_thread::block_signals();
         // SAFETY: `setpriority` with `who` 0 changes only the calling
         // thread's nice value on Linux; a refusal leaves it at the
         // application's priority, which is only less polite.
