@@ -18,7 +18,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use crate::runtime::lock;
 
 /// How long the thread waits on the socket before it looks whether the
-/// runtime still has it (a `finalize`, an agent lost at a park).
+/// runtime still has it (an agent lost at a park; `finalize` shuts the
+/// socket down, which ends the wait at once).
 const LOOK_AGAIN: Duration = Duration::from_millis(500);
 
 /// Starts the thread that reads what the agent sends on `sock` while the

@@ -693,8 +693,10 @@ pub fn finalize() {
     if let Some(runtime) = guard.as_mut() {
         if let Some(conn) = runtime.conn.take() {
             let _ = write_message(&mut &conn.sock, &RankToAgent::Goodbye);
-            // The control page stays mapped: FLAG may have been loaded by a
-            // racing safe point. The fds close here.
+            // The shutdown ends `crate::offers`' wait at once. The control
+            // page stays mapped: FLAG may have been loaded by a racing safe
+            // point. The fds close here.
+            let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             drop(conn);
         }
     }

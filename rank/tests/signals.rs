@@ -2,7 +2,7 @@
 //! scripted agent: a rank told while it runs where its first parked copy
 //! goes fills its view of those slots before any checkpoint, and none of
 //! the runtime's threads takes a signal the application blocked to wait
-//! for it. Runs on the main thread (no test harness): a signal sent to the
+//! for it; the thread that reads such offers ends at `finalize`. Runs on the main thread (no test harness): a signal sent to the
 //! process goes first to the main thread, unless it blocks it.
 #![allow(clippy::unwrap_used)]
 
@@ -32,6 +32,15 @@ fn mapped_bytes(name: &str) -> u64 {
         }
     }
     kib * 1024
+}
+
+/// How many of this process's threads are called `name`.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
 }
 
 fn main() {
@@ -115,8 +124,15 @@ fn main() {
         "the application's signal was not left to it"
     );
 
+    assert_eq!(threads_named("cryo-offers"), 1);
     cryo_rank::finalize();
     done_tx.send(()).unwrap();
     agent.join().unwrap();
+    // The thread that read the agent's offers ends with the runtime.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_named("cryo-offers") > 0 {
+        assert!(Instant::now() < deadline, "cryo-offers outlived finalize");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     println!("signals: ok");
 }
