@@ -42,13 +42,18 @@ pub(crate) fn expected_copy(ranks: &[Arc<RankConn>]) -> u64 {
 }
 
 /// What a checkpoint of one rank is likely to copy: what its last capture
-/// stored, or, before any, its resident anonymous memory (its regions and
-/// protected buffers, and whatever else it allocated).
+/// stored; before any, the bytes of the regions and protected buffers it
+/// registered so far (a runtime of protocol version 11 says so in the
+/// control page), or else its resident anonymous memory (those and
+/// whatever else it allocated: for a Python rank with a 16 MiB region,
+/// about 50 MiB).
 fn expected_of(conn: &RankConn) -> u64 {
     let stored = lock(&conn.baseline)
         .as_ref()
         .map(|baseline| baseline.regions.iter().map(|r| r.len).sum::<u64>());
+    let registered = conn.page.page().region_bytes.load(Ordering::Acquire);
     stored
+        .or((registered > 0).then_some(registered))
         .or_else(|| resident_anon_bytes(conn.pid))
         .unwrap_or(0)
 }
@@ -135,13 +140,110 @@ fn offer_first_slots(pool: &BufferPool, conn: &RankConn, bytes: u64, local_ranks
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use cryo_core::protocol::{
+        recv_message_with_fd, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, PROTOCOL_VERSION,
+    };
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+
+    use crate::capture::RegionHeat;
+    use crate::ranks::PageMap;
+
+    /// A registered rank of `version` (this process stands in for it),
+    /// and the rank's end of its socket.
+    fn registered(version: u16) -> (RankConn, UnixStream) {
+        let memfd = memfd_create(
+            c"warming-test-page",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap();
+        nix::unistd::ftruncate(&memfd, i64::try_from(CONTROL_PAGE_LEN).unwrap()).unwrap();
+        fcntl(
+            memfd.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK),
+        )
+        .unwrap();
+        nix::unistd::write(&memfd, &CONTROL_PAGE_MAGIC.to_ne_bytes()).unwrap();
+        let (agent, rank) = UnixStream::pair().unwrap();
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let conn = RankConn {
+            rank: 3,
+            pid: std::process::id(),
+            version,
+            writer: Mutex::new(agent),
+            page: PageMap::map(&memfd).unwrap(),
+            events: Mutex::new(rx),
+            alive: AtomicBool::new(true),
+            early: Mutex::new(None),
+            baseline: Mutex::new(None),
+            heat: Mutex::new(RegionHeat::new()),
+            offered_slots: std::sync::atomic::AtomicUsize::new(0),
+        };
+        (conn, rank)
+    }
 
     #[test]
     fn the_margin_is_an_eighth_and_four_slots() {
         assert_eq!(to_keep_warm(0, 1 << 20), 4 << 20);
         assert_eq!(to_keep_warm(512 << 20, 1 << 20), (576 + 4) << 20);
         assert_eq!(to_keep_warm(u64::MAX, 1 << 20), u64::MAX);
+    }
+
+    #[test]
+    fn before_a_capture_the_registered_regions_count_not_all_anonymous_memory() {
+        let (conn, _rank) = registered(PROTOCOL_VERSION);
+        // An older runtime says nothing: the process's resident memory.
+        assert!(expected_of(&conn) > 0);
+        conn.page
+            .page()
+            .region_bytes
+            .store(12_345, Ordering::Release);
+        assert_eq!(expected_of(&conn), 12_345);
+    }
+
+    #[test]
+    fn a_running_rank_is_offered_its_first_slots_once_and_again_as_it_grows() {
+        let pool = BufferPool::as_wanted(64 << 20, 1 << 20, Duration::ZERO).unwrap();
+        pool.warm_up_to(64 << 20);
+        let (conn, rank) = registered(PROTOCOL_VERSION);
+        rank.set_nonblocking(true).unwrap();
+        let offered = |rank: &UnixStream| -> Option<u64> {
+            match recv_message_with_fd::<AgentToRank>(rank) {
+                Ok((AgentToRank::FillView { epoch: 0, ranges }, Some(_fd))) => {
+                    Some(ranges.iter().map(|r| r.1).sum())
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => None,
+            }
+        };
+        offer_first_slots(&pool, &conn, 8 << 20, 2);
+        assert_eq!(offered(&rank), Some(8 << 20));
+        // The same again: nothing new to tell.
+        offer_first_slots(&pool, &conn, 8 << 20, 2);
+        assert_eq!(offered(&rank), None);
+        // Grown: all of its slots, at most its share of the budget.
+        offer_first_slots(&pool, &conn, 48 << 20, 2);
+        assert_eq!(offered(&rank), Some(32 << 20));
+        // Too small to copy itself, or through a checkpoint: none.
+        let (small, small_rank) = registered(PROTOCOL_VERSION);
+        small_rank.set_nonblocking(true).unwrap();
+        offer_first_slots(&pool, &small, SELF_COPY_MIN_BYTES - 1, 2);
+        assert_eq!(offered(&small_rank), None);
+        small.offered_slots.store(OFFERS_DONE, Ordering::Release);
+        offer_first_slots(&pool, &small, 8 << 20, 2);
+        assert_eq!(offered(&small_rank), None);
+        // A runtime that would not read it while it runs: none.
+        let (old, old_rank) = registered(EARLY_FILL_VERSION - 1);
+        old_rank.set_nonblocking(true).unwrap();
+        offer_first_slots(&pool, &old, 8 << 20, 2);
+        assert_eq!(offered(&old_rank), None);
     }
 }

@@ -28,6 +28,7 @@ fn page() -> ControlPage {
         probing_epoch: AtomicU64::new(0),
         probed: AtomicU64::new(0),
         seen_epoch: AtomicU64::new(0),
+        region_bytes: AtomicU64::new(0),
     }
 }
 

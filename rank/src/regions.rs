@@ -7,6 +7,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::atomic::Ordering;
 
 use cryo_core::dirty::WriteTracker;
 use cryo_core::format::manifest::{RegionKind, RegionRecord};
@@ -178,6 +179,11 @@ impl Runtime {
     fn push(&mut self, info: RegionInfo) {
         self.names.insert(info.name.clone(), self.regions.len());
         self.regions.push(Region { info });
+        // For the agent, which keeps that much of its budget warm.
+        if let Some(conn) = &self.conn {
+            let bytes = self.regions.iter().map(|r| r.info.len).sum();
+            conn.page().region_bytes.store(bytes, Ordering::Release);
+        }
     }
 
     fn region(

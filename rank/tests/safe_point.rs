@@ -97,6 +97,9 @@ fn safe_point_is_cheap_and_parks_when_asked() {
     // SAFETY: the scripted agent's mapping of the control page stays alive
     // (it is never unmapped) and holds only atomics.
     let page = unsafe { &*(page_addr as *const ControlPage) };
+    // The bytes of its regions, for the agent to keep warm before the
+    // first checkpoint.
+    assert_eq!(page.region_bytes.load(Ordering::Acquire), 10_001);
 
     // No checkpoint pending: measure the safe point.
     let n = 20_000_000u32;

@@ -96,7 +96,9 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// never reached it ([`AbortReason::WaitedForOthers`]), which an older
 /// peer reads as [`AbortReason::ParkTimeout`]; version 11 let an agent
 /// send `FillView` between checkpoints too (epoch 0), before a rank's
-/// first parked copy, sent only to a rank of version 11 or newer.
+/// first parked copy, sent only to a rank of version 11 or newer, and a
+/// rank publish the bytes of its regions in the control page
+/// ([`ControlPage::region_bytes`], zero from an older rank).
 pub const PROTOCOL_VERSION: u16 = 11;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;

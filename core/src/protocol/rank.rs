@@ -239,6 +239,11 @@ pub struct ControlPage {
     /// not the epoch) or was held there by a rank that did not. Zero from
     /// an older runtime.
     pub seen_epoch: AtomicU64,
+    /// Bytes of the rank's regions and protected buffers, written by the
+    /// rank as it registers them (protocol version 11): what its first
+    /// checkpoint is expected to copy, before the agent has seen one. Zero
+    /// from an older runtime.
+    pub region_bytes: AtomicU64,
 }
 
 /// Set in [`ControlPage::probed`] when the rank found a message in flight.
