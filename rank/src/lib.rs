@@ -24,6 +24,7 @@ mod closed_files;
 pub mod error;
 pub mod ffi;
 pub mod files;
+mod finalize;
 mod floor;
 pub mod flush_hooks;
 mod gfortran;

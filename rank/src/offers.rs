@@ -8,7 +8,7 @@
 //! never share a message. Outside a park the agent sends nothing else: an
 //! answer always follows a `Parked`.
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -76,12 +76,8 @@ fn wait_readable(fd: RawFd) -> bool {
 /// Reads every message waiting on `sock` without blocking. False if the
 /// agent is gone (the next park finds out and says so).
 fn read_offers(sock: &UnixStream) -> bool {
-    loop {
-        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(n) if n > 0 => {}
-            _ => return true,
-        }
+    // A failed look is not the agent gone: the next wake looks again.
+    while let Ok(true) = crate::park::readable(sock) {
         match recv_message_with_fd::<AgentToRank>(sock) {
             Ok((AgentToRank::FillView { epoch: 0, ranges }, fd)) => {
                 tracing::debug!(ranges = ranges.len(), "rank.fill_view_early");
@@ -96,6 +92,7 @@ fn read_offers(sock: &UnixStream) -> bool {
             }
         }
     }
+    true
 }
 
 #[cfg(test)]

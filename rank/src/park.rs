@@ -364,7 +364,7 @@ fn await_answer(
 }
 
 /// Whether a message waits on `sock`, without blocking.
-fn readable(sock: &UnixStream) -> Result<bool, FrameError> {
+pub(crate) fn readable(sock: &UnixStream) -> Result<bool, FrameError> {
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, PollTimeout::ZERO) {
         Ok(n) => Ok(n > 0),

@@ -220,7 +220,7 @@ pub unsafe fn init_mpi_raw(comm: ffi::MPI_Comm) -> Result<InitInfo, InitError> {
     let mut binding = unsafe { Mpi::attach(comm) }.map_err(mpi_err)?;
     // On a restart the ranks settle their closed files over the binding.
     let info = runtime::init_with_peers(runtime::Config::from_env()?, &mut binding)?;
-    runtime::before_finalize(detach);
+    crate::finalize::before_finalize(detach);
     let rank = binding.rank();
     if i64::from(rank) != i64::from(info.rank) {
         // A world of one where the job has more ranks: the launcher of one
