@@ -35,8 +35,12 @@ pub struct AgentConfig {
     pub node: String,
     /// Copy budget in bytes.
     pub copy_budget: u64,
-    /// How long after start the copy budget begins to be pre-faulted.
+    /// How long after start the copy budget begins to be pre-faulted, at
+    /// the latest.
     pub prefault_delay: Duration,
+    /// Whether it begins sooner, once every rank of the node has passed a
+    /// safe point (their start is over).
+    pub prefault_early: bool,
     /// When to capture ranks from copy-on-write snapshots.
     pub snapshot: SnapshotPolicy,
     /// Whether a parked rank copies its own memory into the budget.

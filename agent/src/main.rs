@@ -68,12 +68,19 @@ enum Command {
         #[arg(long, value_parser = parse_bytes, env = "CRYO_COPY_BUDGET")]
         copy_budget: Option<u64>,
         /// Seconds after start before the copy budget is pre-faulted (at
-        /// idle priority, as far as the ranks' state needs). Sooner makes a
-        /// checkpoint early in the job pause for a memcpy instead of
-        /// first-touch faults; later keeps the faulting out of the job's
-        /// own start.
+        /// idle priority, as far as the ranks' state needs), at the latest.
+        /// Sooner makes a checkpoint early in the job pause for a memcpy
+        /// instead of first-touch faults; later keeps the faulting out of
+        /// the job's own start.
         #[arg(long, default_value_t = 20.0, env = cryo_core::env::ENV_PREFAULT_DELAY)]
         prefault_delay: f64,
+        /// Pre-fault sooner than the delay, once every rank of the node has
+        /// passed a safe point (their start is over): on or off. Off keeps
+        /// the budget cold until the delay is out.
+        #[arg(long, default_value = "on", env = cryo_core::env::ENV_PREFAULT_EARLY,
+              value_parser = clap::builder::BoolishValueParser::new(),
+              action = clap::ArgAction::Set)]
+        prefault_early: bool,
         /// When to capture a rank from a copy-on-write snapshot of it, so
         /// that it pauses for a clone (milliseconds) rather than a copy of
         /// its memory: auto (when the copy would not be a memcpy into warm
@@ -217,6 +224,7 @@ fn main() -> Result<()> {
             node,
             copy_budget,
             prefault_delay,
+            prefault_early,
             snapshot,
             self_copy,
             ranks,
@@ -265,6 +273,7 @@ fn main() -> Result<()> {
                 node: node.unwrap_or_else(hostname),
                 copy_budget: copy_budget.unwrap_or_else(default_copy_budget),
                 prefault_delay: Duration::from_secs_f64(prefault_delay),
+                prefault_early,
                 snapshot,
                 self_copy,
                 ranks,

@@ -3,7 +3,8 @@
 //! Memory is mapped once and each page is faulted in once (pre-faulted,
 //! with `MADV_POPULATE_WRITE`, in small pages: see `BufferPool::new`) in a
 //! background thread at idle priority (`SCHED_IDLE`), after a delay that
-//! keeps it out of the job's start (`--prefault-delay`), slot by slot, each
+//! keeps it out of the job's start (`--prefault-delay`), or as soon as the
+//! agent sees that start is over ([`BufferPool::start_warming`]), slot by slot, each
 //! slot joining the free list as soon as it is warm. The agent's pool is
 //! warmed only as far as its ranks' state needs ([`BufferPool::want`]):
 //! the budget is a cap, and a page never faulted in is memory the node
@@ -25,9 +26,9 @@
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
@@ -89,6 +90,11 @@ struct Inner {
     /// Slots the background thread warms, at most: all of them, or what
     /// [`BufferPool::want`] asked for.
     wanted: AtomicUsize,
+    /// Set to start warming before the pre-fault delay is out
+    /// ([`BufferPool::start_warming`]).
+    start_now: AtomicBool,
+    /// Set by the background thread once its wait is over.
+    warming: AtomicBool,
     free: Mutex<Free>,
     cond: Condvar,
 }
@@ -195,6 +201,8 @@ impl BufferPool {
                 Warming::All => nslots,
                 Warming::AsWanted => 0,
             }),
+            start_now: AtomicBool::new(false),
+            warming: AtomicBool::new(false),
             free: Mutex::new(Free {
                 slots: Vec::with_capacity(nslots),
                 warm: 0,
@@ -268,6 +276,25 @@ impl BufferPool {
             drop(free);
             self.inner.cond.notify_all();
         }
+    }
+
+    /// Lets the background thread start warming now rather than at the end
+    /// of the pre-fault delay: the ranks' start, which the delay keeps the
+    /// faults out of, is over.
+    pub fn start_warming(&self) {
+        if self.inner.start_now.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Under the lock, as in `want`.
+        let free = self.inner.lock();
+        drop(free);
+        self.inner.cond.notify_all();
+    }
+
+    /// Whether the background thread has started warming (the delay is
+    /// out, or [`BufferPool::start_warming`] was called).
+    pub fn warming_started(&self) -> bool {
+        self.inner.warming.load(Ordering::Acquire)
     }
 
     /// Bytes the background thread keeps warm, at most.
@@ -494,8 +521,23 @@ impl Inner {
         // same memory: even at idle priority, faulting in gigabytes then
         // slowed a job's start by half. So wait first (a checkpoint that
         // comes sooner warms the slots it takes itself), then run only
-        // when a core is otherwise idle.
-        std::thread::sleep(delay);
+        // when a core is otherwise idle. The wait ends sooner once the
+        // ranks' start is over (`start_warming`).
+        let until = Instant::now() + delay;
+        let mut free = this.lock();
+        while !this.start_now.load(Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            free = this
+                .cond
+                .wait_timeout(free, until - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(free);
+        this.warming.store(true, Ordering::Release);
         let param = libc::sched_param { sched_priority: 0 };
         // SAFETY: pid 0 is the calling thread; `param` is a valid
         // sched_param for SCHED_IDLE, which takes priority 0. A refusal

@@ -248,3 +248,19 @@ fn wait_for_warm(pool: &BufferPool, bytes: u64) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn warming_starts_before_the_delay_is_out_once_asked() {
+    let pool = BufferPool::as_wanted(8 << 20, 1 << 20, Duration::from_secs(3600)).unwrap();
+    pool.want(3 << 20);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!pool.warming_started());
+    assert_eq!(pool.warm_bytes(), 0, "warmed inside the delay");
+    pool.start_warming();
+    wait_for_warm(&pool, 3 << 20);
+    assert!(pool.warming_started());
+    // Asked again: nothing changes.
+    pool.start_warming();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(pool.warm_bytes(), 3 << 20);
+}

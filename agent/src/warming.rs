@@ -18,7 +18,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cryo_core::protocol::{AgentToRank, EARLY_FILL_VERSION};
 
@@ -66,11 +66,23 @@ pub(crate) fn to_keep_warm(bytes: u64, slot_size: u64) -> u64 {
         .saturating_add(SPARE_SLOTS.saturating_mul(slot_size))
 }
 
-/// Tells the pool, once a second, what the node's ranks need warm, and
-/// each rank, once that is warm, where its first parked copy goes; until
-/// the agent is gone or shut down.
+/// Whether the start of the node's `ranks` is over: each has passed a safe
+/// point since `cryo_init` (a runtime of protocol version 12 says so in
+/// the control page). Their launcher, `MPI_Init` and first allocations are
+/// behind them, so warming the budget no longer slows the job's start; an
+/// older runtime never says so, and the pre-fault delay decides.
+fn start_is_over(ranks: &[Arc<RankConn>]) -> bool {
+    !ranks.is_empty()
+        && ranks
+            .iter()
+            .all(|conn| conn.page.page().computing.load(Ordering::Acquire) != 0)
+}
+
+/// Tells the pool, once a second, what the node's ranks need warm (and to
+/// start warming it once their start is over, if the pre-fault delay is
+/// not out yet), and each rank, once that is warm, where its first parked
+/// copy goes; until the agent is gone or shut down.
 pub(crate) fn keep_warm(shared: Weak<Shared>) {
-    let started = Instant::now();
     loop {
         let Some(agent) = shared.upgrade() else {
             return;
@@ -84,10 +96,13 @@ pub(crate) fn keep_warm(shared: Weak<Shared>) {
             let total: u64 = expected.iter().sum();
             let slot = agent.pool.slot_size() as u64;
             agent.pool.want(to_keep_warm(total, slot));
+            if agent.config.prefault_early && start_is_over(&ranks) {
+                agent.pool.start_warming();
+            }
             let self_copy = agent.config.self_copy.for_epoch(ranks.len());
             // Not before the pool's own warm-up may start: the fill is
             // the rank's own page faults, on its cores.
-            if started.elapsed() >= agent.config.prefault_delay
+            if agent.pool.warming_started()
                 && self_copy == SelfCopy::On
                 && agent.pool.warm_bytes() >= total
             {
@@ -207,6 +222,19 @@ mod tests {
             .region_bytes
             .store(12_345, Ordering::Release);
         assert_eq!(expected_of(&conn), 12_345);
+    }
+
+    #[test]
+    fn the_start_is_over_once_every_rank_has_passed_a_safe_point() {
+        assert!(!start_is_over(&[]), "no rank yet");
+        let (first, _r1) = registered(PROTOCOL_VERSION);
+        let (second, _r2) = registered(PROTOCOL_VERSION);
+        let ranks = [Arc::new(first), Arc::new(second)];
+        assert!(!start_is_over(&ranks));
+        ranks[0].page.page().computing.store(1, Ordering::Release);
+        assert!(!start_is_over(&ranks), "one rank still starting");
+        ranks[1].page.page().computing.store(1, Ordering::Release);
+        assert!(start_is_over(&ranks));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `cryo-bench first-pause`: the pause of a job's first checkpoint, taken
 //! as soon as its ranks compute (a preemption soon after a start, with the
-//! agents' copy budgets not yet warm), with the copy-on-write snapshot and
+//! agents' copy budgets not yet warm: `CRYO_PREFAULT_EARLY=off`, since the
+//! agents otherwise start warming them then), with the copy-on-write snapshot and
 //! without, beside a memcpy of the node's state into warm memory measured
 //! in the same run.
 //!
@@ -83,7 +84,12 @@ pub fn run_first_pause(args: &FirstPauseArgs) -> Result<Vec<PauseRun>, JobBenchE
                     slack: "auto",
                     iter_us: args.iter_us,
                     state_bytes,
-                    env: vec![("CRYO_SNAPSHOT", snapshot.as_str())],
+                    // The budget cold at the request: not warmed as soon
+                    // as the ranks compute, which is when it comes.
+                    env: vec![
+                        ("CRYO_SNAPSHOT", snapshot.as_str()),
+                        (cryo_core::env::ENV_PREFAULT_EARLY, "off"),
+                    ],
                     nodes: args.nodes,
                     bench_args: vec!["--write-share".into(), args.write_share.to_string()],
                     first_at_start: false,

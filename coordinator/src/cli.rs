@@ -71,11 +71,15 @@ budget (memcpy speed, a node's ranks at once) instead of the agent reading it wi
 process_vm_readv in turns; its first such copy also maps its share of the budget. The agent
 still copies what is under 4 MiB, and everything when a node has more ranks than cores.
 CRYO_PREFAULT_DELAY (agents; default 20 s): when the budget starts to be pre-faulted (as far as
-the ranks' state needs). Sooner makes
+the ranks' state needs, at idle priority), at the latest. Sooner makes
 an early first checkpoint pause for a memcpy; later keeps the faulting out of the job's start (a
 checkpoint before then clones the ranks it cannot copy into warm memory, and warms the budget for
 the next one once its copies are done; with CRYO_SNAPSHOT=off it warms while the ranks head for
 their safe point).
+CRYO_PREFAULT_EARLY (agents; on | off, default on): an agent starts pre-faulting before the delay
+is out once every rank of its node has passed a safe point, its start (launcher, MPI_Init, its
+first allocations) being over. off keeps the budget cold until the delay: for a job that runs
+only seconds and is never checkpointed, or to measure a cold first checkpoint.
 CRYO_PACK_SIZE (agents; default 1GiB): each agent starts a new pack file past it. Smaller means
 more files per checkpoint for the filesystem's metadata server, larger means more to copy when
 GC repacks a pack.

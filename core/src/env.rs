@@ -59,8 +59,12 @@ pub const ENV_INTERVAL: &str = "CRYO_INTERVAL";
 pub const ENV_KEEP: &str = "CRYO_KEEP";
 /// The agent's copy budget (`--copy-budget`).
 pub const ENV_COPY_BUDGET: &str = "CRYO_COPY_BUDGET";
-/// Seconds after an agent's start before it pre-faults its copy budget.
+/// Seconds after an agent's start before it pre-faults its copy budget, at
+/// the latest.
 pub const ENV_PREFAULT_DELAY: &str = "CRYO_PREFAULT_DELAY";
+/// Whether an agent pre-faults sooner, once its ranks' start is over
+/// (`cryo-agent --prefault-early`, on or off).
+pub const ENV_PREFAULT_EARLY: &str = "CRYO_PREFAULT_EARLY";
 /// Chunk size (`--chunk-size`).
 pub const ENV_CHUNK_SIZE: &str = "CRYO_CHUNK_SIZE";
 /// Size at which an agent starts a new pack (`cryo-agent --pack-size`).

@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use std::sync::MutexGuard;
 use std::time::Instant;
 
@@ -25,6 +25,10 @@ use crate::runtime::{lock, Connection, Runtime, SafePoint, FLAG, IDLE, SEEN};
 #[cold]
 #[inline(never)]
 pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
+    let requested = past_first_safe_point(requested);
+    if requested == 0 {
+        return Ok(SafePoint::Continue);
+    }
     let guard = lock();
     let Some(runtime) = guard.as_ref() else {
         return Ok(SafePoint::Continue);
@@ -85,9 +89,66 @@ fn detach_on_agent_loss(
 
 /// The epoch this rank's agent has requested (0 for none).
 pub(crate) fn requested_epoch() -> u64 {
+    past_first_safe_point(read_flag())
+}
+
+fn read_flag() -> u64 {
     let flag = FLAG.load(Ordering::Relaxed);
     // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
     unsafe { &*flag }.load(Ordering::Acquire)
+}
+
+/// What [`FLAG`] points at from `cryo_init` to the rank's first safe
+/// point: a word that is never zero, so that the first safe point takes
+/// the slow path once, marks the control page's `computing` word (the
+/// agent then warms its budget: the rank's start is over) and points the
+/// flag at the page's request word, where the fast path finds it from then
+/// on. A request made meanwhile waits in that word and is taken at once.
+pub(crate) static FIRST: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The control page's request word and `computing` word, for the first
+/// safe point; null until a control page is mapped.
+static REQUEST: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static COMPUTING: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+
+fn first_ptr() -> *mut AtomicU64 {
+    &FIRST as *const AtomicU64 as *mut AtomicU64
+}
+
+/// At `cryo_init`, with the agent's control page mapped (it is never
+/// unmapped, so the words stay valid after `page`'s borrow).
+pub(crate) fn arm_first_safe_point(page: &ControlPage) {
+    REQUEST.store(
+        &page.checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
+        Ordering::Release,
+    );
+    COMPUTING.store(
+        &page.computing as *const AtomicU64 as *mut AtomicU64,
+        Ordering::Release,
+    );
+    FLAG.store(first_ptr(), Ordering::Release);
+}
+
+/// `read` as the safe point read it, unless this is the rank's first safe
+/// point, which marks the control page and returns the real request.
+fn past_first_safe_point(read: u64) -> u64 {
+    if FLAG.load(Ordering::Acquire) != first_ptr() {
+        return read;
+    }
+    let computing = COMPUTING.load(Ordering::Acquire);
+    if !computing.is_null() {
+        // SAFETY: set by `arm_first_safe_point` to a word of the control
+        // page, which is never unmapped.
+        unsafe { &*computing }.store(1, Ordering::Release);
+    }
+    let request = REQUEST.load(Ordering::Acquire);
+    let next = if request.is_null() {
+        &IDLE as *const AtomicU64 as *mut AtomicU64
+    } else {
+        request
+    };
+    // Not over a finalize or an agent's loss, which point it at IDLE.
+    let _ = FLAG.compare_exchange(first_ptr(), next, Ordering::AcqRel, Ordering::Acquire);
+    read_flag()
 }
 
 /// Tells the agent that this rank reached a safe point with `epoch`

@@ -29,6 +29,7 @@ fn page() -> ControlPage {
         probed: AtomicU64::new(0),
         seen_epoch: AtomicU64::new(0),
         region_bytes: AtomicU64::new(0),
+        computing: AtomicU64::new(0),
     }
 }
 

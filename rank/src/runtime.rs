@@ -47,8 +47,9 @@ pub const RUNTIME_FD_FLOOR: RawFd = 1000;
 pub(crate) const PAGE: u64 = 4096;
 
 /// The safe-point flag: points at [`IDLE`] until a control page is mapped,
-/// then at its `checkpoint_requested` word. Never dangling: the control page
-/// is never unmapped.
+/// then at [`crate::park::FIRST`] until the first safe point, then at the
+/// page's `checkpoint_requested` word. Never dangling: the control page is
+/// never unmapped.
 pub(crate) static FLAG: AtomicPtr<AtomicU64> =
     AtomicPtr::new(&IDLE as *const AtomicU64 as *mut AtomicU64);
 pub(crate) static IDLE: AtomicU64 = AtomicU64::new(0);
@@ -630,10 +631,7 @@ pub(crate) fn init_with_peers(
             &conn.page().seen_epoch as *const AtomicU64 as *mut AtomicU64,
             Ordering::Release,
         );
-        FLAG.store(
-            &conn.page().checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
-            Ordering::Release,
-        );
+        crate::park::arm_first_safe_point(conn.page());
         crate::offers::listen(&conn.sock);
     }
     let info = InitInfo {

@@ -52,13 +52,17 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         )
         .unwrap();
         page_tx.send(page.as_ptr() as usize).unwrap();
-        let parked = read_message::<RankToAgent>(&mut &sock).unwrap();
-        let epoch = match &parked {
-            RankToAgent::Parked { epoch, .. } => *epoch,
-            other => panic!("{other:?}"),
-        };
-        parked_tx.send(parked).unwrap();
-        write_message(&mut &sock, &AgentToRank::Resume { epoch }).unwrap();
+        // A checkpoint asked for before the first safe point, then one
+        // asked for once the safe point is on its fast path.
+        for _ in 0..2 {
+            let parked = read_message::<RankToAgent>(&mut &sock).unwrap();
+            let epoch = match &parked {
+                RankToAgent::Parked { epoch, .. } => *epoch,
+                other => panic!("{other:?}"),
+            };
+            parked_tx.send(parked).unwrap();
+            write_message(&mut &sock, &AgentToRank::Resume { epoch }).unwrap();
+        }
         // Goodbye at finalize.
         assert_eq!(
             read_message::<RankToAgent>(&mut &sock).unwrap(),
@@ -100,6 +104,20 @@ fn safe_point_is_cheap_and_parks_when_asked() {
     // The bytes of its regions, for the agent to keep warm before the
     // first checkpoint.
     assert_eq!(page.region_bytes.load(Ordering::Acquire), 10_001);
+
+    // The rank marks its first safe point, after which the agent warms its
+    // budget; a checkpoint asked for before it is taken there.
+    assert_eq!(page.computing.load(Ordering::Acquire), 0);
+    page.checkpoint_requested.store(4, Ordering::Release);
+    assert_eq!(
+        cryo_rank::checkpoint_point().unwrap(),
+        SafePoint::Checkpointed(4)
+    );
+    assert_eq!(page.computing.load(Ordering::Acquire), 1);
+    assert!(matches!(
+        parked_rx.recv().unwrap(),
+        RankToAgent::Parked { epoch: 4, .. }
+    ));
 
     // No checkpoint pending: measure the safe point.
     let n = 20_000_000u32;

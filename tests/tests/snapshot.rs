@@ -304,13 +304,15 @@ fn a_rank_fills_its_view_of_the_budget_before_its_first_checkpoint() {
     // Once the budget is warm for it, the agent tells a running rank where
     // its first parked copy goes, and the rank fills its view of those
     // slots while it computes: the copy then does not fault them in while
-    // the rank is parked, as later copies do not.
+    // the rank is parked, as later copies do not. The budget warms as soon
+    // as the rank has passed a safe point, not at the end of the pre-fault
+    // delay (an hour here).
     let setup = setup();
     let program = Program::Rust;
     let agent = Agent::start_with_env(
         setup.dir.path(),
         "job1",
-        &["--copy-budget", "1GiB", "--prefault-delay", "0"],
+        &["--copy-budget", "1GiB", "--prefault-delay", "3600"],
         &[],
     );
     let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
@@ -352,7 +354,14 @@ fn auto_clones_into_a_cold_budget_then_warms_it_for_the_next_checkpoint() {
     let agent = Agent::start_with_env(
         setup.dir.path(),
         "job1",
-        &["--copy-budget", "64MiB", "--prefault-delay", "3600"],
+        &[
+            "--copy-budget",
+            "64MiB",
+            "--prefault-delay",
+            "3600",
+            "--prefault-early",
+            "off",
+        ],
         &[],
     );
     let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);

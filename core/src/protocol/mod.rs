@@ -98,8 +98,11 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// send `FillView` between checkpoints too (epoch 0), before a rank's
 /// first parked copy, sent only to a rank of version 11 or newer, and a
 /// rank publish the bytes of its regions in the control page
-/// ([`ControlPage::region_bytes`], zero from an older rank).
-pub const PROTOCOL_VERSION: u16 = 11;
+/// ([`ControlPage::region_bytes`], zero from an older rank); version 12
+/// let a rank mark that it has passed its first safe point
+/// ([`ControlPage::computing`], zero from an older rank), after which its
+/// agent warms the copy budget without waiting out the pre-fault delay.
+pub const PROTOCOL_VERSION: u16 = 12;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
 /// The first version whose ranks copy their own memory when asked.

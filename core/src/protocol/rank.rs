@@ -244,6 +244,11 @@ pub struct ControlPage {
     /// checkpoint is expected to copy, before the agent has seen one. Zero
     /// from an older runtime.
     pub region_bytes: AtomicU64,
+    /// Non-zero once the rank has passed its first safe point since
+    /// `cryo_init` (written by the rank, protocol version 12): its start
+    /// (launcher, `MPI_Init`, its own allocation) is over, so the agent may
+    /// warm its copy budget without slowing it. Zero from an older runtime.
+    pub computing: AtomicU64,
 }
 
 /// Set in [`ControlPage::probed`] when the rank found a message in flight.
