@@ -270,11 +270,7 @@ impl BufferPool {
         let before = self.inner.wanted.fetch_max(slots, Ordering::AcqRel);
         if slots > before {
             tracing::debug!(bytes = slots * self.inner.slot_size, "copy_budget.wanted");
-            // Under the lock, so that the thread cannot miss it between its
-            // look and its wait.
-            let free = self.inner.lock();
-            drop(free);
-            self.inner.cond.notify_all();
+            self.inner.wake_warmer();
         }
     }
 
@@ -282,13 +278,9 @@ impl BufferPool {
     /// of the pre-fault delay: the ranks' start, which the delay keeps the
     /// faults out of, is over.
     pub fn start_warming(&self) {
-        if self.inner.start_now.swap(true, Ordering::AcqRel) {
-            return;
+        if !self.inner.start_now.swap(true, Ordering::AcqRel) {
+            self.inner.wake_warmer();
         }
-        // Under the lock, as in `want`.
-        let free = self.inner.lock();
-        drop(free);
-        self.inner.cond.notify_all();
     }
 
     /// Whether the background thread has started warming (the delay is
@@ -513,6 +505,15 @@ impl BufferPool {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, Free> {
         self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the background thread to look again at what it is asked.
+    /// Under the lock, so that it cannot miss the change between its look
+    /// and its wait.
+    fn wake_warmer(&self) {
+        let free = self.lock();
+        drop(free);
+        self.cond.notify_all();
     }
 
     fn prefault(this: &Arc<Inner>, delay: Duration) {

@@ -89,11 +89,10 @@ fn detach_on_agent_loss(
 
 /// The epoch this rank's agent has requested (0 for none).
 pub(crate) fn requested_epoch() -> u64 {
-    past_first_safe_point(read_flag())
-}
-
-fn read_flag() -> u64 {
-    let flag = FLAG.load(Ordering::Relaxed);
+    let flag = FLAG.load(Ordering::Acquire);
+    if flag == first_ptr() {
+        return first_safe_point();
+    }
     // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
     unsafe { &*flag }.load(Ordering::Acquire)
 }
@@ -105,24 +104,19 @@ fn read_flag() -> u64 {
 /// flag at the page's request word, where the fast path finds it from then
 /// on. A request made meanwhile waits in that word and is taken at once.
 pub(crate) static FIRST: AtomicU64 = AtomicU64::new(u64::MAX);
-/// The control page's request word and `computing` word, for the first
-/// safe point; null until a control page is mapped.
-static REQUEST: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
-static COMPUTING: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+/// The control page, for the first safe point; set before FLAG points at
+/// [`FIRST`].
+static PAGE: AtomicPtr<ControlPage> = AtomicPtr::new(std::ptr::null_mut());
 
 fn first_ptr() -> *mut AtomicU64 {
     &FIRST as *const AtomicU64 as *mut AtomicU64
 }
 
 /// At `cryo_init`, with the agent's control page mapped (it is never
-/// unmapped, so the words stay valid after `page`'s borrow).
+/// unmapped, so the page stays valid after `page`'s borrow).
 pub(crate) fn arm_first_safe_point(page: &ControlPage) {
-    REQUEST.store(
-        &page.checkpoint_requested as *const AtomicU64 as *mut AtomicU64,
-        Ordering::Release,
-    );
-    COMPUTING.store(
-        &page.computing as *const AtomicU64 as *mut AtomicU64,
+    PAGE.store(
+        page as *const ControlPage as *mut ControlPage,
         Ordering::Release,
     );
     FLAG.store(first_ptr(), Ordering::Release);
@@ -131,24 +125,31 @@ pub(crate) fn arm_first_safe_point(page: &ControlPage) {
 /// `read` as the safe point read it, unless this is the rank's first safe
 /// point, which marks the control page and returns the real request.
 fn past_first_safe_point(read: u64) -> u64 {
-    if FLAG.load(Ordering::Acquire) != first_ptr() {
-        return read;
+    if FLAG.load(Ordering::Acquire) == first_ptr() {
+        first_safe_point()
+    } else {
+        read
     }
-    let computing = COMPUTING.load(Ordering::Acquire);
-    if !computing.is_null() {
-        // SAFETY: set by `arm_first_safe_point` to a word of the control
-        // page, which is never unmapped.
-        unsafe { &*computing }.store(1, Ordering::Release);
-    }
-    let request = REQUEST.load(Ordering::Acquire);
-    let next = if request.is_null() {
+}
+
+/// Marks the control page and points FLAG at its request word; returns
+/// the request.
+fn first_safe_point() -> u64 {
+    let page = PAGE.load(Ordering::Acquire);
+    let next = if page.is_null() {
         &IDLE as *const AtomicU64 as *mut AtomicU64
     } else {
-        request
+        // SAFETY: set by `arm_first_safe_point` to the control page, which
+        // is never unmapped.
+        let page = unsafe { &*page };
+        page.computing.store(1, Ordering::Release);
+        &page.checkpoint_requested as *const AtomicU64 as *mut AtomicU64
     };
     // Not over a finalize or an agent's loss, which point it at IDLE.
     let _ = FLAG.compare_exchange(first_ptr(), next, Ordering::AcqRel, Ordering::Acquire);
-    read_flag()
+    let flag = FLAG.load(Ordering::Acquire);
+    // SAFETY: FLAG always points at a live AtomicU64 (see checkpoint_point).
+    unsafe { &*flag }.load(Ordering::Acquire)
 }
 
 /// Tells the agent that this rank reached a safe point with `epoch`

@@ -2,8 +2,9 @@
 //! scripted agent: a rank told while it runs where its first parked copy
 //! goes fills its view of those slots before any checkpoint, and none of
 //! the runtime's threads takes a signal the application blocked to wait
-//! for it; the thread that reads such offers ends at `finalize`. Runs on the main thread (no test harness): a signal sent to the
-//! process goes first to the main thread, unless it blocks it.
+//! for it; the thread that reads such offers ends at `finalize`. Runs on
+//! the main thread (no test harness): a signal sent to the process goes
+//! first to the main thread, unless it blocks it.
 #![allow(clippy::unwrap_used)]
 
 use std::os::fd::AsFd;
