@@ -399,7 +399,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let store_dir = announce_store(launch.store.clone())?;
             let store = open_store(&store_dir)?;
             let job_store = store.existing_job(&job)?;
-            let command = Registry::of(&job_store).command()?;
+            let registry = Registry::of(&job_store);
+            session::refuse_if_running(&registry, &job)?;
+            let command = registry.command()?;
             // The launcher the job ran with (an Open MPI job's mpirun, say),
             // unless this restart names another.
             if launch.launcher.is_none() {
@@ -423,7 +425,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     command.world_size
                 );
             }
-            eprintln!("cryo: restarting job {job:?} from epoch {epoch}");
             // Where this restart places the ranks itself (not srun's).
             let placed_here = launch.hosts.is_some() || launch.nodes.is_some();
             let ranks = command.world_size;
@@ -438,12 +439,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 launch::check_restart_placement(&manifest, placed, emulated)?;
             }
+            eprintln!("cryo: restarting job {:?} from epoch {epoch}", opts.job);
+            crate::gone_files::announce(&manifest, &opts.store);
             session::run(opts)
         }
         Command::Checkpoint { job, store } => {
             let store = existing_store(store)?;
             let response = session::request(&store, &job, JobRequest::Checkpoint)?;
-            let code = report_checkpoint(&job, &response)?;
+            let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
             Ok(code)
         }
@@ -455,7 +458,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             let store = existing_store(store)?;
             let response = session::request(&store, &job, JobRequest::Preempt)?;
-            let code = report_checkpoint(&job, &response)?;
+            let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
             println!("job {job}: stopping");
             Ok(code)
@@ -570,6 +573,7 @@ fn resume_epoch(store: &std::path::Path, job: &str, ranks: u32) -> Result<Option
         );
     }
     eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
+    crate::gone_files::announce(&manifest, store.root());
     Ok(Some(epoch))
 }
 

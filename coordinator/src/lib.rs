@@ -20,6 +20,7 @@ pub mod cli;
 mod commit;
 pub mod epoch;
 pub mod export;
+pub mod gone_files;
 pub mod holdings;
 pub mod human;
 pub mod inspect;

@@ -9,6 +9,15 @@ use cryo_core::protocol::{JobResponse, JobStatus};
 
 use crate::human;
 
+/// What a job falls back on when an epoch aborts: its newest committed
+/// epoch, if it has one yet.
+pub(crate) fn what_stands(latest: Option<u64>) -> String {
+    match latest {
+        Some(epoch) => format!("epoch {epoch}, the newest committed, stands"),
+        None => "the job has no committed epoch yet".into(),
+    }
+}
+
 /// Names what a restart from the epoch just committed will not give back.
 pub(crate) fn warn_unrestorable(store: &std::path::Path, job: &str, response: &JobResponse) {
     let JobResponse::Committed { epoch, .. } = response else {
@@ -30,7 +39,11 @@ pub(crate) fn warn_unrestorable(store: &std::path::Path, job: &str, response: &J
     }
 }
 
-pub(crate) fn report_checkpoint(job: &str, response: &JobResponse) -> Result<ExitCode> {
+pub(crate) fn report_checkpoint(
+    store: &std::path::Path,
+    job: &str,
+    response: &JobResponse,
+) -> Result<ExitCode> {
     match response {
         JobResponse::Committed {
             epoch,
@@ -51,9 +64,15 @@ pub(crate) fn report_checkpoint(job: &str, response: &JobResponse) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         JobResponse::Aborted { epoch, reason } => {
-            eprintln!(
-                "job {job}: epoch {epoch} aborted: {reason}; the previous committed epoch stands"
+            let latest = cryo_core::Store::open(store)
+                .and_then(|s| s.existing_job(job))
+                .ok()
+                .and_then(|j| j.latest_committed().ok());
+            let stands = latest.map_or_else(
+                || "the previous committed epoch, if any, stands".into(),
+                what_stands,
             );
+            eprintln!("job {job}: epoch {epoch} aborted: {reason}; {stands}");
             Ok(ExitCode::FAILURE)
         }
         JobResponse::Refused { reason } => {

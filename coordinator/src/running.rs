@@ -388,10 +388,11 @@ impl Coordinator {
             Phase::Aborted(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
-                eprintln!(
-                    "cryo: epoch {} aborted: {reason}; the previous committed epoch stands",
-                    epoch.epoch
-                );
+                let stands = match self.job.latest_committed() {
+                    Ok(latest) => crate::report::what_stands(latest),
+                    Err(_) => "the previous committed epoch, if any, stands".into(),
+                };
+                eprintln!("cryo: epoch {} aborted: {reason}; {stands}", epoch.epoch);
                 self.broadcast(&CoordinatorToAgent::Abort {
                     epoch: epoch.epoch,
                     reason: reason.clone(),

@@ -179,6 +179,18 @@ fn exit_code_of(status: ExitStatus) -> ExitCode {
     }
 }
 
+/// Refuses to start `job` while a coordinator of it runs.
+pub fn refuse_if_running(registry: &Registry, job: &str) -> Result<()> {
+    if let Ok(existing) = registry.coordinator(job) {
+        bail!(
+            "job {job:?} is already running (coordinator pid {} on {})",
+            existing.pid,
+            existing.host
+        );
+    }
+    Ok(())
+}
+
 /// Runs (or restarts) a job to completion.
 pub fn run(opts: RunOptions) -> Result<ExitCode> {
     install_signal_handlers()?;
@@ -186,14 +198,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     let job = store.job(&opts.job)?;
     job.ensure_layout()?;
     let registry = Registry::of(&job);
-    if let Ok(existing) = registry.coordinator(&opts.job) {
-        bail!(
-            "job {:?} is already running (coordinator pid {} on {})",
-            opts.job,
-            existing.pid,
-            existing.host
-        );
-    }
+    refuse_if_running(&registry, &opts.job)?;
     let token = registry.create_token()?;
     registry.write_command(&opts.command)?;
     let launcher = launch::detect(opts.launcher.as_deref(), || {

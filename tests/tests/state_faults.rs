@@ -4,8 +4,11 @@
 //! file's saved contents corrupted in the store (the restart falls back to
 //! the previous epoch), a pipe no restart can give back (said when the
 //! checkpoint is taken, by `cryo checkpoint`, `cryo run` and
-//! `cryo describe`), and a file written in place over `CRYO_WRITABLE_CAP`
-//! (not saved, and named). The harness is `cryo_tests::state`.
+//! `cryo describe`), a file written in place over `CRYO_WRITABLE_CAP`
+//! (not saved, and named), files removed after the checkpoint (named by
+//! `cryo restart` before the ranks start: made again, or the restart
+//! fails), and restarts refused before they start. The harness is
+//! `cryo_tests::state`.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::collections::HashSet;
@@ -164,6 +167,12 @@ fn an_unlinked_file_over_the_cap_refuses_the_epoch_and_the_job_goes_on() {
         context()
     );
     assert!(said.contains("epoch 1 aborted"), "{}", context());
+    // Nothing was committed before it, so nothing is said to stand.
+    assert!(
+        said.contains("the job has no committed epoch yet"),
+        "{}",
+        context()
+    );
 
     // Checked against the ranks themselves, stopped so that they cannot
     // finish meanwhile.
@@ -545,4 +554,105 @@ fn a_restart_whose_library_opens_more_fds_first_still_restores() {
             rank.rank
         );
     }
+}
+
+/// A file held open for writing in place (the `rdwr` shape's record file)
+/// and removed after the checkpoint: `cryo restart` names it before the
+/// ranks start, says the restart makes it again, and the restarted run
+/// ends byte-identical to the uninterrupted one.
+#[test]
+fn a_saved_file_removed_after_the_checkpoint_is_named_and_made_again() {
+    if !have_mpi() {
+        return;
+    }
+    let (case, job_name, mut job) = started("rdwr", true, &[]);
+    let (captured, mut checkpoint) = case.capture(&job_name, &job);
+    case.stop_at_past(&job_name, &mut job, captured, ITERS, &mut checkpoint, 1);
+    let (killed_at, _) = case.kill_unfinished(job, captured);
+    let gone = run_file(&case, "rdwr.0.out");
+    fs::remove_file(&gone).unwrap();
+    let said =
+        case.assert_restart_matches_reference(&job_name, "c:2", 1, captured, killed_at, ITERS);
+    let line = said
+        .lines()
+        .find(|l| l.contains(&format!("{} (rank 0 fd ", gone.display())))
+        .unwrap_or_else(|| panic!("cryo restart did not name {}:\n{said}", gone.display()));
+    assert!(
+        line.contains("gone since epoch 1") && line.contains("makes it again"),
+        "{line}"
+    );
+    // Rank 1's file is still there: not named.
+    assert!(
+        !said.contains(&format!("{} (", run_file(&case, "rdwr.1.out").display())),
+        "{said}"
+    );
+}
+
+/// An append-only log (not saved: only cut back at a restart) removed
+/// after the checkpoint: `cryo restart` warns before the ranks start that
+/// the rank cannot reopen it, and the rank's own error names it.
+#[test]
+fn an_unsaved_file_removed_after_the_checkpoint_is_named_before_the_restart_fails() {
+    if !have_mpi() {
+        return;
+    }
+    let (case, job_name, mut job) = started("append", false, &[]);
+    let (captured, mut checkpoint) = case.capture(&job_name, &job);
+    case.stop_at_past(&job_name, &mut job, captured, ITERS, &mut checkpoint, 1);
+    case.kill_unfinished(job, captured);
+    let gone = run_file(&case, "append.1.out");
+    fs::remove_file(&gone).unwrap();
+    let out = case.restart(&job_name, "c:2");
+    let said = output_text(&out);
+    assert!(
+        !out.status.success(),
+        "the restart went on without {}:\n{said}",
+        gone.display()
+    );
+    let warning = said
+        .lines()
+        .find(|l| l.contains(&format!("{} (rank 1 fd ", gone.display())))
+        .unwrap_or_else(|| panic!("cryo restart did not name {}:\n{said}", gone.display()));
+    assert!(
+        warning.contains("warning")
+            && warning.contains("not saved")
+            && warning.contains("will fail"),
+        "{warning}"
+    );
+    let restarting = said.find("restarting job").unwrap();
+    assert!(said.find(warning).unwrap() > restarting, "{said}");
+    assert!(
+        said.contains(&format!(
+            "file {} vanished since the checkpoint",
+            gone.display()
+        )),
+        "the rank's error does not name {}:\n{said}",
+        gone.display()
+    );
+}
+
+/// A restart refused before anything starts says so alone, with no
+/// "restarting job" line that reads as if it had begun: while the job
+/// still runs, and onto nodes with too few slots for its ranks.
+#[test]
+fn a_refused_restart_does_not_say_it_is_restarting() {
+    if !have_mpi() {
+        return;
+    }
+    let (case, job_name, job) = started("dup", false, &[]);
+    let (captured, mut checkpoint) = case.capture(&job_name, &job);
+    case.committed_by(&job_name, &job, &mut checkpoint, 1);
+    let refused = |nodes: &str, refusal: &str| {
+        let out = case.restart(&job_name, nodes);
+        let said = output_text(&out);
+        assert!(
+            !out.status.success() && said.contains(refusal),
+            "a restart on {nodes} was not refused with {refusal:?}:\n{said}"
+        );
+        assert!(!said.contains("restarting job"), "{said}");
+    };
+    refused("c:2", "is already running");
+    case.stop_ranks();
+    case.kill_unfinished(job, captured);
+    refused("c:1", "do not fit");
 }
