@@ -253,8 +253,9 @@ pub struct LaunchArgs {
     /// job (`SLURM_RESTART_COUNT` > 0).
     #[arg(long)]
     pub resume: bool,
-    /// Slurm: on SIGUSR1 (`--signal=B:USR1@GRACE`) or SIGTERM, checkpoint,
-    /// stop the job and requeue it with `scontrol requeue`.
+    /// Slurm: on SIGUSR1 (`--signal=B:USR1@GRACE`) or `cryo preempt`,
+    /// checkpoint, stop the job and requeue it with `scontrol requeue`; on
+    /// SIGTERM (`scancel`), checkpoint and stop it, not requeued.
     #[arg(long)]
     pub requeue: bool,
     /// The cryo-agent binary (default: next to `cryo`).

@@ -52,6 +52,10 @@ pub(crate) struct Coordinator {
     waiters: Vec<Waiter>,
     last_attempted: u64,
     pub(crate) preempting: bool,
+    /// Whether a `--requeue` job goes back in Slurm's queue once stopped:
+    /// asked by Slurm's warning (SIGUSR1) or `cryo preempt`, not by a
+    /// SIGTERM (`scancel`), nor once the job finished by itself.
+    pub(crate) requeue_on_stop: bool,
     pub(crate) preempt_result: Option<bool>,
     /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
     pub(crate) agent_step: Option<Child>,
@@ -69,6 +73,12 @@ pub(crate) struct Coordinator {
 }
 
 impl Coordinator {
+    /// Whether the job is ending by itself: a rank has called
+    /// `cryo_finalize`, so no checkpoint of it can be taken any more.
+    pub(crate) fn finishing(&self) -> Option<u32> {
+        self.finalized.first().copied()
+    }
+
     /// A coordinator for `opts`' job, with no agent yet.
     pub(crate) fn new(
         opts: RunOptions,
@@ -86,6 +96,7 @@ impl Coordinator {
             waiters: Vec::new(),
             last_attempted: 0,
             preempting: false,
+            requeue_on_stop: false,
             preempt_result: None,
             agent_step: None,
             committing: None,
@@ -486,6 +497,7 @@ impl Coordinator {
                 };
                 // Set first: the epoch it starts is the job's last.
                 self.preempting |= preempt;
+                self.requeue_on_stop |= preempt;
                 match self.start_checkpoint(why) {
                     Ok(_) => self.waiters.push(Waiter { reply }),
                     Err(reason) if preempt && self.epoch.is_some() => {

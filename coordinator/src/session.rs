@@ -66,7 +66,8 @@ pub struct RunOptions {
     pub launcher: Option<PathBuf>,
     /// Who starts the node agents.
     pub agents: AgentMode,
-    /// Slurm: on SIGUSR1 or SIGTERM, checkpoint, stop and requeue the job.
+    /// Slurm: on SIGUSR1 (or `cryo preempt`), checkpoint, stop and
+    /// requeue the job; on SIGTERM (`scancel`), checkpoint and stop.
     pub requeue: bool,
     /// The agent binary.
     pub agent_bin: Option<PathBuf>,
@@ -288,7 +289,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     coordinator.shutdown_agents();
     registry.clear_coordinator();
     drop(tx);
-    if coordinator.opts.requeue && coordinator.preempting {
+    if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {
         requeue_slurm_job();
     }
     result
@@ -384,9 +385,12 @@ fn drive(
             // Every rank was durable: the commit decides, and its outcome
             // is what a preemption reports.
             finish_commit(c, rx);
-            if c.preempting {
+            // A launcher that ended well ended a job that finished: a
+            // preemption asked meanwhile has nothing left to stop or requeue.
+            if c.preempting && !status.success() {
                 break preempt_exit(c);
             }
+            c.requeue_on_stop = false;
             eprintln!("cryo: job {} finished ({status})", c.opts.job);
             if !status.success() {
                 name_first_departure(c, rx);
@@ -437,23 +441,28 @@ fn drive(
         if GOT_USR1.swap(false, Ordering::AcqRel) {
             if c.opts.requeue {
                 // Slurm's warning before the time limit or a preemption.
-                preempt_signal = Some("SIGUSR1: checkpoint and requeue");
+                preempt_signal = Some(("SIGUSR1", "SIGUSR1: checkpoint and requeue"));
+                c.requeue_on_stop = true;
             } else if let Err(reason) = c.start_checkpoint("SIGUSR1") {
                 eprintln!("cryo: SIGUSR1: no checkpoint: {reason}");
             }
         }
         if GOT_TERM.swap(false, Ordering::AcqRel) {
-            preempt_signal = Some(if c.opts.requeue {
-                "SIGTERM: checkpoint and requeue"
-            } else {
-                "SIGTERM: preempt"
-            });
+            // `scancel` sends SIGTERM, and a cancelled job must not come
+            // back: a SIGTERM stops the job after a checkpoint, unrequeued
+            // (Slurm's own warnings are the SIGUSR1 of `--signal`).
+            if c.opts.requeue && !c.requeue_on_stop && !c.preempting {
+                eprintln!(
+                    "cryo: SIGTERM (scancel, or a stop Slurm gave no warning of): checkpointing and stopping; the job is not requeued"
+                );
+            }
+            preempt_signal = Some(("SIGTERM", "SIGTERM: preempt"));
         }
-        if let Some(why) = preempt_signal.filter(|_| !c.preempting) {
+        if let Some((signal, why)) = preempt_signal.filter(|_| !c.preempting) {
             c.preempting = true;
             if let Err(reason) = c.start_checkpoint(why) {
                 if c.epoch.is_none() {
-                    eprintln!("cryo: SIGTERM: stopping without a new checkpoint: {reason}");
+                    eprintln!("cryo: {signal}: stopping without a new checkpoint: {reason}");
                     c.preempt_result = Some(false);
                 }
             }
@@ -467,6 +476,19 @@ fn drive(
                     }
                 }
             }
+        }
+        if let (true, None, Some(false), Some(rank)) =
+            (c.preempting, &c.epoch, c.preempt_result, c.finishing())
+        {
+            // No checkpoint, because the job is finishing: stopping it
+            // now (and requeueing it) would throw its end away.
+            eprintln!(
+                "cryo: job {} is finishing (rank {rank} has called cryo_finalize): letting it end; it is not stopped or requeued",
+                c.opts.job
+            );
+            c.preempting = false;
+            c.requeue_on_stop = false;
+            c.preempt_result = None;
         }
         if c.preempting && c.epoch.is_none() && c.preempt_result.is_some() {
             if c.preempt_result == Some(true) && matches!(launcher, Launcher::Hydra(_)) {

@@ -175,17 +175,14 @@ pub unsafe extern "C" fn slurm_spank_init_post_opt(
             Context::Local | Context::Allocator => {
                 // Check now, at submission, rather than on the nodes after
                 // the job has waited in the queue.
+                options.validate().map_err(|e| format!("cryo: {e}"))?;
                 if options.enabled {
                     let store = options.store(args).map_err(|e| format!("cryo: {e}"))?;
-                    options.validate().map_err(|e| format!("cryo: {e}"))?;
                     // salloc's shell is no Slurm task, so task_init never
                     // reaches it: it inherits this process's environment
                     // (as sbatch's job and srun's tasks do by default).
-                    let mut settings = vec![("CRYO_STORE", store.into_os_string())];
-                    settings.extend(options.interval.map(|v| ("CRYO_INTERVAL", v.into())));
-                    settings.extend(options.keep.map(|v| ("CRYO_KEEP", v.into())));
-                    for (name, value) in settings {
-                        if std::env::var_os(name).is_none() {
+                    for (name, value, typed) in options.settings(store) {
+                        if typed || std::env::var_os(name).is_none() {
                             std::env::set_var(name, value);
                         }
                     }
@@ -239,13 +236,8 @@ pub unsafe extern "C" fn slurm_spank_task_init(
                 .setenv(name, value, true)
                 .map_err(|e| format!("cryo: setting {name}: {e}"))
         };
-        // Values the user set by hand in the job's environment win.
-        set("CRYO_STORE", store.as_os_str(), false)?;
-        if let Some(interval) = &options.interval {
-            set("CRYO_INTERVAL", interval.as_ref(), false)?;
-        }
-        if let Some(keep) = &options.keep {
-            set("CRYO_KEEP", keep.as_ref(), false)?;
+        for (name, value, typed) in options.settings(store) {
+            set(name, &value, typed)?;
         }
         set("CRYO_SPANK", "1".as_ref(), true)
     })

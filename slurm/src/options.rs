@@ -76,8 +76,37 @@ impl StepOptions {
         }
     }
 
-    /// Checks the numeric options.
+    /// The job's settings from these options, `store` being its store:
+    /// `(variable, value, typed)`. What the user typed as an option
+    /// (`--cryo=DIR`, `--cryo-interval`, `--cryo-keep`) is `typed` and
+    /// wins over the same variable inherited from the submitting shell
+    /// (a `CRYO_STORE` exported in a login profile); a store that comes
+    /// from plugstack.conf or the default does not.
+    pub fn settings(&self, store: PathBuf) -> Vec<(&'static str, std::ffi::OsString, bool)> {
+        let mut out = vec![("CRYO_STORE", store.into_os_string(), self.store.is_some())];
+        out.extend(
+            self.interval
+                .clone()
+                .map(|v| ("CRYO_INTERVAL", v.into(), true)),
+        );
+        out.extend(self.keep.clone().map(|v| ("CRYO_KEEP", v.into(), true)));
+        out
+    }
+
+    /// Checks the numeric options, and that they come with `--cryo`.
     pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            let given = [
+                ("--cryo-interval", &self.interval),
+                ("--cryo-keep", &self.keep),
+            ];
+            if let Some((name, _)) = given.iter().find(|(_, value)| value.is_some()) {
+                return Err(format!(
+                    "{name} without --cryo: add --cryo (or --cryo=STORE) for a job cryo checkpoints"
+                ));
+            }
+            return Ok(());
+        }
         if let Some(interval) = &self.interval {
             match interval.parse::<f64>() {
                 Ok(secs) if secs.is_finite() && secs > 0.0 => {}
@@ -118,6 +147,9 @@ pub fn current() -> StepOptions {
 /// the same default as `cryo run`'s (`cryo_coordinator::store_dir`).
 pub const DEFAULT_STORE_DIR: &str = "cryo-store";
 
+/// What Slurm exports for an option given without its optional value.
+const NULL_VALUE: &str = "(null)";
+
 const OPT_CRYO: c_int = 1;
 const OPT_INTERVAL: c_int = 2;
 const OPT_KEEP: c_int = 3;
@@ -142,7 +174,10 @@ extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int)
         match val {
             OPT_CRYO => {
                 options.enabled = true;
-                options.store = value.filter(|v| !v.is_empty());
+                // A bare `--cryo` reaches the job's own sruns as the text
+                // "(null)" (Slurm exports the option's missing value so):
+                // no store named, as on the command line.
+                options.store = value.filter(|v| !v.is_empty() && v != NULL_VALUE);
             }
             OPT_INTERVAL => options.interval = value,
             OPT_KEEP => options.keep = value,
@@ -255,8 +290,30 @@ mod tests {
     }
 
     #[test]
+    fn typed_options_win_over_the_inherited_environment() {
+        let mut options = StepOptions {
+            enabled: true,
+            interval: Some("30".into()),
+            ..StepOptions::default()
+        };
+        let typed = |o: &StepOptions| {
+            o.settings("/st".into())
+                .into_iter()
+                .map(|(name, _, typed)| (name, typed))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            typed(&options),
+            vec![("CRYO_STORE", false), ("CRYO_INTERVAL", true)]
+        );
+        options.store = Some("/st".into());
+        assert_eq!(typed(&options)[0], ("CRYO_STORE", true));
+    }
+
+    #[test]
     fn option_values() {
         let mut options = StepOptions {
+            enabled: true,
             interval: Some("30".into()),
             keep: Some("2".into()),
             ..StepOptions::default()
@@ -267,6 +324,15 @@ mod tests {
         options.interval = None;
         options.keep = Some("0".into());
         assert!(options.validate().unwrap_err().contains("--cryo-keep"));
+        // Without --cryo they would be ignored: refused, naming the option.
+        options.enabled = false;
+        options.keep = Some("2".into());
+        assert!(options
+            .validate()
+            .unwrap_err()
+            .contains("--cryo-keep without --cryo"));
+        options.keep = None;
+        options.validate().unwrap();
     }
 
     #[test]
@@ -277,5 +343,10 @@ mod tests {
         assert_eq!(option_callback(OPT_CRYO, std::ptr::null(), 0), 0);
         assert!(current().enabled);
         assert_eq!(current().store, None);
+        // A bare --cryo as the job's own srun sees it.
+        assert_eq!(option_callback(OPT_CRYO, c"(null)".as_ptr(), 0), 0);
+        assert_eq!(current().store, None);
+        assert_eq!(option_callback(OPT_CRYO, c"/shared/st".as_ptr(), 0), 0);
+        assert_eq!(current().store.as_deref(), Some("/shared/st"));
     }
 }

@@ -11,6 +11,19 @@ use cryo_tests::heat2d::{built, compile_mpich_program};
 use cryo_tests::output_text;
 use cryo_tests::state::have_mpi;
 
+/// A scratch folder with the program compiled in it; `None` without MPI.
+fn compiled() -> Option<(tempfile::TempDir, std::path::PathBuf)> {
+    if !have_mpi() {
+        return None;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-finalize-")
+        .tempdir()
+        .unwrap();
+    let program = compile(dir.path());
+    Some((dir, program))
+}
+
 fn compile(dir: &std::path::Path) -> std::path::PathBuf {
     let out = dir.join("hangs_in_finalize");
     compile_mpich_program("tests/programs/hangs_in_finalize.c", &out);
@@ -34,14 +47,9 @@ fn cryo_run(dir: &std::path::Path, program: &std::path::Path, extra: &[&str]) ->
 
 #[test]
 fn a_launcher_stuck_after_every_rank_finalized_is_stopped() {
-    if !have_mpi() {
+    let Some((dir, program)) = compiled() else {
         return;
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("cryo-finalize-")
-        .tempdir()
-        .unwrap();
-    let program = compile(dir.path());
+    };
 
     // With the timeout: stopped about 2 s after both ranks finalized.
     let start = Instant::now();
@@ -74,4 +82,46 @@ fn a_launcher_stuck_after_every_rank_finalized_is_stopped() {
         still_running,
         "cryo run without --finalize-timeout did not wait for its launcher"
     );
+}
+
+/// A SIGTERM (a preemption, `scancel`) that comes once the ranks have
+/// called `cryo_finalize` finds nothing to checkpoint: the job is ending
+/// by itself, so `cryo run` lets it end (here by the finalize timeout)
+/// and exits 0, instead of stopping it as preempted without a checkpoint
+/// (which under Slurm requeued a finished job from its start).
+#[test]
+fn a_stop_asked_while_the_job_finishes_lets_it_end() {
+    let Some((dir, program)) = compiled() else {
+        return;
+    };
+    let stdout = dir.path().join("run.stdout");
+    let stderr = dir.path().join("run.stderr");
+    let mut child = cryo_run(dir.path(), &program, &["--finalize-timeout", "6"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&stdout)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the ranks did not finish: {}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Both ranks called cryo_finalize right after their line.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.success(), "cryo run exited {status}:\n{said}");
+    assert!(said.contains("is finishing"), "{said}");
+    assert!(!said.contains("preempted"), "{said}");
 }

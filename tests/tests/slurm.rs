@@ -283,6 +283,51 @@ fn usr1_checkpoints_requeues_and_resumes_identically() {
     assert_no_stray_agent();
 }
 
+/// A plain `scancel` of a `--requeue` job sends SIGTERM, as Slurm does for
+/// every stop it gives no warning of: the job is stopped and stays
+/// cancelled. (cryo requeued it, and it ran again from its checkpoint.)
+#[test]
+fn scancel_cancels_a_requeue_job_for_good() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit(&slurm, &[], 300);
+    case.wait_for_iterations(20);
+    slurm.run("scancel", &[&id]);
+    let start = Instant::now();
+    let mut ended_at: Option<Instant> = None;
+    // Ended, and still ended (not back in the queue) 10 s later.
+    loop {
+        let (state, restarts) = slurm.job_state(&id);
+        assert_eq!(
+            restarts,
+            0,
+            "the cancelled job was requeued ({state}):\n{}",
+            case.job_out()
+        );
+        match state.as_str() {
+            "RUNNING" | "COMPLETING" | "PENDING" | "REQUEUED" => ended_at = None,
+            _ => {
+                let at = *ended_at.get_or_insert_with(Instant::now);
+                if at.elapsed() > Duration::from_secs(10) {
+                    assert_eq!(state, "CANCELLED", "{}", case.job_out());
+                    break;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "job {id} did not end ({state}):\n{}",
+            case.job_out()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = case.job_out();
+    assert!(out.contains("the job is not requeued"), "{out}");
+    assert!(!out.contains("requeueing Slurm job"), "{out}");
+    assert_no_stray_agent();
+}
+
 /// The agents stopped with their steps: no stray daemon. (The agents' own
 /// command lines are `cryo-agent serve` with settings in the environment.)
 fn assert_no_stray_agent() {
@@ -477,5 +522,34 @@ fn a_job_submitted_with_export_none_still_reaches_its_agents_and_ranks() {
     assert!(
         log.contains("export: NONE"),
         "not a clean environment:\n{log}"
+    );
+}
+
+/// A bare `--cryo` (no store named: the submission directory's
+/// `cryo-store`) reaches the job's own sruns as the text "(null)", which
+/// the plugin refused as a relative store, failing every step. The job
+/// runs under the plugin's agents, checkpoints, requeues and resumes.
+#[test]
+fn a_bare_cryo_option_runs_the_job_with_the_default_store() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let script = format!(
+        "export PATH={path}; exec cryo run --requeue -- {heat2d} {args}",
+        path = path_with_built(),
+        heat2d = built().join("heat2d").display(),
+        args = case.app_args("run", 300).join(" ")
+    );
+    let mut sbatch = slurm.cmd("sbatch");
+    // The store is resolved where sbatch runs.
+    sbatch
+        .arg("--cryo")
+        .env_remove("CRYO_STORE")
+        .current_dir(case.files.dir());
+    let log = requeued_once(&slurm, &case, sbatch, &script);
+    let store = case.files.dir().join("cryo-store");
+    assert!(
+        log.contains(&format!("store {}", store.display())),
+        "not the default store:\n{log}"
     );
 }
