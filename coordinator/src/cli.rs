@@ -20,6 +20,7 @@ use crate::inspect;
 use crate::launch;
 use crate::logging::{self, LogFormat};
 use crate::registry::{JobCommand, Registry};
+use crate::resume;
 use crate::session::{self, AgentMode, AgentStarter, RunOptions};
 
 /// Exit code when `cryo verify` finds damage.
@@ -378,10 +379,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
                 .with_launcher(launch.launcher.as_deref());
             let store = announce_store(launch.store.clone())?;
-            let resume_from = if launch.resume || slurm_restart_count() > 0 {
-                resume_epoch(&store.path, &job, ranks)?
+            let asked = if slurm_restart_count() > 0 {
+                Some(resume::Asked::BySlurm)
             } else {
-                None
+                launch.resume.then_some(resume::Asked::ByUser)
+            };
+            let resume_from = match asked {
+                Some(asked) => resume::epoch(&store.path, &job, &job_command, asked)?,
+                None => None,
             };
             session::run(run_options(
                 job,
@@ -418,6 +423,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let epoch = session::choose_restart_epoch(&job_store, epoch)?;
+            if let Some(after) = command.fresh_after.filter(|after| epoch <= *after) {
+                eprintln!(
+                    "cryo: warning: epoch {epoch} is an earlier run's: the job's command, {}, started from the beginning after epoch {after}",
+                    command.describe()
+                );
+            }
             let manifest = job_store.load_manifest(epoch)?;
             if manifest.world_size != command.world_size {
                 bail!(
@@ -550,32 +561,6 @@ fn slurm_restart_count() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// The epoch `cryo run --resume` continues from: the newest committed one
-/// that verifies, or none for a job that never committed one.
-fn resume_epoch(store: &std::path::Path, job: &str, ranks: u32) -> Result<Option<u64>> {
-    let Ok(store) = Store::open(store) else {
-        return Ok(None);
-    };
-    let Ok(job_store) = store.existing_job(job) else {
-        return Ok(None);
-    };
-    if job_store.latest_committed()?.is_none() {
-        eprintln!("cryo: job {job:?} has no committed checkpoint yet; starting from the beginning");
-        return Ok(None);
-    }
-    let epoch = session::choose_restart_epoch(&job_store, None)?;
-    let manifest = job_store.load_manifest(epoch)?;
-    if manifest.world_size != ranks {
-        bail!(
-            "job {job:?} was checkpointed with {} ranks, but this run asks for {ranks}; a restart keeps the world size",
-            manifest.world_size
-        );
-    }
-    eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
-    crate::gone_files::announce(&manifest, store.root());
-    Ok(Some(epoch))
 }
 
 fn seconds(value: f64, what: &str) -> Result<Duration> {

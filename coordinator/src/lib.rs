@@ -33,6 +33,7 @@ mod peers;
 pub mod program_mpi;
 pub mod registry;
 pub mod report;
+pub mod resume;
 mod running;
 pub mod session;
 mod signals;

@@ -36,6 +36,12 @@ pub struct JobCommand {
     /// commands of older versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launcher: Option<Vec<u8>>,
+    /// The job's newest committed epoch when this run started from the
+    /// beginning: the epochs up to it are an earlier run's (the same name
+    /// reused, a Slurm job id given again), so a resume never picks them.
+    /// Absent: every epoch is this run's. Carried on by its restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fresh_after: Option<u64>,
 }
 
 impl JobCommand {
@@ -49,7 +55,29 @@ impl JobCommand {
             cwd: cwd.as_os_str().as_bytes().to_vec(),
             world_size,
             launcher: None,
+            fresh_after: None,
         }
+    }
+
+    /// Whether it runs the same program with the same arguments in the
+    /// same directory as `other`.
+    pub fn same_program(&self, other: &JobCommand) -> bool {
+        (&self.program, &self.args, &self.cwd) == (&other.program, &other.args, &other.cwd)
+    }
+
+    /// One line for people: the program, its arguments and where it ran.
+    pub fn describe(&self) -> String {
+        let mut words = vec![String::from_utf8_lossy(&self.program).into_owned()];
+        words.extend(
+            self.args
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned()),
+        );
+        format!(
+            "{} (in {})",
+            words.join(" "),
+            String::from_utf8_lossy(&self.cwd)
+        )
     }
 
     /// Records the launcher `cryo run` was told to use.

@@ -201,7 +201,18 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     let registry = Registry::of(&job);
     refuse_if_running(&registry, &opts.job)?;
     let token = registry.create_token()?;
-    registry.write_command(&opts.command)?;
+    let mut command = opts.command.clone();
+    command.fresh_after = match opts.restart_from {
+        // From the beginning: what the job has committed so far is not
+        // this run's to resume.
+        None => job.latest_committed()?,
+        // A restart carries on the lineage of the run it restarts, as far
+        // as the epoch it restarts from.
+        Some(epoch) => (registry.command().ok())
+            .and_then(|previous| previous.fresh_after)
+            .filter(|after| *after < epoch),
+    };
+    registry.write_command(&command)?;
     let launcher = launch::detect(opts.launcher.as_deref(), || {
         let program_mpi = crate::program_mpi::of_program(
             OsStr::from_bytes(&opts.command.program),
