@@ -372,4 +372,14 @@ impl FakeRank {
         let msg = read_message::<AgentToRank>(&mut &self.sock).unwrap();
         (msg, t.elapsed())
     }
+
+    /// Whether the agent sent anything within `wait`.
+    pub fn hears_within(&self, wait: Duration) -> bool {
+        let mut poll = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&self.sock),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+        nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(ms)).unwrap() > 0
+    }
 }

@@ -2,7 +2,7 @@
 //! checkpoint is durable without the launcher writing about its ranks'
 //! deaths into the job's stdout (MPICH Hydra's "BAD TERMINATION" banner),
 //! and the restart's lines carry on from the checkpoint: together they
-//! hold every line of an uninterrupted run and nothing else.
+//! hold every line of an uninterrupted run, each once, and nothing else.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::collections::BTreeSet;
@@ -101,6 +101,21 @@ fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
     assert!(
         missing.is_empty() && foreign.is_empty(),
         "after the restart: missing {missing:?}, foreign {foreign:?}\n{}",
+        output_text(&restart)
+    );
+    // And each once: the preempted ranks stayed parked from their
+    // checkpoint to the stop, so no step after it was printed twice.
+    let mut twice: Vec<&str> = printed.lines().collect();
+    twice.sort_unstable();
+    let twice: Vec<&str> = twice
+        .windows(2)
+        .filter(|pair| pair[0] == pair[1])
+        .map(|pair| pair[0])
+        .take(5)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "lines printed twice: {twice:?}\n{said}\n{}",
         output_text(&restart)
     );
 }

@@ -72,8 +72,11 @@ pub(crate) struct Resources<'a> {
 pub(crate) enum Resume {
     /// As soon as its memory is copied (or cloned): the pause is the copy.
     AfterCopy,
-    /// Once its part is durable: the checkpoint before the job stops, when
-    /// what the rank would compute is lost and the store wants the cores.
+    /// Never: the checkpoint before the job stops, when what the rank
+    /// would compute is lost (and its output printed twice: once before
+    /// the stop, again by the restart) and the store wants the cores. The
+    /// rank counts as resumed once its part is durable, and stays parked
+    /// until the job is stopped (or the epoch aborted, which resumes it).
     WhenDurable,
 }
 

@@ -144,12 +144,21 @@ pub(super) fn capture_one(
                 }
             }
         }
-        conn.send(&AgentToRank::Resume { epoch })?;
+        match run.resume {
+            Resume::AfterCopy => {
+                conn.send(&AgentToRank::Resume { epoch })?;
+                conn.page
+                    .page()
+                    .resumed_epoch
+                    .store(epoch, Ordering::Release);
+            }
+            // The job stops from this checkpoint: a rank that computed on
+            // until its launcher stopped it would print (and send) what
+            // its restart prints again. Its part is durable; it stays
+            // parked, and the coordinator stops the job.
+            Resume::WhenDurable => tracing::info!(job, node, rank, epoch, "rank.held_to_the_stop"),
+        }
         conn.offered_slots.store(OFFERS_DONE, Ordering::Release);
-        conn.page
-            .page()
-            .resumed_epoch
-            .store(epoch, Ordering::Release);
         tracing::info!(
             job,
             node,
