@@ -317,7 +317,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("cryo: error: {err:#}");
+            eprintln!("cryo: error: {}", crate::human::error_chain(&err));
             ExitCode::FAILURE
         }
     }
@@ -404,6 +404,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let store_dir = announce_store(launch.store.clone())?;
             let store = open_store(&store_dir)?;
+            let job = crate::job_name::named(&store_dir.path, &job);
             let job_store = store.existing_job(&job)?;
             let registry = Registry::of(&job_store);
             session::refuse_if_running(&registry, &job)?;
@@ -457,6 +458,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Checkpoint { job, store } => {
             let store = existing_store(store)?;
+            let job = crate::job_name::named(&store, &job);
             let response = session::request(&store, &job, JobRequest::Checkpoint)?;
             let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
@@ -478,7 +480,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { job, store, json } => {
             let store = existing_store(store)?;
             let jobs = match job {
-                Some(job) => vec![job],
+                Some(job) => vec![crate::job_name::named(&store, &job)],
                 None => {
                     let store_handle = Store::open(&store)?;
                     store_handle

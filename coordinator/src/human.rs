@@ -1,4 +1,4 @@
-//! Human-readable sizes, rates and times for command output.
+//! Human-readable sizes, rates, times and errors for command output.
 
 /// `1536` → `1.5 KiB`.
 pub fn bytes(n: u64) -> String {
@@ -85,9 +85,47 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(value as u64)
 }
 
+/// An error and its causes, outermost first, joined by `: `. A cause whose
+/// text the message before it already ends with (an error that shows its
+/// source in its own text) is said once.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("create directory /st: {source}")]
+    struct Step {
+        #[source]
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_that_shows_its_source_says_it_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let said = io.to_string();
+        let err = anyhow::Error::new(Step { source: io }).context("opening the store");
+        assert_eq!(
+            error_chain(&err),
+            format!("opening the store: create directory /st: {said}")
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(&plain), "outer: inner");
+    }
 
     #[test]
     fn rates_pick_a_unit_that_shows_them() {

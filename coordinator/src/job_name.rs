@@ -24,6 +24,23 @@ pub fn default_for(command: &[OsString]) -> String {
     cleaned(&named)
 }
 
+/// The job a command names: `name` itself, or for a bare Slurm job id
+/// that is no job of the store, `slurm-<id>` when that one is (the name
+/// `cryo run` gives a job inside Slurm).
+pub fn named(store: &Path, name: &str) -> String {
+    let slurm = format!("slurm-{name}");
+    let opened = cryo_core::store::Store::open(store);
+    let is_job = |job: &str| opened.as_ref().is_ok_and(|s| s.existing_job(job).is_ok());
+    if !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_digit())
+        && !is_job(name)
+        && is_job(&slurm)
+    {
+        return slurm;
+    }
+    name.to_owned()
+}
+
 /// What a Python command line runs: the script, or the module of `-m`;
 /// `None` for `-c` or an interactive interpreter.
 fn python_target(args: &[OsString]) -> Option<OsString> {
@@ -81,6 +98,21 @@ fn cleaned(path: &OsString) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_slurm_job_id_names_its_slurm_job_when_no_job_has_that_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cryo_core::store::Store::create(dir.path()).unwrap();
+        store.job("slurm-7").unwrap().ensure_layout().unwrap();
+        store.job("8").unwrap().ensure_layout().unwrap();
+        store.job("slurm-8").unwrap().ensure_layout().unwrap();
+        assert_eq!(named(dir.path(), "7"), "slurm-7");
+        // A job called "8" is itself.
+        assert_eq!(named(dir.path(), "8"), "8");
+        // No slurm-9 either: left as typed, for the error to name.
+        assert_eq!(named(dir.path(), "9"), "9");
+        assert_eq!(named(dir.path(), "heat"), "heat");
+    }
 
     fn name(command: &[&str]) -> String {
         let command: Vec<OsString> = command.iter().map(OsString::from).collect();

@@ -24,6 +24,8 @@ pub fn init(format: LogFormat, verbose: bool) {
     let filter = EnvFilter::try_from_env("CRYO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a terminal: a job's output file gets no escapes.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -311,12 +311,16 @@ impl Coordinator {
     pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str) {
         if self.epoch.is_some() {
             tracing::error!(job = %self.opts.job, node, why, "agent.lost");
+            eprintln!("cryo: lost the agent on node {node} ({why})");
+        } else if self.all_finalized_at.is_some() {
+            // Every rank has said goodbye: the agents of a Slurm step stop
+            // with it, so this is the job's end, not news.
+            tracing::info!(job = %self.opts.job, node, why, "agent.gone_at_end");
         } else {
-            // Between checkpoints it matters only for the next one, and at
-            // the end of a Slurm step it is expected.
+            // Between checkpoints it matters only for the next one.
             tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
+            eprintln!("cryo: lost the agent on node {node} ({why})");
         }
-        eprintln!("cryo: lost the agent on node {node} ({why})");
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;
         }

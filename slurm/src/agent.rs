@@ -193,38 +193,51 @@ impl AgentProcess {
     /// what happened, for the log.
     pub fn stop(mut self) -> String {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return format!("cryo: agent {pid} had already exited ({status})");
-        }
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
-        let outcome = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break format!("cryo: agent {pid} stopped ({status})"),
-                // Reaped by slurmstepd's own wait: it is gone.
-                Err(_) => break format!("cryo: agent {pid} stopped"),
-                Ok(None) if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break format!(
-                        "cryo: agent {pid} did not stop within {} s and was killed (log: {})",
-                        STOP_GRACE.as_secs(),
-                        self.log.display()
-                    );
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            }
+        // `clean`: nothing to investigate, so its log goes too.
+        let (outcome, clean) = match self.child.try_wait() {
+            // It ended by itself (its coordinator gone at the job's end).
+            Ok(Some(status)) => (
+                format!("cryo: agent {pid} had already exited ({status})"),
+                status.success(),
+            ),
+            _ => self.terminate(pid),
         };
         let _ = fs::remove_file(&self.socket);
-        if outcome.contains("stopped") {
-            // Nothing to investigate: leave no clutter in /tmp. A failed
-            // agent keeps its log.
+        if clean {
+            // Leave no clutter in /tmp. A failed agent keeps its log.
             let _ = fs::remove_file(&self.log);
             if let Some(dir) = self.socket.parent() {
                 let _ = fs::remove_dir(dir);
             }
         }
         outcome
+    }
+
+    /// SIGTERM, then SIGKILL after [`STOP_GRACE`]: what happened, and
+    /// whether it stopped when asked.
+    fn terminate(&mut self, pid: Pid) -> (String, bool) {
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break (format!("cryo: agent {pid} stopped ({status})"), true),
+                // Reaped by slurmstepd's own wait: it is gone.
+                Err(_) => break (format!("cryo: agent {pid} stopped"), true),
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break (
+                        format!(
+                            "cryo: agent {pid} did not stop within {} s and was killed (log: {})",
+                            STOP_GRACE.as_secs(),
+                            self.log.display()
+                        ),
+                        false,
+                    );
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 }
 
@@ -444,5 +457,48 @@ mod tests {
             !spec.socket.parent().unwrap().exists(),
             "a clean stop leaves no folder behind"
         );
+    }
+
+    /// An agent that ended by itself before the step's end (its
+    /// coordinator gone) leaves nothing behind either when it ended well,
+    /// and keeps its log when it did not.
+    #[test]
+    fn an_agent_that_already_exited_is_cleaned_up_as_it_ended() {
+        for (code, clean) in [(0, true), (3, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let script = tmp.path().join("fake-agent");
+            fs::write(
+                &script,
+                format!(
+                    "#!/usr/bin/env python3\nimport os, socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(os.environ['CRYO_AGENT_SOCKET'])\ns.listen(1)\ntime.sleep(0.3)\nsys.exit({code})\n"
+                ),
+            )
+            .unwrap();
+            fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let mut spec = spec(tmp.path(), script.to_str().unwrap(), &[]);
+            spec.env = vec![
+                (
+                    "CRYO_AGENT_SOCKET".into(),
+                    spec.socket.clone().into_os_string(),
+                ),
+                ("PATH".into(), std::env::var_os("PATH").unwrap()),
+            ];
+            let agent = AgentProcess::start(&spec).unwrap();
+            let pid = Pid::from_raw(i32::try_from(agent.pid()).unwrap());
+            let start = Instant::now();
+            // Exited (a zombie until reaped), or gone.
+            while fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+            {
+                assert!(start.elapsed() < Duration::from_secs(10));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let report = agent.stop();
+            assert!(report.contains("already exited"), "{report}");
+            assert!(!spec.socket.exists(), "the socket is removed");
+            let dir = spec.socket.parent().unwrap();
+            assert_eq!(!dir.exists(), clean, "exit {code}: {report}");
+        }
     }
 }
