@@ -309,7 +309,7 @@ pub fn build_command(
                 }
             }
             // The site's MPI plugin (else PMI-2), and cryo's variables.
-            crate::srun::add_site_args(&mut command, &names);
+            crate::srun::add_site_args(&mut command, path, program, &names);
             command.arg(program).args(args);
             command
         }

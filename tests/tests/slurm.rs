@@ -553,3 +553,30 @@ fn a_bare_cryo_option_runs_the_job_with_the_default_store() {
         "not the default store:\n{log}"
     );
 }
+
+/// An Open MPI program under srun on a site that chose no MPI plugin
+/// (`MpiDefault=none`, Debian's): Debian's Open MPI has no Slurm PMI-2,
+/// so `cryo run` asks srun for PMIx, which it lists here. The C heat2d
+/// built with Open MPI checkpoints, requeues and resumes byte-identically.
+#[test]
+fn an_open_mpi_program_runs_under_srun_where_the_site_chose_no_plugin() {
+    use cryo_tests::heat2d::{c_heat2d, openmpi_available, Mpi};
+    if !openmpi_available() {
+        return;
+    }
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let program = c_heat2d(Mpi::OpenMpi);
+    let script = format!(
+        "export PATH={path}; exec cryo run --requeue -- {program} {args}",
+        path = path_with_built(),
+        program = program.display(),
+        args = case.app_args("run", 300).join(" ")
+    );
+    let mut sbatch = slurm.cmd("sbatch");
+    sbatch
+        .arg(format!("--cryo={}", case.path("store").display()))
+        .env_remove("SLURM_MPI_TYPE");
+    requeued_once(&slurm, &case, sbatch, &script);
+}

@@ -445,6 +445,27 @@ fn a_pack_whose_writer_died_before_sealing_restores_and_is_indexed_by_scan() {
     fixture.assert_epoch1_intact();
 }
 
+/// A writer killed between creating a pack and writing its header (a node
+/// lost mid-epoch) leaves an empty file: it is a pack that was never
+/// sealed and holds nothing, not a damaged one, so `cryo verify` does not
+/// fail on it, and epoch 1 stays whole.
+#[test]
+fn a_pack_whose_writer_died_before_its_header_is_an_empty_unsealed_pack() {
+    let fixture = Fixture::new();
+    let job = fixture.real_job();
+    for len in [0, 17] {
+        let id = super::packs::new_pack_id();
+        let path = job.pack_path(&id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let index = job.pack_index(&id).unwrap();
+        assert!(!index.sealed && index.entries.is_empty(), "{index:?}");
+        assert!(index.scan_stopped.is_some());
+        assert_eq!(index.len, len as u64);
+    }
+    fixture.assert_epoch1_intact();
+}
+
 /// Two committed epochs whose packs GC will repack: epoch 2 keeps one
 /// chunk of epoch 1's pack alive, and epoch 1 is retired.
 fn repack_fixture() -> (Fixture, Vec<u8>) {

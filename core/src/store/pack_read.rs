@@ -23,7 +23,7 @@ use thiserror::Error;
 use crate::format::chunk::ChunkHash;
 use crate::format::pack::{
     parse_entry_header, read_index_with, ChunkPlace, IndexEntry, IndexSource, PackError, PackId,
-    ENTRY_HEADER_LEN, MAX_BLOB_LEN,
+    ENTRY_HEADER_LEN, MAX_BLOB_LEN, PACK_HEADER_LEN,
 };
 use crate::store::chunk_index::ChunkMap;
 use crate::store::fs::{IoStep, IoStepError};
@@ -285,6 +285,22 @@ impl JobStore {
             Err(BlobError::Bad { source, .. }) => return Err(bad(source)),
         };
         let len = file.metadata().step("stat pack", &path)?.len();
+        if len < PACK_HEADER_LEN as u64 {
+            // Its writer stopped between creating it and writing its
+            // header (`Packs::create`): it holds nothing, and nothing
+            // committed can name it, so it is an empty unsealed pack, not
+            // a damaged one.
+            return Ok(PackIndex {
+                entries: Vec::new(),
+                len,
+                sealed: false,
+                scan_stopped: Some(PackError::Truncated {
+                    what: "the pack header",
+                    needed: PACK_HEADER_LEN as u64,
+                    len,
+                }),
+            });
+        }
         let read = |offset: u64, buf: &mut [u8]| {
             self.fs
                 .read_at(&file, &path, offset, buf)
