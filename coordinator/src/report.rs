@@ -10,11 +10,13 @@ use cryo_core::protocol::{JobResponse, JobStatus};
 use crate::human;
 
 /// What a job falls back on when an epoch aborts: its newest committed
-/// epoch, if it has one yet.
-pub(crate) fn what_stands(latest: Option<u64>) -> String {
+/// epoch (`latest`, as the store says, if it could be read), if it has
+/// one yet.
+pub(crate) fn what_stands<E>(latest: Result<Option<u64>, E>) -> String {
     match latest {
-        Some(epoch) => format!("epoch {epoch}, the newest committed, stands"),
-        None => "the job has no committed epoch yet".into(),
+        Ok(Some(epoch)) => format!("epoch {epoch}, the newest committed, stands"),
+        Ok(None) => "the job has no committed epoch yet".into(),
+        Err(_) => "the previous committed epoch, if any, stands".into(),
     }
 }
 
@@ -64,13 +66,11 @@ pub(crate) fn report_checkpoint(
             Ok(ExitCode::SUCCESS)
         }
         JobResponse::Aborted { epoch, reason } => {
-            let latest = cryo_core::Store::open(store)
-                .and_then(|s| s.existing_job(job))
-                .ok()
-                .and_then(|j| j.latest_committed().ok());
-            let stands = latest.map_or_else(
-                || "the previous committed epoch, if any, stands".into(),
-                what_stands,
+            let stands = what_stands(
+                cryo_core::Store::open(store)
+                    .and_then(|s| s.existing_job(job))
+                    .map_err(drop)
+                    .and_then(|j| j.latest_committed().map_err(drop)),
             );
             eprintln!("job {job}: epoch {epoch} aborted: {reason}; {stands}");
             Ok(ExitCode::FAILURE)

@@ -403,10 +403,7 @@ impl Coordinator {
             Phase::Aborted(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
-                let stands = match self.job.latest_committed() {
-                    Ok(latest) => crate::report::what_stands(latest),
-                    Err(_) => "the previous committed epoch, if any, stands".into(),
-                };
+                let stands = crate::report::what_stands(self.job.latest_committed());
                 eprintln!("cryo: epoch {} aborted: {reason}; {stands}", epoch.epoch);
                 self.broadcast(&CoordinatorToAgent::Abort {
                     epoch: epoch.epoch,
