@@ -213,10 +213,23 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    match cli.command {
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!(
+                "cryo-agent: error: {}",
+                cryo_core::error_chain::error_chain(err.as_ref())
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Serve {
             socket,
             store,

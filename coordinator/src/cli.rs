@@ -378,7 +378,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let cwd = std::env::current_dir().context("reading the working directory")?;
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
                 .with_launcher(launch.launcher.as_deref());
-            let store = announce_store(launch.store.clone())?;
+            let store = announce_store(launch.store.clone(), Creates::Yes)?;
             let asked = if slurm_restart_count() > 0 {
                 Some(resume::Asked::BySlurm)
             } else {
@@ -402,7 +402,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             epoch,
             mut launch,
         } => {
-            let store_dir = announce_store(launch.store.clone())?;
+            let store_dir = announce_store(launch.store.clone(), Creates::No)?;
             let store = open_store(&store_dir)?;
             let job = crate::job_name::named(&store_dir.path, &job);
             let job_store = store.existing_job(&job)?;
@@ -519,10 +519,19 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Whether a command makes its store when it is missing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Creates {
+    Yes,
+    No,
+}
+
 /// Resolves the store of `cryo run` or `restart` and says where it is.
-fn announce_store(given: Option<PathBuf>) -> Result<StoreDir> {
+fn announce_store(given: Option<PathBuf>, creates: Creates) -> Result<StoreDir> {
     let store = StoreDir::resolve(given)?;
-    if store.is_default {
+    if let Some(news) = store.newly_made().filter(|_| creates == Creates::Yes) {
+        eprintln!("cryo: store {} {news}", store.describe());
+    } else if store.is_default {
         eprintln!("cryo: store {}", store.describe());
     }
     if let Some(warning) = store.node_local_warning() {

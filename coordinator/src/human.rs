@@ -85,22 +85,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(value as u64)
 }
 
-/// An error and its causes, outermost first, joined by `: `. A cause whose
-/// text the message before it already ends with (an error that shows its
-/// source in its own text) is said once.
+/// An error and its causes, outermost first, joined by `: `, each said
+/// once (`cryo_core::error_chain`).
 pub fn error_chain(err: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        if out.ends_with(&text) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&text);
-    }
-    out
+    cryo_core::error_chain::error_chain(err.as_ref())
 }
 
 #[cfg(test)]

@@ -260,9 +260,9 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
             .iter()
             .map(|p| {
                 format!(
-                    "{} ranks {}",
+                    "{} {}",
                     p.node,
-                    cryo_core::protocol::render_ranks(&p.ranks.clone().collect::<Vec<_>>())
+                    ranks_phrase(&p.ranks.clone().collect::<Vec<_>>())
                 )
             })
             .collect(),
@@ -275,9 +275,9 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
             opts.hosts
                 .iter()
                 .map(|h| format!(
-                    "{} ranks {}",
+                    "{} {}",
                     h.node,
-                    cryo_core::protocol::render_ranks(&h.ranks.clone().collect::<Vec<_>>())
+                    ranks_phrase(&h.ranks.clone().collect::<Vec<_>>())
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -285,9 +285,10 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         )],
     };
     eprintln!(
-        "cryo: job {} ({} ranks on {}) with {launcher}; store {}; coordinator {addr}{}",
+        "cryo: job {} ({} rank{} on {}) with {launcher}; store {}; coordinator {addr}{}",
         opts.job,
         opts.ranks,
+        if opts.ranks == 1 { "" } else { "s" },
         summary.join(", "),
         opts.store.display(),
         opts.restart_from
@@ -526,6 +527,16 @@ fn drive(
         }
     };
     Ok(exit)
+}
+
+/// "rank 3" or "ranks 0-3,6", for the job's opening line.
+fn ranks_phrase(ranks: &[u32]) -> String {
+    let listed = cryo_core::protocol::render_ranks(ranks);
+    if ranks.len() == 1 {
+        format!("rank {listed}")
+    } else {
+        format!("ranks {listed}")
+    }
 }
 
 /// How long a coordinator whose job ended waits for a commit under way.

@@ -59,6 +59,30 @@ impl StoreDir {
         }
     }
 
+    /// What a store that does not exist yet is about to make, for a
+    /// mistyped path to show: the store itself, and any missing folders
+    /// above it. `None` for a store that exists.
+    pub fn newly_made(&self) -> Option<String> {
+        if self.path.exists() {
+            return None;
+        }
+        let missing: Vec<&Path> = self
+            .path
+            .ancestors()
+            .skip(1)
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .collect();
+        Some(match missing.last() {
+            None => "(new: it is created)".to_owned(),
+            Some(top) => format!(
+                "(new: it is created, with {} missing folder{} from {})",
+                missing.len(),
+                if missing.len() == 1 { "" } else { "s" },
+                top.display()
+            ),
+        })
+    }
+
     /// Why the store cannot hold checkpoints that other nodes restart
     /// from, if its filesystem says so.
     pub fn node_local_warning(&self) -> Option<String> {
@@ -79,6 +103,7 @@ impl StoreDir {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -102,6 +127,22 @@ mod tests {
             "{}",
             store.describe()
         );
+    }
+
+    #[test]
+    fn a_new_store_says_which_folders_it_makes() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = StoreDir::resolve_in(Some("store".into()), dir.path());
+        assert_eq!(here.newly_made().as_deref(), Some("(new: it is created)"));
+        let typo = StoreDir::resolve_in(Some("scrach/me/store".into()), dir.path());
+        let said = typo.newly_made().unwrap();
+        assert!(said.contains("2 missing folders"), "{said}");
+        assert!(
+            said.contains(&dir.path().join("scrach").display().to_string()),
+            "{said}"
+        );
+        std::fs::create_dir(&here.path).unwrap();
+        assert_eq!(here.newly_made(), None);
     }
 
     #[test]

@@ -31,6 +31,7 @@
 pub mod auth;
 pub mod dirty;
 pub mod env;
+pub mod error_chain;
 pub mod fault;
 pub mod format;
 pub mod liveness;
