@@ -378,6 +378,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let cwd = std::env::current_dir().context("reading the working directory")?;
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
                 .with_launcher(launch.launcher.as_deref());
+            crate::program::check_before_launch(&job_command, launch.hosts.is_some())?;
             let store = announce_store(launch.store.clone(), Creates::Yes)?;
             let asked = if slurm_restart_count() > 0 {
                 Some(resume::Asked::BySlurm)
@@ -438,6 +439,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     command.world_size
                 );
             }
+            crate::program::check_before_launch(&command, launch.hosts.is_some())?;
             // Where this restart places the ranks itself (not srun's).
             let placed_here = launch.hosts.is_some() || launch.nodes.is_some();
             let ranks = command.world_size;
@@ -529,10 +531,10 @@ enum Creates {
 /// Resolves the store of `cryo run` or `restart` and says where it is.
 fn announce_store(given: Option<PathBuf>, creates: Creates) -> Result<StoreDir> {
     let store = StoreDir::resolve(given)?;
-    if let Some(news) = store.newly_made().filter(|_| creates == Creates::Yes) {
-        eprintln!("cryo: store {} {news}", store.describe());
-    } else if store.is_default {
+    if store.is_default {
         eprintln!("cryo: store {}", store.describe());
+    } else if let Some(news) = store.newly_made().filter(|_| creates == Creates::Yes) {
+        eprintln!("cryo: store {} {news}", store.describe());
     }
     if let Some(warning) = store.node_local_warning() {
         eprintln!("cryo: WARNING: {warning}");

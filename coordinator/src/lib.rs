@@ -30,6 +30,7 @@ pub mod launcher_choice;
 pub mod logging;
 pub mod pack_view;
 mod peers;
+pub mod program;
 pub mod program_mpi;
 pub mod registry;
 pub mod report;

@@ -14,7 +14,6 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::io::Read;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -62,7 +61,7 @@ impl fmt::Display for ProgramMpi {
 /// The MPI of the program `program` (as the job names it, run in `cwd`),
 /// if its libraries tell.
 pub fn of_program(program: &OsStr, cwd: &Path) -> Option<ProgramMpi> {
-    let path = resolve(program, cwd)?;
+    let path = crate::program::locate(program, cwd)?;
     let mut head = [0u8; 256];
     let read = std::fs::File::open(&path).ok()?.read(&mut head).ok()?;
     let head = &head[..read];
@@ -73,7 +72,7 @@ pub fn of_program(program: &OsStr, cwd: &Path) -> Option<ProgramMpi> {
         path
     } else {
         let interpreter = shebang_interpreter(head)?;
-        let interpreter = resolve(OsStr::new(&interpreter), cwd)?;
+        let interpreter = crate::program::locate(OsStr::new(&interpreter), cwd)?;
         if !is_python(&interpreter) {
             return None;
         }
@@ -126,20 +125,6 @@ pub(crate) fn is_python(path: &Path) -> bool {
     path.file_name()
         .and_then(OsStr::to_str)
         .is_some_and(|name| name.starts_with("python"))
-}
-
-/// `program` as a file: as given if it holds a `/` (relative to `cwd`),
-/// else the first match on `PATH`, as a shell finds it.
-fn resolve(program: &OsStr, cwd: &Path) -> Option<PathBuf> {
-    if program.as_bytes().contains(&b'/') {
-        // Without `.` components: `./app` reads as `/run/dir/app`.
-        let path: PathBuf = cwd.join(program).components().collect();
-        return path.is_file().then_some(path);
-    }
-    let search = std::env::var_os("PATH")?;
-    std::env::split_paths(&search)
-        .map(|dir| cwd.join(dir).join(program))
-        .find(|path| path.is_file())
 }
 
 /// The `mpi4py.MPI` extension `python` would import (located, not

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use cryo_core::protocol::{
     write_message_as, AbortReason, AgentToCoordinator, CoordinatorToAgent, EpochProgress,
-    JobRequest, JobResponse, JobStatus, NodeStatus, RANK_FINALIZED,
+    JobRequest, JobResponse, JobStatus, NodeStatus, RANK_DISCONNECTED, RANK_FINALIZED,
 };
 use cryo_core::store::JobStore;
 
@@ -70,9 +70,31 @@ pub(crate) struct Coordinator {
     /// why, as its agent saw it (its restart failed, it died), told when
     /// the job fails.
     pub(crate) first_left: Option<(u32, String, String)>,
+    /// When `first_left` was noted.
+    first_left_at: Option<Instant>,
 }
 
+/// How long after a rank that vanished without a word another rank that
+/// says how it left (an exit status, a failed restart) is taken as the
+/// cause: a launcher kills the other ranks as soon as one exits, and two
+/// agents' reports may cross on the way.
+const CAUSE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Coordinator {
+    /// Whether a rank that left saying `why` is likelier the job's failure
+    /// than the first one noted: it is the first, or the first vanished
+    /// without a word just before it and this one says how it left.
+    fn is_likelier_cause(&self, why: &str, now: Instant) -> bool {
+        match (&self.first_left, self.first_left_at) {
+            (Some((_, _, first)), Some(at)) => {
+                first == RANK_DISCONNECTED
+                    && why != RANK_DISCONNECTED
+                    && now.saturating_duration_since(at) < CAUSE_WINDOW
+            }
+            _ => true,
+        }
+    }
+
     /// Whether the job is ending by itself: a rank has called
     /// `cryo_finalize`, so no checkpoint of it can be taken any more.
     pub(crate) fn finishing(&self) -> Option<u32> {
@@ -103,6 +125,7 @@ impl Coordinator {
             finalized: BTreeSet::new(),
             all_finalized_at: None,
             first_left: None,
+            first_left_at: None,
             opts,
         }
     }
@@ -253,8 +276,9 @@ impl Coordinator {
                 if let Some(agent) = self.agents.get_mut(node) {
                     agent.ranks.remove(&rank);
                 }
-                if why != RANK_FINALIZED && self.first_left.is_none() {
+                if why != RANK_FINALIZED && self.is_likelier_cause(&why, now) {
                     self.first_left = Some((rank, node.to_owned(), why.clone()));
+                    self.first_left_at = Some(now);
                 }
                 if why == RANK_FINALIZED && self.finalized.insert(rank) {
                     let world = usize::try_from(self.opts.ranks).unwrap_or(usize::MAX);

@@ -22,6 +22,7 @@
 
 mod closed_files;
 pub mod error;
+mod exit_note;
 pub mod ffi;
 pub mod files;
 mod finalize;

@@ -13,7 +13,7 @@ use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
 use cryo_core::format::manifest::RankRecord;
 use cryo_core::protocol::{
-    read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
+    read_frame, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
     RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, ENV_AGENT_SOCKET,
     ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN,
     PROTOCOL_VERSION,
@@ -238,6 +238,8 @@ pub(crate) struct Connection {
     pub(crate) memfd: OwnedFd,
     /// Address of the mapped control page (never unmapped).
     pub(crate) page: usize,
+    /// The protocol version the agent answers in.
+    pub(crate) agent_version: u16,
 }
 
 impl Connection {
@@ -285,6 +287,15 @@ pub(crate) fn lock() -> MutexGuard<'static, Option<Runtime>> {
     RUNTIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The runtime, unless another thread holds it now.
+pub(crate) fn try_lock() -> Option<MutexGuard<'static, Option<Runtime>>> {
+    match RUNTIME.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 /// Describes what occupies `[base, base+len)` in our address space.
@@ -421,10 +432,11 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
         )
     }
     .map_err(page_err("mmap"))?;
-    let conn = Connection {
+    let mut conn = Connection {
         sock,
         memfd,
         page: page.as_ptr() as usize,
+        agent_version: 0,
     };
     conn.page()
         .magic
@@ -442,7 +454,9 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     // A malformed token proves nothing; the agent then names the problem.
     let token = JobToken::parse(&config.token, ENV_TOKEN).ok();
     auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
-    match read_message::<AgentToRank>(&mut &conn.sock).map_err(proto)? {
+    let answer = read_frame(&mut &conn.sock).map_err(proto)?;
+    conn.agent_version = answer.header.version;
+    match answer.decode::<AgentToRank>().map_err(proto)? {
         AgentToRank::Welcome { start, node } => Ok((conn, start, node)),
         AgentToRank::Refused { reason } => Err(InitError::Refused { rank, reason }),
         other => Err(InitError::Unexpected {
@@ -633,6 +647,7 @@ pub(crate) fn init_with_peers(
         );
         crate::park::arm_first_safe_point(conn.page());
         crate::offers::listen(&conn.sock);
+        crate::exit_note::arm();
     }
     let info = InitInfo {
         job: job.clone(),

@@ -110,6 +110,18 @@ impl Message for CoordinatorToAgent {
 /// (`cryo_finalize`): the one value of that field that is not free text.
 pub const RANK_FINALIZED: &str = "finalized";
 
+/// `RankLeft::why` of a rank whose connection closed without a word: its
+/// process ended without running exit handlers (killed, crashed, or
+/// `MPI_Abort`, which leaves with `_exit`).
+pub const RANK_DISCONNECTED: &str =
+    "its process ended without a word (killed, crashed, or MPI_Abort)";
+
+/// `RankLeft::why` of a rank whose process called `exit` before it
+/// finalized ([`super::RankToAgent::Exiting`]).
+pub fn rank_exited(status: i32) -> String {
+    format!("it exited with status {status} before cryo_finalize (exit, Fortran STOP or sys.exit)")
+}
+
 /// Messages from a node agent to its job's coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentToCoordinator {

@@ -101,8 +101,13 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// ([`ControlPage::region_bytes`], zero from an older rank); version 12
 /// let a rank mark that it has passed its first safe point
 /// ([`ControlPage::computing`], zero from an older rank), after which its
-/// agent warms the copy budget without waiting out the pre-fault delay.
-pub const PROTOCOL_VERSION: u16 = 12;
+/// agent warms the copy budget without waiting out the pre-fault delay;
+/// version 13 let a rank that exits before finalizing tell its agent the
+/// status it exits with ([`RankToAgent::Exiting`]), sent only to an agent
+/// of version 13 or newer.
+pub const PROTOCOL_VERSION: u16 = 13;
+/// The first version whose agents take [`RankToAgent::Exiting`].
+pub const EXIT_STATUS_VERSION: u16 = 13;
 /// The first version whose ranks take a snapshot when asked.
 pub const SNAPSHOT_VERSION: u16 = 6;
 /// The first version whose ranks copy their own memory when asked.

@@ -92,6 +92,12 @@ pub enum RankToAgent {
         /// Whether it copied.
         outcome: CopyOutcome,
     },
+    /// The rank's process is exiting (`exit`, Fortran `STOP`, Python's
+    /// `sys.exit`) without having finalized (protocol version 13).
+    Exiting {
+        /// The status it exits with.
+        status: i32,
+    },
 }
 
 /// What a parked rank did when asked to copy its own memory.

@@ -1,0 +1,67 @@
+//! How a job that fails says which rank left first, and how: a rank that
+//! calls `exit` before `cryo_finalize` is named with its status (its
+//! runtime tells the agent as it exits), even when the launcher's kill of
+//! another rank is reported first; one that leaves without running exit
+//! handlers (`MPI_Abort`, a crash, a kill) is named as such.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::process::{Command, Stdio};
+
+use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::output_text;
+use cryo_tests::state::have_mpi;
+
+/// `cryo run` of `leaves_early` on two nodes, rank 1 leaving as `how`
+/// says: its exit status and what it printed.
+fn run_leaving(how: &str) -> Option<(std::process::ExitStatus, String)> {
+    if !have_mpi() {
+        return None;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-departures-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("leaves_early");
+    compile_mpich_program("tests/programs/leaves_early.c", &program);
+    let out = Command::new(built().join("cryo"))
+        .env("CRYO_STORE", dir.path().join("store"))
+        .args(["run", "--job", "leaves", "--nodes", "a:1,b:1", "-n", "2"])
+        .arg("--scratch")
+        .arg(dir.path().join("scratch"))
+        .arg("--")
+        .arg(&program)
+        .arg(how)
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    cryo_tests::kill_every_process_mentioning(&dir.path().display().to_string());
+    Some((out.status, output_text(&out)))
+}
+
+#[test]
+fn a_rank_that_exits_early_is_named_with_its_status() {
+    let Some((status, said)) = run_leaving("exit") else {
+        return;
+    };
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains("rank 1 (node b) left first: it exited with status 7 before cryo_finalize"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_rank_that_aborts_is_named_as_ended_without_a_word() {
+    let Some((status, said)) = run_leaving("abort") else {
+        return;
+    };
+    assert!(!status.success(), "{said}");
+    // Rank 1's abort and the launcher's kill of rank 0 both end a process
+    // without a word: either may be reported first.
+    assert!(
+        said.contains("left first: its process ended without a word"),
+        "{said}"
+    );
+    assert!(!said.contains("exited with status"), "{said}");
+}
