@@ -225,7 +225,7 @@ pub fn link_shared(
         }
         record.shares_with = Some(lead_fd);
         record.restore = match lead_restore {
-            FdRestore::Restore => FdRestore::Restore,
+            FdRestore::Restore | FdRestore::ReopenOf(_) => FdRestore::Restore,
             FdRestore::NotOurs(_) if (0..=2).contains(&lead_fd) => FdRestore::Restore,
             FdRestore::NotOurs(_) | FdRestore::NotRestored(_) => FdRestore::NotRestored(format!(
                 "shares its open file with fd {lead_fd}, which is not restored"
@@ -233,6 +233,27 @@ pub fn link_shared(
         };
     }
     Ok(())
+}
+
+/// Marks each unlinked file's fd whose contents were not saved but whose
+/// file another fd's saved contents recreate (the same `(dev, inode)`: a
+/// second open through `/proc/self/fd`, a Fortran unit opened again on a
+/// scratch file's fd) to be opened again through that fd. Two opens of one
+/// file are separate open file descriptions, which `kcmp` does not link.
+pub fn link_reopened_unlinked(fds: &mut [FdRecord], identity: &HashMap<i32, (u64, u64)>) {
+    let saved: HashMap<(u64, u64), i32> = fds
+        .iter()
+        .filter(|fd| fd.kind == FdKind::Deleted && fd.restore == FdRestore::Restore)
+        .filter_map(|fd| Some((*identity.get(&fd.fd)?, fd.fd)))
+        .collect();
+    for fd in fds.iter_mut() {
+        if fd.kind != FdKind::Deleted || !matches!(fd.restore, FdRestore::NotRestored(_)) {
+            continue;
+        }
+        if let Some(&of) = identity.get(&fd.fd).and_then(|id| saved.get(id)) {
+            fd.restore = FdRestore::ReopenOf(of);
+        }
+    }
 }
 
 /// Reads and classifies every fd of `pid`, links the fds that share an
@@ -285,6 +306,7 @@ pub fn read_fd_table(
         });
     }
     table.cwd = working_directory(access, pid, &mut table.warnings);
+    link_reopened_unlinked(&mut table.fds, &identity);
     let unlinked = table.fds.clone();
     if let Err(err) = link_shared(&mut table.fds, &identity, |a, b| {
         access.same_open_file(pid, a, b)
@@ -525,6 +547,44 @@ mod tests {
         assert!(matches!(&get(9).restore, FdRestore::NotRestored(w) if w.contains("fd 8")));
         assert_eq!(table.warnings.len(), 1);
         assert!(table.warnings[0].contains("fd 7") && table.warnings[0].contains("lock"));
+    }
+
+    #[test]
+    fn a_second_open_of_a_saved_unlinked_file_is_opened_again_through_it() {
+        let unlinked = |fd, restore| FdRecord {
+            fd,
+            kind: FdKind::Deleted,
+            path: "/scratch/s.0".into(),
+            flags: 2,
+            offset: 0,
+            size_at_checkpoint: 10,
+            restore,
+            shares_with: None,
+        };
+        let not_saved = || FdRestore::NotRestored("its contents not saved".into());
+        let mut fds = vec![
+            unlinked(64, FdRestore::Restore),
+            unlinked(65, not_saved()),
+            unlinked(66, not_saved()),
+            unlinked(70, not_saved()),
+        ];
+        let identity = HashMap::from([(64, (1, 5)), (65, (1, 5)), (66, (1, 5)), (70, (1, 6))]);
+        link_reopened_unlinked(&mut fds, &identity);
+        // fd 66 is a dup of fd 65: one open file.
+        link_shared(&mut fds, &identity, |a, b| {
+            Ok((a.min(b), a.max(b)) == (65, 66))
+        })
+        .unwrap();
+        assert_eq!(fds[1].restore, FdRestore::ReopenOf(64));
+        assert_eq!(fds[1].shares_with, None);
+        assert_eq!(
+            (fds[2].shares_with, &fds[2].restore),
+            (Some(65), &FdRestore::Restore)
+        );
+        assert!(
+            matches!(fds[3].restore, FdRestore::NotRestored(_)),
+            "another file"
+        );
     }
 
     #[test]

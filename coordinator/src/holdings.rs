@@ -34,6 +34,10 @@ pub fn fd_plan(fd: &FdRecord) -> String {
                 fd.offset, fd.size_at_checkpoint
             ),
         },
+        (FdRestore::ReopenOf(of), _) => format!(
+            "opened again through fd {of} (the same unlinked file), offset {}",
+            fd.offset
+        ),
         (FdRestore::NotOurs(why), _) => format!("left alone: {why}"),
         (FdRestore::NotRestored(why), _) => format!("NOT RESTORED: {why}"),
     };

@@ -82,7 +82,7 @@ pub fn restore_files(
     let wanted: Vec<&FdRecord> = record
         .fds
         .iter()
-        .filter(|fd| fd.restore == FdRestore::Restore)
+        .filter(|fd| matches!(fd.restore, FdRestore::Restore | FdRestore::ReopenOf(_)))
         .collect();
     let saved = SavedFiles::of(&record.fds, record.regions.iter().map(|r| &r.kind));
     let fd_limit = crate::floor::make_room(record);
@@ -109,7 +109,7 @@ pub fn restore_files(
                 io::Error::other("the fd number is used by the cryo runtime"),
             ));
         }
-        let identity = if fd.shares_with.is_some() {
+        let identity = if fd.shares_with.is_some() || fd.restore != FdRestore::Restore {
             None
         } else {
             let made = match fd.kind {
@@ -147,6 +147,9 @@ pub fn restore_files(
     }
     done.recreated
         .extend(recreate_missing(record, store, &missing)?);
+    let (reopened, wanted): (Vec<&FdRecord>, Vec<&FdRecord>) = wanted
+        .into_iter()
+        .partition(|fd| matches!(fd.restore, FdRestore::ReopenOf(_)));
     for fd in wanted.iter().filter(|fd| fd.shares_with.is_none()) {
         let truncated = match fd.kind {
             FdKind::Deleted => {
@@ -159,6 +162,13 @@ pub fn restore_files(
             done.truncated.push(fd.path.clone());
         }
         done.restored.push(fd.fd);
+    }
+    // Once the unlinked files they open again are back.
+    for fd in reopened {
+        if let FdRestore::ReopenOf(of) = fd.restore {
+            reopen_unlinked(record.rank, fd, of)?;
+            done.restored.push(fd.fd);
+        }
     }
     for fd in &wanted {
         if let Some(leader) = fd.shares_with {
@@ -609,6 +619,29 @@ fn restore_unlinked(
     seek(rank, fd, &target)?;
     std::mem::forget(target);
     tracing::debug!(rank, fd = fd.fd, path = %fd.path, len = region.len, "fd.restored_unlinked");
+    Ok(())
+}
+
+/// Opens the unlinked file restored at fd `of` again, at `fd`'s number,
+/// flags and offset: a second open file description of the same file.
+fn reopen_unlinked(rank: u32, fd: &FdRecord, of: RawFd) -> Result<(), RestoreError> {
+    let temp = open(
+        format!("/proc/self/fd/{of}").as_str(),
+        open_flags(fd.flags) - OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
+    .map_err(|errno| {
+        file_io(
+            rank,
+            fd,
+            "reopen through its unlinked file's fd",
+            errno.into(),
+        )
+    })?;
+    let target = install(rank, fd, temp)?;
+    seek(rank, fd, &target)?;
+    std::mem::forget(target);
+    tracing::debug!(rank, fd = fd.fd, of, "fd.reopened_unlinked");
     Ok(())
 }
 

@@ -5,6 +5,10 @@
  *   - an O_TMPFILE file in OUTDIR (never had a name), opened with
  *     O_NOFOLLOW as Python's tempfile.TemporaryFile does;
  *   - the fd of a tmpfile() (in $TMPDIR or /tmp), dup()ed, the FILE closed.
+ * The first is also open a second time, read-only, through
+ * /proc/self/fd/<fd> (as a Fortran unit reconnected to a scratch file's fd
+ * is): a reader with its own offset that must reach the same file after a
+ * restart, reading back each line as it is written.
  * At finish each one's whole contents are read back with pread from 0 and
  * written, in order, to unlinked.<rank>.out. A restart must bring back the
  * contents as of the checkpoint (no name to re-open them by), keep them
@@ -17,6 +21,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -29,6 +34,8 @@ struct unlinked_state {
     int32_t fd[NSCRATCH];
     int32_t pad;
     int64_t bytes[NSCRATCH];
+    int32_t reader;
+    int32_t pad2;
 };
 
 static const char *const kind[NSCRATCH] = {"unlinked at once", "O_TMPFILE", "tmpfile()"};
@@ -50,6 +57,14 @@ static void check(const struct ctx *c, const struct unlinked_state *st, const ch
         if (!S_ISREG(sb.st_mode)) FAIL(c, "%s: not a regular file (mode %o)", what, sb.st_mode);
         if (sb.st_nlink != 0) FAIL(c, "%s: has %ju names, expected none", what, (uintmax_t)sb.st_nlink);
     }
+    char what[128];
+    snprintf(what, sizeof what, "%s, the second open of the %s scratch file", when, kind[0]);
+    state_expect_fd(c, SHAPE, st->reader, O_RDONLY, 0, 0, what);
+    state_expect_offset(c, SHAPE, st->reader, 0, what);
+    struct stat first, second;
+    if (fstat(st->fd[0], &first) != 0 || fstat(st->reader, &second) != 0) FAIL_ERRNO(c, "%s: fstat", what);
+    if (first.st_dev != second.st_dev || first.st_ino != second.st_ino)
+        FAIL(c, "%s: not the same file as fd %d", what, st->fd[0]);
 }
 
 static void unlinked_setup(const struct ctx *c, void *slice) {
@@ -60,6 +75,10 @@ static void unlinked_setup(const struct ctx *c, void *slice) {
     st->fd[0] = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (st->fd[0] < 0) FAIL_ERRNO(c, "open %s", path);
     if (unlink(path) != 0) FAIL_ERRNO(c, "unlink %s", path);
+    char again[64];
+    snprintf(again, sizeof again, "/proc/self/fd/%d", st->fd[0]);
+    st->reader = open(again, O_RDONLY);
+    if (st->reader < 0) FAIL_ERRNO(c, "open %s", again);
 
     st->fd[1] = open(c->dir, O_TMPFILE | O_RDWR | O_NOFOLLOW, 0600);
     if (st->fd[1] < 0) {
@@ -87,6 +106,14 @@ static uint64_t unlinked_step(const struct ctx *c, void *slice, uint64_t iter) {
         struct state_buf line = {0};
         add_line(&line, c, iter, k);
         state_write_all(c, SHAPE, st->fd[k], line.data, line.len, kind[k]);
+        if (k == 0) {
+            char back[256];
+            if (line.len > sizeof back) FAIL(c, "a line of %zu bytes", line.len);
+            ssize_t got = pread(st->reader, back, line.len, st->bytes[k]);
+            if (got != (ssize_t)line.len || memcmp(back, line.data, line.len) != 0)
+                FAIL(c, "the second open of the %s scratch file does not read step %" PRIu64 "'s line back",
+                     kind[k], iter);
+        }
         st->bytes[k] += (int64_t)line.len;
         sum = state_mix(sum, line.len);
         state_buf_free(&line);
@@ -111,6 +138,7 @@ static void unlinked_finish(const struct ctx *c, void *slice) {
         free(got);
         if (close(st->fd[k]) != 0) FAIL_ERRNO(c, "close the %s scratch file", kind[k]);
     }
+    if (close(st->reader) != 0) FAIL_ERRNO(c, "close the second open of the %s scratch file", kind[0]);
     char name[64];
     snprintf(name, sizeof name, "unlinked.%d.out", c->rank);
     state_write_output(c, SHAPE, name, out.data, out.len);

@@ -18,6 +18,8 @@
 //! * 2.3 → 2.4: `RankRecord::cwd`, the rank's working directory.
 //! * 2.4 → 2.5: `RankRecord::process`, its umask and the modes of the
 //!   files it saved.
+//! * 2.5 → 2.6: the `FdRestore::ReopenOf` variant (appended: a 2.5
+//!   payload decodes with the current layout).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

@@ -51,6 +51,11 @@ pub enum FdRestore {
     /// cryo runtime's own fds, and what the MPI library or the launcher
     /// opened before `cryo_init` (format 1.1). No warning.
     NotOurs(String),
+    /// An unlinked file opened again (through `/proc/self/fd`, say) apart
+    /// from the fd whose saved contents a restart recreates it from, this
+    /// fd's number: opened again through that fd once it is back, with its
+    /// own flags and offset, so both reach one file again (format 2.6).
+    ReopenOf(i32),
 }
 
 /// One open file descriptor of a rank.
@@ -454,6 +459,18 @@ fn check_fd_links(
                 return Err(bad(
                     fd.fd,
                     format!("shares its open file with fd {leader}, which itself shares another's"),
+                ));
+            }
+        }
+        if let FdRestore::ReopenOf(of) = fd.restore {
+            let restored_unlinked = by_fd.get(&of).is_some_and(|other| {
+                (other.kind, &other.restore, other.shares_with)
+                    == (FdKind::Deleted, &FdRestore::Restore, None)
+            });
+            if fd.kind != FdKind::Deleted || fd.shares_with.is_some() || !restored_unlinked {
+                return Err(bad(
+                    fd.fd,
+                    format!("opened again through fd {of}, which is not an unlinked file restored"),
                 ));
             }
         }

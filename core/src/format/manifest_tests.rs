@@ -269,3 +269,23 @@ fn an_unlinked_file_needs_its_contents() {
     rank.regions[0].kind = RegionKind::UnlinkedFile { fd: 5 };
     check_fd_links(0, &[deleted], &rank.regions).unwrap();
 }
+
+#[test]
+fn a_second_open_of_an_unlinked_file_needs_the_first_restored() {
+    let mut rank = sample_rank(0);
+    rank.regions[0].kind = RegionKind::UnlinkedFile { fd: 5 };
+    let mut first = fd(5, None);
+    first.kind = FdKind::Deleted;
+    let mut again = fd(6, None);
+    again.kind = FdKind::Deleted;
+    again.restore = FdRestore::ReopenOf(5);
+    check_fd_links(0, &[first.clone(), again.clone()], &rank.regions).unwrap();
+    // Through a file that is not restored, or one that is not unlinked.
+    let mut lost = first.clone();
+    lost.restore = FdRestore::NotRestored("pipe".into());
+    assert!(check_fd_links(0, &[lost, again.clone()], &rank.regions).is_err());
+    assert!(check_fd_links(0, &[again.clone()], &rank.regions).is_err());
+    let mut named = again;
+    named.kind = FdKind::Regular;
+    assert!(check_fd_links(0, &[first, named], &rank.regions).is_err());
+}
