@@ -52,6 +52,8 @@ pub(crate) struct Baseline {
     fds: HashMap<RawFd, (u64, u64)>,
     /// File mappings present at `cryo_init`: `(start, end, inode)`.
     mappings: HashSet<(u64, u64, u64)>,
+    /// The MPI library's session directories.
+    library_dirs: crate::library_dirs::LibraryDirs,
 }
 
 fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
@@ -85,7 +87,11 @@ impl Baseline {
                     .collect()
             })
             .unwrap_or_default();
-        Baseline { fds, mappings }
+        Baseline {
+            fds,
+            mappings,
+            library_dirs: crate::library_dirs::LibraryDirs::from_env(),
+        }
     }
 
     /// The fds open at `cryo_init` that still refer to the same file.
@@ -258,6 +264,7 @@ pub(crate) fn app_mappings(
             || baseline.mappings.contains(&(map.start, map.end, map.inode))
             || code.contains(map.path.as_str())
             || is_runtime_or_library(&map.path)
+            || baseline.library_dirs.holds(&map.path)
         {
             continue;
         }
@@ -405,6 +412,7 @@ pub(crate) fn gather(
         if !meta.is_file()
             || path.starts_with("/memfd:")
             || SYSTEM_PREFIXES.iter().any(|p| path.starts_with(p))
+            || baseline.library_dirs.holds(&path)
         {
             continue;
         }

@@ -30,6 +30,7 @@ mod floor;
 pub mod flush_hooks;
 mod gfortran;
 mod held;
+mod library_dirs;
 mod mappings;
 mod offers;
 mod park;

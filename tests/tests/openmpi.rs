@@ -146,3 +146,38 @@ fn ranks_started_by_the_other_mpis_launcher_say_they_are_alone() {
         "{said}"
     );
 }
+
+/// A file open through MPI-IO in an Open MPI job that is preempted: OMPIO
+/// maps each such file's shared file pointer from the job's session
+/// directory, which `mpirun` removes when it ends cleanly (as it does
+/// after `cryo preempt`, where a `kill -9` would leave it). That mapping is
+/// the library's, left out of the checkpoint, so the restart on other nodes
+/// does not look for it and ends byte-identical.
+#[test]
+fn mpiio_with_open_mpi_survives_a_preemption() {
+    if !openmpi_available() {
+        return;
+    }
+    use cryo_tests::state::{job_name, steps, Case, ITERS};
+    let case = Case::with_mpi("mpiio", Mpi::OpenMpi);
+    case.reference(2, ITERS);
+    let job = job_name("mpiio");
+    let mut run = case.start(&job, "a:1,b:1", 2, ITERS);
+    run.wait_checkpoint_step();
+    let preempt = case.cryo().args(["preempt", &job]).output().unwrap();
+    assert!(
+        preempt.status.success(),
+        "cryo preempt failed:\n{}\n{}",
+        output_text(&preempt),
+        run.describe()
+    );
+    let status = run.wait_end(std::time::Duration::from_secs(60));
+    assert_eq!(status.code(), Some(75), "{}", run.describe());
+    // A preemption's ranks stay parked at the safe point of the
+    // checkpoint until they are stopped: the last step printed is the one
+    // captured.
+    let captured = *steps(&run.stdout_text())
+        .last()
+        .unwrap_or_else(|| panic!("no step printed:\n{}", run.describe()));
+    case.assert_restart_matches_reference(&job, "c:2", 1, captured, captured, ITERS);
+}
