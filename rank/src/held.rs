@@ -392,7 +392,9 @@ pub(crate) fn gather(
     let (mut unlinked, mut writable) = (0u64, 0u64);
     let mut writing = HashSet::new();
     for fd in open_fds() {
-        if runtime.contains(&fd) || (library.contains(&fd) && (0..=2).contains(&fd)) {
+        // A standard stream is the application's only when sent to a
+        // file (below: the launcher's pipes and terminals are no files).
+        if runtime.contains(&fd) {
             continue;
         }
         let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {

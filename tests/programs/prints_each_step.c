@@ -4,7 +4,12 @@
  * the steps so far: a restart that ran a step twice or lost one prints a
  * line an uninterrupted run never prints.
  *
- * Usage: prints_each_step STEPS STEP_MS
+ * Usage: prints_each_step STEPS STEP_MS [MODE]
+ *
+ * With MODE ("w" or "a"), each rank first sends its stdout to the file
+ * out.<rank> with freopen in that mode, before cryo_init, as codes that keep
+ * one log per rank do: a restart runs that freopen again (emptying the file
+ * with "w") and must give the file back as it was at the checkpoint.
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -24,6 +29,16 @@ int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: prints_each_step STEPS STEP_MS\n");
         MPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    if (argc > 3) {
+        int me;
+        MPI_Comm_rank(MPI_COMM_WORLD, &me);
+        char name[64];
+        snprintf(name, sizeof name, "out.%d", me);
+        if (!freopen(name, argv[3], stdout)) {
+            perror(name);
+            MPI_Abort(MPI_COMM_WORLD, 2);
+        }
     }
     int rc = cryo_init_mpi(MPI_COMM_WORLD);
     if (rc != CRYO_OK) {
