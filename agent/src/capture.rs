@@ -429,8 +429,11 @@ pub(crate) fn capture_rank(
         .map_err(|reason| CaptureError::Resume { rank, reason })?;
     drop(hold);
     // Its children, named once it runs again: the scan of /proc costs the
-    // pause nothing. Its snapshot is the agent's.
-    let snapshot_pid: Vec<u32> = snapshot.iter().map(|s| s.pid()).collect();
+    // pause nothing. Its snapshots (this epoch's, an earlier one's still
+    // read or dying) are the agent's.
+    let snapshot_pid: Vec<u32> = (snapshot.iter().map(|s| s.pid()))
+        .chain(crate::snapshot::agent_snapshot_pids())
+        .collect();
     match ctx.access.children(pid) {
         Ok(children) => {
             for warning in child_warnings(&children, &snapshot_pid) {

@@ -378,8 +378,14 @@ mod tests {
             decide(3, "/tmp/log", regular),
             (FdKind::Regular, FdRestore::Restore)
         );
+        // A standard stream sent to a file is the application's output;
+        // the launcher's pipe is not.
+        assert_eq!(
+            decide(1, "/tmp/log", regular),
+            (FdKind::Regular, FdRestore::Restore)
+        );
         assert!(
-            matches!(decide(1, "/tmp/log", regular).1, FdRestore::NotOurs(w) if w.contains("standard"))
+            matches!(decide(1, "pipe:[9]", None).1, FdRestore::NotOurs(w) if w.contains("standard"))
         );
         assert!(matches!(
             decide(5, "socket:[1]", None),

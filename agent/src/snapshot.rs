@@ -13,9 +13,11 @@
 //! is copied by the kernel (charged to the rank's cgroup). `auto` asks for a
 //! snapshot only when the node has that memory to spare.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::str::FromStr;
-use std::time::Instant;
+use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::pidfd;
@@ -160,6 +162,7 @@ impl Snapshot {
     pub fn hold(pid: u32) -> Result<Snapshot, Errno> {
         let raw = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
         let pidfd = pidfd::open(raw)?;
+        lock_snapshots().insert(pid, None);
         Ok(Snapshot { pid, pidfd })
     }
 
@@ -173,7 +176,29 @@ impl Drop for Snapshot {
     fn drop(&mut self) {
         // Already gone (its agent's kill raced its own exit): nothing to do.
         let _ = pidfd::kill(&self.pidfd);
+        lock_snapshots().insert(self.pid, Some(Instant::now()));
     }
+}
+
+/// How long a killed snapshot may still show as its rank's child: its
+/// death and its rank's reaping take a moment.
+const DYING: Duration = Duration::from_secs(10);
+
+/// This agent's snapshots by pid: held (`None`), or killed then.
+fn lock_snapshots() -> MutexGuard<'static, HashMap<u32, Option<Instant>>> {
+    static SNAPSHOTS: LazyLock<Mutex<HashMap<u32, Option<Instant>>>> =
+        LazyLock::new(Mutex::default);
+    SNAPSHOTS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The pids of this agent's snapshots a rank may still show as children:
+/// those held (an earlier epoch's, still being read, when checkpoints come
+/// back to back) and those killed a moment ago. They are not the rank's
+/// own children to name.
+pub fn agent_snapshot_pids() -> Vec<u32> {
+    let mut snapshots = lock_snapshots();
+    snapshots.retain(|_, killed| killed.is_none_or(|at| at.elapsed() < DYING));
+    snapshots.keys().copied().collect()
 }
 
 /// Kills a snapshot the agent no longer wants (one reported after its
@@ -233,6 +258,21 @@ pub(crate) fn take_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_held_or_just_killed_is_not_the_ranks_child() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap_or_else(|e| panic!("sleep: {e}"));
+        let pid = child.id();
+        let snapshot = Snapshot::hold(pid).unwrap_or_else(|e| panic!("hold: {e}"));
+        assert!(agent_snapshot_pids().contains(&pid));
+        drop(snapshot);
+        // Killed, perhaps not reaped yet: still the agent's for a while.
+        assert!(agent_snapshot_pids().contains(&pid));
+        let _ = child.wait();
+    }
 
     fn view(available: Option<u64>, cgroup_limit: Option<u64>) -> MemoryView {
         MemoryView {

@@ -365,14 +365,26 @@ fn drive(
         &c.opts.command.args(),
         &exported,
     );
+    let cwd = c.opts.command.cwd();
+    if c.opts.restart_from.is_some() && !cwd.exists() {
+        // Gone since the checkpoint: the ranks return to it, and the
+        // launcher starts in it.
+        std::fs::create_dir_all(&cwd).with_context(|| {
+            format!("making the job's working directory {} again", cwd.display())
+        })?;
+        eprintln!(
+            "cryo: made the job's working directory {} again",
+            cwd.display()
+        );
+    }
     command
-        .current_dir(c.opts.command.cwd())
+        .current_dir(&cwd)
         .env(ENV_JOB, &c.opts.job)
         .env(ENV_TOKEN, token.expose())
         .process_group(0);
     let mut job_child = command
         .spawn()
-        .with_context(|| format!("starting {launcher}"))?;
+        .with_context(|| format!("starting {launcher} in {}", cwd.display()))?;
     tracing::info!(job = %c.opts.job, pid = job_child.id(), "job.started");
     let started = Instant::now();
     let mut warned_no_agents = false;

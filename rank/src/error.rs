@@ -78,6 +78,16 @@ pub enum InitError {
         /// What went wrong.
         source: FrameError,
     },
+    /// The agent closed the connection without an answer.
+    #[error("rank {rank}: the cryo agent closed the connection as the rank registered ({source}): an agent of another cryo version does so (this runtime speaks protocol {version}; its log says which it accepts), as does one that is stopping")]
+    AgentClosed {
+        /// The rank.
+        rank: u32,
+        /// The runtime's protocol version.
+        version: u16,
+        /// How it closed.
+        source: FrameError,
+    },
     /// The agent refused the registration.
     #[error("rank {rank}: the cryo agent refused registration: {reason}")]
     Refused {

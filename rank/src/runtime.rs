@@ -13,10 +13,10 @@ use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
 use cryo_core::format::manifest::RankRecord;
 use cryo_core::protocol::{
-    read_frame, send_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
-    RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, ENV_AGENT_SOCKET,
-    ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE, ENV_TOKEN,
-    PROTOCOL_VERSION,
+    read_frame, send_message_with_fd, write_message, AgentToRank, ControlPage, FrameError, Hello,
+    Peer, RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
+    ENV_AGENT_SOCKET, ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE,
+    ENV_TOKEN, PROTOCOL_VERSION,
 };
 use cryo_core::store::{JobStore, Store};
 use cryo_core::token::JobToken;
@@ -449,7 +449,17 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
             pid: std::process::id(),
         },
     };
-    let proto = |source| InitError::Protocol { rank, source };
+    let proto = |source: FrameError| {
+        if source.is_disconnect() {
+            InitError::AgentClosed {
+                rank,
+                version: PROTOCOL_VERSION,
+                source,
+            }
+        } else {
+            InitError::Protocol { rank, source }
+        }
+    };
     send_message_with_fd(&conn.sock, &hello, conn.memfd.as_fd()).map_err(proto)?;
     // A malformed token proves nothing; the agent then names the problem.
     let token = JobToken::parse(&config.token, ENV_TOKEN).ok();

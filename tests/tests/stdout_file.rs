@@ -3,6 +3,9 @@
 //! hands tasks such a file too): the restarted run opens it again the same
 //! way, emptying it with "w", and cryo gives it back as it was at the
 //! checkpoint, so each rank's file ends with every line once, in order.
+//! Even with the job's whole directory removed after the checkpoint: the
+//! restart makes it again, starts the launcher in it and puts the files
+//! back.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::fs;
@@ -37,7 +40,7 @@ fn cryo(dir: &Path) -> Command {
     cmd
 }
 
-fn survives(mode: &str) {
+fn survives(mode: &str, remove_the_run_directory: bool) {
     if !have_mpi() {
         return;
     }
@@ -47,9 +50,12 @@ fn survives(mode: &str) {
         .unwrap();
     let dir = dir.path();
     let program = dir.join("prints_each_step");
+    let run_dir = dir.join("run");
+    fs::create_dir(&run_dir).unwrap();
     compile_mpich_program("tests/programs/prints_each_step.c", &program);
     let log = dir.join("run.log");
     let mut run = cryo(dir)
+        .current_dir(&run_dir)
         .args(["run", "--job", "logs", "--nodes", "a:1,b:1", "-n"])
         .arg(RANKS.to_string())
         .arg("--")
@@ -60,7 +66,7 @@ fn survives(mode: &str) {
         .spawn()
         .unwrap();
     let lines = |rank: u32| {
-        fs::read_to_string(dir.join(format!("out.{rank}")))
+        fs::read_to_string(run_dir.join(format!("out.{rank}")))
             .unwrap_or_default()
             .lines()
             .count()
@@ -76,6 +82,9 @@ fn survives(mode: &str) {
     });
     cryo_tests::kill_every_process_mentioning(&dir.display().to_string());
     let _ = wait_child(&mut run, Duration::from_secs(30));
+    if remove_the_run_directory {
+        fs::remove_dir_all(&run_dir).unwrap();
+    }
 
     let restart = cryo(dir)
         .args(["restart", "logs", "--nodes", "c:2"])
@@ -88,7 +97,7 @@ fn survives(mode: &str) {
     );
     assert!(restart.status.success(), "{said}");
     for rank in 0..RANKS {
-        let held = fs::read_to_string(dir.join(format!("out.{rank}"))).unwrap();
+        let held = fs::read_to_string(run_dir.join(format!("out.{rank}"))).unwrap();
         assert!(
             held == expected(u64::from(rank)),
             "out.{rank} (freopen \"{mode}\") differs from an uninterrupted run's:\n{held}\n{said}"
@@ -98,10 +107,15 @@ fn survives(mode: &str) {
 
 #[test]
 fn stdout_sent_to_a_file_before_cryo_init_comes_back_as_it_was() {
-    survives("w");
+    survives("w", false);
 }
 
 #[test]
 fn stdout_appended_to_a_file_before_cryo_init_holds_each_line_once() {
-    survives("a");
+    survives("a", false);
+}
+
+#[test]
+fn a_job_directory_removed_after_the_checkpoint_is_made_again() {
+    survives("w", true);
 }
