@@ -426,7 +426,7 @@ impl Coordinator {
             }
             Phase::Aborted(reason) => {
                 let reason = reason.clone();
-                tracing::warn!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
+                tracing::info!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
                 let stands = crate::report::what_stands(self.job.latest_committed());
                 eprintln!("cryo: epoch {} aborted: {reason}; {stands}", epoch.epoch);
                 self.broadcast(&CoordinatorToAgent::Abort {

@@ -415,7 +415,11 @@ fn drive(
                 break preempt_exit(c);
             }
             c.requeue_on_stop = false;
-            eprintln!("cryo: job {} finished ({status})", c.opts.job);
+            if status.success() {
+                eprintln!("cryo: job {} finished ({status})", c.opts.job);
+            } else {
+                eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
+            }
             if !status.success() {
                 name_first_departure(c, rx);
             }
@@ -607,41 +611,60 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
     }
 }
 
-/// Picks the newest committed epoch (at most `at_most`) whose chunks are
-/// all stored whole and undamaged (`JobStore::check_manifest`: no
-/// decompression, so the restart does not decode every chunk twice),
+/// The epoch a restart starts from: `asked` (`cryo restart --epoch`), which
+/// must be committed and verify, or else the newest committed epoch whose
+/// chunks are all stored whole and undamaged (`JobStore::check_manifest`:
+/// no decompression, so the restart does not decode every chunk twice),
 /// warning about each newer one that is not.
-pub fn choose_restart_epoch(job: &JobStore, at_most: Option<u64>) -> Result<u64> {
+pub fn choose_restart_epoch(job: &JobStore, asked: Option<u64>) -> Result<u64> {
     let mut epochs = job.committed_epochs()?;
-    epochs.retain(|e| at_most.is_none_or(|max| *e <= max));
-    if let Some(max) = at_most {
-        if !epochs.contains(&max) {
-            bail!("job {:?} has no committed epoch {max}", job.name());
+    if let Some(asked) = asked {
+        if !epochs.contains(&asked) {
+            bail!("job {:?} has no committed epoch {asked}", job.name());
         }
+        return match epoch_problem(job, asked) {
+            None => Ok(asked),
+            Some(problem) => bail!(
+                "epoch {asked} of job {:?} {problem}: restart from another epoch (--epoch), or leave --epoch out for the newest that verifies",
+                job.name()
+            ),
+        };
     }
-    for epoch in epochs.iter().rev() {
-        match job.load_manifest(*epoch) {
-            Ok(manifest) => {
-                // Stored whole and undamaged is checked here, fast; each rank
-                // hash-checks its chunks as it decodes them at restore.
-                let report = job.check_manifest(&manifest);
-                if report.is_ok() {
-                    return Ok(*epoch);
-                }
-                let first = &report.bad[0];
-                eprintln!(
-                    "cryo: warning: epoch {epoch} fails verification ({} bad chunk uses; first: rank {} region {:?}: {}); falling back to an older epoch",
-                    report.bad.len(),
-                    first.rank,
-                    first.region,
-                    first.problem
-                );
-            }
-            Err(err) => eprintln!("cryo: warning: epoch {epoch} is unreadable ({err}); falling back to an older epoch"),
-        }
+    epochs.reverse();
+    for (n, epoch) in epochs.iter().enumerate() {
+        let Some(problem) = epoch_problem(job, *epoch) else {
+            return Ok(*epoch);
+        };
+        let next = if n + 1 < epochs.len() {
+            "falling back to an older epoch"
+        } else {
+            "and no older epoch is left"
+        };
+        eprintln!("cryo: warning: epoch {epoch} {problem}; {next}");
     }
     bail!(
         "job {:?} has no committed epoch that passes verification",
         job.name()
     )
+}
+
+/// What is wrong with `epoch`'s image, if anything: unreadable metadata, or
+/// chunks not stored whole and undamaged.
+fn epoch_problem(job: &JobStore, epoch: u64) -> Option<String> {
+    match job.load_manifest(epoch) {
+        Ok(manifest) => {
+            // Stored whole and undamaged is checked here, fast; each rank
+            // hash-checks its chunks as it decodes them at restore.
+            let report = job.check_manifest(&manifest);
+            let first = report.bad.first()?;
+            Some(format!(
+                "fails verification ({} bad chunk uses; first: rank {} region {:?}: {})",
+                report.bad.len(),
+                first.rank,
+                first.region,
+                first.problem
+            ))
+        }
+        Err(err) => Some(format!("is unreadable ({err})")),
+    }
 }

@@ -308,6 +308,22 @@ fn a_corrupt_unlinked_file_chunk_falls_back_to_the_previous_epoch() {
         );
     }
 
+    // Asked for by number, the damaged epoch is refused, not swapped for
+    // another.
+    let asked = case
+        .cryo()
+        .args(["restart", &job_name, "--epoch", "2", "--nodes", "c:2"])
+        .output()
+        .unwrap();
+    let refused = output_text(&asked);
+    assert!(
+        !asked.status.success()
+            && refused.contains("epoch 2 of job")
+            && refused.contains("fails verification"),
+        "cryo restart --epoch 2 did not refuse the damaged epoch:\n{refused}"
+    );
+    assert!(!refused.contains("restarting job"), "{refused}");
+
     let said = case.assert_restart_matches_reference(&job_name, "c:2", 1, first, killed_at, ITERS);
     assert!(
         said.contains("epoch 2 fails verification") && said.contains("falling back"),
