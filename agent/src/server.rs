@@ -491,11 +491,6 @@ impl Shared {
                 Ok(RankToAgent::Copied { epoch, outcome }) => {
                     let _ = tx.send(RankEvent::Copied { epoch, outcome });
                 }
-                // Status 0: the program ended as it should, only without
-                // cryo_finalize (the rank leaves as finalized).
-                Ok(RankToAgent::Exiting { status: 0 }) => {
-                    failed.get_or_insert_with(|| cryo_core::protocol::RANK_FINALIZED.to_owned());
-                }
                 Ok(RankToAgent::Exiting { status }) => {
                     failed.get_or_insert_with(|| cryo_core::protocol::rank_exited(status));
                 }

@@ -117,8 +117,12 @@ pub const RANK_DISCONNECTED: &str =
     "its process ended without a word (killed, crashed, or MPI_Abort)";
 
 /// `RankLeft::why` of a rank whose process called `exit` before it
-/// finalized ([`super::RankToAgent::Exiting`]).
+/// finalized ([`super::RankToAgent::Exiting`]). Status 0 is a program that
+/// ended as it should, only without `cryo_finalize`: [`RANK_FINALIZED`].
 pub fn rank_exited(status: i32) -> String {
+    if status == 0 {
+        return RANK_FINALIZED.to_owned();
+    }
     format!("it exited with status {status} before cryo_finalize (exit, Fortran STOP or sys.exit)")
 }
 
