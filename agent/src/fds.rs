@@ -146,12 +146,12 @@ pub fn classify_fd(fd: i32, kind: FdKind, path: &str, owners: &FdOwners<'_>) -> 
     }
     // Regular files and directories are the application's whenever it
     // opened them (the MPI library's own files live under /dev/shm, /proc
-    // and /sys, which are never restored), a standard stream sent to a file
-    // before cryo_init (`freopen`, `srun --output`) included: its contents
-    // are the job's output. What else was open at cryo_init (the
-    // launcher's pipes, /dev/null) is the library's or the launcher's.
+    // and /sys, which are never restored); what else was open at cryo_init
+    // is the library's or the launcher's, the standard streams among them
+    // unless the program sent them elsewhere since it started (the rank
+    // leaves those out of `library`).
     let path_based = matches!(kind, FdKind::Regular | FdKind::Directory);
-    if owners.library.contains(&fd) && !path_based {
+    if owners.library.contains(&fd) && ((0..=2).contains(&fd) || !path_based) {
         return FdRestore::NotOurs(if (0..=2).contains(&fd) {
             "standard stream, inherited from the launcher".into()
         } else {
@@ -378,11 +378,9 @@ mod tests {
             decide(3, "/tmp/log", regular),
             (FdKind::Regular, FdRestore::Restore)
         );
-        // A standard stream sent to a file is the application's output;
-        // the launcher's pipe is not.
-        assert_eq!(
-            decide(1, "/tmp/log", regular),
-            (FdKind::Regular, FdRestore::Restore)
+        // The launcher's standard stream, a file or a pipe, is its own.
+        assert!(
+            matches!(decide(1, "/tmp/log", regular).1, FdRestore::NotOurs(w) if w.contains("standard"))
         );
         assert!(
             matches!(decide(1, "pipe:[9]", None).1, FdRestore::NotOurs(w) if w.contains("standard"))

@@ -431,6 +431,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     command.describe()
                 );
             }
+            if registry.finished() {
+                eprintln!("cryo: note: job {job:?} finished when it last ran; this restart runs it again from epoch {epoch}");
+            }
             let manifest = job_store.load_manifest(epoch)?;
             if manifest.world_size != command.world_size {
                 bail!(

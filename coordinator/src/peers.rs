@@ -15,7 +15,7 @@ use cryo_core::protocol::{
     read_message, write_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello,
     JobRequest, JobResponse, Message, Peer, PROTOCOL_VERSION,
 };
-use cryo_core::store::Store;
+use cryo_core::store::{Store, StoreError};
 use cryo_core::token::JobToken;
 
 use crate::registry::{hostname, Registry};
@@ -229,7 +229,14 @@ fn serve_peer(
 /// Sends a request to a running job's coordinator and waits for the answer.
 pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobResponse> {
     let store = Store::open(store)?;
-    let job_store = store.existing_job(job)?;
+    let job_store = match store.existing_job(job) {
+        Err(StoreError::UnknownJob { store, .. }) => anyhow::bail!(
+            "no job {job:?} runs with the store {} (it holds no such job; `cryo ls {}` lists those it holds)",
+            store.display(),
+            store.display()
+        ),
+        other => other?,
+    };
     let registry = Registry::of(&job_store);
     let addr = registry.coordinator(job)?;
     let token = registry.token()?;

@@ -254,6 +254,22 @@ impl Registry {
     pub fn clear_coordinator(&self) {
         let _ = std::fs::remove_file(self.dir.join("coordinator"));
     }
+
+    /// Notes whether the job's last run finished (its launcher exited 0),
+    /// for a restart to say it runs a finished job again.
+    pub fn set_finished(&self, finished: bool) {
+        let marker = self.dir.join("finished");
+        let _ = if finished {
+            std::fs::write(marker, b"")
+        } else {
+            std::fs::remove_file(marker)
+        };
+    }
+
+    /// Whether the job's last run finished.
+    pub fn finished(&self) -> bool {
+        self.dir.join("finished").exists()
+    }
 }
 
 fn answers(addr: &str) -> bool {

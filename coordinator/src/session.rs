@@ -213,6 +213,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
             .filter(|after| *after < epoch),
     };
     registry.write_command(&command)?;
+    registry.set_finished(false);
     let launcher = launch::detect(opts.launcher.as_deref(), || {
         let program_mpi = crate::program_mpi::of_program(
             OsStr::from_bytes(&opts.command.program),
@@ -416,6 +417,7 @@ fn drive(
             }
             c.requeue_on_stop = false;
             if status.success() {
+                Registry::of(&c.job).set_finished(true);
                 eprintln!("cryo: job {} finished ({status})", c.opts.job);
             } else {
                 eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
@@ -453,6 +455,7 @@ fn drive(
                 // TERMINATION" banner) after output that finished cleanly.
                 // Remote proxies exit when their launcher connection closes.
                 kill_process_group(&mut job_child);
+                Registry::of(&c.job).set_finished(true);
                 eprintln!(
                     "cryo: job {} finished (its launcher stopped after every rank finalized)",
                     c.opts.job

@@ -94,12 +94,15 @@ impl Baseline {
         }
     }
 
-    /// The fds open at `cryo_init` that still refer to the same file.
+    /// The fds open at `cryo_init` that still refer to the same file, but
+    /// for a standard stream the program sent elsewhere before `cryo_init`
+    /// (`freopen` after `MPI_Init`): that one is its own output.
     pub(crate) fn library_fds(&self, runtime: &[RawFd]) -> Vec<RawFd> {
         let mut out: Vec<RawFd> = self
             .fds
             .iter()
             .filter(|(fd, id)| !runtime.contains(fd) && fd_identity(**fd) == Some(**id))
+            .filter(|(fd, id)| !crate::std_streams::redirected_since_start(**fd, **id))
             .map(|(fd, _)| *fd)
             .collect();
         out.sort_unstable();
@@ -392,9 +395,7 @@ pub(crate) fn gather(
     let (mut unlinked, mut writable) = (0u64, 0u64);
     let mut writing = HashSet::new();
     for fd in open_fds() {
-        // A standard stream is the application's only when sent to a
-        // file (below: the launcher's pipes and terminals are no files).
-        if runtime.contains(&fd) {
+        if runtime.contains(&fd) || (library.contains(&fd) && (0..=2).contains(&fd)) {
             continue;
         }
         let Ok(link) = fs::read_link(format!("/proc/self/fd/{fd}")) else {

@@ -44,6 +44,7 @@ mod restore_threads;
 mod runtime;
 mod self_copy;
 mod snapshot;
+mod std_streams;
 mod store_fds;
 mod stream_copy;
 #[cfg(test)]

@@ -103,6 +103,20 @@ fn survives(mode: &str, remove_the_run_directory: bool) {
             "out.{rank} (freopen \"{mode}\") differs from an uninterrupted run's:\n{held}\n{said}"
         );
     }
+    if mode == "w" && !remove_the_run_directory {
+        // The job has finished: restarting it again runs it again from
+        // its checkpoint, and says so.
+        let again = cryo(dir)
+            .args(["restart", "logs", "--nodes", "c:2"])
+            .output()
+            .unwrap();
+        let said = output_text(&again);
+        assert!(again.status.success(), "{said}");
+        assert!(
+            said.contains("finished when it last ran; this restart runs it again from epoch 1"),
+            "{said}"
+        );
+    }
 }
 
 #[test]
