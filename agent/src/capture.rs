@@ -430,10 +430,8 @@ pub(crate) fn capture_rank(
     drop(hold);
     // Its children, named once it runs again: the scan of /proc costs the
     // pause nothing. Its snapshots (this epoch's, an earlier one's still
-    // read or dying) are the agent's.
-    let snapshot_pid: Vec<u32> = (snapshot.iter().map(|s| s.pid()))
-        .chain(crate::snapshot::agent_snapshot_pids())
-        .collect();
+    // read or dying) are the agent's: every one held is in the list.
+    let snapshot_pid = crate::snapshot::agent_snapshot_pids();
     match ctx.access.children(pid) {
         Ok(children) => {
             for warning in child_warnings(&children, &snapshot_pid) {

@@ -421,8 +421,6 @@ fn drive(
                 eprintln!("cryo: job {} finished ({status})", c.opts.job);
             } else {
                 eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
-            }
-            if !status.success() {
                 name_first_departure(c, rx);
             }
             // A rank an agent turned away (a refused restart) was named
