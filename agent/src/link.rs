@@ -288,6 +288,7 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+    use cryo_core::protocol::Departure;
 
     /// A one-shot coordinator answering the hello with `answer`; returns
     /// the hello and whether its proof held the right token.
@@ -327,7 +328,7 @@ mod tests {
         // Sending on a lost link is a no-op, not a panic.
         link.send(&AgentToCoordinator::RankLeft {
             rank: 0,
-            why: "test".into(),
+            how: Departure::Vanished,
         });
     }
 

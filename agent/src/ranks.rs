@@ -10,7 +10,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Mutex;
 
 use cryo_core::protocol::{
-    send_message_with_fd_as, write_message_as, AgentToRank, ControlPage, CopyOutcome,
+    send_message_with_fd_as, write_message_as, AgentToRank, ControlPage, CopyOutcome, Departure,
     SnapshotOutcome, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
 };
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -22,7 +22,7 @@ use crate::tracking::Baseline;
 /// What a rank's reader thread forwards to the epoch in progress.
 pub(crate) enum RankEvent {
     Parked(Parked),
-    Gone(String),
+    Gone(Departure),
     /// The rank refused to park for the epoch (MPI: message in flight).
     Refused {
         epoch: u64,

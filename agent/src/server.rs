@@ -35,7 +35,7 @@ use cryo_core::format::chunk::ChunkCodec;
 use cryo_core::locality::Filesystem;
 use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message_as, AbortReason, AgentToCoordinator,
-    AgentToRank, ControlResponse, Hello, Peer, RankToAgent, StartMode,
+    AgentToRank, ControlResponse, Departure, Hello, Peer, RankToAgent, StartMode,
 };
 use cryo_core::store::writer::{ChunkLayout, WriterConfig};
 use cryo_core::store::{JobStore, Store};
@@ -384,11 +384,11 @@ impl Shared {
                     drop(armed_slot);
                     // Its launcher may end the job before its own words
                     // reach anyone: `cryo` says why.
+                    let how = Departure::RefusedAtRestart {
+                        reason: reason.to_string(),
+                    };
                     if let Some(link) = &self.link {
-                        link.send(&AgentToCoordinator::RankLeft {
-                            rank,
-                            why: format!("refused at the restart: {reason}"),
-                        });
+                        link.send(&AgentToCoordinator::RankLeft { rank, how });
                     }
                     return refuse(reason);
                 }
@@ -452,7 +452,7 @@ impl Shared {
         let job = &self.config.job;
         // A failed restart is why the rank leaves: the coordinator says so.
         let mut failed = None;
-        let why = loop {
+        let how = loop {
             match read_message::<RankToAgent>(&mut &*sock) {
                 Ok(RankToAgent::Parked {
                     epoch,
@@ -479,7 +479,7 @@ impl Shared {
                 }
                 Ok(RankToAgent::RestoreFailed { epoch, error }) => {
                     tracing::error!(job = %job, rank, pid, epoch, error = %error, "restart.failed");
-                    failed = Some(format!("its restart from epoch {epoch} failed: {error}"));
+                    failed = Some(Departure::RestoreFailed { epoch, error });
                 }
                 Ok(RankToAgent::Refused { epoch, reason }) => {
                     tracing::warn!(job = %job, rank, pid, epoch, reason = %reason, "rank.refused");
@@ -492,26 +492,28 @@ impl Shared {
                     let _ = tx.send(RankEvent::Copied { epoch, outcome });
                 }
                 Ok(RankToAgent::Exiting { status }) => {
-                    failed.get_or_insert_with(|| cryo_core::protocol::rank_exited(status));
+                    failed.get_or_insert_with(|| Departure::exited(status));
                 }
-                Ok(RankToAgent::Goodbye) => break cryo_core::protocol::RANK_FINALIZED.to_owned(),
+                Ok(RankToAgent::Goodbye) => break Departure::Finalized,
                 Err(err) if err.is_disconnect() => {
-                    break failed
-                        .take()
-                        .unwrap_or_else(|| cryo_core::protocol::RANK_DISCONNECTED.to_owned())
+                    break failed.take().unwrap_or(Departure::Vanished)
                 }
-                Err(err) => break format!("protocol error: {err}"),
+                Err(err) => {
+                    break Departure::ProtocolError {
+                        detail: err.to_string(),
+                    }
+                }
             }
         };
-        tracing::info!(job = %job, rank, pid, why = %why, "rank.left");
-        let _ = tx.send(RankEvent::Gone(why.clone()));
+        tracing::info!(job = %job, rank, pid, how = %how, "rank.left");
+        let _ = tx.send(RankEvent::Gone(how.clone()));
         let early = lock(&conn.early).take();
         if early.is_some() {
             tracing::info!(job = %job, rank, pid, "rank.early_park_dropped");
         }
         if self.unregister(conn) {
             if let Some(link) = &self.link {
-                link.send(&AgentToCoordinator::RankLeft { rank, why });
+                link.send(&AgentToCoordinator::RankLeft { rank, how });
             }
         }
         self.end_if_orphaned();

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use cryo_core::protocol::{
-    write_message_as, AbortReason, AgentToCoordinator, CoordinatorToAgent, EpochProgress,
-    JobRequest, JobResponse, JobStatus, NodeStatus, RANK_DISCONNECTED, RANK_FINALIZED,
+    write_message_as, AbortReason, AgentToCoordinator, CoordinatorToAgent, Departure,
+    EpochProgress, JobRequest, JobResponse, JobStatus, NodeStatus,
 };
 use cryo_core::store::JobStore;
 
@@ -69,7 +69,7 @@ pub(crate) struct Coordinator {
     /// The first rank that left without saying goodbye: rank, node and
     /// why, as its agent saw it (its restart failed, it died), told when
     /// the job fails.
-    pub(crate) first_left: Option<(u32, String, String)>,
+    pub(crate) first_left: Option<(u32, String, Departure)>,
     /// When `first_left` was noted.
     first_left_at: Option<Instant>,
 }
@@ -81,14 +81,14 @@ pub(crate) struct Coordinator {
 const CAUSE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Coordinator {
-    /// Whether a rank that left saying `why` is likelier the job's failure
+    /// Whether a rank that left as `how` says is likelier the job's failure
     /// than the first one noted: it is the first, or the first vanished
     /// without a word just before it and this one says how it left.
-    fn is_likelier_cause(&self, why: &str, now: Instant) -> bool {
+    fn is_likelier_cause(&self, how: &Departure, now: Instant) -> bool {
         match (&self.first_left, self.first_left_at) {
             (Some((_, _, first)), Some(at)) => {
-                first == RANK_DISCONNECTED
-                    && why != RANK_DISCONNECTED
+                !first.says_how()
+                    && how.says_how()
                     && now.saturating_duration_since(at) < CAUSE_WINDOW
             }
             _ => true,
@@ -272,15 +272,15 @@ impl Coordinator {
                 self.pids.insert(rank, pid);
                 tracing::info!(job = %self.opts.job, node, rank, pid, restored_epoch, "rank.registered");
             }
-            AgentToCoordinator::RankLeft { rank, why } => {
+            AgentToCoordinator::RankLeft { rank, how } => {
                 if let Some(agent) = self.agents.get_mut(node) {
                     agent.ranks.remove(&rank);
                 }
-                if why != RANK_FINALIZED && self.is_likelier_cause(&why, now) {
-                    self.first_left = Some((rank, node.to_owned(), why.clone()));
+                if !how.is_finalized() && self.is_likelier_cause(&how, now) {
+                    self.first_left = Some((rank, node.to_owned(), how.clone()));
                     self.first_left_at = Some(now);
                 }
-                if why == RANK_FINALIZED && self.finalized.insert(rank) {
+                if how.is_finalized() && self.finalized.insert(rank) {
                     let world = usize::try_from(self.opts.ranks).unwrap_or(usize::MAX);
                     if self.finalized.len() == world {
                         self.all_finalized_at = Some(now);
@@ -288,6 +288,7 @@ impl Coordinator {
                 }
                 if let Some(epoch) = self.epoch.as_mut() {
                     if epoch.phase == Phase::Quiescing && !epoch.copied.contains_key(&rank) {
+                        let why = how.to_string();
                         let reason = AbortReason::RankLeft { rank, why }.on_node(node);
                         epoch.apply(EpochEvent::Failed(reason), now);
                     }

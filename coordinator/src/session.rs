@@ -583,8 +583,8 @@ fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    if let Some((rank, node, why)) = &c.first_left {
-        eprintln!("cryo: rank {rank} (node {node}) left first: {why}");
+    if let Some((rank, node, how)) = &c.first_left {
+        eprintln!("cryo: rank {rank} (node {node}) left first: {how}");
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use cryo_core::protocol::AbortReason;
+use cryo_core::protocol::{AbortReason, Departure};
 use cryo_core::store::writer::{BeginError, WriteError};
 use cryo_core::store::CommitError;
 use thiserror::Error;
@@ -74,14 +74,14 @@ pub enum EpochError {
         detail: String,
     },
     /// A rank left before it parked.
-    #[error("rank {rank} (pid {pid}) left before reaching a safe point ({why})")]
+    #[error("rank {rank} (pid {pid}) left before reaching a safe point ({how})")]
     Left {
         /// The rank.
         rank: u32,
         /// Its pid.
         pid: u32,
         /// How.
-        why: String,
+        how: Departure,
     },
     /// Capturing a parked rank failed.
     #[error(transparent)]
@@ -142,9 +142,9 @@ impl EpochError {
                 rank: *rank,
                 detail: detail.clone(),
             },
-            EpochError::Left { rank, why, .. } => AbortReason::RankLeft {
+            EpochError::Left { rank, how, .. } => AbortReason::RankLeft {
                 rank: *rank,
-                why: why.clone(),
+                why: how.to_string(),
             },
             EpochError::Capture(CaptureError::Write(err)) | EpochError::Part(err) => {
                 AbortReason::store(err)

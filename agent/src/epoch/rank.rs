@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use cryo_core::fault;
 use cryo_core::format::manifest::WriteStats;
 use cryo_core::protocol::{
-    AgentToRank, CheckpointReport, CopyOutcome, CopyPiece, ProbeVerdict, RankCaptureReport,
-    SnapshotOutcome, FILL_VIEW_VERSION, SELF_COPY_VERSION, SNAPSHOT_VERSION,
+    AgentToRank, CheckpointReport, CopyOutcome, CopyPiece, Departure, ProbeVerdict,
+    RankCaptureReport, SnapshotOutcome, FILL_VIEW_VERSION, SELF_COPY_VERSION, SNAPSHOT_VERSION,
 };
 use cryo_core::store::writer::EpochWriter;
 
@@ -49,7 +49,7 @@ const LATE_PARK_GRACE: Duration = Duration::from_secs(10);
 pub(super) enum Said {
     Parked(Parked),
     Refused(String),
-    Left(String),
+    Left(Departure),
 }
 
 /// Clears what is queued from `conn` before the run: parks left over from
@@ -71,7 +71,7 @@ pub(super) fn take_queued(conn: &RankConn, epoch: u64) -> Option<Said> {
             }
             RankEvent::Refused { .. } => {}
             RankEvent::Snapshot { .. } | RankEvent::Copied { .. } => answer_stale(conn, event),
-            RankEvent::Gone(why) => said = Some(Said::Left(why)),
+            RankEvent::Gone(how) => said = Some(Said::Left(how)),
         }
     }
     said
@@ -103,11 +103,11 @@ pub(super) fn capture_one(
                 detail,
             })
         }
-        (None, Some(Said::Left(why))) => {
+        (None, Some(Said::Left(how))) => {
             return Err(EpochError::Left {
                 rank,
                 pid: conn.pid,
-                why,
+                how,
             })
         }
         (None, None) => wait_parked(conn, run, deadline)?,
@@ -482,14 +482,14 @@ fn await_verdict(
                     detail: reason,
                 })
             }
-            Ok(RankEvent::Gone(why)) => return Err(EpochError::Left { rank, pid, why }),
+            Ok(RankEvent::Gone(how)) => return Err(EpochError::Left { rank, pid, how }),
             Ok(event) => answer_stale(conn, event),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(EpochError::Left {
                     rank,
                     pid,
-                    why: "disconnected".into(),
+                    how: Departure::Vanished,
                 })
             }
         }
@@ -522,7 +522,7 @@ fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Par
             Ok(RankEvent::Parked(Parked { epoch: stale, .. })) => {
                 conn.abort(stale, &"stale epoch");
             }
-            Ok(RankEvent::Gone(why)) => return Err(EpochError::Left { rank, pid, why }),
+            Ok(RankEvent::Gone(how)) => return Err(EpochError::Left { rank, pid, how }),
             Ok(RankEvent::Refused { epoch: e, reason }) if e == epoch => {
                 return Err(EpochError::Refused {
                     rank,
@@ -539,7 +539,7 @@ fn wait_parked(conn: &RankConn, run: &EpochRun, deadline: Instant) -> Result<Par
                 return Err(EpochError::Left {
                     rank,
                     pid,
-                    why: "disconnected".into(),
+                    how: Departure::Vanished,
                 })
             }
             Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}

@@ -2,8 +2,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::reason::with_older_reason;
-use super::{v4, AbortReason, Command, Message, FINAL_CHECKPOINT_VERSION};
-use crate::format::codec::CodecError;
+use super::{v13, v4, AbortReason, Command, Departure, Message};
+use super::{FINAL_CHECKPOINT_VERSION, TYPED_DEPARTURE_VERSION};
+use crate::format::codec::{self, CodecError};
 /// Messages from a job's coordinator to a node agent (TCP, after a
 /// [`Hello`] with [`Peer::Agent`] and the job token).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,26 +107,6 @@ impl Message for CoordinatorToAgent {
     }
 }
 
-/// `AgentToCoordinator::RankLeft::why` of a rank that said goodbye
-/// (`cryo_finalize`): the one value of that field that is not free text.
-pub const RANK_FINALIZED: &str = "finalized";
-
-/// `RankLeft::why` of a rank whose connection closed without a word: its
-/// process ended without running exit handlers (killed, crashed, or
-/// `MPI_Abort`, which leaves with `_exit`).
-pub const RANK_DISCONNECTED: &str =
-    "its process ended without a word (killed, crashed, or MPI_Abort)";
-
-/// `RankLeft::why` of a rank whose process called `exit` before it
-/// finalized ([`super::RankToAgent::Exiting`]). Status 0 is a program that
-/// ended as it should, only without `cryo_finalize`: [`RANK_FINALIZED`].
-pub fn rank_exited(status: i32) -> String {
-    if status == 0 {
-        return RANK_FINALIZED.to_owned();
-    }
-    format!("it exited with status {status} before cryo_finalize (exit, Fortran STOP or sys.exit)")
-}
-
 /// Messages from a node agent to its job's coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentToCoordinator {
@@ -142,9 +123,8 @@ pub enum AgentToCoordinator {
     RankLeft {
         /// The rank.
         rank: u32,
-        /// Why: [`RANK_FINALIZED`] when it said goodbye (`cryo_finalize`),
-        /// else what the agent saw, for people.
-        why: String,
+        /// How, as its agent saw it.
+        how: Departure,
     },
     /// A rank's memory was copied and it resumed.
     Copied {
@@ -181,10 +161,19 @@ impl Message for AgentToCoordinator {
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
         let older = with_older_reason!(self, version, AgentToCoordinator::Failed { epoch });
-        v4::encode_as::<v4::AgentToCoordinator, _>(older.as_ref().unwrap_or(self), version)
+        let msg = older.as_ref().unwrap_or(self);
+        if version >= TYPED_DEPARTURE_VERSION {
+            return codec::encode(msg);
+        }
+        let layout = v13::AgentToCoordinator::from(msg);
+        v4::encode_as::<v4::AgentToCoordinator, _>(&layout, version)
     }
 
     fn decode_from(version: u16, payload: &[u8]) -> Result<Self, CodecError> {
-        v4::decode_as::<v4::AgentToCoordinator, _>(version, payload)
+        if version >= TYPED_DEPARTURE_VERSION {
+            return codec::decode(payload);
+        }
+        v4::decode_as::<v4::AgentToCoordinator, v13::AgentToCoordinator>(version, payload)
+            .map(Into::into)
     }
 }

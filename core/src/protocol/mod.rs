@@ -53,6 +53,7 @@
 
 mod control;
 mod coordinator;
+mod departure;
 mod frame;
 mod hello;
 mod job;
@@ -60,10 +61,12 @@ mod rank;
 mod reason;
 #[cfg(test)]
 mod tests;
+mod v13;
 mod v4;
 
 pub use control::*;
 pub use coordinator::*;
+pub use departure::*;
 pub use frame::*;
 pub use hello::*;
 pub use job::*;
@@ -104,8 +107,11 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// agent warms the copy budget without waiting out the pre-fault delay;
 /// version 13 let a rank that exits before finalizing tell its agent the
 /// status it exits with ([`RankToAgent::Exiting`]), sent only to an agent
-/// of version 13 or newer.
-pub const PROTOCOL_VERSION: u16 = 13;
+/// of version 13 or newer; version 14 made how a rank left a typed
+/// [`Departure`] (`AgentToCoordinator::RankLeft`), text before (`v13.rs`).
+pub const PROTOCOL_VERSION: u16 = 14;
+/// The first version whose `RankLeft` carries a typed [`Departure`].
+pub const TYPED_DEPARTURE_VERSION: u16 = 14;
 /// The first version whose agents take [`RankToAgent::Exiting`].
 pub const EXIT_STATUS_VERSION: u16 = 13;
 /// The first version whose ranks take a snapshot when asked.

@@ -292,7 +292,7 @@ fn a_version_4_agents_text_reason_is_read_as_text() {
     };
     let old = v4_frame(
         Command::AgentToCoordinator,
-        &v4::AgentToCoordinator::from(&registered),
+        &v4::AgentToCoordinator::from(&v13::AgentToCoordinator::from(&registered)),
     );
     assert_eq!(
         read_message::<AgentToCoordinator>(&mut Cursor::new(old)).unwrap(),
@@ -526,5 +526,60 @@ fn a_version_9_peer_reads_a_rank_held_at_its_safe_point_as_a_park_timeout() {
     assert_eq!(
         read_message::<AgentToCoordinator>(&mut Cursor::new(frame)).unwrap(),
         failed
+    );
+}
+
+/// How a rank left, as a peer of `version` reads it once encoded.
+fn departure_at(version: u16, how: Departure) -> Departure {
+    let frame = encode_frame_as(&AgentToCoordinator::RankLeft { rank: 2, how }, version).unwrap();
+    match read_message::<AgentToCoordinator>(&mut Cursor::new(frame)).unwrap() {
+        AgentToCoordinator::RankLeft { rank: 2, how } => how,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn how_a_rank_left_is_typed_from_version_14_and_text_before() {
+    let restore = Departure::RestoreFailed {
+        epoch: 3,
+        error: "no such file".into(),
+    };
+    assert_eq!(departure_at(PROTOCOL_VERSION, restore.clone()), restore);
+    assert_eq!(
+        departure_at(14, Departure::Exited { status: 7 }),
+        Departure::Exited { status: 7 }
+    );
+    for version in [4, 5, 13] {
+        // A goodbye and a silent end keep their meaning across the text.
+        assert_eq!(
+            departure_at(version, Departure::Finalized),
+            Departure::Finalized
+        );
+        assert_eq!(
+            departure_at(version, Departure::Vanished),
+            Departure::Vanished
+        );
+        // Anything else is the older agent's account, for people.
+        assert_eq!(
+            departure_at(version, restore.clone()),
+            Departure::Told {
+                account: restore.to_string()
+            }
+        );
+    }
+    // What a version 13 coordinator reads: the text it compared.
+    let frame = encode_frame_as(
+        &AgentToCoordinator::RankLeft {
+            rank: 1,
+            how: Departure::Finalized,
+        },
+        13,
+    )
+    .unwrap();
+    let old: v13::AgentToCoordinator =
+        crate::format::codec::decode(&frame[FRAME_HEADER_LEN..]).unwrap();
+    assert!(
+        matches!(&old, v13::AgentToCoordinator::RankLeft { rank: 1, why } if why == "finalized"),
+        "{old:?}"
     );
 }

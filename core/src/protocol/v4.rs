@@ -43,42 +43,51 @@ where
     }
 }
 
-/// `From` both ways between this build's enum and version 4's layout of it:
+/// `From` both ways between this build's enum (or, `in` a module, a later
+/// version's layout of it) and version 4's layout:
 /// the variants in `same` carry the same fields in both; those in `reasons`
 /// also carry a `reason`, an [`AbortReason`] now and text in version 4;
 /// those in `newer` came later and are written as the version 4 variant
-/// with the same fields.
+/// with the same fields; those in `departures` carry a `how`, a
+/// [`super::Departure`] now and `why`, text, in the older layout.
 macro_rules! layouts {
     (
-        $enum:ident;
+        $enum:ident $( in $layout:ident )?;
         same: [ $( $sv:ident $( { $($sf:ident),* } )? $( ( $st:ident ) )? ),* $(,)? ];
         reasons: [ $( $rv:ident { $($rf:ident),* } ),* $(,)? ]
         $( ; newer: [ $( $nv:ident { $($nf:ident),* } => $ov:ident ),* $(,)? ] )?
+        $( ; departures: [ $( $dv:ident { $($df:ident),* } ),* $(,)? ] )?
     ) => {
-        impl From<&super::$enum> for $enum {
-            fn from(msg: &super::$enum) -> Self {
+        impl From<&super::$($layout::)?$enum> for $enum {
+            fn from(msg: &super::$($layout::)?$enum) -> Self {
+                type New = super::$($layout::)?$enum;
                 match msg.clone() {
-                    $( super::$enum::$sv $( { $($sf),* } )? $( ( $st ) )?
+                    $( New::$sv $( { $($sf),* } )? $( ( $st ) )?
                         => Self::$sv $( { $($sf),* } )? $( ( $st ) )?, )*
-                    $( super::$enum::$rv { $($rf,)* reason }
+                    $( New::$rv { $($rf,)* reason }
                         => Self::$rv { $($rf,)* reason: reason.to_string() }, )*
-                    $( $( super::$enum::$nv { $($nf),* } => Self::$ov { $($nf),* }, )* )?
+                    $( $( New::$nv { $($nf),* } => Self::$ov { $($nf),* }, )* )?
+                    $( $( New::$dv { $($df,)* how }
+                        => Self::$dv { $($df,)* why: how.to_legacy_text() }, )* )?
                 }
             }
         }
 
-        impl From<$enum> for super::$enum {
+        impl From<$enum> for super::$($layout::)?$enum {
             fn from(msg: $enum) -> Self {
                 match msg {
                     $( $enum::$sv $( { $($sf),* } )? $( ( $st ) )?
                         => Self::$sv $( { $($sf),* } )? $( ( $st ) )?, )*
                     $( $enum::$rv { $($rf,)* reason }
                         => Self::$rv { $($rf,)* reason: AbortReason::Text(reason) }, )*
+                    $( $( $enum::$dv { $($df,)* why }
+                        => Self::$dv { $($df,)* how: Departure::from_legacy_text(why) }, )* )?
                 }
             }
         }
     };
 }
+pub(super) use layouts;
 
 /// `CoordinatorToAgent`, version 4.
 #[allow(missing_docs)]
@@ -105,7 +114,8 @@ layouts!(CoordinatorToAgent;
     reasons: [Abort { epoch }];
     newer: [FinalCheckpoint { epoch, park_timeout_ms } => Checkpoint]);
 
-/// `AgentToCoordinator`, version 4.
+/// `AgentToCoordinator`, version 4, read and written through version 13's
+/// layout (`v13.rs`).
 #[allow(missing_docs)]
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) enum AgentToCoordinator {
@@ -135,7 +145,7 @@ pub(super) enum AgentToCoordinator {
     },
 }
 
-layouts!(AgentToCoordinator;
+layouts!(AgentToCoordinator in v13;
     same: [
         RankRegistered { rank, pid, restored_epoch },
         RankLeft { rank, why },
