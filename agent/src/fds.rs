@@ -194,7 +194,8 @@ pub fn classify_fd(fd: i32, kind: FdKind, path: &str, owners: &FdOwners<'_>) -> 
 /// `dup2` from the leader when the leader comes back (restored, or a
 /// standard stream the new launcher provides). `identity` is each fd's
 /// `(dev, inode)`: only fds of one file can share a description, so `kcmp`
-/// runs within those buckets only.
+/// runs within those buckets only; an fd without one (the runtime's own) is
+/// left alone.
 pub fn link_shared(
     fds: &mut [FdRecord],
     identity: &HashMap<i32, (u64, u64)>,
@@ -202,9 +203,6 @@ pub fn link_shared(
 ) -> io::Result<()> {
     let mut leaders: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
     for index in 0..fds.len() {
-        if matches!(&fds[index].restore, FdRestore::NotOurs(w) if w == "cryo runtime") {
-            continue;
-        }
         let Some(id) = identity.get(&fds[index].fd) else {
             continue;
         };
@@ -285,7 +283,9 @@ pub fn read_fd_table(
         let kind = fd_kind(&link, stat);
         let path = record_path(kind, &link);
         let restore = classify_fd(fd, kind, &path, owners);
-        if let Some(stat) = stat {
+        // The runtime's own fds are nobody's dups: they are left out of
+        // the files fds are matched by.
+        if let Some(stat) = stat.filter(|_| !owners.runtime.contains(&fd)) {
             identity.insert(fd, (stat.dev, stat.ino));
         }
         if info.locks > 0 && !matches!(restore, FdRestore::NotOurs(_)) {
