@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use cryo_core::auth;
 use cryo_core::protocol::{
-    read_message, write_message, ControlRequest, ControlResponse, FrameError, Hello, Peer,
-    PROTOCOL_VERSION,
+    read_message, write_message, write_message_as, ControlRequest, ControlResponse, FrameError,
+    Hello, Peer, PROTOCOL_VERSION,
 };
 use cryo_core::token::JobToken;
 use thiserror::Error;
@@ -46,6 +46,8 @@ pub enum ClientError {
 pub struct ControlClient {
     sock: UnixStream,
     path: PathBuf,
+    /// The version the agent answered in (an older agent's own).
+    version: u16,
 }
 
 impl ControlClient {
@@ -58,6 +60,7 @@ impl ControlClient {
         let mut client = ControlClient {
             sock,
             path: path.to_owned(),
+            version: PROTOCOL_VERSION,
         };
         let hello = Hello {
             version: PROTOCOL_VERSION,
@@ -70,7 +73,7 @@ impl ControlClient {
             .ok()
             .and_then(|text| JobToken::parse(&text, cryo_core::protocol::ENV_TOKEN).ok());
         write_message(&mut client.sock, &hello).map_err(|source| client.proto(source))?;
-        auth::answer(&mut client.sock, &hello, token.as_ref())
+        client.version = auth::answer(&mut client.sock, &hello, token.as_ref())
             .map_err(|source| client.proto(source))?;
         match read_message::<ControlResponse>(&mut client.sock)
             .map_err(|source| client.proto(source))?
@@ -96,7 +99,8 @@ impl ControlClient {
 
     /// Sends a request and waits for its answer.
     pub fn request(&mut self, request: &ControlRequest) -> Result<ControlResponse, ClientError> {
-        write_message(&mut self.sock, request).map_err(|source| self.proto(source))?;
+        write_message_as(&mut self.sock, request, self.version)
+            .map_err(|source| self.proto(source))?;
         read_message(&mut self.sock).map_err(|source| self.proto(source))
     }
 }

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use cryo_core::auth;
 use cryo_core::protocol::{
-    read_message, write_message, AgentToCoordinator, CoordinatorToAgent, FrameError, Hello, Peer,
-    PROTOCOL_VERSION,
+    read_message, write_message, write_message_as, AgentToCoordinator, CoordinatorToAgent,
+    FrameError, Hello, Peer, PROTOCOL_VERSION,
 };
 use cryo_core::token::JobToken;
 use thiserror::Error;
@@ -113,6 +113,8 @@ pub struct CoordinatorLink {
     writer: Mutex<TcpStream>,
     connected: AtomicBool,
     world_size: u32,
+    /// The version the coordinator answered in (an older one's own).
+    version: u16,
 }
 
 impl CoordinatorLink {
@@ -144,7 +146,7 @@ impl CoordinatorLink {
             return;
         }
         let mut sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(err) = write_message(&mut *sock, msg) {
+        if let Err(err) = write_message_as(&mut *sock, msg, self.version) {
             tracing::error!(coordinator = %self.addr, error = %err, "coordinator.send_failed");
             self.connected.store(false, Ordering::Release);
             let _ = sock.shutdown(std::net::Shutdown::Both);
@@ -237,7 +239,7 @@ fn connect_with(
         }
     };
     write_message(&mut &stream, &hello).map_err(proto)?;
-    auth::answer(&mut &stream, &hello, Some(token)).map_err(no_answer)?;
+    let version = auth::answer(&mut &stream, &hello, Some(token)).map_err(no_answer)?;
     let answer = read_message::<CoordinatorToAgent>(&mut &stream).map_err(no_answer)?;
     let world_size = match answer {
         CoordinatorToAgent::Welcome {
@@ -278,6 +280,7 @@ fn connect_with(
             writer: Mutex::new(stream),
             connected: AtomicBool::new(true),
             world_size,
+            version,
         },
         reader,
     ))

@@ -259,8 +259,8 @@ pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobRespon
         },
     };
     write_message(&mut &stream, &hello)?;
-    auth::answer(&mut &stream, &hello, Some(&token))
+    let version = auth::answer(&mut &stream, &hello, Some(&token))
         .context("answering the coordinator's challenge")?;
-    write_message(&mut &stream, &request)?;
+    write_message_as(&mut &stream, &request, version)?;
     read_message::<JobResponse>(&mut &stream).context("reading the coordinator's answer")
 }

@@ -26,7 +26,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::protocol::{
-    read_message, write_message, write_message_as, Challenge, FrameError, Hello, Peer, Proof,
+    read_frame, read_message, write_message_as, Challenge, FrameError, Hello, Peer, Proof,
 };
 use crate::store::fs::{IoStep, IoStepError};
 use crate::token::JobToken;
@@ -186,14 +186,19 @@ where
 }
 
 /// The client's half after sending `hello`: reads the challenge and answers
-/// it with a proof (none when there is no token).
-pub fn answer<S>(stream: &mut S, hello: &Hello, token: Option<&JobToken>) -> Result<(), FrameError>
+/// it with a proof (none when there is no token). Returns the version the
+/// server answered in, which the client speaks from then on: an older
+/// server's own, this build's otherwise.
+pub fn answer<S>(stream: &mut S, hello: &Hello, token: Option<&JobToken>) -> Result<u16, FrameError>
 where
     S: Read + Write,
 {
-    let Challenge { nonce } = read_message(stream)?;
+    let frame = read_frame(stream)?;
+    let version = frame.header.version;
+    let Challenge { nonce } = frame.decode()?;
     let mac = token.map(|token| prove(token, &nonce, &hello.peer, &hello.job));
-    write_message(stream, &Proof { mac })
+    write_message_as(stream, &Proof { mac }, version)?;
+    Ok(version)
 }
 
 #[cfg(test)]

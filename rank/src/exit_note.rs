@@ -10,7 +10,7 @@ use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
 
-use cryo_core::protocol::{write_message, RankToAgent, EXIT_STATUS_VERSION};
+use cryo_core::protocol::{RankToAgent, EXIT_STATUS_VERSION};
 
 /// The process whose exit is noted: a child forked without `exec` that
 /// calls `exit` runs the same handlers, and must not speak for the rank.
@@ -54,6 +54,6 @@ fn tell_agent(status: c_int) {
         return;
     };
     if conn.agent_version >= EXIT_STATUS_VERSION {
-        let _ = write_message(&mut &conn.sock, &RankToAgent::Exiting { status });
+        let _ = conn.send(&RankToAgent::Exiting { status });
     }
 }

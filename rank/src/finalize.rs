@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cryo_core::protocol::{write_message, RankToAgent};
+use cryo_core::protocol::RankToAgent;
 
 use crate::runtime::{lock, FLAG, IDLE};
 
@@ -30,7 +30,7 @@ pub fn finalize() {
     );
     if let Some(runtime) = guard.as_mut() {
         if let Some(conn) = runtime.conn.take() {
-            let _ = write_message(&mut &conn.sock, &RankToAgent::Goodbye);
+            let _ = conn.send(&RankToAgent::Goodbye);
             // The shutdown ends `crate::offers`' wait at once. The control
             // page stays mapped: FLAG may have been loaded by a racing safe
             // point. The fds close here.

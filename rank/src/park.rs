@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use cryo_core::dirty::WriteTracker;
 use cryo_core::protocol::{
-    recv_message_with_fd, write_message, AgentToRank, ControlPage, FrameError, ProbeVerdict,
+    recv_message_with_fd, write_message_as, AgentToRank, ControlPage, FrameError, ProbeVerdict,
     RankToAgent, RegionInfo,
 };
 use nix::errno::Errno;
@@ -220,13 +220,12 @@ pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, Checkpoint
         Ordering::Acquire,
     );
     tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.quiesce_refused");
-    write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason }).map_err(|source| {
-        CheckpointError::Agent {
+    conn.send(&RankToAgent::Refused { epoch, reason })
+        .map_err(|source| CheckpointError::Agent {
             rank,
             epoch,
             source,
-        }
-    })?;
+        })?;
     Ok(SafePoint::Aborted(epoch))
 }
 
@@ -269,7 +268,7 @@ fn park_epoch(
         Ok(held) => held,
         Err(reason) => {
             tracing::warn!(job = %runtime.job, rank, epoch, reason = %reason, "rank.checkpoint_refused");
-            write_message(&mut &conn.sock, &RankToAgent::Refused { epoch, reason })
+            conn.send(&RankToAgent::Refused { epoch, reason })
                 .map_err(agent)?;
             return Ok(SafePoint::Aborted(epoch));
         }
@@ -295,13 +294,14 @@ fn park_epoch(
         warnings: held.warnings.clone(),
     };
     tracing::debug!(job = %runtime.job, rank, epoch, "rank.parked");
-    write_message(&mut &conn.sock, &parked).map_err(agent)?;
+    conn.send(&parked).map_err(agent)?;
     let ids = Ids {
         job: &runtime.job,
         rank,
         epoch,
     };
-    await_answer(&conn.sock, page, ids, &regions, late).map_err(agent)?
+    let agent_speaks = conn.agent_version;
+    await_answer(&conn.sock, agent_speaks, page, ids, &regions, late).map_err(agent)?
 }
 
 /// Who is parked, for the log and the errors.
@@ -320,6 +320,7 @@ struct Ids<'a> {
 /// rank's part is made durable).
 fn await_answer(
     sock: &UnixStream,
+    version: u16,
     page: &ControlPage,
     ids: Ids<'_>,
     regions: &[RegionInfo],
@@ -344,7 +345,11 @@ fn await_answer(
                 }
                 Some(Some(reason)) => {
                     tracing::warn!(job, rank, epoch, reason = %reason, "rank.quiesce_refused");
-                    let sent = write_message(&mut &*sock, &RankToAgent::Refused { epoch, reason });
+                    let sent = write_message_as(
+                        &mut &*sock,
+                        &RankToAgent::Refused { epoch, reason },
+                        version,
+                    );
                     page.end_probe(epoch, ProbeVerdict::InFlight);
                     look.over();
                     sent?;
@@ -391,7 +396,11 @@ fn await_answer(
             AgentToRank::Snapshot { epoch: asked } if asked == epoch => {
                 let outcome = crate::snapshot::take(sock);
                 tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.snapshot");
-                write_message(&mut &*sock, &RankToAgent::Snapshot { epoch, outcome })?;
+                write_message_as(
+                    &mut &*sock,
+                    &RankToAgent::Snapshot { epoch, outcome },
+                    version,
+                )?;
             }
             AgentToRank::CopyInto {
                 epoch: asked,
@@ -400,7 +409,11 @@ fn await_answer(
             } if asked == epoch => {
                 let outcome = crate::self_copy::copy(fd, &pieces, threads, regions);
                 tracing::debug!(job, rank, epoch, outcome = ?outcome, "rank.self_copy");
-                write_message(&mut &*sock, &RankToAgent::Copied { epoch, outcome })?;
+                write_message_as(
+                    &mut &*sock,
+                    &RankToAgent::Copied { epoch, outcome },
+                    version,
+                )?;
             }
             // Epoch 0: sent while the rank ran, before its first parked
             // copy, and not read by then (see `crate::offers`).

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::protocol::{
     read_message, send_message_with_fd, write_message, AgentToRank, ControlPage, CopyOutcome,
-    CopyPiece, ProbeVerdict, RankToAgent, RegionInfo,
+    CopyPiece, ProbeVerdict, RankToAgent, RegionInfo, PROTOCOL_VERSION,
 };
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use std::os::fd::AsFd;
@@ -85,7 +85,7 @@ fn a_rank_resumed_before_its_window_ends_stays_parked_until_it_ends_and_says_cle
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
     let mut look = Look::new(Duration::from_millis(50), None);
     let started = Instant::now();
-    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))),
         "{answer:?}"
@@ -113,7 +113,7 @@ fn a_message_found_while_parked_refuses_the_epoch_after_the_park() {
         write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
         refused
     });
-    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Aborted(EPOCH))),
         "{answer:?}"
@@ -145,7 +145,7 @@ fn an_abort_while_looking_ends_the_look_at_once() {
     .unwrap();
     let mut look = Look::new(Duration::from_secs(10), None);
     let started = Instant::now();
-    let answer = await_answer(&rank, &page, ids(), &[], Some(&mut look)).unwrap();
+    let answer = await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &[], Some(&mut look)).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Aborted(EPOCH))),
         "{answer:?}"
@@ -161,7 +161,7 @@ fn without_a_look_the_rank_waits_for_the_answer_alone_and_gives_no_verdict() {
     let page = page();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH - 1 }).unwrap();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
-    let answer = await_answer(&rank, &page, ids(), &[], None).unwrap();
+    let answer = await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &[], None).unwrap();
     assert!(
         matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))),
         "{answer:?}"
@@ -177,7 +177,7 @@ fn a_lost_agent_while_looking_is_an_error_not_a_hang() {
     page.begin_probe(EPOCH);
     drop(agent);
     let mut look = Look::new(Duration::from_secs(10), None);
-    assert!(await_answer(&rank, &page, ids(), &[], Some(&mut look)).is_err());
+    assert!(await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &[], Some(&mut look)).is_err());
 }
 
 #[test]
@@ -213,7 +213,7 @@ fn a_parked_rank_copies_what_its_agent_asks_into_the_budget_then_waits_for_its_r
     };
     send_message_with_fd(&agent, &fill, budget.as_fd()).unwrap();
     write_message(&mut &agent, &AgentToRank::Resume { epoch: EPOCH }).unwrap();
-    let answer = await_answer(&rank, &page, ids(), &regions, None).unwrap();
+    let answer = await_answer(&rank, PROTOCOL_VERSION, &page, ids(), &regions, None).unwrap();
     assert!(matches!(answer, Ok(SafePoint::Checkpointed(EPOCH))));
     assert!(crate::self_copy::wait_filled(1 << 20, 512 << 10));
     assert!(crate::self_copy::wait_filled(1 << 20, (768 << 10) - 1));

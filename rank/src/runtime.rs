@@ -13,8 +13,8 @@ use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
 use cryo_core::format::manifest::RankRecord;
 use cryo_core::protocol::{
-    read_frame, send_message_with_fd, write_message, AgentToRank, ControlPage, FrameError, Hello,
-    Peer, RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
+    read_frame, send_message_with_fd, write_message_as, AgentToRank, ControlPage, FrameError,
+    Hello, Peer, RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
     ENV_AGENT_SOCKET, ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE,
     ENV_TOKEN, PROTOCOL_VERSION,
 };
@@ -243,6 +243,11 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
+    /// Sends `msg` in the version the agent speaks (an older agent's own).
+    pub(crate) fn send(&self, msg: &RankToAgent) -> Result<(), FrameError> {
+        write_message_as(&mut &self.sock, msg, self.agent_version)
+    }
+
     pub(crate) fn page(&self) -> &ControlPage {
         // SAFETY: `page` is a live MAP_SHARED mapping of CONTROL_PAGE_LEN
         // bytes, page-aligned (so aligned for ControlPage), never unmapped,
@@ -463,9 +468,8 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     send_message_with_fd(&conn.sock, &hello, conn.memfd.as_fd()).map_err(proto)?;
     // A malformed token proves nothing; the agent then names the problem.
     let token = JobToken::parse(&config.token, ENV_TOKEN).ok();
-    auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
+    conn.agent_version = auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
     let answer = read_frame(&mut &conn.sock).map_err(proto)?;
-    conn.agent_version = answer.header.version;
     match answer.decode::<AgentToRank>().map_err(proto)? {
         AgentToRank::Welcome { start, node } => Ok((conn, start, node)),
         AgentToRank::Refused { reason } => Err(InitError::Refused { rank, reason }),
@@ -624,20 +628,17 @@ pub(crate) fn init_with_peers(
             }
             Err(err) => {
                 if let Some(conn) = &conn {
-                    let _ = write_message(
-                        &mut &conn.sock,
-                        &RankToAgent::RestoreFailed {
-                            epoch: *epoch,
-                            error: err.to_string(),
-                        },
-                    );
+                    let _ = conn.send(&RankToAgent::RestoreFailed {
+                        epoch: *epoch,
+                        error: err.to_string(),
+                    });
                 }
                 tracing::error!(job = %job, rank, epoch, error = %err, "restart.failed");
                 return Err(err.into());
             }
         }
         if let Some(conn) = &conn {
-            let _ = write_message(&mut &conn.sock, &RankToAgent::Restored { epoch: *epoch });
+            let _ = conn.send(&RankToAgent::Restored { epoch: *epoch });
         }
         RESTORED_EPOCH.store(*epoch, Ordering::Release);
         tracing::info!(job = %job, rank, epoch, fds = files.restored.len(), prefetch = %crate::prefetch_status(), "restart.files_restored");

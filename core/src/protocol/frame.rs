@@ -187,10 +187,16 @@ impl FrameHeader {
             return Err(FrameError::BadMagic(magic));
         }
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+        let raw_command = u16::from_le_bytes([bytes[6], bytes[7]]);
+        // A newer peer's hello is read (its layout has not changed since
+        // version 2) and answered in this build's version, which the peer
+        // then speaks; any other frame of a version this build does not
+        // know is refused.
+        let newer_hello = version > PROTOCOL_VERSION && raw_command == Command::Hello as u16;
+        if version < MIN_PROTOCOL_VERSION || (version > PROTOCOL_VERSION && !newer_hello) {
             return Err(FrameError::UnsupportedVersion { found: version });
         }
-        let command = Command::from_u16(u16::from_le_bytes([bytes[6], bytes[7]]))?;
+        let command = Command::from_u16(raw_command)?;
         let flags = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if flags != 0 {
             return Err(FrameError::UnknownFlags(flags));

@@ -2,7 +2,7 @@
 //! challenge-response that proves it holds the job token.
 use serde::{Deserialize, Serialize};
 
-use super::{Command, FrameError, Message, PROTOCOL_VERSION};
+use super::{Command, FrameError, Message};
 /// Who opened a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Peer {
@@ -58,16 +58,15 @@ impl Message for Hello {
 pub const MIN_HELLO_VERSION: u16 = 2;
 
 impl Hello {
-    /// Checks the version carried in the hello.
+    /// Checks the version carried in the hello. A newer peer is accepted:
+    /// it is answered in this build's version ([`super::negotiated`]) and
+    /// speaks that from then on (a `cryo` upgraded while jobs of the
+    /// version before run).
     pub fn check_version(&self) -> Result<(), FrameError> {
-        if (MIN_HELLO_VERSION..=PROTOCOL_VERSION).contains(&self.version) {
+        if self.version >= MIN_HELLO_VERSION {
             Ok(())
-        } else if self.version < MIN_HELLO_VERSION {
-            Err(FrameError::UnauthenticatedHello {
-                found: self.version,
-            })
         } else {
-            Err(FrameError::UnsupportedVersion {
+            Err(FrameError::UnauthenticatedHello {
                 found: self.version,
             })
         }

@@ -82,20 +82,25 @@ fn command_zero_and_unknown_commands_are_refused() {
 
 #[test]
 fn unsupported_versions_are_refused() {
-    for version in [0u16, PROTOCOL_VERSION + 1] {
-        let bytes = header_bytes(version, 1, 0, 0);
+    for (version, command) in [
+        (0u16, Command::Hello),
+        (PROTOCOL_VERSION + 1, Command::Challenge),
+        (PROTOCOL_VERSION + 1, Command::RankToAgent),
+    ] {
+        let bytes = header_bytes(version, command as u16, 0, 0);
         let err = read_frame(&mut Cursor::new(bytes)).unwrap_err();
         assert!(
             matches!(err, FrameError::UnsupportedVersion { .. }),
             "{err}"
         );
     }
+    // A newer peer's hello is read and accepted (it is answered in this
+    // build's version); nothing else of that version is.
     let mut newer = hello();
     newer.version = PROTOCOL_VERSION + 1;
-    assert!(matches!(
-        newer.check_version(),
-        Err(FrameError::UnsupportedVersion { .. })
-    ));
+    assert!(newer.check_version().is_ok());
+    let bytes = header_bytes(PROTOCOL_VERSION + 1, Command::Hello as u16, 0, 0);
+    assert!(read_frame(&mut Cursor::new(bytes)).is_ok());
     assert!(hello().check_version().is_ok());
     // Version 1 hellos carried the token itself: refused, and said why.
     let mut v1 = hello();
@@ -582,4 +587,52 @@ fn how_a_rank_left_is_typed_from_version_14_and_text_before() {
         matches!(&old, v13::AgentToCoordinator::RankLeft { rank: 1, why } if why == "finalized"),
         "{old:?}"
     );
+}
+
+#[test]
+fn a_newer_client_is_answered_in_this_version_and_speaks_it_from_then_on() {
+    let token = crate::token::JobToken::generate().unwrap();
+    let (client, server) = UnixStream::pair().unwrap();
+    let newer = Hello {
+        version: PROTOCOL_VERSION + 1,
+        ..hello()
+    };
+    let server_token = token.clone();
+    let server = std::thread::spawn(move || {
+        let greeting =
+            crate::auth::accept(&server, |s| Ok((read_message::<Hello>(&mut &*s)?, ()))).unwrap();
+        greeting.hello.check_version().unwrap();
+        crate::auth::verify(
+            &server_token,
+            &greeting.nonce,
+            &greeting.hello,
+            &greeting.proof,
+        )
+        .unwrap();
+        let welcome = ControlResponse::Welcome {
+            node: "a".into(),
+            job: "heat".into(),
+        };
+        write_message_as(&mut &server, &welcome, greeting.hello.version).unwrap();
+        read_frame(&mut &server).unwrap().header.version
+    });
+    // The client writes its hello in its own, newer, version.
+    let payload = crate::format::codec::encode(&newer).unwrap();
+    let mut frame = header_bytes(
+        PROTOCOL_VERSION + 1,
+        Command::Hello as u16,
+        0,
+        payload.len() as u32,
+    );
+    frame.extend_from_slice(&payload);
+    std::io::Write::write_all(&mut &client, &frame).unwrap();
+    let spoken = crate::auth::answer(&mut &client, &newer, Some(&token)).unwrap();
+    assert_eq!(
+        spoken, PROTOCOL_VERSION,
+        "the server answers in its own version"
+    );
+    let welcome = read_frame(&mut &client).unwrap();
+    assert_eq!(welcome.header.version, PROTOCOL_VERSION);
+    write_message_as(&mut &client, &ControlRequest::Status, spoken).unwrap();
+    assert_eq!(server.join().unwrap(), PROTOCOL_VERSION);
 }
