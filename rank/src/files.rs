@@ -289,9 +289,10 @@ fn restore_contents(
         {
             continue;
         }
-        if fd.flags & libc::O_APPEND != 0 || !is_writable(fd.flags) {
+        if fd.flags & (libc::O_APPEND | libc::O_DIRECT) != 0 || !is_writable(fd.flags) {
             // pwrite through an O_APPEND fd appends, whatever its offset;
-            // a read-only fd cannot write.
+            // a read-only fd cannot write; an O_DIRECT one takes only
+            // buffers, offsets and lengths aligned to the device's blocks.
             let file = fs::OpenOptions::new()
                 .write(true)
                 .open(format!("/proc/self/fd/{owner}"))

@@ -62,6 +62,7 @@ pub const SHAPES: &[&str] = &[
     "own_buffer",
     "reopened",
     "mpiio",
+    "odirect",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

@@ -57,7 +57,8 @@
     X(stdout_file)      \
     X(own_buffer)       \
     X(reopened)         \
-    X(mpiio)
+    X(mpiio)            \
+    X(odirect)
 
 /* What every shape function gets. */
 struct ctx {
