@@ -13,7 +13,7 @@ use cryo_core::format::fds::{SavedBy, SavedFiles, CLOSED_CONTENTS_PREFIX};
 use cryo_core::format::manifest::{
     is_clean_absolute_path, FdKind, FdRecord, FdRestore, RegionKind,
 };
-use cryo_core::format::process::{NodeDir, ProcessAttrs, SavedFile};
+use cryo_core::format::process::{FileTail, NodeDir, ProcessAttrs, SavedFile};
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 use cryo_core::protocol::RegionInfo;
 
@@ -35,8 +35,12 @@ pub fn process_attrs(
         tracing::debug!(pid, error = %err, "rank.umask_unknown");
         None
     });
+    let saved = saved_files_of(fds, regions);
+    let tails = file_tails(access, pid, fds, |path| {
+        saved.iter().any(|(p, _)| *p == path)
+    });
     let mut saved_files = Vec::new();
-    for (path, saved) in saved_files_of(fds, regions) {
+    for (path, saved) in saved {
         let (stat, link) = match saved {
             SavedBy::Fd(fd) => (access.fd_stat(pid, fd), format!("/proc/{pid}/fd/{fd}")),
             SavedBy::Path => (
@@ -62,7 +66,42 @@ pub fn process_attrs(
         machine: boot_id().to_owned(),
         saved_files,
         node_dirs: store.map_or_else(Vec::new, |store| node_dirs(access, pid, fds, cwd, store)),
+        tails,
     }
+}
+
+/// The tails of the regular files open at `fds` that a restart opens again
+/// by path and whose contents are not saved (`is_saved`): what tells them
+/// from another file put at their path since. One that cannot be read is
+/// left out (its restart is not checked).
+fn file_tails(
+    access: &dyn ProcessAccess,
+    pid: u32,
+    fds: &[FdRecord],
+    is_saved: impl Fn(&str) -> bool,
+) -> Vec<FileTail> {
+    use std::os::unix::fs::FileExt;
+    let mut tails = Vec::new();
+    for fd in fds {
+        if fd.kind != FdKind::Regular
+            || fd.restore != FdRestore::Restore
+            || fd.shares_with.is_some()
+            || fd.size_at_checkpoint == 0
+            || is_saved(&fd.path)
+        {
+            continue;
+        }
+        let (start, len) = FileTail::range(fd.size_at_checkpoint);
+        let mut bytes = vec![0u8; len as usize];
+        let link = format!("/proc/{pid}/fd/{}", fd.fd);
+        match (access.open_read(Path::new(&link)))
+            .and_then(|file| file.read_exact_at(&mut bytes, start))
+        {
+            Ok(()) => tails.push(FileTail::of(fd.fd, &bytes)),
+            Err(err) => tracing::debug!(pid, fd = fd.fd, error = %err, "file.tail_unread"),
+        }
+    }
+    tails
 }
 
 /// Whether the file `link` names (an fd or a path under `/proc/<pid>`) is

@@ -189,6 +189,21 @@ pub enum RestoreError {
         /// The file.
         path: String,
     },
+    /// The file at an fd's path is not the one the rank held: its last
+    /// bytes as of the checkpoint differ (`FileTail`).
+    #[error("rank {rank}: cannot restore fd {fd}: {path} is not the file the rank held at the checkpoint (its {len} bytes before byte {end} differ): it was replaced or rewritten since (a log rotated away and begun again, an input staged again with other contents). Put the job's file back at that path, or set CRYO_FILE_POLICY=keep to go on with the file there as it is")]
+    FileReplaced {
+        /// The rank.
+        rank: u32,
+        /// The fd.
+        fd: i32,
+        /// The file.
+        path: String,
+        /// Bytes compared.
+        len: u32,
+        /// Where they end: the file's size at the checkpoint.
+        end: u64,
+    },
     /// A file is now shorter than the saved offset.
     #[error("rank {rank}: cannot restore fd {fd}: file {path} shrank to {size} bytes, below the saved offset {offset}")]
     FileShrank {

@@ -120,6 +120,9 @@ pub fn restore_files(
                 _ => saved.contains(&fd.path),
             };
             let source = check_source(record.rank, fd, made)?;
+            if !made && !source.missing {
+                crate::file_tails::check(record, fd, policy)?;
+            }
             if source.cut_short && !done.refilled.contains(&fd.path) {
                 tracing::info!(rank = record.rank, fd = fd.fd, path = %fd.path, "fd.file_cut_short");
                 done.refilled.push(fd.path.clone());

@@ -24,6 +24,7 @@ mod closed_files;
 pub mod error;
 mod exit_note;
 pub mod ffi;
+mod file_tails;
 pub mod files;
 mod finalize;
 mod floor;

@@ -647,6 +647,41 @@ fn an_unsaved_file_removed_after_the_checkpoint_is_named_before_the_restart_fail
     );
 }
 
+/// An append-only log (not saved) rotated away after the checkpoint and
+/// begun again at its path by something else: the restart refuses to cut
+/// back and append to that other file, naming it; with the job's log put
+/// back (grown by the killed run's steps past the checkpoint) it restarts
+/// to the uninterrupted run's output.
+#[test]
+fn an_unsaved_log_replaced_after_the_checkpoint_is_refused() {
+    if !have_mpi() {
+        return;
+    }
+    let (case, job_name, mut job) = started("append", true, &[]);
+    let (captured, mut checkpoint) = case.capture(&job_name, &job);
+    case.stop_at_past(&job_name, &mut job, captured, ITERS, &mut checkpoint, 1);
+    let (killed_at, _) = case.kill_unfinished(job, captured);
+    let log = run_file(&case, "append.1.out");
+    let rotated = log.with_extension("out.1");
+    fs::rename(&log, &rotated).unwrap();
+    let other = vec![b'X'; usize::try_from(fs::metadata(&rotated).unwrap().len()).unwrap() + 100];
+    fs::write(&log, &other).unwrap();
+    let out = case.restart(&job_name, "c:2");
+    let said = output_text(&out);
+    assert!(
+        !out.status.success(),
+        "the restart took another file for its log:\n{said}"
+    );
+    assert!(
+        said.contains(&format!("{} is not the file the rank held", log.display())),
+        "the refusal does not name {}:\n{said}",
+        log.display()
+    );
+    assert_eq!(fs::read(&log).unwrap(), other, "the other file was changed");
+    fs::rename(&rotated, &log).unwrap();
+    case.assert_restart_matches_reference(&job_name, "c:2", 1, captured, killed_at, ITERS);
+}
+
 /// A restart refused before anything starts says so alone, with no
 /// "restarting job" line that reads as if it had begun: while the job
 /// still runs, and onto nodes with too few slots for its ranks.

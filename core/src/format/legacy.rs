@@ -20,6 +20,8 @@
 //!   files it saved.
 //! * 2.5 → 2.6: the `FdRestore::ReopenOf` variant (appended: a 2.5
 //!   payload decodes with the current layout).
+//! * 2.6 → 2.7: `ProcessAttrs::tails`, the last bytes of the files held
+//!   open whose contents were not saved.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -53,6 +55,7 @@ impl MetaFile for Manifest {
                 Ok(codec::decode::<ManifestOf<RankRecordV2_3<RegionRecord>>>(payload)?.into())
             }
             (2, 4) => Ok(codec::decode::<ManifestOf<RankRecordV2_4>>(payload)?.into()),
+            (2, 5..=6) => Ok(codec::decode::<ManifestOf<RankRecordV2_6>>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -65,6 +68,7 @@ impl MetaFile for RankRecord {
             (1, _) => Ok(codec::decode::<RankRecordV1_1>(payload)?.into()),
             (2, 0..=3) => Ok(codec::decode::<RankRecordV2_3<RegionRecord>>(payload)?.into()),
             (2, 4) => Ok(codec::decode::<RankRecordV2_4>(payload)?.into()),
+            (2, 5..=6) => Ok(codec::decode::<RankRecordV2_6>(payload)?.into()),
             _ => codec::decode(payload),
         }
     }
@@ -162,7 +166,33 @@ impl From<RankRecordV2_4> for RankRecord {
     }
 }
 
-/// A manifest of 1.0 to 2.4: its layout changed only in its rank records.
+/// A rank record of 2.5 and 2.6: 2.4's fields, then the process
+/// attributes before the file tails.
+#[derive(Deserialize)]
+struct RankRecordV2_6 {
+    before: RankRecordV2_4,
+    umask: Option<u32>,
+    machine: String,
+    saved_files: Vec<crate::format::process::SavedFile>,
+    node_dirs: Vec<crate::format::process::NodeDir>,
+}
+
+impl From<RankRecordV2_6> for RankRecord {
+    fn from(old: RankRecordV2_6) -> RankRecord {
+        RankRecord {
+            process: ProcessAttrs {
+                umask: old.umask,
+                machine: old.machine,
+                saved_files: old.saved_files,
+                node_dirs: old.node_dirs,
+                tails: Vec::new(),
+            },
+            ..old.before.into()
+        }
+    }
+}
+
+/// A manifest of 1.0 to 2.6: its layout changed only in its rank records.
 #[derive(Deserialize)]
 struct ManifestOf<R> {
     job: String,

@@ -160,6 +160,7 @@ fn rejections() {
                 ino: 0,
             }],
             node_dirs: Vec::new(),
+            tails: Vec::new(),
         };
         m.validate("job1", 3)
     };

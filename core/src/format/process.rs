@@ -6,7 +6,9 @@
 //! (which says whether two ranks may share a node after a restart: see
 //! `fds::node_file_clashes`), and the directories it held open or worked
 //! in on a filesystem of its node, which a restart makes again where they
-//! are missing.
+//! are missing; and, for each file held open whose contents it did not
+//! save, the last bytes it held as of the checkpoint (format 2.7), by which
+//! a restart tells that file from another put at its path since.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -29,6 +31,53 @@ pub struct ProcessAttrs {
     /// lacks one makes it again, with its mode, even when it holds nothing
     /// saved.
     pub node_dirs: Vec<NodeDir>,
+    /// The tails of the regular files held open and restored by path whose
+    /// contents were not saved (an input only read, an `O_APPEND` log),
+    /// one per fd that could be read (format 2.7; none before).
+    pub tails: Vec<FileTail>,
+}
+
+/// The last bytes of a file held open at `fd`, as of the checkpoint: up to
+/// [`FILE_TAIL_LEN`] bytes ending at the file's size then. A file in their
+/// place whose bytes there differ is not the file the rank held (a log
+/// rotated away and a new one begun, an input staged again with other
+/// contents): appending to it, or reading it, would go on with another
+/// file's bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileTail {
+    /// The fd.
+    pub fd: i32,
+    /// How many bytes, ending at the fd's `size_at_checkpoint`.
+    pub len: u32,
+    /// XXH3-64 of those bytes.
+    pub xxh3: u64,
+}
+
+/// The most bytes a [`FileTail`] covers.
+pub const FILE_TAIL_LEN: u64 = 4096;
+
+impl FileTail {
+    /// Where the tail of a file of `size` bytes starts, and its length.
+    pub fn range(size: u64) -> (u64, u32) {
+        let len = size.min(FILE_TAIL_LEN);
+        // FILE_TAIL_LEN fits in u32.
+        (size - len, u32::try_from(len).unwrap_or(0))
+    }
+
+    /// The tail of the file at `fd` whose last `bytes` these are.
+    pub fn of(fd: i32, bytes: &[u8]) -> FileTail {
+        FileTail {
+            fd,
+            len: u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+            xxh3: xxhash_rust::xxh3::xxh3_64(bytes),
+        }
+    }
+
+    /// Whether `bytes`, read where this tail was, are its bytes.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        u32::try_from(bytes.len()).is_ok_and(|len| len == self.len)
+            && xxhash_rust::xxh3::xxh3_64(bytes) == self.xxh3
+    }
 }
 
 /// A directory of the rank's node (see [`ProcessAttrs::node_dirs`]).
@@ -76,6 +125,9 @@ pub enum AttrsError {
     /// One file given two modes.
     #[error("{0} is given a mode twice")]
     DuplicateMode(String),
+    /// A file tail longer than [`FILE_TAIL_LEN`], or a second one for an fd.
+    #[error("the tail recorded of fd {0} is longer than {FILE_TAIL_LEN} bytes or recorded twice")]
+    Tail(i32),
 }
 
 impl ProcessAttrs {
@@ -93,6 +145,11 @@ impl ProcessAttrs {
     /// one there.
     pub fn node_dir(&self, path: &str) -> Option<&NodeDir> {
         self.node_dirs.iter().find(|dir| dir.path == path)
+    }
+
+    /// The tail recorded of the file held open at `fd`.
+    pub fn tail_of(&self, fd: i32) -> Option<&FileTail> {
+        self.tails.iter().find(|tail| tail.fd == fd)
     }
 
     /// Every path this records, files and directories (a manifest's
@@ -119,6 +176,12 @@ impl ProcessAttrs {
             }
             if !seen.insert(path) {
                 return Err(AttrsError::DuplicateMode(path.clone()));
+            }
+        }
+        let mut fds = std::collections::BTreeSet::new();
+        for tail in &self.tails {
+            if u64::from(tail.len) > FILE_TAIL_LEN || !fds.insert(tail.fd) {
+                return Err(AttrsError::Tail(tail.fd));
             }
         }
         Ok(())
@@ -154,6 +217,7 @@ mod tests {
                 path: "/scratch/run".into(),
                 mode: Some(0o750),
             }],
+            tails: Vec::new(),
         };
         assert_eq!(attrs.check(), Ok(()));
         assert_eq!(attrs.mode_of("/scratch/run.sh"), Some(0o4755));
@@ -189,5 +253,20 @@ mod tests {
             file_and_dir.check(),
             Err(AttrsError::DuplicateMode("/scratch/run.sh".into()))
         );
+    }
+
+    #[test]
+    fn a_tail_matches_only_its_own_bytes() {
+        assert_eq!(FileTail::range(100), (0, 100));
+        assert_eq!(FileTail::range(10_000), (10_000 - 4096, 4096));
+        let tail = FileTail::of(5, b"step 41\nstep 42\n");
+        assert!(tail.matches(b"step 41\nstep 42\n"));
+        assert!(!tail.matches(b"XXXX 41\nstep 42\n"));
+        assert!(!tail.matches(b"step 42\n"));
+        let twice = ProcessAttrs {
+            tails: vec![tail.clone(), tail],
+            ..ProcessAttrs::default()
+        };
+        assert_eq!(twice.check(), Err(AttrsError::Tail(5)));
     }
 }
