@@ -10,7 +10,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use cryo_core::format::fds::{saved_region, SavedFiles};
@@ -209,7 +209,9 @@ fn write_contents(
 }
 
 /// Streams a saved region into `file` from its start, on the restore
-/// threads, and cuts the file to the region's length.
+/// threads, and cuts the file to the region's length. Blocks of zeros
+/// become holes ([`crate::sparse::write_sparse_at`]): a sparse file comes
+/// back sparse, not written out whole.
 pub(crate) fn fill_file(
     store: &JobStore,
     region: &RegionRecord,
@@ -217,7 +219,7 @@ pub(crate) fn fill_file(
 ) -> Result<(), StreamError<io::Error>> {
     crate::restore_threads::restore(|| {
         store.stream_region(region, 16 << 20, |offset, bytes| {
-            file.write_all_at(bytes, offset)
+            crate::sparse::write_sparse_at(file, bytes, offset)
         })
     })?;
     file.set_len(region.len).map_err(StreamError::Sink)

@@ -45,6 +45,7 @@ mod restore_threads;
 mod runtime;
 mod self_copy;
 mod snapshot;
+mod sparse;
 mod std_streams;
 mod store_fds;
 mod stream_copy;
