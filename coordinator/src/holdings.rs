@@ -180,7 +180,7 @@ pub fn warnings(manifest: &Manifest) -> Vec<String> {
 fn clash_warning(clash: &NodeFileClash) -> String {
     const SHOWN: usize = 4;
     let mut copies: Vec<String> = (clash.copies.iter().take(SHOWN))
-        .map(|copy| format!("node {} ({})", copy.node, ranks_text(&copy.ranks)))
+        .map(|copy| format!("node {} ({})", copy.node, crate::human::ranks(&copy.ranks)))
         .collect();
     if clash.copies.len() > SHOWN {
         copies.push(format!("{} more", clash.copies.len() - SHOWN));
@@ -192,18 +192,6 @@ fn clash_warning(clash: &NodeFileClash) -> String {
         clash.path,
         copies.join(", ")
     )
-}
-
-/// "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3 and 60 more".
-fn ranks_text(ranks: &[u32]) -> String {
-    const SHOWN: usize = 4;
-    let listed: Vec<String> = ranks.iter().take(SHOWN).map(u32::to_string).collect();
-    let more = match ranks.len().saturating_sub(SHOWN) {
-        0 => String::new(),
-        n => format!(" and {n} more"),
-    };
-    let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
-    format!("{noun} {}{more}", listed.join(", "))
 }
 
 #[cfg(test)]

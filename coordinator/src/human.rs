@@ -16,6 +16,18 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3 and 60 more".
+pub fn ranks(ranks: &[u32]) -> String {
+    const SHOWN: usize = 4;
+    let listed: Vec<String> = ranks.iter().take(SHOWN).map(u32::to_string).collect();
+    let more = match ranks.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    let noun = if ranks.len() == 1 { "rank" } else { "ranks" };
+    format!("{noun} {}{more}", listed.join(", "))
+}
+
 /// Bytes per second in decimal units, as storage vendors quote, with the
 /// unit chosen so that small rates never print as `0.00 GB/s`.
 pub fn rate(bytes: u64, seconds: f64) -> String {

@@ -34,6 +34,7 @@ pub mod program;
 pub mod program_mpi;
 pub mod registry;
 pub mod report;
+mod requeue;
 pub mod resume;
 mod running;
 pub mod session;

@@ -101,6 +101,15 @@ impl Coordinator {
         self.finalized.first().copied()
     }
 
+    /// The ranks that registered and have not finalized (said goodbye, or
+    /// exited with status 0).
+    pub(crate) fn unfinalized(&self) -> Vec<u32> {
+        (self.pids.keys())
+            .filter(|rank| !self.finalized.contains(rank))
+            .copied()
+            .collect()
+    }
+
     /// A coordinator for `opts`' job, with no agent yet.
     pub(crate) fn new(
         opts: RunOptions,

@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus};
+use std::process::{Child, ExitCode, ExitStatus};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::thread;
@@ -303,31 +303,9 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     registry.clear_coordinator();
     drop(tx);
     if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {
-        requeue_slurm_job();
+        crate::requeue::requeue_slurm_job();
     }
     result
-}
-
-/// Puts this Slurm job back in the queue after a preemption checkpoint;
-/// when it starts again, `cryo run` resumes from the newest checkpoint.
-fn requeue_slurm_job() {
-    let Ok(id) = std::env::var("SLURM_JOB_ID") else {
-        eprintln!("cryo: --requeue: not inside a Slurm job (no SLURM_JOB_ID); not requeued");
-        return;
-    };
-    eprintln!("cryo: requeueing Slurm job {id}");
-    match Command::new("scontrol").arg("requeue").arg(&id).output() {
-        Ok(out) if out.status.success() => {}
-        Ok(out) if String::from_utf8_lossy(&out.stderr).contains("pending") => {
-            eprintln!("cryo: Slurm job {id} is already back in the queue");
-        }
-        Ok(out) => eprintln!(
-            "cryo: scontrol requeue {id} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ),
-        Err(err) => eprintln!("cryo: cannot run scontrol requeue {id}: {err}"),
-    }
 }
 
 fn drive(
@@ -416,9 +394,26 @@ fn drive(
                 break preempt_exit(c);
             }
             c.requeue_on_stop = false;
-            if status.success() {
+            // A launcher may end well while ranks did not (srun after a
+            // node failure): the job finished only if every rank did.
+            let unfinished = if status.success() {
+                await_word(c, rx, |c| c.unfinalized().is_empty());
+                c.unfinalized()
+            } else {
+                Vec::new()
+            };
+            if status.success() && unfinished.is_empty() {
                 Registry::of(&c.job).set_finished(true);
                 eprintln!("cryo: job {} finished ({status})", c.opts.job);
+            } else if status.success() {
+                // Not marked finished: a restart resumes it.
+                eprintln!(
+                    "cryo: WARNING: job {} ended with its launcher's {status}, but {} did not \
+                     finish (no cryo_finalize, no exit: a node failure, a kill, or _exit); it \
+                     is not marked finished, so a restart resumes it from its newest checkpoint",
+                    c.opts.job,
+                    crate::human::ranks(&unfinished)
+                );
             } else {
                 eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
                 name_first_departure(c, rx);
@@ -575,16 +570,22 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
 /// and why (a restart that failed names what it could not restore). Its
 /// agent's word may still be on the way when the launcher has ended.
 fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
+    await_word(c, rx, |c| c.first_left.is_some());
+    if let Some((rank, node, how)) = &c.first_left {
+        eprintln!("cryo: rank {rank} (node {node}) left first: {how}");
+    }
+}
+
+/// Takes the agents' reports for up to a second, until `done`: their word
+/// may still be on the way when the launcher has ended.
+fn await_word(c: &mut Coordinator, rx: &Receiver<Event>, done: impl Fn(&Coordinator) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(1);
-    while c.first_left.is_none() && Instant::now() < deadline {
+    while !done(c) && Instant::now() < deadline {
         match rx.recv_timeout(Duration::from_millis(20)) {
             Ok(event) => c.on_event(event),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }
-    }
-    if let Some((rank, node, how)) = &c.first_left {
-        eprintln!("cryo: rank {rank} (node {node}) left first: {how}");
     }
 }
 

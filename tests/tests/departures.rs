@@ -65,3 +65,17 @@ fn a_rank_that_aborts_is_named_as_ended_without_a_word() {
     );
     assert!(!said.contains("exited with status"), "{said}");
 }
+
+#[test]
+fn ranks_that_vanish_under_a_launcher_that_ends_well_do_not_finish_the_job() {
+    let Some((status, said)) = run_leaving("vanish") else {
+        return;
+    };
+    assert!(
+        said.contains("ranks 0, 1 did not finish") && said.contains("not marked finished"),
+        "{said}"
+    );
+    assert!(!said.contains("job leaves finished"), "{said}");
+    // The launcher's own status stays the exit status.
+    assert!(status.success(), "{said}");
+}
