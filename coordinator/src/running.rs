@@ -229,6 +229,14 @@ impl Coordinator {
             ));
         }
         let registered = self.registered();
+        let left = self.pids.len().saturating_sub(registered);
+        if left > 0 {
+            return Err(format!(
+                "{left} of {} ranks have left the job (ended, or killed: Slurm sends the \
+                 ranks its SIGTERM too)",
+                self.opts.ranks
+            ));
+        }
         if registered < self.opts.ranks as usize {
             return Err(format!(
                 "only {registered} of {} ranks have registered with their agents yet",

@@ -477,7 +477,7 @@ fn drive(
             // (Slurm's own warnings are the SIGUSR1 of `--signal`).
             if c.opts.requeue && !c.requeue_on_stop && !c.preempting {
                 eprintln!(
-                    "cryo: SIGTERM (scancel, or a stop Slurm gave no warning of): checkpointing and stopping; the job is not requeued"
+                    "cryo: SIGTERM (scancel, scontrol requeue, or a stop Slurm gave no warning of): checkpointing, if the ranks are still there, and stopping; cryo does not requeue the job"
                 );
             }
             preempt_signal = Some(("SIGTERM", "SIGTERM: preempt"));

@@ -56,6 +56,13 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
     detach_on_agent_loss(guard, result)
 }
 
+/// How long a rank whose agent closed while it was parked stays parked
+/// before it carries on: a job stopped after its checkpoint (a preemption,
+/// whose ranks stay parked until they are stopped) is stopped within it,
+/// its agent having closed first, and then computes and prints nothing
+/// more; a rank whose agent died waits this long once.
+const AGENT_LOSS_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// A rank whose agent vanished while it was parked carries on without
 /// checkpoints rather than failing the application: the epoch is lost (the
 /// coordinator aborts it), the job is not.
@@ -69,9 +76,11 @@ fn detach_on_agent_loss(
             epoch,
             source,
         }) => {
+            std::thread::sleep(AGENT_LOSS_GRACE);
             eprintln!(
                 "cryo: rank {rank}: lost the node agent during the checkpoint of epoch {epoch} \
-                 ({source}); the epoch is abandoned and this rank continues without checkpoints"
+                 ({source}), and the job was not stopped; the epoch is abandoned and this rank \
+                 continues without checkpoints"
             );
             FLAG.store(
                 &IDLE as *const AtomicU64 as *mut AtomicU64,

@@ -323,7 +323,7 @@ fn scancel_cancels_a_requeue_job_for_good() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let out = case.job_out();
-    assert!(out.contains("the job is not requeued"), "{out}");
+    assert!(out.contains("cryo does not requeue the job"), "{out}");
     assert!(!out.contains("requeueing Slurm job"), "{out}");
     assert_no_stray_agent();
 }
