@@ -626,6 +626,13 @@ fn run_options(
             }
         }
     };
+    if let AgentMode::External {
+        starter: AgentStarter::Plugin,
+        ..
+    } = &agent_mode
+    {
+        store.check_plugin_agents(std::env::var_os(cryo_core::env::ENV_STORE).as_deref())?;
+    }
     let external = matches!(agent_mode, AgentMode::External { .. });
     let launcher = launch
         .launcher

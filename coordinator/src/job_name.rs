@@ -26,19 +26,50 @@ pub fn default_for(command: &[OsString]) -> String {
 
 /// The job a command names: `name` itself, or for a bare Slurm job id
 /// that is no job of the store, `slurm-<id>` when that one is (the name
-/// `cryo run` gives a job inside Slurm).
+/// `cryo run` gives a job inside Slurm); for an array task as Slurm shows
+/// it (`ARRAY_TASK`), `slurm-<the task's own job id>`, asked of `scontrol`.
 pub fn named(store: &Path, name: &str) -> String {
     let slurm = format!("slurm-{name}");
     let opened = cryo_core::store::Store::open(store);
     let is_job = |job: &str| opened.as_ref().is_ok_and(|s| s.existing_job(job).is_ok());
-    if !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_digit())
-        && !is_job(name)
-        && is_job(&slurm)
-    {
+    if is_job(name) {
+        return name.to_owned();
+    }
+    if is_slurm_id(name) && is_job(&slurm) {
         return slurm;
     }
+    if let Some(task) = array_task_job_id(name).map(|id| format!("slurm-{id}")) {
+        if is_job(&task) {
+            return task;
+        }
+    }
     name.to_owned()
+}
+
+fn is_slurm_id(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// The job id of the array task `name` (`ARRAY_TASK`), from
+/// `scontrol show job -o`, while Slurm still knows the task.
+fn array_task_job_id(name: &str) -> Option<String> {
+    let (array, task) = name.split_once('_')?;
+    if !is_slurm_id(array) || !is_slurm_id(task) {
+        return None;
+    }
+    let out = std::process::Command::new("scontrol")
+        .args(["show", "job", "-o", name])
+        .output()
+        .ok()?;
+    job_id_in(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The `JobId=` of a line of `scontrol show job -o`.
+fn job_id_in(line: &str) -> Option<String> {
+    let id = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("JobId="))?;
+    is_slurm_id(id).then(|| id.to_owned())
 }
 
 /// What a Python command line runs: the script, or the module of `-m`;
@@ -98,6 +129,15 @@ fn cleaned(path: &OsString) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_array_tasks_own_job_id_is_read_from_scontrol() {
+        let line = "JobId=84 ArrayJobId=83 ArrayTaskId=0 JobName=sim UserId=u(1)";
+        assert_eq!(job_id_in(line), Some("84".into()));
+        assert_eq!(job_id_in("slurm_load_jobs error: Invalid job id"), None);
+        assert_eq!(array_task_job_id("83"), None);
+        assert_eq!(array_task_job_id("x_0"), None);
+    }
 
     #[test]
     fn a_bare_slurm_job_id_names_its_slurm_job_when_no_job_has_that_name() {

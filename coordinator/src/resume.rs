@@ -85,6 +85,14 @@ pub fn epoch(store: &Path, job: &str, command: &JobCommand, asked: Asked) -> Res
         );
     }
     eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
+    if Registry::of(&job_store).finished() {
+        // A requeue of a job that had ended (scontrol requeue after it
+        // completed): its steps after the epoch run, and print, again.
+        eprintln!(
+            "cryo: note: job {job:?} finished when it last ran; resuming runs it again from \
+             epoch {epoch}"
+        );
+    }
     crate::gone_files::announce(&manifest, store.root());
     Ok(Some(epoch))
 }

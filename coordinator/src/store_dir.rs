@@ -47,6 +47,33 @@ impl StoreDir {
         }
     }
 
+    /// Checks that the Slurm plugin's agents, which write where the job's
+    /// `CRYO_STORE` says (`agents`: from `sbatch --cryo`), write to this
+    /// store: another one named to `cryo run` alone would have every rank's
+    /// part written where this coordinator never looks, and every
+    /// checkpoint fail.
+    pub fn check_plugin_agents(&self, agents: Option<&std::ffi::OsStr>) -> Result<()> {
+        let Some(theirs) = agents else {
+            return Ok(());
+        };
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        let theirs = Self::resolve_in(Some(theirs.into()), &cwd).path;
+        let same = |a: &Path, b: &Path| {
+            a == b || (a.canonicalize().ok()).is_some_and(|a| b.canonicalize().ok() == Some(a))
+        };
+        if same(&theirs, &self.path) {
+            return Ok(());
+        }
+        anyhow::bail!(
+            "the store {} is not the one the Slurm plugin's agents write to ({}, from sbatch \
+             --cryo or CRYO_STORE): every checkpoint would fail. Leave out --store, or submit \
+             the job with --cryo={}",
+            self.path.display(),
+            theirs.display(),
+            self.path.display()
+        )
+    }
+
     /// One line for people: where the store is, and why there.
     pub fn describe(&self) -> String {
         if self.is_default {
@@ -106,6 +133,23 @@ impl StoreDir {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_other_than_the_plugin_agents_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = StoreDir::resolve_in(Some(dir.path().join("a")), Path::new("/"));
+        ours.check_plugin_agents(None).unwrap();
+        ours.check_plugin_agents(Some(dir.path().join("a").as_os_str()))
+            .unwrap();
+        let err = ours
+            .check_plugin_agents(Some(dir.path().join("b").as_os_str()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not the one the Slurm plugin's agents write to"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_given_store_wins_and_is_made_absolute() {
