@@ -61,7 +61,7 @@ pub struct FileStat {
 #[derive(Debug, Error)]
 pub enum MemoryError {
     /// Permission denied by the kernel.
-    #[error("process_vm_readv on pid {pid} denied ({errno}): the agent must run as the rank's user or as root, and kernel.yama.ptrace_scope must allow it (ptrace access mode PTRACE_MODE_ATTACH_REALCREDS)")]
+    #[error("process_vm_readv on pid {pid} denied ({errno}): the agent must run as the rank's user or as root (ptrace access mode PTRACE_MODE_ATTACH_REALCREDS); each rank names its agent as its tracer for kernel.yama.ptrace_scope 1, while 2 and 3 let only an agent with CAP_SYS_PTRACE read it")]
     Denied {
         /// The pid.
         pid: u32,

@@ -379,7 +379,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let job_command = JobCommand::new(&command[0], &command[1..], &cwd, ranks)
                 .with_launcher(launch.launcher.as_deref());
             crate::program::check_before_launch(&job_command, launch.hosts.is_some())?;
-            let store = announce_store(launch.store.clone(), Creates::Yes)?;
+            let store = announce_store(StoreDir::resolve(launch.store.clone())?, Creates::Yes)?;
             let asked = if slurm_restart_count() > 0 {
                 Some(resume::Asked::BySlurm)
             } else {
@@ -403,7 +403,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             epoch,
             mut launch,
         } => {
-            let store_dir = announce_store(launch.store.clone(), Creates::No)?;
+            let store_dir = announce_store(
+                StoreDir::resolve_for(launch.store.clone(), &job)?,
+                Creates::No,
+            )?;
             let store = open_store(&store_dir)?;
             let job = crate::job_name::named(&store_dir.path, &job);
             let job_store = store.existing_job(&job)?;
@@ -462,7 +465,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             session::run(opts)
         }
         Command::Checkpoint { job, store } => {
-            let store = existing_store(store)?;
+            let store = existing_store(store, Some(&job))?;
             let job = crate::job_name::named(&store, &job);
             let response = session::request(&store, &job, JobRequest::Checkpoint)?;
             let code = report_checkpoint(&store, &job, &response)?;
@@ -475,7 +478,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 job
             };
-            let store = existing_store(store)?;
+            let store = existing_store(store, Some(&job))?;
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
@@ -483,7 +486,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(code)
         }
         Command::Status { job, store, json } => {
-            let store = existing_store(store)?;
+            let store = existing_store(store, job.as_deref())?;
             let jobs = match job {
                 Some(job) => vec![crate::job_name::named(&store, &job)],
                 None => {
@@ -532,8 +535,7 @@ enum Creates {
 }
 
 /// Resolves the store of `cryo run` or `restart` and says where it is.
-fn announce_store(given: Option<PathBuf>, creates: Creates) -> Result<StoreDir> {
-    let store = StoreDir::resolve(given)?;
+fn announce_store(store: StoreDir, creates: Creates) -> Result<StoreDir> {
     if store.is_default {
         eprintln!("cryo: store {}", store.describe());
     } else if let Some(news) = store.newly_made().filter(|_| creates == Creates::Yes) {
@@ -560,8 +562,11 @@ fn open_store(store: &StoreDir) -> Result<Store> {
 }
 
 /// The store a command about a running job talks to: it must exist.
-fn existing_store(given: Option<PathBuf>) -> Result<PathBuf> {
-    let store = StoreDir::resolve(given)?;
+fn existing_store(given: Option<PathBuf>, job: Option<&str>) -> Result<PathBuf> {
+    let store = match job {
+        Some(job) => StoreDir::resolve_for(given, job)?,
+        None => StoreDir::resolve(given)?,
+    };
     open_store(&store)?;
     Ok(store.path)
 }

@@ -52,7 +52,7 @@ fn is_slurm_id(text: &str) -> bool {
 
 /// The job id of the array task `name` (`ARRAY_TASK`), from
 /// `scontrol show job -o`, while Slurm still knows the task.
-fn array_task_job_id(name: &str) -> Option<String> {
+pub(crate) fn array_task_job_id(name: &str) -> Option<String> {
     let (array, task) = name.split_once('_')?;
     if !is_slurm_id(array) || !is_slurm_id(task) {
         return None;

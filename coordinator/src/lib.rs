@@ -39,5 +39,6 @@ pub mod resume;
 mod running;
 pub mod session;
 mod signals;
+mod slurm_store;
 pub mod srun;
 pub mod store_dir;

@@ -34,6 +34,33 @@ impl StoreDir {
         Ok(Self::resolve_in(given, &cwd))
     }
 
+    /// [`StoreDir::resolve`] for a command naming `job`: when nobody named
+    /// a store and the default does not hold the job, a Slurm job's store
+    /// where the Slurm plugin put it (`crate::slurm_store`), said on
+    /// stderr.
+    pub fn resolve_for(given: Option<PathBuf>, job: &str) -> Result<StoreDir> {
+        let store = Self::resolve(given)?;
+        if !store.is_default || store.holds(job) {
+            return Ok(store);
+        }
+        Ok(match crate::slurm_store::find(job) {
+            Some(found) => {
+                eprintln!("cryo: store {} ({})", found.path.display(), found.why);
+                StoreDir {
+                    path: found.path,
+                    is_default: false,
+                }
+            }
+            None => store,
+        })
+    }
+
+    /// Whether the job `name` (as a command names it) is in this store.
+    fn holds(&self, name: &str) -> bool {
+        let job = crate::job_name::named(&self.path, name);
+        cryo_core::store::Store::open(&self.path).is_ok_and(|s| s.existing_job(&job).is_ok())
+    }
+
     fn resolve_in(given: Option<PathBuf>, cwd: &Path) -> StoreDir {
         match given {
             Some(path) => StoreDir {

@@ -471,7 +471,10 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     conn.agent_version = auth::answer(&mut &conn.sock, &hello, token.as_ref()).map_err(proto)?;
     let answer = read_frame(&mut &conn.sock).map_err(proto)?;
     match answer.decode::<AgentToRank>().map_err(proto)? {
-        AgentToRank::Welcome { start, node } => Ok((conn, start, node)),
+        AgentToRank::Welcome { start, node } => {
+            crate::ptracer::allow_agent(&conn.sock, &config.job, rank);
+            Ok((conn, start, node))
+        }
         AgentToRank::Refused { reason } => Err(InitError::Refused { rank, reason }),
         other => Err(InitError::Unexpected {
             rank,

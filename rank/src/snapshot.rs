@@ -42,7 +42,7 @@ pub(crate) fn take(agent: &UnixStream) -> SnapshotOutcome {
         Ok(fd) => fd,
         Err(err) => return failed("pidfd_open of the agent", err),
     };
-    match clone_waiting(&watch) {
+    match clone_waiting(&watch, agent_pid) {
         Ok(pid) => {
             unreaped().push(pid);
             match u32::try_from(pid) {
@@ -97,9 +97,13 @@ pub(crate) fn wait_all() {
 
 /// Clones this process (fork semantics, exit signal 0) with every signal
 /// blocked in the child from its first instruction. Returns the child's
-/// pid.
-fn clone_waiting(watch: &OwnedFd) -> Result<libc::pid_t, Errno> {
+/// pid once the child has named `agent_pid` as its tracer
+/// (`crate::ptracer`), so that the agent may read it as soon as it hears
+/// of it.
+fn clone_waiting(watch: &OwnedFd, agent_pid: libc::pid_t) -> Result<libc::pid_t, Errno> {
     let watch = watch.as_raw_fd();
+    let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let ready = ready_write.as_raw_fd();
     // SAFETY: sigset_t is plain data; sigfillset initialises it.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -118,7 +122,7 @@ fn clone_waiting(watch: &OwnedFd) -> Result<libc::pid_t, Errno> {
     // makes raw system calls only and never returns.
     let pid = unsafe { libc::syscall(libc::SYS_clone, 0 as libc::c_ulong, 0, 0, 0, 0) };
     if pid == 0 {
-        wait_then_exit(watch);
+        wait_then_exit(watch, agent_pid, ready);
     }
     let err = Errno::last();
     // SAFETY: restores the mask saved above.
@@ -126,17 +130,26 @@ fn clone_waiting(watch: &OwnedFd) -> Result<libc::pid_t, Errno> {
     if pid < 0 {
         return Err(err);
     }
+    // The child's byte, or end of file should it have died first: either
+    // way it has nothing more to do before the agent reads it.
+    drop(ready_write);
+    let mut byte = [0u8; 1];
+    while let Err(Errno::EINTR) = nix::unistd::read(ready_read.as_raw_fd(), &mut byte) {}
     libc::pid_t::try_from(pid).map_err(|_| Errno::EINVAL)
 }
 
-/// The snapshot's whole life: close every fd but `watch`, wait until the
-/// agent behind `watch` exits (or kills this process), exit.
-fn wait_then_exit(watch: libc::c_int) -> ! {
+/// The snapshot's whole life: name the agent as its tracer and say so on
+/// `ready`, close every fd but `watch`, wait until the agent behind `watch`
+/// exits (or kills this process), exit.
+fn wait_then_exit(watch: libc::c_int, agent_pid: libc::pid_t, ready: libc::c_int) -> ! {
     let watch_u = libc::c_uint::try_from(watch).unwrap_or(0);
+    // Best effort: without Yama there is nothing to name.
+    let _ = crate::ptracer::allow_raw(agent_pid);
     // SAFETY: raw system calls on this process's own fds, in a child of a
     // threaded process, where only such calls are safe. Nothing is
     // allocated and no lock is taken.
     unsafe {
+        libc::write(ready, [1u8].as_ptr().cast(), 1);
         if watch_u > 0 {
             libc::syscall(libc::SYS_close_range, 0, watch_u - 1, 0);
         }

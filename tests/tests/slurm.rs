@@ -83,6 +83,11 @@ struct Slurm {
 impl Slurm {
     /// A Slurm with `plugin` in its plugin stack, or none.
     fn up(plugin: Option<&Path>) -> Slurm {
+        Self::up_with(plugin, "")
+    }
+
+    /// A Slurm whose plugin stack holds `plugin` with the arguments `args`.
+    fn up_with(plugin: Option<&Path>, args: &str) -> Slurm {
         let dir = tempfile::Builder::new()
             .prefix("cryo-slurm-")
             .tempdir()
@@ -92,7 +97,11 @@ impl Slurm {
             .arg(dir.path().join("cluster"));
         if let Some(plugin) = plugin {
             let plugstack = dir.path().join("plugstack.conf");
-            fs::write(&plugstack, format!("required {}\n", plugin.display())).unwrap();
+            fs::write(
+                &plugstack,
+                format!("required {} {args}\n", plugin.display()),
+            )
+            .unwrap();
             up.arg(&plugstack);
         }
         let out = up.output().unwrap();
@@ -419,32 +428,40 @@ fn an_agent_that_cannot_start_fails_the_step_with_its_reason() {
     );
 }
 
-/// An admin's `cryo preempt <slurm job id>` from outside the job: the job
-/// checkpoints, stops, requeues itself (`--requeue`) and resumes exactly.
+/// An admin's `cryo preempt <slurm job id>` from outside the job, from a
+/// directory of its own and naming no store: the job's store is found as
+/// the site's `store=` in the plugin stack. The job checkpoints, stops,
+/// requeues itself (`--requeue`) and resumes exactly.
 #[test]
 fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
-    let Some((_guard, slurm, case)) = setup() else {
+    if !slurm_available() {
         return;
-    };
+    }
+    let _guard = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let case = Case::new();
+    let site_store = format!("store={}", case.path("store").display());
+    let plugin = built().join("libspank_cryo.so");
+    let slurm = Slurm::up_with(Some(&plugin), &site_store);
     let id = case.submit(&slurm, &[], 300);
     case.wait_for_iterations(20);
-    let out = Command::new(built().join("cryo"))
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = slurm
+        .cmd(built().join("cryo").to_str().unwrap())
         .arg("preempt")
         .arg(&id)
-        .arg("--store")
-        .arg(case.path("store"))
+        .env_remove("CRYO_STORE")
+        .current_dir(elsewhere.path())
         .output()
         .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success(), "cryo preempt {id}: {text}");
     assert!(
-        out.status.success(),
-        "cryo preempt {id}: {}",
-        output_text(&out)
+        text.contains(&format!("job slurm-{id}: epoch 1 committed")),
+        "{text}"
     );
-    assert!(
-        output_text(&out).contains(&format!("job slurm-{id}: epoch 1 committed")),
-        "{}",
-        output_text(&out)
-    );
+    assert!(text.contains("the Slurm plugin's store="), "{text}");
     let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
@@ -478,7 +495,19 @@ fn without_the_plugin_cryo_run_starts_its_agents_as_a_slurm_step() {
 /// given), one node of 4 tasks, requeueable; once it computed 20
 /// iterations, SIGUSR1 to its batch script: it checkpoints, requeues and
 /// resumes, byte-identical, leaving no agent behind. Returns its output.
-fn requeued_once(slurm: &Slurm, case: &Case, mut sbatch: Command, script: &str) -> String {
+fn requeued_once(slurm: &Slurm, case: &Case, sbatch: Command, script: &str) -> String {
+    requeued_once_checking(slurm, case, sbatch, script, |_| {})
+}
+
+/// [`requeued_once`], calling `while_running` with the job id once it has
+/// computed 20 iterations, before the signal.
+fn requeued_once_checking(
+    slurm: &Slurm,
+    case: &Case,
+    mut sbatch: Command,
+    script: &str,
+    while_running: impl FnOnce(&str),
+) -> String {
     sbatch
         .arg("--parsable")
         .args(["--nodes=1", &format!("--ntasks={RANKS}"), "--overcommit"])
@@ -489,6 +518,7 @@ fn requeued_once(slurm: &Slurm, case: &Case, mut sbatch: Command, script: &str) 
         .arg(script);
     let id = submit(sbatch);
     case.wait_for_iterations(20);
+    while_running(&id);
     slurm.run("scancel", &["--signal=USR1", "--batch", &id]);
     let restarts = wait_done(slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
@@ -546,7 +576,23 @@ fn a_bare_cryo_option_runs_the_job_with_the_default_store() {
         .arg("--cryo")
         .env_remove("CRYO_STORE")
         .current_dir(case.files.dir());
-    let log = requeued_once(&slurm, &case, sbatch, &script);
+    // `cryo status ID` from elsewhere, naming no store, finds the job's
+    // in its working directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let status = |id: &str| {
+        let out = slurm
+            .cmd(built().join("cryo").to_str().unwrap())
+            .args(["status", id])
+            .env_remove("CRYO_STORE")
+            .current_dir(elsewhere.path())
+            .output()
+            .unwrap();
+        let text = output_text(&out);
+        assert!(out.status.success(), "cryo status {id}: {text}");
+        assert!(text.contains(&format!("slurm-{id}")), "{text}");
+        assert!(text.contains("the Slurm job's working directory"), "{text}");
+    };
+    let log = requeued_once_checking(&slurm, &case, sbatch, &script, status);
     let store = case.files.dir().join("cryo-store");
     assert!(
         log.contains(&format!("store {}", store.display())),
