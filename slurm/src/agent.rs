@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -195,10 +195,13 @@ impl AgentProcess {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(i32::MAX));
         // `clean`: nothing to investigate, so its log goes too.
         let (outcome, clean) = match self.child.try_wait() {
-            // It ended by itself (its coordinator gone at the job's end).
+            // It ended by itself (its coordinator gone at the job's end),
+            // or Slurm's process tracking killed it with the step's last
+            // task: nothing to investigate if its log says nothing amiss.
             Ok(Some(status)) => (
                 format!("cryo: agent {pid} had already exited ({status})"),
-                status.success(),
+                status.success()
+                    || (status.signal() == Some(libc::SIGKILL) && log_is_quiet(&self.log)),
             ),
             _ => self.terminate(pid),
         };
@@ -239,6 +242,19 @@ impl AgentProcess {
             }
         }
     }
+}
+
+/// Whether the agent's log at `path` holds no warning and no error: an
+/// agent killed at the step's end with such a log leaves nothing to keep.
+fn log_is_quiet(path: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(path) else {
+        return false;
+    };
+    !text.lines().any(|line| {
+        line.split_whitespace()
+            .take(2)
+            .any(|word| matches!(word, "WARN" | "ERROR"))
+    })
 }
 
 /// Creates `dir` (and missing parents) owned by the job's user, mode 0700,
@@ -356,6 +372,24 @@ fn tail(path: &Path, lines: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_with_a_warning_or_an_error_is_not_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        assert!(!log_is_quiet(&log), "a missing log is kept track of");
+        let info = "2026-12-06T09:34:45.764593Z  INFO cryo_agent::server: rank.registered job=j\n";
+        fs::write(&log, info).unwrap();
+        assert!(log_is_quiet(&log));
+        for level in ["WARN", "ERROR"] {
+            let line = format!("2026-12-06T09:34:46.1Z  {level} cryo_agent::server: x\n");
+            fs::write(&log, format!("{info}{line}")).unwrap();
+            assert!(!log_is_quiet(&log), "{level}");
+        }
+        // A message that mentions the word is not a level.
+        fs::write(&log, format!("{info}2026-12-06T09:34:46Z  INFO a: no ERROR here\n")).unwrap();
+        assert!(log_is_quiet(&log));
+    }
 
     fn me() -> (u32, u32) {
         (

@@ -526,6 +526,9 @@ fn requeued_once_checking(
     assert!(log.contains("resuming job"), "{log}");
     case.assert_identical();
     assert_no_stray_agent();
+    // The agents' scratch (socket, log) goes with a job that went well.
+    let scratch = PathBuf::from(format!("/tmp/cryo-{}/slurm-{id}", nix::unistd::getuid()));
+    assert!(!scratch.exists(), "{} was left behind", scratch.display());
     log
 }
 
