@@ -387,7 +387,11 @@ mod tests {
             assert!(!log_is_quiet(&log), "{level}");
         }
         // A message that mentions the word is not a level.
-        fs::write(&log, format!("{info}2026-12-06T09:34:46Z  INFO a: no ERROR here\n")).unwrap();
+        fs::write(
+            &log,
+            format!("{info}2026-12-06T09:34:46Z  INFO a: no ERROR here\n"),
+        )
+        .unwrap();
         assert!(log_is_quiet(&log));
     }
 

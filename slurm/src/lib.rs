@@ -178,6 +178,7 @@ pub unsafe extern "C" fn slurm_spank_init_post_opt(
                 options.validate().map_err(|e| format!("cryo: {e}"))?;
                 if options.enabled {
                     let store = options.store(args).map_err(|e| format!("cryo: {e}"))?;
+                    options::check_store_path(&store).map_err(|e| format!("cryo: {e}"))?;
                     // salloc's shell is no Slurm task, so task_init never
                     // reaches it: it inherits this process's environment
                     // (as sbatch's job and srun's tasks do by default).

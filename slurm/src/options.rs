@@ -131,6 +131,26 @@ impl StepOptions {
     }
 }
 
+/// Refuses at submission a store that can never hold checkpoints: an
+/// existing file that is no folder, or a path in the kernel's own
+/// filesystems. A store that does not exist yet is the job's to make.
+pub fn check_store_path(store: &Path) -> Result<(), String> {
+    let kernel = ["/proc", "/sys", "/dev"];
+    if let Some(top) = kernel.iter().find(|top| store.starts_with(top)) {
+        return Err(format!(
+            "--cryo={}: {top} is the kernel's, not storage: name a folder every node shares",
+            store.display()
+        ));
+    }
+    match std::fs::metadata(store) {
+        Ok(meta) if !meta.is_dir() => Err(format!(
+            "--cryo={}: this is a file, not a folder: name a folder every node shares",
+            store.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
 static OPTIONS: Mutex<StepOptions> = Mutex::new(StepOptions {
     enabled: false,
     store: None,
@@ -266,6 +286,19 @@ mod tests {
         assert!(parse_plugin_args(&["colour=blue"])
             .unwrap_err()
             .contains("unknown argument"));
+    }
+
+    #[test]
+    fn a_store_that_cannot_hold_checkpoints_is_refused_at_submission() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = check_store_path(&file).unwrap_err();
+        assert!(err.contains("a file, not a folder"), "{err}");
+        let err = check_store_path(Path::new("/proc/foo")).unwrap_err();
+        assert!(err.contains("/proc is the kernel's"), "{err}");
+        check_store_path(dir.path()).unwrap();
+        check_store_path(&dir.path().join("new/store")).unwrap();
     }
 
     #[test]

@@ -444,6 +444,21 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
     let site_store = format!("store={}", case.path("store").display());
     let plugin = built().join("libspank_cryo.so");
     let slurm = Slurm::up_with(Some(&plugin), &site_store);
+    // A store that can never hold checkpoints stops the submission.
+    let file = case.path("not-a-folder");
+    fs::write(&file, "x").unwrap();
+    let refused = slurm
+        .cmd("sbatch")
+        .arg(format!("--cryo={}", file.display()))
+        .args(["--wrap", "true"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{}", output_text(&refused));
+    assert!(
+        output_text(&refused).contains("this is a file, not a folder"),
+        "{}",
+        output_text(&refused)
+    );
     let id = case.submit(&slurm, &[], 300);
     case.wait_for_iterations(20);
     let elsewhere = tempfile::tempdir().unwrap();
