@@ -49,3 +49,4 @@ mod stream;
 mod tracking;
 pub mod units;
 mod warming;
+mod warning;

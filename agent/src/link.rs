@@ -128,6 +128,11 @@ impl CoordinatorLink {
         self.world_size
     }
 
+    /// The protocol version the coordinator answered in.
+    pub fn version(&self) -> u16 {
+        self.version
+    }
+
     /// Whether the link is still up.
     pub fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
@@ -154,7 +159,7 @@ impl CoordinatorLink {
     }
 }
 
-fn try_connect(addr: &str) -> io::Result<TcpStream> {
+pub(crate) fn try_connect(addr: &str) -> io::Result<TcpStream> {
     let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
     for sockaddr in addr.to_socket_addrs()? {
         match TcpStream::connect_timeout(&sockaddr, Duration::from_secs(2)) {

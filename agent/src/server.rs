@@ -491,6 +491,9 @@ impl Shared {
                 Ok(RankToAgent::Copied { epoch, outcome }) => {
                     let _ = tx.send(RankEvent::Copied { epoch, outcome });
                 }
+                Ok(RankToAgent::Warned { signal }) => {
+                    crate::warning::pass_on(&self.config, self.link.as_ref(), rank, signal)
+                }
                 Ok(RankToAgent::Exiting { status }) => {
                     failed.get_or_insert_with(|| Departure::exited(status));
                 }

@@ -531,6 +531,8 @@ impl Coordinator {
             JobRequest::Status => {
                 let _ = reply.send(JobResponse::Status(self.status()));
             }
+            // Not answered: `reply` goes, and the agent's connection closes.
+            JobRequest::Warning { from } => self.on_warning(&from),
             JobRequest::Checkpoint | JobRequest::Preempt => {
                 let preempt = request == JobRequest::Preempt;
                 let why = if preempt {
@@ -560,6 +562,22 @@ impl Coordinator {
                 }
             }
         }
+    }
+
+    /// A warning of the job's end reached a rank rather than `cryo run`
+    /// (Slurm's `--signal` without `B:`): it counts as the `SIGUSR1` that
+    /// `--signal=B:USR1` would have sent here. A checkpoint or a stop
+    /// already under way is the answer to the rest of the burst.
+    fn on_warning(&mut self, from: &str) {
+        if self.preempting || self.epoch.is_some() {
+            tracing::info!(job = %self.opts.job, from, "warning.already_answered");
+            return;
+        }
+        tracing::info!(job = %self.opts.job, from, "warning.received");
+        eprintln!(
+            "cryo: {from} (Slurm's --signal without B: reaches the ranks, not cryo run): taken as a SIGUSR1 to cryo run"
+        );
+        crate::signals::GOT_USR1.store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn shutdown_agents(&mut self) {

@@ -52,6 +52,7 @@ mod store_fds;
 mod stream_copy;
 #[cfg(test)]
 mod test_support;
+mod warning;
 mod workdir;
 
 use std::sync::atomic::Ordering;
@@ -75,6 +76,9 @@ pub use runtime::{
 /// has copied its memory.
 #[inline]
 pub fn checkpoint_point() -> Result<SafePoint, CheckpointError> {
+    if warning::pending() {
+        warning::pass_on();
+    }
     #[cfg(feature = "mpi")]
     if quiesce::MPI_MODE.load(Ordering::Relaxed) {
         return quiesce::mpi_safe_point();

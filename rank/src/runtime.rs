@@ -662,6 +662,7 @@ pub(crate) fn init_with_peers(
         crate::park::arm_first_safe_point(conn.page());
         crate::offers::listen(&conn.sock);
         crate::exit_note::arm();
+        crate::warning::install(conn.agent_version, &job, rank);
     }
     let info = InitInfo {
         job: job.clone(),

@@ -485,6 +485,27 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
     case.assert_identical();
 }
 
+/// Slurm's warning sent to the job's tasks rather than its batch script
+/// (`--signal=USR1@T` without `B:`, or `scancel --signal=USR1` without
+/// `--batch`): it reaches the ranks, whose runtime passes it through their
+/// agent to `cryo run`. The job checkpoints, requeues and resumes exactly,
+/// as with the warning sent to the batch script.
+#[test]
+fn a_warning_sent_to_the_ranks_checkpoints_and_requeues_the_job() {
+    let Some((_guard, slurm, case)) = setup() else {
+        return;
+    };
+    let id = case.submit(&slurm, &[], 300);
+    case.wait_for_iterations(20);
+    slurm.run("scancel", &["--signal=USR1", &id]);
+    let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
+    let log = case.job_out();
+    assert!(restarts >= 1, "the job was not requeued:\n{log}");
+    assert!(log.contains("taken as a SIGUSR1 to cryo run"), "{log}");
+    assert!(log.contains("resuming job"), "{log}");
+    case.assert_identical();
+}
+
 /// Without the plugin (a site that has not installed it), `cryo run`
 /// starts one agent per node as a Slurm step of its own, and the
 /// preemption flow works the same.

@@ -15,6 +15,13 @@ pub enum JobRequest {
     Preempt,
     /// Describe the job.
     Status,
+    /// A warning of the job's end reached a rank (its `SIGUSR1`): do what
+    /// a `SIGUSR1` to `cryo run` does. Sent by the rank's agent; not
+    /// answered (protocol version 15).
+    Warning {
+        /// Who was warned, for people: the rank, its node, the signal.
+        from: String,
+    },
 }
 
 impl Message for JobRequest {

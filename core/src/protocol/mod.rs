@@ -108,8 +108,15 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// version 13 let a rank that exits before finalizing tell its agent the
 /// status it exits with ([`RankToAgent::Exiting`]), sent only to an agent
 /// of version 13 or newer; version 14 made how a rank left a typed
-/// [`Departure`] (`AgentToCoordinator::RankLeft`), text before (`v13.rs`).
-pub const PROTOCOL_VERSION: u16 = 14;
+/// [`Departure`] (`AgentToCoordinator::RankLeft`), text before (`v13.rs`);
+/// version 15 let a rank pass on a warning of the job's end that reached
+/// it (`SIGUSR1`: [`RankToAgent::Warned`], sent only to an agent of version
+/// 15 or newer) and an agent pass it on to the coordinator
+/// ([`JobRequest::Warning`], sent only to a coordinator of version 15 or
+/// newer).
+pub const PROTOCOL_VERSION: u16 = 15;
+/// The first version whose agents and coordinators take a rank's warning.
+pub const WARNING_VERSION: u16 = 15;
 /// The first version whose `RankLeft` carries a typed [`Departure`].
 pub const TYPED_DEPARTURE_VERSION: u16 = 14;
 /// The first version whose agents take [`RankToAgent::Exiting`].

@@ -98,6 +98,14 @@ pub enum RankToAgent {
         /// The status it exits with.
         status: i32,
     },
+    /// A warning of the job's end reached the rank: `SIGUSR1`, which Slurm
+    /// sends to every task of a job submitted with `--signal=USR1@TIME`
+    /// (without `B:`) or preempted with `send_user_signal` (protocol
+    /// version 15).
+    Warned {
+        /// The signal's number.
+        signal: i32,
+    },
 }
 
 /// What a parked rank did when asked to copy its own memory.

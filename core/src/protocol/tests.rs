@@ -42,11 +42,19 @@ fn round_trip_all_messages() {
         until: Completion::Committed,
     };
     write_message(&mut buf, &request).unwrap();
+    let warned = RankToAgent::Warned { signal: 10 };
+    write_message(&mut buf, &warned).unwrap();
+    let warning = JobRequest::Warning {
+        from: "SIGUSR1 to rank 3 on node n2".into(),
+    };
+    write_message(&mut buf, &warning).unwrap();
     let mut r = Cursor::new(buf);
     assert_eq!(read_message::<Hello>(&mut r).unwrap(), hello());
     assert_eq!(read_message::<RankToAgent>(&mut r).unwrap(), parked);
     assert_eq!(read_message::<AgentToRank>(&mut r).unwrap(), resume);
     assert_eq!(read_message::<ControlRequest>(&mut r).unwrap(), request);
+    assert_eq!(read_message::<RankToAgent>(&mut r).unwrap(), warned);
+    assert_eq!(read_message::<JobRequest>(&mut r).unwrap(), warning);
     assert!(matches!(read_frame(&mut r), Err(FrameError::Closed)));
 }
 

@@ -1,0 +1,137 @@
+//! A warning of the job's end that reached a rank (its `SIGUSR1`, from
+//! Slurm's `--signal` without `B:`), passed on to the coordinator, which
+//! does what a `SIGUSR1` to `cryo run` does (`rank/src/warning.rs`).
+//!
+//! Every rank of a node is warned at once; the first warning is passed on
+//! and the rest of the burst is not. The coordinator, warned by every
+//! node, starts one checkpoint. The warning goes as a control request
+//! (`JobRequest::Warning`) on a connection of its own, so that the
+//! reports on the agent's link keep their layout for older coordinators.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cryo_core::auth;
+use cryo_core::protocol::{
+    write_message, write_message_as, Hello, JobRequest, Peer, PROTOCOL_VERSION, WARNING_VERSION,
+};
+use cryo_core::token::JobToken;
+
+use crate::config::AgentConfig;
+use crate::link::CoordinatorLink;
+
+/// Warnings within this time of one passed on are the same burst.
+const BURST: Duration = Duration::from_secs(30);
+
+/// When this agent last passed a warning on.
+static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Passes rank `rank`'s warning (`signal`) on to the coordinator, unless
+/// one was passed on moments ago or there is no coordinator to tell.
+pub(crate) fn pass_on(
+    config: &AgentConfig,
+    link: Option<&CoordinatorLink>,
+    rank: u32,
+    signal: i32,
+) {
+    let (job, node) = (&config.job, &config.node);
+    let name = nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {signal}"));
+    let (Some(link), Some(token)) = (link.filter(|l| l.is_connected()), &config.token) else {
+        tracing::warn!(job = %job, node = %node, rank, signal = %name, "rank.warned: no coordinator to pass it on to");
+        return;
+    };
+    if link.version() < WARNING_VERSION {
+        tracing::warn!(job = %job, node = %node, rank, signal = %name, coordinator_version = link.version(), "rank.warned: the coordinator is too old to take it");
+        return;
+    }
+    if !first_of_burst(&LAST, Instant::now()) {
+        tracing::debug!(job = %job, node = %node, rank, "rank.warned: already passed on");
+        return;
+    }
+    tracing::info!(job = %job, node = %node, rank, signal = %name, "rank.warned: passed on to the coordinator");
+    let request = JobRequest::Warning {
+        from: format!("{name} to rank {rank} on node {node}"),
+    };
+    let (addr, job, node, token) = (
+        link.addr().to_owned(),
+        job.clone(),
+        node.clone(),
+        token.clone(),
+    );
+    // The rank's reader must not wait on the coordinator.
+    let spawned = std::thread::Builder::new()
+        .name("cryo-warning".into())
+        .spawn(move || {
+            if let Err(err) = send(&addr, &job, &node, &token, &request) {
+                tracing::error!(job = %job, node = %node, coordinator = %addr, error = %err, "rank.warning_lost");
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::error!(job = %config.job, error = %err, "rank.warning_lost");
+    }
+}
+
+/// Whether a warning at `now` starts a new burst; records it if so.
+fn first_of_burst(last: &Mutex<Option<Instant>>, now: Instant) -> bool {
+    let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_some_and(|at| now.saturating_duration_since(at) < BURST) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
+fn send(
+    addr: &str,
+    job: &str,
+    node: &str,
+    token: &JobToken,
+    request: &JobRequest,
+) -> Result<(), String> {
+    let stream = crate::link::try_connect(addr).map_err(|e| format!("connecting: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        job: job.to_owned(),
+        peer: Peer::Control {
+            client: format!("cryo-agent on {node}"),
+        },
+    };
+    write_message(&mut &stream, &hello).map_err(|e| format!("hello: {e}"))?;
+    let version = auth::answer(&mut &stream, &hello, Some(token))
+        .map_err(|e| format!("answering the challenge: {e}"))?;
+    if version < WARNING_VERSION {
+        return Err(format!(
+            "the coordinator speaks protocol version {version}, older than {WARNING_VERSION}"
+        ));
+    }
+    write_message_as(&mut &stream, request, version).map_err(|e| format!("sending: {e}"))?;
+    // Not answered: the coordinator closes the connection once it has it.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut rest = [0u8; 64];
+    let _ = std::io::Read::read(&mut &stream, &mut rest);
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_warnings_is_passed_on_once() {
+        let last = Mutex::new(None);
+        let t0 = Instant::now();
+        assert!(first_of_burst(&last, t0));
+        assert!(!first_of_burst(&last, t0 + Duration::from_millis(5)));
+        assert!(!first_of_burst(
+            &last,
+            t0 + BURST - Duration::from_millis(1)
+        ));
+        assert!(first_of_burst(&last, t0 + BURST));
+    }
+}
