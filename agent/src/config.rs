@@ -94,6 +94,9 @@ pub enum ServeError {
         /// The error.
         source: io::Error,
     },
+    /// The socket's folder is not private to the job's user.
+    #[error("the agent's socket folder: {0}")]
+    SocketFolder(#[from] cryo_core::private_dir::PrivateDirError),
     /// Another agent is serving on the socket.
     #[error("another agent is already serving on {}", .0.display())]
     InUse(PathBuf),

@@ -22,7 +22,6 @@ use std::fs;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -111,14 +110,7 @@ impl Agent {
             .map_err(|e| ServeError::Threads(e.to_string()))?;
         if let Some(dir) = config.socket.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Node-local and private: only the job's user reaches its agent.
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|source| ServeError::Bind {
-                    path: dir.to_owned(),
-                    source,
-                })?;
+            cryo_core::private_dir::make_private(dir, cryo_core::private_dir::Owner::current())?;
         }
         if config.socket.exists() {
             if UnixStream::connect(&config.socket).is_ok() {

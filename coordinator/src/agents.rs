@@ -4,8 +4,7 @@
 //! waiting until each has said hello.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::os::unix::fs::DirBuilderExt;
+use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cryo_core::env::ENV_COORDINATOR;
+use cryo_core::private_dir;
 use cryo_core::protocol::{JobResponse, ENV_AGENT_SOCKET, ENV_JOB, ENV_TOKEN};
 use cryo_core::token::JobToken;
 
@@ -49,12 +49,9 @@ pub(crate) fn spawn_agent(
     token_file: &Path,
 ) -> Result<(Child, PathBuf, PathBuf)> {
     let dir = opts.scratch.join(node);
-    // Private: the agent's socket and log are the job's user's alone.
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    // Private: the agent's socket and log are the job's user's alone, and
+    // no folder on the way may be another user's.
+    private_dir::make_private(&dir, private_dir::Owner::current())?;
     let socket = dir.join("agent.sock");
     let log = dir.join("agent.log");
     let _ = fs::remove_file(&socket);
@@ -85,7 +82,8 @@ pub(crate) fn spawn_agent(
     if let Some(epoch) = opts.restart_from {
         command.arg("--restart-from").arg(epoch.to_string());
     }
-    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let log_file =
+        private_dir::create_file(&log).with_context(|| format!("creating {}", log.display()))?;
     command
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -310,13 +308,10 @@ pub(crate) fn start_agent_step(
         }
         _ => hosts.len(),
     };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&c.opts.scratch)
-        .with_context(|| format!("creating {}", c.opts.scratch.display()))?;
+    private_dir::make_private(&c.opts.scratch, private_dir::Owner::current())?;
     let log = c.opts.scratch.join("agents-step.log");
-    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let log_file =
+        private_dir::create_file(&log).with_context(|| format!("creating {}", log.display()))?;
     // What the ranks' launch carries, and what is set here for the agents.
     let mut names = exported.to_vec();
     names.extend(env.iter().map(|(key, _)| key.clone()));

@@ -663,7 +663,7 @@ fn run_options(
     let scratch = launch
         .scratch
         .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join(format!("cryo-{job}-{}", std::process::id())));
+        .unwrap_or_else(|| session::default_scratch(&job));
     Ok(RunOptions {
         store: store.path,
         job,

@@ -146,6 +146,15 @@ pub fn node_local_socket(job: &str) -> PathBuf {
     ))
 }
 
+/// Where `cryo run`'s own agents keep their sockets and logs: a folder of
+/// this run's in the user's private folder of the temporary one.
+pub fn default_scratch(job: &str) -> PathBuf {
+    let user = format!("cryo-{}", nix::unistd::geteuid());
+    std::env::temp_dir()
+        .join(user)
+        .join(format!("run-{job}-{}", std::process::id()))
+}
+
 pub use cryo_core::env::ENV_COORDINATOR;
 
 pub(crate) fn stop_process_group(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
@@ -304,6 +313,12 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     drop(tx);
     if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {
         crate::requeue::requeue_slurm_job();
+    }
+    // The agents' sockets and logs of a run that went well are clutter; a
+    // failed run's logs stay for whoever looks into it.
+    let made_here = coordinator.opts.scratch == default_scratch(&coordinator.opts.job);
+    if made_here && matches!(result, Ok(code) if code == ExitCode::SUCCESS) {
+        let _ = std::fs::remove_dir_all(&coordinator.opts.scratch);
     }
     result
 }

@@ -38,6 +38,7 @@ pub mod liveness;
 pub mod locality;
 pub mod names;
 pub mod pidfd;
+pub mod private_dir;
 pub mod protocol;
 pub mod sibling;
 pub mod store;

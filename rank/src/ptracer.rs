@@ -47,6 +47,17 @@ pub(crate) fn allow_raw(agent_pid: libc::pid_t) -> Result<(), Errno> {
 /// then fail to read the rank.
 pub(crate) fn allow_agent(agent: &UnixStream, job: &str, rank: u32) {
     let agent_pid = match getsockopt(agent, PeerCredentials) {
+        // Only this rank's user (or root) may read it: an agent of
+        // another user's is not named, whatever socket it bound.
+        Ok(creds) if creds.uid() != 0 && creds.uid() != nix::unistd::geteuid().as_raw() => {
+            tracing::warn!(
+                job,
+                rank,
+                agent_uid = creds.uid(),
+                "rank.ptracer: the agent is another user's"
+            );
+            return;
+        }
         Ok(creds) => creds.pid(),
         Err(err) => {
             tracing::warn!(job, rank, error = %err, "rank.ptracer: the agent's pid (SO_PEERCRED)");

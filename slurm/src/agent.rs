@@ -258,8 +258,20 @@ fn log_is_quiet(path: &Path) -> bool {
 }
 
 /// Creates `dir` (and missing parents) owned by the job's user, mode 0700,
-/// and refuses a `dir` that exists but is a symlink or someone else's.
+/// and refuses a `dir` that exists but is a symlink, someone else's or
+/// open to others, as well as such a folder on the way to it below the
+/// shared temporary folder: another user who made `/tmp/cryo-<uid>` first
+/// could otherwise move the job's folder away and put theirs in its place.
 fn private_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), StartError> {
+    private_folder(dir, uid, gid, 0o077)
+}
+
+/// [`private_dir`], refusing a folder with any of `closed` in its mode: a
+/// folder on the way need only be closed to others' writes.
+fn private_folder(dir: &Path, uid: u32, gid: u32, closed: u32) -> Result<(), StartError> {
+    if let Some(parent) = dir.parent().filter(|p| below_shared_place(p)) {
+        private_folder(parent, uid, gid, 0o022)?;
+    }
     match fs::symlink_metadata(dir) {
         Ok(meta) => {
             let what = if meta.file_type().is_symlink() {
@@ -271,7 +283,7 @@ fn private_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), StartError> {
                     "owned by uid {}, not the job's uid {uid}",
                     meta.uid()
                 ))
-            } else if meta.mode() & 0o077 != 0 {
+            } else if meta.mode() & closed != 0 {
                 Some(format!("open to others (mode {:o})", meta.mode() & 0o7777))
             } else {
                 None
@@ -286,7 +298,7 @@ fn private_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), StartError> {
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = dir.parent().filter(|p| !p.exists()) {
-                private_dir(parent, uid, gid)?;
+                private_folder(parent, uid, gid, closed)?;
             }
             fs::DirBuilder::new()
                 .mode(0o700)
@@ -310,6 +322,19 @@ fn private_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), StartError> {
             source,
         }),
     }
+}
+
+/// Whether `dir` is strictly below a place every user may create names in.
+fn below_shared_place(dir: &Path) -> bool {
+    let temp = std::env::temp_dir();
+    [
+        temp.as_path(),
+        Path::new("/tmp"),
+        Path::new("/var/tmp"),
+        Path::new("/dev/shm"),
+    ]
+    .iter()
+    .any(|place| dir.starts_with(place) && dir != *place)
 }
 
 /// A socket left by an agent that was killed with its allocation would make
@@ -435,6 +460,13 @@ mod tests {
         fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let err = private_dir(&open, uid, gid).unwrap_err().to_string();
         assert!(err.contains("open to others"), "{err}");
+        // A folder on the way that another user made open is refused too,
+        // and nothing is made inside it.
+        fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let squatted = open.join("slurm-1");
+        let err = private_dir(&squatted, uid, gid).unwrap_err().to_string();
+        assert!(err.contains("open to others"), "{err}");
+        assert!(!squatted.exists());
     }
 
     #[test]

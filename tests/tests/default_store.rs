@@ -142,3 +142,51 @@ fn every_command_finds_the_default_store_in_the_working_directory() {
     assert_same_file(&dir.join("reference.final"), &dir.join("run.final"));
     assert_same_file(&dir.join("reference.log"), &dir.join("run.log"));
 }
+
+/// The agents' sockets and logs of `cryo run` live in the user's own
+/// folder of the temporary one: a folder there that another user made
+/// first (open to all) is refused by name rather than used, and a run
+/// that went well leaves nothing behind in it.
+#[test]
+fn the_agents_scratch_is_private_and_goes_with_a_run_that_went_well() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_input(&dir.join("input.dat"), 50_000);
+    let tmp = dir.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let users = tmp.join(format!("cryo-{}", nix::unistd::geteuid()));
+    std::fs::create_dir(&users).unwrap();
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let run = |tag: &str| {
+        let mut args = counter_args(dir, tag);
+        args[1] = "5".into();
+        cryo(dir)
+            .args(["run", "--job", tag, "--nodes", "a:1", "-n", "1", "--store"])
+            .arg(dir.join("store"))
+            .arg("--")
+            .arg(built().join("cryo-counter"))
+            .args(args)
+            .env("TMPDIR", &tmp)
+            .output()
+            .unwrap()
+    };
+    let out = run("squatted");
+    assert!(!out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("writable by others (mode 777)"),
+        "{}",
+        said(&out)
+    );
+    assert!(
+        said(&out).contains(&users.display().to_string()),
+        "{}",
+        said(&out)
+    );
+
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run("private");
+    assert!(out.status.success(), "{}", said(&out));
+    let left: Vec<_> = std::fs::read_dir(&users).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
