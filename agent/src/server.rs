@@ -247,6 +247,10 @@ impl Agent {
         // Give an aborted epoch a moment to resume its ranks.
         self.shared.wait_idle(Duration::from_secs(5));
         let _ = fs::remove_file(&self.shared.config.socket);
+        // And its folder (a node agent's for the job), if nothing else is in it.
+        if let Some(dir) = self.shared.config.socket.parent() {
+            let _ = fs::remove_dir(dir);
+        }
         tracing::info!(
             job = %self.shared.config.job,
             node = %self.shared.config.node,

@@ -260,7 +260,8 @@ impl Registry {
     pub fn set_finished(&self, finished: bool) {
         let marker = self.dir.join("finished");
         let _ = if finished {
-            std::fs::write(marker, b"")
+            // Mode 0600, as every file of the job's.
+            cryo_core::private_dir::create_file(&marker).map(drop)
         } else {
             std::fs::remove_file(marker)
         };

@@ -16,7 +16,7 @@ use super::fault_fs::{FaultFs, FsOp};
 use super::fs::{IoStepError, ReadCappedError};
 use super::reader::ChunkReadError;
 use super::writer::{ChunkLayout, WriteError, WriterConfig};
-use super::{CommitError, EpochState, JobStore, LoadProblem, Store};
+use super::{CommitError, EpochState, JobStore, LoadProblem, Store, StoreError};
 use crate::format::chunk::{ChunkCodec, ChunkHash};
 use crate::format::limits::MIN_CHUNK_SIZE;
 use crate::format::manifest::{Manifest, RankRecord, RegionKind};
@@ -600,4 +600,22 @@ fn many_packs_are_read_with_few_open_at_once() {
         "{} packs open",
         job.packs.open_files()
     );
+}
+
+#[test]
+fn another_users_job_is_named_as_such_not_as_missing() {
+    let fixture = Fixture::new();
+    let theirs = fixture.root.join(JOB).join("epochs");
+    let fs = Arc::new(FaultFs::real().fail_matching(
+        FsOp::Stat,
+        move |path| path == theirs,
+        Errno::EACCES,
+    ));
+    let store = Store::open_with_fs(&fixture.root, Arc::clone(&fs) as _).unwrap();
+    let err = store.existing_job(JOB).unwrap_err();
+    assert!(matches!(err, StoreError::NotYours { .. }), "{err:?}");
+    assert!(err.to_string().contains("is another user's"), "{err}");
+    // A job that is not there at all is still told as missing.
+    let err = store.existing_job("absent").unwrap_err();
+    assert!(matches!(err, StoreError::UnknownJob { .. }), "{err:?}");
 }

@@ -123,6 +123,15 @@ pub enum StoreError {
         /// The store.
         store: PathBuf,
     },
+    /// The job's folder is there but this user may not enter it: another
+    /// user's job.
+    #[error("job {job:?} in {} is another user's: its folder cannot be entered (permission denied)", store.display())]
+    NotYours {
+        /// The job.
+        job: String,
+        /// The store.
+        store: PathBuf,
+    },
     /// An I/O step failed.
     #[error(transparent)]
     Io(#[from] IoStepError),
@@ -205,13 +214,19 @@ impl Store {
     /// The job's part of the store, which must already exist.
     pub fn existing_job(&self, name: &str) -> Result<JobStore, StoreError> {
         let job = self.job(name)?;
-        if !self.fs.is_dir(&job.epochs_dir()) {
-            return Err(StoreError::UnknownJob {
+        match self.fs.stat(&job.epochs_dir()) {
+            Ok(stat) if stat.is_dir => Ok(job),
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(StoreError::NotYours {
+                    job: name.to_owned(),
+                    store: self.root.clone(),
+                })
+            }
+            _ => Err(StoreError::UnknownJob {
                 job: name.to_owned(),
                 store: self.root.clone(),
-            });
+            }),
         }
-        Ok(job)
     }
 }
 
