@@ -407,7 +407,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 StoreDir::resolve_for(launch.store.clone(), &job)?,
                 Creates::No,
             )?;
-            let store = open_store(&store_dir)?;
+            let store = store_dir.open()?;
             let job = crate::job_name::named(&store_dir.path, &job);
             let job_store = store.existing_job(&job)?;
             let registry = Registry::of(&job_store);
@@ -547,27 +547,13 @@ fn announce_store(store: StoreDir, creates: Creates) -> Result<StoreDir> {
     Ok(store)
 }
 
-/// Opens an existing store, saying when it is the default that is missing.
-fn open_store(store: &StoreDir) -> Result<Store> {
-    Store::open(&store.path).with_context(|| {
-        if store.is_default {
-            format!(
-                "no store given, and none at the default {}",
-                store.describe()
-            )
-        } else {
-            format!("opening the store {}", store.path.display())
-        }
-    })
-}
-
 /// The store a command about a running job talks to: it must exist.
 fn existing_store(given: Option<PathBuf>, job: Option<&str>) -> Result<PathBuf> {
     let store = match job {
         Some(job) => StoreDir::resolve_for(given, job)?,
         None => StoreDir::resolve(given)?,
     };
-    open_store(&store)?;
+    store.open()?;
     Ok(store.path)
 }
 

@@ -35,7 +35,8 @@ pub fn find(name: &str) -> Option<Found> {
         .find(|found| holds(&found.path, &job))
 }
 
-fn holds(store: &Path, job: &str) -> bool {
+/// Whether the store `store` holds the job `job`.
+pub(crate) fn holds(store: &Path, job: &str) -> bool {
     Store::open(store).is_ok_and(|s| s.existing_job(job).is_ok())
 }
 

@@ -57,8 +57,22 @@ impl StoreDir {
 
     /// Whether the job `name` (as a command names it) is in this store.
     fn holds(&self, name: &str) -> bool {
-        let job = crate::job_name::named(&self.path, name);
-        cryo_core::store::Store::open(&self.path).is_ok_and(|s| s.existing_job(&job).is_ok())
+        crate::slurm_store::holds(&self.path, &crate::job_name::named(&self.path, name))
+    }
+
+    /// Opens the existing store, saying when it is the default that is
+    /// missing.
+    pub fn open(&self) -> Result<cryo_core::store::Store> {
+        cryo_core::store::Store::open(&self.path).with_context(|| {
+            if self.is_default {
+                format!(
+                    "no store given, and none at the default {}",
+                    self.describe()
+                )
+            } else {
+                format!("opening the store {}", self.path.display())
+            }
+        })
     }
 
     fn resolve_in(given: Option<PathBuf>, cwd: &Path) -> StoreDir {
