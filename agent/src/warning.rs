@@ -12,9 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cryo_core::auth;
-use cryo_core::protocol::{
-    write_message, write_message_as, Hello, JobRequest, Peer, PROTOCOL_VERSION, WARNING_VERSION,
-};
+use cryo_core::protocol::{write_message_as, JobRequest, WARNING_VERSION};
 use cryo_core::token::JobToken;
 
 use crate::config::AgentConfig;
@@ -91,19 +89,10 @@ fn send(
     request: &JobRequest,
 ) -> Result<(), String> {
     let stream = crate::link::try_connect(addr).map_err(|e| format!("connecting: {e}"))?;
-    let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        job: job.to_owned(),
-        peer: Peer::Control {
-            client: format!("cryo-agent on {node}"),
-        },
-    };
-    write_message(&mut &stream, &hello).map_err(|e| format!("hello: {e}"))?;
-    let version = auth::answer(&mut &stream, &hello, Some(token))
-        .map_err(|e| format!("answering the challenge: {e}"))?;
+    let version = auth::greet_as_control(&stream, job, format!("cryo-agent on {node}"), token)
+        .map_err(|e| e.to_string())?;
     if version < WARNING_VERSION {
         return Err(format!(
             "the coordinator speaks protocol version {version}, older than {WARNING_VERSION}"

@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use cryo_core::auth;
 use cryo_core::protocol::{
-    read_message, write_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello,
-    JobRequest, JobResponse, Message, Peer, PROTOCOL_VERSION,
+    read_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello, JobRequest,
+    JobResponse, Message, Peer,
 };
 use cryo_core::store::{Store, StoreError};
 use cryo_core::token::JobToken;
@@ -246,21 +246,7 @@ pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobRespon
             addr.addr, addr.pid, addr.host
         )
     })?;
-    // The request follows the challenge's answer at once: without this,
-    // Nagle's algorithm holds it for the coordinator's delayed ACK (40 ms).
-    stream
-        .set_nodelay(true)
-        .context("setting TCP_NODELAY on the coordinator connection")?;
-    let hello = Hello {
-        version: PROTOCOL_VERSION,
-        job: job.to_owned(),
-        peer: Peer::Control {
-            client: format!("cryo on {}", hostname()),
-        },
-    };
-    write_message(&mut &stream, &hello)?;
-    let version = auth::answer(&mut &stream, &hello, Some(&token))
-        .context("answering the coordinator's challenge")?;
+    let version = auth::greet_as_control(&stream, job, format!("cryo on {}", hostname()), &token)?;
     write_message_as(&mut &stream, &request, version)?;
     read_message::<JobResponse>(&mut &stream).context("reading the coordinator's answer")
 }

@@ -411,27 +411,27 @@ fn drive(
             c.requeue_on_stop = false;
             // A launcher may end well while ranks did not (srun after a
             // node failure): the job finished only if every rank did.
-            let unfinished = if status.success() {
+            let unfinished = status.success().then(|| {
                 await_word(c, rx, |c| c.unfinalized().is_empty());
                 c.unfinalized()
-            } else {
-                Vec::new()
-            };
-            if status.success() && unfinished.is_empty() {
-                Registry::of(&c.job).set_finished(true);
-                eprintln!("cryo: job {} finished ({status})", c.opts.job);
-            } else if status.success() {
+            });
+            match unfinished {
+                Some(unfinished) if unfinished.is_empty() => {
+                    Registry::of(&c.job).set_finished(true);
+                    eprintln!("cryo: job {} finished ({status})", c.opts.job);
+                }
                 // Not marked finished: a restart resumes it.
-                eprintln!(
+                Some(unfinished) => eprintln!(
                     "cryo: WARNING: job {} ended with its launcher's {status}, but {} did not \
                      finish (no cryo_finalize, no exit: a node failure, a kill, or _exit); it \
                      is not marked finished, so a restart resumes it from its newest checkpoint",
                     c.opts.job,
                     crate::human::ranks(&unfinished)
-                );
-            } else {
-                eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
-                name_first_departure(c, rx);
+                ),
+                None => {
+                    eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
+                    name_first_departure(c, rx);
+                }
             }
             // A rank an agent turned away (a refused restart) was named
             // with the reason just now.

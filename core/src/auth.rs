@@ -201,6 +201,39 @@ where
     Ok(version)
 }
 
+/// Where a control client's handshake failed ([`greet_as_control`]).
+#[derive(Debug, Error)]
+pub enum ControlHandshakeError {
+    /// Sending the hello.
+    #[error("sending the hello: {0}")]
+    Hello(#[source] FrameError),
+    /// Reading the challenge or sending the proof.
+    #[error("answering the coordinator's challenge: {0}")]
+    Answer(#[source] FrameError),
+}
+
+/// A control client's whole handshake on a connected `stream` to a job's
+/// coordinator (`cryo checkpoint`, an agent passing a warning on): turns
+/// Nagle's algorithm off, which would otherwise hold the request that
+/// follows the proof for the coordinator's delayed ACK (40 ms), says hello
+/// as [`Peer::Control`] named `client`, and answers the challenge with
+/// `token`. Returns the version to speak from then on.
+pub fn greet_as_control(
+    stream: &TcpStream,
+    job: &str,
+    client: String,
+    token: &JobToken,
+) -> Result<u16, ControlHandshakeError> {
+    let _ = stream.set_nodelay(true);
+    let hello = Hello {
+        version: crate::protocol::PROTOCOL_VERSION,
+        job: job.to_owned(),
+        peer: Peer::Control { client },
+    };
+    crate::protocol::write_message(&mut &*stream, &hello).map_err(ControlHandshakeError::Hello)?;
+    answer(&mut &*stream, &hello, Some(token)).map_err(ControlHandshakeError::Answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
