@@ -93,9 +93,7 @@ impl Agent {
     /// Opens the store, maps the copy pool and binds the socket.
     pub fn bind(config: AgentConfig) -> Result<Agent, ServeError> {
         let store = Store::create(&config.store)?;
-        let job = store.job(&config.job)?;
-        job.ensure_layout()
-            .map_err(|e| ServeError::Store(e.into()))?;
+        let job = store.prepared_job(&config.job)?;
         let pool =
             BufferPool::as_wanted(config.copy_budget, config.chunk_size, config.prefault_delay)?;
         let copy_threads = rayon::ThreadPoolBuilder::new()

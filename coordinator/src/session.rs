@@ -205,8 +205,7 @@ pub fn refuse_if_running(registry: &Registry, job: &str) -> Result<()> {
 pub fn run(opts: RunOptions) -> Result<ExitCode> {
     install_signal_handlers()?;
     let store = Store::create(&opts.store)?;
-    let job = store.job(&opts.job)?;
-    job.ensure_layout()?;
+    let job = store.prepared_job(&opts.job)?;
     let registry = Registry::of(&job);
     refuse_if_running(&registry, &opts.job)?;
     let token = registry.create_token()?;

@@ -190,3 +190,84 @@ fn the_agents_scratch_is_private_and_goes_with_a_run_that_went_well() {
     let left: Vec<_> = std::fs::read_dir(&users).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A store another user made, closed to others (the first user's job made
+/// it 0700), is refused by name with the fix, not with a bare "permission
+/// denied". Run as `nobody` through `setpriv`, which needs root.
+#[test]
+fn a_store_closed_to_the_user_is_named_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running cryo as another user needs root");
+        return;
+    }
+    // Found before the second run's PATH hides it.
+    let setpriv = std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("setpriv"))
+                .find(|p| p.is_file())
+        })
+        .expect("setpriv (util-linux) on PATH");
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    // Nobody must reach the binary and the store: the build tree may be
+    // private to root.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cryo_copy = dir.join("cryo");
+    std::fs::copy(built().join("cryo"), &cryo_copy).unwrap();
+    let store = dir.join("site-store");
+    std::fs::create_dir(&store).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody_tmp = dir.join("tmp");
+    std::fs::create_dir(&nobody_tmp).unwrap();
+    std::fs::set_permissions(&nobody_tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Command::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&cryo_copy)
+        .args([
+            "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
+        ])
+        .arg(&store)
+        .args(["--", "/bin/true"])
+        .env_remove("CRYO_STORE")
+        .env("HOME", &nobody_tmp)
+        .env("TMPDIR", &nobody_tmp)
+        .current_dir(&nobody_tmp)
+        .output()
+        .unwrap();
+    let text = said(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "store {} is another user's (uid 0, mode 0755)",
+            store.display()
+        )) && text.contains(&format!("chmod 1777 {}", store.display())),
+        "{text}"
+    );
+    assert!(!store.join("closed").exists());
+    // Opened to every user as the README says, the same run gets past it.
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Command::new(&setpriv)
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&cryo_copy)
+        .args([
+            "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
+        ])
+        .arg(&store)
+        .args(["--", "/bin/true"])
+        .env_remove("CRYO_STORE")
+        .env("HOME", &nobody_tmp)
+        .env("TMPDIR", &nobody_tmp)
+        // Past the store it stops quickly at the launcher or the agent.
+        .env("PATH", &nobody_tmp)
+        .current_dir(&nobody_tmp)
+        .output()
+        .unwrap();
+    assert!(!said(&out).contains("another user's"), "{}", said(&out));
+    assert!(
+        store.join("closed").join("epochs").is_dir(),
+        "{}",
+        said(&out)
+    );
+}

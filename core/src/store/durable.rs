@@ -23,10 +23,13 @@ pub struct RealFs;
 
 impl StoreFs for RealFs {
     fn stat(&self, path: &Path) -> io::Result<FileStat> {
+        use std::os::unix::fs::MetadataExt;
         let meta = fs::metadata(path)?;
         Ok(FileStat {
             is_dir: meta.is_dir(),
             len: meta.len(),
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
         })
     }
 

@@ -39,6 +39,10 @@ pub struct FileStat {
     pub is_dir: bool,
     /// Its length in bytes.
     pub len: u64,
+    /// Its owner's user id.
+    pub uid: u32,
+    /// Its permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
 }
 
 /// The filesystem as the store uses it. Implementations are shared by every

@@ -57,7 +57,7 @@ use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
 use self::durable::RealFs;
-use self::fs::{IoStep, IoStepError, StoreFs};
+use self::fs::{FileStat, IoStep, IoStepError, StoreFs};
 use crate::format::chunk::ChunkHash;
 use crate::format::pack::PackId;
 use crate::names::{check_job_name, NameError};
@@ -131,6 +131,23 @@ pub enum StoreError {
         job: String,
         /// The store.
         store: PathBuf,
+    },
+    /// This user may not make a job's folder in the store: another user's
+    /// folder, closed to others (the first user's job made it).
+    #[error(
+        "store {} is another user's (uid {owner}, mode {mode:04o}): this user cannot keep a job \
+         in it. A store that several users share must be made by an admin with mode 1777 \
+         (`chmod 1777 {}`); or name a store of your own (--store, CRYO_STORE)",
+        store.display(),
+        store.display()
+    )]
+    ClosedToUser {
+        /// The store.
+        store: PathBuf,
+        /// Its owner's user id.
+        owner: u32,
+        /// Its permission bits.
+        mode: u32,
     },
     /// An I/O step failed.
     #[error(transparent)]
@@ -211,6 +228,31 @@ impl Store {
         })
     }
 
+    /// The job's part of the store, its directories made if it has none
+    /// ([`JobStore::ensure_layout`]). A store this user may not make the
+    /// job's folder in is [`StoreError::ClosedToUser`].
+    pub fn prepared_job(&self, name: &str) -> Result<JobStore, StoreError> {
+        let job = self.job(name)?;
+        match job.ensure_layout() {
+            Ok(()) => Ok(job),
+            Err(err) if err.source.kind() == io::ErrorKind::PermissionDenied => {
+                let closed = (!self.fs.exists(&job.dir))
+                    .then(|| self.fs.stat(&self.root).ok())
+                    .flatten()
+                    .filter(|stat| closed_to(stat, nix::unistd::geteuid().as_raw()));
+                Err(match closed {
+                    Some(stat) => StoreError::ClosedToUser {
+                        store: self.root.clone(),
+                        owner: stat.uid,
+                        mode: stat.mode,
+                    },
+                    None => err.into(),
+                })
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// The job's part of the store, which must already exist.
     pub fn existing_job(&self, name: &str) -> Result<JobStore, StoreError> {
         let job = self.job(name)?;
@@ -228,6 +270,13 @@ impl Store {
             }),
         }
     }
+}
+
+/// Whether a store directory of `stat` in which user `uid` was denied
+/// making a folder is closed to it as another user's (one of its own with
+/// a narrowed mode is the user's to mend, and the plain error says so).
+fn closed_to(stat: &FileStat, uid: u32) -> bool {
+    uid != 0 && stat.uid != uid
 }
 
 /// An epoch directory or file name did not parse.
@@ -488,5 +537,26 @@ impl JobStore {
             all.insert(epoch, EpochState::Partial { parts });
         }
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_is_closed_only_when_another_users() {
+        let stat = |uid, mode| FileStat {
+            is_dir: true,
+            len: 0,
+            uid,
+            mode,
+        };
+        assert!(closed_to(&stat(1000, 0o700), 1001));
+        assert!(closed_to(&stat(0, 0o755), 1001));
+        // One's own store with a narrowed mode is the plain error's.
+        assert!(!closed_to(&stat(1001, 0o500), 1001));
+        // Root is denied by nothing of this kind.
+        assert!(!closed_to(&stat(1000, 0o700), 0));
     }
 }
