@@ -479,10 +479,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 job
             };
             let store = existing_store(store, Some(&job))?;
+            let requeues = crate::report::requeues(&store, &job);
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
-            println!("job {job}: stopping");
+            println!(
+                "job {job}: stopping{}",
+                crate::report::after_stop(&job, requeues)
+            );
             Ok(code)
         }
         Command::Status { job, store, json } => {

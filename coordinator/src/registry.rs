@@ -143,6 +143,10 @@ pub struct CoordinatorAddr {
     pub pid: u32,
     /// Its host.
     pub host: String,
+    /// The Slurm job it puts back in the queue when it is preempted
+    /// (`cryo run --requeue` inside one); `None` when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeues: Option<String>,
 }
 
 /// The `run/` directory of a job.
@@ -329,6 +333,7 @@ mod tests {
             // A live pid: this test's own.
             pid: std::process::id(),
             host: hostname(),
+            requeues: None,
         };
         let err = format!("{:#}", registry.coordinator("j").expect_err("none"));
         assert!(

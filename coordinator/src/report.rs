@@ -41,6 +41,29 @@ pub(crate) fn warn_unrestorable(store: &std::path::Path, job: &str, response: &J
     }
 }
 
+/// Whether the running job's coordinator puts it back in Slurm's queue
+/// when it stops it, and as which job: `None` when that cannot be read.
+pub(crate) fn requeues(store: &std::path::Path, job: &str) -> Option<Option<String>> {
+    let job_store = cryo_core::Store::open(store).ok()?.existing_job(job).ok()?;
+    let addr = crate::registry::Registry::of(&job_store)
+        .coordinator(job)
+        .ok()?;
+    Some(addr.requeues)
+}
+
+/// What becomes of a job `cryo preempt` stops, for the line that says so.
+pub(crate) fn after_stop(job: &str, requeues: Option<Option<String>>) -> String {
+    match requeues {
+        Some(Some(slurm_job)) => format!(
+            "; Slurm job {slurm_job} goes back in the queue and resumes from its newest checkpoint (cryo run --requeue)"
+        ),
+        Some(None) => format!(
+            "; it is not requeued (its cryo run has no --requeue): `cryo restart {job}` resumes it from its newest checkpoint"
+        ),
+        None => String::new(),
+    }
+}
+
 pub(crate) fn report_checkpoint(
     store: &std::path::Path,
     job: &str,

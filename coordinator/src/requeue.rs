@@ -4,12 +4,11 @@ use std::process::Command;
 
 /// Puts this Slurm job back in the queue after a preemption checkpoint;
 /// when it starts again, `cryo run` resumes from the newest checkpoint.
-pub(crate) fn requeue_slurm_job() {
-    let Ok(id) = std::env::var("SLURM_JOB_ID") else {
+pub(crate) fn requeue_slurm_job(job: &str) {
+    let Some(id) = this_slurm_job() else {
         eprintln!("cryo: --requeue: not inside a Slurm job (no SLURM_JOB_ID); not requeued");
         return;
     };
-    let id = requeue_id(id, |name| std::env::var(name).ok());
     eprintln!("cryo: requeueing Slurm job {id}");
     match Command::new("scontrol").arg("requeue").arg(&id).output() {
         Ok(out) if out.status.success() => {}
@@ -17,12 +16,26 @@ pub(crate) fn requeue_slurm_job() {
             eprintln!("cryo: Slurm job {id} is already back in the queue");
         }
         Ok(out) => eprintln!(
-            "cryo: scontrol requeue {id} failed ({}): {}",
+            "cryo: scontrol requeue {id} failed ({}): {}; the job stays out of the queue \
+             (Slurm refuses a job submitted with --no-requeue, or where JobRequeue=0): \
+             `cryo restart {job}` in a new allocation resumes it from its newest checkpoint",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ),
-        Err(err) => eprintln!("cryo: cannot run scontrol requeue {id}: {err}"),
+        Err(err) => eprintln!(
+            "cryo: cannot run scontrol requeue {id}: {err}; `cryo restart {job}` in a new \
+             allocation resumes the job from its newest checkpoint"
+        ),
     }
+}
+
+/// The Slurm job this process runs in, as `scontrol requeue` names it;
+/// `None` outside Slurm.
+pub(crate) fn this_slurm_job() -> Option<String> {
+    let id = std::env::var("SLURM_JOB_ID")
+        .ok()
+        .filter(|id| !id.is_empty())?;
+    Some(requeue_id(id, |name| std::env::var(name).ok()))
 }
 
 /// The id that names this job alone to `scontrol requeue`: an array task's

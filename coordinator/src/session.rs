@@ -247,6 +247,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
         addr: addr.clone(),
         pid: std::process::id(),
         host: hostname(),
+        requeues: opts.requeue.then(crate::requeue::this_slurm_job).flatten(),
     })?;
     let (tx, rx) = mpsc::channel();
     let nodes: Option<BTreeSet<String>> = match opts.agents {
@@ -311,7 +312,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     registry.clear_coordinator();
     drop(tx);
     if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {
-        crate::requeue::requeue_slurm_job();
+        crate::requeue::requeue_slurm_job(&coordinator.opts.job);
     }
     // The agents' sockets and logs of a run that went well are clutter; a
     // failed run's logs stay for whoever looks into it.
@@ -607,8 +608,16 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
     let committed = c.job.latest_committed().ok().flatten();
     match c.preempt_result {
         Some(true) => {
+            let unrequeued = if !c.opts.requeue && crate::requeue::this_slurm_job().is_some() {
+                format!(
+                    "; not requeued (no --requeue): `cryo restart {}` resumes it",
+                    c.opts.job
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "cryo: job {} preempted after committing epoch {}",
+                "cryo: job {} preempted after committing epoch {}{unrequeued}",
                 c.opts.job,
                 committed.unwrap_or(0)
             );

@@ -250,7 +250,11 @@ fn signals_status_and_preempt_then_restart() {
     // cryo preempt: checkpoint, then stop with exit code 75.
     let out = case.cryo().args(["preempt", "signals"]).output().unwrap();
     assert!(
-        output_text(&out).contains("epoch 2 committed"),
+        output_text(&out).contains("epoch 2 committed")
+            && output_text(&out).contains(
+                "stopping; it is not requeued (its cryo run has no --requeue): \
+                 `cryo restart signals` resumes it"
+            ),
         "{}",
         output_text(&out)
     );

@@ -477,6 +477,10 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
         "{text}"
     );
     assert!(text.contains("the Slurm plugin's store="), "{text}");
+    assert!(
+        text.contains(&format!("stopping; Slurm job {id} goes back in the queue")),
+        "{text}"
+    );
     let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));
     let log = case.job_out();
     assert!(restarts >= 1, "the job was not requeued:\n{log}");
