@@ -25,6 +25,9 @@ use crate::runtime::{lock, Connection, Runtime, SafePoint, FLAG, IDLE, SEEN};
 #[cold]
 #[inline(never)]
 pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
+    if FLAG.load(Ordering::Acquire) == first_ptr() {
+        name_unclaimed_regions();
+    }
     let requested = past_first_safe_point(requested);
     if requested == 0 {
         return Ok(SafePoint::Continue);
@@ -54,6 +57,24 @@ pub(crate) fn park(requested: u64) -> Result<SafePoint, CheckpointError> {
     };
     let result = park_epoch(runtime, conn, epoch, None);
     detach_on_agent_loss(guard, result)
+}
+
+/// At a restarted rank's first safe point, where a program has registered
+/// its regions, names on stderr each saved one it has not: a region
+/// registered only on a fresh start, or later than the checkpoint's, would
+/// otherwise leave the program computing on memory that was never filled.
+fn name_unclaimed_regions() {
+    let guard = lock();
+    let Some(runtime) = guard.as_ref() else {
+        return;
+    };
+    for line in runtime.unclaimed_regions() {
+        tracing::warn!(job = %runtime.job, rank = runtime.config.rank, region_warning = %line, "restart.region_unclaimed");
+        eprintln!(
+            "cryo: rank {}: WARNING: at its first safe point, {line} (a later registration restores them then)",
+            runtime.config.rank
+        );
+    }
 }
 
 /// How long a rank whose agent closed while it was parked stays parked
@@ -266,7 +287,7 @@ fn park_epoch(
         unlinked: runtime.config.unlinked_cap,
         writable: runtime.config.writable_cap,
     };
-    let held = match held::gather(
+    let mut held = match held::gather(
         rank,
         &runtime.baseline,
         [&runtime_fds, &library_fds],
@@ -282,6 +303,10 @@ fn park_epoch(
             return Ok(SafePoint::Aborted(epoch));
         }
     };
+    held.warnings.extend(
+        (runtime.unclaimed_regions().into_iter())
+            .map(|line| format!("{line}, nor in this checkpoint")),
+    );
     for warning in &held.warnings {
         tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
     }

@@ -61,6 +61,35 @@ impl Runtime {
         Ok(())
     }
 
+    /// The application's regions of the checkpoint this rank restarted
+    /// from that it has not registered again (`cryo_region`,
+    /// `cryo_protect`), whose saved contents are therefore not back: one
+    /// line each, naming the region, its size and the epoch.
+    pub(crate) fn unclaimed_regions(&self) -> Vec<String> {
+        let Some(restored) = self.restored.as_ref() else {
+            return Vec::new();
+        };
+        (restored.record.regions.iter())
+            .filter(|r| {
+                matches!(
+                    r.kind,
+                    RegionKind::Anonymous
+                        | RegionKind::FileShared { .. }
+                        | RegionKind::FilePrivate { .. }
+                        | RegionKind::Protected
+                ) && !self.names.contains_key(&r.name)
+            })
+            .map(|r| {
+                format!(
+                    "region '{}' ({} bytes) of epoch {} has not been registered again since \
+                     the restart (cryo_region or cryo_protect with that name), so its saved \
+                     contents are not back",
+                    r.name, r.len, restored.epoch
+                )
+            })
+            .collect()
+    }
+
     fn saved(&self, name: &str) -> Option<(&Restored, &RegionRecord)> {
         let restored = self.restored.as_ref()?;
         let record = restored.record.regions.iter().find(|r| r.name == name)?;

@@ -115,6 +115,61 @@ fn rust_checkpoint_kill_restart_is_byte_identical() {
     assert!(agent.log_text().contains("restart.done"));
 }
 
+/// A buffer the program registers on a fresh start only is named after a
+/// restart, at the rank's first safe point and in the next checkpoint,
+/// since its saved contents are not back.
+#[test]
+fn a_region_not_registered_again_after_a_restart_is_named() {
+    let setup = setup();
+    let agent = Agent::start(setup.dir.path(), "unclaimed", &["--copy-budget", "64MiB"]);
+    let files = RankFiles::new(setup.dir.path(), "run-0", &setup.input);
+    let spec = spec(&Program::Rust, 0, &agent, 4);
+    let env = [("CRYO_EXAMPLE_FRESH_ONLY_REGION", "1")];
+    let mut rank = Rank::start_with_env(&spec, &files, &env);
+    rank.wait_lines(20);
+    let (report, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    drop(frozen);
+    let first = agent.job_store().load_manifest(report.epoch).unwrap();
+    assert!(first.ranks[0]
+        .regions
+        .iter()
+        .any(|r| r.name == "fresh-only"));
+    assert!(
+        first.ranks[0].warnings.is_empty(),
+        "{:?}",
+        first.ranks[0].warnings
+    );
+    rank.kill9();
+    agent.arm_restart();
+    let rank = Rank::start_with_env(&spec, &files, &env);
+    let named = "region 'fresh-only' (8192 bytes) of epoch 1 has not been registered again";
+    wait_until(
+        "the restarted rank names the region",
+        Duration::from_secs(20),
+        || Rank::stderr(&files).contains(named),
+    );
+    assert!(
+        Rank::stderr(&files).contains("WARNING: at its first safe point"),
+        "{}",
+        Rank::stderr(&files)
+    );
+    let (second, frozen) = checkpoint_frozen(&[&rank], || agent.checkpoint());
+    drop(frozen);
+    let manifest = agent.job_store().load_manifest(second.epoch).unwrap();
+    let warnings = &manifest.ranks[0].warnings;
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains(named) && w.ends_with("nor in this checkpoint")),
+        "{warnings:?}"
+    );
+    assert!(!manifest.ranks[0]
+        .regions
+        .iter()
+        .any(|r| r.name == "fresh-only"));
+    assert!(rank.wait().success(), "{}", Rank::stderr(&files));
+}
+
 #[test]
 fn three_checkpoint_kill_restart_cycles_in_one_run() {
     cycles(

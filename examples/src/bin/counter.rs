@@ -274,6 +274,16 @@ fn run(args: &Args) -> Result<()> {
         )?
     };
 
+    if info.restored_epoch.is_none() && std::env::var_os("CRYO_EXAMPLE_FRESH_ONLY_REGION").is_some()
+    {
+        // A buffer registered on a fresh start only, as a code that sets
+        // up a table once and skips that setup when it resumes: the
+        // runtime names it after a restart.
+        let table: &'static mut [u8] = Box::leak(vec![7u8; 8192].into_boxed_slice());
+        // SAFETY: leaked, so valid for the life of the process; never
+        // touched again.
+        unsafe { cryo_rank::protect("fresh-only", table.as_mut_ptr(), table.len())? };
+    }
     if info.restored_epoch.is_none() && args.state_kind == StateKind::Mixed {
         cryo_bench::synth::mixed_state(&mut state[HEADER..], u64::from(info.rank) + 1);
     }
