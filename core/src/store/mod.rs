@@ -116,7 +116,11 @@ pub enum StoreError {
     #[error(transparent)]
     Name(#[from] NameError),
     /// The job has no directory in the store.
-    #[error("job {job:?} has no checkpoints in {}", store.display())]
+    #[error(
+        "job {job:?} has no checkpoints in {} (`cryo ls {}` lists the jobs it holds)",
+        store.display(),
+        store.display()
+    )]
     UnknownJob {
         /// The job.
         job: String,

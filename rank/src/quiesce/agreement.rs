@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 pub(crate) use super::collectives::{CallError, Collectives, InFlight, Reduce};
 pub(crate) use super::decision::{Decision, Progress, Refusal};
-use super::pace::{cap_patience, check_patience, patience, Pace, JOIN_SLACK, MAX_SLACK, MIN_SLACK};
+use super::pace::{
+    cap_patience, catch_up_patience, check_patience, patience, Pace, JOIN_SLACK, MAX_SLACK,
+    MIN_SLACK,
+};
 
 /// Attempts per epoch: after a rank passed the target, the ranks join again
 /// with four times the slack; after this many, they refuse the epoch.
@@ -43,8 +46,9 @@ pub(crate) struct Stats {
 
 /// Where a rank stands in an agreement.
 enum Step<C: Collectives> {
-    /// Join started: [epoch, target] to come.
-    Joining { join: C::Pending<2>, since: Instant },
+    /// Join started: [epoch, target, !lowest safe point, slowest pace] to
+    /// come.
+    Joining { join: C::Pending<4>, since: Instant },
     /// The target is known and not reached yet.
     Heading,
     /// Arrive started: [a rank is not at the target] to come.
@@ -68,6 +72,11 @@ struct Agreement<C: Collectives> {
     /// Waited at the cap for the join as long as its patience allowed.
     left_cap: bool,
     target: u64,
+    /// The lowest safe point any rank was at when it joined, and the
+    /// slowest rank's time per safe point then (0: unmeasured): how long
+    /// the furthest behind may take to reach the target.
+    lowest: u64,
+    slowest_ns: u64,
     /// 0 for the first agreement of an epoch.
     attempt: u32,
     /// Waiting at the target (it said so in the arrive step).
@@ -203,7 +212,11 @@ impl<C: Collectives> Quiesce<C> {
                 .unwrap_or_else(|| self.pace.safe_points_in(JOIN_SLACK, MIN_SLACK, MAX_SLACK));
             self.counter.saturating_add(slack << (2 * attempt))
         };
-        let join = self.net.start(Reduce::Max, [epoch, cap])?;
+        // MAX of the complement is the complement of the lowest.
+        let join = self.net.start(
+            Reduce::Max,
+            [epoch, cap, !self.counter, self.pace.per_safe_point_ns],
+        )?;
         self.started += 1;
         self.stats.agreements += 1;
         tracing::debug!(
@@ -219,6 +232,8 @@ impl<C: Collectives> Quiesce<C> {
             cap,
             left_cap: false,
             target: NEVER,
+            lowest: 0,
+            slowest_ns: 0,
             attempt,
             at_target: false,
             waiting_since: None,
@@ -247,7 +262,22 @@ impl<C: Collectives> Quiesce<C> {
                     Step::Checking { everyone_there, .. } => {
                         check_patience(step_patience, everyone_there)
                     }
-                    Step::Heading | Step::Arriving { .. } => step_patience,
+                    // Ranks that compute apart (halves of the job that
+                    // couple seldom) may join far apart: the furthest
+                    // behind is waited for as long as it needs, within
+                    // bounds, in the first attempt. One that did not come
+                    // then is held by the ranks waiting for it (ranks that
+                    // call the safe point unequally often in a coupled
+                    // loop), and waiting as long again would only stall
+                    // the job.
+                    Step::Arriving { .. } if agreement.attempt == 0 => {
+                        step_patience.max(catch_up_patience(
+                            agreement.target.saturating_sub(agreement.lowest),
+                            agreement.slowest_ns,
+                        ))
+                    }
+                    Step::Arriving { .. } => step_patience,
+                    Step::Heading => step_patience,
                 },
                 rank: self.rank,
                 safe_point: self.counter,
@@ -273,7 +303,7 @@ impl<C: Collectives> Quiesce<C> {
                         &how,
                         &mut self.stats,
                     )?;
-                    let [epoch, target] = match settled {
+                    let [epoch, target, not_lowest, slowest_ns] = match settled {
                         Settled::Done(words) => words,
                         Settled::Pending | Settled::Wait => {
                             agreement.left_cap |= was_at_cap && !at_cap;
@@ -300,6 +330,8 @@ impl<C: Collectives> Quiesce<C> {
                     // The target is the latest joiner's cap.
                     agreement.epoch = epoch;
                     agreement.target = target;
+                    agreement.lowest = !not_lowest;
+                    agreement.slowest_ns = slowest_ns;
                     agreement.step = Step::Heading;
                 }
                 Step::Heading => {
@@ -382,6 +414,12 @@ impl<C: Collectives> Quiesce<C> {
                         agreement.at_target,
                         agreement.rang,
                     );
+                    let (behind, slowest_ns) = if agreement.target == NEVER {
+                        (0, 0)
+                    } else {
+                        let behind = agreement.target.saturating_sub(agreement.lowest);
+                        (behind, agreement.slowest_ns)
+                    };
                     self.agreement = None;
                     self.net.collect_rings(rang - u64::from(own_ring))?;
                     self.pace.restart(self.counter, self.net.now());
@@ -410,7 +448,14 @@ impl<C: Collectives> Quiesce<C> {
                             self.join(epoch, attempt + 1)?;
                             continue;
                         }
-                        Decision::Refuse(epoch, Refusal::Missed { missed: missing })
+                        Decision::Refuse(
+                            epoch,
+                            Refusal::Missed {
+                                missed: missing,
+                                behind,
+                                slowest_ns,
+                            },
+                        )
                     } else if at_target {
                         Decision::Park(epoch)
                     } else {

@@ -64,6 +64,22 @@ pub fn patience(per_safe_point_ns: u64, attempt: u32) -> Duration {
         .min(GIVE_UP)
 }
 
+/// The longest a rank waits at the target for ranks that were far behind
+/// it when they joined: well below an agent's park timeout.
+pub const MAX_CATCH_UP: Duration = GIVE_UP;
+
+/// How long a rank at the target waits for the others to arrive when the
+/// furthest behind was `behind` safe points short of it at the join, at
+/// `slowest_ns` per safe point: twice the time it needs, at most
+/// [`MAX_CATCH_UP`]. In a coupled code the ranks join within a safe point
+/// or two of each other and this is below the usual [`patience`]; ranks
+/// that compute apart (halves of a job that couple seldom, or at the end
+/// only) may join many safe points apart, and leaving before the last
+/// arrives would fail every attempt.
+pub fn catch_up_patience(behind: u64, slowest_ns: u64) -> Duration {
+    Duration::from_nanos(behind.saturating_mul(slowest_ns).saturating_mul(2)).min(MAX_CATCH_UP)
+}
+
 /// How long a rank at the target waits for the check, given its
 /// [`patience`] for the other steps. When the arrive found every rank at the
 /// target, each starts the check as soon as it sees the arrive complete, so
@@ -213,6 +229,22 @@ mod tests {
         assert_eq!(check_patience(usual, false), usual);
         assert_eq!(check_patience(usual, true), GIVE_UP);
         assert_eq!(check_patience(GIVE_UP * 2, true), GIVE_UP * 2);
+    }
+
+    #[test]
+    fn the_furthest_behind_is_given_twice_its_time_within_bounds() {
+        // A coupled loop: a safe point or two apart, less than the usual
+        // patience.
+        assert!(catch_up_patience(2, 10_000_000) < patience(10_000_000, 0));
+        // 300 safe points of 40 ms behind: 24 s needed twice over, capped.
+        assert_eq!(catch_up_patience(300, 40_000_000), MAX_CATCH_UP);
+        assert_eq!(
+            catch_up_patience(30, 40_000_000),
+            Duration::from_millis(2400)
+        );
+        // An unmeasured pace (0) or nobody behind adds nothing.
+        assert_eq!(catch_up_patience(30, 0), Duration::ZERO);
+        assert_eq!(catch_up_patience(u64::MAX, u64::MAX), MAX_CATCH_UP);
     }
 
     #[test]
