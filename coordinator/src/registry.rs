@@ -14,10 +14,14 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+use std::fs::File;
+
 use anyhow::{bail, Context, Result};
 use cryo_core::store::durable::{self, create_dir_all, read_capped};
 use cryo_core::store::JobStore;
 use cryo_core::token::JobToken;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 /// What `cryo run` launched, kept for `cryo restart`.
@@ -149,6 +153,13 @@ pub struct CoordinatorAddr {
     pub requeues: Option<String>,
 }
 
+/// The job's run lock, held by its one running `cryo run` (or restart)
+/// until that process exits (`None` on a filesystem without `flock`).
+#[derive(Debug)]
+pub struct RunLock {
+    _lock: Option<Flock<File>>,
+}
+
 /// The `run/` directory of a job.
 #[derive(Debug, Clone)]
 pub struct Registry {
@@ -175,6 +186,38 @@ impl Registry {
         token.write(&self.token_path())?;
         durable::sync_dir(&self.dir)?;
         Ok(token)
+    }
+
+    /// Takes the job's run lock without waiting, before anything of the
+    /// run is written: two `cryo run` or `cryo restart` of one job started
+    /// at once would otherwise both pass the check for a running
+    /// coordinator, and the second would replace the first's token and
+    /// entry, leaving a running job no command reaches. The file is opened
+    /// close-on-exec, so the job's processes do not hold it.
+    pub fn lock_run(&self, job: &str) -> Result<RunLock> {
+        create_dir_all(&self.dir)?;
+        let path = self.dir.join("run.lock");
+        let file = cryo_core::private_dir::create_file(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(RunLock { _lock: Some(lock) }),
+            Err((_, Errno::EWOULDBLOCK)) => match self.coordinator(job) {
+                Ok(existing) => bail!(
+                    "job {job:?} is already running (coordinator pid {} on {})",
+                    existing.pid,
+                    existing.host
+                ),
+                Err(_) => bail!(
+                    "job {job:?} is being started or stopped by another cryo run or cryo restart \
+                     (it holds {}); try again once that one has started or exited",
+                    path.display()
+                ),
+            },
+            Err((_, errno)) => {
+                tracing::debug!(job, path = %path.display(), error = %errno, "run_lock.unsupported");
+                Ok(RunLock { _lock: None })
+            }
+        }
     }
 
     /// Reads the token.

@@ -207,6 +207,8 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     let store = Store::create(&opts.store)?;
     let job = store.prepared_job(&opts.job)?;
     let registry = Registry::of(&job);
+    // Held until this run returns, past its coordinator's entry.
+    let _run_lock = registry.lock_run(&opts.job)?;
     refuse_if_running(&registry, &opts.job)?;
     let token = registry.create_token()?;
     let mut command = opts.command.clone();

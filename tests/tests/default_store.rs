@@ -271,3 +271,53 @@ fn a_store_closed_to_the_user_is_named_with_the_fix() {
         said(&out)
     );
 }
+
+/// `cryo run` of one job started several times at once: exactly one runs
+/// and keeps its job reachable; the others are refused before they write
+/// anything (a second token would lock `cryo status` and the agents out).
+#[test]
+fn runs_of_one_job_started_at_once_leave_one_running_and_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let store = dir.join("store");
+    let start = || {
+        cryo(dir)
+            .args([
+                "run", "--job", "twice", "--nodes", "a:1", "-n", "1", "--store",
+            ])
+            .arg(&store)
+            .args(["--", "sleep", "4"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let runs: Vec<_> = (0..4).map(|_| start()).collect();
+    // While the one that won runs, `cryo status` reaches it.
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = cryo(dir)
+        .args(["status", "twice", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let outs: Vec<Output> = runs
+        .into_iter()
+        .map(|r| r.wait_with_output().unwrap())
+        .collect();
+    let refused: Vec<&Output> = outs
+        .iter()
+        .filter(|o| {
+            let text = said(o);
+            text.contains("is already running") || text.contains("is being started or stopped")
+        })
+        .collect();
+    let all: Vec<String> = outs.iter().map(said).collect();
+    assert_eq!(refused.len(), 3, "{all:#?}");
+    assert!(refused.iter().all(|o| !o.status.success()), "{all:#?}");
+    assert!(
+        said(&status).contains("twice"),
+        "cryo status: {}\nruns: {all:#?}",
+        said(&status)
+    );
+    assert!(!said(&status).contains("not running"), "{}", said(&status));
+}
