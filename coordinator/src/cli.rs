@@ -483,9 +483,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
+            let checkpointed = crate::report::has_checkpoint(&store, &job);
             println!(
                 "job {job}: stopping{}",
-                crate::report::after_stop(&job, requeues)
+                crate::report::after_stop(&job, requeues, checkpointed)
             );
             Ok(code)
         }

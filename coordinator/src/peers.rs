@@ -248,5 +248,15 @@ pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobRespon
     })?;
     let version = auth::greet_as_control(&stream, job, format!("cryo on {}", hostname()), &token)?;
     write_message_as(&mut &stream, &request, version)?;
-    read_message::<JobResponse>(&mut &stream).context("reading the coordinator's answer")
+    match read_message::<JobResponse>(&mut &stream) {
+        // The coordinator exits as the job ends: a request that raced the
+        // end finds the connection closed.
+        Err(cryo_core::protocol::FrameError::Closed) => anyhow::bail!(
+            "job {job:?}'s coordinator closed the connection without answering: the job has \
+             ended or is stopping (`cryo status {job}` says whether it still runs; `cryo ls {}` \
+             lists its epochs)",
+            store.root().display()
+        ),
+        other => other.context("reading the coordinator's answer"),
+    }
 }

@@ -51,16 +51,36 @@ pub(crate) fn requeues(store: &std::path::Path, job: &str) -> Option<Option<Stri
     Some(addr.requeues)
 }
 
+/// Whether the job has a committed epoch (`true` when that cannot be
+/// read: the line then says what a restart would do with one).
+pub(crate) fn has_checkpoint(store: &std::path::Path, job: &str) -> bool {
+    cryo_core::Store::open(store)
+        .and_then(|s| s.existing_job(job))
+        .map_err(drop)
+        .and_then(|j| j.latest_committed().map_err(drop))
+        .map_or(true, |latest| latest.is_some())
+}
+
 /// What becomes of a job `cryo preempt` stops, for the line that says so.
-pub(crate) fn after_stop(job: &str, requeues: Option<Option<String>>) -> String {
-    match requeues {
-        Some(Some(slurm_job)) => format!(
+pub(crate) fn after_stop(
+    job: &str,
+    requeues: Option<Option<String>>,
+    checkpointed: bool,
+) -> String {
+    match (requeues, checkpointed) {
+        (Some(Some(slurm_job)), true) => format!(
             "; Slurm job {slurm_job} goes back in the queue and resumes from its newest checkpoint (cryo run --requeue)"
         ),
-        Some(None) => format!(
+        (Some(Some(slurm_job)), false) => format!(
+            "; Slurm job {slurm_job} goes back in the queue and, with no checkpoint yet, starts again from the beginning"
+        ),
+        (Some(None), true) => format!(
             "; it is not requeued (its cryo run has no --requeue): `cryo restart {job}` resumes it from its newest checkpoint"
         ),
-        None => String::new(),
+        (_, false) => {
+            "; it has no checkpoint yet: run it again from the start with cryo run".to_owned()
+        }
+        (None, true) => String::new(),
     }
 }
 
@@ -167,4 +187,23 @@ pub fn render_status(status: &JobStatus) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_job_is_said_to_resume_only_from_a_checkpoint_it_has() {
+        let requeued = Some(Some("7".to_owned()));
+        assert!(after_stop("j", requeued.clone(), true).contains("resumes from its newest"));
+        assert!(after_stop("j", requeued, false).contains("starts again from the beginning"));
+        assert!(after_stop("j", Some(None), true).contains("`cryo restart j` resumes it"));
+        for requeues in [Some(None), None] {
+            let line = after_stop("j", requeues, false);
+            assert!(line.contains("no checkpoint yet"), "{line}");
+            assert!(!line.contains("resumes"), "{line}");
+        }
+        assert_eq!(after_stop("j", None, true), "");
+    }
 }

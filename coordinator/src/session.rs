@@ -657,6 +657,13 @@ pub fn choose_restart_epoch(job: &JobStore, asked: Option<u64>) -> Result<u64> {
             ),
         };
     }
+    if epochs.is_empty() {
+        bail!(
+            "job {:?} has no committed epoch: no checkpoint of it was ever completed, so there is \
+             nothing to restart from (run it again from the start with cryo run)",
+            job.name()
+        );
+    }
     epochs.reverse();
     for (n, epoch) in epochs.iter().enumerate() {
         let Some(problem) = epoch_problem(job, *epoch) else {

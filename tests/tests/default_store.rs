@@ -320,4 +320,16 @@ fn runs_of_one_job_started_at_once_leave_one_running_and_reachable() {
         said(&status)
     );
     assert!(!said(&status).contains("not running"), "{}", said(&status));
+    // It never checkpointed: a restart says there is nothing to resume.
+    let restart = cryo(dir)
+        .args(["restart", "twice", "--store"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(!restart.status.success(), "{}", said(&restart));
+    assert!(
+        said(&restart).contains("no checkpoint of it was ever completed"),
+        "{}",
+        said(&restart)
+    );
 }
