@@ -136,7 +136,20 @@ pub(crate) fn settle(
                 tracing::info!(rank, path = %file.path, from, to, "restart.closed_file_cut");
                 cut.push(file.path.clone());
             }
-            Settled::Unchanged | Settled::Gone => {}
+            Settled::Unchanged => {}
+            // Named once, by the lowest rank that recorded it.
+            Settled::Gone
+                if file.at_checkpoint.size > 0
+                    && first_recorder(&all, path_key(&file.path)) == usize::try_from(rank).ok() =>
+            {
+                eprintln!(
+                    "cryo: rank {rank}: {} was written and closed before the checkpoint ({} \
+                     bytes) and is gone (moved or removed since): what the job wrote to it \
+                     before the checkpoint is not in the file the restarted run writes there",
+                    file.path, file.at_checkpoint.size
+                );
+            }
+            Settled::Gone => {}
             Settled::Changed { size } if file.appended => eprintln!(
                 "cryo: rank {rank}: {} was appended to and closed before the checkpoint \
                  ({} bytes), and has changed since (now {size} bytes) in a way a restart cannot \
@@ -156,6 +169,13 @@ pub(crate) fn settle(
     }
     peers.barrier().map_err(exchange)?;
     Ok(cut)
+}
+
+/// The lowest rank whose table holds the path `key`.
+pub(crate) fn first_recorder(all: &[Vec<u64>], key: u64) -> Option<usize> {
+    all.iter().position(|words| {
+        (words.get(1..).unwrap_or_default().chunks_exact(FILE_WORDS)).any(|entry| entry[0] == key)
+    })
 }
 
 /// Every rank's marks after its last close, per path key, and how many

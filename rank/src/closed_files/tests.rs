@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 use cryo_core::format::closed::{path_key, tail_hash, ClosedFile, ClosedFiles, Mark, TAIL_BYTES};
 
-use super::settle::{marks_to_try, settle_file, Files, RealFiles, Settled};
+use super::settle::{first_recorder, marks_to_try, settle_file, Files, RealFiles, Settled};
 use super::*;
 use crate::test_support::SERIAL;
 
@@ -473,4 +473,18 @@ fn a_table_naming_a_path_that_leads_elsewhere_is_refused_as_damaged() {
         matches!(&err, crate::error::RestoreError::ClosedFiles { why, .. } if why.contains("/etc/motd")),
         "{err}"
     );
+}
+
+#[test]
+fn a_gone_file_is_named_by_the_lowest_rank_that_recorded_it() {
+    // Each rank's words: restored, then five per file (key first).
+    let entry = |key: u64| [key, 10, 1, 10, 1];
+    let all = vec![
+        vec![1],
+        [&[1][..], &entry(7)[..], &entry(9)[..]].concat(),
+        [&[1][..], &entry(9)[..]].concat(),
+    ];
+    assert_eq!(first_recorder(&all, 9), Some(1));
+    assert_eq!(first_recorder(&all, 7), Some(1));
+    assert_eq!(first_recorder(&all, 8), None);
 }
