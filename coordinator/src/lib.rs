@@ -35,6 +35,7 @@ pub mod program_mpi;
 pub mod registry;
 pub mod report;
 mod requeue;
+pub mod restart_epoch;
 pub mod resume;
 mod running;
 pub mod session;

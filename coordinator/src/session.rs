@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use cryo_core::protocol::{AbortReason, ENV_JOB, ENV_TOKEN};
-use cryo_core::store::{JobStore, Store};
+use cryo_core::store::Store;
 use cryo_core::token::JobToken;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
@@ -35,6 +35,7 @@ use crate::export;
 use crate::launch::{self, LaunchBlock, Launcher, NodePlacement};
 use crate::peers::{serve_connections, Event};
 use crate::registry::{hostname, CoordinatorAddr, JobCommand, Registry};
+pub use crate::restart_epoch::choose_restart_epoch;
 use crate::running::Coordinator;
 use crate::signals::{install_signal_handlers, GOT_INT, GOT_TERM, GOT_USR1};
 
@@ -635,70 +636,5 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
             );
             ExitCode::from(EXIT_PREEMPTED_NO_CHECKPOINT)
         }
-    }
-}
-
-/// The epoch a restart starts from: `asked` (`cryo restart --epoch`), which
-/// must be committed and verify, or else the newest committed epoch whose
-/// chunks are all stored whole and undamaged (`JobStore::check_manifest`:
-/// no decompression, so the restart does not decode every chunk twice),
-/// warning about each newer one that is not.
-pub fn choose_restart_epoch(job: &JobStore, asked: Option<u64>) -> Result<u64> {
-    let mut epochs = job.committed_epochs()?;
-    if let Some(asked) = asked {
-        if !epochs.contains(&asked) {
-            bail!("job {:?} has no committed epoch {asked}", job.name());
-        }
-        return match epoch_problem(job, asked) {
-            None => Ok(asked),
-            Some(problem) => bail!(
-                "epoch {asked} of job {:?} {problem}: restart from another epoch (--epoch), or leave --epoch out for the newest that verifies",
-                job.name()
-            ),
-        };
-    }
-    if epochs.is_empty() {
-        bail!(
-            "job {:?} has no committed epoch: no checkpoint of it was ever completed, so there is \
-             nothing to restart from (run it again from the start with cryo run)",
-            job.name()
-        );
-    }
-    epochs.reverse();
-    for (n, epoch) in epochs.iter().enumerate() {
-        let Some(problem) = epoch_problem(job, *epoch) else {
-            return Ok(*epoch);
-        };
-        let next = if n + 1 < epochs.len() {
-            "falling back to an older epoch"
-        } else {
-            "and no older epoch is left"
-        };
-        eprintln!("cryo: warning: epoch {epoch} {problem}; {next}");
-    }
-    bail!(
-        "job {:?} has no committed epoch that passes verification",
-        job.name()
-    )
-}
-
-/// What is wrong with `epoch`'s image, if anything: unreadable metadata, or
-/// chunks not stored whole and undamaged.
-fn epoch_problem(job: &JobStore, epoch: u64) -> Option<String> {
-    match job.load_manifest(epoch) {
-        Ok(manifest) => {
-            // Stored whole and undamaged is checked here, fast; each rank
-            // hash-checks its chunks as it decodes them at restore.
-            let report = job.check_manifest(&manifest);
-            let first = report.bad.first()?;
-            Some(format!(
-                "fails verification ({} bad chunk uses; first: rank {} region {:?}: {})",
-                report.bad.len(),
-                first.rank,
-                first.region,
-                first.problem
-            ))
-        }
-        Err(err) => Some(format!("is unreadable ({err})")),
     }
 }

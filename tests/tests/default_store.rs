@@ -222,20 +222,23 @@ fn a_store_closed_to_the_user_is_named_with_the_fix() {
     let nobody_tmp = dir.join("tmp");
     std::fs::create_dir(&nobody_tmp).unwrap();
     std::fs::set_permissions(&nobody_tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new(&setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&cryo_copy)
-        .args([
-            "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
-        ])
-        .arg(&store)
-        .args(["--", "/bin/true"])
-        .env_remove("CRYO_STORE")
-        .env("HOME", &nobody_tmp)
-        .env("TMPDIR", &nobody_tmp)
-        .current_dir(&nobody_tmp)
-        .output()
-        .unwrap();
+    // The same `cryo run` as nobody, in its own folder.
+    let as_nobody = || {
+        let mut cmd = Command::new(&setpriv);
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&cryo_copy)
+            .args([
+                "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
+            ])
+            .arg(&store)
+            .args(["--", "/bin/true"])
+            .env_remove("CRYO_STORE")
+            .env("HOME", &nobody_tmp)
+            .env("TMPDIR", &nobody_tmp);
+        cmd.current_dir(&nobody_tmp);
+        cmd
+    };
+    let out = as_nobody().output().unwrap();
     let text = said(&out);
     assert!(!out.status.success(), "{text}");
     assert!(
@@ -248,20 +251,9 @@ fn a_store_closed_to_the_user_is_named_with_the_fix() {
     assert!(!store.join("closed").exists());
     // Opened to every user as the README says, the same run gets past it.
     std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new(&setpriv)
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&cryo_copy)
-        .args([
-            "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
-        ])
-        .arg(&store)
-        .args(["--", "/bin/true"])
-        .env_remove("CRYO_STORE")
-        .env("HOME", &nobody_tmp)
-        .env("TMPDIR", &nobody_tmp)
+    let out = as_nobody()
         // Past the store it stops quickly at the launcher or the agent.
         .env("PATH", &nobody_tmp)
-        .current_dir(&nobody_tmp)
         .output()
         .unwrap();
     assert!(!said(&out).contains("another user's"), "{}", said(&out));

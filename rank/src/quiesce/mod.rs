@@ -123,6 +123,8 @@ mod flavour;
 mod mpi;
 mod pace;
 #[cfg(test)]
+mod pace_tests;
+#[cfg(test)]
 mod sim;
 #[cfg(test)]
 mod tests;
