@@ -339,7 +339,7 @@ pub enum RestoreError {
         why: String,
     },
     /// Another rank's restore failed (it names its own reason).
-    #[error("rank {rank}: rank {peer} could not restore its checkpoint, so the job cannot go on (its error says why)")]
+    #[error("rank {rank}: rank {peer} could not restore its checkpoint, so the job cannot go on (its own error, on its stderr as `cryo: rank {peer}: …`, says why)")]
     PeerFailed {
         /// The rank.
         rank: u32,

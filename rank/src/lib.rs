@@ -42,6 +42,7 @@ pub mod quiesce;
 mod quiet_thread;
 mod regions;
 mod remake;
+mod restart;
 mod restore_threads;
 mod runtime;
 mod self_copy;

@@ -18,7 +18,7 @@ use cryo_core::protocol::{
     ENV_AGENT_SOCKET, ENV_DIRTY_TRACKING, ENV_FILE_POLICY, ENV_JOB, ENV_RANK, ENV_REGION_BASE,
     ENV_TOKEN, PROTOCOL_VERSION,
 };
-use cryo_core::store::{JobStore, Store};
+use cryo_core::store::JobStore;
 use cryo_core::token::JobToken;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -26,10 +26,9 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::mman::{mmap, mmap_anonymous, MapFlags, ProtFlags};
 use nix::unistd::ftruncate;
 
-use crate::error::{InitError, RestoreError};
-use crate::files::{restore_files, FilePolicy, FilesRestored};
+use crate::error::InitError;
+use crate::files::{FilePolicy, FilesRestored};
 use crate::held::{Baseline, DEFAULT_UNLINKED_CAP, DEFAULT_WRITABLE_CAP};
-use crate::mappings::restore_mappings;
 pub(crate) use crate::park::{note_seen, park, park_decided, refuse, requested_epoch};
 
 use cryo_core::env::{ENV_FD_FLOOR, ENV_REGION_RESERVE, ENV_UNLINKED_CAP, ENV_WRITABLE_CAP};
@@ -483,59 +482,6 @@ fn connect(config: &Config, path: &Path) -> Result<(Connection, StartMode, Strin
     }
 }
 
-fn load_restore(
-    rank: u32,
-    epoch: u64,
-    store_root: &str,
-    job: &str,
-    handed: Option<cryo_core::format::manifest::Manifest>,
-) -> Result<Restored, RestoreError> {
-    // Its pack files are the runtime's: high fds, never captured.
-    let store = Store::open_with_fs(store_root, crate::store_fds::RuntimeFs::shared())
-        .and_then(|store| store.existing_job(job))
-        .map_err(|source| RestoreError::Store {
-            rank,
-            epoch,
-            source,
-        })?;
-    // Another user's job (or a job directory swapped for a link) is refused
-    // before anything of it is read.
-    cryo_core::store::durable::check_private_dir(store.dir()).map_err(|source| {
-        RestoreError::Store {
-            rank,
-            epoch,
-            source: source.into(),
-        }
-    })?;
-    // The prefetch (rank/src/prefetch.rs) may have parsed it already.
-    let manifest = match handed {
-        Some(manifest) => manifest,
-        None => store
-            .load_manifest(epoch)
-            .map_err(|source| RestoreError::Manifest {
-                rank,
-                epoch,
-                source,
-            })?,
-    };
-    let record = manifest
-        .ranks
-        .iter()
-        .find(|r| r.rank == rank)
-        .cloned()
-        .ok_or_else(|| RestoreError::RankMissing {
-            rank,
-            epoch,
-            job: job.to_owned(),
-            world_size: manifest.world_size,
-        })?;
-    Ok(Restored {
-        epoch,
-        store,
-        record,
-    })
-}
-
 /// Initializes the runtime from the environment. See the crate docs.
 pub fn init() -> Result<InitInfo, InitError> {
     init_with(Config::from_env()?)
@@ -579,67 +525,15 @@ pub(crate) fn init_with_peers(
         job: store_job,
     } = &start
     {
-        let reserved: Vec<RawFd> = conn
-            .iter()
-            .flat_map(|c| [c.sock.as_raw_fd(), c.memfd.as_raw_fd()])
-            .collect();
-        // An image of another job must never be poured into this process.
-        let result = if !job.is_empty() && job != *store_job {
-            Err(RestoreError::OtherJob {
-                rank,
-                epoch: *epoch,
-                offered: store_job.clone(),
-                ours: job.clone(),
-            })
-        } else {
-            job = store_job.clone();
-            let handed = crate::prefetch::pause(*epoch, store, store_job);
-            load_restore(rank, *epoch, store, store_job, handed)
-        }
-        .and_then(|r| {
-            let policy = config.file_policy;
-            let mut files = restore_files(&r.record, &r.store, policy, &reserved)?;
-            (files.recreated).extend(crate::remake::remake_node_files(
-                &r.record, &r.store, policy,
-            )?);
-            restore_mappings(&r.record, &r.store, policy)?;
-            let held = crate::floor::hold_lost(&r.record);
-            tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");
-            // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.
-            let closed = match config.file_policy {
-                FilePolicy::Truncate => crate::closed_files::load(&r.record, &r.store)?,
-                FilePolicy::Keep => Default::default(),
-            };
-            // The regions come back as the application maps them.
-            crate::prefetch::resume(*epoch, store, &job, &r.record);
-            Ok((r, files, closed))
-        });
-        // Every rank takes part, whether its own restore worked or not.
-        let settled = crate::closed_files::settle(
-            rank,
-            result.as_ref().ok().map(|(_, _, closed)| closed),
+        let (r, f) = crate::restart::restore_at_start(
+            &config,
+            (*epoch, store, store_job),
+            &mut job,
+            conn.as_ref(),
             peers,
-        );
-        let result = result.and_then(|(r, mut files, _)| {
-            files.truncated.extend(settled?);
-            Ok((r, files))
-        });
-        match result {
-            Ok((r, f)) => {
-                restored = Some(r);
-                files = f;
-            }
-            Err(err) => {
-                if let Some(conn) = &conn {
-                    let _ = conn.send(&RankToAgent::RestoreFailed {
-                        epoch: *epoch,
-                        error: err.to_string(),
-                    });
-                }
-                tracing::error!(job = %job, rank, epoch, error = %err, "restart.failed");
-                return Err(err.into());
-            }
-        }
+        )?;
+        restored = Some(r);
+        files = f;
         if let Some(conn) = &conn {
             let _ = conn.send(&RankToAgent::Restored { epoch: *epoch });
         }

@@ -414,7 +414,14 @@ int main(int argc, char **argv) {
         if (open("/dev/null", O_RDONLY) < 0) state_fail_errno(&c, "harness", "open /dev/null (STATE_PRE_INIT_FDS)");
 
     int rc = cryo_init_mpi(MPI_COMM_WORLD);
-    if (rc != CRYO_OK) state_fail(&c, "harness", "cryo_init_mpi: %s", cryo_strerror(rc));
+    if (rc != CRYO_OK) {
+        /* STATE_SLOW_FAILURE=S: a rank other than 0 waits S seconds before
+         * it reports a failed cryo_init, as a rank the launcher kills
+         * before it gets to print would (tests/tests/state_faults.rs). */
+        const char *slow = getenv("STATE_SLOW_FAILURE");
+        if (slow && c.rank != 0) sleep((unsigned)strtoul(slow, NULL, 10));
+        state_fail(&c, "harness", "cryo_init_mpi: %s", cryo_strerror(rc));
+    }
     c.epoch = cryo_restored_epoch();
 
     void *region = NULL;
