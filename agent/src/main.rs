@@ -219,7 +219,7 @@ fn main() -> std::process::ExitCode {
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!(
+            cryo_core::say!(
                 "cryo-agent: error: {}",
                 cryo_core::error_chain::error_chain(err.as_ref())
             );

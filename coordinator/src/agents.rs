@@ -336,7 +336,7 @@ pub(crate) fn start_agent_step(
     let step = command
         .spawn()
         .with_context(|| format!("starting the agents' step with {launcher}"))?;
-    eprintln!(
+    cryo_core::say!(
         "cryo: starting {nodes} agent(s) as a step of {launcher} (pid {}){}",
         step.id(),
         if hosts.is_empty() {

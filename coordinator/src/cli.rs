@@ -317,7 +317,7 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("cryo: error: {}", crate::human::error_chain(&err));
+            cryo_core::say!("cryo: error: {}", crate::human::error_chain(&err));
             ExitCode::FAILURE
         }
     }
@@ -328,6 +328,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Ls { store, job, json } => {
             let store = Store::open(&store)?;
+            inspect::name_closed_jobs(&store, job.as_deref());
             let rows = inspect::list(&store, job.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -364,6 +365,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let store = Store::open(&store)?;
             let options = cryo_core::store::GcOptions { keep, repack_below };
+            inspect::name_closed_jobs(&store, job.as_deref());
             let reports = inspect::gc(&store, job.as_deref(), options)?;
             print!("{}", inspect::render_gc(&reports));
             Ok(ExitCode::SUCCESS)
@@ -429,13 +431,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
             let epoch = session::choose_restart_epoch(&job_store, epoch)?;
             if let Some(after) = command.fresh_after.filter(|after| epoch <= *after) {
-                eprintln!(
+                cryo_core::say!(
                     "cryo: warning: epoch {epoch} is an earlier run's: the job's command, {}, started from the beginning after epoch {after}",
                     command.describe()
                 );
             }
             if registry.finished() {
-                eprintln!("cryo: note: job {job:?} finished when it last ran; this restart runs it again from epoch {epoch}");
+                cryo_core::say!("cryo: note: job {job:?} finished when it last ran; this restart runs it again from epoch {epoch}");
             }
             let manifest = job_store.load_manifest(epoch)?;
             if manifest.world_size != command.world_size {
@@ -460,7 +462,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 };
                 launch::check_restart_placement(&manifest, placed, emulated)?;
             }
-            eprintln!("cryo: restarting job {:?} from epoch {epoch}", opts.job);
+            cryo_core::say!("cryo: restarting job {:?} from epoch {epoch}", opts.job);
             crate::gone_files::announce(&manifest, &opts.store);
             session::run(opts)
         }
@@ -483,11 +485,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let response = session::request(&store, &job, JobRequest::Preempt)?;
             let code = report_checkpoint(&store, &job, &response)?;
             warn_unrestorable(&store, &job, &response);
-            let checkpointed = crate::report::has_checkpoint(&store, &job);
-            println!(
-                "job {job}: stopping{}",
-                crate::report::after_stop(&job, requeues, checkpointed)
-            );
+            crate::report::after_preempt(&store, &job, requeues, &response);
             Ok(code)
         }
         Command::Status { job, store, json } => {
@@ -542,12 +540,12 @@ enum Creates {
 /// Resolves the store of `cryo run` or `restart` and says where it is.
 fn announce_store(store: StoreDir, creates: Creates) -> Result<StoreDir> {
     if store.is_default {
-        eprintln!("cryo: store {}", store.describe());
+        cryo_core::say!("cryo: store {}", store.describe());
     } else if let Some(news) = store.newly_made().filter(|_| creates == Creates::Yes) {
-        eprintln!("cryo: store {} {news}", store.describe());
+        cryo_core::say!("cryo: store {} {news}", store.describe());
     }
     if let Some(warning) = store.node_local_warning() {
-        eprintln!("cryo: WARNING: {warning}");
+        cryo_core::say!("cryo: WARNING: {warning}");
     }
     Ok(store)
 }

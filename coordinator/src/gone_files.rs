@@ -148,7 +148,7 @@ pub fn announce(manifest: &Manifest, store_dir: &Path) {
         return;
     };
     for file in gone_since(manifest, store, &HostPaths) {
-        eprintln!("cryo: {}", file.describe(manifest.epoch));
+        cryo_core::say!("cryo: {}", file.describe(manifest.epoch));
     }
 }
 

@@ -53,6 +53,29 @@ pub fn job_names(store: &Store, only_job: Option<&str>) -> Result<Vec<String>> {
     })
 }
 
+/// Says on stderr which jobs of the store, other users', a command over
+/// every job passes over (nothing when it names one job).
+pub fn name_closed_jobs(store: &Store, only_job: Option<&str>) {
+    if only_job.is_some() {
+        return;
+    }
+    let closed = store.jobs_closed_to_us().unwrap_or_default();
+    if !closed.is_empty() {
+        cryo_core::say!(
+            "cryo: {} in {} belong{} to other users and {} passed over (closed to you): {}",
+            plural(closed.len(), "job"),
+            store.root().display(),
+            if closed.len() == 1 { "s" } else { "" },
+            if closed.len() == 1 { "is" } else { "are" },
+            closed.join(", ")
+        );
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
 /// Lists every job and epoch in the store.
 pub fn list(store: &Store, only_job: Option<&str>) -> Result<Vec<EpochListing>> {
     let mut rows = Vec::new();

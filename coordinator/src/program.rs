@@ -76,7 +76,7 @@ pub fn check_before_launch(
     match check(program, cwd) {
         Ok(_) => Ok(()),
         Err(err) if hosts_elsewhere => {
-            eprintln!("cryo: warning: {err} on this machine; the hosts must have it");
+            cryo_core::say!("cryo: warning: {err} on this machine; the hosts must have it");
             Ok(())
         }
         Err(err) => Err(err),

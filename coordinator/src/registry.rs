@@ -4,6 +4,7 @@
 //! STORE/<job>/run/token          the job's secret token (0600)
 //! STORE/<job>/run/coordinator    address and pid of the live coordinator
 //! STORE/<job>/run/command.json   program, arguments, world size: for restart
+//! STORE/<job>/run/run.lock       flock held by the job's one cryo run or restart
 //! ```
 //!
 //! The store is the one place every node and every later allocation shares,
@@ -13,6 +14,7 @@
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use std::fs::File;
 
@@ -153,6 +155,10 @@ pub struct CoordinatorAddr {
     pub requeues: Option<String>,
 }
 
+/// How long `cryo run` or `cryo restart` waits for another run of the job
+/// that is starting or stopping.
+pub const RUN_LOCK_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The job's run lock, held by its one running `cryo run` (or restart)
 /// until that process exits (`None` on a filesystem without `flock`).
 #[derive(Debug)]
@@ -188,36 +194,87 @@ impl Registry {
         Ok(token)
     }
 
-    /// Takes the job's run lock without waiting, before anything of the
-    /// run is written: two `cryo run` or `cryo restart` of one job started
+    /// Takes the job's run lock before anything of the run is written: two `cryo run` or `cryo restart` of one job started
     /// at once would otherwise both pass the check for a running
     /// coordinator, and the second would replace the first's token and
     /// entry, leaving a running job no command reaches. The file is opened
     /// close-on-exec, so the job's processes do not hold it.
+    ///
+    /// A run still stopping (its coordinator has left the registry) or
+    /// starting (it has not entered it yet) is waited for, up to
+    /// [`RUN_LOCK_PATIENCE`]: `cryo restart` right after `cryo preempt`,
+    /// or a requeued job's next run, goes ahead once the old one exits.
     pub fn lock_run(&self, job: &str) -> Result<RunLock> {
         create_dir_all(&self.dir)?;
-        let path = self.dir.join("run.lock");
-        let file = cryo_core::private_dir::create_file(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(RunLock { _lock: Some(lock) }),
-            Err((_, Errno::EWOULDBLOCK)) => match self.coordinator(job) {
-                Ok(existing) => bail!(
-                    "job {job:?} is already running (coordinator pid {} on {})",
-                    existing.pid,
-                    existing.host
-                ),
-                Err(_) => bail!(
-                    "job {job:?} is being started or stopped by another cryo run or cryo restart \
-                     (it holds {}); try again once that one has started or exited",
-                    path.display()
-                ),
-            },
-            Err((_, errno)) => {
-                tracing::debug!(job, path = %path.display(), error = %errno, "run_lock.unsupported");
-                Ok(RunLock { _lock: None })
+        let path = self.run_lock_path();
+        let deadline = Instant::now() + RUN_LOCK_PATIENCE;
+        let mut told = false;
+        loop {
+            let file = cryo_core::private_dir::create_file(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => return Ok(RunLock { _lock: Some(lock) }),
+                Err((_, Errno::EWOULDBLOCK)) => {
+                    if let Ok(existing) = self.coordinator(job) {
+                        bail!(
+                            "job {job:?} is already running (coordinator pid {} on {})",
+                            existing.pid,
+                            existing.host
+                        );
+                    }
+                    if Instant::now() >= deadline {
+                        bail!(
+                            "job {job:?} is being started or stopped by another cryo run or \
+                             cryo restart (it has held {} for {} s); try again once that one \
+                             has started or exited",
+                            path.display(),
+                            RUN_LOCK_PATIENCE.as_secs()
+                        );
+                    }
+                    if !told {
+                        cryo_core::say!(
+                            "cryo: job {job:?} is being started or stopped by another cryo run \
+                             or cryo restart: waiting for it (up to {} s)",
+                            RUN_LOCK_PATIENCE.as_secs()
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err((_, errno)) => {
+                    tracing::debug!(job, path = %path.display(), error = %errno, "run_lock.unsupported");
+                    return Ok(RunLock { _lock: None });
+                }
             }
         }
+    }
+
+    /// Waits until no `cryo run` or `cryo restart` of the job holds its run
+    /// lock (its last run has exited); whether that came within `patience`.
+    /// `true` where the lock cannot be taken at all (no `flock`).
+    pub fn wait_run_released(&self, patience: Duration) -> bool {
+        let path = self.run_lock_path();
+        let deadline = Instant::now() + patience;
+        loop {
+            let Ok(file) = File::open(&path) else {
+                // Never locked.
+                return true;
+            };
+            // Shared, and dropped at once: a run starting meanwhile waits
+            // for it rather than failing.
+            match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                Ok(_probe) => return true,
+                Err((_, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err((_, Errno::EWOULDBLOCK)) => return false,
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn run_lock_path(&self) -> PathBuf {
+        self.dir.join("run.lock")
     }
 
     /// Reads the token.
@@ -362,6 +419,44 @@ mod tests {
         let older: JobCommand = serde_json::from_str(older).expect("an older command decodes");
         assert_eq!(older.launcher(), None);
         assert_eq!(older.world_size, 2);
+    }
+
+    #[test]
+    fn a_run_holding_the_lock_is_waited_for_until_it_exits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Registry {
+            dir: dir.path().join("run"),
+        };
+        // Never locked: nothing to wait for.
+        assert!(registry.wait_run_released(Duration::ZERO));
+        let held = registry.lock_run("job").expect("locks");
+        assert!(!registry.wait_run_released(Duration::from_millis(100)));
+        let waiter = {
+            let registry = registry.clone();
+            std::thread::spawn(move || registry.wait_run_released(Duration::from_secs(20)))
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        drop(held);
+        assert!(waiter.join().expect("joins"), "the run's exit was noticed");
+        // A run starting while another stops (no coordinator registered)
+        // waits for it, then takes the lock.
+        let held = registry.lock_run("job").expect("locks");
+        let starter = {
+            let registry = registry.clone();
+            std::thread::spawn(move || {
+                registry
+                    .lock_run("job")
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!starter.is_finished(), "the second run did not wait");
+        drop(held);
+        starter
+            .join()
+            .expect("joins")
+            .expect("the second run takes the lock once the first exits");
     }
 
     #[test]

@@ -32,10 +32,10 @@ pub(crate) fn warn_unrestorable(store: &std::path::Path, job: &str, response: &J
     match manifest {
         Ok(manifest) => {
             for warning in crate::holdings::warnings(&manifest) {
-                eprintln!("job {job}: epoch {epoch}: warning: {warning}");
+                cryo_core::say!("job {job}: epoch {epoch}: warning: {warning}");
             }
         }
-        Err(err) => eprintln!(
+        Err(err) => cryo_core::say!(
             "job {job}: epoch {epoch}: cannot read its manifest to list what a restart will not restore: {err}"
         ),
     }
@@ -51,14 +51,54 @@ pub(crate) fn requeues(store: &std::path::Path, job: &str) -> Option<Option<Stri
     Some(addr.requeues)
 }
 
-/// Whether the job has a committed epoch (`true` when that cannot be
-/// read: the line then says what a restart would do with one).
-pub(crate) fn has_checkpoint(store: &std::path::Path, job: &str) -> bool {
+/// The job's newest committed epoch, as the store says; `Err` when the
+/// store or the job cannot be read.
+fn newest_committed(store: &std::path::Path, job: &str) -> Result<Option<u64>, ()> {
     cryo_core::Store::open(store)
         .and_then(|s| s.existing_job(job))
         .map_err(drop)
         .and_then(|j| j.latest_committed().map_err(drop))
-        .map_or(true, |latest| latest.is_some())
+}
+
+/// Whether the job has a committed epoch (`true` when that cannot be
+/// read: the line then says what a restart would do with one).
+pub(crate) fn has_checkpoint(store: &std::path::Path, job: &str) -> bool {
+    newest_committed(store, job).map_or(true, |latest| latest.is_some())
+}
+
+/// How long `cryo preempt` waits for the job's `cryo run` to exit once
+/// the job is told to stop (its launcher is given 10 s, then killed).
+const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until the job's `cryo run` (or restart) has exited, so that its
+/// nodes are free and a restart is not refused; whether it did within
+/// [`STOP_PATIENCE`] (`true` when the job's store cannot be read).
+fn wait_stopped(store: &std::path::Path, job: &str) -> bool {
+    match cryo_core::Store::open(store).and_then(|s| s.existing_job(job)) {
+        Ok(job) => crate::registry::Registry::of(&job).wait_run_released(STOP_PATIENCE),
+        Err(_) => true,
+    }
+}
+
+/// Once `cryo preempt` is answered: waits for the job to stop, then says
+/// so and what becomes of it.
+pub(crate) fn after_preempt(
+    store: &std::path::Path,
+    job: &str,
+    requeues: Option<Option<String>>,
+    response: &JobResponse,
+) {
+    if matches!(response, JobResponse::Refused { .. }) {
+        return;
+    }
+    let state = if wait_stopped(store, job) {
+        "stopped".to_owned()
+    } else {
+        let secs = STOP_PATIENCE.as_secs();
+        format!("stopping (its cryo run had not exited after {secs} s)")
+    };
+    let after = after_stop(job, requeues, has_checkpoint(store, job));
+    println!("job {job}: {state}{after}");
 }
 
 /// What becomes of a job `cryo preempt` stops, for the line that says so.
@@ -109,17 +149,12 @@ pub(crate) fn report_checkpoint(
             Ok(ExitCode::SUCCESS)
         }
         JobResponse::Aborted { epoch, reason } => {
-            let stands = what_stands(
-                cryo_core::Store::open(store)
-                    .and_then(|s| s.existing_job(job))
-                    .map_err(drop)
-                    .and_then(|j| j.latest_committed().map_err(drop)),
-            );
-            eprintln!("job {job}: epoch {epoch} aborted: {reason}; {stands}");
+            let stands = what_stands(newest_committed(store, job));
+            cryo_core::say!("job {job}: epoch {epoch} aborted: {reason}; {stands}");
             Ok(ExitCode::FAILURE)
         }
         JobResponse::Refused { reason } => {
-            eprintln!("job {job}: checkpoint refused: {reason}");
+            cryo_core::say!("job {job}: checkpoint refused: {reason}");
             Ok(ExitCode::FAILURE)
         }
         JobResponse::Status(_) => bail!("unexpected answer from the coordinator"),

@@ -6,23 +6,23 @@ use std::process::Command;
 /// when it starts again, `cryo run` resumes from the newest checkpoint.
 pub(crate) fn requeue_slurm_job(job: &str) {
     let Some(id) = this_slurm_job() else {
-        eprintln!("cryo: --requeue: not inside a Slurm job (no SLURM_JOB_ID); not requeued");
+        cryo_core::say!("cryo: --requeue: not inside a Slurm job (no SLURM_JOB_ID); not requeued");
         return;
     };
-    eprintln!("cryo: requeueing Slurm job {id}");
+    cryo_core::say!("cryo: requeueing Slurm job {id}");
     match Command::new("scontrol").arg("requeue").arg(&id).output() {
         Ok(out) if out.status.success() => {}
         Ok(out) if String::from_utf8_lossy(&out.stderr).contains("pending") => {
-            eprintln!("cryo: Slurm job {id} is already back in the queue");
+            cryo_core::say!("cryo: Slurm job {id} is already back in the queue");
         }
-        Ok(out) => eprintln!(
+        Ok(out) => cryo_core::say!(
             "cryo: scontrol requeue {id} failed ({}): {}; the job stays out of the queue \
              (Slurm refuses a job submitted with --no-requeue, or where JobRequeue=0): \
              `cryo restart {job}` in a new allocation resumes it from its newest checkpoint",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ),
-        Err(err) => eprintln!(
+        Err(err) => cryo_core::say!(
             "cryo: cannot run scontrol requeue {id}: {err}; `cryo restart {job}` in a new \
              allocation resumes the job from its newest checkpoint"
         ),

@@ -40,7 +40,7 @@ pub fn choose_restart_epoch(job: &JobStore, asked: Option<u64>) -> Result<u64> {
         } else {
             "and no older epoch is left"
         };
-        eprintln!("cryo: warning: epoch {epoch} {problem}; {next}");
+        cryo_core::say!("cryo: warning: epoch {epoch} {problem}; {next}");
     }
     bail!(
         "job {:?} has no committed epoch that passes verification",

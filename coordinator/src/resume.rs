@@ -40,7 +40,9 @@ pub fn epoch(store: &Path, job: &str, command: &JobCommand, asked: Asked) -> Res
         return Ok(None);
     };
     let Some(latest) = job_store.latest_committed()? else {
-        eprintln!("cryo: job {job:?} has no committed checkpoint yet; starting from the beginning");
+        cryo_core::say!(
+            "cryo: job {job:?} has no committed checkpoint yet; starting from the beginning"
+        );
         return Ok(None);
     };
     let recorded = Registry::of(&job_store).command().ok();
@@ -57,12 +59,14 @@ pub fn epoch(store: &Path, job: &str, command: &JobCommand, asked: Asked) -> Res
                  name (`--job NAME`: two in one batch script share slurm-$SLURM_JOB_ID), or \
                  remove the other job's checkpoints"
             ),
-            Asked::ByUser => eprintln!("cryo: warning: {what}; resuming it as asked (--resume)"),
+            Asked::ByUser => {
+                cryo_core::say!("cryo: warning: {what}; resuming it as asked (--resume)")
+            }
         }
     }
     let floor = recorded.and_then(|r| r.fresh_after);
     if let Some(floor) = floor.filter(|f| latest <= *f) {
-        eprintln!(
+        cryo_core::say!(
             "cryo: job {job:?} has no checkpoint of this run yet (epochs up to {floor} are an \
              earlier run's under the same name); starting from the beginning"
         );
@@ -70,7 +74,7 @@ pub fn epoch(store: &Path, job: &str, command: &JobCommand, asked: Asked) -> Res
     }
     let epoch = session::choose_restart_epoch(&job_store, None)?;
     if let Some(floor) = floor.filter(|f| epoch <= *f) {
-        eprintln!(
+        cryo_core::say!(
             "cryo: job {job:?}: no checkpoint of this run verifies (epochs up to {floor} are an \
              earlier run's); starting from the beginning"
         );
@@ -84,11 +88,11 @@ pub fn epoch(store: &Path, job: &str, command: &JobCommand, asked: Asked) -> Res
             command.world_size
         );
     }
-    eprintln!("cryo: resuming job {job:?} from epoch {epoch}");
+    cryo_core::say!("cryo: resuming job {job:?} from epoch {epoch}");
     if Registry::of(&job_store).finished() {
         // A requeue of a job that had ended (scontrol requeue after it
         // completed): its steps after the epoch run, and print, again.
-        eprintln!(
+        cryo_core::say!(
             "cryo: note: job {job:?} finished when it last ran; resuming runs it again from \
              epoch {epoch}"
         );

@@ -189,7 +189,7 @@ impl Coordinator {
             }
             None if external => {
                 tracing::info!(job = %self.opts.job, node = %node, "agent.joined");
-                eprintln!("cryo: agent on node {node} joined");
+                cryo_core::say!("cryo: agent on node {node} joined");
                 self.agents.insert(
                     node,
                     AgentHandle {
@@ -263,7 +263,7 @@ impl Coordinator {
             Instant::now(),
         ));
         tracing::info!(job = %self.opts.job, epoch, why, "checkpoint.requested");
-        eprintln!("cryo: checkpoint of epoch {epoch} requested ({why})");
+        cryo_core::say!("cryo: checkpoint of epoch {epoch} requested ({why})");
         let park_timeout_ms = u64::try_from(self.opts.park_timeout.as_millis()).unwrap_or(u64::MAX);
         // Before the job stops, the ranks stay parked until their parts
         // are durable: what they would compute meanwhile is lost anyway.
@@ -353,7 +353,7 @@ impl Coordinator {
     pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str) {
         if self.epoch.is_some() {
             tracing::error!(job = %self.opts.job, node, why, "agent.lost");
-            eprintln!("cryo: lost the agent on node {node} ({why})");
+            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
         } else if self.all_finalized_at.is_some() {
             // Every rank has said goodbye: the agents of a Slurm step stop
             // with it, so this is the job's end, not news.
@@ -361,7 +361,7 @@ impl Coordinator {
         } else {
             // Between checkpoints it matters only for the next one.
             tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
-            eprintln!("cryo: lost the agent on node {node} ({why})");
+            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
         }
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;
@@ -405,7 +405,7 @@ impl Coordinator {
                     0 => "nothing copied".to_owned(),
                     bytes => human::rate(bytes, after_park.as_secs_f64()),
                 };
-                eprintln!(
+                cryo_core::say!(
                     "cryo: epoch {} committed: {} ranks; quiesced in {:.3} s; {} copied, longest rank pause {:.1} ms; {} written; committed {:.2} s after the park ({}); {:.2} s in all",
                     epoch.epoch,
                     epoch.world_size,
@@ -429,11 +429,15 @@ impl Coordinator {
                     written: epoch.bytes_written(),
                     elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 };
+                if self.preempting {
+                    // The job stops now: it leaves the registry before
+                    // `cryo preempt` hears, so that a restart right after
+                    // waits for this run to exit instead of finding it.
+                    crate::registry::Registry::of(&self.job).clear_coordinator();
+                    self.preempt_result = Some(true);
+                }
                 for waiter in self.waiters.drain(..) {
                     let _ = waiter.reply.send(response.clone());
-                }
-                if self.preempting {
-                    self.preempt_result = Some(true);
                 }
                 let (job, keep) = (self.job.clone(), self.opts.keep);
                 thread::spawn(move || {
@@ -446,7 +450,7 @@ impl Coordinator {
                 let reason = reason.clone();
                 tracing::info!(job = %self.opts.job, epoch = epoch.epoch, reason = %reason, "epoch.aborted");
                 let stands = crate::report::what_stands(self.job.latest_committed());
-                eprintln!("cryo: epoch {} aborted: {reason}; {stands}", epoch.epoch);
+                cryo_core::say!("cryo: epoch {} aborted: {reason}; {stands}", epoch.epoch);
                 self.broadcast(&CoordinatorToAgent::Abort {
                     epoch: epoch.epoch,
                     reason: reason.clone(),
@@ -480,7 +484,7 @@ impl Coordinator {
             // Said when the checkpoint is taken, not found at restart.
             for warning in warnings {
                 tracing::info!(job = %self.opts.job, epoch, warning = %warning, "epoch.not_restorable");
-                eprintln!("cryo: epoch {epoch}: {warning}");
+                cryo_core::say!("cryo: epoch {epoch}: {warning}");
             }
         });
         current.committed(result);
@@ -555,7 +559,7 @@ impl Coordinator {
                             reason: reason.clone(),
                         });
                         if preempt {
-                            eprintln!("cryo: preempting without a new checkpoint: {reason}");
+                            cryo_core::say!("cryo: preempting without a new checkpoint: {reason}");
                             self.preempt_result = Some(false);
                         }
                     }
@@ -574,7 +578,7 @@ impl Coordinator {
             return;
         }
         tracing::info!(job = %self.opts.job, from, "warning.received");
-        eprintln!(
+        cryo_core::say!(
             "cryo: {from} (Slurm's --signal without B: reaches the ranks, not cryo run): taken as a SIGUSR1 to cryo run"
         );
         crate::signals::GOT_USR1.store(true, std::sync::atomic::Ordering::Release);

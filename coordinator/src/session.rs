@@ -297,7 +297,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
             socket.display()
         )],
     };
-    eprintln!(
+    cryo_core::say!(
         "cryo: job {} ({} rank{} on {}) with {launcher}; store {}; coordinator {addr}{}",
         opts.job,
         opts.ranks,
@@ -369,7 +369,7 @@ fn drive(
         std::fs::create_dir_all(&cwd).with_context(|| {
             format!("making the job's working directory {} again", cwd.display())
         })?;
-        eprintln!(
+        cryo_core::say!(
             "cryo: made the job's working directory {} again",
             cwd.display()
         );
@@ -390,7 +390,7 @@ fn drive(
     let exit = loop {
         if !warned_no_agents && c.agents.is_empty() && started.elapsed() > NO_AGENT_WARNING {
             warned_no_agents = true;
-            eprintln!(
+            cryo_core::say!(
                 "cryo: WARNING: no node agent has connected after {} s, so this job cannot be checkpointed. With --agents external, something must start them: under Slurm, spank_cryo.so in plugstack.conf with the job submitted with --cryo, or use --agents srun (see README).",
                 NO_AGENT_WARNING.as_secs()
             );
@@ -421,10 +421,10 @@ fn drive(
             match unfinished {
                 Some(unfinished) if unfinished.is_empty() => {
                     Registry::of(&c.job).set_finished(true);
-                    eprintln!("cryo: job {} finished ({status})", c.opts.job);
+                    cryo_core::say!("cryo: job {} finished ({status})", c.opts.job);
                 }
                 // Not marked finished: a restart resumes it.
-                Some(unfinished) => eprintln!(
+                Some(unfinished) => cryo_core::say!(
                     "cryo: WARNING: job {} ended with its launcher's {status}, but {} did not \
                      finish (no cryo_finalize, no exit: a node failure, a kill, or _exit); it \
                      is not marked finished, so a restart resumes it from its newest checkpoint",
@@ -432,7 +432,7 @@ fn drive(
                     crate::human::ranks(&unfinished)
                 ),
                 None => {
-                    eprintln!("cryo: job {} FAILED ({status})", c.opts.job);
+                    cryo_core::say!("cryo: job {} FAILED ({status})", c.opts.job);
                     name_first_departure(c, rx);
                 }
             }
@@ -441,7 +441,7 @@ fn drive(
             let turned_away =
                 (c.first_left.as_ref()).is_some_and(|(rank, ..)| !c.pids.contains_key(rank));
             if c.pids.len() < c.opts.ranks as usize && !turned_away {
-                eprintln!(
+                cryo_core::say!(
                     "cryo: WARNING: only {} of {} ranks ever registered with a cryo agent, so the job could not be checkpointed (is the program linked with the cryo runtime, and did its agents start?)",
                     c.pids.len(),
                     c.opts.ranks
@@ -455,7 +455,7 @@ fn drive(
                 // library's teardown did not end (MPICH over UCX's TCP
                 // transport can hang in MPI_Finalize). A rank that died
                 // would have made the launcher end the job itself.
-                eprintln!(
+                cryo_core::say!(
                     "cryo: every rank of job {} called cryo_finalize {:.0} s ago, but {launcher} is still running (stuck in MPI_Finalize?): stopping it (--finalize-timeout)",
                     c.opts.job,
                     at.elapsed().as_secs_f64()
@@ -467,7 +467,7 @@ fn drive(
                 // Remote proxies exit when their launcher connection closes.
                 kill_process_group(&mut job_child);
                 Registry::of(&c.job).set_finished(true);
-                eprintln!(
+                cryo_core::say!(
                     "cryo: job {} finished (its launcher stopped after every rank finalized)",
                     c.opts.job
                 );
@@ -475,7 +475,7 @@ fn drive(
             }
         }
         if GOT_INT.swap(false, Ordering::AcqRel) {
-            eprintln!("cryo: interrupted; stopping the job without a checkpoint");
+            cryo_core::say!("cryo: interrupted; stopping the job without a checkpoint");
             stop_process_group(&mut job_child, Duration::from_secs(5));
             break ExitCode::from(130);
         }
@@ -486,7 +486,7 @@ fn drive(
                 preempt_signal = Some(("SIGUSR1", "SIGUSR1: checkpoint and requeue"));
                 c.requeue_on_stop = true;
             } else if let Err(reason) = c.start_checkpoint("SIGUSR1") {
-                eprintln!("cryo: SIGUSR1: no checkpoint: {reason}");
+                cryo_core::say!("cryo: SIGUSR1: no checkpoint: {reason}");
             }
         }
         if GOT_TERM.swap(false, Ordering::AcqRel) {
@@ -494,7 +494,7 @@ fn drive(
             // back: a SIGTERM stops the job after a checkpoint, unrequeued
             // (Slurm's own warnings are the SIGUSR1 of `--signal`).
             if c.opts.requeue && !c.requeue_on_stop && !c.preempting {
-                eprintln!(
+                cryo_core::say!(
                     "cryo: SIGTERM (scancel, scontrol requeue, or a stop Slurm gave no warning of): checkpointing, if the ranks are still there, and stopping; cryo does not requeue the job"
                 );
             }
@@ -504,7 +504,7 @@ fn drive(
             c.preempting = true;
             if let Err(reason) = c.start_checkpoint(why) {
                 if c.epoch.is_none() {
-                    eprintln!("cryo: {signal}: stopping without a new checkpoint: {reason}");
+                    cryo_core::say!("cryo: {signal}: stopping without a new checkpoint: {reason}");
                     c.preempt_result = Some(false);
                 }
             }
@@ -524,7 +524,7 @@ fn drive(
         {
             // No checkpoint, because the job is finishing: stopping it
             // now (and requeueing it) would throw its end away.
-            eprintln!(
+            cryo_core::say!(
                 "cryo: job {} is finishing (rank {rank} has called cryo_finalize): letting it end; it is not stopped or requeued",
                 c.opts.job
             );
@@ -533,6 +533,7 @@ fn drive(
             c.preempt_result = None;
         }
         if c.preempting && c.epoch.is_none() && c.preempt_result.is_some() {
+            Registry::of(&c.job).clear_coordinator();
             if c.preempt_result == Some(true) && matches!(launcher, Launcher::Hydra(_)) {
                 // The checkpoint is durable and what the ranks computed
                 // since is thrown away: Hydra, given a SIGTERM, would
@@ -590,7 +591,7 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
 fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
     await_word(c, rx, |c| c.first_left.is_some());
     if let Some((rank, node, how)) = &c.first_left {
-        eprintln!("cryo: rank {rank} (node {node}) left first: {how}");
+        cryo_core::say!("cryo: rank {rank} (node {node}) left first: {how}");
     }
 }
 
@@ -619,7 +620,7 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
             } else {
                 String::new()
             };
-            eprintln!(
+            cryo_core::say!(
                 "cryo: job {} preempted after committing epoch {}{unrequeued}",
                 c.opts.job,
                 committed.unwrap_or(0)
@@ -627,7 +628,7 @@ fn preempt_exit(c: &Coordinator) -> ExitCode {
             ExitCode::from(EXIT_PREEMPTED)
         }
         _ => {
-            eprintln!(
+            cryo_core::say!(
                 "cryo: job {} preempted; its checkpoint did not complete, so a restart uses {}",
                 c.opts.job,
                 committed.map_or("no epoch (none is committed)".to_owned(), |e| format!(

@@ -45,7 +45,7 @@ impl StoreDir {
         }
         Ok(match crate::slurm_store::find(job) {
             Some(found) => {
-                eprintln!("cryo: store {} ({})", found.path.display(), found.why);
+                cryo_core::say!("cryo: store {} ({})", found.path.display(), found.why);
                 StoreDir {
                     path: found.path,
                     is_default: false,

@@ -40,6 +40,7 @@ pub mod names;
 pub mod pidfd;
 pub mod private_dir;
 pub mod protocol;
+pub mod say;
 pub mod sibling;
 pub mod store;
 pub mod token;

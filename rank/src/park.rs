@@ -70,7 +70,7 @@ fn name_unclaimed_regions() {
     };
     for line in runtime.unclaimed_regions() {
         tracing::warn!(job = %runtime.job, rank = runtime.config.rank, region_warning = %line, "restart.region_unclaimed");
-        eprintln!(
+        cryo_core::say!(
             "cryo: rank {}: WARNING: at its first safe point, {line} (a later registration restores them then)",
             runtime.config.rank
         );
@@ -98,7 +98,7 @@ fn detach_on_agent_loss(
             source,
         }) => {
             std::thread::sleep(AGENT_LOSS_GRACE);
-            eprintln!(
+            cryo_core::say!(
                 "cryo: rank {rank}: lost the node agent during the checkpoint of epoch {epoch} \
                  ({source}), and the job was not stopped; the epoch is abandoned and this rank \
                  continues without checkpoints"

@@ -430,7 +430,7 @@ mod tests {
     #[test]
     fn a_read_only_file_it_owns_is_written_through_a_lent_permission() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to run a child as another user");
+            cryo_core::say!("skipped: needs root to run a child as another user");
             return;
         }
         let root = tempfile::tempdir().unwrap();

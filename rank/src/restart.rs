@@ -69,7 +69,7 @@ pub(crate) fn restore_at_start(
     });
     if let Err(err) = &result {
         failed(conn, job, rank, epoch, err);
-        eprintln!("cryo: {err}");
+        cryo_core::say!("cryo: {err}");
     }
     // Every rank takes part, whether its own restore worked or not.
     let settled = crate::closed_files::settle(

@@ -124,8 +124,20 @@ fn every_command_finds_the_default_store_in_the_working_directory() {
 
     let preempt = cryo(dir).args(["preempt", "dflt"]).output().unwrap();
     assert!(preempt.status.success(), "{}", said(&preempt));
-    let exit = run.wait().unwrap();
+    // It returns once the job's cryo run has exited: the job's nodes are
+    // free, and the restart right after it is not refused.
+    let exit = run.try_wait().unwrap().unwrap_or_else(|| {
+        panic!(
+            "cryo preempt returned while the job's cryo run still ran:\n{}",
+            said(&preempt)
+        )
+    });
     assert_eq!(exit.code(), Some(75), "preempted after a checkpoint");
+    assert!(
+        said(&preempt).contains("job dflt: stopped;"),
+        "{}",
+        said(&preempt)
+    );
 
     let restart = cryo(dir)
         .args(["restart", "dflt", "--scratch"])
@@ -222,20 +234,24 @@ fn a_store_closed_to_the_user_is_named_with_the_fix() {
     let nobody_tmp = dir.join("tmp");
     std::fs::create_dir(&nobody_tmp).unwrap();
     std::fs::set_permissions(&nobody_tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    // The same `cryo run` as nobody, in its own folder.
-    let as_nobody = || {
+    // `cryo` as nobody, in its own folder.
+    let nobody = |args: &[&str]| {
         let mut cmd = Command::new(&setpriv);
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(&cryo_copy)
-            .args([
-                "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
-            ])
+            .args(args)
             .arg(&store)
-            .args(["--", "/bin/true"])
             .env_remove("CRYO_STORE")
             .env("HOME", &nobody_tmp)
             .env("TMPDIR", &nobody_tmp);
         cmd.current_dir(&nobody_tmp);
+        cmd
+    };
+    let as_nobody = || {
+        let mut cmd = nobody(&[
+            "run", "--job", "closed", "--nodes", "a:1", "-n", "1", "--store",
+        ]);
+        cmd.args(["--", "/bin/true"]);
         cmd
     };
     let out = as_nobody().output().unwrap();
@@ -262,6 +278,23 @@ fn a_store_closed_to_the_user_is_named_with_the_fix() {
         "{}",
         said(&out)
     );
+    // A job of another user's (root's, its folder 0700) is named by the
+    // commands over every job, not passed over in silence.
+    let theirs = store.join("theirs");
+    std::fs::create_dir_all(theirs.join("epochs")).unwrap();
+    std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for command in ["ls", "gc"] {
+        let out = nobody(&[command]).output().unwrap();
+        let text = said(&out);
+        assert!(out.status.success(), "cryo {command}: {text}");
+        assert!(
+            text.contains(&format!(
+                "1 job in {} belongs to other users and is passed over (closed to you): theirs",
+                store.display()
+            )),
+            "cryo {command}: {text}"
+        );
+    }
 }
 
 /// `cryo run` of one job started several times at once: exactly one runs

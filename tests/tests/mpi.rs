@@ -252,7 +252,7 @@ fn signals_status_and_preempt_then_restart() {
     assert!(
         output_text(&out).contains("epoch 2 committed")
             && output_text(&out).contains(
-                "stopping; it is not requeued (its cryo run has no --requeue): \
+                "stopped; it is not requeued (its cryo run has no --requeue): \
                  `cryo restart signals` resumes it"
             ),
         "{}",

@@ -478,7 +478,7 @@ fn cryo_preempt_with_a_slurm_job_id_requeues_and_resumes() {
     );
     assert!(text.contains("the Slurm plugin's store="), "{text}");
     assert!(
-        text.contains(&format!("stopping; Slurm job {id} goes back in the queue")),
+        text.contains(&format!("stopped; Slurm job {id} goes back in the queue")),
         "{text}"
     );
     let restarts = wait_done(&slurm, &id, Duration::from_secs(240), &case.path("job.out"));

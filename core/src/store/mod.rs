@@ -221,6 +221,34 @@ impl Store {
         Ok(jobs)
     }
 
+    /// Folders of the store, named as jobs, that this user cannot look
+    /// into (another user's jobs: each job's folder is 0700), which
+    /// [`Store::jobs`] cannot list.
+    pub fn jobs_closed_to_us(&self) -> Result<Vec<String>, StoreError> {
+        let mut closed = Vec::new();
+        for name in self
+            .fs
+            .list_dir(&self.root)
+            .step("list store", &self.root)?
+        {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            let dir = self.root.join(&name);
+            if check_job_name(&name).is_ok()
+                && self.fs.is_dir(&dir)
+                && self
+                    .fs
+                    .stat(&dir.join("epochs"))
+                    .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied)
+            {
+                closed.push(name);
+            }
+        }
+        closed.sort();
+        Ok(closed)
+    }
+
     /// The job's part of the store, which may not exist yet.
     pub fn job(&self, name: &str) -> Result<JobStore, StoreError> {
         check_job_name(name)?;

@@ -142,25 +142,27 @@ pub(crate) fn settle(
                 if file.at_checkpoint.size > 0
                     && first_recorder(&all, path_key(&file.path)) == usize::try_from(rank).ok() =>
             {
-                eprintln!(
+                cryo_core::say!(
                     "cryo: rank {rank}: {} was written and closed before the checkpoint ({} \
                      bytes) and is gone (moved or removed since): what the job wrote to it \
                      before the checkpoint is not in the file the restarted run writes there",
-                    file.path, file.at_checkpoint.size
+                    file.path,
+                    file.at_checkpoint.size
                 );
             }
             Settled::Gone => {}
-            Settled::Changed { size } if file.appended => eprintln!(
+            Settled::Changed { size } if file.appended => cryo_core::say!(
                 "cryo: rank {rank}: {} was appended to and closed before the checkpoint \
                  ({} bytes), and has changed since (now {size} bytes) in a way a restart cannot \
                  undo: left as it is",
-                file.path, file.at_checkpoint.size
+                file.path,
+                file.at_checkpoint.size
             ),
             Settled::Changed { size } => tracing::info!(
                 rank, path = %file.path, recorded = file.at_checkpoint.size, size,
                 "restart.closed_file_changed"
             ),
-            Settled::Failed(err) => eprintln!(
+            Settled::Failed(err) => cryo_core::say!(
                 "cryo: rank {rank}: could not cut {} back to its size at the checkpoint ({err}); \
                  what was written to it after the checkpoint stays",
                 file.path

@@ -473,7 +473,7 @@ pub(crate) fn detach() {
     if !mpi::finalized() {
         match q.leave().and_then(|progress| wait_out(&mut q, progress)) {
             Ok(_) => q.net_mut().close(),
-            Err(err) => eprintln!(
+            Err(err) => cryo_core::say!(
                 "cryo: rank {}: leaving the quiesce protocol: {err}",
                 q.rank()
             ),
