@@ -202,22 +202,8 @@ impl Store {
     /// Job names present in the store, sorted. Entries that are not valid
     /// job names are ignored.
     pub fn jobs(&self) -> Result<Vec<String>, StoreError> {
-        let mut jobs = Vec::new();
-        for name in self
-            .fs
-            .list_dir(&self.root)
-            .step("list store", &self.root)?
-        {
-            let Ok(name) = name.into_string() else {
-                continue;
-            };
-            if check_job_name(&name).is_ok()
-                && self.fs.is_dir(&self.root.join(&name).join("epochs"))
-            {
-                jobs.push(name);
-            }
-        }
-        jobs.sort();
+        let mut jobs = self.named_as_jobs()?;
+        jobs.retain(|name| self.fs.is_dir(&self.root.join(name).join("epochs")));
         Ok(jobs)
     }
 
@@ -225,28 +211,26 @@ impl Store {
     /// into (another user's jobs: each job's folder is 0700), which
     /// [`Store::jobs`] cannot list.
     pub fn jobs_closed_to_us(&self) -> Result<Vec<String>, StoreError> {
-        let mut closed = Vec::new();
-        for name in self
-            .fs
-            .list_dir(&self.root)
-            .step("list store", &self.root)?
-        {
-            let Ok(name) = name.into_string() else {
-                continue;
-            };
-            let dir = self.root.join(&name);
-            if check_job_name(&name).is_ok()
-                && self.fs.is_dir(&dir)
-                && self
-                    .fs
-                    .stat(&dir.join("epochs"))
+        let mut closed = self.named_as_jobs()?;
+        closed.retain(|name| {
+            let dir = self.root.join(name);
+            self.fs.is_dir(&dir)
+                && (self.fs.stat(&dir.join("epochs")))
                     .is_err_and(|err| err.kind() == std::io::ErrorKind::PermissionDenied)
-            {
-                closed.push(name);
-            }
-        }
-        closed.sort();
+        });
         Ok(closed)
+    }
+
+    /// The store's entries whose names are job names, sorted.
+    fn named_as_jobs(&self) -> Result<Vec<String>, StoreError> {
+        let mut names: Vec<String> = (self.fs.list_dir(&self.root))
+            .step("list store", &self.root)?
+            .into_iter()
+            .filter_map(|name| name.into_string().ok())
+            .filter(|name| check_job_name(name).is_ok())
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     /// The job's part of the store, which may not exist yet.
