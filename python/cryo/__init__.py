@@ -171,6 +171,9 @@ def region(name, shape, dtype=np.float64):
     count = math.prod(int(d) for d in shape)
     nbytes = count * dtype.itemsize
     lib = _runtime()
+    if nbytes >= 1 << (8 * ctypes.sizeof(ctypes.c_size_t) - 1):
+        # ctypes would pass the size cut down to 64 bits: a small region.
+        raise Error(f"region {name!r} of {nbytes} bytes is larger than any address space", 5)
     address = ctypes.c_void_p()
     _check(lib.cryo_region(name.encode(), nbytes, ctypes.byref(address)))
     memory = (ctypes.c_char * nbytes).from_address(address.value)

@@ -55,6 +55,7 @@ mod stream_copy;
 mod test_support;
 mod warning;
 mod workdir;
+mod writable;
 
 use std::sync::atomic::Ordering;
 

@@ -161,8 +161,9 @@ impl Runtime {
     }
 
     fn carve(&mut self, name: &str, len: u64) -> Result<u64, RegionError> {
-        let map_len = len.div_ceil(PAGE) * PAGE;
         let left = self.config.region_reserve.saturating_sub(self.next);
+        // A length near 2^64 (a negative size cast) has no page multiple.
+        let map_len = len.checked_next_multiple_of(PAGE).unwrap_or(u64::MAX);
         if map_len > left {
             return Err(RegionError::ReservationFull {
                 rank: self.config.rank,
@@ -399,6 +400,16 @@ pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), Region
             rank: runtime.config.rank,
             name: name.into(),
             problem: "null pointer".into(),
+        });
+    }
+    if let Some(problem) = crate::writable::unwritable(ptr as u64, len as u64) {
+        return Err(RegionError::BadFile {
+            rank: runtime.config.rank,
+            name: name.into(),
+            problem: format!(
+                "{len} bytes at {ptr:p} are not all writable memory: {problem}; a restart \
+                 could not put its contents back (protect only memory the program writes)"
+            ),
         });
     }
     let info = RegionInfo {

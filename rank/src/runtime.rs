@@ -150,6 +150,26 @@ fn parse_u64(var: &'static str, text: &str) -> Result<u64, InitError> {
 }
 
 impl Config {
+    /// A process without an agent (no checkpoints) whose regions are carved
+    /// from `region_reserve` bytes at `region_base`, with the default file
+    /// policy, tracking and caps, and no fd floor: for embedding the
+    /// runtime, and for its tests.
+    pub fn alone(region_base: u64, region_reserve: u64) -> Config {
+        Config {
+            socket: None,
+            job: String::new(),
+            rank: 0,
+            token: String::new(),
+            region_base,
+            region_reserve,
+            file_policy: FilePolicy::Truncate,
+            dirty_tracking: TrackingMode::Auto,
+            unlinked_cap: DEFAULT_UNLINKED_CAP,
+            writable_cap: DEFAULT_WRITABLE_CAP,
+            fd_floor: 0,
+        }
+    }
+
     /// Reads the configuration from the environment.
     pub fn from_env() -> Result<Config, InitError> {
         let mut rank = 0u32;

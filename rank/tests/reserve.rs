@@ -4,7 +4,7 @@
 
 use std::num::NonZeroUsize;
 
-use cryo_rank::{Config, FilePolicy, InitError};
+use cryo_rank::{Config, InitError};
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
 
 #[test]
@@ -21,20 +21,7 @@ fn taken_reservation_names_the_occupant() {
         )
     }
     .unwrap();
-    let err = cryo_rank::init_with(Config {
-        socket: None,
-        job: String::new(),
-        rank: 0,
-        token: String::new(),
-        region_base: base,
-        region_reserve: 1 << 30,
-        file_policy: FilePolicy::Truncate,
-        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
-        unlinked_cap: 1 << 30,
-        writable_cap: 1 << 30,
-        fd_floor: 0,
-    })
-    .unwrap_err();
+    let err = cryo_rank::init_with(Config::alone(base, 1 << 30)).unwrap_err();
     assert!(matches!(err, InitError::Reserve { .. }), "{err}");
     let text = err.to_string();
     assert!(
@@ -42,20 +29,7 @@ fn taken_reservation_names_the_occupant() {
         "{text}"
     );
     // Nothing was set up: a second try elsewhere works, alone (no agent).
-    let info = cryo_rank::init_with(Config {
-        socket: None,
-        job: String::new(),
-        rank: 0,
-        token: String::new(),
-        region_base: base + (2 << 30),
-        region_reserve: 1 << 30,
-        file_policy: FilePolicy::Truncate,
-        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
-        unlinked_cap: 1 << 30,
-        writable_cap: 1 << 30,
-        fd_floor: 0,
-    })
-    .unwrap();
+    let info = cryo_rank::init_with(Config::alone(base + (2 << 30), 1 << 30)).unwrap();
     assert_eq!(info.node, None);
     let region = cryo_rank::region("x", 100, cryo_rank::Backing::Anonymous).unwrap();
     assert_eq!(region.as_ptr() as u64, base + (2 << 30));

@@ -13,7 +13,7 @@ use cryo_core::protocol::{
     read_message, recv_message_with_fd, write_message, AgentToRank, ControlPage, Hello, Peer,
     RankToAgent, StartMode, CONTROL_PAGE_LEN,
 };
-use cryo_rank::{Backing, Config, FilePolicy, SafePoint};
+use cryo_rank::{Backing, Config, SafePoint};
 use nix::sys::mman::{mmap, MapFlags, ProtFlags};
 
 #[test]
@@ -74,14 +74,7 @@ fn safe_point_is_cheap_and_parks_when_asked() {
         socket: Some(socket),
         job: "j".into(),
         rank: 7,
-        token: String::new(),
-        region_base: 0x5b00_0000_0000,
-        region_reserve: 1 << 30,
-        file_policy: FilePolicy::Truncate,
-        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
-        unlinked_cap: 1 << 30,
-        writable_cap: 1 << 30,
-        fd_floor: 0,
+        ..Config::alone(0x5b00_0000_0000, 1 << 30)
     })
     .unwrap();
     assert_eq!(info.restored_epoch, None);

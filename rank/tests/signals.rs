@@ -15,7 +15,7 @@ use cryo_core::protocol::{
     read_message, recv_message_with_fd, send_message_with_fd, write_message, AgentToRank, Hello,
     RankToAgent, StartMode,
 };
-use cryo_rank::{Config, FilePolicy};
+use cryo_rank::Config;
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 
@@ -85,14 +85,7 @@ fn main() {
         socket: Some(socket),
         job: "j".into(),
         rank: 3,
-        token: String::new(),
-        region_base: 0x5c00_0000_0000,
-        region_reserve: 1 << 30,
-        file_policy: FilePolicy::Truncate,
-        dirty_tracking: cryo_core::dirty::TrackingMode::Auto,
-        unlinked_cap: 1 << 30,
-        writable_cap: 1 << 30,
-        fd_floor: 0,
+        ..Config::alone(0x5c00_0000_0000, 1 << 30)
     })
     .unwrap();
 

@@ -189,13 +189,25 @@ fn python_errors_name_the_problem() {
         "{said}"
     );
 
-    // The right flavour, without an agent: runs alone (no checkpoints).
-    let out = venv.run(try_init, Some(&openmpi_flavour()));
-    assert!(
-        output_text(&out).contains("init: ok"),
-        "{}",
-        output_text(&out)
+    // The right flavour, without an agent: runs alone (no checkpoints). A
+    // region larger than any address space is refused by name (ctypes
+    // would pass its size cut to 64 bits), and leaves its name free.
+    let huge = format!(
+        "{try_init}import numpy\n\
+         try:\n    cryo.region('big', ((1 << 61) + 512,), numpy.float64)\n\
+         except cryo.Error as err:\n    print('huge:', err)\n\
+         print('again:', cryo.region('big', 16).size)\n"
     );
+    let out = venv.run(&huge, Some(&openmpi_flavour()));
+    let said = output_text(&out);
+    assert!(said.contains("init: ok"), "{said}");
+    assert!(
+        said.contains(
+            "huge: region 'big' of 18446744073709555712 bytes is larger than any address space"
+        ),
+        "{said}"
+    );
+    assert!(said.contains("again: 16"), "{said}");
 }
 
 /// `cryo.flush_python_files` (which the package registers with the
