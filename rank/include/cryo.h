@@ -104,7 +104,10 @@ int cryo_protect(const char *name, void *ptr, size_t len);
  * CRYO_ABORTED, or -CRYO_ERR_CHECKPOINT on error. A restarted rank runs
  * main again and carries on from the loop counter in its region, so count
  * the step before the safe point (step; iter++; cryo_checkpoint_point()),
- * or the restart runs the checkpoint's step twice. */
+ * or the restart runs the checkpoint's step twice. Before cryo_init and
+ * after cryo_finalize it returns CRYO_CONTINUE and takes no checkpoint (the
+ * safe point stays one load; a loop that runs on after cryo_finalize is
+ * never checkpointed there). */
 int cryo_checkpoint_point(void);
 
 /* The epoch this process restarted from, or 0 on a fresh start. */
