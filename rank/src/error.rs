@@ -16,8 +16,9 @@ use thiserror::Error;
 pub enum InitError {
     /// `init` was already called in this process.
     #[error(
-        "cryo is already initialized in this process (cryo_init and cryo_init_mpi each \
-         initialize it: an MPI program calls cryo_init_mpi instead of cryo_init, once)"
+        "cryo is already initialized in this process (cryo_init or cryo_init_mpi is \
+         called once per process, and not again after cryo_finalize; an MPI program calls \
+         cryo_init_mpi instead of cryo_init)"
     )]
     AlreadyInitialized,
     /// An environment variable has a bad value.

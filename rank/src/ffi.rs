@@ -49,7 +49,7 @@ fn generic(code: c_int) -> &'static CStr {
         CRYO_ERR_INVALID_ARGUMENT => c"invalid argument",
         CRYO_ERR_NOT_INITIALIZED => c"cryo is not initialized: call cryo_init first",
         CRYO_ERR_ALREADY_INITIALIZED => {
-            c"cryo is already initialized: call cryo_init or cryo_init_mpi, once"
+            c"cryo is already initialized: cryo_init or cryo_init_mpi is called once per process, and not again after cryo_finalize"
         }
         CRYO_ERR_AGENT => c"the cryo agent could not be reached or refused the rank",
         CRYO_ERR_REGION => c"a region could not be created",
