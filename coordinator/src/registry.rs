@@ -194,7 +194,8 @@ impl Registry {
         Ok(token)
     }
 
-    /// Takes the job's run lock before anything of the run is written: two `cryo run` or `cryo restart` of one job started
+    /// Takes the job's run lock before anything of the run is written: two
+    /// `cryo run` or `cryo restart` of one job started
     /// at once would otherwise both pass the check for a running
     /// coordinator, and the second would replace the first's token and
     /// entry, leaving a running job no command reaches. The file is opened
@@ -209,12 +210,13 @@ impl Registry {
         let path = self.run_lock_path();
         let deadline = Instant::now() + RUN_LOCK_PATIENCE;
         let mut told = false;
+        let mut file = cryo_core::private_dir::create_file(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         loop {
-            let file = cryo_core::private_dir::create_file(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
             match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 Ok(lock) => return Ok(RunLock { _lock: Some(lock) }),
-                Err((_, Errno::EWOULDBLOCK)) => {
+                Err((back, Errno::EWOULDBLOCK)) => {
+                    file = back;
                     if let Ok(existing) = self.coordinator(job) {
                         bail!(
                             "job {job:?} is already running (coordinator pid {} on {})",

@@ -422,6 +422,25 @@ pub enum RegionError {
         /// What is wrong.
         problem: String,
     },
+    /// A buffer given to `protect` is not all writable memory (a `const`
+    /// table, memory made read-only): a restart could not write it back.
+    #[error(
+        "rank {rank}: region {name:?}: {len} bytes at {addr:#x} are not all writable memory: \
+         {problem}; a restart could not put its contents back (protect only memory the \
+         program writes)"
+    )]
+    NotWritable {
+        /// The rank.
+        rank: u32,
+        /// The region.
+        name: String,
+        /// The buffer's address.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// What in it is not writable.
+        problem: String,
+    },
     /// The region does not match the one saved in the checkpoint.
     #[error("rank {rank}: region {name:?} does not match epoch {epoch}: {problem}")]
     Mismatch {

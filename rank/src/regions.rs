@@ -403,13 +403,12 @@ pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), Region
         });
     }
     if let Some(problem) = crate::writable::unwritable(ptr as u64, len as u64) {
-        return Err(RegionError::BadFile {
+        return Err(RegionError::NotWritable {
             rank: runtime.config.rank,
             name: name.into(),
-            problem: format!(
-                "{len} bytes at {ptr:p} are not all writable memory: {problem}; a restart \
-                 could not put its contents back (protect only memory the program writes)"
-            ),
+            addr: ptr as u64,
+            len: len as u64,
+            problem,
         });
     }
     let info = RegionInfo {
