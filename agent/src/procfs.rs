@@ -10,6 +10,7 @@ use std::path::Path;
 use cryo_core::dirty::{Pagemap, WrittenRanges};
 use cryo_core::format::manifest::{Backing, MappingRecord};
 use cryo_core::locality::Filesystem;
+use cryo_core::maps::MapsLine;
 use cryo_core::protocol::RegionInfo;
 use nix::errno::Errno;
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
@@ -339,43 +340,16 @@ pub fn parse_maps(
 ) -> Result<Vec<MappingRecord>, MapsParseError> {
     let mut out = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let bad = || MapsParseError {
+        let map = MapsLine::parse(line).ok_or_else(|| MapsParseError {
             line: line.to_owned(),
-        };
-        // start-end perms offset dev inode [path, which may contain spaces]
-        let mut fields = line.splitn(6, ' ');
-        let range = fields.next().ok_or_else(bad)?;
-        let perms = fields.next().ok_or_else(bad)?.as_bytes();
-        let offset = fields.next().ok_or_else(bad)?;
-        let _dev = fields.next().ok_or_else(bad)?;
-        let inode = fields.next().ok_or_else(bad)?;
-        let path = fields.next().unwrap_or("").trim_start();
-        let (start, end) = range.split_once('-').ok_or_else(bad)?;
-        let start = u64::from_str_radix(start, 16).map_err(|_| bad())?;
-        let end = u64::from_str_radix(end, 16).map_err(|_| bad())?;
-        let offset = u64::from_str_radix(offset, 16).map_err(|_| bad())?;
-        let inode: u64 = inode.parse().map_err(|_| bad())?;
-        if perms.len() != 4 || end <= start {
-            return Err(bad());
-        }
-        let mut prot = 0u32;
-        if perms[0] == b'r' {
-            prot |= 1; // PROT_READ
-        }
-        if perms[1] == b'w' {
-            prot |= 2; // PROT_WRITE
-        }
-        if perms[2] == b'x' {
-            prot |= 4; // PROT_EXEC
-        }
-        let shared = perms[3] == b's';
-        let backing = if inode != 0 && path.starts_with('/') {
-            Backing::File {
+        })?;
+        let (start, end) = (map.start, map.end);
+        let backing = match map.file() {
+            Some(path) => Backing::File {
                 path: path.to_owned(),
-                offset,
-            }
-        } else {
-            Backing::Anonymous
+                offset: map.offset,
+            },
+            None => Backing::Anonymous,
         };
         let region = regions
             .iter()
@@ -384,8 +358,8 @@ pub fn parse_maps(
         out.push(MappingRecord {
             start,
             end,
-            prot,
-            shared,
+            prot: map.prot(),
+            shared: map.shared(),
             backing,
             region,
         });

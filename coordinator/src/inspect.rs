@@ -60,20 +60,18 @@ pub fn name_closed_jobs(store: &Store, only_job: Option<&str>) {
         return;
     }
     let closed = store.jobs_closed_to_us().unwrap_or_default();
-    if !closed.is_empty() {
-        cryo_core::say!(
-            "cryo: {} in {} belong{} to other users and {} passed over (closed to you): {}",
-            plural(closed.len(), "job"),
-            store.root().display(),
-            if closed.len() == 1 { "s" } else { "" },
-            if closed.len() == 1 { "is" } else { "are" },
-            closed.join(", ")
-        );
-    }
-}
-
-fn plural(n: usize, what: &str) -> String {
-    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+    let (count, verbs) = match closed.len() {
+        0 => return,
+        1 => ("1 job".to_owned(), ("belongs", "is")),
+        n => (format!("{n} jobs"), ("belong", "are")),
+    };
+    cryo_core::say!(
+        "cryo: {count} in {} {} to other users and {} passed over (closed to you): {}",
+        store.root().display(),
+        verbs.0,
+        verbs.1,
+        closed.join(", ")
+    );
 }
 
 /// Lists every job and epoch in the store.

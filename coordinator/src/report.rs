@@ -60,28 +60,15 @@ fn newest_committed(store: &std::path::Path, job: &str) -> Result<Option<u64>, (
         .and_then(|j| j.latest_committed().map_err(drop))
 }
 
-/// Whether the job has a committed epoch (`true` when that cannot be
-/// read: the line then says what a restart would do with one).
-pub(crate) fn has_checkpoint(store: &std::path::Path, job: &str) -> bool {
-    newest_committed(store, job).map_or(true, |latest| latest.is_some())
-}
-
 /// How long `cryo preempt` waits for the job's `cryo run` to exit once
 /// the job is told to stop (its launcher is given 10 s, then killed).
 const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Waits until the job's `cryo run` (or restart) has exited, so that its
-/// nodes are free and a restart is not refused; whether it did within
-/// [`STOP_PATIENCE`] (`true` when the job's store cannot be read).
-fn wait_stopped(store: &std::path::Path, job: &str) -> bool {
-    match cryo_core::Store::open(store).and_then(|s| s.existing_job(job)) {
-        Ok(job) => crate::registry::Registry::of(&job).wait_run_released(STOP_PATIENCE),
-        Err(_) => true,
-    }
-}
-
-/// Once `cryo preempt` is answered: waits for the job to stop, then says
-/// so and what becomes of it.
+/// Once `cryo preempt` is answered: waits until the job's `cryo run` (or
+/// restart) has exited, so that its nodes are free and a restart is not
+/// refused, then says so and what becomes of the job. When its store
+/// cannot be read, it neither waits nor doubts a checkpoint: the line then
+/// says what a restart would do with one.
 pub(crate) fn after_preempt(
     store: &std::path::Path,
     job: &str,
@@ -91,13 +78,22 @@ pub(crate) fn after_preempt(
     if matches!(response, JobResponse::Refused { .. }) {
         return;
     }
-    let state = if wait_stopped(store, job) {
+    let job_store = cryo_core::Store::open(store)
+        .and_then(|s| s.existing_job(job))
+        .ok();
+    let stopped = job_store
+        .as_ref()
+        .is_none_or(|j| crate::registry::Registry::of(j).wait_run_released(STOP_PATIENCE));
+    let state = if stopped {
         "stopped".to_owned()
     } else {
         let secs = STOP_PATIENCE.as_secs();
         format!("stopping (its cryo run had not exited after {secs} s)")
     };
-    let after = after_stop(job, requeues, has_checkpoint(store, job));
+    let checkpointed = job_store
+        .as_ref()
+        .is_none_or(|j| j.latest_committed().map_or(true, |latest| latest.is_some()));
+    let after = after_stop(job, requeues, checkpointed);
     println!("job {job}: {state}{after}");
 }
 

@@ -24,7 +24,8 @@
 //! * [`dirty`]: write tracking of rank memory; [`mod@env`]: every `CRYO_*`
 //!   variable; [`fault`]: the test hook that holds an epoch at a phase;
 //!   [`names`]: job and region name checks; [`sibling`]: how one cryo binary
-//!   finds another; [`pidfd`]: handles on processes.
+//!   finds another; [`pidfd`]: handles on processes; [`maps`]: one line of
+//!   `/proc/<pid>/maps`.
 #![deny(missing_docs)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::cast_possible_truncation))]
 
@@ -36,6 +37,7 @@ pub mod fault;
 pub mod format;
 pub mod liveness;
 pub mod locality;
+pub mod maps;
 pub mod names;
 pub mod pidfd;
 pub mod private_dir;

@@ -34,6 +34,7 @@ use cryo_core::format::fds::{
 };
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
+use cryo_core::maps;
 use cryo_core::protocol::RegionInfo;
 use nix::fcntl::{open, OFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -149,46 +150,19 @@ pub(crate) struct FileMap {
 
 /// The file-backed lines of a maps text.
 pub(crate) fn parse_maps(text: &str) -> Vec<FileMap> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let mut parts = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(offset), Some(_dev), Some(inode)) = (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) else {
-            continue;
-        };
-        let path = parts.next().unwrap_or("").trim_start();
-        let Some((start, end)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end), Ok(offset), Ok(inode)) = (
-            u64::from_str_radix(start, 16),
-            u64::from_str_radix(end, 16),
-            u64::from_str_radix(offset, 16),
-            inode.parse::<u64>(),
-        ) else {
-            continue;
-        };
-        if inode == 0 || !path.starts_with('/') {
-            continue;
-        }
-        let bytes = perms.as_bytes();
-        let bit = |i: usize, c: u8, v: u32| if bytes.get(i) == Some(&c) { v } else { 0 };
-        out.push(FileMap {
-            start,
-            end,
-            prot: bit(0, b'r', 1) | bit(1, b'w', 2) | bit(2, b'x', 4),
-            shared: bytes.get(3) == Some(&b's'),
-            offset,
-            inode,
-            path: path.to_owned(),
-        });
-    }
-    out
+    maps::lines(text)
+        .filter_map(|line| {
+            Some(FileMap {
+                start: line.start,
+                end: line.end,
+                prot: line.prot(),
+                shared: line.shared(),
+                offset: line.offset,
+                inode: line.inode,
+                path: line.file()?.to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// Paths whose mappings belong to the system, not the application.
@@ -255,7 +229,7 @@ pub(crate) fn app_mappings(
 ) -> (Vec<FileMap>, Vec<FileMap>) {
     let code: HashSet<&str> = maps
         .iter()
-        .filter(|m| m.prot & 4 != 0)
+        .filter(|m| m.prot & maps::PROT_EXEC != 0)
         .map(|m| m.path.as_str())
         .collect();
     let mut keep = Vec::new();
@@ -607,7 +581,7 @@ fn gather_mappings(held: &mut Held, baseline: &Baseline, reservation: (u64, u64)
     }
     let mut paths = Vec::new();
     for map in mine {
-        if map.prot & 1 == 0 {
+        if map.prot & maps::PROT_READ == 0 {
             held.warnings.push(format!(
                 "the mapping of {} at {:#x} is not readable; a restart does not re-establish it",
                 map.path, map.start

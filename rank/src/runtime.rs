@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use cryo_core::auth;
 use cryo_core::dirty::{TrackingMode, WriteTracker};
 use cryo_core::format::manifest::RankRecord;
+use cryo_core::maps;
 use cryo_core::protocol::{
     read_frame, send_message_with_fd, write_message_as, AgentToRank, ControlPage, FrameError,
     Hello, Peer, RankToAgent, RegionInfo, StartMode, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
@@ -324,26 +325,14 @@ pub(crate) fn try_lock() -> Option<MutexGuard<'static, Option<Runtime>>> {
 
 /// Describes what occupies `[base, base+len)` in our address space.
 fn occupant(base: u64, len: u64) -> String {
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+    let Ok(text) = std::fs::read_to_string("/proc/self/maps") else {
         return "an unknown mapping".into();
     };
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let Some(range) = parts.next() else { continue };
-        let Some((start, end)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
-        else {
-            continue;
-        };
-        if start < base + len && end > base {
-            let what = parts.nth(4).unwrap_or("");
-            let what = if what.is_empty() { "[anonymous]" } else { what };
-            return format!("{what} at {start:#x}-{end:#x}");
-        }
-    }
-    "a mapping not listed in /proc/self/maps".into()
+    let found = maps::lines(&text).find(|line| line.overlaps(base, base.saturating_add(len)));
+    found.map_or_else(
+        || "a mapping not listed in /proc/self/maps".into(),
+        |line| format!("{} at {:#x}-{:#x}", line.what(), line.start, line.end),
+    )
 }
 
 fn reserve(base: u64, len: u64) -> Result<(), InitError> {

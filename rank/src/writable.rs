@@ -4,6 +4,8 @@
 //! would otherwise be saved at every checkpoint and crash the restart as
 //! its contents were poured back (SIGSEGV inside the runtime).
 
+use cryo_core::maps;
+
 /// What in `[start, end)` is not writable memory, by `/proc/self/maps`;
 /// `None` when all of it is (or when the maps cannot be read: the buffer
 /// is then taken at the caller's word, as before).
@@ -20,35 +22,24 @@ fn unwritable_in(maps: &str, start: u64, len: u64) -> Option<String> {
         ));
     };
     let mut covered = start;
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        let Some((from, to)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(from), Ok(to)) = (u64::from_str_radix(from, 16), u64::from_str_radix(to, 16))
-        else {
-            continue;
-        };
-        if to <= covered {
+    for line in maps::lines(maps) {
+        if line.end <= covered {
             continue;
         }
-        if from > covered {
+        if line.start > covered {
             // The maps are sorted: nothing is mapped at `covered`.
             break;
         }
-        if !perms.contains('w') {
-            let what = parts
-                .nth(3)
-                .filter(|w| !w.is_empty())
-                .unwrap_or("[anonymous]");
+        if line.prot() & maps::PROT_WRITE == 0 {
             return Some(format!(
-                "{what} at {from:#x}-{to:#x} is mapped {perms} (read-only)"
+                "{} at {:#x}-{:#x} is mapped {} (read-only)",
+                line.what(),
+                line.start,
+                line.end,
+                line.perms
             ));
         }
-        covered = to;
+        covered = line.end;
         if covered >= end {
             return None;
         }
