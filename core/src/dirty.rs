@@ -50,15 +50,27 @@ impl TrackingMode {
         match self {
             TrackingMode::On => Ok(()),
             TrackingMode::Off => Err("CRYO_DIRTY_TRACKING=off".into()),
-            TrackingMode::Auto => match rdma_devices(Path::new("/sys/class/infiniband")) {
-                Some(devices) => Err(format!(
-                    "this node has RDMA devices ({devices}), whose writes into pinned memory the kernel does not track; set CRYO_DIRTY_TRACKING=on if no region is ever an RDMA target"
-                )),
-                None => Ok(()),
-            },
+            TrackingMode::Auto => {
+                if let Some(devices) = rdma_devices(Path::new("/sys/class/infiniband")) {
+                    return Err(format!(
+                        "this node has RDMA devices ({devices}), whose writes into pinned memory the kernel does not track; set CRYO_DIRTY_TRACKING=on if no region is ever an RDMA target"
+                    ));
+                }
+                if Path::new(XPMEM_DEVICE).exists() {
+                    return Err(format!(
+                        "this node has XPMEM ({XPMEM_DEVICE}), through which an MPI library's peers write into a rank's memory by their own page tables, unseen by its write tracking; set CRYO_DIRTY_TRACKING=on if your MPI does not use it"
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }
+
+/// The device of XPMEM, the cross-process memory mapping that Open MPI,
+/// MPICH and Cray MPI use for single-copy transfers between ranks of a
+/// node.
+const XPMEM_DEVICE: &str = "/dev/xpmem";
 
 fn rdma_devices(class: &Path) -> Option<String> {
     let names: Vec<String> = std::fs::read_dir(class)

@@ -88,8 +88,10 @@ const char *cryo_mpi_flavour(void);
 int cryo_region(const char *name, size_t len, void **out);
 
 /* A region backed by the file path from offset (a multiple of 4096);
- * len == 0 maps the rest of the file. shared != 0: MAP_SHARED, re-mapped
- * from the file on restart; shared == 0: MAP_PRIVATE, contents saved.
+ * len == 0 maps the rest of the file. shared != 0: MAP_SHARED; on a restart
+ * the file gets back its contents at the checkpoint (unless
+ * CRYO_FILE_POLICY=keep) during cryo_init, and is mapped again;
+ * shared == 0: MAP_PRIVATE, contents saved.
  * *out_len (if not NULL) receives the length. */
 int cryo_region_file(const char *name, const char *path, uint64_t offset, size_t len,
                      int shared, void **out, size_t *out_len);

@@ -237,7 +237,9 @@ pub unsafe extern "C" fn cryo_region(
 
 /// Creates a region backed by the file `path` from `offset` (a multiple of
 /// 4096). `len == 0` maps the rest of the file. `shared != 0` maps it
-/// `MAP_SHARED` (re-mapped from the file on restart), otherwise
+/// `MAP_SHARED` (on a restart the file gets back the contents saved at
+/// the checkpoint, unless `CRYO_FILE_POLICY=keep`, and is mapped again),
+/// otherwise
 /// `MAP_PRIVATE` (contents saved). The address goes to `*out` and the
 /// length to `*out_len` if it is not NULL.
 ///

@@ -4,6 +4,11 @@
 //! contents; a writable shared mapping gets them too (written through to
 //! the file, as files opened for writing are cut back to their checkpoint
 //! state), unless `CRYO_FILE_POLICY=keep`.
+//!
+//! The files behind shared file regions (`cryo_region_file` with `shared`)
+//! are put back the same way before the application maps them again: the
+//! steps a restart runs again start from the region's contents at the
+//! checkpoint, not from what later steps wrote into the file.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -11,7 +16,7 @@ use std::os::fd::AsFd;
 
 use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::store::JobStore;
-use nix::sys::mman::{mmap, mprotect, MapFlags, ProtFlags};
+use nix::sys::mman::{mmap, mprotect, munmap, MapFlags, ProtFlags};
 
 use crate::error::RestoreError;
 use crate::files::FilePolicy;
@@ -60,6 +65,87 @@ fn prot_flags(bits: u32) -> ProtFlags {
         prot |= ProtFlags::PROT_EXEC;
     }
     prot
+}
+
+/// Writes the saved contents of each shared file region of `record` into
+/// its file (made again where it is missing), unless the policy keeps
+/// files as they are. It runs before the ranks' exchange at `cryo_init`,
+/// so no rank computes on the file while another puts it back.
+pub fn restore_region_files(
+    record: &RankRecord,
+    store: &JobStore,
+    policy: FilePolicy,
+) -> Result<(), RestoreError> {
+    if policy == FilePolicy::Keep {
+        return Ok(());
+    }
+    for region in &record.regions {
+        if let RegionKind::FileShared { path, offset } = &region.kind {
+            restore_region_file(record.rank, store, region, path, *offset)?;
+        }
+    }
+    Ok(())
+}
+
+fn restore_region_file(
+    rank: u32,
+    store: &JobStore,
+    region: &RegionRecord,
+    path: &str,
+    offset: u64,
+) -> Result<(), RestoreError> {
+    let fail = |step: &'static str, source: io::Error| RestoreError::Mapping {
+        rank,
+        path: path.to_owned(),
+        addr: region.addr,
+        len: region.len,
+        step,
+        source,
+    };
+    let (Some(len), Ok(at)) = (
+        usize::try_from(region.len).ok().and_then(NonZeroUsize::new),
+        i64::try_from(offset),
+    ) else {
+        return Err(fail("restore", io::Error::other("bad length or offset")));
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|err| fail("open", err))?;
+    let end = offset.saturating_add(region.len);
+    let size = file.metadata().map_err(|err| fail("stat", err))?.len();
+    if size < end {
+        file.set_len(end).map_err(|err| fail("extend", err))?;
+    }
+    // SAFETY: a new shared mapping of the file, placed by the kernel, so it
+    // aliases nothing; the file is at least `offset + len` bytes long.
+    let mapped = unsafe {
+        mmap(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            file.as_fd(),
+            at,
+        )
+    }
+    .map_err(|errno| fail("mmap", errno.into()))?;
+    // SAFETY: the mapping just made is `len` bytes, writable, and only this
+    // function refers to it until it is unmapped below.
+    let dest = unsafe { std::slice::from_raw_parts_mut(mapped.as_ptr().cast::<u8>(), len.get()) };
+    let restored = crate::restore_threads::restore(|| store.restore_region(region, dest));
+    // SAFETY: the mapping made above; `dest` is not used after this.
+    let _ = unsafe { munmap(mapped, len.get()) };
+    restored.map_err(|source| RestoreError::Contents {
+        rank,
+        what: format!("the file {path} of region '{}'", region.name),
+        source,
+    })?;
+    tracing::debug!(rank, path, region = %region.name, "region_file.restored");
+    Ok(())
 }
 
 /// Re-establishes every application mapping of `record`.

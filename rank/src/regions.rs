@@ -24,8 +24,10 @@ use crate::runtime::{lock, move_high, Region, Restored, Runtime, PAGE};
 pub enum Backing<'a> {
     /// Anonymous memory; contents saved and restored.
     Anonymous,
-    /// A file mapping from `offset`. Shared: the file holds the contents
-    /// and is re-mapped on restart. Private: contents saved and restored.
+    /// A file mapping from `offset`. Shared: the file holds the contents,
+    /// saved too, and a restart writes them back into the file (unless
+    /// `CRYO_FILE_POLICY=keep`) before it is mapped again. Private:
+    /// contents saved and restored.
     File {
         /// The file.
         path: &'a Path,
@@ -146,7 +148,9 @@ impl Runtime {
             return Ok(());
         };
         if matches!(record.kind, RegionKind::FileShared { .. }) {
-            // The file holds the contents; the mapping already shows them.
+            // Its file got the saved contents back at `cryo_init`
+            // (`mappings::restore_region_files`), or is kept as it is
+            // (`CRYO_FILE_POLICY=keep`); the mapping shows the file.
             return Ok(());
         }
         crate::restore_threads::restore(|| restored.store.restore_region(record, dest)).map_err(
@@ -363,8 +367,13 @@ impl Runtime {
         };
         self.fill(&info, slice)?;
         // Registered after the restore's fill: its pages count as written
-        // until the first checkpoint, which therefore copies them all.
-        self.track(name, addr, map_len.get() as u64);
+        // until the first checkpoint, which therefore copies them all. A
+        // shared file region is never tracked: writes to its file (by
+        // `write(2)`, or by another process's mapping) bypass this
+        // mapping's page tables.
+        if !matches!(info.kind, RegionKind::FileShared { .. }) {
+            self.track(name, addr, map_len.get() as u64);
+        }
         tracing::debug!(job = %self.job, rank, region = name, addr, len, "region.created");
         self.push(info);
         Ok(slice)
@@ -424,10 +433,16 @@ pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), Region
     // Write tracking covers the whole pages the buffer touches: a write to
     // other heap data on those pages only makes a chunk look written (it is
     // copied again), never hides a write to the buffer.
+    // Memory shared with other processes is written through their page
+    // tables too, which tracking does not see: it is copied whole.
     let start = info.addr / PAGE * PAGE;
     let end = (info.addr + info.len).div_ceil(PAGE) * PAGE;
-    if end > start {
-        runtime.track(name, start, end - start);
+    match crate::writable::shared_memory(start, end - start) {
+        None if end > start => runtime.track(name, start, end - start),
+        None => {}
+        Some(shared) => {
+            tracing::info!(job = %runtime.job, rank = runtime.config.rank, region = name, shared = %shared, "region.untracked_shared");
+        }
     }
     runtime.push(info);
     Ok(())

@@ -56,6 +56,7 @@ pub(crate) fn restore_at_start(
             &r.record, &r.store, policy,
         )?);
         restore_mappings(&r.record, &r.store, policy)?;
+        crate::mappings::restore_region_files(&r.record, &r.store, policy)?;
         let held = crate::floor::hold_lost(&r.record);
         tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");
         // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.

@@ -3,6 +3,12 @@
 //! is writable. A `const` table or a buffer the program made read-only
 //! would otherwise be saved at every checkpoint and crash the restart as
 //! its contents were poured back (SIGSEGV inside the runtime).
+//!
+//! And whether a buffer lies in memory shared with other processes (an MPI
+//! shared-memory window, a segment in `/dev/shm`, a shared file mapping):
+//! their writes go through their own page tables, which the rank's write
+//! tracking never sees, so such a buffer is copied whole at every
+//! checkpoint.
 
 use cryo_core::maps;
 
@@ -47,6 +53,25 @@ fn unwritable_in(maps: &str, start: u64, len: u64) -> Option<String> {
     Some(format!("nothing is mapped at {covered:#x}"))
 }
 
+/// The first mapping shared with other processes (`MAP_SHARED`) that
+/// overlaps `[start, start + len)`, described; `None` when there is none
+/// (or when the maps cannot be read, which the caller then treats as
+/// shared: tracking is only an optimisation).
+pub(crate) fn shared_memory(start: u64, len: u64) -> Option<String> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return Some("/proc/self/maps could not be read".into());
+    };
+    shared_in(&maps, start, len)
+}
+
+/// [`shared_memory`] over the text of a maps file.
+fn shared_in(maps: &str, start: u64, len: u64) -> Option<String> {
+    let end = start.saturating_add(len);
+    maps::lines(maps)
+        .find(|line| line.shared() && line.overlaps(start, end))
+        .map(|line| format!("{} at {:#x}-{:#x}", line.what(), line.start, line.end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,6 +81,17 @@ mod tests {
 55d000001000-55d000003000 rw-p 00001000 08:01 12 /usr/bin/app
 55d000003000-55d000005000 rw-p 00000000 00:00 0 \n\
 7f0000000000-7f0000400000 r--p 00000000 00:00 0 \n";
+
+    #[test]
+    fn a_buffer_touching_shared_memory_is_named() {
+        let maps = "\
+55d000003000-55d000005000 rw-p 00000000 00:00 0 \n\
+7f0000000000-7f0000004000 rw-s 00000000 00:1a 77 /dev/shm/mpich_win.1234\n";
+        assert_eq!(shared_in(maps, 0x55d0_0000_3000, 0x2000), None);
+        let window = shared_in(maps, 0x55d0_0000_4000, 0x7f00_0000_0000).expect("shared");
+        assert!(window.contains("/dev/shm/mpich_win.1234"), "{window}");
+        assert!(shared_in(maps, 0x7f00_0000_1000, 8).is_some());
+    }
 
     #[test]
     fn a_buffer_in_writable_mappings_is_taken_even_across_two() {

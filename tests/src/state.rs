@@ -63,6 +63,7 @@ pub const SHAPES: &[&str] = &[
     "reopened",
     "mpiio",
     "odirect",
+    "region_file",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

@@ -58,7 +58,8 @@
     X(own_buffer)       \
     X(reopened)         \
     X(mpiio)            \
-    X(odirect)
+    X(odirect)          \
+    X(region_file)
 
 /* What every shape function gets. */
 struct ctx {

@@ -55,6 +55,7 @@ shape_test!(state_own_buffer_survives_kill_and_restart, "own_buffer");
 shape_test!(state_reopened_survives_kill_and_restart, "reopened");
 shape_test!(state_mpiio_survives_kill_and_restart, "mpiio");
 shape_test!(state_odirect_survives_kill_and_restart, "odirect");
+shape_test!(state_region_file_survives_kill_and_restart, "region_file");
 
 /// Every shape in one job of 6 ranks on three nodes, restarted on six.
 #[test]
