@@ -127,7 +127,8 @@ pub fn is_private(kind: &RegionKind) -> bool {
         RegionKind::Anonymous
         | RegionKind::Protected
         | RegionKind::FilePrivate { .. }
-        | RegionKind::ClosedFiles => true,
+        | RegionKind::ClosedFiles
+        | RegionKind::ProcessState => true,
         RegionKind::AppMapping { shared, .. } => !shared,
         RegionKind::FileShared { .. }
         | RegionKind::UnlinkedFile { .. }

@@ -331,6 +331,14 @@ pub enum RestoreError {
         /// What is wrong with it.
         why: String,
     },
+    /// The record of what the rank changed of its process is damaged.
+    #[error("rank {rank}: the checkpoint's record of the process's environment, limits and signals is damaged: {source}")]
+    ProcessState {
+        /// The rank.
+        rank: u32,
+        /// What is wrong with it.
+        source: cryo_core::format::process_state::ProcessStateError,
+    },
     /// The ranks could not exchange what they restored.
     #[error("rank {rank}: exchanging the restart with the other ranks: {why}")]
     Peers {

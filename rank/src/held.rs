@@ -16,7 +16,9 @@
 //!   `cryo:map:<start>`, `cryo:mapped-file:<n>`), so they are chunked,
 //!   deduplicated and verified like region data;
 //! * the table of files it wrote and closed (`closed_files`), as the region
-//!   `cryo:closed-files`.
+//!   `cryo:closed-files`;
+//! * what it changed of its process since `cryo_init` (`process_state`), as
+//!   the region `cryo:process-state`.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -270,8 +272,9 @@ pub(crate) struct Held {
     pub(crate) regions: Vec<RegionInfo>,
     pub(crate) warnings: Vec<String>,
     temporary: Vec<(NonNull<libc::c_void>, usize)>,
-    /// The encoded table of files written and closed, behind its region.
-    closed_files: Vec<u8>,
+    /// The bytes behind the regions the runtime encodes itself (the table
+    /// of files written and closed, what changed of the process).
+    encoded: Vec<Vec<u8>>,
 }
 
 impl Drop for Held {
@@ -285,6 +288,19 @@ impl Drop for Held {
 }
 
 impl Held {
+    /// Hands `bytes` to the agent as the region `name` of `kind`; they
+    /// live (at a fixed address) until the agent has copied them.
+    pub(crate) fn push_encoded(&mut self, name: &str, kind: RegionKind, bytes: Vec<u8>) {
+        self.regions.push(RegionInfo {
+            name: name.into(),
+            addr: bytes.as_ptr() as u64,
+            len: bytes.len() as u64,
+            kind,
+        });
+        // The heap buffer does not move when `encoded` grows.
+        self.encoded.push(bytes);
+    }
+
     /// Saves the first `len` bytes of the file at `path` (for an fd, its
     /// link `/proc/self/fd/N`) as the region `name` of `kind`, through a
     /// temporary read-only mapping.
@@ -513,13 +529,7 @@ pub(crate) fn gather(
         }
     }
     if let Some(table) = closed.table {
-        held.closed_files = table;
-        held.regions.push(RegionInfo {
-            name: CLOSED_FILES_REGION.into(),
-            addr: held.closed_files.as_ptr() as u64,
-            len: held.closed_files.len() as u64,
-            kind: RegionKind::ClosedFiles,
-        });
+        held.push_encoded(CLOSED_FILES_REGION, RegionKind::ClosedFiles, table);
     }
     Ok(held)
 }

@@ -36,6 +36,7 @@ mod mappings;
 mod offers;
 mod park;
 mod prefetch;
+mod process_state;
 mod ptracer;
 #[cfg(feature = "mpi")]
 pub mod quiesce;

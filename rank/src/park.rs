@@ -10,6 +10,8 @@ use std::sync::MutexGuard;
 use std::time::Instant;
 
 use cryo_core::dirty::WriteTracker;
+use cryo_core::format::manifest::RegionKind;
+use cryo_core::format::process_state::PROCESS_STATE_REGION;
 use cryo_core::protocol::{
     recv_message_with_fd, write_message_as, AgentToRank, ControlPage, FrameError, ProbeVerdict,
     RankToAgent, RegionInfo,
@@ -307,6 +309,16 @@ fn park_epoch(
         (runtime.unclaimed_regions().into_iter())
             .map(|line| format!("{line}, nor in this checkpoint")),
     );
+    let (process, lost) = crate::process_state::changes(&runtime.process_base);
+    held.warnings.extend(lost);
+    if !process.is_empty() {
+        match process.encode() {
+            Ok(bytes) => held.push_encoded(PROCESS_STATE_REGION, RegionKind::ProcessState, bytes),
+            Err(err) => held.warnings.push(format!(
+                "what it changed of its process after cryo_init could not be recorded ({err}):                  a restart does not set it again"
+            )),
+        }
+    }
     for warning in &held.warnings {
         tracing::warn!(job = %runtime.job, rank, epoch, warning = %warning, "rank.not_restorable");
     }

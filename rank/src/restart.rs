@@ -57,6 +57,8 @@ pub(crate) fn restore_at_start(
         )?);
         restore_mappings(&r.record, &r.store, policy)?;
         crate::mappings::restore_region_files(&r.record, &r.store, policy)?;
+        let mut r = r;
+        r.process = crate::process_state::load(&r.record, &r.store)?;
         let held = crate::floor::hold_lost(&r.record);
         tracing::debug!(rank, fds = ?held, "restart.lost_fds_held");
         // `CRYO_FILE_POLICY=keep` leaves closed files as they are too.
@@ -152,5 +154,6 @@ fn load_restore(
         epoch,
         store,
         record,
+        process: Default::default(),
     })
 }

@@ -281,6 +281,9 @@ pub(crate) struct Restored {
     pub(crate) epoch: u64,
     pub(crate) store: JobStore,
     pub(crate) record: RankRecord,
+    /// What the rank changed of its process after `cryo_init`, made again
+    /// at the end of this one.
+    pub(crate) process: cryo_core::format::process_state::ProcessState,
 }
 
 pub(crate) struct Region {
@@ -302,6 +305,9 @@ pub(crate) struct Runtime {
     pub(crate) tracker_tried: bool,
     /// What was open and mapped when the runtime started.
     pub(crate) baseline: Baseline,
+    /// The process's environment, limits and signals as `cryo_init` left
+    /// them (before a restart made its saved changes again).
+    pub(crate) process_base: crate::process_state::Baseline,
     /// The fds that keep the application's above the floor.
     pub(crate) placeholders: Vec<OwnedFd>,
 }
@@ -567,6 +573,14 @@ pub(crate) fn init_with_peers(
         crate::exit_note::arm();
         crate::warning::install(conn.agent_version, &job, rank);
     }
+    // Last, so that nothing of the runtime's own start counts as a change.
+    let process_base = crate::process_state::Baseline::take();
+    if let Some(restored) = &restored {
+        for line in crate::process_state::apply(&restored.process) {
+            tracing::warn!(job = %job, rank, epoch = restored.epoch, warning = %line, "restart.process_state");
+            cryo_core::say!("cryo: rank {rank}: WARNING: {line}");
+        }
+    }
     let info = InitInfo {
         job: job.clone(),
         rank,
@@ -585,6 +599,7 @@ pub(crate) fn init_with_peers(
         tracker: None,
         tracker_tried: false,
         baseline,
+        process_base,
         placeholders,
     });
     Ok(info)

@@ -64,6 +64,7 @@ pub const SHAPES: &[&str] = &[
     "mpiio",
     "odirect",
     "region_file",
+    "process",
 ];
 /// Variables that would attach an uninterrupted reference run to an agent.
 const CRYO_RANK_ENV: &[&str] = &[

@@ -59,7 +59,8 @@
     X(reopened)         \
     X(mpiio)            \
     X(odirect)          \
-    X(region_file)
+    X(region_file)      \
+    X(process)
 
 /* What every shape function gets. */
 struct ctx {

@@ -56,6 +56,7 @@ shape_test!(state_reopened_survives_kill_and_restart, "reopened");
 shape_test!(state_mpiio_survives_kill_and_restart, "mpiio");
 shape_test!(state_odirect_survives_kill_and_restart, "odirect");
 shape_test!(state_region_file_survives_kill_and_restart, "region_file");
+shape_test!(state_process_survives_kill_and_restart, "process");
 
 /// Every shape in one job of 6 ranks on three nodes, restarted on six.
 #[test]

@@ -40,7 +40,7 @@ const HEADER_CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 /// anything an older reader would misread.
 pub const FORMAT_VERSION: FormatVersion = FormatVersion {
     major: 2,
-    minor: 7,
+    minor: 8,
     patch: 0,
 };
 

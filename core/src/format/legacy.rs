@@ -22,6 +22,8 @@
 //!   payload decodes with the current layout).
 //! * 2.6 → 2.7: `ProcessAttrs::tails`, the last bytes of the files held
 //!   open whose contents were not saved.
+//! * 2.7 → 2.8: the `RegionKind::ProcessState` variant (appended: a 2.7
+//!   payload decodes with the current layout).
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

@@ -179,6 +179,10 @@ pub enum RegionKind {
         /// Absolute path of the file.
         path: String,
     },
+    /// What the rank changed of its process after `cryo_init`
+    /// (`crate::format::process_state`, format 2.8). Named
+    /// `cryo:process-state`.
+    ProcessState,
 }
 
 /// A reference from a region to one chunk.

@@ -13,6 +13,8 @@
 //! manifest  the epoch manifest and each rank's part       -> chunk, pack, process, limits
 //! fds       the regions that carry held files; node-local   -> manifest, chunk
 //!           files that keep ranks apart at a restart
+//! process_state  what a rank changed of its process after  -> codec, manifest
+//!           cryo_init: environment, limits, signals
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
 //!
@@ -33,4 +35,5 @@ pub mod limits;
 pub mod manifest;
 pub mod pack;
 pub mod process;
+pub mod process_state;
 pub mod shuffle;
