@@ -190,6 +190,9 @@ enum Command {
     },
 }
 
+/// The longest wait a duration option takes: a year, in seconds.
+const LONGEST_WAIT_SECS: f64 = 365.0 * 86_400.0;
+
 fn init_logging(format: LogFormat) {
     // CRYO_LOG (set by `cryo run` for its agents), else RUST_LOG, else info.
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRYO_LOG")
@@ -279,6 +282,22 @@ fn run(command: Command) -> Result<()> {
             if !(0.0..=86_400.0).contains(&prefault_delay) {
                 bail!("--prefault-delay {prefault_delay}: expected seconds, from 0 to 86400");
             }
+            if !coordinator_wait.is_finite() {
+                bail!("--coordinator-wait {coordinator_wait}: expected seconds");
+            }
+            if !(0.0..=LONGEST_WAIT_SECS).contains(&park_timeout) {
+                bail!("--park-timeout {park_timeout}: expected seconds, from 0 to {LONGEST_WAIT_SECS}");
+            }
+            let (min, max) = (
+                cryo_core::format::limits::MIN_CHUNK_SIZE,
+                cryo_core::format::limits::MAX_CHUNK_SIZE,
+            );
+            let chunk_size = usize::try_from(chunk_size)
+                .ok()
+                .filter(|size| (min..=max).contains(size))
+                .with_context(|| {
+                    format!("--chunk-size {chunk_size}: expected {min} to {max} bytes")
+                })?;
             let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
             let config = AgentConfig {
                 socket,
@@ -292,7 +311,7 @@ fn run(command: Command) -> Result<()> {
                 ranks,
                 restart_from,
                 park_timeout: Duration::from_secs_f64(park_timeout.max(0.001)),
-                chunk_size: usize::try_from(chunk_size).context("--chunk-size")?,
+                chunk_size,
                 zstd_level,
                 pack_size,
                 copy_threads: copy_threads.unwrap_or(cores),

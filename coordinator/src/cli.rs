@@ -5,7 +5,6 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -15,7 +14,6 @@ use cryo_core::store::Store;
 use crate::report::{render_status, report_checkpoint, warn_unrestorable};
 use crate::store_dir::StoreDir;
 
-use crate::human::parse_size;
 use crate::inspect;
 use crate::launch;
 use crate::logging::{self, LogFormat};
@@ -263,7 +261,7 @@ pub struct LaunchArgs {
     #[arg(long, env = "CRYO_AGENT_BIN")]
     pub agent: Option<PathBuf>,
     /// Chunk size.
-    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1MiB", value_parser = crate::human::parse_chunk_size)]
     pub chunk_size: u64,
     /// Copy budget per agent, e.g. `2GiB` (default: an eighth of RAM).
     /// Ranks are copied into it while paused and resume as soon as their
@@ -573,13 +571,6 @@ fn slurm_restart_count() -> u32 {
         .unwrap_or(0)
 }
 
-fn seconds(value: f64, what: &str) -> Result<Duration> {
-    if !value.is_finite() || value <= 0.0 {
-        bail!("{what} must be a positive number of seconds, not {value}");
-    }
-    Ok(Duration::from_secs_f64(value))
-}
-
 fn run_options(
     job: String,
     ranks: u32,
@@ -661,7 +652,7 @@ fn run_options(
         hosts,
         interval: launch
             .interval
-            .map(|s| seconds(s, "--interval"))
+            .map(|s| crate::human::seconds(s, "--interval"))
             .transpose()?,
         keep: launch.keep.max(1),
         launcher,
@@ -670,15 +661,18 @@ fn run_options(
         agent_bin: launch.agent,
         chunk_size: usize::try_from(launch.chunk_size).context("chunk size too large")?,
         copy_budget: launch.copy_budget,
-        checkpoint_timeout: seconds(launch.checkpoint_timeout, "--checkpoint-timeout")?,
-        park_timeout: seconds(launch.park_timeout, "--park-timeout")?,
+        checkpoint_timeout: crate::human::seconds(
+            launch.checkpoint_timeout,
+            "--checkpoint-timeout",
+        )?,
+        park_timeout: crate::human::seconds(launch.park_timeout, "--park-timeout")?,
         listen,
         restart_from,
         command,
         scratch,
         finalize_timeout: launch
             .finalize_timeout
-            .map(|s| seconds(s, "--finalize-timeout"))
+            .map(|s| crate::human::seconds(s, "--finalize-timeout"))
             .transpose()?,
     })
 }

@@ -103,7 +103,37 @@ pub fn error_chain(err: &anyhow::Error) -> String {
     cryo_core::error_chain::error_chain(err.as_ref())
 }
 
+/// A chunk size within the format's limits.
+pub fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    use cryo_core::format::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+    let size = parse_size(text)?;
+    if !(MIN_CHUNK_SIZE as u64..=MAX_CHUNK_SIZE as u64).contains(&size) {
+        return Err(format!(
+            "{text:?} is outside the chunk sizes a store holds: {} to {}",
+            bytes(MIN_CHUNK_SIZE as u64),
+            bytes(MAX_CHUNK_SIZE as u64)
+        ));
+    }
+    Ok(size)
+}
+
+/// The longest duration an option takes: a year.
+const LONGEST_SECS: f64 = 365.0 * 86_400.0;
+
+/// A duration option (`what`) in seconds: positive, finite, at most a
+/// year.
+pub fn seconds(value: f64, what: &str) -> anyhow::Result<std::time::Duration> {
+    if !value.is_finite() || value <= 0.0 {
+        anyhow::bail!("{what} must be a positive number of seconds, not {value}");
+    }
+    if value > LONGEST_SECS {
+        anyhow::bail!("{what} {value} is too long: at most {LONGEST_SECS} seconds (a year)");
+    }
+    Ok(std::time::Duration::from_secs_f64(value))
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -112,6 +142,20 @@ mod tests {
     struct Step {
         #[source]
         source: std::io::Error,
+    }
+
+    #[test]
+    fn durations_and_chunk_sizes_out_of_range_are_refused() {
+        assert_eq!(seconds(2.5, "--interval").unwrap().as_millis(), 2500);
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e20] {
+            let err = seconds(bad, "--interval").unwrap_err().to_string();
+            assert!(err.starts_with("--interval"), "{err}");
+        }
+        assert_eq!(parse_chunk_size("1MiB"), Ok(1 << 20));
+        for bad in ["0", "1", "1TiB"] {
+            let err = parse_chunk_size(bad).unwrap_err();
+            assert!(err.contains("outside the chunk sizes"), "{err}");
+        }
     }
 
     #[test]

@@ -414,7 +414,7 @@ pub fn verify(job: &JobStore, epoch: Option<u64>) -> Result<VerifyOutcome> {
         ok = false;
         let _ = writeln!(
             text,
-            "epoch {}: BAD: {} of {} chunk uses failed",
+            "epoch {}: BAD: {} chunk uses failed (by rank, region and offset; {} distinct chunks checked)",
             report.epoch,
             report.bad.len(),
             report.chunks_checked

@@ -18,6 +18,14 @@ pub enum LauncherError {
     /// Nothing found.
     #[error("no MPI launcher found: install MPICH (mpiexec) or Open MPI (mpirun), or pass --launcher PATH")]
     NotFound,
+    /// The launcher `--launcher` names does not run.
+    #[error("--launcher {}: it cannot be run", path.display())]
+    Unrunnable {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A launcher of an unknown family.
     #[error("{} is neither MPICH Hydra nor Open MPI (its --version says: {first_line})", path.display())]
     Unknown {
@@ -111,12 +119,15 @@ fn candidates(family: Option<MpiFamily>) -> &'static [&'static str] {
 /// run.
 fn probe(candidate: &Path) -> Option<Result<Launcher, LauncherError>> {
     let output = Command::new(candidate).arg("--version").output().ok()?;
-    let text = format!(
+    Some(classify(candidate, &version_text(&output)))
+}
+
+fn version_text(output: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
-    );
-    Some(classify(candidate, &text))
+    )
 }
 
 /// Finds the launcher: `preferred` if given (refused if it cannot start
@@ -129,7 +140,15 @@ pub fn detect(
     program_mpi: impl FnOnce() -> Option<ProgramMpi>,
 ) -> Result<Launcher, LauncherError> {
     if let Some(path) = preferred {
-        let launcher = probe(path).unwrap_or(Err(LauncherError::NotFound))?;
+        let launcher = match Command::new(path).arg("--version").output() {
+            Ok(output) => classify(path, &version_text(&output))?,
+            Err(source) => {
+                return Err(LauncherError::Unrunnable {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
         if matches!(launcher, Launcher::Srun(_)) {
             return Ok(launcher);
         }
@@ -213,13 +232,15 @@ mod tests {
     #[test]
     fn a_launcher_that_is_not_there_is_named() {
         let absent = Path::new("/nonexistent/mpiexec");
-        assert!(matches!(
-            detect(Some(absent), || None),
-            Err(LauncherError::NotFound)
-        ));
+        let err = detect(Some(absent), || None).unwrap_err();
+        assert!(matches!(err, LauncherError::Unrunnable { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "--launcher /nonexistent/mpiexec: it cannot be run"
+        );
         assert!(matches!(
             detect(Some(absent), || Some(program(MpiFamily::OpenMpi))),
-            Err(LauncherError::NotFound)
+            Err(LauncherError::Unrunnable { .. })
         ));
     }
 

@@ -18,6 +18,12 @@ pub enum ProgramError {
         /// Where it was looked for.
         path: PathBuf,
     },
+    /// A path that names something other than a file (a directory).
+    #[error("the program {} is not a file", path.display())]
+    NotAFile {
+        /// What it names.
+        path: PathBuf,
+    },
     /// A bare name that no directory of `PATH` holds.
     #[error("the program {program} is not found on PATH")]
     NotOnPath {
@@ -50,8 +56,11 @@ pub fn locate(program: &OsStr, cwd: &Path) -> Option<PathBuf> {
 pub fn check(program: &OsStr, cwd: &Path) -> Result<PathBuf, ProgramError> {
     let Some(path) = locate(program, cwd) else {
         return Err(if program.as_bytes().contains(&b'/') {
-            ProgramError::Missing {
-                path: cwd.join(program).components().collect(),
+            let path: PathBuf = cwd.join(program).components().collect();
+            if path.exists() {
+                ProgramError::NotAFile { path }
+            } else {
+                ProgramError::Missing { path }
             }
         } else {
             ProgramError::NotOnPath {
@@ -88,6 +97,23 @@ pub fn check_before_launch(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_directory_is_not_taken_for_a_missing_program() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("adir")).unwrap();
+        let err = check(OsStr::new("./adir"), dir.path()).unwrap_err();
+        assert!(matches!(err, ProgramError::NotAFile { .. }), "{err}");
+        assert!(err.to_string().ends_with("adir is not a file"), "{err}");
+        // A store path that is a file is named as such too.
+        let file = dir.path().join("afile");
+        std::fs::write(&file, b"x").unwrap();
+        let store = cryo_core::Store::create(&file).unwrap_err();
+        assert!(
+            store.to_string().ends_with("afile is not a directory"),
+            "{store}"
+        );
+    }
 
     #[test]
     fn a_missing_or_unexecutable_program_is_named() {

@@ -190,6 +190,11 @@ impl Store {
         fs: Arc<dyn StoreFs>,
     ) -> Result<Store, StoreError> {
         let root = root.into();
+        // Something else at that path is named as such, not as a failed
+        // directory creation.
+        if fs.stat(&root).is_ok_and(|stat| !stat.is_dir) {
+            return Err(StoreError::NotADirectory(root));
+        }
         fs.create_dir_all(&root)?;
         Store::open_with_fs(root, fs)
     }
