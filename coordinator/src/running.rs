@@ -38,6 +38,8 @@ pub(crate) struct AgentHandle {
 /// A `cryo checkpoint` or `preempt` waiting for the epoch's outcome.
 pub(crate) struct Waiter {
     pub(crate) reply: Sender<JobResponse>,
+    /// A `cryo preempt`: answered by the job's last epoch.
+    pub(crate) preempt: bool,
 }
 
 /// The job's state, owned by the event loop.
@@ -57,6 +59,9 @@ pub(crate) struct Coordinator {
     /// SIGTERM (`scancel`), nor once the job finished by itself.
     pub(crate) requeue_on_stop: bool,
     pub(crate) preempt_result: Option<bool>,
+    /// The epoch started once the job was to stop: its ranks stay parked
+    /// until the job stops, so nothing they compute is lost or redone.
+    stop_epoch: Option<u64>,
     /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
     pub(crate) agent_step: Option<Child>,
     committer: Committer,
@@ -129,6 +134,7 @@ impl Coordinator {
             preempting: false,
             requeue_on_stop: false,
             preempt_result: None,
+            stop_epoch: None,
             agent_step: None,
             committing: None,
             finalized: BTreeSet::new(),
@@ -252,6 +258,9 @@ impl Coordinator {
             return Err(format!("the agent on node {lost:?} is not connected"));
         }
         let epoch = self.next_epoch().map_err(|e| e.to_string())?;
+        if self.preempting {
+            self.stop_epoch = Some(epoch);
+        }
         let _ = self.job.discard_pending(epoch);
         self.last_attempted = epoch;
         self.max_pause_us = 0;
@@ -429,16 +438,14 @@ impl Coordinator {
                     written: epoch.bytes_written(),
                     elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 };
-                if self.preempting {
+                if self.preempting && !self.stop_after(epoch.epoch) {
                     // The job stops now: it leaves the registry before
                     // `cryo preempt` hears, so that a restart right after
                     // waits for this run to exit instead of finding it.
                     crate::registry::Registry::of(&self.job).clear_coordinator();
                     self.preempt_result = Some(true);
                 }
-                for waiter in self.waiters.drain(..) {
-                    let _ = waiter.reply.send(response.clone());
-                }
+                self.answer(&response);
                 let (job, keep) = (self.job.clone(), self.opts.keep);
                 thread::spawn(move || {
                     if let Err(err) = job.gc(Some(keep)) {
@@ -460,15 +467,45 @@ impl Coordinator {
                     epoch: epoch.epoch,
                     reason,
                 };
-                for waiter in self.waiters.drain(..) {
-                    let _ = waiter.reply.send(response.clone());
-                }
-                if self.preempting {
+                if self.preempting && !self.stop_after(epoch.epoch) {
                     self.preempt_result = Some(false);
                 }
+                self.answer(&response);
             }
             _ => self.epoch = Some(epoch),
         }
+    }
+
+    /// Whether the job, to stop after `epoch` (over), takes one more
+    /// epoch first: `epoch` began before the stop was asked for, so its
+    /// ranks computed on after it, and stopping now would lose those steps
+    /// and run them (and print their output) again after a restart.
+    fn stop_after(&mut self, epoch: u64) -> bool {
+        if self.stop_epoch == Some(epoch) {
+            return false;
+        }
+        match self.start_checkpoint("the stop, after the epoch in flight") {
+            Ok(_) => true,
+            Err(reason) => {
+                cryo_core::say!(
+                    "cryo: stopping after epoch {epoch}: no further checkpoint: {reason}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Answers the waiters of an epoch that is over; a `cryo preempt`
+    /// waits on while the job's last epoch is under way.
+    fn answer(&mut self, response: &JobResponse) {
+        let last_to_come = self.epoch.is_some();
+        self.waiters.retain(|waiter| {
+            if waiter.preempt && last_to_come {
+                return true;
+            }
+            let _ = waiter.reply.send(response.clone());
+            false
+        });
     }
 
     /// The commit thread finished `epoch`.
@@ -548,20 +585,28 @@ impl Coordinator {
                 self.preempting |= preempt;
                 self.requeue_on_stop |= preempt;
                 match self.start_checkpoint(why) {
-                    Ok(_) => self.waiters.push(Waiter { reply }),
+                    Ok(_) => self.waiters.push(Waiter { reply, preempt }),
                     Err(reason) if preempt && self.epoch.is_some() => {
-                        // Preempt during a checkpoint: stop once it is over.
+                        // Preempt during a checkpoint: one more, parked,
+                        // once it is over (`stop_after`).
                         tracing::info!(job = %self.opts.job, reason = %reason, "preempt.after_current_epoch");
-                        self.waiters.push(Waiter { reply });
+                        self.waiters.push(Waiter { reply, preempt });
+                    }
+                    Err(reason) if preempt => {
+                        let what = match self.finishing() {
+                            Some(rank) => format!(
+                                "rank {rank} has called cryo_finalize: the job is left to end"
+                            ),
+                            None => "the job is stopped without a new checkpoint".to_owned(),
+                        };
+                        cryo_core::say!("cryo: preempting without a new checkpoint: {reason}");
+                        self.preempt_result = Some(false);
+                        let _ = reply.send(JobResponse::Refused {
+                            reason: format!("{reason}; {what}"),
+                        });
                     }
                     Err(reason) => {
-                        let _ = reply.send(JobResponse::Refused {
-                            reason: reason.clone(),
-                        });
-                        if preempt {
-                            cryo_core::say!("cryo: preempting without a new checkpoint: {reason}");
-                            self.preempt_result = Some(false);
-                        }
+                        let _ = reply.send(JobResponse::Refused { reason });
                     }
                 }
             }

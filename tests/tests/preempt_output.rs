@@ -49,6 +49,18 @@ fn cryo(dir: &Path, out: &Path, args: &[&str]) -> Command {
 
 #[test]
 fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
+    preempt_and_restart(false);
+}
+
+/// A stop asked for while an ordinary checkpoint drains, its ranks
+/// computing on: the job takes one more epoch, parked until it stops, so
+/// the steps computed during the drain are neither lost nor printed twice.
+#[test]
+fn a_preemption_during_a_checkpoint_keeps_the_steps_computed_meanwhile() {
+    preempt_and_restart(true);
+}
+
+fn preempt_and_restart(during_a_checkpoint: bool) {
     if !have_mpi() {
         return;
     }
@@ -67,15 +79,42 @@ fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
         .arg(&program)
         .args([&STEPS.to_string(), "20"])
         .stderr(fs::File::create(&log).unwrap());
+    if during_a_checkpoint {
+        // Epoch 1's drain is held 3 s while its ranks compute on.
+        run.env("CRYO_FAULT", "pause-at:drain:1:3000");
+    }
     let mut child = run.spawn().unwrap();
     wait_until("40 steps printed", Duration::from_secs(60), || {
         lines(&out) >= 40 * RANKS as usize
+    });
+    let mut checkpoint = during_a_checkpoint.then(|| {
+        let checkpoint = cryo(
+            dir.path(),
+            &dir.path().join("checkpoint.out"),
+            &["checkpoint", "steps"],
+        )
+        .spawn()
+        .unwrap();
+        wait_until("epoch 1's drain held", Duration::from_secs(30), || {
+            fs::read_to_string(&log)
+                .is_ok_and(|said| said.contains("checkpoint of epoch 1 requested"))
+                && lines(&out) >= 50 * RANKS as usize
+        });
+        checkpoint
     });
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = wait_child(&mut child, Duration::from_secs(120));
     let said = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(75), "{said}");
+    if let Some(checkpoint) = checkpoint.as_mut() {
+        wait_child(checkpoint, Duration::from_secs(60));
+        assert!(
+            said.contains("epoch 1 committed")
+                && said.contains("preempted after committing epoch 2"),
+            "{said}"
+        );
+    }
 
     let expected = expected();
     let printed = fs::read_to_string(&out).unwrap();
@@ -117,5 +156,56 @@ fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
         twice.is_empty(),
         "lines printed twice: {twice:?}\n{said}\n{}",
         output_text(&restart)
+    );
+}
+
+/// `cryo preempt` of a job that cannot be checkpointed (its program never
+/// calls `cryo_init`) says that the job is stopped all the same, without
+/// a new checkpoint, rather than only that the checkpoint was refused.
+#[test]
+fn a_preemption_without_a_checkpoint_says_the_job_is_stopped() {
+    if !have_mpi() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-preempt-plain-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("plain_mpi");
+    compile_mpich_program("tests/programs/plain_mpi.c", &program);
+    let log = dir.path().join("run.log");
+    let mut run = cryo(
+        dir.path(),
+        &dir.path().join("run.out"),
+        &["run", "--job", "plain"],
+    );
+    run.args(["-n", "2", "--"])
+        .arg(&program)
+        .arg("60")
+        .stderr(fs::File::create(&log).unwrap());
+    let mut child = run.spawn().unwrap();
+    let cryo_here = |args: &[&str]| {
+        Command::new(built().join("cryo"))
+            .env("CRYO_STORE", dir.path().join("store"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    wait_until("cryo status answers", Duration::from_secs(60), || {
+        cryo_here(&["status", "plain"]).status.success()
+    });
+    let preempt = cryo_here(&["preempt", "plain"]);
+    let said = output_text(&preempt);
+    assert!(!preempt.status.success(), "{said}");
+    assert!(
+        said.contains("have registered")
+            && said.contains("the job is stopped without a new checkpoint"),
+        "{said}"
+    );
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    assert!(
+        !status.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
     );
 }
