@@ -96,6 +96,7 @@ pub(crate) fn spawn_agent(
             "CRYO_LOG",
             std::env::var("CRYO_LOG").unwrap_or_else(|_| "info".into()),
         );
+    crate::session::ends_with_us(&mut command);
     let child = command.spawn().with_context(|| {
         format!(
             "starting the agent for node {node} ({})",
@@ -256,10 +257,18 @@ pub(crate) fn wait_for_agents(
             }
         }
         if Instant::now() > deadline {
+            // What the launcher said of the hosts (ssh could not resolve
+            // or reach one) is the reason, when it said anything.
+            let said = step_log.map(|log| tail(log, 15)).unwrap_or_default();
             bail!(
-                "only {} of {expected} agents connected within {} s",
+                "only {} of {expected} agents connected within {} s{}",
                 c.agents.values().filter(|a| a.writer.is_some()).count(),
-                timeout.as_secs()
+                timeout.as_secs(),
+                if said.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!("; the agents' launcher said:\n{said}")
+                }
             );
         }
         match rx.recv_timeout(Duration::from_millis(50)) {
@@ -333,6 +342,7 @@ pub(crate) fn start_agent_step(
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .process_group(0);
+    crate::session::ends_with_us(&mut command);
     let step = command
         .spawn()
         .with_context(|| format!("starting the agents' step with {launcher}"))?;

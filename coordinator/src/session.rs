@@ -158,6 +158,27 @@ pub fn default_scratch(job: &str) -> PathBuf {
 
 pub use cryo_core::env::ENV_COORDINATOR;
 
+/// Makes the process `command` starts get SIGTERM when the thread that
+/// starts it (`cryo run`'s main thread) ends, however it ends: a launcher
+/// or agent whose coordinator was killed (`kill -9`, the OOM killer) would
+/// otherwise run the job on unseen, and a restart would start a second
+/// copy of it beside them.
+pub(crate) fn ends_with_us(command: &mut std::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the child between fork and exec and
+    // calls only async-signal-safe functions (prctl, getppid, raise).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
+            // The parent may have died before the prctl.
+            if u32::try_from(nix::unistd::getppid().as_raw()).ok() != Some(parent) {
+                let _ = signal::raise(Signal::SIGTERM);
+            }
+            Ok(())
+        })
+    };
+}
+
 pub(crate) fn stop_process_group(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
     let _ = signal::killpg(pgid, Signal::SIGTERM);
@@ -379,6 +400,7 @@ fn drive(
         .env(ENV_JOB, &c.opts.job)
         .env(ENV_TOKEN, token.expose())
         .process_group(0);
+    ends_with_us(&mut command);
     let mut job_child = command
         .spawn()
         .with_context(|| format!("starting {launcher} in {}", cwd.display()))?;

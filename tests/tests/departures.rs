@@ -79,3 +79,59 @@ fn ranks_that_vanish_under_a_launcher_that_ends_well_do_not_finish_the_job() {
     // The launcher's own status stays the exit status.
     assert!(status.success(), "{said}");
 }
+
+/// `kill -9` of `cryo run` (the OOM killer, an impatient user) takes its
+/// launcher, ranks and agents with it: nothing of the job computes on
+/// unseen beside the copy a restart would start.
+#[test]
+fn a_killed_cryo_run_takes_its_job_with_it() {
+    use std::time::Duration;
+    if !have_mpi() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("cryo-killed-run-")
+        .tempdir()
+        .unwrap();
+    let program = dir.path().join("prints_each_step");
+    compile_mpich_program("tests/programs/prints_each_step.c", &program);
+    let stdout = dir.path().join("job.stdout");
+    let cryo = |args: &[&str]| {
+        let mut cmd = Command::new(built().join("cryo"));
+        cmd.env("CRYO_STORE", dir.path().join("store"))
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut run = cryo(&["run", "--job", "killed", "--nodes", "a:1,b:1", "-n", "2"])
+        .arg("--scratch")
+        .arg(dir.path().join("scratch"))
+        .arg("--")
+        .arg(&program)
+        .args(["100000", "20"])
+        .stdout(std::fs::File::create(&stdout).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("run.stderr")).unwrap())
+        .spawn()
+        .unwrap();
+    cryo_tests::wait_until("20 lines", Duration::from_secs(60), || {
+        cryo_tests::lines(&stdout) >= 20
+    });
+    let checkpoint = cryo(&["checkpoint", "killed"]).output().unwrap();
+    assert!(checkpoint.status.success(), "{}", output_text(&checkpoint));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let marker = dir.path().display().to_string();
+    let job_processes =
+        || cryo_tests::pids_where(|cmdline| String::from_utf8_lossy(cmdline).contains(&marker));
+    let left = std::time::Instant::now();
+    while !job_processes().is_empty() && left.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let survivors = job_processes();
+    cryo_tests::kill_every_process_mentioning(&marker);
+    assert!(
+        survivors.is_empty(),
+        "the job's processes outlived its cryo run by 30 s: {survivors:?}"
+    );
+}
