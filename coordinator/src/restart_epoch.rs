@@ -41,6 +41,10 @@ pub fn choose_restart_epoch(job: &JobStore, asked: Option<u64>) -> Result<u64> {
             "and no older epoch is left"
         };
         cryo_core::say!("cryo: warning: epoch {epoch} {problem}; {next}");
+        // Retention then keeps the sound epochs this restart falls back to.
+        if let Err(err) = job.mark_damaged(*epoch, &problem) {
+            tracing::warn!(job = %job.name(), epoch, error = %err, "epoch.damage_not_noted");
+        }
     }
     bail!(
         "job {:?} has no committed epoch that passes verification",

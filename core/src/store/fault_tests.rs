@@ -619,3 +619,25 @@ fn another_users_job_is_named_as_such_not_as_missing() {
     let err = store.existing_job("absent").unwrap_err();
     assert!(matches!(err, StoreError::UnknownJob { .. }), "{err:?}");
 }
+
+/// A newest epoch a restart found damaged does not count among those
+/// retention keeps: the sound epochs a restart falls back to stay.
+#[test]
+fn retention_does_not_count_an_epoch_noted_damaged() {
+    let fixture = Fixture::new();
+    let job = fixture.real_job();
+    for epoch in [2, 3] {
+        write_epoch(&job, epoch, &state(epoch)).unwrap();
+        job.commit_epoch(epoch, 1, CHUNK as u32).unwrap();
+    }
+    job.mark_damaged(3, "fails verification").unwrap();
+    assert_eq!(job.damaged_epochs().unwrap(), vec![3]);
+    assert_eq!(job.apply_retention(1).unwrap(), vec![1]);
+    assert_eq!(job.committed_epochs().unwrap(), vec![2, 3]);
+    write_epoch(&job, 4, &state(4)).unwrap();
+    job.commit_epoch(4, 1, CHUNK as u32).unwrap();
+    // Epoch 4 is sound: 2 goes, and the damaged 3 with its note.
+    assert_eq!(job.apply_retention(1).unwrap(), vec![2, 3]);
+    assert_eq!(job.committed_epochs().unwrap(), vec![4]);
+    assert!(job.damaged_epochs().unwrap().is_empty());
+}

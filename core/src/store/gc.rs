@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::path::PathBuf;
 
 use thiserror::Error;
 
@@ -14,25 +15,56 @@ use crate::store::fs::{IoStep, IoStepError};
 use crate::store::{JobStore, LoadError, LockError};
 
 impl JobStore {
-    /// Deletes committed manifests beyond the newest `keep`. Chunks are freed
+    /// Deletes committed manifests beyond the newest `keep` (not counting
+    /// those a restart noted damaged, [`JobStore::mark_damaged`]). Chunks are freed
     /// by the next [`JobStore::gc`]. Returns the epochs removed.
     pub fn apply_retention(&self, keep: usize) -> Result<Vec<u64>, IoStepError> {
         let epochs = self.committed_epochs()?;
+        let damaged = self.damaged_epochs()?;
         let keep = keep.max(1);
-        if epochs.len() <= keep {
+        // Epochs a restart found damaged are not counted among those kept:
+        // the newest `keep` sound ones stay, with any damaged one newer.
+        let sound: Vec<u64> = (epochs.iter().copied())
+            .filter(|epoch| !damaged.contains(epoch))
+            .collect();
+        if sound.len() <= keep {
             return Ok(Vec::new());
         }
-        let doomed = epochs[..epochs.len() - keep].to_vec();
+        let oldest_kept = sound[sound.len() - keep];
+        let doomed: Vec<u64> = (epochs.iter().copied())
+            .filter(|epoch| *epoch < oldest_kept)
+            .collect();
         for epoch in &doomed {
-            let path = self.manifest_path(*epoch);
-            match self.fs.remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(IoStepError::new("remove manifest", path, err)),
+            for path in [self.manifest_path(*epoch), self.damaged_path(*epoch)] {
+                match self.fs.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(IoStepError::new("remove manifest", path, err)),
+                }
             }
         }
         self.fs.sync_dir(&self.epochs_dir())?;
         Ok(doomed)
+    }
+
+    /// Where the note that `epoch` failed a restart's verification lives.
+    pub fn damaged_path(&self, epoch: u64) -> PathBuf {
+        self.epochs_dir().join(format!("{epoch:020}.damaged"))
+    }
+
+    /// Notes that the committed `epoch` failed a restart's verification
+    /// (`why`), so that retention does not count it among the epochs it
+    /// keeps: a damaged newest epoch must not push out the sound ones a
+    /// restart falls back to.
+    pub fn mark_damaged(&self, epoch: u64, why: &str) -> Result<(), IoStepError> {
+        self.fs
+            .write_file(&self.damaged_path(epoch), &[why.as_bytes(), b"\n"], true)?;
+        self.fs.sync_dir(&self.epochs_dir())
+    }
+
+    /// The epochs noted damaged.
+    pub fn damaged_epochs(&self) -> Result<Vec<u64>, IoStepError> {
+        self.list_epoch_entries(&self.epochs_dir(), ".damaged")
     }
 
     /// Retention then mark-and-sweep of chunks with the default repack
