@@ -152,6 +152,15 @@ fn signal_name(signal: i32) -> String {
     }
 }
 
+/// Whether `file` is a Python interpreter or its library: the C handler
+/// there only trips a flag that calls the Python function, which a new
+/// interpreter does not have (set again alone, it would swallow the
+/// signal).
+fn is_python(file: &str) -> bool {
+    let name = file.rsplit('/').next().unwrap_or(file);
+    name.starts_with("libpython") || name.starts_with("python")
+}
+
 /// What differs from `base` now, and a line for each change a restart
 /// cannot make again.
 pub(crate) fn changes(base: &Baseline) -> (ProcessState, Vec<String>) {
@@ -184,18 +193,30 @@ pub(crate) fn changes(base: &Baseline) -> (ProcessState, Vec<String>) {
     }
     let blocked = blocked_signals();
     (state.blocked, state.unblocked) = (blocked & !base.blocked, base.blocked & !blocked);
-    let maps_text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    // Read only when a handler changed: this runs while the rank is parked.
+    let mut maps_text: Option<String> = None;
     for signal in signals() {
         let Some(now) = action(signal).filter(|now| base.actions.get(&signal) != Some(now)) else {
             continue;
         };
+        let maps_text = maps_text
+            .get_or_insert_with(|| std::fs::read_to_string("/proc/self/maps").unwrap_or_default());
         let handler = match now.handler {
             libc::SIG_DFL => Handler::Default,
             libc::SIG_IGN => Handler::Ignore,
             addr => {
                 let addr = addr as u64;
-                let found = maps::lines(&maps_text).find(|line| line.overlaps(addr, addr + 1));
+                let found = maps::lines(maps_text).find(|line| line.overlaps(addr, addr + 1));
                 match found.and_then(|line| line.file().map(|file| (line, file))) {
+                    Some((_, file)) if is_python(file) => {
+                        warnings.push(format!(
+                            "the handler of {} set after cryo_init is Python's (signal.signal), \
+                             whose function is an object of this interpreter: a restart does not \
+                             set it again; set it on every start",
+                            signal_name(signal)
+                        ));
+                        continue;
+                    }
                     Some((line, file)) => Handler::At {
                         file: file.to_owned(),
                         offset: addr - line.start + line.offset,
@@ -354,6 +375,13 @@ mod tests {
     extern "C" fn on_signal(_: libc::c_int) {}
 
     /// One test, as it changes this process's environment and signals.
+    #[test]
+    fn python_is_told_by_its_file() {
+        assert!(is_python("/usr/bin/python3.11"));
+        assert!(is_python("/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"));
+        assert!(!is_python("/scratch/app"));
+    }
+
     #[test]
     fn changes_after_the_baseline_are_found_and_made_again() {
         let base = Baseline::take();
