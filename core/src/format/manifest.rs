@@ -13,6 +13,7 @@ use thiserror::Error;
 use crate::format::chunk::ChunkHash;
 use crate::format::limits::{MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use crate::format::pack::ChunkPlace;
+pub use crate::format::paths::{is_clean_absolute_path, is_working_directory};
 use crate::format::process::{AttrsError, ProcessAttrs};
 use crate::names::{check_job_name, check_region_name, NameError};
 
@@ -419,22 +420,6 @@ pub enum ManifestError {
         /// End.
         end: u64,
     },
-}
-
-/// Whether `path` is absolute, has no `..` or `.` component and no NUL.
-pub fn is_clean_absolute_path(path: &str) -> bool {
-    path.starts_with('/')
-        && !path.contains('\0')
-        && path
-            .split('/')
-            .skip(1)
-            .all(|part| !part.is_empty() && part != "." && part != "..")
-}
-
-/// Whether `path` may be recorded as a rank's working directory: `/` or a
-/// clean absolute path (a restart changes into it).
-pub fn is_working_directory(path: &str) -> bool {
-    path == "/" || is_clean_absolute_path(path)
 }
 
 /// Checks `shares_with` and unlinked-file links of one rank's fds.

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! limits    the size limits of every kind of file (no dependencies)
+//! paths     the paths metadata may record (no dependencies)
 //! header    the fixed 64-byte header, the version policy  -> limits
 //! codec     bincode, the one module that links it        -> limits
 //! shuffle   the byte-shuffle filter of chunks
@@ -13,7 +14,7 @@
 //! manifest  the epoch manifest and each rank's part       -> chunk, pack, process, limits
 //! fds       the regions that carry held files; node-local   -> manifest, chunk
 //!           files that keep ranks apart at a restart
-//! process_state  what a rank changed of its process after  -> codec, manifest
+//! process_state  what a rank changed of its process after  -> codec, paths
 //!           cryo_init: environment, limits, signals
 //! legacy    earlier minor versions' metadata layouts      -> codec, header, manifest
 //! ```
@@ -34,6 +35,7 @@ pub mod legacy;
 pub mod limits;
 pub mod manifest;
 pub mod pack;
+pub mod paths;
 pub mod process;
 pub mod process_state;
 pub mod shuffle;

@@ -157,7 +157,7 @@ impl ProcessState {
                 return Err(ProcessStateError::Signal(action.signal));
             }
             if let Handler::At { file, .. } = &action.handler {
-                if !crate::format::manifest::is_clean_absolute_path(file) {
+                if !crate::format::paths::is_clean_absolute_path(file) {
                     return Err(ProcessStateError::HandlerFile(action.signal, file.clone()));
                 }
             }
