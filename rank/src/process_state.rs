@@ -323,17 +323,20 @@ pub(crate) fn apply(state: &ProcessState) -> Vec<String> {
             unsafe { libc::pthread_sigmask(how, &set, std::ptr::null_mut()) };
         }
     }
-    let maps_text = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    // Read once, and only when a handler is to be found in it.
+    let mut maps_text: Option<String> = None;
     for action in &state.actions {
         let handler = match &action.handler {
             Handler::Default => Some(libc::SIG_DFL),
             Handler::Ignore => Some(libc::SIG_IGN),
-            Handler::At { file, offset } => maps::lines(&maps_text)
-                .find(|line| {
-                    line.file() == Some(file.as_str())
-                        && (line.offset..line.offset + (line.end - line.start)).contains(offset)
-                })
-                .and_then(|line| usize::try_from(line.start + offset - line.offset).ok()),
+            Handler::At { file, offset } => maps::lines(maps_text.get_or_insert_with(|| {
+                std::fs::read_to_string("/proc/self/maps").unwrap_or_default()
+            }))
+            .find(|line| {
+                line.file() == Some(file.as_str())
+                    && (line.offset..line.offset + (line.end - line.start)).contains(offset)
+            })
+            .and_then(|line| usize::try_from(line.start + offset - line.offset).ok()),
         };
         let Some(handler) = handler else {
             failed.push(format!(
