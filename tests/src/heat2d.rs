@@ -125,6 +125,16 @@ pub fn built() -> PathBuf {
     build_packages(&["cryo-coordinator", "cryo-agent", "cryo-heat2d", "cryo-rank"])
 }
 
+/// `cryo` run in `dir` with its store at `dir/store` and no terminal on
+/// stdin, as a user in a job's directory runs it.
+pub fn cryo_in(dir: &Path) -> Command {
+    let mut cmd = Command::new(built().join("cryo"));
+    cmd.env("CRYO_STORE", dir.join("store"))
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// Builds the SPANK plugin once and returns its path.
 pub fn spank_plugin() -> PathBuf {
     build_packages(&["cryo-slurm"]).join("libspank_cryo.so")

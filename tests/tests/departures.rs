@@ -5,9 +5,8 @@
 //! handlers (`MPI_Abort`, a crash, a kill) is named as such.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
-use std::process::{Command, Stdio};
 
-use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::output_text;
 use cryo_tests::state::have_mpi;
 
@@ -23,16 +22,13 @@ fn run_leaving(how: &str) -> Option<(std::process::ExitStatus, String)> {
         .unwrap();
     let program = dir.path().join("leaves_early");
     compile_mpich_program("tests/programs/leaves_early.c", &program);
-    let out = Command::new(built().join("cryo"))
-        .env("CRYO_STORE", dir.path().join("store"))
+    let out = cryo_in(dir.path())
         .args(["run", "--job", "leaves", "--nodes", "a:1,b:1", "-n", "2"])
         .arg("--scratch")
         .arg(dir.path().join("scratch"))
         .arg("--")
         .arg(&program)
         .arg(how)
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
         .output()
         .unwrap();
     cryo_tests::kill_every_process_mentioning(&dir.path().display().to_string());
@@ -97,11 +93,8 @@ fn a_killed_cryo_run_takes_its_job_with_it() {
     compile_mpich_program("tests/programs/prints_each_step.c", &program);
     let stdout = dir.path().join("job.stdout");
     let cryo = |args: &[&str]| {
-        let mut cmd = Command::new(built().join("cryo"));
-        cmd.env("CRYO_STORE", dir.path().join("store"))
-            .args(args)
-            .current_dir(dir.path())
-            .stdin(Stdio::null());
+        let mut cmd = cryo_in(dir.path());
+        cmd.args(args);
         cmd
     };
     let mut run = cryo(&["run", "--job", "killed", "--nodes", "a:1,b:1", "-n", "2"])

@@ -7,7 +7,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::output_text;
 use cryo_tests::state::have_mpi;
 
@@ -31,17 +31,14 @@ fn compile(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn cryo_run(dir: &std::path::Path, program: &std::path::Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", dir.join("store"))
-        .env_remove("CRYO_FINALIZE_TIMEOUT")
+    let mut cmd = cryo_in(dir);
+    cmd.env_remove("CRYO_FINALIZE_TIMEOUT")
         .args(["run", "--job", "fin", "--nodes", "a:1,b:1", "-n", "2"])
         .arg("--scratch")
         .arg(dir.join("scratch"))
         .args(extra)
         .arg("--")
-        .arg(program)
-        .current_dir(dir)
-        .stdin(Stdio::null());
+        .arg(program);
     cmd
 }
 

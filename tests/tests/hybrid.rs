@@ -6,10 +6,10 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, compile_mpich_program_with};
+use cryo_tests::heat2d::{compile_mpich_program_with, cryo_in};
 use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{lines, output_text, wait_until};
 
@@ -18,12 +18,8 @@ const STEPS: &str = "120";
 const THREADS: &str = "3";
 
 fn cryo(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", dir.join("store"))
-        .env("OMP_NUM_THREADS", THREADS)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null());
+    let mut cmd = cryo_in(dir);
+    cmd.env("OMP_NUM_THREADS", THREADS).args(args);
     cmd
 }
 

@@ -8,10 +8,10 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{lines, output_text, wait_until};
 
@@ -32,18 +32,14 @@ fn expected() -> BTreeSet<String> {
 }
 
 fn cryo(dir: &Path, out: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", dir.join("store"))
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(
-            fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(out)
-                .unwrap(),
-        );
+    let mut cmd = cryo_in(dir);
+    cmd.args(args).stdout(
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .unwrap(),
+    );
     cmd
 }
 
@@ -184,13 +180,7 @@ fn a_preemption_without_a_checkpoint_says_the_job_is_stopped() {
         .arg("60")
         .stderr(fs::File::create(&log).unwrap());
     let mut child = run.spawn().unwrap();
-    let cryo_here = |args: &[&str]| {
-        Command::new(built().join("cryo"))
-            .env("CRYO_STORE", dir.path().join("store"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cryo_here = |args: &[&str]| cryo_in(dir.path()).args(args).output().unwrap();
     wait_until("cryo status answers", Duration::from_secs(60), || {
         cryo_here(&["status", "plain"]).status.success()
     });

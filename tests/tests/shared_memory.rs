@@ -7,21 +7,18 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::state::{have_mpi, steps, wait_child};
 use cryo_tests::{output_text, wait_until};
 
 const STEPS: &str = "24";
 
 fn cryo(dir: &Path) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", dir.join("store"))
-        .env("CRYO_DIRTY_TRACKING", "on")
-        .current_dir(dir)
-        .stdin(Stdio::null());
+    let mut cmd = cryo_in(dir);
+    cmd.env("CRYO_DIRTY_TRACKING", "on");
     cmd
 }
 

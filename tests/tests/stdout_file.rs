@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cryo_tests::heat2d::{built, compile_mpich_program};
+use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{output_text, wait_until};
 
@@ -33,11 +33,7 @@ fn expected(rank: u64) -> String {
 }
 
 fn cryo(dir: &Path) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", dir.join("store"))
-        .current_dir(dir)
-        .stdin(Stdio::null());
-    cmd
+    cryo_in(dir)
 }
 
 fn survives(mode: &str, remove_the_run_directory: bool) {
