@@ -611,6 +611,9 @@ fn run_options(
             }
         }
     };
+    if matches!(agent_mode, AgentMode::Spawn) {
+        crate::host_room::check_here(ranks)?;
+    }
     if let AgentMode::External {
         starter: AgentStarter::Plugin,
         ..

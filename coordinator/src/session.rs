@@ -226,6 +226,7 @@ pub fn refuse_if_running(registry: &Registry, job: &str) -> Result<()> {
 /// Runs (or restarts) a job to completion.
 pub fn run(opts: RunOptions) -> Result<ExitCode> {
     install_signal_handlers()?;
+    crate::strays::adopt_orphans();
     let store = Store::create(&opts.store)?;
     let job = store.prepared_job(&opts.job)?;
     let registry = Registry::of(&job);
@@ -333,6 +334,19 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     let mut coordinator = Coordinator::new(opts.clone(), job.clone(), tx.clone());
     let result = drive(&mut coordinator, &launcher, &addr, &token, &rx);
     coordinator.shutdown_agents();
+    let left_behind = crate::strays::stop_left_behind();
+    if !left_behind.is_empty() {
+        tracing::info!(job = %coordinator.opts.job, count = left_behind.len(), "job.left_behind");
+        cryo_core::say!(
+            "cryo: stopped what the job's launcher left running after it ended ({}): {}",
+            if left_behind.len() == 1 {
+                "1 process".to_string()
+            } else {
+                format!("{} processes", left_behind.len())
+            },
+            crate::strays::describe(&left_behind)
+        );
+    }
     registry.clear_coordinator();
     drop(tx);
     if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {

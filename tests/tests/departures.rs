@@ -5,7 +5,6 @@
 //! handlers (`MPI_Abort`, a crash, a kill) is named as such.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
-
 use cryo_tests::heat2d::{compile_mpich_program, cryo_in};
 use cryo_tests::output_text;
 use cryo_tests::state::have_mpi;
@@ -13,6 +12,14 @@ use cryo_tests::state::have_mpi;
 /// `cryo run` of `leaves_early` on two nodes, rank 1 leaving as `how`
 /// says: its exit status and what it printed.
 fn run_leaving(how: &str) -> Option<(std::process::ExitStatus, String)> {
+    run_leaving_behind(how).map(|(status, said, _)| (status, said))
+}
+
+/// [`run_leaving`], and the processes of the job still running once
+/// `cryo run` has exited (they are killed then).
+fn run_leaving_behind(
+    how: &str,
+) -> Option<(std::process::ExitStatus, String, Vec<nix::unistd::Pid>)> {
     if !have_mpi() {
         return None;
     }
@@ -31,8 +38,14 @@ fn run_leaving(how: &str) -> Option<(std::process::ExitStatus, String)> {
         .arg(how)
         .output()
         .unwrap();
-    cryo_tests::kill_every_process_mentioning(&dir.path().display().to_string());
-    Some((out.status, output_text(&out)))
+    let marker = dir.path().display().to_string();
+    let left = cryo_tests::pids_where(|cmdline| {
+        cmdline
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes())
+    });
+    cryo_tests::kill_every_process_mentioning(&marker);
+    Some((out.status, output_text(&out), left))
 }
 
 #[test]
@@ -74,6 +87,28 @@ fn ranks_that_vanish_under_a_launcher_that_ends_well_do_not_finish_the_job() {
     assert!(!said.contains("job leaves finished"), "{said}");
     // The launcher's own status stays the exit status.
     assert!(status.success(), "{said}");
+}
+
+/// A helper a rank started in a session of its own, and that outlives the
+/// rank, is stopped once the job has ended, as Hydra's proxies and ranks
+/// are that a stopped launcher leaves running (they too run in sessions of
+/// their own, where a signal to the launcher's process group does not
+/// reach them): `cryo run` adopts whatever its launcher leaves behind.
+#[test]
+fn what_the_job_leaves_running_ends_with_it() {
+    let Some((status, said, left)) = run_leaving_behind("helper") else {
+        return;
+    };
+    assert!(status.success(), "{said}");
+    assert!(said.contains("job leaves finished"), "{said}");
+    assert!(
+        left.is_empty(),
+        "{left:?} of the job outlived its cryo run:\n{said}"
+    );
+    assert!(
+        said.contains("stopped what the job's launcher left running after it ended ("),
+        "{said}"
+    );
 }
 
 /// `kill -9` of `cryo run` (the OOM killer, an impatient user) takes its

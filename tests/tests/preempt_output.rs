@@ -193,9 +193,20 @@ fn a_preemption_without_a_checkpoint_says_the_job_is_stopped() {
         "{said}"
     );
     let status = wait_child(&mut child, Duration::from_secs(60));
+    let log_text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "{log_text}");
+    // Hydra's proxy and its ranks run in sessions of their own: stopping
+    // the launcher's process group alone left them blocked in MPI, for
+    // good, reparented to init.
+    let program_bytes = program.as_os_str().as_encoded_bytes().to_vec();
+    let left = cryo_tests::pids_where(|cmdline| {
+        cmdline
+            .windows(program_bytes.len())
+            .any(|w| w == program_bytes.as_slice())
+    });
+    cryo_tests::kill_every_process_mentioning(&dir.path().display().to_string());
     assert!(
-        !status.success(),
-        "{}",
-        fs::read_to_string(&log).unwrap_or_default()
+        left.is_empty(),
+        "ranks {left:?} outlived the cryo run that stopped their job:\n{log_text}"
     );
 }

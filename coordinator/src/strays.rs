@@ -1,0 +1,212 @@
+//! The processes a job's launcher leaves behind.
+//!
+//! MPICH's Hydra starts its proxy, and the proxy each rank, in a session
+//! of its own, so a signal to the launcher's process group does not reach
+//! them. A launcher stopped while its proxy still forks ranks, or stopped
+//! before its ranks answered, leaves them running, reparented to init,
+//! where nothing stops them: ranks blocked in MPI forever, holding cores
+//! and memory on the node. `cryo run` is their subreaper instead
+//! ([`adopt_orphans`]): whatever its children leave behind is reparented
+//! to it, and once the launcher and the agents have ended, every process
+//! still below it is one the job left behind, which [`stop_left_behind`]
+//! stops, as a batch system ends a job's last processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+/// How long what was left behind has to end on SIGTERM before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+/// How long to go on killing what is still being reparented to us.
+const KILL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Makes this process the subreaper of its descendants (`PR_SET_CHILD_SUBREAPER`).
+pub(crate) fn adopt_orphans() {
+    if let Err(errno) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(%errno, "strays.no_subreaper");
+    }
+}
+
+/// A child of this process, as `/proc/<pid>/stat` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChildProcess {
+    pid: i32,
+    name: String,
+    zombie: bool,
+}
+
+/// Parses the fields of `/proc/<pid>/stat` this module needs: the command
+/// name (in parentheses, possibly with spaces and parentheses of its
+/// own), the state and the parent's pid.
+fn parse_stat(stat: &str) -> Option<(String, char, i32)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat.get(open + 1..close)?.to_string();
+    let mut rest = stat.get(close + 1..)?.split_ascii_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((name, state, ppid))
+}
+
+/// This process's children: the ones it started, and the orphans it has
+/// adopted as their subreaper.
+fn children() -> Vec<ChildProcess> {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (name, state, ppid) = parse_stat(&stat)?;
+            (ppid == me).then_some(ChildProcess {
+                pid,
+                name,
+                zombie: state == 'Z',
+            })
+        })
+        .collect()
+}
+
+/// Stops every process still below this one, to be called once the
+/// launcher and the agents it started have been waited for, so that all
+/// that is left was left behind by the job. SIGTERM first, then SIGKILL;
+/// a process's own children come to us as it ends, and are stopped in
+/// turn. Returns those stopped, by pid, with their names, for the caller
+/// to report.
+pub(crate) fn stop_left_behind() -> BTreeMap<i32, String> {
+    stop_children_where(|_| true)
+}
+
+/// [`stop_left_behind`] for the children that `wanted` picks by pid.
+fn stop_children_where(wanted: impl Fn(i32) -> bool) -> BTreeMap<i32, String> {
+    let started = Instant::now();
+    let mut stopped = BTreeMap::new();
+    let mut termed = BTreeSet::new();
+    loop {
+        let live: Vec<ChildProcess> = children()
+            .into_iter()
+            .filter(|child| wanted(child.pid))
+            .filter(|child| {
+                if child.zombie {
+                    // Our child: no one else can reap it, so its pid
+                    // cannot have been taken by another process.
+                    let _ = waitpid(Pid::from_raw(child.pid), Some(WaitPidFlag::WNOHANG));
+                }
+                !child.zombie
+            })
+            .collect();
+        if live.is_empty() || started.elapsed() > KILL_DEADLINE {
+            break;
+        }
+        let kill_now = started.elapsed() > TERM_GRACE;
+        for child in &live {
+            stopped.insert(child.pid, child.name.clone());
+            let signal = if kill_now {
+                Signal::SIGKILL
+            } else if termed.insert(child.pid) {
+                Signal::SIGTERM
+            } else {
+                continue;
+            };
+            let _ = kill(Pid::from_raw(child.pid), signal);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    stopped
+}
+
+/// "hydra_pmi_proxy (pid 7), app (pid 8) and 3 more".
+pub(crate) fn describe(stopped: &BTreeMap<i32, String>) -> String {
+    const NAMED: usize = 4;
+    let mut named: Vec<String> = stopped
+        .iter()
+        .take(NAMED)
+        .map(|(pid, name)| format!("{name} (pid {pid})"))
+        .collect();
+    if stopped.len() > NAMED {
+        named.push(format!("{} more", stopped.len() - NAMED));
+    }
+    match named.len() {
+        0 => String::new(),
+        1 => named.remove(0),
+        n => {
+            let last = named.remove(n - 1);
+            format!("{} and {last}", named.join(", "))
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    #[test]
+    fn stat_lines_with_odd_names_parse() {
+        let (name, state, ppid) =
+            parse_stat("4242 (a (b) c) S 17 4242 4242 0 -1 4194560 ...").unwrap();
+        assert_eq!((name.as_str(), state, ppid), ("a (b) c", 'S', 17));
+        assert!(parse_stat("4242 a S 17").is_none());
+        assert!(parse_stat("4242 (x) S notapid").is_none());
+    }
+
+    #[test]
+    fn the_list_of_what_was_stopped_reads_well() {
+        let mut stopped = BTreeMap::new();
+        assert_eq!(describe(&stopped), "");
+        stopped.insert(7, "hydra_pmi_proxy".to_string());
+        assert_eq!(describe(&stopped), "hydra_pmi_proxy (pid 7)");
+        stopped.insert(8, "app".to_string());
+        assert_eq!(
+            describe(&stopped),
+            "hydra_pmi_proxy (pid 7) and app (pid 8)"
+        );
+        for pid in 9..14 {
+            stopped.insert(pid, "app".to_string());
+        }
+        assert_eq!(
+            describe(&stopped),
+            "hydra_pmi_proxy (pid 7), app (pid 8), app (pid 9), app (pid 10) and 3 more"
+        );
+    }
+
+    /// A shell that starts a sleeper in the background and exits leaves
+    /// the sleeper to its subreaper, which stops it. (Only that sleeper:
+    /// the other tests of this process have children of their own.)
+    #[test]
+    fn an_orphaned_grandchild_is_adopted_and_stopped() {
+        adopt_orphans();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("sleep 300 </dev/null >/dev/null 2>&1 & echo $!")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let sleeper: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let adopted = || children().iter().any(|c| c.pid == sleeper && !c.zombie);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !adopted() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            adopted(),
+            "the orphaned sleeper did not come to its subreaper"
+        );
+        let stopped = stop_children_where(|pid| pid == sleeper);
+        assert_eq!(stopped.get(&sleeper).map(String::as_str), Some("sleep"));
+        assert!(
+            !children().iter().any(|c| c.pid == sleeper),
+            "{:?}",
+            children()
+        );
+    }
+}
