@@ -7,7 +7,6 @@
 //! has nothing to save; neither is named.
 
 use std::collections::HashMap;
-use std::fs;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,20 +18,6 @@ pub struct ChildProcess {
     pub pid: u32,
     /// Its command name (`comm`).
     pub comm: String,
-}
-
-/// What `/proc/<pid>/stat` says of a process: its parent, its command name
-/// and its state letter. The name is in parentheses and may hold spaces
-/// and parentheses itself, so the fields after it are found from the last
-/// `)`.
-pub fn parse_stat(text: &str) -> Option<(u32, String, char)> {
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let mut rest = text.get(close + 1..)?.split_ascii_whitespace();
-    let state = rest.next()?.chars().next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some((ppid, comm, state))
 }
 
 /// How long one scan of `/proc` answers for every rank of the node: the
@@ -67,27 +52,13 @@ type Parents = HashMap<u32, Vec<ChildProcess>>;
 /// passed over.
 fn scan() -> io::Result<Parents> {
     let mut parents = Parents::new();
-    for entry in fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(text) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        match parse_stat(&text) {
-            // Exited, waiting to be reaped: nothing to save.
-            Some((ppid, comm, state)) if !matches!(state, 'Z' | 'X') => {
-                parents
-                    .entry(ppid)
-                    .or_default()
-                    .push(ChildProcess { pid: child, comm });
-            }
-            _ => {}
+    for (pid, stat) in cryo_core::proc_stat::every_process()? {
+        // Exited, waiting to be reaped: nothing to save.
+        if !stat.exited() {
+            parents.entry(stat.ppid).or_default().push(ChildProcess {
+                pid,
+                comm: stat.comm,
+            });
         }
     }
     for children in parents.values_mut() {
@@ -117,28 +88,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_stat_line_is_read_from_the_last_parenthesis() {
-        let line = "4242 (my (odd) prog) S 17 4242 17 0 -1 4194560 120 0 0 0";
-        assert_eq!(
-            parse_stat(line),
-            Some((17, "my (odd) prog".to_owned(), 'S'))
-        );
-        assert_eq!(parse_stat("4242 (cut"), None);
-        assert_eq!(parse_stat("4242 (x) R"), None);
-        assert_eq!(parse_stat("4242 (x) R notanumber"), None);
-    }
-
-    #[test]
     fn the_live_children_of_a_process_are_found_and_named() {
         let mut running = Command::new("sleep").arg("30").spawn().unwrap();
         let mut exited = Command::new("true").spawn().unwrap();
         // Exited and not yet reaped: a zombie.
         let zombie = exited.id();
-        while fs::read_to_string(format!("/proc/{zombie}/stat"))
-            .ok()
-            .and_then(|t| parse_stat(&t))
-            .is_some_and(|(_, _, state)| state != 'Z')
-        {
+        while cryo_core::proc_stat::read(zombie).is_some_and(|stat| !stat.exited()) {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let children = scan().unwrap().remove(&std::process::id()).unwrap();

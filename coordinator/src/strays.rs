@@ -12,7 +12,6 @@
 //! stops, as a batch system ends a job's last processes.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -40,36 +39,19 @@ struct ChildProcess {
     zombie: bool,
 }
 
-/// Parses the fields of `/proc/<pid>/stat` this module needs: the command
-/// name (in parentheses, possibly with spaces and parentheses of its
-/// own), the state and the parent's pid.
-fn parse_stat(stat: &str) -> Option<(String, char, i32)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let name = stat.get(open + 1..close)?.to_string();
-    let mut rest = stat.get(close + 1..)?.split_ascii_whitespace();
-    let state = rest.next()?.chars().next()?;
-    let ppid = rest.next()?.parse().ok()?;
-    Some((name, state, ppid))
-}
-
 /// This process's children: the ones it started, and the orphans it has
 /// adopted as their subreaper.
 fn children() -> Vec<ChildProcess> {
-    let me = i32::try_from(std::process::id()).unwrap_or(0);
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
-            let (name, state, ppid) = parse_stat(&stat)?;
-            (ppid == me).then_some(ChildProcess {
-                pid,
-                name,
-                zombie: state == 'Z',
+    let me = std::process::id();
+    cryo_core::proc_stat::every_process()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, stat)| stat.ppid == me)
+        .filter_map(|(pid, stat)| {
+            Some(ChildProcess {
+                pid: i32::try_from(pid).ok()?,
+                zombie: stat.exited(),
+                name: stat.comm,
             })
         })
         .collect()
@@ -149,15 +131,6 @@ pub(crate) fn describe(stopped: &BTreeMap<i32, String>) -> String {
 mod tests {
     use super::*;
     use std::process::Command;
-
-    #[test]
-    fn stat_lines_with_odd_names_parse() {
-        let (name, state, ppid) =
-            parse_stat("4242 (a (b) c) S 17 4242 4242 0 -1 4194560 ...").unwrap();
-        assert_eq!((name.as_str(), state, ppid), ("a (b) c", 'S', 17));
-        assert!(parse_stat("4242 a S 17").is_none());
-        assert!(parse_stat("4242 (x) S notapid").is_none());
-    }
 
     #[test]
     fn the_list_of_what_was_stopped_reads_well() {

@@ -41,6 +41,7 @@ pub mod maps;
 pub mod names;
 pub mod pidfd;
 pub mod private_dir;
+pub mod proc_stat;
 pub mod protocol;
 pub mod say;
 pub mod sibling;
