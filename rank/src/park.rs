@@ -261,6 +261,13 @@ pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, Checkpoint
     Ok(SafePoint::Aborted(epoch))
 }
 
+/// Writes out what the application buffers: its `cryo_at_checkpoint`
+/// hooks, then stdio's streams and gfortran's units.
+pub(crate) fn flush_output(rank: u32, epoch: u64) {
+    crate::flush_hooks::run(rank, epoch);
+    held::flush_streams();
+}
+
 fn park_epoch(
     runtime: &Runtime,
     conn: &Connection,
@@ -274,8 +281,9 @@ fn park_epoch(
         epoch,
         source,
     };
-    crate::flush_hooks::run(rank, epoch);
-    held::flush_streams();
+    // Flushed at the target already (MPI mode); what was written since,
+    // by a hook or another thread, is flushed now.
+    flush_output(rank, epoch);
     let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
         .into_iter()
         .chain(runtime.tracker.as_ref().map(WriteTracker::raw_fd))

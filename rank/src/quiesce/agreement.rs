@@ -340,6 +340,9 @@ impl<C: Collectives> Quiesce<C> {
                         return Ok(Progress::Continue);
                     }
                     agreement.at_target = !unreachable && self.counter == agreement.target;
+                    if agreement.at_target {
+                        self.net.at_target(agreement.epoch);
+                    }
                     if !agreement.at_target && !unreachable {
                         tracing::debug!(
                             rank = self.rank,

@@ -80,4 +80,14 @@ pub(crate) trait Collectives {
     /// The time, read only where a period is measured (never at a safe
     /// point with nothing to do).
     fn now(&self) -> Instant;
+
+    /// This rank has reached the agreed target of `epoch`, and is about to
+    /// say so. What the application buffers (stdio, Fortran units, its
+    /// hooks) is written out here, before the arrival that lets any rank
+    /// decide to park: every rank's output is then in the files before any
+    /// rank's files are recorded. Several ranks appending to one log, or
+    /// writing their parts of one file, through buffers flushed only at
+    /// the park would otherwise each record the file as it was before the
+    /// other ranks' flushes, and a restart would cut their lines away.
+    fn at_target(&mut self, _epoch: u64) {}
 }

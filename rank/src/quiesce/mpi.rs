@@ -429,6 +429,10 @@ impl Collectives for Mpi {
         Ok(pending.test()?.then(|| pending.buffers.recv))
     }
 
+    fn at_target(&mut self, epoch: u64) {
+        crate::park::flush_output(u32::try_from(self.rank).unwrap_or(u32::MAX), epoch);
+    }
+
     /// One `MPI_Iprobe` of the application's communicator, any source, any
     /// tag: before the check, and then while parked for the rest of the
     /// window (`LateProbe`).
