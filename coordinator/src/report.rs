@@ -84,6 +84,16 @@ pub(crate) fn after_preempt(
     let stopped = job_store
         .as_ref()
         .is_none_or(|j| crate::registry::Registry::of(j).wait_run_released(STOP_PATIENCE));
+    if stopped
+        && job_store
+            .as_ref()
+            .is_some_and(|j| crate::registry::Registry::of(j).finished())
+    {
+        // It ended on its own meanwhile (a rank had called cryo_finalize):
+        // a restart would run its last steps again.
+        println!("job {job}: finished on its own, as it had reached its end: there is nothing to restart");
+        return;
+    }
     let state = if stopped {
         "stopped".to_owned()
     } else {

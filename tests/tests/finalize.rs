@@ -88,6 +88,20 @@ fn a_launcher_stuck_after_every_rank_finalized_is_stopped() {
 /// (which under Slurm requeued a finished job from its start).
 #[test]
 fn a_stop_asked_while_the_job_finishes_lets_it_end() {
+    stop_while_finishing(false);
+}
+
+/// `cryo preempt` of a job that finishes meanwhile says that it finished:
+/// it said "stopped" and "run it again from the start", which would run a
+/// finished job's last steps again.
+#[test]
+fn a_preemption_of_a_job_that_finishes_says_it_finished() {
+    stop_while_finishing(true);
+}
+
+/// Stops the job once both ranks called `cryo_finalize`: with
+/// `cryo preempt` (`by_preempt`) or a SIGTERM to `cryo run`.
+fn stop_while_finishing(by_preempt: bool) {
     let Some((dir, program)) = compiled() else {
         return;
     };
@@ -114,11 +128,33 @@ fn a_stop_asked_while_the_job_finishes_lets_it_end() {
     }
     // Both ranks called cryo_finalize right after their line.
     std::thread::sleep(Duration::from_millis(1500));
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let preempt = by_preempt.then(|| {
+        cryo_in(dir.path())
+            .args(["preempt", "fin"])
+            .output()
+            .unwrap()
+    });
+    if !by_preempt {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
     let status = child.wait().unwrap();
     let said = std::fs::read_to_string(&stderr).unwrap();
     assert!(status.success(), "cryo run exited {status}:\n{said}");
     assert!(said.contains("is finishing"), "{said}");
     assert!(!said.contains("preempted"), "{said}");
+    if let Some(preempt) = preempt {
+        let answer = output_text(&preempt);
+        // Refused once every rank has left cryo; a preemption that came
+        // a moment sooner aborts its epoch and says so when the run ends.
+        assert!(
+            answer.contains("the job is left to end")
+                || answer.contains("job fin: finished on its own"),
+            "{answer}\n{said}"
+        );
+        assert!(
+            !answer.contains("stopped") && !answer.contains("run it again"),
+            "{answer}\n{said}"
+        );
+    }
 }
