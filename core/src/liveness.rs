@@ -8,7 +8,10 @@
 //! `TCP_USER_TIMEOUT` (data left unacknowledged that long closes the
 //! connection) and keepalive probes (an idle link probes its peer, and
 //! closes after the same time without an answer). A partition shorter than
-//! the timeout costs nothing: TCP delivers what was held up once it heals.
+//! the timeout costs nothing: TCP delivers what was held up once it heals,
+//! as its retransmissions are at most a sixth of the timeout apart
+//! (`TCP_RTO_MAX_MS`; where the kernel lacks it, unacknowledged data may
+//! wait twice the timeout instead).
 //! A longer one is reported as a lost agent (coordinator) or a lost
 //! coordinator (agent) within the timeout, and the epoch it interrupts is
 //! aborted.
@@ -66,8 +69,54 @@ pub fn watch_link(stream: &TcpStream, timeout: Duration) -> nix::Result<()> {
     setsockopt(stream, sockopt::TcpKeepIdle, &secs(timeout / 2))?;
     setsockopt(stream, sockopt::TcpKeepInterval, &secs(timeout / 6))?;
     setsockopt(stream, sockopt::TcpKeepCount, &3)?;
-    let millis = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+    // TCP backs its retransmissions off (0.2, 0.6, 1.4, 3, 6.2, 12.6 s ...):
+    // after a cut of two thirds of the timeout, the next one would come
+    // after it, and a link whose peer is reachable again would close.
+    // Capped at a sixth of the timeout, a retransmission follows the heal
+    // within that; a kernel without the cap (before Linux 6.15) gets twice
+    // the time for unacknowledged data instead.
+    let user_timeout = if cap_retransmission_interval(stream, timeout / 6).is_ok() {
+        timeout
+    } else {
+        timeout * 2
+    };
+    let millis = u32::try_from(user_timeout.as_millis()).unwrap_or(u32::MAX);
     setsockopt(stream, sockopt::TcpUserTimeout, &millis)
+}
+
+/// `TCP_RTO_MAX_MS` (Linux 6.15 and later): the longest the kernel waits
+/// between two retransmissions.
+const TCP_RTO_MAX_MS: libc::c_int = 44;
+
+/// The length of a `c_int` option's value (4 bytes).
+#[allow(clippy::cast_possible_truncation)]
+const C_INT_LEN: libc::socklen_t = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+
+/// Caps the interval between retransmissions at `cap` (within the kernel's
+/// bounds, 1 to 120 s).
+fn cap_retransmission_interval(stream: &TcpStream, cap: Duration) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    let millis: libc::c_int = cap
+        .as_millis()
+        .clamp(1_000, 120_000)
+        .try_into()
+        .unwrap_or(120_000);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live
+    // c_int on the stack; the fd is the stream's, open for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_RTO_MAX_MS,
+            std::ptr::from_ref(&millis).cast(),
+            C_INT_LEN,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(nix::errno::Errno::last())
+    }
 }
 
 #[cfg(test)]
@@ -99,9 +148,25 @@ mod tests {
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).unwrap(), 6);
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).unwrap(), 2);
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).unwrap(), 3);
-        assert_eq!(
-            getsockopt(&stream, sockopt::TcpUserTimeout).unwrap(),
-            12_000
-        );
+        // With the retransmission cap (Linux 6.15+: 2 s, a sixth of it),
+        // unacknowledged data may wait the timeout; without, twice that.
+        let mut cap: libc::c_int = 0;
+        let mut len = C_INT_LEN;
+        // SAFETY: getsockopt writes at most `len` bytes into a live c_int.
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&stream),
+                libc::IPPROTO_TCP,
+                TCP_RTO_MAX_MS,
+                std::ptr::from_mut(&mut cap).cast(),
+                &mut len,
+            )
+        };
+        let user_timeout = getsockopt(&stream, sockopt::TcpUserTimeout).unwrap();
+        if rc == 0 {
+            assert_eq!((cap, user_timeout), (2_000, 12_000));
+        } else {
+            assert_eq!(user_timeout, 24_000);
+        }
     }
 }
