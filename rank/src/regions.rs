@@ -153,13 +153,24 @@ impl Runtime {
             // (`CRYO_FILE_POLICY=keep`); the mapping shows the file.
             return Ok(());
         }
-        crate::restore_threads::restore(|| restored.store.restore_region(record, dest)).map_err(
-            |source| RegionError::Restore {
-                rank: self.config.rank,
-                epoch: restored.epoch,
-                source,
-            },
-        )?;
+        // A region made here is a fresh anonymous mapping, zeros already:
+        // its chunks of zeros are left unwritten, so a large region the
+        // rank used sparsely comes back sparse rather than faulted in
+        // whole (a protected buffer holds what the set-up put there).
+        let onto_zeros = matches!(info.kind, RegionKind::Anonymous)
+            && matches!(record.kind, RegionKind::Anonymous);
+        crate::restore_threads::restore(|| {
+            if onto_zeros {
+                restored.store.restore_region_onto_zeros(record, dest)
+            } else {
+                restored.store.restore_region(record, dest)
+            }
+        })
+        .map_err(|source| RegionError::Restore {
+            rank: self.config.rank,
+            epoch: restored.epoch,
+            source,
+        })?;
         tracing::debug!(job = %self.job, rank = self.config.rank, epoch = restored.epoch, region = %info.name, "region.restored");
         Ok(())
     }

@@ -286,6 +286,28 @@ impl JobStore {
         region: &RegionRecord,
         dest: &mut [u8],
     ) -> Result<(), RegionReadError> {
+        self.restore_region_skipping(region, dest, false)
+    }
+
+    /// [`Self::restore_region`] into memory that holds zeros already (a
+    /// fresh anonymous mapping): chunks of zeros are not written, so pages
+    /// the rank never used stay untouched, as they were before the
+    /// checkpoint, instead of being faulted in. A rank that used a page of
+    /// a large region comes back using that page, not the whole region.
+    pub fn restore_region_onto_zeros(
+        &self,
+        region: &RegionRecord,
+        dest: &mut [u8],
+    ) -> Result<(), RegionReadError> {
+        self.restore_region_skipping(region, dest, true)
+    }
+
+    fn restore_region_skipping(
+        &self,
+        region: &RegionRecord,
+        dest: &mut [u8],
+        skip_zeros: bool,
+    ) -> Result<(), RegionReadError> {
         if dest.len() as u64 != region.len {
             return Err(RegionReadError {
                 region: region.name.clone(),
@@ -304,10 +326,13 @@ impl JobStore {
         // Chunks tile the region (checked by Manifest::validate), so the
         // destination splits into disjoint slices, one per chunk.
         let mut slices = Vec::with_capacity(region.chunks.len());
+        let mut zeros = ZeroHashes::default();
         let mut rest = dest;
         for chunk in &region.chunks {
             let (head, tail) = rest.split_at_mut(chunk.len as usize);
-            slices.push((chunk, head));
+            if !(skip_zeros && zeros.is_zeros(chunk)) {
+                slices.push((chunk, head));
+            }
             rest = tail;
         }
         self.fill(slices)
@@ -581,6 +606,26 @@ impl VerifyReport {
     /// Whether every chunk is good.
     pub fn is_ok(&self) -> bool {
         self.bad.is_empty()
+    }
+}
+
+/// The hashes of chunks of zeros, by length (a region's chunks have one
+/// length, its last one another).
+#[derive(Default)]
+struct ZeroHashes(Vec<(u32, ChunkHash)>);
+
+impl ZeroHashes {
+    /// Whether `chunk` holds only zeros, by its hash.
+    fn is_zeros(&mut self, chunk: &ChunkRef) -> bool {
+        let hash = match self.0.iter().find(|(len, _)| *len == chunk.len) {
+            Some((_, hash)) => *hash,
+            None => {
+                let hash = ChunkHash::of(&vec![0u8; chunk.len as usize]);
+                self.0.push((chunk.len, hash));
+                hash
+            }
+        };
+        hash == chunk.hash
     }
 }
 
