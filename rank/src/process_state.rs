@@ -270,9 +270,20 @@ pub(crate) fn load(record: &RankRecord, store: &JobStore) -> Result<ProcessState
     ProcessState::decode(&bytes).map_err(|source| RestoreError::ProcessState { rank, source })
 }
 
-/// Makes the changes of `state` in this process, over what its own start
-/// set; a line for each one it could not make.
-pub(crate) fn apply(state: &ProcessState) -> Vec<String> {
+/// Whether `file` was modified after `unix_ms` (a program rebuilt since
+/// the checkpoint: its functions may be at other offsets).
+fn changed_since(file: &str, unix_ms: u64) -> bool {
+    std::fs::metadata(file)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+        .is_some_and(|modified| modified.as_millis() > u128::from(unix_ms))
+}
+
+/// Makes the changes of `state`, saved by a checkpoint taken at
+/// `taken_unix_ms`, in this process, over what its own start set; a line
+/// for each one it could not make.
+pub(crate) fn apply(state: &ProcessState, taken_unix_ms: u64) -> Vec<String> {
     let mut failed = Vec::new();
     for change in &state.env {
         let Ok(name) = CString::new(change.name.clone()) else {
@@ -326,6 +337,17 @@ pub(crate) fn apply(state: &ProcessState) -> Vec<String> {
     // Read once, and only when a handler is to be found in it.
     let mut maps_text: Option<String> = None;
     for action in &state.actions {
+        if let Handler::At { file, .. } = &action.handler {
+            if changed_since(file, taken_unix_ms) {
+                // The offset would now land anywhere in its code.
+                failed.push(format!(
+                    "the handler of {} is in {file}, which was changed after the checkpoint \
+                     (rebuilt?): it is not set again",
+                    signal_name(action.signal)
+                ));
+                continue;
+            }
+        }
         let handler = match &action.handler {
             Handler::Default => Some(libc::SIG_DFL),
             Handler::Ignore => Some(libc::SIG_IGN),
@@ -418,7 +440,17 @@ mod tests {
             libc::signal(libc::SIGUSR2, libc::SIG_DFL);
             libc::signal(libc::SIGURG, libc::SIG_DFL);
         }
-        assert!(apply(&state).is_empty());
+        // A checkpoint taken before the test binary was built would see it
+        // changed since: the handler is then not set again.
+        let rebuilt = apply(&state, 0);
+        assert!(
+            rebuilt
+                .iter()
+                .any(|f| f.contains("SIGUSR2") && f.contains("changed after the checkpoint")),
+            "{rebuilt:?}"
+        );
+        assert_eq!(action(libc::SIGUSR2).unwrap().handler, libc::SIG_DFL);
+        assert!(apply(&state, u64::MAX).is_empty());
         assert_eq!(std::env::var("APP_SCALE_FOR_TEST").unwrap(), "7");
         assert_eq!(
             action(libc::SIGUSR2).unwrap().handler,
@@ -434,7 +466,7 @@ mod tests {
                 offset: 0,
             };
         }
-        let failed = apply(&elsewhere);
+        let failed = apply(&elsewhere, u64::MAX);
         assert!(
             failed
                 .iter()

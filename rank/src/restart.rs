@@ -155,5 +155,6 @@ fn load_restore(
         store,
         record,
         process: Default::default(),
+        taken_unix_ms: manifest.created_unix_ms,
     })
 }

@@ -284,6 +284,8 @@ pub(crate) struct Restored {
     /// What the rank changed of its process after `cryo_init`, made again
     /// at the end of this one.
     pub(crate) process: cryo_core::format::process_state::ProcessState,
+    /// When the checkpoint was taken (its manifest's `created_unix_ms`).
+    pub(crate) taken_unix_ms: u64,
 }
 
 pub(crate) struct Region {
@@ -576,7 +578,7 @@ pub(crate) fn init_with_peers(
     // Last, so that nothing of the runtime's own start counts as a change.
     let process_base = crate::process_state::Baseline::take();
     if let Some(restored) = &restored {
-        for line in crate::process_state::apply(&restored.process) {
+        for line in crate::process_state::apply(&restored.process, restored.taken_unix_ms) {
             tracing::warn!(job = %job, rank, epoch = restored.epoch, warning = %line, "restart.process_state");
             cryo_core::say!("cryo: rank {rank}: WARNING: {line}");
         }
