@@ -260,10 +260,25 @@ pub(crate) fn wait_for_agents(
             // What the launcher said of the hosts (ssh could not resolve
             // or reach one) is the reason, when it said anything.
             let said = step_log.map(|log| tail(log, 15)).unwrap_or_default();
+            let connected: Vec<&str> = (c.agents.iter())
+                .filter(|(_, a)| a.writer.is_some())
+                .map(|(node, _)| node.as_str())
+                .collect();
+            let named: Vec<&str> = c.opts.hosts.iter().map(|h| h.node.as_str()).collect();
             bail!(
-                "only {} of {expected} agents connected within {} s{}",
-                c.agents.values().filter(|a| a.writer.is_some()).count(),
+                "only {} of {expected} agents connected within {} s (from {}{}){}",
+                connected.len(),
                 timeout.as_secs(),
+                if connected.is_empty() {
+                    "no host".to_string()
+                } else {
+                    connected.join(", ")
+                },
+                if named.is_empty() {
+                    String::new()
+                } else {
+                    format!("; --hosts named {}", named.join(", "))
+                },
                 if said.trim().is_empty() {
                     String::new()
                 } else {

@@ -68,7 +68,9 @@ pub enum PlacementError {
     /// Two ranks placed on one node that held different files at one path
     /// on their nodes' own filesystems (`node_file_clashes`).
     #[error("{0}: give the restart more nodes, or place them on different ones")]
-    SharedNodeFile(#[from] SharedNodeFile),
+    // Not `#[from]`, which would make the refusal the error's source too,
+    // and print it twice in the chain.
+    SharedNodeFile(SharedNodeFile),
     /// The same, for nodes emulated on this machine (`--nodes`), which
     /// share its filesystems.
     #[error(
@@ -110,7 +112,7 @@ pub fn check_restart_placement(
         if let Some(refusal) =
             (clashes.iter()).find_map(|clash| clash.refuse(placed.ranks.clone(), &placed.node, was))
         {
-            return Err(refusal.into());
+            return Err(PlacementError::SharedNodeFile(refusal));
         }
     }
     Ok(())

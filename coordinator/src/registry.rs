@@ -346,6 +346,19 @@ impl Registry {
         // or a zombie its parent has not reaped): only one that still
         // answers counts.
         if !answers(&addr.addr) {
+            if addr.host != hostname() {
+                // From another host, a coordinator that does not answer
+                // may be running behind a network that does not reach it.
+                bail!(
+                    "job {job:?}: its coordinator at {} (pid {} on {}) does not answer from this \
+                     host ({}): it has stopped, or {} cannot be reached from here",
+                    addr.addr,
+                    addr.pid,
+                    addr.host,
+                    hostname(),
+                    addr.host
+                );
+            }
             bail!(
                 "job {job:?} is not running (its coordinator at {}, pid {} on {}, does not answer)",
                 addr.addr,
@@ -497,6 +510,19 @@ mod tests {
         registry.write_coordinator(&gone).expect("writes");
         let err = format!("{:#}", registry.coordinator("j").expect_err("exited"));
         assert!(err.contains("has exited"), "{err}");
+        // On another host, silence may be the network's: not "not running".
+        let elsewhere = CoordinatorAddr {
+            host: format!("{}-elsewhere", hostname()),
+            ..gone
+        };
+        registry.write_coordinator(&elsewhere).expect("writes");
+        let err = format!("{:#}", registry.coordinator("j").expect_err("silent"));
+        assert!(
+            err.contains("does not answer from this host")
+                && err.contains("cannot be reached from here")
+                && !err.contains("is not running"),
+            "{err}"
+        );
     }
 
     #[test]

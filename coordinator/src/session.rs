@@ -352,10 +352,15 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
     if coordinator.opts.requeue && coordinator.preempting && coordinator.requeue_on_stop {
         crate::requeue::requeue_slurm_job(&coordinator.opts.job);
     }
-    // The agents' sockets and logs of a run that went well are clutter; a
-    // failed run's logs stay for whoever looks into it.
+    // The agents' sockets and logs of a run that went well (finished, or
+    // preempted with its checkpoint committed) are clutter; a failed run's
+    // logs stay for whoever looks into it.
     let made_here = coordinator.opts.scratch == default_scratch(&coordinator.opts.job);
-    if made_here && matches!(result, Ok(code) if code == ExitCode::SUCCESS) {
+    let went_well = match &result {
+        Ok(code) => *code == ExitCode::SUCCESS || coordinator.preempt_result == Some(true),
+        Err(_) => false,
+    };
+    if made_here && went_well {
         let _ = std::fs::remove_dir_all(&coordinator.opts.scratch);
     }
     result

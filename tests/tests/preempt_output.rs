@@ -103,6 +103,16 @@ fn preempt_and_restart(during_a_checkpoint: bool) {
     let status = wait_child(&mut child, Duration::from_secs(120));
     let said = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(75), "{said}");
+    // A preemption whose checkpoint committed went well: the agents'
+    // sockets and logs go, as after a run that finished.
+    let scratch = std::env::temp_dir()
+        .join(format!("cryo-{}", nix::unistd::geteuid()))
+        .join(format!("run-steps-{}", child.id()));
+    assert!(
+        !scratch.exists(),
+        "{} was left behind by a clean preemption",
+        scratch.display()
+    );
     if let Some(checkpoint) = checkpoint.as_mut() {
         wait_child(checkpoint, Duration::from_secs(60));
         assert!(
