@@ -16,6 +16,16 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
+/// "rank 3" or "ranks 0-3,6", for the job's opening line.
+pub fn rank_range(ranks: &[u32]) -> String {
+    let listed = cryo_core::protocol::render_ranks(ranks);
+    if ranks.len() == 1 {
+        format!("rank {listed}")
+    } else {
+        format!("ranks {listed}")
+    }
+}
+
 /// "rank 3", "ranks 0, 1", "ranks 0, 1, 2, 3 and 60 more".
 pub fn ranks(ranks: &[u32]) -> String {
     const SHOWN: usize = 4;

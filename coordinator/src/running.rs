@@ -76,7 +76,11 @@ pub(crate) struct Coordinator {
     /// the job fails.
     pub(crate) first_left: Option<(u32, String, Departure)>,
     /// When `first_left` was noted.
-    first_left_at: Option<Instant>,
+    pub(crate) first_left_at: Option<Instant>,
+    /// The first agent lost while ranks still ran: node, why and when.
+    /// Its ranks' ends are not seen, so a failure that began there is
+    /// not blamed on a rank of a node still heard from.
+    pub(crate) first_lost_agent: Option<(String, String, Instant)>,
 }
 
 /// How long after a rank that vanished without a word another rank that
@@ -108,6 +112,17 @@ impl Coordinator {
 
     /// The ranks that registered and have not finalized (said goodbye, or
     /// exited with status 0).
+    /// The nodes of `ranks` whose agent was lost: those ranks' ends were
+    /// never seen.
+    pub(crate) fn lost_nodes_of(&self, ranks: &[u32]) -> Vec<&str> {
+        (self.agents.iter())
+            .filter(|(_, agent)| {
+                agent.writer.is_none() && agent.ranks.iter().any(|rank| ranks.contains(rank))
+            })
+            .map(|(node, _)| node.as_str())
+            .collect()
+    }
+
     pub(crate) fn unfinalized(&self) -> Vec<u32> {
         (self.pids.keys())
             .filter(|rank| !self.finalized.contains(rank))
@@ -141,6 +156,7 @@ impl Coordinator {
             all_finalized_at: None,
             first_left: None,
             first_left_at: None,
+            first_lost_agent: None,
             opts,
         }
     }
@@ -371,6 +387,9 @@ impl Coordinator {
             // Between checkpoints it matters only for the next one.
             tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
             cryo_core::say!("cryo: lost the agent on node {node} ({why})");
+        }
+        if self.all_finalized_at.is_none() && self.first_lost_agent.is_none() {
+            self.first_lost_agent = Some((node.to_owned(), why.to_owned(), Instant::now()));
         }
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;

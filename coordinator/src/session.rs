@@ -297,7 +297,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
                 format!(
                     "{} {}",
                     p.node,
-                    ranks_phrase(&p.ranks.clone().collect::<Vec<_>>())
+                    crate::human::rank_range(&p.ranks.clone().collect::<Vec<_>>())
                 )
             })
             .collect(),
@@ -312,7 +312,7 @@ pub fn run(opts: RunOptions) -> Result<ExitCode> {
                 .map(|h| format!(
                     "{} {}",
                     h.node,
-                    ranks_phrase(&h.ranks.clone().collect::<Vec<_>>())
+                    crate::human::rank_range(&h.ranks.clone().collect::<Vec<_>>())
                 ))
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -465,6 +465,14 @@ fn drive(
                     cryo_core::say!("cryo: job {} finished ({status})", c.opts.job);
                 }
                 // Not marked finished: a restart resumes it.
+                Some(unfinished) if !c.lost_nodes_of(&unfinished).is_empty() => cryo_core::say!(
+                    "cryo: WARNING: job {} ended with its launcher's {status}, but the agents of \
+                     node(s) {} were lost before {} finished, so their ends were not seen; it is \
+                     not marked finished, so a restart resumes it from its newest checkpoint",
+                    c.opts.job,
+                    c.lost_nodes_of(&unfinished).join(", "),
+                    crate::human::ranks(&unfinished)
+                ),
                 Some(unfinished) => cryo_core::say!(
                     "cryo: WARNING: job {} ended with its launcher's {status}, but {} did not \
                      finish (no cryo_finalize, no exit: a node failure, a kill, or _exit); it \
@@ -601,16 +609,6 @@ fn drive(
     Ok(exit)
 }
 
-/// "rank 3" or "ranks 0-3,6", for the job's opening line.
-fn ranks_phrase(ranks: &[u32]) -> String {
-    let listed = cryo_core::protocol::render_ranks(ranks);
-    if ranks.len() == 1 {
-        format!("rank {listed}")
-    } else {
-        format!("ranks {listed}")
-    }
-}
-
 /// How long a coordinator whose job ended waits for a commit under way.
 const COMMIT_GRACE: Duration = Duration::from_secs(60);
 
@@ -631,6 +629,17 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
 /// agent's word may still be on the way when the launcher has ended.
 fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
     await_word(c, rx, |c| c.first_left.is_some());
+    if let Some((node, why, lost_at)) = &c.first_lost_agent {
+        if c.first_left_at.is_none_or(|left_at| *lost_at <= left_at) {
+            // The ranks of a node heard from died after it went silent:
+            // the launcher ended them over the lost node's.
+            cryo_core::say!(
+                "cryo: the agent on node {node} was lost first ({why}); what became of its ranks \
+                 is not known here"
+            );
+            return;
+        }
+    }
     if let Some((rank, node, how)) = &c.first_left {
         cryo_core::say!("cryo: rank {rank} (node {node}) left first: {how}");
     }

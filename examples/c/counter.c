@@ -76,6 +76,9 @@ int main(int argc, char **argv) {
         die("cryo_region_file input", rc);
     static uint64_t meta[4];
     if ((rc = cryo_protect("meta", meta, sizeof meta)) != CRYO_OK) die("cryo_protect meta", rc);
+    /* An empty share (a rank that owns no particles): nothing to save, but
+     * registered like any other buffer, on every run. */
+    if ((rc = cryo_protect("empty", NULL, 0)) != CRYO_OK) die("cryo_protect empty", rc);
 
     uint64_t *header = state_ptr;
     uint64_t *data = (uint64_t *)((char *)state_ptr + HEADER);

@@ -97,7 +97,9 @@ int cryo_region_file(const char *name, const char *path, uint64_t offset, size_t
                      int shared, void **out, size_t *out_len);
 
 /* Registers an application-owned buffer; its saved contents are copied back
- * on a restart. ptr must stay valid for the life of the process. */
+ * on a restart. ptr must stay valid for the life of the process. len == 0
+ * (an empty share; ptr may then be NULL) registers the name with nothing to
+ * save; a restart that registers it with another length is refused. */
 int cryo_protect(const char *name, void *ptr, size_t len);
 
 /* The safe point: call where the state is consistent. Costs one load when

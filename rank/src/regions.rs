@@ -39,7 +39,7 @@ pub enum Backing<'a> {
 }
 
 impl Runtime {
-    fn check_new(&self, name: &str, len: u64) -> Result<(), RegionError> {
+    fn check_new(&self, name: &str) -> Result<(), RegionError> {
         let rank = self.config.rank;
         check_region_name(name)?;
         if name.starts_with(cryo_core::format::fds::RESERVED_REGION_PREFIX) {
@@ -50,12 +50,6 @@ impl Runtime {
         }
         if self.names.contains_key(name) {
             return Err(RegionError::Duplicate {
-                rank,
-                name: name.into(),
-            });
-        }
-        if len == 0 {
-            return Err(RegionError::ZeroLength {
                 rank,
                 name: name.into(),
             });
@@ -300,7 +294,14 @@ impl Runtime {
                 (len, Some((file, offset, shared)), kind)
             }
         };
-        self.check_new(name, len)?;
+        self.check_new(name)?;
+        // A mapping cannot be empty (a protected buffer can: see `protect`).
+        if len == 0 {
+            return Err(RegionError::ZeroLength {
+                rank,
+                name: name.into(),
+            });
+        }
         let addr = self.carve(name, len)?;
         let map_len = usize::try_from(len.div_ceil(PAGE) * PAGE)
             .ok()
@@ -414,7 +415,22 @@ pub fn region(
 pub unsafe fn protect(name: &str, ptr: *mut u8, len: usize) -> Result<(), RegionError> {
     let mut guard = lock();
     let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
-    runtime.check_new(name, len as u64)?;
+    runtime.check_new(name)?;
+    if len == 0 {
+        // An empty array (a rank that owns no particles; Fortran passes a
+        // null pointer for one): nothing to save, but registered like any
+        // other, so that its name is taken and a restart that finds it
+        // with another length says so.
+        let info = RegionInfo {
+            name: name.to_owned(),
+            addr: ptr as u64,
+            len: 0,
+            kind: RegionKind::Protected,
+        };
+        runtime.fill(&info, &mut [])?;
+        runtime.push(info);
+        return Ok(());
+    }
     if ptr.is_null() {
         return Err(RegionError::BadFile {
             rank: runtime.config.rank,
