@@ -149,7 +149,11 @@ def init_mpi(comm=None):
         raise
     _check(lib.cryo_at_checkpoint(_FLUSH_HOOK, None))
     table = region(_appended.REGION, _appended.REGION_BYTES, np.uint8)
-    appended = _appended.install(table, lambda path: lib.cryo_note_appended(os.fsencode(path)))
+    appended = _appended.install(
+        table,
+        lambda path: lib.cryo_note_appended(os.fsencode(path)),
+        lambda path, written: lib.cryo_note_node_file(os.fsencode(path), int(written)),
+    )
     if restored_epoch():
         for line in appended.cut_back(comm):
             print(line, file=sys.stderr)

@@ -7,8 +7,11 @@ checkpoint would stay and the restarted run would append them again. So the
 package watches opens for appending (an audit hook, installed by
 ``init_mpi``), records the size of each such file at every checkpoint in a
 region of its own, and on a restart cuts each back to that size, collectively,
-before the program goes on. Files opened in other modes are left to the
-program (one rewritten with ``"w"`` is rewritten by the restarted run too).
+before the program goes on. Files opened in other modes are not cut back (one
+rewritten with ``"w"`` is rewritten by the restarted run too), but the runtime
+is told of them (``cryo_note_node_file``): one on a filesystem of the node
+(``np.save`` to a local scratch, an input read there) is saved with each
+checkpoint that finds it closed, so a restart on another node finds it.
 """
 
 import json
@@ -28,23 +31,33 @@ class Appended:
     """The files opened for appending since ``init_mpi``, and their table
     in the region ``table`` (a NumPy ``uint8`` array)."""
 
-    def __init__(self, table, note=None):
+    def __init__(self, table, note=None, note_other=None):
         self.table = table
         self.paths = {}  # absolute path -> None, in the order first seen
         # Tells the runtime of each open (cryo_note_appended), which then
         # measures the file at checkpoints that find it closed and saves
         # it when it is on a filesystem of the node.
         self.note = note
+        # Tells it of each other open, with whether it writes
+        # (cryo_note_node_file).
+        self.note_other = note_other
 
     def audit(self, event, args):
-        """``sys.addaudithook`` hook: notes opens with ``O_APPEND``."""
+        """``sys.addaudithook`` hook: notes opens with ``O_APPEND``, and
+        tells the runtime of the others."""
         if event != "open":
             return
         try:
-            path, _mode, flags = args
-            if isinstance(path, int) or not isinstance(flags, int) or not flags & os.O_APPEND:
+            path, mode, flags = args
+            if isinstance(path, int):
                 return
+            if not isinstance(flags, int):
+                flags = _flags_of(mode)
             path = os.path.abspath(os.fsdecode(path))
+            if not flags & os.O_APPEND:
+                if self.note_other is not None:
+                    self.note_other(path, flags & os.O_ACCMODE != os.O_RDONLY)
+                return
             self.paths[path] = None
             if self.note is not None:
                 self.note(path)
@@ -130,9 +143,20 @@ class Appended:
         return said
 
 
-def install(table, note=None):
-    """Starts watching opens for appending, telling ``note`` of each.
-    Audit hooks cannot be removed, so one is installed per process."""
-    appended = Appended(table, note)
+def _flags_of(mode):
+    """The ``os.open`` flags that matter here of an ``open`` mode."""
+    mode = mode if isinstance(mode, str) else "r"
+    if "a" in mode:
+        return os.O_APPEND | os.O_WRONLY
+    if "w" in mode or "x" in mode or "+" in mode:
+        return os.O_WRONLY
+    return os.O_RDONLY
+
+
+def install(table, note=None, note_other=None):
+    """Starts watching opens for appending, telling ``note`` of each, and
+    ``note_other`` of every other open (path, whether it writes). Audit
+    hooks cannot be removed, so one is installed per process."""
+    appended = Appended(table, note, note_other)
     sys.addaudithook(appended.audit)
     return appended

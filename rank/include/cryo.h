@@ -149,6 +149,16 @@ int cryo_at_checkpoint(cryo_flush_hook flush, void *arg);
  * package calls it for each file opened for appending. */
 int cryo_note_appended(const char *path);
 
+/* For language bindings: notes path (absolute) as a file the program reads
+ * (written == 0) or writes other than by appending (written != 0) through
+ * I/O the runtime does not see. At each checkpoint that finds it closed on
+ * a filesystem of the node (tmpfs, a local disk, not the store's), its
+ * contents are saved, so a restart on another node makes it again: with its
+ * saved bytes when the program wrote it, left as it is where found when it
+ * only read it. Not cut back. Paths under /usr, /etc, /proc and the like
+ * are ignored. The Python package calls it for each other file opened. */
+int cryo_note_node_file(const char *path, int written);
+
 /* Says goodbye to the agent; regions stay mapped. */
 int cryo_finalize(void);
 

@@ -453,6 +453,34 @@ pub unsafe extern "C" fn cryo_note_appended(path: *const c_char) -> c_int {
     })
 }
 
+/// Notes `path` (absolute) as a file the program reads (`written` 0) or
+/// writes other than by appending, through calls the runtime does not see
+/// (Python's): at each checkpoint that finds it closed on a filesystem of
+/// the node, its contents are saved, so a restart elsewhere makes it
+/// again. A relative path: `CRYO_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `path` is NULL or points to a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_note_node_file(path: *const c_char, written: c_int) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let path = match unsafe { c_str(path, "cryo_note_node_file: path") } {
+            Ok(path) => path,
+            Err(code) => return code,
+        };
+        if !path.starts_with('/') {
+            return set_error(
+                CRYO_ERR_INVALID_ARGUMENT,
+                format!("cryo_note_node_file: {path:?} is not an absolute path"),
+            );
+        }
+        crate::closed_files::note_node_file(path.to_owned(), written != 0);
+        CRYO_OK
+    })
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety

@@ -31,8 +31,8 @@ use std::sync::OnceLock;
 
 use cryo_core::format::closed::CLOSED_FILES_REGION;
 use cryo_core::format::fds::{
-    closed_contents_region_name, contents_region_name, mapped_file_region_name,
-    mapping_region_name, unlinked_region_name,
+    closed_contents_region_name, closed_read_region_name, contents_region_name,
+    mapped_file_region_name, mapping_region_name, unlinked_region_name,
 };
 use cryo_core::format::manifest::RegionKind;
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
@@ -482,7 +482,14 @@ pub(crate) fn gather(
         }
     }
     let closed = crate::closed_files::capture(&writing, &mut held.warnings, store);
-    for (n, file) in closed.node_local.iter().enumerate() {
+    let closed_node_files: Vec<_> = (closed.node_local.iter())
+        .filter(|file| {
+            // A file only read is saved through an fd that holds it now.
+            !baseline.library_dirs.holds(&file.path)
+                && (file.written || !saved_paths.contains(&file.path))
+        })
+        .collect();
+    for (n, file) in closed_node_files.into_iter().enumerate() {
         writable = writable.saturating_add(file.size);
         let lost = if writable > caps.writable {
             Some(format!(
@@ -493,7 +500,12 @@ pub(crate) fn gather(
             let kind = RegionKind::NodeFileContents {
                 path: file.path.clone(),
             };
-            match held.save_file(&file.path, closed_contents_region_name(n), file.size, kind) {
+            let name = if file.written {
+                closed_contents_region_name(n)
+            } else {
+                closed_read_region_name(n)
+            };
+            match held.save_file(&file.path, name, file.size, kind) {
                 Ok(()) => {
                     saved_paths.insert(file.path.clone());
                     None
@@ -503,8 +515,10 @@ pub(crate) fn gather(
         };
         if let Some(lost) = lost {
             held.warnings.push(format!(
-                "{} was written and closed, and {}; {lost}, so what it held is lost there",
-                file.path, file.why
+                "{} was {} and closed, and {}; {lost}, so what it held is lost there",
+                file.path,
+                if file.written { "written" } else { "read" },
+                file.why
             ));
         }
     }

@@ -72,13 +72,15 @@ fn node_local_files_read_or_mapped_are_saved_whole() {
     let (input, mesh) = (disk.path().join("input"), disk.path().join("mesh"));
     fs::write(&input, vec![7u8; 10_000]).unwrap();
     fs::write(&mesh, vec![9u8; 5000]).unwrap();
+    // Staged by someone else: not written by the rank.
+    crate::closed_files::forget_all();
     let read = fs::File::open(&input).unwrap();
     let len = NonZeroUsize::new(5000).unwrap();
     let mapped = {
         let file = fs::File::open(&mesh).unwrap();
         // SAFETY: a new private read-only mapping at an address the kernel
         // chooses; unmapped at the end of the test.
-        unsafe {
+        let mapped = unsafe {
             mmap(
                 None,
                 len,
@@ -88,7 +90,13 @@ fn node_local_files_read_or_mapped_are_saved_whole() {
                 0,
             )
         }
-        .unwrap()
+        .unwrap();
+        // Closed past the runtime's `close`, which would note it as a
+        // file read and closed: only its mapping names it.
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+        // SAFETY: the fd was just taken from its File.
+        unsafe { libc::syscall(libc::SYS_close, fd) };
+        mapped
     };
     let shared_store = Some(Filesystem {
         magic: NFS_MAGIC,

@@ -24,6 +24,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use cryo_core::format::chunk::ChunkHash;
+use cryo_core::format::fds::{CLOSED_CONTENTS_PREFIX, CLOSED_READ_PREFIX};
 use cryo_core::format::manifest::{RankRecord, RegionKind, RegionRecord};
 use cryo_core::format::process::NodeDir;
 use cryo_core::store::reader::StreamError;
@@ -48,6 +49,13 @@ pub(crate) fn remake_node_files(
         let RegionKind::NodeFileContents { path } = &region.kind else {
             continue;
         };
+        // Closed at the checkpoint: noted again, so that the next
+        // checkpoints save it too (it may not be closed again).
+        if region.name.starts_with(CLOSED_READ_PREFIX) {
+            crate::closed_files::note_node_file(path.clone(), false);
+        } else if region.name.starts_with(CLOSED_CONTENTS_PREFIX) {
+            crate::closed_files::note_node_file(path.clone(), true);
+        }
         let written = policy == FilePolicy::Truncate && written_here(record, path);
         let wrote = match fs::symlink_metadata(path) {
             // Another rank of this node may make it first, from a shorter

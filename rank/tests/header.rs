@@ -159,7 +159,8 @@ fn status_codes_match() {
 /// size-checked `cryo_init_mpi_handle` under it) are bound through
 /// `cryo_init_mpi_f`, which takes the Fortran handle; `cryo_mpi_flavour` is
 /// for bindings that load the library themselves, and `cryo_note_appended`
-/// for languages whose closes the runtime does not see (it sees Fortran's).
+/// and `cryo_note_node_file` for languages whose closes the runtime does
+/// not see (it sees Fortran's).
 #[test]
 fn the_fortran_module_binds_every_call_with_the_same_codes() {
     let module = read("fortran/cryo.F90");
@@ -169,6 +170,7 @@ fn the_fortran_module_binds_every_call_with_the_same_codes() {
         "cryo_init_mpi_handle",
         "cryo_mpi_flavour",
         "cryo_note_appended",
+        "cryo_note_node_file",
     ];
     for name in header
         .keys()

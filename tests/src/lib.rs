@@ -25,6 +25,7 @@ pub mod coordinated;
 pub mod counter;
 pub mod heat2d;
 pub mod netns;
+pub mod node_tmpfs;
 pub mod recovery;
 pub mod slurm_jobs;
 pub mod state;

@@ -12,117 +12,25 @@ use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use cryo_tests::heat2d::{
-    built, compile_mpich_program_with, openmpi_available, openmpi_flavour, repo_root,
-};
-use cryo_tests::state::{have_mpi, wait_child};
-use cryo_tests::{lines, output_text, wait_until, Agent, Program, Rank, RankFiles, RankSpec};
+use cryo_tests::node_tmpfs::{cryo, preempted_on_tmpfs, setup, Job, Setup};
+use cryo_tests::{lines, output_text, Agent, Program, Rank, RankFiles, RankSpec};
 
 const RANKS: u32 = 2;
 const STEPS: &str = "120";
 
-struct Setup {
-    dir: tempfile::TempDir,
-    program: PathBuf,
-    store: PathBuf,
-    /// The job's working directory: a tmpfs while it first runs, an empty
-    /// directory of the disk once that tmpfs is gone.
-    work: PathBuf,
-}
-
-/// A mount namespace of its own, as the namespace cluster tests use (root,
-/// unshare): they run or are skipped together (`CRYO_SKIP_NETNS`).
-fn setup() -> Option<Setup> {
-    if !have_mpi() || !cryo_tests::netns::available() {
-        return None;
+/// The OpenMP stencil (`omp_stencil STEPS 20 [INPUT]`).
+fn stencil<'a>(s: &Setup, name: &'a str, input: Option<&Path>) -> Job<'a> {
+    let mut command: Vec<OsString> = vec![s.program.clone().into(), STEPS.into(), "20".into()];
+    command.extend(input.map(OsString::from));
+    Job {
+        name,
+        command,
+        env: vec![("OMP_NUM_THREADS", "2".into())],
+        progress: "omp-0.log",
     }
-    let dir = tempfile::Builder::new()
-        .prefix("cryo-node-local-")
-        .tempdir()
-        .unwrap();
-    let program = dir.path().join("omp_stencil");
-    compile_mpich_program_with("tests/programs/omp_stencil.c", &["-fopenmp"], &program);
-    let (store, work) = (dir.path().join("store"), dir.path().join("work"));
-    fs::create_dir_all(&work).unwrap();
-    Some(Setup {
-        dir,
-        program,
-        store,
-        work,
-    })
-}
-
-fn cryo(s: &Setup) -> Command {
-    let mut cmd = Command::new(built().join("cryo"));
-    cmd.env("CRYO_STORE", &s.store)
-        .env("OMP_NUM_THREADS", "2")
-        .stdin(Stdio::null());
-    cmd
-}
-
-/// What runs on the tmpfs: the command after `cryo run --`, the variables
-/// it needs, and the log whose lines count its steps.
-struct Job<'a> {
-    name: &'a str,
-    command: Vec<OsString>,
-    env: Vec<(&'static str, OsString)>,
-    progress: &'a str,
-}
-
-impl Job<'_> {
-    /// The OpenMP stencil (`omp_stencil STEPS 20 [INPUT]`).
-    fn stencil<'a>(s: &Setup, name: &'a str, input: Option<&Path>) -> Job<'a> {
-        let mut command: Vec<OsString> = vec![s.program.clone().into(), STEPS.into(), "20".into()];
-        command.extend(input.map(OsString::from));
-        Job {
-            name,
-            command,
-            env: vec![("OMP_NUM_THREADS", "2".into())],
-            progress: "omp-0.log",
-        }
-    }
-}
-
-/// Runs `job` on nodes a and b with its working directory on a tmpfs
-/// that only its mount namespace sees (`prepare` runs there first),
-/// preempts it with SIGTERM after 20 steps and returns what `cryo run`
-/// said. The tmpfs goes with the namespace.
-fn preempted_on_tmpfs(s: &Setup, job: &Job, prepare: &str) -> String {
-    let log = s.dir.path().join(format!("{}.log", job.name));
-    let mut child = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
-            r#"mount -t tmpfs -o size=64m cryo-scratch "$0" && cd "$0" && {prepare} && exec "$@""#
-        ))
-        .arg(&s.work)
-        .arg(built().join("cryo"))
-        .args([
-            "run", "--job", job.name, "--nodes", "a:1,b:1", "-n", "2", "--",
-        ])
-        .args(&job.command)
-        .env("CRYO_STORE", &s.store)
-        .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(s.dir.path().join(format!("{}.out", job.name))).unwrap())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // The job's view of its working directory.
-    let seen = Path::new(&format!("/proc/{}/root", child.id()))
-        .join(s.work.strip_prefix("/").unwrap())
-        .join(job.progress);
-    wait_until("20 steps logged", Duration::from_secs(60), || {
-        lines(&seen) >= 20
-    });
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = wait_child(&mut child, Duration::from_secs(120));
-    let said = fs::read_to_string(&log).unwrap_or_default();
-    assert_eq!(status.code(), Some(75), "{said}");
-    said
 }
 
 fn named_in_memory(said: &str, path: &Path) -> bool {
@@ -136,7 +44,7 @@ fn named_in_memory(said: &str, path: &Path) -> bool {
 
 #[test]
 fn a_log_written_in_node_memory_comes_back_on_another_node() {
-    let Some(s) = setup() else {
+    let Some(s) = setup("tests/programs/omp_stencil.c", &["-fopenmp"]) else {
         return;
     };
     let reference = s.dir.path().join("reference");
@@ -150,7 +58,7 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
         .unwrap();
     assert!(plain.status.success(), "{}", output_text(&plain));
 
-    let said = preempted_on_tmpfs(&s, &Job::stencil(&s, "logs", None), "umask 027");
+    let said = preempted_on_tmpfs(&s, &stencil(&s, "logs", None), "umask 027");
     assert!(
         !named_in_memory(&said, &s.work.join("steps")),
         "the run directory holds the working directory, so it is made again, not lost:\n{said}"
@@ -211,7 +119,7 @@ fn a_log_written_in_node_memory_comes_back_on_another_node() {
 /// ranks read the same bytes after the restart.
 #[test]
 fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
-    let Some(s) = setup() else {
+    let Some(s) = setup("tests/programs/omp_stencil.c", &["-fopenmp"]) else {
         return;
     };
     // Under a umask of 077, with modes of their own for the staged files.
@@ -219,7 +127,7 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
                          head -c 70000 /dev/urandom > table.bin && \
                          chmod 640 input.mesh && chmod 751 table.bin";
     let (input, table) = (s.work.join("input.mesh"), s.work.join("table.bin"));
-    let mut job = Job::stencil(&s, "input", Some(&input));
+    let mut job = stencil(&s, "input", Some(&input));
     job.command.push(table.clone().into());
     // The staged files, kept for the uninterrupted run.
     let kept = s.dir.path().join("reference");
@@ -328,91 +236,6 @@ fn an_input_read_and_a_table_mapped_in_node_memory_come_back_on_another_node() {
             "{name} differs from the uninterrupted run's\n{text}"
         );
     }
-}
-
-/// A Python program (mpi4py, Open MPI) that reopens its logs with "a" at
-/// every step and closes them: at the checkpoint no log is open, and on
-/// another node none is there. Each comes back whole, then goes on.
-#[test]
-fn python_logs_appended_and_closed_in_node_memory_come_back_on_another_node() {
-    const ITERS: usize = 150;
-    let Some(s) = setup() else {
-        return;
-    };
-    if !python_available() {
-        return;
-    }
-    let env = vec![
-        ("CRYO_RANK_LIB", openmpi_flavour().into_os_string()),
-        ("PYTHONPATH", repo_root().join("python").into_os_string()),
-    ];
-    let job = Job {
-        name: "python",
-        command: vec![
-            "/usr/bin/python3".into(),
-            repo_root().join("tests/programs/append_log.py").into(),
-            ".".into(),
-            ITERS.to_string().into(),
-            "40".into(),
-        ],
-        env: env.clone(),
-        progress: "append.0.log",
-    };
-    let said = preempted_on_tmpfs(&s, &job, "true");
-    assert!(
-        !said.contains("was written and closed"),
-        "its logs are saved, so none may be named as lost:\n{said}"
-    );
-    let restart = cryo(&s)
-        .args(["restart", "python", "--nodes", "c:2"])
-        .envs(env)
-        .current_dir(&s.work)
-        .output()
-        .unwrap();
-    let text = output_text(&restart);
-    assert!(restart.status.success(), "{text}");
-    for rank in 0..RANKS {
-        let want: String = (1..=ITERS)
-            .map(|step| format!("rank {rank} step {step:04}\n"))
-            .collect();
-        assert_eq!(
-            fs::read_to_string(s.work.join(format!("append.{rank}.log"))).unwrap_or_default(),
-            want,
-            "rank {rank}'s log\n{text}"
-        );
-    }
-    let mut shared: Vec<String> = fs::read_to_string(s.work.join("shared.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    shared.sort();
-    let mut want: Vec<String> = (0..RANKS)
-        .flat_map(|rank| (1..=ITERS).map(move |step| format!("shared rank {rank} step {step:04}")))
-        .collect();
-    want.sort();
-    assert_eq!(shared, want, "the shared log\n{text}");
-}
-
-/// Open MPI and Python with NumPy and mpi4py, as `python.rs` needs them
-/// (`CRYO_SKIP_OPENMPI`, `CRYO_SKIP_PYTHON` skip them knowingly).
-fn python_available() -> bool {
-    if !openmpi_available() {
-        return false;
-    }
-    let check = Command::new("/usr/bin/python3")
-        .args(["-c", "import numpy, mpi4py"])
-        .output()
-        .unwrap();
-    if check.status.success() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CRYO_SKIP_PYTHON").is_some(),
-        "Python with NumPy and mpi4py is missing: {}",
-        output_text(&check)
-    );
-    false
 }
 
 /// A tmpfs mounted at a directory for the life of the value (detached

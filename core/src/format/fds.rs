@@ -35,6 +35,15 @@ pub fn closed_contents_region_name(n: usize) -> String {
 /// What the names of [`closed_contents_region_name`] start with.
 pub const CLOSED_CONTENTS_PREFIX: &str = "cryo:closed:";
 
+/// The name of the region that holds the contents of the `n`th file read
+/// (never written) and closed on a filesystem of the rank's node.
+pub fn closed_read_region_name(n: usize) -> String {
+    format!("{CLOSED_READ_PREFIX}{n}")
+}
+
+/// What the names of [`closed_read_region_name`] start with.
+pub const CLOSED_READ_PREFIX: &str = "cryo:closed-read:";
+
 /// The name of the region that holds the contents of the `n`th file on a
 /// filesystem of the rank's node that it maps and no fd of it saves.
 pub fn mapped_file_region_name(n: usize) -> String {

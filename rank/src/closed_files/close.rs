@@ -1,19 +1,22 @@
 //! The runtime's `close`: notes a file open for appending (`O_APPEND`, for
-//! writing) as its last fd closes through `open`/`write`/`close` alone,
-//! then closes it with the C library's.
+//! writing) as its last fd closes through `open`/`write`/`close` alone, or
+//! a file that may be the node's own read or written otherwise
+//! (`node_files.rs`), then closes it with the C library's.
 //!
 //! `close` may be called from a signal handler, or from a child of `vfork`
 //! that shares the parent's memory, where taking a lock or allocating could
 //! hang the process. So this path only makes system calls that are safe
-//! there (`fcntl`, `fstat`, `readlink`, `getpid`) and copies the path, with
-//! the file's size, into one of a fixed set of slots with atomic flags. The checkpoint path
-//! ([`drain`]) moves the slots into the table, where the file is measured
-//! at the park like any other closed since the last checkpoint. When every
-//! slot is taken, the note is dropped and counted ([`drain`] reports it).
+//! there (`fcntl`, `fstat`, `fstatfs`, `readlink`, `getpid`) and copies
+//! the path, with the file's size, into one of a fixed set of slots with
+//! atomic flags (one set for each kind). The checkpoint path
+//! ([`drain_appended`], [`drain_node`]) moves the slots into the tables,
+//! where the file is measured at the park like any other closed since the
+//! last checkpoint. When every slot is taken, the note is dropped and
+//! counted (the drains report it).
 
 use std::cell::UnsafeCell;
 use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 /// Paths noted and not yet drained, at most.
 const SLOTS: usize = 64;
@@ -35,8 +38,12 @@ struct Slots {
     /// The file's size at its latest close (`fstat` of the fd: a raw fd
     /// buffers nothing, so it is the size after the close).
     size: [AtomicU64; SLOTS],
+    /// Open for writing at some close (files of the node).
+    written: [AtomicBool; SLOTS],
     len: [AtomicUsize; SLOTS],
     path: [UnsafeCell<[u8; PATH_BYTES]>; SLOTS],
+    /// Notes dropped because every slot was taken.
+    dropped: AtomicU64,
 }
 
 // SAFETY: `path[i]` is written only by the thread that moved `state[i]`
@@ -58,16 +65,22 @@ impl Slots {
     }
 }
 
-static NOTED: Slots = Slots {
-    state: [const { AtomicU8::new(FREE) }; SLOTS],
-    dev: [const { AtomicU64::new(0) }; SLOTS],
-    ino: [const { AtomicU64::new(0) }; SLOTS],
-    size: [const { AtomicU64::new(0) }; SLOTS],
-    len: [const { AtomicUsize::new(0) }; SLOTS],
-    path: [const { UnsafeCell::new([0; PATH_BYTES]) }; SLOTS],
-};
-/// Notes dropped because every slot was taken.
-static DROPPED: AtomicU64 = AtomicU64::new(0);
+const fn empty() -> Slots {
+    Slots {
+        state: [const { AtomicU8::new(FREE) }; SLOTS],
+        dev: [const { AtomicU64::new(0) }; SLOTS],
+        ino: [const { AtomicU64::new(0) }; SLOTS],
+        size: [const { AtomicU64::new(0) }; SLOTS],
+        written: [const { AtomicBool::new(false) }; SLOTS],
+        len: [const { AtomicUsize::new(0) }; SLOTS],
+        path: [const { UnsafeCell::new([0; PATH_BYTES]) }; SLOTS],
+        dropped: AtomicU64::new(0),
+    }
+}
+/// Files open for appending.
+static APPENDED: Slots = empty();
+/// Files that may be the node's, read or written otherwise.
+static OF_NODE: Slots = empty();
 
 type Close = unsafe extern "C" fn(c_int) -> c_int;
 static NEXT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
@@ -81,6 +94,7 @@ extern "C" fn at_start() {
     let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"close".as_ptr()) };
     NEXT.store(found, Ordering::Release);
     super::claim_owner();
+    super::node_files::learn_store();
 }
 
 #[used]
@@ -109,20 +123,34 @@ pub(crate) fn proc_fd_path(fd: c_int, out: &mut [u8; 32]) {
 }
 
 /// Notes `fd`'s file if it is a regular file with a path, open with
-/// `O_APPEND` for writing. Only async-signal-safe calls; no lock, no heap.
+/// `O_APPEND` for writing, or one that may be the node's. Only
+/// async-signal-safe calls; no lock, no heap.
 fn note(fd: c_int) {
-    let Some((_, stat)) = super::written_file(fd, true) else {
-        return;
-    };
+    if let Some((_, stat)) = super::written_file(fd, true) {
+        put(&APPENDED, fd, &stat, false, false);
+    } else if let Some((written, stat)) = super::node_files::node_file(fd) {
+        put(&OF_NODE, fd, &stat, written, true);
+    }
+}
+
+/// Puts `fd`'s file (`stat`) into a slot of `slots`, or updates the slot
+/// that has it. With `of_node`, a path of the system's is left out.
+fn put(slots: &Slots, fd: c_int, stat: &libc::stat, written: bool, of_node: bool) {
     // Closed before since the last park: only its size changes.
     let (dev, ino) = (stat.st_dev, stat.st_ino);
     let size = u64::try_from(stat.st_size).unwrap_or(0);
+    let update = |i: usize| {
+        slots.size[i].store(size, Ordering::Relaxed);
+        if written {
+            slots.written[i].store(true, Ordering::Relaxed);
+        }
+    };
     for i in 0..SLOTS {
-        if NOTED.state[i].load(Ordering::Acquire) == FULL
-            && NOTED.dev[i].load(Ordering::Relaxed) == dev
-            && NOTED.ino[i].load(Ordering::Relaxed) == ino
+        if slots.state[i].load(Ordering::Acquire) == FULL
+            && slots.dev[i].load(Ordering::Relaxed) == dev
+            && slots.ino[i].load(Ordering::Relaxed) == ino
         {
-            NOTED.size[i].store(size, Ordering::Relaxed);
+            update(i);
             return;
         }
     }
@@ -138,31 +166,35 @@ fn note(fd: c_int) {
         return;
     }
     let path = &path[..len];
+    if of_node && super::node_files::is_system(path) {
+        return;
+    }
     for i in 0..SLOTS {
         // SAFETY: read only while FULL; a drainer frees a slot only after
         // reading it, and a stale match only skips a note the table has.
-        if NOTED.state[i].load(Ordering::Acquire) == FULL && unsafe { NOTED.path(i) } == path {
-            NOTED.size[i].store(size, Ordering::Relaxed);
+        if slots.state[i].load(Ordering::Acquire) == FULL && unsafe { slots.path(i) } == path {
+            update(i);
             return;
         }
     }
     for i in 0..SLOTS {
-        if NOTED.state[i]
+        if slots.state[i]
             .compare_exchange(FREE, FILLING, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
             // SAFETY: this thread moved the slot to FILLING: it alone
             // writes it until it is FULL.
-            unsafe { (&mut *NOTED.path[i].get())[..len].copy_from_slice(path) };
-            NOTED.dev[i].store(dev, Ordering::Relaxed);
-            NOTED.ino[i].store(ino, Ordering::Relaxed);
-            NOTED.size[i].store(size, Ordering::Relaxed);
-            NOTED.len[i].store(len, Ordering::Release);
-            NOTED.state[i].store(FULL, Ordering::Release);
+            unsafe { (&mut *slots.path[i].get())[..len].copy_from_slice(path) };
+            slots.dev[i].store(dev, Ordering::Relaxed);
+            slots.ino[i].store(ino, Ordering::Relaxed);
+            slots.size[i].store(size, Ordering::Relaxed);
+            slots.written[i].store(written, Ordering::Relaxed);
+            slots.len[i].store(len, Ordering::Release);
+            slots.state[i].store(FULL, Ordering::Release);
             return;
         }
     }
-    DROPPED.fetch_add(1, Ordering::Relaxed);
+    slots.dropped.fetch_add(1, Ordering::Relaxed);
 }
 
 /// `close(2)`: notes the file (see the module), then closes the fd.
@@ -187,21 +219,36 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { next(fd) }
 }
 
-/// The paths noted since the last drain with their sizes at their latest
-/// close, and how many notes were dropped. Called under the table's lock:
-/// one drainer at a time.
-pub(crate) fn drain() -> (Vec<(String, u64)>, u64) {
+/// The paths of files open for appending noted since the last drain with
+/// their sizes at their latest close, and how many notes were dropped.
+/// Called under the table's lock: one drainer at a time.
+pub(crate) fn drain_appended() -> (Vec<(String, u64)>, u64) {
+    let (files, dropped) = drain(&APPENDED);
+    let files = files.into_iter().map(|(path, size, _)| (path, size));
+    (files.collect(), dropped)
+}
+
+/// The paths of files of the node noted since the last drain, each with
+/// whether it was written, and how many notes were dropped. One drainer
+/// at a time (the checkpoint path).
+pub(crate) fn drain_node() -> (Vec<(String, bool)>, u64) {
+    let (files, dropped) = drain(&OF_NODE);
+    let files = files.into_iter().map(|(path, _, written)| (path, written));
+    (files.collect(), dropped)
+}
+
+fn drain(slots: &Slots) -> (Vec<(String, u64, bool)>, u64) {
     let mut out = Vec::new();
     for i in 0..SLOTS {
-        if NOTED.state[i].load(Ordering::Acquire) != FULL {
+        if slots.state[i].load(Ordering::Acquire) != FULL {
             continue;
         }
-        // SAFETY: FULL, and only this drainer (under the table's lock)
-        // frees it, after this read.
-        let path = String::from_utf8_lossy(unsafe { NOTED.path(i) }).into_owned();
-        let size = NOTED.size[i].load(Ordering::Relaxed);
-        NOTED.state[i].store(FREE, Ordering::Release);
-        out.push((path, size));
+        // SAFETY: FULL, and only this drainer frees it, after this read.
+        let path = String::from_utf8_lossy(unsafe { slots.path(i) }).into_owned();
+        let size = slots.size[i].load(Ordering::Relaxed);
+        let written = slots.written[i].swap(false, Ordering::Relaxed);
+        slots.state[i].store(FREE, Ordering::Release);
+        out.push((path, size, written));
     }
-    (out, DROPPED.swap(0, Ordering::Relaxed))
+    (out, slots.dropped.swap(0, Ordering::Relaxed))
 }

@@ -1,5 +1,7 @@
 //! The runtime's `fclose`: closes a stream with the C library's, and notes
-//! its file when it was open with `O_APPEND` (`fopen(path, "a")`).
+//! its file when it was open with `O_APPEND` (`fopen(path, "a")`), or when
+//! it may be a file of the node read or written otherwise
+//! (`node_files.rs`).
 //!
 //! A program linked with `-lcryo_rank` finds this definition before the C
 //! library's (the library comes before libc in the lookup order), so every

@@ -23,9 +23,14 @@
 //!
 //! A file held open for writing at a checkpoint is left out of that
 //! checkpoint's table: its fd record already cuts it back.
+//!
+//! Files of the node read, or written other than by appending, and closed
+//! are noted apart (`node_files.rs`): they are not cut back, only saved to
+//! make them again on another node.
 
 mod close;
 mod fclose;
+mod node_files;
 mod settle;
 
 use std::collections::{HashMap, HashSet};
@@ -42,6 +47,7 @@ use cryo_core::format::closed::{
 };
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 
+pub(crate) use node_files::note as note_node_file;
 pub(crate) use settle::{load, settle, Alone, Peers};
 
 /// What the runtime knows of one closed file.
@@ -119,9 +125,12 @@ fn note_closed(table: &mut Table, path: String, appends: bool, closed_size: Opti
 
 /// A file being closed, to note once the close is done.
 #[derive(Debug)]
-pub(crate) struct Closing {
-    path: String,
-    appends: bool,
+pub(crate) enum Closing {
+    /// Written and closed, cut back at a restart (see the module).
+    CutBack { path: String, appends: bool },
+    /// Read or written otherwise, on a filesystem that may be the node's
+    /// (`node_files.rs`).
+    OfNode { path: String, written: bool },
 }
 
 /// Whether `fd` is a regular file that still has a name, open for writing
@@ -154,26 +163,40 @@ fn written_file(fd: RawFd, appending: bool) -> Option<(bool, libc::stat)> {
 }
 
 /// Before `fd` is closed: the file to note, if [`written_file`] says so
-/// and it has an absolute path. Never fails: a file not noted is only a
-/// file not cut back.
+/// (else if it may be a file of the node: [`node_files::node_file`]) and
+/// it has an absolute path. Never fails: a file not noted is only a file
+/// not cut back, or not saved.
 pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
-    let (appends, _) = written_file(fd, appending)?;
-    let path = fs::read_link(format!("/proc/self/fd/{fd}"))
-        .ok()?
-        .to_str()?
-        .to_owned();
-    path.starts_with('/').then_some(Closing { path, appends })
+    let path = || {
+        let path = fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        Some(path.to_str()?.to_owned())
+    };
+    if let Some((appends, _)) = written_file(fd, appending) {
+        let path = path()?;
+        return path
+            .starts_with('/')
+            .then_some(Closing::CutBack { path, appends });
+    }
+    let (written, _) = node_files::node_file(fd)?;
+    let path = path()?;
+    (!node_files::is_system(path.as_bytes())).then_some(Closing::OfNode { path, written })
 }
 
 impl Closing {
-    /// After the close (its buffer is in the file): notes the file with its
-    /// size now. The bytes before that size are hashed at the next park:
-    /// appending after the close does not change them.
+    /// After the close (its buffer is in the file): notes the file, with
+    /// its size now when it is cut back. The bytes before that size are
+    /// hashed at the next park: appending after the close does not change
+    /// them.
     pub(crate) fn done(self) {
-        let closed_size = fs::metadata(&self.path).map(|m| m.len()).ok();
-        let mut guard = table();
-        let table = guard.get_or_insert_with(Table::default);
-        note_closed(table, self.path, self.appends, closed_size);
+        match self {
+            Closing::CutBack { path, appends } => {
+                let closed_size = fs::metadata(&path).map(|m| m.len()).ok();
+                let mut guard = table();
+                let table = guard.get_or_insert_with(Table::default);
+                note_closed(table, path, appends, closed_size);
+            }
+            Closing::OfNode { path, written } => node_files::note(path, written),
+        }
     }
 }
 
@@ -241,7 +264,7 @@ pub(crate) struct Captured {
     pub(crate) node_local: Vec<NodeLocal>,
 }
 
-/// A file written and closed on a filesystem of this node.
+/// A file read or written, and closed, on a filesystem of this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct NodeLocal {
     pub(crate) path: String,
@@ -249,6 +272,8 @@ pub(crate) struct NodeLocal {
     pub(crate) size: u64,
     /// Why a restart elsewhere would not find it (`cryo_core::locality`).
     pub(crate) why: String,
+    /// Whether the rank wrote it (else it only read it).
+    pub(crate) written: bool,
 }
 
 /// The table of this checkpoint, and the files in it on a filesystem of
@@ -263,7 +288,7 @@ pub(crate) fn capture(
     store: Option<Filesystem>,
 ) -> Captured {
     let mut guard = table();
-    let (closed, dropped) = close::drain();
+    let (closed, dropped) = close::drain_appended();
     if dropped > 0 {
         warnings.push(format!(
             "{dropped} closes of files open for appending, made with close(2) since the last \
@@ -279,6 +304,8 @@ pub(crate) fn capture(
     }
     let mut captured = Captured::default();
     let Some(table) = guard.as_mut() else {
+        drop(guard);
+        of_node(open_for_writing, warnings, store, &mut captured.node_local);
         return captured;
     };
     let mut out = ClosedFiles::default();
@@ -317,6 +344,7 @@ pub(crate) fn capture(
                 path: path.clone(),
                 size: at_checkpoint.size,
                 why,
+                written: true,
             });
         }
         out.files.push(ClosedFile {
@@ -329,11 +357,13 @@ pub(crate) fn capture(
     for path in gone {
         table.files.remove(&path);
     }
+    drop(guard);
+    of_node(open_for_writing, warnings, store, &mut captured.node_local);
+    captured.node_local.sort_by(|a, b| a.path.cmp(&b.path));
     if out.files.is_empty() {
         return captured;
     }
     out.files.sort_by(|a, b| a.path.cmp(&b.path));
-    captured.node_local.sort_by(|a, b| a.path.cmp(&b.path));
     match out.encode() {
         Ok(bytes) => captured.table = Some(bytes),
         Err(err) => warnings.push(format!(
@@ -344,9 +374,75 @@ pub(crate) fn capture(
     captured
 }
 
+/// Adds to `node_local` the files of [`node_files`] that a restart on
+/// another node would not find (`store`: the store's filesystem), save
+/// those open for writing (their fds save them) and those `node_local`
+/// has already. Those gone, or found not to be the node's, are forgotten.
+fn of_node(
+    open_for_writing: &HashSet<String>,
+    warnings: &mut Vec<String>,
+    store: Option<Filesystem>,
+    node_local: &mut Vec<NodeLocal>,
+) {
+    let (closed, dropped) = close::drain_node();
+    for (path, written) in closed {
+        node_files::note(path, written);
+    }
+    let (noted, forgotten) = node_files::noted();
+    let Some(store) = store else {
+        return;
+    };
+    let known: HashSet<String> = node_local.iter().map(|file| file.path.clone()).collect();
+    let before = node_local.len();
+    for (path, written) in noted {
+        if open_for_writing.contains(&path) || known.contains(&path) {
+            continue;
+        }
+        let file = Path::new(&path);
+        let why = match fs::metadata(file) {
+            Ok(meta) if meta.is_file() => Filesystem::of(file)
+                .ok()
+                .and_then(|fs| unreachable_elsewhere(fs, store))
+                .map(|why| (why, meta.len())),
+            Ok(_) => None,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+            Err(err) => {
+                warnings.push(format!(
+                    "{path}, a file of this node the rank {} and closed, could not be read to \
+                     save it ({err}); a restart on another node will not find it",
+                    if written { "wrote" } else { "read" }
+                ));
+                continue;
+            }
+        };
+        match why {
+            Some((why, size)) => node_local.push(NodeLocal {
+                path,
+                size,
+                why,
+                written,
+            }),
+            None => node_files::forget(&path),
+        }
+    }
+    // Those not kept are told of only when the rank does keep files of the
+    // node: they may as well be of the store's own filesystem.
+    if forgotten + dropped > 0 && node_local.len() > before {
+        warnings.push(format!(
+            "{} files of this node read or written and closed before this checkpoint were not \
+             kept in view (the runtime keeps the {} most recently closed): a restart on another \
+             node may not find them",
+            forgotten + dropped,
+            node_files::MAX_NODE_FILES
+        ));
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn forget_all() {
     *table() = None;
+    let _ = close::drain_node();
+    node_files::forget_all();
 }
 
 #[cfg(test)]

@@ -74,10 +74,16 @@ fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
     let plain = dir.path().join("plain");
     fs::write(&plain, b"x").unwrap();
     let other = fs::OpenOptions::new().write(true).open(&plain).unwrap();
-    assert!(closing(other.as_raw_fd(), true).is_none());
+    assert!(!matches!(
+        closing(other.as_raw_fd(), true),
+        Some(Closing::CutBack { .. })
+    ));
     assert!(closing(other.as_raw_fd(), false).is_some());
     let reader = fs::File::open(&log).unwrap();
-    assert!(closing(reader.as_raw_fd(), false).is_none());
+    assert!(!matches!(
+        closing(reader.as_raw_fd(), false),
+        Some(Closing::CutBack { .. })
+    ));
 
     // Written through another fd after the close, before the checkpoint:
     // the checkpoint's mark counts it, the close's does not.
@@ -113,7 +119,7 @@ fn appended_files_are_noted_at_close_and_measured_at_the_checkpoint() {
 fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     forget_all();
-    let _ = close::drain();
+    let _ = close::drain_appended();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("raw.log");
     for _ in 0..3 {
@@ -145,8 +151,11 @@ fn files_closed_with_close_are_noted_without_allocating_and_drained_at_a_park() 
             .collect()
     };
     // Once, with its size at the last close.
-    assert_eq!(mine(close::drain().0), vec![(log_path.clone(), 15)]);
-    assert!(mine(close::drain().0).is_empty());
+    assert_eq!(
+        mine(close::drain_appended().0),
+        vec![(log_path.clone(), 15)]
+    );
+    assert!(mine(close::drain_appended().0).is_empty());
 
     // More distinct files than slots: the rest are counted, and the park
     // that drains them warns.
@@ -487,4 +496,121 @@ fn a_gone_file_is_named_by_the_lowest_rank_that_recorded_it() {
     assert_eq!(first_recorder(&all, 9), Some(1));
     assert_eq!(first_recorder(&all, 7), Some(1));
     assert_eq!(first_recorder(&all, 8), None);
+}
+
+/// A store on a network filesystem, for files of this machine's disk to
+/// be the node's.
+fn store_elsewhere() -> Option<Filesystem> {
+    Some(Filesystem {
+        magic: cryo_core::locality::NFS_MAGIC,
+        dev: u64::MAX,
+    })
+}
+
+/// The files of the node a capture keeps, among those under `dir`.
+fn node_files_under(dir: &std::path::Path, store: Option<Filesystem>) -> Vec<(String, u64, bool)> {
+    let mut warnings = Vec::new();
+    let captured = capture(&HashSet::new(), &mut warnings, store);
+    let dir = dir.to_str().unwrap();
+    assert!(!warnings.iter().any(|w| w.contains(dir)), "{warnings:?}");
+    (captured.node_local.into_iter())
+        .filter(|file| file.path.starts_with(dir))
+        .map(|file| (file.path, file.size, file.written))
+        .collect()
+}
+
+#[test]
+fn files_of_the_node_read_or_written_and_closed_are_kept_to_be_made_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let (snapshot, input, raw) = (
+        dir.path().join("snap.dat"),
+        dir.path().join("input.nml"),
+        dir.path().join("raw.dat"),
+    );
+    // Staged by someone else: the closes of this binary's writes are
+    // not the rank's.
+    fs::write(&input, b"&params n=3 /\n").unwrap();
+    fs::write(&raw, b"0123456789").unwrap();
+    let _ = close::drain_node();
+    // Written from the start and closed as fclose does.
+    let file = fs::File::create(&snapshot).unwrap();
+    (&file).write_all(b"snapshot").unwrap();
+    let written = closing(file.as_raw_fd(), true);
+    drop(file);
+    written.unwrap().done();
+    // Only read, and closed as a Fortran CLOSE does.
+    let file = fs::File::open(&input).unwrap();
+    let read = closing(file.as_raw_fd(), false);
+    drop(file);
+    read.unwrap().done();
+    // Written in place and closed with close(2).
+    let file = fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+    // SAFETY: the fd was just taken from its File.
+    assert_eq!(unsafe { close::close(fd) }, 0);
+
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let kept = node_files_under(dir.path(), store_elsewhere());
+    assert_eq!(
+        kept,
+        [
+            (path(&input), 14, false),
+            (path(&raw), 10, true),
+            (path(&snapshot), 8, true),
+        ]
+    );
+    // None of them is cut back: the table does not have them.
+    let table = capture(&HashSet::new(), &mut Vec::new(), store_elsewhere()).table;
+    let tabled = table.map(|t| ClosedFiles::decode(&t).unwrap().files);
+    assert!(!tabled
+        .unwrap_or_default()
+        .iter()
+        .any(|f| f.path.starts_with(&path(dir.path()))));
+    // A file open for writing at the checkpoint is its fd's to save.
+    let open = HashSet::from([path(&raw)]);
+    let captured = capture(&open, &mut Vec::new(), store_elsewhere());
+    assert!(!captured.node_local.iter().any(|f| f.path == path(&raw)));
+    // One gone is forgotten; with the store on the same filesystem, none
+    // is the node's, and they are forgotten too.
+    fs::remove_file(&snapshot).unwrap();
+    assert_eq!(node_files_under(dir.path(), store_elsewhere()).len(), 2);
+    let here = Filesystem::of(dir.path()).ok();
+    assert_eq!(node_files_under(dir.path(), here), []);
+    assert_eq!(node_files_under(dir.path(), store_elsewhere()), []);
+    forget_all();
+}
+
+#[test]
+fn files_of_the_system_and_the_oldest_past_the_limit_are_not_kept() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    // A binding notes paths as they open; the system's are left out.
+    note_node_file("/etc/hostname".into(), false);
+    note_node_file("relative.dat".into(), true);
+    let total = node_files::MAX_NODE_FILES + 3;
+    let file = |n: usize| dir.path().join(format!("f{n:03}"));
+    for n in 0..total {
+        fs::write(file(n), b"x").unwrap();
+    }
+    let _ = close::drain_node();
+    for n in 0..total {
+        note_node_file(file(n).to_str().unwrap().to_owned(), true);
+    }
+    let mut warnings = Vec::new();
+    let captured = capture(&HashSet::new(), &mut warnings, store_elsewhere());
+    let names: Vec<&str> = (captured.node_local.iter())
+        .map(|file| file.path.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(names.len(), node_files::MAX_NODE_FILES, "{names:?}");
+    assert_eq!(names.first(), Some(&"f003"));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("3 files of this node read or written and closed")),
+        "{warnings:?}"
+    );
+    forget_all();
 }
