@@ -79,6 +79,9 @@ int main(int argc, char **argv) {
     /* An empty share (a rank that owns no particles): nothing to save, but
      * registered like any other buffer, on every run. */
     if ((rc = cryo_protect("empty", NULL, 0)) != CRYO_OK) die("cryo_protect empty", rc);
+    void *nothing = NULL;
+    if ((rc = cryo_region("nothing", 0, &nothing)) != CRYO_OK) die("cryo_region nothing", rc);
+    if (!nothing) die("cryo_region nothing: NULL", CRYO_ERR_REGION);
 
     uint64_t *header = state_ptr;
     uint64_t *data = (uint64_t *)((char *)state_ptr + HEADER);

@@ -84,7 +84,9 @@ int cryo_init_mpi_f(MPI_Fint comm);
 const char *cryo_mpi_flavour(void);
 
 /* An anonymous region of len bytes at a deterministic address, stored in
- * *out. On a restart, a region of the same name gets its saved contents. */
+ * *out. On a restart, a region of the same name gets its saved contents.
+ * len == 0 (a rank whose share is empty) registers the name with nothing
+ * to save and stores an aligned pointer, not NULL, that must not be read. */
 int cryo_region(const char *name, size_t len, void **out);
 
 /* A region backed by the file path from offset (a multiple of 4096);

@@ -240,6 +240,9 @@ impl Runtime {
                 source,
             }
         };
+        if len == 0 && matches!(backing, Backing::Anonymous) {
+            return self.empty_region(name);
+        }
         let (len, file, kind) = match backing {
             Backing::Anonymous => (len, None, RegionKind::Anonymous),
             Backing::File {
@@ -402,6 +405,35 @@ pub fn region(
     let mut guard = lock();
     let runtime = guard.as_mut().ok_or(RegionError::NotInitialized)?;
     runtime.region(name, len as u64, backing)
+}
+
+/// A page-aligned type, whose dangling pointer is an aligned address no
+/// mapping holds.
+#[repr(align(4096))]
+struct Page;
+
+impl Runtime {
+    /// An anonymous region of no bytes (a rank whose share is empty, a
+    /// NumPy shape with a 0): registered like an empty protected buffer,
+    /// so that its name is taken and a restart that finds it with another
+    /// length says so, and nothing mapped. Its pointer is aligned, not
+    /// NULL, and must not be read.
+    fn empty_region(&mut self, name: &str) -> Result<&'static mut [u8], RegionError> {
+        self.check_new(name)?;
+        let at = std::ptr::NonNull::<Page>::dangling().cast::<u8>();
+        // SAFETY: a non-null, aligned pointer and no bytes: an empty slice
+        // reads and writes nothing.
+        let empty = unsafe { std::slice::from_raw_parts_mut(at.as_ptr(), 0) };
+        let info = RegionInfo {
+            name: name.to_owned(),
+            addr: at.as_ptr() as u64,
+            len: 0,
+            kind: RegionKind::Protected,
+        };
+        self.fill(&info, &mut [])?;
+        self.push(info);
+        Ok(empty)
+    }
 }
 
 /// Registers an application-owned buffer. On a restart its saved contents

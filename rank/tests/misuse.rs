@@ -22,6 +22,16 @@ fn read_only_buffers_and_impossible_sizes_are_refused_by_name() {
         assert!(err.to_string().contains("does not fit"), "{err}");
     }
 
+    // An empty region (a rank whose share is empty) is registered with
+    // nothing to save: its pointer is aligned and not NULL, and its name
+    // is taken.
+    let empty = cryo_rank::region("empty", 0, cryo_rank::Backing::Anonymous).unwrap();
+    assert!(empty.is_empty());
+    assert_eq!(empty.as_ptr() as usize % 4096, 0);
+    assert_ne!(empty.as_ptr() as usize, 0);
+    let again = cryo_rank::region("empty", 0, cryo_rank::Backing::Anonymous).unwrap_err();
+    assert!(again.to_string().contains("\"empty\""), "{again}");
+
     // A constant table lives in read-only memory.
     // SAFETY: the runtime only reads the bytes before it refuses them.
     let err =

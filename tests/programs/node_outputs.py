@@ -29,6 +29,9 @@ def main(iters, step_ms, params):
     cryo.init_mpi(comm)
     state = cryo.region("state", 1, np.int64)
     vector = cryo.region("vector", 64, np.float64)
+    # A share that is empty on every rank: registered, nothing to save.
+    empty = cryo.region("empty", (0, 3), np.float64)
+    assert empty.shape == (0, 3)
     log = f"prog.{rank}.log"
     if cryo.restored_epoch() == 0:
         open(log, "w").close()
