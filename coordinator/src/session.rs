@@ -457,23 +457,24 @@ fn drive(
             // node failure): the job finished only if every rank did.
             let unfinished = status.success().then(|| {
                 await_word(c, rx, |c| c.unfinalized().is_empty());
-                c.unfinalized()
+                let unfinished = c.unfinalized();
+                let lost = c.lost_nodes_of(&unfinished).join(", ");
+                (unfinished, lost)
             });
             match unfinished {
-                Some(unfinished) if unfinished.is_empty() => {
+                Some((unfinished, _)) if unfinished.is_empty() => {
                     Registry::of(&c.job).set_finished(true);
                     cryo_core::say!("cryo: job {} finished ({status})", c.opts.job);
                 }
                 // Not marked finished: a restart resumes it.
-                Some(unfinished) if !c.lost_nodes_of(&unfinished).is_empty() => cryo_core::say!(
+                Some((unfinished, lost)) if !lost.is_empty() => cryo_core::say!(
                     "cryo: WARNING: job {} ended with its launcher's {status}, but the agents of \
-                     node(s) {} were lost before {} finished, so their ends were not seen; it is \
-                     not marked finished, so a restart resumes it from its newest checkpoint",
+                     node(s) {lost} were lost before {} finished, so their ends were not seen; it \
+                     is not marked finished, so a restart resumes it from its newest checkpoint",
                     c.opts.job,
-                    c.lost_nodes_of(&unfinished).join(", "),
                     crate::human::ranks(&unfinished)
                 ),
-                Some(unfinished) => cryo_core::say!(
+                Some((unfinished, _)) => cryo_core::say!(
                     "cryo: WARNING: job {} ended with its launcher's {status}, but {} did not \
                      finish (no cryo_finalize, no exit: a node failure, a kill, or _exit); it \
                      is not marked finished, so a restart resumes it from its newest checkpoint",

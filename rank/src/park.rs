@@ -262,7 +262,7 @@ pub(crate) fn refuse(epoch: u64, reason: String) -> Result<SafePoint, Checkpoint
 }
 
 /// Writes out what the application buffers: its `cryo_at_checkpoint`
-/// hooks, then stdio's streams and gfortran's units.
+/// hooks (once per epoch), then stdio's streams and gfortran's units.
 pub(crate) fn flush_output(rank: u32, epoch: u64) {
     crate::flush_hooks::run(rank, epoch);
     held::flush_streams();
@@ -281,8 +281,9 @@ fn park_epoch(
         epoch,
         source,
     };
-    // Flushed at the target already (MPI mode); what was written since,
-    // by a hook or another thread, is flushed now.
+    // Flushed at the target already (MPI mode); what stdio or Fortran
+    // took since, from a hook or another thread, is flushed now (the hooks
+    // do not run twice).
     flush_output(rank, epoch);
     let runtime_fds: Vec<RawFd> = [conn.sock.as_raw_fd(), conn.memfd.as_raw_fd()]
         .into_iter()

@@ -26,6 +26,7 @@ pub mod counter;
 pub mod heat2d;
 pub mod netns;
 pub mod node_tmpfs;
+pub mod preempted;
 pub mod recovery;
 pub mod slurm_jobs;
 pub mod state;
