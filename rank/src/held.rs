@@ -57,6 +57,8 @@ pub(crate) struct Baseline {
     mappings: HashSet<(u64, u64, u64)>,
     /// The MPI library's session directories.
     library_dirs: crate::library_dirs::LibraryDirs,
+    /// The TCP ports the MPI library listens on (`library_sockets`).
+    pub(crate) ports: crate::library_sockets::LibraryPorts,
 }
 
 fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
@@ -94,12 +96,20 @@ impl Baseline {
             fds,
             mappings,
             library_dirs: crate::library_dirs::LibraryDirs::from_env(),
+            ports: Default::default(),
         }
+    }
+
+    /// The TCP ports the fds open at `cryo_init` listen on.
+    pub(crate) fn listening_ports(&self) -> Vec<u16> {
+        crate::library_sockets::LibraryPorts::listening(self.fds.keys().copied())
     }
 
     /// The fds open at `cryo_init` that still refer to the same file, but
     /// for a standard stream the program sent elsewhere before `cryo_init`
-    /// (`freopen` after `MPI_Init`): that one is its own output.
+    /// (`freopen` after `MPI_Init`): that one is its own output. And the
+    /// MPI library's connections to other ranks made since
+    /// (`library_sockets`).
     pub(crate) fn library_fds(&self, runtime: &[RawFd]) -> Vec<RawFd> {
         let mut out: Vec<RawFd> = self
             .fds
@@ -108,6 +118,10 @@ impl Baseline {
             .filter(|(fd, id)| !crate::std_streams::redirected_since_start(**fd, **id))
             .map(|(fd, _)| *fd)
             .collect();
+        let since: Vec<RawFd> = (open_fds().into_iter())
+            .filter(|fd| !runtime.contains(fd) && !out.contains(fd))
+            .collect();
+        out.extend(self.ports.connections(&since));
         out.sort_unstable();
         out
     }

@@ -32,6 +32,7 @@ pub mod flush_hooks;
 mod gfortran;
 mod held;
 mod library_dirs;
+mod library_sockets;
 mod mappings;
 mod offers;
 mod park;

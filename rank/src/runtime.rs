@@ -521,7 +521,20 @@ pub(crate) fn init_with_peers(
     }
     let rank = config.rank;
     // Before anything of the runtime's or of a restore is opened or mapped.
-    let baseline = Baseline::take();
+    let mut baseline = Baseline::take();
+    // Every rank exchanges the MPI library's listening ports first, before
+    // anything that may fail on one rank alone.
+    let listening = baseline.listening_ports();
+    let words: Vec<u64> = listening.iter().map(|&port| u64::from(port)).collect();
+    let job_ports = match peers.exchange(&words) {
+        Ok(all) => all.into_iter().flatten(),
+        Err(err) => {
+            tracing::warn!(rank, error = %err, "init.ports_not_exchanged");
+            vec![words].into_iter().flatten()
+        }
+    };
+    let job_ports = job_ports.filter_map(|word| u16::try_from(word).ok());
+    baseline.ports = crate::library_sockets::LibraryPorts::new(&listening, job_ports);
     reserve(config.region_base, config.region_reserve)?;
     let (conn, start, node) = match &config.socket {
         Some(path) => {
