@@ -8,11 +8,11 @@
  * "scale N"), opening it with fopen(.., "r") and closing it again; adds
  * step * scale to its sum and combines the sums with MPI_Allreduce; writes
  * latest-RANK.dat from the start with open(O_TRUNC), write and close(2);
- * and every 5 steps writes snap-RANK-STEP.dat with fopen(.., "w") and
- * fclose. It logs each step to prog-RANK.log (held open, O_APPEND). At its
- * last step it reads back every snapshot and latest-RANK.dat and logs
- * what they hold, so the log tells whether each was there, whole, after a
- * restart on another node.
+ * and every 5 steps writes snap-RANK.tmp with fopen(.., "w") and fclose
+ * and renames it snap-RANK-STEP.dat. It logs each step to prog-RANK.log
+ * (held open, O_APPEND). At its last step it reads back every snapshot
+ * and latest-RANK.dat and logs what they hold, so the log tells whether
+ * each was there, whole, after a restart on another node.
  */
 #include <fcntl.h>
 #include <mpi.h>
@@ -96,13 +96,16 @@ int main(int argc, char **argv) {
                                   st->sum) < 0 || close(latest) != 0)
             fail(name);
         if (st->step % 5 == 0) {
+            /* Written under a temporary name, then renamed into place. */
+            char temporary[64];
+            snprintf(temporary, sizeof temporary, "snap-%d.tmp", rank);
             snprintf(name, sizeof name, "snap-%d-%04llu.dat", rank,
                      (unsigned long long)st->step);
-            FILE *snap = fopen(name, "w");
-            if (!snap) fail(name);
+            FILE *snap = fopen(temporary, "w");
+            if (!snap) fail(temporary);
             fprintf(snap, "snapshot of step %llu sum %.17g\n", (unsigned long long)st->step,
                     st->sum);
-            if (fclose(snap) != 0) fail(name);
+            if (fclose(snap) != 0 || rename(temporary, name) != 0) fail(name);
         }
         dprintf(st->log_fd, "step %llu scale %ld sum %.17g\n", (unsigned long long)st->step,
                 scale, st->sum);

@@ -219,6 +219,20 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { next(fd) }
 }
 
+/// Whether a file of the node was noted at `path` since the last drain,
+/// and whether it was written then.
+pub(crate) fn noted_node(path: &[u8]) -> Option<bool> {
+    (0..SLOTS).find_map(|i| {
+        if OF_NODE.state[i].load(Ordering::Acquire) != FULL {
+            return None;
+        }
+        // SAFETY: read only while FULL; a stale match only carries a note
+        // the table may have already.
+        let same = unsafe { OF_NODE.path(i) } == path;
+        same.then(|| OF_NODE.written[i].load(Ordering::Relaxed))
+    })
+}
+
 /// The paths of files open for appending noted since the last drain with
 /// their sizes at their latest close, and how many notes were dropped.
 /// Called under the table's lock: one drainer at a time.

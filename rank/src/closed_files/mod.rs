@@ -31,6 +31,7 @@
 mod close;
 mod fclose;
 mod node_files;
+mod rename;
 mod settle;
 
 use std::collections::{HashMap, HashSet};

@@ -61,8 +61,13 @@ fn table() -> MutexGuard<'static, Option<Table>> {
 
 /// While the process starts: the store's device, so that `close` (which
 /// cannot read the environment safely) leaves the store's files alone.
+/// Read here without `held::store_filesystem`'s cache, which must not
+/// keep what the environment said this early.
 pub(super) fn learn_store() {
-    if let Some(store) = crate::held::store_filesystem() {
+    let Some(store) = std::env::var_os(cryo_core::env::ENV_STORE) else {
+        return;
+    };
+    if let Ok(store) = Filesystem::of(std::path::Path::new(&store)) {
         STORE_DEV.store(store.dev, Ordering::Relaxed);
     }
 }
@@ -122,8 +127,28 @@ pub(crate) fn note(path: String, written: bool) {
     if is_system(path.as_bytes()) || !super::is_owner() {
         return;
     }
-    let mut guard = table();
+    note_in(table().get_or_insert_with(Table::default), path, written);
+}
+
+/// After the file at `old` was renamed `new` (`rename.rs`): a file noted
+/// at `old` (in the table, or closed with `close` since the last
+/// checkpoint) is noted at `new`. Never waits for the table's lock.
+pub(super) fn renamed(old: &str, new: &str) {
+    if is_system(new.as_bytes()) || !super::is_owner() {
+        return;
+    }
+    let Ok(mut guard) = TABLE.try_lock() else {
+        return;
+    };
     let table = guard.get_or_insert_with(Table::default);
+    let noted = (table.files.remove(old).map(|noted| noted.written))
+        .or_else(|| super::close::noted_node(old.as_bytes()));
+    if let Some(written) = noted {
+        note_in(table, new.to_owned(), written);
+    }
+}
+
+fn note_in(table: &mut Table, path: String, written: bool) {
     table.closes += 1;
     let closes = table.closes;
     let noted = table.files.entry(path).or_insert(Noted {

@@ -614,3 +614,49 @@ fn files_of_the_system_and_the_oldest_past_the_limit_are_not_kept() {
     );
     forget_all();
 }
+
+#[test]
+fn a_file_of_the_node_renamed_after_its_close_is_kept_at_its_new_name() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let c_path = |name: &str| std::ffi::CString::new(path(name)).unwrap();
+    // Written and closed with close(2) under a temporary name, renamed
+    // into place before the checkpoint drains the close.
+    fs::write(path("out.tmp"), b"output").unwrap();
+    let (from, to) = (c_path("out.tmp"), c_path("out.dat"));
+    // SAFETY: two NUL-terminated paths.
+    let renamed = unsafe { rename::rename(from.as_ptr(), to.as_ptr()) };
+    assert_eq!(renamed, 0);
+    // Noted from an fclose, then renamed through renameat with a relative
+    // name in a directory fd.
+    let file = fs::File::create(path("snap.tmp")).unwrap();
+    (&file).write_all(b"snapshot").unwrap();
+    let closed = closing(file.as_raw_fd(), true).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
+    // SAFETY: the fd was just taken from its File.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    closed.done();
+    let dir_fd = fs::File::open(dir.path()).unwrap();
+    // SAFETY: two NUL-terminated paths and an open directory fd.
+    let renamed = unsafe {
+        rename::renameat(
+            dir_fd.as_raw_fd(),
+            c"snap.tmp".as_ptr(),
+            dir_fd.as_raw_fd(),
+            c"snap.dat".as_ptr(),
+        )
+    };
+    assert_eq!(renamed, 0);
+    // A rename that fails carries nothing.
+    let (missing, other) = (c_path("missing"), c_path("x"));
+    // SAFETY: as above.
+    let failed = unsafe { rename::rename(missing.as_ptr(), other.as_ptr()) };
+    assert_eq!(failed, -1);
+    assert_eq!(
+        node_files_under(dir.path(), store_elsewhere()),
+        [(path("out.dat"), 6, true), (path("snap.dat"), 8, true)]
+    );
+    forget_all();
+}
