@@ -24,19 +24,24 @@
 //!
 //! A failure that is only a consequence (a rank held at its safe point by
 //! one that never reached its own) does not abort at once: the epoch waits
-//! up to [`CAUSE_WAIT`] for the cause, which the agent of the rank that
-//! never reached a safe point reports at about the same deadline, so that
-//! the user is told which rank to look at.
+//! for the cause, which the agent of the rank that never reached a safe
+//! point reports at about the same deadline, so that the user is told which
+//! rank to look at. It waits until every rank is copied or on a node that
+//! has reported a failure (no cause can come any more), and at most
+//! [`CAUSE_WAIT`]: agents' park deadlines differ by when each got the
+//! request, and on a busy node an agent starved by its ranks reports
+//! seconds late.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use cryo_core::protocol::{AbortReason, Stage};
 
-/// How long a consequence waits for its cause before it aborts the epoch
-/// itself. Agents' park deadlines differ by when each got the request, and
-/// an agent starved by its ranks reports late.
-pub const CAUSE_WAIT: Duration = Duration::from_secs(2);
+/// How long a consequence waits at most for its cause before it aborts the
+/// epoch itself, while some rank is neither copied nor on a node that has
+/// reported (an agent that stopped answering; the deadline or the loss of
+/// its connection usually comes first).
+pub const CAUSE_WAIT: Duration = Duration::from_secs(30);
 
 /// Phase of an epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,9 +103,13 @@ pub struct Epoch {
     pub durable: BTreeMap<u32, u64>,
     /// When the last rank resumed (the job-visible pause ends).
     pub all_copied_at: Option<Instant>,
-    /// A consequence reported, held until its cause arrives or the time
-    /// given.
+    /// A consequence reported, held until its cause arrives, every rank is
+    /// accounted for, or the time given.
     held: Option<(AbortReason, Instant)>,
+    /// The node of each rank, as far as known ([`Epoch::placed`]).
+    nodes: BTreeMap<u32, String>,
+    /// Nodes whose agent reported a failure of this epoch.
+    failed_nodes: BTreeSet<String>,
 }
 
 impl Epoch {
@@ -116,7 +125,17 @@ impl Epoch {
             durable: BTreeMap::new(),
             all_copied_at: None,
             held: None,
+            nodes: BTreeMap::new(),
+            failed_nodes: BTreeSet::new(),
         }
+    }
+
+    /// This epoch with the node of each rank: a consequence is then
+    /// reported as soon as no cause can come any more.
+    #[must_use]
+    pub fn placed(mut self, nodes: impl IntoIterator<Item = (u32, String)>) -> Epoch {
+        self.nodes.extend(nodes);
+        self
     }
 
     /// Whether the epoch is over (committed or aborted).
@@ -152,6 +171,9 @@ impl Epoch {
                 });
             }
             Event::Failed(reason) if reason.is_consequence() => {
+                if let Some(node) = reason.node() {
+                    self.failed_nodes.insert(node.to_owned());
+                }
                 if self.held.is_none() {
                     self.held = Some((reason, now + CAUSE_WAIT));
                 }
@@ -159,6 +181,7 @@ impl Epoch {
             Event::Failed(reason) => self.abort(reason),
             Event::AgentLost { node } => self.abort(AbortReason::AgentLost { node }),
         }
+        self.release_held(now);
         self.advance(now);
         &self.phase
     }
@@ -166,12 +189,8 @@ impl Epoch {
     /// Checks the deadline (which a commit under way no longer has), and
     /// whether a held consequence waited long enough for its cause.
     pub fn tick(&mut self, now: Instant) -> &Phase {
+        self.release_held(now);
         let waiting = matches!(self.phase, Phase::Quiescing | Phase::Draining);
-        if waiting && self.held.as_ref().is_some_and(|(_, until)| now >= *until) {
-            if let Some((reason, _)) = self.held.take() {
-                self.abort(reason);
-            }
-        }
         if waiting && now >= self.deadline {
             let stage = match self.phase {
                 Phase::Quiescing => Stage::Copied,
@@ -184,6 +203,27 @@ impl Epoch {
             });
         }
         &self.phase
+    }
+
+    /// Aborts with the held consequence once its cause can no longer come
+    /// or its time is up.
+    fn release_held(&mut self, now: Instant) {
+        let waiting = matches!(self.phase, Phase::Quiescing | Phase::Draining);
+        let over = |(_, until): &(AbortReason, Instant)| now >= *until || self.no_cause_to_come();
+        if waiting && self.held.as_ref().is_some_and(over) {
+            if let Some((reason, _)) = self.held.take() {
+                self.abort(reason);
+            }
+        }
+    }
+
+    /// Whether every rank is copied or on a node that reported a failure:
+    /// whatever held a rank at its safe point has been said, if anything.
+    fn no_cause_to_come(&self) -> bool {
+        (0..self.world_size).all(|rank| {
+            self.copied.contains_key(&rank)
+                || (self.nodes.get(&rank)).is_some_and(|node| self.failed_nodes.contains(node))
+        })
     }
 
     fn advance(&mut self, now: Instant) {
@@ -357,25 +397,50 @@ mod tests {
         .on_node(node)
     }
 
+    /// Ranks 0 and 1 on node a, rank 2 on node b.
+    fn placed() -> (Epoch, Instant) {
+        let (e, now) = epoch();
+        let nodes = [(0, "a"), (1, "a"), (2, "b")].map(|(r, n)| (r, n.to_owned()));
+        (e.placed(nodes), now)
+    }
+
     #[test]
-    fn a_held_rank_waits_for_the_cause_from_another_node() {
-        let (mut e, now) = epoch();
+    fn a_held_rank_waits_for_the_cause_while_its_node_has_not_reported() {
+        let (mut e, now) = placed();
         e.apply(Event::Failed(held(0, "a")), now);
         e.apply(Event::Failed(held(1, "a")), now);
-        e.tick(now + CAUSE_WAIT / 2);
-        assert_eq!(e.phase, Phase::Quiescing, "the cause may still come");
+        // An agent starved by its ranks reports seconds after the other.
+        e.tick(now + Duration::from_secs(5));
+        assert_eq!(e.phase, Phase::Quiescing, "node b has not reported");
         let cause = AbortReason::ParkTimeout {
             rank: 2,
             waited_ms: 8000,
         }
         .on_node("b");
-        e.apply(Event::Failed(cause.clone()), now + CAUSE_WAIT / 2);
+        e.apply(Event::Failed(cause.clone()), now + Duration::from_secs(6));
         assert_eq!(e.phase, Phase::Aborted(cause));
     }
 
     #[test]
+    fn a_held_rank_is_the_reason_at_once_when_every_node_has_reported() {
+        let (mut e, now) = placed();
+        e.apply(Event::Failed(held(1, "a")), now);
+        assert_eq!(e.phase, Phase::Quiescing);
+        e.apply(Event::Failed(held(2, "b")), now);
+        assert_eq!(e.phase, Phase::Aborted(held(1, "a")), "the first one held");
+        // Copied ranks cannot be the cause either.
+        let (mut e, now) = placed();
+        e.apply(Event::Copied { rank: 2, bytes: 1 }, now);
+        e.apply(Event::Failed(held(0, "a")), now);
+        assert_eq!(e.phase, Phase::Aborted(held(0, "a")));
+    }
+
+    #[test]
     fn a_held_rank_is_the_reason_when_no_cause_comes() {
-        let (mut e, now) = epoch();
+        // Rank 2's node is not known: only the time ends the wait.
+        let now = Instant::now();
+        let nodes = [(0, "b".to_owned()), (1, "a".to_owned())];
+        let mut e = Epoch::new(7, 3, CAUSE_WAIT * 2, now).placed(nodes);
         e.apply(Event::Failed(held(1, "a")), now);
         e.apply(Event::Failed(held(0, "b")), now);
         e.tick(now + CAUSE_WAIT - Duration::from_millis(1));

@@ -281,12 +281,17 @@ impl Coordinator {
         self.last_attempted = epoch;
         self.max_pause_us = 0;
         self.last_parked = None;
-        self.epoch = Some(Epoch::new(
-            epoch,
-            self.opts.ranks,
-            self.opts.checkpoint_timeout,
-            Instant::now(),
-        ));
+        let placement = (self.agents.iter())
+            .flat_map(|(node, agent)| agent.ranks.iter().map(|rank| (*rank, node.clone())));
+        self.epoch = Some(
+            Epoch::new(
+                epoch,
+                self.opts.ranks,
+                self.opts.checkpoint_timeout,
+                Instant::now(),
+            )
+            .placed(placement),
+        );
         tracing::info!(job = %self.opts.job, epoch, why, "checkpoint.requested");
         cryo_core::say!("cryo: checkpoint of epoch {epoch} requested ({why})");
         let park_timeout_ms = u64::try_from(self.opts.park_timeout.as_millis()).unwrap_or(u64::MAX);
