@@ -43,18 +43,54 @@ struct ChildProcess {
 /// adopted as their subreaper.
 fn children() -> Vec<ChildProcess> {
     let me = std::process::id();
-    cryo_core::proc_stat::every_process()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, stat)| stat.ppid == me)
-        .filter_map(|(pid, stat)| {
-            Some(ChildProcess {
-                pid: i32::try_from(pid).ok()?,
-                zombie: stat.exited(),
-                name: stat.comm,
-            })
+    let described = |pid: u32, stat: cryo_core::proc_stat::ProcStat| {
+        Some(ChildProcess {
+            pid: i32::try_from(pid).ok()?,
+            zombie: stat.exited(),
+            name: stat.comm,
         })
-        .collect()
+    };
+    match children_of_threads() {
+        // Read again: a pid listed a moment ago may have been reaped, and
+        // taken by a process that is not ours.
+        Some(pids) => (pids.into_iter())
+            .filter_map(|pid| Some((pid, cryo_core::proc_stat::read(pid)?)))
+            .filter(|(_, stat)| stat.ppid == me)
+            .filter_map(|(pid, stat)| described(pid, stat))
+            .collect(),
+        None => (cryo_core::proc_stat::every_process().unwrap_or_default())
+            .into_iter()
+            .filter(|(_, stat)| stat.ppid == me)
+            .filter_map(|(pid, stat)| described(pid, stat))
+            .collect(),
+    }
+}
+
+/// The children of this process's threads, from each thread's
+/// `/proc/self/task/<tid>/children`: a few small reads, where scanning
+/// `/proc` reads every process's `stat` on a busy node. `None` where the
+/// kernel has no such file (`CONFIG_PROC_CHILDREN` off).
+fn children_of_threads() -> Option<Vec<u32>> {
+    let mut pids = BTreeSet::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let listed = std::fs::read_to_string(task.path().join("children"));
+        match listed {
+            Ok(listed) => pids.extend(
+                listed
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            ),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                // Without the file for the first thread, the kernel has
+                // none; a thread that ended meanwhile has none either.
+                if task.file_name() == std::process::id().to_string().as_str() {
+                    return None;
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    Some(pids.into_iter().collect())
 }
 
 /// Stops every process still below this one, to be called once the
@@ -150,6 +186,20 @@ mod tests {
             describe(&stopped),
             "hydra_pmi_proxy (pid 7), app (pid 8), app (pid 9), app (pid 10) and 3 more"
         );
+    }
+
+    /// The threads' lists of children name a child started by any thread,
+    /// as a scan of `/proc` does.
+    #[test]
+    fn the_threads_lists_name_the_children() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let listed = thread::spawn(children_of_threads).join().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        if let Some(listed) = listed {
+            assert!(listed.contains(&pid), "{listed:?} lacks {pid}");
+        }
     }
 
     /// A shell that starts a sleeper in the background and exits leaves
