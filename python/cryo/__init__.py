@@ -153,6 +153,7 @@ def init_mpi(comm=None):
         table,
         lambda path: lib.cryo_note_appended(os.fsencode(path)),
         lambda path, written: lib.cryo_note_node_file(os.fsencode(path), int(written)),
+        lambda old, new: lib.cryo_note_renamed(os.fsencode(old), os.fsencode(new)),
     )
     if restored_epoch():
         for line in appended.cut_back(comm):

@@ -31,7 +31,7 @@ class Appended:
     """The files opened for appending since ``init_mpi``, and their table
     in the region ``table`` (a NumPy ``uint8`` array)."""
 
-    def __init__(self, table, note=None, note_other=None):
+    def __init__(self, table, note=None, note_other=None, note_renamed=None):
         self.table = table
         self.paths = {}  # absolute path -> None, in the order first seen
         # Tells the runtime of each open (cryo_note_appended), which then
@@ -41,10 +41,17 @@ class Appended:
         # Tells it of each other open, with whether it writes
         # (cryo_note_node_file).
         self.note_other = note_other
+        # Tells it of each rename (os.rename, os.replace), before it is
+        # made: a file written under a temporary name and renamed into
+        # place is saved under its final name (cryo_note_renamed).
+        self.note_renamed = note_renamed
 
     def audit(self, event, args):
         """``sys.addaudithook`` hook: notes opens with ``O_APPEND``, and
-        tells the runtime of the others."""
+        tells the runtime of the others and of renames."""
+        if event == "os.rename":
+            self._renaming(args)
+            return
         if event != "open":
             return
         try:
@@ -61,6 +68,23 @@ class Appended:
             self.paths[path] = None
             if self.note is not None:
                 self.note(path)
+        except Exception:  # noqa: BLE001: an audit hook must never raise
+            pass
+
+    def _renaming(self, args):
+        """The ``os.rename`` audit event (``os.rename``, ``os.replace``):
+        its paths, relative to their directory fds when given."""
+        try:
+            src, dst, src_dir_fd, dst_dir_fd = args
+            old, new = _absolute(src, src_dir_fd), _absolute(dst, dst_dir_fd)
+            if old in self.paths:
+                # A log appended to and renamed (rotated): its new name is
+                # cut back at a restart too.
+                self.paths[new] = None
+                if self.note is not None:
+                    self.note(new)
+            if self.note_renamed is not None:
+                self.note_renamed(old, new)
         except Exception:  # noqa: BLE001: an audit hook must never raise
             pass
 
@@ -143,6 +167,15 @@ class Appended:
         return said
 
 
+def _absolute(path, dir_fd):
+    """``path`` (relative to the directory fd ``dir_fd``, or to the working
+    directory when it is -1 or None) as an absolute path."""
+    path = os.fsdecode(path)
+    if dir_fd is None or dir_fd < 0 or os.path.isabs(path):
+        return os.path.abspath(path)
+    return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+
+
 def _flags_of(mode):
     """The ``os.open`` flags that matter here of an ``open`` mode."""
     mode = mode if isinstance(mode, str) else "r"
@@ -153,10 +186,11 @@ def _flags_of(mode):
     return os.O_RDONLY
 
 
-def install(table, note=None, note_other=None):
-    """Starts watching opens for appending, telling ``note`` of each, and
-    ``note_other`` of every other open (path, whether it writes). Audit
-    hooks cannot be removed, so one is installed per process."""
-    appended = Appended(table, note, note_other)
+def install(table, note=None, note_other=None, note_renamed=None):
+    """Starts watching opens for appending, telling ``note`` of each,
+    ``note_other`` of every other open (path, whether it writes) and
+    ``note_renamed`` of every rename (old path, new path). Audit hooks
+    cannot be removed, so one is installed per process."""
+    appended = Appended(table, note, note_other, note_renamed)
     sys.addaudithook(appended.audit)
     return appended

@@ -100,6 +100,7 @@ def _declare(lib, path):
         "cryo_at_checkpoint": ([FLUSH_HOOK, c_void_p], c_int),
         "cryo_note_appended": ([ctypes.c_char_p], c_int),
         "cryo_note_node_file": ([ctypes.c_char_p, c_int], c_int),
+        "cryo_note_renamed": ([ctypes.c_char_p, ctypes.c_char_p], c_int),
     }
     for function, (argtypes, restype) in signatures.items():
         try:

@@ -161,6 +161,15 @@ int cryo_note_appended(const char *path);
  * are ignored. The Python package calls it for each other file opened. */
 int cryo_note_node_file(const char *path, int written);
 
+/* For language bindings: the file at from (absolute) is about to be
+ * renamed to (absolute) through calls the runtime does not see. A file
+ * noted with cryo_note_node_file at from is noted at to as well (a
+ * checkpoint forgets the name that is gone), so output written under a
+ * temporary name and renamed into place is saved under its final name. The runtime's own rename and
+ * renameat do this for C, C++ and Fortran. The Python package calls it for
+ * os.rename and os.replace. */
+int cryo_note_renamed(const char *from, const char *to);
+
 /* Says goodbye to the agent; regions stay mapped. */
 int cryo_finalize(void);
 

@@ -481,6 +481,40 @@ pub unsafe extern "C" fn cryo_note_node_file(path: *const c_char, written: c_int
     })
 }
 
+/// Tells the runtime that the file at `old` is about to be renamed `new`
+/// (both absolute), through calls it does not see (Python's `os.replace`):
+/// a file of the node noted at `old` is noted at `new` too, so a file
+/// written under a temporary name and renamed into place is saved under
+/// the name it has at the checkpoint. A relative path:
+/// `CRYO_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `old` and `new` are NULL or point to NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_note_renamed(old: *const c_char, new: *const c_char) -> c_int {
+    guard(|| {
+        // SAFETY: forwarded caller contract.
+        let old = match unsafe { c_str(old, "cryo_note_renamed: old") } {
+            Ok(path) => path,
+            Err(code) => return code,
+        };
+        // SAFETY: forwarded caller contract.
+        let new = match unsafe { c_str(new, "cryo_note_renamed: new") } {
+            Ok(path) => path,
+            Err(code) => return code,
+        };
+        if let Some(relative) = [old, new].into_iter().find(|path| !path.starts_with('/')) {
+            return set_error(
+                CRYO_ERR_INVALID_ARGUMENT,
+                format!("cryo_note_renamed: {relative:?} is not an absolute path"),
+            );
+        }
+        crate::closed_files::note_node_file_renaming(old, new);
+        CRYO_OK
+    })
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety
@@ -548,6 +582,34 @@ mod tests {
         // SAFETY: the call terminated the text within `buf`.
         let cut = unsafe { CStr::from_ptr(buf.as_ptr()) };
         assert_eq!(cut.to_str().unwrap(), "no");
+    }
+
+    /// A binding's notes of files take absolute paths: a relative one or
+    /// NULL is refused by name, with the code for a bad argument.
+    #[test]
+    fn notes_of_files_refuse_relative_paths_by_name() {
+        let last = |code| {
+            // SAFETY: plain call.
+            let text = unsafe { CStr::from_ptr(cryo_strerror(code)) };
+            text.to_string_lossy().into_owned()
+        };
+        let bad = CRYO_ERR_INVALID_ARGUMENT;
+        // SAFETY: NUL-terminated strings, and NULL, which the call refuses.
+        unsafe {
+            assert_eq!(
+                cryo_note_renamed(c"out.tmp".as_ptr(), c"/x/o".as_ptr()),
+                bad
+            );
+            assert!(last(bad).contains("\"out.tmp\" is not an absolute path"));
+            assert_eq!(cryo_note_renamed(c"/x/a".as_ptr(), std::ptr::null()), bad);
+            assert!(last(bad).contains("cryo_note_renamed: new is NULL"));
+            assert_eq!(cryo_note_node_file(c"rel".as_ptr(), 1), bad);
+            assert!(last(bad).contains("\"rel\" is not an absolute path"));
+            assert_eq!(
+                cryo_note_renamed(c"/x/a".as_ptr(), c"/x/b".as_ptr()),
+                CRYO_OK
+            );
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn fd_identity(fd: RawFd) -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
-fn open_fds() -> Vec<RawFd> {
+pub(crate) fn open_fds() -> Vec<RawFd> {
     let mut out: Vec<RawFd> = fs::read_dir("/proc/self/fd")
         .into_iter()
         .flatten()
@@ -109,8 +109,8 @@ impl Baseline {
     /// for a standard stream the program sent elsewhere before `cryo_init`
     /// (`freopen` after `MPI_Init`): that one is its own output. And the
     /// MPI library's connections to other ranks made since
-    /// (`library_sockets`).
-    pub(crate) fn library_fds(&self, runtime: &[RawFd]) -> Vec<RawFd> {
+    /// (`library_sockets`), among `open` (the fds open now).
+    pub(crate) fn library_fds(&self, runtime: &[RawFd], open: &[RawFd]) -> Vec<RawFd> {
         let mut out: Vec<RawFd> = self
             .fds
             .iter()
@@ -118,7 +118,7 @@ impl Baseline {
             .filter(|(fd, id)| !crate::std_streams::redirected_since_start(**fd, **id))
             .map(|(fd, _)| *fd)
             .collect();
-        let since: Vec<RawFd> = (open_fds().into_iter())
+        let since: Vec<RawFd> = (open.iter().copied())
             .filter(|fd| !runtime.contains(fd) && !out.contains(fd))
             .collect();
         out.extend(self.ports.connections(&since));
@@ -377,7 +377,7 @@ pub(crate) struct Caps {
 /// for writing in place as regions, with the files open, written and
 /// closed, or mapped on a filesystem of the node that a restart elsewhere
 /// would not find (`store`: the store's filesystem, see
-/// [`store_filesystem`]). The runtime's fds are never saved, nor
+/// [`store_filesystem`]), of the fds `open` now. The runtime's fds are never saved, nor
 /// the standard streams and the unlinked files that were open at
 /// `cryo_init` (`library`: the launcher's and the MPI library's); regular
 /// files open since then are the application's. Refuses (with the rank, fd,
@@ -386,7 +386,7 @@ pub(crate) struct Caps {
 pub(crate) fn gather(
     rank: u32,
     baseline: &Baseline,
-    [runtime, library]: [&[RawFd]; 2],
+    [open, runtime, library]: [&[RawFd]; 3],
     reservation: (u64, u64),
     caps: Caps,
     store: Option<Filesystem>,
@@ -398,7 +398,7 @@ pub(crate) fn gather(
     let mut seen = HashSet::new();
     let (mut unlinked, mut writable) = (0u64, 0u64);
     let mut writing = HashSet::new();
-    for fd in open_fds() {
+    for &fd in open {
         if runtime.contains(&fd) || (library.contains(&fd) && (0..=2).contains(&fd)) {
             continue;
         }

@@ -107,7 +107,15 @@ fn node_local_files_read_or_mapped_are_saved_whole() {
             unlinked: 1 << 30,
             writable,
         };
-        gather(0, &Baseline::default(), [&[], &[]], (0, 0), caps, store).unwrap()
+        gather(
+            0,
+            &Baseline::default(),
+            [&open_fds(), &[], &[]],
+            (0, 0),
+            caps,
+            store,
+        )
+        .unwrap()
     };
     let (input_fd, mesh_path) = (read.as_raw_fd(), mesh.to_str().unwrap().to_owned());
     let input_contents = RegionKind::FileContents { fd: input_fd };

@@ -293,7 +293,8 @@ fn park_epoch(
         .collect();
     let reservation = (runtime.config.region_base, runtime.config.region_reserve);
     // Kept until the agent has copied what it maps.
-    let library_fds = runtime.baseline.library_fds(&runtime_fds);
+    let open = held::open_fds();
+    let library_fds = runtime.baseline.library_fds(&runtime_fds, &open);
     let caps = held::Caps {
         unlinked: runtime.config.unlinked_cap,
         writable: runtime.config.writable_cap,
@@ -301,7 +302,7 @@ fn park_epoch(
     let mut held = match held::gather(
         rank,
         &runtime.baseline,
-        [&runtime_fds, &library_fds],
+        [&open, &runtime_fds, &library_fds],
         reservation,
         caps,
         held::store_filesystem(),

@@ -3,10 +3,12 @@ program that keeps its files in the node's scratch and holds none of them open
 at a checkpoint. At every step each rank reads PARAMS ("scale N") with
 open(...).read(), adds step * scale to its sum, combines the sums, appends a
 line to prog.<rank>.log (opened "a" and closed), and every 5 steps saves its
-vector with np.save (snap.<rank>.<step>.npy). At its last step it loads every
+vector with np.save under a temporary name and moves it into place with
+os.replace (snap.<rank>.<step>.npy). At its last step it loads every
 snapshot with np.load and logs what each holds, so the log tells whether each
 was there, whole, after a restart on another node."""
 
+import os
 import sys
 import time
 
@@ -43,7 +45,10 @@ def main(iters, step_ms, params):
         with open(log, "a") as f:
             f.write(f"step {state[0]} scale {scale} total {total!r}\n")
         if state[0] % 5 == 0:
-            np.save(f"snap.{rank}.{state[0]:04d}.npy", vector)
+            name = f"snap.{rank}.{state[0]:04d}.npy"
+            with open(f"{name}.tmp", "wb") as f:
+                np.save(f, vector)
+            os.replace(f"{name}.tmp", name)
         time.sleep(step_ms / 1000)
         cryo.checkpoint_point()
     with open(log, "a") as f:

@@ -4,7 +4,8 @@
 //! not: logs opened, appended to and closed at every step; a control file
 //! read at every step; snapshots written from the start and closed. Each
 //! comes back from the checkpoint, byte-identical with an uninterrupted
-//! run's, in C (stdio and `close`) and in Python (`open`, `np.save`).
+//! run's, in C (stdio and `close`) and in Python (`open`, `np.save`,
+//! `os.replace`).
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::ffi::OsString;
@@ -171,7 +172,8 @@ fn python_logs_appended_and_closed_in_node_memory_come_back_on_another_node() {
 }
 
 /// The same in Python: a control file read with `open`, snapshots saved
-/// with `np.save` and loaded back with `np.load` at the end.
+/// with `np.save` under a temporary name, moved into place with
+/// `os.replace`, and loaded back with `np.load` at the end.
 #[test]
 fn python_files_read_or_saved_and_closed_in_node_memory_come_back_on_another_node() {
     let Some(s) = setup_dirs() else {

@@ -126,10 +126,13 @@ pub(crate) fn proc_fd_path(fd: c_int, out: &mut [u8; 32]) {
 /// `O_APPEND` for writing, or one that may be the node's. Only
 /// async-signal-safe calls; no lock, no heap.
 fn note(fd: c_int) {
-    if let Some((_, stat)) = super::written_file(fd, true) {
-        put(&APPENDED, fd, &stat, false, false);
-    } else if let Some((written, stat)) = super::node_files::node_file(fd) {
-        put(&OF_NODE, fd, &stat, written, true);
+    let Some(file) = super::ClosingFile::of(fd) else {
+        return;
+    };
+    if file.cut_back(true).is_some() {
+        put(&APPENDED, fd, file.stat(), false, false);
+    } else if super::node_files::of_node(fd, &file) {
+        put(&OF_NODE, fd, file.stat(), file.written(), true);
     }
 }
 

@@ -31,10 +31,11 @@
 mod close;
 mod fclose;
 mod node_files;
+mod recent;
 mod rename;
 mod settle;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::os::fd::RawFd;
@@ -48,16 +49,14 @@ use cryo_core::format::closed::{
 };
 use cryo_core::locality::{unreachable_elsewhere, Filesystem};
 
-pub(crate) use node_files::note as note_node_file;
+pub(crate) use node_files::{note as note_node_file, renaming as note_node_file_renaming};
 pub(crate) use settle::{load, settle, Alone, Peers};
 
 /// What the runtime knows of one closed file.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Noted {
     /// Open with `O_APPEND` at some close.
     appended: bool,
-    /// The order of its last close, for evicting the least recent.
-    last_close: u64,
     /// Its size right after its last close (`None` when unknown: gone at
     /// that moment).
     closed_size: Option<u64>,
@@ -66,11 +65,7 @@ struct Noted {
     marks: Option<(Mark, Mark)>,
 }
 
-#[derive(Debug, Default)]
-struct Table {
-    files: HashMap<String, Noted>,
-    closes: u64,
-}
+type Table = recent::Recent<Noted>;
 
 static TABLE: Mutex<Option<Table>> = Mutex::new(None);
 /// The process that notes: a child made by `fork` has a copy of the table
@@ -100,28 +95,10 @@ fn is_owner() -> bool {
 /// Notes `path` as closed now, with its size right after the close when
 /// known.
 fn note_closed(table: &mut Table, path: String, appends: bool, closed_size: Option<u64>) {
-    table.closes += 1;
-    let closes = table.closes;
-    let noted = table.files.entry(path).or_insert(Noted {
-        appended: false,
-        last_close: 0,
-        closed_size: None,
-        marks: None,
-    });
+    let (noted, _) = table.closed(path, MAX_CLOSED_FILES);
     noted.appended |= appends;
-    noted.last_close = closes;
     noted.closed_size = closed_size;
     noted.marks = None;
-    if table.files.len() > MAX_CLOSED_FILES {
-        let oldest = table
-            .files
-            .iter()
-            .min_by_key(|(_, n)| n.last_close)
-            .map(|(p, _)| p.clone());
-        if let Some(oldest) = oldest {
-            table.files.remove(&oldest);
-        }
-    }
 }
 
 /// A file being closed, to note once the close is done.
@@ -134,37 +111,59 @@ pub(crate) enum Closing {
     OfNode { path: String, written: bool },
 }
 
-/// Whether `fd` is a regular file that still has a name, open for writing
-/// (with `O_APPEND` when `appending` is asked), in the process that notes:
-/// whether it appends, and its `fstat`. Async-signal-safe (`fcntl`,
-/// `getpid`, `fstat`), so the runtime's `close` uses it too.
-fn written_file(fd: RawFd, appending: bool) -> Option<(bool, libc::stat)> {
-    if fd <= 2 {
-        return None;
-    }
-    // SAFETY: F_GETFL only reads the fd's status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || !crate::files::is_writable(flags) {
-        return None;
-    }
-    let appends = flags & libc::O_APPEND != 0;
-    if (appending && !appends) || !is_owner() {
-        return None;
-    }
-    // SAFETY: a zeroed stat is a valid out-parameter.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `stat` is a valid out-parameter.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0
-        || stat.st_mode & libc::S_IFMT != libc::S_IFREG
-        || stat.st_nlink == 0
-    {
-        return None;
-    }
-    Some((appends, stat))
+/// An fd about to be closed that is a regular file that still has a name,
+/// in the process that notes: its status flags and its `fstat`, read once
+/// for both tables.
+pub(super) struct ClosingFile {
+    flags: libc::c_int,
+    stat: libc::stat,
 }
 
-/// Before `fd` is closed: the file to note, if [`written_file`] says so
-/// (else if it may be a file of the node: [`node_files::node_file`]) and
+impl ClosingFile {
+    /// `fd`'s flags and `fstat`, if it is such a file. Async-signal-safe
+    /// (`fcntl`, `getpid`, `fstat`), so the runtime's `close` uses it too.
+    pub(super) fn of(fd: RawFd) -> Option<ClosingFile> {
+        if fd <= 2 {
+            return None;
+        }
+        // SAFETY: F_GETFL only reads the fd's status flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 || !is_owner() {
+            return None;
+        }
+        // SAFETY: a zeroed stat is a valid out-parameter.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: `stat` is a valid out-parameter.
+        if unsafe { libc::fstat(fd, &mut stat) } != 0
+            || stat.st_mode & libc::S_IFMT != libc::S_IFREG
+            || stat.st_nlink == 0
+        {
+            return None;
+        }
+        Some(ClosingFile { flags, stat })
+    }
+
+    /// Whether it is open for writing (with `O_APPEND` when `appending` is
+    /// asked), so that it is cut back: whether it appends.
+    pub(super) fn cut_back(&self, appending: bool) -> Option<bool> {
+        let appends = self.flags & libc::O_APPEND != 0;
+        (crate::files::is_writable(self.flags) && (appends || !appending)).then_some(appends)
+    }
+
+    /// Whether it was open for writing.
+    pub(super) fn written(&self) -> bool {
+        crate::files::is_writable(self.flags)
+    }
+
+    /// Its `fstat`.
+    pub(super) fn stat(&self) -> &libc::stat {
+        &self.stat
+    }
+}
+
+/// Before `fd` is closed: the file to note, if it is cut back
+/// ([`ClosingFile::cut_back`]; else if it may be a file of the node:
+/// [`node_files::of_node`]) and
 /// it has an absolute path. Never fails: a file not noted is only a file
 /// not cut back, or not saved.
 pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
@@ -172,14 +171,18 @@ pub(crate) fn closing(fd: RawFd, appending: bool) -> Option<Closing> {
         let path = fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
         Some(path.to_str()?.to_owned())
     };
-    if let Some((appends, _)) = written_file(fd, appending) {
+    let file = ClosingFile::of(fd)?;
+    if let Some(appends) = file.cut_back(appending) {
         let path = path()?;
         return path
             .starts_with('/')
             .then_some(Closing::CutBack { path, appends });
     }
-    let (written, _) = node_files::node_file(fd)?;
+    if !node_files::of_node(fd, &file) {
+        return None;
+    }
     let path = path()?;
+    let written = file.written();
     (!node_files::is_system(path.as_bytes())).then_some(Closing::OfNode { path, written })
 }
 
@@ -311,7 +314,7 @@ pub(crate) fn capture(
     };
     let mut out = ClosedFiles::default();
     let mut gone = Vec::new();
-    for (path, noted) in &mut table.files {
+    for (path, noted) in table.iter_mut() {
         if open_for_writing.contains(path) {
             continue;
         }
@@ -356,7 +359,7 @@ pub(crate) fn capture(
         });
     }
     for path in gone {
-        table.files.remove(&path);
+        table.remove(&path);
     }
     drop(guard);
     of_node(open_for_writing, warnings, store, &mut captured.node_local);

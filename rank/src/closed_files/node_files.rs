@@ -16,11 +16,12 @@
 //! Unlike an appended log, such a file is not cut back: what it held after
 //! the checkpoint cannot be told from what it held before.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cryo_core::locality::{Filesystem, Locality};
+
+use super::recent::Recent;
 
 /// Files noted at most; past it the least recently closed is forgotten
 /// (and the next checkpoint says how many were).
@@ -33,18 +34,10 @@ const SYSTEM_PREFIXES: [&str; 15] = [
     "/boot/", "/proc/", "/sys/", "/dev/", "/run/", "/snap/",
 ];
 
-#[derive(Debug, Clone, Copy)]
-struct Noted {
-    /// Open for writing at some close.
-    written: bool,
-    /// The order of its last close, for forgetting the least recent.
-    last_close: u64,
-}
-
 #[derive(Debug, Default)]
 struct Table {
-    files: HashMap<String, Noted>,
-    closes: u64,
+    /// Each file, with whether it was open for writing at some close.
+    files: Recent<bool>,
     /// Forgotten to make room since the last checkpoint.
     forgotten: u64,
 }
@@ -78,47 +71,30 @@ pub(super) fn is_system(path: &[u8]) -> bool {
         || (SYSTEM_PREFIXES.iter()).any(|prefix| path.starts_with(prefix.as_bytes()))
 }
 
-/// Whether `fd`, about to be closed, is a regular file with a name that
-/// may be on a filesystem of the node (in memory or on a local disk, not
-/// the store's), in the process that notes: whether it was open for
-/// writing, and its `fstat`. Async-signal-safe (`fcntl`, `fstat`,
-/// `fstatfs`), for the runtime's `close`.
-pub(super) fn node_file(fd: libc::c_int) -> Option<(bool, libc::stat)> {
-    if fd <= 2 {
-        return None;
-    }
-    // SAFETY: F_GETFL only reads the fd's status flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || !super::is_owner() {
-        return None;
-    }
-    // SAFETY: a zeroed stat is a valid out-parameter.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `stat` is a valid out-parameter.
-    if unsafe { libc::fstat(fd, &mut stat) } != 0
-        || stat.st_mode & libc::S_IFMT != libc::S_IFREG
-        || stat.st_nlink == 0
-        || stat.st_dev == STORE_DEV.load(Ordering::Relaxed)
-    {
-        return None;
+/// Whether `file` (`fd`, about to be closed) may be on a filesystem of
+/// the node (in memory or on a local disk, not the store's).
+/// Async-signal-safe (`fstatfs`), for the runtime's `close`.
+pub(super) fn of_node(fd: libc::c_int, file: &super::ClosingFile) -> bool {
+    let dev = file.stat().st_dev;
+    if dev == STORE_DEV.load(Ordering::Relaxed) {
+        return false;
     }
     // SAFETY: a zeroed statfs is a valid out-parameter.
     let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `fs` is a valid out-parameter.
     if unsafe { libc::fstatfs(fd, &mut fs) } != 0 {
-        return None;
+        return false;
     }
     let filesystem = Filesystem {
         // `__fsword_t`: i64 here, narrower on 32-bit targets.
         #[allow(clippy::useless_conversion)]
         magic: i64::from(fs.f_type),
-        dev: stat.st_dev,
+        dev,
     };
     matches!(
         filesystem.locality(),
         Locality::InMemory | Locality::NodeDisk
     )
-    .then_some((crate::files::is_writable(flags), stat))
 }
 
 /// Notes `path` as read (or, with `written`, written) and closed now. A
@@ -134,6 +110,18 @@ pub(crate) fn note(path: String, written: bool) {
 /// at `old` (in the table, or closed with `close` since the last
 /// checkpoint) is noted at `new`. Never waits for the table's lock.
 pub(super) fn renamed(old: &str, new: &str) {
+    carry(old, new, false);
+}
+
+/// Before the file at `old` is renamed `new` by calls the runtime does not
+/// see (Python's `os.replace`, through `cryo_note_renamed`): a file noted
+/// at `old` is noted at `new` too. The rename may still fail: each
+/// checkpoint forgets whichever of the two names is gone.
+pub(crate) fn renaming(old: &str, new: &str) {
+    carry(old, new, true);
+}
+
+fn carry(old: &str, new: &str, keep_old: bool) {
     if is_system(new.as_bytes()) || !super::is_owner() {
         return;
     }
@@ -141,31 +129,20 @@ pub(super) fn renamed(old: &str, new: &str) {
         return;
     };
     let table = guard.get_or_insert_with(Table::default);
-    let noted = (table.files.remove(old).map(|noted| noted.written))
-        .or_else(|| super::close::noted_node(old.as_bytes()));
-    if let Some(written) = noted {
+    let noted = if keep_old {
+        table.files.get(old).copied()
+    } else {
+        table.files.remove(old)
+    };
+    if let Some(written) = noted.or_else(|| super::close::noted_node(old.as_bytes())) {
         note_in(table, new.to_owned(), written);
     }
 }
 
 fn note_in(table: &mut Table, path: String, written: bool) {
-    table.closes += 1;
-    let closes = table.closes;
-    let noted = table.files.entry(path).or_insert(Noted {
-        written: false,
-        last_close: 0,
-    });
-    noted.written |= written;
-    noted.last_close = closes;
-    if table.files.len() > MAX_NODE_FILES {
-        let oldest = (table.files.iter())
-            .min_by_key(|(_, noted)| noted.last_close)
-            .map(|(path, _)| path.clone());
-        if let Some(oldest) = oldest {
-            table.files.remove(&oldest);
-            table.forgotten += 1;
-        }
-    }
+    let (was_written, forgot) = table.files.closed(path, MAX_NODE_FILES);
+    *was_written |= written;
+    table.forgotten += u64::from(forgot);
 }
 
 /// The files noted, each with whether the rank wrote it, in the order of
@@ -176,7 +153,7 @@ pub(super) fn noted() -> (Vec<(String, bool)>, u64) {
         return (Vec::new(), 0);
     };
     let mut files: Vec<_> = (table.files.iter())
-        .map(|(path, noted)| (path.clone(), noted.written))
+        .map(|(path, written)| (path.clone(), *written))
         .collect();
     files.sort();
     (files, std::mem::take(&mut table.forgotten))

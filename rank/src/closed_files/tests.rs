@@ -660,3 +660,35 @@ fn a_file_of_the_node_renamed_after_its_close_is_kept_at_its_new_name() {
     );
     forget_all();
 }
+
+/// A binding that sees renames only before they are made
+/// (`cryo_note_renamed`: Python's audit hook) notes the new name beside the
+/// old; each checkpoint keeps whichever is there.
+#[test]
+fn a_rename_told_before_it_is_made_keeps_the_name_that_is_there() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    for name in ["a.tmp", "b.tmp"] {
+        fs::write(path(name), b"snapshot").unwrap();
+    }
+    let _ = close::drain_node();
+    note_node_file(path("a.tmp"), true);
+    note_node_file(path("b.tmp"), true);
+    // Made: only the new name is there.
+    node_files::renaming(&path("a.tmp"), &path("a.npy"));
+    fs::rename(path("a.tmp"), path("a.npy")).unwrap();
+    // Failed (the directory is missing): the old name stays.
+    node_files::renaming(&path("b.tmp"), &path("gone/b.npy"));
+    assert!(fs::rename(path("b.tmp"), path("gone/b.npy")).is_err());
+    // A file never noted is not carried.
+    node_files::renaming(&path("other"), &path("c.npy"));
+    fs::write(path("c.npy"), b"c").unwrap();
+    let _ = close::drain_node();
+    assert_eq!(
+        node_files_under(dir.path(), store_elsewhere()),
+        [(path("a.npy"), 8, true), (path("b.tmp"), 8, true)]
+    );
+    forget_all();
+}
