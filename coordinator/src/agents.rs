@@ -49,10 +49,11 @@ pub(crate) fn spawn_agent(
     token_file: &Path,
 ) -> Result<(Child, PathBuf, PathBuf)> {
     let dir = opts.scratch.join(node);
+    let socket = dir.join("agent.sock");
+    crate::agent_paths::check_socket_path(&socket)?;
     // Private: the agent's socket and log are the job's user's alone, and
     // no folder on the way may be another user's.
     private_dir::make_private(&dir, private_dir::Owner::current())?;
-    let socket = dir.join("agent.sock");
     let log = dir.join("agent.log");
     let _ = fs::remove_file(&socket);
     let mut command = Command::new(agent_binary(opts.agent_bin.as_deref()));

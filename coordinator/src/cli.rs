@@ -601,7 +601,7 @@ fn run_options(
                 bail!("--nodes emulates nodes on this machine; with agents on the real nodes the nodes are those the launcher uses (leave out --nodes, pass --hosts, or pass --agents spawn)");
             }
             AgentMode::External {
-                socket: session::node_local_socket(&job),
+                socket: session::node_local_socket(&job, &store.path),
                 advertise: launch.advertise.clone(),
                 starter: match agents {
                     AgentsArg::Srun => AgentStarter::SrunStep,

@@ -138,24 +138,7 @@ impl AgentStarter {
     }
 }
 
-/// Where the agent of `job` listens on every node when agents are external:
-/// node-local and per user, so jobs and users never share one.
-pub fn node_local_socket(job: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "/tmp/cryo-{}/{job}/agent.sock",
-        nix::unistd::getuid()
-    ))
-}
-
-/// Where `cryo run`'s own agents keep their sockets and logs: a folder of
-/// this run's in the user's private folder of the temporary one.
-pub fn default_scratch(job: &str) -> PathBuf {
-    let user = format!("cryo-{}", nix::unistd::geteuid());
-    std::env::temp_dir()
-        .join(user)
-        .join(format!("run-{job}-{}", std::process::id()))
-}
-
+pub use crate::agent_paths::{default_scratch, node_local_socket};
 pub use cryo_core::env::ENV_COORDINATOR;
 
 /// Makes the process `command` starts get SIGTERM when the thread that

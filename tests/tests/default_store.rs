@@ -201,6 +201,13 @@ fn the_agents_scratch_is_private_and_goes_with_a_run_that_went_well() {
     assert!(out.status.success(), "{}", said(&out));
     let left: Vec<_> = std::fs::read_dir(&users).unwrap().collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+    // The longest name a job may have still gives its agent a socket path
+    // short enough to bind (at most 107 bytes).
+    let longest = "l".repeat(cryo_core::names::MAX_JOB_NAME);
+    let out = run(&longest);
+    assert!(out.status.success(), "{}", said(&out));
+    let left: Vec<_> = std::fs::read_dir(&users).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 /// A store another user made, closed to others (the first user's job made

@@ -567,8 +567,17 @@ fn requeued_once_checking(
     case.assert_identical();
     assert_no_stray_agent();
     // The agents' scratch (socket, log) goes with a job that went well.
-    let scratch = PathBuf::from(format!("/tmp/cryo-{}/slurm-{id}", nix::unistd::getuid()));
-    assert!(!scratch.exists(), "{} was left behind", scratch.display());
+    // (`/tmp/cryo-<uid>/slurm-<id>.<store key>`.)
+    let root = PathBuf::from(format!("/tmp/cryo-{}", nix::unistd::getuid()));
+    let left: Vec<String> = (fs::read_dir(&root).into_iter().flatten().flatten())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&format!("slurm-{id}.")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "{left:?} left behind in {}",
+        root.display()
+    );
     log
 }
 
