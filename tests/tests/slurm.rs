@@ -426,6 +426,32 @@ fn an_agent_that_cannot_start_fails_the_step_with_its_reason() {
         !case.path("run.out").exists(),
         "the ranks must not have run"
     );
+    // The failed agent's log is kept for whoever looks into it; this test
+    // has read its reason, so it takes the folder away.
+    let kept = agent_folders(&id);
+    assert!(
+        kept.iter().any(|dir| dir.join("agent.log").is_file()),
+        "no agent log kept for job {id}: {kept:?}"
+    );
+    for dir in kept {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
+/// The node-local agent folders of the Slurm job `id` on this host
+/// (`/tmp/cryo-<uid>/slurm-<id>.<store key>`), or with `id` empty, of
+/// every Slurm job.
+fn agent_folders(id: &str) -> Vec<PathBuf> {
+    let root = PathBuf::from(format!("/tmp/cryo-{}", nix::unistd::getuid()));
+    let prefix = if id.is_empty() {
+        "slurm-".to_owned()
+    } else {
+        format!("slurm-{id}.")
+    };
+    (fs::read_dir(&root).into_iter().flatten().flatten())
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// An admin's `cryo preempt <slurm job id>` from outside the job, from a
@@ -556,6 +582,9 @@ fn requeued_once_checking(
         .arg(format!("--chdir={}", case.files.dir().display()))
         .arg("--wrap")
         .arg(script);
+    // Job ids start again with each Slurm: a folder another test left
+    // under this id is not this job's.
+    let before = agent_folders("");
     let id = submit(sbatch);
     case.wait_for_iterations(20);
     while_running(&id);
@@ -567,17 +596,10 @@ fn requeued_once_checking(
     case.assert_identical();
     assert_no_stray_agent();
     // The agents' scratch (socket, log) goes with a job that went well.
-    // (`/tmp/cryo-<uid>/slurm-<id>.<store key>`.)
-    let root = PathBuf::from(format!("/tmp/cryo-{}", nix::unistd::getuid()));
-    let left: Vec<String> = (fs::read_dir(&root).into_iter().flatten().flatten())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with(&format!("slurm-{id}.")))
+    let left: Vec<PathBuf> = (agent_folders(&id).into_iter())
+        .filter(|dir| !before.contains(dir))
         .collect();
-    assert!(
-        left.is_empty(),
-        "{left:?} left behind in {}",
-        root.display()
-    );
+    assert!(left.is_empty(), "{left:?} left behind");
     log
 }
 

@@ -108,34 +108,59 @@ pub(crate) fn note(path: String, written: bool) {
 
 /// After the file at `old` was renamed `new` (`rename.rs`): a file noted
 /// at `old` (in the table, or closed with `close` since the last
-/// checkpoint) is noted at `new`. Never waits for the table's lock.
+/// checkpoint) is noted at `new`; for a directory, each file noted under
+/// it is noted under `new`. Never waits for the table's lock.
 pub(super) fn renamed(old: &str, new: &str) {
     carry(old, new, false);
 }
 
 /// Before the file at `old` is renamed `new` by calls the runtime does not
 /// see (Python's `os.replace`, through `cryo_note_renamed`): a file noted
-/// at `old` is noted at `new` too. The rename may still fail: each
-/// checkpoint forgets whichever of the two names is gone.
+/// at `old`, or under it, is noted at `new`, or under it, too. The rename
+/// may still fail: each checkpoint forgets whichever of the names is gone.
 pub(crate) fn renaming(old: &str, new: &str) {
     carry(old, new, true);
 }
 
+/// What follows `dir` in `path`: `""` for `dir` itself, `"/x"` for a path
+/// under it; `None` for any other path.
+fn under<'a>(path: &'a str, dir: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(dir)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
 fn carry(old: &str, new: &str, keep_old: bool) {
-    if is_system(new.as_bytes()) || !super::is_owner() {
+    // `rename("out/", "done/")` names the directories `out` and `done`.
+    let (old, new) = (trim_slashes(old), trim_slashes(new));
+    if old.is_empty() || is_system(new.as_bytes()) || !super::is_owner() {
         return;
     }
     let Ok(mut guard) = TABLE.try_lock() else {
         return;
     };
     let table = guard.get_or_insert_with(Table::default);
-    let noted = if keep_old {
-        table.files.get(old).copied()
-    } else {
-        table.files.remove(old)
-    };
-    if let Some(written) = noted.or_else(|| super::close::noted_node(old.as_bytes())) {
-        note_in(table, new.to_owned(), written);
+    let mut moved: Vec<(String, bool)> = (table.files.iter())
+        .filter(|(path, _)| under(path, old).is_some())
+        .map(|(path, written)| (path.clone(), *written))
+        .collect();
+    moved.extend(super::close::noted_node_under(old.as_bytes()));
+    for (path, written) in moved {
+        let Some(rest) = under(&path, old) else {
+            continue;
+        };
+        let to = format!("{new}{rest}");
+        if !keep_old {
+            table.files.remove(&path);
+        }
+        note_in(table, to, written);
+    }
+}
+
+/// `path` without its trailing slashes (`/` stays `/`).
+fn trim_slashes(path: &str) -> &str {
+    match path.trim_end_matches('/') {
+        "" if path.starts_with('/') => "/",
+        trimmed => trimmed,
     }
 }
 

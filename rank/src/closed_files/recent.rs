@@ -53,11 +53,6 @@ impl<T: Default> Recent<T> {
 }
 
 impl<T> Recent<T> {
-    /// What is known of `path`, if anything.
-    pub(super) fn get(&self, path: &str) -> Option<&T> {
-        self.entries.get(path).map(|entry| &entry.value)
-    }
-
     /// Forgets `path`: what was known of it, if anything.
     pub(super) fn remove(&mut self, path: &str) -> Option<T> {
         self.entries.remove(path).map(|entry| entry.value)
@@ -95,7 +90,6 @@ mod tests {
         let mut left: Vec<_> = recent.iter().map(|(p, v)| (p.clone(), *v)).collect();
         left.sort();
         assert_eq!(left, [("a".to_owned(), 2), ("c".to_owned(), 0)]);
-        assert_eq!(recent.get("a"), Some(&2));
         assert_eq!(recent.remove("a"), Some(2));
         assert_eq!(recent.remove("a"), None);
     }

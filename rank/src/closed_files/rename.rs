@@ -4,8 +4,9 @@
 //! into place (`out.tmp` → `out.dat`) closed a file whose name is gone by
 //! the checkpoint.
 //!
-//! Only a successful rename of a regular file to a path of the node's own
-//! filesystems is carried; the note never blocks (a rename from a signal
+//! A directory renamed carries the notes of the files under it (results
+//! written to `out.tmp/`, renamed `out/`). Only a successful rename is
+//! carried; the note never blocks (a rename from a signal
 //! handler that interrupted the noting is not carried).
 
 use std::ffi::{c_char, c_int, c_void, CStr};

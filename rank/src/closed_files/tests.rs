@@ -692,3 +692,38 @@ fn a_rename_told_before_it_is_made_keeps_the_name_that_is_there() {
     );
     forget_all();
 }
+
+/// A directory renamed (results written to `run.tmp/`, renamed `run/`)
+/// carries the notes of the files under it, those closed with `close(2)`
+/// since the last checkpoint and those already in the table, and leaves
+/// a sibling whose name only starts alike.
+#[test]
+fn a_directory_renamed_carries_the_files_noted_under_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    forget_all();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    fs::create_dir_all(path("run.tmp/sub")).unwrap();
+    fs::create_dir(path("run.tmp2")).unwrap();
+    fs::write(path("run.tmp2/other"), b"other").unwrap();
+    // In the table already (a checkpoint drained its close).
+    fs::write(path("run.tmp/old"), b"old").unwrap();
+    let _ = capture(&HashSet::new(), &mut Vec::new(), store_elsewhere());
+    // Closed with close(2) since: still in its slot.
+    fs::write(path("run.tmp/sub/new"), b"newer").unwrap();
+    let (from, to) = (
+        std::ffi::CString::new(path("run.tmp/")).unwrap(),
+        std::ffi::CString::new(path("run")).unwrap(),
+    );
+    // SAFETY: two NUL-terminated paths.
+    assert_eq!(unsafe { rename::rename(from.as_ptr(), to.as_ptr()) }, 0);
+    assert_eq!(
+        node_files_under(dir.path(), store_elsewhere()),
+        [
+            (path("run.tmp2/other"), 5, true),
+            (path("run/old"), 3, true),
+            (path("run/sub/new"), 5, true),
+        ]
+    );
+    forget_all();
+}
