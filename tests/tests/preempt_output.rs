@@ -16,7 +16,10 @@ use cryo_tests::state::{have_mpi, wait_child};
 use cryo_tests::{lines, output_text, wait_until};
 
 const RANKS: u32 = 4;
-const STEPS: u64 = 150;
+/// Steps of 20 ms: the job must still be computing when a stop held
+/// behind epoch 1's 3 s drain comes (after 50 steps), even where a step
+/// takes no longer than its sleep.
+const STEPS: u64 = 400;
 
 /// Every line an uninterrupted run prints: each rank's running sum of the
 /// allreduce of `step + rank` over the steps so far.
