@@ -450,4 +450,6 @@ pub(crate) fn forget_all() {
 }
 
 #[cfg(test)]
+mod node_files_tests;
+#[cfg(test)]
 mod tests;
