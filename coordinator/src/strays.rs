@@ -43,27 +43,24 @@ struct ChildProcess {
 /// adopted as their subreaper.
 fn children() -> Vec<ChildProcess> {
     let me = std::process::id();
-    let described = |pid: u32, stat: cryo_core::proc_stat::ProcStat| {
-        Some(ChildProcess {
-            pid: i32::try_from(pid).ok()?,
-            zombie: stat.exited(),
-            name: stat.comm,
-        })
-    };
-    match children_of_threads() {
+    let found = match children_of_threads() {
         // Read again: a pid listed a moment ago may have been reaped, and
-        // taken by a process that is not ours.
+        // taken by a process that is not ours (the parent is checked).
         Some(pids) => (pids.into_iter())
             .filter_map(|pid| Some((pid, cryo_core::proc_stat::read(pid)?)))
-            .filter(|(_, stat)| stat.ppid == me)
-            .filter_map(|(pid, stat)| described(pid, stat))
             .collect(),
-        None => (cryo_core::proc_stat::every_process().unwrap_or_default())
-            .into_iter()
-            .filter(|(_, stat)| stat.ppid == me)
-            .filter_map(|(pid, stat)| described(pid, stat))
-            .collect(),
-    }
+        None => cryo_core::proc_stat::every_process().unwrap_or_default(),
+    };
+    (found.into_iter())
+        .filter(|(_, stat)| stat.ppid == me)
+        .filter_map(|(pid, stat)| {
+            Some(ChildProcess {
+                pid: i32::try_from(pid).ok()?,
+                zombie: stat.exited(),
+                name: stat.comm,
+            })
+        })
+        .collect()
 }
 
 /// The children of this process's threads, from each thread's
