@@ -1,8 +1,10 @@
 //! Coordinated mode: what the agent does for its job's coordinator.
 //!
-//! One thread reads the coordinator's requests ([`Shared::serve_coordinator`]);
-//! each `Checkpoint` runs on a thread of its own; a watchdog gives up on
-//! ranks that parked for an epoch the coordinator never asked for.
+//! One thread reads the coordinator's requests ([`Shared::serve_coordinator`])
+//! and, when the link is lost, dials again until the agent is back in the
+//! job ([`Shared::rejoin`]); each `Checkpoint` runs on a thread of its own;
+//! a watchdog gives up on ranks that parked for an epoch the coordinator
+//! never asked for.
 
 use std::fs;
 use std::io;
@@ -18,15 +20,38 @@ use cryo_core::protocol::{
 
 use crate::capture::Parked;
 use crate::epoch::{self, lock, Admission, Coordinated, EpochError, Resume};
+use crate::link::LinkError;
 use crate::ranks::RankConn;
 use crate::server::Shared;
 
+/// The first wait before dialing a lost coordinator again; each failed
+/// attempt doubles it.
+const REJOIN_INTERVAL_MIN: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts.
+const REJOIN_INTERVAL_MAX: Duration = Duration::from_secs(5);
+
 impl Shared {
-    /// Reads the coordinator's requests until the link drops or it says
-    /// `Shutdown`.
-    pub(crate) fn serve_coordinator(self: Arc<Self>, reader: &TcpStream) {
+    /// Reads the coordinator's requests until it says `Shutdown`. When the
+    /// link drops, the agent dials again until it is back or the agent
+    /// ends ([`Shared::rejoin`]).
+    pub(crate) fn serve_coordinator(self: Arc<Self>, reader: TcpStream) {
+        let mut reader = reader;
+        loop {
+            if !Arc::clone(&self).serve_link(&reader) {
+                return;
+            }
+            match self.rejoin() {
+                Some(again) => reader = again,
+                None => return,
+            }
+        }
+    }
+
+    /// Reads one connection's requests: `true` when it was lost, `false`
+    /// after `Shutdown`.
+    fn serve_link(self: Arc<Self>, reader: &TcpStream) -> bool {
         let Some(link) = self.link.as_ref() else {
-            return;
+            return false;
         };
         let (job, node) = (&self.config.job, &self.config.node);
         loop {
@@ -39,7 +64,7 @@ impl Shared {
                         err.to_string()
                     };
                     self.coordinator_lost(&why);
-                    return;
+                    return true;
                 }
             };
             match msg {
@@ -86,7 +111,7 @@ impl Shared {
                 },
                 CoordinatorToAgent::Shutdown => {
                     self.begin_shutdown();
-                    return;
+                    return false;
                 }
                 other @ (CoordinatorToAgent::Welcome { .. }
                 | CoordinatorToAgent::Refused { .. }) => {
@@ -231,6 +256,49 @@ impl Shared {
         });
         self.early_cv.notify_all();
         self.end_if_orphaned();
+    }
+
+    /// Dials the coordinator again after a lost link, at growing intervals
+    /// (up to [`REJOIN_INTERVAL_MAX`]), until it answers or the agent ends
+    /// (its last rank left, or `Shutdown`). A partition longer than the
+    /// link timeout then costs the checkpoints taken during it, not every
+    /// later one. Returns the new link's reading half; `None` when the
+    /// agent ends or the coordinator turns it away.
+    fn rejoin(&self) -> Option<TcpStream> {
+        let link = self.link.as_ref()?;
+        let (job, node) = (&self.config.job, &self.config.node);
+        let lost_at = Instant::now();
+        let mut interval = REJOIN_INTERVAL_MIN;
+        loop {
+            let next = Instant::now() + interval;
+            while Instant::now() < next {
+                if self.shutdown.load(Ordering::Acquire) {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if self.shutdown.load(Ordering::Acquire) {
+                return None;
+            }
+            match link.rejoin() {
+                Ok(reader) => {
+                    tracing::info!(job = %job, node = %node, coordinator = %link.addr(), after_ms = lost_at.elapsed().as_millis(), "coordinator.rejoined");
+                    return Some(reader);
+                }
+                Err(
+                    err @ (LinkError::Refused { .. }
+                    | LinkError::WrongJob { .. }
+                    | LinkError::Unexpected { .. }),
+                ) => {
+                    tracing::error!(job = %job, node = %node, coordinator = %link.addr(), error = %err, "coordinator.rejoin_refused");
+                    return None;
+                }
+                Err(err) => {
+                    tracing::debug!(job = %job, node = %node, coordinator = %link.addr(), error = %err, "coordinator.rejoin_failed");
+                    interval = (interval * 2).min(REJOIN_INTERVAL_MAX);
+                }
+            }
+        }
     }
 
     /// Ends the agent once it has neither a coordinator nor a rank: nothing

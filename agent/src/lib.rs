@@ -42,6 +42,7 @@ pub mod node_local;
 pub mod pool;
 pub mod procfs;
 mod ranks;
+mod roster;
 pub mod self_copy;
 pub mod server;
 pub mod snapshot;

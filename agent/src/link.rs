@@ -21,7 +21,7 @@
 
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,8 @@ use cryo_core::protocol::{
 };
 use cryo_core::token::JobToken;
 use thiserror::Error;
+
+use crate::roster::Roster;
 
 /// How long the coordinator has to answer the hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,22 +107,40 @@ pub enum LinkError {
     },
 }
 
-/// The sending half of an established link. Reports are best effort: once
-/// the link is lost they are dropped (the coordinator will abort the epoch).
+/// The sending half of an established link. Reports are best effort: while
+/// the link is down they are dropped (the coordinator aborts the epoch), but
+/// what they say of the node's ranks is kept ([`Roster`]) and stated again
+/// when the agent rejoins ([`CoordinatorLink::rejoin`]).
 #[derive(Debug)]
 pub struct CoordinatorLink {
-    addr: String,
-    writer: Mutex<TcpStream>,
+    who: Identity,
+    wire: Mutex<Wire>,
     connected: AtomicBool,
     world_size: u32,
     /// The version the coordinator answered in (an older one's own).
-    version: u16,
+    version: AtomicU16,
+}
+
+/// Where the agent dials and who it says it is.
+#[derive(Debug)]
+struct Identity {
+    addr: String,
+    job: String,
+    node: String,
+    token: JobToken,
+}
+
+/// The current connection and what has been reported on it or any before.
+#[derive(Debug)]
+struct Wire {
+    stream: TcpStream,
+    roster: Roster,
 }
 
 impl CoordinatorLink {
     /// The coordinator's address, for messages.
     pub fn addr(&self) -> &str {
-        &self.addr
+        &self.who.addr
     }
 
     /// The job's world size as the coordinator announced it.
@@ -130,7 +150,7 @@ impl CoordinatorLink {
 
     /// The protocol version the coordinator answered in.
     pub fn version(&self) -> u16 {
-        self.version
+        self.version.load(Ordering::Acquire)
     }
 
     /// Whether the link is still up.
@@ -138,24 +158,59 @@ impl CoordinatorLink {
         self.connected.load(Ordering::Acquire)
     }
 
+    fn wire(&self) -> std::sync::MutexGuard<'_, Wire> {
+        self.wire.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Marks the link as lost and closes it.
     pub fn lost(&self) {
         self.connected.store(false, Ordering::Release);
-        let sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = sock.shutdown(std::net::Shutdown::Both);
+        let _ = self.wire().stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// Sends a report; a failure marks the link as lost.
     pub fn send(&self, msg: &AgentToCoordinator) {
+        let mut wire = self.wire();
+        wire.roster.record(msg);
         if !self.is_connected() {
             return;
         }
-        let mut sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(err) = write_message_as(&mut *sock, msg, self.version) {
-            tracing::error!(coordinator = %self.addr, error = %err, "coordinator.send_failed");
+        if let Err(err) = write_message_as(&mut wire.stream, msg, self.version()) {
+            tracing::error!(coordinator = %self.who.addr, error = %err, "coordinator.send_failed");
             self.connected.store(false, Ordering::Release);
-            let _ = sock.shutdown(std::net::Shutdown::Both);
+            let _ = wire.stream.shutdown(std::net::Shutdown::Both);
         }
+    }
+
+    /// Dials the coordinator once more after the link was lost, says hello
+    /// again and states the node's ranks afresh. Returns the stream to read
+    /// requests from. Reports made meanwhile wait for the roster to be
+    /// stated, so none is lost between the two.
+    pub fn rejoin(&self) -> Result<TcpStream, LinkError> {
+        let dialed = dial(&self.who, Duration::ZERO, HELLO_TIMEOUT)?;
+        if dialed.world_size != self.world_size {
+            return Err(LinkError::Unexpected {
+                addr: self.who.addr.clone(),
+                what: format!(
+                    "a job of {} ranks (this agent joined one of {})",
+                    dialed.world_size, self.world_size
+                ),
+            });
+        }
+        let mut stream = dialed.stream;
+        let mut wire = self.wire();
+        for msg in wire.roster.restated() {
+            write_message_as(&mut stream, &msg, dialed.version).map_err(|source| {
+                LinkError::Protocol {
+                    addr: self.who.addr.clone(),
+                    source,
+                }
+            })?;
+        }
+        wire.stream = stream;
+        self.version.store(dialed.version, Ordering::Release);
+        self.connected.store(true, Ordering::Release);
+        Ok(dialed.reader)
     }
 }
 
@@ -191,6 +246,43 @@ fn connect_with(
     wait: Duration,
     hello_timeout: Duration,
 ) -> Result<(CoordinatorLink, TcpStream), LinkError> {
+    let who = Identity {
+        addr: addr.to_owned(),
+        job: job.to_owned(),
+        node: node.to_owned(),
+        token: token.clone(),
+    };
+    let dialed = dial(&who, wait, hello_timeout)?;
+    Ok((
+        CoordinatorLink {
+            who,
+            wire: Mutex::new(Wire {
+                stream: dialed.stream,
+                roster: Roster::default(),
+            }),
+            connected: AtomicBool::new(true),
+            world_size: dialed.world_size,
+            version: AtomicU16::new(dialed.version),
+        },
+        dialed.reader,
+    ))
+}
+
+/// A connection the coordinator welcomed.
+struct Dialed {
+    stream: TcpStream,
+    reader: TcpStream,
+    version: u16,
+    world_size: u32,
+}
+
+fn dial(who: &Identity, wait: Duration, hello_timeout: Duration) -> Result<Dialed, LinkError> {
+    let (addr, job, node, token) = (
+        who.addr.as_str(),
+        who.job.as_str(),
+        who.node.as_str(),
+        &who.token,
+    );
     let start = Instant::now();
     let stream = loop {
         match try_connect(addr) {
@@ -279,16 +371,12 @@ fn connect_with(
     cryo_core::liveness::watch_link(&stream, cryo_core::liveness::link_timeout())
         .map_err(|errno| socket("TCP_USER_TIMEOUT and keepalive")(errno.into()))?;
     let reader = stream.try_clone().map_err(socket("dup"))?;
-    Ok((
-        CoordinatorLink {
-            addr: addr.to_owned(),
-            writer: Mutex::new(stream),
-            connected: AtomicBool::new(true),
-            world_size,
-            version,
-        },
+    Ok(Dialed {
+        stream,
         reader,
-    ))
+        version,
+        world_size,
+    })
 }
 
 #[cfg(test)]
@@ -338,6 +426,85 @@ mod tests {
             rank: 0,
             how: Departure::Vanished,
         });
+    }
+
+    #[test]
+    fn a_link_dialed_again_states_the_ranks_and_then_carries_reports() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let welcome = CoordinatorToAgent::Welcome {
+            job: "j".into(),
+            world_size: 2,
+        };
+        let handle = std::thread::spawn(move || {
+            let mut heard = Vec::new();
+            for _ in 0..2 {
+                let (stream, _) = listener.accept().unwrap();
+                let hello: Hello = read_message(&mut &stream).unwrap();
+                let (nonce, proof) = auth::challenge(&mut &stream).unwrap();
+                assert!(auth::verify(&token(), &nonce, &hello, &proof).is_ok());
+                write_message(&mut &stream, &welcome).unwrap();
+                let mut said = Vec::new();
+                while let Ok(msg) = read_message::<AgentToCoordinator>(&mut &stream) {
+                    said.push(msg);
+                }
+                heard.push(said);
+            }
+            heard
+        });
+        let registered = |rank| AgentToCoordinator::RankRegistered {
+            rank,
+            pid: 10 + rank,
+            restored_epoch: None,
+        };
+        let finalized = AgentToCoordinator::RankLeft {
+            rank: 0,
+            how: Departure::Finalized,
+        };
+        let (link, _reader) = connect(&addr, "j", "n1", &token(), Duration::from_secs(5)).unwrap();
+        link.send(&registered(0));
+        link.lost();
+        // While the link is down: not sent, but not forgotten either.
+        link.send(&finalized);
+        link.send(&registered(1));
+        let _reader = link.rejoin().unwrap();
+        assert!(link.is_connected());
+        let durable = AgentToCoordinator::Durable {
+            epoch: 2,
+            rank: 1,
+            written: 7,
+        };
+        link.send(&durable);
+        link.lost();
+        let heard = handle.join().unwrap();
+        assert_eq!(heard[0], [registered(0)]);
+        assert_eq!(heard[1], [registered(0), finalized, registered(1), durable]);
+    }
+
+    #[test]
+    fn a_coordinator_of_another_world_is_not_rejoined() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = std::thread::spawn(move || {
+            for world_size in [2, 3] {
+                let (stream, _) = listener.accept().unwrap();
+                let _: Hello = read_message(&mut &stream).unwrap();
+                auth::challenge(&mut &stream).unwrap();
+                let welcome = CoordinatorToAgent::Welcome {
+                    job: "j".into(),
+                    world_size,
+                };
+                write_message(&mut &stream, &welcome).unwrap();
+                while read_message::<AgentToCoordinator>(&mut &stream).is_ok() {}
+            }
+        });
+        let (link, _reader) = connect(&addr, "j", "n1", &token(), Duration::from_secs(5)).unwrap();
+        link.lost();
+        let err = link.rejoin().unwrap_err();
+        assert!(matches!(err, LinkError::Unexpected { .. }), "{err}");
+        assert!(!link.is_connected());
+        drop(link);
+        handle.join().unwrap();
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl Agent {
             let shared = Arc::clone(&self.shared);
             std::thread::Builder::new()
                 .name("cryo-coordinator".into())
-                .spawn(move || shared.serve_coordinator(&reader))?;
+                .spawn(move || shared.serve_coordinator(reader))?;
             let shared = Arc::clone(&self.shared);
             std::thread::Builder::new()
                 .name("cryo-early-parks".into())

@@ -3,7 +3,7 @@
 //! of the Slurm allocation, an MPI launcher on each of `--hosts`); and
 //! waiting until each has said hello.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,10 +17,11 @@ use cryo_core::private_dir;
 use cryo_core::protocol::{JobResponse, ENV_AGENT_SOCKET, ENV_JOB, ENV_TOKEN};
 use cryo_core::token::JobToken;
 
+use crate::agent_links::AgentHandle;
 use crate::launch::{self, LaunchBlock, Launcher};
 use crate::peers::Event;
 use crate::registry::Registry;
-use crate::running::{AgentHandle, Coordinator};
+use crate::running::Coordinator;
 use crate::session::RunOptions;
 
 pub(crate) fn agent_binary(explicit: Option<&Path>) -> PathBuf {
@@ -178,13 +179,7 @@ pub(crate) fn spawn_agents_and_wait(
         sockets.insert(placement.node.clone(), socket);
         c.agents.insert(
             placement.node.clone(),
-            AgentHandle {
-                writer: None,
-                version: cryo_core::protocol::PROTOCOL_VERSION,
-                ranks: BTreeSet::new(),
-                child: Some(child),
-                log,
-            },
+            AgentHandle::unconnected(Some(child), log),
         );
     }
     let expected = c.agents.len();
@@ -292,9 +287,13 @@ pub(crate) fn wait_for_agents(
                 node,
                 writer,
                 version,
-            }) => c.on_agent_connected(node, writer, version),
-            Ok(Event::AgentLost { node, why }) => {
-                bail!("the agent on node {node} disconnected while starting ({why})")
+                link,
+            }) => c.on_agent_connected(node, writer, version, link),
+            Ok(Event::AgentLost { node, why, link }) => {
+                // An agent that dialed again is already back.
+                if c.agents.get(&node).is_none_or(|agent| agent.link == link) {
+                    bail!("the agent on node {node} disconnected while starting ({why})")
+                }
             }
             Ok(Event::Agent { node, msg }) => c.on_agent_message(&node, msg),
             Ok(Event::Request { reply, .. }) => {

@@ -15,6 +15,7 @@
 //! * [`store_dir`]: where the store is when nobody says.
 #![deny(missing_docs)]
 
+mod agent_links;
 pub mod agent_paths;
 mod agents;
 pub mod cli;

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::thread;
 use std::time::Duration;
@@ -28,6 +29,8 @@ pub(crate) enum Event {
         writer: TcpStream,
         /// The protocol version it speaks.
         version: u16,
+        /// This connection's number ([`next_link`]).
+        link: u64,
     },
     Agent {
         node: String,
@@ -36,6 +39,9 @@ pub(crate) enum Event {
     AgentLost {
         node: String,
         why: String,
+        /// The number of the connection that was lost: an agent that
+        /// rejoined may be on a newer one already.
+        link: u64,
     },
     Request {
         request: JobRequest,
@@ -66,6 +72,12 @@ pub(crate) fn serve_connections(
             (job.clone(), token.clone(), expected.clone(), events.clone());
         thread::spawn(move || serve_peer(stream, &job, world_size, &token, &expected, &events));
     }
+}
+
+/// A number for each agent connection, unique in this process.
+pub(crate) fn next_link() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 fn refuse<M: Message>(stream: &TcpStream, msg: &M, version: u16) {
@@ -159,11 +171,13 @@ fn serve_peer(
             {
                 tracing::warn!(job, node = %node, error = %errno, "peer.unwatched");
             }
+            let link = next_link();
             if events
                 .send(Event::AgentConnected {
                     node: node.clone(),
                     writer,
                     version,
+                    link,
                 })
                 .is_err()
             {
@@ -186,7 +200,7 @@ fn serve_peer(
                     Err(err) => break format!("protocol error: {err}"),
                 }
             };
-            let _ = events.send(Event::AgentLost { node, why });
+            let _ = events.send(Event::AgentLost { node, why, link });
         }
         Peer::Control { client } => {
             if let Some(reason) = problem {

@@ -3,8 +3,6 @@
 //! thread alone, so the epoch logic ([`crate::epoch`]) never needs a lock.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Child;
 use std::sync::mpsc::Sender;
 use std::thread;
@@ -17,23 +15,12 @@ use cryo_core::protocol::{
 };
 use cryo_core::store::JobStore;
 
+use crate::agent_links::AgentHandle;
 use crate::commit::Committer;
 use crate::epoch::{Epoch, Event as EpochEvent, Phase};
 use crate::human;
 use crate::peers::Event;
-use crate::session::{stop_process_group, AgentMode, RunOptions};
-
-/// One node's agent.
-pub(crate) struct AgentHandle {
-    /// The writing half of its connection; `None` once lost.
-    pub(crate) writer: Option<TcpStream>,
-    /// The protocol version it speaks: it is answered in that version.
-    pub(crate) version: u16,
-    pub(crate) ranks: BTreeSet<u32>,
-    /// The agent process, when `cryo run` started it.
-    pub(crate) child: Option<Child>,
-    pub(crate) log: PathBuf,
-}
+use crate::session::{stop_process_group, RunOptions};
 
 /// A `cryo checkpoint` or `preempt` waiting for the epoch's outcome.
 pub(crate) struct Waiter {
@@ -68,7 +55,9 @@ pub(crate) struct Coordinator {
     /// The epoch whose commit is running.
     committing: Option<u64>,
     /// Ranks that said goodbye (`cryo_finalize`).
-    finalized: BTreeSet<u32>,
+    pub(crate) finalized: BTreeSet<u32>,
+    /// Ranks whose departure was taken (said goodbye or not).
+    pub(crate) gone: BTreeSet<u32>,
     /// When the last rank of the world said goodbye.
     pub(crate) all_finalized_at: Option<Instant>,
     /// The first rank that left without saying goodbye: rank, node and
@@ -77,33 +66,9 @@ pub(crate) struct Coordinator {
     pub(crate) first_left: Option<(u32, String, Departure)>,
     /// When `first_left` was noted.
     pub(crate) first_left_at: Option<Instant>,
-    /// The first agent lost while ranks still ran: node, why and when.
-    /// Its ranks' ends are not seen, so a failure that began there is
-    /// not blamed on a rank of a node still heard from.
-    pub(crate) first_lost_agent: Option<(String, String, Instant)>,
 }
 
-/// How long after a rank that vanished without a word another rank that
-/// says how it left (an exit status, a failed restart) is taken as the
-/// cause: a launcher kills the other ranks as soon as one exits, and two
-/// agents' reports may cross on the way.
-const CAUSE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
-
 impl Coordinator {
-    /// Whether a rank that left as `how` says is likelier the job's failure
-    /// than the first one noted: it is the first, or the first vanished
-    /// without a word just before it and this one says how it left.
-    fn is_likelier_cause(&self, how: &Departure, now: Instant) -> bool {
-        match (&self.first_left, self.first_left_at) {
-            (Some((_, _, first)), Some(at)) => {
-                !first.says_how()
-                    && how.says_how()
-                    && now.saturating_duration_since(at) < CAUSE_WINDOW
-            }
-            _ => true,
-        }
-    }
-
     /// Whether the job is ending by itself: a rank has called
     /// `cryo_finalize`, so no checkpoint of it can be taken any more.
     pub(crate) fn finishing(&self) -> Option<u32> {
@@ -112,17 +77,6 @@ impl Coordinator {
 
     /// The ranks that registered and have not finalized (said goodbye, or
     /// exited with status 0).
-    /// The nodes of `ranks` whose agent was lost: those ranks' ends were
-    /// never seen.
-    pub(crate) fn lost_nodes_of(&self, ranks: &[u32]) -> Vec<&str> {
-        (self.agents.iter())
-            .filter(|(_, agent)| {
-                agent.writer.is_none() && agent.ranks.iter().any(|rank| ranks.contains(rank))
-            })
-            .map(|(node, _)| node.as_str())
-            .collect()
-    }
-
     pub(crate) fn unfinalized(&self) -> Vec<u32> {
         (self.pids.keys())
             .filter(|rank| !self.finalized.contains(rank))
@@ -153,10 +107,10 @@ impl Coordinator {
             agent_step: None,
             committing: None,
             finalized: BTreeSet::new(),
+            gone: BTreeSet::new(),
             all_finalized_at: None,
             first_left: None,
             first_left_at: None,
-            first_lost_agent: None,
             opts,
         }
     }
@@ -168,6 +122,7 @@ impl Coordinator {
                     // Its epoch part then misses its deadline and aborts.
                     tracing::warn!(job = %self.opts.job, node, error = %err, "agent.write_failed");
                     agent.writer = None;
+                    agent.lost = Some((format!("writing to it: {err}"), Instant::now()));
                 }
             }
         }
@@ -187,43 +142,12 @@ impl Coordinator {
                 node,
                 writer,
                 version,
-            } => self.on_agent_connected(node, writer, version),
+                link,
+            } => self.on_agent_connected(node, writer, version, link),
             Event::Agent { node, msg } => self.on_agent_message(&node, msg),
-            Event::AgentLost { node, why } => self.on_agent_lost(&node, &why),
+            Event::AgentLost { node, why, link } => self.on_agent_lost(&node, &why, link),
             Event::Request { request, reply } => self.on_request(request, reply),
             Event::Committed { epoch, result } => self.on_committed(epoch, result),
-        }
-    }
-
-    /// An agent said hello: a spawned one is expected, an external one
-    /// joins the job (any node the launcher used).
-    pub(crate) fn on_agent_connected(&mut self, node: String, writer: TcpStream, version: u16) {
-        let external = matches!(self.opts.agents, AgentMode::External { .. });
-        match self.agents.get_mut(&node) {
-            Some(agent) => {
-                if external {
-                    // A restarted agent on the same node: its ranks register
-                    // with it again.
-                    agent.ranks.clear();
-                }
-                agent.writer = Some(writer);
-                agent.version = version;
-            }
-            None if external => {
-                tracing::info!(job = %self.opts.job, node = %node, "agent.joined");
-                cryo_core::say!("cryo: agent on node {node} joined");
-                self.agents.insert(
-                    node,
-                    AgentHandle {
-                        writer: Some(writer),
-                        version,
-                        ranks: BTreeSet::new(),
-                        child: None,
-                        log: PathBuf::new(),
-                    },
-                );
-            }
-            None => {}
         }
     }
 
@@ -313,32 +237,13 @@ impl Coordinator {
                 pid,
                 restored_epoch,
             } => {
-                if let Some(agent) = self.agents.get_mut(node) {
-                    agent.ranks.insert(rank);
+                if !self.on_rank_registered(node, rank, pid, restored_epoch) {
+                    return;
                 }
-                self.pids.insert(rank, pid);
-                tracing::info!(job = %self.opts.job, node, rank, pid, restored_epoch, "rank.registered");
             }
             AgentToCoordinator::RankLeft { rank, how } => {
-                if let Some(agent) = self.agents.get_mut(node) {
-                    agent.ranks.remove(&rank);
-                }
-                if !how.is_finalized() && self.is_likelier_cause(&how, now) {
-                    self.first_left = Some((rank, node.to_owned(), how.clone()));
-                    self.first_left_at = Some(now);
-                }
-                if how.is_finalized() && self.finalized.insert(rank) {
-                    let world = usize::try_from(self.opts.ranks).unwrap_or(usize::MAX);
-                    if self.finalized.len() == world {
-                        self.all_finalized_at = Some(now);
-                    }
-                }
-                if let Some(epoch) = self.epoch.as_mut() {
-                    if epoch.phase == Phase::Quiescing && !epoch.copied.contains_key(&rank) {
-                        let why = how.to_string();
-                        let reason = AbortReason::RankLeft { rank, why }.on_node(node);
-                        epoch.apply(EpochEvent::Failed(reason), now);
-                    }
+                if !self.on_rank_left(node, rank, &how, now) {
+                    return;
                 }
             }
             AgentToCoordinator::Copied {
@@ -376,36 +281,6 @@ impl Coordinator {
                     current.apply(EpochEvent::Failed(reason), now);
                 }
             }
-        }
-        self.progress();
-    }
-
-    pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str) {
-        if self.epoch.is_some() {
-            tracing::error!(job = %self.opts.job, node, why, "agent.lost");
-            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
-        } else if self.all_finalized_at.is_some() {
-            // Every rank has said goodbye: the agents of a Slurm step stop
-            // with it, so this is the job's end, not news.
-            tracing::info!(job = %self.opts.job, node, why, "agent.gone_at_end");
-        } else {
-            // Between checkpoints it matters only for the next one.
-            tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
-            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
-        }
-        if self.all_finalized_at.is_none() && self.first_lost_agent.is_none() {
-            self.first_lost_agent = Some((node.to_owned(), why.to_owned(), Instant::now()));
-        }
-        if let Some(agent) = self.agents.get_mut(node) {
-            agent.writer = None;
-        }
-        if let Some(epoch) = self.epoch.as_mut() {
-            epoch.apply(
-                EpochEvent::AgentLost {
-                    node: node.to_owned(),
-                },
-                Instant::now(),
-            );
         }
         self.progress();
     }

@@ -613,8 +613,8 @@ fn finish_commit(c: &mut Coordinator, rx: &Receiver<Event>) {
 /// agent's word may still be on the way when the launcher has ended.
 fn name_first_departure(c: &mut Coordinator, rx: &Receiver<Event>) {
     await_word(c, rx, |c| c.first_left.is_some());
-    if let Some((node, why, lost_at)) = &c.first_lost_agent {
-        if c.first_left_at.is_none_or(|left_at| *lost_at <= left_at) {
+    if let Some((node, why, lost_at)) = c.first_lost_agent() {
+        if c.first_left_at.is_none_or(|left_at| lost_at <= left_at) {
             // The ranks of a node heard from died after it went silent:
             // the launcher ended them over the lost node's.
             cryo_core::say!(
