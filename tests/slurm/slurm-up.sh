@@ -9,7 +9,7 @@ set -euo pipefail
 
 dir="${1:-$(mktemp -d /tmp/cryo-slurm.XXXXXX)}"
 plugstack="${2:-}"
-mkdir -p "$dir"/{state,spool,log}
+mkdir -p "$dir"/{state,spool,log,tmp}
 host="$(hostname -s)"
 cpus="$(nproc)"
 
@@ -42,6 +42,10 @@ SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
+# The steps' PMIx directories (spmix_appdir_<uid>_<job>.<step>) go here, not
+# in /tmp: each test Slurm numbers its jobs from 1 again, and a directory
+# left by an earlier Slurm killed mid-step would fail the same step's launch.
+TmpFS=$dir/tmp
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log

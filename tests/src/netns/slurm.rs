@@ -44,7 +44,7 @@ impl SlurmCluster {
             .prefix("cryo-nslurm-")
             .tempdir()
             .unwrap();
-        for sub in ["state", "log"] {
+        for sub in ["state", "log", "tmp"] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         let slurm = SlurmCluster {
@@ -94,6 +94,7 @@ impl SlurmCluster {
              SlurmctldPort=6817\nSlurmdPort=6818\n\
              StateSaveLocation={d}/state\n\
              SlurmdSpoolDir={d}/spool-%n\n\
+             TmpFS={d}/tmp\n\
              SlurmctldPidFile={d}/slurmctld.pid\n\
              SlurmdPidFile={d}/slurmd-%n.pid\n\
              SlurmctldLogFile={d}/log/slurmctld.log\n\
