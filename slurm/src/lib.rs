@@ -191,6 +191,16 @@ pub unsafe extern "C" fn slurm_spank_init_post_opt(
                 Ok(())
             }
             Context::Remote => {
+                let adopted = options::adopt_from_job_env(|name| {
+                    let value = handle.getenv_os(name).ok().flatten()?;
+                    Some(value.to_string_lossy().into_owned())
+                });
+                if adopted {
+                    spank_log(
+                        LogLevel::Verbose,
+                        "cryo: --cryo options taken from the job's SPANK environment (--export=NONE)",
+                    );
+                }
                 if let Err(reason) = start_agent_if_cryo_step(spank, handle, args) {
                     spank_log(LogLevel::Error, &reason);
                     if let Ok(mut slot) = START_ERROR.lock() {

@@ -24,6 +24,10 @@ pub struct StepOptions {
     pub interval: Option<String>,
     /// `--cryo-keep`.
     pub keep: Option<String>,
+    /// Where a bare `--cryo` puts its store (`cryo-store` in it) when not
+    /// the working directory: the submission directory, for options taken
+    /// from the job's environment ([`StepOptions::from_job_env`]).
+    pub base: Option<PathBuf>,
 }
 
 /// plugstack.conf arguments.
@@ -59,7 +63,31 @@ pub fn parse_plugin_args(argv: &[&str]) -> Result<PluginArgs, String> {
     Ok(args)
 }
 
+/// How a job submitted with `--export=NONE` carries the plugin's options
+/// to its batch script: Slurm keeps them in the job's SPANK environment,
+/// which reaches the batch step as `SLURM_SPANK_` and the option's usual
+/// variable (`_SLURM_SPANK_OPTION_cryo_cryo_interval`), where no option
+/// callback sees them.
+const JOB_ENV_PREFIX: &str = "SLURM_SPANK__SLURM_SPANK_OPTION_cryo_";
+
 impl StepOptions {
+    /// The options a job's environment carries under [`JOB_ENV_PREFIX`]
+    /// (`lookup` reads it), if `--cryo` is among them; a bare `--cryo`'s
+    /// store lies in the submission directory (`SLURM_SUBMIT_DIR`).
+    pub fn from_job_env(lookup: impl Fn(&str) -> Option<String>) -> Option<StepOptions> {
+        let option = |name: &str| lookup(&format!("{JOB_ENV_PREFIX}{name}"));
+        let store = option("cryo")?;
+        Some(StepOptions {
+            enabled: true,
+            store: Some(store).filter(|v| !v.is_empty() && v != NULL_VALUE),
+            interval: option("cryo_interval"),
+            keep: option("cryo_keep"),
+            base: lookup("SLURM_SUBMIT_DIR")
+                .map(PathBuf::from)
+                .filter(|dir| dir.is_absolute()),
+        })
+    }
+
     /// The store the job uses.
     pub fn store(&self, args: &PluginArgs) -> Result<PathBuf, String> {
         match (&self.store, &args.store) {
@@ -70,9 +98,14 @@ impl StepOptions {
             (None, Some(dir)) => Ok(dir.clone()),
             // As `cryo run`: `cryo-store` in the working directory, resolved
             // at submission and carried to the job in CRYO_STORE.
-            (None, None) => std::env::current_dir()
-                .map(|cwd| cwd.join(DEFAULT_STORE_DIR))
-                .map_err(|e| format!("--cryo without a store: reading the working directory: {e}")),
+            (None, None) => match &self.base {
+                Some(base) => Ok(base.join(DEFAULT_STORE_DIR)),
+                None => std::env::current_dir()
+                    .map(|cwd| cwd.join(DEFAULT_STORE_DIR))
+                    .map_err(|e| {
+                        format!("--cryo without a store: reading the working directory: {e}")
+                    }),
+            },
         }
     }
 
@@ -156,11 +189,31 @@ static OPTIONS: Mutex<StepOptions> = Mutex::new(StepOptions {
     store: None,
     interval: None,
     keep: None,
+    base: None,
 });
 
 /// The options seen so far in this process.
 pub fn current() -> StepOptions {
     OPTIONS.lock().map(|o| o.clone()).unwrap_or_default()
+}
+
+/// Takes the options from the job's environment when Slurm called back
+/// with none ([`StepOptions::from_job_env`]: the batch script of a job
+/// submitted with `--export=NONE`). Returns whether it did.
+pub fn adopt_from_job_env(lookup: impl Fn(&str) -> Option<String>) -> bool {
+    let Ok(mut options) = OPTIONS.lock() else {
+        return false;
+    };
+    if options.enabled {
+        return false;
+    }
+    match StepOptions::from_job_env(lookup) {
+        Some(found) => {
+            *options = found;
+            true
+        }
+        None => false,
+    }
 }
 
 /// The store's folder in the working directory when `--cryo` names none:
@@ -286,6 +339,49 @@ mod tests {
         assert!(parse_plugin_args(&["colour=blue"])
             .unwrap_err()
             .contains("unknown argument"));
+    }
+
+    #[test]
+    fn options_in_the_job_environment_of_an_export_none_job() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                (vars.iter())
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let found = StepOptions::from_job_env(env(&[
+            ("SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo", "/shared/cryo"),
+            ("SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo_interval", "600"),
+            ("SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo_keep", "2"),
+            ("SLURM_SUBMIT_DIR", "/home/u/run"),
+        ]))
+        .unwrap();
+        assert!(found.enabled);
+        assert_eq!(found.store.as_deref(), Some("/shared/cryo"));
+        assert_eq!(found.interval.as_deref(), Some("600"));
+        assert_eq!(found.keep.as_deref(), Some("2"));
+        let args = PluginArgs::default();
+        assert_eq!(found.store(&args).unwrap(), Path::new("/shared/cryo"));
+        // A bare --cryo: the store in the submission directory.
+        let bare = StepOptions::from_job_env(env(&[
+            ("SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo", "(null)"),
+            ("SLURM_SUBMIT_DIR", "/home/u/run"),
+        ]))
+        .unwrap();
+        assert_eq!(bare.store, None);
+        assert_eq!(
+            bare.store(&args).unwrap(),
+            Path::new("/home/u/run/cryo-store")
+        );
+        // Without --cryo, the others are no cryo job.
+        assert_eq!(
+            StepOptions::from_job_env(env(&[(
+                "SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo_interval",
+                "600"
+            )])),
+            None
+        );
     }
 
     #[test]

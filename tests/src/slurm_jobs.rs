@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{output_text, Heat2dFiles};
@@ -121,4 +121,38 @@ pub fn submit(mut sbatch: Command) -> String {
         .next()
         .unwrap()
         .to_owned()
+}
+
+/// Whether Slurm can run here; `false` only when skipping was asked for.
+pub fn slurm_available() -> bool {
+    let missing: Vec<&str> = ["slurmctld", "slurmd", "munged", "sbatch"]
+        .into_iter()
+        .filter(|cmd| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .stdout(Stdio::null())
+                .status()
+                .map_or(true, |s| !s.success())
+        })
+        .collect();
+    let problem = if !missing.is_empty() {
+        Some(format!(
+            "Slurm is not installed ({} missing); scripts/install-deps.sh installs slurm-wlm and munge",
+            missing.join(", ")
+        ))
+    } else if !nix::unistd::geteuid().is_root() {
+        Some("slurmd must run as root and these tests are not root".to_owned())
+    } else {
+        None
+    };
+    match problem {
+        None => true,
+        Some(problem) if std::env::var_os("CRYO_SKIP_SLURM").is_some() => {
+            eprintln!("\n*** SKIPPED: the Slurm tests did not run: {problem} ***\n");
+            false
+        }
+        Some(problem) => panic!(
+            "the Slurm tests cannot run: {problem}. Set CRYO_SKIP_SLURM=1 to skip them knowingly."
+        ),
+    }
 }

@@ -16,7 +16,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cryo_tests::slurm_jobs::{path_with_built, submit, submit_heat2d, wait_done, SlurmJobs};
+use cryo_tests::slurm_jobs::{
+    path_with_built, slurm_available, submit, submit_heat2d, wait_done, SlurmJobs,
+};
 use cryo_tests::{build_packages, lines, output_text, Heat2dFiles};
 
 const RANKS: u32 = 4;
@@ -39,40 +41,6 @@ fn built() -> PathBuf {
         "cryo-rank",
         "cryo-slurm",
     ])
-}
-
-/// Whether Slurm can run here; `false` only when skipping was asked for.
-fn slurm_available() -> bool {
-    let missing: Vec<&str> = ["slurmctld", "slurmd", "munged", "sbatch"]
-        .into_iter()
-        .filter(|cmd| {
-            Command::new("sh")
-                .args(["-c", &format!("command -v {cmd}")])
-                .stdout(Stdio::null())
-                .status()
-                .map_or(true, |s| !s.success())
-        })
-        .collect();
-    let problem = if !missing.is_empty() {
-        Some(format!(
-            "Slurm is not installed ({} missing); scripts/install-deps.sh installs slurm-wlm and munge",
-            missing.join(", ")
-        ))
-    } else if !nix::unistd::geteuid().is_root() {
-        Some("slurmd must run as root and these tests are not root".to_owned())
-    } else {
-        None
-    };
-    match problem {
-        None => true,
-        Some(problem) if std::env::var_os("CRYO_SKIP_SLURM").is_some() => {
-            eprintln!("\n*** SKIPPED: the Slurm tests did not run: {problem} ***\n");
-            false
-        }
-        Some(problem) => panic!(
-            "the Slurm tests cannot run: {problem}. Set CRYO_SKIP_SLURM=1 to skip them knowingly."
-        ),
-    }
 }
 
 /// A private single-node Slurm, stopped on drop.
@@ -609,23 +577,52 @@ fn requeued_once_checking(
 /// to the ranks; the job checkpoints, requeues and resumes identically.
 #[test]
 fn a_job_submitted_with_export_none_still_reaches_its_agents_and_ranks() {
-    let Some((_guard, slurm, case)) = setup_with(false) else {
+    submitted_with_export_none(false);
+}
+
+/// The same with the plugin and `--cryo=STORE --cryo-interval`: Slurm
+/// carries the options to the batch script only in its SPANK environment
+/// (`SLURM_SPANK__SLURM_SPANK_OPTION_cryo_cryo`), where the plugin finds
+/// them, so `cryo run` gets the store and the interval and the plugin's
+/// agents serve the job.
+#[test]
+fn the_cryo_options_reach_a_job_submitted_with_export_none() {
+    submitted_with_export_none(true);
+}
+
+fn submitted_with_export_none(plugin: bool) {
+    let Some((_guard, slurm, case)) = setup_with(plugin) else {
         return;
     };
+    let store = case.path("store").display().to_string();
+    let exported = if plugin {
+        String::new()
+    } else {
+        format!(" CRYO_STORE={store}")
+    };
     let script = format!(
-        "echo \"export: $SLURM_EXPORT_ENV\"; export PATH={path} CRYO_STORE={store}; \
+        "echo \"export: $SLURM_EXPORT_ENV store: $CRYO_STORE interval: $CRYO_INTERVAL\"; export PATH={path}{exported}; \
          exec cryo run --requeue -- {heat2d} {args}",
         path = path_with_built(),
-        store = case.path("store").display(),
         heat2d = built().join("heat2d").display(),
         args = case.app_args("run", 300).join(" ")
     );
     let mut sbatch = slurm.cmd("sbatch");
-    sbatch.arg("--export=NONE");
+    sbatch.arg("--export=NONE").env_remove("CRYO_STORE");
+    if plugin {
+        sbatch
+            .arg(format!("--cryo={store}"))
+            .arg("--cryo-interval=3600");
+    }
     let log = requeued_once(&slurm, &case, sbatch, &script);
+    let seen = if plugin {
+        format!("store: {store} interval: 3600")
+    } else {
+        "store:  interval: ".to_owned()
+    };
     assert!(
-        log.contains("export: NONE"),
-        "not a clean environment:\n{log}"
+        log.contains(&format!("export: NONE {seen}\n")),
+        "not a clean environment, or the options lost:\n{log}"
     );
 }
 
