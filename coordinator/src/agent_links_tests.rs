@@ -78,7 +78,10 @@ fn an_agent_back_after_a_lost_link_states_its_ranks_and_the_job_can_checkpoint_a
     c.on_agent_lost("a", "timed out", 1);
     assert_eq!(c.first_lost_agent().unwrap().0, "a");
     let refused = c.start_checkpoint("test").unwrap_err();
-    assert!(refused.contains("not connected"), "{refused}");
+    assert!(
+        refused.starts_with("the agent on node \"a\" is not connected (lost 0 s ago: timed out;"),
+        "{refused}"
+    );
 
     c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, 2);
     for rank in 0..3 {

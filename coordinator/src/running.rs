@@ -189,13 +189,17 @@ impl Coordinator {
                 self.opts.ranks
             ));
         }
-        if let Some(lost) = self
-            .agents
-            .iter()
-            .find(|(_, a)| a.writer.is_none())
-            .map(|(n, _)| n.clone())
-        {
-            return Err(format!("the agent on node {lost:?} is not connected"));
+        if let Some((node, agent)) = self.agents.iter().find(|(_, a)| a.writer.is_none()) {
+            let since = (agent.lost.as_ref()).map_or_else(String::new, |(why, at)| {
+                format!(
+                    " (lost {:.0} s ago: {why}; it dials in again by itself once the network \
+                     lets it, and the next checkpoint can then go ahead)",
+                    at.elapsed().as_secs_f64()
+                )
+            });
+            return Err(format!(
+                "the agent on node {node:?} is not connected{since}"
+            ));
         }
         let epoch = self.next_epoch().map_err(|e| e.to_string())?;
         if self.preempting {
