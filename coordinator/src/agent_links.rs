@@ -106,44 +106,48 @@ impl Coordinator {
     ) {
         let external = matches!(self.opts.agents, AgentMode::External { .. });
         let job = self.opts.job.clone();
-        match self.agents.get_mut(&node) {
-            Some(agent) => {
-                let again = agent.writer.is_some() || agent.lost.is_some();
-                if external {
-                    // A restarted agent on the same node: its ranks register
-                    // with it again.
-                    agent.ranks.clear();
-                }
-                agent.writer = Some(writer);
-                agent.version = version;
-                agent.link = link;
-                if let Some((why, at)) = agent.lost.take() {
-                    let secs = at.elapsed().as_secs_f64();
-                    tracing::info!(job = %job, node = %node, lost_s = secs, "agent.rejoined");
-                    cryo_core::say!(
-                        "cryo: the agent on node {node} is back ({secs:.0} s after it was lost: {why})"
-                    );
-                }
-                if again {
-                    // What it reported on its old connection may not have
-                    // arrived: the epoch under way cannot count on it.
-                    if let Some(epoch) = self.epoch.as_mut() {
-                        epoch.apply(EpochEvent::AgentLost { node }, Instant::now());
-                        self.progress();
-                    }
-                }
-            }
+        let agent = match self.agents.get_mut(&node) {
+            Some(agent) => agent,
             None if external => {
                 tracing::info!(job = %job, node = %node, "agent.joined");
                 cryo_core::say!("cryo: agent on node {node} joined");
-                let mut agent = AgentHandle::unconnected(None, PathBuf::new());
-                agent.writer = Some(writer);
-                agent.version = version;
-                agent.link = link;
-                self.agents.insert(node, agent);
+                let joined = AgentHandle::unconnected(None, PathBuf::new());
+                self.agents.entry(node.clone()).or_insert(joined)
             }
-            None => {}
+            None => return,
+        };
+        let again = agent.writer.is_some() || agent.lost.is_some();
+        if external {
+            // A restarted agent on the same node: its ranks register with
+            // it again.
+            agent.ranks.clear();
         }
+        agent.writer = Some(writer);
+        agent.version = version;
+        agent.link = link;
+        if let Some((why, at)) = agent.lost.take() {
+            let secs = at.elapsed().as_secs_f64();
+            tracing::info!(job = %job, node = %node, lost_s = secs, "agent.rejoined");
+            cryo_core::say!(
+                "cryo: the agent on node {node} is back ({secs:.0} s after it was lost: {why})"
+            );
+        }
+        if again {
+            // What it reported on its old connection may not have arrived:
+            // the epoch under way cannot count on it.
+            if let Some(epoch) = self.epoch.as_mut() {
+                epoch.apply(EpochEvent::AgentLost { node }, Instant::now());
+                self.progress();
+            }
+        }
+    }
+
+    /// Whether `link` is an older connection of `node`'s agent, which has
+    /// dialed in again since.
+    pub(crate) fn is_replaced_link(&self, node: &str, link: u64) -> bool {
+        self.agents
+            .get(node)
+            .is_some_and(|agent| agent.link != link)
     }
 
     /// Whether `node`'s agent holds `rank`.
@@ -217,11 +221,7 @@ impl Coordinator {
     /// An agent's connection `link` ended. One already back on a newer
     /// connection is no news.
     pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str, link: u64) {
-        if self
-            .agents
-            .get(node)
-            .is_some_and(|agent| agent.link != link)
-        {
+        if self.is_replaced_link(node, link) {
             tracing::info!(job = %self.opts.job, node, why, link, "agent.old_link_closed");
             return;
         }

@@ -291,7 +291,7 @@ pub(crate) fn wait_for_agents(
             }) => c.on_agent_connected(node, writer, version, link),
             Ok(Event::AgentLost { node, why, link }) => {
                 // An agent that dialed again is already back.
-                if c.agents.get(&node).is_none_or(|agent| agent.link == link) {
+                if !c.is_replaced_link(&node, link) {
                     bail!("the agent on node {node} disconnected while starting ({why})")
                 }
             }
