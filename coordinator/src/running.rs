@@ -20,6 +20,7 @@ use crate::commit::Committer;
 use crate::epoch::{Epoch, Event as EpochEvent, Phase};
 use crate::human;
 use crate::peers::Event;
+use crate::refusal::Refusal;
 use crate::session::{stop_process_group, RunOptions};
 
 /// A `cryo checkpoint` or `preempt` waiting for the epoch's outcome.
@@ -49,6 +50,8 @@ pub(crate) struct Coordinator {
     /// The epoch started once the job was to stop: its ranks stay parked
     /// until the job stops, so nothing they compute is lost or redone.
     stop_epoch: Option<u64>,
+    /// A stop's wait for agents that lost their link (`preemption`).
+    pub(crate) stop_wait: Option<crate::preemption::StopWait>,
     /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
     pub(crate) agent_step: Option<Child>,
     committer: Committer,
@@ -104,6 +107,7 @@ impl Coordinator {
             requeue_on_stop: false,
             preempt_result: None,
             stop_epoch: None,
+            stop_wait: None,
             agent_step: None,
             committing: None,
             finalized: BTreeSet::new(),
@@ -167,41 +171,35 @@ impl Coordinator {
         Ok(committed.max(partial).max(self.last_attempted) + 1)
     }
 
-    pub(crate) fn start_checkpoint(&mut self, why: &str) -> Result<u64, String> {
+    pub(crate) fn start_checkpoint(&mut self, why: &str) -> Result<u64, Refusal> {
         if let Some(epoch) = &self.epoch {
-            return Err(format!(
-                "checkpoint of epoch {} is still in progress",
-                epoch.epoch
-            ));
+            return Err(Refusal::InProgress { epoch: epoch.epoch });
         }
         let registered = self.registered();
+        let ranks = self.opts.ranks;
+        let restating = (self.pids.keys())
+            .filter(|rank| !self.gone.contains(rank))
+            .filter(|rank| !self.agents.values().any(|a| a.ranks.contains(rank)))
+            .count();
+        if restating > 0 {
+            return Err(Refusal::Restating { ranks: restating });
+        }
         let left = self.pids.len().saturating_sub(registered);
         if left > 0 {
-            return Err(format!(
-                "{left} of {} ranks have left the job (ended, or killed: Slurm sends the \
-                 ranks its SIGTERM too)",
-                self.opts.ranks
-            ));
+            return Err(Refusal::RanksLeft { left, ranks });
         }
-        if registered < self.opts.ranks as usize {
-            return Err(format!(
-                "only {registered} of {} ranks have registered with their agents yet",
-                self.opts.ranks
-            ));
+        if registered < ranks as usize {
+            return Err(Refusal::NotRegistered { registered, ranks });
         }
         if let Some((node, agent)) = self.agents.iter().find(|(_, a)| a.writer.is_none()) {
-            let since = (agent.lost.as_ref()).map_or_else(String::new, |(why, at)| {
-                format!(
-                    " (lost {:.0} s ago: {why}; it dials in again by itself once the network \
-                     lets it, and the next checkpoint can then go ahead)",
-                    at.elapsed().as_secs_f64()
-                )
+            return Err(Refusal::AgentAway {
+                node: node.clone(),
+                lost: (agent.lost.as_ref()).map(|(why, at)| (why.clone(), at.elapsed())),
             });
-            return Err(format!(
-                "the agent on node {node:?} is not connected{since}"
-            ));
         }
-        let epoch = self.next_epoch().map_err(|e| e.to_string())?;
+        let epoch = self
+            .next_epoch()
+            .map_err(|e| Refusal::Store(e.to_string()))?;
         if self.preempting {
             self.stop_epoch = Some(epoch);
         }
@@ -341,7 +339,7 @@ impl Coordinator {
                     written: epoch.bytes_written(),
                     elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
                 };
-                if self.preempting && !self.stop_after(epoch.epoch) {
+                if self.preempting && !self.stop_after(epoch.epoch, false) {
                     // The job stops now: it leaves the registry before
                     // `cryo preempt` hears, so that a restart right after
                     // waits for this run to exit instead of finding it.
@@ -370,7 +368,7 @@ impl Coordinator {
                     epoch: epoch.epoch,
                     reason,
                 };
-                if self.preempting && !self.stop_after(epoch.epoch) {
+                if self.preempting && !self.stop_after(epoch.epoch, true) {
                     self.preempt_result = Some(false);
                 }
                 self.answer(&response);
@@ -382,12 +380,18 @@ impl Coordinator {
     /// Whether the job, to stop after `epoch` (over), takes one more
     /// epoch first: `epoch` began before the stop was asked for, so its
     /// ranks computed on after it, and stopping now would lose those steps
-    /// and run them (and print their output) again after a restart.
-    fn stop_after(&mut self, epoch: u64) -> bool {
-        if self.stop_epoch == Some(epoch) {
+    /// and run them (and print their output) again after a restart. The
+    /// stop's own epoch, aborted while an agent is away, is taken again
+    /// once the agent is back (within `--rejoin-wait`).
+    fn stop_after(&mut self, epoch: u64, aborted: bool) -> bool {
+        let why = if self.stop_epoch != Some(epoch) {
+            "the stop, after the epoch in flight"
+        } else if aborted && self.agents.values().any(|a| a.writer.is_none()) {
+            "the stop, again"
+        } else {
             return false;
-        }
-        match self.start_checkpoint("the stop, after the epoch in flight") {
+        };
+        match self.start_stop_checkpoint(why) {
             Ok(_) => true,
             Err(reason) => {
                 cryo_core::say!(
@@ -400,8 +404,8 @@ impl Coordinator {
 
     /// Answers the waiters of an epoch that is over; a `cryo preempt`
     /// waits on while the job's last epoch is under way.
-    fn answer(&mut self, response: &JobResponse) {
-        let last_to_come = self.epoch.is_some();
+    pub(crate) fn answer(&mut self, response: &JobResponse) {
+        let last_to_come = self.epoch.is_some() || self.is_awaiting_agent();
         self.waiters.retain(|waiter| {
             if waiter.preempt && last_to_come {
                 return true;
@@ -487,7 +491,13 @@ impl Coordinator {
                 // Set first: the epoch it starts is the job's last.
                 self.preempting |= preempt;
                 self.requeue_on_stop |= preempt;
-                match self.start_checkpoint(why) {
+                let started = if preempt {
+                    self.start_stop_checkpoint(why)
+                } else {
+                    self.start_checkpoint(why).map(Some)
+                };
+                match started {
+                    // Not started yet: an agent is away (`preemption`).
                     Ok(_) => self.waiters.push(Waiter { reply, preempt }),
                     Err(reason) if preempt && self.epoch.is_some() => {
                         // Preempt during a checkpoint: one more, parked,
@@ -509,6 +519,7 @@ impl Coordinator {
                         });
                     }
                     Err(reason) => {
+                        let reason = reason.to_string();
                         let _ = reply.send(JobResponse::Refused { reason });
                     }
                 }

@@ -80,6 +80,8 @@ pub struct RunOptions {
     pub checkpoint_timeout: Duration,
     /// How long agents wait for ranks to park.
     pub park_timeout: Duration,
+    /// How long a preemption waits for an agent that lost its link.
+    pub rejoin_wait: Duration,
     /// Address to listen on.
     pub listen: String,
     /// Restart from this epoch.
@@ -531,17 +533,20 @@ fn drive(
                     "cryo: SIGTERM (scancel, scontrol requeue, or a stop Slurm gave no warning of): checkpointing, if the ranks are still there, and stopping; cryo does not requeue the job"
                 );
             }
+            // A stop waiting for an agent that lost its link waits no more.
+            c.give_up_waiting("SIGTERM");
             preempt_signal = Some(("SIGTERM", "SIGTERM: preempt"));
         }
         if let Some((signal, why)) = preempt_signal.filter(|_| !c.preempting) {
             c.preempting = true;
-            if let Err(reason) = c.start_checkpoint(why) {
+            if let Err(reason) = c.start_stop_checkpoint(why) {
                 if c.epoch.is_none() {
                     cryo_core::say!("cryo: {signal}: stopping without a new checkpoint: {reason}");
                     c.preempt_result = Some(false);
                 }
             }
         }
+        c.retry_stop_checkpoint();
         if let (Some(at), Some(interval)) = (next_interval, c.opts.interval) {
             if Instant::now() >= at {
                 next_interval = Some(Instant::now() + interval);

@@ -2,7 +2,8 @@
 //! (`cryo_tests::netns`): a partition between the coordinator's host and a
 //! node during each phase of an epoch, packet loss and delay during
 //! checkpoints, a partition longer than the link timeout (after which the
-//! agent rejoins), and a whole node lost mid-epoch.
+//! agent rejoins, and a preemption meanwhile waits for it), and a whole
+//! node lost mid-epoch.
 //!
 //! In each case the epoch aborts or commits whole, every committed epoch
 //! verifies, the job goes on to a result byte-identical to a run without
@@ -303,29 +304,14 @@ fn after_a_partition_longer_than_the_link_timeout_the_agent_rejoins() {
         return;
     };
     let mut job = setup.start_stepping(400, &[("CRYO_LINK_TIMEOUT", "4")]);
-    let cut = Instant::now();
-    setup.cluster.partition("n1", HEAD);
-    wait_until("agent.lost for n1", Duration::from_secs(20), || {
-        setup.logs(&job).contains("agent.lost")
-    });
-    let noticed = cut.elapsed();
+    let cut = cut_until_lost(&setup, &job);
     let out = setup.case.checkpoint("heat");
-    assert!(
-        noticed < Duration::from_secs(4 + 4),
-        "the lost agent was noticed after {noticed:?}"
-    );
     assert!(
         !out.status.success() && output_text(&out).contains("not connected"),
         "a checkpoint without n1's agent cannot commit: {}",
         output_text(&out)
     );
-    // Long enough for n1's agent to notice too (its log reaches the head
-    // only through the launcher, once the network is back).
-    std::thread::sleep(Duration::from_secs(9).saturating_sub(cut.elapsed()));
-    setup.cluster.heal("n1");
-    wait_until("n1's agent back", Duration::from_secs(20), || {
-        setup.logs(&job).contains("the agent on node n1 is back")
-    });
+    heal_after_lost(&setup, &job, cut);
     let out = setup.case.checkpoint("heat");
     assert!(
         out.status.success() && output_text(&out).contains("epoch 2 committed"),
@@ -342,6 +328,79 @@ fn after_a_partition_longer_than_the_link_timeout_the_agent_rejoins() {
         "{logs}"
     );
     setup.case.assert_matches_reference();
+    let committed = setup.assert_committed_verify();
+    assert_eq!(committed, [1, 2]);
+    setup.assert_restarts_exactly(&committed);
+}
+
+/// Cuts n1 off the head until `cryo run` counts its agent lost, within
+/// the link timeout (4 s, `CRYO_LINK_TIMEOUT`) and not TCP's quarter of an
+/// hour; returns when the cut was made.
+fn cut_until_lost(setup: &Setup, job: &Job) -> Instant {
+    let cut = Instant::now();
+    setup.cluster.partition("n1", HEAD);
+    wait_until("agent.lost for n1", Duration::from_secs(20), || {
+        setup.logs(job).contains("agent.lost")
+    });
+    let noticed = cut.elapsed();
+    assert!(
+        noticed < Duration::from_secs(4 + 4),
+        "the lost agent was noticed after {noticed:?}"
+    );
+    cut
+}
+
+/// Heals the cut made at `cut` once n1's agent has noticed it too (9 s
+/// on; its log reaches the head only through the launcher, once the
+/// network is back), and waits until the agent has dialed in again.
+fn heal_after_lost(setup: &Setup, job: &Job, cut: Instant) {
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(cut.elapsed()));
+    setup.cluster.heal("n1");
+    wait_until("n1's agent back", Duration::from_secs(20), || {
+        setup.logs(job).contains("the agent on node n1 is back")
+    });
+}
+
+/// A preemption (`cryo preempt`) while n1's agent is away after a long
+/// partition: the stop's checkpoint waits for the agent (`--rejoin-wait`)
+/// instead of stopping the job with nothing saved since epoch 1. Once the
+/// network heals and the agent is back, epoch 2 commits, the job stops as
+/// preempted, and a restart from epoch 2 ends byte-identical.
+#[test]
+fn a_preemption_while_an_agent_is_away_waits_for_it_and_checkpoints() {
+    let Some(setup) = setup() else {
+        return;
+    };
+    let mut job = setup.start_stepping(400, &[("CRYO_LINK_TIMEOUT", "4")]);
+    let cut = cut_until_lost(&setup, &job);
+    let preempt = setup
+        .case
+        .cryo()
+        .args(["preempt", "heat"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the stop waiting for n1", Duration::from_secs(20), || {
+        setup.logs(&job).contains("stop.awaiting_agent")
+    });
+    heal_after_lost(&setup, &job, cut);
+    let said = output_text(&preempt.wait_with_output().unwrap());
+    let status = wait_job(&setup, &mut job);
+    let logs = setup.logs(&job);
+    assert!(
+        said.contains("epoch 2 committed"),
+        "the preemption's checkpoint: {said}\n{logs}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "preempted after a checkpoint:\n{logs}"
+    );
+    assert!(
+        logs.contains("cryo: job heat preempted after committing epoch 2"),
+        "{logs}"
+    );
     let committed = setup.assert_committed_verify();
     assert_eq!(committed, [1, 2]);
     setup.assert_restarts_exactly(&committed);
