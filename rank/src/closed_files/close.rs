@@ -222,22 +222,17 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { next(fd) }
 }
 
-/// The files of the node noted since the last drain at `path` or under
-/// it (a directory), each with whether it was written then.
-pub(crate) fn noted_node_under(path: &[u8]) -> Vec<(String, bool)> {
+/// The files of the node noted since the last drain, each with whether
+/// it was written then (a rename carries them to their new names).
+pub(crate) fn noted_node() -> Vec<(String, bool)> {
     (0..SLOTS)
-        .filter_map(|i| {
-            if OF_NODE.state[i].load(Ordering::Acquire) != FULL {
-                return None;
-            }
-            // SAFETY: read only while FULL; a stale match only carries a
+        .filter(|&i| OF_NODE.state[i].load(Ordering::Acquire) == FULL)
+        .map(|i| {
+            // SAFETY: read only while FULL; a stale note only carries a
             // note the table may have already.
             let noted = unsafe { OF_NODE.path(i) };
-            let rest = noted.strip_prefix(path)?;
-            (rest.is_empty() || rest.first() == Some(&b'/')).then(|| {
-                let noted = String::from_utf8_lossy(noted).into_owned();
-                (noted, OF_NODE.written[i].load(Ordering::Relaxed))
-            })
+            let noted = String::from_utf8_lossy(noted).into_owned();
+            (noted, OF_NODE.written[i].load(Ordering::Relaxed))
         })
         .collect()
 }

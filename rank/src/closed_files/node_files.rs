@@ -139,16 +139,20 @@ fn carry(old: &str, new: &str, keep_old: bool) {
         return;
     };
     let table = guard.get_or_insert_with(Table::default);
-    let mut moved: Vec<(String, bool)> = (table.files.iter())
-        .filter(|(path, _)| under(path, old).is_some())
-        .map(|(path, written)| (path.clone(), *written))
-        .collect();
-    moved.extend(super::close::noted_node_under(old.as_bytes()));
-    for (path, written) in moved {
-        let Some(rest) = under(&path, old) else {
-            continue;
-        };
-        let to = format!("{new}{rest}");
+    // Each noted path at `old` or under it, with its name after the rename.
+    let mut moved: Vec<(String, String, bool)> = Vec::new();
+    for (path, written) in table.files.iter() {
+        if let Some(rest) = under(path, old) {
+            moved.push((path.clone(), format!("{new}{rest}"), *written));
+        }
+    }
+    for (path, written) in super::close::noted_node() {
+        if let Some(rest) = under(&path, old) {
+            let to = format!("{new}{rest}");
+            moved.push((path, to, written));
+        }
+    }
+    for (path, to, written) in moved {
         if !keep_old {
             table.files.remove(&path);
         }
