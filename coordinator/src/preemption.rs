@@ -24,10 +24,7 @@ impl Coordinator {
     /// and the checkpoint starts once it is back ([`Self::retry_stop_checkpoint`]).
     pub(crate) fn start_stop_checkpoint(&mut self, why: &str) -> Result<Option<u64>, Refusal> {
         let refusal = match self.start_checkpoint(why) {
-            Ok(epoch) => {
-                self.stop_waiting();
-                return Ok(Some(epoch));
-            }
+            Ok(epoch) => return Ok(Some(epoch)),
             Err(refusal) => refusal,
         };
         let budget = self.opts.rejoin_wait;
@@ -56,7 +53,8 @@ impl Coordinator {
         Ok(None)
     }
 
-    fn stop_waiting(&mut self) {
+    /// The stop waits for no agent any more.
+    pub(crate) fn stop_waiting(&mut self) {
         if let Some(wait) = &mut self.stop_wait {
             wait.why = None;
         }

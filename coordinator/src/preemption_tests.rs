@@ -167,3 +167,29 @@ fn a_rejoined_agent_that_has_not_restated_its_ranks_yet_is_waited_for() {
     c.retry_stop_checkpoint();
     assert_eq!(c.epoch.as_ref().map(|e| e.epoch), Some(1));
 }
+
+#[test]
+fn a_checkpoint_asked_for_once_the_agent_is_back_is_the_stop_s_and_answers_the_preemption() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = with_agent_lost(dir.path(), 1);
+    let (reply, answer) = mpsc::channel();
+    c.on_request(JobRequest::Preempt, reply);
+    rejoin(&mut c, 1, 2);
+    // `cryo checkpoint` before the next tick's retry.
+    let (reply, _checkpoint) = mpsc::channel();
+    c.on_request(JobRequest::Checkpoint, reply);
+    assert_eq!(c.epoch.as_ref().map(|e| e.epoch), Some(1));
+    assert!(!c.is_awaiting_agent(), "the stop's checkpoint is under way");
+    c.retry_stop_checkpoint();
+    assert_eq!(c.epoch.as_ref().map(|e| e.epoch), Some(1));
+    // It aborts: the preemption hears it once the stop is decided.
+    c.on_agent_message(
+        "a",
+        cryo_core::protocol::AgentToCoordinator::Failed {
+            epoch: 1,
+            reason: cryo_core::protocol::AbortReason::NeverParked { rank: 0 },
+        },
+    );
+    assert_eq!(c.preempt_result, Some(false));
+    assert!(matches!(answer.try_recv(), Ok(JobResponse::Aborted { .. })));
+}

@@ -201,7 +201,10 @@ impl Coordinator {
             .next_epoch()
             .map_err(|e| Refusal::Store(e.to_string()))?;
         if self.preempting {
+            // The stop's checkpoint, whoever started it: a stop waiting
+            // for an agent (`preemption`) waits no more.
             self.stop_epoch = Some(epoch);
+            self.stop_waiting();
         }
         let _ = self.job.discard_pending(epoch);
         self.last_attempted = epoch;
