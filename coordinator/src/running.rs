@@ -50,6 +50,8 @@ pub(crate) struct Coordinator {
     /// The epoch started once the job was to stop: its ranks stay parked
     /// until the job stops, so nothing they compute is lost or redone.
     stop_epoch: Option<u64>,
+    /// A periodic checkpoint is held back by an away agent (`interval`).
+    pub(crate) interval_deferred: bool,
     /// A stop's wait for agents that lost their link (`preemption`).
     pub(crate) stop_wait: Option<crate::preemption::StopWait>,
     /// The Slurm step running this job's agents (`AgentStarter::SrunStep`).
@@ -108,6 +110,7 @@ impl Coordinator {
             preempt_result: None,
             stop_epoch: None,
             stop_wait: None,
+            interval_deferred: false,
             agent_step: None,
             committing: None,
             finalized: BTreeSet::new(),

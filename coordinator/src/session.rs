@@ -549,12 +549,7 @@ fn drive(
         c.retry_stop_checkpoint();
         if let (Some(at), Some(interval)) = (next_interval, c.opts.interval) {
             if Instant::now() >= at {
-                next_interval = Some(Instant::now() + interval);
-                if c.epoch.is_none() {
-                    if let Err(reason) = c.start_checkpoint("interval") {
-                        tracing::info!(job = %c.opts.job, reason = %reason, "interval.skipped");
-                    }
-                }
+                next_interval = Some(Instant::now() + c.on_interval(interval));
             }
         }
         if let (true, None, Some(false), Some(rank)) =
