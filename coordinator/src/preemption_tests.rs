@@ -3,7 +3,9 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cryo_core::protocol::{JobRequest, JobResponse, PROTOCOL_VERSION};
+use cryo_core::protocol::{
+    AbortReason, AgentToCoordinator, JobRequest, JobResponse, PROTOCOL_VERSION,
+};
 
 use crate::running::Coordinator;
 use crate::running_fixture::{coordinator, registered, writer};
@@ -24,6 +26,14 @@ fn rejoin(c: &mut Coordinator, ranks: u32, link: u64) {
     c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, link);
     for rank in 0..ranks {
         c.on_agent_message("a", registered(rank));
+    }
+}
+
+/// The agent's word that `epoch` failed: rank 0 never parked.
+fn never_parked(epoch: u64) -> AgentToCoordinator {
+    AgentToCoordinator::Failed {
+        epoch,
+        reason: AbortReason::NeverParked { rank: 0 },
     }
 }
 
@@ -125,13 +135,7 @@ fn a_stop_epoch_aborted_with_every_agent_there_is_not_taken_again() {
     rejoin(&mut c, 1, 1);
     c.preempting = true;
     assert_eq!(c.start_stop_checkpoint("SIGTERM"), Ok(Some(1)));
-    c.on_agent_message(
-        "a",
-        cryo_core::protocol::AgentToCoordinator::Failed {
-            epoch: 1,
-            reason: cryo_core::protocol::AbortReason::NeverParked { rank: 0 },
-        },
-    );
+    c.on_agent_message("a", never_parked(1));
     assert!(c.epoch.is_none());
     assert_eq!(c.preempt_result, Some(false));
 }
@@ -183,13 +187,7 @@ fn a_checkpoint_asked_for_once_the_agent_is_back_is_the_stop_s_and_answers_the_p
     c.retry_stop_checkpoint();
     assert_eq!(c.epoch.as_ref().map(|e| e.epoch), Some(1));
     // It aborts: the preemption hears it once the stop is decided.
-    c.on_agent_message(
-        "a",
-        cryo_core::protocol::AgentToCoordinator::Failed {
-            epoch: 1,
-            reason: cryo_core::protocol::AbortReason::NeverParked { rank: 0 },
-        },
-    );
+    c.on_agent_message("a", never_parked(1));
     assert_eq!(c.preempt_result, Some(false));
     assert!(matches!(answer.try_recv(), Ok(JobResponse::Aborted { .. })));
 }

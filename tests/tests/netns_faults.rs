@@ -2,8 +2,8 @@
 //! (`cryo_tests::netns`): a partition between the coordinator's host and a
 //! node during each phase of an epoch, packet loss and delay during
 //! checkpoints, a partition longer than the link timeout (after which the
-//! agent rejoins, and a preemption meanwhile waits for it), and a whole
-//! node lost mid-epoch.
+//! agent rejoins, and a preemption or a periodic checkpoint meanwhile
+//! waits for it), and a whole node lost mid-epoch.
 //!
 //! In each case the epoch aborts or commits whole, every committed epoch
 //! verifies, the job goes on to a result byte-identical to a run without
@@ -403,6 +403,54 @@ fn a_preemption_while_an_agent_is_away_waits_for_it_and_checkpoints() {
     );
     let committed = setup.assert_committed_verify();
     assert_eq!(committed, [1, 2]);
+    setup.assert_restarts_exactly(&committed);
+}
+
+/// A periodic checkpoint (`--interval 20`) that falls while n1's agent is
+/// away after a long partition is tried again until the agent is back, and
+/// taken then, not at the next interval: the job would otherwise compute
+/// a whole interval more unsaved.
+#[test]
+fn a_periodic_checkpoint_during_a_long_partition_is_taken_once_the_agent_is_back() {
+    let Some(setup) = setup() else {
+        return;
+    };
+    let timeout = CHECKPOINT_TIMEOUT.as_secs().to_string();
+    let mut job = setup.case.start_with_env(
+        "heat",
+        "n0:2,n1:2",
+        4,
+        &["--checkpoint-timeout", &timeout, "--interval", "20"],
+        600,
+        &[("CRYO_LINK_TIMEOUT", "4")],
+    );
+    wait_until("epoch 1 committed", Duration::from_secs(60), || {
+        setup.logs(&job).contains("epoch 1 committed")
+    });
+    cut_until_lost(&setup, &job);
+    wait_until(
+        "the periodic checkpoint waiting",
+        Duration::from_secs(30),
+        || setup.logs(&job).contains("interval.deferred"),
+    );
+    setup.cluster.heal("n1");
+    wait_until("n1's agent back", Duration::from_secs(20), || {
+        setup.logs(&job).contains("the agent on node n1 is back")
+    });
+    // The next interval is 20 s after the one that waited.
+    wait_until("epoch 2 committed", Duration::from_secs(8), || {
+        setup.logs(&job).contains("epoch 2 committed")
+    });
+    let status = wait_job(&setup, &mut job);
+    let logs = setup.logs(&job);
+    assert!(status.success(), "cryo run failed ({status}):\n{logs}");
+    assert!(
+        logs.contains("checkpoint of epoch 2 requested (interval)"),
+        "{logs}"
+    );
+    setup.case.assert_matches_reference();
+    let committed = setup.assert_committed_verify();
+    assert!(committed.contains(&2), "{committed:?}");
     setup.assert_restarts_exactly(&committed);
 }
 
