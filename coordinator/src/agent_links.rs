@@ -16,6 +16,7 @@ use std::time::Instant;
 use cryo_core::protocol::{AbortReason, Departure};
 
 use crate::epoch::{Event as EpochEvent, Phase};
+use crate::link_loss::LinkLoss;
 use crate::running::Coordinator;
 use crate::session::AgentMode;
 
@@ -33,7 +34,7 @@ pub(crate) struct AgentHandle {
     /// of an older one, after the agent rejoined, is no news.
     pub(crate) link: u64,
     /// Why and when its connection was lost, until it rejoins.
-    pub(crate) lost: Option<(String, Instant)>,
+    pub(crate) lost: Option<(LinkLoss, Instant)>,
 }
 
 impl AgentHandle {
@@ -80,7 +81,7 @@ impl Coordinator {
             .filter_map(|(node, agent)| agent.lost.as_ref().map(|(why, at)| (node, why, *at)))
             .filter(|(.., at)| self.all_finalized_at.is_none_or(|all| *at < all))
             .min_by_key(|(.., at)| *at)
-            .map(|(node, why, at)| (node.clone(), why.clone(), at))
+            .map(|(node, why, at)| (node.clone(), why.to_string(), at))
     }
 
     /// The nodes of `ranks` whose agent was lost: those ranks' ends were
@@ -220,7 +221,9 @@ impl Coordinator {
 
     /// An agent's connection `link` ended. One already back on a newer
     /// connection is no news.
-    pub(crate) fn on_agent_lost(&mut self, node: &str, why: &str, link: u64) {
+    pub(crate) fn on_agent_lost(&mut self, node: &str, loss: &LinkLoss, link: u64) {
+        let why = loss.to_string();
+        let why = why.as_str();
         if self.is_replaced_link(node, link) {
             tracing::info!(job = %self.opts.job, node, why, link, "agent.old_link_closed");
             return;
@@ -239,7 +242,7 @@ impl Coordinator {
         }
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;
-            agent.lost = Some((why.to_owned(), Instant::now()));
+            agent.lost = Some((loss.clone(), Instant::now()));
         }
         if let Some(epoch) = self.epoch.as_mut() {
             epoch.apply(

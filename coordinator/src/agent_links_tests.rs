@@ -2,8 +2,9 @@
 
 use cryo_core::protocol::{AgentToCoordinator, Departure, PROTOCOL_VERSION};
 
+use crate::link_loss::LinkLoss;
 use crate::refusal::Refusal;
-use crate::running_fixture::{coordinator, registered, writer};
+use crate::running_fixture::{coordinator, registered, timed_out, writer};
 
 fn finalized(rank: u32) -> AgentToCoordinator {
     AgentToCoordinator::RankLeft {
@@ -20,11 +21,13 @@ fn an_agent_back_after_a_lost_link_states_its_ranks_and_the_job_can_checkpoint_a
     for rank in 0..3 {
         c.on_agent_message("a", registered(rank));
     }
-    c.on_agent_lost("a", "timed out", 1);
+    c.on_agent_lost("a", &timed_out(), 1);
     assert_eq!(c.first_lost_agent().unwrap().0, "a");
     let refused = c.start_checkpoint("test").unwrap_err().to_string();
     assert!(
-        refused.starts_with("the agent on node \"a\" is not connected (lost 0 s ago: timed out;"),
+        refused.starts_with(
+            "the agent on node \"a\" is not connected (lost 0 s ago: protocol error: timed out;"
+        ),
         "{refused}"
     );
 
@@ -40,7 +43,7 @@ fn an_agent_back_after_a_lost_link_states_its_ranks_and_the_job_can_checkpoint_a
     // rank 1 while the link was down (never sent); the agent states
     // everything again, twice (it was lost once more on the way).
     c.on_agent_message("a", finalized(0));
-    c.on_agent_lost("a", "timed out", 2);
+    c.on_agent_lost("a", &timed_out(), 2);
     assert!(c.epoch.is_none(), "the epoch aborts with the lost agent");
     for link in [3, 4] {
         c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, link);
@@ -79,7 +82,7 @@ fn a_rank_that_died_is_named_once_even_when_stated_again() {
     };
     c.on_agent_message("a", died.clone());
     let first_at = c.first_left_at.unwrap();
-    c.on_agent_lost("a", "timed out", 1);
+    c.on_agent_lost("a", &timed_out(), 1);
     c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, 2);
     for msg in [registered(1), died, registered(0)] {
         c.on_agent_message("a", msg);
@@ -100,11 +103,11 @@ fn the_loss_of_a_connection_the_agent_already_replaced_is_no_news() {
     // The agent noticed first and dialed again before this end saw the
     // old connection close.
     c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, 2);
-    c.on_agent_lost("a", "connection closed", 1);
+    c.on_agent_lost("a", &LinkLoss::Closed, 1);
     let agent = &c.agents["a"];
     assert!(agent.writer.is_some() && agent.lost.is_none());
     assert!(c.first_lost_agent().is_none());
-    c.on_agent_lost("a", "connection closed", 2);
+    c.on_agent_lost("a", &LinkLoss::Closed, 2);
     assert!(c.agents["a"].writer.is_none());
     assert_eq!(c.first_lost_agent().unwrap().1, "connection closed");
 }

@@ -51,7 +51,7 @@ mod tests {
     use cryo_core::protocol::PROTOCOL_VERSION;
 
     use super::RETRY;
-    use crate::running_fixture::{coordinator, registered, writer};
+    use crate::running_fixture::{coordinator, registered, timed_out, writer};
 
     #[test]
     fn a_periodic_checkpoint_held_back_by_an_away_agent_is_taken_once_it_is_back() {
@@ -60,7 +60,7 @@ mod tests {
         let interval = Duration::from_secs(600);
         c.on_agent_connected("a".into(), writer(), PROTOCOL_VERSION, 1);
         c.on_agent_message("a", registered(0));
-        c.on_agent_lost("a", "timed out", 1);
+        c.on_agent_lost("a", &timed_out(), 1);
         assert_eq!(c.on_interval(interval), RETRY);
         assert_eq!(c.on_interval(interval), RETRY);
         assert!(c.epoch.is_none());

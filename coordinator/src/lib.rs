@@ -32,6 +32,7 @@ pub mod job_name;
 pub mod launch;
 pub mod launch_args;
 pub mod launcher_choice;
+mod link_loss;
 pub mod logging;
 pub mod pack_view;
 mod peers;

@@ -19,6 +19,7 @@ use cryo_core::protocol::{
 use cryo_core::store::{Store, StoreError};
 use cryo_core::token::JobToken;
 
+use crate::link_loss::LinkLoss;
 use crate::registry::{hostname, Registry};
 
 /// What the event loop hears.
@@ -38,7 +39,7 @@ pub(crate) enum Event {
     },
     AgentLost {
         node: String,
-        why: String,
+        why: LinkLoss,
         /// The number of the connection that was lost: an agent that
         /// rejoined may be on a newer one already.
         link: u64,
@@ -196,8 +197,8 @@ fn serve_peer(
                             return;
                         }
                     }
-                    Err(err) if err.is_disconnect() => break "connection closed".to_owned(),
-                    Err(err) => break format!("protocol error: {err}"),
+                    Err(err) if err.is_disconnect() => break LinkLoss::Closed,
+                    Err(err) => break LinkLoss::Broken(err.to_string()),
                 }
             };
             let _ = events.send(Event::AgentLost { node, why, link });

@@ -7,8 +7,9 @@ use cryo_core::protocol::{
     AbortReason, AgentToCoordinator, JobRequest, JobResponse, PROTOCOL_VERSION,
 };
 
+use crate::link_loss::LinkLoss;
 use crate::running::Coordinator;
-use crate::running_fixture::{coordinator, registered, writer};
+use crate::running_fixture::{coordinator, registered, timed_out, writer};
 
 /// A job of `ranks` ranks, all on agent "a", which then lost its link.
 fn with_agent_lost(dir: &std::path::Path, ranks: u32) -> Coordinator {
@@ -17,7 +18,7 @@ fn with_agent_lost(dir: &std::path::Path, ranks: u32) -> Coordinator {
     for rank in 0..ranks {
         c.on_agent_message("a", registered(rank));
     }
-    c.on_agent_lost("a", "timed out", 1);
+    c.on_agent_lost("a", &timed_out(), 1);
     c
 }
 
@@ -117,7 +118,7 @@ fn the_stop_epoch_aborted_by_a_lost_agent_is_taken_again_once_it_is_back() {
     c.on_request(JobRequest::Preempt, reply);
     assert_eq!(c.epoch.as_ref().map(|e| e.epoch), Some(1));
 
-    c.on_agent_lost("a", "timed out", 1);
+    c.on_agent_lost("a", &timed_out(), 1);
     assert!(c.epoch.is_none(), "the epoch aborts with the lost agent");
     assert!(c.is_awaiting_agent(), "the stop waits for the agent");
     assert!(c.preempt_result.is_none());
@@ -152,7 +153,7 @@ fn a_rejoined_agent_that_has_not_restated_its_ranks_yet_is_waited_for() {
         starter: crate::session::AgentStarter::LauncherStep,
     };
     rejoin(&mut c, 2, 1);
-    c.on_agent_lost("a", "timed out", 1);
+    c.on_agent_lost("a", &timed_out(), 1);
     let (reply, _answer) = mpsc::channel();
     c.on_request(JobRequest::Preempt, reply);
     assert!(c.is_awaiting_agent());
@@ -190,4 +191,24 @@ fn a_checkpoint_asked_for_once_the_agent_is_back_is_the_stop_s_and_answers_the_p
     c.on_agent_message("a", never_parked(1));
     assert_eq!(c.preempt_result, Some(false));
     assert!(matches!(answer.try_recv(), Ok(JobResponse::Aborted { .. })));
+}
+
+#[test]
+fn a_stop_does_not_wait_for_an_agent_that_closed_its_connection() {
+    // Closed, not silent: the agent exited or was killed, and will not
+    // dial in again.
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = coordinator(dir.path(), 1);
+    rejoin(&mut c, 1, 1);
+    c.on_agent_lost("a", &LinkLoss::Closed, 1);
+    let (reply, answer) = mpsc::channel();
+    c.on_request(JobRequest::Preempt, reply);
+    assert!(!c.is_awaiting_agent());
+    assert_eq!(c.preempt_result, Some(false));
+    match answer.try_recv().unwrap() {
+        JobResponse::Refused { reason } => {
+            assert!(reason.contains("connection closed"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

@@ -5,6 +5,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::link_loss::LinkLoss;
+
 /// Why [`crate::running`]'s `start_checkpoint` refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -33,7 +35,7 @@ pub(crate) enum Refusal {
         /// Its node.
         node: String,
         /// Why and how long ago its link was lost, if it ever had one.
-        lost: Option<(String, Duration)>,
+        lost: Option<(LinkLoss, Duration)>,
     },
     /// An agent that dialed in again has not yet stated every rank it
     /// held (it does so right after its hello).
@@ -52,8 +54,11 @@ impl Refusal {
     pub(crate) fn awaits_an_agent(&self) -> bool {
         matches!(
             self,
-            Self::AgentAway { lost: Some(_), .. } | Self::Restating { .. }
-        )
+            Self::AgentAway {
+                lost: Some((loss, _)),
+                ..
+            } if loss.may_rejoin()
+        ) || matches!(self, Self::Restating { .. })
     }
 }
 

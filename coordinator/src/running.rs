@@ -19,6 +19,7 @@ use crate::agent_links::AgentHandle;
 use crate::commit::Committer;
 use crate::epoch::{Epoch, Event as EpochEvent, Phase};
 use crate::human;
+use crate::link_loss::LinkLoss;
 use crate::peers::Event;
 use crate::refusal::Refusal;
 use crate::session::{stop_process_group, RunOptions};
@@ -129,7 +130,12 @@ impl Coordinator {
                     // Its epoch part then misses its deadline and aborts.
                     tracing::warn!(job = %self.opts.job, node, error = %err, "agent.write_failed");
                     agent.writer = None;
-                    agent.lost = Some((format!("writing to it: {err}"), Instant::now()));
+                    let loss = if err.is_disconnect() {
+                        LinkLoss::Closed
+                    } else {
+                        LinkLoss::Unwritable(err.to_string())
+                    };
+                    agent.lost = Some((loss, Instant::now()));
                 }
             }
         }

@@ -13,6 +13,7 @@ use cryo_core::protocol::AgentToCoordinator;
 use cryo_core::store::Store;
 
 use crate::agent_links::AgentHandle;
+use crate::link_loss::LinkLoss;
 use crate::registry::JobCommand;
 use crate::running::Coordinator;
 use crate::session::{AgentMode, RunOptions};
@@ -65,4 +66,9 @@ pub(crate) fn registered(rank: u32) -> AgentToCoordinator {
         pid: 100 + rank,
         restored_epoch: None,
     }
+}
+
+/// A link that went silent past the link timeout (a partition).
+pub(crate) fn timed_out() -> LinkLoss {
+    LinkLoss::Broken("timed out".into())
 }
