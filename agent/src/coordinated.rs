@@ -4,7 +4,7 @@
 //! and, when the link is lost, dials again until the agent is back in the
 //! job ([`Shared::rejoin`]); each `Checkpoint` runs on a thread of its own;
 //! a watchdog gives up on ranks that parked for an epoch the coordinator
-//! never asked for.
+//! never asked for; a heartbeat says the agent is alive (`heartbeat`).
 
 use std::fs;
 use std::io;
@@ -14,12 +14,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cryo_core::liveness;
 use cryo_core::protocol::{
     read_message, AbortReason, AgentToCoordinator, ControlResponse, CoordinatorToAgent,
 };
 
 use crate::capture::Parked;
 use crate::epoch::{self, lock, Admission, Coordinated, EpochError, Resume};
+use crate::heartbeat;
 use crate::link::LinkError;
 use crate::ranks::RankConn;
 use crate::server::Shared;
@@ -35,6 +37,7 @@ impl Shared {
     /// link drops, the agent dials again until it is back or the agent
     /// ends ([`Shared::rejoin`]).
     pub(crate) fn serve_coordinator(self: Arc<Self>, reader: TcpStream) {
+        self.start_heartbeat();
         let mut reader = reader;
         loop {
             if !Arc::clone(&self).serve_link(&reader) {
@@ -44,6 +47,27 @@ impl Shared {
                 Some(again) => reader = again,
                 None => return,
             }
+        }
+    }
+
+    /// Says the agent is alive on its link, on a thread of its own
+    /// (`heartbeat`), for as long as the agent serves.
+    fn start_heartbeat(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let interval = liveness::heartbeat_interval(liveness::link_timeout());
+        let spawned = std::thread::Builder::new()
+            .name("cryo-heartbeat".into())
+            .spawn(move || {
+                heartbeat::beat(
+                    &weak,
+                    |shared: &Shared| shared.link.as_ref(),
+                    |shared| shared.shutdown.load(Ordering::Acquire),
+                    interval,
+                );
+            });
+        if let Err(err) = spawned {
+            // The coordinator will count this agent lost when it is idle.
+            tracing::error!(job = %self.config.job, node = %self.config.node, error = %err, "heartbeat.not_started");
         }
     }
 

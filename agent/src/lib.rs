@@ -35,6 +35,7 @@ mod coordinated;
 pub mod epoch;
 pub mod fds;
 pub mod gate;
+mod heartbeat;
 mod inputs;
 pub mod link;
 pub mod memory;

@@ -52,7 +52,8 @@ impl Roster {
             }
             AgentToCoordinator::Copied { .. }
             | AgentToCoordinator::Durable { .. }
-            | AgentToCoordinator::Failed { .. } => {}
+            | AgentToCoordinator::Failed { .. }
+            | AgentToCoordinator::Alive => {}
         }
     }
 

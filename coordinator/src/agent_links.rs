@@ -222,23 +222,21 @@ impl Coordinator {
     /// An agent's connection `link` ended. One already back on a newer
     /// connection is no news.
     pub(crate) fn on_agent_lost(&mut self, node: &str, loss: &LinkLoss, link: u64) {
-        let why = loss.to_string();
-        let why = why.as_str();
         if self.is_replaced_link(node, link) {
-            tracing::info!(job = %self.opts.job, node, why, link, "agent.old_link_closed");
+            tracing::info!(job = %self.opts.job, node, why = %loss, link, "agent.old_link_closed");
             return;
         }
         if self.epoch.is_some() {
-            tracing::error!(job = %self.opts.job, node, why, "agent.lost");
-            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
+            tracing::error!(job = %self.opts.job, node, why = %loss, "agent.lost");
+            cryo_core::say!("cryo: lost the agent on node {node} ({loss})");
         } else if self.all_finalized_at.is_some() {
             // Every rank has said goodbye: the agents of a Slurm step stop
             // with it, so this is the job's end, not news.
-            tracing::info!(job = %self.opts.job, node, why, "agent.gone_at_end");
+            tracing::info!(job = %self.opts.job, node, why = %loss, "agent.gone_at_end");
         } else {
             // Between checkpoints it matters only for the next one.
-            tracing::warn!(job = %self.opts.job, node, why, "agent.lost");
-            cryo_core::say!("cryo: lost the agent on node {node} ({why})");
+            tracing::warn!(job = %self.opts.job, node, why = %loss, "agent.lost");
+            cryo_core::say!("cryo: lost the agent on node {node} ({loss})");
         }
         if let Some(agent) = self.agents.get_mut(node) {
             agent.writer = None;

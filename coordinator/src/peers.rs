@@ -11,13 +11,13 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cryo_core::auth;
 use cryo_core::protocol::{
     read_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello, JobRequest,
-    JobResponse, Message, Peer,
+    JobResponse, Message, Peer, HEARTBEAT_VERSION,
 };
 use cryo_core::store::{Store, StoreError};
 use cryo_core::token::JobToken;
+use cryo_core::{auth, liveness};
 
 use crate::link_loss::LinkLoss;
 use crate::registry::{hostname, Registry};
@@ -167,10 +167,19 @@ fn serve_peer(
             let _ = writer.set_write_timeout(Some(AGENT_WRITE_TIMEOUT));
             // An agent behind a partition says nothing: count it lost after
             // the link timeout rather than TCP's quarter of an hour.
-            if let Err(errno) =
-                cryo_core::liveness::watch_link(&stream, cryo_core::liveness::link_timeout())
-            {
+            let timeout = liveness::link_timeout();
+            let unacknowledged = liveness::watch_link(&stream, timeout).unwrap_or_else(|errno| {
                 tracing::warn!(job, node = %node, error = %errno, "peer.unwatched");
+                timeout * 2
+            });
+            // One that is stopped or hung still has its kernel answer TCP,
+            // but its heartbeats stop.
+            let silence = liveness::silence_limit(unacknowledged, timeout);
+            let heard = version >= HEARTBEAT_VERSION;
+            if heard {
+                if let Err(err) = stream.set_read_timeout(Some(silence)) {
+                    tracing::warn!(job, node = %node, error = %err, "peer.unwatched");
+                }
             }
             let link = next_link();
             if events
@@ -186,6 +195,8 @@ fn serve_peer(
             }
             let why = loop {
                 match read_message::<AgentToCoordinator>(&mut &stream) {
+                    // Hearing it is all a heartbeat is for.
+                    Ok(AgentToCoordinator::Alive) => {}
                     Ok(msg) => {
                         if events
                             .send(Event::Agent {
@@ -198,6 +209,7 @@ fn serve_peer(
                         }
                     }
                     Err(err) if err.is_disconnect() => break LinkLoss::Closed,
+                    Err(err) if heard && err.is_timeout() => break LinkLoss::Silent(silence),
                     Err(err) => break LinkLoss::Broken(err.to_string()),
                 }
             };

@@ -52,13 +52,14 @@ impl Refusal {
     /// link dials in again once the network lets it, and then states its
     /// ranks again.
     pub(crate) fn awaits_an_agent(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::AgentAway {
                 lost: Some((loss, _)),
                 ..
-            } if loss.may_rejoin()
-        ) || matches!(self, Self::Restating { .. })
+            } => loss.may_rejoin(),
+            Self::Restating { .. } => true,
+            _ => false,
+        }
     }
 }
 

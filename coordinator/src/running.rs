@@ -2,7 +2,7 @@
 //! the epoch in flight, and the clients waiting for it. Owned by the main
 //! thread alone, so the epoch logic ([`crate::epoch`]) never needs a lock.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::process::Child;
 use std::sync::mpsc::Sender;
 use std::thread;
@@ -186,9 +186,13 @@ impl Coordinator {
         }
         let registered = self.registered();
         let ranks = self.opts.ranks;
+        // One pass over the held ranks, not one per rank and agent: a
+        // stop waiting for an agent asks this on every tick.
+        let held: HashSet<u32> = (self.agents.values())
+            .flat_map(|a| a.ranks.iter().copied())
+            .collect();
         let restating = (self.pids.keys())
-            .filter(|rank| !self.gone.contains(rank))
-            .filter(|rank| !self.agents.values().any(|a| a.ranks.contains(rank)))
+            .filter(|rank| !self.gone.contains(rank) && !held.contains(rank))
             .count();
         if restating > 0 {
             return Err(Refusal::Restating { ranks: restating });
@@ -295,6 +299,8 @@ impl Coordinator {
                     current.apply(EpochEvent::Failed(reason), now);
                 }
             }
+            // Its arrival is what counts, on the link's reading thread.
+            AgentToCoordinator::Alive => return,
         }
         self.progress();
     }

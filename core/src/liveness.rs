@@ -15,6 +15,12 @@
 //! A longer one is reported as a lost agent (coordinator) or a lost
 //! coordinator (agent) within the timeout, and the epoch it interrupts is
 //! aborted.
+//!
+//! A peer that is stopped or hung, or swapped out, says nothing either,
+//! but its kernel still acknowledges what it is sent: TCP sees a healthy
+//! link. So an agent also says it is alive every [`heartbeat_interval`],
+//! and its coordinator counts it lost once it has heard nothing for
+//! [`silence_limit`], a bound a partition TCP would survive stays under.
 
 use std::net::TcpStream;
 use std::time::Duration;
@@ -29,6 +35,22 @@ pub const DEFAULT_LINK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The shortest timeout accepted: below it, a busy peer's scheduling delay
 /// would already count as death.
 pub const MIN_LINK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often an agent says it is alive: a quarter of its link timeout,
+/// and at least once a second, so that a coordinator given a shorter
+/// timeout than the agent's never takes it for silent.
+pub fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(1))
+}
+
+/// How long a peer whose link [`watch_link`] watches with `timeout`, and
+/// which sends heartbeats, may say nothing before it counts as lost: the
+/// time TCP holds unacknowledged data (`unacknowledged`, as `watch_link`
+/// returns it), half the timeout for the retransmission that follows a
+/// heal, and a second for a heartbeat that was on its way.
+pub fn silence_limit(unacknowledged: Duration, timeout: Duration) -> Duration {
+    unacknowledged + timeout.max(MIN_LINK_TIMEOUT) / 2 + Duration::from_secs(1)
+}
 
 /// The link timeout: `CRYO_LINK_TIMEOUT` seconds when set and valid (at
 /// least [`MIN_LINK_TIMEOUT`]), else [`DEFAULT_LINK_TIMEOUT`]; a bad value
@@ -61,8 +83,10 @@ fn parse_link_timeout(text: &str) -> Option<Duration> {
 /// Makes `stream` close by itself once its peer has been silent for about
 /// `timeout`: unacknowledged data (`TCP_USER_TIMEOUT`), or an idle link
 /// whose keepalive probes go unanswered (half the time idle, then three
-/// probes a sixth of it apart).
-pub fn watch_link(stream: &TcpStream, timeout: Duration) -> nix::Result<()> {
+/// probes a sixth of it apart). Returns how long unacknowledged data may
+/// wait: the timeout, or twice it on a kernel without the retransmission
+/// cap.
+pub fn watch_link(stream: &TcpStream, timeout: Duration) -> nix::Result<Duration> {
     let timeout = timeout.max(MIN_LINK_TIMEOUT);
     let secs = |d: Duration| u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX);
     setsockopt(stream, sockopt::KeepAlive, &true)?;
@@ -81,7 +105,8 @@ pub fn watch_link(stream: &TcpStream, timeout: Duration) -> nix::Result<()> {
         timeout * 2
     };
     let millis = u32::try_from(user_timeout.as_millis()).unwrap_or(u32::MAX);
-    setsockopt(stream, sockopt::TcpUserTimeout, &millis)
+    setsockopt(stream, sockopt::TcpUserTimeout, &millis)?;
+    Ok(user_timeout)
 }
 
 /// `TCP_RTO_MAX_MS` (Linux 6.15 and later): the longest the kernel waits
@@ -143,7 +168,7 @@ mod tests {
     fn a_watched_link_carries_the_timeouts() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        watch_link(&stream, Duration::from_secs(12)).unwrap();
+        let unacknowledged = watch_link(&stream, Duration::from_secs(12)).unwrap();
         assert!(getsockopt(&stream, sockopt::KeepAlive).unwrap());
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).unwrap(), 6);
         assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).unwrap(), 2);
@@ -168,5 +193,32 @@ mod tests {
         } else {
             assert_eq!(user_timeout, 24_000);
         }
+        assert_eq!(u128::from(user_timeout), unacknowledged.as_millis());
+    }
+
+    #[test]
+    fn heartbeats_come_well_within_the_silence_a_peer_is_allowed() {
+        for secs in [2, 3, 4, 30, 600] {
+            let timeout = Duration::from_secs(secs);
+            let beat = heartbeat_interval(timeout);
+            assert!(
+                beat <= Duration::from_secs(1) && beat <= timeout / 4,
+                "{secs}"
+            );
+            // A partition just short of the timeout, a retransmission a
+            // sixth of it later, and the beat that was on its way: still
+            // inside the limit, with a second to spare.
+            let survived = timeout + timeout / 6 + beat;
+            let limit = silence_limit(timeout, timeout);
+            assert!(
+                survived + Duration::from_secs(1) <= limit,
+                "{secs}: {limit:?}"
+            );
+        }
+        // The coordinator's bound holds however long the agent's timeout.
+        assert!(
+            heartbeat_interval(Duration::from_secs(86_400))
+                < silence_limit(MIN_LINK_TIMEOUT, MIN_LINK_TIMEOUT)
+        );
     }
 }

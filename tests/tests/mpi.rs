@@ -129,7 +129,7 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
             .lines()
             .any(|l| l.contains("fault.paused") && l.contains("\"epoch\":2"))
     });
-    let agent_pid = agent_pid(&case, "b");
+    let agent_pid = agent_pid(&case, "fault", "b");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent_pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -178,9 +178,84 @@ fn agent_killed_mid_checkpoint_aborts_and_restart_uses_the_previous_epoch() {
     case.assert_matches_reference();
 }
 
-fn agent_pid(case: &Case, node: &str) -> i32 {
+/// A stopped agent (SIGSTOP: its kernel still acknowledges what it is
+/// sent, so TCP sees a healthy link) stops its heartbeats: the coordinator
+/// counts it lost within the silence limit, not the checkpoint timeout,
+/// and the epoch it held aborts at once. Let go on, it finds its link
+/// closed, dials in again, and the next checkpoint commits.
+#[test]
+fn a_stopped_agent_is_counted_lost_and_rejoins_when_it_goes_on() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::mpich(built().join("heat2d"));
+    case.reference(4);
+    // Only the heartbeat can end epoch 2 before five minutes.
+    let mut job = case.start_with_env(
+        "frozen",
+        "a:2,b:2",
+        4,
+        &["--checkpoint-timeout", "300", "--park-timeout", "300"],
+        120,
+        &[("CRYO_LINK_TIMEOUT", "3")],
+    );
+    wait_until("iteration 10", Duration::from_secs(60), || {
+        lines(&case.path("run.log")) >= 10
+    });
+    let out = case.checkpoint("frozen");
+    assert!(
+        output_text(&out).contains("epoch 1 committed"),
+        "{}",
+        output_text(&out)
+    );
+    let agent = nix::unistd::Pid::from_raw(agent_pid(&case, "frozen", "b"));
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // Without the heartbeat this would wait out the checkpoint timeout.
+    let mut checkpoint = case
+        .cryo()
+        .args(["checkpoint", "frozen"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_child(&mut checkpoint, Duration::from_secs(30));
+    let out = checkpoint.wait_with_output().unwrap();
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("epoch 2 aborted: lost the agent on node \"b\""),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        job.log_text()
+            .contains("lost the agent on node b (silent for"),
+        "{}",
+        job.log_text()
+    );
+
+    // Back in the job: the next checkpoint commits.
+    wait_until(
+        "a checkpoint with node b back",
+        Duration::from_secs(60),
+        || {
+            // Refused while it dials in and states its ranks again.
+            std::thread::sleep(Duration::from_millis(200));
+            output_text(&case.checkpoint("frozen")).contains("committed")
+        },
+    );
+    let status = job.wait();
+    assert!(
+        status.success(),
+        "the job should finish: {}",
+        job.log_text()
+    );
+    case.assert_matches_reference();
+}
+
+fn agent_pid(case: &Case, job: &str, node: &str) -> i32 {
     let socket = case
-        .path(&format!("scratch-fault/{node}/agent.sock"))
+        .path(&format!("scratch-{job}/{node}/agent.sock"))
         .display()
         .to_string();
     for entry in fs::read_dir("/proc").unwrap().flatten() {

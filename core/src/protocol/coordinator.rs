@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 
 use super::reason::with_older_reason;
 use super::{v13, v4, AbortReason, Command, Departure, Message};
-use super::{FINAL_CHECKPOINT_VERSION, TYPED_DEPARTURE_VERSION};
+use super::{FINAL_CHECKPOINT_VERSION, HEARTBEAT_VERSION, TYPED_DEPARTURE_VERSION};
 use crate::format::codec::{self, CodecError};
 /// Messages from a job's coordinator to a node agent (TCP, after a
 /// [`Hello`] with [`Peer::Agent`] and the job token).
@@ -154,12 +154,23 @@ pub enum AgentToCoordinator {
         /// Why, naming the node, and the rank or file.
         reason: AbortReason,
     },
+    /// The agent is alive: sent every quarter of the link timeout, so that
+    /// an agent that is stopped or hung (its kernel still answering TCP)
+    /// falls silent and is counted lost. Sent only to a coordinator of
+    /// version [`HEARTBEAT_VERSION`] or newer.
+    Alive,
 }
 
 impl Message for AgentToCoordinator {
     const COMMAND: Command = Command::AgentToCoordinator;
 
     fn encode_for(&self, version: u16) -> Result<Vec<u8>, CodecError> {
+        if *self == AgentToCoordinator::Alive && version < HEARTBEAT_VERSION {
+            return Err(CodecError::Encode(format!(
+                "a heartbeat cannot be sent to a peer of protocol version {version} \
+                 (it takes them from version {HEARTBEAT_VERSION})"
+            )));
+        }
         let older = with_older_reason!(self, version, AgentToCoordinator::Failed { epoch });
         let msg = older.as_ref().unwrap_or(self);
         if version >= TYPED_DEPARTURE_VERSION {

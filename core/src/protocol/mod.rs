@@ -113,8 +113,12 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// it (`SIGUSR1`: [`RankToAgent::Warned`], sent only to an agent of version
 /// 15 or newer) and an agent pass it on to the coordinator
 /// ([`JobRequest::Warning`], sent only to a coordinator of version 15 or
-/// newer).
-pub const PROTOCOL_VERSION: u16 = 15;
+/// newer); version 16 let an agent say it is alive between reports
+/// ([`AgentToCoordinator::Alive`], sent only to a coordinator of version 16
+/// or newer, which counts a silent agent of version 16 or newer lost).
+pub const PROTOCOL_VERSION: u16 = 16;
+/// The first version whose agents send, and coordinators take, heartbeats.
+pub const HEARTBEAT_VERSION: u16 = 16;
 /// The first version whose agents and coordinators take a rank's warning.
 pub const WARNING_VERSION: u16 = 15;
 /// The first version whose `RankLeft` carries a typed [`Departure`].

@@ -644,3 +644,37 @@ fn a_newer_client_is_answered_in_this_version_and_speaks_it_from_then_on() {
     write_message_as(&mut &client, &ControlRequest::Status, spoken).unwrap();
     assert_eq!(server.join().unwrap(), PROTOCOL_VERSION);
 }
+
+#[test]
+fn a_heartbeat_goes_only_to_a_coordinator_that_takes_it() {
+    let alive = AgentToCoordinator::Alive;
+    for version in HEARTBEAT_VERSION..=PROTOCOL_VERSION {
+        let payload = alive.encode_for(version).unwrap();
+        assert_eq!(
+            AgentToCoordinator::decode_from(version, &payload).unwrap(),
+            alive,
+            "version {version}"
+        );
+    }
+    for version in MIN_PROTOCOL_VERSION..HEARTBEAT_VERSION {
+        let err = alive.encode_for(version).unwrap_err();
+        assert!(
+            err.to_string().contains("heartbeat"),
+            "version {version}: {err}"
+        );
+    }
+    // The other reports still reach every version.
+    let durable = AgentToCoordinator::Durable {
+        epoch: 3,
+        rank: 1,
+        written: 10,
+    };
+    for version in MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION {
+        let payload = durable.encode_for(version).unwrap();
+        assert_eq!(
+            AgentToCoordinator::decode_from(version, &payload).unwrap(),
+            durable,
+            "version {version}"
+        );
+    }
+}

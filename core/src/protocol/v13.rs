@@ -36,6 +36,10 @@ pub(super) enum AgentToCoordinator {
         epoch: u64,
         reason: AbortReason,
     },
+    /// Version 16's heartbeat: never sent to an older peer (see
+    /// `AgentToCoordinator::encode_for`), so never in an older frame;
+    /// here only so that the layouts convert both ways.
+    Alive,
 }
 
 layouts!(AgentToCoordinator;
@@ -44,6 +48,7 @@ layouts!(AgentToCoordinator;
         Copied { epoch, rank, bytes, pause_us },
         Durable { epoch, rank, written },
         Failed { epoch, reason },
+        Alive,
     ];
     reasons: [];
     newer: [];

@@ -143,6 +143,8 @@ pub(super) enum AgentToCoordinator {
         epoch: u64,
         reason: String,
     },
+    /// Never sent to a version 4 peer (see `v13.rs`).
+    Alive,
 }
 
 layouts!(AgentToCoordinator in v13;
@@ -151,6 +153,7 @@ layouts!(AgentToCoordinator in v13;
         RankLeft { rank, why },
         Copied { epoch, rank, bytes, pause_us },
         Durable { epoch, rank, written },
+        Alive,
     ];
     reasons: [Failed { epoch }]);
 
