@@ -109,6 +109,10 @@ impl Link {
         let reader = stream.try_clone().unwrap();
         std::thread::spawn(move || {
             while let Ok(msg) = read_message::<AgentToCoordinator>(&mut &reader) {
+                // As the coordinator does, hear the heartbeat and drop it.
+                if msg == AgentToCoordinator::Alive {
+                    continue;
+                }
                 if tx.send(msg).is_err() {
                     break;
                 }
