@@ -17,6 +17,8 @@
 //!     |<------ Durable{E, rank} ------|  (per rank, part written)    |
 //!     |  commit_epoch(E) when every rank of every node is durable   |
 //!     |------- Committed{E} --------->|                              |
+//!     |<------ Alive -----------------|  (heartbeat, at least 1/s:  |
+//!     |                               |   `heartbeat`)               |
 //! ```
 
 use std::io;
