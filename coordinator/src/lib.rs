@@ -28,6 +28,7 @@ pub mod host_room;
 pub mod human;
 pub mod inspect;
 mod interval;
+pub mod job_client;
 pub mod job_name;
 pub mod launch;
 pub mod launch_args;

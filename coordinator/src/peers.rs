@@ -4,23 +4,19 @@
 
 use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use cryo_core::protocol::{
     read_message, write_message_as, AgentToCoordinator, CoordinatorToAgent, Hello, JobRequest,
     JobResponse, Message, Peer, HEARTBEAT_VERSION,
 };
-use cryo_core::store::{Store, StoreError};
 use cryo_core::token::JobToken;
 use cryo_core::{auth, liveness};
 
 use crate::link_loss::LinkLoss;
-use crate::registry::{hostname, Registry};
 
 /// What the event loop hears.
 pub(crate) enum Event {
@@ -250,40 +246,5 @@ fn serve_peer(
                 version,
             );
         }
-    }
-}
-
-/// Sends a request to a running job's coordinator and waits for the answer.
-pub fn request(store: &Path, job: &str, request: JobRequest) -> Result<JobResponse> {
-    let store = Store::open(store)?;
-    let job_store = match store.existing_job(job) {
-        Err(StoreError::UnknownJob { store, .. }) => anyhow::bail!(
-            "no job {job:?} runs with the store {} (it holds no such job; `cryo ls {}` lists those it holds)",
-            store.display(),
-            store.display()
-        ),
-        other => other?,
-    };
-    let registry = Registry::of(&job_store);
-    let addr = registry.coordinator(job)?;
-    let token = registry.token()?;
-    let stream = TcpStream::connect(&addr.addr).with_context(|| {
-        format!(
-            "connecting to job {job:?}'s coordinator at {} (pid {} on {})",
-            addr.addr, addr.pid, addr.host
-        )
-    })?;
-    let version = auth::greet_as_control(&stream, job, format!("cryo on {}", hostname()), &token)?;
-    write_message_as(&mut &stream, &request, version)?;
-    match read_message::<JobResponse>(&mut &stream) {
-        // The coordinator exits as the job ends: a request that raced the
-        // end finds the connection closed.
-        Err(cryo_core::protocol::FrameError::Closed) => anyhow::bail!(
-            "job {job:?}'s coordinator closed the connection without answering: the job has \
-             ended or is stopping (`cryo status {job}` says whether it still runs; `cryo ls {}` \
-             lists its epochs)",
-            store.root().display()
-        ),
-        other => other.context("reading the coordinator's answer"),
     }
 }

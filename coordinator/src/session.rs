@@ -25,7 +25,7 @@ use cryo_core::token::JobToken;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
-pub use crate::peers::request;
+pub use crate::job_client::request;
 
 use crate::agents::{
     external_agent_env, spawn_agents_and_wait, start_agent_step, NO_AGENT_WARNING,

@@ -253,6 +253,51 @@ fn a_stopped_agent_is_counted_lost_and_rejoins_when_it_goes_on() {
     case.assert_matches_reference();
 }
 
+/// `cryo status` of a job whose `cryo run` is stopped (Ctrl-Z, SIGSTOP:
+/// its kernel still accepts the connection) says so within its bounds
+/// instead of waiting forever; let go on, the job answers and finishes.
+#[test]
+fn status_of_a_stopped_coordinator_gives_up_and_names_it() {
+    if mpiexec().is_none() {
+        return;
+    }
+    let case = Case::mpich(built().join("heat2d"));
+    case.reference(2);
+    // Slow enough to outlast the 10 s the first status waits.
+    let mut job = case.start("stopped", "a:1,b:1", 2, &[], 200);
+    wait_until("iteration 5", Duration::from_secs(60), || {
+        lines(&case.path("run.log")) >= 5
+    });
+    let coordinator =
+        nix::unistd::Pid::from_raw(i32::try_from(job.child.as_ref().unwrap().id()).unwrap());
+    nix::sys::signal::kill(coordinator, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut status = case
+        .cryo()
+        .args(["status", "stopped"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_child(&mut status, Duration::from_secs(40));
+    let out = status.wait_with_output().unwrap();
+    nix::sys::signal::kill(coordinator, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("did not answer the handshake within 10 s: it is stopped"),
+        "{}",
+        output_text(&out)
+    );
+    let out = case.cryo().args(["status", "stopped"]).output().unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = job.wait();
+    assert!(
+        status.success(),
+        "the job should finish: {}",
+        job.log_text()
+    );
+    case.assert_matches_reference();
+}
+
 fn agent_pid(case: &Case, job: &str, node: &str) -> i32 {
     let socket = case
         .path(&format!("scratch-{job}/{node}/agent.sock"))
