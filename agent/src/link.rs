@@ -22,7 +22,7 @@
 //! ```
 
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -216,15 +216,11 @@ impl CoordinatorLink {
     }
 }
 
+/// How long one dial of the coordinator may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) fn try_connect(addr: &str) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the name resolves to no address");
-    for sockaddr in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&sockaddr, Duration::from_secs(2)) {
-            Ok(stream) => return Ok(stream),
-            Err(err) => last = err,
-        }
-    }
-    Err(last)
+    cryo_core::liveness::connect_within(addr, DIAL_TIMEOUT)
 }
 
 /// Dials the coordinator at `addr` (retrying for `wait`), says hello and

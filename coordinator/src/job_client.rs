@@ -11,7 +11,6 @@
 //! bound of its own; the link is watched instead, so that a host that goes
 //! away is noticed within the link timeout.
 
-use std::net::{TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::time::Duration;
 
@@ -135,10 +134,12 @@ fn ask(
     bounds: &Bounds,
 ) -> Result<JobResponse, AskError> {
     let whom = whom.to_owned();
-    let stream = connect_within(addr, bounds.connect).map_err(|source| AskError::Connect {
-        whom: whom.clone(),
-        source,
-    })?;
+    let stream =
+        liveness::connect_within(addr, bounds.connect).map_err(|source| AskError::Connect {
+            whom: whom.clone(),
+            source,
+        })?;
+    let _ = stream.set_nodelay(true);
     let silent = |step, waited| AskError::Silent {
         whom: whom.clone(),
         step,
@@ -192,24 +193,6 @@ fn handshake_timed_out(err: &ControlHandshakeError) -> bool {
             source.is_timeout()
         }
     }
-}
-
-/// Connects to the first address of `addr` that answers within `timeout`.
-fn connect_within(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        "the name resolves to no address",
-    );
-    for sockaddr in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&sockaddr, timeout) {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
-            Err(err) => last = err,
-        }
-    }
-    Err(last)
 }
 
 #[cfg(test)]
@@ -278,14 +261,21 @@ mod tests {
         drop(listener);
     }
 
+    /// The coordinator's side up to the request: accepts, checks the
+    /// proof, reads the request.
+    fn take_request(listener: &TcpListener) -> std::net::TcpStream {
+        let (stream, _) = listener.accept().unwrap();
+        let hello: Hello = read_message(&mut &stream).unwrap();
+        let (nonce, proof) = auth::challenge(&mut &stream).unwrap();
+        assert!(auth::verify(&token(), &nonce, &hello, &proof).is_ok());
+        let _: JobRequest = read_message(&mut &stream).unwrap();
+        stream
+    }
+
     /// A coordinator that greets, then sits on the request.
     fn greets_then_sits(listener: TcpListener) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let hello: Hello = read_message(&mut &stream).unwrap();
-            let (nonce, proof) = auth::challenge(&mut &stream).unwrap();
-            assert!(auth::verify(&token(), &nonce, &hello, &proof).is_ok());
-            let _: JobRequest = read_message(&mut &stream).unwrap();
+            let stream = take_request(&listener);
             // Hold the connection until the client gives up.
             let _ = read_message::<JobRequest>(&mut &stream);
         })
@@ -318,11 +308,7 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let coordinator = std::thread::spawn(move || {
             for answer in [true, false] {
-                let (stream, _) = listener.accept().unwrap();
-                let hello: Hello = read_message(&mut &stream).unwrap();
-                auth::challenge(&mut &stream).unwrap();
-                let _ = hello;
-                let _: JobRequest = read_message(&mut &stream).unwrap();
+                let stream = take_request(&listener);
                 if answer {
                     let refused = JobResponse::Refused {
                         reason: "busy".into(),

@@ -52,6 +52,24 @@ pub fn silence_limit(unacknowledged: Duration, timeout: Duration) -> Duration {
     unacknowledged + timeout.max(MIN_LINK_TIMEOUT) / 2 + Duration::from_secs(1)
 }
 
+/// Connects to the first address `addr` resolves to that answers within
+/// `timeout`: a host that is down or cut off is named in seconds, not
+/// after TCP's two minutes of retries.
+pub fn connect_within(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "the name resolves to no address",
+    );
+    for sockaddr in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&sockaddr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
 /// The link timeout: `CRYO_LINK_TIMEOUT` seconds when set and valid (at
 /// least [`MIN_LINK_TIMEOUT`]), else [`DEFAULT_LINK_TIMEOUT`]; a bad value
 /// is logged and ignored.

@@ -211,15 +211,7 @@ fn a_stopped_agent_is_counted_lost_and_rejoins_when_it_goes_on() {
     let agent = nix::unistd::Pid::from_raw(agent_pid(&case, "frozen", "b"));
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
     // Without the heartbeat this would wait out the checkpoint timeout.
-    let mut checkpoint = case
-        .cryo()
-        .args(["checkpoint", "frozen"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_child(&mut checkpoint, Duration::from_secs(30));
-    let out = checkpoint.wait_with_output().unwrap();
+    let out = cryo_within(&case, &["checkpoint", "frozen"], Duration::from_secs(30));
     nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
@@ -271,15 +263,7 @@ fn status_of_a_stopped_coordinator_gives_up_and_names_it() {
     let coordinator =
         nix::unistd::Pid::from_raw(i32::try_from(job.child.as_ref().unwrap().id()).unwrap());
     nix::sys::signal::kill(coordinator, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let mut status = case
-        .cryo()
-        .args(["status", "stopped"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_child(&mut status, Duration::from_secs(40));
-    let out = status.wait_with_output().unwrap();
+    let out = cryo_within(&case, &["status", "stopped"], Duration::from_secs(40));
     nix::sys::signal::kill(coordinator, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
     assert!(
@@ -296,6 +280,19 @@ fn status_of_a_stopped_coordinator_gives_up_and_names_it() {
         job.log_text()
     );
     case.assert_matches_reference();
+}
+
+/// `cryo ARGS`'s output; fails the test if it takes longer than `timeout`.
+fn cryo_within(case: &Case, args: &[&str], timeout: Duration) -> std::process::Output {
+    let mut child = case
+        .cryo()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_child(&mut child, timeout);
+    child.wait_with_output().unwrap()
 }
 
 fn agent_pid(case: &Case, job: &str, node: &str) -> i32 {
