@@ -379,6 +379,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Status { job, store, json } => {
             let store = existing_store(store, job.as_deref())?;
+            let listing = job.is_none();
             let jobs = match job {
                 Some(job) => vec![crate::job_name::named(&store, &job)],
                 None => {
@@ -398,8 +399,20 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if jobs.is_empty() {
                 println!("no running jobs in {}", store.display());
             }
+            let mut unanswered = 0usize;
             for job in jobs {
-                match session::request(&store, &job, JobRequest::Status)? {
+                let answer = match session::request(&store, &job, JobRequest::Status) {
+                    Ok(answer) => answer,
+                    // Listing every job: one that does not answer is named
+                    // and the others are still asked.
+                    Err(err) if listing => {
+                        cryo_core::say!("cryo: job {job:?} did not answer: {err:#}");
+                        unanswered += 1;
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                };
+                match answer {
                     JobResponse::Status(status) if json => {
                         println!("{}", serde_json::to_string_pretty(&status)?)
                     }
@@ -407,6 +420,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     JobResponse::Refused { reason } => bail!("job {job:?}: {reason}"),
                     other => bail!("job {job:?}: unexpected answer {other:?}"),
                 }
+            }
+            if unanswered > 0 {
+                bail!(
+                    "{unanswered} job(s) in {} did not answer (named above)",
+                    store.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -158,9 +158,11 @@ fn ask(
             }
         }
     })?;
-    let exchange = |step, source: FrameError| {
+    // Each step is reported with its own bound: the request is written
+    // under the handshake's, a status's answer read under its own.
+    let exchange = |step, waited, source: FrameError| {
         if source.is_timeout() {
-            silent(step, bounds.status)
+            silent(step, waited)
         } else if matches!(source, FrameError::Closed) {
             AskError::Closed {
                 whom: whom.clone(),
@@ -175,16 +177,19 @@ fn ask(
         }
     };
     write_message_as(&mut &stream, request, version)
-        .map_err(|source| exchange("take the request", source))?;
-    if matches!(request, JobRequest::Status) {
+        .map_err(|source| exchange("take the request", bounds.handshake, source))?;
+    let answer_bound = if matches!(request, JobRequest::Status) {
         let _ = stream.set_read_timeout(Some(bounds.status));
+        bounds.status
     } else {
         // Answered when the epoch or the job is over: no bound, but a
         // host that goes away closes the link within the link timeout.
         let _ = stream.set_read_timeout(None);
-        let _ = liveness::watch_link(&stream, liveness::link_timeout());
-    }
-    read_message::<JobResponse>(&mut &stream).map_err(|source| exchange("answer", source))
+        liveness::watch_link(&stream, liveness::link_timeout())
+            .unwrap_or_else(|_| liveness::link_timeout())
+    };
+    read_message::<JobResponse>(&mut &stream)
+        .map_err(|source| exchange("answer", answer_bound, source))
 }
 
 fn handshake_timed_out(err: &ControlHandshakeError) -> bool {
@@ -213,7 +218,7 @@ mod tests {
         Bounds {
             connect: Duration::from_secs(2),
             handshake: Duration::from_millis(300),
-            status: Duration::from_millis(300),
+            status: Duration::from_millis(700),
         }
     }
 
@@ -295,8 +300,9 @@ mod tests {
             &short(),
         )
         .unwrap_err();
+        // Named after the answer's own bound, not the handshake's.
         assert!(
-            matches!(err, AskError::Silent { step: "answer", .. }),
+            matches!(err, AskError::Silent { step: "answer", waited, .. } if waited == short().status),
             "{err}"
         );
         coordinator.join().unwrap();

@@ -255,8 +255,9 @@ fn status_of_a_stopped_coordinator_gives_up_and_names_it() {
     }
     let case = Case::mpich(built().join("heat2d"));
     case.reference(2);
-    // Slow enough to outlast the 10 s the first status waits.
-    let mut job = case.start("stopped", "a:1,b:1", 2, &[], 200);
+    // Slow enough to outlast the 10 s the first status waits and the 10 s
+    // the listing waits for the job that never answers.
+    let mut job = case.start("stopped", "a:1,b:1", 2, &[], 400);
     wait_until("iteration 5", Duration::from_secs(60), || {
         lines(&case.path("run.log")) >= 5
     });
@@ -273,6 +274,34 @@ fn status_of_a_stopped_coordinator_gives_up_and_names_it() {
     );
     let out = case.cryo().args(["status", "stopped"]).output().unwrap();
     assert!(out.status.success(), "{}", output_text(&out));
+    // Listing every job: one that does not answer (a listener that never
+    // accepts, as a stopped coordinator's kernel keeps) is named, and the
+    // job after it is still asked.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let ghost = case.store().join("ghost");
+    fs::create_dir_all(ghost.join("epochs")).unwrap();
+    fs::create_dir_all(ghost.join("run")).unwrap();
+    fs::copy(
+        case.store().join("stopped/run/token"),
+        ghost.join("run/token"),
+    )
+    .unwrap();
+    let entry = format!(
+        r#"{{"addr": "{}", "pid": {}, "host": "{}"}}"#,
+        silent.local_addr().unwrap(),
+        std::process::id(),
+        nix::unistd::gethostname().unwrap().to_string_lossy(),
+    );
+    fs::write(ghost.join("run/coordinator"), entry).unwrap();
+    let out = cryo_within(&case, &["status"], Duration::from_secs(40));
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("job \"ghost\" did not answer")
+            && text.contains("job stopped: 2 ranks")
+            && text.contains("1 job(s)"),
+        "{text}"
+    );
     let status = job.wait();
     assert!(
         status.success(),
