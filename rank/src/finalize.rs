@@ -21,6 +21,7 @@ pub fn finalize() {
     if let Some(hook) = BEFORE_FINALIZE.get() {
         hook();
     }
+    crate::reopen::close_window();
     crate::prefetch::stop();
     crate::snapshot::wait_all();
     let mut guard = lock();

@@ -86,8 +86,10 @@ pub unsafe extern "C" fn _gfortran_st_open(params: *mut c_void) {
     let Some(open) = next(c"_gfortran_st_open") else {
         return;
     };
+    // A unit counts its position from zero: it must not be given a
+    // restored fd (`reopen.rs`).
     // SAFETY: forwarded unchanged to the function the caller meant.
-    unsafe { open(params) };
+    crate::reopen::in_fortran_open(|| unsafe { open(params) });
     // SAFETY: the block of the OPEN, which libgfortran has filled in.
     let after = unsafe { head(params) };
     if after.unit < 0 && after.flags & LIBRETURN_MASK == 0 {

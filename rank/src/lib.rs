@@ -44,6 +44,7 @@ pub mod quiesce;
 mod quiet_thread;
 mod regions;
 mod remake;
+mod reopen;
 mod restart;
 mod restore_threads;
 mod runtime;
@@ -83,6 +84,8 @@ pub fn checkpoint_point() -> Result<SafePoint, CheckpointError> {
     if warning::pending() {
         warning::pass_on();
     }
+    // The set-up after a restart is over.
+    reopen::close_window();
     #[cfg(feature = "mpi")]
     if quiesce::MPI_MODE.load(Ordering::Relaxed) {
         return quiesce::mpi_safe_point();

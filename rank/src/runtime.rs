@@ -591,6 +591,8 @@ pub(crate) fn init_with_peers(
     // Last, so that nothing of the runtime's own start counts as a change.
     let process_base = crate::process_state::Baseline::take();
     if let Some(restored) = &restored {
+        // The set-up that follows may open its output again.
+        crate::reopen::offer(&restored.record);
         for line in crate::process_state::apply(&restored.process, restored.taken_unix_ms) {
             tracing::warn!(job = %job, rank, epoch = restored.epoch, warning = %line, "restart.process_state");
             cryo_core::say!("cryo: rank {rank}: WARNING: {line}");

@@ -10,11 +10,19 @@
  * out.<rank> with freopen in that mode, before cryo_init, as codes that keep
  * one log per rank do: a restart runs that freopen again (emptying the file
  * with "w") and must give the file back as it was at the checkpoint.
+ *
+ * With MODE "fopen" or "open", each rank writes out.<rank> instead, opened
+ * after cryo_init at every start with fopen(name, "w") or open(name,
+ * O_WRONLY | O_CREAT | O_TRUNC): a port that does not keep the fd in a
+ * region. A restart's open must continue the file held at the checkpoint,
+ * not empty it.
  */
+#include <fcntl.h>
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "cryo.h"
@@ -30,7 +38,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: prints_each_step STEPS STEP_MS\n");
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
-    if (argc > 3) {
+    const char *mode = argc > 3 ? argv[3] : "";
+    int opens_after_init = !strcmp(mode, "fopen") || !strcmp(mode, "open");
+    if (argc > 3 && !opens_after_init) {
         int me;
         MPI_Comm_rank(MPI_COMM_WORLD, &me);
         char name[64];
@@ -53,6 +63,21 @@ int main(int argc, char **argv) {
         fprintf(stderr, "prints_each_step: cryo_region: %s\n", cryo_strerror(rc));
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
+    FILE *out = stdout;
+    if (opens_after_init) {
+        char name[64];
+        snprintf(name, sizeof name, "out.%d", rank);
+        if (!strcmp(mode, "fopen")) {
+            out = fopen(name, "w");
+        } else {
+            int fd = open(name, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            out = fd < 0 ? NULL : fdopen(fd, "w");
+        }
+        if (!out) {
+            perror(name);
+            MPI_Abort(MPI_COMM_WORLD, 2);
+        }
+    }
     uint64_t steps = strtoull(argv[1], NULL, 10);
     long step_ms = atol(argv[2]);
     while (st->step < steps) {
@@ -61,8 +86,8 @@ int main(int argc, char **argv) {
         double mine = (double)(st->step + (uint64_t)rank), sum = 0;
         MPI_Allreduce(&mine, &sum, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
         st->acc += sum;
-        printf("rank %d step %llu acc %.1f\n", rank, (unsigned long long)st->step, st->acc);
-        fflush(stdout);
+        fprintf(out, "rank %d step %llu acc %.1f\n", rank, (unsigned long long)st->step, st->acc);
+        fflush(out);
         st->step++;
         cryo_checkpoint_point();
     }

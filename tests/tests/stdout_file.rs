@@ -5,7 +5,9 @@
 //! checkpoint, so each rank's file ends with every line once, in order.
 //! Even with the job's whole directory removed after the checkpoint: the
 //! restart makes it again, starts the launcher in it and puts the files
-//! back.
+//! back. A file opened after `cryo_init` at every start, with
+//! `fopen(name, "w")` or `open` with `O_TRUNC` (`rank/src/reopen.rs`), is
+//! continued as it was at the checkpoint, not emptied.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::fs;
@@ -96,7 +98,7 @@ fn survives(mode: &str, remove_the_run_directory: bool) {
         let held = fs::read_to_string(run_dir.join(format!("out.{rank}"))).unwrap();
         assert!(
             held == expected(u64::from(rank)),
-            "out.{rank} (freopen \"{mode}\") differs from an uninterrupted run's:\n{held}\n{said}"
+            "out.{rank} ({mode}) differs from an uninterrupted run's:\n{held}\n{said}"
         );
     }
     if mode == "w" && !remove_the_run_directory {
@@ -128,4 +130,14 @@ fn stdout_appended_to_a_file_before_cryo_init_holds_each_line_once() {
 #[test]
 fn a_job_directory_removed_after_the_checkpoint_is_made_again() {
     survives("w", true);
+}
+
+#[test]
+fn a_log_opened_again_with_fopen_w_after_a_restart_continues() {
+    survives("fopen", false);
+}
+
+#[test]
+fn a_log_opened_again_with_o_trunc_after_a_restart_continues() {
+    survives("open", false);
 }

@@ -1,0 +1,482 @@
+//! A restarted rank's set-up opening its output again.
+//!
+//! A restarted rank runs `main` again, set-up included. A program that
+//! opens its log with `fopen(path, "w")` (or `open` with `O_TRUNC`) at every
+//! start, instead of keeping the fd in a region as the README advises,
+//! would empty on a restart the file the runtime has just given back: every
+//! line written before the checkpoint would be lost, and its writes would
+//! start at the top. So from the end of `cryo_init` to the rank's first
+//! safe point (its set-up), an open for writing of a regular file that the
+//! rank held open for writing at the checkpoint is answered with the fd
+//! the runtime restored for it: the file as it was at the checkpoint, at
+//! the offset it had, which is where the uninterrupted run went on
+//! writing. Each restored fd is given once; its close-on-exec and append
+//! flags become the ones asked for. Anything else (another file, a read,
+//! `O_EXCL`, a path through `/proc` or `/dev`, an open after the first safe
+//! point) is the C library's, unchanged. A file the set-up cut all the
+//! same (an open the runtime does not see or cannot answer) is named at the
+//! first safe point: what the rank wrote to it before the checkpoint is
+//! lost.
+//!
+//! A program linked with `-lcryo_rank` finds these definitions of `open`,
+//! `open64`, `openat`, `openat64`, `creat`, `creat64`, `fopen` and
+//! `fopen64` before the C library's, as it does `close` (`closed_files`).
+//! gfortran's OPEN is left alone (`gfortran.rs` says when one runs): a unit
+//! counts its position from zero whatever the fd's offset, so it must not
+//! be handed an fd that is not at the start.
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use cryo_core::format::manifest::{FdKind, FdRestore, RankRecord};
+
+/// Whether the set-up's window is open: one load, for every open and
+/// every safe point.
+static WINDOW: AtomicBool = AtomicBool::new(false);
+
+/// A restored fd that an open of its file may be given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Offer {
+    fd: c_int,
+    dev: u64,
+    ino: u64,
+    /// `O_WRONLY` or `O_RDWR`.
+    access: c_int,
+    /// The file's size once restored.
+    size: u64,
+    /// Its path at the checkpoint, for people.
+    path: String,
+}
+
+static OFFERS: Mutex<Vec<Offer>> = Mutex::new(Vec::new());
+/// This rank, for the warnings.
+static RANK: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// Set while gfortran's OPEN runs on this thread.
+    static IN_FORTRAN_OPEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Opens the window after a restart: the fds of `record` restored on
+/// their own (not as another's `dup`) that hold a regular file open for
+/// writing.
+pub(crate) fn offer(record: &RankRecord) {
+    let held = (record.fds.iter())
+        .filter(|fd| {
+            fd.kind == FdKind::Regular
+                && fd.restore == FdRestore::Restore
+                && fd.shares_with.is_none()
+                && crate::files::is_writable(fd.flags)
+        })
+        .map(|fd| (fd.fd, fd.flags, fd.path.clone()));
+    offer_fds(record.rank, held);
+}
+
+/// Opens the window for the restored `(fd, flags, path)` given.
+fn offer_fds(rank: u32, held: impl IntoIterator<Item = (c_int, c_int, String)>) {
+    let offers: Vec<Offer> = (held.into_iter())
+        .filter_map(|(fd, flags, path)| {
+            let stat = nix::sys::stat::fstat(fd).ok()?;
+            Some(Offer {
+                fd,
+                dev: stat.st_dev,
+                ino: stat.st_ino,
+                access: flags & libc::O_ACCMODE,
+                size: u64::try_from(stat.st_size).unwrap_or(0),
+                path,
+            })
+        })
+        .collect();
+    if offers.is_empty() {
+        return;
+    }
+    tracing::debug!(rank, fds = ?offers.iter().map(|o| o.fd).collect::<Vec<_>>(), "reopen.offered");
+    RANK.store(rank, Ordering::Relaxed);
+    *OFFERS.lock().unwrap_or_else(|e| e.into_inner()) = offers;
+    WINDOW.store(true, Ordering::Release);
+}
+
+/// Closes the window (the first safe point, `cryo_finalize`), and names
+/// each file the set-up emptied or cut otherwise (an open the runtime
+/// could not answer: gfortran's, Python's, a wider access): what the rank
+/// wrote to it before the checkpoint is lost.
+#[inline]
+pub(crate) fn close_window() {
+    if WINDOW.load(Ordering::Relaxed) {
+        WINDOW.store(false, Ordering::Release);
+        let offers = std::mem::take(&mut *OFFERS.lock().unwrap_or_else(|e| e.into_inner()));
+        for line in cut_by_set_up(&offers) {
+            let rank = RANK.load(Ordering::Relaxed);
+            tracing::warn!(rank, warning = %line, "reopen.cut_by_set_up");
+            cryo_core::say!("cryo: rank {rank}: WARNING: {line}");
+        }
+    }
+}
+
+/// What the set-up cut or replaced of the files `offers` were restored on.
+fn cut_by_set_up(offers: &[Offer]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for offer in offers {
+        let Ok(stat) = nix::sys::stat::fstat(offer.fd) else {
+            continue;
+        };
+        if (stat.st_dev, stat.st_ino) != (offer.dev, offer.ino) {
+            // The set-up closed it: the number is another file's now.
+            continue;
+        }
+        let at_path = nix::sys::stat::stat(offer.path.as_str())
+            .ok()
+            .map(|now| (now.st_dev, now.st_ino));
+        let size = u64::try_from(stat.st_size).unwrap_or(0);
+        let what = if stat.st_nlink == 0 || at_path != Some((offer.dev, offer.ino)) {
+            // gfortran's STATUS='REPLACE' deletes the file and makes a new one.
+            "was deleted or replaced by a new file".to_owned()
+        } else if size < offer.size {
+            format!("was cut to {size} bytes")
+        } else {
+            continue;
+        };
+        lines.push(format!(
+            "{} (held open for writing at the checkpoint, {} bytes) {what} by the restarted \
+             program before its first safe point: what it wrote before the checkpoint is \
+             lost. Open it for appending (fopen \"a\", Fortran position='append', Python \
+             \"a\"), or keep its fd in a region (README, \"What a restart gives back\")",
+            offer.path, offer.size
+        ));
+    }
+    lines
+}
+
+/// Runs gfortran's OPEN (`f`) with the window shut to it.
+pub(crate) fn in_fortran_open<T>(f: impl FnOnce() -> T) -> T {
+    let before = IN_FORTRAN_OPEN.with(|c| c.replace(true));
+    let out = f();
+    IN_FORTRAN_OPEN.with(|c| c.set(before));
+    out
+}
+
+/// The device and inode of the file open at `fd`.
+fn identity(fd: c_int) -> Option<(u64, u64)> {
+    let stat = nix::sys::stat::fstat(fd).ok()?;
+    Some((stat.st_dev, stat.st_ino))
+}
+
+/// The restored fd to give an open of `path` (relative to `dirfd`) with
+/// `flags`, if any; it then has the flags asked for.
+fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
+    if !WINDOW.load(Ordering::Acquire) || path.is_null() {
+        return None;
+    }
+    let access = flags & libc::O_ACCMODE;
+    if !matches!(access, libc::O_WRONLY | libc::O_RDWR)
+        || flags & (libc::O_EXCL | libc::O_TMPFILE | libc::O_DIRECTORY | libc::O_PATH) != 0
+        || IN_FORTRAN_OPEN.with(Cell::get)
+    {
+        return None;
+    }
+    // SAFETY: a NUL-terminated path, as for the C library's open.
+    let path = unsafe { CStr::from_ptr(path) };
+    let bytes = path.to_bytes();
+    if bytes.starts_with(b"/proc/") || bytes.starts_with(b"/dev/") {
+        return None;
+    }
+    let stat = nix::sys::stat::fstatat(Some(dirfd), path, nix::fcntl::AtFlags::empty()).ok()?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return None;
+    }
+    let mut offers = OFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    let at = offers.iter().position(|o| {
+        o.dev == stat.st_dev
+            && o.ino == stat.st_ino
+            && (o.access == libc::O_RDWR || o.access == access)
+            // The set-up may have closed it, and the number been reused.
+            && identity(o.fd) == Some((o.dev, o.ino))
+    })?;
+    let offer = offers.remove(at);
+    drop(offers);
+    // SAFETY: fcntl on an fd of this process, which the runtime restored.
+    unsafe {
+        let status = libc::fcntl(offer.fd, libc::F_GETFL);
+        if status >= 0 {
+            let status = (status & !libc::O_APPEND) | (flags & libc::O_APPEND);
+            libc::fcntl(offer.fd, libc::F_SETFL, status);
+        }
+        let cloexec = if flags & libc::O_CLOEXEC != 0 {
+            libc::FD_CLOEXEC
+        } else {
+            0
+        };
+        libc::fcntl(offer.fd, libc::F_SETFD, cloexec);
+    }
+    tracing::info!(
+        fd = offer.fd,
+        path = %path.to_string_lossy(),
+        "reopen.given_restored_fd"
+    );
+    Some(offer.fd)
+}
+
+/// `open(2)`'s flags for a `fopen` mode that writes, if it does.
+fn fopen_flags(mode: *const c_char) -> Option<c_int> {
+    if mode.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated mode, as for the C library's fopen.
+    let mode = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    let mut flags = match mode.first()? {
+        b'w' => libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC,
+        b'a' => libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+        b'r' => libc::O_RDONLY,
+        _ => return None,
+    };
+    // The options end at a ',' (",ccs=…").
+    for &c in mode[1..].iter().take_while(|&&c| c != b',') {
+        match c {
+            b'+' => flags = (flags & !libc::O_ACCMODE) | libc::O_RDWR,
+            b'e' => flags |= libc::O_CLOEXEC,
+            b'x' => flags |= libc::O_EXCL,
+            _ => {}
+        }
+    }
+    Some(flags)
+}
+
+/// The C library's definition of `name`, looked up once into `slot`.
+fn next(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
+    let mut found = slot.load(Ordering::Acquire);
+    if found.is_null() {
+        // SAFETY: dlsym only looks the name up.
+        found = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        slot.store(found, Ordering::Release);
+    }
+    found
+}
+
+type Open = unsafe extern "C" fn(*const c_char, c_int, libc::mode_t) -> c_int;
+type OpenAt = unsafe extern "C" fn(c_int, *const c_char, c_int, libc::mode_t) -> c_int;
+type Creat = unsafe extern "C" fn(*const c_char, libc::mode_t) -> c_int;
+type Fopen = unsafe extern "C" fn(*const c_char, *const c_char) -> *mut libc::FILE;
+
+static NEXT_OPEN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPEN64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPENAT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPENAT64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_CREAT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_CREAT64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_FOPEN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_FOPEN64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The restored fd to give this open, if the window is open and one fits.
+#[inline]
+fn claimed(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
+    if !WINDOW.load(Ordering::Relaxed) {
+        return None;
+    }
+    // A panic must not unwind into C; it only costs the claim.
+    std::panic::catch_unwind(|| claim(dirfd, path, flags))
+        .ok()
+        .flatten()
+}
+
+/// `openat(2)` itself, for a process where no C library's definition
+/// was found.
+fn sys_openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    // SAFETY: the system call, with the caller's arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_openat, dirfd, path, flags, mode) };
+    c_int::try_from(fd).unwrap_or(-1)
+}
+
+/// Opens as `fopen(3)` does: a stream on a restored fd in the window, else
+/// the C library's `name` (`fopen` or `fopen64`).
+fn fopen_with(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    path: *const c_char,
+    mode: *const c_char,
+) -> *mut libc::FILE {
+    if WINDOW.load(Ordering::Relaxed) {
+        let claimed = std::panic::catch_unwind(|| {
+            fopen_flags(mode).and_then(|flags| claim(libc::AT_FDCWD, path, flags))
+        });
+        if let Ok(Some(fd)) = claimed {
+            // SAFETY: a restored fd of this process, and the caller's mode
+            // ("w" on an fd does not truncate).
+            let stream = unsafe { libc::fdopen(fd, mode) };
+            if !stream.is_null() {
+                return stream;
+            }
+        }
+    }
+    let found = next(slot, name);
+    if found.is_null() {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the C library's fopen, which has this signature.
+    let open = unsafe { std::mem::transmute::<*mut c_void, Fopen>(found) };
+    // SAFETY: forwarded unchanged to the function the caller meant.
+    unsafe { open(path, mode) }
+}
+
+// The C library declares `open` and `openat` variadic: the mode is there
+// only with O_CREAT or O_TMPFILE. On the Linux ABIs a variadic integer
+// argument travels where a fixed one does, so these take it as a fixed
+// `mode_t` and pass it on; like the C library, nothing reads it otherwise.
+
+/// `open(2)`: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `open`.
+#[no_mangle]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    open_named(&NEXT_OPEN, c"open", path, flags, mode)
+}
+
+/// `open64`: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `open64`.
+#[no_mangle]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: libc::mode_t) -> c_int {
+    open_named(&NEXT_OPEN64, c"open64", path, flags, mode)
+}
+
+fn open_named(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
+        return fd;
+    }
+    let found = next(slot, name);
+    if found.is_null() {
+        return sys_openat(libc::AT_FDCWD, path, flags, mode);
+    }
+    // SAFETY: the C library's open, called as the caller called ours.
+    let open = unsafe { std::mem::transmute::<*mut c_void, Open>(found) };
+    // SAFETY: forwarded unchanged to the function the caller meant.
+    unsafe { open(path, flags, mode) }
+}
+
+/// `openat(2)`: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `openat`.
+#[no_mangle]
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    openat_named(&NEXT_OPENAT, c"openat", dirfd, path, flags, mode)
+}
+
+/// `openat64`: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `openat64`.
+#[no_mangle]
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    openat_named(&NEXT_OPENAT64, c"openat64", dirfd, path, flags, mode)
+}
+
+fn openat_named(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> c_int {
+    if let Some(fd) = claimed(dirfd, path, flags) {
+        return fd;
+    }
+    let found = next(slot, name);
+    if found.is_null() {
+        return sys_openat(dirfd, path, flags, mode);
+    }
+    // SAFETY: the C library's openat, called as the caller called ours.
+    let open = unsafe { std::mem::transmute::<*mut c_void, OpenAt>(found) };
+    // SAFETY: forwarded unchanged to the function the caller meant.
+    unsafe { open(dirfd, path, flags, mode) }
+}
+
+/// `creat(2)`: `open` for writing, created and emptied.
+///
+/// # Safety
+///
+/// As for the C library's `creat`.
+#[no_mangle]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: libc::mode_t) -> c_int {
+    creat_named(&NEXT_CREAT, c"creat", path, mode)
+}
+
+/// `creat64`: as `creat`.
+///
+/// # Safety
+///
+/// As for the C library's `creat64`.
+#[no_mangle]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: libc::mode_t) -> c_int {
+    creat_named(&NEXT_CREAT64, c"creat64", path, mode)
+}
+
+fn creat_named(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    path: *const c_char,
+    mode: libc::mode_t,
+) -> c_int {
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC;
+    if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
+        return fd;
+    }
+    let found = next(slot, name);
+    if found.is_null() {
+        return sys_openat(libc::AT_FDCWD, path, flags, mode);
+    }
+    // SAFETY: the C library's creat, which has this signature.
+    let creat = unsafe { std::mem::transmute::<*mut c_void, Creat>(found) };
+    // SAFETY: forwarded unchanged to the function the caller meant.
+    unsafe { creat(path, mode) }
+}
+
+/// `fopen(3)`: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `fopen`.
+#[no_mangle]
+pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    fopen_with(&NEXT_FOPEN, c"fopen", path, mode)
+}
+
+/// `fopen64`: as `fopen`.
+///
+/// # Safety
+///
+/// As for the C library's `fopen64`.
+#[no_mangle]
+pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    fopen_with(&NEXT_FOPEN64, c"fopen64", path, mode)
+}
+
+#[cfg(test)]
+#[path = "reopen_tests.rs"]
+mod tests;
