@@ -11,7 +11,11 @@
 //!   input, log, grid and output, byte for byte;
 //! - the typed regions' shapes and bounds, a 3-D int64 region read back in
 //!   C order, and the refusals of bad arguments
-//!   (`tests/fortran/typed_regions.f90`).
+//!   (`tests/fortran/typed_regions.f90`);
+//! - a log opened after `cryo_init` at every start
+//!   (`tests/fortran/reopens_its_log.f90`): with `position='append'` it goes
+//!   on from the checkpoint, byte-identical; with `status='replace'` the
+//!   restart empties it, and cryo names the file when it does.
 //!
 //! Each body takes its MPI as an [`MpiFlavour`]; the runtime is built
 //! against MPICH only, so the MPICH tests are the only ones for now.
@@ -150,6 +154,7 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
     for (name, source) in [
         ("heat2d", "examples/fortran/heat2d.f90"),
         ("typed_regions", "tests/fortran/typed_regions.f90"),
+        ("reopens_its_log", "tests/fortran/reopens_its_log.f90"),
     ] {
         let source = root.join(source);
         let mut args = vec![
@@ -455,6 +460,74 @@ fn typed_regions(flavour: &MpiFlavour) {
     );
 }
 
+/// `reopens_its_log` under `cryo run`: checkpointed, run past it, killed,
+/// restarted. With `position='append'` each rank's log holds every step
+/// once; with `status='replace'` the restart names the log it emptied.
+fn log_opened_at_every_start(flavour: &MpiFlavour) {
+    const STEPS: usize = 60;
+    let program = programs(flavour).join("reopens_its_log");
+    for mode in ["append", "replace"] {
+        let files = Heat2dFiles::new("cryo-fortran-log-", &programs(flavour).join("heat2d"));
+        let _kill_all = KillAll(files.dir().display().to_string());
+        let log = |rank: u32| text(&files.path(&format!("log.{rank}")));
+        let mut job = flavour
+            .cryo(&files, "run")
+            .args(["--job", "logs", "--nodes", "a:1,b:1", "-n", "2", "--"])
+            .arg(&program)
+            .args([&STEPS.to_string(), mode])
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(files.path("run.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_until("ten steps", Duration::from_secs(60), || {
+            log(1).lines().count() >= 10
+        });
+        let out = flavour
+            .cryo(&files, "checkpoint")
+            .arg("logs")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+        let at = log(1).lines().count();
+        wait_until("steps past the checkpoint", Duration::from_secs(60), || {
+            log(1).lines().count() >= at + 5
+        });
+        kill_every_process_mentioning(&files.dir().display().to_string());
+        job.wait().unwrap();
+        let out = flavour
+            .cryo(&files, "restart")
+            .args(["logs", "--nodes", "c:2"])
+            .output()
+            .unwrap();
+        let said = output_text(&out);
+        assert!(out.status.success(), "{mode}: {said}");
+        let warned = said.contains("(held open for writing at the checkpoint");
+        for rank in 0..2 {
+            let held = log(rank);
+            let every_step: String = (0..STEPS)
+                .map(|step| format!("rank {rank} step {step}\n"))
+                .collect();
+            if mode == "append" {
+                assert!(held == every_step, "log.{rank}:\n{held}\n{said}");
+            } else {
+                assert!(held != every_step && held.ends_with(&every_step[every_step.len() - 20..]));
+            }
+        }
+        if mode == "append" {
+            assert!(!warned, "{said}");
+        } else {
+            for rank in 0..2 {
+                let path = files.path(&format!("log.{rank}"));
+                assert!(
+                    said.contains(&format!("cryo: rank {rank}: WARNING: {}", path.display()))
+                        && said.contains("what it wrote before the checkpoint is lost"),
+                    "{said}"
+                );
+            }
+        }
+    }
+}
+
 /// One `#[test]` per body, with the flavour `$flavour` gives (`None`:
 /// skipped, as it said).
 macro_rules! flavour_tests {
@@ -474,6 +547,7 @@ flavour_tests! {
         heat2d_checkpoint_kill_restart_on_other_nodes,
     fortran_heat2d_is_byte_identical_to_c_heat2d_openmpi => heat2d_matches_c,
     fortran_typed_regions_have_the_requested_shapes_openmpi => typed_regions,
+    fortran_log_opened_at_every_start_openmpi => log_opened_at_every_start,
 }
 
 flavour_tests! {
@@ -482,4 +556,5 @@ flavour_tests! {
         heat2d_checkpoint_kill_restart_on_other_nodes,
     fortran_heat2d_is_byte_identical_to_c_heat2d_mpich => heat2d_matches_c,
     fortran_typed_regions_have_the_requested_shapes_mpich => typed_regions,
+    fortran_log_opened_at_every_start_mpich => log_opened_at_every_start,
 }
