@@ -31,6 +31,7 @@ mod floor;
 pub mod flush_hooks;
 mod gfortran;
 mod held;
+mod interpose;
 mod library_dirs;
 mod library_sockets;
 mod mappings;

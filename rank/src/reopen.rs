@@ -32,6 +32,8 @@ use std::sync::Mutex;
 
 use cryo_core::format::manifest::{FdKind, FdRestore, RankRecord};
 
+use crate::interpose::next;
+
 /// Whether the set-up's window is open: one load, for every open and
 /// every safe point.
 static WINDOW: AtomicBool = AtomicBool::new(false);
@@ -241,17 +243,6 @@ fn fopen_flags(mode: *const c_char) -> Option<c_int> {
         }
     }
     Some(flags)
-}
-
-/// The C library's definition of `name`, looked up once into `slot`.
-fn next(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
-    let mut found = slot.load(Ordering::Acquire);
-    if found.is_null() {
-        // SAFETY: dlsym only looks the name up.
-        found = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
-        slot.store(found, Ordering::Release);
-    }
-    found
 }
 
 type Open = unsafe extern "C" fn(*const c_char, c_int, libc::mode_t) -> c_int;

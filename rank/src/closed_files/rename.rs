@@ -13,24 +13,15 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::AtomicPtr;
+
+use crate::interpose::next;
 
 type Rename = unsafe extern "C" fn(*const c_char, *const c_char) -> c_int;
 type RenameAt = unsafe extern "C" fn(c_int, *const c_char, c_int, *const c_char) -> c_int;
 
 static NEXT_RENAME: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static NEXT_RENAMEAT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
-
-/// The C library's definition of `name`, cached in `slot`.
-fn next(slot: &AtomicPtr<c_void>, name: &CStr) -> *mut c_void {
-    let mut found = slot.load(Ordering::Acquire);
-    if found.is_null() {
-        // SAFETY: dlsym only looks the name up.
-        found = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
-        slot.store(found, Ordering::Release);
-    }
-    found
-}
 
 /// `path` (relative to `dir`, an fd or `AT_FDCWD`) as an absolute path.
 fn absolute(dir: c_int, path: *const c_char) -> Option<PathBuf> {
