@@ -11,7 +11,9 @@ what ``print`` and ``file.write`` buffered is in the files it records, and
 records the size of every file opened for appending since :func:`init_mpi`,
 open or closed; a restart cuts those back to that size (see ``_appended``),
 so a log reopened with ``"a"`` at each step does not get the steps after the
-checkpoint twice.
+checkpoint twice. A restarted rank that opens a log it held at the checkpoint
+again with ``"w"`` before its first :func:`checkpoint_point` gets that file
+as it was at the checkpoint, not emptied (see ``_reopen``).
 """
 
 import ctypes
@@ -24,7 +26,7 @@ import sys
 
 import numpy as np
 
-from . import _appended
+from . import _appended, _reopen
 from ._lib import ENV_RANK_LIB, FLUSH_HOOK, LIBRARIES, Error, load, mpi_flavour
 
 __all__ = [
@@ -54,6 +56,8 @@ ABORTED = 2
 _lib = None
 # The files opened for appending (see _appended), once init_mpi has run.
 _appended_files = None
+#: The restarted set-up's window (``_reopen``), until the first safe point.
+_reopen_window = None
 
 
 def flush_python_files():
@@ -124,7 +128,7 @@ def init_mpi(comm=None):
     default ``COMM_WORLD``). Loads the libcryo_rank of mpi4py's MPI first
     (see :data:`ENV_RANK_LIB`). On a restart, the rank's files are back
     when it returns."""
-    global _lib, _appended_files
+    global _lib, _appended_files, _reopen_window
     from mpi4py import MPI
 
     if comm is None:
@@ -158,6 +162,7 @@ def init_mpi(comm=None):
     if restored_epoch():
         for line in appended.cut_back(comm):
             print(line, file=sys.stderr)
+        _reopen_window = _reopen.Window(lib.cryo_reopen_restored)
     _appended_files = appended
 
 
@@ -192,6 +197,10 @@ def checkpoint_point():
     program again and carries on from the loop counter in its region, so
     count the step before the safe point (``state[0] += 1`` first), or the
     restart runs the checkpoint's step twice."""
+    global _reopen_window
+    if _reopen_window is not None:
+        _reopen_window.close()
+        _reopen_window = None
     code = _runtime().cryo_checkpoint_point()
     if code < 0:
         _check(-code)
@@ -216,4 +225,8 @@ def restored_epoch():
 def finalize():
     """Leaves cryo (collective over the communicator given to
     :func:`init_mpi`); call it before MPI ends. Regions stay mapped."""
+    global _reopen_window
+    if _reopen_window is not None:
+        _reopen_window.close()
+        _reopen_window = None
     _check(_runtime().cryo_finalize())

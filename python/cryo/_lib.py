@@ -101,6 +101,7 @@ def _declare(lib, path):
         "cryo_note_appended": ([ctypes.c_char_p], c_int),
         "cryo_note_node_file": ([ctypes.c_char_p, c_int], c_int),
         "cryo_note_renamed": ([ctypes.c_char_p, ctypes.c_char_p], c_int),
+        "cryo_reopen_restored": ([ctypes.c_char_p, c_int], c_int),
     }
     for function, (argtypes, restype) in signatures.items():
         try:

@@ -170,6 +170,17 @@ int cryo_note_node_file(const char *path, int written);
  * os.rename and os.replace. */
 int cryo_note_renamed(const char *from, const char *to);
 
+/* For a restarted rank's set-up that opens a file again in a way the
+ * runtime does not see: the fd the restart gave back for path, if the rank
+ * held it open for writing at the checkpoint and an open with flags
+ * (O_WRONLY or O_RDWR, O_TRUNC, O_APPEND, O_CLOEXEC) is to continue it;
+ * -1 otherwise. Each restored fd is given once, and only before the rank's
+ * first safe point. The runtime's own open, openat, creat and fopen do
+ * this for C and C++ callers (not for a Fortran OPEN: a unit counts its
+ * position from zero; open a log with position='append' instead); the
+ * Python package calls it from open() until the first checkpoint_point. */
+int cryo_reopen_restored(const char *path, int flags);
+
 /* Says goodbye to the agent; regions stay mapped. */
 int cryo_finalize(void);
 

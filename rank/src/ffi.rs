@@ -515,6 +515,18 @@ pub unsafe extern "C" fn cryo_note_renamed(old: *const c_char, new: *const c_cha
     })
 }
 
+/// For a restarted rank's set-up that opens a file again where the runtime
+/// does not see it (Python): the fd restored for `path` if an open with
+/// `flags` is to continue it (`reopen.rs`), else -1.
+///
+/// # Safety
+///
+/// `path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cryo_reopen_restored(path: *const c_char, flags: c_int) -> c_int {
+    crate::reopen::restored_for(path, flags)
+}
+
 /// Says goodbye to the agent. Regions stay mapped.
 ///
 /// # Safety

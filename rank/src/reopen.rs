@@ -220,6 +220,14 @@ fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
     Some(offer.fd)
 }
 
+/// The fd the runtime restored for `path`, if a restarted rank's set-up
+/// opening it with `flags` is to be given it (see the module); else -1.
+/// `cryo_reopen_restored`, for callers whose opens the runtime does not see
+/// (the Python package wraps `open` with it until the first safe point).
+pub(crate) fn restored_for(path: *const c_char, flags: c_int) -> c_int {
+    claimed(libc::AT_FDCWD, path, flags).unwrap_or(-1)
+}
+
 /// `open(2)`'s flags for a `fopen` mode that writes, if it does.
 fn fopen_flags(mode: *const c_char) -> Option<c_int> {
     if mode.is_null() {

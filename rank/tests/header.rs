@@ -159,8 +159,9 @@ fn status_codes_match() {
 /// size-checked `cryo_init_mpi_handle` under it) are bound through
 /// `cryo_init_mpi_f`, which takes the Fortran handle; `cryo_mpi_flavour` is
 /// for bindings that load the library themselves, and `cryo_note_appended`,
-/// `cryo_note_node_file` and `cryo_note_renamed` for languages whose closes
-/// and renames the runtime does not see (it sees Fortran's).
+/// `cryo_note_node_file`, `cryo_note_renamed` and `cryo_reopen_restored`
+/// for languages whose closes, renames and opens the runtime does not see
+/// (it sees Fortran's).
 #[test]
 fn the_fortran_module_binds_every_call_with_the_same_codes() {
     let module = read("fortran/cryo.F90");
@@ -172,6 +173,7 @@ fn the_fortran_module_binds_every_call_with_the_same_codes() {
         "cryo_note_appended",
         "cryo_note_node_file",
         "cryo_note_renamed",
+        "cryo_reopen_restored",
     ];
     for name in header
         .keys()

@@ -4,7 +4,8 @@
 //! environment, its errors, and the Python heat2d
 //! (`examples/python/heat2d.py`) under `cryo run`: checkpoint, `kill -9`,
 //! restart on other nodes, byte-identical to an uninterrupted run and to
-//! the C heat2d; and logs a program reopens for appending at each step.
+//! the C heat2d; logs a program reopens for appending at each step; and a
+//! log opened with "w" at every start and held.
 //!
 //! Without Open MPI or Python with NumPy and mpi4py these tests fail,
 //! loudly: set `CRYO_SKIP_OPENMPI=1` or `CRYO_SKIP_PYTHON=1` to skip them on
@@ -417,4 +418,64 @@ fn python_logs_reopened_for_appending_come_back_at_the_checkpoint() {
         .collect();
     want.sort();
     assert_eq!(shared, want, "the shared log");
+}
+
+/// A program that opens its log with `open(path, "w")` at every start and
+/// holds it (`tests/programs/held_log.py`): on the restart that open is
+/// given the file held at the checkpoint, as it was then, so every line is
+/// there exactly once at the end.
+#[test]
+fn python_log_opened_again_with_w_after_a_restart_continues() {
+    const ITERS: usize = 120;
+    if !python_available() {
+        return;
+    }
+    let venv = Venv::new();
+    let case = Case::new(Program {
+        exe: venv.python(),
+        lead: vec![repo_root().join("tests/programs/held_log.py").into()],
+        mpi: Mpi::OpenMpi,
+        env: vec![(
+            "CRYO_RANK_LIB".into(),
+            openmpi_flavour().display().to_string(),
+        )],
+    });
+    let log = |rank: usize| case.path(&format!("held.{rank}.log"));
+    let args = [
+        case.files.dir().display().to_string(),
+        ITERS.to_string(),
+        "40".to_owned(),
+    ];
+    let job = case.spawn("held", "a:1,b:1", 2, &[], &args, &[]);
+    wait_until("step 10", Duration::from_secs(60), || lines(&log(1)) >= 10);
+    let out = case.checkpoint("held");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        output_text(&out),
+        job.log_text()
+    );
+    let at = lines(&log(1));
+    wait_until(
+        "3 steps past the checkpoint",
+        Duration::from_secs(60),
+        || lines(&log(1)) >= at + 3,
+    );
+    case.kill_everything();
+    drop(job);
+
+    let out = case.restart("held", "c:2", &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart failed: {said}");
+    assert!(!said.contains("WARNING"), "{said}");
+    for rank in 0..2 {
+        let want: String = (1..=ITERS)
+            .map(|step| format!("rank {rank} step {step:04}\n"))
+            .collect();
+        assert_eq!(
+            fs::read_to_string(log(rank)).unwrap(),
+            want,
+            "rank {rank}'s log\n{said}"
+        );
+    }
 }

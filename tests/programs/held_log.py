@@ -1,0 +1,36 @@
+"""held_log.py DIR ITERS STEP_MS: opens its log the way many Python programs
+do, with open(path, "w") at every start after cryo.init_mpi, and holds it
+for the whole run, writing one line per step. On a restart that open must
+continue the file held at the checkpoint, not empty it. Used by
+tests/tests/python.rs: after a checkpoint, a kill and a restart, every line
+is in each rank's log exactly once."""
+
+import os
+import sys
+import time
+
+from mpi4py import MPI
+import numpy as np
+
+import cryo
+
+
+def main(folder, iters, step_ms):
+    comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    cryo.init_mpi(comm)
+    state = cryo.region("state", 1, np.int64)
+    log = open(os.path.join(folder, f"held.{rank}.log"), "w")
+    while state[0] < iters:
+        state[0] += 1
+        log.write(f"rank {rank} step {state[0]:04d}\n")
+        log.flush()
+        comm.allreduce(int(state[0]))
+        time.sleep(step_ms / 1000)
+        cryo.checkpoint_point()
+    log.close()
+    cryo.finalize()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
