@@ -20,7 +20,8 @@
 //!
 //! A program linked with `-lcryo_rank` finds these definitions of `open`,
 //! `open64`, `openat`, `openat64`, `creat`, `creat64`, `fopen` and
-//! `fopen64` before the C library's, as it does `close` (`closed_files`).
+//! `fopen64` (and the `__open_2` family that `_FORTIFY_SOURCE` calls)
+//! before the C library's, as it does `close` (`closed_files`).
 //! gfortran's OPEN is left alone (`gfortran.rs` says when one runs): a unit
 //! counts its position from zero whatever the fd's offset, so it must not
 //! be handed an fd that is not at the start.
@@ -266,6 +267,36 @@ static NEXT_CREAT: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static NEXT_CREAT64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static NEXT_FOPEN: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
 static NEXT_FOPEN64: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPEN_2: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPEN64_2: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPENAT_2: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+static NEXT_OPENAT64_2: AtomicPtr<c_void> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Every definition these forward to, looked up as the library loads, so
+/// that no open has to call `dlsym` (whose allocations a memory hook of
+/// the MPI library may answer with an open of its own).
+extern "C" fn at_start() {
+    for (slot, name) in [
+        (&NEXT_OPEN, c"open"),
+        (&NEXT_OPEN64, c"open64"),
+        (&NEXT_OPENAT, c"openat"),
+        (&NEXT_OPENAT64, c"openat64"),
+        (&NEXT_CREAT, c"creat"),
+        (&NEXT_CREAT64, c"creat64"),
+        (&NEXT_FOPEN, c"fopen"),
+        (&NEXT_FOPEN64, c"fopen64"),
+        (&NEXT_OPEN_2, c"__open_2"),
+        (&NEXT_OPEN64_2, c"__open64_2"),
+        (&NEXT_OPENAT_2, c"__openat_2"),
+        (&NEXT_OPENAT64_2, c"__openat64_2"),
+    ] {
+        next(slot, name);
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static AT_START: extern "C" fn() = at_start;
 
 /// The restored fd to give this open, if the window is open and one fits.
 #[inline]
@@ -454,6 +485,78 @@ fn creat_named(
     let creat = unsafe { std::mem::transmute::<*mut c_void, Creat>(found) };
     // SAFETY: forwarded unchanged to the function the caller meant.
     unsafe { creat(path, mode) }
+}
+
+type Open2 = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+type OpenAt2 = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+
+/// `__open_2`, which `open` becomes with `_FORTIFY_SOURCE` when its flags
+/// are not known at compile time: see the module.
+///
+/// # Safety
+///
+/// As for the C library's `__open_2`.
+#[no_mangle]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    fortified(&NEXT_OPEN_2, c"__open_2", libc::AT_FDCWD, path, flags)
+}
+
+/// `__open64_2`: as `__open_2`.
+///
+/// # Safety
+///
+/// As for the C library's `__open64_2`.
+#[no_mangle]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    fortified(&NEXT_OPEN64_2, c"__open64_2", libc::AT_FDCWD, path, flags)
+}
+
+/// `__openat_2`: as `__open_2`, relative to `dirfd`.
+///
+/// # Safety
+///
+/// As for the C library's `__openat_2`.
+#[no_mangle]
+pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    fortified(&NEXT_OPENAT_2, c"__openat_2", dirfd, path, flags)
+}
+
+/// `__openat64_2`: as `__openat_2`.
+///
+/// # Safety
+///
+/// As for the C library's `__openat64_2`.
+#[no_mangle]
+pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    fortified(&NEXT_OPENAT64_2, c"__openat64_2", dirfd, path, flags)
+}
+
+/// The fortified opens (no mode: they refuse O_CREAT, which needs one).
+fn fortified(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+) -> c_int {
+    if let Some(fd) = claimed(dirfd, path, flags) {
+        return fd;
+    }
+    let found = next(slot, name);
+    if found.is_null() {
+        return sys_openat(dirfd, path, flags, 0);
+    }
+    if name.to_bytes().starts_with(b"__openat") {
+        // SAFETY: the C library's __openat_2, which has this signature.
+        let open = unsafe { std::mem::transmute::<*mut c_void, OpenAt2>(found) };
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        unsafe { open(dirfd, path, flags) }
+    } else {
+        // SAFETY: the C library's __open_2, which has this signature.
+        let open = unsafe { std::mem::transmute::<*mut c_void, Open2>(found) };
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        unsafe { open(path, flags) }
+    }
 }
 
 /// `fopen(3)`: see the module.

@@ -123,6 +123,11 @@ fn a_restarted_set_up_that_opens_its_output_again_continues_it() {
     let kept = dir.path().join("kept");
     let fd = held(&kept, "abc", libc::O_RDWR);
     offer_fds(0, [(fd, libc::O_RDWR, "f".into())]);
+    // The fortified open (`_FORTIFY_SOURCE`) is given it as well.
+    // SAFETY: a NUL-terminated path, as for the C library's.
+    let fortified = unsafe { __open_2(c(&kept).as_ptr(), libc::O_RDWR | libc::O_TRUNC) };
+    assert_eq!(fortified, fd);
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), 3);
     close_window();
     let got = opened(&kept, libc::O_RDWR | libc::O_TRUNC);
     assert_ne!(got, fd);
