@@ -9,6 +9,7 @@ the uninterrupted run went on writing. The runtime does the same for C's
 ``open`` and ``fopen`` (``rank/src/reopen.rs``); Python's are its own."""
 
 import builtins
+import io
 import os
 
 
@@ -24,12 +25,15 @@ def _write_flags(mode):
 
 
 class Window:
-    """``builtins.open`` wrapped until :meth:`close`."""
+    """``builtins.open`` and ``io.open`` (which ``pathlib`` calls) wrapped
+    until :meth:`close`."""
 
     def __init__(self, reopen_restored):
         self.reopen_restored = reopen_restored
         self.original = builtins.open
+        self.original_io = io.open
         builtins.open = self.open
+        io.open = self.open
 
     def open(self, file, mode="r", *args, **kwargs):
         flags = _write_flags(mode)
@@ -43,3 +47,5 @@ class Window:
         """Puts Python's ``open`` back (unless someone wrapped it since)."""
         if builtins.open == self.open:
             builtins.open = self.original
+        if io.open == self.open:
+            io.open = self.original_io

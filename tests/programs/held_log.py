@@ -1,11 +1,13 @@
 """held_log.py DIR ITERS STEP_MS: opens its log the way many Python programs
-do, with open(path, "w") at every start after cryo.init_mpi, and holds it
+do, with open(path, "w") (or pathlib's Path.open) at every start after
+cryo.init_mpi, and holds it
 for the whole run, writing one line per step. On a restart that open must
 continue the file held at the checkpoint, not empty it. Used by
 tests/tests/python.rs: after a checkpoint, a kill and a restart, every line
 is in each rank's log exactly once."""
 
 import os
+import pathlib
 import sys
 import time
 
@@ -20,7 +22,9 @@ def main(folder, iters, step_ms):
     rank = comm.Get_rank()
     cryo.init_mpi(comm)
     state = cryo.region("state", 1, np.int64)
-    log = open(os.path.join(folder, f"held.{rank}.log"), "w")
+    path = os.path.join(folder, f"held.{rank}.log")
+    # Rank 0 through the builtin, the others through pathlib (io.open).
+    log = open(path, "w") if rank == 0 else pathlib.Path(path).open("w")
     while state[0] < iters:
         state[0] += 1
         log.write(f"rank {rank} step {state[0]:04d}\n")
