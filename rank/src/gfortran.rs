@@ -16,7 +16,8 @@
 //! libgfortran I/O call starts with (`st_parameter_common`: flags, unit,
 //! …), and the status the library leaves in the low bits of `flags`.
 //! If the program links libgfortran first, nothing is recorded: its
-//! `NEWUNIT=` units are then not flushed, but nothing crashes.
+//! `NEWUNIT=` units are then not flushed, but nothing crashes, and
+//! `cryo_init` says what is lost ([`warn_if_bypassed`]).
 //!
 //! The CLOSE also notes the unit's file among those written and closed
 //! (`closed_files`), through libgfortran's `FNUM`, so that a log opened with
@@ -153,4 +154,68 @@ fn closing(unit: i32) -> Option<crate::closed_files::Closing> {
 /// The `NEWUNIT=` units connected to files now.
 pub(crate) fn file_units() -> Vec<i32> {
     units().iter().copied().collect()
+}
+
+/// Whether compiled OPEN and CLOSE statements bypass the definitions here:
+/// the program was linked with libgfortran before `-lcryo_rank`, so that
+/// libgfortran's are found first. Only where the runtime's own definitions
+/// (`open`) come first at all: a process that loaded the runtime with
+/// `dlopen`, as Python does, keeps the C library's.
+pub(crate) fn bypassed() -> bool {
+    // SAFETY: dlsym only looks the names up.
+    let (open, st_open) = unsafe {
+        (
+            libc::dlsym(libc::RTLD_DEFAULT, c"open".as_ptr()),
+            libc::dlsym(libc::RTLD_DEFAULT, c"_gfortran_st_open".as_ptr()),
+        )
+    };
+    // Compared by the object they are in: the address of an exported name
+    // taken here is itself the one found first.
+    let here = object_of(bypassed as fn() -> bool as *const c_void);
+    here.is_some() && object_of(open) == here && !st_open.is_null() && object_of(st_open) != here
+}
+
+/// The base address of the loaded object (program or library) holding
+/// `address`.
+fn object_of(address: *const c_void) -> Option<usize> {
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`.
+    let found = unsafe { libc::dladdr(address, info.as_mut_ptr()) };
+    // SAFETY: zeroed, then filled by dladdr when it found the object.
+    (found != 0).then(|| unsafe { info.assume_init() }.dli_fbase as usize)
+}
+
+/// Says, at every start, what a program that links libgfortran before the
+/// runtime loses ([`bypassed`]), so that it is known before a checkpoint
+/// is needed.
+pub(crate) fn warn_if_bypassed(rank: u32) {
+    if bypassed() {
+        tracing::warn!(rank, "gfortran.bypassed");
+        cryo_core::say!(
+            "cryo: rank {rank}: WARNING: the program is linked with libgfortran before \
+             libcryo_rank, so the runtime does not see its Fortran OPEN and CLOSE statements: \
+             the output buffered in NEWUNIT= units is not flushed at a checkpoint, a log \
+             closed by CLOSE is not cut back to the checkpoint at a restart, and a file the \
+             restarted program opens again is not given back as it was. Link with -lcryo_rank \
+             before -lgfortran"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_placed_in_its_own_object() {
+        let here = object_of(bypassed as fn() -> bool as *const c_void);
+        // SAFETY: dlsym only looks the name up.
+        let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) };
+        assert!(here.is_some());
+        assert!(object_of(getpid).is_some() && object_of(getpid) != here);
+        assert_eq!(object_of(std::ptr::null()), None);
+        // A test program does not export the runtime's open: nothing is
+        // bypassed, whatever libgfortran does.
+        assert!(!bypassed());
+    }
 }

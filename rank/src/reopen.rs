@@ -24,7 +24,10 @@
 //! before the C library's, as it does `close` (`closed_files`).
 //! gfortran's OPEN is left alone (`gfortran.rs` says when one runs): a unit
 //! counts its position from zero whatever the fd's offset, so it must not
-//! be handed an fd that is not at the start.
+//! be handed an fd that is not at the start. In a program linked with
+//! libgfortran before the runtime, where a unit's OPEN cannot be told from
+//! C's, no open of the runtime's is answered (the cut files are still
+//! named, and `cryo_init` warns of the link order).
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -38,6 +41,10 @@ use crate::interpose::next;
 /// Whether the set-up's window is open: one load, for every open and
 /// every safe point.
 static WINDOW: AtomicBool = AtomicBool::new(false);
+/// Whether the runtime's own `open`, `fopen`… answer in the window: not
+/// when gfortran's OPEN bypasses `gfortran.rs` (libgfortran linked before
+/// `-lcryo_rank`), since a unit's open could not be told from C's then.
+static C_OPENS: AtomicBool = AtomicBool::new(true);
 
 /// A restored fd that an open of its file may be given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +103,7 @@ fn offer_fds(rank: u32, held: impl IntoIterator<Item = (c_int, c_int, String)>) 
         return;
     }
     tracing::debug!(rank, fds = ?offers.iter().map(|o| o.fd).collect::<Vec<_>>(), "reopen.offered");
+    C_OPENS.store(!crate::gfortran::bypassed(), Ordering::Relaxed);
     RANK.store(rank, Ordering::Relaxed);
     *OFFERS.lock().unwrap_or_else(|e| e.into_inner()) = offers;
     WINDOW.store(true, Ordering::Release);
@@ -167,9 +175,9 @@ fn identity(fd: c_int) -> Option<(u64, u64)> {
 }
 
 /// The restored fd to give an open of `path` (relative to `dirfd`) with
-/// `flags`, if any; it then has the flags asked for.
+/// `flags` in the window, if any; it then has the flags asked for.
 fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
-    if !WINDOW.load(Ordering::Acquire) || path.is_null() {
+    if path.is_null() {
         return None;
     }
     let access = flags & libc::O_ACCMODE;
@@ -226,7 +234,10 @@ fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
 /// `cryo_reopen_restored`, for callers whose opens the runtime does not see
 /// (the Python package wraps `open` with it until the first safe point).
 pub(crate) fn restored_for(path: *const c_char, flags: c_int) -> c_int {
-    claimed(libc::AT_FDCWD, path, flags).unwrap_or(-1)
+    if !WINDOW.load(Ordering::Acquire) {
+        return -1;
+    }
+    claim_caught(libc::AT_FDCWD, path, flags).unwrap_or(-1)
 }
 
 /// `open(2)`'s flags for a `fopen` mode that writes, if it does.
@@ -298,16 +309,34 @@ extern "C" fn at_start() {
 #[link_section = ".init_array"]
 static AT_START: extern "C" fn() = at_start;
 
-/// The restored fd to give this open, if the window is open and one fits.
+/// The restored fd to give an open of the runtime's own definitions, if
+/// the window is open to them and one fits.
 #[inline]
 fn claimed(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
-    if !WINDOW.load(Ordering::Relaxed) {
+    if !WINDOW.load(Ordering::Acquire) || !C_OPENS.load(Ordering::Relaxed) {
         return None;
     }
-    // A panic must not unwind into C; it only costs the claim.
+    claim_caught(dirfd, path, flags)
+}
+
+/// [`claim`], where a panic only costs the claim: it must not unwind into C.
+fn claim_caught(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
     std::panic::catch_unwind(|| claim(dirfd, path, flags))
         .ok()
         .flatten()
+}
+
+/// The C library's definition of `name` (the next after ours) as an `F`,
+/// or None if there is none.
+///
+/// # Safety
+///
+/// `F` must be the function pointer type of the C library's `name`.
+unsafe fn next_as<F: Copy>(slot: &AtomicPtr<c_void>, name: &CStr) -> Option<F> {
+    let found = next(slot, name);
+    // SAFETY: the caller vouches that `name` has the signature `F`; a
+    // function pointer is the size of a data pointer on Linux.
+    (!found.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&found) })
 }
 
 /// `openat(2)` itself, for a process where no C library's definition
@@ -326,27 +355,20 @@ fn fopen_with(
     path: *const c_char,
     mode: *const c_char,
 ) -> *mut libc::FILE {
-    if WINDOW.load(Ordering::Relaxed) {
-        let claimed = std::panic::catch_unwind(|| {
-            fopen_flags(mode).and_then(|flags| claim(libc::AT_FDCWD, path, flags))
-        });
-        if let Ok(Some(fd)) = claimed {
-            // SAFETY: a restored fd of this process, and the caller's mode
-            // ("w" on an fd does not truncate).
-            let stream = unsafe { libc::fdopen(fd, mode) };
-            if !stream.is_null() {
-                return stream;
-            }
+    if let Some(fd) = fopen_flags(mode).and_then(|flags| claimed(libc::AT_FDCWD, path, flags)) {
+        // SAFETY: a restored fd of this process, and the caller's mode ("w"
+        // on an fd does not truncate).
+        let stream = unsafe { libc::fdopen(fd, mode) };
+        if !stream.is_null() {
+            return stream;
         }
     }
-    let found = next(slot, name);
-    if found.is_null() {
+    // SAFETY: the C library's fopen and fopen64 have this signature.
+    let Some(open) = (unsafe { next_as::<Fopen>(slot, name) }) else {
         // SAFETY: errno is this thread's.
         unsafe { *libc::__errno_location() = libc::ENOSYS };
         return std::ptr::null_mut();
-    }
-    // SAFETY: the C library's fopen, which has this signature.
-    let open = unsafe { std::mem::transmute::<*mut c_void, Fopen>(found) };
+    };
     // SAFETY: forwarded unchanged to the function the caller meant.
     unsafe { open(path, mode) }
 }
@@ -386,14 +408,12 @@ fn open_named(
     if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
         return fd;
     }
-    let found = next(slot, name);
-    if found.is_null() {
-        return sys_openat(libc::AT_FDCWD, path, flags, mode);
+    // SAFETY: the C library's open and open64 have this signature.
+    match unsafe { next_as::<Open>(slot, name) } {
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        Some(open) => unsafe { open(path, flags, mode) },
+        None => sys_openat(libc::AT_FDCWD, path, flags, mode),
     }
-    // SAFETY: the C library's open, called as the caller called ours.
-    let open = unsafe { std::mem::transmute::<*mut c_void, Open>(found) };
-    // SAFETY: forwarded unchanged to the function the caller meant.
-    unsafe { open(path, flags, mode) }
 }
 
 /// `openat(2)`: see the module.
@@ -437,14 +457,12 @@ fn openat_named(
     if let Some(fd) = claimed(dirfd, path, flags) {
         return fd;
     }
-    let found = next(slot, name);
-    if found.is_null() {
-        return sys_openat(dirfd, path, flags, mode);
+    // SAFETY: the C library's openat and openat64 have this signature.
+    match unsafe { next_as::<OpenAt>(slot, name) } {
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        Some(open) => unsafe { open(dirfd, path, flags, mode) },
+        None => sys_openat(dirfd, path, flags, mode),
     }
-    // SAFETY: the C library's openat, called as the caller called ours.
-    let open = unsafe { std::mem::transmute::<*mut c_void, OpenAt>(found) };
-    // SAFETY: forwarded unchanged to the function the caller meant.
-    unsafe { open(dirfd, path, flags, mode) }
 }
 
 /// `creat(2)`: `open` for writing, created and emptied.
@@ -477,14 +495,12 @@ fn creat_named(
     if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
         return fd;
     }
-    let found = next(slot, name);
-    if found.is_null() {
-        return sys_openat(libc::AT_FDCWD, path, flags, mode);
+    // SAFETY: the C library's creat and creat64 have this signature.
+    match unsafe { next_as::<Creat>(slot, name) } {
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        Some(creat) => unsafe { creat(path, mode) },
+        None => sys_openat(libc::AT_FDCWD, path, flags, mode),
     }
-    // SAFETY: the C library's creat, which has this signature.
-    let creat = unsafe { std::mem::transmute::<*mut c_void, Creat>(found) };
-    // SAFETY: forwarded unchanged to the function the caller meant.
-    unsafe { creat(path, mode) }
 }
 
 type Open2 = unsafe extern "C" fn(*const c_char, c_int) -> c_int;
@@ -498,7 +514,7 @@ type OpenAt2 = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
 /// As for the C library's `__open_2`.
 #[no_mangle]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
-    fortified(&NEXT_OPEN_2, c"__open_2", libc::AT_FDCWD, path, flags)
+    fortified_open(&NEXT_OPEN_2, c"__open_2", path, flags)
 }
 
 /// `__open64_2`: as `__open_2`.
@@ -508,7 +524,7 @@ pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
 /// As for the C library's `__open64_2`.
 #[no_mangle]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
-    fortified(&NEXT_OPEN64_2, c"__open64_2", libc::AT_FDCWD, path, flags)
+    fortified_open(&NEXT_OPEN64_2, c"__open64_2", path, flags)
 }
 
 /// `__openat_2`: as `__open_2`, relative to `dirfd`.
@@ -518,7 +534,7 @@ pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int 
 /// As for the C library's `__openat_2`.
 #[no_mangle]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    fortified(&NEXT_OPENAT_2, c"__openat_2", dirfd, path, flags)
+    fortified_openat(&NEXT_OPENAT_2, c"__openat_2", dirfd, path, flags)
 }
 
 /// `__openat64_2`: as `__openat_2`.
@@ -528,11 +544,30 @@ pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_
 /// As for the C library's `__openat64_2`.
 #[no_mangle]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    fortified(&NEXT_OPENAT64_2, c"__openat64_2", dirfd, path, flags)
+    fortified_openat(&NEXT_OPENAT64_2, c"__openat64_2", dirfd, path, flags)
 }
 
-/// The fortified opens (no mode: they refuse O_CREAT, which needs one).
-fn fortified(
+/// `__open_2` and `__open64_2` (no mode: they refuse O_CREAT, which needs
+/// one).
+fn fortified_open(
+    slot: &AtomicPtr<c_void>,
+    name: &CStr,
+    path: *const c_char,
+    flags: c_int,
+) -> c_int {
+    if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
+        return fd;
+    }
+    // SAFETY: the C library's __open_2 and __open64_2 have this signature.
+    match unsafe { next_as::<Open2>(slot, name) } {
+        // SAFETY: forwarded unchanged to the function the caller meant.
+        Some(open) => unsafe { open(path, flags) },
+        None => sys_openat(libc::AT_FDCWD, path, flags, 0),
+    }
+}
+
+/// `__openat_2` and `__openat64_2`, as [`fortified_open`].
+fn fortified_openat(
     slot: &AtomicPtr<c_void>,
     name: &CStr,
     dirfd: c_int,
@@ -542,20 +577,12 @@ fn fortified(
     if let Some(fd) = claimed(dirfd, path, flags) {
         return fd;
     }
-    let found = next(slot, name);
-    if found.is_null() {
-        return sys_openat(dirfd, path, flags, 0);
-    }
-    if name.to_bytes().starts_with(b"__openat") {
-        // SAFETY: the C library's __openat_2, which has this signature.
-        let open = unsafe { std::mem::transmute::<*mut c_void, OpenAt2>(found) };
+    // SAFETY: the C library's __openat_2 and __openat64_2 have this
+    // signature.
+    match unsafe { next_as::<OpenAt2>(slot, name) } {
         // SAFETY: forwarded unchanged to the function the caller meant.
-        unsafe { open(dirfd, path, flags) }
-    } else {
-        // SAFETY: the C library's __open_2, which has this signature.
-        let open = unsafe { std::mem::transmute::<*mut c_void, Open2>(found) };
-        // SAFETY: forwarded unchanged to the function the caller meant.
-        unsafe { open(path, flags) }
+        Some(open) => unsafe { open(dirfd, path, flags) },
+        None => sys_openat(dirfd, path, flags, 0),
     }
 }
 

@@ -5,7 +5,9 @@
 ! opened with status='replace' (MODE "replace": a restart empties the file,
 ! and cryo names it at the first safe point) or with status='unknown',
 ! position='append' (MODE "append": a restart goes on from the checkpoint,
-! since cryo gave the file back as it was then).
+! since cryo gave the file back as it was then), or with status='unknown'
+! alone (MODE "asis": the unit starts at the top, and a restart's first
+! WRITE cuts the file, which cryo names).
 program reopens_its_log
   use, intrinsic :: iso_fortran_env, only: int64
   use mpi
@@ -27,6 +29,8 @@ program reopens_its_log
   write (name, '(a,i0)') 'log.', me
   if (mode == 'replace') then
     open (newunit=u, file=trim(name), status='replace', action='write')
+  else if (mode == 'asis') then
+    open (newunit=u, file=trim(name), status='unknown', action='write')
   else
     open (newunit=u, file=trim(name), status='unknown', position='append', action='write')
   end if

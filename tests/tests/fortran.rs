@@ -15,7 +15,9 @@
 //! - a log opened after `cryo_init` at every start
 //!   (`tests/fortran/reopens_its_log.f90`): with `position='append'` it goes
 //!   on from the checkpoint, byte-identical; with `status='replace'` the
-//!   restart empties it, and cryo names the file when it does.
+//!   restart empties it, and cryo names the file when it does; linked with
+//!   libgfortran before the runtime, every start says what that loses and
+//!   the log is not damaged.
 //!
 //! Each body takes its MPI as an [`MpiFlavour`]; the runtime is built
 //! against MPICH only, so the MPICH tests are the only ones for now.
@@ -151,10 +153,16 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
         &dir,
         &["-std=f2018".as_ref(), "-c".as_ref(), module.as_ref()],
     );
-    for (name, source) in [
-        ("heat2d", "examples/fortran/heat2d.f90"),
-        ("typed_regions", "tests/fortran/typed_regions.f90"),
-        ("reopens_its_log", "tests/fortran/reopens_its_log.f90"),
+    for (name, source, first) in [
+        ("heat2d", "examples/fortran/heat2d.f90", None),
+        ("typed_regions", "tests/fortran/typed_regions.f90", None),
+        ("reopens_its_log", "tests/fortran/reopens_its_log.f90", None),
+        // Against the documented order: libgfortran before the runtime.
+        (
+            "reopens_its_log_gfortran_first",
+            "tests/fortran/reopens_its_log.f90",
+            Some("-lgfortran"),
+        ),
     ] {
         let source = root.join(source);
         let mut args = vec![
@@ -163,6 +171,7 @@ fn programs(flavour: &MpiFlavour) -> PathBuf {
             source.as_ref(),
             "cryo.o".as_ref(),
         ];
+        args.extend(first.map(OsStr::new));
         args.extend(&link);
         compile(flavour.fortran, &dir, &args);
     }
@@ -460,71 +469,133 @@ fn typed_regions(flavour: &MpiFlavour) {
     );
 }
 
-/// `reopens_its_log` under `cryo run`: checkpointed, run past it, killed,
-/// restarted. With `position='append'` each rank's log holds every step
-/// once; with `status='replace'` the restart names the log it emptied.
+/// What `cryo_init` says of a program linked with libgfortran first.
+const LINK_ORDER: &str = "WARNING: the program is linked with libgfortran before libcryo_rank";
+
+/// What a run of a `reopens_its_log` build left: what the first run and
+/// the restart said, and each rank's log.
+struct LogRun {
+    first_run: String,
+    restart: String,
+    logs: [String; 2],
+}
+
+/// `program` (a build of `reopens_its_log`) in `mode` under `cryo run` on
+/// two emulated nodes: checkpointed after ten steps, run past it, killed,
+/// restarted on one node, run to its end.
+fn run_reopening_log(flavour: &MpiFlavour, program: &str, mode: &str) -> LogRun {
+    let program = programs(flavour).join(program);
+    let files = Heat2dFiles::new("cryo-fortran-log-", &programs(flavour).join("heat2d"));
+    let _kill_all = KillAll(files.dir().display().to_string());
+    let log = |rank: u32| text(&files.path(&format!("log.{rank}")));
+    let mut job = flavour
+        .cryo(&files, "run")
+        .args(["--job", "logs", "--nodes", "a:1,b:1", "-n", "2", "--"])
+        .arg(&program)
+        .args([&LOG_STEPS.to_string(), mode])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(files.path("run.err")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("ten steps", Duration::from_secs(60), || {
+        log(1).lines().count() >= 10
+    });
+    let out = flavour
+        .cryo(&files, "checkpoint")
+        .arg("logs")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    let at = log(1).lines().count();
+    wait_until("steps past the checkpoint", Duration::from_secs(60), || {
+        log(1).lines().count() >= at + 5
+    });
+    kill_every_process_mentioning(&files.dir().display().to_string());
+    job.wait().unwrap();
+    let out = flavour
+        .cryo(&files, "restart")
+        .args(["logs", "--nodes", "c:2"])
+        .output()
+        .unwrap();
+    let restart = output_text(&out);
+    assert!(out.status.success(), "{mode}: {restart}");
+    LogRun {
+        first_run: text(&files.path("run.err")),
+        restart,
+        logs: [log(0), log(1)],
+    }
+}
+
+const LOG_STEPS: usize = 60;
+
+/// "rank R step S" for each step from `from` on.
+fn steps_of(rank: usize, from: usize) -> String {
+    (from..LOG_STEPS)
+        .map(|step| format!("rank {rank} step {step}\n"))
+        .collect()
+}
+
+/// Whether the restart named rank `rank`'s log as emptied by its set-up.
+fn named_as_lost(run: &LogRun, rank: usize) -> bool {
+    run.restart
+        .contains(&format!("cryo: rank {rank}: WARNING: "))
+        && {
+            let line = (run.restart.lines()).find(|l| {
+                l.contains(&format!(
+                    "log.{rank} (held open for writing at the checkpoint"
+                ))
+            });
+            line.is_some_and(|l| l.contains("what it wrote before the checkpoint is lost"))
+        }
+}
+
+/// `reopens_its_log`, linked as documented: with `position='append'` each
+/// rank's log holds every step once; with `status='replace'` the restart
+/// names the log it emptied.
 fn log_opened_at_every_start(flavour: &MpiFlavour) {
-    const STEPS: usize = 60;
-    let program = programs(flavour).join("reopens_its_log");
     for mode in ["append", "replace"] {
-        let files = Heat2dFiles::new("cryo-fortran-log-", &programs(flavour).join("heat2d"));
-        let _kill_all = KillAll(files.dir().display().to_string());
-        let log = |rank: u32| text(&files.path(&format!("log.{rank}")));
-        let mut job = flavour
-            .cryo(&files, "run")
-            .args(["--job", "logs", "--nodes", "a:1,b:1", "-n", "2", "--"])
-            .arg(&program)
-            .args([&STEPS.to_string(), mode])
-            .stdout(std::process::Stdio::null())
-            .stderr(fs::File::create(files.path("run.err")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_until("ten steps", Duration::from_secs(60), || {
-            log(1).lines().count() >= 10
-        });
-        let out = flavour
-            .cryo(&files, "checkpoint")
-            .arg("logs")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", output_text(&out));
-        let at = log(1).lines().count();
-        wait_until("steps past the checkpoint", Duration::from_secs(60), || {
-            log(1).lines().count() >= at + 5
-        });
-        kill_every_process_mentioning(&files.dir().display().to_string());
-        job.wait().unwrap();
-        let out = flavour
-            .cryo(&files, "restart")
-            .args(["logs", "--nodes", "c:2"])
-            .output()
-            .unwrap();
-        let said = output_text(&out);
-        assert!(out.status.success(), "{mode}: {said}");
-        let warned = said.contains("(held open for writing at the checkpoint");
-        for rank in 0..2 {
-            let held = log(rank);
-            let every_step: String = (0..STEPS)
-                .map(|step| format!("rank {rank} step {step}\n"))
-                .collect();
+        let run = run_reopening_log(flavour, "reopens_its_log", mode);
+        let said = &run.restart;
+        assert!(
+            !said.contains(LINK_ORDER) && !run.first_run.contains(LINK_ORDER),
+            "{said}"
+        );
+        for (rank, held) in run.logs.iter().enumerate() {
+            let every_step = steps_of(rank, 0);
             if mode == "append" {
-                assert!(held == every_step, "log.{rank}:\n{held}\n{said}");
+                assert!(*held == every_step, "log.{rank}:\n{held}\n{said}");
+                assert!(!named_as_lost(&run, rank), "{said}");
             } else {
-                assert!(held != every_step && held.ends_with(&every_step[every_step.len() - 20..]));
+                assert!(*held != every_step && held.ends_with(&steps_of(rank, LOG_STEPS - 2)));
+                assert!(named_as_lost(&run, rank), "{said}");
             }
         }
-        if mode == "append" {
-            assert!(!warned, "{said}");
-        } else {
-            for rank in 0..2 {
-                let path = files.path(&format!("log.{rank}"));
-                assert!(
-                    said.contains(&format!("cryo: rank {rank}: WARNING: {}", path.display()))
-                        && said.contains("what it wrote before the checkpoint is lost"),
-                    "{said}"
-                );
-            }
-        }
+    }
+}
+
+/// `reopens_its_log` linked with libgfortran before the runtime, so that
+/// the runtime cannot tell a unit's OPEN from C's: every start warns of it,
+/// and the restarted unit is not handed the restored fd at the
+/// checkpoint's offset (it would write its first record there while
+/// counting from zero, and leave a hole of zeros): the log starts again at
+/// the checkpoint's step, and the restart names it.
+fn linked_with_libgfortran_first(flavour: &MpiFlavour) {
+    let run = run_reopening_log(flavour, "reopens_its_log_gfortran_first", "asis");
+    let said = &run.restart;
+    for rank in 0..2 {
+        let warning = format!("cryo: rank {rank}: {LINK_ORDER}");
+        assert!(run.first_run.contains(&warning), "{}", run.first_run);
+        assert!(said.contains(&warning), "{said}");
+        let held = &run.logs[rank];
+        let from = (held.lines().next())
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            from >= 10 && *held == steps_of(rank, from),
+            "log.{rank}: {held:?}\n{said}"
+        );
+        assert!(named_as_lost(&run, rank), "{said}");
     }
 }
 
@@ -548,6 +619,7 @@ flavour_tests! {
     fortran_heat2d_is_byte_identical_to_c_heat2d_openmpi => heat2d_matches_c,
     fortran_typed_regions_have_the_requested_shapes_openmpi => typed_regions,
     fortran_log_opened_at_every_start_openmpi => log_opened_at_every_start,
+    fortran_linked_with_libgfortran_first_is_named_openmpi => linked_with_libgfortran_first,
 }
 
 flavour_tests! {
@@ -557,4 +629,5 @@ flavour_tests! {
     fortran_heat2d_is_byte_identical_to_c_heat2d_mpich => heat2d_matches_c,
     fortran_typed_regions_have_the_requested_shapes_mpich => typed_regions,
     fortran_log_opened_at_every_start_mpich => log_opened_at_every_start,
+    fortran_linked_with_libgfortran_first_is_named_mpich => linked_with_libgfortran_first,
 }
