@@ -231,14 +231,7 @@ mod tests {
         let start = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let asked = ask(
-                &addr,
-                "the coordinator",
-                "j",
-                &token(),
-                &JobRequest::Status,
-                &short(),
-            );
+            let asked = status_of(&addr);
             let _ = tx.send(asked);
         });
         let err = rx
@@ -266,6 +259,18 @@ mod tests {
         drop(listener);
     }
 
+    /// A status request to the coordinator at `addr`, under short bounds.
+    fn status_of(addr: &str) -> Result<JobResponse, AskError> {
+        ask(
+            addr,
+            "the coordinator",
+            "j",
+            &token(),
+            &JobRequest::Status,
+            &short(),
+        )
+    }
+
     /// The coordinator's side up to the request: accepts, checks the
     /// proof, reads the request.
     fn take_request(listener: &TcpListener) -> std::net::TcpStream {
@@ -291,15 +296,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let coordinator = greets_then_sits(listener);
-        let err = ask(
-            &addr,
-            "the coordinator",
-            "j",
-            &token(),
-            &JobRequest::Status,
-            &short(),
-        )
-        .unwrap_err();
+        let err = status_of(&addr).unwrap_err();
         // Named after the answer's own bound, not the handshake's.
         assert!(
             matches!(err, AskError::Silent { step: "answer", waited, .. } if waited == short().status),
@@ -342,15 +339,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = ask(
-            &format!("127.0.0.1:{port}"),
-            "c",
-            "j",
-            &token(),
-            &JobRequest::Status,
-            &short(),
-        )
-        .unwrap_err();
+        let err = status_of(&format!("127.0.0.1:{port}")).unwrap_err();
         assert!(matches!(err, AskError::Connect { .. }), "{err}");
     }
 }

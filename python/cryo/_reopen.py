@@ -5,8 +5,9 @@ restored fd, would empty the file the restart has just given back. So from
 package's ``open`` asks the runtime (``cryo_reopen_restored``) whether the
 rank held that file open for writing at the checkpoint, and if so opens the
 restored fd instead: the file as it was then, at the offset it had, where
-the uninterrupted run went on writing. The runtime does the same for C's
-``open`` and ``fopen`` (``rank/src/reopen.rs``); Python's are its own."""
+the uninterrupted run went on writing (``os.open`` gives that fd itself).
+The runtime does the same for C's ``open`` and ``fopen``
+(``rank/src/reopen.rs``); Python's are its own."""
 
 import builtins
 import io
@@ -25,15 +26,17 @@ def _write_flags(mode):
 
 
 class Window:
-    """``builtins.open`` and ``io.open`` (which ``pathlib`` calls) wrapped
-    until :meth:`close`."""
+    """``builtins.open``, ``io.open`` (which ``pathlib`` calls) and
+    ``os.open`` wrapped until :meth:`close`."""
 
     def __init__(self, reopen_restored):
         self.reopen_restored = reopen_restored
         self.original = builtins.open
         self.original_io = io.open
+        self.original_os = os.open
         builtins.open = self.open
         io.open = self.open
+        os.open = self.os_open
 
     def open(self, file, mode="r", *args, **kwargs):
         flags = _write_flags(mode)
@@ -43,9 +46,24 @@ class Window:
                 return self.original(fd, mode, *args, **kwargs)
         return self.original(file, mode, *args, **kwargs)
 
+    def os_open(self, path, flags, mode=0o777, *, dir_fd=None):
+        """``os.open``: flags as they are, with the close-on-exec that
+        ``os.open`` adds (PEP 446)."""
+        if (
+            dir_fd is None
+            and flags & (os.O_WRONLY | os.O_RDWR)
+            and isinstance(path, (str, bytes, os.PathLike))
+        ):
+            fd = self.reopen_restored(os.fsencode(os.fspath(path)), flags | os.O_CLOEXEC)
+            if fd >= 0:
+                return fd
+        return self.original_os(path, flags, mode, dir_fd=dir_fd)
+
     def close(self):
         """Puts Python's ``open`` back (unless someone wrapped it since)."""
         if builtins.open == self.open:
             builtins.open = self.original
         if io.open == self.open:
             io.open = self.original_io
+        if os.open == self.os_open:
+            os.open = self.original_os

@@ -343,6 +343,67 @@ fn python_appended_files_table_round_trips_and_refuses_damage() {
     }
 }
 
+/// `script` (in `tests/programs`, given the case's folder, `iters` and 40 ms
+/// steps) as job `job` under `cryo run` with `ranks` ranks on `nodes`:
+/// checkpointed once rank 0's `log` has 10 lines, run 3 steps past it,
+/// killed, and restarted with all its ranks on one node. Returns the case
+/// (its venv with it) and what the restart said.
+fn checkpoint_kill_restart(
+    script: &str,
+    job: &str,
+    (nodes, ranks): (&str, u32),
+    iters: usize,
+    log: &str,
+) -> (Case, Venv, String) {
+    let venv = Venv::new();
+    let case = Case::new(Program {
+        exe: venv.python(),
+        lead: vec![repo_root().join("tests/programs").join(script).into()],
+        mpi: Mpi::OpenMpi,
+        env: vec![(
+            "CRYO_RANK_LIB".into(),
+            openmpi_flavour().display().to_string(),
+        )],
+    });
+    let log = case.path(log);
+    let args = [
+        case.files.dir().display().to_string(),
+        iters.to_string(),
+        "40".to_owned(),
+    ];
+    let running = case.spawn(job, nodes, ranks, &[], &args, &[]);
+    wait_until("step 10", Duration::from_secs(60), || lines(&log) >= 10);
+    let out = case.checkpoint(job);
+    assert!(
+        out.status.success() && output_text(&out).contains("epoch 1 committed"),
+        "{}\n{}",
+        output_text(&out),
+        running.log_text()
+    );
+    // Steps logged after the checkpoint, which the restart must take back.
+    let at = lines(&log);
+    wait_until(
+        "3 steps past the checkpoint",
+        Duration::from_secs(60),
+        || lines(&log) >= at + 3,
+    );
+    assert!(lines(&log) < iters, "the job finished before it was killed");
+    case.kill_everything();
+    drop(running);
+
+    let out = case.restart(job, &format!("c:{ranks}"), &[]);
+    let said = output_text(&out);
+    assert!(out.status.success(), "restart failed: {said}");
+    (case, venv, said)
+}
+
+/// "rank R step S" for each of `iters` steps.
+fn every_step(rank: usize, iters: usize) -> String {
+    (1..=iters)
+        .map(|step| format!("rank {rank} step {step:04}\n"))
+        .collect()
+}
+
 /// A program that reopens its logs with `"a"` at every step and closes
 /// them again (`tests/programs/append_log.py`), so that no log is open at
 /// the checkpoint: the steps it logged after the checkpoint, before the
@@ -354,56 +415,18 @@ fn python_logs_reopened_for_appending_come_back_at_the_checkpoint() {
     if !python_available() {
         return;
     }
-    let venv = Venv::new();
-    let case = Case::new(Program {
-        exe: venv.python(),
-        lead: vec![repo_root().join("tests/programs/append_log.py").into()],
-        mpi: Mpi::OpenMpi,
-        env: vec![(
-            "CRYO_RANK_LIB".into(),
-            openmpi_flavour().display().to_string(),
-        )],
-    });
-    let own = |rank: usize| case.path(&format!("append.{rank}.log"));
-    let args = [
-        case.files.dir().display().to_string(),
-        ITERS.to_string(),
-        "40".to_owned(),
-    ];
-    let job = case.spawn("append", "a:1,b:1", 2, &[], &args, &[]);
-    wait_until("step 10", Duration::from_secs(60), || lines(&own(0)) >= 10);
-    let out = case.checkpoint("append");
-    assert!(
-        out.status.success() && output_text(&out).contains("epoch 1 committed"),
-        "{}\n{}",
-        output_text(&out),
-        job.log_text()
+    let (case, _venv, said) = checkpoint_kill_restart(
+        "append_log.py",
+        "append",
+        ("a:1,b:1", 2),
+        ITERS,
+        "append.0.log",
     );
-    // Steps logged after the checkpoint, which the restart must take back.
-    let at = lines(&own(0));
-    wait_until(
-        "3 steps past the checkpoint",
-        Duration::from_secs(60),
-        || lines(&own(0)) >= at + 3,
-    );
-    assert!(
-        lines(&own(0)) < ITERS,
-        "the job finished before it was killed"
-    );
-    case.kill_everything();
-    drop(job);
-
-    let out = case.restart("append", "c:2", &[]);
-    let said = output_text(&out);
-    assert!(out.status.success(), "restart failed: {said}");
     assert!(said.contains("rank 0: resumed after step"), "{said}");
     for rank in 0..2 {
-        let want: String = (1..=ITERS)
-            .map(|step| format!("rank {rank} step {step:04}\n"))
-            .collect();
         assert_eq!(
-            fs::read_to_string(own(rank)).unwrap(),
-            want,
+            fs::read_to_string(case.path(&format!("append.{rank}.log"))).unwrap(),
+            every_step(rank, ITERS),
             "rank {rank}'s log"
         );
     }
@@ -420,8 +443,9 @@ fn python_logs_reopened_for_appending_come_back_at_the_checkpoint() {
     assert_eq!(shared, want, "the shared log");
 }
 
-/// A program that opens its log with `open(path, "w")` at every start and
-/// holds it (`tests/programs/held_log.py`): on the restart that open is
+/// A program that opens its log with `open(path, "w")` (`pathlib`,
+/// `os.open` with `O_TRUNC`) at every start and holds it
+/// (`tests/programs/held_log.py`): on the restart that open is
 /// given the file held at the checkpoint, as it was then, so every line is
 /// there exactly once at the end.
 #[test]
@@ -430,51 +454,13 @@ fn python_log_opened_again_with_w_after_a_restart_continues() {
     if !python_available() {
         return;
     }
-    let venv = Venv::new();
-    let case = Case::new(Program {
-        exe: venv.python(),
-        lead: vec![repo_root().join("tests/programs/held_log.py").into()],
-        mpi: Mpi::OpenMpi,
-        env: vec![(
-            "CRYO_RANK_LIB".into(),
-            openmpi_flavour().display().to_string(),
-        )],
-    });
-    let log = |rank: usize| case.path(&format!("held.{rank}.log"));
-    let args = [
-        case.files.dir().display().to_string(),
-        ITERS.to_string(),
-        "40".to_owned(),
-    ];
-    let job = case.spawn("held", "a:1,b:1", 2, &[], &args, &[]);
-    wait_until("step 10", Duration::from_secs(60), || lines(&log(1)) >= 10);
-    let out = case.checkpoint("held");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        output_text(&out),
-        job.log_text()
-    );
-    let at = lines(&log(1));
-    wait_until(
-        "3 steps past the checkpoint",
-        Duration::from_secs(60),
-        || lines(&log(1)) >= at + 3,
-    );
-    case.kill_everything();
-    drop(job);
-
-    let out = case.restart("held", "c:2", &[]);
-    let said = output_text(&out);
-    assert!(out.status.success(), "restart failed: {said}");
+    let (case, _venv, said) =
+        checkpoint_kill_restart("held_log.py", "held", ("a:2,b:1", 3), ITERS, "held.0.log");
     assert!(!said.contains("WARNING"), "{said}");
-    for rank in 0..2 {
-        let want: String = (1..=ITERS)
-            .map(|step| format!("rank {rank} step {step:04}\n"))
-            .collect();
+    for rank in 0..3 {
         assert_eq!(
-            fs::read_to_string(log(rank)).unwrap(),
-            want,
+            fs::read_to_string(case.path(&format!("held.{rank}.log"))).unwrap(),
+            every_step(rank, ITERS),
             "rank {rank}'s log\n{said}"
         );
     }
