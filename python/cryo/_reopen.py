@@ -7,7 +7,7 @@ rank held that file open for writing at the checkpoint, and if so opens the
 restored fd instead: the file as it was then, at the offset it had, where
 the uninterrupted run went on writing (``os.open`` gives that fd itself).
 The runtime does the same for C's ``open`` and ``fopen``
-(``rank/src/reopen.rs``); Python's are its own."""
+(``rank/src/reopen/``); Python's are its own."""
 
 import builtins
 import io

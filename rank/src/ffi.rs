@@ -517,7 +517,7 @@ pub unsafe extern "C" fn cryo_note_renamed(old: *const c_char, new: *const c_cha
 
 /// For a restarted rank's set-up that opens a file again where the runtime
 /// does not see it (Python): the fd restored for `path` if an open with
-/// `flags` is to continue it (`reopen.rs`), else -1.
+/// `flags` is to continue it (`reopen/`), else -1.
 ///
 /// # Safety
 ///

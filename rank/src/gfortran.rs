@@ -88,7 +88,7 @@ pub unsafe extern "C" fn _gfortran_st_open(params: *mut c_void) {
         return;
     };
     // A unit counts its position from zero: it must not be given a
-    // restored fd (`reopen.rs`).
+    // restored fd (`reopen/`).
     // SAFETY: forwarded unchanged to the function the caller meant.
     crate::reopen::in_fortran_open(|| unsafe { open(params) });
     // SAFETY: the block of the OPEN, which libgfortran has filled in.

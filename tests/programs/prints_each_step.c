@@ -14,8 +14,10 @@
  * With MODE "fopen" or "open", each rank writes out.<rank> instead, opened
  * after cryo_init at every start with fopen(name, "w") or open(name,
  * O_WRONLY | O_CREAT | O_TRUNC): a port that does not keep the fd in a
- * region. A restart's open must continue the file held at the checkpoint,
- * not empty it.
+ * region. With MODE "freopen" it sends stdout there with freopen(name, "w",
+ * stdout) after cryo_init (where a port adds cryo_init: right after
+ * MPI_Init). A restart's open must continue the file held at the
+ * checkpoint, not empty it.
  */
 #include <fcntl.h>
 #include <mpi.h>
@@ -39,7 +41,8 @@ int main(int argc, char **argv) {
         MPI_Abort(MPI_COMM_WORLD, 2);
     }
     const char *mode = argc > 3 ? argv[3] : "";
-    int opens_after_init = !strcmp(mode, "fopen") || !strcmp(mode, "open");
+    int opens_after_init =
+        !strcmp(mode, "fopen") || !strcmp(mode, "open") || !strcmp(mode, "freopen");
     if (argc > 3 && !opens_after_init) {
         int me;
         MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -69,6 +72,8 @@ int main(int argc, char **argv) {
         snprintf(name, sizeof name, "out.%d", rank);
         if (!strcmp(mode, "fopen")) {
             out = fopen(name, "w");
+        } else if (!strcmp(mode, "freopen")) {
+            out = freopen(name, "w", stdout);
         } else {
             int fd = open(name, O_WRONLY | O_CREAT | O_TRUNC, 0644);
             out = fd < 0 ? NULL : fdopen(fd, "w");

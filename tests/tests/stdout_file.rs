@@ -6,8 +6,9 @@
 //! Even with the job's whole directory removed after the checkpoint: the
 //! restart makes it again, starts the launcher in it and puts the files
 //! back. A file opened after `cryo_init` at every start, with
-//! `fopen(name, "w")` or `open` with `O_TRUNC` (`rank/src/reopen.rs`), is
-//! continued as it was at the checkpoint, not emptied.
+//! `fopen(name, "w")`, `open` with `O_TRUNC` or `freopen(name, "w",
+//! stdout)` (`rank/src/reopen/`), is continued as it was at the checkpoint,
+//! not emptied.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
 use std::fs;
@@ -140,4 +141,9 @@ fn a_log_opened_again_with_fopen_w_after_a_restart_continues() {
 #[test]
 fn a_log_opened_again_with_o_trunc_after_a_restart_continues() {
     survives("open", false);
+}
+
+#[test]
+fn stdout_sent_to_a_file_after_cryo_init_continues_after_a_restart() {
+    survives("freopen", false);
 }

@@ -4,6 +4,8 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
+use super::opens::*;
+use super::stdio::*;
 use super::*;
 
 fn c(path: &Path) -> CString {
@@ -120,6 +122,37 @@ fn a_restarted_set_up_that_opens_its_output_again_continues_it() {
     assert_ne!(got, fd);
     close_fd(got);
     close_fd(reused);
+
+    // freopen(path, "w", stream) continues the file at the restored fd's
+    // offset, on the stream's own fd, and closes the restored one.
+    let reopened = dir.path().join("reopened");
+    let fd = held(&reopened, "one\ntwo\n", libc::O_WRONLY);
+    // SAFETY: lseek on this test's fd: the checkpoint was taken after "one".
+    unsafe { libc::lseek(fd, 4, libc::SEEK_SET) };
+    offer_fds(0, [(fd, libc::O_WRONLY, "f".into())]);
+    // SAFETY: NUL-terminated paths and modes; the stream is this test's.
+    let stream = unsafe { fopen(c"/dev/null".as_ptr(), c"w".as_ptr()) };
+    assert!(!stream.is_null());
+    // SAFETY: as above.
+    let stream = unsafe { freopen(c(&reopened).as_ptr(), c"w".as_ptr(), stream) };
+    assert!(!stream.is_null(), "{}", std::io::Error::last_os_error());
+    // SAFETY: the stream freopen returned.
+    let on = unsafe { libc::fileno(stream) };
+    assert_ne!(on, fd);
+    assert_eq!(
+        fcntl_get(fd, libc::F_GETFD),
+        -1,
+        "the restored fd is closed"
+    );
+    assert_eq!(fcntl_get(on, libc::F_GETFL) & libc::O_APPEND, 0);
+    let line = b"TWO\n";
+    // SAFETY: writes `line` to the stream, flushes and closes it.
+    unsafe {
+        libc::fwrite(line.as_ptr().cast(), 1, line.len(), stream);
+        libc::fclose(stream);
+    }
+    assert_eq!(std::fs::read_to_string(&reopened).unwrap(), "one\nTWO\n");
+
     let kept = dir.path().join("kept");
     let fd = held(&kept, "abc", libc::O_RDWR);
     offer_fds(0, [(fd, libc::O_RDWR, "f".into())]);
@@ -152,6 +185,11 @@ fn fopen_modes_become_open_flags() {
     assert_eq!(flags(c"w,ccs=UTF-8+"), Some(w | libc::O_TRUNC));
     assert_eq!(flags(c"q"), None);
     assert_eq!(fopen_flags(std::ptr::null()), None);
+    let appending = |mode: &CStr| appending_form(mode.as_ptr());
+    assert_eq!(appending(c"w+b").as_deref(), Some(c"a+b"));
+    assert_eq!(appending(c"we").as_deref(), Some(c"ae"));
+    assert_eq!(appending(c"r+"), None);
+    assert_eq!(appending_form(std::ptr::null()), None);
 }
 
 #[test]
