@@ -19,6 +19,10 @@
 //! `NEWUNIT=` units are then not flushed, but nothing crashes, and
 //! `cryo_init` says what is lost ([`warn_if_bypassed`]).
 //!
+//! In a restarted rank's set-up, a unit the OPEN connected at its start to a
+//! file the rank held open for writing at the checkpoint is moved to where
+//! the restored fd stood (`continue_held_file`, with `reopen/`).
+//!
 //! The CLOSE also notes the unit's file among those written and closed
 //! (`closed_files`), through libgfortran's `FNUM`, so that a log opened with
 //! `position='append'`, written and closed at every step is cut back at a
@@ -93,11 +97,88 @@ pub unsafe extern "C" fn _gfortran_st_open(params: *mut c_void) {
     crate::reopen::in_fortran_open(|| unsafe { open(params) });
     // SAFETY: the block of the OPEN, which libgfortran has filled in.
     let after = unsafe { head(params) };
-    if after.unit < 0 && after.flags & LIBRETURN_MASK == 0 {
+    if after.flags & LIBRETURN_MASK != 0 {
+        return;
+    }
+    if after.unit < 0 {
         // A panic must not unwind into Fortran; losing the record only
         // means this unit is not flushed.
         let _ = catch_unwind(|| units().insert(after.unit));
     }
+    // As above: losing it leaves the unit at its start.
+    let _ = catch_unwind(|| continue_held_file(after.unit));
+}
+
+/// A unit the restarted set-up connected at its start (`position='asis'`,
+/// the default, or `'rewind'`) to a file the rank held open for writing at
+/// the checkpoint: moved (libgfortran's `FSEEK`) to where the restored fd
+/// stood, so that it goes on writing where the run was instead of writing
+/// from the top and cutting the file there at its first WRITE. A unit
+/// opened with `position='append'` is already there; one that only reads
+/// is left as it is.
+fn continue_held_file(unit: i32) {
+    type Ftell = unsafe extern "C" fn(*const i32) -> i64;
+    type FseekSub = unsafe extern "C" fn(*const i32, *const i64, *const i32, *mut i32);
+    if !crate::reopen::window_open() {
+        return;
+    }
+    let Some(fd) = fnum(unit) else {
+        return;
+    };
+    // SAFETY: F_GETFL only reads the flags of the unit's fd.
+    if unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_ACCMODE == libc::O_RDONLY {
+        return;
+    }
+    // SAFETY: dlsym only looks the names up.
+    let (ftell, fseek) = unsafe {
+        (
+            libc::dlsym(libc::RTLD_NEXT, c"_gfortran_ftell".as_ptr()),
+            libc::dlsym(libc::RTLD_NEXT, c"_gfortran_fseek_sub".as_ptr()),
+        )
+    };
+    if ftell.is_null() || fseek.is_null() {
+        return;
+    }
+    // SAFETY: libgfortran's FTELL and FSEEK (GNU extensions), on a unit the
+    // OPEN just connected: `ftell(int *unit)` returns its position (a
+    // `GFC_IO_INT`), `fseek_sub(int *unit, GFC_IO_INT *offset, int
+    // *whence, int *status)` moves it.
+    let (ftell, fseek) = unsafe {
+        (
+            std::mem::transmute::<*mut c_void, Ftell>(ftell),
+            std::mem::transmute::<*mut c_void, FseekSub>(fseek),
+        )
+    };
+    // SAFETY: as above.
+    if unsafe { ftell(&unit) } != 0 {
+        return;
+    }
+    let Some(offset) = crate::reopen::fortran_unit_offset(fd) else {
+        return;
+    };
+    let (whence, mut status) = (libc::SEEK_SET, 0);
+    // SAFETY: as above.
+    unsafe { fseek(&unit, &offset, &whence, &mut status) };
+    tracing::info!(unit, fd, offset, status, "reopen.fortran_unit_continued");
+}
+
+/// The fd of the external unit `unit` (libgfortran's `FNUM`), if one is
+/// connected.
+fn fnum(unit: i32) -> Option<i32> {
+    type Fnum = unsafe extern "C" fn(*const i32) -> i32;
+    // SAFETY: dlsym only looks the name up.
+    let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_gfortran_fnum_i4".as_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: libgfortran's FNUM for default integers: it takes a pointer
+    // to the unit number and returns its fd, or -1 when no unit of that
+    // number is connected.
+    let fnum = unsafe { std::mem::transmute::<*mut c_void, Fnum>(found) };
+    // SAFETY: the caller passes an external unit (positive, or one an OPEN
+    // connected), so libgfortran finds a stream behind it or none at all.
+    let fd = unsafe { fnum(&unit) };
+    (fd >= 0).then_some(fd)
 }
 
 /// The CLOSE statement: forgets the unit, then libgfortran's.
@@ -133,19 +214,7 @@ pub unsafe extern "C" fn _gfortran_st_close(params: *mut c_void) {
 /// files written and closed (`closed_files`): every unit open for writing,
 /// since `position='append'` leaves no trace in the fd's flags.
 fn closing(unit: i32) -> Option<crate::closed_files::Closing> {
-    type Fnum = unsafe extern "C" fn(*const i32) -> i32;
-    // SAFETY: dlsym only looks the name up.
-    let found = unsafe { libc::dlsym(libc::RTLD_NEXT, c"_gfortran_fnum_i4".as_ptr()) };
-    if found.is_null() {
-        return None;
-    }
-    // SAFETY: libgfortran's FNUM for default integers: it takes a pointer
-    // to the unit number and returns its fd, or -1 when no unit of that
-    // number is connected.
-    let fnum = unsafe { std::mem::transmute::<*mut c_void, Fnum>(found) };
-    // SAFETY: `unit` is an external unit (the caller checked), so libgfortran
-    // finds a stream behind it or none at all.
-    let fd = unsafe { fnum(&unit) };
+    let fd = fnum(unit)?;
     catch_unwind(|| crate::closed_files::closing(fd, false))
         .ok()
         .flatten()

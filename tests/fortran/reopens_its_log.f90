@@ -5,9 +5,10 @@
 ! opened with status='replace' (MODE "replace": a restart empties the file,
 ! and cryo names it at the first safe point) or with status='unknown',
 ! position='append' (MODE "append": a restart goes on from the checkpoint,
-! since cryo gave the file back as it was then), or with status='unknown'
-! alone (MODE "asis": the unit starts at the top, and a restart's first
-! WRITE cuts the file, which cryo names).
+! since cryo gave the file back as it was then), or with neither, as most
+! codes open a file (MODE "asis": the unit starts at the top, so cryo moves
+! it to where the restored file stood; linked with libgfortran first, the
+! restart's first WRITE cuts the file there, and cryo names it).
 program reopens_its_log
   use, intrinsic :: iso_fortran_env, only: int64
   use mpi
@@ -30,7 +31,7 @@ program reopens_its_log
   if (mode == 'replace') then
     open (newunit=u, file=trim(name), status='replace', action='write')
   else if (mode == 'asis') then
-    open (newunit=u, file=trim(name), status='unknown', action='write')
+    open (newunit=u, file=trim(name))
   else
     open (newunit=u, file=trim(name), status='unknown', position='append', action='write')
   end if

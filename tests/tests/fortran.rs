@@ -14,7 +14,8 @@
 //!   (`tests/fortran/typed_regions.f90`);
 //! - a log opened after `cryo_init` at every start
 //!   (`tests/fortran/reopens_its_log.f90`): with `position='append'` it goes
-//!   on from the checkpoint, byte-identical; with `status='replace'` the
+//!   on from the checkpoint, byte-identical, and so does one opened with
+//!   neither a status nor a position; with `status='replace'` the
 //!   restart empties it, and cryo names the file when it does; linked with
 //!   libgfortran before the runtime, every start says what that loses and
 //!   the log is not damaged.
@@ -549,11 +550,11 @@ fn named_as_lost(run: &LogRun, rank: usize) -> bool {
         }
 }
 
-/// `reopens_its_log`, linked as documented: with `position='append'` each
-/// rank's log holds every step once; with `status='replace'` the restart
-/// names the log it emptied.
+/// `reopens_its_log`, linked as documented: with `position='append'`, or
+/// neither a status nor a position, each rank's log holds every step once;
+/// with `status='replace'` the restart names the log it emptied.
 fn log_opened_at_every_start(flavour: &MpiFlavour) {
-    for mode in ["append", "replace"] {
+    for mode in ["append", "asis", "replace"] {
         let run = run_reopening_log(flavour, "reopens_its_log", mode);
         let said = &run.restart;
         assert!(
@@ -562,8 +563,8 @@ fn log_opened_at_every_start(flavour: &MpiFlavour) {
         );
         for (rank, held) in run.logs.iter().enumerate() {
             let every_step = steps_of(rank, 0);
-            if mode == "append" {
-                assert!(*held == every_step, "log.{rank}:\n{held}\n{said}");
+            if mode != "replace" {
+                assert!(*held == every_step, "{mode}: log.{rank}:\n{held}\n{said}");
                 assert!(!named_as_lost(&run, rank), "{said}");
             } else {
                 assert!(*held != every_step && held.ends_with(&steps_of(rank, LOG_STEPS - 2)));

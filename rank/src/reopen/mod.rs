@@ -23,9 +23,10 @@
 //! family that `_FORTIFY_SOURCE` calls; `opens.rs`), `fopen`, `fopen64`,
 //! `freopen` and `freopen64` (`stdio.rs`) before the C library's, as it
 //! does `close` (`closed_files`).
-//! gfortran's OPEN is left alone (`gfortran.rs` says when one runs): a unit
-//! counts its position from zero whatever the fd's offset, so it must not
-//! be handed an fd that is not at the start. In a program linked with
+//! gfortran's OPEN is not handed a restored fd (`gfortran.rs` says when one
+//! runs): a unit counts its position from zero whatever the fd's offset.
+//! Instead a unit it connects at its start to such a file is moved to the
+//! restored fd's offset afterwards ([`fortran_unit_offset`]). In a program linked with
 //! libgfortran before the runtime, where a unit's OPEN cannot be told from
 //! C's, no open of the runtime's is answered (the cut files are still
 //! named, and `cryo_init` warns of the link order).
@@ -164,12 +165,44 @@ fn cut_by_set_up(offers: &[Offer]) -> Vec<String> {
     lines
 }
 
+/// Where a gfortran unit just connected to `fd` at its start is to go on
+/// writing, if the window is open and `fd` holds a file the rank held open
+/// for writing at the checkpoint: the restored fd's offset (past zero), as
+/// the uninterrupted run went on there. Not if the OPEN cut the file
+/// (`status='replace'` opens it with `O_TRUNC`): moved there, the unit would
+/// leave zeros before its first record; the window's close names it
+/// instead. The offer is used up.
+pub(crate) fn fortran_unit_offset(fd: c_int) -> Option<i64> {
+    if !WINDOW.load(Ordering::Acquire) {
+        return None;
+    }
+    let stat = nix::sys::stat::fstat(fd).ok()?;
+    let file = (stat.st_dev, stat.st_ino);
+    let mut offers = OFFERS.lock().unwrap_or_else(|e| e.into_inner());
+    let at = offers
+        .iter()
+        .position(|o| (o.dev, o.ino) == file && identity(o.fd) == Some(file))?;
+    // SAFETY: lseek on a restored fd of this process; it only reads the
+    // offset.
+    let offset = unsafe { libc::lseek(offers[at].fd, 0, libc::SEEK_CUR) };
+    if offset <= 0 || stat.st_size < offset {
+        return None;
+    }
+    offers.remove(at);
+    Some(offset)
+}
+
 /// Runs gfortran's OPEN (`f`) with the window shut to it.
 pub(crate) fn in_fortran_open<T>(f: impl FnOnce() -> T) -> T {
     let before = IN_FORTRAN_OPEN.with(|c| c.replace(true));
     let out = f();
     IN_FORTRAN_OPEN.with(|c| c.set(before));
     out
+}
+
+/// Whether the set-up's window is open.
+pub(crate) fn window_open() -> bool {
+    WINDOW.load(Ordering::Acquire)
 }
 
 /// The device and inode of the file open at `fd`.
