@@ -2,13 +2,13 @@
 ! cryo_init, as most Fortran codes do, for tests/tests/fortran.rs.
 !
 ! `reopens_its_log STEPS MODE` writes "rank R step S" per step to log.R,
-! opened with status='replace' (MODE "replace": a restart empties the file,
-! and cryo names it at the first safe point) or with status='unknown',
-! position='append' (MODE "append": a restart goes on from the checkpoint,
-! since cryo gave the file back as it was then), or with neither, as most
-! codes open a file (MODE "asis": the unit starts at the top, so cryo moves
-! it to where the restored file stood; linked with libgfortran first, the
-! restart's first WRITE cuts the file there, and cryo names it).
+! opened with status='replace' (MODE "replace"), with status='unknown',
+! position='append' (MODE "append"), or with neither, as most codes open a
+! file (MODE "asis"). In every mode a restart goes on from the checkpoint:
+! cryo keeps the OPEN from emptying the file it gave back and moves the unit
+! to where the file stood. Linked with libgfortran before the runtime, the
+! restart's "asis" unit starts at the top, its first WRITE cuts the file
+! there, and cryo names it.
 program reopens_its_log
   use, intrinsic :: iso_fortran_env, only: int64
   use mpi

@@ -147,7 +147,7 @@ fn cut_by_set_up(offers: &[Offer]) -> Vec<String> {
             .map(|now| (now.st_dev, now.st_ino));
         let size = u64::try_from(stat.st_size).unwrap_or(0);
         let what = if stat.st_nlink == 0 || at_path != Some((offer.dev, offer.ino)) {
-            // gfortran's STATUS='REPLACE' deletes the file and makes a new one.
+            // Deleted and made again (a log rotated, `rm` and a new open).
             "was deleted or replaced by a new file".to_owned()
         } else if size < offer.size {
             format!("was cut to {size} bytes")
@@ -211,12 +211,58 @@ fn identity(fd: c_int) -> Option<(u64, u64)> {
     Some((stat.st_dev, stat.st_ino))
 }
 
-/// The restored fd to give an open of `path` (relative to `dirfd`) with
-/// `flags` in the window, if any; it then has the flags asked for.
-fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
+/// `path` (relative to `dirfd`) and its `stat`, if it names a regular file
+/// other than through `/proc` or `/dev`.
+fn regular_file<'a>(
+    dirfd: c_int,
+    path: *const c_char,
+) -> Option<(&'a CStr, nix::sys::stat::FileStat)> {
     if path.is_null() {
         return None;
     }
+    // SAFETY: a NUL-terminated path, as for the C library's open; the
+    // caller's, alive for the call.
+    let path = unsafe { CStr::from_ptr(path) };
+    let bytes = path.to_bytes();
+    if bytes.starts_with(b"/proc/") || bytes.starts_with(b"/dev/") {
+        return None;
+    }
+    let stat = nix::sys::stat::fstatat(Some(dirfd), path, nix::fcntl::AtFlags::empty()).ok()?;
+    (stat.st_mode & libc::S_IFMT == libc::S_IFREG).then_some((path, stat))
+}
+
+/// The flags gfortran's OPEN is to open `path` (relative to `dirfd`) with
+/// in the window: without `O_TRUNC` when they would empty a file the rank
+/// held open for writing at the checkpoint (`status='replace'`), as a C
+/// open would be given the file; `gfortran.rs` then moves the unit to the
+/// restored offset ([`fortran_unit_offset`]).
+pub(super) fn fortran_flags(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    if flags & libc::O_TRUNC == 0
+        || !WINDOW.load(Ordering::Acquire)
+        || !IN_FORTRAN_OPEN.with(Cell::get)
+    {
+        return flags;
+    }
+    let held = std::panic::catch_unwind(|| {
+        let (_, stat) = regular_file(dirfd, path)?;
+        let offers = OFFERS.lock().unwrap_or_else(|e| e.into_inner());
+        let file = (stat.st_dev, stat.st_ino);
+        offers
+            .iter()
+            .any(|o| (o.dev, o.ino) == file && identity(o.fd) == Some(file))
+            .then_some(())
+    });
+    if matches!(held, Ok(Some(()))) {
+        tracing::info!(flags, "reopen.fortran_open_not_truncated");
+        flags & !libc::O_TRUNC
+    } else {
+        flags
+    }
+}
+
+/// The restored fd to give an open of `path` (relative to `dirfd`) with
+/// `flags` in the window, if any; it then has the flags asked for.
+fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
     let access = flags & libc::O_ACCMODE;
     if !matches!(access, libc::O_WRONLY | libc::O_RDWR)
         || flags & (libc::O_EXCL | libc::O_TMPFILE | libc::O_DIRECTORY | libc::O_PATH) != 0
@@ -224,16 +270,7 @@ fn claim(dirfd: c_int, path: *const c_char, flags: c_int) -> Option<c_int> {
     {
         return None;
     }
-    // SAFETY: a NUL-terminated path, as for the C library's open.
-    let path = unsafe { CStr::from_ptr(path) };
-    let bytes = path.to_bytes();
-    if bytes.starts_with(b"/proc/") || bytes.starts_with(b"/dev/") {
-        return None;
-    }
-    let stat = nix::sys::stat::fstatat(Some(dirfd), path, nix::fcntl::AtFlags::empty()).ok()?;
-    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-        return None;
-    }
+    let (path, stat) = regular_file(dirfd, path)?;
     let mut offers = OFFERS.lock().unwrap_or_else(|e| e.into_inner());
     let at = offers.iter().position(|o| {
         o.dev == stat.st_dev

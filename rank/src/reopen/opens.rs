@@ -6,7 +6,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::AtomicPtr;
 
-use super::{claimed, next_as};
+use super::{claimed, fortran_flags, next_as};
 use crate::interpose::next;
 
 type Open = unsafe extern "C" fn(*const c_char, c_int, libc::mode_t) -> c_int;
@@ -91,6 +91,7 @@ fn open_named(
     if let Some(fd) = claimed(libc::AT_FDCWD, path, flags) {
         return fd;
     }
+    let flags = fortran_flags(libc::AT_FDCWD, path, flags);
     // SAFETY: the C library's open and open64 have this signature.
     match unsafe { next_as::<Open>(slot, name) } {
         // SAFETY: forwarded unchanged to the function the caller meant.
@@ -140,6 +141,7 @@ fn openat_named(
     if let Some(fd) = claimed(dirfd, path, flags) {
         return fd;
     }
+    let flags = fortran_flags(dirfd, path, flags);
     // SAFETY: the C library's openat and openat64 have this signature.
     match unsafe { next_as::<OpenAt>(slot, name) } {
         // SAFETY: forwarded unchanged to the function the caller meant.

@@ -225,7 +225,7 @@ fn a_file_the_set_up_cut_is_named() {
         "{}",
         lines[0]
     );
-    // Deleted and made again, as gfortran's STATUS='REPLACE' does.
+    // Deleted and made again, as a rotated log is.
     std::fs::remove_file(&grown).unwrap();
     std::fs::write(&grown, "0123456789").unwrap();
     let lines = cut_by_set_up(&offers);
