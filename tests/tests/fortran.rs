@@ -508,8 +508,12 @@ fn run_reopening_log(flavour: &MpiFlavour, program: &str, mode: &str) -> LogRun 
     assert!(out.status.success(), "{}", output_text(&out));
     let at = log(1).lines().count();
     wait_until("steps past the checkpoint", Duration::from_secs(60), || {
-        log(1).lines().count() >= at + 5
+        log(1).lines().count() >= (at + 5).min(LOG_STEPS)
     });
+    assert!(
+        at + 5 <= LOG_STEPS,
+        "the job ended before it could be killed"
+    );
     kill_every_process_mentioning(&files.dir().display().to_string());
     job.wait().unwrap();
     let out = flavour
@@ -526,7 +530,9 @@ fn run_reopening_log(flavour: &MpiFlavour, program: &str, mode: &str) -> LogRun 
     }
 }
 
-const LOG_STEPS: usize = 60;
+/// Long enough (50 ms a step) that the job cannot end while a loaded
+/// machine takes its checkpoint.
+const LOG_STEPS: usize = 120;
 
 /// "rank R step S" for each step from `from` on.
 fn steps_of(rank: usize, from: usize) -> String {

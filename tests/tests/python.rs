@@ -450,7 +450,7 @@ fn python_logs_reopened_for_appending_come_back_at_the_checkpoint() {
 /// there exactly once at the end.
 #[test]
 fn python_log_opened_again_with_w_after_a_restart_continues() {
-    const ITERS: usize = 120;
+    const ITERS: usize = 200;
     if !python_available() {
         return;
     }
