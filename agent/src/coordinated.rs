@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use cryo_core::liveness;
 use cryo_core::protocol::{
-    read_message, AbortReason, AgentToCoordinator, ControlResponse, CoordinatorToAgent,
+    read_message, AbortReason, AgentToCoordinator, AgentToRank, ControlResponse,
+    CoordinatorToAgent, TERMINATION_VERSION,
 };
 
 use crate::capture::Parked;
@@ -101,6 +102,7 @@ impl Shared {
                     park_timeout_ms,
                 } => {
                     let resume = if matches!(msg, CoordinatorToAgent::FinalCheckpoint { .. }) {
+                        self.final_epoch.store(epoch, Ordering::Release);
                         Resume::WhenDurable
                     } else {
                         Resume::AfterCopy
@@ -123,6 +125,9 @@ impl Shared {
                 CoordinatorToAgent::Committed { epoch } => {
                     lock(&self.slot).committed(epoch);
                     tracing::info!(job = %job, node = %node, epoch, "epoch.committed");
+                    if self.final_epoch.load(Ordering::Acquire) == epoch {
+                        self.tell_held(epoch);
+                    }
                 }
                 CoordinatorToAgent::ArmRestart { epoch } => match self.arm_restart(Some(epoch)) {
                     ControlResponse::RestartArmed { .. } => {}
@@ -141,6 +146,20 @@ impl Shared {
                 | CoordinatorToAgent::Refused { .. }) => {
                     tracing::warn!(job = %job, node = %node, coordinator = %link.addr(), message = ?other, "coordinator.unexpected");
                 }
+            }
+        }
+    }
+
+    /// The checkpoint before the stop is committed: tells each rank held
+    /// parked for it, so that a `SIGTERM` may end it (it had taken one as
+    /// a request for this checkpoint).
+    fn tell_held(&self, epoch: u64) {
+        for conn in self.rank_conns() {
+            if conn.version < TERMINATION_VERSION {
+                continue;
+            }
+            if let Err(err) = conn.send(&AgentToRank::Held { epoch }) {
+                tracing::debug!(job = %self.config.job, node = %self.config.node, rank = conn.rank, epoch, error = %err, "rank.held_unsent");
             }
         }
     }

@@ -48,6 +48,7 @@ pub mod self_copy;
 pub mod server;
 pub mod snapshot;
 mod stream;
+mod termination;
 mod tracking;
 pub mod units;
 mod warming;

@@ -24,7 +24,7 @@ use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -73,6 +73,9 @@ pub(crate) struct Shared {
     pub(crate) shutdown: AtomicBool,
     /// Wakes the early-park watchdog.
     pub(crate) early_cv: Condvar,
+    /// Coordinated mode: the epoch the job stops after (its ranks stay
+    /// parked), 0 for none.
+    pub(crate) final_epoch: AtomicU64,
 }
 
 /// A bound agent, ready to serve.
@@ -176,6 +179,7 @@ impl Agent {
             link_reader: Mutex::new(link_reader),
             shutdown: AtomicBool::new(false),
             early_cv: Condvar::new(),
+            final_epoch: AtomicU64::new(0),
             config,
         });
         if let Some(from) = shared.config.restart_from {
@@ -218,6 +222,7 @@ impl Agent {
             std::thread::Builder::new()
                 .name("cryo-early-parks".into())
                 .spawn(move || shared.watch_early_parks())?;
+            crate::termination::watch(Arc::downgrade(&self.shared));
         }
         let weak = Arc::downgrade(&self.shared);
         std::thread::Builder::new()
@@ -623,6 +628,11 @@ impl Shared {
     /// The registered ranks, in rank order.
     pub(crate) fn rank_conns(&self) -> Vec<Arc<RankConn>> {
         lock(&self.ranks).values().cloned().collect()
+    }
+
+    /// How many ranks are registered.
+    pub(crate) fn rank_count(&self) -> usize {
+        lock(&self.ranks).len()
     }
 
     /// What an epoch uses of this agent.

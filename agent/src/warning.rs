@@ -1,18 +1,22 @@
 //! A warning of the job's end that reached a rank (its `SIGUSR1`, from
 //! Slurm's `--signal` without `B:`), passed on to the coordinator, which
-//! does what a `SIGUSR1` to `cryo run` does (`rank/src/warning.rs`).
+//! does what a `SIGUSR1` to `cryo run` does (`rank/src/warning.rs`); and a
+//! `SIGTERM` that reached a rank (`scancel`, a preemption without a
+//! warning, `kill`), passed on as a `SIGTERM` to `cryo run`: a checkpoint
+//! and a stop (`rank/src/termination.rs`).
 //!
-//! Every rank of a node is warned at once; the first warning is passed on
-//! and the rest of the burst is not. The coordinator, warned by every
-//! node, starts one checkpoint. The warning goes as a control request
-//! (`JobRequest::Warning`) on a connection of its own, so that the
-//! reports on the agent's link keep their layout for older coordinators.
+//! Every rank of a node is warned at once; the first warning of each
+//! signal is passed on and the rest of the burst is not. The coordinator,
+//! warned by every node, starts one checkpoint. The warning goes as a
+//! control request (`JobRequest::Warning` or `Terminated`) on a connection
+//! of its own, so that the reports on the agent's link keep their layout
+//! for older coordinators.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cryo_core::auth;
-use cryo_core::protocol::{write_message_as, JobRequest, WARNING_VERSION};
+use cryo_core::protocol::{write_message_as, JobRequest, TERMINATION_VERSION, WARNING_VERSION};
 use cryo_core::token::JobToken;
 
 use crate::config::AgentConfig;
@@ -21,8 +25,10 @@ use crate::link::CoordinatorLink;
 /// Warnings within this time of one passed on are the same burst.
 const BURST: Duration = Duration::from_secs(30);
 
-/// When this agent last passed a warning on.
+/// When this agent last passed a warning (`SIGUSR1`) on.
 static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+/// When this agent last passed a `SIGTERM` on.
+static LAST_TERM: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// Passes rank `rank`'s warning (`signal`) on to the coordinator, unless
 /// one was passed on moments ago or there is no coordinator to tell.
@@ -40,17 +46,26 @@ pub(crate) fn pass_on(
         tracing::warn!(job = %job, node = %node, rank, signal = %name, "rank.warned: no coordinator to pass it on to");
         return;
     };
-    if link.version() < WARNING_VERSION {
+    let terminated = signal == libc::SIGTERM;
+    let (needed, last) = if terminated {
+        (TERMINATION_VERSION, &LAST_TERM)
+    } else {
+        (WARNING_VERSION, &LAST)
+    };
+    if link.version() < needed {
         tracing::warn!(job = %job, node = %node, rank, signal = %name, coordinator_version = link.version(), "rank.warned: the coordinator is too old to take it");
         return;
     }
-    if !first_of_burst(&LAST, Instant::now()) {
-        tracing::debug!(job = %job, node = %node, rank, "rank.warned: already passed on");
+    if !first_of_burst(last, Instant::now()) {
+        tracing::debug!(job = %job, node = %node, rank, signal = %name, "rank.warned: already passed on");
         return;
     }
     tracing::info!(job = %job, node = %node, rank, signal = %name, "rank.warned: passed on to the coordinator");
-    let request = JobRequest::Warning {
-        from: format!("{name} to rank {rank} on node {node}"),
+    let from = format!("{name} to rank {rank} on node {node}");
+    let request = if terminated {
+        JobRequest::Terminated { from }
+    } else {
+        JobRequest::Warning { from }
     };
     let (addr, job, node, token) = (
         link.addr().to_owned(),
@@ -93,9 +108,13 @@ fn send(
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     let version = auth::greet_as_control(&stream, job, format!("cryo-agent on {node}"), token)
         .map_err(|e| e.to_string())?;
-    if version < WARNING_VERSION {
+    let needed = match request {
+        JobRequest::Terminated { .. } => TERMINATION_VERSION,
+        _ => WARNING_VERSION,
+    };
+    if version < needed {
         return Err(format!(
-            "the coordinator speaks protocol version {version}, older than {WARNING_VERSION}"
+            "the coordinator speaks protocol version {version}, older than {needed}"
         ));
     }
     write_message_as(&mut &stream, request, version).map_err(|e| format!("sending: {e}"))?;

@@ -499,6 +499,7 @@ impl Coordinator {
             }
             // Not answered: `reply` goes, and the agent's connection closes.
             JobRequest::Warning { from } => self.on_warning(&from),
+            JobRequest::Terminated { from } => self.on_terminated(&from),
             JobRequest::Checkpoint | JobRequest::Preempt => {
                 let preempt = request == JobRequest::Preempt;
                 let why = if preempt {
@@ -559,6 +560,18 @@ impl Coordinator {
             "cryo: {from} (Slurm's --signal without B: reaches the ranks, not cryo run): taken as a SIGUSR1 to cryo run"
         );
         crate::signals::GOT_USR1.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A `SIGTERM` reached a rank: Slurm sent it to `cryo run` too (at
+    /// `scancel` or a preemption), or someone sent it to that rank alone.
+    fn on_terminated(&mut self, from: &str) {
+        if self.preempting {
+            tracing::info!(job = %self.opts.job, from, "termination.already_answered");
+            return;
+        }
+        tracing::info!(job = %self.opts.job, from, "termination.received");
+        cryo_core::say!("cryo: {from}: taken as a SIGTERM to cryo run");
+        crate::signals::GOT_TERM.store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn shutdown_agents(&mut self) {

@@ -22,6 +22,8 @@ pub fn finalize() {
         hook();
     }
     crate::reopen::close_window();
+    // The job is ending: a SIGTERM now ends this rank as it would have.
+    crate::termination::may_end();
     crate::prefetch::stop();
     crate::snapshot::wait_all();
     let mut guard = lock();

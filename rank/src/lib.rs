@@ -55,6 +55,7 @@ mod sparse;
 mod std_streams;
 mod store_fds;
 mod stream_copy;
+mod termination;
 #[cfg(test)]
 mod test_support;
 mod warning;
@@ -84,6 +85,9 @@ pub use runtime::{
 pub fn checkpoint_point() -> Result<SafePoint, CheckpointError> {
     if warning::pending() {
         warning::pass_on();
+    }
+    if termination::pending() {
+        termination::pass_on();
     }
     // The set-up after a restart is over.
     reopen::close_window();

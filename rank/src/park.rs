@@ -274,6 +274,18 @@ fn park_epoch(
     epoch: u64,
     late: Option<&mut dyn LookWhileParked>,
 ) -> Result<SafePoint, CheckpointError> {
+    crate::termination::set_parked(true);
+    let result = parked_for(runtime, conn, epoch, late);
+    crate::termination::set_parked(false);
+    result
+}
+
+fn parked_for(
+    runtime: &Runtime,
+    conn: &Connection,
+    epoch: u64,
+    late: Option<&mut dyn LookWhileParked>,
+) -> Result<SafePoint, CheckpointError> {
     let rank = runtime.config.rank;
     let page = conn.page();
     let agent = |source| CheckpointError::Agent {
@@ -476,6 +488,11 @@ fn await_answer(
             AgentToRank::FillView { epoch: e, ranges } if e == epoch || e == 0 => {
                 tracing::debug!(job, rank, epoch, ranges = ranges.len(), "rank.fill_view");
                 crate::self_copy::fill_later(fd, ranges);
+            }
+            // Held to the stop with a durable part: a SIGTERM may end it.
+            AgentToRank::Held { epoch: e } if e == epoch => {
+                tracing::debug!(job, rank, epoch, "rank.held_to_the_stop");
+                crate::termination::held();
             }
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }

@@ -587,6 +587,7 @@ pub(crate) fn init_with_peers(
         crate::offers::listen(&conn.sock);
         crate::exit_note::arm();
         crate::warning::install(conn.agent_version, &job, rank);
+        crate::termination::install(conn.agent_version, &job, rank);
         crate::gfortran::warn_if_bypassed(rank);
     }
     // Last, so that nothing of the runtime's own start counts as a change.

@@ -90,9 +90,14 @@ extern "C" fn on_warning(
     }
 }
 
-/// Passes a pending warning to the agent, from a safe point. A runtime
-/// busy in another thread keeps it for the next one.
+/// Passes a pending warning to the agent, from a safe point.
 pub(crate) fn pass_on() {
+    send_warned(WARNING_SIGNAL, &PENDING);
+}
+
+/// Passes `signal`, pending in `pending`, to the agent. A runtime busy in
+/// another thread keeps it for the next safe point.
+pub(crate) fn send_warned(signal: libc::c_int, pending: &AtomicBool) {
     let Some(guard) = crate::runtime::try_lock() else {
         return;
     };
@@ -102,13 +107,11 @@ pub(crate) fn pass_on() {
     let Some(conn) = runtime.conn.as_ref() else {
         return;
     };
-    if !PENDING.swap(false, Ordering::AcqRel) {
+    if !pending.swap(false, Ordering::AcqRel) {
         return;
     }
-    tracing::info!(job = %runtime.job, rank = runtime.config.rank, "rank.warned");
-    if let Err(err) = conn.send(&RankToAgent::Warned {
-        signal: WARNING_SIGNAL,
-    }) {
+    tracing::info!(job = %runtime.job, rank = runtime.config.rank, signal, "rank.warned");
+    if let Err(err) = conn.send(&RankToAgent::Warned { signal }) {
         tracing::warn!(job = %runtime.job, rank = runtime.config.rank, error = %err, "rank.warning_not_passed");
     }
 }

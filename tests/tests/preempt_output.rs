@@ -48,7 +48,7 @@ fn cryo(dir: &Path, out: &Path, args: &[&str]) -> Command {
 
 #[test]
 fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
-    preempt_and_restart(false);
+    preempt_and_restart(Stop::TermToCryoRun);
 }
 
 /// A stop asked for while an ordinary checkpoint drains, its ranks
@@ -56,10 +56,32 @@ fn a_preempted_job_leaves_only_its_own_lines_and_the_restart_continues_them() {
 /// the steps computed during the drain are neither lost nor printed twice.
 #[test]
 fn a_preemption_during_a_checkpoint_keeps_the_steps_computed_meanwhile() {
-    preempt_and_restart(true);
+    preempt_and_restart(Stop::DuringACheckpoint);
 }
 
-fn preempt_and_restart(during_a_checkpoint: bool) {
+/// A SIGTERM to one rank (what `scancel`, or a preemption Slurm gives no
+/// warning of, sends to every task): the rank computes on to its next
+/// safe point instead of dying, and the job is checkpointed and stopped
+/// as for a SIGTERM to `cryo run`. Left to its default action the rank
+/// died, and the job with it, without a checkpoint.
+#[test]
+fn a_sigterm_to_a_rank_checkpoints_and_stops_the_job() {
+    preempt_and_restart(Stop::TermToARank);
+}
+
+/// What stops the job.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// `SIGTERM` to `cryo run`.
+    TermToCryoRun,
+    /// `SIGTERM` to `cryo run` while an ordinary checkpoint drains.
+    DuringACheckpoint,
+    /// `SIGTERM` to one rank.
+    TermToARank,
+}
+
+fn preempt_and_restart(stop: Stop) {
+    let during_a_checkpoint = stop == Stop::DuringACheckpoint;
     if !have_mpi() {
         return;
     }
@@ -101,11 +123,26 @@ fn preempt_and_restart(during_a_checkpoint: bool) {
         });
         checkpoint
     });
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let pid = if stop == Stop::TermToARank {
+        // The ranks run the program itself; mpiexec only names it.
+        let program = program.as_os_str().as_encoded_bytes().to_vec();
+        let mut ranks = cryo_tests::pids_where(|cmdline| cmdline.starts_with(&program));
+        ranks.sort_unstable();
+        assert_eq!(ranks.len(), RANKS as usize, "ranks: {ranks:?}");
+        ranks[0]
+    } else {
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap())
+    };
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = wait_child(&mut child, Duration::from_secs(120));
     let said = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(75), "{said}");
+    if stop == Stop::TermToARank {
+        assert!(
+            said.contains("SIGTERM to rank") && said.contains("taken as a SIGTERM to cryo run"),
+            "{said}"
+        );
+    }
     // A preemption whose checkpoint committed went well: the agents'
     // sockets and logs go, as after a run that finished.
     let scratch = std::env::temp_dir()

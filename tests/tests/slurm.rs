@@ -260,9 +260,12 @@ fn usr1_checkpoints_requeues_and_resumes_identically() {
     assert_no_stray_agent();
 }
 
-/// A plain `scancel` of a `--requeue` job sends SIGTERM, as Slurm does for
-/// every stop it gives no warning of: the job is stopped and stays
-/// cancelled. (cryo requeued it, and it ran again from its checkpoint.)
+/// A plain `scancel` of a `--requeue` job sends SIGTERM to `cryo run` and
+/// to every rank (and agent), as Slurm does for every stop it gives no
+/// warning of: the ranks compute on to a safe point, the job is
+/// checkpointed and stopped, and it stays cancelled. (cryo requeued it, and
+/// it ran again from its checkpoint; the ranks died before they parked,
+/// and no checkpoint was taken.)
 #[test]
 fn scancel_cancels_a_requeue_job_for_good() {
     let Some((_guard, slurm, case)) = setup() else {
@@ -302,6 +305,7 @@ fn scancel_cancels_a_requeue_job_for_good() {
     let out = case.job_out();
     assert!(out.contains("cryo does not requeue the job"), "{out}");
     assert!(!out.contains("requeueing Slurm job"), "{out}");
+    assert!(out.contains("preempted after committing epoch 1"), "{out}");
     assert_no_stray_agent();
 }
 

@@ -22,6 +22,14 @@ pub enum JobRequest {
         /// Who was warned, for people: the rank, its node, the signal.
         from: String,
     },
+    /// A `SIGTERM` reached a rank (`scancel`, a preemption Slurm gave no
+    /// warning of, `kill`): do what a `SIGTERM` to `cryo run` does, a
+    /// checkpoint and a stop. Sent by the rank's agent; not answered
+    /// (protocol version 17).
+    Terminated {
+        /// Who was sent it, for people: the rank, its node.
+        from: String,
+    },
 }
 
 impl Message for JobRequest {

@@ -115,8 +115,17 @@ pub const MAGIC: [u8; 4] = *b"CRYP";
 /// ([`JobRequest::Warning`], sent only to a coordinator of version 15 or
 /// newer); version 16 let an agent say it is alive between reports
 /// ([`AgentToCoordinator::Alive`], sent only to a coordinator of version 16
-/// or newer, which counts a silent agent of version 16 or newer lost).
-pub const PROTOCOL_VERSION: u16 = 16;
+/// or newer, which counts a silent agent of version 16 or newer lost);
+/// version 17 let a rank take a `SIGTERM` as a warning too
+/// ([`RankToAgent::Warned`], sent only to an agent of version 17 or
+/// newer), an agent pass it on ([`JobRequest::Terminated`], sent only to a
+/// coordinator of version 17 or newer), and an agent tell a rank held to
+/// the stop that its part is durable ([`AgentToRank::Held`], sent only to
+/// a rank of version 17 or newer).
+pub const PROTOCOL_VERSION: u16 = 17;
+/// The first version whose ranks, agents and coordinators take a rank's
+/// `SIGTERM` as a checkpoint and a stop.
+pub const TERMINATION_VERSION: u16 = 17;
 /// The first version whose agents send, and coordinators take, heartbeats.
 pub const HEARTBEAT_VERSION: u16 = 16;
 /// The first version whose agents and coordinators take a rank's warning.

@@ -101,7 +101,8 @@ pub enum RankToAgent {
     /// A warning of the job's end reached the rank: `SIGUSR1`, which Slurm
     /// sends to every task of a job submitted with `--signal=USR1@TIME`
     /// (without `B:`) or preempted with `send_user_signal` (protocol
-    /// version 15).
+    /// version 15); or `SIGTERM`, which `scancel` and a preemption without
+    /// a warning send to every task (protocol version 17).
     Warned {
         /// The signal's number.
         signal: i32,
@@ -211,6 +212,13 @@ pub enum AgentToRank {
         epoch: u64,
         /// `(offset, length)` in the memfd.
         ranges: Vec<(u64, u64)>,
+    },
+    /// The rank's part of `epoch`, the checkpoint before the job stops, is
+    /// durable, and it stays parked until the job is stopped: a `SIGTERM`
+    /// may end it now (protocol version 17). No answer.
+    Held {
+        /// The epoch the rank is parked for.
+        epoch: u64,
     },
 }
 

@@ -48,6 +48,12 @@ fn round_trip_all_messages() {
         from: "SIGUSR1 to rank 3 on node n2".into(),
     };
     write_message(&mut buf, &warning).unwrap();
+    let terminated = JobRequest::Terminated {
+        from: "SIGTERM to rank 0 on node n1".into(),
+    };
+    write_message(&mut buf, &terminated).unwrap();
+    let held = AgentToRank::Held { epoch: 5 };
+    write_message(&mut buf, &held).unwrap();
     let mut r = Cursor::new(buf);
     assert_eq!(read_message::<Hello>(&mut r).unwrap(), hello());
     assert_eq!(read_message::<RankToAgent>(&mut r).unwrap(), parked);
@@ -55,6 +61,8 @@ fn round_trip_all_messages() {
     assert_eq!(read_message::<ControlRequest>(&mut r).unwrap(), request);
     assert_eq!(read_message::<RankToAgent>(&mut r).unwrap(), warned);
     assert_eq!(read_message::<JobRequest>(&mut r).unwrap(), warning);
+    assert_eq!(read_message::<JobRequest>(&mut r).unwrap(), terminated);
+    assert_eq!(read_message::<AgentToRank>(&mut r).unwrap(), held);
     assert!(matches!(read_frame(&mut r), Err(FrameError::Closed)));
 }
 
