@@ -73,8 +73,7 @@ pub(crate) struct Shared {
     pub(crate) shutdown: AtomicBool,
     /// Wakes the early-park watchdog.
     pub(crate) early_cv: Condvar,
-    /// Coordinated mode: the epoch the job stops after (its ranks stay
-    /// parked), 0 for none.
+    /// Coordinated mode: the epoch the job stops after, 0 for none.
     pub(crate) final_epoch: AtomicU64,
 }
 
@@ -628,11 +627,6 @@ impl Shared {
     /// The registered ranks, in rank order.
     pub(crate) fn rank_conns(&self) -> Vec<Arc<RankConn>> {
         lock(&self.ranks).values().cloned().collect()
-    }
-
-    /// How many ranks are registered.
-    pub(crate) fn rank_count(&self) -> usize {
-        lock(&self.ranks).len()
     }
 
     /// What an epoch uses of this agent.

@@ -42,7 +42,7 @@ pub(crate) fn watch(shared: Weak<Shared>) {
             let since = Instant::now();
             let mut said = false;
             loop {
-                let ranks = shared.upgrade().map_or(0, |s| s.rank_count());
+                let ranks = shared.upgrade().map_or(0, |s| s.rank_conns().len());
                 if ranks == 0 {
                     tracing::info!(job = %job, node = %node, "agent.sigterm: no ranks left; the agent ends");
                     break;
