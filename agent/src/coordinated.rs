@@ -297,6 +297,10 @@ impl Shared {
             addr: link.addr().to_string(),
             detail: why.to_owned(),
         });
+        // No checkpoint can answer a SIGTERM now.
+        for conn in self.rank_conns() {
+            conn.tell_unanswered();
+        }
         self.early_cv.notify_all();
         self.end_if_orphaned();
     }

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use cryo_core::protocol::{
     send_message_with_fd_as, write_message_as, AgentToRank, ControlPage, CopyOutcome, Departure,
-    SnapshotOutcome, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC,
+    SnapshotOutcome, CONTROL_PAGE_LEN, CONTROL_PAGE_MAGIC, TERMINATION_VERSION,
 };
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -135,6 +135,15 @@ impl RankConn {
         let mut sock = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         write_message_as(&mut *sock, msg, self.version)
             .map_err(|e| format!("rank {} (pid {}): {e}", self.rank, self.pid))
+    }
+
+    /// Tells the rank that no checkpoint will answer a `SIGTERM` (its
+    /// coordinator is out of reach): one ends it as it would have
+    /// (`AgentToRank::Held` with epoch 0, protocol version 17).
+    pub(crate) fn tell_unanswered(&self) {
+        if self.version >= TERMINATION_VERSION {
+            let _ = self.send(&AgentToRank::Held { epoch: 0 });
+        }
     }
 
     /// Sends `msg` with `fd` attached (`SCM_RIGHTS`).

@@ -490,7 +490,7 @@ impl Shared {
                     let _ = tx.send(RankEvent::Copied { epoch, outcome });
                 }
                 Ok(RankToAgent::Warned { signal }) => {
-                    crate::warning::pass_on(&self.config, self.link.as_ref(), rank, signal)
+                    crate::warning::pass_on(&self.config, self.link.as_ref(), conn, signal)
                 }
                 Ok(RankToAgent::Exiting { status }) => {
                     failed.get_or_insert_with(|| Departure::exited(status));

@@ -4,8 +4,9 @@
 //! take theirs as a request for a checkpoint and a stop
 //! (`rank/src/termination.rs`), which needs their agent: a coordinated
 //! agent with ranks stays until the last of them has gone (the stop after
-//! the checkpoint ends them) or [`GRACE`] has passed. With none, and for
-//! an agent serving alone, `SIGTERM` ends it at once, as before.
+//! the checkpoint ends them) or [`GRACE`] has passed. With none, without
+//! its coordinator, and for an agent serving alone, `SIGTERM` ends it at
+//! once, as before.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Weak;
@@ -42,9 +43,16 @@ pub(crate) fn watch(shared: Weak<Shared>) {
             let since = Instant::now();
             let mut said = false;
             loop {
-                let ranks = shared.upgrade().map_or(0, |s| s.rank_conns().len());
+                let (ranks, coordinated) = shared.upgrade().map_or((0, false), |s| {
+                    let linked = s.link.as_ref().is_some_and(|l| l.is_connected());
+                    (s.rank_conns().len(), linked)
+                });
                 if ranks == 0 {
                     tracing::info!(job = %job, node = %node, "agent.sigterm: no ranks left; the agent ends");
+                    break;
+                }
+                if !coordinated {
+                    tracing::info!(job = %job, node = %node, ranks, "agent.sigterm: no coordinator to checkpoint the ranks; the agent ends");
                     break;
                 }
                 if since.elapsed() >= GRACE {

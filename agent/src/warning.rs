@@ -12,7 +12,7 @@
 //! of its own, so that the reports on the agent's link keep their layout
 //! for older coordinators.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cryo_core::auth;
@@ -21,6 +21,7 @@ use cryo_core::token::JobToken;
 
 use crate::config::AgentConfig;
 use crate::link::CoordinatorLink;
+use crate::ranks::RankConn;
 
 /// Warnings within this time of one passed on are the same burst.
 const BURST: Duration = Duration::from_secs(30);
@@ -30,23 +31,31 @@ static LAST: Mutex<Option<Instant>> = Mutex::new(None);
 /// When this agent last passed a `SIGTERM` on.
 static LAST_TERM: Mutex<Option<Instant>> = Mutex::new(None);
 
-/// Passes rank `rank`'s warning (`signal`) on to the coordinator, unless
-/// one was passed on moments ago or there is no coordinator to tell.
+/// Passes the warning (`signal`) of rank `conn` on to the coordinator,
+/// unless one was passed on moments ago or there is no coordinator to
+/// tell; a `SIGTERM` that cannot be passed on is answered to the rank as
+/// unanswered, so that it ends.
 pub(crate) fn pass_on(
     config: &AgentConfig,
     link: Option<&CoordinatorLink>,
-    rank: u32,
+    conn: &Arc<RankConn>,
     signal: i32,
 ) {
-    let (job, node) = (&config.job, &config.node);
+    let (job, node, rank) = (&config.job, &config.node, conn.rank);
+    let terminated = signal == libc::SIGTERM;
+    let unanswered = || {
+        if terminated {
+            conn.tell_unanswered();
+        }
+    };
     let name = nix::sys::signal::Signal::try_from(signal)
         .map(|s| s.as_str().to_owned())
         .unwrap_or_else(|_| format!("signal {signal}"));
     let (Some(link), Some(token)) = (link.filter(|l| l.is_connected()), &config.token) else {
         tracing::warn!(job = %job, node = %node, rank, signal = %name, "rank.warned: no coordinator to pass it on to");
+        unanswered();
         return;
     };
-    let terminated = signal == libc::SIGTERM;
     let (needed, last) = if terminated {
         (TERMINATION_VERSION, &LAST_TERM)
     } else {
@@ -54,6 +63,7 @@ pub(crate) fn pass_on(
     };
     if link.version() < needed {
         tracing::warn!(job = %job, node = %node, rank, signal = %name, coordinator_version = link.version(), "rank.warned: the coordinator is too old to take it");
+        unanswered();
         return;
     }
     if !first_of_burst(last, Instant::now()) {
@@ -67,11 +77,12 @@ pub(crate) fn pass_on(
     } else {
         JobRequest::Warning { from }
     };
-    let (addr, job, node, token) = (
+    let (addr, job, node, token, conn) = (
         link.addr().to_owned(),
         job.clone(),
         node.clone(),
         token.clone(),
+        Arc::clone(conn),
     );
     // The rank's reader must not wait on the coordinator.
     let spawned = std::thread::Builder::new()
@@ -79,6 +90,9 @@ pub(crate) fn pass_on(
         .spawn(move || {
             if let Err(err) = send(&addr, &job, &node, &token, &request) {
                 tracing::error!(job = %job, node = %node, coordinator = %addr, error = %err, "rank.warning_lost");
+                if terminated {
+                    conn.tell_unanswered();
+                }
             }
         });
     if let Err(err) = spawned {

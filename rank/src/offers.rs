@@ -1,7 +1,9 @@
 //! What the agent tells a rank while it runs, between checkpoints: where
 //! its first parked copy will go (`FillView` with epoch 0, protocol
 //! version 11), so that its view of the budget is filled before that copy
-//! and not in its pause (see [`crate::self_copy::fill_later`]).
+//! and not in its pause (see [`crate::self_copy::fill_later`]); and that
+//! no checkpoint will answer a `SIGTERM` (`Held` with epoch 0, protocol
+//! version 17: see [`crate::termination`]).
 //!
 //! A parked rank reads its socket itself, holding the runtime's lock for
 //! the whole park; this thread reads it only under that lock, so the two
@@ -83,6 +85,8 @@ fn read_offers(sock: &UnixStream) -> bool {
                 tracing::debug!(ranges = ranges.len(), "rank.fill_view_early");
                 crate::self_copy::fill_later(fd, ranges);
             }
+            // The coordinator is out of reach: a SIGTERM ends the rank.
+            Ok((AgentToRank::Held { epoch: 0 }, _)) => crate::termination::unanswered(),
             Ok((other, _)) => {
                 tracing::warn!(message = ?other, "rank.unexpected_while_running");
             }

@@ -494,6 +494,8 @@ fn await_answer(
                 tracing::debug!(job, rank, epoch, "rank.held_to_the_stop");
                 crate::termination::held();
             }
+            // The coordinator is out of reach: a SIGTERM ends the rank.
+            AgentToRank::Held { epoch: 0 } => crate::termination::unanswered(),
             // An answer about an older epoch, left in the socket: skip it.
             AgentToRank::Resume { epoch: old } | AgentToRank::Abort { epoch: old, .. }
                 if old < epoch =>

@@ -14,9 +14,10 @@
 //! one. Slurm's `SIGKILL` after its `KillWait` (or `GraceTime`) bounds the
 //! whole, as it always did.
 //!
-//! A `SIGTERM` that no checkpoint answers still ends the rank: after
-//! [`GRACE`] outside a park, a thread of the runtime gives the signal its
-//! default action. A `SIGTERM` in a child the application forked, or
+//! A `SIGTERM` that no checkpoint answers still ends the rank: at once
+//! when the agent says it cannot reach the coordinator (`Held` with epoch
+//! 0), else after [`GRACE`] outside a park, when a thread of the runtime
+//! gives the signal its default action. A `SIGTERM` in a child the application forked, or
 //! after `cryo_finalize`, ends that process at once. An application that
 //! installed its own `SIGTERM` handler before `cryo_init` keeps it (the
 //! runtime leaves the signal alone), and one installed after takes the
@@ -181,6 +182,17 @@ pub(crate) fn set_parked(parked: bool) {
 /// The rank finalized: a `SIGTERM` ends it from now on.
 pub(crate) fn may_end() {
     ENDS.store(true, Ordering::Release);
+}
+
+/// No checkpoint will answer a `SIGTERM` (the agent cannot reach the
+/// coordinator): one ends the rank as it would have, and one that came
+/// ends it now.
+pub(crate) fn unanswered() {
+    ENDS.store(true, Ordering::Release);
+    if TERMINATED.load(Ordering::Acquire) {
+        tracing::info!("rank.sigterm: no coordinator to checkpoint the job; the rank ends");
+        end_now();
+    }
 }
 
 /// The rank's part of the checkpoint before the stop is durable: a
