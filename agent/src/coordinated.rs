@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use cryo_core::liveness;
 use cryo_core::protocol::{
-    read_message, AbortReason, AgentToCoordinator, AgentToRank, ControlResponse,
-    CoordinatorToAgent, TERMINATION_VERSION,
+    read_message, AbortReason, AgentToCoordinator, ControlResponse, CoordinatorToAgent,
 };
 
 use crate::capture::Parked;
@@ -155,10 +154,7 @@ impl Shared {
     /// a request for this checkpoint).
     fn tell_held(&self, epoch: u64) {
         for conn in self.rank_conns() {
-            if conn.version < TERMINATION_VERSION {
-                continue;
-            }
-            if let Err(err) = conn.send(&AgentToRank::Held { epoch }) {
+            if let Err(err) = conn.tell_held(epoch) {
                 tracing::debug!(job = %self.config.job, node = %self.config.node, rank = conn.rank, epoch, error = %err, "rank.held_unsent");
             }
         }

@@ -137,13 +137,21 @@ impl RankConn {
             .map_err(|e| format!("rank {} (pid {}): {e}", self.rank, self.pid))
     }
 
-    /// Tells the rank that no checkpoint will answer a `SIGTERM` (its
-    /// coordinator is out of reach): one ends it as it would have
-    /// (`AgentToRank::Held` with epoch 0, protocol version 17).
-    pub(crate) fn tell_unanswered(&self) {
-        if self.version >= TERMINATION_VERSION {
-            let _ = self.send(&AgentToRank::Held { epoch: 0 });
+    /// Tells the rank that a `SIGTERM` may end it (`AgentToRank::Held`,
+    /// protocol version 17; nothing to an older rank): `epoch`, the
+    /// checkpoint before the stop, is committed, or with 0 no checkpoint
+    /// will answer one (its coordinator is out of reach).
+    pub(crate) fn tell_held(&self, epoch: u64) -> Result<(), String> {
+        if self.version < TERMINATION_VERSION {
+            return Ok(());
         }
+        self.send(&AgentToRank::Held { epoch })
+    }
+
+    /// [`RankConn::tell_held`] with epoch 0: no checkpoint will answer a
+    /// `SIGTERM`, so one ends the rank as it would have.
+    pub(crate) fn tell_unanswered(&self) {
+        let _ = self.tell_held(0);
     }
 
     /// Sends `msg` with `fd` attached (`SCM_RIGHTS`).
@@ -169,5 +177,12 @@ impl RankConn {
             .checkpoint_requested
             .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
+    }
+}
+
+impl crate::server::Shared {
+    /// The registered ranks, in rank order.
+    pub(crate) fn rank_conns(&self) -> Vec<std::sync::Arc<RankConn>> {
+        crate::epoch::lock(&self.ranks).values().cloned().collect()
     }
 }

@@ -624,11 +624,6 @@ impl Shared {
         out
     }
 
-    /// The registered ranks, in rank order.
-    pub(crate) fn rank_conns(&self) -> Vec<Arc<RankConn>> {
-        lock(&self.ranks).values().cloned().collect()
-    }
-
     /// What an epoch uses of this agent.
     pub(crate) fn resources(&self) -> Resources<'_> {
         Resources {

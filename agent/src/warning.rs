@@ -88,7 +88,7 @@ pub(crate) fn pass_on(
     let spawned = std::thread::Builder::new()
         .name("cryo-warning".into())
         .spawn(move || {
-            if let Err(err) = send(&addr, &job, &node, &token, &request) {
+            if let Err(err) = send(&addr, &job, &node, &token, &request, needed) {
                 tracing::error!(job = %job, node = %node, coordinator = %addr, error = %err, "rank.warning_lost");
                 if terminated {
                     conn.tell_unanswered();
@@ -116,16 +116,13 @@ fn send(
     node: &str,
     token: &JobToken,
     request: &JobRequest,
+    needed: u16,
 ) -> Result<(), String> {
     let stream = crate::link::try_connect(addr).map_err(|e| format!("connecting: {e}"))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
     let version = auth::greet_as_control(&stream, job, format!("cryo-agent on {node}"), token)
         .map_err(|e| e.to_string())?;
-    let needed = match request {
-        JobRequest::Terminated { .. } => TERMINATION_VERSION,
-        _ => WARNING_VERSION,
-    };
     if version < needed {
         return Err(format!(
             "the coordinator speaks protocol version {version}, older than {needed}"
